@@ -1,0 +1,5 @@
+import sys
+
+from memcalc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""What the estimator knows about a model: its config (HF ``config.json`` vocabulary) and its tensors.
+
+``ParamTensor`` is one parameter tensor as PyTorch would hold it; its shape is exact, so bytes
+computed from it match ``tensor.numel() * tensor.element_size()`` to the byte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Roles a parameter tensor plays. Used by LoRA targeting, autocast copies and ZeRO-3 gathering.
+ROLE_EMBEDDING = "embedding"  # token embeddings (nn.Embedding); not cast by autocast
+ROLE_POSITION_EMBEDDING = "position_embedding"  # learned absolute positions (gpt2, bert, opt)
+ROLE_ATTENTION = "attention"  # q/k/v/o projections (nn.Linear weights and biases)
+ROLE_MLP = "mlp"  # dense MLP projections
+ROLE_EXPERT = "expert"  # MoE expert projections
+ROLE_ROUTER = "router"  # MoE gate / router
+ROLE_NORM = "norm"  # LayerNorm / RMSNorm weights and biases
+ROLE_LM_HEAD = "lm_head"  # output projection when not tied to the embeddings
+ROLE_OTHER = "other"  # poolers, relative-position biases, classifier heads, ...
+ROLE_LORA = "lora"  # LoRA adapter matrices (added by memcalc.lora)
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    """One parameter tensor.
+
+    name: the name ``model.named_parameters()`` gives it in transformers (tied weights appear once).
+    shape: exact shape.
+    layer: index of the transformer block it belongs to, or None (embeddings, final norm, head).
+    role: one of the ROLE_* constants.
+    is_linear_weight: True for the 2-D weight of an nn.Linear (what autocast casts and LoRA wraps).
+    trainable: False for frozen tensors (LoRA base, --freeze).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    layer: int | None
+    role: str
+    is_linear_weight: bool = False
+    trainable: bool = True
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's config as data (never code): the raw ``config.json`` dict and where it came from."""
+
+    name: str  # what the user typed, resolved (preset name, path, or hub id)
+    raw: dict[str, Any]
+    source: str  # provenance: preset _source, file path, or hub id
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def model_type(self) -> str:
+        return str(self.raw.get("model_type", ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)

@@ -1,0 +1,42 @@
+"""The library entry point: model reference + training spec (+ GPU) -> Report. No printing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from memcalc.engine import ModelInput, estimate
+from memcalc.errors import UsageError
+from memcalc.fit import GpuTarget, check_fit
+from memcalc.inventory import build_inventory
+from memcalc.model import ModelConfig
+from memcalc.report import Report
+from memcalc.resolve import resolve_model
+from memcalc.spec import TrainingSpec
+
+
+def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
+    """Resolve MODEL and/or --params. --params replaces the inventory's count (no per-tensor shapes then)."""
+    if model_ref is None and num_params is None:
+        raise UsageError("give a MODEL (preset name, config.json path) or --params 7B; see 'memcalc presets'")
+    config: ModelConfig | None = resolve_model(model_ref) if model_ref is not None else None
+    if num_params is not None:
+        if config is None:
+            return ModelInput.from_count(num_params)
+        # --params overrides the count of a named model: no shapes, but the architecture's config stays
+        # available for activations.
+        flat = ModelInput.from_count(num_params, name=config.name, source=f"{config.source}, count from --params")
+        return ModelInput(name=flat.name, source=flat.source, model_type=config.model_type or None,
+                          tensors=flat.tensors, architecture_known=False, config=config)
+    assert config is not None
+    tensors = tuple(build_inventory(config))
+    return ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
+                      tensors=tensors, architecture_known=True, config=config)
+
+
+def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,
+        defaults_used: Sequence[str] = ()) -> Report:
+    report = estimate(model, spec, defaults_used)
+    if gpu is not None:
+        fit = check_fit(report, spec, gpu, rerun=lambda changed: estimate(model, changed))
+        report = report.model_copy(update={"fit": fit})
+    return report

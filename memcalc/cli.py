@@ -1,0 +1,270 @@
+"""The typer app. It maps arguments to a TrainingSpec, errors to one stderr line and an exit code; nothing else.
+
+Exit codes (also in README):
+  0 success (and, with --gpu, it fits)      1 internal error (a bug; MEMCALC_DEBUG=1 shows the traceback)
+  2 bad usage (flag, number, combination)   3 model not found     4 unreadable or invalid config
+  5 model type not supported                6 does not fit the GPU given with --gpu / --gpu-memory
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from memcalc.errors import MemcalcError, UsageError
+from memcalc.optimizers import OptimImpl, OptimizerName
+from memcalc.precision import Dtype, PrecisionName
+from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Checkpointing
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_DOES_NOT_FIT = 6
+DEBUG_ENV = "MEMCALC_DEBUG"
+COMMANDS = ("estimate", "presets")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="How much GPU memory a training run takes, term by term, and whether it fits. "
+    "'memcalc MODEL [options]' is short for 'memcalc estimate MODEL [options]'.",
+)
+
+# Shared options, defined once.
+ModelArg = Annotated[str | None, typer.Argument(help="Preset name (memcalc presets), config.json path, model folder or hub id.", show_default=False)]
+ParamsOpt = Annotated[str | None, typer.Option("--params", help="Parameter count (7e9, 7B, 6.74B, 8030261248); replaces the model's count.")]
+PrecisionOpt = Annotated[PrecisionName, typer.Option("--precision", help="Precision recipe (see README table).")]
+DtypeOpt = Annotated[Dtype | None, typer.Option(help="Override one dtype of the recipe.", show_default=False)]
+OptimOpt = Annotated[OptimizerName, typer.Option("--optim", help="Optimizer.")]
+OptimImplOpt = Annotated[OptimImpl, typer.Option("--optim-impl", help="torch.optim implementation (foreach is CUDA's default).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Micro-batch size per GPU.")]
+SeqOpt = Annotated[int, typer.Option("--seq-len", "-s", min=1, help="Sequence length in tokens.")]
+GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="Number of GPUs (data parallel).")]
+ZeroOpt = Annotated[str, typer.Option("--zero", help="ZeRO stage 0-3, or a list like 0,1,2,3 for a comparison.")]
+UnitsOpt = Annotated[str, typer.Option("--units", help="gib (2^30 B), gb (10^9 B), mib or mb.")]
+
+
+def route(argv: list[str]) -> list[str]:
+    """'memcalc llama-3-8b ...' means 'memcalc estimate llama-3-8b ...'."""
+    if argv and (argv[0] in COMMANDS or argv[0] in ("--help", "-h")):
+        return argv
+    return ["estimate", *argv]
+
+
+def _fail(error: MemcalcError) -> typer.Exit:
+    print(f"memcalc: {error}", file=sys.stderr)
+    return typer.Exit(error.exit_code)
+
+
+def _parse_stages(text: str) -> list[int]:
+    stages: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part not in ("0", "1", "2", "3"):
+            raise UsageError(f"--zero {text!r}: each stage must be 0, 1, 2 or 3 (e.g. --zero 2 or --zero 0,1,2,3)")
+        if int(part) not in stages:
+            stages.append(int(part))
+    return stages
+
+
+@app.command()
+def estimate(
+    model: ModelArg = None,
+    params: ParamsOpt = None,
+    precision: PrecisionOpt = PrecisionName.bf16,
+    master_dtype: DtypeOpt = None,
+    grad_dtype: DtypeOpt = None,
+    state_dtype: DtypeOpt = None,
+    optim: OptimOpt = OptimizerName.adamw,
+    optim_impl: OptimImplOpt = OptimImpl.foreach,
+    amsgrad: Annotated[bool, typer.Option(help="Adam/AdamW: keep max_exp_avg_sq.")] = False,
+    adafactor_beta1: Annotated[float | None, typer.Option(help="Adafactor first moment (transformers default: none).")] = None,
+    batch_size: BatchOpt = DEFAULT_MICRO_BATCH_SIZE,
+    seq_len: SeqOpt = DEFAULT_SEQ_LEN,
+    checkpointing: Annotated[Checkpointing, typer.Option(help="Activation checkpointing.")] = Checkpointing.none,
+    zero: ZeroOpt = "0",
+    gpus: GpusOpt = 1,
+    gpu: Annotated[str | None, typer.Option(help="GPU preset for the fit check (memcalc presets).")] = None,
+    gpu_memory: Annotated[str | None, typer.Option(help="GPU memory for the fit check, e.g. 80GiB or 24GB.")] = None,
+    cuda_context: Annotated[str | None, typer.Option(help="CUDA context size assumed by the fit check (default 512MiB).")] = None,
+    reserve_fraction: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Allocator reserve assumed by the fit check (default 0.05).")] = None,
+    lora_rank: Annotated[int | None, typer.Option(min=1, help="Train LoRA adapters of this rank on a frozen base.")] = None,
+    lora_targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's per family).")] = None,
+    qlora: Annotated[bool, typer.Option(help="QLoRA: frozen base Linear weights in 4-bit NF4.")] = False,
+    freeze: Annotated[str | None, typer.Option(help="Freeze parts: embeddings, lm_head, norms, attention, mlp (comma-separated).")] = None,
+    units: UnitsOpt = "gib",
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    explain: Annotated[bool, typer.Option(help="Show each term's formula and source.")] = False,
+    totals: Annotated[bool, typer.Option(help="Also show totals across all GPUs.")] = False,
+) -> None:
+    """Estimate per-GPU training memory for MODEL (or --params)."""
+    try:
+        code = _estimate(**locals())
+    except MemcalcError as error:
+        raise _fail(error) from None
+    raise typer.Exit(code)
+
+
+def _estimate(**options) -> int:
+    # Heavy-ish modules load here, not at import, so --help stays instant.
+    from pydantic import ValidationError
+
+    from memcalc import api, render
+    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
+    from memcalc.presets import find_gpu
+    from memcalc.spec import TrainingSpec
+    from memcalc.trainable import FREEZE_GROUPS
+    from memcalc.units import DISPLAY_UNITS, parse_count, parse_size
+
+    o = options
+    unit = o["units"].lower()
+    if unit not in DISPLAY_UNITS:
+        raise UsageError(f"--units {o['units']!r} is not one of gib, gb, mib, mb")
+    if o["gpu"] and o["gpu_memory"]:
+        raise UsageError("give either --gpu NAME or --gpu-memory SIZE, not both")
+    freeze = tuple(p.strip() for p in o["freeze"].split(",") if p.strip()) if o["freeze"] else ()
+    for group in freeze:
+        if group not in FREEZE_GROUPS:
+            raise UsageError(f"--freeze {group!r} is not one of {', '.join(FREEZE_GROUPS)}")
+    num_params = parse_count(o["params"]) if o["params"] is not None else None
+    stages = _parse_stages(o["zero"])
+    defaults_used = _defaults_used(o)
+    try:
+        specs = [
+            TrainingSpec(
+                precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
+                state_dtype=o["state_dtype"], optimizer=o["optim"], optim_impl=o["optim_impl"], amsgrad=o["amsgrad"],
+                adafactor_beta1=o["adafactor_beta1"], micro_batch_size=o["batch_size"], seq_len=o["seq_len"],
+                checkpointing=o["checkpointing"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
+                lora_targets=tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip()) if o["lora_targets"] else None,
+                qlora=o["qlora"], freeze=freeze,
+            )
+            for stage in stages
+        ]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UsageError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
+    gpu_target = None
+    if o["gpu"] or o["gpu_memory"]:
+        context = parse_size(o["cuda_context"], "--cuda-context") if o["cuda_context"] else DEFAULT_CUDA_CONTEXT_BYTES
+        reserve = o["reserve_fraction"] if o["reserve_fraction"] is not None else DEFAULT_ALLOCATOR_RESERVE_FRACTION
+        if o["gpu"]:
+            spec_gpu = find_gpu(o["gpu"])
+            gpu_target = GpuTarget(spec_gpu.name, spec_gpu.memory_bytes, spec_gpu.source, context, reserve)
+        else:
+            size = parse_size(o["gpu_memory"], "--gpu-memory")
+            gpu_target = GpuTarget(f"{o['gpu_memory']} GPU", size, "--gpu-memory", context, reserve)
+        if gpu_target.usable_bytes <= 0:
+            raise UsageError("the CUDA context and allocator reserve leave no usable memory; check --gpu-memory/--cuda-context")
+    model = api.model_input(o["model"], num_params)
+    reports = [api.run(model, spec, gpu_target, defaults_used) for spec in specs]
+
+    if o["json_output"]:
+        sys.stdout.write(render.to_json(reports) + "\n")
+    else:
+        from rich.console import Console
+
+        console = Console(soft_wrap=True)
+        if len(reports) == 1:
+            render.render_table(reports[0], console, unit, explain=o["explain"], totals=o["totals"])
+        else:
+            render.render_comparison(reports, console, unit)
+    if gpu_target is not None and not all(r.fit and r.fit.fits for r in reports):
+        return EXIT_DOES_NOT_FIT
+    return EXIT_OK
+
+
+def _defaults_used(o: dict) -> list[str]:
+    """Name every default the user did not set, so nothing is silent."""
+    defaults = {
+        "precision": ("--precision bf16", PrecisionName.bf16),
+        "optim": ("--optim adamw", OptimizerName.adamw),
+        "optim_impl": ("--optim-impl foreach", OptimImpl.foreach),
+        "batch_size": ("--batch-size 1", DEFAULT_MICRO_BATCH_SIZE),
+        "seq_len": ("--seq-len 2048", DEFAULT_SEQ_LEN),
+        "checkpointing": ("--checkpointing none", Checkpointing.none),
+        "gpus": ("--gpus 1", 1),
+        "zero": ("--zero 0", "0"),
+        "units": ("--units gib", "gib"),
+    }
+    return [label for key, (label, value) in defaults.items() if o[key] == value]
+
+
+@app.command()
+def presets(
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+) -> None:
+    """List model presets (with exact parameter counts) and GPU presets."""
+    try:
+        code = _presets(json_output)
+    except MemcalcError as error:
+        raise _fail(error) from None
+    raise typer.Exit(code)
+
+
+def _presets(json_output: bool) -> int:
+    import json
+
+    from memcalc.inventory import build_inventory
+    from memcalc.presets import gpu_presets, model_preset_files
+    from memcalc.resolve import resolve_model
+    from memcalc.units import format_bytes, format_count
+
+    models = []
+    for name in model_preset_files():
+        config = resolve_model(name)
+        num_params = sum(t.numel for t in build_inventory(config))
+        models.append({"name": name, "model_type": config.model_type, "num_params": num_params,
+                       "aliases": list(config.aliases), "source": config.source})
+    gpus = [{"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,
+             "aliases": list(g.aliases), "source": g.source} for g in gpu_presets()]
+    if json_output:
+        print(json.dumps({"schema_version": 1, "models": models, "gpus": gpus}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    table = Table(title="Model presets (exact parameter counts from the inventory)")
+    for column in ("name", "model_type", "params", "aliases"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for m in models:
+        table.add_row(m["name"], m["model_type"], f"{m['num_params']:,} ({format_count(m['num_params'])})", ", ".join(m["aliases"]))
+    console.print(table)
+    table = Table(title="GPU presets (total memory as nvidia-smi reports it)")
+    for column in ("name", "GPU", "memory", "nominal"):
+        table.add_column(column)
+    for g in gpus:
+        table.add_row(g["name"], g["display"], f"{format_bytes(g['memory_bytes'], 'gib')} ({g['memory_bytes']:,} B)", g["nominal"])
+    console.print(table)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: one line on stderr for every error, never a traceback unless debugging."""
+    args = route(list(sys.argv[1:] if argv is None else argv))
+    try:
+        result = app(args, prog_name="memcalc", standalone_mode=False)
+        return int(result or 0)
+    except MemcalcError as error:  # raised outside a command (should not happen, but stay one line)
+        print(f"memcalc: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("memcalc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # typer/click usage errors (unknown option, bad choice, out-of-range number) carry format_message().
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            print(f"memcalc: {exc.format_message()} (see memcalc --help)", file=sys.stderr)
+            return int(exc.exit_code) if exc.exit_code else 2
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"memcalc: internal error: {type(exc).__name__}: {exc}; set {DEBUG_ENV}=1 for a traceback "
+              "and please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

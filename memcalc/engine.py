@@ -1,0 +1,243 @@
+"""Combine inventory, recipe, optimizer and sharding into named per-GPU terms, phases and a peak.
+
+Pure functions: no printing, no I/O. Every term carries its formula (numbers substituted) and source.
+
+The step, steady state (optimizer states exist from the first optimizer step on):
+  forward         weights + master + optimizer states + autocast copies + ZeRO-3 gathered unit + activations
+  backward        max(start: forward + logits/loss gradient buffers, end: weights + master + states + gradients)
+  optimizer_step  weights + master + states + gradients + fp32 gradient copy + optimizer temporaries
+The sum of all terms is not the peak: activations are gone before the optimizer step's temporaries appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memcalc import activations, trainable
+from memcalc.model import ModelConfig, ParamTensor
+from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
+from memcalc.parallel import rank_holdings
+from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
+from memcalc.report import (
+    TERM_ACTIVATIONS,
+    TERM_AUTOCAST_COPIES,
+    TERM_GRADIENTS,
+    TERM_LOSS_BUFFERS,
+    TERM_MASTER,
+    TERM_MASTER_GRAD_COPY,
+    TERM_OPTIMIZER_STATES,
+    TERM_OPTIMIZER_TEMPORARIES,
+    TERM_WEIGHTS,
+    TERM_ZERO3_GATHERED,
+    TERM_ZERO3_GATHERED_GRADS,
+    MODEL_STATE_TERMS,
+    ModelSummary,
+    PerGpu,
+    Phase,
+    PhaseTotal,
+    Report,
+    Term,
+    Totals,
+    TrainingSummary,
+)
+from memcalc.spec import TrainingSpec
+
+ZERO_PAPER = "Rajbhandari et al. 2020 (ZeRO), Fig. 1 and sec. 3.1"
+FWD_BWD = [Phase.forward, Phase.backward]
+ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
+AFTER_BACKWARD = [Phase.backward, Phase.optimizer_step]
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
+
+    name: str
+    source: str
+    model_type: str | None
+    tensors: tuple[ParamTensor, ...]
+    architecture_known: bool
+    config: ModelConfig | None = None
+
+    @classmethod
+    def from_count(cls, num_params: int, name: str = "custom", source: str = "--params") -> ModelInput:
+        flat = ParamTensor(name="params", shape=(num_params,), layer=None, role="other")
+        return cls(name=name, source=source, model_type=None, tensors=(flat,), architecture_known=False)
+
+
+def _bytes(dtype: Dtype) -> int:
+    return DTYPE_BYTES[dtype]
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
+    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+    notes: list[str] = []
+    subset = trainable.apply(model, spec)
+    notes.extend(subset.notes)
+    tensors = subset.tensors
+    has_master = recipe.master_dtype is not None
+    holdings = rank_holdings(tensors, spec.zero_stage, spec.num_gpus, has_master, model.architecture_known)
+    notes.extend(holdings.notes)
+    stage, num_gpus = holdings.effective_stage, spec.num_gpus
+    per_gpu = f" / {num_gpus} GPUs" if stage else ""
+
+    terms: list[Term] = []
+    w_bytes = _bytes(recipe.weight_dtype)
+    weight_total = subset.weight_bytes(holdings.weight_numel, w_bytes)
+    terms.append(Term(
+        name=TERM_WEIGHTS, bytes=weight_total,
+        formula=subset.weight_formula(holdings.weight_numel, w_bytes, recipe.weight_dtype.value, stage == 3, num_gpus),
+        source=f"{ZERO_PAPER}; per-tensor shapes from the inventory" if stage == 3 else "per-tensor shapes from the inventory",
+        category="model_states", phases=ALL_PHASES,
+        breakdown=subset.weight_breakdown(holdings.weight_numel, w_bytes),
+    ))
+    if recipe.master_dtype is not None:
+        m_bytes = _bytes(recipe.master_dtype)
+        terms.append(Term(
+            name=TERM_MASTER, bytes=holdings.master_numel * m_bytes,
+            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {m_bytes} B ({recipe.master_dtype.value}){per_gpu if stage else ''}",
+            source=f"{ZERO_PAPER}: fp32 master copy of mixed-precision training (Micikevicius et al. 2018)",
+            category="model_states", phases=ALL_PHASES,
+        ))
+    g_bytes = _bytes(recipe.grad_dtype)
+    terms.append(Term(
+        name=TERM_GRADIENTS, bytes=holdings.grad_numel * g_bytes,
+        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {g_bytes} B ({recipe.grad_dtype.value})",
+        source=f"{ZERO_PAPER}" if stage >= 2 else "one gradient per trainable parameter, in the grad dtype (param.grad)",
+        category="model_states", phases=AFTER_BACKWARD,
+    ))
+    opt = spec.optimizer_settings
+    opt_param_dtype = recipe.optimizer_param_dtype
+    states = state_bytes_by_kind(holdings.optimizer_shapes, opt, recipe.state_dtype)
+    states_total = sum(states.values())
+    terms.append(Term(
+        name=TERM_OPTIMIZER_STATES, bytes=states_total,
+        formula=" + ".join(f"{kind} {_n(b)} B" for kind, b in states.items()) or "no state",
+        source=_optimizer_source(opt.name.value) + (f"; ZeRO-{stage} flat partition per GPU" if stage else ""),
+        category="model_states", phases=ALL_PHASES, breakdown=states,
+    ))
+    # -- working memory of forward and backward ---------------------------------------------------------
+    if recipe.autocast:
+        copy_numel = subset.autocast_copy_numel
+        c_bytes = _bytes(recipe.compute_dtype)
+        terms.append(Term(
+            name=TERM_AUTOCAST_COPIES, bytes=copy_numel * c_bytes,
+            formula=f"{_n(copy_numel)} Linear weight params x {c_bytes} B ({recipe.compute_dtype.value})",
+            source="torch.autocast casts each Linear weight once per forward (weight cache) and linear saves "
+                   "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
+            category="temporaries", phases=FWD_BWD,
+        ))
+    if holdings.gathered_unit_numel:
+        terms.append(Term(
+            name=TERM_ZERO3_GATHERED, bytes=holdings.gathered_unit_numel * w_bytes,
+            formula=f"largest gathered unit ({holdings.gathered_unit_name}): {_n(holdings.gathered_unit_numel)} params x {w_bytes} B",
+            source="DeepSpeed ZeRO-3 all-gathers a module's parameters before it runs (first approximation: "
+                   "one unit; prefetch and bucket sizes are not yet modelled)",
+            category="temporaries", phases=FWD_BWD,
+        ))
+        terms.append(Term(
+            name=TERM_ZERO3_GATHERED_GRADS, bytes=holdings.gathered_unit_numel * g_bytes,
+            formula=f"full gradients of {holdings.gathered_unit_name} before reduce-scatter: {_n(holdings.gathered_unit_numel)} x {g_bytes} B",
+            source="DeepSpeed ZeRO-3 reduce-scatters a module's gradients after its backward (first approximation)",
+            category="temporaries", phases=[Phase.backward],
+        ))
+    act = activations.estimate(model, spec, recipe)
+    notes.extend(act.notes)
+    terms.extend(act.terms)
+    # -- optimizer step ------------------------------------------------------------------------------------
+    if recipe.master_dtype is not None and recipe.grad_dtype != recipe.master_dtype:
+        copy = holdings.master_numel * _bytes(recipe.master_dtype)
+        terms.append(Term(
+            name=TERM_MASTER_GRAD_COPY, bytes=copy,
+            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {_bytes(recipe.master_dtype)} B",
+            source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
+                   "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after",
+            category="temporaries", phases=[Phase.optimizer_step],
+        ))
+    temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype)
+    terms.append(Term(
+        name=TERM_OPTIMIZER_TEMPORARIES, bytes=temp, formula=rule,
+        source="torch/optim/adam.py (_multi_tensor_adam, _single_tensor_adam); transformers Adafactor.step",
+        category="temporaries", phases=[Phase.optimizer_step],
+    ))
+
+    phases = _phase_totals(terms, act.backward_start_extra_bytes)
+    peak = max(phases, key=lambda p: p.bytes)
+    model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS)
+    summary = ModelSummary(
+        name=model.name, source=model.source, model_type=model.model_type,
+        architecture_known=model.architecture_known,
+        num_params=sum(t.numel for t in tensors), num_trainable_params=sum(t.numel for t in tensors if t.trainable),
+        num_tensors=len(tensors), params_source="inventory" if model.architecture_known else "--params",
+    )
+    return Report(
+        model=summary,
+        training=_training_summary(spec, recipe, opt, defaults_used),
+        per_gpu=PerGpu(
+            terms=terms, model_states_bytes=model_states, peak_bytes=peak.bytes, peak_phase=peak.phase,
+            phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases),
+        ),
+        totals=Totals(num_gpus=num_gpus, model_states_bytes=model_states * num_gpus,
+                      peak_bytes_sum=peak.bytes * num_gpus),
+        notes=notes,
+    )
+
+
+def _phase_totals(terms: Sequence[Term], backward_start_extra_bytes: int) -> list[PhaseTotal]:
+    by_name = {t.name: t for t in terms}
+    states = by_name[TERM_OPTIMIZER_STATES].bytes
+
+    def live(phase: Phase, exclude: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+        names = [t.name for t in terms if phase in t.phases and t.name not in exclude]
+        return sum(by_name[n].bytes for n in names), names
+
+    forward, forward_names = live(Phase.forward)
+    # Start of backward: everything of the forward plus the loss/logits gradient buffers;
+    # end of backward: activations and autocast copies are freed, every gradient exists.
+    start = forward + backward_start_extra_bytes
+    end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
+    end, end_names = live(Phase.backward, exclude=end_exclude)
+    # The full-layer ZeRO-3 gradients exist during backward, not at its end after the last reduce-scatter.
+    end -= by_name[TERM_ZERO3_GATHERED_GRADS].bytes if TERM_ZERO3_GATHERED_GRADS in by_name else 0
+    start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS]
+    backward, backward_names = (start, start_names) if start >= end else (end, end_names)
+    step, step_names = live(Phase.optimizer_step)
+    return [
+        PhaseTotal(phase=Phase.forward, bytes=forward, terms=forward_names, first_step_bytes=forward - states),
+        PhaseTotal(phase=Phase.backward, bytes=backward, terms=backward_names, first_step_bytes=backward - states),
+        PhaseTotal(phase=Phase.optimizer_step, bytes=step, terms=step_names, first_step_bytes=step),
+    ]
+
+
+def _optimizer_source(name: str) -> str:
+    return {
+        "adamw": "torch/optim/adamw.py + adam.py _init_group (exp_avg, exp_avg_sq = zeros_like(param))",
+        "adam": "torch/optim/adam.py Adam._init_group (exp_avg, exp_avg_sq = zeros_like(param))",
+        "sgd": "torch/optim/sgd.py: plain SGD keeps no state",
+        "sgd-momentum": "torch/optim/sgd.py: momentum_buffer = clone(grad)",
+        "lion": "Chen et al. 2023 (Lion), Algorithm 2: one exp_avg",
+        "adafactor": "transformers/optimization.py Adafactor.step: factored row/col second moments for >= 2-D "
+                     "tensors, full for 1-D, exp_avg only with beta1 (Shazeer & Stern 2018)",
+        "adamw-8bit": "bitsandbytes/optim/optimizer.py Optimizer8bit.init_state: uint8 state1/state2 + fp32 "
+                      "absmax per 256-element block; fp32 states below 4096 elements (Dettmers et al. 2022)",
+    }[name]
+
+
+def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Sequence[str]) -> TrainingSummary:
+    return TrainingSummary(
+        precision=recipe.name, precision_description=recipe.description,
+        weight_dtype=recipe.weight_dtype.value,
+        master_dtype=recipe.master_dtype.value if recipe.master_dtype else None,
+        grad_dtype=recipe.grad_dtype.value, state_dtype=recipe.state_dtype.value,
+        compute_dtype=recipe.compute_dtype.value,
+        optimizer=opt.name.value, optimizer_description=opt.describe(), optim_impl=opt.impl.value,
+        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, checkpointing=spec.checkpointing.value,
+        zero_stage=spec.zero_stage, num_gpus=spec.num_gpus,
+        lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
+        qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
+    )

@@ -1,0 +1,96 @@
+"""Does the per-GPU peak fit a GPU, with what headroom, and which cheap changes would make it fit.
+
+usable = GPU memory (nvidia-smi total) - CUDA context - allocator reserve; each is a named term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memcalc.optimizers import OptimImpl, OptimizerName
+from memcalc.report import Fit, FitSuggestion, Report
+from memcalc.spec import Checkpointing, TrainingSpec
+from memcalc.units import BYTES_PER_MIB
+
+# The CUDA context (driver, kernels, cuBLAS/cuDNN handles) is outside PyTorch's allocator. With lazy
+# module loading (CUDA >= 11.7) it is about 300 MB (pytorch/pytorch#107667, ptrblck); 512 MiB leaves room
+# for library handles and workspaces. An assumption, printed with every verdict; override --cuda-context.
+DEFAULT_CUDA_CONTEXT_BYTES = 512 * BYTES_PER_MIB
+# Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
+# minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.
+DEFAULT_ALLOCATOR_RESERVE_FRACTION = 0.05
+
+# GPU counts tried when suggesting ZeRO-3 over more GPUs.
+SUGGESTED_GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    name: str
+    memory_bytes: int
+    source: str
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
+    reserve_fraction: float = DEFAULT_ALLOCATOR_RESERVE_FRACTION
+
+    @property
+    def reserve_bytes(self) -> int:
+        return round(self.memory_bytes * self.reserve_fraction)
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.cuda_context_bytes - self.reserve_bytes
+
+
+def _candidate_changes(spec: TrainingSpec, architecture_known: bool) -> list[tuple[str, dict]]:
+    """Changes in the order a user would try them: cheapest in effort and speed first."""
+    changes: list[tuple[str, dict]] = []
+    if spec.optimizer in (OptimizerName.adamw, OptimizerName.adam, OptimizerName.lion) and spec.optim_impl != OptimImpl.fused:
+        changes.append(("--optim-impl fused", {"optim_impl": OptimImpl.fused}))
+    if architecture_known and spec.checkpointing == Checkpointing.none:
+        changes.append(("--checkpointing full", {"checkpointing": Checkpointing.full}))
+    if spec.micro_batch_size > 1:
+        changes.append(("--batch-size 1", {"micro_batch_size": 1}))
+    if spec.num_gpus > 1:
+        for stage in range(spec.zero_stage + 1, 4):
+            changes.append((f"--zero {stage}", {"zero_stage": stage}))
+    if spec.optimizer != OptimizerName.adamw_8bit:
+        changes.append(("--optim adamw-8bit", {"optimizer": OptimizerName.adamw_8bit}))
+    if spec.optimizer != OptimizerName.adafactor:
+        changes.append(("--optim adafactor", {"optimizer": OptimizerName.adafactor}))
+    if architecture_known and not spec.lora_rank:
+        changes.append(("--lora-rank 16", {"lora_rank": 16}))
+        changes.append(("--lora-rank 16 --qlora", {"lora_rank": 16, "qlora": True}))
+    for num_gpus in SUGGESTED_GPU_COUNTS:
+        if num_gpus > spec.num_gpus:
+            changes.append((f"--zero 3 --gpus {num_gpus}", {"zero_stage": 3, "num_gpus": num_gpus}))
+    return changes
+
+
+def check_fit(
+    report: Report, spec: TrainingSpec, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
+) -> Fit:
+    """The verdict for ``report``; ``rerun`` re-estimates a changed spec for the suggestions."""
+    peak = report.per_gpu.peak_bytes
+    fits = peak <= gpu.usable_bytes
+    suggestions: list[FitSuggestion] = []
+    if not fits:
+        tried_more_gpus = False
+        for label, update in _candidate_changes(spec, report.model.architecture_known):
+            if "num_gpus" in update and tried_more_gpus:
+                continue
+            changed = spec.model_copy(update=update)
+            changed_peak = rerun(changed).per_gpu.peak_bytes
+            ok = changed_peak <= gpu.usable_bytes
+            if "num_gpus" in update:
+                if not ok:
+                    continue
+                tried_more_gpus = True  # report only the smallest GPU count that fits
+            suggestions.append(FitSuggestion(change=label, peak_bytes=changed_peak, fits=ok))
+        suggestions.sort(key=lambda s: not s.fits)  # fitting changes first, otherwise in the order above
+    return Fit(
+        gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
+        cuda_context_bytes=gpu.cuda_context_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
+        usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
+        suggestions=suggestions,
+    )

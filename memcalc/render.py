@@ -1,0 +1,142 @@
+"""Rendering: the only place that turns bytes into units. Rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from memcalc.report import Phase, Report
+from memcalc.units import UNIT_LABELS, format_bytes, format_count
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step"}
+
+
+def _describe_run(report: Report) -> list[str]:
+    m, t = report.model, report.training
+    arch = f"{m.model_type}, " if m.model_type else ""
+    count = f"{m.num_params:,} params ({format_count(m.num_params)})"
+    if m.num_trainable_params != m.num_params:
+        count += f", {m.num_trainable_params:,} trainable"
+    lines = [
+        f"[bold]{m.name}[/bold] ({arch}{count}; {m.params_source}; source: {m.source})",
+        f"recipe [bold]{t.precision}[/bold]: {t.precision_description}",
+        f"optimizer [bold]{t.optimizer}[/bold]: {t.optimizer_description}",
+        f"run: micro-batch {t.micro_batch_size} x seq {t.seq_len}, checkpointing {t.checkpointing}, "
+        f"{t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}, ZeRO stage {t.zero_stage}",
+    ]
+    if t.defaults_used:
+        lines.append(f"defaults used: {', '.join(t.defaults_used)}")
+    return lines
+
+
+def render_table(report: Report, console: Console, unit: str, explain: bool = False, totals: bool = False) -> None:
+    from rich.table import Table  # lazily: rich is only needed to print
+
+    for line in _describe_run(report):
+        console.print(line, highlight=False)
+    label = UNIT_LABELS[unit]
+    table = Table(title=f"Per GPU, in {label} ({'2^30' if unit == 'gib' else '10^9' if unit == 'gb' else '2^20' if unit == 'mib' else '10^6'} bytes)")
+    table.add_column("term")
+    table.add_column(label, justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("alive in")
+    terms_sum = sum(t.bytes for t in report.per_gpu.terms) or 1
+    for term in report.per_gpu.terms:
+        table.add_row(
+            term.name, format_bytes(term.bytes, unit).rsplit(" ", 1)[0], f"{100 * term.bytes / terms_sum:.1f}%",
+            ", ".join(PHASE_LABELS[p] for p in term.phases),
+        )
+        for part, num_bytes in term.breakdown.items():
+            table.add_row(f"  {part}", format_bytes(num_bytes, unit).rsplit(" ", 1)[0], "", "", style="dim")
+    table.add_section()
+    table.add_row("model states", format_bytes(report.per_gpu.model_states_bytes, unit).rsplit(" ", 1)[0], "", "")
+    for phase in report.per_gpu.phases:
+        marker = " <- peak" if phase.phase == report.per_gpu.peak_phase else ""
+        table.add_row(f"{PHASE_LABELS[phase.phase]}{marker}", format_bytes(phase.bytes, unit).rsplit(" ", 1)[0], "", "",
+                      style="bold" if marker else None)
+    console.print(table)
+    console.print(
+        f"peak per GPU: [bold]{format_bytes(report.per_gpu.peak_bytes, unit)}[/bold] during the "
+        f"{PHASE_LABELS[report.per_gpu.peak_phase]} (steady state; first step: "
+        f"{format_bytes(report.per_gpu.first_step_peak_bytes, unit)}). The sum of all terms is not the peak.",
+        highlight=False,
+    )
+    if totals or report.training.num_gpus > 1:
+        console.print(
+            f"across {report.totals.num_gpus} GPUs: model states {format_bytes(report.totals.model_states_bytes, unit)}, "
+            f"sum of per-GPU peaks {format_bytes(report.totals.peak_bytes_sum, unit)}", highlight=False,
+        )
+    if explain:
+        console.print("\n[bold]How each term is computed[/bold]")
+        for term in report.per_gpu.terms:
+            console.print(f"[bold]{term.name}[/bold] = {format_bytes(term.bytes, unit)} ({term.bytes:,} B)", highlight=False)
+            console.print(f"  formula: {term.formula}", highlight=False, markup=False)
+            console.print(f"  source:  {term.source}", highlight=False, markup=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    if report.fit is not None:
+        render_fit(report, console, unit)
+
+
+def render_fit(report: Report, console: Console, unit: str) -> None:
+    fit = report.fit
+    assert fit is not None
+    verdict = "[bold green]FITS[/bold green]" if fit.fits else "[bold red]DOES NOT FIT[/bold red]"
+    console.print(
+        f"\n{verdict} on {fit.gpu}: peak {format_bytes(fit.peak_bytes, unit)} of {format_bytes(fit.usable_bytes, unit)} usable "
+        f"({format_bytes(fit.gpu_memory_bytes, unit)} total - CUDA context {format_bytes(fit.cuda_context_bytes, unit)} "
+        f"- allocator reserve {format_bytes(fit.allocator_reserve_bytes, unit)}); "
+        f"headroom {format_bytes(fit.headroom_bytes, unit)}", highlight=False,
+    )
+    if fit.suggestions:
+        console.print("what would change it (per-GPU peak after the change):", highlight=False)
+        for s in fit.suggestions:
+            mark = "fits" if s.fits else "still too big"
+            console.print(f"  {s.change:<28} {format_bytes(s.peak_bytes, unit):>14}  {mark}", highlight=False, markup=False)
+
+
+def render_comparison(reports: Sequence[Report], console: Console, unit: str) -> None:
+    from rich.table import Table
+
+    for line in _describe_run(reports[0])[:3]:
+        console.print(line, highlight=False)
+    label = UNIT_LABELS[unit]
+    num_gpus = reports[0].training.num_gpus
+    table = Table(title=f"Per GPU with {num_gpus} GPUs, in {label}")
+    table.add_column("term")
+    for r in reports:
+        table.add_column(f"ZeRO {r.training.zero_stage}", justify="right")
+    names: list[str] = []
+    for r in reports:
+        names.extend(t.name for t in r.per_gpu.terms if t.name not in names)
+    for name in names:
+        cells = []
+        for r in reports:
+            match = [t.bytes for t in r.per_gpu.terms if t.name == name]
+            cells.append(format_bytes(match[0], unit).rsplit(" ", 1)[0] if match else "-")
+        table.add_row(name, *cells)
+    table.add_section()
+    table.add_row("model states", *[format_bytes(r.per_gpu.model_states_bytes, unit).rsplit(" ", 1)[0] for r in reports])
+    table.add_row("peak", *[format_bytes(r.per_gpu.peak_bytes, unit).rsplit(" ", 1)[0] for r in reports], style="bold")
+    table.add_row("peak phase", *[PHASE_LABELS[r.per_gpu.peak_phase] for r in reports])
+    if any(r.fit for r in reports):
+        table.add_row("fits " + (reports[0].fit.gpu if reports[0].fit else ""),
+                      *["yes" if r.fit and r.fit.fits else "no" for r in reports])
+    console.print(table)
+    notes = {n for r in reports for n in r.notes}
+    for note in sorted(notes):
+        console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def to_json(reports: Sequence[Report]) -> str:
+    """One report as itself; several (a --zero comparison) as {"schema_version", "reports": [...]}."""
+    if len(reports) == 1:
+        return reports[0].model_dump_json(indent=2)
+    return json.dumps(
+        {"schema_version": reports[0].schema_version, "reports": [r.model_dump(mode="json") for r in reports]},
+        indent=2,
+    )

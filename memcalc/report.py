@@ -1,0 +1,141 @@
+"""Output models. Memory is integer bytes everywhere; units are applied only in ``render``.
+
+The JSON contract (``schema_version`` 1): ``model``, ``training``, ``per_gpu`` (``terms``,
+``model_states_bytes``, ``peak_bytes``, ``peak_phase``, ``phases``), ``totals``, ``fit`` when a GPU is
+given, and ``notes``. Model-state terms are named ``weights``, ``master_weights``, ``gradients`` and
+``optimizer_states``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+TERM_WEIGHTS = "weights"
+TERM_MASTER = "master_weights"
+TERM_GRADIENTS = "gradients"
+TERM_OPTIMIZER_STATES = "optimizer_states"
+TERM_AUTOCAST_COPIES = "autocast_weight_copies"
+TERM_ZERO3_GATHERED = "zero3_gathered_params"
+TERM_ZERO3_GATHERED_GRADS = "zero3_gathered_grads"
+TERM_ACTIVATIONS = "activations"
+TERM_LOSS_BUFFERS = "logits_and_loss"
+TERM_MASTER_GRAD_COPY = "fp32_grad_copy"
+TERM_OPTIMIZER_TEMPORARIES = "optimizer_temporaries"
+MODEL_STATE_TERMS = (TERM_WEIGHTS, TERM_MASTER, TERM_GRADIENTS, TERM_OPTIMIZER_STATES)
+
+
+class Phase(str, Enum):
+    forward = "forward"
+    backward = "backward"
+    optimizer_step = "optimizer_step"
+
+
+class Term(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    bytes: int
+    formula: str  # with the numbers substituted
+    source: str  # paper, seed or implementation it follows
+    category: str  # model_states | temporaries | activations
+    phases: list[Phase]  # phases of the step in which it is alive
+    breakdown: dict[str, int] = {}  # e.g. exp_avg / exp_avg_sq for optimizer_states
+
+
+class PhaseTotal(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    phase: Phase
+    bytes: int
+    terms: list[str]
+    first_step_bytes: int  # step 0: no optimizer state exists before the first optimizer step
+
+
+class ModelSummary(BaseModel):
+    name: str
+    source: str
+    model_type: str | None
+    architecture_known: bool
+    num_params: int
+    num_trainable_params: int
+    num_tensors: int
+    params_source: str  # "inventory" | "--params"
+
+
+class TrainingSummary(BaseModel):
+    precision: str
+    precision_description: str
+    weight_dtype: str
+    master_dtype: str | None
+    grad_dtype: str
+    state_dtype: str
+    compute_dtype: str
+    optimizer: str
+    optimizer_description: str
+    optim_impl: str
+    micro_batch_size: int
+    seq_len: int
+    checkpointing: str
+    zero_stage: int
+    num_gpus: int
+    lora_rank: int | None = None
+    lora_targets: list[str] | None = None
+    qlora: bool = False
+    freeze: list[str] = []
+    defaults_used: list[str] = []
+
+
+class PerGpu(BaseModel):
+    terms: list[Term]
+    model_states_bytes: int
+    peak_bytes: int
+    peak_phase: Phase
+    phases: list[PhaseTotal]
+    first_step_peak_bytes: int
+
+
+class Totals(BaseModel):
+    """Across all GPUs: per-GPU figures times the number of GPUs (replicas and shards alike)."""
+
+    num_gpus: int
+    model_states_bytes: int
+    peak_bytes_sum: int
+
+
+class FitSuggestion(BaseModel):
+    change: str  # a command-line change, e.g. "--zero 3"
+    peak_bytes: int
+    fits: bool
+
+
+class Fit(BaseModel):
+    gpu: str
+    gpu_memory_bytes: int
+    gpu_memory_source: str
+    cuda_context_bytes: int
+    allocator_reserve_bytes: int
+    usable_bytes: int
+    peak_bytes: int
+    headroom_bytes: int  # usable - peak; negative when it does not fit
+    fits: bool
+    suggestions: list[FitSuggestion] = []
+
+
+class Report(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSummary
+    training: TrainingSummary
+    per_gpu: PerGpu
+    totals: Totals
+    fit: Fit | None = None
+    notes: list[str] = []
+
+    def term(self, name: str) -> Term:
+        for term in self.per_gpu.terms:
+            if term.name == name:
+                return term
+        raise KeyError(name)

@@ -1,0 +1,186 @@
+"""Which tensors train: full fine-tuning, LoRA adapters on a frozen base, QLoRA's 4-bit base, --freeze.
+
+LoRA (Hu et al. 2021) as PEFT builds it: for a targeted nn.Linear with weight (out, in), lora_A (r, in)
+and lora_B (out, r) train; the base weight is frozen (weights only: no gradient, master or state).
+QLoRA (Dettmers et al. 2023) stores the frozen base Linear weights in 4-bit NF4 as bitsandbytes does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from memcalc.errors import UsageError
+from memcalc.model import (
+    ROLE_ATTENTION,
+    ROLE_EMBEDDING,
+    ROLE_EXPERT,
+    ROLE_LM_HEAD,
+    ROLE_LORA,
+    ROLE_MLP,
+    ROLE_NORM,
+    ROLE_POSITION_EMBEDDING,
+    ROLE_ROUTER,
+    ParamTensor,
+)
+
+if TYPE_CHECKING:
+    from memcalc.engine import ModelInput
+    from memcalc.spec import TrainingSpec
+
+# peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft 0.21.2): PEFT's
+# default target_modules per model_type. phi3 is not in that table; its fused qkv_proj is the analogue.
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "t5": ("q", "v"),
+    "gpt2": ("c_attn",),
+    "bloom": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"),
+    "bert": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+    "falcon": ("query_key_value",),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+}
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear except the output head
+
+# GPT-2 uses transformers' Conv1D, whose weight is stored (in, out) rather than nn.Linear's (out, in).
+CONV1D_MODEL_TYPES = ("gpt2",)
+
+# bitsandbytes 4-bit (functional.quantize_4bit, QLoRA defaults: nf4, blocksize 64, double quantization):
+# packed codes 2 per byte; one absmax per 64-element block, itself quantized to uint8 with an fp32 absmax
+# per 256 absmax values (QLoRA paper sec. 3: 8/64 + 32/(64*256) = 0.127 bits per parameter of constants),
+# plus per tensor: the 16-entry fp32 NF4 code, the 256-entry fp32 code of the nested quantization and an
+# fp32 offset (bitsandbytes QuantState fields code, state2.code, offset).
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256
+NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
+
+FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
+    "embeddings": (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING),
+    "lm_head": (ROLE_LM_HEAD,),
+    "norms": (ROLE_NORM,),
+    "attention": (ROLE_ATTENTION,),
+    "mlp": (ROLE_MLP, ROLE_EXPERT, ROLE_ROUTER),
+}
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes bitsandbytes holds for one NF4 tensor with double quantization."""
+    num_blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    return math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / NF4_NESTED_BLOCKSIZE) * 4 + NF4_PER_TENSOR_BYTES
+
+
+@dataclass(frozen=True)
+class TrainableSubset:
+    tensors: tuple[ParamTensor, ...]
+    quantized: frozenset[str] = field(default_factory=frozenset)  # names of NF4-stored base weights
+    autocast_copy_numel: int = 0  # Linear weights autocast casts and keeps from forward to backward
+    notes: tuple[str, ...] = ()
+
+    @property
+    def _num_all(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def _split(self) -> tuple[int, int]:
+        quantized = [t for t in self.tensors if t.name in self.quantized]
+        return self._num_all - sum(t.numel for t in quantized), sum(nf4_bytes(t.numel) for t in quantized)
+
+    def weight_bytes(self, weight_numel_on_rank: int, bytes_per_weight: int) -> int:
+        if not self.quantized:
+            return weight_numel_on_rank * bytes_per_weight
+        plain_numel, nf4_total = self._split()
+        fraction_num, fraction_den = weight_numel_on_rank, self._num_all  # ZeRO-3 shard of the whole
+        return (plain_numel * bytes_per_weight + nf4_total) * fraction_num // fraction_den
+
+    def weight_breakdown(self, weight_numel_on_rank: int, bytes_per_weight: int) -> dict[str, int]:
+        if not self.quantized:
+            return {}
+        plain_numel, nf4_total = self._split()
+        scale = weight_numel_on_rank / self._num_all
+        return {"16-bit (not quantized)": int(plain_numel * bytes_per_weight * scale), "nf4 base": int(nf4_total * scale)}
+
+    def weight_formula(self, weight_numel_on_rank: int, bytes_per_weight: int, dtype: str, sharded: bool, num_gpus: int) -> str:
+        shard = f" (ZeRO-3 shard of {num_gpus} GPUs)" if sharded else ""
+        if not self.quantized:
+            return f"{weight_numel_on_rank:,} params{shard} x {bytes_per_weight} B ({dtype})"
+        plain_numel, nf4_total = self._split()
+        return (f"{plain_numel:,} params x {bytes_per_weight} B ({dtype}) + NF4 base {nf4_total:,} B "
+                f"(0.5 B/param + 1 B per 64 + 4 B per 64x256 + {NF4_PER_TENSOR_BYTES} B per tensor){shard}")
+
+
+def _module_name(tensor: ParamTensor) -> str:
+    return tensor.name.rsplit(".", 1)[0]
+
+
+def _is_targeted(tensor: ParamTensor, targets: tuple[str, ...]) -> bool:
+    if not tensor.is_linear_weight or tensor.role == ROLE_LM_HEAD:
+        return False
+    module = _module_name(tensor)
+    if targets == (ALL_LINEAR,):
+        return True
+    return any(module == target or module.endswith("." + target) for target in targets)
+
+
+def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool) -> tuple[ParamTensor, ParamTensor]:
+    out_features, in_features = tensor.shape if not conv1d else tensor.shape[::-1]
+    module = _module_name(tensor)
+    lora_a = ParamTensor(f"{module}.lora_A.weight", (rank, in_features), tensor.layer, ROLE_LORA, True)
+    lora_b = ParamTensor(f"{module}.lora_B.weight", (out_features, rank), tensor.layer, ROLE_LORA, True)
+    return lora_a, lora_b
+
+
+def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
+    tensors = list(model.tensors)
+    notes: list[str] = []
+    if (spec.lora_rank or spec.qlora or spec.freeze) and not model.architecture_known:
+        raise UsageError("--lora-rank, --qlora and --freeze need an architecture: give a model name or config.json, not only --params")
+    if spec.qlora and not spec.lora_rank:
+        raise UsageError("--qlora trains LoRA adapters on a 4-bit base: add --lora-rank R (e.g. --lora-rank 16)")
+    frozen_roles = {role for group in spec.freeze for role in FREEZE_GROUPS[group]}
+    if frozen_roles:
+        tensors = [replace(t, trainable=False) if t.role in frozen_roles else t for t in tensors]
+    quantized: set[str] = set()
+    if spec.lora_rank:
+        model_type = model.model_type or ""
+        targets = spec.lora_targets or DEFAULT_LORA_TARGETS.get(model_type)
+        if not targets:
+            raise UsageError(
+                f"no default LoRA targets for model_type '{model_type}'; pass --lora-targets q_proj,v_proj "
+                "(module names) or --lora-targets all-linear"
+            )
+        conv1d = model_type in CONV1D_MODEL_TYPES
+        adapters: list[ParamTensor] = []
+        frozen: list[ParamTensor] = []
+        num_targeted = 0
+        for t in tensors:
+            if _is_targeted(t, tuple(targets)):
+                num_targeted += 1
+                adapters.extend(_lora_adapters(t, spec.lora_rank, conv1d))
+            frozen.append(replace(t, trainable=False))
+        if not num_targeted:
+            raise UsageError(
+                f"--lora-targets {','.join(targets)} matches no Linear layer of this model; "
+                "use module names such as q_proj,v_proj or all-linear"
+            )
+        tensors = frozen + adapters
+        notes.append(f"LoRA r={spec.lora_rank} on {num_targeted} Linear layers ({','.join(targets)}); base frozen")
+        if spec.qlora:
+            quantized = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
+            notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
+                         "lm_head stay 16-bit (bitsandbytes skips lm_head)")
+    if model.architecture_known:
+        # QLoRA's base matmul dequantizes on the fly and saves the 4-bit weight, so no copy persists.
+        autocast_numel = sum(t.numel for t in tensors if (t.is_linear_weight or t.role == ROLE_LORA) and t.name not in quantized)
+    else:
+        autocast_numel = sum(t.numel for t in tensors)
+        if spec.precision.value.startswith("amp"):
+            notes.append("without an architecture, every parameter is assumed to be a Linear weight for autocast copies")
+    return TrainableSubset(tuple(tensors), frozenset(quantized), autocast_numel, tuple(notes))

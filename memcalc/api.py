@@ -38,5 +38,5 @@ def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,
     report = estimate(model, spec, defaults_used)
     if gpu is not None:
         fit = check_fit(report, spec, gpu, rerun=lambda changed: estimate(model, changed))
-        report = report.model_copy(update={"fit": fit})
+        report = report.with_fit(fit)
     return report

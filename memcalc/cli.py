@@ -108,9 +108,7 @@ def estimate(
 
 
 def _estimate(**options) -> int:
-    # Heavy-ish modules load here, not at import, so --help stays instant.
-    from pydantic import ValidationError
-
+    # The engine loads here, not at import, so --help stays instant.
     from memcalc import api, render
     from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
     from memcalc.presets import find_gpu
@@ -131,21 +129,17 @@ def _estimate(**options) -> int:
     num_params = parse_count(o["params"]) if o["params"] is not None else None
     stages = _parse_stages(o["zero"])
     defaults_used = _defaults_used(o)
-    try:
-        specs = [
-            TrainingSpec(
-                precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
-                state_dtype=o["state_dtype"], optimizer=o["optim"], optim_impl=o["optim_impl"], amsgrad=o["amsgrad"],
-                adafactor_beta1=o["adafactor_beta1"], micro_batch_size=o["batch_size"], seq_len=o["seq_len"],
-                checkpointing=o["checkpointing"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
-                lora_targets=tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip()) if o["lora_targets"] else None,
-                qlora=o["qlora"], freeze=freeze,
-            )
-            for stage in stages
-        ]
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
+    specs = [
+        TrainingSpec(
+            precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
+            state_dtype=o["state_dtype"], optimizer=o["optim"], optim_impl=o["optim_impl"], amsgrad=o["amsgrad"],
+            adafactor_beta1=o["adafactor_beta1"], micro_batch_size=o["batch_size"], seq_len=o["seq_len"],
+            checkpointing=o["checkpointing"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
+            lora_targets=tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip()) if o["lora_targets"] else None,
+            qlora=o["qlora"], freeze=freeze,
+        )
+        for stage in stages
+    ]
     gpu_target = None
     if o["gpu"] or o["gpu_memory"]:
         context = parse_size(o["cuda_context"], "--cuda-context") if o["cuda_context"] else DEFAULT_CUDA_CONTEXT_BYTES
@@ -166,7 +160,7 @@ def _estimate(**options) -> int:
     else:
         from rich.console import Console
 
-        console = Console(soft_wrap=True)
+        console = Console(soft_wrap=True, emoji=False, highlight=False)
         if len(reports) == 1:
             render.render_table(reports[0], console, unit, explain=o["explain"], totals=o["totals"])
         else:
@@ -226,7 +220,7 @@ def _presets(json_output: bool) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False, highlight=False)
     table = Table(title="Model presets (exact parameter counts from the inventory)")
     for column in ("name", "model_type", "params", "aliases"):
         table.add_column(column, justify="right" if column == "params" else "left")

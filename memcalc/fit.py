@@ -79,7 +79,7 @@ def check_fit(
         for label, update in _candidate_changes(spec, report.model.architecture_known):
             if "num_gpus" in update and tried_more_gpus:
                 continue
-            changed = spec.model_copy(update=update)
+            changed = spec.replace(**update)
             changed_peak = rerun(changed).per_gpu.peak_bytes
             ok = changed_peak <= gpu.usable_bytes
             if "num_gpus" in update:

@@ -11,7 +11,6 @@ when torch and transformers are installed, and is refused otherwise. This module
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -825,6 +824,8 @@ def inventory_notes(config: ModelConfig) -> list[str]:
 
 def fallback_available() -> bool:
     """True when torch and transformers can be imported (checked without importing them)."""
+    import importlib.util  # only for model types without a pure-Python inventory
+
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 

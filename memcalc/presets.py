@@ -6,7 +6,6 @@ copy) and ``_aliases`` (names users type). A preset and a user's own config go t
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,6 +73,8 @@ def load_model_preset(preset_name: str) -> dict[str, Any]:
 
 def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
     """Closest candidates to a mistyped name."""
+    import difflib  # only on the error path
+
     key = normalize_name(name)
     by_key = {normalize_name(c): c for c in candidates}
     matches = difflib.get_close_matches(key, list(by_key), n=limit, cutoff=0.5)

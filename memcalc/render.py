@@ -135,8 +135,5 @@ def render_comparison(reports: Sequence[Report], console: Console, unit: str) ->
 def to_json(reports: Sequence[Report]) -> str:
     """One report as itself; several (a --zero comparison) as {"schema_version", "reports": [...]}."""
     if len(reports) == 1:
-        return reports[0].model_dump_json(indent=2)
-    return json.dumps(
-        {"schema_version": reports[0].schema_version, "reports": [r.model_dump(mode="json") for r in reports]},
-        indent=2,
-    )
+        return reports[0].to_json()
+    return json.dumps({"schema_version": reports[0].schema_version, "reports": [r.to_dict() for r in reports]}, indent=2)

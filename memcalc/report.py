@@ -1,5 +1,9 @@
 """Output models. Memory is integer bytes everywhere; units are applied only in ``render``.
 
+Plain dataclasses, not pydantic models: building pydantic models costs about 80 ms of start-up,
+which the estimate path cannot afford (the start-up benchmark). ``memcalc.schema`` derives the JSON
+Schema of this contract with pydantic, lazily.
+
 The JSON contract (``schema_version`` 1): ``model``, ``training``, ``per_gpu`` (``terms``,
 ``model_states_bytes``, ``peak_bytes``, ``peak_phase``, ``phases``), ``totals``, ``fit`` when a GPU is
 given, and ``notes``. Model-state terms are named ``weights``, ``master_weights``, ``gradients`` and
@@ -8,9 +12,11 @@ given, and ``notes``. Model-state terms are named ``weights``, ``master_weights`
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from enum import Enum
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -34,28 +40,27 @@ class Phase(str, Enum):
     optimizer_step = "optimizer_step"
 
 
-class Term(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+@dataclass
+class Term:
     name: str
     bytes: int
     formula: str  # with the numbers substituted
     source: str  # paper, seed or implementation it follows
     category: str  # model_states | temporaries | activations
     phases: list[Phase]  # phases of the step in which it is alive
-    breakdown: dict[str, int] = {}  # e.g. exp_avg / exp_avg_sq for optimizer_states
+    breakdown: dict[str, int] = field(default_factory=dict)  # e.g. exp_avg / exp_avg_sq for optimizer_states
 
 
-class PhaseTotal(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+@dataclass
+class PhaseTotal:
     phase: Phase
     bytes: int
     terms: list[str]
     first_step_bytes: int  # step 0: no optimizer state exists before the first optimizer step
 
 
-class ModelSummary(BaseModel):
+@dataclass
+class ModelSummary:
     name: str
     source: str
     model_type: str | None
@@ -66,7 +71,8 @@ class ModelSummary(BaseModel):
     params_source: str  # "inventory" | "--params"
 
 
-class TrainingSummary(BaseModel):
+@dataclass
+class TrainingSummary:
     precision: str
     precision_description: str
     weight_dtype: str
@@ -85,11 +91,12 @@ class TrainingSummary(BaseModel):
     lora_rank: int | None = None
     lora_targets: list[str] | None = None
     qlora: bool = False
-    freeze: list[str] = []
-    defaults_used: list[str] = []
+    freeze: list[str] = field(default_factory=list)
+    defaults_used: list[str] = field(default_factory=list)
 
 
-class PerGpu(BaseModel):
+@dataclass
+class PerGpu:
     terms: list[Term]
     model_states_bytes: int
     peak_bytes: int
@@ -98,7 +105,8 @@ class PerGpu(BaseModel):
     first_step_peak_bytes: int
 
 
-class Totals(BaseModel):
+@dataclass
+class Totals:
     """Across all GPUs: per-GPU figures times the number of GPUs (replicas and shards alike)."""
 
     num_gpus: int
@@ -106,13 +114,15 @@ class Totals(BaseModel):
     peak_bytes_sum: int
 
 
-class FitSuggestion(BaseModel):
+@dataclass
+class FitSuggestion:
     change: str  # a command-line change, e.g. "--zero 3"
     peak_bytes: int
     fits: bool
 
 
-class Fit(BaseModel):
+@dataclass
+class Fit:
     gpu: str
     gpu_memory_bytes: int
     gpu_memory_source: str
@@ -122,17 +132,29 @@ class Fit(BaseModel):
     peak_bytes: int
     headroom_bytes: int  # usable - peak; negative when it does not fit
     fits: bool
-    suggestions: list[FitSuggestion] = []
+    suggestions: list[FitSuggestion] = field(default_factory=list)
 
 
-class Report(BaseModel):
-    schema_version: int = SCHEMA_VERSION
+@dataclass
+class Report:
     model: ModelSummary
     training: TrainingSummary
     per_gpu: PerGpu
     totals: Totals
     fit: Fit | None = None
-    notes: list[str] = []
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, ``schema_version`` first. Enums are ``str`` subclasses and dump as their values."""
+        data = dataclasses.asdict(self)
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def with_fit(self, fit: Fit) -> Report:
+        return dataclasses.replace(self, fit=fit)
 
     def term(self, name: str) -> Term:
         for term in self.per_gpu.terms:

@@ -1,16 +1,22 @@
-"""The training setup being estimated, as validated pydantic inputs."""
+"""The training setup being estimated: a frozen dataclass validated on construction.
+
+(Stdlib dataclasses rather than pydantic here: see memcalc/report.py on start-up cost.)
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from memcalc.errors import UsageError
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, PrecisionName
 
 DEFAULT_MICRO_BATCH_SIZE = 1
 DEFAULT_SEQ_LEN = 2048
+MAX_TOKENS = 10**9  # micro-batch x sequence: far past any run, small enough to keep arithmetic instant
+MAX_GPUS = 10**6
 
 
 class Checkpointing(str, Enum):
@@ -18,10 +24,9 @@ class Checkpointing(str, Enum):
     full = "full"
 
 
-class TrainingSpec(BaseModel):
+@dataclass(frozen=True)
+class TrainingSpec:
     """Everything about the run except the model. Defaults are printed with every report."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     precision: PrecisionName = PrecisionName.bf16
     master_dtype: Dtype | None = None
@@ -30,20 +35,61 @@ class TrainingSpec(BaseModel):
     optimizer: OptimizerName = OptimizerName.adamw
     optim_impl: OptimImpl = OptimImpl.foreach
     amsgrad: bool = False
-    adafactor_beta1: float | None = Field(default=None, ge=0.0, lt=1.0)
-    micro_batch_size: int = Field(default=DEFAULT_MICRO_BATCH_SIZE, ge=1, le=1_000_000)
-    seq_len: int = Field(default=DEFAULT_SEQ_LEN, ge=1, le=100_000_000)
+    adafactor_beta1: float | None = None
+    micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
+    seq_len: int = DEFAULT_SEQ_LEN
     checkpointing: Checkpointing = Checkpointing.none
-    zero_stage: int = Field(default=0, ge=0, le=3)
-    num_gpus: int = Field(default=1, ge=1, le=1_000_000)
-    # Trainable subsets (see memcalc.trainable): LoRA adapters, QLoRA 4-bit base, frozen parts.
-    lora_rank: int | None = Field(default=None, ge=1, le=65536)
+    zero_stage: int = 0
+    num_gpus: int = 1
+    # Trainable subsets (memcalc.trainable): LoRA adapters, QLoRA 4-bit base, frozen parts.
+    lora_rank: int | None = None
     lora_targets: tuple[str, ...] | None = None
     qlora: bool = False
     freeze: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
+                           ("checkpointing", Checkpointing)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                choices = ", ".join(member.value for member in enum)
+                raise UsageError(f"--{name.replace('_', '-')} {value!r} is not one of {choices}") from None
+        for name in ("master_dtype", "grad_dtype", "state_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, Dtype(value))
+                except ValueError:
+                    raise UsageError(f"--{name.replace('_', '-')} {value!r} is not one of fp32, bf16, fp16") from None
+        _check_range("--batch-size", self.micro_batch_size, 1, MAX_TOKENS)
+        _check_range("--seq-len", self.seq_len, 1, MAX_TOKENS)
+        if self.micro_batch_size * self.seq_len > MAX_TOKENS:
+            raise UsageError(f"--batch-size x --seq-len is above {MAX_TOKENS:.0e} tokens; check the numbers")
+        _check_range("--zero", self.zero_stage, 0, 3)
+        _check_range("--gpus", self.num_gpus, 1, MAX_GPUS)
+        if self.lora_rank is not None:
+            _check_range("--lora-rank", self.lora_rank, 1, 65536)
+        if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:
+            raise UsageError(f"--adafactor-beta1 must be in [0, 1), got {self.adafactor_beta1}")
+        if self.adafactor_beta1 is not None and self.optimizer != OptimizerName.adafactor:
+            raise UsageError("--adafactor-beta1 only applies to --optim adafactor")
+        if self.amsgrad and self.optimizer not in (OptimizerName.adam, OptimizerName.adamw):
+            raise UsageError("--amsgrad only applies to --optim adam or adamw")
+
+    def replace(self, **changes) -> TrainingSpec:
+        return dataclasses.replace(self, **changes)
 
     @property
     def optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(
             name=self.optimizer, impl=self.optim_impl, amsgrad=self.amsgrad, adafactor_beta1=self.adafactor_beta1
         )
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{flag} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise UsageError(f"{flag} must be between {low} and {high:,}, got {value}")

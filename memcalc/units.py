@@ -48,6 +48,8 @@ MAX_SIZE_BYTES = 2**60
 
 
 def _split_number(text: str, what: str, example: str) -> tuple[float, str, str]:
+    if text.strip().startswith("-"):
+        raise UsageError(f"{what} must be positive, got {text!r}; write it like {example}")
     match = _NUMBER_WITH_SUFFIX.match(text)
     if not match:
         raise UsageError(f"{what} {text!r} is not a number; write it like {example}")

@@ -1,0 +1,216 @@
+"""CLI: exit codes, stdout/stderr separation, the JSON contract and every class of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memcalc.cli import EXIT_DOES_NOT_FIT
+from memcalc.errors import ConfigError, ModelNotFoundError, UsageError
+
+JSON_KEYS = {"schema_version", "model", "training", "per_gpu", "totals", "fit", "notes"}
+
+
+def test_main_example_works_exactly_as_written(cli):
+    result = cli("llama-3-8b", "--precision", "bf16", "--optim", "adamw")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    for text in ("llama-3-8b", "8,030,261,248", "GiB", "weights", "master_weights", "optimizer_states", "peak"):
+        assert text in result.stdout
+    # Defaults are named, not silent.
+    assert "--batch-size 1" in result.stdout and "--seq-len 2048" in result.stdout
+
+
+def test_units_gb(cli):
+    result = cli("llama-3-8b", "--units", "gb")
+    assert result.exit_code == 0
+    assert "in GB (10^9 bytes)" in result.stdout and "GiB" not in result.stdout.split("Per GPU")[1]
+
+
+def test_json_contract(cli):
+    result = cli("llama-3-8b", "--json")
+    assert result.exit_code == 0 and result.stderr == ""
+    data = result.json()
+    assert JSON_KEYS <= set(data)
+    assert data["schema_version"] == 1
+    assert data["model"]["num_params"] == data["model"]["num_trainable_params"] == 8_030_261_248
+    assert data["training"]["precision"] == "bf16" and data["training"]["micro_batch_size"] == 1
+    names = [t["name"] for t in data["per_gpu"]["terms"]]
+    assert names[:4] == ["weights", "master_weights", "gradients", "optimizer_states"]
+    for term in data["per_gpu"]["terms"]:
+        assert set(term) >= {"name", "bytes", "formula", "source"} and isinstance(term["bytes"], int)
+    per_gpu = data["per_gpu"]
+    assert per_gpu["model_states_bytes"] == sum(t["bytes"] for t in per_gpu["terms"][:4])
+    assert per_gpu["peak_bytes"] == max(p["bytes"] for p in per_gpu["phases"])
+    assert per_gpu["peak_phase"] in ("forward", "backward", "optimizer_step")
+    assert data["fit"] is None
+
+
+def test_zero_what_if_is_per_gpu(cli):
+    one = cli("llama-3-8b", "--json").json()
+    eight = cli("llama-3-8b", "--zero", "2", "--gpus", "8", "--json").json()
+    assert eight["training"]["zero_stage"] == 2 and eight["training"]["num_gpus"] == 8
+    assert eight["per_gpu"]["model_states_bytes"] < one["per_gpu"]["model_states_bytes"]
+    assert eight["totals"]["model_states_bytes"] == 8 * eight["per_gpu"]["model_states_bytes"]
+
+
+def test_zero_comparison_table(cli):
+    result = cli("llama-3-8b", "--zero", "0,1,2,3", "--gpus", "8")
+    assert result.exit_code == 0
+    for stage in range(4):
+        assert f"ZeRO {stage}" in result.stdout
+    data = cli("llama-3-8b", "--zero", "0,1,2,3", "--gpus", "8", "--json").json()
+    peaks = [r["per_gpu"]["model_states_bytes"] for r in data["reports"]]
+    assert peaks == sorted(peaks, reverse=True) and len(peaks) == 4
+
+
+def test_fit_verdict_and_exit_codes(cli):
+    too_big = cli("llama-3-8b", "--gpu", "h100-80gb")
+    assert too_big.exit_code == EXIT_DOES_NOT_FIT
+    assert "DOES NOT FIT" in too_big.stdout and "CUDA context" in too_big.stdout
+    data = cli("llama-3-8b", "--gpu", "h100-80gb", "--json").json()
+    fit = data["fit"]
+    assert fit["fits"] is False and fit["headroom_bytes"] < 0
+    assert fit["usable_bytes"] == fit["gpu_memory_bytes"] - fit["cuda_context_bytes"] - fit["allocator_reserve_bytes"]
+    assert fit["gpu_memory_bytes"] == 81559 * 2**20  # nvidia-smi on an H100 80GB HBM3 (presets/gpus.json)
+    fitting = [s for s in fit["suggestions"] if s["fits"]]
+    assert fitting and all(s["peak_bytes"] <= fit["usable_bytes"] for s in fitting)
+    small = cli("gpt2", "--gpu", "h100-80gb")
+    assert small.exit_code == 0 and "FITS" in small.stdout
+
+
+def test_gpu_memory_option(cli):
+    data = cli("--params", "1B", "--precision", "fp32", "--gpu-memory", "80GiB", "--json").json()
+    assert data["fit"]["gpu_memory_bytes"] == 80 * 2**30 and data["fit"]["fits"] is True
+
+
+def test_params_forms(cli):
+    for text, expected in (("7e9", 7 * 10**9), ("7B", 7 * 10**9), ("6.74B", 6_740_000_000), ("8030261248", 8_030_261_248)):
+        data = cli("--params", text, "--json").json()
+        assert data["model"]["num_params"] == expected
+        assert data["model"]["params_source"] == "--params"
+
+
+def test_params_overrides_model_count(cli):
+    data = cli("llama-3-8b", "--params", "8e9", "--json").json()
+    assert data["model"]["num_params"] == 8 * 10**9 and data["model"]["name"] == "llama-3-8b"
+
+
+def test_explain_shows_formula_and_source(cli):
+    result = cli("llama-3-8b", "--explain")
+    assert result.exit_code == 0
+    assert result.stdout.count("  formula: ") == result.stdout.count("  source:  ") >= 6
+    assert "8,030,261,248 params x 2 B (bf16)" in result.stdout
+
+
+def test_presets_command(cli):
+    result = cli("presets")
+    assert result.exit_code == 0 and "llama-3-8b" in result.stdout and "h100-80gb" in result.stdout
+    data = cli("presets", "--json").json()
+    assert len(data["models"]) >= 30 and len({m["model_type"] for m in data["models"]}) >= 12
+    assert any(g["name"] == "h100-80gb" for g in data["gpus"])
+
+
+def test_help_is_one_command(cli):
+    result = cli("--help")
+    assert result.exit_code == 0 and "estimate" in result.stdout and "presets" in result.stdout
+
+
+# ---- bad input: one line on stderr, nothing on stdout, a non-zero documented exit code --------------------
+
+def _assert_one_line_error(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("memcalc: ")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_model_suggests_closest(cli):
+    _assert_one_line_error(cli("llama-3-8", "--json"), ModelNotFoundError.exit_code, "unknown model", "llama-3-8b")
+    _assert_one_line_error(cli("lama3-8b"), ModelNotFoundError.exit_code, "did you mean")
+
+
+def test_missing_and_malformed_config(cli, tmp_path):
+    _assert_one_line_error(cli(str(tmp_path / "nope.json")), ModelNotFoundError.exit_code, "no such file")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    _assert_one_line_error(cli(str(bad)), ConfigError.exit_code, "not valid JSON")
+    bad.write_text("[1, 2]")
+    _assert_one_line_error(cli(str(bad)), ConfigError.exit_code, "JSON object")
+    bad.write_text('{"hidden_size": 8}')
+    _assert_one_line_error(cli(str(bad)), ConfigError.exit_code, "model_type")
+    _assert_one_line_error(cli(str(tmp_path)), ConfigError.exit_code, "model_type")  # the folder holding it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(cli(str(empty)), ConfigError.exit_code, "no config.json")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--params", "abc"], "not a number"),
+        (["--params", "-5"], "must be positive"),
+        (["--params", "0"], "positive"),
+        (["--params", "7X"], "unknown suffix"),
+        (["--params", "1e16"], "larger than"),
+        (["llama-3-8b", "--gpus", "0"], "--gpus"),
+        (["llama-3-8b", "--batch-size", "-1"], "--batch-size"),
+        (["llama-3-8b", "--seq-len", "abc"], "--seq-len"),
+        (["llama-3-8b", "--zero", "4"], "0, 1, 2 or 3"),
+        (["llama-3-8b", "--optim", "adamx"], "--optim"),
+        (["llama-3-8b", "--precision", "bf8"], "--precision"),
+        (["llama-3-8b", "--units", "kg"], "--units"),
+        (["llama-3-8b", "--gpu", "h1000"], "unknown GPU"),
+        (["llama-3-8b", "--gpu-memory", "-80GiB"], "must be positive"),
+        (["llama-3-8b", "--gpu-memory", "80 parsecs"], "unknown unit"),
+        (["llama-3-8b", "--gpu", "h100", "--gpu-memory", "80GiB"], "not both"),
+        (["llama-3-8b", "--no-such-flag"], "No such option"),
+        (["--precision", "fp32"], "give a MODEL"),
+        (["--params", "7B", "--lora-rank", "8"], "need an architecture"),
+        (["llama-3-8b", "--qlora"], "--lora-rank"),
+        (["llama-3-8b", "--freeze", "everything"], "--freeze"),
+        (["llama-3-8b", "--precision", "fp32", "--master-dtype", "fp32"], "master copy"),
+    ],
+)
+def test_bad_input_is_one_line(cli, args, needle):
+    result = cli(*args)
+    _assert_one_line_error(result, UsageError.exit_code, needle)
+
+
+def test_zero3_on_one_gpu_is_allowed_and_says_so(cli):
+    result = cli("llama-3-8b", "--zero", "3", "--gpus", "1", "--json")
+    assert result.exit_code == 0
+    data = result.json()
+    assert any("partitions nothing" in note for note in data["notes"])
+    baseline = cli("llama-3-8b", "--json").json()
+    assert data["per_gpu"]["peak_bytes"] == baseline["per_gpu"]["peak_bytes"]
+
+
+def test_absurd_count_does_not_overflow_or_hang(cli):
+    data = cli("--params", "1e15", "--gpu", "h200", "--json")
+    assert data.exit_code == EXIT_DOES_NOT_FIT
+    report = data.json()
+    assert report["per_gpu"]["model_states_bytes"] == 16 * 10**15  # Python ints: exact, no overflow
+    assert not any(s["fits"] for s in report["fit"]["suggestions"])
+
+
+def test_internal_error_is_one_line_without_traceback(cli, monkeypatch):
+    import memcalc.api
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(memcalc.api, "run", boom)
+    result = cli("llama-3-8b")
+    assert result.exit_code == 1 and "internal error" in result.stderr and "MEMCALC_DEBUG" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_json_stdout_is_pure_json_even_with_notes(cli):
+    result = cli("llama-3-8b", "--zero", "3", "--gpus", "1", "--json")
+    json.loads(result.stdout)  # nothing else on stdout

@@ -54,6 +54,8 @@ def _candidate_changes(spec: TrainingSpec, architecture_known: bool) -> list[tup
     if spec.num_gpus > 1:
         for stage in range(spec.zero_stage + 1, 4):
             changes.append((f"--zero {stage}", {"zero_stage": stage}))
+    if spec.precision.value in ("bf16", "fp16"):  # drop the fp32 master copy
+        changes.append((f"--precision {spec.precision.value}-pure", {"precision": f"{spec.precision.value}-pure"}))
     if spec.optimizer != OptimizerName.adamw_8bit:
         changes.append(("--optim adamw-8bit", {"optimizer": OptimizerName.adamw_8bit}))
     if spec.optimizer != OptimizerName.adafactor:
@@ -65,6 +67,25 @@ def _candidate_changes(spec: TrainingSpec, architecture_known: bool) -> list[tup
         if num_gpus > spec.num_gpus:
             changes.append((f"--zero 3 --gpus {num_gpus}", {"zero_stage": 3, "num_gpus": num_gpus}))
     return changes
+
+
+def _greedy_combination(
+    spec: TrainingSpec, architecture_known: bool, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
+) -> FitSuggestion | None:
+    """Stack single-GPU changes in the order above, keeping each one that lowers the peak, until it fits."""
+    current, peak, labels = spec, rerun(spec).per_gpu.peak_bytes, []
+    for label, update in _candidate_changes(spec, architecture_known):
+        if "num_gpus" in update or "lora_rank" in update or "zero_stage" in update:
+            continue
+        if "optimizer" in update and any(lbl.startswith("--optim ") for lbl in labels):
+            continue  # one optimizer at a time
+        changed = current.replace(**update)
+        changed_peak = rerun(changed).per_gpu.peak_bytes
+        if changed_peak < peak:
+            current, peak, labels = changed, changed_peak, [*labels, label]
+            if peak <= gpu.usable_bytes:
+                return FitSuggestion(change=" ".join(labels), peak_bytes=peak, fits=True)
+    return None
 
 
 def check_fit(
@@ -87,6 +108,10 @@ def check_fit(
                     continue
                 tried_more_gpus = True  # report only the smallest GPU count that fits
             suggestions.append(FitSuggestion(change=label, peak_bytes=changed_peak, fits=ok))
+        if not any(s.fits for s in suggestions if "--lora" not in s.change and "--gpus" not in s.change):
+            combined = _greedy_combination(spec, report.model.architecture_known, gpu, rerun)
+            if combined is not None:
+                suggestions.append(combined)
         suggestions.sort(key=lambda s: not s.fits)  # fitting changes first, otherwise in the order above
     return Fit(
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,

@@ -1,0 +1,106 @@
+"""LoRA / QLoRA / --freeze: adapter tensors checked against PEFT, NF4 bytes against bitsandbytes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from memcalc import trainable
+from memcalc.api import model_input, run
+from memcalc.engine import ModelInput
+from memcalc.errors import UsageError
+from memcalc.inventory import build_inventory
+from memcalc.model import ModelConfig
+from memcalc.spec import TrainingSpec
+
+TINY = {
+    "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128},
+    "gpt2": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 48, "n_layer": 2, "n_head": 4,
+             "n_positions": 64, "vocab_size": 100},
+    "bert": {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 90, "max_position_embeddings": 64},
+}
+
+
+def _model(raw: dict) -> ModelInput:
+    config = ModelConfig(name="tiny", raw=raw, source="test")
+    return ModelInput("tiny", "test", raw["model_type"], tuple(build_inventory(config)), True, config)
+
+
+def test_lora_freezes_base_and_adds_adapters():
+    model = model_input("llama-3-8b", None)
+    full = run(model, TrainingSpec())
+    lora = run(model, TrainingSpec(lora_rank=16))
+    # Per targeted q_proj/v_proj (out, in): r*(in + out). Llama-3-8B: q (4096, 4096), v (1024, 4096), 32 layers.
+    expected_adapters = 32 * 16 * ((4096 + 4096) + (4096 + 1024))
+    assert lora.model.num_trainable_params == expected_adapters
+    assert lora.model.num_params == full.model.num_params + expected_adapters
+    assert lora.term("gradients").bytes == 2 * expected_adapters  # bf16 grads of adapters only
+    assert lora.term("optimizer_states").bytes == 8 * expected_adapters
+    assert lora.term("weights").bytes == 2 * lora.model.num_params  # frozen base still held in bf16
+
+
+def test_qlora_base_in_nf4():
+    report = run(model_input("llama-3-8b", None), TrainingSpec(lora_rank=16, qlora=True))
+    parts = report.term("weights").breakdown
+    assert set(parts) == {"16-bit (not quantized)", "nf4 base"}
+    linear = [t for t in build_inventory(model_input("llama-3-8b", None).config) if t.is_linear_weight and t.role != "lm_head"]
+    assert parts["nf4 base"] == sum(trainable.nf4_bytes(t.numel) for t in linear)
+    # About 0.5 B/param + 0.127 bits/param of constants (QLoRA paper, sec. 3 "Double Quantization").
+    numel = sum(t.numel for t in linear)
+    assert numel * (0.5 + 0.127 / 8) < parts["nf4 base"] < numel * (0.5 + 0.13 / 8)
+
+
+def test_unknown_lora_target_and_missing_defaults():
+    model = model_input("llama-3-8b", None)
+    with pytest.raises(UsageError, match="matches no Linear"):
+        run(model, TrainingSpec(lora_rank=8, lora_targets=("nonexistent",)))
+    with pytest.raises(UsageError, match="no default LoRA targets"):
+        run(model_input("deepseek-v2-lite", None), TrainingSpec(lora_rank=8))
+    all_linear = run(model, TrainingSpec(lora_rank=8, lora_targets=("all-linear",)))
+    assert all_linear.model.num_trainable_params > run(model, TrainingSpec(lora_rank=8)).model.num_trainable_params
+
+
+def test_freeze_embeddings():
+    model = model_input("llama-3-8b", None)
+    report = run(model, TrainingSpec(freeze=("embeddings",)))
+    assert report.model.num_params - report.model.num_trainable_params == 128256 * 4096  # embed_tokens
+
+
+# ---- against PEFT and bitsandbytes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("rank", [4, 8])
+def test_lora_matches_peft(family, rank):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    raw = TINY[family]
+    config = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    torch.manual_seed(0)
+    base = getattr(transformers, raw["architectures"][0])(config)
+    targets = list(trainable.DEFAULT_LORA_TARGETS[family])
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=rank, target_modules=targets))
+    theirs = {re.sub(r"^base_model\.model\.|\.default", "", name): tuple(p.shape)
+              for name, p in peft_model.named_parameters() if p.requires_grad}
+    subset = trainable.apply(_model(raw), TrainingSpec(lora_rank=rank))
+    ours = {t.name: t.shape for t in subset.tensors if t.trainable}
+    assert ours == theirs
+    assert sum(t.numel for t in subset.tensors) == sum(p.numel() for p in peft_model.parameters())
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    for shape in [(1000, 300), (4096, 4096), (14336, 4096), (77, 13)]:
+        weight = torch.randn(*shape, dtype=torch.bfloat16)
+        try:
+            packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True, blocksize=64)
+        except (RuntimeError, NotImplementedError) as exc:
+            pytest.skip(f"bitsandbytes cannot quantize on this CPU: {exc}")
+        nested = state.state2
+        held = [packed, state.absmax, state.code, state.offset, nested.absmax, nested.code]
+        assert trainable.nf4_bytes(weight.numel()) == sum(t.nbytes for t in held)

@@ -71,6 +71,7 @@ def _parse_stages(text: str) -> list[int]:
 
 @app.command()
 def estimate(
+    ctx: typer.Context,
     model: ModelArg = None,
     params: ParamsOpt = None,
     precision: PrecisionOpt = PrecisionName.bf16,
@@ -100,8 +101,10 @@ def estimate(
     totals: Annotated[bool, typer.Option(help="Also show totals across all GPUs.")] = False,
 ) -> None:
     """Estimate per-GPU training memory for MODEL (or --params)."""
+    options = dict(locals())
+    options["defaults_used"] = _defaults_used(options.pop("ctx"))
     try:
-        code = _estimate(**locals())
+        code = _estimate(**options)
     except MemcalcError as error:
         raise _fail(error) from None
     raise typer.Exit(code)
@@ -128,7 +131,7 @@ def _estimate(**options) -> int:
             raise UsageError(f"--freeze {group!r} is not one of {', '.join(FREEZE_GROUPS)}")
     num_params = parse_count(o["params"]) if o["params"] is not None else None
     stages = _parse_stages(o["zero"])
-    defaults_used = _defaults_used(o)
+    defaults_used = o["defaults_used"]
     specs = [
         TrainingSpec(
             precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
@@ -170,20 +173,23 @@ def _estimate(**options) -> int:
     return EXIT_OK
 
 
-def _defaults_used(o: dict) -> list[str]:
+# Options whose defaults shape the answer: each one the user did not type is named in the output.
+DEFAULTS_SHOWN = {
+    "precision": f"--precision {PrecisionName.bf16.value}",
+    "optim": f"--optim {OptimizerName.adamw.value}",
+    "optim_impl": f"--optim-impl {OptimImpl.foreach.value}",
+    "batch_size": f"--batch-size {DEFAULT_MICRO_BATCH_SIZE}",
+    "seq_len": f"--seq-len {DEFAULT_SEQ_LEN}",
+    "checkpointing": f"--checkpointing {Checkpointing.none.value}",
+    "gpus": "--gpus 1",
+    "zero": "--zero 0",
+    "units": "--units gib",
+}
+
+
+def _defaults_used(ctx: typer.Context) -> list[str]:
     """Name every default the user did not set, so nothing is silent."""
-    defaults = {
-        "precision": ("--precision bf16", PrecisionName.bf16),
-        "optim": ("--optim adamw", OptimizerName.adamw),
-        "optim_impl": ("--optim-impl foreach", OptimImpl.foreach),
-        "batch_size": ("--batch-size 1", DEFAULT_MICRO_BATCH_SIZE),
-        "seq_len": ("--seq-len 2048", DEFAULT_SEQ_LEN),
-        "checkpointing": ("--checkpointing none", Checkpointing.none),
-        "gpus": ("--gpus 1", 1),
-        "zero": ("--zero 0", "0"),
-        "units": ("--units gib", "gib"),
-    }
-    return [label for key, (label, value) in defaults.items() if o[key] == value]
+    return [label for name, label in DEFAULTS_SHOWN.items() if ctx.get_parameter_source(name).name == "DEFAULT"]
 
 
 @app.command()

@@ -80,6 +80,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     subset = trainable.apply(model, spec)
     notes.extend(subset.notes)
     tensors = subset.tensors
+    notes.extend(_moe_notes(model, tensors))
     has_master = recipe.master_dtype is not None
     holdings = rank_holdings(tensors, spec.zero_stage, spec.num_gpus, has_master, model.architecture_known)
     notes.extend(holdings.notes)
@@ -186,6 +187,17 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                       peak_bytes_sum=peak.bytes * num_gpus),
         notes=notes,
     )
+
+
+def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
+    expert_numel = sum(t.numel for t in tensors if t.role == "expert")
+    if not expert_numel or model.config is None:
+        return []
+    raw = model.config.raw.get("text_config") or model.config.raw
+    num_experts = raw.get("num_local_experts") or raw.get("n_routed_experts") or raw.get("num_experts")
+    per_token = raw.get("num_experts_per_tok")
+    active = f"; only {per_token} of {num_experts} experts run per token, so activations use those" if num_experts and per_token else ""
+    return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
 def _phase_totals(terms: Sequence[Term], backward_start_extra_bytes: int) -> list[PhaseTotal]:

@@ -3,8 +3,8 @@
 Each preset in presets/models/*.json is turned into a transformers config (keys starting
 with "_" are memcalc metadata and are dropped), the class named in ``architectures[0]`` is
 built on the meta device (no memory is allocated, nothing is downloaded, no remote code),
-and its parameters are counted. The count is shown next to ``_published_num_params`` when
-the preset has one.
+and its parameters are counted. memcalc's own pure-Python inventory count is shown beside it
+(they must be equal), and ``_published_num_params`` when the preset has one.
 
 Usage: python scripts/preset_param_counts.py [PRESET_DIR]
 """
@@ -51,9 +51,15 @@ def main(argv: list[str]) -> int:
                 failures += 1
             seen_names[key] = name
         published = raw.get("_published_num_params")
+        from memcalc.inventory import build_inventory
+        from memcalc.model import ModelConfig
+
+        ours = sum(t.numel for t in build_inventory(ModelConfig(name=name, raw=raw, source=str(path))))
         try:
             n = count_params(raw)
             count = f"{n:,}"
+            if n != ours:
+                failures += 1
             if published:
                 diff = (n - published) / published * 100
                 match = "exact" if n == published else f"{diff:+.3f}%"
@@ -62,10 +68,11 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # report and keep going
             failures += 1
             count, match = f"ERROR: {type(exc).__name__}: {exc}", ""
-        rows.append((name, raw.get("model_type", ""), raw["architectures"][0], count,
-                     f"{published:,}" if published else "", match))
+        rows.append((name, raw.get("model_type", ""), raw["architectures"][0], f"{ours:,}", count,
+                     "yes" if count == f"{ours:,}" else "NO", f"{published:,}" if published else "", match))
 
-    header = ("preset", "model_type", "architecture", "num params (meta device)", "published", "vs published")
+    header = ("preset", "model_type", "architecture", "memcalc inventory", "transformers (meta device)", "equal",
+              "published", "vs published")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from memcalc.engine import ModelInput, estimate
 from memcalc.errors import UsageError
-from memcalc.fit import GpuTarget, check_fit
 from memcalc.inventory import build_inventory
 from memcalc.model import ModelConfig
 from memcalc.report import Report
 from memcalc.resolve import resolve_model
 from memcalc.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from memcalc.fit import GpuTarget
 
 
 def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
@@ -37,6 +40,8 @@ def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,
         defaults_used: Sequence[str] = ()) -> Report:
     report = estimate(model, spec, defaults_used)
     if gpu is not None:
+        from memcalc.fit import check_fit  # only with --gpu
+
         fit = check_fit(report, spec, gpu, rerun=lambda changed: estimate(model, changed))
         report = report.with_fit(fit)
     return report

@@ -23,7 +23,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_DOES_NOT_FIT = 6
 DEBUG_ENV = "MEMCALC_DEBUG"
-COMMANDS = ("estimate", "presets")
+COMMANDS = ("estimate", "presets", "schema")
 
 app = typer.Typer(
     add_completion=False,
@@ -113,8 +113,6 @@ def estimate(
 def _estimate(**options) -> int:
     # The engine loads here, not at import, so --help stays instant.
     from memcalc import api, render
-    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
-    from memcalc.presets import find_gpu
     from memcalc.spec import TrainingSpec
     from memcalc.trainable import FREEZE_GROUPS
     from memcalc.units import DISPLAY_UNITS, parse_count, parse_size
@@ -145,6 +143,9 @@ def _estimate(**options) -> int:
     ]
     gpu_target = None
     if o["gpu"] or o["gpu_memory"]:
+        from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
+        from memcalc.presets import find_gpu
+
         context = parse_size(o["cuda_context"], "--cuda-context") if o["cuda_context"] else DEFAULT_CUDA_CONTEXT_BYTES
         reserve = o["reserve_fraction"] if o["reserve_fraction"] is not None else DEFAULT_ALLOCATOR_RESERVE_FRACTION
         if o["gpu"]:
@@ -240,6 +241,16 @@ def _presets(json_output: bool) -> int:
         table.add_row(g["name"], g["display"], f"{format_bytes(g['memory_bytes'], 'gib')} ({g['memory_bytes']:,} B)", g["nominal"])
     console.print(table)
     return EXIT_OK
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the --json report (schema_version 1)."""
+    import json
+
+    from memcalc.schema import report_json_schema
+
+    print(json.dumps(report_json_schema(), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Plain dataclasses, not pydantic models: building pydantic models costs about 80 ms of start-up,
 which the estimate path cannot afford (the start-up benchmark). ``memcalc.schema`` derives the JSON
-Schema of this contract with pydantic, lazily.
+Schema of this contract with pydantic, lazily (``memcalc schema``).
 
 The JSON contract (``schema_version`` 1): ``model``, ``training``, ``per_gpu`` (``terms``,
 ``model_states_bytes``, ``peak_bytes``, ``peak_phase``, ``phases``), ``totals``, ``fit`` when a GPU is

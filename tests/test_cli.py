@@ -214,3 +214,13 @@ def test_internal_error_is_one_line_without_traceback(cli, monkeypatch):
 def test_json_stdout_is_pure_json_even_with_notes(cli):
     result = cli("llama-3-8b", "--zero", "3", "--gpus", "1", "--json")
     json.loads(result.stdout)  # nothing else on stdout
+
+
+def test_json_output_validates_against_the_schema(cli):
+    from memcalc.schema import validate_report_json
+
+    text = cli("mixtral-8x7b", "--zero", "3", "--gpus", "8", "--gpu", "h100-80gb", "--json").stdout
+    report = validate_report_json(text)
+    assert report.to_dict() == json.loads(text)  # the document round-trips through the typed contract
+    schema = cli("schema").json()
+    assert {"model", "training", "per_gpu", "totals", "fit", "notes", "schema_version"} <= set(schema["properties"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "huggingface_hub", "bitsandbytes", "peft", "numpy")
+# pydantic.main (BaseModel) and typer._adapters (typer >= 0.29 builds pydantic adapters per option) each
+# cost ~80 ms of start-up; benchmarks/startup.py measures the whole.
+HEAVY = ("torch", "transformers", "huggingface_hub", "bitsandbytes", "peft", "numpy", "pydantic.main", "typer._adapters")
 
 PROBE = """
 import io, sys, contextlib

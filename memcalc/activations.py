@@ -8,18 +8,21 @@ Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, without the 5as
 attention. Neither is yet checked against a measured step; a later issue measures and refines them.
 
 Notation: T = micro_batch * seq_len tokens, h hidden, I intermediate, a heads, g kv heads, d head_dim,
-V vocab, c bytes of the compute dtype. Per Llama-style layer, non-checkpointed:
-  each RMSNorm     fp32 copy of its input (4Th) + normalized input in c (cTh) + output in c (cTh)
-                   (Gemma's norm keeps the fp32 normalized product instead: 4Th + 4Th + cTh)
-  q, k, v          rotary outputs saved by attention: cT(a*d) + 2 cT(g*d)   (sdpa with enable_gqa)
-  attention        sdpa/flash: output cT(a*d) + logsumexp 4T*a; eager: repeat_kv'd k, v, fp32 softmax
-                   4*b*a*s^2 and its c copy c*b*a*s^2
-  o_proj input     transposed contiguous copy cT(a*d)
+V vocab, c bytes of the compute dtype. Per Llama-style layer, non-checkpointed, sdpa attention (checked
+tensor by tensor with torch.autograd.graph.saved_tensors_hooks on tiny models, tests/test_activations.py):
+  each RMSNorm     fp32 copy of its input 4Th, rsqrt 4T, normalized input in c (cTh), output in c (cTh)
+                   (Gemma keeps the fp32 normalized product instead: see _norm_bytes)
+  q, k, v          rotary outputs and v as sdpa saves them: cT(a*d) + 2 cT(g*d)
+  attention        sdpa output cT(a*d) (o_proj reads it in place: it is laid out (b, s, a, d)) + logsumexp 4Ta
   MLP (gated)      gate out, act out, up out, product: 4 cTI (MoE: top-k experts per token)
-Causal-LM head: logits in c (cTV, returned to the caller) + log_softmax output in fp32 (4TV) after
-forward; at the start of backward two fp32 TxV gradient buffers coexist (8TV).
-Checkpointing full (HF gradient_checkpointing_enable): each layer keeps only its input (cTh); one layer's
-activations are recomputed at a time during backward.
+  autocast         each Linear saves its own cast of an fp32 input: 5 cTh (q, k, v, gate, up)
+Per model: rotary cos and sin 2*s*d (fp32 under autocast, else c), token ids and labels 2 x 8T, the final
+norm, and under autocast the lm_head input cast cTh.
+Causal-LM loss (loss_utils.ForCausalLMLoss, HF Trainer drops the logits before backward): log_softmax
+saves its fp32 output (4TV) until backward. During the loss, the c logits and their fp32 upcast exist too
+((c + 4)TV, forward transient); at the start of backward two fp32 TxV gradients coexist (8TV).
+Checkpointing full (HF gradient_checkpointing_enable): each layer keeps only its input (cTh, fp32 under
+autocast); one layer's activations are recomputed at a time during backward.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ SOURCE_KORTHIKANTI = "Korthikanti et al. 2022, eq. 2 (GPT-style layer, 16-bit); 
 @dataclass
 class ActivationEstimate:
     terms: list[Term] = field(default_factory=list)
+    forward_transient_extra_bytes: int = 0
     backward_start_extra_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -84,9 +88,18 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(f"activations not modelled for model_type '{model_type}' (no hidden size / layers found)")
         return result
 
+    model_level = 0
     if model_type in LLAMA_STYLE:
         per_layer, formula = _llama_layer_bytes(raw, model_type, tokens, b, s, h, a, c, recipe.autocast)
         source = SOURCE_LLAMA
+        d = int(_first(raw, "head_dim", default=h // a))
+        rotary = 2 * s * d * (FP32_BYTES if recipe.autocast else c)
+        ids = 2 * 8 * tokens  # int64 input_ids (embedding) and shifted labels (nll_loss)
+        # 0-dim tensors: the loss divisor (fixed_cross_entropy) in fp32; Gemma's embedding scale in c.
+        embed_scale = (FP32_BYTES if recipe.autocast else c) if model_type in GEMMA_NORMS else 0
+        scalars = FP32_BYTES + embed_scale
+        final_norm = _norm_bytes(model_type, tokens, h, c, recipe.autocast) + (c * tokens * h if recipe.autocast else 0)
+        model_level = rotary + ids + scalars + final_norm
     else:
         # Korthikanti eq. 2 counts 16-bit activations; fused attention (sdpa default) drops 5as/h.
         per_layer = tokens * h * 34 * c // 2
@@ -94,26 +107,30 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         source = SOURCE_KORTHIKANTI
         result.notes.append(f"activations for model_type '{model_type}' use Korthikanti's GPT formula (approximate)")
 
+    residual_bytes = FP32_BYTES if recipe.autocast else c
     if spec.checkpointing == Checkpointing.full:
-        kept = num_layers * tokens * h * c
-        total = kept + per_layer
-        formula = f"{num_layers} layer inputs x {tokens:,} x {h:,} x {c} B + one recomputed layer ({per_layer:,} B: {formula})"
+        kept = num_layers * tokens * h * residual_bytes
+        total = kept + per_layer + model_level
+        formula = (f"{num_layers} layer inputs x {tokens:,} x {h:,} x {residual_bytes} B + one recomputed layer "
+                   f"({per_layer:,} B: {formula}) + per model {model_level:,} B")
     else:
-        total = num_layers * per_layer
-        formula = f"{num_layers} layers x {per_layer:,} B per layer ({formula})"
+        total = num_layers * per_layer + model_level
+        formula = f"{num_layers} layers x {per_layer:,} B per layer ({formula}) + per model {model_level:,} B"
     result.terms.append(Term(
         name=TERM_ACTIVATIONS, bytes=total, formula=formula, source=source, category="activations",
         phases=[Phase.forward, Phase.backward],
     ))
     if vocab:
-        after_forward = tokens * vocab * (c + FP32_BYTES)
         result.terms.append(Term(
-            name=TERM_LOSS_BUFFERS, bytes=after_forward,
-            formula=f"logits {tokens:,} x {vocab:,} x {c} B + fp32 log_softmax {tokens:,} x {vocab:,} x 4 B",
-            source="transformers loss_utils.ForCausalLMLoss: logits.float() then cross_entropy (log_softmax saves "
-                   "its fp32 output); the model output keeps the logits",
+            name=TERM_LOSS_BUFFERS, bytes=tokens * vocab * FP32_BYTES,
+            formula=f"fp32 log_softmax output {tokens:,} x {vocab:,} x 4 B (saved until backward); during the loss "
+                    f"also the logits and their fp32 upcast ({tokens * vocab * (c + FP32_BYTES):,} B), at the start "
+                    f"of backward two fp32 gradients ({2 * tokens * vocab * FP32_BYTES:,} B)",
+            source="transformers loss_utils.ForCausalLMLoss: logits.float() then cross_entropy; log_softmax saves its "
+                   "output. HF Trainer drops the model output (and its logits) before backward",
             category="activations", phases=[Phase.forward, Phase.backward],
         ))
+        result.forward_transient_extra_bytes = tokens * vocab * (c + FP32_BYTES)
         result.backward_start_extra_bytes = 2 * tokens * vocab * FP32_BYTES
     if spec.micro_batch_size * spec.seq_len > 0:
         result.notes.append("activations are a first approximation (derived, not yet measured against a real step)")
@@ -129,17 +146,44 @@ def _llama_layer_bytes(raw: dict[str, Any], model_type: str, tokens: int, b: int
     if model_type in ("qwen2_moe", "qwen3_moe") and raw.get("moe_intermediate_size"):
         intermediate = int(raw["moe_intermediate_size"])
     num_norms = 4 if model_type in FOUR_NORMS else 2
-    # Under autocast the residual stream and norms stay fp32; each Linear saves its own cast of its input.
-    norm_bytes = (8 + c) if model_type in GEMMA_NORMS else (4 + 2 * c)
+    norms = num_norms * _norm_bytes(model_type, tokens, h, c, autocast)
+    casts = 0
     if autocast:
-        norm_bytes = 4 + 4 + 3 * c  # fp32 input, fp32 normalized, then q/k/v (or gate/up) casts in c
-    norms = num_norms * tokens * h * norm_bytes
-    qkv = c * tokens * (a * d + 2 * g * d)
-    qk_norm = tokens * (a * d + g * d) * (4 + 2 * c) if model_type in QK_NORMS else 0
-    attention = c * tokens * a * d + FP32_BYTES * tokens * a  # sdpa output + logsumexp
-    o_proj_in = c * tokens * a * d
+        # Each Linear under autocast saves its own low-precision cast of an fp32 input: q, k, v (phi3: one
+        # fused qkv_proj) and gate, up (phi3: gate_up_proj). o_proj and down_proj get 16-bit inputs already.
+        num_casts = 2 if model_type == "phi3" else 5
+        casts = num_casts * c * tokens * h
+    qkv = c * tokens * (a * d + 2 * g * d)  # q_embed, k_embed, v as sdpa saves them
+    o_proj_copy = 0
+    if model_type == "phi3":
+        # Phi3Attention slices q, k, v out of one fused qkv_proj output; with v a strided view, sdpa's
+        # output is not laid out (b, s, a, d) and o_proj saves a contiguous copy of it (measured on the
+        # CPU, tests/test_activations.py; not yet checked on CUDA).
+        o_proj_copy = c * tokens * a * d
+    # Qwen3/Gemma3 per-head q/k RMSNorm: fp32 copy of the input, rsqrt, normalized in c.
+    qk_norm = (4 + c) * tokens * (a + g) * d + FP32_BYTES * tokens * (a + g) if model_type in QK_NORMS else 0
+    attention = c * tokens * a * d + FP32_BYTES * tokens * a  # sdpa output (o_proj reads it in place) + logsumexp
     mlp = 4 * c * tokens * intermediate * experts_per_token
-    per_layer = norms + qkv + qk_norm + attention + o_proj_in + mlp
-    formula = (f"norms {norms:,} + q/k/v {qkv:,}{f' + q/k norms {qk_norm:,}' if qk_norm else ''} + "
-               f"attention {attention:,} + o_proj input {o_proj_in:,} + MLP {mlp:,}")
+    per_layer = norms + casts + qkv + qk_norm + attention + o_proj_copy + mlp
+    formula = (f"norms {norms:,}{f' + autocast input casts {casts:,}' if casts else ''} + q/k/v {qkv:,}"
+               f"{f' + q/k norms {qk_norm:,}' if qk_norm else ''} + attention {attention:,}"
+               f"{f' + o_proj input copy {o_proj_copy:,}' if o_proj_copy else ''} + MLP {mlp:,}")
     return per_layer, formula
+
+
+def _norm_bytes(model_type: str, tokens: int, h: int, c: int, autocast: bool) -> int:
+    """Bytes one RMSNorm saves for backward (modeling_llama.LlamaRMSNorm / modeling_gemma.GemmaRMSNorm).
+
+    Llama: x.to(fp32) (4Th; pow and mul save it), rsqrt (4T), the normalized input cast back to the input
+    dtype (cTh, saved by the weight multiply) and the output (cTh, saved by the next Linear).
+    Gemma: x.float(), rsqrt, the fp32 normalized product (weight multiply in fp32), (1 + weight) in fp32
+    (4h) and the output in c. Under autocast the input is fp32, the normalized product stays fp32 and the
+    fp32 output is not saved (each Linear saves its own cast instead).
+    """
+    gemma = model_type in GEMMA_NORMS
+    extra = FP32_BYTES * h if gemma else 0
+    if autocast:
+        return 8 * tokens * h + FP32_BYTES * tokens + extra
+    if gemma:
+        return (8 + c) * tokens * h + FP32_BYTES * tokens + extra
+    return (4 + 2 * c) * tokens * h + FP32_BYTES * tokens

@@ -167,7 +167,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         category="temporaries", phases=[Phase.optimizer_step],
     ))
 
-    phases = _phase_totals(terms, act.backward_start_extra_bytes)
+    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes)
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS)
     summary = ModelSummary(
@@ -200,7 +200,7 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
-def _phase_totals(terms: Sequence[Term], backward_start_extra_bytes: int) -> list[PhaseTotal]:
+def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int) -> list[PhaseTotal]:
     by_name = {t.name: t for t in terms}
     states = by_name[TERM_OPTIMIZER_STATES].bytes
 
@@ -208,10 +208,11 @@ def _phase_totals(terms: Sequence[Term], backward_start_extra_bytes: int) -> lis
         names = [t.name for t in terms if phase in t.phases and t.name not in exclude]
         return sum(by_name[n].bytes for n in names), names
 
-    forward, forward_names = live(Phase.forward)
-    # Start of backward: everything of the forward plus the loss/logits gradient buffers;
+    saved, forward_names = live(Phase.forward)
+    forward = saved + forward_transient_bytes  # the loss: logits and their fp32 upcast, briefly
+    # Start of backward: everything saved by the forward plus the loss/logits gradient buffers;
     # end of backward: activations and autocast copies are freed, every gradient exists.
-    start = forward + backward_start_extra_bytes
+    start = saved + backward_start_extra_bytes
     end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
     end, end_names = live(Phase.backward, exclude=end_exclude)
     # The full-layer ZeRO-3 gradients exist during backward, not at its end after the last reduce-scatter.

@@ -1,4 +1,4 @@
-"""Activations saved for backward, and the logits/loss buffers: a first approximation.
+"""Activations saved for backward, and the logits/loss buffers.
 
 For Llama-style decoders (llama, mistral, qwen2/3, gemma*, phi3, mixtral, qwen*_moe) the per-layer bytes
 are derived below from what transformers' modeling code saves for backward (modeling_llama.py:
@@ -45,7 +45,7 @@ FOUR_NORMS = ("gemma2", "gemma3_text")  # pre/post attention and pre/post feed-f
 QK_NORMS = ("qwen3", "qwen3_moe", "gemma3_text")
 FP32_BYTES = 4
 SOURCE_LLAMA = ("derived from transformers modeling_llama.py (RMSNorm, attention, MLP) and "
-                "loss_utils.ForCausalLMLoss; first approximation, not yet measured")
+                "loss_utils.ForCausalLMLoss; equal to the saved tensors of a CPU forward (sdpa) in the tests")
 SOURCE_KORTHIKANTI = "Korthikanti et al. 2022, eq. 2 (GPT-style layer, 16-bit); first approximation"
 
 
@@ -105,7 +105,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         per_layer = tokens * h * 34 * c // 2
         formula = f"s*b*h*34 (x c/2) = {tokens:,} x {h:,} x 34 x {c}/2"
         source = SOURCE_KORTHIKANTI
-        result.notes.append(f"activations for model_type '{model_type}' use Korthikanti's GPT formula (approximate)")
+        result.notes.append(f"activations for model_type '{model_type}' use Korthikanti's GPT formula: an "
+                            "approximation, not derived from its transformers code")
 
     residual_bytes = FP32_BYTES if recipe.autocast else c
     if spec.checkpointing == Checkpointing.full:
@@ -132,8 +133,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         ))
         result.forward_transient_extra_bytes = tokens * vocab * (c + FP32_BYTES)
         result.backward_start_extra_bytes = 2 * tokens * vocab * FP32_BYTES
-    if spec.micro_batch_size * spec.seq_len > 0:
-        result.notes.append("activations are a first approximation (derived, not yet measured against a real step)")
+    if model_type in LLAMA_STYLE:
+        result.notes.append("activations assume sdpa attention (flash/efficient kernels); the peak is not yet "
+                            "checked against a tracked GPU step")
+        if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+            result.notes.append("MoE activations count top-k experts per token; routing buffers are not modelled yet")
     return result
 
 

@@ -13,7 +13,8 @@ tensor by tensor with torch.autograd.graph.saved_tensors_hooks on tiny models, t
   each RMSNorm     fp32 copy of its input 4Th, rsqrt 4T, normalized input in c (cTh), output in c (cTh)
                    (Gemma keeps the fp32 normalized product instead: see _norm_bytes)
   q, k, v          rotary outputs and v as sdpa saves them: cT(a*d) + 2 cT(g*d)
-  attention        sdpa output cT(a*d) (o_proj reads it in place: it is laid out (b, s, a, d)) + logsumexp 4Ta
+  attention        sdpa output cT(a*d) (o_proj reads it in place: it is laid out (b, s, a, d)) + logsumexp 4Ta;
+                   eager: q, k, v for all a heads 3 cT(a*d), fp32 softmax 4 b a s^2, probs c b a s^2, o_proj copy
   MLP (gated)      gate out, act out, up out, product: 4 cTI (MoE: top-k experts per token)
   autocast         each Linear saves its own cast of an fp32 input: 5 cTh (q, k, v, gate, up)
 Per model: rotary cos and sin 2*s*d (fp32 under autocast, else c), token ids and labels 2 x 8T, the final
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from memcalc.precision import DTYPE_BYTES, Recipe
 from memcalc.report import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Phase, Term
-from memcalc.spec import Checkpointing
+from memcalc.spec import Attention, Checkpointing
 
 if TYPE_CHECKING:
     from memcalc.engine import ModelInput
@@ -90,7 +91,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
 
     model_level = 0
     if model_type in LLAMA_STYLE:
-        per_layer, formula = _llama_layer_bytes(raw, model_type, tokens, b, s, h, a, c, recipe.autocast)
+        eager = spec.attention == Attention.eager
+        per_layer, formula = _llama_layer_bytes(raw, model_type, tokens, b, s, h, a, c, recipe.autocast, eager)
         source = SOURCE_LLAMA
         d = int(_first(raw, "head_dim", default=h // a))
         rotary = 2 * s * d * (FP32_BYTES if recipe.autocast else c)
@@ -134,15 +136,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.forward_transient_extra_bytes = tokens * vocab * (c + FP32_BYTES)
         result.backward_start_extra_bytes = 2 * tokens * vocab * FP32_BYTES
     if model_type in LLAMA_STYLE:
-        result.notes.append("activations assume sdpa attention (flash/efficient kernels); the peak is not yet "
-                            "checked against a tracked GPU step")
+        if spec.attention != Attention.eager:
+            result.notes.append("attention: sdpa/flash kernels keep no s^2 scores (--attn eager keeps them)")
         if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
             result.notes.append("MoE activations count top-k experts per token; routing buffers are not modelled yet")
     return result
 
 
 def _llama_layer_bytes(raw: dict[str, Any], model_type: str, tokens: int, b: int, s: int, h: int, a: int, c: int,
-                       autocast: bool) -> tuple[int, str]:
+                       autocast: bool, eager: bool) -> tuple[int, str]:
     g = int(_first(raw, "num_key_value_heads", default=a))
     d = int(_first(raw, "head_dim", default=h // a))
     intermediate = int(_first(raw, "intermediate_size", default=4 * h))
@@ -159,7 +161,7 @@ def _llama_layer_bytes(raw: dict[str, Any], model_type: str, tokens: int, b: int
         casts = num_casts * c * tokens * h
     qkv = c * tokens * (a * d + 2 * g * d)  # q_embed, k_embed, v as sdpa saves them
     o_proj_copy = 0
-    if model_type == "phi3":
+    if model_type == "phi3" and not eager:
         # Phi3Attention slices q, k, v out of one fused qkv_proj output; with v a strided view, sdpa's
         # output is not laid out (b, s, a, d) and o_proj saves a contiguous copy of it (measured on the
         # CPU, tests/test_activations.py; not yet checked on CUDA).
@@ -167,6 +169,14 @@ def _llama_layer_bytes(raw: dict[str, Any], model_type: str, tokens: int, b: int
     # Qwen3/Gemma3 per-head q/k RMSNorm: fp32 copy of the input, rsqrt, normalized in c.
     qk_norm = (4 + c) * tokens * (a + g) * d + FP32_BYTES * tokens * (a + g) if model_type in QK_NORMS else 0
     attention = c * tokens * a * d + FP32_BYTES * tokens * a  # sdpa output (o_proj reads it in place) + logsumexp
+    if eager:
+        # modeling_llama.eager_attention_forward: repeat_kv materialises k and v for every head; the two
+        # matmuls save q, k (a heads), probs in c and v (a heads); softmax(dtype=fp32) saves its fp32
+        # output (4 b a s^2) and .to(c) the probs (c b a s^2); o_proj saves a contiguous copy of the
+        # (b, a, s, d) output.
+        qkv = 3 * c * tokens * a * d
+        probs_copy = c if c != FP32_BYTES else 0  # .to(fp32) of an fp32 softmax is the same tensor
+        attention = c * tokens * a * d + (FP32_BYTES + probs_copy) * b * a * s * s
     mlp = 4 * c * tokens * intermediate * experts_per_token
     per_layer = norms + casts + qkv + qk_norm + attention + o_proj_copy + mlp
     formula = (f"norms {norms:,}{f' + autocast input casts {casts:,}' if casts else ''} + q/k/v {qkv:,}"

@@ -17,7 +17,7 @@ import typer
 from memcalc.errors import MemcalcError, UsageError
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
-from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Checkpointing
+from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Attention, Checkpointing
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -85,6 +85,7 @@ def estimate(
     batch_size: BatchOpt = DEFAULT_MICRO_BATCH_SIZE,
     seq_len: SeqOpt = DEFAULT_SEQ_LEN,
     checkpointing: Annotated[Checkpointing, typer.Option(help="Activation checkpointing.")] = Checkpointing.none,
+    attn: Annotated[Attention, typer.Option("--attn", help="Attention implementation (transformers' attn_implementation).")] = Attention.sdpa,
     zero: ZeroOpt = "0",
     gpus: GpusOpt = 1,
     gpu: Annotated[str | None, typer.Option(help="GPU preset for the fit check (memcalc presets).")] = None,
@@ -135,7 +136,7 @@ def _estimate(**options) -> int:
             precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
             state_dtype=o["state_dtype"], optimizer=o["optim"], optim_impl=o["optim_impl"], amsgrad=o["amsgrad"],
             adafactor_beta1=o["adafactor_beta1"], micro_batch_size=o["batch_size"], seq_len=o["seq_len"],
-            checkpointing=o["checkpointing"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
+            checkpointing=o["checkpointing"], attention=o["attn"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
             lora_targets=tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip()) if o["lora_targets"] else None,
             qlora=o["qlora"], freeze=freeze,
         )
@@ -182,6 +183,7 @@ DEFAULTS_SHOWN = {
     "batch_size": f"--batch-size {DEFAULT_MICRO_BATCH_SIZE}",
     "seq_len": f"--seq-len {DEFAULT_SEQ_LEN}",
     "checkpointing": f"--checkpointing {Checkpointing.none.value}",
+    "attn": f"--attn {Attention.sdpa.value}",
     "gpus": "--gpus 1",
     "zero": "--zero 0",
     "units": "--units gib",

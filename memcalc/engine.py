@@ -250,6 +250,7 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         compute_dtype=recipe.compute_dtype.value,
         optimizer=opt.name.value, optimizer_description=opt.describe(), optim_impl=opt.impl.value,
         micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, checkpointing=spec.checkpointing.value,
+        attention=spec.attention.value,
         zero_stage=spec.zero_stage, num_gpus=spec.num_gpus,
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),

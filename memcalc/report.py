@@ -86,6 +86,7 @@ class TrainingSummary:
     micro_batch_size: int
     seq_len: int
     checkpointing: str
+    attention: str
     zero_stage: int
     num_gpus: int
     lora_rank: int | None = None

@@ -19,6 +19,14 @@ MAX_TOKENS = 10**9  # micro-batch x sequence: far past any run, small enough to 
 MAX_GPUS = 10**6
 
 
+class Attention(str, Enum):
+    """attn_implementation: sdpa is what transformers picks by default; flash = flash_attention_2."""
+
+    sdpa = "sdpa"
+    eager = "eager"
+    flash = "flash"
+
+
 class Checkpointing(str, Enum):
     none = "none"
     full = "full"
@@ -39,6 +47,7 @@ class TrainingSpec:
     micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
     seq_len: int = DEFAULT_SEQ_LEN
     checkpointing: Checkpointing = Checkpointing.none
+    attention: Attention = Attention.sdpa
     zero_stage: int = 0
     num_gpus: int = 1
     # Trainable subsets (memcalc.trainable): LoRA adapters, QLoRA 4-bit base, frozen parts.
@@ -49,7 +58,7 @@ class TrainingSpec:
 
     def __post_init__(self) -> None:
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
-                           ("checkpointing", Checkpointing)):
+                           ("checkpointing", Checkpointing), ("attention", Attention)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))

@@ -36,11 +36,12 @@ def _raw(family: str) -> dict:
     return {"model_type": family, "architectures": [arch], **BASE, **extra}
 
 
-def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False) -> int:
+def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
+                        attention: str = "sdpa") -> int:
     dtype, autocast = RECIPES[recipe]
     fields = {k: v for k, v in raw.items() if k != "model_type"}
     config = transformers.AutoConfig.for_model(raw["model_type"], **fields)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -77,22 +78,24 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     return sum(saved.values())
 
 
-def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False) -> tuple[int, int]:
+def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
+                          attention: str = "sdpa") -> tuple[int, int]:
     config = ModelConfig("tiny", raw, "test")
     model = ModelInput("tiny", "test", raw["model_type"], tuple(build_inventory(config)), True, config)
     spec = TrainingSpec(precision=recipe, micro_batch_size=batch, seq_len=seq,
-                        checkpointing="full" if checkpointing else "none")
+                        checkpointing="full" if checkpointing else "none", attention=attention)
     report = run(model, spec)
     return report.term(TERM_ACTIVATIONS).bytes + report.term(TERM_LOSS_BUFFERS).bytes, report
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_saved_activations_match_exactly(family, recipe):
+def test_saved_activations_match_exactly(family, recipe, attention):
     raw = _raw(family)
-    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48)
-    estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48)
-    print(f"{family:8s} {recipe:9s} estimated {estimated:>10,} measured {measured:>10,} "
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
+    print(f"{family:8s} {recipe:9s} {attention:5s} estimated {estimated:>10,} measured {measured:>10,} "
           f"error {100 * (estimated - measured) / measured:+.2f}%")
     assert estimated == measured
 

@@ -37,11 +37,12 @@ def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
 
 
 def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,
-        defaults_used: Sequence[str] = ()) -> Report:
+        defaults_used: Sequence[str] = (), solve_batch: bool = False, solve_seq_len: bool = False) -> Report:
     report = estimate(model, spec, defaults_used)
     if gpu is not None:
         from memcalc.fit import check_fit  # only with --gpu
 
-        fit = check_fit(report, spec, gpu, rerun=lambda changed: estimate(model, changed))
+        fit = check_fit(report, spec, gpu, rerun=lambda changed: estimate(model, changed),
+                        solve_batch=solve_batch, solve_seq_len=solve_seq_len)
         report = report.with_fit(fit)
     return report

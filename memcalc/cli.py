@@ -92,6 +92,8 @@ def estimate(
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory for the fit check, e.g. 80GiB or 24GB.")] = None,
     cuda_context: Annotated[str | None, typer.Option(help="CUDA context size assumed by the fit check (default 512MiB).")] = None,
     reserve_fraction: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Allocator reserve assumed by the fit check (default 0.05).")] = None,
+    max_batch: Annotated[bool, typer.Option("--max-batch", help="With --gpu: the largest micro-batch that fits.")] = False,
+    max_seq_len: Annotated[bool, typer.Option("--max-seq-len", help="With --gpu: the longest sequence that fits.")] = False,
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train LoRA adapters of this rank on a frozen base.")] = None,
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's per family).")] = None,
     qlora: Annotated[bool, typer.Option(help="QLoRA: frozen base Linear weights in 4-bit NF4.")] = False,
@@ -124,6 +126,8 @@ def _estimate(**options) -> int:
         raise UsageError(f"--units {o['units']!r} is not one of gib, gb, mib, mb")
     if o["gpu"] and o["gpu_memory"]:
         raise UsageError("give either --gpu NAME or --gpu-memory SIZE, not both")
+    if (o["max_batch"] or o["max_seq_len"]) and not (o["gpu"] or o["gpu_memory"]):
+        raise UsageError("--max-batch and --max-seq-len solve for a GPU: add --gpu NAME or --gpu-memory SIZE")
     freeze = tuple(p.strip() for p in o["freeze"].split(",") if p.strip()) if o["freeze"] else ()
     for group in freeze:
         if group not in FREEZE_GROUPS:
@@ -158,7 +162,7 @@ def _estimate(**options) -> int:
         if gpu_target.usable_bytes <= 0:
             raise UsageError("the CUDA context and allocator reserve leave no usable memory; check --gpu-memory/--cuda-context")
     model = api.model_input(o["model"], num_params)
-    reports = [api.run(model, spec, gpu_target, defaults_used) for spec in specs]
+    reports = [api.run(model, spec, gpu_target, defaults_used, o["max_batch"], o["max_seq_len"]) for spec in specs]
 
     if o["json_output"]:
         sys.stdout.write(render.to_json(reports) + "\n")

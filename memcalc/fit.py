@@ -88,8 +88,41 @@ def _greedy_combination(
     return None
 
 
+# Searches stop here: far past any micro-batch or sequence a GPU holds today.
+MAX_SEARCH = 1 << 24
+
+
+def largest_fitting(
+    spec: TrainingSpec, field_name: str, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
+) -> tuple[int, int]:
+    """The largest value of ``field_name`` (micro_batch_size or seq_len) whose peak fits, and that peak.
+
+    The peak grows with both, so a doubling search then a bisection needs about 2 log2(answer) estimates.
+    Returns (0, peak at 1) when even 1 does not fit.
+    """
+    def peak(value: int) -> int:
+        return rerun(spec.replace(**{field_name: value})).per_gpu.peak_bytes
+
+    first = peak(1)
+    if first > gpu.usable_bytes:
+        return 0, first
+    low, low_peak, high = 1, first, 2
+    while high <= MAX_SEARCH and (high_peak := peak(high)) <= gpu.usable_bytes:
+        low, low_peak, high = high, high_peak, high * 2
+    high = min(high, MAX_SEARCH + 1)
+    while high - low > 1:  # invariant: low fits, high does not
+        middle = (low + high) // 2
+        middle_peak = peak(middle)
+        if middle_peak <= gpu.usable_bytes:
+            low, low_peak = middle, middle_peak
+        else:
+            high = middle
+    return low, low_peak
+
+
 def check_fit(
-    report: Report, spec: TrainingSpec, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
+    report: Report, spec: TrainingSpec, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report],
+    solve_batch: bool = False, solve_seq_len: bool = False,
 ) -> Fit:
     """The verdict for ``report``; ``rerun`` re-estimates a changed spec for the suggestions."""
     peak = report.per_gpu.peak_bytes
@@ -113,7 +146,13 @@ def check_fit(
             if combined is not None:
                 suggestions.append(combined)
         suggestions.sort(key=lambda s: not s.fits)  # fitting changes first, otherwise in the order above
+    solved: dict[str, int | None] = {}
+    if solve_batch:
+        solved["max_micro_batch_size"], solved["max_micro_batch_peak_bytes"] = largest_fitting(spec, "micro_batch_size", gpu, rerun)
+    if solve_seq_len:
+        solved["max_seq_len"], solved["max_seq_len_peak_bytes"] = largest_fitting(spec, "seq_len", gpu, rerun)
     return Fit(
+        **solved,
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
         cuda_context_bytes=gpu.cuda_context_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
         usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,

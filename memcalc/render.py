@@ -92,6 +92,14 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
         f"- allocator reserve {format_bytes(fit.allocator_reserve_bytes, unit)}); "
         f"headroom {format_bytes(fit.headroom_bytes, unit)}", highlight=False,
     )
+    for label, value, peak in (("micro-batch", fit.max_micro_batch_size, fit.max_micro_batch_peak_bytes),
+                               ("sequence length", fit.max_seq_len, fit.max_seq_len_peak_bytes)):
+        if value is None:
+            continue
+        if value == 0:
+            console.print(f"largest {label} that fits: none (1 already peaks at {format_bytes(peak, unit)})", highlight=False)
+        else:
+            console.print(f"largest {label} that fits: [bold]{value:,}[/bold] (peak {format_bytes(peak, unit)})", highlight=False)
     if fit.suggestions:
         console.print("what would change it (per-GPU peak after the change):", highlight=False)
         for s in fit.suggestions:

@@ -134,6 +134,11 @@ class Fit:
     headroom_bytes: int  # usable - peak; negative when it does not fit
     fits: bool
     suggestions: list[FitSuggestion] = field(default_factory=list)
+    # --max-batch / --max-seq-len: the largest value that fits (0: not even 1), and its peak; None: not asked.
+    max_micro_batch_size: int | None = None
+    max_micro_batch_peak_bytes: int | None = None
+    max_seq_len: int | None = None
+    max_seq_len_peak_bytes: int | None = None
 
 
 @dataclass

@@ -224,3 +224,29 @@ def test_json_output_validates_against_the_schema(cli):
     assert report.to_dict() == json.loads(text)  # the document round-trips through the typed contract
     schema = cli("schema").json()
     assert {"model", "training", "per_gpu", "totals", "fit", "notes", "schema_version"} <= set(schema["properties"])
+
+
+def test_max_batch_and_seq_len_solver(cli):
+    data = cli("llama-3-8b", "--precision", "bf16-pure", "--optim-impl", "fused", "--gpu", "h100-80gb",
+               "--max-batch", "--max-seq-len", "--json").json()
+    fit = data["fit"]
+    best_seq = fit["max_seq_len"]
+    assert best_seq > 2048 and fit["max_seq_len_peak_bytes"] <= fit["usable_bytes"]
+    # The answer is the boundary: one token more no longer fits.
+    over = cli("llama-3-8b", "--precision", "bf16-pure", "--optim-impl", "fused", "--gpu", "h100-80gb",
+               "--seq-len", str(best_seq + 1), "--json")
+    assert over.exit_code == EXIT_DOES_NOT_FIT
+    at = cli("llama-3-8b", "--precision", "bf16-pure", "--optim-impl", "fused", "--gpu", "h100-80gb",
+             "--seq-len", str(best_seq), "--json").json()
+    assert at["per_gpu"]["peak_bytes"] == fit["max_seq_len_peak_bytes"]
+    small = cli("gpt2", "--gpu", "a100-80gb", "--max-batch", "--json").json()["fit"]
+    assert small["max_micro_batch_size"] > 1
+    bigger = cli("gpt2", "--gpu", "a100-80gb", "-b", str(small["max_micro_batch_size"] + 1), "--json")
+    assert bigger.exit_code == EXIT_DOES_NOT_FIT
+    none_fit = cli("llama-3-8b", "--gpu", "t4", "--max-batch", "--json").json()["fit"]
+    assert none_fit["max_micro_batch_size"] == 0
+
+
+def test_solver_needs_a_gpu(cli):
+    result = cli("llama-3-8b", "--max-batch")
+    assert result.exit_code == 2 and "--gpu" in result.stderr and result.stdout == ""

@@ -1,0 +1,177 @@
+"""Measure a real training step and put it beside the estimate (``--verify``).
+
+The only part of memcalc that uses torch and transformers; importing this package imports neither (they are
+imported when a measurement runs). Methods:
+  cuda         a CUDA GPU's allocator peak (``torch.cuda.max_memory_allocated``) over a steady-state step
+  cpu-tracker  real CPU tensors, their storages tracked by a TorchDispatchMode (memcalc.verify.tracker)
+  trace        the full-size model under FakeTensorMode through the same tracker: no memory allocated
+``auto`` picks cuda when a GPU is available, else cpu-tracker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from memcalc.errors import UsageError
+from memcalc.model import ModelConfig
+from memcalc.report import Report
+from memcalc.spec import TrainingSpec
+from memcalc.units import format_bytes
+from memcalc.verify.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS, Measurement
+
+__all__ = ["Measurement", "Row", "compare", "run_verify", "estimate_for", "METHODS", "INSTALL_HINT"]
+
+INSTALL_HINT = "--verify needs torch and transformers: pip install 'memcalc-train[verify]'"
+# A cpu-tracker run holds real tensors: refuse one whose estimated peak is above this share of the RAM.
+CPU_RAM_FRACTION = 0.5
+PHASE_ROW_PREFIX = "phase:"
+PEAK_ROW = "peak"
+MEASURED_ONLY_TERMS = ("backward_temporaries", "other")
+
+
+class Row(NamedTuple):
+    """One line of estimate vs measurement. ``term`` is a term name, ``phase:<phase>`` or ``peak``.
+    ``error_pct`` is (estimate - measured) / measured x 100, None when nothing was measured."""
+
+    term: str
+    estimate_bytes: int
+    measured_bytes: int | None
+    error_pct: float | None
+
+
+def _require_torch() -> None:
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"{INSTALL_HINT} ({' and '.join(missing)} not installed)")
+
+
+def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
+    if isinstance(model_config, ModelConfig):
+        return model_config
+    raw = dict(model_config)
+    return ModelConfig(name=str(raw.get("_name", raw.get("model_type", "config"))), raw=raw,
+                       source=str(raw.get("_source", "config dict")))
+
+
+def estimate_for(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec) -> Report:
+    """The estimate the measurement is checked against: the exact inventory of this config."""
+    from memcalc.api import run
+    from memcalc.engine import ModelInput
+    from memcalc.inventory import build_inventory
+
+    config = _as_config(model_config)
+    model = ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
+                       tensors=tuple(build_inventory(config)), architecture_known=True, config=config)
+    return run(model, spec)
+
+
+def ram_bytes() -> int | None:
+    """MemTotal from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_fits_ram(report: Report, spec: TrainingSpec) -> None:
+    total = ram_bytes()
+    if total is None:
+        return
+    peak = report.per_gpu.peak_bytes
+    if peak > CPU_RAM_FRACTION * total:
+        raise UsageError(
+            f"--verify on the CPU would hold real tensors: the estimated peak is {format_bytes(peak)} "
+            f"({report.training.precision}, {report.training.optimizer}, batch {spec.micro_batch_size} x seq "
+            f"{spec.seq_len}, peak in the {report.per_gpu.peak_phase.value}), more than half of this machine's "
+            f"{format_bytes(total)} RAM; use --verify=trace (no memory) or a smaller --seq-len"
+        )
+
+
+def _check_fits_gpu(report: Report, spec: TrainingSpec) -> None:
+    import torch
+
+    try:
+        _free, total = torch.cuda.mem_get_info()
+    except (RuntimeError, AssertionError):
+        return
+    peak = report.per_gpu.peak_bytes
+    if peak > total:
+        raise UsageError(
+            f"--verify on this GPU: the estimated peak is {format_bytes(peak)} ({report.training.precision}, "
+            f"{report.training.optimizer}, batch {spec.micro_batch_size} x seq {spec.seq_len}), more than its "
+            f"{format_bytes(int(total))}; use --verify=trace (full size, no memory) or a smaller --seq-len"
+        )
+
+
+def resolve_method(method: str) -> str:
+    if method == "auto":
+        import torch
+
+        return METHOD_CUDA if torch.cuda.is_available() else METHOD_CPU_TRACKER
+    if method not in METHODS:
+        raise UsageError(f"--verify={method}: use auto, {', '.join(METHODS)}")
+    return method
+
+
+def run_verify(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, method: str = "auto", *,
+               attn_implementation: str = "sdpa", progress: Callable[[str], None] | None = None) -> Measurement:
+    """Run one warm-up and one measured training step of this config and spec; return what was measured.
+
+    Raises UsageError (before anything is allocated) when torch/transformers are missing, when the spec has
+    parts a single-process step cannot run, or when a cpu-tracker run's estimated peak exceeds half the RAM.
+    """
+    _require_torch()
+    config = _as_config(model_config)
+    method = resolve_method(method)
+    if method == METHOD_CPU_TRACKER:
+        _check_fits_ram(estimate_for(config, spec), spec)
+    elif method == METHOD_CUDA:
+        _check_fits_gpu(estimate_for(config, spec), spec)
+    from memcalc.verify.step import resolve_setup
+
+    resolve_setup(spec, attn_implementation)  # refuse unsupported specs before building anything
+    if method == METHOD_TRACE:
+        from memcalc.verify.trace import measure_trace
+
+        return measure_trace(config, spec, attn_implementation=attn_implementation, progress=progress)
+    if method == METHOD_CUDA:
+        from memcalc.verify.cuda import measure_cuda
+
+        return measure_cuda(config, spec, attn_implementation=attn_implementation, progress=progress)
+    from memcalc.verify.step import measure_cpu
+
+    return measure_cpu(config, spec, attn_implementation=attn_implementation, progress=progress)
+
+
+def _error_pct(estimate: int, measured: int | None) -> float | None:
+    if measured is None:
+        return None
+    if measured == 0:
+        return 0.0 if estimate == 0 else None
+    return round((estimate - measured) / measured * 100, 2)
+
+
+def compare(report: Report, measurement: Measurement) -> list[Row]:
+    """Estimate beside measurement: one row per estimator term (plus the measured-only terms), then one per
+    phase (``phase:forward`` ...) and the ``peak``."""
+    rows: list[Row] = []
+    measured = measurement.term_bytes
+    for term in report.per_gpu.terms:
+        value = measured.get(term.name, 0)
+        rows.append(Row(term.name, term.bytes, value, _error_pct(term.bytes, value)))
+    names = {t.name for t in report.per_gpu.terms}
+    for name in MEASURED_ONLY_TERMS:
+        if name not in names and measured.get(name):
+            rows.append(Row(name, 0, measured[name], _error_pct(0, measured[name])))
+    for phase in report.per_gpu.phases:
+        value = measurement.per_phase_peak_bytes.get(phase.phase.value)
+        rows.append(Row(PHASE_ROW_PREFIX + phase.phase.value, phase.bytes, value, _error_pct(phase.bytes, value)))
+    rows.append(Row(PEAK_ROW, report.per_gpu.peak_bytes, measurement.measured_peak_bytes,
+                    _error_pct(report.per_gpu.peak_bytes, measurement.measured_peak_bytes)))
+    return rows

@@ -1,0 +1,114 @@
+"""``--verify`` on a CUDA GPU: the caching allocator's own peak over a steady-state step.
+
+The step is the CPU tracker's (same model build, recipe, optimizer implementation, inputs), on the GPU:
+warm-up step, ``torch.cuda.reset_peak_memory_stats()``, the measured step. At each phase boundary (forward,
+backward, the optimizer step, opened also by the global optimizer step pre-hook) the peak of the phase just
+ended is read with ``max_memory_allocated()`` and the peak statistics are reset, so each phase gets its own
+peak and the step's peak is the largest of them. ``max_memory_reserved()`` and the CUDA context
+(device memory in use minus what the allocator reserved, from ``mem_get_info``) are reported apart. The tensor
+tracker runs alongside and gives the composition of the peak by term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from memcalc.errors import UsageError
+from memcalc.model import ModelConfig
+from memcalc.spec import TrainingSpec
+from memcalc.verify import tracker as trk
+from memcalc.verify.measurement import Measurement
+from memcalc.verify.step import PhaseClock, Progress, execute, to_measurement
+
+
+class CudaPhaseClock(PhaseClock):
+    """Per-phase allocator peaks: reset the peak at each phase start, read it at the phase end."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device
+        self.current: str | None = None
+        self.peaks: dict[str, int] = {}
+        self.reserved_peak = 0
+        self.phase_start_allocated: dict[str, int] = {}
+        self._hook = None
+
+    def install(self) -> None:
+        self._hook = register_optimizer_step_pre_hook(lambda _opt, _args, _kwargs: self.enter(trk.OPTIMIZER_STEP))
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _close(self) -> None:
+        if self.current is None:
+            return
+        torch.cuda.synchronize(self.device)
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+        self.reserved_peak = max(self.reserved_peak, int(torch.cuda.max_memory_reserved(self.device)))
+
+    def enter(self, phase: str) -> None:
+        if phase == self.current:
+            return
+        self._close()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.current = phase
+        self.phase_start_allocated.setdefault(phase, int(torch.cuda.memory_allocated(self.device)))
+
+    def finish(self) -> None:
+        self._close()
+        self.current = None
+
+
+def cuda_context_bytes(device: torch.device | str | None = None) -> int | None:
+    """Device memory in use that the caching allocator did not reserve (the CUDA context, cuBLAS handles, other
+    processes). None where it cannot be read."""
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, int(total - free) - int(torch.cuda.memory_reserved(device)))
+    except (RuntimeError, AttributeError, AssertionError):
+        return None
+
+
+def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, attn_implementation: str = "sdpa",
+                 progress: Progress | None = None, device: str = "cuda") -> Measurement:
+    if not torch.cuda.is_available():
+        raise UsageError("--verify=cuda needs a CUDA GPU (torch.cuda.is_available() is False); use --verify or "
+                         "--verify=trace")
+    clock = CudaPhaseClock(device if device.startswith("cuda") else None)
+
+    def before_measured_step() -> None:
+        torch.cuda.synchronize(clock.device)
+        torch.cuda.reset_peak_memory_stats(clock.device)
+        clock.install()
+
+    try:
+        result = execute(model_config, spec, device=device, attn_implementation=attn_implementation, clock=clock,
+                         progress=progress, before_measured_step=before_measured_step)
+    finally:
+        clock.remove()
+    measurement = to_measurement("cuda", result)
+    phase, peak = max(clock.peaks.items(), key=lambda item: item[1]) if clock.peaks else (trk.FORWARD, 0)
+    measurement.measured_peak_bytes = peak
+    measurement.measured_peak_phase = phase
+    measurement.per_phase_peak_bytes = dict(clock.peaks)
+    measurement.reserved_peak_bytes = clock.reserved_peak
+    measurement.cuda_context_bytes = cuda_context_bytes(clock.device)
+    measurement.baseline_bytes = clock.phase_start_allocated.get(trk.FORWARD, measurement.baseline_bytes)
+    measurement.run["device_name"] = _device_name(clock.device)
+    measurement.differences_from_gpu = []
+    measurement.notes.append(
+        "measured_peak_bytes is torch.cuda.max_memory_allocated() (allocator blocks: 512-byte rounding, cuBLAS "
+        "workspaces); per_term_bytes is the tensor tracker's composition of its own peak (tracker_peak_bytes)")
+    return measurement
+
+
+def _device_name(device) -> str:
+    try:
+        return str(torch.cuda.get_device_name(device))
+    except (RuntimeError, AssertionError, AttributeError):
+        return "unknown"

@@ -1,0 +1,136 @@
+"""The CUDA measurement: for real on a GPU (marked gpu), and its bookkeeping on the CPU with torch.cuda faked."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import memcalc.verify as verify  # noqa: E402
+from memcalc.model import ModelConfig  # noqa: E402
+from memcalc.spec import TrainingSpec  # noqa: E402
+from memcalc.verify import cuda as vcuda  # noqa: E402
+
+TINY = ModelConfig(name="tiny-llama", source="test", raw={
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+})
+SPEC = TrainingSpec(precision="bf16-pure", optimizer="adamw", optim_impl="foreach", micro_batch_size=2, seq_len=32)
+GIB = 2**30
+
+
+class FakeCuda:
+    """torch.cuda's memory statistics, scripted: each reset of the peak statistics starts a new, higher peak."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+        self.calls: list[str] = []
+
+    def is_available(self) -> bool:
+        return True
+
+    def synchronize(self, device=None) -> None:
+        self.calls.append("synchronize")
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.resets += 1
+        self.calls.append("reset")
+
+    def max_memory_allocated(self, device=None) -> int:
+        return 1000 * self.resets
+
+    def memory_allocated(self, device=None) -> int:
+        return 100 * self.resets
+
+    def max_memory_reserved(self, device=None) -> int:
+        return 2000 * self.resets
+
+    def memory_reserved(self, device=None) -> int:
+        return 3 * GIB
+
+    def mem_get_info(self, device=None) -> tuple[int, int]:
+        return 76 * GIB, 80 * GIB  # 4 GiB used: 3 GiB reserved + 1 GiB context
+
+    def get_device_name(self, device=None) -> str:
+        return "Fake GPU"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = FakeCuda()
+    for name in ("is_available", "synchronize", "reset_peak_memory_stats", "max_memory_allocated",
+                 "memory_allocated", "max_memory_reserved", "memory_reserved", "mem_get_info", "get_device_name"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    return fake
+
+
+def test_cuda_path_bookkeeping_with_faked_statistics(fake_cuda):
+    # device="cpu": the tensors stay on the CPU; every torch.cuda statistic comes from FakeCuda.
+    measured = vcuda.measure_cuda(TINY, SPEC, device="cpu")
+    assert measured.method == "cuda"
+    # Resets: one before the step, then one at the start of each phase; each phase's peak is read at its end.
+    assert measured.per_phase_peak_bytes == {"forward": 2000, "backward": 3000, "optimizer_step": 4000}
+    assert measured.measured_peak_bytes == 4000 and measured.measured_peak_phase == "optimizer_step"
+    assert measured.reserved_peak_bytes == 8000
+    assert measured.cuda_context_bytes == 1 * GIB
+    assert measured.baseline_bytes == 200  # memory_allocated() when the forward began
+    assert measured.run["device_name"] == "Fake GPU"
+    # The tracker ran alongside: its composition of its own peak, and exact model states.
+    assert sum(measured.per_term_bytes.values()) == measured.tracker_peak_bytes
+    report = verify.estimate_for(TINY, SPEC)
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert measured.model_state_bytes[term] == report.term(term).bytes
+    assert measured.differences_from_gpu == []
+
+
+def test_phase_clock_reads_each_phase_once(fake_cuda):
+    clock = vcuda.CudaPhaseClock()
+    clock.enter("forward")
+    clock.enter("forward")  # repeated: ignored
+    clock.enter("backward")
+    clock.finish()
+    assert clock.peaks == {"forward": 1000, "backward": 2000}
+
+
+def test_auto_picks_cuda_when_available(fake_cuda, monkeypatch):
+    sentinel = object()
+    monkeypatch.setattr(vcuda, "measure_cuda", lambda *a, **k: sentinel)
+    assert verify.resolve_method("auto") == "cuda"
+    assert verify.run_verify(TINY, SPEC) is sentinel
+
+
+def test_cuda_refused_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert verify.resolve_method("auto") == "cpu-tracker"
+    with pytest.raises(verify.UsageError):
+        vcuda.measure_cuda(TINY, SPEC)
+
+
+@pytest.mark.gpu
+def test_cuda_measurement_on_a_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    measured = verify.run_verify(TINY, SPEC, "cuda")
+    report = verify.estimate_for(TINY, SPEC)
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert measured.model_state_bytes[term] == report.term(term).bytes
+    assert set(measured.per_phase_peak_bytes) == {"forward", "backward", "optimizer_step"}
+    # The allocator's peak holds at least the tensors the tracker saw at its peak (it rounds blocks up).
+    assert measured.measured_peak_bytes >= measured.tracker_peak_bytes
+    assert measured.reserved_peak_bytes >= measured.measured_peak_bytes
+    print(f"\ncuda: estimated peak {report.per_gpu.peak_bytes:,} B ({report.per_gpu.peak_phase.value}), "
+          f"measured {measured.measured_peak_bytes:,} B ({measured.measured_peak_phase})")
+
+
+def test_cuda_run_refused_when_the_estimate_exceeds_the_card(fake_cuda, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("built before refusing")
+
+    monkeypatch.setattr(vcuda, "measure_cuda", must_not_run)
+    from memcalc.api import model_input
+
+    config = model_input("llama-3-8b", None).config
+    with pytest.raises(verify.UsageError) as err:
+        verify.run_verify(config, TrainingSpec(precision="fp32", seq_len=2048), "cuda")
+    assert "--verify=trace" in str(err.value) and "estimated peak" in str(err.value)

@@ -1,0 +1,226 @@
+"""A real training step of a tiny config, measured and set beside the estimate (cpu-tracker and trace)."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import memcalc.verify as verify  # noqa: E402
+from memcalc.api import model_input, run  # noqa: E402
+from memcalc.engine import ModelInput  # noqa: E402
+from memcalc.errors import UsageError  # noqa: E402
+from memcalc.inventory import build_inventory  # noqa: E402
+from memcalc.model import ModelConfig  # noqa: E402
+from memcalc.report import MODEL_STATE_TERMS  # noqa: E402
+from memcalc.spec import TrainingSpec  # noqa: E402
+from memcalc.verify import compare, run_verify  # noqa: E402
+
+TINY_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+}
+TINY = ModelConfig(name="tiny-llama", raw=TINY_LLAMA, source="test")
+BATCH, SEQ = 2, 32
+
+# (precision, optimizer, implementation, checkpointing, attention)
+CASES = [
+    ("fp32", "adamw", "foreach", "none", "sdpa"),
+    ("bf16-pure", "adamw", "foreach", "none", "sdpa"),
+    ("amp-bf16", "adamw", "foreach", "none", "sdpa"),
+    ("bf16", "adamw", "foreach", "none", "sdpa"),
+    ("fp32", "adamw", "fused", "none", "sdpa"),
+    ("fp32", "adamw", "forloop", "none", "sdpa"),
+    ("bf16-pure", "adamw", "fused", "none", "sdpa"),
+    ("fp32", "sgd", "foreach", "none", "sdpa"),
+    ("fp32", "sgd-momentum", "foreach", "none", "sdpa"),
+    ("fp32", "adafactor", "foreach", "none", "sdpa"),
+    ("bf16", "adafactor", "foreach", "none", "sdpa"),
+    ("bf16-pure", "adamw", "foreach", "full", "sdpa"),
+    ("bf16-pure", "adamw", "foreach", "none", "eager"),
+]
+# transformers Adafactor.step keeps state["RMS"] = self._rms(p), a 0-dim fp32 tensor on the parameter's device,
+# for every parameter: 4 B per tensor that memcalc.optimizers.state_bytes_by_kind does not count.
+ADAFACTOR_RMS = pytest.mark.xfail(strict=True, reason=(
+    "estimator omits transformers Adafactor state['RMS'] (0-dim fp32 tensor per parameter, 4 B each)"))
+
+
+def _spec(precision, optimizer, impl, checkpointing, _attn) -> TrainingSpec:
+    return TrainingSpec(precision=precision, optimizer=optimizer, optim_impl=impl, checkpointing=checkpointing,
+                        micro_batch_size=BATCH, seq_len=SEQ)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(case, method="cpu-tracker"):
+    return run_verify(TINY, _spec(*case), method, attn_implementation=case[4])
+
+
+@functools.lru_cache(maxsize=None)
+def _estimate(case):
+    model = ModelInput(name=TINY.name, source=TINY.source, model_type="llama", tensors=tuple(build_inventory(TINY)),
+                       architecture_known=True, config=TINY)
+    return run(model, _spec(*case))
+
+
+def _name(case) -> str:
+    precision, optimizer, impl, checkpointing, attn = case
+    return f"{precision}/{optimizer}-{impl}" + ("/ckpt" if checkpointing == "full" else "") + \
+        ("/eager" if attn == "eager" else "")
+
+
+def _exact_params():
+    for case in CASES:
+        for term in MODEL_STATE_TERMS:
+            marks = [ADAFACTOR_RMS] if case[1] == "adafactor" and term == "optimizer_states" else []
+            yield pytest.param(case, term, marks=marks, id=f"{_name(case)}:{term}")
+
+
+@pytest.mark.parametrize("case,term", list(_exact_params()))
+def test_model_state_terms_match_estimate_to_the_byte(case, term):
+    report, measured = _estimate(case), _measured(case)
+    names = {t.name for t in report.per_gpu.terms}
+    expected = report.term(term).bytes if term in names else 0
+    assert measured.model_state_bytes.get(term, 0) == expected
+    # The tracker's own categories agree with the identity count.
+    assert measured.term_max_bytes.get(term, 0) == measured.model_state_bytes.get(term, 0)
+
+
+def test_adafactor_difference_is_exactly_the_rms_scalars():
+    case = ("fp32", "adafactor", "foreach", "none", "sdpa")
+    report, measured = _estimate(case), _measured(case)
+    num_tensors = len(build_inventory(TINY))
+    assert measured.optimizer_state_breakdown["RMS"] == 4 * num_tensors
+    assert measured.model_state_bytes["optimizer_states"] - report.term("optimizer_states").bytes == 4 * num_tensors
+
+
+def test_fp32_grad_copy_and_temporaries_of_mixed_precision():
+    case = ("bf16", "adamw", "foreach", "none", "sdpa")
+    report, measured = _estimate(case), _measured(case)
+    assert measured.term_bytes["fp32_grad_copy"] == report.term("fp32_grad_copy").bytes
+    assert measured.term_bytes["optimizer_temporaries"] == report.term("optimizer_temporaries").bytes
+    assert measured.measured_peak_phase == "optimizer_step"
+
+
+def test_autocast_weight_copies_match():
+    case = ("amp-bf16", "adamw", "foreach", "none", "sdpa")
+    report, measured = _estimate(case), _measured(case)
+    assert measured.term_bytes["autocast_weight_copies"] == report.term("autocast_weight_copies").bytes
+    assert any("autocast" in d for d in measured.differences_from_gpu)
+
+
+def test_peak_estimate_vs_measured_report(capsys):
+    """Report only (no tolerance yet): estimated vs measured peak and phase for every tiny case."""
+    lines = [f"{'config':34} {'est peak B':>12} {'meas peak B':>12} {'err %':>7}  phase est / meas"]
+    for case in CASES:
+        report, measured = _estimate(case), _measured(case)
+        est, got = report.per_gpu.peak_bytes, measured.measured_peak_bytes
+        lines.append(f"{_name(case):34} {est:12,} {got:12,} {(est - got) / got * 100:7.2f}  "
+                     f"{report.per_gpu.peak_phase.value} / {measured.measured_peak_phase}")
+        assert measured.method == "cpu-tracker"
+        assert set(measured.per_phase_peak_bytes) == {"forward", "backward", "optimizer_step"}
+        assert measured.measured_peak_bytes == max(measured.per_phase_peak_bytes.values())
+        assert sum(measured.per_term_bytes.values()) == measured.measured_peak_bytes
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[11]], ids=_name)
+def test_trace_measures_what_real_tensors_measure(case):
+    """FakeTensorMode through the same tracker gives the real run's bytes, to the byte."""
+    real, fake = _measured(case), _measured(case, "trace")
+    assert fake.method == "trace"
+    assert fake.measured_peak_bytes == real.measured_peak_bytes
+    assert fake.per_phase_peak_bytes == real.per_phase_peak_bytes
+    assert fake.term_bytes == real.term_bytes
+
+
+def test_compare_rows():
+    case = CASES[0]
+    rows = compare(_estimate(case), _measured(case))
+    by_term = {r.term: r for r in rows}
+    assert by_term["weights"].error_pct == 0.0
+    assert by_term["weights"].estimate_bytes == by_term["weights"].measured_bytes
+    assert {"phase:forward", "phase:backward", "phase:optimizer_step", "peak"} <= set(by_term)
+    peak = by_term["peak"]
+    assert peak.measured_bytes == _measured(case).measured_peak_bytes
+    assert peak.error_pct == pytest.approx((peak.estimate_bytes - peak.measured_bytes) / peak.measured_bytes * 100,
+                                           abs=0.01)
+    term, estimate_bytes, measured_bytes, error_pct = rows[0]  # plain 4-tuples
+    assert term == "weights"
+
+
+def test_run_records_what_ran():
+    measured = _measured(CASES[3])
+    assert measured.run["model_class"] == "LlamaForCausalLM"
+    assert measured.run["weight_dtype"] == "bfloat16" and measured.run["master_dtype"] == "float32"
+    assert measured.run["optim_impl"] == "foreach" and measured.run["attn_implementation"] == "sdpa"
+    assert (measured.run["micro_batch_size"], measured.run["seq_len"]) == (BATCH, SEQ)
+    assert measured.to_dict()["measured_peak_phase"] in ("forward", "backward", "optimizer_step")
+
+
+@pytest.mark.parametrize("raw", [
+    {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+     "tie_word_embeddings": True},
+    {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2, "n_head": 4,
+     "vocab_size": 1000, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0},
+], ids=["qwen2", "gpt2"])
+def test_other_families_model_states_exact(raw):
+    config = ModelConfig(name=raw["model_type"], raw=raw, source="test")
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=BATCH, seq_len=SEQ)
+    measured = run_verify(config, spec, "cpu-tracker")
+    report = verify.estimate_for(config, spec)
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert measured.model_state_bytes[term] == report.term(term).bytes
+    if raw["model_type"] == "gpt2":  # dropout 0.1 by default: the run says how it differs from a GPU's
+        assert any("dropout" in d for d in measured.differences_from_gpu)
+
+
+# -- refusals -----------------------------------------------------------------------------------------------
+def test_cpu_run_refused_above_half_the_ram(monkeypatch):
+    monkeypatch.setattr(verify, "ram_bytes", lambda: 16 * 2**30)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("allocated before refusing")
+
+    monkeypatch.setattr("memcalc.verify.step.measure_cpu", must_not_run)
+    config = model_input("llama-3-8b", None).config
+    with pytest.raises(UsageError) as err:
+        run_verify(config, TrainingSpec(precision="bf16-pure", seq_len=2048), "cpu-tracker")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "--verify=trace" in message and "--seq-len" in message and "estimated peak" in message
+
+
+def test_missing_torch_gives_install_hint(monkeypatch):
+    real_find_spec = verify.importlib.util.find_spec
+    monkeypatch.setattr(verify.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    with pytest.raises(UsageError) as err:
+        run_verify(TINY, TrainingSpec(seq_len=SEQ), "cpu-tracker")
+    assert "pip install" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec", [
+    TrainingSpec(zero_stage=2, num_gpus=4, seq_len=SEQ),
+    TrainingSpec(optimizer="adamw-8bit", seq_len=SEQ),
+    TrainingSpec(lora_rank=8, seq_len=SEQ),
+], ids=["zero", "8bit", "lora"])
+def test_unsupported_specs_refused(spec):
+    with pytest.raises(UsageError):
+        run_verify(TINY, spec, "cpu-tracker")
+
+
+def test_unknown_method_refused():
+    with pytest.raises(UsageError):
+        run_verify(TINY, TrainingSpec(seq_len=SEQ), "gpu-please")
+
+
+def test_importing_verify_does_not_import_torch():
+    code = "import sys, memcalc.verify; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -47,6 +47,8 @@ QK_NORMS = ("qwen3", "qwen3_moe", "gemma3_text")
 FP32_BYTES = 4
 SOURCE_LLAMA = ("derived from transformers modeling_llama.py (RMSNorm, attention, MLP) and "
                 "loss_utils.ForCausalLMLoss; equal to the saved tensors of a CPU forward (sdpa) in the tests")
+SOURCE_GPT2 = ("derived from transformers modeling_gpt2.py (LayerNorm, Conv1D, sdpa/eager attention, NewGELU) "
+               "and checked against the saved tensors of a CPU forward in the tests")
 SOURCE_KORTHIKANTI = "Korthikanti et al. 2022, eq. 2 (GPT-style layer, 16-bit); first approximation"
 
 
@@ -55,6 +57,7 @@ class ActivationEstimate:
     terms: list[Term] = field(default_factory=list)
     forward_transient_extra_bytes: int = 0
     backward_start_extra_bytes: int = 0
+    recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,6 +105,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         scalars = FP32_BYTES + embed_scale
         final_norm = _norm_bytes(model_type, tokens, h, c, recipe.autocast) + (c * tokens * h if recipe.autocast else 0)
         model_level = rotary + ids + scalars + final_norm
+    elif model_type == "gpt2":
+        per_layer, formula, model_level = _gpt2_bytes(raw, tokens, b, s, h, a, c, recipe.autocast,
+                                                      spec.attention == Attention.eager)
+        source = SOURCE_GPT2
     else:
         # Korthikanti eq. 2 counts 16-bit activations; fused attention (sdpa default) drops 5as/h.
         per_layer = tokens * h * 34 * c // 2
@@ -113,9 +120,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     residual_bytes = FP32_BYTES if recipe.autocast else c
     if spec.checkpointing == Checkpointing.full:
         kept = num_layers * tokens * h * residual_bytes
-        total = kept + per_layer + model_level
-        formula = (f"{num_layers} layer inputs x {tokens:,} x {h:,} x {residual_bytes} B + one recomputed layer "
-                   f"({per_layer:,} B: {formula}) + per model {model_level:,} B")
+        total = kept + model_level
+        result.recompute_bytes = per_layer
+        formula = (f"{num_layers} layer inputs x {tokens:,} x {h:,} x {residual_bytes} B + per model {model_level:,} B; "
+                   f"during backward one layer is recomputed at a time ({per_layer:,} B: {formula})")
     else:
         total = num_layers * per_layer + model_level
         formula = f"{num_layers} layers x {per_layer:,} B per layer ({formula}) + per model {model_level:,} B"
@@ -127,13 +135,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.terms.append(Term(
             name=TERM_LOSS_BUFFERS, bytes=tokens * vocab * FP32_BYTES,
             formula=f"fp32 log_softmax output {tokens:,} x {vocab:,} x 4 B (saved until backward); during the loss "
-                    f"also the logits and their fp32 upcast ({tokens * vocab * (c + FP32_BYTES):,} B), at the start "
+                    f"also the logits and their fp32 upcast ({tokens * vocab * (c + (FP32_BYTES if c != FP32_BYTES else 0)):,} B), at the start "
                     f"of backward two fp32 gradients ({2 * tokens * vocab * FP32_BYTES:,} B)",
             source="transformers loss_utils.ForCausalLMLoss: logits.float() then cross_entropy; log_softmax saves its "
                    "output. HF Trainer drops the model output (and its logits) before backward",
             category="activations", phases=[Phase.forward, Phase.backward],
         ))
-        result.forward_transient_extra_bytes = tokens * vocab * (c + FP32_BYTES)
+        # logits.float() of fp32 logits is the same tensor: no upcast copy in fp32.
+        upcast = FP32_BYTES if c != FP32_BYTES else 0
+        result.forward_transient_extra_bytes = tokens * vocab * (c + upcast)
         result.backward_start_extra_bytes = 2 * tokens * vocab * FP32_BYTES
     if model_type in LLAMA_STYLE:
         if spec.attention != Attention.eager:
@@ -183,6 +193,53 @@ def _llama_layer_bytes(raw: dict[str, Any], model_type: str, tokens: int, b: int
                f"{f' + q/k norms {qk_norm:,}' if qk_norm else ''} + attention {attention:,}"
                f"{f' + o_proj input copy {o_proj_copy:,}' if o_proj_copy else ''} + MLP {mlp:,}")
     return per_layer, formula
+
+
+# CUDA's native_layer_norm keeps mean and rstd in fp32 (opmath) whatever the input dtype; the CPU kernel keeps
+# them in the input dtype (a CPU/GPU difference the tests account for).
+LAYER_NORM_STAT_BYTES = FP32_BYTES
+# Activation functions transformers computes with several saved elementwise ops (NewGELUActivation:
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))): the input, tanh, 1 + tanh and the product are saved.
+PYTHON_GELUS = ("gelu_new",)
+
+
+def _gpt2_bytes(raw: dict[str, Any], tokens: int, b: int, s: int, h: int, a: int, c: int, autocast: bool,
+                eager: bool) -> tuple[int, str, int]:
+    """GPT-2 per layer and per model.
+
+    Per layer: two LayerNorms (input cTh + mean and rstd), their outputs as Conv1D inputs (cTh each),
+    attention (sdpa: q and k copies, the c_attn output 3cTh that v views, output cTh (c_proj reads it in
+    place), logsumexp 4Ta; eager: q, k, v cTh each, softmax output c*b*a*s^2, c_proj input copy cTh), and the
+    MLP: c_fc output, NewGELU's tanh, 1 + tanh and product, c_proj input (5 cTI; a fused gelu keeps 2 cTI).
+    """
+    intermediate = int(_first(raw, "n_inner", default=None) or 4 * h)
+    d = h // a
+    residual = FP32_BYTES if autocast else c
+    layer_norm = residual * tokens * h + 2 * LAYER_NORM_STAT_BYTES * tokens
+    linear_inputs = 2 * c * tokens * h  # ln outputs (or, under autocast, their casts) read by c_attn and c_fc
+    if eager:
+        attention = 3 * c * tokens * h + c * b * a * s * s + c * tokens * h
+    else:
+        attention = 2 * c * tokens * h + 3 * c * tokens * h + c * tokens * h + FP32_BYTES * tokens * a
+    activation = str(raw.get("activation_function", "gelu_new"))
+    mlp = (5 if activation in PYTHON_GELUS else 2) * c * tokens * intermediate
+    # Dropout as CUDA stores it (GPT2Config defaults 0.1): native_dropout keeps a 1-byte bool mask. The
+    # residual dropouts after attention and MLP keep T*h each; sdpa's fused dropout keeps only RNG state;
+    # eager attention dropout keeps a b*a*s^2 mask and its output in c (saved by the second matmul).
+    dropout = 0
+    if float(raw.get("resid_pdrop", 0.1)) > 0:
+        dropout += 2 * tokens * h
+    if eager and float(raw.get("attn_pdrop", 0.1)) > 0:
+        dropout += (1 + c) * b * a * s * s
+    per_layer = 2 * layer_norm + linear_inputs + attention + mlp + dropout
+    formula = (f"layer norms {2 * layer_norm:,} + Conv1D inputs {linear_inputs:,} + attention {attention:,} + "
+               f"MLP {mlp:,}{f' + dropout masks {dropout:,}' if dropout else ''}")
+    ids = 8 * tokens + 8 * s + 8 * tokens  # input_ids, position_ids, shifted labels (int64)
+    model_level = ids + FP32_BYTES + layer_norm + c * tokens * h  # + loss divisor, ln_f, lm_head input
+    if float(raw.get("embd_pdrop", 0.1)) > 0:
+        model_level += tokens * h  # embedding dropout mask
+    del d
+    return per_layer, formula, model_level
 
 
 def _norm_bytes(model_type: str, tokens: int, h: int, c: int, autocast: bool) -> int:

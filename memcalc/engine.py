@@ -167,7 +167,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         category="temporaries", phases=[Phase.optimizer_step],
     ))
 
-    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes)
+    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes,
+                          act.recompute_bytes)
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS)
     summary = ModelSummary(
@@ -200,7 +201,8 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
-def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int) -> list[PhaseTotal]:
+def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int,
+                  recompute_bytes: int) -> list[PhaseTotal]:
     by_name = {t.name: t for t in terms}
     states = by_name[TERM_OPTIMIZER_STATES].bytes
 
@@ -212,7 +214,8 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     forward = saved + forward_transient_bytes  # the loss: logits and their fp32 upcast, briefly
     # Start of backward: everything saved by the forward plus the loss/logits gradient buffers;
     # end of backward: activations and autocast copies are freed, every gradient exists.
-    start = saved + backward_start_extra_bytes
+    # With checkpointing, one layer's activations are rebuilt during backward, after the loss buffers are gone.
+    start = saved + max(backward_start_extra_bytes, recompute_bytes)
     end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
     end, end_names = live(Phase.backward, exclude=end_exclude)
     # The full-layer ZeRO-3 gradients exist during backward, not at its end after the last reduce-scatter.

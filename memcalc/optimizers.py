@@ -104,7 +104,9 @@ def state_bytes_by_kind(
             add("exp_avg", numel * state_bytes)
         elif name == OptimizerName.adafactor:
             # transformers/optimization.py Adafactor.step: states are created .to(grad) after a 16-bit grad
-            # is upcast with grad.float(), so they are fp32 whatever the recipe.
+            # is upcast with grad.float(), so they are fp32 whatever the recipe; state["RMS"] = self._rms(p)
+            # is a 0-dim fp32 tensor on the parameter's device (found by the verify tracker).
+            add("RMS", FP32_BYTES)
             if settings.adafactor_beta1 is not None:
                 add("exp_avg", numel * FP32_BYTES)
             if _adafactor_is_factored(shape):

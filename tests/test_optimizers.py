@@ -35,9 +35,9 @@ def test_adam_states_are_two_state_sized_tensors():
 
 def test_adafactor_factored_shapes():
     states = state_bytes_by_kind([(300, 50)], _settings("adafactor"), Dtype.bf16)
-    assert states == {"exp_avg_sq_row": 300 * 4, "exp_avg_sq_col": 50 * 4}  # always fp32
+    assert states == {"RMS": 4, "exp_avg_sq_row": 300 * 4, "exp_avg_sq_col": 50 * 4}  # always fp32
     with_beta1 = state_bytes_by_kind([(64,)], _settings("adafactor", adafactor_beta1=0.9), Dtype.bf16)
-    assert with_beta1 == {"exp_avg": 64 * 4, "exp_avg_sq": 64 * 4}
+    assert with_beta1 == {"RMS": 4, "exp_avg": 64 * 4, "exp_avg_sq": 64 * 4}
 
 
 def test_foreach_forloop_fused_temporaries():
@@ -71,12 +71,11 @@ def _measured_state_bytes(optimizer, params) -> dict[str, int]:
         for key, value in optimizer.state[p].items():
             if not torch.is_tensor(value) or value.device != p.device:
                 continue
-            if value.dim() > 0 or key == "step":
-                ptr = value.untyped_storage().data_ptr()
-                if ptr in seen:
-                    continue
-                seen.add(ptr)
-                totals[key] = totals.get(key, 0) + value.nbytes
+            ptr = value.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            totals[key] = totals.get(key, 0) + value.nbytes
     return totals
 
 

@@ -44,15 +44,9 @@ CASES = [
     ("bf16-pure", "adamw", "foreach", "full", "sdpa"),
     ("bf16-pure", "adamw", "foreach", "none", "eager"),
 ]
-# transformers Adafactor.step keeps state["RMS"] = self._rms(p), a 0-dim fp32 tensor on the parameter's device,
-# for every parameter: 4 B per tensor that memcalc.optimizers.state_bytes_by_kind does not count.
-ADAFACTOR_RMS = pytest.mark.xfail(strict=True, reason=(
-    "estimator omits transformers Adafactor state['RMS'] (0-dim fp32 tensor per parameter, 4 B each)"))
-
-
-def _spec(precision, optimizer, impl, checkpointing, _attn) -> TrainingSpec:
+def _spec(precision, optimizer, impl, checkpointing, attn) -> TrainingSpec:
     return TrainingSpec(precision=precision, optimizer=optimizer, optim_impl=impl, checkpointing=checkpointing,
-                        micro_batch_size=BATCH, seq_len=SEQ)
+                        attention=attn, micro_batch_size=BATCH, seq_len=SEQ)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,8 +70,7 @@ def _name(case) -> str:
 def _exact_params():
     for case in CASES:
         for term in MODEL_STATE_TERMS:
-            marks = [ADAFACTOR_RMS] if case[1] == "adafactor" and term == "optimizer_states" else []
-            yield pytest.param(case, term, marks=marks, id=f"{_name(case)}:{term}")
+            yield pytest.param(case, term, id=f"{_name(case)}:{term}")
 
 
 @pytest.mark.parametrize("case,term", list(_exact_params()))
@@ -90,12 +83,12 @@ def test_model_state_terms_match_estimate_to_the_byte(case, term):
     assert measured.term_max_bytes.get(term, 0) == measured.model_state_bytes.get(term, 0)
 
 
-def test_adafactor_difference_is_exactly_the_rms_scalars():
+def test_adafactor_rms_scalars_are_counted():
+    """transformers Adafactor keeps state["RMS"], a 0-dim fp32 tensor per parameter (4 B each)."""
     case = ("fp32", "adafactor", "foreach", "none", "sdpa")
     report, measured = _estimate(case), _measured(case)
     num_tensors = len(build_inventory(TINY))
-    assert measured.optimizer_state_breakdown["RMS"] == 4 * num_tensors
-    assert measured.model_state_bytes["optimizer_states"] - report.term("optimizer_states").bytes == 4 * num_tensors
+    assert measured.optimizer_state_breakdown["RMS"] == report.term("optimizer_states").breakdown["RMS"] == 4 * num_tensors
 
 
 def test_fp32_grad_copy_and_temporaries_of_mixed_precision():

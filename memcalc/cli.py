@@ -46,11 +46,32 @@ ZeroOpt = Annotated[str, typer.Option("--zero", help="ZeRO stage 0-3, or a list 
 UnitsOpt = Annotated[str, typer.Option("--units", help="gib (2^30 B), gb (10^9 B), mib or mb.")]
 
 
+VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
+
+
 def route(argv: list[str]) -> list[str]:
-    """'memcalc llama-3-8b ...' means 'memcalc estimate llama-3-8b ...'."""
+    """'memcalc llama-3-8b ...' means 'memcalc estimate llama-3-8b ...'; a bare --verify means --verify=auto."""
+    argv = _optional_verify_value(argv)
     if argv and (argv[0] in COMMANDS or argv[0] in ("--help", "-h")):
         return argv
     return ["estimate", *argv]
+
+
+def _optional_verify_value(argv: list[str]) -> list[str]:
+    routed: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--verify":
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following in VERIFY_METHODS:
+                routed.append(f"--verify={following}")
+                index += 2
+                continue
+            arg = "--verify=auto"
+        routed.append(arg)
+        index += 1
+    return routed
 
 
 def _fail(error: MemcalcError) -> typer.Exit:
@@ -98,6 +119,10 @@ def estimate(
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's per family).")] = None,
     qlora: Annotated[bool, typer.Option(help="QLoRA: frozen base Linear weights in 4-bit NF4.")] = False,
     freeze: Annotated[str | None, typer.Option(help="Freeze parts: embeddings, lm_head, norms, attention, mlp (comma-separated).")] = None,
+    verify: Annotated[str | None, typer.Option(
+        "--verify", help="Measure a real training step beside the estimate: --verify (auto: cuda when there is a "
+        "GPU, else cpu-tracker), --verify=cpu-tracker, --verify=trace (full size, no memory) or --verify=cuda.",
+        show_default=False)] = None,
     units: UnitsOpt = "gib",
     json_output: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     explain: Annotated[bool, typer.Option(help="Show each term's formula and source.")] = False,
@@ -161,19 +186,30 @@ def _estimate(**options) -> int:
             gpu_target = GpuTarget(f"{o['gpu_memory']} GPU", size, "--gpu-memory", context, reserve)
         if gpu_target.usable_bytes <= 0:
             raise UsageError("the CUDA context and allocator reserve leave no usable memory; check --gpu-memory/--cuda-context")
+    if o["verify"] is not None:
+        if o["verify"] not in VERIFY_METHODS:
+            raise UsageError(f"--verify={o['verify']}: use --verify, or --verify= one of {', '.join(VERIFY_METHODS[1:])}")
+        if len(specs) > 1:
+            raise UsageError("--verify measures one configuration: give a single --zero stage")
     model = api.model_input(o["model"], num_params)
     reports = [api.run(model, spec, gpu_target, defaults_used, o["max_batch"], o["max_seq_len"]) for spec in specs]
+    if o["verify"] is not None:
+        if model.config is None or not model.architecture_known:
+            raise UsageError("--verify builds the real model: give a model name or config.json (not --params)")
+        reports = [reports[0].with_verify(_verify(model.config, specs[0], o["verify"]))]
 
+    from rich.console import Console
+
+    console = Console(soft_wrap=True, emoji=False, highlight=False)
     if o["json_output"]:
         sys.stdout.write(render.to_json(reports) + "\n")
     else:
-        from rich.console import Console
-
-        console = Console(soft_wrap=True, emoji=False, highlight=False)
         if len(reports) == 1:
             render.render_table(reports[0], console, unit, explain=o["explain"], totals=o["totals"])
         else:
             render.render_comparison(reports, console, unit)
+    if o["verify"] is not None and not o["json_output"]:
+        render.render_verify(reports[0], console, unit)
     if gpu_target is not None and not all(r.fit and r.fit.fits for r in reports):
         return EXIT_DOES_NOT_FIT
     return EXIT_OK
@@ -192,6 +228,33 @@ DEFAULTS_SHOWN = {
     "zero": "--zero 0",
     "units": "--units gib",
 }
+
+
+def _verify(config, spec, method: str) -> dict:
+    """Run the measurement with a progress line on stderr (stdout stays clean for --json)."""
+    from rich.console import Console
+
+    from memcalc.verify import verify
+
+    with Console(stderr=True).status("verify: starting") as status:
+        outcome = verify(config, spec, method, progress=lambda message: status.update(f"verify: {message}"))
+    measurement = outcome.measurement
+    return {
+        "method": measurement.method,
+        "measured_peak_bytes": measurement.measured_peak_bytes,
+        "measured_peak_phase": measurement.measured_peak_phase,
+        "per_term_bytes": measurement.term_bytes,
+        "per_phase_peak_bytes": measurement.per_phase_peak_bytes,
+        "checked_peak_bytes": outcome.report.per_gpu.peak_bytes,
+        "checked_peak_phase": outcome.report.per_gpu.peak_phase.value,
+        "rows": [row._asdict() for row in outcome.rows],
+        "scaled": outcome.scaled,
+        "differences_from_gpu": measurement.differences_from_gpu,
+        "run": measurement.run,
+        "reserved_peak_bytes": measurement.reserved_peak_bytes,
+        "cuda_context_bytes": measurement.cuda_context_bytes,
+        "elapsed_seconds": round(measurement.elapsed_seconds, 3),
+    }
 
 
 def _defaults_used(ctx: typer.Context) -> list[str]:

@@ -107,6 +107,45 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
             console.print(f"  {s.change:<28} {format_bytes(s.peak_bytes, unit):>14}  {mark}", highlight=False, markup=False)
 
 
+def render_verify(report: Report, console: Console, unit: str) -> None:
+    """Estimate and measurement side by side, per term and per phase, with the error in percent."""
+    from rich.table import Table
+
+    verify = report.verify
+    assert verify is not None
+    console.print(f"\n[bold]verify[/bold] ({verify['method']}, {verify['elapsed_seconds']:.1f} s)", highlight=False)
+    if verify["scaled"]:
+        console.print("the model was scaled down to fit this machine (same family and structure): "
+                      + "; ".join(verify["scaled"]) + ". The estimate checked below is that scaled model's.",
+                      highlight=False, markup=False)
+    run = verify["run"]
+    if run:
+        console.print("ran: " + ", ".join(f"{k} {v}" for k, v in run.items()), highlight=False, markup=False)
+    table = Table(title=f"Estimate vs measured, in {UNIT_LABELS[unit]}")
+    for column in ("term", "estimate", "measured", "error"):
+        table.add_column(column, justify="left" if column == "term" else "right")
+    estimated_terms = {t.name for t in report.per_gpu.terms}
+    for row in verify["rows"]:
+        if row["term"] == "peak":
+            table.add_section()
+        name = row["term"].replace("phase:", "phase: ")
+        measured = "-" if row["measured_bytes"] is None else format_bytes(row["measured_bytes"], unit).rsplit(" ", 1)[0]
+        error = "" if row["error_pct"] is None else f"{row['error_pct']:+.2f}%"
+        estimate = format_bytes(row["estimate_bytes"], unit).rsplit(" ", 1)[0]
+        if ":" not in row["term"] and row["term"] != "peak" and row["term"] not in estimated_terms:
+            # measured only: backward temporaries (the loss gradients the estimate adds to the backward
+            # phase) and other (inputs, buffers, host-side step counters)
+            estimate, error, name = "in phases", "", f"{name} *"
+        table.add_row(name, estimate, measured, error, style="bold" if row["term"] == "peak" else None)
+    console.print(table)
+    console.print("* measured only: the estimate counts these inside the phase totals, not as terms", highlight=False)
+    console.print(f"measured peak {format_bytes(verify['measured_peak_bytes'], unit)} in the "
+                  f"{verify['measured_peak_phase'].replace('_', ' ')}; estimated {format_bytes(verify['checked_peak_bytes'], unit)} in the "
+                  f"{verify['checked_peak_phase'].replace('_', ' ')}", highlight=False)
+    for difference in verify["differences_from_gpu"]:
+        console.print(f"CPU vs GPU: {difference}", highlight=False, markup=False)
+
+
 def render_comparison(reports: Sequence[Report], console: Console, unit: str) -> None:
     from rich.table import Table
 

@@ -149,6 +149,10 @@ class Report:
     totals: Totals
     fit: Fit | None = None
     notes: list[str] = field(default_factory=list)
+    # --verify: method, measured_peak_bytes, measured_peak_phase, per_term_bytes, per_phase_peak_bytes, rows
+    # (estimate vs measured per term and phase), scaled (how the config was shrunk to fit the run, or []),
+    # checked_peak_bytes (the estimate of the config that ran), differences_from_gpu, run.
+    verify: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +165,9 @@ class Report:
 
     def with_fit(self, fit: Fit) -> Report:
         return dataclasses.replace(self, fit=fit)
+
+    def with_verify(self, verify: dict[str, Any]) -> Report:
+        return dataclasses.replace(self, verify=verify)
 
     def term(self, name: str) -> Term:
         for term in self.per_gpu.terms:

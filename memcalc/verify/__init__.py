@@ -21,7 +21,7 @@ from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
 from memcalc.verify.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS, Measurement
 
-__all__ = ["Measurement", "Row", "compare", "run_verify", "estimate_for", "METHODS", "INSTALL_HINT"]
+__all__ = ["Measurement", "Outcome", "Row", "compare", "run_verify", "verify", "estimate_for", "METHODS", "INSTALL_HINT"]
 
 INSTALL_HINT = "--verify needs torch and transformers: pip install 'memcalc-train[verify]'"
 # A cpu-tracker run holds real tensors: refuse one whose estimated peak is above this share of the RAM.
@@ -119,8 +119,13 @@ def resolve_method(method: str) -> str:
     return method
 
 
+# spec.attention -> transformers attn_implementation for the measured run. flash_attention_2 needs the
+# flash-attn package and CUDA; its memory is sdpa's (output + logsumexp), so sdpa stands in for it.
+ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}
+
+
 def run_verify(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, method: str = "auto", *,
-               attn_implementation: str = "sdpa", progress: Callable[[str], None] | None = None) -> Measurement:
+               attn_implementation: str | None = None, progress: Callable[[str], None] | None = None) -> Measurement:
     """Run one warm-up and one measured training step of this config and spec; return what was measured.
 
     Raises UsageError (before anything is allocated) when torch/transformers are missing, when the spec has
@@ -129,6 +134,7 @@ def run_verify(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, m
     _require_torch()
     config = _as_config(model_config)
     method = resolve_method(method)
+    attn_implementation = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
     if method == METHOD_CPU_TRACKER:
         _check_fits_ram(estimate_for(config, spec), spec)
     elif method == METHOD_CUDA:
@@ -175,3 +181,55 @@ def compare(report: Report, measurement: Measurement) -> list[Row]:
     rows.append(Row(PEAK_ROW, report.per_gpu.peak_bytes, measurement.measured_peak_bytes,
                     _error_pct(report.per_gpu.peak_bytes, measurement.measured_peak_bytes)))
     return rows
+
+
+# A GPU run may use this share of the card (the rest: CUDA context, allocator slack).
+GPU_MEMORY_FRACTION = 0.9
+
+
+class Outcome(NamedTuple):
+    """A verification: the estimate that was checked (of the scaled config when scaled), what was measured,
+    the rows comparing them, and how the config was scaled down to fit the measuring machine (or [])."""
+
+    report: Report
+    measurement: Measurement
+    rows: list[Row]
+    scaled: list[str]
+
+
+def _budget_bytes(method: str) -> int | None:
+    if method == METHOD_CPU_TRACKER:
+        total = ram_bytes()
+        return int(CPU_RAM_FRACTION * total) if total else None
+    if method == METHOD_CUDA:
+        import torch
+
+        try:
+            _free, total = torch.cuda.mem_get_info()
+        except (RuntimeError, AssertionError):
+            return None
+        return int(GPU_MEMORY_FRACTION * total)
+    return None  # trace: fake tensors hold no memory
+
+
+def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", *,
+           progress: Callable[[str], None] | None = None) -> Outcome:
+    """Measure a step of this config (scaled down to fit a real run when needed) beside its estimate."""
+    from memcalc.verify.scale import scale_to_fit
+
+    _require_torch()
+    method = resolve_method(method)
+    budget = _budget_bytes(method)
+    raw, scaled = model_config.raw, []
+    if budget is not None:
+        raw, scaled = scale_to_fit(model_config.raw, lambda r: estimate_for(_with_raw(model_config, r), spec).per_gpu.peak_bytes,
+                                   budget)
+    config = _with_raw(model_config, raw) if scaled else model_config
+    report = estimate_for(config, spec)
+    measurement = run_verify(config, spec, method, progress=progress)
+    return Outcome(report, measurement, compare(report, measurement), scaled)
+
+
+def _with_raw(config: ModelConfig, raw: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(name=f"{config.name} (scaled)" if raw is not config.raw else config.name, raw=raw,
+                       source=config.source, aliases=config.aliases)

@@ -280,7 +280,9 @@ def one_step(model: torch.nn.Module, stepper: Stepper, input_ids: torch.Tensor, 
              clock: PhaseClock, after_backward: Callable[[], None] | None = None) -> None:
     clock.enter(trk.FORWARD)
     with _autocast(setup):
-        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        # use_cache is left to the config, as HF Trainer leaves it: GPT-2 then concatenates k and v into a
+        # DynamicCache during training, which memcalc.activations counts.
+        out = model(input_ids=input_ids, labels=input_ids)
     loss = out.loss
     del out  # as HF Trainer's training_step: only the loss outlives the forward (the logits are freed)
     clock.enter(trk.BACKWARD)

@@ -58,6 +58,10 @@ class ActivationEstimate:
     forward_transient_extra_bytes: int = 0
     backward_start_extra_bytes: int = 0
     recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
+    # Late in backward (the first layer's turn): that layer's activations and its gradient transients
+    # (the MLP intermediate's and the residual's gradients, c*T*(I + h)) beside nearly every gradient.
+    last_layer_bytes: int = 0
+    layer_backward_transient_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -118,6 +122,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "approximation, not derived from its transformers code")
 
     residual_bytes = FP32_BYTES if recipe.autocast else c
+    if model_type in LLAMA_STYLE or model_type == "gpt2":
+        result.last_layer_bytes = per_layer
+        intermediate = int(_first(raw, "intermediate_size", "n_inner", default=None) or 4 * h)
+        result.layer_backward_transient_bytes = c * tokens * (intermediate + h)
     if spec.checkpointing == Checkpointing.full:
         kept = num_layers * tokens * h * residual_bytes
         total = kept + model_level
@@ -208,8 +216,8 @@ def _gpt2_bytes(raw: dict[str, Any], tokens: int, b: int, s: int, h: int, a: int
     """GPT-2 per layer and per model.
 
     Per layer: two LayerNorms (input cTh + mean and rstd), their outputs as Conv1D inputs (cTh each),
-    attention (sdpa: q and k copies, the c_attn output 3cTh that v views, output cTh (c_proj reads it in
-    place), logsumexp 4Ta; eager: q, k, v cTh each, softmax output c*b*a*s^2, c_proj input copy cTh), and the
+    attention (sdpa: the c_attn output 3cTh that q, k, v view, k and v copies in the KV cache when
+    use_cache is on, output cTh (c_proj reads it in place), logsumexp 4Ta; eager: q, k, v cTh each, softmax output c*b*a*s^2, c_proj input copy cTh), and the
     MLP: c_fc output, NewGELU's tanh, 1 + tanh and product, c_proj input (5 cTI; a fused gelu keeps 2 cTI).
     """
     intermediate = int(_first(raw, "n_inner", default=None) or 4 * h)
@@ -220,7 +228,10 @@ def _gpt2_bytes(raw: dict[str, Any], tokens: int, b: int, s: int, h: int, a: int
     if eager:
         attention = 3 * c * tokens * h + c * b * a * s * s + c * tokens * h
     else:
-        attention = 2 * c * tokens * h + 3 * c * tokens * h + c * tokens * h + FP32_BYTES * tokens * a
+        # With config.use_cache (GPT2Config default True; HF Trainer leaves it on) DynamicLayer.update
+        # torch.cat's k and v into the cache, and sdpa saves those copies beside the c_attn output.
+        cache_copies = 2 * c * tokens * h if raw.get("use_cache", True) else 0
+        attention = cache_copies + 3 * c * tokens * h + c * tokens * h + FP32_BYTES * tokens * a
     activation = str(raw.get("activation_function", "gelu_new"))
     mlp = (5 if activation in PYTHON_GELUS else 2) * c * tokens * intermediate
     # Dropout as CUDA stores it (GPT2Config defaults 0.1): native_dropout keeps a 1-byte bool mask. The

@@ -167,8 +167,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         category="temporaries", phases=[Phase.optimizer_step],
     ))
 
-    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes,
-                          act.recompute_bytes)
+    # A recomputed layer under autocast also redoes its weight casts.
+    autocast_recompute = subset.autocast_recompute_numel * _bytes(recipe.compute_dtype) if recipe.autocast else 0
+    recompute = act.recompute_bytes + autocast_recompute
+    # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
+    # last) unless the embedding is tied to the head; ZeRO-2/3 hold flat partitions instead, so not there.
+    missing_grads = _embedding_grads_produced_last(tensors) * g_bytes if stage < 2 else 0
+    late = (-missing_grads + act.last_layer_bytes + act.layer_backward_transient_bytes + autocast_recompute
+            if act.last_layer_bytes else 0)
+    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late)
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS)
     summary = ModelSummary(
@@ -201,8 +208,17 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
+def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
+    """Elements of input-embedding gradients, which appear only at the very end of backward."""
+    tied = not any(t.role == "lm_head" and t.is_linear_weight for t in tensors)
+    embeddings = [t for t in tensors if t.trainable and t.role in ("embedding", "position_embedding") and t.layer is None]
+    if tied and embeddings:  # the head's backward, first of all, already produced the token embedding's grad
+        embeddings = embeddings[1:]
+    return sum(t.numel for t in embeddings)
+
+
 def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int,
-                  recompute_bytes: int) -> list[PhaseTotal]:
+                  recompute_bytes: int, late_backward_extra_bytes: int = 0) -> list[PhaseTotal]:
     by_name = {t.name: t for t in terms}
     states = by_name[TERM_OPTIMIZER_STATES].bytes
 
@@ -221,7 +237,10 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     # The full-layer ZeRO-3 gradients exist during backward, not at its end after the last reduce-scatter.
     end -= by_name[TERM_ZERO3_GATHERED_GRADS].bytes if TERM_ZERO3_GATHERED_GRADS in by_name else 0
     start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS]
-    backward, backward_names = (start, start_names) if start >= end else (end, end_names)
+    # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.
+    late = end + late_backward_extra_bytes if late_backward_extra_bytes > 0 else 0
+    backward, backward_names = max((start, start_names), (end, end_names), (late, end_names + [TERM_ACTIVATIONS]),
+                                   key=lambda candidate: candidate[0])
     step, step_names = live(Phase.optimizer_step)
     return [
         PhaseTotal(phase=Phase.forward, bytes=forward, terms=forward_names, first_step_bytes=forward - states),

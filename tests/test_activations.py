@@ -104,12 +104,14 @@ GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96
         "vocab_size": 300, "n_positions": 128, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("recipe", ["bf16-pure", "fp32"])
-def test_gpt2_saved_activations(recipe, attention):
+def test_gpt2_saved_activations(recipe, attention, use_cache):
     """GPT-2 with dropout off. Autocast is left out: CPU autocast runs layer_norm in bf16, CUDA in fp32."""
-    measured = measure_saved_bytes(GPT2, recipe, batch=2, seq=48, attention=attention)
-    estimated, _ = estimated_saved_bytes(GPT2, recipe, batch=2, seq=48, attention=attention)
+    raw = {**GPT2, "use_cache": use_cache}
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
     # CUDA's layer_norm keeps mean/rstd in fp32; the CPU kernel in the input dtype: 5 LayerNorms x 2 x T.
     cpu_stats = 0 if recipe == "fp32" else 5 * 2 * 96 * (4 - 2)
     print(f"gpt2 {recipe} {attention}: estimated {estimated:,} (CPU layer-norm stats -{cpu_stats}) measured {measured:,}")

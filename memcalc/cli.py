@@ -105,6 +105,7 @@ def estimate(
     adafactor_beta1: Annotated[float | None, typer.Option(help="Adafactor first moment (transformers default: none).")] = None,
     batch_size: BatchOpt = DEFAULT_MICRO_BATCH_SIZE,
     seq_len: SeqOpt = DEFAULT_SEQ_LEN,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
     checkpointing: Annotated[Checkpointing, typer.Option(help="Activation checkpointing.")] = Checkpointing.none,
     attn: Annotated[Attention, typer.Option("--attn", help="Attention implementation (transformers' attn_implementation).")] = Attention.sdpa,
     zero: ZeroOpt = "0",
@@ -165,6 +166,7 @@ def _estimate(**options) -> int:
             precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
             state_dtype=o["state_dtype"], optimizer=o["optim"], optim_impl=o["optim_impl"], amsgrad=o["amsgrad"],
             adafactor_beta1=o["adafactor_beta1"], micro_batch_size=o["batch_size"], seq_len=o["seq_len"],
+            grad_accum=o["grad_accum"],
             checkpointing=o["checkpointing"], attention=o["attn"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
             lora_targets=tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip()) if o["lora_targets"] else None,
             qlora=o["qlora"], freeze=freeze,
@@ -191,6 +193,9 @@ def _estimate(**options) -> int:
             raise UsageError(f"--verify={o['verify']}: use --verify, or --verify= one of {', '.join(VERIFY_METHODS[1:])}")
         if len(specs) > 1:
             raise UsageError("--verify measures one configuration: give a single --zero stage")
+        if o["grad_accum"] > 1:
+            raise UsageError("--verify measures a single micro-batch step: drop --grad-accum (its effect, gradients "
+                             "alive during later forwards, is in the estimate)")
     model = api.model_input(o["model"], num_params)
     reports = [api.run(model, spec, gpu_target, defaults_used, o["max_batch"], o["max_seq_len"]) for spec in specs]
     if o["verify"] is not None:

@@ -106,11 +106,17 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             category="model_states", phases=ALL_PHASES,
         ))
     g_bytes = _bytes(recipe.grad_dtype)
+    # With gradient accumulation, p.grad persists from the first micro-batch to the optimizer step, so the
+    # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
+    grad_phases = ALL_PHASES if spec.grad_accum > 1 else AFTER_BACKWARD
+    if spec.grad_accum > 1:
+        notes.append(f"--grad-accum {spec.grad_accum}: gradients stay alive through the forward and backward of "
+                     "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
     terms.append(Term(
         name=TERM_GRADIENTS, bytes=holdings.grad_numel * g_bytes,
         formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {g_bytes} B ({recipe.grad_dtype.value})",
         source=f"{ZERO_PAPER}" if stage >= 2 else "one gradient per trainable parameter, in the grad dtype (param.grad)",
-        category="model_states", phases=AFTER_BACKWARD,
+        category="model_states", phases=grad_phases,
     ))
     opt = spec.optimizer_settings
     opt_param_dtype = recipe.optimizer_param_dtype
@@ -172,7 +178,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     recompute = act.recompute_bytes + autocast_recompute
     # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
     # last) unless the embedding is tied to the head; ZeRO-2/3 hold flat partitions instead, so not there.
-    missing_grads = _embedding_grads_produced_last(tensors) * g_bytes if stage < 2 else 0
+    missing_grads = _embedding_grads_produced_last(tensors) * g_bytes if stage < 2 and spec.grad_accum == 1 else 0
     late = (-missing_grads + act.last_layer_bytes + act.layer_backward_transient_bytes + autocast_recompute
             if act.last_layer_bytes else 0)
     phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late)
@@ -236,7 +242,8 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     end, end_names = live(Phase.backward, exclude=end_exclude)
     # The full-layer ZeRO-3 gradients exist during backward, not at its end after the last reduce-scatter.
     end -= by_name[TERM_ZERO3_GATHERED_GRADS].bytes if TERM_ZERO3_GATHERED_GRADS in by_name else 0
-    start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS]
+    accumulating = Phase.forward in by_name[TERM_GRADIENTS].phases  # --grad-accum > 1: grads live throughout
+    start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS or accumulating]
     # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.
     late = end + late_backward_extra_bytes if late_backward_extra_bytes > 0 else 0
     backward, backward_names = max((start, start_names), (end, end_names), (late, end_names + [TERM_ACTIVATIONS]),
@@ -271,7 +278,7 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         grad_dtype=recipe.grad_dtype.value, state_dtype=recipe.state_dtype.value,
         compute_dtype=recipe.compute_dtype.value,
         optimizer=opt.name.value, optimizer_description=opt.describe(), optim_impl=opt.impl.value,
-        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, checkpointing=spec.checkpointing.value,
+        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, grad_accum=spec.grad_accum, checkpointing=spec.checkpointing.value,
         attention=spec.attention.value,
         zero_stage=spec.zero_stage, num_gpus=spec.num_gpus,
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,

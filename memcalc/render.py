@@ -25,7 +25,8 @@ def _describe_run(report: Report) -> list[str]:
         f"[bold]{m.name}[/bold] ({arch}{count}; {m.params_source}; source: {m.source})",
         f"recipe [bold]{t.precision}[/bold]: {t.precision_description}",
         f"optimizer [bold]{t.optimizer}[/bold]: {t.optimizer_description}",
-        f"run: micro-batch {t.micro_batch_size} x seq {t.seq_len}, attention {t.attention}, checkpointing {t.checkpointing}, "
+        f"run: micro-batch {t.micro_batch_size} x seq {t.seq_len}"
+        f"{f' x {t.grad_accum} accumulated' if t.grad_accum > 1 else ''}, attention {t.attention}, checkpointing {t.checkpointing}, "
         f"{t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}, ZeRO stage {t.zero_stage}",
     ]
     if t.defaults_used:

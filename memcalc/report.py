@@ -85,6 +85,7 @@ class TrainingSummary:
     optim_impl: str
     micro_batch_size: int
     seq_len: int
+    grad_accum: int
     checkpointing: str
     attention: str
     zero_stage: int

@@ -46,6 +46,7 @@ class TrainingSpec:
     adafactor_beta1: float | None = None
     micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
     seq_len: int = DEFAULT_SEQ_LEN
+    grad_accum: int = 1  # micro-batches per optimizer step
     checkpointing: Checkpointing = Checkpointing.none
     attention: Attention = Attention.sdpa
     zero_stage: int = 0
@@ -76,6 +77,7 @@ class TrainingSpec:
         _check_range("--seq-len", self.seq_len, 1, MAX_TOKENS)
         if self.micro_batch_size * self.seq_len > MAX_TOKENS:
             raise UsageError(f"--batch-size x --seq-len is above {MAX_TOKENS:.0e} tokens; check the numbers")
+        _check_range("--grad-accum", self.grad_accum, 1, 1_000_000)
         _check_range("--zero", self.zero_stage, 0, 3)
         _check_range("--gpus", self.num_gpus, 1, MAX_GPUS)
         if self.lora_rank is not None:

@@ -250,3 +250,13 @@ def test_max_batch_and_seq_len_solver(cli):
 def test_solver_needs_a_gpu(cli):
     result = cli("llama-3-8b", "--max-batch")
     assert result.exit_code == 2 and "--gpu" in result.stderr and result.stdout == ""
+
+
+def test_grad_accum_keeps_gradients_alive_in_forward(cli):
+    one = cli("llama-3-8b", "--optim-impl", "fused", "--json").json()
+    four = cli("llama-3-8b", "--optim-impl", "fused", "--grad-accum", "4", "--json").json()
+    grads = next(t["bytes"] for t in one["per_gpu"]["terms"] if t["name"] == "gradients")
+    forward = {r["training"]["grad_accum"]: next(p["bytes"] for p in r["per_gpu"]["phases"] if p["phase"] == "forward")
+               for r in (one, four)}
+    assert forward[4] - forward[1] == grads  # p.grad persists from micro-batch 1 to the optimizer step
+    assert any("--grad-accum 4" in note for note in four["notes"])

@@ -8,6 +8,7 @@ Exit codes (also in README):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Annotated
@@ -17,7 +18,7 @@ import typer
 from memcalc.errors import MemcalcError, UsageError
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
-from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Attention, Checkpointing
+from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Attention, Checkpointing, Offload, Sharding
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -110,6 +111,14 @@ def estimate(
     attn: Annotated[Attention, typer.Option("--attn", help="Attention implementation (transformers' attn_implementation).")] = Attention.sdpa,
     zero: ZeroOpt = "0",
     gpus: GpusOpt = 1,
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes the GPUs are spread over (for offload RAM per node).")] = 1,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", min=1, help="GPUs per node (--gpus = nodes x this).")] = None,
+    sharding: Annotated[Sharding, typer.Option("--sharding", help="Engine that shards: deepspeed (ZeRO), fsdp (FSDP2), torch (DDP / ZeroRedundancyOptimizer).")] = Sharding.deepspeed,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Short for --sharding fsdp (with --zero 3 unless given).")] = False,
+    offload: Annotated[Offload, typer.Option("--offload", help="DeepSpeed ZeRO-Offload to CPU RAM.")] = Offload.none,
+    deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="Read a DeepSpeed config (stage, offload, buckets, precision, micro-batch).")] = None,
+    emit: Annotated[str | None, typer.Option("--emit", help="Print a config for this run (or the fit solver's recommendation): deepspeed.")] = None,
+    compare_with: Annotated[str | None, typer.Option("--compare-with", help="Put another tool's figure beside memcalc's: deepspeed or accelerate.")] = None,
     gpu: Annotated[str | None, typer.Option(help="GPU preset for the fit check (memcalc presets).")] = None,
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory for the fit check, e.g. 80GiB or 24GB.")] = None,
     cuda_context: Annotated[str | None, typer.Option(help="CUDA context size assumed by the fit check (default 512MiB).")] = None,
@@ -159,15 +168,36 @@ def _estimate(**options) -> int:
         if group not in FREEZE_GROUPS:
             raise UsageError(f"--freeze {group!r} is not one of {', '.join(FREEZE_GROUPS)}")
     num_params = parse_count(o["params"]) if o["params"] is not None else None
-    stages = _parse_stages(o["zero"])
     defaults_used = o["defaults_used"]
+    typed = {name for name in DEFAULTS_SHOWN if DEFAULTS_SHOWN[name] not in defaults_used}
+    if o["fsdp"]:
+        if o["sharding"] not in (Sharding.deepspeed, Sharding.fsdp):
+            raise UsageError("--fsdp is --sharding fsdp: drop one of them")
+        o["sharding"] = Sharding.fsdp
+        if "zero" not in typed:
+            o["zero"] = "3"
+    num_gpus = o["gpus"]
+    if o["gpus_per_node"] is not None:
+        if "gpus" in typed and num_gpus != o["nodes"] * o["gpus_per_node"]:
+            raise UsageError(f"--gpus {num_gpus} is not --nodes {o['nodes']} x --gpus-per-node {o['gpus_per_node']}; "
+                             "give two of the three")
+        num_gpus = o["nodes"] * o["gpus_per_node"]
+    model = api.model_input(o["model"], num_params)
+    ds_notes: list[str] = []
+    fields = {
+        "precision": o["precision"], "master_dtype": o["master_dtype"], "grad_dtype": o["grad_dtype"],
+        "state_dtype": o["state_dtype"], "optimizer": o["optim"], "optim_impl": o["optim_impl"],
+        "amsgrad": o["amsgrad"], "adafactor_beta1": o["adafactor_beta1"], "micro_batch_size": o["batch_size"],
+        "seq_len": o["seq_len"], "grad_accum": o["grad_accum"], "checkpointing": o["checkpointing"],
+        "attention": o["attn"], "num_gpus": num_gpus, "num_nodes": o["nodes"], "sharding": o["sharding"],
+        "offload": o["offload"],
+    }
+    if o["deepspeed"]:
+        ds_notes = _apply_deepspeed_config(o["deepspeed"], model, fields, typed, o)
+    stages = [fields.pop("zero_stage")] if "zero_stage" in fields else _parse_stages(o["zero"])
     specs = [
         TrainingSpec(
-            precision=o["precision"], master_dtype=o["master_dtype"], grad_dtype=o["grad_dtype"],
-            state_dtype=o["state_dtype"], optimizer=o["optim"], optim_impl=o["optim_impl"], amsgrad=o["amsgrad"],
-            adafactor_beta1=o["adafactor_beta1"], micro_batch_size=o["batch_size"], seq_len=o["seq_len"],
-            grad_accum=o["grad_accum"],
-            checkpointing=o["checkpointing"], attention=o["attn"], zero_stage=stage, num_gpus=o["gpus"], lora_rank=o["lora_rank"],
+            **fields, zero_stage=stage, lora_rank=o["lora_rank"],
             lora_targets=tuple(t.strip() for t in o["lora_targets"].split(",") if t.strip()) if o["lora_targets"] else None,
             qlora=o["qlora"], freeze=freeze,
         )
@@ -196,8 +226,13 @@ def _estimate(**options) -> int:
         if o["grad_accum"] > 1:
             raise UsageError("--verify measures a single micro-batch step: drop --grad-accum (its effect, gradients "
                              "alive during later forwards, is in the estimate)")
-    model = api.model_input(o["model"], num_params)
     reports = [api.run(model, spec, gpu_target, defaults_used, o["max_batch"], o["max_seq_len"]) for spec in specs]
+    if ds_notes:
+        reports = [dataclasses.replace(r, notes=[*ds_notes, *r.notes]) for r in reports]
+    if o["emit"] is not None:
+        return _emit(o["emit"], model, specs[0], reports[0])
+    if o["compare_with"] is not None:
+        return _compare_with(o["compare_with"], model, reports[0], o["json_output"], unit)
     if o["verify"] is not None:
         if model.config is None or not model.architecture_known:
             raise UsageError("--verify builds the real model: give a model name or config.json (not --params)")
@@ -233,6 +268,97 @@ DEFAULTS_SHOWN = {
     "zero": "--zero 0",
     "units": "--units gib",
 }
+
+
+def _apply_deepspeed_config(path: str, model, fields: dict, typed: set[str], o: dict) -> list[str]:
+    """--deepspeed: the config decides stage, offload, buckets, precision and micro-batch; a flag the user typed
+    that contradicts it is an error, not a silent override."""
+    from memcalc.deepspeed import hf_hidden_size, read_deepspeed_config, spec_overrides
+    from memcalc.spec import ZeroBuffers
+
+    settings = read_deepspeed_config(
+        path, hidden_size=hf_hidden_size(model.config.raw) if model.config else None,
+        micro_batch_size=o["batch_size"] if "batch_size" in typed else None,
+        precision=o["precision"].value if "precision" in typed else None,
+        zero_stage=int(o["zero"]) if "zero" in typed and o["zero"].strip().isdigit() else None,
+        offload=o["offload"].value if o["offload"] != Offload.none else None, num_gpus=fields["num_gpus"],
+    )
+    flags = {"zero_stage": "zero", "precision": "precision", "micro_batch_size": "batch_size", "optimizer": "optim"}
+    for key, value in spec_overrides(settings).items():
+        flag = flags.get(key)
+        current = fields.get(key) if key != "zero_stage" else (int(o["zero"]) if o["zero"].strip().isdigit() else None)
+        if flag in typed and current is not None and getattr(current, "value", current) != getattr(value, "value", value):
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(current, 'value', current)} contradicts {path} "
+                             f"({key} {getattr(value, 'value', value)}); drop the flag or edit the config")
+        fields[key] = value
+    fields["offload"] = settings.offload
+    fields["sharding"] = Sharding.deepspeed
+    fields["zero_buffers"] = ZeroBuffers(
+        reduce_bucket_size=settings.reduce_bucket_size, allgather_bucket_size=settings.allgather_bucket_size,
+        stage3_prefetch_bucket_size=settings.stage3_prefetch_bucket_size,
+        stage3_max_live_parameters=settings.stage3_max_live_parameters,
+        stage3_param_persistence_threshold=settings.stage3_param_persistence_threshold,
+        contiguous_gradients=settings.contiguous_gradients, overlap_comm=settings.overlap_comm,
+    )
+    return [f"read {path}: ZeRO stage {settings.zero_stage}, offload {settings.offload}", *settings.notes]
+
+
+def _emit(kind: str, model, spec, report) -> int:
+    """--emit deepspeed: a config for this run, or for the fit solver's first fitting change when it does not fit."""
+    import json
+
+    from memcalc.deepspeed import emit_deepspeed_config, hf_hidden_size
+
+    if kind != "deepspeed":
+        raise UsageError(f"--emit {kind!r}: memcalc writes deepspeed configs (--emit deepspeed)")
+    chosen, why = spec, "this run"
+    if report.fit is not None and not report.fit.fits:
+        for suggestion in report.fit.suggestions:
+            if not suggestion.fits or any(k in suggestion.spec_changes for k in ("lora_rank", "qlora", "precision")):
+                continue  # DeepSpeed configs have no switch for LoRA or pure 16-bit
+            try:
+                chosen, why = spec.replace(**suggestion.spec_changes), f"the fit solver's change: {suggestion.change}"
+                break
+            except MemcalcError:
+                continue
+    config = emit_deepspeed_config(chosen, hf_hidden_size(model.config.raw) if model.config else None)
+    print(f"memcalc: DeepSpeed config for {why}", file=sys.stderr)
+    print(json.dumps(config, indent=2))
+    return EXIT_OK
+
+
+def _compare_with(tool: str, model, report, json_output: bool, unit: str) -> int:
+    """--compare-with deepspeed|accelerate: the other tool's figure beside memcalc's, term by term, with why."""
+    import json
+
+    from memcalc import deepspeed as ds
+    from memcalc.units import format_bytes
+
+    if tool == "deepspeed":
+        spec = report.training
+        rows = ds.compare_with_deepspeed(
+            report, num_nodes=spec.num_nodes, num_gpus_per_node=spec.num_gpus // spec.num_nodes,
+            offload_optimizer=spec.offload in ("optimizer", "both"), offload_params=spec.offload in ("params", "both"),
+            largest_layer_params=ds.deepspeed_param_counts(model.tensors)[1] if model.architecture_known else None,
+        )
+    elif tool == "accelerate":
+        rows = ds.compare_with_accelerate(report, ds.accelerate_counted_params(model.tensors) if model.architecture_known else None)
+    else:
+        raise UsageError(f"--compare-with {tool!r}: use deepspeed or accelerate")
+    if json_output:
+        print(json.dumps({"schema_version": 1, "tool": tool, "rows": [row._asdict() for row in rows]}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"memcalc vs {tool}, per GPU")
+    for column in ("term", "memcalc", tool, "why they differ"):
+        table.add_column(column, justify="right" if column in ("memcalc", tool) else "left")
+    for row in rows:
+        cells = ["-" if v is None else format_bytes(v, unit) for v in (row.memcalc_bytes, row.tool_bytes)]
+        table.add_row(row.term, *cells, row.why)
+    Console(soft_wrap=False, emoji=False, highlight=False).print(table)
+    return EXIT_OK
 
 
 def _verify(config, spec, method: str) -> dict:

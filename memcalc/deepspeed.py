@@ -819,7 +819,7 @@ def emit_deepspeed_config(spec: TrainingSpec, hidden_size: int | None = None, *,
     client (HF Trainer --optim) supplies them. Raises UsageError for recipes DeepSpeed has no switch for.
     """
     if offload is None:
-        offload = str(getattr(spec, "offload", None) or "none")
+        offload = spec.offload.value
     offload = getattr(offload, "value", offload)
     if offload not in _EMIT_OFFLOAD:
         raise UsageError(f"--offload {offload!r} is not one of none, optimizer, params, both")

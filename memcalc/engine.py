@@ -82,51 +82,53 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     tensors = subset.tensors
     notes.extend(_moe_notes(model, tensors))
     has_master = recipe.master_dtype is not None
-    holdings = rank_holdings(tensors, spec.zero_stage, spec.num_gpus, has_master, model.architecture_known)
+    w_bytes, g_bytes = _bytes(recipe.weight_dtype), _bytes(recipe.grad_dtype)
+    holdings = rank_holdings(tensors, spec, has_master, model.architecture_known, w_bytes, g_bytes)
     notes.extend(holdings.notes)
     stage, num_gpus = holdings.effective_stage, spec.num_gpus
-    per_gpu = f" / {num_gpus} GPUs" if stage else ""
+    sharded = " (this GPU's shard)" if stage else ""
+    w_bytes = holdings.weight_bytes_override or w_bytes
+    g_bytes = holdings.grad_bytes_override or g_bytes
+    on_cpu = holdings.optimizer_on_cpu
 
     terms: list[Term] = []
-    w_bytes = _bytes(recipe.weight_dtype)
-    weight_total = subset.weight_bytes(holdings.weight_numel, w_bytes)
+    weight_dtype = "fp32" if holdings.weight_bytes_override == 4 else recipe.weight_dtype.value
     terms.append(Term(
-        name=TERM_WEIGHTS, bytes=weight_total,
-        formula=subset.weight_formula(holdings.weight_numel, w_bytes, recipe.weight_dtype.value, stage == 3, num_gpus),
+        name=TERM_WEIGHTS, bytes=subset.weight_bytes(holdings.weight_numel, w_bytes),
+        formula=subset.weight_formula(holdings.weight_numel, w_bytes, weight_dtype, stage == 3, num_gpus),
         source=f"{ZERO_PAPER}; per-tensor shapes from the inventory" if stage == 3 else "per-tensor shapes from the inventory",
         category="model_states", phases=ALL_PHASES,
         breakdown=subset.weight_breakdown(holdings.weight_numel, w_bytes),
     ))
-    if recipe.master_dtype is not None:
+    if holdings.master_numel:
         m_bytes = _bytes(recipe.master_dtype)
         terms.append(Term(
             name=TERM_MASTER, bytes=holdings.master_numel * m_bytes,
-            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {m_bytes} B ({recipe.master_dtype.value}){per_gpu if stage else ''}",
+            formula=f"{_n(holdings.master_numel)} trainable params{sharded} x {m_bytes} B ({recipe.master_dtype.value})",
             source=f"{ZERO_PAPER}: fp32 master copy of mixed-precision training (Micikevicius et al. 2018)",
-            category="model_states", phases=ALL_PHASES,
+            category="cpu_offload" if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES,
         ))
-    g_bytes = _bytes(recipe.grad_dtype)
     # With gradient accumulation, p.grad persists from the first micro-batch to the optimizer step, so the
     # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
     grad_phases = ALL_PHASES if spec.grad_accum > 1 else AFTER_BACKWARD
     if spec.grad_accum > 1:
         notes.append(f"--grad-accum {spec.grad_accum}: gradients stay alive through the forward and backward of "
                      "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
+    grad_dtype = "fp32" if holdings.grad_bytes_override == 4 else recipe.grad_dtype.value
     terms.append(Term(
         name=TERM_GRADIENTS, bytes=holdings.grad_numel * g_bytes,
-        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {g_bytes} B ({recipe.grad_dtype.value})",
+        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {g_bytes} B ({grad_dtype})",
         source=f"{ZERO_PAPER}" if stage >= 2 else "one gradient per trainable parameter, in the grad dtype (param.grad)",
         category="model_states", phases=grad_phases,
     ))
     opt = spec.optimizer_settings
     opt_param_dtype = recipe.optimizer_param_dtype
     states = state_bytes_by_kind(holdings.optimizer_shapes, opt, recipe.state_dtype)
-    states_total = sum(states.values())
     terms.append(Term(
-        name=TERM_OPTIMIZER_STATES, bytes=states_total,
+        name=TERM_OPTIMIZER_STATES, bytes=sum(states.values()),
         formula=" + ".join(f"{kind} {_n(b)} B" for kind, b in states.items()) or "no state",
-        source=_optimizer_source(opt.name.value) + (f"; ZeRO-{stage} flat partition per GPU" if stage else ""),
-        category="model_states", phases=ALL_PHASES, breakdown=states,
+        source=_optimizer_source(opt.name.value) + (f"; {holdings.engine} partition of this GPU" if stage else ""),
+        category="cpu_offload" if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES, breakdown=states,
     ))
     # -- working memory of forward and backward ---------------------------------------------------------
     if recipe.autocast:
@@ -139,34 +141,31 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                    "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
             category="temporaries", phases=FWD_BWD,
         ))
-    if holdings.gathered_unit_numel:
+    terms.extend(holdings.buffers)
+    if holdings.weights_on_cpu_numel:
         terms.append(Term(
-            name=TERM_ZERO3_GATHERED, bytes=holdings.gathered_unit_numel * w_bytes,
-            formula=f"largest gathered unit ({holdings.gathered_unit_name}): {_n(holdings.gathered_unit_numel)} params x {w_bytes} B",
-            source="DeepSpeed ZeRO-3 all-gathers a module's parameters before it runs (first approximation: "
-                   "one unit; prefetch and bucket sizes are not yet modelled)",
-            category="temporaries", phases=FWD_BWD,
-        ))
-        terms.append(Term(
-            name=TERM_ZERO3_GATHERED_GRADS, bytes=holdings.gathered_unit_numel * g_bytes,
-            formula=f"full gradients of {holdings.gathered_unit_name} before reduce-scatter: {_n(holdings.gathered_unit_numel)} x {g_bytes} B",
-            source="DeepSpeed ZeRO-3 reduce-scatters a module's gradients after its backward (first approximation)",
-            category="temporaries", phases=[Phase.backward],
+            name="offloaded_params", bytes=holdings.weights_on_cpu_numel * w_bytes,
+            formula=f"{_n(holdings.weights_on_cpu_numel)} params (this GPU's shard) x {w_bytes} B in CPU RAM",
+            source="DeepSpeed ZeRO-3 offload_param: 16-bit parameter partitions live in (pinned) CPU memory",
+            category="cpu_offload", phases=[],
         ))
     act = activations.estimate(model, spec, recipe)
     notes.extend(act.notes)
     terms.extend(act.terms)
     # -- optimizer step ------------------------------------------------------------------------------------
-    if recipe.master_dtype is not None and recipe.grad_dtype != recipe.master_dtype:
+    if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:
         copy = holdings.master_numel * _bytes(recipe.master_dtype)
         terms.append(Term(
             name=TERM_MASTER_GRAD_COPY, bytes=copy,
             formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {_bytes(recipe.master_dtype)} B",
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
-                   "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after",
-            category="temporaries", phases=[Phase.optimizer_step],
+                   "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
+                   + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
+            category="cpu_offload" if on_cpu else "temporaries", phases=[] if on_cpu else [Phase.optimizer_step],
         ))
     temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype)
+    if on_cpu:
+        temp, rule = 0, "the step runs on the CPU (DeepSpeedCPUAdam): no GPU temporaries"
     terms.append(Term(
         name=TERM_OPTIMIZER_TEMPORARIES, bytes=temp, formula=rule,
         source="torch/optim/adam.py (_multi_tensor_adam, _single_tensor_adam); transformers Adafactor.step",
@@ -183,7 +182,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             if act.last_layer_bytes else 0)
     phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late)
     peak = max(phases, key=lambda p: p.bytes)
-    model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS)
+    model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and t.category != "cpu_offload")
+    cpu_bytes = sum(t.bytes for t in terms if t.category == "cpu_offload")
     summary = ModelSummary(
         name=model.name, source=model.source, model_type=model.model_type,
         architecture_known=model.architecture_known,
@@ -195,9 +195,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         training=_training_summary(spec, recipe, opt, defaults_used),
         per_gpu=PerGpu(
             terms=terms, model_states_bytes=model_states, peak_bytes=peak.bytes, peak_phase=peak.phase,
-            phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases),
+            phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases), cpu_offload_bytes=cpu_bytes,
         ),
-        totals=Totals(num_gpus=num_gpus, model_states_bytes=model_states * num_gpus,
+        totals=Totals(num_gpus=num_gpus, num_nodes=spec.num_nodes, cpu_offload_bytes_per_node=cpu_bytes * spec.gpus_per_node,
+                      model_states_bytes=model_states * num_gpus,
                       peak_bytes_sum=peak.bytes * num_gpus),
         notes=notes,
     )
@@ -226,9 +227,9 @@ def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
 def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int,
                   recompute_bytes: int, late_backward_extra_bytes: int = 0) -> list[PhaseTotal]:
     by_name = {t.name: t for t in terms}
-    states = by_name[TERM_OPTIMIZER_STATES].bytes
+    states = by_name[TERM_OPTIMIZER_STATES].bytes if by_name[TERM_OPTIMIZER_STATES].phases else 0
 
-    def live(phase: Phase, exclude: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+    def live(phase: Phase, exclude: tuple[str, ...] = ()) -> tuple[int, list[str]]:  # GPU terms only
         names = [t.name for t in terms if phase in t.phases and t.name not in exclude]
         return sum(by_name[n].bytes for n in names), names
 
@@ -240,8 +241,8 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     start = saved + max(backward_start_extra_bytes, recompute_bytes)
     end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
     end, end_names = live(Phase.backward, exclude=end_exclude)
-    # The full-layer ZeRO-3 gradients exist during backward, not at its end after the last reduce-scatter.
-    end -= by_name[TERM_ZERO3_GATHERED_GRADS].bytes if TERM_ZERO3_GATHERED_GRADS in by_name else 0
+    # A unit's unsharded gradients exist during backward, not at its end after the last reduce-scatter.
+    end -= sum(by_name[n].bytes for n in ("zero3_unit_grads", "fsdp_reduce_scatter") if n in by_name)
     accumulating = Phase.forward in by_name[TERM_GRADIENTS].phases  # --grad-accum > 1: grads live throughout
     start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS or accumulating]
     # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.
@@ -280,7 +281,8 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         optimizer=opt.name.value, optimizer_description=opt.describe(), optim_impl=opt.impl.value,
         micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, grad_accum=spec.grad_accum, checkpointing=spec.checkpointing.value,
         attention=spec.attention.value,
-        zero_stage=spec.zero_stage, num_gpus=spec.num_gpus,
+        zero_stage=spec.zero_stage, num_gpus=spec.num_gpus, num_nodes=spec.num_nodes,
+        sharding=spec.sharding.value, offload=spec.offload.value,
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
     )

@@ -69,11 +69,16 @@ def _candidate_changes(spec: TrainingSpec, architecture_known: bool) -> list[tup
     return changes
 
 
+def _plain(changes: dict) -> dict:
+    """JSON-ready spec changes (enums as their values)."""
+    return {key: getattr(value, "value", value) for key, value in changes.items()}
+
+
 def _greedy_combination(
     spec: TrainingSpec, architecture_known: bool, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
 ) -> FitSuggestion | None:
     """Stack single-GPU changes in the order above, keeping each one that lowers the peak, until it fits."""
-    current, peak, labels = spec, rerun(spec).per_gpu.peak_bytes, []
+    current, peak, labels, changes = spec, rerun(spec).per_gpu.peak_bytes, [], {}
     for label, update in _candidate_changes(spec, architecture_known):
         if "num_gpus" in update or "lora_rank" in update or "zero_stage" in update:
             continue
@@ -82,9 +87,9 @@ def _greedy_combination(
         changed = current.replace(**update)
         changed_peak = rerun(changed).per_gpu.peak_bytes
         if changed_peak < peak:
-            current, peak, labels = changed, changed_peak, [*labels, label]
+            current, peak, labels, changes = changed, changed_peak, [*labels, label], {**changes, **update}
             if peak <= gpu.usable_bytes:
-                return FitSuggestion(change=" ".join(labels), peak_bytes=peak, fits=True)
+                return FitSuggestion(change=" ".join(labels), peak_bytes=peak, fits=True, spec_changes=_plain(changes))
     return None
 
 
@@ -140,7 +145,7 @@ def check_fit(
                 if not ok:
                     continue
                 tried_more_gpus = True  # report only the smallest GPU count that fits
-            suggestions.append(FitSuggestion(change=label, peak_bytes=changed_peak, fits=ok))
+            suggestions.append(FitSuggestion(change=label, peak_bytes=changed_peak, fits=ok, spec_changes=_plain(update)))
         if not any(s.fits for s in suggestions if "--lora" not in s.change and "--gpus" not in s.change):
             combined = _greedy_combination(spec, report.model.architecture_known, gpu, rerun)
             if combined is not None:

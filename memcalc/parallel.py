@@ -1,11 +1,14 @@
-"""Data parallelism with ZeRO stages 1-3: which part of each model state one GPU holds.
+"""Data parallelism: which part of each model state one GPU holds, and the working buffers each engine adds.
 
-Reference: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models"
-(SC'20), Figure 1 — per device, for Psi parameters, K bytes of optimizer state per parameter and N devices:
-stage 0: (2 + 2 + K) Psi; stage 1: 2Psi + 2Psi + K Psi / N; stage 2: 2Psi + (2 + K) Psi / N;
-stage 3: (2 + 2 + K) Psi / N (seed 001 restates these). Partition sizes follow DeepSpeed (below).
-This module is a first approximation of the engines' working buffers (buckets, prefetch): the
-gathered-layer working set of stage 3 is named, the bucket sizes are not yet (a later issue).
+Reference for the model states: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models" (SC'20), Figure 1 — per device, for Psi parameters, K bytes of optimizer state per
+parameter and N devices: stage 0: (2 + 2 + K) Psi; stage 1: 2Psi + 2Psi + K Psi / N; stage 2:
+2Psi + (2 + K) Psi / N; stage 3: (2 + 2 + K) Psi / N (seed 001 restates these).
+Engines (--sharding):
+  deepspeed  partition sizes, buffers and offload as deepspeed 0.19.8 runs them (sources cited inline)
+  torch      DistributedDataParallel (stage 0) and ZeroRedundancyOptimizer (stage 1: whole parameters)
+  fsdp       PyTorch FSDP2 fully_shard per decoder layer and on the root (stage 3: reshard after forward;
+             stage 2: keep parameters unsharded from forward to backward)
 """
 
 from __future__ import annotations
@@ -15,25 +18,41 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memcalc.model import ParamTensor
+from memcalc.report import Phase, Term
+from memcalc.spec import Offload, Sharding, TrainingSpec
 
 # deepspeed/runtime/zero/stage_1_and_2.py: each param group is flattened with
 # flatten_dense_tensors_aligned(..., self.nccl_start_alignment_factor * dp_size), where
 # nccl_start_alignment_factor = 2 (4-byte alignment of 16-bit elements), then split into dp_size equal parts.
 ZERO12_ALIGNMENT_FACTOR = 2
+FP32_BYTES = 4
+BACKWARD = [Phase.backward]
+FWD_BWD = [Phase.forward, Phase.backward]
+ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
+DS = "deepspeed 0.19.8"
+# deepspeed/runtime/zero/config.py: sub_group_size = 1e9 elements (ZeRO-3 steps the optimizer per sub-group).
+DS_SUB_GROUP_SIZE = 1_000_000_000
+# torch/nn/parallel/distributed.py: DistributedDataParallel(bucket_cap_mb=25); the first bucket is 1 MiB.
+DDP_BUCKET_CAP_BYTES = 25 * 2**20
 
 
 @dataclass(frozen=True)
 class RankHoldings:
-    """Element counts one GPU holds for each model state, and the tensors its optimizer updates."""
+    """What one GPU holds for each model state (element counts), and the engine's working buffers."""
 
-    weight_numel: int  # parameters in the weight dtype (all of them, or this rank's shard)
-    grad_numel: int  # gradients of trainable parameters (all, or this rank's partition)
+    weight_numel: int  # parameters in the recipe's weight dtype on the GPU (all, or this rank's shard)
+    grad_numel: int  # gradients of trainable parameters on the GPU (all, or this rank's partition)
     master_numel: int  # fp32 master copy of trainable parameters (when the recipe has one)
     optimizer_shapes: tuple[tuple[int, ...], ...]  # what the optimizer steps over on this rank
-    gathered_unit_numel: int  # ZeRO-3: parameters of the largest unit gathered at once (else 0)
-    gathered_unit_name: str  # which unit that is
     effective_stage: int
+    grad_bytes_override: int | None = None  # e.g. DeepSpeed ZeRO-3 keeps its gradient partition in fp32
+    weight_bytes_override: int | None = None  # e.g. FSDP2 with a MixedPrecisionPolicy keeps fp32 shards
+    fp32_grad_copy: bool = True  # the step casts 16-bit gradients to the master dtype (when there is one)
+    optimizer_on_cpu: bool = False  # ZeRO-Offload: master, states and the step live in CPU RAM
+    weights_on_cpu_numel: int = 0  # ZeRO-3 parameter offload: this rank's 16-bit shard in CPU RAM
+    buffers: tuple[Term, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    engine: str = "none"
 
 
 def zero12_partition_numel(num_elements: int, num_gpus: int) -> int:
@@ -52,6 +71,16 @@ def zero3_shard_numel(numel: int, num_gpus: int) -> int:
     return math.ceil(numel / num_gpus)
 
 
+def fsdp2_shard_numel(shape: tuple[int, ...], num_gpus: int) -> int:
+    """Elements per rank of one parameter under FSDP2: dim 0 split in ceil(dim0 / N) rows, padded
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py shards with torch.chunk on dim 0 and pads each
+    rank's chunk to the same size)."""
+    if not shape:
+        return 1
+    rows = math.ceil(shape[0] / num_gpus)
+    return rows * math.prod(shape[1:])
+
+
 def _units(tensors: Sequence[ParamTensor]) -> dict[str, int]:
     """ZeRO-3 gathers per module as it runs: a transformer block at a time, or a top-level tensor on its own."""
     units: dict[str, int] = {}
@@ -61,60 +90,213 @@ def _units(tensors: Sequence[ParamTensor]) -> dict[str, int]:
     return units
 
 
-def rank_holdings(
-    tensors: Sequence[ParamTensor], zero_stage: int, num_gpus: int, has_master: bool, architecture_known: bool
-) -> RankHoldings:
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
+                  weight_bytes: int, grad_bytes: int) -> RankHoldings:
+    num_gpus = spec.num_gpus
+    if spec.zero_stage > 0 and num_gpus == 1:
+        plain = _replicated(tensors, has_master)
+        note = f"ZeRO stage {spec.zero_stage} on 1 GPU partitions nothing: the figures equal stage 0"
+        return RankHoldings(**{**plain.__dict__, "notes": (note,)})
+    if num_gpus == 1:
+        return _replicated(tensors, has_master)
+    if spec.sharding == Sharding.fsdp:
+        return _fsdp2(tensors, spec, has_master, weight_bytes)
+    if spec.sharding == Sharding.torch:
+        return _torch_ddp(tensors, spec, has_master, grad_bytes)
+    return _deepspeed(tensors, spec, has_master, architecture_known, weight_bytes, grad_bytes)
+
+
+def _replicated(tensors: Sequence[ParamTensor], has_master: bool) -> RankHoldings:
+    trainable = [t for t in tensors if t.trainable]
+    num_trainable = sum(t.numel for t in trainable)
+    return RankHoldings(
+        weight_numel=sum(t.numel for t in tensors), grad_numel=num_trainable,
+        master_numel=num_trainable if has_master else 0, optimizer_shapes=tuple(t.shape for t in trainable),
+        effective_stage=0,
+    )
+
+
+def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
+               weight_bytes: int, grad_bytes: int) -> RankHoldings:
+    stage, num_gpus, buffers_cfg = spec.zero_stage, spec.num_gpus, spec.zero_buffers
     trainable = [t for t in tensors if t.trainable]
     num_all = sum(t.numel for t in tensors)
     num_trainable = sum(t.numel for t in trainable)
     notes: list[str] = []
-    stage = zero_stage
-    if zero_stage > 0 and num_gpus == 1:
-        notes.append(f"ZeRO stage {zero_stage} on 1 GPU partitions nothing: the figures equal stage 0")
-        stage = 0
-
+    offload_optimizer = spec.offload in (Offload.optimizer, Offload.both)
+    offload_params = spec.offload in (Offload.params, Offload.both)
+    overlap = buffers_cfg.overlap_comm if buffers_cfg.overlap_comm is not None else stage == 3
+    buffers: list[Term] = []
     if stage == 0:
-        return RankHoldings(
-            weight_numel=num_all,
-            grad_numel=num_trainable,
-            master_numel=num_trainable if has_master else 0,
-            optimizer_shapes=tuple(t.shape for t in trainable),
-            gathered_unit_numel=0,
-            gathered_unit_name="",
-            effective_stage=0,
-            notes=tuple(notes),
-        )
+        base = _replicated(tensors, has_master)
+        notes.append("ZeRO stage 0 with several GPUs is plain data parallelism: every GPU holds everything")
+        return RankHoldings(**{**base.__dict__, "notes": tuple(notes), "engine": "deepspeed"})
     if stage in (1, 2):
-        # One flat group assumed (HF Trainer's separate no-decay group for norms/biases adds < 1 alignment pad).
         part = zero12_partition_numel(num_trainable, num_gpus)
+        if buffers_cfg.contiguous_gradients:
+            # stage_1_and_2.py setup_buckets(): torch.empty(reduce_bucket_size, dtype=model dtype) per
+            # micro-step, doubled when overlap_comm; released after the step (_release_ipg_buffers).
+            count = 2 if overlap else 1
+            size = count * buffers_cfg.reduce_bucket_size * weight_bytes
+            buffers.append(Term(
+                name="zero_reduce_bucket", bytes=size,
+                formula=f"{count} x reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {weight_bytes} B",
+                source=f"{DS} stage_1_and_2.py setup_buckets (contiguous_gradients, overlap_comm={overlap})",
+                category="temporaries", phases=BACKWARD,
+            ))
         return RankHoldings(
-            weight_numel=num_all,
-            grad_numel=part if stage == 2 else num_trainable,
-            master_numel=part if has_master else 0,
-            optimizer_shapes=((part,),) if num_trainable else (),
-            gathered_unit_numel=0,
-            gathered_unit_name="",
-            effective_stage=stage,
-            notes=tuple(notes),
+            weight_numel=num_all, grad_numel=part if stage == 2 else num_trainable,
+            master_numel=part if has_master else 0, optimizer_shapes=((part,),) if num_trainable else (),
+            effective_stage=stage, optimizer_on_cpu=offload_optimizer, buffers=tuple(buffers),
+            notes=tuple(notes), engine="deepspeed",
         )
-    # Stage 3: every tensor sharded on its own; the optimizer steps over this rank's flat fp32 partition.
-    shard_all = sum(zero3_shard_numel(t.numel, num_gpus) for t in tensors)
+    # Stage 3: every tensor partitioned on its own, except those at or below
+    # stage3_param_persistence_threshold elements, which stay whole on every rank (partition_parameters.py).
+    threshold = buffers_cfg.stage3_param_persistence_threshold
+    persistent = [t for t in tensors if t.numel <= threshold]
+    shard_all = sum(t.numel if t.numel <= threshold else zero3_shard_numel(t.numel, num_gpus) for t in tensors)
     shard_trainable = sum(zero3_shard_numel(t.numel, num_gpus) for t in trainable)
+    if persistent:
+        notes.append(f"ZeRO-3 keeps {len(persistent)} tensors of <= {_n(threshold)} elements "
+                     f"(stage3_param_persistence_threshold) whole on every GPU")
     units = _units(tensors)
-    unit_name, unit_numel = max(units.items(), key=lambda item: item[1]) if units else ("", 0)
-    if not architecture_known:
-        notes.append(
-            "ZeRO-3 gathers one layer at a time; without an architecture (--params) the largest layer is "
-            "unknown, so the gathered working set is not counted"
-        )
-        unit_name, unit_numel = "", 0
+    if architecture_known and units:
+        unit_name, unit_numel = max(units.items(), key=lambda item: item[1])
+        # Gathered while it runs: the module (bounded by stage3_max_live_parameters) plus the prefetch
+        # bucket (stage3_prefetch_bucket_size) for the next modules (stage3.py / parameter_offload.py).
+        live = min(unit_numel, buffers_cfg.stage3_max_live_parameters)
+        prefetch = min(buffers_cfg.stage3_prefetch_bucket_size, max(0, num_all - live))
+        buffers.append(Term(
+            name="zero3_gathered_params", bytes=(live + prefetch) * weight_bytes,
+            formula=f"largest module ({unit_name}) {_n(live)} + prefetch bucket {_n(prefetch)} params x {weight_bytes} B",
+            source=f"{DS} ZeRO-3 all-gathers a module's parameters before it runs and prefetches up to "
+                   "stage3_prefetch_bucket_size elements of the next ones",
+            category="temporaries", phases=FWD_BWD,
+        ))
+        buffers.append(Term(
+            name="zero3_unit_grads", bytes=unit_numel * grad_bytes,
+            formula=f"full gradients of {unit_name} before reduce-scatter: {_n(unit_numel)} x {grad_bytes} B",
+            source=f"{DS} stage3.py reduces a module's gradients after its backward",
+            category="temporaries", phases=BACKWARD,
+        ))
+    else:
+        notes.append("ZeRO-3 gathers one layer at a time; without an architecture (--params) the largest layer is "
+                     "unknown, so the gathered working set is not counted")
+    if buffers_cfg.contiguous_gradients:
+        # stage3.py __init__: bucket.buffer = torch.empty(reduce_bucket_size, dtype=...) for the whole run.
+        buffers.append(Term(
+            name="zero_reduce_bucket", bytes=buffers_cfg.reduce_bucket_size * weight_bytes,
+            formula=f"reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {weight_bytes} B",
+            source=f"{DS} stage3.py: ipg bucket buffer allocated at initialisation (contiguous_gradients)",
+            category="temporaries", phases=ALL_PHASES,
+        ))
+    if has_master and not offload_optimizer:
+        # stage3.py: gradients are reduce-scattered into grad_partitions_flat_buffer (grad_accum_dtype, by
+        # default the model's 16-bit dtype: the gradients term), and initialize_optimizer_states allocates
+        # gradient_buffer = torch.zeros(largest sub-group, fp32) as the fp32 master's .grad for the whole run.
+        fp32_grads = min(shard_trainable, DS_SUB_GROUP_SIZE)
+        buffers.append(Term(
+            name="zero3_fp32_grad_buffer", bytes=fp32_grads * FP32_BYTES,
+            formula=f"largest sub-group {_n(fp32_grads)} elements x 4 B (fp32)",
+            source=f"{DS} stage3.py initialize_optimizer_states: gradient_buffer, kept for the whole run",
+            category="temporaries", phases=ALL_PHASES,
+        ))
     return RankHoldings(
-        weight_numel=shard_all,
-        grad_numel=shard_trainable,
+        weight_numel=0 if offload_params else shard_all, grad_numel=shard_trainable,
         master_numel=shard_trainable if has_master else 0,
-        optimizer_shapes=((shard_trainable,),) if shard_trainable else (),
-        gathered_unit_numel=unit_numel,
-        gathered_unit_name=unit_name,
-        effective_stage=3,
-        notes=tuple(notes),
+        optimizer_shapes=((shard_trainable,),) if shard_trainable else (), effective_stage=3,
+        fp32_grad_copy=offload_optimizer,
+        optimizer_on_cpu=offload_optimizer, weights_on_cpu_numel=shard_all if offload_params else 0,
+        buffers=tuple(buffers), notes=tuple(notes), engine="deepspeed",
+    )
+
+
+def zero_redundancy_partition(tensors: Sequence[ParamTensor], num_gpus: int) -> list[list[ParamTensor]]:
+    """torch.distributed.optim.ZeroRedundancyOptimizer._partition_parameters: parameters sorted by size,
+    largest first, each to the rank with the fewest elements so far (whole parameters, not elements)."""
+    ranks: list[list[ParamTensor]] = [[] for _ in range(num_gpus)]
+    sizes = [0] * num_gpus
+    for tensor in sorted((t for t in tensors if t.trainable), key=lambda t: t.numel, reverse=True):
+        rank = min(range(num_gpus), key=lambda r: sizes[r])
+        ranks[rank].append(tensor)
+        sizes[rank] += tensor.numel
+    return ranks
+
+
+def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, grad_bytes: int) -> RankHoldings:
+    base = _replicated(tensors, has_master)
+    # DistributedDataParallel copies gradients into flat communication buckets (gradient_as_bucket_view
+    # defaults to False), so the buckets hold a second copy of every gradient from backward on.
+    buckets = Term(
+        name="ddp_buckets", bytes=base.grad_numel * grad_bytes,
+        formula=f"{_n(base.grad_numel)} gradients x {grad_bytes} B in {DDP_BUCKET_CAP_BYTES // 2**20} MiB buckets",
+        source="torch/nn/parallel/distributed.py: Reducer buckets (gradient_as_bucket_view=False by default)",
+        category="temporaries", phases=[Phase.backward, Phase.optimizer_step],
+    )
+    if spec.zero_stage == 0:
+        return RankHoldings(**{**base.__dict__, "buffers": (buckets,), "engine": "torch-ddp"})
+    partition = zero_redundancy_partition(tensors, spec.num_gpus)
+    loads = [sum(t.numel for t in rank) for rank in partition]
+    busiest = max(range(spec.num_gpus), key=lambda r: loads[r])
+    mine = partition[busiest]
+    note = (f"ZeroRedundancyOptimizer shards whole parameters: rank loads {min(loads):,} to {max(loads):,} "
+            f"elements; shown: the most loaded rank ({busiest})")
+    return RankHoldings(
+        weight_numel=base.weight_numel, grad_numel=base.grad_numel,
+        master_numel=sum(t.numel for t in mine) if has_master else 0,
+        optimizer_shapes=tuple(t.shape for t in mine), effective_stage=1,
+        buffers=(buckets,), notes=(note,), engine="torch-zero1",
+    )
+
+
+def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, weight_bytes: int) -> RankHoldings:
+    num_gpus = spec.num_gpus
+    reshard = spec.zero_stage == 3
+    trainable = [t for t in tensors if t.trainable]
+    shard_all = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in tensors)
+    shard_trainable = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in trainable)
+    units = _units(tensors)
+    layer_units = {k: v for k, v in units.items() if k.startswith("layer ")}
+    root_numel = sum(v for k, v in units.items() if not k.startswith("layer "))
+    largest_layer = max(layer_units.values(), default=0)
+    # With a MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32) the sharded parameters are the
+    # fp32 master: FSDP2 keeps them fp32, all-gathers 16-bit copies per unit, reduce-scatters fp32 grads.
+    mixed = has_master
+    gathered_bytes = weight_bytes
+    buffers: list[Term] = []
+    if reshard:
+        unsharded = root_numel + largest_layer  # the root is not resharded after forward (FSDP2 heuristic)
+        what = f"root (embeddings, final norm, head) {_n(root_numel)} + one layer {_n(largest_layer)}"
+    else:
+        unsharded = sum(units.values())
+        what = f"every unit stays unsharded from forward to backward: {_n(unsharded)}"
+    buffers.append(Term(
+        name="fsdp_unsharded_params", bytes=unsharded * gathered_bytes,
+        formula=f"{what} params x {gathered_bytes} B",
+        source="torch FSDP2 fully_shard: all-gather output per unit; reshard_after_forward="
+               f"{reshard} (the root module keeps its parameters through backward)",
+        category="temporaries", phases=FWD_BWD,
+    ))
+    reduce_bytes = FP32_BYTES if mixed else weight_bytes
+    buffers.append(Term(
+        name="fsdp_reduce_scatter", bytes=largest_layer * reduce_bytes,
+        formula=f"unsharded gradients of the largest unit {_n(largest_layer)} x {reduce_bytes} B (reduce dtype)",
+        source="torch FSDP2: a unit's unsharded gradients, cast to reduce_dtype, are the reduce-scatter input",
+        category="temporaries", phases=BACKWARD,
+    ))
+    notes = [f"FSDP2 {'reshards after forward (ZeRO-3-like)' if reshard else 'keeps parameters unsharded until backward (ZeRO-2-like)'}"]
+    if mixed:
+        notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
+                     "MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the weights are fp32 shards "
+                     "(they are the master copy), gradients are reduced in fp32")
+    return RankHoldings(
+        weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
+        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
+        effective_stage=spec.zero_stage, grad_bytes_override=FP32_BYTES if mixed else None,
+        weight_bytes_override=FP32_BYTES if mixed else None, fp32_grad_copy=False,
+        buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2",
     )

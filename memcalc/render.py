@@ -27,7 +27,10 @@ def _describe_run(report: Report) -> list[str]:
         f"optimizer [bold]{t.optimizer}[/bold]: {t.optimizer_description}",
         f"run: micro-batch {t.micro_batch_size} x seq {t.seq_len}"
         f"{f' x {t.grad_accum} accumulated' if t.grad_accum > 1 else ''}, attention {t.attention}, checkpointing {t.checkpointing}, "
-        f"{t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}, ZeRO stage {t.zero_stage}",
+        f"{t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}"
+        f"{f' on {t.num_nodes} nodes' if t.num_nodes > 1 else ''}, "
+        f"{'ZeRO stage ' + str(t.zero_stage) if t.sharding == 'deepspeed' else t.sharding + ' stage ' + str(t.zero_stage)}"
+        f"{', offload ' + t.offload if t.offload != 'none' else ''}",
     ]
     if t.defaults_used:
         lines.append(f"defaults used: {', '.join(t.defaults_used)}")
@@ -45,16 +48,22 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
     table.add_column(label, justify="right")
     table.add_column("share", justify="right")
     table.add_column("alive in")
-    terms_sum = sum(t.bytes for t in report.per_gpu.terms) or 1
-    for term in report.per_gpu.terms:
+    gpu_terms = [t for t in report.per_gpu.terms if t.category != "cpu_offload"]
+    cpu_terms = [t for t in report.per_gpu.terms if t.category == "cpu_offload"]
+    terms_sum = sum(t.bytes for t in gpu_terms) or 1
+    for term in gpu_terms:
         table.add_row(
             term.name, format_bytes(term.bytes, unit).rsplit(" ", 1)[0], f"{100 * term.bytes / terms_sum:.1f}%",
             ", ".join(PHASE_LABELS[p] for p in term.phases),
         )
         for part, num_bytes in term.breakdown.items():
             table.add_row(f"  {part}", format_bytes(num_bytes, unit).rsplit(" ", 1)[0], "", "", style="dim")
+    if cpu_terms:
+        table.add_section()
+        for term in cpu_terms:
+            table.add_row(f"{term.name} (CPU RAM)", format_bytes(term.bytes, unit).rsplit(" ", 1)[0], "", "offloaded", style="dim")
     table.add_section()
-    table.add_row("model states", format_bytes(report.per_gpu.model_states_bytes, unit).rsplit(" ", 1)[0], "", "")
+    table.add_row("model states on the GPU", format_bytes(report.per_gpu.model_states_bytes, unit).rsplit(" ", 1)[0], "", "")
     for phase in report.per_gpu.phases:
         marker = " <- peak" if phase.phase == report.per_gpu.peak_phase else ""
         table.add_row(f"{PHASE_LABELS[phase.phase]}{marker}", format_bytes(phase.bytes, unit).rsplit(" ", 1)[0], "", "",
@@ -66,6 +75,13 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
         f"{format_bytes(report.per_gpu.first_step_peak_bytes, unit)}). The sum of all terms is not the peak.",
         highlight=False,
     )
+    if report.per_gpu.cpu_offload_bytes:
+        t = report.training
+        console.print(
+            f"offload: {format_bytes(report.per_gpu.cpu_offload_bytes, unit)} of CPU RAM per GPU process, "
+            f"{format_bytes(report.totals.cpu_offload_bytes_per_node, unit)} per node ({t.num_gpus // t.num_nodes} GPUs "
+            f"per node; pinned memory, plus the framework's own)", highlight=False,
+        )
     if totals or report.training.num_gpus > 1:
         console.print(
             f"across {report.totals.num_gpus} GPUs: model states {format_bytes(report.totals.model_states_bytes, unit)}, "

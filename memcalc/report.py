@@ -46,7 +46,7 @@ class Term:
     bytes: int
     formula: str  # with the numbers substituted
     source: str  # paper, seed or implementation it follows
-    category: str  # model_states | temporaries | activations
+    category: str  # model_states | temporaries | activations | cpu_offload (in CPU RAM, not on the GPU)
     phases: list[Phase]  # phases of the step in which it is alive
     breakdown: dict[str, int] = field(default_factory=dict)  # e.g. exp_avg / exp_avg_sq for optimizer_states
 
@@ -90,6 +90,9 @@ class TrainingSummary:
     attention: str
     zero_stage: int
     num_gpus: int
+    num_nodes: int
+    sharding: str
+    offload: str
     lora_rank: int | None = None
     lora_targets: list[str] | None = None
     qlora: bool = False
@@ -105,6 +108,7 @@ class PerGpu:
     peak_phase: Phase
     phases: list[PhaseTotal]
     first_step_peak_bytes: int
+    cpu_offload_bytes: int = 0  # CPU RAM this GPU's process uses for offloaded states (ZeRO-Offload)
 
 
 @dataclass
@@ -114,6 +118,8 @@ class Totals:
     num_gpus: int
     model_states_bytes: int
     peak_bytes_sum: int
+    num_nodes: int = 1
+    cpu_offload_bytes_per_node: int = 0
 
 
 @dataclass
@@ -121,6 +127,7 @@ class FitSuggestion:
     change: str  # a command-line change, e.g. "--zero 3"
     peak_bytes: int
     fits: bool
+    spec_changes: dict[str, Any] = field(default_factory=dict)  # the same change as TrainingSpec fields
 
 
 @dataclass

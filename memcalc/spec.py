@@ -27,6 +27,35 @@ class Attention(str, Enum):
     flash = "flash"
 
 
+class Sharding(str, Enum):
+    """Which engine shards model states across GPUs (--zero picks the stage)."""
+
+    deepspeed = "deepspeed"  # DeepSpeed ZeRO 0-3
+    fsdp = "fsdp"  # PyTorch FSDP2 fully_shard: --zero 3 reshards after forward, --zero 2 does not
+    torch = "torch"  # PyTorch DDP (--zero 0) and ZeroRedundancyOptimizer (--zero 1)
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"  # ZeRO-Offload: fp32 master, optimizer states and step on the CPU
+    params = "params"  # ZeRO-3: 16-bit parameter shards on the CPU
+    both = "both"
+
+
+@dataclass(frozen=True)
+class ZeroBuffers:
+    """DeepSpeed's buffer settings, in elements, with DeepSpeed's defaults (deepspeed/runtime/zero/config.py,
+    checked against deepspeed 0.19.8 by memcalc/deepspeed.py)."""
+
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    contiguous_gradients: bool = True
+    overlap_comm: bool | None = None  # None: DeepSpeed's default, True at stage 3 only
+
+
 class Checkpointing(str, Enum):
     none = "none"
     full = "full"
@@ -51,6 +80,10 @@ class TrainingSpec:
     attention: Attention = Attention.sdpa
     zero_stage: int = 0
     num_gpus: int = 1
+    num_nodes: int = 1
+    sharding: Sharding = Sharding.deepspeed
+    offload: Offload = Offload.none
+    zero_buffers: ZeroBuffers = ZeroBuffers()
     # Trainable subsets (memcalc.trainable): LoRA adapters, QLoRA 4-bit base, frozen parts.
     lora_rank: int | None = None
     lora_targets: tuple[str, ...] | None = None
@@ -59,7 +92,8 @@ class TrainingSpec:
 
     def __post_init__(self) -> None:
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
-                           ("checkpointing", Checkpointing), ("attention", Attention)):
+                           ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
+                           ("offload", Offload)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
@@ -80,6 +114,22 @@ class TrainingSpec:
         _check_range("--grad-accum", self.grad_accum, 1, 1_000_000)
         _check_range("--zero", self.zero_stage, 0, 3)
         _check_range("--gpus", self.num_gpus, 1, MAX_GPUS)
+        _check_range("--nodes", self.num_nodes, 1, MAX_GPUS)
+        if self.num_gpus % self.num_nodes:
+            raise UsageError(f"--gpus {self.num_gpus} is not divisible by --nodes {self.num_nodes}: every node runs "
+                             "the same number of GPUs")
+        if self.offload != Offload.none:
+            if self.sharding != Sharding.deepspeed:
+                raise UsageError("--offload models DeepSpeed ZeRO-Offload: use it with --sharding deepspeed")
+            if self.zero_stage == 0:
+                raise UsageError("--offload needs ZeRO: add --zero 1, 2 or 3 (parameter offload needs --zero 3)")
+            if self.offload in (Offload.params, Offload.both) and self.zero_stage != 3:
+                raise UsageError("--offload params/both offloads ZeRO-3 parameter shards: use --zero 3")
+        if self.sharding == Sharding.fsdp and self.zero_stage in (0, 1):
+            raise UsageError("--sharding fsdp shards parameters: --zero 3 (reshard after forward) or --zero 2 (keep them)")
+        if self.sharding == Sharding.torch and self.zero_stage > 1:
+            raise UsageError("--sharding torch is DDP (--zero 0) or ZeroRedundancyOptimizer (--zero 1); "
+                             "use --sharding fsdp for stages 2-3")
         if self.lora_rank is not None:
             _check_range("--lora-rank", self.lora_rank, 1, 65536)
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:
@@ -88,6 +138,10 @@ class TrainingSpec:
             raise UsageError("--adafactor-beta1 only applies to --optim adafactor")
         if self.amsgrad and self.optimizer not in (OptimizerName.adam, OptimizerName.adamw):
             raise UsageError("--amsgrad only applies to --optim adam or adamw")
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.num_gpus // self.num_nodes
 
     def replace(self, **changes) -> TrainingSpec:
         return dataclasses.replace(self, **changes)

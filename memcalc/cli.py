@@ -393,6 +393,10 @@ def _defaults_used(ctx: typer.Context) -> list[str]:
     return [label for name, label in DEFAULTS_SHOWN.items() if ctx.get_parameter_source(name).name == "DEFAULT"]
 
 
+estimate_app = typer.Typer(add_completion=False)
+estimate_app.command(help=estimate.__doc__)(estimate)
+
+
 @app.command()
 def presets(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
@@ -457,7 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: one line on stderr for every error, never a traceback unless debugging."""
     args = route(list(sys.argv[1:] if argv is None else argv))
     try:
-        result = app(args, prog_name="memcalc", standalone_mode=False)
+        if args[0] == "estimate":
+            # The estimate alone, as a one-command app: typer then builds one command, not the whole group
+            # (a few ms of the start-up budget, benchmarks/startup.py).
+            result = estimate_app(args[1:], prog_name="memcalc", standalone_mode=False)
+        else:
+            result = app(args, prog_name="memcalc", standalone_mode=False)
         return int(result or 0)
     except MemcalcError as error:  # raised outside a command (should not happen, but stay one line)
         print(f"memcalc: {error}", file=sys.stderr)

@@ -61,30 +61,27 @@ def _split_number(text: str, what: str, example: str) -> tuple[float, str, str]:
     return value, suffix, digits
 
 
+def _parse_scaled(text: str, what: str, example: str, suffixes: dict[str, int], limit: int, kind: str) -> int:
+    value, suffix, _ = _split_number(text, what, example)
+    if suffix not in suffixes:
+        names = "K, M, B or T (e.g. 7B)" if kind == "count" else "GiB, GB, MiB or MB"
+        raise UsageError(f"{what} {text!r} has an unknown {'suffix' if kind == 'count' else 'unit'} {suffix!r}; use {names}")
+    scaled = value * suffixes[suffix]
+    if not math.isfinite(scaled) or scaled <= 0:
+        raise UsageError(f"{what} must be a positive {kind}, got {text!r}")
+    if scaled > limit:
+        raise UsageError(f"{what} {text!r} is larger than {limit:.0e}; check the number")
+    return round(scaled)
+
+
 def parse_count(text: str, what: str = "--params") -> int:
     """Parse a parameter count: ``7e9``, ``7B``, ``6.74B``, ``8030261248``, ``125M``."""
-    value, suffix, _ = _split_number(text, what, "7e9, 7B, 6.74B or 8030261248")
-    if suffix not in _COUNT_SUFFIXES:
-        raise UsageError(f"{what} {text!r} has an unknown suffix {suffix!r}; use K, M, B or T (e.g. 7B)")
-    count = value * _COUNT_SUFFIXES[suffix]
-    if not math.isfinite(count) or count <= 0:
-        raise UsageError(f"{what} must be a positive count, got {text!r}")
-    if count > MAX_NUM_PARAMS:
-        raise UsageError(f"{what} {text!r} is larger than {MAX_NUM_PARAMS:.0e}; check the number")
-    return round(count)
+    return _parse_scaled(text, what, "7e9, 7B, 6.74B or 8030261248", _COUNT_SUFFIXES, MAX_NUM_PARAMS, "count")
 
 
 def parse_size(text: str, what: str = "--gpu-memory") -> int:
     """Parse a memory size into bytes: ``80GiB``, ``80GB``, ``24 GiB``, ``81559MiB``, ``85899345920``."""
-    value, suffix, _ = _split_number(text, what, "80GiB, 80GB or 81559MiB")
-    if suffix not in _SIZE_SUFFIXES:
-        raise UsageError(f"{what} {text!r} has an unknown unit {suffix!r}; use GiB, GB, MiB or MB")
-    size = value * _SIZE_SUFFIXES[suffix]
-    if not math.isfinite(size) or size <= 0:
-        raise UsageError(f"{what} must be a positive size, got {text!r}")
-    if size > MAX_SIZE_BYTES:
-        raise UsageError(f"{what} {text!r} is implausibly large; check the number and unit")
-    return round(size)
+    return _parse_scaled(text, what, "80GiB, 80GB or 81559MiB", _SIZE_SUFFIXES, MAX_SIZE_BYTES, "size")
 
 
 def format_bytes(num_bytes: int, unit: str = "gib", digits: int = 2) -> str:

@@ -43,18 +43,37 @@ def test_verify_json_object(cli, tiny_config):
     assert verify["run"]["seq_len"] == 64 and verify["run"]["precision"] == "bf16"
 
 
-def test_verify_scales_a_model_too_big_for_the_machine(cli, monkeypatch, tiny_config):
+BIG = {**TINY, "num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8,
+       "num_key_value_heads": 4}
+
+
+def test_cpu_verify_refuses_what_the_ram_cannot_hold(cli, monkeypatch, tiny_config):
     import memcalc.verify as verify
 
-    monkeypatch.setattr(verify, "ram_bytes", lambda: 64 * 1024 * 1024)  # a 64 MiB machine: must shrink
-    big = {**TINY, "num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8,
-           "num_key_value_heads": 4}
+    monkeypatch.setattr(verify, "ram_bytes", lambda: 64 * 1024 * 1024)  # a 64 MiB machine
     with open(tiny_config, "w") as handle:
-        json.dump(big, handle)
-    data = json.loads(cli(tiny_config, "--seq-len", "16", "--precision", "bf16-pure", "--verify", "--json").stdout)
-    scaled = data["verify"]["scaled"]
-    assert scaled and scaled[0] == "num_hidden_layers 8 -> 2"
-    assert data["verify"]["checked_peak_bytes"] < data["per_gpu"]["peak_bytes"]
+        json.dump(BIG, handle)
+    result = cli(tiny_config, "--seq-len", "16", "--precision", "bf16-pure", "--verify")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "estimated peak" in result.stderr and "--verify=trace" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_verify_scales_a_model_down_to_fit(monkeypatch):
+    """What a GPU run does when the model does not fit the card (exercised here on the CPU)."""
+    import memcalc.verify as verify
+    from memcalc.model import ModelConfig
+    from memcalc.spec import TrainingSpec
+
+    monkeypatch.setattr(verify, "ram_bytes", lambda: 64 * 1024 * 1024)
+    config = ModelConfig("big", BIG, "test")
+    spec = TrainingSpec(precision="bf16-pure", seq_len=16)
+    outcome = verify.verify(config, spec, "cpu-tracker", scale=True)
+    assert outcome.scaled and outcome.scaled[0] == "num_hidden_layers 8 -> 2"
+    assert outcome.report.per_gpu.peak_bytes <= 32 * 1024 * 1024  # half the (fake) RAM
+    assert outcome.measurement.run["num_params"] < verify.estimate_for(config, spec).model.num_params
+    peak = next(row for row in outcome.rows if row.term == "peak")
+    assert abs(peak.error_pct) < 1.0
 
 
 def test_verify_without_torch_is_an_install_hint(cli, monkeypatch, tiny_config):

@@ -213,13 +213,18 @@ def _budget_bytes(method: str) -> int | None:
 
 
 def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", *,
-           progress: Callable[[str], None] | None = None) -> Outcome:
-    """Measure a step of this config (scaled down to fit a real run when needed) beside its estimate."""
+           progress: Callable[[str], None] | None = None, scale: bool | None = None) -> Outcome:
+    """Measure a step of this config beside its estimate.
+
+    On a GPU a model that does not fit the card is scaled down (same family and structure) and verified
+    instead, as the output then says; on the CPU (scale=None) a run the RAM cannot hold is refused with the
+    estimate that says why, suggesting --verify=trace; scale=True scales there too.
+    """
     from memcalc.verify.scale import scale_to_fit
 
     _require_torch()
     method = resolve_method(method)
-    budget = _budget_bytes(method)
+    budget = _budget_bytes(method) if (scale if scale is not None else method == METHOD_CUDA) else None
     raw, scaled = model_config.raw, []
     if budget is not None:
         raw, scaled = scale_to_fit(model_config.raw, lambda r: estimate_for(_with_raw(model_config, r), spec).per_gpu.peak_bytes,

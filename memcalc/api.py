@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from memcalc.engine import ModelInput, estimate
 from memcalc.errors import UsageError
-from memcalc.inventory import build_inventory
+from memcalc.inventory import build_inventory, inventory_notes
 from memcalc.model import ModelConfig
 from memcalc.report import Report
 from memcalc.resolve import resolve_model
@@ -33,7 +33,7 @@ def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
     assert config is not None
     tensors = tuple(build_inventory(config))
     return ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
-                      tensors=tensors, architecture_known=True, config=config)
+                      tensors=tensors, architecture_known=True, config=config, notes=tuple(inventory_notes(config)))
 
 
 def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,

@@ -59,6 +59,7 @@ class ModelInput:
     tensors: tuple[ParamTensor, ...]
     architecture_known: bool
     config: ModelConfig | None = None
+    notes: tuple[str, ...] = ()  # e.g. "counted from its text_config", "built on the meta device"
 
     @classmethod
     def from_count(cls, num_params: int, name: str = "custom", source: str = "--params") -> ModelInput:
@@ -76,7 +77,7 @@ def _n(value: int) -> str:
 
 def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
-    notes: list[str] = []
+    notes: list[str] = list(model.notes)
     subset = trainable.apply(model, spec)
     notes.extend(subset.notes)
     tensors = subset.tensors

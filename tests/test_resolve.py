@@ -133,3 +133,15 @@ def test_config_without_model_type(tmp_path):
     path.write_text('{"hidden_size": 8}')
     with pytest.raises(ConfigError, match="model_type"):
         resolve_model(str(path))
+
+
+def test_nested_and_fallback_configs_say_what_was_counted(tmp_path):
+    text = {k: v for k, v in load_model_preset("gemma-3-4b").items() if not k.startswith("_")}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                                "text_config": text}))
+    from memcalc.api import run
+    from memcalc.spec import TrainingSpec
+
+    report = run(model_input(str(path), None), TrainingSpec())
+    assert any("text_config" in note for note in report.notes)

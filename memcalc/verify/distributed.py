@@ -1,0 +1,798 @@
+"""Per-rank memory of data-parallel training, measured on torch.distributed ranks (issue 7, "How it is measured").
+
+``measure_distributed`` runs the step of ``memcalc.verify.step`` (same model, recipe, optimizer, inputs, phases)
+inside a data-parallel engine and measures every rank with the tensor tracker of ``memcalc.verify.tracker``:
+
+  ddp     torch DistributedDataParallel (ZeRO stage 0) with its defaults: 25 MiB gradient buckets,
+          ``gradient_as_bucket_view=False`` (the buckets are a second copy of the gradients).
+  zero1   torch.distributed.optim.ZeroRedundancyOptimizer over DDP: optimizer states (and fp32 masters, for the
+          master-weight recipes) of WHOLE parameters, assigned greedily largest-first to the least-loaded rank,
+          so ranks are unbalanced.
+  fsdp2   torch.distributed.fsdp.fully_shard on every decoder layer, then on the root model.
+          ``reshard_after_forward`` True is ZeRO-3-like, False ZeRO-2-like (the root keeps FSDP2's default: its
+          parameters stay unsharded from the end of forward into backward). For ``--precision bf16``/``fp16``
+          the parameters are fp32 and ``MixedPrecisionPolicy(param_dtype=bf16/fp16, reduce_dtype=fp32)``
+          casts them at all-gather time: the sharded fp32 parameters are the master copy (no separate one).
+
+Methods:
+  gloo    ``world_size`` spawned CPU processes, gloo backend, real tensors; one Measurement per rank.
+  fake    one process, the fake process group (``torch.testing._internal.distributed.fake_pg``) and
+          ``FakeTensorMode``: the full-size model as one rank sees it, no memory held.
+
+Terms of each rank, beyond the single-process ones: ``comm_buffers`` (DDP gradient buckets; FSDP all-gather
+inputs and outputs, i.e. the unsharded parameters, and reduce-scatter inputs) and ``unsharded_gradients``
+(FSDP: the gradients autograd computes for the unsharded parameters, freed once copied into the reduce-scatter
+input). ``weights`` is the parameter storage the rank holds (FSDP: its padded dim-0 shards), ``gradients`` the
+gradients the optimizer reads (FSDP: the sharded reduce-scatter output, padded likewise).
+
+Measured: step 3 for ddp/zero1 (DDP rebuilds its buckets at the start of step 2), step 2 for fsdp2. The
+Measurement's ``method`` is ``gloo`` or ``fake-pg``; ``run["distributed"]`` says what ran (engine, rank, world
+size, DDP bucket sizes and gradient_as_bucket_view, ZeRO-1's per-rank partition and most loaded rank, FSDP2's
+policy and wrapping, timings). Under the fake group three things differ from a real run, none in a rank's step
+memory: the device mesh is built before FakeTensorMode, DDP's init_sync and bucket rebuild are skipped (both read
+real tensors), and DDP's comm hook returns the bucket itself (the fake group's futures carry no tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import queue as queue_module
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.errors import UsageError
+from memcalc.model import ModelConfig
+from memcalc.optimizers import OptimizerName
+from memcalc.spec import TrainingSpec
+from memcalc.verify.measurement import Measurement
+
+__all__ = ["COMM_BUFFERS", "DIST_METHODS", "ENGINES", "UNSHARDED_GRADIENTS", "measure_distributed", "zero_stage_of"]
+
+ENGINES = ("ddp", "zero1", "fsdp2")
+DIST_METHODS = ("gloo", "fake")
+METHOD_GLOO = "gloo"
+METHOD_FAKE_PG = "fake-pg"  # Measurement.method of a fake-process-group trace
+COMM_BUFFERS = "comm_buffers"
+UNSHARDED_GRADIENTS = "unsharded_gradients"
+# Steps before the measured one. DDP rebuilds its gradient buckets at the start of step 2 (in grad-ready order),
+# so DDP and ZeRO-1 measure step 3; FSDP2 is steady from step 2 on (the optimizer state exists after step 1).
+WARMUP_STEPS = {"ddp": 2, "zero1": 2, "fsdp2": 1}
+MAX_GLOO_RANKS = 16
+MAX_FAKE_RANKS = 1 << 16
+HOST = "127.0.0.1"
+DEFAULT_TIMEOUT_S = 600.0
+SEED = 0
+
+Progress = Callable[[str], None]
+
+
+def zero_stage_of(engine: str, reshard_after_forward: bool = True) -> int:
+    """The ZeRO stage an engine corresponds to: ddp 0, zero1 1, fsdp2 3 (2 with reshard_after_forward=False)."""
+    return {"ddp": 0, "zero1": 1}.get(engine, 3 if reshard_after_forward else 2)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a rank needs (picklable: sent to spawned processes)."""
+
+    raw: dict[str, Any]
+    name: str
+    spec: TrainingSpec
+    engine: str
+    world_size: int
+    reshard_after_forward: bool
+    attn_implementation: str
+    warmup_steps: int
+    fake: bool
+    allocator_check: bool = False
+
+
+# -- the public entry point ----------------------------------------------------------------------------------
+def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, engine: str,
+                        world_size: int, method: str = "gloo", reshard_after_forward: bool = True,
+                        progress: Progress | None = None, attn_implementation: str | None = None,
+                        timeout_s: float = DEFAULT_TIMEOUT_S, fake_ranks: Sequence[int] = (0,),
+                        allocator_check: bool = False) -> list[Measurement]:
+    """Measure one training step of ``model_config`` + ``spec`` on every data-parallel rank.
+
+    ``method="gloo"``: ``world_size`` CPU processes; returns one Measurement per rank, in rank order.
+    ``method="fake"``: one process, fake process group + FakeTensorMode; returns the Measurements of
+    ``fake_ranks`` (default rank 0 only), in that order. Raises UsageError (one line) for unsupported
+    combinations before anything is built; RuntimeError when a rank fails or the run exceeds ``timeout_s``.
+    ``allocator_check`` (gloo): also record the CPU allocator's own allocations during the measured step (torch
+    profiler) into ``run["allocator_check"]``, beside the tracker's figures.
+    """
+    job = _plan(model_config, spec, engine=engine, world_size=world_size, method=method,
+                reshard_after_forward=reshard_after_forward, attn_implementation=attn_implementation)
+    if method == "fake":
+        ranks = [r for r in fake_ranks if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world_size]
+        if not ranks or len(ranks) != len(fake_ranks):
+            raise UsageError(f"fake_ranks must be ranks 0..{world_size - 1}, got {list(fake_ranks)}")
+        return [_run_fake(job, rank, progress) for rank in ranks]
+    _check_fits_ram(job)
+    return _run_gloo(dataclasses.replace(job, allocator_check=bool(allocator_check)), progress, timeout_s)
+
+
+def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, engine: str, world_size: int,
+          method: str, reshard_after_forward: bool, attn_implementation: str | None) -> _Job:
+    from memcalc.verify import ATTN_IMPLEMENTATIONS, _as_config, _require_torch
+
+    if engine not in ENGINES:
+        raise UsageError(f"engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if method not in DIST_METHODS:
+        raise UsageError(f"distributed method {method!r}: use gloo (spawned CPU ranks) or fake (fake process group)")
+    limit = MAX_GLOO_RANKS if method == "gloo" else MAX_FAKE_RANKS
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or not 2 <= world_size <= limit:
+        raise UsageError(f"world size must be a whole number from 2 to {limit} for method {method}, got {world_size!r}")
+    if not isinstance(reshard_after_forward, bool):
+        raise UsageError(f"reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    if engine != "fsdp2" and not reshard_after_forward:
+        raise UsageError(f"reshard_after_forward=False applies to fsdp2 only, not {engine}")
+    stage = zero_stage_of(engine, reshard_after_forward)
+    if spec.zero_stage and spec.zero_stage != stage:
+        raise UsageError(f"--zero {spec.zero_stage} does not match engine {engine} (ZeRO stage {stage}"
+                         f"{', reshard_after_forward=' + str(reshard_after_forward) if engine == 'fsdp2' else ''})")
+    if spec.num_gpus not in (1, world_size):
+        raise UsageError(f"--gpus {spec.num_gpus} does not match the world size {world_size}")
+    if spec.grad_accum != 1:
+        raise UsageError(f"--grad-accum {spec.grad_accum}: the distributed measurement runs one micro-batch per "
+                         "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop --grad-accum")
+    if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
+        raise UsageError("--optim adafactor with fsdp2: transformers' Adafactor mixes plain tensors into updates of "
+                         "the DTensor shards and fails; use adamw, adam, sgd or sgd-momentum")
+    _require_torch()
+    config = _as_config(model_config)
+    attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
+    from memcalc.verify.step import resolve_setup
+
+    single = spec.replace(zero_stage=0, num_gpus=1)
+    resolve_setup(single, attn)  # the single-rank checks (LoRA, freeze, optimizers, dtypes) with their messages
+    from memcalc.verify.step import hf_config, model_class
+
+    model_class(hf_config(config))  # an unbuildable config fails here, in one line, not in every rank
+    return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
+                reshard_after_forward=reshard_after_forward, attn_implementation=attn,
+                warmup_steps=WARMUP_STEPS[engine], fake=method == "fake")
+
+
+def _check_fits_ram(job: _Job) -> None:
+    """Every gloo rank holds a real model: refuse a run whose ranks together would exceed half the RAM."""
+    from memcalc.units import format_bytes
+    from memcalc.verify import CPU_RAM_FRACTION, _as_config, estimate_for, ram_bytes
+
+    total = ram_bytes()
+    if total is None:
+        return
+    report = estimate_for(_as_config({**job.raw, "_name": job.name}), job.spec)
+    per_rank = report.per_gpu.peak_bytes  # one unsharded rank: an upper bound for zero1 and fsdp2
+    if job.engine in ("ddp", "zero1"):
+        per_rank += sum(t.bytes for t in report.per_gpu.terms if t.name == "gradients")  # the gradient buckets
+    if per_rank * job.world_size > CPU_RAM_FRACTION * total:
+        raise UsageError(f"{job.world_size} gloo ranks of about {format_bytes(per_rank)} each would exceed half of "
+                         f"this machine's {format_bytes(total)} RAM; use method fake (no memory) or a smaller config")
+
+
+# -- gloo: spawned CPU ranks ------------------------------------------------------------------------------------
+def _run_gloo(job: _Job, progress: Progress | None, timeout_s: float) -> list[Measurement]:
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    say = progress or (lambda _msg: None)
+    # The parent holds the rendezvous store on a port the OS picks (no free-port race); ranks connect to it.
+    store = dist.TCPStore(HOST, 0, job.world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    ctx = _process_context(mp, job)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(job, rank, store.port, timeout_s, results), daemon=True,
+                         name=f"memcalc-gloo-rank{rank}") for rank in range(job.world_size)]
+    say(f"spawning {job.world_size} gloo ranks ({job.engine})")
+    measured: dict[int, Measurement] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        with _main_module_hidden():
+            for proc in procs:
+                proc.start()
+        while len(measured) < job.world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"gloo {job.engine} run timed out after {timeout_s:g} s "
+                                   f"({len(measured)} of {job.world_size} ranks done)")
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue_module.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"gloo rank process {dead[0].name} exited with code {dead[0].exitcode} "
+                                       "before reporting") from None
+                continue
+            if status == "ok":
+                measured[rank] = payload
+                say(f"rank {rank} measured")
+                continue
+            kind, message, trace = payload
+            if kind == "UsageError":
+                raise UsageError(message)
+            error = RuntimeError(f"gloo rank {rank} failed: {kind}: {message}")
+            error.add_note(trace)
+            raise error
+        for proc in procs:
+            proc.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs:  # only the processes started here, by object
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            if proc.pid is not None:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(timeout=10)
+        results.close()
+        results.join_thread()
+        del store
+    return [measured[rank] for rank in range(job.world_size)]
+
+
+def _process_context(mp, job: _Job):
+    """forkserver where there is one (Linux, macOS): its server imports torch, transformers and the model's
+    modelling module once per parent process, and every rank after that is forked from it in milliseconds
+    (nothing it forks has run a torch op or started a thread). Elsewhere spawn."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    model_type = str(job.raw.get("model_type", "")).replace("-", "_")
+    preload = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.optim", "transformers",
+               "memcalc.verify.step", __name__]
+    if model_type.isidentifier():
+        preload.append(f"transformers.models.{model_type}.modeling_{model_type}")
+    ctx.set_forkserver_preload(preload)  # used when the server starts (first call); a running one keeps its own
+    return ctx
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """While ranks are started: spawn re-runs the parent's ``__main__`` in each child unless it cannot find it;
+    the ranks need only this module, so an unguarded script or a notebook calling this is not re-executed."""
+    import sys
+    import types
+
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> None:
+    """One spawned rank: join the gloo group, measure, report (never raises: the parent reads the queue)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    try:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(HOST, port, job.world_size, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=job.world_size, timeout=timeout)
+        try:
+            mesh = _device_mesh(job)
+            measurement = _measure_rank(job, rank, mesh)
+            measurement.method = METHOD_GLOO
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, "ok", measurement))
+    except BaseException as exc:  # noqa: BLE001 - report everything (KeyboardInterrupt too) to the parent, exit
+        results.put((rank, "error", (type(exc).__name__, (str(exc).splitlines() or [""])[0],
+                                     traceback.format_exc())))
+
+
+def _device_mesh(job: _Job):
+    if job.engine != "fsdp2":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (job.world_size,))  # outside FakeTensorMode: it reads real rank tensors
+
+
+# -- fake: one process, fake process group + FakeTensorMode -----------------------------------------------------
+def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from memcalc.verify.trace import unpacked_sequences
+
+    if dist.is_initialized():
+        raise UsageError("the fake process group needs this process to have no default process group; "
+                         "run it in a fresh process")
+    say = progress or (lambda _msg: None)
+    say(f"fake process group: rank {rank} of {job.world_size} ({job.engine})")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=job.world_size)
+    try:
+        mesh = _device_mesh(job)
+        # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
+        with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences():
+            measurement = _measure_rank(job, rank, mesh, progress=progress)
+    finally:
+        dist.destroy_process_group()
+    measurement.method = METHOD_FAKE_PG
+    measurement.run["tensors"] = "fake (FakeTensorMode, no memory)"
+    return measurement
+
+
+# -- one rank --------------------------------------------------------------------------------------------------
+def _local(t):
+    """The rank-local tensor of a DTensor (FSDP2 shards), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _dist_tracker_class():
+    """The tracker of memcalc.verify.step, extended for distributed engines (built lazily: imports torch)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from memcalc.verify import tracker as trk
+    from memcalc.verify.step import _OpNames
+
+    class DistTracker(_OpNames):
+        """Adds the ``comm_buffers`` and ``unsharded_gradients`` categories; unwraps DTensors to their local
+        shards (DTensor ops are let through to DTensor, whose local ops the tracker then sees); follows
+        ``UntypedStorage.resize_``, which FSDP2 uses to free and re-allocate unsharded parameters and which no
+        dispatch mode sees; counts what FSDP2's collective functions allocate as ``comm_buffers``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            for category in (COMM_BUFFERS, UNSHARDED_GRADIENTS):
+                self.by_category[category] = 0
+                self.category_max[category] = 0
+            self.peak.by_category = dict(self.by_category)
+            self._comm_depth = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(issubclass(t, DTensor) for t in types):
+                return NotImplemented
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _classify(self, t, category: str) -> None:
+            super()._classify(_local(t), category)
+
+        def _category_for_new(self, func, args, kwargs) -> str:
+            if self._comm_depth:
+                return COMM_BUFFERS
+            return super()._category_for_new(func, args, kwargs)
+
+        @contextlib.contextmanager
+        def communication(self) -> Iterator[None]:
+            with self._lock:
+                self._comm_depth += 1
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._comm_depth -= 1
+
+        def storage_resized(self, storage) -> None:
+            nbytes = int(storage.nbytes())
+            with self._lock:
+                rec = self._records.get(id(storage))
+                if rec is not None:
+                    if nbytes != rec.nbytes:
+                        self._resize(rec, nbytes)
+                elif nbytes:
+                    self._add(storage, COMM_BUFFERS if self._comm_depth else self._category_for_new(None, (), {}))
+
+    return DistTracker, trk, torch
+
+
+@contextlib.contextmanager
+def _instrument_fsdp(tracker) -> Iterator[None]:
+    """While the measured step runs: FSDP2's collective functions allocate comm buffers; storage resizes are
+    reported to the tracker. Restored afterwards."""
+    import torch
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+
+    names = ("foreach_all_gather", "foreach_all_gather_copy_out", "foreach_reduce")
+    originals = {name: getattr(group_module, name) for name in names}
+    original_resize = torch.UntypedStorage.resize_
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with tracker.communication():
+                return fn(*args, **kwargs)
+
+        return inner
+
+    @functools.wraps(original_resize)
+    def resize_(storage, size):
+        result = original_resize(storage, size)
+        tracker.storage_resized(storage)
+        return result
+
+    for name, fn in originals.items():
+        setattr(group_module, name, wrap(fn))
+    torch.UntypedStorage.resize_ = resize_
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = original_resize
+        for name, fn in originals.items():
+            setattr(group_module, name, fn)
+
+
+class _Parameters:
+    """Something with ``parameters()``, as memcalc's Stepper takes a module."""
+
+    def __init__(self, params) -> None:
+        self._params = list(params)
+
+    def parameters(self):
+        return iter(self._params)
+
+
+def _shard_optimizer_class():
+    import torch
+
+    from memcalc.verify.step import Stepper
+
+    class ShardOptimizer(torch.optim.Optimizer):
+        """ZeroRedundancyOptimizer's local optimizer: steps this rank's share of the parameters with memcalc's
+        Stepper, so the recipe's fp32 masters exist for the share only (as DeepSpeed stage 1 partitions them)."""
+
+        def __init__(self, params, *, setup) -> None:
+            groups = list(params)
+            mine = [p for group in groups for p in group["params"]]
+            self.stepper = Stepper(_Parameters(mine), setup)
+            super().__init__(groups, {})
+
+        def step(self, closure=None):  # ZeroRedundancyOptimizer passes no closure; the loss is not needed
+            self.stepper.step()
+
+    return ShardOptimizer
+
+
+class _ZeroStepper:
+    """The one_step interface over ZeroRedundancyOptimizer."""
+
+    def __init__(self, zero, params) -> None:
+        self.zero = zero
+        self.params = list(params)
+        self.inner = zero.optim.stepper
+        self.masters = self.inner.masters
+        self.optimizer = self.inner.optimizer
+        self.fused = self.inner.fused
+
+    @property
+    def on_master_grads(self):
+        return self.inner.on_master_grads
+
+    @on_master_grads.setter
+    def on_master_grads(self, fn) -> None:
+        self.inner.on_master_grads = fn
+
+    def step(self) -> None:
+        self.zero.step()
+
+    def zero_grad(self) -> None:
+        self.zero.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+
+    def state_tensors(self):
+        return self.inner.state_tensors()
+
+
+class _RebuildlessReducer:
+    """Fake process group only: DDP's bucket rebuild (start of step 2) broadcasts bucket indices through real
+    tensors it reads on the host, which fake tensors cannot provide; the rebuild is skipped. The buckets keep
+    their construction-time grouping (with find_unused_parameters=False, one bucket of every parameter) instead
+    of 25 MiB buckets in grad-ready order: the total, every gradient once, is the same."""
+
+    def __init__(self, reducer) -> None:
+        object.__setattr__(self, "_reducer", reducer)
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+
+def _decoder_layers(model) -> list:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UsageError(f"fsdp2: found no decoder layers in {type(model).__name__} (its _no_split_modules: "
+                         f"{sorted(names) or 'none'}) to shard one by one")
+    return layers
+
+
+def _fsdp_setup(setup):
+    """fsdp2's dtypes: for a master-weight recipe (bf16/fp16) fp32 parameters and a mixed-precision policy
+    instead of a separate master copy; else the recipe's own."""
+    if setup.master_dtype is None:
+        return setup, None
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=setup.weight_dtype, reduce_dtype=torch.float32)
+    return dataclasses.replace(setup, weight_dtype=setup.master_dtype, master_dtype=None), policy
+
+
+def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) -> Measurement:
+    DistTracker, trk, torch = _dist_tracker_class()
+    import torch.distributed as dist
+
+    from memcalc.verify.step import (
+        PhaseClock,
+        StepResult,
+        _TrackerClock,
+        build_model,
+        dropout_probabilities,
+        make_inputs,
+        one_step,
+        resolve_setup,
+        storage_bytes,
+        to_measurement,
+    )
+
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    setup = resolve_setup(job.spec, job.attn_implementation, "cpu")
+    policy = None
+    if job.engine == "fsdp2":
+        setup, policy = _fsdp_setup(setup)
+    torch.manual_seed(SEED)
+    say("building the model")
+    model = build_model(job.raw, setup)
+    model_class_name = type(model).__name__
+    num_params = sum(p.numel() for p in model.parameters())
+    dist_info: dict[str, Any] = {"engine": job.engine,
+                                 "zero_stage": zero_stage_of(job.engine, job.reshard_after_forward),
+                                 "world_size": job.world_size, "rank": rank,
+                                 "backend": "fake" if job.fake else "gloo", "warmup_steps": job.warmup_steps,
+                                 "measured_step": job.warmup_steps + 1}
+    comm_baseline: list = []
+    ddp = None
+    if job.engine in ("ddp", "zero1"):
+        runner, stepper, ddp = _wrap_ddp(job, model, setup, comm_baseline, dist_info)
+    else:
+        runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
+    input_ids = make_inputs(model, setup)
+    timings = {"build": time.perf_counter() - started}
+    for step in range(job.warmup_steps):
+        say(f"warm-up step {step + 1} of {job.warmup_steps}")
+        comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
+        one_step(runner, stepper, input_ids, setup, PhaseClock())
+    timings["warmup"] = time.perf_counter() - started - timings["build"]
+    if ddp is not None:
+        dist_info["bucket_bytes"] = [int(t.untyped_storage().nbytes()) for t in comm_baseline]
+    fsdp_params = _fsdp_params(model) if job.engine == "fsdp2" else []
+
+    tracker = DistTracker()
+    local_params = [_local(p) for p in model.parameters()]
+    tracker.register(local_params, trk.WEIGHTS)
+    tracker.register(stepper.masters, trk.MASTER)
+    tracker.register(model.buffers(), trk.OTHER)
+    tracker.register([input_ids], trk.OTHER)
+    tracker.register(comm_baseline, COMM_BUFFERS)
+    if fsdp_params:
+        tracker.register([t for fp in fsdp_params for t in fp.all_gather_outputs], COMM_BUFFERS)
+        tracker.watch_gradients([fp._unsharded_param for fp in fsdp_params if hasattr(fp, "_unsharded_param")],
+                                UNSHARDED_GRADIENTS)
+    else:
+        tracker.watch_gradients(model.parameters())
+    tracker.watch_optimizer(stepper.optimizer, stepper.fused)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        tracker.loss_region(head)
+    stepper.on_master_grads = lambda grads: tracker.register(grads, trk.FP32_GRAD_COPY)
+    grads: dict[str, int] = {}
+    params = list(model.parameters())
+
+    def after_backward() -> None:
+        local_grads = [_local(p.grad) for p in params if p.grad is not None]
+        tracker.register(local_grads, trk.GRADIENTS)  # FSDP2: the reduce-scatter output, now the sharded grads
+        grads[trk.GRADIENTS] = storage_bytes(local_grads)
+
+    instrument = _instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
+    profiler = _allocator_profiler() if job.allocator_check else contextlib.nullcontext()
+    say("measured step")
+    try:
+        with profiler as prof, instrument, tracker:
+            one_step(runner, stepper, input_ids, setup, _TrackerClock(tracker, None), after_backward)
+    finally:
+        tracker.remove_hooks()
+    if job.allocator_check:
+        peak, end = _allocator_peak_and_end(prof)
+        dist_info["allocator_check"] = {"allocator_peak_delta": peak, "allocator_end_delta": end,
+                                        "tracker_peak_delta": tracker.peak_bytes - tracker.baseline_bytes,
+                                        "tracker_end_delta": tracker.live_bytes - tracker.baseline_bytes}
+    timings["measured"] = time.perf_counter() - started - timings["build"] - timings["warmup"]
+    dist_info["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    dist.barrier()
+    states = stepper.state_tensors()
+    model_state = {
+        trk.WEIGHTS: storage_bytes(local_params),
+        trk.MASTER: storage_bytes(stepper.masters),
+        trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
+        trk.OPTIMIZER_STATES: storage_bytes(_local(t) for ts in states.values() for t in ts),
+    }
+    result = StepResult(
+        setup=setup, tracker=tracker, model_class=model_class_name, num_params=num_params,
+        model_state_bytes=model_state,
+        optimizer_state_breakdown={k: storage_bytes(_local(t) for t in v) for k, v in states.items()},
+        ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model.config),
+        elapsed_seconds=time.perf_counter() - started,
+    )
+    measurement = to_measurement("trace" if job.fake else "cpu-tracker", result)
+    measurement.run["distributed"] = dist_info
+    measurement.differences_from_gpu.extend(_differences_from_gpu(job, policy))
+    measurement.notes.extend(_notes(job, policy))
+    return measurement
+
+
+def _allocator_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def _allocator_peak_and_end(prof) -> tuple[int, int]:
+    """Peak and final change of the CPU allocator's live bytes over the profiled span, from its allocation and
+    free records in time order (every thread: gloo's own tensors too)."""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak, live
+
+
+def _wrap_ddp(job: _Job, model, setup, comm_baseline: list, dist_info: dict[str, Any]):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from memcalc.verify.step import Stepper
+
+    # Defaults: bucket_cap_mb=25 (first bucket 1 MiB after the rebuild), gradient_as_bucket_view=False.
+    # init_sync (parameter check and broadcast from rank 0) reads real data: skipped under the fake group.
+    ddp = DistributedDataParallel(model, init_sync=not job.fake)
+    group = dist.group.WORLD
+
+    def hook(_state, bucket):
+        # Records each bucket's flat buffer (the tracker counts it as comm_buffers), then reduces it as DDP's
+        # built-in allreduce does (torch's allreduce_hook: divide by the world size in place, allreduce).
+        buffer = bucket.buffer()
+        comm_baseline.append(buffer)
+        if not job.fake:
+            return default_hooks.allreduce_hook(group, bucket)
+        buffer.div_(job.world_size)
+        dist.all_reduce(buffer, group=group)
+        done = torch.futures.Future()
+        done.set_result(buffer)  # the fake group's future carries no tensor
+        return done
+
+    ddp.register_comm_hook(None, hook)
+    if job.fake:
+        ddp.reducer = _RebuildlessReducer(ddp.reducer)
+    dist_info.update(gradient_as_bucket_view=bool(ddp.gradient_as_bucket_view),
+                     bucket_cap_bytes=int(ddp.bucket_bytes_cap), bucket_rebuild=not job.fake)
+    if job.engine == "ddp":
+        return ddp, Stepper(model, setup), ddp
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = ZeroRedundancyOptimizer(params, optimizer_class=functools.partial(_shard_optimizer_class(), setup=setup))
+    partition = zero._partition_parameters()
+    numels = [sum(p.numel() for group in groups for p in group["params"]) for groups in partition]
+    dist_info.update(zero_partition_numel=numels, zero_most_loaded_rank=max(range(len(numels)), key=numels.__getitem__),
+                     zero_local_params=sum(len(g["params"]) for g in partition[dist.get_rank()]))
+    return ddp, _ZeroStepper(zero, params), ddp
+
+
+def _wrap_fsdp2(job: _Job, model, setup, policy, mesh, dist_info: dict[str, Any]):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from memcalc.verify.step import Stepper
+
+    layers = _decoder_layers(model)
+    mp_policy = policy or MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=job.reshard_after_forward, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # root: FSDP2's default reshard (none after forward)
+    dist_info.update(
+        reshard_after_forward=job.reshard_after_forward, wrapped_layers=len(layers),
+        wrapped_layer_class=type(layers[0]).__name__,
+        mixed_precision_policy=(f"param_dtype={str(policy.param_dtype).removeprefix('torch.')}, "
+                                f"reduce_dtype={str(policy.reduce_dtype).removeprefix('torch.')}") if policy else None,
+        root="fully_shard(model) after the layers: embeddings, final norm and LM head; not resharded after forward",
+    )
+    return model, Stepper(model, setup)
+
+
+def _fsdp_params(model) -> list:
+    found, seen = [], set()
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        group = get_state()._fsdp_param_group
+        for fsdp_param in group.fsdp_params if group is not None else []:
+            if id(fsdp_param) not in seen:
+                seen.add(id(fsdp_param))
+                found.append(fsdp_param)
+    return found
+
+
+def _notes(job: _Job, policy) -> list[str]:
+    notes = [("every rank runs the same micro-batch (same seed); data parallelism does not shrink a rank's "
+              "activations"),
+             f"measured step {job.warmup_steps + 1} after {job.warmup_steps} warm-up step(s)"]
+    if job.engine in ("ddp", "zero1"):
+        notes.append("DDP defaults: bucket_cap_mb=25, gradient_as_bucket_view=False, so the gradient buckets "
+                     "(comm_buffers) are a second copy of the gradients, alive for the whole run; the buckets are "
+                     "found through a comm hook that runs torch's allreduce_hook (what the built-in allreduce does); "
+                     "the bucket rebuild at the start of step 2 briefly holds the old and the new buckets (twice the "
+                     "gradient size, before that step's forward, outside the measured step)")
+        if job.fake:
+            notes.append("fake process group: DDP's bucket rebuild is skipped (it reads real tensors), so the "
+                         "buckets keep DDP's construction-time grouping, one bucket of every gradient, instead of "
+                         "25 MiB buckets; same total bytes. DDP's init_sync (parameter broadcast) is skipped too")
+    if job.engine == "zero1":
+        notes.append("ZeroRedundancyOptimizer assigns whole parameters, largest first, to the least-loaded rank: "
+                     "optimizer states (and fp32 masters for bf16/fp16) differ between ranks; weights and gradients "
+                     "are full on every rank")
+    if job.engine == "fsdp2":
+        notes.append("fsdp2 shards every parameter on dim 0 into world-size chunks padded to ceil(dim0 / world) rows "
+                     "(weights and gradients hold the padded shard; optimizer states the unpadded local rows)")
+        if policy is not None:
+            notes.append("--precision bf16/fp16 with fsdp2: fp32 sharded parameters (the master copy) with "
+                         f"MixedPrecisionPolicy({str(policy.param_dtype).removeprefix('torch.')} parameters at "
+                         "all-gather, fp32 reduce-scatter); no separate master_weights")
+    if job.fake:
+        notes.append("fake process group: collectives move no data; the rank's own allocations are traced")
+    return notes
+
+
+def _differences_from_gpu(job: _Job, policy) -> list[str]:
+    found = [
+        ("gloo vs NCCL, outside the tracker (it sees the tensors a collective is given, not what the backend "
+         "allocates inside it): gloo's reduce_scatter_tensor clones its whole input and all-reduces the clone "
+         "(an input-sized temporary alive until the work is waited), and its all_gather_into_tensor gathers into "
+         "a flat temporary of the output's size on a gloo thread before copying out; gloo's all_reduce and broadcast "
+         "(DDP, ZeRO-1) allocate nothing. NCCL reduce-scatters and all-gathers in place, but keeps per-communicator "
+         "device buffers (NCCL_BUFFSIZE, about 4 MiB per channel and peer by default) outside PyTorch's caching "
+         "allocator, which max_memory_allocated does not show. allocator_check=True reports the CPU allocator's own "
+         "peak beside the tracker's"),
+        ("CPU has no CUDA streams and no caching allocator: on a GPU FSDP2's all-gather and reduce-scatter tensors "
+         "live in the allocator pools of its side streams, a freed block is reused by another stream only once "
+         "that stream's work is done, and allocations round up to 512-byte blocks in 2 MiB or larger segments: "
+         "more reserved than allocated; the tracker's figure corresponds to max_memory_allocated, not "
+         "max_memory_reserved"),
+    ]
+    if job.engine == "fsdp2":
+        found.append("FSDP2 runs the same Python on CPU and CUDA: the all-gather result it keeps until the next "
+                     "layer's copy-out (forward) and the next layer it prefetches in backward are live here as on a "
+                     "GPU, so two units' unsharded parameters overlap in both")
+        found.append("FSDP2 reduce-scatter: on NCCL with fp32/bf16 it averages inside the collective "
+                     "(ReduceOp.AVG); the reduce-scatter input and output FSDP2 allocates are the same here")
+    if job.engine in ("ddp", "zero1"):
+        found.append("DDP on CUDA allocates its buckets on the device as here (one flat tensor per bucket in the "
+                     "gradient dtype); with gradient_as_bucket_view=True (not the default) p.grad would view the "
+                     "buckets and the second gradient copy would disappear")
+    return found

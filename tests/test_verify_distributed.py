@@ -1,0 +1,284 @@
+"""Per-rank memory on torch.distributed ranks (memcalc.verify.distributed): DDP, ZeroRedundancyOptimizer and FSDP2
+on spawned gloo CPU ranks, and the same step traced through the fake process group.
+
+Every rank's parameter, gradient and optimizer-state bytes are checked against figures computed here, independently,
+from the model's real parameter shapes and each engine's documented layout:
+  ddp     everything full on every rank, plus gradient buckets holding every gradient once
+  zero1   weights and gradients full; optimizer states (and fp32 masters) of the whole parameters torch's
+          ZeroRedundancyOptimizer assigns to the rank: sorted by size, largest first, each to the least-loaded rank
+  fsdp2   dim-0 shards: ceil(dim0 / world) rows per rank, padded in the parameter and gradient storage, unpadded
+          (torch.chunk rows) in the optimizer states
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from memcalc.errors import UsageError  # noqa: E402
+from memcalc.model import ModelConfig  # noqa: E402
+from memcalc.spec import TrainingSpec  # noqa: E402
+from memcalc.verify.distributed import COMM_BUFFERS, UNSHARDED_GRADIENTS, measure_distributed  # noqa: E402
+
+# Odd vocabulary: FSDP2 pads the embedding and LM head shards, and ZeRO-1's ranks come out unequal.
+TINY_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1001,
+}
+TINY = ModelConfig(name="tiny-llama", raw=TINY_LLAMA, source="test")
+BATCH, SEQ = 2, 32
+ADAMW_STATES = 2  # exp_avg, exp_avg_sq
+# precision -> (bytes of the weights ddp/zero1 hold, of the fp32 master (0: none), of each optimizer state)
+DTYPE_BYTES = {"bf16": (2, 4, 4), "fp32": (4, 0, 4)}
+# engine, reshard_after_forward, precision, world size
+CASES = [
+    ("ddp", True, "bf16", 2), ("zero1", True, "bf16", 2), ("fsdp2", True, "bf16", 2), ("fsdp2", False, "bf16", 2),
+    ("ddp", True, "fp32", 2), ("zero1", True, "fp32", 2), ("fsdp2", True, "fp32", 2), ("fsdp2", False, "fp32", 2),
+    ("zero1", True, "bf16", 4), ("fsdp2", True, "bf16", 4),
+]
+
+
+def _spec(precision: str) -> TrainingSpec:
+    return TrainingSpec(precision=precision, optimizer="adamw", optim_impl="foreach", micro_batch_size=BATCH,
+                        seq_len=SEQ)
+
+
+@functools.cache
+def _gloo(engine: str, reshard: bool, precision: str, world: int):
+    return measure_distributed(TINY, _spec(precision), engine=engine, world_size=world, method="gloo",
+                               reshard_after_forward=reshard)
+
+
+@functools.lru_cache(maxsize=1)
+def _shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter, in model.parameters() order, from transformers on the meta device."""
+    fields = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config = transformers.AutoConfig.for_model("llama", **fields)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def _zero_partition(numels: list[int], world: int) -> list[list[int]]:
+    """ZeroRedundancyOptimizer's default partition: parameters sorted by numel, largest first (ties in parameter
+    order), each to the rank with the smallest total so far (the lowest such rank)."""
+    sizes = [0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for index in sorted(range(len(numels)), key=lambda i: -numels[i]):
+        rank = sizes.index(min(sizes))
+        owned[rank].append(index)
+        sizes[rank] += numels[index]
+    return owned
+
+
+def _fsdp_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
+    """(padded rows every rank stores, rows that are really this rank's): torch.chunk along dim 0."""
+    chunk = -(-dim0 // world)
+    return chunk, max(0, min(chunk, dim0 - rank * chunk))
+
+
+def _expected(engine: str, precision: str, world: int, rank: int) -> dict[str, int]:
+    weight_b, master_b, state_b = DTYPE_BYTES[precision]
+    shapes = [shape for _name, shape in _shapes()]
+    numels = [_numel(s) for s in shapes]
+    total = sum(numels)
+    if engine == "fsdp2":
+        # bf16 means fp32 sharded parameters + MixedPrecisionPolicy(bf16, reduce fp32): all fp32 here.
+        padded = sum(_fsdp_rows(s[0], world, rank)[0] * _numel(s[1:]) for s in shapes)
+        local = sum(_fsdp_rows(s[0], world, rank)[1] * _numel(s[1:]) for s in shapes)
+        return {"weights": 4 * padded, "gradients": 4 * padded, "master_weights": 0,
+                "optimizer_states": ADAMW_STATES * 4 * local}
+    mine = total if engine == "ddp" else sum(numels[i] for i in _zero_partition(numels, world)[rank])
+    return {"weights": weight_b * total, "gradients": weight_b * total, "master_weights": master_b * mine,
+            "optimizer_states": ADAMW_STATES * state_b * mine}
+
+
+def _table(title: str, measurements) -> None:
+    mib = 2**20
+    print(f"\n{title}")
+    print(f"  {'rank':>4} {'peak MiB':>9} {'phase':>15} | at the peak: {'weights':>8} {'master':>8} {'grads':>8} "
+          f"{'states':>8} {'comm':>8} {'unsh.gr':>8} {'activ':>8} {'logits':>8} {'bw tmp':>8} {'opt tmp':>8}")
+    for m in measurements:
+        t = m.per_term_bytes
+        cols = ("weights", "master_weights", "gradients", "optimizer_states", COMM_BUFFERS, UNSHARDED_GRADIENTS,
+                "activations", "logits_and_loss", "backward_temporaries", "optimizer_temporaries")
+        print(f"  {m.run['distributed']['rank']:>4} {m.measured_peak_bytes / mib:9.3f} {m.measured_peak_phase:>15} | "
+              f"{'':13}" + " ".join(f"{t.get(c, 0) / mib:8.3f}" for c in cols))
+
+
+@pytest.mark.parametrize("engine,reshard,precision,world", CASES)
+def test_each_rank_holds_what_the_engine_layout_says(engine, reshard, precision, world):
+    measured = _gloo(engine, reshard, precision, world)
+    _table(f"{engine} (reshard_after_forward={reshard}) {precision}, {world} gloo ranks", measured)
+    assert [m.run["distributed"]["rank"] for m in measured] == list(range(world))
+    for rank, m in enumerate(measured):
+        assert m.method == "gloo"
+        assert m.run["tensors"] == "real"
+        assert m.run["distributed"]["world_size"] == world
+        want = _expected(engine, precision, world, rank)
+        got = {k: m.model_state_bytes.get(k, 0) for k in want}
+        assert got == want, f"rank {rank}"
+        # The tracker counts the same storages by identity through the step.
+        for term in ("weights", "optimizer_states"):
+            assert m.term_bytes.get(term, 0) == want[term]
+        assert set(m.per_phase_peak_bytes) == {"forward", "backward", "optimizer_step"}
+        assert m.measured_peak_bytes == max(m.per_phase_peak_bytes.values())
+        assert sum(m.per_term_bytes.values()) == m.measured_peak_bytes
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_ddp_buckets_are_a_second_copy_of_the_gradients(precision):
+    measured = _gloo("ddp", True, precision, 2)
+    grads = _expected("ddp", precision, 2, 0)["gradients"]
+    for m in measured:
+        info = m.run["distributed"]
+        assert info["gradient_as_bucket_view"] is False  # DDP's default, measured as is
+        assert info["bucket_rebuild"] is True
+        assert sum(info["bucket_bytes"]) == grads
+        # Alive for the whole step (they exist before it starts): at the peak and at the start of backward.
+        assert m.per_term_bytes[COMM_BUFFERS] == grads
+        assert m.forward_end_bytes[COMM_BUFFERS] == grads
+
+
+def test_zero1_ranks_are_unbalanced_and_the_most_loaded_is_reported():
+    measured = _gloo("zero1", True, "bf16", 4)
+    numels = [_numel(s) for _n, s in _shapes()]
+    owned = [sum(numels[i] for i in part) for part in _zero_partition(numels, 4)]
+    heaviest = owned.index(max(owned))
+    states = [m.model_state_bytes["optimizer_states"] for m in measured]
+    assert len(set(states)) > 1
+    assert states.index(max(states)) == heaviest
+    for m in measured:
+        assert m.run["distributed"]["zero_partition_numel"] == owned
+        assert m.run["distributed"]["zero_most_loaded_rank"] == heaviest
+    print(f"\nZeRO-1, 4 ranks: parameters per rank {owned}; most loaded rank {heaviest}")
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp2_unsharded_parameters_between_forward_and_backward(reshard):
+    """ZeRO-3-like (True): after the forward only the root unit (embeddings, final norm, LM head) stays gathered;
+    ZeRO-2-like (False): every unit does. Unsharded parameters are bf16 all-gather outputs, padded."""
+    world = 2
+    shapes = dict(_shapes())
+    root = [n for n in shapes if not n.startswith("model.layers.")]
+
+    def gathered(names) -> int:
+        return sum(2 * world * _fsdp_rows(shapes[n][0], world, 0)[0] * _numel(shapes[n][1:]) for n in names)
+
+    want = gathered(shapes) if not reshard else gathered(root)
+    for m in _gloo("fsdp2", reshard, "bf16", world):
+        assert m.forward_end_bytes[COMM_BUFFERS] == want
+        assert m.term_bytes[UNSHARDED_GRADIENTS] > 0
+        assert m.run["distributed"]["mixed_precision_policy"] == "param_dtype=bfloat16, reduce_dtype=float32"
+        assert m.run["weight_dtype"] == "float32" and m.run["master_dtype"] is None
+
+
+@pytest.mark.parametrize("engine,reshard", [("ddp", True), ("zero1", True), ("fsdp2", True), ("fsdp2", False)])
+def test_fake_process_group_agrees_with_gloo_rank_0(engine, reshard):
+    started = time.perf_counter()
+    [fake] = measure_distributed(TINY, _spec("bf16"), engine=engine, world_size=2, method="fake",
+                                 reshard_after_forward=reshard)
+    elapsed = time.perf_counter() - started
+    real = _gloo(engine, reshard, "bf16", 2)[0]
+    print(f"\n{engine} reshard={reshard}: fake-pg rank 0 peak {fake.measured_peak_bytes:,} B "
+          f"({fake.measured_peak_phase}) in {elapsed:.1f} s; gloo rank 0 {real.measured_peak_bytes:,} B")
+    assert fake.method == "fake-pg" and fake.run["tensors"].startswith("fake")
+    assert fake.measured_peak_bytes == real.measured_peak_bytes
+    assert fake.measured_peak_phase == real.measured_peak_phase
+    assert fake.per_term_bytes == real.per_term_bytes
+    assert fake.term_bytes == real.term_bytes
+    assert fake.model_state_bytes == real.model_state_bytes
+    assert fake.per_phase_peak_bytes == real.per_phase_peak_bytes
+
+
+def test_fake_process_group_other_ranks():
+    """Any rank's view: fsdp2's last rank holds fewer real rows of the odd-sized embedding."""
+    measured = measure_distributed(TINY, _spec("bf16"), engine="fsdp2", world_size=2, method="fake", fake_ranks=(0, 1))
+    assert [m.run["distributed"]["rank"] for m in measured] == [0, 1]
+    for rank, m in enumerate(measured):
+        want = _expected("fsdp2", "bf16", 2, rank)
+        assert {k: m.model_state_bytes[k] for k in want} == want
+
+
+def test_gloo_tracker_matches_the_cpu_allocator_for_ddp():
+    """DDP allreduces and ZeRO broadcasts in place: nothing the tracker cannot see (within scalar tensors)."""
+    measured = measure_distributed(TINY, _spec("bf16"), engine="ddp", world_size=2, allocator_check=True)
+    for m in measured:
+        check = m.run["distributed"]["allocator_check"]
+        assert abs(check["allocator_peak_delta"] - check["tracker_peak_delta"]) <= 1024
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"engine": "zero2"}, "engine 'zero2'"),
+    ({"engine": "ddp", "world_size": 1}, "world size"),
+    ({"engine": "ddp", "method": "nccl"}, "distributed method"),
+    ({"engine": "ddp", "reshard_after_forward": False}, "fsdp2 only"),
+    ({"engine": "fsdp2", "spec": _spec("bf16").replace(optimizer="adafactor")}, "adafactor"),
+    ({"engine": "zero1", "spec": _spec("bf16").replace(zero_stage=3)}, "does not match"),
+    ({"engine": "ddp", "spec": _spec("bf16").replace(num_gpus=4)}, "--gpus 4"),
+    ({"engine": "ddp", "spec": _spec("bf16").replace(lora_rank=8)}, "LoRA"),
+    ({"engine": "fsdp2", "spec": _spec("bf16").replace(grad_accum=4)}, "--grad-accum 4"),
+    ({"engine": "fsdp2", "method": "fake", "fake_ranks": (2,)}, "fake_ranks"),
+])
+def test_unsupported_combinations_are_one_line_usage_errors(kwargs, message):
+    kwargs = {"world_size": 2, "spec": _spec("bf16"), **kwargs}
+    spec = kwargs.pop("spec")
+    with pytest.raises(UsageError) as info:
+        measure_distributed(TINY, spec, **kwargs)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unbuildable_config_fails_before_spawning():
+    bad = ModelConfig(name="bad", raw={**TINY_LLAMA, "model_type": "no-such-model"}, source="test")
+    with pytest.raises(UsageError, match="no-such-model"):
+        measure_distributed(bad, _spec("bf16"), engine="ddp", world_size=2)
+
+
+def test_a_timed_out_run_leaves_no_rank_behind():
+    with pytest.raises(RuntimeError, match="timed out"):
+        measure_distributed(TINY, _spec("bf16"), engine="ddp", world_size=2, timeout_s=0.05)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("memcalc-gloo")]
+
+
+@pytest.mark.slow
+def test_llama_3_8b_fsdp2_8_ranks_traced_with_the_fake_process_group():
+    from memcalc.api import model_input
+
+    model = model_input("llama-3-8b", None)
+    spec = TrainingSpec(precision="bf16", optimizer="adamw", optim_impl="foreach", micro_batch_size=1, seq_len=2048)
+    started = time.perf_counter()
+    [m] = measure_distributed(model.config, spec, engine="fsdp2", world_size=8, method="fake")
+    elapsed = time.perf_counter() - started
+    params = 8_030_261_248
+    assert elapsed < 60
+    assert m.run["num_params"] == params
+    shapes = [(p.shape) for p in _llama_3_8b_shapes(model.config.raw)]
+    padded = sum(-(-s[0] // 8) * _numel(s[1:]) for s in shapes)
+    assert m.model_state_bytes["weights"] == 4 * padded == m.model_state_bytes["gradients"]
+    assert m.model_state_bytes["optimizer_states"] == 2 * 4 * padded  # every dim 0 divides by 8: no padding
+    gib = 2**30
+    print(f"\nLlama-3-8B fsdp2 8 ranks bf16 (fp32 shards, MixedPrecisionPolicy bf16/fp32) seq 2048, rank 0, traced in "
+          f"{elapsed:.1f} s: peak {m.measured_peak_bytes / gib:.3f} GiB ({m.measured_peak_phase})")
+    for term, value in sorted(m.per_term_bytes.items(), key=lambda kv: -kv[1]):
+        print(f"  at peak  {term:24} {value / gib:8.3f} GiB")
+    for term, value in m.term_bytes.items():
+        print(f"  term     {term:24} {value / gib:8.3f} GiB")
+
+
+def _llama_3_8b_shapes(raw):
+    fields = {k: v for k, v in raw.items() if not k.startswith("_") and k != "model_type"}
+    config = transformers.AutoConfig.for_model("llama", **fields)
+    with torch.device("meta"):
+        return list(transformers.LlamaForCausalLM(config).parameters())

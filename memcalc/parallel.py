@@ -230,12 +230,13 @@ def zero_redundancy_partition(tensors: Sequence[ParamTensor], num_gpus: int) -> 
 def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, grad_bytes: int) -> RankHoldings:
     base = _replicated(tensors, has_master)
     # DistributedDataParallel copies gradients into flat communication buckets (gradient_as_bucket_view
-    # defaults to False), so the buckets hold a second copy of every gradient from backward on.
+    # defaults to False): a second copy of every gradient, allocated once and kept for the whole run
+    # (measured on gloo ranks: tests/test_parallel.py).
     buckets = Term(
         name="ddp_buckets", bytes=base.grad_numel * grad_bytes,
         formula=f"{_n(base.grad_numel)} gradients x {grad_bytes} B in {DDP_BUCKET_CAP_BYTES // 2**20} MiB buckets",
         source="torch/nn/parallel/distributed.py: Reducer buckets (gradient_as_bucket_view=False by default)",
-        category="temporaries", phases=[Phase.backward, Phase.optimizer_step],
+        category="temporaries", phases=ALL_PHASES,
     )
     if spec.zero_stage == 0:
         return RankHoldings(**{**base.__dict__, "buffers": (buckets,), "engine": "torch-ddp"})

@@ -27,6 +27,13 @@ FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", {"head_dim": 32}),
     "gemma": ("GemmaForCausalLM", {"head_dim": 32}),
     "phi3": ("Phi3ForCausalLM", {}),
+    # MoE: 4 experts, 2 per token; which expert gets which token depends on the routing, the total does not.
+    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                                          "moe_intermediate_size": 64, "norm_topk_prob": True}),
+    # decoder_sparse_step 2: layer 0 is dense (intermediate_size), layer 1 sparse with the shared expert.
+    "qwen2_moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                          "shared_expert_intermediate_size": 112, "decoder_sparse_step": 2}),
 }
 RECIPES = {"bf16-pure": (torch.bfloat16, False), "fp32": (torch.float32, False), "amp-bf16": (torch.float32, True)}
 
@@ -54,7 +61,8 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
         model.gradient_checkpointing_enable()
     # Parameters, and autocast's low-precision copies of them (the autocast_weight_copies term), are not
     # activations: the copies are recognised as the outputs of a dtype cast whose input is a parameter.
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # Registered buffers (BERT's position_ids, sliced and saved by the position embedding) are model state too.
+    excluded = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     parameter_ptrs = set(excluded)
     saved: dict[int, int] = {}
 
@@ -140,3 +148,67 @@ def test_checkpointing_keeps_layer_inputs(recipe):
     rotary = 2 * 48 * (BASE["hidden_size"] // BASE["num_attention_heads"]) * dtype_bytes
     print(f"checkpointing {recipe}: estimate {checkpointed - per_layer:,} (+ {per_layer:,} recomputed) measured {measured:,}")
     assert checkpointed - rotary == measured
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_aux_loss(family, recipe):
+    """output_router_logits: load_balancing_loss_func's softmax over each layer's router logits is saved too.
+
+    Two differences from what stays alive, both explicit here: CUDA autocast runs that softmax in fp32, CPU
+    autocast in bf16 (2 bytes less per element); and the topk it takes per layer saves its int64 indices
+    through the hooks (8 T k), but the topk values are discarded, so that node and its indices die at once.
+    """
+    raw = {**_raw(family), "output_router_logits": True}
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48)
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48)
+    layers, tokens, experts, top_k = 2, 2 * 48, 4, 2
+    cpu_softmax = layers * tokens * experts * (4 - 2) if recipe == "amp-bf16" else 0
+    discarded_topk = layers * tokens * top_k * 8
+    assert estimated - cpu_softmax == measured - discarded_topk
+
+
+BERT = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 96, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 128,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_bert_saved_activations(recipe, attention):
+    """BertForMaskedLM, dropout off (test_dropout_masks covers it). CPU-vs-CUDA differences, explicitly:
+    - the test passes labels=input_ids, one int64 tensor where a real batch has two (8 T);
+    - bf16: the CPU LayerNorm keeps mean/rstd in bf16, CUDA in fp32 (6 LayerNorms x 2 x T x 2 B);
+    - amp-bf16: the head LayerNorm gets the bf16 GELU output; CPU autocast normalises it as it is (with fp32 stats,
+      weights being fp32), CUDA autocast saves an fp32 copy ((4 - 2) T h); eager: CUDA autocast runs the softmax in
+      fp32 and casts it for the matmul, CPU autocast keeps it in bf16 (4 b a s^2 per layer)."""
+    batch, seq = 2, 48
+    tokens = batch * seq
+    measured = measure_saved_bytes(BERT, recipe, batch=batch, seq=seq, attention=attention)
+    estimated, _ = estimated_saved_bytes(BERT, recipe, batch=batch, seq=seq, attention=attention)
+    cpu = 8 * tokens
+    if recipe == "bf16-pure":
+        cpu += 6 * 2 * tokens * (4 - 2)
+    if recipe == "amp-bf16":
+        cpu += (4 - 2) * tokens * 96
+        if attention == "eager":
+            cpu += 2 * 4 * batch * 4 * seq * seq
+    print(f"bert {recipe} {attention}: estimated {estimated:,} (CPU differences -{cpu:,}) measured {measured:,}")
+    assert estimated - cpu == measured
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("recipe", ["bf16-pure", "fp32"])
+def test_bert_dropout_masks(recipe, attention):
+    """Dropout on: CUDA's native_dropout keeps a 1-byte mask per element, the CPU multiplies by a noise tensor
+    it saves in the input dtype (c - 1 bytes more per element). Masks: embeddings T h, per layer 2 T h, and
+    with eager attention b a s^2 per layer. (sdpa with attention dropout runs the math kernel on the CPU; on
+    CUDA the fused kernel keeps only RNG state: attention dropout is tested with eager.)"""
+    batch, seq, c = 2, 48, 2 if recipe == "bf16-pure" else 4
+    tokens = batch * seq
+    raw = {**BERT, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1 if attention == "eager" else 0.0}
+    measured = measure_saved_bytes(raw, recipe, batch=batch, seq=seq, attention=attention)
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention=attention)
+    masks = tokens * 96 * (1 + 2 * 2) + (2 * batch * 4 * seq * seq if attention == "eager" else 0)
+    cpu = 8 * tokens + (6 * 2 * tokens * (4 - 2) if recipe == "bf16-pure" else 0) - (c - 1) * masks
+    assert estimated - cpu == measured

@@ -151,7 +151,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
     from memcalc.verify.step import resolve_setup
 
-    single = spec.replace(zero_stage=0, num_gpus=1)
+    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none")
     resolve_setup(single, attn)  # the single-rank checks (LoRA, freeze, optimizers, dtypes) with their messages
     from memcalc.verify.step import hf_config, model_class
 

@@ -385,6 +385,7 @@ def _verify(config, spec, method: str) -> dict:
         "reserved_peak_bytes": measurement.reserved_peak_bytes,
         "cuda_context_bytes": measurement.cuda_context_bytes,
         "elapsed_seconds": round(measurement.elapsed_seconds, 3),
+        "notes": measurement.notes,
     }
 
 

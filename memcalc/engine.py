@@ -152,6 +152,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         ))
     act = activations.estimate(model, spec, recipe)
     notes.extend(act.notes)
+    if num_gpus > 1:
+        notes.append(f"data parallelism: each of the {num_gpus} GPUs runs its own micro-batch, so activations per "
+                     "GPU do not shrink (tensor and pipeline parallelism are not modelled)")
     terms.extend(act.terms)
     # -- optimizer step ------------------------------------------------------------------------------------
     if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:

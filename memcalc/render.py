@@ -159,6 +159,8 @@ def render_verify(report: Report, console: Console, unit: str) -> None:
     console.print(f"measured peak {format_bytes(verify['measured_peak_bytes'], unit)} in the "
                   f"{verify['measured_peak_phase'].replace('_', ' ')}; estimated {format_bytes(verify['checked_peak_bytes'], unit)} in the "
                   f"{verify['checked_peak_phase'].replace('_', ' ')}", highlight=False)
+    for note in verify.get("notes", []):
+        console.print(f"verify: {note}", highlight=False, markup=False)
     for difference in verify["differences_from_gpu"]:
         console.print(f"CPU vs GPU: {difference}", highlight=False, markup=False)
 

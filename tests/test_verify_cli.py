@@ -95,3 +95,22 @@ def test_verify_bad_input(cli, tiny_config, args, needle):
     result = cli(tiny_config if "--params" not in args else "--params", *(args if "--params" not in args else args[1:]))
     assert result.exit_code == 2 and result.stdout == "", result.stderr
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("sharding", "method"), [("fsdp", "trace"), ("torch", "cpu-tracker")])
+def test_verify_several_gpus(cli, tiny_config, sharding, method):
+    """--gpus N --verify: a fake process group (trace) or real gloo ranks (cpu-tracker), the busiest rank shown."""
+    zero = "3" if sharding == "fsdp" else "1"
+    result = cli(tiny_config, "--seq-len", "32", "--gpus", "2", "--zero", zero, "--sharding", sharding,
+                 f"--verify={method}", "--json")
+    assert result.exit_code == 0, result.stderr
+    verify = json.loads(result.stdout)["verify"]
+    assert verify["method"] == ("fake-pg" if method == "trace" else "gloo")
+    peak = next(row for row in verify["rows"] if row["term"] == "peak")
+    assert abs(peak["error_pct"]) < 1.0
+
+
+def test_verify_deepspeed_stage_checks_the_torch_equivalent(cli, tiny_config):
+    result = cli(tiny_config, "--seq-len", "32", "--gpus", "2", "--zero", "3", "--verify=trace", "--json")
+    verify = json.loads(result.stdout)["verify"]
+    assert any("DeepSpeed is not run here" in note for note in verify["notes"])

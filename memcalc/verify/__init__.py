@@ -223,6 +223,8 @@ def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", 
     from memcalc.verify.scale import scale_to_fit
 
     _require_torch()
+    if spec.num_gpus > 1:
+        return _verify_ranks(model_config, spec, method, progress)
     method = resolve_method(method)
     budget = _budget_bytes(method) if (scale if scale is not None else method == METHOD_CUDA) else None
     raw, scaled = model_config.raw, []
@@ -233,6 +235,56 @@ def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", 
     report = estimate_for(config, spec)
     measurement = run_verify(config, spec, method, progress=progress)
     return Outcome(report, measurement, compare(report, measurement), scaled)
+
+
+def _torch_engine(spec: TrainingSpec) -> tuple[str, bool, TrainingSpec, list[str]]:
+    """The PyTorch engine that runs this spec's sharding (DeepSpeed itself is not installed here)."""
+    from memcalc.spec import Sharding
+
+    if spec.sharding == Sharding.fsdp:
+        return "fsdp2", spec.zero_stage == 3, spec, []
+    if spec.sharding == Sharding.torch:
+        return ("ddp" if spec.zero_stage == 0 else "zero1"), True, spec, []
+    # DeepSpeed ZeRO: measure PyTorch's equivalent, and check the estimate of that equivalent.
+    if spec.offload.value != "none":
+        raise UsageError("--verify with --offload: DeepSpeed is not run here and PyTorch has no ZeRO-Offload "
+                         "equivalent; verify without --offload")
+    engine, sharding, stage = {0: ("ddp", "torch", 0), 1: ("zero1", "torch", 1), 2: ("fsdp2", "fsdp", 2),
+                               3: ("fsdp2", "fsdp", 3)}[spec.zero_stage]
+    note = (f"DeepSpeed is not run here: verified PyTorch's equivalent of ZeRO-{spec.zero_stage} "
+            f"({engine}{', reshard_after_forward=' + str(stage == 3) if engine == 'fsdp2' else ''}) against "
+            "memcalc's estimate for that engine")
+    return engine, stage == 3, spec.replace(sharding=sharding, zero_stage=stage), [note]
+
+
+def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
+                  progress: Callable[[str], None] | None) -> Outcome:
+    """Several GPUs: a fake process group at full size (auto, trace) or real gloo ranks on the CPU."""
+    from memcalc.verify.distributed import measure_distributed
+
+    if method == METHOD_CUDA:
+        raise UsageError("--verify=cuda measures one GPU; for several GPUs use --verify=trace (fake process group) "
+                         "or --verify=cpu-tracker (gloo ranks on this CPU)")
+    engine, reshard, checked, notes = _torch_engine(spec)
+    report = estimate_for(model_config, checked)
+    if method == METHOD_CPU_TRACKER:
+        total = ram_bytes()
+        needed = report.per_gpu.peak_bytes * spec.num_gpus
+        if total and needed > CPU_RAM_FRACTION * total:
+            raise UsageError(
+                f"--verify=cpu-tracker would run {spec.num_gpus} gloo ranks of {format_bytes(report.per_gpu.peak_bytes)} "
+                f"each, more than half of this machine's {format_bytes(total)} RAM; use --verify=trace")
+        ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="gloo",
+                                    reshard_after_forward=reshard, progress=progress)
+    else:
+        # rank 0, and for ZeroRedundancyOptimizer every rank (whole parameters: ranks differ)
+        wanted = tuple(range(spec.num_gpus)) if engine == "zero1" else (0,)
+        ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="fake",
+                                    reshard_after_forward=reshard, progress=progress, fake_ranks=wanted)
+    busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
+    busiest.notes.extend(notes)
+    busiest.notes.append(f"measured {len(ranks)} rank(s); shown: the most loaded")
+    return Outcome(report, busiest, compare(report, busiest), [])
 
 
 def _with_raw(config: ModelConfig, raw: dict[str, Any]) -> ModelConfig:

@@ -184,7 +184,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     missing_grads = _embedding_grads_produced_last(tensors) * g_bytes if stage < 2 and spec.grad_accum == 1 else 0
     late = (-missing_grads + act.last_layer_bytes + act.layer_backward_transient_bytes + autocast_recompute
             if act.last_layer_bytes else 0)
-    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late)
+    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late,
+                           holdings.mid_backward_extra_bytes + act.last_layer_bytes if holdings.mid_backward_extra_bytes else 0)
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and t.category != "cpu_offload")
     cpu_bytes = sum(t.bytes for t in terms if t.category == "cpu_offload")
@@ -229,7 +230,8 @@ def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
 
 
 def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int,
-                  recompute_bytes: int, late_backward_extra_bytes: int = 0) -> list[PhaseTotal]:
+                  recompute_bytes: int, late_backward_extra_bytes: int = 0, sharded_layer_bytes: int = 0
+                  ) -> list[PhaseTotal]:
     by_name = {t.name: t for t in terms}
     states = by_name[TERM_OPTIMIZER_STATES].bytes if by_name[TERM_OPTIMIZER_STATES].phases else 0
 
@@ -237,8 +239,11 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
         names = [t.name for t in terms if phase in t.phases and t.name not in exclude]
         return sum(by_name[n].bytes for n in names), names
 
-    saved, forward_names = live(Phase.forward)
-    forward = saved + forward_transient_bytes  # the loss: logits and their fp32 upcast, briefly
+    forward_live, forward_names = live(Phase.forward)
+    # Terms alive in the forward only (e.g. an FSDP2 all-gather buffer) are gone when backward starts.
+    forward_only = sum(t.bytes for t in terms if t.phases == [Phase.forward])
+    saved = forward_live - forward_only
+    forward = forward_live + forward_transient_bytes  # the loss: logits and their fp32 upcast, briefly
     # Start of backward: everything saved by the forward plus the loss/logits gradient buffers;
     # end of backward: activations and autocast copies are freed, every gradient exists.
     # With checkpointing, one layer's activations are rebuilt during backward, after the loss buffers are gone.
@@ -251,8 +256,15 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS or accumulating]
     # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.
     late = end + late_backward_extra_bytes if late_backward_extra_bytes > 0 else 0
+    # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's
+    # activations, its prefetched neighbour and its gradients being reduce-scattered.
+    sharded = 0
+    if sharded_layer_bytes:
+        kept = [t.name for t in terms if Phase.forward in t.phases and Phase.backward in t.phases
+                and t.category != "activations" and t.name not in (TERM_AUTOCAST_COPIES,)]
+        sharded = sum(by_name[n].bytes for n in kept) + sharded_layer_bytes
     backward, backward_names = max((start, start_names), (end, end_names), (late, end_names + [TERM_ACTIVATIONS]),
-                                   key=lambda candidate: candidate[0])
+                                   (sharded, start_names), key=lambda candidate: candidate[0])
     step, step_names = live(Phase.optimizer_step)
     return [
         PhaseTotal(phase=Phase.forward, bytes=forward, terms=forward_names, first_step_bytes=forward - states),

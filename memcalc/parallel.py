@@ -53,6 +53,10 @@ class RankHoldings:
     buffers: tuple[Term, ...] = ()
     notes: tuple[str, ...] = field(default=())
     engine: str = "none"
+    # FSDP2, during a layer's backward, beyond the buffers alive in forward: the next layer prefetched
+    # (reshard_after_forward), the layer's unsharded gradients and their reduce-scatter copy in the reduce
+    # dtype, and its sharded gradient (measured on gloo ranks and the fake process group).
+    mid_backward_extra_bytes: int = 0
 
 
 def zero12_partition_numel(num_elements: int, num_gpus: int) -> int:
@@ -282,6 +286,15 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
                f"{reshard} (the root module keeps its parameters through backward)",
         category="temporaries", phases=FWD_BWD,
     ))
+    if not reshard:
+        # Kept units plus the next unit's all-gather output, alive until its parameters are copied out
+        # (measured: one layer's 16-bit parameters above the kept units at the forward's peak).
+        buffers.append(Term(
+            name="fsdp_all_gather_buffer", bytes=largest_layer * gathered_bytes,
+            formula=f"all-gather output of the next layer {_n(largest_layer)} params x {gathered_bytes} B",
+            source="torch FSDP2: foreach all-gather output, freed after the copy-out into the unsharded parameters",
+            category="temporaries", phases=[Phase.forward],
+        ))
     reduce_bytes = FP32_BYTES if mixed else weight_bytes
     buffers.append(Term(
         name="fsdp_reduce_scatter", bytes=largest_layer * reduce_bytes,
@@ -289,6 +302,10 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         source="torch FSDP2: a unit's unsharded gradients, cast to reduce_dtype, are the reduce-scatter input",
         category="temporaries", phases=BACKWARD,
     ))
+    prefetch = largest_layer * gathered_bytes if reshard else 0
+    shard_bytes = FP32_BYTES if mixed else weight_bytes
+    mid_backward = (prefetch + largest_layer * reduce_bytes + largest_layer * gathered_bytes
+                    + math.ceil(largest_layer / num_gpus) * shard_bytes)
     notes = [f"FSDP2 {'reshards after forward (ZeRO-3-like)' if reshard else 'keeps parameters unsharded until backward (ZeRO-2-like)'}"]
     if mixed:
         notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
@@ -299,5 +316,5 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
         effective_stage=spec.zero_stage, grad_bytes_override=FP32_BYTES if mixed else None,
         weight_bytes_override=FP32_BYTES if mixed else None, fp32_grad_copy=False,
-        buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2",
+        buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
     )

@@ -30,7 +30,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=False,
     help="How much GPU memory a training run takes, term by term, and whether it fits. "
-    "'memcalc MODEL [options]' is short for 'memcalc estimate MODEL [options]'.",
+    "'memcalc MODEL --flags' is short for 'memcalc estimate MODEL --flags'.",
 )
 
 # Shared options, defined once.

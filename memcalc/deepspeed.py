@@ -1045,6 +1045,7 @@ def compare_with_deepspeed(
         TERM_LOSS_BUFFERS,
         TERM_MASTER,
         TERM_MASTER_GRAD_COPY,
+        TERM_ZERO3_FP32_GRADS,
         TERM_OPTIMIZER_STATES,
         TERM_WEIGHTS,
         TERM_ZERO3_GATHERED,
@@ -1131,8 +1132,9 @@ def compare_with_deepspeed(
             "DeepSpeed's ZeRO-3 formula has no 16-bit gradient shard: its 18 B/param / GPUs is 2 16-bit params + "
             "4 fp32 grads + 4 fp32 params + 8 Adam (its offload variants move 16 and 18 B/param to the CPU, the "
             "same split); memcalc counts the rank's reduce-scattered 16-bit gradient shard, 2 B/param / GPUs" + common))
-        rows.extend(_state_rows(report, share, where, TERM_MASTER_GRAD_COPY, TERM_MASTER, TERM_OPTIMIZER_STATES,
-                                training.optimizer))
+        rows.extend(_state_rows(report, share, where,
+                                TERM_MASTER_GRAD_COPY if where else TERM_ZERO3_FP32_GRADS, TERM_MASTER,
+                                TERM_OPTIMIZER_STATES, training.optimizer))
         ds_gathered = 4 * L
         rows.append(ComparisonRow(
             "gathered layer (params + grads)", _memcalc_term(report, TERM_ZERO3_GATHERED, TERM_ZERO3_GATHERED_GRADS),
@@ -1146,7 +1148,8 @@ def compare_with_deepspeed(
         "activations", _memcalc_term(report, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS), 0,
         "DeepSpeed's estimator covers model states only: no activations, logits or loss buffers"))
     matched = {TERM_WEIGHTS, TERM_GRADIENTS, TERM_MASTER_GRAD_COPY, TERM_MASTER, TERM_OPTIMIZER_STATES,
-               TERM_ZERO3_GATHERED, TERM_ZERO3_GATHERED_GRADS, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS}
+               TERM_ZERO3_GATHERED, TERM_ZERO3_GATHERED_GRADS, TERM_ZERO3_FP32_GRADS, TERM_ACTIVATIONS,
+               TERM_LOSS_BUFFERS}
     others = [t for t in report.per_gpu.terms if t.name not in matched]
     if others:
         rows.append(ComparisonRow(
@@ -1171,14 +1174,19 @@ def compare_with_deepspeed(
 
 def _state_rows(report: Report, share, where: str | None, term_grad32: str, term_master: str, term_states: str,
                 optimizer: str) -> list[ComparisonRow]:
+    from memcalc.report import TERM_ZERO3_FP32_GRADS
+
     offloaded = (f"DeepSpeed counts it {where}, none on the GPU; " if where else "")
     adam = optimizer in ("adamw", "adam")
     return [
         ComparisonRow(
             "fp32 gradients", _memcalc_term(report, term_grad32), 0 if where else share(4),
-            offloaded + "DeepSpeed counts a persistent fp32 gradient partition (4 B/param / GPUs); memcalc counts the "
-            "fp32 cast of the rank's gradient partition as a temporary of the optimizer step (stage_1_and_2.py "
-            "step())"),
+            offloaded + ("both keep a persistent fp32 gradient buffer (stage3.py initialize_optimizer_states: "
+                         "gradient_buffer, which memcalc sizes to the largest optimizer sub-group, at most "
+                         "sub_group_size = 1e9 elements)" if term_grad32 == TERM_ZERO3_FP32_GRADS else
+                         "DeepSpeed counts a persistent fp32 gradient partition (4 B/param / GPUs); memcalc counts "
+                         "the fp32 cast of the rank's gradient partition as a temporary of the optimizer step "
+                         "(stage_1_and_2.py step())")),
         ComparisonRow(
             "fp32 master weights", _memcalc_term(report, term_master), 0 if where else share(4),
             offloaded + "both: 4 B x params / GPUs for the fp32 master partition"),

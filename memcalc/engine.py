@@ -251,7 +251,7 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
     end, end_names = live(Phase.backward, exclude=end_exclude)
     # A unit's unsharded gradients exist during backward, not at its end after the last reduce-scatter.
-    end -= sum(by_name[n].bytes for n in ("zero3_unit_grads", "fsdp_reduce_scatter") if n in by_name)
+    end -= sum(by_name[n].bytes for n in (TERM_ZERO3_GATHERED_GRADS, "fsdp_reduce_scatter") if n in by_name)
     accumulating = Phase.forward in by_name[TERM_GRADIENTS].phases  # --grad-accum > 1: grads live throughout
     start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS or accumulating]
     # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.

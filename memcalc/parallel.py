@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memcalc.model import ParamTensor
-from memcalc.report import Phase, Term
+from memcalc.report import TERM_ZERO3_FP32_GRADS, TERM_ZERO3_GATHERED, TERM_ZERO3_GATHERED_GRADS, Phase, Term
 from memcalc.spec import Offload, Sharding, TrainingSpec
 
 # deepspeed/runtime/zero/stage_1_and_2.py: each param group is flattened with
@@ -175,14 +175,14 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
         live = min(unit_numel, buffers_cfg.stage3_max_live_parameters)
         prefetch = min(buffers_cfg.stage3_prefetch_bucket_size, max(0, num_all - live))
         buffers.append(Term(
-            name="zero3_gathered_params", bytes=(live + prefetch) * weight_bytes,
+            name=TERM_ZERO3_GATHERED, bytes=(live + prefetch) * weight_bytes,
             formula=f"largest module ({unit_name}) {_n(live)} + prefetch bucket {_n(prefetch)} params x {weight_bytes} B",
             source=f"{DS} ZeRO-3 all-gathers a module's parameters before it runs and prefetches up to "
                    "stage3_prefetch_bucket_size elements of the next ones",
             category="temporaries", phases=FWD_BWD,
         ))
         buffers.append(Term(
-            name="zero3_unit_grads", bytes=unit_numel * grad_bytes,
+            name=TERM_ZERO3_GATHERED_GRADS, bytes=unit_numel * grad_bytes,
             formula=f"full gradients of {unit_name} before reduce-scatter: {_n(unit_numel)} x {grad_bytes} B",
             source=f"{DS} stage3.py reduces a module's gradients after its backward",
             category="temporaries", phases=BACKWARD,
@@ -204,7 +204,7 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
         # gradient_buffer = torch.zeros(largest sub-group, fp32) as the fp32 master's .grad for the whole run.
         fp32_grads = min(shard_trainable, DS_SUB_GROUP_SIZE)
         buffers.append(Term(
-            name="zero3_fp32_grad_buffer", bytes=fp32_grads * FP32_BYTES,
+            name=TERM_ZERO3_FP32_GRADS, bytes=fp32_grads * FP32_BYTES,
             formula=f"largest sub-group {_n(fp32_grads)} elements x 4 B (fp32)",
             source=f"{DS} stage3.py initialize_optimizer_states: gradient_buffer, kept for the whole run",
             category="temporaries", phases=ALL_PHASES,

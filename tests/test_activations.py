@@ -1,7 +1,11 @@
 """Activations: the bytes transformers saves for backward, tensor by tensor, against the formula.
 
 Measured with torch.autograd.graph.saved_tensors_hooks on tiny models on the CPU: every distinct storage a
-forward pass saves for backward (parameters and autocast weight copies excluded: those are other terms).
+forward pass saves for backward (parameters, registered buffers and autocast weight copies excluded: those are
+model state or other terms). Where a CPU forward saves something else than a CUDA one (LayerNorm statistics in
+bf16, dropout noise in the input dtype instead of a 1-byte mask, ops CPU autocast leaves in bf16) each test says
+so and corrects for it explicitly; configs whose CPU kernels differ wholesale (T5 or DeepSeek sdpa: the math
+kernel) are checked with eager attention.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     # Registered buffers (BERT's position_ids, sliced and saved by the position embedding) are model state too.
     excluded = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     parameter_ptrs = set(excluded)
-    saved: dict[int, int] = {}
+    saved: dict[int, object] = {}
 
     class WeightCopies(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -76,14 +80,16 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in excluded:
-            saved[storage.data_ptr()] = storage.nbytes()
+            # Keep the storage alive: a saved tensor whose node dies at once (an unused topk's indices) must
+            # not hand its address to a later one and be counted as that one.
+            saved[storage.data_ptr()] = storage
         return tensor
 
     ids = torch.randint(1, raw["vocab_size"], (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), WeightCopies():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model(input_ids=ids, labels=ids)
-    return sum(saved.values())
+    return sum(storage.nbytes() for storage in saved.values())
 
 
 def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
@@ -114,16 +120,20 @@ GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("recipe", ["bf16-pure", "fp32"])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_gpt2_saved_activations(recipe, attention, use_cache):
-    """GPT-2 with dropout off. Autocast is left out: CPU autocast runs layer_norm in bf16, CUDA in fp32."""
+    """GPT-2 with dropout off. CPU-vs-CUDA differences, explicitly: bf16: CUDA's layer_norm keeps mean/rstd in fp32,
+    the CPU kernel in bf16 (5 LayerNorms x 2 x T x 2 B); amp-bf16: CUDA autocast runs NewGELU's pow in fp32 (its
+    input cast, tanh and 1 + tanh saved in fp32, c_proj saving a cast of the fp32 output), CPU autocast in bf16:
+    (12 + 2c - 5c) T I per layer."""
     raw = {**GPT2, "use_cache": use_cache}
+    tokens, inner = 2 * 48, 4 * 96
     measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
     estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
-    # CUDA's layer_norm keeps mean/rstd in fp32; the CPU kernel in the input dtype: 5 LayerNorms x 2 x T.
-    cpu_stats = 0 if recipe == "fp32" else 5 * 2 * 96 * (4 - 2)
-    print(f"gpt2 {recipe} {attention}: estimated {estimated:,} (CPU layer-norm stats -{cpu_stats}) measured {measured:,}")
-    assert estimated - cpu_stats == measured
+    cpu = {"bf16-pure": 5 * 2 * tokens * (4 - 2), "fp32": 0,
+           "amp-bf16": 2 * (12 + 2 * 2 - 5 * 2) * tokens * inner}[recipe]
+    print(f"gpt2 {recipe} {attention}: estimated {estimated:,} (CPU differences -{cpu}) measured {measured:,}")
+    assert estimated - cpu == measured
 
 
 @pytest.mark.parametrize("recipe", ["bf16-pure", "amp-bf16"])
@@ -146,7 +156,8 @@ def test_checkpointing_keeps_layer_inputs(recipe):
     # checkpoint rather than saved through the hooks this measurement sees.
     dtype_bytes = 4 if recipe == "amp-bf16" else 2
     rotary = 2 * 48 * (BASE["hidden_size"] // BASE["num_attention_heads"]) * dtype_bytes
-    print(f"checkpointing {recipe}: estimate {checkpointed - per_layer:,} (+ {per_layer:,} recomputed) measured {measured:,}")
+    print(f"checkpointing {recipe}: estimate {checkpointed - per_layer:,} (+ {per_layer:,} recomputed) "
+          f"measured {measured:,}")
     assert checkpointed - rotary == measured
 
 
@@ -211,4 +222,131 @@ def test_bert_dropout_masks(recipe, attention):
     estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention=attention)
     masks = tokens * 96 * (1 + 2 * 2) + (2 * batch * 4 * seq * seq if attention == "eager" else 0)
     cpu = 8 * tokens + (6 * 2 * tokens * (4 - 2) if recipe == "bf16-pure" else 0) - (c - 1) * masks
+    assert estimated - cpu == measured
+
+
+T5 = {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "d_model": 96, "d_ff": 160, "d_kv": 24,
+      "num_layers": 2, "num_decoder_layers": 1, "num_heads": 4, "vocab_size": 300, "dropout_rate": 0.0,
+      "decoder_start_token_id": 0, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu", "gated-silu"])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_t5_saved_activations(recipe, feed_forward_proj):
+    """T5ForConditionalGeneration with eager attention (on the CPU, sdpa with the relative-position bias as a mask
+    that needs a gradient takes the math kernel; CUDA's memory-efficient kernel takes it as the formula says).
+    The encoder and decoder inputs have the same length. CPU-vs-CUDA differences, explicitly:
+    - labels=input_ids: one int64 tensor where a real batch has two (8 T);
+    - amp-bf16: the cross-attention scores (bf16, zero bias in bf16) go through softmax in bf16 on the CPU, in fp32 on
+      CUDA, which then casts them for the matmul (4 b a s^2 per decoder layer)."""
+    batch, seq = 2, 48
+    tokens = batch * seq
+    raw = {**T5, "feed_forward_proj": feed_forward_proj}
+    measured = measure_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
+    cpu = 8 * tokens + (1 * 4 * batch * 4 * seq * seq if recipe == "amp-bf16" else 0)
+    print(f"t5 {recipe} {feed_forward_proj}: estimated {estimated:,} (CPU differences -{cpu:,}) measured {measured:,} "
+          f"diff {estimated - cpu - measured:,}")
+    assert estimated - cpu == measured
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+@pytest.mark.parametrize("recipe", ["bf16-pure", "fp32"])
+def test_t5_dropout_masks(recipe, feed_forward_proj):
+    """dropout_rate 0.1 (eager): 1-byte CUDA masks where the CPU saves noise in c. Masks: 4 T h per model
+    (embedding and final dropout of both stacks); per layer T I (feed-forward inner), T h per sub-layer output
+    (2 encoder, 3 decoder) and b a s^2 per attention (1 encoder, 2 decoder)."""
+    batch, seq, c = 2, 48, 2 if recipe == "bf16-pure" else 4
+    tokens, enc, dec = batch * seq, 2, 1
+    raw = {**T5, "feed_forward_proj": feed_forward_proj, "dropout_rate": 0.1}
+    measured = measure_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
+    masks = (4 * tokens * 96 + (enc + dec) * tokens * 160 + (2 * enc + 3 * dec) * tokens * 96
+             + (enc + 2 * dec) * batch * 4 * seq * seq)
+    assert estimated - 8 * tokens + (c - 1) * masks == measured
+
+
+DEEPSEEK = {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 96,
+            "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": 300, "max_position_embeddings": 256, "kv_lora_rank": 32, "q_lora_rank": 48,
+            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4,
+            "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "first_k_dense_replace": 1,
+            "n_group": 2, "topk_group": 1}
+
+
+@pytest.mark.parametrize("variant", [{"topk_method": "greedy"}, {"topk_method": "group_limited_greedy"},
+                                     {"q_lora_rank": None}])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_deepseek_v2_saved_activations(recipe, variant):
+    """MLA + MoE (layer 0 dense, layer 1 MoE with a shared expert), eager attention: on the CPU, sdpa with
+    qk_head_dim != v_head_dim takes the math kernel (CUDA: memory-efficient attention, as the formula says)."""
+    raw = {**DEEPSEEK, **variant}
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, attention="eager")
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48, attention="eager")
+    # group_limited_greedy: the max over expert groups and the topk over group scores save int64 indices through the
+    # hooks, but only the topk's indices are used: both nodes die when the router returns (8 T (n_group + topk_group)).
+    dead = 8 * 2 * 48 * (2 + 1) if variant.get("topk_method") == "group_limited_greedy" else 0
+    assert estimated == measured - dead
+
+
+LAYER_NORM_FAMILIES = {  # name: (config, LayerNorms in the model, attention implementations it has)
+    "opt": ({"model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": 96, "ffn_dim": 160,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 256,
+             "dropout": 0.0, "attention_dropout": 0.0}, 5, ("sdpa", "eager")),
+    "bloom": ({"model_type": "bloom", "architectures": ["BloomForCausalLM"], "hidden_size": 96, "n_layer": 2,
+               "n_head": 4, "vocab_size": 300, "hidden_dropout": 0.0, "attention_dropout": 0.0}, 6, ("eager",)),
+    "phi": ({"model_type": "phi", "architectures": ["PhiForCausalLM"], "hidden_size": 96, "intermediate_size": 160,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300}, 3, ("sdpa", "eager")),
+    "falcon": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
+                "attention_dropout": 0.0}, 3, ("sdpa", "eager")),
+    "falcon-40b-layout": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
+                           "attention_dropout": 0.0, "new_decoder_architecture": True, "num_kv_heads": 2}, 5,
+                          ("sdpa", "eager")),
+    "falcon-sequential": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
+                           "attention_dropout": 0.0, "multi_query": False, "parallel_attn": False}, 5,
+                          ("sdpa", "eager")),
+}
+LAYER_NORM_CASES = [(name, attention) for name, (_, _, attentions) in LAYER_NORM_FAMILIES.items()
+                    for attention in attentions]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize(("family", "attention"), LAYER_NORM_CASES)
+def test_layer_norm_decoders_saved_activations(family, attention, recipe):
+    """OPT, BLOOM (eager only in transformers), Phi, Falcon (Falcon-7B multi-query: its sdpa runs the math
+    backend, upcast to fp32, on the CPU as on CUDA), dropout off. CPU-vs-CUDA differences, explicitly:
+    - bf16: CPU LayerNorm statistics in bf16, CUDA in fp32 (LayerNorms x 2 x T x 2 B);
+    - amp-bf16, Phi: CUDA autocast runs NewGELU's pow in fp32 (the fp32 input, tanh and 1 + tanh saved in fp32
+      and fc2 saving a cast), CPU autocast keeps it in bf16: (12 + 2c - 5c) T I per layer."""
+    raw, layer_norms, _ = LAYER_NORM_FAMILIES[family]
+    batch, seq = 2, 48
+    tokens = batch * seq
+    measured = measure_saved_bytes(raw, recipe, batch=batch, seq=seq, attention=attention)
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention=attention)
+    cpu = layer_norms * 2 * tokens * (4 - 2) if recipe == "bf16-pure" else 0
+    if recipe == "amp-bf16" and family == "phi":
+        cpu += 2 * (12 + 2 * 2 - 5 * 2) * tokens * 160
+    print(f"{family} {recipe} {attention}: estimated {estimated:,} (CPU differences -{cpu:,}) measured {measured:,}")
+    assert estimated - cpu == measured
+
+
+@pytest.mark.parametrize("recipe", ["bf16-pure", "fp32"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "phi"])
+def test_layer_norm_decoders_dropout_masks(family, recipe):
+    """Dropout on, eager attention (attention dropout too): 1-byte CUDA masks where the CPU saves c-byte noise.
+    Masks per layer: 2 T h (after attention and after the MLP) and b a s^2; Phi also T h per model (embd_pdrop).
+    (The dropped probs replace the c copy of the fp32 softmax as the matmul's saved input: new bytes only in fp32.)"""
+    raw, layer_norms, _ = LAYER_NORM_FAMILIES[family]
+    keys = {"opt": ("dropout", "attention_dropout"), "bloom": ("hidden_dropout", "attention_dropout"),
+            "phi": ("resid_pdrop", "attention_dropout", "embd_pdrop")}[family]
+    raw = {**raw, **{key: 0.1 for key in keys}}
+    batch, seq, c = 2, 48, 2 if recipe == "bf16-pure" else 4
+    tokens = batch * seq
+    measured = measure_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
+    masks = 2 * (2 * tokens * 96 + batch * 4 * seq * seq) + (tokens * 96 if family == "phi" else 0)
+    cpu = (layer_norms * 2 * tokens * (4 - 2) if recipe == "bf16-pure" else 0) - (c - 1) * masks
     assert estimated - cpu == measured

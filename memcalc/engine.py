@@ -142,6 +142,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                    "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
             category="temporaries", phases=FWD_BWD,
         ))
+        if subset.autocast_forward_only_numel:
+            in_layers = subset.autocast_forward_only_numel
+            terms.append(Term(
+                name="autocast_cache_checkpointed", bytes=in_layers * c_bytes,
+                formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {c_bytes} B",
+                source="torch.autocast's weight cache keeps every cast until the autocast context exits (after the "
+                       "loss); checkpointing drops them from the saved tensors, so they are gone in backward",
+                category="temporaries", phases=[Phase.forward],
+            ))
     terms.extend(holdings.buffers)
     if holdings.weights_on_cpu_numel:
         terms.append(Term(

@@ -84,6 +84,7 @@ class TrainableSubset:
     quantized: frozenset[str] = field(default_factory=frozenset)  # names of NF4-stored base weights
     autocast_copy_numel: int = 0  # Linear weights autocast casts and keeps from forward to backward
     autocast_recompute_numel: int = 0  # with checkpointing: one layer's casts, redone during backward
+    autocast_forward_only_numel: int = 0  # with checkpointing: the layers' casts, cached until autocast exits
     notes: tuple[str, ...] = ()
 
     @property
@@ -138,26 +139,32 @@ def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool) -> tuple[ParamT
     return lora_a, lora_b
 
 
-def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str], checkpointing: bool) -> tuple[int, int]:
+def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str], checkpointing: bool) -> tuple[int, int, int]:
     """Elements of the weights torch.autocast keeps low-precision copies of from forward to backward.
 
     Every Linear weight is cast once per forward (autocast's weight cache) and the cast is saved for
     backward. A head tied to the input embedding is a Linear too: its weight is the embedding tensor.
     QLoRA's 4-bit base is dequantized on the fly and saves the 4-bit weight, so no copy persists. With
-    checkpointing, casts inside a checkpointed layer are dropped and redone one layer at a time in
-    backward. Returns (copies alive from forward to backward, copies of the largest layer's recompute).
+    checkpointing, the casts made inside checkpointed layers stay in autocast's cache until the forward's
+    autocast context exits (after the loss) but are not saved for backward, which redoes one layer's at a
+    time. MoE routers apply a bare weight with F.linear: cast too.
+    Returns (copies alive from forward to backward, the largest layer's copies redone in backward, the
+    checkpointed layers' copies alive in the forward only).
     """
-    cast = [t for t in tensors if (t.is_linear_weight or t.role == ROLE_LORA) and t.name not in quantized]
-    if not any(t.role == ROLE_LM_HEAD and t.is_linear_weight for t in tensors):
-        embeddings = [t for t in tensors if t.role == ROLE_EMBEDDING and len(t.shape) == 2]
-        cast += embeddings[:1]  # tied lm_head (e.g. gpt2, qwen2.5-0.5b, gemma)
+    cast = [t for t in tensors if (t.is_linear_weight or t.role == ROLE_LORA or
+                                   (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
+    embeddings = [t for t in tensors if t.role == ROLE_EMBEDDING and len(t.shape) == 2]
+    vocab = embeddings[0].shape[0] if embeddings else None
+    has_own_head = any(t.role == ROLE_LM_HEAD and t.is_linear_weight and t.shape[0] == vocab for t in tensors)
+    if embeddings and not has_own_head:
+        cast.append(embeddings[0])  # a head tied to the embedding (gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder)
     if not checkpointing:
-        return sum(t.numel for t in cast), 0
+        return sum(t.numel for t in cast), 0, 0
     per_layer: dict[int, int] = {}
     for t in cast:
         if t.layer is not None:
             per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel
-    return sum(t.numel for t in cast if t.layer is None), max(per_layer.values(), default=0)
+    return sum(t.numel for t in cast if t.layer is None), max(per_layer.values(), default=0), sum(per_layer.values())
 
 
 def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
@@ -200,9 +207,11 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
             notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
                          "lm_head stay 16-bit (bitsandbytes skips lm_head)")
     if model.architecture_known:
-        autocast_numel, recompute_numel = _autocast_copy_numel(tensors, quantized, spec.checkpointing.value == "full")
+        autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
+            tensors, quantized, spec.checkpointing.value == "full")
     else:
-        autocast_numel, recompute_numel = sum(t.numel for t in tensors), 0
+        autocast_numel, recompute_numel, forward_only_numel = sum(t.numel for t in tensors), 0, 0
         if spec.precision.value.startswith("amp"):
             notes.append("without an architecture, every parameter is assumed to be a Linear weight for autocast copies")
-    return TrainableSubset(tuple(tensors), frozenset(quantized), autocast_numel, recompute_numel, tuple(notes))
+    return TrainableSubset(tuple(tensors), frozenset(quantized), autocast_numel, recompute_numel, forward_only_numel,
+                           tuple(notes))

@@ -59,7 +59,7 @@ class Case:
     @property
     def cpu_differs(self) -> str | None:
         if self.precision.startswith("amp") and self.family == "gpt2":
-            return "CPU autocast runs layer_norm and pow in bf16 (CUDA: fp32)"
+            return "CPU autocast runs NewGELU's pow in bf16 (CUDA: fp32, as the estimate models)"
         return None
 
     def spec(self) -> TrainingSpec:

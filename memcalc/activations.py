@@ -82,7 +82,7 @@ NOTE_MOE = ("MoE activations: how many tokens each expert gets depends on the ro
 SOURCE_KORTHIKANTI = "Korthikanti et al. 2022, eq. 2 (GPT-style layer, 16-bit); first approximation"
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class ActivationEstimate:
     terms: list[Term] = field(default_factory=list)
     forward_transient_extra_bytes: int = 0
@@ -108,7 +108,7 @@ def _first(raw: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class _Run:
     """The shapes and dtypes of one micro-batch's forward."""
 
@@ -128,7 +128,7 @@ class _Run:
         return FP32_BYTES if self.autocast else self.c
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Loss:
     """The logits and the cross-entropy over them: rows x vocab, and the dtype log_softmax saves."""
 
@@ -139,7 +139,7 @@ class _Loss:
                    "its output. HF Trainer drops the model output (and its logits) before backward")
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Rule:
     """What one family's forward saves: per layer (forward order), per model, and the loss."""
 

@@ -49,7 +49,7 @@ ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
 AFTER_BACKWARD = [Phase.backward, Phase.optimizer_step]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ModelInput:
     """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
 

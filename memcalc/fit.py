@@ -25,7 +25,7 @@ DEFAULT_ALLOCATOR_RESERVE_FRACTION = 0.05
 SUGGESTED_GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GpuTarget:
     name: str
     memory_bytes: int

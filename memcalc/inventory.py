@@ -716,7 +716,7 @@ def _t5(raw: dict, head_class: str) -> list[ParamTensor]:  # models/t5/modeling_
 # ---------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class _Family:
     build: Callable[[dict, str], list[ParamTensor]]
     heads: dict[str, str]  # transformers class name -> what the builder is told; the first is the default
@@ -759,7 +759,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {t: tuple(_REGISTRY[t].hea
 # ---------------------------------------------------------------- what to build, and building it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class InventoryTarget:
     """What the inventory follows for a config.
 

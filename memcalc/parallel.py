@@ -36,7 +36,7 @@ DS_SUB_GROUP_SIZE = 1_000_000_000
 DDP_BUCKET_CAP_BYTES = 25 * 2**20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RankHoldings:
     """What one GPU holds for each model state (element counts), and the engine's working buffers."""
 

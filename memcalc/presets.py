@@ -83,7 +83,7 @@ def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
     return [by_key[m] for m in matches]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GpuSpec:
     name: str
     display: str

@@ -41,7 +41,7 @@ class Phase(str, Enum):
     optimizer_step = "optimizer_step"
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Term:
     name: str
     bytes: int
@@ -52,7 +52,7 @@ class Term:
     breakdown: dict[str, int] = field(default_factory=dict)  # e.g. exp_avg / exp_avg_sq for optimizer_states
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class PhaseTotal:
     phase: Phase
     bytes: int
@@ -60,7 +60,7 @@ class PhaseTotal:
     first_step_bytes: int  # step 0: no optimizer state exists before the first optimizer step
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class ModelSummary:
     name: str
     source: str
@@ -72,7 +72,7 @@ class ModelSummary:
     params_source: str  # "inventory" | "--params"
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class TrainingSummary:
     precision: str
     precision_description: str
@@ -101,7 +101,7 @@ class TrainingSummary:
     defaults_used: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class PerGpu:
     terms: list[Term]
     model_states_bytes: int
@@ -112,7 +112,7 @@ class PerGpu:
     cpu_offload_bytes: int = 0  # CPU RAM this GPU's process uses for offloaded states (ZeRO-Offload)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Totals:
     """Across all GPUs: per-GPU figures times the number of GPUs (replicas and shards alike)."""
 
@@ -123,7 +123,7 @@ class Totals:
     cpu_offload_bytes_per_node: int = 0
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class FitSuggestion:
     change: str  # a command-line change, e.g. "--zero 3"
     peak_bytes: int
@@ -131,7 +131,7 @@ class FitSuggestion:
     spec_changes: dict[str, Any] = field(default_factory=dict)  # the same change as TrainingSpec fields
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Fit:
     gpu: str
     gpu_memory_bytes: int
@@ -150,7 +150,7 @@ class Fit:
     max_seq_len_peak_bytes: int | None = None
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Report:
     model: ModelSummary
     training: TrainingSummary

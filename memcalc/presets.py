@@ -63,8 +63,15 @@ def _model_alias_index() -> dict[str, str]:
 
 
 def find_model_preset(name: str) -> str | None:
-    """The preset a user-typed name or alias refers to, or None."""
-    return _model_alias_index().get(normalize_name(name))
+    """The preset a user-typed name or alias refers to, or None.
+
+    A preset's own name is found from its file name alone; only aliases need every preset read (a few ms
+    of the start-up budget).
+    """
+    key = normalize_name(name)
+    if (presets_dir() / "models" / f"{key}.json").is_file():
+        return key
+    return _model_alias_index().get(key)
 
 
 def load_model_preset(preset_name: str) -> dict[str, Any]:

@@ -545,6 +545,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         resolve_setup,
         storage_bytes,
         to_measurement,
+        watch_step,
     )
 
     say = progress or (lambda _msg: None)
@@ -593,11 +594,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
                                 UNSHARDED_GRADIENTS)
     else:
         tracker.watch_gradients(model.parameters())
-    tracker.watch_optimizer(stepper.optimizer, stepper.fused)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        tracker.loss_region(head)
-    stepper.on_master_grads = lambda grads: tracker.register(grads, trk.FP32_GRAD_COPY)
+    watch_step(tracker, model, stepper)
     grads: dict[str, int] = {}
     params = list(model.parameters())
 

@@ -310,6 +310,15 @@ class _TrackerClock(PhaseClock):
             self.inner.finish()
 
 
+def watch_step(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper) -> None:
+    """Attribute optimizer state, the loss region (logits, log_softmax) and fp32 gradient copies."""
+    tracker.watch_optimizer(stepper.optimizer, stepper.fused)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        tracker.loss_region(head)
+    stepper.on_master_grads = lambda grads: tracker.register(grads, trk.FP32_GRAD_COPY)
+
+
 @dataclass
 class StepResult:
     """What one measured step produced, before a method turns it into a Measurement."""
@@ -360,11 +369,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     tracker.register(model.buffers(), trk.OTHER)
     tracker.register([input_ids], trk.OTHER)
     tracker.watch_gradients(model.parameters())
-    tracker.watch_optimizer(stepper.optimizer, stepper.fused)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        tracker.loss_region(head)
-    stepper.on_master_grads = lambda grads: tracker.register(grads, trk.FP32_GRAD_COPY)
+    watch_step(tracker, model, stepper)
     grads: dict[str, int] = {}
 
     def after_backward() -> None:

@@ -41,7 +41,6 @@ DEEPSPEED_VERSION_READ = "0.19.8"
 # deepspeed/runtime/zero/config.py, class DeepSpeedZeroConfig (pydantic fields; pp_int(5e8) is int 500000000).
 DS_DEFAULT_ZERO_STAGE = 0  # stage: ZeroStageEnum = 0
 DS_DEFAULT_CONTIGUOUS_GRADIENTS = True  # contiguous_gradients: bool = True
-DS_DEFAULT_REDUCE_SCATTER = True  # reduce_scatter: bool = True
 DS_DEFAULT_REDUCE_BUCKET_SIZE = 500_000_000  # reduce_bucket_size = Field(pp_int(5e8), gt=0)
 DS_DEFAULT_ALLGATHER_BUCKET_SIZE = 500_000_000  # allgather_bucket_size = Field(pp_int(5e8), ge=0)
 DS_DEFAULT_PREFETCH_BUCKET_SIZE = 50_000_000  # prefetch_bucket_size (alias stage3_prefetch_bucket_size) = pp_int(5e7)

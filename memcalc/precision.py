@@ -119,7 +119,3 @@ def get_recipe(
     if overridden:
         recipe = replace(recipe, description=f"{recipe.description} (overridden: {', '.join(overridden)})")
     return recipe
-
-
-def all_recipes() -> list[Recipe]:
-    return list(_RECIPES.values())

@@ -50,8 +50,6 @@ OPTIMIZER_TEMPORARIES = "optimizer_temporaries"
 OTHER = "other"
 CATEGORIES = (WEIGHTS, MASTER, GRADIENTS, OPTIMIZER_STATES, AUTOCAST_COPIES, ACTIVATIONS, LOGITS_AND_LOSS,
               BACKWARD_TEMPORARIES, FP32_GRAD_COPY, OPTIMIZER_TEMPORARIES, OTHER)
-IDENTITY_CATEGORIES = (WEIGHTS, MASTER, GRADIENTS, OPTIMIZER_STATES, FP32_GRAD_COPY)
-
 SETUP = "setup"
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -120,7 +118,6 @@ class MemoryTracker(TorchDispatchMode):
         self.category_max: dict[str, int] = {c: 0 for c in CATEGORIES}
         self.record_timeline = record_timeline
         self.timeline: list[Snapshot] = []
-        self.num_ops = 0
         self._seq = 0
         self._phase = SETUP
         self._in_loss = False
@@ -316,7 +313,6 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.num_ops += 1
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outputs:
             return out
@@ -353,7 +349,3 @@ class MemoryTracker(TorchDispatchMode):
 
     def phase_peak_bytes(self) -> dict[str, int]:
         return {p: s.total_bytes for p, s in self.phase_peaks.items()}
-
-    def live_by_category(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.by_category)

@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memcalc import activations, trainable
-from memcalc.model import ModelConfig, ParamTensor
+from memcalc.model import (
+    ROLE_EMBEDDING,
+    ROLE_EXPERT,
+    ROLE_POSITION_EMBEDDING,
+    ModelConfig,
+    ParamTensor,
+    head_tied_to_embedding,
+    token_embedding,
+)
 from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
 from memcalc.parallel import rank_holdings
 from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
@@ -218,7 +226,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
 
 
 def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
-    expert_numel = sum(t.numel for t in tensors if t.role == "expert")
+    expert_numel = sum(t.numel for t in tensors if t.role == ROLE_EXPERT)
     if not expert_numel or model.config is None:
         return []
     raw = model.config.raw.get("text_config") or model.config.raw
@@ -229,12 +237,13 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
-    """Elements of input-embedding gradients, which appear only at the very end of backward."""
-    tied = not any(t.role == "lm_head" and t.is_linear_weight for t in tensors)
-    embeddings = [t for t in tensors if t.trainable and t.role in ("embedding", "position_embedding") and t.layer is None]
-    if tied and embeddings:  # the head's backward, first of all, already produced the token embedding's grad
-        embeddings = embeddings[1:]
-    return sum(t.numel for t in embeddings)
+    """Elements of input-embedding gradients, which appear only at the very end of backward.
+
+    A token embedding tied to the head already has its gradient from the head's backward, first of all.
+    """
+    tied = token_embedding(tensors) if head_tied_to_embedding(tensors) else None
+    return sum(t.numel for t in tensors if t.trainable and t.layer is None and t is not tied
+               and t.role in (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING))
 
 
 def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int,

@@ -7,6 +7,7 @@ computed from it match ``tensor.numel() * tensor.element_size()`` to the byte.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,24 @@ class ParamTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def token_embedding(tensors: Sequence[ParamTensor]) -> ParamTensor | None:
+    """The input token embedding: the first 2-D embedding tensor (position embeddings have their own role)."""
+    return next((t for t in tensors if t.role == ROLE_EMBEDDING and len(t.shape) == 2), None)
+
+
+def head_tied_to_embedding(tensors: Sequence[ParamTensor]) -> bool:
+    """True when the output head reuses the token embedding's weight (named_parameters lists it once).
+
+    An untied head is a vocabulary-sized Linear of its own; a head-side Linear of another size (BERT's MLM
+    transform) does not count.
+    """
+    embedding = token_embedding(tensors)
+    if embedding is None:
+        return False
+    vocab = embedding.shape[0]
+    return not any(t.role == ROLE_LM_HEAD and t.is_linear_weight and t.shape[0] == vocab for t in tensors)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from memcalc.model import (
     ROLE_POSITION_EMBEDDING,
     ROLE_ROUTER,
     ParamTensor,
+    head_tied_to_embedding,
+    token_embedding,
 )
 
 if TYPE_CHECKING:
@@ -153,11 +155,8 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str], checkp
     """
     cast = [t for t in tensors if (t.is_linear_weight or t.role == ROLE_LORA or
                                    (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
-    embeddings = [t for t in tensors if t.role == ROLE_EMBEDDING and len(t.shape) == 2]
-    vocab = embeddings[0].shape[0] if embeddings else None
-    has_own_head = any(t.role == ROLE_LM_HEAD and t.is_linear_weight and t.shape[0] == vocab for t in tensors)
-    if embeddings and not has_own_head:
-        cast.append(embeddings[0])  # a head tied to the embedding (gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder)
+    if head_tied_to_embedding(tensors):  # gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder
+        cast.append(token_embedding(tensors))
     if not checkpointing:
         return sum(t.numel for t in cast), 0, 0
     per_layer: dict[int, int] = {}

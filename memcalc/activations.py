@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from memcalc.precision import DTYPE_BYTES, Recipe
-from memcalc.report import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Phase, Term
+from memcalc.report import FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 from memcalc.spec import Attention, Checkpointing
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         formula = f"{layers} ({rule.formula}) + per model {per_model:,} B"
     result.terms.append(Term(
         name=TERM_ACTIVATIONS, bytes=total, formula=formula, source=rule.source, category="activations",
-        phases=[Phase.forward, Phase.backward],
+        phases=FORWARD_BACKWARD,
     ))
     loss = rule.loss
     if loss is not None and loss.vocab:
@@ -211,7 +211,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                     f"backward); during the loss also the logits{' and their fp32 upcast' if upcast else ''} "
                     f"({result.forward_transient_extra_bytes:,} B), at the start of backward two gradients "
                     f"({result.backward_start_extra_bytes:,} B)",
-            source=loss.source, category="activations", phases=[Phase.forward, Phase.backward],
+            source=loss.source, category="activations", phases=FORWARD_BACKWARD,
         ))
     return result
 

@@ -37,8 +37,14 @@ from memcalc.report import (
     TERM_OPTIMIZER_STATES,
     TERM_OPTIMIZER_TEMPORARIES,
     TERM_WEIGHTS,
+    TERM_FSDP_REDUCE_SCATTER,
     TERM_ZERO3_GATHERED_GRADS,
+    ALL_PHASES,
+    BACKWARD_AND_STEP,
+    FORWARD_BACKWARD,
+    FORWARD_ONLY,
     MODEL_STATE_TERMS,
+    STEP_ONLY,
     ModelSummary,
     PerGpu,
     Phase,
@@ -51,9 +57,6 @@ from memcalc.report import (
 from memcalc.spec import TrainingSpec
 
 ZERO_PAPER = "Rajbhandari et al. 2020 (ZeRO), Fig. 1 and sec. 3.1"
-FWD_BWD = [Phase.forward, Phase.backward]
-ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
-AFTER_BACKWARD = [Phase.backward, Phase.optimizer_step]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -118,7 +121,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         ))
     # With gradient accumulation, p.grad persists from the first micro-batch to the optimizer step, so the
     # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
-    grad_phases = ALL_PHASES if spec.grad_accum > 1 else AFTER_BACKWARD
+    grad_phases = ALL_PHASES if spec.grad_accum > 1 else BACKWARD_AND_STEP
     if spec.grad_accum > 1:
         notes.append(f"--grad-accum {spec.grad_accum}: gradients stay alive through the forward and backward of "
                      "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
@@ -147,7 +150,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             formula=f"{_n(copy_numel)} Linear weight params x {c_bytes} B ({recipe.compute_dtype.value})",
             source="torch.autocast casts each Linear weight once per forward (weight cache) and linear saves "
                    "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
-            category="temporaries", phases=FWD_BWD,
+            category="temporaries", phases=FORWARD_BACKWARD,
         ))
         if subset.autocast_forward_only_numel:
             in_layers = subset.autocast_forward_only_numel
@@ -156,7 +159,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                 formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {c_bytes} B",
                 source="torch.autocast's weight cache keeps every cast until the autocast context exits (after the "
                        "loss); checkpointing drops them from the saved tensors, so they are gone in backward",
-                category="temporaries", phases=[Phase.forward],
+                category="temporaries", phases=FORWARD_ONLY,
             ))
     terms.extend(holdings.buffers)
     if holdings.weights_on_cpu_numel:
@@ -181,7 +184,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
                    "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
-            category="cpu_offload" if on_cpu else "temporaries", phases=[] if on_cpu else [Phase.optimizer_step],
+            category="cpu_offload" if on_cpu else "temporaries", phases=[] if on_cpu else STEP_ONLY,
         ))
     temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype)
     if on_cpu:
@@ -189,7 +192,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     terms.append(Term(
         name=TERM_OPTIMIZER_TEMPORARIES, bytes=temp, formula=rule,
         source="torch/optim/adam.py (_multi_tensor_adam, _single_tensor_adam); transformers Adafactor.step",
-        category="temporaries", phases=[Phase.optimizer_step],
+        category="temporaries", phases=STEP_ONLY,
     ))
 
     # A recomputed layer under autocast also redoes its weight casts.
@@ -258,7 +261,7 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
 
     forward_live, forward_names = live(Phase.forward)
     # Terms alive in the forward only (e.g. an FSDP2 all-gather buffer) are gone when backward starts.
-    forward_only = sum(t.bytes for t in terms if t.phases == [Phase.forward])
+    forward_only = sum(t.bytes for t in terms if t.phases == FORWARD_ONLY)
     saved = forward_live - forward_only
     forward = forward_live + forward_transient_bytes  # the loss: logits and their fp32 upcast, briefly
     # Start of backward: everything saved by the forward plus the loss/logits gradient buffers;
@@ -268,7 +271,7 @@ def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_
     end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
     end, end_names = live(Phase.backward, exclude=end_exclude)
     # A unit's unsharded gradients exist during backward, not at its end after the last reduce-scatter.
-    end -= sum(by_name[n].bytes for n in (TERM_ZERO3_GATHERED_GRADS, "fsdp_reduce_scatter") if n in by_name)
+    end -= sum(by_name[n].bytes for n in (TERM_ZERO3_GATHERED_GRADS, TERM_FSDP_REDUCE_SCATTER) if n in by_name)
     accumulating = Phase.forward in by_name[TERM_GRADIENTS].phases  # --grad-accum > 1: grads live throughout
     start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS or accumulating]
     # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.

@@ -13,12 +13,23 @@ Engines (--sharding):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memcalc.model import ParamTensor
-from memcalc.report import TERM_ZERO3_FP32_GRADS, TERM_ZERO3_GATHERED, TERM_ZERO3_GATHERED_GRADS, Phase, Term
+from memcalc.report import (
+    ALL_PHASES,
+    BACKWARD_ONLY,
+    FORWARD_BACKWARD,
+    FORWARD_ONLY,
+    TERM_FSDP_REDUCE_SCATTER,
+    TERM_ZERO3_FP32_GRADS,
+    TERM_ZERO3_GATHERED,
+    TERM_ZERO3_GATHERED_GRADS,
+    Term,
+)
 from memcalc.spec import Offload, Sharding, TrainingSpec
 
 # deepspeed/runtime/zero/stage_1_and_2.py: each param group is flattened with
@@ -26,9 +37,6 @@ from memcalc.spec import Offload, Sharding, TrainingSpec
 # nccl_start_alignment_factor = 2 (4-byte alignment of 16-bit elements), then split into dp_size equal parts.
 ZERO12_ALIGNMENT_FACTOR = 2
 FP32_BYTES = 4
-BACKWARD = [Phase.backward]
-FWD_BWD = [Phase.forward, Phase.backward]
-ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
 DS = "deepspeed 0.19.8"
 # deepspeed/runtime/zero/config.py: sub_group_size = 1e9 elements (ZeRO-3 steps the optimizer per sub-group).
 DS_SUB_GROUP_SIZE = 1_000_000_000
@@ -104,7 +112,7 @@ def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master
     if spec.zero_stage > 0 and num_gpus == 1:
         plain = _replicated(tensors, has_master)
         note = f"ZeRO stage {spec.zero_stage} on 1 GPU partitions nothing: the figures equal stage 0"
-        return RankHoldings(**{**plain.__dict__, "notes": (note,)})
+        return dataclasses.replace(plain, notes=(note,))
     if num_gpus == 1:
         return _replicated(tensors, has_master)
     if spec.sharding == Sharding.fsdp:
@@ -138,7 +146,7 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
     if stage == 0:
         base = _replicated(tensors, has_master)
         notes.append("ZeRO stage 0 with several GPUs is plain data parallelism: every GPU holds everything")
-        return RankHoldings(**{**base.__dict__, "notes": tuple(notes), "engine": "deepspeed"})
+        return dataclasses.replace(base, notes=tuple(notes), engine="deepspeed")
     if stage in (1, 2):
         part = zero12_partition_numel(num_trainable, num_gpus)
         if buffers_cfg.contiguous_gradients:
@@ -150,7 +158,7 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
                 name="zero_reduce_bucket", bytes=size,
                 formula=f"{count} x reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {weight_bytes} B",
                 source=f"{DS} stage_1_and_2.py setup_buckets (contiguous_gradients, overlap_comm={overlap})",
-                category="temporaries", phases=BACKWARD,
+                category="temporaries", phases=BACKWARD_ONLY,
             ))
         return RankHoldings(
             weight_numel=num_all, grad_numel=part if stage == 2 else num_trainable,
@@ -179,13 +187,13 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
             formula=f"largest module ({unit_name}) {_n(live)} + prefetch bucket {_n(prefetch)} params x {weight_bytes} B",
             source=f"{DS} ZeRO-3 all-gathers a module's parameters before it runs and prefetches up to "
                    "stage3_prefetch_bucket_size elements of the next ones",
-            category="temporaries", phases=FWD_BWD,
+            category="temporaries", phases=FORWARD_BACKWARD,
         ))
         buffers.append(Term(
             name=TERM_ZERO3_GATHERED_GRADS, bytes=unit_numel * grad_bytes,
             formula=f"full gradients of {unit_name} before reduce-scatter: {_n(unit_numel)} x {grad_bytes} B",
             source=f"{DS} stage3.py reduces a module's gradients after its backward",
-            category="temporaries", phases=BACKWARD,
+            category="temporaries", phases=BACKWARD_ONLY,
         ))
     else:
         notes.append("ZeRO-3 gathers one layer at a time; without an architecture (--params) the largest layer is "
@@ -243,7 +251,7 @@ def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
         category="temporaries", phases=ALL_PHASES,
     )
     if spec.zero_stage == 0:
-        return RankHoldings(**{**base.__dict__, "buffers": (buckets,), "engine": "torch-ddp"})
+        return dataclasses.replace(base, buffers=(buckets,), engine="torch-ddp")
     partition = zero_redundancy_partition(tensors, spec.num_gpus)
     loads = [sum(t.numel for t in rank) for rank in partition]
     busiest = max(range(spec.num_gpus), key=lambda r: loads[r])
@@ -284,7 +292,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         formula=f"{what} params x {gathered_bytes} B",
         source="torch FSDP2 fully_shard: all-gather output per unit; reshard_after_forward="
                f"{reshard} (the root module keeps its parameters through backward)",
-        category="temporaries", phases=FWD_BWD,
+        category="temporaries", phases=FORWARD_BACKWARD,
     ))
     if not reshard:
         # Kept units plus the next unit's all-gather output, alive until its parameters are copied out
@@ -293,14 +301,14 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
             name="fsdp_all_gather_buffer", bytes=largest_layer * gathered_bytes,
             formula=f"all-gather output of the next layer {_n(largest_layer)} params x {gathered_bytes} B",
             source="torch FSDP2: foreach all-gather output, freed after the copy-out into the unsharded parameters",
-            category="temporaries", phases=[Phase.forward],
+            category="temporaries", phases=FORWARD_ONLY,
         ))
     reduce_bytes = FP32_BYTES if mixed else weight_bytes
     buffers.append(Term(
-        name="fsdp_reduce_scatter", bytes=largest_layer * reduce_bytes,
+        name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_layer * reduce_bytes,
         formula=f"unsharded gradients of the largest unit {_n(largest_layer)} x {reduce_bytes} B (reduce dtype)",
         source="torch FSDP2: a unit's unsharded gradients, cast to reduce_dtype, are the reduce-scatter input",
-        category="temporaries", phases=BACKWARD,
+        category="temporaries", phases=BACKWARD_ONLY,
     ))
     prefetch = largest_layer * gathered_bytes if reshard else 0
     shard_bytes = FP32_BYTES if mixed else weight_bytes

@@ -28,6 +28,7 @@ TERM_AUTOCAST_COPIES = "autocast_weight_copies"
 TERM_ZERO3_GATHERED = "zero3_gathered_params"
 TERM_ZERO3_GATHERED_GRADS = "zero3_unit_grads"
 TERM_ZERO3_FP32_GRADS = "zero3_fp32_grad_buffer"
+TERM_FSDP_REDUCE_SCATTER = "fsdp_reduce_scatter"
 TERM_ACTIVATIONS = "activations"
 TERM_LOSS_BUFFERS = "logits_and_loss"
 TERM_MASTER_GRAD_COPY = "fp32_grad_copy"
@@ -39,6 +40,15 @@ class Phase(str, Enum):
     forward = "forward"
     backward = "backward"
     optimizer_step = "optimizer_step"
+
+
+# The phases a term is alive in, named once for every module that builds terms.
+FORWARD_ONLY = [Phase.forward]
+BACKWARD_ONLY = [Phase.backward]
+FORWARD_BACKWARD = [Phase.forward, Phase.backward]
+BACKWARD_AND_STEP = [Phase.backward, Phase.optimizer_step]
+STEP_ONLY = [Phase.optimizer_step]
+ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
 
 
 @dataclass(eq=False, repr=False)

@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from memcalc.spec import TrainingSpec  # noqa: E402
 from memcalc.verify import step as st  # noqa: E402
@@ -40,17 +39,6 @@ def _prepared_step(spec: TrainingSpec, attn: str = "sdpa"):
     return model, stepper, input_ids, setup, tracker
 
 
-def _profiler_peak_delta(prof) -> tuple[int, int]:
-    """Peak and final change of the CPU allocator's live bytes, from its allocation/free records in time order."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, live
-
-
 @pytest.mark.parametrize("precision,optimizer,impl", [
     ("fp32", "adamw", "foreach"),
     ("bf16-pure", "adamw", "forloop"),
@@ -59,11 +47,11 @@ def _profiler_peak_delta(prof) -> tuple[int, int]:
 def test_tracker_peak_matches_cpu_allocator(precision, optimizer, impl):
     spec = TrainingSpec(precision=precision, optimizer=optimizer, optim_impl=impl, micro_batch_size=2, seq_len=32)
     model, stepper, input_ids, setup, tracker = _prepared_step(spec)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with trk.allocator_profiler() as prof:
         with tracker:
             st.one_step(model, stepper, input_ids, setup, st.PhaseClock())
     tracker_peak = tracker.peak_bytes - tracker.baseline_bytes
-    allocator_peak, allocator_end = _profiler_peak_delta(prof)
+    allocator_peak, allocator_end = trk.allocator_peak_and_end(prof)
     print(f"\n{precision} {optimizer}-{impl}: tracker peak +{tracker_peak:,} B, allocator peak +{allocator_peak:,} B")
     assert allocator_peak > 0
     assert abs(tracker_peak - allocator_peak) <= 64 * KIB

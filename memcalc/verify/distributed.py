@@ -604,7 +604,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         grads[trk.GRADIENTS] = storage_bytes(local_grads)
 
     instrument = _instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
-    profiler = _allocator_profiler() if job.allocator_check else contextlib.nullcontext()
+    profiler = trk.allocator_profiler() if job.allocator_check else contextlib.nullcontext()
     say("measured step")
     try:
         with profiler as prof, instrument, tracker:
@@ -612,7 +612,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     finally:
         tracker.remove_hooks()
     if job.allocator_check:
-        peak, end = _allocator_peak_and_end(prof)
+        peak, end = trk.allocator_peak_and_end(prof)
         dist_info["allocator_check"] = {"allocator_peak_delta": peak, "allocator_end_delta": end,
                                         "tracker_peak_delta": tracker.peak_bytes - tracker.baseline_bytes,
                                         "tracker_end_delta": tracker.live_bytes - tracker.baseline_bytes}
@@ -638,24 +638,6 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     measurement.differences_from_gpu.extend(_differences_from_gpu(job, policy))
     measurement.notes.extend(_notes(job, policy))
     return measurement
-
-
-def _allocator_profiler():
-    from torch.profiler import ProfilerActivity, profile
-
-    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-
-def _allocator_peak_and_end(prof) -> tuple[int, int]:
-    """Peak and final change of the CPU allocator's live bytes over the profiled span, from its allocation and
-    free records in time order (every thread: gloo's own tensors too)."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, live
 
 
 def _wrap_ddp(job: _Job, model, setup, comm_baseline: list, dist_info: dict[str, Any]):

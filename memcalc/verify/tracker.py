@@ -349,3 +349,22 @@ class MemoryTracker(TorchDispatchMode):
 
     def phase_peak_bytes(self) -> dict[str, int]:
         return {p: s.total_bytes for p, s in self.phase_peaks.items()}
+
+
+def allocator_profiler():
+    """A torch.profiler that records the CPU allocator's own allocations and frees (the tracker's cross-check)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def allocator_peak_and_end(prof) -> tuple[int, int]:
+    """Peak and final change of the CPU allocator's live bytes over the profiled span, from its allocation and
+    free records in time order (every thread: gloo's own tensors too)."""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak, live

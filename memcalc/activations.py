@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memcalc.inventory import inventory_target
 from memcalc.precision import DTYPE_BYTES, Recipe
 from memcalc.report import FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 from memcalc.spec import Attention, Checkpointing
@@ -93,12 +94,6 @@ class ActivationEstimate:
     last_layer_bytes: int = 0
     layer_backward_transient_bytes: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
-    if "hidden_size" not in raw and isinstance(raw.get("text_config"), dict):
-        return {**raw["text_config"], "model_type": raw["text_config"].get("model_type", raw.get("model_type"))}
-    return raw
 
 
 def _first(raw: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -159,8 +154,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if model.config is None:
         result.notes.append("activations need an architecture: with --params only, the peak excludes them")
         return result
-    raw = _text_config(model.config.raw)
-    model_type = str(raw.get("model_type", ""))
+    target = inventory_target(model.config)  # the config dict the inventory counted (a text_config, say)
+    raw, model_type = {**target.raw, "model_type": target.model_type}, target.model_type
     run = _Run(spec.micro_batch_size, spec.seq_len, DTYPE_BYTES[recipe.compute_dtype], recipe.autocast,
                spec.attention == Attention.eager)
     h = int(_first(raw, "hidden_size", "n_embd", "n_embed", "d_model", default=0))

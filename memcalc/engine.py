@@ -24,6 +24,7 @@ from memcalc.model import (
     head_tied_to_embedding,
     token_embedding,
 )
+from memcalc.inventory import inventory_target
 from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
 from memcalc.parallel import rank_holdings
 from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
@@ -232,7 +233,7 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     expert_numel = sum(t.numel for t in tensors if t.role == ROLE_EXPERT)
     if not expert_numel or model.config is None:
         return []
-    raw = model.config.raw.get("text_config") or model.config.raw
+    raw = inventory_target(model.config).raw
     num_experts = raw.get("num_local_experts") or raw.get("n_routed_experts") or raw.get("num_experts")
     per_token = raw.get("num_experts_per_tok")
     active = f"; only {per_token} of {num_experts} experts run per token, so activations use those" if num_experts and per_token else ""

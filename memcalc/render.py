@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from memcalc.report import Phase, Report
-from memcalc.units import UNIT_LABELS, format_bytes, format_count
+from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -53,20 +53,20 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
     terms_sum = sum(t.bytes for t in gpu_terms) or 1
     for term in gpu_terms:
         table.add_row(
-            term.name, format_bytes(term.bytes, unit).rsplit(" ", 1)[0], f"{100 * term.bytes / terms_sum:.1f}%",
+            term.name, format_value(term.bytes, unit), f"{100 * term.bytes / terms_sum:.1f}%",
             ", ".join(PHASE_LABELS[p] for p in term.phases),
         )
         for part, num_bytes in term.breakdown.items():
-            table.add_row(f"  {part}", format_bytes(num_bytes, unit).rsplit(" ", 1)[0], "", "", style="dim")
+            table.add_row(f"  {part}", format_value(num_bytes, unit), "", "", style="dim")
     if cpu_terms:
         table.add_section()
         for term in cpu_terms:
-            table.add_row(f"{term.name} (CPU RAM)", format_bytes(term.bytes, unit).rsplit(" ", 1)[0], "", "offloaded", style="dim")
+            table.add_row(f"{term.name} (CPU RAM)", format_value(term.bytes, unit), "", "offloaded", style="dim")
     table.add_section()
-    table.add_row("model states on the GPU", format_bytes(report.per_gpu.model_states_bytes, unit).rsplit(" ", 1)[0], "", "")
+    table.add_row("model states on the GPU", format_value(report.per_gpu.model_states_bytes, unit), "", "")
     for phase in report.per_gpu.phases:
         marker = " <- peak" if phase.phase == report.per_gpu.peak_phase else ""
-        table.add_row(f"{PHASE_LABELS[phase.phase]}{marker}", format_bytes(phase.bytes, unit).rsplit(" ", 1)[0], "", "",
+        table.add_row(f"{PHASE_LABELS[phase.phase]}{marker}", format_value(phase.bytes, unit), "", "",
                       style="bold" if marker else None)
     console.print(table)
     console.print(
@@ -146,9 +146,9 @@ def render_verify(report: Report, console: Console, unit: str) -> None:
         if row["term"] == "peak":
             table.add_section()
         name = row["term"].replace("phase:", "phase: ")
-        measured = "-" if row["measured_bytes"] is None else format_bytes(row["measured_bytes"], unit).rsplit(" ", 1)[0]
+        measured = "-" if row["measured_bytes"] is None else format_value(row["measured_bytes"], unit)
         error = "" if row["error_pct"] is None else f"{row['error_pct']:+.2f}%"
-        estimate = format_bytes(row["estimate_bytes"], unit).rsplit(" ", 1)[0]
+        estimate = format_value(row["estimate_bytes"], unit)
         if ":" not in row["term"] and row["term"] != "peak" and row["term"] not in estimated_terms:
             # measured only: backward temporaries (the loss gradients the estimate adds to the backward
             # phase) and other (inputs, buffers, host-side step counters)
@@ -183,11 +183,11 @@ def render_comparison(reports: Sequence[Report], console: Console, unit: str) ->
         cells = []
         for r in reports:
             match = [t.bytes for t in r.per_gpu.terms if t.name == name]
-            cells.append(format_bytes(match[0], unit).rsplit(" ", 1)[0] if match else "-")
+            cells.append(format_value(match[0], unit) if match else "-")
         table.add_row(name, *cells)
     table.add_section()
-    table.add_row("model states", *[format_bytes(r.per_gpu.model_states_bytes, unit).rsplit(" ", 1)[0] for r in reports])
-    table.add_row("peak", *[format_bytes(r.per_gpu.peak_bytes, unit).rsplit(" ", 1)[0] for r in reports], style="bold")
+    table.add_row("model states", *[format_value(r.per_gpu.model_states_bytes, unit) for r in reports])
+    table.add_row("peak", *[format_value(r.per_gpu.peak_bytes, unit) for r in reports], style="bold")
     table.add_row("peak phase", *[PHASE_LABELS[r.per_gpu.peak_phase] for r in reports])
     if any(r.fit for r in reports):
         table.add_row("fits " + (reports[0].fit.gpu if reports[0].fit else ""),

@@ -84,9 +84,14 @@ def parse_size(text: str, what: str = "--gpu-memory") -> int:
     return _parse_scaled(text, what, "80GiB, 80GB or 81559MiB", _SIZE_SUFFIXES, MAX_SIZE_BYTES, "size")
 
 
+def format_value(num_bytes: int, unit: str = "gib", digits: int = 2) -> str:
+    """Integer bytes as a number in a display unit, for a column whose header names the unit: ``26.08``."""
+    return f"{num_bytes / DISPLAY_UNITS[unit]:,.{digits}f}"
+
+
 def format_bytes(num_bytes: int, unit: str = "gib", digits: int = 2) -> str:
     """Render integer bytes in a display unit, with the unit named: ``26.08 GiB``."""
-    return f"{num_bytes / DISPLAY_UNITS[unit]:,.{digits}f} {UNIT_LABELS[unit]}"
+    return f"{format_value(num_bytes, unit, digits)} {UNIT_LABELS[unit]}"
 
 
 def format_count(count: int) -> str:

@@ -141,7 +141,7 @@ def estimate(
 ) -> None:
     """Estimate per-GPU training memory for MODEL (or --params)."""
     options = dict(locals())
-    options["defaults_used"] = _defaults_used(options.pop("ctx"))
+    options["typed"] = _typed(options.pop("ctx"))
     try:
         code = _estimate(**options)
     except MemcalcError as error:
@@ -169,8 +169,8 @@ def _estimate(**options) -> int:
         if group not in FREEZE_GROUPS:
             raise UsageError(f"--freeze {group!r} is not one of {', '.join(FREEZE_GROUPS)}")
     num_params = parse_count(o["params"]) if o["params"] is not None else None
-    defaults_used = o["defaults_used"]
-    typed = {name for name in DEFAULTS_SHOWN if DEFAULTS_SHOWN[name] not in defaults_used}
+    typed = o["typed"]
+    defaults_used = [label for name, label in DEFAULTS_SHOWN.items() if name not in typed]
     if o["fsdp"]:
         if o["sharding"] not in (Sharding.deepspeed, Sharding.fsdp):
             raise UsageError("--fsdp is --sharding fsdp: drop one of them")
@@ -390,9 +390,9 @@ def _verify(config, spec, method: str) -> dict:
     }
 
 
-def _defaults_used(ctx: typer.Context) -> list[str]:
-    """Name every default the user did not set, so nothing is silent."""
-    return [label for name, label in DEFAULTS_SHOWN.items() if ctx.get_parameter_source(name).name == "DEFAULT"]
+def _typed(ctx: typer.Context) -> set[str]:
+    """The options of DEFAULTS_SHOWN the user typed (the rest are named as defaults in the output)."""
+    return {name for name in DEFAULTS_SHOWN if ctx.get_parameter_source(name).name != "DEFAULT"}
 
 
 estimate_app = typer.Typer(add_completion=False)

@@ -1,11 +1,14 @@
 """Combine inventory, recipe, optimizer and sharding into named per-GPU terms, phases and a peak.
 
-Pure functions: no printing, no I/O. Every term carries its formula (numbers substituted) and source.
-
-The step, steady state (optimizer states exist from the first optimizer step on):
-  forward         weights + master + optimizer states + autocast copies + ZeRO-3 gathered unit + activations
-  backward        max(start: forward + logits/loss gradient buffers, end: weights + master + states + gradients)
-  optimizer_step  weights + master + states + gradients + fp32 gradient copy + optimizer temporaries
+Pure functions: no printing, no I/O. Every term carries its formula (numbers substituted) and source, and the
+phases it is alive in. The peak of a steady-state step (optimizer states exist from the first step on) is
+the largest of these moments:
+  forward          every forward-phase term, plus the loss transient (logits and their fp32 upcast)
+  backward start   what the forward saved, plus the loss gradients (or, checkpointing, one recomputed layer)
+  backward end     weights, master, states and every gradient
+  late backward    nearly every gradient, the first layer's activations and gradient transients
+  sharded layer    FSDP2: a layer's backward with its prefetched neighbour and reduce-scatter buffers
+  optimizer step   model states, gradients, the fp32 gradient copy and the optimizer's temporaries
 The sum of all terms is not the peak: activations are gone before the optimizer step's temporaries appear.
 """
 

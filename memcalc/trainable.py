@@ -101,15 +101,16 @@ class TrainableSubset:
         if not self.quantized:
             return weight_numel_on_rank * bytes_per_weight
         plain_numel, nf4_total = self._split()
-        fraction_num, fraction_den = weight_numel_on_rank, self._num_all  # ZeRO-3 shard of the whole
-        return (plain_numel * bytes_per_weight + nf4_total) * fraction_num // fraction_den
+        on_rank, whole = weight_numel_on_rank, self._num_all  # ZeRO-3: this GPU's share; else all of it
+        return (plain_numel * bytes_per_weight + nf4_total) * on_rank // whole
 
     def weight_breakdown(self, weight_numel_on_rank: int, bytes_per_weight: int) -> dict[str, int]:
         if not self.quantized:
             return {}
         plain_numel, nf4_total = self._split()
-        scale = weight_numel_on_rank / self._num_all
-        return {"16-bit (not quantized)": int(plain_numel * bytes_per_weight * scale), "nf4 base": int(nf4_total * scale)}
+        on_rank, whole = weight_numel_on_rank, self._num_all  # ZeRO-3: this GPU's share; else all of it
+        return {"16-bit (not quantized)": plain_numel * bytes_per_weight * on_rank // whole,
+                "nf4 base": nf4_total * on_rank // whole}
 
     def weight_formula(self, weight_numel_on_rank: int, bytes_per_weight: int, dtype: str, sharded: bool, num_gpus: int) -> str:
         shard = f" (ZeRO-3 shard of {num_gpus} GPUs)" if sharded else ""

@@ -45,6 +45,7 @@ from memcalc.report import (
     TERM_ZERO3_GATHERED_GRADS,
     ALL_PHASES,
     BACKWARD_AND_STEP,
+    CATEGORY_CPU_OFFLOAD,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
     MODEL_STATE_TERMS,
@@ -121,7 +122,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             name=TERM_MASTER, bytes=holdings.master_numel * m_bytes,
             formula=f"{_n(holdings.master_numel)} trainable params{sharded} x {m_bytes} B ({recipe.master_dtype.value})",
             source=f"{ZERO_PAPER}: fp32 master copy of mixed-precision training (Micikevicius et al. 2018)",
-            category="cpu_offload" if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES,
+            category=CATEGORY_CPU_OFFLOAD if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES,
         ))
     # With gradient accumulation, p.grad persists from the first micro-batch to the optimizer step, so the
     # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
@@ -143,7 +144,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         name=TERM_OPTIMIZER_STATES, bytes=sum(states.values()),
         formula=" + ".join(f"{kind} {_n(b)} B" for kind, b in states.items()) or "no state",
         source=_optimizer_source(opt.name.value) + (f"; {holdings.engine} partition of this GPU" if stage else ""),
-        category="cpu_offload" if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES, breakdown=states,
+        category=CATEGORY_CPU_OFFLOAD if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES, breakdown=states,
     ))
     # -- working memory of forward and backward ---------------------------------------------------------
     if recipe.autocast:
@@ -171,7 +172,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             name="offloaded_params", bytes=holdings.weights_on_cpu_numel * w_bytes,
             formula=f"{_n(holdings.weights_on_cpu_numel)} params (this GPU's shard) x {w_bytes} B in CPU RAM",
             source="DeepSpeed ZeRO-3 offload_param: 16-bit parameter partitions live in (pinned) CPU memory",
-            category="cpu_offload", phases=[],
+            category=CATEGORY_CPU_OFFLOAD, phases=[],
         ))
     act = activations.estimate(model, spec, recipe)
     notes.extend(act.notes)
@@ -188,7 +189,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
                    "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
-            category="cpu_offload" if on_cpu else "temporaries", phases=[] if on_cpu else STEP_ONLY,
+            category=CATEGORY_CPU_OFFLOAD if on_cpu else "temporaries", phases=[] if on_cpu else STEP_ONLY,
         ))
     temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype)
     if on_cpu:
@@ -210,8 +211,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late,
                            holdings.mid_backward_extra_bytes + act.last_layer_bytes if holdings.mid_backward_extra_bytes else 0)
     peak = max(phases, key=lambda p: p.bytes)
-    model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and t.category != "cpu_offload")
-    cpu_bytes = sum(t.bytes for t in terms if t.category == "cpu_offload")
+    model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
+    cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
     summary = ModelSummary(
         name=model.name, source=model.source, model_type=model.model_type,
         architecture_known=model.architecture_known,

@@ -48,8 +48,8 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
     table.add_column(label, justify="right")
     table.add_column("share", justify="right")
     table.add_column("alive in")
-    gpu_terms = [t for t in report.per_gpu.terms if t.category != "cpu_offload"]
-    cpu_terms = [t for t in report.per_gpu.terms if t.category == "cpu_offload"]
+    gpu_terms = [t for t in report.per_gpu.terms if not t.in_cpu_ram]
+    cpu_terms = [t for t in report.per_gpu.terms if t.in_cpu_ram]
     terms_sum = sum(t.bytes for t in gpu_terms) or 1
     for term in gpu_terms:
         table.add_row(

@@ -42,6 +42,9 @@ class Phase(str, Enum):
     optimizer_step = "optimizer_step"
 
 
+# Term.category of what offload moves to CPU RAM: reported apart, never in a GPU phase.
+CATEGORY_CPU_OFFLOAD = "cpu_offload"
+
 # The phases a term is alive in, named once for every module that builds terms.
 FORWARD_ONLY = [Phase.forward]
 BACKWARD_ONLY = [Phase.backward]
@@ -60,6 +63,10 @@ class Term:
     category: str  # model_states | temporaries | activations | cpu_offload (in CPU RAM, not on the GPU)
     phases: list[Phase]  # phases of the step in which it is alive
     breakdown: dict[str, int] = field(default_factory=dict)  # e.g. exp_avg / exp_avg_sq for optimizer_states
+
+    @property
+    def in_cpu_ram(self) -> bool:
+        return self.category == CATEGORY_CPU_OFFLOAD
 
 
 @dataclass(eq=False, repr=False)

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 
 from memcalc.api import model_input, run
-from memcalc.engine import ModelInput
 from memcalc.inventory import build_inventory
-from memcalc.model import ModelConfig
+from memcalc.model import ModelConfig, ModelInput
 from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
 

@@ -43,11 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 from memcalc.inventory import inventory_target
 from memcalc.precision import DTYPE_BYTES, Recipe
-from memcalc.report import FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
+from memcalc.report import Term
 from memcalc.spec import Attention, Checkpointing
+from memcalc.vocab import FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
 
 if TYPE_CHECKING:
-    from memcalc.engine import ModelInput
+    from memcalc.model import ModelInput
     from memcalc.spec import TrainingSpec
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from memcalc.engine import ModelInput, estimate
+from memcalc.engine import estimate
 from memcalc.errors import UsageError
 from memcalc.inventory import build_inventory, inventory_notes
-from memcalc.model import ModelConfig
+from memcalc.model import ModelConfig, ModelInput
 from memcalc.report import Report
 from memcalc.resolve import resolve_model
 from memcalc.spec import TrainingSpec

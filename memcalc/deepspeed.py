@@ -1034,15 +1034,15 @@ def compare_with_deepspeed(
     (with 16 and 18 B/param on the CPU under offload) reads as 2 16-bit params + 4 + 4 + 8, with no 16-bit gradient
     shard. Rows are rounded one by one; the total rows are DeepSpeed's own int().
     """
-    from memcalc.report import (
+    from memcalc.vocab import (
         TERM_ACTIVATIONS,
         TERM_GRADIENTS,
         TERM_LOSS_BUFFERS,
         TERM_MASTER,
         TERM_MASTER_GRAD_COPY,
-        TERM_ZERO3_FP32_GRADS,
         TERM_OPTIMIZER_STATES,
         TERM_WEIGHTS,
+        TERM_ZERO3_FP32_GRADS,
         TERM_ZERO3_GATHERED,
         TERM_ZERO3_GATHERED_GRADS,
     )
@@ -1169,7 +1169,7 @@ def compare_with_deepspeed(
 
 def _state_rows(report: Report, share, where: str | None, term_grad32: str, term_master: str, term_states: str,
                 optimizer: str) -> list[ComparisonRow]:
-    from memcalc.report import TERM_ZERO3_FP32_GRADS
+    from memcalc.vocab import TERM_ZERO3_FP32_GRADS
 
     offloaded = (f"DeepSpeed counts it {where}, none on the GPU; " if where else "")
     adam = optimizer in ("adamw", "adam")
@@ -1257,7 +1257,7 @@ def compare_with_accelerate(report: Report, accelerate_params: int | None = None
     """memcalc next to ``accelerate estimate-memory``'s training figure (its "float32" row for fp32/autocast
     recipes, its "float16" row for 16-bit ones), component by component. accelerate_params: what it counts
     (``accelerate_counted_params(tensors)``); defaults to memcalc's parameter count."""
-    from memcalc.report import (
+    from memcalc.vocab import (
         TERM_GRADIENTS,
         TERM_MASTER,
         TERM_MASTER_GRAD_COPY,

@@ -15,34 +15,24 @@ The sum of all terms is not the peak: activations are gone before the optimizer 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from memcalc import activations, trainable
+from memcalc.inventory import inventory_target
 from memcalc.model import (
     ROLE_EMBEDDING,
     ROLE_EXPERT,
     ROLE_POSITION_EMBEDDING,
-    ModelConfig,
+    ModelInput,
     ParamTensor,
     head_tied_to_embedding,
     token_embedding,
 )
-from memcalc.inventory import inventory_target
 from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
 from memcalc.parallel import rank_holdings
 from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
-from memcalc.report import (
-    TERM_ACTIVATIONS,
-    TERM_AUTOCAST_COPIES,
-    TERM_GRADIENTS,
-    TERM_LOSS_BUFFERS,
-    TERM_MASTER,
-    TERM_MASTER_GRAD_COPY,
-    TERM_OPTIMIZER_STATES,
-    TERM_OPTIMIZER_TEMPORARIES,
-    TERM_WEIGHTS,
-    TERM_FSDP_REDUCE_SCATTER,
-    TERM_ZERO3_GATHERED_GRADS,
+from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Term, Totals, TrainingSummary
+from memcalc.spec import TrainingSpec
+from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_AND_STEP,
     CATEGORY_CPU_OFFLOAD,
@@ -50,36 +40,21 @@ from memcalc.report import (
     FORWARD_ONLY,
     MODEL_STATE_TERMS,
     STEP_ONLY,
-    ModelSummary,
-    PerGpu,
+    TERM_ACTIVATIONS,
+    TERM_AUTOCAST_COPIES,
+    TERM_FSDP_REDUCE_SCATTER,
+    TERM_GRADIENTS,
+    TERM_LOSS_BUFFERS,
+    TERM_MASTER,
+    TERM_MASTER_GRAD_COPY,
+    TERM_OPTIMIZER_STATES,
+    TERM_OPTIMIZER_TEMPORARIES,
+    TERM_WEIGHTS,
+    TERM_ZERO3_GATHERED_GRADS,
     Phase,
-    PhaseTotal,
-    Report,
-    Term,
-    Totals,
-    TrainingSummary,
 )
-from memcalc.spec import TrainingSpec
 
 ZERO_PAPER = "Rajbhandari et al. 2020 (ZeRO), Fig. 1 and sec. 3.1"
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class ModelInput:
-    """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
-
-    name: str
-    source: str
-    model_type: str | None
-    tensors: tuple[ParamTensor, ...]
-    architecture_known: bool
-    config: ModelConfig | None = None
-    notes: tuple[str, ...] = ()  # e.g. "counted from its text_config", "built on the meta device"
-
-    @classmethod
-    def from_count(cls, num_params: int, name: str = "custom", source: str = "--params") -> ModelInput:
-        flat = ParamTensor(name="params", shape=(num_params,), layer=None, role="other")
-        return cls(name=name, source=source, model_type=None, tensors=(flat,), architecture_known=False)
 
 
 def _bytes(dtype: Dtype) -> int:

@@ -81,3 +81,27 @@ class ModelConfig:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.raw.get(key, default)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ModelInput:
+    """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
+
+    name: str
+    source: str
+    model_type: str | None
+    tensors: tuple[ParamTensor, ...]
+    architecture_known: bool
+    config: ModelConfig | None = None
+    notes: tuple[str, ...] = ()  # e.g. "counted from its text_config", "built on the meta device"
+
+    @classmethod
+    def from_count(cls, num_params: int, name: str = "custom", source: str = "--params") -> ModelInput:
+        flat = ParamTensor(name="params", shape=(num_params,), layer=None, role="other")
+        return cls(name=name, source=source, model_type=None, tensors=(flat,), architecture_known=False)
+
+    @property
+    def hidden_size(self) -> int | None:
+        """The model's hidden size (what HF's DeepSpeed integration sizes buckets by); None for a bare count."""
+        embedding = token_embedding(self.tensors) if self.architecture_known else None
+        return embedding.shape[1] if embedding is not None else None

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memcalc.model import ParamTensor
-from memcalc.report import (
+from memcalc.report import Term
+from memcalc.spec import Offload, Sharding, TrainingSpec
+from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_ONLY,
     FORWARD_BACKWARD,
@@ -28,9 +30,7 @@ from memcalc.report import (
     TERM_ZERO3_FP32_GRADS,
     TERM_ZERO3_GATHERED,
     TERM_ZERO3_GATHERED_GRADS,
-    Term,
 )
-from memcalc.spec import Offload, Sharding, TrainingSpec
 
 # deepspeed/runtime/zero/stage_1_and_2.py: each param group is flattened with
 # flatten_dense_tensors_aligned(..., self.nccl_start_alignment_factor * dp_size), where

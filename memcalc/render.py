@@ -6,8 +6,9 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from memcalc.report import Phase, Report
+from memcalc.report import Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
+from memcalc.vocab import Phase
 
 if TYPE_CHECKING:
     from rich.console import Console

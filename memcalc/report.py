@@ -15,43 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
+from memcalc.vocab import CATEGORY_CPU_OFFLOAD, Phase
+
 SCHEMA_VERSION = 1
-
-TERM_WEIGHTS = "weights"
-TERM_MASTER = "master_weights"
-TERM_GRADIENTS = "gradients"
-TERM_OPTIMIZER_STATES = "optimizer_states"
-TERM_AUTOCAST_COPIES = "autocast_weight_copies"
-TERM_ZERO3_GATHERED = "zero3_gathered_params"
-TERM_ZERO3_GATHERED_GRADS = "zero3_unit_grads"
-TERM_ZERO3_FP32_GRADS = "zero3_fp32_grad_buffer"
-TERM_FSDP_REDUCE_SCATTER = "fsdp_reduce_scatter"
-TERM_ACTIVATIONS = "activations"
-TERM_LOSS_BUFFERS = "logits_and_loss"
-TERM_MASTER_GRAD_COPY = "fp32_grad_copy"
-TERM_OPTIMIZER_TEMPORARIES = "optimizer_temporaries"
-MODEL_STATE_TERMS = (TERM_WEIGHTS, TERM_MASTER, TERM_GRADIENTS, TERM_OPTIMIZER_STATES)
-
-
-class Phase(str, Enum):
-    forward = "forward"
-    backward = "backward"
-    optimizer_step = "optimizer_step"
-
-
-# Term.category of what offload moves to CPU RAM: reported apart, never in a GPU phase.
-CATEGORY_CPU_OFFLOAD = "cpu_offload"
-
-# The phases a term is alive in, named once for every module that builds terms.
-FORWARD_ONLY = [Phase.forward]
-BACKWARD_ONLY = [Phase.backward]
-FORWARD_BACKWARD = [Phase.forward, Phase.backward]
-BACKWARD_AND_STEP = [Phase.backward, Phase.optimizer_step]
-STEP_ONLY = [Phase.optimizer_step]
-ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
 
 
 @dataclass(eq=False, repr=False)

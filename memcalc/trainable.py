@@ -28,7 +28,7 @@ from memcalc.model import (
 )
 
 if TYPE_CHECKING:
-    from memcalc.engine import ModelInput
+    from memcalc.model import ModelInput
     from memcalc.spec import TrainingSpec
 
 # peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft 0.21.2): PEFT's

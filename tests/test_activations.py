@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 
 from memcalc.api import run
-from memcalc.engine import ModelInput
 from memcalc.inventory import build_inventory
-from memcalc.model import ModelConfig
-from memcalc.report import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
+from memcalc.model import ModelConfig, ModelInput
 from memcalc.spec import TrainingSpec
+from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

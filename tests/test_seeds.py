@@ -17,10 +17,10 @@ from __future__ import annotations
 import pytest
 
 from memcalc.api import model_input, run
-from memcalc.engine import ModelInput
-from memcalc.report import TERM_AUTOCAST_COPIES
+from memcalc.model import ModelInput
 from memcalc.spec import TrainingSpec
 from memcalc.units import BYTES_PER_GB, format_bytes
+from memcalc.vocab import TERM_AUTOCAST_COPIES
 
 GB = BYTES_PER_GB
 

@@ -8,10 +8,9 @@ import pytest
 
 from memcalc import trainable
 from memcalc.api import model_input, run
-from memcalc.engine import ModelInput
 from memcalc.errors import UsageError
 from memcalc.inventory import build_inventory
-from memcalc.model import ModelConfig
+from memcalc.model import ModelConfig, ModelInput
 from memcalc.spec import TrainingSpec
 
 TINY = {

@@ -291,8 +291,8 @@ SHARDING = {"ddp": "torch", "zero1": "torch", "fsdp2": "fsdp"}
 
 def _estimate(engine: str, reshard: bool, precision: str, world: int):
     from memcalc.api import run
-    from memcalc.engine import ModelInput
     from memcalc.inventory import build_inventory
+    from memcalc.model import ModelInput
     from memcalc.verify.distributed import zero_stage_of
 
     spec = _spec(precision).replace(zero_stage=zero_stage_of(engine, reshard), num_gpus=world,

@@ -13,13 +13,15 @@ pytest.importorskip("transformers")
 
 import memcalc.verify as verify  # noqa: E402
 from memcalc.api import model_input, run  # noqa: E402
-from memcalc.engine import ModelInput  # noqa: E402
 from memcalc.errors import UsageError  # noqa: E402
 from memcalc.inventory import build_inventory  # noqa: E402
-from memcalc.model import ModelConfig  # noqa: E402
-from memcalc.report import MODEL_STATE_TERMS  # noqa: E402
+from memcalc.model import (
+    ModelConfig,  # noqa: E402
+    ModelInput,  # noqa: E402
+)
 from memcalc.spec import TrainingSpec  # noqa: E402
 from memcalc.verify import compare, run_verify  # noqa: E402
+from memcalc.vocab import MODEL_STATE_TERMS  # noqa: E402
 
 TINY_LLAMA = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,

@@ -58,8 +58,8 @@ def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
 def estimate_for(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec) -> Report:
     """The estimate the measurement is checked against: the exact inventory of this config."""
     from memcalc.api import run
-    from memcalc.engine import ModelInput
     from memcalc.inventory import build_inventory
+    from memcalc.model import ModelInput
 
     config = _as_config(model_config)
     model = ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,

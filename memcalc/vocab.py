@@ -1,0 +1,52 @@
+"""The words a report is made of: term names, phases, categories. Used by the engine, the families' rules,
+the engines of parallelism, the report and the renderers alike; imports nothing of memcalc.
+
+A term is one named piece of memory (``weights``, ``activations``...); a phase is a moment of the training
+step (forward, backward, optimizer step); a category groups terms for the output.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+TERM_WEIGHTS = "weights"
+TERM_MASTER = "master_weights"
+TERM_GRADIENTS = "gradients"
+TERM_OPTIMIZER_STATES = "optimizer_states"
+TERM_AUTOCAST_COPIES = "autocast_weight_copies"
+TERM_AUTOCAST_CHECKPOINTED = "autocast_cache_checkpointed"
+TERM_ZERO3_GATHERED = "zero3_gathered_params"
+TERM_ZERO3_GATHERED_GRADS = "zero3_unit_grads"
+TERM_ZERO3_FP32_GRADS = "zero3_fp32_grad_buffer"
+TERM_ZERO_REDUCE_BUCKET = "zero_reduce_bucket"
+TERM_FSDP_UNSHARDED = "fsdp_unsharded_params"
+TERM_FSDP_ALL_GATHER = "fsdp_all_gather_buffer"
+TERM_FSDP_REDUCE_SCATTER = "fsdp_reduce_scatter"
+TERM_DDP_BUCKETS = "ddp_buckets"
+TERM_OFFLOADED_PARAMS = "offloaded_params"
+TERM_ACTIVATIONS = "activations"
+TERM_LOSS_BUFFERS = "logits_and_loss"
+TERM_MASTER_GRAD_COPY = "fp32_grad_copy"
+TERM_OPTIMIZER_TEMPORARIES = "optimizer_temporaries"
+MODEL_STATE_TERMS = (TERM_WEIGHTS, TERM_MASTER, TERM_GRADIENTS, TERM_OPTIMIZER_STATES)
+
+
+class Phase(str, Enum):
+    forward = "forward"
+    backward = "backward"
+    optimizer_step = "optimizer_step"
+
+
+# Term.category values.
+CATEGORY_MODEL_STATES = "model_states"
+CATEGORY_TEMPORARIES = "temporaries"
+CATEGORY_ACTIVATIONS = "activations"
+CATEGORY_CPU_OFFLOAD = "cpu_offload"  # what offload moves to CPU RAM: reported apart, never in a GPU phase
+
+# The phases a term is alive in, named once for every module that builds terms.
+FORWARD_ONLY = [Phase.forward]
+BACKWARD_ONLY = [Phase.backward]
+FORWARD_BACKWARD = [Phase.forward, Phase.backward]
+BACKWARD_AND_STEP = [Phase.backward, Phase.optimizer_step]
+STEP_ONLY = [Phase.optimizer_step]
+ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]

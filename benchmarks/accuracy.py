@@ -17,8 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from memcalc.api import model_input, run
-from memcalc.inventory import build_inventory
+from memcalc.api import model_input, model_of, run
 from memcalc.model import ModelConfig, ModelInput
 from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
@@ -104,7 +103,7 @@ class Result:
 
 def _model(raw: dict) -> tuple[ModelConfig, ModelInput]:
     config = ModelConfig(name=raw["model_type"], raw=raw, source="benchmarks/accuracy.py")
-    return config, ModelInput(config.name, config.source, raw["model_type"], tuple(build_inventory(config)), True, config)
+    return config, model_of(config)
 
 
 def measure_case(case: Case) -> Result:

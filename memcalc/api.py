@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from memcalc import families
 from memcalc.engine import estimate
 from memcalc.errors import UsageError
-from memcalc.inventory import build_inventory, inventory_notes
 from memcalc.model import ModelConfig, ModelInput
 from memcalc.report import Report
 from memcalc.resolve import resolve_model
@@ -29,11 +29,18 @@ def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
         # available for activations.
         flat = ModelInput.from_count(num_params, name=config.name, source=f"{config.source}, count from --params")
         return ModelInput(name=flat.name, source=flat.source, model_type=config.model_type or None,
-                          tensors=flat.tensors, architecture_known=False, config=config)
+                          tensors=flat.tensors, architecture_known=False, config=config,
+                          described=families.describe(config))
     assert config is not None
-    tensors = tuple(build_inventory(config))
+    return model_of(config)
+
+
+def model_of(config: ModelConfig) -> ModelInput:
+    """The model a config describes: its family's resolved view and its exact tensors."""
+    described = families.describe(config)
     return ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
-                      tensors=tensors, architecture_known=True, config=config, notes=tuple(inventory_notes(config)))
+                      tensors=tuple(described.inventory()), architecture_known=True, config=config,
+                      notes=tuple(described.inventory_notes()), described=described)
 
 
 def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,

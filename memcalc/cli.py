@@ -414,7 +414,7 @@ def presets(
 def _presets(json_output: bool) -> int:
     import json
 
-    from memcalc.inventory import build_inventory
+    from memcalc.families import inventory
     from memcalc.presets import gpu_presets, model_preset_files
     from memcalc.resolve import resolve_model
     from memcalc.units import format_bytes, format_count
@@ -422,7 +422,7 @@ def _presets(json_output: bool) -> int:
     models = []
     for name in model_preset_files():
         config = resolve_model(name)
-        num_params = sum(t.numel for t in build_inventory(config))
+        num_params = sum(t.numel for t in inventory(config))
         models.append({"name": name, "model_type": config.model_type, "num_params": num_params,
                        "aliases": list(config.aliases), "source": config.source})
     gpus = [{"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from memcalc import activations, trainable
-from memcalc.inventory import inventory_target
 from memcalc.model import (
     ROLE_EMBEDDING,
     ROLE_EXPERT,
@@ -210,11 +209,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
 
 def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     expert_numel = sum(t.numel for t in tensors if t.role == ROLE_EXPERT)
-    if not expert_numel or model.config is None:
+    if not expert_numel:
         return []
-    raw = inventory_target(model.config).raw
-    num_experts = raw.get("num_local_experts") or raw.get("n_routed_experts") or raw.get("num_experts")
-    per_token = raw.get("num_experts_per_tok")
+    num_experts = getattr(model.arch, "num_experts", None)
+    per_token = getattr(model.arch, "experts_per_token", None)
     active = f"; only {per_token} of {num_experts} experts run per token, so activations use those" if num_experts and per_token else ""
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 

@@ -31,30 +31,7 @@ if TYPE_CHECKING:
     from memcalc.model import ModelInput
     from memcalc.spec import TrainingSpec
 
-# peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft 0.21.2): PEFT's
-# default target_modules per model_type. phi3 is not in that table; its fused qkv_proj is the analogue.
-DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "t5": ("q", "v"),
-    "gpt2": ("c_attn",),
-    "bloom": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"),
-    "bert": ("query", "value"),
-    "llama": ("q_proj", "v_proj"),
-    "falcon": ("query_key_value",),
-    "mistral": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
-    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "gemma3_text": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-}
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear except the output head
-
-# GPT-2 uses transformers' Conv1D, whose weight is stored (in, out) rather than nn.Linear's (out, in).
-CONV1D_MODEL_TYPES = ("gpt2",)
 
 # bitsandbytes 4-bit (functional.quantize_4bit, QLoRA defaults: nf4, blocksize 64, double quantization):
 # packed codes 2 per byte; one absmax per 64-element block, itself quantized to uint8 with an fp32 absmax
@@ -179,14 +156,16 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         tensors = [replace(t, trainable=False) if t.role in frozen_roles else t for t in tensors]
     quantized: set[str] = set()
     if spec.lora_rank:
-        model_type = model.model_type or ""
-        targets = spec.lora_targets or DEFAULT_LORA_TARGETS.get(model_type)
+        family = model.described.family if model.described is not None else None
+        # PEFT's default target modules per model type (the family's), unless the user named them.
+        targets = spec.lora_targets or (family.lora_targets if family is not None else None)
         if not targets:
             raise UsageError(
-                f"no default LoRA targets for model_type '{model_type}'; pass --lora-targets q_proj,v_proj "
-                "(module names) or --lora-targets all-linear"
+                f"no default LoRA targets for model_type '{model.model_type or ''}'; pass --lora-targets "
+                "q_proj,v_proj (module names) or --lora-targets all-linear"
             )
-        conv1d = model_type in CONV1D_MODEL_TYPES
+        # GPT-2 uses transformers' Conv1D, whose weight is stored (in, out) rather than nn.Linear's (out, in).
+        conv1d = family is not None and family.conv1d
         adapters: list[ParamTensor] = []
         frozen: list[ParamTensor] = []
         num_targeted = 0

@@ -1,8 +1,8 @@
 """Print a markdown table of parameter counts for every model preset.
 
-Each preset in presets/models/*.json is turned into a transformers config (keys starting
-with "_" are memcalc metadata and are dropped), the class named in ``architectures[0]`` is
-built on the meta device (no memory is allocated, nothing is downloaded, no remote code),
+Each preset in presets/models/*.json is built by memcalc.verify.build (keys starting with "_"
+are memcalc metadata and are dropped; only model classes of the config's model_type), the class
+named in ``architectures[0]`` on the meta device (no memory is allocated, nothing is downloaded, no remote code),
 and its parameters are counted. memcalc's own pure-Python inventory count is shown beside it
 (they must be equal), and ``_published_num_params`` when the preset has one.
 
@@ -21,16 +21,9 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "presets" / "models"
 
 
 def count_params(raw: dict) -> int:
-    import torch
-    import transformers
+    from memcalc.verify.build import build_meta_model  # the one builder memcalc uses everywhere
 
-    fields = {k: v for k, v in raw.items() if not k.startswith("_")}
-    model_type = fields.pop("model_type")
-    cfg = transformers.AutoConfig.for_model(model_type, **fields)
-    cls = getattr(transformers, raw["architectures"][0])
-    with torch.device("meta"):
-        model = cls(cfg)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in build_meta_model(raw).parameters())
 
 
 def main(argv: list[str]) -> int:
@@ -51,7 +44,7 @@ def main(argv: list[str]) -> int:
                 failures += 1
             seen_names[key] = name
         published = raw.get("_published_num_params")
-        from memcalc.inventory import build_inventory
+        from memcalc.families import inventory as build_inventory
         from memcalc.model import ModelConfig
 
         ours = sum(t.numel for t in build_inventory(ModelConfig(name=name, raw=raw, source=str(path))))

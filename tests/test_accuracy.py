@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import accuracy  # noqa: E402
+import accuracy
 
 MEDIAN_TOLERANCE_PCT = 1.0
 WORST_TOLERANCE_PCT = 3.0

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from memcalc.api import run
-from memcalc.inventory import build_inventory
-from memcalc.model import ModelConfig, ModelInput
+from memcalc.api import model_of, run
+from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
 from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
 
@@ -94,7 +93,7 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
 def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
                           attention: str = "sdpa") -> tuple[int, int]:
     config = ModelConfig("tiny", raw, "test")
-    model = ModelInput("tiny", "test", raw["model_type"], tuple(build_inventory(config)), True, config)
+    model = model_of(config)
     spec = TrainingSpec(precision=recipe, micro_batch_size=batch, seq_len=seq,
                         checkpointing="full" if checkpointing else "none", attention=attention)
     report = run(model, spec)
@@ -145,7 +144,7 @@ def test_checkpointing_keeps_layer_inputs(recipe):
     from memcalc.precision import get_recipe
 
     config = ModelConfig("tiny", raw, "test")
-    model = ModelInput("tiny", "test", "llama", tuple(build_inventory(config)), True, config)
+    model = model_of(config)
     spec = TrainingSpec(precision=recipe, micro_batch_size=2, seq_len=48, checkpointing="full")
     per_layer = activations.estimate(model, spec, get_recipe(spec.precision)).recompute_bytes
     two_layers, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48)

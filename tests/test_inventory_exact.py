@@ -18,17 +18,15 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from memcalc.families import SUPPORTED_MODEL_TYPES, describe, family
+from memcalc.families import inventory as build_inventory
+from memcalc.families.generic import meta_inventory, param_tensors
+from memcalc.verify.build import build_meta_model
+
 from memcalc.errors import UnsupportedModelError
-from memcalc.inventory import (
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
-    build_inventory,
-    inventory_notes,
-    inventory_target,
-)
-from memcalc.inventory_meta import build_inventory_from_transformers, build_meta_model, param_tensors
 from memcalc.model import ModelConfig, ParamTensor
 
+SUPPORTED_ARCHITECTURES = {t: tuple(family(t).heads) for t in SUPPORTED_MODEL_TYPES}
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "models"
 PRESETS = sorted(PRESET_DIR.glob("*.json"))
 
@@ -40,7 +38,8 @@ DECODER = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
 }
-MOE = {**DECODER, "moe_intermediate_size": 32, "num_hidden_layers": 3}
+# (key/value heads and experts per token given: the MoE configs' defaults, 16 and 4-8, exceed these tiny sizes)
+MOE = {**DECODER, "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_experts_per_tok": 2, "num_key_value_heads": 2}
 MLA = {
     **MOE,
     "kv_lora_rank": 16,
@@ -93,7 +92,8 @@ TINY = {
     "qwen3-bias-mqa": _cfg(
         "qwen3", DECODER, "Qwen3ForCausalLM", head_dim=16, num_key_value_heads=1, attention_bias=True
     ),
-    "gemma-defaults": _cfg("gemma", DECODER, "GemmaForCausalLM"),
+    # GemmaConfig defaults: 16 key/value heads, head_dim 256 (16 query heads so that the groups divide).
+    "gemma-defaults": _cfg("gemma", DECODER, "GemmaForCausalLM", num_attention_heads=16),
     "gemma-untied-mqa": _cfg(
         "gemma", DECODER, "GemmaForCausalLM", head_dim=16, num_key_value_heads=1, tie_word_embeddings=False
     ),
@@ -107,7 +107,8 @@ TINY = {
     "phi-tied": _cfg("phi", DECODER, "PhiForCausalLM", tie_word_embeddings=True),
     # Mixture of experts: fused 3-D experts, routers, shared experts, dense layers among sparse ones
     "mixtral": _cfg("mixtral", DECODER, "MixtralForCausalLM", num_local_experts=3, num_key_value_heads=2),
-    "mixtral-num-experts-alias": _cfg("mixtral", DECODER, "MixtralForCausalLM", num_experts=5, head_dim=8),
+    "mixtral-num-experts-alias": _cfg("mixtral", DECODER, "MixtralForCausalLM", num_experts=5, head_dim=8,
+                                      num_key_value_heads=4),
     "qwen2-moe": _cfg(
         "qwen2_moe", MOE, "Qwen2MoeForCausalLM", num_experts=3, shared_expert_intermediate_size=40, mlp_only_layers=[1]
     ),
@@ -214,8 +215,8 @@ def _config(raw: dict, name: str = "test") -> ModelConfig:
 
 
 def _assert_exact(config: ModelConfig) -> None:
-    target = inventory_target(config)
-    assert target.modelled, target.reason
+    target = describe(config)
+    assert target.modelled_inventory, target.reason
     got = build_inventory(config)
     model = build_meta_model(target.raw, target.architecture)
     assert type(model).__name__ == target.architecture
@@ -241,17 +242,17 @@ def test_tiny_inventory_matches_transformers(case: str) -> None:
 
 
 def test_every_supported_family_and_class_is_exercised() -> None:
-    families = {inventory_target(_config(raw)).model_type for raw in TINY.values()}
+    families = {describe(_config(raw)).model_type for raw in TINY.values()}
     assert families == set(SUPPORTED_MODEL_TYPES)
-    classes = {inventory_target(_config(raw)).architecture for raw in TINY.values()}
+    classes = {describe(_config(raw)).architecture for raw in TINY.values()}
     assert {arch for archs in SUPPORTED_ARCHITECTURES.values() for arch in archs} <= classes
 
 
 def test_fallback_equals_pure_inventory() -> None:
     for case in ("llama-gqa", "deepseek-v2-q-lora", "gpt2", "t5-gated-untied", "opt-project-in-out"):
         config = _config(TINY[case])
-        by_name = lambda tensors: sorted(tensors, key=lambda p: p.name)  # noqa: E731
-        assert by_name(build_inventory_from_transformers(config)) == by_name(build_inventory(config)), case
+        by_name = lambda tensors: sorted(tensors, key=lambda p: p.name)
+        assert by_name(meta_inventory(config)) == by_name(build_inventory(config)), case
 
 
 def test_t5_untied_head_is_what_from_pretrained_loads(tmp_path: Path) -> None:
@@ -279,9 +280,9 @@ def test_t5_untied_head_is_what_from_pretrained_loads(tmp_path: Path) -> None:
 
 def test_text_config_is_used_and_noted() -> None:
     config = _config(TINY["gemma3-multimodal"])
-    target = inventory_target(config)
+    target = describe(config)
     assert (target.model_type, target.architecture) == ("gemma3_text", "Gemma3ForCausalLM")
-    assert any("text_config" in note for note in inventory_notes(config))
+    assert any("text_config" in note for note in describe(config).inventory_notes())
 
 
 def test_unknown_model_type_uses_the_meta_fallback() -> None:
@@ -290,7 +291,7 @@ def test_unknown_model_type_uses_the_meta_fallback() -> None:
     got = build_inventory(config)
     model = build_meta_model(raw)
     assert {p.name: p.shape for p in got} == {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert any("meta device" in note for note in inventory_notes(config))
+    assert any("meta device" in note for note in describe(config).inventory_notes())
 
 
 @pytest.mark.parametrize(
@@ -304,8 +305,8 @@ def test_unknown_model_type_uses_the_meta_fallback() -> None:
 )
 def test_unmodelled_variant_of_a_known_family_uses_the_meta_fallback(raw: dict) -> None:
     config = _config(raw)
-    assert not inventory_target(config).modelled
-    assert any("meta device" in note for note in inventory_notes(config))
+    assert not describe(config).modelled_inventory
+    assert any("meta device" in note for note in describe(config).inventory_notes())
     model = build_meta_model(raw)
     got = build_inventory(config)
     assert {p.name: p.shape for p in got} == {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -329,7 +330,7 @@ def test_unknown_model_type_without_torch_is_one_clear_error(monkeypatch: pytest
 
 def test_pure_inventory_imports_neither_torch_nor_transformers() -> None:
     code = (
-        "import sys; from memcalc.model import ModelConfig; from memcalc.inventory import build_inventory; "
+        "import sys; from memcalc.model import ModelConfig; from memcalc.families import inventory as build_inventory; "
         f"build_inventory(ModelConfig('t', {TINY['deepseek-v2-q-lora']!r}, 't')); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
     )

@@ -9,7 +9,7 @@ import pytest
 
 from memcalc.api import model_input, run
 from memcalc.errors import UsageError
-from memcalc.inventory import build_inventory
+from memcalc.families import inventory as build_inventory
 from memcalc.parallel import fsdp2_shard_numel, zero12_partition_numel, zero_redundancy_partition
 from memcalc.spec import TrainingSpec
 

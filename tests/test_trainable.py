@@ -6,10 +6,9 @@ import re
 
 import pytest
 
-from memcalc import trainable
-from memcalc.api import model_input, run
+from memcalc import families, trainable
+from memcalc.api import model_input, model_of, run
 from memcalc.errors import UsageError
-from memcalc.inventory import build_inventory
 from memcalc.model import ModelConfig, ModelInput
 from memcalc.spec import TrainingSpec
 
@@ -25,7 +24,7 @@ TINY = {
 
 def _model(raw: dict) -> ModelInput:
     config = ModelConfig(name="tiny", raw=raw, source="test")
-    return ModelInput("tiny", "test", raw["model_type"], tuple(build_inventory(config)), True, config)
+    return model_of(config)
 
 
 def test_lora_freezes_base_and_adds_adapters():
@@ -45,7 +44,7 @@ def test_qlora_base_in_nf4():
     report = run(model_input("llama-3-8b", None), TrainingSpec(lora_rank=16, qlora=True))
     parts = report.term("weights").breakdown
     assert set(parts) == {"16-bit (not quantized)", "nf4 base"}
-    linear = [t for t in build_inventory(model_input("llama-3-8b", None).config) if t.is_linear_weight and t.role != "lm_head"]
+    linear = [t for t in model_input("llama-3-8b", None).tensors if t.is_linear_weight and t.role != "lm_head"]
     assert parts["nf4 base"] == sum(trainable.nf4_bytes(t.numel) for t in linear)
     # About 0.5 B/param + 0.127 bits/param of constants (QLoRA paper, sec. 3 "Double Quantization").
     numel = sum(t.numel for t in linear)
@@ -81,11 +80,13 @@ def test_lora_matches_peft(family, rank):
     config = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     base = getattr(transformers, raw["architectures"][0])(config)
-    targets = list(trainable.DEFAULT_LORA_TARGETS[family])
+    # PEFT's own default targets per model type (peft/utils/constants.py); phi3 is not in PEFT's table.
+    peft_defaults = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    targets = list(peft_defaults.get(raw["model_type"]) or families.family(raw["model_type"]).lora_targets)
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=rank, target_modules=targets))
     theirs = {re.sub(r"^base_model\.model\.|\.default", "", name): tuple(p.shape)
               for name, p in peft_model.named_parameters() if p.requires_grad}
-    subset = trainable.apply(_model(raw), TrainingSpec(lora_rank=rank))
+    subset = trainable.apply(_model(raw), TrainingSpec(lora_rank=rank))  # memcalc's defaults, not told the targets
     ours = {t.name: t.shape for t in subset.tensors if t.trainable}
     assert ours == theirs
     assert sum(t.numel for t in subset.tensors) == sum(p.numel() for p in peft_model.parameters())
@@ -103,3 +104,18 @@ def test_nf4_bytes_match_bitsandbytes():
         nested = state.state2
         held = [packed, state.absmax, state.code, state.offset, nested.absmax, nested.code]
         assert trainable.nf4_bytes(weight.numel()) == sum(t.nbytes for t in held)
+
+
+def test_default_lora_targets_are_peft_defaults():
+    """Every family's default LoRA targets are PEFT's for its model type, where PEFT has an entry."""
+    peft = pytest.importorskip("peft")
+    peft_defaults = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    checked = 0
+    for model_type in families.SUPPORTED_MODEL_TYPES:
+        ours = families.family(model_type).lora_targets
+        if model_type in peft_defaults:
+            assert ours == tuple(peft_defaults[model_type]), model_type
+            checked += 1
+        else:
+            assert ours is None or model_type == "phi3", model_type  # phi3: its fused qkv_proj, documented
+    assert checked >= 15

@@ -48,7 +48,7 @@ BIG = {**TINY, "num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 
 
 
 def test_cpu_verify_refuses_what_the_ram_cannot_hold(cli, monkeypatch, tiny_config):
-    import memcalc.verify as verify
+    from memcalc import verify
 
     monkeypatch.setattr(verify, "ram_bytes", lambda: 64 * 1024 * 1024)  # a 64 MiB machine
     with open(tiny_config, "w") as handle:
@@ -61,7 +61,7 @@ def test_cpu_verify_refuses_what_the_ram_cannot_hold(cli, monkeypatch, tiny_conf
 
 def test_verify_scales_a_model_down_to_fit(monkeypatch):
     """What a GPU run does when the model does not fit the card (exercised here on the CPU)."""
-    import memcalc.verify as verify
+    from memcalc import verify
     from memcalc.model import ModelConfig
     from memcalc.spec import TrainingSpec
 

@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import memcalc.verify as verify  # noqa: E402
-from memcalc.model import ModelConfig  # noqa: E402
-from memcalc.spec import TrainingSpec  # noqa: E402
-from memcalc.verify import cuda as vcuda  # noqa: E402
+from memcalc import verify
+from memcalc.model import ModelConfig
+from memcalc.spec import TrainingSpec
+from memcalc.verify import cuda as vcuda
 
 TINY = ModelConfig(name="tiny-llama", source="test", raw={
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,

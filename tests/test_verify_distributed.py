@@ -22,10 +22,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from memcalc.errors import UsageError  # noqa: E402
-from memcalc.model import ModelConfig  # noqa: E402
-from memcalc.spec import TrainingSpec  # noqa: E402
-from memcalc.verify.distributed import COMM_BUFFERS, UNSHARDED_GRADIENTS, measure_distributed  # noqa: E402
+from memcalc.errors import UnsupportedModelError, UsageError
+from memcalc.model import ModelConfig
+from memcalc.spec import TrainingSpec
+from memcalc.verify.distributed import COMM_BUFFERS, UNSHARDED_GRADIENTS, measure_distributed
 
 # Odd vocabulary: FSDP2 pads the embedding and LM head shards, and ZeRO-1's ranks come out unequal.
 TINY_LLAMA = {
@@ -242,7 +242,7 @@ def test_unsupported_combinations_are_one_line_usage_errors(kwargs, message):
 
 def test_unbuildable_config_fails_before_spawning():
     bad = ModelConfig(name="bad", raw={**TINY_LLAMA, "model_type": "no-such-model"}, source="test")
-    with pytest.raises(UsageError, match="no-such-model"):
+    with pytest.raises(UnsupportedModelError, match="no-such-model"):  # the one builder's error, as everywhere
         measure_distributed(bad, _spec("bf16"), engine="ddp", world_size=2)
 
 
@@ -290,14 +290,12 @@ SHARDING = {"ddp": "torch", "zero1": "torch", "fsdp2": "fsdp"}
 
 
 def _estimate(engine: str, reshard: bool, precision: str, world: int):
-    from memcalc.api import run
-    from memcalc.inventory import build_inventory
-    from memcalc.model import ModelInput
+    from memcalc.api import model_of, run
     from memcalc.verify.distributed import zero_stage_of
 
     spec = _spec(precision).replace(zero_stage=zero_stage_of(engine, reshard), num_gpus=world,
                                     sharding=SHARDING[engine])
-    model = ModelInput(TINY.name, TINY.source, "llama", tuple(build_inventory(TINY)), True, TINY)
+    model = model_of(TINY)
     return run(model, spec)
 
 

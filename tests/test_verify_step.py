@@ -11,17 +11,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import memcalc.verify as verify  # noqa: E402
-from memcalc.api import model_input, run  # noqa: E402
-from memcalc.errors import UsageError  # noqa: E402
-from memcalc.inventory import build_inventory  # noqa: E402
+from memcalc import verify
+from memcalc.api import model_input, model_of, run
+from memcalc.errors import UsageError
+from memcalc.families import inventory as build_inventory
 from memcalc.model import (
-    ModelConfig,  # noqa: E402
-    ModelInput,  # noqa: E402
+    ModelConfig,
 )
-from memcalc.spec import TrainingSpec  # noqa: E402
-from memcalc.verify import compare, run_verify  # noqa: E402
-from memcalc.vocab import MODEL_STATE_TERMS  # noqa: E402
+from memcalc.spec import TrainingSpec
+from memcalc.verify import compare, run_verify
+from memcalc.vocab import MODEL_STATE_TERMS
 
 TINY_LLAMA = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -51,16 +50,14 @@ def _spec(precision, optimizer, impl, checkpointing, attn) -> TrainingSpec:
                         attention=attn, micro_batch_size=BATCH, seq_len=SEQ)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured(case, method="cpu-tracker"):
     return run_verify(TINY, _spec(*case), method, attn_implementation=case[4])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _estimate(case):
-    model = ModelInput(name=TINY.name, source=TINY.source, model_type="llama", tensors=tuple(build_inventory(TINY)),
-                       architecture_known=True, config=TINY)
-    return run(model, _spec(*case))
+    return run(model_of(TINY), _spec(*case))
 
 
 def _name(case) -> str:

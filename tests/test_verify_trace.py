@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from memcalc.api import model_input, run  # noqa: E402
-from memcalc.spec import TrainingSpec  # noqa: E402
-from memcalc.verify import compare, run_verify  # noqa: E402
+from memcalc.api import model_input, run
+from memcalc.spec import TrainingSpec
+from memcalc.verify import compare, run_verify
 
 LLAMA_3_8B_PARAMS = 8_030_261_248
 

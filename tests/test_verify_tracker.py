@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
-from memcalc.spec import TrainingSpec  # noqa: E402
-from memcalc.verify import step as st  # noqa: E402
-from memcalc.verify import tracker as trk  # noqa: E402
+from memcalc.spec import TrainingSpec
+from memcalc.verify import step as st
+from memcalc.verify import tracker as trk
 
 KIB = 1024
 TINY_LLAMA = {
@@ -47,9 +47,8 @@ def _prepared_step(spec: TrainingSpec, attn: str = "sdpa"):
 def test_tracker_peak_matches_cpu_allocator(precision, optimizer, impl):
     spec = TrainingSpec(precision=precision, optimizer=optimizer, optim_impl=impl, micro_batch_size=2, seq_len=32)
     model, stepper, input_ids, setup, tracker = _prepared_step(spec)
-    with trk.allocator_profiler() as prof:
-        with tracker:
-            st.one_step(model, stepper, input_ids, setup, st.PhaseClock())
+    with trk.allocator_profiler() as prof, tracker:
+        st.one_step(model, stepper, input_ids, setup, st.PhaseClock())
     tracker_peak = tracker.peak_bytes - tracker.baseline_bytes
     allocator_peak, allocator_end = trk.allocator_peak_and_end(prof)
     print(f"\n{precision} {optimizer}-{impl}: tracker peak +{tracker_peak:,} B, allocator peak +{allocator_peak:,} B")

@@ -21,7 +21,7 @@ from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
 from memcalc.verify.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS, Measurement
 
-__all__ = ["Measurement", "Outcome", "Row", "compare", "run_verify", "verify", "estimate_for", "METHODS", "INSTALL_HINT"]
+__all__ = ["INSTALL_HINT", "METHODS", "Measurement", "Outcome", "Row", "compare", "estimate_for", "run_verify", "verify"]
 
 INSTALL_HINT = "--verify needs torch and transformers: pip install 'memcalc-train[verify]'"
 # A cpu-tracker run holds real tensors: refuse one whose estimated peak is above this share of the RAM.
@@ -57,14 +57,9 @@ def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
 
 def estimate_for(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec) -> Report:
     """The estimate the measurement is checked against: the exact inventory of this config."""
-    from memcalc.api import run
-    from memcalc.inventory import build_inventory
-    from memcalc.model import ModelInput
+    from memcalc.api import model_of, run
 
-    config = _as_config(model_config)
-    model = ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
-                       tensors=tuple(build_inventory(config)), architecture_known=True, config=config)
-    return run(model, spec)
+    return run(model_of(_as_config(model_config)), spec)
 
 
 def ram_bytes() -> int | None:
@@ -220,7 +215,7 @@ def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", 
     instead, as the output then says; on the CPU (scale=None) a run the RAM cannot hold is refused with the
     estimate that says why, suggesting --verify=trace; scale=True scales there too.
     """
-    from memcalc.verify.scale import scale_to_fit
+    from memcalc.families.scaling import scale_to_fit
 
     _require_torch()
     if spec.num_gpus > 1:

@@ -153,9 +153,9 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
 
     single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none")
     resolve_setup(single, attn)  # the single-rank checks (LoRA, freeze, optimizers, dtypes) with their messages
-    from memcalc.verify.step import hf_config, model_class
+    from memcalc.verify.build import hf_config, model_class
 
-    model_class(hf_config(config))  # an unbuildable config fails here, in one line, not in every rank
+    model_class(hf_config(config.raw))  # an unbuildable config fails here, in one line, not in every rank
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
                 warmup_steps=WARMUP_STEPS[engine], fake=method == "fake")
@@ -248,7 +248,9 @@ def _process_context(mp, job: _Job):
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    model_type = str(job.raw.get("model_type", "")).replace("-", "_")
+    from memcalc.verify.build import config_fields
+
+    model_type = config_fields(job.raw)[0].replace("-", "_")
     preload = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.optim", "transformers",
                "memcalc.verify.step", __name__]
     if model_type.isidentifier():
@@ -630,7 +632,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         setup=setup, tracker=tracker, model_class=model_class_name, num_params=num_params,
         model_state_bytes=model_state,
         optimizer_state_breakdown={k: storage_bytes(_local(t) for t in v) for k, v in states.items()},
-        ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model.config),
+        ops_seen=tracker.ops_seen, dropout=dropout_probabilities(job.raw),
         elapsed_seconds=time.perf_counter() - started,
     )
     measurement = to_measurement("trace" if job.fake else "cpu-tracker", result)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, Recipe, get_recipe
 from memcalc.spec import Checkpointing, TrainingSpec
+from memcalc.verify import build
 from memcalc.verify import tracker as trk
 from memcalc.verify.measurement import Measurement
 
@@ -33,9 +34,6 @@ TORCH_DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp1
 LEARNING_RATE = 1e-3
 SGD_MOMENTUM = 0.9
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-# Config keys that hold a dropout probability in the families memcalc knows.
-DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
-                "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate", "activation_dropout")
 # Terms whose estimate is what the forward leaves alive for the backward.
 FORWARD_LIVE_TERMS = (trk.ACTIVATIONS, trk.LOGITS_AND_LOSS, trk.AUTOCAST_COPIES)
 SDPA_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
@@ -111,54 +109,15 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
 
 
 # -- model -------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def hf_config(model_config: ModelConfig | dict[str, Any]):
-    """transformers config from the config.json dict: keys starting with '_' are memcalc's own."""
-    import transformers
-
-    raw = model_config.raw if isinstance(model_config, ModelConfig) else model_config
-    fields = {k: v for k, v in raw.items() if not k.startswith("_")}
-    model_type = fields.pop("model_type", None)
-    if not model_type:
-        raise UsageError("--verify needs a config with a model_type")
-    try:
-        return transformers.AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"transformers cannot build model_type '{model_type}': {reason}") from None
-
-
-def model_class(config):
-    """The class named in ``architectures[0]`` (a transformers class, never remote code)."""
-    import transformers
-
-    names = list(getattr(config, "architectures", None) or [])
-    if names:
-        cls = getattr(transformers, names[0], None)
-        if cls is None:
-            raise UsageError(f"transformers {transformers.__version__} has no class {names[0]} (no remote code is run)")
-        return cls
-    try:
-        return transformers.AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        raise UsageError(f"config has no 'architectures' and {type(config).__name__} has no causal-LM class; "
-                         "add \"architectures\": [\"...ForCausalLM\"] to the config") from None
+def _raw(model_config: ModelConfig | dict[str, Any]) -> dict[str, Any]:
+    return dict(model_config.raw) if isinstance(model_config, ModelConfig) else dict(model_config)
 
 
 def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> torch.nn.Module:
-    config = hf_config(model_config)
-    cls = model_class(config)
-    with default_dtype(setup.weight_dtype):
-        model = cls._from_config(config, attn_implementation=setup.attn_implementation, dtype=setup.weight_dtype)
+    """The model of the config (memcalc.verify.build, the one builder), in the recipe's weight dtype, on the
+    setup's device, checkpointed as the spec says, in training mode."""
+    model = build.build_model(_raw(model_config), dtype=setup.weight_dtype,
+                              attn_implementation=setup.attn_implementation)
     if torch.device(setup.device).type != "cpu":  # (built on the CPU; fake CPU tensors cannot be moved)
         model = model.to(device=setup.device)
     if setup.checkpointing:
@@ -168,14 +127,12 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
     return model
 
 
-def dropout_probabilities(config) -> dict[str, float]:
-    """Non-zero dropout probabilities of a transformers config (its defaults included)."""
-    found = {}
-    for key in DROPOUT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, (int, float)) and value > 0:
-            found[key] = float(value)
-    return found
+def dropout_probabilities(model_config: ModelConfig | dict[str, Any]) -> dict[str, float]:
+    """Non-zero dropout probabilities of the config, as its family resolves them (class defaults included)."""
+    from memcalc import families
+
+    raw = _raw(model_config)
+    return dict(families.describe(ModelConfig("config", raw, "config")).arch.dropout)
 
 
 # -- optimizer -------------------------------------------------------------------------------------------------
@@ -395,7 +352,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         num_params=sum(p.numel() for p in model.parameters()),
         model_state_bytes=model_state,
         optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
-        ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model.config),
+        ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model_config),
         elapsed_seconds=time.perf_counter() - started,
     )
 

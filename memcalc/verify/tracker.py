@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -282,8 +283,7 @@ class MemoryTracker(TorchDispatchMode):
             if self.record_timeline:
                 self.timeline.append(self._snapshot())
             return
-        if self.by_category[category] > self.category_max[category]:
-            self.category_max[category] = self.by_category[category]
+        self.category_max[category] = max(self.category_max[category], self.by_category[category])
         phase = self.phase
         if self.live_bytes > self.peak.total_bytes:
             self.peak = self._snapshot()

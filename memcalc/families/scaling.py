@@ -1,5 +1,8 @@
 """Scale a config down until a real step of it fits the machine that measures it (no torch here).
 
+The keys below are the names families' configs use for depth and width (memcalc.families reads them resolved;
+this writes a smaller config of the same family, keeping each key's own name).
+
 Same family and structure, fewer layers first (2), then narrower (hidden size, MLP width and head counts
 halved together, so head_dim and the GQA ratio stay), then a smaller vocabulary. The estimate that is
 checked is then the estimate of the scaled config, and the output says so.
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "d_ff", "ffn_dim",
               "moe_intermediate_size", "num_attention_heads", "n_head", "num_heads", "num_key_value_heads")
 MIN_LAYERS = 2

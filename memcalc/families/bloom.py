@@ -1,0 +1,99 @@
+"""BLOOM (models/bloom/modeling_bloom.py): ALiBi (no position tensors), LayerNorms, fused query_key_value."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from memcalc.families.base import BASE, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB, Arch, Family, Fields
+from memcalc.families.saved import (
+    FP32_BYTES,
+    INT64_BYTES,
+    Loss,
+    Rule,
+    Run,
+    dropout_mask,
+    eager_probs,
+    fp32_softmax_dropout,
+    layer_norm,
+    linear_input,
+    parts,
+)
+from memcalc.families.tensors import Params, decoder_heads, simple_head
+from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+
+SOURCE = ("derived from transformers modeling_bloom.py (BloomBlock, BloomAttention, BloomGelu); checked against "
+          "a CPU forward")
+
+_DEFAULTS = {  # models/bloom/configuration_bloom.py: BloomConfig
+    "vocab_size": 250880, "hidden_size": 64, "n_layer": 2, "n_head": 8, "tie_word_embeddings": True,
+    "hidden_dropout": 0.0, "attention_dropout": 0.0,
+}  # fmt: skip
+# BloomConfig.attribute_map, and n_embed, which its __post_init__ pops into hidden_size
+_ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
+
+
+def resolve(raw: Mapping[str, Any], architecture: str) -> Arch:
+    f = Fields(raw, _DEFAULTS, _ALIASES)
+    hidden = f.dim("hidden_size", MAX_HIDDEN)
+    num_heads, _ = f.heads("n_head", None)
+    return Arch(
+        model_type="bloom", architecture=architecture, head=HEADS[architecture], hidden_size=hidden,
+        num_layers=f.dim("n_layer", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_heads,
+        head_dim=f.head_dim(hidden, num_heads, key=None), intermediate_size=4 * hidden,  # BloomMLP: 4 x hidden
+        vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
+        num_labels=f.num_labels(), rotary=False, norm="layernorm", hidden_act="bloom_gelu",
+        dropout=f.dropouts({"hidden_dropout": 0.0, "attention_dropout": 0.0}),
+    )
+
+
+def inventory(a: Arch) -> list[ParamTensor]:  # BloomForCausalLM
+    hidden, vocab = a.hidden_size, a.vocab_size
+    base, p = ("" if a.head == BASE else "transformer."), Params()
+    p.embedding(f"{base}word_embeddings", vocab, hidden)
+    p.norm(f"{base}word_embeddings_layernorm", hidden, None, bias=True)
+    for i in range(a.num_layers):
+        h = f"{base}h.{i}."
+        p.norm(f"{h}input_layernorm", hidden, i, bias=True)
+        p.linear(f"{h}self_attention.query_key_value", hidden, 3 * hidden, ROLE_ATTENTION, i, bias=True)
+        p.linear(f"{h}self_attention.dense", hidden, hidden, ROLE_ATTENTION, i, bias=True)
+        p.norm(f"{h}post_attention_layernorm", hidden, i, bias=True)
+        p.linear(f"{h}mlp.dense_h_to_4h", hidden, 4 * hidden, ROLE_MLP, i, bias=True)
+        p.linear(f"{h}mlp.dense_4h_to_h", 4 * hidden, hidden, ROLE_MLP, i, bias=True)
+    p.norm(f"{base}ln_f", hidden, None, bias=True)
+    simple_head(p, a.head, a.tie_word_embeddings, hidden, vocab, a.num_labels)
+    return p.tensors
+
+
+def activations(a: Arch, run: Run) -> Rule:
+    """BloomForCausalLM. transformers has no sdpa path for BLOOM: attention is always eager.
+
+    Per BloomBlock: input_layernorm and post_attention_layernorm (input r T h + stats each) and their outputs as
+    query_key_value and dense_h_to_4h read them (c T h each); attention: alibi.baddbmm saves contiguous copies of
+    q and k^T, softmax(fp32) and its c copy (4 + c) b a s^2, the matmul a copy of v, dense a copy of the merged
+    heads (4 c T h); BloomGelu (a custom autograd Function) saves its input, dense_4h_to_h the output (2 c T 4h).
+    Dropout (CUDA masks): dropout_add after attention and MLP (2 T h), attention_dropout b a s^2
+    (saved.fp32_softmax_dropout).
+    Per model: word_embeddings_layernorm (input r T h + stats; its output is layer 0's input), ln_f and the lm_head
+    input, input_ids and shifted labels, the loss divisor. The alibi bias needs no gradient: not saved.
+    """
+    h, heads = a.hidden_size, a.num_heads
+    b, s, tokens, c = run.b, run.s, run.tokens, run.c
+    th, scores = tokens * h, b * heads * s * s
+    norms = 2 * layer_norm(run, th) + 2 * linear_input(run, th, 1)
+    attention = 4 * c * th + eager_probs(run, scores, True)
+    mlp = 2 * c * tokens * 4 * h
+    dropout = (2 * dropout_mask(a.dropout.get("hidden_dropout", 0.0), th)
+               + fp32_softmax_dropout(a.dropout.get("attention_dropout", 0.0), run, scores))
+    formula = (f"layer norms and Linear inputs {norms:,} + attention (eager) {attention:,} + MLP {mlp:,}"
+               f"{f' + dropout masks {dropout:,}' if dropout else ''}")
+    per_model = parts(ids=2 * INT64_BYTES * tokens, loss_scalars=FP32_BYTES, embeddings=layer_norm(run, th),
+                      final_norm=layer_norm(run, th), head=c * th)
+    notes = [] if run.eager else ["BLOOM has no sdpa attention in transformers: counted as eager (b a s^2 scores)"]
+    layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
+    return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
+                c * tokens * 5 * h, Loss(tokens, a.vocab_size, FP32_BYTES), notes)
+
+
+HEADS = decoder_heads("Bloom")
+FAMILIES = {"bloom": Family("bloom", HEADS, resolve, inventory, activations, lora_targets=("query_key_value",))}

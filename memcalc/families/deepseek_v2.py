@@ -1,0 +1,222 @@
+"""DeepSeek-V2 (models/deepseek_v2/modeling_deepseek_v2.py): multi-head latent attention (MLA), then a dense MLP
+(layers below first_k_dense_replace) or the MoE block (fused experts, an fp32 router, shared experts as one MLP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.families.base import (
+    MAX_EXPERTS,
+    MAX_HEAD_DIM,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    Arch,
+    Family,
+    Fields,
+)
+from memcalc.families.llama import LLAMA_DEFAULTS
+from memcalc.families.moe import (
+    NOTE_MOE,
+    aux_loss_layer_bytes,
+    aux_loss_model_bytes,
+    check_top_k,
+    moe_formula,
+    routed_experts,
+)
+from memcalc.families.saved import FP32_BYTES, INT64_BYTES, Loss, Rule, Run, parts, rms_norm_bytes
+from memcalc.families.tensors import Params, decoder, decoder_heads, fused_experts, gated_mlp, pre_post_norms, router
+from memcalc.model import ROLE_ATTENTION, ParamTensor
+
+SOURCE = ("derived from transformers modeling_deepseek_v2.py (DeepseekV2Attention MLA, DeepseekV2TopkRouter, "
+          "DeepseekV2Moe) and integrations/moe.py; checked against a CPU forward (eager attention)")
+
+_DEFAULTS = {  # models/deepseek_v2/configuration_deepseek_v2.py: DeepseekV2Config
+    **LLAMA_DEFAULTS, "vocab_size": 102400, "first_k_dense_replace": 0, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "n_routed_experts": 64, "n_shared_experts": 2, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "moe_intermediate_size": 1407, "topk_method": "greedy", "norm_topk_prob": False,
+    "output_router_logits": False,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class DeepseekV2Arch(Arch):
+    q_lora_rank: int | None  # None: a plain q_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool
+    mlp_bias: bool
+    first_k_dense_replace: int
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    num_shared_experts: int
+    group_limited: bool  # topk_method "group_limited_greedy"
+    renormalise: bool
+    output_router_logits: bool
+
+    def sparse(self, layer: int) -> bool:
+        """DeepseekV2DecoderLayer: dense below first_k_dense_replace, the MoE block from there on."""
+        return layer >= self.first_k_dense_replace
+
+
+def resolve(raw: Mapping[str, Any], architecture: str) -> DeepseekV2Arch:
+    f = Fields(raw, _DEFAULTS, aliases={"num_experts": "n_routed_experts"})  # DeepseekV2Config.attribute_map
+    hidden = f.dim("hidden_size", MAX_HIDDEN)
+    num_heads, num_kv = f.heads()
+    num_experts = f.dim("n_routed_experts", MAX_EXPERTS)
+    # DeepseekV2Config's num_experts_per_tok defaults to None, which the router cannot run with; 2 is assumed.
+    top_k = f.dim_or("num_experts_per_tok", 2, MAX_EXPERTS)
+    check_top_k(num_experts, top_k)
+    rope = f.dim("qk_rope_head_dim", MAX_HEAD_DIM)
+    return DeepseekV2Arch(
+        model_type="deepseek_v2", architecture=architecture, head=HEADS[architecture], hidden_size=hidden,
+        num_layers=f.dim("num_hidden_layers", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_kv,
+        head_dim=rope,  # DeepseekV2Config.__post_init__: head_dim = qk_rope_head_dim
+        intermediate_size=f.dim("intermediate_size", MAX_INTERMEDIATE), vocab_size=f.dim("vocab_size", MAX_VOCAB),
+        tie_word_embeddings=f.flag("tie_word_embeddings"), num_labels=f.num_labels(),
+        max_positions=f.dim("max_position_embeddings", MAX_POSITIONS), hidden_act=f.text("hidden_act", "silu"),
+        dropout=f.dropouts({"attention_dropout": 0.0}),
+        q_lora_rank=f.dim("q_lora_rank", MAX_HIDDEN) if f.given("q_lora_rank") else None,
+        kv_lora_rank=f.dim("kv_lora_rank", MAX_HIDDEN), qk_nope_head_dim=f.dim("qk_nope_head_dim", MAX_HEAD_DIM),
+        qk_rope_head_dim=rope, v_head_dim=f.dim("v_head_dim", MAX_HEAD_DIM), attention_bias=f.flag("attention_bias"),
+        mlp_bias=f.flag("mlp_bias"), first_k_dense_replace=f.dim("first_k_dense_replace", MAX_LAYERS, low=0),
+        num_experts=num_experts, experts_per_token=top_k,
+        expert_intermediate_size=f.dim("moe_intermediate_size", MAX_INTERMEDIATE),
+        num_shared_experts=f.dim("n_shared_experts", MAX_EXPERTS, low=0),
+        group_limited=f.text("topk_method", "greedy") == "group_limited_greedy",
+        renormalise=f.flag("norm_topk_prob"), output_router_logits=f.flag("output_router_logits"),
+    )
+
+
+# ---------------------------------------------------------------- inventory
+
+
+def _mla_attention(p: Params, prefix: str, i: int, a: DeepseekV2Arch) -> None:
+    """DeepseekV2Attention: low-rank q (or a plain q_proj when q_lora_rank is null) and compressed kv."""
+    hidden, bias = a.hidden_size, a.attention_bias
+    q_out = a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+    if a.q_lora_rank is None:
+        p.linear(f"{prefix}q_proj", hidden, q_out, ROLE_ATTENTION, i)
+    else:
+        p.linear(f"{prefix}q_a_proj", hidden, a.q_lora_rank, ROLE_ATTENTION, i, bias)
+        p.norm(f"{prefix}q_a_layernorm", a.q_lora_rank, i)
+        p.linear(f"{prefix}q_b_proj", a.q_lora_rank, q_out, ROLE_ATTENTION, i)
+    p.linear(f"{prefix}kv_a_proj_with_mqa", hidden, a.kv_lora_rank + a.qk_rope_head_dim, ROLE_ATTENTION, i, bias)
+    p.norm(f"{prefix}kv_a_layernorm", a.kv_lora_rank, i)
+    p.linear(f"{prefix}kv_b_proj", a.kv_lora_rank, a.num_heads * (a.qk_nope_head_dim + a.v_head_dim),
+             ROLE_ATTENTION, i)
+    p.linear(f"{prefix}o_proj", a.num_heads * a.v_head_dim, hidden, ROLE_ATTENTION, i, bias)
+
+
+def inventory(a: DeepseekV2Arch) -> list[ParamTensor]:
+    hidden = a.hidden_size
+
+    def block(p: Params, prefix: str, i: int) -> None:
+        _mla_attention(p, f"{prefix}self_attn.", i, a)
+        m = f"{prefix}mlp."
+        if not a.sparse(i):
+            gated_mlp(p, m, i, hidden, a.intermediate_size, a.mlp_bias)
+        else:  # DeepseekV2Moe: fused experts, router (kept in fp32 by transformers), shared experts as one MLP
+            fused_experts(p, m, i, a.num_experts, hidden, a.expert_intermediate_size)
+            router(p, m, i, a.num_experts, hidden)
+            gated_mlp(p, f"{m}shared_experts.", i, hidden, a.expert_intermediate_size * a.num_shared_experts,
+                      a.mlp_bias)
+        pre_post_norms(p, prefix, i, hidden)
+
+    return decoder(a.head, hidden, a.vocab_size, a.num_layers, a.tie_word_embeddings, a.num_labels, block)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def _mlp(a: DeepseekV2Arch, layer: int, run: Run) -> tuple[dict[str, int], str]:
+    """A dense DeepseekV2MLP (as LlamaMLP: 4 c T I, two casts under autocast) or the MoE block.
+
+    DeepseekV2TopkRouter: F.linear(x.type(fp32)) saves an fp32 copy of a 16-bit input (4 T h; under autocast the
+    Linear casts instead, counted with the casts), group_limited_greedy a bool mask over the scores (T E); no
+    renormalisation unless norm_topk_prob; the routed experts as memcalc.families.moe.routed_experts (routing
+    weights in fp32); DeepseekV2MLP shared experts 4 c T (n_shared x I), added unweighted.
+    """
+    tokens, c, h = run.tokens, run.c, a.hidden_size
+    if not a.sparse(layer):
+        casts = 2 * c * tokens * h if run.autocast else 0
+        mlp = 4 * c * tokens * a.intermediate_size
+        return parts(mlp=mlp, casts=casts), f"MLP {mlp:,}{f' + MLP input casts {casts:,}' if casts else ''}"
+    router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, a.expert_intermediate_size,
+                                           a.renormalise, FP32_BYTES)
+    router_bytes += FP32_BYTES * tokens * h if c != FP32_BYTES and not run.autocast else 0
+    router_bytes += tokens * a.num_experts if a.group_limited else 0
+    casts = c * tokens * h if run.autocast else 0  # the router's F.linear casts the fp32 norm output
+    shared = 4 * c * tokens * a.expert_intermediate_size * a.num_shared_experts
+    if run.autocast and shared:
+        casts += 2 * c * tokens * h
+    aux = aux_loss_layer_bytes(a.output_router_logits, run, a.num_experts)
+    formula = moe_formula(router_bytes, experts, a.experts_per_token, a.num_experts, shared, casts, aux)
+    return parts(mlp=router_bytes + experts + shared + aux, casts=casts), formula
+
+
+def activations(a: DeepseekV2Arch, run: Run) -> Rule:
+    """MLA per layer (a heads, qk = qk_nope + qk_rope, v = v_head_dim, ranks r_q and r_kv):
+      input RMSNorm and post-attention RMSNorm as Llama's; q_a_layernorm over r_q and kv_a_layernorm over r_kv the
+      same way ((4 + 2c) T r + 4 T; under autocast their 16-bit input gives the same bytes, the next Linear's cast
+      standing for the output); without q_lora_rank q_proj reads the input norm directly.
+      Rotary (apply_rotary_emb: complex multiply) saves only freqs_cis (per model, complex64: 4 s qk_rope).
+      query_states (torch.cat) and key_states (new_empty + copy_) c T a qk each.
+      eager: v's contiguous copy for the matmul c T a v, softmax in fp32 4 b a s^2 and its c copy, the output's
+      contiguous copy c T a v.
+      sdpa: the head dims differ (qk != v), so CUDA runs memory-efficient attention: it saves q, k, v (a view of
+      kv_b_proj's output: its whole storage c T a (qk_nope + v)), the output c T a v (o_proj reads it in place) and
+      logsumexp 4 b a s (rows padded to 32). The CPU takes the math kernel here: the tests check eager.
+      Under autocast q_a_proj (or q_proj) and kv_a_proj_with_mqa save their own casts of the fp32 norm output.
+    """
+    h, heads = a.hidden_size, a.num_heads
+    nope, rope, v, kv_rank = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+    qk = nope + rope
+    b, s, tokens, c, autocast = run.b, run.s, run.tokens, run.c, run.autocast
+    norms = 2 * rms_norm_bytes(False, tokens, h, c, autocast)
+    ranks = [kv_rank] + ([a.q_lora_rank] if a.q_lora_rank else [])
+    lora_norms = sum(rms_norm_bytes(False, tokens, rank, c, False) for rank in ranks)
+    if c == FP32_BYTES and not autocast:
+        # kv_a_layernorm's input is a strided split of kv_a_proj_with_mqa's output: in fp32 .to(fp32) keeps the view,
+        # so pow and mul save that whole output (r_kv + qk_rope wide) rather than a contiguous fp32 copy.
+        lora_norms += FP32_BYTES * tokens * rope
+    qk_states = 2 * c * tokens * heads * qk
+    if run.eager:
+        probs = (FP32_BYTES + (c if c != FP32_BYTES else 0)) * b * heads * s * s
+        attention = qk_states + 2 * c * tokens * heads * v + probs
+    else:
+        attention = (qk_states + c * tokens * heads * (nope + v) + c * tokens * heads * v
+                     + FP32_BYTES * b * heads * (-(-s // 32) * 32))
+    casts = 2 * c * tokens * h if autocast else 0
+    attention_part = parts(norms=norms + lora_norms, attention=attention, casts=casts)
+    layers, mlps, kinds = [], {}, {}
+    for i in range(a.num_layers):
+        sparse = a.sparse(i)
+        if sparse not in kinds:
+            mlp, mlps[sparse] = _mlp(a, i, run)
+            merged = dict(attention_part)
+            for key, value in mlp.items():
+                merged[key] = merged.get(key, 0) + value
+            kinds[sparse] = merged
+        layers.append(kinds[sparse])
+    formula = (f"norms {norms:,} + q/kv low-rank norms {lora_norms:,} + MLA attention {attention:,}"
+               f"{f' + autocast input casts {casts:,}' if casts else ''} + {' | '.join(mlps.values())}")
+    per_model = parts(
+        rotary=4 * s * rope, ids=2 * INT64_BYTES * tokens, loss_scalars=FP32_BYTES,
+        final_norm=rms_norm_bytes(False, tokens, h, c, autocast), head=c * tokens * h if autocast else 0,
+        routing=aux_loss_model_bytes(a.output_router_logits, a.num_experts),
+    )
+    return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
+                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, FP32_BYTES), [NOTE_MOE])
+
+
+HEADS = decoder_heads("DeepseekV2")
+FAMILIES = {"deepseek_v2": Family("deepseek_v2", HEADS, resolve, inventory, activations)}

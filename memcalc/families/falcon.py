@@ -1,0 +1,175 @@
+"""Falcon (models/falcon/modeling_falcon.py): fused query_key_value in three layouts (multi-head, multi-query,
+new_decoder_architecture with grouped key/value heads), parallel attention and MLP, rotary (or ALiBi)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.families.base import (
+    BASE,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    Arch,
+    Family,
+    Fields,
+)
+from memcalc.families.saved import (
+    FP32_BYTES,
+    INT64_BYTES,
+    Loss,
+    Rule,
+    Run,
+    act_bytes,
+    dropout_mask,
+    layer_norm,
+    linear_input,
+    parts,
+)
+from memcalc.families.tensors import Params, decoder_heads, simple_head
+from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+
+SOURCE = ("derived from transformers modeling_falcon.py (FalconDecoderLayer, FalconAttention sdpa/eager); "
+          "checked against a CPU forward")
+
+_DEFAULTS = {  # models/falcon/configuration_falcon.py: FalconConfig
+    "vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71,
+    "num_ln_in_parallel_attn": None, "num_kv_heads": None, "new_decoder_architecture": False,
+    "multi_query": True, "parallel_attn": True, "bias": False, "ffn_hidden_size": None, "tie_word_embeddings": True,
+    "alibi": False, "activation": "gelu", "hidden_dropout": 0.0, "attention_dropout": 0.0,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class FalconArch(Arch):
+    new_decoder_architecture: bool
+    multi_query: bool  # the config's flag (ignored by the new architecture)
+    parallel_attn: bool
+    num_ln_in_parallel_attn: int | None
+    bias: bool
+    alibi: bool
+
+
+def resolve(raw: Mapping[str, Any], architecture: str) -> FalconArch:
+    f = Fields(raw, _DEFAULTS, {"n_embed": "hidden_size"})  # FalconConfig.__post_init__ pops n_embed
+    hidden = f.dim("hidden_size", MAX_HIDDEN)
+    num_heads, _ = f.heads(kv_key=None)
+    new_arch, multi_query = f.flag("new_decoder_architecture"), f.flag("multi_query", True)
+    if new_arch:
+        num_kv = f.dim_or("num_kv_heads", num_heads, MAX_HEADS)
+    else:
+        num_kv = 1 if multi_query else num_heads
+    return FalconArch(
+        model_type="falcon", architecture=architecture, head=HEADS[architecture], hidden_size=hidden,
+        num_layers=f.dim("num_hidden_layers", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_kv,
+        head_dim=f.head_dim(hidden, num_heads, key=None),
+        intermediate_size=f.dim_or("ffn_hidden_size", 4 * hidden, MAX_INTERMEDIATE),
+        vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
+        num_labels=f.num_labels(), rotary=not f.flag("alibi"), norm="layernorm", hidden_act=f.text("activation", "gelu"),
+        dropout=f.dropouts({"hidden_dropout": 0.0, "attention_dropout": 0.0}),
+        new_decoder_architecture=new_arch, multi_query=multi_query, parallel_attn=f.flag("parallel_attn", True),
+        num_ln_in_parallel_attn=f.dim("num_ln_in_parallel_attn", 2) if f.given("num_ln_in_parallel_attn") else None,
+        bias=f.flag("bias"), alibi=f.flag("alibi"),
+    )
+
+
+def _qkv_out(a: FalconArch) -> int:
+    """FalconAttention: fused query_key_value width for the three layouts."""
+    if a.new_decoder_architecture:
+        return (2 * a.num_kv_heads + a.num_heads) * a.head_dim
+    return a.hidden_size + 2 * a.head_dim if a.multi_query else 3 * a.hidden_size
+
+
+def _norms(p: Params, h: str, i: int, a: FalconArch) -> None:
+    """FalconDecoderLayer: two norms for sequential blocks, ln_attn/ln_mlp for new_decoder_architecture."""
+    num_ln = a.num_ln_in_parallel_attn
+    if num_ln is None and a.new_decoder_architecture:
+        num_ln = 2
+    if not a.parallel_attn:
+        p.norm(f"{h}post_attention_layernorm", a.hidden_size, i, bias=True)
+        p.norm(f"{h}input_layernorm", a.hidden_size, i, bias=True)
+    elif num_ln == 2:
+        p.norm(f"{h}ln_attn", a.hidden_size, i, bias=True)
+        p.norm(f"{h}ln_mlp", a.hidden_size, i, bias=True)
+    else:
+        p.norm(f"{h}input_layernorm", a.hidden_size, i, bias=True)
+
+
+def inventory(a: FalconArch) -> list[ParamTensor]:  # FalconForCausalLM
+    hidden, vocab, bias, ffn = a.hidden_size, a.vocab_size, a.bias, a.intermediate_size
+    base, p = ("" if a.head == BASE else "transformer."), Params()
+    p.embedding(f"{base}word_embeddings", vocab, hidden)
+    for i in range(a.num_layers):
+        h = f"{base}h.{i}."
+        p.linear(f"{h}self_attention.query_key_value", hidden, _qkv_out(a), ROLE_ATTENTION, i, bias)
+        p.linear(f"{h}self_attention.dense", hidden, hidden, ROLE_ATTENTION, i, bias)
+        p.linear(f"{h}mlp.dense_h_to_4h", hidden, ffn, ROLE_MLP, i, bias)
+        p.linear(f"{h}mlp.dense_4h_to_h", ffn, hidden, ROLE_MLP, i, bias)
+        _norms(p, h, i, a)
+    p.norm(f"{base}ln_f", hidden, None, bias=True)
+    simple_head(p, a.head, a.tie_word_embeddings, hidden, vocab, a.num_labels)
+    return p.tensors
+
+
+def activations(a: FalconArch, run: Run) -> Rule:
+    """FalconForCausalLM, rotary (alibi false), parallel attention and MLP.
+
+    Per FalconDecoderLayer: one input_layernorm (Falcon-7B layout) or ln_attn and ln_mlp (new_decoder_architecture:
+    both normalise the same input, saved once) - input r T h + stats per norm - and their outputs as
+    query_key_value and dense_h_to_4h read them (c T h each, one shared when a single norm feeds both in 16 bit);
+    q (and k) are rotated copies. Attention, g key/value heads (1 for multi_query):
+      sdpa, g == a or new_decoder_architecture (k and v are broadcast to every head and copied by flatten):
+        q, k, v and the output (dense reads it in place) 4 c T h + logsumexp 4 T a + the additive mask sdpa makes
+        of FalconModel's boolean causal mask on each call (c b s^2). (A mask rules out flash attention on CUDA: the
+        memory-efficient kernel saves the same, its logsumexp rows padded to 32.)
+      sdpa, multi_query (k, v with one head): no fused kernel takes unequal head counts without enable_gqa, so the
+        math backend runs, upcast to fp32 for 16-bit inputs: the scaled q and k and v broadcast to every head
+        (3 x 4 T h) and the fp32 softmax (4 b a s^2), plus dense's copy of the output (c T h).
+      eager: q, k and v for every head (broadcast and copied by the matmuls) 3 c T h, softmax in the hidden
+        dtype (under autocast fp32, then cast for the matmul), the output's copy c T h.
+    MLP: nn.GELU saves its input, dense_4h_to_h the output (2 c T ffn). Dropout: hidden_dropout after the block (T h).
+    Per model: rotary cos and sin 2 s d, ln_f and the lm_head input, input_ids and labels, the loss divisor.
+    """
+    h, heads, ffn = a.hidden_size, a.num_heads, a.intermediate_size
+    new_arch = a.new_decoder_architecture
+    multi_query = a.multi_query and not new_arch
+    two_norms = new_arch and (a.num_ln_in_parallel_attn or 2) == 2
+    parallel = a.parallel_attn or new_arch
+    b, s, tokens, c = run.b, run.s, run.tokens, run.c
+    th, scores = tokens * h, b * heads * s * s
+    if two_norms:
+        norms = 2 * layer_norm(run, th) - run.residual * th + 2 * c * th  # one shared input, two outputs
+    elif parallel:
+        norms = layer_norm(run, th) + linear_input(run, th, 2)
+    else:
+        norms = 2 * layer_norm(run, th) + 2 * c * th
+    out_copy = c * th
+    if run.eager:
+        softmax = (FP32_BYTES + c) if run.autocast else c
+        attention = 3 * c * th + softmax * scores + out_copy
+    elif multi_query:
+        attention = 3 * FP32_BYTES * th + FP32_BYTES * scores + out_copy
+    else:
+        # Plus the boolean causal mask FalconModel passes, which scaled_dot_product_attention converts to an additive
+        # mask in q's dtype on every call and saves (c b s^2 per layer).
+        attention = 4 * c * th + FP32_BYTES * tokens * heads + c * b * s * s
+    mlp = act_bytes(a.hidden_act, c, tokens * ffn)
+    dropout = dropout_mask(a.dropout.get("hidden_dropout", 0.0), th)
+    # _split_heads picks k and v with a one-element index list ([-2], [-1]): each index saves its int64 tensor.
+    split_indices = 2 * INT64_BYTES if multi_query or new_arch else 0
+    formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
+               f"{f' + dropout mask {dropout:,}' if dropout else ''}")
+    per_model = parts(rotary=2 * s * a.head_dim * (FP32_BYTES if run.autocast else c), ids=2 * INT64_BYTES * tokens,
+                      loss_scalars=FP32_BYTES, final_norm=layer_norm(run, th), head=c * th)
+    notes = ["Falcon with alibi (falcon-rw) is counted as the rotary layout: an approximation"] if a.alibi else []
+    layer = parts(norms=norms, attention=attention + split_indices, mlp=mlp, dropout=dropout)
+    return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
+                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, FP32_BYTES), notes)
+
+
+HEADS = decoder_heads("Falcon")
+FAMILIES = {"falcon": Family("falcon", HEADS, resolve, inventory, activations, lora_targets=("query_key_value",))}

@@ -1,0 +1,144 @@
+"""GPT-2 (models/gpt2/modeling_gpt2.py): learned positions, LayerNorms, transformers' Conv1D projections.
+
+Config: GPT2Config calls the hidden size ``n_embd`` (attribute_map: hidden_size), layers ``n_layer``, heads
+``n_head``, positions ``n_positions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.families.base import (
+    BASE,
+    CAUSAL_LM,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    SEQ_CLS,
+    Arch,
+    Family,
+    Fields,
+)
+from memcalc.families.saved import (
+    FP32_BYTES,
+    INT64_BYTES,
+    LAYER_NORM_STAT_BYTES,
+    PYTHON_GELUS,
+    Loss,
+    Rule,
+    Run,
+    parts,
+)
+from memcalc.families.tensors import Params, simple_head
+from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ROLE_POSITION_EMBEDDING, ParamTensor
+
+SOURCE = ("derived from transformers modeling_gpt2.py (LayerNorm, Conv1D, sdpa/eager attention, NewGELU) "
+          "and checked against the saved tensors of a CPU forward in the tests")
+
+_DEFAULTS = {  # models/gpt2/configuration_gpt2.py: GPT2Config
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+    "tie_word_embeddings": True, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1, "use_cache": True,
+}  # fmt: skip
+_ALIASES = {  # GPT2Config.attribute_map
+    "hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+    "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class Gpt2Arch(Arch):
+    use_cache: bool
+
+
+def resolve(raw: Mapping[str, Any], architecture: str) -> Gpt2Arch:
+    f = Fields(raw, _DEFAULTS, _ALIASES)
+    hidden = f.dim("n_embd", MAX_HIDDEN)
+    num_heads, _ = f.heads("n_head", None)
+    return Gpt2Arch(
+        model_type="gpt2", architecture=architecture, head=HEADS[architecture], hidden_size=hidden,
+        num_layers=f.dim("n_layer", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_heads,
+        head_dim=f.head_dim(hidden, num_heads, key=None),
+        intermediate_size=f.dim_or("n_inner", 4 * hidden, MAX_INTERMEDIATE), vocab_size=f.dim("vocab_size", MAX_VOCAB),
+        tie_word_embeddings=f.flag("tie_word_embeddings"), num_labels=f.num_labels(),
+        max_positions=f.dim("n_positions", MAX_POSITIONS), learned_positions=True, rotary=False, norm="layernorm",
+        hidden_act=f.text("activation_function", "gelu_new"),
+        dropout=f.dropouts({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}),
+        use_cache=f.flag("use_cache", True),
+    )
+
+
+def inventory(a: Gpt2Arch) -> list[ParamTensor]:  # GPT2LMHeadModel (Conv1D)
+    hidden, vocab, inner = a.hidden_size, a.vocab_size, a.intermediate_size
+    base, p = ("" if a.head == BASE else "transformer."), Params()
+    p.embedding(f"{base}wte", vocab, hidden)
+    p.embedding(f"{base}wpe", a.max_positions, hidden, ROLE_POSITION_EMBEDDING)
+    for i in range(a.num_layers):
+        h = f"{base}h.{i}."
+        p.norm(f"{h}ln_1", hidden, i, bias=True)
+        p.conv1d(f"{h}attn.c_attn", hidden, 3 * hidden, ROLE_ATTENTION, i)
+        p.conv1d(f"{h}attn.c_proj", hidden, hidden, ROLE_ATTENTION, i)
+        p.norm(f"{h}ln_2", hidden, i, bias=True)
+        p.conv1d(f"{h}mlp.c_fc", hidden, inner, ROLE_MLP, i)
+        p.conv1d(f"{h}mlp.c_proj", inner, hidden, ROLE_MLP, i)
+    p.norm(f"{base}ln_f", hidden, None, bias=True)
+    simple_head(p, a.head, a.tie_word_embeddings, hidden, vocab, a.num_labels)
+    return p.tensors
+
+
+def activations(a: Gpt2Arch, run: Run) -> Rule:
+    """GPT-2 per layer and per model.
+
+    Per layer: two LayerNorms (input cTh + mean and rstd), their outputs as Conv1D inputs (cTh each),
+    attention (sdpa: the c_attn output 3cTh that q, k, v view, k and v copies in the KV cache when
+    use_cache is on, output cTh (c_proj reads it in place), logsumexp 4Ta; eager: q, k, v cTh each, softmax output
+    c*b*a*s^2, c_proj input copy cTh), and the MLP: c_fc output, NewGELU's tanh, 1 + tanh and product, c_proj input
+    (5 cTI; a fused gelu keeps 2 cTI).
+    """
+    h, heads, intermediate = a.hidden_size, a.num_heads, a.intermediate_size
+    tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
+    residual = FP32_BYTES if autocast else c
+    layer_norm = residual * tokens * h + 2 * LAYER_NORM_STAT_BYTES * tokens
+    linear_inputs = 2 * c * tokens * h  # ln outputs (or, under autocast, their casts) read by c_attn and c_fc
+    if eager:
+        # softmax in the scores' dtype, then .type(c): under autocast the fp32 causal mask makes the scores fp32,
+        # so the fp32 softmax output and its c copy are both saved.
+        probs = (FP32_BYTES + c) if autocast else c
+        attention = 3 * c * tokens * h + probs * b * heads * s * s + c * tokens * h
+    else:
+        # With config.use_cache (GPT2Config default True; HF Trainer leaves it on) DynamicLayer.update
+        # torch.cat's k and v into the cache, and sdpa saves those copies beside the c_attn output.
+        cache_copies = 2 * c * tokens * h if a.use_cache else 0
+        attention = cache_copies + 3 * c * tokens * h + c * tokens * h + FP32_BYTES * tokens * heads
+    mlp = (5 if a.hidden_act in PYTHON_GELUS else 2) * c * tokens * intermediate
+    if autocast and a.hidden_act in PYTHON_GELUS:
+        # CUDA autocast runs NewGELU's pow in fp32: the fp32 cast of the input, tanh and 1 + tanh are fp32, 0.5 x
+        # stays in c and c_proj saves a c cast of the fp32 output (as the phi family; CPU autocast keeps pow in bf16).
+        mlp = (12 + 2 * c) * tokens * intermediate
+    # Dropout as CUDA stores it (GPT2Config defaults 0.1): native_dropout keeps a 1-byte bool mask. The
+    # residual dropouts after attention and MLP keep T*h each; sdpa's fused dropout keeps only RNG state;
+    # eager attention dropout keeps a b*a*s^2 mask and its output in c (saved by the second matmul).
+    dropout = 0
+    if "resid_pdrop" in a.dropout:
+        dropout += 2 * tokens * h
+    if eager and "attn_pdrop" in a.dropout:
+        dropout += (1 if autocast else 1 + c) * b * heads * s * s  # the dropped probs replace the c copy (autocast)
+    layer = parts(norms=2 * layer_norm + linear_inputs, attention=attention, mlp=mlp, dropout=dropout)
+    formula = (f"layer norms {2 * layer_norm:,} + Conv1D inputs {linear_inputs:,} + attention {attention:,} + "
+               f"MLP {mlp:,}{f' + dropout masks {dropout:,}' if dropout else ''}")
+    per_model = parts(
+        ids=INT64_BYTES * (2 * tokens + s),  # input_ids, position_ids, shifted labels (int64)
+        loss_scalars=FP32_BYTES, final_norm=layer_norm, head=c * tokens * h,
+        dropout=tokens * h if "embd_pdrop" in a.dropout else 0,  # embedding dropout mask
+    )
+    return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
+                c * tokens * (intermediate + h), Loss(tokens, a.vocab_size, FP32_BYTES))
+
+
+HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}
+FAMILIES = {"gpt2": Family("gpt2", HEADS, resolve, inventory, activations, lora_targets=("c_attn",), conv1d=True,
+                           unmodelled_switches=("add_cross_attention",))}

@@ -1,0 +1,311 @@
+"""Llama and its copies: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3.
+
+Inventory: models/<type>/modeling_<type>.py, <Type>ForCausalLM (embed_tokens, layers of attention + gated MLP
++ RMSNorms, norm, lm_head unless tied). Activations (transformers 5.24, CUDA dtypes), per layer, sdpa attention:
+  each RMSNorm     fp32 copy of its input 4Th, rsqrt 4T, normalized input in c (cTh), output in c (cTh)
+                   (Gemma keeps the fp32 normalized product instead: saved.rms_norm_bytes)
+  q, k, v          rotary outputs and v as sdpa saves them: cT(a*d) + 2 cT(g*d)
+  attention        sdpa output cT(a*d) (o_proj reads it in place: it is laid out (b, s, a, d)) + logsumexp 4Ta;
+                   eager: q, k, v for all a heads 3 cT(a*d), fp32 softmax 4 b a s^2, probs c b a s^2, o_proj copy
+  MLP (gated)      gate out, act out, up out, product: 4 cTI (MoE blocks: memcalc.families.moe)
+  autocast         each Linear saves its own cast of an fp32 input: 5 cTh (q, k, v, gate, up)
+Per model: rotary cos and sin 2*s*d (fp32 under autocast, else c), token ids and labels 2 x 8T, the loss divisor,
+the final norm, and under autocast the lm_head input cast cTh. Checked against the saved tensors of CPU forwards,
+to the byte, in tests/test_activations.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.families.base import (
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    Arch,
+    Family,
+    Fields,
+)
+from memcalc.families.saved import (
+    FP32_BYTES,
+    INT64_BYTES,
+    Loss,
+    Rule,
+    Run,
+    parts,
+    rms_norm_bytes,
+)
+from memcalc.families.tensors import Params, decoder, decoder_heads, gated_mlp, gqa_attention, pre_post_norms
+from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+
+SOURCE = ("derived from transformers modeling_llama.py (RMSNorm, attention, MLP) and loss_utils.ForCausalLMLoss; "
+          "equal to the saved tensors of a CPU forward (sdpa) in the tests")
+NOTE_SDPA = "attention: sdpa/flash kernels keep no s^2 scores (--attn eager keeps them)"
+
+LLAMA_DEFAULTS = {  # models/llama/configuration_llama.py: LlamaConfig
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "max_position_embeddings": 2048,
+    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
+    "attention_dropout": 0.0,
+}  # fmt: skip
+MISTRAL_DEFAULTS = {  # models/mistral/configuration_mistral.py: MistralConfig (num_key_value_heads=8)
+    **LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+}  # fmt: skip
+QWEN2_DEFAULTS = {  # models/qwen2/configuration_qwen2.py: Qwen2Config
+    **LLAMA_DEFAULTS, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+    "max_position_embeddings": 32768,
+}  # fmt: skip
+_QWEN3 = {**QWEN2_DEFAULTS, "head_dim": 128}  # models/qwen3/configuration_qwen3.py: Qwen3Config
+_GEMMA = {  # models/gemma/configuration_gemma.py: GemmaConfig
+    **LLAMA_DEFAULTS, "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "tie_word_embeddings": True,
+    "max_position_embeddings": 8192, "hidden_act": "gelu_pytorch_tanh",
+}  # fmt: skip
+_GEMMA2 = {  # models/gemma2/configuration_gemma2.py: Gemma2Config
+    **_GEMMA, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+}  # fmt: skip
+_GEMMA3_TEXT = {  # models/gemma3/configuration_gemma3.py: Gemma3TextConfig
+    **_GEMMA2, "vocab_size": 262208, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    "max_position_embeddings": 131072,
+}  # fmt: skip
+_PHI3 = {  # models/phi3/configuration_phi3.py: Phi3Config
+    **LLAMA_DEFAULTS, "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+    "max_position_embeddings": 4096,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class LlamaArch(Arch):
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head q_norm / k_norm (Qwen3, Gemma3)
+    sandwich: bool = False  # pre/post attention and pre/post feed-forward norms (Gemma2, Gemma3)
+    fused_qkv: bool = False  # Phi3: one qkv_proj and one gate_up_proj
+
+    @property
+    def gemma_norm(self) -> bool:
+        return self.norm == "gemma_rmsnorm"
+
+    @property
+    def num_norms(self) -> int:
+        return 4 if self.sandwich else 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one Llama copy differs: its config class defaults, where its attention biases come from (a config key
+    or a constant; o_proj follows q/k/v when ``o_bias`` is None), its norms."""
+
+    defaults: Mapping[str, Any]
+    qkv_bias: str | bool
+    o_bias: bool | None
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sandwich: bool = False
+    gemma: bool = False
+    fused: bool = False
+
+
+VARIANTS = {
+    # models/llama/modeling_llama.py: attention_bias on q/k/v/o, mlp_bias on the MLP.
+    "llama": Variant(LLAMA_DEFAULTS, "attention_bias", None, mlp_bias=True),
+    # models/mistral/modeling_mistral.py: MistralAttention has no biases.
+    "mistral": Variant(MISTRAL_DEFAULTS, False, False),
+    # models/qwen2/modeling_qwen2.py: Qwen2Attention, q/k/v always biased, o_proj never.
+    "qwen2": Variant(QWEN2_DEFAULTS, True, False),
+    # models/qwen3/modeling_qwen3.py: Qwen3Attention, attention_bias on all four, per-head q_norm/k_norm.
+    "qwen3": Variant(_QWEN3, "attention_bias", None, qk_norm=True),
+    # models/gemma/modeling_gemma.py: GemmaForCausalLM (tied by default; embedding scaled, same shape).
+    "gemma": Variant(_GEMMA, "attention_bias", None, gemma=True),
+    # models/gemma2/modeling_gemma2.py: Gemma2DecoderLayer adds pre/post feed-forward norms.
+    "gemma2": Variant(_GEMMA2, "attention_bias", None, sandwich=True, gemma=True),
+    # models/gemma3/modeling_gemma3.py: Gemma3ForCausalLM = Gemma2 layout + q_norm/k_norm.
+    "gemma3_text": Variant(_GEMMA3_TEXT, "attention_bias", None, qk_norm=True, sandwich=True, gemma=True),
+    # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
+    "phi3": Variant(_PHI3, False, False, fused=True),
+}
+
+
+def optional_window(f: Fields, model_type: str) -> int | None:
+    """The sliding window attention uses, where the family has one (Qwen2 only with use_sliding_window)."""
+    if model_type == "qwen2" and not f.flag("use_sliding_window"):
+        return None
+    return f.dim("sliding_window", MAX_POSITIONS) if f.given("sliding_window") else None
+
+
+def resolve_fields(f: Fields, model_type: str, architecture: str, head: str, variant: Variant,
+                   cls: type[LlamaArch] = LlamaArch, **more: Any) -> LlamaArch:
+    """A LlamaArch (or a subclass, given its own fields in ``more``) from the fields read with the family's
+    defaults; the MoE families reuse it."""
+    hidden = f.dim("hidden_size", MAX_HIDDEN)
+    num_heads, num_kv = f.heads()
+    qkv_bias = f.flag(variant.qkv_bias) if isinstance(variant.qkv_bias, str) else variant.qkv_bias
+    return cls(
+        model_type=model_type, architecture=architecture, head=head, hidden_size=hidden,
+        num_layers=f.dim("num_hidden_layers", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_kv,
+        head_dim=f.head_dim(hidden, num_heads, variant.defaults.get("head_dim")),
+        intermediate_size=f.dim("intermediate_size", MAX_INTERMEDIATE), vocab_size=f.dim("vocab_size", MAX_VOCAB),
+        tie_word_embeddings=f.flag("tie_word_embeddings"), num_labels=f.num_labels(),
+        max_positions=f.dim("max_position_embeddings", MAX_POSITIONS) if f.given("max_position_embeddings") else None,
+        norm="gemma_rmsnorm" if variant.gemma else "rmsnorm",
+        hidden_act=f.text("hidden_activation") or f.text("hidden_act", "silu"),
+        sliding_window=optional_window(f, model_type),
+        attn_logit_softcapping=f.number("attn_logit_softcapping"),
+        final_logit_softcapping=f.number("final_logit_softcapping"),
+        dropout=f.dropouts({"attention_dropout": 0.0}),
+        qkv_bias=qkv_bias, o_bias=qkv_bias if variant.o_bias is None else variant.o_bias,
+        mlp_bias=variant.mlp_bias and f.flag("mlp_bias"), qk_norm=variant.qk_norm, sandwich=variant.sandwich,
+        fused_qkv=variant.fused, **more,
+    )
+
+
+def _resolver(model_type: str) -> Callable[[Mapping[str, Any], str], LlamaArch]:
+    variant = VARIANTS[model_type]
+
+    def resolve(raw: Mapping[str, Any], architecture: str) -> LlamaArch:
+        return resolve_fields(Fields(raw, variant.defaults), model_type, architecture, HEADS[model_type][architecture],
+                              variant)
+
+    return resolve
+
+
+# ---------------------------------------------------------------- inventory
+
+
+def attention_tensors(p: Params, prefix: str, i: int, a: LlamaArch) -> None:
+    """The attention of one layer: q/k/v/o (Phi3: fused qkv_proj)."""
+    if a.fused_qkv:
+        p.linear(f"{prefix}self_attn.o_proj", a.num_heads * a.head_dim, a.hidden_size, ROLE_ATTENTION, i)
+        qkv_out = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+        p.linear(f"{prefix}self_attn.qkv_proj", a.hidden_size, qkv_out, ROLE_ATTENTION, i)
+        return
+    gqa_attention(p, f"{prefix}self_attn.", i, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+                  a.qkv_bias, a.o_bias, a.qk_norm)
+
+
+def inventory(a: LlamaArch) -> list[ParamTensor]:
+    def block(p: Params, prefix: str, i: int) -> None:
+        attention_tensors(p, prefix, i, a)
+        if a.fused_qkv:
+            p.linear(f"{prefix}mlp.gate_up_proj", a.hidden_size, 2 * a.intermediate_size, ROLE_MLP, i)
+            p.linear(f"{prefix}mlp.down_proj", a.intermediate_size, a.hidden_size, ROLE_MLP, i)
+        else:
+            gated_mlp(p, f"{prefix}mlp.", i, a.hidden_size, a.intermediate_size, a.mlp_bias)
+        pre_post_norms(p, prefix, i, a.hidden_size, a.sandwich)
+
+    return decoder(a.head, a.hidden_size, a.vocab_size, a.num_layers, a.tie_word_embeddings, a.num_labels, block)
+
+
+# ---------------------------------------------------------------- activations
+
+MlpBytes = Callable[[LlamaArch, int, Run], tuple[dict[str, int], str]]
+
+
+def dense_mlp(a: LlamaArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
+    """LlamaMLP: gate out, act out, up out, product: 4 cTI; under autocast gate_proj and up_proj (Phi3: one
+    gate_up_proj) each save their own cast of the fp32 input."""
+    casts = (1 if a.fused_qkv else 2) * run.c * run.tokens * a.hidden_size if run.autocast else 0
+    mlp = 4 * run.c * run.tokens * a.intermediate_size
+    return parts(mlp=mlp, casts=casts), f"MLP {mlp:,}{f' + MLP input casts {casts:,}' if casts else ''}"
+
+
+def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
+    """Bytes one Llama-style layer's norms and attention save, by part, and their formula."""
+    tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
+    h, heads, g, d = a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim
+    norms = a.num_norms * rms_norm_bytes(a.gemma_norm, tokens, h, c, autocast)
+    qkv = c * tokens * (heads * d + 2 * g * d)  # q_embed, k_embed, v as sdpa saves them
+    o_proj_copy = 0
+    if a.fused_qkv and not eager:
+        # Phi3Attention slices q, k, v out of one fused qkv_proj output; with v a strided view, sdpa's
+        # output is not laid out (b, s, a, d) and o_proj saves a contiguous copy of it (measured on the
+        # CPU, tests/test_activations.py; not yet checked on CUDA).
+        o_proj_copy = c * tokens * heads * d
+    # Qwen3/Gemma3 per-head q/k RMSNorm: fp32 copy of the input, rsqrt, normalized in c.
+    qk_norm = (4 + c) * tokens * (heads + g) * d + FP32_BYTES * tokens * (heads + g) if a.qk_norm else 0
+    attention = c * tokens * heads * d + FP32_BYTES * tokens * heads  # sdpa output (o_proj reads it in place) + lse
+    if eager:
+        # modeling_llama.eager_attention_forward: repeat_kv materialises k and v for every head; the two
+        # matmuls save q, k (a heads), probs in c and v (a heads); softmax(dtype=fp32) saves its fp32
+        # output (4 b a s^2) and .to(c) the probs (c b a s^2); o_proj saves a contiguous copy of the
+        # (b, a, s, d) output.
+        qkv = 3 * c * tokens * heads * d
+        probs_copy = c if c != FP32_BYTES else 0  # .to(fp32) of an fp32 softmax is the same tensor
+        attention = c * tokens * heads * d + (FP32_BYTES + probs_copy) * b * heads * s * s
+    # Under autocast each Linear saves its own low-precision cast of an fp32 input: q, k, v (phi3: one fused
+    # qkv_proj); the MLP's are counted with it. o_proj and down_proj get 16-bit inputs already.
+    casts = (1 if a.fused_qkv else 3) * c * tokens * h if autocast else 0
+    formula = (f"norms {norms:,}{f' + autocast input casts {casts:,}' if casts else ''} + "
+               f"q/k/v {qkv:,}{f' + q/k norms {qk_norm:,}' if qk_norm else ''} + attention {attention:,}"
+               f"{f' + o_proj input copy {o_proj_copy:,}' if o_proj_copy else ''}")
+    return parts(norms=norms, casts=casts, attention=qkv + qk_norm + attention + o_proj_copy), formula
+
+
+def _merge(*dicts: Mapping[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_extra: int = 0,
+               source: str = SOURCE, notes: tuple[str, ...] = ()) -> Rule:
+    """Llama-style decoders: per layer the attention part and the MLP (``mlp_bytes``: dense or MoE); per model
+    rotary, ids, the loss divisor, the final norm and, under autocast, the head input's cast."""
+    tokens, c, h = run.tokens, run.c, a.hidden_size
+    attention, first = attention_parts(a, run)
+    layers, cache = [], {}
+    for i in range(a.num_layers):
+        mlp, mlp_formula = mlp_bytes(a, i, run)
+        key = tuple(mlp.items())
+        if key not in cache:  # one dict per distinct layer kind
+            cache[key] = _merge(attention, mlp)
+        layers.append(cache[key])
+        if i == 0:
+            first = f"{first} + {mlp_formula}"
+    per_model = parts(
+        rotary=2 * run.s * a.head_dim * (FP32_BYTES if run.autocast else c),
+        ids=2 * INT64_BYTES * tokens,  # int64 input_ids (embedding) and shifted labels (nll_loss)
+        # A 0-dim tensor: the loss divisor (fixed_cross_entropy) in fp32. (Gemma's embedding scale is a registered
+        # buffer in the weights' dtype, model state like the rotary inv_freq: not an activation.)
+        loss_scalars=FP32_BYTES,
+        final_norm=rms_norm_bytes(a.gemma_norm, tokens, h, c, run.autocast),
+        head=c * tokens * h if run.autocast else 0,
+        routing=model_extra,
+    )
+    rule_notes = [] if run.eager else [NOTE_SDPA]
+    return Rule(layers, first, per_model, source, a.num_layers * tokens * h * run.residual,
+                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, FP32_BYTES),
+                [*rule_notes, *notes])
+
+
+def activations(a: LlamaArch, run: Run) -> Rule:
+    return llama_rule(a, run)
+
+
+HEADS = {
+    "llama": decoder_heads("Llama"),
+    "mistral": decoder_heads("Mistral"),
+    "qwen2": decoder_heads("Qwen2"),
+    "qwen3": decoder_heads("Qwen3"),
+    "gemma": decoder_heads("Gemma"),
+    "gemma2": decoder_heads("Gemma2"),
+    "gemma3_text": decoder_heads("Gemma3", "Gemma3TextModel", "Gemma3TextForSequenceClassification"),
+    "phi3": decoder_heads("Phi3"),
+}
+# PEFT's default targets; phi3 is not in PEFT's table: its fused qkv_proj is the analogue of q_proj/v_proj.
+_LORA = {"phi3": ("qkv_proj",)}
+
+FAMILIES = {
+    model_type: Family(model_type, HEADS[model_type], _resolver(model_type), inventory, activations,
+                       lora_targets=_LORA.get(model_type, ("q_proj", "v_proj")))
+    for model_type in VARIANTS
+}

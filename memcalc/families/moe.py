@@ -1,0 +1,216 @@
+"""Mixture-of-experts decoders in the Llama layout: mixtral, qwen2_moe, qwen3_moe; and the expert block DeepSeek-V2
+shares with them.
+
+Inventory: models/mixtral/modeling_mixtral.py MixtralSparseMoeBlock (router, fused experts);
+models/qwen2_moe/modeling_qwen2_moe.py Qwen2MoeSparseMoeBlock (router, fused experts, shared expert + its gate);
+models/qwen3_moe/modeling_qwen3_moe.py Qwen3MoeSparseMoeBlock (router, fused experts), with q_norm/k_norm.
+Activations: the attention part is Llama's (memcalc.families.llama); the MoE block is ``routed_experts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc.errors import ConfigError
+from memcalc.families.base import MAX_EXPERTS, MAX_INTERMEDIATE, MAX_LAYERS, Family, Fields
+from memcalc.families.llama import (
+    MISTRAL_DEFAULTS,
+    QWEN2_DEFAULTS,
+    SOURCE,
+    LlamaArch,
+    Variant,
+    attention_tensors,
+    dense_mlp,
+    llama_rule,
+    resolve_fields,
+)
+from memcalc.families.saved import FP32_BYTES, INT64_BYTES, Rule, Run, parts
+from memcalc.families.tensors import Params, decoder, decoder_heads, fused_experts, gated_mlp, pre_post_norms, router
+from memcalc.model import ROLE_ROUTER, ParamTensor
+
+SOURCE_MOE = ("MoE blocks from modeling_mixtral.py / modeling_qwen*_moe.py routers and integrations/moe.py "
+              "grouped_mm_experts_forward; tokens per expert summed over experts as T x num_experts_per_tok")
+NOTE_MOE = ("MoE activations: how many tokens each expert gets depends on the routing; their total, T x "
+            "num_experts_per_tok token-expert pairs, does not, so the sum over experts is exact")
+
+_MIXTRAL = {**MISTRAL_DEFAULTS, "num_local_experts": 8, "num_experts_per_tok": 2}  # MixtralConfig
+_QWEN2_MOE = {  # models/qwen2_moe/configuration_qwen2_moe.py: Qwen2MoeConfig
+    **QWEN2_DEFAULTS, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "decoder_sparse_step": 1, "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4, "mlp_only_layers": None,
+    "qkv_bias": True, "norm_topk_prob": False, "output_router_logits": False,
+}  # fmt: skip
+_QWEN3_MOE = {  # models/qwen3_moe/configuration_qwen3_moe.py: Qwen3MoeConfig (no head_dim field)
+    **_QWEN2_MOE, "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+}  # fmt: skip
+
+_VARIANTS = {
+    # MixtralAttention has no biases.
+    "mixtral": Variant(_MIXTRAL, False, False),
+    # Qwen2MoeAttention: q/k/v biased by config.qkv_bias, o_proj never.
+    "qwen2_moe": Variant(_QWEN2_MOE, "qkv_bias", False),
+    # Qwen3MoeAttention: attention_bias on all four, per-head q_norm/k_norm.
+    "qwen3_moe": Variant(_QWEN3_MOE, "attention_bias", None, qk_norm=True),
+}
+# The key transformers also accepts for the expert count (attribute_map / the other families' name).
+_EXPERT_ALIASES = {"mixtral": {"num_experts": "num_local_experts"}, "qwen2_moe": {"num_local_experts": "num_experts"},
+                   "qwen3_moe": {"num_local_experts": "num_experts"}}
+_EXPERT_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts"}
+
+
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+class MoeArch(LlamaArch):
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int  # each expert's MLP width
+    shared_expert_intermediate_size: int = 0  # Qwen2Moe's always-on shared expert (0: none)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    renormalise: bool = False  # top-k routing weights divided by their sum (Mixtral always; Qwen: norm_topk_prob)
+    output_router_logits: bool = False
+
+    def sparse(self, layer: int) -> bool:
+        """Which layers get the MoE block: every Mixtral layer; Qwen2Moe/Qwen3MoeDecoderLayer: not in
+        mlp_only_layers and (layer + 1) % decoder_sparse_step == 0."""
+        if self.model_type == "mixtral":
+            return True
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+
+def check_top_k(num_experts: int, top_k: int) -> None:
+    if num_experts and top_k > num_experts:
+        raise ConfigError(f"num_experts_per_tok {top_k} is larger than the {num_experts} experts; check the config")
+
+
+def _resolver(model_type: str):
+    variant = _VARIANTS[model_type]
+
+    def resolve(raw: Mapping[str, Any], architecture: str) -> MoeArch:
+        f = Fields(raw, variant.defaults, _EXPERT_ALIASES[model_type])
+        mixtral = model_type == "mixtral"
+        num_experts = f.dim(_EXPERT_KEY[model_type], MAX_EXPERTS, low=1 if mixtral else 0)
+        top_k = f.dim("num_experts_per_tok", MAX_EXPERTS)
+        check_top_k(num_experts, top_k)
+        return resolve_fields(
+            f, model_type, architecture, HEADS[model_type][architecture], variant, cls=MoeArch,
+            num_experts=num_experts, experts_per_token=top_k,
+            expert_intermediate_size=f.dim("intermediate_size" if mixtral else "moe_intermediate_size",
+                                           MAX_INTERMEDIATE),
+            shared_expert_intermediate_size=(f.dim("shared_expert_intermediate_size", MAX_INTERMEDIATE)
+                                             if model_type == "qwen2_moe" else 0),
+            decoder_sparse_step=1 if mixtral else f.dim("decoder_sparse_step", MAX_LAYERS),
+            mlp_only_layers=() if mixtral else f.int_list("mlp_only_layers", MAX_LAYERS),
+            renormalise=mixtral or f.flag("norm_topk_prob"), output_router_logits=f.flag("output_router_logits"),
+        )
+
+    return resolve
+
+
+def inventory(a: MoeArch) -> list[ParamTensor]:
+    h = a.hidden_size
+
+    def block(p: Params, prefix: str, i: int) -> None:
+        attention_tensors(p, prefix, i, a)
+        m = f"{prefix}mlp."
+        if not a.sparse(i):
+            gated_mlp(p, m, i, h, a.intermediate_size)
+        else:
+            router(p, m, i, a.num_experts, h)
+            fused_experts(p, m, i, a.num_experts, h, a.expert_intermediate_size)
+            if a.shared_expert_intermediate_size:  # an always-on dense MLP (ROLE_MLP) and its sigmoid gate
+                gated_mlp(p, f"{m}shared_expert.", i, h, a.shared_expert_intermediate_size)
+                p.linear(f"{m}shared_expert_gate", h, 1, ROLE_ROUTER, i)
+        pre_post_norms(p, prefix, i, h)
+
+    return decoder(a.head, h, a.vocab_size, a.num_layers, a.tie_word_embeddings, a.num_labels, block)
+
+
+def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate: int, renormalise: bool,
+                   weights_bytes: int) -> tuple[int, int]:
+    """(router bytes, experts bytes) of one routed MoE block.
+
+    Router (MixtralTopKRouter / Qwen*MoeTopKRouter): F.linear on the post-attention norm output (saved by the
+    norm's count), softmax in fp32 saves its output (4 T E), topk saves its int64 indices (8 T k); when the
+    top-k weights are renormalised (Mixtral always, Qwen with norm_topk_prob) the in-place division keeps
+    the weights before division and their sum (4 T k + 4 T).
+    Experts (integrations/moe.py grouped_mm_experts_forward, transformers' default experts_implementation;
+    F.grouped_mm on CUDA SM80+, and on the CPU with torch 2.13): S = T k token-expert pairs. Three int64
+    permutations (the gather of the tokens, of their weights, the restoring gather: 3 x 8 S), the int32 group
+    offsets (4 E), the gathered tokens (e S h, the up projection's input), the gate_up output (2 e S I: silu
+    and the product read its halves), silu's output and the product (e S I each, the product is the down
+    projection's input), the down output (e S h, multiplied by the routing weights) and the gathered routing
+    weights (S, ``weights_bytes``: fp32 for Mixtral and DeepSeek, the router logits' dtype c for Qwen).
+    grouped_mm has no autocast rule: under amp-* the experts run in the fp32 of the norm output and the weights
+    (e = 4), else e = c. (experts_implementation="eager", the per-expert loop, saves the same per pair but int64
+    token indices instead of the permutations.) The split of S over the experts depends on the routing; the total
+    S = T k is exact, so the bytes are.
+    """
+    tokens = run.tokens
+    pairs = tokens * top_k
+    e = FP32_BYTES if run.autocast else run.c
+    router_bytes = FP32_BYTES * tokens * num_experts + INT64_BYTES * pairs
+    if renormalise:
+        router_bytes += FP32_BYTES * pairs + FP32_BYTES * tokens
+    experts = (3 * INT64_BYTES * pairs + 4 * num_experts + e * pairs * (2 * h + 4 * intermediate)
+               + weights_bytes * pairs)
+    return router_bytes, experts
+
+
+def aux_loss_layer_bytes(output_router_logits: bool, run: Run, num_experts: int) -> int:
+    """output_router_logits (load_balancing_loss_func): per MoE layer softmax(router_logits) saves its output, in
+    the logits' dtype c (CUDA autocast runs softmax in fp32)."""
+    return (FP32_BYTES if run.autocast else run.c) * run.tokens * num_experts if output_router_logits else 0
+
+
+def aux_loss_model_bytes(output_router_logits: bool, num_experts: int) -> int:
+    """load_balancing_loss_func's final product saves tokens_per_expert (fp32, E)."""
+    return FP32_BYTES * num_experts if output_router_logits else 0
+
+
+def moe_formula(router_bytes: int, experts: int, top_k: int, num_experts: int, shared: int, casts: int,
+                aux: int) -> str:
+    return (f"MoE router {router_bytes:,} + experts ({top_k} of {num_experts} per token) {experts:,}"
+            f"{f' + shared expert {shared:,}' if shared else ''}"
+            f"{f' + autocast input casts {casts:,}' if casts else ''}"
+            f"{f' + aux-loss softmax {aux:,}' if aux else ''}")
+
+
+def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
+    """A layer's MLP: the dense LlamaMLP, or the MoE block. Qwen2Moe's shared expert (Qwen2MoeMLP on every
+    token): 4 c T I_shared as LlamaMLP, its output c T h and the sigmoid gate c T (both saved by the product)."""
+    if not a.sparse(layer):
+        return dense_mlp(a, layer, run)
+    tokens, c, h = run.tokens, run.c, a.hidden_size
+    weights_bytes = FP32_BYTES if a.model_type == "mixtral" else c
+    router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, a.expert_intermediate_size,
+                                           a.renormalise, weights_bytes)
+    casts = c * tokens * h if run.autocast else 0  # the router's F.linear casts the fp32 norm output
+    shared = 0
+    if a.shared_expert_intermediate_size:
+        shared = 4 * c * tokens * a.shared_expert_intermediate_size + c * tokens * h + c * tokens
+        if run.autocast:
+            casts += 3 * c * tokens * h  # shared_expert.gate_proj, up_proj and shared_expert_gate
+    aux = aux_loss_layer_bytes(a.output_router_logits, run, a.num_experts)
+    formula = moe_formula(router_bytes, experts, a.experts_per_token, a.num_experts, shared, casts, aux)
+    return parts(mlp=router_bytes + experts + shared + aux, casts=casts), formula
+
+
+def activations(a: MoeArch, run: Run) -> Rule:
+    return llama_rule(a, run, _mlp, aux_loss_model_bytes(a.output_router_logits, a.num_experts),
+                      f"{SOURCE}; {SOURCE_MOE}", (NOTE_MOE,))
+
+
+HEADS = {"mixtral": decoder_heads("Mixtral"), "qwen2_moe": decoder_heads("Qwen2Moe"),
+         "qwen3_moe": decoder_heads("Qwen3Moe")}
+# PEFT's table has mixtral; qwen2_moe and qwen3_moe are not in it (users pass targets).
+_LORA = {"mixtral": ("q_proj", "v_proj")}
+
+FAMILIES = {
+    model_type: Family(model_type, HEADS[model_type], _resolver(model_type), inventory, activations,
+                       lora_targets=_LORA.get(model_type))
+    for model_type in _VARIANTS
+}

@@ -1,0 +1,176 @@
+"""What a family's rules return (``Rule``), the run they are evaluated for (``Run``), and the saved-tensor
+counts several families share (norms, LayerNorm, activation functions, dropout masks, eager softmax).
+
+A family's ``activations(arch, run)`` follows its transformers (5.24) modeling code tensor by tensor, in the
+dtypes CUDA uses; each layer's bytes are given by part (norms, attention, MLP, autocast casts, dropout masks) so
+the report can break the activations term down. Notation: T = micro_batch * seq_len tokens, h hidden, c bytes
+of the compute dtype, r bytes of the residual stream (fp32 under autocast, else c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+FP32_BYTES = 4
+INT64_BYTES = 8
+# CUDA's native_layer_norm keeps mean and rstd in fp32 (opmath) whatever the input dtype; the CPU kernel keeps
+# them in the input dtype (a CPU/GPU difference the tests account for).
+LAYER_NORM_STAT_BYTES = FP32_BYTES
+# Activation functions transformers computes with several saved elementwise ops (NewGELUActivation:
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))): the input, tanh, 1 + tanh and the product are saved.
+PYTHON_GELUS = ("gelu_new",)
+
+# Parts of a layer, in the activations term's breakdown.
+PART_NORMS = "norms"
+PART_ATTENTION = "attention"
+PART_MLP = "mlp"
+PART_CASTS = "autocast input casts"
+PART_DROPOUT = "dropout masks"
+# Parts of the per-model tensors.
+PART_IDS = "token ids and labels"
+PART_ROTARY = "rotary tables"
+PART_EMBEDDINGS = "embeddings"
+PART_FINAL_NORM = "final norm"
+PART_HEAD = "head input"
+PART_LOSS_SCALARS = "loss scalars"
+PART_ROUTING = "router aux loss"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Run:
+    """The shapes and dtypes of one micro-batch's forward."""
+
+    b: int
+    s: int
+    c: int  # bytes of the compute dtype
+    autocast: bool
+    eager: bool  # --attn eager (else sdpa/flash)
+
+    @property
+    def tokens(self) -> int:
+        return self.b * self.s
+
+    @property
+    def residual(self) -> int:
+        """Bytes of the residual stream: fp32 under autocast (fp32 weights), else the compute dtype."""
+        return FP32_BYTES if self.autocast else self.c
+
+
+LOSS_SOURCE = ("transformers loss_utils.ForCausalLMLoss: logits.float() then cross_entropy; log_softmax saves its "
+               "output. HF Trainer drops the model output (and its logits) before backward")
+
+
+@dataclass(eq=False, repr=False)
+class Loss:
+    """The logits and the cross-entropy over them: rows x vocab, and the dtype log_softmax saves."""
+
+    rows: int
+    vocab: int
+    log_softmax_bytes: int  # 4: the loss upcasts (ForCausalLMLoss, CUDA autocast); else the logits' dtype
+    source: str = LOSS_SOURCE
+
+
+@dataclass(eq=False, repr=False)
+class Rule:
+    """What one family's forward saves: per layer by part (forward order), per model by part, and the loss.
+
+    kept: checkpointing full: what the forward keeps instead of the layers' activations (their inputs);
+    transient: late in backward, the first layer's gradient transients (its widest gradients);
+    recompute: checkpointing: the largest recompute in backward (default: the largest layer).
+    """
+
+    layers: list[Mapping[str, int]]
+    formula: str  # the first layer's bytes, part by part
+    per_model: Mapping[str, int]
+    source: str
+    kept: int
+    transient: int
+    loss: Loss | None
+    notes: list[str] = field(default_factory=list)
+    recompute: int | None = None
+
+    def layer_bytes(self, index: int) -> int:
+        return sum(self.layers[index].values())
+
+    @property
+    def per_model_bytes(self) -> int:
+        return sum(self.per_model.values())
+
+
+def parts(**named: int) -> dict[str, int]:
+    """A layer's or the model's parts, zero ones left out; keyword names map to the PART_* labels."""
+    labels = {"norms": PART_NORMS, "attention": PART_ATTENTION, "mlp": PART_MLP, "casts": PART_CASTS,
+              "dropout": PART_DROPOUT, "ids": PART_IDS, "rotary": PART_ROTARY, "embeddings": PART_EMBEDDINGS,
+              "final_norm": PART_FINAL_NORM, "head": PART_HEAD, "loss_scalars": PART_LOSS_SCALARS,
+              "routing": PART_ROUTING}
+    return {labels[key]: value for key, value in named.items() if value}
+
+
+def act_bytes(activation: str, c: int, numel: int) -> int:
+    """An activation between two Linears: what it saves plus its output (saved by the next Linear).
+
+    ReLU saves its result, the tensor the next Linear saves too (1 x); fused F.gelu / silu save their input
+    beside the output (2 x); NewGELUActivation (gelu_new) saves input, tanh, 1 + tanh and product, and the
+    next Linear the output (5 x).
+    """
+    if activation == "relu":
+        return c * numel
+    return (5 if activation in PYTHON_GELUS else 2) * c * numel
+
+
+def dropout_mask(probability: float, numel: int) -> int:
+    """CUDA native_dropout keeps a 1-byte bool mask per element (the CPU saves noise in the input dtype: the
+    tests account for it); 0 when the probability is 0."""
+    return numel if probability > 0 else 0
+
+
+def layer_norm(run: Run, th: int, input_bytes: int | None = None) -> int:
+    """nn.LayerNorm: its input (the residual stream: fp32 under autocast) and mean/rstd (CUDA: fp32, 2 x 4 T)."""
+    return (run.residual if input_bytes is None else input_bytes) * th + 2 * LAYER_NORM_STAT_BYTES * run.tokens
+
+
+def linear_input(run: Run, th: int, readers: int) -> int:
+    """A norm output read by `readers` Linears: saved once in c; under autocast (an fp32 output) each Linear
+    saves its own c cast."""
+    return (readers if run.autocast else 1) * run.c * th
+
+
+def eager_probs(run: Run, scores: int, fp32_softmax: bool) -> int:
+    """Saved softmax output: softmax(dtype=fp32).to(c) keeps the fp32 output and its c copy (in fp32 the same
+    tensor); a softmax in the compute dtype keeps its c output."""
+    if fp32_softmax:
+        return (FP32_BYTES + (run.c if run.c != FP32_BYTES else 0)) * scores
+    return run.c * scores
+
+
+def fp32_softmax_dropout(probability: float, run: Run, scores: int) -> int:
+    """Attention dropout after softmax(dtype=fp32).to(c) (eager): the mask (1 B on CUDA), and the dropped probs the
+    matmul saves instead of the c copy - new bytes only where that copy was the fp32 softmax output itself."""
+    if not probability > 0:
+        return 0
+    return scores + (FP32_BYTES * scores if run.c == FP32_BYTES and not run.autocast else 0)
+
+
+def rms_norm_bytes(gemma: bool, tokens: int, h: int, c: int, autocast: bool) -> int:
+    """Bytes one RMSNorm saves for backward (modeling_llama.LlamaRMSNorm / modeling_gemma.GemmaRMSNorm).
+
+    Llama: x.to(fp32) (4Th; pow and mul save it), rsqrt (4T), the normalized input cast back to the input
+    dtype (cTh, saved by the weight multiply) and the output (cTh, saved by the next Linear).
+    Gemma: x.float(), rsqrt, the fp32 normalized product (weight multiply in fp32), (1 + weight) in fp32
+    (4h) and the output in c. Under autocast the input is fp32, the normalized product stays fp32 and the
+    fp32 output is not saved (each Linear saves its own cast instead).
+    """
+    extra = FP32_BYTES * h if gemma else 0
+    if autocast:
+        return 8 * tokens * h + FP32_BYTES * tokens + extra
+    if gemma:
+        return (8 + c) * tokens * h + FP32_BYTES * tokens + extra
+    return (4 + 2 * c) * tokens * h + FP32_BYTES * tokens
+
+
+def head_note(architecture: str, modelled: str) -> list[str]:
+    """A note when the activations follow another head class than the one the config names."""
+    if architecture == modelled:
+        return []
+    return [f"activations follow {modelled} (its head and loss); {architecture} has another head: an approximation"]

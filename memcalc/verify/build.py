@@ -1,0 +1,155 @@
+"""One way from a ``config.json`` dict to a transformers config and model, for everything that builds one: the
+meta-device inventory of unmodelled families, ``--verify``'s steps, the trace-derived checks and the scripts.
+
+Configs are data: the model class is looked up only among the classes transformers' auto mappings list for the
+config's model_type (a config naming ``set_seed`` or ``Trainer`` is refused), never through remote code, and
+nothing is downloaded (random weights). torch and transformers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from memcalc.errors import ConfigError, UnsupportedModelError
+
+# Keys starting with "_" are memcalc metadata (_source, _aliases, ...), except these transformers fields.
+TRANSFORMERS_UNDERSCORE_FIELDS = frozenset({"_remove_final_layer_norm"})  # OPTConfig
+
+
+def config_fields(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model_type, the other config.json keys) as ``AutoConfig.for_model`` takes them."""
+    fields = {k: v for k, v in raw.items() if not k.startswith("_") or k in TRANSFORMERS_UNDERSCORE_FIELDS}
+    model_type = fields.pop("model_type", None)
+    if not model_type or not isinstance(model_type, str):
+        raise ConfigError("config has no model_type; add the model_type of its transformers config class")
+    return model_type, fields
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings (unused keys, defaults) off while memcalc builds from a config."""
+    import transformers
+
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__
+
+
+def hf_config(raw: Mapping[str, Any]) -> Any:
+    """The transformers config for a config.json dict."""
+    import transformers
+
+    model_type, fields = config_fields(raw)
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise UnsupportedModelError(f"transformers {transformers.__version__} does not know model_type "
+                                    f"{model_type!r}; memcalc never runs a model's remote code")
+    with quiet_transformers():
+        try:
+            return transformers.AutoConfig.for_model(model_type, **fields)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"transformers rejects this {model_type} config: {_first_line(exc)}") from None
+
+
+def classes_of(model_type: str) -> dict[str, None]:
+    """Every model class transformers' auto mappings list for ``model_type`` (causal LM first), in order."""
+    from transformers.models.auto import modeling_auto
+
+    names: dict[str, None] = {}
+    mappings = [modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES]
+    mappings += [value for key, value in sorted(vars(modeling_auto).items())
+                 if key.startswith("MODEL_") and key.endswith("_MAPPING_NAMES") and isinstance(value, Mapping)]
+    for mapping in mappings:
+        found = mapping.get(model_type)
+        for name in (found,) if isinstance(found, str) else (found or ()):
+            names.setdefault(name, None)
+    return names
+
+
+def model_class(config: Any, architecture: str | None = None) -> type:
+    """The class named by ``architecture`` (the config's ``architectures[0]`` when not given), which must be one of
+    the model classes of the config's model_type; without a name, its causal-LM class (else its base class)."""
+    import transformers
+
+    model_type = config.model_type
+    allowed = classes_of(model_type)
+    names = list(getattr(config, "architectures", None) or [])
+    name = architecture or (names[0] if names else None)
+    if name is None:
+        name = next(iter(allowed), None)
+        if name is None:
+            raise UnsupportedModelError(f"transformers {transformers.__version__} has no model class for "
+                                        f"{model_type!r}")
+    elif name not in allowed:
+        shown = name if len(name) <= 60 and name.isidentifier() else repr(name[:60])
+        raise ConfigError(f"architectures[0] {shown} is not a transformers model class of model_type {model_type!r} "
+                          f"(its classes: {', '.join(list(allowed)[:4]) or 'none'}); fix the config's architectures")
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type):
+        raise UnsupportedModelError(f"transformers {transformers.__version__} has no class {name} "
+                                    "(memcalc never runs remote code)")
+    return cls
+
+
+def _untie_output_embeddings(model: Any, raw: Mapping[str, Any]) -> None:
+    """Untie lm_head where config.json says ``tie_word_embeddings: false`` but the class ties anyway.
+
+    T5Config forces tie_word_embeddings=True, so a model built from a config ties lm_head to the
+    embeddings; from_pretrained unties it again when the checkpoint holds a separate lm_head
+    (t5-v1_1, flan-t5). We follow from_pretrained: that is the model that trains.
+    """
+    import torch
+
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if raw.get("tie_word_embeddings") is False and out is not None and inp is not None and out.weight is inp.weight:
+        out.weight = torch.nn.Parameter(torch.empty_like(out.weight))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: Any) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(raw: Mapping[str, Any], architecture: str | None = None, *, dtype: Any = None,
+                attn_implementation: str | None = None, meta: bool = False) -> Any:
+    """The transformers model for ``raw`` with random weights: on the meta device (``meta``: no memory), or as
+    tensors of the current mode (real CPU tensors, or fake ones under a FakeTensorMode). ``dtype``: the weights'
+    dtype, also set as the default dtype while building so nothing is created in fp32 and cast afterwards."""
+    import torch
+
+    config = hf_config(raw)
+    cls = model_class(config, architecture)
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    with quiet_transformers(), default_dtype(dtype or torch.get_default_dtype()), device:
+        try:
+            model = cls._from_config(config, **kwargs)
+        except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AttributeError) as exc:
+            raise ConfigError(f"transformers cannot build {cls.__name__} from this config: {_first_line(exc)}") from None
+    _untie_output_embeddings(model, raw)
+    return model
+
+
+def build_meta_model(raw: Mapping[str, Any], architecture: str | None = None) -> Any:
+    """The model for ``raw`` on the meta device: shapes and dtypes, no memory."""
+    return build_model(raw, architecture, meta=True)

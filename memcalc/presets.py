@@ -6,14 +6,20 @@ copy) and ``_aliases`` (names users type). A preset and a user's own config go t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+# read_json_object lives in datafile (bounded, regular files only); re-exported here for older importers.
+from memcalc.datafile import read_json_object, shown
 from memcalc.errors import ConfigError, UsageError
 from memcalc.units import BYTES_PER_MIB
+
+__all__ = [
+    "GpuSpec", "find_gpu", "find_model_preset", "gpu_alias_note", "gpu_presets", "load_model_preset",
+    "model_preset_files", "normalize_name", "presets_dir", "read_json_object", "suggest",
+]
 
 
 def presets_dir() -> Path:
@@ -29,21 +35,6 @@ def normalize_name(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(" ", "-")
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """Read a JSON object from a file, as data (never executed)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object (a config.json), not a {type(data).__name__}")
-    return data
-
-
 @lru_cache(maxsize=1)
 def model_preset_files() -> dict[str, Path]:
     """Preset name -> file, for every ``presets/models/*.json``."""
@@ -57,7 +48,7 @@ def _model_alias_index() -> dict[str, str]:
     index: dict[str, str] = {}
     for name, path in model_preset_files().items():
         index[normalize_name(name)] = name
-        for alias in read_json_object(path).get("_aliases", []):
+        for alias in read_json_object(path, "model preset").get("_aliases", []):
             index.setdefault(normalize_name(alias), name)
     return index
 
@@ -69,13 +60,13 @@ def find_model_preset(name: str) -> str | None:
     of the start-up budget).
     """
     key = normalize_name(name)
-    if (presets_dir() / "models" / f"{key}.json").is_file():
+    if key in model_preset_files():  # a folder listing, never a path built from user text
         return key
     return _model_alias_index().get(key)
 
 
 def load_model_preset(preset_name: str) -> dict[str, Any]:
-    return read_json_object(model_preset_files()[preset_name])
+    return read_json_object(model_preset_files()[preset_name], "model preset")
 
 
 def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
@@ -99,31 +90,74 @@ class GpuSpec:
     source: str
     aliases: tuple[str, ...] = ()
 
+    def lookup_keys(self) -> frozenset[str]:
+        """Every lookup key this card answers to: its name and its aliases, normalized."""
+        return frozenset(normalize_name(n) for n in (self.name, *self.aliases))
+
 
 @lru_cache(maxsize=1)
 def gpu_presets() -> tuple[GpuSpec, ...]:
-    data = read_json_object(presets_dir() / "gpus.json")
-    return tuple(
-        GpuSpec(
-            name=entry["name"],
-            display=entry["display"],
-            nominal=entry["nominal"],
-            memory_bytes=int(entry["memory_mib"]) * BYTES_PER_MIB,
-            source=entry["_source"],
-            aliases=tuple(entry.get("aliases", ())),
+    path = presets_dir() / "gpus.json"
+    data = read_json_object(path, "GPU preset file")
+    try:
+        gpus = tuple(
+            GpuSpec(
+                name=entry["name"],
+                display=entry["display"],
+                nominal=entry["nominal"],
+                memory_bytes=int(entry["memory_mib"]) * BYTES_PER_MIB,
+                source=entry["_source"],
+                aliases=tuple(entry.get("aliases", ())),
+            )
+            for entry in data["gpus"]
         )
-        for entry in data["gpus"]
-    )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{shown(path)} has a malformed GPU entry ({type(exc).__name__}: {shown(exc)}); "
+                          "reinstall memcalc") from None
+    return gpus
 
 
 def find_gpu(name: str) -> GpuSpec:
+    """The GPU a user-typed name or alias refers to (case, ``_`` and spaces ignored)."""
     key = normalize_name(name)
+    if not key:
+        raise UsageError("the GPU name is empty; see 'memcalc presets' for the list, or give --gpu-memory 80GiB")
     for gpu in gpu_presets():
-        if key == normalize_name(gpu.name) or key in {normalize_name(a) for a in gpu.aliases}:
+        if key in gpu.lookup_keys():
             return gpu
     names = [gpu.name for gpu in gpu_presets()]
     hint = suggest(name, names)
     did_you_mean = f"did you mean {', '.join(hint)}? " if hint else ""
     raise UsageError(
-        f"unknown GPU '{name}'; {did_you_mean}see 'memcalc presets' for the list, or give --gpu-memory 80GiB"
+        f"unknown GPU '{shown(name)}'; {did_you_mean}see 'memcalc presets' for the list, or give --gpu-memory 80GiB"
     )
+
+
+def gpu_alias_note(name: str) -> str | None:
+    """One sentence when ``name`` is an alias that several cards could answer to, naming the card it picked
+    and the others; None when the name is exact or unambiguous.
+
+    A typed name is ambiguous when it is an alias (not the card's own name) and it is the first word of
+    another card's name or alias with a different memory size: ``a100`` is both ``a100-40gb`` and
+    ``a100-80gb``. Cards of the same size (``h100`` SXM and PCIe) do not change the answer, so no note.
+    """
+    key = normalize_name(name)
+    if not key:
+        return None
+    picked = next((gpu for gpu in gpu_presets() if key in gpu.lookup_keys()), None)
+    if picked is None or key == normalize_name(picked.name):
+        return None
+    others = [
+        gpu for gpu in gpu_presets()
+        if gpu is not picked and gpu.memory_bytes != picked.memory_bytes
+        and any(k.startswith(f"{key}-") for k in gpu.lookup_keys())
+    ]
+    if not others:
+        return None
+    rest = "; ".join(f"the {_capacity(gpu)} card is {gpu.name}" for gpu in others)
+    return f"'{shown(name)}' is the {picked.display} ({picked.name}); {rest}"
+
+
+def _capacity(gpu: GpuSpec) -> str:
+    """'80 GB' from the datasheet capacity ``nominal`` ("80 GB HBM2e")."""
+    return " ".join(gpu.nominal.split()[:2])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import sys
+import threading
+import time
 import types
 
 import pytest
 
+from memcalc import resolve
 from memcalc.api import model_input
 from memcalc.errors import ConfigError, ModelNotFoundError
 from memcalc.presets import find_model_preset, load_model_preset, model_preset_files
@@ -67,64 +71,227 @@ def test_nested_text_config(tmp_path):
     assert sum(t.numel for t in nested.tensors) == sum(t.numel for t in model_input("gemma-3-4b", None).tensors)
 
 
-def _fake_hub(monkeypatch, tmp_path, behaviour):
-    """A stand-in huggingface_hub module: tests never touch the network."""
+def _fake_hub(monkeypatch, behaviour):
+    """A stand-in huggingface_hub module that records calls (for tests that must not reach the hub at all)."""
     calls = []
     hub = types.ModuleType("huggingface_hub")
-    errors = types.ModuleType("huggingface_hub.errors")
-
-    class RepositoryNotFoundError(Exception):
-        pass
-
-    class EntryNotFoundError(Exception):
-        pass
-
-    errors.RepositoryNotFoundError = RepositoryNotFoundError
-    errors.EntryNotFoundError = EntryNotFoundError
 
     def hf_hub_download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename, kwargs))
-        return behaviour(repo_id, filename, errors)
+        return behaviour(repo_id, filename)
 
     hub.hf_hub_download = hf_hub_download
-    hub.errors = errors
+    hub.get_hf_file_metadata = lambda *a, **k: behaviour(*a)
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    monkeypatch.setitem(sys.modules, "huggingface_hub.errors", errors)
     return calls
 
 
-def test_hub_id_fetches_config_only(monkeypatch, tmp_path):
-    raw = json.loads((PRESETS_MODELS / "qwen2.5-0.5b.json").read_text())
-    local = tmp_path / "config.json"
-    local.write_text(json.dumps(raw))
-    calls = _fake_hub(monkeypatch, tmp_path, lambda repo, filename, errors: str(local))
-    model = model_input("someorg/some-finetune", None)
-    assert calls == [("someorg/some-finetune", "config.json", {"etag_timeout": 10})]
-    assert model.source == "someorg/some-finetune config.json (hub)"
+def test_alias_wins_over_hub(monkeypatch):
+    calls = _fake_hub(monkeypatch, lambda *a: pytest.fail("the hub must not be asked"))
+    assert model_input("meta-llama/Meta-Llama-3-8B", None).name == "llama-3-8b"
+    assert calls == []
+
+
+# --- hub ids against a local stand-in for the Hugging Face Hub: the real huggingface_hub, never the network --------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+QWEN_CONFIG = (PRESETS_MODELS / "qwen2.5-0.5b.json").read_bytes()
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers HEAD/GET /<org>/<repo>/resolve/main/config.json as the hub does, by the org name:
+    ok -> the file; missing -> RepoNotFound; gated -> GatedRepo; noconfig -> EntryNotFound; down -> 503;
+    slow -> no answer for longer than the test's timeout."""
+
+    def _answer(self, with_body: bool) -> None:
+        org = self.path.strip("/").split("/")[0]
+        self.server.requests.append((self.command, self.path))
+        if "/resolve/" not in self.path:  # only config.json downloads are served here
+            org = "missing"
+        if org == "slow":
+            time.sleep(3)
+        status, headers, body = 200, {"X-Repo-Commit": COMMIT, "ETag": '"cafe0001"'}, QWEN_CONFIG
+        if org == "missing":
+            status, headers, body = 404, {"X-Error-Code": "RepoNotFound"}, b""
+        elif org == "gated":
+            status, headers, body = 401, {"X-Error-Code": "GatedRepo"}, b""
+        elif org == "noconfig":
+            status, headers, body = 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, b""
+        elif org == "down":
+            status, headers, body = 503, {}, b""
+        try:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+        except OSError:  # the client gave up (the timeout test)
+            pass
+
+    def do_HEAD(self):
+        self._answer(with_body=False)
+
+    def do_GET(self):
+        self._answer(with_body=True)
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """huggingface_hub pointed at an empty cache under tmp_path, with no token; returns a function that points it
+    at an endpoint. huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HUB_CACHE once, at import
+    (constants.py), so the constants are patched too, not only the environment."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    for name, value in (("HF_HOME", tmp_path / "hf-home"), ("HF_HUB_CACHE", cache), ("NO_PROXY", "127.0.0.1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)
+    # Its user-agent telemetry fetches {ENDPOINT}/api/agent-harnesses once and caches it under the HF_HOME of
+    # import time: keep both away from the user's files.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "hf-home" / ".agent_harnesses.json"),
+                        raising=False)
+
+    def point_at(endpoint: str, offline: bool = False):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        if offline:
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return hub
+
+    point_at.cache = cache
+    return point_at
+
+
+@pytest.fixture
+def local_hub(hub_env):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
+    server.requests = []
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hub_env(f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _cache_config(cache, repo_id: str) -> None:
+    """Put config.json of ``repo_id`` in the hub cache layout (refs/main -> snapshots/<commit>/config.json)."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    snapshot = folder / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_bytes(QWEN_CONFIG)
+
+
+def _one_line_error(excinfo, *parts: str) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message.isprintable(), message
+    for part in parts:
+        assert part in message, message
+    return message
+
+
+def test_hub_id_fetches_config_only(local_hub):
+    model = model_input("ok/some-finetune", None)
+    assert model.source == "ok/some-finetune config.json (hub)"
+    assert sum(t.numel for t in model.tensors) == sum(t.numel for t in model_input("qwen2.5-0.5b", None).tensors)
+    assert {path for _, path in local_hub.requests} == {"/ok/some-finetune/resolve/main/config.json"}
+
+
+def test_hub_missing_repo(local_hub):
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("missing/nothing", None)
+    _one_line_error(excinfo, "'missing/nothing' does not exist")
+
+
+def test_hub_gated_repo_says_gated(local_hub):
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("gated/model", None)
+    _one_line_error(excinfo, "is gated", "HF_TOKEN")
+
+
+def test_hub_repo_without_config(local_hub):
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("noconfig/model", None)
+    _one_line_error(excinfo, "has no config.json")
+
+
+def test_hub_server_error_is_named_and_not_retried(local_hub):
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("down/model", None)
+    _one_line_error(excinfo, "HTTP 503")
+    assert len(local_hub.requests) == 1  # one probe, no retries with backoff
+
+
+def test_hub_timeout_is_short_and_named(local_hub, monkeypatch):
+    monkeypatch.setattr(resolve, "HUB_TIMEOUT_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("slow/model", None)
+    assert time.monotonic() - start < 10
+    _one_line_error(excinfo, "no answer within 0.5 s", "not in the local cache")
+
+
+def test_hub_no_network_fails_fast_and_names_the_cause(hub_env):
+    hub_env("http://127.0.0.1:9")  # the discard port: nothing listens, the connection is refused
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("someorg/some-finetune", None)
+    assert time.monotonic() - start < 10
+    _one_line_error(excinfo, "cannot reach the Hugging Face Hub", "connection refused", "HF_ENDPOINT")
+
+
+def test_hub_offline_and_not_cached(hub_env):
+    hub_env("http://127.0.0.1:9", offline=True)
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        model_input("someorg/some-finetune", None)
+    _one_line_error(excinfo, "offline mode is on (HF_HUB_OFFLINE)", "not in the local Hugging Face cache")
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "no-network"])
+def test_hub_cached_config_is_used_without_network(hub_env, offline):
+    hub_env("http://127.0.0.1:9", offline=offline)
+    _cache_config(hub_env.cache, "someorg/cached-model")
+    model = model_input("someorg/cached-model", None)
+    assert model.source == "someorg/cached-model config.json (hub)"
     assert sum(t.numel for t in model.tensors) == sum(t.numel for t in model_input("qwen2.5-0.5b", None).tensors)
 
 
-def test_hub_offline_is_one_clear_error(monkeypatch, tmp_path):
-    def offline(repo, filename, errors):
-        raise OSError("We couldn't connect to the hub (offline mode)")
+def test_hub_logging_and_progress_bars_are_restored(local_hub):
+    import logging
 
-    _fake_hub(monkeypatch, tmp_path, offline)
-    with pytest.raises(ModelNotFoundError, match="offline.*preset"):
-        model_input("someorg/some-finetune", None)
+    from huggingface_hub.utils import are_progress_bars_disabled
 
-
-def test_hub_missing_repo(monkeypatch, tmp_path):
-    def missing(repo, filename, errors):
-        raise errors.RepositoryNotFoundError(repo)
-
-    _fake_hub(monkeypatch, tmp_path, missing)
-    with pytest.raises(ModelNotFoundError, match="does not exist"):
-        model_input("nobody/nothing", None)
+    logger = logging.getLogger("huggingface_hub")
+    level, bars_off = logger.level, are_progress_bars_disabled()
+    with pytest.raises(ModelNotFoundError):
+        model_input("down/model", None)
+    model_input("ok/model", None)
+    assert (logger.level, are_progress_bars_disabled()) == (level, bars_off)
 
 
-def test_alias_wins_over_hub(monkeypatch, tmp_path):
-    calls = _fake_hub(monkeypatch, tmp_path, lambda *a: pytest.fail("the hub must not be asked"))
-    assert model_input("meta-llama/Meta-Llama-3-8B", None).name == "llama-3-8b"
+@pytest.mark.parametrize("typed", ["org/na me", "org/x\ny", "a/b/c", "org/..", "-org/x", "org/" + "x" * 97])
+def test_text_that_is_not_a_hub_id_never_reaches_the_hub(monkeypatch, typed):
+    calls = _fake_hub(monkeypatch, lambda *a: pytest.fail("the hub must not be asked"))
+    with pytest.raises(ModelNotFoundError) as excinfo:
+        resolve_model(typed)
+    _one_line_error(excinfo)
     assert calls == []
 
 
@@ -145,3 +312,27 @@ def test_nested_and_fallback_configs_say_what_was_counted(tmp_path):
 
     report = run(model_input(str(path), None), TrainingSpec())
     assert any("text_config" in note for note in report.notes)
+
+
+def test_preset_name_lookup_reads_no_preset_file(monkeypatch):
+    """The estimate path stays fast: a preset's own name is found from the folder listing; only an alias
+    lookup reads every preset file."""
+    from memcalc import presets
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a preset file was read to find a preset by its own name")
+
+    presets._model_alias_index.cache_clear()
+    monkeypatch.setattr(presets, "read_json_object", no_reading)
+    try:
+        assert find_model_preset("gpt2") == "gpt2"
+        assert find_model_preset("Llama_3_8B") == "llama-3-8b"
+        with pytest.raises(AssertionError, match="was read"):
+            find_model_preset("llama3-8b")  # an alias: this one needs the index
+    finally:
+        presets._model_alias_index.cache_clear()
+
+
+@pytest.mark.parametrize("typed", ["../models/gpt2", "models/../gpt2", "/gpt2", "gpt2/"])
+def test_preset_lookup_builds_no_path_from_user_text(typed):
+    assert find_model_preset(typed) is None

@@ -272,43 +272,57 @@ DEFAULTS_SHOWN = {
 
 
 def _apply_deepspeed_config(path: str, model, fields: dict, typed: set[str], o: dict) -> list[str]:
-    """--deepspeed: the config decides stage, offload, buckets, precision and micro-batch; a flag the user typed
-    that contradicts it is an error, not a silent override."""
-    from memcalc.deepspeed import hf_hidden_size, read_deepspeed_config, spec_overrides
-    from memcalc.spec import ZeroBuffers
+    """--deepspeed: the config decides every field ``spec_fields`` names (stage, precision and master dtypes,
+    micro-batch, accumulation, optimizer, offload, sharding, ZeRO buffers); a flag the user typed that says otherwise
+    is an error, never a silent override. Flags outside DEFAULTS_SHOWN count as typed when they differ from their
+    defaults."""
+    from memcalc.configs.deepspeed import disagreements, read_deepspeed_config, spec_fields
+    from memcalc.datafile import shown
 
+    if o["fsdp"] or fields["sharding"] != Sharding.deepspeed:
+        flag = "--fsdp" if o["fsdp"] else f"--sharding {fields['sharding'].value}"
+        raise UsageError(f"{flag} contradicts --deepspeed (a DeepSpeed config runs DeepSpeed ZeRO); drop one of them")
+    flags = {"zero_stage": "--zero", "precision": "--precision", "master_dtype": "--master-dtype",
+             "state_dtype": "--state-dtype", "micro_batch_size": "--batch-size", "grad_accum": "--grad-accum",
+             "optimizer": "--optim", "amsgrad": "--amsgrad", "offload": "--offload"}
+    chosen = {key: value for key, value in {
+        "zero_stage": _parse_stages(o["zero"]) if "zero" in typed else None,
+        "precision": fields["precision"] if "precision" in typed else None,
+        "master_dtype": fields["master_dtype"], "state_dtype": fields["state_dtype"],
+        "micro_batch_size": fields["micro_batch_size"] if "batch_size" in typed else None,
+        "grad_accum": fields["grad_accum"] if fields["grad_accum"] != 1 else None,
+        "optimizer": fields["optimizer"] if "optim" in typed else None,
+        "amsgrad": True if fields["amsgrad"] else None,
+        "offload": fields["offload"] if fields["offload"] != Offload.none else None,
+    }.items() if value is not None}
+    stages = chosen.get("zero_stage")
     settings = read_deepspeed_config(
-        path, hidden_size=hf_hidden_size(model.config.raw) if model.config else None,
-        micro_batch_size=o["batch_size"] if "batch_size" in typed else None,
-        precision=o["precision"].value if "precision" in typed else None,
-        zero_stage=int(o["zero"]) if "zero" in typed and o["zero"].strip().isdigit() else None,
-        offload=o["offload"].value if o["offload"] != Offload.none else None, num_gpus=fields["num_gpus"],
+        path, hidden_size=model.hidden_size, micro_batch_size=chosen.get("micro_batch_size"),
+        gradient_accumulation_steps=chosen.get("grad_accum"),
+        precision=chosen["precision"].value if "precision" in chosen else None,
+        zero_stage=stages[0] if stages and len(stages) == 1 else None,
+        offload=chosen["offload"].value if "offload" in chosen else None, num_gpus=fields["num_gpus"],
     )
-    flags = {"zero_stage": "zero", "precision": "precision", "micro_batch_size": "batch_size", "optimizer": "optim"}
-    for key, value in spec_overrides(settings).items():
-        flag = flags.get(key)
-        current = fields.get(key) if key != "zero_stage" else (int(o["zero"]) if o["zero"].strip().isdigit() else None)
-        if flag in typed and current is not None and getattr(current, "value", current) != getattr(value, "value", value):
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(current, 'value', current)} contradicts {path} "
-                             f"({key} {getattr(value, 'value', value)}); drop the flag or edit the config")
-        fields[key] = value
-    fields["offload"] = settings.offload
-    fields["sharding"] = Sharding.deepspeed
-    fields["zero_buffers"] = ZeroBuffers(
-        reduce_bucket_size=settings.reduce_bucket_size, allgather_bucket_size=settings.allgather_bucket_size,
-        stage3_prefetch_bucket_size=settings.stage3_prefetch_bucket_size,
-        stage3_max_live_parameters=settings.stage3_max_live_parameters,
-        stage3_param_persistence_threshold=settings.stage3_param_persistence_threshold,
-        contiguous_gradients=settings.contiguous_gradients, overlap_comm=settings.overlap_comm,
-    )
-    return [f"read {path}: ZeRO stage {settings.zero_stage}, offload {settings.offload}", *settings.notes]
+    config_fields = spec_fields(settings)
+
+    def text(value) -> str:
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        return "the recipe's default" if value is None else str(getattr(value, "value", value))
+
+    for name, mine, theirs in disagreements(config_fields, chosen)[:1]:
+        flag = flags[name] if name == "amsgrad" else f"{flags[name]} {text(mine)}"
+        raise UsageError(f"{flag} contradicts {shown(path)}, which sets {name} {text(theirs)}; drop the flag or edit "
+                         "the config")
+    fields.update(config_fields)
+    return [f"read {shown(path)}: ZeRO stage {settings.zero_stage}, offload {settings.offload}", *settings.notes]
 
 
 def _emit(kind: str, model, spec, report) -> int:
     """--emit deepspeed: a config for this run, or for the fit solver's first fitting change when it does not fit."""
     import json
 
-    from memcalc.deepspeed import emit_deepspeed_config, hf_hidden_size
+    from memcalc.configs.deepspeed import emit_deepspeed_config
 
     if kind != "deepspeed":
         raise UsageError(f"--emit {kind!r}: memcalc writes deepspeed configs (--emit deepspeed)")
@@ -322,7 +336,7 @@ def _emit(kind: str, model, spec, report) -> int:
                 break
             except MemcalcError:
                 continue
-    config = emit_deepspeed_config(chosen, hf_hidden_size(model.config.raw) if model.config else None)
+    config = emit_deepspeed_config(chosen, model.hidden_size)
     print(f"memcalc: DeepSpeed config for {why}", file=sys.stderr)
     print(json.dumps(config, indent=2))
     return EXIT_OK
@@ -332,18 +346,20 @@ def _compare_with(tool: str, model, report, json_output: bool, unit: str) -> int
     """--compare-with deepspeed|accelerate: the other tool's figure beside memcalc's, term by term, with why."""
     import json
 
-    from memcalc import deepspeed as ds
+    from memcalc.compat.accelerate import accelerate_counted_params, compare_with_accelerate
+    from memcalc.compat.deepspeed import compare_with_deepspeed, deepspeed_param_counts
     from memcalc.units import format_bytes
 
     if tool == "deepspeed":
         spec = report.training
-        rows = ds.compare_with_deepspeed(
+        rows = compare_with_deepspeed(
             report, num_nodes=spec.num_nodes, num_gpus_per_node=spec.num_gpus // spec.num_nodes,
             offload_optimizer=spec.offload in ("optimizer", "both"), offload_params=spec.offload in ("params", "both"),
-            largest_layer_params=ds.deepspeed_param_counts(model.tensors)[1] if model.architecture_known else None,
+            largest_layer_params=deepspeed_param_counts(model.tensors)[1] if model.architecture_known else None,
         )
     elif tool == "accelerate":
-        rows = ds.compare_with_accelerate(report, ds.accelerate_counted_params(model.tensors) if model.architecture_known else None)
+        counted = accelerate_counted_params(model.tensors) if model.architecture_known else None
+        rows = compare_with_accelerate(report, counted)
     else:
         raise UsageError(f"--compare-with {tool!r}: use deepspeed or accelerate")
     if json_output:

@@ -38,8 +38,6 @@ from memcalc.vocab import (
 ZERO12_ALIGNMENT_FACTOR = 2
 FP32_BYTES = 4
 DS = "deepspeed 0.19.8"
-# deepspeed/runtime/zero/config.py: sub_group_size = 1e9 elements (ZeRO-3 steps the optimizer per sub-group).
-DS_SUB_GROUP_SIZE = 1_000_000_000
 # torch/nn/parallel/distributed.py: DistributedDataParallel(bucket_cap_mb=25); the first bucket is 1 MiB.
 DDP_BUCKET_CAP_BYTES = 25 * 2**20
 
@@ -132,6 +130,28 @@ def _replicated(tensors: Sequence[ParamTensor], has_master: bool) -> RankHolding
     )
 
 
+def zero3_sub_group_numels(partition_numels: Sequence[int], sub_group_size: int) -> list[int]:
+    """Elements in each ZeRO-3 optimizer sub-group, from this rank's partition of each trainable parameter in
+    parameter order (one optimizer param group).
+
+    deepspeed 0.19.8 runtime/zero/stage3.py, DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups: the whole group
+    when sub_group_size >= its partitioned total; otherwise parameters are added in order and a sub-group closes once
+    it holds at least sub_group_size elements (so it may exceed it by up to one parameter), or at the last parameter.
+    One param group is what deepspeed.initialize(model_parameters=model.parameters()) and HF Trainer with a config
+    "optimizer" build; HF Trainer's own optimizer has two (with and without weight decay), split each on its own.
+    """
+    total = sum(partition_numels)
+    if sub_group_size >= total:
+        return [total] if partition_numels else []
+    groups, current = [], 0
+    for index, numel in enumerate(partition_numels):
+        current += numel
+        if current >= sub_group_size or index == len(partition_numels) - 1:
+            groups.append(current)
+            current = 0
+    return groups
+
+
 def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
                weight_bytes: int, grad_bytes: int) -> RankHoldings:
     stage, num_gpus, buffers_cfg = spec.zero_stage, spec.num_gpus, spec.zero_buffers
@@ -206,16 +226,29 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
             source=f"{DS} stage3.py: ipg bucket buffer allocated at initialisation (contiguous_gradients)",
             category="temporaries", phases=ALL_PHASES,
         ))
-    if has_master and not offload_optimizer:
-        # stage3.py: gradients are reduce-scattered into grad_partitions_flat_buffer (grad_accum_dtype, by
-        # default the model's 16-bit dtype: the gradients term), and initialize_optimizer_states allocates
-        # gradient_buffer = torch.zeros(largest sub-group, fp32) as the fp32 master's .grad for the whole run.
-        fp32_grads = min(shard_trainable, DS_SUB_GROUP_SIZE)
+    if not offload_optimizer:
+        # stage3.py: gradients are reduce-scattered into grad_partitions_flat_buffer (grad_accum_dtype, by default
+        # the model's 16-bit dtype: the gradients term). initialize_optimizer_states allocates gradient_buffer
+        # (the largest sub-group, master dtype) once and, without offload, sets every .grad back to None at its end,
+        # so it is gone before training. Each step, per sub-group, _prepare_fp32_grad_for_sub_group makes
+        # flatten(its gradients).to(master_weights_and_grads_dtype) the master's .grad, freed after that sub-group's
+        # step (_release_sub_group): the largest sub-group is alive at once, during the step only (the 16-bit flatten
+        # copy lives only until the cast). With no master (fp32 or autocast weights) the flatten copy is the .grad.
+        from memcalc.precision import DTYPE_BYTES, Dtype
+        from memcalc.vocab import STEP_ONLY
+
+        sub_groups = zero3_sub_group_numels([zero3_shard_numel(t.numel, num_gpus) for t in trainable],
+                                            buffers_cfg.sub_group_size)
+        largest = max(sub_groups, default=0)
+        dtype = (spec.master_dtype or Dtype.fp32) if has_master else None
+        bytes_per_element = DTYPE_BYTES[dtype] if dtype is not None else grad_bytes
         buffers.append(Term(
-            name=TERM_ZERO3_FP32_GRADS, bytes=fp32_grads * FP32_BYTES,
-            formula=f"largest sub-group {_n(fp32_grads)} elements x 4 B (fp32)",
-            source=f"{DS} stage3.py initialize_optimizer_states: gradient_buffer, kept for the whole run",
-            category="temporaries", phases=ALL_PHASES,
+            name=TERM_ZERO3_FP32_GRADS, bytes=largest * bytes_per_element,
+            formula=f"largest of {len(sub_groups)} optimizer sub-groups (sub_group_size "
+                    f"{_n(buffers_cfg.sub_group_size)}): {_n(largest)} elements x {bytes_per_element} B",
+            source=f"{DS} stage3.py _create_fp16_sub_groups, _prepare_fp32_grad_for_sub_group: one sub-group's "
+                   "flat gradient in the master dtype, alive during its optimizer step",
+            category="temporaries", phases=STEP_ONLY,
         ))
     return RankHoldings(
         weight_numel=0 if offload_params else shard_all, grad_numel=shard_trainable,

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
+from memcalc.configs import deepspeed_defaults as ds_defaults
 from memcalc.errors import UsageError
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, PrecisionName
@@ -44,15 +45,21 @@ class Offload(str, Enum):
 
 @dataclass(frozen=True)
 class ZeroBuffers:
-    """DeepSpeed's buffer settings, in elements, with DeepSpeed's defaults (deepspeed/runtime/zero/config.py,
-    checked against deepspeed 0.19.8 by memcalc/deepspeed.py)."""
+    """DeepSpeed's buffer settings that size memory, in elements, with DeepSpeed's defaults
+    (memcalc/configs/deepspeed_defaults.py).
 
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_max_live_parameters: int = 1_000_000_000
-    stage3_param_persistence_threshold: int = 100_000
-    contiguous_gradients: bool = True
+    allgather_bucket_size is not here: it allocates nothing. deepspeed/runtime/utils.py, all_gather_dp_groups
+    (called by stage_1_and_2.py step) all-gathers straight into the existing 16-bit flat buffer with
+    torch.distributed.all_gather_into_tensor (deepspeed/comm/torch.py picks it whenever torch has it, since 1.13);
+    only its fallback for older torch reads the bucket size, to split the same buffer into views.
+    """
+
+    reduce_bucket_size: int = ds_defaults.REDUCE_BUCKET_SIZE
+    stage3_prefetch_bucket_size: int = ds_defaults.PREFETCH_BUCKET_SIZE
+    stage3_max_live_parameters: int = ds_defaults.MAX_LIVE_PARAMETERS
+    stage3_param_persistence_threshold: int = ds_defaults.PARAM_PERSISTENCE_THRESHOLD
+    sub_group_size: int = ds_defaults.SUB_GROUP_SIZE  # ZeRO-3 optimizer sub-groups (stage3.py)
+    contiguous_gradients: bool = ds_defaults.CONTIGUOUS_GRADIENTS
     overlap_comm: bool | None = None  # None: DeepSpeed's default, True at stage 3 only
 
 

@@ -1,16 +1,40 @@
-"""Does the per-GPU peak fit a GPU, with what headroom, and which cheap changes would make it fit.
+"""Does the per-GPU peak fit a GPU, with what headroom, and which changes would make it fit, cheapest first.
 
 usable = GPU memory (nvidia-smi total) - CUDA context - allocator reserve; each is a named term.
+
+When it does not fit, ``check_fit`` searches combinations of the changes in ``_dimensions``, one dimension per
+lever: precision (drop the fp32 master), optimizer (fused implementation, 8-bit states, Adafactor), LoRA or QLoRA,
+full checkpointing, sdpa attention, micro-batch 1 (the same tokens through --grad-accum), ZeRO stage (several
+GPUs), ZeRO-Offload, and more GPUs with ZeRO-3. Each change has a cost in points (``COSTS``: rough and relative,
+with the reason for each); a combination costs the sum of its changes.
+  1. Every change alone is estimated first (the GPU count by bisection over ``SUGGESTED_GPU_COUNTS``): these are
+     listed whether or not they fit.
+  2. Best-first: combinations leave a priority queue in order of cost, fewer changes first at equal cost.
+  3. A combination that fits ends its branch (adding a change only adds cost); a combination that contains a
+     fitting one is not estimated.
+  4. Dominance: a combination that does not fit is expanded only if its peak is lower, by more than
+     ``DOMINANCE_TOLERANCE`` of the usable memory, than that of every cheaper combination estimated so far
+     (which do not fit either); otherwise a cheaper one is as good.
+  5. Diminishing returns: a change that lowered the peak by less than that tolerance when added to a combination
+     is not added to larger combinations whose peak is in the same phase (see ``_search``).
+  6. The search stops when it holds ``MAX_FITTING_SUGGESTIONS`` fitting combinations no dearer than anything left
+     in the queue, when the queue is empty, or at ``SEARCH_ESTIMATE_BUDGET`` engine estimates (a few ms each).
+Each fitting combination then gets the largest micro-batch that fits with it (``largest_fitting``).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from memcalc.errors import MemcalcError
 from memcalc.optimizers import OptimImpl, OptimizerName
+from memcalc.precision import PrecisionName
 from memcalc.report import Fit, FitSuggestion, Report
-from memcalc.spec import Checkpointing, TrainingSpec
+from memcalc.spec import MAX_TOKENS, Attention, Checkpointing, Offload, Sharding, TrainingSpec
 from memcalc.units import BYTES_PER_MIB
 
 # The CUDA context (driver, kernels, cuBLAS/cuDNN handles) is outside PyTorch's allocator. With lazy
@@ -23,6 +47,28 @@ DEFAULT_ALLOCATOR_RESERVE_FRACTION = 0.05
 
 # GPU counts tried when suggesting ZeRO-3 over more GPUs.
 SUGGESTED_GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The LoRA rank suggested when the run trains every weight (PEFT examples commonly use 8-64).
+SUGGESTED_LORA_RANK = 16
+
+# Engine estimates the change search may run, the single changes (at most about 16) included. One estimate takes
+# 1-2 ms for an 8B model and 5-20 ms for a 70B one, so a whole --gpu run of a 70B model stays well under a second.
+# The cases tried end on their own after 20-60 estimates; the budget bounds the rest.
+SEARCH_ESTIMATE_BUDGET = 64
+# A combination that does not fit is expanded only when its peak is below that of every cheaper one that does
+# not fit by more than this share of the usable memory (epsilon-dominance): a change that saves a few hundred
+# MiB of a 195 GiB peak (8-bit states of LoRA adapters) does not open a branch of its own.
+DOMINANCE_TOLERANCE = 0.01
+# Fitting combinations reported; the search stops when it has found this many.
+MAX_FITTING_SUGGESTIONS = 5
+# Estimates one ``largest_fitting`` may run. It usually needs 2-4 (the peak is close to linear in the micro-batch);
+# interpolation alternating with bisection needs at most about 2 log2(range) = 60 for a 10^9-token range.
+LARGEST_FITTING_ESTIMATE_BUDGET = 64
+# The same for the largest micro-batch shown beside each fitting suggestion (a range of about 2^19 at 2048 tokens).
+SUGGESTION_BATCH_ESTIMATE_BUDGET = 16
+# Everything check_fit may run for one verdict: the search, each fitting suggestion's largest micro-batch, the HF
+# Trainer recipe, and the --max-batch and --max-seq-len solvers.
+FIT_ESTIMATE_BUDGET = (SEARCH_ESTIMATE_BUDGET + MAX_FITTING_SUGGESTIONS * SUGGESTION_BATCH_ESTIMATE_BUDGET + 1
+                       + 2 * LARGEST_FITTING_ESTIMATE_BUDGET)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -42,31 +88,207 @@ class GpuTarget:
         return self.memory_bytes - self.cuda_context_bytes - self.reserve_bytes
 
 
-def _candidate_changes(spec: TrainingSpec, architecture_known: bool) -> list[tuple[str, dict]]:
-    """Changes in the order a user would try them: cheapest in effort and speed first."""
-    changes: list[tuple[str, dict]] = []
-    if spec.optimizer in (OptimizerName.adamw, OptimizerName.adam, OptimizerName.lion) and spec.optim_impl != OptimImpl.fused:
-        changes.append(("--optim-impl fused", {"optim_impl": OptimImpl.fused}))
+# ---------------------------------------------------------------------------------------------------------
+# The cost model: rough relative costs, not measurements.
+# One point is about one percent more step time or GPU-hours of the run as given; quality entries are ordinal
+# penalties put on the same scale by judgement (how much a careful user would pay in compute to avoid them).
+# A combination costs the sum of its levers' points, which is how suggestions are ranked.
+
+
+@dataclass(frozen=True)
+class LeverCost:
+    points: float
+    kind: str  # compute | hardware | quality
+    reason: str
+
+
+COST_MODEL = ("cost: rough relative points, not measurements; 1 point ~ 1% more step time or GPU-hours, "
+              "quality penalties are judgements on the same scale")
+
+LEVER_FUSED = "fused optimizer"
+LEVER_SDPA = "sdpa attention"
+LEVER_ZERO = {1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
+LEVER_BATCH_1 = "micro-batch 1"
+LEVER_AUTOCAST = "autocast"
+LEVER_PURE = "pure 16-bit"
+LEVER_8BIT = "8-bit optimizer"
+LEVER_ADAFACTOR = "Adafactor"
+LEVER_CHECKPOINTING = "full checkpointing"
+LEVER_LORA = "LoRA"
+LEVER_4BIT = "4-bit base"
+LEVER_OFFLOAD_OPTIMIZER = "optimizer offload"
+LEVER_OFFLOAD_PARAMS = "parameter offload"
+LEVER_MORE_GPUS = "more GPUs"
+
+COSTS: dict[str, LeverCost] = {
+    LEVER_FUSED: LeverCost(0, "compute", "the same update in one fused kernel, usually the fastest of torch.optim's "
+                           "implementations; needs floating-point parameters on the GPU"),
+    LEVER_SDPA: LeverCost(0, "compute", "the same attention in a fused kernel that keeps no s^2 scores; usually faster "
+                          "than eager"),
+    LEVER_ZERO[1]: LeverCost(2, "compute", "optimizer states partitioned: the same communication volume as data "
+                             "parallelism (Rajbhandari et al. 2020, sec. 7)"),
+    LEVER_ZERO[2]: LeverCost(3, "compute", "gradients partitioned too: reduce-scatter instead of all-reduce, the same "
+                             "volume (Rajbhandari et al. 2020, sec. 7)"),
+    LEVER_ZERO[3]: LeverCost(15, "compute", "parameters gathered for every forward and backward: 1.5x the "
+                             "communication of data parallelism (Rajbhandari et al. 2020, sec. 7.2.2), partly hidden "
+                             "by prefetch"),
+    LEVER_BATCH_1: LeverCost(10, "compute", "the same tokens per optimizer step through --grad-accum, in smaller "
+                             "matmuls that use the GPU less well"),
+    LEVER_AUTOCAST: LeverCost(2, "compute", "fp32 to torch.autocast: the usual mixed precision, faster; small "
+                              "numerical change"),
+    LEVER_PURE: LeverCost(20, "quality", "no fp32 master copy: updates smaller than bf16's rounding step are lost "
+                          "(Zamirai et al. 2020; Kahan summation or stochastic rounding mitigate it)"),
+    LEVER_8BIT: LeverCost(10, "quality", "block-wise 8-bit optimizer states: a small quality risk (Dettmers et al. "
+                          "2022 report 32-bit quality on their benchmarks)"),
+    LEVER_ADAFACTOR: LeverCost(25, "quality", "a different optimizer (factored second moment, Shazeer and Stern "
+                               "2018): different dynamics, may need new hyperparameters"),
+    LEVER_CHECKPOINTING: LeverCost(33, "compute", "one more forward per step: 4/3 of the step's FLOPs when the "
+                                   "backward is twice the forward (Chen et al. 2016; Korthikanti et al. 2022 measure "
+                                   "29% faster steps without it on a 530B model)"),
+    LEVER_LORA: LeverCost(40, "quality", "trains a low-rank update of some layers, not every weight: a different "
+                          "result from full fine-tuning (Hu et al. 2021; Biderman et al. 2024)"),
+    LEVER_4BIT: LeverCost(10, "quality", "QLoRA's frozen base in 4-bit NF4: quantization error in the base and "
+                          "dequantization in every matmul (Dettmers et al. 2023)"),
+    LEVER_OFFLOAD_OPTIMIZER: LeverCost(40, "compute", "the optimizer step on the CPU, gradients and parameters over "
+                                       "PCIe every step (Ren et al. 2021, ZeRO-Offload): slower unless batches "
+                                       "are large"),
+    LEVER_OFFLOAD_PARAMS: LeverCost(40, "compute", "ZeRO-3 parameter shards fetched from CPU RAM over PCIe for every "
+                                    "forward and backward"),
+    LEVER_MORE_GPUS: LeverCost(100, "hardware", "proportional to the GPU count: 100 points for each further copy of "
+                               "the GPUs the run has"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The changes searched.
+
+
+@dataclass(frozen=True)
+class _Option:
+    changes: tuple[tuple[str, Any], ...]  # TrainingSpec fields; zero_stage combines as the highest asked
+    costs: tuple[tuple[str, float], ...]  # (lever, points)
+
+
+@dataclass(frozen=True)
+class _Dimension:
+    name: str
+    options: tuple[_Option, ...]
+    ordered: bool = False  # options are levels (more GPUs): a combination steps to the next one
+
+
+def _option(changes: dict[str, Any], *costs: tuple[str, float]) -> _Option:
+    return _Option(tuple(changes.items()), tuple(costs))
+
+
+def _lever(name: str) -> tuple[str, float]:
+    return name, COSTS[name].points
+
+
+def _zero_points(stage: int) -> float:
+    return COSTS[LEVER_ZERO[stage]].points if stage else 0.0
+
+
+def _dimensions(spec: TrainingSpec, architecture_known: bool) -> list[_Dimension]:
+    """The levers that apply to ``spec``, each with its options (alternatives, or levels for the GPU count)."""
+    dims: list[_Dimension] = []
+
+    def add(name: str, options: list[_Option], ordered: bool = False) -> None:
+        if options:
+            dims.append(_Dimension(name, tuple(options), ordered))
+
+    pure = {PrecisionName.bf16: PrecisionName.bf16_pure, PrecisionName.fp16: PrecisionName.fp16_pure,
+            PrecisionName.amp_bf16: PrecisionName.bf16_pure, PrecisionName.amp_fp16: PrecisionName.fp16_pure}
+    if spec.precision in pure:
+        add("precision", [_option({"precision": pure[spec.precision]}, _lever(LEVER_PURE))])
+    elif spec.precision == PrecisionName.fp32:
+        add("precision", [_option({"precision": PrecisionName.amp_bf16}, _lever(LEVER_AUTOCAST)),
+                          _option({"precision": PrecisionName.bf16_pure}, _lever(LEVER_AUTOCAST), _lever(LEVER_PURE))])
+    # One dimension: the fused implementation changes nothing for 8-bit AdamW or Adafactor.
+    adam_like = (OptimizerName.adamw, OptimizerName.adam, OptimizerName.lion)
+    leave = {"amsgrad": False} if spec.amsgrad else {}
+    optimizers: list[_Option] = []
+    if spec.optimizer in adam_like and spec.optim_impl != OptimImpl.fused:
+        optimizers.append(_option({"optim_impl": OptimImpl.fused}, _lever(LEVER_FUSED)))
+    if spec.optimizer in adam_like:
+        optimizers.append(_option({"optimizer": OptimizerName.adamw_8bit, **leave}, _lever(LEVER_8BIT)))
+    if spec.optimizer in (*adam_like, OptimizerName.adamw_8bit):
+        optimizers.append(_option({"optimizer": OptimizerName.adafactor, **leave}, _lever(LEVER_ADAFACTOR)))
+    add("optimizer", optimizers)
+    if architecture_known and spec.lora_rank is None:
+        add("lora", [_option({"lora_rank": SUGGESTED_LORA_RANK}, _lever(LEVER_LORA)),
+                     _option({"lora_rank": SUGGESTED_LORA_RANK, "qlora": True},
+                             _lever(LEVER_LORA), _lever(LEVER_4BIT))])
+    elif architecture_known and not spec.qlora:
+        add("lora", [_option({"qlora": True}, _lever(LEVER_4BIT))])
     if architecture_known and spec.checkpointing == Checkpointing.none:
-        changes.append(("--checkpointing full", {"checkpointing": Checkpointing.full}))
+        add("checkpointing", [_option({"checkpointing": Checkpointing.full}, _lever(LEVER_CHECKPOINTING))])
+    if spec.attention == Attention.eager:
+        add("attention", [_option({"attention": Attention.sdpa}, _lever(LEVER_SDPA))])
     if spec.micro_batch_size > 1:
-        changes.append(("--batch-size 1", {"micro_batch_size": 1}))
+        add("micro_batch", [_option({"micro_batch_size": 1, "grad_accum": spec.grad_accum * spec.micro_batch_size},
+                                    _lever(LEVER_BATCH_1))])
     if spec.num_gpus > 1:
-        for stage in range(spec.zero_stage + 1, 4):
-            changes.append((f"--zero {stage}", {"zero_stage": stage}))
-    if spec.precision.value in ("bf16", "fp16"):  # drop the fp32 master copy
-        changes.append((f"--precision {spec.precision.value}-pure", {"precision": f"{spec.precision.value}-pure"}))
-    if spec.optimizer != OptimizerName.adamw_8bit:
-        changes.append(("--optim adamw-8bit", {"optimizer": OptimizerName.adamw_8bit}))
-    if spec.optimizer != OptimizerName.adafactor:
-        changes.append(("--optim adafactor", {"optimizer": OptimizerName.adafactor}))
-    if architecture_known and not spec.lora_rank:
-        changes.append(("--lora-rank 16", {"lora_rank": 16}))
-        changes.append(("--lora-rank 16 --qlora", {"lora_rank": 16, "qlora": True}))
-    for num_gpus in SUGGESTED_GPU_COUNTS:
-        if num_gpus > spec.num_gpus:
-            changes.append((f"--zero 3 --gpus {num_gpus}", {"zero_stage": 3, "num_gpus": num_gpus}))
+        add("zero", [_option({"zero_stage": stage},
+                             (LEVER_ZERO[stage], _zero_points(stage) - _zero_points(spec.zero_stage)))
+                     for stage in range(spec.zero_stage + 1, 4)])
+    if spec.sharding == Sharding.deepspeed and spec.offload == Offload.none:
+        # DeepSpeed ZeRO-Offload runs on ZeRO-2 (optimizer) or ZeRO-3 (parameters too)
+        add("offload", [
+            _option({"offload": Offload.optimizer, "zero_stage": max(spec.zero_stage, 2)},
+                    _lever(LEVER_OFFLOAD_OPTIMIZER)),
+            _option({"offload": Offload.both, "zero_stage": 3},
+                    _lever(LEVER_OFFLOAD_OPTIMIZER), _lever(LEVER_OFFLOAD_PARAMS)),
+        ])
+    counts = [n for n in SUGGESTED_GPU_COUNTS if n > spec.num_gpus and n % spec.num_nodes == 0]
+    if counts:
+        extra = {"sharding": Sharding.fsdp} if spec.sharding == Sharding.torch else {}
+        zero_3 = (LEVER_ZERO[3], _zero_points(3) - _zero_points(spec.zero_stage))
+        add("gpus", [_option({"num_gpus": n, "zero_stage": 3, **extra},
+                             (LEVER_MORE_GPUS, COSTS[LEVER_MORE_GPUS].points * (n - spec.num_gpus) / spec.num_gpus),
+                             *([zero_3] if zero_3[1] else []))
+                     for n in counts], ordered=True)
+    return dims
+
+
+_State = tuple[tuple[int, int], ...]  # (dimension index, option index), sorted by dimension
+
+
+def _merge(dims: list[_Dimension], state: _State) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for dim, opt in state:
+        for key, value in dims[dim].options[opt].changes:
+            changes[key] = max(changes.get(key, value), value) if key == "zero_stage" else value
     return changes
+
+
+def _costs(dims: list[_Dimension], state: _State) -> dict[str, float]:
+    parts: dict[str, float] = {}
+    for dim, opt in state:
+        for lever, points in dims[dim].options[opt].costs:
+            parts[lever] = max(parts.get(lever, points), points) if lever in LEVER_ZERO.values() else points
+    return parts
+
+
+# Flags in the order they are printed.
+_FLAGS = (("precision", "--precision"), ("optimizer", "--optim"), ("amsgrad", "--amsgrad"),
+          ("optim_impl", "--optim-impl"), ("lora_rank", "--lora-rank"), ("qlora", "--qlora"),
+          ("checkpointing", "--checkpointing"), ("attention", "--attn"), ("micro_batch_size", "--batch-size"),
+          ("grad_accum", "--grad-accum"), ("sharding", "--sharding"), ("zero_stage", "--zero"),
+          ("num_gpus", "--gpus"), ("offload", "--offload"))
+
+
+def _command_line(spec: TrainingSpec, changes: dict[str, Any]) -> str:
+    """The changes as the command-line flags that make them, e.g. '--lora-rank 16 --qlora --checkpointing full'."""
+    words = []
+    for field_name, flag in _FLAGS:
+        if field_name not in changes or changes[field_name] == getattr(spec, field_name):
+            continue
+        value = changes[field_name]
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            words.append(f"{flag} {getattr(value, 'value', value)}")
+    return " ".join(words)
 
 
 def _plain(changes: dict) -> dict:
@@ -74,92 +296,336 @@ def _plain(changes: dict) -> dict:
     return {key: getattr(value, "value", value) for key, value in changes.items()}
 
 
-def _greedy_combination(
-    spec: TrainingSpec, architecture_known: bool, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
-) -> FitSuggestion | None:
-    """Stack single-GPU changes in the order above, keeping each one that lowers the peak, until it fits."""
-    current, peak, labels, changes = spec, rerun(spec).per_gpu.peak_bytes, [], {}
-    for label, update in _candidate_changes(spec, architecture_known):
-        if "num_gpus" in update or "lora_rank" in update or "zero_stage" in update:
+class _Estimates:
+    """The peak (and its phase) of a changed spec, each spec estimated once; counts the engine runs."""
+
+    def __init__(self, rerun: Callable[[TrainingSpec], Report]) -> None:
+        self.rerun = rerun
+        self.count = 0
+        self._results: dict[TrainingSpec, tuple[int, str] | str] = {}
+
+    def known(self, spec: TrainingSpec) -> bool:
+        return spec in self._results
+
+    def remember(self, spec: TrainingSpec, report: Report) -> None:
+        phase = report.per_gpu.peak_phase
+        self._results[spec] = (report.per_gpu.peak_bytes, getattr(phase, "value", str(phase)))
+
+    def result(self, spec: TrainingSpec) -> tuple[int, str] | str:
+        """(per-GPU peak, its phase), or the error message when the engine rejects the spec."""
+        if spec not in self._results:
+            self.count += 1
+            try:
+                self.remember(spec, self.rerun(spec))
+            except MemcalcError as error:
+                self._results[spec] = str(error)
+        return self._results[spec]
+
+    def peak(self, spec: TrainingSpec) -> int | str:
+        result = self.result(spec)
+        return result if isinstance(result, str) else result[0]
+
+    def spec_peak(self, spec: TrainingSpec, changes: dict[str, Any]) -> tuple[TrainingSpec | None, int | str]:
+        try:
+            changed = spec.replace(**changes)
+        except MemcalcError as error:
+            return None, str(error)
+        return changed, self.peak(changed)
+
+
+@dataclass
+class _Found:
+    state: _State
+    spec: TrainingSpec
+    peak_bytes: int
+    fits: bool
+
+
+def _suggestion(spec: TrainingSpec, dims: list[_Dimension], found: _Found) -> FitSuggestion:
+    changes = _merge(dims, found.state)
+    parts = _costs(dims, found.state)
+    return FitSuggestion(
+        change=_command_line(spec, changes), peak_bytes=found.peak_bytes, fits=found.fits,
+        spec_changes=_plain(changes), cost=float(round(sum(parts.values()), 1)),
+        cost_parts={lever: float(round(points, 1)) for lever, points in parts.items()},
+    )
+
+
+def _single_changes(spec: TrainingSpec, dims: list[_Dimension], gpu: GpuTarget, estimates: _Estimates) -> list[_Found]:
+    """What each change gives alone; for the GPU count, the fewest GPUs that fit (none listed if none fits)."""
+    singles: list[_Found] = []
+    for d, dim in enumerate(dims):
+        if dim.ordered:  # the peak falls as the count grows: bisect for the first level that fits
+            # invariant: level ``low`` does not fit (-1: before the first), level ``high`` fits (past the last)
+            low, high = -1, len(dim.options)
+            while high - low > 1:
+                middle = (low + high) // 2
+                _, peak = estimates.spec_peak(spec, _merge(dims, ((d, middle),)))
+                if isinstance(peak, int) and peak <= gpu.usable_bytes:
+                    high = middle
+                else:
+                    low = middle
+            if high < len(dim.options):
+                changed, peak = estimates.spec_peak(spec, _merge(dims, ((d, high),)))
+                assert changed is not None and isinstance(peak, int)
+                singles.append(_Found(((d, high),), changed, peak, True))
             continue
-        if "optimizer" in update and any(lbl.startswith("--optim ") for lbl in labels):
-            continue  # one optimizer at a time
-        changed = current.replace(**update)
-        changed_peak = rerun(changed).per_gpu.peak_bytes
-        if changed_peak < peak:
-            current, peak, labels, changes = changed, changed_peak, [*labels, label], {**changes, **update}
-            if peak <= gpu.usable_bytes:
-                return FitSuggestion(change=" ".join(labels), peak_bytes=peak, fits=True, spec_changes=_plain(changes))
-    return None
+        for o in range(len(dim.options)):
+            changed, peak = estimates.spec_peak(spec, _merge(dims, ((d, o),)))
+            if changed is not None and isinstance(peak, int):
+                singles.append(_Found(((d, o),), changed, peak, peak <= gpu.usable_bytes))
+    return singles
 
 
-# Searches stop here: far past any micro-batch or sequence a GPU holds today.
-MAX_SEARCH = 1 << 24
+def _search(spec: TrainingSpec, dims: list[_Dimension], gpu: GpuTarget, estimates: _Estimates,
+            budget: int, singles: list[_Found]) -> tuple[list[_Found], bool]:
+    """Best-first search over combinations (see the module docstring). Returns the fitting combinations, single
+    changes included, and whether the estimate budget stopped the search.
 
-
-def largest_fitting(
-    spec: TrainingSpec, field_name: str, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report]
-) -> tuple[int, int]:
-    """The largest value of ``field_name`` (micro_batch_size or seq_len) whose peak fits, and that peak.
-
-    The peak grows with both, so a doubling search then a bisection needs about 2 log2(answer) estimates.
-    Returns (0, peak at 1) when even 1 does not fit.
+    Besides dominance, one more saving, on the assumption of diminishing returns: a change that lowered the peak
+    by less than the dominance tolerance when added to a combination is not added to any larger combination
+    whose peak falls in the same phase (8-bit states once LoRA leaves little to optimize; checkpointing while
+    the optimizer step is the peak). Where the peak has moved to another phase, it is tried again.
     """
-    def peak(value: int) -> int:
-        return rerun(spec.replace(**{field_name: value})).per_gpu.peak_bytes
+    counter = 0
+    # (cost, number of changes, order pushed, combination)
+    queue: list[tuple[float, int, int, _State]] = []
+    queued: set[_State] = set()
+    fitting: list[_Found] = [f for f in singles if f.fits]
+    results: dict[_State, tuple[int, str]] = {}  # every combination estimated: (peak, its phase)
+    inert: dict[tuple[int, int], list[_State]] = {}  # option -> combinations it hardly lowered when added to
+    tolerance = round(gpu.usable_bytes * DOMINANCE_TOLERANCE)
 
-    first = peak(1)
-    if first > gpu.usable_bytes:
-        return 0, first
-    low, low_peak, high = 1, first, 2
-    while high <= MAX_SEARCH and (high_peak := peak(high)) <= gpu.usable_bytes:
-        low, low_peak, high = high, high_peak, high * 2
-    high = min(high, MAX_SEARCH + 1)
-    while high - low > 1:  # invariant: low fits, high does not
-        middle = (low + high) // 2
-        middle_peak = peak(middle)
-        if middle_peak <= gpu.usable_bytes:
-            low, low_peak = middle, middle_peak
+    def without(state: _State, option: tuple[int, int]) -> _State:
+        """``state`` less ``option`` (a level of an ordered dimension: the level below)."""
+        d, o = option
+        rest = dict(state)
+        if dims[d].ordered and o > 0:
+            rest[d] = o - 1
         else:
-            high = middle
-    return low, low_peak
+            del rest[d]
+        return tuple(sorted(rest.items()))
+
+    def blocked(state: _State, option: tuple[int, int]) -> bool:
+        """Whether ``option`` hardly helped a combination inside ``state`` whose peak was in ``state``'s phase."""
+        phase = results[state][1]
+        return any(set(smaller) <= set(state) and results[smaller][1] == phase for smaller in inert.get(option, ()))
+
+    def contains_fitting(state: _State) -> bool:
+        return any(set(f.state) <= set(state) for f in fitting)
+
+    def expand(state: _State) -> None:
+        nonlocal counter
+        chosen = dict(state)
+        for d, dim in enumerate(dims):
+            if d not in chosen:
+                options = range(1) if dim.ordered else range(len(dim.options))
+            elif dim.ordered and chosen[d] + 1 < len(dim.options):
+                options = range(chosen[d] + 1, chosen[d] + 2)
+            else:
+                continue
+            for o in options:
+                following = tuple(sorted({**chosen, d: o}.items()))
+                if following in queued or blocked(state, (d, o)) or contains_fitting(following):
+                    continue
+                queued.add(following)
+                counter += 1
+                heapq.heappush(queue, (sum(_costs(dims, following).values()), len(following), counter, following))
+
+    base = estimates.result(spec)
+    assert not isinstance(base, str)
+    results[()] = base
+    lowest_unfit = base[0]
+    seen_specs: set[TrainingSpec] = {spec}
+    expand(())
+    while queue:
+        cost, _, _, state = heapq.heappop(queue)
+        if sum(1 for f in fitting if sum(_costs(dims, f.state).values()) <= cost) >= MAX_FITTING_SUGGESTIONS:
+            break  # as many fitting combinations as are reported, none dearer than what is left
+        if contains_fitting(state):
+            continue  # contains a cheaper fitting combination
+        smaller = [(without(state, option), option) for option in state]
+        smaller = [(rest, option) for rest, option in smaller if rest in results]
+        if any(blocked(rest, option) for rest, option in smaller):
+            continue  # adds a change found (nearly) inert in a smaller combination meanwhile
+        try:
+            changed = spec.replace(**_merge(dims, state))
+        except MemcalcError:
+            continue  # a combination TrainingSpec rejects (e.g. a ZeRO stage this sharding has not)
+        if changed in seen_specs:
+            continue  # the same run, reached more cheaply
+        if estimates.count >= budget and not estimates.known(changed):
+            return fitting, True
+        seen_specs.add(changed)
+        result = estimates.result(changed)
+        if isinstance(result, str):
+            continue  # the engine rejects it
+        results[state] = result
+        peak = result[0]
+        for rest, option in smaller:
+            if peak > results[rest][0] - tolerance:
+                inert.setdefault(option, []).append(rest)
+        if peak <= gpu.usable_bytes:
+            fitting.append(_Found(state, changed, peak, True))
+            continue
+        if peak > lowest_unfit - tolerance:
+            continue  # dominated: a cheaper combination that does not fit either peaks no higher (or hardly)
+        lowest_unfit = peak
+        expand(state)
+    return fitting, False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The largest micro-batch or sequence that fits.
+
+# Why ``largest_fitting`` stopped (``Largest.limit``; Fit.max_*_limit in the JSON).
+LIMIT_MEMORY = "memory"  # the next value does not fit
+LIMIT_TOKEN_BOUND = "token_bound"  # the next value is beyond TrainingSpec's bound on micro-batch x seq-len
+LIMIT_REJECTED = "rejected"  # the next value is refused by the spec or the engine for another reason
+LIMIT_NOT_MEMORY = "not_memory"  # the peak does not grow with the value in this estimate: no answer
+LIMIT_NONE_FITS = "none_fits"  # not even 1 fits: no answer
+LIMIT_BUDGET = "estimate_budget"  # the solver stopped at its estimate budget: the value fits, a larger one may
+
+
+@dataclass(frozen=True)
+class Largest:
+    value: int | None  # None when memory does not limit it (LIMIT_NOT_MEMORY) or nothing fits (LIMIT_NONE_FITS)
+    peak_bytes: int | None  # at ``value``; at 1 for LIMIT_NONE_FITS and LIMIT_NOT_MEMORY; None if 1 is rejected
+    limit: str
+    reason: str  # the limit in a sentence, without units (render adds the bytes)
+
+
+def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
+                    rerun: Callable[[TrainingSpec], Report] | _Estimates,
+                    budget: int = LARGEST_FITTING_ESTIMATE_BUDGET) -> Largest:
+    """The largest value of ``field_name`` (micro_batch_size or seq_len) whose peak fits, its peak, and what
+    stops it: memory, TrainingSpec's token bound (MAX_TOKENS = micro-batch x seq-len), or nothing at all.
+
+    The peak is a maximum of moments, each close to linear in the micro-batch (and convex in the sequence, with
+    eager attention's s^2): interpolating where it crosses the usable memory, with a bisection step whenever
+    interpolation moves the same end twice, needs 2-4 estimates for a linear peak and about 2 log2(range)
+    at worst (``budget`` bounds them). It stops at what the GPU holds, or at the spec's bound, never at an
+    internal cap.
+    """
+    estimates = rerun if isinstance(rerun, _Estimates) else _Estimates(rerun)
+    label = {"micro_batch_size": "micro-batch", "seq_len": "sequence length"}[field_name]
+    other = spec.seq_len if field_name == "micro_batch_size" else spec.micro_batch_size
+    bound = MAX_TOKENS // other  # TrainingSpec refuses micro-batch x seq-len above MAX_TOKENS
+    usable = gpu.usable_bytes
+    start = estimates.count
+
+    def probe(value: int) -> int | str:
+        return estimates.spec_peak(spec, {field_name: value})[1]
+
+    def fits(result: int | str) -> bool:
+        return isinstance(result, int) and result <= usable
+
+    first = probe(1)
+    if not isinstance(first, int):
+        return Largest(None, None, LIMIT_REJECTED, f"{label} 1 is rejected: {first}")
+    if first > usable:
+        return Largest(None, first, LIMIT_NONE_FITS, f"not even {label} 1 fits")
+    top = probe(bound) if bound > 1 else first
+    if fits(top):
+        assert isinstance(top, int)
+        if top == first and bound > 1:
+            return Largest(None, first, LIMIT_NOT_MEMORY,
+                           f"not limited by memory in this estimate: the peak is the same at {label} 1 and "
+                           f"{bound:,} (nothing in it grows with the {label})")
+        return Largest(bound, top, LIMIT_TOKEN_BOUND,
+                       f"{label} {bound:,} is the most TrainingSpec accepts here (micro-batch x seq-len <= "
+                       f"{MAX_TOKENS:,} tokens, memcalc/spec.py MAX_TOKENS); the GPU would hold more")
+    low, low_peak, high, high_result = 1, first, bound, top
+    moved: list[str] = []
+    while high - low > 1 and estimates.count - start < budget:
+        if isinstance(high_result, int) and moved[-2:] != ["low", "low"] and moved[-2:] != ["high", "high"]:
+            crossing = low + (usable - low_peak) * (high - low) / (high_result - low_peak)
+            guess = min(max(math.floor(crossing), low + 1), high - 1)
+        elif high > 4 * low:
+            guess = min(max(math.isqrt(low * high), low + 1), high - 1)  # geometric middle of a wide range
+        else:
+            guess = (low + high) // 2
+        result = probe(guess)
+        if fits(result):
+            assert isinstance(result, int)
+            low, low_peak = guess, result
+            moved.append("low")
+        else:
+            high, high_result = guess, result
+            moved.append("high")
+    if high - low > 1:  # the budget ran out (a pathological peak): report what is known to fit
+        return Largest(low, low_peak, LIMIT_BUDGET,
+                       f"{label} {low:,} fits and {high:,} does not; the solver stopped between them after {budget} "
+                       "estimates")
+    if isinstance(high_result, int):
+        return Largest(low, low_peak, LIMIT_MEMORY, f"{label} {high:,} does not fit")
+    return Largest(low, low_peak, LIMIT_REJECTED, f"{label} {high:,} is rejected: {high_result}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The verdict.
+
+# What HF Trainer runs for memcalc's mixed-precision recipes: TrainingArguments(bf16=True) keeps fp32 weights
+# and autocasts (memcalc's amp-bf16); memcalc's bf16 keeps an fp32 master copy (Megatron/DeepSpeed).
+HF_TRAINER_RECIPES = {PrecisionName.bf16: PrecisionName.amp_bf16, PrecisionName.fp16: PrecisionName.amp_fp16}
 
 
 def check_fit(
     report: Report, spec: TrainingSpec, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report],
-    solve_batch: bool = False, solve_seq_len: bool = False,
+    solve_batch: bool = False, solve_seq_len: bool = False, precision_chosen: bool = True,
 ) -> Fit:
-    """The verdict for ``report``; ``rerun`` re-estimates a changed spec for the suggestions."""
+    """The verdict for ``report``; ``rerun`` re-estimates a changed spec for the suggestions and solvers.
+
+    ``precision_chosen``: whether the user chose the recipe (typed --precision, or a DeepSpeed/trainer config
+    set it). When False and the recipe is memcalc's default mixed precision (bf16 or fp16, with an fp32 master
+    copy), the verdict also gives the peak of what HF Trainer's bf16=True / fp16=True runs (amp-bf16 /
+    amp-fp16: fp32 weights and autocast), since that is what many users mean.
+    """
+    estimates = _Estimates(rerun)
+    estimates.remember(spec, report)
     peak = report.per_gpu.peak_bytes
     fits = peak <= gpu.usable_bytes
     suggestions: list[FitSuggestion] = []
+    budget_reached = False
+    cost_reasons: dict[str, str] = {}
     if not fits:
-        tried_more_gpus = False
-        for label, update in _candidate_changes(spec, report.model.architecture_known):
-            if "num_gpus" in update and tried_more_gpus:
-                continue
-            changed = spec.replace(**update)
-            changed_peak = rerun(changed).per_gpu.peak_bytes
-            ok = changed_peak <= gpu.usable_bytes
-            if "num_gpus" in update:
-                if not ok:
-                    continue
-                tried_more_gpus = True  # report only the smallest GPU count that fits
-            suggestions.append(FitSuggestion(change=label, peak_bytes=changed_peak, fits=ok, spec_changes=_plain(update)))
-        if not any(s.fits for s in suggestions if "--lora" not in s.change and "--gpus" not in s.change):
-            combined = _greedy_combination(spec, report.model.architecture_known, gpu, rerun)
-            if combined is not None:
-                suggestions.append(combined)
-        suggestions.sort(key=lambda s: not s.fits)  # fitting changes first, otherwise in the order above
-    solved: dict[str, int | None] = {}
+        dims = _dimensions(spec, report.model.architecture_known)
+        singles = _single_changes(spec, dims, gpu, estimates)
+        fitting, budget_reached = _search(spec, dims, gpu, estimates, SEARCH_ESTIMATE_BUDGET, singles)
+        ranked = sorted(fitting, key=lambda f: (sum(_costs(dims, f.state).values()), len(f.state), f.peak_bytes))
+        for found in ranked[:MAX_FITTING_SUGGESTIONS]:
+            suggestion = _suggestion(spec, dims, found)
+            best = largest_fitting(found.spec, "micro_batch_size", gpu, estimates, SUGGESTION_BATCH_ESTIMATE_BUDGET)
+            suggestion.max_micro_batch_size, suggestion.max_micro_batch_peak_bytes = best.value, best.peak_bytes
+            suggestion.max_micro_batch_limit = best.limit
+            suggestions.append(suggestion)
+        alone = sorted((f for f in singles if not f.fits),
+                       key=lambda f: (sum(_costs(dims, f.state).values()), f.peak_bytes))
+        suggestions.extend(_suggestion(spec, dims, f) for f in alone)
+        for suggestion in suggestions:
+            for lever in suggestion.cost_parts:
+                cost_reasons[lever] = f"{COSTS[lever].kind}: {COSTS[lever].reason}"
+    trainer: dict[str, Any] = {}
+    trainer_recipe = HF_TRAINER_RECIPES.get(spec.precision)
+    if not precision_chosen and trainer_recipe is not None:
+        _, trainer_peak = estimates.spec_peak(spec, {"precision": trainer_recipe})
+        if isinstance(trainer_peak, int):
+            trainer = {"hf_trainer_recipe": trainer_recipe.value, "hf_trainer_peak_bytes": trainer_peak,
+                       "hf_trainer_fits": trainer_peak <= gpu.usable_bytes}
+    solved: dict[str, Any] = {}
     if solve_batch:
-        solved["max_micro_batch_size"], solved["max_micro_batch_peak_bytes"] = largest_fitting(spec, "micro_batch_size", gpu, rerun)
+        best = largest_fitting(spec, "micro_batch_size", gpu, estimates)
+        solved.update(max_micro_batch_size=best.value, max_micro_batch_peak_bytes=best.peak_bytes,
+                      max_micro_batch_limit=best.limit, max_micro_batch_reason=best.reason)
     if solve_seq_len:
-        solved["max_seq_len"], solved["max_seq_len_peak_bytes"] = largest_fitting(spec, "seq_len", gpu, rerun)
+        best = largest_fitting(spec, "seq_len", gpu, estimates)
+        solved.update(max_seq_len=best.value, max_seq_len_peak_bytes=best.peak_bytes, max_seq_len_limit=best.limit,
+                      max_seq_len_reason=best.reason)
     return Fit(
-        **solved,
+        **solved, **trainer,
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
         cuda_context_bytes=gpu.cuda_context_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
         usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
-        suggestions=suggestions,
+        suggestions=suggestions, cost_model=COST_MODEL if suggestions else None, cost_reasons=cost_reasons,
+        num_estimates=estimates.count, search_budget_reached=budget_reached,
     )

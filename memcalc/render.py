@@ -101,28 +101,106 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
 
 
 def render_fit(report: Report, console: Console, unit: str) -> None:
+    """The verdict first (its first line says FITS or DOES NOT FIT), then the solvers, then the changes that
+    would make it fit, cheapest first, with their cost and the largest micro-batch after each. Prose is wrapped
+    at the console's width between words; a flag or a name is never cut."""
+    import re
+    import textwrap
+
+    from rich.text import Text
+
     fit = report.fit
     assert fit is not None
-    verdict = "[bold green]FITS[/bold green]" if fit.fits else "[bold red]DOES NOT FIT[/bold red]"
-    console.print(
-        f"\n{verdict} on {fit.gpu}: peak {format_bytes(fit.peak_bytes, unit)} of {format_bytes(fit.usable_bytes, unit)} usable "
-        f"({format_bytes(fit.gpu_memory_bytes, unit)} total - CUDA context {format_bytes(fit.cuda_context_bytes, unit)} "
-        f"- allocator reserve {format_bytes(fit.allocator_reserve_bytes, unit)}); "
-        f"headroom {format_bytes(fit.headroom_bytes, unit)}", highlight=False,
-    )
-    for label, value, peak in (("micro-batch", fit.max_micro_batch_size, fit.max_micro_batch_peak_bytes),
-                               ("sequence length", fit.max_seq_len, fit.max_seq_len_peak_bytes)):
-        if value is None:
-            continue
-        if value == 0:
-            console.print(f"largest {label} that fits: none (1 already peaks at {format_bytes(peak, unit)})", highlight=False)
+    width = max(console.width, 40)
+
+    def wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
+        # A number stays with its unit, and "CUDA context" stays one phrase: their spaces are held as NUL while
+        # wrapping.
+        held = re.sub(r"(\d) (GiB|GB|MiB|MB)\b", "\\1\0\\2", text).replace("CUDA context", "CUDA\0context")
+        lines = textwrap.wrap(held, width=width, initial_indent=indent if first is None else first,
+                              subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+        return [line.replace("\0", " ") for line in lines]
+
+    def say(text: str, indent: str = "", first: str | None = None) -> None:
+        for line in wrap(text, indent, first):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def size(num_bytes: int) -> str:
+        return format_bytes(num_bytes, unit)
+
+    verdict = "FITS" if fit.fits else "DOES NOT FIT"
+    margin = (f"{size(fit.headroom_bytes)} headroom" if fit.fits else f"{size(-fit.headroom_bytes)} over")
+    console.print()
+    headline = wrap(f"{verdict} on {fit.gpu}: peak {size(fit.peak_bytes)}, usable {size(fit.usable_bytes)}, {margin}",
+                    indent="  ", first="")
+    for number, line in enumerate(headline):
+        text = Text(line)
+        if number == 0:
+            text.stylize("bold green" if fit.fits else "bold red", 0, len(verdict))
+        console.print(text, highlight=False, soft_wrap=True)
+    say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} - allocator "
+        f"reserve {size(fit.allocator_reserve_bytes)} (assumed; --cuda-context, --reserve-fraction)", indent="  ")
+    if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
+        master = "bf16" if fit.hf_trainer_recipe.endswith("bf16") else "fp16"
+        say(f"HF Trainer's {master}=True runs {fit.hf_trainer_recipe} (fp32 weights, autocast): peak "
+            f"{size(fit.hf_trainer_peak_bytes)}, {'fits' if fit.hf_trainer_fits else 'does not fit'}. The {master} "
+            f"above keeps an fp32 master copy (Megatron/DeepSpeed); say which with --precision.", indent="  ")
+    for label, value, peak, limit, reason in (
+        ("micro-batch", fit.max_micro_batch_size, fit.max_micro_batch_peak_bytes, fit.max_micro_batch_limit,
+         fit.max_micro_batch_reason),
+        ("sequence length", fit.max_seq_len, fit.max_seq_len_peak_bytes, fit.max_seq_len_limit, fit.max_seq_len_reason),
+    ):
+        if limit is None:
+            continue  # not asked
+        if limit == "none_fits" and peak is not None:
+            say(f"largest {label} that fits: none; {label} 1 already peaks at {size(peak)}")
+        elif limit == "not_memory" and peak is not None:
+            say(f"largest {label}: {reason}; the peak stays {size(peak)}")
+        elif value is None or peak is None:
+            say(f"largest {label}: none; {reason}")
         else:
-            console.print(f"largest {label} that fits: [bold]{value:,}[/bold] (peak {format_bytes(peak, unit)})", highlight=False)
-    if fit.suggestions:
-        console.print("what would change it (per-GPU peak after the change):", highlight=False)
-        for s in fit.suggestions:
-            mark = "fits" if s.fits else "still too big"
-            console.print(f"  {s.change:<28} {format_bytes(s.peak_bytes, unit):>14}  {mark}", highlight=False, markup=False)
+            say(f"largest {label} that fits: {value:,} (peak {size(peak)}); {reason}")
+    if not fit.suggestions:
+        return
+    fitting = [s for s in fit.suggestions if s.fits]
+    alone = [s for s in fit.suggestions if not s.fits]
+    rows = [(f"{s.cost:g}", size(s.peak_bytes), "yes" if s.fits else "no",
+             "-" if s.max_micro_batch_size is None else f"{s.max_micro_batch_size:,}", s.change)
+            for s in fit.suggestions]
+    header = ("cost", "peak", "fits", "max micro-batch", "change")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    lead = "  " + "  ".join(" " * w for w in widths) + "  "
+    room = width - len(lead)
+
+    def row_line(cells: tuple[str, ...], change: str) -> None:
+        left = "  " + "  ".join(cell.rjust(w) if i in (0, 1, 3) else cell.ljust(w)
+                                for i, (cell, w) in enumerate(zip(cells, widths)))
+        if room < 24:  # too narrow for the change beside the numbers: the change goes on its own lines
+            console.print(left.rstrip(), highlight=False, markup=False, soft_wrap=True)
+            say(change, indent="      ")
+        else:
+            say(change, indent=lead, first=left + "  ")
+
+    say("What would change it: the changes that fit, cheapest first, then each change alone; peak: per GPU after "
+        "the change; max micro-batch: the largest that fits with it.")
+    if fit.cost_model:
+        say(f"{fit.cost_model[0].upper()}{fit.cost_model[1:]}.")
+    row_line(header[:4], header[4])
+    for suggestion, row in zip(fit.suggestions, rows):
+        if alone and suggestion is alone[0]:
+            say("each change alone, not enough:" if fitting else
+                "no combination of these changes fits" + (" within the search's budget" if fit.search_budget_reached
+                                                          else "") + "; each change alone:", indent="  ")
+        row_line(row[:4], row[4])
+        if suggestion.fits and suggestion.cost_parts:
+            say("= " + " + ".join(f"{lever} {points:g}" for lever, points in suggestion.cost_parts.items()),
+                indent=lead + "  ", first=lead)
+    used = [lever for s in fitting for lever in s.cost_parts]
+    if used:
+        say("why these costs:")
+        for lever in dict.fromkeys(used):
+            if lever in fit.cost_reasons:
+                say(f"{lever}: {fit.cost_reasons[lever]}", indent="    ", first="  ")
 
 
 def render_verify(report: Report, console: Console, unit: str) -> None:

@@ -110,10 +110,21 @@ class Totals:
 
 @dataclass(eq=False, repr=False)
 class FitSuggestion:
-    change: str  # a command-line change, e.g. "--zero 3"
+    """One change (or combination of changes) to the run, its per-GPU peak, and its rough cost."""
+
+    change: str  # the command-line change, e.g. "--lora-rank 16 --qlora --checkpointing full"
     peak_bytes: int
     fits: bool
     spec_changes: dict[str, Any] = field(default_factory=dict)  # the same change as TrainingSpec fields
+    # Rough relative cost in points (memcalc/fit.py COSTS; Fit.cost_model says what a point is), the sum of
+    # cost_parts: lever -> points, e.g. {"full checkpointing": 33, "4-bit base": 10}. Not a measurement.
+    cost: float = 0.0
+    cost_parts: dict[str, float] = field(default_factory=dict)
+    # Fitting suggestions: the largest micro-batch that fits with the change, its peak, and what limits it
+    # (Fit.max_micro_batch_limit's values); None for suggestions that do not fit.
+    max_micro_batch_size: int | None = None
+    max_micro_batch_peak_bytes: int | None = None
+    max_micro_batch_limit: str | None = None
 
 
 @dataclass(eq=False, repr=False)
@@ -127,12 +138,32 @@ class Fit:
     peak_bytes: int
     headroom_bytes: int  # usable - peak; negative when it does not fit
     fits: bool
+    # When it does not fit: the fitting changes ranked by cost (cheapest first), then each change alone that
+    # does not fit. cost_model says what the points mean; cost_reasons gives the reason for each lever used.
     suggestions: list[FitSuggestion] = field(default_factory=list)
-    # --max-batch / --max-seq-len: the largest value that fits (0: not even 1), and its peak; None: not asked.
+    cost_model: str | None = None
+    cost_reasons: dict[str, str] = field(default_factory=dict)
+    num_estimates: int = 0  # engine estimates this verdict ran (search, suggestions' micro-batches, solvers)
+    search_budget_reached: bool = False  # the change search stopped at its estimate budget, not on its own
+    # --max-batch / --max-seq-len (None: not asked): the largest value that fits and its peak, and the limit:
+    #   "memory" the next value does not fit; "token_bound" the next value is beyond TrainingSpec's bound on
+    #   micro-batch x seq-len; "rejected" the next value is refused for another reason (see the reason);
+    #   "not_memory" the peak does not grow with it in this estimate (value None, peak at 1);
+    #   "none_fits" not even 1 fits (value None, peak at 1).
+    # *_reason says the same in a sentence.
     max_micro_batch_size: int | None = None
     max_micro_batch_peak_bytes: int | None = None
+    max_micro_batch_limit: str | None = None
+    max_micro_batch_reason: str | None = None
     max_seq_len: int | None = None
     max_seq_len_peak_bytes: int | None = None
+    max_seq_len_limit: str | None = None
+    max_seq_len_reason: str | None = None
+    # When the recipe was not chosen and is memcalc's default bf16/fp16 (fp32 master copy): what HF Trainer's
+    # bf16=True / fp16=True runs (amp-bf16 / amp-fp16: fp32 weights, autocast), its peak and whether it fits.
+    hf_trainer_recipe: str | None = None
+    hf_trainer_peak_bytes: int | None = None
+    hf_trainer_fits: bool | None = None
 
 
 @dataclass(eq=False, repr=False)

@@ -244,7 +244,7 @@ def test_max_batch_and_seq_len_solver(cli):
     bigger = cli("gpt2", "--gpu", "a100-80gb", "-b", str(small["max_micro_batch_size"] + 1), "--json")
     assert bigger.exit_code == EXIT_DOES_NOT_FIT
     none_fit = cli("llama-3-8b", "--gpu", "t4", "--max-batch", "--json").json()["fit"]
-    assert none_fit["max_micro_batch_size"] == 0
+    assert none_fit["max_micro_batch_size"] is None and none_fit["max_micro_batch_limit"] == "none_fits"
 
 
 def test_solver_needs_a_gpu(cli):

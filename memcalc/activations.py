@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 from memcalc.families.saved import Rule, Run
 from memcalc.precision import DTYPE_BYTES, Recipe
-from memcalc.report import Term
 from memcalc.spec import Attention, Checkpointing
-from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
+from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 
 if TYPE_CHECKING:
     from memcalc.model import ModelInput

@@ -1,32 +1,106 @@
-"""The library entry point: model reference + training spec (+ GPU) -> Report. No printing."""
+"""The library: what notebooks and the CLI both call. No printing.
+
+    import memcalc
+    report = memcalc.estimate("llama-3-8b", precision="bf16", optim="adamw", gpu="h100-80gb")
+    report.per_gpu.peak_bytes, report.per_gpu.peak_phase, report.fit.fits
+    memcalc.compare("llama-3-8b", zero=[0, 1, 2, 3], gpus=8)        # one Report per ZeRO stage
+    memcalc.verify("qwen2.5-0.5b", seq_len=256)                       # a measured step beside the estimate
+    memcalc.presets()                                                 # model and GPU presets
+
+The keywords are ``memcalc.request.Request``'s fields (the CLI's flags with ``_`` for ``-``). Errors are
+``memcalc.errors`` classes; their messages name settings by these keywords.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from memcalc import families
-from memcalc.engine import estimate
+from memcalc.engine import estimate as _estimate_spec
 from memcalc.errors import UsageError
 from memcalc.model import ModelConfig, ModelInput
-from memcalc.report import Report
+from memcalc.report import Report, VerifyResult, VerifyRow
+from memcalc.request import Plan, Request
 from memcalc.resolve import resolve_model
 from memcalc.spec import TrainingSpec
 
 if TYPE_CHECKING:
+    from memcalc.compat import ComparisonRow
     from memcalc.fit import GpuTarget
+    from memcalc.presets import GpuSpec
+
+VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
+
+
+def estimate(model: str | None = None, **settings: Any) -> Report:
+    """Per-GPU memory of one training run: every term, the phases, the peak and, with ``gpu``, the fit.
+
+    ``model``: a preset name (``memcalc.presets()``), a config.json path or folder, or a hub id. ``settings``: the
+    keywords of ``memcalc.request.Request`` (precision, optim, batch_size, seq_len, checkpointing, zero, gpus,
+    lora_rank, gpu...). Several ZeRO stages: use ``compare``.
+    """
+    plan = plan_of(model, **settings)
+    if len(plan.specs) > 1:
+        raise UsageError("several {zero} stages ask for a comparison: use memcalc.compare(...)")
+    return run_plan(plan)[0]
+
+
+def compare(model: str | None = None, **settings: Any) -> list[Report]:
+    """One Report per ZeRO stage in ``zero`` (e.g. ``zero=[0, 1, 2, 3]``), the rest of the setup alike."""
+    return run_plan(plan_of(model, **settings))
+
+
+def verify(model: str | None = None, method: str = "auto", progress: Callable[[str], None] | None = None,
+           **settings: Any) -> Report:
+    """The estimate with a measured training step beside it (``Report.verify``): on a CUDA GPU its allocator's
+    peak, else a real CPU step under memcalc's tensor tracker when it fits half the RAM, else the full-size model
+    traced under FakeTensorMode (no memory). Needs torch and transformers (``[verify]`` extra)."""
+    plan = plan_of(model, **settings)
+    return verify_plan(plan, method, progress)
+
+
+def plan_of(model: str | None = None, **settings: Any) -> Plan:
+    """A Request from keywords, resolved (``Request.plan``); the keywords given count as chosen."""
+    unknown = sorted(set(settings) - {f for f in Request.__dataclass_fields__ if f != "chosen"})
+    if unknown:
+        raise UsageError(f"unknown setting {unknown[0]!r}; the settings are the fields of memcalc.request.Request")
+    chosen = frozenset(settings) | ({"model"} if model is not None else set())
+    return Request(model=model, **settings, chosen=chosen).plan()
+
+
+def run_plan(plan: Plan) -> list[Report]:
+    """One Report per TrainingSpec of the plan, each with its fit when the plan has a GPU."""
+    return [run(plan.model, spec, plan.gpu, plan.defaults_used, plan.solve_batch, plan.solve_seq_len,
+                plan.precision_chosen, plan.notes) for spec in plan.specs]
+
+
+def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, defaults_used: Sequence[str] = (),
+        solve_batch: bool = False, solve_seq_len: bool = False, precision_chosen: bool = True,
+        notes: Sequence[str] = ()) -> Report:
+    """The engine's report for one spec (the lower-level entry: a ModelInput and a TrainingSpec)."""
+    report = _estimate_spec(model, spec, defaults_used)
+    if notes:
+        report.notes[:0] = list(notes)
+    if gpu is not None:
+        from memcalc.fit import check_fit  # only with a GPU
+
+        fit = check_fit(report, spec, gpu, rerun=lambda changed: _estimate_spec(model, changed),
+                        solve_batch=solve_batch, solve_seq_len=solve_seq_len, precision_chosen=precision_chosen)
+        report = report.with_fit(fit)
+    return report
 
 
 def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
-    """Resolve MODEL and/or --params. --params replaces the inventory's count (no per-tensor shapes then)."""
+    """Resolve a model reference and/or a parameter count; a count replaces the model's (no shapes then)."""
     if model_ref is None and num_params is None:
-        raise UsageError("give a MODEL (preset name, config.json path) or --params 7B; see 'memcalc presets'")
+        raise UsageError("give a {model} (preset name, config.json path) or {params} 7B; see 'memcalc presets'")
     config: ModelConfig | None = resolve_model(model_ref) if model_ref is not None else None
     if num_params is not None:
         if config is None:
             return ModelInput.from_count(num_params)
-        # --params overrides the count of a named model: no shapes, but the architecture's config stays
-        # available for activations.
+        # A count overrides the count of a named model: no shapes, but the architecture stays for activations.
         flat = ModelInput.from_count(num_params, name=config.name, source=f"{config.source}, count from --params")
         return ModelInput(name=flat.name, source=flat.source, model_type=config.model_type or None,
                           tensors=flat.tensors, architecture_known=False, config=config,
@@ -43,13 +117,107 @@ def model_of(config: ModelConfig) -> ModelInput:
                       notes=tuple(described.inventory_notes()), described=described)
 
 
-def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None,
-        defaults_used: Sequence[str] = (), solve_batch: bool = False, solve_seq_len: bool = False) -> Report:
-    report = estimate(model, spec, defaults_used)
-    if gpu is not None:
-        from memcalc.fit import check_fit  # only with --gpu
+# -- measuring --------------------------------------------------------------------------------------------------
 
-        fit = check_fit(report, spec, gpu, rerun=lambda changed: estimate(model, changed),
-                        solve_batch=solve_batch, solve_seq_len=solve_seq_len)
-        report = report.with_fit(fit)
-    return report
+
+def verify_plan(plan: Plan, method: str = "auto", progress: Callable[[str], None] | None = None) -> Report:
+    """The plan's report with a measured step beside it (see ``verify``)."""
+    if method not in VERIFY_METHODS:
+        raise UsageError(f"{{verify}}={method}: use one of {', '.join(VERIFY_METHODS)}")
+    if len(plan.specs) > 1:
+        raise UsageError("verify measures one configuration: give a single {zero} stage")
+    spec = plan.specs[0]
+    if spec.grad_accum > 1:
+        raise UsageError("verify measures a single micro-batch step: drop {grad_accum} (its effect, gradients alive "
+                         "during later forwards, is in the estimate)")
+    if plan.model.config is None or not plan.model.architecture_known:
+        raise UsageError("verify builds the real model: give a {model} (preset name or config.json), not {params}")
+    from memcalc.verify import verify as measure
+
+    outcome = measure(plan.model.config, spec, method, progress=progress)
+    report = run_plan(plan)[0]
+    measurement = outcome.measurement
+    result = VerifyResult(
+        method=measurement.method, measured_peak_bytes=measurement.measured_peak_bytes,
+        measured_peak_phase=measurement.measured_peak_phase, per_term_bytes=dict(measurement.term_bytes),
+        per_phase_peak_bytes=dict(measurement.per_phase_peak_bytes),
+        checked_peak_bytes=outcome.report.per_gpu.peak_bytes,
+        checked_peak_phase=outcome.report.per_gpu.peak_phase.value,
+        rows=[VerifyRow(*row) for row in outcome.rows], scaled=list(outcome.scaled),
+        differences_from_gpu=list(measurement.differences_from_gpu), run=dict(measurement.run),
+        reserved_peak_bytes=measurement.reserved_peak_bytes, cuda_context_bytes=measurement.cuda_context_bytes,
+        elapsed_seconds=round(measurement.elapsed_seconds, 3), notes=list(measurement.notes),
+    )
+    return report.with_verify(result)
+
+
+# -- presets, peers' figures, configs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ModelPreset:
+    name: str
+    model_type: str
+    num_params: int
+    aliases: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class Presets:
+    """The model presets (exact parameter counts from their inventories) and the GPU presets."""
+
+    models: list[ModelPreset]
+    gpus: list[GpuSpec]
+
+
+def presets() -> Presets:
+    """Every model preset with its exact parameter count, and every GPU preset with its memory."""
+    from memcalc.presets import gpu_presets, model_preset_files
+
+    models = []
+    for name in model_preset_files():
+        config = resolve_model(name)
+        num_params = sum(t.numel for t in families.inventory(config))
+        models.append(ModelPreset(name, config.model_type, num_params, tuple(config.aliases), config.source))
+    return Presets(models, list(gpu_presets()))
+
+
+def compare_with(tool: str, model: ModelInput, report: Report) -> list[ComparisonRow]:
+    """Another tool's own estimate beside memcalc's, term by term, with why they differ: ``deepspeed``
+    (estimate_zero2/3_model_states_mem_needs) or ``accelerate`` (estimate-memory)."""
+    if tool == "deepspeed":
+        from memcalc.compat.deepspeed import compare_with_deepspeed, deepspeed_param_counts
+
+        training = report.training
+        return compare_with_deepspeed(
+            report, num_nodes=training.num_nodes, num_gpus_per_node=training.num_gpus // training.num_nodes,
+            offload_optimizer=training.offload in ("optimizer", "both"),
+            offload_params=training.offload in ("params", "both"),
+            largest_layer_params=deepspeed_param_counts(model.tensors)[1] if model.architecture_known else None,
+        )
+    if tool == "accelerate":
+        from memcalc.compat.accelerate import accelerate_counted_params, compare_with_accelerate
+
+        counted = accelerate_counted_params(model.tensors) if model.architecture_known else None
+        return compare_with_accelerate(report, counted)
+    raise UsageError(f"compare with {tool!r}: use deepspeed or accelerate")
+
+
+def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str]:
+    """A DeepSpeed config for the plan's run or, when it does not fit the GPU, for the fit advisor's best fitting
+    change DeepSpeed can express (no LoRA, no pure 16-bit); and which of the two it is."""
+    from memcalc.configs.deepspeed import emit_deepspeed_config
+    from memcalc.errors import MemcalcError
+
+    spec, why = plan.specs[0], "this run"
+    if report.fit is not None and not report.fit.fits:
+        for suggestion in report.fit.suggestions:
+            if not suggestion.fits or any(k in suggestion.spec_changes for k in ("lora_rank", "qlora", "precision")):
+                continue  # DeepSpeed configs have no switch for LoRA or pure 16-bit
+            try:
+                spec, why = spec.replace(**suggestion.spec_changes), f"the fit advisor's change: {suggestion.change}"
+                break
+            except MemcalcError:
+                continue
+    return emit_deepspeed_config(spec, plan.model.hidden_size), why

@@ -15,6 +15,7 @@ The sum of all terms is not the peak: activations are gone before the optimizer 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from memcalc import activations, trainable
 from memcalc.model import (
@@ -29,15 +30,30 @@ from memcalc.model import (
 from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
 from memcalc.parallel import rank_holdings
 from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
-from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Term, Totals, TrainingSummary
+from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.spec import TrainingSpec
 from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_AND_STEP,
+    BACKWARD_ONLY,
+    CATEGORY_ACTIVATIONS,
     CATEGORY_CPU_OFFLOAD,
+    EXTRA_LAYER_ACTIVATIONS,
+    EXTRA_LAYER_GRADIENTS,
+    EXTRA_LOSS_GRADIENTS,
+    EXTRA_LOSS_LOGITS,
+    EXTRA_RECOMPUTED_CASTS,
+    EXTRA_RECOMPUTED_LAYER,
+    EXTRA_SHARDED_LAYER,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
     MODEL_STATE_TERMS,
+    MOMENT_BACKWARD_END,
+    MOMENT_BACKWARD_START,
+    MOMENT_FORWARD,
+    MOMENT_LATE_BACKWARD,
+    MOMENT_SHARDED_LAYER,
+    MOMENT_STEP,
     STEP_ONLY,
     TERM_ACTIVATIONS,
     TERM_AUTOCAST_COPIES,
@@ -51,6 +67,7 @@ from memcalc.vocab import (
     TERM_WEIGHTS,
     TERM_ZERO3_GATHERED_GRADS,
     Phase,
+    Term,
 )
 
 ZERO_PAPER = "Rajbhandari et al. 2020 (ZeRO), Fig. 1 and sec. 3.1"
@@ -176,14 +193,16 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
 
     # A recomputed layer under autocast also redoes its weight casts.
     autocast_recompute = subset.autocast_recompute_numel * _bytes(recipe.compute_dtype) if recipe.autocast else 0
-    recompute = act.recompute_bytes + autocast_recompute
     # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
     # last) unless the embedding is tied to the head; ZeRO-2/3 hold flat partitions instead, so not there.
     missing_grads = _embedding_grads_produced_last(tensors) * g_bytes if stage < 2 and spec.grad_accum == 1 else 0
-    late = (-missing_grads + act.last_layer_bytes + act.layer_backward_transient_bytes + autocast_recompute
-            if act.last_layer_bytes else 0)
-    phases = _phase_totals(terms, act.forward_transient_extra_bytes, act.backward_start_extra_bytes, recompute, late,
-                           holdings.mid_backward_extra_bytes + act.last_layer_bytes if holdings.mid_backward_extra_bytes else 0)
+    phases = _phase_totals(terms, _Extras(
+        loss_logits=act.forward_transient_extra_bytes, loss_gradients=act.backward_start_extra_bytes,
+        recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
+        layer_activations=act.last_layer_bytes,
+        layer_gradients=act.layer_backward_transient_bytes if act.last_layer_bytes else 0,
+        missing_gradients=missing_grads if act.last_layer_bytes else 0,
+        sharded_layer=holdings.mid_backward_extra_bytes))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -227,48 +246,72 @@ def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
                and t.role in (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING))
 
 
-def _phase_totals(terms: Sequence[Term], forward_transient_bytes: int, backward_start_extra_bytes: int,
-                  recompute_bytes: int, late_backward_extra_bytes: int = 0, sharded_layer_bytes: int = 0
-                  ) -> list[PhaseTotal]:
-    by_name = {t.name: t for t in terms}
-    states = by_name[TERM_OPTIMIZER_STATES].bytes if by_name[TERM_OPTIMIZER_STATES].phases else 0
+@dataclass(frozen=True, eq=False, repr=False)
+class _Extras:
+    """Bytes alive at moments of the step that are not whole terms (see the module docstring)."""
 
-    def live(phase: Phase, exclude: tuple[str, ...] = ()) -> tuple[int, list[str]]:  # GPU terms only
-        names = [t.name for t in terms if phase in t.phases and t.name not in exclude]
-        return sum(by_name[n].bytes for n in names), names
+    loss_logits: int = 0  # forward: the logits and their fp32 upcast during the loss
+    loss_gradients: int = 0  # start of backward: the loss's gradient buffers
+    recomputed_layer: int = 0  # checkpointing: one layer's activations rebuilt during backward
+    recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
+    layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
+    layer_gradients: int = 0  # late backward: the first layer's gradient transients
+    missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
+    sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
 
-    forward_live, forward_names = live(Phase.forward)
-    # Terms alive in the forward only (e.g. an FSDP2 all-gather buffer) are gone when backward starts.
-    forward_only = sum(t.bytes for t in terms if t.phases == FORWARD_ONLY)
-    saved = forward_live - forward_only
-    forward = forward_live + forward_transient_bytes  # the loss: logits and their fp32 upcast, briefly
-    # Start of backward: everything saved by the forward plus the loss/logits gradient buffers;
-    # end of backward: activations and autocast copies are freed, every gradient exists.
-    # With checkpointing, one layer's activations are rebuilt during backward, after the loss buffers are gone.
-    start = saved + max(backward_start_extra_bytes, recompute_bytes)
-    end_exclude = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES)
-    end, end_names = live(Phase.backward, exclude=end_exclude)
-    # A unit's unsharded gradients exist during backward, not at its end after the last reduce-scatter.
-    end -= sum(by_name[n].bytes for n in (TERM_ZERO3_GATHERED_GRADS, TERM_FSDP_REDUCE_SCATTER) if n in by_name)
-    accumulating = Phase.forward in by_name[TERM_GRADIENTS].phases  # --grad-accum > 1: grads live throughout
-    start_names = [n for n in live(Phase.backward)[1] if n != TERM_GRADIENTS or accumulating]
-    # Late in backward: nearly every gradient, plus the first layer's activations and gradient transients.
-    late = end + late_backward_extra_bytes if late_backward_extra_bytes > 0 else 0
-    # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's
-    # activations, its prefetched neighbour and its gradients being reduce-scattered.
-    sharded = 0
-    if sharded_layer_bytes:
-        kept = [t.name for t in terms if Phase.forward in t.phases and Phase.backward in t.phases
-                and t.category != "activations" and t.name not in (TERM_AUTOCAST_COPIES,)]
-        sharded = sum(by_name[n].bytes for n in kept) + sharded_layer_bytes
-    backward, backward_names = max((start, start_names), (end, end_names), (late, end_names + [TERM_ACTIVATIONS]),
-                                   (sharded, start_names), key=lambda candidate: candidate[0])
-    step, step_names = live(Phase.optimizer_step)
-    return [
-        PhaseTotal(phase=Phase.forward, bytes=forward, terms=forward_names, first_step_bytes=forward - states),
-        PhaseTotal(phase=Phase.backward, bytes=backward, terms=backward_names, first_step_bytes=backward - states),
-        PhaseTotal(phase=Phase.optimizer_step, bytes=step, terms=step_names, first_step_bytes=step),
-    ]
+
+# Terms alive during one unit's backward only (a unit's full gradients before their reduce-scatter): gone at the
+# end of backward, and not yet there at its start.
+_PER_UNIT_BACKWARD = (TERM_ZERO3_GATHERED_GRADS, TERM_FSDP_REDUCE_SCATTER)
+_FREED_BY_BACKWARD_END = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES, *_PER_UNIT_BACKWARD)
+
+
+def _alive(terms: Sequence[Term], keep) -> dict[str, int]:
+    return {t.name: t.bytes for t in terms if keep(t)}
+
+
+def _total(moment: str, phase: Phase, parts: dict[str, int], names: set[str]) -> PhaseTotal:
+    parts = {name: num_bytes for name, num_bytes in parts.items() if num_bytes}
+    total = sum(parts.values())
+    states = parts.get(TERM_OPTIMIZER_STATES, 0) if phase != Phase.optimizer_step else 0
+    return PhaseTotal(phase=phase, bytes=total, terms=[n for n in parts if n in names], first_step_bytes=total - states,
+                      moment=moment, breakdown=parts)
+
+
+def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
+    """The largest moment of each phase, with what is alive then. In CPU RAM terms are alive in no phase."""
+    names = {t.name for t in terms}
+    forward = _alive(terms, lambda t: Phase.forward in t.phases)
+    forward[EXTRA_LOSS_LOGITS] = x.loss_logits
+    # Start of backward: what the forward saved (its terms still alive in backward), then either the loss
+    # gradients or, a moment later (the head's backward done), buffers kept for the whole backward (DeepSpeed
+    # ZeRO-1/2's reduce bucket, set up at the first gradient) beside one recomputed layer under checkpointing.
+    start = _alive(terms, lambda t: Phase.forward in t.phases and t.phases != FORWARD_ONLY)
+    whole_backward = _alive(terms, lambda t: t.phases == BACKWARD_ONLY and t.name not in _PER_UNIT_BACKWARD)
+    later = {**whole_backward, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer, EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
+    start.update(later if sum(later.values()) > x.loss_gradients else {EXTRA_LOSS_GRADIENTS: x.loss_gradients})
+    # End of backward: activations, autocast copies and the units' full gradients are freed, every gradient exists.
+    end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
+    candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
+    late_extra = x.layer_activations + x.layer_gradients + x.recomputed_casts - x.missing_gradients
+    if x.layer_activations and late_extra > 0:
+        # Late in backward: nearly every gradient, the first layer's activations and gradient transients.
+        late = {**end, EXTRA_LAYER_ACTIVATIONS: x.layer_activations, EXTRA_LAYER_GRADIENTS: x.layer_gradients,
+                EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
+        late[TERM_GRADIENTS] = late.get(TERM_GRADIENTS, 0) - x.missing_gradients
+        candidates.append((MOMENT_LATE_BACKWARD, late))
+    if x.sharded_layer:
+        # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's
+        # activations, its prefetched neighbour and its gradients being reduce-scattered.
+        kept = _alive(terms, lambda t: Phase.forward in t.phases and Phase.backward in t.phases
+                      and t.category != CATEGORY_ACTIVATIONS and t.name != TERM_AUTOCAST_COPIES)
+        candidates.append((MOMENT_SHARDED_LAYER, {**kept, EXTRA_LAYER_ACTIVATIONS: x.layer_activations,
+                                                  EXTRA_SHARDED_LAYER: x.sharded_layer}))
+    backward = max((_total(moment, Phase.backward, parts, names) for moment, parts in candidates),
+                   key=lambda total: total.bytes)  # the first of equal moments
+    step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
+    return [_total(MOMENT_FORWARD, Phase.forward, forward, names), backward,
+            _total(MOMENT_STEP, Phase.optimizer_step, step, names)]
 
 
 def _optimizer_source(name: str) -> str:

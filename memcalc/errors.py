@@ -1,4 +1,24 @@
-"""One family of errors. ``cli.py`` alone turns them into one stderr line and an exit code."""
+"""One family of errors, each with its documented exit code. The CLI alone turns them into one stderr line.
+
+A message names a setting as ``{name}``, where ``name`` is a keyword of ``memcalc.estimate`` (a field of
+``memcalc.request.Request``): ``str(error)`` spells it that way for Python callers, and the CLI spells it as the
+flag a shell user types (``{batch_size}`` -> ``--batch-size``), so neither reads the other's vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+# The settings a message may name: the keywords of memcalc.estimate (tests/test_api.py checks they are
+# Request's fields).
+SETTINGS = frozenset({
+    "model", "params", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "amsgrad",
+    "adafactor_beta1", "batch_size", "seq_len", "grad_accum", "checkpointing", "attn", "zero", "gpus", "nodes",
+    "gpus_per_node", "sharding", "fsdp", "offload", "deepspeed", "lora_rank", "lora_targets", "qlora", "freeze",
+    "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "max_batch", "max_seq_len", "verify",
+})
+_NAMED = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
 class MemcalcError(Exception):
@@ -6,9 +26,24 @@ class MemcalcError(Exception):
 
     exit_code = 2
 
+    def render(self, spell: Callable[[str], str] | None = None) -> str:
+        """The message with every ``{setting}`` spelled by ``spell`` (default: the keyword itself)."""
+        text = str(self.args[0]) if self.args else type(self).__name__
+
+        def name(match: re.Match[str]) -> str:
+            setting = match.group(1)
+            if setting not in SETTINGS:
+                return match.group(0)
+            return spell(setting) if spell else setting
+
+        return _NAMED.sub(name, text)
+
+    def __str__(self) -> str:
+        return self.render()
+
 
 class UsageError(MemcalcError):
-    """A flag, number or combination of flags is invalid."""
+    """A setting, number or combination of settings is invalid."""
 
     exit_code = 2
 
@@ -29,3 +64,22 @@ class UnsupportedModelError(MemcalcError):
     """The config's model_type has no pure-Python inventory and the fallback cannot run."""
 
     exit_code = 5
+
+
+# 6: does not fit the GPU given (a verdict, not an error: the CLI's exit code, memcalc.cli.EXIT_DOES_NOT_FIT).
+
+
+class MissingDependencyError(MemcalcError):
+    """An optional dependency a command needs is not installed (torch and transformers, matplotlib)."""
+
+    exit_code = 7
+
+
+class OutputError(MemcalcError):
+    """The output could not be written (stdout full or closed, a plot file that cannot be created)."""
+
+    exit_code = 8
+
+
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build where a CPU wheel is what a laptop needs.
+INSTALL_TORCH = "pip install torch==2.13.0 && pip install 'memcalc-train[verify]'"

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memcalc.model import ParamTensor
-from memcalc.report import Term
 from memcalc.spec import Offload, Sharding, TrainingSpec
 from memcalc.vocab import (
     ALL_PHASES,
@@ -30,6 +29,7 @@ from memcalc.vocab import (
     TERM_ZERO3_FP32_GRADS,
     TERM_ZERO3_GATHERED,
     TERM_ZERO3_GATHERED_GRADS,
+    Term,
 )
 
 # deepspeed/runtime/zero/stage_1_and_2.py: each param group is flattened with

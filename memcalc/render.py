@@ -1,10 +1,17 @@
-"""Rendering: the only place that turns bytes into units. Rich tables for people, JSON for programs."""
+"""Rendering: the only place that turns bytes into units. Rich tables for people, JSON for programs.
+
+Every table the command line prints is built here: the report (terms, what is alive at the peak, the phases),
+the ZeRO comparison, the fit verdict and suggestions, the verify comparison, the presets, and the peers' figures.
+rich is imported by the functions that print, never at import.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from memcalc.report import Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
@@ -13,7 +20,41 @@ from memcalc.vocab import Phase
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from memcalc.api import Presets
+    from memcalc.compat import ComparisonRow
+
 PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step"}
+# Short names for the phases a term is alive in (the table's last column).
+_ALIVE_LABELS = {(Phase.forward, Phase.backward, Phase.optimizer_step): "whole step",
+                 (Phase.forward, Phase.backward): "forward, backward", (Phase.backward, Phase.optimizer_step):
+                 "backward, step", (Phase.forward,): "forward", (Phase.backward,): "backward",
+                 (Phase.optimizer_step,): "step"}
+
+
+def alive_label(phases: Sequence[Phase]) -> str:
+    return _ALIVE_LABELS.get(tuple(phases), ", ".join(PHASE_LABELS[p] for p in phases))
+UNIT_BASES = {"gib": "2^30", "gb": "10^9", "mib": "2^20", "mb": "10^6"}
+
+
+def console() -> Console:
+    """The console that prints to stdout: words wrapped at its width, no emoji, no guessed highlighting. A closed
+    pipe (``| head``) is raised as BrokenPipeError for the CLI to end quietly; rich would exit with 1."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _Console(soft_wrap=False, emoji=False, highlight=False)
+
+
+@contextlib.contextmanager
+def progress(label: str) -> Iterator[Callable[[str], None]]:
+    """A status line on stderr (stdout stays clean for --json); yields the function that updates it."""
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"{label}: starting") as status:
+        yield lambda message: status.update(f"{label}: {message}")
 
 
 def _describe_run(report: Report) -> list[str]:
@@ -22,80 +63,126 @@ def _describe_run(report: Report) -> list[str]:
     count = f"{m.num_params:,} params ({format_count(m.num_params)})"
     if m.num_trainable_params != m.num_params:
         count += f", {m.num_trainable_params:,} trainable"
+    engine = f"ZeRO stage {t.zero_stage}" if t.sharding == "deepspeed" else f"{t.sharding} stage {t.zero_stage}"
     lines = [
-        f"[bold]{m.name}[/bold] ({arch}{count}; {m.params_source}; source: {m.source})",
+        f"[bold]{_escape(m.name)}[/bold] ({arch}{count}; {m.params_source}; source: {_escape(m.source)})",
         f"recipe [bold]{t.precision}[/bold]: {t.precision_description}",
         f"optimizer [bold]{t.optimizer}[/bold]: {t.optimizer_description}",
-        f"run: micro-batch {t.micro_batch_size} x seq {t.seq_len}"
-        f"{f' x {t.grad_accum} accumulated' if t.grad_accum > 1 else ''}, attention {t.attention}, checkpointing {t.checkpointing}, "
-        f"{t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}"
-        f"{f' on {t.num_nodes} nodes' if t.num_nodes > 1 else ''}, "
-        f"{'ZeRO stage ' + str(t.zero_stage) if t.sharding == 'deepspeed' else t.sharding + ' stage ' + str(t.zero_stage)}"
-        f"{', offload ' + t.offload if t.offload != 'none' else ''}",
+        (f"run: micro-batch {t.micro_batch_size} x seq {t.seq_len}"
+         f"{f' x {t.grad_accum} accumulated' if t.grad_accum > 1 else ''}, attention {t.attention}, "
+         f"checkpointing {t.checkpointing}, {t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}"
+         f"{f' on {t.num_nodes} nodes' if t.num_nodes > 1 else ''}, {engine}"
+         f"{', offload ' + t.offload if t.offload != 'none' else ''}"),
     ]
     if t.defaults_used:
         lines.append(f"defaults used: {', '.join(t.defaults_used)}")
     return lines
 
 
+def _escape(text: str) -> str:
+    """User text (a model name, a path) shown as it is: rich markup escaped, control characters spelled out."""
+    from rich.markup import escape
+
+    return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
+
+
+def print_reports(reports: Sequence[Report], console: Console, unit: str, explain: bool = False,
+                  totals: bool = False) -> None:
+    """One report as its table (and, when measured, the verify comparison); several as a ZeRO comparison."""
+    if len(reports) > 1:
+        render_comparison(reports, console, unit)
+        return
+    render_table(reports[0], console, unit, explain=explain, totals=totals)
+    if reports[0].verify is not None:
+        render_verify(reports[0], console, unit)
+
+
+def _headline(report: Report, unit: str) -> str | None:
+    fit = report.fit
+    if fit is None:
+        return None
+    margin = (f"{format_bytes(fit.headroom_bytes, unit)} headroom" if fit.fits
+              else f"{format_bytes(-fit.headroom_bytes, unit)} over")
+    verdict = "[bold green]FITS[/bold green]" if fit.fits else "[bold red]DOES NOT FIT[/bold red]"
+    return (f"{verdict} on {_escape(fit.gpu)}: peak {format_bytes(fit.peak_bytes, unit)} of "
+            f"{format_bytes(fit.usable_bytes, unit)} usable, {margin} (details below)")
+
+
 def render_table(report: Report, console: Console, unit: str, explain: bool = False, totals: bool = False) -> None:
+    """The run, then every term with what of it is alive at the peak and its share of the peak, the named extras
+    alive at that moment (the loss's logits, a recomputed layer...), so that the "at peak" column adds up to the
+    peak; then the phases, each at its largest moment."""
     from rich.table import Table  # lazily: rich is only needed to print
 
+    headline = _headline(report, unit)
+    if headline:
+        console.print(headline)
     for line in _describe_run(report):
-        console.print(line, highlight=False)
+        console.print(line)
     label = UNIT_LABELS[unit]
-    table = Table(title=f"Per GPU, in {label} ({'2^30' if unit == 'gib' else '10^9' if unit == 'gb' else '2^20' if unit == 'mib' else '10^6'} bytes)")
-    table.add_column("term")
-    table.add_column(label, justify="right")
-    table.add_column("share", justify="right")
+    per_gpu = report.per_gpu
+    peak_phase = next(p for p in per_gpu.phases if p.phase == per_gpu.peak_phase)
+    at_peak = peak_phase.breakdown
+    gpu_terms = [t for t in per_gpu.terms if not t.in_cpu_ram]
+    cpu_terms = [t for t in per_gpu.terms if t.in_cpu_ram]
+    names = [t.name for t in gpu_terms] + [name for name in at_peak if name not in {t.name for t in per_gpu.terms}]
+    table = Table(title=f"Per GPU, in {label} ({UNIT_BASES[unit]} bytes)")
+    table.add_column("term", no_wrap=True, min_width=max(len(n) for n in names) + 2)
+    table.add_column(label, justify="right", no_wrap=True)
+    table.add_column("at peak", justify="right", no_wrap=True)
+    table.add_column("share", justify="right", no_wrap=True)
     table.add_column("alive in")
-    gpu_terms = [t for t in report.per_gpu.terms if not t.in_cpu_ram]
-    cpu_terms = [t for t in report.per_gpu.terms if t.in_cpu_ram]
-    terms_sum = sum(t.bytes for t in gpu_terms) or 1
+    peak = per_gpu.peak_bytes or 1
     for term in gpu_terms:
-        table.add_row(
-            term.name, format_value(term.bytes, unit), f"{100 * term.bytes / terms_sum:.1f}%",
-            ", ".join(PHASE_LABELS[p] for p in term.phases),
-        )
+        alive = at_peak.get(term.name, 0)
+        table.add_row(term.name, format_value(term.bytes, unit), format_value(alive, unit) if alive else "-",
+                      f"{100 * alive / peak:.1f}%" if alive else "", alive_label(term.phases))
         for part, num_bytes in term.breakdown.items():
-            table.add_row(f"  {part}", format_value(num_bytes, unit), "", "", style="dim")
+            table.add_row(f"  {part}", format_value(num_bytes, unit), "", "", "", style="dim")
+    extras = [name for name in at_peak if name not in {t.name for t in per_gpu.terms}]
+    if extras:
+        table.add_section()
+        for name in extras:
+            table.add_row(name, format_value(at_peak[name], unit), format_value(at_peak[name], unit),
+                          f"{100 * at_peak[name] / peak:.1f}%", "at the peak")
     if cpu_terms:
         table.add_section()
         for term in cpu_terms:
-            table.add_row(f"{term.name} (CPU RAM)", format_value(term.bytes, unit), "", "offloaded", style="dim")
+            table.add_row(f"{term.name} (CPU RAM)", format_value(term.bytes, unit), "", "", "offloaded", style="dim")
     table.add_section()
-    table.add_row("model states on the GPU", format_value(report.per_gpu.model_states_bytes, unit), "", "")
-    for phase in report.per_gpu.phases:
-        marker = " <- peak" if phase.phase == report.per_gpu.peak_phase else ""
+    table.add_row("model states on the GPU", format_value(per_gpu.model_states_bytes, unit), "", "", "")
+    for phase in per_gpu.phases:
+        marker = " <- peak" if phase.phase == per_gpu.peak_phase else ""
         table.add_row(f"{PHASE_LABELS[phase.phase]}{marker}", format_value(phase.bytes, unit), "", "",
-                      style="bold" if marker else None)
+                      "" if phase.phase == Phase.optimizer_step else phase.moment, style="bold" if marker else None)
     console.print(table)
     console.print(
-        f"peak per GPU: [bold]{format_bytes(report.per_gpu.peak_bytes, unit)}[/bold] during the "
-        f"{PHASE_LABELS[report.per_gpu.peak_phase]} (steady state; first step: "
-        f"{format_bytes(report.per_gpu.first_step_peak_bytes, unit)}). The sum of all terms is not the peak.",
-        highlight=False,
+        f"peak per GPU: [bold]{format_bytes(per_gpu.peak_bytes, unit)}[/bold] during the "
+        f"{PHASE_LABELS[per_gpu.peak_phase]}{'' if peak_phase.phase == Phase.optimizer_step else ', ' + peak_phase.moment}"
+        f" (steady state; first step: "
+        f"{format_bytes(per_gpu.first_step_peak_bytes, unit)}). The \"at peak\" column adds up to it; the sum of "
+        "all terms is not the peak.",
     )
-    if report.per_gpu.cpu_offload_bytes:
+    if per_gpu.cpu_offload_bytes:
         t = report.training
         console.print(
-            f"offload: {format_bytes(report.per_gpu.cpu_offload_bytes, unit)} of CPU RAM per GPU process, "
+            f"offload: {format_bytes(per_gpu.cpu_offload_bytes, unit)} of CPU RAM per GPU process, "
             f"{format_bytes(report.totals.cpu_offload_bytes_per_node, unit)} per node ({t.num_gpus // t.num_nodes} GPUs "
-            f"per node; pinned memory, plus the framework's own)", highlight=False,
+            f"per node; pinned memory, plus the framework's own)",
         )
     if totals or report.training.num_gpus > 1:
         console.print(
             f"across {report.totals.num_gpus} GPUs: model states {format_bytes(report.totals.model_states_bytes, unit)}, "
-            f"sum of per-GPU peaks {format_bytes(report.totals.peak_bytes_sum, unit)}", highlight=False,
+            f"sum of per-GPU peaks {format_bytes(report.totals.peak_bytes_sum, unit)}",
         )
     if explain:
         console.print("\n[bold]How each term is computed[/bold]")
         for term in report.per_gpu.terms:
-            console.print(f"[bold]{term.name}[/bold] = {format_bytes(term.bytes, unit)} ({term.bytes:,} B)", highlight=False)
-            console.print(f"  formula: {term.formula}", highlight=False, markup=False)
-            console.print(f"  source:  {term.source}", highlight=False, markup=False)
+            console.print(f"[bold]{term.name}[/bold] = {format_bytes(term.bytes, unit)} ({term.bytes:,} B)")
+            console.print(f"  formula: {term.formula}", markup=False)
+            console.print(f"  source:  {term.source}", markup=False)
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
+        console.print(f"note: {note}", markup=False)
     if report.fit is not None:
         render_fit(report, console, unit)
 
@@ -209,38 +296,38 @@ def render_verify(report: Report, console: Console, unit: str) -> None:
 
     verify = report.verify
     assert verify is not None
-    console.print(f"\n[bold]verify[/bold] ({verify['method']}, {verify['elapsed_seconds']:.1f} s)", highlight=False)
-    if verify["scaled"]:
+    console.print(f"\n[bold]verify[/bold] ({verify.method}, {verify.elapsed_seconds:.1f} s)")
+    if verify.scaled:
         console.print("the model was scaled down to fit this machine (same family and structure): "
-                      + "; ".join(verify["scaled"]) + ". The estimate checked below is that scaled model's.",
-                      highlight=False, markup=False)
-    run = verify["run"]
+                      + "; ".join(verify.scaled) + ". The estimate checked below is that scaled model's.",
+                      markup=False)
+    run = verify.run
     if run:
         console.print("ran: " + ", ".join(f"{k} {v}" for k, v in run.items()), highlight=False, markup=False)
     table = Table(title=f"Estimate vs measured, in {UNIT_LABELS[unit]}")
     for column in ("term", "estimate", "measured", "error"):
         table.add_column(column, justify="left" if column == "term" else "right")
     estimated_terms = {t.name for t in report.per_gpu.terms}
-    for row in verify["rows"]:
-        if row["term"] == "peak":
+    for row in verify.rows:
+        if row.term == "peak":
             table.add_section()
-        name = row["term"].replace("phase:", "phase: ")
-        measured = "-" if row["measured_bytes"] is None else format_value(row["measured_bytes"], unit)
-        error = "" if row["error_pct"] is None else f"{row['error_pct']:+.2f}%"
-        estimate = format_value(row["estimate_bytes"], unit)
-        if ":" not in row["term"] and row["term"] != "peak" and row["term"] not in estimated_terms:
+        name = row.term.replace("phase:", "phase: ")
+        measured = "-" if row.measured_bytes is None else format_value(row.measured_bytes, unit)
+        error = "" if row.error_pct is None else f"{row.error_pct:+.2f}%"
+        estimate = format_value(row.estimate_bytes, unit)
+        if ":" not in row.term and row.term != "peak" and row.term not in estimated_terms:
             # measured only: backward temporaries (the loss gradients the estimate adds to the backward
             # phase) and other (inputs, buffers, host-side step counters)
             estimate, error, name = "in phases", "", f"{name} *"
-        table.add_row(name, estimate, measured, error, style="bold" if row["term"] == "peak" else None)
+        table.add_row(name, estimate, measured, error, style="bold" if row.term == "peak" else None)
     console.print(table)
     console.print("* measured only: the estimate counts these inside the phase totals, not as terms", highlight=False)
-    console.print(f"measured peak {format_bytes(verify['measured_peak_bytes'], unit)} in the "
-                  f"{verify['measured_peak_phase'].replace('_', ' ')}; estimated {format_bytes(verify['checked_peak_bytes'], unit)} in the "
-                  f"{verify['checked_peak_phase'].replace('_', ' ')}", highlight=False)
-    for note in verify.get("notes", []):
-        console.print(f"verify: {note}", highlight=False, markup=False)
-    for difference in verify["differences_from_gpu"]:
+    console.print(f"measured peak {format_bytes(verify.measured_peak_bytes, unit)} in the "
+                  f"{verify.measured_peak_phase.replace('_', ' ')}; estimated "
+                  f"{format_bytes(verify.checked_peak_bytes, unit)} in the {verify.checked_peak_phase.replace('_', ' ')}")
+    for note in verify.notes:
+        console.print(f"verify: {note}", markup=False)
+    for difference in verify.differences_from_gpu:
         console.print(f"CPU vs GPU: {difference}", highlight=False, markup=False)
 
 
@@ -282,3 +369,51 @@ def to_json(reports: Sequence[Report]) -> str:
     if len(reports) == 1:
         return reports[0].to_json()
     return json.dumps({"schema_version": reports[0].schema_version, "reports": [r.to_dict() for r in reports]}, indent=2)
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2)
+
+
+def presets_json(found: Presets) -> str:
+    models = [dataclasses.asdict(m) for m in found.models]
+    for model in models:
+        model["aliases"] = list(model["aliases"])
+    gpus = [{"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,
+             "aliases": list(g.aliases), "source": g.source} for g in found.gpus]
+    return json_text({"schema_version": 1, "models": models, "gpus": gpus})
+
+
+def print_presets(found: Presets, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Model presets (exact parameter counts from the inventory)")
+    for column in ("name", "model_type", "params", "aliases"):
+        table.add_column(column, justify="right" if column == "params" else "left",
+                         no_wrap=column in ("name", "model_type", "params"))
+    for m in found.models:
+        table.add_row(m.name, m.model_type, f"{m.num_params:,} ({format_count(m.num_params)})", ", ".join(m.aliases))
+    console.print(table)
+    table = Table(title="GPU presets (total memory as nvidia-smi reports it)")
+    for column in ("name", "GPU", "memory", "nominal"):
+        table.add_column(column, no_wrap=column == "name")
+    for g in found.gpus:
+        table.add_row(g.name, g.display, f"{format_bytes(g.memory_bytes, 'gib')} ({g.memory_bytes:,} B)", g.nominal)
+    console.print(table)
+
+
+def rows_json(tool: str, rows: Sequence[ComparisonRow]) -> str:
+    return json_text({"schema_version": 1, "tool": tool, "rows": [row._asdict() for row in rows]})
+
+
+def print_comparison_rows(rows: Sequence[ComparisonRow], tool: str, console: Console, unit: str) -> None:
+    """memcalc's figure beside another tool's, term by term, with why they differ."""
+    from rich.table import Table
+
+    table = Table(title=f"memcalc vs {tool}, per GPU")
+    for column in ("term", "memcalc", tool, "why they differ"):
+        table.add_column(column, justify="right" if column in ("memcalc", tool) else "left")
+    for row in rows:
+        cells = ["-" if v is None else format_bytes(v, unit) for v in (row.memcalc_bytes, row.tool_bytes)]
+        table.add_row(row.term, *cells, row.why)
+    console.print(table)

@@ -17,32 +17,23 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from memcalc.vocab import CATEGORY_CPU_OFFLOAD, Phase
+from memcalc.vocab import Phase, Term
 
 SCHEMA_VERSION = 1
 
 
 @dataclass(eq=False, repr=False)
-class Term:
-    name: str
-    bytes: int
-    formula: str  # with the numbers substituted
-    source: str  # paper, seed or implementation it follows
-    category: str  # model_states | temporaries | activations | cpu_offload (in CPU RAM, not on the GPU)
-    phases: list[Phase]  # phases of the step in which it is alive
-    breakdown: dict[str, int] = field(default_factory=dict)  # e.g. exp_avg / exp_avg_sq for optimizer_states
-
-    @property
-    def in_cpu_ram(self) -> bool:
-        return self.category == CATEGORY_CPU_OFFLOAD
-
-
-@dataclass(eq=False, repr=False)
 class PhaseTotal:
+    """The largest moment of one phase: its bytes, what is alive then (``breakdown``: each term's bytes at that
+    moment, and the named moments' extras such as the loss's logits, summing to ``bytes``), and which moment of
+    the phase it is (``moment``: e.g. "start of backward")."""
+
     phase: Phase
     bytes: int
-    terms: list[str]
+    terms: list[str]  # the terms alive at that moment
     first_step_bytes: int  # step 0: no optimizer state exists before the first optimizer step
+    moment: str = ""
+    breakdown: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, repr=False)
@@ -167,6 +158,44 @@ class Fit:
 
 
 @dataclass(eq=False, repr=False)
+class VerifyRow:
+    """Estimate beside measurement for one term, ``phase:<phase>`` or ``peak``; ``error_pct`` is
+    (estimate - measured) / measured x 100, None when nothing was measured."""
+
+    term: str
+    estimate_bytes: int
+    measured_bytes: int | None
+    error_pct: float | None
+
+
+@dataclass(eq=False, repr=False)
+class VerifyResult:
+    """A measured training step beside the estimate (``--verify``, ``memcalc.verify``).
+
+    method: cuda | cpu-tracker | trace; per_term_bytes: what each estimator term is compared with;
+    checked_peak_bytes: the estimate of the configuration that ran (a scaled-down copy when ``scaled`` lists
+    changes); run: what ran (model class, dtypes, kernel, device...); reserved_peak_bytes and cuda_context_bytes:
+    on a GPU only.
+    """
+
+    method: str
+    measured_peak_bytes: int
+    measured_peak_phase: str
+    per_term_bytes: dict[str, int]
+    per_phase_peak_bytes: dict[str, int]
+    checked_peak_bytes: int
+    checked_peak_phase: str
+    rows: list[VerifyRow]
+    scaled: list[str]
+    differences_from_gpu: list[str]
+    run: dict[str, str | int | float | bool | None]
+    reserved_peak_bytes: int | None
+    cuda_context_bytes: int | None
+    elapsed_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False, repr=False)
 class Report:
     model: ModelSummary
     training: TrainingSummary
@@ -174,10 +203,7 @@ class Report:
     totals: Totals
     fit: Fit | None = None
     notes: list[str] = field(default_factory=list)
-    # --verify: method, measured_peak_bytes, measured_peak_phase, per_term_bytes, per_phase_peak_bytes, rows
-    # (estimate vs measured per term and phase), scaled (how the config was shrunk to fit the run, or []),
-    # checked_peak_bytes (the estimate of the config that ran), differences_from_gpu, run.
-    verify: dict[str, Any] | None = None
+    verify: VerifyResult | None = None  # a measured step beside the estimate (--verify)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +217,7 @@ class Report:
     def with_fit(self, fit: Fit) -> Report:
         return dataclasses.replace(self, fit=fit)
 
-    def with_verify(self, verify: dict[str, Any]) -> Report:
+    def with_verify(self, verify: VerifyResult) -> Report:
         return dataclasses.replace(self, verify=verify)
 
     def term(self, name: str) -> Term:

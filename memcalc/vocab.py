@@ -7,6 +7,7 @@ step (forward, backward, optimizer step); a category groups terms for the output
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import Enum
 
 TERM_WEIGHTS = "weights"
@@ -50,3 +51,34 @@ FORWARD_BACKWARD = [Phase.forward, Phase.backward]
 BACKWARD_AND_STEP = [Phase.backward, Phase.optimizer_step]
 STEP_ONLY = [Phase.optimizer_step]
 ALL_PHASES = [Phase.forward, Phase.backward, Phase.optimizer_step]
+
+
+@dataclass(eq=False, repr=False)
+class Term:
+    name: str
+    bytes: int
+    formula: str  # with the numbers substituted
+    source: str  # paper, seed or implementation it follows
+    category: str  # model_states | temporaries | activations | cpu_offload (in CPU RAM, not on the GPU)
+    phases: list[Phase]  # phases of the step in which it is alive
+    breakdown: dict[str, int] = field(default_factory=dict)  # e.g. exp_avg / exp_avg_sq for optimizer_states
+
+    @property
+    def in_cpu_ram(self) -> bool:
+        return self.category == CATEGORY_CPU_OFFLOAD
+
+
+# What is alive at a moment of the step besides whole terms (keys of PhaseTotal.breakdown), and the moments.
+EXTRA_LOSS_LOGITS = "logits during the loss"
+EXTRA_LOSS_GRADIENTS = "loss gradients"
+EXTRA_RECOMPUTED_LAYER = "recomputed layer"
+EXTRA_RECOMPUTED_CASTS = "recomputed layer's autocast casts"
+EXTRA_LAYER_ACTIVATIONS = "one layer's activations"
+EXTRA_LAYER_GRADIENTS = "one layer's gradient transients"
+EXTRA_SHARDED_LAYER = "sharded layer's gathered parameters and gradients"
+MOMENT_FORWARD = "during the loss"
+MOMENT_BACKWARD_START = "start of backward"
+MOMENT_BACKWARD_END = "end of backward"
+MOMENT_LATE_BACKWARD = "late backward (first layer)"
+MOMENT_SHARDED_LAYER = "a sharded layer's backward"
+MOMENT_STEP = "optimizer step"

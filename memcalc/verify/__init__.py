@@ -14,7 +14,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from memcalc.errors import UsageError
+from memcalc.errors import INSTALL_TORCH, MissingDependencyError, UsageError
 from memcalc.model import ModelConfig
 from memcalc.report import Report
 from memcalc.spec import TrainingSpec
@@ -23,7 +23,7 @@ from memcalc.verify.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_T
 
 __all__ = ["INSTALL_HINT", "METHODS", "Measurement", "Outcome", "Row", "compare", "estimate_for", "run_verify", "verify"]
 
-INSTALL_HINT = "--verify needs torch and transformers: pip install 'memcalc-train[verify]'"
+INSTALL_HINT = f"verify needs torch and transformers: {INSTALL_TORCH}"
 # A cpu-tracker run holds real tensors: refuse one whose estimated peak is above this share of the RAM.
 CPU_RAM_FRACTION = 0.5
 PHASE_ROW_PREFIX = "phase:"
@@ -44,7 +44,7 @@ class Row(NamedTuple):
 def _require_torch() -> None:
     missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
     if missing:
-        raise UsageError(f"{INSTALL_HINT} ({' and '.join(missing)} not installed)")
+        raise MissingDependencyError(f"{INSTALL_HINT} ({' and '.join(missing)} not installed)")
 
 
 def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
@@ -211,24 +211,34 @@ def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", 
            progress: Callable[[str], None] | None = None, scale: bool | None = None) -> Outcome:
     """Measure a step of this config beside its estimate.
 
-    On a GPU a model that does not fit the card is scaled down (same family and structure) and verified
-    instead, as the output then says; on the CPU (scale=None) a run the RAM cannot hold is refused with the
-    estimate that says why, suggesting --verify=trace; scale=True scales there too.
+    ``auto`` on a CPU: a real step under the tensor tracker when the model's estimated peak fits half the RAM,
+    else the full-size model traced under FakeTensorMode (no memory), as the notes then say. ``cuda`` and
+    ``cpu-tracker`` scale a model their machine cannot hold down (same family and structure: fewer layers, then
+    narrower) and verify that instead, as the output says; ``scale=False`` refuses instead.
     """
     from memcalc.families.scaling import scale_to_fit
 
     _require_torch()
     if spec.num_gpus > 1:
         return _verify_ranks(model_config, spec, method, progress)
-    method = resolve_method(method)
-    budget = _budget_bytes(method) if (scale if scale is not None else method == METHOD_CUDA) else None
+    notes: list[str] = []
+    resolved = resolve_method(method)
+    if method == "auto" and resolved == METHOD_CPU_TRACKER:
+        peak, budget = estimate_for(model_config, spec).per_gpu.peak_bytes, _budget_bytes(METHOD_CPU_TRACKER)
+        if budget is not None and peak > budget:
+            resolved = METHOD_TRACE
+            notes.append(f"a real CPU step would hold {format_bytes(peak)}, more than half of this machine's RAM: "
+                         "the full-size model was traced under FakeTensorMode instead (no memory); cpu-tracker "
+                         "runs a scaled-down copy for real")
+    budget = _budget_bytes(resolved) if scale is not False else None
     raw, scaled = model_config.raw, []
     if budget is not None:
-        raw, scaled = scale_to_fit(model_config.raw, lambda r: estimate_for(_with_raw(model_config, r), spec).per_gpu.peak_bytes,
-                                   budget)
+        raw, scaled = scale_to_fit(model_config.raw,
+                                   lambda r: estimate_for(_with_raw(model_config, r), spec).per_gpu.peak_bytes, budget)
     config = _with_raw(model_config, raw) if scaled else model_config
     report = estimate_for(config, spec)
-    measurement = run_verify(config, spec, method, progress=progress)
+    measurement = run_verify(config, spec, resolved, progress=progress)
+    measurement.notes[:0] = notes
     return Outcome(report, measurement, compare(report, measurement), scaled)
 
 

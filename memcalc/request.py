@@ -1,0 +1,328 @@
+"""What a caller asks, in plain values, and its resolution into the engine's inputs.
+
+A ``Request`` holds a model reference and a training setup as a user states them (strings, numbers, lists; the
+keywords of ``memcalc.estimate``, and the CLI's flags). ``Request.plan()`` validates them, applies the defaults
+and any DeepSpeed config, resolves the model, and returns a ``Plan``: the ModelInput, one TrainingSpec per ZeRO
+stage asked, the GPU target, and which defaults were used. The CLI builds a Request from argv; notebooks get one
+through ``memcalc.estimate``. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from memcalc.errors import UsageError
+from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Offload, Sharding
+
+if TYPE_CHECKING:
+    from memcalc.fit import GpuTarget
+    from memcalc.model import ModelInput
+    from memcalc.spec import TrainingSpec
+
+# FSDP2's fully_shard default (reshard_after_forward=True) is memcalc's stage 3.
+FSDP_DEFAULT_STAGE = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """A model and a training setup as a user states them. Field names are ``memcalc.estimate``'s keywords.
+
+    model: a preset name or alias, a config.json path or folder, or a hub id; params: a parameter count (7e9, "7B")
+    that replaces the model's. zero: a stage 0-3, or several to compare. lora_targets and freeze: module or group
+    names, as a list or comma-separated. gpu / gpu_memory: the GPU to check the fit against (a preset name, or a
+    size such as "80GiB"). chosen: which fields the caller set on purpose (None: those that differ from their
+    defaults); it decides what is reported as a default and what a DeepSpeed config may not contradict.
+    """
+
+    model: str | None = None
+    params: int | str | None = None
+    precision: str = "bf16"
+    master_dtype: str | None = None
+    grad_dtype: str | None = None
+    state_dtype: str | None = None
+    optim: str = "adamw"
+    optim_impl: str = "foreach"
+    amsgrad: bool = False
+    adafactor_beta1: float | None = None
+    batch_size: int = DEFAULT_MICRO_BATCH_SIZE
+    seq_len: int = DEFAULT_SEQ_LEN
+    grad_accum: int = 1
+    checkpointing: str = "none"
+    attn: str = "sdpa"
+    zero: int | str | Sequence[int] = 0
+    gpus: int = 1
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    sharding: str = "deepspeed"
+    fsdp: bool = False
+    offload: str = "none"
+    deepspeed: str | os.PathLike[str] | None = None
+    lora_rank: int | None = None
+    lora_targets: str | Sequence[str] | None = None
+    qlora: bool = False
+    freeze: str | Sequence[str] = ()
+    gpu: str | None = None
+    gpu_memory: int | str | None = None
+    cuda_context: int | str | None = None
+    reserve_fraction: float | None = None
+    max_batch: bool = False
+    max_seq_len: bool = False
+    chosen: frozenset[str] | None = None
+
+    def is_chosen(self, name: str) -> bool:
+        if self.chosen is not None:
+            return name in self.chosen
+        return getattr(self, name) != _DEFAULTS[name]
+
+    def plan(self) -> Plan:
+        """Validate, resolve the model, apply a DeepSpeed config: the engine's inputs. Raises MemcalcErrors."""
+        return _plan(self)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Request)}
+
+# The settings whose defaults shape the answer, and how the report names a default that was used.
+SHOWN_DEFAULTS = ("precision", "optim", "optim_impl", "batch_size", "seq_len", "checkpointing", "attn", "gpus",
+                  "zero")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Plan:
+    """A request resolved: the model, one TrainingSpec per ZeRO stage asked, the GPU target (or None), the
+    defaults used (``--flag value`` labels, as the report lists them), notes for the report, and whether the
+    precision was chosen (else the fit verdict also gives HF Trainer's recipe)."""
+
+    model: ModelInput
+    specs: tuple[TrainingSpec, ...]
+    gpu: GpuTarget | None
+    defaults_used: tuple[str, ...]
+    notes: tuple[str, ...]
+    precision_chosen: bool
+    solve_batch: bool
+    solve_seq_len: bool
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(part).strip() for part in parts if str(part).strip())
+
+
+def _stages(value: int | str | Sequence[int]) -> list[int]:
+    parts = str(value).split(",") if isinstance(value, (int, str)) else [str(v) for v in value]
+    stages: list[int] = []
+    for part in parts:
+        part = part.strip()
+        if part not in ("0", "1", "2", "3"):
+            raise UsageError(f"{{zero}} {value!r}: each stage must be 0, 1, 2 or 3 (one stage, or several to compare)")
+        if int(part) not in stages:
+            stages.append(int(part))
+    return stages
+
+
+def _not_empty(request: Request, *names: str) -> None:
+    for name in names:
+        value = getattr(request, name)
+        if isinstance(value, (str, os.PathLike)) and not os.fspath(value).strip():
+            raise UsageError(f"{{{name}}} is empty; give a value or leave it out")
+
+
+def _check_simple(request: Request) -> None:
+    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params")  # (an empty model: resolve)
+    if request.gpu is not None and request.gpu_memory is not None:
+        raise UsageError("give either {gpu} NAME or {gpu_memory} SIZE, not both")
+    if (request.max_batch or request.max_seq_len) and request.gpu is None and request.gpu_memory is None:
+        raise UsageError("{max_batch} and {max_seq_len} solve for a GPU: add {gpu} NAME or {gpu_memory} SIZE")
+    if request.reserve_fraction is not None:
+        fraction = request.reserve_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \
+                or not 0.0 <= fraction <= 0.9:
+            raise UsageError(f"{{reserve_fraction}} must be a number from 0 to 0.9, got {fraction!r}")
+    if request.model is None and request.params is None:
+        raise UsageError("give a {model} (preset name, config.json path) or {params} 7B; see 'memcalc presets'")
+
+
+def _freeze(request: Request) -> tuple[str, ...]:
+    from memcalc.trainable import FREEZE_GROUPS
+
+    groups = _names(request.freeze)
+    for group in groups:
+        if group not in FREEZE_GROUPS:
+            raise UsageError(f"{{freeze}} {group!r} is not one of {', '.join(FREEZE_GROUPS)}")
+    return groups
+
+
+def _num_params(request: Request) -> int | None:
+    from memcalc.units import parse_count
+
+    if request.params is None:
+        return None
+    if isinstance(request.params, bool):
+        raise UsageError(f"{{params}} must be a parameter count, got {request.params!r}")
+    return parse_count(str(request.params), "{params}")
+
+
+def _num_gpus(request: Request) -> int:
+    if request.gpus_per_node is None:
+        return request.gpus
+    total = request.nodes * request.gpus_per_node
+    if request.is_chosen("gpus") and request.gpus != total:
+        raise UsageError(f"{{gpus}} {request.gpus} is not {{nodes}} {request.nodes} x {{gpus_per_node}} "
+                         f"{request.gpus_per_node}; give two of the three")
+    return total
+
+
+def _sharding(request: Request) -> str:
+    if not request.fsdp:
+        return request.sharding
+    if request.sharding not in (Sharding.deepspeed.value, Sharding.fsdp.value):
+        raise UsageError("{fsdp} is {sharding} fsdp: drop one of them")
+    return Sharding.fsdp.value
+
+
+def _plan(request: Request) -> Plan:
+    from memcalc.api import model_input
+
+    _check_simple(request)
+    freeze = _freeze(request)
+    sharding = _sharding(request)
+    stages = _stages(request.zero)
+    if sharding == Sharding.fsdp.value and not request.is_chosen("zero"):
+        stages = [FSDP_DEFAULT_STAGE]
+    fields: dict[str, Any] = {
+        "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
+        "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,
+        "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "micro_batch_size": request.batch_size,
+        "seq_len": request.seq_len, "grad_accum": request.grad_accum, "checkpointing": request.checkpointing,
+        "attention": request.attn, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
+        "offload": request.offload, "lora_rank": request.lora_rank,
+        "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora, "freeze": freeze,
+    }
+    model = model_input(request.model, _num_params(request))
+    notes: list[str] = []
+    from_config: set[str] = set()
+    if request.deepspeed is not None:
+        config_fields, config_notes = _deepspeed_fields(request, model, fields, stages)
+        fields.update(config_fields)
+        from_config = {_REQUEST_NAME.get(name, name) for name in config_fields}
+        stages = [fields.pop("zero_stage")]
+        notes.extend(config_notes)
+    from memcalc.spec import TrainingSpec
+
+    max_positions = model.arch.max_positions if model.arch is not None else None
+    if max_positions and not request.is_chosen("seq_len") and fields["seq_len"] > max_positions:
+        # The default sequence is longer than the model was built for: take the model's maximum instead.
+        notes.append(f"seq_len {max_positions:,}: the model's max_position_embeddings, below memcalc's default "
+                     f"{fields['seq_len']:,}")
+        fields["seq_len"] = max_positions
+    specs = tuple(TrainingSpec(**fields, zero_stage=stage) for stage in stages)
+    notes.extend(_positions(model, specs[0]))
+    gpu, gpu_note = _gpu_target(request)
+    if gpu_note:
+        notes.append(gpu_note)
+    effective = {"precision": specs[0].precision.value, "optim": specs[0].optimizer.value,
+                 "optim_impl": specs[0].optim_impl.value, "batch_size": specs[0].micro_batch_size,
+                 "seq_len": specs[0].seq_len, "checkpointing": specs[0].checkpointing.value,
+                 "attn": specs[0].attention.value, "gpus": specs[0].num_gpus,
+                 "zero": ",".join(str(s.zero_stage) for s in specs)}
+    defaults_used = tuple(f"--{name.replace('_', '-')} {effective[name]}" for name in SHOWN_DEFAULTS
+                          if not request.is_chosen(name) and name not in from_config)
+    return Plan(model=model, specs=specs, gpu=gpu, defaults_used=defaults_used, notes=tuple(notes),
+                precision_chosen=request.is_chosen("precision") or "precision" in from_config,
+                solve_batch=request.max_batch, solve_seq_len=request.max_seq_len)
+
+
+# TrainingSpec field -> the Request setting a user states it with.
+_REQUEST_NAME = {"zero_stage": "zero", "micro_batch_size": "batch_size", "optimizer": "optim", "attention": "attn",
+                 "num_gpus": "gpus", "num_nodes": "nodes"}
+
+
+def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any],
+                      stages: list[int]) -> tuple[dict[str, Any], list[str]]:
+    """A DeepSpeed config decides every field ``spec_fields`` names (stage, precision and master dtypes,
+    micro-batch, accumulation, optimizer, offload, sharding, ZeRO buffers); a setting the caller chose that says
+    otherwise is an error, never a silent override."""
+    from memcalc.configs.deepspeed import disagreements, read_deepspeed_config, spec_fields
+    from memcalc.datafile import shown
+
+    if request.fsdp or fields["sharding"] != Sharding.deepspeed.value:
+        setting = "{fsdp}" if request.fsdp else f"{{sharding}} {fields['sharding']}"
+        raise UsageError(f"{setting} contradicts {{deepspeed}} (a DeepSpeed config runs DeepSpeed ZeRO); drop one")
+    chosen = {spec_name: fields[spec_name] if spec_name != "zero_stage" else stages
+              for spec_name in ("zero_stage", "precision", "master_dtype", "state_dtype", "micro_batch_size",
+                                "grad_accum", "optimizer", "amsgrad", "offload")
+              if (request.is_chosen(_REQUEST_NAME.get(spec_name, spec_name))
+                  and fields.get(spec_name, stages) not in (None, Offload.none.value))}
+    path = os.fspath(request.deepspeed)
+    settings = read_deepspeed_config(
+        path, hidden_size=model.hidden_size, micro_batch_size=chosen.get("micro_batch_size"),
+        gradient_accumulation_steps=chosen.get("grad_accum"), precision=chosen.get("precision"),
+        zero_stage=stages[0] if "zero_stage" in chosen and len(stages) == 1 else None,
+        offload=chosen.get("offload"), num_gpus=fields["num_gpus"],
+    )
+    config_fields = spec_fields(settings)
+    for name, mine, theirs in disagreements(config_fields, chosen)[:1]:
+        def text(value: Any) -> str:
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            return "the recipe's default" if value is None else str(getattr(value, "value", value))
+
+        setting = _REQUEST_NAME.get(name, name)
+        raise UsageError(f"{{{setting}}} {text(mine)} contradicts {shown(path)}, which sets {name} {text(theirs)}; "
+                         "drop the setting or edit the config")
+    return dict(config_fields), [f"read {shown(path)}: ZeRO stage {settings.zero_stage}, offload {settings.offload}",
+                                 *settings.notes]
+
+
+def _positions(model: ModelInput, spec: TrainingSpec) -> list[str]:
+    """A sequence longer than the positions the model was built for: an error where positions are a learned
+    table (no embedding exists for them), a note where they are computed (rotary: the run works, quality is the
+    user's call)."""
+    arch = model.arch
+    if arch is None or not arch.max_positions or spec.seq_len <= arch.max_positions:
+        return []
+    if arch.learned_positions:
+        raise UsageError(f"{{seq_len}} {spec.seq_len:,} is longer than the {arch.max_positions:,} positions "
+                         f"{model.name} learned (its position embeddings have {arch.max_positions:,} rows); use "
+                         f"{{seq_len}} {arch.max_positions:,} or less")
+    return [f"seq_len {spec.seq_len:,} is above the model's max_position_embeddings {arch.max_positions:,}: the "
+            "positions are computed (rotary), so the step runs, but the model was not trained that long"]
+
+
+def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
+    if request.gpu is None and request.gpu_memory is None:
+        return None, None
+    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
+    from memcalc.presets import find_gpu, gpu_alias_note
+    from memcalc.units import parse_size
+
+    def size(value: int | str, name: str) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value <= 0:
+                raise UsageError(f"{{{name}}} must be a positive number of bytes, got {value}")
+            return value
+        return parse_size(str(value), f"{{{name}}}")
+
+    context = size(request.cuda_context, "cuda_context") if request.cuda_context is not None \
+        else DEFAULT_CUDA_CONTEXT_BYTES
+    reserve = request.reserve_fraction if request.reserve_fraction is not None else DEFAULT_ALLOCATOR_RESERVE_FRACTION
+    note = None
+    if request.gpu is not None:
+        spec = find_gpu(request.gpu)
+        target = GpuTarget(spec.name, spec.memory_bytes, spec.source, context, reserve)
+        note = gpu_alias_note(request.gpu)
+    else:
+        assert request.gpu_memory is not None
+        shown_size = str(request.gpu_memory)
+        target = GpuTarget(f"{shown_size} GPU", size(request.gpu_memory, "gpu_memory"), "given size", context,
+                           reserve)
+    if target.usable_bytes <= 0:
+        raise UsageError("the CUDA context and allocator reserve leave no usable memory; check {gpu_memory} and "
+                         "{cuda_context}")
+    return target, note

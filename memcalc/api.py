@@ -29,7 +29,7 @@ from memcalc.spec import TrainingSpec
 if TYPE_CHECKING:
     from memcalc.compat import ComparisonRow
     from memcalc.fit import GpuTarget
-    from memcalc.presets import GpuSpec
+    from memcalc.catalog import GpuSpec
 
 VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
 
@@ -173,7 +173,7 @@ class Presets:
 
 def presets() -> Presets:
     """Every model preset with its exact parameter count, and every GPU preset with its memory."""
-    from memcalc.presets import gpu_presets, model_preset_files
+    from memcalc.catalog import gpu_presets, model_preset_files
 
     models = []
     for name in model_preset_files():

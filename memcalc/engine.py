@@ -15,6 +15,7 @@ The sum of all terms is not the peak: activations are gone before the optimizer 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 from memcalc import activations, trainable
@@ -28,7 +29,7 @@ from memcalc.model import (
     token_embedding,
 )
 from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
-from memcalc.parallel import rank_holdings
+from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.spec import TrainingSpec
@@ -73,7 +74,7 @@ from memcalc.vocab import (
 ZERO_PAPER = "Rajbhandari et al. 2020 (ZeRO), Fig. 1 and sec. 3.1"
 
 
-def _bytes(dtype: Dtype) -> int:
+def _bytes_per(dtype: Dtype) -> int:
     return DTYPE_BYTES[dtype]
 
 
@@ -89,29 +90,29 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     tensors = subset.tensors
     notes.extend(_moe_notes(model, tensors))
     has_master = recipe.master_dtype is not None
-    w_bytes, g_bytes = _bytes(recipe.weight_dtype), _bytes(recipe.grad_dtype)
-    holdings = rank_holdings(tensors, spec, has_master, model.architecture_known, w_bytes, g_bytes)
+    bytes_per_weight, bytes_per_grad = _bytes_per(recipe.weight_dtype), _bytes_per(recipe.grad_dtype)
+    holdings = rank_holdings(tensors, spec, has_master, model.architecture_known, bytes_per_weight, bytes_per_grad)
     notes.extend(holdings.notes)
     stage, num_gpus = holdings.effective_stage, spec.num_gpus
     sharded = " (this GPU's shard)" if stage else ""
-    w_bytes = holdings.weight_bytes_override or w_bytes
-    g_bytes = holdings.grad_bytes_override or g_bytes
+    bytes_per_weight = holdings.bytes_per_weight_override or bytes_per_weight
+    bytes_per_grad = holdings.bytes_per_grad_override or bytes_per_grad
     on_cpu = holdings.optimizer_on_cpu
 
     terms: list[Term] = []
-    weight_dtype = "fp32" if holdings.weight_bytes_override == 4 else recipe.weight_dtype.value
+    weight_dtype = "fp32" if holdings.bytes_per_weight_override == 4 else recipe.weight_dtype.value
     terms.append(Term(
-        name=TERM_WEIGHTS, bytes=subset.weight_bytes(holdings.weight_numel, w_bytes),
-        formula=subset.weight_formula(holdings.weight_numel, w_bytes, weight_dtype, stage == 3, num_gpus),
+        name=TERM_WEIGHTS, bytes=subset.weight_bytes(holdings.weight_numel, bytes_per_weight),
+        formula=subset.weight_formula(holdings.weight_numel, bytes_per_weight, weight_dtype, stage == 3, num_gpus),
         source=f"{ZERO_PAPER}; per-tensor shapes from the inventory" if stage == 3 else "per-tensor shapes from the inventory",
         category="model_states", phases=ALL_PHASES,
-        breakdown=subset.weight_breakdown(holdings.weight_numel, w_bytes),
+        breakdown=subset.weight_breakdown(holdings.weight_numel, bytes_per_weight),
     ))
     if holdings.master_numel:
-        m_bytes = _bytes(recipe.master_dtype)
+        bytes_per_master = _bytes_per(recipe.master_dtype)
         terms.append(Term(
-            name=TERM_MASTER, bytes=holdings.master_numel * m_bytes,
-            formula=f"{_n(holdings.master_numel)} trainable params{sharded} x {m_bytes} B ({recipe.master_dtype.value})",
+            name=TERM_MASTER, bytes=holdings.master_numel * bytes_per_master,
+            formula=f"{_n(holdings.master_numel)} trainable params{sharded} x {bytes_per_master} B ({recipe.master_dtype.value})",
             source=f"{ZERO_PAPER}: fp32 master copy of mixed-precision training (Micikevicius et al. 2018)",
             category=CATEGORY_CPU_OFFLOAD if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES,
         ))
@@ -121,10 +122,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     if spec.grad_accum > 1:
         notes.append(f"--grad-accum {spec.grad_accum}: gradients stay alive through the forward and backward of "
                      "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
-    grad_dtype = "fp32" if holdings.grad_bytes_override == 4 else recipe.grad_dtype.value
+    grad_dtype = "fp32" if holdings.bytes_per_grad_override == 4 else recipe.grad_dtype.value
     terms.append(Term(
-        name=TERM_GRADIENTS, bytes=holdings.grad_numel * g_bytes,
-        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {g_bytes} B ({grad_dtype})",
+        name=TERM_GRADIENTS, bytes=holdings.grad_numel * bytes_per_grad,
+        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {bytes_per_grad} B ({grad_dtype})",
         source=f"{ZERO_PAPER}" if stage >= 2 else "one gradient per trainable parameter, in the grad dtype (param.grad)",
         category="model_states", phases=grad_phases,
     ))
@@ -140,10 +141,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     # -- working memory of forward and backward ---------------------------------------------------------
     if recipe.autocast:
         copy_numel = subset.autocast_copy_numel
-        c_bytes = _bytes(recipe.compute_dtype)
+        bytes_per_compute = _bytes_per(recipe.compute_dtype)
         terms.append(Term(
-            name=TERM_AUTOCAST_COPIES, bytes=copy_numel * c_bytes,
-            formula=f"{_n(copy_numel)} Linear weight params x {c_bytes} B ({recipe.compute_dtype.value})",
+            name=TERM_AUTOCAST_COPIES, bytes=copy_numel * bytes_per_compute,
+            formula=f"{_n(copy_numel)} Linear weight params x {bytes_per_compute} B ({recipe.compute_dtype.value})",
             source="torch.autocast casts each Linear weight once per forward (weight cache) and linear saves "
                    "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
             category="temporaries", phases=FORWARD_BACKWARD,
@@ -151,8 +152,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         if subset.autocast_forward_only_numel:
             in_layers = subset.autocast_forward_only_numel
             terms.append(Term(
-                name="autocast_cache_checkpointed", bytes=in_layers * c_bytes,
-                formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {c_bytes} B",
+                name="autocast_cache_checkpointed", bytes=in_layers * bytes_per_compute,
+                formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {bytes_per_compute} B",
                 source="torch.autocast's weight cache keeps every cast until the autocast context exits (after the "
                        "loss); checkpointing drops them from the saved tensors, so they are gone in backward",
                 category="temporaries", phases=FORWARD_ONLY,
@@ -160,8 +161,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     terms.extend(holdings.buffers)
     if holdings.weights_on_cpu_numel:
         terms.append(Term(
-            name="offloaded_params", bytes=holdings.weights_on_cpu_numel * w_bytes,
-            formula=f"{_n(holdings.weights_on_cpu_numel)} params (this GPU's shard) x {w_bytes} B in CPU RAM",
+            name="offloaded_params", bytes=holdings.weights_on_cpu_numel * bytes_per_weight,
+            formula=f"{_n(holdings.weights_on_cpu_numel)} params (this GPU's shard) x {bytes_per_weight} B in CPU RAM",
             source="DeepSpeed ZeRO-3 offload_param: 16-bit parameter partitions live in (pinned) CPU memory",
             category=CATEGORY_CPU_OFFLOAD, phases=[],
         ))
@@ -173,10 +174,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     terms.extend(act.terms)
     # -- optimizer step ------------------------------------------------------------------------------------
     if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:
-        copy = holdings.master_numel * _bytes(recipe.master_dtype)
+        copy = holdings.master_numel * _bytes_per(recipe.master_dtype)
         terms.append(Term(
             name=TERM_MASTER_GRAD_COPY, bytes=copy,
-            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {_bytes(recipe.master_dtype)} B",
+            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {_bytes_per(recipe.master_dtype)} B",
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
                    "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
@@ -192,10 +193,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     ))
 
     # A recomputed layer under autocast also redoes its weight casts.
-    autocast_recompute = subset.autocast_recompute_numel * _bytes(recipe.compute_dtype) if recipe.autocast else 0
+    autocast_recompute = subset.autocast_recompute_numel * _bytes_per(recipe.compute_dtype) if recipe.autocast else 0
     # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
     # last) unless the embedding is tied to the head; ZeRO-2/3 hold flat partitions instead, so not there.
-    missing_grads = _embedding_grads_produced_last(tensors) * g_bytes if stage < 2 and spec.grad_accum == 1 else 0
+    missing_grads = _embedding_grads_produced_last(tensors) * bytes_per_grad if stage < 2 and spec.grad_accum == 1 else 0
     phases = _phase_totals(terms, _Extras(
         loss_logits=act.forward_transient_extra_bytes, loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
@@ -214,7 +215,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     )
     return Report(
         model=summary,
-        training=_training_summary(spec, recipe, opt, defaults_used),
+        training=_training_summary(spec, _as_run(recipe, holdings), opt, defaults_used),
         per_gpu=PerGpu(
             terms=terms, model_states_bytes=model_states, peak_bytes=peak.bytes, peak_phase=peak.phase,
             phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases), cpu_offload_bytes=cpu_bytes,
@@ -326,6 +327,19 @@ def _optimizer_source(name: str) -> str:
         "adamw-8bit": "bitsandbytes/optim/optimizer.py Optimizer8bit.init_state: uint8 state1/state2 + fp32 "
                       "absmax per 256-element block; fp32 states below 4096 elements (Dettmers et al. 2022)",
     }[name]
+
+
+def _as_run(recipe: Recipe, holdings: RankHoldings) -> Recipe:
+    """The recipe as the engine runs it: FSDP2 with a MixedPrecisionPolicy keeps fp32 sharded parameters (they are
+    the master copy: no separate one), gathers 16-bit copies for compute and reduces gradients in fp32."""
+    if holdings.engine != "fsdp2" or holdings.bytes_per_weight_override != DTYPE_BYTES[Dtype.fp32]:
+        return recipe
+    low = recipe.compute_dtype.value
+    return dataclasses.replace(
+        recipe, weight_dtype=Dtype.fp32, master_dtype=None, grad_dtype=Dtype.fp32,
+        description=f"FSDP2 MixedPrecisionPolicy(param_dtype={low}, reduce_dtype=fp32): the fp32 sharded parameters are "
+                    f"the master copy (no separate one), {low} copies are gathered for compute, gradients are reduced "
+                    "in fp32, fp32 optimizer states")
 
 
 def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Sequence[str]) -> TrainingSummary:

@@ -51,8 +51,8 @@ class RankHoldings:
     master_numel: int  # fp32 master copy of trainable parameters (when the recipe has one)
     optimizer_shapes: tuple[tuple[int, ...], ...]  # what the optimizer steps over on this rank
     effective_stage: int
-    grad_bytes_override: int | None = None  # e.g. DeepSpeed ZeRO-3 keeps its gradient partition in fp32
-    weight_bytes_override: int | None = None  # e.g. FSDP2 with a MixedPrecisionPolicy keeps fp32 shards
+    bytes_per_grad_override: int | None = None  # e.g. DeepSpeed ZeRO-3 keeps its gradient partition in fp32
+    bytes_per_weight_override: int | None = None  # e.g. FSDP2 with a MixedPrecisionPolicy keeps fp32 shards
     fp32_grad_copy: bool = True  # the step casts 16-bit gradients to the master dtype (when there is one)
     optimizer_on_cpu: bool = False  # ZeRO-Offload: master, states and the step live in CPU RAM
     weights_on_cpu_numel: int = 0  # ZeRO-3 parameter offload: this rank's 16-bit shard in CPU RAM
@@ -105,8 +105,15 @@ def _n(value: int) -> str:
 
 
 def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
-                  weight_bytes: int, grad_bytes: int) -> RankHoldings:
+                  bytes_per_weight: int, bytes_per_grad: int) -> RankHoldings:
     num_gpus = spec.num_gpus
+    if num_gpus == 1 and spec.offload != Offload.none:
+        # One GPU with ZeRO-Offload (ZeRO-3-Offload fine-tunes a 3B model on one GPU): the "partition" is everything,
+        # and the master, the optimizer states and (offload_param) the parameters move to CPU RAM all the same.
+        holdings = _deepspeed(tensors, spec, has_master, architecture_known, bytes_per_weight, bytes_per_grad)
+        note = (f"ZeRO stage {spec.zero_stage} on 1 GPU partitions nothing, but the offload to CPU RAM "
+                f"({spec.offload.value}) applies")
+        return dataclasses.replace(holdings, notes=(*holdings.notes, note))
     if spec.zero_stage > 0 and num_gpus == 1:
         plain = _replicated(tensors, has_master)
         note = f"ZeRO stage {spec.zero_stage} on 1 GPU partitions nothing: the figures equal stage 0"
@@ -114,10 +121,10 @@ def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master
     if num_gpus == 1:
         return _replicated(tensors, has_master)
     if spec.sharding == Sharding.fsdp:
-        return _fsdp2(tensors, spec, has_master, weight_bytes)
+        return _fsdp2(tensors, spec, has_master, bytes_per_weight)
     if spec.sharding == Sharding.torch:
-        return _torch_ddp(tensors, spec, has_master, grad_bytes)
-    return _deepspeed(tensors, spec, has_master, architecture_known, weight_bytes, grad_bytes)
+        return _torch_ddp(tensors, spec, has_master, bytes_per_grad)
+    return _deepspeed(tensors, spec, has_master, architecture_known, bytes_per_weight, bytes_per_grad)
 
 
 def _replicated(tensors: Sequence[ParamTensor], has_master: bool) -> RankHoldings:
@@ -153,7 +160,7 @@ def zero3_sub_group_numels(partition_numels: Sequence[int], sub_group_size: int)
 
 
 def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
-               weight_bytes: int, grad_bytes: int) -> RankHoldings:
+               bytes_per_weight: int, bytes_per_grad: int) -> RankHoldings:
     stage, num_gpus, buffers_cfg = spec.zero_stage, spec.num_gpus, spec.zero_buffers
     trainable = [t for t in tensors if t.trainable]
     num_all = sum(t.numel for t in tensors)
@@ -173,10 +180,10 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
             # stage_1_and_2.py setup_buckets(): torch.empty(reduce_bucket_size, dtype=model dtype) per
             # micro-step, doubled when overlap_comm; released after the step (_release_ipg_buffers).
             count = 2 if overlap else 1
-            size = count * buffers_cfg.reduce_bucket_size * weight_bytes
+            size = count * buffers_cfg.reduce_bucket_size * bytes_per_weight
             buffers.append(Term(
                 name="zero_reduce_bucket", bytes=size,
-                formula=f"{count} x reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {weight_bytes} B",
+                formula=f"{count} x reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {bytes_per_weight} B",
                 source=f"{DS} stage_1_and_2.py setup_buckets (contiguous_gradients, overlap_comm={overlap})",
                 category="temporaries", phases=BACKWARD_ONLY,
             ))
@@ -203,15 +210,15 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
         live = min(unit_numel, buffers_cfg.stage3_max_live_parameters)
         prefetch = min(buffers_cfg.stage3_prefetch_bucket_size, max(0, num_all - live))
         buffers.append(Term(
-            name=TERM_ZERO3_GATHERED, bytes=(live + prefetch) * weight_bytes,
-            formula=f"largest module ({unit_name}) {_n(live)} + prefetch bucket {_n(prefetch)} params x {weight_bytes} B",
+            name=TERM_ZERO3_GATHERED, bytes=(live + prefetch) * bytes_per_weight,
+            formula=f"largest module ({unit_name}) {_n(live)} + prefetch bucket {_n(prefetch)} params x {bytes_per_weight} B",
             source=f"{DS} ZeRO-3 all-gathers a module's parameters before it runs and prefetches up to "
                    "stage3_prefetch_bucket_size elements of the next ones",
             category="temporaries", phases=FORWARD_BACKWARD,
         ))
         buffers.append(Term(
-            name=TERM_ZERO3_GATHERED_GRADS, bytes=unit_numel * grad_bytes,
-            formula=f"full gradients of {unit_name} before reduce-scatter: {_n(unit_numel)} x {grad_bytes} B",
+            name=TERM_ZERO3_GATHERED_GRADS, bytes=unit_numel * bytes_per_grad,
+            formula=f"full gradients of {unit_name} before reduce-scatter: {_n(unit_numel)} x {bytes_per_grad} B",
             source=f"{DS} stage3.py reduces a module's gradients after its backward",
             category="temporaries", phases=BACKWARD_ONLY,
         ))
@@ -221,8 +228,8 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
     if buffers_cfg.contiguous_gradients:
         # stage3.py __init__: bucket.buffer = torch.empty(reduce_bucket_size, dtype=...) for the whole run.
         buffers.append(Term(
-            name="zero_reduce_bucket", bytes=buffers_cfg.reduce_bucket_size * weight_bytes,
-            formula=f"reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {weight_bytes} B",
+            name="zero_reduce_bucket", bytes=buffers_cfg.reduce_bucket_size * bytes_per_weight,
+            formula=f"reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {bytes_per_weight} B",
             source=f"{DS} stage3.py: ipg bucket buffer allocated at initialisation (contiguous_gradients)",
             category="temporaries", phases=ALL_PHASES,
         ))
@@ -241,7 +248,7 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
                                             buffers_cfg.sub_group_size)
         largest = max(sub_groups, default=0)
         dtype = (spec.master_dtype or Dtype.fp32) if has_master else None
-        bytes_per_element = DTYPE_BYTES[dtype] if dtype is not None else grad_bytes
+        bytes_per_element = DTYPE_BYTES[dtype] if dtype is not None else bytes_per_grad
         buffers.append(Term(
             name=TERM_ZERO3_FP32_GRADS, bytes=largest * bytes_per_element,
             formula=f"largest of {len(sub_groups)} optimizer sub-groups (sub_group_size "
@@ -272,14 +279,14 @@ def zero_redundancy_partition(tensors: Sequence[ParamTensor], num_gpus: int) -> 
     return ranks
 
 
-def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, grad_bytes: int) -> RankHoldings:
+def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, bytes_per_grad: int) -> RankHoldings:
     base = _replicated(tensors, has_master)
     # DistributedDataParallel copies gradients into flat communication buckets (gradient_as_bucket_view
     # defaults to False): a second copy of every gradient, allocated once and kept for the whole run
     # (measured on gloo ranks: tests/test_parallel.py).
     buckets = Term(
-        name="ddp_buckets", bytes=base.grad_numel * grad_bytes,
-        formula=f"{_n(base.grad_numel)} gradients x {grad_bytes} B in {DDP_BUCKET_CAP_BYTES // 2**20} MiB buckets",
+        name="ddp_buckets", bytes=base.grad_numel * bytes_per_grad,
+        formula=f"{_n(base.grad_numel)} gradients x {bytes_per_grad} B in {DDP_BUCKET_CAP_BYTES // 2**20} MiB buckets",
         source="torch/nn/parallel/distributed.py: Reducer buckets (gradient_as_bucket_view=False by default)",
         category="temporaries", phases=ALL_PHASES,
     )
@@ -299,7 +306,7 @@ def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
     )
 
 
-def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, weight_bytes: int) -> RankHoldings:
+def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, bytes_per_weight: int) -> RankHoldings:
     num_gpus = spec.num_gpus
     reshard = spec.zero_stage == 3
     trainable = [t for t in tensors if t.trainable]
@@ -312,7 +319,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # With a MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32) the sharded parameters are the
     # fp32 master: FSDP2 keeps them fp32, all-gathers 16-bit copies per unit, reduce-scatters fp32 grads.
     mixed = has_master
-    gathered_bytes = weight_bytes
+    bytes_per_gathered = bytes_per_weight
     buffers: list[Term] = []
     if reshard:
         unsharded = root_numel + largest_layer  # the root is not resharded after forward (FSDP2 heuristic)
@@ -321,8 +328,8 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         unsharded = sum(units.values())
         what = f"every unit stays unsharded from forward to backward: {_n(unsharded)}"
     buffers.append(Term(
-        name="fsdp_unsharded_params", bytes=unsharded * gathered_bytes,
-        formula=f"{what} params x {gathered_bytes} B",
+        name="fsdp_unsharded_params", bytes=unsharded * bytes_per_gathered,
+        formula=f"{what} params x {bytes_per_gathered} B",
         source="torch FSDP2 fully_shard: all-gather output per unit; reshard_after_forward="
                f"{reshard} (the root module keeps its parameters through backward)",
         category="temporaries", phases=FORWARD_BACKWARD,
@@ -331,22 +338,22 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         # Kept units plus the next unit's all-gather output, alive until its parameters are copied out
         # (measured: one layer's 16-bit parameters above the kept units at the forward's peak).
         buffers.append(Term(
-            name="fsdp_all_gather_buffer", bytes=largest_layer * gathered_bytes,
-            formula=f"all-gather output of the next layer {_n(largest_layer)} params x {gathered_bytes} B",
+            name="fsdp_all_gather_buffer", bytes=largest_layer * bytes_per_gathered,
+            formula=f"all-gather output of the next layer {_n(largest_layer)} params x {bytes_per_gathered} B",
             source="torch FSDP2: foreach all-gather output, freed after the copy-out into the unsharded parameters",
             category="temporaries", phases=FORWARD_ONLY,
         ))
-    reduce_bytes = FP32_BYTES if mixed else weight_bytes
+    bytes_per_reduced = FP32_BYTES if mixed else bytes_per_weight
     buffers.append(Term(
-        name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_layer * reduce_bytes,
-        formula=f"unsharded gradients of the largest unit {_n(largest_layer)} x {reduce_bytes} B (reduce dtype)",
+        name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_layer * bytes_per_reduced,
+        formula=f"unsharded gradients of the largest unit {_n(largest_layer)} x {bytes_per_reduced} B (reduce dtype)",
         source="torch FSDP2: a unit's unsharded gradients, cast to reduce_dtype, are the reduce-scatter input",
         category="temporaries", phases=BACKWARD_ONLY,
     ))
-    prefetch = largest_layer * gathered_bytes if reshard else 0
-    shard_bytes = FP32_BYTES if mixed else weight_bytes
-    mid_backward = (prefetch + largest_layer * reduce_bytes + largest_layer * gathered_bytes
-                    + math.ceil(largest_layer / num_gpus) * shard_bytes)
+    prefetch = largest_layer * bytes_per_gathered if reshard else 0
+    bytes_per_shard = FP32_BYTES if mixed else bytes_per_weight
+    mid_backward = (prefetch + largest_layer * bytes_per_reduced + largest_layer * bytes_per_gathered
+                    + math.ceil(largest_layer / num_gpus) * bytes_per_shard)
     notes = [f"FSDP2 {'reshards after forward (ZeRO-3-like)' if reshard else 'keeps parameters unsharded until backward (ZeRO-2-like)'}"]
     if mixed:
         notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
@@ -355,7 +362,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     return RankHoldings(
         weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
         optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
-        effective_stage=spec.zero_stage, grad_bytes_override=FP32_BYTES if mixed else None,
-        weight_bytes_override=FP32_BYTES if mixed else None, fp32_grad_copy=False,
+        effective_stage=spec.zero_stage, bytes_per_grad_override=FP32_BYTES if mixed else None,
+        bytes_per_weight_override=FP32_BYTES if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
     )

@@ -1,39 +1,38 @@
 """A picture of one training step: GPU memory per GPU through the forward, the backward and the optimizer step.
 
 Two layers, as in the rest of memcalc:
-- ``step_series(report)`` is pure (no matplotlib): one ``Moment`` per phase of the step, the report's phase total
-  split into the terms alive then plus a band of short-lived extras that are not terms (the loss's logits
-  transient in the forward, loss gradients at the start of backward, a recomputed or last layer). The parts sum
-  to the phase total, asserted where they are built, so the top of the stack is the engine's number.
+- ``step_series(report)`` is pure (no matplotlib): one ``Moment`` per phase of the step, the phase's largest
+  moment as the engine names it (``PhaseTotal.moment``) and exactly what is alive then (``PhaseTotal.breakdown``):
+  each term's bytes at that moment, and the named extras that are not terms (the logits during the loss, the loss
+  gradients, a recomputed layer, one layer's activations...). The parts sum to the phase total, asserted where
+  they are built, so the top of the stack is the engine's number.
 - ``plot_step(report, path)`` draws that series with matplotlib, imported lazily (an optional extra,
   ``pip install 'memcalc-train[plot]'``) and headless: a ``Figure`` on the Agg canvas, never pyplot, so no GUI
   backend is chosen and a notebook's own backend is left alone. The format follows the suffix of ``path``.
 
-Each phase is drawn as a block holding the composition at that phase's peak (the report gives one moment per
-phase, not a curve inside it). Terms in CPU RAM (offload) are not on the GPU and are not drawn; a note says how
-much there is. Bytes stay integers until they are drawn; GiB = 2**30 and GB = 10**9 (``memcalc.units``).
+Each phase is drawn as a block holding the composition at that phase's largest moment (the report gives one
+moment per phase, not a curve inside it). Terms keep a colour per term (a hue per category); the extras are
+hatched grey. What is in CPU RAM (offload) is not on the GPU and is not drawn; a note says how much there is.
+Bytes stay integers until they are drawn; GiB = 2**30 and GB = 10**9 (``memcalc.units``).
 """
 
 from __future__ import annotations
 
 import html
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memcalc.errors import UsageError
+from memcalc.errors import MissingDependencyError, OutputError, UsageError
 from memcalc.units import DISPLAY_UNITS, UNIT_LABELS, format_bytes
 from memcalc.vocab import CATEGORY_ACTIVATIONS, CATEGORY_MODEL_STATES, CATEGORY_TEMPORARIES, Phase
 
 if TYPE_CHECKING:
-    from memcalc.report import Report
+    from memcalc.report import Report, VerifyResult
 
-# One place for the message, so the dedicated missing-dependency error can take it over.
 MISSING_MATPLOTLIB_MESSAGE = "drawing a plot needs matplotlib: pip install 'memcalc-train[plot]'"
-
-# The band for what a phase total holds beyond its terms: short-lived buffers the engine adds to the phase.
-TRANSIENTS = "transients (loss, recompute, one layer)"
 
 PHASE_LABELS: dict[Phase, str] = {
     Phase.forward: "forward",
@@ -44,7 +43,7 @@ PHASE_LABELS: dict[Phase, str] = {
 # Output formats by suffix; html embeds the SVG inline (no scripts, no fonts or images fetched).
 FORMATS: dict[str, str] = {".svg": "svg", ".png": "png", ".html": "html"}
 
-# Stack order, bottom to top: what lives all step under what comes and goes.
+# Stack order, bottom to top: what lives all step under what comes and goes; the extras (not terms) on top.
 _CATEGORY_ORDER = (CATEGORY_MODEL_STATES, CATEGORY_TEMPORARIES, CATEGORY_ACTIVATIONS)
 # Colours: a hue per category, a shade per term (tab20c: four shades per hue, dark to light).
 _PALETTES: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -55,6 +54,8 @@ _PALETTES: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 _CATEGORY_PALETTES = {CATEGORY_MODEL_STATES: "blues", CATEGORY_TEMPORARIES: "oranges", CATEGORY_ACTIVATIONS: "greens"}
 _OTHER_PALETTE = "purples"
+# The extras' band style: hatched, a light grey and a hatch per extra so two extras of one moment stay apart.
+_EXTRA_STYLES: tuple[tuple[str, str], ...] = (("0.86", "///"), ("0.74", "\\\\\\"), ("0.93", "xx"), ("0.80", "..."))
 
 _FIGURE_SIZE_INCHES = (10.0, 5.6)
 _PNG_DPI = 150
@@ -62,54 +63,52 @@ _PNG_DPI = 150
 
 @dataclass(frozen=True)
 class Moment:
-    """One moment of the step: the peak of a phase, split into bands that sum to ``total_bytes``.
+    """One moment of the step: the largest moment of a phase, split into bands that sum to ``total_bytes``.
 
-    ``parts`` maps every band of the picture (the same keys, in stack order, for every moment) to the bytes
-    drawn at this moment (0 when not alive). ``partial`` names terms the phase total counts below their full
-    size at its peak (being freed or not yet produced, e.g. activations late in backward); they are cut from
-    the top of the stack so the stack's top equals the phase total.
+    ``parts`` maps every band of the picture (the same keys, in stack order, for every moment) to the bytes alive
+    at this moment (0 when not alive): the phase's ``breakdown``. ``extras`` names the bands that are not terms.
     """
 
     phase: Phase
-    label: str
+    label: str  # the phase: "forward", "backward", "optimizer step"
+    moment: str  # which moment of the phase, as the engine names it: "start of backward"
     total_bytes: int
     parts: dict[str, int]
-    partial: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
 
     @property
-    def transient_bytes(self) -> int:
-        return self.parts[TRANSIENTS]
+    def extra_bytes(self) -> int:
+        return sum(self.parts[name] for name in self.extras)
+
+    @property
+    def title(self) -> str:
+        """The phase and its moment on one line: "backward: start of backward", or the phase alone."""
+        return f"{self.label}: {self.moment}" if self.moment and self.moment != self.label else self.label
+
+    @property
+    def tick_label(self) -> str:
+        return f"{self.label}\n{self.moment}" if self.moment and self.moment != self.label else self.label
 
 
 def step_series(report: Report) -> list[Moment]:
-    """The report's phase totals as stacked parts: GPU terms alive in each phase, then the transients band."""
-    gpu_terms = [t for t in report.per_gpu.terms if not t.in_cpu_ram]
+    """The report's phase totals as stacked parts: each phase's breakdown at its largest moment, by name."""
+    phases = report.per_gpu.phases
+    terms = {t.name: t for t in report.per_gpu.terms}
     rank = {category: index for index, category in enumerate(_CATEGORY_ORDER)}
-    stacked = sorted(gpu_terms, key=lambda t: rank.get(t.category, len(rank)))  # stable: report order within
+    order = {name: index for index, name in enumerate(terms)}
+    names = list(dict.fromkeys(name for p in phases for name in p.breakdown))  # first appearance, in step order
+    extras = tuple(name for name in names if name not in terms)
+    stacked = sorted((name for name in names if name in terms),
+                     key=lambda name: (rank.get(terms[name].category, len(rank)), order[name]))
+    bands = [*stacked, *extras]
     moments: list[Moment] = []
-    for phase_total in report.per_gpu.phases:
-        alive = set(phase_total.terms)
-        full = {t.name: t.bytes if t.name in alive else 0 for t in stacked}
-        extra = phase_total.bytes - sum(full.values())
-        parts: dict[str, int] = {}
-        partial: list[str] = []
-        if extra >= 0:
-            parts = {**full, TRANSIENTS: extra}
-        else:
-            # The phase total counts some listed terms only in part: cut the stack at the total, from the top.
-            room = phase_total.bytes
-            for name, size in full.items():
-                drawn = min(size, room)
-                parts[name] = drawn
-                room -= drawn
-                if drawn < size:
-                    partial.append(name)
-            parts[TRANSIENTS] = 0
+    for phase_total in phases:
+        parts = {name: phase_total.breakdown.get(name, 0) for name in bands}
         assert all(size >= 0 for size in parts.values()), (phase_total.phase, parts)
         assert sum(parts.values()) == phase_total.bytes, (phase_total.phase, parts, phase_total.bytes)
         moments.append(Moment(
             phase=phase_total.phase, label=PHASE_LABELS.get(phase_total.phase, str(phase_total.phase.value)),
-            total_bytes=phase_total.bytes, parts=parts, partial=tuple(partial),
+            moment=phase_total.moment, total_bytes=phase_total.bytes, parts=parts, extras=extras,
         ))
     return moments
 
@@ -120,11 +119,16 @@ def plot_step(report: Report, path: str | Path, *, usable_bytes: int | None = No
     ``usable_bytes``: the GPU's usable memory, drawn as a dashed line; by default the report's fit's, when a GPU
     was given. With a ``--verify`` measurement in the report, the measured peak of each phase is drawn over the
     estimate. Returns the path written.
+
+    Raises ``UsageError`` for a suffix or unit it does not know, ``MissingDependencyError`` without matplotlib and
+    ``OutputError`` when ``path`` cannot be written.
     """
+    # "plot.svg/" names a folder, though Path would drop the slash and write a file.
+    typed = str(path)
     path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = None if typed.endswith(("/", os.sep)) else FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise UsageError(f"cannot draw to {str(path)!r}: the file name must end in .svg, .png or .html")
+        raise UsageError(f"cannot draw to {typed!r}: the file name must end in .svg, .png or .html")
     if unit not in DISPLAY_UNITS:
         raise UsageError(f"unit {unit!r} is not one of {', '.join(DISPLAY_UNITS)}")
     usable_label = "usable"
@@ -133,8 +137,9 @@ def plot_step(report: Report, path: str | Path, *, usable_bytes: int | None = No
     data = _render(report, step_series(report), usable_bytes, usable_label, unit, fmt)
     try:
         path.write_bytes(data)
-    except OSError as error:
-        raise UsageError(f"cannot write the plot to {str(path)!r}: {error.strerror}; choose a writable path") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise OutputError(f"cannot write the plot to {str(path)!r}: {why}; choose a writable path") from None
     return path
 
 
@@ -146,7 +151,7 @@ def _render(report: Report, moments: list[Moment], usable_bytes: int | None, usa
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UsageError(MISSING_MATPLOTLIB_MESSAGE) from None
+        raise MissingDependencyError(MISSING_MATPLOTLIB_MESSAGE) from None
 
     scale = DISPLAY_UNITS[unit]
     title = _title(report)
@@ -157,7 +162,7 @@ def _render(report: Report, moments: list[Moment], usable_bytes: int | None, usa
         figure = Figure(figsize=_FIGURE_SIZE_INCHES)
         FigureCanvasAgg(figure)  # Agg, headless; savefig picks the SVG canvas itself for .svg
         axes = figure.add_subplot()
-        # Each phase is a block [i, i + 1) holding the composition at its peak: x twice per moment.
+        # Each phase is a block [i, i + 1) holding the composition at its largest moment: x twice per moment.
         xs = [x for index in range(len(moments)) for x in (index, index + 1)]
         band_labels = _draw_bands(axes, report, moments, xs, scale)
         _draw_totals_and_peak(axes, report, moments, usable_bytes, unit)
@@ -172,10 +177,10 @@ def _render(report: Report, moments: list[Moment], usable_bytes: int | None, usa
 
         axes.set_xlim(0, max(len(moments), 1))
         axes.set_ylim(0, highest / scale * 1.15 if highest else 1)
-        axes.set_xticks([i + 0.5 for i in range(len(moments))], [m.label for m in moments])
+        axes.set_xticks([i + 0.5 for i in range(len(moments))], [m.tick_label for m in moments])
         for boundary in range(1, len(moments)):
             axes.axvline(boundary, color="0.6", linewidth=0.6, zorder=0)
-        axes.set_xlabel("training step (each phase drawn at its peak)")
+        axes.set_xlabel("training step (each phase drawn at its largest moment)")
         axes.set_ylabel(f"memory per GPU ({UNIT_LABELS[unit]})")
         axes.set_title(title, loc="left")
         axes.grid(axis="y", color="0.9")
@@ -188,7 +193,7 @@ def _render(report: Report, moments: list[Moment], usable_bytes: int | None, usa
                     bbox_to_anchor=(1.01, 1.0), frameon=False)
         notes = _notes(report, moments, unit)
         if notes:
-            axes.text(0.0, -0.13, "\n".join(notes), transform=axes.transAxes, ha="left", va="top", color="0.3",
+            axes.text(0.0, -0.2, "\n".join(notes), transform=axes.transAxes, ha="left", va="top", color="0.3",
                       fontsize=8)
         # The peak in the file's own metadata too (PNG tEXt, SVG dc:description), for tools that read it.
         metadata = {"Title": title.replace("\n", " | "), "Description": _description(report, usable_bytes,
@@ -207,6 +212,9 @@ def _description(report: Report, usable_bytes: int | None, usable_label: str, un
     peak = report.per_gpu
     text = f"memcalc: {report.model.name}, peak per GPU {format_bytes(peak.peak_bytes, unit)} in the " \
            f"{PHASE_LABELS.get(peak.peak_phase, peak.peak_phase.value)}"
+    moment = next((p.moment for p in peak.phases if p.phase == peak.peak_phase), "")
+    if moment and moment != PHASE_LABELS.get(peak.peak_phase):
+        text += f" ({moment})"
     if usable_bytes is not None:
         text += f", {usable_label} {format_bytes(usable_bytes, unit)}"
     return text
@@ -217,15 +225,15 @@ def _draw_bands(axes: Any, report: Report, moments: list[Moment], xs: list[int],
     bands = [name for name in moments[0].parts if any(m.parts[name] for m in moments)] if moments else []
     if not bands:
         return []
-    colors = _band_colors(report, bands)
+    extras = set(moments[0].extras)
+    colors, hatches = _band_styles(report, bands, extras)
     ys = [[m.parts[name] / scale for m in moments for _ in (0, 1)] for name in bands]
-    labels = [_band_label(name, moments) for name in bands]
-    polys = axes.stackplot(xs, ys, labels=labels, colors=[colors[n] for n in bands], edgecolor="white", linewidth=0.4)
+    polys = axes.stackplot(xs, ys, labels=bands, colors=[colors[n] for n in bands], edgecolor="white", linewidth=0.4)
     for poly, name in zip(polys, bands):
-        if name == TRANSIENTS:
-            poly.set_hatch("///")
+        if name in hatches:
+            poly.set_hatch(hatches[name])
             poly.set_edgecolor("0.45")
-    return labels
+    return bands
 
 
 def _draw_totals_and_peak(axes: Any, report: Report, moments: list[Moment], usable_bytes: int | None,
@@ -242,7 +250,7 @@ def _draw_totals_and_peak(axes: Any, report: Report, moments: list[Moment], usab
         return
     x, y = peak_index + 0.5, per_gpu.peak_bytes / scale
     axes.plot([x], [y], marker="v", color="black", markersize=7, linestyle="none", zorder=5)
-    text = f"peak {format_bytes(per_gpu.peak_bytes, unit)} ({moments[peak_index].label})"
+    text = f"peak {format_bytes(per_gpu.peak_bytes, unit)} ({moments[peak_index].title})"
     if usable_bytes is not None:
         margin = usable_bytes - per_gpu.peak_bytes
         text += (f"\nfits, {format_bytes(margin, unit)} to spare" if margin >= 0
@@ -251,15 +259,16 @@ def _draw_totals_and_peak(axes: Any, report: Report, moments: list[Moment], usab
                   fontweight="bold", zorder=6)
 
 
-def _draw_measured(axes: Any, verify: Any, moments: list[Moment], xs: list[int], scale: int) -> int:
+def _draw_measured(axes: Any, verify: VerifyResult | None, moments: list[Moment], xs: list[int],
+                   scale: int) -> int:
     """The measured peak of each phase as a line over the blocks; returns the largest value drawn (0: none)."""
-    measured = _verify_field(verify, "per_phase_peak_bytes")
-    if not measured:
+    if verify is None or not verify.per_phase_peak_bytes:
         return 0
+    measured = verify.per_phase_peak_bytes
     values = [measured.get(m.phase.value) for m in moments]
     ys = [float("nan") if v is None else v / scale for v in values for _ in (0, 1)]
     # A scaled-down model's measurement is not to the scale of this estimate: drawn, but dotted.
-    linestyle = ":" if _verify_field(verify, "scaled") else "-"
+    linestyle = ":" if verify.scaled else "-"
     axes.plot(xs, ys, color="black", linewidth=1.8, linestyle=linestyle, label=_measured_label(verify))
     axes.plot([i + 0.5 for i in range(len(moments))], ys[::2], marker="o", markersize=4, color="black",
               linestyle="none")
@@ -285,58 +294,45 @@ def _title(report: Report) -> str:
     return f"{report.model.name}: GPU memory over one training step\n{recipe}; {run}"
 
 
-def _band_colors(report: Report, bands: list[str]) -> dict[str, Any]:
-    """A hue per category (model states blue, temporaries orange, activations green), a shade per term."""
+def _band_styles(report: Report, bands: list[str], extras: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Colours and hatches: a hue per category (model states blue, temporaries orange, activations green), a shade
+    per term; the extras (not terms) hatched grey, a shade and a hatch each."""
     from matplotlib import colormaps
 
     category = {t.name: t.category for t in report.per_gpu.terms}
-    colors: dict[str, Any] = {TRANSIENTS: "0.85"}
+    colors: dict[str, Any] = {}
+    hatches: dict[str, str] = {}
     used: dict[str, int] = {}
     for name in bands:
-        if name == TRANSIENTS:
+        if name in extras:
+            colors[name], hatches[name] = _EXTRA_STYLES[len(hatches) % len(_EXTRA_STYLES)]
             continue
         palette = _CATEGORY_PALETTES.get(category.get(name, ""), _OTHER_PALETTE)
         index = used.get(palette, 0)
         used[palette] = index + 1
         colormap, shades = _PALETTES[palette]
         colors[name] = colormaps[colormap](shades[index % len(shades)])
-    return colors
-
-
-def _band_label(name: str, moments: list[Moment]) -> str:
-    cut = [m.label for m in moments if name in m.partial]
-    return f"{name} (part alive in {', '.join(cut)})" if cut else name
+    return colors, hatches
 
 
 def _notes(report: Report, moments: list[Moment], unit: str) -> list[str]:
     notes = []
-    if any(m.partial for m in moments):
-        notes.append("bands marked 'part alive' are cut at the phase total: at that peak only part of them is alive "
-                     "(freed or not yet produced)")
+    if any(m.extra_bytes for m in moments):
+        notes.append("hatched: short-lived buffers alive at that moment that are not terms of the table")
     if report.per_gpu.cpu_offload_bytes:
         notes.append(f"not drawn: {format_bytes(report.per_gpu.cpu_offload_bytes, unit)} offloaded to CPU RAM")
-    scaled = _verify_field(report.verify, "scaled")
-    if scaled:
-        checked = _verify_field(report.verify, "checked_peak_bytes")
-        against = f" (its own estimate: {format_bytes(checked, unit)})" if checked is not None else ""
-        notes.append("measured on a scaled-down model" + against + ": " + "; ".join(scaled))
+    verify = report.verify
+    if verify is not None and verify.scaled:
+        notes.append(f"measured on a scaled-down model (its own estimate: "
+                     f"{format_bytes(verify.checked_peak_bytes, unit)}): " + "; ".join(verify.scaled))
     return notes
 
 
-def _measured_label(verify: Any) -> str:
-    details = [str(method) for method in (_verify_field(verify, "method"),) if method]
-    if _verify_field(verify, "scaled"):
+def _measured_label(verify: VerifyResult) -> str:
+    details = [verify.method] if verify.method else []
+    if verify.scaled:
         details.append("scaled-down model, not to scale")
     return "measured peak per phase" + (f" ({', '.join(details)})" if details else "")
-
-
-def _verify_field(verify: Any, name: str, default: Any = None) -> Any:
-    """A field of ``report.verify``: a dict today, a dataclass with the same field names tomorrow."""
-    if verify is None:
-        return default
-    if isinstance(verify, dict):
-        return verify.get(name, default)
-    return getattr(verify, name, default)
 
 
 def _html_page(svg: str, title: str, description: str) -> str:

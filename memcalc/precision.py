@@ -104,7 +104,7 @@ def get_recipe(
     if master_dtype is not None:
         if recipe.master_dtype is None:
             raise UsageError(
-                f"--master-dtype needs a recipe with a master copy (bf16 or fp16); '{recipe.name}' has none"
+                f"{{master_dtype}} needs a recipe with a master copy (bf16 or fp16); '{recipe.name}' has none"
             )
         recipe = replace(recipe, master_dtype=master_dtype)
     if grad_dtype is not None:

@@ -299,7 +299,7 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
     if request.gpu is None and request.gpu_memory is None:
         return None, None
     from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
-    from memcalc.presets import find_gpu, gpu_alias_note
+    from memcalc.catalog import find_gpu, gpu_alias_note
     from memcalc.units import parse_size
 
     def size(value: int | str, name: str) -> int:

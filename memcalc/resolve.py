@@ -21,7 +21,7 @@ from typing import Any
 from memcalc.datafile import read_json_object, shown
 from memcalc.errors import ConfigError, ModelNotFoundError
 from memcalc.model import ModelConfig
-from memcalc.presets import find_model_preset, load_model_preset, model_preset_files, suggest
+from memcalc.catalog import find_model_preset, load_model_preset, model_preset_files, suggest
 
 __all__ = ["HUB_TIMEOUT_SECONDS", "resolve_model", "shown"]
 
@@ -60,7 +60,7 @@ def resolve_model(reference: str) -> ModelConfig:
     did_you_mean = f"did you mean {', '.join(hint)}? " if hint else ""
     raise ModelNotFoundError(
         f"unknown model '{shown(reference)}'; {did_you_mean}run 'memcalc presets' for the list, "
-        "or give a config.json path or --params 7B"
+        "or give a config.json path or {params} 7B"
     )
 
 
@@ -113,7 +113,7 @@ def _from_path(path: Path, reference: str) -> ModelConfig:
 def _check_config(raw: dict[str, Any], where: str) -> None:
     if "model_type" not in raw and "text_config" not in raw:
         raise ConfigError(
-            f"{where} has no 'model_type'; memcalc reads Hugging Face config.json files (or use --params 7B)"
+            f"{where} has no 'model_type'; memcalc reads Hugging Face config.json files (or use {{params}} 7B)"
         )
 
 
@@ -209,7 +209,7 @@ def _hub_error(repo_id: str, exc: BaseException) -> ModelNotFoundError:
     if isinstance(exc, _error_class("EntryNotFoundError")) and remote_entry:
         return ModelNotFoundError(
             f"hub repo '{repo}' has no config.json (not a transformers model?); "
-            "give a config.json path or a parameter count (--params 7B)"
+            "give a config.json path or a parameter count ({params} 7B)"
         )
     if isinstance(exc, _error_class("HFValidationError")):
         return ModelNotFoundError(f"'{repo}' is not a valid hub id (namespace/name); check the spelling")

@@ -106,45 +106,46 @@ class TrainingSpec:
                 object.__setattr__(self, name, enum(value))
             except ValueError:
                 choices = ", ".join(member.value for member in enum)
-                raise UsageError(f"--{name.replace('_', '-')} {value!r} is not one of {choices}") from None
+                setting = {"optimizer": "optim", "attention": "attn"}.get(name, name)
+                raise UsageError(f"{{{setting}}} {value!r} is not one of {choices}") from None
         for name in ("master_dtype", "grad_dtype", "state_dtype"):
             value = getattr(self, name)
             if value is not None:
                 try:
                     object.__setattr__(self, name, Dtype(value))
                 except ValueError:
-                    raise UsageError(f"--{name.replace('_', '-')} {value!r} is not one of fp32, bf16, fp16") from None
-        _check_range("--batch-size", self.micro_batch_size, 1, MAX_TOKENS)
-        _check_range("--seq-len", self.seq_len, 1, MAX_TOKENS)
+                    raise UsageError(f"{{{name}}} {value!r} is not one of fp32, bf16, fp16") from None
+        _check_range("{batch_size}", self.micro_batch_size, 1, MAX_TOKENS)
+        _check_range("{seq_len}", self.seq_len, 1, MAX_TOKENS)
         if self.micro_batch_size * self.seq_len > MAX_TOKENS:
-            raise UsageError(f"--batch-size x --seq-len is above {MAX_TOKENS:.0e} tokens; check the numbers")
-        _check_range("--grad-accum", self.grad_accum, 1, 1_000_000)
-        _check_range("--zero", self.zero_stage, 0, 3)
-        _check_range("--gpus", self.num_gpus, 1, MAX_GPUS)
-        _check_range("--nodes", self.num_nodes, 1, MAX_GPUS)
+            raise UsageError(f"{{batch_size}} x {{seq_len}} is above {MAX_TOKENS:.0e} tokens; check the numbers")
+        _check_range("{grad_accum}", self.grad_accum, 1, 1_000_000)
+        _check_range("{zero}", self.zero_stage, 0, 3)
+        _check_range("{gpus}", self.num_gpus, 1, MAX_GPUS)
+        _check_range("{nodes}", self.num_nodes, 1, MAX_GPUS)
         if self.num_gpus % self.num_nodes:
-            raise UsageError(f"--gpus {self.num_gpus} is not divisible by --nodes {self.num_nodes}: every node runs "
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{nodes}} {self.num_nodes}: every node runs "
                              "the same number of GPUs")
         if self.offload != Offload.none:
             if self.sharding != Sharding.deepspeed:
-                raise UsageError("--offload models DeepSpeed ZeRO-Offload: use it with --sharding deepspeed")
+                raise UsageError("{offload} models DeepSpeed ZeRO-Offload: use it with {sharding} deepspeed")
             if self.zero_stage == 0:
-                raise UsageError("--offload needs ZeRO: add --zero 1, 2 or 3 (parameter offload needs --zero 3)")
+                raise UsageError("{offload} needs ZeRO: add {zero} 1, 2 or 3 (parameter offload needs {zero} 3)")
             if self.offload in (Offload.params, Offload.both) and self.zero_stage != 3:
-                raise UsageError("--offload params/both offloads ZeRO-3 parameter shards: use --zero 3")
+                raise UsageError("{offload} params/both offloads ZeRO-3 parameter shards: use {zero} 3")
         if self.sharding == Sharding.fsdp and self.zero_stage in (0, 1):
-            raise UsageError("--sharding fsdp shards parameters: --zero 3 (reshard after forward) or --zero 2 (keep them)")
+            raise UsageError("{sharding} fsdp shards parameters: {zero} 3 (reshard after forward) or {zero} 2 (keep them)")
         if self.sharding == Sharding.torch and self.zero_stage > 1:
-            raise UsageError("--sharding torch is DDP (--zero 0) or ZeroRedundancyOptimizer (--zero 1); "
-                             "use --sharding fsdp for stages 2-3")
+            raise UsageError("{sharding} torch is DDP ({zero} 0) or ZeroRedundancyOptimizer ({zero} 1); "
+                             "use {sharding} fsdp for stages 2-3")
         if self.lora_rank is not None:
-            _check_range("--lora-rank", self.lora_rank, 1, 65536)
+            _check_range("{lora_rank}", self.lora_rank, 1, 65536)
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:
-            raise UsageError(f"--adafactor-beta1 must be in [0, 1), got {self.adafactor_beta1}")
+            raise UsageError(f"{{adafactor_beta1}} must be in [0, 1), got {self.adafactor_beta1}")
         if self.adafactor_beta1 is not None and self.optimizer != OptimizerName.adafactor:
-            raise UsageError("--adafactor-beta1 only applies to --optim adafactor")
+            raise UsageError("{adafactor_beta1} only applies to {optim} adafactor")
         if self.amsgrad and self.optimizer not in (OptimizerName.adam, OptimizerName.adamw):
-            raise UsageError("--amsgrad only applies to --optim adam or adamw")
+            raise UsageError("{amsgrad} only applies to {optim} adam or adamw")
 
     @property
     def gpus_per_node(self) -> int:
@@ -160,8 +161,8 @@ class TrainingSpec:
         )
 
 
-def _check_range(flag: str, value: int, low: int, high: int) -> None:
+def _check_range(setting: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise UsageError(f"{flag} must be a whole number, got {value!r}")
+        raise UsageError(f"{setting} must be a whole number, got {value!r}")
     if not low <= value <= high:
-        raise UsageError(f"{flag} must be between {low} and {high:,}, got {value}")
+        raise UsageError(f"{setting} must be between {low} and {high:,}, got {value}")

@@ -148,9 +148,10 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     tensors = list(model.tensors)
     notes: list[str] = []
     if (spec.lora_rank or spec.qlora or spec.freeze) and not model.architecture_known:
-        raise UsageError("--lora-rank, --qlora and --freeze need an architecture: give a model name or config.json, not only --params")
+        raise UsageError("{lora_rank}, {qlora} and {freeze} need an architecture: give a model name or config.json, "
+                         "not only {params}")
     if spec.qlora and not spec.lora_rank:
-        raise UsageError("--qlora trains LoRA adapters on a 4-bit base: add --lora-rank R (e.g. --lora-rank 16)")
+        raise UsageError("{qlora} trains LoRA adapters on a 4-bit base: add {lora_rank} R (e.g. {lora_rank} 16)")
     frozen_roles = {role for group in spec.freeze for role in FREEZE_GROUPS[group]}
     if frozen_roles:
         tensors = [replace(t, trainable=False) if t.role in frozen_roles else t for t in tensors]
@@ -161,8 +162,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         targets = spec.lora_targets or (family.lora_targets if family is not None else None)
         if not targets:
             raise UsageError(
-                f"no default LoRA targets for model_type '{model.model_type or ''}'; pass --lora-targets "
-                "q_proj,v_proj (module names) or --lora-targets all-linear"
+                f"no default LoRA targets for model_type '{model.model_type or ''}'; pass {{lora_targets}} "
+                "q_proj,v_proj (module names) or {lora_targets} all-linear"
             )
         # GPT-2 uses transformers' Conv1D, whose weight is stored (in, out) rather than nn.Linear's (out, in).
         conv1d = family is not None and family.conv1d
@@ -176,7 +177,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
             frozen.append(replace(t, trainable=False))
         if not num_targeted:
             raise UsageError(
-                f"--lora-targets {','.join(targets)} matches no Linear layer of this model; "
+                f"{{lora_targets}} {','.join(targets)} matches no Linear layer of this model; "
                 "use module names such as q_proj,v_proj or all-linear"
             )
         tensors = frozen + adapters

@@ -71,15 +71,19 @@ def _parse_scaled(text: str, what: str, example: str, suffixes: dict[str, int], 
         raise UsageError(f"{what} must be a positive {kind}, got {text!r}")
     if scaled > limit:
         raise UsageError(f"{what} {text!r} is larger than {limit:.0e}; check the number")
-    return round(scaled)
+    whole = round(scaled)
+    if whole < 1:  # '0.4' or '1e-9': positive, but no whole parameter or byte (0 would report 0 bytes, exit 0)
+        unit = "parameters" if kind == "count" else "bytes"
+        raise UsageError(f"{what} {text!r} is less than one {unit[:-1]} (it rounds to 0 {unit}); check the number")
+    return whole
 
 
-def parse_count(text: str, what: str = "--params") -> int:
+def parse_count(text: str, what: str = "{params}") -> int:
     """Parse a parameter count: ``7e9``, ``7B``, ``6.74B``, ``8030261248``, ``125M``."""
     return _parse_scaled(text, what, "7e9, 7B, 6.74B or 8030261248", _COUNT_SUFFIXES, MAX_NUM_PARAMS, "count")
 
 
-def parse_size(text: str, what: str = "--gpu-memory") -> int:
+def parse_size(text: str, what: str = "{gpu_memory}") -> int:
     """Parse a memory size into bytes: ``80GiB``, ``80GB``, ``24 GiB``, ``81559MiB``, ``85899345920``."""
     return _parse_scaled(text, what, "80GiB, 80GB or 81559MiB", _SIZE_SUFFIXES, MAX_SIZE_BYTES, "size")
 

@@ -32,7 +32,7 @@ from memcalc.fit import (
     check_fit,
     largest_fitting,
 )
-from memcalc.presets import find_gpu
+from memcalc.catalog import find_gpu
 from memcalc.report import Report
 from memcalc.spec import TrainingSpec
 

@@ -14,7 +14,7 @@ import pytest
 from memcalc import resolve
 from memcalc.api import model_input
 from memcalc.errors import ConfigError, ModelNotFoundError
-from memcalc.presets import find_model_preset, load_model_preset, model_preset_files
+from memcalc.catalog import find_model_preset, load_model_preset, model_preset_files
 from memcalc.resolve import resolve_model
 from tests.conftest import PRESETS_MODELS
 
@@ -317,7 +317,7 @@ def test_nested_and_fallback_configs_say_what_was_counted(tmp_path):
 def test_preset_name_lookup_reads_no_preset_file(monkeypatch):
     """The estimate path stays fast: a preset's own name is found from the folder listing; only an alias
     lookup reads every preset file."""
-    from memcalc import presets
+    from memcalc import catalog as presets
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a preset file was read to find a preset by its own name")

@@ -226,9 +226,9 @@ def test_gloo_tracker_matches_the_cpu_allocator_for_ddp():
     ({"engine": "ddp", "reshard_after_forward": False}, "fsdp2 only"),
     ({"engine": "fsdp2", "spec": _spec("bf16").replace(optimizer="adafactor")}, "adafactor"),
     ({"engine": "zero1", "spec": _spec("bf16").replace(zero_stage=3)}, "does not match"),
-    ({"engine": "ddp", "spec": _spec("bf16").replace(num_gpus=4)}, "--gpus 4"),
+    ({"engine": "ddp", "spec": _spec("bf16").replace(num_gpus=4)}, "gpus 4"),
     ({"engine": "ddp", "spec": _spec("bf16").replace(lora_rank=8)}, "LoRA"),
-    ({"engine": "fsdp2", "spec": _spec("bf16").replace(grad_accum=4)}, "--grad-accum 4"),
+    ({"engine": "fsdp2", "spec": _spec("bf16").replace(grad_accum=4)}, "grad_accum 4"),
     ({"engine": "fsdp2", "method": "fake", "fake_ranks": (2,)}, "fake_ranks"),
 ])
 def test_unsupported_combinations_are_one_line_usage_errors(kwargs, message):

@@ -81,10 +81,10 @@ def _check_fits_ram(report: Report, spec: TrainingSpec) -> None:
     peak = report.per_gpu.peak_bytes
     if peak > CPU_RAM_FRACTION * total:
         raise UsageError(
-            f"--verify on the CPU would hold real tensors: the estimated peak is {format_bytes(peak)} "
+            f"verify on the CPU would hold real tensors: the estimated peak is {format_bytes(peak)} "
             f"({report.training.precision}, {report.training.optimizer}, batch {spec.micro_batch_size} x seq "
             f"{spec.seq_len}, peak in the {report.per_gpu.peak_phase.value}), more than half of this machine's "
-            f"{format_bytes(total)} RAM; use --verify=trace (no memory) or a smaller --seq-len"
+            f"{format_bytes(total)} RAM; use {{verify}}=trace (no memory) or a smaller {{seq_len}}"
         )
 
 
@@ -98,9 +98,9 @@ def _check_fits_gpu(report: Report, spec: TrainingSpec) -> None:
     peak = report.per_gpu.peak_bytes
     if peak > total:
         raise UsageError(
-            f"--verify on this GPU: the estimated peak is {format_bytes(peak)} ({report.training.precision}, "
+            f"verify on this GPU: the estimated peak is {format_bytes(peak)} ({report.training.precision}, "
             f"{report.training.optimizer}, batch {spec.micro_batch_size} x seq {spec.seq_len}), more than its "
-            f"{format_bytes(int(total))}; use --verify=trace (full size, no memory) or a smaller --seq-len"
+            f"{format_bytes(int(total))}; use {{verify}}=trace (full size, no memory) or a smaller {{seq_len}}"
         )
 
 
@@ -110,7 +110,7 @@ def resolve_method(method: str) -> str:
 
         return METHOD_CUDA if torch.cuda.is_available() else METHOD_CPU_TRACKER
     if method not in METHODS:
-        raise UsageError(f"--verify={method}: use auto, {', '.join(METHODS)}")
+        raise UsageError(f"{{verify}}={method}: use auto, {', '.join(METHODS)}")
     return method
 
 
@@ -252,8 +252,8 @@ def _torch_engine(spec: TrainingSpec) -> tuple[str, bool, TrainingSpec, list[str
         return ("ddp" if spec.zero_stage == 0 else "zero1"), True, spec, []
     # DeepSpeed ZeRO: measure PyTorch's equivalent, and check the estimate of that equivalent.
     if spec.offload.value != "none":
-        raise UsageError("--verify with --offload: DeepSpeed is not run here and PyTorch has no ZeRO-Offload "
-                         "equivalent; verify without --offload")
+        raise UsageError("verify with {offload}: DeepSpeed is not run here and PyTorch has no ZeRO-Offload "
+                         "equivalent; verify without {offload}")
     engine, sharding, stage = {0: ("ddp", "torch", 0), 1: ("zero1", "torch", 1), 2: ("fsdp2", "fsdp", 2),
                                3: ("fsdp2", "fsdp", 3)}[spec.zero_stage]
     note = (f"DeepSpeed is not run here: verified PyTorch's equivalent of ZeRO-{spec.zero_stage} "
@@ -268,8 +268,8 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     from memcalc.verify.distributed import measure_distributed
 
     if method == METHOD_CUDA:
-        raise UsageError("--verify=cuda measures one GPU; for several GPUs use --verify=trace (fake process group) "
-                         "or --verify=cpu-tracker (gloo ranks on this CPU)")
+        raise UsageError("{verify}=cuda measures one GPU; for several GPUs use {verify}=trace (fake process group) "
+                         "or {verify}=cpu-tracker (gloo ranks on this CPU)")
     engine, reshard, checked, notes = _torch_engine(spec)
     report = estimate_for(model_config, checked)
     if method == METHOD_CPU_TRACKER:
@@ -277,8 +277,8 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
         needed = report.per_gpu.peak_bytes * spec.num_gpus
         if total and needed > CPU_RAM_FRACTION * total:
             raise UsageError(
-                f"--verify=cpu-tracker would run {spec.num_gpus} gloo ranks of {format_bytes(report.per_gpu.peak_bytes)} "
-                f"each, more than half of this machine's {format_bytes(total)} RAM; use --verify=trace")
+                f"{{verify}}=cpu-tracker would run {spec.num_gpus} gloo ranks of {format_bytes(report.per_gpu.peak_bytes)} "
+                f"each, more than half of this machine's {format_bytes(total)} RAM; use {{verify}}=trace")
         ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="gloo",
                                     reshard_after_forward=reshard, progress=progress)
     else:

@@ -77,8 +77,8 @@ def cuda_context_bytes(device: torch.device | str | None = None) -> int | None:
 def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, attn_implementation: str = "sdpa",
                  progress: Progress | None = None, device: str = "cuda") -> Measurement:
     if not torch.cuda.is_available():
-        raise UsageError("--verify=cuda needs a CUDA GPU (torch.cuda.is_available() is False); use --verify or "
-                         "--verify=trace")
+        raise UsageError("{verify}=cuda needs a CUDA GPU (torch.cuda.is_available() is False); use {verify} or "
+                         "{verify}=trace")
     clock = CudaPhaseClock(device if device.startswith("cuda") else None)
 
     def before_measured_step() -> None:

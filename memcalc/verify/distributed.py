@@ -136,15 +136,15 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
         raise UsageError(f"reshard_after_forward=False applies to fsdp2 only, not {engine}")
     stage = zero_stage_of(engine, reshard_after_forward)
     if spec.zero_stage and spec.zero_stage != stage:
-        raise UsageError(f"--zero {spec.zero_stage} does not match engine {engine} (ZeRO stage {stage}"
+        raise UsageError(f"{{zero}} {spec.zero_stage} does not match engine {engine} (ZeRO stage {stage}"
                          f"{', reshard_after_forward=' + str(reshard_after_forward) if engine == 'fsdp2' else ''})")
     if spec.num_gpus not in (1, world_size):
-        raise UsageError(f"--gpus {spec.num_gpus} does not match the world size {world_size}")
+        raise UsageError(f"{{gpus}} {spec.num_gpus} does not match the world size {world_size}")
     if spec.grad_accum != 1:
-        raise UsageError(f"--grad-accum {spec.grad_accum}: the distributed measurement runs one micro-batch per "
-                         "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop --grad-accum")
+        raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
+                         "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
-        raise UsageError("--optim adafactor with fsdp2: transformers' Adafactor mixes plain tensors into updates of "
+        raise UsageError("{optim} adafactor with fsdp2: transformers' Adafactor mixes plain tensors into updates of "
                          "the DTensor shards and fails; use adamw, adam, sgd or sgd-momentum")
     _require_torch()
     config = _as_config(model_config)

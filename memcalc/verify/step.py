@@ -79,24 +79,24 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
     """Check the spec is one a single-process step can run, and resolve its dtypes."""
     unsupported = []
     if spec.zero_stage or spec.num_gpus > 1:
-        unsupported.append(f"--zero {spec.zero_stage} / --gpus {spec.num_gpus} (needs several ranks)")
+        unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
     if spec.lora_rank is not None or spec.qlora:
         unsupported.append("LoRA / QLoRA")
     if spec.freeze:
-        unsupported.append("--freeze")
+        unsupported.append("{freeze}")
     if spec.optimizer in (OptimizerName.lion, OptimizerName.adamw_8bit):
-        unsupported.append(f"--optim {spec.optimizer.value}")
+        unsupported.append(f"{{optim}} {spec.optimizer.value}")
     if unsupported:
-        raise UsageError(f"--verify does not yet run {', '.join(unsupported)}; drop it to verify the rest")
+        raise UsageError(f"verify does not yet run {', '.join(unsupported)}; drop it to verify the rest")
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise UsageError(f"attention implementation {attn_implementation!r}: use one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     if recipe.grad_dtype != recipe.weight_dtype:
-        raise UsageError("--verify runs gradients in the weight dtype (as autograd makes them); drop --grad-dtype")
+        raise UsageError("verify runs gradients in the weight dtype (as autograd makes them); drop {grad_dtype}")
     if spec.state_dtype is not None and recipe.state_dtype != recipe.optimizer_param_dtype:
-        raise UsageError("--verify creates optimizer states in the dtype of the tensors it updates (torch.optim "
-                         "zeros_like); drop --state-dtype")
+        raise UsageError("verify creates optimizer states in the dtype of the tensors it updates (torch.optim "
+                         "zeros_like); drop {state_dtype}")
     weight = TORCH_DTYPES[recipe.weight_dtype]
     return StepSetup(
         recipe=recipe, weight_dtype=weight,
@@ -153,7 +153,7 @@ def build_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
 
         return Adafactor(params, lr=LEARNING_RATE, scale_parameter=False, relative_step=False, warmup_init=False,
                          beta1=settings.adafactor_beta1)
-    raise UsageError(f"--verify does not yet run --optim {name.value}")
+    raise UsageError(f"verify does not yet run {{optim}} {name.value}")
 
 
 class Stepper:

@@ -1,4 +1,4 @@
-"""Preset discovery: model configs (``presets/models/*.json``) and GPU specs (``presets/gpus.json``).
+"""The catalog of presets: model configs (``presets/models/*.json``) and GPU specs (``presets/gpus.json``).
 
 Presets are data in the Hugging Face ``config.json`` vocabulary plus ``_source`` (the upstream config they
 copy) and ``_aliases`` (names users type). A preset and a user's own config go through one parser.
@@ -121,7 +121,7 @@ def find_gpu(name: str) -> GpuSpec:
     """The GPU a user-typed name or alias refers to (case, ``_`` and spaces ignored)."""
     key = normalize_name(name)
     if not key:
-        raise UsageError("the GPU name is empty; see 'memcalc presets' for the list, or give --gpu-memory 80GiB")
+        raise UsageError("the GPU name is empty; see 'memcalc presets' for the list, or give {gpu_memory} 80GiB")
     for gpu in gpu_presets():
         if key in gpu.lookup_keys():
             return gpu
@@ -129,7 +129,7 @@ def find_gpu(name: str) -> GpuSpec:
     hint = suggest(name, names)
     did_you_mean = f"did you mean {', '.join(hint)}? " if hint else ""
     raise UsageError(
-        f"unknown GPU '{shown(name)}'; {did_you_mean}see 'memcalc presets' for the list, or give --gpu-memory 80GiB"
+        f"unknown GPU '{shown(name)}'; {did_you_mean}see 'memcalc presets' for the list, or give {{gpu_memory}} 80GiB"
     )
 
 

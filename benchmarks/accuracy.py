@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 
 from memcalc.api import model_input, model_of, run
-from memcalc.model import ModelConfig, ModelInput
+from memcalc.model import ModelConfig
+from memcalc.resolve import ModelInput
 from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
 

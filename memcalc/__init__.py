@@ -22,7 +22,10 @@ _EXPORTS = {
     "ConfigError": "memcalc.errors", "UnsupportedModelError": "memcalc.errors",
     "MissingDependencyError": "memcalc.errors", "OutputError": "memcalc.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "ConfigError", "MemcalcError", "MissingDependencyError", "ModelNotFoundError", "OutputError", "Report", "Request",
+    "UnsupportedModelError", "UsageError", "__version__", "compare", "estimate", "presets", "verify",
+]
 
 if TYPE_CHECKING:
     from memcalc.api import compare, estimate, presets, verify

@@ -23,7 +23,7 @@ from memcalc.spec import Attention, Checkpointing
 from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 
 if TYPE_CHECKING:
-    from memcalc.model import ModelInput
+    from memcalc.resolve import ModelInput
     from memcalc.spec import TrainingSpec
 
 # Breakdown keys of the activations term: "layers/<part>" summed over the layers, "model/<part>" once.

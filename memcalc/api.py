@@ -14,22 +14,20 @@ The keywords are ``memcalc.request.Request``'s fields (the CLI's flags with ``_`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memcalc import families
 from memcalc.engine import estimate as _estimate_spec
 from memcalc.errors import UsageError
-from memcalc.model import ModelConfig, ModelInput
 from memcalc.report import Report, VerifyResult, VerifyRow
 from memcalc.request import Plan, Request
-from memcalc.resolve import resolve_model
+from memcalc.resolve import ModelInput, model_input, model_of, resolve_model  # noqa: F401 (the API's)
 from memcalc.spec import TrainingSpec
 
 if TYPE_CHECKING:
+    from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
     from memcalc.fit import GpuTarget
-    from memcalc.catalog import GpuSpec
 
 VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
 
@@ -92,31 +90,6 @@ def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, def
     return report
 
 
-def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
-    """Resolve a model reference and/or a parameter count; a count replaces the model's (no shapes then)."""
-    if model_ref is None and num_params is None:
-        raise UsageError("give a {model} (preset name, config.json path) or {params} 7B; see 'memcalc presets'")
-    config: ModelConfig | None = resolve_model(model_ref) if model_ref is not None else None
-    if num_params is not None:
-        if config is None:
-            return ModelInput.from_count(num_params)
-        # A count overrides the count of a named model: no shapes, but the architecture stays for activations.
-        flat = ModelInput.from_count(num_params, name=config.name, source=f"{config.source}, count from --params")
-        return ModelInput(name=flat.name, source=flat.source, model_type=config.model_type or None,
-                          tensors=flat.tensors, architecture_known=False, config=config,
-                          described=families.describe(config))
-    assert config is not None
-    return model_of(config)
-
-
-def model_of(config: ModelConfig) -> ModelInput:
-    """The model a config describes: its family's resolved view and its exact tensors."""
-    described = families.describe(config)
-    return ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
-                      tensors=tuple(described.inventory()), architecture_known=True, config=config,
-                      notes=tuple(described.inventory_notes()), described=described)
-
-
 # -- measuring --------------------------------------------------------------------------------------------------
 
 
@@ -154,26 +127,9 @@ def verify_plan(plan: Plan, method: str = "auto", progress: Callable[[str], None
 # -- presets, peers' figures, configs --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class ModelPreset:
-    name: str
-    model_type: str
-    num_params: int
-    aliases: tuple[str, ...]
-    source: str
-
-
-@dataclass(frozen=True, eq=False)
-class Presets:
-    """The model presets (exact parameter counts from their inventories) and the GPU presets."""
-
-    models: list[ModelPreset]
-    gpus: list[GpuSpec]
-
-
 def presets() -> Presets:
     """Every model preset with its exact parameter count, and every GPU preset with its memory."""
-    from memcalc.catalog import gpu_presets, model_preset_files
+    from memcalc.catalog import ModelPreset, Presets, gpu_presets, model_preset_files
 
     models = []
     for name in model_preset_files():

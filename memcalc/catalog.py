@@ -161,3 +161,20 @@ def gpu_alias_note(name: str) -> str | None:
 def _capacity(gpu: GpuSpec) -> str:
     """'80 GB' from the datasheet capacity ``nominal`` ("80 GB HBM2e")."""
     return " ".join(gpu.nominal.split()[:2])
+
+
+@dataclass(frozen=True, eq=False)
+class ModelPreset:
+    name: str
+    model_type: str
+    num_params: int
+    aliases: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class Presets:
+    """The model presets (exact parameter counts from their inventories) and the GPU presets."""
+
+    models: list[ModelPreset]
+    gpus: list[GpuSpec]

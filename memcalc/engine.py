@@ -14,8 +14,8 @@ The sum of all terms is not the peak: activations are gone before the optimizer 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memcalc import activations, trainable
@@ -23,7 +23,6 @@ from memcalc.model import (
     ROLE_EMBEDDING,
     ROLE_EXPERT,
     ROLE_POSITION_EMBEDDING,
-    ModelInput,
     ParamTensor,
     head_tied_to_embedding,
     token_embedding,
@@ -32,6 +31,7 @@ from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
 from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
+from memcalc.resolve import ModelInput
 from memcalc.spec import TrainingSpec
 from memcalc.vocab import (
     ALL_PHASES,

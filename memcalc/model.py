@@ -9,11 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from memcalc.families import Described
-    from memcalc.families.base import Arch
+from typing import Any
 
 # Roles a parameter tensor plays. Used by LoRA targeting, autocast copies and ZeRO-3 gathering.
 ROLE_EMBEDDING = "embedding"  # token embeddings (nn.Embedding); not cast by autocast
@@ -85,32 +81,3 @@ class ModelConfig:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.raw.get(key, default)
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class ModelInput:
-    """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
-
-    name: str
-    source: str
-    model_type: str | None
-    tensors: tuple[ParamTensor, ...]
-    architecture_known: bool
-    config: ModelConfig | None = None
-    notes: tuple[str, ...] = ()  # e.g. "counted from its text_config", "built on the meta device"
-    described: Described | None = None  # what its family resolved (memcalc.families.describe); None: a bare count
-
-    @classmethod
-    def from_count(cls, num_params: int, name: str = "custom", source: str = "--params") -> ModelInput:
-        flat = ParamTensor(name="params", shape=(num_params,), layer=None, role="other")
-        return cls(name=name, source=source, model_type=None, tensors=(flat,), architecture_known=False)
-
-    @property
-    def arch(self) -> Arch | None:
-        """The resolved config (memcalc.families.base.Arch); None for a bare parameter count."""
-        return self.described.arch if self.described is not None else None
-
-    @property
-    def hidden_size(self) -> int | None:
-        """The model's hidden size (what HF's DeepSpeed integration sizes buckets by); None when unknown."""
-        return self.arch.hidden_size or None if self.arch is not None else None

@@ -20,7 +20,7 @@ from memcalc.vocab import Phase
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from memcalc.api import Presets
+    from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
 
 PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step"}

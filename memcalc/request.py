@@ -21,7 +21,7 @@ from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Offload, Sha
 
 if TYPE_CHECKING:
     from memcalc.fit import GpuTarget
-    from memcalc.model import ModelInput
+    from memcalc.resolve import ModelInput
     from memcalc.spec import TrainingSpec
 
 # FSDP2's fully_shard default (reshard_after_forward=True) is memcalc's stage 3.
@@ -187,7 +187,7 @@ def _sharding(request: Request) -> str:
 
 
 def _plan(request: Request) -> Plan:
-    from memcalc.api import model_input
+    from memcalc.resolve import model_input
 
     _check_simple(request)
     freeze = _freeze(request)
@@ -298,8 +298,8 @@ def _positions(model: ModelInput, spec: TrainingSpec) -> list[str]:
 def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
     if request.gpu is None and request.gpu_memory is None:
         return None, None
-    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
     from memcalc.catalog import find_gpu, gpu_alias_note
+    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
     from memcalc.units import parse_size
 
     def size(value: int | str, name: str) -> int:

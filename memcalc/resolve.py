@@ -15,13 +15,19 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from memcalc.datafile import read_json_object, shown
-from memcalc.errors import ConfigError, ModelNotFoundError
-from memcalc.model import ModelConfig
+if TYPE_CHECKING:
+    from memcalc.families import Described
+    from memcalc.families.base import Arch
+
+from memcalc import families
 from memcalc.catalog import find_model_preset, load_model_preset, model_preset_files, suggest
+from memcalc.datafile import read_json_object, shown
+from memcalc.errors import ConfigError, ModelNotFoundError, UsageError
+from memcalc.model import ModelConfig, ParamTensor
 
 __all__ = ["HUB_TIMEOUT_SECONDS", "resolve_model", "shown"]
 
@@ -302,3 +308,60 @@ def _progress_bars() -> Any:
         return None
     wanted = ("are_progress_bars_disabled", "disable_progress_bars", "enable_progress_bars")
     return utils if all(hasattr(utils, name) for name in wanted) else None
+
+
+# -- the model the engine estimates ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ModelInput:
+    """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
+
+    name: str
+    source: str
+    model_type: str | None
+    tensors: tuple[ParamTensor, ...]
+    architecture_known: bool
+    config: ModelConfig | None = None
+    notes: tuple[str, ...] = ()  # e.g. "counted from its text_config", "built on the meta device"
+    described: Described | None = None  # what its family resolved (memcalc.families.describe); None: a bare count
+
+    @classmethod
+    def from_count(cls, num_params: int, name: str = "custom", source: str = "--params") -> ModelInput:
+        flat = ParamTensor(name="params", shape=(num_params,), layer=None, role="other")
+        return cls(name=name, source=source, model_type=None, tensors=(flat,), architecture_known=False)
+
+    @property
+    def arch(self) -> Arch | None:
+        """The resolved config (memcalc.families.base.Arch); None for a bare parameter count."""
+        return self.described.arch if self.described is not None else None
+
+    @property
+    def hidden_size(self) -> int | None:
+        """The model's hidden size (what HF's DeepSpeed integration sizes buckets by); None when unknown."""
+        return self.arch.hidden_size or None if self.arch is not None else None
+
+
+def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
+    """Resolve a model reference and/or a parameter count; a count replaces the model's (no shapes then)."""
+    if model_ref is None and num_params is None:
+        raise UsageError("give a {model} (preset name, config.json path) or {params} 7B; see 'memcalc presets'")
+    config: ModelConfig | None = resolve_model(model_ref) if model_ref is not None else None
+    if num_params is not None:
+        if config is None:
+            return ModelInput.from_count(num_params)
+        # A count overrides the count of a named model: no shapes, but the architecture stays for activations.
+        flat = ModelInput.from_count(num_params, name=config.name, source=f"{config.source}, count from --params")
+        return ModelInput(name=flat.name, source=flat.source, model_type=config.model_type or None,
+                          tensors=flat.tensors, architecture_known=False, config=config,
+                          described=families.describe(config))
+    assert config is not None
+    return model_of(config)
+
+
+def model_of(config: ModelConfig) -> ModelInput:
+    """The model a config describes: its family's resolved view and its exact tensors."""
+    described = families.describe(config)
+    return ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
+                      tensors=tuple(described.inventory()), architecture_known=True, config=config,
+                      notes=tuple(described.inventory_notes()), described=described)

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
-from memcalc.configs import deepspeed_defaults as ds_defaults
+from memcalc import deepspeed_defaults as ds_defaults
 from memcalc.errors import UsageError
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, PrecisionName
@@ -46,7 +46,7 @@ class Offload(str, Enum):
 @dataclass(frozen=True)
 class ZeroBuffers:
     """DeepSpeed's buffer settings that size memory, in elements, with DeepSpeed's defaults
-    (memcalc/configs/deepspeed_defaults.py).
+    (memcalc/deepspeed_defaults.py).
 
     allgather_bucket_size is not here: it allocates nothing. deepspeed/runtime/utils.py, all_gather_dp_groups
     (called by stage_1_and_2.py step) all-gathers straight into the existing 16-bit flat buffer with

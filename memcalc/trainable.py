@@ -28,7 +28,7 @@ from memcalc.model import (
 )
 
 if TYPE_CHECKING:
-    from memcalc.model import ModelInput
+    from memcalc.resolve import ModelInput
     from memcalc.spec import TrainingSpec
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear except the output head

@@ -27,7 +27,7 @@ LLAMA3_8B = 8_030_261_248
 
 
 def test_figures_come_from_the_deepspeed_version_memcalc_reads():
-    from memcalc.configs.deepspeed_defaults import DEEPSPEED_VERSION_READ
+    from memcalc.deepspeed_defaults import DEEPSPEED_VERSION_READ
 
     assert PEER["versions"]["deepspeed"] == DEEPSPEED_VERSION_READ
 

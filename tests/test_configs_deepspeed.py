@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memcalc.configs import deepspeed_defaults
+from memcalc import deepspeed_defaults
 from memcalc.configs.deepspeed import (
     disagreements,
     emit_deepspeed_config,

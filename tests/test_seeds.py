@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from memcalc.api import model_input, run
-from memcalc.model import ModelInput
+from memcalc.resolve import ModelInput
 from memcalc.spec import TrainingSpec
 from memcalc.units import BYTES_PER_GB, format_bytes
 from memcalc.vocab import TERM_AUTOCAST_COPIES

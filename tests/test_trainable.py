@@ -9,7 +9,8 @@ import pytest
 from memcalc import families, trainable
 from memcalc.api import model_input, model_of, run
 from memcalc.errors import UsageError
-from memcalc.model import ModelConfig, ModelInput
+from memcalc.model import ModelConfig
+from memcalc.resolve import ModelInput
 from memcalc.spec import TrainingSpec
 
 TINY = {

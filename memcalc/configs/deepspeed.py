@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memcalc.configs import deepspeed_defaults as defaults
+from memcalc import deepspeed_defaults as defaults
 from memcalc.datafile import read_json, shown
 from memcalc.errors import ConfigError, UsageError
 from memcalc.optimizers import OptimizerName

@@ -57,9 +57,10 @@ def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
 
 def estimate_for(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec) -> Report:
     """The estimate the measurement is checked against: the exact inventory of this config."""
-    from memcalc.api import model_of, run
+    from memcalc.engine import estimate
+    from memcalc.resolve import model_of
 
-    return run(model_of(_as_config(model_config)), spec)
+    return estimate(model_of(_as_config(model_config)), spec)
 
 
 def ram_bytes() -> int | None:

@@ -3,7 +3,7 @@
     python benchmarks/accuracy.py [--quick] [--no-trace] [--markdown docs/accuracy.md]
 
 Every configuration runs a warm-up step and a measured step on the CPU under memcalc's tensor-lifetime
-tracker (memcalc.verify, cpu-tracker), and the estimate for exactly that model and spec is put beside it.
+tracker (memcalc.measure, cpu-tracker), and the estimate for exactly that model and spec is put beside it.
 Then Llama-3-8B is traced at full size (FakeTensorMode, no memory) at seq 2048 and 8192. Configurations
 where a CPU run cannot behave like a GPU run (CPU autocast keeps layer_norm/softmax/pow in 16-bit) are
 reported apart and left out of the summary statistics.
@@ -108,7 +108,7 @@ def _model(raw: dict) -> tuple[ModelConfig, ModelInput]:
 
 
 def measure_case(case: Case) -> Result:
-    from memcalc.verify import run_verify
+    from memcalc.measure import run_verify
 
     config, model = _model(MODELS[case.family])
     report = run(model, case.spec())
@@ -120,7 +120,7 @@ def measure_case(case: Case) -> Result:
 
 
 def trace_llama3(seq_len: int, precision: str, checkpointing: str = "none", impl: str = "foreach") -> Result:
-    from memcalc.verify import run_verify
+    from memcalc.measure import run_verify
 
     model = model_input("llama-3-8b", None)
     spec = TrainingSpec(precision=precision, seq_len=seq_len, checkpointing=checkpointing, optim_impl=impl)
@@ -165,7 +165,7 @@ def main() -> int:
     median, worst, misses = summary(results)
     text = ["# Accuracy: estimate vs measured training steps", "",
             "Written by `python benchmarks/accuracy.py --markdown docs/accuracy.md`. Each CPU row runs a warm-up "
-            "step and a measured step of a small model under memcalc's tensor-lifetime tracker (`memcalc.verify`, "
+            "step and a measured step of a small model under memcalc's tensor-lifetime tracker (`memcalc.measure`, "
             "cpu-tracker); the estimate is for exactly that model and spec. The Llama-3-8B rows trace the real "
             "transformers class at full size under FakeTensorMode (no memory). Error = (estimate - measured) / "
             "measured. Rows with a note are runs whose CPU behaviour differs from a GPU's, reported apart.", "",

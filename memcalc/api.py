@@ -105,7 +105,7 @@ def verify_plan(plan: Plan, method: str = "auto", progress: Callable[[str], None
                          "during later forwards, is in the estimate)")
     if plan.model.config is None or not plan.model.architecture_known:
         raise UsageError("verify builds the real model: give a {model} (preset name or config.json), not {params}")
-    from memcalc.verify import verify as measure
+    from memcalc.measure import verify as measure
 
     outcome = measure(plan.model.config, spec, method, progress=progress)
     report = run_plan(plan)[0]
@@ -134,8 +134,9 @@ def presets() -> Presets:
     models = []
     for name in model_preset_files():
         config = resolve_model(name)
-        num_params = sum(t.numel for t in families.inventory(config))
-        models.append(ModelPreset(name, config.model_type, num_params, tuple(config.aliases), config.source))
+        described = families.describe(config)
+        num_params = sum(t.numel for t in described.inventory())
+        models.append(ModelPreset(name, described.declared_type, num_params, tuple(config.aliases), config.source))
     return Presets(models, list(gpu_presets()))
 
 

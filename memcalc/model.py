@@ -75,9 +75,3 @@ class ModelConfig:
     source: str  # provenance: preset _source, file path, or hub id
     aliases: tuple[str, ...] = field(default=())
 
-    @property
-    def model_type(self) -> str:
-        return str(self.raw.get("model_type", ""))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.raw.get(key, default)

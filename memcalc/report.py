@@ -170,7 +170,7 @@ class VerifyRow:
 
 @dataclass(eq=False, repr=False)
 class VerifyResult:
-    """A measured training step beside the estimate (``--verify``, ``memcalc.verify``).
+    """A measured training step beside the estimate (``--verify``, ``memcalc.measure``).
 
     method: cuda | cpu-tracker | trace; per_term_bytes: what each estimator term is compared with;
     checked_peak_bytes: the estimate of the configuration that ran (a scaled-down copy when ``scaled`` lists

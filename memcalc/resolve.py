@@ -352,9 +352,9 @@ def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
             return ModelInput.from_count(num_params)
         # A count overrides the count of a named model: no shapes, but the architecture stays for activations.
         flat = ModelInput.from_count(num_params, name=config.name, source=f"{config.source}, count from --params")
-        return ModelInput(name=flat.name, source=flat.source, model_type=config.model_type or None,
-                          tensors=flat.tensors, architecture_known=False, config=config,
-                          described=families.describe(config))
+        described = families.describe(config)
+        return ModelInput(name=flat.name, source=flat.source, model_type=described.declared_type or None,
+                          tensors=flat.tensors, architecture_known=False, config=config, described=described)
     assert config is not None
     return model_of(config)
 
@@ -362,6 +362,6 @@ def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
 def model_of(config: ModelConfig) -> ModelInput:
     """The model a config describes: its family's resolved view and its exact tensors."""
     described = families.describe(config)
-    return ModelInput(name=config.name, source=config.source, model_type=config.model_type or None,
+    return ModelInput(name=config.name, source=config.source, model_type=described.declared_type or None,
                       tensors=tuple(described.inventory()), architecture_known=True, config=config,
                       notes=tuple(described.inventory_notes()), described=described)

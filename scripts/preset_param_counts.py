@@ -1,6 +1,6 @@
 """Print a markdown table of parameter counts for every model preset.
 
-Each preset in presets/models/*.json is built by memcalc.verify.build (keys starting with "_"
+Each preset in presets/models/*.json is built by memcalc.measure.build (keys starting with "_"
 are memcalc metadata and are dropped; only model classes of the config's model_type), the class
 named in ``architectures[0]`` on the meta device (no memory is allocated, nothing is downloaded, no remote code),
 and its parameters are counted. memcalc's own pure-Python inventory count is shown beside it
@@ -21,7 +21,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "presets" / "models"
 
 
 def count_params(raw: dict) -> int:
-    from memcalc.verify.build import build_meta_model  # the one builder memcalc uses everywhere
+    from memcalc.measure.build import build_meta_model  # the one builder memcalc uses everywhere
 
     return sum(p.numel() for p in build_meta_model(raw).parameters())
 

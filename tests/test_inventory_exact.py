@@ -18,12 +18,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from memcalc.errors import UnsupportedModelError
 from memcalc.families import SUPPORTED_MODEL_TYPES, describe, family
 from memcalc.families import inventory as build_inventory
 from memcalc.families.generic import meta_inventory, param_tensors
-from memcalc.verify.build import build_meta_model
-
-from memcalc.errors import UnsupportedModelError
+from memcalc.measure.build import build_meta_model
 from memcalc.model import ModelConfig, ParamTensor
 
 SUPPORTED_ARCHITECTURES = {t: tuple(family(t).heads) for t in SUPPORTED_MODEL_TYPES}

@@ -52,7 +52,7 @@ BIG = {**TINY, "num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 
 def test_cpu_verify_of_what_the_ram_cannot_hold_runs_the_full_size_trace(cli, monkeypatch, tiny_config):
     """The README's `memcalc MODEL --verify` works on a laptop: a model the RAM cannot hold is traced at full size
     under FakeTensorMode instead of refused, and the output says so."""
-    from memcalc import verify
+    from memcalc import measure as verify
 
     monkeypatch.setattr(verify, "ram_bytes", lambda: 64 * 1024 * 1024)  # a 64 MiB machine
     with open(tiny_config, "w") as handle:
@@ -67,7 +67,7 @@ def test_cpu_verify_of_what_the_ram_cannot_hold_runs_the_full_size_trace(cli, mo
 
 
 def test_cpu_tracker_scales_down_what_the_ram_cannot_hold(cli, monkeypatch, tiny_config):
-    from memcalc import verify
+    from memcalc import measure as verify
 
     monkeypatch.setattr(verify, "ram_bytes", lambda: 64 * 1024 * 1024)  # a 64 MiB machine
     with open(tiny_config, "w") as handle:
@@ -81,7 +81,7 @@ def test_cpu_tracker_scales_down_what_the_ram_cannot_hold(cli, monkeypatch, tiny
 
 def test_verify_scales_a_model_down_to_fit(monkeypatch):
     """What a GPU run does when the model does not fit the card (exercised here on the CPU)."""
-    from memcalc import verify
+    from memcalc import measure as verify
     from memcalc.model import ModelConfig
     from memcalc.spec import TrainingSpec
 

@@ -7,10 +7,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from memcalc import verify
+from memcalc import measure as verify
+from memcalc.measure import cuda as vcuda
+from memcalc.cli import flag_of
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from memcalc.verify import cuda as vcuda
 
 TINY = ModelConfig(name="tiny-llama", source="test", raw={
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -133,4 +134,5 @@ def test_cuda_run_refused_when_the_estimate_exceeds_the_card(fake_cuda, monkeypa
     config = model_input("llama-3-8b", None).config
     with pytest.raises(verify.UsageError) as err:
         verify.run_verify(config, TrainingSpec(precision="fp32", seq_len=2048), "cuda")
-    assert "--verify=trace" in str(err.value) and "estimated peak" in str(err.value)
+    assert "verify=trace" in str(err.value) and "estimated peak" in str(err.value)
+    assert "--verify=trace" in err.value.render(flag_of)  # as the command line says it

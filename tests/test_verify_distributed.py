@@ -1,4 +1,4 @@
-"""Per-rank memory on torch.distributed ranks (memcalc.verify.distributed): DDP, ZeroRedundancyOptimizer and FSDP2
+"""Per-rank memory on torch.distributed ranks (memcalc.measure.distributed): DDP, ZeroRedundancyOptimizer and FSDP2
 on spawned gloo CPU ranks, and the same step traced through the fake process group.
 
 Every rank's parameter, gradient and optimizer-state bytes are checked against figures computed here, independently,
@@ -23,9 +23,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from memcalc.errors import UnsupportedModelError, UsageError
+from memcalc.measure.distributed import COMM_BUFFERS, UNSHARDED_GRADIENTS, measure_distributed
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from memcalc.verify.distributed import COMM_BUFFERS, UNSHARDED_GRADIENTS, measure_distributed
 
 # Odd vocabulary: FSDP2 pads the embedding and LM head shards, and ZeRO-1's ranks come out unequal.
 TINY_LLAMA = {
@@ -291,7 +291,7 @@ SHARDING = {"ddp": "torch", "zero1": "torch", "fsdp2": "fsdp"}
 
 def _estimate(engine: str, reshard: bool, precision: str, world: int):
     from memcalc.api import model_of, run
-    from memcalc.verify.distributed import zero_stage_of
+    from memcalc.measure.distributed import zero_stage_of
 
     spec = _spec(precision).replace(zero_stage=zero_stage_of(engine, reshard), num_gpus=world,
                                     sharding=SHARDING[engine])

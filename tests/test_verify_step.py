@@ -11,16 +11,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from memcalc import verify
+from memcalc import measure as verify
 from memcalc.api import model_input, model_of, run
 from memcalc.cli import flag_of
 from memcalc.errors import MissingDependencyError, UsageError
 from memcalc.families import inventory as build_inventory
+from memcalc.measure import compare, run_verify
 from memcalc.model import (
     ModelConfig,
 )
 from memcalc.spec import TrainingSpec
-from memcalc.verify import compare, run_verify
 from memcalc.vocab import MODEL_STATE_TERMS
 
 TINY_LLAMA = {
@@ -181,7 +181,7 @@ def test_cpu_run_refused_above_half_the_ram(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("allocated before refusing")
 
-    monkeypatch.setattr("memcalc.verify.step.measure_cpu", must_not_run)
+    monkeypatch.setattr("memcalc.measure.step.measure_cpu", must_not_run)
     config = model_input("llama-3-8b", None).config
     with pytest.raises(UsageError) as err:
         run_verify(config, TrainingSpec(precision="bf16-pure", seq_len=2048), "cpu-tracker")
@@ -217,5 +217,5 @@ def test_unknown_method_refused():
 
 
 def test_importing_verify_does_not_import_torch():
-    code = "import sys, memcalc.verify; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, memcalc.measure; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

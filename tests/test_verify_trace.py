@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from memcalc.api import model_input, run
+from memcalc.measure import compare, run_verify
 from memcalc.spec import TrainingSpec
-from memcalc.verify import compare, run_verify
 
 LLAMA_3_8B_PARAMS = 8_030_261_248
 

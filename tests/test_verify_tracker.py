@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
+from memcalc.measure import step as st
+from memcalc.measure import tracker as trk
 from memcalc.spec import TrainingSpec
-from memcalc.verify import step as st
-from memcalc.verify import tracker as trk
 
 KIB = 1024
 TINY_LLAMA = {

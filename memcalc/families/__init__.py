@@ -67,6 +67,7 @@ class Described:
     modelled_inventory: bool
     notes: tuple[str, ...] = ()
     reason: str = ""
+    declared_type: str = ""  # the config's own model_type ("gemma3" for a config whose text_config is followed)
 
     def inventory(self) -> list[ParamTensor]:
         """Every parameter tensor, as transformers 5.24 names and shapes it: the family's own list, or (torch and
@@ -115,7 +116,7 @@ def _model_type(raw: Mapping[str, Any]) -> str:
 def describe(config: ModelConfig) -> Described:
     """Which dict, model_type, class and family the estimate of ``config`` follows, and its resolved Arch."""
     raw, notes = config.raw, []
-    model_type = _model_type(raw)
+    model_type = declared = _model_type(raw)
     text = raw.get("text_config")
     if family(model_type) is None and isinstance(text, dict):
         text_type = _model_type(text) or f"{model_type}_text"
@@ -133,7 +134,7 @@ def describe(config: ModelConfig) -> Described:
 
         return Described(model_type, architecture, raw, generic.FAMILY, generic.resolve_any(raw, model_type, architecture),
                          derived=False, modelled_inventory=False, notes=tuple(notes),
-                         reason=f"model_type {model_type!r} has no pure-Python inventory")
+                         reason=f"model_type {model_type!r} has no pure-Python inventory", declared_type=declared)
     default = next(iter(found.heads))
     architecture = architecture or default
     reason = ""
@@ -145,7 +146,7 @@ def describe(config: ModelConfig) -> Described:
     if arch.architecture != architecture:  # an unmodelled class of the family: its rules, its class name
         arch = dataclasses.replace(arch, architecture=architecture)
     return Described(model_type, architecture, raw, found, arch, derived=True, modelled_inventory=not reason,
-                     notes=tuple(notes), reason=reason)
+                     notes=tuple(notes), reason=reason, declared_type=declared)
 
 
 def inventory(config: ModelConfig) -> list[ParamTensor]:

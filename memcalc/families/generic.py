@@ -1,6 +1,6 @@
 """The generic family: any model type transformers ships that no family module models by hand.
 
-Tensors: the transformers class built on the meta device (memcalc.verify.build, torch and transformers imported
+Tensors: the transformers class built on the meta device (memcalc.measure.build, torch and transformers imported
 there), names and shapes exact, ``layer`` and ``role`` read from the names. Activations: Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", eq. 2), s*b*h*34 bytes per layer in 16-bit
 (no 5as/h score term for fused attention), flagged as an approximation in the notes.
@@ -76,7 +76,7 @@ def resolve_any(raw: Mapping[str, Any], model_type: str, architecture: str | Non
 
 def meta_inventory(config: ModelConfig | Mapping[str, Any], architecture: str | None = None) -> list[ParamTensor]:
     """The inventory of any model transformers ships, read from a meta-device build of its class."""
-    from memcalc.verify.build import build_meta_model
+    from memcalc.measure.build import build_meta_model
 
     raw = config.raw if isinstance(config, ModelConfig) else config
     return param_tensors(build_meta_model(raw, architecture))

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from memcalc.errors import UsageError
+from memcalc.measure import build
+from memcalc.measure import tracker as trk
+from memcalc.measure.measurement import Measurement
 from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, Recipe, get_recipe
 from memcalc.spec import Checkpointing, TrainingSpec
-from memcalc.verify import build
-from memcalc.verify import tracker as trk
-from memcalc.verify.measurement import Measurement
 
 TORCH_DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 LEARNING_RATE = 1e-3
@@ -114,7 +114,7 @@ def _raw(model_config: ModelConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> torch.nn.Module:
-    """The model of the config (memcalc.verify.build, the one builder), in the recipe's weight dtype, on the
+    """The model of the config (memcalc.measure.build, the one builder), in the recipe's weight dtype, on the
     setup's device, checkpointed as the spec says, in training mode."""
     model = build.build_model(_raw(model_config), dtype=setup.weight_dtype,
                               attn_implementation=setup.attn_implementation)

@@ -3,7 +3,7 @@
 The only part of memcalc that uses torch and transformers; importing this package imports neither (they are
 imported when a measurement runs). Methods:
   cuda         a CUDA GPU's allocator peak (``torch.cuda.max_memory_allocated``) over a steady-state step
-  cpu-tracker  real CPU tensors, their storages tracked by a TorchDispatchMode (memcalc.verify.tracker)
+  cpu-tracker  real CPU tensors, their storages tracked by a TorchDispatchMode (memcalc.measure.tracker)
   trace        the full-size model under FakeTensorMode through the same tracker: no memory allocated
 ``auto`` picks cuda when a GPU is available, else cpu-tracker.
 """
@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from memcalc.errors import INSTALL_TORCH, MissingDependencyError, UsageError
+from memcalc.measure.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS, Measurement
 from memcalc.model import ModelConfig
 from memcalc.report import Report
 from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
-from memcalc.verify.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS, Measurement
 
 __all__ = ["INSTALL_HINT", "METHODS", "Measurement", "Outcome", "Row", "compare", "estimate_for", "run_verify", "verify"]
 
@@ -51,8 +51,7 @@ def _as_config(model_config: ModelConfig | dict[str, Any]) -> ModelConfig:
     if isinstance(model_config, ModelConfig):
         return model_config
     raw = dict(model_config)
-    return ModelConfig(name=str(raw.get("_name", raw.get("model_type", "config"))), raw=raw,
-                       source=str(raw.get("_source", "config dict")))
+    return ModelConfig(name=str(raw.get("_name", "config")), raw=raw, source=str(raw.get("_source", "config dict")))
 
 
 def estimate_for(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec) -> Report:
@@ -135,18 +134,18 @@ def run_verify(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, m
         _check_fits_ram(estimate_for(config, spec), spec)
     elif method == METHOD_CUDA:
         _check_fits_gpu(estimate_for(config, spec), spec)
-    from memcalc.verify.step import resolve_setup
+    from memcalc.measure.step import resolve_setup
 
     resolve_setup(spec, attn_implementation)  # refuse unsupported specs before building anything
     if method == METHOD_TRACE:
-        from memcalc.verify.trace import measure_trace
+        from memcalc.measure.trace import measure_trace
 
         return measure_trace(config, spec, attn_implementation=attn_implementation, progress=progress)
     if method == METHOD_CUDA:
-        from memcalc.verify.cuda import measure_cuda
+        from memcalc.measure.cuda import measure_cuda
 
         return measure_cuda(config, spec, attn_implementation=attn_implementation, progress=progress)
-    from memcalc.verify.step import measure_cpu
+    from memcalc.measure.step import measure_cpu
 
     return measure_cpu(config, spec, attn_implementation=attn_implementation, progress=progress)
 
@@ -266,7 +265,7 @@ def _torch_engine(spec: TrainingSpec) -> tuple[str, bool, TrainingSpec, list[str
 def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
                   progress: Callable[[str], None] | None) -> Outcome:
     """Several GPUs: a fake process group at full size (auto, trace) or real gloo ranks on the CPU."""
-    from memcalc.verify.distributed import measure_distributed
+    from memcalc.measure.distributed import measure_distributed
 
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; for several GPUs use {verify}=trace (fake process group) "

@@ -21,10 +21,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from memcalc.measure.measurement import Measurement
+from memcalc.measure.step import Progress, execute, to_measurement
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from memcalc.verify.measurement import Measurement
-from memcalc.verify.step import Progress, execute, to_measurement
 
 
 @contextlib.contextmanager

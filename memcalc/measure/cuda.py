@@ -17,11 +17,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from memcalc.errors import UsageError
+from memcalc.measure import tracker as trk
+from memcalc.measure.measurement import Measurement
+from memcalc.measure.step import PhaseClock, Progress, execute, to_measurement
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from memcalc.verify import tracker as trk
-from memcalc.verify.measurement import Measurement
-from memcalc.verify.step import PhaseClock, Progress, execute, to_measurement
 
 
 class CudaPhaseClock(PhaseClock):

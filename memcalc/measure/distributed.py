@@ -1,7 +1,7 @@
 """Per-rank memory of data-parallel training, measured on torch.distributed ranks (issue 7, "How it is measured").
 
-``measure_distributed`` runs the step of ``memcalc.verify.step`` (same model, recipe, optimizer, inputs, phases)
-inside a data-parallel engine and measures every rank with the tensor tracker of ``memcalc.verify.tracker``:
+``measure_distributed`` runs the step of ``memcalc.measure.step`` (same model, recipe, optimizer, inputs, phases)
+inside a data-parallel engine and measures every rank with the tensor tracker of ``memcalc.measure.tracker``:
 
   ddp     torch DistributedDataParallel (ZeRO stage 0) with its defaults: 25 MiB gradient buckets,
           ``gradient_as_bucket_view=False`` (the buckets are a second copy of the gradients).
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from memcalc.errors import UsageError
+from memcalc.measure.measurement import Measurement
 from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimizerName
 from memcalc.spec import TrainingSpec
-from memcalc.verify.measurement import Measurement
 
 __all__ = ["COMM_BUFFERS", "DIST_METHODS", "ENGINES", "UNSHARDED_GRADIENTS", "measure_distributed", "zero_stage_of"]
 
@@ -121,7 +121,7 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
 
 def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, engine: str, world_size: int,
           method: str, reshard_after_forward: bool, attn_implementation: str | None) -> _Job:
-    from memcalc.verify import ATTN_IMPLEMENTATIONS, _as_config, _require_torch
+    from memcalc.measure import ATTN_IMPLEMENTATIONS, _as_config, _require_torch
 
     if engine not in ENGINES:
         raise UsageError(f"engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -149,11 +149,11 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     _require_torch()
     config = _as_config(model_config)
     attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
-    from memcalc.verify.step import resolve_setup
+    from memcalc.measure.step import resolve_setup
 
     single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none")
     resolve_setup(single, attn)  # the single-rank checks (LoRA, freeze, optimizers, dtypes) with their messages
-    from memcalc.verify.build import hf_config, model_class
+    from memcalc.measure.build import hf_config, model_class
 
     model_class(hf_config(config.raw))  # an unbuildable config fails here, in one line, not in every rank
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
@@ -163,8 +163,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
 
 def _check_fits_ram(job: _Job) -> None:
     """Every gloo rank holds a real model: refuse a run whose ranks together would exceed half the RAM."""
+    from memcalc.measure import CPU_RAM_FRACTION, _as_config, estimate_for, ram_bytes
     from memcalc.units import format_bytes
-    from memcalc.verify import CPU_RAM_FRACTION, _as_config, estimate_for, ram_bytes
 
     total = ram_bytes()
     if total is None:
@@ -248,11 +248,11 @@ def _process_context(mp, job: _Job):
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    from memcalc.verify.build import config_fields
+    from memcalc.measure.build import config_fields
 
     model_type = config_fields(job.raw)[0].replace("-", "_")
     preload = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.optim", "transformers",
-               "memcalc.verify.step", __name__]
+               "memcalc.measure.step", __name__]
     if model_type.isidentifier():
         preload.append(f"transformers.models.{model_type}.modeling_{model_type}")
     ctx.set_forkserver_preload(preload)  # used when the server starts (first call); a running one keeps its own
@@ -311,7 +311,7 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from memcalc.verify.trace import unpacked_sequences
+    from memcalc.measure.trace import unpacked_sequences
 
     if dist.is_initialized():
         raise UsageError("the fake process group needs this process to have no default process group; "
@@ -340,12 +340,12 @@ def _local(t):
 
 
 def _dist_tracker_class():
-    """The tracker of memcalc.verify.step, extended for distributed engines (built lazily: imports torch)."""
+    """The tracker of memcalc.measure.step, extended for distributed engines (built lazily: imports torch)."""
     import torch
     from torch.distributed.tensor import DTensor
 
-    from memcalc.verify import tracker as trk
-    from memcalc.verify.step import _OpNames
+    from memcalc.measure import tracker as trk
+    from memcalc.measure.step import _OpNames
 
     class DistTracker(_OpNames):
         """Adds the ``comm_buffers`` and ``unsharded_gradients`` categories; unwraps DTensors to their local
@@ -446,7 +446,7 @@ class _Parameters:
 def _shard_optimizer_class():
     import torch
 
-    from memcalc.verify.step import Stepper
+    from memcalc.measure.step import Stepper
 
     class ShardOptimizer(torch.optim.Optimizer):
         """ZeroRedundancyOptimizer's local optimizer: steps this rank's share of the parameters with memcalc's
@@ -536,7 +536,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     DistTracker, trk, torch = _dist_tracker_class()
     import torch.distributed as dist
 
-    from memcalc.verify.step import (
+    from memcalc.measure.step import (
         PhaseClock,
         StepResult,
         _TrackerClock,
@@ -648,7 +648,7 @@ def _wrap_ddp(job: _Job, model, setup, comm_baseline: list, dist_info: dict[str,
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from memcalc.verify.step import Stepper
+    from memcalc.measure.step import Stepper
 
     # Defaults: bucket_cap_mb=25 (first bucket 1 MiB after the rebuild), gradient_as_bucket_view=False.
     # init_sync (parameter check and broadcast from rank 0) reads real data: skipped under the fake group.
@@ -689,7 +689,7 @@ def _wrap_ddp(job: _Job, model, setup, comm_baseline: list, dist_info: dict[str,
 def _wrap_fsdp2(job: _Job, model, setup, policy, mesh, dist_info: dict[str, Any]):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from memcalc.verify.step import Stepper
+    from memcalc.measure.step import Stepper
 
     layers = _decoder_layers(model)
     mp_policy = policy or MixedPrecisionPolicy()

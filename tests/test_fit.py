@@ -17,6 +17,7 @@ import pytest
 
 from memcalc import api
 from memcalc import fit as fit_module
+from memcalc.catalog import find_gpu
 from memcalc.engine import estimate
 from memcalc.errors import UsageError
 from memcalc.fit import (
@@ -32,7 +33,6 @@ from memcalc.fit import (
     check_fit,
     largest_fitting,
 )
-from memcalc.catalog import find_gpu
 from memcalc.report import Report
 from memcalc.spec import TrainingSpec
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from memcalc.errors import UsageError
 from memcalc.catalog import find_gpu, gpu_alias_note, gpu_presets, normalize_name
+from memcalc.errors import UsageError
 from memcalc.units import BYTES_PER_MIB
 from tests.conftest import REPO
 

@@ -13,8 +13,8 @@ import pytest
 
 from memcalc import resolve
 from memcalc.api import model_input
-from memcalc.errors import ConfigError, ModelNotFoundError
 from memcalc.catalog import find_model_preset, load_model_preset, model_preset_files
+from memcalc.errors import ConfigError, ModelNotFoundError
 from memcalc.resolve import resolve_model
 from tests.conftest import PRESETS_MODELS
 

@@ -221,8 +221,16 @@ def _estimate(options: dict) -> int:
 
 
 def _write(text: str) -> None:
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    sys.stdout.flush()
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        raise OutputError("cannot write the output: stdout is closed")
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            # A bare BrokenPipeError: typer's own handler (errno EPIPE) would exit with 1 before main() sees it.
+            raise BrokenPipeError from None
+        raise
 
 
 estimate_app = typer.Typer(add_completion=False, context_settings=CONTEXT)

@@ -39,7 +39,14 @@ UNIT_BASES = {"gib": "2^30", "gb": "10^9", "mib": "2^20", "mb": "10^6"}
 def console() -> Console:
     """The console that prints to stdout: words wrapped at its width, no emoji, no guessed highlighting. A closed
     pipe (``| head``) is raised as BrokenPipeError for the CLI to end quietly; rich would exit with 1."""
+    import sys
+
     from rich.console import Console
+
+    from memcalc.errors import OutputError
+
+    if sys.stdout is None:  # started with stdout closed (>&-): rich would print to nowhere
+        raise OutputError("cannot write the output: stdout is closed")
 
     class _Console(Console):
         def on_broken_pipe(self) -> None:

@@ -137,8 +137,12 @@ def _check_simple(request: Request) -> None:
     _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params")  # (an empty model: resolve)
     if request.gpu is not None and request.gpu_memory is not None:
         raise UsageError("give either {gpu} NAME or {gpu_memory} SIZE, not both")
-    if (request.max_batch or request.max_seq_len) and request.gpu is None and request.gpu_memory is None:
+    no_gpu = request.gpu is None and request.gpu_memory is None
+    if (request.max_batch or request.max_seq_len) and no_gpu:
         raise UsageError("{max_batch} and {max_seq_len} solve for a GPU: add {gpu} NAME or {gpu_memory} SIZE")
+    for name in ("cuda_context", "reserve_fraction"):
+        if getattr(request, name) is not None and no_gpu:
+            raise UsageError(f"{{{name}}} is an assumption of the fit check: add {{gpu}} NAME or {{gpu_memory}} SIZE")
     if request.reserve_fraction is not None:
         fraction = request.reserve_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \

@@ -272,6 +272,12 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
     engine, reshard, checked, notes = _torch_engine(spec)
     report = estimate_for(model_config, checked)
+    if engine == "zero1" and report.model.num_tensors < spec.num_gpus:
+        # ZeroRedundancyOptimizer gives each rank whole tensors: past one tensor per rank some ranks own none, and
+        # their torch.optim optimizer refuses the empty parameter list (PyTorch's own run fails the same way).
+        raise UsageError(f"ZeroRedundancyOptimizer on {spec.num_gpus} ranks: this model has {report.model.num_tensors} "
+                         f"parameter tensors, so some ranks would own none and torch.optim refuses an empty parameter "
+                         f"list; verify with {{gpus}} {report.model.num_tensors} or fewer")
     if method == METHOD_CPU_TRACKER:
         total = ram_bytes()
         needed = report.per_gpu.peak_bytes * spec.num_gpus

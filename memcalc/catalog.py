@@ -81,7 +81,7 @@ def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
     return [by_key[m] for m in matches]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class GpuSpec:
     name: str
     display: str
@@ -163,7 +163,7 @@ def _capacity(gpu: GpuSpec) -> str:
     return " ".join(gpu.nominal.split()[:2])
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, repr=False)
 class ModelPreset:
     name: str
     model_type: str
@@ -172,7 +172,7 @@ class ModelPreset:
     source: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, repr=False)
 class Presets:
     """The model presets (exact parameter counts from their inventories) and the GPU presets."""
 

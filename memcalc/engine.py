@@ -247,7 +247,7 @@ def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
                and t.role in (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING))
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class _Extras:
     """Bytes alive at moments of the step that are not whole terms (see the module docstring)."""
 

@@ -66,7 +66,7 @@ def head_tied_to_embedding(tensors: Sequence[ParamTensor]) -> bool:
     return not any(t.role == ROLE_LM_HEAD and t.is_linear_weight and t.shape[0] == vocab for t in tensors)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ModelConfig:
     """A model's config as data (never code): the raw ``config.json`` dict and where it came from."""
 

@@ -32,7 +32,7 @@ class OptimImpl(str, Enum):
     forloop = "forloop"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class OptimizerSettings:
     name: OptimizerName = OptimizerName.adamw
     impl: OptimImpl = OptimImpl.foreach

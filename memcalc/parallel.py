@@ -42,7 +42,7 @@ DS = "deepspeed 0.19.8"
 DDP_BUCKET_CAP_BYTES = 25 * 2**20
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class RankHoldings:
     """What one GPU holds for each model state (element counts), and the engine's working buffers."""
 

@@ -32,7 +32,7 @@ class PrecisionName(str, Enum):
     amp_fp16 = "amp-fp16"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Recipe:
     """Dtypes of one recipe. ``master_dtype`` is None when the optimizer updates the weights in place."""
 

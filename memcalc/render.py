@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from memcalc.report import Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
-from memcalc.vocab import Phase
+from memcalc.vocab import TERM_ACTIVATIONS, Phase
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -132,20 +132,22 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
     at_peak = peak_phase.breakdown
     gpu_terms = [t for t in per_gpu.terms if not t.in_cpu_ram]
     cpu_terms = [t for t in per_gpu.terms if t.in_cpu_ram]
+    # Term names never wrap (the column is as wide as the longest); part names and prose wrap between words.
     names = [t.name for t in gpu_terms] + [name for name in at_peak if name not in {t.name for t in per_gpu.terms}]
     table = Table(title=f"Per GPU, in {label} ({UNIT_BASES[unit]} bytes)")
-    table.add_column("term", no_wrap=True, min_width=max(len(n) for n in names) + 2)
+    table.add_column("term", overflow="fold", min_width=max(len(n) for n in names if " " not in n) + 2)
     table.add_column(label, justify="right", no_wrap=True)
     table.add_column("at peak", justify="right", no_wrap=True)
     table.add_column("share", justify="right", no_wrap=True)
-    table.add_column("alive in")
+    table.add_column("alive in", min_width=len("whole step"))
     peak = per_gpu.peak_bytes or 1
     for term in gpu_terms:
         alive = at_peak.get(term.name, 0)
         table.add_row(term.name, format_value(term.bytes, unit), format_value(alive, unit) if alive else "-",
                       f"{100 * alive / peak:.1f}%" if alive else "", alive_label(term.phases))
-        for part, num_bytes in term.breakdown.items():
-            table.add_row(f"  {part}", format_value(num_bytes, unit), "", "", "", style="dim")
+        if explain or term.name != TERM_ACTIVATIONS:  # the activations' parts: with --explain (always in JSON)
+            for part, num_bytes in term.breakdown.items():
+                table.add_row(f"  {part}", format_value(num_bytes, unit), "", "", "", style="dim")
     extras = [name for name in at_peak if name not in {t.name for t in per_gpu.terms}]
     if extras:
         table.add_section()

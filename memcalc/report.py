@@ -13,7 +13,6 @@ given, and ``notes``. Model-state terms are named ``weights``, ``master_weights`
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +211,8 @@ class Report:
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self) -> str:
+        import json  # only for JSON output (a few ms of the start-up budget)
+
         return json.dumps(self.to_dict(), indent=2)
 
     def with_fit(self, fit: Fit) -> Report:

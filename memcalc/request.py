@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 FSDP_DEFAULT_STAGE = 3
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False, repr=False)
 class Request:
     """A model and a training setup as a user states them. Field names are ``memcalc.estimate``'s keywords.
 
@@ -91,7 +91,7 @@ SHOWN_DEFAULTS = ("precision", "optim", "optim_impl", "batch_size", "seq_len", "
                   "zero")
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class Plan:
     """A request resolved: the model, one TrainingSpec per ZeRO stage asked, the GPU target (or None), the
     defaults used (``--flag value`` labels, as the report lists them), notes for the report, and whether the

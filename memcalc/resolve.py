@@ -313,7 +313,7 @@ def _progress_bars() -> Any:
 # -- the model the engine estimates ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class ModelInput:
     """What the engine estimates for: exact tensors from an inventory, or a raw count as one flat tensor."""
 

@@ -47,7 +47,7 @@ def family(model_type: str) -> Family | None:
     return importlib.import_module(f"memcalc.families.{module}").FAMILIES[model_type]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class Described:
     """What memcalc knows about one config.
 

@@ -39,7 +39,7 @@ MAX_EXPERTS = 4096
 MAX_LABELS = 2**20
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class Arch:
     """A model's config as its transformers class resolves it. Family modules subclass it with their own fields.
 
@@ -72,7 +72,7 @@ class Arch:
     dropout: Mapping[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class Family:
     """Everything memcalc knows about one model_type.
 

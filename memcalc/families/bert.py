@@ -56,7 +56,7 @@ _HEADS = {
 }
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class BertArch(Arch):
     type_vocab_size: int
 

@@ -44,7 +44,7 @@ _DEFAULTS = {  # models/deepseek_v2/configuration_deepseek_v2.py: DeepseekV2Conf
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class DeepseekV2Arch(Arch):
     q_lora_rank: int | None  # None: a plain q_proj
     kv_lora_rank: int

@@ -44,7 +44,7 @@ _DEFAULTS = {  # models/falcon/configuration_falcon.py: FalconConfig
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class FalconArch(Arch):
     new_decoder_architecture: bool
     multi_query: bool  # the config's flag (ignored by the new architecture)

@@ -50,7 +50,7 @@ _ALIASES = {  # GPT2Config.attribute_map
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class Gpt2Arch(Arch):
     use_cache: bool
 

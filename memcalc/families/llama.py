@@ -80,7 +80,7 @@ _PHI3 = {  # models/phi3/configuration_phi3.py: Phi3Config
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class LlamaArch(Arch):
     qkv_bias: bool = False
     o_bias: bool = False
@@ -98,7 +98,7 @@ class LlamaArch(Arch):
         return 4 if self.sandwich else 2
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, repr=False)
 class Variant:
     """How one Llama copy differs: its config class defaults, where its attention biases come from (a config key
     or a constant; o_proj follows q/k/v when ``o_bias`` is None), its norms."""

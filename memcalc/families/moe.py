@@ -61,7 +61,7 @@ _EXPERT_ALIASES = {"mixtral": {"num_experts": "num_local_experts"}, "qwen2_moe":
 _EXPERT_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts"}
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class MoeArch(LlamaArch):
     num_experts: int
     experts_per_token: int

@@ -46,7 +46,7 @@ _DEFAULTS = {  # models/opt/configuration_opt.py: OPTConfig
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class OptArch(Arch):
     word_embed_proj_dim: int
     layer_norm_before: bool

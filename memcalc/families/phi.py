@@ -46,7 +46,7 @@ _DEFAULTS = {  # models/phi/configuration_phi.py: PhiConfig
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class PhiArch(Arch):
     qk_layernorm: bool
     rotary_dim: int  # partial rotary: int(head_dim x partial_rotary_factor)

@@ -37,7 +37,7 @@ PART_LOSS_SCALARS = "loss scalars"
 PART_ROUTING = "router aux loss"
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(eq=False, repr=False)
 class Run:
     """The shapes and dtypes of one micro-batch's forward."""
 

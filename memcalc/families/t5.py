@@ -49,7 +49,7 @@ _ALIASES = {  # T5Config.attribute_map
 }  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
+@dataclass(eq=False, repr=False, kw_only=True)
 class T5Arch(Arch):
     encoder_layers: int
     decoder_layers: int

@@ -60,19 +60,27 @@ def hf_config(raw: Mapping[str, Any]) -> Any:
             raise ConfigError(f"transformers rejects this {model_type} config: {_first_line(exc)}") from None
 
 
-def classes_of(model_type: str) -> dict[str, None]:
-    """Every model class transformers' auto mappings list for ``model_type`` (causal LM first), in order."""
+def classes_of(config: Any) -> dict[str, type]:
+    """Every model class transformers' auto mappings give for this config's type (causal LM first, then the base
+    model, then the rest), by class name. Classes come from the mappings themselves, never from a name looked up
+    in ``transformers``: a config's ``architectures`` can only pick among them."""
     from transformers.models.auto import modeling_auto
 
-    names: dict[str, None] = {}
-    mappings = [modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES]
-    mappings += [value for key, value in sorted(vars(modeling_auto).items())
-                 if key.startswith("MODEL_") and key.endswith("_MAPPING_NAMES") and isinstance(value, Mapping)]
-    for mapping in mappings:
-        found = mapping.get(model_type)
-        for name in (found,) if isinstance(found, str) else (found or ()):
-            names.setdefault(name, None)
-    return names
+    keys = ["MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_MAPPING"]
+    keys += sorted(key for key in vars(modeling_auto) if key.startswith("MODEL_") and key.endswith("_MAPPING"))
+    found: dict[str, type] = {}
+    for key in keys:
+        mapping = vars(modeling_auto).get(key)
+        if not hasattr(mapping, "_model_mapping"):
+            continue
+        try:
+            value = mapping[type(config)]
+        except (KeyError, ValueError, ImportError, AttributeError):
+            continue  # this kind of head does not exist for the model type
+        for cls in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(cls, type):
+                found.setdefault(cls.__name__, cls)
+    return found
 
 
 def model_class(config: Any, architecture: str | None = None) -> type:
@@ -81,23 +89,18 @@ def model_class(config: Any, architecture: str | None = None) -> type:
     import transformers
 
     model_type = config.model_type
-    allowed = classes_of(model_type)
+    allowed = classes_of(config)
     names = list(getattr(config, "architectures", None) or [])
     name = architecture or (names[0] if names else None)
+    if not allowed:
+        raise UnsupportedModelError(f"transformers {transformers.__version__} has no model class for {model_type!r}")
     if name is None:
-        name = next(iter(allowed), None)
-        if name is None:
-            raise UnsupportedModelError(f"transformers {transformers.__version__} has no model class for "
-                                        f"{model_type!r}")
-    elif name not in allowed:
+        return next(iter(allowed.values()))
+    if name not in allowed:
         shown = name if len(name) <= 60 and name.isidentifier() else repr(name[:60])
         raise ConfigError(f"architectures[0] {shown} is not a transformers model class of model_type {model_type!r} "
-                          f"(its classes: {', '.join(list(allowed)[:4]) or 'none'}); fix the config's architectures")
-    cls = getattr(transformers, name, None)
-    if not isinstance(cls, type):
-        raise UnsupportedModelError(f"transformers {transformers.__version__} has no class {name} "
-                                    "(memcalc never runs remote code)")
-    return cls
+                          f"(its classes: {', '.join(list(allowed)[:4])}); fix the config's architectures")
+    return allowed[name]
 
 
 def _untie_output_embeddings(model: Any, raw: Mapping[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """The accuracy matrix (benchmarks/accuracy.py) run against the tolerance the activation issue sets.
 
-Median absolute error of the peak <= 1%, worst <= 3%, and the peak phase right in every configuration,
+Median absolute error of the peak <= 0.01%, worst <= 0.05%, and the peak phase right in every configuration,
 over the CPU-tracked matrix (36 configurations, three families; about 20 s on two cores). Rows whose CPU
 run differs from a GPU run by construction (CPU autocast) are reported but not held to the tolerance.
 """
@@ -18,8 +18,12 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import accuracy
 
-MEDIAN_TOLERANCE_PCT = 1.0
-WORST_TOLERANCE_PCT = 3.0
+# What is achieved (measured 2026-12-02 on this CPU: median 0.005%, worst 0.032%), with a small margin.
+MEDIAN_TOLERANCE_PCT = 0.01
+WORST_TOLERANCE_PCT = 0.05
+# Full-size Llama-3-8B traces: 0.00% without checkpointing; +0.35% with it, the checkpointed backward's moments
+# (the any-architecture issue's list) not all modelled yet.
+TRACE_TOLERANCE_PCT = {("bf16-pure", "none", 2048): 0.01, ("amp-bf16", "full", 8192): 0.5}
 
 
 def test_cpu_tracked_matrix_within_tolerance():
@@ -36,8 +40,8 @@ def test_cpu_tracked_matrix_within_tolerance():
 
 @pytest.mark.parametrize(("precision", "checkpointing", "seq_len"), [("bf16-pure", "none", 2048), ("amp-bf16", "full", 8192)])
 def test_traced_llama3_8b_within_tolerance(precision, checkpointing, seq_len):
-    """Full-size Llama-3-8B under FakeTensorMode (a few seconds each): peak within 3%, phase right."""
+    """Full-size Llama-3-8B under FakeTensorMode (a few seconds each): peak within what is achieved, phase right."""
     result = accuracy.trace_llama3(seq_len, precision, checkpointing, impl="fused")
     print(f"{result.label}: estimate {result.estimated:,} measured {result.measured:,} ({result.error_pct:+.2f}%)")
-    assert abs(result.error_pct) <= WORST_TOLERANCE_PCT
+    assert abs(result.error_pct) <= TRACE_TOLERANCE_PCT[(precision, checkpointing, seq_len)]
     assert result.phase_estimated == result.phase_measured

@@ -11,6 +11,9 @@ from memcalc.errors import MissingDependencyError
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+# Achieved on these tiny runs: -0.02% (one CPU step, gloo ranks), +0.12% (fake process group); a small margin.
+VERIFY_TOLERANCE_PCT = 0.25
+
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
         "max_position_embeddings": 256}
@@ -41,7 +44,7 @@ def test_verify_json_object(cli, tiny_config):
         assert verify["per_term_bytes"][term] == next(t["bytes"] for t in data["per_gpu"]["terms"] if t["name"] == term)
     peak = next(row for row in verify["rows"] if row["term"] == "peak")
     assert peak["measured_bytes"] == verify["measured_peak_bytes"]
-    assert abs(peak["error_pct"]) < 1.0
+    assert abs(peak["error_pct"]) < VERIFY_TOLERANCE_PCT
     assert verify["run"]["seq_len"] == 64 and verify["run"]["precision"] == "bf16"
 
 
@@ -93,7 +96,7 @@ def test_verify_scales_a_model_down_to_fit(monkeypatch):
     assert outcome.report.per_gpu.peak_bytes <= 32 * 1024 * 1024  # half the (fake) RAM
     assert outcome.measurement.run["num_params"] < verify.estimate_for(config, spec).model.num_params
     peak = next(row for row in outcome.rows if row.term == "peak")
-    assert abs(peak.error_pct) < 1.0
+    assert abs(peak.error_pct) < VERIFY_TOLERANCE_PCT
 
 
 def test_verify_without_torch_is_an_install_hint(cli, monkeypatch, tiny_config):
@@ -128,7 +131,7 @@ def test_verify_several_gpus(cli, tiny_config, sharding, method):
     verify = json.loads(result.stdout)["verify"]
     assert verify["method"] == ("fake-pg" if method == "trace" else "gloo")
     peak = next(row for row in verify["rows"] if row["term"] == "peak")
-    assert abs(peak["error_pct"]) < 1.0
+    assert abs(peak["error_pct"]) < VERIFY_TOLERANCE_PCT
 
 
 def test_verify_deepspeed_stage_checks_the_torch_equivalent(cli, tiny_config):

@@ -14,7 +14,6 @@ from memcalc.measure import step as st
 from memcalc.measure import tracker as trk
 from memcalc.spec import TrainingSpec
 
-KIB = 1024
 TINY_LLAMA = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
@@ -53,8 +52,9 @@ def test_tracker_peak_matches_cpu_allocator(precision, optimizer, impl):
     allocator_peak, allocator_end = trk.allocator_peak_and_end(prof)
     print(f"\n{precision} {optimizer}-{impl}: tracker peak +{tracker_peak:,} B, allocator peak +{allocator_peak:,} B")
     assert allocator_peak > 0
-    assert abs(tracker_peak - allocator_peak) <= 64 * KIB
-    assert abs((tracker.live_bytes - tracker.baseline_bytes) - allocator_end) <= 64 * KIB
+    # Achieved: 0 to 12 bytes (scalar tensors the allocator rounds); 64 B keeps a margin.
+    assert abs(tracker_peak - allocator_peak) <= 64
+    assert abs((tracker.live_bytes - tracker.baseline_bytes) - allocator_end) <= 64
 
 
 def test_categories_sum_to_total_at_every_point():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from memcalc.families.saved import Rule, Run
-from memcalc.precision import DTYPE_BYTES, Recipe
+from memcalc.precision import BYTES_PER_DTYPE, Recipe
 from memcalc.spec import Attention, Checkpointing
 from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 
@@ -68,7 +68,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append("activations need an architecture: with --params only, the peak excludes them")
         return result
     arch, family = described.arch, described.family
-    run = Run(spec.micro_batch_size, spec.seq_len, DTYPE_BYTES[recipe.compute_dtype], recipe.autocast,
+    run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast,
               spec.attention == Attention.eager)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
@@ -108,16 +108,16 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     loss = rule.loss
     if loss is not None and loss.vocab:
         rows_vocab = loss.rows * loss.vocab
-        saved = rows_vocab * loss.log_softmax_bytes
+        saved = rows_vocab * loss.bytes_per_log_softmax
         # The logits (compute dtype) and, when the loss upcasts them, their fp32 copy exist during the loss
         # beside the log_softmax output; at the start of backward the gradients of the log_softmax output and
         # of its input coexist, in the log_softmax dtype.
-        upcast = loss.log_softmax_bytes if loss.log_softmax_bytes != run.c else 0
+        upcast = loss.bytes_per_log_softmax if loss.bytes_per_log_softmax != run.c else 0
         result.forward_transient_extra_bytes = rows_vocab * (run.c + upcast)
-        result.backward_start_extra_bytes = 2 * rows_vocab * loss.log_softmax_bytes
+        result.backward_start_extra_bytes = 2 * rows_vocab * loss.bytes_per_log_softmax
         result.terms.append(Term(
             name=TERM_LOSS_BUFFERS, bytes=saved,
-            formula=f"log_softmax output {loss.rows:,} x {loss.vocab:,} x {loss.log_softmax_bytes} B (saved until "
+            formula=f"log_softmax output {loss.rows:,} x {loss.vocab:,} x {loss.bytes_per_log_softmax} B (saved until "
                     f"backward); during the loss also the logits{' and their fp32 upcast' if upcast else ''} "
                     f"({result.forward_transient_extra_bytes:,} B), at the start of backward two gradients "
                     f"({result.backward_start_extra_bytes:,} B)",

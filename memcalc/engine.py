@@ -29,16 +29,19 @@ from memcalc.model import (
 )
 from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
 from memcalc.parallel import RankHoldings, rank_holdings
-from memcalc.precision import DTYPE_BYTES, Dtype, Recipe, get_recipe
+from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
 from memcalc.spec import TrainingSpec
+from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_AND_STEP,
     BACKWARD_ONLY,
     CATEGORY_ACTIVATIONS,
     CATEGORY_CPU_OFFLOAD,
+    CATEGORY_MODEL_STATES,
+    CATEGORY_TEMPORARIES,
     EXTRA_LAYER_ACTIVATIONS,
     EXTRA_LAYER_GRADIENTS,
     EXTRA_LOSS_GRADIENTS,
@@ -57,12 +60,14 @@ from memcalc.vocab import (
     MOMENT_STEP,
     STEP_ONLY,
     TERM_ACTIVATIONS,
+    TERM_AUTOCAST_CHECKPOINTED,
     TERM_AUTOCAST_COPIES,
     TERM_FSDP_REDUCE_SCATTER,
     TERM_GRADIENTS,
     TERM_LOSS_BUFFERS,
     TERM_MASTER,
     TERM_MASTER_GRAD_COPY,
+    TERM_OFFLOADED_PARAMS,
     TERM_OPTIMIZER_STATES,
     TERM_OPTIMIZER_TEMPORARIES,
     TERM_WEIGHTS,
@@ -75,7 +80,7 @@ ZERO_PAPER = "Rajbhandari et al. 2020 (ZeRO), Fig. 1 and sec. 3.1"
 
 
 def _bytes_per(dtype: Dtype) -> int:
-    return DTYPE_BYTES[dtype]
+    return BYTES_PER_DTYPE[dtype]
 
 
 def _n(value: int) -> str:
@@ -89,9 +94,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     notes.extend(subset.notes)
     tensors = subset.tensors
     notes.extend(_moe_notes(model, tensors))
-    has_master = recipe.master_dtype is not None
     bytes_per_weight, bytes_per_grad = _bytes_per(recipe.weight_dtype), _bytes_per(recipe.grad_dtype)
-    holdings = rank_holdings(tensors, spec, has_master, model.architecture_known, bytes_per_weight, bytes_per_grad)
+    holdings = rank_holdings(tensors, spec, recipe.master_dtype, model.architecture_known, bytes_per_weight, bytes_per_grad)
     notes.extend(holdings.notes)
     stage, num_gpus = holdings.effective_stage, spec.num_gpus
     sharded = " (this GPU's shard)" if stage else ""
@@ -105,7 +109,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         name=TERM_WEIGHTS, bytes=subset.weight_bytes(holdings.weight_numel, bytes_per_weight),
         formula=subset.weight_formula(holdings.weight_numel, bytes_per_weight, weight_dtype, stage == 3, num_gpus),
         source=f"{ZERO_PAPER}; per-tensor shapes from the inventory" if stage == 3 else "per-tensor shapes from the inventory",
-        category="model_states", phases=ALL_PHASES,
+        category=CATEGORY_MODEL_STATES, phases=ALL_PHASES,
         breakdown=subset.weight_breakdown(holdings.weight_numel, bytes_per_weight),
     ))
     if holdings.master_numel:
@@ -114,20 +118,26 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             name=TERM_MASTER, bytes=holdings.master_numel * bytes_per_master,
             formula=f"{_n(holdings.master_numel)} trainable params{sharded} x {bytes_per_master} B ({recipe.master_dtype.value})",
             source=f"{ZERO_PAPER}: fp32 master copy of mixed-precision training (Micikevicius et al. 2018)",
-            category=CATEGORY_CPU_OFFLOAD if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES,
+            category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_MODEL_STATES, phases=[] if on_cpu else ALL_PHASES,
         ))
     # With gradient accumulation, p.grad persists from the first micro-batch to the optimizer step, so the
     # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
     grad_phases = ALL_PHASES if spec.grad_accum > 1 else BACKWARD_AND_STEP
+    if holdings.grads_held == "gpu-backward":
+        grad_phases = FORWARD_BACKWARD if spec.grad_accum > 1 else BACKWARD_ONLY
     if spec.grad_accum > 1:
         notes.append(f"--grad-accum {spec.grad_accum}: gradients stay alive through the forward and backward of "
                      "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
-    grad_dtype = "fp32" if holdings.bytes_per_grad_override == 4 else recipe.grad_dtype.value
+    grad_dtype = "fp32" if holdings.bytes_per_grad_override == BYTES_PER_FP32 else recipe.grad_dtype.value
+    grads_on_cpu = holdings.grads_held == "cpu"
     terms.append(Term(
         name=TERM_GRADIENTS, bytes=holdings.grad_numel * bytes_per_grad,
-        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {bytes_per_grad} B ({grad_dtype})",
-        source=f"{ZERO_PAPER}" if stage >= 2 else "one gradient per trainable parameter, in the grad dtype (param.grad)",
-        category="model_states", phases=grad_phases,
+        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {bytes_per_grad} B "
+                f"({grad_dtype}){' in CPU RAM' if grads_on_cpu else ''}",
+        source=holdings.grads_source or (ZERO_PAPER if stage >= 2 else
+                                         "one gradient per trainable parameter, in the grad dtype (param.grad)"),
+        category=CATEGORY_CPU_OFFLOAD if grads_on_cpu else CATEGORY_MODEL_STATES,
+        phases=[] if grads_on_cpu else grad_phases,
     ))
     opt = spec.optimizer_settings
     opt_param_dtype = recipe.optimizer_param_dtype
@@ -136,7 +146,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         name=TERM_OPTIMIZER_STATES, bytes=sum(states.values()),
         formula=" + ".join(f"{kind} {_n(b)} B" for kind, b in states.items()) or "no state",
         source=_optimizer_source(opt.name.value) + (f"; {holdings.engine} partition of this GPU" if stage else ""),
-        category=CATEGORY_CPU_OFFLOAD if on_cpu else "model_states", phases=[] if on_cpu else ALL_PHASES, breakdown=states,
+        category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_MODEL_STATES, phases=[] if on_cpu else ALL_PHASES, breakdown=states,
     ))
     # -- working memory of forward and backward ---------------------------------------------------------
     if recipe.autocast:
@@ -147,21 +157,21 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             formula=f"{_n(copy_numel)} Linear weight params x {bytes_per_compute} B ({recipe.compute_dtype.value})",
             source="torch.autocast casts each Linear weight once per forward (weight cache) and linear saves "
                    "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
-            category="temporaries", phases=FORWARD_BACKWARD,
+            category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD,
         ))
         if subset.autocast_forward_only_numel:
             in_layers = subset.autocast_forward_only_numel
             terms.append(Term(
-                name="autocast_cache_checkpointed", bytes=in_layers * bytes_per_compute,
+                name=TERM_AUTOCAST_CHECKPOINTED, bytes=in_layers * bytes_per_compute,
                 formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {bytes_per_compute} B",
                 source="torch.autocast's weight cache keeps every cast until the autocast context exits (after the "
                        "loss); checkpointing drops them from the saved tensors, so they are gone in backward",
-                category="temporaries", phases=FORWARD_ONLY,
+                category=CATEGORY_TEMPORARIES, phases=FORWARD_ONLY,
             ))
     terms.extend(holdings.buffers)
     if holdings.weights_on_cpu_numel:
         terms.append(Term(
-            name="offloaded_params", bytes=holdings.weights_on_cpu_numel * bytes_per_weight,
+            name=TERM_OFFLOADED_PARAMS, bytes=holdings.weights_on_cpu_numel * bytes_per_weight,
             formula=f"{_n(holdings.weights_on_cpu_numel)} params (this GPU's shard) x {bytes_per_weight} B in CPU RAM",
             source="DeepSpeed ZeRO-3 offload_param: 16-bit parameter partitions live in (pinned) CPU memory",
             category=CATEGORY_CPU_OFFLOAD, phases=[],
@@ -181,7 +191,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
                    "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
-            category=CATEGORY_CPU_OFFLOAD if on_cpu else "temporaries", phases=[] if on_cpu else STEP_ONLY,
+            category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_TEMPORARIES, phases=[] if on_cpu else STEP_ONLY,
         ))
     temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype)
     if on_cpu:
@@ -189,7 +199,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     terms.append(Term(
         name=TERM_OPTIMIZER_TEMPORARIES, bytes=temp, formula=rule,
         source="torch/optim/adam.py (_multi_tensor_adam, _single_tensor_adam); transformers Adafactor.step",
-        category="temporaries", phases=STEP_ONLY,
+        category=CATEGORY_TEMPORARIES, phases=STEP_ONLY,
     ))
 
     # A recomputed layer under autocast also redoes its weight casts.
@@ -332,7 +342,7 @@ def _optimizer_source(name: str) -> str:
 def _as_run(recipe: Recipe, holdings: RankHoldings) -> Recipe:
     """The recipe as the engine runs it: FSDP2 with a MixedPrecisionPolicy keeps fp32 sharded parameters (they are
     the master copy: no separate one), gathers 16-bit copies for compute and reduces gradients in fp32."""
-    if holdings.engine != "fsdp2" or holdings.bytes_per_weight_override != DTYPE_BYTES[Dtype.fp32]:
+    if holdings.engine != "fsdp2" or holdings.bytes_per_weight_override != BYTES_PER_FP32:
         return recipe
     low = recipe.compute_dtype.value
     return dataclasses.replace(

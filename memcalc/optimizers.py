@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from memcalc.precision import DTYPE_BYTES, Dtype
-
-FP32_BYTES = DTYPE_BYTES[Dtype.fp32]
+from memcalc.precision import BYTES_PER_DTYPE, Dtype
+from memcalc.units import BYTES_PER_FP32
 
 
 class OptimizerName(str, Enum):
@@ -63,7 +62,7 @@ BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCKSIZE = 256
 # The two 256-entry fp32 quantization maps ("dynamic" signed, "udynamic" unsigned) are created once per
 # optimizer (fill_qmap) and shared by every tensor's state (state["qmap1"] = self.name2qmap["dynamic"]).
-BNB_QMAP_BYTES = 2 * 256 * FP32_BYTES
+BNB_QMAP_BYTES = 2 * 256 * BYTES_PER_FP32
 
 
 def _adafactor_is_factored(shape: Sequence[int]) -> bool:
@@ -78,7 +77,7 @@ def state_bytes_by_kind(
 
     The keys are the names the implementation uses in ``optimizer.state[p]``.
     """
-    state_bytes = DTYPE_BYTES[state_dtype]
+    state_bytes = BYTES_PER_DTYPE[state_dtype]
     totals: dict[str, int] = {}
 
     def add(kind: str, num_bytes: int) -> None:
@@ -95,7 +94,7 @@ def state_bytes_by_kind(
             if settings.amsgrad:
                 add("max_exp_avg_sq", numel * state_bytes)
             if settings.impl == OptimImpl.fused:
-                add("step", FP32_BYTES)
+                add("step", BYTES_PER_FP32)
         elif name == OptimizerName.sgd_momentum:
             # torch/optim/sgd.py: momentum_buffer = clone(grad) on the first step.
             add("momentum_buffer", numel * state_bytes)
@@ -106,24 +105,24 @@ def state_bytes_by_kind(
             # transformers/optimization.py Adafactor.step: states are created .to(grad) after a 16-bit grad
             # is upcast with grad.float(), so they are fp32 whatever the recipe; state["RMS"] = self._rms(p)
             # is a 0-dim fp32 tensor on the parameter's device (found by the verify tracker).
-            add("RMS", FP32_BYTES)
+            add("RMS", BYTES_PER_FP32)
             if settings.adafactor_beta1 is not None:
-                add("exp_avg", numel * FP32_BYTES)
+                add("exp_avg", numel * BYTES_PER_FP32)
             if _adafactor_is_factored(shape):
-                add("exp_avg_sq_row", math.prod(shape[:-1]) * FP32_BYTES)
-                add("exp_avg_sq_col", math.prod(shape[:-2] + shape[-1:]) * FP32_BYTES)
+                add("exp_avg_sq_row", math.prod(shape[:-1]) * BYTES_PER_FP32)
+                add("exp_avg_sq_col", math.prod(shape[:-2] + shape[-1:]) * BYTES_PER_FP32)
             else:
-                add("exp_avg_sq", numel * FP32_BYTES)
+                add("exp_avg_sq", numel * BYTES_PER_FP32)
         elif name == OptimizerName.adamw_8bit:
             if numel < BNB_MIN_8BIT_SIZE:
-                add("state1", numel * FP32_BYTES)
-                add("state2", numel * FP32_BYTES)
+                add("state1", numel * BYTES_PER_FP32)
+                add("state2", numel * BYTES_PER_FP32)
             else:
                 num_blocks = math.ceil(numel / BNB_BLOCKSIZE)
                 add("state1", numel)  # uint8 codes
                 add("state2", numel)
-                add("absmax1", num_blocks * FP32_BYTES)
-                add("absmax2", num_blocks * FP32_BYTES)
+                add("absmax1", num_blocks * BYTES_PER_FP32)
+                add("absmax2", num_blocks * BYTES_PER_FP32)
         # OptimizerName.sgd: no state.
     if name == OptimizerName.adamw_8bit and any(math.prod(s) >= BNB_MIN_8BIT_SIZE for s in shapes):
         add("qmap1+qmap2 (shared)", BNB_QMAP_BYTES)
@@ -139,7 +138,7 @@ def step_temporary_bytes(
     """
     if not shapes:
         return 0, "no trainable tensors"
-    state_bytes = DTYPE_BYTES[state_dtype]
+    state_bytes = BYTES_PER_DTYPE[state_dtype]
     largest_numel = max(math.prod(s) for s in shapes)
     total_numel = sum(math.prod(s) for s in shapes)
     name, impl = settings.name, settings.impl
@@ -166,8 +165,8 @@ def step_temporary_bytes(
         # transformers Adafactor.step runs per tensor: grad**2 and its +eps sum coexist (2 x fp32), or
         # later the old update and _approx_sq_grad's full-size product; 16-bit params add grad.float()
         # and p.float() copies.
-        upcast = 2 * FP32_BYTES if DTYPE_BYTES[param_dtype] < FP32_BYTES else 0
-        per_element = 2 * FP32_BYTES + upcast
+        upcast = 2 * BYTES_PER_FP32 if BYTES_PER_DTYPE[param_dtype] < BYTES_PER_FP32 else 0
+        per_element = 2 * BYTES_PER_FP32 + upcast
         return largest_numel * per_element, "per tensor (Adafactor has no foreach path): fp32 update buffers"
     if name == OptimizerName.adamw_8bit:
         return 0, "bitsandbytes fused 8-bit kernels: no temporaries"

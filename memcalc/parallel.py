@@ -18,17 +18,27 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from memcalc.deepspeed_defaults import DEEPSPEED_VERSION_READ, overlap_comm
 from memcalc.model import ParamTensor
+from memcalc.precision import BYTES_PER_DTYPE, Dtype
 from memcalc.spec import Offload, Sharding, TrainingSpec
+from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_ONLY,
+    CATEGORY_TEMPORARIES,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
+    STEP_ONLY,
+    TERM_DDP_BUCKETS,
+    TERM_FSDP_ALL_GATHER,
     TERM_FSDP_REDUCE_SCATTER,
+    TERM_FSDP_UNSHARDED,
     TERM_ZERO3_FP32_GRADS,
     TERM_ZERO3_GATHERED,
     TERM_ZERO3_GATHERED_GRADS,
+    TERM_ZERO_OFFLOAD_GRAD_BUFFER,
+    TERM_ZERO_REDUCE_BUCKET,
     Term,
 )
 
@@ -36,8 +46,7 @@ from memcalc.vocab import (
 # flatten_dense_tensors_aligned(..., self.nccl_start_alignment_factor * dp_size), where
 # nccl_start_alignment_factor = 2 (4-byte alignment of 16-bit elements), then split into dp_size equal parts.
 ZERO12_ALIGNMENT_FACTOR = 2
-FP32_BYTES = 4
-DS = "deepspeed 0.19.8"
+DS = f"deepspeed {DEEPSPEED_VERSION_READ}"
 # torch/nn/parallel/distributed.py: DistributedDataParallel(bucket_cap_mb=25); the first bucket is 1 MiB.
 DDP_BUCKET_CAP_BYTES = 25 * 2**20
 
@@ -56,6 +65,10 @@ class RankHoldings:
     fp32_grad_copy: bool = True  # the step casts 16-bit gradients to the master dtype (when there is one)
     optimizer_on_cpu: bool = False  # ZeRO-Offload: master, states and the step live in CPU RAM
     weights_on_cpu_numel: int = 0  # ZeRO-3 parameter offload: this rank's 16-bit shard in CPU RAM
+    # Where the gradients term lives: "gpu" (held from backward to the step), "gpu-backward" (on the GPU during
+    # backward only: ZeRO-1-Offload copies them to CPU RAM at its end) or "cpu" (ZeRO-3-Offload's partition).
+    grads_held: str = "gpu"
+    grads_source: str = ""  # why the gradients term is what it is, when an engine changes it
     buffers: tuple[Term, ...] = ()
     notes: tuple[str, ...] = field(default=())
     engine: str = "none"
@@ -104,27 +117,31 @@ def _n(value: int) -> str:
     return f"{value:,}"
 
 
-def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
-                  bytes_per_weight: int, bytes_per_grad: int) -> RankHoldings:
-    num_gpus = spec.num_gpus
-    if num_gpus == 1 and spec.offload != Offload.none:
-        # One GPU with ZeRO-Offload (ZeRO-3-Offload fine-tunes a 3B model on one GPU): the "partition" is everything,
-        # and the master, the optimizer states and (offload_param) the parameters move to CPU RAM all the same.
-        holdings = _deepspeed(tensors, spec, has_master, architecture_known, bytes_per_weight, bytes_per_grad)
-        note = (f"ZeRO stage {spec.zero_stage} on 1 GPU partitions nothing, but the offload to CPU RAM "
-                f"({spec.offload.value}) applies")
-        return dataclasses.replace(holdings, notes=(*holdings.notes, note))
-    if spec.zero_stage > 0 and num_gpus == 1:
-        plain = _replicated(tensors, has_master)
-        note = f"ZeRO stage {spec.zero_stage} on 1 GPU partitions nothing: the figures equal stage 0"
-        return dataclasses.replace(plain, notes=(note,))
-    if num_gpus == 1:
-        return _replicated(tensors, has_master)
+def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, master_dtype: Dtype | None,
+                  architecture_known: bool, bytes_per_weight: int, bytes_per_grad: int) -> RankHoldings:
+    """What one GPU holds under the engine the spec names.
+
+    On one GPU an engine still runs as it does on many (DeepSpeed's ZeRO optimizer keeps its flat partition,
+    reduce bucket and offload; FSDP2 its fp32 shards and unsharded copies), only with nothing to divide: the figures
+    follow the engine, with a note. Plain training (stage 0, or the torch engine without DDP) holds everything once.
+    """
+    num_gpus, has_master = spec.num_gpus, master_dtype is not None
     if spec.sharding == Sharding.fsdp:
-        return _fsdp2(tensors, spec, has_master, bytes_per_weight)
-    if spec.sharding == Sharding.torch:
+        holdings = _fsdp2(tensors, spec, has_master, bytes_per_weight)
+    elif spec.sharding == Sharding.torch:
+        if num_gpus == 1:
+            return _replicated(tensors, has_master)
         return _torch_ddp(tensors, spec, has_master, bytes_per_grad)
-    return _deepspeed(tensors, spec, has_master, architecture_known, bytes_per_weight, bytes_per_grad)
+    elif spec.zero_stage == 0 and num_gpus == 1:
+        return _replicated(tensors, has_master)
+    else:
+        holdings = _deepspeed(tensors, spec, master_dtype, architecture_known, bytes_per_weight, bytes_per_grad)
+    if num_gpus == 1:
+        offload = f"; the offload to CPU RAM ({spec.offload.value}) applies" if spec.offload != Offload.none else ""
+        note = (f"{holdings.engine} stage {spec.zero_stage} on 1 GPU divides nothing, but runs as it does on many "
+                f"(its buffers and dtypes are counted){offload}")
+        holdings = dataclasses.replace(holdings, notes=(*holdings.notes, note))
+    return holdings
 
 
 def _replicated(tensors: Sequence[ParamTensor], has_master: bool) -> RankHoldings:
@@ -159,16 +176,17 @@ def zero3_sub_group_numels(partition_numels: Sequence[int], sub_group_size: int)
     return groups
 
 
-def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, architecture_known: bool,
+def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, master_dtype: Dtype | None, architecture_known: bool,
                bytes_per_weight: int, bytes_per_grad: int) -> RankHoldings:
     stage, num_gpus, buffers_cfg = spec.zero_stage, spec.num_gpus, spec.zero_buffers
+    has_master = master_dtype is not None
     trainable = [t for t in tensors if t.trainable]
     num_all = sum(t.numel for t in tensors)
     num_trainable = sum(t.numel for t in trainable)
     notes: list[str] = []
     offload_optimizer = spec.offload in (Offload.optimizer, Offload.both)
     offload_params = spec.offload in (Offload.params, Offload.both)
-    overlap = buffers_cfg.overlap_comm if buffers_cfg.overlap_comm is not None else stage == 3
+    overlap = buffers_cfg.overlap_comm if buffers_cfg.overlap_comm is not None else overlap_comm(stage)
     buffers: list[Term] = []
     if stage == 0:
         base = _replicated(tensors, has_master)
@@ -176,22 +194,45 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
         return dataclasses.replace(base, notes=tuple(notes), engine="deepspeed")
     if stage in (1, 2):
         part = zero12_partition_numel(num_trainable, num_gpus)
-        if buffers_cfg.contiguous_gradients:
+        # stage_1_and_2.py __init__: contiguous_gradients = contiguous_gradients or cpu_offload.
+        if buffers_cfg.contiguous_gradients or offload_optimizer:
             # stage_1_and_2.py setup_buckets(): torch.empty(reduce_bucket_size, dtype=model dtype) per
             # micro-step, doubled when overlap_comm; released after the step (_release_ipg_buffers).
             count = 2 if overlap else 1
             size = count * buffers_cfg.reduce_bucket_size * bytes_per_weight
             buffers.append(Term(
-                name="zero_reduce_bucket", bytes=size,
+                name=TERM_ZERO_REDUCE_BUCKET, bytes=size,
                 formula=f"{count} x reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {bytes_per_weight} B",
                 source=f"{DS} stage_1_and_2.py setup_buckets (contiguous_gradients, overlap_comm={overlap})",
-                category="temporaries", phases=BACKWARD_ONLY,
+                category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
             ))
+        grad_numel, grads_held, grads_source = (part if stage == 2 else num_trainable), "gpu", ""
+        if offload_optimizer:
+            largest = max((t.numel for t in trainable), default=0)
+            buffers.append(Term(
+                name=TERM_ZERO_OFFLOAD_GRAD_BUFFER, bytes=largest * bytes_per_weight,
+                formula=f"largest trainable parameter {_n(largest)} elements x {bytes_per_weight} B",
+                source=f"{DS} stage_1_and_2.py __init__ (cpu_offload): temp_grad_buffer_for_gpu_offload, the "
+                       "GPU staging buffer of gradient copies to CPU RAM, allocated once",
+                category=CATEGORY_TEMPORARIES, phases=ALL_PHASES,
+            ))
+            if stage == 2:
+                # copy_grads_in_partition (cpu_offload) copies each reduced gradient of this rank's partition
+                # straight into the fp32 gradient of the CPU master: no 16-bit partition on the GPU.
+                grad_numel = 0
+                grads_source = (f"{DS} stage_1_and_2.py copy_grads_in_partition (cpu_offload): reduced gradients "
+                                "go from the reduce bucket to the fp32 CPU partition; none are kept on the GPU")
+            else:
+                # Stage 1 keeps every p.grad through backward; the epilogue reduces them, copies this rank's part
+                # to CPU RAM and sets p.grad = None (_clear_param_grad_only) before the step.
+                grads_held = "gpu-backward"
+                grads_source = (f"{DS} stage_1_and_2.py independent_gradient_partition_epilogue: with cpu_offload "
+                                "every p.grad is reduced, copied to CPU RAM and cleared before the step")
         return RankHoldings(
-            weight_numel=num_all, grad_numel=part if stage == 2 else num_trainable,
+            weight_numel=num_all, grad_numel=grad_numel,
             master_numel=part if has_master else 0, optimizer_shapes=((part,),) if num_trainable else (),
             effective_stage=stage, optimizer_on_cpu=offload_optimizer, buffers=tuple(buffers),
-            notes=tuple(notes), engine="deepspeed",
+            grads_held=grads_held, grads_source=grads_source, notes=tuple(notes), engine="deepspeed",
         )
     # Stage 3: every tensor partitioned on its own, except those at or below
     # stage3_param_persistence_threshold elements, which stay whole on every rank (partition_parameters.py).
@@ -214,13 +255,13 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
             formula=f"largest module ({unit_name}) {_n(live)} + prefetch bucket {_n(prefetch)} params x {bytes_per_weight} B",
             source=f"{DS} ZeRO-3 all-gathers a module's parameters before it runs and prefetches up to "
                    "stage3_prefetch_bucket_size elements of the next ones",
-            category="temporaries", phases=FORWARD_BACKWARD,
+            category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD,
         ))
         buffers.append(Term(
             name=TERM_ZERO3_GATHERED_GRADS, bytes=unit_numel * bytes_per_grad,
             formula=f"full gradients of {unit_name} before reduce-scatter: {_n(unit_numel)} x {bytes_per_grad} B",
             source=f"{DS} stage3.py reduces a module's gradients after its backward",
-            category="temporaries", phases=BACKWARD_ONLY,
+            category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
         ))
     else:
         notes.append("ZeRO-3 gathers one layer at a time; without an architecture (--params) the largest layer is "
@@ -228,10 +269,10 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
     if buffers_cfg.contiguous_gradients:
         # stage3.py __init__: bucket.buffer = torch.empty(reduce_bucket_size, dtype=...) for the whole run.
         buffers.append(Term(
-            name="zero_reduce_bucket", bytes=buffers_cfg.reduce_bucket_size * bytes_per_weight,
+            name=TERM_ZERO_REDUCE_BUCKET, bytes=buffers_cfg.reduce_bucket_size * bytes_per_weight,
             formula=f"reduce_bucket_size {_n(buffers_cfg.reduce_bucket_size)} x {bytes_per_weight} B",
             source=f"{DS} stage3.py: ipg bucket buffer allocated at initialisation (contiguous_gradients)",
-            category="temporaries", phases=ALL_PHASES,
+            category=CATEGORY_TEMPORARIES, phases=ALL_PHASES,
         ))
     if not offload_optimizer:
         # stage3.py: gradients are reduce-scattered into grad_partitions_flat_buffer (grad_accum_dtype, by default
@@ -241,28 +282,31 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
         # flatten(its gradients).to(master_weights_and_grads_dtype) the master's .grad, freed after that sub-group's
         # step (_release_sub_group): the largest sub-group is alive at once, during the step only (the 16-bit flatten
         # copy lives only until the cast). With no master (fp32 or autocast weights) the flatten copy is the .grad.
-        from memcalc.precision import DTYPE_BYTES, Dtype
-        from memcalc.vocab import STEP_ONLY
-
         sub_groups = zero3_sub_group_numels([zero3_shard_numel(t.numel, num_gpus) for t in trainable],
                                             buffers_cfg.sub_group_size)
         largest = max(sub_groups, default=0)
-        dtype = (spec.master_dtype or Dtype.fp32) if has_master else None
-        bytes_per_element = DTYPE_BYTES[dtype] if dtype is not None else bytes_per_grad
+        bytes_per_element = BYTES_PER_DTYPE[master_dtype] if master_dtype is not None else bytes_per_grad
         buffers.append(Term(
             name=TERM_ZERO3_FP32_GRADS, bytes=largest * bytes_per_element,
             formula=f"largest of {len(sub_groups)} optimizer sub-groups (sub_group_size "
                     f"{_n(buffers_cfg.sub_group_size)}): {_n(largest)} elements x {bytes_per_element} B",
             source=f"{DS} stage3.py _create_fp16_sub_groups, _prepare_fp32_grad_for_sub_group: one sub-group's "
                    "flat gradient in the master dtype, alive during its optimizer step",
-            category="temporaries", phases=STEP_ONLY,
+            category=CATEGORY_TEMPORARIES, phases=STEP_ONLY,
         ))
+    grads_source = ""
+    if offload_optimizer:
+        # stage3.py __init__: self.device = cpu with offload_optimizer, and grad_partitions_flat_buffer (16-bit
+        # partitions of every gradient) is allocated there, pinned: reduce-scatter output goes to CPU RAM.
+        grads_source = (f"{DS} stage3.py: with offload_optimizer, grad_partitions_flat_buffer (this rank's 16-bit "
+                        "gradient partitions) lives in pinned CPU RAM")
     return RankHoldings(
         weight_numel=0 if offload_params else shard_all, grad_numel=shard_trainable,
         master_numel=shard_trainable if has_master else 0,
         optimizer_shapes=((shard_trainable,),) if shard_trainable else (), effective_stage=3,
         fp32_grad_copy=offload_optimizer,
         optimizer_on_cpu=offload_optimizer, weights_on_cpu_numel=shard_all if offload_params else 0,
+        grads_held="cpu" if offload_optimizer else "gpu", grads_source=grads_source,
         buffers=tuple(buffers), notes=tuple(notes), engine="deepspeed",
     )
 
@@ -285,10 +329,10 @@ def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: b
     # defaults to False): a second copy of every gradient, allocated once and kept for the whole run
     # (measured on gloo ranks: tests/test_parallel.py).
     buckets = Term(
-        name="ddp_buckets", bytes=base.grad_numel * bytes_per_grad,
+        name=TERM_DDP_BUCKETS, bytes=base.grad_numel * bytes_per_grad,
         formula=f"{_n(base.grad_numel)} gradients x {bytes_per_grad} B in {DDP_BUCKET_CAP_BYTES // 2**20} MiB buckets",
         source="torch/nn/parallel/distributed.py: Reducer buckets (gradient_as_bucket_view=False by default)",
-        category="temporaries", phases=ALL_PHASES,
+        category=CATEGORY_TEMPORARIES, phases=ALL_PHASES,
     )
     if spec.zero_stage == 0:
         return dataclasses.replace(base, buffers=(buckets,), engine="torch-ddp")
@@ -328,30 +372,30 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         unsharded = sum(units.values())
         what = f"every unit stays unsharded from forward to backward: {_n(unsharded)}"
     buffers.append(Term(
-        name="fsdp_unsharded_params", bytes=unsharded * bytes_per_gathered,
+        name=TERM_FSDP_UNSHARDED, bytes=unsharded * bytes_per_gathered,
         formula=f"{what} params x {bytes_per_gathered} B",
         source="torch FSDP2 fully_shard: all-gather output per unit; reshard_after_forward="
                f"{reshard} (the root module keeps its parameters through backward)",
-        category="temporaries", phases=FORWARD_BACKWARD,
+        category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD,
     ))
     if not reshard:
         # Kept units plus the next unit's all-gather output, alive until its parameters are copied out
         # (measured: one layer's 16-bit parameters above the kept units at the forward's peak).
         buffers.append(Term(
-            name="fsdp_all_gather_buffer", bytes=largest_layer * bytes_per_gathered,
+            name=TERM_FSDP_ALL_GATHER, bytes=largest_layer * bytes_per_gathered,
             formula=f"all-gather output of the next layer {_n(largest_layer)} params x {bytes_per_gathered} B",
             source="torch FSDP2: foreach all-gather output, freed after the copy-out into the unsharded parameters",
-            category="temporaries", phases=FORWARD_ONLY,
+            category=CATEGORY_TEMPORARIES, phases=FORWARD_ONLY,
         ))
-    bytes_per_reduced = FP32_BYTES if mixed else bytes_per_weight
+    bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight
     buffers.append(Term(
         name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_layer * bytes_per_reduced,
         formula=f"unsharded gradients of the largest unit {_n(largest_layer)} x {bytes_per_reduced} B (reduce dtype)",
         source="torch FSDP2: a unit's unsharded gradients, cast to reduce_dtype, are the reduce-scatter input",
-        category="temporaries", phases=BACKWARD_ONLY,
+        category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
     ))
     prefetch = largest_layer * bytes_per_gathered if reshard else 0
-    bytes_per_shard = FP32_BYTES if mixed else bytes_per_weight
+    bytes_per_shard = BYTES_PER_FP32 if mixed else bytes_per_weight
     mid_backward = (prefetch + largest_layer * bytes_per_reduced + largest_layer * bytes_per_gathered
                     + math.ceil(largest_layer / num_gpus) * bytes_per_shard)
     notes = [f"FSDP2 {'reshards after forward (ZeRO-3-like)' if reshard else 'keeps parameters unsharded until backward (ZeRO-2-like)'}"]
@@ -362,7 +406,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     return RankHoldings(
         weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
         optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
-        effective_stage=spec.zero_stage, bytes_per_grad_override=FP32_BYTES if mixed else None,
-        bytes_per_weight_override=FP32_BYTES if mixed else None, fp32_grad_copy=False,
+        effective_stage=spec.zero_stage, bytes_per_grad_override=BYTES_PER_FP32 if mixed else None,
+        bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from memcalc.errors import UsageError
+from memcalc.units import BYTES_PER_16BIT, BYTES_PER_FP32
 
 
 class Dtype(str, Enum):
@@ -18,8 +19,7 @@ class Dtype(str, Enum):
     fp16 = "fp16"
 
 
-# Element sizes as torch reports them (torch.finfo(dtype).bits // 8).
-DTYPE_BYTES: dict[Dtype, int] = {Dtype.fp32: 4, Dtype.bf16: 2, Dtype.fp16: 2}
+BYTES_PER_DTYPE: dict[Dtype, int] = {Dtype.fp32: BYTES_PER_FP32, Dtype.bf16: BYTES_PER_16BIT, Dtype.fp16: BYTES_PER_16BIT}
 
 
 class PrecisionName(str, Enum):

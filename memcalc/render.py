@@ -110,6 +110,10 @@ def _headline(report: Report, unit: str) -> str | None:
         return None
     margin = (f"{format_bytes(fit.headroom_bytes, unit)} headroom" if fit.fits
               else f"{format_bytes(-fit.headroom_bytes, unit)} over")
+    if fit.fits and fit.peak_is_lower_bound:
+        return (f"[bold yellow]MAY FIT[/bold yellow] on {_escape(fit.gpu)}: what is counted peaks at "
+                f"{format_bytes(fit.peak_bytes, unit)} of {format_bytes(fit.usable_bytes, unit)} usable, but with "
+                "--params only the activations are not counted (details below)")
     verdict = "[bold green]FITS[/bold green]" if fit.fits else "[bold red]DOES NOT FIT[/bold red]"
     return (f"{verdict} on {_escape(fit.gpu)}: peak {format_bytes(fit.peak_bytes, unit)} of "
             f"{format_bytes(fit.usable_bytes, unit)} usable, {margin} (details below)")
@@ -224,7 +228,7 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     def size(num_bytes: int) -> str:
         return format_bytes(num_bytes, unit)
 
-    verdict = "FITS" if fit.fits else "DOES NOT FIT"
+    verdict = ("MAY FIT" if fit.peak_is_lower_bound else "FITS") if fit.fits else "DOES NOT FIT"
     margin = (f"{size(fit.headroom_bytes)} headroom" if fit.fits else f"{size(-fit.headroom_bytes)} over")
     console.print()
     headline = wrap(f"{verdict} on {fit.gpu}: peak {size(fit.peak_bytes)}, usable {size(fit.usable_bytes)}, {margin}",
@@ -232,8 +236,12 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     for number, line in enumerate(headline):
         text = Text(line)
         if number == 0:
-            text.stylize("bold green" if fit.fits else "bold red", 0, len(verdict))
+            text.stylize(("bold yellow" if fit.peak_is_lower_bound else "bold green") if fit.fits else "bold red",
+                         0, len(verdict))
         console.print(text, highlight=False, soft_wrap=True)
+    if fit.peak_is_lower_bound:
+        say("the peak is a lower bound: with --params only there is no architecture, so activations and per-layer buffers are "
+            "not counted here or in the changes below; name a preset or --config for the whole peak", indent="  ")
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} - allocator "
         f"reserve {size(fit.allocator_reserve_bytes)} (assumed; --cuda-context, --reserve-fraction)", indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
@@ -260,7 +268,8 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
         return
     fitting = [s for s in fit.suggestions if s.fits]
     alone = [s for s in fit.suggestions if not s.fits]
-    rows = [(f"{s.cost:g}", size(s.peak_bytes), "yes" if s.fits else "no",
+    fits_word = "yes*" if fit.peak_is_lower_bound else "yes"
+    rows = [(f"{s.cost:g}", size(s.peak_bytes), fits_word if s.fits else "no",
              "-" if s.max_micro_batch_size is None else f"{s.max_micro_batch_size:,}", s.change)
             for s in fit.suggestions]
     header = ("cost", "peak", "fits", "max micro-batch", "change")

@@ -128,6 +128,9 @@ class Fit:
     peak_bytes: int
     headroom_bytes: int  # usable - peak; negative when it does not fit
     fits: bool
+    # True when the model has no architecture (--params only): the peak leaves out activations and the per-layer
+    # working buffers, so "fits" (here and in the suggestions) means the counted part fits: a lower bound.
+    peak_is_lower_bound: bool = False
     # When it does not fit: the fitting changes ranked by cost (cheapest first), then each change alone that
     # does not fit. cost_model says what the points mean; cost_reasons gives the reason for each lever used.
     suggestions: list[FitSuggestion] = field(default_factory=list)

@@ -21,6 +21,11 @@ BYTES_PER_MB = 10**6
 BYTES_PER_GB = 10**9
 BYTES_PER_TB = 10**12
 
+# Element sizes as torch reports them (torch.finfo(dtype).bits // 8, torch.iinfo(torch.int64).bits // 8).
+BYTES_PER_FP32 = 4
+BYTES_PER_16BIT = 2
+BYTES_PER_INT64 = 8
+
 # Display units for --units: name -> bytes per unit.
 DISPLAY_UNITS: dict[str, int] = {"gib": BYTES_PER_GIB, "gb": BYTES_PER_GB, "mib": BYTES_PER_MIB, "mb": BYTES_PER_MB}
 UNIT_LABELS: dict[str, str] = {"gib": "GiB", "gb": "GB", "mib": "MiB", "mb": "MB"}

@@ -183,12 +183,19 @@ def test_bad_input_is_one_line(cli, args, needle):
 
 
 def test_zero3_on_one_gpu_is_allowed_and_says_so(cli):
+    """DeepSpeed runs its ZeRO-3 optimizer on one GPU too: the shards are whole, but its reduce bucket and
+    gathered-module buffers exist (deepspeed 0.19.8 stage3.py allocates the ipg bucket at initialisation)."""
     result = cli("llama-3-8b", "--zero", "3", "--gpus", "1", "--json")
     assert result.exit_code == 0
     data = result.json()
-    assert any("partitions nothing" in note for note in data["notes"])
+    assert any("divides nothing" in note for note in data["notes"])
     baseline = cli("llama-3-8b", "--json").json()
-    assert data["per_gpu"]["peak_bytes"] == baseline["per_gpu"]["peak_bytes"]
+    terms = {t["name"]: t["bytes"] for t in data["per_gpu"]["terms"]}
+    plain = {t["name"]: t["bytes"] for t in baseline["per_gpu"]["terms"]}
+    for name in ("weights", "master_weights", "gradients", "optimizer_states"):
+        assert terms[name] == plain[name], name
+    # deepspeed/runtime/zero/config.py: reduce_bucket_size default pp_int(5e8) elements, in bf16.
+    assert terms["zero_reduce_bucket"] == 500_000_000 * 2
 
 
 def test_absurd_count_does_not_overflow_or_hang(cli):
@@ -196,7 +203,11 @@ def test_absurd_count_does_not_overflow_or_hang(cli):
     assert data.exit_code == EXIT_DOES_NOT_FIT
     report = data.json()
     assert report["per_gpu"]["model_states_bytes"] == 16 * 10**15  # Python ints: exact, no overflow
-    assert not any(s["fits"] for s in report["fit"]["suggestions"])
+    # Without an architecture the peak is a lower bound; only moving every model state to CPU RAM can make the
+    # counted part fit, and the verdict says the rest was not counted.
+    assert report["fit"]["peak_is_lower_bound"] is True
+    fitting = [s["change"] for s in report["fit"]["suggestions"] if s["fits"]]
+    assert fitting and all("--offload both" in change for change in fitting)
 
 
 def test_internal_error_is_one_line_without_traceback(cli, monkeypatch):

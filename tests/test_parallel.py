@@ -65,6 +65,25 @@ def test_offload_moves_master_and_states_to_cpu():
     assert offloaded.per_gpu.peak_bytes < on_gpu.per_gpu.peak_bytes
 
 
+def test_offload_gradients_follow_deepspeed_per_stage():
+    """Where the gradients live with offload_optimizer, read from deepspeed 0.19.8:
+    stage 2: copy_grads_in_partition sends each reduced gradient to the fp32 CPU partition, so none stay on the GPU;
+    stage 1: every p.grad lives through backward and is cleared by the epilogue before the step;
+    stage 3: grad_partitions_flat_buffer is allocated on self.device, the CPU with offload.
+    Stages 1 and 2 also keep temp_grad_buffer_for_gpu_offload, sized by the largest parameter, on the GPU."""
+    model = model_input("llama-3-8b", None)
+    largest = 128_256 * 4_096  # embed_tokens (and the untied lm_head): vocab_size x hidden_size of the config
+    by_stage = {stage: run(model, TrainingSpec(zero_stage=stage, num_gpus=8, offload="optimizer"))
+                for stage in (1, 2, 3)}
+    terms = {stage: {t.name: t for t in report.per_gpu.terms} for stage, report in by_stage.items()}
+    assert terms[2]["gradients"].bytes == 0
+    assert terms[1]["gradients"].bytes == 2 * LLAMA3_8B and terms[1]["gradients"].phases == ["backward"]
+    assert terms[3]["gradients"].category == "cpu_offload" and terms[3]["gradients"].phases == []
+    for stage in (1, 2):
+        assert terms[stage]["zero_offload_grad_buffer"].bytes == 2 * largest
+    assert "zero_offload_grad_buffer" not in terms[3]
+
+
 def test_fsdp2_shards_dim0_with_padding():
     assert fsdp2_shard_numel((10, 3), 4) == 3 * 3  # ceil(10 / 4) = 3 rows
     assert fsdp2_shard_numel((4096,), 8) == 512

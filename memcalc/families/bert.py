@@ -17,20 +17,10 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
-    LAYER_NORM_STAT_BYTES,
-    Loss,
-    Rule,
-    Run,
-    act_bytes,
-    dropout_mask,
-    head_note,
-    parts,
-)
+from memcalc.families.saved import BYTES_PER_LAYER_NORM_STAT, Loss, Rule, Run, act_bytes, dropout_mask, head_note, parts
 from memcalc.families.tensors import Params
 from memcalc.model import ROLE_ATTENTION, ROLE_LM_HEAD, ROLE_MLP, ROLE_OTHER, ROLE_POSITION_EMBEDDING, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_bert.py (BertEmbeddings, BertSelfAttention sdpa/eager, "
           "BertSelfOutput, BertIntermediate, BertOutput, BertLMPredictionHead) and checked against the saved "
@@ -142,15 +132,15 @@ def activations(a: BertArch, run: Run) -> Rule:
     """
     h, heads, intermediate = a.hidden_size, a.num_heads, a.intermediate_size
     b, s, tokens, c, r = run.b, run.s, run.tokens, run.c, run.residual
-    stats = 2 * LAYER_NORM_STAT_BYTES * tokens
+    stats = 2 * BYTES_PER_LAYER_NORM_STAT * tokens
     th = tokens * h
     hidden_dropout = a.dropout.get("hidden_dropout_prob", 0.0)
     qkv_input = (3 if run.autocast else 1) * c * th
     if run.eager:
-        softmax = (FP32_BYTES + c) if run.autocast else c
+        softmax = (BYTES_PER_FP32 + c) if run.autocast else c
         attention = 3 * c * th + softmax * b * heads * s * s + c * th
     else:
-        attention = 4 * c * th + FP32_BYTES * tokens * heads
+        attention = 4 * c * th + BYTES_PER_FP32 * tokens * heads
     layer_norms = 2 * (r * th + stats)
     ffn = c * th + act_bytes(a.hidden_act, c, tokens * intermediate)
     dropout = 2 * dropout_mask(hidden_dropout, th)
@@ -158,16 +148,16 @@ def activations(a: BertArch, run: Run) -> Rule:
         dropout += dropout_mask(a.dropout.get("attention_probs_dropout_prob", 0.0), (1 + c) * b * heads * s * s)
     formula = (f"q/k/v input {qkv_input:,} + attention {attention:,} + layer norms {layer_norms:,} + FFN {ffn:,}"
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
-    head_norm_input = FP32_BYTES if run.autocast else c
+    head_norm_input = BYTES_PER_FP32 if run.autocast else c
     gelu_saved = act_bytes(a.hidden_act, c, th) - c * th  # without its output (the norm input)
     per_model = parts(
-        ids=2 * INT64_BYTES * tokens + INT64_BYTES * s,
+        ids=2 * BYTES_PER_INT64 * tokens + BYTES_PER_INT64 * s,
         embeddings=r * th + stats + dropout_mask(hidden_dropout, th),
         head=c * th + gelu_saved + head_norm_input * th + stats + c * th,
-        loss_scalars=FP32_BYTES if run.autocast else c,  # nll_loss's total_weight
+        loss_scalars=BYTES_PER_FP32 if run.autocast else c,  # nll_loss's total_weight
     )
     layer = parts(norms=layer_norms, attention=qkv_input + attention, mlp=ffn, dropout=dropout)
-    log_softmax = FP32_BYTES if run.autocast else c
+    log_softmax = BYTES_PER_FP32 if run.autocast else c
     loss = Loss(tokens, a.vocab_size, log_softmax, "transformers modeling_bert.BertForMaskedLM: nn.CrossEntropyLoss on "
                 "the logits in the compute dtype (fp32 under CUDA autocast); log_softmax saves its output")
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * r,

@@ -7,8 +7,6 @@ from typing import Any
 
 from memcalc.families.base import BASE, MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB, Arch, Family, Fields
 from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
     Loss,
     Rule,
     Run,
@@ -21,6 +19,7 @@ from memcalc.families.saved import (
 )
 from memcalc.families.tensors import Params, decoder_heads, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_bloom.py (BloomBlock, BloomAttention, BloomGelu); checked against "
           "a CPU forward")
@@ -87,12 +86,12 @@ def activations(a: Arch, run: Run) -> Rule:
                + fp32_softmax_dropout(a.dropout.get("attention_dropout", 0.0), run, scores))
     formula = (f"layer norms and Linear inputs {norms:,} + attention (eager) {attention:,} + MLP {mlp:,}"
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
-    per_model = parts(ids=2 * INT64_BYTES * tokens, loss_scalars=FP32_BYTES, embeddings=layer_norm(run, th),
+    per_model = parts(ids=2 * BYTES_PER_INT64 * tokens, loss_scalars=BYTES_PER_FP32, embeddings=layer_norm(run, th),
                       final_norm=layer_norm(run, th), head=c * th)
     notes = [] if run.eager else ["BLOOM has no sdpa attention in transformers: counted as eager (b a s^2 scores)"]
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * 5 * h, Loss(tokens, a.vocab_size, FP32_BYTES), notes)
+                c * tokens * 5 * h, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)
 
 
 HEADS = decoder_heads("Bloom")

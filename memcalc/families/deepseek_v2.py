@@ -29,9 +29,10 @@ from memcalc.families.moe import (
     moe_formula,
     routed_experts,
 )
-from memcalc.families.saved import FP32_BYTES, INT64_BYTES, Loss, Rule, Run, parts, rms_norm_bytes
+from memcalc.families.saved import Loss, Rule, Run, parts, rms_norm_bytes
 from memcalc.families.tensors import Params, decoder, decoder_heads, fused_experts, gated_mlp, pre_post_norms, router
 from memcalc.model import ROLE_ATTENTION, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_deepseek_v2.py (DeepseekV2Attention MLA, DeepseekV2TopkRouter, "
           "DeepseekV2Moe) and integrations/moe.py; checked against a CPU forward (eager attention)")
@@ -151,8 +152,8 @@ def _mlp(a: DeepseekV2Arch, layer: int, run: Run) -> tuple[dict[str, int], str]:
         mlp = 4 * c * tokens * a.intermediate_size
         return parts(mlp=mlp, casts=casts), f"MLP {mlp:,}{f' + MLP input casts {casts:,}' if casts else ''}"
     router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, a.expert_intermediate_size,
-                                           a.renormalise, FP32_BYTES)
-    router_bytes += FP32_BYTES * tokens * h if c != FP32_BYTES and not run.autocast else 0
+                                           a.renormalise, BYTES_PER_FP32)
+    router_bytes += BYTES_PER_FP32 * tokens * h if c != BYTES_PER_FP32 and not run.autocast else 0
     router_bytes += tokens * a.num_experts if a.group_limited else 0
     casts = c * tokens * h if run.autocast else 0  # the router's F.linear casts the fp32 norm output
     shared = 4 * c * tokens * a.expert_intermediate_size * a.num_shared_experts
@@ -184,17 +185,17 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
     norms = 2 * rms_norm_bytes(False, tokens, h, c, autocast)
     ranks = [kv_rank] + ([a.q_lora_rank] if a.q_lora_rank else [])
     lora_norms = sum(rms_norm_bytes(False, tokens, rank, c, False) for rank in ranks)
-    if c == FP32_BYTES and not autocast:
+    if c == BYTES_PER_FP32 and not autocast:
         # kv_a_layernorm's input is a strided split of kv_a_proj_with_mqa's output: in fp32 .to(fp32) keeps the view,
         # so pow and mul save that whole output (r_kv + qk_rope wide) rather than a contiguous fp32 copy.
-        lora_norms += FP32_BYTES * tokens * rope
+        lora_norms += BYTES_PER_FP32 * tokens * rope
     qk_states = 2 * c * tokens * heads * qk
     if run.eager:
-        probs = (FP32_BYTES + (c if c != FP32_BYTES else 0)) * b * heads * s * s
+        probs = (BYTES_PER_FP32 + (c if c != BYTES_PER_FP32 else 0)) * b * heads * s * s
         attention = qk_states + 2 * c * tokens * heads * v + probs
     else:
         attention = (qk_states + c * tokens * heads * (nope + v) + c * tokens * heads * v
-                     + FP32_BYTES * b * heads * (-(-s // 32) * 32))
+                     + BYTES_PER_FP32 * b * heads * (-(-s // 32) * 32))
     casts = 2 * c * tokens * h if autocast else 0
     attention_part = parts(norms=norms + lora_norms, attention=attention, casts=casts)
     layers, mlps, kinds = [], {}, {}
@@ -210,12 +211,12 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
     formula = (f"norms {norms:,} + q/kv low-rank norms {lora_norms:,} + MLA attention {attention:,}"
                f"{f' + autocast input casts {casts:,}' if casts else ''} + {' | '.join(mlps.values())}")
     per_model = parts(
-        rotary=4 * s * rope, ids=2 * INT64_BYTES * tokens, loss_scalars=FP32_BYTES,
+        rotary=4 * s * rope, ids=2 * BYTES_PER_INT64 * tokens, loss_scalars=BYTES_PER_FP32,
         final_norm=rms_norm_bytes(False, tokens, h, c, autocast), head=c * tokens * h if autocast else 0,
         routing=aux_loss_model_bytes(a.output_router_logits, a.num_experts),
     )
     return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
-                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, FP32_BYTES), [NOTE_MOE])
+                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), [NOTE_MOE])
 
 
 HEADS = decoder_heads("DeepseekV2")

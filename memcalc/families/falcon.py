@@ -18,20 +18,10 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
-    Loss,
-    Rule,
-    Run,
-    act_bytes,
-    dropout_mask,
-    layer_norm,
-    linear_input,
-    parts,
-)
+from memcalc.families.saved import Loss, Rule, Run, act_bytes, dropout_mask, layer_norm, linear_input, parts
 from memcalc.families.tensors import Params, decoder_heads, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_falcon.py (FalconDecoderLayer, FalconAttention sdpa/eager); "
           "checked against a CPU forward")
@@ -149,26 +139,26 @@ def activations(a: FalconArch, run: Run) -> Rule:
         norms = 2 * layer_norm(run, th) + 2 * c * th
     out_copy = c * th
     if run.eager:
-        softmax = (FP32_BYTES + c) if run.autocast else c
+        softmax = (BYTES_PER_FP32 + c) if run.autocast else c
         attention = 3 * c * th + softmax * scores + out_copy
     elif multi_query:
-        attention = 3 * FP32_BYTES * th + FP32_BYTES * scores + out_copy
+        attention = 3 * BYTES_PER_FP32 * th + BYTES_PER_FP32 * scores + out_copy
     else:
         # Plus the boolean causal mask FalconModel passes, which scaled_dot_product_attention converts to an additive
         # mask in q's dtype on every call and saves (c b s^2 per layer).
-        attention = 4 * c * th + FP32_BYTES * tokens * heads + c * b * s * s
+        attention = 4 * c * th + BYTES_PER_FP32 * tokens * heads + c * b * s * s
     mlp = act_bytes(a.hidden_act, c, tokens * ffn)
     dropout = dropout_mask(a.dropout.get("hidden_dropout", 0.0), th)
     # _split_heads picks k and v with a one-element index list ([-2], [-1]): each index saves its int64 tensor.
-    split_indices = 2 * INT64_BYTES if multi_query or new_arch else 0
+    split_indices = 2 * BYTES_PER_INT64 if multi_query or new_arch else 0
     formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
                f"{f' + dropout mask {dropout:,}' if dropout else ''}")
-    per_model = parts(rotary=2 * s * a.head_dim * (FP32_BYTES if run.autocast else c), ids=2 * INT64_BYTES * tokens,
-                      loss_scalars=FP32_BYTES, final_norm=layer_norm(run, th), head=c * th)
+    per_model = parts(rotary=2 * s * a.head_dim * (BYTES_PER_FP32 if run.autocast else c), ids=2 * BYTES_PER_INT64 * tokens,
+                      loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th), head=c * th)
     notes = ["Falcon with alibi (falcon-rw) is counted as the rotary layout: an approximation"] if a.alibi else []
     layer = parts(norms=norms, attention=attention + split_indices, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, FP32_BYTES), notes)
+                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)
 
 
 HEADS = decoder_heads("Falcon")

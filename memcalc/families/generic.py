@@ -23,7 +23,7 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import FP32_BYTES, Loss, Rule, Run
+from memcalc.families.saved import Loss, Rule, Run
 from memcalc.model import (
     ROLE_ATTENTION,
     ROLE_EMBEDDING,
@@ -37,6 +37,7 @@ from memcalc.model import (
     ModelConfig,
     ParamTensor,
 )
+from memcalc.units import BYTES_PER_FP32
 
 SOURCE_KORTHIKANTI = "Korthikanti et al. 2022, eq. 2 (GPT-style layer, 16-bit); first approximation"
 
@@ -90,7 +91,7 @@ def activations(a: Arch, run: Run) -> Rule:
     formula = f"s*b*h*34 (x c/2) = {run.tokens:,} x {a.hidden_size:,} x 34 x {run.c}/2"
     return Rule([{"layer (Korthikanti eq. 2)": per_layer}] * a.num_layers, formula, {},
                 SOURCE_KORTHIKANTI, a.num_layers * run.tokens * a.hidden_size * run.residual, 0,
-                Loss(run.tokens, a.vocab_size, FP32_BYTES), [note])
+                Loss(run.tokens, a.vocab_size, BYTES_PER_FP32), [note])
 
 
 # No inventory of its own: meta_inventory builds the class named by the config (Described.inventory).

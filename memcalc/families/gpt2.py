@@ -23,18 +23,10 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
-    LAYER_NORM_STAT_BYTES,
-    PYTHON_GELUS,
-    Loss,
-    Rule,
-    Run,
-    parts,
-)
+from memcalc.families.saved import BYTES_PER_LAYER_NORM_STAT, PYTHON_GELUS, Loss, Rule, Run, parts
 from memcalc.families.tensors import Params, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ROLE_POSITION_EMBEDDING, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_gpt2.py (LayerNorm, Conv1D, sdpa/eager attention, NewGELU) "
           "and checked against the saved tensors of a CPU forward in the tests")
@@ -101,19 +93,19 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     """
     h, heads, intermediate = a.hidden_size, a.num_heads, a.intermediate_size
     tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
-    residual = FP32_BYTES if autocast else c
-    layer_norm = residual * tokens * h + 2 * LAYER_NORM_STAT_BYTES * tokens
+    residual = BYTES_PER_FP32 if autocast else c
+    layer_norm = residual * tokens * h + 2 * BYTES_PER_LAYER_NORM_STAT * tokens
     linear_inputs = 2 * c * tokens * h  # ln outputs (or, under autocast, their casts) read by c_attn and c_fc
     if eager:
         # softmax in the scores' dtype, then .type(c): under autocast the fp32 causal mask makes the scores fp32,
         # so the fp32 softmax output and its c copy are both saved.
-        probs = (FP32_BYTES + c) if autocast else c
+        probs = (BYTES_PER_FP32 + c) if autocast else c
         attention = 3 * c * tokens * h + probs * b * heads * s * s + c * tokens * h
     else:
         # With config.use_cache (GPT2Config default True; HF Trainer leaves it on) DynamicLayer.update
         # torch.cat's k and v into the cache, and sdpa saves those copies beside the c_attn output.
         cache_copies = 2 * c * tokens * h if a.use_cache else 0
-        attention = cache_copies + 3 * c * tokens * h + c * tokens * h + FP32_BYTES * tokens * heads
+        attention = cache_copies + 3 * c * tokens * h + c * tokens * h + BYTES_PER_FP32 * tokens * heads
     mlp = (5 if a.hidden_act in PYTHON_GELUS else 2) * c * tokens * intermediate
     if autocast and a.hidden_act in PYTHON_GELUS:
         # CUDA autocast runs NewGELU's pow in fp32: the fp32 cast of the input, tanh and 1 + tanh are fp32, 0.5 x
@@ -131,12 +123,12 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     formula = (f"layer norms {2 * layer_norm:,} + Conv1D inputs {linear_inputs:,} + attention {attention:,} + "
                f"MLP {mlp:,}{f' + dropout masks {dropout:,}' if dropout else ''}")
     per_model = parts(
-        ids=INT64_BYTES * (2 * tokens + s),  # input_ids, position_ids, shifted labels (int64)
-        loss_scalars=FP32_BYTES, final_norm=layer_norm, head=c * tokens * h,
+        ids=BYTES_PER_INT64 * (2 * tokens + s),  # input_ids, position_ids, shifted labels (int64)
+        loss_scalars=BYTES_PER_FP32, final_norm=layer_norm, head=c * tokens * h,
         dropout=tokens * h if "embd_pdrop" in a.dropout else 0,  # embedding dropout mask
     )
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
-                c * tokens * (intermediate + h), Loss(tokens, a.vocab_size, FP32_BYTES))
+                c * tokens * (intermediate + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32))
 
 
 HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}

@@ -30,17 +30,10 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
-    Loss,
-    Rule,
-    Run,
-    parts,
-    rms_norm_bytes,
-)
+from memcalc.families.saved import Loss, Rule, Run, parts, rms_norm_bytes
 from memcalc.families.tensors import Params, decoder, decoder_heads, gated_mlp, gqa_attention, pre_post_norms
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_llama.py (RMSNorm, attention, MLP) and loss_utils.ForCausalLMLoss; "
           "equal to the saved tensors of a CPU forward (sdpa) in the tests")
@@ -229,16 +222,16 @@ def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
         # CPU, tests/test_activations.py; not yet checked on CUDA).
         o_proj_copy = c * tokens * heads * d
     # Qwen3/Gemma3 per-head q/k RMSNorm: fp32 copy of the input, rsqrt, normalized in c.
-    qk_norm = (4 + c) * tokens * (heads + g) * d + FP32_BYTES * tokens * (heads + g) if a.qk_norm else 0
-    attention = c * tokens * heads * d + FP32_BYTES * tokens * heads  # sdpa output (o_proj reads it in place) + lse
+    qk_norm = (4 + c) * tokens * (heads + g) * d + BYTES_PER_FP32 * tokens * (heads + g) if a.qk_norm else 0
+    attention = c * tokens * heads * d + BYTES_PER_FP32 * tokens * heads  # sdpa output (o_proj reads it in place) + lse
     if eager:
         # modeling_llama.eager_attention_forward: repeat_kv materialises k and v for every head; the two
         # matmuls save q, k (a heads), probs in c and v (a heads); softmax(dtype=fp32) saves its fp32
         # output (4 b a s^2) and .to(c) the probs (c b a s^2); o_proj saves a contiguous copy of the
         # (b, a, s, d) output.
         qkv = 3 * c * tokens * heads * d
-        probs_copy = c if c != FP32_BYTES else 0  # .to(fp32) of an fp32 softmax is the same tensor
-        attention = c * tokens * heads * d + (FP32_BYTES + probs_copy) * b * heads * s * s
+        probs_copy = c if c != BYTES_PER_FP32 else 0  # .to(fp32) of an fp32 softmax is the same tensor
+        attention = c * tokens * heads * d + (BYTES_PER_FP32 + probs_copy) * b * heads * s * s
     # Under autocast each Linear saves its own low-precision cast of an fp32 input: q, k, v (phi3: one fused
     # qkv_proj); the MLP's are counted with it. o_proj and down_proj get 16-bit inputs already.
     casts = (1 if a.fused_qkv else 3) * c * tokens * h if autocast else 0
@@ -272,18 +265,18 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         if i == 0:
             first = f"{first} + {mlp_formula}"
     per_model = parts(
-        rotary=2 * run.s * a.head_dim * (FP32_BYTES if run.autocast else c),
-        ids=2 * INT64_BYTES * tokens,  # int64 input_ids (embedding) and shifted labels (nll_loss)
+        rotary=2 * run.s * a.head_dim * (BYTES_PER_FP32 if run.autocast else c),
+        ids=2 * BYTES_PER_INT64 * tokens,  # int64 input_ids (embedding) and shifted labels (nll_loss)
         # A 0-dim tensor: the loss divisor (fixed_cross_entropy) in fp32. (Gemma's embedding scale is a registered
         # buffer in the weights' dtype, model state like the rotary inv_freq: not an activation.)
-        loss_scalars=FP32_BYTES,
+        loss_scalars=BYTES_PER_FP32,
         final_norm=rms_norm_bytes(a.gemma_norm, tokens, h, c, run.autocast),
         head=c * tokens * h if run.autocast else 0,
         routing=model_extra,
     )
     rule_notes = [] if run.eager else [NOTE_SDPA]
     return Rule(layers, first, per_model, source, a.num_layers * tokens * h * run.residual,
-                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, FP32_BYTES),
+                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 [*rule_notes, *notes])
 
 

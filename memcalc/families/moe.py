@@ -26,9 +26,10 @@ from memcalc.families.llama import (
     llama_rule,
     resolve_fields,
 )
-from memcalc.families.saved import FP32_BYTES, INT64_BYTES, Rule, Run, parts
+from memcalc.families.saved import Rule, Run, parts
 from memcalc.families.tensors import Params, decoder, decoder_heads, fused_experts, gated_mlp, pre_post_norms, router
 from memcalc.model import ROLE_ROUTER, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE_MOE = ("MoE blocks from modeling_mixtral.py / modeling_qwen*_moe.py routers and integrations/moe.py "
               "grouped_mm_experts_forward; tokens per expert summed over experts as T x num_experts_per_tok")
@@ -151,11 +152,11 @@ def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate:
     """
     tokens = run.tokens
     pairs = tokens * top_k
-    e = FP32_BYTES if run.autocast else run.c
-    router_bytes = FP32_BYTES * tokens * num_experts + INT64_BYTES * pairs
+    e = BYTES_PER_FP32 if run.autocast else run.c
+    router_bytes = BYTES_PER_FP32 * tokens * num_experts + BYTES_PER_INT64 * pairs
     if renormalise:
-        router_bytes += FP32_BYTES * pairs + FP32_BYTES * tokens
-    experts = (3 * INT64_BYTES * pairs + 4 * num_experts + e * pairs * (2 * h + 4 * intermediate)
+        router_bytes += BYTES_PER_FP32 * pairs + BYTES_PER_FP32 * tokens
+    experts = (3 * BYTES_PER_INT64 * pairs + 4 * num_experts + e * pairs * (2 * h + 4 * intermediate)
                + weights_bytes * pairs)
     return router_bytes, experts
 
@@ -163,12 +164,12 @@ def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate:
 def aux_loss_layer_bytes(output_router_logits: bool, run: Run, num_experts: int) -> int:
     """output_router_logits (load_balancing_loss_func): per MoE layer softmax(router_logits) saves its output, in
     the logits' dtype c (CUDA autocast runs softmax in fp32)."""
-    return (FP32_BYTES if run.autocast else run.c) * run.tokens * num_experts if output_router_logits else 0
+    return (BYTES_PER_FP32 if run.autocast else run.c) * run.tokens * num_experts if output_router_logits else 0
 
 
 def aux_loss_model_bytes(output_router_logits: bool, num_experts: int) -> int:
     """load_balancing_loss_func's final product saves tokens_per_expert (fp32, E)."""
-    return FP32_BYTES * num_experts if output_router_logits else 0
+    return BYTES_PER_FP32 * num_experts if output_router_logits else 0
 
 
 def moe_formula(router_bytes: int, experts: int, top_k: int, num_experts: int, shared: int, casts: int,
@@ -185,7 +186,7 @@ def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
     if not a.sparse(layer):
         return dense_mlp(a, layer, run)
     tokens, c, h = run.tokens, run.c, a.hidden_size
-    weights_bytes = FP32_BYTES if a.model_type == "mixtral" else c
+    weights_bytes = BYTES_PER_FP32 if a.model_type == "mixtral" else c
     router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, a.expert_intermediate_size,
                                            a.renormalise, weights_bytes)
     casts = c * tokens * h if run.autocast else 0  # the router's F.linear casts the fp32 norm output

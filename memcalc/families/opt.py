@@ -18,8 +18,6 @@ from memcalc.families.base import (
     Fields,
 )
 from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
     Loss,
     Rule,
     Run,
@@ -33,6 +31,7 @@ from memcalc.families.saved import (
 )
 from memcalc.families.tensors import Params, decoder_heads, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ROLE_OTHER, ROLE_POSITION_EMBEDDING, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = "derived from transformers modeling_opt.py (OPTDecoderLayer, OPTAttention); checked against a CPU forward"
 # OPTLearnedPositionalEmbedding: position ids are offset by 2, so the table has max_position_embeddings + 2 rows.
@@ -121,20 +120,20 @@ def activations(a: OptArch, run: Run) -> Rule:
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
     th, scores = tokens * h, b * heads * s * s
     norms = 2 * layer_norm(run, th) + linear_input(run, th, 3) + linear_input(run, th, 1)
-    attention = 4 * c * th + (eager_probs(run, scores, True) if run.eager else FP32_BYTES * tokens * heads)
+    attention = 4 * c * th + (eager_probs(run, scores, True) if run.eager else BYTES_PER_FP32 * tokens * heads)
     mlp = act_bytes(a.hidden_act, c, tokens * ffn)
     dropout = 2 * dropout_mask(a.dropout.get("dropout", 0.0), th)
     if run.eager:
         dropout += fp32_softmax_dropout(a.dropout.get("attention_dropout", 0.0), run, scores)
     formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
-    per_model = parts(ids=3 * INT64_BYTES * tokens, loss_scalars=FP32_BYTES, final_norm=layer_norm(run, th),
+    per_model = parts(ids=3 * BYTES_PER_INT64 * tokens, loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th),
                       head=c * th)
     notes = [] if a.layer_norm_before else [
         "OPT with do_layer_norm_before false (350m) is counted as the pre-LayerNorm layout: an approximation"]
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, FP32_BYTES), notes)
+                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)
 
 
 HEADS = decoder_heads("OPT")

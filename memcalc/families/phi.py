@@ -19,8 +19,6 @@ from memcalc.families.base import (
 )
 from memcalc.families.llama import LLAMA_DEFAULTS
 from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
     PYTHON_GELUS,
     Loss,
     Rule,
@@ -35,6 +33,7 @@ from memcalc.families.saved import (
 )
 from memcalc.families.tensors import Params, decoder, decoder_heads
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_phi.py (PhiDecoderLayer, PhiAttention, NewGELU); checked against a "
           "CPU forward")
@@ -106,7 +105,7 @@ def activations(a: PhiArch, run: Run) -> Rule:
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
     th, ti, scores = tokens * h, tokens * inter, b * heads * s * s
     norms = layer_norm(run, th) + linear_input(run, th, 4)
-    attention = 4 * c * th + (eager_probs(run, scores, True) if run.eager else c * th + FP32_BYTES * tokens * heads)
+    attention = 4 * c * th + (eager_probs(run, scores, True) if run.eager else c * th + BYTES_PER_FP32 * tokens * heads)
     mlp = (12 + 2 * c) * ti if run.autocast and a.hidden_act in PYTHON_GELUS else act_bytes(a.hidden_act, c, ti)
     dropout = 2 * dropout_mask(a.dropout.get("resid_pdrop", 0.0), th)
     if run.eager:
@@ -114,13 +113,13 @@ def activations(a: PhiArch, run: Run) -> Rule:
     formula = (f"layer norm and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
     per_model = parts(
-        rotary=2 * s * a.rotary_dim * (FP32_BYTES if run.autocast else c), ids=2 * INT64_BYTES * tokens,
-        loss_scalars=FP32_BYTES, final_norm=layer_norm(run, th), head=c * th,
+        rotary=2 * s * a.rotary_dim * (BYTES_PER_FP32 if run.autocast else c), ids=2 * BYTES_PER_INT64 * tokens,
+        loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th), head=c * th,
         dropout=dropout_mask(a.dropout.get("embd_pdrop", 0.0), th),
     )
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (inter + h), Loss(tokens, a.vocab_size, FP32_BYTES))
+                c * tokens * (inter + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32))
 
 
 HEADS = decoder_heads("Phi")

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-FP32_BYTES = 4
-INT64_BYTES = 8
+from memcalc.units import BYTES_PER_FP32
+
 # CUDA's native_layer_norm keeps mean and rstd in fp32 (opmath) whatever the input dtype; the CPU kernel keeps
 # them in the input dtype (a CPU/GPU difference the tests account for).
-LAYER_NORM_STAT_BYTES = FP32_BYTES
+BYTES_PER_LAYER_NORM_STAT = BYTES_PER_FP32
 # Activation functions transformers computes with several saved elementwise ops (NewGELUActivation:
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))): the input, tanh, 1 + tanh and the product are saved.
 PYTHON_GELUS = ("gelu_new",)
@@ -54,7 +54,7 @@ class Run:
     @property
     def residual(self) -> int:
         """Bytes of the residual stream: fp32 under autocast (fp32 weights), else the compute dtype."""
-        return FP32_BYTES if self.autocast else self.c
+        return BYTES_PER_FP32 if self.autocast else self.c
 
 
 LOSS_SOURCE = ("transformers loss_utils.ForCausalLMLoss: logits.float() then cross_entropy; log_softmax saves its "
@@ -67,7 +67,7 @@ class Loss:
 
     rows: int
     vocab: int
-    log_softmax_bytes: int  # 4: the loss upcasts (ForCausalLMLoss, CUDA autocast); else the logits' dtype
+    bytes_per_log_softmax: int  # 4: the loss upcasts (ForCausalLMLoss, CUDA autocast); else the logits' dtype
     source: str = LOSS_SOURCE
 
 
@@ -127,7 +127,7 @@ def dropout_mask(probability: float, numel: int) -> int:
 
 def layer_norm(run: Run, th: int, input_bytes: int | None = None) -> int:
     """nn.LayerNorm: its input (the residual stream: fp32 under autocast) and mean/rstd (CUDA: fp32, 2 x 4 T)."""
-    return (run.residual if input_bytes is None else input_bytes) * th + 2 * LAYER_NORM_STAT_BYTES * run.tokens
+    return (run.residual if input_bytes is None else input_bytes) * th + 2 * BYTES_PER_LAYER_NORM_STAT * run.tokens
 
 
 def linear_input(run: Run, th: int, readers: int) -> int:
@@ -140,7 +140,7 @@ def eager_probs(run: Run, scores: int, fp32_softmax: bool) -> int:
     """Saved softmax output: softmax(dtype=fp32).to(c) keeps the fp32 output and its c copy (in fp32 the same
     tensor); a softmax in the compute dtype keeps its c output."""
     if fp32_softmax:
-        return (FP32_BYTES + (run.c if run.c != FP32_BYTES else 0)) * scores
+        return (BYTES_PER_FP32 + (run.c if run.c != BYTES_PER_FP32 else 0)) * scores
     return run.c * scores
 
 
@@ -149,7 +149,7 @@ def fp32_softmax_dropout(probability: float, run: Run, scores: int) -> int:
     matmul saves instead of the c copy - new bytes only where that copy was the fp32 softmax output itself."""
     if not probability > 0:
         return 0
-    return scores + (FP32_BYTES * scores if run.c == FP32_BYTES and not run.autocast else 0)
+    return scores + (BYTES_PER_FP32 * scores if run.c == BYTES_PER_FP32 and not run.autocast else 0)
 
 
 def rms_norm_bytes(gemma: bool, tokens: int, h: int, c: int, autocast: bool) -> int:
@@ -161,12 +161,12 @@ def rms_norm_bytes(gemma: bool, tokens: int, h: int, c: int, autocast: bool) -> 
     (4h) and the output in c. Under autocast the input is fp32, the normalized product stays fp32 and the
     fp32 output is not saved (each Linear saves its own cast instead).
     """
-    extra = FP32_BYTES * h if gemma else 0
+    extra = BYTES_PER_FP32 * h if gemma else 0
     if autocast:
-        return 8 * tokens * h + FP32_BYTES * tokens + extra
+        return 8 * tokens * h + BYTES_PER_FP32 * tokens + extra
     if gemma:
-        return (8 + c) * tokens * h + FP32_BYTES * tokens + extra
-    return (4 + 2 * c) * tokens * h + FP32_BYTES * tokens
+        return (8 + c) * tokens * h + BYTES_PER_FP32 * tokens + extra
+    return (4 + 2 * c) * tokens * h + BYTES_PER_FP32 * tokens
 
 
 def head_note(architecture: str, modelled: str) -> list[str]:

@@ -19,8 +19,6 @@ from memcalc.families.base import (
     Fields,
 )
 from memcalc.families.saved import (
-    FP32_BYTES,
-    INT64_BYTES,
     PART_ATTENTION,
     PART_CASTS,
     PART_DROPOUT,
@@ -35,6 +33,7 @@ from memcalc.families.saved import (
 )
 from memcalc.families.tensors import Params
 from memcalc.model import ROLE_ATTENTION, ROLE_LM_HEAD, ROLE_MLP, ROLE_OTHER, ParamTensor
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
 SOURCE = ("derived from transformers modeling_t5.py (T5LayerNorm, T5Attention eager/sdpa with the relative position "
           "bias, T5DenseActDense / T5DenseGatedActDense, both stacks) and checked against a CPU forward (eager)")
@@ -153,12 +152,12 @@ def activations(a: T5Arch, run: Run) -> Rule:
     dropout = "dropout_rate" in a.dropout
 
     if autocast:
-        norm = 8 * th + FP32_BYTES * tokens
+        norm = 8 * th + BYTES_PER_FP32 * tokens
     else:
-        norm = ((FP32_BYTES if c != FP32_BYTES else 0) + 3 * c) * th + FP32_BYTES * tokens
+        norm = ((BYTES_PER_FP32 if c != BYTES_PER_FP32 else 0) + 3 * c) * th + BYTES_PER_FP32 * tokens
     attention_dropout = 0
     if run.eager:
-        softmax = (FP32_BYTES + c) if autocast else c
+        softmax = (BYTES_PER_FP32 + c) if autocast else c
         self_attention = 4 * c * tokens * inner + softmax * scores
         # Cross-attention adds a zero bias in c: under CUDA autocast softmax runs in fp32 all the same.
         cross_attention = self_attention
@@ -168,7 +167,7 @@ def activations(a: T5Arch, run: Run) -> Rule:
             cross_attention += attention_dropout
         decoder_where = 0
     else:
-        lse = FP32_BYTES * b * heads * (-(-s // 32) * 32)
+        lse = BYTES_PER_FP32 * b * heads * (-(-s // 32) * 32)
         self_attention = 4 * c * tokens * inner + lse + c * heads * s * s
         cross_attention = 4 * c * tokens * inner + lse
         # The decoder's where(causal, bias, min) also saves its boolean condition (s^2).
@@ -207,23 +206,23 @@ def activations(a: T5Arch, run: Run) -> Rule:
     decoder_parts = {k: v for k, v in decoder_parts.items() if v}
     shared_cross_bias = 0 if run.eager else c * heads * s * s
     per_model = parts(
-        ids=3 * INT64_BYTES * tokens + 2 * INT64_BYTES * s * s,
+        ids=3 * BYTES_PER_INT64 * tokens + 2 * BYTES_PER_INT64 * s * s,
         final_norm=2 * norm, head=c * th if autocast else 0,
-        loss_scalars=FP32_BYTES if autocast else c,
+        loss_scalars=BYTES_PER_FP32 if autocast else c,
         attention=shared_cross_bias, dropout=4 * th if dropout else 0,
     )
-    loss = Loss(tokens, a.vocab_size, FP32_BYTES if autocast else c,
+    loss = Loss(tokens, a.vocab_size, BYTES_PER_FP32 if autocast else c,
                 "transformers modeling_t5.T5ForConditionalGeneration: nn.CrossEntropyLoss on the decoder logits in "
                 "the compute dtype (fp32 under CUDA autocast); log_softmax saves its output")
-    residual = FP32_BYTES if autocast else c
+    residual = BYTES_PER_FP32 if autocast else c
     # Checkpointing (non-reentrant): each T5Block keeps its tensor arguments. Besides the layer inputs those are the
     # position biases the first block of each stack computes and hands to the others: the encoder's and the
     # decoder's relative bias (fp32 under autocast: an fp32 embedding) and the cross-attention's zero bias (c; it
     # requires grad under checkpointing), and, with eager attention, the decoder's 4-D causal mask (b s^2, in the
     # embeddings' dtype). The bucket indices are computed inside the first blocks: recomputed, not kept.
-    bias = (FP32_BYTES if autocast else c) * heads * s * s
+    bias = (BYTES_PER_FP32 if autocast else c) * heads * s * s
     zero_bias = c * heads * s * s
-    causal_mask = (FP32_BYTES if autocast else c) * b * s * s if run.eager else 0
+    causal_mask = (BYTES_PER_FP32 if autocast else c) * b * s * s if run.eager else 0
     kept = (a.encoder_layers + a.decoder_layers) * th * residual + 2 * bias + zero_bias + causal_mask - 2 * 8 * s * s
     # The first decoder block is the largest to recompute: it rebuilds its biases beside the kept ones, while the
     # gradients of the decoder's two biases (both inputs of every decoder block) accumulate.

@@ -68,8 +68,14 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append("activations need an architecture: with --params only, the peak excludes them")
         return result
     arch, family = described.arch, described.family
-    run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast,
-              spec.attention == Attention.eager)
+    eager = spec.attention == Attention.eager
+    if spec.attention == Attention.sdpa and not arch.supports_sdpa:
+        eager = True
+        result.notes.append(f"attention: {arch.architecture} has no sdpa path in transformers (_supports_sdpa = False), "
+                            "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
+                            "counted eager (b a s^2 scores per layer)")
+    run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
+              flash=spec.attention == Attention.flash)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")

@@ -68,11 +68,16 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     parameter_ptrs = set(excluded)
     saved: dict[int, object] = {}
 
+    copies = []
+
     class WeightCopies(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in parameter_ptrs:
                 excluded.add(out.untyped_storage().data_ptr())
+                # Held, so that its address is not handed to a later activation once a temporary copy (Gemma's
+                # weight.float() in 1 + weight) is freed: that activation would be taken for a copy.
+                copies.append(out)
             return out
 
     def pack(tensor):
@@ -110,6 +115,51 @@ def test_saved_activations_match_exactly(family, recipe, attention):
     print(f"{family:8s} {recipe:9s} {attention:5s} estimated {estimated:>10,} measured {measured:>10,} "
           f"error {100 * (estimated - measured) / measured:+.2f}%")
     assert estimated == measured
+
+
+GEMMA2 = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], **BASE, "head_dim": 32,
+          "query_pre_attn_scalar": 32, "sliding_window": 4096}
+GEMMA3 = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **BASE, "head_dim": 32,
+          "query_pre_attn_scalar": 32, "sliding_window": 4096}
+
+
+@pytest.mark.parametrize("softcaps", [(50.0, 30.0), (50.0, None), (None, 30.0), (None, None)])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_gemma2_softcapping_and_sandwich_norms(recipe, softcaps):
+    """Gemma2 runs eager attention (no sdpa path); attention softcapping saves tanh's (b, a, s, s) output per layer,
+    final-logit softcapping tanh's (b, s, vocab) output; the two post-norms feed residual adds (nothing saves
+    their output)."""
+    attn_cap, final_cap = softcaps
+    raw = {**GEMMA2, "attn_logit_softcapping": attn_cap, "final_logit_softcapping": final_cap}
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, attention="eager")
+    estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48)  # sdpa asked: counted eager
+    print(f"gemma2 {recipe} {softcaps}: estimated {estimated:,} measured {measured:,}")
+    assert estimated == measured
+
+
+def test_gemma2_without_sdpa_is_counted_eager_and_says_so():
+    eager, _ = estimated_saved_bytes(GEMMA2, "bf16-pure", batch=2, seq=48, attention="eager")
+    asked_sdpa, report = estimated_saved_bytes(GEMMA2, "bf16-pure", batch=2, seq=48, attention="sdpa")
+    assert asked_sdpa == eager
+    assert any("no sdpa path" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_gemma3_qk_norms_and_sandwich_norms(recipe, attention):
+    """Gemma3RMSNorm on q and k saves x.float() and the fp32 product whatever the compute dtype, and (1 + weight).
+    The window (4096) is longer than the sequence: sliding layers run like full ones (no explicit mask)."""
+    measured = measure_saved_bytes(GEMMA3, recipe, batch=2, seq=48, attention=attention)
+    estimated, _ = estimated_saved_bytes(GEMMA3, recipe, batch=2, seq=48, attention=attention)
+    print(f"gemma3 {recipe} {attention}: estimated {estimated:,} measured {measured:,}")
+    assert estimated == measured
+
+
+def test_sliding_window_shorter_than_the_sequence_is_named_as_not_counted():
+    _, report = estimated_saved_bytes({**GEMMA3, "sliding_window": 16}, "bf16-pure", batch=2, seq=48)
+    assert any(note.startswith("not counted: sliding window 16 < seq 48") for note in report.notes)
+    _, flash = estimated_saved_bytes({**GEMMA3, "sliding_window": 16}, "bf16-pure", batch=2, seq=48, attention="flash")
+    assert not any("sliding window" in note for note in flash.notes)
 
 
 GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96, "n_layer": 2, "n_head": 4,

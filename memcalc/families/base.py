@@ -46,7 +46,7 @@ class Arch:
     head_dim: the per-head width q/k use; intermediate_size: the dense MLP width (0 where a family has none);
     max_positions: positions the model was built for (None when the config does not bound them);
     learned_positions: position embeddings are a trained table, so a longer sequence cannot run at all;
-    dropout: the non-zero dropout probabilities, by config key.
+    dropout: the non-zero dropout probabilities, by config key; supports_sdpa: the class has an sdpa path.
     """
 
     model_type: str
@@ -70,6 +70,9 @@ class Arch:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     dropout: Mapping[str, float] = field(default_factory=dict)
+    # PreTrainedModel._supports_sdpa of the model class: where False (Gemma2: sdpa cannot softcap), transformers runs
+    # eager attention unless flash_attention_2 is asked for.
+    supports_sdpa: bool = True
 
 
 @dataclass(eq=False, repr=False)

@@ -104,6 +104,7 @@ class Variant:
     sandwich: bool = False
     gemma: bool = False
     fused: bool = False
+    sdpa: bool = True  # the modeling file's _supports_sdpa
 
 
 VARIANTS = {
@@ -117,8 +118,9 @@ VARIANTS = {
     "qwen3": Variant(_QWEN3, "attention_bias", None, qk_norm=True),
     # models/gemma/modeling_gemma.py: GemmaForCausalLM (tied by default; embedding scaled, same shape).
     "gemma": Variant(_GEMMA, "attention_bias", None, gemma=True),
-    # models/gemma2/modeling_gemma2.py: Gemma2DecoderLayer adds pre/post feed-forward norms.
-    "gemma2": Variant(_GEMMA2, "attention_bias", None, sandwich=True, gemma=True),
+    # models/gemma2/modeling_gemma2.py: Gemma2DecoderLayer adds pre/post feed-forward norms;
+    # Gemma2PreTrainedModel._supports_sdpa = False ("sdpa does not support softcapping").
+    "gemma2": Variant(_GEMMA2, "attention_bias", None, sandwich=True, gemma=True, sdpa=False),
     # models/gemma3/modeling_gemma3.py: Gemma3ForCausalLM = Gemma2 layout + q_norm/k_norm.
     "gemma3_text": Variant(_GEMMA3_TEXT, "attention_bias", None, qk_norm=True, sandwich=True, gemma=True),
     # models/phi3/modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases.
@@ -155,7 +157,7 @@ def resolve_fields(f: Fields, model_type: str, architecture: str, head: str, var
         dropout=f.dropouts({"attention_dropout": 0.0}),
         qkv_bias=qkv_bias, o_bias=qkv_bias if variant.o_bias is None else variant.o_bias,
         mlp_bias=variant.mlp_bias and f.flag("mlp_bias"), qk_norm=variant.qk_norm, sandwich=variant.sandwich,
-        fused_qkv=variant.fused, **more,
+        fused_qkv=variant.fused, supports_sdpa=variant.sdpa, **more,
     )
 
 
@@ -214,6 +216,10 @@ def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
     tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
     h, heads, g, d = a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim
     norms = a.num_norms * rms_norm_bytes(a.gemma_norm, tokens, h, c, autocast)
+    if a.sandwich and not autocast:
+        # The post-attention and post-feed-forward norms (Gemma2/3) feed the residual add, which saves nothing:
+        # their c output is not saved by a Linear as the pre-norms' is (measured, tests/test_activations.py).
+        norms -= 2 * c * tokens * h
     qkv = c * tokens * (heads * d + 2 * g * d)  # q_embed, k_embed, v as sdpa saves them
     o_proj_copy = 0
     if a.fused_qkv and not eager:
@@ -221,8 +227,16 @@ def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
         # output is not laid out (b, s, a, d) and o_proj saves a contiguous copy of it (measured on the
         # CPU, tests/test_activations.py; not yet checked on CUDA).
         o_proj_copy = c * tokens * heads * d
-    # Qwen3/Gemma3 per-head q/k RMSNorm: fp32 copy of the input, rsqrt, normalized in c.
-    qk_norm = (4 + c) * tokens * (heads + g) * d + BYTES_PER_FP32 * tokens * (heads + g) if a.qk_norm else 0
+    # Per-head q/k RMSNorm. Qwen3 (LlamaRMSNorm): fp32 copy of the input, rsqrt, normalized in c. Gemma3
+    # (Gemma3RMSNorm): x.float() and the fp32 normalized product (8 B whatever c), rsqrt, and (1 + weight) in fp32
+    # for each of the two norms (measured, tests/test_activations.py).
+    rows = tokens * (heads + g)
+    if not a.qk_norm:
+        qk_norm = 0
+    elif a.gemma_norm:
+        qk_norm = 2 * BYTES_PER_FP32 * rows * d + BYTES_PER_FP32 * rows + 2 * BYTES_PER_FP32 * d
+    else:
+        qk_norm = (4 + c) * rows * d + BYTES_PER_FP32 * rows
     attention = c * tokens * heads * d + BYTES_PER_FP32 * tokens * heads  # sdpa output (o_proj reads it in place) + lse
     if eager:
         # modeling_llama.eager_attention_forward: repeat_kv materialises k and v for every head; the two
@@ -232,6 +246,10 @@ def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
         qkv = 3 * c * tokens * heads * d
         probs_copy = c if c != BYTES_PER_FP32 else 0  # .to(fp32) of an fp32 softmax is the same tensor
         attention = c * tokens * heads * d + (BYTES_PER_FP32 + probs_copy) * b * heads * s * s
+        if a.attn_logit_softcapping is not None:
+            # modeling_gemma2.eager_attention_forward: scores / softcap, tanh, * softcap; tanh saves its output
+            # (in the scores' dtype: autocast leaves tanh alone), the scalar divide and multiply save nothing.
+            attention += c * b * heads * s * s
     # Under autocast each Linear saves its own low-precision cast of an fp32 input: q, k, v (phi3: one fused
     # qkv_proj); the MLP's are counted with it. o_proj and down_proj get 16-bit inputs already.
     casts = (1 if a.fused_qkv else 3) * c * tokens * h if autocast else 0
@@ -273,8 +291,18 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         final_norm=rms_norm_bytes(a.gemma_norm, tokens, h, c, run.autocast),
         head=c * tokens * h if run.autocast else 0,
         routing=model_extra,
+        # Gemma2ForCausalLM.forward: logits / final_logit_softcapping, tanh, * final_logit_softcapping; tanh saves
+        # its output, (b, s, vocab) in the logits' dtype.
+        logit_softcap=c * tokens * a.vocab_size if a.final_logit_softcapping is not None else 0,
     )
     rule_notes = [] if run.eager else [NOTE_SDPA]
+    if not run.eager and not run.flash and a.sliding_window is not None and a.sliding_window < run.s:
+        mask = run.b * run.s * run.s * c
+        rule_notes.append(
+            f"not counted: sliding window {a.sliding_window:,} < seq {run.s:,}, so sliding layers give sdpa an explicit "
+            f"(b, 1, s, s) mask; on CUDA that runs the memory-efficient kernel, which keeps the mask as a {c}-byte bias "
+            f"for backward: up to {mask / 2**30:,.2f} GiB per sliding layer ({a.num_layers} layers), not yet measured "
+            "on a GPU (the CPU kernels differ); --attn eager counts the scores in full")
     return Rule(layers, first, per_model, source, a.num_layers * tokens * h * run.residual,
                 c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 [*rule_notes, *notes])

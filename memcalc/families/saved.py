@@ -35,6 +35,7 @@ PART_FINAL_NORM = "final norm"
 PART_HEAD = "head input"
 PART_LOSS_SCALARS = "loss scalars"
 PART_ROUTING = "router aux loss"
+PART_LOGIT_SOFTCAP = "final logit softcapping"
 
 
 @dataclass(eq=False, repr=False)
@@ -46,6 +47,7 @@ class Run:
     c: int  # bytes of the compute dtype
     autocast: bool
     eager: bool  # --attn eager (else sdpa/flash)
+    flash: bool = False  # --attn flash (flash_attention_2: sliding windows and causality without a mask)
 
     @property
     def tokens(self) -> int:
@@ -103,7 +105,7 @@ def parts(**named: int) -> dict[str, int]:
     labels = {"norms": PART_NORMS, "attention": PART_ATTENTION, "mlp": PART_MLP, "casts": PART_CASTS,
               "dropout": PART_DROPOUT, "ids": PART_IDS, "rotary": PART_ROTARY, "embeddings": PART_EMBEDDINGS,
               "final_norm": PART_FINAL_NORM, "head": PART_HEAD, "loss_scalars": PART_LOSS_SCALARS,
-              "routing": PART_ROUTING}
+              "routing": PART_ROUTING, "logit_softcap": PART_LOGIT_SOFTCAP}
     return {labels[key]: value for key, value in named.items() if value}
 
 

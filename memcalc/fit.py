@@ -485,6 +485,7 @@ LIMIT_REJECTED = "rejected"  # the next value is refused by the spec or the engi
 LIMIT_NOT_MEMORY = "not_memory"  # the peak does not grow with the value in this estimate: no answer
 LIMIT_NONE_FITS = "none_fits"  # not even 1 fits: no answer
 LIMIT_BUDGET = "estimate_budget"  # the solver stopped at its estimate budget: the value fits, a larger one may
+LIMIT_MODEL = "model_bound"  # the next value is beyond what the model can run (learned position embeddings)
 
 
 @dataclass(frozen=True)
@@ -497,20 +498,25 @@ class Largest:
 
 def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
                     rerun: Callable[[TrainingSpec], Report] | _Estimates,
-                    budget: int = LARGEST_FITTING_ESTIMATE_BUDGET) -> Largest:
+                    budget: int = LARGEST_FITTING_ESTIMATE_BUDGET, cap: tuple[int, str] | None = None) -> Largest:
     """The largest value of ``field_name`` (micro_batch_size or seq_len) whose peak fits, its peak, and what
     stops it: memory, TrainingSpec's token bound (MAX_TOKENS = micro-batch x seq-len), or nothing at all.
 
     The peak is a maximum of moments, each close to linear in the micro-batch (and convex in the sequence, with
     eager attention's s^2): interpolating where it crosses the usable memory, with a bisection step whenever
     interpolation moves the same end twice, needs 2-4 estimates for a linear peak and about 2 log2(range)
-    at worst (``budget`` bounds them). It stops at what the GPU holds, or at the spec's bound, never at an
-    internal cap.
+    at worst (``budget`` bounds them). It stops at what the GPU holds, at the spec's bound, or at ``cap`` (the
+    model's own bound and why: GPT-2 learned 1,024 positions), never at an internal cap.
     """
     estimates = rerun if isinstance(rerun, _Estimates) else _Estimates(rerun)
     label = {"micro_batch_size": "micro-batch", "seq_len": "sequence length"}[field_name]
     other = spec.seq_len if field_name == "micro_batch_size" else spec.micro_batch_size
     bound = MAX_TOKENS // other  # TrainingSpec refuses micro-batch x seq-len above MAX_TOKENS
+    bound_limit, bound_reason = LIMIT_TOKEN_BOUND, (
+        f"{label} {bound:,} is the most TrainingSpec accepts here (micro-batch x seq-len <= {MAX_TOKENS:,} tokens, "
+        "memcalc/spec.py MAX_TOKENS); the GPU would hold more")
+    if cap is not None and cap[0] < bound:
+        bound, bound_limit, bound_reason = cap[0], LIMIT_MODEL, f"{cap[1]}; the GPU would hold more"
     usable = gpu.usable_bytes
     start = estimates.count
 
@@ -528,13 +534,11 @@ def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
     top = probe(bound) if bound > 1 else first
     if fits(top):
         assert isinstance(top, int)
-        if top == first and bound > 1:
+        if top == first and bound > 1 and bound_limit != LIMIT_MODEL:
             return Largest(None, first, LIMIT_NOT_MEMORY,
                            f"not limited by memory in this estimate: the peak is the same at {label} 1 and "
                            f"{bound:,} (nothing in it grows with the {label})")
-        return Largest(bound, top, LIMIT_TOKEN_BOUND,
-                       f"{label} {bound:,} is the most TrainingSpec accepts here (micro-batch x seq-len <= "
-                       f"{MAX_TOKENS:,} tokens, memcalc/spec.py MAX_TOKENS); the GPU would hold more")
+        return Largest(bound, top, bound_limit, bound_reason)
     low, low_peak, high, high_result = 1, first, bound, top
     moved: list[str] = []
     while high - low > 1 and estimates.count - start < budget:
@@ -573,13 +577,15 @@ HF_TRAINER_RECIPES = {PrecisionName.bf16: PrecisionName.amp_bf16, PrecisionName.
 def check_fit(
     report: Report, spec: TrainingSpec, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report],
     solve_batch: bool = False, solve_seq_len: bool = False, precision_chosen: bool = True,
+    seq_len_cap: tuple[int, str] | None = None,
 ) -> Fit:
     """The verdict for ``report``; ``rerun`` re-estimates a changed spec for the suggestions and solvers.
 
     ``precision_chosen``: whether the user chose the recipe (typed --precision, or a DeepSpeed/trainer config
     set it). When False and the recipe is memcalc's default mixed precision (bf16 or fp16, with an fp32 master
     copy), the verdict also gives the peak of what HF Trainer's bf16=True / fp16=True runs (amp-bf16 /
-    amp-fp16: fp32 weights and autocast), since that is what many users mean.
+    amp-fp16: fp32 weights and autocast), since that is what many users mean. ``seq_len_cap``: the longest
+    sequence the model can run and why (learned position embeddings), for the --max-seq-len solver.
     """
     estimates = _Estimates(rerun)
     estimates.remember(spec, report)
@@ -618,7 +624,7 @@ def check_fit(
         solved.update(max_micro_batch_size=best.value, max_micro_batch_peak_bytes=best.peak_bytes,
                       max_micro_batch_limit=best.limit, max_micro_batch_reason=best.reason)
     if solve_seq_len:
-        best = largest_fitting(spec, "seq_len", gpu, estimates)
+        best = largest_fitting(spec, "seq_len", gpu, estimates, cap=seq_len_cap)
         solved.update(max_seq_len=best.value, max_seq_len_peak_bytes=best.peak_bytes, max_seq_len_limit=best.limit,
                       max_seq_len_reason=best.reason)
     return Fit(

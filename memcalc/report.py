@@ -140,7 +140,8 @@ class Fit:
     search_budget_reached: bool = False  # the change search stopped at its estimate budget, not on its own
     # --max-batch / --max-seq-len (None: not asked): the largest value that fits and its peak, and the limit:
     #   "memory" the next value does not fit; "token_bound" the next value is beyond TrainingSpec's bound on
-    #   micro-batch x seq-len; "rejected" the next value is refused for another reason (see the reason);
+    #   micro-batch x seq-len; "model_bound" the next value is beyond what the model runs (learned positions);
+    #   "rejected" the next value is refused for another reason (see the reason);
     #   "not_memory" the peak does not grow with it in this estimate (value None, peak at 1);
     #   "none_fits" not even 1 fits (value None, peak at 1).
     # *_reason says the same in a sentence.

@@ -156,13 +156,19 @@ def test_largest_micro_batch_after_each_suggestion_is_the_boundary(ref, gpu, fie
         assert _engine_peak(model, spec, **{**changed, "micro_batch_size": best + 1}) > target.usable_bytes
 
 
-def test_max_batch_and_seq_len_solver_is_the_boundary():
-    model, spec, target = _model("gpt2"), TrainingSpec(), _gpu("a100-80gb")
+@pytest.mark.parametrize("ref", ["gpt2", "gemma-3-1b"])
+def test_max_batch_and_seq_len_solver_is_the_boundary(ref):
+    model, spec, target = _model(ref), TrainingSpec(seq_len=1024), _gpu("a100-80gb")
     fit = api.run(model, spec, target, solve_batch=True, solve_seq_len=True).fit
-    for field_name, value, peak, limit in (
-        ("micro_batch_size", fit.max_micro_batch_size, fit.max_micro_batch_peak_bytes, fit.max_micro_batch_limit),
-        ("seq_len", fit.max_seq_len, fit.max_seq_len_peak_bytes, fit.max_seq_len_limit),
-    ):
+    solved = [("micro_batch_size", fit.max_micro_batch_size, fit.max_micro_batch_peak_bytes, fit.max_micro_batch_limit)]
+    if ref == "gpt2":
+        # GPT-2's positions are a learned table of n_positions = 1,024 rows (its config.json): the solver stops
+        # there, though the GPU would hold more.
+        assert (fit.max_seq_len, fit.max_seq_len_limit) == (1024, "model_bound")
+        assert _engine_peak(model, spec, seq_len=1024) == fit.max_seq_len_peak_bytes <= target.usable_bytes
+    else:  # rotary positions: memory is the limit
+        solved.append(("seq_len", fit.max_seq_len, fit.max_seq_len_peak_bytes, fit.max_seq_len_limit))
+    for field_name, value, peak, limit in solved:
         assert limit == "memory" and value > 1
         assert _engine_peak(model, spec, **{field_name: value}) == peak <= target.usable_bytes
         assert _engine_peak(model, spec, **{field_name: value + 1}) > target.usable_bytes

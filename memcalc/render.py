@@ -366,8 +366,10 @@ def render_comparison(reports: Sequence[Report], console: Console, unit: str) ->
     for name in names:
         cells = []
         for r in reports:
-            match = [t.bytes for t in r.per_gpu.terms if t.name == name]
-            cells.append(format_value(match[0], unit) if match else "-")
+            match = [t for t in r.per_gpu.terms if t.name == name]
+            # A term offload keeps in CPU RAM is marked: the column is otherwise GPU memory.
+            cells.append("-" if not match else
+                         format_value(match[0].bytes, unit) + (" (CPU RAM)" if match[0].in_cpu_ram else ""))
         table.add_row(name, *cells)
     table.add_section()
     table.add_row("model states", *[format_value(r.per_gpu.model_states_bytes, unit) for r in reports])

@@ -129,6 +129,19 @@ def test_compare_with_deepspeed_zero3_with_offload(llama3_8b):
     assert both["optimizer states"].tool_bytes == 0 and "CPU" in both["optimizer states"].why
 
 
+def test_compare_with_deepspeed_counts_offloaded_terms_in_cpu_ram_not_on_the_gpu(llama3_8b):
+    report = run(llama3_8b, TrainingSpec(zero_stage=2, num_gpus=8, offload="optimizer"))
+    rows = rows_by_term(compare_with_deepspeed(report, offload_optimizer=True))
+    for term in ("fp32 master weights", "optimizer states", "fp32 gradients", "16-bit gradients"):
+        assert rows[term].memcalc_bytes == 0 == rows[term].tool_bytes, term
+    cpu = {t.name: t.bytes for t in report.per_gpu.terms if t.in_cpu_ram}
+    # fp32 master 4 + Adam 8 + fp32 gradient partition 4 per parameter of this rank's partition, 8 ranks per node
+    assert set(cpu) == {"master_weights", "optimizer_states", "fp32_grad_copy"}
+    assert rows["CPU RAM per node"].memcalc_bytes == 8 * sum(cpu.values())
+    assert "zero_offload_grad_buffer" in rows["other working memory"].why
+    assert "master_weights" not in rows["other working memory"].why
+
+
 def test_compare_with_deepspeed_needs_zero_and_a_consistent_layout(llama3_8b):
     with pytest.raises(UsageError, match="ZeRO stage"):
         compare_with_deepspeed(run(llama3_8b, TrainingSpec(zero_stage=0)))

@@ -25,6 +25,7 @@ class ComparisonRow(NamedTuple):
 
 
 def memcalc_term_bytes(report: Report, *names: str) -> int | None:
-    """The sum of memcalc's per-GPU terms of these names, or None when the report has none of them."""
-    found = [t.bytes for t in report.per_gpu.terms if t.name in names]
+    """The sum of memcalc's terms of these names on the GPU, or None when the report has none of them. A term
+    offload moved to CPU RAM counts 0 here: the comparisons' GPU rows are about GPU memory."""
+    found = [0 if t.in_cpu_ram else t.bytes for t in report.per_gpu.terms if t.name in names]
     return sum(found) if found else None

@@ -208,9 +208,11 @@ def _zero12_rows(report: Report, layout: _Layout) -> list[ComparisonRow]:
         "16-bit weights", memcalc_term_bytes(report, TERM_WEIGHTS), 2 * p,
         "both hold every parameter's 16-bit copy on each GPU at ZeRO-1/2 (DeepSpeed: 2 B x all params)" + common)]
     if layout.where:
-        grads_why = ("with offload DeepSpeed counts no gradient bytes on the GPU (its formula keeps only the 16-bit "
-                     "params there); memcalc counts " + ("whole" if stage == 1 else "partitioned")
-                     + " 16-bit gradients")
+        grads_why = ("with offload DeepSpeed's formula counts no gradient bytes on the GPU (only the 16-bit params); "
+                     + ("memcalc counts the whole 16-bit gradients ZeRO-1 keeps through backward (the epilogue copies "
+                        "this rank's part to CPU RAM and frees them before the step)" if stage == 1 else
+                        "memcalc agrees: ZeRO-2-Offload copies each reduced gradient to the fp32 CPU partition "
+                        "(copy_grads_in_partition) and keeps no 16-bit partition"))
     else:
         grads_why = ("DeepSpeed's ZeRO-2 formula partitions 16-bit gradients (2 B/param / GPUs); "
                      + ("ZeRO-1 does not partition them, so memcalc holds them whole" if stage == 1 else
@@ -234,7 +236,9 @@ def _zero3_rows(report: Report, layout: _Layout, largest: int) -> list[Compariso
             "16-bit gradients (shard)", memcalc_term_bytes(report, TERM_GRADIENTS), 0,
             "DeepSpeed's ZeRO-3 formula has no 16-bit gradient shard: its 18 B/param / GPUs is 2 16-bit params + "
             "4 fp32 grads + 4 fp32 params + 8 Adam (its offload variants move 16 and 18 B/param to the CPU, the "
-            "same split); memcalc counts the rank's reduce-scattered 16-bit gradient shard, 2 B/param / GPUs" + common),
+            "same split); memcalc counts the rank's reduce-scattered 16-bit gradient shard, 2 B/param / GPUs"
+            + (", in CPU RAM under offload_optimizer (grad_partitions_flat_buffer), so 0 here" if layout.where else "")
+            + common),
     ]
     rows.extend(_state_rows(report, layout, TERM_MASTER_GRAD_COPY if layout.where else TERM_ZERO3_FP32_GRADS))
     rows.append(ComparisonRow(
@@ -288,7 +292,7 @@ def _tail_rows(report: Report, layout: _Layout, cpu: int, gpu: int, gathered: in
     rows = [ComparisonRow(
         "activations", memcalc_term_bytes(report, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS), 0,
         "DeepSpeed's estimator covers model states only: no activations, logits or loss buffers")]
-    others = [t for t in report.per_gpu.terms if t.name not in _MATCHED_TERMS]
+    others = [t for t in report.per_gpu.terms if t.name not in _MATCHED_TERMS and not t.in_cpu_ram]
     if others:
         rows.append(ComparisonRow("other working memory", sum(t.bytes for t in others), 0,
                                   f"not in DeepSpeed's estimator: {', '.join(t.name for t in others)}"))
@@ -304,12 +308,15 @@ def _tail_rows(report: Report, layout: _Layout, cpu: int, gpu: int, gathered: in
         f"num_nodes={layout.num_nodes}, offload optimizer={layout.offload_optimizer}{params_flag}): model states "
         f"{'and the largest layer ' if stage == 3 else ''}all live at once, no activations or temporaries and no "
         "buffer factor; memcalc's peak is the largest phase of the step"))
-    rows.append(ComparisonRow("CPU RAM per node", None, cpu, _cpu_why(stage, layout, zero_init, factor)))
+    memcalc_cpu = report.totals.cpu_offload_bytes_per_node if report.training.offload != "none" else None
+    rows.append(ComparisonRow("CPU RAM per node", memcalc_cpu, cpu, _cpu_why(stage, layout, zero_init, factor)))
     return rows
 
 
 def _cpu_why(stage: int, layout: _Layout, zero_init: bool, factor: float) -> str:
-    tail = f"; x {factor} buffer factor (CPU figure only); memcalc does not count CPU RAM here"
+    tail = (f"; x {factor} buffer factor (CPU figure only); memcalc counts what offload keeps in (pinned) CPU RAM, "
+            "not each process's own loading of the model (when its run offloads)" if layout.where else
+            f"; x {factor} buffer factor (CPU figure only); without offload memcalc counts no CPU RAM")
     per_node_gpus = layout.num_gpus_per_node
     if stage in (1, 2):
         if layout.offload_optimizer:

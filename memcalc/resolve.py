@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from memcalc import families
 from memcalc.catalog import find_model_preset, load_model_preset, model_preset_files, suggest
 from memcalc.datafile import read_json_object, shown
 from memcalc.errors import ConfigError, ModelNotFoundError, UsageError
-from memcalc.model import ModelConfig, ParamTensor
+from memcalc.model import ROLE_POSITION_EMBEDDING, ModelConfig, ParamTensor
 
 __all__ = ["HUB_TIMEOUT_SECONDS", "resolve_model", "shown"]
 
@@ -362,6 +363,14 @@ def model_input(model_ref: str | None, num_params: int | None) -> ModelInput:
 def model_of(config: ModelConfig) -> ModelInput:
     """The model a config describes: its family's resolved view and its exact tensors."""
     described = families.describe(config)
+    tensors = tuple(described.inventory())
+    positions = [t.shape[0] for t in tensors if t.role == ROLE_POSITION_EMBEDDING and t.shape]
+    if positions and not described.arch.learned_positions:
+        # A class built on the meta device with a learned position table (GPT-Neo's wpe): no row exists for a
+        # longer sequence. Its bound is the config's, else the table's rows.
+        arch = dataclasses.replace(described.arch, learned_positions=True,
+                                   max_positions=described.arch.max_positions or min(positions))
+        described = dataclasses.replace(described, arch=arch)
     return ModelInput(name=config.name, source=config.source, model_type=described.declared_type or None,
-                      tensors=tuple(described.inventory()), architecture_known=True, config=config,
+                      tensors=tensors, architecture_known=True, config=config,
                       notes=tuple(described.inventory_notes()), described=described)

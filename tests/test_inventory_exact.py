@@ -342,3 +342,20 @@ def test_param_tensor_flags_on_a_moe_layer() -> None:
     assert experts == ParamTensor(experts.name, (3, 192, 64), 0, "expert", is_linear_weight=False)
     assert tensors["model.layers.1.mlp.gate.weight"].role == "router"
     assert tensors["lm_head.weight"].is_linear_weight and tensors["lm_head.weight"].layer is None
+
+
+def test_a_learned_position_table_found_on_the_meta_device_bounds_the_sequence(tmp_path: Path) -> None:
+    """GPT-BigCode has no family module; transformers builds it with a learned wpe of n_positions rows, so a longer
+    sequence has no position embedding and is refused, as for GPT-2."""
+    from memcalc import api
+    from memcalc.errors import UsageError
+
+    raw = {"model_type": "gpt_bigcode", "architectures": ["GPTBigCodeForCausalLM"], "n_embd": 64, "n_layer": 2,
+           "n_head": 4, "n_positions": 128, "vocab_size": 300}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    model = api.model_input(str(path), None)
+    assert model.arch.learned_positions and model.arch.max_positions == 128
+    assert api.estimate(str(path), seq_len=128).training.seq_len == 128
+    with pytest.raises(UsageError, match="128 positions"):
+        api.estimate(str(path), seq_len=129)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import UsageError
-from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Offload, Sharding
+from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Sharding
 
 if TYPE_CHECKING:
     from memcalc.fit import GpuTarget
@@ -262,7 +262,7 @@ def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any
               for spec_name in ("zero_stage", "precision", "master_dtype", "state_dtype", "micro_batch_size",
                                 "grad_accum", "optimizer", "amsgrad", "offload")
               if (request.is_chosen(_REQUEST_NAME.get(spec_name, spec_name))
-                  and fields.get(spec_name, stages) not in (None, Offload.none.value))}
+                  and fields.get(spec_name, stages) is not None)}
     path = os.fspath(request.deepspeed)
     settings = read_deepspeed_config(
         path, hidden_size=model.hidden_size, micro_batch_size=chosen.get("micro_batch_size"),

@@ -133,6 +133,15 @@ def test_contradicting_flag_is_one_line_exit_2(cli, tmp_path, flags):
     assert len(lines) == 1 and "contradicts" in lines[0] and flags[0] in lines[0]
 
 
+def test_typed_offload_none_contradicts_a_config_that_offloads(cli, tmp_path):
+    offloading = {**CONFIG, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    result = cli("llama-3-8b", "--gpus", "8", "--deepspeed", write(tmp_path, offloading), "--offload", "none")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"memcalc: --offload none contradicts {tmp_path / 'ds_config.json'}, which sets offload optimizer; drop the setting "
+        "or edit the config"]
+
+
 @pytest.mark.parametrize("flags", [
     ["--zero", "3"], ["--precision", "bf16"], ["--batch-size", "2"], ["--grad-accum", "4"], ["--optim", "adamw"],
     ["--offload", "none"], ["--sharding", "deepspeed"],

@@ -27,7 +27,7 @@ from memcalc.spec import TrainingSpec
 if TYPE_CHECKING:
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
-    from memcalc.fit import GpuTarget
+    from memcalc.fit import ConfigOwner, GpuTarget
 
 VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
 
@@ -71,13 +71,22 @@ def plan_of(model: str | None = None, **settings: Any) -> Plan:
 def run_plan(plan: Plan) -> list[Report]:
     """One Report per TrainingSpec of the plan, each with its fit when the plan has a GPU."""
     return [run(plan.model, spec, plan.gpu, plan.defaults_used, plan.solve_batch, plan.solve_seq_len,
-                plan.precision_chosen, plan.notes) for spec in plan.specs]
+                plan.precision_chosen, plan.notes, _config_owner(plan)) for spec in plan.specs]
+
+
+def _config_owner(plan: Plan) -> ConfigOwner | None:
+    if plan.config_path is None:
+        return None
+    from memcalc.fit import ConfigOwner
+
+    return ConfigOwner(plan.config_path, plan.config_fields)
 
 
 def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, defaults_used: Sequence[str] = (),
         solve_batch: bool = False, solve_seq_len: bool = False, precision_chosen: bool = True,
-        notes: Sequence[str] = ()) -> Report:
-    """The engine's report for one spec (the lower-level entry: a ModelInput and a TrainingSpec)."""
+        notes: Sequence[str] = (), config_owner: ConfigOwner | None = None) -> Report:
+    """The engine's report for one spec (the lower-level entry: a ModelInput and a TrainingSpec).
+    ``config_owner``: the DeepSpeed config the spec was read from (the fit's suggestions edit its keys)."""
     report = _estimate_spec(model, spec, defaults_used)
     if notes:
         report.notes[:0] = list(notes)
@@ -90,7 +99,7 @@ def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, def
                                        "position embeddings are a learned table of that many rows)")
         fit = check_fit(report, spec, gpu, rerun=lambda changed: _estimate_spec(model, changed),
                         solve_batch=solve_batch, solve_seq_len=solve_seq_len, precision_chosen=precision_chosen,
-                        seq_len_cap=cap)
+                        seq_len_cap=cap, config_owner=config_owner)
         report = report.with_fit(fit)
     return report
 

@@ -188,11 +188,29 @@ def _zero_points(stage: int) -> float:
     return COSTS[LEVER_ZERO[stage]].points if stage else 0.0
 
 
-def _dimensions(spec: TrainingSpec, architecture_known: bool) -> list[_Dimension]:
-    """The levers that apply to ``spec``, each with its options (alternatives, or levels for the GPU count)."""
+@dataclass(frozen=True)
+class ConfigOwner:
+    """A DeepSpeed config the run was read from, and the TrainingSpec fields it sets: a suggestion changes those in
+    the config (its keys named), never as flags, which would contradict it; the ones a config cannot say are not
+    suggested."""
+
+    path: str
+    fields: frozenset[str]
+
+
+# TrainingSpec field -> the DeepSpeed config key a suggestion edits (offload: _config_edits spells the devices).
+DEEPSPEED_CONFIG_KEYS = {"zero_stage": "zero_optimization.stage", "micro_batch_size": "train_micro_batch_size_per_gpu",
+                         "grad_accum": "gradient_accumulation_steps", "offload": "zero_optimization.offload_*.device"}
+
+
+def _dimensions(spec: TrainingSpec, architecture_known: bool, owner: ConfigOwner | None = None) -> list[_Dimension]:
+    """The levers that apply to ``spec``, each with its options (alternatives, or levels for the GPU count);
+    with a config ``owner``, none that changes what the config sets in a way no config key expresses."""
     dims: list[_Dimension] = []
+    fixed = owner.fields - DEEPSPEED_CONFIG_KEYS.keys() if owner is not None else frozenset()
 
     def add(name: str, options: list[_Option], ordered: bool = False) -> None:
+        options = [o for o in options if not any(key in fixed for key, _ in o.changes)]
         if options:
             dims.append(_Dimension(name, tuple(options), ordered))
 
@@ -277,18 +295,34 @@ _FLAGS = (("precision", "--precision"), ("optimizer", "--optim"), ("amsgrad", "-
           ("num_gpus", "--gpus"), ("offload", "--offload"))
 
 
-def _command_line(spec: TrainingSpec, changes: dict[str, Any]) -> str:
-    """The changes as the command-line flags that make them, e.g. '--lora-rank 16 --qlora --checkpointing full'."""
-    words = []
+def _command_line(spec: TrainingSpec, changes: dict[str, Any], owner: ConfigOwner | None = None) -> str:
+    """The changes as the command-line flags that make them, e.g. '--lora-rank 16 --qlora --checkpointing full';
+    what a config ``owner`` sets, as edits of its keys ('in ds.json: zero_optimization.stage 3')."""
+    words, edits = [], []
     for field_name, flag in _FLAGS:
         if field_name not in changes or changes[field_name] == getattr(spec, field_name):
             continue
         value = changes[field_name]
-        if isinstance(value, bool):
+        if owner is not None and field_name in owner.fields:
+            edits.extend(_config_edits(field_name, value))
+        elif isinstance(value, bool):
             words.append(flag if value else f"--no-{flag[2:]}")
         else:
             words.append(f"{flag} {getattr(value, 'value', value)}")
-    return " ".join(words)
+    flags = " ".join(words)
+    if not edits:
+        return flags
+    assert owner is not None
+    return f"{flags}; " * bool(flags) + f"in {owner.path}: {', '.join(edits)}"
+
+
+def _config_edits(field_name: str, value: Any) -> list[str]:
+    if field_name == "offload":
+        devices = {Offload.optimizer: ("cpu", "none"), Offload.params: ("none", "cpu"), Offload.both: ("cpu", "cpu"),
+                   Offload.none: ("none", "none")}[Offload(value)]
+        return [f"zero_optimization.offload_optimizer.device {devices[0]}",
+                f"zero_optimization.offload_param.device {devices[1]}"]
+    return [f"{DEEPSPEED_CONFIG_KEYS[field_name]} {getattr(value, 'value', value)}"]
 
 
 def _plain(changes: dict) -> dict:
@@ -341,11 +375,12 @@ class _Found:
     fits: bool
 
 
-def _suggestion(spec: TrainingSpec, dims: list[_Dimension], found: _Found) -> FitSuggestion:
+def _suggestion(spec: TrainingSpec, dims: list[_Dimension], found: _Found,
+                owner: ConfigOwner | None = None) -> FitSuggestion:
     changes = _merge(dims, found.state)
     parts = _costs(dims, found.state)
     return FitSuggestion(
-        change=_command_line(spec, changes), peak_bytes=found.peak_bytes, fits=found.fits,
+        change=_command_line(spec, changes, owner), peak_bytes=found.peak_bytes, fits=found.fits,
         spec_changes=_plain(changes), cost=float(round(sum(parts.values()), 1)),
         cost_parts={lever: float(round(points, 1)) for lever, points in parts.items()},
     )
@@ -577,7 +612,7 @@ HF_TRAINER_RECIPES = {PrecisionName.bf16: PrecisionName.amp_bf16, PrecisionName.
 def check_fit(
     report: Report, spec: TrainingSpec, gpu: GpuTarget, rerun: Callable[[TrainingSpec], Report],
     solve_batch: bool = False, solve_seq_len: bool = False, precision_chosen: bool = True,
-    seq_len_cap: tuple[int, str] | None = None,
+    seq_len_cap: tuple[int, str] | None = None, config_owner: ConfigOwner | None = None,
 ) -> Fit:
     """The verdict for ``report``; ``rerun`` re-estimates a changed spec for the suggestions and solvers.
 
@@ -586,6 +621,7 @@ def check_fit(
     copy), the verdict also gives the peak of what HF Trainer's bf16=True / fp16=True runs (amp-bf16 /
     amp-fp16: fp32 weights and autocast), since that is what many users mean. ``seq_len_cap``: the longest
     sequence the model can run and why (learned position embeddings), for the --max-seq-len solver.
+    ``config_owner``: the DeepSpeed config the run was read from; suggestions edit its keys instead of flags.
     """
     estimates = _Estimates(rerun)
     estimates.remember(spec, report)
@@ -595,19 +631,19 @@ def check_fit(
     budget_reached = False
     cost_reasons: dict[str, str] = {}
     if not fits:
-        dims = _dimensions(spec, report.model.architecture_known)
+        dims = _dimensions(spec, report.model.architecture_known, config_owner)
         singles = _single_changes(spec, dims, gpu, estimates)
         fitting, budget_reached = _search(spec, dims, gpu, estimates, SEARCH_ESTIMATE_BUDGET, singles)
         ranked = sorted(fitting, key=lambda f: (sum(_costs(dims, f.state).values()), len(f.state), f.peak_bytes))
         for found in ranked[:MAX_FITTING_SUGGESTIONS]:
-            suggestion = _suggestion(spec, dims, found)
+            suggestion = _suggestion(spec, dims, found, config_owner)
             best = largest_fitting(found.spec, "micro_batch_size", gpu, estimates, SUGGESTION_BATCH_ESTIMATE_BUDGET)
             suggestion.max_micro_batch_size, suggestion.max_micro_batch_peak_bytes = best.value, best.peak_bytes
             suggestion.max_micro_batch_limit = best.limit
             suggestions.append(suggestion)
         alone = sorted((f for f in singles if not f.fits),
                        key=lambda f: (sum(_costs(dims, f.state).values()), f.peak_bytes))
-        suggestions.extend(_suggestion(spec, dims, f) for f in alone)
+        suggestions.extend(_suggestion(spec, dims, f, config_owner) for f in alone)
         for suggestion in suggestions:
             for lever in suggestion.cost_parts:
                 cost_reasons[lever] = f"{COSTS[lever].kind}: {COSTS[lever].reason}"

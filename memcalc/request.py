@@ -105,6 +105,8 @@ class Plan:
     precision_chosen: bool
     solve_batch: bool
     solve_seq_len: bool
+    config_path: str | None = None  # the DeepSpeed config the plan was read from (as shown to the user)
+    config_fields: frozenset[str] = frozenset()  # the TrainingSpec fields it sets
 
 
 def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -211,6 +213,7 @@ def _plan(request: Request) -> Plan:
     model = model_input(request.model, _num_params(request))
     notes: list[str] = []
     from_config: set[str] = set()
+    config_fields: dict[str, Any] = {}
     if request.deepspeed is not None:
         config_fields, config_notes = _deepspeed_fields(request, model, fields, stages)
         fields.update(config_fields)
@@ -239,7 +242,15 @@ def _plan(request: Request) -> Plan:
                           if not request.is_chosen(name) and name not in from_config)
     return Plan(model=model, specs=specs, gpu=gpu, defaults_used=defaults_used, notes=tuple(notes),
                 precision_chosen=request.is_chosen("precision") or "precision" in from_config,
-                solve_batch=request.max_batch, solve_seq_len=request.max_seq_len)
+                solve_batch=request.max_batch, solve_seq_len=request.max_seq_len,
+                config_path=_shown(request.deepspeed) if request.deepspeed is not None else None,
+                config_fields=frozenset(config_fields))
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    from memcalc.datafile import shown
+
+    return shown(os.fspath(path))
 
 
 # TrainingSpec field -> the Request setting a user states it with.
@@ -260,7 +271,7 @@ def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any
         raise UsageError(f"{setting} contradicts {{deepspeed}} (a DeepSpeed config runs DeepSpeed ZeRO); drop one")
     chosen = {spec_name: fields[spec_name] if spec_name != "zero_stage" else stages
               for spec_name in ("zero_stage", "precision", "master_dtype", "state_dtype", "micro_batch_size",
-                                "grad_accum", "optimizer", "amsgrad", "offload")
+                                "grad_accum", "optimizer", "amsgrad", "optim_impl", "offload")
               if (request.is_chosen(_REQUEST_NAME.get(spec_name, spec_name))
                   and fields.get(spec_name, stages) is not None)}
     path = os.fspath(request.deepspeed)

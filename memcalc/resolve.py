@@ -10,12 +10,12 @@ through ``shown`` (control characters escaped, long text cut) so the message sta
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

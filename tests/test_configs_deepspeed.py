@@ -20,7 +20,7 @@ from memcalc.configs.deepspeed import (
     spec_fields,
 )
 from memcalc.errors import ConfigError, UsageError
-from memcalc.optimizers import OptimizerName
+from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
 from memcalc.spec import Offload, Sharding, TrainingSpec, ZeroBuffers
 
@@ -55,7 +55,11 @@ def test_emit_then_read_gives_the_spec_back(tmp_path, spec):
     config = emit_deepspeed_config(spec, hidden_size=4096)
     settings = read_deepspeed_config(write(tmp_path, json.dumps(config)), num_gpus=spec.num_gpus)  # JSON-ready
     fields = spec_fields(settings)
-    assert spec.replace(**fields) == spec.replace(zero_buffers=fields["zero_buffers"])
+    # DeepSpeed builds FusedAdam / FusedLion for the optimizer it is named (runtime/engine.py), torch.optim.AdamW
+    # with torch_adam (emitted for amsgrad, which FusedAdam lacks): the implementation is DeepSpeed's.
+    fused = spec.optimizer.value in ("adamw", "adam", "lion") and not spec.amsgrad
+    impl = "fused" if fused else spec.optim_impl.value
+    assert spec.replace(**fields) == spec.replace(zero_buffers=fields["zero_buffers"], optim_impl=impl)
     assert settings.offload == spec.offload.value
     assert settings.train_batch_size == spec.micro_batch_size * spec.grad_accum * spec.num_gpus
 
@@ -187,7 +191,7 @@ def test_spec_fields_name_every_field_the_config_decides():
     assert fields == {"zero_stage": 2, "precision": PrecisionName.bf16, "master_dtype": Dtype.bf16,
                       "state_dtype": Dtype.bf16, "micro_batch_size": 3, "grad_accum": 4, "offload": Offload.optimizer,
                       "sharding": Sharding.deepspeed, "zero_buffers": ZeroBuffers(overlap_comm=False),
-                      "optimizer": OptimizerName.adam, "amsgrad": False}
+                      "optimizer": OptimizerName.adam, "amsgrad": False, "optim_impl": OptimImpl.fused}
     TrainingSpec(num_gpus=8, **fields)  # a valid spec as it stands
 
 

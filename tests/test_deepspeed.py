@@ -178,3 +178,34 @@ def test_compare_with_has_no_sentinels(cli, tool):
     data = cli("llama-3-8b", "--gpus", "8", "--zero", "3", "--compare-with", tool, "--json").json()
     assert data["tool"] == tool and data["rows"]
     assert all(row["tool_bytes"] is None or row["tool_bytes"] >= 0 for row in data["rows"])
+
+
+def test_fit_suggestions_edit_the_config_instead_of_contradicting_it(cli, tmp_path):
+    """A change the config decides (stage, offload, micro-batch) is said as an edit of its keys; one no config key
+    says (bf16-pure, an 8-bit optimizer where the config names AdamW) is not suggested."""
+    config = {"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW"},
+              "zero_optimization": {"stage": 1}}
+    path = write(tmp_path, config)
+    result = cli("llama-3-8b", "--gpus", "8", "--deepspeed", path, "--gpu", "a100-40gb", "--json")
+    assert result.exit_code == 6
+    changes = [s["change"] for s in result.json()["fit"]["suggestions"]]
+    assert changes and not any(flag in change for change in changes
+                               for flag in ("--zero", "--offload", "--batch-size", "--grad-accum", "--optim ",
+                                            "--precision", "--optim-impl"))
+    assert f"in {path}: zero_optimization.stage 3" in changes
+    # Each suggestion, made in the config, runs without a contradiction and gives the peak it promised.
+    staged = {**config, "zero_optimization": {"stage": 3}}
+    promised = next(s for s in result.json()["fit"]["suggestions"]
+                    if s["change"] == f"in {path}: zero_optimization.stage 3")
+    (tmp_path / "staged").mkdir()
+    edited = cli("llama-3-8b", "--gpus", "8", "--deepspeed", write(tmp_path / "staged", staged), "--json")
+    assert edited.json()["per_gpu"]["peak_bytes"] == promised["peak_bytes"]
+
+
+@pytest.mark.parametrize(("params", "impl"), [({}, "fused"), ({"torch_adam": True}, "foreach"),
+                                              ({"torch_adam": True, "foreach": False}, "forloop")])
+def test_deepspeed_adamw_steps_as_deepspeed_builds_it(cli, tmp_path, params, impl):
+    """runtime/engine.py get_optimizer_configuration: FusedAdam, or torch.optim.AdamW(foreach=...) with torch_adam."""
+    config = {**CONFIG, "optimizer": {"type": "AdamW", "params": params}}
+    data = cli("llama-3-8b", "--gpus", "8", "--deepspeed", write(tmp_path, config), "--json").json()
+    assert data["training"]["optim_impl"] == impl

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from memcalc import deepspeed_defaults as defaults
 from memcalc.datafile import read_json, shown
 from memcalc.errors import ConfigError, UsageError
-from memcalc.optimizers import OptimizerName
+from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
 
 if TYPE_CHECKING:
@@ -822,10 +822,23 @@ def spec_fields(settings: DeepSpeedSettings) -> dict[str, Any]:
         "zero_buffers": zero_buffers(settings),
     }
     kind = settings.optimizer_type
-    mapped = _memcalc_optimizer(kind, settings.optimizer_params_dict) if kind is not None else None
+    params = settings.optimizer_params_dict
+    mapped = _memcalc_optimizer(kind, params) if kind is not None else None
     if mapped is not None:
         fields["optimizer"], fields["amsgrad"] = mapped[0], mapped[1]
+        fields["optim_impl"] = _optimizer_impl(mapped[0], params)
     return fields
+
+
+def _optimizer_impl(optimizer: OptimizerName, params: Mapping[str, Any]) -> OptimImpl:
+    """How DeepSpeed steps the optimizer it builds (runtime/engine.py): Adam/AdamW as FusedAdam (one CUDA kernel,
+    in place: no step temporaries, memcalc's fused) unless params.torch_adam builds torch.optim.Adam(W) with
+    params.foreach; Lion as FusedLion; SGD is torch.optim.SGD (foreach, torch's CUDA default)."""
+    if optimizer in (OptimizerName.adamw, OptimizerName.adam) and params.get("torch_adam", False):
+        return OptimImpl.forloop if params.get("foreach") is False else OptimImpl.foreach
+    if optimizer in (OptimizerName.adamw, OptimizerName.adam, OptimizerName.lion):
+        return OptimImpl.fused
+    return OptimImpl.foreach
 
 
 def disagreements(config_fields: Mapping[str, Any], chosen: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -23,13 +23,12 @@ from memcalc.report import Report, VerifyResult, VerifyRow
 from memcalc.request import Plan, Request
 from memcalc.resolve import ModelInput, model_input, model_of, resolve_model  # noqa: F401 (the API's)
 from memcalc.spec import TrainingSpec
+from memcalc.vocab import COMPARE_TOOLS, VERIFY_METHODS
 
 if TYPE_CHECKING:
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
     from memcalc.fit import ConfigOwner, GpuTarget
-
-VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
 
 
 def estimate(model: str | None = None, **settings: Any) -> Report:
@@ -172,23 +171,27 @@ def compare_with(tool: str, model: ModelInput, report: Report) -> list[Compariso
 
         counted = accelerate_counted_params(model.tensors) if model.architecture_known else None
         return compare_with_accelerate(report, counted)
-    raise UsageError(f"compare with {tool!r}: use deepspeed or accelerate")
+    raise UsageError(f"compare with {tool!r}: use one of {', '.join(COMPARE_TOOLS)}")
 
 
-def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str]:
+def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, bool]:
     """A DeepSpeed config for the plan's run or, when it does not fit the GPU, for the fit advisor's best fitting
-    change DeepSpeed can express (no LoRA, no pure 16-bit); and which of the two it is."""
+    change DeepSpeed can express (no LoRA, no pure 16-bit); which of the two it is, in words; and whether what it
+    configures fits (True without a GPU)."""
     from memcalc.configs.deepspeed import emit_deepspeed_config
     from memcalc.errors import MemcalcError
 
-    spec, why = plan.specs[0], "this run"
+    spec, why, fits = plan.specs[0], "this run", True
     if report.fit is not None and not report.fit.fits:
+        why, fits = (f"this run, which does not fit {report.fit.gpu}: no change the fit advisor found that DeepSpeed "
+                     "can express fits (LoRA and pure 16-bit recipes are not DeepSpeed settings)"), False
         for suggestion in report.fit.suggestions:
             if not suggestion.fits or any(k in suggestion.spec_changes for k in ("lora_rank", "qlora", "precision")):
                 continue  # DeepSpeed configs have no switch for LoRA or pure 16-bit
             try:
                 spec, why = spec.replace(**suggestion.spec_changes), f"the fit advisor's change: {suggestion.change}"
+                fits = True
                 break
             except MemcalcError:
                 continue
-    return emit_deepspeed_config(spec, plan.model.hidden_size), why
+    return emit_deepspeed_config(spec, plan.model.hidden_size), why, fits

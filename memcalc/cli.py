@@ -23,6 +23,7 @@ from memcalc.errors import MemcalcError, OutputError, UsageError
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
 from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Attention, Checkpointing, Offload, Sharding
+from memcalc.vocab import COMPARE_TOOLS, VERIFY_METHODS
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -30,7 +31,6 @@ EXIT_DOES_NOT_FIT = 6
 DEBUG_ENV = "MEMCALC_DEBUG"
 COMMANDS = ("estimate", "presets", "schema")
 HELP_OPTIONS = ("-h", "--help")
-VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
 # Options of the command line that are not settings of a Request: how to show the answer.
 OUTPUT_OPTIONS = ("ctx", "units", "json_output", "explain", "totals", "emit", "compare_with", "verify", "plot")
 EPILOG = ("Other commands: 'memcalc presets' (model and GPU presets), 'memcalc schema' (JSON Schema of --json). "
@@ -180,12 +180,16 @@ def _estimate(options: dict) -> int:
     unit = options["units"].lower()
     if unit not in DISPLAY_UNITS:
         raise UsageError(f"--units {options['units']!r} is not one of gib, gb, mib, mb")
-    if options["plot"] is not None and not options["plot"].strip():
-        raise UsageError("--plot needs a file name (.svg, .png or .html)")
+    _check_outputs(options)
     typed = _typed(options)
     settings = {name: getattr(value, "value", value) for name, value in options.items()
                 if name not in OUTPUT_OPTIONS and name != "version"}
     plan = Request(**settings, chosen=typed & set(settings)).plan()
+    if len(plan.specs) > 1:
+        for name in ("emit", "compare_with", "plot"):
+            if options[name] is not None:
+                raise UsageError(f"{{{name}}} takes one run; {{zero}} {','.join(str(s.zero_stage) for s in plan.specs)} "
+                                 "compares several: give one stage")
     if "units" not in typed:
         plan = dataclasses.replace(plan, defaults_used=(*plan.defaults_used, f"--units {unit}"))
     if options["verify"] is not None:
@@ -193,31 +197,43 @@ def _estimate(options: dict) -> int:
             reports = [api.verify_plan(plan, options["verify"], progress=say)]
     else:
         reports = api.run_plan(plan)
+    if options["plot"] is not None:
+        from memcalc.plot import plot_step
+
+        plot_step(reports[0], options["plot"], unit=unit)
+    fits = plan.gpu is None or all(r.fit and r.fit.fits for r in reports)
     if options["emit"] is not None:
-        if options["emit"] != "deepspeed":
-            raise UsageError(f"--emit {options['emit']!r}: memcalc writes deepspeed configs (--emit deepspeed)")
-        config, why = api.deepspeed_config(plan, reports[0])
+        config, why, emitted_fits = api.deepspeed_config(plan, reports[0])
         print(f"memcalc: DeepSpeed config for {why}", file=sys.stderr)
         _write(render.json_text(config))
-        return EXIT_OK
+        return EXIT_OK if emitted_fits else EXIT_DOES_NOT_FIT
     if options["compare_with"] is not None:
         rows = api.compare_with(options["compare_with"], plan.model, reports[0])
         if options["json_output"]:
             _write(render.rows_json(options["compare_with"], rows))
         else:
             render.print_comparison_rows(rows, options["compare_with"], render.console(), unit)
-        return EXIT_OK
-    if options["plot"] is not None:
-        from memcalc.plot import plot_step
-
-        plot_step(reports[0], options["plot"], unit=unit)
-    if options["json_output"]:
+    elif options["json_output"]:
         _write(render.to_json(reports))
     else:
         render.print_reports(reports, render.console(), unit, explain=options["explain"], totals=options["totals"])
-    if plan.gpu is not None and not all(r.fit and r.fit.fits for r in reports):
-        return EXIT_DOES_NOT_FIT
-    return EXIT_OK
+    return EXIT_OK if fits else EXIT_DOES_NOT_FIT
+
+
+def _check_outputs(options: dict) -> None:
+    """Every output option checked before any work: a wrong one costs no estimate, no measurement."""
+    if options["emit"] is not None and options["emit"] != "deepspeed":
+        raise UsageError(f"{{emit}} {options['emit']!r}: memcalc writes deepspeed configs ({{emit}} deepspeed)")
+    if options["compare_with"] is not None and options["compare_with"] not in COMPARE_TOOLS:
+        raise UsageError(f"{{compare_with}} {options['compare_with']!r}: use one of {', '.join(COMPARE_TOOLS)}")
+    if options["emit"] is not None and options["compare_with"] is not None:
+        raise UsageError("{emit} writes a config and {compare_with} a comparison: ask for one at a time")
+    if options["plot"] is not None:
+        if not options["plot"].strip():
+            raise UsageError("{plot} needs a file name (.svg, .png or .html)")
+        from memcalc.plot import plot_format
+
+        plot_format(options["plot"])
 
 
 def _write(text: str) -> None:

@@ -16,7 +16,8 @@ SETTINGS = frozenset({
     "model", "params", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "amsgrad",
     "adafactor_beta1", "batch_size", "seq_len", "grad_accum", "checkpointing", "attn", "zero", "gpus", "nodes",
     "gpus_per_node", "sharding", "fsdp", "offload", "deepspeed", "lora_rank", "lora_targets", "qlora", "freeze",
-    "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "max_batch", "max_seq_len", "verify",
+    "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "max_batch", "max_seq_len", "verify", "emit",
+    "compare_with", "plot",
 })
 _NAMED = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 

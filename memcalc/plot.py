@@ -113,6 +113,16 @@ def step_series(report: Report) -> list[Moment]:
     return moments
 
 
+def plot_format(path: str | Path) -> str:
+    """The format a plot path asks for (svg, png or html), or a UsageError naming the suffixes it may end in."""
+    typed = str(path)
+    # "plot.svg/" names a folder, though Path would drop the slash and write a file.
+    fmt = None if typed.endswith(("/", os.sep)) else FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"cannot draw to {typed!r}: the file name must end in .svg, .png or .html")
+    return fmt
+
+
 def plot_step(report: Report, path: str | Path, *, usable_bytes: int | None = None, unit: str = "gib") -> Path:
     """Draw memory per GPU over the step of ``report`` into ``path`` (``.svg``, ``.png`` or ``.html``).
 
@@ -123,12 +133,8 @@ def plot_step(report: Report, path: str | Path, *, usable_bytes: int | None = No
     Raises ``UsageError`` for a suffix or unit it does not know, ``MissingDependencyError`` without matplotlib and
     ``OutputError`` when ``path`` cannot be written.
     """
-    # "plot.svg/" names a folder, though Path would drop the slash and write a file.
-    typed = str(path)
+    fmt = plot_format(path)
     path = Path(path)
-    fmt = None if typed.endswith(("/", os.sep)) else FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"cannot draw to {typed!r}: the file name must end in .svg, .png or .html")
     if unit not in DISPLAY_UNITS:
         raise UsageError(f"unit {unit!r} is not one of {', '.join(DISPLAY_UNITS)}")
     usable_label = "usable"

@@ -83,3 +83,8 @@ MOMENT_BACKWARD_END = "end of backward"
 MOMENT_LATE_BACKWARD = "late backward (first layer)"
 MOMENT_SHARDED_LAYER = "a sharded layer's backward"
 MOMENT_STEP = "optimizer step"
+
+
+# What --verify measures with, and the tools --compare-with sets beside memcalc (the CLI and the API check both).
+VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
+COMPARE_TOOLS = ("deepspeed", "accelerate")

@@ -209,3 +209,12 @@ def test_deepspeed_adamw_steps_as_deepspeed_builds_it(cli, tmp_path, params, imp
     config = {**CONFIG, "optimizer": {"type": "AdamW", "params": params}}
     data = cli("llama-3-8b", "--gpus", "8", "--deepspeed", write(tmp_path, config), "--json").json()
     assert data["training"]["optim_impl"] == impl
+
+
+def test_emit_exits_6_when_nothing_deepspeed_can_express_fits(cli):
+    """Llama-3-70B on a 16 GB T4 with 16 x 8,192 tokens: even ZeRO-3 with everything offloaded and full
+    checkpointing keeps more than the GPU holds; the config is still written, for the run as asked."""
+    result = cli("llama-3-70b", "--gpu", "t4", "--seq-len", "8192", "--batch-size", "16", "--emit", "deepspeed")
+    assert result.exit_code == 6
+    assert "which does not fit t4: no change" in result.stderr
+    assert json.loads(result.stdout)["train_micro_batch_size_per_gpu"] == 16

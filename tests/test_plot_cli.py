@@ -78,3 +78,11 @@ def test_missing_matplotlib_exits_7_with_the_install_hint(cli, tmp_path, monkeyp
     assert result.stderr.count("\n") == 1
     assert "pip install 'memcalc-train[plot]'" in result.stderr
     assert not path.exists()
+
+
+@pytest.mark.parametrize("output", [("--emit", "deepspeed"), ("--compare-with", "accelerate")])
+def test_plot_is_drawn_beside_the_other_outputs(mpl, cli, tmp_path, output):
+    path = tmp_path / "x.svg"
+    result = cli("llama-3-8b", *output, "--plot", str(path))
+    assert result.exit_code == 0, result.stderr
+    assert f"peak {PEAK}" in path.read_text(encoding="utf-8")

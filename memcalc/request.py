@@ -135,7 +135,36 @@ def _not_empty(request: Request, *names: str) -> None:
             raise UsageError(f"{{{name}}} is empty; give a value or leave it out")
 
 
+# Request fields that are text (names), by what else they may be; the API checks them before anything reads them.
+_TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing",
+         "attn", "sharding", "offload", "gpu")
+_FLAGS = ("amsgrad", "fsdp", "qlora", "max_batch", "max_seq_len")
+_NAME_LISTS = ("lora_targets", "freeze")
+
+
+def _check_types(request: Request) -> None:
+    """A value of the wrong kind (a number where a name goes, a number where a switch goes) is a UsageError naming
+    the setting, never an AttributeError from deep inside."""
+    for name in _TEXT:
+        value = getattr(request, name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{{{name}}} must be text, got {type(value).__name__} {value!r}")
+    if request.deepspeed is not None and not isinstance(request.deepspeed, (str, os.PathLike)):
+        raise UsageError(f"{{deepspeed}} must be a path, got {type(request.deepspeed).__name__}")
+    for name in _FLAGS:
+        if not isinstance(getattr(request, name), bool):
+            raise UsageError(f"{{{name}}} is a switch: True or False, got {getattr(request, name)!r}")
+    for name in _NAME_LISTS:
+        value = getattr(request, name)
+        items = [value] if isinstance(value, str) else value
+        if value is not None and (not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items)):
+            raise UsageError(f"{{{name}}} takes names, as a list or comma-separated text, got {value!r}")
+        if request.is_chosen(name) and value is not None and not _names(value):
+            raise UsageError(f"{{{name}}} names nothing; name at least one, or leave it out")
+
+
 def _check_simple(request: Request) -> None:
+    _check_types(request)
     _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params")  # (an empty model: resolve)
     if request.gpu is not None and request.gpu_memory is not None:
         raise UsageError("give either {gpu} NAME or {gpu_memory} SIZE, not both")

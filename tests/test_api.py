@@ -50,6 +50,29 @@ def test_errors_name_settings_as_keywords_not_flags(settings, keyword):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(("settings", "needle"), [
+    ({"deepspeed": 5}, "deepspeed must be a path"),
+    ({"gpu": 5}, "gpu must be text"),
+    ({"gpu": ["h100"]}, "gpu must be text"),
+    ({"precision": 16}, "precision must be text"),
+    ({"lora_rank": 8, "lora_targets": 5}, "lora_targets takes names"),
+    ({"lora_rank": 8, "lora_targets": [1]}, "lora_targets takes names"),
+    ({"freeze": {"mlp": True}}, "freeze takes names"),
+    ({"lora_rank": 8, "lora_targets": []}, "lora_targets names nothing"),
+    ({"freeze": ""}, "freeze names nothing"),
+    ({"freeze": [" ", ""]}, "freeze names nothing"),
+    ({"qlora": 1}, "qlora is a switch"),
+])
+def test_values_of_the_wrong_kind_are_usage_errors(settings, needle):
+    with pytest.raises(UsageError, match=needle):
+        memcalc.estimate("gpt2", **settings)
+
+
+def test_model_of_the_wrong_kind_is_a_usage_error():
+    with pytest.raises(UsageError, match="model must be text"):
+        memcalc.estimate(5)
+
+
 def test_unknown_keyword_and_model():
     with pytest.raises(UsageError, match="unknown setting 'batchsize'"):
         memcalc.estimate("llama-3-8b", batchsize=2)

@@ -190,7 +190,7 @@ def _estimate(options: dict) -> int:
             if options[name] is not None:
                 raise UsageError(f"{{{name}}} takes one run; {{zero}} {','.join(str(s.zero_stage) for s in plan.specs)} "
                                  "compares several: give one stage")
-    if "units" not in typed:
+    if "units" not in typed and not options["json_output"]:  # the JSON is in bytes: no display unit
         plan = dataclasses.replace(plan, defaults_used=(*plan.defaults_used, f"--units {unit}"))
     if options["verify"] is not None:
         with render.progress("verify") as say:

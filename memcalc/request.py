@@ -267,8 +267,11 @@ def _plan(request: Request) -> Plan:
                  "seq_len": specs[0].seq_len, "checkpointing": specs[0].checkpointing.value,
                  "attn": specs[0].attention.value, "gpus": specs[0].num_gpus,
                  "zero": ",".join(str(s.zero_stage) for s in specs)}
+    chosen = {name for name in SHOWN_DEFAULTS if request.is_chosen(name) or name in from_config}
+    if request.is_chosen("gpus_per_node"):
+        chosen.add("gpus")  # --nodes x --gpus-per-node says how many GPUs
     defaults_used = tuple(f"--{name.replace('_', '-')} {effective[name]}" for name in SHOWN_DEFAULTS
-                          if not request.is_chosen(name) and name not in from_config)
+                          if name not in chosen)
     return Plan(model=model, specs=specs, gpu=gpu, defaults_used=defaults_used, notes=tuple(notes),
                 precision_chosen=request.is_chosen("precision") or "precision" in from_config,
                 solve_batch=request.max_batch, solve_seq_len=request.max_seq_len,

@@ -271,3 +271,10 @@ def test_grad_accum_keeps_gradients_alive_in_forward(cli):
                for r in (one, four)}
     assert forward[4] - forward[1] == grads  # p.grad persists from micro-batch 1 to the optimizer step
     assert any("--grad-accum 4" in note for note in four["notes"])
+
+
+def test_gpus_from_nodes_times_gpus_per_node_is_not_listed_as_a_default(cli):
+    data = cli("llama-3-8b", "--nodes", "2", "--gpus-per-node", "8", "--zero", "3", "--json").json()
+    assert data["training"]["num_gpus"] == 16
+    assert not any(d.startswith("--gpus") for d in data["training"]["defaults_used"])
+    assert not any(d.startswith("--units") for d in data["training"]["defaults_used"])  # JSON is in bytes

@@ -11,14 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-# read_json_object lives in datafile (bounded, regular files only); re-exported here for older importers.
 from memcalc.datafile import read_json_object, shown
 from memcalc.errors import ConfigError, UsageError
 from memcalc.units import BYTES_PER_MIB
 
 __all__ = [
     "GpuSpec", "find_gpu", "find_model_preset", "gpu_alias_note", "gpu_presets", "load_model_preset",
-    "model_preset_files", "normalize_name", "presets_dir", "read_json_object", "suggest",
+    "model_preset_files", "normalize_name", "presets_dir", "suggest",
 ]
 
 

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from memcalc import __version__
-from memcalc.errors import MemcalcError, OutputError, UsageError
+from memcalc.errors import MemcalcError, OutputError, UsageError, printable
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
 from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Attention, Checkpointing, Offload, Sharding
@@ -88,13 +88,8 @@ def flag_of(setting: str) -> str:
     return {"model": "MODEL", "verify": "--verify"}.get(setting, "--" + setting.replace("_", "-"))
 
 
-def _one_line(text: str) -> str:
-    """Control characters escaped, so that a message stays one line whatever text it carries."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-
-
 def _fail(error: MemcalcError) -> typer.Exit:
-    print(f"memcalc: {_one_line(error.render(flag_of))}", file=sys.stderr)
+    print(f"memcalc: {printable(error.render(flag_of))}", file=sys.stderr)
     return typer.Exit(error.exit_code)
 
 
@@ -291,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             result = app(args, prog_name="memcalc", standalone_mode=False)
         return int(result or 0)
     except MemcalcError as error:  # raised outside a command (should not happen, but stay one line)
-        print(f"memcalc: {_one_line(error.render(flag_of))}", file=sys.stderr)
+        print(f"memcalc: {printable(error.render(flag_of))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("memcalc: interrupted", file=sys.stderr)
@@ -307,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # typer/click usage errors (unknown option, bad choice, out-of-range number) carry format_message().
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            print(f"memcalc: {_one_line(exc.format_message())} (see memcalc --help)", file=sys.stderr)
+            print(f"memcalc: {printable(exc.format_message())} (see memcalc --help)", file=sys.stderr)
             return int(exc.exit_code) if exc.exit_code else 2
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"memcalc: internal error: {type(exc).__name__}: {_one_line(str(exc))}; set {DEBUG_ENV}=1 for a "
+        print(f"memcalc: internal error: {type(exc).__name__}: {printable(str(exc))}; set {DEBUG_ENV}=1 for a "
               "traceback and please report it", file=sys.stderr)
         return EXIT_INTERNAL
 

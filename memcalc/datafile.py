@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from memcalc.errors import ConfigError
+from memcalc.errors import ConfigError, printable
 
 MAX_FILE_BYTES = 16 * 2**20  # 16 MiB: 16x the largest config.json seen on the hub
 # Longest user text echoed into a one-line error: a full path fits, a pasted blob does not.
@@ -28,7 +28,7 @@ def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
     and text longer than ``limit`` characters cut, with an ellipsis and the full length."""
     value = str(text)
     cut = value[:limit]
-    escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in cut)
+    escaped = printable(cut)
     return escaped if len(value) <= limit else f"{escaped}... ({len(value):,} characters)"
 
 

@@ -22,6 +22,12 @@ SETTINGS = frozenset({
 _NAMED = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
+def printable(text: str) -> str:
+    """Control and other non-printable characters spelled as ``repr`` does (a newline as ``\\n``, an ANSI escape
+    as ``\\x1b``, an undecodable argv byte as ``\\udcff``): user text echoed to a terminal stays one harmless line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class MemcalcError(Exception):
     """Base class: the message is one line saying what is wrong and what to do."""
 

@@ -44,6 +44,11 @@ class ParamTensor:
     trainable: bool = True
 
     @property
+    def module(self) -> str:
+        """The module that owns it, as named_modules() names it: the name without its last part."""
+        return self.name.rsplit(".", 1)[0] if "." in self.name else ""
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from memcalc.errors import printable
 from memcalc.report import Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
 from memcalc.vocab import TERM_ACTIVATIONS, Phase
@@ -90,7 +91,7 @@ def _escape(text: str) -> str:
     """User text (a model name, a path) shown as it is: rich markup escaped, control characters spelled out."""
     from rich.markup import escape
 
-    return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
+    return escape(printable(text))
 
 
 def print_reports(reports: Sequence[Report], console: Console, unit: str, explain: bool = False,

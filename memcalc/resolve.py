@@ -30,7 +30,7 @@ from memcalc.datafile import read_json_object, shown
 from memcalc.errors import ConfigError, ModelNotFoundError, UsageError
 from memcalc.model import ROLE_POSITION_EMBEDDING, ModelConfig, ParamTensor
 
-__all__ = ["HUB_TIMEOUT_SECONDS", "resolve_model", "shown"]
+__all__ = ["HUB_TIMEOUT_SECONDS", "ModelInput", "model_input", "model_of", "resolve_model"]
 
 # Seconds the hub probe (one HEAD of config.json, no retries) may take before we call the hub unreachable.
 # huggingface_hub's own etag timeout is 10 s and it then retries with backoff (1+2+4+8+8 s, utils/_http.py),

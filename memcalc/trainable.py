@@ -98,14 +98,10 @@ class TrainableSubset:
                 f"(0.5 B/param + 1 B per 64 + 4 B per 64x256 + {NF4_PER_TENSOR_BYTES} B per tensor){shard}")
 
 
-def _module_name(tensor: ParamTensor) -> str:
-    return tensor.name.rsplit(".", 1)[0]
-
-
 def _is_targeted(tensor: ParamTensor, targets: tuple[str, ...]) -> bool:
     if not tensor.is_linear_weight or tensor.role == ROLE_LM_HEAD:
         return False
-    module = _module_name(tensor)
+    module = tensor.module
     if targets == (ALL_LINEAR,):
         return True
     return any(module == target or module.endswith("." + target) for target in targets)
@@ -113,7 +109,7 @@ def _is_targeted(tensor: ParamTensor, targets: tuple[str, ...]) -> bool:
 
 def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool) -> tuple[ParamTensor, ParamTensor]:
     out_features, in_features = tensor.shape if not conv1d else tensor.shape[::-1]
-    module = _module_name(tensor)
+    module = tensor.module
     lora_a = ParamTensor(f"{module}.lora_A.weight", (rank, in_features), tensor.layer, ROLE_LORA, True)
     lora_b = ParamTensor(f"{module}.lora_B.weight", (out_features, rank), tensor.layer, ROLE_LORA, True)
     return lora_a, lora_b

@@ -89,10 +89,6 @@ def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, num_g
     return int(cpu_mem), int(gpu_mem)
 
 
-def _module_name(tensor_name: str) -> str:
-    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
-
-
 def deepspeed_param_counts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     """(total_params, largest_layer_params) as stage3.py, model_to_params counts them on a live model: every
     parameter once, and the largest sum of one module's own parameters (parameters(recurse=False): an nn.Linear's
@@ -102,7 +98,7 @@ def deepspeed_param_counts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     """
     modules: dict[str, int] = {}
     for tensor in tensors:
-        module = _module_name(tensor.name)
+        module = tensor.module
         modules[module] = modules.get(module, 0) + tensor.numel
     return sum(t.numel for t in tensors), max(modules.values(), default=0)
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memcalc.errors import ConfigError, UnsupportedModelError
+from memcalc.errors import INSTALL_TORCH, ConfigError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from memcalc.families.base import Arch, Family
@@ -78,8 +78,7 @@ class Described:
         if not fallback_available():
             raise UnsupportedModelError(
                 f"{self.reason}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}; installing torch and "
-                "transformers (pip install torch==2.13.0, then pip install 'memcalc-train[verify]') enables the "
-                "meta-device fallback")
+                f"transformers ({INSTALL_TORCH}) enables the meta-device fallback")
         from memcalc.families.generic import meta_inventory
 
         return meta_inventory(self.raw, self.architecture)

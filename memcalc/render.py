@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from memcalc.errors import printable
 from memcalc.report import Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
-from memcalc.vocab import TERM_ACTIVATIONS, Phase
+from memcalc.vocab import EXTRA_MEANING, TERM_ACTIVATIONS, Phase
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -195,6 +195,15 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
             console.print(f"[bold]{term.name}[/bold] = {format_bytes(term.bytes, unit)} ({term.bytes:,} B)")
             console.print(f"  formula: {term.formula}", markup=False)
             console.print(f"  source:  {term.source}", markup=False)
+        extras = [(phase, name, num_bytes) for phase in report.per_gpu.phases
+                  for name, num_bytes in phase.breakdown.items() if name in EXTRA_MEANING and num_bytes]
+        if extras:
+            console.print("\n[bold]What else is alive at a moment of the step[/bold] (not a term: a transient the "
+                          "phase totals add)")
+            for phase, name, num_bytes in extras:
+                console.print(f"[bold]{name}[/bold] = {format_bytes(num_bytes, unit)} ({num_bytes:,} B) in "
+                              f"{PHASE_LABELS[phase.phase]}, {phase.moment}", highlight=False)
+                console.print(f"  {EXTRA_MEANING[name]}", markup=False)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
     if report.fit is not None:

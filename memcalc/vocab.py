@@ -77,6 +77,22 @@ EXTRA_RECOMPUTED_CASTS = "recomputed layer's autocast casts"
 EXTRA_LAYER_ACTIVATIONS = "one layer's activations"
 EXTRA_LAYER_GRADIENTS = "one layer's gradient transients"
 EXTRA_SHARDED_LAYER = "sharded layer's gathered parameters and gradients"
+# What each extra is and where it comes from (--explain prints it).
+EXTRA_MEANING = {
+    EXTRA_LOSS_LOGITS: "the logits and their fp32 upcast while the loss runs (transformers loss_utils.ForCausalLMLoss: "
+                       "logits.float(), then cross_entropy); gone before backward",
+    EXTRA_LOSS_GRADIENTS: "the first gradients of backward: of the log-softmax output and of the logits, each the "
+                          "logits' size (torch's log_softmax and linear backward)",
+    EXTRA_RECOMPUTED_LAYER: "checkpointing: one layer's activations, recomputed for its backward "
+                            "(torch.utils.checkpoint), alive until that layer's backward ends",
+    EXTRA_RECOMPUTED_CASTS: "checkpointing under autocast: the recomputed layer casts its Linear weights again",
+    EXTRA_LAYER_ACTIVATIONS: "late in backward: the first layer's saved activations, still held while its backward "
+                             "runs",
+    EXTRA_LAYER_GRADIENTS: "the gradients a layer's backward makes on the way (its inputs' and intermediates'), "
+                           "freed as it proceeds",
+    EXTRA_SHARDED_LAYER: "FSDP2, during a layer's backward: the next layer prefetched, the layer's unsharded "
+                         "gradients and their reduce-scatter copy, and its sharded gradient",
+}
 MOMENT_FORWARD = "during the loss"
 MOMENT_BACKWARD_START = "start of backward"
 MOMENT_BACKWARD_END = "end of backward"

@@ -278,3 +278,16 @@ def test_gpus_from_nodes_times_gpus_per_node_is_not_listed_as_a_default(cli):
     assert data["training"]["num_gpus"] == 16
     assert not any(d.startswith("--gpus") for d in data["training"]["defaults_used"])
     assert not any(d.startswith("--units") for d in data["training"]["defaults_used"])  # JSON is in bytes
+
+
+def test_explain_says_what_each_transient_at_a_moment_is(cli):
+    """The phase totals add transients that are not terms (the loss's logits, the first gradients of backward):
+    --explain names each with its size and what it is."""
+    data = cli("llama-3-8b", "--json").json()
+    extras = {name: num_bytes for phase in data["per_gpu"]["phases"] for name, num_bytes in phase["breakdown"].items()
+              if name not in {t["name"] for t in data["per_gpu"]["terms"]} and num_bytes}
+    assert extras  # llama-3-8b's forward peaks during the loss
+    text = cli("llama-3-8b", "--explain").stdout
+    assert "What else is alive at a moment of the step" in text
+    for name, num_bytes in extras.items():
+        assert f"{name} = " in text and f"({num_bytes:,} B)" in text, name

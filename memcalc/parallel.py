@@ -266,6 +266,14 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, master_dtype:
     else:
         notes.append("ZeRO-3 gathers one layer at a time; without an architecture (--params) the largest layer is "
                      "unknown, so the gathered working set is not counted")
+    if buffers_cfg.stage3_max_reuse_distance > 0:
+        # partitioned_param_coordinator.py __params_to_release: once the first step has traced the module order,
+        # a module's gathered parameters are kept when they are used again within max_reuse_distance elements.
+        kept = min(num_all, buffers_cfg.stage3_max_reuse_distance) * bytes_per_weight
+        notes.append(f"not counted: from the second step ZeRO-3 keeps a module's gathered parameters when it runs again "
+                     f"within stage3_max_reuse_distance {_n(buffers_cfg.stage3_max_reuse_distance)} parameters "
+                     f"(the last layers and the head between forward and backward); up to {kept / 2**30:,.2f} GiB "
+                     "more per GPU; set it to 0 to release every module after use")
     if buffers_cfg.contiguous_gradients:
         # stage3.py __init__: bucket.buffer = torch.empty(reduce_bucket_size, dtype=...) for the whole run.
         buffers.append(Term(

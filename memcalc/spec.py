@@ -58,6 +58,7 @@ class ZeroBuffers:
     stage3_prefetch_bucket_size: int = ds_defaults.PREFETCH_BUCKET_SIZE
     stage3_max_live_parameters: int = ds_defaults.MAX_LIVE_PARAMETERS
     stage3_param_persistence_threshold: int = ds_defaults.PARAM_PERSISTENCE_THRESHOLD
+    stage3_max_reuse_distance: int = ds_defaults.MAX_REUSE_DISTANCE  # not modelled: the report says so
     sub_group_size: int = ds_defaults.SUB_GROUP_SIZE  # ZeRO-3 optimizer sub-groups (stage3.py)
     contiguous_gradients: bool = ds_defaults.CONTIGUOUS_GRADIENTS
     overlap_comm: bool | None = None  # None: DeepSpeed's default, True at stage 3 only

@@ -26,6 +26,8 @@ from memcalc.model import (
     head_tied_to_embedding,
     token_embedding,
 )
+from memcalc.precision import get_recipe
+from memcalc.spec import Checkpointing
 
 if TYPE_CHECKING:
     from memcalc.resolve import ModelInput
@@ -184,10 +186,10 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                          "lm_head stay 16-bit (bitsandbytes skips lm_head)")
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
-            tensors, quantized, spec.checkpointing.value == "full")
+            tensors, quantized, spec.checkpointing == Checkpointing.full)
     else:
         autocast_numel, recompute_numel, forward_only_numel = sum(t.numel for t in tensors), 0, 0
-        if spec.precision.value.startswith("amp"):
+        if get_recipe(spec.precision).autocast:
             notes.append("without an architecture, every parameter is assumed to be a Linear weight for autocast copies")
     return TrainableSubset(tuple(tensors), frozenset(quantized), autocast_numel, recompute_numel, forward_only_numel,
                            tuple(notes))

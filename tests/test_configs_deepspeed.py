@@ -123,7 +123,8 @@ def test_the_defaults_table_is_deepspeeds():
     # TrainingSpec's ZeroBuffers takes the same table (nothing written twice).
     assert ZeroBuffers() == ZeroBuffers(zero["reduce_bucket_size"], zero["prefetch_bucket_size"],
                                         zero["max_live_parameters"], zero["param_persistence_threshold"],
-                                        zero["sub_group_size"], zero["contiguous_gradients"], None)
+                                        zero["max_reuse_distance"], zero["sub_group_size"],
+                                        zero["contiguous_gradients"], None)
 
 
 def test_absent_keys_take_deepspeeds_defaults():

@@ -160,3 +160,17 @@ def test_cli_emit_and_compare(cli):
     accelerate = cli("llama-3-8b", "--compare-with", "accelerate", "--json")
     assert accelerate.exit_code == 0
     assert cli("llama-3-8b", "--emit", "yaml").exit_code == 2
+
+
+def test_zero3_reuse_distance_is_named_as_not_counted_unless_it_is_0():
+    """deepspeed 0.19.8 partitioned_param_coordinator.py __params_to_release keeps a module's parameters gathered
+    when they are used again within max_reuse_distance elements: not modelled, so the report says so and how much
+    it can add (min(all params, distance) x 2 B); with the distance 0 every module is released."""
+    from memcalc.spec import ZeroBuffers
+
+    model = model_input("llama-3-8b", None)
+    default = run(model, TrainingSpec(zero_stage=3, num_gpus=8))
+    note = next(n for n in default.notes if "stage3_max_reuse_distance" in n)
+    assert f"up to {10**9 * 2 / 2**30:,.2f} GiB" in note
+    released = run(model, TrainingSpec(zero_stage=3, num_gpus=8, zero_buffers=ZeroBuffers(stage3_max_reuse_distance=0)))
+    assert not any("stage3_max_reuse_distance" in n for n in released.notes)

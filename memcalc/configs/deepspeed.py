@@ -787,6 +787,7 @@ def zero_buffers(settings: DeepSpeedSettings) -> ZeroBuffers:
         stage3_prefetch_bucket_size=settings.stage3_prefetch_bucket_size,
         stage3_max_live_parameters=settings.stage3_max_live_parameters,
         stage3_param_persistence_threshold=settings.stage3_param_persistence_threshold,
+        stage3_max_reuse_distance=settings.stage3_max_reuse_distance,
         sub_group_size=settings.sub_group_size,
         contiguous_gradients=settings.contiguous_gradients,
         overlap_comm=settings.overlap_comm,

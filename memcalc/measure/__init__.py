@@ -5,7 +5,8 @@ imported when a measurement runs). Methods:
   cuda         a CUDA GPU's allocator peak (``torch.cuda.max_memory_allocated``) over a steady-state step
   cpu-tracker  real CPU tensors, their storages tracked by a TorchDispatchMode (memcalc.measure.tracker)
   trace        the full-size model under FakeTensorMode through the same tracker: no memory allocated
-``auto`` picks cuda when a GPU is available, else cpu-tracker.
+``auto`` picks cuda when a GPU is available; else cpu-tracker when the estimated peak fits half this machine's RAM,
+and the full-size trace when it does not. Several GPUs: a fake process group at full size, or gloo ranks.
 """
 
 from __future__ import annotations

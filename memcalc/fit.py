@@ -309,11 +309,10 @@ def _command_line(spec: TrainingSpec, changes: dict[str, Any], owner: ConfigOwne
             words.append(flag if value else f"--no-{flag[2:]}")
         else:
             words.append(f"{flag} {getattr(value, 'value', value)}")
-    flags = " ".join(words)
-    if not edits:
-        return flags
-    assert owner is not None
-    return f"{flags}; " * bool(flags) + f"in {owner.path}: {', '.join(edits)}"
+    if edits:
+        assert owner is not None
+        return "; ".join(part for part in (" ".join(words), f"in {owner.path}: {', '.join(edits)}") if part)
+    return " ".join(words)
 
 
 def _config_edits(field_name: str, value: Any) -> list[str]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError
 from memcalc.families.saved import Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
-from memcalc.spec import Attention, Checkpointing
+from memcalc.spec import ActivationSource, Attention, Checkpointing
 from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class ActivationEstimate:
     last_layer_bytes: int = 0
     layer_backward_transient_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    source: str = "none"  # TrainingSummary.activations: rules | trace | approximation | none
 
 
 def _summed_parts(rule: Rule) -> dict[str, int]:
@@ -59,6 +61,41 @@ def _summed_parts(rule: Rule) -> dict[str, int]:
 
 def _model_parts(rule: Rule) -> dict[str, int]:
     return {MODEL_PREFIX + part: num_bytes for part, num_bytes in rule.per_model.items()}
+
+
+def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool]:
+    """The family's hand rule, or the trace of the model's own code (``--activations``: auto takes the rules where
+    the family has them and the trace elsewhere); and whether it is traced."""
+    described = model.described
+    assert described is not None
+    arch, family = described.arch, described.family
+    source = spec.activations
+    if source == ActivationSource.rules or (source == ActivationSource.auto and described.derived):
+        return family.activations(arch, run), False
+    from memcalc.families import fallback_available
+
+    if not fallback_available():
+        if source == ActivationSource.trace:
+            raise MissingDependencyError(f"{{activations}} trace runs the model's code: install torch and "
+                                         f"transformers ({INSTALL_TORCH})")
+        rule = family.activations(arch, run)
+        rule.notes.append("not traced (torch and transformers are not installed): the approximation above may be "
+                          f"low by 30% or more; install them ({INSTALL_TORCH}) for the traced estimate")
+        return rule, False
+    from memcalc.families.traced import traced_rule
+
+    try:
+        return traced_rule(dict(described.raw), described.architecture, arch, run), True
+    except Exception as error:
+        why = " ".join(str(error).split())[:200] or type(error).__name__
+        if source == ActivationSource.trace:
+            if isinstance(error, MemcalcError):
+                raise
+            raise UnsupportedModelError(f"{{activations}} trace: the forward of this model could not be traced ({why})"
+                                        ) from None
+        rule = family.activations(arch, run)
+        rule.notes.append(f"the trace of this model failed ({why}): the approximation above stands and may be low")
+        return rule, False
 
 
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:
@@ -80,16 +117,18 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")
         return result
-    rule = family.activations(arch, run)
+    rule, traced = _rule(model, spec, run)
+    result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
     per_model = rule.per_model_bytes
     layer_totals = [rule.layer_bytes(i) for i in range(len(rule.layers))]
-    if described.derived:
+    layered = described.derived or traced  # layer by layer, from the code: the step's moments apply
+    if layered:
         result.last_layer_bytes = layer_totals[0]
         result.layer_backward_transient_bytes = rule.transient
     if spec.checkpointing == Checkpointing.full:
         kept = rule.kept
-        if run.eager and described.derived and family.checkpoint_keeps_causal_mask:
+        if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
             # masking_utils.create_causal_mask gives eager attention a 4-D additive mask (b, 1, s, s) in the
             # embeddings' dtype (fp32 under autocast); checkpointed layers hold it as an argument until backward.
             kept += run.residual * run.b * run.s * run.s

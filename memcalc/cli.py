@@ -22,7 +22,15 @@ from memcalc import __version__
 from memcalc.errors import MemcalcError, OutputError, UsageError, printable
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import Dtype, PrecisionName
-from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Attention, Checkpointing, Offload, Sharding
+from memcalc.spec import (
+    DEFAULT_MICRO_BATCH_SIZE,
+    DEFAULT_SEQ_LEN,
+    ActivationSource,
+    Attention,
+    Checkpointing,
+    Offload,
+    Sharding,
+)
 from memcalc.vocab import COMPARE_TOOLS, VERIFY_METHODS
 
 EXIT_OK = 0
@@ -117,6 +125,7 @@ def estimate(
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
     checkpointing: Annotated[Checkpointing, typer.Option(help="Activation checkpointing.")] = Checkpointing.none,
     attn: Annotated[Attention, typer.Option("--attn", help="Attention implementation (transformers' attn_implementation).")] = Attention.sdpa,
+    activations: Annotated[ActivationSource, typer.Option("--activations", help="Where activations come from: rules (the family's hand rules), trace (the model's own code under FakeTensorMode; needs torch and transformers), auto (rules where the family has them, else trace).")] = ActivationSource.auto,
     zero: ZeroOpt = "0",
     gpus: GpusOpt = 1,
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes the GPUs are spread over (for offload RAM per node).")] = 1,

@@ -225,7 +225,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     )
     return Report(
         model=summary,
-        training=_training_summary(spec, _as_run(recipe, holdings), opt, defaults_used),
+        training=_training_summary(spec, _as_run(recipe, holdings), opt, defaults_used, act.source),
         per_gpu=PerGpu(
             terms=terms, model_states_bytes=model_states, peak_bytes=peak.bytes, peak_phase=peak.phase,
             phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases), cpu_offload_bytes=cpu_bytes,
@@ -352,7 +352,8 @@ def _as_run(recipe: Recipe, holdings: RankHoldings) -> Recipe:
                     "in fp32, fp32 optimizer states")
 
 
-def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Sequence[str]) -> TrainingSummary:
+def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Sequence[str],
+                      activations_source: str) -> TrainingSummary:
     return TrainingSummary(
         precision=recipe.name, precision_description=recipe.description,
         weight_dtype=recipe.weight_dtype.value,
@@ -361,7 +362,7 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         compute_dtype=recipe.compute_dtype.value,
         optimizer=opt.name.value, optimizer_description=opt.describe(), optim_impl=opt.impl.value,
         micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, grad_accum=spec.grad_accum, checkpointing=spec.checkpointing.value,
-        attention=spec.attention.value,
+        attention=spec.attention.value, activations=activations_source,
         zero_stage=spec.zero_stage, num_gpus=spec.num_gpus, num_nodes=spec.num_nodes,
         sharding=spec.sharding.value, offload=spec.offload.value,
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 # The settings a message may name: the keywords of memcalc.estimate (tests/test_api.py checks they are
 # Request's fields).
 SETTINGS = frozenset({
-    "model", "params", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "amsgrad",
+    "model", "params", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "amsgrad", "activations",
     "adafactor_beta1", "batch_size", "seq_len", "grad_accum", "checkpointing", "attn", "zero", "gpus", "nodes",
     "gpus_per_node", "sharding", "fsdp", "offload", "deepspeed", "lora_rank", "lora_targets", "qlora", "freeze",
     "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "max_batch", "max_seq_len", "verify", "emit",

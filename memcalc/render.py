@@ -80,7 +80,8 @@ def _describe_run(report: Report) -> list[str]:
          f"{f' x {t.grad_accum} accumulated' if t.grad_accum > 1 else ''}, attention {t.attention}, "
          f"checkpointing {t.checkpointing}, {t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}"
          f"{f' on {t.num_nodes} nodes' if t.num_nodes > 1 else ''}, {engine}"
-         f"{', offload ' + t.offload if t.offload != 'none' else ''}"),
+         f"{', offload ' + t.offload if t.offload != 'none' else ''}"
+         f"{', activations ' + t.activations if t.activations != 'rules' else ''}"),
     ]
     if t.defaults_used:
         lines.append(f"defaults used: {', '.join(t.defaults_used)}")

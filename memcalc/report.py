@@ -74,6 +74,9 @@ class TrainingSummary:
     qlora: bool = False
     freeze: list[str] = field(default_factory=list)
     defaults_used: list[str] = field(default_factory=list)
+    # What produced the activations: rules (the family's, from its code), trace (the model's code run under
+    # FakeTensorMode), approximation (Korthikanti's formula) or none (no architecture).
+    activations: str = "rules"
 
 
 @dataclass(eq=False, repr=False)

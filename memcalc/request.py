@@ -54,6 +54,7 @@ class Request:
     grad_accum: int = 1
     checkpointing: str = "none"
     attn: str = "sdpa"
+    activations: str = "auto"
     zero: int | str | Sequence[int] = 0
     gpus: int = 1
     nodes: int = 1
@@ -137,7 +138,7 @@ def _not_empty(request: Request, *names: str) -> None:
 
 # Request fields that are text (names), by what else they may be; the API checks them before anything reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing",
-         "attn", "sharding", "offload", "gpu")
+         "attn", "activations", "sharding", "offload", "gpu")
 _FLAGS = ("amsgrad", "fsdp", "qlora", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze")
 
@@ -235,7 +236,7 @@ def _plan(request: Request) -> Plan:
         "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,
         "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "micro_batch_size": request.batch_size,
         "seq_len": request.seq_len, "grad_accum": request.grad_accum, "checkpointing": request.checkpointing,
-        "attention": request.attn, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
+        "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank,
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora, "freeze": freeze,
     }

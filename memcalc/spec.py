@@ -69,6 +69,15 @@ class Checkpointing(str, Enum):
     full = "full"
 
 
+class ActivationSource(str, Enum):
+    """Where the activations come from: the family's hand rules, the model's own code traced under FakeTensorMode
+    (torch and transformers needed), or auto: the rules where the family has them, else the trace."""
+
+    auto = "auto"
+    rules = "rules"
+    trace = "trace"
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """Everything about the run except the model. Defaults are printed with every report."""
@@ -86,6 +95,7 @@ class TrainingSpec:
     grad_accum: int = 1  # micro-batches per optimizer step
     checkpointing: Checkpointing = Checkpointing.none
     attention: Attention = Attention.sdpa
+    activations: ActivationSource = ActivationSource.auto
     zero_stage: int = 0
     num_gpus: int = 1
     num_nodes: int = 1
@@ -101,7 +111,7 @@ class TrainingSpec:
     def __post_init__(self) -> None:
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
-                           ("offload", Offload)):
+                           ("offload", Offload), ("activations", ActivationSource)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))

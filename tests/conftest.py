@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS_MODELS = REPO / "presets" / "models"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _trace_cache(tmp_path_factory):
+    """Traced activations are cached in a folder of the test session, never in the user's cache."""
+    os.environ["MEMCALC_CACHE_DIR"] = str(tmp_path_factory.mktemp("memcalc-cache"))
+    yield
+
+
 @dataclass
 class CliResult:
     exit_code: int

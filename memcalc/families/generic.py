@@ -75,12 +75,29 @@ def resolve_any(raw: Mapping[str, Any], model_type: str, architecture: str | Non
     )
 
 
+INVENTORY_CACHE_FORMAT = 1
+
+
 def meta_inventory(config: ModelConfig | Mapping[str, Any], architecture: str | None = None) -> list[ParamTensor]:
-    """The inventory of any model transformers ships, read from a meta-device build of its class."""
-    from memcalc.measure.build import build_meta_model
+    """The inventory of any model transformers ships, read from a meta-device build of its class (cached: a repeat
+    reads the tensors from the cache and imports neither torch nor transformers)."""
+    from memcalc import cache
 
     raw = config.raw if isinstance(config, ModelConfig) else config
-    return param_tensors(build_meta_model(raw, architecture))
+    key = cache.key_of(raw, INVENTORY_CACHE_FORMAT, architecture=architecture)
+    data = cache.read("inventories", key)
+    if data is not None and data.get("format") == INVENTORY_CACHE_FORMAT:
+        try:
+            return [ParamTensor(name, tuple(shape), layer, role, linear)
+                    for name, shape, layer, role, linear in data["tensors"]]
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry of another shape: build again
+    from memcalc.measure.build import build_meta_model
+
+    tensors = param_tensors(build_meta_model(raw, architecture))
+    cache.write("inventories", key, {"format": INVENTORY_CACHE_FORMAT, "tensors": [
+        [t.name, list(t.shape), t.layer, t.role, t.is_linear_weight] for t in tensors]})
+    return tensors
 
 
 def activations(a: Arch, run: Run) -> Rule:

@@ -50,12 +50,37 @@ def unpacked_sequences() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
+def fake_grouped_mm(func: Any, args: Any, kwargs: Any) -> Any:
+    """aten._grouped_mm (transformers' MoE experts) on fp32 fake tensors: torch's meta kernel accepts only bf16
+    (_meta_registrations.py, _meta_grouped_mm_common), the real CPU kernel any float dtype. The output is what the
+    real kernel returns: the shape a bf16 call gives, in out_dtype or the inputs' dtype. None for any other call
+    (the op then runs as it is)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if func is not torch.ops.aten._grouped_mm.default:
+        return None
+    mat_a, mat_b = args[0], args[1]
+    if not isinstance(mat_a, FakeTensor) or (mat_a.dtype == torch.bfloat16 and mat_b.dtype == torch.bfloat16):
+        return None
+    kwargs = dict(kwargs or {})
+    out_dtype = kwargs.pop("out_dtype", None) or mat_a.dtype
+    shaped = func(mat_a.to(torch.bfloat16), mat_b.to(torch.bfloat16), *args[2:], **kwargs)
+    return torch.empty(shaped.shape, dtype=out_dtype, device=mat_a.device)
+
+
 def measure_trace(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, attn_implementation: str = "sdpa",
                   progress: Progress | None = None, record_timeline: bool = False) -> Measurement:
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GroupedMm(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = fake_grouped_mm(func, args, kwargs)
+            return func(*args, **(kwargs or {})) if out is None else out
 
     # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences():
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), GroupedMm():
         result = execute(model_config, spec, device="cpu", attn_implementation=attn_implementation,
                          progress=progress, record_timeline=record_timeline)
         measurement = to_measurement("trace", result)

@@ -1,0 +1,68 @@
+"""What memcalc derived by running transformers' code (a traced forward, a meta-device inventory), kept as JSON in
+the user's cache directory so that a repeat reads a file and imports neither torch nor transformers.
+
+An entry's key is a hash of everything its content depends on: the config's content (memcalc's own "_" metadata
+left out), the settings given, and the versions of torch and transformers (read from the installed packages'
+metadata, without importing them). A bad or missing entry is computed again; one that cannot be written costs a
+recomputation next time, nothing else. Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "MEMCALC_CACHE_DIR"
+
+
+def versions() -> dict[str, str]:
+    """torch's and transformers' versions, from their installed metadata ('' when one is absent)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("torch", "transformers"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = ""
+    return found
+
+
+def cache_dir() -> Path:
+    """$MEMCALC_CACHE_DIR, else $XDG_CACHE_HOME/memcalc, else ~/.cache/memcalc."""
+    base = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "memcalc")
+    return Path(base)
+
+
+def key_of(raw: Mapping[str, Any], fmt: int, **settings: Any) -> str:
+    """The key of an entry derived from ``raw`` with ``settings``, in format ``fmt`` of its kind."""
+    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    payload = json.dumps({"config": config, "settings": settings, "versions": versions(), "format": fmt},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def read(kind: str, key: str) -> dict[str, Any] | None:
+    """The entry, or None when it is absent or unreadable."""
+    try:
+        data = json.loads((cache_dir() / kind / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write(kind: str, key: str, data: Mapping[str, Any]) -> None:
+    """Write the entry atomically (a temporary file renamed), or nothing when the folder is not writable."""
+    folder = cache_dir() / kind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".{key}.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps(data), encoding="utf-8")
+        temporary.replace(folder / f"{key}.json")
+    except OSError:
+        pass

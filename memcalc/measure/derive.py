@@ -1,0 +1,235 @@
+"""Activations traced from the model's own code, for models no family module has hand rules for.
+
+The real transformers class is built at full size under ``FakeTensorMode`` (shapes and dtypes, no memory: an
+8B model builds in a fraction of a second) and one training forward runs with ``saved_tensors_hooks``: every
+distinct storage autograd saves for backward is recorded with where it was created (a decoder layer and the
+part of it, the model outside its layers, or the loss after the output head). Parameters, buffers and the
+autocast copies of weights are excluded: those are other terms. What a storage costs is what a real run's would:
+a fake storage reports its bytes.
+
+Saved bytes are affine in the micro-batch from 2 on (every activation has a batch dimension except position tables
+and scalars; at micro-batch 1 a few scalars share storage differently, measured: 8 B for Llama), so each (sequence
+length, recipe) is traced at micro-batch 1, 2 and 3 on one fake model, and any micro-batch follows.
+Results are cached (memcalc.cache), keyed by the config's content, the run's shape and dtypes and the torch and
+transformers versions: a repeat reads a file and imports neither.
+
+CPU semantics: the fake tensors are CPU tensors (a CPU-only torch cannot place a module on a fake CUDA device),
+so CPU kernels and CPU autocast decide what is saved. Where CUDA differs, ``CPU_DIFFERENCES`` names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc import cache
+
+# Bump when what is recorded changes: older cache entries are then not read.
+CACHE_FORMAT = 1
+CACHE_KIND = "traces"
+LOSS = "loss"  # where: created after the output head (the loss and its inputs)
+MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)
+OUTSIDE = "outside the layers"
+# Where CUDA kernels save other bytes than the CPU kernels this trace runs (each also in the report's note).
+CPU_DIFFERENCES = (
+    "LayerNorm keeps mean and rstd in bf16 on the CPU, fp32 on CUDA (2 x 2 B per token and LayerNorm more on CUDA)",
+    "CUDA autocast runs softmax, layer_norm and pow in fp32 where CPU autocast keeps bf16 (more on CUDA under amp)",
+    "dropout saves noise in the input dtype on the CPU, a 1-byte mask on CUDA (less on CUDA)",
+)
+
+
+@dataclass(frozen=True)
+class Saves:
+    """Bytes autograd saves in one training forward, by where the storage was created: one dict of parts per
+    decoder layer (in order), the model outside its layers, and the loss."""
+
+    layers: tuple[Mapping[str, int], ...]
+    model: Mapping[str, int]
+    loss: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": [dict(layer) for layer in self.layers], "model": dict(self.model), "loss": self.loss}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Saves:
+        return cls(tuple(data["layers"]), dict(data["model"]), int(data["loss"]))
+
+
+@dataclass(frozen=True)
+class TracedSaves:
+    """A config's saved bytes at micro-batch 1, 2 and 3; any micro-batch of 2 or more follows affinely."""
+
+    model_class: str
+    by_batch: Mapping[int, Saves]  # 1, 2, 3
+    versions: Mapping[str, str]
+
+    def at(self, batch: int) -> Saves:
+        if batch in self.by_batch:
+            return self.by_batch[batch]
+        two, three = self.by_batch[2], self.by_batch[3]
+        steps = batch - 2
+        return Saves(
+            layers=tuple(_affine(a, b, steps) for a, b in zip(two.layers, three.layers)),
+            model=_affine(two.model, three.model, steps),
+            loss=two.loss + steps * (three.loss - two.loss),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": CACHE_FORMAT, "model_class": self.model_class, "versions": dict(self.versions),
+                "by_batch": {str(batch): saves.to_json() for batch, saves in self.by_batch.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TracedSaves:
+        return cls(data["model_class"], {int(b): Saves.from_json(s) for b, s in data["by_batch"].items()},
+                   data["versions"])
+
+
+TRACED_BATCHES = (1, 2, 3)
+
+
+def _affine(at_2: Mapping[str, int], at_3: Mapping[str, int], steps: int) -> dict[str, int]:
+    """at micro-batch 2 + steps, from 2 and 3."""
+    return {part: at_2.get(part, 0) + steps * (at_3.get(part, 0) - at_2.get(part, 0)) for part in {*at_2, *at_3}}
+
+
+def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int, weight_dtype: str,
+                 autocast: bool, attention: str) -> tuple[TracedSaves, bool]:
+    """The saved bytes of one training forward of this config, from the cache or traced now; and whether it
+    came from the cache. ``weight_dtype``: fp32 | bf16 (16-bit: the same bytes as fp16); ``autocast``: bf16
+    autocast over fp32 weights; ``attention``: sdpa | eager."""
+    key = cache.key_of(raw, CACHE_FORMAT, architecture=architecture, seq_len=seq_len, weight_dtype=weight_dtype,
+                       autocast=autocast, attention=attention)
+    data = cache.read(CACHE_KIND, key)
+    if data is not None and data.get("format") == CACHE_FORMAT:
+        try:
+            return TracedSaves.from_json(data), True
+        except (KeyError, TypeError, ValueError):
+            pass  # an entry of another shape: trace again
+    model_class, by_batch = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype, autocast, attention)
+    saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions())
+    cache.write(CACHE_KIND, key, saves.to_json())
+    return saves, False
+
+
+def part_of(child_name: str) -> str:
+    """The part of a decoder layer a direct child belongs to, by its attribute name in transformers."""
+    name = child_name.lower()
+    if "norm" in name or name.startswith("ln"):
+        return "norms"
+    if "attn" in name or "attention" in name:
+        return "attention"
+    if any(word in name for word in ("mlp", "feed_forward", "ffn", "moe", "expert")):
+        return "mlp"
+    return "other"
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    """The model's decoder layers: the ModuleList holding the most parameters."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
+
+
+def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
+           weight_dtype: str, autocast: bool, attention: str) -> tuple[str, dict[int, Saves]]:
+    """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memcalc.measure import build
+    from memcalc.measure.trace import unpacked_sequences
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
+    found: dict[int, Saves] = {}
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences():
+        model = build.build_model(raw, architecture, dtype=dtype, attn_implementation=attention)
+        model.train()
+        layers = _decoder_layers(model)
+        vocab = int(model.config.get_text_config().vocab_size)
+        for batch in batches:
+            ids = torch.randint(0, vocab, (batch, seq_len))
+            found[batch] = _saved_in_forward(model, layers, ids, autocast)
+    return type(model).__name__, found
+
+
+def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool) -> Saves:
+    """The storages one training forward saves for backward, by where each was created."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from memcalc.measure.trace import fake_grouped_mm
+
+    excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    parameters = set(excluded)
+    where: list[Any] = [MODEL]  # the innermost place running now: MODEL, LOSS, or (layer, part)
+    created: dict[int, Any] = {}  # storage -> where it was created
+    held: list[Any] = []  # keeps every recorded storage alive, so no address is reused within the forward
+    handles = []
+
+    def enter(place: Any):
+        def hook(module: Any, args: Any) -> None:
+            where.append(place)
+        return hook
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        where.pop()
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(enter((index, "residual and other"))))
+        handles.append(layer.register_forward_hook(leave))
+        for child_name, child in layer.named_children():
+            handles.append(child.register_forward_pre_hook(enter((index, part_of(child_name)))))
+            handles.append(child.register_forward_hook(leave))
+    head = model.get_output_embeddings()
+    if head is not None:
+        handles.append(head.register_forward_hook(lambda module, args, output: where.__setitem__(0, LOSS)))
+
+    class Creation(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = fake_grouped_mm(func, args, kwargs)
+            if out is None:
+                out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    key = tensor.untyped_storage()._cdata
+                    if func is torch.ops.aten._to_copy.default and args[0].untyped_storage()._cdata in parameters:
+                        excluded.add(key)  # an autocast copy of a weight: the autocast_weight_copies term
+                    if key not in created:
+                        created[key] = where[-1]
+                        held.append(tensor)
+            return out
+
+    saved: dict[int, tuple[Any, Any]] = {}
+
+    def pack(tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in excluded and key not in saved:
+            saved[key] = (storage, created.get(key, MODEL))
+        return tensor
+
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Creation(), cast:
+            model(input_ids=ids, labels=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer: list[dict[str, int]] = [{} for _ in layers]
+    per_model: dict[str, int] = {}
+    loss = 0
+    for storage, place in saved.values():
+        size = int(storage.nbytes())
+        if place == LOSS:
+            loss += size
+        elif place == MODEL:
+            per_model[OUTSIDE] = per_model.get(OUTSIDE, 0) + size
+        else:
+            index, part = place
+            per_layer[index][part] = per_layer[index].get(part, 0) + size
+    return Saves(tuple(per_layer), per_model, loss)

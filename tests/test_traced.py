@@ -1,0 +1,136 @@
+"""Activations traced from the model's own code (memcalc/measure/derive.py, memcalc/families/traced.py).
+
+The reference is the same as for the hand rules (tests/test_activations.py): every storage a real CPU forward saves
+for backward, through saved_tensors_hooks. The trace runs the same class on fake tensors; the hand rules, where a
+family has them, must agree with it too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from memcalc import families
+from memcalc.api import model_of, run
+from memcalc.errors import MissingDependencyError, UnsupportedModelError
+from memcalc.model import ModelConfig
+from memcalc.spec import TrainingSpec
+from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tests.test_activations import BASE, FAMILIES, _raw, measure_saved_bytes
+
+# Families no module has hand rules for (transformers 5.24 classes), small enough to run for real on the CPU.
+WITHOUT_RULES = {
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"], **BASE},
+    "starcoder2": {"architectures": ["Starcoder2ForCausalLM"], **BASE, "residual_dropout": 0.0,
+                   "embedding_dropout": 0.0, "attention_dropout": 0.0},
+    "gpt_neox": {"architectures": ["GPTNeoXForCausalLM"], **BASE},
+    "stablelm": {"architectures": ["StableLmForCausalLM"], **BASE},
+    "granite": {"architectures": ["GraniteForCausalLM"], **BASE},
+    "cohere": {"architectures": ["CohereForCausalLM"], **BASE},
+    "gptj": {"architectures": ["GPTJForCausalLM"], "n_embd": 96, "n_layer": 2, "n_head": 4, "vocab_size": 300,
+             "n_positions": 256, "rotary_dim": 8, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
+
+
+def _without_rules(model_type: str) -> dict:
+    return {"model_type": model_type, **WITHOUT_RULES[model_type]}
+
+
+def _saved(raw: dict, recipe: str, batch: int, attention: str = "sdpa", activations: str = "auto"):
+    spec = TrainingSpec(precision=recipe, micro_batch_size=batch, seq_len=48, attention=attention,
+                        activations=activations)
+    report = run(model_of(ModelConfig("tiny", raw, "test")), spec)
+    return report.term(TERM_ACTIVATIONS).bytes + report.term(TERM_LOSS_BUFFERS).bytes, report
+
+
+# Micro-batch 1 is traced as it is, 3 follows from the traces at 2 and 3 (affine from 2 on).
+RUNS = [("bf16-pure", "sdpa", 1), ("bf16-pure", "sdpa", 3), ("bf16-pure", "eager", 3), ("fp32", "sdpa", 3),
+        ("amp-bf16", "sdpa", 3), ("amp-bf16", "eager", 3)]
+
+
+@pytest.mark.parametrize(("recipe", "attention", "batch"), RUNS)
+@pytest.mark.parametrize("model_type", sorted(WITHOUT_RULES))
+def test_traced_activations_equal_what_a_real_forward_saves(model_type, recipe, attention, batch):
+    raw = _without_rules(model_type)
+    traced, report = _saved(raw, recipe, batch, attention)
+    assert report.training.activations == "trace"
+    assert traced == measure_saved_bytes(raw, recipe, batch=batch, seq=48, attention=attention)
+
+
+@pytest.mark.parametrize(("recipe", "attention"), [("bf16-pure", "sdpa"), ("fp32", "sdpa"), ("amp-bf16", "eager")])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_trace_and_the_hand_rules_agree(family, recipe, attention):
+    """Two derivations of the same number: the rules read from the modeling code, the trace runs it (MoE in fp32
+    too: torch's fake grouped_mm takes only bf16, memcalc.measure.trace.fake_grouped_mm shapes its output)."""
+    raw = _raw(family)
+    rules, by_rules = _saved(raw, recipe, 3, attention, activations="rules")
+    traced, by_trace = _saved(raw, recipe, 3, attention, activations="trace")
+    assert (by_rules.training.activations, by_trace.training.activations) == ("rules", "trace")
+    assert traced == rules
+
+
+def test_auto_traces_where_there_are_no_rules_and_says_so(cli, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps(_without_rules("olmo2")))
+    traced = cli(str(path), "--seq-len", "48", "--json").json()
+    assert traced["training"]["activations"] == "trace"
+    assert any(note.startswith("activations traced from transformers") for note in traced["notes"])
+    approximated = cli(str(path), "--seq-len", "48", "--activations", "rules", "--json").json()
+    assert approximated["training"]["activations"] == "approximation"
+    assert any("Korthikanti" in note for note in approximated["notes"])
+    assert "activations trace" in cli(str(path), "--seq-len", "48").stdout  # the run line says which
+
+
+def test_a_repeat_reads_the_cache_and_traces_nothing(monkeypatch):
+    from memcalc.measure import derive
+
+    raw = {**_without_rules("granite"), "hidden_size": 64}  # a config no other test traced
+    first, _ = _saved(raw, "bf16-pure", 2)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(derive, "_trace", no_trace)
+    again, report = _saved(raw, "bf16-pure", 5)  # another micro-batch: the same cache entry
+    assert any("(from the cache)" in note for note in report.notes)
+    assert again > first
+    with pytest.raises(UnsupportedModelError, match="traced again"):
+        _saved(raw, "bf16-pure", 2, attention="eager", activations="trace")  # another attention: another entry
+
+
+def test_trace_without_torch_is_a_missing_dependency(monkeypatch):
+    model = model_of(ModelConfig("tiny", _without_rules("olmo2"), "test"))  # (built while torch is importable)
+    monkeypatch.setattr(families, "fallback_available", lambda: False)
+    with pytest.raises(MissingDependencyError, match="pip install torch==2.13.0"):
+        run(model, TrainingSpec(seq_len=48, activations="trace"))
+    report = run(model, TrainingSpec(seq_len=48))
+    assert report.training.activations == "approximation"
+    assert any(note.startswith("not traced (torch and transformers are not installed)") for note in report.notes)
+
+
+def test_a_trace_that_fails_is_said_never_a_traceback(monkeypatch):
+    from memcalc.families import traced
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an op the fake tensors cannot run")
+
+    monkeypatch.setattr(traced, "traced_rule", broken)
+    model = model_of(ModelConfig("tiny", _without_rules("olmo2"), "test"))
+    report = run(model, TrainingSpec(seq_len=48))
+    assert report.training.activations == "approximation"
+    assert any("the trace of this model failed (an op the fake tensors cannot run)" in n for n in report.notes)
+    with pytest.raises(UnsupportedModelError, match="could not be traced"):
+        run(model, TrainingSpec(seq_len=48, activations="trace"))
+
+
+def test_moe_in_fp32_runs_under_verify_trace():
+    """torch's meta kernel of aten._grouped_mm takes only bf16; the trace gives fp32 experts their fp32 output."""
+    from memcalc.measure.trace import measure_trace
+
+    raw = _raw("mixtral")
+    measured = measure_trace(raw, TrainingSpec(precision="fp32", seq_len=48))
+    _, report = _saved(raw, "fp32", 1)
+    assert measured.model_state_bytes["weights"] == report.term("weights").bytes

@@ -112,7 +112,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
     run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
-              flash=spec.attention == Attention.flash)
+              flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing == Checkpointing.full)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")

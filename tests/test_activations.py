@@ -155,11 +155,15 @@ def test_gemma3_qk_norms_and_sandwich_norms(recipe, attention):
     assert estimated == measured
 
 
-def test_sliding_window_shorter_than_the_sequence_is_named_as_not_counted():
+def test_sliding_window_is_counted_only_where_the_kernel_needs_a_mask():
+    """Gemma3's sliding layers with sdpa get an explicit mask (counted, and said); flash_attention_2 and eager need
+    none beyond what they keep anyway."""
     _, report = estimated_saved_bytes({**GEMMA3, "sliding_window": 16}, "bf16-pure", batch=2, seq=48)
-    assert any(note.startswith("not counted: sliding window 16 < seq 48") for note in report.notes)
-    _, flash = estimated_saved_bytes({**GEMMA3, "sliding_window": 16}, "bf16-pure", batch=2, seq=48, attention="flash")
-    assert not any("sliding window" in note for note in flash.notes)
+    assert any(note.startswith("sliding window 16 < seq 48") for note in report.notes)
+    for attention in ("flash", "eager"):
+        _, other = estimated_saved_bytes({**GEMMA3, "sliding_window": 16}, "bf16-pure", batch=2, seq=48,
+                                         attention=attention)
+        assert not any("sliding window" in note for note in other.notes)
 
 
 GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96, "n_layer": 2, "n_head": 4,
@@ -398,3 +402,24 @@ def test_layer_norm_decoders_dropout_masks(family, recipe):
     masks = 2 * (2 * tokens * 96 + batch * 4 * seq * seq) + (tokens * 96 if family == "phi" else 0)
     cpu = (layer_norms * 2 * tokens * (4 - 2) if recipe == "bf16-pure" else 0) - (c - 1) * masks
     assert estimated - cpu == measured
+
+
+@pytest.mark.parametrize("recipe", ["bf16-pure", "amp-bf16"])
+@pytest.mark.parametrize(("family", "toggle"), [
+    ("mistral", {"sliding_window": 16}),
+    ("qwen2", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 1}),
+    ("mixtral", {"sliding_window": 16}),
+    ("phi3", {"use_cache": False}),
+    ("phi3", {"sliding_window": 16}),
+])
+def test_config_paths_that_change_what_attention_saves(family, toggle, recipe):
+    """A sliding window shorter than the sequence gives sdpa an explicit mask: transformers then repeats k and v to
+    every head (no enable_gqa) and sdpa keeps the mask as a float bias, in the sliding layers only (qwen2: from
+    max_window_layers on). Phi-3 without a cache saves v as a view of the fused qkv output, keeping all of it."""
+    raw = {**_raw(family), **toggle}
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48)
+    estimated, report = estimated_saved_bytes(raw, recipe, batch=2, seq=48)
+    print(f"{family} {toggle} {recipe}: estimated {estimated:,} measured {measured:,}")
+    assert estimated == measured
+    if "sliding_window" in toggle:
+        assert any(note.startswith("sliding window 16 < seq 48") for note in report.notes)

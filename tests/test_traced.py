@@ -134,3 +134,35 @@ def test_moe_in_fp32_runs_under_verify_trace():
     measured = measure_trace(raw, TrainingSpec(precision="fp32", seq_len=48))
     _, report = _saved(raw, "fp32", 1)
     assert measured.model_state_bytes["weights"] == report.term("weights").bytes
+
+
+def _conformance():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "conformance.py"
+    spec = importlib.util.spec_from_file_location("conformance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFORMANCE = _conformance()
+# Where each toggle changes the code path (the full grid runs in benchmarks/conformance.py).
+SAMPLE = {"window < seq": ("mistral", "qwen2", "gemma3_text", "mixtral", "qwen2_moe", "phi3"),
+          "use_cache false": ("phi3", "llama"), "attention dropout": ("llama", "gemma2", "qwen3_moe")}
+
+
+@pytest.mark.parametrize(("family", "toggle", "raw"),
+                         [c for c in CONFORMANCE.cases(toggles={t: CONFORMANCE.TOGGLES[t] for t in SAMPLE})
+                          if c[0] in SAMPLE[c[1]]],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_conformance_sample(family, toggle, raw):
+    """A sample of benchmarks/conformance.py (all toggles, recipes and kernels there): the rules against the trace,
+    bf16 eager (eager keeps the dropout mask the rules count) and sdpa."""
+    for attention in ("eager", "sdpa"):
+        difference = CONFORMANCE.cpu_difference(raw, "bf16-pure", attention)
+        if difference is None:
+            continue  # sdpa with attention dropout: the CPU's math kernel, not comparable
+        rules = CONFORMANCE.saved(raw, "bf16-pure", attention, "rules")
+        assert rules == CONFORMANCE.saved(raw, "bf16-pure", attention, "trace") - difference, attention

@@ -30,7 +30,7 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import Loss, Rule, Run, parts, rms_norm_bytes
+from memcalc.families.saved import Loss, Rule, Run, fp32_softmax_dropout, parts, rms_norm_bytes
 from memcalc.families.tensors import Params, decoder, decoder_heads, gated_mlp, gqa_attention, pre_post_norms
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -81,6 +81,8 @@ class LlamaArch(Arch):
     qk_norm: bool = False  # per-head q_norm / k_norm (Qwen3, Gemma3)
     sandwich: bool = False  # pre/post attention and pre/post feed-forward norms (Gemma2, Gemma3)
     fused_qkv: bool = False  # Phi3: one qkv_proj and one gate_up_proj
+    sliding: tuple[bool, ...] = ()  # per layer: attends through the sliding window
+    use_cache: bool = True  # config.use_cache (training forwards build a DynamicCache unless it is False)
 
     @property
     def gemma_norm(self) -> bool:
@@ -128,11 +130,46 @@ VARIANTS = {
 }
 
 
+# Configs whose sliding_window applies only with use_sliding_window (their __post_init__ drops it otherwise).
+_USE_SLIDING_WINDOW = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
+# Model types whose layers follow config.layer_types ("sliding_attention" | "full_attention"), and the default
+# pattern their config builds: layer index, layer count, max_window_layers -> sliding.
+_LAYER_TYPES: dict[str, Callable[[int, int, int], bool]] = {
+    "qwen2": lambda i, n, m: i >= m,  # configuration_qwen2.py __post_init__
+    "qwen3": lambda i, n, m: i >= m,
+    "qwen2_moe": lambda i, n, m: bool((i + 1) % 2) and i < m,  # configuration_qwen2_moe.py
+    "gemma2": lambda i, n, m: bool((i + 1) % 2),  # configuration_gemma2.py
+    "gemma3_text": lambda i, n, m: bool((i + 1) % 6),  # configuration_gemma3.py, sliding_window_pattern 6
+}
+
+
+# Model types whose modeling code applies config.sliding_window in every layer (create_sliding_window_causal_mask).
+_WINDOW_IN_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "qwen3_moe"})
+
+
 def optional_window(f: Fields, model_type: str) -> int | None:
-    """The sliding window attention uses, where the family has one (Qwen2 only with use_sliding_window)."""
-    if model_type == "qwen2" and not f.flag("use_sliding_window"):
+    """The sliding window attention uses, where the family has one (the Qwen types only with use_sliding_window);
+    None for model types whose code ignores the key (Llama, Gemma)."""
+    if model_type not in _WINDOW_IN_EVERY_LAYER and model_type not in _LAYER_TYPES:
+        return None
+    if model_type in _USE_SLIDING_WINDOW and not f.flag("use_sliding_window"):
         return None
     return f.dim("sliding_window", MAX_POSITIONS) if f.given("sliding_window") else None
+
+
+def sliding_layers(f: Fields, model_type: str, num_layers: int, window: int | None) -> tuple[bool, ...]:
+    """Which layers attend through the sliding window: the config's layer_types where the family reads them, else
+    the pattern its config class builds; Mistral, Mixtral, Phi-3 and Qwen3-MoE use the window in every layer."""
+    if window is None:
+        return (False,) * num_layers
+    pattern = _LAYER_TYPES.get(model_type)
+    if pattern is None:  # _WINDOW_IN_EVERY_LAYER
+        return (True,) * num_layers
+    given = f.raw.get("layer_types")
+    if isinstance(given, list) and len(given) == num_layers and all(isinstance(t, str) for t in given):
+        return tuple(t == "sliding_attention" for t in given)
+    max_window = f.dim("max_window_layers", MAX_LAYERS, low=0) if f.given("max_window_layers") else 28
+    return tuple(pattern(i, num_layers, max_window) for i in range(num_layers))
 
 
 def resolve_fields(f: Fields, model_type: str, architecture: str, head: str, variant: Variant,
@@ -142,22 +179,25 @@ def resolve_fields(f: Fields, model_type: str, architecture: str, head: str, var
     hidden = f.dim("hidden_size", MAX_HIDDEN)
     num_heads, num_kv = f.heads()
     qkv_bias = f.flag(variant.qkv_bias) if isinstance(variant.qkv_bias, str) else variant.qkv_bias
+    num_layers = f.dim("num_hidden_layers", MAX_LAYERS)
+    window = optional_window(f, model_type)
     return cls(
         model_type=model_type, architecture=architecture, head=head, hidden_size=hidden,
-        num_layers=f.dim("num_hidden_layers", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_kv,
+        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv,
         head_dim=f.head_dim(hidden, num_heads, variant.defaults.get("head_dim")),
         intermediate_size=f.dim("intermediate_size", MAX_INTERMEDIATE), vocab_size=f.dim("vocab_size", MAX_VOCAB),
         tie_word_embeddings=f.flag("tie_word_embeddings"), num_labels=f.num_labels(),
         max_positions=f.dim("max_position_embeddings", MAX_POSITIONS) if f.given("max_position_embeddings") else None,
         norm="gemma_rmsnorm" if variant.gemma else "rmsnorm",
         hidden_act=f.text("hidden_activation") or f.text("hidden_act", "silu"),
-        sliding_window=optional_window(f, model_type),
+        sliding_window=window, sliding=sliding_layers(f, model_type, num_layers, window),
         attn_logit_softcapping=f.number("attn_logit_softcapping"),
         final_logit_softcapping=f.number("final_logit_softcapping"),
         dropout=f.dropouts({"attention_dropout": 0.0}),
         qkv_bias=qkv_bias, o_bias=qkv_bias if variant.o_bias is None else variant.o_bias,
         mlp_bias=variant.mlp_bias and f.flag("mlp_bias"), qk_norm=variant.qk_norm, sandwich=variant.sandwich,
-        fused_qkv=variant.fused, supports_sdpa=variant.sdpa, **more,
+        fused_qkv=variant.fused, supports_sdpa=variant.sdpa,
+        use_cache=f.flag("use_cache", True), **more,
     )
 
 
@@ -211,8 +251,9 @@ def dense_mlp(a: LlamaArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
     return parts(mlp=mlp, casts=casts), f"MLP {mlp:,}{f' + MLP input casts {casts:,}' if casts else ''}"
 
 
-def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
-    """Bytes one Llama-style layer's norms and attention save, by part, and their formula."""
+def attention_parts(a: LlamaArch, run: Run, masked: bool = False) -> tuple[dict[str, int], str]:
+    """Bytes one Llama-style layer's norms and attention save, by part, and their formula. ``masked``: sdpa gets
+    an explicit mask (a sliding window shorter than the sequence)."""
     tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
     h, heads, g, d = a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim
     norms = a.num_norms * rms_norm_bytes(a.gemma_norm, tokens, h, c, autocast)
@@ -250,13 +291,32 @@ def attention_parts(a: LlamaArch, run: Run) -> tuple[dict[str, int], str]:
             # modeling_gemma2.eager_attention_forward: scores / softcap, tanh, * softcap; tanh saves its output
             # (in the scores' dtype: autocast leaves tanh alone), the scalar divide and multiply save nothing.
             attention += c * b * heads * s * s
+        # nn.functional.dropout(attn_weights, p=attention_dropout) in training: CUDA's native_dropout mask.
+        attention += fp32_softmax_dropout(a.dropout.get("attention_dropout", 0.0), run, b * heads * s * s)
+    v_view = 0
+    # Phi3Attention: q, k and v are slices of one fused qkv_proj output. Without a cache (use_cache=False, or
+    # gradient checkpointing, which turns it off in training) the v that attention saves is that slice, a view
+    # that keeps the whole qkv output alive: (a + g) d more than v itself. With a cache, DynamicCache.update hands
+    # attention its own copy. Eager attention saves repeat_kv's copy instead unless there is one kv head per head.
+    if a.fused_qkv and (not a.use_cache or run.checkpointing) and (heads == g or not (eager or masked)):
+        v_view = c * tokens * (heads + g) * d
+    mask = 0
+    if masked:
+        # integrations/sdpa_attention.py: with an explicit mask use_gqa_in_sdpa is False, so repeat_kv expands k
+        # and v to every head before sdpa, which saves them; torch's sdpa converts the boolean mask to a float bias
+        # in the query dtype and keeps it for backward (on CUDA the memory-efficient kernel, its attn_bias).
+        # Measured on the CPU (tests/test_activations.py); on CUDA the kernel's log-sum-exp is padded to 32 rows.
+        qkv += 2 * c * tokens * (heads - g) * d
+        mask = c * b * s * s
     # Under autocast each Linear saves its own low-precision cast of an fp32 input: q, k, v (phi3: one fused
     # qkv_proj); the MLP's are counted with it. o_proj and down_proj get 16-bit inputs already.
     casts = (1 if a.fused_qkv else 3) * c * tokens * h if autocast else 0
     formula = (f"norms {norms:,}{f' + autocast input casts {casts:,}' if casts else ''} + "
                f"q/k/v {qkv:,}{f' + q/k norms {qk_norm:,}' if qk_norm else ''} + attention {attention:,}"
+               f"{f' + sliding-window mask {mask:,}' if mask else ''}"
+               f"{f' + fused qkv kept by the v view {v_view:,}' if v_view else ''}"
                f"{f' + o_proj input copy {o_proj_copy:,}' if o_proj_copy else ''}")
-    return parts(norms=norms, casts=casts, attention=qkv + qk_norm + attention + o_proj_copy), formula
+    return parts(norms=norms, casts=casts, attention=qkv + qk_norm + attention + mask + o_proj_copy + v_view), formula
 
 
 def _merge(*dicts: Mapping[str, int]) -> dict[str, int]:
@@ -272,16 +332,19 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
     """Llama-style decoders: per layer the attention part and the MLP (``mlp_bytes``: dense or MoE); per model
     rotary, ids, the loss divisor, the final norm and, under autocast, the head input's cast."""
     tokens, c, h = run.tokens, run.c, a.hidden_size
-    attention, first = attention_parts(a, run)
-    layers, cache = [], {}
+    window_applies = not run.eager and not run.flash and a.sliding_window is not None and a.sliding_window < run.s
+    kinds = {masked: attention_parts(a, run, masked) for masked in {False, window_applies}}
+    layers, cache, first = [], {}, ""
     for i in range(a.num_layers):
+        masked = window_applies and i < len(a.sliding) and a.sliding[i]
+        attention, attention_formula = kinds[masked]
         mlp, mlp_formula = mlp_bytes(a, i, run)
-        key = tuple(mlp.items())
+        key = (masked, tuple(mlp.items()))
         if key not in cache:  # one dict per distinct layer kind
             cache[key] = _merge(attention, mlp)
         layers.append(cache[key])
         if i == 0:
-            first = f"{first} + {mlp_formula}"
+            first = f"{attention_formula} + {mlp_formula}"
     per_model = parts(
         rotary=2 * run.s * a.head_dim * (BYTES_PER_FP32 if run.autocast else c),
         ids=2 * BYTES_PER_INT64 * tokens,  # int64 input_ids (embedding) and shifted labels (nll_loss)
@@ -296,13 +359,12 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         logit_softcap=c * tokens * a.vocab_size if a.final_logit_softcapping is not None else 0,
     )
     rule_notes = [] if run.eager else [NOTE_SDPA]
-    if not run.eager and not run.flash and a.sliding_window is not None and a.sliding_window < run.s:
-        mask = run.b * run.s * run.s * c
+    if window_applies:
+        count = sum(1 for flag in a.sliding if flag)
         rule_notes.append(
-            f"not counted: sliding window {a.sliding_window:,} < seq {run.s:,}, so sliding layers give sdpa an explicit "
-            f"(b, 1, s, s) mask; on CUDA that runs the memory-efficient kernel, which keeps the mask as a {c}-byte bias "
-            f"for backward: up to {mask / 2**30:,.2f} GiB per sliding layer ({a.num_layers} layers), not yet measured "
-            "on a GPU (the CPU kernels differ); --attn eager counts the scores in full")
+            f"sliding window {a.sliding_window:,} < seq {run.s:,}: in {count} of {a.num_layers} layers sdpa gets an "
+            "explicit mask, so k and v are repeated to every head and the mask is kept as a float bias (counted; "
+            "measured on the CPU)")
     return Rule(layers, first, per_model, source, a.num_layers * tokens * h * run.residual,
                 c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 [*rule_notes, *notes])

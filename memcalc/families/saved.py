@@ -48,6 +48,7 @@ class Run:
     autocast: bool
     eager: bool  # --attn eager (else sdpa/flash)
     flash: bool = False  # --attn flash (flash_attention_2: sliding windows and causality without a mask)
+    checkpointing: bool = False  # gradient checkpointing (transformers then runs with use_cache=False)
 
     @property
     def tokens(self) -> int:

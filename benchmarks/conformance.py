@@ -21,26 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memcalc.api import model_of, run  # noqa: E402
+from tests.test_activations import BASE  # noqa: E402
+from tests.test_activations import FAMILIES as TESTED_FAMILIES  # noqa: E402
 from memcalc.model import ModelConfig  # noqa: E402
 from memcalc.spec import TrainingSpec  # noqa: E402
 from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS  # noqa: E402
 
-BASE = {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256, "pad_token_id": 0}
+# The tiny configs the activation tests measure (tests/test_activations.py), and the Gemma-2/3 layouts.
 FAMILIES = {
-    "llama": ("LlamaForCausalLM", {}),
-    "mistral": ("MistralForCausalLM", {}),
-    "qwen2": ("Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3ForCausalLM", {"head_dim": 32}),
-    "gemma": ("GemmaForCausalLM", {"head_dim": 32}),
+    **TESTED_FAMILIES,
     "gemma2": ("Gemma2ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32}),
     "gemma3_text": ("Gemma3ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32}),
-    "phi3": ("Phi3ForCausalLM", {}),
-    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
-                                          "moe_intermediate_size": 64}),
-    "qwen2_moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                                          "shared_expert_intermediate_size": 112, "decoder_sparse_step": 2}),
 }
 # Options that change a code path, each as config keys. The sequence is 48: a window of 16 is shorter.
 TOGGLES = {

@@ -104,7 +104,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     on_cpu = holdings.optimizer_on_cpu
 
     terms: list[Term] = []
-    weight_dtype = "fp32" if holdings.bytes_per_weight_override == 4 else recipe.weight_dtype.value
+    weight_dtype = "fp32" if holdings.bytes_per_weight_override == BYTES_PER_FP32 else recipe.weight_dtype.value
     terms.append(Term(
         name=TERM_WEIGHTS, bytes=subset.weight_bytes(holdings.weight_numel, bytes_per_weight),
         formula=subset.weight_formula(holdings.weight_numel, bytes_per_weight, weight_dtype, stage == 3, num_gpus),
@@ -298,7 +298,9 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # gradients or, a moment later (the head's backward done), buffers kept for the whole backward (DeepSpeed
     # ZeRO-1/2's reduce bucket, set up at the first gradient) beside one recomputed layer under checkpointing.
     start = _alive(terms, lambda t: Phase.forward in t.phases and t.phases != FORWARD_ONLY)
-    whole_backward = _alive(terms, lambda t: t.phases == BACKWARD_ONLY and t.name not in _PER_UNIT_BACKWARD)
+    # (Gradients alive in backward only - ZeRO-1-Offload's p.grad - build up through it: not there at its start.)
+    whole_backward = _alive(terms, lambda t: t.phases == BACKWARD_ONLY
+                            and t.name not in (*_PER_UNIT_BACKWARD, TERM_GRADIENTS))
     later = {**whole_backward, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer, EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
     start.update(later if sum(later.values()) > x.loss_gradients else {EXTRA_LOSS_GRADIENTS: x.loss_gradients})
     # End of backward: activations, autocast copies and the units' full gradients are freed, every gradient exists.

@@ -315,7 +315,13 @@ def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any
         offload=chosen.get("offload"), num_gpus=fields["num_gpus"],
     )
     config_fields = spec_fields(settings)
-    for name, mine, theirs in disagreements(config_fields, chosen)[:1]:
+    # The config leaves the master and state dtypes to its recipe (None): compare a chosen dtype with what that
+    # recipe keeps (fp32 for bf16 with a master), not with None.
+    from memcalc.precision import get_recipe
+
+    recipe = get_recipe(config_fields["precision"], config_fields["master_dtype"], None, config_fields["state_dtype"])
+    compared = {**config_fields, "master_dtype": recipe.master_dtype, "state_dtype": recipe.state_dtype}
+    for name, mine, theirs in disagreements(compared, chosen)[:1]:
         def text(value: Any) -> str:
             if isinstance(value, (list, tuple)):
                 return ",".join(str(v) for v in value)

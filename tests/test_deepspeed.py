@@ -145,6 +145,8 @@ def test_typed_offload_none_contradicts_a_config_that_offloads(cli, tmp_path):
 @pytest.mark.parametrize("flags", [
     ["--zero", "3"], ["--precision", "bf16"], ["--batch-size", "2"], ["--grad-accum", "4"], ["--optim", "adamw"],
     ["--offload", "none"], ["--sharding", "deepspeed"],
+    # bf16 without bf16_master_weights_and_grads keeps an fp32 master and fp32 states (stage_1_and_2.py).
+    ["--master-dtype", "fp32"], ["--state-dtype", "fp32"],
 ])
 def test_agreeing_flag_is_fine(cli, tmp_path, flags):
     result = cli("llama-3-8b", "--gpus", "8", "--deepspeed", write(tmp_path, CONFIG), *flags, "--json")

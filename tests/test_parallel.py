@@ -84,6 +84,16 @@ def test_offload_gradients_follow_deepspeed_per_stage():
     assert "zero_offload_grad_buffer" not in terms[3]
 
 
+def test_zero1_offload_gradients_build_up_through_backward():
+    """ZeRO-1-Offload keeps p.grad on the GPU during backward only: the gradients appear as backward runs, so
+    the start of backward (beside every activation) holds none of them, and its end holds them all."""
+    model = model_input("llama-3-8b", None)
+    report = run(model, TrainingSpec(zero_stage=1, num_gpus=8, offload="optimizer", seq_len=512))
+    backward = next(p for p in report.per_gpu.phases if p.phase.value == "backward")
+    assert backward.moment == "end of backward"
+    assert "gradients" in backward.breakdown and "activations" not in backward.breakdown
+
+
 def test_fsdp2_shards_dim0_with_padding():
     assert fsdp2_shard_numel((10, 3), 4) == 3 * 3  # ceil(10 / 4) = 3 rows
     assert fsdp2_shard_numel((4096,), 8) == 512

@@ -2,7 +2,7 @@
 the user's cache directory so that a repeat reads a file and imports neither torch nor transformers.
 
 An entry's key is a hash of everything its content depends on: the config's content (memcalc's own "_" metadata
-left out), the settings given, and the versions of torch and transformers (read from the installed packages'
+left out, transformers' own "_" fields kept), the settings given, and the versions of torch and transformers (read from the installed packages'
 metadata, without importing them). A bad or missing entry is computed again; one that cannot be written costs a
 recomputation next time, nothing else. Standard library only.
 """
@@ -41,7 +41,9 @@ def cache_dir() -> Path:
 
 def key_of(raw: Mapping[str, Any], fmt: int, **settings: Any) -> str:
     """The key of an entry derived from ``raw`` with ``settings``, in format ``fmt`` of its kind."""
-    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    from memcalc.measure.build import TRANSFORMERS_UNDERSCORE_FIELDS  # (a constant: no torch)
+
+    config = {k: v for k, v in raw.items() if not k.startswith("_") or k in TRANSFORMERS_UNDERSCORE_FIELDS}
     payload = json.dumps({"config": config, "settings": settings, "versions": versions(), "format": fmt},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]

@@ -232,6 +232,9 @@ def _check_outputs(options: dict) -> None:
         raise UsageError(f"{{compare_with}} {options['compare_with']!r}: use one of {', '.join(COMPARE_TOOLS)}")
     if options["emit"] is not None and options["compare_with"] is not None:
         raise UsageError("{emit} writes a config and {compare_with} a comparison: ask for one at a time")
+    for name in ("emit", "compare_with"):
+        if options[name] is not None and options["verify"] is not None:
+            raise UsageError(f"{{{name}}} prints no measurement: drop {{verify}}, or ask for them one at a time")
     if options["plot"] is not None:
         if not options["plot"].strip():
             raise UsageError("{plot} needs a file name (.svg, .png or .html)")

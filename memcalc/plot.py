@@ -259,8 +259,12 @@ def _draw_totals_and_peak(axes: Any, report: Report, moments: list[Moment], usab
     text = f"peak {format_bytes(per_gpu.peak_bytes, unit)} ({moments[peak_index].title})"
     if usable_bytes is not None:
         margin = usable_bytes - per_gpu.peak_bytes
-        text += (f"\nfits, {format_bytes(margin, unit)} to spare" if margin >= 0
-                 else f"\ndoes not fit: {format_bytes(-margin, unit)} over")
+        if margin < 0:
+            text += f"\ndoes not fit: {format_bytes(-margin, unit)} over"
+        elif report.fit is not None and report.fit.peak_is_lower_bound:
+            text += f"\nmay fit: {format_bytes(margin, unit)} to spare for what is counted (no activations)"
+        else:
+            text += f"\nfits, {format_bytes(margin, unit)} to spare"
     axes.annotate(text, xy=(x, y), xytext=(0, 12), textcoords="offset points", ha="center", va="bottom",
                   fontweight="bold", zorder=6)
 

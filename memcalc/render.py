@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import printable
-from memcalc.report import Report
+from memcalc.report import VERDICT_DOES_NOT_FIT, VERDICT_FITS, VERDICT_MAY_FIT, Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
 from memcalc.vocab import EXTRA_MEANING, TERM_ACTIVATIONS, Phase
 
@@ -106,17 +106,20 @@ def print_reports(reports: Sequence[Report], console: Console, unit: str, explai
         render_verify(reports[0], console, unit)
 
 
+VERDICT_STYLES = {VERDICT_FITS: "bold green", VERDICT_MAY_FIT: "bold yellow", VERDICT_DOES_NOT_FIT: "bold red"}
+
+
 def _headline(report: Report, unit: str) -> str | None:
     fit = report.fit
     if fit is None:
         return None
     margin = (f"{format_bytes(fit.headroom_bytes, unit)} headroom" if fit.fits
               else f"{format_bytes(-fit.headroom_bytes, unit)} over")
-    if fit.fits and fit.peak_is_lower_bound:
-        return (f"[bold yellow]MAY FIT[/bold yellow] on {_escape(fit.gpu)}: what is counted peaks at "
+    verdict = f"[{VERDICT_STYLES[fit.verdict]}]{fit.verdict}[/{VERDICT_STYLES[fit.verdict]}]"
+    if fit.verdict == VERDICT_MAY_FIT:
+        return (f"{verdict} on {_escape(fit.gpu)}: what is counted peaks at "
                 f"{format_bytes(fit.peak_bytes, unit)} of {format_bytes(fit.usable_bytes, unit)} usable, but with "
                 "--params only the activations are not counted (details below)")
-    verdict = "[bold green]FITS[/bold green]" if fit.fits else "[bold red]DOES NOT FIT[/bold red]"
     return (f"{verdict} on {_escape(fit.gpu)}: peak {format_bytes(fit.peak_bytes, unit)} of "
             f"{format_bytes(fit.usable_bytes, unit)} usable, {margin} (details below)")
 
@@ -239,7 +242,7 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     def size(num_bytes: int) -> str:
         return format_bytes(num_bytes, unit)
 
-    verdict = ("MAY FIT" if fit.peak_is_lower_bound else "FITS") if fit.fits else "DOES NOT FIT"
+    verdict = fit.verdict
     margin = (f"{size(fit.headroom_bytes)} headroom" if fit.fits else f"{size(-fit.headroom_bytes)} over")
     console.print()
     headline = wrap(f"{verdict} on {fit.gpu}: peak {size(fit.peak_bytes)}, usable {size(fit.usable_bytes)}, {margin}",
@@ -247,12 +250,12 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     for number, line in enumerate(headline):
         text = Text(line)
         if number == 0:
-            text.stylize(("bold yellow" if fit.peak_is_lower_bound else "bold green") if fit.fits else "bold red",
-                         0, len(verdict))
+            text.stylize(VERDICT_STYLES[verdict], 0, len(verdict))
         console.print(text, highlight=False, soft_wrap=True)
     if fit.peak_is_lower_bound:
         say("the peak is a lower bound: with --params only there is no architecture, so activations and per-layer buffers are "
-            "not counted here or in the changes below; name a preset or --config for the whole peak", indent="  ")
+            "not counted here or in the changes below; give a preset or a config.json as MODEL for the whole peak",
+            indent="  ")
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} - allocator "
         f"reserve {size(fit.allocator_reserve_bytes)} (assumed; --cuda-context, --reserve-fraction)", indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:

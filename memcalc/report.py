@@ -19,6 +19,7 @@ from typing import Any
 from memcalc.vocab import Phase, Term
 
 SCHEMA_VERSION = 1
+VERDICT_FITS, VERDICT_MAY_FIT, VERDICT_DOES_NOT_FIT = "FITS", "MAY FIT", "DOES NOT FIT"
 
 
 @dataclass(eq=False, repr=False)
@@ -161,6 +162,13 @@ class Fit:
     hf_trainer_recipe: str | None = None
     hf_trainer_peak_bytes: int | None = None
     hf_trainer_fits: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        """FITS, DOES NOT FIT, or MAY FIT when what is counted fits but is a lower bound (--params only)."""
+        if not self.fits:
+            return VERDICT_DOES_NOT_FIT
+        return VERDICT_MAY_FIT if self.peak_is_lower_bound else VERDICT_FITS
 
 
 @dataclass(eq=False, repr=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,8 +74,13 @@ def main() -> None:
     for name, args in INVOCATIONS.items():
         args = [a.replace("{cfg}", "_configs") for a in args] + ["--json"]
         stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.chdir(out), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = memcalc(args)
+        here = os.getcwd()
+        os.chdir(out)  # relative config paths keep the snapshots comparable (contextlib.chdir needs Python 3.11)
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                code = memcalc(args)
+        finally:
+            os.chdir(here)
         (out / f"{name}.json").write_text(f"# exit {code}\n# stderr {stderr.getvalue().strip()}\n{stdout.getvalue()}")
     print(f"wrote {len(INVOCATIONS)} snapshots to {out}")
 

@@ -166,3 +166,12 @@ def test_conformance_sample(family, toggle, raw):
             continue  # sdpa with attention dropout: the CPU's math kernel, not comparable
         rules = CONFORMANCE.saved(raw, "bf16-pure", attention, "rules")
         assert rules == CONFORMANCE.saved(raw, "bf16-pure", attention, "trace") - difference, attention
+
+
+def test_cache_keys_keep_the_config_fields_transformers_reads():
+    """memcalc's own "_" metadata does not change a trace; OPTConfig's _remove_final_layer_norm changes the model."""
+    from memcalc import cache
+
+    raw = {"model_type": "opt", "hidden_size": 64}
+    assert cache.key_of(raw, 1) == cache.key_of({**raw, "_source": "anywhere"}, 1)
+    assert cache.key_of(raw, 1) != cache.key_of({**raw, "_remove_final_layer_norm": True}, 1)

@@ -278,7 +278,7 @@ def presets(json_output: JsonOpt = False) -> None:
 
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of the --json report (schema_version 1)."""
+    """Print the JSON Schema of the --json report."""
     import json
 
     from memcalc.schema import report_json_schema

@@ -4,7 +4,7 @@ Plain dataclasses, not pydantic models: building pydantic models costs about 80 
 which the estimate path cannot afford (the start-up benchmark). ``memcalc.schema`` derives the JSON
 Schema of this contract with pydantic, lazily (``memcalc schema``).
 
-The JSON contract (``schema_version`` 1): ``model``, ``training``, ``per_gpu`` (``terms``,
+The JSON contract (``schema_version`` 2): ``model``, ``training``, ``per_gpu`` (``terms``,
 ``model_states_bytes``, ``peak_bytes``, ``peak_phase``, ``phases``), ``totals``, ``fit`` when a GPU is
 given, and ``notes``. Model-state terms are named ``weights``, ``master_weights``, ``gradients`` and
 ``optimizer_states``.
@@ -18,7 +18,7 @@ from typing import Any
 
 from memcalc.vocab import Phase, Term
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: typed verify result, phase moments and breakdowns, activation parts, fit solvers (None, not 0)
 VERDICT_FITS, VERDICT_MAY_FIT, VERDICT_DOES_NOT_FIT = "FITS", "MAY FIT", "DOES NOT FIT"
 
 

@@ -34,7 +34,7 @@ from memcalc.errors import MemcalcError
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import PrecisionName
 from memcalc.report import Fit, FitSuggestion, Report
-from memcalc.spec import MAX_TOKENS, Attention, Checkpointing, Offload, Sharding, TrainingSpec
+from memcalc.spec import MAX_TOKENS, Attention, Checkpointing, Offload, Sharding, TrainingSpec, setting_of
 from memcalc.units import BYTES_PER_MIB
 
 # The CUDA context (driver, kernels, cuBLAS/cuDNN handles) is outside PyTorch's allocator. With lazy
@@ -288,18 +288,17 @@ def _costs(dims: list[_Dimension], state: _State) -> dict[str, float]:
 
 
 # Flags in the order they are printed.
-_FLAGS = (("precision", "--precision"), ("optimizer", "--optim"), ("amsgrad", "--amsgrad"),
-          ("optim_impl", "--optim-impl"), ("lora_rank", "--lora-rank"), ("qlora", "--qlora"),
-          ("checkpointing", "--checkpointing"), ("attention", "--attn"), ("micro_batch_size", "--batch-size"),
-          ("grad_accum", "--grad-accum"), ("sharding", "--sharding"), ("zero_stage", "--zero"),
-          ("num_gpus", "--gpus"), ("offload", "--offload"))
+# The fields a change may touch, in the order a command line lists their flags.
+_CHANGED_FIELDS = ("precision", "optimizer", "amsgrad", "optim_impl", "lora_rank", "qlora", "checkpointing", "attention",
+                   "micro_batch_size", "grad_accum", "sharding", "zero_stage", "num_gpus", "offload")
 
 
 def _command_line(spec: TrainingSpec, changes: dict[str, Any], owner: ConfigOwner | None = None) -> str:
     """The changes as the command-line flags that make them, e.g. '--lora-rank 16 --qlora --checkpointing full';
     what a config ``owner`` sets, as edits of its keys ('in ds.json: zero_optimization.stage 3')."""
     words, edits = [], []
-    for field_name, flag in _FLAGS:
+    for field_name in _CHANGED_FIELDS:
+        flag = "--" + setting_of(field_name).replace("_", "-")
         if field_name not in changes or changes[field_name] == getattr(spec, field_name):
             continue
         value = changes[field_name]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import UsageError
-from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Sharding
+from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Sharding, setting_of
 
 if TYPE_CHECKING:
     from memcalc.fit import GpuTarget
@@ -136,10 +136,11 @@ def _not_empty(request: Request, *names: str) -> None:
             raise UsageError(f"{{{name}}} is empty; give a value or leave it out")
 
 
-# Request fields that are text (names), by what else they may be; the API checks them before anything reads them.
+# Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
+# reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing",
          "attn", "activations", "sharding", "offload", "gpu")
-_FLAGS = ("amsgrad", "fsdp", "qlora", "max_batch", "max_seq_len")
+_SWITCHES = ("amsgrad", "fsdp", "qlora", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze")
 
 
@@ -152,7 +153,7 @@ def _check_types(request: Request) -> None:
             raise UsageError(f"{{{name}}} must be text, got {type(value).__name__} {value!r}")
     if request.deepspeed is not None and not isinstance(request.deepspeed, (str, os.PathLike)):
         raise UsageError(f"{{deepspeed}} must be a path, got {type(request.deepspeed).__name__}")
-    for name in _FLAGS:
+    for name in _SWITCHES:
         if not isinstance(getattr(request, name), bool):
             raise UsageError(f"{{{name}}} is a switch: True or False, got {getattr(request, name)!r}")
     for name in _NAME_LISTS:
@@ -247,7 +248,7 @@ def _plan(request: Request) -> Plan:
     if request.deepspeed is not None:
         config_fields, config_notes = _deepspeed_fields(request, model, fields, stages)
         fields.update(config_fields)
-        from_config = {_REQUEST_NAME.get(name, name) for name in config_fields}
+        from_config = {setting_of(name) for name in config_fields}
         stages = [fields.pop("zero_stage")]
         notes.extend(config_notes)
     from memcalc.spec import TrainingSpec
@@ -286,11 +287,6 @@ def _shown(path: str | os.PathLike[str]) -> str:
     return shown(os.fspath(path))
 
 
-# TrainingSpec field -> the Request setting a user states it with.
-_REQUEST_NAME = {"zero_stage": "zero", "micro_batch_size": "batch_size", "optimizer": "optim", "attention": "attn",
-                 "num_gpus": "gpus", "num_nodes": "nodes"}
-
-
 def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any],
                       stages: list[int]) -> tuple[dict[str, Any], list[str]]:
     """A DeepSpeed config decides every field ``spec_fields`` names (stage, precision and master dtypes,
@@ -305,7 +301,7 @@ def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any
     chosen = {spec_name: fields[spec_name] if spec_name != "zero_stage" else stages
               for spec_name in ("zero_stage", "precision", "master_dtype", "state_dtype", "micro_batch_size",
                                 "grad_accum", "optimizer", "amsgrad", "optim_impl", "offload")
-              if (request.is_chosen(_REQUEST_NAME.get(spec_name, spec_name))
+              if (request.is_chosen(setting_of(spec_name))
                   and fields.get(spec_name, stages) is not None)}
     path = os.fspath(request.deepspeed)
     settings = read_deepspeed_config(
@@ -327,7 +323,7 @@ def _deepspeed_fields(request: Request, model: ModelInput, fields: dict[str, Any
                 return ",".join(str(v) for v in value)
             return "the recipe's default" if value is None else str(getattr(value, "value", value))
 
-        setting = _REQUEST_NAME.get(name, name)
+        setting = setting_of(name)
         raise UsageError(f"{{{setting}}} {text(mine)} contradicts {shown(path)}, which sets {name} {text(theirs)}; "
                          "drop the setting or edit the config")
     return dict(config_fields), [f"read {shown(path)}: ZeRO stage {settings.zero_stage}, offload {settings.offload}",

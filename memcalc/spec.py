@@ -64,6 +64,15 @@ class ZeroBuffers:
     overlap_comm: bool | None = None  # None: DeepSpeed's default, True at stage 3 only
 
 
+# TrainingSpec field -> the setting a user states it with (Request keyword; flag --the-setting), where they differ.
+SETTING_OF_FIELD = {"zero_stage": "zero", "micro_batch_size": "batch_size", "optimizer": "optim", "attention": "attn",
+                    "num_gpus": "gpus", "num_nodes": "nodes"}
+
+
+def setting_of(field_name: str) -> str:
+    return SETTING_OF_FIELD.get(field_name, field_name)
+
+
 class Checkpointing(str, Enum):
     none = "none"
     full = "full"
@@ -117,8 +126,7 @@ class TrainingSpec:
                 object.__setattr__(self, name, enum(value))
             except ValueError:
                 choices = ", ".join(member.value for member in enum)
-                setting = {"optimizer": "optim", "attention": "attn"}.get(name, name)
-                raise UsageError(f"{{{setting}}} {value!r} is not one of {choices}") from None
+                raise UsageError(f"{{{setting_of(name)}}} {value!r} is not one of {choices}") from None
         for name in ("master_dtype", "grad_dtype", "state_dtype"):
             value = getattr(self, name)
             if value is not None:

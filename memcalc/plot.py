@@ -27,18 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import MissingDependencyError, OutputError, UsageError
 from memcalc.units import DISPLAY_UNITS, UNIT_LABELS, format_bytes
-from memcalc.vocab import CATEGORY_ACTIVATIONS, CATEGORY_MODEL_STATES, CATEGORY_TEMPORARIES, Phase
+from memcalc.vocab import CATEGORY_ACTIVATIONS, CATEGORY_MODEL_STATES, CATEGORY_TEMPORARIES, PHASE_LABELS, Phase
 
 if TYPE_CHECKING:
     from memcalc.report import Report, VerifyResult
 
 MISSING_MATPLOTLIB_MESSAGE = "drawing a plot needs matplotlib: pip install 'memcalc-train[plot]'"
 
-PHASE_LABELS: dict[Phase, str] = {
-    Phase.forward: "forward",
-    Phase.backward: "backward",
-    Phase.optimizer_step: "optimizer step",
-}
 
 # Output formats by suffix; html embeds the SVG inline (no scripts, no fonts or images fetched).
 FORMATS: dict[str, str] = {".svg": "svg", ".png": "png", ".html": "html"}
@@ -107,7 +102,7 @@ def step_series(report: Report) -> list[Moment]:
         assert all(size >= 0 for size in parts.values()), (phase_total.phase, parts)
         assert sum(parts.values()) == phase_total.bytes, (phase_total.phase, parts, phase_total.bytes)
         moments.append(Moment(
-            phase=phase_total.phase, label=PHASE_LABELS.get(phase_total.phase, str(phase_total.phase.value)),
+            phase=phase_total.phase, label=PHASE_LABELS[phase_total.phase],
             moment=phase_total.moment, total_bytes=phase_total.bytes, parts=parts, extras=extras,
         ))
     return moments
@@ -217,9 +212,9 @@ def _render(report: Report, moments: list[Moment], usable_bytes: int | None, usa
 def _description(report: Report, usable_bytes: int | None, usable_label: str, unit: str) -> str:
     peak = report.per_gpu
     text = f"memcalc: {report.model.name}, peak per GPU {format_bytes(peak.peak_bytes, unit)} in the " \
-           f"{PHASE_LABELS.get(peak.peak_phase, peak.peak_phase.value)}"
+           f"{PHASE_LABELS[peak.peak_phase]}"
     moment = next((p.moment for p in peak.phases if p.phase == peak.peak_phase), "")
-    if moment and moment != PHASE_LABELS.get(peak.peak_phase):
+    if moment and moment != PHASE_LABELS[peak.peak_phase]:
         text += f" ({moment})"
     if usable_bytes is not None:
         text += f", {usable_label} {format_bytes(usable_bytes, unit)}"

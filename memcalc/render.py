@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from memcalc.errors import printable
 from memcalc.report import VERDICT_DOES_NOT_FIT, VERDICT_FITS, VERDICT_MAY_FIT, Report
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
-from memcalc.vocab import EXTRA_MEANING, TERM_ACTIVATIONS, Phase
+from memcalc.vocab import EXTRA_MEANING, PHASE_LABELS, TERM_ACTIVATIONS, Phase
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
 
-PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step"}
 # Short names for the phases a term is alive in (the table's last column).
 _ALIVE_LABELS = {(Phase.forward, Phase.backward, Phase.optimizer_step): "whole step",
                  (Phase.forward, Phase.backward): "forward, backward", (Phase.backward, Phase.optimizer_step):
@@ -355,8 +354,8 @@ def render_verify(report: Report, console: Console, unit: str) -> None:
     console.print(table)
     console.print("* measured only: the estimate counts these inside the phase totals, not as terms", highlight=False)
     console.print(f"measured peak {format_bytes(verify.measured_peak_bytes, unit)} in the "
-                  f"{verify.measured_peak_phase.replace('_', ' ')}; estimated "
-                  f"{format_bytes(verify.checked_peak_bytes, unit)} in the {verify.checked_peak_phase.replace('_', ' ')}")
+                  f"{PHASE_LABELS.get(verify.measured_peak_phase, verify.measured_peak_phase)}; estimated "
+                  f"{format_bytes(verify.checked_peak_bytes, unit)} in the {PHASE_LABELS.get(verify.checked_peak_phase, verify.checked_peak_phase)}")
     for note in verify.notes:
         console.print(f"verify: {note}", markup=False)
     for difference in verify.differences_from_gpu:

@@ -39,6 +39,9 @@ class Phase(str, Enum):
     optimizer_step = "optimizer_step"
 
 
+PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step"}
+
+
 # Term.category values.
 CATEGORY_MODEL_STATES = "model_states"
 CATEGORY_TEMPORARIES = "temporaries"
@@ -101,6 +104,10 @@ MOMENT_SHARDED_LAYER = "a sharded layer's backward"
 MOMENT_STEP = "optimizer step"
 
 
-# What --verify measures with, and the tools --compare-with sets beside memcalc (the CLI and the API check both).
-VERIFY_METHODS = ("auto", "cuda", "cpu-tracker", "trace")
+# What --verify measures with (auto picks one of the others), and the tools --compare-with sets beside memcalc.
+METHOD_CUDA = "cuda"
+METHOD_CPU_TRACKER = "cpu-tracker"
+METHOD_TRACE = "trace"
+METHODS = (METHOD_CUDA, METHOD_CPU_TRACKER, METHOD_TRACE)
+VERIFY_METHODS = ("auto", *METHODS)
 COMPARE_TOOLS = ("deepspeed", "accelerate")

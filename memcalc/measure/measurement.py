@@ -5,10 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-METHOD_CUDA = "cuda"
-METHOD_CPU_TRACKER = "cpu-tracker"
-METHOD_TRACE = "trace"
-METHODS = (METHOD_CUDA, METHOD_CPU_TRACKER, METHOD_TRACE)
+from memcalc.vocab import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS  # noqa: F401 (measure's names)
 
 
 @dataclass

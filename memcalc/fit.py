@@ -316,8 +316,9 @@ def _command_line(spec: TrainingSpec, changes: dict[str, Any], owner: ConfigOwne
 
 def _config_edits(field_name: str, value: Any) -> list[str]:
     if field_name == "offload":
-        devices = {Offload.optimizer: ("cpu", "none"), Offload.params: ("none", "cpu"), Offload.both: ("cpu", "cpu"),
-                   Offload.none: ("none", "none")}[Offload(value)]
+        from memcalc.configs.deepspeed import OFFLOAD_DEVICES
+
+        devices = OFFLOAD_DEVICES[Offload(value).value]
         return [f"zero_optimization.offload_optimizer.device {devices[0]}",
                 f"zero_optimization.offload_param.device {devices[1]}"]
     return [f"{DEEPSPEED_CONFIG_KEYS[field_name]} {getattr(value, 'value', value)}"]

@@ -179,10 +179,7 @@ class DeepSpeedSettings:
     @property
     def offload(self) -> str:
         """In memcalc's offload vocabulary: none | optimizer | params | both."""
-        opt, par = self.offload_optimizer != "none", self.offload_param != "none"
-        return {(False, False): "none", (True, False): "optimizer", (False, True): "params", (True, True): "both"}[
-            (opt, par)
-        ]
+        return _OFFLOAD_OF[(self.offload_optimizer != "none", self.offload_param != "none")]
 
     @property
     def precision(self) -> PrecisionName:
@@ -196,6 +193,13 @@ class DeepSpeedSettings:
         if self.torch_autocast == "fp16":
             return PrecisionName.amp_fp16
         return PrecisionName.fp32
+
+
+# memcalc's offload -> (zero_optimization.offload_optimizer.device, offload_param.device), as memcalc writes them;
+# read back by whether each device is other than "none" (an nvme device offloads too).
+OFFLOAD_DEVICES = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "params": ("none", "cpu"),
+                   "both": ("cpu", "cpu")}
+_OFFLOAD_OF = {(optimizer != "none", param != "none"): mode for mode, (optimizer, param) in OFFLOAD_DEVICES.items()}
 
 
 # -- Reading ------------------------------------------------------------------------------------------------------
@@ -864,8 +868,6 @@ def disagreements(config_fields: Mapping[str, Any], chosen: Mapping[str, Any]) -
 
 # -- Writing ------------------------------------------------------------------------------------------------------
 
-_EMIT_OFFLOAD = {"none": ("none", "none"), "optimizer": ("cpu", "none"), "params": ("none", "cpu"),
-                 "both": ("cpu", "cpu")}
 
 
 def emit_deepspeed_config(spec: TrainingSpec, hidden_size: int | None = None) -> dict[str, Any]:
@@ -906,7 +908,7 @@ def _emit_zero(spec: TrainingSpec, hidden_size: int | None) -> dict[str, Any]:
         zero["stage3_max_live_parameters"] = defaults.MAX_LIVE_PARAMETERS
         zero["stage3_max_reuse_distance"] = defaults.MAX_REUSE_DISTANCE
         zero["sub_group_size"] = defaults.SUB_GROUP_SIZE
-    optimizer_device, param_device = _EMIT_OFFLOAD[getattr(spec.offload, "value", spec.offload)]
+    optimizer_device, param_device = OFFLOAD_DEVICES[getattr(spec.offload, "value", spec.offload)]
     if optimizer_device != "none":
         zero["offload_optimizer"] = {"device": optimizer_device, "pin_memory": True}
     if param_device != "none":

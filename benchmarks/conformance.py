@@ -20,18 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memcalc.api import model_of, run  # noqa: E402
-from tests.test_activations import BASE  # noqa: E402
-from tests.test_activations import FAMILIES as TESTED_FAMILIES  # noqa: E402
-from memcalc.model import ModelConfig  # noqa: E402
-from memcalc.spec import TrainingSpec  # noqa: E402
-from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS  # noqa: E402
+from tests.tiny import BASE, GEMMA2, GEMMA3, estimated_saved_bytes
+from tests.tiny import FAMILIES as TESTED_FAMILIES
 
-# The tiny configs the activation tests measure (tests/test_activations.py), and the Gemma-2/3 layouts.
+# The tiny configs the activation tests measure (tests/tiny.py), and the Gemma-2/3 layouts (without their window).
 FAMILIES = {
     **TESTED_FAMILIES,
-    "gemma2": ("Gemma2ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32}),
-    "gemma3_text": ("Gemma3ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32}),
+    "gemma2": (GEMMA2["architectures"][0], {k: GEMMA2[k] for k in ("head_dim", "query_pre_attn_scalar")}),
+    "gemma3_text": (GEMMA3["architectures"][0], {k: GEMMA3[k] for k in ("head_dim", "query_pre_attn_scalar")}),
 }
 # Options that change a code path, each as config keys. The sequence is 48: a window of 16 is shorter.
 TOGGLES = {
@@ -51,10 +47,7 @@ BATCH, SEQ = 2, 48
 
 
 def saved(raw: dict, recipe: str, attention: str, activations: str) -> int:
-    spec = TrainingSpec(precision=recipe, micro_batch_size=BATCH, seq_len=SEQ, attention=attention,
-                        activations=activations)
-    report = run(model_of(ModelConfig("conformance", raw, "benchmarks/conformance.py")), spec)
-    return report.term(TERM_ACTIVATIONS).bytes + report.term(TERM_LOSS_BUFFERS).bytes
+    return estimated_saved_bytes(raw, recipe, BATCH, SEQ, attention=attention, activations=activations)[0]
 
 
 def cpu_difference(raw: dict, recipe: str, attention: str) -> int | None:

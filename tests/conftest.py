@@ -19,8 +19,10 @@ PRESETS_MODELS = REPO / "presets" / "models"
 @pytest.fixture(autouse=True, scope="session")
 def _trace_cache(tmp_path_factory):
     """Traced activations are cached in a folder of the test session, never in the user's cache."""
-    os.environ["MEMCALC_CACHE_DIR"] = str(tmp_path_factory.mktemp("memcalc-cache"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEMCALC_CACHE_DIR", str(tmp_path_factory.mktemp("memcalc-cache")))
     yield
+    patch.undo()
 
 
 @dataclass

@@ -12,37 +12,16 @@ from __future__ import annotations
 
 import pytest
 
-from memcalc.api import model_of, run
+from memcalc.api import model_of
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
+from tests.tiny import BASE, FAMILIES, GEMMA2, GEMMA3, estimated_saved_bytes, tiny_raw
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BASE = {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256, "pad_token_id": 0}
-FAMILIES = {
-    "llama": ("LlamaForCausalLM", {}),
-    "mistral": ("MistralForCausalLM", {}),
-    "qwen2": ("Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3ForCausalLM", {"head_dim": 32}),
-    "gemma": ("GemmaForCausalLM", {"head_dim": 32}),
-    "phi3": ("Phi3ForCausalLM", {}),
-    # MoE: 4 experts, 2 per token; which expert gets which token depends on the routing, the total does not.
-    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
-                                          "moe_intermediate_size": 64, "norm_topk_prob": True}),
-    # decoder_sparse_step 2: layer 0 is dense (intermediate_size), layer 1 sparse with the shared expert.
-    "qwen2_moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                                          "shared_expert_intermediate_size": 112, "decoder_sparse_step": 2}),
-}
 RECIPES = {"bf16-pure": (torch.bfloat16, False), "fp32": (torch.float32, False), "amp-bf16": (torch.float32, True)}
 
-
-def _raw(family: str) -> dict:
-    arch, extra = FAMILIES[family]
-    return {"model_type": family, "architectures": [arch], **BASE, **extra}
 
 
 def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
@@ -95,32 +74,16 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     return sum(storage.nbytes() for storage in saved.values())
 
 
-def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
-                          attention: str = "sdpa") -> tuple[int, int]:
-    config = ModelConfig("tiny", raw, "test")
-    model = model_of(config)
-    spec = TrainingSpec(precision=recipe, micro_batch_size=batch, seq_len=seq,
-                        checkpointing="full" if checkpointing else "none", attention=attention)
-    report = run(model, spec)
-    return report.term(TERM_ACTIVATIONS).bytes + report.term(TERM_LOSS_BUFFERS).bytes, report
-
-
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_saved_activations_match_exactly(family, recipe, attention):
-    raw = _raw(family)
+    raw = tiny_raw(family)
     measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
     estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48, attention=attention)
     print(f"{family:8s} {recipe:9s} {attention:5s} estimated {estimated:>10,} measured {measured:>10,} "
           f"error {100 * (estimated - measured) / measured:+.2f}%")
     assert estimated == measured
-
-
-GEMMA2 = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], **BASE, "head_dim": 32,
-          "query_pre_attn_scalar": 32, "sliding_window": 4096}
-GEMMA3 = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **BASE, "head_dim": 32,
-          "query_pre_attn_scalar": 32, "sliding_window": 4096}
 
 
 @pytest.mark.parametrize("softcaps", [(50.0, 30.0), (50.0, None), (None, 30.0), (None, None)])
@@ -191,7 +154,7 @@ def test_gpt2_saved_activations(recipe, attention, use_cache):
 @pytest.mark.parametrize("recipe", ["bf16-pure", "amp-bf16"])
 def test_checkpointing_keeps_layer_inputs(recipe):
     """During the forward only each layer's input is saved; one layer is recomputed at a time in backward."""
-    raw = _raw("llama")
+    raw = tiny_raw("llama")
     measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, checkpointing=True)
     checkpointed, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48, checkpointing=True)
     from memcalc import activations
@@ -222,7 +185,7 @@ def test_moe_aux_loss(family, recipe):
     autocast in bf16 (2 bytes less per element); and the topk it takes per layer saves its int64 indices
     through the hooks (8 T k), but the topk values are discarded, so that node and its indices die at once.
     """
-    raw = {**_raw(family), "output_router_logits": True}
+    raw = {**tiny_raw(family), "output_router_logits": True}
     measured = measure_saved_bytes(raw, recipe, batch=2, seq=48)
     estimated, _ = estimated_saved_bytes(raw, recipe, batch=2, seq=48)
     layers, tokens, experts, top_k = 2, 2 * 48, 4, 2
@@ -416,7 +379,7 @@ def test_config_paths_that_change_what_attention_saves(family, toggle, recipe):
     """A sliding window shorter than the sequence gives sdpa an explicit mask: transformers then repeats k and v to
     every head (no enable_gqa) and sdpa keeps the mask as a float bias, in the sliding layers only (qwen2: from
     max_window_layers on). Phi-3 without a cache saves v as a view of the fused qkv output, keeping all of it."""
-    raw = {**_raw(family), **toggle}
+    raw = {**tiny_raw(family), **toggle}
     measured = measure_saved_bytes(raw, recipe, batch=2, seq=48)
     estimated, report = estimated_saved_bytes(raw, recipe, batch=2, seq=48)
     print(f"{family} {toggle} {recipe}: estimated {estimated:,} measured {measured:,}")

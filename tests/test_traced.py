@@ -14,12 +14,12 @@ from memcalc.api import model_of, run
 from memcalc.errors import MissingDependencyError, UnsupportedModelError
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from memcalc.vocab import TERM_ACTIVATIONS, TERM_LOSS_BUFFERS
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.test_activations import BASE, FAMILIES, _raw, measure_saved_bytes
+from tests.test_activations import measure_saved_bytes
+from tests.tiny import BASE, FAMILIES, estimated_saved_bytes, tiny_raw
 
 # Families no module has hand rules for (transformers 5.24 classes), small enough to run for real on the CPU.
 WITHOUT_RULES = {
@@ -40,10 +40,7 @@ def _without_rules(model_type: str) -> dict:
 
 
 def _saved(raw: dict, recipe: str, batch: int, attention: str = "sdpa", activations: str = "auto"):
-    spec = TrainingSpec(precision=recipe, micro_batch_size=batch, seq_len=48, attention=attention,
-                        activations=activations)
-    report = run(model_of(ModelConfig("tiny", raw, "test")), spec)
-    return report.term(TERM_ACTIVATIONS).bytes + report.term(TERM_LOSS_BUFFERS).bytes, report
+    return estimated_saved_bytes(raw, recipe, batch, 48, attention=attention, activations=activations)
 
 
 # Micro-batch 1 is traced as it is, 3 follows from the traces at 2 and 3 (affine from 2 on).
@@ -65,7 +62,7 @@ def test_traced_activations_equal_what_a_real_forward_saves(model_type, recipe, 
 def test_the_trace_and_the_hand_rules_agree(family, recipe, attention):
     """Two derivations of the same number: the rules read from the modeling code, the trace runs it (MoE in fp32
     too: torch's fake grouped_mm takes only bf16, memcalc.measure.trace.fake_grouped_mm shapes its output)."""
-    raw = _raw(family)
+    raw = tiny_raw(family)
     rules, by_rules = _saved(raw, recipe, 3, attention, activations="rules")
     traced, by_trace = _saved(raw, recipe, 3, attention, activations="trace")
     assert (by_rules.training.activations, by_trace.training.activations) == ("rules", "trace")
@@ -130,7 +127,7 @@ def test_moe_in_fp32_runs_under_verify_trace():
     """torch's meta kernel of aten._grouped_mm takes only bf16; the trace gives fp32 experts their fp32 output."""
     from memcalc.measure.trace import measure_trace
 
-    raw = _raw("mixtral")
+    raw = tiny_raw("mixtral")
     measured = measure_trace(raw, TrainingSpec(precision="fp32", seq_len=48))
     _, report = _saved(raw, "fp32", 1)
     assert measured.model_state_bytes["weights"] == report.term("weights").bytes

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memcalc.datafile import shown
 from memcalc.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ class Arch:
     num_labels: int = 2  # sequence-classification heads
     max_positions: int | None = None
     learned_positions: bool = False
-    rotary: bool = True
     norm: str = "rmsnorm"  # rmsnorm | gemma_rmsnorm | layernorm | t5_layernorm
     hidden_act: str = "silu"
     sliding_window: int | None = None
@@ -101,8 +101,7 @@ class Family:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shown(repr(value), 60)
 
 
 class Fields:
@@ -119,12 +118,6 @@ class Fields:
         for alias, field_name in (aliases or {}).items():
             if raw.get(alias) is not None:
                 self.c[field_name] = raw[alias]
-
-    def __getitem__(self, key: str) -> Any:
-        return self.c[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.c.get(key, default)
 
     def given(self, key: str) -> bool:
         return self.c.get(key) is not None

@@ -61,7 +61,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> BertArch:
         head_dim=f.head_dim(hidden, num_heads, key=None), intermediate_size=f.dim("intermediate_size", MAX_INTERMEDIATE),
         vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
         num_labels=f.num_labels(), max_positions=f.dim("max_position_embeddings", MAX_POSITIONS),
-        learned_positions=True, rotary=False, norm="layernorm", hidden_act=f.text("hidden_act", "gelu"),
+        learned_positions=True, norm="layernorm", hidden_act=f.text("hidden_act", "gelu"),
         dropout=f.dropouts({"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}),
         type_vocab_size=f.dim("type_vocab_size", MAX_VOCAB, low=0),
     )

@@ -41,7 +41,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> Arch:
         num_layers=f.dim("n_layer", MAX_LAYERS), num_heads=num_heads, num_kv_heads=num_heads,
         head_dim=f.head_dim(hidden, num_heads, key=None), intermediate_size=4 * hidden,  # BloomMLP: 4 x hidden
         vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
-        num_labels=f.num_labels(), rotary=False, norm="layernorm", hidden_act="bloom_gelu",
+        num_labels=f.num_labels(), norm="layernorm", hidden_act="bloom_gelu",
         dropout=f.dropouts({"hidden_dropout": 0.0, "attention_dropout": 0.0}),
     )
 

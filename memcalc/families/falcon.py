@@ -59,7 +59,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> FalconArch:
         head_dim=f.head_dim(hidden, num_heads, key=None),
         intermediate_size=f.dim_or("ffn_hidden_size", 4 * hidden, MAX_INTERMEDIATE),
         vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
-        num_labels=f.num_labels(), rotary=not f.flag("alibi"), norm="layernorm", hidden_act=f.text("activation", "gelu"),
+        num_labels=f.num_labels(), norm="layernorm", hidden_act=f.text("activation", "gelu"),
         dropout=f.dropouts({"hidden_dropout": 0.0, "attention_dropout": 0.0}),
         new_decoder_architecture=new_arch, multi_query=multi_query, parallel_attn=f.flag("parallel_attn", True),
         num_ln_in_parallel_attn=f.dim("num_ln_in_parallel_attn", 2) if f.given("num_ln_in_parallel_attn") else None,

@@ -57,7 +57,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> Gpt2Arch:
         head_dim=f.head_dim(hidden, num_heads, key=None),
         intermediate_size=f.dim_or("n_inner", 4 * hidden, MAX_INTERMEDIATE), vocab_size=f.dim("vocab_size", MAX_VOCAB),
         tie_word_embeddings=f.flag("tie_word_embeddings"), num_labels=f.num_labels(),
-        max_positions=f.dim("n_positions", MAX_POSITIONS), learned_positions=True, rotary=False, norm="layernorm",
+        max_positions=f.dim("n_positions", MAX_POSITIONS), learned_positions=True, norm="layernorm",
         hidden_act=f.text("activation_function", "gelu_new"),
         dropout=f.dropouts({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}),
         use_cache=f.flag("use_cache", True),

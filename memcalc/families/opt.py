@@ -66,7 +66,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> OptArch:
         head_dim=f.head_dim(hidden, num_heads, key=None), intermediate_size=f.dim("ffn_dim", MAX_INTERMEDIATE),
         vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
         num_labels=f.num_labels(), max_positions=f.dim("max_position_embeddings", MAX_POSITIONS),
-        learned_positions=True, rotary=False, norm="layernorm", hidden_act=f.text("activation_function", "relu"),
+        learned_positions=True, norm="layernorm", hidden_act=f.text("activation_function", "relu"),
         dropout=f.dropouts({"dropout": 0.1, "attention_dropout": 0.0}),
         word_embed_proj_dim=f.dim_or("word_embed_proj_dim", hidden, MAX_HIDDEN), layer_norm_before=before,
         final_layer_norm=before and not f.flag("_remove_final_layer_norm") and affine,

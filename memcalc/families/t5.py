@@ -73,7 +73,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> T5Arch:
         # from_pretrained unties it when the checkpoint holds its own lm_head, which is what configs with
         # "tie_word_embeddings": false (t5-v1_1, flan-t5) have. We count what trains.
         tie_word_embeddings=raw.get("tie_word_embeddings") is not False,
-        rotary=False, norm="t5_layernorm", hidden_act=act, dropout=f.dropouts({"dropout_rate": 0.1}),
+        norm="t5_layernorm", hidden_act=act, dropout=f.dropouts({"dropout_rate": 0.1}),
         encoder_layers=encoder_layers, decoder_layers=decoder_layers,
         relative_buckets=f.dim("relative_attention_num_buckets", MAX_POSITIONS),
         gated=projection.split("-")[0] == "gated",

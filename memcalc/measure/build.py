@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from memcalc.datafile import shown
 from memcalc.errors import ConfigError, UnsupportedModelError
 
 # Keys starting with "_" are memcalc metadata (_source, _aliases, ...), except these transformers fields.
@@ -97,8 +98,8 @@ def model_class(config: Any, architecture: str | None = None) -> type:
     if name is None:
         return next(iter(allowed.values()))
     if name not in allowed:
-        shown = name if len(name) <= 60 and name.isidentifier() else repr(name[:60])
-        raise ConfigError(f"architectures[0] {shown} is not a transformers model class of model_type {model_type!r} "
+        named = name if len(name) <= 60 and name.isidentifier() else shown(repr(name), 60)
+        raise ConfigError(f"architectures[0] {named} is not a transformers model class of model_type {model_type!r} "
                           f"(its classes: {', '.join(list(allowed)[:4])}); fix the config's architectures")
     return allowed[name]
 

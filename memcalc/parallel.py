@@ -22,7 +22,7 @@ from memcalc.deepspeed_defaults import DEEPSPEED_VERSION_READ, overlap_comm
 from memcalc.model import ParamTensor
 from memcalc.precision import BYTES_PER_DTYPE, Dtype
 from memcalc.spec import Offload, Sharding, TrainingSpec
-from memcalc.units import BYTES_PER_FP32
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_GIB
 from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_ONLY,
@@ -51,7 +51,7 @@ DS = f"deepspeed {DEEPSPEED_VERSION_READ}"
 DDP_BUCKET_CAP_BYTES = 25 * 2**20
 
 
-@dataclass(eq=False, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class RankHoldings:
     """What one GPU holds for each model state (element counts), and the engine's working buffers."""
 
@@ -272,7 +272,7 @@ def _deepspeed(tensors: Sequence[ParamTensor], spec: TrainingSpec, master_dtype:
         kept = min(num_all, buffers_cfg.stage3_max_reuse_distance) * bytes_per_weight
         notes.append(f"not counted: from the second step ZeRO-3 keeps a module's gathered parameters when it runs again "
                      f"within stage3_max_reuse_distance {_n(buffers_cfg.stage3_max_reuse_distance)} parameters "
-                     f"(the last layers and the head between forward and backward); up to {kept / 2**30:,.2f} GiB "
+                     f"(the last layers and the head between forward and backward); up to {kept / BYTES_PER_GIB:,.2f} GiB "
                      "more per GPU; set it to 0 to release every module after use")
     if buffers_cfg.contiguous_gradients:
         # stage3.py __init__: bucket.buffer = torch.empty(reduce_bucket_size, dtype=...) for the whole run.

@@ -59,7 +59,7 @@ def nf4_bytes(numel: int) -> int:
     return math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / NF4_NESTED_BLOCKSIZE) * 4 + NF4_PER_TENSOR_BYTES
 
 
-@dataclass(eq=False, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class TrainableSubset:
     tensors: tuple[ParamTensor, ...]
     quantized: frozenset[str] = field(default_factory=frozenset)  # names of NF4-stored base weights

@@ -210,9 +210,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     phases = _phase_totals(terms, _Extras(
         loss_logits=act.forward_transient_extra_bytes, loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
-        layer_activations=act.last_layer_bytes,
-        layer_gradients=act.layer_backward_transient_bytes if act.last_layer_bytes else 0,
-        missing_gradients=missing_grads if act.last_layer_bytes else 0,
+        layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
+        missing_gradients=missing_grads,
         sharded_layer=holdings.mid_backward_extra_bytes))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)

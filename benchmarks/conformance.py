@@ -1,14 +1,13 @@
-"""Conformance of the hand rules with the trace: every hand-modelled RMSNorm family, each config option that
-changes a code path toggled, each recipe and attention kernel; the rules' saved bytes (activations and loss)
-against the trace of the same config. The table behind docs/accuracy.md's "Conformance" section.
+"""Conformance of the hand rules with the trace: every hand-modelled decoder family (RMSNorm and LayerNorm), each
+config option that changes a code path toggled, each recipe and attention kernel; the rules' saved bytes
+(activations and loss) against the trace of the same config. The table behind docs/accuracy.md's "Conformance"
+section.
 
     python benchmarks/conformance.py [--markdown]
 
-The trace runs CPU kernels; where CUDA's differ and the rules follow CUDA (attention dropout), the named
-difference is taken out before comparing (``cpu_difference``), and sdpa with attention dropout is left out (on the
-CPU it runs the math kernel, which keeps s^2 tensors CUDA's flash kernel does not). LayerNorm families (gpt2, opt,
-bloom, phi, falcon, bert, t5) are compared with a real forward, named corrections included, in
-tests/test_activations.py.
+The rules follow CUDA; the trace emulates CUDA's choices on the CPU (memcalc/measure/cuda_semantics.py: autocast's
+op lists, fp32 LayerNorm statistics, 1-byte dropout masks, attention dropout inside sdpa), so the two compare
+directly. Encoders and encoder-decoders (bert, t5) are compared with real forwards in tests/test_activations.py.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.tiny import BASE, GEMMA2, GEMMA3, estimated_saved_bytes
+from tests.tiny import BASE, GEMMA2, GEMMA3, GPT2, LAYER_NORM_FAMILIES, estimated_saved_bytes
 from tests.tiny import FAMILIES as TESTED_FAMILIES
 
 # The tiny configs the activation tests measure (tests/tiny.py), and the Gemma-2/3 layouts (without their window).
@@ -41,6 +40,20 @@ TOGGLES = {
     "attention dropout": {"attention_dropout": 0.1},
     "softcaps off": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
 }
+# LayerNorm decoders (tests/tiny.py LAYER_NORM_FAMILIES and GPT-2): the toggles their configs have.
+LAYER_NORM = {"gpt2": GPT2, **{name: raw for name, (raw, _, _) in LAYER_NORM_FAMILIES.items()}}
+DROPOUT_KEYS = {"gpt2": ("attn_pdrop", "resid_pdrop", "embd_pdrop"), "opt": ("dropout", "attention_dropout"),
+                "bloom": ("hidden_dropout", "attention_dropout"), "phi": ("resid_pdrop", "attention_dropout", "embd_pdrop"),
+                "falcon": ("hidden_dropout", "attention_dropout")}
+LAYER_NORM_TOGGLES = {
+    "gpt2": {"reorder_and_upcast_attn": {"reorder_and_upcast_attn": True},
+             "scale by layer": {"scale_attn_by_inverse_layer_idx": True}},
+    "opt": {"post-norm (350m)": {"do_layer_norm_before": False, "_remove_final_layer_norm": True},
+            "projected embeddings": {"word_embed_proj_dim": 64}, "norms without affine": {"layer_norm_elementwise_affine": False}},
+    "phi": {"partial rotary 0.25": {"partial_rotary_factor": 0.25}, "qk layernorm": {"qk_layernorm": True}},
+    "bloom": {"post-norm residual": {"apply_residual_connection_post_layernorm": True}},
+}
+NO_SDPA = {"bloom"}  # transformers has no sdpa path for it
 RECIPES = ("bf16-pure", "fp32", "amp-bf16")
 ATTENTION = ("sdpa", "eager")
 BATCH, SEQ = 2, 48
@@ -50,59 +63,70 @@ def saved(raw: dict, recipe: str, attention: str, activations: str) -> int:
     return estimated_saved_bytes(raw, recipe, BATCH, SEQ, attention=attention, activations=activations)[0]
 
 
-def cpu_difference(raw: dict, recipe: str, attention: str) -> int | None:
-    """Bytes the CPU trace saves beyond what the rules (CUDA) count, named; None where the CPU run is not
-    comparable. Attention dropout, eager: CUDA's native_dropout keeps a 1-byte mask per score, the CPU kernel
-    saves its noise in the probabilities' dtype (bf16: 2 B; under CPU autocast fp32: 4 B). With sdpa, CUDA's flash
-    kernel applies dropout inside; the CPU runs the math kernel, which keeps the s^2 scores."""
-    if not raw.get("attention_dropout"):
-        return 0
-    if attention == "sdpa":
-        return None
-    noise = {"bf16-pure": 2, "fp32": 4, "amp-bf16": 4}[recipe]
-    scores = BATCH * raw["num_attention_heads"] * SEQ * SEQ
-    return raw["num_hidden_layers"] * scores * (noise - 1)  # the noise, less CUDA's 1-byte mask
+def compare(raw: dict, recipe: str, attention: str) -> tuple[int, int, bool]:
+    """(the rules' saved bytes, the trace's, whether the step's peak phase is the same)."""
+    rules, by_rules = estimated_saved_bytes(raw, recipe, BATCH, SEQ, attention=attention, activations="rules")
+    traced, by_trace = estimated_saved_bytes(raw, recipe, BATCH, SEQ, attention=attention, activations="trace")
+    return rules, traced, by_rules.per_gpu.peak_phase == by_trace.per_gpu.peak_phase
 
 
-def cases(families: dict = FAMILIES, toggles: dict = TOGGLES) -> Iterator[tuple[str, str, dict]]:
+def _layer_norm_cases() -> Iterator[tuple[str, str, dict]]:
+    for family, raw in LAYER_NORM.items():
+        base = family.split("-")[0]
+        toggles = {"default": {}, "dropout": dict.fromkeys(DROPOUT_KEYS[base], 0.1), "use_cache false": {"use_cache": False},
+                   "tied head": {"tie_word_embeddings": True}, "untied head": {"tie_word_embeddings": False},
+                   **LAYER_NORM_TOGGLES.get(family, {})}
+        for name, toggle in toggles.items():
+            yield family, name, {**raw, **toggle}
+
+
+def cases(families: dict = FAMILIES, toggles: dict = TOGGLES, layer_norm: bool = True
+          ) -> Iterator[tuple[str, str, dict]]:
     for family, (architecture, extra) in families.items():
         for name, toggle in toggles.items():
             if name == "softcaps off" and family != "gemma2":
                 continue
             yield family, name, {"model_type": family, "architectures": [architecture], **BASE, **extra, **toggle}
+    if layer_norm:
+        yield from _layer_norm_cases()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print the family x toggle table")
+    parser.add_argument("--markdown", action="store_true", help="print the family x toggle tables")
     args = parser.parse_args()
     worst: dict[tuple[str, str], float] = {}
-    compared = 0
+    compared = phases_differ = 0
     for family, toggle, raw in cases():
         for recipe in RECIPES:
             for attention in ATTENTION:
-                difference = cpu_difference(raw, recipe, attention)
-                if difference is None:
+                if attention == "sdpa" and family in NO_SDPA:
                     continue
-                rules = saved(raw, recipe, attention, "rules")
-                traced = saved(raw, recipe, attention, "trace") - difference
+                rules, traced, same_phase = compare(raw, recipe, attention)
                 error = 100 * (rules - traced) / traced
                 compared += 1
+                phases_differ += not same_phase
                 key = (family, toggle)
                 if abs(error) >= abs(worst.get(key, 0.0)):
                     worst[key] = error
-    toggles = [name for name in TOGGLES]
-    print(f"{compared} comparisons; worst error of the rules against the trace per family and toggle "
-          "(all recipes and kernels):")
+    print(f"{compared} comparisons ({len(RECIPES)} recipes x sdpa and eager); peak phase differs in {phases_differ}; "
+          f"worst |error| {max(abs(e) for e in worst.values()):.2f}%. Worst error of the rules against the trace per "
+          "family and toggle:")
     if args.markdown:
-        print("| family | " + " | ".join(toggles) + " |")
+        toggles = list(TOGGLES)
+        print("\n| RMSNorm family | " + " | ".join(toggles) + " |")
         print("|---|" + "---|" * len(toggles))
         for family in FAMILIES:
             cells = [f"{worst[(family, t)]:+.2f}%" if (family, t) in worst else "-" for t in toggles]
             print(f"| {family} | " + " | ".join(cells) + " |")
+        print("\n| LayerNorm family | toggle: worst error |")
+        print("|---|---|")
+        for family in LAYER_NORM:
+            cells = [f"{t} {e:+.2f}%" for (f, t), e in worst.items() if f == family]
+            print(f"| {family} | " + "; ".join(cells) + " |")
     else:
         for (family, toggle), error in sorted(worst.items()):
-            print(f"{family:12s} {toggle:18s} {error:+.2f}%")
+            print(f"{family:18s} {toggle:22s} {error:+.2f}%")
 
 
 if __name__ == "__main__":

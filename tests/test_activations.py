@@ -15,7 +15,7 @@ import pytest
 from memcalc.api import model_of
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
-from tests.tiny import BASE, FAMILIES, GEMMA2, GEMMA3, estimated_saved_bytes, tiny_raw
+from tests.tiny import BASE, FAMILIES, GEMMA2, GEMMA3, GPT2, LAYER_NORM_FAMILIES, estimated_saved_bytes, tiny_raw
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -129,8 +129,6 @@ def test_sliding_window_is_counted_only_where_the_kernel_needs_a_mask():
         assert not any("sliding window" in note for note in other.notes)
 
 
-GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96, "n_layer": 2, "n_head": 4,
-        "vocab_size": 300, "n_positions": 128, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -304,26 +302,6 @@ def test_deepseek_v2_saved_activations(recipe, variant):
     assert estimated == measured - dead
 
 
-LAYER_NORM_FAMILIES = {  # name: (config, LayerNorms in the model, attention implementations it has)
-    "opt": ({"model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": 96, "ffn_dim": 160,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 256,
-             "dropout": 0.0, "attention_dropout": 0.0}, 5, ("sdpa", "eager")),
-    "bloom": ({"model_type": "bloom", "architectures": ["BloomForCausalLM"], "hidden_size": 96, "n_layer": 2,
-               "n_head": 4, "vocab_size": 300, "hidden_dropout": 0.0, "attention_dropout": 0.0}, 6, ("eager",)),
-    "phi": ({"model_type": "phi", "architectures": ["PhiForCausalLM"], "hidden_size": 96, "intermediate_size": 160,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300}, 3, ("sdpa", "eager")),
-    "falcon": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
-                "attention_dropout": 0.0}, 3, ("sdpa", "eager")),
-    "falcon-40b-layout": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
-                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
-                           "attention_dropout": 0.0, "new_decoder_architecture": True, "num_kv_heads": 2}, 5,
-                          ("sdpa", "eager")),
-    "falcon-sequential": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
-                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
-                           "attention_dropout": 0.0, "multi_query": False, "parallel_attn": False}, 5,
-                          ("sdpa", "eager")),
-}
 LAYER_NORM_CASES = [(name, attention) for name, (_, _, attentions) in LAYER_NORM_FAMILIES.items()
                     for attention in attentions]
 
@@ -349,20 +327,23 @@ def test_layer_norm_decoders_saved_activations(family, attention, recipe):
 
 
 @pytest.mark.parametrize("recipe", ["bf16-pure", "fp32"])
-@pytest.mark.parametrize("family", ["opt", "bloom", "phi"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "phi", "falcon-sequential"])
 def test_layer_norm_decoders_dropout_masks(family, recipe):
     """Dropout on, eager attention (attention dropout too): 1-byte CUDA masks where the CPU saves c-byte noise.
-    Masks per layer: 2 T h (after attention and after the MLP) and b a s^2; Phi also T h per model (embd_pdrop).
+    Masks per layer: 2 T h (after attention and after the MLP) and b a s^2 (Falcon's rotary eager attention drops
+    no probabilities: modeling_falcon.py FalconAttention.forward); Phi also T h per model (embd_pdrop).
     (The dropped probs replace the c copy of the fp32 softmax as the matmul's saved input: new bytes only in fp32.)"""
     raw, layer_norms, _ = LAYER_NORM_FAMILIES[family]
     keys = {"opt": ("dropout", "attention_dropout"), "bloom": ("hidden_dropout", "attention_dropout"),
-            "phi": ("resid_pdrop", "attention_dropout", "embd_pdrop")}[family]
+            "phi": ("resid_pdrop", "attention_dropout", "embd_pdrop"),
+            "falcon-sequential": ("hidden_dropout", "attention_dropout")}[family]
     raw = {**raw, **{key: 0.1 for key in keys}}
     batch, seq, c = 2, 48, 2 if recipe == "bf16-pure" else 4
     tokens = batch * seq
     measured = measure_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
     estimated, _ = estimated_saved_bytes(raw, recipe, batch=batch, seq=seq, attention="eager")
-    masks = 2 * (2 * tokens * 96 + batch * 4 * seq * seq) + (tokens * 96 if family == "phi" else 0)
+    scores = 0 if family.startswith("falcon") else batch * 4 * seq * seq
+    masks = 2 * (2 * tokens * 96 + scores) + (tokens * 96 if family == "phi" else 0)
     cpu = (layer_norms * 2 * tokens * (4 - 2) if recipe == "bf16-pure" else 0) - (c - 1) * masks
     assert estimated - cpu == measured
 

@@ -18,6 +18,7 @@ from memcalc.spec import TrainingSpec
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from memcalc.measure import derive
 from tests.test_activations import measure_saved_bytes
 from tests.tiny import BASE, FAMILIES, estimated_saved_bytes, tiny_raw
 
@@ -51,8 +52,10 @@ RUNS = [("bf16-pure", "sdpa", 1), ("bf16-pure", "sdpa", 3), ("bf16-pure", "eager
 @pytest.mark.parametrize(("recipe", "attention", "batch"), RUNS)
 @pytest.mark.parametrize("model_type", sorted(WITHOUT_RULES))
 def test_traced_activations_equal_what_a_real_forward_saves(model_type, recipe, attention, batch):
+    """With CPU semantics (derive.semantics("cpu")): the trace against a real forward on this machine."""
     raw = _without_rules(model_type)
-    traced, report = _saved(raw, recipe, batch, attention)
+    with derive.semantics("cpu"):
+        traced, report = _saved(raw, recipe, batch, attention)
     assert report.training.activations == "trace"
     assert traced == measure_saved_bytes(raw, recipe, batch=batch, seq=48, attention=attention)
 
@@ -147,22 +150,22 @@ def _conformance():
 CONFORMANCE = _conformance()
 # Where each toggle changes the code path (the full grid runs in benchmarks/conformance.py).
 SAMPLE = {"window < seq": ("mistral", "qwen2", "gemma3_text", "mixtral", "qwen2_moe", "phi3"),
-          "use_cache false": ("phi3", "llama"), "attention dropout": ("llama", "gemma2", "qwen3_moe")}
+          "use_cache false": ("phi3", "llama"), "attention dropout": ("llama", "gemma2", "qwen3_moe"),
+          "dropout": ("gpt2", "opt", "phi", "falcon-sequential"), "default": ("bloom", "falcon-40b-layout"),
+          "qk layernorm": ("phi",), "reorder_and_upcast_attn": ("gpt2",), "post-norm (350m)": ("opt",)}
+SAMPLE_CASES = [c for c in CONFORMANCE.cases() if c[0] in SAMPLE.get(c[1], ())]
 
 
-@pytest.mark.parametrize(("family", "toggle", "raw"),
-                         [c for c in CONFORMANCE.cases(toggles={t: CONFORMANCE.TOGGLES[t] for t in SAMPLE})
-                          if c[0] in SAMPLE[c[1]]],
-                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("family", "toggle", "raw"), SAMPLE_CASES, ids=lambda v: v if isinstance(v, str) else "")
 def test_conformance_sample(family, toggle, raw):
-    """A sample of benchmarks/conformance.py (all toggles, recipes and kernels there): the rules against the trace,
-    bf16 eager (eager keeps the dropout mask the rules count) and sdpa."""
-    for attention in ("eager", "sdpa"):
-        difference = CONFORMANCE.cpu_difference(raw, "bf16-pure", attention)
-        if difference is None:
-            continue  # sdpa with attention dropout: the CPU's math kernel, not comparable
-        rules = CONFORMANCE.saved(raw, "bf16-pure", attention, "rules")
-        assert rules == CONFORMANCE.saved(raw, "bf16-pure", attention, "trace") - difference, attention
+    """A sample of benchmarks/conformance.py (all toggles, recipes and kernels there): the rules, derived for CUDA,
+    against the trace with CUDA's choices emulated (memcalc.measure.cuda_semantics), bf16 and amp-bf16, eager and
+    sdpa: the same saved bytes and the same peak phase."""
+    for recipe, attention in (("bf16-pure", "eager"), ("bf16-pure", "sdpa"), ("amp-bf16", "eager")):
+        if attention == "sdpa" and family in CONFORMANCE.NO_SDPA:
+            continue
+        rules, traced, same_phase = CONFORMANCE.compare(raw, recipe, attention)
+        assert (rules, same_phase) == (traced, True), (recipe, attention)
 
 
 def test_cache_keys_keep_the_config_fields_transformers_reads():

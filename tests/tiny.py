@@ -32,6 +32,30 @@ GEMMA2 = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], **BASE
 GEMMA3 = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **BASE, "head_dim": 32,
           "query_pre_attn_scalar": 32, "sliding_window": 4096}
 
+# LayerNorm decoders, dropout off.
+GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 96, "n_layer": 2, "n_head": 4,
+        "vocab_size": 300, "n_positions": 128, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+LAYER_NORM_FAMILIES = {  # name: (config, LayerNorms in the model, attention implementations it has)
+    "opt": ({"model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": 96, "ffn_dim": 160,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 256,
+             "dropout": 0.0, "attention_dropout": 0.0}, 5, ("sdpa", "eager")),
+    "bloom": ({"model_type": "bloom", "architectures": ["BloomForCausalLM"], "hidden_size": 96, "n_layer": 2,
+               "n_head": 4, "vocab_size": 300, "hidden_dropout": 0.0, "attention_dropout": 0.0}, 6, ("eager",)),
+    "phi": ({"model_type": "phi", "architectures": ["PhiForCausalLM"], "hidden_size": 96, "intermediate_size": 160,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300}, 3, ("sdpa", "eager")),
+    "falcon": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
+                "attention_dropout": 0.0}, 3, ("sdpa", "eager")),
+    "falcon-40b-layout": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
+                           "attention_dropout": 0.0, "new_decoder_architecture": True, "num_kv_heads": 2}, 5,
+                          ("sdpa", "eager")),
+    "falcon-sequential": ({"model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 96,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "hidden_dropout": 0.0,
+                           "attention_dropout": 0.0, "multi_query": False, "parallel_attn": False}, 5,
+                          ("sdpa", "eager")),
+}
+
 
 def tiny_raw(family: str) -> dict:
     arch, extra = FAMILIES[family]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from memcalc.families.base import Arch
 from memcalc.families.saved import Loss, Rule, Run
-from memcalc.measure.derive import CPU_DIFFERENCES, traced_saves
+from memcalc.measure.cuda_semantics import EMULATED, NOT_EMULATED
+from memcalc.measure.derive import current_device, traced_saves
 from memcalc.units import BYTES_PER_FP32
 
 PART_LOSS_INPUTS = "loss inputs (shifted labels, scalars)"
@@ -24,6 +25,10 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> Rule:
     """The rule for ``run`` from a trace of this config's transformers class (cached; see measure.derive)."""
     weight_dtype = "fp32" if run.autocast or run.c == BYTES_PER_FP32 else "bf16"
     attention = "eager" if run.eager else "sdpa"
+    if run.checkpointing:
+        # GradientCheckpointingLayer.__call__ (transformers modeling_layers.py) drops the cache of checkpointed
+        # layers in training: the recomputed layer saves what a forward without a cache saves.
+        raw = {**raw, "use_cache": False}
     traced, cached = traced_saves(raw, architecture, run.s, weight_dtype, run.autocast, attention)
     saves = traced.at(run.b)
     layers = saves.layers
@@ -38,8 +43,9 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> Rule:
     log_softmax = tokens * a.vocab_size * BYTES_PER_FP32 if loss is not None else 0
     notes = [f"activations traced from transformers {traced.versions.get('transformers', '')} {traced.model_class}'s own "
              f"code (no hand rules for model_type '{a.model_type}'): one training forward under FakeTensorMode, "
-             f"saved tensors by layer and part{' (from the cache)' if cached else ''}; CPU kernels: "
-             + "; ".join(_differences(a, run))]
+             f"saved tensors by layer and part{' (from the cache)' if cached else ''}; "
+             + (f"{EMULATED}; not emulated: {NOT_EMULATED}" if current_device() == "cuda" else
+                "CPU semantics (to compare with a step measured on the CPU)")]
     if loss is not None and loss_bytes >= log_softmax:
         if loss_bytes > log_softmax:
             per_model[PART_LOSS_INPUTS] = loss_bytes - log_softmax
@@ -64,8 +70,3 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> Rule:
         loss=loss, notes=notes,
     )
 
-
-def _differences(a: Arch, run: Run) -> list[str]:
-    """The CPU-vs-CUDA differences that can apply to this run (LayerNorm's where the model has one)."""
-    layer_norm, autocast, dropout = CPU_DIFFERENCES
-    return [layer_norm, *([autocast] if run.autocast else []), *([dropout] if a.dropout else [])]

@@ -13,30 +13,47 @@ length, recipe) is traced at micro-batch 1, 2 and 3 on one fake model, and any m
 Results are cached (memcalc.cache), keyed by the config's content, the run's shape and dtypes and the torch and
 transformers versions: a repeat reads a file and imports neither.
 
-CPU semantics: the fake tensors are CPU tensors (a CPU-only torch cannot place a module on a fake CUDA device),
-so CPU kernels and CPU autocast decide what is saved. Where CUDA differs, ``CPU_DIFFERENCES`` names it.
+CUDA semantics: the fake tensors are CPU tensors (a CPU-only torch cannot run a module on a fake CUDA device),
+and where CUDA decides differently from the CPU (autocast's op lists, LayerNorm statistics, dropout masks) the
+trace decides as CUDA does (memcalc.measure.cuda_semantics). Inside ``semantics("cpu")`` traces follow plain CPU
+semantics instead, to compare with a step measured on this machine (the tests and benchmarks/accuracy.py do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from memcalc import cache
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CACHE_KIND = "traces"
 LOSS = "loss"  # where: created after the output head (the loss and its inputs)
 MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)
 OUTSIDE = "outside the layers"
-# Where CUDA kernels save other bytes than the CPU kernels this trace runs (each also in the report's note).
-CPU_DIFFERENCES = (
-    "LayerNorm keeps mean and rstd in bf16 on the CPU, fp32 on CUDA (2 x 2 B per token and LayerNorm more on CUDA)",
-    "CUDA autocast runs softmax, layer_norm and pow in fp32 where CPU autocast keeps bf16 (more on CUDA under amp)",
-    "dropout saves noise in the input dtype on the CPU, a 1-byte mask on CUDA (less on CUDA)",
-)
+DEVICES = ("cuda", "cpu")  # whose semantics a trace follows
+_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("memcalc_trace_device", default="cuda")
+
+
+@contextlib.contextmanager
+def semantics(device: str) -> Iterator[None]:
+    """Traces in this block follow ``device``'s semantics (DEVICES); outside, CUDA's."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}")
+    token = _DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
+def current_device() -> str:
+    """Whose semantics a trace follows here (``semantics``)."""
+    return _DEVICE.get()
 
 
 @dataclass(frozen=True)
@@ -97,16 +114,18 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
                  autocast: bool, attention: str) -> tuple[TracedSaves, bool]:
     """The saved bytes of one training forward of this config, from the cache or traced now; and whether it
     came from the cache. ``weight_dtype``: fp32 | bf16 (16-bit: the same bytes as fp16); ``autocast``: bf16
-    autocast over fp32 weights; ``attention``: sdpa | eager."""
+    autocast over fp32 weights; ``attention``: sdpa | eager. CUDA's semantics unless inside ``semantics("cpu")``."""
+    device = current_device()
     key = cache.key_of(raw, CACHE_FORMAT, architecture=architecture, seq_len=seq_len, weight_dtype=weight_dtype,
-                       autocast=autocast, attention=attention)
+                       autocast=autocast, attention=attention, device=device)
     data = cache.read(CACHE_KIND, key)
     if data is not None and data.get("format") == CACHE_FORMAT:
         try:
             return TracedSaves.from_json(data), True
         except (KeyError, TypeError, ValueError):
             pass  # an entry of another shape: trace again
-    model_class, by_batch = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype, autocast, attention)
+    model_class, by_batch = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype, autocast, attention,
+                                   device)
     saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions())
     cache.write(CACHE_KIND, key, saves.to_json())
     return saves, False
@@ -135,7 +154,7 @@ def _decoder_layers(model: Any) -> list[Any]:
 
 
 def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
-           weight_dtype: str, autocast: bool, attention: str) -> tuple[str, dict[int, Saves]]:
+           weight_dtype: str, autocast: bool, attention: str, device: str) -> tuple[str, dict[int, Saves]]:
     """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -152,16 +171,18 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
         vocab = int(model.config.get_text_config().vocab_size)
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, seq_len))
-            found[batch] = _saved_in_forward(model, layers, ids, autocast)
+            found[batch] = _saved_in_forward(model, layers, ids, autocast, like_cuda=device == "cuda")
     return type(model).__name__, found
 
 
-def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool) -> Saves:
-    """The storages one training forward saves for backward, by where each was created."""
+def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool, like_cuda: bool) -> Saves:
+    """The storages one training forward saves for backward, by where each was created (``like_cuda``: with
+    CUDA's dtypes and kernels, memcalc.measure.cuda_semantics)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
+    from memcalc.measure import cuda_semantics
     from memcalc.measure.trace import fake_grouped_mm
 
     excluded = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
@@ -194,6 +215,8 @@ def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool) -
             out = fake_grouped_mm(func, args, kwargs)
             if out is None:
                 out = func(*args, **(kwargs or {}))
+            if like_cuda:
+                out = cuda_semantics.layer_norm_stats(func, args, out)
             for tensor in tree_flatten(out)[0]:
                 if isinstance(tensor, torch.Tensor):
                     key = tensor.untyped_storage()._cdata
@@ -214,8 +237,9 @@ def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool) -
         return tensor
 
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Creation(), cast:
+        with semantics, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Creation(), cast:
             model(input_ids=ids, labels=ids)
     finally:
         for handle in handles:

@@ -1,0 +1,203 @@
+"""CUDA's choices of dtypes and kernels, emulated on CPU tensors, so that a trace on a machine without a GPU saves
+what a CUDA training step saves.
+
+A CPU-only torch cannot run a model on fake CUDA tensors: ``torch.empty(..., device="cuda")`` works under
+FakeTensorMode, but building modules there initialises weights with CUDA random kernels, and composite ops such as
+``embedding`` take a CUDA device guard, which a build without CUDA aborts on (measured with torch 2.13: the process
+terminates). So the trace runs CPU tensors, and where CUDA decides differently from the CPU the CPU is made to
+decide as CUDA does (``like_cuda``):
+
+1. Autocast (aten/src/ATen/autocast_mode.h, the ``AT_FORALL_*`` lists that AutocastCUDA registers): CUDA runs
+   softmax, log_softmax, layer_norm, pow, exp, rsqrt, sum, the norms and losses in fp32 and einsum, addmv, mv and
+   addr in the lower precision; CPU autocast lists none of those. Each op CUDA lists and the CPU does not get a
+   Python kernel at the ``AutocastCPU`` dispatch key with CUDA's policy (cast the eligible floating inputs, then
+   redispatch with autocast excluded), so the casts precede autograd as CUDA's do and the dtypes saved for
+   backward are CUDA's. Ops both devices list are left to the CPU's own kernel (tests check their policy agrees).
+2. LayerNorm statistics: CUDA's ``layer_norm`` kernel (aten/src/ATen/native/cuda/layer_norm_kernel.cu) returns
+   mean and rstd in the op-math type (fp32 for bf16 and fp16 inputs); the CPU kernel returns them in the input
+   dtype. ``native_layer_norm`` of a 16-bit input gives fp32 statistics here (``layer_norm_stats``; the trace
+   runs only the forward, which is where the statistics are created).
+3. Dropout: ``at::native::dropout`` (aten/src/ATen/native/Dropout.cpp) takes the fused ``native_dropout`` on CUDA,
+   which saves a 1-byte bool mask; on the CPU it multiplies by a noise tensor in the input dtype and saves that.
+   Here ``dropout`` in training runs ``native_dropout``. Attention dropout inside sdpa: CUDA's flash and
+   memory-efficient kernels apply it in the kernel (saving only the RNG seed and offset), the CPU's math kernel
+   materialises the s^2 scores; here sdpa runs with its dropout inside the kernel too (the CPU flash kernel, no
+   dropout: the same saved q, k, v, output and log-sum-exp).
+
+Not emulated (named in ``NOT_EMULATED``): which sdpa kernel CUDA picks (fp32 inputs or masks take the
+memory-efficient kernel, whose log-sum-exp is padded to a multiple of 32 rows: the same bytes when the sequence
+is a multiple of 32) and the RNG state tensors of attention dropout (16 B per layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+LOWER = "lower_precision_fp"
+FP32 = "fp32"
+FP32_SET_OPT_DTYPE = "fp32_set_opt_dtype"
+PROMOTE = "promote"
+
+# AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32, AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_PROMOTE
+# (aten/src/ATen/autocast_mode.h, torch 2.13), as "op.overload" names. Convolutions, RNN cells and upsampling are
+# left out: no transformer LM runs them.
+CUDA_AUTOCAST: dict[str, str] = {
+    **dict.fromkeys((
+        "addmm.default", "addmv.default", "addr.default", "matmul.default", "einsum.default", "mm.default",
+        "mv.default", "linalg_vecdot.default", "linear.default", "addbmm.default", "baddbmm.default", "bmm.default",
+        "chain_matmul.default", "linalg_multi_dot.default", "prelu.default",
+        "_scaled_dot_product_flash_attention.default", "scaled_dot_product_attention.default",
+    ), LOWER),
+    **dict.fromkeys((
+        "acos.default", "asin.default", "cosh.default", "erfinv.default", "exp.default", "expm1.default",
+        "log.default", "log10.default", "log2.default", "log1p.default", "reciprocal.default", "rsqrt.default",
+        "sinh.default", "tan.default", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus.default",
+        "layer_norm.default", "native_layer_norm.default", "rms_norm.default", "group_norm.default",
+        "frobenius_norm.dim", "nuclear_norm.default", "nuclear_norm.dim", "cosine_similarity.default",
+        "poisson_nll_loss.default", "cosine_embedding_loss.default", "nll_loss.default", "nll_loss2d.default",
+        "hinge_embedding_loss.default", "kl_div.default", "l1_loss.default", "smooth_l1_loss.default",
+        "huber_loss.default", "mse_loss.default", "margin_ranking_loss.default", "multilabel_margin_loss.default",
+        "soft_margin_loss.default", "triplet_margin_loss.default", "multi_margin_loss.default",
+        "binary_cross_entropy_with_logits.default", "dist.default", "pdist.default", "cdist.default",
+        "renorm.default", "logsumexp.default",
+    ), FP32),
+    **dict.fromkeys((
+        "prod.default", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod.default", "cumsum.default",
+        "linalg_vector_norm.default", "linalg_matrix_norm.default", "linalg_matrix_norm.str_ord", "sum.default",
+        "sum.dim_IntList",
+    ), FP32_SET_OPT_DTYPE),
+    **dict.fromkeys((
+        "addcdiv.default", "addcmul.default", "atan2.default", "bilinear.default", "cross.default", "dot.default",
+        "vdot.default", "grid_sampler.default", "index_put.default", "tensordot.default", "scatter_add.default",
+    ), PROMOTE),
+}
+NOT_EMULATED = (
+    "sdpa's kernel choice (fp32 inputs or an explicit mask take CUDA's memory-efficient kernel, whose log-sum-exp "
+    "is padded to 32 rows; the same bytes when the sequence is a multiple of 32) and attention dropout's RNG "
+    "state (16 B per layer)"
+)
+EMULATED = ("CUDA's autocast op lists, fp32 LayerNorm statistics and 1-byte dropout masks emulated on the CPU "
+            "(memcalc/measure/cuda_semantics.py)")
+
+
+def _overload(name: str) -> Any:
+    import torch
+
+    op, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, op), overload)
+
+
+def cpu_has_own(name: str) -> bool:
+    """Whether CPU autocast already has a kernel for this op (then its own policy stands)."""
+    import torch
+
+    op, overload = name.split(".")
+    qualified = f"aten::{op}" + ("" if overload == "default" else f".{overload}")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "AutocastCPU")
+
+
+def _kernel(op: Any, policy: str) -> Any:
+    """A Python autocast kernel with CUDA's policy (autocast_mode.h WrapFunction_): cast the eligible inputs
+    (floating, not fp64), then call the op with autocast excluded."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    lower_types = (torch.float16, torch.bfloat16)
+    names = [argument.name for argument in op._schema.arguments]
+    dtype_at = names.index("dtype") if "dtype" in names else len(names)
+
+    def eligible(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            if policy == LOWER:
+                lower = torch.get_autocast_dtype("cpu")
+                args, kwargs = tree_map(lambda x: x.to(lower) if eligible(x) and x.dtype == torch.float32 else x,
+                                        (args, kwargs))
+            elif policy == FP32:
+                args, kwargs = tree_map(lambda x: x.to(torch.float32) if eligible(x) and x.dtype in lower_types
+                                        else x, (args, kwargs))
+            elif policy == FP32_SET_OPT_DTYPE and args and eligible(args[0]):
+                if len(args) > dtype_at:
+                    if args[dtype_at] is None:
+                        args = (*args[:dtype_at], torch.float32, *args[dtype_at + 1:])
+                elif kwargs.get("dtype") is None:
+                    kwargs = {**kwargs, "dtype": torch.float32}
+            elif policy == PROMOTE:
+                floats = [x.dtype for x in tree_flatten((args, kwargs))[0] if eligible(x)]
+                widest = max(floats, key=lambda d: torch.finfo(d).bits, default=None)
+                if widest is not None:
+                    args, kwargs = tree_map(lambda x: x.to(widest) if eligible(x) else x, (args, kwargs))
+            return op(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def autocast_lists() -> Iterator[list[str]]:
+    """CUDA's autocast policy for each op CUDA lists and CPU autocast does not, while the block runs; yields the
+    names registered. Applies only where CPU autocast is on (the kernels sit at the AutocastCPU key)."""
+    import torch
+
+    library = torch.library.Library("aten", "IMPL")
+    registered = []
+    try:
+        for name, policy in CUDA_AUTOCAST.items():
+            if cpu_has_own(name):
+                continue
+            library.impl(name.replace(".default", ""), _kernel(_overload(name), policy), "AutocastCPU")
+            registered.append(name)
+        yield registered
+    finally:
+        library._destroy()
+
+
+def _functions_mode() -> Any:
+    """Torch functions CUDA runs through another kernel: dropout (fused: a bool mask) and sdpa's attention dropout
+    (inside the kernel)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    functional = torch.nn.functional
+    dropouts = {functional.dropout: ("p", "training", "inplace"), torch.dropout: ("p", "train", None)}
+
+    class LikeCuda(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in dropouts:
+                names = dropouts[func]
+                given = dict(zip(names, args[1:]))
+                given.update({k: v for k, v in kwargs.items() if k in names})
+                p, training = given.get("p", 0.5), given.get(names[1], True)
+                if training and 0 < p < 1 and not given.get("inplace") and args[0].numel() > 0:
+                    return torch.native_dropout(args[0], p, True)[0]
+            elif func is functional.scaled_dot_product_attention:
+                if len(args) > 4:
+                    args = (*args[:4], 0.0, *args[5:])
+                if "dropout_p" in kwargs:
+                    kwargs["dropout_p"] = 0.0
+            return func(*args, **kwargs)
+
+    return LikeCuda()
+
+
+def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
+    """``native_layer_norm``'s outputs as CUDA returns them: mean and rstd in fp32 for a 16-bit input."""
+    import torch
+
+    if func is torch.ops.aten.native_layer_norm.default and args[0].dtype in (torch.float16, torch.bfloat16):
+        output, mean, rstd = out
+        return output, mean.to(torch.float32), rstd.to(torch.float32)
+    return out
+
+
+@contextlib.contextmanager
+def like_cuda() -> Iterator[None]:
+    """CUDA's autocast lists, dropout and sdpa dropout while the block runs (LayerNorm statistics: the trace's
+    dispatch mode calls ``layer_norm_stats``)."""
+    with autocast_lists(), _functions_mode():
+        yield

@@ -30,7 +30,7 @@ _DEFAULTS = {  # models/falcon/configuration_falcon.py: FalconConfig
     "vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71,
     "num_ln_in_parallel_attn": None, "num_kv_heads": None, "new_decoder_architecture": False,
     "multi_query": True, "parallel_attn": True, "bias": False, "ffn_hidden_size": None, "tie_word_embeddings": True,
-    "alibi": False, "activation": "gelu", "hidden_dropout": 0.0, "attention_dropout": 0.0,
+    "alibi": False, "activation": "gelu", "hidden_dropout": 0.0, "attention_dropout": 0.0, "use_cache": True,
 }  # fmt: skip
 
 
@@ -42,6 +42,7 @@ class FalconArch(Arch):
     num_ln_in_parallel_attn: int | None
     bias: bool
     alibi: bool
+    use_cache: bool  # config.use_cache: training forwards build a DynamicCache unless it is False
 
 
 def resolve(raw: Mapping[str, Any], architecture: str) -> FalconArch:
@@ -63,7 +64,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> FalconArch:
         dropout=f.dropouts({"hidden_dropout": 0.0, "attention_dropout": 0.0}),
         new_decoder_architecture=new_arch, multi_query=multi_query, parallel_attn=f.flag("parallel_attn", True),
         num_ln_in_parallel_attn=f.dim("num_ln_in_parallel_attn", 2) if f.given("num_ln_in_parallel_attn") else None,
-        bias=f.flag("bias"), alibi=f.flag("alibi"),
+        bias=f.flag("bias"), alibi=f.flag("alibi"), use_cache=f.flag("use_cache", True),
     )
 
 
@@ -121,7 +122,8 @@ def activations(a: FalconArch, run: Run) -> Rule:
         (3 x 4 T h) and the fp32 softmax (4 b a s^2), plus dense's copy of the output (c T h).
       eager: q, k and v for every head (broadcast and copied by the matmuls) 3 c T h, softmax in the hidden
         dtype (under autocast fp32, then cast for the matmul), the output's copy c T h.
-    MLP: nn.GELU saves its input, dense_4h_to_h the output (2 c T ffn). Dropout: hidden_dropout after the block (T h).
+    MLP: nn.GELU saves its input, dense_4h_to_h the output (2 c T ffn). Dropout: hidden_dropout after the block (T h);
+    the sequential layout (parallel_attn false) also drops the attention output with attention_dropout (T h).
     Per model: rotary cos and sin 2 s d, ln_f and the lm_head input, input_ids and labels, the loss divisor.
     """
     h, heads, ffn = a.hidden_size, a.num_heads, a.intermediate_size
@@ -147,8 +149,15 @@ def activations(a: FalconArch, run: Run) -> Rule:
         # Plus the boolean causal mask FalconModel passes, which scaled_dot_product_attention converts to an additive
         # mask in q's dtype on every call and saves (c b s^2 per layer).
         attention = 4 * c * th + BYTES_PER_FP32 * tokens * heads + c * b * s * s
+        if not new_arch and not a.use_cache or not new_arch and run.checkpointing:
+            # _split_heads without multi_query returns views of the fused qkv output; reshape keeps v a view, so
+            # without a cache (use_cache false, or checkpointing, which turns it off) sdpa's saved v keeps all of
+            # it alive (3 c T h, not c T h). With a cache, DynamicLayer.update's torch.cat copies v.
+            attention += 2 * c * th
     mlp = act_bytes(a.hidden_act, c, tokens * ffn)
     dropout = dropout_mask(a.dropout.get("hidden_dropout", 0.0), th)
+    if not parallel:  # sequential: dropout_add(attention_output, residual, config.attention_dropout) first
+        dropout += dropout_mask(a.dropout.get("attention_dropout", 0.0), th)
     # _split_heads picks k and v with a one-element index list ([-2], [-1]): each index saves its int64 tensor.
     split_indices = 2 * BYTES_PER_INT64 if multi_query or new_arch else 0
     formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"

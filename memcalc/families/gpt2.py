@@ -34,7 +34,7 @@ SOURCE = ("derived from transformers modeling_gpt2.py (LayerNorm, Conv1D, sdpa/e
 _DEFAULTS = {  # models/gpt2/configuration_gpt2.py: GPT2Config
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
     "tie_word_embeddings": True, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
-    "attn_pdrop": 0.1, "use_cache": True,
+    "attn_pdrop": 0.1, "use_cache": True, "reorder_and_upcast_attn": False,
 }  # fmt: skip
 _ALIASES = {  # GPT2Config.attribute_map
     "hidden_size": "n_embd", "max_position_embeddings": "n_positions",
@@ -45,6 +45,7 @@ _ALIASES = {  # GPT2Config.attribute_map
 @dataclass(eq=False, repr=False, kw_only=True)
 class Gpt2Arch(Arch):
     use_cache: bool
+    reorder_and_upcast_attn: bool  # eager attention in fp32 (GPT2Attention._upcast_and_reordered_attn)
 
 
 def resolve(raw: Mapping[str, Any], architecture: str) -> Gpt2Arch:
@@ -60,7 +61,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> Gpt2Arch:
         max_positions=f.dim("n_positions", MAX_POSITIONS), learned_positions=True, norm="layernorm",
         hidden_act=f.text("activation_function", "gelu_new"),
         dropout=f.dropouts({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}),
-        use_cache=f.flag("use_cache", True),
+        use_cache=f.flag("use_cache", True), reorder_and_upcast_attn=f.flag("reorder_and_upcast_attn"),
     )
 
 
@@ -88,7 +89,8 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     Per layer: two LayerNorms (input cTh + mean and rstd), their outputs as Conv1D inputs (cTh each),
     attention (sdpa: the c_attn output 3cTh that q, k, v view, k and v copies in the KV cache when
     use_cache is on, output cTh (c_proj reads it in place), logsumexp 4Ta; eager: q, k, v cTh each, softmax output
-    c*b*a*s^2, c_proj input copy cTh), and the MLP: c_fc output, NewGELU's tanh, 1 + tanh and product, c_proj input
+    c*b*a*s^2, c_proj input copy cTh; reorder_and_upcast_attn: q and k in fp32, the softmax in fp32 and its c copy),
+    and the MLP: c_fc output, NewGELU's tanh, 1 + tanh and product, c_proj input
     (5 cTI; a fused gelu keeps 2 cTI).
     """
     h, heads, intermediate = a.hidden_size, a.num_heads, a.intermediate_size
@@ -96,9 +98,16 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     residual = BYTES_PER_FP32 if autocast else c
     layer_norm = residual * tokens * h + 2 * BYTES_PER_LAYER_NORM_STAT * tokens
     linear_inputs = 2 * c * tokens * h  # ln outputs (or, under autocast, their casts) read by c_attn and c_fc
-    if eager:
-        # softmax in the scores' dtype, then .type(c): under autocast the fp32 causal mask makes the scores fp32,
-        # so the fp32 softmax output and its c copy are both saved.
+    reordered = eager and a.reorder_and_upcast_attn
+    # Eager attention's softmax runs in fp32 under autocast (the fp32 causal mask makes the scores fp32) and on the
+    # reordered path; then .type(c) keeps a c copy for the second matmul (none when c is fp32 already).
+    fp32_probs = autocast or reordered
+    probs_copy = fp32_probs and c != BYTES_PER_FP32
+    if reordered:
+        # GPT2Attention._upcast_and_reordered_attn: baddbmm of q.float() and k.float() with autocast off saves both
+        # in fp32 (2 x 4 T h), the fp32 softmax output and its c copy, v (c T h), c_proj's input copy c T h.
+        attention = (2 * BYTES_PER_FP32 + 2 * c) * tokens * h + (BYTES_PER_FP32 + (c if probs_copy else 0)) * b * heads * s * s
+    elif eager:
         probs = (BYTES_PER_FP32 + c) if autocast else c
         attention = 3 * c * tokens * h + probs * b * heads * s * s + c * tokens * h
     else:
@@ -118,7 +127,7 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     if "resid_pdrop" in a.dropout:
         dropout += 2 * tokens * h
     if eager and "attn_pdrop" in a.dropout:
-        dropout += (1 if autocast else 1 + c) * b * heads * s * s  # the dropped probs replace the c copy (autocast)
+        dropout += (1 if probs_copy else 1 + c) * b * heads * s * s  # the dropped probs replace the c copy
     layer = parts(norms=2 * layer_norm + linear_inputs, attention=attention, mlp=mlp, dropout=dropout)
     formula = (f"layer norms {2 * layer_norm:,} + Conv1D inputs {linear_inputs:,} + attention {attention:,} + "
                f"MLP {mlp:,}{f' + dropout masks {dropout:,}' if dropout else ''}")

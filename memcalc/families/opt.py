@@ -49,7 +49,7 @@ _DEFAULTS = {  # models/opt/configuration_opt.py: OPTConfig
 class OptArch(Arch):
     word_embed_proj_dim: int
     layer_norm_before: bool
-    final_layer_norm: bool
+    final_layer_norm: bool  # OPTDecoder.final_layer_norm exists (it holds tensors only with affine norms)
     bias: bool
     affine_norms: bool
 
@@ -69,7 +69,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> OptArch:
         learned_positions=True, norm="layernorm", hidden_act=f.text("activation_function", "relu"),
         dropout=f.dropouts({"dropout": 0.1, "attention_dropout": 0.0}),
         word_embed_proj_dim=f.dim_or("word_embed_proj_dim", hidden, MAX_HIDDEN), layer_norm_before=before,
-        final_layer_norm=before and not f.flag("_remove_final_layer_norm") and affine,
+        final_layer_norm=before and not f.flag("_remove_final_layer_norm"),
         bias=f.flag("enable_bias", True), affine_norms=affine,
     )
 
@@ -95,7 +95,7 @@ def inventory(a: OptArch) -> list[ParamTensor]:  # OPTDecoder
     if proj_dim != hidden:  # OPT-350m: embeddings narrower than the blocks
         p.linear(f"{base}project_out", hidden, proj_dim, ROLE_OTHER, None)
         p.linear(f"{base}project_in", proj_dim, hidden, ROLE_OTHER, None)
-    if a.final_layer_norm:
+    if a.final_layer_norm and a.affine_norms:
         p.norm(f"{base}final_layer_norm", hidden, None, bias=True)
     for i in range(a.num_layers):
         _layer(p, f"{base}layers.{i}.", i, a)
@@ -104,7 +104,7 @@ def inventory(a: OptArch) -> list[ParamTensor]:  # OPTDecoder
 
 
 def activations(a: OptArch, run: Run) -> Rule:
-    """OPTForCausalLM, pre-LayerNorm (do_layer_norm_before, every size but 350m).
+    """OPTForCausalLM; pre-LayerNorm (do_layer_norm_before, every size but 350m) or post-LayerNorm (350m).
 
     Per OPTDecoderLayer: self_attn_layer_norm and final_layer_norm (input r T h + stats each), their outputs as
     q/k/v and fc1 read them (c T h; under autocast one cast per Linear); attention: sdpa saves q (q_proj output x
@@ -112,9 +112,12 @@ def activations(a: OptArch, run: Run) -> Rule:
     4 c T h + logsumexp 4 T a; eager: contiguous copies of q, k^T, v and of the output 4 c T h, softmax(fp32) and
     its c copy (4 + c) b a s^2; fc1's ReLU result, which fc2 saves too (c T I). Dropout (CUDA masks): after the
     attention and after fc2 (2 T h); eager attention_dropout b a s^2 (saved.fp32_softmax_dropout).
+    Post-LayerNorm (OPTDecoderLayer.forward with do_layer_norm_before false) saves the same per layer: q/k/v read
+    the layer's input, each LayerNorm saves its input and statistics and fc1 reads self_attn_layer_norm's output;
+    the next layer's q/k/v read final_layer_norm's output. The decoder then has no final LayerNorm.
     Per model: input_ids, position ids (b x s, from the attention mask's cumsum) and shifted labels (3 x 8 T),
-    the decoder's final LayerNorm and the lm_head input, the loss divisor. (project_in/out, used when
-    word_embed_proj_dim != hidden_size, are not counted.)
+    the decoder's final LayerNorm (pre-LayerNorm, unless _remove_final_layer_norm), project_in's and project_out's
+    inputs (c T (p + h), word_embed_proj_dim p != hidden_size), the lm_head input (c T p), the loss divisor.
     """
     h, heads, ffn = a.hidden_size, a.num_heads, a.intermediate_size
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
@@ -127,10 +130,14 @@ def activations(a: OptArch, run: Run) -> Rule:
         dropout += fp32_softmax_dropout(a.dropout.get("attention_dropout", 0.0), run, scores)
     formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
-    per_model = parts(ids=3 * BYTES_PER_INT64 * tokens, loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th),
-                      head=c * th)
-    notes = [] if a.layer_norm_before else [
-        "OPT with do_layer_norm_before false (350m) is counted as the pre-LayerNorm layout: an approximation"]
+    # With word_embed_proj_dim != hidden_size (350m) project_in saves the embeddings (c T p) and project_out the
+    # decoder's output (c T h); the lm_head then reads project_out's output (c T p).
+    projected = a.word_embed_proj_dim != h
+    proj = tokens * a.word_embed_proj_dim
+    per_model = parts(ids=3 * BYTES_PER_INT64 * tokens, loss_scalars=BYTES_PER_FP32,
+                      final_norm=layer_norm(run, th) if a.final_layer_norm else 0,
+                      projections=c * (proj + th) if projected else 0, head=c * proj)
+    notes: list[str] = []
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
                 c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)

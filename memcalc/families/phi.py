@@ -99,13 +99,19 @@ def activations(a: PhiArch, run: Run) -> Rule:
     c cast of the fp32 output ((12 + 2c) T I). Dropout (CUDA masks): resid_pdrop after attention and MLP (2 T h),
     embd_pdrop T h per model, attention_dropout (eager) b a s^2 (saved.fp32_softmax_dropout).
     Per model: rotary cos and sin 2 s rot (fp32 under autocast), final_layernorm and the lm_head input, input_ids and
-    shifted labels, the loss divisor. (qk_layernorm is not counted.)
+    shifted labels, the loss divisor. qk_layernorm: per-head LayerNorms of q and k (their inputs and statistics).
     """
     h, heads, inter = a.hidden_size, a.num_heads, a.intermediate_size
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
     th, ti, scores = tokens * h, tokens * inter, b * heads * s * s
     norms = layer_norm(run, th) + linear_input(run, th, 4)
     attention = 4 * c * th + (eager_probs(run, scores, True) if run.eager else c * th + BYTES_PER_FP32 * tokens * heads)
+    if a.qk_layernorm:
+        # PhiAttention.forward: q_layernorm(q) and k_layernorm(k) per head: each saves its input (the projection's
+        # output; under CUDA autocast layer_norm runs in fp32, so its fp32 cast) and fp32 mean and rstd per row.
+        norm_input = BYTES_PER_FP32 if run.autocast else c
+        q_width, kv_width = heads * a.head_dim, a.num_kv_heads * a.head_dim
+        attention += norm_input * tokens * (q_width + kv_width) + 2 * BYTES_PER_FP32 * tokens * (heads + a.num_kv_heads)
     mlp = (12 + 2 * c) * ti if run.autocast and a.hidden_act in PYTHON_GELUS else act_bytes(a.hidden_act, c, ti)
     dropout = 2 * dropout_mask(a.dropout.get("resid_pdrop", 0.0), th)
     if run.eager:

@@ -1,7 +1,9 @@
 """The catalog of presets: model configs (``presets/models/*.json``) and GPU specs (``presets/gpus.json``).
 
 Presets are data in the Hugging Face ``config.json`` vocabulary plus ``_source`` (the upstream config they
-copy) and ``_aliases`` (names users type). A preset and a user's own config go through one parser.
+copy) and ``_aliases`` (names users type); a preset of a model type without hand rules also states ``_num_params``
+(its meta-device count, checked by tests/test_inventory_exact.py) so that listing presets needs no torch. A preset
+and a user's own config go through one parser.
 """
 
 from __future__ import annotations

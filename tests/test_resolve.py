@@ -26,6 +26,10 @@ REQUIRED = [
     "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-72b", "qwen3-8b", "gemma-2b", "gemma-7b", "gemma-2-9b", "gemma-2-27b",
     "gemma-3-4b", "phi-3-mini", "phi-4", "deepseek-v2-lite", "gpt2", "gpt2-xl", "bert-base", "bert-large",
     "t5-base", "t5-3b", "falcon-7b", "opt-1.3b", "bloom-560m",
+    # what people fine-tune now (issue 12): the configs with no hand rules go through the meta-device build
+    "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b",
+    "gemma-3-1b", "gemma-3-12b", "gemma-3-27b", "gpt-oss-20b", "gpt-oss-120b", "deepseek-v3", "olmo-2-7b",
+    "olmo-2-13b", "mistral-small-24b", "phi-4-mini", "smollm3-3b", "granite-3.3-8b",
 ]
 
 

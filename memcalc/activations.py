@@ -14,6 +14,7 @@ too ((c + 4)TV, forward transient); at the start of backward two fp32 TxV gradie
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -63,15 +64,16 @@ def _model_parts(rule: Rule) -> dict[str, int]:
     return {MODEL_PREFIX + part: num_bytes for part, num_bytes in rule.per_model.items()}
 
 
-def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool]:
+def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, Run]:
     """The family's hand rule, or the trace of the model's own code (``--activations``: auto takes the rules where
-    the family has them and the trace elsewhere); and whether it is traced."""
+    the family has them and the trace elsewhere); whether it is traced; and the run as counted (a traced class
+    without an sdpa path runs eager attention)."""
     described = model.described
     assert described is not None
     arch, family = described.arch, described.family
     source = spec.activations
     if source == ActivationSource.rules or (source == ActivationSource.auto and described.derived):
-        return family.activations(arch, run), False
+        return family.activations(arch, run), False, run
     from memcalc.families import fallback_available
 
     if not fallback_available():
@@ -81,11 +83,20 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool]:
         rule = family.activations(arch, run)
         rule.notes.append("not traced (torch and transformers are not installed): the approximation above may be "
                           f"low by 30% or more; install them ({INSTALL_TORCH}) for the traced estimate")
-        return rule, False
+        return rule, False, run
     from memcalc.families.traced import traced_rule
+    from memcalc.measure.build import sdpa_supported
 
+    notes = []
     try:
-        return traced_rule(dict(described.raw), described.architecture, arch, run), True
+        if not run.eager and not sdpa_supported(described.raw, described.architecture):
+            run = dataclasses.replace(run, eager=True)
+            notes.append(f"attention: {described.architecture or described.model_type} has no sdpa path in "
+                         "transformers (_supports_sdpa = False), so it runs eager attention unless a flash kernel is "
+                         "asked for: traced eager (b a s^2 scores per layer)")
+        rule = traced_rule(dict(described.raw), described.architecture, arch, run)
+        rule.notes[:0] = notes
+        return rule, True, run
     except Exception as error:
         why = " ".join(str(error).split())[:200] or type(error).__name__
         if source == ActivationSource.trace:
@@ -95,7 +106,7 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool]:
                                         ) from None
         rule = family.activations(arch, run)
         rule.notes.append(f"the trace of this model failed ({why}): the approximation above stands and may be low")
-        return rule, False
+        return rule, False, run
 
 
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:
@@ -117,7 +128,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")
         return result
-    rule, traced = _rule(model, spec, run)
+    rule, traced, run = _rule(model, spec, run)
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
     per_model = rule.per_model_bytes

@@ -175,3 +175,16 @@ def test_cache_keys_keep_the_config_fields_transformers_reads():
     raw = {"model_type": "opt", "hidden_size": 64}
     assert cache.key_of(raw, 1) == cache.key_of({**raw, "_source": "anywhere"}, 1)
     assert cache.key_of(raw, 1) != cache.key_of({**raw, "_remove_final_layer_norm": True}, 1)
+
+
+def test_a_class_without_sdpa_is_traced_eager_and_says_so():
+    """GptOssPreTrainedModel._supports_sdpa is False (transformers 5.24 modeling_gpt_oss.py): asking for sdpa is an
+    error there, so training runs eager attention, and the trace counts it (not the approximation's fallback)."""
+    raw = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], **BASE, "head_dim": 32,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16, "layer_types": [
+               "sliding_attention", "full_attention"]}
+    sdpa, report = _saved(raw, "bf16-pure", 2, "sdpa")
+    eager, by_eager = _saved(raw, "bf16-pure", 2, "eager")
+    assert report.training.activations == by_eager.training.activations == "trace"
+    assert sdpa == eager
+    assert any("no sdpa path" in note for note in report.notes)

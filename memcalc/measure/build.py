@@ -104,6 +104,12 @@ def model_class(config: Any, architecture: str | None = None) -> type:
     return allowed[name]
 
 
+def sdpa_supported(raw: Mapping[str, Any], architecture: str | None = None) -> bool:
+    """Whether transformers' class for this config has an sdpa path (``PreTrainedModel._supports_sdpa``; where it
+    is False, as for gpt-oss, asking for sdpa is an error and training runs eager attention)."""
+    return bool(getattr(model_class(hf_config(raw), architecture), "_supports_sdpa", True))
+
+
 def _untie_output_embeddings(model: Any, raw: Mapping[str, Any]) -> None:
     """Untie lm_head where config.json says ``tie_word_embeddings: false`` but the class ties anyway.
 

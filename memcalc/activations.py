@@ -89,7 +89,7 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
 
     notes = []
     try:
-        if not run.eager and not sdpa_supported(described.raw, described.architecture):
+        if not run.eager and not run.flash and not sdpa_supported(described.raw, described.architecture):
             run = dataclasses.replace(run, eager=True)
             notes.append(f"attention: {described.architecture or described.model_type} has no sdpa path in "
                          "transformers (_supports_sdpa = False), so it runs eager attention unless a flash kernel is "

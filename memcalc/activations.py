@@ -85,18 +85,10 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
                           f"low by 30% or more; install them ({INSTALL_TORCH}) for the traced estimate")
         return rule, False, run
     from memcalc.families.traced import traced_rule
-    from memcalc.measure.build import sdpa_supported
 
-    notes = []
     try:
-        if not run.eager and not run.flash and not sdpa_supported(described.raw, described.architecture):
-            run = dataclasses.replace(run, eager=True)
-            notes.append(f"attention: {described.architecture or described.model_type} has no sdpa path in "
-                         "transformers (_supports_sdpa = False), so it runs eager attention unless a flash kernel is "
-                         "asked for: traced eager (b a s^2 scores per layer)")
-        rule = traced_rule(dict(described.raw), described.architecture, arch, run)
-        rule.notes[:0] = notes
-        return rule, True, run
+        rule, eager = traced_rule(dict(described.raw), described.architecture, arch, run)
+        return rule, True, dataclasses.replace(run, eager=run.eager or eager)
     except Exception as error:
         why = " ".join(str(error).split())[:200] or type(error).__name__
         if source == ActivationSource.trace:

@@ -21,8 +21,9 @@ PART_LOSS_INPUTS = "loss inputs (shifted labels, scalars)"
 PART_LOSS = "loss (traced)"
 
 
-def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> Rule:
-    """The rule for ``run`` from a trace of this config's transformers class (cached; see measure.derive)."""
+def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple[Rule, bool]:
+    """The rule for ``run`` from a trace of this config's transformers class (cached; see measure.derive), and
+    whether its attention ran eager (asked for, or the class has no sdpa path)."""
     weight_dtype = "fp32" if run.autocast or run.c == BYTES_PER_FP32 else "bf16"
     attention = "eager" if run.eager else "sdpa"
     if run.checkpointing:
@@ -58,6 +59,12 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> Rule:
     if run.flash:
         notes.append("--attn flash traced as sdpa (flash_attention_2 needs CUDA): both keep q, k, v, the output and "
                      "the log-sum-exp")
+    if traced.attention == "eager" and not run.eager:
+        notes.insert(0, f"attention: {traced.model_class} has no sdpa path in transformers (_supports_sdpa = False), "
+                        + ("so --attn flash cannot be traced through sdpa: traced eager, above what a flash kernel "
+                           "keeps (b a s^2 scores per layer)" if run.flash else
+                           "so it runs eager attention unless a flash kernel is asked for: traced eager (b a s^2 "
+                           "scores per layer)"))
     first = shared[0]
     formula = " + ".join(f"{part} {n:,}" for part, n in first.items()) or "nothing saved"
     intermediate = a.intermediate_size or 4 * a.hidden_size
@@ -68,5 +75,5 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> Rule:
         kept=len(layers) * tokens * a.hidden_size * run.residual,
         transient=run.c * tokens * (intermediate + a.hidden_size),
         loss=loss, notes=notes,
-    )
+    ), traced.attention == "eager"
 

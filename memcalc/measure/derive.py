@@ -30,7 +30,7 @@ from typing import Any
 from memcalc import cache
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 CACHE_KIND = "traces"
 LOSS = "loss"  # where: created after the output head (the loss and its inputs)
 MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)
@@ -80,6 +80,7 @@ class TracedSaves:
     model_class: str
     by_batch: Mapping[int, Saves]  # 1, 2, 3
     versions: Mapping[str, str]
+    attention: str = "sdpa"  # the attention traced: eager where the class has no sdpa path (gpt-oss)
 
     def at(self, batch: int) -> Saves:
         if batch in self.by_batch:
@@ -94,12 +95,13 @@ class TracedSaves:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": CACHE_FORMAT, "model_class": self.model_class, "versions": dict(self.versions),
+                "attention": self.attention,
                 "by_batch": {str(batch): saves.to_json() for batch, saves in self.by_batch.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TracedSaves:
         return cls(data["model_class"], {int(b): Saves.from_json(s) for b, s in data["by_batch"].items()},
-                   data["versions"])
+                   data["versions"], str(data["attention"]))
 
 
 TRACED_BATCHES = (1, 2, 3)
@@ -124,9 +126,10 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
             return TracedSaves.from_json(data), True
         except (KeyError, TypeError, ValueError):
             pass  # an entry of another shape: trace again
-    model_class, by_batch = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype, autocast, attention,
-                                   device)
-    saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions())
+    model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
+                                                     autocast, attention, device)
+    saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions(),
+                        attention=traced_attention)
     cache.write(CACHE_KIND, key, saves.to_json())
     return saves, False
 
@@ -154,8 +157,9 @@ def _decoder_layers(model: Any) -> list[Any]:
 
 
 def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
-           weight_dtype: str, autocast: bool, attention: str, device: str) -> tuple[str, dict[int, Saves]]:
-    """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch)."""
+           weight_dtype: str, autocast: bool, attention: str, device: str) -> tuple[str, dict[int, Saves], str]:
+    """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch, the
+    attention traced: sdpa asked of a class without an sdpa path runs eager, as transformers would train it)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -164,6 +168,8 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
     found: dict[int, Saves] = {}
+    if attention == "sdpa" and not build.sdpa_supported(raw, architecture):
+        attention = "eager"
     with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences():
         model = build.build_model(raw, architecture, dtype=dtype, attn_implementation=attention)
         model.train()
@@ -172,7 +178,7 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, seq_len))
             found[batch] = _saved_in_forward(model, layers, ids, autocast, like_cuda=device == "cuda")
-    return type(model).__name__, found
+    return type(model).__name__, found, attention
 
 
 def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool, like_cuda: bool) -> Saves:

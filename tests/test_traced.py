@@ -188,3 +188,42 @@ def test_a_class_without_sdpa_is_traced_eager_and_says_so():
     assert report.training.activations == by_eager.training.activations == "trace"
     assert sdpa == eager
     assert any("no sdpa path" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_length_read_off_three_traces_equals_its_trace(attention):
+    """Saved bytes are quadratic in the sequence length on one code path (eager: s^2 scores): inside
+    fitted_sequences, a fourth length is read off traces at three others, and equals a real trace of it."""
+    raw = _without_rules("olmo2")
+
+    def saves(seq: int):
+        return derive.traced_saves(raw, None, seq, "bf16", False, attention)[0]
+
+    with derive.fitted_sequences():
+        for seq in (32, 48, 80):
+            assert not saves(seq).fitted_from
+        fitted = saves(64)
+    assert fitted.fitted_from == (32, 48, 80)
+    real = saves(64)
+    assert not real.fitted_from
+    assert fitted.by_batch == real.by_batch
+
+
+def test_max_seq_len_on_a_traced_model_is_the_exhaustive_answer(monkeypatch, tmp_path):
+    """The solver searches on fitted lengths, then confirms with real traces: the same answer as tracing every
+    length it probes (memcalc.fit._longest_sequence; benchmarks/seq_fit.py times both on OLMo-2-7B)."""
+    import contextlib
+    import json
+
+    from memcalc import api
+
+    config = tmp_path / "olmo2.json"
+    config.write_text(json.dumps(_without_rules("olmo2")))
+    settings = dict(precision="bf16-pure", optim="sgd", attn="eager", gpu_memory="60MiB", cuda_context="1MiB",
+                    max_seq_len=True)
+    fitted = api.estimate(str(config), **settings).fit
+    monkeypatch.setattr(derive, "fitted_sequences", contextlib.nullcontext)
+    exhaustive = api.estimate(str(config), **settings).fit
+    assert fitted.max_seq_len == exhaustive.max_seq_len and fitted.max_seq_len_limit == "memory"
+    assert fitted.max_seq_len_peak_bytes == exhaustive.max_seq_len_peak_bytes
+    assert "fitted over the sequence length" in fitted.max_seq_len_reason

@@ -44,7 +44,9 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
     log_softmax = tokens * a.vocab_size * BYTES_PER_FP32 if loss is not None else 0
     notes = [f"activations traced from transformers {traced.versions.get('transformers', '')} {traced.model_class}'s own "
              f"code (no hand rules for model_type '{a.model_type}'): one training forward under FakeTensorMode, "
-             f"saved tensors by layer and part{' (from the cache)' if cached else ''}; "
+             f"saved tensors by layer and part{' (from the cache)' if cached else ''}"
+             + (f" (read off the quadratic through traces at sequence lengths "
+                f"{', '.join(f'{n:,}' for n in traced.fitted_from)})" if traced.fitted_from else "") + "; "
              + (f"{EMULATED}; not emulated: {NOT_EMULATED}" if current_device() == "cuda" else
                 "CPU semantics (to compare with a step measured on the CPU)")]
     if loss is not None and loss_bytes >= log_softmax:

@@ -81,6 +81,7 @@ class TracedSaves:
     by_batch: Mapping[int, Saves]  # 1, 2, 3
     versions: Mapping[str, str]
     attention: str = "sdpa"  # the attention traced: eager where the class has no sdpa path (gpt-oss)
+    fitted_from: tuple[int, ...] = ()  # read off traces at these lengths (fitted_sequences), not traced itself
 
     def at(self, batch: int) -> Saves:
         if batch in self.by_batch:
@@ -112,25 +113,93 @@ def _affine(at_2: Mapping[str, int], at_3: Mapping[str, int], steps: int) -> dic
     return {part: at_2.get(part, 0) + steps * (at_3.get(part, 0) - at_2.get(part, 0)) for part in {*at_2, *at_3}}
 
 
+# Inside fitted_sequences(): per run (the cache key without the sequence length), the lengths traced so far.
+_TRACED_LENGTHS: contextvars.ContextVar[dict[str, dict[int, TracedSaves]] | None] = contextvars.ContextVar(
+    "memcalc_traced_lengths", default=None)
+FIT_ANCHORS = 3  # traced lengths a fitted one is read from (saved bytes are quadratic in the length)
+FIT_MIN_LENGTH = 2  # at length 1 sdpa runs without is_causal: another code path, never an anchor
+
+
+@contextlib.contextmanager
+def fitted_sequences() -> Iterator[None]:
+    """Within the block, once three lengths (>= 2) of a run have been traced, another length is read off the
+    quadratic through the three nearest instead of traced (not cached). Every saved tensor's size is a polynomial of
+    degree <= 2 in the sequence length (s^2: eager scores and masks) while the code path stays the same; where
+    it changes (a sliding window the sequence crosses) the fit is wrong, so whoever searches with it confirms the
+    answer with real traces (fit.check_fit does)."""
+    token = _TRACED_LENGTHS.set({})
+    try:
+        yield
+    finally:
+        _TRACED_LENGTHS.reset(token)
+
+
+def _quadratic(points: list[tuple[int, int]], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree <= 2 through three (length, bytes) points, exactly."""
+    from fractions import Fraction
+
+    total = Fraction(0)
+    for i, (xi, yi) in enumerate(points):
+        term = Fraction(yi)
+        for j, (xj, _) in enumerate(points):
+            if j != i:
+                term *= Fraction(x - xj, xi - xj)
+        total += term
+    return max(0, round(total))
+
+
+def _fitted(anchors: dict[int, TracedSaves], seq_len: int) -> TracedSaves:
+    lengths = sorted(anchors, key=lambda n: (abs(n - seq_len), n))[:FIT_ANCHORS]
+    first = anchors[lengths[0]]
+
+    def fit(values: list[Mapping[str, int]]) -> dict[str, int]:
+        return {part: _quadratic([(n, v.get(part, 0)) for n, v in zip(lengths, values)], seq_len)
+                for part in set().union(*values)}
+
+    by_batch = {}
+    for batch in TRACED_BATCHES:
+        saves = [anchors[n].by_batch[batch] for n in lengths]
+        by_batch[batch] = Saves(
+            layers=tuple(fit(list(layer)) for layer in zip(*(s.layers for s in saves))),
+            model=fit([s.model for s in saves]),
+            loss=_quadratic([(n, s.loss) for n, s in zip(lengths, saves)], seq_len),
+        )
+    return TracedSaves(first.model_class, by_batch, first.versions, first.attention, fitted_from=tuple(sorted(lengths)))
+
+
 def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int, weight_dtype: str,
                  autocast: bool, attention: str) -> tuple[TracedSaves, bool]:
-    """The saved bytes of one training forward of this config, from the cache or traced now; and whether it
-    came from the cache. ``weight_dtype``: fp32 | bf16 (16-bit: the same bytes as fp16); ``autocast``: bf16
-    autocast over fp32 weights; ``attention``: sdpa | eager. CUDA's semantics unless inside ``semantics("cpu")``."""
+    """The saved bytes of one training forward of this config, from the cache or traced now (or, inside
+    ``fitted_sequences``, read off traces at three other lengths); and whether it came from the cache.
+    ``weight_dtype``: fp32 | bf16 (16-bit: the same bytes as fp16); ``autocast``: bf16 autocast over fp32 weights;
+    ``attention``: sdpa | eager. CUDA's semantics unless inside ``semantics("cpu")``."""
     device = current_device()
-    key = cache.key_of(raw, CACHE_FORMAT, architecture=architecture, seq_len=seq_len, weight_dtype=weight_dtype,
-                       autocast=autocast, attention=attention, device=device)
+    settings = dict(architecture=architecture, weight_dtype=weight_dtype, autocast=autocast, attention=attention,
+                    device=device)
+    key = cache.key_of(raw, CACHE_FORMAT, seq_len=seq_len, **settings)
+    traced_lengths = _TRACED_LENGTHS.get()
+    anchors = None
+    if traced_lengths is not None:
+        anchors = traced_lengths.setdefault(cache.key_of(raw, CACHE_FORMAT, **settings), {})
     data = cache.read(CACHE_KIND, key)
     if data is not None and data.get("format") == CACHE_FORMAT:
         try:
-            return TracedSaves.from_json(data), True
+            saves = TracedSaves.from_json(data)
         except (KeyError, TypeError, ValueError):
             pass  # an entry of another shape: trace again
+        else:
+            if anchors is not None and seq_len >= FIT_MIN_LENGTH:
+                anchors[seq_len] = saves
+            return saves, True
+    if anchors is not None and seq_len >= FIT_MIN_LENGTH and len(anchors) >= FIT_ANCHORS:
+        return _fitted(anchors, seq_len), False
     model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
                                                      autocast, attention, device)
     saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions(),
                         attention=traced_attention)
     cache.write(CACHE_KIND, key, saves.to_json())
+    if anchors is not None and seq_len >= FIT_MIN_LENGTH:
+        anchors[seq_len] = saves
     return saves, False
 
 
@@ -156,6 +225,21 @@ def _decoder_layers(model: Any) -> list[Any]:
     return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """FakeTensorMode logs a failing op (a storage too large to address, say) at ERROR before raising; the caller
+    reports the failure in one line, so the log stays quiet."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
            weight_dtype: str, autocast: bool, attention: str, device: str) -> tuple[str, dict[int, Saves], str]:
     """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch, the
@@ -170,7 +254,7 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
     found: dict[int, Saves] = {}
     if attention == "sdpa" and not build.sdpa_supported(raw, architecture):
         attention = "eager"
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences():
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log():
         model = build.build_model(raw, architecture, dtype=dtype, attn_implementation=attention)
         model.train()
         layers = _decoder_layers(model)

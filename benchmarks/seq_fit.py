@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memcalc import api  # noqa: E402
-from memcalc.measure import derive  # noqa: E402
+from memcalc import api
+from memcalc.measure import derive
 
 
 def search(model: str, gpu: str, attention: str, fitted: bool) -> tuple[object, int, float]:

@@ -174,8 +174,8 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
     ``weight_dtype``: fp32 | bf16 (16-bit: the same bytes as fp16); ``autocast``: bf16 autocast over fp32 weights;
     ``attention``: sdpa | eager. CUDA's semantics unless inside ``semantics("cpu")``."""
     device = current_device()
-    settings = dict(architecture=architecture, weight_dtype=weight_dtype, autocast=autocast, attention=attention,
-                    device=device)
+    settings = {"architecture": architecture, "weight_dtype": weight_dtype, "autocast": autocast,
+                "attention": attention, "device": device}
     key = cache.key_of(raw, CACHE_FORMAT, seq_len=seq_len, **settings)
     traced_lengths = _TRACED_LENGTHS.get()
     anchors = None

@@ -227,3 +227,19 @@ def test_max_seq_len_on_a_traced_model_is_the_exhaustive_answer(monkeypatch, tmp
     assert fitted.max_seq_len == exhaustive.max_seq_len and fitted.max_seq_len_limit == "memory"
     assert fitted.max_seq_len_peak_bytes == exhaustive.max_seq_len_peak_bytes
     assert "fitted over the sequence length" in fitted.max_seq_len_reason
+
+
+def test_a_traced_classifier_runs_with_its_own_labels(tmp_path):
+    """A head without hand rules is traced with the inputs its forward takes (measure.step.make_batch: one label
+    per sequence here), not as a language model; its saved activations equal a real step's (cpu-tracker)."""
+    import json
+
+    from memcalc import api
+
+    config = tmp_path / "olmo2-classifier.json"
+    config.write_text(json.dumps({**_without_rules("olmo2"), "architectures": ["Olmo2ForSequenceClassification"],
+                                  "num_labels": 3}))
+    report = api.verify(str(config), "cpu-tracker", precision="bf16-pure", batch_size=2, seq_len=48)
+    assert report.training.activations == "trace"
+    row = next(r for r in report.verify.rows if r.term == "activations")
+    assert abs(row.error_pct) <= 0.1, row

@@ -25,12 +25,13 @@ import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from memcalc import cache
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 CACHE_KIND = "traces"
 LOSS = "loss"  # where: created after the output head (the loss and its inputs)
 MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)
@@ -248,6 +249,7 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memcalc.measure import build
+    from memcalc.measure.step import make_batch
     from memcalc.measure.trace import unpacked_sequences
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
@@ -258,14 +260,15 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
         model = build.build_model(raw, architecture, dtype=dtype, attn_implementation=attention)
         model.train()
         layers = _decoder_layers(model)
-        vocab = int(model.config.get_text_config().vocab_size)
         for batch in batches:
-            ids = torch.randint(0, vocab, (batch, seq_len))
-            found[batch] = _saved_in_forward(model, layers, ids, autocast, like_cuda=device == "cuda")
+            # the keyword arguments a training forward of this head takes (labels, positions: measure.step)
+            shape = SimpleNamespace(micro_batch_size=batch, seq_len=seq_len, device="cpu", decoder_seq_len=None)
+            inputs, _ = make_batch(model, shape)
+            found[batch] = _saved_in_forward(model, layers, inputs, autocast, like_cuda=device == "cuda")
     return type(model).__name__, found, attention
 
 
-def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool, like_cuda: bool) -> Saves:
+def _saved_in_forward(model: Any, layers: list[Any], inputs: dict[str, Any], autocast: bool, like_cuda: bool) -> Saves:
     """The storages one training forward saves for backward, by where each was created (``like_cuda``: with
     CUDA's dtypes and kernels, memcalc.measure.cuda_semantics)."""
     import torch
@@ -330,7 +333,7 @@ def _saved_in_forward(model: Any, layers: list[Any], ids: Any, autocast: bool, l
     semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
     try:
         with semantics, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Creation(), cast:
-            model(input_ids=ids, labels=ids)
+            model(**inputs)
     finally:
         for handle in handles:
             handle.remove()

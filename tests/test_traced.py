@@ -152,7 +152,8 @@ CONFORMANCE = _conformance()
 SAMPLE = {"window < seq": ("mistral", "qwen2", "gemma3_text", "mixtral", "qwen2_moe", "phi3"),
           "use_cache false": ("phi3", "llama"), "attention dropout": ("llama", "gemma2", "qwen3_moe"),
           "dropout": ("gpt2", "opt", "phi", "falcon-sequential"), "default": ("bloom", "falcon-40b-layout"),
-          "qk layernorm": ("phi",), "reorder_and_upcast_attn": ("gpt2",), "post-norm (350m)": ("opt",)}
+          "qk layernorm": ("phi",), "reorder_and_upcast_attn": ("gpt2",), "post-norm (350m)": ("opt",),
+          "projected embeddings": ("opt",)}
 SAMPLE_CASES = [c for c in CONFORMANCE.cases() if c[0] in SAMPLE.get(c[1], ())]
 
 

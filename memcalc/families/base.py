@@ -73,6 +73,8 @@ class Arch:
     # PreTrainedModel._supports_sdpa of the model class: where False (Gemma2: sdpa cannot softcap), transformers runs
     # eager attention unless flash_attention_2 is asked for.
     supports_sdpa: bool = True
+    # An encoder-decoder whose rule reads the decoder's own length (Run.decoder_s, --decoder-seq-len): T5.
+    encoder_decoder: bool = False
 
 
 @dataclass(eq=False, repr=False)

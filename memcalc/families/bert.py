@@ -17,7 +17,7 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import BYTES_PER_LAYER_NORM_STAT, Loss, Rule, Run, act_bytes, dropout_mask, head_note, parts
+from memcalc.families.saved import BYTES_PER_LAYER_NORM_STAT, Loss, Rule, Run, act_bytes, dropout_mask, parts
 from memcalc.families.tensors import Params
 from memcalc.model import ROLE_ATTENTION, ROLE_LM_HEAD, ROLE_MLP, ROLE_OTHER, ROLE_POSITION_EMBEDDING, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -25,7 +25,6 @@ from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 SOURCE = ("derived from transformers modeling_bert.py (BertEmbeddings, BertSelfAttention sdpa/eager, "
           "BertSelfOutput, BertIntermediate, BertOutput, BertLMPredictionHead) and checked against the saved "
           "tensors of a CPU forward")
-MODELLED_HEAD = "BertForMaskedLM"
 
 _DEFAULTS = {  # models/bert/configuration_bert.py: BertConfig
     "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -49,6 +48,7 @@ _HEADS = {
 @dataclass(eq=False, repr=False, kw_only=True)
 class BertArch(Arch):
     type_vocab_size: int
+    classifier_dropout: float  # classification heads: classifier_dropout, else hidden_dropout_prob
 
 
 def resolve(raw: Mapping[str, Any], architecture: str) -> BertArch:
@@ -62,8 +62,9 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> BertArch:
         vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
         num_labels=f.num_labels(), max_positions=f.dim("max_position_embeddings", MAX_POSITIONS),
         learned_positions=True, norm="layernorm", hidden_act=f.text("hidden_act", "gelu"),
-        dropout=f.dropouts({"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}),
+        dropout=f.dropouts({"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "classifier_dropout": 0.0}),
         type_vocab_size=f.dim("type_vocab_size", MAX_VOCAB, low=0),
+        classifier_dropout=f.probability("classifier_dropout", f.probability("hidden_dropout_prob", 0.1)),
     )
 
 
@@ -110,7 +111,7 @@ def inventory(a: BertArch) -> list[ParamTensor]:
 
 
 def activations(a: BertArch, run: Run) -> Rule:
-    """BertForMaskedLM, as the forward saves it on CUDA.
+    """The BERT class ``architectures`` names, as its forward saves it on CUDA.
 
     Per BertLayer (r: residual bytes, fp32 under autocast; c compute bytes; CUDA LayerNorm stats 2 x 4 T):
       layer input as q/k/v read it   c T h (under autocast each of the three Linears saves its own cast: 3 c T h)
@@ -124,11 +125,9 @@ def activations(a: BertArch, run: Run) -> Rule:
       BertOutput LayerNorm           input r T h + stats (its output is the next layer's input)
       dropout (CUDA masks)           after the attention output and the FFN output 2 T h; eager attention probs
                                      b a s^2 + the dropped probs c b a s^2 (sdpa's fused dropout keeps RNG state)
-    Per model: input_ids, labels (int64; a real batch has both) and the gathered token_type_ids (8 s); the embedding
-    LayerNorm (input r T h + stats; its dropout mask T h); the MLM head: its dense input c T h, GELU input c T h,
-    LayerNorm input (c T h; CUDA autocast keeps the fp32 cast it normalises, 4 T h) + stats, decoder input c T h;
-    nll_loss's total_weight scalar. Position ids are a slice of a registered buffer (model state, not counted).
-    Loss: nn.CrossEntropyLoss on the logits as they are: log_softmax saves c T V (fp32 under CUDA autocast).
+    Per model: input_ids (int64) and the gathered token_type_ids (8 s); the embedding LayerNorm (input r T h + stats;
+    its dropout mask T h). Position ids are a slice of a registered buffer (model state, not counted). Then the
+    head (``_head``), its labels and its loss.
     """
     h, heads, intermediate = a.hidden_size, a.num_heads, a.intermediate_size
     b, s, tokens, c, r = run.b, run.s, run.tokens, run.c, run.residual
@@ -148,20 +147,80 @@ def activations(a: BertArch, run: Run) -> Rule:
         dropout += dropout_mask(a.dropout.get("attention_probs_dropout_prob", 0.0), (1 + c) * b * heads * s * s)
     formula = (f"q/k/v input {qkv_input:,} + attention {attention:,} + layer norms {layer_norms:,} + FFN {ffn:,}"
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
-    head_norm_input = BYTES_PER_FP32 if run.autocast else c
-    gelu_saved = act_bytes(a.hidden_act, c, th) - c * th  # without its output (the norm input)
+    head = _head(a, run)
     per_model = parts(
-        ids=2 * BYTES_PER_INT64 * tokens + BYTES_PER_INT64 * s,
+        ids=BYTES_PER_INT64 * (tokens + s) + head.ids,
         embeddings=r * th + stats + dropout_mask(hidden_dropout, th),
-        head=c * th + gelu_saved + head_norm_input * th + stats + c * th,
-        loss_scalars=BYTES_PER_FP32 if run.autocast else c,  # nll_loss's total_weight
+        head=head.saved,
+        loss_scalars=head.loss_scalars,
     )
     layer = parts(norms=layer_norms, attention=qkv_input + attention, mlp=ffn, dropout=dropout)
-    log_softmax = BYTES_PER_FP32 if run.autocast else c
-    loss = Loss(tokens, a.vocab_size, log_softmax, "transformers modeling_bert.BertForMaskedLM: nn.CrossEntropyLoss on "
-                "the logits in the compute dtype (fp32 under CUDA autocast); log_softmax saves its output")
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * r,
-                c * tokens * (intermediate + h), loss, head_note(a.architecture, MODELLED_HEAD))
+                c * tokens * (intermediate + h), head.loss, head.notes)
+
+
+@dataclass(eq=False, repr=False)
+class _Head:
+    saved: int  # what the head's modules save
+    ids: int  # the int64 labels (or positions) the loss saves
+    loss_scalars: int  # nll_loss's total_weight, one per cross-entropy
+    loss: Loss | None
+    notes: list[str]
+
+
+def _head(a: BertArch, run: Run) -> _Head:
+    """What the head of ``a.head`` saves (models/bert/modeling_bert.py), after the last BertLayer's output O (c T h;
+    under autocast the fp32 output, of which each reader saves its own c cast):
+
+      BertForMaskedLM            BertLMPredictionHead: its dense input O, GELU input c T h, LayerNorm input (c T h;
+      BertForPreTraining         CUDA autocast keeps the fp32 cast it normalises, 4 T h) + stats, decoder input c T h;
+      BertLMHeadModel            labels (8 T). Loss: nn.CrossEntropyLoss on the c logits, log_softmax saves T x V
+                                 (fp32 under CUDA autocast). BertLMHeadModel: self.loss_function, ForCausalLMLoss
+                                 (logits.float(): fp32 log_softmax; its shifted labels are a new int64 tensor).
+                                 BertForPreTraining adds the pooler and the next-sentence loss: 2 x b, its labels 8 b.
+      pooler (BertPooler)        hidden[:, 0] into dense: a view that keeps O whole (under autocast its c cast, b h);
+                                 tanh saves its output c b h (the classifier's input)
+      BertForSequenceClassification  pooler; dropout(classifier_dropout, else hidden_dropout_prob): mask b h and the
+                                 dropped c b h the classifier saves; loss over b x num_labels; labels 8 b
+      BertForTokenClassification the classifier's input O (after dropout: mask T h, the dropped output in its place);
+                                 loss over T x num_labels; labels 8 T
+      BertForQuestionAnswering   qa_outputs' input O; start and end logits, split, made contiguous: two
+                                 cross-entropies over b x s (log_softmax of each), the clamped positions 2 x 8 b
+      BertModel                  the pooler; no loss (a head of the caller's trains it: not counted, and said)
+    Every cross-entropy's log_softmax is saved in the logits' dtype (fp32 under CUDA autocast) with its nll_loss's
+    total_weight scalar. Sequence classification with num_labels 1 (MSE) or multi-label (BCE) saves b x num_labels
+    likewise, float labels in place of the int64 ones."""
+    h, b, s, tokens, c, th = a.hidden_size, run.b, run.s, run.tokens, run.c, run.tokens * a.hidden_size
+    loss_bytes = BYTES_PER_FP32 if run.autocast else c  # log_softmax and total_weight
+    output = c * th  # the last layer's output as the head's first Linear saves it
+    pooler = (c * b * h if run.autocast else output) + c * b * h  # dense input, tanh output
+    source = (f"transformers modeling_bert.{a.head}: nn.CrossEntropyLoss on the logits in the compute dtype (fp32 "
+              "under CUDA autocast); log_softmax saves its output")
+    if a.head in ("BertForMaskedLM", "BertForPreTraining", "BertLMHeadModel"):
+        head_norm_input = BYTES_PER_FP32 if run.autocast else c
+        gelu_saved = act_bytes(a.hidden_act, c, th) - c * th  # without its output (the norm input)
+        stats = 2 * BYTES_PER_LAYER_NORM_STAT * tokens
+        saved = output + gelu_saved + head_norm_input * th + stats + c * th
+        if a.head == "BertLMHeadModel":
+            return _Head(saved, BYTES_PER_INT64 * tokens, BYTES_PER_FP32, Loss(tokens, a.vocab_size, BYTES_PER_FP32), [])
+        loss = Loss(tokens, a.vocab_size, loss_bytes, source)
+        if a.head == "BertForMaskedLM":
+            return _Head(saved, BYTES_PER_INT64 * tokens, loss_bytes, loss, [])
+        # the pooler's dense reads a view of the output the MLM head saves already: only its autocast cast is new
+        pooler_new = pooler - (0 if run.autocast else output)
+        nsp = 2 * b * loss_bytes
+        return _Head(saved + pooler_new + nsp, BYTES_PER_INT64 * (tokens + b), 2 * loss_bytes, loss, [])
+    if a.head == "BertForSequenceClassification":
+        dropped = dropout_mask(a.classifier_dropout, b * h) + (c * b * h if a.classifier_dropout > 0 else 0)
+        return _Head(pooler + dropped, BYTES_PER_INT64 * b, loss_bytes, Loss(b, a.num_labels, loss_bytes, source), [])
+    if a.head == "BertForTokenClassification":
+        return _Head(output + dropout_mask(a.classifier_dropout, th), BYTES_PER_INT64 * tokens, loss_bytes,
+                     Loss(tokens, a.num_labels, loss_bytes, source), [])
+    if a.head == "BertForQuestionAnswering":
+        # two cross-entropies over (b, s): one Loss of 2 b rows of s positions
+        return _Head(output, 2 * BYTES_PER_INT64 * b, 2 * loss_bytes, Loss(2 * b, s, loss_bytes, source), [])
+    note = f"{a.head} has no head and no loss: the activations and loss of the head that trains it are not counted"
+    return _Head(pooler, 0, 0, None, [note])
 
 
 FAMILIES = {"bert": Family("bert", {name: name for name in _HEADS}, resolve, inventory, activations,

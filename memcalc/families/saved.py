@@ -36,6 +36,7 @@ PART_HEAD = "head input"
 PART_LOSS_SCALARS = "loss scalars"
 PART_ROUTING = "router aux loss"
 PART_LOGIT_SOFTCAP = "final logit softcapping"
+PART_PROJECTIONS = "embedding projections"  # OPT-350m project_in / project_out inputs
 
 
 @dataclass(eq=False, repr=False)
@@ -49,10 +50,16 @@ class Run:
     eager: bool  # --attn eager (else sdpa/flash)
     flash: bool = False  # --attn flash (flash_attention_2: sliding windows and causality without a mask)
     checkpointing: bool = False  # gradient checkpointing (transformers then runs with use_cache=False)
+    decoder_s: int | None = None  # encoder-decoder models: decoder tokens per sequence (None: s)
 
     @property
     def tokens(self) -> int:
         return self.b * self.s
+
+    @property
+    def decoder_len(self) -> int:
+        """Decoder tokens per sequence (encoder-decoder models): --decoder-seq-len, else the sequence length."""
+        return self.s if self.decoder_s is None else self.decoder_s
 
     @property
     def residual(self) -> int:
@@ -106,7 +113,7 @@ def parts(**named: int) -> dict[str, int]:
     labels = {"norms": PART_NORMS, "attention": PART_ATTENTION, "mlp": PART_MLP, "casts": PART_CASTS,
               "dropout": PART_DROPOUT, "ids": PART_IDS, "rotary": PART_ROTARY, "embeddings": PART_EMBEDDINGS,
               "final_norm": PART_FINAL_NORM, "head": PART_HEAD, "loss_scalars": PART_LOSS_SCALARS,
-              "routing": PART_ROUTING, "logit_softcap": PART_LOGIT_SOFTCAP}
+              "routing": PART_ROUTING, "logit_softcap": PART_LOGIT_SOFTCAP, "projections": PART_PROJECTIONS}
     return {labels[key]: value for key, value in named.items() if value}
 
 

@@ -76,7 +76,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> T5Arch:
         norm="t5_layernorm", hidden_act=act, dropout=f.dropouts({"dropout_rate": 0.1}),
         encoder_layers=encoder_layers, decoder_layers=decoder_layers,
         relative_buckets=f.dim("relative_attention_num_buckets", MAX_POSITIONS),
-        gated=projection.split("-")[0] == "gated",
+        gated=projection.split("-")[0] == "gated", encoder_decoder=architecture != "T5EncoderModel",
     )
 
 
@@ -121,115 +121,142 @@ def inventory(a: T5Arch) -> list[ParamTensor]:  # T5ForConditionalGeneration, T5
 
 
 def activations(a: T5Arch, run: Run) -> Rule:
-    """T5ForConditionalGeneration. The encoder input and the decoder input (labels shifted right) both have seq_len
-    tokens here, so cross-attention attends over seq_len encoder positions.
+    """T5ForConditionalGeneration. The encoder reads seq_len tokens (s_e, T_e = b s_e), the decoder its input, the labels
+    shifted right (T5ForConditionalGeneration._shift_right): decoder_seq_len tokens (s_d, T_d = b s_d; --decoder-seq-len,
+    default seq_len). Self-attention is s_e x s_e in the encoder, s_d x s_d in the decoder; cross-attention is s_d
+    queries over s_e encoder positions, and its keys and values are each decoder layer's projections of the encoder
+    output (T_e).
 
     T5LayerNorm: x.to(fp32).pow(2) saves the fp32 copy (4 T h, the input itself when it is fp32), x * rsqrt saves
     the input (c T h) and rsqrt (4 T), weight * normalized.to(c) saves the normalized (c T h), the next Linear the
     output (c T h): (4 + 3c) T h + 4 T in 16 bit, 3 c T h + 4 T in fp32. Under autocast the stream is fp32: 8 T h + 4 T,
     and every Linear saves its own cast of the fp32 output.
-    Attention (self and cross, inner = heads x d_kv): eager: contiguous copies of q, k^T, v for the matmuls
-    3 c T inner, softmax output c b a s^2 (under autocast the fp32 relative bias makes the scores and softmax fp32,
-    then the matmul saves a c cast: (4 + c) b a s^2), the output's contiguous copy c T inner.
-    sdpa: a float mask (the relative position bias) rules out flash attention; CUDA's memory-efficient kernel saves
-    q, k, v and the output (4 c T inner), logsumexp (4 b a s, rows padded to 32) and the bias it adds (c a s^2:
-    each layer's contiguous copy of the encoder bias, each decoder layer's causal where(); the cross-attention's
-    zero bias is one tensor shared by all layers).
+    Attention (inner = heads x d_kv): eager: contiguous copies of q, k^T, v for the matmuls (c inner: q's rows are the
+    queries', k's and v's the keys'), softmax output c b a s_q s_k (under autocast the fp32 relative bias makes the
+    scores and softmax fp32, then the matmul saves a c cast: (4 + c) b a s_q s_k), the output's contiguous copy
+    (c T_q inner). sdpa: a float mask (the relative position bias) rules out flash attention; CUDA's
+    memory-efficient kernel saves q, k, v and the output, logsumexp (4 b a s_q, rows padded to 32) and the bias it
+    adds (c a s^2: each self-attention layer's contiguous copy of its stack's bias, each decoder layer's causal
+    where(); the cross-attention's zero bias, c a s_d s_e, is one tensor shared by all layers).
     Feed-forward (T5DenseActDense / T5DenseGatedActDense): relu saves its result, which wo saves too (c T I); gated:
     the activation's saved tensors and output, wi_1's output, the product (wo's input). Under autocast the
-    activation output is cast back to fp32 (to wo's weight dtype) and wo saves its own c cast.
-    Per model: input_ids, decoder_input_ids, labels (3 x 8 T), the relative-position buckets of each stack (2 x 8 s^2),
-    both final norms (the decoder's output, scaled by d_model^-0.5 when scale_decoder_outputs, is the lm_head input),
-    nll_loss's total_weight. Loss: nn.CrossEntropyLoss on the c logits (fp32 under CUDA autocast).
-    Dropout (CUDA masks, 1 byte): embedding and final dropouts of both stacks 4 T h; per layer each sub-layer's
-    output dropout (T h) and the feed-forward's inner dropout (T I; relu's dropped output is saved besides its
-    result); eager attention dropout b a s^2 per attention (+ the dropped probs in c, outside autocast).
+    activation output is cast back to fp32 (to wo's weight dtype) and wo saves its own c cast; each decoder layer's
+    cross-attention k and v save their own casts of the encoder output (2 c T_e h).
+    Per model: input_ids (8 T_e), decoder_input_ids and labels (2 x 8 T_d), the relative-position buckets of each
+    stack (8 s_e^2 + 8 s_d^2), both final norms (the decoder's output, scaled by d_model^-0.5 when
+    scale_decoder_outputs, is the lm_head input), nll_loss's total_weight. Loss: nn.CrossEntropyLoss on the c logits
+    (T_d x vocab; fp32 under CUDA autocast).
+    Dropout (CUDA masks, 1 byte): embedding and final dropouts of both stacks 2 T_e h + 2 T_d h; per layer each
+    sub-layer's output dropout (T h) and the feed-forward's inner dropout (T I; relu's dropped output is saved besides
+    its result); eager attention dropout b a s_q s_k per attention (+ the dropped probs in c, outside autocast).
     """
     h, heads, d_kv, ff = a.hidden_size, a.num_heads, a.head_dim, a.intermediate_size
     inner = heads * d_kv
-    b, s, tokens, c, autocast = run.b, run.s, run.tokens, run.c, run.autocast
-    th, ti, scores = tokens * h, tokens * ff, b * heads * s * s
+    b, c, autocast = run.b, run.c, run.autocast
+    s_e, s_d = run.s, run.decoder_len
+    t_e, t_d = b * s_e, b * s_d
     dropout = "dropout_rate" in a.dropout
 
-    if autocast:
-        norm = 8 * th + BYTES_PER_FP32 * tokens
-    else:
-        norm = ((BYTES_PER_FP32 if c != BYTES_PER_FP32 else 0) + 3 * c) * th + BYTES_PER_FP32 * tokens
-    attention_dropout = 0
+    def norm(tokens: int) -> int:
+        if autocast:
+            return 8 * tokens * h + BYTES_PER_FP32 * tokens
+        return ((BYTES_PER_FP32 if c != BYTES_PER_FP32 else 0) + 3 * c) * tokens * h + BYTES_PER_FP32 * tokens
+
+    def lse(queries: int) -> int:
+        return BYTES_PER_FP32 * b * heads * (-(-queries // 32) * 32)
+
+    def attention_dropout(queries: int, keys: int) -> int:
+        return b * heads * queries * keys * (1 if autocast else 1 + c) if dropout and run.eager else 0
+
+    # q and the output have the queries' rows, k and v the keys'
+    def projections(t_q: int, t_k: int) -> int:
+        return 2 * c * inner * (t_q + t_k)
+
+    softmax = ((BYTES_PER_FP32 + c) if autocast else c) if run.eager else 0
     if run.eager:
-        softmax = (BYTES_PER_FP32 + c) if autocast else c
-        self_attention = 4 * c * tokens * inner + softmax * scores
         # Cross-attention adds a zero bias in c: under CUDA autocast softmax runs in fp32 all the same.
-        cross_attention = self_attention
-        if dropout:
-            attention_dropout = scores * (1 if autocast else 1 + c)
-            self_attention += attention_dropout
-            cross_attention += attention_dropout
+        encoder_attention = projections(t_e, t_e) + softmax * b * heads * s_e * s_e
+        self_attention = projections(t_d, t_d) + softmax * b * heads * s_d * s_d
+        cross_attention = projections(t_d, t_e) + softmax * b * heads * s_d * s_e
         decoder_where = 0
     else:
-        lse = BYTES_PER_FP32 * b * heads * (-(-s // 32) * 32)
-        self_attention = 4 * c * tokens * inner + lse + c * heads * s * s
-        cross_attention = 4 * c * tokens * inner + lse
-        # The decoder's where(causal, bias, min) also saves its boolean condition (s^2).
-        decoder_where = s * s
-    if a.gated:
-        # act(wi_0 out) saves what the activation saves; the product saves act out and wi_1 out; wo its input.
-        act_saved = act_bytes(a.hidden_act, c, ti) - c * ti  # without the activation's output
-        feed_forward = act_saved + 3 * c * ti
-    else:
-        feed_forward = act_bytes(a.hidden_act, c, ti) + (c * ti if autocast else 0)  # relu result (+ wo's cast)
+        encoder_attention = projections(t_e, t_e) + lse(s_e) + c * heads * s_e * s_e
+        self_attention = projections(t_d, t_d) + lse(s_d) + c * heads * s_d * s_d
+        cross_attention = projections(t_d, t_e) + lse(s_d)
+        # The decoder's where(causal, bias, min) also saves its boolean condition (s_d^2).
+        decoder_where = s_d * s_d
+    encoder_probs_dropout = attention_dropout(s_e, s_e)
+    decoder_probs_dropout = attention_dropout(s_d, s_d) + attention_dropout(s_d, s_e)
+
+    def feed_forward(tokens: int) -> tuple[int, int]:
+        """(saved bytes, of which dropout masks) of one feed-forward over ``tokens``."""
+        ti, th = tokens * ff, tokens * h
+        if a.gated:
+            # act(wi_0 out) saves what the activation saves; the product saves act out and wi_1 out; wo its input.
+            saved = act_bytes(a.hidden_act, c, ti) - c * ti + 3 * c * ti  # without the activation's output
+        else:
+            saved = act_bytes(a.hidden_act, c, ti) + (c * ti if autocast else 0)  # relu result (+ wo's cast)
+        masks = 0
+        if dropout:
+            masks = ti + 2 * th  # inner mask, sub-layer output masks (attention and feed-forward)
+            if not a.gated and not autocast:
+                masks += c * ti  # relu's dropped output, saved by wo beside relu's result
+        return saved + masks, masks
+
+    encoder_ff, encoder_ff_masks = feed_forward(t_e)
+    decoder_ff, decoder_ff_masks = feed_forward(t_d)
     wi_casts = 2 if a.gated else 1
-    ff_dropout = 0
-    if dropout:
-        ff_dropout = ti + 2 * th  # inner mask, sub-layer output masks (attention and feed-forward)
-        if not a.gated and not autocast:
-            ff_dropout += c * ti  # relu's dropped output, saved by wo beside relu's result
-    feed_forward += ff_dropout
-    enc_casts = (3 + wi_casts) * c * th if autocast else 0
-    dec_casts = (6 + wi_casts) * c * th if autocast else 0  # self q, k, v; cross q, k, v (the encoder output)
-    cross_mask = th if dropout else 0
-    encoder_layer = 2 * norm + self_attention + feed_forward + enc_casts
-    decoder_layer = 3 * norm + self_attention + cross_attention + feed_forward + dec_casts + cross_mask + decoder_where
-    formula = (f"encoder layer: norms {2 * norm:,} + attention {self_attention:,} + feed-forward {feed_forward:,}"
-               f"{f' + casts {enc_casts:,}' if enc_casts else ''} = {encoder_layer:,}; decoder layer: norms "
-               f"{3 * norm:,} + self-attention {self_attention:,} + cross-attention {cross_attention:,} + "
-               f"feed-forward {feed_forward:,}{f' + casts {dec_casts:,}' if dec_casts else ''}"
-               f"{f' + cross dropout mask {th:,}' if dropout else ''}")
-    masks = ff_dropout + attention_dropout
-    encoder_parts = {PART_NORMS: 2 * norm, PART_ATTENTION: self_attention - attention_dropout,
-                     PART_MLP: feed_forward - ff_dropout, PART_CASTS: enc_casts, PART_DROPOUT: masks}
-    decoder_parts = {PART_NORMS: 3 * norm,
-                     PART_ATTENTION: self_attention + cross_attention - 2 * attention_dropout + decoder_where,
-                     PART_MLP: feed_forward - ff_dropout, PART_CASTS: dec_casts,
-                     PART_DROPOUT: masks + attention_dropout + cross_mask}
+    enc_casts = (3 + wi_casts) * c * t_e * h if autocast else 0
+    # self q, k, v and cross q over the decoder's tokens, cross k and v over the encoder output
+    dec_casts = ((4 + wi_casts) * c * t_d * h + 2 * c * t_e * h) if autocast else 0
+    cross_mask = t_d * h if dropout else 0
+    encoder_parts = {PART_NORMS: 2 * norm(t_e), PART_ATTENTION: encoder_attention, PART_MLP: encoder_ff - encoder_ff_masks,
+                     PART_CASTS: enc_casts, PART_DROPOUT: encoder_ff_masks + encoder_probs_dropout}
+    decoder_parts = {PART_NORMS: 3 * norm(t_d), PART_ATTENTION: self_attention + cross_attention + decoder_where,
+                     PART_MLP: decoder_ff - decoder_ff_masks, PART_CASTS: dec_casts,
+                     PART_DROPOUT: decoder_ff_masks + decoder_probs_dropout + cross_mask}
     encoder_parts = {k: v for k, v in encoder_parts.items() if v}
     decoder_parts = {k: v for k, v in decoder_parts.items() if v}
-    shared_cross_bias = 0 if run.eager else c * heads * s * s
+    encoder_layer, decoder_layer = sum(encoder_parts.values()), sum(decoder_parts.values())
+    formula = (f"encoder layer: norms {2 * norm(t_e):,} + attention {encoder_attention + encoder_probs_dropout:,} + "
+               f"feed-forward {encoder_ff:,}{f' + casts {enc_casts:,}' if enc_casts else ''} = {encoder_layer:,}; "
+               f"decoder layer: norms {3 * norm(t_d):,} + self-attention "
+               f"{self_attention + decoder_where + attention_dropout(s_d, s_d):,} + cross-attention "
+               f"{cross_attention + attention_dropout(s_d, s_e):,} + feed-forward {decoder_ff:,}"
+               f"{f' + casts {dec_casts:,}' if dec_casts else ''}{f' + cross dropout mask {cross_mask:,}' if dropout else ''}"
+               f" = {decoder_layer:,}")
+    shared_cross_bias = 0 if run.eager else c * heads * s_d * s_e
+    buckets = BYTES_PER_INT64 * (s_e * s_e + s_d * s_d)
     per_model = parts(
-        ids=3 * BYTES_PER_INT64 * tokens + 2 * BYTES_PER_INT64 * s * s,
-        final_norm=2 * norm, head=c * th if autocast else 0,
+        ids=BYTES_PER_INT64 * (t_e + 2 * t_d) + buckets,
+        final_norm=norm(t_e) + norm(t_d), head=c * t_d * h if autocast else 0,
         loss_scalars=BYTES_PER_FP32 if autocast else c,
-        attention=shared_cross_bias, dropout=4 * th if dropout else 0,
+        attention=shared_cross_bias, dropout=2 * (t_e + t_d) * h if dropout else 0,
     )
-    loss = Loss(tokens, a.vocab_size, BYTES_PER_FP32 if autocast else c,
+    loss = Loss(t_d, a.vocab_size, BYTES_PER_FP32 if autocast else c,
                 "transformers modeling_t5.T5ForConditionalGeneration: nn.CrossEntropyLoss on the decoder logits in "
                 "the compute dtype (fp32 under CUDA autocast); log_softmax saves its output")
     residual = BYTES_PER_FP32 if autocast else c
     # Checkpointing (non-reentrant): each T5Block keeps its tensor arguments. Besides the layer inputs those are the
     # position biases the first block of each stack computes and hands to the others: the encoder's and the
     # decoder's relative bias (fp32 under autocast: an fp32 embedding) and the cross-attention's zero bias (c; it
-    # requires grad under checkpointing), and, with eager attention, the decoder's 4-D causal mask (b s^2, in the
+    # requires grad under checkpointing), and, with eager attention, the decoder's 4-D causal mask (b s_d^2, in the
     # embeddings' dtype). The bucket indices are computed inside the first blocks: recomputed, not kept.
-    bias = (BYTES_PER_FP32 if autocast else c) * heads * s * s
-    zero_bias = c * heads * s * s
-    causal_mask = (BYTES_PER_FP32 if autocast else c) * b * s * s if run.eager else 0
-    kept = (a.encoder_layers + a.decoder_layers) * th * residual + 2 * bias + zero_bias + causal_mask - 2 * 8 * s * s
-    # The first decoder block is the largest to recompute: it rebuilds its biases beside the kept ones, while the
-    # gradients of the decoder's two biases (both inputs of every decoder block) accumulate.
-    recompute = decoder_layer + 2 * (bias + zero_bias)
+    bias_bytes = BYTES_PER_FP32 if autocast else c
+    encoder_bias, decoder_bias = bias_bytes * heads * s_e * s_e, bias_bytes * heads * s_d * s_d
+    zero_bias = c * heads * s_d * s_e
+    causal_mask = bias_bytes * b * s_d * s_d if run.eager else 0
+    kept = ((a.encoder_layers * t_e + a.decoder_layers * t_d) * h * residual + encoder_bias + decoder_bias + zero_bias
+            + causal_mask - buckets)
+    # The first block of each stack recomputes the most: it rebuilds its biases beside the kept ones, while the
+    # gradients of the biases every block of its stack reads accumulate (the decoder's two, the encoder's one).
+    recompute = max(decoder_layer + 2 * (decoder_bias + zero_bias), encoder_layer + 2 * encoder_bias)
+    notes = head_note(a.architecture, MODELLED_HEAD)
+    if s_d != s_e:
+        notes.append(f"decoder sequence {s_d:,} tokens, encoder {s_e:,}: self-attention s_d^2 in the decoder, "
+                     "cross-attention s_d x s_e, the loss over the decoder's tokens")
     layers = [encoder_parts] * a.encoder_layers + [decoder_parts] * a.decoder_layers
-    return Rule(layers, formula, per_model, SOURCE, kept, c * tokens * (ff + h), loss,
-                head_note(a.architecture, MODELLED_HEAD), recompute=recompute)
+    return Rule(layers, formula, per_model, SOURCE, kept, c * t_e * (ff + h), loss, notes, recompute=recompute)
 
 
 _HEADS = {name: name for name in ("T5ForConditionalGeneration", "T5Model", "T5EncoderModel")}

@@ -542,7 +542,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         _TrackerClock,
         build_model,
         dropout_probabilities,
-        make_inputs,
+        make_batch,
         one_step,
         resolve_setup,
         storage_bytes,
@@ -572,12 +572,12 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         runner, stepper, ddp = _wrap_ddp(job, model, setup, comm_baseline, dist_info)
     else:
         runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
-    input_ids = make_inputs(model, setup)
+    batch, batch_notes = make_batch(model, setup)
     timings = {"build": time.perf_counter() - started}
     for step in range(job.warmup_steps):
         say(f"warm-up step {step + 1} of {job.warmup_steps}")
         comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
-        one_step(runner, stepper, input_ids, setup, PhaseClock())
+        one_step(runner, stepper, batch, setup, PhaseClock())
     timings["warmup"] = time.perf_counter() - started - timings["build"]
     if ddp is not None:
         dist_info["bucket_bytes"] = [int(t.untyped_storage().nbytes()) for t in comm_baseline]
@@ -588,7 +588,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     tracker.register(local_params, trk.WEIGHTS)
     tracker.register(stepper.masters, trk.MASTER)
     tracker.register(model.buffers(), trk.OTHER)
-    tracker.register([input_ids], trk.OTHER)
+    tracker.register(batch.values(), trk.OTHER)
     tracker.register(comm_baseline, COMM_BUFFERS)
     if fsdp_params:
         tracker.register([t for fp in fsdp_params for t in fp.all_gather_outputs], COMM_BUFFERS)
@@ -610,7 +610,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     say("measured step")
     try:
         with profiler as prof, instrument, tracker:
-            one_step(runner, stepper, input_ids, setup, _TrackerClock(tracker, None), after_backward)
+            one_step(runner, stepper, batch, setup, _TrackerClock(tracker, None), after_backward)
     finally:
         tracker.remove_hooks()
     if job.allocator_check:
@@ -633,7 +633,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         model_state_bytes=model_state,
         optimizer_state_breakdown={k: storage_bytes(_local(t) for t in v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(job.raw),
-        elapsed_seconds=time.perf_counter() - started,
+        elapsed_seconds=time.perf_counter() - started, notes=batch_notes,
     )
     measurement = to_measurement("trace" if job.fake else "cpu-tracker", result)
     measurement.run["distributed"] = dist_info

@@ -1,0 +1,441 @@
+"""--from FILE: trainers' own example configs (tests/fixtures/trainers, sources in SOURCES.md there) read into memcalc's
+settings, every key accounted for, contradictions refused, and hostile files answered with one line.
+
+Expected values are read off the fixture files (the line is quoted in each comment) or are the trainer's documented
+default for an absent key (its file and field named); none is computed by memcalc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from memcalc.configs.trainers import read_trainer_config
+from tests.test_hostile_files import _fifo, _sparse, assert_one_line_error, run_guarded
+
+pytest.importorskip("yaml")  # the [yaml] extra (in [test]): most fixtures are YAML
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "trainers"
+EXIT_USAGE, EXIT_MODEL_NOT_FOUND, EXIT_CONFIG, EXIT_MISSING_DEPENDENCY = 2, 3, 4, 7  # memcalc/errors.py
+
+# transformers 5.24 training_args.py: per_device_train_batch_size=8, gradient_accumulation_steps=1,
+# default_optim "adamw_torch_fused" (torch >= 2.8); trainer_optimizer.py builds it as torch.optim.AdamW(fused=True).
+HF_BATCH, HF_ACCUM = 8, 1
+HF_OPTIM = {"optim": "adamw", "optim_impl": "fused"}
+
+EXPECTED = {
+    # TRL: model_name_or_path "Qwen/Qwen2.5-0.5B"; the rest are defaults: TrainingArguments' batch, accumulation and
+    # optimizer; trl/trainer/base_config.py gradient_checkpointing=True and bf16 = not fp16; sft_config.py
+    # max_length=1024 (padded rows: an upper bound); model_config.py dtype="float32" -> fp32 weights + bf16 autocast.
+    "trl_example_config.yaml": ("trl", {
+        "model": "Qwen/Qwen2.5-0.5B", "batch_size": HF_BATCH, "grad_accum": HF_ACCUM, "checkpointing": "full",
+        **HF_OPTIM, "seq_len": 1024, "precision": "amp-bf16"}),
+    # "packing: true", "per_device_train_batch_size: 2", "gradient_accumulation_steps: 8", "use_peft: true",
+    # "lora_r: 32"; max_length 1024 (default), exact with packing.
+    "trl_sft_lora.yaml": ("trl", {
+        "model": "Qwen/Qwen2-0.5B", "batch_size": 2, "grad_accum": 8, "checkpointing": "full", **HF_OPTIM,
+        "seq_len": 1024, "lora_rank": 32, "precision": "amp-bf16"}),
+    # "model_name_or_path": "gpt2", "per_device_train_batch_size": 8; TrainingArguments defaults otherwise
+    # (gradient_checkpointing False); no torch_dtype: transformers 5 loads the checkpoint's dtype.
+    "hf_run_clm_gpt2.json": ("hf", {
+        "model": "gpt2", "batch_size": 8, "grad_accum": HF_ACCUM, "checkpointing": "none", **HF_OPTIM}),
+    # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 2048", "optimizer: adamw_bnb_8bit",
+    # "gradient_checkpointing: true", "attn_implementation: flash_attention_2", "adapter: qlora", "load_in_4bit: true",
+    # "lora_r: 32", lora_target_modules as listed; "bf16: auto" -> bf16 weights, fp32 adapters (PEFT) -> bf16.
+    "axolotl_qlora-1b.yml": ("axolotl", {
+        "model": "NousResearch/Llama-3.2-1B", "batch_size": 2, "grad_accum": 4, "seq_len": 2048,
+        "optim": "adamw-8bit", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "lora_rank": 32,
+        "lora_targets": "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj", "qlora": True,
+        "precision": "bf16"}),
+    # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 4096", "optimizer: adamw_torch_fused",
+    # "liger_fused_linear_cross_entropy: true", "fsdp: [full_shard, auto_wrap]" -> FSDP stage 3; bf16 auto + FSDP
+    # mixed precision -> fp32 shards gathered in bf16 (memcalc's bf16 under FSDP).
+    "axolotl_fft-8b-liger-fsdp.yaml": ("axolotl", {
+        "model": "NousResearch/Meta-Llama-3.1-8B", "batch_size": 2, "grad_accum": 4, "seq_len": 4096,
+        "optim": "adamw", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "loss": "fused-linear",
+        "sharding": "fsdp", "zero": 3, "precision": "bf16"}),
+    # "per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "cutoff_len: 2048", "finetuning_type: lora",
+    # "lora_rank: 8", "lora_target: all"; checkpointing on (model_utils/checkpointing.py, not disabled); the
+    # precision waits for the checkpoint's dtype (recipes below).
+    "llamafactory_qwen3_lora_sft.yaml": ("llamafactory", {
+        "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 8, "seq_len": 2048,
+        "checkpointing": "full", **HF_OPTIM, "lora_rank": 8, "lora_targets": "all-linear"}),
+    # "gradient_accumulation_steps: 2", "finetuning_type: full", "deepspeed: examples/deepspeed/ds_z3_config.json"
+    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe.
+    "llamafactory_qwen3_full_sft.yaml": ("llamafactory", {
+        "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 2, "seq_len": 2048,
+        "checkpointing": "full", **HF_OPTIM, "precision": "bf16",
+        "deepspeed": str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json")}),
+    # "_component_: torchtune.models.llama3_2.lora_llama3_2_1b", "lora_attn_modules: ['q_proj', 'v_proj',
+    # 'output_proj']", "apply_lora_to_mlp: True", "lora_rank: 64", "batch_size: 4", "gradient_accumulation_steps: 8",
+    # "torch.optim.AdamW" with "fused: True", "dtype: bf16", "enable_activation_checkpointing: False".
+    "torchtune_llama3_2_1B_lora_single_device.yaml": ("torchtune", {
+        "model": "llama-3.2-1b", "lora_rank": 64, "lora_targets": "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "batch_size": 4, "grad_accum": 8, "precision": "bf16-pure", "checkpointing": "none", "optim": "adamw",
+        "optim_impl": "fused"}),
+    # "llama3_2_3b", "batch_size: 4", "gradient_accumulation_steps: 8", "dtype: bf16",
+    # "enable_activation_checkpointing: True", AdamW "fused: True".
+    "torchtune_llama3_2_3B_full.yaml": ("torchtune", {
+        "model": "llama-3.2-3b", "batch_size": 4, "grad_accum": 8, "precision": "bf16-pure", "checkpointing": "full",
+        "optim": "adamw", "optim_impl": "fused"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fixture_maps_to_settings(name):
+    fmt, settings = EXPECTED[name]
+    config = read_trainer_config(FIXTURES / name)
+    assert config.format == fmt
+    assert dict(config.settings) == settings
+
+
+# Recipes by the checkpoint's dtype where the config loads "auto": run_clm without torch_dtype and no bf16/fp16 trains
+# in the weights' dtype (fp32, or pure 16-bit); LLaMA-Factory upcasts trainable parameters to fp32 (adapter.py
+# init_adapter), so LoRA on a 16-bit base is that base with fp32 adapters (memcalc's bf16/fp16), on fp32 weights
+# it is autocast (bf16: true).
+@pytest.mark.parametrize(("name", "recipes"), [
+    ("hf_run_clm_gpt2.json", {"fp32": "fp32", "bf16": "bf16-pure", "fp16": "fp16-pure"}),
+    ("llamafactory_qwen3_lora_sft.yaml", {"fp32": "amp-bf16", "bf16": "bf16", "fp16": "fp16"}),
+])
+def test_precision_waits_for_the_checkpoint_dtype(name, recipes):
+    assert dict(read_trainer_config(FIXTURES / name).recipes) == recipes
+
+
+def _top_keys(config) -> set[str]:
+    keys = {m.key.split(".")[0] for m in config.mapped}
+    keys |= {item.split(" ", 1)[0].split(".")[0] for item in (*config.not_modelled, *config.also_read)}
+    keys |= {key.split(".")[0] for key in config.ignored}
+    return keys
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_key_is_accounted_for(name):
+    """Each top-level key of the file is mapped, also read, read but not modelled, or listed as ignored."""
+    import yaml
+
+    path = FIXTURES / name
+    data = json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())
+    assert set(data) <= _top_keys(read_trainer_config(path))
+
+
+def test_output_names_mapped_not_modelled_and_ignored_keys(cli):
+    result = cli("llama-3.1-8b", "--from", str(FIXTURES / "axolotl_fft-8b-liger-fsdp.yaml"), "--gpus", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    notes = result.json()["notes"]
+    read = next(note for note in notes if note.startswith("read "))
+    for part in ("micro_batch_size 2 -> --batch-size 2", "sequence_len 4096 -> --seq-len 4096",
+                 "optimizer adamw_torch_fused -> --optim adamw --optim-impl fused",
+                 "liger_fused_linear_cross_entropy true -> --loss fused-linear",
+                 "fsdp [full_shard, auto_wrap] -> --sharding fsdp --zero 3"):
+        assert part in read, read
+    ignored = next(note for note in notes if " ignored (" in note)
+    for key in ("learning_rate", "datasets", "wandb_project", "fsdp_config.fsdp_state_dict_type"):
+        assert key in ignored
+    unmodelled = [note for note in notes if "read but not modelled" in note]
+    assert any("fsdp_config.fsdp_offload_params true" in note for note in unmodelled)
+    assert any("liger_rms_norm true" in note for note in unmodelled)
+    assert any("MODEL llama-3.1-8b stands in for" in note for note in notes)
+    assert result.json()["training"]["micro_batch_size"] == 2 and result.json()["training"]["sharding"] == "fsdp"
+
+
+def test_estimate_keyword_reads_the_config():
+    import memcalc
+
+    report = memcalc.estimate("llama-3.2-1b", from_config=str(FIXTURES / "axolotl_qlora-1b.yml"))
+    training = report.training
+    # Values from the fixture (see EXPECTED), now in the report the engine produced.
+    assert (training.micro_batch_size, training.seq_len, training.grad_accum) == (2, 2048, 4)
+    assert (training.lora_rank, training.qlora, training.optimizer, training.attention) == (32, True, "adamw-8bit",
+                                                                                             "flash")
+    assert not any(d.startswith(("--batch-size", "--seq-len", "--precision")) for d in training.defaults_used)
+
+
+# -- contradictions and stand-ins ---------------------------------------------------------------------------------
+
+
+def test_a_flag_the_config_contradicts_is_refused(cli):
+    result = cli("qwen2.5-0.5b", "--from", str(FIXTURES / "trl_sft_lora.yaml"), "--batch-size", "4")
+    assert_one_line_error(result, EXIT_USAGE, "--batch-size 4 contradicts", "per_device_train_batch_size 2")
+
+
+def test_a_flag_that_agrees_or_adds_is_accepted(cli):
+    result = cli("qwen2.5-0.5b", "--from", str(FIXTURES / "trl_sft_lora.yaml"), "--batch-size", "2", "--gpus", "2",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["training"]["num_gpus"] == 2
+
+
+def test_a_shorter_sequence_under_a_padded_bound_is_accepted(cli):
+    # trl_example_config.yaml has no packing: max_length 1024 is a bound; 512 is under it, 2048 above it.
+    path = str(FIXTURES / "trl_example_config.yaml")
+    result = cli("--from", path, "--seq-len", "512", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["training"]["seq_len"] == 512
+    assert_one_line_error(cli("--from", path, "--seq-len", "2048"), EXIT_USAGE, "--seq-len 2048 contradicts")
+
+
+def test_checkpoint_dtype_from_the_models_config(cli, tmp_path):
+    """run_clm without torch_dtype loads the checkpoint's dtype: a config.json that records it decides the recipe,
+    a preset (no dtype recorded) needs --precision."""
+    path = str(FIXTURES / "hf_run_clm_gpt2.json")
+    assert_one_line_error(cli("--from", path), EXIT_USAGE, "checkpoint's dtype", "--precision")
+    raw = json.loads((Path(__file__).resolve().parent.parent / "presets" / "models" / "gpt2.json").read_text())
+    for dtype, recipe in (("float32", "fp32"), ("bfloat16", "bf16-pure")):
+        config = tmp_path / dtype / "config.json"
+        config.parent.mkdir()
+        config.write_text(json.dumps({**raw, "torch_dtype": dtype}))
+        result = cli(str(config), "--from", path, "--json")
+        assert result.exit_code == 0, result.stderr
+        assert result.json()["training"]["precision"] == recipe
+    result = cli("--from", path, "--precision", "fp16-pure", "--json")
+    assert result.exit_code == 0 and result.json()["training"]["precision"] == "fp16-pure"
+    assert_one_line_error(cli("--from", path, "--precision", "amp-bf16"), EXIT_USAGE, "not a recipe")
+
+
+def test_deepspeed_config_beside_the_config_or_given(cli, tmp_path):
+    path = FIXTURES / "llamafactory_qwen3_full_sft.yaml"
+    result = cli("qwen3-4b", "--from", str(path), "--gpus", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["training"]["zero_stage"] == 3  # ds_z3_config.json: "stage": 3
+    alone = tmp_path / "alone.yaml"
+    shutil.copy(path, alone)
+    assert_one_line_error(cli("qwen3-4b", "--from", str(alone)), EXIT_CONFIG, "ds_z3_config.json",
+                          "--deepspeed PATH")
+    ds = str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json")
+    result = cli("qwen3-4b", "--from", str(alone), "--deepspeed", ds, "--gpus", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["training"]["zero_stage"] == 3
+
+
+def test_a_hub_id_that_is_not_a_preset_gets_the_resolvers_line(cli, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    import memcalc.resolve
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(memcalc.resolve, "_hub_offline", lambda: True)
+    result = run_guarded(cli, "--from", str(FIXTURES / "axolotl_qlora-1b.yml"))
+    assert_one_line_error(result, EXIT_MODEL_NOT_FOUND, "NousResearch/Llama-3.2-1B")
+
+
+def test_from_format_overrides_detection(cli):
+    # Read as plain TrainingArguments, TRL's defaults no longer apply: no checkpointing, no max_length.
+    config = read_trainer_config(FIXTURES / "trl_example_config.yaml", "hf")
+    assert config.format == "hf" and config.settings["checkpointing"] == "none" and "seq_len" not in config.settings
+    assert_one_line_error(cli("--from", str(FIXTURES / "trl_example_config.yaml"), "--from-format", "keras"),
+                          EXIT_USAGE, "--from-format 'keras' is not one of")
+    assert_one_line_error(cli("gpt2", "--from-format", "hf"), EXIT_USAGE, "--from FILE")
+
+
+# -- optimizers ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "parts"), [
+    ("optimizer: adamw_nonexistent\n", ("'adamw_nonexistent' is not an optimizer transformers",)),
+    ("optimizer: galore_adamw\n", ("galore_adamw (a transformers optimizer) has no memcalc model",)),
+])
+def test_unknown_optimizer_is_one_line(cli, tmp_path, line, parts):
+    path = tmp_path / "axolotl.yaml"
+    path.write_text("base_model: meta-llama/Llama-3.2-1B\n" + line)
+    assert_one_line_error(run_guarded(cli, "--from", str(path)), EXIT_CONFIG, *parts)
+
+
+def test_torchtune_components_are_strings_never_imported(cli, tmp_path):
+    module = "memcalc_test_never_imported"
+    path = tmp_path / "tune.yaml"
+    path.write_text("model:\n  _component_: torchtune.models.llama3_2.llama3_2_1b\nbatch_size: 1\n"
+                    "gradient_accumulation_steps: 1\noptimizer:\n  _component_: " + module + ".Optimizer\n")
+    assert_one_line_error(run_guarded(cli, "--from", str(path)), EXIT_CONFIG, f"'{module}.Optimizer'",
+                          "not an optimizer memcalc knows")
+    assert module not in sys.modules
+
+
+# -- hostile files ---------------------------------------------------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+
+HOSTILE = {
+    # name: (bytes or a builder of the path, words the message must hold)
+    "alias-bomb": (BOMB.encode(), ("expands to more than 100,000 values",)),
+    "alias-to-itself": (b"a: &a [*a]\n", ("nested more than 64 levels",)),
+    "python-object-tag": (b"a: !!python/object/apply:os.system ['echo owned']\n",
+                          ("not valid YAML", "python/object/apply:os.system")),
+    "python-name-tag": (b"optimizer: !!python/name:os.system\n", ("not valid YAML", "python/name:os.system")),
+    "list-top-level": (b"- base_model: x\n", ("must hold a mapping", "not a list")),
+    "scalar-top-level": (b"just text\n", ("must hold a mapping", "not a str")),
+    "empty": (b"", ("is empty",)),
+    "binary-junk": (bytes(range(256)) * 4, ("not UTF-8",)),
+    "control-characters": (b"base_model: \x01\x02\n", ("not valid YAML", "unacceptable character")),
+    "deep-flow-nesting": (b"[" * 200_000, ("nested more than 64 levels",)),
+    "unclosed-bracket": (b"base_model: [x\n", ("not valid YAML (line 2",)),
+    "number-key": (b"1: x\n", ("top-level key 1 is not a name",)),
+    "absurd-batch": (b"base_model: x\nmicro_batch_size: 99999999999\n", ("micro_batch_size must be a whole number",)),
+    "batch-as-text": (b"base_model: x\nmicro_batch_size: two\n", ("micro_batch_size must be a whole number",)),
+    "json-array": (b"[1, 2]", ("must hold a JSON object",)),
+    "huge": (lambda path: _sparse(path, 300 * 2**10), ("too large", "256 KiB")),
+    "fifo": (lambda path: _fifo(path), ("not a regular file",)),
+    "folder": (lambda path: path.mkdir() or path, ("is a folder",)),
+    "missing": (lambda path: path, ("not found",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_config_is_one_line(cli, tmp_path, case):
+    build, parts = HOSTILE[case]
+    path = tmp_path / ("config.json" if case == "json-array" else "config.yaml")
+    if callable(build):
+        build(path)
+    else:
+        path.write_bytes(build)
+    assert_one_line_error(run_guarded(cli, "--from", str(path)), EXIT_CONFIG, *parts)
+
+
+def test_dev_zero_is_refused(cli):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero on this platform")
+    assert_one_line_error(run_guarded(cli, "--from", "/dev/zero"), EXIT_CONFIG, "not a regular file")
+
+
+def test_yaml_without_pyyaml_is_one_line(cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml now raises ImportError
+    result = cli("--from", str(FIXTURES / "axolotl_qlora-1b.yml"))
+    assert_one_line_error(result, EXIT_MISSING_DEPENDENCY, "needs PyYAML", "memcalc-train[yaml]")
+    result = cli("--from", str(FIXTURES / "hf_run_clm_gpt2.json"), "--precision", "fp32")  # JSON needs no PyYAML
+    assert result.exit_code == 0, result.stderr
+
+
+# -- rules, on small configs written here (each expectation cites the trainer code it follows) ------------------------
+
+def _settings(data: dict, fmt: str | None = None) -> dict:
+    from memcalc.configs.trainers import parse_trainer_config
+
+    return dict(parse_trainer_config(data, fmt).settings)
+
+
+AXOLOTL = {"base_model": "meta-llama/Llama-3.2-1B"}
+
+
+@pytest.mark.parametrize(("optimizer", "expected"), [
+    # transformers trainer_optimizer.py: adamw_torch -> torch.optim.AdamW (torch's default foreach: not set here),
+    # adamw_torch_fused -> fused=True; bitsandbytes 32-bit states are fp32 whatever the weights.
+    ("adamw_torch", {"optim": "adamw"}),
+    ("adamw_torch_fused", {"optim": "adamw", "optim_impl": "fused"}),
+    ("adafactor", {"optim": "adafactor"}),
+    ("paged_adamw_8bit", {"optim": "adamw-8bit", "optim_impl": "fused"}),
+    ("paged_adamw_32bit", {"optim": "adamw", "optim_impl": "fused", "state_dtype": "fp32"}),
+    ("lion_32bit", {"optim": "lion", "optim_impl": "fused", "state_dtype": "fp32"}),
+    ("sgd", {"optim": "sgd"}),
+])
+def test_hf_optimizer_names(optimizer, expected):
+    settings = _settings({**AXOLOTL, "optimizer": optimizer})
+    assert {k: v for k, v in settings.items() if k in ("optim", "optim_impl", "state_dtype")} == expected
+
+
+def test_sgd_momentum_from_optim_args():
+    # trainer_optimizer.py _get_sgd: optim_args' momentum goes to torch.optim.SGD.
+    assert _settings({**AXOLOTL, "optimizer": "sgd", "optim_args": "momentum=0.9"})["optim"] == "sgd-momentum"
+
+
+@pytest.mark.parametrize(("data", "precision"), [
+    # TRL ModelConfig dtype bfloat16: bf16 weights; bf16 autocast adds nothing -> pure bf16.
+    ({"max_length": 512, "dtype": "bfloat16"}, "bf16-pure"),
+    # ... with use_peft: PEFT upcasts the adapters to fp32 on the bf16 base -> memcalc's bf16.
+    ({"max_length": 512, "dtype": "bfloat16", "use_peft": True}, "bf16"),
+    # ... with load_in_4bit: TRL casts the QLoRA adapters to bf16 (sft_trainer.py) -> pure bf16.
+    ({"max_length": 512, "dtype": "bfloat16", "use_peft": True, "load_in_4bit": True}, "bf16-pure"),
+    # float32 weights, fp16: true -> torch.autocast fp16.
+    ({"max_length": 512, "fp16": True}, "amp-fp16"),
+    # FSDP with mixed precision: fp32 shards gathered in bf16 (accelerate), whatever the loaded dtype.
+    ({"max_length": 512, "dtype": "bfloat16", "fsdp": "full_shard"}, "bf16"),
+])
+def test_trl_recipes(data, precision):
+    assert _settings(data)["precision"] == precision
+
+
+def test_fp16_autocast_over_fp16_weights_is_refused():
+    from memcalc.configs.trainers import parse_trainer_config
+    from memcalc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="GradScaler"):
+        parse_trainer_config({"max_length": 512, "dtype": "float16", "fp16": True})
+
+
+def test_hf_fsdp_and_checkpointing_options():
+    # training_args.py _apply_legacy_fsdp_to_config: shard_grad_op -> reshard_after_forward False (memcalc's stage 2);
+    # modeling_utils.py: every_n_layers checkpoints every n-th decoder layer (memcalc's every:N).
+    settings = _settings({"max_length": 512, "fsdp": "shard_grad_op auto_wrap", "gradient_checkpointing": True,
+                          "gradient_checkpointing_kwargs": {"every_n_layers": 2}})
+    assert (settings["sharding"], settings["zero"], settings["checkpointing"]) == ("fsdp", 2, "every:2")
+    assert _settings({"max_length": 512, "fsdp": "no_shard"})["sharding"] == "torch"
+
+
+def test_torchtune_chunked_loss_and_interpolation():
+    # ce_chunked_output_loss.py: num_output_chunks defaults to 8; ${batch_size} is OmegaConf's reference to it.
+    data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 2,
+            "gradient_accumulation_steps": "${batch_size}", "dtype": "bf16",
+            "optimizer": {"_component_": "torch.optim.AdamW"},
+            "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}}
+    settings = _settings(data)
+    assert (settings["loss"], settings["grad_accum"]) == ("chunked:8", 2)
+    data["loss"]["num_output_chunks"] = 16
+    assert _settings(data)["loss"] == "chunked:16"
+    from memcalc.configs.trainers import parse_trainer_config
+    from memcalc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="interpolation"):
+        parse_trainer_config({**data, "batch_size": "${oc.env:BATCH}"})
+
+
+@pytest.mark.parametrize(("data", "part"), [
+    ({**AXOLOTL, "rl": "dpo"}, "rl dpo"),
+    ({"finetuning_type": "lora", "stage": "dpo"}, "stage dpo"),
+    ({"finetuning_type": "lora", "use_galore": True}, "use_galore"),
+    ({**AXOLOTL, "adapter": "lora"}, "needs lora_r"),
+    ({"max_length": 512, "load_in_4bit": True}, "trains only with adapters"),
+    ({"max_length": 512, "deepspeed": {"zero_optimization": {"stage": 3}}}, "written inline"),
+])
+def test_runs_memcalc_does_not_model_are_refused(data, part):
+    from memcalc.configs.trainers import parse_trainer_config
+    from memcalc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=part):
+        parse_trainer_config(data)
+
+
+# -- the trainers' own objects --------------------------------------------------------------------------------------
+
+def test_tables_follow_the_installed_transformers():
+    """Every optimizer name transformers knows is mapped or refused by name, and the TrainingArguments defaults the
+    readers apply are transformers' own."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from memcalc.configs import trainers
+
+    names = {name.value for name in transformers.training_args.OptimizerNames}
+    removed = {"adamw_hf", "adamw_apex_fused"}  # mapped for older configs; gone from transformers 5
+    assert names == (set(trainers.HF_OPTIMIZERS) - removed) | trainers.HF_UNMODELLED_OPTIMIZERS
+    args = transformers.TrainingArguments(output_dir="unused", report_to="none")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (HF_BATCH, HF_ACCUM)
+    assert args.optim.value == trainers.HF_DEFAULT_OPTIM
+    assert (args.bf16, args.fp16, args.gradient_checkpointing) == (False, False, False)
+
+
+def test_peft_keeps_fp32_adapters_on_a_bf16_base():
+    """The premise of LoRA on a 16-bit base counting as memcalc's bf16: get_peft_model upcasts the adapters to fp32
+    (autocast_adapter_dtype) and leaves the base in bf16."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=64)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    dtypes = {(("lora_" in name), param.dtype) for name, param in model.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}

@@ -80,6 +80,9 @@ EXTRA_RECOMPUTED_CASTS = "recomputed layer's autocast casts"
 EXTRA_LAYER_ACTIVATIONS = "one layer's activations"
 EXTRA_LAYER_GRADIENTS = "one layer's gradient transients"
 EXTRA_SHARDED_LAYER = "sharded layer's gathered parameters and gradients"
+EXTRA_HEAD_BACKWARD = "output head's backward"
+EXTRA_HEAD_GRADIENT = "output head's weight gradient"
+EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
     EXTRA_LOSS_LOGITS: "the logits and their fp32 upcast while the loss runs (transformers loss_utils.ForCausalLMLoss: "
@@ -95,12 +98,31 @@ EXTRA_MEANING = {
                            "freed as it proceeds",
     EXTRA_SHARDED_LAYER: "FSDP2, during a layer's backward: the next layer prefetched, the layer's unsharded "
                          "gradients and their reduce-scatter copy, and its sharded gradient",
+    EXTRA_HEAD_BACKWARD: "while the vocabulary head's backward runs: the logits' gradient beside its V x h weight "
+                         "gradient as mm makes it (torch FunctionsManual.cpp mm_mat2_backward), then, under autocast, "
+                         "that gradient beside its cast to the weight dtype (ToCopyBackward0); with a chunked loss, "
+                         "two chunks' weight gradients and their first sum beside the logits gradients of the chunks "
+                         "still to come (the loss's log-softmax outputs are gone by then)",
+    EXTRA_HEAD_GRADIENT: "the vocabulary head's V x h weight gradient from the head's backward on, where no term holds "
+                         "it yet: an untied head's p.grad before the gradients term is counted, or, for a head tied "
+                         "to the token embedding, its contribution waiting in autograd's input buffer for the "
+                         "embedding's (torch/csrc/autograd/input_buffer.cpp)",
+    EXTRA_SHARED_GRADIENT_SUM: "a token embedding used twice (tied to the head, or shared by an encoder and a "
+                               "decoder): autograd sums the V x h gradient contributions in its input buffer as each "
+                               "later use's backward ends (input_buffer.cpp accumulate). The head's contribution is a "
+                               "view of mm's result (mm_mat2_backward's transpose, then TBackward0), which the buffer "
+                               "cannot reuse (can_accumulate_inplace: storage use_count 1), so it adds out of place "
+                               "and both contributions and their sum coexist; a fresh contribution (autocast's cast, "
+                               "a chunked loss's sum, an embedding's) takes the other in place",
 }
 MOMENT_FORWARD = "during the loss"
 MOMENT_BACKWARD_START = "start of backward"
 MOMENT_BACKWARD_END = "end of backward"
 MOMENT_LATE_BACKWARD = "late backward (first layer)"
 MOMENT_SHARDED_LAYER = "a sharded layer's backward"
+MOMENT_SHARED_GRADIENT_SUM = "tied embedding's gradient sum"
+MOMENT_HEAD_BACKWARD = "output head's backward"
+MOMENT_FIRST_SHARED_SUM = "tied embedding's first gradient sum (before the encoder's backward)"
 MOMENT_STEP = "optimizer step"
 
 

@@ -15,13 +15,16 @@ too ((c + 4)TV, forward transient); at the start of backward two fp32 TxV gradie
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError
+from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
+from memcalc.families.heads import for_head
 from memcalc.families.saved import Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
-from memcalc.spec import ActivationSource, Attention, Checkpointing
+from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind
+from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
 
 if TYPE_CHECKING:
@@ -46,12 +49,17 @@ class ActivationEstimate:
     layer_backward_transient_bytes: int = 0
     notes: list[str] = field(default_factory=list)
     source: str = "none"  # TrainingSummary.activations: rules | trace | approximation | none
+    # The loss is a cross-entropy over the vocabulary: the model has a language-model head (a V x h Linear, or the
+    # token embedding tied to it), whose weight gradient the engine's backward moments count.
+    vocabulary_head: bool = False
 
 
-def _summed_parts(rule: Rule) -> dict[str, int]:
+def _summed_parts(rule: Rule, indices: list[int] | None = None) -> dict[str, int]:
+    """The rule's layer parts summed over its layers (or over ``indices``)."""
     totals: dict[str, int] = {}
     seen: dict[int, tuple[dict[str, int], int]] = {}
-    for layer in rule.layers:  # layers of one kind share one dict: count each kind once, times its layers
+    chosen = rule.layers if indices is None else [rule.layers[i] for i in indices]
+    for layer in chosen:  # layers of one kind share one dict: count each kind once, times its layers
         entry = seen.get(id(layer))
         seen[id(layer)] = (layer, (entry[1] if entry else 0) + 1)
     for layer, count in seen.values():
@@ -101,6 +109,39 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
         return rule, False, run
 
 
+CHUNKED_SOURCE = ("torchtune modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss (logits.float() per "
+                  "chunk, F.cross_entropy), modules/transformer.py TransformerDecoder.chunked_output")
+FUSED_LINEAR_SOURCE = ("Liger-Kernel ops/fused_linear_cross_entropy.py fused_linear_cross_entropy_forward: grad_input "
+                       "(zeros_like the hidden states) and grad_weight (zeros_like the head's weight, when it trains) "
+                       "computed in the forward and saved; the logits one chunk at a time (chunk_size = "
+                       "next_power_of_2(ceil(rows / ceil(V / h))))")
+
+
+def _fused_linear_loss(result: ActivationEstimate, arch, spec: TrainingSpec, recipe: Recipe, run: Run, loss) -> None:
+    """--loss fused-linear (Liger's FusedLinearCrossEntropy; Apple's cut-cross-entropy keeps less still): the head's
+    matmul, the cross-entropy and its gradients in one function; the full logits never exist."""
+    rows, vocab, hidden = loss.rows, loss.vocab, arch.hidden_size
+    head_trains = not spec.lora_rank and "lm_head" not in spec.freeze and not (
+        arch.tie_word_embeddings and "embeddings" in spec.freeze)
+    grad_input = rows * hidden * run.residual  # zeros_like(_input): the final norm's output (fp32 under autocast)
+    grad_weight = vocab * hidden * BYTES_PER_DTYPE[recipe.weight_dtype] if head_trains else 0
+    chunk = min(1 << max(0, math.ceil(rows / math.ceil(vocab / hidden)) - 1).bit_length(), rows)
+    result.forward_transient_extra_bytes = chunk * vocab * run.c + rows * BYTES_PER_FP32  # a logits chunk, loss_1d
+    result.backward_start_extra_bytes = 0  # backward scales the saved gradients in place (element_mul_kernel)
+    result.notes.append("--loss fused-linear is modelled from Liger-Kernel's code (Triton: it runs on a GPU only), "
+                        "not measured here; lm_head's saved input is still counted as a Linear saves it, though the "
+                        f"fused function keeps grad_input instead (at most {rows * hidden * run.c:,} B high)")
+    result.terms.append(Term(
+        name=TERM_LOSS_BUFFERS, bytes=grad_input + grad_weight,
+        formula=f"fused linear cross-entropy: grad_input {rows:,} x {hidden:,} x {run.residual} B"
+                + (f" + the head's grad_weight {vocab:,} x {hidden:,} x {BYTES_PER_DTYPE[recipe.weight_dtype]} B "
+                   "(its gradient, made in the forward)" if grad_weight else "")
+                + f", saved until backward; during the loss one logits chunk ({chunk:,} rows x {vocab:,} x {run.c} B) "
+                  f"and the fp32 per-row losses",
+        source=FUSED_LINEAR_SOURCE, category=CATEGORY_ACTIVATIONS, phases=FORWARD_BACKWARD,
+    ))
+
+
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:
     result = ActivationEstimate()
     described = model.described
@@ -115,12 +156,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
     run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
-              flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing == Checkpointing.full)
+              flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
+              decoder_s=spec.decoder_seq_len)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")
         return result
     rule, traced, run = _rule(model, spec, run)
+    if not traced:
+        rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
     per_model = rule.per_model_bytes
@@ -140,6 +184,26 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.recompute_bytes = rule.recompute if rule.recompute is not None else max(layer_totals)
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
                    f"recomputed at a time ({result.recompute_bytes:,} B: {rule.formula})")
+    elif spec.checkpointing == Checkpointing.every:
+        checkpointed = [i for i in range(len(layer_totals)) if spec.checkpointed(i)]
+        kept_per_layer, uneven = divmod(rule.kept, len(layer_totals))
+        if uneven or not layered:
+            raise UnsupportedModelError(f"{{checkpointing}} {spec.checkpointing_label} is modelled for decoder "
+                                        f"layers of one input each; {described.model_type} is not: use full or none")
+        saved = [i for i in range(len(layer_totals)) if i not in checkpointed]
+        kept = kept_per_layer * len(checkpointed)
+        if checkpointed and run.eager and (traced or family.checkpoint_keeps_causal_mask):
+            kept += run.residual * run.b * run.s * run.s  # the 4-D mask, one tensor whatever holds it
+        total = kept + sum(layer_totals[i] for i in saved) + per_model
+        breakdown = {**({KEPT_INPUTS: kept} if kept else {}), **_summed_parts(rule, saved), **_model_parts(rule)}
+        if checkpointed:
+            result.recompute_bytes = (rule.recompute if rule.recompute is not None
+                                      else max(layer_totals[i] for i in checkpointed))
+        formula = (f"{len(checkpointed)} of {len(layer_totals)} layers checkpointed ({spec.checkpointing_label}, "
+                   f"torchtitan's layer-frequency checkpointing): their inputs {kept:,} B; the other {len(saved)} "
+                   f"layers keep everything ({rule.formula}); per model {per_model:,} B; during backward one "
+                   f"checkpointed layer is recomputed at a time ({result.recompute_bytes:,} B; counted at the start "
+                   "of backward, beside every saved layer: at most the bytes of the layers after it high)")
     else:
         total = sum(layer_totals) + per_model
         breakdown = {**_summed_parts(rule), **_model_parts(rule)}
@@ -154,6 +218,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         phases=FORWARD_BACKWARD, breakdown=breakdown,
     ))
     loss = rule.loss
+    result.vocabulary_head = loss is not None and loss.vocab == arch.vocab_size
+    if spec.loss != LossKind.standard:
+        if loss is None or not loss.vocab or loss.vocab != arch.vocab_size:
+            raise UsageError(f"{{loss}} {spec.loss_label} replaces the cross-entropy over the vocabulary; "
+                             f"{arch.architecture or described.model_type} has no language-model head (its loss, if "
+                             "any, is over labels): leave {loss} standard")
+        if spec.loss == LossKind.fused_linear:
+            _fused_linear_loss(result, arch, spec, recipe, run, loss)
+            return result
     if loss is not None and loss.vocab:
         rows_vocab = loss.rows * loss.vocab
         saved = rows_vocab * loss.bytes_per_log_softmax
@@ -161,14 +234,25 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         # beside the log_softmax output; at the start of backward the gradients of the log_softmax output and
         # of its input coexist, in the log_softmax dtype.
         upcast = loss.bytes_per_log_softmax if loss.bytes_per_log_softmax != run.c else 0
-        result.forward_transient_extra_bytes = rows_vocab * (run.c + upcast)
-        result.backward_start_extra_bytes = 2 * rows_vocab * loss.bytes_per_log_softmax
+        # chunked:N (torchtune CEWithChunkedOutputLoss.forward and compute_cross_entropy, with the output
+        # projection applied per chunk by TransformerDecoder.chunked_output: tensor_split along the sequence): every
+        # chunk's logits live through the loss, but only one chunk is upcast at a time; every chunk's log_softmax
+        # output is saved as before; backward starts with one chunk's two fp32 gradients.
+        chunk_rows = loss.rows
+        if spec.loss == LossKind.chunked:
+            chunk_rows = run.b * -(-run.s // spec.loss_chunks) if loss.rows == run.tokens else -(-loss.rows // spec.loss_chunks)
+        chunk_vocab = chunk_rows * loss.vocab
+        result.forward_transient_extra_bytes = rows_vocab * run.c + chunk_vocab * upcast
+        result.backward_start_extra_bytes = 2 * chunk_vocab * loss.bytes_per_log_softmax
+        chunked = (f"; {spec.loss_label}: the logits in {spec.loss_chunks} chunks, one upcast at a time "
+                   "(torchtune CEWithChunkedOutputLoss)" if spec.loss == LossKind.chunked else "")
         result.terms.append(Term(
             name=TERM_LOSS_BUFFERS, bytes=saved,
             formula=f"log_softmax output {loss.rows:,} x {loss.vocab:,} x {loss.bytes_per_log_softmax} B (saved until "
                     f"backward); during the loss also the logits{' and their fp32 upcast' if upcast else ''} "
                     f"({result.forward_transient_extra_bytes:,} B), at the start of backward two gradients "
-                    f"({result.backward_start_extra_bytes:,} B)",
-            source=loss.source, category=CATEGORY_ACTIVATIONS, phases=FORWARD_BACKWARD,
+                    f"({result.backward_start_extra_bytes:,} B){chunked}",
+            source=loss.source if spec.loss == LossKind.standard else f"{loss.source}; {CHUNKED_SOURCE}",
+            category=CATEGORY_ACTIVATIONS, phases=FORWARD_BACKWARD,
         ))
     return result

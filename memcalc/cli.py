@@ -27,7 +27,6 @@ from memcalc.spec import (
     DEFAULT_SEQ_LEN,
     ActivationSource,
     Attention,
-    Checkpointing,
     Offload,
     Sharding,
 )
@@ -93,7 +92,7 @@ def _optional_verify_value(argv: list[str]) -> list[str]:
 
 def flag_of(setting: str) -> str:
     """How the command line spells a setting a message names: ``batch_size`` -> ``--batch-size``."""
-    return {"model": "MODEL", "verify": "--verify"}.get(setting, "--" + setting.replace("_", "-"))
+    return {"model": "MODEL", "verify": "--verify", "from_config": "--from"}.get(setting, "--" + setting.replace("_", "-"))
 
 
 def _fail(error: MemcalcError) -> typer.Exit:
@@ -120,10 +119,13 @@ def estimate(
     optim_impl: OptimImplOpt = OptimImpl.foreach,
     amsgrad: Annotated[bool, typer.Option(help="Adam/AdamW: keep max_exp_avg_sq.")] = False,
     adafactor_beta1: Annotated[float | None, typer.Option(help="Adafactor first moment (transformers default: none).")] = None,
+    optim_rank: Annotated[int | None, typer.Option("--optim-rank", min=1, help="GaLore / APOLLO projection rank (default 128, HF Trainer's).")] = None,
     batch_size: BatchOpt = DEFAULT_MICRO_BATCH_SIZE,
     seq_len: SeqOpt = DEFAULT_SEQ_LEN,
+    decoder_seq_len: Annotated[int | None, typer.Option("--decoder-seq-len", min=1, help="Encoder-decoder models (T5): decoder tokens per sequence (default: --seq-len).")] = None,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
-    checkpointing: Annotated[Checkpointing, typer.Option(help="Activation checkpointing.")] = Checkpointing.none,
+    checkpointing: Annotated[str, typer.Option(help="Activation checkpointing: none, full (every decoder layer), or every:N (every N-th layer, as torchtitan's layer-frequency checkpointing).")] = "none",
+    loss: Annotated[str, typer.Option("--loss", help="The loss: standard (full logits, upcast), chunked:N (torchtune's chunked cross-entropy, N chunks along the sequence), fused-linear (Liger's fused linear cross-entropy: no full logits).")] = "standard",
     attn: Annotated[Attention, typer.Option("--attn", help="Attention implementation (transformers' attn_implementation).")] = Attention.sdpa,
     activations: Annotated[ActivationSource, typer.Option("--activations", help="Where activations come from: rules (the family's hand rules), trace (the model's own code under FakeTensorMode; needs torch and transformers), auto (rules where the family has them, else trace).")] = ActivationSource.auto,
     zero: ZeroOpt = "0",
@@ -134,6 +136,8 @@ def estimate(
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Short for --sharding fsdp (with --zero 3 unless given).")] = False,
     offload: Annotated[Offload, typer.Option("--offload", help="DeepSpeed ZeRO-Offload to CPU RAM.")] = Offload.none,
     deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="Read a DeepSpeed config (stage, offload, buckets, precision, micro-batch, accumulation, optimizer).")] = None,
+    from_config: Annotated[str | None, typer.Option("--from", help="Estimate the run a trainer's config describes: HF TrainingArguments JSON, TRL, axolotl, torchtune or LLaMA-Factory YAML (YAML needs the [yaml] extra). Every key read is listed: mapped, read but not modelled, ignored; a flag it contradicts is an error.", show_default=False)] = None,
+    from_format: Annotated[str | None, typer.Option("--from-format", help="How to read --from: hf, trl, axolotl, torchtune or llamafactory (default: detected from the keys).", show_default=False)] = None,
     emit: Annotated[str | None, typer.Option("--emit", help="Print a config for this run (or the fit advisor's recommendation): deepspeed.")] = None,
     compare_with: Annotated[str | None, typer.Option("--compare-with", help="Put another tool's figure beside memcalc's: deepspeed or accelerate.")] = None,
     gpu: Annotated[str | None, typer.Option(help="GPU preset for the fit check (memcalc presets).")] = None,

@@ -4,10 +4,17 @@ Pure functions: no printing, no I/O. Every term carries its formula (numbers sub
 phases it is alive in. The peak of a steady-state step (optimizer states exist from the first step on) is
 the largest of these moments:
   forward          every forward-phase term, plus the loss transient (logits and their fp32 upcast)
-  backward start   what the forward saved, plus the loss gradients (or, checkpointing, one recomputed layer)
+  backward start   what the forward saved, plus the loss gradients (or, checkpointing, one recomputed layer beside
+                   the head's weight gradient)
+  head's backward  what the forward saved but the loss's log-softmax output, the logits' gradient and the head's
+                   V x h weight gradient (under autocast: made in the compute dtype, then cast)
   backward end     weights, master, states and every gradient
   late backward    nearly every gradient, the first layer's activations and gradient transients
   sharded layer    FSDP2: a layer's backward with its prefetched neighbour and reduce-scatter buffers
+  tied sum         a token embedding used twice (tied head, shared stacks): every gradient and the contributions
+                   autograd sums when the last use's backward ends
+  first tied sum   T5 with a tied head: the head's and the decoder's contributions summed before the encoder's
+                   backward, beside the encoder's activations and every gradient but the encoder's
   optimizer step   model states, gradients, the fp32 gradient copy and the optimizer's temporaries
 The sum of all terms is not the peak: activations are gone before the optimizer step's temporaries appear.
 """
@@ -22,17 +29,24 @@ from memcalc import activations, trainable
 from memcalc.model import (
     ROLE_EMBEDDING,
     ROLE_EXPERT,
+    ROLE_LM_HEAD,
     ROLE_POSITION_EMBEDDING,
     ParamTensor,
     head_tied_to_embedding,
     token_embedding,
 )
-from memcalc.optimizers import state_bytes_by_kind, step_temporary_bytes
+from memcalc.optimizers import (
+    optimizer_notes,
+    state_bytes_by_kind,
+    step_temporary_bytes,
+    temporaries_source,
+    whole_tensors,
+)
 from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
-from memcalc.spec import TrainingSpec
+from memcalc.spec import LossKind, TrainingSpec
 from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
@@ -42,6 +56,8 @@ from memcalc.vocab import (
     CATEGORY_CPU_OFFLOAD,
     CATEGORY_MODEL_STATES,
     CATEGORY_TEMPORARIES,
+    EXTRA_HEAD_BACKWARD,
+    EXTRA_HEAD_GRADIENT,
     EXTRA_LAYER_ACTIVATIONS,
     EXTRA_LAYER_GRADIENTS,
     EXTRA_LOSS_GRADIENTS,
@@ -49,14 +65,18 @@ from memcalc.vocab import (
     EXTRA_RECOMPUTED_CASTS,
     EXTRA_RECOMPUTED_LAYER,
     EXTRA_SHARDED_LAYER,
+    EXTRA_SHARED_GRADIENT_SUM,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
     MODEL_STATE_TERMS,
     MOMENT_BACKWARD_END,
     MOMENT_BACKWARD_START,
+    MOMENT_FIRST_SHARED_SUM,
     MOMENT_FORWARD,
+    MOMENT_HEAD_BACKWARD,
     MOMENT_LATE_BACKWARD,
     MOMENT_SHARDED_LAYER,
+    MOMENT_SHARED_GRADIENT_SUM,
     MOMENT_STEP,
     STEP_ONLY,
     TERM_ACTIVATIONS,
@@ -141,7 +161,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     ))
     opt = spec.optimizer_settings
     opt_param_dtype = recipe.optimizer_param_dtype
-    states = state_bytes_by_kind(holdings.optimizer_shapes, opt, recipe.state_dtype)
+    whole = whole_tensors(opt, tensors, model.arch)  # shapes and names, for the optimizers that need them
+    states = state_bytes_by_kind(holdings.optimizer_shapes, opt, recipe.state_dtype, whole)
+    notes.extend(optimizer_notes(holdings.optimizer_shapes, opt, recipe.state_dtype, whole))
     terms.append(Term(
         name=TERM_OPTIMIZER_STATES, bytes=sum(states.values()),
         formula=" + ".join(f"{kind} {_n(b)} B" for kind, b in states.items()) or "no state",
@@ -193,26 +215,46 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
             category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_TEMPORARIES, phases=[] if on_cpu else STEP_ONLY,
         ))
-    temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype)
+    temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype, whole)
     if on_cpu:
         temp, rule = 0, "the step runs on the CPU (DeepSpeedCPUAdam): no GPU temporaries"
     terms.append(Term(
         name=TERM_OPTIMIZER_TEMPORARIES, bytes=temp, formula=rule,
-        source="torch/optim/adam.py (_multi_tensor_adam, _single_tensor_adam); transformers Adafactor.step",
+        source=temporaries_source(opt.name),
         category=CATEGORY_TEMPORARIES, phases=STEP_ONLY,
     ))
 
     # A recomputed layer under autocast also redoes its weight casts.
     autocast_recompute = subset.autocast_recompute_numel * _bytes_per(recipe.compute_dtype) if recipe.autocast else 0
+    head = _head_gradient(model, tensors, act.vocabulary_head, spec, recipe, holdings, act.backward_start_extra_bytes)
+    encoder_grads = encoder_acts = 0
+    if head.first_sum:
+        # Before the encoder's backward: its layers' gradients are not there yet, its activations still are (its
+        # layers' as the first layer's, capped by the activations term).
+        num_encoder_layers = getattr(model.arch, "encoder_layers", 0)
+        if stage < 2 and spec.grad_accum == 1:
+            encoder_grads = sum(t.numel for t in tensors if t.trainable and t.layer is not None
+                                and t.layer < num_encoder_layers) * bytes_per_grad
+        act_term = next((t for t in act.terms if t.name == TERM_ACTIVATIONS), None)
+        encoder_acts = act_term.bytes if act_term is not None else 0
+        if act.last_layer_bytes and act_term is not None:
+            per_model = sum(n for part, n in act_term.breakdown.items() if part.startswith(activations.MODEL_PREFIX))
+            encoder_acts = min(encoder_acts, num_encoder_layers * act.last_layer_bytes + per_model)
     # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
-    # last) unless the embedding is tied to the head; ZeRO-2/3 hold flat partitions instead, so not there.
-    missing_grads = _embedding_grads_produced_last(tensors) * bytes_per_grad if stage < 2 and spec.grad_accum == 1 else 0
+    # last) unless the embedding is tied to the head or shared by two stacks (a contribution already waits for
+    # it); ZeRO-2/3 hold flat partitions instead, so not there.
+    missing_grads = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
+                     if stage < 2 and spec.grad_accum == 1 else 0)
     phases = _phase_totals(terms, _Extras(
         loss_logits=act.forward_transient_extra_bytes, loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         missing_gradients=missing_grads,
-        sharded_layer=holdings.mid_backward_extra_bytes))
+        sharded_layer=holdings.mid_backward_extra_bytes,
+        head_backward=head.at_backward, head_gradient=head.held,
+        head_gradient_late=head.held_late, shared_gradient_sum=head.shared_sum,
+        first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
+        first_sum_activations=encoder_acts))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -246,14 +288,108 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
-def _embedding_grads_produced_last(tensors: Sequence[ParamTensor]) -> int:
+def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
     """Elements of input-embedding gradients, which appear only at the very end of backward.
 
-    A token embedding tied to the head already has its gradient from the head's backward, first of all.
+    A token embedding used twice (``shared``: tied to the head, or shared by an encoder and a decoder) already has a
+    V x h contribution from its first use's backward (the head's, the decoder's), held until the last.
     """
-    tied = token_embedding(tensors) if head_tied_to_embedding(tensors) else None
-    return sum(t.numel for t in tensors if t.trainable and t.layer is None and t is not tied
+    return sum(t.numel for t in tensors if t.trainable and t.layer is None and t is not shared
                and t.role in (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING))
+
+
+@dataclass(frozen=True)
+class _HeadGradient:
+    """The vocabulary head's weight gradient at the moments of backward, beyond what the terms there count.
+
+    at_backward: while the head's backward runs (with the logits' gradient; the loss's saved log-softmax output is
+    gone by then); held: from then on, at the start-of-backward moments (no gradient term there);
+    held_late: from then on, beside the gradients term (late backward, a sharded layer); shared_sum: at the sum of a
+    token embedding's contributions (tied head, or one table for two stacks), beside every gradient; first_sum: an
+    encoder-decoder's tied head: the head's and the decoder's contributions summed before the encoder's backward.
+    """
+
+    shared: ParamTensor | None = None  # the token embedding, where it is used twice and trains
+    at_backward: int = 0
+    held: int = 0
+    held_late: int = 0
+    shared_sum: int = 0
+    first_sum: int = 0
+
+
+def _head_gradient(model: ModelInput, tensors: Sequence[ParamTensor], vocabulary_head: bool, spec: TrainingSpec,
+                   recipe: Recipe, holdings: RankHoldings, loss_gradients: int) -> _HeadGradient:
+    """What the head's weight gradient (V x h) and a shared token embedding's gradient sum add to the backward moments.
+
+    Following torch's autograd (device-independent code; only kernels' own scratch differs on a GPU):
+    - F.linear(x, W) runs matmul(x, W.t()): MmBackward0's gradient for W.t() (column-major) is mm_mat2_backward's
+      ``grad.t().mm(mat1).t()``, and TBackward0 transposes it back: a V x h view of mm's fresh result, in the weight's
+      dtype (FunctionsManual.cpp mm_mat2_backward; derivatives.yaml mm, t). Under autocast mm makes it in the compute
+      dtype and ToCopyBackward0 casts it to the weight's (a fresh tensor). AccumulateGrad steals a gradient that obeys
+      the layout contract (accumulate_grad.h accumulateGrad): p.grad is that tensor, no copy; with gradient
+      accumulation it adds in place; ZeRO-2/3 and FSDP hand it to their reduce buffers.
+    - A weight used twice has one AccumulateGrad node: the engine sums the contributions in its input buffer before
+      calling it (input_buffer.cpp InputBuffer::add / accumulate). In place (old_var.add_) only if the buffered one is
+      a plain tensor held once with its storage (can_accumulate_inplace); the head's view shares its storage with
+      its base, so ``old_var + var`` makes a third V x h tensor. The head's contribution waits in the buffer from the
+      head's backward to the embedding's (embedding_dense_backward: a fresh V x h). T5's shared table gets the head's
+      and the decoder's contributions before the encoder's backward, then the encoder's, added in place into that
+      fresh sum; untied, the decoder's and the encoder's, in place.
+    - By the head's backward, LogSoftmaxBackward0 has run and the engine has released its saved output (engine.cpp
+      evaluate_function: release_variables unless retain_graph); the logits' gradient (one of the loss's two) is
+      MmBackward0's input until it returns, so it meets mm's result but not the cast of it. A chunked loss's
+      cross-entropies all run before any chunk's head backward (the engine's ready queue takes the highest sequence
+      number first, and every cross-entropy was recorded after every chunk's projection): the chunks' logits
+      gradients, in the logits' dtype, wait for their head backward; the first sum of two chunks' views is out of
+      place, the later ones in place into it.
+    Compared with the CPU allocator's record and the tracker in tests/test_tied_embedding_backward.py.
+    """
+    embedding = token_embedding(tensors)
+    vocab = embedding.shape[0] if embedding is not None else 0
+    tied = vocabulary_head and embedding is not None and head_tied_to_embedding(tensors)
+    head = embedding if tied else next((t for t in tensors if t.role == ROLE_LM_HEAD and t.is_linear_weight
+                                        and t.shape[0] == vocab), None)
+    two_stacks = bool(getattr(model.arch, "encoder_decoder", False)) and embedding is not None
+    shared = embedding if (tied or two_stacks) and embedding is not None and embedding.trainable else None
+    numel = head.numel if head is not None and head.trainable else 0
+    bytes_per_grad = _bytes_per(recipe.weight_dtype)  # autograd makes a parameter's gradient in its dtype
+    grad = numel * bytes_per_grad
+    # What a chunked or fused loss changes: torchtune's chunked output applies the head once per chunk (its chunks'
+    # gradients are summed as above: two views, out of place, then in place into that fresh sum); Liger's fused
+    # loss computes the weight's gradient in the forward (counted in logits_and_loss) and returns it in backward.
+    fused, chunked = spec.loss == LossKind.fused_linear, spec.loss == LossKind.chunked and spec.loss_chunks > 1
+    made = numel * _bytes_per(recipe.compute_dtype) if recipe.autocast else grad  # mm's result
+    # The sum becomes p.grad, which the gradients term counts: plain data parallel, one micro-batch per step.
+    stolen = holdings.effective_stage < 2 and spec.grad_accum == 1 and holdings.grads_held != "cpu"
+    # FSDP2's MixedPrecisionPolicy computes with gathered 16-bit parameters: nothing for autocast to cast.
+    cast_head = recipe.autocast and holdings.engine != "fsdp2"
+    logits_gradient = loss_gradients // 2  # the loss's: in its log-softmax dtype, at least the logits'
+    cast = grad if cast_head else 0  # the head's gradient cast to the weight's dtype, beside mm's result
+    if fused:
+        at_backward = 0
+    elif chunked:  # the first sum, beside the chunks' logits gradients not yet used (torchtune upcasts: fp32 above)
+        chunk_logits_gradient = logits_gradient // BYTES_PER_FP32 * _bytes_per(recipe.compute_dtype)
+        at_backward = max(3 * made + (spec.loss_chunks - 2) * chunk_logits_gradient, made + cast)
+    else:
+        at_backward = made + max(logits_gradient, cast)
+    if tied:
+        held = 0 if fused else grad  # in the input buffer (fused: inside logits_and_loss until its backward)
+    else:
+        held = grad if stolen else 0  # p.grad; or added into a p.grad already counted; or handed to a reduce buffer
+    held_late = grad if tied and not stolen else 0
+    shared_sum = first_sum = 0
+    if shared is not None:
+        # At a sum: the buffered contribution and the new one, their sum when out of place, and the result where the
+        # gradients term does not count it (it is p.grad only when stolen).
+        table = shared.numel * bytes_per_grad
+        head_is_view = tied and not cast_head and not chunked  # (fused: assumed a view, the larger)
+        first = table * (1 + head_is_view) + (0 if stolen else table)
+        if tied and two_stacks:
+            first_sum, shared_sum = first, table + (0 if stolen else table)  # the last into the fresh first sum
+        else:
+            shared_sum = first
+    return _HeadGradient(shared=shared, at_backward=at_backward if numel else 0, held=held,
+                         held_late=held_late, shared_sum=shared_sum, first_sum=first_sum)
 
 
 @dataclass(eq=False, repr=False)
@@ -268,6 +404,13 @@ class _Extras:
     layer_gradients: int = 0  # late backward: the first layer's gradient transients
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
     sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
+    head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
+    head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
+    head_gradient_late: int = 0  # ... and beside the gradients term, where that term does not hold it
+    shared_gradient_sum: int = 0  # end of backward: a shared token embedding's contributions being summed
+    first_shared_sum: int = 0  # T5, tied: the first sum (head's and decoder's), before the encoder's backward ...
+    first_sum_missing_gradients: int = 0  # ... without the encoder's gradients
+    first_sum_activations: int = 0  # ... beside the encoder's activations
 
 
 # Terms alive during one unit's backward only (a unit's full gradients before their reduce-scatter): gone at the
@@ -300,16 +443,30 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # (Gradients alive in backward only - ZeRO-1-Offload's p.grad - build up through it: not there at its start.)
     whole_backward = _alive(terms, lambda t: t.phases == BACKWARD_ONLY
                             and t.name not in (*_PER_UNIT_BACKWARD, TERM_GRADIENTS))
-    later = {**whole_backward, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer, EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
+    # The head's backward makes its V x h weight gradient, which stays (beside the recomputed layer); the loss's saved
+    # log-softmax output is gone by then.
+    at_head = {name: num_bytes for name, num_bytes in start.items() if name != TERM_LOSS_BUFFERS}
+    at_head.update({**whole_backward, EXTRA_HEAD_BACKWARD: x.head_backward})
+    later = {**whole_backward, EXTRA_HEAD_GRADIENT: x.head_gradient, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer,
+             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
     start.update(later if sum(later.values()) > x.loss_gradients else {EXTRA_LOSS_GRADIENTS: x.loss_gradients})
     # End of backward: activations, autocast copies and the units' full gradients are freed, every gradient exists.
     end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
-    late_extra = x.layer_activations + x.layer_gradients + x.recomputed_casts - x.missing_gradients
+    if x.head_backward:
+        candidates.append((MOMENT_HEAD_BACKWARD, at_head))
+    if x.shared_gradient_sum:
+        candidates.append((MOMENT_SHARED_GRADIENT_SUM, {**end, EXTRA_SHARED_GRADIENT_SUM: x.shared_gradient_sum}))
+    if x.first_shared_sum:
+        first = {**end, TERM_ACTIVATIONS: x.first_sum_activations, EXTRA_SHARED_GRADIENT_SUM: x.first_shared_sum}
+        first[TERM_GRADIENTS] = first.get(TERM_GRADIENTS, 0) - x.first_sum_missing_gradients
+        candidates.append((MOMENT_FIRST_SHARED_SUM, first))
+    late_extra = (x.layer_activations + x.layer_gradients + x.recomputed_casts + x.head_gradient_late
+                  - x.missing_gradients)
     if x.layer_activations and late_extra > 0:
         # Late in backward: nearly every gradient, the first layer's activations and gradient transients.
         late = {**end, EXTRA_LAYER_ACTIVATIONS: x.layer_activations, EXTRA_LAYER_GRADIENTS: x.layer_gradients,
-                EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
+                EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late}
         late[TERM_GRADIENTS] = late.get(TERM_GRADIENTS, 0) - x.missing_gradients
         candidates.append((MOMENT_LATE_BACKWARD, late))
     if x.sharded_layer:
@@ -318,7 +475,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         kept = _alive(terms, lambda t: Phase.forward in t.phases and Phase.backward in t.phases
                       and t.category != CATEGORY_ACTIVATIONS and t.name != TERM_AUTOCAST_COPIES)
         candidates.append((MOMENT_SHARDED_LAYER, {**kept, EXTRA_LAYER_ACTIVATIONS: x.layer_activations,
-                                                  EXTRA_SHARDED_LAYER: x.sharded_layer}))
+                                                  EXTRA_SHARDED_LAYER: x.sharded_layer,
+                                                  EXTRA_HEAD_GRADIENT: x.head_gradient_late}))
     backward = max((_total(moment, Phase.backward, parts, names) for moment, parts in candidates),
                    key=lambda total: total.bytes)  # the first of equal moments
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
@@ -337,6 +495,31 @@ def _optimizer_source(name: str) -> str:
                      "tensors, full for 1-D, exp_avg only with beta1 (Shazeer & Stern 2018)",
         "adamw-8bit": "bitsandbytes/optim/optimizer.py Optimizer8bit.init_state: uint8 state1/state2 + fp32 "
                       "absmax per 256-element block; fp32 states below 4096 elements (Dettmers et al. 2022)",
+        "paged-adamw": "bitsandbytes/optim/optimizer.py Optimizer2State.init_state (optim_bits 32): fp32 state1/state2; "
+                       "get_state_buffer pages those of >= 1e5 elements (cudaMallocManaged)",
+        "paged-adamw-8bit": "bitsandbytes Optimizer2State.init_state (optim_bits 8) as adamw-8bit; get_state_buffer pages "
+                            "state1/state2 of >= 1e5 elements (cudaMallocManaged)",
+        "torchao-adamw-8bit": "torchao/optim/adam.py _AdamBase._new_buffer + subclass_8bit.py OptimState8bit.zeros: uint8 "
+                              "codes + fp32 scale per 256 elements + 256-entry fp32 qmap per state, for tensors of >= 4096 "
+                              "elements divisible by 256; zeros_like(p) otherwise",
+        "torchao-adamw-4bit": "torchao/optim/adam.py _AdamBase._new_buffer + subclass_4bit.py OptimState4bit.zeros: packed "
+                              "4-bit codes (numel / 2 B) + fp32 scale per 128 elements + 16-entry fp32 qmap per state, for "
+                              "tensors of >= 4096 elements divisible by 128; zeros_like(p) otherwise",
+        "schedule-free-adamw": "schedulefree/adamw_schedulefree.py AdamWScheduleFree.step: z = clone(p), exp_avg_sq = "
+                               "zeros_like(p) (Defazio et al. 2024)",
+        "muon": "torch/optim/_muon.py Muon._init_group (momentum_buffer = zeros_like(grad)) for the blocks' 2-D weights; "
+                "torch.optim.AdamW (exp_avg, exp_avg_sq) for embeddings, head, norms, biases (Keller Jordan's and "
+                "Moonlight's recipes)",
+        "adam-mini": "adam_mini 1.1.1 Adam_mini.step: m = zeros_like(p); vmean per head (q/k), per row (embeddings, "
+                     "head, v, o, MLP) or per tensor; Adam's v for biases (Zhang et al. 2024)",
+        "galore-adamw": "galore_torch 1.0 adamw.py AdamW.step + galore_projector.py: exp_avg, exp_avg_sq of the projected "
+                        "r x max(m, n) gradient, the SVD projection (a view of U or Vh for fp32); AdamW elsewhere "
+                        "(Zhao et al. 2024)",
+        "apollo-adamw": "apollo_torch 1.0.3 apollo.py AdamW.step + random_projector.py: exp_avg, exp_avg_sq of the "
+                        "projected r x max(m, n) gradient, a random r x min(m, n) projection, scaled_grad; AdamW "
+                        "elsewhere (Zhu et al. 2024)",
+        "soap": "nikhilvyas/SOAP soap.py SOAP.step + init_preconditioner: exp_avg, exp_avg_sq; fp32 GG and Q of d x d per "
+                "dimension d <= max_precond_dim 10000 of a >= 2-D tensor (Vyas et al. 2024)",
     }[name]
 
 
@@ -362,7 +545,7 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         grad_dtype=recipe.grad_dtype.value, state_dtype=recipe.state_dtype.value,
         compute_dtype=recipe.compute_dtype.value,
         optimizer=opt.name.value, optimizer_description=opt.describe(), optim_impl=opt.impl.value,
-        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, grad_accum=spec.grad_accum, checkpointing=spec.checkpointing.value,
+        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, grad_accum=spec.grad_accum, checkpointing=spec.checkpointing_label,
         attention=spec.attention.value, activations=activations_source,
         zero_stage=spec.zero_stage, num_gpus=spec.num_gpus, num_nodes=spec.num_nodes,
         sharding=spec.sharding.value, offload=spec.offload.value,

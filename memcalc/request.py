@@ -37,6 +37,8 @@ class Request:
     names, as a list or comma-separated. gpu / gpu_memory: the GPU to check the fit against (a preset name, or a
     size such as "80GiB"). chosen: which fields the caller set on purpose (None: those that differ from their
     defaults); it decides what is reported as a default and what a DeepSpeed config may not contradict.
+    from_config / from_format: a trainer's config file (HF TrainingArguments JSON, TRL, axolotl, torchtune,
+    LLaMA-Factory; memcalc.configs.trainers) whose settings count as chosen; a chosen setting it contradicts is an error.
     """
 
     model: str | None = None
@@ -49,10 +51,13 @@ class Request:
     optim_impl: str = "foreach"
     amsgrad: bool = False
     adafactor_beta1: float | None = None
+    optim_rank: int | None = None
     batch_size: int = DEFAULT_MICRO_BATCH_SIZE
     seq_len: int = DEFAULT_SEQ_LEN
+    decoder_seq_len: int | None = None
     grad_accum: int = 1
     checkpointing: str = "none"
+    loss: str = "standard"
     attn: str = "sdpa"
     activations: str = "auto"
     zero: int | str | Sequence[int] = 0
@@ -63,6 +68,8 @@ class Request:
     fsdp: bool = False
     offload: str = "none"
     deepspeed: str | os.PathLike[str] | None = None
+    from_config: str | os.PathLike[str] | None = None
+    from_format: str | None = None
     lora_rank: int | None = None
     lora_targets: str | Sequence[str] | None = None
     qlora: bool = False
@@ -138,8 +145,8 @@ def _not_empty(request: Request, *names: str) -> None:
 
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
-_TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing",
-         "attn", "activations", "sharding", "offload", "gpu")
+_TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
+         "attn", "activations", "sharding", "offload", "gpu", "from_format")
 _SWITCHES = ("amsgrad", "fsdp", "qlora", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze")
 
@@ -226,6 +233,9 @@ def _sharding(request: Request) -> str:
 def _plan(request: Request) -> Plan:
     from memcalc.resolve import model_input
 
+    trainer_notes: list[str] = []
+    if request.from_config is not None or request.from_format is not None:
+        request, trainer_notes = _trainer_config(request)
     _check_simple(request)
     freeze = _freeze(request)
     sharding = _sharding(request)
@@ -235,14 +245,16 @@ def _plan(request: Request) -> Plan:
     fields: dict[str, Any] = {
         "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
         "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,
-        "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "micro_batch_size": request.batch_size,
-        "seq_len": request.seq_len, "grad_accum": request.grad_accum, "checkpointing": request.checkpointing,
+        "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "optim_rank": request.optim_rank,
+        "micro_batch_size": request.batch_size,
+        "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
+        "checkpointing": request.checkpointing, "loss": request.loss,
         "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank,
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora, "freeze": freeze,
     }
     model = model_input(request.model, _num_params(request))
-    notes: list[str] = []
+    notes: list[str] = list(trainer_notes)
     from_config: set[str] = set()
     config_fields: dict[str, Any] = {}
     if request.deepspeed is not None:
@@ -260,13 +272,14 @@ def _plan(request: Request) -> Plan:
                      f"{fields['seq_len']:,}")
         fields["seq_len"] = max_positions
     specs = tuple(TrainingSpec(**fields, zero_stage=stage) for stage in stages)
+    _decoder_length(model, specs[0])
     notes.extend(_positions(model, specs[0]))
     gpu, gpu_note = _gpu_target(request)
     if gpu_note:
         notes.append(gpu_note)
     effective = {"precision": specs[0].precision.value, "optim": specs[0].optimizer.value,
                  "optim_impl": specs[0].optim_impl.value, "batch_size": specs[0].micro_batch_size,
-                 "seq_len": specs[0].seq_len, "checkpointing": specs[0].checkpointing.value,
+                 "seq_len": specs[0].seq_len, "checkpointing": specs[0].checkpointing_label,
                  "attn": specs[0].attention.value, "gpus": specs[0].num_gpus,
                  "zero": ",".join(str(s.zero_stage) for s in specs)}
     chosen = {name for name in SHOWN_DEFAULTS if request.is_chosen(name) or name in from_config}
@@ -279,6 +292,32 @@ def _plan(request: Request) -> Plan:
                 solve_batch=request.max_batch, solve_seq_len=request.max_seq_len,
                 config_path=_shown(request.deepspeed) if request.deepspeed is not None else None,
                 config_fields=frozenset(config_fields))
+
+
+def _trainer_config(request: Request) -> tuple[Request, list[str]]:
+    """--from FILE: the trainer config's settings join the chosen ones (memcalc.configs.trainers.merge refuses a
+    chosen setting it contradicts); the request that results, and the notes that say what was read."""
+    from memcalc.configs.trainers import merge, read_trainer_config
+
+    if request.from_config is None:
+        raise UsageError("{from_format} says how to read {from_config} FILE: add it, or drop {from_format}")
+    if not isinstance(request.from_config, (str, os.PathLike)):
+        raise UsageError(f"{{from_config}} must be a path, got {type(request.from_config).__name__}")
+    _check_types(request)
+    config = read_trainer_config(request.from_config, request.from_format)
+    chosen = {name: getattr(request, name) for name in _DEFAULTS
+              if name not in ("chosen", "from_config", "from_format") and request.is_chosen(name)}
+    settings, notes = merge(config, chosen, _checkpoint_dtype)
+    names = frozenset(chosen) | frozenset(settings)
+    return dataclasses.replace(request, **settings, from_config=None, from_format=None, chosen=names), notes
+
+
+def _checkpoint_dtype(reference: str) -> str | None:
+    """The dtype a model's config.json records (torch_dtype or dtype), for a trainer that loads the checkpoint's."""
+    from memcalc.configs.trainers import config_dtype
+    from memcalc.resolve import resolve_model
+
+    return config_dtype(resolve_model(reference).raw)
 
 
 def _shown(path: str | os.PathLike[str]) -> str:
@@ -343,6 +382,23 @@ def _positions(model: ModelInput, spec: TrainingSpec) -> list[str]:
                          f"{{seq_len}} {arch.max_positions:,} or less")
     return [f"seq_len {spec.seq_len:,} is above the model's max_position_embeddings {arch.max_positions:,}: the "
             "positions are computed (rotary), so the step runs, but the model was not trained that long"]
+
+
+def _decoder_length(model: ModelInput, spec: TrainingSpec) -> None:
+    """--decoder-seq-len is refused for a model whose estimate has no decoder length of its own: one sequence, or
+    an encoder-decoder only the trace or an approximation counts (both with the encoder's length)."""
+    arch = model.arch
+    if spec.decoder_seq_len is None or (arch is not None and arch.encoder_decoder):
+        return
+    if arch is None:
+        raise UsageError("{decoder_seq_len} is the decoder's length of an encoder-decoder model (T5): give its "
+                         "{model}, or drop {decoder_seq_len}")
+    config = model.config.raw if model.config is not None else {}
+    if config.get("is_encoder_decoder") is True:
+        raise UsageError(f"{{decoder_seq_len}}: memcalc models a decoder length of its own for T5 only; {model.name} "
+                         f"({model.model_type}) is estimated with {{seq_len}} for both stacks: drop {{decoder_seq_len}}")
+    raise UsageError(f"{{decoder_seq_len}} is the decoder's length of an encoder-decoder model (T5); {model.name} "
+                     "reads one sequence ({seq_len}): drop {decoder_seq_len}")
 
 
 def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:

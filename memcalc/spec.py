@@ -11,13 +11,20 @@ from enum import Enum
 
 from memcalc import deepspeed_defaults as ds_defaults
 from memcalc.errors import UsageError
-from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
+from memcalc.optimizers import (
+    PROJECTION_OPTIMIZERS,
+    WHOLE_TENSOR_OPTIMIZERS,
+    OptimImpl,
+    OptimizerName,
+    OptimizerSettings,
+)
 from memcalc.precision import Dtype, PrecisionName
 
 DEFAULT_MICRO_BATCH_SIZE = 1
 DEFAULT_SEQ_LEN = 2048
 MAX_TOKENS = 10**9  # micro-batch x sequence: far past any run, small enough to keep arithmetic instant
 MAX_GPUS = 10**6
+MAX_LAYERS_CHECKPOINTED = 100_000  # every:N: far past any model's depth
 
 
 class Attention(str, Enum):
@@ -74,8 +81,32 @@ def setting_of(field_name: str) -> str:
 
 
 class Checkpointing(str, Enum):
+    """none; full: every decoder layer (HF gradient_checkpointing_enable); every: every N-th layer, ``every:N``
+    (torchtitan's selective layer checkpointing: ``_apply_ac_to_transformer_block`` counts the blocks from 1 and
+    wraps those whose count is a multiple of ``ac_freq``)."""
+
     none = "none"
     full = "full"
+    every = "every"
+
+
+EVERY_PREFIX = "every:"
+
+
+class LossKind(str, Enum):
+    """standard: logits in full, upcast and cross-entropy (transformers ForCausalLMLoss); chunked: ``chunked:N``,
+    torchtune's CEWithChunkedOutputLoss over the output projection applied in N chunks along the sequence
+    (torchtune/modules/loss/ce_chunked_output_loss.py, TransformerDecoder.chunked_output); fused-linear: the head's
+    matmul and the cross-entropy fused chunk by chunk, the full logits never materialised (Liger-Kernel
+    ops/fused_linear_cross_entropy.py fused_linear_cross_entropy_forward)."""
+
+    standard = "standard"
+    chunked = "chunked"
+    fused_linear = "fused-linear"
+
+
+CHUNKED_PREFIX = "chunked:"
+MAX_LOSS_CHUNKS = 1_000_000
 
 
 class ActivationSource(str, Enum):
@@ -99,10 +130,15 @@ class TrainingSpec:
     optim_impl: OptimImpl = OptimImpl.foreach
     amsgrad: bool = False
     adafactor_beta1: float | None = None
+    optim_rank: int | None = None  # GaLore / APOLLO projection rank (None: HF Trainer's default, 128)
     micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
     seq_len: int = DEFAULT_SEQ_LEN
+    decoder_seq_len: int | None = None  # encoder-decoder models: decoder tokens per sequence (None: seq_len)
     grad_accum: int = 1  # micro-batches per optimizer step
     checkpointing: Checkpointing = Checkpointing.none
+    checkpoint_every: int = 0  # Checkpointing.every: N (given as checkpointing "every:N")
+    loss: LossKind = LossKind.standard
+    loss_chunks: int = 0  # LossKind.chunked: N (given as loss "chunked:N")
     attention: Attention = Attention.sdpa
     activations: ActivationSource = ActivationSource.auto
     zero_stage: int = 0
@@ -117,15 +153,49 @@ class TrainingSpec:
     qlora: bool = False
     freeze: tuple[str, ...] = ()
 
+    def checkpointed(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full, every N-th under every:N
+        (torchtitan counts blocks from 1: layers N-1, 2N-1, ... 0-based)."""
+        if self.checkpointing == Checkpointing.every:
+            return (layer + 1) % self.checkpoint_every == 0
+        return self.checkpointing == Checkpointing.full
+
+    @property
+    def loss_label(self) -> str:
+        """standard | chunked:N | fused-linear, as the flag takes it."""
+        return f"{CHUNKED_PREFIX}{self.loss_chunks}" if self.loss == LossKind.chunked else self.loss.value
+
+    @property
+    def checkpointing_label(self) -> str:
+        """none | full | every:N, as the flag takes it."""
+        if self.checkpointing == Checkpointing.every:
+            return f"{EVERY_PREFIX}{self.checkpoint_every}"
+        return self.checkpointing.value
+
+    def _counted(self, name: str, prefix: str, member: Enum, count_name: str, limit: int, rule: str) -> None:
+        """A setting given as "<prefix>N" (every:2, chunked:8): the enum member and its count N, checked."""
+        given = getattr(self, name)
+        if isinstance(given, str) and not isinstance(given, Enum) and given.startswith(prefix):
+            count = given[len(prefix):]
+            if not count.isdigit() or not 1 <= int(count) <= limit:
+                raise UsageError(f"{{{name}}} {given!r}: {rule}")
+            object.__setattr__(self, name, member)
+            object.__setattr__(self, count_name, int(count))
+
     def __post_init__(self) -> None:
+        self._counted("checkpointing", EVERY_PREFIX, Checkpointing.every, "checkpoint_every", MAX_LAYERS_CHECKPOINTED,
+                      "every:N takes a whole number of layers N >= 1 (every:2 checkpoints layers 2, 4, 6, ...)")
+        self._counted("loss", CHUNKED_PREFIX, LossKind.chunked, "loss_chunks", MAX_LOSS_CHUNKS,
+                      "chunked:N takes a whole number of chunks N >= 1 (torchtune's recipes use chunked:8)")
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
-                           ("offload", Offload), ("activations", ActivationSource)):
+                           ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
             except ValueError:
-                choices = ", ".join(member.value for member in enum)
+                choices = ", ".join(member.value + (":N" if member in (Checkpointing.every, LossKind.chunked) else "")
+                                    for member in enum)
                 raise UsageError(f"{{{setting_of(name)}}} {value!r} is not one of {choices}") from None
         for name in ("master_dtype", "grad_dtype", "state_dtype"):
             value = getattr(self, name)
@@ -136,8 +206,19 @@ class TrainingSpec:
                     raise UsageError(f"{{{name}}} {value!r} is not one of fp32, bf16, fp16") from None
         _check_range("{batch_size}", self.micro_batch_size, 1, MAX_TOKENS)
         _check_range("{seq_len}", self.seq_len, 1, MAX_TOKENS)
+        if (self.loss == LossKind.chunked) != (self.loss_chunks > 0):
+            raise UsageError("{loss} chunked takes its number of chunks: chunked:N (torchtune's recipes use "
+                             "chunked:8)")
+        if (self.checkpointing == Checkpointing.every) != (self.checkpoint_every > 0):
+            raise UsageError("{checkpointing} every takes its layer count: every:N (every:2 checkpoints layers 2, 4, "
+                             "6, ...)")
         if self.micro_batch_size * self.seq_len > MAX_TOKENS:
             raise UsageError(f"{{batch_size}} x {{seq_len}} is above {MAX_TOKENS:.0e} tokens; check the numbers")
+        if self.decoder_seq_len is not None:
+            _check_range("{decoder_seq_len}", self.decoder_seq_len, 1, MAX_TOKENS)
+            if self.micro_batch_size * self.decoder_seq_len > MAX_TOKENS:
+                raise UsageError(f"{{batch_size}} x {{decoder_seq_len}} is above {MAX_TOKENS:.0e} tokens; check the "
+                                 "numbers")
         _check_range("{grad_accum}", self.grad_accum, 1, 1_000_000)
         _check_range("{zero}", self.zero_stage, 0, 3)
         _check_range("{gpus}", self.num_gpus, 1, MAX_GPUS)
@@ -165,6 +246,16 @@ class TrainingSpec:
             raise UsageError("{adafactor_beta1} only applies to {optim} adafactor")
         if self.amsgrad and self.optimizer not in (OptimizerName.adam, OptimizerName.adamw):
             raise UsageError("{amsgrad} only applies to {optim} adam or adamw")
+        if self.optim_rank is not None:
+            _check_range("{optim_rank}", self.optim_rank, 1, 65536)
+            if self.optimizer not in PROJECTION_OPTIMIZERS:
+                raise UsageError("{optim_rank} only applies to {optim} galore-adamw or apollo-adamw")
+        if self.optimizer in WHOLE_TENSOR_OPTIMIZERS and self.zero_stage:
+            raise UsageError(f"{{optim}} {self.optimizer.value} is modelled on whole tensors (their shapes and names): "
+                             "use it with {zero} 0, not on ZeRO or FSDP partitions")
+        if self.optimizer == OptimizerName.schedule_free_adamw and self.optim_impl == OptimImpl.fused:
+            raise UsageError("{optim} schedule-free-adamw has foreach and for-loop paths, no fused kernel: "
+                             "{optim_impl} foreach or forloop")
 
     @property
     def gpus_per_node(self) -> int:
@@ -176,7 +267,7 @@ class TrainingSpec:
     @property
     def optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(
-            name=self.optimizer, impl=self.optim_impl, amsgrad=self.amsgrad, adafactor_beta1=self.adafactor_beta1
+            name=self.optimizer, impl=self.optim_impl, amsgrad=self.amsgrad, adafactor_beta1=self.adafactor_beta1, rank=self.optim_rank
         )
 
 

@@ -8,6 +8,7 @@ QLoRA (Dettmers et al. 2023) stores the frozen base Linear weights in 4-bit NF4 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,6 @@ from memcalc.model import (
     token_embedding,
 )
 from memcalc.precision import get_recipe
-from memcalc.spec import Checkpointing
 
 if TYPE_CHECKING:
     from memcalc.resolve import ModelInput
@@ -117,7 +117,8 @@ def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool) -> tuple[ParamT
     return lora_a, lora_b
 
 
-def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str], checkpointing: bool) -> tuple[int, int, int]:
+def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
+                         checkpointed: Callable[[int], bool]) -> tuple[int, int, int]:
     """Elements of the weights torch.autocast keeps low-precision copies of from forward to backward.
 
     Every Linear weight is cast once per forward (autocast's weight cache) and the cast is saved for
@@ -133,13 +134,14 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str], checkp
                                    (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
     if head_tied_to_embedding(tensors):  # gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder
         cast.append(token_embedding(tensors))
-    if not checkpointing:
-        return sum(t.numel for t in cast), 0, 0
-    per_layer: dict[int, int] = {}
+    per_layer: dict[int, int] = {}  # checkpointed layers' copies
+    kept = 0
     for t in cast:
-        if t.layer is not None:
+        if t.layer is not None and checkpointed(t.layer):
             per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel
-    return sum(t.numel for t in cast if t.layer is None), max(per_layer.values(), default=0), sum(per_layer.values())
+        else:
+            kept += t.numel
+    return kept, max(per_layer.values(), default=0), sum(per_layer.values())
 
 
 def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
@@ -186,7 +188,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                          "lm_head stay 16-bit (bitsandbytes skips lm_head)")
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
-            tensors, quantized, spec.checkpointing == Checkpointing.full)
+            tensors, quantized, spec.checkpointed)
     else:
         autocast_numel, recompute_numel, forward_only_numel = sum(t.numel for t in tensors), 0, 0
         if get_recipe(spec.precision).autocast:

@@ -24,8 +24,10 @@ RECIPES = {"bf16-pure": (torch.bfloat16, False), "fp32": (torch.float32, False),
 
 
 
-def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
+def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool | int = False,
                         attention: str = "sdpa") -> int:
+    """Bytes a real CPU forward saves for backward. ``checkpointing``: True for every layer; N for every N-th
+    (HF's checkpointing kept on the layers torchtitan's ac_freq N wraps: 1-based counts divisible by N)."""
     dtype, autocast = RECIPES[recipe]
     fields = {k: v for k, v in raw.items() if k != "model_type"}
     config = transformers.AutoConfig.for_model(raw["model_type"], **fields)
@@ -40,6 +42,9 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable()
+        if checkpointing is not True:
+            for index, layer in enumerate(model.model.layers):
+                layer.gradient_checkpointing = (index + 1) % checkpointing == 0
     # Parameters, and autocast's low-precision copies of them (the autocast_weight_copies term), are not
     # activations: the copies are recognised as the outputs of a dtype cast whose input is a parameter.
     # Registered buffers (BERT's position_ids, sliced and saved by the position embedding) are model state too.
@@ -172,6 +177,19 @@ def test_checkpointing_keeps_layer_inputs(recipe):
     print(f"checkpointing {recipe}: estimate {checkpointed - per_layer:,} (+ {per_layer:,} recomputed) "
           f"measured {measured:,}")
     assert checkpointed - rotary == measured
+
+
+@pytest.mark.parametrize("recipe", ["bf16-pure", "amp-bf16"])
+@pytest.mark.parametrize(("every", "layers"), [(2, 4), (3, 4), (4, 4)])
+def test_checkpointing_every_nth_layer(every, layers, recipe):
+    """--checkpointing every:N (torchtitan's layer frequency): checkpointed layers keep their input, the others
+    everything; measured with HF's checkpointing on those layers only. Layer 0 is never checkpointed here, so the
+    rotary tables are saved through the hooks as without checkpointing."""
+    raw = {**tiny_raw("llama"), "num_hidden_layers": layers}
+    measured = measure_saved_bytes(raw, recipe, batch=2, seq=48, checkpointing=every)
+    estimated, report = estimated_saved_bytes(raw, recipe, batch=2, seq=48, checkpointing=f"every:{every}")
+    assert report.training.checkpointing == f"every:{every}"
+    assert estimated == measured
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

@@ -126,6 +126,8 @@ STRING_VALUES = {  # option name -> (valid values, invalid values); names not he
     "compare_with": (["deepspeed", "accelerate"], ["", "x", "megatron"]),
     "lora_targets": (["q_proj,v_proj", "all-linear", "q_proj"], ["", "nonexistent", ",,", "a\nb", "x" * 300]),
     "freeze": (["embeddings", "lm_head,norms", "attention,mlp"], ["", "x", "embeddings,embeddings", ",", "mlp\n"]),
+    "checkpointing": (["none", "full", "every:2", "every:5"], ["every", "every:0", "every:x", "every:-1", "some", ""]),
+    "loss": (["standard", "chunked:8", "chunked:1", "fused-linear"], ["chunked", "chunked:0", "chunked:x", "x", ""]),
 }
 GENERIC = (["1", "0", "x", "7B", "80GiB", "auto"], ["", "-1", "\n", "\x1b[0m", "x" * 300])
 BAD_CHOICES = ["", "x", "none2", "BF16x", "-1", "x" * 300, "a\nb"]
@@ -144,7 +146,12 @@ def value_table(param) -> tuple[list[str], list[str]]:
     """(valid values, invalid values) of an option that takes a value, from its click type (or the table)."""
     kind = param.type
     if getattr(kind, "choices", None):
-        return [str(getattr(c, "value", c)) for c in kind.choices], BAD_CHOICES
+        valid = [str(getattr(c, "value", c)) for c in kind.choices]
+        if param.name == "activations":
+            # trace imports torch and traces the model (seconds, cold): tests/test_traced.py covers it; drawn here
+            # it would only race the guard on a loaded machine
+            valid.remove("trace")
+        return valid, BAD_CHOICES
     if kind.name.startswith("int"):  # click's "integer" / "integer range" (typer's copy: "int" / "int range")
         low = getattr(kind, "min", None) or 0
         high = getattr(kind, "max", None) or 2**31

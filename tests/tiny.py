@@ -62,11 +62,12 @@ def tiny_raw(family: str) -> dict:
     return {"model_type": family, "architectures": [arch], **BASE, **extra}
 
 
-def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool = False,
+def estimated_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool | str = False,
                           attention: str = "sdpa", activations: str = "auto") -> tuple[int, Report]:
     """The estimate's activations and loss buffers (what the forward saves for backward), and its report."""
     spec = TrainingSpec(precision=recipe, micro_batch_size=batch, seq_len=seq,
-                        checkpointing="full" if checkpointing else "none", attention=attention,
+                        checkpointing=checkpointing if isinstance(checkpointing, str) else
+                        ("full" if checkpointing else "none"), attention=attention,
                         activations=activations)
     report = run(model_of(ModelConfig("tiny", raw, "test")), spec)
     return report.term(TERM_ACTIVATIONS).bytes + report.term(TERM_LOSS_BUFFERS).bytes, report

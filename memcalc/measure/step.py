@@ -5,17 +5,17 @@ CPU and CUDA defaults differ), attention implementation, checkpointing, micro-ba
 The model is the transformers class named in the config's ``architectures`` (never remote code), built
 from the config with random weights (nothing is downloaded).
 
-A step, as HF Trainer's ``training_step`` runs it: forward (under torch.autocast for amp-*) with labels, so the
-model computes its own loss; the model output is dropped, only the loss is kept; ``loss.backward()``; the
-optimizer step; ``zero_grad(set_to_none=True)``. Step 0 (warm-up) creates the optimizer state;
-step 1 is measured.
+A step, as HF Trainer's ``training_step`` runs it: forward (under torch.autocast for amp-*) with the labels the
+class's head takes (``make_batch``), so the model computes its own loss; the model output is dropped, only the
+loss is kept; ``loss.backward()``; the optimizer step; ``zero_grad(set_to_none=True)``. Step 0 (warm-up) creates
+the optimizer state; step 1 is measured.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,12 @@ from memcalc.measure.measurement import Measurement
 from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, Recipe, get_recipe
-from memcalc.spec import Checkpointing, TrainingSpec
+from memcalc.spec import Checkpointing, LossKind, TrainingSpec
 
 TORCH_DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
+# The optimizers a verify step builds (build_optimizer); the others are estimated from their code only.
+VERIFIED_OPTIMIZERS = (OptimizerName.adamw, OptimizerName.adam, OptimizerName.sgd, OptimizerName.sgd_momentum,
+                       OptimizerName.adafactor)
 LEARNING_RATE = 1e-3
 SGD_MOMENTUM = 0.9
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -38,6 +41,14 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 FORWARD_LIVE_TERMS = (trk.ACTIVATIONS, trk.LOGITS_AND_LOSS, trk.AUTOCAST_COPIES)
 SDPA_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 SDPA_MATH_OPS = {"_safe_softmax", "_softmax"}  # what SDPA's math path decomposes into
+
+# The tracker is a TorchDispatchMode, and while one is active ATen's isTensorSubclassLike is true for every tensor
+# (TensorSubclassLikeUtils.h), so autograd's input buffer never sums two gradient contributions in place
+# (torch/csrc/autograd/input_buffer.cpp accumulate, can_accumulate_inplace).
+SHARED_WEIGHT_NOTE = ("a weight is used twice (a tied or shared embedding): under the tracker (a TorchDispatchMode) "
+                      "autograd sums its gradient contributions out of place, so where an ordinary step adds a fresh "
+                      "contribution in place (autocast's cast of the head's, an embedding shared by two stacks) this "
+                      "one holds one more V x h tensor at the sum; the estimate follows the ordinary step")
 
 Progress = Callable[[str], None]
 
@@ -56,6 +67,9 @@ class StepSetup:
     micro_batch_size: int
     seq_len: int
     device: str
+    decoder_seq_len: int | None = None  # encoder-decoder models: the target length (None: seq_len)
+    checkpoint_every: int = 0  # --checkpointing every:N: only every N-th layer (torchtitan's count from 1)
+    loss_chunks: int = 0  # --loss chunked:N: torchtune's chunked output and cross-entropy
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -68,9 +82,12 @@ class StepSetup:
             "optim_impl": "per-tensor loop (transformers Adafactor has no foreach/fused path)"
             if opt.name == OptimizerName.adafactor else opt.impl.value,
             "attn_implementation": self.attn_implementation,
-            "checkpointing": "full" if self.checkpointing else "none",
+            "checkpointing": (f"every:{self.checkpoint_every}" if self.checkpoint_every else "full")
+            if self.checkpointing else "none",
+            **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
+            **({"decoder_seq_len": self.decoder_seq_len} if self.decoder_seq_len is not None else {}),
             "device": self.device,
         }
 
@@ -84,8 +101,11 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         unsupported.append("LoRA / QLoRA")
     if spec.freeze:
         unsupported.append("{freeze}")
-    if spec.optimizer in (OptimizerName.lion, OptimizerName.adamw_8bit):
+    if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
+    if spec.loss == LossKind.fused_linear:
+        unsupported.append("{loss} fused-linear (Liger's Triton kernels need a GPU: the estimate models it from "
+                           "their code)")
     if unsupported:
         raise UsageError(f"verify does not yet run {', '.join(unsupported)}; drop it to verify the rest")
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -103,8 +123,10 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         master_dtype=TORCH_DTYPES[recipe.master_dtype] if recipe.master_dtype else None,
         autocast_dtype=TORCH_DTYPES[recipe.compute_dtype] if recipe.autocast else None,
         optimizer=spec.optimizer_settings, attn_implementation=attn_implementation,
-        checkpointing=spec.checkpointing == Checkpointing.full,
+        checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
+        loss_chunks=spec.loss_chunks,
         micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, device=device,
+        decoder_seq_len=spec.decoder_seq_len,
     )
 
 
@@ -123,6 +145,14 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
     if setup.checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+        if setup.checkpoint_every:
+            # every:N: HF's checkpointing left on the layers torchtitan's _apply_ac_to_transformer_block wraps
+            # (1-based counts divisible by N), off on the others.
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for index, layer in enumerate(layers):
+                layer.gradient_checkpointing = (index + 1) % setup.checkpoint_every == 0
     model.train()
     return model
 
@@ -223,8 +253,136 @@ def storage_bytes(tensors) -> int:
 
 
 def make_inputs(model: torch.nn.Module, setup: StepSetup) -> torch.Tensor:
+    """Token ids (micro_batch, seq_len), uniformly drawn from the vocabulary."""
     vocab = int(model.config.get_text_config().vocab_size)
     return torch.randint(0, vocab, (setup.micro_batch_size, setup.seq_len), device=setup.device)
+
+
+# -- the batch -------------------------------------------------------------------------------------------------
+# What a training batch holds depends on the head. A class's head is the first of these transformers auto mappings
+# (models/auto/modeling_auto.py) that lists it for its model type: BartForConditionalGeneration is in the seq2seq,
+# masked-LM and pre-training mappings and trains as seq2seq; GPT2LMHeadModel, in causal LM and pre-training, as a
+# causal LM.
+HEAD_SEQ2SEQ = "seq2seq LM"
+HEAD_SEQUENCE_CLASSIFICATION = "sequence classification"
+HEAD_NEXT_SENTENCE = "next-sentence prediction"
+HEAD_TOKEN_CLASSIFICATION = "token classification"
+HEAD_QUESTION_ANSWERING = "question answering"
+HEAD_MULTIPLE_CHOICE = "multiple choice"
+HEAD_CAUSAL_LM = "causal LM"
+HEAD_MASKED_LM = "masked LM"
+HEAD_PRETRAINING = "pre-training"
+HEAD_NONE = "base model (no head)"
+_HEAD_MAPPINGS = (
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", HEAD_SEQ2SEQ),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", HEAD_SEQUENCE_CLASSIFICATION),
+    ("MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES", HEAD_NEXT_SENTENCE),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", HEAD_TOKEN_CLASSIFICATION),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", HEAD_QUESTION_ANSWERING),
+    ("MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES", HEAD_MULTIPLE_CHOICE),
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", HEAD_CAUSAL_LM),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", HEAD_MASKED_LM),
+    ("MODEL_FOR_PRETRAINING_MAPPING_NAMES", HEAD_PRETRAINING),
+    ("MODEL_MAPPING_NAMES", HEAD_NONE),
+    ("MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES", HEAD_NONE),
+)
+# The module whose forward produces the logits of a classification head (the tracker counts what is created from
+# it on as logits_and_loss, as it does from lm_head on for language models): BERT-likes' classifier, decoders'
+# score (modeling_layers.GenericForSequenceClassification), qa_outputs, BART's and T5's classification_head.
+_CLASSIFIER_MODULES = ("classifier", "score", "qa_outputs", "classification_head")
+
+
+def head_kind(class_name: str, model_type: str) -> str | None:
+    """The kind of head of a model class (HEAD_*), or None for a class no mapping above lists (a multimodal
+    generator, say: it is run as a language model, labels = input_ids)."""
+    from transformers.models.auto import modeling_auto
+
+    for mapping, kind in _HEAD_MAPPINGS:
+        names = getattr(modeling_auto, mapping, {}).get(model_type, ())
+        if class_name in ((names,) if isinstance(names, str) else tuple(names)):
+            return kind
+    return None
+
+
+def check_trainable(class_name: str, model_type: str) -> str | None:
+    """The head kind of a class verify can train; a base model (no loss) or a multiple-choice head is refused."""
+    kind = head_kind(class_name, model_type)
+    if kind == HEAD_NONE:
+        raise UsageError(f"verify runs a training step with the model's own loss, and {class_name} is a base model (no "
+                         "head, no loss): name a class with a head first in the config's architectures")
+    if kind == HEAD_MULTIPLE_CHOICE:
+        raise UsageError(f"verify does not yet run multiple-choice heads ({class_name}: inputs of batch x choices x "
+                         "sequence); name another head in the config's architectures")
+    return kind
+
+
+def _labels_of_classifier(model: torch.nn.Module, setup: StepSetup, shape: tuple[int, ...]) -> torch.Tensor:
+    """Labels as the sequence-classification loss reads them (modeling_bert.BertForSequenceClassification.forward,
+    loss_utils.ForSequenceClassificationLoss): class indices (int64), or float targets for config.problem_type
+    regression (num_labels 1 when unset) and multi_label_classification, in the logits' dtype (the weights')."""
+    num_labels = int(model.config.num_labels)
+    problem = model.config.problem_type or ("regression" if num_labels == 1 else "single_label_classification")
+    if problem == "single_label_classification":
+        return torch.randint(0, num_labels, shape, device=setup.device)
+    floats = shape if num_labels == 1 else (*shape, num_labels)
+    return torch.rand(floats, dtype=setup.weight_dtype, device=setup.device)
+
+
+def make_batch(model: torch.nn.Module, setup: StepSetup) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The keyword arguments of one training forward for the model's head, following its forward's signature, and
+    notes on what was chosen for the run. Inputs are (micro_batch, seq_len) token ids; labels:
+      causal / masked LM: the input ids (every position labelled: the loss's size is the same for a real batch)
+      seq2seq (T5ForConditionalGeneration.forward): labels (micro_batch, decoder_seq_len); the model builds the
+        decoder inputs from them (_shift_right), as from a DataCollatorForSeq2Seq batch
+      sequence classification / next-sentence prediction: one label per sequence (micro_batch,)
+      token classification: one class per token (micro_batch, seq_len)
+      question answering: start_positions and end_positions, one position per sequence (micro_batch,)
+      pre-training (BertForPreTraining.forward): token labels and a next_sentence_label per sequence
+    A base model has no loss to train with, and multiple choice takes (micro_batch, choices, seq_len): refused."""
+    import inspect
+
+    cls = type(model).__name__
+    kind = check_trainable(cls, model.config.model_type)
+    b, s = setup.micro_batch_size, setup.seq_len
+    input_ids = make_inputs(model, setup)
+    batch: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    notes: list[str] = []
+    parameters = inspect.signature(model.forward).parameters
+    if kind == HEAD_SEQ2SEQ:
+        vocab = int(model.config.get_text_config().vocab_size)
+        batch["labels"] = torch.randint(0, vocab, (b, setup.decoder_seq_len or s), device=setup.device)
+    elif kind == HEAD_SEQUENCE_CLASSIFICATION:
+        batch["labels"] = _labels_of_classifier(model, setup, (b,))
+        text = model.config.get_text_config()
+        if b > 1 and getattr(text, "pad_token_id", "absent") is None:
+            # modeling_layers.GenericForSequenceClassification (and GPT2's) refuse batches > 1 without a pad token: it
+            # finds each row's last non-pad token. Which token that is changes no tensor's size.
+            text.pad_token_id = 0
+            notes.append(f"the config has no pad_token_id, without which {cls} refuses batches of more than one "
+                         "sequence: the run used 0 (it picks the last non-pad token of each row; no size changes)")
+    elif kind == HEAD_NEXT_SENTENCE:
+        batch["labels"] = torch.randint(0, 2, (b,), device=setup.device)
+    elif kind == HEAD_TOKEN_CLASSIFICATION:
+        batch["labels"] = torch.randint(0, int(model.config.num_labels), (b, s), device=setup.device)
+    elif kind == HEAD_QUESTION_ANSWERING:
+        batch["start_positions"] = torch.randint(0, s, (b,), device=setup.device)
+        batch["end_positions"] = torch.randint(0, s, (b,), device=setup.device)
+    else:
+        batch["labels"] = input_ids
+        for name in ("next_sentence_label", "sentence_order_label"):  # BertForPreTraining, AlbertForPreTraining
+            if kind == HEAD_PRETRAINING and name in parameters:
+                batch[name] = torch.randint(0, 2, (b,), device=setup.device)
+    return batch, notes
+
+
+def loss_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module from whose forward on the tracker counts logits and loss: the output embeddings of a language
+    model, the classifier of a classification head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return head
+    return next((module for name in _CLASSIFIER_MODULES if isinstance(module := getattr(model, name, None),
+                                                                     torch.nn.Module)), None)
 
 
 def _autocast(setup: StepSetup):
@@ -233,15 +391,45 @@ def _autocast(setup: StepSetup):
     return torch.autocast(device_type=torch.device(setup.device).type, dtype=setup.autocast_dtype)
 
 
-def one_step(model: torch.nn.Module, stepper: Stepper, input_ids: torch.Tensor, setup: StepSetup,
-             clock: PhaseClock, after_backward: Callable[[], None] | None = None) -> None:
+def _chunked_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], chunks: int) -> torch.Tensor:
+    """torchtune's chunked loss on a transformers causal LM: the decoder's last hidden state split along the sequence
+    (TransformerDecoder.chunked_output: ``.chunk(num_output_chunks, dim=1)``), the output projection per chunk, then
+    CEWithChunkedOutputLoss.forward: each chunk's ``F.cross_entropy(logits.float(), labels, reduction="sum")``
+    summed and divided by the labelled tokens; the list of logits is dropped after the loss (the recipes
+    ``del logits``). Labels shifted as ForCausalLMLoss shifts them (padded with -100, then one to the left)."""
+    head = model.get_output_embeddings()
+    hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+    logits = [head(chunk) for chunk in hidden.chunk(chunks, dim=1)]
+    del hidden
+    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
+    total = sum(torch.nn.functional.cross_entropy(chunk.float().reshape(-1, chunk.size(-1)), target.reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+                for chunk, target in zip(logits, labels.chunk(chunks, dim=1)))
+    del logits
+    return total / (labels != -100).sum()
+
+
+def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch.Tensor] | torch.Tensor,
+             setup: StepSetup, clock: PhaseClock, after_backward: Callable[[], None] | None = None) -> None:
+    """One training step on ``batch`` (make_batch's keyword arguments; bare token ids are a language model's
+    input_ids and labels)."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch, "labels": batch}
     clock.enter(trk.FORWARD)
-    with _autocast(setup):
+    # (quiet: transformers' one-time warnings in the forward, such as BertLMHeadModel's default loss_type, are not
+    # the user's business here)
+    with _autocast(setup), build.quiet_transformers():
         # use_cache is left to the config, as HF Trainer leaves it: GPT-2 then concatenates k and v into a
         # DynamicCache during training, which memcalc.activations counts.
-        out = model(input_ids=input_ids, labels=input_ids)
-    loss = out.loss
-    del out  # as HF Trainer's training_step: only the loss outlives the forward (the logits are freed)
+        if setup.loss_chunks:
+            loss = _chunked_loss(model, batch, setup.loss_chunks)
+        else:
+            out = model(**batch)
+            loss = out.loss
+            del out  # as HF Trainer's training_step: only the loss outlives the forward (the logits are freed)
+    if loss is None:
+        raise UsageError(f"verify: {type(model).__name__} returned no loss for a batch of "
+                         f"{', '.join(batch)}; name a class with a head in the config's architectures")
     clock.enter(trk.BACKWARD)
     loss.backward()
     if after_backward is not None:
@@ -270,7 +458,7 @@ class _TrackerClock(PhaseClock):
 def watch_step(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper) -> None:
     """Attribute optimizer state, the loss region (logits, log_softmax) and fp32 gradient copies."""
     tracker.watch_optimizer(stepper.optimizer, stepper.fused)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = loss_head(model)
     if head is not None:
         tracker.loss_region(head)
     stepper.on_master_grads = lambda grads: tracker.register(grads, trk.FP32_GRAD_COPY)
@@ -289,6 +477,7 @@ class StepResult:
     ops_seen: set[str] = field(default_factory=set)
     dropout: dict[str, float] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the run chose (make_batch)
 
 
 class _OpNames(trk.MemoryTracker):
@@ -311,20 +500,24 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     context it calls this in (a FakeTensorMode for traces) and the device."""
     say = progress or (lambda _msg: None)
     setup = resolve_setup(spec, attn_implementation, device)
+    config = build.hf_config(_raw(model_config))
+    check_trainable(build.model_class(config).__name__, config.model_type)  # before building anything
     started = time.perf_counter()
     torch.manual_seed(seed)
     say("building the model")
     model = build_model(model_config, setup)
     stepper = Stepper(model, setup)
-    input_ids = make_inputs(model, setup)
+    batch, notes = make_batch(model, setup)
+    if sum(1 for _ in model.named_parameters(remove_duplicate=False)) > sum(1 for _ in model.parameters()):
+        notes.append(SHARED_WEIGHT_NOTE)
     say("warm-up step (creates the optimizer state)")
-    one_step(model, stepper, input_ids, setup, PhaseClock())
+    one_step(model, stepper, batch, setup, PhaseClock())
 
     tracker = _OpNames(record_timeline=record_timeline)
     tracker.register(model.parameters(), trk.WEIGHTS)
     tracker.register(stepper.masters, trk.MASTER)
     tracker.register(model.buffers(), trk.OTHER)
-    tracker.register([input_ids], trk.OTHER)
+    tracker.register(batch.values(), trk.OTHER)
     tracker.watch_gradients(model.parameters())
     watch_step(tracker, model, stepper)
     grads: dict[str, int] = {}
@@ -337,7 +530,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     say("measured step")
     try:
         with tracker:
-            one_step(model, stepper, input_ids, setup, _TrackerClock(tracker, clock), after_backward)
+            one_step(model, stepper, batch, setup, _TrackerClock(tracker, clock), after_backward)
     finally:
         tracker.remove_hooks()
     states = stepper.state_tensors()
@@ -353,7 +546,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         model_state_bytes=model_state,
         optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model_config),
-        elapsed_seconds=time.perf_counter() - started,
+        elapsed_seconds=time.perf_counter() - started, notes=notes,
     )
 
 
@@ -416,8 +609,8 @@ def to_measurement(method: str, result: StepResult) -> Measurement:
         tracker_peak_bytes=tracker.peak_bytes,
         elapsed_seconds=round(result.elapsed_seconds, 3),
         notes=["the model output (logits) is dropped before backward, as HF Trainer's training_step does",
-               "torch.optim's host-side 'step' counters are not counted as optimizer state (fused keeps them "
-               "on the device and they are)"],
+               ("torch.optim's host-side 'step' counters are not counted as optimizer state (fused keeps them "
+                "on the device and they are)"), *result.notes],
     )
 
 

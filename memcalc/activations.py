@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
+from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
-from memcalc.families.saved import Rule, Run
+from memcalc.families.saved import Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
 from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind
 from memcalc.units import BYTES_PER_FP32
@@ -117,7 +118,8 @@ FUSED_LINEAR_SOURCE = ("Liger-Kernel ops/fused_linear_cross_entropy.py fused_lin
                        "next_power_of_2(ceil(rows / ceil(V / h))))")
 
 
-def _fused_linear_loss(result: ActivationEstimate, arch, spec: TrainingSpec, recipe: Recipe, run: Run, loss) -> None:
+def _fused_linear_loss(result: ActivationEstimate, arch: Arch, spec: TrainingSpec, recipe: Recipe, run: Run,
+                       loss: Loss) -> None:
     """--loss fused-linear (Liger's FusedLinearCrossEntropy; Apple's cut-cross-entropy keeps less still): the head's
     matmul, the cross-entropy and its gradients in one function; the full logits never exist."""
     rows, vocab, hidden = loss.rows, loss.vocab, arch.hidden_size
@@ -218,9 +220,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         phases=FORWARD_BACKWARD, breakdown=breakdown,
     ))
     loss = rule.loss
-    result.vocabulary_head = loss is not None and loss.vocab == arch.vocab_size
+    result.vocabulary_head = loss is not None and bool(loss.vocab) and loss.vocab == arch.vocab_size
     if spec.loss != LossKind.standard:
-        if loss is None or not loss.vocab or loss.vocab != arch.vocab_size:
+        if not result.vocabulary_head:
             raise UsageError(f"{{loss}} {spec.loss_label} replaces the cross-entropy over the vocabulary; "
                              f"{arch.architecture or described.model_type} has no language-model head (its loss, if "
                              "any, is over labels): leave {loss} standard")
@@ -235,7 +237,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         # of its input coexist, in the log_softmax dtype.
         upcast = loss.bytes_per_log_softmax if loss.bytes_per_log_softmax != run.c else 0
         # chunked:N (torchtune CEWithChunkedOutputLoss.forward and compute_cross_entropy, with the output
-        # projection applied per chunk by TransformerDecoder.chunked_output: tensor_split along the sequence): every
+        # projection applied per chunk by TransformerDecoder.chunked_output: chunk(N) along the sequence, at most
+        # ceil(s / N) positions each): every
         # chunk's logits live through the loss, but only one chunk is upcast at a time; every chunk's log_softmax
         # output is saved as before; backward starts with one chunk's two fp32 gradients.
         chunk_rows = loss.rows

@@ -58,7 +58,7 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
             per_model[PART_LOSS] = loss_bytes
         notes.append("the loss is not ForCausalLMLoss's (it saves less than rows x vocab x 4 B): counted as traced, "
                      "without its transients")
-    if run.flash:
+    if run.flash and traced.attention != "eager":
         notes.append("--attn flash traced as sdpa (flash_attention_2 needs CUDA): both keep q, k, v, the output and "
                      "the log-sum-exp")
     if traced.attention == "eager" and not run.eager:

@@ -24,9 +24,9 @@ from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
 from memcalc.families.saved import Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
-from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind
+from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind, Offload
 from memcalc.units import BYTES_PER_FP32
-from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Term
+from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Phase, Term
 
 if TYPE_CHECKING:
     from memcalc.resolve import ModelInput
@@ -38,10 +38,22 @@ MODEL_PREFIX = "model/"
 KEPT_INPUTS = "layers/inputs kept by checkpointing"
 
 
+@dataclass(frozen=True)
+class TracedMoment:
+    """One segment's largest moment of a step traced op by op (memcalc.measure.timeline): the bytes alive beside
+    the parameters, master and optimizer states, and the parameter gradients among them."""
+
+    phase: Phase
+    label: str
+    bytes: int
+    gradients: int
+
+
 @dataclass(eq=False, repr=False)
 class ActivationEstimate:
     terms: list[Term] = field(default_factory=list)
     forward_transient_extra_bytes: int = 0
+    held_through_loss_bytes: int = 0  # what the model's outputs keep alive through the loss, unsaved (Rule.held)
     backward_start_extra_bytes: int = 0
     recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
     # Late in backward (the first layer's turn): that layer's activations and its gradient transients
@@ -53,6 +65,9 @@ class ActivationEstimate:
     # The loss is a cross-entropy over the vocabulary: the model has a language-model head (a V x h Linear, or the
     # token embedding tied to it), whose weight gradient the engine's backward moments count.
     vocabulary_head: bool = False
+    # Traced activations: the step's forward and backward moments traced op by op (memcalc.measure.timeline), which
+    # the engine takes instead of its moments of the forward and backward; empty where not traced.
+    step: tuple[TracedMoment, ...] = ()
 
 
 def _summed_parts(rule: Rule, indices: list[int] | None = None) -> dict[str, int]:
@@ -108,6 +123,34 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
         rule = family.activations(arch, run)
         rule.notes.append(f"the trace of this model failed ({why}): the approximation above stands and may be low")
         return rule, False, run
+
+
+def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple[TracedMoment, ...], str]:
+    """The step traced op by op (memcalc.measure.timeline) for a traced model, where one process can run its forward
+    and backward; else none and why the engine's generic moments stand."""
+    described = model.described
+    assert described is not None
+    if spec.zero_stage or spec.offload != Offload.none:
+        return (), ("the forward and backward moments follow the generic rule (a layer's activations and c T (I + h) "
+                      "of gradient transients): the step is traced op by op only without ZeRO/FSDP sharding")
+    from memcalc.measure.timeline import step_moments
+
+    # What the optimizer and the data-parallel ranks do does not change one rank's forward and backward.
+    traced_spec = dataclasses.replace(spec, optimizer="adamw", optim_impl="foreach", amsgrad=False,
+                                      adafactor_beta1=None, optim_rank=None, state_dtype=None, num_gpus=1,
+                                      num_nodes=1, grad_accum=1)
+    try:
+        moments, cached = step_moments(dict(described.raw), traced_spec, "eager" if run.eager else "sdpa")
+    except Exception as error:  # noqa: BLE001 (any failure of the model's code: the generic moments stand, said)
+        why = " ".join(str(error).split())[:200] or type(error).__name__
+        why = why.replace("verify does not yet run", "the step trace does not run").replace("; drop it to verify the rest", "")
+        return (), (f"the step could not be traced op by op ({why}): the forward and backward moments follow the "
+                      "generic rule (a layer's activations and c T (I + h) of gradient transients) and may be low")
+    accumulated = (f"; with --grad-accum {spec.grad_accum} every gradient is counted beside each moment (the traced "
+                   "step starts without them)" if spec.grad_accum > 1 else "")
+    found = tuple(TracedMoment(Phase.forward if m.phase == "forward" else Phase.backward, m.label, m.bytes, m.gradients)
+                  for m in moments.moments)
+    return found, moments.describe() + (" (from the cache)" if cached else "") + accumulated
 
 
 CHUNKED_SOURCE = ("torchtune modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss (logits.float() per "
@@ -169,6 +212,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
+    if traced:
+        result.step, why = _traced_step(model, spec, run)
+        result.notes.append(why)
     per_model = rule.per_model_bytes
     layer_totals = [rule.layer_bytes(i) for i in range(len(rule.layers))]
     layered = described.derived or traced  # layer by layer, from the code: the step's moments apply
@@ -229,6 +275,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         if spec.loss == LossKind.fused_linear:
             _fused_linear_loss(result, arch, spec, recipe, run, loss)
             return result
+    if spec.loss == LossKind.standard:  # (the chunked and fused losses call the decoder alone: no outputs held)
+        result.held_through_loss_bytes = rule.held
     if loss is not None and loss.vocab:
         rows_vocab = loss.rows * loss.vocab
         saved = rows_vocab * loss.bytes_per_log_softmax

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memcalc import activations, trainable
+from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_EMBEDDING,
     ROLE_EXPERT,
@@ -58,6 +59,7 @@ from memcalc.vocab import (
     CATEGORY_TEMPORARIES,
     EXTRA_HEAD_BACKWARD,
     EXTRA_HEAD_GRADIENT,
+    EXTRA_HELD_OUTPUTS,
     EXTRA_LAYER_ACTIVATIONS,
     EXTRA_LAYER_GRADIENTS,
     EXTRA_LOSS_GRADIENTS,
@@ -66,6 +68,7 @@ from memcalc.vocab import (
     EXTRA_RECOMPUTED_LAYER,
     EXTRA_SHARDED_LAYER,
     EXTRA_SHARED_GRADIENT_SUM,
+    EXTRA_TRACED_STEP,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
     MODEL_STATE_TERMS,
@@ -246,7 +249,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     missing_grads = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
                      if stage < 2 and spec.grad_accum == 1 else 0)
     phases = _phase_totals(terms, _Extras(
-        loss_logits=act.forward_transient_extra_bytes, loss_gradients=act.backward_start_extra_bytes,
+        loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
+        loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         missing_gradients=missing_grads,
@@ -254,7 +258,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         head_backward=head.at_backward, head_gradient=head.held,
         head_gradient_late=head.held_late, shared_gradient_sum=head.shared_sum,
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
-        first_sum_activations=encoder_acts))
+        first_sum_activations=encoder_acts, step=act.step))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -397,6 +401,7 @@ class _Extras:
     """Bytes alive at moments of the step that are not whole terms (see the module docstring)."""
 
     loss_logits: int = 0  # forward: the logits and their fp32 upcast during the loss
+    held_outputs: int = 0  # ... beside what the model's outputs keep alive unsaved (the KV cache's copies)
     loss_gradients: int = 0  # start of backward: the loss's gradient buffers
     recomputed_layer: int = 0  # checkpointing: one layer's activations rebuilt during backward
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
@@ -411,6 +416,7 @@ class _Extras:
     first_shared_sum: int = 0  # T5, tied: the first sum (head's and decoder's), before the encoder's backward ...
     first_sum_missing_gradients: int = 0  # ... without the encoder's gradients
     first_sum_activations: int = 0  # ... beside the encoder's activations
+    step: tuple[TracedMoment, ...] = ()  # traced: the forward's and backward's moments, op by op (replace those above)
 
 
 # Terms alive during one unit's backward only (a unit's full gradients before their reduce-scatter): gone at the
@@ -431,11 +437,27 @@ def _total(moment: str, phase: Phase, parts: dict[str, int], names: set[str]) ->
                       moment=moment, breakdown=parts)
 
 
+# What a traced step's moments hold (memcalc.measure.timeline): every term of the forward and backward but the
+# parameters, the fp32 master and the optimizer's states.
+_TRACED_TERMS = (TERM_GRADIENTS, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES, TERM_AUTOCAST_CHECKPOINTED)
+def _traced(terms: Sequence[Term], moment: TracedMoment, names: set[str]) -> PhaseTotal:
+    """A traced moment beside the terms it does not hold (with gradient accumulation every gradient is there
+    already: the gradients term, alive in every phase then, replaces the traced step's)."""
+    parts = _alive(terms, lambda t: moment.phase in t.phases and t.name not in (*_TRACED_TERMS, *_PER_UNIT_BACKWARD))
+    accumulated = next((t for t in terms if t.name == TERM_GRADIENTS and Phase.forward in t.phases), None)
+    parts[TERM_GRADIENTS] = accumulated.bytes if accumulated is not None else moment.gradients
+    parts[EXTRA_TRACED_STEP] = moment.bytes - moment.gradients
+    return _total(moment.label, moment.phase, parts, names)
+
+
 def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     """The largest moment of each phase, with what is alive then. In CPU RAM terms are alive in no phase."""
     names = {t.name for t in terms}
+    if x.step:
+        return _traced_phase_totals(terms, x, names)
     forward = _alive(terms, lambda t: Phase.forward in t.phases)
     forward[EXTRA_LOSS_LOGITS] = x.loss_logits
+    forward[EXTRA_HELD_OUTPUTS] = x.held_outputs
     # Start of backward: what the forward saved (its terms still alive in backward), then either the loss
     # gradients or, a moment later (the head's backward done), buffers kept for the whole backward (DeepSpeed
     # ZeRO-1/2's reduce bucket, set up at the first gradient) beside one recomputed layer under checkpointing.
@@ -482,6 +504,18 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
     return [_total(MOMENT_FORWARD, Phase.forward, forward, names), backward,
             _total(MOMENT_STEP, Phase.optimizer_step, step, names)]
+
+
+def _traced_phase_totals(terms: Sequence[Term], x: _Extras, names: set[str]) -> list[PhaseTotal]:
+    """The forward's and backward's largest moments from the traced step; the end of backward (every gradient) and
+    the optimizer step from the terms."""
+    forward = max((_traced(terms, m, names) for m in x.step if m.phase == Phase.forward), key=lambda t: t.bytes)
+    end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
+    candidates = [_traced(terms, m, names) for m in x.step if m.phase == Phase.backward]
+    candidates.append(_total(MOMENT_BACKWARD_END, Phase.backward, end, names))
+    backward = max(candidates, key=lambda total: total.bytes)  # the first of equal moments
+    step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
+    return [forward, backward, _total(MOMENT_STEP, Phase.optimizer_step, step, names)]
 
 
 def _optimizer_source(name: str) -> str:

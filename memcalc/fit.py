@@ -600,31 +600,37 @@ def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
     return Largest(low, low_peak, LIMIT_REJECTED, f"{label} {high:,} is rejected: {high_result}")
 
 
+FIT_ROUNDS = 3  # searches on fitted lengths before the search runs on traced lengths alone
+
+
 def _longest_sequence(spec: TrainingSpec, gpu: GpuTarget, estimates: _Estimates, cap: tuple[int, str] | None,
                       traced: bool) -> Largest:
     """largest_fitting over the sequence length. With traced activations every new length is a new trace, so the
     search reads lengths off the quadratic through three traced ones (measure.derive.fitted_sequences) and the
-    answer is then confirmed with real traces at it and one above it; where they disagree with the fit (a code
-    path changing with the length), the search runs again on real traces."""
+    answer is then confirmed with real traces at it and one above it. Where they disagree with the fit (a segment's
+    peak moving to another op, a code path changing with the length), the confirming traces become anchors and the
+    search runs again on the fit around them; after FIT_ROUNDS it runs on real traces."""
     if not traced:
         return largest_fitting(spec, "seq_len", gpu, estimates, cap=cap)
     from memcalc.measure import derive
 
     with derive.fitted_sequences():
-        fitted = largest_fitting(spec, "seq_len", gpu, _Estimates(estimates.rerun), cap=cap)
-    if fitted.value is None:
-        return largest_fitting(spec, "seq_len", gpu, estimates, cap=cap)
-    _, peak = estimates.spec_peak(spec, {"seq_len": fitted.value})
-    confirmed = isinstance(peak, int) and peak <= gpu.usable_bytes
-    if confirmed and fitted.limit == LIMIT_MEMORY:
-        _, above = estimates.spec_peak(spec, {"seq_len": fitted.value + 1})
-        confirmed = isinstance(above, int) and above > gpu.usable_bytes
-    if not confirmed:
-        return largest_fitting(spec, "seq_len", gpu, estimates, cap=cap)
-    checked = f"{fitted.value:,}" + (f" and {fitted.value + 1:,}" if fitted.limit == LIMIT_MEMORY else "")
-    return Largest(fitted.value, peak, fitted.limit,
-                   f"{fitted.reason} (searched on traced bytes fitted over the sequence length, then traced at "
-                   f"{checked} to confirm)")
+        for _ in range(FIT_ROUNDS):
+            fitted = largest_fitting(spec, "seq_len", gpu, _Estimates(estimates.rerun), cap=cap)
+            if fitted.value is None:
+                break
+            with derive.exact_lengths():
+                _, peak = estimates.spec_peak(spec, {"seq_len": fitted.value})
+                confirmed = isinstance(peak, int) and peak <= gpu.usable_bytes
+                if confirmed and fitted.limit == LIMIT_MEMORY:
+                    _, above = estimates.spec_peak(spec, {"seq_len": fitted.value + 1})
+                    confirmed = isinstance(above, int) and above > gpu.usable_bytes
+            if confirmed:
+                checked = f"{fitted.value:,}" + (f" and {fitted.value + 1:,}" if fitted.limit == LIMIT_MEMORY else "")
+                return Largest(fitted.value, peak, fitted.limit,
+                               f"{fitted.reason} (searched on traced bytes fitted over the sequence length, then "
+                               f"traced at {checked} to confirm)")
+    return largest_fitting(spec, "seq_len", gpu, estimates, cap=cap)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -83,8 +83,18 @@ EXTRA_SHARDED_LAYER = "sharded layer's gathered parameters and gradients"
 EXTRA_HEAD_BACKWARD = "output head's backward"
 EXTRA_HEAD_GRADIENT = "output head's weight gradient"
 EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
+EXTRA_HELD_OUTPUTS = "model outputs held through the loss"
+EXTRA_TRACED_STEP = "activations, transients, buffers and batch (traced step)"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
+    EXTRA_HELD_OUTPUTS: "tensors no op saves that the forward's outputs keep until the loss is computed (HF "
+                        "Trainer then drops them): the DynamicCache's k and v copies where attention saves other "
+                        "copies (repeat_kv, autocast casts), and under autocast the fp32 last hidden state",
+    EXTRA_TRACED_STEP: "at the traced step's largest op of this segment (memcalc/measure/timeline.py: the real "
+                       "forward and backward under FakeTensorMode, op by op): the saved activations still held, the "
+                       "recomputed layer and the gradients its backward makes on the way, the loss's buffers, autocast "
+                       "copies, the model's buffers and the batch; the parameter gradients made so far are the "
+                       "gradients term",
     EXTRA_LOSS_LOGITS: "the logits and their fp32 upcast while the loss runs (transformers loss_utils.ForCausalLMLoss: "
                        "logits.float(), then cross_entropy); gone before backward",
     EXTRA_LOSS_GRADIENTS: "the first gradients of backward: of the log-softmax output and of the logits, each the "

@@ -114,8 +114,9 @@ def _affine(at_2: Mapping[str, int], at_3: Mapping[str, int], steps: int) -> dic
     return {part: at_2.get(part, 0) + steps * (at_3.get(part, 0) - at_2.get(part, 0)) for part in {*at_2, *at_3}}
 
 
-# Inside fitted_sequences(): per run (the cache key without the sequence length), the lengths traced so far.
-_TRACED_LENGTHS: contextvars.ContextVar[dict[str, dict[int, TracedSaves]] | None] = contextvars.ContextVar(
+# Inside fitted_sequences(): per run (the cache key without the sequence length), the lengths traced so far (their
+# TracedSaves, or memcalc.measure.timeline's StepMoments).
+_TRACED_LENGTHS: contextvars.ContextVar[dict[str, dict[int, Any]] | None] = contextvars.ContextVar(
     "memcalc_traced_lengths", default=None)
 FIT_ANCHORS = 3  # traced lengths a fitted one is read from (saved bytes are quadratic in the length)
 FIT_MIN_LENGTH = 2  # at length 1 sdpa runs without is_causal: another code path, never an anchor
@@ -135,7 +136,35 @@ def fitted_sequences() -> Iterator[None]:
         _TRACED_LENGTHS.reset(token)
 
 
-def _quadratic(points: list[tuple[int, int]], x: int) -> int:
+_EXACT: contextvars.ContextVar[bool] = contextvars.ContextVar("memcalc_exact_lengths", default=False)
+
+
+@contextlib.contextmanager
+def exact_lengths() -> Iterator[None]:
+    """Inside fitted_sequences: lengths in this block are traced (or read from the cache), never read off a fit, and
+    become anchors of the fits after it (to confirm a fitted answer, then refine the fit around it)."""
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+def anchors_of(run_key: str, seq_len: int) -> dict[int, Any] | None:
+    """Inside fitted_sequences: the lengths of this run (a cache key without the length) traced so far, to read
+    another off (None outside it, or for a length that is never an anchor)."""
+    traced_lengths = _TRACED_LENGTHS.get()
+    if traced_lengths is None or seq_len < FIT_MIN_LENGTH:
+        return None
+    return traced_lengths.setdefault(run_key, {})
+
+
+def may_fit(anchors: Mapping[int, Any] | None) -> bool:
+    """Whether a length may be read off these anchors instead of traced."""
+    return anchors is not None and len(anchors) >= FIT_ANCHORS and not _EXACT.get()
+
+
+def quadratic(points: list[tuple[int, int]], x: int) -> int:
     """The value at ``x`` of the polynomial of degree <= 2 through three (length, bytes) points, exactly."""
     from fractions import Fraction
 
@@ -154,7 +183,7 @@ def _fitted(anchors: dict[int, TracedSaves], seq_len: int) -> TracedSaves:
     first = anchors[lengths[0]]
 
     def fit(values: list[Mapping[str, int]]) -> dict[str, int]:
-        return {part: _quadratic([(n, v.get(part, 0)) for n, v in zip(lengths, values)], seq_len)
+        return {part: quadratic([(n, v.get(part, 0)) for n, v in zip(lengths, values)], seq_len)
                 for part in set().union(*values)}
 
     by_batch = {}
@@ -163,7 +192,7 @@ def _fitted(anchors: dict[int, TracedSaves], seq_len: int) -> TracedSaves:
         by_batch[batch] = Saves(
             layers=tuple(fit(list(layer)) for layer in zip(*(s.layers for s in saves))),
             model=fit([s.model for s in saves]),
-            loss=_quadratic([(n, s.loss) for n, s in zip(lengths, saves)], seq_len),
+            loss=quadratic([(n, s.loss) for n, s in zip(lengths, saves)], seq_len),
         )
     return TracedSaves(first.model_class, by_batch, first.versions, first.attention, fitted_from=tuple(sorted(lengths)))
 
@@ -192,7 +221,7 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
             if anchors is not None and seq_len >= FIT_MIN_LENGTH:
                 anchors[seq_len] = saves
             return saves, True
-    if anchors is not None and seq_len >= FIT_MIN_LENGTH and len(anchors) >= FIT_ANCHORS:
+    if seq_len >= FIT_MIN_LENGTH and may_fit(anchors):
         return _fitted(anchors, seq_len), False
     model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
                                                      autocast, attention, device)

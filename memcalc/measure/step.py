@@ -416,6 +416,20 @@ def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch, "labels": batch}
     clock.enter(trk.FORWARD)
+    loss = forward_loss(model, batch, setup)
+    clock.enter(trk.BACKWARD)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    del loss
+    clock.enter(trk.OPTIMIZER_STEP)
+    stepper.step()
+    clock.finish()
+    stepper.zero_grad()
+
+
+def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], setup: StepSetup) -> torch.Tensor:
+    """The step's forward and loss on ``batch`` (make_batch's keyword arguments), under the recipe's autocast."""
     # (quiet: transformers' one-time warnings in the forward, such as BertLMHeadModel's default loss_type, are not
     # the user's business here)
     with _autocast(setup), build.quiet_transformers():
@@ -430,15 +444,7 @@ def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch
     if loss is None:
         raise UsageError(f"verify: {type(model).__name__} returned no loss for a batch of "
                          f"{', '.join(batch)}; name a class with a head in the config's architectures")
-    clock.enter(trk.BACKWARD)
-    loss.backward()
-    if after_backward is not None:
-        after_backward()
-    del loss
-    clock.enter(trk.OPTIMIZER_STEP)
-    stepper.step()
-    clock.finish()
-    stepper.zero_grad()
+    return loss
 
 
 class _TrackerClock(PhaseClock):

@@ -12,6 +12,7 @@ from memcalc.families.saved import (
     Run,
     dropout_mask,
     eager_probs,
+    final_hidden_held,
     fp32_softmax_dropout,
     layer_norm,
     linear_input,
@@ -91,7 +92,8 @@ def activations(a: Arch, run: Run) -> Rule:
     notes = [] if run.eager else ["BLOOM has no sdpa attention in transformers: counted as eager (b a s^2 scores)"]
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * 5 * h, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)
+                c * tokens * 5 * h, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                held=final_hidden_held(run, h))
 
 
 HEADS = decoder_heads("Bloom")

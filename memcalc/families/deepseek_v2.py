@@ -29,7 +29,7 @@ from memcalc.families.moe import (
     moe_formula,
     routed_experts,
 )
-from memcalc.families.saved import Loss, Rule, Run, parts, rms_norm_bytes
+from memcalc.families.saved import Loss, Rule, Run, final_hidden_held, parts, rms_norm_bytes
 from memcalc.families.tensors import Params, decoder, decoder_heads, fused_experts, gated_mlp, pre_post_norms, router
 from memcalc.model import ROLE_ATTENTION, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -216,7 +216,8 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
         routing=aux_loss_model_bytes(a.output_router_logits, a.num_experts),
     )
     return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
-                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), [NOTE_MOE])
+                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), [NOTE_MOE],
+                held=final_hidden_held(run, h))
 
 
 HEADS = decoder_heads("DeepseekV2")

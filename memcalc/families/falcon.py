@@ -18,7 +18,17 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import Loss, Rule, Run, act_bytes, dropout_mask, layer_norm, linear_input, parts
+from memcalc.families.saved import (
+    Loss,
+    Rule,
+    Run,
+    act_bytes,
+    dropout_mask,
+    final_hidden_held,
+    layer_norm,
+    linear_input,
+    parts,
+)
 from memcalc.families.tensors import Params, decoder_heads, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -167,7 +177,8 @@ def activations(a: FalconArch, run: Run) -> Rule:
     notes = ["Falcon with alibi (falcon-rw) is counted as the rotary layout: an approximation"] if a.alibi else []
     layer = parts(norms=norms, attention=attention + split_indices, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)
+                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                held=final_hidden_held(run, h))
 
 
 HEADS = decoder_heads("Falcon")

@@ -23,7 +23,7 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import BYTES_PER_LAYER_NORM_STAT, PYTHON_GELUS, Loss, Rule, Run, parts
+from memcalc.families.saved import BYTES_PER_LAYER_NORM_STAT, PYTHON_GELUS, Loss, Rule, Run, final_hidden_held, parts
 from memcalc.families.tensors import Params, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ROLE_POSITION_EMBEDDING, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -137,7 +137,8 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
         dropout=tokens * h if "embd_pdrop" in a.dropout else 0,  # embedding dropout mask
     )
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
-                c * tokens * (intermediate + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32))
+                c * tokens * (intermediate + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
+                held=final_hidden_held(run, h))
 
 
 HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}

@@ -24,6 +24,7 @@ from memcalc.families.saved import (
     act_bytes,
     dropout_mask,
     eager_probs,
+    final_hidden_held,
     fp32_softmax_dropout,
     layer_norm,
     linear_input,
@@ -140,7 +141,8 @@ def activations(a: OptArch, run: Run) -> Rule:
     notes: list[str] = []
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes)
+                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                held=0 if a.word_embed_proj_dim != h else final_hidden_held(run, h))  # project_out's output: saved
 
 
 HEADS = decoder_heads("OPT")

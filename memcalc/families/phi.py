@@ -26,6 +26,7 @@ from memcalc.families.saved import (
     act_bytes,
     dropout_mask,
     eager_probs,
+    final_hidden_held,
     fp32_softmax_dropout,
     layer_norm,
     linear_input,
@@ -49,6 +50,7 @@ _DEFAULTS = {  # models/phi/configuration_phi.py: PhiConfig
 class PhiArch(Arch):
     qk_layernorm: bool
     rotary_dim: int  # partial rotary: int(head_dim x partial_rotary_factor)
+    use_cache: bool = True  # config.use_cache: training forwards build a DynamicCache unless it is False
 
 
 def resolve(raw: Mapping[str, Any], architecture: str) -> PhiArch:
@@ -65,6 +67,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> PhiArch:
         hidden_act=f.text("hidden_act", "gelu_new"),
         dropout=f.dropouts({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}),
         qk_layernorm=f.flag("qk_layernorm"), rotary_dim=int(hidden // num_heads * factor),
+        use_cache=f.flag("use_cache", True),
     )
 
 
@@ -124,8 +127,18 @@ def activations(a: PhiArch, run: Run) -> Rule:
         dropout=dropout_mask(a.dropout.get("embd_pdrop", 0.0), th),
     )
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
+    # Held through the loss (Rule.held): the fp32 final hidden state under autocast, and with a cache the
+    # DynamicCache's copies attention does not save: k (the cat of the rotated and passed parts: fp32 under autocast,
+    # which sdpa and matmul cast), and with fewer kv heads than heads in eager attention k and v (repeat_kv's copies
+    # are saved instead).
+    held = final_hidden_held(run, h)
+    if a.use_cache and not run.checkpointing:
+        kv = tokens * a.num_kv_heads * a.head_dim
+        repeated = run.eager and a.num_kv_heads != heads
+        k_bytes = BYTES_PER_FP32 if run.autocast else c
+        held += a.num_layers * kv * ((k_bytes if repeated or run.autocast else 0) + (c if repeated else 0))
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (inter + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32))
+                c * tokens * (inter + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), held=held)
 
 
 HEADS = decoder_heads("Phi")

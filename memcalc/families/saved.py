@@ -87,7 +87,9 @@ class Rule:
 
     kept: checkpointing full: what the forward keeps instead of the layers' activations (their inputs);
     transient: late in backward, the first layer's gradient transients (its widest gradients);
-    recompute: checkpointing: the largest recompute in backward (default: the largest layer).
+    recompute: checkpointing: the largest recompute in backward (default: the largest layer);
+    held: tensors no op saves that the model's outputs keep alive through the loss (HF Trainer drops the outputs
+    after it): the DynamicCache's k and v copies, an fp32 last hidden state whose head input is a cast.
     """
 
     layers: list[Mapping[str, int]]
@@ -99,6 +101,7 @@ class Rule:
     loss: Loss | None
     notes: list[str] = field(default_factory=list)
     recompute: int | None = None
+    held: int = 0
 
     def layer_bytes(self, index: int) -> int:
         return sum(self.layers[index].values())
@@ -106,6 +109,13 @@ class Rule:
     @property
     def per_model_bytes(self) -> int:
         return sum(self.per_model.values())
+
+
+def final_hidden_held(run: Run, hidden_size: int) -> int:
+    """Rule.held of a decoder under autocast: the final norm's output is fp32 (the residual stream is) and is the
+    outputs' last_hidden_state through the loss, while the head's Linear saves its own cast of it (found by the
+    traced step, memcalc/measure/timeline.py)."""
+    return 4 * run.tokens * hidden_size if run.autocast else 0
 
 
 def parts(**named: int) -> dict[str, int]:

@@ -94,8 +94,8 @@ def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, def
 
         arch, cap = model.arch, None
         if arch is not None and arch.learned_positions and arch.max_positions:
-            cap = (arch.max_positions, f"sequence length {arch.max_positions:,} is the most {model.name} can run (its "
-                                       "position embeddings are a learned table of that many rows)")
+            cap = (arch.max_positions, (f"sequence length {arch.max_positions:,} is the most {model.name} can run "
+                                        "(its position embeddings are a learned table of that many rows)"))
         fit = check_fit(report, spec, gpu, rerun=lambda changed: _estimate_spec(model, changed),
                         solve_batch=solve_batch, solve_seq_len=solve_seq_len, precision_chosen=precision_chosen,
                         seq_len_cap=cap, config_owner=config_owner)

@@ -380,8 +380,8 @@ def _positions(model: ModelInput, spec: TrainingSpec) -> list[str]:
         raise UsageError(f"{{seq_len}} {spec.seq_len:,} is longer than the {arch.max_positions:,} positions "
                          f"{model.name} learned (its position embeddings have {arch.max_positions:,} rows); use "
                          f"{{seq_len}} {arch.max_positions:,} or less")
-    return [f"seq_len {spec.seq_len:,} is above the model's max_position_embeddings {arch.max_positions:,}: the "
-            "positions are computed (rotary), so the step runs, but the model was not trained that long"]
+    return [(f"seq_len {spec.seq_len:,} is above the model's max_position_embeddings {arch.max_positions:,}: the "
+             "positions are computed (rotary), so the step runs, but the model was not trained that long")]
 
 
 def _decoder_length(model: ModelInput, spec: TrainingSpec) -> None:

@@ -56,6 +56,8 @@ class ActivationEstimate:
     held_through_loss_bytes: int = 0  # what the model's outputs keep alive through the loss, unsaved (Rule.held)
     backward_start_extra_bytes: int = 0
     recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
+    # Checkpointing: a layer's tensors while its forward runs (its activations; eager attention also its scores)
+    checkpointed_forward_bytes: int = 0
     # Late in backward (the first layer's turn): that layer's activations and its gradient transients
     # (the MLP intermediate's and the residual's gradients, c*T*(I + h)) beside nearly every gradient.
     last_layer_bytes: int = 0
@@ -221,6 +223,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if layered:
         result.last_layer_bytes = layer_totals[0]
         result.layer_backward_transient_bytes = rule.transient
+        if run.eager and arch.num_heads:
+            # Eager attention's backward: softmax's backward makes the scores' gradient in fp32 (b a s^2 x 4) beside
+            # the saved softmax output, after the MLP's gradient transients are gone: the larger of the two (found
+            # by the traced step, memcalc/measure/timeline.py: Mistral-7B, Phi-3-mini and Qwen2.5-7B checkpointed
+            # were 1.5% to 5.9% low without it).
+            scores = BYTES_PER_FP32 * run.b * arch.num_heads * run.s * run.s
+            result.layer_backward_transient_bytes = max(rule.transient, scores)
     if spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
@@ -230,6 +239,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         total = kept + per_model
         breakdown = {KEPT_INPUTS: kept, **_model_parts(rule)}
         result.recompute_bytes = rule.recompute if rule.recompute is not None else max(layer_totals)
+        if layered:
+            # In the forward a checkpointed layer keeps nothing, but its tensors exist while it runs: at most its
+            # activations, and with eager attention the scores beside softmax's fp32 output (the traced step found
+            # the forward up to 12.6% low without this moment: Phi-3-mini, Mistral-7B eager, seq 2048).
+            scores = run.c * run.b * arch.num_heads * run.s * run.s if run.eager else 0
+            result.checkpointed_forward_bytes = result.recompute_bytes + scores
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
                    f"recomputed at a time ({result.recompute_bytes:,} B: {rule.formula})")
     elif spec.checkpointing == Checkpointing.every:

@@ -74,6 +74,7 @@ from memcalc.vocab import (
     MODEL_STATE_TERMS,
     MOMENT_BACKWARD_END,
     MOMENT_BACKWARD_START,
+    MOMENT_CHECKPOINTED_FORWARD,
     MOMENT_FIRST_SHARED_SUM,
     MOMENT_FORWARD,
     MOMENT_HEAD_BACKWARD,
@@ -252,6 +253,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
         loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
+        checkpointed_layer_forward=act.checkpointed_forward_bytes,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         missing_gradients=missing_grads,
         sharded_layer=holdings.mid_backward_extra_bytes,
@@ -404,6 +406,7 @@ class _Extras:
     held_outputs: int = 0  # ... beside what the model's outputs keep alive unsaved (the KV cache's copies)
     loss_gradients: int = 0  # start of backward: the loss's gradient buffers
     recomputed_layer: int = 0  # checkpointing: one layer's activations rebuilt during backward
+    checkpointed_layer_forward: int = 0  # checkpointing: a layer's tensors while its forward runs (none kept)
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
     layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
     layer_gradients: int = 0  # late backward: the first layer's gradient transients
@@ -502,7 +505,15 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     backward = max((_total(moment, Phase.backward, parts, names) for moment, parts in candidates),
                    key=lambda total: total.bytes)  # the first of equal moments
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
-    return [_total(MOMENT_FORWARD, Phase.forward, forward, names), backward,
+    forward_total = _total(MOMENT_FORWARD, Phase.forward, forward, names)
+    if x.checkpointed_layer_forward:
+        # A checkpointed layer's own forward: its tensors exist while it runs though none is kept (the loss's
+        # buffers not yet), beside every earlier layer's kept input.
+        layer = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        layer[EXTRA_RECOMPUTED_LAYER] = x.checkpointed_layer_forward
+        in_layer = _total(MOMENT_CHECKPOINTED_FORWARD, Phase.forward, layer, names)
+        forward_total = max(forward_total, in_layer, key=lambda total: total.bytes)
+    return [forward_total, backward,
             _total(MOMENT_STEP, Phase.optimizer_step, step, names)]
 
 

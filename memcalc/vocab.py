@@ -126,6 +126,7 @@ EXTRA_MEANING = {
                                "a chunked loss's sum, an embedding's) takes the other in place",
 }
 MOMENT_FORWARD = "during the loss"
+MOMENT_CHECKPOINTED_FORWARD = "a checkpointed layer's forward"
 MOMENT_BACKWARD_START = "start of backward"
 MOMENT_BACKWARD_END = "end of backward"
 MOMENT_LATE_BACKWARD = "late backward (first layer)"

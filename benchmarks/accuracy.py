@@ -470,6 +470,15 @@ def explain(result: Result) -> str:
     ])
 
 
+def from_json(data: dict) -> Result:
+    """A families-matrix result as --json wrote it."""
+    known = {f.name for f in dataclasses.fields(Result)}
+    kept = {k: v for k, v in data.items() if k in known}
+    if kept.get("case") is not None:
+        kept["case"] = FamilyCase(**kept["case"])
+    return Result(**kept)
+
+
 def as_json(result: Result) -> dict:
     data = dataclasses.asdict(result)
     return {**data, "error_pct": result.error_pct, "rules_vs_trace_pct": result.rules_vs_trace_pct,
@@ -584,6 +593,8 @@ def main() -> int:
                         help="read and write traces in memcalc's cache (default: a fresh one, so every trace runs)")
     parser.add_argument("--markdown", help="write this script's sections into this file (the others are kept)")
     parser.add_argument("--json", help="write the families matrix's results, case by case, to this file")
+    parser.add_argument("--results", help="comma-separated --json files of families runs: the families section from "
+                                          "them (the last file's case wins), nothing measured")
     args = parser.parse_args()
     parts = set(args.part.split(","))
     if parts - {"families", "recipes", "traces"}:
@@ -606,7 +617,15 @@ def main() -> int:
 
 def run_parts(parts: set[str], args: argparse.Namespace, command: str) -> dict[str, str]:
     sections: dict[str, str] = {}
-    if "families" in parts:
+    if "families" in parts and args.results:
+        merged: dict[str, Result] = {}
+        for name in args.results.split(","):
+            for data in json.loads(Path(name).read_text()):
+                result = from_json(data)
+                merged[result.label] = result
+        results = list(merged.values())
+        sections["## Families"] = "\n".join(families_section(results, [], sum(r.seconds for r in results), command))
+    elif "families" in parts:
         only = args.families.split(",") if args.families else None
         started = time.perf_counter()
         results, failed = [], []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
 from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
-from memcalc.families.saved import Loss, Rule, Run
+from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
 from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind, Offload
 from memcalc.units import BYTES_PER_FP32
@@ -58,6 +58,8 @@ class ActivationEstimate:
     recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
     # Checkpointing: a layer's tensors while its forward runs (its activations; eager attention also its scores)
     checkpointed_forward_bytes: int = 0
+    # What the final norm, the head and the logits' softcap saved: freed by the time the last layer's backward runs
+    after_layers_bytes: int = 0
     # Late in backward (the first layer's turn): that layer's activations and its gradient transients
     # (the MLP intermediate's and the residual's gradients, c*T*(I + h)) beside nearly every gradient.
     last_layer_bytes: int = 0
@@ -223,6 +225,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if layered:
         result.last_layer_bytes = layer_totals[0]
         result.layer_backward_transient_bytes = rule.transient
+        result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,
+                                                                                  PART_LOGIT_SOFTCAP))
         if run.eager and arch.num_heads:
             # Eager attention's backward: softmax's backward makes the scores' gradient in fp32 (b a s^2 x 4) beside
             # the saved softmax output, after the MLP's gradient transients are gone: the larger of the two (found

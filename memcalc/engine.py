@@ -78,6 +78,7 @@ from memcalc.vocab import (
     MOMENT_FIRST_SHARED_SUM,
     MOMENT_FORWARD,
     MOMENT_HEAD_BACKWARD,
+    MOMENT_LAST_LAYER_BACKWARD,
     MOMENT_LATE_BACKWARD,
     MOMENT_SHARDED_LAYER,
     MOMENT_SHARED_GRADIENT_SUM,
@@ -255,6 +256,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
         checkpointed_layer_forward=act.checkpointed_forward_bytes,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
+        after_layers=act.after_layers_bytes,
         missing_gradients=missing_grads,
         sharded_layer=holdings.mid_backward_extra_bytes,
         head_backward=head.at_backward, head_gradient=head.held,
@@ -410,6 +412,7 @@ class _Extras:
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
     layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
     layer_gradients: int = 0  # late backward: the first layer's gradient transients
+    after_layers: int = 0  # what the final norm and the head saved (gone by the last layer's backward)
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
     sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
@@ -478,6 +481,14 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # End of backward: activations, autocast copies and the units' full gradients are freed, every gradient exists.
     end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
+    if x.layer_activations and x.layer_gradients:
+        # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the
+        # recomputed layer (checkpointing) and the gradients its backward makes on the way.
+        last = {**at_head, **later, EXTRA_LAYER_GRADIENTS: x.layer_gradients}
+        last.pop(EXTRA_HEAD_BACKWARD, None)
+        if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
+            last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
+        candidates.append((MOMENT_LAST_LAYER_BACKWARD, last))
     if x.head_backward:
         candidates.append((MOMENT_HEAD_BACKWARD, at_head))
     if x.shared_gradient_sum:

@@ -91,8 +91,11 @@ def activations(a: Arch, run: Run) -> Rule:
                       final_norm=layer_norm(run, th), head=c * th)
     notes = [] if run.eager else ["BLOOM has no sdpa attention in transformers: counted as eager (b a s^2 scores)"]
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
+    # A layer's backward transients: dense_4h_to_h's input gradient, then GeLUFunction.backward (modeling_bloom.py
+    # bloom_gelu_back) makes tanh_out, 1 - tanh_out^2 and three products at once, each T x 4h, beside the hidden
+    # state's gradient: c T (6 x 4h + h), found by the traced step (memcalc/measure/timeline.py).
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * 5 * h, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                c * tokens * (6 * 4 * h + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
                 held=final_hidden_held(run, h))
 
 

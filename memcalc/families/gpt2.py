@@ -136,8 +136,17 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
         loss_scalars=BYTES_PER_FP32, final_norm=layer_norm, head=c * tokens * h,
         dropout=tokens * h if "embd_pdrop" in a.dropout else 0,  # embedding dropout mask
     )
+    # A layer's backward transients: c_proj's input gradient and the hidden state's (c T (I + h)); NewGELU's
+    # backward (python ops) also keeps two of its products' gradients at once (in fp32 under autocast, whose pow
+    # runs in fp32), found by the traced step (memcalc/measure/timeline.py).
+    # Under autocast c_proj's input gradient is also cast to fp32 (the gelu output was) and the hidden state's
+    # gradient is fp32 (the residual stream is).
+    gelu_grads = 2 * (BYTES_PER_FP32 if autocast else c) * tokens * intermediate if a.hidden_act in PYTHON_GELUS else 0
+    transient = c * tokens * intermediate + residual * tokens * h + gelu_grads
+    if autocast:
+        transient += BYTES_PER_FP32 * tokens * intermediate
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
-                c * tokens * (intermediate + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
+                transient, Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 held=final_hidden_held(run, h))
 
 

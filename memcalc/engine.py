@@ -477,7 +477,11 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     at_head.update({**whole_backward, EXTRA_HEAD_BACKWARD: x.head_backward})
     later = {**whole_backward, EXTRA_HEAD_GRADIENT: x.head_gradient, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer,
              EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
-    start.update(later if sum(later.values()) > x.loss_gradients else {EXTRA_LOSS_GRADIENTS: x.loss_gradients})
+    # (after the head's backward the loss's saved log-softmax output is released: not beside the recomputed layer)
+    after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
+    start[EXTRA_LOSS_GRADIENTS] = x.loss_gradients
+    if sum(after_head.values()) > sum(start.values()):
+        start = after_head
     # End of backward: activations, autocast copies and the units' full gradients are freed, every gradient exists.
     end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]

@@ -264,16 +264,15 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
     """The step's moments for ``spec`` (a TrainingSpec the single-process step runs: measure.step.resolve_setup
     says which) at the config's full depth, from the cache or traced now; and whether it came from the cache.
     ``attention``: sdpa | eager (a class without an sdpa path runs eager)."""
-    from memcalc.measure import build
-    from memcalc.measure.step import resolve_setup
+    from memcalc.precision import get_recipe
 
-    if attention == "sdpa" and not build.sdpa_supported(raw):
-        attention = "eager"
-    setup = resolve_setup(spec, attention, "cpu")
+    # The key from the spec alone, so that a repeat imports neither torch nor transformers.
+    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     settings = {"seq_len": spec.seq_len, "batch": spec.micro_batch_size, "decoder_seq_len": spec.decoder_seq_len,
-                "weight_dtype": str(setup.weight_dtype), "autocast": str(setup.autocast_dtype),
-                "attention": attention, "checkpointing": setup.checkpointing, "every": setup.checkpoint_every,
-                "loss_chunks": setup.loss_chunks, "device": current_device()}
+                "weight_dtype": recipe.weight_dtype.value, "grad_dtype": recipe.grad_dtype.value,
+                "autocast": recipe.compute_dtype.value if recipe.autocast else None, "attention": attention,
+                "checkpointing": spec.checkpointing.value, "every": spec.checkpoint_every,
+                "loss_chunks": spec.loss_chunks, "device": current_device()}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)
@@ -289,7 +288,13 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
             return found, True
     if derive.may_fit(anchors):
         return _fitted(anchors, spec.seq_len), False
+    from memcalc.measure import build
+    from memcalc.measure.step import resolve_setup
+
     started = time.perf_counter()
+    if attention == "sdpa" and not build.sdpa_supported(raw):
+        attention = "eager"
+    setup = resolve_setup(spec, attention, "cpu")
     depth_key, num_layers = _depth_key(raw)
     traced: dict[int, dict[tuple[str, str], tuple[int, int]]] = {}
     model_class = ""

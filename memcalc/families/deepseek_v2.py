@@ -20,7 +20,7 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.llama import LLAMA_DEFAULTS
+from memcalc.families.llama import LLAMA_DEFAULTS, gated_mlp_transient
 from memcalc.families.moe import (
     NOTE_MOE,
     aux_loss_layer_bytes,
@@ -216,7 +216,8 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
         routing=aux_loss_model_bytes(a.output_router_logits, a.num_experts),
     )
     return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
-                c * tokens * (a.intermediate_size + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), [NOTE_MOE],
+                gated_mlp_transient(run, a.intermediate_size, h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
+                [NOTE_MOE],
                 held=final_hidden_held(run, h))
 
 

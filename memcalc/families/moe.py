@@ -201,8 +201,14 @@ def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
 
 
 def activations(a: MoeArch, run: Run) -> Rule:
-    return llama_rule(a, run, _mlp, aux_loss_model_bytes(a.output_router_logits, a.num_experts),
+    rule = llama_rule(a, run, _mlp, aux_loss_model_bytes(a.output_router_logits, a.num_experts),
                       f"{SOURCE}; {SOURCE_MOE}", (NOTE_MOE,))
+    # The experts' backward: every routed row (T x top-k) through a gated MLP of the expert's width, beside the shared
+    # expert's: both factors' gradients at once, as a dense gated MLP's (llama.gated_mlp_transient).
+    routed = 2 * run.c * run.tokens * (a.experts_per_token * a.expert_intermediate_size
+                                       + a.shared_expert_intermediate_size)
+    rule.transient = max(rule.transient, routed)
+    return rule
 
 
 HEADS = {"mixtral": decoder_heads("Mixtral"), "qwen2_moe": decoder_heads("Qwen2Moe"),

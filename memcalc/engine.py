@@ -83,6 +83,7 @@ from memcalc.vocab import (
     MOMENT_SHARDED_LAYER,
     MOMENT_SHARED_GRADIENT_SUM,
     MOMENT_STEP,
+    MOMENT_STEP_IN_BACKWARD,
     STEP_ONLY,
     TERM_ACTIVATIONS,
     TERM_AUTOCAST_CHECKPOINTED,
@@ -155,15 +156,33 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                      "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
     grad_dtype = "fp32" if holdings.bytes_per_grad_override == BYTES_PER_FP32 else recipe.grad_dtype.value
     grads_on_cpu = holdings.grads_held == "cpu"
-    terms.append(Term(
-        name=TERM_GRADIENTS, bytes=holdings.grad_numel * bytes_per_grad,
-        formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x {bytes_per_grad} B "
-                f"({grad_dtype}){' in CPU RAM' if grads_on_cpu else ''}",
-        source=holdings.grads_source or (ZERO_PAPER if stage >= 2 else
-                                         "one gradient per trainable parameter, in the grad dtype (param.grad)"),
-        category=CATEGORY_CPU_OFFLOAD if grads_on_cpu else CATEGORY_MODEL_STATES,
-        phases=[] if grads_on_cpu else grad_phases,
-    ))
+    # (of equal sizes the head's: its step comes first, right after its backward)
+    largest = max((t for t in tensors if t.trainable), key=lambda t: (t.numel, t.role == ROLE_LM_HEAD), default=None)
+    if spec.optim_in_backward and largest is not None:
+        # Each parameter's step runs in its post-accumulate-grad hook and zero_grad(set_to_none) frees its gradient
+        # there: one gradient at a time, the largest at most (torchtune training/memory.py
+        # register_optim_in_bwd_hooks: one optimizer per parameter, step() then zero_grad() in the hook).
+        terms.append(Term(
+            name=TERM_GRADIENTS, bytes=largest.numel * bytes_per_grad,
+            formula=f"the largest trainable tensor's gradient, {largest.name} {_n(largest.numel)} x {bytes_per_grad} B "
+                    f"({grad_dtype}): each gradient is freed by its parameter's step in backward",
+            source="torchtune training/memory.py register_optim_in_bwd_hooks (Tensor.register_post_accumulate_grad_hook: "
+                   "the parameter's optimizer steps, then zero_grad() sets its gradient to None)",
+            category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
+        ))
+        notes.append("--optim-in-backward: each parameter is stepped in its post-accumulate-grad hook, so its gradient "
+                     "lives from its accumulation to its step (the largest one counted) and the step's temporaries are "
+                     "one tensor's, during backward; there is no separate optimizer step")
+    else:
+        terms.append(Term(
+            name=TERM_GRADIENTS, bytes=holdings.grad_numel * bytes_per_grad,
+            formula=f"{_n(holdings.grad_numel)} trainable params{' (partition)' if stage >= 2 else ''} x "
+                    f"{bytes_per_grad} B ({grad_dtype}){' in CPU RAM' if grads_on_cpu else ''}",
+            source=holdings.grads_source or (ZERO_PAPER if stage >= 2 else
+                                             "one gradient per trainable parameter, in the grad dtype (param.grad)"),
+            category=CATEGORY_CPU_OFFLOAD if grads_on_cpu else CATEGORY_MODEL_STATES,
+            phases=[] if grads_on_cpu else grad_phases,
+        ))
     opt = spec.optimizer_settings
     opt_param_dtype = recipe.optimizer_param_dtype
     whole = whole_tensors(opt, tensors, model.arch)  # shapes and names, for the optimizers that need them
@@ -210,7 +229,18 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                      "GPU do not shrink (tensor and pipeline parallelism are not modelled)")
     terms.extend(act.terms)
     # -- optimizer step ------------------------------------------------------------------------------------
-    if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:
+    in_backward = spec.optim_in_backward and largest is not None
+    if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype and in_backward:
+        copy = largest.numel * _bytes_per(recipe.master_dtype)
+        terms.append(Term(
+            name=TERM_MASTER_GRAD_COPY, bytes=copy,
+            formula=f"the largest tensor's gradient in fp32 for its master's step: {_n(largest.numel)} x "
+                    f"{_bytes_per(recipe.master_dtype)} B",
+            source="--optim-in-backward: each master is stepped with its gradient cast to the master dtype, one "
+                   "parameter at a time",
+            category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
+        ))
+    elif holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:
         copy = holdings.master_numel * _bytes_per(recipe.master_dtype)
         terms.append(Term(
             name=TERM_MASTER_GRAD_COPY, bytes=copy,
@@ -220,13 +250,19 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
             category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_TEMPORARIES, phases=[] if on_cpu else STEP_ONLY,
         ))
-    temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype, whole)
+    if in_backward:
+        # One parameter's step at a time: each tensor's temporaries on its own, the largest of them.
+        temp, rule = max((step_temporary_bytes([t.shape or (t.numel,)], opt, opt_param_dtype, recipe.state_dtype,
+                                               whole) for t in tensors if t.trainable), key=lambda found: found[0])
+        rule = f"one parameter's step at a time, in backward: {rule}"
+    else:
+        temp, rule = step_temporary_bytes(holdings.optimizer_shapes, opt, opt_param_dtype, recipe.state_dtype, whole)
     if on_cpu:
         temp, rule = 0, "the step runs on the CPU (DeepSpeedCPUAdam): no GPU temporaries"
     terms.append(Term(
         name=TERM_OPTIMIZER_TEMPORARIES, bytes=temp, formula=rule,
         source=temporaries_source(opt.name),
-        category=CATEGORY_TEMPORARIES, phases=STEP_ONLY,
+        category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY if in_backward else STEP_ONLY,
     ))
 
     # A recomputed layer under autocast also redoes its weight casts.
@@ -249,7 +285,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     # last) unless the embedding is tied to the head or shared by two stacks (a contribution already waits for
     # it); ZeRO-2/3 hold flat partitions instead, so not there.
     missing_grads = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
-                     if stage < 2 and spec.grad_accum == 1 else 0)
+                     if stage < 2 and spec.grad_accum == 1 and not in_backward else 0)
+    if in_backward and head.shared is None:
+        # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
+        head = dataclasses.replace(head, held=0, held_late=0)
     phases = _phase_totals(terms, _Extras(
         loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
         loss_gradients=act.backward_start_extra_bytes,
@@ -257,6 +296,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         checkpointed_layer_forward=act.checkpointed_forward_bytes,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         after_layers=act.after_layers_bytes,
+        largest_step_copy=(largest.numel * _bytes_per(recipe.compute_dtype) if in_backward and recipe.autocast
+                           and largest.role == ROLE_LM_HEAD else 0),
         missing_gradients=missing_grads,
         sharded_layer=holdings.mid_backward_extra_bytes,
         head_backward=head.at_backward, head_gradient=head.held,
@@ -413,6 +454,7 @@ class _Extras:
     layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
     layer_gradients: int = 0  # late backward: the first layer's gradient transients
     after_layers: int = 0  # what the final norm and the head saved (gone by the last layer's backward)
+    largest_step_copy: int = 0  # --optim-in-backward: the autocast copy of the largest tensor, if the head's weight
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
     sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
@@ -428,6 +470,9 @@ class _Extras:
 # Terms alive during one unit's backward only (a unit's full gradients before their reduce-scatter): gone at the
 # end of backward, and not yet there at its start.
 _PER_UNIT_BACKWARD = (TERM_ZERO3_GATHERED_GRADS, TERM_FSDP_REDUCE_SCATTER)
+# Terms of one parameter's step, alive in backward only under --optim-in-backward (and the gradients, which build up
+# through backward otherwise): not at the start of backward.
+_STEPPED_IN_BACKWARD = (TERM_GRADIENTS, TERM_OPTIMIZER_TEMPORARIES, TERM_MASTER_GRAD_COPY)
 _FREED_BY_BACKWARD_END = (TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES, *_PER_UNIT_BACKWARD)
 
 
@@ -468,9 +513,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # gradients or, a moment later (the head's backward done), buffers kept for the whole backward (DeepSpeed
     # ZeRO-1/2's reduce bucket, set up at the first gradient) beside one recomputed layer under checkpointing.
     start = _alive(terms, lambda t: Phase.forward in t.phases and t.phases != FORWARD_ONLY)
+    start_terms = dict(start)
     # (Gradients alive in backward only - ZeRO-1-Offload's p.grad - build up through it: not there at its start.)
     whole_backward = _alive(terms, lambda t: t.phases == BACKWARD_ONLY
-                            and t.name not in (*_PER_UNIT_BACKWARD, TERM_GRADIENTS))
+                            and t.name not in (*_PER_UNIT_BACKWARD, *_STEPPED_IN_BACKWARD))
     # The head's backward makes its V x h weight gradient, which stays (beside the recomputed layer); the loss's saved
     # log-softmax output is gone by then.
     at_head = {name: num_bytes for name, num_bytes in start.items() if name != TERM_LOSS_BUFFERS}
@@ -493,6 +539,15 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
             last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
         candidates.append((MOMENT_LAST_LAYER_BACKWARD, last))
+    stepped = _alive(terms, lambda t: t.phases == BACKWARD_ONLY and t.name in _STEPPED_IN_BACKWARD)
+    if TERM_OPTIMIZER_TEMPORARIES in stepped:
+        # --optim-in-backward: a parameter's step in its gradient hook (its gradient, the step's temporaries), counted
+        # as early as the head's, beside everything the forward saved but the loss's buffers (and, when that tensor is
+        # the head's weight, its autocast copy, released by the head's backward before the hook runs).
+        at_step = {**{k: v for k, v in start_terms.items() if k != TERM_LOSS_BUFFERS}, **whole_backward, **stepped}
+        if TERM_AUTOCAST_COPIES in at_step:
+            at_step[TERM_AUTOCAST_COPIES] -= min(x.largest_step_copy, at_step[TERM_AUTOCAST_COPIES])
+        candidates.append((MOMENT_STEP_IN_BACKWARD, at_step))
     if x.head_backward:
         candidates.append((MOMENT_HEAD_BACKWARD, at_head))
     if x.shared_gradient_sum:
@@ -517,6 +572,13 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         candidates.append((MOMENT_SHARDED_LAYER, {**kept, EXTRA_LAYER_ACTIVATIONS: x.layer_activations,
                                                   EXTRA_SHARDED_LAYER: x.sharded_layer,
                                                   EXTRA_HEAD_GRADIENT: x.head_gradient_late}))
+    if TERM_OPTIMIZER_TEMPORARIES in stepped:
+        # The sums of a shared embedding's contributions come before its step's temporaries.
+        for moment, parts in candidates:
+            if moment in (MOMENT_SHARED_GRADIENT_SUM, MOMENT_FIRST_SHARED_SUM):
+                for name in stepped:
+                    if name != TERM_GRADIENTS:
+                        parts.pop(name, None)
     backward = max((_total(moment, Phase.backward, parts, names) for moment, parts in candidates),
                    key=lambda total: total.bytes)  # the first of equal moments
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
@@ -611,4 +673,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         sharding=spec.sharding.value, offload=spec.offload.value,
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
+        loss=spec.loss_label, optim_in_backward=spec.optim_in_backward,
     )

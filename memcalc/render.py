@@ -80,7 +80,9 @@ def _describe_run(report: Report) -> list[str]:
          f"checkpointing {t.checkpointing}, {t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}"
          f"{f' on {t.num_nodes} nodes' if t.num_nodes > 1 else ''}, {engine}"
          f"{', offload ' + t.offload if t.offload != 'none' else ''}"
-         f"{', activations ' + t.activations if t.activations != 'rules' else ''}"),
+         f"{', activations ' + t.activations if t.activations != 'rules' else ''}"
+         f"{', loss ' + t.loss if t.loss != 'standard' else ''}"
+         f"{', optimizer stepped in backward' if t.optim_in_backward else ''}"),
     ]
     if t.defaults_used:
         lines.append(f"defaults used: {', '.join(t.defaults_used)}")

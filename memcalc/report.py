@@ -78,6 +78,8 @@ class TrainingSummary:
     # What produced the activations: rules (the family's, from its code), trace (the model's code run under
     # FakeTensorMode), approximation (Korthikanti's formula) or none (no architecture).
     activations: str = "rules"
+    loss: str = "standard"  # standard | chunked:N | fused-linear
+    optim_in_backward: bool = False  # each parameter stepped in its gradient hook during backward
 
 
 @dataclass(eq=False, repr=False)

@@ -50,6 +50,7 @@ class Request:
     optim: str = "adamw"
     optim_impl: str = "foreach"
     amsgrad: bool = False
+    optim_in_backward: bool = False
     adafactor_beta1: float | None = None
     optim_rank: int | None = None
     batch_size: int = DEFAULT_MICRO_BATCH_SIZE
@@ -147,7 +148,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "offload", "gpu", "from_format")
-_SWITCHES = ("amsgrad", "fsdp", "qlora", "max_batch", "max_seq_len")
+_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze")
 
 
@@ -246,6 +247,7 @@ def _plan(request: Request) -> Plan:
         "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
         "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,
         "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "optim_rank": request.optim_rank,
+        "optim_in_backward": request.optim_in_backward,
         "micro_batch_size": request.batch_size,
         "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
         "checkpointing": request.checkpointing, "loss": request.loss,

@@ -129,6 +129,7 @@ class TrainingSpec:
     optimizer: OptimizerName = OptimizerName.adamw
     optim_impl: OptimImpl = OptimImpl.foreach
     amsgrad: bool = False
+    optim_in_backward: bool = False  # each parameter stepped in its post-accumulate-grad hook (torchtune optimizer_in_bwd)
     adafactor_beta1: float | None = None
     optim_rank: int | None = None  # GaLore / APOLLO projection rank (None: HF Trainer's default, 128)
     micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
@@ -246,6 +247,13 @@ class TrainingSpec:
             raise UsageError("{adafactor_beta1} only applies to {optim} adafactor")
         if self.amsgrad and self.optimizer not in (OptimizerName.adam, OptimizerName.adamw):
             raise UsageError("{amsgrad} only applies to {optim} adam or adamw")
+        if self.optim_in_backward:
+            if self.grad_accum > 1:
+                raise UsageError("{optim_in_backward} steps each parameter as soon as its gradient exists, so nothing "
+                                 "accumulates over micro-batches (torchtune refuses the pair): use {grad_accum} 1")
+            if self.zero_stage or self.offload != Offload.none:
+                raise UsageError("{optim_in_backward} is modelled without ZeRO/FSDP sharding and offload: drop "
+                                 "{optim_in_backward} or use {zero} 0")
         if self.optim_rank is not None:
             _check_range("{optim_rank}", self.optim_rank, 1, 65536)
             if self.optimizer not in PROJECTION_OPTIMIZERS:

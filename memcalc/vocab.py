@@ -136,6 +136,7 @@ MOMENT_SHARED_GRADIENT_SUM = "tied embedding's gradient sum"
 MOMENT_HEAD_BACKWARD = "output head's backward"
 MOMENT_FIRST_SHARED_SUM = "tied embedding's first gradient sum (before the encoder's backward)"
 MOMENT_STEP = "optimizer step"
+MOMENT_STEP_IN_BACKWARD = "a parameter's step in backward"
 
 
 # What --verify measures with (auto picks one of the others), and the tools --compare-with sets beside memcalc.

@@ -1247,8 +1247,7 @@ def _torchtune_optimizer(r: _Reader) -> None:
         if momentum:
             r.set("optim", "sgd-momentum", "optimizer.momentum", momentum)
     if r.boolean("optimizer_in_bwd"):
-        r.not_modelled("optimizer_in_bwd", True, "the optimizer steps each parameter inside backward and frees its "
-                       "gradient; memcalc keeps all gradients until the step (high)")
+        r.set("optim_in_backward", True, "optimizer_in_bwd", True)
 
 
 def _torchtune_unmodelled(r: _Reader) -> None:

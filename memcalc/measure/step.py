@@ -70,6 +70,7 @@ class StepSetup:
     decoder_seq_len: int | None = None  # encoder-decoder models: the target length (None: seq_len)
     checkpoint_every: int = 0  # --checkpointing every:N: only every N-th layer (torchtitan's count from 1)
     loss_chunks: int = 0  # --loss chunked:N: torchtune's chunked output and cross-entropy
+    optim_in_backward: bool = False  # --optim-in-backward: an optimizer per parameter, stepped in its gradient hook
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -103,6 +104,10 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         unsupported.append("{freeze}")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
+    if spec.optim_in_backward and get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype,
+                                             spec.state_dtype).master_dtype is not None:
+        unsupported.append("{optim_in_backward} with a master copy (use a recipe without one: bf16-pure, fp32, "
+                           "amp-bf16)")
     if spec.loss == LossKind.fused_linear:
         unsupported.append("{loss} fused-linear (Liger's Triton kernels need a GPU: the estimate models it from "
                            "their code)")
@@ -124,7 +129,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         autocast_dtype=TORCH_DTYPES[recipe.compute_dtype] if recipe.autocast else None,
         optimizer=spec.optimizer_settings, attn_implementation=attn_implementation,
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
-        loss_chunks=spec.loss_chunks,
+        loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
     )
@@ -186,6 +191,32 @@ def build_optimizer(params: list[torch.Tensor], settings: OptimizerSettings):
     raise UsageError(f"verify does not yet run {{optim}} {name.value}")
 
 
+class _InBackward:
+    """--optim-in-backward as torchtune's recipes run it (training/memory.py register_optim_in_bwd_hooks): one optimizer
+    per parameter, stepped in the parameter's post-accumulate-grad hook, which then sets its gradient to None. The
+    whole step happens in backward: ``step`` and ``zero_grad`` have nothing left to do."""
+
+    def __init__(self, params: list[torch.Tensor], settings: OptimizerSettings) -> None:
+        self.optimizers = {p: build_optimizer([p], settings) for p in params}
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._step)
+
+    def _step(self, param: torch.Tensor) -> None:
+        optimizer = self.optimizers[param]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        return {p: s for optimizer in self.optimizers.values() for p, s in optimizer.state.items()}
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
 class Stepper:
     """The optimizer step of the recipe. With a master dtype (bf16/fp16 mixed): fp32 master copies are what
     the optimizer updates; at the step the 16-bit gradients are cast to fp32 (all at once, as DeepSpeed casts a
@@ -197,7 +228,10 @@ class Stepper:
         self.masters: list[torch.Tensor] = []
         if setup.master_dtype is not None:
             self.masters = [p.detach().to(setup.master_dtype, copy=True).requires_grad_(True) for p in self.params]
-        self.optimizer = build_optimizer(self.masters or self.params, setup.optimizer)
+        if setup.optim_in_backward:
+            self.optimizer = _InBackward(self.params, setup.optimizer)
+        else:
+            self.optimizer = build_optimizer(self.masters or self.params, setup.optimizer)
         self.fused = setup.optimizer.impl == OptimImpl.fused and setup.optimizer.name != OptimizerName.adafactor
         self.on_master_grads: Callable[[list[torch.Tensor]], None] | None = None
 

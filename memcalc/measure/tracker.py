@@ -181,6 +181,8 @@ class MemoryTracker(TorchDispatchMode):
         self._handles = []
 
     def _optimizer_pre_hook(self, optimizer, args, kwargs) -> None:
+        if _graph_task_id() != -1:
+            return  # a step inside backward (an optimizer per parameter, stepped in its gradient hook) is backward
         self._set_phase(OPTIMIZER_STEP)  # sticky until the step ends
 
     def _optimizer_post_hook(self, optimizer, args, kwargs) -> None:

@@ -495,7 +495,8 @@ def families_section(results: list[Result], failed: list[tuple[FamilyCase, str]]
     hand = sum(f in HAND_RULED for f in families)
     text = [
         f"## Families: {len(families)} model types x recipes x attention kernels x checkpointing", "",
-        f"`{command}` ({len(results)} CPU steps, {seconds / 60:.1f} min on two shared cores). {hand} families with hand rules "
+        f"{command if command.startswith('`') else f'`{command}`'} ({len(results)} CPU steps, {seconds / 60:.1f} min on two "
+        f"shared cores). {hand} families with hand rules "
         f"and {len(families) - hand} without (their activations traced from transformers' code with the CPU's "
         f"semantics, `derive.semantics(\"cpu\")`), each one small config (hidden 128, 2 layers, 4 heads, "
         f"vocabulary 1024, dropout 0; sliding windows of {WINDOW} where a family has them) at batch {FAMILY_BATCH} x "
@@ -624,7 +625,9 @@ def run_parts(parts: set[str], args: argparse.Namespace, command: str) -> dict[s
                 result = from_json(data)
                 merged[result.label] = result
         results = list(merged.values())
-        sections["## Families"] = "\n".join(families_section(results, [], sum(r.seconds for r in results), command))
+        runs = (f"`python benchmarks/accuracy.py --part families --families ... --json FILE` runs (the families "
+                f"without hand rules, then those with), merged by `{command}`")
+        sections["## Families"] = "\n".join(families_section(results, [], sum(r.seconds for r in results), runs))
     elif "families" in parts:
         only = args.families.split(",") if args.families else None
         started = time.perf_counter()

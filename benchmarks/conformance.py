@@ -143,13 +143,13 @@ def main() -> None:
                 key = (family, toggle)
                 if not checkpointing and abs(found.saved_error_pct) >= abs(saved.get(key, 0.0)):
                     saved[key] = found.saved_error_pct
-                worst = peaks.get(key)
-                if worst is None or (found.peak_error_pct, found.same_phase) < worst:  # the lowest, then a phase miss
-                    peaks[key] = (found.peak_error_pct, found.same_phase)
-    low = min(error for error, _ in peaks.values())
+                lowest, highest, same = peaks.get(key, (found.peak_error_pct, found.peak_error_pct, True))
+                peaks[key] = (min(lowest, found.peak_error_pct), max(highest, found.peak_error_pct),
+                              same and found.same_phase)
+    low = min(error for error, _, _ in peaks.values())
     print(f"{compared} comparisons ({len(RECIPES)} recipes x sdpa and eager); saved bytes: worst |error| "
           f"{max(abs(e) for e in saved.values()):.2f}%; the step's peak: lowest {low:+.2f}%, highest "
-          f"{max(error for error, _ in peaks.values()):+.2f}%, peak phase differs in {phases_differ}.")
+          f"{max(error for _, error, _ in peaks.values()):+.2f}%, peak phase differs in {phases_differ}.")
     if args.markdown:
         toggles = list(TOGGLES)
         print("\nSaved for backward (activations and loss), worst error of the rules against the trace:")
@@ -163,8 +163,8 @@ def main() -> None:
         for family in LAYER_NORM:
             cells = [f"{t} {e:+.2f}%" for (f, t), e in saved.items() if f == family]
             print(f"| {family} | " + "; ".join(cells) + " |")
-        print("\nThe step's peak, the rules' lowest error against the traced step (**bold**: a recipe or kernel where "
-              "the peak phase differs):")
+        print("\nThe step's peak, the rules' lowest and highest error against the traced step over the recipes and "
+              "kernels (**bold**: the peak phase differs in one of them):")
         toggles = [*toggles, CHECKPOINTED]
         print("\n| family | " + " | ".join(toggles) + " |")
         print("|---|" + "---|" * len(toggles))
@@ -172,12 +172,14 @@ def main() -> None:
             cells = []
             for toggle in toggles:
                 found = peaks.get((family, toggle))
-                cells.append("-" if found is None else f"{found[0]:+.2f}%" if found[1] else f"**{found[0]:+.2f}%**")
+                text = "-" if found is None else f"{found[0]:+.2f}% / {found[1]:+.2f}%"
+                cells.append(text if found is None or found[2] else f"**{text}**")
             print(f"| {family} | " + " | ".join(cells) + " |")
     else:
         for (family, toggle), error in sorted(saved.items()):
-            peak, same = peaks[(family, toggle)]
-            print(f"{family:18s} {toggle:22s} saved {error:+.2f}%  peak {peak:+.2f}%{'' if same else ' (phase)'}")
+            low_peak, high_peak, same = peaks[(family, toggle)]
+            print(f"{family:18s} {toggle:22s} saved {error:+.2f}%  peak {low_peak:+.2f}% to {high_peak:+.2f}%"
+                  f"{'' if same else ' (phase)'}")
 
 
 if __name__ == "__main__":

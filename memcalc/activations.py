@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
 from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
-from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, Loss, Rule, Run
+from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, PART_MLP, Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
 from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind, Offload
 from memcalc.units import BYTES_PER_FP32
@@ -63,7 +63,13 @@ class ActivationEstimate:
     # Late in backward (the first layer's turn): that layer's activations and its gradient transients
     # (the MLP intermediate's and the residual's gradients, c*T*(I + h)) beside nearly every gradient.
     last_layer_bytes: int = 0
-    layer_backward_transient_bytes: int = 0
+    layer_backward_transient_bytes: int = 0  # ... at its MLP's backward (all its activations still there)
+    # ... at its attention's backward (its MLP's activations released by then): eager softmax's gradients
+    attention_backward_transient_bytes: int = 0
+    layer_mlp_bytes: int = 0  # what the layer's MLP saved (released before its attention's backward)
+    # ... and beside it the activations still kept then: the per-model ones but the final norm's and head's, and with
+    # checkpointing the first layer's kept input
+    first_layer_context_bytes: int = 0
     notes: list[str] = field(default_factory=list)
     source: str = "none"  # TrainingSummary.activations: rules | trace | approximation | none
     # The loss is a cross-entropy over the vocabulary: the model has a language-model head (a V x h Linear, or the
@@ -225,15 +231,20 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if layered:
         result.last_layer_bytes = layer_totals[0]
         result.layer_backward_transient_bytes = rule.transient
+        result.attention_backward_transient_bytes = rule.attention_transient
+        result.layer_mlp_bytes = rule.layers[0].get(PART_MLP, 0)
         result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,
                                                                                   PART_LOGIT_SOFTCAP))
+        result.first_layer_context_bytes = rule.per_model_bytes - result.after_layers_bytes
         if run.eager and arch.num_heads:
             # Eager attention's backward: softmax's backward makes the scores' gradient in fp32 (b a s^2 x 4) beside
             # the saved softmax output, after the MLP's gradient transients are gone: the larger of the two (found
             # by the traced step, memcalc/measure/timeline.py: Mistral-7B, Phi-3-mini and Qwen2.5-7B checkpointed
             # were 1.5% to 5.9% low without it).
-            scores = BYTES_PER_FP32 * run.b * arch.num_heads * run.s * run.s
-            result.layer_backward_transient_bytes = max(rule.transient, scores)
+            # The probabilities' gradient from the second matmul (in c) meets softmax's fp32 backward output (measured:
+            # Llama-family bf16 and OPT, Falcon fp32 eager checkpointed steps were 4% to 7% low with the fp32 one alone).
+            scores = (BYTES_PER_FP32 + run.c) * run.b * arch.num_heads * run.s * run.s
+            result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
     if spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
@@ -247,8 +258,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # In the forward a checkpointed layer keeps nothing, but its tensors exist while it runs: at most its
             # activations, and with eager attention the scores beside softmax's fp32 output (the traced step found
             # the forward up to 12.6% low without this moment: Phi-3-mini, Mistral-7B eager, seq 2048).
+            # Its attention's tensors are not kept once its MLP runs: the larger of the two parts.
             scores = run.c * run.b * arch.num_heads * run.s * run.s if run.eager else 0
-            result.checkpointed_forward_bytes = result.recompute_bytes + scores
+            mlp = rule.layers[0].get(PART_MLP, 0)
+            result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp)
+            # The first layer's backward: its own kept input (and the eager mask) beside the per-model activations
+            result.first_layer_context_bytes += kept - rule.kept + rule.kept // len(layer_totals)
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
                    f"recomputed at a time ({result.recompute_bytes:,} B: {rule.formula})")
     elif spec.checkpointing == Checkpointing.every:

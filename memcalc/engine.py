@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from memcalc import activations, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
+    ROLE_ATTENTION,
     ROLE_EMBEDDING,
     ROLE_EXPERT,
     ROLE_LM_HEAD,
+    ROLE_MLP,
     ROLE_POSITION_EMBEDDING,
     ParamTensor,
     head_tied_to_embedding,
@@ -284,8 +286,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
     # last) unless the embedding is tied to the head or shared by two stacks (a contribution already waits for
     # it); ZeRO-2/3 hold flat partitions instead, so not there.
-    missing_grads = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
-                     if stage < 2 and spec.grad_accum == 1 and not in_backward else 0)
+    whole_grads = stage < 2 and spec.grad_accum == 1 and not in_backward
+    missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
+    pending_mlp, pending_attention = _first_layer_pending(tensors) if whole_grads else (0, 0)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -295,6 +298,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
         checkpointed_layer_forward=act.checkpointed_forward_bytes,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
+        attention_gradients=act.attention_backward_transient_bytes, layer_mlp=act.layer_mlp_bytes,
+        first_layer_context=act.first_layer_context_bytes,
+        pending_at_mlp=pending_mlp * bytes_per_grad, pending_at_attention=pending_attention * bytes_per_grad,
         after_layers=act.after_layers_bytes,
         largest_step_copy=(largest.numel * _bytes_per(recipe.compute_dtype) if in_backward and recipe.autocast
                            and largest.role == ROLE_LM_HEAD else 0),
@@ -335,6 +341,18 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     per_token = getattr(model.arch, "experts_per_token", None)
     active = f"; only {per_token} of {num_experts} experts run per token, so activations use those" if num_experts and per_token else ""
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
+
+
+def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
+    """The first decoder layer's trainable elements whose gradients its backward has not made yet: at its MLP's
+    backward all but the MLP's output projection (the layer's last op, first in backward; of equal sizes any one), at
+    its attention's its q, k and v (all of the attention's but the output projection, made before)."""
+    layer = [t for t in tensors if t.trainable and t.layer == 0]
+    mlp = [t for t in layer if t.role in (ROLE_MLP, ROLE_EXPERT)]
+    attention = [t for t in layer if t.role == ROLE_ATTENTION]
+    made_first = max((t.numel for t in mlp), default=0)
+    output = max((t.numel for t in attention), default=0)
+    return sum(t.numel for t in layer) - made_first, sum(t.numel for t in attention) - output
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
@@ -452,7 +470,12 @@ class _Extras:
     checkpointed_layer_forward: int = 0  # checkpointing: a layer's tensors while its forward runs (none kept)
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
     layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
-    layer_gradients: int = 0  # late backward: the first layer's gradient transients
+    layer_gradients: int = 0  # late backward: the first layer's gradient transients (at its MLP's backward)
+    attention_gradients: int = 0  # ... at its attention's backward (eager softmax's gradients; 0: not beyond)
+    layer_mlp: int = 0  # what a layer's MLP saved (released before its attention's backward)
+    first_layer_context: int = 0  # activations still kept beside the first layer's (per model; its kept input)
+    pending_at_mlp: int = 0  # the first layer's gradients not yet made at its MLP's backward (all but the output's)
+    pending_at_attention: int = 0  # ... at its attention's backward (q, k, v)
     after_layers: int = 0  # what the final norm and the head saved (gone by the last layer's backward)
     largest_step_copy: int = 0  # --optim-in-backward: the autocast copy of the largest tensor, if the head's weight
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
@@ -534,7 +557,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.layer_activations and x.layer_gradients:
         # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the
         # recomputed layer (checkpointing) and the gradients its backward makes on the way.
-        last = {**at_head, **later, EXTRA_LAYER_GRADIENTS: x.layer_gradients}
+        last = {**at_head, **later, EXTRA_LAYER_GRADIENTS: max(x.layer_gradients, x.attention_gradients - x.layer_mlp)}
         last.pop(EXTRA_HEAD_BACKWARD, None)
         if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
             last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
@@ -556,13 +579,20 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         first = {**end, TERM_ACTIVATIONS: x.first_sum_activations, EXTRA_SHARED_GRADIENT_SUM: x.first_shared_sum}
         first[TERM_GRADIENTS] = first.get(TERM_GRADIENTS, 0) - x.first_sum_missing_gradients
         candidates.append((MOMENT_FIRST_SHARED_SUM, first))
-    late_extra = (x.layer_activations + x.layer_gradients + x.recomputed_casts + x.head_gradient_late
-                  - x.missing_gradients)
+    # Late in backward, the first layer's turn: nearly every gradient, its activations and gradient transients, at its
+    # MLP's backward (every activation of the layer, its gradients but the output projection's not made yet) or at its
+    # attention's (the MLP's activations released, its q, k and v gradients not made yet).
+    points = [(x.layer_activations + x.first_layer_context, x.layer_gradients, x.pending_at_mlp)]
+    if x.attention_gradients:
+        points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.attention_gradients,
+                       x.pending_at_attention))
+    layer_acts, layer_grads, pending = max(points, key=lambda point: point[0] + point[1] - point[2])
+    late_extra = (layer_acts + layer_grads + x.recomputed_casts + x.head_gradient_late - x.missing_gradients
+                  - pending)
     if x.layer_activations and late_extra > 0:
-        # Late in backward: nearly every gradient, the first layer's activations and gradient transients.
-        late = {**end, EXTRA_LAYER_ACTIVATIONS: x.layer_activations, EXTRA_LAYER_GRADIENTS: x.layer_gradients,
+        late = {**end, EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late}
-        late[TERM_GRADIENTS] = late.get(TERM_GRADIENTS, 0) - x.missing_gradients
+        late[TERM_GRADIENTS] = late.get(TERM_GRADIENTS, 0) - x.missing_gradients - pending
         candidates.append((MOMENT_LATE_BACKWARD, late))
     if x.sharded_layer:
         # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's

@@ -176,9 +176,14 @@ def activations(a: FalconArch, run: Run) -> Rule:
                       loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th), head=c * th)
     notes = ["Falcon with alibi (falcon-rw) is counted as the rotary layout: an approximation"] if a.alibi else []
     layer = parts(norms=norms, attention=attention + split_indices, mlp=mlp, dropout=dropout)
+    # A layer's backward transients: the MLP's (c T (ffn + h)), and where sdpa runs its math backend (multi_query) at
+    # the attention's backward the probabilities' gradient from the bmm and softmax's backward output, both fp32
+    # (2 x 4 b a s^2, beside the saved fp32 softmax): found by the traced step, measured on the CPU (checkpointed:
+    # -5.7% to -14.5% without).
+    math_backend = 2 * BYTES_PER_FP32 * scores if multi_query and not run.eager else 0
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
                 c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
-                held=final_hidden_held(run, h))
+                held=final_hidden_held(run, h), attention_transient=math_backend)
 
 
 HEADS = decoder_heads("Falcon")

@@ -86,7 +86,9 @@ class Rule:
     """What one family's forward saves: per layer by part (forward order), per model by part, and the loss.
 
     kept: checkpointing full: what the forward keeps instead of the layers' activations (their inputs);
-    transient: late in backward, the first layer's gradient transients (its widest gradients);
+    transient: a layer's gradient transients at its MLP's backward (its widest gradients);
+    attention_transient: ... at its attention's backward, where they outgrow the MLP's (its MLP's activations are
+    released by then);
     recompute: checkpointing: the largest recompute in backward (default: the largest layer);
     held: tensors no op saves that the model's outputs keep alive through the loss (HF Trainer drops the outputs
     after it): the DynamicCache's k and v copies, an fp32 last hidden state whose head input is a cast.
@@ -102,6 +104,7 @@ class Rule:
     notes: list[str] = field(default_factory=list)
     recompute: int | None = None
     held: int = 0
+    attention_transient: int = 0  # a layer's attention backward transients beyond the MLP's (sdpa's math backend)
 
     def layer_bytes(self, index: int) -> int:
         return sum(self.layers[index].values())

@@ -73,9 +73,9 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
         return tensor
 
     ids = torch.randint(1, raw["vocab_size"], (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), WeightCopies():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(input_ids=ids, labels=ids)
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), WeightCopies(),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+        model(input_ids=ids, labels=ids)
     return sum(storage.nbytes() for storage in saved.values())
 
 

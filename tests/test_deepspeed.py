@@ -138,8 +138,8 @@ def test_typed_offload_none_contradicts_a_config_that_offloads(cli, tmp_path):
     result = cli("llama-3-8b", "--gpus", "8", "--deepspeed", write(tmp_path, offloading), "--offload", "none")
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"memcalc: --offload none contradicts {tmp_path / 'ds_config.json'}, which sets offload optimizer; drop the setting "
-        "or edit the config"]
+        (f"memcalc: --offload none contradicts {tmp_path / 'ds_config.json'}, which sets offload optimizer; drop the "
+         "setting or edit the config")]
 
 
 @pytest.mark.parametrize("flags", [

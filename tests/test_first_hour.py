@@ -136,8 +136,8 @@ def test_closed_pipe_ends_quietly(tmp_path):
     done = subprocess.run(f"{sys.executable} -m memcalc llama-3-8b | head -1", shell=True, capture_output=True,
                           text=True, check=False, cwd=tmp_path)
     assert done.stderr == "" and done.stdout.startswith("llama-3-8b")
-    probe = subprocess.run([sys.executable, "-c", "import sys; from memcalc.cli import main; import os;"
-                            "r, w = os.pipe(); os.close(r); os.dup2(w, 1); sys.exit(main(['llama-3-8b']))"],
+    probe = subprocess.run([sys.executable, "-c", ("import sys; from memcalc.cli import main; import os;"
+                            "r, w = os.pipe(); os.close(r); os.dup2(w, 1); sys.exit(main(['llama-3-8b']))")],
                            capture_output=True, text=True, check=False)
     assert probe.returncode == 0 and probe.stderr == ""
 

@@ -8,8 +8,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from memcalc import measure as verify
-from memcalc.measure import cuda as vcuda
 from memcalc.cli import flag_of
+from memcalc.measure import cuda as vcuda
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
 

@@ -143,7 +143,7 @@ def test_compare_rows():
     assert peak.measured_bytes == _measured(case).measured_peak_bytes
     assert peak.error_pct == pytest.approx((peak.estimate_bytes - peak.measured_bytes) / peak.measured_bytes * 100,
                                            abs=0.01)
-    term, estimate_bytes, measured_bytes, error_pct = rows[0]  # plain 4-tuples
+    term, _estimate_bytes, _measured_bytes, _error_pct = rows[0]  # plain 4-tuples
     assert term == "weights"
 
 

@@ -134,6 +134,22 @@ def test_attention_dropout_stays_inside_sdpa_as_cuda_does():
         assert not any(shape == scores for _, shape in _saved(attend, q))
 
 
+def test_a_narrower_v_takes_a_fused_kernel_as_cuda_does():
+    """CUDA's memory-efficient kernel takes a v narrower than q and k (DeepSeek's MLA); the CPU runs the math backend
+    on it and keeps s^2 weights. Emulated with a zero-padded v through the CPU's flash kernel: the same output."""
+    q, k = (torch.randn(1, 2, 32, 24, dtype=BF16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 32, 16, dtype=BF16, requires_grad=True)
+    attend = lambda t: torch.nn.functional.scaled_dot_product_attention(t, k, v, is_causal=True)
+    scores = (1, 2, 32, 32)
+    plain = attend(q)
+    assert any(shape == scores for _, shape in _saved(attend, q))
+    with cuda_semantics.like_cuda():
+        emulated = attend(q)
+        assert not any(shape == scores for _, shape in _saved(attend, q))
+    assert emulated.shape == plain.shape == (1, 2, 32, 16)
+    torch.testing.assert_close(emulated, plain, atol=2e-2, rtol=2e-2)  # two bf16 kernels
+
+
 def test_layer_norm_statistics_in_fp32_for_16_bit_inputs():
     x = torch.randn(4, 8, dtype=BF16)
     op = torch.ops.aten.native_layer_norm.default

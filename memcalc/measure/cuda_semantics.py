@@ -75,8 +75,8 @@ CUDA_AUTOCAST: dict[str, str] = {
 }
 NOT_EMULATED = (
     "sdpa's kernel choice (fp32 inputs or an explicit mask take CUDA's memory-efficient kernel, whose log-sum-exp "
-    "is padded to 32 rows; the same bytes when the sequence is a multiple of 32) and attention dropout's RNG "
-    "state (16 B per layer)"
+    "is padded to 32 rows; the same bytes when the sequence is a multiple of 32; a v narrower than q runs the CPU's "
+    "flash kernel on a zero-padded v, kept at q's width) and attention dropout's RNG state (16 B per layer)"
 )
 EMULATED = ("CUDA's autocast op lists, fp32 LayerNorm statistics and 1-byte dropout masks emulated on the CPU "
             "(memcalc/measure/cuda_semantics.py)")
@@ -156,33 +156,51 @@ def autocast_lists() -> Iterator[list[str]]:
         library._destroy()
 
 
-def _functions_mode() -> Any:
-    """Torch functions CUDA runs through another kernel: dropout (fused: a bool mask) and sdpa's attention dropout
-    (inside the kernel)."""
+@contextlib.contextmanager
+def _cuda_functions() -> Iterator[None]:
+    """Torch functions CUDA runs through another kernel: dropout (fused: a bool mask), sdpa's attention dropout
+    (inside the kernel) and sdpa with a v narrower than q (the memory-efficient kernel). The functions are replaced
+    for the block rather than intercepted by a TorchFunctionMode, which a checkpointed layer's recomputation in
+    backward does not see (measured, torch 2.13): the recomputed layer must decide as its forward did."""
     import torch
-    from torch.overrides import TorchFunctionMode
 
     functional = torch.nn.functional
-    dropouts = {functional.dropout: ("p", "training", "inplace"), torch.dropout: ("p", "train", None)}
+    original_dropout, original_sdpa, original_torch_dropout = (functional.dropout,
+                                                               functional.scaled_dot_product_attention, torch.dropout)
 
-    class LikeCuda(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = dict(kwargs or {})
-            if func in dropouts:
-                names = dropouts[func]
-                given = dict(zip(names, args[1:]))
-                given.update({k: v for k, v in kwargs.items() if k in names})
-                p, training = given.get("p", 0.5), given.get(names[1], True)
-                if training and 0 < p < 1 and not given.get("inplace") and args[0].numel() > 0:
-                    return torch.native_dropout(args[0], p, True)[0]
-            elif func is functional.scaled_dot_product_attention:
-                if len(args) > 4:
-                    args = (*args[:4], 0.0, *args[5:])
-                if "dropout_p" in kwargs:
-                    kwargs["dropout_p"] = 0.0
-            return func(*args, **kwargs)
+    def fused(input: Any, p: float, training: bool, inplace: bool) -> Any:
+        return training and 0 < p < 1 and not inplace and input.numel() > 0
 
-    return LikeCuda()
+    def dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        if fused(input, p, training, inplace):
+            return torch.native_dropout(input, p, True)[0]
+        return original_dropout(input, p, training, inplace)
+
+    def torch_dropout(input: Any, p: float, train: bool) -> Any:
+        if fused(input, p, train, False):
+            return torch.native_dropout(input, p, True)[0]
+        return original_torch_dropout(input, p, train)
+
+    def sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
+             scale: float | None = None, enable_gqa: bool = False) -> Any:
+        width = value.size(-1)
+        if width < query.size(-1):
+            # v narrower than q and k (DeepSeek's MLA: 128 against 192): CUDA's memory-efficient kernel takes it as it
+            # is; the CPU has no fused kernel for it and runs the math backend, which keeps the s^2 weights. v
+            # zero-padded to q's width runs the CPU's flash kernel instead (the same output in its first columns, as
+            # transformers pads v for flash attention); v and the output are then kept at q's width, 2 b a s
+            # (d_qk - d_v) c above CUDA's.
+            value = functional.pad(value, (0, query.size(-1) - width))
+        out = original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
+                            enable_gqa=enable_gqa)
+        return out[..., :width] if out.size(-1) != width else out
+
+    functional.dropout, functional.scaled_dot_product_attention, torch.dropout = dropout, sdpa, torch_dropout
+    try:
+        yield
+    finally:
+        functional.dropout, functional.scaled_dot_product_attention = original_dropout, original_sdpa
+        torch.dropout = original_torch_dropout
 
 
 def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
@@ -199,5 +217,5 @@ def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
 def like_cuda() -> Iterator[None]:
     """CUDA's autocast lists, dropout and sdpa dropout while the block runs (LayerNorm statistics: the trace's
     dispatch mode calls ``layer_norm_stats``)."""
-    with autocast_lists(), _functions_mode():
+    with autocast_lists(), _cuda_functions():
         yield

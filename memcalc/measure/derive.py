@@ -31,7 +31,7 @@ from typing import Any
 from memcalc import cache
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 CACHE_KIND = "traces"
 LOSS = "loss"  # where: created after the output head (the loss and its inputs)
 MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)

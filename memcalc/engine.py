@@ -3,13 +3,19 @@
 Pure functions: no printing, no I/O. Every term carries its formula (numbers substituted) and source, and the
 phases it is alive in. The peak of a steady-state step (optimizer states exist from the first step on) is
 the largest of these moments:
-  forward          every forward-phase term, plus the loss transient (logits and their fp32 upcast)
+  forward          every forward-phase term, plus the loss transient (logits and their fp32 upcast) and what the
+                   model's outputs hold through the loss unsaved (the KV cache's copies)
+  checkpointed     a checkpointed layer's own forward: its attention's or its MLP's tensors beside the kept inputs
   backward start   what the forward saved, plus the loss gradients (or, checkpointing, one recomputed layer beside
                    the head's weight gradient)
+  last layer       the last layer's backward: its gradient transients beside the saved tensors and the head's
+                   gradient
   head's backward  what the forward saved but the loss's log-softmax output, the logits' gradient and the head's
                    V x h weight gradient (under autocast: made in the compute dtype, then cast)
   backward end     weights, master, states and every gradient
-  late backward    nearly every gradient, the first layer's activations and gradient transients
+  late backward    nearly every gradient, the first layer's activations and gradient transients, at its MLP's
+                   backward or at its attention's (each with the first layer's gradients not made yet left out)
+  step in backward --optim-in-backward: a parameter's step in its gradient hook (its gradient, the temporaries)
   sharded layer    FSDP2: a layer's backward with its prefetched neighbour and reduce-scatter buffers
   tied sum         a token embedding used twice (tied head, shared stacks): every gradient and the contributions
                    autograd sums when the last use's backward ends
@@ -17,6 +23,8 @@ the largest of these moments:
                    backward, beside the encoder's activations and every gradient but the encoder's
   optimizer step   model states, gradients, the fp32 gradient copy and the optimizer's temporaries
 The sum of all terms is not the peak: activations are gone before the optimizer step's temporaries appear.
+For a traced model (activations from the model's own code) the forward's and backward's moments are the traced
+step's instead (memcalc.measure.timeline, activations.TracedMoment), beside the terms it does not hold.
 """
 
 from __future__ import annotations
@@ -514,6 +522,8 @@ def _total(moment: str, phase: Phase, parts: dict[str, int], names: set[str]) ->
 # What a traced step's moments hold (memcalc.measure.timeline): every term of the forward and backward but the
 # parameters, the fp32 master and the optimizer's states.
 _TRACED_TERMS = (TERM_GRADIENTS, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES, TERM_AUTOCAST_CHECKPOINTED)
+
+
 def _traced(terms: Sequence[Term], moment: TracedMoment, names: set[str]) -> PhaseTotal:
     """A traced moment beside the terms it does not hold (with gradient accumulation every gradient is there
     already: the gradients term, alive in every phase then, replaces the traced step's)."""
@@ -592,7 +602,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.layer_activations and late_extra > 0:
         late = {**end, EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late}
-        late[TERM_GRADIENTS] = late.get(TERM_GRADIENTS, 0) - x.missing_gradients - pending
+        late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients - pending)
         candidates.append((MOMENT_LATE_BACKWARD, late))
     if x.sharded_layer:
         # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's

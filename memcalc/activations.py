@@ -60,8 +60,8 @@ class ActivationEstimate:
     checkpointed_forward_bytes: int = 0
     # What the final norm, the head and the logits' softcap saved: freed by the time the last layer's backward runs
     after_layers_bytes: int = 0
-    # Late in backward (the first layer's turn): that layer's activations and its gradient transients
-    # (the MLP intermediate's and the residual's gradients, c*T*(I + h)) beside nearly every gradient.
+    # Late in backward (the first layer's turn): that layer's activations and its gradient transients (Rule.transient)
+    # beside nearly every gradient.
     last_layer_bytes: int = 0
     layer_backward_transient_bytes: int = 0  # ... at its MLP's backward (all its activations still there)
     # ... at its attention's backward (its MLP's activations released by then): eager softmax's gradients
@@ -237,12 +237,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                                                                                   PART_LOGIT_SOFTCAP))
         result.first_layer_context_bytes = rule.per_model_bytes - result.after_layers_bytes
         if run.eager and arch.num_heads:
-            # Eager attention's backward: softmax's backward makes the scores' gradient in fp32 (b a s^2 x 4) beside
-            # the saved softmax output, after the MLP's gradient transients are gone: the larger of the two (found
-            # by the traced step, memcalc/measure/timeline.py: Mistral-7B, Phi-3-mini and Qwen2.5-7B checkpointed
-            # were 1.5% to 5.9% low without it).
-            # The probabilities' gradient from the second matmul (in c) meets softmax's fp32 backward output (measured:
-            # Llama-family bf16 and OPT, Falcon fp32 eager checkpointed steps were 4% to 7% low with the fp32 one alone).
+            # Eager attention's backward, after the MLP's (whose activations are released by then): the probabilities'
+            # gradient from the second matmul (c b a s^2) beside softmax's fp32 backward output (4 b a s^2) and the
+            # saved softmax output. Found by the traced step (memcalc/measure/timeline.py: Mistral-7B, Phi-3-mini and
+            # Qwen2.5-7B checkpointed were 1.5% to 5.9% low without it) and measured (Llama-family bf16, OPT and
+            # Falcon fp32 eager checkpointed CPU steps were 4% to 7% low with the fp32 one alone).
             scores = (BYTES_PER_FP32 + run.c) * run.b * arch.num_heads * run.s * run.s
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
     if spec.checkpointing == Checkpointing.full:

@@ -122,10 +122,13 @@ def _depth_key(raw: Mapping[str, Any]) -> tuple[str, int]:
 
 def _homogeneous(raw: Mapping[str, Any], num_layers: int) -> bool:
     """Whether the config describes one kind of layer repeated: no per-layer list with differing entries (its own,
-    or the layer_types its config class derives from a pattern)."""
+    or the layer_types its config class derives from a pattern), and one stack (an encoder-decoder's segments would
+    be cut in one of its two stacks only: traced at full depth)."""
     from memcalc.measure import build
 
     config = build.hf_config(raw)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
     lists = [v for v in raw.values() if isinstance(v, list) and len(v) == num_layers]
     derived = getattr(config, "layer_types", None)
     if isinstance(derived, (list, tuple)):

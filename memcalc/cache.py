@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CACHE_ENV = "MEMCALC_CACHE_DIR"
 
@@ -56,6 +58,17 @@ def read(kind: str, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_as(kind: str, key: str, fmt: int, parse: Callable[[dict[str, Any]], T]) -> T | None:
+    """The entry of format ``fmt`` parsed, or None when it is absent, of another format or of another shape."""
+    data = read(kind, key)
+    if data is None or data.get("format") != fmt:
+        return None
+    try:
+        return parse(data)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def write(kind: str, key: str, data: Mapping[str, Any]) -> None:

@@ -211,16 +211,11 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
     anchors = None
     if traced_lengths is not None:
         anchors = traced_lengths.setdefault(cache.key_of(raw, CACHE_FORMAT, **settings), {})
-    data = cache.read(CACHE_KIND, key)
-    if data is not None and data.get("format") == CACHE_FORMAT:
-        try:
-            saves = TracedSaves.from_json(data)
-        except (KeyError, TypeError, ValueError):
-            pass  # an entry of another shape: trace again
-        else:
-            if anchors is not None and seq_len >= FIT_MIN_LENGTH:
-                anchors[seq_len] = saves
-            return saves, True
+    saves = cache.read_as(CACHE_KIND, key, CACHE_FORMAT, TracedSaves.from_json)
+    if saves is not None:
+        if anchors is not None and seq_len >= FIT_MIN_LENGTH:
+            anchors[seq_len] = saves
+        return saves, True
     if seq_len >= FIT_MIN_LENGTH and may_fit(anchors):
         return _fitted(anchors, seq_len), False
     model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,

@@ -279,16 +279,11 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)
-    data = cache.read(CACHE_KIND, key)
-    if data is not None and data.get("format") == CACHE_FORMAT:
-        try:
-            found = StepMoments.from_json(data)
-        except (KeyError, TypeError, ValueError):
-            pass  # an entry of another shape: trace again
-        else:
-            if anchors is not None:
-                anchors[spec.seq_len] = found
-            return found, True
+    found = cache.read_as(CACHE_KIND, key, CACHE_FORMAT, StepMoments.from_json)
+    if found is not None:
+        if anchors is not None:
+            anchors[spec.seq_len] = found
+        return found, True
     if derive.may_fit(anchors):
         return _fitted(anchors, spec.seq_len), False
     from memcalc.measure import build

@@ -136,11 +136,10 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
         loss_scalars=BYTES_PER_FP32, final_norm=layer_norm, head=c * tokens * h,
         dropout=tokens * h if "embd_pdrop" in a.dropout else 0,  # embedding dropout mask
     )
-    # A layer's backward transients: c_proj's input gradient and the hidden state's (c T (I + h)); NewGELU's
-    # backward (python ops) also keeps two of its products' gradients at once (in fp32 under autocast, whose pow
-    # runs in fp32), found by the traced step (memcalc/measure/timeline.py).
-    # Under autocast c_proj's input gradient is also cast to fp32 (the gelu output was) and the hidden state's
-    # gradient is fp32 (the residual stream is).
+    # A layer's backward transients, found by the traced step (memcalc/measure/timeline.py): c_proj's input gradient
+    # and the hidden state's (in the residual's dtype); NewGELU's backward (python ops) keeps two of its products'
+    # gradients at once (fp32 under autocast, whose pow runs in fp32), and under autocast c_proj's input gradient is
+    # also cast to fp32 (the gelu output was).
     gelu_grads = 2 * (BYTES_PER_FP32 if autocast else c) * tokens * intermediate if a.hidden_act in PYTHON_GELUS else 0
     transient = c * tokens * intermediate + residual * tokens * h + gelu_grads
     if autocast:

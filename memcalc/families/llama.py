@@ -30,7 +30,16 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.saved import Loss, Rule, Run, final_hidden_held, fp32_softmax_dropout, parts, rms_norm_bytes
+from memcalc.families.saved import (
+    Loss,
+    Rule,
+    Run,
+    final_hidden_held,
+    fp32_softmax_dropout,
+    parts,
+    rms_norm_bytes,
+    unsaved_cache_copies,
+)
 from memcalc.families.tensors import Params, decoder, decoder_heads, gated_mlp, gqa_attention, pre_post_norms
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -383,20 +392,14 @@ def held_through_loss(a: LlamaArch, run: Run, window_applies: bool) -> int:
     """Bytes the model's outputs keep alive through the loss that no op saves (Rule.held), found by the traced step
     (memcalc/measure/timeline.py) and read from the code:
     - use_cache (the config's default; checkpointing turns it off): LlamaModel.forward builds a DynamicCache and
-      returns it; DynamicLayer.update concatenates each layer's k (after rotary: fp32 under autocast, cos and sin
-      being fp32) and v into copies of its own. Attention saves those copies themselves unless repeat_kv expands them
-      to every head (eager, or sdpa with an explicit mask: the expanded copies are saved instead) or autocast casts
-      k to the compute dtype (the cast is saved instead); the copies it does not save are held.
+      returns it; the copies of k and v it makes that attention does not save are held (saved.unsaved_cache_copies).
     - autocast: the final norm's fp32 output is the outputs' last_hidden_state; lm_head saves its cast
       (saved.final_hidden_held)."""
-    tokens, c, heads, g, d = run.tokens, run.c, a.num_heads, a.num_kv_heads, a.head_dim
     held = final_hidden_held(run, a.hidden_size)
     if a.use_cache and not run.checkpointing:
         for i in range(a.num_layers):
             masked = window_applies and i < len(a.sliding) and a.sliding[i]
-            repeated = (run.eager or masked) and heads != g
-            k_bytes = BYTES_PER_FP32 if run.autocast else c
-            held += tokens * g * d * ((k_bytes if repeated or run.autocast else 0) + (c if repeated else 0))
+            held += unsaved_cache_copies(run, a.num_heads, a.num_kv_heads, a.head_dim, run.eager or masked)
     return held
 
 

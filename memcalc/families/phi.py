@@ -31,6 +31,7 @@ from memcalc.families.saved import (
     layer_norm,
     linear_input,
     parts,
+    unsaved_cache_copies,
 )
 from memcalc.families.tensors import Params, decoder, decoder_heads
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
@@ -128,15 +129,11 @@ def activations(a: PhiArch, run: Run) -> Rule:
     )
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     # Held through the loss (Rule.held): the fp32 final hidden state under autocast, and with a cache the
-    # DynamicCache's copies attention does not save: k (the cat of the rotated and passed parts: fp32 under autocast,
-    # which sdpa and matmul cast), and with fewer kv heads than heads in eager attention k and v (repeat_kv's copies
-    # are saved instead).
+    # DynamicCache's copies attention does not save (k is the cat of the rotated and passed parts: fp32 under
+    # autocast, as Llama's rotated k).
     held = final_hidden_held(run, h)
     if a.use_cache and not run.checkpointing:
-        kv = tokens * a.num_kv_heads * a.head_dim
-        repeated = run.eager and a.num_kv_heads != heads
-        k_bytes = BYTES_PER_FP32 if run.autocast else c
-        held += a.num_layers * kv * ((k_bytes if repeated or run.autocast else 0) + (c if repeated else 0))
+        held += a.num_layers * unsaved_cache_copies(run, heads, a.num_kv_heads, a.head_dim, run.eager)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
                 c * tokens * (inter + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), held=held)
 

@@ -118,7 +118,18 @@ def final_hidden_held(run: Run, hidden_size: int) -> int:
     """Rule.held of a decoder under autocast: the final norm's output is fp32 (the residual stream is) and is the
     outputs' last_hidden_state through the loss, while the head's Linear saves its own cast of it (found by the
     traced step, memcalc/measure/timeline.py)."""
-    return 4 * run.tokens * hidden_size if run.autocast else 0
+    return BYTES_PER_FP32 * run.tokens * hidden_size if run.autocast else 0
+
+
+def unsaved_cache_copies(run: Run, num_heads: int, num_kv_heads: int, head_dim: int, repeated_path: bool) -> int:
+    """One layer's share of Rule.held with a cache (use_cache, not checkpointing): DynamicLayer.update concatenates k
+    (after rotary: fp32 under autocast, cos and sin being fp32) and v into copies of its own, which attention saves
+    itself unless repeat_kv expands them to every head (``repeated_path``: eager, or sdpa with an explicit mask, and
+    fewer kv heads than heads: the expanded copies are saved instead) or autocast casts k (the cast is saved)."""
+    repeated = repeated_path and num_heads != num_kv_heads
+    k_bytes = BYTES_PER_FP32 if run.autocast else run.c
+    k_held = k_bytes if repeated or run.autocast else 0
+    return run.tokens * num_kv_heads * head_dim * (k_held + (run.c if repeated else 0))
 
 
 def parts(**named: int) -> dict[str, int]:

@@ -207,23 +207,20 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
     settings = {"architecture": architecture, "weight_dtype": weight_dtype, "autocast": autocast,
                 "attention": attention, "device": device}
     key = cache.key_of(raw, CACHE_FORMAT, seq_len=seq_len, **settings)
-    traced_lengths = _TRACED_LENGTHS.get()
-    anchors = None
-    if traced_lengths is not None:
-        anchors = traced_lengths.setdefault(cache.key_of(raw, CACHE_FORMAT, **settings), {})
+    anchors = anchors_of(cache.key_of(raw, CACHE_FORMAT, **settings), seq_len)
     saves = cache.read_as(CACHE_KIND, key, CACHE_FORMAT, TracedSaves.from_json)
     if saves is not None:
-        if anchors is not None and seq_len >= FIT_MIN_LENGTH:
+        if anchors is not None:
             anchors[seq_len] = saves
         return saves, True
-    if seq_len >= FIT_MIN_LENGTH and may_fit(anchors):
+    if may_fit(anchors):
         return _fitted(anchors, seq_len), False
     model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
                                                      autocast, attention, device)
     saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions(),
                         attention=traced_attention)
     cache.write(CACHE_KIND, key, saves.to_json())
-    if anchors is not None and seq_len >= FIT_MIN_LENGTH:
+    if anchors is not None:
         anchors[seq_len] = saves
     return saves, False
 

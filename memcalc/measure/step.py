@@ -95,6 +95,7 @@ class StepSetup:
 
 def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device: str = "cpu") -> StepSetup:
     """Check the spec is one a single-process step can run, and resolve its dtypes."""
+    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     unsupported = []
     if spec.zero_stage or spec.num_gpus > 1:
         unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
@@ -104,8 +105,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         unsupported.append("{freeze}")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
-    if spec.optim_in_backward and get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype,
-                                             spec.state_dtype).master_dtype is not None:
+    if spec.optim_in_backward and recipe.master_dtype is not None:
         unsupported.append("{optim_in_backward} with a master copy (use a recipe without one: bf16-pure, fp32, "
                            "amp-bf16)")
     if spec.loss == LossKind.fused_linear:
@@ -116,7 +116,6 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise UsageError(f"attention implementation {attn_implementation!r}: use one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     if recipe.grad_dtype != recipe.weight_dtype:
         raise UsageError("verify runs gradients in the weight dtype (as autograd makes them); drop {grad_dtype}")
     if spec.state_dtype is not None and recipe.state_dtype != recipe.optimizer_param_dtype:

@@ -180,13 +180,8 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
                 if best is None or self.live_bytes > best.total_bytes:
                     self.peaks[self.segment] = self._snapshot()
 
-        def _move(self, rec: Any, category: str) -> None:
-            old = rec.category
-            super()._move(rec, category)
-            for snap in self.peaks.values():  # a gradient is a gradient from its allocation on (as the tracker's)
-                if snap.seq >= rec.seq and snap.by_category.get(old, 0) >= rec.nbytes:
-                    snap.by_category[old] -= rec.nbytes
-                    snap.by_category[category] = snap.by_category.get(category, 0) + rec.nbytes
+        def _kept_snapshots(self) -> tuple[trk.Snapshot, ...]:
+            return (*super()._kept_snapshots(), *self.peaks.values())
 
     semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
     with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log():

@@ -262,6 +262,10 @@ class MemoryTracker(TorchDispatchMode):
         rec.nbytes = nbytes
         self._change(rec.category, delta)
 
+    def _kept_snapshots(self) -> tuple[Snapshot, ...]:
+        """The snapshots kept as results, which a relabelled storage relabels too."""
+        return (self.peak, *self.phase_peaks.values(), *self.phase_entries.values())
+
     def _move(self, rec: _Record, category: str) -> None:
         """Relabel a live storage. Snapshots taken while it was alive are relabelled too, so a peak's
         composition names a gradient a gradient even if the peak came between its allocation and its
@@ -271,7 +275,7 @@ class MemoryTracker(TorchDispatchMode):
         self.by_category[old] -= rec.nbytes
         self.by_category[category] += rec.nbytes
         self.category_max[category] = max(self.category_max[category], self.by_category[category])
-        for snap in (self.peak, *self.phase_peaks.values(), *self.phase_entries.values()):
+        for snap in self._kept_snapshots():
             if snap.seq >= rec.seq and snap.by_category.get(old, 0) >= rec.nbytes:
                 snap.by_category[old] -= rec.nbytes
                 snap.by_category[category] = snap.by_category.get(category, 0) + rec.nbytes

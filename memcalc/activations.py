@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 LAYERS_PREFIX = "layers/"
 MODEL_PREFIX = "model/"
 KEPT_INPUTS = "layers/inputs kept by checkpointing"
+KEPT_SELECTIVE = "layers/inputs and op outputs kept by selective-op (traced)"
 
 
 @dataclass(frozen=True)
@@ -135,14 +136,16 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
         return rule, False, run
 
 
-def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple[TracedMoment, ...], str]:
+def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run
+                 ) -> tuple[tuple[TracedMoment, ...], str, int | None]:
     """The step traced op by op (memcalc.measure.timeline) for a traced model, where one process can run its forward
-    and backward; else none and why the engine's generic moments stand."""
+    and backward; else none and why the engine's generic moments stand. Also the activations the traced forward
+    leaves saved (None when not traced)."""
     described = model.described
     assert described is not None
     if spec.zero_stage or spec.offload != Offload.none:
         return (), ("the forward and backward moments follow the generic rule (a layer's activations and c T (I + h) "
-                      "of gradient transients): the step is traced op by op only without ZeRO/FSDP sharding")
+                      "of gradient transients): the step is traced op by op only without ZeRO/FSDP sharding"), None
     from memcalc.measure.timeline import step_moments
 
     # What the optimizer and the data-parallel ranks do does not change one rank's forward and backward.
@@ -155,12 +158,35 @@ def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple
         why = " ".join(str(error).split())[:200] or type(error).__name__
         why = why.replace("verify does not yet run", "the step trace does not run").replace("; drop it to verify the rest", "")
         return (), (f"the step could not be traced op by op ({why}): the forward and backward moments follow the "
-                      "generic rule (a layer's activations and c T (I + h) of gradient transients) and may be low")
+                      "generic rule (a layer's activations and c T (I + h) of gradient transients) and may be low"), None
     accumulated = (f"; with --grad-accum {spec.grad_accum} every gradient is counted beside each moment (the traced "
                    "step starts without them)" if spec.grad_accum > 1 else "")
     found = tuple(TracedMoment(Phase.forward if m.phase == "forward" else Phase.backward, m.label, m.bytes, m.gradients)
-                  for m in moments.moments)
-    return found, moments.describe() + (" (from the cache)" if cached else "") + accumulated
+                  for m in moments.peaks)
+    return found, moments.describe() + (" (from the cache)" if cached else "") + accumulated, moments.kept
+
+
+SELECTIVE_OP_SOURCE = ("torchtitan distributed/activation_checkpoint.py SelectiveAC (per-op policy), run on the "
+                       "model's own code and traced (memcalc.measure.selective, memcalc.measure.timeline)")
+
+
+def _selective_op_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple[TracedMoment, ...], str, int]:
+    """--checkpointing selective-op: no hand rule says which op outputs torchtitan's policy keeps in every family, so
+    the step is traced with the policy applied; where it cannot be, the estimate is refused, never guessed."""
+    from memcalc.families import fallback_available
+
+    if not fallback_available():
+        raise MissingDependencyError("{checkpointing} selective-op is estimated by tracing the model's own step under "
+                                     f"torchtitan's per-op policy: install torch and transformers ({INSTALL_TORCH}), "
+                                     "or use full or every:N")
+    if spec.zero_stage or spec.offload != Offload.none:
+        raise UsageError("{checkpointing} selective-op is estimated from the step traced op by op, which runs one "
+                         "process without ZeRO/FSDP sharding or offload: use full or every:N with {zero} or {offload}")
+    step, why, kept = _traced_step(model, spec, run)
+    if not step or kept is None:
+        reason = why.split(": the forward and backward moments follow")[0]
+        raise UnsupportedModelError(f"{{checkpointing}} selective-op: {reason}; use full or every:N")
+    return step, why, kept
 
 
 CHUNKED_SOURCE = ("torchtune modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss (logits.float() per "
@@ -222,8 +248,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
-    if traced:
-        result.step, why = _traced_step(model, spec, run)
+    selective = spec.checkpointing == Checkpointing.selective_op
+    if selective:
+        result.step, why, selective_kept = _selective_op_step(model, spec, run)
+        result.notes.append(why)
+    elif traced:
+        result.step, why, _ = _traced_step(model, spec, run)
         result.notes.append(why)
     per_model = rule.per_model_bytes
     layer_totals = [rule.layer_bytes(i) for i in range(len(rule.layers))]
@@ -265,6 +295,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             result.first_layer_context_bytes += kept - rule.kept + rule.kept // len(layer_totals)
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
                    f"recomputed at a time ({result.recompute_bytes:,} B: {rule.formula})")
+    elif selective:
+        # The traced forward's saved activations: each layer's input and the outputs of the ops the policy saves, and
+        # what the layers before and after save (the rule's per-model parts, as under full checkpointing).
+        per_model_parts = _model_parts(rule) if selective_kept >= per_model else {}
+        total = selective_kept
+        breakdown = {KEPT_SELECTIVE: total - sum(per_model_parts.values()), **per_model_parts}
+        formula = (f"{len(layer_totals)} layers under torchtitan's per-op policy (each keeps its input and the outputs "
+                   f"of matmuls, every other mm recomputed, and of attention), traced: {total:,} B saved when the "
+                   "forward ends; during backward one layer at a time recomputes the rest")
     elif spec.checkpointing == Checkpointing.every:
         checkpointed = [i for i in range(len(layer_totals)) if spec.checkpointed(i)]
         kept_per_layer, uneven = divmod(rule.kept, len(layer_totals))
@@ -295,7 +334,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     breakdown = {part: num_bytes for part, num_bytes in breakdown.items() if num_bytes}
     assert sum(breakdown.values()) == total, (breakdown, total)  # the parts are the term
     result.terms.append(Term(
-        name=TERM_ACTIVATIONS, bytes=total, formula=formula, source=rule.source, category=CATEGORY_ACTIVATIONS,
+        name=TERM_ACTIVATIONS, bytes=total, formula=formula, source=SELECTIVE_OP_SOURCE if selective else rule.source,
+        category=CATEGORY_ACTIVATIONS,
         phases=FORWARD_BACKWARD, breakdown=breakdown,
     ))
     loss = rule.loss

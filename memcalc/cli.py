@@ -125,7 +125,7 @@ def estimate(
     seq_len: SeqOpt = DEFAULT_SEQ_LEN,
     decoder_seq_len: Annotated[int | None, typer.Option("--decoder-seq-len", min=1, help="Encoder-decoder models (T5): decoder tokens per sequence (default: --seq-len).")] = None,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
-    checkpointing: Annotated[str, typer.Option(help="Activation checkpointing: none, full (every decoder layer), or every:N (every N-th layer, as torchtitan's layer-frequency checkpointing).")] = "none",
+    checkpointing: Annotated[str, typer.Option(help="Activation checkpointing: none, full (every decoder layer), every:N (every N-th layer, as torchtitan's layer-frequency checkpointing), or selective-op (torchtitan's per-op policy: matmul and attention outputs kept, every other matmul recomputed; traced, needs torch).")] = "none",
     loss: Annotated[str, typer.Option("--loss", help="The loss: standard (full logits, upcast), chunked:N (torchtune's chunked cross-entropy, N chunks along the sequence), fused-linear (Liger's fused linear cross-entropy: no full logits).")] = "standard",
     attn: Annotated[Attention, typer.Option("--attn", help="Attention implementation (transformers' attn_implementation).")] = Attention.sdpa,
     activations: Annotated[ActivationSource, typer.Option("--activations", help="Where activations come from: rules (the family's hand rules), trace (the model's own code under FakeTensorMode; needs torch and transformers), auto (rules where the family has them, else trace).")] = ActivationSource.auto,

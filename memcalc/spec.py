@@ -83,11 +83,14 @@ def setting_of(field_name: str) -> str:
 class Checkpointing(str, Enum):
     """none; full: every decoder layer (HF gradient_checkpointing_enable); every: every N-th layer, ``every:N``
     (torchtitan's selective layer checkpointing: ``_apply_ac_to_transformer_block`` counts the blocks from 1 and
-    wraps those whose count is a multiple of ``ac_freq``)."""
+    wraps those whose count is a multiple of ``ac_freq``); selective-op: every decoder layer under torchtitan's per-op
+    policy (the outputs of matmuls, attention and collectives kept, every other matmul recomputed:
+    memcalc.measure.selective)."""
 
     none = "none"
     full = "full"
     every = "every"
+    selective_op = "selective-op"
 
 
 EVERY_PREFIX = "every:"
@@ -155,11 +158,11 @@ class TrainingSpec:
     freeze: tuple[str, ...] = ()
 
     def checkpointed(self, layer: int) -> bool:
-        """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full, every N-th under every:N
-        (torchtitan counts blocks from 1: layers N-1, 2N-1, ... 0-based)."""
+        """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
+        under every:N (torchtitan counts blocks from 1: layers N-1, 2N-1, ... 0-based)."""
         if self.checkpointing == Checkpointing.every:
             return (layer + 1) % self.checkpoint_every == 0
-        return self.checkpointing == Checkpointing.full
+        return self.checkpointing in (Checkpointing.full, Checkpointing.selective_op)
 
     @property
     def loss_label(self) -> str:
@@ -168,7 +171,7 @@ class TrainingSpec:
 
     @property
     def checkpointing_label(self) -> str:
-        """none | full | every:N, as the flag takes it."""
+        """none | full | every:N | selective-op, as the flag takes it."""
         if self.checkpointing == Checkpointing.every:
             return f"{EVERY_PREFIX}{self.checkpoint_every}"
         return self.checkpointing.value

@@ -71,6 +71,7 @@ class StepSetup:
     checkpoint_every: int = 0  # --checkpointing every:N: only every N-th layer (torchtitan's count from 1)
     loss_chunks: int = 0  # --loss chunked:N: torchtune's chunked output and cross-entropy
     optim_in_backward: bool = False  # --optim-in-backward: an optimizer per parameter, stepped in its gradient hook
+    selective_op: bool = False  # --checkpointing selective-op: torchtitan's per-op policy (measure.selective)
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -83,8 +84,8 @@ class StepSetup:
             "optim_impl": "per-tensor loop (transformers Adafactor has no foreach/fused path)"
             if opt.name == OptimizerName.adafactor else opt.impl.value,
             "attn_implementation": self.attn_implementation,
-            "checkpointing": (f"every:{self.checkpoint_every}" if self.checkpoint_every else "full")
-            if self.checkpointing else "none",
+            "checkpointing": (f"every:{self.checkpoint_every}" if self.checkpoint_every else
+                              "selective-op" if self.selective_op else "full") if self.checkpointing else "none",
             **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
@@ -129,7 +130,8 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         optimizer=spec.optimizer_settings, attn_implementation=attn_implementation,
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
-        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, device=device,
+        selective_op=spec.checkpointing == Checkpointing.selective_op, micro_batch_size=spec.micro_batch_size,
+        seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
     )
 
@@ -147,8 +149,18 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
     if torch.device(setup.device).type != "cpu":  # (built on the CPU; fake CPU tensors cannot be moved)
         model = model.to(device=setup.device)
     if setup.checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if setup.selective_op:
+            from memcalc.measure.selective import CHECKPOINT_KWARGS
+
+            # torchtitan wraps each block in checkpoint_wrapper (non-reentrant) with the SAC contexts; transformers'
+            # checkpointing passes the same keywords to torch.utils.checkpoint.checkpoint for each decoder layer.
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+        else:
+            (enable or model.gradient_checkpointing_enable)()
         if setup.checkpoint_every:
             # every:N: HF's checkpointing left on the layers torchtitan's _apply_ac_to_transformer_block wraps
             # (1-based counts divisible by N), off on the others.

@@ -37,11 +37,12 @@ from memcalc import cache
 from memcalc.measure import derive
 from memcalc.measure.derive import current_device
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 CACHE_KIND = "timelines"
 DEPTHS = (2, 3, 4)  # traced depths of a homogeneous stack (three points: the line is checked, not assumed)
 FORWARD, BACKWARD = "forward", "backward"
 BEFORE, FIRST, MIDDLE, LAST, AFTER = "before the layers", "first layer", "a middle layer", "last layer", "after the layers"
+END = "end"  # (forward, END): not a peak but the activations the forward leaves saved for backward (``StepMoments.kept``)
 ROLES = (BEFORE, FIRST, LAST, AFTER)  # the segments a full-depth peak can be in (a middle layer's lies between)
 
 
@@ -82,7 +83,18 @@ class StepMoments:
     fitted_from: tuple[int, ...] = ()  # inside derive.fitted_sequences: read off the traces at these lengths
 
     def largest(self, phase: str) -> Moment:
-        return max((m for m in self.moments if m.phase == phase), key=lambda m: m.bytes)
+        return max((m for m in self.peaks if m.phase == phase), key=lambda m: m.bytes)
+
+    @property
+    def peaks(self) -> tuple[Moment, ...]:
+        """The segments' largest moments."""
+        return tuple(m for m in self.moments if m.where != END)
+
+    @property
+    def kept(self) -> int | None:
+        """The activations saved for backward when the forward (and the loss) has run: the tracker's activations
+        category then, without the loss's buffers, autocast copies, the batch and the model's buffers."""
+        return next((m.bytes for m in self.moments if m.where == END), None)
 
     @property
     def extrapolated(self) -> bool:
@@ -241,6 +253,7 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
                 tracker.mark(trk.FORWARD)
                 tracker.segment = (FORWARD, BEFORE)
                 loss = forward_loss(model, batch, setup)
+                kept = tracker._snapshot().by_category.get(trk.ACTIVATIONS, 0)
                 tracker.mark(trk.BACKWARD)
                 tracker.segment = (BACKWARD, AFTER)
                 loss.backward()
@@ -254,6 +267,7 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
         if segment[0] in (FORWARD, BACKWARD) and segment[1] != MIDDLE:
             peaks[segment] = (snap.total_bytes - snap.by_category.get(trk.WEIGHTS, 0),
                               snap.by_category.get(trk.GRADIENTS, 0))
+    peaks[(FORWARD, END)] = (kept, 0)
     return type(model).__name__, peaks
 
 

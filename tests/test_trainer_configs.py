@@ -439,3 +439,25 @@ def test_peft_keeps_fp32_adapters_on_a_bf16_base():
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     dtypes = {(("lora_" in name), param.dtype) for name, param in model.named_parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+
+
+def test_torchtune_ac_mode_and_ac_option():
+    # recipes/configs/dev/8B_full_experimental.yaml: enable_activation_checkpointing False, ac_mode 'selective',
+    # ac_option 2; full_finetune_distributed.py setup_model applies ac_mode only with enable_activation_checkpointing
+    # false, and checkpoint_wrapper (training/activations.py) wraps layers whose 1-based count divides by ac_option.
+    base = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 2, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+            "enable_activation_checkpointing": False}
+    assert _settings({**base, "ac_mode": "selective", "ac_option": 2})["checkpointing"] == "every:2"
+    assert _settings({**base, "ac_mode": "selective", "ac_option": 1})["checkpointing"] == "full"
+    assert _settings({**base, "ac_mode": "full"})["checkpointing"] == "full"
+    # Both set: those recipes apply neither (the higher count, with a note).
+    both = {**base, "enable_activation_checkpointing": True, "ac_mode": "selective", "ac_option": 2}
+    assert _settings(both)["checkpointing"] == "none"
+    from memcalc.configs.trainers import parse_trainer_config
+    from memcalc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ac_option op: .*--checkpointing selective-op"):
+        parse_trainer_config({**base, "ac_mode": "selective", "ac_option": "op"})
+    with pytest.raises(ConfigError, match="ac_mode layer: torchtune takes full or selective"):
+        parse_trainer_config({**base, "ac_mode": "layer"})

@@ -1206,7 +1206,9 @@ def _read_torchtune(r: _Reader) -> None:
     r.set("precision", recipe, "dtype", dtype if dtype is not None else "fp32", default=dtype is None)
     r.note(f"precision {recipe}: torchtune builds the model in its dtype and trains it there (no autocast, no "
            "master copy)")
-    if r.boolean("enable_activation_checkpointing"):
+    if r.has("ac_mode"):
+        _torchtune_ac_mode(r)
+    elif r.boolean("enable_activation_checkpointing"):
         r.set("checkpointing", "full", "enable_activation_checkpointing", True)
     else:
         r.set("checkpointing", "none", "enable_activation_checkpointing", False,
@@ -1248,6 +1250,34 @@ def _torchtune_optimizer(r: _Reader) -> None:
             r.set("optim", "sgd-momentum", "optimizer.momentum", momentum)
     if r.boolean("optimizer_in_bwd"):
         r.set("optim_in_backward", True, "optimizer_in_bwd", True)
+
+
+def _torchtune_ac_mode(r: _Reader) -> None:
+    """ac_mode and ac_option, read by recipes/full_finetune_distributed.py and qat_distributed.py (setup_model): only
+    when enable_activation_checkpointing is false do they apply (training/activations.py
+    apply_selective_activation_checkpointing); with both set, those recipes checkpoint nothing."""
+    mode = r.text("ac_mode")
+    option = r.get("ac_option")
+    if r.boolean("enable_activation_checkpointing"):
+        r.set("checkpointing", "none", "ac_mode", mode)
+        r.note("enable_activation_checkpointing and ac_mode are both set: full_finetune_distributed and qat_distributed "
+               "then apply neither (setup_model), so no checkpointing is counted; a recipe that does not read ac_mode "
+               "checkpoints every layer: give --checkpointing full for it")
+        return
+    if mode == "full":
+        r.set("checkpointing", "full", "ac_mode", mode)
+        return
+    if mode != "selective":
+        # checkpoint_wrapper raises NotImplementedError for any other mode.
+        raise r.fail(f"ac_mode {shown(mode)}: torchtune takes full or selective")
+    # checkpoint_wrapper: every_x_layer = int(ac_option); layers whose 1-based count divides by it (0: every layer).
+    every = int(option) if isinstance(option, int) and not isinstance(option, bool) else (
+        int(option) if isinstance(option, str) and option.strip().isdigit() else None)
+    if every is None:
+        raise r.fail(f"ac_option {shown(option)}: torchtune's selective mode takes a whole number of layers "
+                     "(int(ac_option) in training/activations.py checkpoint_wrapper; its op option is not "
+                     "implemented); torchtitan's per-op policy is --checkpointing selective-op")
+    r.set("checkpointing", "full" if every <= 1 else f"every:{every}", "ac_option", option)
 
 
 def _torchtune_unmodelled(r: _Reader) -> None:

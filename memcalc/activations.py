@@ -17,16 +17,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
 from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
 from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, PART_MLP, Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
-from memcalc.spec import ActivationSource, Attention, Checkpointing, LossKind, Offload
+from memcalc.spec import ActivationOffload, ActivationSource, Attention, Checkpointing, LossKind, Offload
 from memcalc.units import BYTES_PER_FP32
-from memcalc.vocab import CATEGORY_ACTIVATIONS, FORWARD_BACKWARD, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, Phase, Term
+from memcalc.vocab import (
+    CATEGORY_ACTIVATIONS,
+    CATEGORY_CPU_OFFLOAD,
+    FORWARD_BACKWARD,
+    TERM_ACTIVATIONS,
+    TERM_LOSS_BUFFERS,
+    TERM_OFFLOADED_ACTIVATIONS,
+    Phase,
+    Term,
+)
 
 if TYPE_CHECKING:
     from memcalc.resolve import ModelInput
@@ -37,6 +46,7 @@ LAYERS_PREFIX = "layers/"
 MODEL_PREFIX = "model/"
 KEPT_INPUTS = "layers/inputs kept by checkpointing"
 KEPT_SELECTIVE = "layers/inputs and op outputs kept by selective-op (traced)"
+KEPT_ON_DEVICE = "left on the GPU by activation offloading (traced)"
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class ActivationEstimate:
     # Traced activations: the step's forward and backward moments traced op by op (memcalc.measure.timeline), which
     # the engine takes instead of its moments of the forward and backward; empty where not traced.
     step: tuple[TracedMoment, ...] = ()
+    host_bytes: int = 0  # --activation-offload: the host memory the offloaded activations take at most
 
 
 def _summed_parts(rule: Rule, indices: list[int] | None = None) -> dict[str, int]:
@@ -136,11 +147,16 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
         return rule, False, run
 
 
-def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run
-                 ) -> tuple[tuple[TracedMoment, ...], str, int | None]:
+def _traced_spec(spec: TrainingSpec) -> TrainingSpec:
+    """What the optimizer and the data-parallel ranks do does not change one rank's forward and backward."""
+    return dataclasses.replace(spec, optimizer="adamw", optim_impl="foreach", amsgrad=False, adafactor_beta1=None,
+                               optim_rank=None, state_dtype=None, num_gpus=1, num_nodes=1, grad_accum=1)
+
+
+def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple[TracedMoment, ...], str, Any]:
     """The step traced op by op (memcalc.measure.timeline) for a traced model, where one process can run its forward
-    and backward; else none and why the engine's generic moments stand. Also the activations the traced forward
-    leaves saved (None when not traced)."""
+    and backward; else none and why the engine's generic moments stand. Also the trace's StepMoments (None when not
+    traced)."""
     described = model.described
     assert described is not None
     if spec.zero_stage or spec.offload != Offload.none:
@@ -148,12 +164,8 @@ def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run
                       "of gradient transients): the step is traced op by op only without ZeRO/FSDP sharding"), None
     from memcalc.measure.timeline import step_moments
 
-    # What the optimizer and the data-parallel ranks do does not change one rank's forward and backward.
-    traced_spec = dataclasses.replace(spec, optimizer="adamw", optim_impl="foreach", amsgrad=False,
-                                      adafactor_beta1=None, optim_rank=None, state_dtype=None, num_gpus=1,
-                                      num_nodes=1, grad_accum=1)
     try:
-        moments, cached = step_moments(dict(described.raw), traced_spec, "eager" if run.eager else "sdpa")
+        moments, cached = step_moments(dict(described.raw), _traced_spec(spec), "eager" if run.eager else "sdpa")
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: the generic moments stand, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
         why = why.replace("verify does not yet run", "the step trace does not run").replace("; drop it to verify the rest", "")
@@ -163,30 +175,47 @@ def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run
                    "step starts without them)" if spec.grad_accum > 1 else "")
     found = tuple(TracedMoment(Phase.forward if m.phase == "forward" else Phase.backward, m.label, m.bytes, m.gradients)
                   for m in moments.peaks)
-    return found, moments.describe() + (" (from the cache)" if cached else "") + accumulated, moments.kept
+    return found, moments.describe() + (" (from the cache)" if cached else "") + accumulated, moments
 
 
 SELECTIVE_OP_SOURCE = ("torchtitan distributed/activation_checkpoint.py SelectiveAC (per-op policy), run on the "
                        "model's own code and traced (memcalc.measure.selective, memcalc.measure.timeline)")
 
 
-def _selective_op_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple[TracedMoment, ...], str, int]:
-    """--checkpointing selective-op: no hand rule says which op outputs torchtitan's policy keeps in every family, so
-    the step is traced with the policy applied; where it cannot be, the estimate is refused, never guessed."""
+OFFLOAD_SOURCE = ("torchtune training/_activation_offloading.py OffloadActivations and get_act_offloading_ctx_manager "
+                  "(TRL's copy in trl/models/activation_offloading.py), run on the model's own code and traced "
+                  "(memcalc.measure.offload, memcalc.measure.timeline)")
+
+
+TRL_ADDRESS_NOTE = ("--activation-offload trl: TRL keys its storage deduplication by device address, so a tensor "
+                    "given the address of an offloaded one already freed is kept on the GPU; which addresses the "
+                    "caching allocator reuses is not modelled, so the GPU may hold more than counted here")
+
+
+def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
+                 ) -> tuple[tuple[TracedMoment, ...], str, int, int]:
+    """Recipes no hand rule covers in any family (--checkpointing selective-op: which op outputs torchtitan's policy
+    keeps depends on each family's code; --activation-offload: which saved tensors torchtune moves, and when its
+    stashes free them): the step is traced with the real policy or manager applied, for every family; where it
+    cannot be, the estimate is refused, never guessed. The moments, why, the activations left saved on the device
+    and the host memory offloaded ones take."""
     from memcalc.families import fallback_available
 
+    what = ("{checkpointing} selective-op" if spec.checkpointing == Checkpointing.selective_op
+            else f"{{activation_offload}} {spec.activation_offload.value}")
     if not fallback_available():
-        raise MissingDependencyError("{checkpointing} selective-op is estimated by tracing the model's own step under "
-                                     f"torchtitan's per-op policy: install torch and transformers ({INSTALL_TORCH}), "
-                                     "or use full or every:N")
+        raise MissingDependencyError(f"{what} is estimated by tracing the model's own step with it applied: install "
+                                     f"torch and transformers ({INSTALL_TORCH})")
     if spec.zero_stage or spec.offload != Offload.none:
-        raise UsageError("{checkpointing} selective-op is estimated from the step traced op by op, which runs one "
-                         "process without ZeRO/FSDP sharding or offload: use full or every:N with {zero} or {offload}")
-    step, why, kept = _traced_step(model, spec, run)
-    if not step or kept is None:
+        raise UsageError(f"{what} is estimated from the step traced op by op, which runs one process without ZeRO/FSDP "
+                         "sharding or offload: drop {zero} and {offload}, or drop it"
+                         + (" ({activation_offload} none)" if what.startswith("{activation") else ""))
+    step, why, moments = _traced_step(model, spec, run)
+    if not step:
         reason = why.split(": the forward and backward moments follow")[0]
-        raise UnsupportedModelError(f"{{checkpointing}} selective-op: {reason}; use full or every:N")
-    return step, why, kept
+        raise UnsupportedModelError(f"{what}: {reason}" + ("; give {activation_offload} none to count the run without it"
+                                                           if what.startswith("{activation") else ""))
+    return step, why, moments.kept or 0, moments.host
 
 
 CHUNKED_SOURCE = ("torchtune modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss (logits.float() per "
@@ -249,9 +278,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
     selective = spec.checkpointing == Checkpointing.selective_op
-    if selective:
-        result.step, why, selective_kept = _selective_op_step(model, spec, run)
+    offloaded = spec.activation_offload != ActivationOffload.none
+    traced_only = selective or offloaded
+    if traced_only:
+        result.step, why, traced_kept, result.host_bytes = _traced_only(model, spec, run)
         result.notes.append(why)
+        if spec.activation_offload == ActivationOffload.trl:
+            result.notes.append(TRL_ADDRESS_NOTE)
     elif traced:
         result.step, why, _ = _traced_step(model, spec, run)
         result.notes.append(why)
@@ -274,7 +307,16 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # Falcon fp32 eager checkpointed CPU steps were 4% to 7% low with the fp32 one alone).
             scores = (BYTES_PER_FP32 + run.c) * run.b * arch.num_heads * run.s * run.s
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
-    if spec.checkpointing == Checkpointing.full:
+    if offloaded:
+        # What the traced forward leaves saved on the device: tensors under 1024 bytes, nn.Parameter objects saved as
+        # such (a weight's transposed view is a plain tensor: copied), the head's and the loss's saves, and the forward
+        # stash (the last offloaded tensors, until the copy is known done).
+        total = traced_kept
+        breakdown = {KEPT_ON_DEVICE: total}
+        formula = (f"traced with {spec.activation_offload.value}'s OffloadActivations (checkpointing "
+                   f"{spec.checkpointing_label}): {total:,} B saved on the GPU when the forward ends; "
+                   f"{result.host_bytes:,} B of copies in host memory at most")
+    elif spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
             # masking_utils.create_causal_mask gives eager attention a 4-D additive mask (b, 1, s, s) in the
@@ -298,8 +340,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     elif selective:
         # The traced forward's saved activations: each layer's input and the outputs of the ops the policy saves, and
         # what the layers before and after save (the rule's per-model parts, as under full checkpointing).
-        per_model_parts = _model_parts(rule) if selective_kept >= per_model else {}
-        total = selective_kept
+        per_model_parts = _model_parts(rule) if traced_kept >= per_model else {}
+        total = traced_kept
         breakdown = {KEPT_SELECTIVE: total - sum(per_model_parts.values()), **per_model_parts}
         formula = (f"{len(layer_totals)} layers under torchtitan's per-op policy (each keeps its input and the outputs "
                    f"of matmuls, every other mm recomputed, and of attention), traced: {total:,} B saved when the "
@@ -334,10 +376,19 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     breakdown = {part: num_bytes for part, num_bytes in breakdown.items() if num_bytes}
     assert sum(breakdown.values()) == total, (breakdown, total)  # the parts are the term
     result.terms.append(Term(
-        name=TERM_ACTIVATIONS, bytes=total, formula=formula, source=SELECTIVE_OP_SOURCE if selective else rule.source,
+        name=TERM_ACTIVATIONS, bytes=total, formula=formula,
+        source=OFFLOAD_SOURCE if offloaded else SELECTIVE_OP_SOURCE if selective else rule.source,
         category=CATEGORY_ACTIVATIONS,
         phases=FORWARD_BACKWARD, breakdown=breakdown,
     ))
+    if result.host_bytes:
+        result.terms.append(Term(
+            name=TERM_OFFLOADED_ACTIVATIONS, bytes=result.host_bytes,
+            formula="every saved tensor of at least 1024 B but the weights and the head's, copied to host memory as it "
+                    "is saved (a tensor saved by several ops is copied for each) and brought back for its node's "
+                    "backward; at most, traced",
+            source=OFFLOAD_SOURCE, category=CATEGORY_CPU_OFFLOAD, phases=[],
+        ))
     loss = rule.loss
     result.vocabulary_head = loss is not None and bool(loss.vocab) and loss.vocab == arch.vocab_size
     if spec.loss != LossKind.standard:

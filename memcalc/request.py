@@ -51,6 +51,7 @@ class Request:
     optim_impl: str = "foreach"
     amsgrad: bool = False
     optim_in_backward: bool = False
+    activation_offload: str = "none"
     adafactor_beta1: float | None = None
     optim_rank: int | None = None
     batch_size: int = DEFAULT_MICRO_BATCH_SIZE
@@ -147,7 +148,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
-         "attn", "activations", "sharding", "offload", "gpu", "from_format")
+         "attn", "activations", "sharding", "offload", "activation_offload", "gpu", "from_format")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze")
 
@@ -247,7 +248,7 @@ def _plan(request: Request) -> Plan:
         "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
         "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,
         "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "optim_rank": request.optim_rank,
-        "optim_in_backward": request.optim_in_backward,
+        "optim_in_backward": request.optim_in_backward, "activation_offload": request.activation_offload,
         "micro_batch_size": request.batch_size,
         "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
         "checkpointing": request.checkpointing, "loss": request.loss,

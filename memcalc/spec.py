@@ -96,6 +96,17 @@ class Checkpointing(str, Enum):
 EVERY_PREFIX = "every:"
 
 
+class ActivationOffload(str, Enum):
+    """none; torchtune: OffloadActivations (torchtune/training/_activation_offloading.py) around the model's forward,
+    the loss outside it; trl: TRL's copy of it (trl/models/activation_offloading.py) around the training step:
+    tensors on a parameter's storage skipped, a storage saved again kept on the GPU, the loss offloaded too
+    (memcalc.measure.offload)."""
+
+    none = "none"
+    torchtune = "torchtune"
+    trl = "trl"
+
+
 class LossKind(str, Enum):
     """standard: logits in full, upcast and cross-entropy (transformers ForCausalLMLoss); chunked: ``chunked:N``,
     torchtune's CEWithChunkedOutputLoss over the output projection applied in N chunks along the sequence
@@ -133,6 +144,7 @@ class TrainingSpec:
     optim_impl: OptimImpl = OptimImpl.foreach
     amsgrad: bool = False
     optim_in_backward: bool = False  # each parameter stepped in its post-accumulate-grad hook (torchtune optimizer_in_bwd)
+    activation_offload: ActivationOffload = ActivationOffload.none  # saved activations moved to host memory
     adafactor_beta1: float | None = None
     optim_rank: int | None = None  # GaLore / APOLLO projection rank (None: HF Trainer's default, 128)
     micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
@@ -193,7 +205,8 @@ class TrainingSpec:
                       "chunked:N takes a whole number of chunks N >= 1 (torchtune's recipes use chunked:8)")
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
-                           ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind)):
+                           ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind),
+                           ("activation_offload", ActivationOffload)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))

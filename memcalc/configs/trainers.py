@@ -898,8 +898,8 @@ def _hf_unmodelled(r: _Reader, trl: bool) -> None:
     else:
         r.not_modelled(key, loss, "a loss memcalc has no rule for; counted as the full-logits cross-entropy")
     if r.boolean("activation_offloading"):
-        r.not_modelled("activation_offloading", True, "saved activations move to CPU RAM; memcalc counts them on "
-                       "the GPU (high)")
+        # trainer/sft_trainer.py: get_act_offloading_ctx_manager(model) around training_step.
+        r.set("activation_offload", "trl", "activation_offloading", True)
 
 
 # -- axolotl --------------------------------------------------------------------------------------------------------
@@ -944,9 +944,16 @@ def _read_axolotl(r: _Reader) -> None:
     if checkpointing and isinstance(checkpointing, str):
         r.not_modelled("gradient_checkpointing", checkpointing, "checkpoints are offloaded; memcalc counts them on "
                        "the GPU (high)")
-    if r.get("activation_offloading"):
-        r.not_modelled("activation_offloading", r.get("activation_offloading"), "saved activations move to CPU "
-                       "RAM; memcalc counts them on the GPU (high)")
+    offloading = r.get("activation_offloading")
+    if offloading is True:
+        # core/trainers/mixins/activation_checkpointing.py: TRL's get_act_offloading_ctx_manager around training_step
+        # (LoRA models: its own variant), with patches that clone non-contiguous saved tensors first.
+        r.set("activation_offload", "trl", "activation_offloading", True)
+        r.note("activation_offloading true: axolotl runs TRL's OffloadActivations (counted as --activation-offload "
+               "trl); its clone of non-contiguous saved tensors before offloading is not modelled")
+    elif offloading:
+        r.not_modelled("activation_offloading", offloading, "axolotl's legacy/disk/hidden_states offloading moves "
+                       "saved activations to CPU RAM or disk; memcalc counts them on the GPU (high)")
     _axolotl_attention(r)
     # Adapters.
     adapter = r.text("adapter")
@@ -1294,8 +1301,9 @@ def _torchtune_unmodelled(r: _Reader) -> None:
         r.not_modelled("loss._component_", loss, "a loss memcalc has no rule for; counted as the full-logits "
                        "cross-entropy")
     if r.boolean("enable_activation_offloading"):
-        r.not_modelled("enable_activation_offloading", True, "saved activations move to CPU RAM; counted on the GPU "
-                       "(high)")
+        # training.get_act_offloading_ctx_manager(model, enable_activation_offloading): OffloadActivations around the
+        # model's forward, the output head excepted.
+        r.set("activation_offload", "torchtune", "enable_activation_offloading", True)
     if r.boolean("compile"):
         r.not_modelled("compile", True, "torch.compile fuses kernels and changes what autograd saves; counted as "
                        "eager")

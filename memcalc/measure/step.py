@@ -29,6 +29,7 @@ from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, Recipe, get_recipe
 from memcalc.spec import Checkpointing, LossKind, TrainingSpec
+from memcalc.vocab import TERM_OFFLOADED_ACTIVATIONS
 
 TORCH_DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 # The optimizers a verify step builds (build_optimizer); the others are estimated from their code only.
@@ -72,6 +73,7 @@ class StepSetup:
     loss_chunks: int = 0  # --loss chunked:N: torchtune's chunked output and cross-entropy
     optim_in_backward: bool = False  # --optim-in-backward: an optimizer per parameter, stepped in its gradient hook
     selective_op: bool = False  # --checkpointing selective-op: torchtitan's per-op policy (measure.selective)
+    activation_offload: str = "none"  # --activation-offload torchtune | trl: their OffloadActivations (measure.offload)
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -87,6 +89,8 @@ class StepSetup:
             "checkpointing": (f"every:{self.checkpoint_every}" if self.checkpoint_every else
                               "selective-op" if self.selective_op else "full") if self.checkpointing else "none",
             **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
+            **({"activation_offload": f"{self.activation_offload} OffloadActivations (streams)"}
+               if self.activation_offload != "none" else {}),
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
             **({"decoder_seq_len": self.decoder_seq_len} if self.decoder_seq_len is not None else {}),
@@ -130,7 +134,8 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         optimizer=spec.optimizer_settings, attn_implementation=attn_implementation,
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
-        selective_op=spec.checkpointing == Checkpointing.selective_op, micro_batch_size=spec.micro_batch_size,
+        selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
+        micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
     )
@@ -477,7 +482,12 @@ def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], setu
     """The step's forward and loss on ``batch`` (make_batch's keyword arguments), under the recipe's autocast."""
     # (quiet: transformers' one-time warnings in the forward, such as BertLMHeadModel's default loss_type, are not
     # the user's business here)
-    with _autocast(setup), build.quiet_transformers():
+    offload = contextlib.nullcontext()
+    if setup.activation_offload != "none":
+        from memcalc.measure.offload import offloading
+
+        offload = offloading(model, loss_head(model), setup.activation_offload)
+    with _autocast(setup), build.quiet_transformers(), offload:
         # use_cache is left to the config, as HF Trainer leaves it: GPT-2 then concatenates k and v into a
         # DynamicCache during training, which memcalc.activations counts.
         if setup.loss_chunks:
@@ -642,6 +652,7 @@ def to_measurement(method: str, result: StepResult) -> Measurement:
     for name in FORWARD_LIVE_TERMS:
         term_bytes[name] = forward_end.get(name, 0)
     term_bytes.update(result.model_state_bytes)
+    term_bytes[TERM_OFFLOADED_ACTIVATIONS] = tracker.host_peak_bytes  # (booked apart from the device's bytes)
     term_bytes = {k: v for k, v in term_bytes.items() if v}
     return Measurement(
         method=method,

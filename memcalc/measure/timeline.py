@@ -43,6 +43,7 @@ DEPTHS = (2, 3, 4)  # traced depths of a homogeneous stack (three points: the li
 FORWARD, BACKWARD = "forward", "backward"
 BEFORE, FIRST, MIDDLE, LAST, AFTER = "before the layers", "first layer", "a middle layer", "last layer", "after the layers"
 END = "end"  # (forward, END): not a peak but the activations the forward leaves saved for backward (``StepMoments.kept``)
+HOST = "host"  # (forward, HOST): not a peak but the host memory offloaded activations take (``StepMoments.host``)
 ROLES = (BEFORE, FIRST, LAST, AFTER)  # the segments a full-depth peak can be in (a middle layer's lies between)
 
 
@@ -88,7 +89,12 @@ class StepMoments:
     @property
     def peaks(self) -> tuple[Moment, ...]:
         """The segments' largest moments."""
-        return tuple(m for m in self.moments if m.where != END)
+        return tuple(m for m in self.moments if m.where not in (END, HOST))
+
+    @property
+    def host(self) -> int:
+        """The largest host memory offloaded activations took (--activation-offload; 0 otherwise)."""
+        return next((m.bytes for m in self.moments if m.where == HOST), 0)
 
     @property
     def kept(self) -> int | None:
@@ -268,6 +274,8 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
             peaks[segment] = (snap.total_bytes - snap.by_category.get(trk.WEIGHTS, 0),
                               snap.by_category.get(trk.GRADIENTS, 0))
     peaks[(FORWARD, END)] = (kept, 0)
+    if tracker.host_peak_bytes:
+        peaks[(FORWARD, HOST)] = (tracker.host_peak_bytes, 0)
     return type(model).__name__, peaks
 
 
@@ -284,7 +292,9 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 "weight_dtype": recipe.weight_dtype.value, "grad_dtype": recipe.grad_dtype.value,
                 "autocast": recipe.compute_dtype.value if recipe.autocast else None, "attention": attention,
                 "checkpointing": spec.checkpointing.value, "every": spec.checkpoint_every,
-                "loss_chunks": spec.loss_chunks, "device": current_device()}
+                "loss_chunks": spec.loss_chunks, "device": current_device(),
+                **({"activation_offload": spec.activation_offload.value} if spec.activation_offload.value != "none"
+                   else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)

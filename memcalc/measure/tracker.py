@@ -27,9 +27,10 @@ and allocations outside PyTorch ops. The test compares the peak with the CPU all
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ BACKWARD_TEMPORARIES = "backward_temporaries"
 FP32_GRAD_COPY = "fp32_grad_copy"
 OPTIMIZER_TEMPORARIES = "optimizer_temporaries"
 OTHER = "other"
+HOST = "host_activations"  # saved activations offloaded to host memory: counted apart, never in live bytes
 CATEGORIES = (WEIGHTS, MASTER, GRADIENTS, OPTIMIZER_STATES, AUTOCAST_COPIES, ACTIVATIONS, LOGITS_AND_LOSS,
               BACKWARD_TEMPORARIES, FP32_GRAD_COPY, OPTIMIZER_TEMPORARIES, OTHER)
 SETUP = "setup"
@@ -124,6 +126,9 @@ class MemoryTracker(TorchDispatchMode):
         self._in_loss = False
         self._handles: list[Any] = []
         self._state_owners: list[tuple[Any, bool]] = []  # (optimizer, fused): state tensors are optimizer state
+        self._host_depth = 0  # inside host(): new storages are host memory (activation offloading's copies)
+        self.host_bytes = 0
+        self.host_peak_bytes = 0
 
     # -- phases ------------------------------------------------------------------------------------------
     @property
@@ -198,6 +203,16 @@ class MemoryTracker(TorchDispatchMode):
                 self._in_loss = True
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
+
+    @contextlib.contextmanager
+    def host(self) -> Iterator[None]:
+        """Storages created inside are host memory (an offloaded activation's copy): counted in ``host_bytes``, apart
+        from the device's live bytes."""
+        self._host_depth += 1
+        try:
+            yield
+        finally:
+            self._host_depth -= 1
 
     # -- identity --------------------------------------------------------------------------------------------
     def register(self, tensors: Iterable[torch.Tensor], category: str) -> None:
@@ -283,6 +298,10 @@ class MemoryTracker(TorchDispatchMode):
             self.timeline.append(self._snapshot())
 
     def _change(self, category: str, delta: int) -> None:
+        if category == HOST:
+            self.host_bytes += delta
+            self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+            return
         self.by_category[category] += delta
         self.live_bytes += delta
         if delta <= 0:
@@ -301,6 +320,8 @@ class MemoryTracker(TorchDispatchMode):
             self.timeline.append(self._snapshot())
 
     def _category_for_new(self, func, args, kwargs) -> str:
+        if self._host_depth:
+            return HOST
         phase = self.phase
         if phase == OPTIMIZER_STEP:
             return OPTIMIZER_TEMPORARIES
@@ -355,6 +376,14 @@ class MemoryTracker(TorchDispatchMode):
 
     def phase_peak_bytes(self) -> dict[str, int]:
         return {p: s.total_bytes for p, s in self.phase_peaks.items()}
+
+
+def active() -> MemoryTracker | None:
+    """The innermost MemoryTracker among the active dispatch modes, if any."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return next((mode for mode in reversed(_get_current_dispatch_mode_stack()) if isinstance(mode, MemoryTracker)),
+                None)
 
 
 def allocator_profiler():

@@ -47,6 +47,7 @@ MODEL_PREFIX = "model/"
 KEPT_INPUTS = "layers/inputs kept by checkpointing"
 KEPT_SELECTIVE = "layers/inputs and op outputs kept by selective-op (traced)"
 KEPT_ON_DEVICE = "left on the GPU by activation offloading (traced)"
+KEPT_LORA = "saved by the LoRA step (traced)"
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,32 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
     return step, why, moments.kept or 0, moments.host
 
 
+LORA_SOURCE = ("peft tuners/lora/layer.py Linear.forward (the base layer, then lora_B(lora_A(dropout(x))) scaled), "
+               "on the model's own code, traced (memcalc.measure.step._with_lora, memcalc.measure.timeline)")
+LORA_RULES_NOTE = ("LoRA: the activations are counted as full fine-tuning's, high: a frozen Linear saves its weight, "
+                   "not its input, so the real step saves less (CPU steps of a small Llama: forward and backward 4% to "
+                   "50% lower)")
+
+
+def _lora_step(model: ModelInput, spec: TrainingSpec, run: Run, result: ActivationEstimate) -> int | None:
+    """LoRA on a frozen base: the step traced with PEFT's adapters where torch runs it (the forward and backward
+    moments and the activations the forward leaves saved); else the rules' full fine-tuning count, said to be high.
+    """
+    from memcalc.families import fallback_available
+
+    if not fallback_available():
+        result.notes.append(f"{LORA_RULES_NOTE}; install torch and transformers ({INSTALL_TORCH}) and peft for the "
+                            "traced LoRA step")
+        return None
+    step, why, moments = _traced_step(model, spec, run)
+    if not step:
+        result.notes.append(f"{LORA_RULES_NOTE}; {why.split(': the forward and backward moments follow')[0]}")
+        return None
+    result.step = step
+    result.notes.append(why)
+    return moments.kept or 0
+
+
 CHUNKED_SOURCE = ("torchtune modules/loss/ce_chunked_output_loss.py CEWithChunkedOutputLoss (logits.float() per "
                   "chunk, F.cross_entropy), modules/transformer.py TransformerDecoder.chunked_output")
 FUSED_LINEAR_SOURCE = ("Liger-Kernel ops/fused_linear_cross_entropy.py fused_linear_cross_entropy_forward: grad_input "
@@ -285,9 +312,14 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(why)
         if spec.activation_offload == ActivationOffload.trl:
             result.notes.append(TRL_ADDRESS_NOTE)
+    elif spec.lora_rank and not spec.qlora and not spec.freeze and spec.activations != ActivationSource.rules:
+        traced_kept = _lora_step(model, spec, run, result)
     elif traced:
         result.step, why, _ = _traced_step(model, spec, run)
         result.notes.append(why)
+    lora_traced = bool(spec.lora_rank) and not traced_only and bool(result.step)
+    if traced_only or lora_traced:
+        result.source = "trace"  # (a hand-ruled family's run too: its step is the traced one)
     per_model = rule.per_model_bytes
     layer_totals = [rule.layer_bytes(i) for i in range(len(rule.layers))]
     layered = described.derived or traced  # layer by layer, from the code: the step's moments apply
@@ -307,7 +339,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # Falcon fp32 eager checkpointed CPU steps were 4% to 7% low with the fp32 one alone).
             scores = (BYTES_PER_FP32 + run.c) * run.b * arch.num_heads * run.s * run.s
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
-    if offloaded:
+    if lora_traced:
+        total = traced_kept
+        breakdown = {KEPT_LORA: total}
+        formula = (f"traced with PEFT's LoRA on the frozen base (checkpointing {spec.checkpointing_label}): {total:,} B "
+                   "saved when the forward ends (a frozen Linear saves its weight, not its input; each adapter its "
+                   "input and the rank-r product)")
+    elif offloaded:
         # What the traced forward leaves saved on the device: tensors under 1024 bytes, nn.Parameter objects saved as
         # such (a weight's transposed view is a plain tensor: copied), the head's and the loss's saves, and the forward
         # stash (the last offloaded tensors, until the copy is known done).
@@ -377,7 +415,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     assert sum(breakdown.values()) == total, (breakdown, total)  # the parts are the term
     result.terms.append(Term(
         name=TERM_ACTIVATIONS, bytes=total, formula=formula,
-        source=OFFLOAD_SOURCE if offloaded else SELECTIVE_OP_SOURCE if selective else rule.source,
+        source=LORA_SOURCE if lora_traced else OFFLOAD_SOURCE if offloaded else SELECTIVE_OP_SOURCE if selective else rule.source,
         category=CATEGORY_ACTIVATIONS,
         phases=FORWARD_BACKWARD, breakdown=breakdown,
     ))

@@ -34,7 +34,16 @@ from memcalc.errors import MemcalcError
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import PrecisionName
 from memcalc.report import Fit, FitSuggestion, Report
-from memcalc.spec import MAX_TOKENS, Attention, Checkpointing, Offload, Sharding, TrainingSpec, setting_of
+from memcalc.spec import (
+    MAX_TOKENS,
+    ActivationSource,
+    Attention,
+    Checkpointing,
+    Offload,
+    Sharding,
+    TrainingSpec,
+    setting_of,
+)
 from memcalc.units import BYTES_PER_MIB
 
 # The CUDA context (driver, kernels, cuBLAS/cuDNN handles) is outside PyTorch's allocator. With lazy
@@ -178,6 +187,14 @@ class _Dimension:
 
 def _option(changes: dict[str, Any], *costs: tuple[str, float]) -> _Option:
     return _Option(tuple(changes.items()), tuple(costs))
+
+
+def _changed(spec: TrainingSpec, changes: dict[str, Any]) -> TrainingSpec:
+    """The run with ``changes``. A suggested LoRA counts its activations by the rules (full fine-tuning's, high):
+    tracing the LoRA step would import torch on the estimate path. The run given --lora-rank is traced."""
+    if "lora_rank" in changes and spec.lora_rank is None and spec.activations == ActivationSource.auto:
+        changes = {**changes, "activations": ActivationSource.rules}
+    return spec.replace(**changes)
 
 
 def _lever(name: str) -> tuple[str, float]:
@@ -360,7 +377,7 @@ class _Estimates:
 
     def spec_peak(self, spec: TrainingSpec, changes: dict[str, Any]) -> tuple[TrainingSpec | None, int | str]:
         try:
-            changed = spec.replace(**changes)
+            changed = _changed(spec, changes)
         except MemcalcError as error:
             return None, str(error)
         return changed, self.peak(changed)
@@ -483,7 +500,7 @@ def _search(spec: TrainingSpec, dims: list[_Dimension], gpu: GpuTarget, estimate
         if any(blocked(rest, option) for rest, option in smaller):
             continue  # adds a change found (nearly) inert in a smaller combination meanwhile
         try:
-            changed = spec.replace(**_merge(dims, state))
+            changed = _changed(spec, _merge(dims, state))
         except MemcalcError:
             continue  # a combination TrainingSpec rejects (e.g. a ZeRO stage this sharding has not)
         if changed in seen_specs:

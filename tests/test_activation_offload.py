@@ -18,7 +18,7 @@ from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
 from tests.tiny import GPT2, tiny_raw
 
-LAYERS, BATCH, SEQ = 6, 2, 128
+LAYERS, BATCH, SEQ = 4, 2, 128
 LLAMA = {**tiny_raw("llama"), "num_hidden_layers": LAYERS, "vocab_size": 64}
 
 

@@ -48,7 +48,10 @@ def _gpu(name: str) -> GpuTarget:
 
 
 def _engine_peak(model, spec: TrainingSpec, **changes) -> int:
-    """The per-GPU peak of ``spec`` with ``changes``, straight from the engine (no GPU: no advisor involved)."""
+    """The per-GPU peak of ``spec`` with ``changes``, straight from the engine (no GPU: no advisor involved). A
+    suggested LoRA is counted by the rules (fit.py spec_peak: no trace on the estimate path)."""
+    if "lora_rank" in changes and spec.lora_rank is None:
+        changes = {**changes, "activations": "rules"}
     return api.run(model, spec.replace(**changes)).per_gpu.peak_bytes
 
 

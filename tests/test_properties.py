@@ -312,6 +312,13 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
         for name in ("hf_hub_download", "get_hf_file_metadata"):
             monkeypatch.setattr(huggingface_hub, name, no_network)
+    # The estimate as a machine without torch makes it: traced recipes (LoRA's step, selective-op, activation
+    # offloading) take seconds cold and have their own tests (tests/test_selective_op.py, test_activation_offload.py,
+    # test_lora_traced.py); drawn here they would race the guard. Without torch those answer in one line (exit 7)
+    # or count LoRA by the rules.
+    from memcalc import families
+
+    monkeypatch.setattr(families, "fallback_available", lambda: False)
     found = {}
     for name, raw in CONFIGS.items():
         folder = tmp_path / "models" / name

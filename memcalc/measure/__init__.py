@@ -137,7 +137,13 @@ def run_verify(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, m
         _check_fits_gpu(estimate_for(config, spec), spec)
     from memcalc.measure.step import resolve_setup
 
-    resolve_setup(spec, attn_implementation)  # refuse unsupported specs before building anything
+    setup = resolve_setup(spec, attn_implementation)  # refuse unsupported specs before building anything
+    if spec.lora_rank and setup.master_dtype is not None:
+        # PEFT's adapters on a 16-bit base are fp32 (autocast_adapter_dtype), which the estimate counts as 16-bit
+        # weights with an fp32 master: the two steps would differ in what holds the adapters, not in memory.
+        raise UsageError("verify runs LoRA with a recipe without a master copy (bf16-pure, fp32, amp-bf16); the "
+                         f"{spec.precision.value} recipe counts PEFT's fp32 adapters as 16-bit weights with an fp32 "
+                         "master")
     if method == METHOD_TRACE:
         from memcalc.measure.trace import measure_trace
 

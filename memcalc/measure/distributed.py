@@ -152,7 +152,10 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     from memcalc.measure.step import resolve_setup
 
     single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none")
-    resolve_setup(single, attn)  # the single-rank checks (LoRA, freeze, optimizers, dtypes) with their messages
+    resolve_setup(single, attn)  # the single-rank checks (QLoRA, freeze, optimizers, dtypes) with their messages
+    if spec.lora_rank is not None:
+        raise UsageError("verify on several ranks does not yet run LoRA (PEFT's adapters under DDP/FSDP); drop "
+                         "{gpus} to verify it on one")
     from memcalc.measure.build import hf_config, model_class
 
     model_class(hf_config(config.raw))  # an unbuildable config fails here, in one line, not in every rank

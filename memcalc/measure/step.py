@@ -74,6 +74,8 @@ class StepSetup:
     optim_in_backward: bool = False  # --optim-in-backward: an optimizer per parameter, stepped in its gradient hook
     selective_op: bool = False  # --checkpointing selective-op: torchtitan's per-op policy (measure.selective)
     activation_offload: str = "none"  # --activation-offload torchtune | trl: their OffloadActivations (measure.offload)
+    lora_rank: int | None = None  # --lora-rank: PEFT's LoRA on a frozen base (build_model)
+    lora_targets: tuple[str, ...] | None = None  # None: the family's default target modules
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -91,6 +93,9 @@ class StepSetup:
             **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
             **({"activation_offload": f"{self.activation_offload} OffloadActivations (streams)"}
                if self.activation_offload != "none" else {}),
+            **({"lora": f"PEFT LoRA r={self.lora_rank} on {','.join(self.lora_targets or ('the default targets',))}, "
+                        f"adapters in {'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
+               if self.lora_rank else {}),
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
             **({"decoder_seq_len": self.decoder_seq_len} if self.decoder_seq_len is not None else {}),
@@ -104,8 +109,8 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
     unsupported = []
     if spec.zero_stage or spec.num_gpus > 1:
         unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
-    if spec.lora_rank is not None or spec.qlora:
-        unsupported.append("LoRA / QLoRA")
+    if spec.qlora:
+        unsupported.append("QLoRA (bitsandbytes' 4-bit layers)")
     if spec.freeze:
         unsupported.append("{freeze}")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
@@ -135,6 +140,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
+        lora_rank=spec.lora_rank, lora_targets=spec.lora_targets,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -174,8 +180,54 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
             layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
             for index, layer in enumerate(layers):
                 layer.gradient_checkpointing = (index + 1) % setup.checkpoint_every == 0
+    if setup.lora_rank:
+        model = _with_lora(model, model_config, setup)
     model.train()
     return model
+
+
+def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> torch.nn.Module:
+    """PEFT's LoRA as HF Trainer, TRL and axolotl apply it: the base frozen, adapters on the target modules (the
+    family's defaults, PEFT's own per model type, unless named), lora_dropout 0 (LoraConfig's default). With a
+    master recipe (a 16-bit base whose trainable parameters train in fp32) the adapters are fp32, as get_peft_model's
+    autocast_adapter_dtype makes them on a bf16 or fp16 base; otherwise they are in the weight dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    from memcalc import families
+
+    targets = setup.lora_targets
+    if not targets:
+        targets = families.describe(ModelConfig("config", _raw(model_config), "config")).family.lora_targets
+    if not targets:
+        raise UsageError("no default LoRA targets for this model type; pass {lora_targets}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    target_modules: Any = "all-linear" if tuple(targets) == ("all-linear",) else list(targets)
+    config = LoraConfig(r=setup.lora_rank, target_modules=target_modules, lora_dropout=0.0)
+    # The adapters are made in their final dtype and place directly: PEFT makes them in the default dtype, moves them
+    # to the base layer's device and dtype (_move_adapter_to_device_of_base_layer, LoraModel._replace_module) and
+    # upcasts them again, and under FakeTensorMode a module's .to() cannot swap fake parameters. Here the moves are
+    # skipped (everything is on the one device already) and the default dtype is the adapters': the same tensors in
+    # the same dtypes.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_dtype = setup.master_dtype or setup.weight_dtype
+    move, module_to = BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to
+
+    def same_device(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        device, dtype, _non_blocking, _format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is None and all(device is None or p.device == device for p in module.parameters()):
+            return module
+        return module_to(module, *args, **kwargs)
+
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda *_args, **_kwargs: None
+    torch.nn.Module.to = same_device
+    try:
+        with build.default_dtype(adapter_dtype):
+            return get_peft_model(model, config, autocast_adapter_dtype=False)
+    finally:
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = move
+        torch.nn.Module.to = module_to
 
 
 def dropout_probabilities(model_config: ModelConfig | dict[str, Any]) -> dict[str, float]:

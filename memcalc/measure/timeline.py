@@ -294,7 +294,9 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 "checkpointing": spec.checkpointing.value, "every": spec.checkpoint_every,
                 "loss_chunks": spec.loss_chunks, "device": current_device(),
                 **({"activation_offload": spec.activation_offload.value} if spec.activation_offload.value != "none"
-                   else {})}
+                   else {}),
+                **({"lora": [spec.lora_rank, list(spec.lora_targets or ()), recipe.master_dtype is not None]}
+                   if spec.lora_rank else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)

@@ -47,7 +47,7 @@ MODEL_PREFIX = "model/"
 KEPT_INPUTS = "layers/inputs kept by checkpointing"
 KEPT_SELECTIVE = "layers/inputs and op outputs kept by selective-op (traced)"
 KEPT_ON_DEVICE = "left on the GPU by activation offloading (traced)"
-KEPT_LORA = "saved by the LoRA step (traced)"
+KEPT_LORA = "saved by the step with frozen parts (traced)"
 
 
 @dataclass(frozen=True)
@@ -221,24 +221,24 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
 
 LORA_SOURCE = ("peft tuners/lora/layer.py Linear.forward (the base layer, then lora_B(lora_A(dropout(x))) scaled), "
                "on the model's own code, traced (memcalc.measure.step._with_lora, memcalc.measure.timeline)")
-LORA_RULES_NOTE = ("LoRA: the activations are counted as full fine-tuning's, high: a frozen Linear saves its weight, "
-                   "not its input, so the real step saves less (CPU steps of a small Llama: forward and backward 4% to "
-                   "50% lower)")
+LORA_RULES_NOTE = ("{what}: the activations are counted as full fine-tuning's, high: a frozen Linear saves its "
+                   "weight, not its input, so the real step saves less (LoRA CPU steps of a small Llama: forward and "
+                   "backward 4% to 50% lower)")
 
 
-def _lora_step(model: ModelInput, spec: TrainingSpec, run: Run, result: ActivationEstimate) -> int | None:
-    """LoRA on a frozen base: the step traced with PEFT's adapters where torch runs it (the forward and backward
-    moments and the activations the forward leaves saved); else the rules' full fine-tuning count, said to be high.
-    """
+def _frozen_step(model: ModelInput, spec: TrainingSpec, run: Run, result: ActivationEstimate) -> int | None:
+    """LoRA on a frozen base, or frozen parts (--freeze): the step traced with PEFT's adapters and the parts frozen,
+    where torch runs it (the forward and backward moments and the activations the forward leaves saved); else the
+    rules' full fine-tuning count, said to be high."""
     from memcalc.families import fallback_available
 
+    note = LORA_RULES_NOTE.format(what="LoRA" if spec.lora_rank else "--freeze")
     if not fallback_available():
-        result.notes.append(f"{LORA_RULES_NOTE}; install torch and transformers ({INSTALL_TORCH}) and peft for the "
-                            "traced LoRA step")
+        result.notes.append(f"{note}; install torch and transformers ({INSTALL_TORCH}) and peft for the traced step")
         return None
     step, why, moments = _traced_step(model, spec, run)
     if not step:
-        result.notes.append(f"{LORA_RULES_NOTE}; {why.split(': the forward and backward moments follow')[0]}")
+        result.notes.append(f"{note}; {why.split(': the forward and backward moments follow')[0]}")
         return None
     result.step = step
     result.notes.append(why)
@@ -312,12 +312,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(why)
         if spec.activation_offload == ActivationOffload.trl:
             result.notes.append(TRL_ADDRESS_NOTE)
-    elif spec.lora_rank and not spec.qlora and not spec.freeze and spec.activations != ActivationSource.rules:
-        traced_kept = _lora_step(model, spec, run, result)
+    elif (spec.lora_rank or spec.freeze) and not spec.qlora and spec.activations != ActivationSource.rules:
+        traced_kept = _frozen_step(model, spec, run, result)
     elif traced:
         result.step, why, _ = _traced_step(model, spec, run)
         result.notes.append(why)
-    lora_traced = bool(spec.lora_rank) and not traced_only and bool(result.step)
+    lora_traced = bool(spec.lora_rank or spec.freeze) and not traced_only and bool(result.step)
     if traced_only or lora_traced:
         result.source = "trace"  # (a hand-ruled family's run too: its step is the traced one)
     per_model = rule.per_model_bytes
@@ -342,9 +342,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if lora_traced:
         total = traced_kept
         breakdown = {KEPT_LORA: total}
-        formula = (f"traced with PEFT's LoRA on the frozen base (checkpointing {spec.checkpointing_label}): {total:,} B "
-                   "saved when the forward ends (a frozen Linear saves its weight, not its input; each adapter its "
-                   "input and the rank-r product)")
+        what = "PEFT's LoRA on the frozen base" if spec.lora_rank else f"{', '.join(spec.freeze)} frozen"
+        formula = (f"traced with {what} (checkpointing {spec.checkpointing_label}): {total:,} B saved when the "
+                   "forward ends (a frozen Linear saves its weight, not its input; an adapter its input and the "
+                   "rank-r product)")
     elif offloaded:
         # What the traced forward leaves saved on the device: tensors under 1024 bytes, nn.Parameter objects saved as
         # such (a weight's transposed view is a plain tensor: copied), the head's and the loss's saves, and the forward

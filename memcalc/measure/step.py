@@ -76,6 +76,7 @@ class StepSetup:
     activation_offload: str = "none"  # --activation-offload torchtune | trl: their OffloadActivations (measure.offload)
     lora_rank: int | None = None  # --lora-rank: PEFT's LoRA on a frozen base (build_model)
     lora_targets: tuple[str, ...] | None = None  # None: the family's default target modules
+    freeze: tuple[str, ...] = ()  # --freeze groups: their parameters built with requires_grad False
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -93,6 +94,7 @@ class StepSetup:
             **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
             **({"activation_offload": f"{self.activation_offload} OffloadActivations (streams)"}
                if self.activation_offload != "none" else {}),
+            **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
             **({"lora": f"PEFT LoRA r={self.lora_rank} on {','.join(self.lora_targets or ('the default targets',))}, "
                         f"adapters in {'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
                if self.lora_rank else {}),
@@ -111,8 +113,6 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
     if spec.qlora:
         unsupported.append("QLoRA (bitsandbytes' 4-bit layers)")
-    if spec.freeze:
-        unsupported.append("{freeze}")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
     if spec.optim_in_backward and recipe.master_dtype is not None:
@@ -140,7 +140,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
-        lora_rank=spec.lora_rank, lora_targets=spec.lora_targets,
+        lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -180,10 +180,26 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
             layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
             for index, layer in enumerate(layers):
                 layer.gradient_checkpointing = (index + 1) % setup.checkpoint_every == 0
+    if setup.freeze:
+        _freeze(model, model_config, setup)
     if setup.lora_rank:
         model = _with_lora(model, model_config, setup)
     model.train()
     return model
+
+
+def _freeze(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> None:
+    """--freeze: the parameters the estimate freezes (memcalc.trainable, by role: its inventory's names are
+    transformers' named_parameters) get requires_grad False, as a trainer's freezing loop sets it."""
+    from memcalc import trainable
+    from memcalc.resolve import model_of
+    from memcalc.spec import TrainingSpec
+
+    described = model_of(ModelConfig("config", _raw(model_config), "config"))
+    frozen = {t.name for t in trainable.apply(described, TrainingSpec(freeze=setup.freeze)).tensors if not t.trainable}
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
 
 
 def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> torch.nn.Module:

@@ -296,7 +296,8 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 **({"activation_offload": spec.activation_offload.value} if spec.activation_offload.value != "none"
                    else {}),
                 **({"lora": [spec.lora_rank, list(spec.lora_targets or ()), recipe.master_dtype is not None]}
-                   if spec.lora_rank else {})}
+                   if spec.lora_rank else {}),
+                **({"freeze": sorted(spec.freeze)} if spec.freeze else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)

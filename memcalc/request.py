@@ -73,6 +73,7 @@ class Request:
     from_config: str | os.PathLike[str] | None = None
     from_format: str | None = None
     lora_rank: int | None = None
+    lora_dropout: float = 0.0
     lora_targets: str | Sequence[str] | None = None
     qlora: bool = False
     freeze: str | Sequence[str] = ()
@@ -253,7 +254,7 @@ def _plan(request: Request) -> Plan:
         "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
         "checkpointing": request.checkpointing, "loss": request.loss,
         "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
-        "offload": request.offload, "lora_rank": request.lora_rank,
+        "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout,
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora, "freeze": freeze,
     }
     model = model_input(request.model, _num_params(request))

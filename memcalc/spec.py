@@ -165,6 +165,7 @@ class TrainingSpec:
     zero_buffers: ZeroBuffers = ZeroBuffers()
     # Trainable subsets (memcalc.trainable): LoRA adapters, QLoRA 4-bit base, frozen parts.
     lora_rank: int | None = None
+    lora_dropout: float = 0.0  # PEFT LoraConfig.lora_dropout (its default 0): a dropout of each adapter's input
     lora_targets: tuple[str, ...] | None = None
     qlora: bool = False
     freeze: tuple[str, ...] = ()
@@ -257,6 +258,11 @@ class TrainingSpec:
                              "use {sharding} fsdp for stages 2-3")
         if self.lora_rank is not None:
             _check_range("{lora_rank}", self.lora_rank, 1, 65536)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"{{lora_dropout}} must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_dropout and self.lora_rank is None:
+            raise UsageError("{lora_dropout} applies to LoRA's adapters: add {lora_rank} R")
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:
             raise UsageError(f"{{adafactor_beta1}} must be in [0, 1), got {self.adafactor_beta1}")
         if self.adafactor_beta1 is not None and self.optimizer != OptimizerName.adafactor:

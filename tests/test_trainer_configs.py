@@ -36,20 +36,22 @@ EXPECTED = {
         "model": "Qwen/Qwen2.5-0.5B", "batch_size": HF_BATCH, "grad_accum": HF_ACCUM, "checkpointing": "full",
         **HF_OPTIM, "seq_len": 1024, "precision": "amp-bf16"}),
     # "packing: true", "per_device_train_batch_size: 2", "gradient_accumulation_steps: 8", "use_peft: true",
-    # "lora_r: 32"; max_length 1024 (default), exact with packing.
+    # "lora_r: 32"; max_length 1024 (default), exact with packing; model_config.py lora_dropout=0.05 (default).
     "trl_sft_lora.yaml": ("trl", {
         "model": "Qwen/Qwen2-0.5B", "batch_size": 2, "grad_accum": 8, "checkpointing": "full", **HF_OPTIM,
-        "seq_len": 1024, "lora_rank": 32, "precision": "amp-bf16"}),
+        "seq_len": 1024, "lora_rank": 32, "lora_dropout": 0.05, "precision": "amp-bf16"}),
     # "model_name_or_path": "gpt2", "per_device_train_batch_size": 8; TrainingArguments defaults otherwise
     # (gradient_checkpointing False); no torch_dtype: transformers 5 loads the checkpoint's dtype.
     "hf_run_clm_gpt2.json": ("hf", {
         "model": "gpt2", "batch_size": 8, "grad_accum": HF_ACCUM, "checkpointing": "none", **HF_OPTIM}),
     # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 2048", "optimizer: adamw_bnb_8bit",
     # "gradient_checkpointing: true", "attn_implementation: flash_attention_2", "adapter: qlora", "load_in_4bit: true",
-    # "lora_r: 32", lora_target_modules as listed; "bf16: auto" -> bf16 weights, fp32 adapters (PEFT) -> bf16.
+    # "lora_r: 32", "lora_dropout: 0.05", lora_target_modules as listed; "bf16: auto" -> bf16 weights, fp32 adapters
+    # (PEFT) -> bf16.
     "axolotl_qlora-1b.yml": ("axolotl", {
         "model": "NousResearch/Llama-3.2-1B", "batch_size": 2, "grad_accum": 4, "seq_len": 2048,
         "optim": "adamw-8bit", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "lora_rank": 32,
+        "lora_dropout": 0.05,
         "lora_targets": "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj", "qlora": True,
         "precision": "bf16"}),
     # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 4096", "optimizer: adamw_torch_fused",
@@ -64,7 +66,7 @@ EXPECTED = {
     # precision waits for the checkpoint's dtype (recipes below).
     "llamafactory_qwen3_lora_sft.yaml": ("llamafactory", {
         "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 8, "seq_len": 2048,
-        "checkpointing": "full", **HF_OPTIM, "lora_rank": 8, "lora_targets": "all-linear"}),
+        "checkpointing": "full", **HF_OPTIM, "lora_rank": 8, "lora_dropout": 0.0, "lora_targets": "all-linear"}),
     # "gradient_accumulation_steps: 2", "finetuning_type: full", "deepspeed: examples/deepspeed/ds_z3_config.json"
     # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe.
     "llamafactory_qwen3_full_sft.yaml": ("llamafactory", {
@@ -73,9 +75,10 @@ EXPECTED = {
         "deepspeed": str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json")}),
     # "_component_: torchtune.models.llama3_2.lora_llama3_2_1b", "lora_attn_modules: ['q_proj', 'v_proj',
     # 'output_proj']", "apply_lora_to_mlp: True", "lora_rank: 64", "batch_size: 4", "gradient_accumulation_steps: 8",
-    # "torch.optim.AdamW" with "fused: True", "dtype: bf16", "enable_activation_checkpointing: False".
+    # "torch.optim.AdamW" with "fused: True", "dtype: bf16", "enable_activation_checkpointing: False", "lora_dropout:
+    # 0.0".
     "torchtune_llama3_2_1B_lora_single_device.yaml": ("torchtune", {
-        "model": "llama-3.2-1b", "lora_rank": 64, "lora_targets": "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "model": "llama-3.2-1b", "lora_rank": 64, "lora_dropout": 0.0, "lora_targets": "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "batch_size": 4, "grad_accum": 8, "precision": "bf16-pure", "checkpointing": "none", "optim": "adamw",
         "optim_impl": "fused"}),
     # "llama3_2_3b", "batch_size: 4", "gradient_accumulation_steps: 8", "dtype: bf16",

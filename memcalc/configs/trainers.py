@@ -38,6 +38,7 @@ torchtune/models/), LLaMA-Factory at ff6d4d1 (src/llamafactory/hparams/, model/)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -391,6 +392,16 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             raise self.fail(f"{key} must be a whole number from {minimum} to {maximum:,}, got {_text(value)}")
         return value
+
+    def fraction(self, key: str, default: float) -> float:
+        """A probability in [0, 1) at ``key`` (a dropout), ``default`` when absent or null."""
+        value = self.get(key, default)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise self.fail(f"{key} must be a probability from 0 to below 1, got {_text(value)}")
+        return float(value)
 
     def boolean(self, key: str, default: bool | None = False) -> bool | None:
         value = self.get(key, None)
@@ -765,6 +776,8 @@ def _read_hf(r: _Reader, *, trl: bool) -> None:
         lora = True
         present = r.has("lora_r")
         r.set("lora_rank", r.integer("lora_r", 16), "lora_r", default=not present)
+        # model_config.py ModelConfig.lora_dropout: 0.05 by default.
+        r.set("lora_dropout", r.fraction("lora_dropout", 0.05), "lora_dropout", default=not r.has("lora_dropout"))
         _lora_targets(r, "lora_target_modules", r.names("lora_target_modules"), "lora_target_modules")
         _peft_extras(r, "use_dora", "lora_modules_to_save")
     quantized = False
@@ -966,6 +979,8 @@ def _read_axolotl(r: _Reader) -> None:
         if rank is None:
             raise r.fail("adapter lora needs lora_r (axolotl refuses it without)")
         r.set("lora_rank", rank, "lora_r")
+        # utils/schemas/peft.py: lora_dropout 0.0 by default.
+        r.set("lora_dropout", r.fraction("lora_dropout", 0.0), "lora_dropout", default=not r.has("lora_dropout"))
         if r.boolean("lora_target_linear"):
             r.set("lora_targets", "all-linear", "lora_target_linear", True)
             r.names("lora_target_modules")
@@ -1104,6 +1119,8 @@ def _read_llamafactory(r: _Reader) -> None:
     lora = finetuning == "lora"
     if lora:
         r.set("lora_rank", r.integer("lora_rank", 8), "lora_rank", default=not r.has("lora_rank"))
+        # finetuning_args.py: lora_dropout 0.0 by default.
+        r.set("lora_dropout", r.fraction("lora_dropout", 0.0), "lora_dropout", default=not r.has("lora_dropout"))
         targets = r.names("lora_target")
         if targets is None or targets == ["all"]:
             r.set("lora_targets", "all-linear", "lora_target", "all", default=targets is None)
@@ -1177,6 +1194,9 @@ def _read_torchtune(r: _Reader) -> None:
         if rank is None:
             raise r.fail(f"{builder} needs model.lora_rank")
         r.set("lora_rank", rank, "model.lora_rank")
+        # the lora_* builders' lora_dropout: 0.0 by default.
+        r.set("lora_dropout", r.fraction("model.lora_dropout", 0.0), "model.lora_dropout",
+              default=not r.has("model.lora_dropout"))
         modules = r.names("model.lora_attn_modules") or []
         unknown = [m for m in modules if m not in TORCHTUNE_LORA_MODULES]
         if unknown or (known is not None and not known[1]):

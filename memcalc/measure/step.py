@@ -77,6 +77,7 @@ class StepSetup:
     lora_rank: int | None = None  # --lora-rank: PEFT's LoRA on a frozen base (build_model)
     lora_targets: tuple[str, ...] | None = None  # None: the family's default target modules
     freeze: tuple[str, ...] = ()  # --freeze groups: their parameters built with requires_grad False
+    lora_dropout: float = 0.0  # LoraConfig.lora_dropout
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -95,7 +96,7 @@ class StepSetup:
             **({"activation_offload": f"{self.activation_offload} OffloadActivations (streams)"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
-            **({"lora": f"PEFT LoRA r={self.lora_rank} on {','.join(self.lora_targets or ('the default targets',))}, "
+            **({"lora": f"PEFT LoRA r={self.lora_rank}{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on {','.join(self.lora_targets or ('the default targets',))}, "
                         f"adapters in {'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
                if self.lora_rank else {}),
             "micro_batch_size": self.micro_batch_size,
@@ -140,7 +141,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
-        lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze,
+        lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -204,7 +205,7 @@ def _freeze(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any], 
 
 def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> torch.nn.Module:
     """PEFT's LoRA as HF Trainer, TRL and axolotl apply it: the base frozen, adapters on the target modules (the
-    family's defaults, PEFT's own per model type, unless named), lora_dropout 0 (LoraConfig's default). With a
+    family's defaults, PEFT's own per model type, unless named), the spec's lora_dropout (LoraConfig's default 0). With a
     master recipe (a 16-bit base whose trainable parameters train in fp32) the adapters are fp32, as get_peft_model's
     autocast_adapter_dtype makes them on a bf16 or fp16 base; otherwise they are in the weight dtype."""
     from peft import LoraConfig, get_peft_model
@@ -219,7 +220,7 @@ def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any
     for param in model.parameters():
         param.requires_grad_(False)
     target_modules: Any = "all-linear" if tuple(targets) == ("all-linear",) else list(targets)
-    config = LoraConfig(r=setup.lora_rank, target_modules=target_modules, lora_dropout=0.0)
+    config = LoraConfig(r=setup.lora_rank, target_modules=target_modules, lora_dropout=setup.lora_dropout)
     # The adapters are made in their final dtype and place directly: PEFT makes them in the default dtype, moves them
     # to the base layer's device and dtype (_move_adapter_to_device_of_base_layer, LoraModel._replace_module) and
     # upcasts them again, and under FakeTensorMode a module's .to() cannot swap fake parameters. Here the moves are

@@ -295,7 +295,8 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 "loss_chunks": spec.loss_chunks, "device": current_device(),
                 **({"activation_offload": spec.activation_offload.value} if spec.activation_offload.value != "none"
                    else {}),
-                **({"lora": [spec.lora_rank, list(spec.lora_targets or ()), recipe.master_dtype is not None]}
+                **({"lora": [spec.lora_rank, list(spec.lora_targets or ()), recipe.master_dtype is not None,
+                             spec.lora_dropout]}
                    if spec.lora_rank else {}),
                 **({"freeze": sorted(spec.freeze)} if spec.freeze else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)

@@ -184,8 +184,9 @@ SELECTIVE_OP_SOURCE = ("torchtitan distributed/activation_checkpoint.py Selectiv
 
 
 OFFLOAD_SOURCE = ("torchtune training/_activation_offloading.py OffloadActivations and get_act_offloading_ctx_manager "
-                  "(TRL's copy in trl/models/activation_offloading.py), run on the model's own code and traced "
-                  "(memcalc.measure.offload, memcalc.measure.timeline)")
+                  "(TRL's copy in trl/models/activation_offloading.py); transformers modeling_utils.py "
+                  "_activation_checkpointing_enable(offload=True) with torch.autograd.graph.save_on_cpu; run on the "
+                  "model's own code and traced (memcalc.measure.offload, memcalc.measure.timeline)")
 
 
 TRL_ADDRESS_NOTE = ("--activation-offload trl: TRL keys its storage deduplication by device address, so a tensor "
@@ -352,9 +353,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         # stash (the last offloaded tensors, until the copy is known done).
         total = traced_kept
         breakdown = {KEPT_ON_DEVICE: total}
-        formula = (f"traced with {spec.activation_offload.value}'s OffloadActivations (checkpointing "
-                   f"{spec.checkpointing_label}): {total:,} B saved on the GPU when the forward ends; "
-                   f"{result.host_bytes:,} B of copies in host memory at most")
+        how = ("transformers' checkpoint offloading (save_on_cpu around each checkpoint call)"
+               if spec.activation_offload == ActivationOffload.checkpoints
+               else f"{spec.activation_offload.value}'s OffloadActivations")
+        formula = (f"traced with {how} (checkpointing {spec.checkpointing_label}): {total:,} B saved on the GPU when "
+                   f"the forward ends; {result.host_bytes:,} B of copies in host memory at most")
     elif spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
@@ -423,9 +426,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if result.host_bytes:
         result.terms.append(Term(
             name=TERM_OFFLOADED_ACTIVATIONS, bytes=result.host_bytes,
-            formula="every saved tensor of at least 1024 B but the weights and the head's, copied to host memory as it "
-                    "is saved (a tensor saved by several ops is copied for each) and brought back for its node's "
-                    "backward; at most, traced",
+            formula=("each checkpointed layer's saved inputs, copied to host memory as the layer runs and brought "
+                     "back for its recomputation; at most, traced"
+                     if spec.activation_offload == ActivationOffload.checkpoints else
+                     "every saved tensor of at least 1024 B but the weights and the head's, copied to host memory as it "
+                     "is saved (a tensor saved by several ops is copied for each) and brought back for its node's "
+                     "backward; at most, traced"),
             source=OFFLOAD_SOURCE, category=CATEGORY_CPU_OFFLOAD, phases=[],
         ))
     loss = rule.loss

@@ -118,7 +118,7 @@ def estimate(
     optim: OptimOpt = OptimizerName.adamw,
     optim_impl: OptimImplOpt = OptimImpl.foreach,
     amsgrad: Annotated[bool, typer.Option(help="Adam/AdamW: keep max_exp_avg_sq.")] = False,
-    activation_offload: Annotated[str, typer.Option(help="Saved activations moved to host memory: none, torchtune (its OffloadActivations, the loss outside it) or trl (TRL's copy: parameter storages skipped, a storage saved twice kept on the GPU, the loss offloaded). Traced: needs torch. GPU and host bytes both reported.")] = "none",
+    activation_offload: Annotated[str, typer.Option(help="Saved activations moved to host memory: none, torchtune (its OffloadActivations, the loss outside it), trl (TRL's copy: parameter storages skipped, a storage saved twice kept on the GPU, the loss offloaded) or checkpoints (transformers' activation_checkpointing_enable(offload=True): checkpointed layers' inputs in host memory). Traced: needs torch. GPU and host bytes both reported.")] = "none",
     optim_in_backward: Annotated[bool, typer.Option("--optim-in-backward", help="Step each parameter in its post-accumulate-grad hook during backward (torchtune optimizer_in_bwd): gradients are freed one by one.")] = False,
     adafactor_beta1: Annotated[float | None, typer.Option(help="Adafactor first moment (transformers default: none).")] = None,
     optim_rank: Annotated[int | None, typer.Option("--optim-rank", min=1, help="GaLore / APOLLO projection rank (default 128, HF Trainer's).")] = None,

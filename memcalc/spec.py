@@ -99,12 +99,14 @@ EVERY_PREFIX = "every:"
 class ActivationOffload(str, Enum):
     """none; torchtune: OffloadActivations (torchtune/training/_activation_offloading.py) around the model's forward,
     the loss outside it; trl: TRL's copy of it (trl/models/activation_offloading.py) around the training step:
-    tensors on a parameter's storage skipped, a storage saved again kept on the GPU, the loss offloaded too
-    (memcalc.measure.offload)."""
+    tensors on a parameter's storage skipped, a storage saved again kept on the GPU, the loss offloaded too;
+    checkpoints: transformers' activation_checkpointing_enable(offload=True), each checkpointed layer's saved inputs
+    in host memory (torch.autograd.graph.save_on_cpu around each checkpoint call) (memcalc.measure.offload)."""
 
     none = "none"
     torchtune = "torchtune"
     trl = "trl"
+    checkpoints = "checkpoints"
 
 
 class LossKind(str, Enum):
@@ -269,6 +271,9 @@ class TrainingSpec:
             raise UsageError("{adafactor_beta1} only applies to {optim} adafactor")
         if self.amsgrad and self.optimizer not in (OptimizerName.adam, OptimizerName.adamw):
             raise UsageError("{amsgrad} only applies to {optim} adam or adamw")
+        if self.activation_offload == ActivationOffload.checkpoints and self.checkpointing == Checkpointing.none:
+            raise UsageError("{activation_offload} checkpoints moves the inputs checkpointed layers keep to host memory: "
+                             "add {checkpointing} full (or every:N)")
         if self.optim_in_backward:
             if self.grad_accum > 1:
                 raise UsageError("{optim_in_backward} steps each parameter as soon as its gradient exists, so nothing "

@@ -464,3 +464,17 @@ def test_torchtune_ac_mode_and_ac_option():
         parse_trainer_config({**base, "ac_mode": "selective", "ac_option": "op"})
     with pytest.raises(ConfigError, match="ac_mode layer: torchtune takes full or selective"):
         parse_trainer_config({**base, "ac_mode": "layer"})
+
+
+def test_checkpoint_offloading_keys_map_to_activation_offload_checkpoints():
+    # transformers modeling_utils.py _activation_checkpointing_enable(offload=True); axolotl's
+    # gradient_checkpointing: offload (monkeypatch/gradient_checkpointing/offload_cpu.py).
+    settings = _settings({"max_length": 512, "gradient_checkpointing": True,
+                          "gradient_checkpointing_kwargs": {"offload": True}})
+    assert (settings["checkpointing"], settings["activation_offload"]) == ("full", "checkpoints")
+    axolotl = {**AXOLOTL, "gradient_checkpointing": "offload"}
+    settings = _settings(axolotl)
+    assert (settings["checkpointing"], settings["activation_offload"]) == ("full", "checkpoints")
+    from memcalc.configs.trainers import parse_trainer_config
+
+    assert any("hidden states to CPU RAM" in note for note in parse_trainer_config(axolotl).notes)

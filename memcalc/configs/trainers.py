@@ -839,9 +839,8 @@ def _hf_checkpointing(r: _Reader, trl: bool) -> None:
                 r.note(f"every_n_layers {every}: transformers checkpoints layers 0, {every}, {2 * every}...; memcalc's "
                        f"every:{every} the same number when {every} divides the depth, else one fewer (higher)")
         if kwargs.get("offload"):
-            r.get(f"{kwargs_key}.offload")
-            r.not_modelled(f"{kwargs_key}.offload", True, "checkpoints are held in pinned host memory; memcalc "
-                           "counts them on the GPU (high)")
+            # modeling_utils.py _activation_checkpointing_enable(offload=True): save_on_cpu around each checkpoint.
+            r.set("activation_offload", "checkpoints", f"{kwargs_key}.offload", True)
 
 
 def _liger(r: _Reader, key: str, config_key: str | None = None) -> None:
@@ -954,7 +953,14 @@ def _read_axolotl(r: _Reader) -> None:
     checkpointing = r.get("gradient_checkpointing", False)
     r.set("checkpointing", "full" if checkpointing else "none", "gradient_checkpointing", checkpointing,
           default=not r.has("gradient_checkpointing"))
-    if checkpointing and isinstance(checkpointing, str):
+    if checkpointing == "offload":
+        # monkeypatch/gradient_checkpointing/offload_cpu.py CPU_Offloaded_Gradient_Checkpointer: each layer's
+        # hidden_states input to CPU RAM, brought back for its recomputation.
+        r.set("activation_offload", "checkpoints", "gradient_checkpointing", checkpointing)
+        r.note("gradient_checkpointing offload: axolotl moves each layer's hidden states to CPU RAM (counted as "
+               "--activation-offload checkpoints); it keeps the layer's other arguments (position embeddings, mask) on "
+               "the GPU, where transformers' offload moves them too: a little more on the GPU than counted")
+    elif checkpointing and isinstance(checkpointing, str):
         r.not_modelled("gradient_checkpointing", checkpointing, "checkpoints are offloaded; memcalc counts them on "
                        "the GPU (high)")
     offloading = r.get("activation_offloading")

@@ -58,6 +58,7 @@ class Offload(saved_tensors_hooks):
                  parameters: Any = ()) -> None:
         self.host = tracker.host if tracker is not None else contextlib.nullcontext
         self.trl = style == "trl"
+        self.every = style == "save_on_cpu"
         self.parameter_storages = {id(storage) for p in parameters if (storage := _storage(p)) is not None}
         # trl: (storage, offset, dtype) offloaded in this forward, with the storage (weakly: a key is a live storage)
         self.offloaded_storages: dict[tuple[int, int, Any], Any] = {}
@@ -75,6 +76,12 @@ class Offload(saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor) -> int:
         self.next_id += 1
         ident = self.next_id
+        if self.every:  # save_on_cpu: every saved tensor, copied as it is saved
+            with self.host():
+                copy = torch.empty_like(tensor, device="cpu")
+            copy.copy_(tensor)
+            self.saved[ident] = (copy, tensor.device)
+            return ident
         kept = (self.off or tensor.element_size() * tensor.nelement() < MIN_OFFLOAD_BYTES
                 or isinstance(tensor, (torch.nn.Parameter, torch.nn.Buffer)))
         storage = _storage(tensor)
@@ -112,6 +119,8 @@ class Offload(saved_tensors_hooks):
         tensor, device = self.saved.pop(ident)
         if device is None:
             return tensor
+        if self.every:  # save_on_cpu's unpack: tensor.to(device), the caller's to keep
+            return tensor.to(device, copy=True)
         if not self.cleanup_queued:
             self.cleanup_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.backward_stash.clear)
@@ -172,3 +181,21 @@ def offloading(model: torch.nn.Module, head: torch.nn.Module | None, style: str 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def checkpoints_offloaded() -> Any:
+    """--activation-offload checkpoints: transformers' activation_checkpointing_enable(offload=True) wraps each
+    checkpoint call in torch.autograd.graph.save_on_cpu(pin_memory=True) (modeling_utils.py
+    _activation_checkpointing_enable), so what the checkpoint saves outside its own hooks (the layer's inputs, which
+    its _NoopSaveInputs saves) is copied to host memory and brought back for the recomputation. On a CPU its copies
+    would be device memory to the tracker: here save_on_cpu is that bookkeeping, booked by the active tracker."""
+    from transformers import modeling_utils
+
+    tracker = trk.active()
+    original = modeling_utils.save_on_cpu
+    modeling_utils.save_on_cpu = lambda *_args, **_kwargs: Offload(tracker, "save_on_cpu")
+    try:
+        yield
+    finally:
+        modeling_utils.save_on_cpu = original

@@ -162,17 +162,21 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
         model = model.to(device=setup.device)
     if setup.checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
+        offload = {"offload": True} if setup.activation_offload == "checkpoints" else {}
+        if offload and enable is None:
+            raise UsageError("{activation_offload} checkpoints is transformers' activation_checkpointing_enable("
+                             "offload=True), which this transformers lacks: upgrade it")
         if setup.selective_op:
             from memcalc.measure.selective import CHECKPOINT_KWARGS
 
             # torchtitan wraps each block in checkpoint_wrapper (non-reentrant) with the SAC contexts; transformers'
             # checkpointing passes the same keywords to torch.utils.checkpoint.checkpoint for each decoder layer.
             if enable is not None:
-                enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+                enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS), **offload)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
         else:
-            (enable or model.gradient_checkpointing_enable)()
+            (enable or model.gradient_checkpointing_enable)(**offload)
         if setup.checkpoint_every:
             # every:N: HF's checkpointing left on the layers torchtitan's _apply_ac_to_transformer_block wraps
             # (1-based counts divisible by N), off on the others.
@@ -552,7 +556,11 @@ def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], setu
     # (quiet: transformers' one-time warnings in the forward, such as BertLMHeadModel's default loss_type, are not
     # the user's business here)
     offload = contextlib.nullcontext()
-    if setup.activation_offload != "none":
+    if setup.activation_offload == "checkpoints":
+        from memcalc.measure.offload import checkpoints_offloaded
+
+        offload = checkpoints_offloaded()
+    elif setup.activation_offload != "none":
         from memcalc.measure.offload import offloading
 
         offload = offloading(model, loss_head(model), setup.activation_offload)

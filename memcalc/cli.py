@@ -152,6 +152,7 @@ def estimate(
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (PEFT's lora_dropout, default 0): each adapter saves its dropped-out input and a mask.")] = 0.0,
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's per family).")] = None,
     qlora: Annotated[bool, typer.Option(help="QLoRA: frozen base Linear weights in 4-bit NF4.")] = False,
+    qlora_upcast: Annotated[bool, typer.Option("--qlora-upcast/--no-qlora-upcast", help="QLoRA: the base's other tensors (embeddings, norms, head) cast to fp32, as PEFT's prepare_model_for_kbit_training does for HF Trainer, TRL and axolotl (default); --no-qlora-upcast keeps them 16-bit, as torchtune does.")] = True,
     freeze: Annotated[str | None, typer.Option(help="Freeze parts: embeddings, lm_head, norms, attention, mlp (comma-separated).")] = None,
     verify: Annotated[str | None, typer.Option(
         "--verify", help="Measure a real training step beside the estimate: --verify (auto: cuda with a GPU, else a "

@@ -76,6 +76,7 @@ class Request:
     lora_dropout: float = 0.0
     lora_targets: str | Sequence[str] | None = None
     qlora: bool = False
+    qlora_upcast: bool = True
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -150,7 +151,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "offload", "activation_offload", "gpu", "from_format")
-_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "max_batch", "max_seq_len")
+_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze")
 
 
@@ -255,7 +256,8 @@ def _plan(request: Request) -> Plan:
         "checkpointing": request.checkpointing, "loss": request.loss,
         "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout,
-        "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora, "freeze": freeze,
+        "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
+        "qlora_upcast": request.qlora_upcast, "freeze": freeze,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

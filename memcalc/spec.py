@@ -170,6 +170,7 @@ class TrainingSpec:
     lora_dropout: float = 0.0  # PEFT LoraConfig.lora_dropout (its default 0): a dropout of each adapter's input
     lora_targets: tuple[str, ...] | None = None
     qlora: bool = False
+    qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the base's non-quantized tensors
     freeze: tuple[str, ...] = ()
 
     def checkpointed(self, layer: int) -> bool:

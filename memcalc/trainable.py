@@ -43,6 +43,8 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear except the output he
 NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
+UPCAST_PART = "fp32 (upcast by prepare_model_for_kbit_training)"
+BYTES_PER_FP32 = 4
 
 FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
     "embeddings": (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING),
@@ -63,6 +65,8 @@ def nf4_bytes(numel: int) -> int:
 class TrainableSubset:
     tensors: tuple[ParamTensor, ...]
     quantized: frozenset[str] = field(default_factory=frozenset)  # names of NF4-stored base weights
+    # QLoRA through PEFT's prepare_model_for_kbit_training: the base's other 16-bit tensors, cast to fp32
+    upcast: frozenset[str] = field(default_factory=frozenset)
     autocast_copy_numel: int = 0  # Linear weights autocast casts and keeps from forward to backward
     autocast_recompute_numel: int = 0  # with checkpointing: one layer's casts, redone during backward
     autocast_forward_only_numel: int = 0  # with checkpointing: the layers' casts, cached until autocast exits
@@ -72,31 +76,40 @@ class TrainableSubset:
     def _num_all(self) -> int:
         return sum(t.numel for t in self.tensors)
 
-    def _split(self) -> tuple[int, int]:
+    def _split(self) -> tuple[int, int, int]:
+        """(elements in the recipe's dtype, elements upcast to fp32, bytes of the NF4 base)."""
         quantized = [t for t in self.tensors if t.name in self.quantized]
-        return self._num_all - sum(t.numel for t in quantized), sum(nf4_bytes(t.numel) for t in quantized)
+        upcast = sum(t.numel for t in self.tensors if t.name in self.upcast)
+        return (self._num_all - sum(t.numel for t in quantized) - upcast, upcast,
+                sum(nf4_bytes(t.numel) for t in quantized))
 
     def weight_bytes(self, weight_numel_on_rank: int, bytes_per_weight: int) -> int:
         if not self.quantized:
             return weight_numel_on_rank * bytes_per_weight
-        plain_numel, nf4_total = self._split()
+        plain_numel, upcast_numel, nf4_total = self._split()
         on_rank, whole = weight_numel_on_rank, self._num_all  # ZeRO-3: this GPU's share; else all of it
-        return (plain_numel * bytes_per_weight + nf4_total) * on_rank // whole
+        upcast_bytes = upcast_numel * max(bytes_per_weight, BYTES_PER_FP32)
+        return (plain_numel * bytes_per_weight + upcast_bytes + nf4_total) * on_rank // whole
 
     def weight_breakdown(self, weight_numel_on_rank: int, bytes_per_weight: int) -> dict[str, int]:
         if not self.quantized:
             return {}
-        plain_numel, nf4_total = self._split()
+        plain_numel, upcast_numel, nf4_total = self._split()
         on_rank, whole = weight_numel_on_rank, self._num_all  # ZeRO-3: this GPU's share; else all of it
-        return {"16-bit (not quantized)": plain_numel * bytes_per_weight * on_rank // whole,
-                "nf4 base": nf4_total * on_rank // whole}
+        parts = {"16-bit (not quantized)": plain_numel * bytes_per_weight * on_rank // whole,
+                 "nf4 base": nf4_total * on_rank // whole}
+        if upcast_numel:
+            parts[UPCAST_PART] = upcast_numel * max(bytes_per_weight, BYTES_PER_FP32) * on_rank // whole
+        return parts
 
     def weight_formula(self, weight_numel_on_rank: int, bytes_per_weight: int, dtype: str, sharded: bool, num_gpus: int) -> str:
         shard = f" (ZeRO-3 shard of {num_gpus} GPUs)" if sharded else ""
         if not self.quantized:
             return f"{weight_numel_on_rank:,} params{shard} x {bytes_per_weight} B ({dtype})"
-        plain_numel, nf4_total = self._split()
-        return (f"{plain_numel:,} params x {bytes_per_weight} B ({dtype}) + NF4 base {nf4_total:,} B "
+        plain_numel, upcast_numel, nf4_total = self._split()
+        upcast = (f" + {upcast_numel:,} params x {max(bytes_per_weight, BYTES_PER_FP32)} B (the base's other tensors, "
+                  "upcast by prepare_model_for_kbit_training)" if upcast_numel else "")
+        return (f"{plain_numel:,} params x {bytes_per_weight} B ({dtype}){upcast} + NF4 base {nf4_total:,} B "
                 f"(0.5 B/param + 1 B per 64 + 4 B per 64x256 + {NF4_PER_TENSOR_BYTES} B per tensor){shard}")
 
 
@@ -156,6 +169,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     if frozen_roles:
         tensors = [replace(t, trainable=False) if t.role in frozen_roles else t for t in tensors]
     quantized: set[str] = set()
+    upcast: set[str] = set()
     if spec.lora_rank:
         family = model.described.family if model.described is not None else None
         # PEFT's default target modules per model type (the family's), unless the user named them.
@@ -184,8 +198,19 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         notes.append(f"LoRA r={spec.lora_rank} on {num_targeted} Linear layers ({','.join(targets)}); base frozen")
         if spec.qlora:
             quantized = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
-            notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
-                         "lm_head stay 16-bit (bitsandbytes skips lm_head)")
+            if spec.qlora_upcast:
+                # peft utils/other.py prepare_model_for_kbit_training: every fp16/bf16 parameter but Params4bit to
+                # fp32, before the adapters are added (HF Trainer's, TRL's and axolotl's QLoRA path).
+                upcast = {t.name for t in frozen if t.name not in quantized}
+                notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
+                             "lm_head in fp32, as PEFT's prepare_model_for_kbit_training casts them (HF Trainer, TRL, "
+                             "axolotl; --no-qlora-upcast keeps them 16-bit, as torchtune does)")
+                notes.append("QLoRA with the upcast: the fp32 embeddings and norms make the residual stream fp32, which "
+                             "these activations do not model (CPU steps of a small Llama measured the forward 15% to 18% "
+                             "above them): not traced yet, the estimate may be low")
+            else:
+                notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
+                             "lm_head stay 16-bit (bitsandbytes skips lm_head)")
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
             tensors, quantized, spec.checkpointed)
@@ -193,5 +218,5 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         autocast_numel, recompute_numel, forward_only_numel = sum(t.numel for t in tensors), 0, 0
         if get_recipe(spec.precision).autocast:
             notes.append("without an architecture, every parameter is assumed to be a Linear weight for autocast copies")
-    return TrainableSubset(tuple(tensors), frozenset(quantized), autocast_numel, recompute_numel, forward_only_numel,
-                           tuple(notes))
+    return TrainableSubset(tuple(tensors), frozenset(quantized), frozenset(upcast), autocast_numel, recompute_numel,
+                           forward_only_numel, tuple(notes))

@@ -42,7 +42,7 @@ def test_lora_freezes_base_and_adds_adapters():
 
 
 def test_qlora_base_in_nf4():
-    report = run(model_input("llama-3-8b", None), TrainingSpec(lora_rank=16, qlora=True))
+    report = run(model_input("llama-3-8b", None), TrainingSpec(lora_rank=16, qlora=True, qlora_upcast=False))
     parts = report.term("weights").breakdown
     assert set(parts) == {"16-bit (not quantized)", "nf4 base"}
     linear = [t for t in model_input("llama-3-8b", None).tensors if t.is_linear_weight and t.role != "lm_head"]
@@ -120,3 +120,37 @@ def test_default_lora_targets_are_peft_defaults():
         else:
             assert ours is None or model_type == "phi3", model_type  # phi3: its fused qkv_proj, documented
     assert checked >= 15
+
+
+def test_qlora_upcast_is_what_prepare_model_for_kbit_training_leaves():
+    """PEFT's prepare_model_for_kbit_training casts every 16-bit parameter but the 4-bit ones to fp32. On a real
+    bitsandbytes 4-bit model (transformers' from_pretrained with BitsAndBytesConfig, on this CPU) the fp32 bytes it
+    leaves equal the estimate's upcast part; without the upcast they are the 16-bit part, halved."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+    from tests.tiny import tiny_raw
+
+    raw = {**tiny_raw("llama"), "num_hidden_layers": 2, "vocab_size": 512}
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
+    with tempfile.TemporaryDirectory() as folder:
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16, device_map="cpu",
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True))
+    quantized = peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+    fp32 = sum(p.numel() * 4 for p in quantized.parameters() if p.dtype == torch.float32)
+    model = model_of(ModelConfig("tiny", raw, "test"))
+    upcast = run(model, TrainingSpec(precision="bf16", lora_rank=8, qlora=True)).term("weights").breakdown
+    assert upcast[trainable.UPCAST_PART] == fp32
+    plain = run(model, TrainingSpec(precision="bf16", lora_rank=8, qlora=True, qlora_upcast=False))
+    # (the adapters are in the 16-bit part of both)
+    assert plain.term("weights").breakdown["16-bit (not quantized)"] - upcast["16-bit (not quantized)"] == fp32 // 2

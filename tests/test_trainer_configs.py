@@ -478,3 +478,15 @@ def test_checkpoint_offloading_keys_map_to_activation_offload_checkpoints():
     from memcalc.configs.trainers import parse_trainer_config
 
     assert any("hidden states to CPU RAM" in note for note in parse_trainer_config(axolotl).notes)
+
+
+def test_torchtune_qlora_keeps_the_base_s_other_tensors_in_its_dtype():
+    # torchtune's qlora_ builders quantize the LoRA-wrapped Linears to torchao's NF4 and leave the rest in the model's
+    # dtype; transformers' path (PEFT's prepare_model_for_kbit_training) upcasts those to fp32 (memcalc's default).
+    data = {"model": {"_component_": "torchtune.models.llama3_2.qlora_llama3_2_1b", "lora_attn_modules": ["q_proj"],
+                      "lora_rank": 8}, "batch_size": 2, "dtype": "bf16", "gradient_accumulation_steps": 1,
+            "optimizer": {"_component_": "torch.optim.AdamW"}}
+    settings = _settings(data)
+    assert (settings["qlora"], settings["qlora_upcast"]) == (True, False)
+    trl = _settings({"max_length": 512, "use_peft": True, "load_in_4bit": True})
+    assert trl["qlora"] is True and "qlora_upcast" not in trl  # the default: upcast

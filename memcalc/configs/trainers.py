@@ -1220,6 +1220,7 @@ def _read_torchtune(r: _Reader) -> None:
         quantize_base = r.boolean("model.quantize_base")
         if prefix == "qlora_" or quantize_base:
             r.set("qlora", True, "model._component_", builder)
+            r.set("qlora_upcast", False, "model._component_", builder)  # the model's dtype for all but the NF4 base
             r.note("torchao's NF4Tensor (blocks of 64, scalers quantized per 256) is counted as bitsandbytes' NF4 "
                    "with double quantization, the same block sizes")
     for key in ("batch_size", "gradient_accumulation_steps"):

@@ -227,6 +227,11 @@ LORA_RULES_NOTE = ("{what}: the activations are counted as full fine-tuning's, h
                    "backward 4% to 50% lower)")
 
 
+QLORA_UPCAST_NOTE = ("QLoRA with PEFT's fp32 upcast: the fp32 embeddings and norms make the residual stream fp32, which "
+                     "the rules do not count (CPU steps of a small Llama measured the forward 15% to 18% above them): "
+                     "the activations may be low")
+
+
 def _frozen_step(model: ModelInput, spec: TrainingSpec, run: Run, result: ActivationEstimate) -> int | None:
     """LoRA on a frozen base, or frozen parts (--freeze): the step traced with PEFT's adapters and the parts frozen,
     where torch runs it (the forward and backward moments and the activations the forward leaves saved); else the
@@ -234,6 +239,8 @@ def _frozen_step(model: ModelInput, spec: TrainingSpec, run: Run, result: Activa
     from memcalc.families import fallback_available
 
     note = LORA_RULES_NOTE.format(what="LoRA" if spec.lora_rank else "--freeze")
+    if spec.qlora and spec.qlora_upcast:
+        note = QLORA_UPCAST_NOTE
     if not fallback_available():
         result.notes.append(f"{note}; install torch and transformers ({INSTALL_TORCH}) and peft for the traced step")
         return None
@@ -313,12 +320,14 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(why)
         if spec.activation_offload == ActivationOffload.trl:
             result.notes.append(TRL_ADDRESS_NOTE)
-    elif (spec.lora_rank or spec.freeze) and not spec.qlora and spec.activations != ActivationSource.rules:
+    elif (spec.lora_rank or spec.freeze) and spec.activations != ActivationSource.rules:
         traced_kept = _frozen_step(model, spec, run, result)
     elif traced:
         result.step, why, _ = _traced_step(model, spec, run)
         result.notes.append(why)
     lora_traced = bool(spec.lora_rank or spec.freeze) and not traced_only and bool(result.step)
+    if spec.qlora and spec.qlora_upcast and not lora_traced and spec.activations == ActivationSource.rules:
+        result.notes.append(QLORA_UPCAST_NOTE)
     if traced_only or lora_traced:
         result.source = "trace"  # (a hand-ruled family's run too: its step is the traced one)
     per_model = rule.per_model_bytes

@@ -205,9 +205,6 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                 notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
                              "lm_head in fp32, as PEFT's prepare_model_for_kbit_training casts them (HF Trainer, TRL, "
                              "axolotl; --no-qlora-upcast keeps them 16-bit, as torchtune does)")
-                notes.append("QLoRA with the upcast: the fp32 embeddings and norms make the residual stream fp32, which "
-                             "these activations do not model (CPU steps of a small Llama measured the forward 15% to 18% "
-                             "above them): not traced yet, the estimate may be low")
             else:
                 notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
                              "lm_head stay 16-bit (bitsandbytes skips lm_head)")

@@ -100,8 +100,6 @@ def test_a_repeat_reads_the_cache():
 
 @pytest.mark.parametrize(("settings", "why"), [
     ({"zero_stage": 2, "num_gpus": 2}, "only without ZeRO/FSDP sharding"),
-    ({"lora_rank": 8, "lora_targets": ("q_proj", "v_proj"), "qlora": True},
-     "could not be traced op by op (the step trace does not run QLoRA (bitsandbytes' 4-bit layers))"),
 ])
 def test_where_the_step_is_not_traced_the_output_says_why(settings, why):
     report = run(model_of(ModelConfig("tiny", OLMO2, "test")), _spec("bf16-pure", "full", **settings))

@@ -78,6 +78,8 @@ class StepSetup:
     lora_targets: tuple[str, ...] | None = None  # None: the family's default target modules
     freeze: tuple[str, ...] = ()  # --freeze groups: their parameters built with requires_grad False
     lora_dropout: float = 0.0  # LoraConfig.lora_dropout
+    qlora: bool = False  # the frozen Linears as bitsandbytes' 4-bit layers (measure.qlora, traced steps only)
+    qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the rest
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -96,6 +98,8 @@ class StepSetup:
             **({"activation_offload": f"{self.activation_offload} OffloadActivations (streams)"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
+            **({"qlora": "bitsandbytes 4-bit layers emulated" + (", the rest upcast to fp32" if self.qlora_upcast else "")}
+               if self.qlora else {}),
             **({"lora": f"PEFT LoRA r={self.lora_rank}{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on {','.join(self.lora_targets or ('the default targets',))}, "
                         f"adapters in {'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
                if self.lora_rank else {}),
@@ -106,14 +110,16 @@ class StepSetup:
         }
 
 
-def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device: str = "cpu") -> StepSetup:
-    """Check the spec is one a single-process step can run, and resolve its dtypes."""
+def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device: str = "cpu",
+                  traced: bool = False) -> StepSetup:
+    """Check the spec is one a single-process step can run, and resolve its dtypes. ``traced``: for the estimate's
+    traced step, which emulates QLoRA's 4-bit layers (memcalc.measure.qlora); a measured step does not."""
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     unsupported = []
     if spec.zero_stage or spec.num_gpus > 1:
         unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
-    if spec.qlora:
-        unsupported.append("QLoRA (bitsandbytes' 4-bit layers)")
+    if spec.qlora and not traced:
+        unsupported.append("QLoRA (bitsandbytes' 4-bit layers: the estimate's trace emulates them)")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
     if spec.optim_in_backward and recipe.master_dtype is not None:
@@ -142,6 +148,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
+        qlora=spec.qlora, qlora_upcast=spec.qlora_upcast,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -187,6 +194,15 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
                 layer.gradient_checkpointing = (index + 1) % setup.checkpoint_every == 0
     if setup.freeze:
         _freeze(model, model_config, setup)
+    if setup.qlora:
+        from memcalc.measure import qlora
+
+        # transformers' bnb 4-bit loading (the compute dtype: the recipe's), then peft's prepare_model_for_kbit_training
+        # (quantized from a 16-bit load: the weights' dtype, or under autocast its dtype, as HF loads then upcasts)
+        sixteen = setup.weight_dtype if setup.weight_dtype != torch.float32 else setup.autocast_dtype or torch.float32
+        quantized = qlora.quantize(model, setup.autocast_dtype or setup.weight_dtype, sixteen)
+        if setup.qlora_upcast:
+            qlora.upcast(model, quantized)
     if setup.lora_rank:
         model = _with_lora(model, model_config, setup)
     model.train()

@@ -298,7 +298,8 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 **({"lora": [spec.lora_rank, list(spec.lora_targets or ()), recipe.master_dtype is not None,
                              spec.lora_dropout]}
                    if spec.lora_rank else {}),
-                **({"freeze": sorted(spec.freeze)} if spec.freeze else {})}
+                **({"freeze": sorted(spec.freeze)} if spec.freeze else {}),
+                **({"qlora": spec.qlora_upcast} if spec.qlora else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)
@@ -315,7 +316,7 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
     started = time.perf_counter()
     if attention == "sdpa" and not build.sdpa_supported(raw):
         attention = "eager"
-    setup = resolve_setup(spec, attention, "cpu")
+    setup = resolve_setup(spec, attention, "cpu", traced=True)
     depth_key, num_layers = _depth_key(raw)
     traced: dict[int, dict[tuple[str, str], tuple[int, int]]] = {}
     model_class = ""

@@ -96,6 +96,23 @@ def _estimate(raw: dict, spec: TrainingSpec):
         return run(model_of(ModelConfig("tiny", raw, "test")), spec)
 
 
+def _compared(raw: dict, spec: TrainingSpec):
+    """The estimate and a real CPU step run the same way (memcalc's tracker): forward's and backward's peaks within
+    0.02%, the activations left on the device and the host bytes to the byte."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memcalc.measure.step import measure_cpu
+
+    report = _estimate(raw, spec)
+    measured = measure_cpu(raw, spec)
+    for phase in report.per_gpu.phases[:2]:
+        got, want = phase.bytes, measured.per_phase_peak_bytes[phase.phase.value]
+        assert abs(got - want) / want <= 2e-4, (phase.phase, got, want)
+    assert report.term("activations").bytes == measured.forward_end_bytes.get("activations", 0)
+    assert report.term("offloaded_activations").bytes == measured.term_bytes["offloaded_activations"]
+    return report, measured
+
+
 @pytest.mark.parametrize(("raw", "recipe", "checkpointing", "style"), [
     (LLAMA, "bf16-pure", "none", "torchtune"), (LLAMA, "amp-bf16", "full", "torchtune"),
     ({**GPT2, "n_layer": LAYERS, "vocab_size": 64}, "bf16-pure", "full", "torchtune"),
@@ -104,18 +121,7 @@ def _estimate(raw: dict, spec: TrainingSpec):
 def test_the_estimate_equals_a_real_step_with_offloading(raw, recipe, checkpointing, style):
     """Forward's and backward's peaks within 0.02% (measured: -0.007% to -0.002%, the batch's and buffers' few
     hundred bytes), the activations left on the device and the host bytes to the byte."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from memcalc.measure.step import measure_cpu
-
-    spec = _spec(recipe, checkpointing, style)
-    report = _estimate(raw, spec)
-    measured = measure_cpu(raw, spec)
-    for phase in report.per_gpu.phases[:2]:
-        got, want = phase.bytes, measured.per_phase_peak_bytes[phase.phase.value]
-        assert abs(got - want) / want <= 2e-4, (phase.phase, got, want)
-    assert report.term("activations").bytes == measured.forward_end_bytes["activations"]
-    assert report.term("offloaded_activations").bytes == measured.term_bytes["offloaded_activations"]
+    report, measured = _compared(raw, _spec(recipe, checkpointing, style))
     assert report.per_gpu.cpu_offload_bytes == measured.term_bytes["offloaded_activations"]
 
 
@@ -155,19 +161,8 @@ def test_transformers_checkpoint_offloading_equals_a_real_step(recipe):
     around each checkpoint call, its copies booked as host memory) against a real CPU step run that way: each phase
     within 0.02%, the activations left on the GPU and the host bytes to the byte. Each layer's saved inputs go to the
     host: at least its hidden states (batch x seq x hidden in the residual dtype) per layer."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from memcalc.measure.step import measure_cpu
-
-    spec = _spec(recipe, "full", "checkpoints")
-    report = _estimate(LLAMA, spec)
-    measured = measure_cpu(LLAMA, spec)
-    for phase in report.per_gpu.phases[:2]:
-        got, want = phase.bytes, measured.per_phase_peak_bytes[phase.phase.value]
-        assert abs(got - want) / want <= 2e-4, (phase.phase, got, want)
-    assert report.term("activations").bytes == measured.forward_end_bytes["activations"]
+    report, _measured = _compared(LLAMA, _spec(recipe, "full", "checkpoints"))
     host = report.term("offloaded_activations").bytes
-    assert host == measured.term_bytes["offloaded_activations"]
     residual = 4 if recipe == "amp-bf16" else 2  # autocast keeps the residual stream in fp32
     assert host >= LAYERS * BATCH * SEQ * 96 * residual
     plain = _estimate(LLAMA, TrainingSpec(precision=recipe, checkpointing="full", micro_batch_size=BATCH, seq_len=SEQ))

@@ -11,6 +11,7 @@ import pytest
 from memcalc.api import model_of, run
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
+from tests.real_steps import bnb_4bit_model, tracked_step
 from tests.tiny import tiny_raw
 
 LAYERS, BATCH, SEQ, RANK = 4, 2, 128, 8
@@ -37,7 +38,6 @@ def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0) -> dict[st
     from peft import LoraConfig, get_peft_model
 
     from memcalc.measure import step as st
-    from memcalc.measure import tracker as trk
 
     plain = TrainingSpec(precision=recipe, checkpointing=checkpointing, micro_batch_size=BATCH, seq_len=SEQ)
     setup = st.resolve_setup(plain, "sdpa", "cpu")
@@ -47,30 +47,9 @@ def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0) -> dict[st
         param.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=dropout),
                            autocast_adapter_dtype=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3, foreach=True)
     batch, _ = st.make_batch(model, setup)
-
-    def step() -> None:
-        loss = st.forward_loss(model, batch, setup)
-        tracker.mark(trk.BACKWARD) if tracker is not None else None
-        loss.backward()
-        del loss
-        tracker.mark(trk.OPTIMIZER_STEP) if tracker is not None else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    tracker = None
-    step()  # warm-up: the optimizer's states
-    tracker = trk.MemoryTracker()
-    tracker.register(model.parameters(), trk.WEIGHTS)
-    tracker.register(batch.values(), trk.OTHER)
-    tracker.watch_gradients(trainable)
-    for state in optimizer.state.values():
-        tracker.register([v for v in state.values() if isinstance(v, torch.Tensor)], trk.OPTIMIZER_STATES)
-    with tracker:
-        step()
-    return tracker.phase_peak_bytes()
+    peaks = tracked_step(model, lambda: st.forward_loss(model, batch, setup), tuple(batch.values()))
+    return {phase: snap.total_bytes for phase, snap in peaks.items()}
 
 
 @pytest.mark.parametrize(("recipe", "checkpointing", "dropout"), [
@@ -147,57 +126,29 @@ def test_frozen_parts_are_traced_too():
 
 def _bnb_step(raw: dict, prepare: bool, autocast: bool, checkpointing: bool) -> dict[str, int]:
     """Each phase's peak, beside the parameters and the optimizer's states, of one QLoRA step of a real bitsandbytes
-    4-bit model (transformers' from_pretrained with BitsAndBytesConfig, NF4 with double quantization, bf16 compute,
-    on this CPU), optionally prepared by PEFT's prepare_model_for_kbit_training, LoRA r 8 on q and v (PEFT's
-    defaults: fp32 adapters), under bf16 autocast or not."""
-    import tempfile
-
+    4-bit model (bf16 compute), optionally prepared by PEFT's prepare_model_for_kbit_training, LoRA r 8 on q and v
+    (PEFT's defaults: fp32 adapters), under bf16 autocast or not."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     from memcalc.measure import tracker as trk
 
-    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
-    with tempfile.TemporaryDirectory() as folder:
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.bfloat16, device_map="cpu",
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True,
-                                                   bnb_4bit_compute_dtype=torch.bfloat16))
+    model = bnb_4bit_model(raw, torch.bfloat16)
     if prepare:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if checkpointing:
         model.activation_checkpointing_enable()
     model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=0.0))
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, raw["vocab_size"], (BATCH, SEQ))
-    tracker = None
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        tracker.mark(trk.BACKWARD) if tracker is not None else None
-        loss.backward()
-        del loss
-        tracker.mark(trk.OPTIMIZER_STEP) if tracker is not None else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            return model(input_ids=ids, labels=ids).loss
 
-    step()
-    tracker = trk.MemoryTracker()
-    tracker.register(model.parameters(), trk.WEIGHTS)
-    tracker.register([ids], trk.OTHER)
-    for state in optimizer.state.values():
-        tracker.register([v for v in state.values() if isinstance(v, torch.Tensor)], trk.OPTIMIZER_STATES)
-    tracker.watch_gradients(trainable)
-    with tracker:
-        step()
+    peaks = tracked_step(model, loss, (ids,))
     return {phase: snap.total_bytes - snap.by_category.get(trk.WEIGHTS, 0) - snap.by_category.get(trk.OPTIMIZER_STATES, 0)
-            for phase, snap in tracker.phase_peaks.items()}
+            for phase, snap in peaks.items()}
 
 
 @pytest.mark.parametrize(("recipe", "prepare", "autocast", "checkpointing"), [

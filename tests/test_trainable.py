@@ -130,22 +130,13 @@ def test_qlora_upcast_is_what_prepare_model_for_kbit_training_leaves():
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    import tempfile
-
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
-
     from memcalc.model import ModelConfig
     from memcalc.resolve import model_of
+    from tests.real_steps import bnb_4bit_model
     from tests.tiny import tiny_raw
 
     raw = {**tiny_raw("llama"), "num_hidden_layers": 2, "vocab_size": 512}
-    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
-    with tempfile.TemporaryDirectory() as folder:
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.bfloat16, device_map="cpu",
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True))
+    quantized = bnb_4bit_model(raw)
     quantized = peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
     fp32 = sum(p.numel() * 4 for p in quantized.parameters() if p.dtype == torch.float32)
     model = model_of(ModelConfig("tiny", raw, "test"))

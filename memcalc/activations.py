@@ -438,9 +438,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             formula=("each checkpointed layer's saved inputs, copied to host memory as the layer runs and brought "
                      "back for its recomputation; at most, traced"
                      if spec.activation_offload == ActivationOffload.checkpoints else
-                     "every saved tensor of at least 1024 B but the weights and the head's, copied to host memory as it "
-                     "is saved (a tensor saved by several ops is copied for each) and brought back for its node's "
-                     "backward; at most, traced"),
+                     "every saved tensor of at least 1024 B but nn.Parameter objects and the head's, copied to host "
+                     "memory as it is saved (a weight's transposed view, which mm saves, too; a tensor saved by several "
+                     "ops once for each; TRL's copy skips parameter storages and repeats) and brought back for its "
+                     "node's backward; at most, traced"),
             source=OFFLOAD_SOURCE, category=CATEGORY_CPU_OFFLOAD, phases=[],
         ))
     loss = rule.loss

@@ -26,6 +26,10 @@ differs where it matters here (style ``trl``): a tensor on a parameter's storage
 (its deduplication by storage address and dtype), a broadcast tensor's storage is copied rather than its expanded
 shape, and the context wraps the whole training step, so only the head itself is exempt: the loss is offloaded.
 
+Style ``save_on_cpu`` is torch.autograd.graph.save_on_cpu, which transformers' activation_checkpointing_enable(
+offload=True) puts around each checkpoint call (``checkpoints_offloaded``): every tensor saved outside the checkpoint's
+own hooks (its _NoopSaveInputs: the layer's inputs) is copied to the host, and brought back by the recomputation.
+
 Not followed: pinned host memory (host bytes are the same), the timing of the copies (the stashes are freed when
 their events would have fired, which waits on nothing here), ``record_stream`` for a brought-back tensor that a
 node's output shares storage with (kept until the next node here; freed when the compute stream is done with it

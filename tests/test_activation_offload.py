@@ -114,10 +114,10 @@ def _compared(raw: dict, spec: TrainingSpec):
 
 
 @pytest.mark.parametrize(("raw", "recipe", "checkpointing", "style"), [
-    (LLAMA, "bf16-pure", "none", "torchtune"), (LLAMA, "amp-bf16", "full", "torchtune"),
-    ({**GPT2, "n_layer": LAYERS, "vocab_size": 64}, "bf16-pure", "full", "torchtune"),
+    (LLAMA, "bf16-pure", "none", "torchtune"), ({**GPT2, "n_layer": LAYERS, "vocab_size": 64}, "amp-bf16", "full",
+                                                "torchtune"),
     (LLAMA, "bf16-pure", "none", "trl"), (LLAMA, "amp-bf16", "full", "trl"),
-], ids=["llama-bf16", "llama-amp-full", "gpt2-bf16-full", "trl-llama-bf16", "trl-llama-amp-full"])
+], ids=["llama-bf16", "gpt2-amp-full", "trl-llama-bf16", "trl-llama-amp-full"])
 def test_the_estimate_equals_a_real_step_with_offloading(raw, recipe, checkpointing, style):
     """Forward's and backward's peaks within 0.02% (measured: -0.007% to -0.002%, the batch's and buffers' few
     hundred bytes), the activations left on the device and the host bytes to the byte."""

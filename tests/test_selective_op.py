@@ -33,9 +33,9 @@ def _estimate(raw: dict, spec: TrainingSpec):
 
 
 @pytest.mark.parametrize(("raw", "recipe"), [
-    (LLAMA, "bf16-pure"), (LLAMA, "amp-bf16"), ({**GPT2, "n_layer": LAYERS, "vocab_size": 64}, "amp-bf16"),
+    (LLAMA, "bf16-pure"), ({**GPT2, "n_layer": LAYERS, "vocab_size": 64}, "amp-bf16"),
     ({**tiny_raw("phi3"), "num_hidden_layers": LAYERS, "vocab_size": 64}, "fp32"),
-], ids=["llama-bf16", "llama-amp", "gpt2-amp", "phi3-fp32"])
+], ids=["llama-bf16", "gpt2-amp", "phi3-fp32"])
 def test_the_estimate_equals_a_real_step_under_the_policy(raw, recipe):
     """Forward's and backward's peaks within 0.01% (measured: -0.007% to -0.001%, the batch's and buffers' few
     hundred bytes) and the activations the forward leaves saved to the byte. (The optimizer step is not this flag's:

@@ -168,6 +168,7 @@ class TrainingSpec:
     # Trainable subsets (memcalc.trainable): LoRA adapters, QLoRA 4-bit base, frozen parts.
     lora_rank: int | None = None
     lora_dropout: float = 0.0  # PEFT LoraConfig.lora_dropout (its default 0): a dropout of each adapter's input
+    dora: bool = False  # PEFT LoraConfig.use_dora: a magnitude vector per adapted Linear (Liu et al. 2024, DoRA)
     lora_targets: tuple[str, ...] | None = None
     qlora: bool = False
     qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the base's non-quantized tensors
@@ -266,6 +267,8 @@ class TrainingSpec:
             raise UsageError(f"{{lora_dropout}} must be in [0, 1), got {self.lora_dropout}")
         if self.lora_dropout and self.lora_rank is None:
             raise UsageError("{lora_dropout} applies to LoRA's adapters: add {lora_rank} R")
+        if self.dora and self.lora_rank is None:
+            raise UsageError("{dora} decomposes LoRA's adapted weights: add {lora_rank} R")
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:
             raise UsageError(f"{{adafactor_beta1}} must be in [0, 1), got {self.adafactor_beta1}")
         if self.adafactor_beta1 is not None and self.optimizer != OptimizerName.adafactor:

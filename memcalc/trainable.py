@@ -122,12 +122,17 @@ def _is_targeted(tensor: ParamTensor, targets: tuple[str, ...]) -> bool:
     return any(module == target or module.endswith("." + target) for target in targets)
 
 
-def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool) -> tuple[ParamTensor, ParamTensor]:
+def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool, dora: bool = False) -> tuple[ParamTensor, ...]:
+    """PEFT's lora_A (r, in) and lora_B (out, r); with DoRA its lora_magnitude_vector (out,) (peft tuners/lora/dora.py
+    DoraLinearLayer.weight)."""
     out_features, in_features = tensor.shape if not conv1d else tensor.shape[::-1]
     module = tensor.module
     lora_a = ParamTensor(f"{module}.lora_A.weight", (rank, in_features), tensor.layer, ROLE_LORA, True)
     lora_b = ParamTensor(f"{module}.lora_B.weight", (out_features, rank), tensor.layer, ROLE_LORA, True)
-    return lora_a, lora_b
+    if not dora:
+        return lora_a, lora_b
+    magnitude = ParamTensor(f"{module}.lora_magnitude_vector.weight", (out_features,), tensor.layer, ROLE_LORA, True)
+    return lora_a, lora_b, magnitude
 
 
 def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
@@ -143,7 +148,7 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
     Returns (copies alive from forward to backward, the largest layer's copies redone in backward, the
     checkpointed layers' copies alive in the forward only).
     """
-    cast = [t for t in tensors if (t.is_linear_weight or t.role == ROLE_LORA or
+    cast = [t for t in tensors if (t.is_linear_weight or (t.role == ROLE_LORA and len(t.shape) == 2) or
                                    (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
     if head_tied_to_embedding(tensors):  # gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder
         cast.append(token_embedding(tensors))
@@ -187,7 +192,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         for t in tensors:
             if _is_targeted(t, tuple(targets)):
                 num_targeted += 1
-                adapters.extend(_lora_adapters(t, spec.lora_rank, conv1d))
+                adapters.extend(_lora_adapters(t, spec.lora_rank, conv1d, spec.dora))
             frozen.append(replace(t, trainable=False))
         if not num_targeted:
             raise UsageError(
@@ -195,7 +200,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                 "use module names such as q_proj,v_proj or all-linear"
             )
         tensors = frozen + adapters
-        notes.append(f"LoRA r={spec.lora_rank} on {num_targeted} Linear layers ({','.join(targets)}); base frozen")
+        notes.append(f"{'DoRA' if spec.dora else 'LoRA'} r={spec.lora_rank} on {num_targeted} Linear layers "
+                     f"({','.join(targets)}); base frozen")
         if spec.qlora:
             quantized = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
             if spec.qlora_upcast:

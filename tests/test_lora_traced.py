@@ -31,7 +31,7 @@ def _estimate(spec: TrainingSpec):
         return run(model_of(ModelConfig("tiny", LLAMA, "test")), spec)
 
 
-def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0) -> dict[str, int]:
+def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0, dora: bool = False) -> dict[str, int]:
     """Each phase's peak of one step of a model PEFT wrapped itself (its defaults but the dropout, given; adapters in
     the base dtype: autocast_adapter_dtype=False, as a recipe without a master copy trains)."""
     import torch
@@ -45,7 +45,7 @@ def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0) -> dict[st
     model = st.build_model(LLAMA, setup)
     for param in model.parameters():
         param.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=dropout),
+    model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=dropout, use_dora=dora),
                            autocast_adapter_dtype=False)
     batch, _ = st.make_batch(model, setup)
     peaks = tracked_step(model, lambda: st.forward_loss(model, batch, setup), tuple(batch.values()))
@@ -178,3 +178,27 @@ def test_qlora_traced_equals_a_real_bitsandbytes_step(recipe, prepare, autocast,
     for phase in report.per_gpu.phases[:2]:
         got, want = phase.bytes - states, measured[phase.phase.value]
         assert abs(got - want) / want <= 1e-4, (phase.phase, got, want)
+
+
+def test_dora_is_traced_and_its_magnitudes_are_peft_s():
+    """DoRA (PEFT's use_dora): the inventory's trainable tensors are PEFT's own (lora_A, lora_B and a magnitude vector
+    per adapted Linear), and the traced step equals a step of a model PEFT wrapped with use_dora within 0.01%."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from memcalc.measure import step as st
+
+    spec = _spec("bf16-pure", dora=True)
+    report = _estimate(spec)
+    base = st.build_model(LLAMA, st.resolve_setup(TrainingSpec(precision="bf16-pure"), "sdpa", "cpu"))
+    for param in base.parameters():
+        param.requires_grad_(False)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=RANK, target_modules=TARGETS, use_dora=True),
+                                 autocast_adapter_dtype=False)
+    assert report.model.num_trainable_params == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert {p.dtype for p in theirs.parameters() if p.requires_grad} == {torch.bfloat16}
+    measured = _peft_step("bf16-pure", "none", dora=True)
+    for phase in report.per_gpu.phases[:2]:
+        got, want = phase.bytes, measured[phase.phase.value]
+        assert abs(got - want) / want <= 1e-4, (phase.phase, got, want)
+    assert report.per_gpu.phases[0].bytes > _estimate(_spec("bf16-pure")).per_gpu.phases[0].bytes

@@ -858,8 +858,7 @@ def _liger(r: _Reader, key: str, config_key: str | None = None) -> None:
 
 def _peft_extras(r: _Reader, dora_key: str, modules_to_save_key: str) -> None:
     if r.boolean(dora_key):
-        r.not_modelled(dora_key, True, "DoRA adds a magnitude vector per adapted layer and its activations; "
-                       "counted as LoRA (low)")
+        r.set("dora", True, dora_key, True)
     saved = r.get(modules_to_save_key)
     if saved:
         r.not_modelled(modules_to_save_key, saved, "these modules train in full beside the adapters; memcalc "
@@ -1216,7 +1215,7 @@ def _read_torchtune(r: _Reader) -> None:
             r.not_modelled("model.apply_lora_to_output", True, "LoRA on the output projection is not counted (low: "
                            "rank x (hidden + vocab) trainable parameters)")
         if r.boolean("model.use_dora"):
-            r.not_modelled("model.use_dora", True, "DoRA's magnitude vectors are counted as LoRA (low)")
+            r.set("dora", True, "model.use_dora", True)
         quantize_base = r.boolean("model.quantize_base")
         if prefix == "qlora_" or quantize_base:
             r.set("qlora", True, "model._component_", builder)

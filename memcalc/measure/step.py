@@ -78,6 +78,7 @@ class StepSetup:
     lora_targets: tuple[str, ...] | None = None  # None: the family's default target modules
     freeze: tuple[str, ...] = ()  # --freeze groups: their parameters built with requires_grad False
     lora_dropout: float = 0.0  # LoraConfig.lora_dropout
+    dora: bool = False  # LoraConfig.use_dora
     qlora: bool = False  # the frozen Linears as bitsandbytes' 4-bit layers (measure.qlora, traced steps only)
     qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the rest
 
@@ -100,7 +101,7 @@ class StepSetup:
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
             **({"qlora": "bitsandbytes 4-bit layers emulated" + (", the rest upcast to fp32" if self.qlora_upcast else "")}
                if self.qlora else {}),
-            **({"lora": f"PEFT LoRA r={self.lora_rank}{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on {','.join(self.lora_targets or ('the default targets',))}, "
+            **({"lora": f"PEFT {'DoRA' if self.dora else 'LoRA'} r={self.lora_rank}{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on {','.join(self.lora_targets or ('the default targets',))}, "
                         f"adapters in {'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
                if self.lora_rank else {}),
             "micro_batch_size": self.micro_batch_size,
@@ -148,6 +149,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
+        dora=spec.dora,
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
@@ -240,7 +242,8 @@ def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any
     for param in model.parameters():
         param.requires_grad_(False)
     target_modules: Any = "all-linear" if tuple(targets) == ("all-linear",) else list(targets)
-    config = LoraConfig(r=setup.lora_rank, target_modules=target_modules, lora_dropout=setup.lora_dropout)
+    config = LoraConfig(r=setup.lora_rank, target_modules=target_modules, lora_dropout=setup.lora_dropout,
+                        use_dora=setup.dora)
     # The adapters are made in their final dtype and place directly: PEFT makes them in the default dtype, moves them
     # to the base layer's device and dtype (_move_adapter_to_device_of_base_layer, LoraModel._replace_module) and
     # upcasts them again, and under FakeTensorMode a module's .to() cannot swap fake parameters. Here the moves are

@@ -244,6 +244,11 @@ def _frozen_step(model: ModelInput, spec: TrainingSpec, run: Run, result: Activa
     if not fallback_available():
         result.notes.append(f"{note}; install torch and transformers ({INSTALL_TORCH}) and peft for the traced step")
         return None
+    if spec.lora_modules_to_save:
+        # PEFT deep-copies each module to save; under FakeTensorMode the copies crash the process (torch 2.13).
+        result.notes.append(f"{note}; with --lora-modules-to-save the step is not traced (PEFT's copies of the "
+                            "modules cannot be made of fake tensors)")
+        return None
     step, why, moments = _traced_step(model, spec, run)
     if not step:
         result.notes.append(f"{note}; {why.split(': the forward and backward moments follow')[0]}")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 SETTINGS = frozenset({
     "model", "params", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "amsgrad", "activations",
     "optim_in_backward", "activation_offload", "lora_dropout", "qlora_upcast", "dora",
+    "lora_modules_to_save",
     "adafactor_beta1", "optim_rank", "batch_size", "seq_len", "decoder_seq_len", "grad_accum", "checkpointing", "loss", "attn", "zero", "gpus", "nodes",
     "gpus_per_node", "sharding", "fsdp", "offload", "deepspeed", "from_config", "from_format", "lora_rank", "lora_targets", "qlora", "freeze",
     "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "max_batch", "max_seq_len", "verify", "emit",

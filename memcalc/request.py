@@ -75,6 +75,7 @@ class Request:
     lora_rank: int | None = None
     lora_dropout: float = 0.0
     dora: bool = False
+    lora_modules_to_save: str | Sequence[str] | None = None
     lora_targets: str | Sequence[str] | None = None
     qlora: bool = False
     qlora_upcast: bool = True
@@ -153,7 +154,7 @@ def _not_empty(request: Request, *names: str) -> None:
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "offload", "activation_offload", "gpu", "from_format")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "dora", "max_batch", "max_seq_len")
-_NAME_LISTS = ("lora_targets", "freeze")
+_NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
 
 def _check_types(request: Request) -> None:
@@ -257,6 +258,7 @@ def _plan(request: Request) -> Plan:
         "checkpointing": request.checkpointing, "loss": request.loss,
         "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout, "dora": request.dora,
+        "lora_modules_to_save": tuple(_names(request.lora_modules_to_save) or ()),
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
         "qlora_upcast": request.qlora_upcast, "freeze": freeze,
     }

@@ -169,6 +169,7 @@ class TrainingSpec:
     lora_rank: int | None = None
     lora_dropout: float = 0.0  # PEFT LoraConfig.lora_dropout (its default 0): a dropout of each adapter's input
     dora: bool = False  # PEFT LoraConfig.use_dora: a magnitude vector per adapted Linear (Liu et al. 2024, DoRA)
+    lora_modules_to_save: tuple[str, ...] = ()  # PEFT LoraConfig.modules_to_save: trained in full, as copies
     lora_targets: tuple[str, ...] | None = None
     qlora: bool = False
     qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the base's non-quantized tensors
@@ -269,6 +270,8 @@ class TrainingSpec:
             raise UsageError("{lora_dropout} applies to LoRA's adapters: add {lora_rank} R")
         if self.dora and self.lora_rank is None:
             raise UsageError("{dora} decomposes LoRA's adapted weights: add {lora_rank} R")
+        if self.lora_modules_to_save and self.lora_rank is None:
+            raise UsageError("{lora_modules_to_save} trains modules beside LoRA's adapters: add {lora_rank} R")
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:
             raise UsageError(f"{{adafactor_beta1}} must be in [0, 1), got {self.adafactor_beta1}")
         if self.adafactor_beta1 is not None and self.optimizer != OptimizerName.adafactor:

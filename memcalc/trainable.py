@@ -135,6 +135,26 @@ def _lora_adapters(tensor: ParamTensor, rank: int, conv1d: bool, dora: bool = Fa
     return lora_a, lora_b, magnitude
 
 
+def _modules_to_save(frozen: list[ParamTensor], names: tuple[str, ...]) -> list[ParamTensor]:
+    """PEFT's modules_to_save (peft utils/other.py ModulesToSaveWrapper): the named module stays as original_module,
+    frozen, beside a trainable deep copy, modules_to_save.default, in the same dtype. A head tied to the token embedding
+    has no tensor of its own: its copy is the embedding's shape (the copy unties them)."""
+    copies: list[ParamTensor] = []
+    tied = head_tied_to_embedding(frozen)
+    for name in names:
+        found = [t for t in frozen if t.module == name or t.module.endswith("." + name)]
+        if not found and tied and name == "lm_head":
+            embedding = token_embedding(frozen)
+            found = [replace(embedding, name="lm_head.weight", role=ROLE_LM_HEAD)] if embedding is not None else []
+        if not found:
+            raise UsageError(f"{{lora_modules_to_save}} {name}: no module of this model has that name; name modules "
+                             "such as lm_head or embed_tokens")
+        for t in found:
+            leaf = t.name[len(t.module) + 1:]
+            copies.append(replace(t, name=f"{t.module}.modules_to_save.default.{leaf}", trainable=True))
+    return copies
+
+
 def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
                          checkpointed: Callable[[int], bool]) -> tuple[int, int, int]:
     """Elements of the weights torch.autocast keeps low-precision copies of from forward to backward.
@@ -199,7 +219,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                 f"{{lora_targets}} {','.join(targets)} matches no Linear layer of this model; "
                 "use module names such as q_proj,v_proj or all-linear"
             )
-        tensors = frozen + adapters
+        tensors = frozen + adapters + _modules_to_save(frozen, spec.lora_modules_to_save)
         notes.append(f"{'DoRA' if spec.dora else 'LoRA'} r={spec.lora_rank} on {num_targeted} Linear layers "
                      f"({','.join(targets)}); base frozen")
         if spec.qlora:

@@ -31,7 +31,8 @@ def _estimate(spec: TrainingSpec):
         return run(model_of(ModelConfig("tiny", LLAMA, "test")), spec)
 
 
-def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0, dora: bool = False) -> dict[str, int]:
+def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0, dora: bool = False,
+               modules_to_save: tuple[str, ...] = ()) -> dict[str, int]:
     """Each phase's peak of one step of a model PEFT wrapped itself (its defaults but the dropout, given; adapters in
     the base dtype: autocast_adapter_dtype=False, as a recipe without a master copy trains)."""
     import torch
@@ -45,8 +46,9 @@ def _peft_step(recipe: str, checkpointing: str, dropout: float = 0.0, dora: bool
     model = st.build_model(LLAMA, setup)
     for param in model.parameters():
         param.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=dropout, use_dora=dora),
-                           autocast_adapter_dtype=False)
+    config = LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=dropout, use_dora=dora,
+                        modules_to_save=list(modules_to_save) or None)
+    model = get_peft_model(model, config, autocast_adapter_dtype=False)
     batch, _ = st.make_batch(model, setup)
     peaks = tracked_step(model, lambda: st.forward_loss(model, batch, setup), tuple(batch.values()))
     return {phase: snap.total_bytes for phase, snap in peaks.items()}
@@ -202,3 +204,35 @@ def test_dora_is_traced_and_its_magnitudes_are_peft_s():
         got, want = phase.bytes, measured[phase.phase.value]
         assert abs(got - want) / want <= 1e-4, (phase.phase, got, want)
     assert report.per_gpu.phases[0].bytes > _estimate(_spec("bf16-pure")).per_gpu.phases[0].bytes
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_modules_to_save_are_trained_copies_as_peft_makes_them(tied):
+    """PEFT's modules_to_save: a trainable copy of lm_head and embed_tokens beside the frozen originals (a tied head
+    gets its own copy). The inventory's trainable count equals PEFT's. The step is not traced (PEFT's deep copies of
+    fake modules crash torch 2.13): the rules count it, above a PEFT-wrapped step."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from memcalc.measure import step as st
+
+    raw = {**LLAMA, "tie_word_embeddings": tied}
+    saved = ("lm_head", "embed_tokens")
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=BATCH, seq_len=SEQ, lora_rank=RANK,
+                        lora_modules_to_save=saved)
+    from memcalc.measure import derive
+
+    with derive.semantics("cpu"):
+        report = run(model_of(ModelConfig("tiny", raw, "test")), spec)
+    base = st.build_model(raw, st.resolve_setup(TrainingSpec(precision="bf16-pure"), "sdpa", "cpu"))
+    for param in base.parameters():
+        param.requires_grad_(False)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=RANK, target_modules=TARGETS, modules_to_save=list(saved)),
+                                 autocast_adapter_dtype=False)
+    assert report.model.num_trainable_params == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert report.training.activations == "rules"
+    assert any("the step is not traced (PEFT's copies" in note for note in report.notes)
+    if not tied:
+        measured = _peft_step("bf16-pure", "none", modules_to_save=saved)
+        for phase in report.per_gpu.phases[:2]:
+            assert phase.bytes > measured[phase.phase.value]

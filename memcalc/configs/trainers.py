@@ -859,10 +859,10 @@ def _liger(r: _Reader, key: str, config_key: str | None = None) -> None:
 def _peft_extras(r: _Reader, dora_key: str, modules_to_save_key: str) -> None:
     if r.boolean(dora_key):
         r.set("dora", True, dora_key, True)
-    saved = r.get(modules_to_save_key)
+    saved = r.names(modules_to_save_key)
     if saved:
-        r.not_modelled(modules_to_save_key, saved, "these modules train in full beside the adapters; memcalc "
-                       "counts them frozen (low)")
+        # peft LoraConfig.modules_to_save: a trainable copy of each beside the frozen original.
+        r.set("lora_modules_to_save", ",".join(saved), modules_to_save_key, saved)
 
 
 def _deepspeed_precision(r: _Reader, autocast: str | None, default: bool = False) -> None:

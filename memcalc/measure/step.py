@@ -79,6 +79,7 @@ class StepSetup:
     freeze: tuple[str, ...] = ()  # --freeze groups: their parameters built with requires_grad False
     lora_dropout: float = 0.0  # LoraConfig.lora_dropout
     dora: bool = False  # LoraConfig.use_dora
+    lora_modules_to_save: tuple[str, ...] = ()  # LoraConfig.modules_to_save
     qlora: bool = False  # the frozen Linears as bitsandbytes' 4-bit layers (measure.qlora, traced steps only)
     qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the rest
 
@@ -149,7 +150,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
-        dora=spec.dora,
+        dora=spec.dora, lora_modules_to_save=spec.lora_modules_to_save,
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
@@ -243,7 +244,7 @@ def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any
         param.requires_grad_(False)
     target_modules: Any = "all-linear" if tuple(targets) == ("all-linear",) else list(targets)
     config = LoraConfig(r=setup.lora_rank, target_modules=target_modules, lora_dropout=setup.lora_dropout,
-                        use_dora=setup.dora)
+                        use_dora=setup.dora, modules_to_save=list(setup.lora_modules_to_save) or None)
     # The adapters are made in their final dtype and place directly: PEFT makes them in the default dtype, moves them
     # to the base layer's device and dtype (_move_adapter_to_device_of_base_layer, LoraModel._replace_module) and
     # upcasts them again, and under FakeTensorMode a module's .to() cannot swap fake parameters. Here the moves are

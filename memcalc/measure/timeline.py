@@ -296,7 +296,7 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 **({"activation_offload": spec.activation_offload.value} if spec.activation_offload.value != "none"
                    else {}),
                 **({"lora": [spec.lora_rank, list(spec.lora_targets or ()), recipe.master_dtype is not None,
-                             spec.lora_dropout, spec.dora]}
+                             spec.lora_dropout, spec.dora, list(spec.lora_modules_to_save)]}
                    if spec.lora_rank else {}),
                 **({"freeze": sorted(spec.freeze)} if spec.freeze else {}),
                 **({"qlora": spec.qlora_upcast} if spec.qlora else {})}

@@ -122,6 +122,7 @@ LEVER_AUTOCAST = "autocast"
 LEVER_PURE = "pure 16-bit"
 LEVER_8BIT = "8-bit optimizer"
 LEVER_ADAFACTOR = "Adafactor"
+LEVER_IN_BACKWARD = "optimizer step in backward"
 LEVER_CHECKPOINTING = "full checkpointing"
 LEVER_LORA = "LoRA"
 LEVER_4BIT = "4-bit base"
@@ -151,6 +152,9 @@ COSTS: dict[str, LeverCost] = {
                           "2022 report 32-bit quality on their benchmarks)"),
     LEVER_ADAFACTOR: LeverCost(25, "quality", "a different optimizer (factored second moment, Shazeer and Stern "
                                "2018): different dynamics, may need new hyperparameters"),
+    LEVER_IN_BACKWARD: LeverCost(5, "quality", "each parameter stepped as soon as its gradient exists (torchtune "
+                                 "optimizer_in_bwd): no gradient accumulation and no clipping by the global gradient "
+                                 "norm; the same update otherwise"),
     LEVER_CHECKPOINTING: LeverCost(33, "compute", "one more forward per step: 4/3 of the step's FLOPs when the "
                                    "backward is twice the forward (Chen et al. 2016; Korthikanti et al. 2022 measure "
                                    "29% faster steps without it on a 530B model)"),
@@ -249,6 +253,8 @@ def _dimensions(spec: TrainingSpec, architecture_known: bool, owner: ConfigOwner
     if spec.optimizer in (*adam_like, OptimizerName.adamw_8bit):
         optimizers.append(_option({"optimizer": OptimizerName.adafactor, **leave}, _lever(LEVER_ADAFACTOR)))
     add("optimizer", optimizers)
+    if not spec.optim_in_backward and spec.grad_accum == 1 and not spec.zero_stage and spec.offload == Offload.none:
+        add("optimizer step", [_option({"optim_in_backward": True}, _lever(LEVER_IN_BACKWARD))])
     if architecture_known and spec.lora_rank is None:
         add("lora", [_option({"lora_rank": SUGGESTED_LORA_RANK}, _lever(LEVER_LORA)),
                      _option({"lora_rank": SUGGESTED_LORA_RANK, "qlora": True},
@@ -306,7 +312,8 @@ def _costs(dims: list[_Dimension], state: _State) -> dict[str, float]:
 
 # Flags in the order they are printed.
 # The fields a change may touch, in the order a command line lists their flags.
-_CHANGED_FIELDS = ("precision", "optimizer", "amsgrad", "optim_impl", "lora_rank", "qlora", "checkpointing", "attention",
+_CHANGED_FIELDS = ("precision", "optimizer", "amsgrad", "optim_impl", "optim_in_backward", "lora_rank", "qlora",
+                   "checkpointing", "attention",
                    "micro_batch_size", "grad_accum", "sharding", "zero_stage", "num_gpus", "offload")
 
 

@@ -180,7 +180,8 @@ def compare_with(tool: str, model: ModelInput, report: Report) -> list[Compariso
 
 def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, bool]:
     """A DeepSpeed config for the plan's run or, when it does not fit the GPU, for the fit advisor's best fitting
-    change DeepSpeed can express (no LoRA, no pure 16-bit); which of the two it is, in words; and whether what it
+    change DeepSpeed can express (no LoRA, no pure 16-bit, no optimizer step in backward); which of the two it is, in
+    words; and whether what it
     configures fits (True without a GPU)."""
     from memcalc.configs.deepspeed import emit_deepspeed_config
     from memcalc.errors import MemcalcError
@@ -188,10 +189,12 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
     spec, why, fits = plan.specs[0], "this run", True
     if report.fit is not None and not report.fit.fits:
         why, fits = (f"this run, which does not fit {report.fit.gpu}: no change the fit advisor found that DeepSpeed "
-                     "can express fits (LoRA and pure 16-bit recipes are not DeepSpeed settings)"), False
+                     "can express fits (LoRA, pure 16-bit recipes and an optimizer step in backward are not DeepSpeed "
+                     "settings)"), False
         for suggestion in report.fit.suggestions:
-            if not suggestion.fits or any(k in suggestion.spec_changes for k in ("lora_rank", "qlora", "precision")):
-                continue  # DeepSpeed configs have no switch for LoRA or pure 16-bit
+            if not suggestion.fits or any(k in suggestion.spec_changes for k in ("lora_rank", "qlora", "precision",
+                                                                                  "optim_in_backward")):
+                continue  # DeepSpeed configs have no switch for LoRA, pure 16-bit or a step in backward
             try:
                 spec, why = spec.replace(**suggestion.spec_changes), f"the fit advisor's change: {suggestion.change}"
                 fits = True

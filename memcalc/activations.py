@@ -205,18 +205,19 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
 
     what = ("{checkpointing} selective-op" if spec.checkpointing == Checkpointing.selective_op
             else f"{{activation_offload}} {spec.activation_offload.value}")
+    offloaded = spec.activation_offload != ActivationOffload.none
     if not fallback_available():
         raise MissingDependencyError(f"{what} is estimated by tracing the model's own step with it applied: install "
                                      f"torch and transformers ({INSTALL_TORCH})")
     if spec.zero_stage or spec.offload != Offload.none:
         raise UsageError(f"{what} is estimated from the step traced op by op, which runs one process without ZeRO/FSDP "
                          "sharding or offload: drop {zero} and {offload}, or drop it"
-                         + (" ({activation_offload} none)" if what.startswith("{activation") else ""))
+                         + (" ({activation_offload} none)" if offloaded else ""))
     step, why, moments = _traced_step(model, spec, run)
     if not step:
         reason = why.split(": the forward and backward moments follow")[0]
         raise UnsupportedModelError(f"{what}: {reason}" + ("; give {activation_offload} none to count the run without it"
-                                                           if what.startswith("{activation") else ""))
+                                                           if offloaded else ""))
     return step, why, moments.kept or 0, moments.host
 
 

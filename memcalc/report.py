@@ -80,7 +80,7 @@ class TrainingSummary:
     activations: str = "rules"
     loss: str = "standard"  # standard | chunked:N | fused-linear
     optim_in_backward: bool = False  # each parameter stepped in its gradient hook during backward
-    activation_offload: str = "none"  # none | torchtune | trl: saved activations moved to host memory
+    activation_offload: str = "none"  # none | torchtune | trl | checkpoints: saved activations moved to host memory
 
 
 @dataclass(eq=False, repr=False)

@@ -28,6 +28,7 @@ from memcalc.model import (
     token_embedding,
 )
 from memcalc.precision import get_recipe
+from memcalc.units import BYTES_PER_FP32
 
 if TYPE_CHECKING:
     from memcalc.resolve import ModelInput
@@ -44,7 +45,6 @@ NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 UPCAST_PART = "fp32 (upcast by prepare_model_for_kbit_training)"
-BYTES_PER_FP32 = 4
 
 FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
     "embeddings": (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING),

@@ -341,7 +341,7 @@ def test_json_carries_the_new_fields_and_validates_against_the_schema():
 def test_the_optimizer_step_in_backward_is_offered_where_it_can_run():
     """--optim-in-backward (torchtune's optimizer_in_bwd) frees each gradient at its step: a lever of its own, with
     the engine's peak, and not offered with gradient accumulation (torchtune refuses the pair)."""
-    model, spec, target, report = _verdict("llama-3.2-3b", "rtx-4090", precision="bf16-pure")
+    model, spec, _target, report = _verdict("llama-3.2-3b", "rtx-4090", precision="bf16-pure")
     found = [s for s in report.fit.suggestions if s.spec_changes == {"optim_in_backward": True}]
     assert len(found) == 1 and found[0].change == "--optim-in-backward"
     assert found[0].peak_bytes == _engine_peak(model, spec, optim_in_backward=True) < report.per_gpu.peak_bytes

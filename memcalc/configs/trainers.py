@@ -1304,8 +1304,8 @@ def _torchtune_ac_mode(r: _Reader) -> None:
         # checkpoint_wrapper raises NotImplementedError for any other mode.
         raise r.fail(f"ac_mode {shown(mode)}: torchtune takes full or selective")
     # checkpoint_wrapper: every_x_layer = int(ac_option); layers whose 1-based count divides by it (0: every layer).
-    every = int(option) if isinstance(option, int) and not isinstance(option, bool) else (
-        int(option) if isinstance(option, str) and option.strip().isdigit() else None)
+    written = str(option).strip() if not isinstance(option, bool) else ""
+    every = int(written) if written.isdigit() else None
     if every is None:
         raise r.fail(f"ac_option {shown(option)}: torchtune's selective mode takes a whole number of layers "
                      "(int(ac_option) in training/activations.py checkpoint_wrapper; its op option is not "

@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-BLOCK = 64  # bitsandbytes' NF4 blocksize (QLoRA's default): one absmax per 64 weights
+from memcalc.trainable import NF4_BLOCKSIZE
 
 
 class _MatMul4Bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 stored_dtype: torch.dtype) -> torch.Tensor:
-        absmax = torch.zeros(math.ceil(weight.numel() / BLOCK), dtype=torch.float32, device=x.device) + 0.0
+        absmax = torch.zeros(math.ceil(weight.numel() / NF4_BLOCKSIZE), dtype=torch.float32, device=x.device) + 0.0
         dequantized = torch.zeros(weight.shape, dtype=x.dtype, device=x.device)
         del absmax
         ctx.stored_dtype = stored_dtype

@@ -97,13 +97,16 @@ class StepSetup:
             "checkpointing": (f"every:{self.checkpoint_every}" if self.checkpoint_every else
                               "selective-op" if self.selective_op else "full") if self.checkpointing else "none",
             **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
-            **({"activation_offload": f"{self.activation_offload} OffloadActivations (streams)"}
+            **({"activation_offload": "transformers' checkpoint offloading (save_on_cpu)"
+                if self.activation_offload == "checkpoints" else f"{self.activation_offload} OffloadActivations"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
             **({"qlora": "bitsandbytes 4-bit layers emulated" + (", the rest upcast to fp32" if self.qlora_upcast else "")}
                if self.qlora else {}),
-            **({"lora": f"PEFT {'DoRA' if self.dora else 'LoRA'} r={self.lora_rank}{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on {','.join(self.lora_targets or ('the default targets',))}, "
-                        f"adapters in {'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
+            **({"lora": f"PEFT {'DoRA' if self.dora else 'LoRA'} r={self.lora_rank}"
+                        f"{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on "
+                        f"{','.join(self.lora_targets or ('the default targets',))}, adapters in "
+                        f"{'fp32' if self.master_dtype is not None else 'the weight dtype'}"}
                if self.lora_rank else {}),
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,

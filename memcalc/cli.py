@@ -155,6 +155,9 @@ def estimate(
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear (default: PEFT's per family).")] = None,
     qlora: Annotated[bool, typer.Option(help="QLoRA: frozen base Linear weights in 4-bit NF4.")] = False,
     qlora_upcast: Annotated[bool, typer.Option("--qlora-upcast/--no-qlora-upcast", help="QLoRA: the base's other tensors (embeddings, norms, head) cast to fp32, as PEFT's prepare_model_for_kbit_training does for HF Trainer, TRL and axolotl (default); --no-qlora-upcast keeps them 16-bit, as torchtune does.")] = True,
+    qlora_scope: Annotated[str, typer.Option(help="QLoRA: which Linear layers are 4-bit: all-linear (bitsandbytes through transformers; torchtune's Llama, Mistral, Gemma, Phi-3) or lora-targets (only those LoRA wraps: torchtune's Qwen2, Qwen2.5, Qwen3).")] = "all-linear",
+    qlora_double_quant: Annotated[bool, typer.Option("--qlora-double-quant/--no-qlora-double-quant", help="QLoRA: the 4-bit blocks' absmax quantized again (bnb_4bit_use_double_quant; TRL's default is off: use_bnb_nested_quant).")] = True,
+    qlora_lm_head: Annotated[bool, typer.Option("--qlora-lm-head", help="QLoRA: the output head 4-bit too (BitsAndBytesConfig llm_int8_skip_modules without lm_head); an untied head only.")] = False,
     freeze: Annotated[str | None, typer.Option(help="Freeze parts: embeddings, lm_head, norms, attention, mlp (comma-separated).")] = None,
     verify: Annotated[str | None, typer.Option(
         "--verify", help="Measure a real training step beside the estimate: --verify (auto: cuda with a GPU, else a "

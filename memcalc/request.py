@@ -79,6 +79,9 @@ class Request:
     lora_targets: str | Sequence[str] | None = None
     qlora: bool = False
     qlora_upcast: bool = True
+    qlora_scope: str = "all-linear"
+    qlora_double_quant: bool = True
+    qlora_lm_head: bool = False
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -152,8 +155,9 @@ def _not_empty(request: Request, *names: str) -> None:
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
-         "attn", "activations", "sharding", "offload", "activation_offload", "gpu", "from_format")
-_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "dora", "max_batch", "max_seq_len")
+         "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "gpu", "from_format")
+_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
+             "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
 
@@ -260,7 +264,8 @@ def _plan(request: Request) -> Plan:
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout, "dora": request.dora,
         "lora_modules_to_save": tuple(_names(request.lora_modules_to_save) or ()),
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
-        "qlora_upcast": request.qlora_upcast, "freeze": freeze,
+        "qlora_upcast": request.qlora_upcast, "qlora_scope": request.qlora_scope,
+        "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

@@ -109,6 +109,18 @@ class ActivationOffload(str, Enum):
     checkpoints = "checkpoints"
 
 
+class QloraScope(str, Enum):
+    """Which frozen Linear layers QLoRA stores in 4-bit NF4. all-linear: every Linear but the output head, as
+    transformers' bitsandbytes quantizer converts them (quantizers/base.py get_modules_to_not_convert: the head
+    skipped by get_keys_to_not_convert) and as torchtune's Llama, Mistral, Gemma and Phi-3 builders build them
+    (FrozenNF4Linear for the projections LoRA does not wrap); lora-targets: only the Linear layers LoRA wraps, as
+    torchtune's Qwen2, Qwen2.5 and Qwen3 builders do (models/qwen2/_component_builders.py: the others plain
+    nn.Linear)."""
+
+    all_linear = "all-linear"
+    lora_targets = "lora-targets"
+
+
 class LossKind(str, Enum):
     """standard: logits in full, upcast and cross-entropy (transformers ForCausalLMLoss); chunked: ``chunked:N``,
     torchtune's CEWithChunkedOutputLoss over the output projection applied in N chunks along the sequence
@@ -173,6 +185,9 @@ class TrainingSpec:
     lora_targets: tuple[str, ...] | None = None
     qlora: bool = False
     qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the base's non-quantized tensors
+    qlora_scope: QloraScope = QloraScope.all_linear
+    qlora_double_quant: bool = True  # BitsAndBytesConfig.bnb_4bit_use_double_quant (absmax quantized again)
+    qlora_lm_head: bool = False  # the output head in NF4 too (BitsAndBytesConfig(llm_int8_skip_modules=[]))
     freeze: tuple[str, ...] = ()
 
     def checkpointed(self, layer: int) -> bool:
@@ -212,7 +227,7 @@ class TrainingSpec:
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
                            ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind),
-                           ("activation_offload", ActivationOffload)):
+                           ("activation_offload", ActivationOffload), ("qlora_scope", QloraScope)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
@@ -270,6 +285,15 @@ class TrainingSpec:
             raise UsageError("{lora_dropout} applies to LoRA's adapters: add {lora_rank} R")
         if self.dora and self.lora_rank is None:
             raise UsageError("{dora} decomposes LoRA's adapted weights: add {lora_rank} R")
+        if not self.qlora:
+            given = [name for name, default in (("qlora_upcast", True), ("qlora_scope", QloraScope.all_linear),
+                                                ("qlora_double_quant", True), ("qlora_lm_head", False))
+                     if getattr(self, name) != default]
+            if given:
+                value = getattr(self, given[0])
+                shown = value.value if isinstance(value, Enum) else value
+                raise UsageError(f"{{{given[0]}}} {shown} sets how QLoRA stores its base: add {{qlora}} (with "
+                                 "{lora_rank} R)")
         if self.lora_modules_to_save and self.lora_rank is None:
             raise UsageError("{lora_modules_to_save} trains modules beside LoRA's adapters: add {lora_rank} R")
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:

@@ -28,6 +28,7 @@ from memcalc.model import (
     token_embedding,
 )
 from memcalc.precision import get_recipe
+from memcalc.spec import QloraScope
 from memcalc.units import BYTES_PER_FP32
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear except the output he
 NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
+# Without double quantization (bnb_4bit_use_double_quant False, compress_statistics=False): an fp32 absmax per
+# block and the 16-entry fp32 code (functional.quantize_4bit: QuantState(absmax, code=code, ...), no state2).
+NF4_SINGLE_PER_TENSOR_BYTES = 16 * 4
 UPCAST_PART = "fp32 (upcast by prepare_model_for_kbit_training)"
 
 FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -55,9 +59,11 @@ FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def nf4_bytes(numel: int) -> int:
-    """Bytes bitsandbytes holds for one NF4 tensor with double quantization."""
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes holds for one NF4 tensor, with double quantization or without."""
     num_blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    if not double_quant:
+        return math.ceil(numel / 2) + num_blocks * BYTES_PER_FP32 + NF4_SINGLE_PER_TENSOR_BYTES
     return math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / NF4_NESTED_BLOCKSIZE) * 4 + NF4_PER_TENSOR_BYTES
 
 
@@ -71,6 +77,7 @@ class TrainableSubset:
     autocast_recompute_numel: int = 0  # with checkpointing: one layer's casts, redone during backward
     autocast_forward_only_numel: int = 0  # with checkpointing: the layers' casts, cached until autocast exits
     notes: tuple[str, ...] = ()
+    double_quant: bool = True  # the NF4 base's absmax quantized again (bnb_4bit_use_double_quant)
 
     @property
     def _num_all(self) -> int:
@@ -81,7 +88,7 @@ class TrainableSubset:
         quantized = [t for t in self.tensors if t.name in self.quantized]
         upcast = sum(t.numel for t in self.tensors if t.name in self.upcast)
         return (self._num_all - sum(t.numel for t in quantized) - upcast, upcast,
-                sum(nf4_bytes(t.numel) for t in quantized))
+                sum(nf4_bytes(t.numel, self.double_quant) for t in quantized))
 
     def weight_bytes(self, weight_numel_on_rank: int, bytes_per_weight: int) -> int:
         if not self.quantized:
@@ -109,8 +116,11 @@ class TrainableSubset:
         plain_numel, upcast_numel, nf4_total = self._split()
         upcast = (f" + {upcast_numel:,} params x {max(bytes_per_weight, BYTES_PER_FP32)} B (the base's other tensors, "
                   "upcast by prepare_model_for_kbit_training)" if upcast_numel else "")
+        layout = (f"0.5 B/param + 1 B per 64 + 4 B per 64x256 + {NF4_PER_TENSOR_BYTES} B per tensor"
+                  if self.double_quant else f"0.5 B/param + 4 B per 64 + {NF4_SINGLE_PER_TENSOR_BYTES} B per tensor, "
+                  "no double quantization")
         return (f"{plain_numel:,} params x {bytes_per_weight} B ({dtype}){upcast} + NF4 base {nf4_total:,} B "
-                f"(0.5 B/param + 1 B per 64 + 4 B per 64x256 + {NF4_PER_TENSOR_BYTES} B per tensor){shard}")
+                f"({layout}){shard}")
 
 
 def _is_targeted(tensor: ParamTensor, targets: tuple[str, ...]) -> bool:
@@ -223,17 +233,20 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         notes.append(f"{'DoRA' if spec.dora else 'LoRA'} r={spec.lora_rank} on {num_targeted} Linear layers "
                      f"({','.join(targets)}); base frozen")
         if spec.qlora:
-            quantized = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
+            quantized = _quantized(frozen, tuple(targets), spec)
+            stored = (f"{'all Linear' if spec.qlora_scope == QloraScope.all_linear else 'the LoRA-wrapped Linear'} "
+                      f"weights{' and the output head' if spec.qlora_lm_head else ''} in NF4 "
+                      f"{'with' if spec.qlora_double_quant else 'without'} double quantization")
             if spec.qlora_upcast:
                 # peft utils/other.py prepare_model_for_kbit_training: every fp16/bf16 parameter but Params4bit to
                 # fp32, before the adapters are added (HF Trainer's, TRL's and axolotl's QLoRA path).
                 upcast = {t.name for t in frozen if t.name not in quantized}
-                notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
-                             "lm_head in fp32, as PEFT's prepare_model_for_kbit_training casts them (HF Trainer, TRL, "
-                             "axolotl; --no-qlora-upcast keeps them 16-bit, as torchtune does)")
+                notes.append(f"QLoRA: {stored}; the base's other tensors (embeddings, norms, "
+                             f"{'' if spec.qlora_lm_head else 'lm_head, '}unquantized Linear layers) in fp32, as "
+                             "PEFT's prepare_model_for_kbit_training casts them (HF Trainer, TRL, axolotl; "
+                             "--no-qlora-upcast keeps them 16-bit, as torchtune does)")
             else:
-                notes.append("QLoRA: frozen Linear weights in NF4 with double quantization; embeddings, norms and "
-                             "lm_head stay 16-bit (bitsandbytes skips lm_head)")
+                notes.append(f"QLoRA: {stored}; the base's other tensors stay 16-bit")
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
             tensors, quantized, spec.checkpointed)
@@ -242,4 +255,21 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         if get_recipe(spec.precision).autocast:
             notes.append("without an architecture, every parameter is assumed to be a Linear weight for autocast copies")
     return TrainableSubset(tuple(tensors), frozenset(quantized), frozenset(upcast), autocast_numel, recompute_numel,
-                           forward_only_numel, tuple(notes))
+                           forward_only_numel, tuple(notes), spec.qlora_double_quant)
+
+
+def _quantized(frozen: list[ParamTensor], targets: tuple[str, ...], spec: TrainingSpec) -> set[str]:
+    """The names of the weights QLoRA stores in NF4. all-linear: every Linear weight but the output head's
+    (transformers' bitsandbytes quantizer skips the output embeddings: get_keys_to_not_convert); lora-targets: the
+    Linear weights LoRA wraps (torchtune's Qwen2/Qwen3 builders). The head too with qlora_lm_head (an explicit
+    llm_int8_skip_modules without it), which bitsandbytes cannot do to a head tied to the input embedding."""
+    if spec.qlora_scope == QloraScope.lora_targets:
+        chosen = {t.name for t in frozen if _is_targeted(t, targets)}
+    else:
+        chosen = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
+    if spec.qlora_lm_head:
+        if head_tied_to_embedding(frozen):
+            raise UsageError("{qlora_lm_head}: this model's output head is its input embedding (tied), which "
+                             "bitsandbytes does not quantize (an Embedding, not a Linear); drop {qlora_lm_head}")
+        chosen |= {t.name for t in frozen if t.is_linear_weight and t.role == ROLE_LM_HEAD}
+    return chosen

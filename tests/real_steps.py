@@ -8,14 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 
-def bnb_4bit_model(raw: dict, compute_dtype: Any = None) -> Any:
+def bnb_4bit_model(raw: dict, compute_dtype: Any = None, double_quant: bool = True,
+                   skip_modules: list[str] | None = None) -> Any:
     """A random Llama of ``raw`` saved in bf16 and loaded by transformers with BitsAndBytesConfig (NF4, double
-    quantization), on this CPU."""
+    quantization unless told, the output head skipped unless ``skip_modules`` is given), on this CPU."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=skip_modules,
                                       **({"bnb_4bit_compute_dtype": compute_dtype} if compute_dtype else {}))
     with tempfile.TemporaryDirectory() as folder:
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)

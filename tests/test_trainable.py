@@ -93,18 +93,86 @@ def test_lora_matches_peft(family, rank):
     assert sum(t.numel for t in subset.tensors) == sum(p.numel() for p in peft_model.parameters())
 
 
-def test_nf4_bytes_match_bitsandbytes():
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_match_bitsandbytes(double_quant):
     torch = pytest.importorskip("torch")
     functional = pytest.importorskip("bitsandbytes.functional")
     for shape in [(1000, 300), (4096, 4096), (14336, 4096), (77, 13)]:
         weight = torch.randn(*shape, dtype=torch.bfloat16)
         try:
-            packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True, blocksize=64)
+            packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=double_quant,
+                                                     blocksize=64)
         except (RuntimeError, NotImplementedError) as exc:
             pytest.skip(f"bitsandbytes cannot quantize on this CPU: {exc}")
-        nested = state.state2
-        held = [packed, state.absmax, state.code, state.offset, nested.absmax, nested.code]
-        assert trainable.nf4_bytes(weight.numel()) == sum(t.nbytes for t in held)
+        held = [packed, state.absmax, state.code]
+        if double_quant:
+            held += [state.offset, state.state2.absmax, state.state2.code]
+        assert state.nested == double_quant
+        assert trainable.nf4_bytes(weight.numel(), double_quant) == sum(t.nbytes for t in held)
+
+
+def test_qlora_base_as_transformers_quantizes_it_without_double_quant_and_with_the_head():
+    """BitsAndBytesConfig(bnb_4bit_use_double_quant=False, llm_int8_skip_modules=[]) on this CPU: transformers
+    converts every Linear, the output head too, and keeps an fp32 absmax per 64 weights. The estimate's NF4 part
+    (--no-qlora-double-quant --qlora-lm-head) equals the bytes bitsandbytes holds, and its 4-bit tensors are the
+    layers transformers converted; by default (head skipped, double quantization) likewise."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    from tests.real_steps import bnb_4bit_model
+    from tests.tiny import tiny_raw
+
+    raw = {**tiny_raw("llama"), "num_hidden_layers": 2, "vocab_size": 512}
+    for double_quant, head in ((False, True), (True, False)):
+        loaded = bnb_4bit_model(raw, double_quant=double_quant, skip_modules=[] if head else None)
+        held, names = 0, set()
+        for name, module in loaded.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                state = module.weight.quant_state
+                names.add(f"{name}.weight")
+                held += module.weight.nbytes + state.absmax.nbytes + state.code.nbytes
+                if state.nested:
+                    held += state.offset.nbytes + state.state2.absmax.nbytes + state.state2.code.nbytes
+        spec = TrainingSpec(precision="bf16", lora_rank=8, qlora=True, qlora_double_quant=double_quant,
+                            qlora_lm_head=head)
+        subset = trainable.apply(_model(raw), spec)
+        assert set(subset.quantized) == names and ("lm_head.weight" in names) == head
+        assert run(_model(raw), spec).term("weights").breakdown["nf4 base"] == held
+
+
+def test_qlora_scope_lora_targets_is_torchtune_s_qwen2_builder():
+    """torchtune 0.6.1's lora_qwen2(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False,
+    quantize_base=True) holds NF4Tensor weights in q_proj and v_proj only (k_proj, output_proj, the MLP and the
+    output plain bf16 Parameters: models/qwen2/_component_builders.py), while lora_llama3 with the same arguments
+    quantizes every projection of the layers (measured with benchmarks/qlora_torchtune.py; docs/accuracy.md).
+    --qlora-scope lora-targets and all-linear pick those layers."""
+    raw = {**TINY["llama"], "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+    targets = ("q_proj", "v_proj")
+    chosen = {scope: trainable.apply(_model(raw), TrainingSpec(lora_rank=8, lora_targets=targets, qlora=True,
+                                                               qlora_scope=scope)).quantized
+              for scope in ("lora-targets", "all-linear")}
+    projections = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert chosen["lora-targets"] == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in targets}
+    assert chosen["all-linear"] == projections
+    narrow = run(_model(raw), TrainingSpec(lora_rank=8, lora_targets=targets, qlora=True, qlora_upcast=False,
+                                           qlora_scope="lora-targets")).term("weights").breakdown
+    wide = run(_model(raw), TrainingSpec(lora_rank=8, lora_targets=targets, qlora=True, qlora_upcast=False)
+               ).term("weights").breakdown
+    assert narrow["16-bit (not quantized)"] > wide["16-bit (not quantized)"]
+
+
+def test_qlora_options_need_qlora_and_an_untied_head():
+    for option in ({"qlora_scope": "lora-targets"}, {"qlora_double_quant": False}, {"qlora_lm_head": True},
+                   {"qlora_upcast": False}):
+        with pytest.raises(UsageError, match="sets how QLoRA stores its base: add qlora "):
+            TrainingSpec(lora_rank=8, **option)
+    with pytest.raises(UsageError, match="is not one of all-linear, lora-targets"):
+        TrainingSpec(lora_rank=8, qlora=True, qlora_scope="everything")
+    tied = {**TINY["llama"], "tie_word_embeddings": True}
+    with pytest.raises(UsageError, match="tied"):
+        trainable.apply(_model(tied), TrainingSpec(lora_rank=8, qlora=True, qlora_lm_head=True))
 
 
 def test_default_lora_targets_are_peft_defaults():

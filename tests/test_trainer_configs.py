@@ -47,13 +47,13 @@ EXPECTED = {
     # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 2048", "optimizer: adamw_bnb_8bit",
     # "gradient_checkpointing: true", "attn_implementation: flash_attention_2", "adapter: qlora", "load_in_4bit: true",
     # "lora_r: 32", "lora_dropout: 0.05", lora_target_modules as listed; "bf16: auto" -> bf16 weights, fp32 adapters
-    # (PEFT) -> bf16.
+    # (PEFT) -> bf16; loaders/model.py: its QLoRA BitsAndBytesConfig's bnb_4bit_use_double_quant True.
     "axolotl_qlora-1b.yml": ("axolotl", {
         "model": "NousResearch/Llama-3.2-1B", "batch_size": 2, "grad_accum": 4, "seq_len": 2048,
         "optim": "adamw-8bit", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "lora_rank": 32,
         "lora_dropout": 0.05,
         "lora_targets": "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj", "qlora": True,
-        "precision": "bf16"}),
+        "qlora_double_quant": True, "precision": "bf16"}),
     # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 4096", "optimizer: adamw_torch_fused",
     # "liger_fused_linear_cross_entropy: true", "fsdp: [full_shard, auto_wrap]" -> FSDP stage 3; bf16 auto + FSDP
     # mixed precision -> fp32 shards gathered in bf16 (memcalc's bf16 under FSDP).
@@ -321,6 +321,7 @@ def _settings(data: dict, fmt: str | None = None) -> dict:
 
 
 AXOLOTL = {"base_model": "meta-llama/Llama-3.2-1B"}
+AXOLOTL_QLORA = {**AXOLOTL, "adapter": "qlora", "load_in_4bit": True, "lora_r": 8, "lora_target_linear": True}
 
 
 @pytest.mark.parametrize(("optimizer", "expected"), [
@@ -481,12 +482,36 @@ def test_checkpoint_offloading_keys_map_to_activation_offload_checkpoints():
 
 
 def test_torchtune_qlora_keeps_the_base_s_other_tensors_in_its_dtype():
-    # torchtune's qlora_ builders quantize the LoRA-wrapped Linears to torchao's NF4 and leave the rest in the model's
-    # dtype; transformers' path (PEFT's prepare_model_for_kbit_training) upcasts those to fp32 (memcalc's default).
+    # torchtune's qlora_ builders quantize Linears to torchao's NF4 and leave the rest in the model's dtype;
+    # transformers' path (PEFT's prepare_model_for_kbit_training) upcasts those to fp32 (memcalc's default). Its Llama
+    # builders quantize every projection of the layers, its Qwen2 builders (Qwen2.5 and Qwen3 too) only those LoRA
+    # wraps (models/*/_component_builders.py, checked on torchtune 0.6.1 by benchmarks/qlora_torchtune.py).
     data = {"model": {"_component_": "torchtune.models.llama3_2.qlora_llama3_2_1b", "lora_attn_modules": ["q_proj"],
                       "lora_rank": 8}, "batch_size": 2, "dtype": "bf16", "gradient_accumulation_steps": 1,
             "optimizer": {"_component_": "torch.optim.AdamW"}}
     settings = _settings(data)
     assert (settings["qlora"], settings["qlora_upcast"]) == (True, False)
+    assert "qlora_scope" not in settings  # all-linear
+    qwen = _settings({**data, "model": {**data["model"], "_component_": "torchtune.models.qwen2_5.qlora_qwen2_5_0_5b"}})
+    assert (qwen["qlora"], qwen["qlora_scope"]) == (True, "lora-targets")
     trl = _settings({"max_length": 512, "use_peft": True, "load_in_4bit": True})
     assert trl["qlora"] is True and "qlora_upcast" not in trl  # the default: upcast
+    # trl/trainer/model_config.py: use_bnb_nested_quant False by default, passed as bnb_4bit_use_double_quant.
+    assert trl["qlora_double_quant"] is False
+    assert _settings({"max_length": 512, "use_peft": True, "load_in_4bit": True,
+                      "use_bnb_nested_quant": True})["qlora_double_quant"] is True
+
+
+def test_axolotl_bnb_config_kwargs():
+    """axolotl loaders/model.py: its QLoRA BitsAndBytesConfig (double quantization on) updated by bnb_config_kwargs;
+    a skip list given there replaces transformers' default one (the head), so the head is quantized."""
+    settings = _settings(AXOLOTL_QLORA)
+    assert settings["qlora_double_quant"] is True and "qlora_lm_head" not in settings
+    changed = _settings({**AXOLOTL_QLORA, "bnb_config_kwargs": {"bnb_4bit_use_double_quant": False,
+                                                                 "llm_int8_skip_modules": []}})
+    assert (changed["qlora_double_quant"], changed["qlora_lm_head"]) == (False, True)
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL_QLORA, "bnb_config_kwargs": {"llm_int8_skip_modules": ["lm_head", "mlp"]}})
+    assert "qlora_lm_head" not in parsed.settings
+    assert any("mlp left 16-bit" in line for line in parsed.not_modelled)

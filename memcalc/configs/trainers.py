@@ -114,6 +114,9 @@ TORCHTUNE_OPTIMIZERS: dict[str, _Optim] = {
 # torchtune/models/<family>/__init__.py; the lora_ and qlora_ builders take the same name. "llama" names mean the
 # Hugging Face modules are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, so torchtune's LoRA
 # module names translate one to one; phi3/phi4 fuse qkv_proj and gate_up_proj in transformers, so they do not.
+# torchtune builders whose QLoRA quantizes only the Linear layers LoRA wraps (the rest stay nn.Linear).
+TORCHTUNE_LORA_TARGETS_ONLY = ("torchtune.models.qwen2.", "torchtune.models.qwen2_5.", "torchtune.models.qwen3.")
+
 TORCHTUNE_MODELS: dict[str, tuple[str, bool]] = {
     "torchtune.models.llama2.llama2_7b": ("llama-2-7b", True),
     "torchtune.models.llama2.llama2_13b": ("llama-2-13b", True),
@@ -693,18 +696,29 @@ def _sequence(r: _Reader, key: str, value: int | None, default: bool, packed: bo
            "estimate takes the longest (a smaller --seq-len is accepted)")
 
 
-def _quantized(r: _Reader, key: str, bits: Any, lora: bool, double_quant: bool | None, dq_key: str) -> None:
-    """A 4-bit base (bitsandbytes NF4) trains LoRA adapters: QLoRA. 8-bit and other schemes are not modelled."""
+def _quantized(r: _Reader, key: str, bits: Any, lora: bool, double_quant: bool | None, dq_key: str,
+               skip_key: str | None = None) -> None:
+    """A 4-bit base (bitsandbytes NF4) trains LoRA adapters: QLoRA. 8-bit and other schemes are not modelled.
+    ``double_quant``: bnb_4bit_use_double_quant as the trainer sets it (None: not known, counted with it);
+    ``skip_key``: where the trainer's llm_int8_skip_modules is, if it has one."""
     if not lora:
         # transformers/trainer.py: "You cannot perform fine-tuning on purely quantized models" without adapters.
         raise r.fail(f"{key} {_text(bits)} quantizes the base, which HF Trainer trains only with adapters; add "
                      "LoRA or drop the quantization")
     if str(bits) in ("4", "True", "true") or bits is True or bits == 4:
         r.set("qlora", True, key, r.get(key))
-        if double_quant is False:
-            r.not_modelled(dq_key, False, "without double quantization bitsandbytes keeps an fp32 absmax per 64 "
-                           "weights (4 B) where memcalc counts the quantized one (1 B + 4 B per 16,384): the NF4 base "
-                           "is about 5% low")
+        if double_quant is not None:
+            r.set("qlora_double_quant", double_quant, dq_key, default=not r.has(dq_key))
+        skipped = r.names(skip_key) if skip_key is not None else None
+        if skipped is not None:
+            # transformers quantizers/base.py get_modules_to_not_convert: a given skip list replaces the default
+            # one (get_keys_to_not_convert: the output head), so the head is quantized unless the list names it.
+            if "lm_head" not in skipped:
+                r.set("qlora_lm_head", True, skip_key, skipped)
+            others = [name for name in skipped if name != "lm_head"]
+            if others:
+                r.not_modelled(skip_key, skipped, f"{', '.join(others)} left 16-bit by bitsandbytes are counted in "
+                               "NF4 (low by about 1.5 B per skipped weight)")
         return
     r.not_modelled(key, bits, "an 8-bit (or other) quantized base: memcalc counts it in 16 bits (high)")
 
@@ -997,8 +1011,11 @@ def _read_axolotl(r: _Reader) -> None:
     for key in ("load_in_4bit", "load_in_8bit"):
         if r.boolean(key):
             quantized = True
-            # loaders/model.py: axolotl's QLoRA BitsAndBytesConfig sets bnb_4bit_use_double_quant True.
-            _quantized(r, key, 4 if key == "load_in_4bit" else 8, lora, True, "bnb_4bit_use_double_quant")
+            # loaders/model.py ModelLoader._set_quantization_config: axolotl's QLoRA BitsAndBytesConfig sets
+            # bnb_4bit_use_double_quant True, then applies bnb_config_kwargs over it.
+            _quantized(r, key, 4 if key == "load_in_4bit" else 8, lora,
+                       r.boolean("bnb_config_kwargs.bnb_4bit_use_double_quant", True),
+                       "bnb_config_kwargs.bnb_4bit_use_double_quant", "bnb_config_kwargs.llm_int8_skip_modules")
     if quantized:
         r.not_modelled("adapter", adapter, "prepare_model_for_kbit_training upcasts the non-quantized weights to "
                        "fp32 and axolotl casts embeddings and norms back (loaders/model.py); memcalc counts them in "
@@ -1220,8 +1237,13 @@ def _read_torchtune(r: _Reader) -> None:
         if prefix == "qlora_" or quantize_base:
             r.set("qlora", True, "model._component_", builder)
             r.set("qlora_upcast", False, "model._component_", builder)  # the model's dtype for all but the NF4 base
-            r.note("torchao's NF4Tensor (blocks of 64, scalers quantized per 256) is counted as bitsandbytes' NF4 "
-                   "with double quantization, the same block sizes")
+            if base.startswith(TORCHTUNE_LORA_TARGETS_ONLY):
+                # models/qwen2/_component_builders.py lora_qwen2_self_attention / lora_qwen2: the projections LoRA
+                # does not wrap are nn.Linear, quantize_base or not (Qwen2.5 and Qwen3 build from the same code).
+                r.set("qlora_scope", "lora-targets", "model._component_", builder)
+            r.note("torchao's NF4Tensor (blocks of 64, int8 scalers with a bf16 factor per 256) is counted as "
+                   "bitsandbytes' NF4 with double quantization: the same block sizes, about 1 KiB more per tensor "
+                   "(bitsandbytes' fp32 codes)")
     for key in ("batch_size", "gradient_accumulation_steps"):
         if not r.has(key):
             raise r.fail(f"{key} is missing; torchtune's recipes read it")

@@ -32,40 +32,42 @@ from memcalc.trainable import NF4_BLOCKSIZE
 class _MatMul4Bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stored_dtype: torch.dtype) -> torch.Tensor:
-        absmax = torch.zeros(math.ceil(weight.numel() / NF4_BLOCKSIZE), dtype=torch.float32, device=x.device) + 0.0
+                stored_dtype: torch.dtype, double_quant: bool) -> torch.Tensor:
+        if double_quant:  # functional.dequantize_4bit: the nested absmax dequantized to fp32, then plus the offset
+            absmax = torch.zeros(math.ceil(weight.numel() / NF4_BLOCKSIZE), dtype=torch.float32, device=x.device) + 0.0
+            del absmax
         dequantized = torch.zeros(weight.shape, dtype=x.dtype, device=x.device)
-        del absmax
         ctx.stored_dtype = stored_dtype
         ctx.weight_shape = weight.shape
         return torch.nn.functional.linear(x, dequantized, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         dequantized = torch.zeros(ctx.weight_shape, dtype=ctx.stored_dtype, device=grad_output.device)
-        return torch.matmul(grad_output, dequantized.to(grad_output.dtype)), None, None, None
+        return torch.matmul(grad_output, dequantized.to(grad_output.dtype)), None, None, None, None
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     compute = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else self.compute_dtype
     bias = None if self.bias is None else self.bias.to(compute)
-    return _MatMul4Bit.apply(x.to(compute), self.weight, bias, self.stored_dtype).to(x.dtype)
+    return _MatMul4Bit.apply(x.to(compute), self.weight, bias, self.stored_dtype, self.double_quant).to(x.dtype)
 
 
-def quantize(model: torch.nn.Module, compute_dtype: torch.dtype, stored_dtype: torch.dtype) -> set[str]:
-    """Every Linear but the output head runs as bitsandbytes' Linear4bit (transformers' bnb quantizer leaves the
-    output embeddings unconverted: get_keys_to_not_convert), quantized from ``stored_dtype`` (the checkpoint's
-    dtype as loaded: QuantState.dtype, what backward dequantizes to); the names of their weights."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
+def quantize(model: torch.nn.Module, names: set[str], compute_dtype: torch.dtype, stored_dtype: torch.dtype,
+             double_quant: bool = True) -> set[str]:
+    """The Linear layers whose weights ``names`` lists (memcalc.trainable's choice: by default every Linear but the
+    output head, which transformers' bnb quantizer leaves unconverted: get_keys_to_not_convert) run as
+    bitsandbytes' Linear4bit, quantized from ``stored_dtype`` (the checkpoint's dtype as loaded: QuantState.dtype,
+    what backward dequantizes to); the names of their weights."""
+    found = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            module.compute_dtype, module.stored_dtype = compute_dtype, stored_dtype
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in names:
+            module.compute_dtype, module.stored_dtype, module.double_quant = compute_dtype, stored_dtype, double_quant
             module.forward = types.MethodType(_forward, module)
-            names.add(f"{name}.weight")
-    return names
+            found.add(f"{name}.weight")
+    return found
 
 
 def upcast(model: torch.nn.Module, quantized: set[str]) -> None:

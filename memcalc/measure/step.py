@@ -82,6 +82,9 @@ class StepSetup:
     lora_modules_to_save: tuple[str, ...] = ()  # LoraConfig.modules_to_save
     qlora: bool = False  # the frozen Linears as bitsandbytes' 4-bit layers (measure.qlora, traced steps only)
     qlora_upcast: bool = True  # prepare_model_for_kbit_training's fp32 cast of the rest
+    qlora_scope: str = "all-linear"  # which Linears are 4-bit (memcalc.trainable decides, by name)
+    qlora_double_quant: bool = True  # the absmax quantized again: dequantized in each forward
+    qlora_lm_head: bool = False  # the output head 4-bit too
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -101,7 +104,10 @@ class StepSetup:
                 if self.activation_offload == "checkpoints" else f"{self.activation_offload} OffloadActivations"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
-            **({"qlora": "bitsandbytes 4-bit layers emulated" + (", the rest upcast to fp32" if self.qlora_upcast else "")}
+            **({"qlora": f"bitsandbytes 4-bit layers emulated ({self.qlora_scope}"
+                         f"{', the head too' if self.qlora_lm_head else ''}"
+                         f"{'' if self.qlora_double_quant else ', no double quantization'})"
+                         f"{', the rest upcast to fp32' if self.qlora_upcast else ''}"}
                if self.qlora else {}),
             **({"lora": f"PEFT {'DoRA' if self.dora else 'LoRA'} r={self.lora_rank}"
                         f"{f' dropout {self.lora_dropout}' if self.lora_dropout else ''} on "
@@ -154,7 +160,8 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
         dora=spec.dora, lora_modules_to_save=spec.lora_modules_to_save,
-        qlora=spec.qlora, qlora_upcast=spec.qlora_upcast,
+        qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
+        qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -206,13 +213,27 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
         # transformers' bnb 4-bit loading (the compute dtype: the recipe's), then peft's prepare_model_for_kbit_training
         # (quantized from a 16-bit load: the weights' dtype, or under autocast its dtype, as HF loads then upcasts)
         sixteen = setup.weight_dtype if setup.weight_dtype != torch.float32 else setup.autocast_dtype or torch.float32
-        quantized = qlora.quantize(model, setup.autocast_dtype or setup.weight_dtype, sixteen)
+        quantized = qlora.quantize(model, _quantized_names(model_config, setup), setup.autocast_dtype or setup.weight_dtype,
+                                   sixteen, setup.qlora_double_quant)
         if setup.qlora_upcast:
             qlora.upcast(model, quantized)
     if setup.lora_rank:
         model = _with_lora(model, model_config, setup)
     model.train()
     return model
+
+
+def _quantized_names(model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> set[str]:
+    """The weights QLoRA stores in 4-bit, as the estimate's inventory names them (memcalc.trainable: its names are
+    transformers' named_parameters), for this model's config (a traced step's fewer layers included)."""
+    from memcalc import trainable
+    from memcalc.resolve import model_of
+    from memcalc.spec import TrainingSpec
+
+    described = model_of(ModelConfig("config", _raw(model_config), "config"))
+    spec = TrainingSpec(lora_rank=setup.lora_rank, lora_targets=setup.lora_targets, qlora=True,
+                        qlora_scope=setup.qlora_scope, qlora_lm_head=setup.qlora_lm_head)
+    return set(trainable.apply(described, spec).quantized)
 
 
 def _freeze(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> None:

@@ -198,13 +198,15 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
                  ) -> tuple[tuple[TracedMoment, ...], str, int, int]:
     """Recipes no hand rule covers in any family (--checkpointing selective-op: which op outputs torchtitan's policy
     keeps depends on each family's code; --activation-offload: which saved tensors torchtune moves, and when its
-    stashes free them): the step is traced with the real policy or manager applied, for every family; where it
+    stashes free them; --compile: what Inductor's partitioner saves and its kernels fuse): the step is traced with the real policy or manager applied, for every family; where it
     cannot be, the estimate is refused, never guessed. The moments, why, the activations left saved on the device
     and the host memory offloaded ones take."""
     from memcalc.families import fallback_available
 
-    what = ("{checkpointing} selective-op" if spec.checkpointing == Checkpointing.selective_op
-            else f"{{activation_offload}} {spec.activation_offload.value}")
+    what = " with ".join(name for name, given in (
+        ("{checkpointing} selective-op", spec.checkpointing == Checkpointing.selective_op),
+        (f"{{activation_offload}} {spec.activation_offload.value}", spec.activation_offload != ActivationOffload.none),
+        ("{compile}", spec.compile)) if given)
     offloaded = spec.activation_offload != ActivationOffload.none
     if not fallback_available():
         raise MissingDependencyError(f"{what} is estimated by tracing the model's own step with it applied: install "
@@ -320,7 +322,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     result.notes.extend(rule.notes)
     selective = spec.checkpointing == Checkpointing.selective_op
     offloaded = spec.activation_offload != ActivationOffload.none
-    traced_only = selective or offloaded
+    traced_only = selective or offloaded or spec.compile
     if traced_only:
         result.step, why, traced_kept, result.host_bytes = _traced_only(model, spec, run)
         result.notes.append(why)

@@ -81,6 +81,7 @@ class TrainingSummary:
     loss: str = "standard"  # standard | chunked:N | fused-linear
     optim_in_backward: bool = False  # each parameter stepped in its gradient hook during backward
     activation_offload: str = "none"  # none | torchtune | trl | checkpoints: saved activations moved to host memory
+    compile: bool = False  # each decoder layer under torch.compile (Inductor)
 
 
 @dataclass(eq=False, repr=False)

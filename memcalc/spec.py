@@ -189,6 +189,7 @@ class TrainingSpec:
     qlora_double_quant: bool = True  # BitsAndBytesConfig.bnb_4bit_use_double_quant (absmax quantized again)
     qlora_lm_head: bool = False  # the output head in NF4 too (BitsAndBytesConfig(llm_int8_skip_modules=[]))
     freeze: tuple[str, ...] = ()
+    compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -294,6 +295,12 @@ class TrainingSpec:
                 shown = value.value if isinstance(value, Enum) else value
                 raise UsageError(f"{{{given[0]}}} {shown} sets how QLoRA stores its base: add {{qlora}} (with "
                                  "{lora_rank} R)")
+        if self.compile and self.checkpointing == Checkpointing.selective_op:
+            raise UsageError("{compile} with {checkpointing} selective-op is not modelled (the policy runs inside "
+                             "the compiled graph); drop one")
+        if self.compile and self.activation_offload != ActivationOffload.none:
+            raise UsageError("{compile} with {activation_offload} is not modelled yet; drop one (each alone is "
+                             "traced)")
         if self.lora_modules_to_save and self.lora_rank is None:
             raise UsageError("{lora_modules_to_save} trains modules beside LoRA's adapters: add {lora_rank} R")
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:

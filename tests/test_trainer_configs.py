@@ -515,3 +515,18 @@ def test_axolotl_bnb_config_kwargs():
     parsed = parse_trainer_config({**AXOLOTL_QLORA, "bnb_config_kwargs": {"llm_int8_skip_modules": ["lm_head", "mlp"]}})
     assert "qlora_lm_head" not in parsed.settings
     assert any("mlp left 16-bit" in line for line in parsed.not_modelled)
+
+
+def test_compile_maps_to_compiled_layers_unless_beside_what_they_are_not_modelled_with():
+    """torchtune's compile (training/_compile.py compile_model: each layer) and HF Trainer's torch_compile map to
+    --compile; beside activation offloading (not modelled together) the run is counted eager and the key listed."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    torchtune = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 2, "dtype": "bf16",
+                 "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"}, "compile": True}
+    assert _settings(torchtune)["compile"] is True
+    offloaded = parse_trainer_config({**torchtune, "enable_activation_offloading": True})
+    assert "compile" not in offloaded.settings
+    assert any(line.startswith("compile true read but not modelled") for line in offloaded.not_modelled)
+    assert _settings({"model_name_or_path": "gpt2", "torch_compile": True}, "hf")["compile"] is True
+    assert _settings({**AXOLOTL, "torch_compile": True})["compile"] is True

@@ -888,13 +888,32 @@ def _deepspeed_precision(r: _Reader, autocast: str | None, default: bool = False
     r.note("precision: the DeepSpeed config's bf16/fp16 sections decide it (the trainer's flags fill \"auto\")")
 
 
+HF_WHOLE_MODEL = ("HF Trainer compiles the whole model (torch.compile(model)); memcalc compiles each decoder layer and "
+                  "counts the embeddings, head and loss eager (not measured against a whole-model compile; compiled, "
+                  "the head and loss would hold less)")
+
+
+def _compile(r: _Reader, key: str, how: str) -> None:
+    """torch.compile: --compile, unless the config also asks for what --compile is not modelled with (then eager,
+    which holds more: high)."""
+    settings = r.settings
+    beside = [name for name, given in (
+        ("activation offloading", settings.get("activation_offload", "none") != "none"),
+        ("selective-op checkpointing", settings.get("checkpointing") == "selective-op"),
+        ("ZeRO/FSDP sharding", bool(settings.get("zero")) or settings.get("deepspeed") is not None))
+        if given]
+    if beside:
+        r.not_modelled(key, r.get(key), f"--compile is not modelled with {' and '.join(beside)}; counted as eager "
+                       "(high: the compiled layers hold less)")
+        return
+    r.set("compile", True, key, r.get(key))
+    r.note(f"{key}: {how}")
+
+
 def _hf_unmodelled(r: _Reader, trl: bool) -> None:
     if r.boolean("use_liger_kernel"):
         _liger(r, "use_liger_kernel", "liger_kernel_config")
     compile_keys = [k for k in ("torch_compile", "torch_compile_backend", "torch_compile_mode") if r.get(k)]
-    if compile_keys:
-        r.not_modelled(compile_keys[0], r.get(compile_keys[0]), "torch.compile fuses kernels and changes what "
-                       "autograd saves; counted as eager")
     smoothing = r.get("label_smoothing_factor")
     if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool) and smoothing > 0:
         r.not_modelled("label_smoothing_factor", smoothing, "the Trainer's LabelSmoother takes its own log-softmax "
@@ -905,6 +924,8 @@ def _hf_unmodelled(r: _Reader, trl: bool) -> None:
         r.not_modelled("neftune_noise_alpha", r.get("neftune_noise_alpha"), "NEFTune's noisy embeddings add an "
                        "embedding-sized tensor in the forward")
     if not trl:
+        if compile_keys:
+            _compile(r, compile_keys[0], HF_WHOLE_MODEL)
         return
     loss = r.get("loss_type")
     if loss is None:
@@ -925,6 +946,8 @@ def _hf_unmodelled(r: _Reader, trl: bool) -> None:
     if r.boolean("activation_offloading"):
         # trainer/sft_trainer.py: get_act_offloading_ctx_manager(model) around training_step.
         r.set("activation_offload", "trl", "activation_offloading", True)
+    if compile_keys:
+        _compile(r, compile_keys[0], HF_WHOLE_MODEL)
 
 
 # -- axolotl --------------------------------------------------------------------------------------------------------
@@ -1082,8 +1105,7 @@ def _axolotl_unmodelled(r: _Reader) -> None:
         r.note("cut_cross_entropy: Apple's Cut Cross-Entropy keeps less than Liger's fused linear cross-entropy, as "
                "which it is counted (high)")
     if r.get("torch_compile"):
-        r.not_modelled("torch_compile", r.get("torch_compile"), "torch.compile fuses kernels and changes what "
-                       "autograd saves; counted as eager")
+        _compile(r, "torch_compile", HF_WHOLE_MODEL)
     if r.get("unfrozen_parameters"):
         r.not_modelled("unfrozen_parameters", r.get("unfrozen_parameters"), "only the matching parameters train; "
                        "memcalc counts every parameter trainable (high)")
@@ -1353,8 +1375,9 @@ def _torchtune_unmodelled(r: _Reader) -> None:
         # model's forward, the output head excepted.
         r.set("activation_offload", "torchtune", "enable_activation_offloading", True)
     if r.boolean("compile"):
-        r.not_modelled("compile", True, "torch.compile fuses kernels and changes what autograd saves; counted as "
-                       "eager")
+        # training/_compile.py compile_model: each decoder layer compiled; compile_loss: the loss too.
+        _compile(r, "compile", "torchtune compiles each decoder layer, as memcalc does, and the loss, which memcalc "
+                 "counts eager (high by what the compiled loss fuses)")
     device = r.text("device")
     if device is not None and device != "cuda":
         r.not_modelled("device", device, "memcalc estimates CUDA GPU memory")

@@ -85,6 +85,7 @@ class StepSetup:
     qlora_scope: str = "all-linear"  # which Linears are 4-bit (memcalc.trainable decides, by name)
     qlora_double_quant: bool = True  # the absmax quantized again: dequantized in each forward
     qlora_lm_head: bool = False  # the output head 4-bit too
+    compile: bool = False  # each decoder layer as Inductor compiles it (memcalc.measure.compiled)
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -104,6 +105,8 @@ class StepSetup:
                 if self.activation_offload == "checkpoints" else f"{self.activation_offload} OffloadActivations"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
+            **({"compile": "each decoder layer: AOTAutograd with Inductor's decompositions and partition_fn, fused "
+                           "intermediates not held"} if self.compile else {}),
             **({"qlora": f"bitsandbytes 4-bit layers emulated ({self.qlora_scope}"
                          f"{', the head too' if self.qlora_lm_head else ''}"
                          f"{'' if self.qlora_double_quant else ', no double quantization'})"
@@ -161,7 +164,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
         dora=spec.dora, lora_modules_to_save=spec.lora_modules_to_save,
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
-        qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head,
+        qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head, compile=spec.compile,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -219,6 +222,16 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
             qlora.upcast(model, quantized)
     if setup.lora_rank:
         model = _with_lora(model, model_config, setup)
+    if setup.compile:
+        # torchtune training/_compile.py compile_model: each decoder layer compiled, after checkpointing is applied
+        # and adapters are added; the embeddings, the head and the loss run eager.
+        from memcalc.measure.compiled import compile_layer
+        from memcalc.measure.derive import _decoder_layers
+
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False  # no KV cache object through the compiled layers (a training step's)
+        for layer in _decoder_layers(model):
+            compile_layer(layer)
     model.train()
     return model
 

@@ -223,6 +223,11 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
     return step, why, moments.kept or 0, moments.host
 
 
+COMPILE_OFFLOAD_NOTE = ("--compile with --activation-offload: the offloader's hooks take the compiled layers' saved "
+                        "tensors, as autograd hands them over; each was measured alone (CPU steps), the two together "
+                        "only traced (offloading needs a GPU to measure)")
+
+
 LORA_SOURCE = ("peft tuners/lora/layer.py Linear.forward (the base layer, then lora_B(lora_A(dropout(x))) scaled), "
                "on the model's own code, traced (memcalc.measure.step._with_lora, memcalc.measure.timeline)")
 LORA_RULES_NOTE = ("{what}: the activations are counted as full fine-tuning's, high: a frozen Linear saves its "
@@ -326,6 +331,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     if traced_only:
         result.step, why, traced_kept, result.host_bytes = _traced_only(model, spec, run)
         result.notes.append(why)
+        if spec.compile and offloaded:
+            result.notes.append(COMPILE_OFFLOAD_NOTE)
         if spec.activation_offload == ActivationOffload.trl:
             result.notes.append(TRL_ADDRESS_NOTE)
     elif (spec.lora_rank or spec.freeze) and spec.activations != ActivationSource.rules:

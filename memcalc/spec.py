@@ -298,9 +298,6 @@ class TrainingSpec:
         if self.compile and self.checkpointing == Checkpointing.selective_op:
             raise UsageError("{compile} with {checkpointing} selective-op is not modelled (the policy runs inside "
                              "the compiled graph); drop one")
-        if self.compile and self.activation_offload != ActivationOffload.none:
-            raise UsageError("{compile} with {activation_offload} is not modelled yet; drop one (each alone is "
-                             "traced)")
         if self.lora_modules_to_save and self.lora_rank is None:
             raise UsageError("{lora_modules_to_save} trains modules beside LoRA's adapters: add {lora_rank} R")
         if self.adafactor_beta1 is not None and not 0.0 <= self.adafactor_beta1 < 1.0:

@@ -1,14 +1,14 @@
 """--compile: each decoder layer as torch.compile with Inductor runs it (memcalc.measure.compiled), estimated from the
 traced step (memcalc.measure.timeline).
 
-References: a real torch.compile'd CPU step (Inductor's kernels built by this machine's C++ compiler), measured in a
-fresh process by its resident memory as benchmarks/compile.py measures it (memcalc's tracker cannot see Inductor's
-allocations); and CPU steps of the same compiled layers measured by memcalc's tracker, for the depth extrapolation.
+References: CPU steps of the same compiled layers measured by memcalc's tracker (the depth extrapolation, the
+composition with offloading). Against real torch.compile'd CPU steps (Inductor's kernels built by the C++ compiler,
+measured by resident memory: memcalc's tracker cannot see Inductor's allocations) the estimate is measured by
+``python benchmarks/compile.py`` (32 cells, docs/accuracy.md), not here: building the kernels from a cold cache takes
+about 30 s per configuration on this machine, beyond the suite's budget.
 """
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 
@@ -29,10 +29,11 @@ def _estimate(raw: dict, spec: TrainingSpec):
         return run(model_of(ModelConfig("tiny", raw, "test")), spec)
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "full"])
-def test_the_estimate_equals_a_measured_step_of_the_compiled_layers(checkpointing):
-    """Traced at depths 2, 3, 4 and extrapolated, against a full-depth CPU step of the same compiled layers measured
-    by the tracker: within 0.01%. Compiling changes the step: below the eager estimate."""
+def test_the_estimate_equals_a_measured_step_of_the_compiled_layers():
+    """Checkpointed compiled layers traced at depths 2, 3, 4 and extrapolated, against a full-depth CPU step of the
+    same compiled layers measured by the tracker: within 0.01%. Compiling changes the step: below the eager estimate.
+    (Without checkpointing: benchmarks/compile.py.)"""
+    checkpointing = "full"
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from memcalc.measure import step as st
@@ -50,28 +51,6 @@ def test_the_estimate_equals_a_measured_step_of_the_compiled_layers(checkpointin
         assert phase.bytes < plain.bytes
 
 
-def test_the_estimate_is_what_inductor_s_compiled_step_holds():
-    """The hardest cell of benchmarks/compile.py (checkpointed layers, where Inductor's fused backward keeps buffers
-    alive across kernels): a real torch.compile'd step measured in a fresh process, forward and backward above what
-    the process held before it. The estimate is not below it and within 2% (measured: +0.5% to +1.4%; the
-    measure's own noise is about 0.3%)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("Inductor's CPU kernels need a C++ compiler")
-    import os
-
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("the resident-memory peak cannot be reset on this system")
-    from benchmarks.compile import SHAPE, estimated, measured
-
-    raw = {**tiny_raw("llama"), **SHAPE, "num_hidden_layers": 2, "use_cache": False}
-    estimate = estimated(raw, "bf16-pure", True)
-    real = measured(raw, "bf16-pure", True, True)
-    for phase in ("forward", "backward"):
-        assert real[phase] * 0.997 <= estimate[phase] <= real[phase] * 1.02, (phase, estimate[phase], real[phase])
-
-
 def test_without_torch_it_says_what_to_install(monkeypatch):
     from memcalc import families
 
@@ -80,10 +59,30 @@ def test_without_torch_it_says_what_to_install(monkeypatch):
         run(model_of(ModelConfig("tiny", LLAMA, "test")), TrainingSpec(compile=True))
 
 
+def test_with_activation_offloading_the_offloader_takes_the_compiled_layers_saved_tensors():
+    """torchtune's offloading around compiled, checkpointed layers: the traced estimate equals a CPU step of the same
+    composition (within 0.01%), holds less on the device than compiling alone, and says the pair is only traced."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memcalc.measure import step as st
+
+    raw = {**LLAMA, "num_hidden_layers": 2}  # (traced at full depth: the composition, not the extrapolation)
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=BATCH, seq_len=SEQ, checkpointing="full",
+                        compile=True, activation_offload="torchtune")
+    report = _estimate(raw, spec)
+    measured = st.measure_cpu(raw, spec)
+    alone = _estimate(raw, TrainingSpec(precision="bf16-pure", micro_batch_size=BATCH, seq_len=SEQ,
+                                          checkpointing="full", compile=True))
+    for phase in report.per_gpu.phases[:2]:
+        want = measured.per_phase_peak_bytes[phase.phase.value]
+        assert abs(phase.bytes - want) / want <= 1e-4, (phase.phase, phase.bytes, want)
+    assert report.per_gpu.phases[0].bytes < alone.per_gpu.phases[0].bytes
+    assert any("only traced" in note for note in report.notes)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--zero", "2", "--gpus", "2"], "runs one process without ZeRO/FSDP sharding"),
     (["--checkpointing", "selective-op"], "--compile with --checkpointing selective-op is not modelled"),
-    (["--activation-offload", "torchtune"], "--compile with --activation-offload is not modelled"),
 ])
 def test_combinations_it_cannot_run_are_one_line(cli, args, message):
     result = cli("llama-3-8b", "--compile", *args)

@@ -97,7 +97,7 @@ def test_lora_matches_peft(family, rank):
 def test_nf4_bytes_match_bitsandbytes(double_quant):
     torch = pytest.importorskip("torch")
     functional = pytest.importorskip("bitsandbytes.functional")
-    for shape in [(1000, 300), (4096, 4096), (14336, 4096), (77, 13)]:
+    for shape in [(1000, 300), (4096, 1024), (14336, 64), (77, 13)]:
         weight = torch.randn(*shape, dtype=torch.bfloat16)
         try:
             packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=double_quant,

@@ -519,14 +519,17 @@ def test_axolotl_bnb_config_kwargs():
 
 def test_compile_maps_to_compiled_layers_unless_beside_what_they_are_not_modelled_with():
     """torchtune's compile (training/_compile.py compile_model: each layer) and HF Trainer's torch_compile map to
-    --compile; beside activation offloading (not modelled together) the run is counted eager and the key listed."""
+    --compile, beside activation offloading too; beside ZeRO sharding (not modelled together) the run is counted
+    eager and the key listed."""
     from memcalc.configs.trainers import parse_trainer_config
 
     torchtune = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 2, "dtype": "bf16",
                  "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"}, "compile": True}
     assert _settings(torchtune)["compile"] is True
-    offloaded = parse_trainer_config({**torchtune, "enable_activation_offloading": True})
-    assert "compile" not in offloaded.settings
-    assert any(line.startswith("compile true read but not modelled") for line in offloaded.not_modelled)
+    offloaded = _settings({**torchtune, "enable_activation_offloading": True})
+    assert (offloaded["compile"], offloaded["activation_offload"]) == (True, "torchtune")
     assert _settings({"model_name_or_path": "gpt2", "torch_compile": True}, "hf")["compile"] is True
     assert _settings({**AXOLOTL, "torch_compile": True})["compile"] is True
+    sharded = parse_trainer_config({**AXOLOTL, "torch_compile": True, "fsdp": ["full_shard", "auto_wrap"]})
+    assert "compile" not in sharded.settings
+    assert any(line.startswith("torch_compile true read but not modelled") for line in sharded.not_modelled)

@@ -898,7 +898,6 @@ def _compile(r: _Reader, key: str, how: str) -> None:
     which holds more: high)."""
     settings = r.settings
     beside = [name for name, given in (
-        ("activation offloading", settings.get("activation_offload", "none") != "none"),
         ("selective-op checkpointing", settings.get("checkpointing") == "selective-op"),
         ("ZeRO/FSDP sharding", bool(settings.get("zero")) or settings.get("deepspeed") is not None))
         if given]

@@ -313,10 +313,19 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# Schedules by graph: the layers of a stack compile to the same graphs, which Inductor schedules alike.
+_SCHEDULES: dict[tuple[str, tuple[Any, ...]], Schedule] = {}
+
+
 def _compiled(module: torch.fx.GraphModule, example_inputs: Any) -> Callable[[list[Any]], Any]:
-    # (AOTAutograd compiles the backward graph at the first backward, inside the step: the step's modes off)
-    with _disable_current_modes():
-        schedule = schedule_of(module, list(example_inputs))
+    inputs = list(example_inputs)
+    key = (module.code, tuple((tuple(t.shape), tuple(t.stride()), t.dtype, t.device.type)
+                              if isinstance(t, torch.Tensor) else repr(t) for t in inputs))
+    schedule = _SCHEDULES.get(key)
+    if schedule is None:
+        # (AOTAutograd compiles the backward graph at the first backward, inside the step: the step's modes off)
+        with _disable_current_modes():
+            schedule = _SCHEDULES[key] = schedule_of(module, inputs)
     return _runner(module, schedule)
 
 

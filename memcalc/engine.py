@@ -317,7 +317,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         head_backward=head.at_backward, head_gradient=head.held,
         head_gradient_late=head.held_late, shared_gradient_sum=head.shared_sum,
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
-        first_sum_activations=encoder_acts, step=act.step))
+        first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -487,6 +487,7 @@ class _Extras:
     after_layers: int = 0  # what the final norm and the head saved (gone by the last layer's backward)
     largest_step_copy: int = 0  # --optim-in-backward: the autocast copy of the largest tensor, if the head's weight
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
+    in_backward: bool = False  # --optim-in-backward: each gradient stepped and freed by its hook as it is made
     sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
     head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
@@ -524,12 +525,17 @@ def _total(moment: str, phase: Phase, parts: dict[str, int], names: set[str]) ->
 _TRACED_TERMS = (TERM_GRADIENTS, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_AUTOCAST_COPIES, TERM_AUTOCAST_CHECKPOINTED)
 
 
-def _traced(terms: Sequence[Term], moment: TracedMoment, names: set[str]) -> PhaseTotal:
+def _traced(terms: Sequence[Term], moment: TracedMoment, names: set[str], in_backward: bool = False) -> PhaseTotal:
     """A traced moment beside the terms it does not hold (with gradient accumulation every gradient is there
-    already: the gradients term, alive in every phase then, replaces the traced step's)."""
+    already: the gradients term, alive in every phase then, replaces the traced step's; with the optimizer step in
+    backward the traced step's gradients, which the trace lets accumulate, are one gradient at most: the term's)."""
     parts = _alive(terms, lambda t: moment.phase in t.phases and t.name not in (*_TRACED_TERMS, *_PER_UNIT_BACKWARD))
     accumulated = next((t for t in terms if t.name == TERM_GRADIENTS and Phase.forward in t.phases), None)
-    parts[TERM_GRADIENTS] = accumulated.bytes if accumulated is not None else moment.gradients
+    stepped = next((t for t in terms if t.name == TERM_GRADIENTS), None) if in_backward else None
+    if stepped is not None:
+        parts[TERM_GRADIENTS] = min(stepped.bytes, moment.gradients)
+    else:
+        parts[TERM_GRADIENTS] = accumulated.bytes if accumulated is not None else moment.gradients
     parts[EXTRA_TRACED_STEP] = moment.bytes - moment.gradients
     return _total(moment.label, moment.phase, parts, names)
 
@@ -637,9 +643,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
 def _traced_phase_totals(terms: Sequence[Term], x: _Extras, names: set[str]) -> list[PhaseTotal]:
     """The forward's and backward's largest moments from the traced step; the end of backward (every gradient) and
     the optimizer step from the terms."""
-    forward = max((_traced(terms, m, names) for m in x.step if m.phase == Phase.forward), key=lambda t: t.bytes)
+    forward = max((_traced(terms, m, names, x.in_backward) for m in x.step if m.phase == Phase.forward),
+                  key=lambda t: t.bytes)
     end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
-    candidates = [_traced(terms, m, names) for m in x.step if m.phase == Phase.backward]
+    candidates = [_traced(terms, m, names, x.in_backward) for m in x.step if m.phase == Phase.backward]
     candidates.append(_total(MOMENT_BACKWARD_END, Phase.backward, end, names))
     backward = max(candidates, key=lambda total: total.bytes)  # the first of equal moments
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)

@@ -305,8 +305,35 @@ def _checkpointed(function: Callable[..., Any], *args: Any) -> Any:
 
 
 def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():  # (indices, labels: their values matter to the op)
+        return tensor.clone()
     return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
                                device=tensor.device).requires_grad_(tensor.requires_grad)
+
+
+def compile_function(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``function`` of tensors as torch.compile with Inductor runs it (the same partition and buffers as a compiled
+    layer): torchtune's compile_loss compiles CEWithChunkedOutputLoss.compute_cross_entropy, each chunk's upcast and
+    cross-entropy, this way."""
+    from functorch.compile import aot_function
+    from torch._inductor.compile_fx import partition_fn
+    from torch._inductor.decomposition import select_decomp_table
+
+    compiled: dict[Any, Callable[..., torch.Tensor]] = {}
+
+    def call(*given: torch.Tensor) -> torch.Tensor:
+        # (a compiled graph is traced for its inputs' strides; a strided view, a chunk of the labels, is made dense)
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in given]
+        key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
+        found = compiled.get(key)
+        if found is None:
+            found = compiled[key] = aot_function(function, fw_compiler=_compiled, bw_compiler=_compiled,
+                                                 partition_fn=partition_fn, decompositions=select_decomp_table())
+            with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                found(*[_stand_in(t) for t in tensors])
+        return found(*tensors)
+
+    return call
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:

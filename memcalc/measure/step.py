@@ -571,20 +571,31 @@ def _autocast(setup: StepSetup):
     return torch.autocast(device_type=torch.device(setup.device).type, dtype=setup.autocast_dtype)
 
 
-def _chunked_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], chunks: int) -> torch.Tensor:
+def _chunk_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CEWithChunkedOutputLoss.compute_cross_entropy: one chunk's logits upcast and its summed cross-entropy."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _chunked_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], chunks: int,
+                  compiled: bool = False) -> torch.Tensor:
     """torchtune's chunked loss on a transformers causal LM: the decoder's last hidden state split along the sequence
     (TransformerDecoder.chunked_output: ``.chunk(num_output_chunks, dim=1)``), the output projection per chunk, then
     CEWithChunkedOutputLoss.forward: each chunk's ``F.cross_entropy(logits.float(), labels, reduction="sum")``
     summed and divided by the labelled tokens; the list of logits is dropped after the loss (the recipes
-    ``del logits``). Labels shifted as ForCausalLMLoss shifts them (padded with -100, then one to the left)."""
+    ``del logits``). Labels shifted as ForCausalLMLoss shifts them (padded with -100, then one to the left).
+    ``compiled``: the per-chunk cross-entropy compiled, as torchtune's compile_loss compiles it."""
     head = model.get_output_embeddings()
     hidden = model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
     logits = [head(chunk) for chunk in hidden.chunk(chunks, dim=1)]
     del hidden
     labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
-    total = sum(torch.nn.functional.cross_entropy(chunk.float().reshape(-1, chunk.size(-1)), target.reshape(-1),
-                                                  ignore_index=-100, reduction="sum")
-                for chunk, target in zip(logits, labels.chunk(chunks, dim=1)))
+    entropy = _chunk_cross_entropy
+    if compiled:
+        from memcalc.measure.compiled import compile_function
+
+        entropy = compile_function(_chunk_cross_entropy)
+    total = sum(entropy(chunk, target) for chunk, target in zip(logits, labels.chunk(chunks, dim=1)))
     del logits
     return total / (labels != -100).sum()
 
@@ -625,7 +636,7 @@ def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], setu
         # use_cache is left to the config, as HF Trainer leaves it: GPT-2 then concatenates k and v into a
         # DynamicCache during training, which memcalc.activations counts.
         if setup.loss_chunks:
-            loss = _chunked_loss(model, batch, setup.loss_chunks)
+            loss = _chunked_loss(model, batch, setup.loss_chunks, compiled=setup.compile)
         else:
             out = model(**batch)
             loss = out.loss

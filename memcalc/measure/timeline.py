@@ -37,7 +37,7 @@ from memcalc import cache
 from memcalc.measure import derive
 from memcalc.measure.derive import current_device
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 CACHE_KIND = "timelines"
 DEPTHS = (2, 3, 4)  # traced depths of a homogeneous stack (three points: the line is checked, not assumed)
 FORWARD, BACKWARD = "forward", "backward"

@@ -315,12 +315,20 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "counted eager (b a s^2 scores per layer)")
     run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
-              decoder_s=spec.decoder_seq_len)
+              decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")
         return result
     rule, traced, run = _rule(model, spec, run)
+    if spec.repeat_kv and not traced and arch.num_kv_heads < arch.num_heads and family.counts_repeat_kv:
+        result.notes.append("--repeat-kv: the rules count the repeated k and v each layer saves (the backward "
+                            "exact at Llama-3.2-3B); the forward's moment, with the copies being made, up to 1.5% "
+                            "low; --activations trace counts it")
+    if spec.repeat_kv and not traced and arch.num_kv_heads < arch.num_heads and not family.counts_repeat_kv:
+        result.notes.append(f"--repeat-kv: {arch.architecture}'s rules do not count k and v repeated to every head "
+                            "(low by two copies per layer of the extra heads' k and v); --activations trace counts "
+                            "them")
     if not traced:
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")

@@ -721,5 +721,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
         loss=spec.loss_label, optim_in_backward=spec.optim_in_backward, activation_offload=spec.activation_offload.value,
-        compile=spec.compile,
+        compile=spec.compile, repeat_kv=spec.repeat_kv,
     )

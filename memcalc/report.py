@@ -82,6 +82,7 @@ class TrainingSummary:
     optim_in_backward: bool = False  # each parameter stepped in its gradient hook during backward
     activation_offload: str = "none"  # none | torchtune | trl | checkpoints: saved activations moved to host memory
     compile: bool = False  # each decoder layer under torch.compile (Inductor)
+    repeat_kv: bool = False  # k and v repeated to every query head before sdpa
 
 
 @dataclass(eq=False, repr=False)

@@ -83,6 +83,7 @@ class Request:
     qlora_double_quant: bool = True
     qlora_lm_head: bool = False
     compile: bool = False
+    repeat_kv: bool = False
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -158,7 +159,7 @@ def _not_empty(request: Request, *names: str) -> None:
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "gpu", "from_format")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
-             "compile", "max_batch", "max_seq_len")
+             "compile", "repeat_kv", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
 
@@ -267,7 +268,7 @@ def _plan(request: Request) -> Plan:
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
         "qlora_upcast": request.qlora_upcast, "qlora_scope": request.qlora_scope,
         "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
-        "compile": request.compile,
+        "compile": request.compile, "repeat_kv": request.repeat_kv,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

@@ -190,6 +190,7 @@ class TrainingSpec:
     qlora_lm_head: bool = False  # the output head in NF4 too (BitsAndBytesConfig(llm_int8_skip_modules=[]))
     freeze: tuple[str, ...] = ()
     compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
+    repeat_kv: bool = False  # k and v repeated to every query head before sdpa (torchtune's, litgpt's attention)
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th

@@ -80,12 +80,13 @@ EXPECTED = {
     "torchtune_llama3_2_1B_lora_single_device.yaml": ("torchtune", {
         "model": "llama-3.2-1b", "lora_rank": 64, "lora_dropout": 0.0, "lora_targets": "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "batch_size": 4, "grad_accum": 8, "precision": "bf16-pure", "checkpointing": "none", "optim": "adamw",
-        "optim_impl": "fused"}),
+        "optim_impl": "fused", "repeat_kv": True}),
+    # (repeat_kv: torchtune's MultiHeadAttention expands k and v to every head before sdpa, modules/attention.py.)
     # "llama3_2_3b", "batch_size: 4", "gradient_accumulation_steps: 8", "dtype: bf16",
     # "enable_activation_checkpointing: True", AdamW "fused: True".
     "torchtune_llama3_2_3B_full.yaml": ("torchtune", {
         "model": "llama-3.2-3b", "batch_size": 4, "grad_accum": 8, "precision": "bf16-pure", "checkpointing": "full",
-        "optim": "adamw", "optim_impl": "fused"}),
+        "optim": "adamw", "optim_impl": "fused", "repeat_kv": True}),
 }
 
 

@@ -1229,6 +1229,9 @@ def _read_torchtune(r: _Reader) -> None:
         r.set("model", known[0], "model._component_", builder)
         r.note("torchtune's modules are counted as transformers' class of the same model (the same weights; "
                "activations follow transformers' code)")
+        # modules/attention.py MultiHeadAttention.forward: k and v expanded to every query head (expand, then
+        # flatten: a copy) before sdpa, which saves them.
+        r.set("repeat_kv", True, "model._component_", builder)
     else:
         r.note(f"model._component_ {shown(builder)} is not a builder memcalc maps to a preset: give MODEL")
     lora = prefix != ""

@@ -100,6 +100,8 @@ class Family:
     # Under checkpointing, eager attention's 4-D causal mask is an argument every layer keeps (decoders built on
     # masking_utils.create_causal_mask); BERT has no mask without padding and T5 counts its own with its biases.
     checkpoint_keeps_causal_mask: bool = True
+    # Whether the activations rule counts --repeat-kv (k and v repeated to every query head before sdpa).
+    counts_repeat_kv: bool = False
 
 
 def _shown(value: Any) -> str:

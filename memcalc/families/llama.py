@@ -310,6 +310,10 @@ def attention_parts(a: LlamaArch, run: Run, masked: bool = False) -> tuple[dict[
     if a.fused_qkv and (not a.use_cache or run.checkpointing) and (heads == g or not (eager or masked)):
         v_view = c * tokens * (heads + g) * d
     mask = 0
+    if run.repeat_kv and not eager and not masked:
+        # --repeat-kv: k and v expanded to every query head before sdpa (torchtune's MultiHeadAttention.forward,
+        # transformers' sdpa without enable_gqa), which saves the expanded copies instead of k and v.
+        qkv += 2 * c * tokens * (heads - g) * d
     if masked:
         # integrations/sdpa_attention.py: with an explicit mask use_gqa_in_sdpa is False, so repeat_kv expands k
         # and v to every head before sdpa, which saves them; torch's sdpa converts the boolean mask to a float bias
@@ -422,6 +426,6 @@ _LORA = {"phi3": ("qkv_proj",)}
 
 FAMILIES = {
     model_type: Family(model_type, HEADS[model_type], _resolver(model_type), inventory, activations,
-                       lora_targets=_LORA.get(model_type, ("q_proj", "v_proj")))
+                       lora_targets=_LORA.get(model_type, ("q_proj", "v_proj")), counts_repeat_kv=True)
     for model_type in VARIANTS
 }

@@ -51,6 +51,7 @@ class Run:
     flash: bool = False  # --attn flash (flash_attention_2: sliding windows and causality without a mask)
     checkpointing: bool = False  # gradient checkpointing (transformers then runs with use_cache=False)
     decoder_s: int | None = None  # encoder-decoder models: decoder tokens per sequence (None: s)
+    repeat_kv: bool = False  # --repeat-kv: k and v repeated to every query head before sdpa (torchtune's attention)
 
     @property
     def tokens(self) -> int:

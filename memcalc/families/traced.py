@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from memcalc.families.base import Arch
 from memcalc.families.saved import Loss, Rule, Run
+from memcalc.measure.build import SDPA_REPEAT_KV
 from memcalc.measure.cuda_semantics import EMULATED, NOT_EMULATED
 from memcalc.measure.derive import current_device, traced_saves
 from memcalc.units import BYTES_PER_FP32
@@ -25,7 +26,7 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
     """The rule for ``run`` from a trace of this config's transformers class (cached; see measure.derive), and
     whether its attention ran eager (asked for, or the class has no sdpa path)."""
     weight_dtype = "fp32" if run.autocast or run.c == BYTES_PER_FP32 else "bf16"
-    attention = "eager" if run.eager else "sdpa"
+    attention = "eager" if run.eager else SDPA_REPEAT_KV if run.repeat_kv else "sdpa"
     if run.checkpointing:
         # GradientCheckpointingLayer.__call__ (transformers modeling_layers.py) drops the cache of checkpointed
         # layers in training: the recomputed layer saves what a forward without a cache saves.

@@ -136,6 +136,30 @@ def default_dtype(dtype: Any) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+SDPA_REPEAT_KV = "sdpa-repeat-kv"  # --repeat-kv: sdpa with k and v first repeated to every query head
+
+
+def _register_sdpa_repeat_kv() -> None:
+    """transformers' sdpa attention taking its repeat_kv path (integrations/sdpa_attention.py: when
+    use_gqa_in_sdpa is False, k and v are expanded to every query head and made contiguous before sdpa, which saves
+    them), registered as an attention implementation of its own: what torchtune's MultiHeadAttention.forward does
+    (``k.unsqueeze(2).expand(...).flatten(1, 2)``), and transformers before sdpa's enable_gqa."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations import sdpa_attention
+    from transformers.masking_utils import sdpa_mask
+
+    def forward(module: Any, *args: Any, **kwargs: Any) -> Any:
+        use_gqa = sdpa_attention.use_gqa_in_sdpa
+        sdpa_attention.use_gqa_in_sdpa = lambda *_args, **_kwargs: False
+        try:
+            return sdpa_attention.sdpa_attention_forward(module, *args, **kwargs)
+        finally:
+            sdpa_attention.use_gqa_in_sdpa = use_gqa
+
+    AttentionInterface.register(SDPA_REPEAT_KV, forward)
+    AttentionMaskInterface.register(SDPA_REPEAT_KV, sdpa_mask)
+
+
 def build_model(raw: Mapping[str, Any], architecture: str | None = None, *, dtype: Any = None,
                 attn_implementation: str | None = None, meta: bool = False) -> Any:
     """The transformers model for ``raw`` with random weights: on the meta device (``meta``: no memory), or as
@@ -148,6 +172,8 @@ def build_model(raw: Mapping[str, Any], architecture: str | None = None, *, dtyp
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+        if attn_implementation == SDPA_REPEAT_KV:
+            _register_sdpa_repeat_kv()
     if dtype is not None:
         kwargs["dtype"] = dtype
     device = torch.device("meta") if meta else contextlib.nullcontext()

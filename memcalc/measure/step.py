@@ -37,7 +37,7 @@ VERIFIED_OPTIMIZERS = (OptimizerName.adamw, OptimizerName.adam, OptimizerName.sg
                        OptimizerName.adafactor)
 LEARNING_RATE = 1e-3
 SGD_MOMENTUM = 0.9
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", build.SDPA_REPEAT_KV)
 # Terms whose estimate is what the forward leaves alive for the backward.
 FORWARD_LIVE_TERMS = (trk.ACTIVATIONS, trk.LOGITS_AND_LOSS, trk.AUTOCAST_COPIES)
 SDPA_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
@@ -144,6 +144,8 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
                            "their code)")
     if unsupported:
         raise UsageError(f"verify does not yet run {', '.join(unsupported)}; drop it to verify the rest")
+    if spec.repeat_kv and attn_implementation == "sdpa":
+        attn_implementation = build.SDPA_REPEAT_KV
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise UsageError(f"attention implementation {attn_implementation!r}: use one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")

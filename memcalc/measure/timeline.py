@@ -288,6 +288,10 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
 
     # The key from the spec alone, so that a repeat imports neither torch nor transformers.
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+    from memcalc.measure.build import SDPA_REPEAT_KV
+
+    if spec.repeat_kv and attention == "sdpa":
+        attention = SDPA_REPEAT_KV
     settings = {"seq_len": spec.seq_len, "batch": spec.micro_batch_size, "decoder_seq_len": spec.decoder_seq_len,
                 "weight_dtype": recipe.weight_dtype.value, "grad_dtype": recipe.grad_dtype.value,
                 "autocast": recipe.compute_dtype.value if recipe.autocast else None, "attention": attention,
@@ -316,8 +320,8 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
     from memcalc.measure.step import resolve_setup
 
     started = time.perf_counter()
-    if attention == "sdpa" and not build.sdpa_supported(raw):
-        attention = "eager"
+    if attention in ("sdpa", SDPA_REPEAT_KV) and not build.sdpa_supported(raw):
+        attention = "eager"  # (eager attention repeats k and v itself)
     setup = resolve_setup(spec, attention, "cpu", traced=True)
     depth_key, num_layers = _depth_key(raw)
     traced: dict[int, dict[tuple[str, str], tuple[int, int]]] = {}

@@ -124,11 +124,14 @@ class TrainableSubset:
 
 
 def _is_targeted(tensor: ParamTensor, targets: tuple[str, ...]) -> bool:
-    if not tensor.is_linear_weight or tensor.role == ROLE_LM_HEAD:
+    """Whether LoRA wraps this weight's Linear: every Linear but the output head for all-linear (PEFT's
+    INCLUDE_LINEAR_LAYERS_SHORTHAND skips the output embeddings), else the named modules, the head too when named
+    (PEFT's target_modules=["lm_head"]; torchtune's apply_lora_to_output)."""
+    if not tensor.is_linear_weight:
         return False
     module = tensor.module
     if targets == (ALL_LINEAR,):
-        return True
+        return tensor.role != ROLE_LM_HEAD
     return any(module == target or module.endswith("." + target) for target in targets)
 
 
@@ -264,7 +267,7 @@ def _quantized(frozen: list[ParamTensor], targets: tuple[str, ...], spec: Traini
     Linear weights LoRA wraps (torchtune's Qwen2/Qwen3 builders). The head too with qlora_lm_head (an explicit
     llm_int8_skip_modules without it), which bitsandbytes cannot do to a head tied to the input embedding."""
     if spec.qlora_scope == QloraScope.lora_targets:
-        chosen = {t.name for t in frozen if _is_targeted(t, targets)}
+        chosen = {t.name for t in frozen if _is_targeted(t, targets) and t.role != ROLE_LM_HEAD}
     else:
         chosen = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
     if spec.qlora_lm_head:

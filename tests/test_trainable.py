@@ -93,6 +93,26 @@ def test_lora_matches_peft(family, rank):
     assert sum(t.numel for t in subset.tensors) == sum(p.numel() for p in peft_model.parameters())
 
 
+def test_lora_on_the_output_head_when_named_matches_peft():
+    """PEFT's target_modules=["lm_head"] (torchtune's apply_lora_to_output) wraps the untied head too; all-linear
+    does not (PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND skips the output embeddings)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    raw = TINY["llama"]
+    config = transformers.AutoConfig.for_model("llama", **{k: v for k, v in raw.items() if k != "model_type"})
+    for targets in (["q_proj", "v_proj", "lm_head"], "all-linear"):
+        torch.manual_seed(0)
+        peft_model = peft.get_peft_model(transformers.LlamaForCausalLM(config),
+                                         peft.LoraConfig(r=4, target_modules=targets))
+        theirs = {re.sub(r"^base_model\.model\.|\.default", "", name): tuple(p.shape)
+                  for name, p in peft_model.named_parameters() if p.requires_grad}
+        named = tuple(targets) if isinstance(targets, list) else (targets,)
+        subset = trainable.apply(_model(raw), TrainingSpec(lora_rank=4, lora_targets=named))
+        assert {t.name: t.shape for t in subset.tensors if t.trainable} == theirs
+        assert any(name.startswith("lm_head.") for name in theirs) == (targets != "all-linear")
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_bytes_match_bitsandbytes(double_quant):
     torch = pytest.importorskip("torch")

@@ -1251,10 +1251,11 @@ def _read_torchtune(r: _Reader) -> None:
         targets = [TORCHTUNE_LORA_MODULES[m] for m in modules]
         if r.boolean("model.apply_lora_to_mlp"):
             targets.extend(TORCHTUNE_LORA_MLP)
-        r.set("lora_targets", ",".join(targets), "model.lora_attn_modules", modules)
         if r.boolean("model.apply_lora_to_output"):
-            r.not_modelled("model.apply_lora_to_output", True, "LoRA on the output projection is not counted (low: "
-                           "rank x (hidden + vocab) trainable parameters)")
+            # the output projection a LoRALinear (lora_llama3 ... output_proj = adapter_cls(...)): PEFT's lm_head target
+            targets.append("lm_head")
+            r.counted("model.apply_lora_to_output", True, "lm_head among the LoRA targets")
+        r.set("lora_targets", ",".join(targets), "model.lora_attn_modules", modules)
         if r.boolean("model.use_dora"):
             r.set("dora", True, "model.use_dora", True)
         quantize_base = r.boolean("model.quantize_base")

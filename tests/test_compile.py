@@ -32,8 +32,8 @@ def _estimate(raw: dict, spec: TrainingSpec):
 def test_the_estimate_equals_a_measured_step_of_the_compiled_layers():
     """Checkpointed compiled layers and torchtune's chunked loss with each chunk's cross-entropy compiled (its
     compile_loss), traced at depths 2, 3, 4 and extrapolated, against a full-depth CPU step of the same compiled
-    code measured by the tracker: within 0.01%. Compiling changes the step: below the eager estimate.
-    (Without checkpointing, and the standard loss: benchmarks/compile.py.)"""
+    code measured by the tracker: within 0.01%. (Without checkpointing, the standard loss, and against eager steps:
+    benchmarks/compile.py.)"""
     checkpointing = "full"
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
@@ -45,12 +45,9 @@ def test_the_estimate_equals_a_measured_step_of_the_compiled_layers():
     report = _estimate(raw, spec)
     assert report.training.activations == "trace" and report.training.compile
     measured = st.measure_cpu(raw, spec)
-    eager = _estimate(raw, TrainingSpec(precision="bf16-pure", micro_batch_size=BATCH, seq_len=SEQ,
-                                        checkpointing=checkpointing, loss="chunked:4"))
-    for phase, plain in zip(report.per_gpu.phases[:2], eager.per_gpu.phases[:2], strict=True):
+    for phase in report.per_gpu.phases[:2]:
         want = measured.per_phase_peak_bytes[phase.phase.value]
         assert abs(phase.bytes - want) / want <= 1e-4, (phase.phase, phase.bytes, want)
-        assert phase.bytes < plain.bytes
 
 
 def test_without_torch_it_says_what_to_install(monkeypatch):

@@ -46,6 +46,7 @@ LAYERS_PREFIX = "layers/"
 MODEL_PREFIX = "model/"
 KEPT_INPUTS = "layers/inputs kept by checkpointing"
 KEPT_SELECTIVE = "layers/inputs and op outputs kept by selective-op (traced)"
+KEPT_COMPILED = "saved by the compiled layers and the rest of the step (traced)"
 KEPT_ON_DEVICE = "left on the GPU by activation offloading (traced)"
 KEPT_LORA = "saved by the step with frozen parts (traced)"
 
@@ -390,6 +391,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                else f"{spec.activation_offload.value}'s OffloadActivations")
         formula = (f"traced with {how} (checkpointing {spec.checkpointing_label}): {total:,} B saved on the GPU when "
                    f"the forward ends; {result.host_bytes:,} B of copies in host memory at most")
+    elif spec.compile:
+        total = traced_kept
+        breakdown = {KEPT_COMPILED: total}
+        formula = (f"{len(layer_totals)} compiled layers (checkpointing {spec.checkpointing_label}), traced: {total:,} B "
+                   "saved when the forward ends (what AOTAutograd's partitioner keeps in each layer, beside the "
+                   "embeddings', head's and loss's saves)")
     elif spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):

@@ -48,6 +48,9 @@ def test_the_estimate_equals_a_measured_step_of_the_compiled_layers():
     for phase in report.per_gpu.phases[:2]:
         want = measured.per_phase_peak_bytes[phase.phase.value]
         assert abs(phase.bytes - want) / want <= 1e-4, (phase.phase, phase.bytes, want)
+    # the activations term: what the compiled forward leaves saved, as the tracker counts it
+    kept = measured.forward_end_bytes["activations"]
+    assert abs(report.term("activations").bytes - kept) / kept <= 1e-3
 
 
 def test_without_torch_it_says_what_to_install(monkeypatch):

@@ -105,8 +105,9 @@ class StepSetup:
                 if self.activation_offload == "checkpoints" else f"{self.activation_offload} OffloadActivations"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
-            **({"compile": "each decoder layer: AOTAutograd with Inductor's decompositions and partition_fn, fused "
-                           "intermediates not held"} if self.compile else {}),
+            **({"compile": "each decoder layer: AOTAutograd with Inductor's decompositions and partition_fn, "
+                           "Inductor's buffers as its scheduler plans them (emulated: no kernels built)"}
+               if self.compile else {}),
             **({"qlora": f"bitsandbytes 4-bit layers emulated ({self.qlora_scope}"
                          f"{', the head too' if self.qlora_lm_head else ''}"
                          f"{'' if self.qlora_double_quant else ', no double quantization'})"

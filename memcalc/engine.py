@@ -57,7 +57,7 @@ from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
-from memcalc.spec import LossKind, TrainingSpec
+from memcalc.spec import Fp8Recipe, LossKind, TrainingSpec
 from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
@@ -98,6 +98,7 @@ from memcalc.vocab import (
     TERM_ACTIVATIONS,
     TERM_AUTOCAST_CHECKPOINTED,
     TERM_AUTOCAST_COPIES,
+    TERM_FP8_CASTS,
     TERM_FSDP_REDUCE_SCATTER,
     TERM_GRADIENTS,
     TERM_LOSS_BUFFERS,
@@ -224,6 +225,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                        "loss); checkpointing drops them from the saved tensors, so they are gone in backward",
                 category=CATEGORY_TEMPORARIES, phases=FORWARD_ONLY,
             ))
+    if spec.fp8 != Fp8Recipe.none:
+        terms.append(_fp8_casts(tensors, spec))
+        notes.append(f"--fp8 {spec.fp8.value}: torchao's float8 Linear saves its bf16 input and weight, so the "
+                     "activations are the bf16 recipe's; its float8 casts are transients (fp8_casts); modelled from "
+                     "torchao's code, not measured (no GPU with float8 matmuls here); FSDP2's float8 all-gather of "
+                     "weights not modelled")
     terms.extend(holdings.buffers)
     if holdings.weights_on_cpu_numel:
         terms.append(Term(
@@ -653,6 +660,31 @@ def _traced_phase_totals(terms: Sequence[Term], x: _Extras, names: set[str]) -> 
     return [forward, backward, _total(MOMENT_STEP, Phase.optimizer_step, step, names)]
 
 
+FP8_SOURCE = ("torchao float8/float8_linear.py matmul_with_hp_or_float8_args: forward saves input_hp and weight_hp_t "
+              "(the activations stay bf16) and casts both to float8; backward casts grad_output (for grad_input and, "
+              "again, for grad_weight), the weight and the input; torchtitan's float8 converter leaves the output "
+              "layer bf16; modelled from the code, not measured (float8 matmuls need an sm89+ GPU)")
+
+
+def _fp8_casts(tensors: Sequence[ParamTensor], spec: TrainingSpec) -> Term:
+    """--fp8: the float8 copies one converted Linear makes at a time, at the largest (weight plus its input and
+    output), counted in forward and backward alike (backward's are the larger: the forward's are a subset)."""
+    tokens = spec.micro_batch_size * (spec.decoder_seq_len or spec.seq_len)
+    linears = [t for t in tensors if t.is_linear_weight and t.role != ROLE_LM_HEAD and len(t.shape) == 2]
+    best = 0
+    for t in linears:
+        out_features, in_features = t.shape
+        # backward: grad_output twice (its two layouts), the weight, the input; 1 B each (float8)
+        casts = 2 * tokens * out_features + out_features * in_features + tokens * in_features
+        if spec.fp8 == Fp8Recipe.rowwise:  # fp32 scales per row of each cast
+            casts += BYTES_PER_FP32 * (2 * tokens + out_features + tokens)
+        best = max(best, casts)
+    return Term(name=TERM_FP8_CASTS, bytes=best,
+                formula=f"the largest converted Linear's float8 casts: 2 x tokens x out + out x in + tokens x in "
+                        f"x 1 B{' + fp32 row scales' if spec.fp8 == Fp8Recipe.rowwise else ''} ({tokens:,} tokens)",
+                source=FP8_SOURCE, category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD)
+
+
 def _optimizer_source(name: str) -> str:
     return {
         "adamw": "torch/optim/adamw.py + adam.py _init_group (exp_avg, exp_avg_sq = zeros_like(param))",
@@ -721,5 +753,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
         loss=spec.loss_label, optim_in_backward=spec.optim_in_backward, activation_offload=spec.activation_offload.value,
-        compile=spec.compile, repeat_kv=spec.repeat_kv,
+        compile=spec.compile, repeat_kv=spec.repeat_kv, fp8=spec.fp8.value,
     )

@@ -85,7 +85,8 @@ def _describe_run(report: Report) -> list[str]:
          f"{', optimizer stepped in backward' if t.optim_in_backward else ''}"
          f"{', activations offloaded (' + t.activation_offload + ')' if t.activation_offload != 'none' else ''}"
          f"{', layers compiled (torch.compile)' if t.compile else ''}"
-         f"{', k and v repeated per head' if t.repeat_kv else ''}"),
+         f"{', k and v repeated per head' if t.repeat_kv else ''}"
+         f"{', float8 Linear layers (' + t.fp8 + ')' if t.fp8 != 'none' else ''}"),
     ]
     if t.defaults_used:
         lines.append(f"defaults used: {', '.join(t.defaults_used)}")

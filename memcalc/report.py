@@ -83,6 +83,7 @@ class TrainingSummary:
     activation_offload: str = "none"  # none | torchtune | trl | checkpoints: saved activations moved to host memory
     compile: bool = False  # each decoder layer under torch.compile (Inductor)
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa
+    fp8: str = "none"  # none | tensorwise | rowwise: torchao float8 training of the Linear layers
 
 
 @dataclass(eq=False, repr=False)

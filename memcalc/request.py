@@ -84,6 +84,7 @@ class Request:
     qlora_lm_head: bool = False
     compile: bool = False
     repeat_kv: bool = False
+    fp8: str = "none"
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -157,7 +158,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
-         "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "gpu", "from_format")
+         "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
@@ -268,7 +269,7 @@ def _plan(request: Request) -> Plan:
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
         "qlora_upcast": request.qlora_upcast, "qlora_scope": request.qlora_scope,
         "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
-        "compile": request.compile, "repeat_kv": request.repeat_kv,
+        "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

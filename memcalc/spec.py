@@ -18,7 +18,7 @@ from memcalc.optimizers import (
     OptimizerName,
     OptimizerSettings,
 )
-from memcalc.precision import Dtype, PrecisionName
+from memcalc.precision import Dtype, PrecisionName, get_recipe
 
 DEFAULT_MICRO_BATCH_SIZE = 1
 DEFAULT_SEQ_LEN = 2048
@@ -121,6 +121,15 @@ class QloraScope(str, Enum):
     lora_targets = "lora-targets"
 
 
+class Fp8Recipe(str, Enum):
+    """torchao float8 training (float8/float8_linear.py Float8Linear, torchtitan's float8 converter): none;
+    tensorwise: one scale per tensor; rowwise: one scale per row (axiswise)."""
+
+    none = "none"
+    tensorwise = "tensorwise"
+    rowwise = "rowwise"
+
+
 class LossKind(str, Enum):
     """standard: logits in full, upcast and cross-entropy (transformers ForCausalLMLoss); chunked: ``chunked:N``,
     torchtune's CEWithChunkedOutputLoss over the output projection applied in N chunks along the sequence
@@ -191,6 +200,7 @@ class TrainingSpec:
     freeze: tuple[str, ...] = ()
     compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa (torchtune's, litgpt's attention)
+    fp8: Fp8Recipe = Fp8Recipe.none  # torchao float8 training of the Linear layers
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -229,7 +239,8 @@ class TrainingSpec:
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
                            ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind),
-                           ("activation_offload", ActivationOffload), ("qlora_scope", QloraScope)):
+                           ("activation_offload", ActivationOffload), ("qlora_scope", QloraScope),
+                           ("fp8", Fp8Recipe)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
@@ -296,6 +307,10 @@ class TrainingSpec:
                 shown = value.value if isinstance(value, Enum) else value
                 raise UsageError(f"{{{given[0]}}} {shown} sets how QLoRA stores its base: add {{qlora}} (with "
                                  "{lora_rank} R)")
+        if self.fp8 != Fp8Recipe.none and get_recipe(self.precision, self.master_dtype, self.grad_dtype,
+                                                      self.state_dtype).compute_dtype != Dtype.bf16:
+            raise UsageError(f"{{fp8}} {self.fp8.value} casts bf16 Linear inputs and weights to float8 (torchao): use "
+                             "a bf16 recipe ({precision} bf16-pure, bf16 or amp-bf16)")
         if self.compile and self.checkpointing == Checkpointing.selective_op:
             raise UsageError("{compile} with {checkpointing} selective-op is not modelled (the policy runs inside "
                              "the compiled graph); drop one")

@@ -199,9 +199,10 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
                  ) -> tuple[tuple[TracedMoment, ...], str, int, int]:
     """Recipes no hand rule covers in any family (--checkpointing selective-op: which op outputs torchtitan's policy
     keeps depends on each family's code; --activation-offload: which saved tensors torchtune moves, and when its
-    stashes free them; --compile: what Inductor's partitioner saves and its kernels fuse): the step is traced with the real policy or manager applied, for every family; where it
-    cannot be, the estimate is refused, never guessed. The moments, why, the activations left saved on the device
-    and the host memory offloaded ones take."""
+    stashes free them; --compile: what Inductor's partitioner saves and its kernels keep): the step is traced with
+    the real policy, manager or compiler applied, for every family; where it cannot be, the estimate is refused,
+    never guessed. The moments, why, the activations left saved on the device and the host memory offloaded ones
+    take."""
     from memcalc.families import fallback_available
 
     what = " with ".join(name for name, given in (
@@ -322,14 +323,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "layers found)")
         return result
     rule, traced, run = _rule(model, spec, run)
-    if spec.repeat_kv and not traced and arch.num_kv_heads < arch.num_heads and family.counts_repeat_kv:
-        result.notes.append("--repeat-kv: the rules count the repeated k and v each layer saves (the backward "
-                            "exact at Llama-3.2-3B); the forward's moment, with the copies being made, up to 1.5% "
-                            "low; --activations trace counts it")
-    if spec.repeat_kv and not traced and arch.num_kv_heads < arch.num_heads and not family.counts_repeat_kv:
-        result.notes.append(f"--repeat-kv: {arch.architecture}'s rules do not count k and v repeated to every head "
-                            "(low by two copies per layer of the extra heads' k and v); --activations trace counts "
-                            "them")
+    if spec.repeat_kv and not traced and arch.num_kv_heads < arch.num_heads:
+        result.notes.append(
+            "--repeat-kv: the rules count the repeated k and v each layer saves (the backward exact at Llama-3.2-3B); "
+            "the forward's moment, with the copies being made, up to 1.5% low; --activations trace counts it"
+            if family.counts_repeat_kv else
+            f"--repeat-kv: {arch.architecture}'s rules do not count k and v repeated to every head (low by two "
+            "copies per layer of the extra heads' k and v); --activations trace counts them")
     if not traced:
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
@@ -394,9 +394,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     elif spec.compile:
         total = traced_kept
         breakdown = {KEPT_COMPILED: total}
-        formula = (f"{len(layer_totals)} compiled layers (checkpointing {spec.checkpointing_label}), traced: {total:,} B "
-                   "saved when the forward ends (what AOTAutograd's partitioner keeps in each layer, beside the "
-                   "embeddings', head's and loss's saves)")
+        formula = (f"{len(layer_totals)} compiled layers (checkpointing {spec.checkpointing_label}), traced: "
+                   f"{total:,} B saved when the forward ends (what AOTAutograd's partitioner keeps in each layer, "
+                   "beside the embeddings', head's and loss's saves)")
     elif spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):

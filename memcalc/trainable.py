@@ -266,10 +266,8 @@ def _quantized(frozen: list[ParamTensor], targets: tuple[str, ...], spec: Traini
     (transformers' bitsandbytes quantizer skips the output embeddings: get_keys_to_not_convert); lora-targets: the
     Linear weights LoRA wraps (torchtune's Qwen2/Qwen3 builders). The head too with qlora_lm_head (an explicit
     llm_int8_skip_modules without it), which bitsandbytes cannot do to a head tied to the input embedding."""
-    if spec.qlora_scope == QloraScope.lora_targets:
-        chosen = {t.name for t in frozen if _is_targeted(t, targets) and t.role != ROLE_LM_HEAD}
-    else:
-        chosen = {t.name for t in frozen if t.is_linear_weight and t.role != ROLE_LM_HEAD}
+    scope = targets if spec.qlora_scope == QloraScope.lora_targets else (ALL_LINEAR,)
+    chosen = {t.name for t in frozen if _is_targeted(t, scope) and t.role != ROLE_LM_HEAD}
     if spec.qlora_lm_head:
         if head_tied_to_embedding(frozen):
             raise UsageError("{qlora_lm_head}: this model's output head is its input embedding (tied), which "

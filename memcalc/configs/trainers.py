@@ -922,9 +922,9 @@ def _hf_unmodelled(r: _Reader, trl: bool) -> None:
     if r.get("neftune_noise_alpha") is not None:
         r.not_modelled("neftune_noise_alpha", r.get("neftune_noise_alpha"), "NEFTune's noisy embeddings add an "
                        "embedding-sized tensor in the forward")
+    if compile_keys:
+        _compile(r, compile_keys[0], HF_WHOLE_MODEL)
     if not trl:
-        if compile_keys:
-            _compile(r, compile_keys[0], HF_WHOLE_MODEL)
         return
     loss = r.get("loss_type")
     if loss is None:
@@ -945,8 +945,6 @@ def _hf_unmodelled(r: _Reader, trl: bool) -> None:
     if r.boolean("activation_offloading"):
         # trainer/sft_trainer.py: get_act_offloading_ctx_manager(model) around training_step.
         r.set("activation_offload", "trl", "activation_offloading", True)
-    if compile_keys:
-        _compile(r, compile_keys[0], HF_WHOLE_MODEL)
 
 
 # -- axolotl --------------------------------------------------------------------------------------------------------

@@ -310,16 +310,16 @@ def attention_parts(a: LlamaArch, run: Run, masked: bool = False) -> tuple[dict[
     if a.fused_qkv and (not a.use_cache or run.checkpointing) and (heads == g or not (eager or masked)):
         v_view = c * tokens * (heads + g) * d
     mask = 0
-    if run.repeat_kv and not eager and not masked:
-        # --repeat-kv: k and v expanded to every query head before sdpa (torchtune's MultiHeadAttention.forward,
-        # transformers' sdpa without enable_gqa), which saves the expanded copies instead of k and v.
+    if not eager and (masked or run.repeat_kv):
+        # k and v expanded to every query head before sdpa, which saves the expanded copies instead of k and v:
+        # integrations/sdpa_attention.py takes repeat_kv when use_gqa_in_sdpa is False (with an explicit mask), and
+        # --repeat-kv is torchtune's MultiHeadAttention.forward (expand, then flatten). (Eager attention's qkv above
+        # counts its own repeat.)
         qkv += 2 * c * tokens * (heads - g) * d
     if masked:
-        # integrations/sdpa_attention.py: with an explicit mask use_gqa_in_sdpa is False, so repeat_kv expands k
-        # and v to every head before sdpa, which saves them; torch's sdpa converts the boolean mask to a float bias
-        # in the query dtype and keeps it for backward (on CUDA the memory-efficient kernel, its attn_bias).
-        # Measured on the CPU (tests/test_activations.py); on CUDA the kernel's log-sum-exp is padded to 32 rows.
-        qkv += 2 * c * tokens * (heads - g) * d
+        # torch's sdpa converts the boolean mask to a float bias in the query dtype and keeps it for backward (on
+        # CUDA the memory-efficient kernel, its attn_bias). Measured on the CPU (tests/test_activations.py); on CUDA
+        # the kernel's log-sum-exp is padded to 32 rows.
         mask = c * b * s * s
     # Under autocast each Linear saves its own low-precision cast of an fp32 input: q, k, v (phi3: one fused
     # qkv_proj); the MLP's are counted with it. o_proj and down_proj get 16-bit inputs already.

@@ -311,14 +311,34 @@ def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
                                device=tensor.device).requires_grad_(tensor.requires_grad)
 
 
-def compile_function(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``function`` of tensors as torch.compile with Inductor runs it (the same partition and buffers as a compiled
-    layer): torchtune's compile_loss compiles CEWithChunkedOutputLoss.compute_cross_entropy, each chunk's upcast and
-    cross-entropy, this way."""
+def _aot_compiled(function: Callable[..., Any], *example: Any) -> Callable[..., Any]:
+    """``function`` through AOTAutograd as Inductor calls it (its decompositions and partition_fn; each graph run by
+    ``_runner``), compiled on stand-ins for ``example`` (tensors in lists and dicts), made and run out of the
+    tracker's sight: the compilation's own forward is not the step's. The stand-ins are fresh tensors, not views of
+    the step's (AOTAutograd keeps its example inputs, which would keep the step's tensors alive); identity saved-tensor hooks keep a checkpoint's or an offloader's hooks around
+    the call from seeing their saved tensors. AOTAutograd refuses fake parameters inside its graph, which the traced
+    step has by design: that check is off while compiling."""
+    import torch._dynamo.utils as dynamo_utils
     from functorch.compile import aot_function
     from torch._inductor.compile_fx import partition_fn
     from torch._inductor.decomposition import select_decomp_table
 
+    compiled = aot_function(function, fw_compiler=_compiled, bw_compiler=_compiled, partition_fn=partition_fn,
+                            decompositions=select_decomp_table())
+    refuse = dynamo_utils.assert_no_fake_params_or_buffers
+    dynamo_utils.assert_no_fake_params_or_buffers = lambda _graph: None
+    try:
+        with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            compiled(*pytree.tree_map_only(torch.Tensor, _stand_in, example))
+    finally:
+        dynamo_utils.assert_no_fake_params_or_buffers = refuse
+    return compiled
+
+
+def compile_function(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``function`` of tensors as torch.compile with Inductor runs it (the same partition and buffers as a compiled
+    layer): torchtune's compile_loss compiles CEWithChunkedOutputLoss.compute_cross_entropy, each chunk's upcast and
+    cross-entropy, this way."""
     compiled: dict[Any, Callable[..., torch.Tensor]] = {}
 
     def call(*given: torch.Tensor) -> torch.Tensor:
@@ -327,10 +347,7 @@ def compile_function(function: Callable[..., torch.Tensor]) -> Callable[..., tor
         key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
         found = compiled.get(key)
         if found is None:
-            found = compiled[key] = aot_function(function, fw_compiler=_compiled, bw_compiler=_compiled,
-                                                 partition_fn=partition_fn, decompositions=select_decomp_table())
-            with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                found(*[_stand_in(t) for t in tensors])
+            found = compiled[key] = _aot_compiled(function, *tensors)
         return found(*tensors)
 
     return call
@@ -364,10 +381,6 @@ def compile_layer(layer: torch.nn.Module) -> None:
     graph recomputes what it needs."""
     import types
 
-    import torch._dynamo.utils as dynamo_utils
-    from functorch.compile import aot_function
-    from torch._inductor.compile_fx import partition_fn
-    from torch._inductor.decomposition import select_decomp_table
     from torch.nn.utils.stateless import _reparametrize_module
 
     class_forward = type(layer).forward
@@ -396,22 +409,7 @@ def compile_layer(layer: torch.nn.Module) -> None:
                         return original(*call_args, **call_kwargs)
                     return _checkpointed(functools.partial(original, **call_kwargs), *call_args)
 
-            function = aot_function(functional, fw_compiler=_compiled, bw_compiler=_compiled,
-                                    partition_fn=partition_fn, decompositions=select_decomp_table())
-            compiled[key] = function
-            # Compile on detached stand-ins, out of the tracker's sight (the compilation's own forward is not the
-            # step's). AOTAutograd refuses fake parameters inside its graph, which the traced step has by design.
-            refuse = dynamo_utils.assert_no_fake_params_or_buffers
-            dynamo_utils.assert_no_fake_params_or_buffers = lambda _graph: None
-            try:
-                # (identity saved-tensor hooks: a checkpoint's or an offloader's hooks around this call do not see
-                # the stand-in's saved tensors)
-                # (fresh tensors, not views of the step's: AOTAutograd keeps its example inputs, which would keep
-                # the step's tensors alive)
-                with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                    function({name: _stand_in(t) for name, t in state.items()}, [_stand_in(leaves[i]) for i in at])
-            finally:
-                dynamo_utils.assert_no_fake_params_or_buffers = refuse
+            function = compiled[key] = _aot_compiled(functional, state, [leaves[i] for i in at])
         return function(state, [leaves[i] for i in at])
 
     layer.forward = forward

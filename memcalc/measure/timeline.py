@@ -284,14 +284,13 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
     """The step's moments for ``spec`` (a TrainingSpec the single-process step runs: measure.step.resolve_setup
     says which) at the config's full depth, from the cache or traced now; and whether it came from the cache.
     ``attention``: sdpa | eager (a class without an sdpa path runs eager)."""
+    from memcalc.measure import build  # (no torch at import)
     from memcalc.precision import get_recipe
 
     # The key from the spec alone, so that a repeat imports neither torch nor transformers.
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
-    from memcalc.measure.build import SDPA_REPEAT_KV
-
     if spec.repeat_kv and attention == "sdpa":
-        attention = SDPA_REPEAT_KV
+        attention = build.SDPA_REPEAT_KV
     settings = {"seq_len": spec.seq_len, "batch": spec.micro_batch_size, "decoder_seq_len": spec.decoder_seq_len,
                 "weight_dtype": recipe.weight_dtype.value, "grad_dtype": recipe.grad_dtype.value,
                 "autocast": recipe.compute_dtype.value if recipe.autocast else None, "attention": attention,
@@ -316,11 +315,10 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
         return found, True
     if derive.may_fit(anchors):
         return _fitted(anchors, spec.seq_len), False
-    from memcalc.measure import build
     from memcalc.measure.step import resolve_setup
 
     started = time.perf_counter()
-    if attention in ("sdpa", SDPA_REPEAT_KV) and not build.sdpa_supported(raw):
+    if attention in ("sdpa", build.SDPA_REPEAT_KV) and not build.sdpa_supported(raw):
         attention = "eager"  # (eager attention repeats k and v itself)
     setup = resolve_setup(spec, attention, "cpu", traced=True)
     depth_key, num_layers = _depth_key(raw)

@@ -429,8 +429,9 @@ class CachingAllocator:
             block = self._alloc_block(size, small)
         if block is None:
             self.num_ooms += 1
-            raise OutOfMemory(f"could not reserve {self._segment_size(size)} bytes with {self.reserved} reserved and "
-                              f"{self.allocated} allocated")
+            raise OutOfMemory(f"a {self._segment_size(size) / MIB:,.0f} MiB segment for a {orig_size / MIB:,.1f} MiB "
+                              f"tensor did not fit beside {self.reserved / MIB:,.0f} MiB reserved "
+                              f"({self.allocated / MIB:,.0f} MiB allocated)")
         if self._should_split(block, size):
             rest = _Block(block.size - size, block.addr + size, small, block.segment, prev=block, next=block.next)
             if block.next is not None:

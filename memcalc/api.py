@@ -26,6 +26,7 @@ from memcalc.spec import TrainingSpec
 from memcalc.vocab import COMPARE_TOOLS, VERIFY_METHODS
 
 if TYPE_CHECKING:
+    from memcalc.allocator import AllocatorConfig
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
     from memcalc.fit import ConfigOwner, GpuTarget
@@ -70,7 +71,32 @@ def plan_of(model: str | None = None, **settings: Any) -> Plan:
 def run_plan(plan: Plan) -> list[Report]:
     """One Report per TrainingSpec of the plan, each with its fit when the plan has a GPU."""
     return [run(plan.model, spec, plan.gpu, plan.defaults_used, plan.solve_batch, plan.solve_seq_len,
-                plan.precision_chosen, plan.notes, _config_owner(plan)) for spec in plan.specs]
+                plan.precision_chosen, plan.notes, _config_owner(plan), plan.allocator, plan.allocator_source)
+            for spec in plan.specs]
+
+
+def _with_reserved(report: Report, model: ModelInput, spec: TrainingSpec, allocator: AllocatorConfig, source: str,
+                   gpu: GpuTarget | None) -> GpuTarget | None:
+    """Put the replayed reserved peak on the report; return the GPU target with the predicted reserve."""
+    import dataclasses
+    import importlib.util
+
+    from memcalc.errors import INSTALL_TORCH, MissingDependencyError
+
+    if model.config is None:
+        raise UsageError("{reserved} replays the model's own step: give a {model}, not {params}")
+    if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
+        raise MissingDependencyError(f"{{reserved}} traces the model's own step: install torch and transformers "
+                                     f"({INSTALL_TORCH})")
+    from memcalc.measure.reserved import predict_reserved, predicted_reserve
+
+    capacity = gpu.memory_bytes - gpu.cuda_context_bytes if gpu is not None else None
+    replayed = predict_reserved(model.config.raw, spec, allocator, source, capacity)
+    report.per_gpu.reserved_peak_bytes = replayed.reserved_peak_bytes
+    report.per_gpu.allocator = replayed
+    if gpu is None:
+        return None
+    return dataclasses.replace(gpu, predicted_reserve_bytes=predicted_reserve(replayed, report.per_gpu.peak_bytes))
 
 
 def _config_owner(plan: Plan) -> ConfigOwner | None:
@@ -83,12 +109,17 @@ def _config_owner(plan: Plan) -> ConfigOwner | None:
 
 def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, defaults_used: Sequence[str] = (),
         solve_batch: bool = False, solve_seq_len: bool = False, precision_chosen: bool = True,
-        notes: Sequence[str] = (), config_owner: ConfigOwner | None = None) -> Report:
+        notes: Sequence[str] = (), config_owner: ConfigOwner | None = None,
+        allocator: AllocatorConfig | None = None, allocator_source: str = "default") -> Report:
     """The engine's report for one spec (the lower-level entry: a ModelInput and a TrainingSpec).
-    ``config_owner``: the DeepSpeed config the spec was read from (the fit's suggestions edit its keys)."""
+    ``config_owner``: the DeepSpeed config the spec was read from (the fit's suggestions edit its keys).
+    ``allocator``: predict the reserved peak by replaying the step through the caching allocator with these settings
+    (``--reserved``; traces the step, needs torch); the fit then uses it for the allocator reserve."""
     report = _estimate_spec(model, spec, defaults_used)
     if notes:
         report.notes[:0] = list(notes)
+    if allocator is not None:
+        gpu = _with_reserved(report, model, spec, allocator, allocator_source, gpu)
     if gpu is not None:
         from memcalc.fit import check_fit  # only with a GPU
 
@@ -133,8 +164,34 @@ def verify_plan(plan: Plan, method: str = "auto", progress: Callable[[str], None
         differences_from_gpu=list(measurement.differences_from_gpu), run=dict(measurement.run),
         reserved_peak_bytes=measurement.reserved_peak_bytes, cuda_context_bytes=measurement.cuda_context_bytes,
         elapsed_seconds=round(measurement.elapsed_seconds, 3), notes=list(measurement.notes),
+        allocator_stats=dict(measurement.allocator_stats),
     )
+    if measurement.allocation_events:
+        _replay_measured(result, measurement.allocation_events, plan)
     return report.with_verify(result)
+
+
+def _replay_measured(result: VerifyResult, events: list[tuple[int, int, int]], plan: Plan) -> None:
+    """The measured step's allocations through the caching-allocator model: with the plan's settings (--alloc-conf),
+    else the environment's, as the measured process read them."""
+    import os
+
+    from memcalc.allocator import ENV_VARS, AllocConfError, parse_alloc_conf, replay
+
+    config = plan.allocator
+    if config is None:
+        text = next((os.environ[name] for name in ENV_VARS if os.environ.get(name)), "")
+        try:
+            config = parse_alloc_conf(text)
+        except AllocConfError as error:
+            result.notes.append(f"the caching-allocator replay was skipped: the environment's allocator settings "
+                                f"'{text}' cannot be replayed ({error})")
+            return
+    replayed = replay(events, config)
+    result.replayed_reserved_peak_bytes = replayed.reserved_peak_bytes
+    result.replayed_allocated_peak_bytes = replayed.allocated_peak_bytes
+    result.replayed_requested_peak_bytes = replayed.requested_peak_bytes
+    result.alloc_conf = config.text
 
 
 # -- presets, peers' figures, configs --------------------------------------------------------------------------

@@ -146,6 +146,8 @@ def estimate(
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory for the fit check, e.g. 80GiB or 24GB.")] = None,
     cuda_context: Annotated[str | None, typer.Option(help="CUDA context size assumed by the fit check (default 512MiB).")] = None,
     reserve_fraction: Annotated[float | None, typer.Option(help="Allocator reserve assumed by the fit check, 0 to 0.9 (default 0.05).")] = None,
+    reserved: Annotated[bool, typer.Option("--reserved", help="Predict the caching allocator's reserved memory (max_memory_reserved) by replaying the step's allocations through a model of PyTorch's CUDA caching allocator; the fit then uses it instead of --reserve-fraction. Traces the step at full size (needs torch; cached).")] = False,
+    alloc_conf: Annotated[str | None, typer.Option("--alloc-conf", help="PYTORCH_ALLOC_CONF for --reserved, e.g. expandable_segments:True (default: the environment's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF). Implies --reserved.", show_default=False)] = None,
     max_batch: Annotated[bool, typer.Option("--max-batch", help="With --gpu: the largest micro-batch that fits.")] = False,
     max_seq_len: Annotated[bool, typer.Option("--max-seq-len", help="With --gpu: the longest sequence that fits.")] = False,
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train LoRA adapters of this rank on a frozen base.")] = None,

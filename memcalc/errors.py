@@ -18,7 +18,7 @@ SETTINGS = frozenset({
     "lora_modules_to_save",
     "adafactor_beta1", "optim_rank", "batch_size", "seq_len", "decoder_seq_len", "grad_accum", "checkpointing", "loss", "attn", "zero", "gpus", "nodes",
     "gpus_per_node", "sharding", "fsdp", "offload", "deepspeed", "from_config", "from_format", "lora_rank", "lora_targets", "qlora", "freeze",
-    "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "max_batch", "max_seq_len", "verify", "emit",
+    "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "reserved", "alloc_conf", "max_batch", "max_seq_len", "verify", "emit",
     "compare_with", "plot",
 })
 _NAMED = re.compile(r"\{([a-z][a-z0-9_]*)\}")
@@ -76,6 +76,12 @@ class UnsupportedModelError(MemcalcError):
 
 
 # 6: does not fit the GPU given (a verdict, not an error: the CLI's exit code, memcalc.cli.EXIT_DOES_NOT_FIT).
+
+
+class OutOfMemoryError(MemcalcError):
+    """A measured step ran out of GPU memory (--verify on CUDA): the run does not fit, exit code 6."""
+
+    exit_code = 6
 
 
 class MissingDependencyError(MemcalcError):

@@ -87,9 +87,15 @@ class GpuTarget:
     source: str
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
     reserve_fraction: float = DEFAULT_ALLOCATOR_RESERVE_FRACTION
+    # --reserved: the allocator's reserved bytes beyond the tensors at the step's reserved peak (memcalc.allocator
+    # replay of the asked run), used in place of the assumed fraction; the change search applies the same bytes to
+    # the changed runs it estimates
+    predicted_reserve_bytes: int | None = None
 
     @property
     def reserve_bytes(self) -> int:
+        if self.predicted_reserve_bytes is not None:
+            return self.predicted_reserve_bytes
         return round(self.memory_bytes * self.reserve_fraction)
 
     @property
@@ -723,6 +729,7 @@ def check_fit(
         **solved, **trainer,
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
         cuda_context_bytes=gpu.cuda_context_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
+        allocator_reserve_predicted=gpu.predicted_reserve_bytes is not None,
         usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
         peak_is_lower_bound=not report.model.architecture_known,
         suggestions=suggestions, cost_model=COST_MODEL if suggestions else None, cost_reasons=cost_reasons,

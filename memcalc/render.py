@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import printable
-from memcalc.report import VERDICT_DOES_NOT_FIT, VERDICT_FITS, VERDICT_MAY_FIT, Report
+from memcalc.report import VERDICT_DOES_NOT_FIT, VERDICT_FITS, VERDICT_MAY_FIT, AllocatorReplay, Report, VerifyResult
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
 from memcalc.vocab import EXTRA_MEANING, PHASE_LABELS, TERM_ACTIVATIONS, Phase
 
@@ -186,6 +186,8 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
         f"{format_bytes(per_gpu.first_step_peak_bytes, unit)}). The \"at peak\" column adds up to it; the sum of "
         "all terms is not the peak.",
     )
+    if per_gpu.allocator is not None:
+        _print_allocator(per_gpu.allocator, console, unit)
     if per_gpu.cpu_offload_bytes:
         t = report.training
         console.print(
@@ -217,6 +219,30 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
         console.print(f"note: {note}", markup=False)
     if report.fit is not None:
         render_fit(report, console, unit)
+
+
+def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> None:
+    """--reserved: the replayed caching allocator's peaks beside the tensors' peak, and what it assumed."""
+    over = replayed.reserved_peak_bytes - replayed.requested_peak_bytes
+    share = f" (+{100 * over / replayed.requested_peak_bytes:.1f}%)" if replayed.requested_peak_bytes else ""
+    conf = f"PYTORCH_ALLOC_CONF '{replayed.alloc_conf}' from {replayed.alloc_conf_source}" if replayed.alloc_conf \
+        else "the allocator's defaults"
+    console.print(f"reserved peak (caching-allocator replay, {conf}): [bold]"
+                  f"{format_bytes(replayed.reserved_peak_bytes, unit)}[/bold]{share} for "
+                  f"{format_bytes(replayed.requested_peak_bytes, unit)} of tensors; allocated blocks "
+                  f"{format_bytes(replayed.allocated_peak_bytes, unit)}; {replayed.segments_peak:,} segments",
+                  highlight=False)
+    console.print(f"  replayed: {replayed.num_events:,} allocations and frees of {replayed.source}", markup=False,
+                  highlight=False)
+    if replayed.capacity_bytes is not None and replayed.bounded_reserved_peak_bytes is not None:
+        outcome = ("ran out of memory" if replayed.num_ooms else
+                   f"freed its cache and retried {replayed.num_alloc_retries} time(s)" if replayed.num_alloc_retries
+                   else "never filled it")
+        console.print(f"  within {format_bytes(replayed.capacity_bytes, unit)} (the GPU less the CUDA context) the "
+                      f"allocator {outcome}; reserved peak there "
+                      f"{format_bytes(replayed.bounded_reserved_peak_bytes, unit)}", markup=False, highlight=False)
+    for note in replayed.notes:
+        console.print(f"  note: {note}", markup=False, highlight=False)
 
 
 def render_fit(report: Report, console: Console, unit: str) -> None:
@@ -261,8 +287,11 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
         say("the peak is a lower bound: with --params only there is no architecture, so activations and per-layer buffers are "
             "not counted here or in the changes below; give a preset or a config.json as MODEL for the whole peak",
             indent="  ")
+    reserve_how = ("predicted by --reserved: reserved beyond the tensors at the replayed step's reserved peak, the same "
+                   "bytes for the changes below; CUDA context assumed, --cuda-context") if fit.allocator_reserve_predicted \
+        else "assumed; --cuda-context, --reserve-fraction, or --reserved to predict it"
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} - allocator "
-        f"reserve {size(fit.allocator_reserve_bytes)} (assumed; --cuda-context, --reserve-fraction)", indent="  ")
+        f"reserve {size(fit.allocator_reserve_bytes)} ({reserve_how})", indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
         master = "bf16" if fit.hf_trainer_recipe.endswith("bf16") else "fp16"
         say(f"HF Trainer's {master}=True runs {fit.hf_trainer_recipe} (fp32 weights, autocast): peak "
@@ -362,10 +391,36 @@ def render_verify(report: Report, console: Console, unit: str) -> None:
     console.print(f"measured peak {format_bytes(verify.measured_peak_bytes, unit)} in the "
                   f"{PHASE_LABELS.get(verify.measured_peak_phase, verify.measured_peak_phase)}; estimated "
                   f"{format_bytes(verify.checked_peak_bytes, unit)} in the {PHASE_LABELS.get(verify.checked_peak_phase, verify.checked_peak_phase)}")
+    _print_replayed(verify, console, unit)
     for note in verify.notes:
         console.print(f"verify: {note}", markup=False)
     for difference in verify.differences_from_gpu:
         console.print(f"CPU vs GPU: {difference}", highlight=False, markup=False)
+
+
+def _print_replayed(verify: VerifyResult, console: Console, unit: str) -> None:
+    """The measured step's allocations replayed through the caching-allocator model; on CUDA beside the allocator's
+    own reserved, allocated and requested peaks."""
+    if verify.replayed_reserved_peak_bytes is None:
+        return
+    conf = f"PYTORCH_ALLOC_CONF '{verify.alloc_conf}'" if verify.alloc_conf else "the allocator's defaults"
+    stats = verify.allocator_stats
+    pairs = (("reserved", verify.replayed_reserved_peak_bytes, stats.get("reserved_bytes.all.peak")),
+             ("allocated", verify.replayed_allocated_peak_bytes, stats.get("allocated_bytes.all.peak")),
+             ("requested", verify.replayed_requested_peak_bytes, stats.get("requested_bytes.all.peak")))
+    if any(measured for _name, _replayed, measured in pairs):
+        console.print(f"caching allocator, replayed ({conf}) vs measured: " + "; ".join(
+            f"{name} {format_bytes(replayed or 0, unit)} vs {format_bytes(measured, unit)} "
+            f"({100 * ((replayed or 0) - measured) / measured:+.2f}%)"
+            for name, replayed, measured in pairs if measured), highlight=False, markup=False)
+        counters = ", ".join(f"{k} {stats[k]}" for k in ("num_alloc_retries", "num_ooms") if k in stats)
+        if counters:
+            console.print(f"allocator counters over the step: {counters}", highlight=False, markup=False)
+        return
+    console.print(f"on a GPU (caching-allocator replay of this step's allocations, {conf}): reserved "
+                  f"{format_bytes(verify.replayed_reserved_peak_bytes, unit)}, allocated blocks "
+                  f"{format_bytes(verify.replayed_allocated_peak_bytes or 0, unit)}, tensors "
+                  f"{format_bytes(verify.replayed_requested_peak_bytes or 0, unit)}", highlight=False, markup=False)
 
 
 def render_comparison(reports: Sequence[Report], console: Console, unit: str) -> None:

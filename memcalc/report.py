@@ -87,6 +87,29 @@ class TrainingSummary:
 
 
 @dataclass(eq=False, repr=False)
+class AllocatorReplay:
+    """The step's allocations replayed through PyTorch's CUDA caching allocator (memcalc.allocator, ``--reserved``),
+    in ``torch.cuda.memory_stats`` terms: reserved (segments held), allocated (blocks handed out: rounding and unsplit
+    remainders included) and requested (the tensors' bytes) peaks. ``capacity_bytes``: the GPU's memory less the CUDA
+    context, where a GPU was given; the ``bounded_*`` figures replay the step within it (a full device makes the
+    allocator free its cached segments and retry; an allocation it still cannot place is an out-of-memory)."""
+
+    alloc_conf: str  # the PYTORCH_ALLOC_CONF string replayed ("" = the defaults)
+    alloc_conf_source: str  # --alloc-conf, PYTORCH_ALLOC_CONF, PYTORCH_CUDA_ALLOC_CONF or default
+    reserved_peak_bytes: int
+    allocated_peak_bytes: int
+    requested_peak_bytes: int
+    segments_peak: int
+    num_events: int
+    source: str  # what was replayed and how it was obtained
+    capacity_bytes: int | None = None
+    bounded_reserved_peak_bytes: int | None = None
+    num_alloc_retries: int | None = None
+    num_ooms: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False, repr=False)
 class PerGpu:
     terms: list[Term]
     model_states_bytes: int
@@ -95,6 +118,10 @@ class PerGpu:
     phases: list[PhaseTotal]
     first_step_peak_bytes: int
     cpu_offload_bytes: int = 0  # CPU RAM this GPU's process uses for offloaded states (ZeRO-Offload)
+    # --reserved: the caching allocator's reserved peak (max_memory_reserved) for this step, predicted by replay; None
+    # when not asked (the fit then assumes a reserve fraction)
+    reserved_peak_bytes: int | None = None
+    allocator: AllocatorReplay | None = None
 
 
 @dataclass(eq=False, repr=False)
@@ -168,6 +195,9 @@ class Fit:
     hf_trainer_recipe: str | None = None
     hf_trainer_peak_bytes: int | None = None
     hf_trainer_fits: bool | None = None
+    # How allocator_reserve_bytes was obtained: False, assumed (--reserve-fraction of the GPU's memory); True, predicted
+    # (--reserved: the caching allocator's reserved peak less the tensors' bytes, from the replayed step)
+    allocator_reserve_predicted: bool = False
 
     @property
     def verdict(self) -> str:
@@ -213,6 +243,14 @@ class VerifyResult:
     cuda_context_bytes: int | None
     elapsed_seconds: float
     notes: list[str] = field(default_factory=list)
+    # the measured step's own allocations and frees (load, warm-up, measured step) replayed through the caching
+    # allocator model (memcalc.allocator) with alloc_conf: its reserved, allocated and requested peaks; on CUDA beside
+    # the allocator's own figures (allocator_stats: torch.cuda.memory_stats peaks and counters)
+    replayed_reserved_peak_bytes: int | None = None
+    replayed_allocated_peak_bytes: int | None = None
+    replayed_requested_peak_bytes: int | None = None
+    alloc_conf: str | None = None
+    allocator_stats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, repr=False)

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memcalc.errors import UsageError
+from memcalc.errors import UsageError, printable
 from memcalc.spec import DEFAULT_MICRO_BATCH_SIZE, DEFAULT_SEQ_LEN, Sharding, setting_of
 
 if TYPE_CHECKING:
+    from memcalc.allocator import AllocatorConfig
     from memcalc.fit import GpuTarget
     from memcalc.resolve import ModelInput
     from memcalc.spec import TrainingSpec
@@ -90,6 +91,8 @@ class Request:
     gpu_memory: int | str | None = None
     cuda_context: int | str | None = None
     reserve_fraction: float | None = None
+    reserved: bool = False
+    alloc_conf: str | None = None
     max_batch: bool = False
     max_seq_len: bool = False
     chosen: frozenset[str] | None = None
@@ -127,6 +130,9 @@ class Plan:
     solve_seq_len: bool
     config_path: str | None = None  # the DeepSpeed config the plan was read from (as shown to the user)
     config_fields: frozenset[str] = frozenset()  # the TrainingSpec fields it sets
+    # --reserved: the caching allocator's settings to replay the step with (None: reserved memory not predicted)
+    allocator: AllocatorConfig | None = None
+    allocator_source: str = ""  # where the settings came from: --alloc-conf, an environment variable, or default
 
 
 def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -187,7 +193,9 @@ def _check_types(request: Request) -> None:
 
 def _check_simple(request: Request) -> None:
     _check_types(request)
-    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params")  # (an empty model: resolve)
+    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params")
+    if request.reserve_fraction is not None and (request.reserved or request.alloc_conf is not None):
+        raise UsageError("{reserve_fraction} assumes the allocator's reserve and {reserved} predicts it: give one")  # (an empty model: resolve)
     if request.gpu is not None and request.gpu_memory is not None:
         raise UsageError("give either {gpu} NAME or {gpu_memory} SIZE, not both")
     no_gpu = request.gpu is None and request.gpu_memory is None
@@ -295,6 +303,7 @@ def _plan(request: Request) -> Plan:
     gpu, gpu_note = _gpu_target(request)
     if gpu_note:
         notes.append(gpu_note)
+    allocator, allocator_source = _allocator(request, model, specs)
     effective = {"precision": specs[0].precision.value, "optim": specs[0].optimizer.value,
                  "optim_impl": specs[0].optim_impl.value, "batch_size": specs[0].micro_batch_size,
                  "seq_len": specs[0].seq_len, "checkpointing": specs[0].checkpointing_label,
@@ -309,7 +318,33 @@ def _plan(request: Request) -> Plan:
                 precision_chosen=request.is_chosen("precision") or "precision" in from_config,
                 solve_batch=request.max_batch, solve_seq_len=request.max_seq_len,
                 config_path=_shown(request.deepspeed) if request.deepspeed is not None else None,
-                config_fields=frozenset(config_fields))
+                config_fields=frozenset(config_fields), allocator=allocator, allocator_source=allocator_source)
+
+
+def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec]
+               ) -> tuple[AllocatorConfig | None, str]:
+    """--reserved (or --alloc-conf): the allocator settings to replay with, from --alloc-conf, else the environment
+    (PYTORCH_ALLOC_CONF, then the older PYTORCH_CUDA_ALLOC_CONF, as PyTorch reads them), else the defaults."""
+    if not request.reserved and request.alloc_conf is None:
+        return None, ""
+    from memcalc.allocator import ENV_VARS, AllocConfError, parse_alloc_conf
+
+    if model.config is None or not model.architecture_known:
+        raise UsageError("{reserved} replays the model's own step: give a {model} (preset name or config.json), "
+                         "not {params}")
+    if any(spec.zero_stage or spec.num_gpus > 1 for spec in specs):
+        raise UsageError("{reserved} replays one process's step; ZeRO/FSDP/DDP ranks ({zero}, {gpus}) are not "
+                         "replayed yet: drop {reserved} (the fit then assumes a reserve fraction)")
+    if request.alloc_conf is not None:
+        text, source = request.alloc_conf, "--alloc-conf"
+    else:
+        source = next((name for name in ENV_VARS if os.environ.get(name)), "default")
+        text = os.environ.get(source, "")
+    try:
+        return parse_alloc_conf(text), source
+    except AllocConfError as error:
+        where = "{alloc_conf}" if source == "--alloc-conf" else f"the environment's {source}"
+        raise UsageError(f"{where} '{printable(text)}': {error}") from None
 
 
 def _trainer_config(request: Request) -> tuple[Request, list[str]]:

@@ -27,6 +27,7 @@ class FakeCuda:
     def __init__(self) -> None:
         self.resets = 0
         self.calls: list[str] = []
+        self.gc_during: list[bool] = []
 
     def is_available(self) -> bool:
         return True
@@ -56,12 +57,21 @@ class FakeCuda:
     def get_device_name(self, device=None) -> str:
         return "Fake GPU"
 
+    def memory_stats(self, device=None) -> dict[str, int]:
+        import gc
+
+        self.gc_during.append(gc.isenabled())
+        return {"requested_bytes.all.peak": 900 * self.resets, "active_bytes.all.peak": 950 * self.resets,
+                "allocated_bytes.all.peak": 1000 * self.resets, "reserved_bytes.all.peak": 2000 * self.resets,
+                "num_alloc_retries": 1, "num_ooms": 0}
+
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
     fake = FakeCuda()
     for name in ("is_available", "synchronize", "reset_peak_memory_stats", "max_memory_allocated",
-                 "memory_allocated", "max_memory_reserved", "memory_reserved", "mem_get_info", "get_device_name"):
+                 "memory_allocated", "max_memory_reserved", "memory_reserved", "mem_get_info", "get_device_name",
+                 "memory_stats"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     return fake
 
@@ -83,6 +93,32 @@ def test_cuda_path_bookkeeping_with_faked_statistics(fake_cuda):
     for term in ("weights", "gradients", "optimizer_states"):
         assert measured.model_state_bytes[term] == report.term(term).bytes
     assert measured.differences_from_gpu == []
+    # memory_stats() read at each phase's end: the largest peak of each kind, the counters as last read
+    assert measured.allocator_stats == {"requested_bytes.all.peak": 3600, "active_bytes.all.peak": 3800,
+                                        "allocated_bytes.all.peak": 4000, "reserved_bytes.all.peak": 8000,
+                                        "num_alloc_retries": 1, "num_ooms": 0}
+    assert {"torch", "cuda_runtime", "driver", "alloc_conf"} <= set(measured.run)
+    # the garbage collector is off while the step is measured, and on again afterwards
+    import gc
+
+    assert fake_cuda.gc_during and not any(fake_cuda.gc_during) and gc.isenabled()
+    # the step's allocations were kept for the caching-allocator replay (not in the JSON)
+    assert measured.allocation_events and "allocation_events" not in measured.to_dict()
+
+
+def test_cuda_oom_is_the_does_not_fit_exit(fake_cuda, monkeypatch):
+    from memcalc.errors import OutOfMemoryError
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.19 GiB of which 1.2 GiB is free.")
+
+    monkeypatch.setattr(vcuda, "execute", out_of_memory)
+    with pytest.raises(OutOfMemoryError) as caught:
+        vcuda.measure_cuda(TINY, SPEC, device="cpu")
+    assert caught.value.exit_code == 6
+    message = str(caught.value)
+    assert "\n" not in message and "Tried to allocate 2.00 GiB" in message and "does not fit" in message
 
 
 def test_phase_clock_reads_each_phase_once(fake_cuda):

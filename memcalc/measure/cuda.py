@@ -16,12 +16,19 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from memcalc.errors import UsageError
+from memcalc.errors import OutOfMemoryError, UsageError
 from memcalc.measure import tracker as trk
 from memcalc.measure.measurement import Measurement
 from memcalc.measure.step import PhaseClock, Progress, execute, to_measurement
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
+
+# torch.cuda.memory_stats() keys read over the measured step (the peaks per phase, the largest kept): the tensors'
+# own bytes (requested), blocks in use or waiting on another stream (active), blocks handed out (allocated: 512-byte
+# rounding and unsplit remainders), segments held (reserved); and the allocator's counters
+PEAK_STATS = ("requested_bytes.all.peak", "active_bytes.all.peak", "allocated_bytes.all.peak",
+              "reserved_bytes.all.peak")
+COUNTERS = ("num_alloc_retries", "num_ooms")
 
 
 class CudaPhaseClock(PhaseClock):
@@ -32,6 +39,7 @@ class CudaPhaseClock(PhaseClock):
         self.current: str | None = None
         self.peaks: dict[str, int] = {}
         self.reserved_peak = 0
+        self.stats: dict[str, int] = {}  # memory_stats() peaks over the phases, counters at the end
         self.phase_start_allocated: dict[str, int] = {}
         self._hook = None
 
@@ -50,6 +58,13 @@ class CudaPhaseClock(PhaseClock):
         peak = int(torch.cuda.max_memory_allocated(self.device))
         self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
         self.reserved_peak = max(self.reserved_peak, int(torch.cuda.max_memory_reserved(self.device)))
+        stats = torch.cuda.memory_stats(self.device)
+        for key in PEAK_STATS:
+            if key in stats:
+                self.stats[key] = max(self.stats.get(key, 0), int(stats[key]))
+        for key in COUNTERS:
+            if key in stats:
+                self.stats[key] = int(stats[key])
 
     def enter(self, phase: str) -> None:
         if phase == self.current:
@@ -86,11 +101,21 @@ def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec,
         torch.cuda.reset_peak_memory_stats(clock.device)
         clock.install()
 
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()  # no collection pass frees (or delays freeing) tensors inside the measured step
     try:
         result = execute(model_config, spec, device=device, attn_implementation=attn_implementation, clock=clock,
-                         progress=progress, before_measured_step=before_measured_step)
+                         progress=progress, before_measured_step=before_measured_step, allocation_events=True)
+    except torch.cuda.OutOfMemoryError as error:
+        first = " ".join(str(error).split(". GPU")[0].split())  # "CUDA out of memory. Tried to allocate X"
+        raise OutOfMemoryError(f"verify: the step ran out of GPU memory ({first}): it does not fit this GPU as "
+                               "configured; the estimate above says by how much") from None
     finally:
         clock.remove()
+        if collecting:
+            gc.enable()
     measurement = to_measurement("cuda", result)
     phase, peak = max(clock.peaks.items(), key=lambda item: item[1]) if clock.peaks else (trk.FORWARD, 0)
     measurement.measured_peak_bytes = peak
@@ -100,11 +125,27 @@ def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec,
     measurement.cuda_context_bytes = cuda_context_bytes(clock.device)
     measurement.baseline_bytes = clock.phase_start_allocated.get(trk.FORWARD, measurement.baseline_bytes)
     measurement.run["device_name"] = _device_name(clock.device)
+    measurement.run.update(_versions())
+    measurement.allocator_stats = dict(clock.stats)
     measurement.differences_from_gpu = []
     measurement.notes.append(
         "measured_peak_bytes is torch.cuda.max_memory_allocated() (allocator blocks: 512-byte rounding, cuBLAS "
         "workspaces); per_term_bytes is the tensor tracker's composition of its own peak (tracker_peak_bytes)")
     return measurement
+
+
+def _versions() -> dict[str, str]:
+    """What the reserved figures depend on: torch and its CUDA runtime, the driver, the allocator's settings."""
+    import os
+
+    found = {"torch": torch.__version__, "cuda_runtime": str(torch.version.cuda),
+             "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""}
+    try:
+        found["driver"] = str(torch.cuda.driver_version()) if hasattr(torch.cuda, "driver_version") else \
+            str(torch._C._cuda_getDriverVersion())
+    except (RuntimeError, AttributeError):
+        found["driver"] = "unknown"
+    return found
 
 
 def _device_name(device) -> str:

@@ -41,6 +41,13 @@ class Measurement:
     cuda_context_bytes: int | None = None  # cuda: device used minus reserved, where it could be read
     elapsed_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # cuda: torch.cuda.memory_stats() over the measured step (requested/active/allocated/reserved peaks, retries, OOMs)
+    allocator_stats: dict[str, int] = field(default_factory=dict)
+    # Every device storage's allocation and free from the model's load through the measured step, in order
+    # (memcalc.allocator events), for the caching-allocator replay beside the measurement; not in to_dict
+    allocation_events: list[tuple[int, int, int]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("allocation_events")
+        return data

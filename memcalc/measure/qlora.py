@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from memcalc.trainable import NF4_BLOCKSIZE
+from memcalc.trainable import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE
 
 
 class _MatMul4Bit(torch.autograd.Function):
@@ -68,6 +68,20 @@ def quantize(model: torch.nn.Module, names: set[str], compute_dtype: torch.dtype
             module.forward = types.MethodType(_forward, module)
             found.add(f"{name}.weight")
     return found
+
+
+def stored_parts(module: torch.nn.Module) -> list[int] | None:
+    """The allocations bitsandbytes holds for a 4-bit layer's weight (functional.quantize_4bit): the packed weight, the
+    absmax per block (uint8 with double quantization, then its fp32 absmax per 256 blocks and 256-entry code, and the
+    fp32 offset; else fp32), and the 16-entry NF4 code. None for a layer ``quantize`` did not convert. Their sum is
+    memcalc.trainable.nf4_bytes."""
+    if getattr(module, "stored_dtype", None) is None or not isinstance(module, torch.nn.Linear):
+        return None
+    numel = module.weight.numel()
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    if not module.double_quant:
+        return [math.ceil(numel / 2), blocks * 4, 16 * 4]
+    return [math.ceil(numel / 2), blocks, math.ceil(blocks / NF4_NESTED_BLOCKSIZE) * 4, 256 * 4, 4, 16 * 4]
 
 
 def upcast(model: torch.nn.Module, quantized: set[str]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,7 +305,9 @@ def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any
     BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda *_args, **_kwargs: None
     torch.nn.Module.to = same_device
     try:
-        with build.default_dtype(adapter_dtype):
+        # (peft asks transformers' deprecated is_gradient_checkpointing: its FutureWarning is not the user's business)
+        with build.default_dtype(adapter_dtype), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             return get_peft_model(model, config, autocast_adapter_dtype=False)
     finally:
         BaseTunerLayer._move_adapter_to_device_of_base_layer = move
@@ -687,6 +690,7 @@ class StepResult:
     dropout: dict[str, float] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the run chose (make_batch)
+    allocation_events: list[tuple[int, int, int]] | None = None  # execute(allocation_events=True)
 
 
 class _OpNames(trk.MemoryTracker):
@@ -704,11 +708,15 @@ class _OpNames(trk.MemoryTracker):
 def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, device: str = "cpu",
             attn_implementation: str = "sdpa", clock: PhaseClock | None = None,
             progress: Progress | None = None, before_measured_step: Callable[[], None] | None = None,
-            record_timeline: bool = False, seed: int = 0) -> StepResult:
+            record_timeline: bool = False, seed: int = 0, allocation_events: bool = False,
+            traced: bool = False) -> StepResult:
     """Build, warm up and run the measured step under the tracker. The caller chooses the tensor kind by the
-    context it calls this in (a FakeTensorMode for traces) and the device."""
+    context it calls this in (a FakeTensorMode for traces) and the device. ``allocation_events``: keep every device
+    storage's allocation and free from the model's load through the warm-up and the measured step, in order
+    (``StepResult.allocation_events``, for ``memcalc.allocator.replay``). ``traced``: the estimate's fake step
+    (resolve_setup)."""
     say = progress or (lambda _msg: None)
-    setup = resolve_setup(spec, attn_implementation, device)
+    setup = resolve_setup(spec, attn_implementation, device, traced=traced)
     config = build.hf_config(_raw(model_config))
     check_trainable(build.model_class(config).__name__, config.model_type)  # before building anything
     started = time.perf_counter()
@@ -719,14 +727,22 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     batch, notes = make_batch(model, setup)
     if sum(1 for _ in model.named_parameters(remove_duplicate=False)) > sum(1 for _ in model.parameters()):
         notes.append(SHARED_WEIGHT_NOTE)
+    events: list[tuple[int, int, int]] | None = None
     say("warm-up step (creates the optimizer state)")
-    one_step(model, stepper, batch, setup, PhaseClock())
+    if allocation_events:
+        # the load (weights, master copies, buffers, the batch, in that order) and the warm-up step, whose optimizer
+        # state is made while the forward's and backward's freed blocks sit in the allocator's cache
+        log = trk.MemoryTracker()
+        log.events = events = []
+        _register_existing(log, model, stepper, batch, nf4=setup.qlora)
+        with log:
+            one_step(model, stepper, batch, setup, PhaseClock())
+        log.events = None  # the measured step's tracker records the rest (frees of what the log saw included)
+    else:
+        one_step(model, stepper, batch, setup, PhaseClock())
 
     tracker = _OpNames(record_timeline=record_timeline)
-    tracker.register(model.parameters(), trk.WEIGHTS)
-    tracker.register(stepper.masters, trk.MASTER)
-    tracker.register(model.buffers(), trk.OTHER)
-    tracker.register(batch.values(), trk.OTHER)
+    _register_existing(tracker, model, stepper, batch)
     tracker.watch_gradients(model.parameters())
     watch_step(tracker, model, stepper)
     grads: dict[str, int] = {}
@@ -737,6 +753,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     if before_measured_step is not None:
         before_measured_step()
     say("measured step")
+    tracker.events = events  # (what exists now was recorded by the log)
     try:
         with tracker:
             one_step(model, stepper, batch, setup, _TrackerClock(tracker, clock), after_backward)
@@ -749,14 +766,38 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
         trk.OPTIMIZER_STATES: storage_bytes(t for ts in states.values() for t in ts),
     }
+    tracker.events = None
     return StepResult(
         setup=setup, tracker=tracker, model_class=type(model).__name__,
         num_params=sum(p.numel() for p in model.parameters()),
         model_state_bytes=model_state,
         optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model_config),
-        elapsed_seconds=time.perf_counter() - started, notes=notes,
+        elapsed_seconds=time.perf_counter() - started, notes=notes, allocation_events=events,
     )
+
+
+def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper,
+                       batch: Mapping[str, torch.Tensor], nf4: bool = False) -> None:
+    """What exists before the step, in load order. ``nf4`` (an allocation log of a QLoRA step): a 4-bit layer's
+    weight is logged as the allocations bitsandbytes holds for it (the emulation keeps a 16-bit stand-in)."""
+    if nf4 and tracker.events is not None:
+        from memcalc.allocator import ALLOC
+        from memcalc.measure import qlora
+
+        stand_ins = set()
+        for module in model.modules():
+            parts = qlora.stored_parts(module)
+            if parts is not None:
+                stand_ins.add(id(module.weight))
+                # keys below zero: never a storage's id
+                tracker.events.extend((ALLOC, -(id(module.weight) * 8 + i) - 1, n) for i, n in enumerate(parts))
+        tracker.register((p for p in model.parameters() if id(p) not in stand_ins), trk.WEIGHTS)
+    else:
+        tracker.register(model.parameters(), trk.WEIGHTS)
+    tracker.register(stepper.masters, trk.MASTER)
+    tracker.register(model.buffers(), trk.OTHER)
+    tracker.register(batch.values(), trk.OTHER)
 
 
 def differences_from_gpu(result: StepResult) -> list[str]:
@@ -818,6 +859,7 @@ def to_measurement(method: str, result: StepResult) -> Measurement:
         baseline_bytes=tracker.baseline_bytes,
         tracker_peak_bytes=tracker.peak_bytes,
         elapsed_seconds=round(result.elapsed_seconds, 3),
+        allocation_events=result.allocation_events,
         notes=["the model output (logits) is dropped before backward, as HF Trainer's training_step does",
                ("torch.optim's host-side 'step' counters are not counted as optimizer state (fused keeps them "
                 "on the device and they are)"), *result.notes],
@@ -828,5 +870,5 @@ def measure_cpu(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, 
                 progress: Progress | None = None, record_timeline: bool = False) -> Measurement:
     """cpu-tracker: real tensors on the CPU."""
     result = execute(model_config, spec, device="cpu", attn_implementation=attn_implementation, progress=progress,
-                     record_timeline=record_timeline)
+                     record_timeline=record_timeline, allocation_events=True)
     return to_measurement("cpu-tracker", result)

@@ -166,24 +166,14 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
     beside the parameters and the gradients among them, by (phase, segment))."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from memcalc.measure import cuda_semantics
     from memcalc.measure import tracker as trk
     from memcalc.measure.derive import _decoder_layers, _quiet_fake_tensor_log
     from memcalc.measure.step import build_model, forward_loss, loss_head, make_batch
-    from memcalc.measure.trace import fake_grouped_mm, unpacked_sequences
+    from memcalc.measure.trace import FakeKernels, unpacked_sequences
 
     like_cuda = current_device() == "cuda"
-
-    class Semantics(TorchDispatchMode):
-        """Below the tracker: the fake grouped_mm, and (CUDA's semantics) LayerNorm's fp32 statistics."""
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = fake_grouped_mm(func, args, kwargs)
-            if out is None:
-                out = func(*args, **(kwargs or {}))
-            return cuda_semantics.layer_norm_stats(func, args, out) if like_cuda else out
 
     class Segments(trk.MemoryTracker):
         def __init__(self) -> None:
@@ -255,7 +245,7 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
             handles.append(layer.register_forward_pre_hook(before_layer(index), with_kwargs=True))
             handles.append(layer.register_forward_hook(after_layer(index)))
         try:
-            with semantics, Semantics(), tracker:
+            with semantics, FakeKernels(like_cuda), tracker:
                 tracker.mark(trk.FORWARD)
                 tracker.segment = (FORWARD, BEFORE)
                 loss = forward_loss(model, batch, setup)

@@ -21,6 +21,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from memcalc.measure.measurement import Measurement
 from memcalc.measure.step import Progress, execute, to_measurement
 from memcalc.model import ModelConfig
@@ -69,19 +71,32 @@ def fake_grouped_mm(func: Any, args: Any, kwargs: Any) -> Any:
     return torch.empty(shaped.shape, dtype=out_dtype, device=mat_a.device)
 
 
+class FakeKernels(TorchDispatchMode):
+    """Below the tracker: the fake grouped_mm (``fake_grouped_mm``) and, with CUDA's semantics, LayerNorm's fp32
+    statistics (``cuda_semantics.layer_norm_stats``)."""
+
+    def __init__(self, like_cuda: bool = False) -> None:
+        super().__init__()
+        self.like_cuda = like_cuda
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = fake_grouped_mm(func, args, kwargs)
+        if out is None:
+            out = func(*args, **(kwargs or {}))
+        if self.like_cuda:
+            from memcalc.measure import cuda_semantics
+
+            return cuda_semantics.layer_norm_stats(func, args, out)
+        return out
+
+
 def measure_trace(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, attn_implementation: str = "sdpa",
                   progress: Progress | None = None, record_timeline: bool = False) -> Measurement:
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class GroupedMm(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = fake_grouped_mm(func, args, kwargs)
-            return func(*args, **(kwargs or {})) if out is None else out
 
     # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), GroupedMm():
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), FakeKernels():
         result = execute(model_config, spec, device="cpu", attn_implementation=attn_implementation,
-                         progress=progress, record_timeline=record_timeline)
+                         progress=progress, record_timeline=record_timeline, allocation_events=True)
         measurement = to_measurement("trace", result)
     return measurement

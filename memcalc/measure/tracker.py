@@ -39,6 +39,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memcalc.allocator import ALLOC, FREE
+
 WEIGHTS = "weights"
 MASTER = "master_weights"
 GRADIENTS = "gradients"
@@ -129,6 +131,9 @@ class MemoryTracker(TorchDispatchMode):
         self._host_depth = 0  # inside host(): new storages are host memory (activation offloading's copies)
         self.host_bytes = 0
         self.host_peak_bytes = 0
+        # When a list: every device storage's allocation and free, in order, as memcalc.allocator.replay takes them
+        # ((ALLOC, key, nbytes) and (FREE, key, 0)); a resize is a free and a new allocation.
+        self.events: list[tuple[int, int, int]] | None = None
 
     # -- phases ------------------------------------------------------------------------------------------
     @property
@@ -262,6 +267,8 @@ class MemoryTracker(TorchDispatchMode):
         rec = _Record(key, nbytes, category, self._seq)
         rec.ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))
         self._records[key] = rec
+        if self.events is not None and category != HOST:
+            self.events.append((ALLOC, key, nbytes))
         self._change(category, nbytes)
 
     def _free(self, key: int) -> None:
@@ -269,12 +276,16 @@ class MemoryTracker(TorchDispatchMode):
             rec = self._records.pop(key, None)
             if rec is not None:
                 self._seq += 1
+                if self.events is not None and rec.category != HOST:
+                    self.events.append((FREE, key, 0))
                 self._change(rec.category, -rec.nbytes)
 
     def _resize(self, rec: _Record, nbytes: int) -> None:
         self._seq += 1
         delta = nbytes - rec.nbytes
         rec.nbytes = nbytes
+        if self.events is not None and rec.category != HOST:
+            self.events += [(FREE, rec.key, 0), (ALLOC, rec.key, nbytes)]
         self._change(rec.category, delta)
 
     def _kept_snapshots(self) -> tuple[Snapshot, ...]:

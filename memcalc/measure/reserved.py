@@ -1,0 +1,159 @@
+"""A training step's allocations and frees at full size, in order: what memcalc.allocator replays to predict reserved
+memory.
+
+The step is the one ``--verify`` runs (memcalc.measure.step.execute): the model's load (weights, master copies,
+buffers, the batch), a warm-up step that creates the optimizer state while the forward's and backward's freed blocks
+sit in the allocator's cache, and a second step. It runs under FakeTensorMode at the config's full depth with CUDA's
+semantics (memcalc.measure.cuda_semantics, as the traced activations), and memcalc's tracker keeps every storage's
+allocation and free (``MemoryTracker.events``). Not in it: memory a kernel allocates and frees inside one op (it goes
+through the same allocator on a GPU, and is small beside a layer's tensors) and what is not the caching allocator's
+(the CUDA context). Results are cached (memcalc.cache) like the traces, keyed by the config's content, the whole
+TrainingSpec, the attention path and the torch and transformers versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memcalc import cache
+from memcalc.allocator import ALLOC, FREE, MIN_BLOCK_SIZE, AllocatorConfig, replay
+from memcalc.errors import MemcalcError, UnsupportedModelError, UsageError
+from memcalc.measure.derive import current_device
+from memcalc.report import AllocatorReplay
+
+# Bump when what is recorded changes: older cache entries are then not read.
+CACHE_FORMAT = 1
+CACHE_KIND = "allocations"
+
+
+@dataclass(frozen=True)
+class StepAllocations:
+    """The allocation sequence (memcalc.allocator events; keys renumbered from 0) and where it came from."""
+
+    events: tuple[tuple[int, int, int], ...]
+    model_class: str
+    attention: str
+    elapsed_seconds: float
+    versions: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        # one list each: the key, and the size (a free is -1), so an 8B model's ~20,000 events stay a few hundred KB
+        return {"format": CACHE_FORMAT, "keys": [key for _kind, key, _size in self.events],
+                "sizes": [size if kind == ALLOC else -1 for kind, _key, size in self.events],
+                "model_class": self.model_class, "attention": self.attention,
+                "elapsed_seconds": self.elapsed_seconds, "versions": dict(self.versions)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StepAllocations:
+        keys, sizes = data["keys"], data["sizes"]
+        if len(keys) != len(sizes) or not all(isinstance(v, int) for v in (*keys, *sizes)):
+            raise ValueError("malformed allocation events")
+        events = tuple((FREE, key, 0) if size < 0 else (ALLOC, key, size) for key, size in zip(keys, sizes))
+        return cls(events, str(data["model_class"]), str(data["attention"]), float(data["elapsed_seconds"]),
+                   dict(data["versions"]))
+
+
+def _renumbered(events: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    """Storage ids (memory addresses, reused once freed) as small integers, one per allocation."""
+    numbers = itertools.count()
+    current: dict[int, int] = {}
+    out = []
+    for kind, key, size in events:
+        if kind == ALLOC:
+            current[key] = number = next(numbers)
+            out.append((ALLOC, number, size))
+        elif key in current:
+            out.append((FREE, current.pop(key), 0))
+    return tuple(out)
+
+
+def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa") -> tuple[StepAllocations, bool]:
+    """The allocation sequence of ``spec``'s step (a TrainingSpec one process runs: measure.step.resolve_setup says
+    which) at the config's full depth, from the cache or traced now; and whether it came from the cache."""
+    settings = {"spec": dataclasses.asdict(spec), "attention": attention, "device": current_device()}
+    key = cache.key_of(raw, CACHE_FORMAT, **settings)
+    found = cache.read_as(CACHE_KIND, key, CACHE_FORMAT, StepAllocations.from_json)
+    if found is not None:
+        return found, True
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memcalc.measure import build, cuda_semantics
+    from memcalc.measure.derive import _quiet_fake_tensor_log
+    from memcalc.measure.step import execute
+    from memcalc.measure.trace import FakeKernels, unpacked_sequences
+
+    if attention == "sdpa" and not build.sdpa_supported(raw):
+        attention = "eager"
+    like_cuda = current_device() == "cuda"
+    started = time.perf_counter()
+    semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log(), semantics, \
+            FakeKernels(like_cuda):
+        result = execute(dict(raw), spec, device="cpu", attn_implementation=attention, allocation_events=True,
+                         traced=True)
+    assert result.allocation_events is not None
+    allocations = StepAllocations(_renumbered(result.allocation_events), result.model_class, attention,
+                                  round(time.perf_counter() - started, 3), cache.versions())
+    cache.write(CACHE_KIND, key, allocations.to_json())
+    return allocations, False
+
+
+
+def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig, source: str,
+                     capacity_bytes: int | None) -> AllocatorReplay:
+    """The step's allocations (``step_allocations``) replayed through the caching allocator with ``config``: once
+    without a bound (what ``max_memory_reserved`` reports on a GPU large enough) and, with ``capacity_bytes``, within
+    it (the allocator frees its cache and retries on a full device; what it still cannot place is an OOM)."""
+    attention = "sdpa" if spec.attention.value == "flash" else spec.attention.value
+    try:
+        allocations, cached = step_allocations(raw, spec, attention)
+    except MemcalcError as error:
+        message = str(error).replace("verify does not yet run", "{reserved} replays a step that does not yet run")
+        raise UsageError(message.replace("; drop it to verify the rest", "; drop it, or drop {reserved}")) from None
+    except Exception as error:  # noqa: BLE001 (any failure of the model's code: one line, said)
+        why = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UnsupportedModelError(f"{{reserved}}: the model's step could not be traced ({why})") from None
+    free = replay(allocations.events, config)
+    bounded = replay(allocations.events, config, capacity_bytes) if capacity_bytes is not None else None
+    how = "from the cache" if cached else f"traced in {allocations.elapsed_seconds:.1f} s"
+    notes = [*free.notes]
+    if spec.attention.value == "flash":
+        notes.append("flash_attention_2 does not run on a CPU: the step was traced with sdpa, which also keeps no "
+                     "s x s scores")
+    if spec.grad_accum > 1:
+        notes.append(f"the replay runs one micro-batch per optimizer step: with {{grad_accum}} {spec.grad_accum} the "
+                     "gradients alive during the later forwards are not in it, so the reserved peak may be low")
+    notes.append("not in the replay: scratch a kernel allocates and frees inside one op, and the cuBLAS workspaces "
+                 "(torch's CublasHandlePool.cpp: one per thread running matmuls, the forward's and autograd's, 32 MiB "
+                 "each on compute capability 9.0, 8 MiB + 128 KiB on others)")
+    if bounded is not None:
+        notes.extend(n for n in bounded.notes if n not in notes)
+    return AllocatorReplay(
+        alloc_conf=config.text, alloc_conf_source=source, reserved_peak_bytes=free.reserved_peak_bytes,
+        allocated_peak_bytes=free.allocated_peak_bytes, requested_peak_bytes=free.requested_peak_bytes,
+        segments_peak=free.segments_peak, num_events=len(allocations.events),
+        source=(f"{allocations.model_class} at full size under FakeTensorMode ({allocations.attention} attention, "
+                f"CUDA's semantics): the load, a warm-up step creating the optimizer state, a second step ({how})"),
+        capacity_bytes=capacity_bytes,
+        bounded_reserved_peak_bytes=bounded.reserved_peak_bytes if bounded is not None else None,
+        num_alloc_retries=bounded.num_alloc_retries if bounded is not None else None,
+        num_ooms=bounded.num_ooms if bounded is not None else None, notes=notes)
+
+
+def predicted_reserve(replayed: AllocatorReplay, peak_bytes: int) -> int:
+    """The fit's allocator reserve from a replay: what the allocator holds beyond the tensors at its reserved peak.
+    Where the bounded replay fit (retries freed enough), never more than the room left beside ``peak_bytes``; where it
+    ran out of memory, at least one block more than that room, so the verdict says so."""
+    overhead = max(0, replayed.reserved_peak_bytes - replayed.requested_peak_bytes)
+    if replayed.capacity_bytes is None:
+        return overhead
+    room = replayed.capacity_bytes - peak_bytes
+    if replayed.num_ooms:
+        return max(overhead, room + MIN_BLOCK_SIZE)
+    return max(0, min(overhead, room))

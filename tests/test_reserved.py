@@ -1,0 +1,131 @@
+"""--reserved and --alloc-conf: the step's allocations replayed through the caching-allocator model (memcalc.allocator,
+whose rules tests/test_allocator.py checks), wired into the report, the fit and --verify."""
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import has_module
+from tests.tiny import BASE
+
+needs_torch = pytest.mark.skipif(not (has_module("torch") and has_module("transformers")),
+                                 reason="needs torch and transformers")
+
+# Two layers wide enough that the weights, activations and logits are large-pool blocks (1-10 MiB requests share
+# 20 MiB segments, larger ones get their own), traced in a second.
+WIDE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **BASE, "hidden_size": 1024,
+        "intermediate_size": 2816, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192}
+
+
+@pytest.fixture
+def wide(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(WIDE))
+    return str(path)
+
+
+@needs_torch
+def test_replayed_step_holds_the_traced_steps_tensors(wide, cli):
+    """The replayed allocations are the whole step: their requested peak is the peak a trace of the same step measures
+    (--verify=trace, memcalc's tracker), and the allocator holds at least that."""
+    estimate = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--batch-size", "2", "--reserved", "--json")
+    assert estimate.exit_code == 0, estimate.stderr
+    from memcalc.schema import validate_report_json
+
+    validate_report_json(estimate.stdout)  # the new fields are in the JSON contract
+    per_gpu = estimate.json()["per_gpu"]
+    replayed = per_gpu["allocator"]
+    assert per_gpu["reserved_peak_bytes"] == replayed["reserved_peak_bytes"]
+    assert replayed["reserved_peak_bytes"] >= replayed["allocated_peak_bytes"] >= replayed["requested_peak_bytes"]
+    assert replayed["alloc_conf_source"] == "default" and replayed["capacity_bytes"] is None
+    verify = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--batch-size", "2", "--verify=trace", "--json")
+    assert verify.exit_code == 0, verify.stderr
+    measured = verify.json()["verify"]
+    # (the estimate's trace follows CUDA's semantics, the verify trace the CPU's: for bf16-pure Llama they agree)
+    assert replayed["requested_peak_bytes"] == measured["measured_peak_bytes"]
+    # the verify replays its own measured step's allocations the same way
+    assert measured["replayed_requested_peak_bytes"] == measured["measured_peak_bytes"]
+    assert measured["replayed_reserved_peak_bytes"] == replayed["reserved_peak_bytes"]
+
+
+@needs_torch
+def test_fit_uses_the_predicted_reserve(wide, cli):
+    args = (wide, "--precision", "bf16-pure", "--seq-len", "256", "--batch-size", "2", "--reserved", "--json")
+    replayed = cli(*args).json()["per_gpu"]["allocator"]
+    overhead = replayed["reserved_peak_bytes"] - replayed["requested_peak_bytes"]
+    assert overhead > 0
+    context = 512 * 2**20
+    roomy = cli(*args, "--gpu-memory", f"{replayed['reserved_peak_bytes'] + context + 2**30}")
+    fit = roomy.json()["fit"]
+    assert roomy.exit_code == 0 and fit["fits"] and fit["allocator_reserve_predicted"]
+    assert fit["allocator_reserve_bytes"] == overhead
+    assert roomy.json()["per_gpu"]["allocator"]["num_alloc_retries"] == 0
+    # room for the tensors' peak and 1 MiB more: the allocator's rounding and cached segments do not fit in that
+    tight = cli(*args, "--gpu-memory", f"{replayed['requested_peak_bytes'] + context + 2**20}")
+    assert tight.exit_code == 6
+    assert not tight.json()["fit"]["fits"]
+    assert tight.json()["per_gpu"]["allocator"]["num_ooms"] == 1
+
+
+@needs_torch
+def test_alloc_conf_from_the_flag_and_the_environment(wide, cli, monkeypatch):
+    args = (wide, "--precision", "bf16-pure", "--seq-len", "256", "--json")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    replayed = cli(*args, "--reserved").json()["per_gpu"]["allocator"]
+    assert (replayed["alloc_conf"], replayed["alloc_conf_source"]) == ("expandable_segments:True",
+                                                                     "PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")  # read before the older name, as torch does
+    assert cli(*args, "--reserved").json()["per_gpu"]["allocator"]["alloc_conf_source"] == "PYTORCH_ALLOC_CONF"
+    given = cli(*args, "--alloc-conf", "roundup_power2_divisions:4").json()["per_gpu"]["allocator"]
+    assert (given["alloc_conf"], given["alloc_conf_source"]) == ("roundup_power2_divisions:4", "--alloc-conf")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--alloc-conf", "max_split_size_mb:8"), "--alloc-conf 'max_split_size_mb:8': max_split_size_mb must be at least 20"),
+    (("--alloc-conf", "expandable_segment:True"), "unknown option 'expandable_segment'"),
+    (("--reserved", "--zero", "2", "--gpus", "2"), "--reserved replays one process's step"),
+    (("--reserved", "--gpu", "h100", "--reserve-fraction", "0.1"), "give one"),
+])
+def test_bad_reserved_input_is_one_line(cli, args, message):
+    result = cli("llama-3.2-1b", *args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_reserved_needs_a_model(cli):
+    result = cli("--params", "7B", "--reserved")
+    assert result.exit_code == 2 and "give a MODEL" in result.stderr
+
+
+def test_reserved_without_torch_names_the_extra(cli, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    result = cli("llama-3.2-1b", "--reserved")
+    assert result.exit_code == 7
+    assert "--reserved traces the model's own step: install torch" in result.stderr
+
+
+def test_environment_alloc_conf_errors_name_the_variable(cli, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    result = cli("llama-3.2-1b", "--reserved")
+    assert result.exit_code == 2
+    assert "the environment's PYTORCH_CUDA_ALLOC_CONF 'backend:cudaMallocAsync'" in result.stderr
+
+
+def test_nf4_allocations_add_up_to_the_nf4_base():
+    """A 4-bit layer's logged allocations (bitsandbytes' packed weight, absmax, nested absmax and codes) sum to the
+    NF4 bytes the estimate counts, which tests/test_trainable.py checks against bitsandbytes' quantize_4bit."""
+    torch = pytest.importorskip("torch")
+    from memcalc.measure import qlora
+    from memcalc.trainable import nf4_bytes
+
+    for shape in ((4096, 4096), (14336, 4096), (10, 10)):
+        for double in (True, False):
+            layer = torch.nn.Linear(shape[1], shape[0], bias=False, device="meta")
+            layer.stored_dtype, layer.double_quant = torch.bfloat16, double
+            parts = qlora.stored_parts(layer)
+            assert sum(parts) == nf4_bytes(math.prod(shape), double)

@@ -41,6 +41,21 @@ def quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(previous)
 
 
+@contextlib.contextmanager
+def quiet_bitsandbytes() -> Iterator[None]:
+    """bitsandbytes (imported by peft) logs a warning at import when its optional CPU kernels package is absent
+    (backends/cpu/ops.py): not the user's business, so its loggers stay at ERROR while it loads."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__

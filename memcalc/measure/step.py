@@ -272,7 +272,8 @@ def _with_lora(model: torch.nn.Module, model_config: ModelConfig | dict[str, Any
     family's defaults, PEFT's own per model type, unless named), the spec's lora_dropout (LoraConfig's default 0). With a
     master recipe (a 16-bit base whose trainable parameters train in fp32) the adapters are fp32, as get_peft_model's
     autocast_adapter_dtype makes them on a bf16 or fp16 base; otherwise they are in the weight dtype."""
-    from peft import LoraConfig, get_peft_model
+    with build.quiet_bitsandbytes():
+        from peft import LoraConfig, get_peft_model
 
     from memcalc import families
 

@@ -529,17 +529,50 @@ class CachingAllocator:
                             self.num_ooms, self.config, notes)
 
 
+# The cuBLAS workspace (aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize): allocated through the
+# caching allocator for each (handle, stream) that runs a matmul and kept. CUBLAS_WORKSPACE_CONFIG's ":SIZE:COUNT"
+# pairs (KiB) sum to its size; the default is 32 MiB on compute capability 9.x to 12.x (Hopper, Blackwell), else
+# ":4096:2:16:8" (8 MiB + 128 KiB); ROCm builds: 128 MiB on gfx942 and gfx950, else 32 MiB. cuBLASLt shares it
+# (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on by default).
+CUBLAS_WORKSPACE_LARGE = 4096 * 8 * 1024
+CUBLAS_WORKSPACE_DEFAULT = 4096 * 1024 * 2 + 16 * 1024 * 8
+CUBLAS_WORKSPACE_ROCM = {"gfx942": 128 * MIB, "gfx950": 128 * MIB}
+# A training step runs matmuls on two threads, each with its own handle (DeviceThreadHandlePool): the forward's and
+# the optimizer's thread, and autograd's device thread for the backward.
+CUBLAS_HANDLES_PER_STEP = 2
+
+
+def cublas_workspace_bytes(compute_capability: str | None, workspace_config: str | None = None) -> int | None:
+    """One cuBLAS workspace for a card of this compute capability ("9.0", or a ROCm gfx target), under
+    CUBLAS_WORKSPACE_CONFIG if set; None when the card is not known."""
+    import re
+
+    if workspace_config:
+        pairs = re.findall(r":([0-9]+):([0-9]+)", workspace_config)
+        if pairs:
+            return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    if not compute_capability:
+        return None
+    if compute_capability.startswith("gfx"):
+        return CUBLAS_WORKSPACE_ROCM.get(compute_capability, 32 * MIB)
+    major = int(compute_capability.split(".")[0])
+    return CUBLAS_WORKSPACE_LARGE if 9 <= major <= 12 else CUBLAS_WORKSPACE_DEFAULT
+
+
 ALLOC, FREE = 1, 0
 
 
 def replay(events: Iterable[tuple[int, int, int]], config: AllocatorConfig | None = None,
-           capacity_bytes: int | None = None) -> ReplayResult:
+           capacity_bytes: int | None = None, persistent: Iterable[int] = ()) -> ReplayResult:
     """Replay ``(ALLOC, key, nbytes)`` and ``(FREE, key, 0)`` events (a key may be reused after its free). Zero-byte
-    requests are not allocations (the CUDA allocator hands out a null pointer). An allocation that cannot be
-    reserved within ``capacity_bytes`` ends the replay with ``num_ooms`` 1."""
+    requests are not allocations (the CUDA allocator hands out a null pointer). ``persistent``: allocations made
+    first and never freed (the cuBLAS workspaces). An allocation that cannot be reserved within ``capacity_bytes``
+    ends the replay with ``num_ooms`` 1."""
     allocator = CachingAllocator(config, capacity_bytes)
     live: dict[int, _Block] = {}
     try:
+        for nbytes in persistent:
+            allocator.malloc(nbytes)
         for kind, key, nbytes in events:
             if kind == ALLOC:
                 if nbytes > 0:

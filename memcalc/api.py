@@ -80,6 +80,7 @@ def _with_reserved(report: Report, model: ModelInput, spec: TrainingSpec, alloca
     """Put the replayed reserved peak on the report; return the GPU target with the predicted reserve."""
     import dataclasses
     import importlib.util
+    import os
 
     from memcalc.errors import INSTALL_TORCH, MissingDependencyError
 
@@ -88,10 +89,13 @@ def _with_reserved(report: Report, model: ModelInput, spec: TrainingSpec, alloca
     if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
         raise MissingDependencyError(f"{{reserved}} traces the model's own step: install torch and transformers "
                                      f"({INSTALL_TORCH})")
+    from memcalc.allocator import cublas_workspace_bytes
     from memcalc.measure.reserved import predict_reserved, predicted_reserve
 
     capacity = gpu.memory_bytes - gpu.cuda_context_bytes if gpu is not None else None
-    replayed = predict_reserved(model.config.raw, spec, allocator, source, capacity)
+    workspace = cublas_workspace_bytes(gpu.compute_capability if gpu is not None else None,
+                                       os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    replayed = predict_reserved(model.config.raw, spec, allocator, source, capacity, workspace)
     report.per_gpu.reserved_peak_bytes = replayed.reserved_peak_bytes
     report.per_gpu.allocator = replayed
     if gpu is None:
@@ -176,7 +180,14 @@ def _replay_measured(result: VerifyResult, events: list[tuple[int, int, int]], p
     else the environment's, as the measured process read them."""
     import os
 
-    from memcalc.allocator import ENV_VARS, AllocConfError, parse_alloc_conf, replay
+    from memcalc.allocator import (
+        CUBLAS_HANDLES_PER_STEP,
+        ENV_VARS,
+        AllocConfError,
+        cublas_workspace_bytes,
+        parse_alloc_conf,
+        replay,
+    )
 
     config = plan.allocator
     if config is None:
@@ -187,7 +198,11 @@ def _replay_measured(result: VerifyResult, events: list[tuple[int, int, int]], p
             result.notes.append(f"the caching-allocator replay was skipped: the environment's allocator settings "
                                 f"'{text}' cannot be replayed ({error})")
             return
-    replayed = replay(events, config)
+    # on CUDA the card is known: its cuBLAS workspaces went through the same allocator
+    capability = result.run.get("compute_capability")
+    workspace = cublas_workspace_bytes(str(capability) if capability else None,
+                                       os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    replayed = replay(events, config, persistent=[workspace] * CUBLAS_HANDLES_PER_STEP if workspace else [])
     result.replayed_reserved_peak_bytes = replayed.reserved_peak_bytes
     result.replayed_allocated_peak_bytes = replayed.allocated_peak_bytes
     result.replayed_requested_peak_bytes = replayed.requested_peak_bytes

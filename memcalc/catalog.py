@@ -90,6 +90,7 @@ class GpuSpec:
     memory_bytes: int
     source: str
     aliases: tuple[str, ...] = ()
+    compute_capability: str | None = None  # "9.0"; a ROCm gfx target for AMD cards
 
     def lookup_keys(self) -> frozenset[str]:
         """Every lookup key this card answers to: its name and its aliases, normalized."""
@@ -109,6 +110,7 @@ def gpu_presets() -> tuple[GpuSpec, ...]:
                 memory_bytes=int(entry["memory_mib"]) * BYTES_PER_MIB,
                 source=entry["_source"],
                 aliases=tuple(entry.get("aliases", ())),
+                compute_capability=entry.get("compute_capability"),
             )
             for entry in data["gpus"]
         )

@@ -91,6 +91,7 @@ class GpuTarget:
     # replay of the asked run), used in place of the assumed fraction; the change search applies the same bytes to
     # the changed runs it estimates
     predicted_reserve_bytes: int | None = None
+    compute_capability: str | None = None  # the preset's (None for --gpu-memory): sizes the cuBLAS workspaces
 
     @property
     def reserve_bytes(self) -> int:

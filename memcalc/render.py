@@ -223,13 +223,16 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
 
 def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> None:
     """--reserved: the replayed caching allocator's peaks beside the tensors' peak, and what it assumed."""
-    over = replayed.reserved_peak_bytes - replayed.requested_peak_bytes
-    share = f" (+{100 * over / replayed.requested_peak_bytes:.1f}%)" if replayed.requested_peak_bytes else ""
+    workspaces = 2 * (replayed.cublas_workspace_bytes or 0)  # (one per handle: memcalc.allocator)
+    tensors = replayed.requested_peak_bytes - workspaces
+    over = replayed.reserved_peak_bytes - tensors
+    share = f" (+{100 * over / tensors:.1f}%)" if tensors else ""
+    with_workspaces = f" and {format_bytes(workspaces, unit)} of cuBLAS workspaces" if workspaces else ""
     conf = f"PYTORCH_ALLOC_CONF '{replayed.alloc_conf}' from {replayed.alloc_conf_source}" if replayed.alloc_conf \
         else "the allocator's defaults"
     console.print(f"reserved peak (caching-allocator replay, {conf}): [bold]"
                   f"{format_bytes(replayed.reserved_peak_bytes, unit)}[/bold]{share} for "
-                  f"{format_bytes(replayed.requested_peak_bytes, unit)} of tensors; allocated blocks "
+                  f"{format_bytes(tensors, unit)} of tensors{with_workspaces}; allocated blocks "
                   f"{format_bytes(replayed.allocated_peak_bytes, unit)}; {replayed.segments_peak:,} segments",
                   highlight=False)
     console.print(f"  replayed: {replayed.num_events:,} allocations and frees of {replayed.source}", markup=False,

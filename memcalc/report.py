@@ -106,6 +106,7 @@ class AllocatorReplay:
     bounded_reserved_peak_bytes: int | None = None
     num_alloc_retries: int | None = None
     num_ooms: int | None = None
+    cublas_workspace_bytes: int | None = None  # one workspace, replayed once per handle; None: the card is not known
     notes: list[str] = field(default_factory=list)
 
 

@@ -474,7 +474,8 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
     note = None
     if request.gpu is not None:
         spec = find_gpu(request.gpu)
-        target = GpuTarget(spec.name, spec.memory_bytes, spec.source, context, reserve)
+        target = GpuTarget(spec.name, spec.memory_bytes, spec.source, context, reserve,
+                           compute_capability=spec.compute_capability)
         note = gpu_alias_note(request.gpu)
     else:
         assert request.gpu_memory is not None

@@ -50,6 +50,15 @@ def cli(capsys, monkeypatch) -> Callable[..., CliResult]:
     return run
 
 
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's memory statistics faked (tests/fake_cuda.py); skipped without torch."""
+    pytest.importorskip("torch")
+    from tests.fake_cuda import patch_cuda
+
+    return patch_cuda(monkeypatch)
+
+
 def has_module(name: str) -> bool:
     import importlib.util
 

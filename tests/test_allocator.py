@@ -154,3 +154,27 @@ def test_alloc_conf_defaults_and_no_effect_keys():
     assert (config.max_split_size, config.expandable_segments) == (None, False)
     result = run([("+", "a", MIB)], "garbage_collection_threshold:0.6")
     assert "per-process memory fraction" in result.notes[0]
+
+
+@pytest.mark.parametrize(("capability", "workspace_config", "expected"), [
+    ("9.0", None, 32 * MIB),  # Hopper: 4096 KiB x 8
+    ("10.0", None, 32 * MIB),  # Blackwell
+    ("12.0", None, 32 * MIB),
+    ("8.0", None, 4096 * 1024 * 2 + 16 * 1024 * 8),  # ":4096:2:16:8"
+    ("7.5", None, 4096 * 1024 * 2 + 16 * 1024 * 8),
+    ("gfx942", None, 128 * MIB),  # ROCm MI300
+    (None, None, None),  # the card is not known
+    ("8.0", ":4096:8", 32 * MIB),  # CUBLAS_WORKSPACE_CONFIG: KiB x count, summed
+    (None, ":16:8", 128 * 1024),
+])
+def test_cublas_workspace_size(capability, workspace_config, expected):
+    """aten/src/ATen/cuda/CublasHandlePool.cpp parseChosenWorkspaceSize."""
+    from memcalc.allocator import cublas_workspace_bytes
+
+    assert cublas_workspace_bytes(capability, workspace_config) == expected
+
+
+def test_persistent_allocations_come_first_and_stay():
+    # two 32 MiB workspaces (own segments, >= 10 MiB) before a 100 MiB tensor allocated and freed
+    result = replay([(ALLOC, 1, 100 * MIB), (FREE, 1, 0)], persistent=[32 * MIB, 32 * MIB])
+    assert (result.requested_peak_bytes, result.reserved_peak_bytes) == (164 * MIB, 164 * MIB)

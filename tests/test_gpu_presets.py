@@ -44,8 +44,19 @@ def test_every_gpu_has_a_plain_source():
         assert gpu.source.strip(), gpu.name
         assert not DEVELOPMENT_WORDS.search(gpu.source), (gpu.name, gpu.source)
         assert str(gpu.memory_bytes // BYTES_PER_MIB) in gpu.source.replace(",", ""), (gpu.name, gpu.source)
-    keys = {"name", "aliases", "display", "nominal", "memory_mib", "_source"}  # the file format, unchanged
+    keys = {"name", "aliases", "display", "nominal", "memory_mib", "_source", "compute_capability"}  # the format
     assert all(set(entry) <= keys for entry in RAW["gpus"])
+
+
+def test_every_gpu_has_its_compute_capability():
+    """NVIDIA's CUDA GPUs table (major.minor), or the ROCm gfx target: it sizes the cuBLAS workspace."""
+    import re
+
+    for gpu in GPUS:
+        assert re.fullmatch(r"\d{1,2}\.\d|gfx\d+", gpu.compute_capability or ""), gpu.name
+    by_name = {gpu.name: gpu.compute_capability for gpu in GPUS}
+    assert (by_name["h100-80gb"], by_name["a100-80gb"], by_name["l40s"], by_name["b200"]) == ("9.0", "8.0", "8.9",
+                                                                                              "10.0")
 
 
 def test_names_and_aliases_are_unique():

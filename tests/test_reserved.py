@@ -69,6 +69,18 @@ def test_fit_uses_the_predicted_reserve(wide, cli):
 
 
 @needs_torch
+def test_a_named_card_adds_its_cublas_workspaces(wide, cli):
+    """--gpu h100 (compute capability 9.0 in presets/gpus.json): two 32 MiB cuBLAS workspaces, one per thread running
+    matmuls, replayed before the step; with --gpu-memory the card is not known and they are left out, said."""
+    args = (wide, "--precision", "bf16-pure", "--seq-len", "256", "--reserved", "--json")
+    named = cli(*args, "--gpu", "h100").json()["per_gpu"]["allocator"]
+    unnamed = cli(*args, "--gpu-memory", "80GiB").json()["per_gpu"]["allocator"]
+    assert named["cublas_workspace_bytes"] == 32 * 2**20 and unnamed["cublas_workspace_bytes"] is None
+    assert named["requested_peak_bytes"] == unnamed["requested_peak_bytes"] + 2 * 32 * 2**20
+    assert any("name the card with --gpu" in note for note in unnamed["notes"])
+
+
+@needs_torch
 def test_alloc_conf_from_the_flag_and_the_environment(wide, cli, monkeypatch):
     args = (wide, "--precision", "bf16-pure", "--seq-len", "256", "--json")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

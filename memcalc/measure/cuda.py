@@ -141,6 +141,11 @@ def _versions() -> dict[str, str]:
     found = {"torch": torch.__version__, "cuda_runtime": str(torch.version.cuda),
              "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""}
     try:
+        major, minor = torch.cuda.get_device_capability()
+        found["compute_capability"] = f"{major}.{minor}"
+    except (RuntimeError, AssertionError, AttributeError):
+        pass
+    try:
         found["driver"] = str(torch.cuda.driver_version()) if hasattr(torch.cuda, "driver_version") else \
             str(torch._C._cuda_getDriverVersion())
     except (RuntimeError, AttributeError):

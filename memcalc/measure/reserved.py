@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memcalc import cache
-from memcalc.allocator import ALLOC, FREE, MIN_BLOCK_SIZE, AllocatorConfig, replay
+from memcalc.allocator import ALLOC, CUBLAS_HANDLES_PER_STEP, FREE, MIN_BLOCK_SIZE, AllocatorConfig, replay
 from memcalc.errors import MemcalcError, UnsupportedModelError, UsageError
 from memcalc.measure.derive import current_device
 from memcalc.report import AllocatorReplay
@@ -106,10 +106,12 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
 
 
 def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig, source: str,
-                     capacity_bytes: int | None) -> AllocatorReplay:
+                     capacity_bytes: int | None, workspace_bytes: int | None = None) -> AllocatorReplay:
     """The step's allocations (``step_allocations``) replayed through the caching allocator with ``config``: once
     without a bound (what ``max_memory_reserved`` reports on a GPU large enough) and, with ``capacity_bytes``, within
-    it (the allocator frees its cache and retries on a full device; what it still cannot place is an OOM)."""
+    it (the allocator frees its cache and retries on a full device; what it still cannot place is an OOM).
+    ``workspace_bytes``: one cuBLAS workspace for the card (memcalc.allocator.cublas_workspace_bytes), allocated once
+    per handle before the step; None when the card is not known."""
     attention = "sdpa" if spec.attention.value == "flash" else spec.attention.value
     try:
         allocations, cached = step_allocations(raw, spec, attention)
@@ -119,8 +121,9 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: one line, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
         raise UnsupportedModelError(f"{{reserved}}: the model's step could not be traced ({why})") from None
-    free = replay(allocations.events, config)
-    bounded = replay(allocations.events, config, capacity_bytes) if capacity_bytes is not None else None
+    persistent = [workspace_bytes] * CUBLAS_HANDLES_PER_STEP if workspace_bytes else []
+    free = replay(allocations.events, config, persistent=persistent)
+    bounded = replay(allocations.events, config, capacity_bytes, persistent) if capacity_bytes is not None else None
     how = "from the cache" if cached else f"traced in {allocations.elapsed_seconds:.1f} s"
     notes = [*free.notes]
     if spec.attention.value == "flash":
@@ -129,9 +132,14 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     if spec.grad_accum > 1:
         notes.append(f"the replay runs one micro-batch per optimizer step: with {{grad_accum}} {spec.grad_accum} the "
                      "gradients alive during the later forwards are not in it, so the reserved peak may be low")
-    notes.append("not in the replay: scratch a kernel allocates and frees inside one op, and the cuBLAS workspaces "
-                 "(torch's CublasHandlePool.cpp: one per thread running matmuls, the forward's and autograd's, 32 MiB "
-                 "each on compute capability 9.0, 8 MiB + 128 KiB on others)")
+    if workspace_bytes:
+        notes.append(f"in the replay: {CUBLAS_HANDLES_PER_STEP} cuBLAS workspaces of {workspace_bytes / 2**20:g} MiB "
+                     "(torch's CublasHandlePool.cpp: one per thread running matmuls, the forward's and autograd's)")
+    else:
+        notes.append("not in the replay: the cuBLAS workspaces (torch's CublasHandlePool.cpp: one per thread running "
+                     "matmuls; 32 MiB each on compute capability 9.0 to 12.x, 8 MiB + 128 KiB on others): name the "
+                     "card with --gpu to count them")
+    notes.append("not in the replay: scratch a kernel allocates and frees inside one op")
     if bounded is not None:
         notes.extend(n for n in bounded.notes if n not in notes)
     return AllocatorReplay(
@@ -143,14 +151,17 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
         capacity_bytes=capacity_bytes,
         bounded_reserved_peak_bytes=bounded.reserved_peak_bytes if bounded is not None else None,
         num_alloc_retries=bounded.num_alloc_retries if bounded is not None else None,
-        num_ooms=bounded.num_ooms if bounded is not None else None, notes=notes)
+        num_ooms=bounded.num_ooms if bounded is not None else None, cublas_workspace_bytes=workspace_bytes,
+        notes=notes)
 
 
 def predicted_reserve(replayed: AllocatorReplay, peak_bytes: int) -> int:
     """The fit's allocator reserve from a replay: what the allocator holds beyond the tensors at its reserved peak.
     Where the bounded replay fit (retries freed enough), never more than the room left beside ``peak_bytes``; where it
     ran out of memory, at least one block more than that room, so the verdict says so."""
-    overhead = max(0, replayed.reserved_peak_bytes - replayed.requested_peak_bytes)
+    # (the cuBLAS workspaces are requested bytes but not in the estimate's peak: they are part of the reserve)
+    tensors = replayed.requested_peak_bytes - CUBLAS_HANDLES_PER_STEP * (replayed.cublas_workspace_bytes or 0)
+    overhead = max(0, replayed.reserved_peak_bytes - tensors)
     if replayed.capacity_bytes is None:
         return overhead
     room = replayed.capacity_bytes - peak_bytes

@@ -1,0 +1,53 @@
+"""benchmarks/gpu_validation.py, the prepared GPU script, run on CPU tensors with torch.cuda's statistics faked: the
+rows, the budget and the markdown it writes are checked here, so that a lent GPU's few minutes are not spent on a
+script that fails."""
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from benchmarks import gpu_validation as gv
+from benchmarks.accuracy import MODELS
+from memcalc.spec import TrainingSpec
+
+SMALL = gv.GpuCase("llama small bf16-pure", MODELS["llama"], TrainingSpec(precision="bf16-pure", seq_len=64))
+
+
+def test_rows_and_markdown_with_faked_statistics(fake_cuda, tmp_path):
+    env, rows = gv.validate([SMALL, SMALL], "cpu", budget_s=600)
+    row = rows[0]
+    assert row.failure == ""
+    # FakeCuda's script: memory_stats() peaks over the three phases (the last reset count is 4)
+    assert (row.requested_bytes, row.allocated_bytes, row.reserved_bytes) == (3600, 4000, 8000)
+    assert row.retries == 1 and row.ooms == 0
+    # the replay of the step's own allocations ran; the estimate is memcalc's for the same run
+    assert row.replayed_reserved_bytes is not None and row.replayed_reserved_bytes > 0
+    assert row.estimate_bytes is not None and row.estimate_bytes > 0
+    assert env["device"] == "Fake GPU" and env["cuda_context"].startswith("1,073,741,824 B")
+    text = gv.markdown(env, rows)
+    assert "| llama small bf16-pure |" in text and "Fake GPU" in text
+    assert "estimate vs requested: 2 rows" in text
+
+
+def test_budget_and_failures_are_rows(fake_cuda):
+    broken = gv.GpuCase("no such preset", "no-such-model", TrainingSpec())
+    _env, rows = gv.validate([broken], "cpu", budget_s=600)
+    assert rows[0].failure.startswith("ModelNotFoundError")  # a row saying what failed; the script goes on
+    _env, rows = gv.validate([SMALL], "cpu", budget_s=0)
+    assert rows[0].failure == "not run: the 0 s budget was spent"
+
+
+def test_the_prepared_cases_resolve():
+    """Every configuration the GPU run will try is one memcalc estimates (a typo would cost device time)."""
+    from memcalc.api import run
+
+    for case in gv.cases():
+        _config, model = gv._config(case)
+        assert run(model, case.spec).per_gpu.peak_bytes > 0
+
+
+def test_no_gpu_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    assert gv.main(["--out", str(out)]) == 1
+    assert not out.exists() and "no CUDA GPU" in capsys.readouterr().err

@@ -3,7 +3,7 @@ memory.
 
 The step is the one ``--verify`` runs (memcalc.measure.step.execute): the model's load (weights, master copies,
 buffers, the batch), a warm-up step that creates the optimizer state while the forward's and backward's freed blocks
-sit in the allocator's cache, and a second step. It runs under FakeTensorMode at the config's full depth with CUDA's
+sit in the allocator's cache, and a second step (two micro-batches each under gradient accumulation). It runs under FakeTensorMode at the config's full depth with CUDA's
 semantics (memcalc.measure.cuda_semantics, as the traced activations), and memcalc's tracker keeps every storage's
 allocation and free (``MemoryTracker.events``). Not in it: memory a kernel allocates and frees inside one op (it goes
 through the same allocator on a GPU, and is small beside a layer's tensors) and what is not the caching allocator's
@@ -29,6 +29,8 @@ from memcalc.report import AllocatorReplay
 
 # Bump when what is recorded changes: older cache entries are then not read.
 CACHE_FORMAT = 1
+# Micro-batches per step replayed under gradient accumulation: from the second on, each is alike.
+ACCUMULATED_MICRO_BATCHES = 2
 CACHE_KIND = "allocations"
 
 
@@ -95,8 +97,10 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
     semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
     with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log(), semantics, \
             FakeKernels(like_cuda):
+        # with gradient accumulation, two micro-batches per step: the second runs its forward and backward beside the
+        # first one's gradients, as every later one does
         result = execute(dict(raw), spec, device="cpu", attn_implementation=attention, allocation_events=True,
-                         traced=True)
+                         traced=True, micro_batches=min(spec.grad_accum, ACCUMULATED_MICRO_BATCHES))
     assert result.allocation_events is not None
     allocations = StepAllocations(_renumbered(result.allocation_events), result.model_class, attention,
                                   round(time.perf_counter() - started, 3), cache.versions())
@@ -130,8 +134,8 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
         notes.append("flash_attention_2 does not run on a CPU: the step was traced with sdpa, which also keeps no "
                      "s x s scores")
     if spec.grad_accum > 1:
-        notes.append(f"the replay runs one micro-batch per optimizer step: with {{grad_accum}} {spec.grad_accum} the "
-                     "gradients alive during the later forwards are not in it, so the reserved peak may be low")
+        notes.append(f"gradient accumulation ({spec.grad_accum} micro-batches): the replay runs two per step, the "
+                     "second beside the first one's gradients, as every later one runs")
     if workspace_bytes:
         notes.append(f"in the replay: {CUBLAS_HANDLES_PER_STEP} cuBLAS workspaces of {workspace_bytes / 2**20:g} MiB "
                      "(torch's CublasHandlePool.cpp: one per thread running matmuls, the forward's and autograd's)")

@@ -608,18 +608,21 @@ def _chunked_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], chu
 
 
 def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch.Tensor] | torch.Tensor,
-             setup: StepSetup, clock: PhaseClock, after_backward: Callable[[], None] | None = None) -> None:
+             setup: StepSetup, clock: PhaseClock, after_backward: Callable[[], None] | None = None,
+             micro_batches: int = 1) -> None:
     """One training step on ``batch`` (make_batch's keyword arguments; bare token ids are a language model's
-    input_ids and labels)."""
+    input_ids and labels). ``micro_batches``: forward and backward that many times before the optimizer step, the
+    gradients accumulating (HF Trainer's gradient accumulation)."""
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch, "labels": batch}
-    clock.enter(trk.FORWARD)
-    loss = forward_loss(model, batch, setup)
-    clock.enter(trk.BACKWARD)
-    loss.backward()
+    for _ in range(micro_batches):
+        clock.enter(trk.FORWARD)
+        loss = forward_loss(model, batch, setup)
+        clock.enter(trk.BACKWARD)
+        loss.backward()
+        del loss
     if after_backward is not None:
         after_backward()
-    del loss
     clock.enter(trk.OPTIMIZER_STEP)
     stepper.step()
     clock.finish()
@@ -710,12 +713,12 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
             attn_implementation: str = "sdpa", clock: PhaseClock | None = None,
             progress: Progress | None = None, before_measured_step: Callable[[], None] | None = None,
             record_timeline: bool = False, seed: int = 0, allocation_events: bool = False,
-            traced: bool = False) -> StepResult:
+            traced: bool = False, micro_batches: int = 1) -> StepResult:
     """Build, warm up and run the measured step under the tracker. The caller chooses the tensor kind by the
     context it calls this in (a FakeTensorMode for traces) and the device. ``allocation_events``: keep every device
     storage's allocation and free from the model's load through the warm-up and the measured step, in order
     (``StepResult.allocation_events``, for ``memcalc.allocator.replay``). ``traced``: the estimate's fake step
-    (resolve_setup)."""
+    (resolve_setup). ``micro_batches``: gradient accumulation inside each step (one_step)."""
     say = progress or (lambda _msg: None)
     setup = resolve_setup(spec, attn_implementation, device, traced=traced)
     config = build.hf_config(_raw(model_config))
@@ -737,10 +740,10 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         log.events = events = []
         _register_existing(log, model, stepper, batch, nf4=setup.qlora)
         with log:
-            one_step(model, stepper, batch, setup, PhaseClock())
+            one_step(model, stepper, batch, setup, PhaseClock(), micro_batches=micro_batches)
         log.events = None  # the measured step's tracker records the rest (frees of what the log saw included)
     else:
-        one_step(model, stepper, batch, setup, PhaseClock())
+        one_step(model, stepper, batch, setup, PhaseClock(), micro_batches=micro_batches)
 
     tracker = _OpNames(record_timeline=record_timeline)
     _register_existing(tracker, model, stepper, batch)
@@ -757,7 +760,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     tracker.events = events  # (what exists now was recorded by the log)
     try:
         with tracker:
-            one_step(model, stepper, batch, setup, _TrackerClock(tracker, clock), after_backward)
+            one_step(model, stepper, batch, setup, _TrackerClock(tracker, clock), after_backward, micro_batches)
     finally:
         tracker.remove_hooks()
     states = stepper.state_tensors()

@@ -219,3 +219,25 @@ def test_unknown_method_refused():
 def test_importing_verify_does_not_import_torch():
     code = "import sys, memcalc.measure; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_amp_fp16_runs_with_a_grad_scaler_on_real_tensors():
+    """HF Trainer scales the loss under fp16 autocast (accelerate's GradScaler): a real step runs it, and its tensors
+    (a scaled loss, found_inf, the scale) are scalars, so the estimate (which does not count them) stays within
+    0.05% of the measured peak; the fake trace cannot run the scaler's found_inf check and says so."""
+    from memcalc.measure import estimate_for, run_verify
+    from memcalc.measure.step import GRAD_SCALER_NOTE
+    from memcalc.model import ModelConfig
+    from memcalc.spec import TrainingSpec
+
+    raw = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 352,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024}
+    config = ModelConfig(name="tiny", raw=raw, source="test")
+    spec = TrainingSpec(precision="amp-fp16", micro_batch_size=2, seq_len=64)
+    measured = run_verify(config, spec, "cpu-tracker")
+    assert GRAD_SCALER_NOTE in measured.notes
+    estimate = estimate_for(config, spec).per_gpu.peak_bytes
+    assert abs(estimate - measured.measured_peak_bytes) <= 5e-4 * measured.measured_peak_bytes
+    traced = run_verify(config, spec, "trace")
+    assert GRAD_SCALER_NOTE not in traced.notes
+    assert any("without a GradScaler" in d for d in traced.differences_from_gpu)

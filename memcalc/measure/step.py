@@ -52,6 +52,9 @@ SHARED_WEIGHT_NOTE = ("a weight is used twice (a tied or shared embedding): unde
                       "contribution in place (autocast's cast of the head's, an embedding shared by two stacks) this "
                       "one holds one more V x h tensor at the sum; the estimate follows the ordinary step")
 
+GRAD_SCALER_NOTE = ("amp-fp16 ran with torch.amp.GradScaler, as HF Trainer runs it: the loss scaled before backward, "
+                    "the gradients unscaled in place and checked before the optimizer step")
+
 Progress = Callable[[str], None]
 
 
@@ -370,6 +373,12 @@ class _InBackward:
         pass
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 class Stepper:
     """The optimizer step of the recipe. With a master dtype (bf16/fp16 mixed): fp32 master copies are what
     the optimizer updates; at the step the 16-bit gradients are cast to fp32 (all at once, as DeepSpeed casts a
@@ -387,8 +396,22 @@ class Stepper:
             self.optimizer = build_optimizer(self.masters or self.params, setup.optimizer)
         self.fused = setup.optimizer.impl == OptimImpl.fused and setup.optimizer.name != OptimizerName.adafactor
         self.on_master_grads: Callable[[list[torch.Tensor]], None] | None = None
+        # amp-fp16 as HF Trainer runs it (accelerate's GradScaler): the loss scaled before backward, the gradients
+        # unscaled in place and checked before the step. Not on fake tensors: the check reads found_inf's value, which
+        # a fake tensor does not have (its tensors are scalars: the trace leaves them out, said).
+        self.scaler = None
+        if setup.autocast_dtype == torch.float16 and not setup.optim_in_backward and self.params \
+                and not _is_fake(self.params[0]):
+            self.scaler = torch.amp.GradScaler(self.params[0].device.type)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
         if not self.masters:
             self.optimizer.step()
             return
@@ -619,7 +642,10 @@ def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch
         clock.enter(trk.FORWARD)
         loss = forward_loss(model, batch, setup)
         clock.enter(trk.BACKWARD)
-        loss.backward()
+        if isinstance(stepper, Stepper):
+            stepper.backward(loss)
+        else:
+            loss.backward()
         del loss
     if after_backward is not None:
         after_backward()
@@ -695,6 +721,7 @@ class StepResult:
     elapsed_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the run chose (make_batch)
     allocation_events: list[tuple[int, int, int]] | None = None  # execute(allocation_events=True)
+    grad_scaler: bool = False  # amp-fp16 ran with torch.amp.GradScaler (real tensors)
 
 
 class _OpNames(trk.MemoryTracker):
@@ -778,6 +805,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model_config),
         elapsed_seconds=time.perf_counter() - started, notes=notes, allocation_events=events,
+        grad_scaler=stepper.scaler is not None,
     )
 
 
@@ -826,9 +854,9 @@ def differences_from_gpu(result: StepResult) -> list[str]:
             why = " (attention dropout > 0)" if drops else ""
             found.append(f"SDPA ran the math kernel on CPU{why}: attention scores and probabilities are materialized "
                          "and saved; a GPU run takes flash / memory-efficient attention")
-    if setup.autocast_dtype == torch.float16:
-        found.append("amp-fp16 runs without a GradScaler here (a GPU run's scaler adds a few scalar tensors; "
-                     "unscale_ works in place)")
+    if setup.autocast_dtype == torch.float16 and not result.grad_scaler:
+        found.append("amp-fp16 runs without a GradScaler in this traced step (its found_inf check reads a value a fake "
+                     "tensor does not have); a GPU run's scaler adds a few scalar tensors and unscale_ works in place")
     found.append("kernel-internal scratch (CPU flash-attention buffers here; cuBLAS workspaces, caching-allocator "
                  "rounding to 512-byte blocks on a GPU) is not a tensor and is not counted")
     return found
@@ -866,7 +894,8 @@ def to_measurement(method: str, result: StepResult) -> Measurement:
         allocation_events=result.allocation_events,
         notes=["the model output (logits) is dropped before backward, as HF Trainer's training_step does",
                ("torch.optim's host-side 'step' counters are not counted as optimizer state (fused keeps them "
-                "on the device and they are)"), *result.notes],
+                "on the device and they are)"), *result.notes,
+               *([GRAD_SCALER_NOTE] if result.grad_scaler else [])],
     )
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
     from memcalc.fit import ConfigOwner, GpuTarget
+    from memcalc.report import Fit
 
 
 def estimate(model: str | None = None, **settings: Any) -> Report:
@@ -134,8 +135,49 @@ def run(model: ModelInput, spec: TrainingSpec, gpu: GpuTarget | None = None, def
         fit = check_fit(report, spec, gpu, rerun=lambda changed: _estimate_spec(model, changed),
                         solve_batch=solve_batch, solve_seq_len=solve_seq_len, precision_chosen=precision_chosen,
                         seq_len_cap=cap, config_owner=config_owner)
+        if allocator is not None and fit.max_micro_batch_size is not None and fit.max_micro_batch_limit == "memory":
+            _confirm_micro_batch(fit, model, spec, allocator, allocator_source, gpu)
         report = report.with_fit(fit)
     return report
+
+
+# Micro-batches the allocator replay may try below the solver's answer before it stops (each is a traced step).
+REPLAY_CONFIRM_TRIES = 4
+
+
+def _confirm_micro_batch(fit: Fit, model: ModelInput, spec: TrainingSpec, allocator: AllocatorConfig, source: str,
+                         gpu: GpuTarget) -> None:
+    """--reserved --max-batch: the solver applies the asked run's reserve to every micro-batch; the largest it finds is
+    replayed within the GPU (a traced step), and stepped down while the replay runs out of memory (fragmentation
+    grows with the micro-batch)."""
+    import dataclasses
+    import os
+
+    from memcalc.allocator import cublas_workspace_bytes
+    from memcalc.measure.reserved import predict_reserved
+    from memcalc.units import format_bytes
+
+    assert model.config is not None and fit.max_micro_batch_size is not None
+    capacity = gpu.memory_bytes - gpu.cuda_context_bytes
+    workspace = cublas_workspace_bytes(gpu.compute_capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    batch, tried = fit.max_micro_batch_size, []
+    while batch >= 1 and len(tried) < REPLAY_CONFIRM_TRIES:
+        changed = dataclasses.replace(spec, micro_batch_size=batch)
+        replayed = predict_reserved(model.config.raw, changed, allocator, source, capacity, workspace)
+        if not replayed.num_ooms:
+            reason = (f"; the allocator replay at micro-batch {batch:,} fits (reserved "
+                      f"{format_bytes(replayed.bounded_reserved_peak_bytes or 0)} within {format_bytes(capacity)}, "
+                      "the GPU less the CUDA context)")
+            if tried:
+                reason += f", at {', '.join(f'{b:,}' for b in tried)} it ran out of memory (fragmentation)"
+                fit.max_micro_batch_size = batch
+                fit.max_micro_batch_peak_bytes = _estimate_spec(model, changed).per_gpu.peak_bytes
+            fit.max_micro_batch_reason = (fit.max_micro_batch_reason or "") + reason
+            return
+        tried.append(batch)
+        batch -= 1
+    fit.max_micro_batch_reason = ((fit.max_micro_batch_reason or "") + f"; the allocator replay ran out of memory at "
+                                  f"micro-batch {', '.join(f'{b:,}' for b in tried)}: the answer above may not fit")
 
 
 # -- measuring --------------------------------------------------------------------------------------------------

@@ -154,3 +154,39 @@ def test_nf4_allocations_add_up_to_the_nf4_base():
             layer.stored_dtype, layer.double_quant = torch.bfloat16, double
             parts = qlora.stored_parts(layer)
             assert sum(parts) == nf4_bytes(math.prod(shape), double)
+
+
+@needs_torch
+def test_max_batch_is_replayed_and_stepped_down_while_it_runs_out(wide, cli, monkeypatch):
+    """--reserved --max-batch: the solver's answer is replayed within the GPU; where the replay runs out of memory
+    the answer steps down, at most four replays (here the replay is made to run out above a chosen micro-batch, to
+    follow the steps)."""
+    from memcalc.measure import reserved
+
+    real = reserved.predict_reserved
+    asked: list[int] = []
+    limit = {"batch": 0}
+
+    def replay_running_out_above(raw, spec, *args, **kwargs):
+        found = real(raw, spec, *args, **kwargs)
+        asked.append(spec.micro_batch_size)
+        if len(asked) > 1 and spec.micro_batch_size > limit["batch"]:  # (the first replay is the asked run's)
+            found.num_ooms = 1
+        return found
+
+    monkeypatch.setattr(reserved, "predict_reserved", replay_running_out_above)
+    args = (wide, "--precision", "bf16-pure", "--seq-len", "256", "--gpu-memory", "1GiB", "--max-batch", "--reserved",
+            "--json")
+    solved = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--gpu-memory", "1GiB", "--max-batch",
+                 "--json").json()["fit"]["max_micro_batch_size"]
+    assert solved == 4  # the solver alone, with the assumed reserve
+    limit["batch"] = 2
+    fit = cli(*args).json()["fit"]
+    assert asked[1:] == [4, 3, 2]
+    assert fit["max_micro_batch_size"] == 2
+    assert "at 4, 3 it ran out of memory (fragmentation)" in fit["max_micro_batch_reason"]
+    asked.clear()
+    limit["batch"] = 0  # never fits: four replays, then the answer stands with a warning
+    fit = cli(*args).json()["fit"]
+    assert asked[1:] == [4, 3, 2, 1]
+    assert "ran out of memory at micro-batch 4, 3, 2, 1: the answer above may not fit" in fit["max_micro_batch_reason"]

@@ -62,6 +62,11 @@ class AllocConfError(ValueError):
     """A PYTORCH_CUDA_ALLOC_CONF string the allocator would refuse (or that memcalc cannot replay)."""
 
 
+def _shown(text: str) -> str:
+    """A piece of the settings echoed in an error: quoted as repr does, at most 60 characters of it."""
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
 @dataclass(frozen=True)
 class AllocatorConfig:
     """The caching allocator's settings (``c10/cuda/CUDAAllocatorConfig.cpp``), as PYTORCH_CUDA_ALLOC_CONF sets
@@ -87,7 +92,7 @@ def _parse_divisions(value: str) -> tuple[int, ...]:
         try:
             number = int(text)
         except ValueError:
-            raise AllocConfError(f"roundup_power2_divisions: {text!r} is not a whole number") from None
+            raise AllocConfError(f"roundup_power2_divisions: {_shown(text)} is not a whole number") from None
         if number != 0 and (number < 1 or number & (number - 1)):
             raise AllocConfError(f"roundup_power2_divisions: {number} must be a power of 2")
         return number
@@ -104,7 +109,7 @@ def _parse_divisions(value: str) -> tuple[int, ...]:
     for item in filter(None, value[1:-1].split(",")):
         key, sep, number_text = item.partition(":")
         if not sep:
-            raise AllocConfError(f"roundup_power2_divisions: {item!r} is not SIZE_MB:DIVISIONS")
+            raise AllocConfError(f"roundup_power2_divisions: {_shown(item)} is not SIZE_MB:DIVISIONS")
         number = divisions(number_text.strip())
         key = key.strip()
         if key == ">":
@@ -113,7 +118,7 @@ def _parse_divisions(value: str) -> tuple[int, ...]:
         try:
             size_mb = int(key)
         except ValueError:
-            raise AllocConfError(f"roundup_power2_divisions: {key!r} is not a size in MiB") from None
+            raise AllocConfError(f"roundup_power2_divisions: {_shown(key)} is not a size in MiB") from None
         if size_mb < 1 or size_mb & (size_mb - 1):
             raise AllocConfError(f"roundup_power2_divisions: {size_mb} must be a power of 2")
         index = min(size_mb.bit_length() - 1, ROUNDUP_INTERVALS - 1)
@@ -147,12 +152,12 @@ def parse_alloc_conf(text: str) -> AllocatorConfig:
         key, sep, value = item.partition(":")
         key, value = key.strip(), value.strip()
         if not sep or not value:
-            raise AllocConfError(f"{item!r} is not key:value")
+            raise AllocConfError(f"{_shown(item)} is not key:value")
         if key in ("max_split_size_mb", "max_non_split_rounding_mb"):
             try:
                 megabytes = int(value)
             except ValueError:
-                raise AllocConfError(f"{key}: {value!r} is not a whole number of MiB") from None
+                raise AllocConfError(f"{key}: {_shown(value)} is not a whole number of MiB") from None
             if megabytes < LARGE_BUFFER // MIB:  # AllocatorConfig.cpp: "too small, must be >= 20"
                 raise AllocConfError(f"{key} must be at least {LARGE_BUFFER // MIB}, got {megabytes}")
             if key == "max_split_size_mb":
@@ -163,13 +168,13 @@ def parse_alloc_conf(text: str) -> AllocatorConfig:
             divisions = _parse_divisions(value)
         elif key == "expandable_segments":
             if value not in ("True", "False"):
-                raise AllocConfError(f"expandable_segments must be True or False, got {value!r}")
+                raise AllocConfError(f"expandable_segments must be True or False, got {_shown(value)}")
             expandable = value == "True"
         elif key == "garbage_collection_threshold":
             try:
                 threshold = float(value)
             except ValueError:
-                raise AllocConfError(f"garbage_collection_threshold: {value!r} is not a number") from None
+                raise AllocConfError(f"garbage_collection_threshold: {_shown(value)} is not a number") from None
             if not 0.0 < threshold < 1.0:
                 raise AllocConfError(f"garbage_collection_threshold must be between 0 and 1, got {value}")
         elif key == "backend":
@@ -177,9 +182,9 @@ def parse_alloc_conf(text: str) -> AllocatorConfig:
                 raise AllocConfError("backend:cudaMallocAsync (CUDA's own pool) is not the caching allocator memcalc "
                                      "replays; drop it to predict reserved memory")
             if value != "native":
-                raise AllocConfError(f"backend must be native or cudaMallocAsync, got {value!r}")
+                raise AllocConfError(f"backend must be native or cudaMallocAsync, got {_shown(value)}")
         elif key not in _NO_EFFECT_KEYS:
-            raise AllocConfError(f"unknown option {key!r}; the caching allocator's are max_split_size_mb, "
+            raise AllocConfError(f"unknown option {_shown(key)}; the caching allocator's are max_split_size_mb, "
                                  "max_non_split_rounding_mb, roundup_power2_divisions, expandable_segments, "
                                  "garbage_collection_threshold and backend")
     return AllocatorConfig(max_split, rounding, divisions, expandable, threshold, text.strip())
@@ -196,9 +201,6 @@ class _Block:
     allocated: bool = False
     mapped: bool = True
     requested: int = 0
-
-    def key(self) -> tuple[int, int]:
-        return (self.size, self.addr)
 
     def is_split(self) -> bool:
         return self.prev is not None or self.next is not None
@@ -221,11 +223,6 @@ class ReplayResult:
     num_ooms: int
     config: AllocatorConfig
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def fragmentation_bytes(self) -> int:
-        """Reserved but not allocated at the reserved peak's size: what the allocator holds beyond the blocks."""
-        return self.reserved_peak_bytes - self.allocated_peak_bytes
 
 
 class CachingAllocator:

@@ -164,9 +164,10 @@ def _not_empty(request: Request, *names: str) -> None:
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
-         "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format")
+         "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
+         "alloc_conf")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
-             "compile", "repeat_kv", "max_batch", "max_seq_len")
+             "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
 
@@ -193,9 +194,9 @@ def _check_types(request: Request) -> None:
 
 def _check_simple(request: Request) -> None:
     _check_types(request)
-    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params")
+    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params", "alloc_conf")  # (a model: resolve)
     if request.reserve_fraction is not None and (request.reserved or request.alloc_conf is not None):
-        raise UsageError("{reserve_fraction} assumes the allocator's reserve and {reserved} predicts it: give one")  # (an empty model: resolve)
+        raise UsageError("{reserve_fraction} assumes the allocator's reserve and {reserved} predicts it: give one")
     if request.gpu is not None and request.gpu_memory is not None:
         raise UsageError("give either {gpu} NAME or {gpu_memory} SIZE, not both")
     no_gpu = request.gpu is None and request.gpu_memory is None
@@ -344,7 +345,8 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
         return parse_alloc_conf(text), source
     except AllocConfError as error:
         where = "{alloc_conf}" if source == "--alloc-conf" else f"the environment's {source}"
-        raise UsageError(f"{where} '{printable(text)}': {error}") from None
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise UsageError(f"{where} '{printable(shown)}': {error}") from None
 
 
 def _trainer_config(request: Request) -> tuple[Request, list[str]]:

@@ -190,3 +190,11 @@ def test_max_batch_is_replayed_and_stepped_down_while_it_runs_out(wide, cli, mon
     fit = cli(*args).json()["fit"]
     assert asked[1:] == [4, 3, 2, 1]
     assert "ran out of memory at micro-batch 4, 3, 2, 1: the answer above may not fit" in fit["max_micro_batch_reason"]
+
+
+@pytest.mark.parametrize("text", ["expandable_segments:True\n\x1b[31m", "a" * 300, "max_split_size_mb:" + "x" * 300])
+def test_hostile_alloc_conf_is_one_printable_line(cli, text):
+    from tests.test_hostile_files import assert_one_line_error
+
+    line = assert_one_line_error(cli("llama-3.2-1b", "--alloc-conf", text), 2, "--alloc-conf")
+    assert len(line) < 400

@@ -42,18 +42,43 @@ def quiet_transformers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_bitsandbytes() -> Iterator[None]:
+def quiet_logger(name: str, level: int) -> Iterator[None]:
+    """The logger ``name`` (and those under it) raised to ``level`` while the block runs."""
+    import logging
+
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def quiet_fake_tensor_log():
+    """FakeTensorMode logs a failing op (a storage too large to address, say) at ERROR before raising; the caller
+    reports the failure in one line, so the log stays quiet."""
+    import logging
+
+    return quiet_logger("torch._subclasses.fake_tensor", logging.CRITICAL)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's decoder layers: the ModuleList holding the most parameters."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
+
+
+def quiet_bitsandbytes():
     """bitsandbytes (imported by peft) logs a warning at import when its optional CPU kernels package is absent
     (backends/cpu/ops.py): not the user's business, so its loggers stay at ERROR while it loads."""
     import logging
 
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_logger("bitsandbytes", logging.ERROR)
 
 
 def _first_line(exc: BaseException) -> str:

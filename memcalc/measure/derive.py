@@ -237,31 +237,6 @@ def part_of(child_name: str) -> str:
     return "other"
 
 
-def _decoder_layers(model: Any) -> list[Any]:
-    """The model's decoder layers: the ModuleList holding the most parameters."""
-    import torch
-
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        return []
-    return list(max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters())))
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_log() -> Iterator[None]:
-    """FakeTensorMode logs a failing op (a storage too large to address, say) at ERROR before raising; the caller
-    reports the failure in one line, so the log stays quiet."""
-    import logging
-
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
            weight_dtype: str, autocast: bool, attention: str, device: str) -> tuple[str, dict[int, Saves], str]:
     """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch, the
@@ -277,10 +252,10 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
     found: dict[int, Saves] = {}
     if attention == "sdpa" and not build.sdpa_supported(raw, architecture):
         attention = "eager"
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log():
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log():
         model = build.build_model(raw, architecture, dtype=dtype, attn_implementation=attention)
         model.train()
-        layers = _decoder_layers(model)
+        layers = build.decoder_layers(model)
         for batch in batches:
             # the keyword arguments a training forward of this head takes (labels, positions: measure.step)
             shape = SimpleNamespace(micro_batch_size=batch, seq_len=seq_len, device="cpu", decoder_seq_len=None)

@@ -86,7 +86,6 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memcalc.measure import build, cuda_semantics
-    from memcalc.measure.derive import _quiet_fake_tensor_log
     from memcalc.measure.step import execute
     from memcalc.measure.trace import FakeKernels, unpacked_sequences
 
@@ -95,7 +94,7 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
     like_cuda = current_device() == "cuda"
     started = time.perf_counter()
     semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log(), semantics, \
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log(), semantics, \
             FakeKernels(like_cuda):
         # with gradient accumulation, two micro-batches per step: the second runs its forward and backward beside the
         # first one's gradients, as every later one does

@@ -233,11 +233,10 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
         # torchtune training/_compile.py compile_model: each decoder layer compiled, after checkpointing is applied
         # and adapters are added; the embeddings, the head and the loss run eager.
         from memcalc.measure.compiled import compile_layer
-        from memcalc.measure.derive import _decoder_layers
 
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False  # no KV cache object through the compiled layers (a training step's)
-        for layer in _decoder_layers(model):
+        for layer in build.decoder_layers(model):
             compile_layer(layer)
     model.train()
     return model

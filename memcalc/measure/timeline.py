@@ -169,7 +169,7 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
 
     from memcalc.measure import cuda_semantics
     from memcalc.measure import tracker as trk
-    from memcalc.measure.derive import _decoder_layers, _quiet_fake_tensor_log
+    from memcalc.measure.build import decoder_layers, quiet_fake_tensor_log
     from memcalc.measure.step import build_model, forward_loss, loss_head, make_batch
     from memcalc.measure.trace import FakeKernels, unpacked_sequences
 
@@ -192,9 +192,9 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
             return (*super()._kept_snapshots(), *self.peaks.values())
 
     semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), _quiet_fake_tensor_log():
+    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), quiet_fake_tensor_log():
         model = build_model(dict(raw), setup)
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         if not layers:
             raise ValueError("no decoder layers found")
         batch, _ = make_batch(model, setup)

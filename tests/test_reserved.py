@@ -63,6 +63,20 @@ def test_accumulated_gradients_are_in_the_replay(wide, cli):
 
 
 @needs_torch
+def test_a_step_the_replay_cannot_run_is_one_line(cli):
+    result = cli("llama-3.2-1b", "--reserved", "--optim", "muon")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "--reserved replays a step that does not yet run --optim muon; drop it" in result.stderr
+
+
+@needs_torch
+def test_fp8_is_said_to_be_outside_the_replay(wide, cli):
+    result = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--fp8", "tensorwise", "--reserved", "--json")
+    assert any(note.startswith("--fp8 tensorwise: the replay runs the step's bf16 Linear layers")
+               for note in result.json()["per_gpu"]["allocator"]["notes"])
+
+
+@needs_torch
 def test_fit_uses_the_predicted_reserve(wide, cli):
     args = (wide, "--precision", "bf16-pure", "--seq-len", "256", "--batch-size", "2", "--reserved", "--json")
     replayed = cli(*args).json()["per_gpu"]["allocator"]

@@ -119,7 +119,8 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     try:
         allocations, cached = step_allocations(raw, spec, attention)
     except MemcalcError as error:
-        message = str(error).replace("verify does not yet run", "{reserved} replays a step that does not yet run")
+        template = str(error.args[0]) if error.args else str(error)  # (its {settings} unspelled: the caller spells)
+        message = template.replace("verify does not yet run", "{reserved} replays a step that does not yet run")
         raise UsageError(message.replace("; drop it to verify the rest", "; drop it, or drop {reserved}")) from None
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: one line, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
@@ -132,6 +133,9 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     if spec.attention.value == "flash":
         notes.append("flash_attention_2 does not run on a CPU: the step was traced with sdpa, which also keeps no "
                      "s x s scores")
+    if spec.fp8.value != "none":
+        notes.append(f"--fp8 {spec.fp8.value}: the replay runs the step's bf16 Linear layers; torchao's float8 casts "
+                     "(a transient per Linear, modelled from its code and counted in the estimate) are not in it")
     if spec.grad_accum > 1:
         notes.append(f"gradient accumulation ({spec.grad_accum} micro-batches): the replay runs two per step, the "
                      "second beside the first one's gradients, as every later one runs")

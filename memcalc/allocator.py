@@ -58,6 +58,15 @@ _NO_EFFECT_KEYS = {"pinned_use_cuda_host_register", "pinned_num_register_threads
                    "graph_capture_record_stream_reuse", "per_process_memory_fraction"}
 
 
+def environment_alloc_conf() -> tuple[str, str]:
+    """The allocator settings this process's environment gives PyTorch, and the variable they came from (``""`` and
+    ``"default"`` when none is set)."""
+    import os
+
+    source = next((name for name in ENV_VARS if os.environ.get(name)), "default")
+    return os.environ.get(source, ""), source
+
+
 class AllocConfError(ValueError):
     """A PYTORCH_CUDA_ALLOC_CONF string the allocator would refuse (or that memcalc cannot replay)."""
 

@@ -224,16 +224,16 @@ def _replay_measured(result: VerifyResult, events: list[tuple[int, int, int]], p
 
     from memcalc.allocator import (
         CUBLAS_HANDLES_PER_STEP,
-        ENV_VARS,
         AllocConfError,
         cublas_workspace_bytes,
+        environment_alloc_conf,
         parse_alloc_conf,
         replay,
     )
 
     config = plan.allocator
     if config is None:
-        text = next((os.environ[name] for name in ENV_VARS if os.environ.get(name)), "")
+        text, _source = environment_alloc_conf()
         try:
             config = parse_alloc_conf(text)
         except AllocConfError as error:

@@ -223,7 +223,9 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
 
 def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> None:
     """--reserved: the replayed caching allocator's peaks beside the tensors' peak, and what it assumed."""
-    workspaces = 2 * (replayed.cublas_workspace_bytes or 0)  # (one per handle: memcalc.allocator)
+    from memcalc.allocator import CUBLAS_HANDLES_PER_STEP
+
+    workspaces = CUBLAS_HANDLES_PER_STEP * (replayed.cublas_workspace_bytes or 0)
     tensors = replayed.requested_peak_bytes - workspaces
     over = replayed.reserved_peak_bytes - tensors
     share = f" (+{100 * over / tensors:.1f}%)" if tensors else ""

@@ -328,7 +328,7 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
     (PYTORCH_ALLOC_CONF, then the older PYTORCH_CUDA_ALLOC_CONF, as PyTorch reads them), else the defaults."""
     if not request.reserved and request.alloc_conf is None:
         return None, ""
-    from memcalc.allocator import ENV_VARS, AllocConfError, parse_alloc_conf
+    from memcalc.allocator import AllocConfError, environment_alloc_conf, parse_alloc_conf
 
     if model.config is None or not model.architecture_known:
         raise UsageError("{reserved} replays the model's own step: give a {model} (preset name or config.json), "
@@ -339,8 +339,7 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
     if request.alloc_conf is not None:
         text, source = request.alloc_conf, "--alloc-conf"
     else:
-        source = next((name for name in ENV_VARS if os.environ.get(name)), "default")
-        text = os.environ.get(source, "")
+        text, source = environment_alloc_conf()
     try:
         return parse_alloc_conf(text), source
     except AllocConfError as error:

@@ -136,10 +136,10 @@ def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec,
 
 def _versions() -> dict[str, str]:
     """What the reserved figures depend on: torch and its CUDA runtime, the driver, the allocator's settings."""
-    import os
+    from memcalc.allocator import environment_alloc_conf
 
     found = {"torch": torch.__version__, "cuda_runtime": str(torch.version.cuda),
-             "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""}
+             "alloc_conf": environment_alloc_conf()[0]}
     try:
         major, minor = torch.cuda.get_device_capability()
         found["compute_capability"] = f"{major}.{minor}"

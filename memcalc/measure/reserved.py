@@ -107,7 +107,6 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
     return allocations, False
 
 
-
 def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig, source: str,
                      capacity_bytes: int | None, workspace_bytes: int | None = None) -> AllocatorReplay:
     """The step's allocations (``step_allocations``) replayed through the caching allocator with ``config``: once

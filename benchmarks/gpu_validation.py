@@ -14,9 +14,12 @@ and is put beside:
 It also reads the CUDA context (device memory in use less what the allocator reserved, after the first kernel).
 
 The configurations: presets at realistic sizes first (Llama-3.2-1B, Qwen2.5-0.5B, Llama-3-8B with LoRA and in full
-with checkpointing), then the CPU accuracy matrix's small models (benchmarks/accuracy.py), then the GPU-only recipes
-issue 13 modelled from their code (activation offloading's CUDA streams). A configuration that fails (an OOM, a
-missing package) is a row saying so; the script goes on.
+with checkpointing), then the recipes issue 13 modelled from code a CPU cannot run for real (activation offloading's
+CUDA streams; each decoder layer compiled by Inductor's Triton backend; torchao float8 Linear layers, compiled as
+torchtitan runs them), then the CPU accuracy matrix's small models (benchmarks/accuracy.py), and last Liger's fused
+linear cross-entropy (its patch of transformers' Llama classes lasts for the process). The compiled, float8 and Liger rows run the real libraries, so they are measured by the
+allocator's statistics alone (no tracker, no replay). A configuration that fails (an OOM, a missing package) is a row
+saying so; the script goes on.
 
 Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the
 test suite does: tests/test_gpu_validation.py).
@@ -52,6 +55,10 @@ class GpuCase:
     label: str
     model: str | dict  # a preset name, or a config (the CPU matrix's small models)
     spec: TrainingSpec
+    # "" (--verify's CUDA step), or the real library the step runs: "compile" (layer.compile() on each decoder layer,
+    # as torchtune's compile_model), "fp8" (torchao convert_to_float8_training, the output layer left out, then
+    # compiled, as torchtitan), "liger" (apply_liger_kernel_to_llama's fused linear cross-entropy)
+    library: str = ""
 
 
 def cases(quick: bool = False) -> list[GpuCase]:
@@ -68,11 +75,24 @@ def cases(quick: bool = False) -> list[GpuCase]:
         GpuCase("llama-3.2-1b bf16-pure expandable_segments b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024)),
     ]
-    small = matrix(quick)
-    found += [GpuCase(case.label, MODELS[case.family], case.spec()) for case in small]
     found.append(GpuCase("llama-3.2-1b bf16-pure offload=torchtune ckpt=full b4xs1024", "llama-3.2-1b",
                          TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, checkpointing="full",
                                       activation_offload="torchtune")))
+    found += [
+        GpuCase("llama-3.2-1b bf16-pure compile (Triton) b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True), "compile"),
+        GpuCase("llama-3.2-1b bf16-pure compile ckpt=full b4xs2048", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=2048, compile=True,
+                             checkpointing="full"), "compile"),
+        GpuCase("llama-3.2-1b bf16-pure fp8 tensorwise compile b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True,
+                             fp8="tensorwise"), "fp8"),
+    ]
+    found += [GpuCase(case.label, MODELS[case.family], case.spec()) for case in matrix(quick)]
+    # last: Liger patches transformers' Llama classes for the rest of the process
+    found.append(GpuCase("llama-3.2-1b bf16-pure Liger fused-linear b4xs1024", "llama-3.2-1b",
+                         TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, loss="fused-linear"),
+                         "liger"))
     return found
 
 
@@ -115,7 +135,7 @@ def _config(case: GpuCase) -> tuple[ModelConfig, object]:
 
 def measure(case: GpuCase, device: str) -> Row:
     """One configuration on the GPU (or, with device "cpu", on CPU tensors under faked statistics)."""
-    from memcalc.allocator import parse_alloc_conf, replay
+    from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, cublas_workspace_bytes, parse_alloc_conf, replay
     from memcalc.measure.cuda import measure_cuda
 
     started = time.perf_counter()
@@ -128,6 +148,9 @@ def measure(case: GpuCase, device: str) -> Row:
         if conf:
             # (the allocator reads its settings once per process: a GPU run sets them with _set_allocator_settings)
             _set_allocator_settings(conf, device)
+        if case.library:
+            _measure_library(row, config, case, device)
+            return row
         measured = measure_cuda(config, case.spec, device=device)
         stats = measured.allocator_stats
         row.requested_bytes = stats.get("requested_bytes.all.peak")
@@ -135,15 +158,59 @@ def measure(case: GpuCase, device: str) -> Row:
         row.reserved_bytes = stats.get("reserved_bytes.all.peak", measured.reserved_peak_bytes)
         row.retries, row.ooms = stats.get("num_alloc_retries"), stats.get("num_ooms")
         if measured.allocation_events:
-            row.replayed_reserved_bytes = replay(measured.allocation_events, parse_alloc_conf(conf)).reserved_peak_bytes
+            # the card's cuBLAS workspaces go through the same allocator (memcalc.allocator.cublas_workspace_bytes)
+            capability = measured.run.get("compute_capability")
+            workspace = cublas_workspace_bytes(str(capability) if capability else None,
+                                               os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+            persistent = [workspace] * CUBLAS_HANDLES_PER_STEP if workspace else []
+            row.replayed_reserved_bytes = replay(measured.allocation_events, parse_alloc_conf(conf),
+                                                 persistent=persistent).reserved_peak_bytes
     except Exception as error:  # noqa: BLE001 (a row saying what failed; the script goes on)
         row.failure = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
     finally:
         if conf:
             _set_allocator_settings(previous or "", device)
         _release(device)
-    row.seconds = time.perf_counter() - started
+        row.seconds = time.perf_counter() - started
     return row
+
+
+def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) -> None:
+    """A step that runs a real GPU library: built as --verify builds it, the library applied, a warm-up step (the
+    compilation), the peak statistics reset, then the measured step; read from the allocator's statistics only."""
+    import dataclasses
+
+    import torch
+
+    from memcalc.measure import build
+    from memcalc.measure.step import PhaseClock, Stepper, build_model, make_batch, one_step, resolve_setup
+
+    plain = dataclasses.replace(case.spec, compile=False, fp8="none", loss="standard")
+    setup = resolve_setup(plain, "sdpa", device)
+    if case.library == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # (patches the class: before building)
+
+        apply_liger_kernel_to_llama(fused_linear_cross_entropy=True, cross_entropy=False)
+    model = build_model(config, setup)
+    if case.library == "fp8":
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(model, module_filter_fn=lambda _module, fqn: fqn != "lm_head")
+    if case.library in ("compile", "fp8"):
+        for layer in build.decoder_layers(model):
+            layer.compile()
+    stepper = Stepper(model, setup)
+    batch, _notes = make_batch(model, setup)
+    one_step(model, stepper, batch, setup, PhaseClock())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    one_step(model, stepper, batch, setup, PhaseClock())
+    stats = torch.cuda.memory_stats()
+    row.requested_bytes = stats.get("requested_bytes.all.peak")
+    row.allocated_bytes = stats.get("allocated_bytes.all.peak")
+    row.reserved_bytes = stats.get("reserved_bytes.all.peak")
+    row.retries, row.ooms = stats.get("num_alloc_retries"), stats.get("num_ooms")
 
 
 def _set_allocator_settings(conf: str, device: str) -> None:

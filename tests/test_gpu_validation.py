@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 from benchmarks import gpu_validation as gv
 from benchmarks.accuracy import MODELS
 from memcalc.spec import TrainingSpec
+from tests.conftest import has_module
 
 SMALL = gv.GpuCase("llama small bf16-pure", MODELS["llama"], TrainingSpec(precision="bf16-pure", seq_len=64))
 
@@ -39,12 +40,26 @@ def test_budget_and_failures_are_rows(fake_cuda):
 
 
 def test_the_prepared_cases_resolve():
-    """Every configuration the GPU run will try is one memcalc estimates (a typo would cost device time)."""
+    """Every configuration the GPU run will try is one memcalc estimates (a typo would cost device time); the compiled
+    ones, whose estimate traces the compiled layers for a while, are resolved without estimating."""
     from memcalc.api import run
 
     for case in gv.cases():
         _config, model = gv._config(case)
-        assert run(model, case.spec).per_gpu.peak_bytes > 0
+        if not case.spec.compile:
+            assert run(model, case.spec).per_gpu.peak_bytes > 0
+    assert {case.library for case in gv.cases()} == {"", "compile", "fp8", "liger"}
+
+
+@pytest.mark.parametrize(("library", "spec", "package"), [
+    ("fp8", TrainingSpec(precision="bf16-pure", seq_len=64, fp8="tensorwise"), "torchao"),
+    ("liger", TrainingSpec(precision="bf16-pure", seq_len=64, loss="fused-linear"), "liger_kernel"),
+])
+def test_a_library_missing_on_the_gpu_machine_is_a_row(fake_cuda, library, spec, package):
+    if has_module(package):
+        pytest.skip(f"{package} is installed here")
+    _env, rows = gv.validate([gv.GpuCase(f"small {library}", MODELS["llama"], spec, library)], "cpu", budget_s=600)
+    assert rows[0].estimate_bytes and rows[0].failure.startswith("ModuleNotFoundError") and package in rows[0].failure
 
 
 def test_no_gpu_writes_nothing(tmp_path, capsys):

@@ -333,9 +333,11 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
     if model.config is None or not model.architecture_known:
         raise UsageError("{reserved} replays the model's own step: give a {model} (preset name or config.json), "
                          "not {params}")
-    if any(spec.zero_stage or spec.num_gpus > 1 for spec in specs):
-        raise UsageError("{reserved} replays one process's step; ZeRO/FSDP/DDP ranks ({zero}, {gpus}) are not "
-                         "replayed yet: drop {reserved} (the fit then assumes a reserve fraction)")
+    sharded = [spec for spec in specs if spec.zero_stage or (spec.num_gpus > 1 and spec.sharding.value != "torch")]
+    if sharded:
+        raise UsageError("{reserved} replays one process's step, or a DDP rank ({sharding} torch, {zero} 0); "
+                         "ZeRO/FSDP ranks are not replayed yet: drop {reserved} (the fit then assumes a reserve "
+                         "fraction)")
     if request.alloc_conf is not None:
         text, source = request.alloc_conf, "--alloc-conf"
     else:

@@ -70,6 +70,21 @@ def test_a_step_the_replay_cannot_run_is_one_line(cli):
 
 
 @needs_torch
+def test_a_ddp_rank_is_replayed_with_its_buckets(wide, cli):
+    """--sharding torch --gpus 2: one DistributedDataParallel rank over a fake process group, its gradient buckets made
+    at construction; the replayed requested peak is the DDP rank's estimated peak (parallel.py's buckets, checked on
+    gloo ranks in tests/test_verify_distributed.py) to the few KiB the estimate leaves out (token ids, scalars)."""
+    result = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--batch-size", "2", "--gpus", "2",
+                 "--sharding", "torch", "--reserved", "--json").json()["per_gpu"]
+    replayed = result["allocator"]
+    assert abs(replayed["requested_peak_bytes"] - result["peak_bytes"]) <= 1e-4 * result["peak_bytes"]
+    assert "DistributedDataParallel's construction on rank 0 of 2" in replayed["source"]
+    refused = cli(wide, "--gpus", "2", "--sharding", "torch", "--lora-rank", "8", "--reserved")
+    assert refused.exit_code == 2
+    assert "--reserved replays DDP ranks that do not yet run LoRA" in refused.stderr
+
+
+@needs_torch
 def test_fp8_is_said_to_be_outside_the_replay(wide, cli):
     result = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--fp8", "tensorwise", "--reserved", "--json")
     assert any(note.startswith("--fp8 tensorwise: the replay runs the step's bf16 Linear layers")

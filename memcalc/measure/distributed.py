@@ -91,6 +91,7 @@ class _Job:
     warmup_steps: int
     fake: bool
     allocator_check: bool = False
+    allocation_events: bool = False  # ddp: keep every storage's allocation and free (the replay of --reserved)
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
                         world_size: int, method: str = "gloo", reshard_after_forward: bool = True,
                         progress: Progress | None = None, attn_implementation: str | None = None,
                         timeout_s: float = DEFAULT_TIMEOUT_S, fake_ranks: Sequence[int] = (0,),
-                        allocator_check: bool = False) -> list[Measurement]:
+                        allocator_check: bool = False, allocation_events: bool = False) -> list[Measurement]:
     """Measure one training step of ``model_config`` + ``spec`` on every data-parallel rank.
 
     ``method="gloo"``: ``world_size`` CPU processes; returns one Measurement per rank, in rank order.
@@ -106,10 +107,16 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
     ``fake_ranks`` (default rank 0 only), in that order. Raises UsageError (one line) for unsupported
     combinations before anything is built; RuntimeError when a rank fails or the run exceeds ``timeout_s``.
     ``allocator_check`` (gloo): also record the CPU allocator's own allocations during the measured step (torch
-    profiler) into ``run["allocator_check"]``, beside the tracker's figures.
+    profiler) into ``run["allocator_check"]``, beside the tracker's figures. ``allocation_events`` (ddp): every storage's
+    allocation and free from DDP's construction (its gradient buckets) through the warm-up and the measured step, in
+    ``Measurement.allocation_events`` (memcalc.allocator.replay).
     """
     job = _plan(model_config, spec, engine=engine, world_size=world_size, method=method,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn_implementation)
+    if allocation_events:
+        if engine != "ddp":
+            raise UsageError(f"the allocation sequence of {engine} ranks is not recorded yet (ddp's is)")
+        job = dataclasses.replace(job, allocation_events=True)
     if method == "fake":
         ranks = [r for r in fake_ranks if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world_size]
         if not ranks or len(ranks) != len(fake_ranks):
@@ -571,16 +578,27 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
                                  "measured_step": job.warmup_steps + 1}
     comm_baseline: list = []
     ddp = None
-    if job.engine in ("ddp", "zero1"):
-        runner, stepper, ddp = _wrap_ddp(job, model, setup, comm_baseline, dist_info)
-    else:
-        runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
-    batch, batch_notes = make_batch(model, setup)
-    timings = {"build": time.perf_counter() - started}
-    for step in range(job.warmup_steps):
-        say(f"warm-up step {step + 1} of {job.warmup_steps}")
-        comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
-        one_step(runner, stepper, batch, setup, PhaseClock())
+    events: list[tuple[int, int, int]] | None = None
+    log = contextlib.nullcontext()
+    if job.allocation_events:
+        # the loaded model, then DDP's construction (its buckets), the batch and the warm-up steps
+        log = DistTracker()
+        log.events = events = []
+        log.register([_local(p) for p in model.parameters()], trk.WEIGHTS)
+        log.register(model.buffers(), trk.OTHER)
+    with log:
+        if job.engine in ("ddp", "zero1"):
+            runner, stepper, ddp = _wrap_ddp(job, model, setup, comm_baseline, dist_info)
+        else:
+            runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
+        batch, batch_notes = make_batch(model, setup)
+        timings = {"build": time.perf_counter() - started}
+        for step in range(job.warmup_steps):
+            say(f"warm-up step {step + 1} of {job.warmup_steps}")
+            comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
+            one_step(runner, stepper, batch, setup, PhaseClock())
+    if events is not None:
+        log.events = None  # the measured step's tracker records the rest
     timings["warmup"] = time.perf_counter() - started - timings["build"]
     if ddp is not None:
         dist_info["bucket_bytes"] = [int(t.untyped_storage().nbytes()) for t in comm_baseline]
@@ -611,11 +629,13 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     instrument = _instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
     profiler = trk.allocator_profiler() if job.allocator_check else contextlib.nullcontext()
     say("measured step")
+    tracker.events = events
     try:
         with profiler as prof, instrument, tracker:
             one_step(runner, stepper, batch, setup, _TrackerClock(tracker, None), after_backward)
     finally:
         tracker.remove_hooks()
+        tracker.events = None
     if job.allocator_check:
         peak, end = trk.allocator_peak_and_end(prof)
         dist_info["allocator_check"] = {"allocator_peak_delta": peak, "allocator_end_delta": end,
@@ -636,7 +656,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         model_state_bytes=model_state,
         optimizer_state_breakdown={k: storage_bytes(_local(t) for t in v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(job.raw),
-        elapsed_seconds=time.perf_counter() - started, notes=batch_notes,
+        elapsed_seconds=time.perf_counter() - started, notes=batch_notes, allocation_events=events,
     )
     measurement = to_measurement("trace" if job.fake else "cpu-tracker", result)
     measurement.run["distributed"] = dist_info

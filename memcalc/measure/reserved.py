@@ -75,6 +75,11 @@ def _renumbered(events: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int
     return tuple(out)
 
 
+def is_ddp(spec: Any) -> bool:
+    """Data parallelism without sharding: DistributedDataParallel (--sharding torch --zero 0 --gpus N)."""
+    return spec.num_gpus > 1 and spec.zero_stage == 0 and spec.sharding.value == "torch"
+
+
 def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa") -> tuple[StepAllocations, bool]:
     """The allocation sequence of ``spec``'s step (a TrainingSpec one process runs: measure.step.resolve_setup says
     which) at the config's full depth, from the cache or traced now; and whether it came from the cache."""
@@ -94,14 +99,25 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
     like_cuda = current_device() == "cuda"
     started = time.perf_counter()
     semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
-    with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log(), semantics, \
-            FakeKernels(like_cuda):
-        # with gradient accumulation, two micro-batches per step: the second runs its forward and backward beside the
-        # first one's gradients, as every later one does
-        result = execute(dict(raw), spec, device="cpu", attn_implementation=attention, allocation_events=True,
-                         traced=True, micro_batches=min(spec.grad_accum, ACCUMULATED_MICRO_BATCHES))
-    assert result.allocation_events is not None
-    allocations = StepAllocations(_renumbered(result.allocation_events), result.model_class, attention,
+    if is_ddp(spec):
+        # one rank of DistributedDataParallel over a fake process group (memcalc.measure.distributed): its gradient
+        # buckets made at construction, then the steps
+        from memcalc.measure.distributed import measure_distributed
+
+        with semantics:
+            [rank] = measure_distributed(dict(raw), spec, engine="ddp", world_size=spec.num_gpus, method="fake",
+                                         attn_implementation=attention, allocation_events=True)
+        events, model_class = rank.allocation_events, str(rank.run.get("model_class", ""))
+    else:
+        with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log(), \
+                semantics, FakeKernels(like_cuda):
+            # with gradient accumulation, two micro-batches per step: the second runs its forward and backward beside
+            # the first one's gradients, as every later one does
+            result = execute(dict(raw), spec, device="cpu", attn_implementation=attention, allocation_events=True,
+                             traced=True, micro_batches=min(spec.grad_accum, ACCUMULATED_MICRO_BATCHES))
+        events, model_class = result.allocation_events, result.model_class
+    assert events is not None
+    allocations = StepAllocations(_renumbered(events), model_class, attention,
                                   round(time.perf_counter() - started, 3), cache.versions())
     cache.write(CACHE_KIND, key, allocations.to_json())
     return allocations, False
@@ -120,6 +136,9 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     except MemcalcError as error:
         template = str(error.args[0]) if error.args else str(error)  # (its {settings} unspelled: the caller spells)
         message = template.replace("verify does not yet run", "{reserved} replays a step that does not yet run")
+        message = message.replace("verify on several ranks does not yet run",
+                                  "{reserved} replays DDP ranks that do not yet run")
+        message = message.replace("to verify it on one", "to replay one process")
         raise UsageError(message.replace("; drop it to verify the rest", "; drop it, or drop {reserved}")) from None
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: one line, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
@@ -135,6 +154,10 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     if spec.fp8.value != "none":
         notes.append(f"--fp8 {spec.fp8.value}: the replay runs the step's bf16 Linear layers; torchao's float8 casts "
                      "(a transient per Linear, modelled from its code and counted in the estimate) are not in it")
+    if is_ddp(spec):
+        notes.append("DDP rebuilds its buckets after the first step in the order gradients became ready; over the fake "
+                     "process group the first step's buckets stay (the same sizes for a model whose layers run in "
+                     "order); NCCL's own buffers are outside the caching allocator and not in the replay")
     if spec.grad_accum > 1:
         notes.append(f"gradient accumulation ({spec.grad_accum} micro-batches): the replay runs two per step, the "
                      "second beside the first one's gradients, as every later one runs")
@@ -153,7 +176,10 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
         allocated_peak_bytes=free.allocated_peak_bytes, requested_peak_bytes=free.requested_peak_bytes,
         segments_peak=free.segments_peak, num_events=len(allocations.events),
         source=(f"{allocations.model_class} at full size under FakeTensorMode ({allocations.attention} attention, "
-                f"CUDA's semantics): the load, a warm-up step creating the optimizer state, a second step ({how})"),
+                f"CUDA's semantics): the load, "
+                + (f"DistributedDataParallel's construction on rank 0 of {spec.num_gpus} (a fake process group), two "
+                   "warm-up steps, a measured step" if is_ddp(spec) else
+                   "a warm-up step creating the optimizer state, a second step") + f" ({how})"),
         capacity_bytes=capacity_bytes,
         bounded_reserved_peak_bytes=bounded.reserved_peak_bytes if bounded is not None else None,
         num_alloc_retries=bounded.num_alloc_retries if bounded is not None else None,

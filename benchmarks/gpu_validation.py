@@ -135,7 +135,7 @@ def _config(case: GpuCase) -> tuple[ModelConfig, object]:
 
 def measure(case: GpuCase, device: str) -> Row:
     """One configuration on the GPU (or, with device "cpu", on CPU tensors under faked statistics)."""
-    from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, cublas_workspace_bytes, parse_alloc_conf, replay
+    from memcalc.allocator import environment_cublas_workspace, parse_alloc_conf, replay, workspace_allocations
     from memcalc.measure.cuda import measure_cuda
 
     started = time.perf_counter()
@@ -160,11 +160,9 @@ def measure(case: GpuCase, device: str) -> Row:
         if measured.allocation_events:
             # the card's cuBLAS workspaces go through the same allocator (memcalc.allocator.cublas_workspace_bytes)
             capability = measured.run.get("compute_capability")
-            workspace = cublas_workspace_bytes(str(capability) if capability else None,
-                                               os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-            persistent = [workspace] * CUBLAS_HANDLES_PER_STEP if workspace else []
+            workspace = environment_cublas_workspace(str(capability) if capability else None)
             row.replayed_reserved_bytes = replay(measured.allocation_events, parse_alloc_conf(conf),
-                                                 persistent=persistent).reserved_peak_bytes
+                                                 persistent=workspace_allocations(workspace)).reserved_peak_bytes
     except Exception as error:  # noqa: BLE001 (a row saying what failed; the script goes on)
         row.failure = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
     finally:

@@ -565,6 +565,18 @@ def cublas_workspace_bytes(compute_capability: str | None, workspace_config: str
     return CUBLAS_WORKSPACE_LARGE if 9 <= major <= 12 else CUBLAS_WORKSPACE_DEFAULT
 
 
+def environment_cublas_workspace(compute_capability: str | None) -> int | None:
+    """``cublas_workspace_bytes`` for this card under the environment's CUBLAS_WORKSPACE_CONFIG."""
+    import os
+
+    return cublas_workspace_bytes(compute_capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def workspace_allocations(workspace_bytes: int | None) -> list[int]:
+    """The step's cuBLAS workspaces as ``replay``'s persistent allocations, one per handle; none for an unknown card."""
+    return [workspace_bytes] * CUBLAS_HANDLES_PER_STEP if workspace_bytes else []
+
+
 ALLOC, FREE = 1, 0
 
 

@@ -81,7 +81,6 @@ def _with_reserved(report: Report, model: ModelInput, spec: TrainingSpec, alloca
     """Put the replayed reserved peak on the report; return the GPU target with the predicted reserve."""
     import dataclasses
     import importlib.util
-    import os
 
     from memcalc.errors import INSTALL_TORCH, MissingDependencyError
 
@@ -90,12 +89,11 @@ def _with_reserved(report: Report, model: ModelInput, spec: TrainingSpec, alloca
     if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
         raise MissingDependencyError(f"{{reserved}} traces the model's own step: install torch and transformers "
                                      f"({INSTALL_TORCH})")
-    from memcalc.allocator import cublas_workspace_bytes
+    from memcalc.allocator import environment_cublas_workspace
     from memcalc.measure.reserved import predict_reserved, predicted_reserve
 
-    capacity = gpu.memory_bytes - gpu.cuda_context_bytes if gpu is not None else None
-    workspace = cublas_workspace_bytes(gpu.compute_capability if gpu is not None else None,
-                                       os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    capacity = gpu.capacity_bytes if gpu is not None else None
+    workspace = environment_cublas_workspace(gpu.compute_capability if gpu is not None else None)
     replayed = predict_reserved(model.config.raw, spec, allocator, source, capacity, workspace)
     report.per_gpu.reserved_peak_bytes = replayed.reserved_peak_bytes
     report.per_gpu.allocator = replayed
@@ -151,15 +149,14 @@ def _confirm_micro_batch(fit: Fit, model: ModelInput, spec: TrainingSpec, alloca
     replayed within the GPU (a traced step), and stepped down while the replay runs out of memory (fragmentation
     grows with the micro-batch)."""
     import dataclasses
-    import os
 
-    from memcalc.allocator import cublas_workspace_bytes
+    from memcalc.allocator import environment_cublas_workspace
     from memcalc.measure.reserved import predict_reserved
     from memcalc.units import format_bytes
 
     assert model.config is not None and fit.max_micro_batch_size is not None
-    capacity = gpu.memory_bytes - gpu.cuda_context_bytes
-    workspace = cublas_workspace_bytes(gpu.compute_capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    capacity = gpu.capacity_bytes
+    workspace = environment_cublas_workspace(gpu.compute_capability)
     batch, tried = fit.max_micro_batch_size, []
     while batch >= 1 and len(tried) < REPLAY_CONFIRM_TRIES:
         changed = dataclasses.replace(spec, micro_batch_size=batch)
@@ -220,15 +217,13 @@ def verify_plan(plan: Plan, method: str = "auto", progress: Callable[[str], None
 def _replay_measured(result: VerifyResult, events: list[tuple[int, int, int]], plan: Plan) -> None:
     """The measured step's allocations through the caching-allocator model: with the plan's settings (--alloc-conf),
     else the environment's, as the measured process read them."""
-    import os
-
     from memcalc.allocator import (
-        CUBLAS_HANDLES_PER_STEP,
         AllocConfError,
-        cublas_workspace_bytes,
         environment_alloc_conf,
+        environment_cublas_workspace,
         parse_alloc_conf,
         replay,
+        workspace_allocations,
     )
 
     config = plan.allocator
@@ -242,9 +237,8 @@ def _replay_measured(result: VerifyResult, events: list[tuple[int, int, int]], p
             return
     # on CUDA the card is known: its cuBLAS workspaces went through the same allocator
     capability = result.run.get("compute_capability")
-    workspace = cublas_workspace_bytes(str(capability) if capability else None,
-                                       os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    replayed = replay(events, config, persistent=[workspace] * CUBLAS_HANDLES_PER_STEP if workspace else [])
+    workspace = environment_cublas_workspace(str(capability) if capability else None)
+    replayed = replay(events, config, persistent=workspace_allocations(workspace))
     result.replayed_reserved_peak_bytes = replayed.reserved_peak_bytes
     result.replayed_allocated_peak_bytes = replayed.allocated_peak_bytes
     result.replayed_requested_peak_bytes = replayed.requested_peak_bytes

@@ -100,6 +100,11 @@ class GpuTarget:
         return round(self.memory_bytes * self.reserve_fraction)
 
     @property
+    def capacity_bytes(self) -> int:
+        """What the caching allocator may reserve: the memory less the CUDA context."""
+        return self.memory_bytes - self.cuda_context_bytes
+
+    @property
     def usable_bytes(self) -> int:
         return self.memory_bytes - self.cuda_context_bytes - self.reserve_bytes
 

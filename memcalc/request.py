@@ -333,8 +333,9 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
     if model.config is None or not model.architecture_known:
         raise UsageError("{reserved} replays the model's own step: give a {model} (preset name or config.json), "
                          "not {params}")
-    sharded = [spec for spec in specs if spec.zero_stage or (spec.num_gpus > 1 and spec.sharding.value != "torch")]
-    if sharded:
+    from memcalc.measure.reserved import is_ddp
+
+    if any(spec.zero_stage or (spec.num_gpus > 1 and not is_ddp(spec)) for spec in specs):
         raise UsageError("{reserved} replays one process's step, or a DDP rank ({sharding} torch, {zero} 0); "
                          "ZeRO/FSDP ranks are not replayed yet: drop {reserved} (the fit then assumes a reserve "
                          "fraction)")

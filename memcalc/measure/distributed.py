@@ -92,6 +92,7 @@ class _Job:
     fake: bool
     allocator_check: bool = False
     allocation_events: bool = False  # ddp: keep every storage's allocation and free (the replay of --reserved)
+    like_cuda: bool = False  # fake: LayerNorm's statistics as CUDA keeps them (memcalc.measure.trace.FakeKernels)
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
                         world_size: int, method: str = "gloo", reshard_after_forward: bool = True,
                         progress: Progress | None = None, attn_implementation: str | None = None,
                         timeout_s: float = DEFAULT_TIMEOUT_S, fake_ranks: Sequence[int] = (0,),
-                        allocator_check: bool = False, allocation_events: bool = False) -> list[Measurement]:
+                        allocator_check: bool = False, allocation_events: bool = False,
+                        like_cuda: bool = False) -> list[Measurement]:
     """Measure one training step of ``model_config`` + ``spec`` on every data-parallel rank.
 
     ``method="gloo"``: ``world_size`` CPU processes; returns one Measurement per rank, in rank order.
@@ -109,7 +111,8 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
     ``allocator_check`` (gloo): also record the CPU allocator's own allocations during the measured step (torch
     profiler) into ``run["allocator_check"]``, beside the tracker's figures. ``allocation_events`` (ddp): every storage's
     allocation and free from DDP's construction (its gradient buckets) through the warm-up and the measured step, in
-    ``Measurement.allocation_events`` (memcalc.allocator.replay).
+    ``Measurement.allocation_events`` (memcalc.allocator.replay). ``like_cuda`` (fake): the fake kernels follow CUDA's
+    LayerNorm statistics, as the estimate's traces do (the caller sets CUDA's autocast lists around the call).
     """
     job = _plan(model_config, spec, engine=engine, world_size=world_size, method=method,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn_implementation)
@@ -117,6 +120,7 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
         if engine != "ddp":
             raise UsageError(f"the allocation sequence of {engine} ranks is not recorded yet (ddp's is)")
         job = dataclasses.replace(job, allocation_events=True)
+    job = dataclasses.replace(job, like_cuda=bool(like_cuda))
     if method == "fake":
         ranks = [r for r in fake_ranks if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world_size]
         if not ranks or len(ranks) != len(fake_ranks):
@@ -321,7 +325,7 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from memcalc.measure.trace import unpacked_sequences
+    from memcalc.measure.trace import FakeKernels, unpacked_sequences
 
     if dist.is_initialized():
         raise UsageError("the fake process group needs this process to have no default process group; "
@@ -332,7 +336,7 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
     try:
         mesh = _device_mesh(job)
         # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
-        with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences():
+        with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), FakeKernels(job.like_cuda):
             measurement = _measure_rank(job, rank, mesh, progress=progress)
     finally:
         dist.destroy_process_group()

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from memcalc import cache
-from memcalc.allocator import ALLOC, CUBLAS_HANDLES_PER_STEP, FREE, MIN_BLOCK_SIZE, AllocatorConfig, replay
+from memcalc.allocator import (
+    ALLOC,
+    CUBLAS_HANDLES_PER_STEP,
+    FREE,
+    MIN_BLOCK_SIZE,
+    AllocatorConfig,
+    replay,
+    workspace_allocations,
+)
 from memcalc.errors import MemcalcError, UnsupportedModelError, UsageError
 from memcalc.measure.derive import current_device
 from memcalc.report import AllocatorReplay
@@ -106,7 +114,7 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
 
         with semantics:
             [rank] = measure_distributed(dict(raw), spec, engine="ddp", world_size=spec.num_gpus, method="fake",
-                                         attn_implementation=attention, allocation_events=True)
+                                         attn_implementation=attention, allocation_events=True, like_cuda=like_cuda)
         events, model_class = rank.allocation_events, str(rank.run.get("model_class", ""))
     else:
         with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log(), \
@@ -143,7 +151,7 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: one line, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
         raise UnsupportedModelError(f"{{reserved}}: the model's step could not be traced ({why})") from None
-    persistent = [workspace_bytes] * CUBLAS_HANDLES_PER_STEP if workspace_bytes else []
+    persistent = workspace_allocations(workspace_bytes)
     free = replay(allocations.events, config, persistent=persistent)
     bounded = replay(allocations.events, config, capacity_bytes, persistent) if capacity_bytes is not None else None
     how = "from the cache" if cached else f"traced in {allocations.elapsed_seconds:.1f} s"

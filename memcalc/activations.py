@@ -25,7 +25,7 @@ from memcalc.families.heads import for_head
 from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, PART_MLP, Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
 from memcalc.spec import ActivationOffload, ActivationSource, Attention, Checkpointing, LossKind, Offload
-from memcalc.units import BYTES_PER_FP32
+from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 from memcalc.vocab import (
     CATEGORY_ACTIVATIONS,
     CATEGORY_CPU_OFFLOAD,
@@ -316,6 +316,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
     run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
+              tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
               decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv)
     if not arch.hidden_size or not arch.num_layers:
@@ -371,7 +372,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # saved softmax output. Found by the traced step (memcalc/measure/timeline.py: Mistral-7B, Phi-3-mini and
             # Qwen2.5-7B checkpointed were 1.5% to 5.9% low without it) and measured (Llama-family bf16, OPT and
             # Falcon fp32 eager checkpointed CPU steps were 4% to 7% low with the fp32 one alone).
-            scores = (BYTES_PER_FP32 + run.c) * run.b * arch.num_heads * run.s * run.s
+            scores = (BYTES_PER_FP32 + run.c) * run.b * (arch.num_heads // run.tp) * run.s * run.s
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
     if lora_traced:
         total = traced_kept
@@ -411,7 +412,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # activations, and with eager attention the scores beside softmax's fp32 output (the traced step found
             # the forward up to 12.6% low without this moment: Phi-3-mini, Mistral-7B eager, seq 2048).
             # Its attention's tensors are not kept once its MLP runs: the larger of the two parts.
-            scores = run.c * run.b * arch.num_heads * run.s * run.s if run.eager else 0
+            scores = run.c * run.b * (arch.num_heads // run.tp) * run.s * run.s if run.eager else 0
             mlp = rule.layers[0].get(PART_MLP, 0)
             result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp)
             # The first layer's backward: its own kept input (and the eager mask) beside the per-model activations
@@ -504,6 +505,22 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         chunk_vocab = chunk_rows * loss.vocab
         result.forward_transient_extra_bytes = rows_vocab * run.c + chunk_vocab * upcast
         result.backward_start_extra_bytes = 2 * chunk_vocab * loss.bytes_per_log_softmax
+        if run.tp > 1 and not run.loss_parallel:
+            # --tp without loss parallelism: the head's ColwiseParallel output (this rank's vocabulary split) is
+            # all-gathered to every rank. Where the loss takes the gathered logits as they are (fp32), the split and
+            # the collective's gather buffer are still alive at its log_softmax; where it upcasts them first, both are
+            # gone by then (measured with parallelize_module, memcalc.measure.tensor_parallel).
+            if not upcast:
+                result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
+        elif run.tp > 1:
+            # --loss-parallel: torch/distributed/tensor/parallel/loss.py computes the log-softmax on this rank's split
+            # (_log_softmax: the shifted logits beside exp() of them, then the result) and its backward with
+            # nll_loss's together (_nll_loss_and_log_softmax_backward: zeros_like, exp and their sum at once, beside
+            # the targets as int64 indices: safe_target, _MaskPartial's shifted copy of it, arange_1d and a copy made
+            # on the way, and the out-of-split mask, 4 x 8 + 1 B per row; measured, memcalc.measure.tensor_parallel).
+            result.forward_transient_extra_bytes += BYTES_PER_FP32 * loss.rows * loss.vocab
+            result.backward_start_extra_bytes = (3 * BYTES_PER_FP32 * loss.rows * loss.vocab
+                                                 + (4 * BYTES_PER_INT64 + 1) * loss.rows)
         chunked = (f"; {spec.loss_label}: the logits in {spec.loss_chunks} chunks, one upcast at a time "
                    "(torchtune CEWithChunkedOutputLoss)" if spec.loss == LossKind.chunked else "")
         result.terms.append(Term(

@@ -33,7 +33,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc import activations, trainable
+from memcalc import activations, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -124,6 +124,36 @@ def _n(value: int) -> str:
     return f"{value:,}"
 
 
+def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
+    """The spec the data-parallel engine sees: its ranks are the GPUs over the tensor-parallel group size."""
+    if spec.tp == 1:
+        return spec
+    return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False)
+
+
+def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: TrainingSpec,
+                              notes: list[str]) -> RankHoldings:
+    """--tp: the rank's shards are what the data-parallel engine divided; the token embedding's gradient is whole."""
+    dp = spec.data_parallel
+    notes.append(f"tensor parallelism: {spec.tp} ranks share each layer ({tensor_parallel.SOURCE}); the most loaded "
+                 f"rank is reported{f', {dp} data-parallel groups of them' if dp > 1 else ''}")
+    if dp > 1:
+        notes.append(f"data parallelism over tensor-parallel ranks: the {holdings.engine} figures are for each rank's "
+                     "shards, composed from the two models (not measured together)")
+    if holdings.effective_stage >= 2:
+        notes.append("the token embedding's whole gradient (DTensor's embedding backward under tensor parallelism) "
+                     "is not modelled under ZeRO-2/3 and FSDP partitioning")
+        return holdings
+    extra = tensor_parallel.whole_gradient_extra(model.tensors, spec.tp)
+    if not extra:
+        return holdings
+    return dataclasses.replace(
+        holdings, grad_numel=holdings.grad_numel + extra,
+        grads_source=(f"{holdings.grads_source + '; ' if holdings.grads_source else ''}each rank's shards, and the "
+                      f"token embedding's gradient whole ({extra:,} elements beyond its shard: DTensor's embedding "
+                      "backward returns a Replicate gradient; measured with parallelize_module)"))
+
+
 def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     notes: list[str] = list(model.notes)
@@ -132,8 +162,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     tensors = subset.tensors
     notes.extend(_moe_notes(model, tensors))
     bytes_per_weight, bytes_per_grad = _bytes_per(recipe.weight_dtype), _bytes_per(recipe.grad_dtype)
-    holdings = rank_holdings(tensors, spec, recipe.master_dtype, model.architecture_known, bytes_per_weight, bytes_per_grad)
+    holdings = rank_holdings(tensors, _data_parallel_spec(spec), recipe.master_dtype, model.architecture_known,
+                             bytes_per_weight, bytes_per_grad)
     notes.extend(holdings.notes)
+    if spec.tp > 1:
+        holdings = _tensor_parallel_holdings(holdings, model, spec, notes)
     stage, num_gpus = holdings.effective_stage, spec.num_gpus
     sharded = " (this GPU's shard)" if stage else ""
     bytes_per_weight = holdings.bytes_per_weight_override or bytes_per_weight
@@ -241,9 +274,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         ))
     act = activations.estimate(model, spec, recipe)
     notes.extend(act.notes)
-    if num_gpus > 1:
+    if num_gpus > 1 and spec.tp == 1:
         notes.append(f"data parallelism: each of the {num_gpus} GPUs runs its own micro-batch, so activations per "
-                     "GPU do not shrink (tensor and pipeline parallelism are not modelled)")
+                     "GPU do not shrink (pipeline parallelism is not modelled)")
     terms.extend(act.terms)
     # -- optimizer step ------------------------------------------------------------------------------------
     in_backward = spec.optim_in_backward and largest is not None
@@ -754,4 +787,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
         loss=spec.loss_label, optim_in_backward=spec.optim_in_backward, activation_offload=spec.activation_offload.value,
         compile=spec.compile, repeat_kv=spec.repeat_kv, fp8=spec.fp8.value,
+        tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
     )

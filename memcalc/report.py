@@ -84,6 +84,9 @@ class TrainingSummary:
     compile: bool = False  # each decoder layer under torch.compile (Inductor)
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa
     fp8: str = "none"  # none | tensorwise | rowwise: torchao float8 training of the Linear layers
+    tp: int = 1  # tensor-parallel group size (the figures are one rank's)
+    sequence_parallel: bool = False  # tp: norms split along the sequence
+    loss_parallel: bool = False  # tp: the loss over the head's vocabulary split
 
 
 @dataclass(eq=False, repr=False)

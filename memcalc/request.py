@@ -86,6 +86,9 @@ class Request:
     compile: bool = False
     repeat_kv: bool = False
     fp8: str = "none"
+    tp: int = 1
+    sp: bool = False
+    loss_parallel: bool = False
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -167,7 +170,7 @@ _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "opt
          "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
          "alloc_conf")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
-             "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved")
+             "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
 
@@ -279,6 +282,7 @@ def _plan(request: Request) -> Plan:
         "qlora_upcast": request.qlora_upcast, "qlora_scope": request.qlora_scope,
         "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
         "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
+        "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

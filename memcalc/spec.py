@@ -73,7 +73,7 @@ class ZeroBuffers:
 
 # TrainingSpec field -> the setting a user states it with (Request keyword; flag --the-setting), where they differ.
 SETTING_OF_FIELD = {"zero_stage": "zero", "micro_batch_size": "batch_size", "optimizer": "optim", "attention": "attn",
-                    "num_gpus": "gpus", "num_nodes": "nodes"}
+                    "num_gpus": "gpus", "num_nodes": "nodes", "sequence_parallel": "sp"}
 
 
 def setting_of(field_name: str) -> str:
@@ -201,6 +201,12 @@ class TrainingSpec:
     compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa (torchtune's, litgpt's attention)
     fp8: Fp8Recipe = Fp8Recipe.none  # torchao float8 training of the Linear layers
+    # Tensor parallelism (memcalc.tensor_parallel): tp ranks share each layer, torchtitan's plan; num_gpus / tp ranks
+    # of data parallelism on top. sequence_parallel: the norms' regions split along the sequence (torchtitan's
+    # SequenceParallel); loss_parallel: the head's output stays split over the vocabulary into the loss.
+    tp: int = 1
+    sequence_parallel: bool = False
+    loss_parallel: bool = False
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -277,6 +283,7 @@ class TrainingSpec:
         if self.num_gpus % self.num_nodes:
             raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{nodes}} {self.num_nodes}: every node runs "
                              "the same number of GPUs")
+        self._check_tensor_parallel()
         if self.offload != Offload.none:
             if self.sharding != Sharding.deepspeed:
                 raise UsageError("{offload} models DeepSpeed ZeRO-Offload: use it with {sharding} deepspeed")
@@ -342,6 +349,42 @@ class TrainingSpec:
         if self.optimizer == OptimizerName.schedule_free_adamw and self.optim_impl == OptimImpl.fused:
             raise UsageError("{optim} schedule-free-adamw has foreach and for-loop paths, no fused kernel: "
                              "{optim_impl} foreach or forloop")
+
+    def _check_tensor_parallel(self) -> None:
+        _check_range("{tp}", self.tp, 1, MAX_GPUS)
+        if self.tp == 1:
+            for name in ("sequence_parallel", "loss_parallel"):
+                if getattr(self, name):
+                    setting = "sp" if name == "sequence_parallel" else name
+                    raise UsageError(f"{{{setting}}} splits what tensor parallelism shares out: add {{tp}} N (N > 1)")
+            return
+        if self.num_gpus % self.tp:
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} {self.tp}: the GPUs form groups of "
+                             f"{self.tp} tensor-parallel ranks (give {{gpus}} a multiple of {self.tp})")
+        if self.num_nodes > 1 and self.gpus_per_node % self.tp:
+            raise UsageError(f"{{tp}} {self.tp} does not divide the {self.gpus_per_node} GPUs of a node: a tensor-parallel "
+                             "group stays inside one node")
+        if self.zero_stage and self.sharding == Sharding.deepspeed:
+            raise UsageError("DeepSpeed ZeRO with PyTorch tensor parallelism is not modelled: use {sharding} fsdp "
+                             "(FSDP2 over the data-parallel ranks, as torchtitan) or {sharding} torch")
+        unmodelled = [label for label, on in (
+            ("{lora_rank}", self.lora_rank is not None), ("{qlora}", self.qlora), ("{freeze}", bool(self.freeze)),
+            ("{compile}", self.compile), ("{fp8}", self.fp8 != Fp8Recipe.none),
+            ("{activation_offload}", self.activation_offload != ActivationOffload.none),
+            ("{optim_in_backward}", self.optim_in_backward), ("{repeat_kv}", self.repeat_kv),
+            (f"{{loss}} {self.loss_label}", self.loss != LossKind.standard),
+            (f"{{checkpointing}} {self.checkpointing_label}", self.checkpointing not in (Checkpointing.none,
+                                                                                      Checkpointing.full)),
+            (f"{{offload}} {self.offload.value}", self.offload != Offload.none),
+        ) if on]
+        if unmodelled:
+            raise UsageError(f"{unmodelled[0]} with {{tp}} {self.tp} is not modelled yet (tensor parallelism covers full "
+                             "training, checkpointing none or full, the standard loss): drop one of them")
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel ranks: the GPUs over the tensor-parallel group size."""
+        return self.num_gpus // self.tp
 
     @property
     def gpus_per_node(self) -> int:

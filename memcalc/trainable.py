@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from memcalc import tensor_parallel
 from memcalc.errors import UsageError
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -196,7 +197,10 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
 
 
 def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
-    tensors = list(model.tensors)
+    """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
+    copies of them."""
+    tensor_parallel.check(model.described, spec.tp)
+    tensors = tensor_parallel.shard(model.tensors, spec.tp)
     notes: list[str] = []
     if (spec.lora_rank or spec.qlora or spec.freeze) and not model.architecture_known:
         raise UsageError("{lora_rank}, {qlora} and {freeze} need an architecture: give a model name or config.json, "

@@ -36,8 +36,9 @@ from memcalc.families.saved import (
     Run,
     final_hidden_held,
     fp32_softmax_dropout,
+    loss_vocab,
+    norm_own_bytes,
     parts,
-    rms_norm_bytes,
     unsaved_cache_copies,
 )
 from memcalc.families.tensors import Params, decoder, decoder_heads, gated_mlp, gqa_attention, pre_post_norms
@@ -256,7 +257,7 @@ def dense_mlp(a: LlamaArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
     """LlamaMLP: gate out, act out, up out, product: 4 cTI; under autocast gate_proj and up_proj (Phi3: one
     gate_up_proj) each save their own cast of the fp32 input."""
     casts = (1 if a.fused_qkv else 2) * run.c * run.tokens * a.hidden_size if run.autocast else 0
-    mlp = 4 * run.c * run.tokens * a.intermediate_size
+    mlp = 4 * run.c * run.tokens * (a.intermediate_size // run.tp)  # (--tp: this rank's features)
     return parts(mlp=mlp, casts=casts), f"MLP {mlp:,}{f' + MLP input casts {casts:,}' if casts else ''}"
 
 
@@ -264,12 +265,13 @@ def attention_parts(a: LlamaArch, run: Run, masked: bool = False) -> tuple[dict[
     """Bytes one Llama-style layer's norms and attention save, by part, and their formula. ``masked``: sdpa gets
     an explicit mask (a sliding window shorter than the sequence)."""
     tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
-    h, heads, g, d = a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim
-    norms = a.num_norms * rms_norm_bytes(a.gemma_norm, tokens, h, c, autocast)
-    if a.sandwich and not autocast:
-        # The post-attention and post-feed-forward norms (Gemma2/3) feed the residual add, which saves nothing:
-        # their c output is not saved by a Linear as the pre-norms' is (measured, tests/test_activations.py).
-        norms -= 2 * c * tokens * h
+    # --tp: this rank's heads (ColwiseParallel q/k/v); the norms see the whole sequence, or their split of it (--sp)
+    h, heads, g, d = a.hidden_size, a.num_heads // run.tp, a.num_kv_heads // run.tp, a.head_dim
+    # Each RMSNorm's own saves, and the c output the next Linear saves (not under autocast: each Linear saves its
+    # own cast of the fp32 output). The post-attention and post-feed-forward norms (Gemma2/3) feed the residual add,
+    # which saves nothing: only the two pre-norms' outputs are saved (measured, tests/test_activations.py). With
+    # sequence parallelism a norm runs on its split of the sequence and the Linear saves the all-gathered output.
+    norms = a.num_norms * norm_own_bytes(a.gemma_norm, run, h) + 2 * (0 if autocast else c * tokens * h)
     qkv = c * tokens * (heads * d + 2 * g * d)  # q_embed, k_embed, v as sdpa saves them
     o_proj_copy = 0
     if a.fused_qkv and not eager:
@@ -364,12 +366,12 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         # A 0-dim tensor: the loss divisor (fixed_cross_entropy) in fp32. (Gemma's embedding scale is a registered
         # buffer in the weights' dtype, model state like the rotary inv_freq: not an activation.)
         loss_scalars=BYTES_PER_FP32,
-        final_norm=rms_norm_bytes(a.gemma_norm, tokens, h, c, run.autocast),
+        final_norm=norm_own_bytes(a.gemma_norm, run, h) + (0 if run.autocast else c * tokens * h),
         head=c * tokens * h if run.autocast else 0,
         routing=model_extra,
         # Gemma2ForCausalLM.forward: logits / final_logit_softcapping, tanh, * final_logit_softcapping; tanh saves
         # its output, (b, s, vocab) in the logits' dtype.
-        logit_softcap=c * tokens * a.vocab_size if a.final_logit_softcapping is not None else 0,
+        logit_softcap=c * tokens * loss_vocab(a.vocab_size, run) if a.final_logit_softcapping is not None else 0,
     )
     held = held_through_loss(a, run, window_applies)
     rule_notes = [] if run.eager else [NOTE_SDPA]
@@ -379,9 +381,9 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
             f"sliding window {a.sliding_window:,} < seq {run.s:,}: in {count} of {a.num_layers} layers sdpa gets an "
             "explicit mask, so k and v are repeated to every head and the mask is kept as a float bias (counted; "
             "measured on the CPU)")
-    return Rule(layers, first, per_model, source, a.num_layers * tokens * h * run.residual,
-                gated_mlp_transient(run, a.intermediate_size, h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
-                [*rule_notes, *notes], held=held)
+    return Rule(layers, first, per_model, source, a.num_layers * run.sequence_tokens * h * run.residual,
+                gated_mlp_transient(run, a.intermediate_size // run.tp, h),
+                Loss(tokens, loss_vocab(a.vocab_size, run), BYTES_PER_FP32), [*rule_notes, *notes], held=held)
 
 
 def gated_mlp_transient(run: Run, intermediate: int, hidden: int) -> int:
@@ -399,11 +401,16 @@ def held_through_loss(a: LlamaArch, run: Run, window_applies: bool) -> int:
       returns it; the copies of k and v it makes that attention does not save are held (saved.unsaved_cache_copies).
     - autocast: the final norm's fp32 output is the outputs' last_hidden_state; lm_head saves its cast
       (saved.final_hidden_held)."""
-    held = final_hidden_held(run, a.hidden_size)
+    held = final_hidden_held(run, a.hidden_size) * run.sequence_tokens // run.tokens
+    if run.sp and not run.autocast:
+        # --sp: the final norm's output (this rank's split of the sequence) is last_hidden_state, a tensor apart from
+        # the all-gathered copy lm_head saves (without --sp they are one tensor, counted as the head's input)
+        held += run.c * run.sequence_tokens * a.hidden_size
     if a.use_cache and not run.checkpointing:
         for i in range(a.num_layers):
             masked = window_applies and i < len(a.sliding) and a.sliding[i]
-            held += unsaved_cache_copies(run, a.num_heads, a.num_kv_heads, a.head_dim, run.eager or masked)
+            held += unsaved_cache_copies(run, a.num_heads // run.tp, a.num_kv_heads // run.tp, a.head_dim,
+                                         run.eager or masked)
     return held
 
 

@@ -52,6 +52,15 @@ class Run:
     checkpointing: bool = False  # gradient checkpointing (transformers then runs with use_cache=False)
     decoder_s: int | None = None  # encoder-decoder models: decoder tokens per sequence (None: s)
     repeat_kv: bool = False  # --repeat-kv: k and v repeated to every query head before sdpa (torchtune's attention)
+    tp: int = 1  # --tp: tensor-parallel ranks sharing each layer (heads and MLP features split)
+    sp: bool = False  # --sp: the norms' regions split along the sequence across the tp ranks
+    loss_parallel: bool = False  # --loss-parallel: the head's logits stay split over the vocabulary into the loss
+
+    @property
+    def sequence_tokens(self) -> int:
+        """Tokens of the residual stream one rank holds: all of them, or its split of the sequence (--sp; torch.chunk
+        gives rank 0 ceil(s / tp) positions)."""
+        return self.b * -(-self.s // self.tp) if self.sp else self.tokens
 
     @property
     def tokens(self) -> int:
@@ -202,6 +211,18 @@ def rms_norm_bytes(gemma: bool, tokens: int, h: int, c: int, autocast: bool) -> 
     if gemma:
         return (8 + c) * tokens * h + BYTES_PER_FP32 * tokens + extra
     return (4 + 2 * c) * tokens * h + BYTES_PER_FP32 * tokens
+
+
+def norm_own_bytes(gemma: bool, run: Run, h: int) -> int:
+    """What one RMSNorm saves but its output (rms_norm_bytes less the c output a following Linear saves), over the
+    tokens this rank normalizes (--sp: its split of the sequence)."""
+    tokens = run.sequence_tokens
+    return rms_norm_bytes(gemma, tokens, h, run.c, run.autocast) - (0 if run.autocast else run.c * tokens * h)
+
+
+def loss_vocab(vocab: int, run: Run) -> int:
+    """Columns of the logits one rank's loss sees: the whole vocabulary, or its split with --loss-parallel."""
+    return -(-vocab // run.tp) if run.loss_parallel else vocab
 
 
 def head_note(architecture: str, modelled: str) -> list[str]:

@@ -54,7 +54,7 @@ from memcalc.spec import TrainingSpec
 
 __all__ = ["COMM_BUFFERS", "DIST_METHODS", "ENGINES", "UNSHARDED_GRADIENTS", "measure_distributed", "zero_stage_of"]
 
-ENGINES = ("ddp", "zero1", "fsdp2")
+ENGINES = ("ddp", "zero1", "fsdp2", "tp")
 DIST_METHODS = ("gloo", "fake")
 METHOD_GLOO = "gloo"
 METHOD_FAKE_PG = "fake-pg"  # Measurement.method of a fake-process-group trace
@@ -62,7 +62,7 @@ COMM_BUFFERS = "comm_buffers"
 UNSHARDED_GRADIENTS = "unsharded_gradients"
 # Steps before the measured one. DDP rebuilds its gradient buckets at the start of step 2 (in grad-ready order),
 # so DDP and ZeRO-1 measure step 3; FSDP2 is steady from step 2 on (the optimizer state exists after step 1).
-WARMUP_STEPS = {"ddp": 2, "zero1": 2, "fsdp2": 1}
+WARMUP_STEPS = {"ddp": 2, "zero1": 2, "fsdp2": 1, "tp": 1}
 MAX_GLOO_RANKS = 16
 MAX_FAKE_RANKS = 1 << 16
 HOST = "127.0.0.1"
@@ -74,7 +74,7 @@ Progress = Callable[[str], None]
 
 def zero_stage_of(engine: str, reshard_after_forward: bool = True) -> int:
     """The ZeRO stage an engine corresponds to: ddp 0, zero1 1, fsdp2 3 (2 with reshard_after_forward=False)."""
-    return {"ddp": 0, "zero1": 1}.get(engine, 3 if reshard_after_forward else 2)
+    return {"ddp": 0, "zero1": 1, "tp": 0}.get(engine, 3 if reshard_after_forward else 2)
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class _Job:
     allocator_check: bool = False
     allocation_events: bool = False  # ddp: keep every storage's allocation and free (the replay of --reserved)
     like_cuda: bool = False  # fake: LayerNorm's statistics as CUDA keeps them (memcalc.measure.trace.FakeKernels)
+    sequence_parallel: bool = False  # tp: norms (and the residual stream) split along the sequence
+    loss_parallel: bool = False  # tp: the head's output stays split over the vocabulary into the loss
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -101,7 +103,8 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
                         progress: Progress | None = None, attn_implementation: str | None = None,
                         timeout_s: float = DEFAULT_TIMEOUT_S, fake_ranks: Sequence[int] = (0,),
                         allocator_check: bool = False, allocation_events: bool = False,
-                        like_cuda: bool = False) -> list[Measurement]:
+                        like_cuda: bool = False, sequence_parallel: bool = False,
+                        loss_parallel: bool = False) -> list[Measurement]:
     """Measure one training step of ``model_config`` + ``spec`` on every data-parallel rank.
 
     ``method="gloo"``: ``world_size`` CPU processes; returns one Measurement per rank, in rank order.
@@ -113,6 +116,8 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
     allocation and free from DDP's construction (its gradient buckets) through the warm-up and the measured step, in
     ``Measurement.allocation_events`` (memcalc.allocator.replay). ``like_cuda`` (fake): the fake kernels follow CUDA's
     LayerNorm statistics, as the estimate's traces do (the caller sets CUDA's autocast lists around the call).
+    ``engine="tp"``: tensor parallelism over all ``world_size`` ranks (memcalc.measure.tensor_parallel's plan, with
+    ``sequence_parallel`` and ``loss_parallel``); every rank runs the same micro-batch.
     """
     job = _plan(model_config, spec, engine=engine, world_size=world_size, method=method,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn_implementation)
@@ -121,6 +126,10 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             raise UsageError(f"the allocation sequence of {engine} ranks is not recorded yet (ddp's is)")
         job = dataclasses.replace(job, allocation_events=True)
     job = dataclasses.replace(job, like_cuda=bool(like_cuda))
+    if sequence_parallel or loss_parallel:
+        if engine != "tp":
+            raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
+        job = dataclasses.replace(job, sequence_parallel=bool(sequence_parallel), loss_parallel=bool(loss_parallel))
     if method == "fake":
         ranks = [r for r in fake_ranks if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world_size]
         if not ranks or len(ranks) != len(fake_ranks):
@@ -154,6 +163,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if spec.grad_accum != 1:
         raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
                          "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
+    if engine == "tp" and spec.tp not in (1, world_size):
+        raise UsageError(f"{{tp}} {spec.tp} does not match the world size {world_size}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
         raise UsageError("{optim} adafactor with fsdp2: transformers' Adafactor mixes plain tensors into updates of "
                          "the DTensor shards and fails; use adamw, adam, sgd or sgd-momentum")
@@ -162,7 +173,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
     from memcalc.measure.step import resolve_setup
 
-    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none")
+    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1,
+                         sequence_parallel=False, loss_parallel=False)
     resolve_setup(single, attn)  # the single-rank checks (QLoRA, freeze, optimizers, dtypes) with their messages
     if spec.lora_rank is not None:
         raise UsageError("verify on several ranks does not yet run LoRA (PEFT's adapters under DDP/FSDP); drop "
@@ -312,11 +324,11 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
 
 
 def _device_mesh(job: _Job):
-    if job.engine != "fsdp2":
+    if job.engine not in ("fsdp2", "tp"):
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (job.world_size,))  # outside FakeTensorMode: it reads real rank tensors
+    return init_device_mesh("cpu", (job.world_size,), mesh_dim_names=(job.engine,))  # outside FakeTensorMode: it reads real rank tensors
 
 
 # -- fake: one process, fake process group + FakeTensorMode -----------------------------------------------------
@@ -374,10 +386,13 @@ def _dist_tracker_class():
                 self.category_max[category] = 0
             self.peak.by_category = dict(self.by_category)
             self._comm_depth = 0
+            self.paused = 0  # inside DTensor's sharding propagation (memcalc.measure.tensor_parallel.untracked)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if any(issubclass(t, DTensor) for t in types):
                 return NotImplemented
+            if self.paused:
+                return func(*args, **(kwargs or {}))
             return super().__torch_dispatch__(func, types, args, kwargs)
 
         def _classify(self, t, category: str) -> None:
@@ -593,6 +608,10 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     with log:
         if job.engine in ("ddp", "zero1"):
             runner, stepper, ddp = _wrap_ddp(job, model, setup, comm_baseline, dist_info)
+        elif job.engine == "tp":
+            from memcalc.measure.tensor_parallel import wrap
+
+            runner, stepper = wrap(model, setup, mesh, job.sequence_parallel, job.loss_parallel, dist_info)
         else:
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
         batch, batch_notes = make_batch(model, setup)
@@ -600,7 +619,8 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         for step in range(job.warmup_steps):
             say(f"warm-up step {step + 1} of {job.warmup_steps}")
             comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
-            one_step(runner, stepper, batch, setup, PhaseClock())
+            with _loss_context(job):
+                one_step(runner, stepper, batch, setup, PhaseClock())
     if events is not None:
         log.events = None  # the measured step's tracker records the rest
     timings["warmup"] = time.perf_counter() - started - timings["build"]
@@ -635,7 +655,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     say("measured step")
     tracker.events = events
     try:
-        with profiler as prof, instrument, tracker:
+        with profiler as prof, instrument, _loss_context(job), _untracked(job, tracker), tracker:
             one_step(runner, stepper, batch, setup, _TrackerClock(tracker, None), after_backward)
     finally:
         tracker.remove_hooks()
@@ -731,6 +751,24 @@ def _wrap_fsdp2(job: _Job, model, setup, policy, mesh, dist_info: dict[str, Any]
         root="fully_shard(model) after the layers: embeddings, final norm and LM head; not resharded after forward",
     )
     return model, Stepper(model, setup)
+
+
+def _untracked(job: _Job, tracker):
+    """tp: what DTensor's sharding propagation allocates to learn output shapes is not the rank's memory."""
+    if job.engine != "tp":
+        return contextlib.nullcontext()
+    from memcalc.measure.tensor_parallel import untracked_propagation
+
+    return untracked_propagation(tracker)
+
+
+def _loss_context(job: _Job):
+    """tp with loss parallelism: the loss's forward and backward inside torch's loss_parallel()."""
+    if not job.loss_parallel:
+        return contextlib.nullcontext()
+    from memcalc.measure.tensor_parallel import loss_parallel_context
+
+    return loss_parallel_context(True)
 
 
 def _fsdp_params(model) -> list:

@@ -1,0 +1,179 @@
+"""Tensor parallelism measured: PyTorch's own parallel APIs on the real transformers model, one rank of a fake (or
+gloo) process group.
+
+The plan is torchtitan's for Llama (torchtitan models/llama3/infra/parallelize.py ``apply_tp``), adapted to
+transformers' module names:
+
+  embed_tokens                 RowwiseParallel: the vocabulary split (weight Shard(0)), its output all-reduced to
+                               every rank (Replicate), or reduce-scattered along the sequence with sequence parallelism
+  q_proj, k_proj, v_proj,      ColwiseParallel: output features split (weight and bias Shard(0)), so each rank runs
+  gate_proj, up_proj           heads / tp attention heads (kv heads / tp) and intermediate / tp MLP features
+  o_proj, down_proj            RowwiseParallel: input features split (weight Shard(1)), the output's partial sums
+                               all-reduced (Replicate) or reduce-scattered along the sequence (Shard(1))
+  norms (sequence parallel)    SequenceParallel: each rank normalizes its slice of the sequence; attention's and the
+                               MLP's inputs are all-gathered first (PrepareModuleInput, Shard(1) -> Replicate)
+  lm_head                      ColwiseParallel: the vocabulary split; its output all-gathered (Replicate) unless
+                               loss parallelism keeps it split (Shard(-1)) into the loss (``loss_parallel()``)
+
+Each rank runs the same micro-batch (the tensor-parallel group shares it). With sequence parallelism the model is
+given ``position_ids`` (transformers would derive them from the embeddings' local, split length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
+def _norms_of(layer: Any) -> list[str]:
+    import torch
+
+    return [name for name, module in layer.named_children()
+            if name.endswith("norm") and not any(isinstance(m, torch.nn.Linear) for m in module.modules())]
+
+
+def parallelize(model: Any, mesh: Any, sequence_parallel: bool, loss_parallel: bool) -> dict[str, Any]:
+    """Apply the plan to a transformers causal LM of the Llama layout in place; what was done, for the record."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    from memcalc.measure.build import decoder_layers
+
+    sp = sequence_parallel
+    stream = Shard(1) if sp else Replicate()  # the residual stream between layers
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    top = {
+        _path(model, model.get_input_embeddings()): RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
+                                                                    use_local_output=not sp),
+        _path(model, model.get_output_embeddings()): ColwiseParallel(
+            input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel),
+    }
+    if sp and hasattr(base, "norm"):
+        top[_path(model, base.norm)] = SequenceParallel()
+    parallelize_module(model, mesh, top)
+    layers = decoder_layers(model)
+    for layer in layers:
+        plan: dict[str, Any] = {}
+        for block in ("self_attn", "mlp"):
+            inner = getattr(layer, block)
+            for name, _module in inner.named_children():
+                if name in COLWISE:
+                    plan[f"{block}.{name}"] = ColwiseParallel()
+                elif name in ROWWISE:
+                    plan[f"{block}.{name}"] = RowwiseParallel(output_layouts=stream, use_local_output=not sp)
+        if sp:
+            for name in _norms_of(layer):
+                plan[name] = SequenceParallel()
+            plan["self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                   desired_input_kwarg_layouts={"hidden_states": Replicate()})
+            plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        parallelize_module(layer, mesh, plan)
+    replicated = _replicate_the_rest(model, mesh)
+    return {"plan": "torchtitan apply_tp (Llama), transformers' module names", "sequence_parallel": sp,
+            "replicated": replicated,
+            "loss_parallel": loss_parallel, "tp_layers": len(layers)}
+
+
+def _replicate_the_rest(model: Any, mesh: Any) -> list[str]:
+    """Modules whose own parameters no style split (the norms without sequence parallelism, per-head q/k norms):
+    their parameters become Replicate DTensors, their inputs and outputs stay local tensors (torchtitan's former
+    NoParallel style), so the optimizer steps one kind of tensor."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def to_dtensor(_module, inputs, device_mesh):
+        return tuple(DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+                     if _is_plain(x) else x for x in inputs)
+
+    def to_local(_module, outputs, _device_mesh):
+        return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+    done = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and any(not isinstance(p, DTensor) for p in own):
+            distribute_module(module, mesh, None, to_dtensor, to_local)
+            done.append(name)
+    return done
+
+
+def _is_plain(x: Any) -> bool:
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+
+
+def _path(model: Any, module: Any) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+class _Runner:
+    """Calls the model as the step does, adding position_ids (sequence parallelism) and running the forward inside
+    ``loss_parallel()`` when the loss takes the split logits."""
+
+    def __init__(self, model: Any, sequence_parallel: bool, loss_parallel: bool) -> None:
+        self.model, self.sp, self.loss_parallel = model, sequence_parallel, loss_parallel
+
+    def __call__(self, **batch: Any) -> Any:
+        import torch
+
+        if self.sp and "position_ids" not in batch:
+            seq = batch["input_ids"].shape[1]
+            batch = {**batch, "position_ids": torch.arange(seq, device=batch["input_ids"].device).unsqueeze(0)}
+        return self.model(**batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def wrap(model: Any, setup: Any, mesh: Any, sequence_parallel: bool, loss_parallel: bool,
+         dist_info: dict[str, Any]) -> tuple[Any, Any]:
+    """The distributed measurement's runner and stepper for a tensor-parallel rank."""
+    from memcalc.measure.step import Stepper
+
+    dist_info.update(parallelize(model, mesh, sequence_parallel, loss_parallel))
+    return _Runner(model, sequence_parallel, loss_parallel), Stepper(model, setup)
+
+
+@contextlib.contextmanager
+def untracked_propagation(tracker: Any):
+    """While the block runs, the ops DTensor's sharding propagation runs on stand-ins of the global shapes
+    (``ShardingPropagator._propagate_tensor_meta_non_cached``: fake tensors of its own on a GPU, which hold no
+    memory; under memcalc's FakeTensorMode they would be counted) pass the tracker by."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def untracked(self, *args, **kwargs):
+        tracker.paused += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            tracker.paused -= 1
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = untracked
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original
+
+
+@contextlib.contextmanager
+def loss_parallel_context(on: bool):
+    if not on:
+        yield
+        return
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel():
+        yield

@@ -1,0 +1,117 @@
+"""Tensor parallelism (--tp, --sp, --loss-parallel): one rank's shards, activations and step, against PyTorch's own
+parallel styles on the real transformers class (one rank of a fake process group under FakeTensorMode)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memcalc.api import model_input, run
+from memcalc.errors import UnsupportedModelError, UsageError
+from memcalc.spec import TrainingSpec
+
+# Llama-3-8B's config (presets): hidden 4096, intermediate 14336, 32 heads of 128, 8 kv heads, vocabulary 128256,
+# 32 layers, untied head. One of 8 tensor-parallel ranks, by hand: the embedding and the head split over the
+# vocabulary (128256 / 8 rows of 4096), q and o 4096 x 4096 / 8, k and v 1024 x 4096 / 8, gate, up and down
+# 14336 x 4096 / 8, the two norms whole.
+EMBED_8 = 128256 // 8 * 4096
+LAYER_8 = (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096) // 8 + 2 * 4096
+RANK_PARAMS_8 = 2 * EMBED_8 + 32 * LAYER_8 + 4096
+
+
+def _terms(report) -> dict[str, int]:
+    return {t.name: t.bytes for t in report.per_gpu.terms}
+
+
+def test_one_rank_holds_its_shards_and_the_whole_embedding_gradient():
+    report = run(model_input("llama-3-8b", None), TrainingSpec(precision="bf16-pure", num_gpus=8, tp=8))
+    terms = _terms(report)
+    assert terms["weights"] == 2 * RANK_PARAMS_8
+    assert terms["optimizer_states"] == 2 * 2 * RANK_PARAMS_8  # AdamW's two states, bf16, like the shards
+    # DTensor's embedding backward gives a Replicate gradient: the whole 128256 x 4096 table on every rank.
+    assert terms["gradients"] == 2 * (RANK_PARAMS_8 - EMBED_8 + 128256 * 4096)
+
+
+def test_activations_split_by_heads_and_features():
+    spec = dict(precision="bf16-pure", micro_batch_size=1, seq_len=2048)
+    whole = _terms(run(model_input("llama-3-8b", None), TrainingSpec(**spec)))["activations"]
+    split = _terms(run(model_input("llama-3-8b", None), TrainingSpec(**spec, num_gpus=4, tp=4)))["activations"]
+    sp = _terms(run(model_input("llama-3-8b", None), TrainingSpec(**spec, num_gpus=4, tp=4,
+                                                                  sequence_parallel=True)))["activations"]
+    assert sp < split < whole
+    # What does not split without --sp: per layer the two RMSNorms ((4 + 2c) T h + 4 T each, c = 2) and the q/k/v
+    # projections' shared input; what does: q/k/v/o and the MLP's 4 c T I. Per layer, by hand (T = 2048):
+    tokens, h, inter, c = 2048, 4096, 14336, 2
+    norms = 2 * ((4 + 2 * c) * tokens * h + 4 * tokens)
+    attention = c * tokens * (4096 + 2 * 1024) + c * tokens * 4096 + 4 * tokens * 32  # q, k, v, out, lse
+    layer_whole = norms + attention + 4 * c * tokens * inter
+    layer_split = norms + attention // 4 + 4 * c * tokens * inter // 4
+    assert whole - split == 32 * (layer_whole - layer_split)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--tp", "3", "--gpus", "3"], "--tp 3 does not divide the model's 32 attention heads"),
+    (["--tp", "16", "--gpus", "16"], "--tp 16 does not divide the model's 8 key/value heads"),
+    (["--tp", "4", "--gpus", "6"], "--gpus 6 is not divisible by --tp 4"),
+    (["--sp"], "--sp splits what tensor parallelism shares out: add --tp N"),
+    (["--loss-parallel"], "--loss-parallel splits what tensor parallelism shares out"),
+    (["--tp", "2", "--gpus", "4", "--zero", "2"], "DeepSpeed ZeRO with PyTorch tensor parallelism is not modelled"),
+    (["--tp", "2", "--gpus", "2", "--lora-rank", "8"], "--lora-rank with --tp 2 is not modelled yet"),
+    (["--tp", "4", "--gpus", "8", "--nodes", "4"], "--tp 4 does not divide the 2 GPUs of a node"),
+    (["--tp", "0"], "--tp must be between 1"),
+])
+def test_bad_layouts_are_one_line_exit_2(cli, options, message):
+    result = cli("llama-3-8b", *options)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize(("model", "why"), [
+    ("gpt2", "is modelled for decoders of the Llama layout"),
+    ("qwen2.5-0.5b", "with a head tied to the input embeddings is not modelled"),
+])
+def test_unmodelled_models_are_one_line_exit_5(cli, model, why):
+    result = cli(model, "--tp", "2", "--gpus", "2")
+    assert result.exit_code == UnsupportedModelError.exit_code, result.stderr
+    assert why in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_json_names_the_layout(cli):
+    result = cli("llama-3-8b", "--tp", "8", "--gpus", "16", "--sp", "--loss-parallel", "--json")
+    assert result.exit_code == 0, result.stderr
+    training = result.json()["training"]
+    assert (training["tp"], training["sequence_parallel"], training["loss_parallel"]) == (8, True, True)
+
+
+# -- against PyTorch's parallel styles on the transformers class ---------------------------------------------------
+TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024,
+        "max_position_embeddings": 1024, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize(("tp", "precision", "attention", "checkpointing", "sp", "lp"), [
+    (2, "fp32", "sdpa", "none", False, False),
+    (2, "bf16-pure", "eager", "none", True, False),
+    (4, "amp-bf16", "sdpa", "none", True, True),
+    (2, "amp-bf16", "sdpa", "full", False, False),
+])
+def test_rank_matches_parallelize_module(tp, precision, attention, checkpointing, sp, lp):
+    pytest.importorskip("transformers")
+    from memcalc.measure import cuda_semantics
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, attention=attention,
+                        checkpointing=checkpointing, num_gpus=tp, tp=tp, sequence_parallel=sp, loss_parallel=lp)
+    report = run(model_of(ModelConfig("tiny", TINY, "test")), spec)
+    with cuda_semantics.like_cuda():
+        measured = measure_distributed({**TINY, "_name": "tiny"}, spec, engine="tp", world_size=tp, method="fake",
+                                       sequence_parallel=sp, loss_parallel=lp, like_cuda=True)[0]
+    terms = _terms(report)
+    for name in ("weights", "gradients", "optimizer_states"):
+        assert terms[name] == measured.model_state_bytes[name], name
+    # The step's peak: within 0.05% (the estimate places the token ids and labels apart from the traced batch) and in
+    # the same phase.
+    error = (report.per_gpu.peak_bytes - measured.measured_peak_bytes) / measured.measured_peak_bytes
+    assert abs(error) < 0.0005, (report.per_gpu.peak_bytes, measured.measured_peak_bytes)
+    assert report.per_gpu.peak_phase.value == measured.measured_peak_phase

@@ -32,7 +32,7 @@ def test_one_rank_holds_its_shards_and_the_whole_embedding_gradient():
 
 
 def test_activations_split_by_heads_and_features():
-    spec = dict(precision="bf16-pure", micro_batch_size=1, seq_len=2048)
+    spec = {"precision": "bf16-pure", "micro_batch_size": 1, "seq_len": 2048}
     whole = _terms(run(model_input("llama-3-8b", None), TrainingSpec(**spec)))["activations"]
     split = _terms(run(model_input("llama-3-8b", None), TrainingSpec(**spec, num_gpus=4, tp=4)))["activations"]
     sp = _terms(run(model_input("llama-3-8b", None), TrainingSpec(**spec, num_gpus=4, tp=4,

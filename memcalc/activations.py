@@ -507,11 +507,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.backward_start_extra_bytes = 2 * chunk_vocab * loss.bytes_per_log_softmax
         if run.tp > 1 and not run.loss_parallel:
             # --tp without loss parallelism: the head's ColwiseParallel output (this rank's vocabulary split) is
-            # all-gathered to every rank. Where the loss takes the gathered logits as they are (fp32), the split and
-            # the collective's gather buffer are still alive at its log_softmax; where it upcasts them first, both are
-            # gone by then (measured with parallelize_module, memcalc.measure.tensor_parallel).
-            if not upcast:
-                result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
+            # all-gathered to every rank (all_gather_into_tensor into a buffer, then a cat along the vocabulary). How
+            # long the split and the buffer outlive the gather depends on when the collective is waited on: at the
+            # loss's log_softmax both were alive (fake process group, fp32), only the split (gloo, fp32; bf16 with
+            # --sp) or neither (gloo, bf16 and amp-bf16 without --sp). Counted alive: at most c T V (1 + 1/tp) high.
+            result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
         elif run.tp > 1:
             # --loss-parallel: torch/distributed/tensor/parallel/loss.py computes the log-softmax on this rank's split
             # (_log_softmax: the shifted logits beside exp() of them, then the result) and its backward with

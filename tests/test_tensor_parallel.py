@@ -110,8 +110,33 @@ def test_rank_matches_parallelize_module(tp, precision, attention, checkpointing
     terms = _terms(report)
     for name in ("weights", "gradients", "optimizer_states"):
         assert terms[name] == measured.model_state_bytes[name], name
-    # The step's peak: within 0.05% (the estimate places the token ids and labels apart from the traced batch) and in
-    # the same phase.
-    error = (report.per_gpu.peak_bytes - measured.measured_peak_bytes) / measured.measured_peak_bytes
-    assert abs(error) < 0.0005, (report.per_gpu.peak_bytes, measured.measured_peak_bytes)
-    assert report.per_gpu.peak_phase.value == measured.measured_peak_phase
+    peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
+    if lp or precision == "fp32":
+        # The step's peak: within 0.05% (the estimate places the token ids and labels apart from the traced batch)
+        # and in the same phase.
+        assert abs(peak - measured_peak) < 0.0005 * measured_peak, (peak, measured_peak)
+        assert report.per_gpu.peak_phase.value == measured.measured_peak_phase
+    else:
+        # Gathered logits: the estimate counts the head's split and the all-gather's buffer alive through the loss,
+        # which this measurement frees before the upcast: never lower, at most c T V (1 + 1/tp) higher.
+        gathered = 2 * 2 * 256 * (1024 + 1024 // tp)
+        assert measured_peak <= peak <= measured_peak + gathered, (peak, measured_peak)
+
+
+def test_real_gloo_ranks_match_with_loss_parallelism():
+    """Two real gloo ranks on this CPU (PyTorch's functional collectives return AsyncCollectiveTensor wrappers there,
+    which the tracker must not count beside the collective's output)."""
+    pytest.importorskip("transformers")
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    spec = TrainingSpec(precision="fp32", micro_batch_size=2, seq_len=256, num_gpus=2, tp=2, sequence_parallel=True,
+                        loss_parallel=True)
+    report = run(model_of(ModelConfig("tiny", TINY, "test")), spec)
+    ranks = measure_distributed({**TINY, "_name": "tiny"}, spec, engine="tp", world_size=2, method="gloo",
+                                sequence_parallel=True, loss_parallel=True)
+    busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
+    # (the estimate counts the token ids and labels as activations; the measurement as the batch)
+    assert _terms(report)["activations"] - busiest.term_bytes["activations"] == 2 * 8 * 512 + 4
+    assert abs(report.per_gpu.peak_bytes - busiest.measured_peak_bytes) < 0.0005 * busiest.measured_peak_bytes

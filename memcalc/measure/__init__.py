@@ -277,7 +277,15 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; for several GPUs use {verify}=trace (fake process group) "
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
-    engine, reshard, checked, notes = _torch_engine(spec)
+    layout: dict[str, bool] = {}
+    if spec.tp > 1:
+        if spec.data_parallel > 1:
+            raise UsageError(f"{{verify}} runs one tensor-parallel group: give {{gpus}} {spec.tp}, equal to {{tp}} (data "
+                             "parallelism over tensor-parallel groups is composed from the two models, not measured)")
+        engine, reshard, checked, notes = "tp", True, spec, []
+        layout = {"sequence_parallel": spec.sequence_parallel, "loss_parallel": spec.loss_parallel}
+    else:
+        engine, reshard, checked, notes = _torch_engine(spec)
     report = estimate_for(model_config, checked)
     if engine == "zero1" and report.model.num_tensors < spec.num_gpus:
         # ZeroRedundancyOptimizer gives each rank whole tensors: past one tensor per rank some ranks own none, and
@@ -293,12 +301,12 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
                 f"{{verify}}=cpu-tracker would run {spec.num_gpus} gloo ranks of {format_bytes(report.per_gpu.peak_bytes)} "
                 f"each, more than half of this machine's {format_bytes(total)} RAM; use {{verify}}=trace")
         ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="gloo",
-                                    reshard_after_forward=reshard, progress=progress)
+                                    reshard_after_forward=reshard, progress=progress, **layout)
     else:
         # rank 0, and for ZeroRedundancyOptimizer every rank (whole parameters: ranks differ)
         wanted = tuple(range(spec.num_gpus)) if engine == "zero1" else (0,)
         ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="fake",
-                                    reshard_after_forward=reshard, progress=progress, fake_ranks=wanted)
+                                    reshard_after_forward=reshard, progress=progress, fake_ranks=wanted, **layout)
     busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
     busiest.notes.extend(notes)
     busiest.notes.append(f"measured {len(ranks)} rank(s); shown: the most loaded")

@@ -398,6 +398,13 @@ def _dist_tracker_class():
         def _classify(self, t, category: str) -> None:
             super()._classify(_local(t), category)
 
+        def _not_memory(self, t) -> bool:
+            # A functional collective's AsyncCollectiveTensor (gloo, NCCL: the result not yet waited on) and the views
+            # made of it are wrappers whose own storage is a stand-in: the collective's output tensor inside is what
+            # holds the memory, counted when the collective made it. (The fake process group completes at once and
+            # returns plain tensors.)
+            return type(t).__name__ == "AsyncCollectiveTensor"
+
         def _category_for_new(self, func, args, kwargs) -> str:
             if self._comm_depth:
                 return COMM_BUFFERS

@@ -359,6 +359,8 @@ class MemoryTracker(TorchDispatchMode):
         with self._lock:
             inputs: set[int] | None = None
             for t in outputs:
+                if self._not_memory(t):
+                    continue
                 storage = _storage_of(t)
                 if storage is None:
                     continue
@@ -377,6 +379,10 @@ class MemoryTracker(TorchDispatchMode):
                         continue  # a view or in-place result of a tensor that existed before tracking
                 self._add(storage, self._category_for_new(func, args, kwargs))
         return out
+
+    def _not_memory(self, t: torch.Tensor) -> bool:
+        """An op output that holds no memory of its own (a subclass may say so: a wrapper around another tensor)."""
+        return False
 
     # -- results ----------------------------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memcalc import pipeline
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
 from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
@@ -33,6 +34,8 @@ from memcalc.vocab import (
     TERM_ACTIVATIONS,
     TERM_LOSS_BUFFERS,
     TERM_OFFLOADED_ACTIVATIONS,
+    TERM_PIPELINE_HELD_ACTIVATIONS,
+    TERM_PIPELINE_HELD_LOSSES,
     Phase,
     Term,
 )
@@ -88,6 +91,7 @@ class ActivationEstimate:
     # The loss is a cross-entropy over the vocabulary: the model has a language-model head (a V x h Linear, or the
     # token embedding tied to it), whose weight gradient the engine's backward moments count.
     vocabulary_head: bool = False
+    logits_bytes: int = 0  # the head's output, in the compute dtype (rows x vocabulary, this rank's)
     # Traced activations: the step's forward and backward moments traced op by op (memcalc.measure.timeline), which
     # the engine takes instead of its moments of the forward and backward; empty where not traced.
     step: tuple[TracedMoment, ...] = ()
@@ -333,6 +337,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             "copies per layer of the extra heads' k and v); --activations trace counts them")
     if not traced:
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
+    if spec.pp > 1:
+        rule = pipeline.stage_rule(rule, spec, run)  # one micro-batch on this stage
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
     selective = spec.checkpointing == Checkpointing.selective_op
@@ -489,6 +495,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.held_through_loss_bytes = rule.held
     if loss is not None and loss.vocab:
         rows_vocab = loss.rows * loss.vocab
+        result.logits_bytes = rows_vocab * run.c
         saved = rows_vocab * loss.bytes_per_log_softmax
         # The logits (compute dtype) and, when the loss upcasts them, their fp32 copy exist during the loss
         # beside the log_softmax output; at the start of backward the gradients of the log_softmax output and
@@ -532,4 +539,31 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             source=loss.source if spec.loss == LossKind.standard else f"{loss.source}; {CHUNKED_SOURCE}",
             category=CATEGORY_ACTIVATIONS, phases=FORWARD_BACKWARD,
         ))
+    if spec.pp > 1:
+        _in_flight(result, spec)
     return result
+
+
+def _in_flight(result: ActivationEstimate, spec: TrainingSpec) -> None:
+    """--pp: the stage holds several micro-batches' saved activations at once (memcalc.pipeline.held), and the last
+    stage under GPipe every micro-batch's loss buffers (each loss is computed in its forward). The activations and loss
+    terms stay one micro-batch's, the one whose backward the step's moments follow; the others' are terms of their own,
+    alive through that backward."""
+    stage = spec.pp_stage or 0
+    held = pipeline.held(spec)
+    losses = spec.microbatches - int(spec.pp_later_backward) if spec.pp_schedule.value == "gpipe" else 1
+    # (After the first stage a micro-batch's input is the stage's receive buffer, counted with the pipeline's buffers;
+    # where the first layer keeps that tensor as it is - checkpointing's kept input, RMSNorm's fp32 copy of an fp32
+    # residual stream - it is counted twice: r T h per micro-batch held, at most, left in: measured steps differ by
+    # schedule.)
+    extra = []
+    for term in result.terms:
+        others = held - 1 if term.name == TERM_ACTIVATIONS else losses - 1 if term.name == TERM_LOSS_BUFFERS else 0
+        if others > 0:
+            name = TERM_PIPELINE_HELD_ACTIVATIONS if term.name == TERM_ACTIVATIONS else TERM_PIPELINE_HELD_LOSSES
+            extra.append(Term(
+                name=name, bytes=others * term.bytes,
+                formula=f"{others} more micro-batches in flight on pipeline stage {stage} ({spec.pp_schedule.value}, "
+                        f"{spec.microbatches} micro-batches) x {term.bytes:,} B ({term.name})",
+                source=pipeline.SOURCE, category=term.category, phases=FORWARD_BACKWARD))
+    result.terms.extend(extra)

@@ -33,7 +33,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc import activations, tensor_parallel, trainable
+from memcalc import activations, pipeline, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -58,7 +58,7 @@ from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
 from memcalc.spec import Fp8Recipe, LossKind, TrainingSpec
-from memcalc.units import BYTES_PER_FP32
+from memcalc.units import BYTES_PER_FP32, format_bytes
 from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_AND_STEP,
@@ -78,6 +78,7 @@ from memcalc.vocab import (
     EXTRA_RECOMPUTED_LAYER,
     EXTRA_SHARDED_LAYER,
     EXTRA_SHARED_GRADIENT_SUM,
+    EXTRA_STAGE_FIRST_GRADIENT,
     EXTRA_TRACED_STEP,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
@@ -107,6 +108,8 @@ from memcalc.vocab import (
     TERM_OFFLOADED_PARAMS,
     TERM_OPTIMIZER_STATES,
     TERM_OPTIMIZER_TEMPORARIES,
+    TERM_PIPELINE_BUFFERS,
+    TERM_PIPELINE_OUTPUTS,
     TERM_WEIGHTS,
     TERM_ZERO3_GATHERED_GRADS,
     Phase,
@@ -124,11 +127,84 @@ def _n(value: int) -> str:
     return f"{value:,}"
 
 
+def _most_loaded_stage(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]) -> Report:
+    """--pp: every stage estimated; the report is the stage with the highest peak, its notes naming the others."""
+    reports = [estimate(model, spec.replace(pp_stage=stage), defaults_used) for stage in range(spec.pp)]
+    chosen = max(reports, key=lambda report: report.per_gpu.peak_bytes)  # (the first of equal peaks)
+    ranges = pipeline.stage_ranges(model.arch.num_layers, spec.pp, spec.pp_layers)
+    peaks = ", ".join(f"stage {i} (layers {start}-{end - 1}) {format_bytes(r.per_gpu.peak_bytes)}"
+                      for i, (r, (start, end)) in enumerate(zip(reports, ranges, strict=True)))
+    # Across the GPUs: each stage's figures times the GPUs that run it (its tensor- and data-parallel ranks)
+    per_stage = spec.num_gpus // spec.pp
+    chosen.totals.model_states_bytes = per_stage * sum(r.per_gpu.model_states_bytes for r in reports)
+    chosen.totals.peak_bytes_sum = per_stage * sum(r.per_gpu.peak_bytes for r in reports)
+    chosen.notes.append(f"pipeline parallelism: {spec.pp} stages, {spec.microbatches} micro-batches of "
+                        f"{spec.micro_batch_size} ({spec.pp_schedule.value}); shown: the most loaded, stage "
+                        f"{chosen.training.pp_stage}; peaks per stage: {peaks}")
+    return chosen
+
+
+def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Term | None:
+    """--pp: the stage's receive buffers, one per micro-batch for the activations from the stage before and one for
+    the gradients from the stage after (PipelineStage keeps them from the first step on)."""
+    stage = spec.pp_stage or 0
+    count = spec.microbatches * (int(stage > 0) + int(stage < spec.pp - 1))
+    if not count:
+        return None
+    each = _hidden_bytes(model, spec, recipe)
+    return Term(
+        name=TERM_PIPELINE_BUFFERS, bytes=count * each,
+        formula=f"{count} buffers ({spec.microbatches} micro-batches x {'activations and gradients' if count > spec.microbatches else 'gradients' if stage == 0 else 'activations'}) x {each:,} B (the hidden state)",
+        source="torch.distributed.pipelining PipelineStage._prepare_forward_infra / _prepare_backward_infra: a "
+               "receive buffer per micro-batch, made at the first step and kept; measured on gloo ranks",
+        category=CATEGORY_TEMPORARIES, phases=ALL_PHASES)
+
+
+def _stage_first_gradient(tensors: Sequence[ParamTensor], spec: TrainingSpec, bytes_per_grad: int,
+                          grad_phases: Sequence[Phase]) -> int:
+    """--pp, a stage without the head whose gradients are not held from an earlier backward: the first weight gradient
+    its backward makes, the largest MLP weight of its last layer (down_proj's), beside that layer's transients."""
+    if spec.pp == 1 or (spec.pp_stage or 0) == spec.pp - 1 or Phase.forward in grad_phases:
+        return 0
+    layers = [t.layer for t in tensors if t.layer is not None]
+    if not layers:
+        return 0
+    last = max(layers)
+    mlp = [t for t in tensors if t.layer == last and t.role == ROLE_MLP and t.is_linear_weight and t.trainable]
+    return max((t.numel for t in mlp), default=0) * bytes_per_grad
+
+
+def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, logits_bytes: int) -> Term | None:
+    """--pp: each micro-batch's output stays in the stage's forward cache until that micro-batch's backward ends
+    (PipelineStage.fwd_cache): the hidden state it sent on, or on the last stage the logits."""
+    held = pipeline.held(spec)
+    last = (spec.pp_stage or 0) == spec.pp - 1
+    each = logits_bytes if last else _hidden_bytes(model, spec, recipe)
+    if not held or not each:
+        return None
+    return Term(
+        name=TERM_PIPELINE_OUTPUTS, bytes=held * each,
+        formula=f"{held} micro-batches in flight x {each:,} B ({'the logits' if last else 'the hidden state the stage sent on'})",
+        source="torch.distributed.pipelining PipelineStage.forward_one_chunk: the output is cached (fwd_cache) for "
+               "the micro-batch's backward; measured on gloo ranks",
+        category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD)
+
+
+def _hidden_bytes(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> int:
+    """One micro-batch's hidden state between stages: the residual stream's dtype (fp32 under autocast), this rank's
+    tokens (--sp: its split of the sequence)."""
+    width = BYTES_PER_FP32 if recipe.autocast else _bytes_per(recipe.compute_dtype)
+    seq = -(-spec.seq_len // spec.tp) if spec.sequence_parallel else spec.seq_len
+    return width * spec.micro_batch_size * seq * model.arch.hidden_size
+
+
 def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
     """The spec the data-parallel engine sees: its ranks are the GPUs over the tensor-parallel group size."""
-    if spec.tp == 1:
+    if spec.tp == 1 and spec.pp == 1:
         return spec
-    return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False)
+    return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
+                        pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
+                        pp_later_backward=False)
 
 
 def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: TrainingSpec,
@@ -155,8 +231,22 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
 
 
 def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
+    if spec.pp > 1 and spec.pp_stage is None:
+        return _most_loaded_stage(model, spec, defaults_used)
+    if spec.pp > 1 and not spec.pp_later_backward and pipeline.later_backward_applies(spec):
+        # A stage's peak: with the most micro-batches held (its first backward), or at a later micro-batch's backward
+        # with one fewer held and every gradient made
+        first = estimate(model, spec.replace(pp_later_backward=True), defaults_used)
+        most = _estimate_moment(model, spec, defaults_used)
+        return max((most, first), key=lambda report: report.per_gpu.peak_bytes)
+    return _estimate_moment(model, spec, defaults_used)
+
+
+def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     notes: list[str] = list(model.notes)
+    if spec.pp > 1:
+        notes.append(pipeline.ACCURACY_NOTE)
     subset = trainable.apply(model, spec)
     notes.extend(subset.notes)
     tensors = subset.tensors
@@ -192,7 +282,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         ))
     # With gradient accumulation, p.grad persists from the first micro-batch to the optimizer step, so the
     # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
-    grad_phases = ALL_PHASES if spec.grad_accum > 1 else BACKWARD_AND_STEP
+    # (1F1B runs a stage's later micro-batches' forwards after its first backward, where the stage has more
+    # micro-batches than it holds at once: the same)
+    accumulating = spec.grad_accum > 1 or spec.pp_later_backward or (
+        spec.pp > 1 and spec.pp_schedule.value == "1f1b"
+        and spec.microbatches > pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b"))
+    grad_phases = ALL_PHASES if accumulating else BACKWARD_AND_STEP
     if holdings.grads_held == "gpu-backward":
         grad_phases = FORWARD_BACKWARD if spec.grad_accum > 1 else BACKWARD_ONLY
     if spec.grad_accum > 1:
@@ -255,8 +350,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
                 name=TERM_AUTOCAST_CHECKPOINTED, bytes=in_layers * bytes_per_compute,
                 formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {bytes_per_compute} B",
                 source="torch.autocast's weight cache keeps every cast until the autocast context exits (after the "
-                       "loss); checkpointing drops them from the saved tensors, so they are gone in backward",
-                category=CATEGORY_TEMPORARIES, phases=FORWARD_ONLY,
+                       "loss); checkpointing drops them from the saved tensors, so they are gone in backward"
+                       + ("; under --pp the context spans the schedule's step, backward included (torchtitan "
+                          "enters it around pp_schedule.step), so they stay" if spec.pp > 1 else ""),
+                category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD if spec.pp > 1 else FORWARD_ONLY,
             ))
     if spec.fp8 != Fp8Recipe.none:
         terms.append(_fp8_casts(tensors, spec))
@@ -274,10 +371,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         ))
     act = activations.estimate(model, spec, recipe)
     notes.extend(act.notes)
-    if num_gpus > 1 and spec.tp == 1:
-        notes.append(f"data parallelism: each of the {num_gpus} GPUs runs its own micro-batch, so activations per "
-                     "GPU do not shrink (pipeline parallelism is not modelled)")
+    if spec.data_parallel > 1:
+        notes.append(f"data parallelism: each of the {spec.data_parallel} data-parallel groups runs its own "
+                     "micro-batch, so activations per GPU do not shrink")
     terms.extend(act.terms)
+    if spec.pp > 1:
+        terms.extend(t for t in (_pipeline_buffers(model, spec, recipe),
+                                 _pipeline_outputs(model, spec, recipe, act.logits_bytes)) if t is not None)
     # -- optimizer step ------------------------------------------------------------------------------------
     in_backward = spec.optim_in_backward and largest is not None
     if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype and in_backward:
@@ -316,7 +416,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     ))
 
     # A recomputed layer under autocast also redoes its weight casts.
-    autocast_recompute = subset.autocast_recompute_numel * _bytes_per(recipe.compute_dtype) if recipe.autocast else 0
+    # (under --pp the autocast context spans backward: the recomputation finds its casts in the cache)
+    autocast_recompute = (subset.autocast_recompute_numel * _bytes_per(recipe.compute_dtype)
+                          if recipe.autocast and spec.pp == 1 else 0)
     head = _head_gradient(model, tensors, act.vocabulary_head, spec, recipe, holdings, act.backward_start_extra_bytes)
     encoder_grads = encoder_acts = 0
     if head.first_sum:
@@ -357,7 +459,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
         head_backward=head.at_backward, head_gradient=head.held,
         head_gradient_late=head.held_late, shared_gradient_sum=head.shared_sum,
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
-        first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward))
+        first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward,
+        stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases)))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -531,6 +634,7 @@ class _Extras:
     sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
     head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
+    stage_first_gradient: int = 0  # --pp, a stage without the head: its last layer's first weight gradient
     head_gradient_late: int = 0  # ... and beside the gradients term, where that term does not hold it
     shared_gradient_sum: int = 0  # end of backward: a shared token embedding's contributions being summed
     first_shared_sum: int = 0  # T5, tied: the first sum (head's and decoder's), before the encoder's backward ...
@@ -601,7 +705,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     at_head = {name: num_bytes for name, num_bytes in start.items() if name != TERM_LOSS_BUFFERS}
     at_head.update({**whole_backward, EXTRA_HEAD_BACKWARD: x.head_backward})
     later = {**whole_backward, EXTRA_HEAD_GRADIENT: x.head_gradient, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer,
-             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts}
+             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_STAGE_FIRST_GRADIENT: x.stage_first_gradient}
     # (after the head's backward the loss's saved log-softmax output is released: not beside the recomputed layer)
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     start[EXTRA_LOSS_GRADIENTS] = x.loss_gradients
@@ -788,4 +892,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         loss=spec.loss_label, optim_in_backward=spec.optim_in_backward, activation_offload=spec.activation_offload.value,
         compile=spec.compile, repeat_kv=spec.repeat_kv, fp8=spec.fp8.value,
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
+        pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
     )

@@ -87,6 +87,10 @@ class TrainingSummary:
     tp: int = 1  # tensor-parallel group size (the figures are one rank's)
     sequence_parallel: bool = False  # tp: norms split along the sequence
     loss_parallel: bool = False  # tp: the loss over the head's vocabulary split
+    pp: int = 1  # pipeline stages (the figures are one stage's: pp_stage, the most loaded)
+    pp_schedule: str = "1f1b"
+    microbatches: int | None = None
+    pp_stage: int | None = None
 
 
 @dataclass(eq=False, repr=False)

@@ -89,6 +89,10 @@ class Request:
     tp: int = 1
     sp: bool = False
     loss_parallel: bool = False
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    microbatches: int | None = None
+    pp_layers: str | Sequence[int] | None = None
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -145,6 +149,21 @@ def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(str(part).strip() for part in parts if str(part).strip())
 
 
+def _layer_counts(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """--pp-layers "8,9,8,7": one whole number of layers per stage."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    counts = []
+    for part in parts:
+        text = str(part).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise UsageError(f"{{pp_layers}} {value!r}: give each stage's layer count, whole numbers >= 1 separated by "
+                             "commas (e.g. 8,9,8,7)")
+        counts.append(int(text))
+    return tuple(counts)
+
+
 def _stages(value: int | str | Sequence[int]) -> list[int]:
     parts = str(value).split(",") if isinstance(value, (int, str)) else [str(v) for v in value]
     stages: list[int] = []
@@ -168,7 +187,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
-         "alloc_conf")
+         "alloc_conf", "pp_schedule")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
@@ -283,6 +302,8 @@ def _plan(request: Request) -> Plan:
         "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
         "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
         "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,
+        "pp": request.pp, "pp_schedule": request.pp_schedule, "microbatches": request.microbatches,
+        "pp_layers": _layer_counts(request.pp_layers),
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

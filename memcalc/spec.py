@@ -96,6 +96,14 @@ class Checkpointing(str, Enum):
 EVERY_PREFIX = "every:"
 
 
+class PipelineSchedule(str, Enum):
+    """--pp-schedule: torch.distributed.pipelining's ScheduleGPipe (every micro-batch's forward, then every
+    backward) or Schedule1F1B (one forward, one backward once the pipeline is full)."""
+
+    gpipe = "gpipe"
+    one_f_one_b = "1f1b"
+
+
 class ActivationOffload(str, Enum):
     """none; torchtune: OffloadActivations (torchtune/training/_activation_offloading.py) around the model's forward,
     the loss outside it; trl: TRL's copy of it (trl/models/activation_offloading.py) around the training step:
@@ -207,6 +215,15 @@ class TrainingSpec:
     tp: int = 1
     sequence_parallel: bool = False
     loss_parallel: bool = False
+    # Pipeline parallelism (memcalc.pipeline): pp stages of consecutive layers (torchtitan's split, or pp_layers per
+    # stage), each step microbatches micro-batches of micro_batch_size samples through pp_schedule; figures are the
+    # most loaded stage's (pp_stage: one stage's, set internally).
+    pp: int = 1
+    pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
+    microbatches: int | None = None  # None: as many as stages
+    pp_layers: tuple[int, ...] | None = None
+    pp_stage: int | None = None
+    pp_later_backward: bool = False  # (internal) the stage at a later micro-batch's backward (memcalc.pipeline.held)
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -244,6 +261,7 @@ class TrainingSpec:
                       "chunked:N takes a whole number of chunks N >= 1 (torchtune's recipes use chunked:8)")
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
+                           ("pp_schedule", PipelineSchedule),
                            ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind),
                            ("activation_offload", ActivationOffload), ("qlora_scope", QloraScope),
                            ("fp8", Fp8Recipe)):
@@ -284,6 +302,7 @@ class TrainingSpec:
             raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{nodes}} {self.num_nodes}: every node runs "
                              "the same number of GPUs")
         self._check_tensor_parallel()
+        self._check_pipeline()
         if self.offload != Offload.none:
             if self.sharding != Sharding.deepspeed:
                 raise UsageError("{offload} models DeepSpeed ZeRO-Offload: use it with {sharding} deepspeed")
@@ -381,10 +400,53 @@ class TrainingSpec:
             raise UsageError(f"{unmodelled[0]} with {{tp}} {self.tp} is not modelled yet (tensor parallelism covers full "
                              "training, checkpointing none or full, the standard loss): drop one of them")
 
+    def _check_pipeline(self) -> None:
+        _check_range("{pp}", self.pp, 1, MAX_GPUS)
+        if self.microbatches is not None:
+            _check_range("{microbatches}", self.microbatches, 1, 1_000_000)
+        if self.pp == 1:
+            given = [name for name, value in (("microbatches", self.microbatches), ("pp_layers", self.pp_layers))
+                     if value is not None]
+            if given or self.pp_schedule != PipelineSchedule.one_f_one_b:
+                setting = given[0] if given else "pp_schedule"
+                raise UsageError(f"{{{setting}}} sets up pipeline stages: add {{pp}} N (N > 1)")
+            return
+        if self.num_gpus % (self.tp * self.pp):
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}} = {self.tp * self.pp}: every "
+                             "pipeline stage runs on a tensor-parallel group of the same size")
+        if self.microbatches is None:
+            object.__setattr__(self, "microbatches", self.pp)
+        if self.pp_schedule == PipelineSchedule.one_f_one_b and self.microbatches < self.pp:
+            raise UsageError(f"{{microbatches}} {self.microbatches} is fewer than the {self.pp} stages: 1F1B fills the "
+                             f"pipeline with one micro-batch per stage (give {{microbatches}} {self.pp} or more, or "
+                             "{pp_schedule} gpipe)")
+        if self.grad_accum > 1:
+            raise UsageError("{grad_accum} with {pp}: the pipeline's micro-batches are its accumulation; give "
+                             "{microbatches} instead")
+        if self.pp_layers is not None and (len(self.pp_layers) != self.pp
+                                           or any(not isinstance(n, int) or n < 1 for n in self.pp_layers)):
+            raise UsageError(f"{{pp_layers}} takes {self.pp} whole numbers of layers >= 1, one per stage, got "
+                             f"{','.join(str(n) for n in self.pp_layers)}")
+        if self.zero_stage >= 2:
+            raise UsageError("{pp} with ZeRO-2/3 or FSDP sharding is not modelled yet: use {zero} 0 or 1")
+        unmodelled = [label for label, on in (
+            ("{lora_rank}", self.lora_rank is not None), ("{qlora}", self.qlora), ("{freeze}", bool(self.freeze)),
+            ("{compile}", self.compile), ("{fp8}", self.fp8 != Fp8Recipe.none),
+            ("{activation_offload}", self.activation_offload != ActivationOffload.none),
+            ("{optim_in_backward}", self.optim_in_backward), ("{repeat_kv}", self.repeat_kv),
+            (f"{{loss}} {self.loss_label}", self.loss != LossKind.standard),
+            (f"{{checkpointing}} {self.checkpointing_label}", self.checkpointing not in (Checkpointing.none,
+                                                                                      Checkpointing.full)),
+            (f"{{offload}} {self.offload.value}", self.offload != Offload.none),
+        ) if on]
+        if unmodelled:
+            raise UsageError(f"{unmodelled[0]} with {{pp}} {self.pp} is not modelled yet (pipeline parallelism covers "
+                             "full training, checkpointing none or full, the standard loss): drop one of them")
+
     @property
     def data_parallel(self) -> int:
-        """Data-parallel ranks: the GPUs over the tensor-parallel group size."""
-        return self.num_gpus // self.tp
+        """Data-parallel ranks: the GPUs over the tensor- and pipeline-parallel group sizes."""
+        return self.num_gpus // (self.tp * self.pp)
 
     @property
     def gpus_per_node(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from memcalc import tensor_parallel
+from memcalc import pipeline, tensor_parallel
 from memcalc.errors import UsageError
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -200,7 +200,10 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
     copies of them."""
     tensor_parallel.check(model.described, spec.tp)
+    pipeline.check(model.described, spec)
     tensors = tensor_parallel.shard(model.tensors, spec.tp)
+    if spec.pp > 1:
+        tensors = pipeline.stage_tensors(tensors, spec, model.described.arch.num_layers)
     notes: list[str] = []
     if (spec.lora_rank or spec.qlora or spec.freeze) and not model.architecture_known:
         raise UsageError("{lora_rank}, {qlora} and {freeze} need an architecture: give a model name or config.json, "

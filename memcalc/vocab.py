@@ -25,6 +25,10 @@ TERM_FSDP_UNSHARDED = "fsdp_unsharded_params"
 TERM_FSDP_ALL_GATHER = "fsdp_all_gather_buffer"
 TERM_FSDP_REDUCE_SCATTER = "fsdp_reduce_scatter"
 TERM_DDP_BUCKETS = "ddp_buckets"
+TERM_PIPELINE_BUFFERS = "pipeline_recv_buffers"
+TERM_PIPELINE_OUTPUTS = "pipeline_stage_outputs"
+TERM_PIPELINE_HELD_ACTIVATIONS = "pipeline_held_activations"
+TERM_PIPELINE_HELD_LOSSES = "pipeline_held_losses"
 TERM_OFFLOADED_PARAMS = "offloaded_params"
 TERM_OFFLOADED_ACTIVATIONS = "offloaded_activations"
 TERM_ACTIVATIONS = "activations"
@@ -87,8 +91,11 @@ EXTRA_HEAD_GRADIENT = "output head's weight gradient"
 EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
 EXTRA_HELD_OUTPUTS = "model outputs held through the loss"
 EXTRA_TRACED_STEP = "activations, transients, buffers and batch (traced step)"
+EXTRA_STAGE_FIRST_GRADIENT = "the stage's first weight gradient"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
+    EXTRA_STAGE_FIRST_GRADIENT: "pipeline stages without the head: the first weight gradient the stage's backward makes "
+                                "(its last layer's down_proj), beside that layer's gradient transients",
     EXTRA_HELD_OUTPUTS: "tensors no op saves that the forward's outputs keep until the loss is computed (HF "
                         "Trainer then drops them): the DynamicCache's k and v copies where attention saves other "
                         "copies (repeat_kv, autocast casts), and under autocast the fp32 last hidden state",

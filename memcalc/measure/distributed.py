@@ -54,7 +54,7 @@ from memcalc.spec import TrainingSpec
 
 __all__ = ["COMM_BUFFERS", "DIST_METHODS", "ENGINES", "UNSHARDED_GRADIENTS", "measure_distributed", "zero_stage_of"]
 
-ENGINES = ("ddp", "zero1", "fsdp2", "tp")
+ENGINES = ("ddp", "zero1", "fsdp2", "tp", "pp")
 DIST_METHODS = ("gloo", "fake")
 METHOD_GLOO = "gloo"
 METHOD_FAKE_PG = "fake-pg"  # Measurement.method of a fake-process-group trace
@@ -62,7 +62,7 @@ COMM_BUFFERS = "comm_buffers"
 UNSHARDED_GRADIENTS = "unsharded_gradients"
 # Steps before the measured one. DDP rebuilds its gradient buckets at the start of step 2 (in grad-ready order),
 # so DDP and ZeRO-1 measure step 3; FSDP2 is steady from step 2 on (the optimizer state exists after step 1).
-WARMUP_STEPS = {"ddp": 2, "zero1": 2, "fsdp2": 1, "tp": 1}
+WARMUP_STEPS = {"ddp": 2, "zero1": 2, "fsdp2": 1, "tp": 1, "pp": 1}
 MAX_GLOO_RANKS = 16
 MAX_FAKE_RANKS = 1 << 16
 HOST = "127.0.0.1"
@@ -74,7 +74,7 @@ Progress = Callable[[str], None]
 
 def zero_stage_of(engine: str, reshard_after_forward: bool = True) -> int:
     """The ZeRO stage an engine corresponds to: ddp 0, zero1 1, fsdp2 3 (2 with reshard_after_forward=False)."""
-    return {"ddp": 0, "zero1": 1, "tp": 0}.get(engine, 3 if reshard_after_forward else 2)
+    return {"ddp": 0, "zero1": 1, "tp": 0, "pp": 0}.get(engine, 3 if reshard_after_forward else 2)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,9 @@ class _Job:
     like_cuda: bool = False  # fake: LayerNorm's statistics as CUDA keeps them (memcalc.measure.trace.FakeKernels)
     sequence_parallel: bool = False  # tp: norms (and the residual stream) split along the sequence
     loss_parallel: bool = False  # tp: the head's output stays split over the vocabulary into the loss
+    stages: tuple[tuple[int, int], ...] = ()  # pp: each stage's decoder layers [start, end)
+    pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b
+    microbatches: int = 1  # pp: micro-batches per step
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -163,6 +166,9 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if spec.grad_accum != 1:
         raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
                          "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
+    if engine == "pp" and (spec.pp != world_size or method != "gloo"):
+        raise UsageError("the pipeline measurement runs {pp} gloo ranks, one per stage (the fake process group has no "
+                         "point-to-point sends)")
     if engine == "tp" and spec.tp not in (1, world_size):
         raise UsageError(f"{{tp}} {spec.tp} does not match the world size {world_size}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
@@ -174,7 +180,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     from memcalc.measure.step import resolve_setup
 
     single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1,
-                         sequence_parallel=False, loss_parallel=False)
+                          sequence_parallel=False, loss_parallel=False, pp=1, pp_layers=None, microbatches=None,
+                          pp_schedule="1f1b")
     resolve_setup(single, attn)  # the single-rank checks (QLoRA, freeze, optimizers, dtypes) with their messages
     if spec.lora_rank is not None:
         raise UsageError("verify on several ranks does not yet run LoRA (PEFT's adapters under DDP/FSDP); drop "
@@ -182,9 +189,22 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     from memcalc.measure.build import hf_config, model_class
 
     model_class(hf_config(config.raw))  # an unbuildable config fails here, in one line, not in every rank
+    stages: tuple[tuple[int, int], ...] = ()
+    if engine == "pp":
+        from memcalc import pipeline
+
+        stages = pipeline.stage_ranges(_num_layers(config.raw), spec.pp, spec.pp_layers)
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
-                warmup_steps=WARMUP_STEPS[engine], fake=method == "fake")
+                warmup_steps=WARMUP_STEPS[engine], fake=method == "fake", stages=stages,
+                pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1)
+
+
+def _num_layers(raw: dict[str, Any]) -> int:
+    from memcalc.measure.build import hf_config
+
+    config = hf_config(raw)
+    return int(config.get_text_config().num_hidden_layers)
 
 
 def _check_fits_ram(job: _Job) -> None:
@@ -313,7 +333,12 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
         dist.init_process_group("gloo", store=store, rank=rank, world_size=job.world_size, timeout=timeout)
         try:
             mesh = _device_mesh(job)
-            measurement = _measure_rank(job, rank, mesh)
+            if job.engine == "pp":
+                from memcalc.measure.pipeline import measure_stage
+
+                measurement = measure_stage(job, rank)
+            else:
+                measurement = _measure_rank(job, rank, mesh)
             measurement.method = METHOD_GLOO
         finally:
             dist.destroy_process_group()

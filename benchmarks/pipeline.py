@@ -1,0 +1,60 @@
+"""Pipeline stages: memcalc's estimate of each stage against that stage measured on real gloo ranks.
+
+    python benchmarks/pipeline.py
+
+A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
+micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
+torch.distributed.pipelining (memcalc.measure.pipeline: PipelineStage, ScheduleGPipe / Schedule1F1B, one gloo rank
+per stage, AdamW), under memcalc's tensor tracker: one row per stage. About 2 minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+from memcalc.api import run
+from memcalc.model import ModelConfig
+from memcalc.resolve import model_of
+from memcalc.spec import TrainingSpec
+
+SMALL_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+               "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024,
+               "max_position_embeddings": 1024, "pad_token_id": 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    from memcalc.measure.distributed import measure_distributed
+
+    rows = []
+    print("| stages | schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error |")
+    print("|---:|---|---:|---|---|---:|---:|---:|---:|")
+    for (pp, layers), schedule, extra, precision, checkpointing in itertools.product(
+            ((2, 4), (3, 6)), ("1f1b", "gpipe"), (0, 2), ("fp32", "bf16-pure", "amp-bf16"), ("none", "full")):
+        if pp == 3 and precision == "bf16-pure":
+            continue
+        raw = {**SMALL_LLAMA, "num_hidden_layers": layers}
+        microbatches = pp + extra
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
+                            num_gpus=pp, pp=pp, pp_schedule=schedule, microbatches=microbatches)
+        model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
+        for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=pp,
+                                            method="gloo"):
+            stage = measured.run["distributed"]["stage"]
+            estimate = run(model, spec.replace(pp_stage=stage)).per_gpu.peak_bytes
+            error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
+            rows.append((checkpointing, error))
+            print(f"| {pp} | {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
+                  f"{estimate / 2**20:.2f} MiB | {measured.measured_peak_bytes / 2**20:.2f} MiB | {error:+.2f}% |",
+                  flush=True)
+    for checkpointing in ("none", "full"):
+        errors = [e for c, e in rows if c == checkpointing]
+        print(f"\ncheckpointing {checkpointing}: {len(errors)} stage steps, median |error| "
+              f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Pipeline parallelism measured: ``torch.distributed.pipelining`` stages of the real transformers model on real gloo
+ranks of this CPU (the fake process group has no point-to-point sends).
+
+Each rank builds the whole model, keeps its stage (torchtitan's split, memcalc.pipeline.stage_layers: the first stage
+the token embedding and its layers, the last its layers, the final norm and the head) inside a small module that runs
+the stage as the transformers class runs those parts (the rotary tables from the positions on every stage, causal
+attention without a mask), wraps it in a ``PipelineStage`` and runs a warm-up and a measured step of the schedule
+(``ScheduleGPipe`` or ``Schedule1F1B``: ``n_microbatches`` micro-batches of ``micro_batch_size`` samples) and the
+optimizer under memcalc's tensor tracker. The loss is transformers' ForCausalLMLoss on the last stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+
+
+def stage_module(model: Any, start: int, end: int, first: bool, last: bool) -> Any:
+    """The part of a Llama-layout causal LM one stage runs: [embedding] + layers[start:end] + [norm, head]."""
+    import torch
+
+    from memcalc.measure.build import decoder_layers
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = decoder_layers(model)
+
+    class Stage(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = model.get_input_embeddings() if first else None
+            self.layers = torch.nn.ModuleList(layers[start:end])
+            self.rotary = base.rotary_emb
+            self.norm = base.norm if last else None
+            self.head = model.get_output_embeddings() if last else None
+            self.scale = getattr(base, "normalizer", None)  # (a Gemma-style embedding scale, where there is one)
+
+        def forward(self, hidden: Any) -> Any:
+            if self.embed is not None:
+                hidden = self.embed(hidden)
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            position_embeddings = self.rotary(hidden, positions)
+            for layer in self.layers:
+                out = layer(hidden, attention_mask=None, position_ids=positions,
+                            position_embeddings=position_embeddings)
+                hidden = out[0] if isinstance(out, tuple) else out
+            if self.head is not None:
+                hidden = self.head(self.norm(hidden))
+            return hidden
+
+    return Stage()
+
+
+def causal_lm_loss(model: Any):
+    """The last stage's loss_fn: transformers' ForCausalLMLoss on the stage's logits and the labels."""
+    vocab = int(model.config.get_text_config().vocab_size)
+
+    def loss_fn(logits: Any, labels: Any) -> Any:
+        return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
+
+    return loss_fn
+
+
+def schedule_for(stage: Any, name: str, microbatches: int, loss_fn: Any) -> Any:
+    from torch.distributed import pipelining
+
+    return getattr(pipelining, SCHEDULES[name])(stage, n_microbatches=microbatches, loss_fn=loss_fn)
+
+
+def measure_stage(job: Any, rank: int) -> Any:
+    """One gloo rank of the pipeline: its stage's warm-up and measured step (memcalc.measure.distributed's job)."""
+    import dataclasses
+    import time
+
+    import torch
+
+    from memcalc.measure import distributed as dist_measure
+    from memcalc.measure.step import Stepper as StepperClass
+    from memcalc.measure.step import (
+        StepResult,
+        _autocast,
+        build_model,
+        make_inputs,
+        resolve_setup,
+        storage_bytes,
+        to_measurement,
+    )
+
+    DistTracker, trk, _ = dist_measure._dist_tracker_class()
+    started = time.perf_counter()
+    spec = job.spec
+    setup = resolve_setup(spec, job.attn_implementation, "cpu")
+    torch.manual_seed(dist_measure.SEED)
+    model = build_model(job.raw, setup)
+    num_stages, (start, end) = job.world_size, job.stages[rank]
+    first, last = rank == 0, rank == num_stages - 1
+    module = stage_module(model, start, end, first, last)
+    # (build_model has turned on transformers' checkpointing of each layer, as the spec says)
+    from torch.distributed.pipelining import PipelineStage
+
+    stage = PipelineStage(module, rank, num_stages, torch.device("cpu"))
+    microbatches = job.microbatches
+    # (every rank gets the loss function: a schedule without one runs no backward)
+    schedule = schedule_for(stage, job.pp_schedule, microbatches, causal_lm_loss(model))
+    ids = make_inputs(model, dataclasses.replace(setup, micro_batch_size=setup.micro_batch_size * microbatches))
+    stepper = StepperClass(module, setup)
+
+    def run_schedule() -> None:
+        # (return_outputs=False, as torchtitan's trainer steps: the last stage keeps no micro-batch's output for a
+        # merged return)
+        with _autocast(setup):
+            if first:
+                schedule.step(ids, return_outputs=False)
+            elif last:
+                schedule.step(target=ids, return_outputs=False)
+            else:
+                schedule.step(return_outputs=False)
+
+    run_schedule()
+    stepper.step()
+    stepper.zero_grad()
+    tracker = DistTracker()
+    params = list(module.parameters())
+    tracker.register(params, trk.WEIGHTS)
+    tracker.register(stepper.masters, trk.MASTER)
+    tracker.register(module.buffers(), trk.OTHER)
+    tracker.register([ids], trk.OTHER)
+    # The stage's receive buffers, one per micro-batch for the activations from the stage before and one for the
+    # gradients from the stage after, made at the first step and kept (PipelineStage._prepare_forward_infra and
+    # _prepare_backward_infra).
+    tracker.register(recv_buffers(stage), dist_measure.COMM_BUFFERS)
+    tracker.watch_gradients(params)
+    tracker.watch_optimizer(stepper.optimizer, stepper.fused)
+    if last:
+        tracker.loss_region(module.head)
+    hooks = [module.register_forward_pre_hook(lambda *_: tracker.mark(trk.FORWARD)),
+             module.register_full_backward_pre_hook(lambda *_: tracker.mark(trk.BACKWARD))]
+    grads: dict[str, int] = {}
+    try:
+        with tracker:
+            run_schedule()
+            local_grads = [p.grad for p in params if p.grad is not None]
+            grads[trk.GRADIENTS] = storage_bytes(local_grads)
+            tracker.mark(trk.OPTIMIZER_STEP)
+            stepper.step()
+            tracker.mark(trk.SETUP)
+            stepper.zero_grad()
+    finally:
+        tracker.remove_hooks()
+        for hook in hooks:
+            hook.remove()
+    states = stepper.state_tensors()
+    result = StepResult(
+        setup=setup, tracker=tracker, model_class=type(model).__name__, num_params=sum(p.numel() for p in params),
+        model_state_bytes={trk.WEIGHTS: storage_bytes(params), trk.MASTER: storage_bytes(stepper.masters),
+                           trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
+                           trk.OPTIMIZER_STATES: storage_bytes(t for ts in states.values() for t in ts)},
+        optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
+        ops_seen=tracker.ops_seen, elapsed_seconds=time.perf_counter() - started,
+    )
+    measurement = to_measurement("cpu-tracker", result)
+    measurement.run["distributed"] = {"engine": "pp", "stage": rank, "stages": num_stages, "layers": [start, end],
+                                      "schedule": job.pp_schedule, "microbatches": microbatches,
+                                      "backend": "gloo"}
+    measurement.notes.append(f"pipeline stage {rank} of {num_stages}: decoder layers {start}-{end - 1}"
+                             f"{', the embedding' if first else ''}{', the final norm, head and loss' if last else ''}")
+    return measurement
+
+
+def recv_buffers(stage: Any) -> list[Any]:
+    """The tensors a PipelineStage keeps to receive into: activations and gradients, per micro-batch."""
+    import torch
+
+    found = []
+    for infos in (*stage.args_recv_info.values(), *stage.grad_recv_info.values()):
+        for info in infos:
+            buffer = getattr(info, "buffer", None)
+            if isinstance(buffer, torch.Tensor):
+                found.append(buffer)
+    return found

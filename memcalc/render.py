@@ -79,10 +79,7 @@ def _describe_run(report: Report) -> list[str]:
          f"{f' x {t.grad_accum} accumulated' if t.grad_accum > 1 else ''}, attention {t.attention}, "
          f"checkpointing {t.checkpointing}, {t.num_gpus} GPU{'s' if t.num_gpus > 1 else ''}"
          f"{f' on {t.num_nodes} nodes' if t.num_nodes > 1 else ''}"
-         f"{f' as {t.num_gpus // t.tp} x tensor-parallel {t.tp}' if t.tp > 1 else ''}"
-         f"{' with sequence parallelism' if t.sequence_parallel else ''}"
-         f"{' and loss parallelism' if t.loss_parallel else ''}"
-         f"{', per rank' if t.tp > 1 else ''}, {engine}"
+         f"{_layout(t)}, {engine}"
          f"{', offload ' + t.offload if t.offload != 'none' else ''}"
          f"{', activations ' + t.activations if t.activations != 'rules' else ''}"
          f"{', loss ' + t.loss if t.loss != 'standard' else ''}"
@@ -95,6 +92,21 @@ def _describe_run(report: Report) -> list[str]:
     if t.defaults_used:
         lines.append(f"defaults used: {', '.join(t.defaults_used)}")
     return lines
+
+
+def _layout(t) -> str:
+    """The tensor/pipeline layout of the run line: data-parallel groups x pipeline stages x tensor-parallel ranks."""
+    if t.tp == 1 and t.pp == 1:
+        return ""
+    parts = [f"{t.num_gpus // (t.tp * t.pp)} data-parallel"]
+    if t.pp > 1:
+        parts.append(f"{t.pp} pipeline stages ({t.pp_schedule}, {t.microbatches} micro-batches)")
+    if t.tp > 1:
+        extra = " with sequence parallelism" if t.sequence_parallel else ""
+        extra += f"{' and' if extra else ' with'} loss parallelism" if t.loss_parallel else ""
+        parts.append(f"{t.tp} tensor-parallel{extra}")
+    shown = f"stage {t.pp_stage}'s rank" if t.pp > 1 else "one rank"
+    return f" as {' x '.join(parts)}; figures for {shown}"
 
 
 def _escape(text: str) -> str:

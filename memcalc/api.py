@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
     from memcalc.fit import ConfigOwner, GpuTarget
+    from memcalc.planner import Plan as LayoutPlan
     from memcalc.report import Fit
 
 
@@ -44,6 +45,34 @@ def estimate(model: str | None = None, **settings: Any) -> Report:
     if len(plan.specs) > 1:
         raise UsageError("several {zero} stages ask for a comparison: use memcalc.compare(...)")
     return run_plan(plan)[0]
+
+
+def layouts(model: str | None = None, **settings: Any) -> LayoutPlan:
+    """The layout planner: every layout of ``gpus`` GPUs (data-parallel sharding, tensor and pipeline parallelism,
+    checkpointing) with its per-GPU peak, whether it fits ``gpu``, and its rank by memcalc.planner's throughput model,
+    best first. ``gpus`` and ``gpu`` are required; the layout settings (tp, pp, zero, sharding, checkpointing) are the
+    planner's to choose."""
+    request = Request(model=model, **settings)
+    return plan_layouts(request.plan(), {name for name in LAYOUT_SETTINGS if request.is_chosen(name)})
+
+
+# What the planner chooses: given by the user, each is one line and exit 2.
+LAYOUT_SETTINGS = ("tp", "pp", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
+                   "sp", "loss_parallel", "grad_accum", "deepspeed")
+
+
+def plan_layouts(plan: Plan, chosen: set[str] | frozenset[str] = frozenset()) -> LayoutPlan:
+    """The planner for a resolved plan; ``chosen``: the layout settings the user gave (refused)."""
+    from memcalc import planner
+
+    if chosen:
+        raise UsageError(f"{{plan}} chooses the layout itself: drop {{{sorted(chosen)[0]}}}")
+    if plan.gpu is None:
+        raise UsageError("{plan} needs the GPU the layouts must fit: add {gpu} NAME (e.g. {gpu} h100-80gb)")
+    if len(plan.specs) != 1 or plan.specs[0].num_gpus < 2:
+        raise UsageError("{plan} lays a run out over several GPUs: give {gpus} N (N > 1)")
+    spec = plan.specs[0]
+    return planner.plan(plan.model, spec, plan.gpu, spec.gpus_per_node if spec.num_nodes > 1 else None)
 
 
 def compare(model: str | None = None, **settings: Any) -> list[Report]:

@@ -39,7 +39,8 @@ DEBUG_ENV = "MEMCALC_DEBUG"
 COMMANDS = ("estimate", "presets", "schema")
 HELP_OPTIONS = ("-h", "--help")
 # Options of the command line that are not settings of a Request: how to show the answer.
-OUTPUT_OPTIONS = ("ctx", "units", "json_output", "explain", "totals", "emit", "compare_with", "verify", "plot")
+OUTPUT_OPTIONS = ("ctx", "units", "json_output", "explain", "totals", "emit", "compare_with", "verify", "plot",
+                  "plan_layouts")
 EPILOG = ("Other commands: 'memcalc presets' (model and GPU presets), 'memcalc schema' (JSON Schema of --json). "
           "'memcalc MODEL --flags' is short for 'memcalc estimate MODEL --flags'. Exit codes: 0 ok, 2 bad usage, "
           "3 model not found, 4 bad config, 5 model type not supported, 6 does not fit, 7 missing dependency, "
@@ -148,6 +149,7 @@ def estimate(
     reserve_fraction: Annotated[float | None, typer.Option(help="Allocator reserve assumed by the fit check, 0 to 0.9 (default 0.05).")] = None,
     reserved: Annotated[bool, typer.Option("--reserved", help="Predict the caching allocator's reserved memory (max_memory_reserved) by replaying the step's allocations through a model of PyTorch's CUDA caching allocator; the fit then uses it instead of --reserve-fraction. Traces the step at full size (needs torch; cached).")] = False,
     alloc_conf: Annotated[str | None, typer.Option("--alloc-conf", help="PYTORCH_ALLOC_CONF for --reserved, e.g. expandable_segments:True (default: the environment's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF). Implies --reserved.", show_default=False)] = None,
+    plan_layouts: Annotated[bool, typer.Option("--plan", help="With --gpus N and --gpu: search data-parallel sharding, tensor and pipeline parallelism and checkpointing for the layouts that fit, ranked by memcalc.planner's throughput model (printed with its formula). Llama-layout decoders get tp/pp; others data parallelism only.")] = False,
     max_batch: Annotated[bool, typer.Option("--max-batch", help="With --gpu: the largest micro-batch that fits.")] = False,
     max_seq_len: Annotated[bool, typer.Option("--max-seq-len", help="With --gpu: the longest sequence that fits.")] = False,
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train LoRA adapters of this rank on a frozen base.")] = None,
@@ -214,6 +216,8 @@ def _estimate(options: dict) -> int:
     settings = {name: getattr(value, "value", value) for name, value in options.items()
                 if name not in OUTPUT_OPTIONS and name != "version"}
     plan = Request(**settings, chosen=typed & set(settings)).plan()
+    if options["plan_layouts"]:
+        return _plan_layouts(plan, typed, options, unit)
     if len(plan.specs) > 1:
         for name in ("emit", "compare_with", "plot"):
             if options[name] is not None:
@@ -247,6 +251,20 @@ def _estimate(options: dict) -> int:
     else:
         render.print_reports(reports, render.console(), unit, explain=options["explain"], totals=options["totals"])
     return EXIT_OK if fits else EXIT_DOES_NOT_FIT
+
+
+def _plan_layouts(plan, typed: frozenset[str], options: dict, unit: str) -> int:
+    from memcalc import api, render
+
+    for name in ("emit", "compare_with", "verify", "plot"):
+        if options[name] is not None:
+            raise UsageError(f"{{plan}} prints layouts, not {{{name}}}: ask for one at a time")
+    layouts = api.plan_layouts(plan, {name for name in api.LAYOUT_SETTINGS if name in typed})
+    if options["json_output"]:
+        _write(render.json_text(render.layouts_json(layouts)))
+    else:
+        render.print_layouts(layouts, render.console(), unit)
+    return EXIT_OK if layouts.fitting else EXIT_DOES_NOT_FIT
 
 
 def _check_outputs(options: dict) -> None:

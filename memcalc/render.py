@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
+    from memcalc.planner import Plan as LayoutPlan
 
 # Short names for the phases a term is alive in (the table's last column).
 _ALIVE_LABELS = {(Phase.forward, Phase.backward, Phase.optimizer_step): "whole step",
@@ -532,3 +533,47 @@ def print_comparison_rows(rows: Sequence[ComparisonRow], tool: str, console: Con
         cells = ["-" if v is None else format_bytes(v, unit) for v in (row.memcalc_bytes, row.tool_bytes)]
         table.add_row(row.term, *cells, row.why)
     console.print(table)
+
+
+LAYOUTS_SHOWN = 5
+
+
+def layouts_json(plan: LayoutPlan) -> dict[str, Any]:
+    """The planner's result: every layout tried, best first, with the model's assumptions."""
+    from memcalc import planner
+
+    return {"plan": {"gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "links": plan.links,
+                     "links_source": plan.links_source, "mfu_assumed": planner.PLANNER_MFU,
+                     "throughput_model": planner.THROUGHPUT_MODEL, "seconds": round(plan.seconds, 3),
+                     "fitting": len(plan.fitting), "layouts": [c.to_dict() for c in plan.candidates],
+                     "notes": list(plan.notes)}}
+
+
+def print_layouts(plan: LayoutPlan, console: Console, unit: str) -> None:
+    """The fitting layouts, best first by the throughput model, then the model's formula and assumptions."""
+    from rich.table import Table
+
+    from memcalc import planner
+
+    shown = plan.fitting[:LAYOUTS_SHOWN]
+    table = Table(title=f"{plan.gpus} GPUs: {len(plan.fitting)} of {len(plan.candidates)} layouts fit; best "
+                        f"{len(shown)} by the throughput model")
+    for column in ("#", "layout", "peak/GPU", "tokens/s", "step s", "bubble"):
+        table.add_column(column, justify="left" if column == "layout" else "right")
+    for rank, c in enumerate(shown, 1):
+        table.add_row(str(rank), c.layout.label, format_bytes(c.peak_bytes, unit), f"{c.tokens_per_second:,.0f}",
+                      f"{c.step_seconds:.1f}", f"{c.parts['bubble_fraction']:.0%}")
+    console.print(table)
+    if shown:
+        console.print(f"usable per GPU: {format_bytes(shown[0].capacity_bytes, unit)} (the GPU less the CUDA context "
+                      "and the allocator reserve)")
+    else:
+        smallest = min(plan.candidates, key=lambda c: c.peak_bytes, default=None)
+        if smallest is not None:
+            console.print(f"no layout fits: the smallest peak is {format_bytes(smallest.peak_bytes, unit)} "
+                          f"({smallest.layout.label}) of {format_bytes(smallest.capacity_bytes, unit)} usable")
+    console.print("The memory is memcalc's estimate of each layout's most loaded rank; the ranking is a model, not a "
+                  f"measurement: MFU {planner.PLANNER_MFU:.0%} assumed for every layout; links: {plan.links_source}.")
+    console.print(planner.THROUGHPUT_MODEL, markup=False, highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}")

@@ -1,0 +1,187 @@
+"""The layout planner (``--plan``): which layouts of data, tensor and pipeline parallelism, data-parallel sharding and
+checkpointing fit the GPUs, ranked by an explicit throughput model.
+
+The memory of a layout is memcalc's estimate of its most loaded rank (as --tp and --pp report it). The ranking is a
+model (THROUGHPUT_MODEL, printed with every plan), not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from memcalc import pipeline, tensor_parallel
+from memcalc.errors import UsageError
+
+THROUGHPUT_MODEL = """\
+throughput model, per step (N params, G GPUs, M micro-batches, L_s layers/stage):
+  tokens    T = dp x batch x seq x M
+  compute   C = 6 N T / G x 4/3 (ckpt full) / (peak bf16 FLOP/s x MFU)
+  tensor    X = 4 L_s M x 2 (tp-1)/tp x (batch x seq x hidden x 2 B) / NVLink
+  pipeline  P = 2 M x (batch x seq x hidden x 2 B) / network
+  bubble    B = (pp-1) / (M + pp-1)
+  data      D = k (dp-1)/dp x (rank's params x 2 B) / link (k 2 DDP/ZeRO-1, 3 FSDP)
+  step      S = (C + X + P) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
+  ranked by T / S; attention's s^2 FLOPs left out"""
+
+PLANNER_MFU = 0.4  # model FLOPs utilization assumed for every layout (the ranking compares layouts, not clusters)
+# Per GPU: dense bf16 peak FLOP/s, the NVLink bandwidth per direction and the scale-out bandwidth per GPU (one
+# 400 Gb/s InfiniBand NDR port per GPU, as DGX H100/H200 and most H100 clusters have; A100: 200 Gb/s HDR).
+LINKS = {
+    "h100": (989e12, 450e9, 50e9, "NVIDIA H100 SXM datasheet: 989 TFLOPS bf16 dense, NVLink 900 GB/s (450 each way); "
+                                  "400 Gb/s InfiniBand NDR per GPU (DGX H100)"),
+    "h200": (989e12, 450e9, 50e9, "NVIDIA H200 SXM datasheet: 989 TFLOPS bf16 dense, NVLink 900 GB/s; 400 Gb/s NDR "
+                                  "per GPU (DGX H200)"),
+    "a100": (312e12, 300e9, 25e9, "NVIDIA A100 SXM datasheet: 312 TFLOPS bf16 dense, NVLink 600 GB/s; 200 Gb/s HDR "
+                                  "per GPU (DGX A100)"),
+}
+DEFAULT_LINKS = "h100"
+TP_SIZES = (1, 2, 4, 8)
+PP_SIZES = (1, 2, 4, 8, 16, 32, 64)
+BYTES_16 = 2
+
+
+@dataclass
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    sharding: str  # fsdp (ZeRO-3 over the data-parallel ranks), ddp, zero1
+    checkpointing: str
+    microbatches: int
+
+    @property
+    def label(self) -> str:
+        pp = f" x pp {self.pp} (M {self.microbatches})" if self.pp > 1 else ""
+        return f"dp {self.dp} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    peak_bytes: int
+    capacity_bytes: int
+    fits: bool
+    tokens_per_step: int
+    step_seconds: float
+    tokens_per_second: float
+    parts: dict[str, float] = field(default_factory=dict)  # seconds: compute, tensor, pipeline, data, bubble fraction
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self.layout), "label": self.layout.label, "peak_bytes": self.peak_bytes,
+                "capacity_bytes": self.capacity_bytes, "fits": self.fits, "tokens_per_step": self.tokens_per_step,
+                "step_seconds": round(self.step_seconds, 6), "tokens_per_second": round(self.tokens_per_second, 1),
+                "model": {k: round(v, 6) for k, v in self.parts.items()}}
+
+
+@dataclass
+class Plan:
+    candidates: list[Candidate]  # every layout tried, best first (fitting ones before the rest)
+    gpus: int
+    gpus_per_node: int
+    links: str
+    links_source: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fitting(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.fits]
+
+
+def _spec_for(base, layout: Layout):
+    zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch")}[layout.sharding]
+    tp, pp = layout.tp, layout.pp
+    return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
+                        pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
+                        pp_schedule="1f1b", pp_stage=None, sharding=sharding, zero_stage=zero,
+                        checkpointing=layout.checkpointing, grad_accum=1)
+
+
+def _peak(model, spec) -> int:
+    """The layout's most loaded rank. Under --pp: stages 0, 1 and the last (a middle stage after the first holds at
+    most stage 1's layers - torchtitan gives the remainder to the first stages - and no more micro-batches at once)."""
+    from memcalc.engine import estimate
+
+    if spec.pp == 1:
+        return estimate(model, spec).per_gpu.peak_bytes
+    return max(estimate(model, spec.replace(pp_stage=stage)).per_gpu.peak_bytes
+               for stage in sorted({0, 1, spec.pp - 1}))
+
+
+def _layouts(model, base, gpus: int, gpus_per_node: int) -> list[Layout]:
+    arch = model.arch
+    found = []
+    for tp in TP_SIZES:
+        if tp > 1 and (gpus_per_node % tp or model.model_type not in tensor_parallel.MODEL_TYPES
+                       or arch.tie_word_embeddings
+                       or any(n % tp for n in (arch.num_heads, arch.num_kv_heads, arch.intermediate_size))):
+            continue
+        for pp in PP_SIZES:
+            if gpus % (tp * pp):
+                continue
+            if pp > 1:
+                if model.model_type not in tensor_parallel.MODEL_TYPES or arch.tie_word_embeddings:
+                    continue
+                try:
+                    pipeline.stage_ranges(arch.num_layers, pp)
+                except UsageError:
+                    continue
+            dp = gpus // (tp * pp)
+            engines = ("fsdp", "ddp") if pp == 1 else ("zero1", "ddp")
+            if dp == 1:
+                engines = ("ddp",)
+            for sharding in engines:
+                for checkpointing in ("none", "full"):
+                    found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1))
+    return found
+
+
+def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -> tuple[int, float, dict]:
+    flops_per_s, intra, inter = links[:3]
+    arch = model.arch
+    params = sum(t.numel for t in model.tensors)
+    micro = spec.micro_batch_size * spec.seq_len  # tokens of one micro-batch
+    tokens = layout.dp * micro * layout.microbatches
+    gpus = layout.dp * layout.tp * layout.pp
+    recompute = 4 / 3 if layout.checkpointing == "full" else 1.0
+    compute = 6 * params * tokens / gpus * recompute / (flops_per_s * PLANNER_MFU)
+    hidden = micro * arch.hidden_size * BYTES_16
+    layers = -(-arch.num_layers // layout.pp)
+    tensor = 4 * layers * layout.microbatches * 2 * (layout.tp - 1) / layout.tp * hidden / intra
+    pipe = 2 * layout.microbatches * hidden / inter if layout.pp > 1 else 0.0
+    bubble = (layout.pp - 1) / (layout.microbatches + layout.pp - 1)
+    rank_params = params / (layout.tp * layout.pp)
+    factor = 3 if layout.sharding == "fsdp" else 2
+    dp_link = inter if layout.tp * layout.pp * layout.dp > gpus_per_node else intra
+    data = factor * (layout.dp - 1) / layout.dp * rank_params * BYTES_16 / dp_link if layout.dp > 1 else 0.0
+    step = (compute + tensor + pipe) / (1 - bubble) + max(0.0, data - compute / 2)
+    return tokens, step, {"compute_s": compute, "tensor_parallel_s": tensor, "pipeline_s": pipe,
+                          "data_parallel_s": data, "bubble_fraction": bubble}
+
+
+def plan(model, base, gpu, gpus_per_node: int | None = None) -> Plan:
+    """Every layout of ``base.num_gpus`` GPUs for ``model`` (micro-batch, sequence and recipe from ``base``), its
+    memory and whether it fits ``gpu`` (a memcalc.fit.GpuTarget), ranked by the throughput model."""
+    if model.described is None:
+        raise UsageError("{plan} splits the model's layers: give a model name or config.json, not only {params}")
+    started = time.perf_counter()
+    gpus = base.num_gpus
+    per_node = gpus_per_node or min(8, gpus)
+    key = next((name for name in LINKS if name in gpu.name.lower()), None)
+    notes = []
+    if key is None:
+        notes.append(f"{gpu.name}: no FLOP/s and link figures known; ranked with {DEFAULT_LINKS}'s")
+    links = LINKS[key or DEFAULT_LINKS]
+    candidates = []
+    for layout in _layouts(model, base, gpus, per_node):
+        spec = _spec_for(base, layout)
+        peak = _peak(model, spec)
+        capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
+        tokens, step, parts = _throughput(model, spec, layout, per_node, links)
+        candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
+    candidates.sort(key=lambda c: (not c.fits, -c.tokens_per_second, c.peak_bytes))
+    notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
+                 "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")
+    return Plan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)

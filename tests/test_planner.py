@@ -1,0 +1,75 @@
+"""The layout planner (--plan): every layout it tries is a valid split of the GPUs, the memory is the estimate's, and
+the ranking follows the stated throughput model."""
+
+from __future__ import annotations
+
+import pytest
+
+from memcalc import api
+from memcalc.errors import UsageError
+
+# Llama-3.1-405B by hand from its config: 126 layers of q and o 16384 x 16384, k and v 1024 x 16384, gate, up and down
+# 53248 x 16384 and two norms; the embedding and the untied head 128256 x 16384; the final norm.
+LAYER_405B = 2 * 16384 * 16384 + 2 * 1024 * 16384 + 3 * 53248 * 16384 + 2 * 16384
+PARAMS_405B = 126 * LAYER_405B + 2 * 128256 * 16384 + 16384
+
+
+@pytest.fixture(scope="module")
+def plan_405b():
+    return api.layouts("llama-3.1-405b", gpus=512, gpu="h100-80gb", seq_len=8192)
+
+
+def test_every_layout_splits_the_gpus_and_the_model(plan_405b):
+    assert PARAMS_405B == 405_853_388_800  # Meta's reported count
+    assert plan_405b.candidates and plan_405b.fitting
+    for c in plan_405b.candidates:
+        layout = c.layout
+        assert layout.dp * layout.tp * layout.pp == 512
+        assert 128 % layout.tp == 0 and 8 % layout.tp == 0 and 53248 % layout.tp == 0 and 8 % layout.tp == 0
+        assert c.fits == (c.peak_bytes <= c.capacity_bytes)
+
+
+def test_ranked_best_first_fitting_first(plan_405b):
+    fitting = [c.tokens_per_second for c in plan_405b.fitting]
+    assert fitting == sorted(fitting, reverse=True)
+    assert plan_405b.candidates[:len(fitting)] == plan_405b.fitting
+
+
+def test_throughput_model_by_hand(plan_405b):
+    """FSDP over 64 groups of 8 tensor-parallel ranks, checkpointing full, batch 1 x 8192: the module's formula with
+    the H100 figures it cites (989 TFLOPS bf16, 450 GB/s NVLink each way, 50 GB/s per GPU between nodes, MFU 0.4)."""
+    c = next(c for c in plan_405b.candidates if (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding,
+                                                  c.layout.checkpointing) == (64, 8, 1, "fsdp", "full"))
+    tokens = 64 * 8192
+    compute = 6 * PARAMS_405B * tokens / 512 * 4 / 3 / (989e12 * 0.4)
+    tensor = 4 * 126 * 1 * 2 * 7 / 8 * (8192 * 16384 * 2) / 450e9
+    data = 3 * 63 / 64 * (PARAMS_405B / 8 * 2) / 50e9
+    assert c.tokens_per_step == tokens
+    assert c.step_seconds == pytest.approx(compute + tensor + max(0.0, data - compute / 2), rel=1e-12)
+
+
+def test_memory_is_the_estimate_of_that_layout(plan_405b):
+    c = next(c for c in plan_405b.candidates if (c.layout.tp, c.layout.pp) == (8, 1) and c.layout.sharding == "fsdp")
+    report = api.estimate("llama-3.1-405b", gpus=512, tp=8, sp=True, loss_parallel=True, sharding="fsdp", zero=3,
+                          checkpointing=c.layout.checkpointing, seq_len=8192)
+    assert c.peak_bytes == report.per_gpu.peak_bytes
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--gpus", "512", "--plan"], "--plan needs the GPU the layouts must fit: add --gpu NAME"),
+    (["--gpus", "512", "--gpu", "h100-80gb", "--plan", "--tp", "8"], "--plan chooses the layout itself: drop --tp"),
+    (["--gpu", "h100-80gb", "--plan"], "--plan lays a run out over several GPUs: give --gpus N"),
+])
+def test_bad_plans_are_one_line_exit_2(cli, options, message):
+    result = cli("llama-3.1-405b", *options)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_prints_the_model_and_json_lists_every_layout(cli):
+    result = cli("llama-3-70b", "--gpus", "64", "--gpu", "h100-80gb", "--plan")
+    assert result.exit_code == 0, result.stderr
+    assert "throughput model" in result.stdout and "not a measurement" in result.stdout
+    data = cli("llama-3-70b", "--gpus", "64", "--gpu", "h100-80gb", "--plan", "--json").json()["plan"]
+    assert data["fitting"] == sum(layout["fits"] for layout in data["layouts"])
+    assert {"dp", "tp", "pp", "peak_bytes", "tokens_per_second", "model"} <= set(data["layouts"][0])

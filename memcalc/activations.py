@@ -516,9 +516,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # --tp without loss parallelism: the head's ColwiseParallel output (this rank's vocabulary split) is
             # all-gathered to every rank (all_gather_into_tensor into a buffer, then a cat along the vocabulary). How
             # long the split and the buffer outlive the gather depends on when the collective is waited on: at the
-            # loss's log_softmax both were alive (fake process group, fp32), only the split (gloo, fp32; bf16 with
-            # --sp) or neither (gloo, bf16 and amp-bf16 without --sp). Counted alive: at most c T V (1 + 1/tp) high.
-            result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
+            # loss's log_softmax both were alive (fake process group, fp32 logits), the split and the gathered copy
+            # (gloo, bf16 with --sp), the split (gloo, fp32), neither (gloo and the fake group, logits upcast without
+            # --sp). Counted alive but where the logits are upcast without --sp: at most c T V (1 + 1/tp) high.
+            if not upcast or run.sp:
+                result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
         elif run.tp > 1:
             # --loss-parallel: torch/distributed/tensor/parallel/loss.py computes the log-softmax on this rank's split
             # (_log_softmax: the shifted logits beside exp() of them, then the result) and its backward with

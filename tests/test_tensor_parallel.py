@@ -111,7 +111,7 @@ def test_rank_matches_parallelize_module(tp, precision, attention, checkpointing
     for name in ("weights", "gradients", "optimizer_states"):
         assert terms[name] == measured.model_state_bytes[name], name
     peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
-    if lp or precision == "fp32":
+    if lp or precision == "fp32" or not sp:
         # The step's peak: within 0.05% (the estimate places the token ids and labels apart from the traced batch)
         # and in the same phase.
         assert abs(peak - measured_peak) < 0.0005 * measured_peak, (peak, measured_peak)

@@ -66,7 +66,7 @@ def plan_layouts(plan: Plan, chosen: set[str] | frozenset[str] = frozenset()) ->
     from memcalc import planner
 
     if chosen:
-        raise UsageError(f"{{plan}} chooses the layout itself: drop {{{sorted(chosen)[0]}}}")
+        raise UsageError(f"{{plan}} chooses the layout itself: drop {{{min(chosen)}}}")
     if plan.gpu is None:
         raise UsageError("{plan} needs the GPU the layouts must fit: add {gpu} NAME (e.g. {gpu} h100-80gb)")
     if len(plan.specs) != 1 or plan.specs[0].num_gpus < 2:

@@ -57,7 +57,7 @@ from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
-from memcalc.spec import Fp8Recipe, LossKind, TrainingSpec
+from memcalc.spec import Fp8Recipe, LossKind, Sharding, TrainingSpec
 from memcalc.units import BYTES_PER_FP32, format_bytes
 from memcalc.vocab import (
     ALL_PHASES,
@@ -213,13 +213,11 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
     dp = spec.data_parallel
     notes.append(f"tensor parallelism: {spec.tp} ranks share each layer ({tensor_parallel.SOURCE}); the most loaded "
                  f"rank is reported{f', {dp} data-parallel groups of them' if dp > 1 else ''}")
-    if dp > 1:
+    if dp > 1 and spec.sharding != Sharding.fsdp:
         notes.append(f"data parallelism over tensor-parallel ranks: the {holdings.engine} figures are for each rank's "
-                     "shards, composed from the two models (not measured together)")
+                     "shards, composed from the two models (FSDP2 over them is measured; this engine is not)")
     if holdings.effective_stage >= 2:
-        notes.append("the token embedding's whole gradient (DTensor's embedding backward under tensor parallelism) "
-                     "is not modelled under ZeRO-2/3 and FSDP partitioning")
-        return holdings
+        return holdings  # (FSDP2's reduce-scatter leaves each rank its shard of the embedding's gradient: measured)
     extra = tensor_parallel.whole_gradient_extra(model.tensors, spec.tp)
     if not extra:
         return holdings

@@ -29,12 +29,12 @@ PLANNER_MFU = 0.4  # model FLOPs utilization assumed for every layout (the ranki
 # Per GPU: dense bf16 peak FLOP/s, the NVLink bandwidth per direction and the scale-out bandwidth per GPU (one
 # 400 Gb/s InfiniBand NDR port per GPU, as DGX H100/H200 and most H100 clusters have; A100: 200 Gb/s HDR).
 LINKS = {
-    "h100": (989e12, 450e9, 50e9, "NVIDIA H100 SXM datasheet: 989 TFLOPS bf16 dense, NVLink 900 GB/s (450 each way); "
-                                  "400 Gb/s InfiniBand NDR per GPU (DGX H100)"),
-    "h200": (989e12, 450e9, 50e9, "NVIDIA H200 SXM datasheet: 989 TFLOPS bf16 dense, NVLink 900 GB/s; 400 Gb/s NDR "
-                                  "per GPU (DGX H200)"),
-    "a100": (312e12, 300e9, 25e9, "NVIDIA A100 SXM datasheet: 312 TFLOPS bf16 dense, NVLink 600 GB/s; 200 Gb/s HDR "
-                                  "per GPU (DGX A100)"),
+    "h100": (989e12, 450e9, 50e9, ("NVIDIA H100 SXM datasheet: 989 TFLOPS bf16 dense, NVLink 900 GB/s (450 each "
+                                   "way); 400 Gb/s InfiniBand NDR per GPU (DGX H100)")),
+    "h200": (989e12, 450e9, 50e9, ("NVIDIA H200 SXM datasheet: 989 TFLOPS bf16 dense, NVLink 900 GB/s; 400 Gb/s NDR "
+                                   "per GPU (DGX H200)")),
+    "a100": (312e12, 300e9, 25e9, ("NVIDIA A100 SXM datasheet: 312 TFLOPS bf16 dense, NVLink 600 GB/s; 200 Gb/s HDR "
+                                   "per GPU (DGX A100)")),
 }
 DEFAULT_LINKS = "h100"
 TP_SIZES = (1, 2, 4, 8)

@@ -140,3 +140,30 @@ def test_real_gloo_ranks_match_with_loss_parallelism():
     # (the estimate counts the token ids and labels as activations; the measurement as the batch)
     assert _terms(report)["activations"] - busiest.term_bytes["activations"] == 2 * 8 * 512 + 4
     assert abs(report.per_gpu.peak_bytes - busiest.measured_peak_bytes) < 0.0005 * busiest.measured_peak_bytes
+
+
+@pytest.mark.parametrize(("precision", "checkpointing", "sp", "lp"), [
+    ("bf16", "none", False, False),
+    ("amp-bf16", "none", True, True),
+])
+def test_fsdp2_over_tensor_parallel_groups(precision, checkpointing, sp, lp):
+    """FSDP2 over the data-parallel dimension of a (dp 2, tp 2) mesh, as torchtitan composes them: the rank's states,
+    FSDP's unsharded and reduce-scatter buffers of the tensor-parallel shards, and the step's peak."""
+    pytest.importorskip("transformers")
+    from memcalc.measure import cuda_semantics
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing, num_gpus=4,
+                        tp=2, sharding="fsdp", zero_stage=3, sequence_parallel=sp, loss_parallel=lp)
+    report = run(model_of(ModelConfig("tiny", TINY, "test")), spec)
+    with cuda_semantics.like_cuda():
+        measured = measure_distributed({**TINY, "_name": "tiny"}, spec, engine="fsdp2", world_size=4, method="fake",
+                                       sequence_parallel=sp, loss_parallel=lp, like_cuda=True)[0]
+    terms = _terms(report)
+    for name in ("weights", "gradients", "optimizer_states"):
+        assert terms[name] == measured.model_state_bytes[name], name
+    peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
+    assert abs(peak - measured_peak) < 0.0005 * measured_peak, (peak, measured_peak)
+    assert report.per_gpu.peak_phase.value == measured.measured_peak_phase

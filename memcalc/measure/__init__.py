@@ -279,11 +279,14 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
     layout: dict[str, bool] = {}
     if spec.tp > 1:
-        if spec.data_parallel > 1:
-            raise UsageError(f"{{verify}} runs one tensor-parallel group: give {{gpus}} {spec.tp}, equal to {{tp}} (data "
-                             "parallelism over tensor-parallel groups is composed from the two models, not measured)")
-        engine, reshard, checked, notes = "tp", True, spec, []
         layout = {"sequence_parallel": spec.sequence_parallel, "loss_parallel": spec.loss_parallel}
+        if spec.data_parallel == 1:
+            engine, reshard, checked, notes = "tp", True, spec, []
+        elif spec.sharding.value == "fsdp":
+            engine, reshard, checked, notes = "fsdp2", spec.zero_stage == 3, spec, []
+        else:
+            raise UsageError(f"{{verify}} runs tensor-parallel groups alone or under FSDP2 ({{sharding}} fsdp): give "
+                             f"{{gpus}} {spec.tp} or {{sharding}} fsdp")
     else:
         engine, reshard, checked, notes = _torch_engine(spec)
     report = estimate_for(model_config, checked)

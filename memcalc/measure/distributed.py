@@ -95,6 +95,7 @@ class _Job:
     like_cuda: bool = False  # fake: LayerNorm's statistics as CUDA keeps them (memcalc.measure.trace.FakeKernels)
     sequence_parallel: bool = False  # tp: norms (and the residual stream) split along the sequence
     loss_parallel: bool = False  # tp: the head's output stays split over the vocabulary into the loss
+    tp: int = 1  # fsdp2: tensor-parallel ranks inside each data-parallel rank (a 2-D mesh, dp x tp)
     stages: tuple[tuple[int, int], ...] = ()  # pp: each stage's decoder layers [start, end)
     pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b
     microbatches: int = 1  # pp: micro-batches per step
@@ -129,8 +130,12 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             raise UsageError(f"the allocation sequence of {engine} ranks is not recorded yet (ddp's is)")
         job = dataclasses.replace(job, allocation_events=True)
     job = dataclasses.replace(job, like_cuda=bool(like_cuda))
+    if spec.tp > 1 and engine == "fsdp2":
+        if world_size % spec.tp:
+            raise UsageError(f"world size {world_size} is not divisible by {{tp}} {spec.tp}")
+        job = dataclasses.replace(job, tp=spec.tp)
     if sequence_parallel or loss_parallel:
-        if engine != "tp":
+        if engine != "tp" and job.tp == 1:
             raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
         job = dataclasses.replace(job, sequence_parallel=bool(sequence_parallel), loss_parallel=bool(loss_parallel))
     if method == "fake":
@@ -338,7 +343,8 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
 
                 measurement = measure_stage(job, rank)
             else:
-                measurement = _measure_rank(job, rank, mesh)
+                with _mesh_join(mesh):
+                    measurement = _measure_rank(job, rank, mesh)
             measurement.method = METHOD_GLOO
         finally:
             dist.destroy_process_group()
@@ -348,10 +354,37 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
                                      traceback.format_exc())))
 
 
+@contextlib.contextmanager
+def _mesh_join(mesh) -> Iterator[None]:
+    """FSDP2 joins its data-parallel mesh with a DTensor parameter's tensor-parallel one (DeviceMesh._concatenate),
+    which reads the meshes' rank tensors: joined once here, outside FakeTensorMode, and handed back while the block
+    runs."""
+    if mesh is None or mesh.mesh_dim_names != ("dp", "tp"):
+        yield
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    joined = DeviceMesh._concatenate([mesh["dp"], mesh["tp"]])
+    original = DeviceMesh.__dict__["_concatenate"]
+
+    def concatenate(meshes):
+        names = tuple(name for m in meshes for name in (m.mesh_dim_names or ()))
+        return joined if names == ("dp", "tp") else original.__func__(meshes)
+
+    DeviceMesh._concatenate = staticmethod(concatenate)
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate = original
+
+
 def _device_mesh(job: _Job):
     if job.engine not in ("fsdp2", "tp"):
         return None
     from torch.distributed.device_mesh import init_device_mesh
+
+    if job.tp > 1:  # FSDP2 over the data-parallel dimension of a (dp, tp) mesh, as torchtitan builds it
+        return init_device_mesh("cpu", (job.world_size // job.tp, job.tp), mesh_dim_names=("dp", "tp"))
 
     return init_device_mesh("cpu", (job.world_size,), mesh_dim_names=(job.engine,))  # outside FakeTensorMode: it reads real rank tensors
 
@@ -373,7 +406,8 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
     try:
         mesh = _device_mesh(job)
         # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
-        with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), FakeKernels(job.like_cuda):
+        with _mesh_join(mesh), FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), \
+                FakeKernels(job.like_cuda):
             measurement = _measure_rank(job, rank, mesh, progress=progress)
     finally:
         dist.destroy_process_group()
@@ -644,6 +678,15 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
             from memcalc.measure.tensor_parallel import wrap
 
             runner, stepper = wrap(model, setup, mesh, job.sequence_parallel, job.loss_parallel, dist_info)
+        elif job.tp > 1:
+            from memcalc.measure.tensor_parallel import parallelize
+
+            dist_info.update(parallelize(model, mesh["tp"], job.sequence_parallel, job.loss_parallel))
+            runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh["dp"], dist_info)
+            if job.sequence_parallel:
+                from memcalc.measure.tensor_parallel import _Runner
+
+                runner = _Runner(runner, True, job.loss_parallel)
         else:
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
         batch, batch_notes = make_batch(model, setup)
@@ -787,7 +830,7 @@ def _wrap_fsdp2(job: _Job, model, setup, policy, mesh, dist_info: dict[str, Any]
 
 def _untracked(job: _Job, tracker):
     """tp: what DTensor's sharding propagation allocates to learn output shapes is not the rank's memory."""
-    if job.engine != "tp":
+    if job.engine != "tp" and job.tp == 1:
         return contextlib.nullcontext()
     from memcalc.measure.tensor_parallel import untracked_propagation
 

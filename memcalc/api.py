@@ -312,6 +312,14 @@ def compare_with(tool: str, model: ModelInput, report: Report) -> list[Compariso
 
         counted = accelerate_counted_params(model.tensors) if model.architecture_known else None
         return compare_with_accelerate(report, counted)
+    if tool == "megatron":
+        from memcalc import tensor_parallel
+        from memcalc.compat.megatron import compare_with_megatron
+
+        if model.described is None or model.model_type not in tensor_parallel.MODEL_TYPES:
+            raise UsageError("{compare_with} megatron reproduces Megatron-LM's formula for decoders of the Llama "
+                             f"layout ({', '.join(tensor_parallel.MODEL_TYPES)}): give such a model")
+        return compare_with_megatron(report, model.arch)
     raise UsageError(f"compare with {tool!r}: use one of {', '.join(COMPARE_TOOLS)}")
 
 

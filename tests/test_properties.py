@@ -123,7 +123,7 @@ STRING_VALUES = {  # option name -> (valid values, invalid values); names not he
     "cuda_context": (["512MiB", "1GiB", "300MB"], SIZES),
     "deepspeed": ([PLACEHOLDER_DEEPSPEED + name for name in DEEPSPEED], ["", "./no-such-ds.json", "x" * 300]),
     "emit": (["deepspeed"], ["", "accelerate", "x", "DeepSpeed"]),
-    "compare_with": (["deepspeed", "accelerate"], ["", "x", "megatron"]),
+    "compare_with": (["deepspeed", "accelerate"], ["", "x", "llm-analysis"]),
     "lora_targets": (["q_proj,v_proj", "all-linear", "q_proj"], ["", "nonexistent", ",,", "a\nb", "x" * 300]),
     "freeze": (["embeddings", "lm_head,norms", "attention,mlp"], ["", "x", "embeddings,embeddings", ",", "mlp\n"]),
     "checkpointing": (["none", "full", "every:2", "every:5"], ["every", "every:0", "every:x", "every:-1", "some", ""]),

@@ -26,7 +26,7 @@ def test_estimate_is_the_cli_answer(cli):
 
 def test_settings_named_in_messages_are_the_keywords():
     fields = {f.name for f in dataclasses.fields(Request)} - {"chosen"}
-    outputs = {"verify", "emit", "compare_with", "plot"}  # the CLI's output options, the API's own calls
+    outputs = {"verify", "emit", "compare_with", "plot", "plan"}  # the CLI's output options, the API's own calls
     assert fields | outputs == SETTINGS
 
 

@@ -98,3 +98,10 @@ def test_stages_match_pipelining_on_gloo(schedule, microbatches, precision, chec
             assert terms[name] == measured.model_state_bytes[name], (stage, name)
         peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
         assert abs(peak - measured_peak) < 0.001 * measured_peak, (stage, peak, measured_peak)
+
+
+def test_verify_of_stages_needs_gloo_ranks(cli):
+    pytest.importorskip("transformers")
+    result = cli("llama-3-8b", "--pp", "2", "--gpus", "2", "--verify=trace")
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert "runs real gloo ranks on this CPU" in result.stderr and result.stderr.count("\n") == 1

@@ -165,14 +165,26 @@ def _error_pct(estimate: int, measured: int | None) -> float | None:
     return round((estimate - measured) / measured * 100, 2)
 
 
+# --pp: the other micro-batches' activations and losses a stage holds are terms of their own in the estimate, one
+# category with the micro-batch's own for the tracker (and so are its cached outputs); the stage's receive buffers are
+# its comm_buffers.
+_HELD_WITH = {"pipeline_held_activations": "activations", "pipeline_stage_outputs": "activations",
+              "pipeline_held_losses": "logits_and_loss"}
+_MEASURED_AS = {"pipeline_recv_buffers": "comm_buffers"}
+
+
 def compare(report: Report, measurement: Measurement) -> list[Row]:
     """Estimate beside measurement: one row per estimator term (plus the measured-only terms), then one per
     phase (``phase:forward`` ...) and the ``peak``."""
     rows: list[Row] = []
     measured = measurement.term_bytes
+    estimated = {t.name: t.bytes for t in report.per_gpu.terms}
     for term in report.per_gpu.terms:
-        value = measured.get(term.name, 0)
-        rows.append(Row(term.name, term.bytes, value, _error_pct(term.bytes, value)))
+        if term.name in _HELD_WITH:
+            continue  # (shown in the row of the term it holds more of, as the tracker counts them)
+        value = measured.get(_MEASURED_AS.get(term.name, term.name), 0)
+        expected = term.bytes + sum(estimated.get(name, 0) for name, of in _HELD_WITH.items() if of == term.name)
+        rows.append(Row(term.name, expected, value, _error_pct(expected, value)))
     names = {t.name for t in report.per_gpu.terms}
     for name in MEASURED_ONLY_TERMS:
         if name not in names and measured.get(name):
@@ -278,6 +290,8 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
         raise UsageError("{verify}=cuda measures one GPU; for several GPUs use {verify}=trace (fake process group) "
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
     layout: dict[str, bool] = {}
+    if spec.pp > 1:
+        return _verify_stages(model_config, spec, method, progress)
     if spec.tp > 1:
         layout = {"sequence_parallel": spec.sequence_parallel, "loss_parallel": spec.loss_parallel}
         if spec.data_parallel == 1:
@@ -314,6 +328,32 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     busiest.notes.extend(notes)
     busiest.notes.append(f"measured {len(ranks)} rank(s); shown: the most loaded")
     return Outcome(report, busiest, compare(report, busiest), [])
+
+
+def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
+                   progress: Callable[[str], None] | None) -> Outcome:
+    """--pp: every stage on its own gloo rank (torch.distributed.pipelining), beside the estimate of the most loaded
+    measured stage."""
+    from memcalc.measure.distributed import measure_distributed
+
+    if spec.tp > 1 or spec.data_parallel > 1:
+        raise UsageError(f"{{verify}} runs one pipeline on {spec.pp} gloo ranks: give {{gpus}} {spec.pp}, no {{tp}} "
+                         "(stages under tensor or data parallelism are composed, not measured)")
+    if method in (METHOD_CUDA, METHOD_TRACE):
+        raise UsageError("{verify} of pipeline stages runs real gloo ranks on this CPU (the fake process group has no "
+                         "point-to-point sends): use {verify}=cpu-tracker or {verify}")
+    report = estimate_for(model_config, spec)
+    total = ram_bytes()
+    if total and report.per_gpu.peak_bytes * spec.pp > CPU_RAM_FRACTION * total:
+        raise UsageError(f"{{verify}} would run {spec.pp} gloo ranks of up to {format_bytes(report.per_gpu.peak_bytes)} "
+                         f"each, more than half of this machine's {format_bytes(total)} RAM: verify a smaller config")
+    stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="gloo",
+                                 progress=progress)
+    busiest = max(stages, key=lambda m: m.measured_peak_bytes)
+    checked = estimate_for(model_config, spec.replace(pp_stage=busiest.run["distributed"]["stage"]))
+    busiest.notes.append(f"measured {len(stages)} stages; shown: the most loaded, stage "
+                         f"{busiest.run['distributed']['stage']}, beside its estimate")
+    return Outcome(checked, busiest, compare(checked, busiest), [])
 
 
 def _with_raw(config: ModelConfig, raw: dict[str, Any]) -> ModelConfig:

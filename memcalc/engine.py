@@ -79,6 +79,7 @@ from memcalc.vocab import (
     EXTRA_SHARDED_LAYER,
     EXTRA_SHARED_GRADIENT_SUM,
     EXTRA_STAGE_FIRST_GRADIENT,
+    EXTRA_STAGE_LOGITS_GRADIENT,
     EXTRA_TRACED_STEP,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
@@ -458,7 +459,10 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         head_gradient_late=head.held_late, shared_gradient_sum=head.shared_sum,
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
         first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward,
-        stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases)))
+        stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases),
+        stage_logits_gradient=(next((t.bytes for t in act.terms if t.name == TERM_LOSS_BUFFERS), 0)
+                               if spec.pp > 1 and spec.pp_stage == spec.pp - 1
+                               and spec.pp_schedule.value == "1f1b" else 0)))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -633,6 +637,7 @@ class _Extras:
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
     head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
     stage_first_gradient: int = 0  # --pp, a stage without the head: its last layer's first weight gradient
+    stage_logits_gradient: int = 0  # --pp, the last stage (1F1B): the logits' gradient, held through its layers' backward
     head_gradient_late: int = 0  # ... and beside the gradients term, where that term does not hold it
     shared_gradient_sum: int = 0  # end of backward: a shared token embedding's contributions being summed
     first_shared_sum: int = 0  # T5, tied: the first sum (head's and decoder's), before the encoder's backward ...
@@ -703,7 +708,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     at_head = {name: num_bytes for name, num_bytes in start.items() if name != TERM_LOSS_BUFFERS}
     at_head.update({**whole_backward, EXTRA_HEAD_BACKWARD: x.head_backward})
     later = {**whole_backward, EXTRA_HEAD_GRADIENT: x.head_gradient, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer,
-             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_STAGE_FIRST_GRADIENT: x.stage_first_gradient}
+             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_STAGE_FIRST_GRADIENT: x.stage_first_gradient,
+             EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
     # (after the head's backward the loss's saved log-softmax output is released: not beside the recomputed layer)
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     start[EXTRA_LOSS_GRADIENTS] = x.loss_gradients
@@ -749,7 +755,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                   - pending)
     if x.layer_activations and late_extra > 0:
         late = {**end, EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
-                EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late}
+                EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
+                EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients - pending)
         candidates.append((MOMENT_LATE_BACKWARD, late))
     if x.sharded_layer:

@@ -40,8 +40,8 @@ SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1
 # micro-batches, fp32, bf16-pure and amp-bf16; 96 stage steps): what the output says about a --pp estimate.
 ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (96 stage steps of a small Llama): "
                  "without checkpointing -0.9% to +5.4% (a later stage's input buffer and its first layer's fp32 copy "
-                 "of it counted apart), with full checkpointing -6.8% to +6.5% (the last stage's recomputed layer "
-                 "under 1F1B found low): leave margin")
+                 "of it counted apart), with full checkpointing -3.3% to +6.5% (amp-bf16 stages before the last low): "
+                 "leave margin")
 
 
 def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:

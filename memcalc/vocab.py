@@ -92,8 +92,13 @@ EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
 EXTRA_HELD_OUTPUTS = "model outputs held through the loss"
 EXTRA_TRACED_STEP = "activations, transients, buffers and batch (traced step)"
 EXTRA_STAGE_FIRST_GRADIENT = "the stage's first weight gradient"
+EXTRA_STAGE_LOGITS_GRADIENT = "the logits' gradient, held by the pipeline"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
+    EXTRA_STAGE_LOGITS_GRADIENT: "pipeline parallelism, the last stage under 1F1B: the gradient of the logits "
+                                 "(log_softmax's backward output) stays alive through the micro-batch's backward of the "
+                                 "stage's layers (measured on gloo ranks running torch.distributed.pipelining; under "
+                                 "GPipe it did not)",
     EXTRA_STAGE_FIRST_GRADIENT: "pipeline stages without the head: the first weight gradient the stage's backward makes "
                                 "(its last layer's down_proj), beside that layer's gradient transients",
     EXTRA_HELD_OUTPUTS: "tensors no op saves that the forward's outputs keep until the loss is computed (HF "

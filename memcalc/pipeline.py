@@ -39,8 +39,8 @@ SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1
 # Measured (benchmarks/pipeline.py: a 4- and a 6-layer Llama on 2 and 3 gloo ranks, GPipe and 1F1B, 2 to 5
 # micro-batches, fp32, bf16-pure and amp-bf16; 96 stage steps): what the output says about a --pp estimate.
 ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (96 stage steps of a small Llama): "
-                 "without checkpointing -0.9% to +5.4% (a later stage's input buffer and its first layer's fp32 copy "
-                 "of it counted apart), with full checkpointing -3.3% to +6.5% (amp-bf16 stages before the last low): "
+                 "without checkpointing -1.4% to +5.4% (a later stage's input buffer and its first layer's fp32 copy "
+                 "of it counted apart), with full checkpointing -3.9% to +6.5% (amp-bf16 stages before the last low): "
                  "leave margin")
 
 

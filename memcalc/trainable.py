@@ -170,7 +170,7 @@ def _modules_to_save(frozen: list[ParamTensor], names: tuple[str, ...]) -> list[
 
 
 def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
-                         checkpointed: Callable[[int], bool]) -> tuple[int, int, int]:
+                         checkpointed: Callable[[int], bool], whole_model: bool = True) -> tuple[int, int, int]:
     """Elements of the weights torch.autocast keeps low-precision copies of from forward to backward.
 
     Every Linear weight is cast once per forward (autocast's weight cache) and the cast is saved for
@@ -184,7 +184,9 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
     """
     cast = [t for t in tensors if (t.is_linear_weight or (t.role == ROLE_LORA and len(t.shape) == 2) or
                                    (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
-    if head_tied_to_embedding(tensors):  # gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder
+    # gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder (a pipeline stage's tensors are not the whole model: a stage
+    # without the head has no head to tie)
+    if whole_model and head_tied_to_embedding(tensors):
         cast.append(token_embedding(tensors))
     per_layer: dict[int, int] = {}  # checkpointed layers' copies
     kept = 0
@@ -259,7 +261,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                 notes.append(f"QLoRA: {stored}; the base's other tensors stay 16-bit")
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
-            tensors, quantized, spec.checkpointed)
+            tensors, quantized, spec.checkpointed, whole_model=spec.pp == 1)
     else:
         autocast_numel, recompute_numel, forward_only_numel = sum(t.numel for t in tensors), 0, 0
         if get_recipe(spec.precision).autocast:

@@ -386,19 +386,7 @@ class TrainingSpec:
         if self.zero_stage and self.sharding == Sharding.deepspeed:
             raise UsageError("DeepSpeed ZeRO with PyTorch tensor parallelism is not modelled: use {sharding} fsdp "
                              "(FSDP2 over the data-parallel ranks, as torchtitan) or {sharding} torch")
-        unmodelled = [label for label, on in (
-            ("{lora_rank}", self.lora_rank is not None), ("{qlora}", self.qlora), ("{freeze}", bool(self.freeze)),
-            ("{compile}", self.compile), ("{fp8}", self.fp8 != Fp8Recipe.none),
-            ("{activation_offload}", self.activation_offload != ActivationOffload.none),
-            ("{optim_in_backward}", self.optim_in_backward), ("{repeat_kv}", self.repeat_kv),
-            (f"{{loss}} {self.loss_label}", self.loss != LossKind.standard),
-            (f"{{checkpointing}} {self.checkpointing_label}", self.checkpointing not in (Checkpointing.none,
-                                                                                      Checkpointing.full)),
-            (f"{{offload}} {self.offload.value}", self.offload != Offload.none),
-        ) if on]
-        if unmodelled:
-            raise UsageError(f"{unmodelled[0]} with {{tp}} {self.tp} is not modelled yet (tensor parallelism covers full "
-                             "training, checkpointing none or full, the standard loss): drop one of them")
+        self._only_modelled_with("tp", "tensor parallelism")
 
     def _check_pipeline(self) -> None:
         _check_range("{pp}", self.pp, 1, MAX_GPUS)
@@ -429,6 +417,11 @@ class TrainingSpec:
                              f"{','.join(str(n) for n in self.pp_layers)}")
         if self.zero_stage >= 2:
             raise UsageError("{pp} with ZeRO-2/3 or FSDP sharding is not modelled yet: use {zero} 0 or 1")
+        self._only_modelled_with("pp", "pipeline parallelism")
+
+    def _only_modelled_with(self, setting: str, what: str) -> None:
+        """--tp and --pp cover full training with checkpointing none or full and the standard loss: anything else with
+        them is one line."""
         unmodelled = [label for label, on in (
             ("{lora_rank}", self.lora_rank is not None), ("{qlora}", self.qlora), ("{freeze}", bool(self.freeze)),
             ("{compile}", self.compile), ("{fp8}", self.fp8 != Fp8Recipe.none),
@@ -440,8 +433,8 @@ class TrainingSpec:
             (f"{{offload}} {self.offload.value}", self.offload != Offload.none),
         ) if on]
         if unmodelled:
-            raise UsageError(f"{unmodelled[0]} with {{pp}} {self.pp} is not modelled yet (pipeline parallelism covers "
-                             "full training, checkpointing none or full, the standard loss): drop one of them")
+            raise UsageError(f"{unmodelled[0]} with {{{setting}}} {getattr(self, setting)} is not modelled yet ({what} "
+                             "covers full training, checkpointing none or full, the standard loss): drop one of them")
 
     @property
     def data_parallel(self) -> int:

@@ -200,7 +200,8 @@ def _hidden_bytes(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> int:
 
 
 def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
-    """The spec the data-parallel engine sees: its ranks are the GPUs over the tensor-parallel group size."""
+    """The spec the data-parallel engine sees: its ranks are the GPUs over the tensor- and pipeline-parallel group
+    sizes."""
     if spec.tp == 1 and spec.pp == 1:
         return spec
     return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
@@ -235,9 +236,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     if spec.pp > 1 and not spec.pp_later_backward and pipeline.later_backward_applies(spec):
         # A stage's peak: with the most micro-batches held (its first backward), or at a later micro-batch's backward
         # with one fewer held and every gradient made
-        first = estimate(model, spec.replace(pp_later_backward=True), defaults_used)
+        later = estimate(model, spec.replace(pp_later_backward=True), defaults_used)
         most = _estimate_moment(model, spec, defaults_used)
-        return max((most, first), key=lambda report: report.per_gpu.peak_bytes)
+        return max((most, later), key=lambda report: report.per_gpu.peak_bytes)
     return _estimate_moment(model, spec, defaults_used)
 
 

@@ -341,7 +341,7 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
             if job.engine == "pp":
                 from memcalc.measure.pipeline import measure_stage
 
-                measurement = measure_stage(job, rank)
+                measurement = measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED)
             else:
                 with _mesh_join(mesh):
                     measurement = _measure_rank(job, rank, mesh)

@@ -67,14 +67,14 @@ def schedule_for(stage: Any, name: str, microbatches: int, loss_fn: Any) -> Any:
     return getattr(pipelining, SCHEDULES[name])(stage, n_microbatches=microbatches, loss_fn=loss_fn)
 
 
-def measure_stage(job: Any, rank: int) -> Any:
-    """One gloo rank of the pipeline: its stage's warm-up and measured step (memcalc.measure.distributed's job)."""
+def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, seed: int) -> Any:
+    """One gloo rank of the pipeline: its stage's warm-up and measured step (memcalc.measure.distributed's job, its
+    tracker class, its category for communication buffers and its seed)."""
     import dataclasses
     import time
 
     import torch
 
-    from memcalc.measure import distributed as dist_measure
     from memcalc.measure.step import Stepper as StepperClass
     from memcalc.measure.step import (
         StepResult,
@@ -86,11 +86,11 @@ def measure_stage(job: Any, rank: int) -> Any:
         to_measurement,
     )
 
-    DistTracker, trk, _ = dist_measure._dist_tracker_class()
+    DistTracker, trk, _ = tracker_class()
     started = time.perf_counter()
     spec = job.spec
     setup = resolve_setup(spec, job.attn_implementation, "cpu")
-    torch.manual_seed(dist_measure.SEED)
+    torch.manual_seed(seed)
     model = build_model(job.raw, setup)
     num_stages, (start, end) = job.world_size, job.stages[rank]
     first, last = rank == 0, rank == num_stages - 1
@@ -128,7 +128,7 @@ def measure_stage(job: Any, rank: int) -> Any:
     # The stage's receive buffers, one per micro-batch for the activations from the stage before and one for the
     # gradients from the stage after, made at the first step and kept (PipelineStage._prepare_forward_infra and
     # _prepare_backward_infra).
-    tracker.register(recv_buffers(stage), dist_measure.COMM_BUFFERS)
+    tracker.register(recv_buffers(stage), comm_buffers)
     tracker.watch_gradients(params)
     tracker.watch_optimizer(stepper.optimizer, stepper.fused)
     if last:

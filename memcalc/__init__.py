@@ -4,7 +4,7 @@
     report = memcalc.estimate("llama-3-8b", precision="bf16", optim="adamw", gpu="h100-80gb")
     report.per_gpu.peak_bytes, report.per_gpu.peak_phase, report.fit.fits
 
-``estimate``, ``compare``, ``verify`` and ``presets`` are ``memcalc.api``'s; the errors are ``memcalc.errors``'s.
+``estimate``, ``compare``, ``verify``, ``layouts`` (the layout planner) and ``presets`` are ``memcalc.api``'s; the errors are ``memcalc.errors``'s.
 They load on first use, so that ``import memcalc`` (and the command line) stays light; the estimate path
 imports neither torch nor transformers.
 """
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "estimate": "memcalc.api", "compare": "memcalc.api", "verify": "memcalc.api", "presets": "memcalc.api",
+    "layouts": "memcalc.api",
     "Request": "memcalc.request", "Report": "memcalc.report",
     "MemcalcError": "memcalc.errors", "UsageError": "memcalc.errors", "ModelNotFoundError": "memcalc.errors",
     "ConfigError": "memcalc.errors", "UnsupportedModelError": "memcalc.errors",
@@ -24,11 +25,11 @@ _EXPORTS = {
 }
 __all__ = [
     "ConfigError", "MemcalcError", "MissingDependencyError", "ModelNotFoundError", "OutputError", "Report", "Request",
-    "UnsupportedModelError", "UsageError", "__version__", "compare", "estimate", "presets", "verify",
+    "UnsupportedModelError", "UsageError", "__version__", "compare", "estimate", "layouts", "presets", "verify",
 ]
 
 if TYPE_CHECKING:
-    from memcalc.api import compare, estimate, presets, verify
+    from memcalc.api import compare, estimate, layouts, presets, verify
     from memcalc.errors import (
         ConfigError,
         MemcalcError,

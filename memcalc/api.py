@@ -5,6 +5,7 @@
     report.per_gpu.peak_bytes, report.per_gpu.peak_phase, report.fit.fits
     memcalc.compare("llama-3-8b", zero=[0, 1, 2, 3], gpus=8)        # one Report per ZeRO stage
     memcalc.verify("qwen2.5-0.5b", seq_len=256)                       # a measured step beside the estimate
+    memcalc.layouts("llama-3.1-405b", gpus=512, gpu="h100-80gb")     # layouts that fit, ranked (memcalc.planner)
     memcalc.presets()                                                 # model and GPU presets
 
 The keywords are ``memcalc.request.Request``'s fields (the CLI's flags with ``_`` for ``-``). Errors are

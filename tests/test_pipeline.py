@@ -100,8 +100,25 @@ def test_stages_match_pipelining_on_gloo(schedule, microbatches, precision, chec
         assert abs(peak - measured_peak) < 0.001 * measured_peak, (stage, peak, measured_peak)
 
 
-def test_verify_of_stages_needs_gloo_ranks(cli):
+def test_verify_of_stages_is_not_one_gpu(cli):
     pytest.importorskip("transformers")
-    result = cli("llama-3-8b", "--pp", "2", "--gpus", "2", "--verify=trace")
+    result = cli("llama-3-8b", "--pp", "2", "--gpus", "2", "--verify=cuda")
     assert result.exit_code == UsageError.exit_code, result.stderr
-    assert "runs real gloo ranks on this CPU" in result.stderr and result.stderr.count("\n") == 1
+    assert "--verify=cuda measures one GPU" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_stages_on_the_fake_process_group():
+    """Each stage alone under FakeTensorMode, given the shapes it sends and receives (what lets a preset at full size
+    be measured): 1F1B in fp32 as on the gloo ranks above."""
+    pytest.importorskip("transformers")
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    spec = TrainingSpec(precision="fp32", micro_batch_size=2, seq_len=128, num_gpus=2, pp=2, microbatches=2)
+    model = model_of(ModelConfig("tiny", TINY, "test"))
+    for measured in measure_distributed({**TINY, "_name": "tiny"}, spec, engine="pp", world_size=2, method="fake",
+                                        fake_ranks=(0, 1)):
+        stage = measured.run["distributed"]["stage"]
+        report = run(model, spec.replace(pp_stage=stage))
+        assert abs(report.per_gpu.peak_bytes - measured.measured_peak_bytes) < 0.001 * measured.measured_peak_bytes

@@ -332,23 +332,28 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
 
 def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
                    progress: Callable[[str], None] | None) -> Outcome:
-    """--pp: every stage on its own gloo rank (torch.distributed.pipelining), beside the estimate of the most loaded
-    measured stage."""
+    """--pp: every stage (torch.distributed.pipelining) on its own gloo rank (cpu-tracker, real tensors) or alone on
+    the fake process group at full size (trace, and auto), beside the estimate of the most loaded measured stage."""
     from memcalc.measure.distributed import measure_distributed
 
     if spec.tp > 1 or spec.data_parallel > 1:
         raise UsageError(f"{{verify}} runs one pipeline on {spec.pp} gloo ranks: give {{gpus}} {spec.pp}, no {{tp}} "
                          "(stages under tensor or data parallelism are composed, not measured)")
-    if method in (METHOD_CUDA, METHOD_TRACE):
-        raise UsageError("{verify} of pipeline stages runs real gloo ranks on this CPU (the fake process group has no "
-                         "point-to-point sends): use {verify}=cpu-tracker or {verify}")
-    report = estimate_for(model_config, spec)
-    total = ram_bytes()
-    if total and report.per_gpu.peak_bytes * spec.pp > CPU_RAM_FRACTION * total:
-        raise UsageError(f"{{verify}} would run {spec.pp} gloo ranks of up to {format_bytes(report.per_gpu.peak_bytes)} "
-                         f"each, more than half of this machine's {format_bytes(total)} RAM: verify a smaller config")
-    stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="gloo",
-                                 progress=progress)
+    if method == METHOD_CUDA:
+        raise UsageError("{verify}=cuda measures one GPU; pipeline stages run on gloo ranks ({verify}=cpu-tracker) or "
+                         "on the fake process group ({verify}=trace)")
+    if method == METHOD_CPU_TRACKER:
+        report = estimate_for(model_config, spec)
+        total = ram_bytes()
+        if total and report.per_gpu.peak_bytes * spec.pp > CPU_RAM_FRACTION * total:
+            raise UsageError(f"{{verify}}=cpu-tracker would run {spec.pp} gloo ranks of up to "
+                             f"{format_bytes(report.per_gpu.peak_bytes)} each, more than half of this machine's "
+                             f"{format_bytes(total)} RAM: use {{verify}}=trace")
+        stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="gloo",
+                                     progress=progress)
+    else:
+        stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="fake",
+                                     progress=progress, fake_ranks=tuple(range(spec.pp)))
     busiest = max(stages, key=lambda m: m.measured_peak_bytes)
     checked = estimate_for(model_config, spec.replace(pp_stage=busiest.run["distributed"]["stage"]))
     busiest.notes.append(f"measured {len(stages)} stages; shown: the most loaded, stage "

@@ -171,9 +171,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if spec.grad_accum != 1:
         raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
                          "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
-    if engine == "pp" and (spec.pp != world_size or method != "gloo"):
-        raise UsageError("the pipeline measurement runs {pp} gloo ranks, one per stage (the fake process group has no "
-                         "point-to-point sends)")
+    if engine == "pp" and spec.pp != world_size:
+        raise UsageError("the pipeline measurement runs {pp} ranks, one per stage")
     if engine == "tp" and spec.tp not in (1, world_size):
         raise UsageError(f"{{tp}} {spec.tp} does not match the world size {world_size}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
@@ -408,7 +407,12 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
         # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
         with _mesh_join(mesh), FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), \
                 FakeKernels(job.like_cuda):
-            measurement = _measure_rank(job, rank, mesh, progress=progress)
+            if job.engine == "pp":
+                from memcalc.measure.pipeline import measure_stage
+
+                measurement = measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED)
+            else:
+                measurement = _measure_rank(job, rank, mesh, progress=progress)
     finally:
         dist.destroy_process_group()
     measurement.method = METHOD_FAKE_PG

@@ -11,6 +11,7 @@ optimizer under memcalc's tensor tracker. The loss is transformers' ForCausalLML
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
@@ -68,8 +69,12 @@ def schedule_for(stage: Any, name: str, microbatches: int, loss_fn: Any) -> Any:
 
 
 def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, seed: int) -> Any:
-    """One gloo rank of the pipeline: its stage's warm-up and measured step (memcalc.measure.distributed's job, its
-    tracker class, its category for communication buffers and its seed)."""
+    """One rank of the pipeline: its stage's warm-up and measured step (memcalc.measure.distributed's job, its
+    tracker class, its category for communication buffers and its seed). On gloo ranks the stages exchange real
+    tensors; on the fake process group (``job.fake``, under FakeTensorMode) each rank runs alone: its stage is given
+    the shapes it sends and receives (``PipelineStage``'s static ``input_args``/``output_args`` and gradients, so no
+    metadata is exchanged), the schedule's warm-up vote is skipped for the static mode it would choose, and the
+    sends and receives move nothing."""
     import dataclasses
     import time
 
@@ -98,7 +103,8 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     # (build_model has turned on transformers' checkpointing of each layer, as the spec says)
     from torch.distributed.pipelining import PipelineStage
 
-    stage = PipelineStage(module, rank, num_stages, torch.device("cpu"))
+    shapes = _static_shapes(model, setup, first, last) if job.fake else {}
+    stage = PipelineStage(module, rank, num_stages, torch.device("cpu"), **shapes)
     microbatches = job.microbatches
     # (every rank gets the loss function: a schedule without one runs no backward)
     schedule = schedule_for(stage, job.pp_schedule, microbatches, causal_lm_loss(model))
@@ -116,7 +122,8 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
             else:
                 schedule.step(return_outputs=False)
 
-    run_schedule()
+    with _static_warmup(job.fake):
+        run_schedule()
     stepper.step()
     stepper.zero_grad()
     tracker = DistTracker()
@@ -137,7 +144,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
              module.register_full_backward_pre_hook(lambda *_: tracker.mark(trk.BACKWARD))]
     grads: dict[str, int] = {}
     try:
-        with tracker:
+        with _static_warmup(job.fake), tracker:
             run_schedule()
             local_grads = [p.grad for p in params if p.grad is not None]
             grads[trk.GRADIENTS] = storage_bytes(local_grads)
@@ -178,3 +185,46 @@ def recv_buffers(stage: Any) -> list[Any]:
             if isinstance(buffer, torch.Tensor):
                 found.append(buffer)
     return found
+
+
+def _static_shapes(model: Any, setup: Any, first: bool, last: bool) -> dict[str, Any]:
+    """What a stage receives and sends, and the gradients of both, as example tensors: token ids on the first stage,
+    the hidden state between stages (in the residual stream's dtype: fp32 under autocast, else the weights'), the
+    logits from the last (the head's output dtype)."""
+    import torch
+
+    config = model.config.get_text_config()
+    b, s, h = setup.micro_batch_size, setup.seq_len, int(config.hidden_size)
+    hidden = torch.empty(b, s, h, dtype=setup.weight_dtype, device=setup.device)
+    logits_dtype = setup.autocast_dtype or setup.weight_dtype
+    shapes = {"input_args": (torch.zeros(b, s, dtype=torch.long, device=setup.device) if first else hidden,),
+              "output_args": (torch.empty(b, s, int(config.vocab_size), dtype=logits_dtype, device=setup.device)
+                              if last else hidden,)}
+    if not last:
+        shapes["output_grads"] = (hidden,)
+    if not first:
+        shapes["input_grads"] = (hidden,)
+    return shapes
+
+
+@contextlib.contextmanager
+def _static_warmup(fake: bool):
+    """On the fake process group: the schedule's warm-up vote between neighbours (which reads the votes' values)
+    replaced by the static mode a stage given its shapes would vote for."""
+    if not fake:
+        yield
+        return
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining._utils import InferenceMode
+
+    original = schedules._PipelineSchedule._warmup_p2p
+
+    def static(_self, stages, _has_backward, _p2p_done):
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC
+
+    schedules._PipelineSchedule._warmup_p2p = static
+    try:
+        yield
+    finally:
+        schedules._PipelineSchedule._warmup_p2p = original

@@ -157,7 +157,7 @@ def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> 
         name=TERM_PIPELINE_BUFFERS, bytes=count * each,
         formula=f"{count} buffers ({spec.microbatches} micro-batches x {'activations and gradients' if count > spec.microbatches else 'gradients' if stage == 0 else 'activations'}) x {each:,} B (the hidden state)",
         source="torch.distributed.pipelining PipelineStage._prepare_forward_infra / _prepare_backward_infra: a "
-               "receive buffer per micro-batch, made at the first step and kept; measured on gloo ranks",
+               "receive buffer per micro-batch, made at the first step and kept; measured (memcalc.measure.pipeline)",
         category=CATEGORY_TEMPORARIES, phases=ALL_PHASES)
 
 
@@ -187,7 +187,7 @@ def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, log
         name=TERM_PIPELINE_OUTPUTS, bytes=held * each,
         formula=f"{held} micro-batches in flight x {each:,} B ({'the logits' if last else 'the hidden state the stage sent on'})",
         source="torch.distributed.pipelining PipelineStage.forward_one_chunk: the output is cached (fwd_cache) for "
-               "the micro-batch's backward; measured on gloo ranks",
+               "the micro-batch's backward; measured (memcalc.measure.pipeline)",
         category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD)
 
 

@@ -33,7 +33,8 @@ from memcalc.model import ROLE_EMBEDDING, ParamTensor
 from memcalc.units import BYTES_PER_INT64
 
 SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B) with torchtitan's layer split "
-          "(generate_llm_fqn_per_model_part), measured on gloo ranks (memcalc.measure.pipeline)")
+          "(generate_llm_fqn_per_model_part), measured on gloo ranks and the fake process group "
+          "(memcalc.measure.pipeline)")
 
 
 # Measured (benchmarks/pipeline.py: a 4- and a 6-layer Llama on 2 and 3 gloo ranks, GPipe and 1F1B, 2 to 5

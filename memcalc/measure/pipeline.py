@@ -1,7 +1,8 @@
-"""Pipeline parallelism measured: ``torch.distributed.pipelining`` stages of the real transformers model on real gloo
-ranks of this CPU (the fake process group has no point-to-point sends).
+"""Pipeline parallelism measured: ``torch.distributed.pipelining`` stages of the real transformers model, on real gloo
+ranks of this CPU exchanging real tensors, or each stage alone on the fake process group under FakeTensorMode (a
+preset at full size; see ``measure_stage``).
 
-Each rank builds the whole model, keeps its stage (torchtitan's split, memcalc.pipeline.stage_layers: the first stage
+Each rank builds the whole model, keeps its stage (torchtitan's split, memcalc.pipeline.stage_ranges: the first stage
 the token embedding and its layers, the last its layers, the final norm and the head) inside a small module that runs
 the stage as the transformers class runs those parts (the rotary tables from the positions on every stage, causal
 attention without a mask), wraps it in a ``PipelineStage`` and runs a warm-up and a measured step of the schedule
@@ -168,7 +169,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     measurement = to_measurement("cpu-tracker", result)
     measurement.run["distributed"] = {"engine": "pp", "stage": rank, "stages": num_stages, "layers": [start, end],
                                       "schedule": job.pp_schedule, "microbatches": microbatches,
-                                      "backend": "gloo"}
+                                      "backend": "fake" if job.fake else "gloo"}
     measurement.notes.append(f"pipeline stage {rank} of {num_stages}: decoder layers {start}-{end - 1}"
                              f"{', the embedding' if first else ''}{', the final norm, head and loss' if last else ''}")
     return measurement

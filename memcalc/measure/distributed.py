@@ -688,9 +688,9 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
             dist_info.update(parallelize(model, mesh["tp"], job.sequence_parallel, job.loss_parallel))
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh["dp"], dist_info)
             if job.sequence_parallel:
-                from memcalc.measure.tensor_parallel import _Runner
+                from memcalc.measure.tensor_parallel import Runner
 
-                runner = _Runner(runner, True, job.loss_parallel)
+                runner = Runner(runner, True)
         else:
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
         batch, batch_notes = make_batch(model, setup)

@@ -117,12 +117,12 @@ def _path(model: Any, module: Any) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-class _Runner:
-    """Calls the model as the step does, adding position_ids (sequence parallelism) and running the forward inside
-    ``loss_parallel()`` when the loss takes the split logits."""
+class Runner:
+    """Calls the model as the step does, adding position_ids under sequence parallelism (the distributed measurement
+    runs the step inside ``loss_parallel()`` when the loss takes the split logits)."""
 
-    def __init__(self, model: Any, sequence_parallel: bool, loss_parallel: bool) -> None:
-        self.model, self.sp, self.loss_parallel = model, sequence_parallel, loss_parallel
+    def __init__(self, model: Any, sequence_parallel: bool) -> None:
+        self.model, self.sp = model, sequence_parallel
 
     def __call__(self, **batch: Any) -> Any:
         import torch
@@ -142,7 +142,7 @@ def wrap(model: Any, setup: Any, mesh: Any, sequence_parallel: bool, loss_parall
     from memcalc.measure.step import Stepper
 
     dist_info.update(parallelize(model, mesh, sequence_parallel, loss_parallel))
-    return _Runner(model, sequence_parallel, loss_parallel), Stepper(model, setup)
+    return Runner(model, sequence_parallel), Stepper(model, setup)
 
 
 @contextlib.contextmanager

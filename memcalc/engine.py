@@ -58,7 +58,7 @@ from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
 from memcalc.spec import Fp8Recipe, LossKind, Sharding, TrainingSpec
-from memcalc.units import BYTES_PER_FP32, format_bytes
+from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
     BACKWARD_AND_STEP,
@@ -133,7 +133,7 @@ def _most_loaded_stage(model: ModelInput, spec: TrainingSpec, defaults_used: Seq
     reports = [estimate(model, spec.replace(pp_stage=stage), defaults_used) for stage in range(spec.pp)]
     chosen = max(reports, key=lambda report: report.per_gpu.peak_bytes)  # (the first of equal peaks)
     ranges = pipeline.stage_ranges(model.arch.num_layers, spec.pp, spec.pp_layers)
-    peaks = ", ".join(f"stage {i} (layers {start}-{end - 1}) {format_bytes(r.per_gpu.peak_bytes)}"
+    peaks = ", ".join(f"stage {i} (layers {start}-{end - 1}) {r.per_gpu.peak_bytes:,} B"
                       for i, (r, (start, end)) in enumerate(zip(reports, ranges, strict=True)))
     # Across the GPUs: each stage's figures times the GPUs that run it (its tensor- and data-parallel ranks)
     per_stage = spec.num_gpus // spec.pp

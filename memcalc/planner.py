@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from memcalc import pipeline, tensor_parallel
-from memcalc.errors import UsageError
+from memcalc.errors import UnsupportedModelError, UsageError
 
 THROUGHPUT_MODEL = """\
 throughput model, per step (N params, G GPUs, M micro-batches, L_s layers/stage):
@@ -110,7 +110,7 @@ def _peak(model, spec) -> int:
                for stage in sorted({0, 1, spec.pp - 1}))
 
 
-def _layouts(model, base, gpus: int, gpus_per_node: int) -> list[Layout]:
+def _layouts(model, gpus: int, gpus_per_node: int) -> list[Layout]:
     arch = model.arch
     found = []
     for tp in TP_SIZES:
@@ -174,13 +174,19 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> Plan:
     if key is None:
         notes.append(f"{gpu.name}: no FLOP/s and link figures known; ranked with {DEFAULT_LINKS}'s")
     links = LINKS[key or DEFAULT_LINKS]
-    candidates = []
-    for layout in _layouts(model, base, gpus, per_node):
-        spec = _spec_for(base, layout)
-        peak = _peak(model, spec)
+    candidates, refused = [], []
+    for layout in _layouts(model, gpus, per_node):
+        try:
+            spec = _spec_for(base, layout)
+            peak = _peak(model, spec)
+        except (UsageError, UnsupportedModelError) as error:  # the run's other settings do not go with this layout
+            refused.append(str(error))
+            continue
         capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
         tokens, step, parts = _throughput(model, spec, layout, per_node, links)
         candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
+    if refused:
+        notes.append(f"{len(refused)} layouts left out: the run's settings are not modelled with them ({refused[0]})")
     candidates.sort(key=lambda c: (not c.fits, -c.tokens_per_second, c.peak_bytes))
     notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
                  "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")

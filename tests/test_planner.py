@@ -73,3 +73,9 @@ def test_cli_prints_the_model_and_json_lists_every_layout(cli):
     data = cli("llama-3-70b", "--gpus", "64", "--gpu", "h100-80gb", "--plan", "--json").json()["plan"]
     assert data["fitting"] == sum(layout["fits"] for layout in data["layouts"])
     assert {"dp", "tp", "pp", "peak_bytes", "tokens_per_second", "model"} <= set(data["layouts"][0])
+
+
+def test_layouts_the_run_cannot_take_are_left_out_and_counted():
+    plan = api.layouts("llama-3-8b", gpus=8, gpu="h100-80gb", lora_rank=8)
+    assert plan.candidates and all(c.layout.tp == 1 and c.layout.pp == 1 for c in plan.candidates)
+    assert any(note.startswith(f"{n} layouts left out") for note in plan.notes for n in range(1, 200))

@@ -76,6 +76,6 @@ def test_cli_prints_the_model_and_json_lists_every_layout(cli):
 
 
 def test_layouts_the_run_cannot_take_are_left_out_and_counted():
-    plan = api.layouts("llama-3-8b", gpus=8, gpu="h100-80gb", lora_rank=8)
+    plan = api.layouts("llama-3-8b", gpus=8, gpu="h100-80gb", lora_rank=8, activations="rules")
     assert plan.candidates and all(c.layout.tp == 1 and c.layout.pp == 1 for c in plan.candidates)
     assert any(note.startswith(f"{n} layouts left out") for note in plan.notes for n in range(1, 200))

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
     from memcalc.fit import ConfigOwner, GpuTarget
-    from memcalc.planner import Plan as LayoutPlan
+    from memcalc.planner import LayoutPlan
     from memcalc.report import Fit
 
 

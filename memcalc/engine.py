@@ -152,13 +152,12 @@ def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> 
     count = spec.microbatches * (int(stage > 0) + int(stage < spec.pp - 1))
     if not count:
         return None
-    each = _hidden_bytes(model, spec, recipe)
-    return Term(
-        name=TERM_PIPELINE_BUFFERS, bytes=count * each,
-        formula=f"{count} buffers ({spec.microbatches} micro-batches x {'activations and gradients' if count > spec.microbatches else 'gradients' if stage == 0 else 'activations'}) x {each:,} B (the hidden state)",
-        source="torch.distributed.pipelining PipelineStage._prepare_forward_infra / _prepare_backward_infra: a "
-               "receive buffer per micro-batch, made at the first step and kept; measured (memcalc.measure.pipeline)",
-        category=CATEGORY_TEMPORARIES, phases=ALL_PHASES)
+    what = ("activations and gradients" if count > spec.microbatches else "gradients" if stage == 0
+            else "activations")
+    return _pipeline_term(TERM_PIPELINE_BUFFERS, count, _hidden_bytes(model, spec, recipe),
+                          f"buffers ({spec.microbatches} micro-batches x {what}), the hidden state",
+                          "PipelineStage._prepare_forward_infra / _prepare_backward_infra: a receive buffer per "
+                          "micro-batch, made at the first step and kept", ALL_PHASES)
 
 
 def _stage_first_gradient(tensors: Sequence[ParamTensor], spec: TrainingSpec, bytes_per_grad: int,
@@ -183,12 +182,16 @@ def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, log
     each = logits_bytes if last else _hidden_bytes(model, spec, recipe)
     if not held or not each:
         return None
-    return Term(
-        name=TERM_PIPELINE_OUTPUTS, bytes=held * each,
-        formula=f"{held} micro-batches in flight x {each:,} B ({'the logits' if last else 'the hidden state the stage sent on'})",
-        source="torch.distributed.pipelining PipelineStage.forward_one_chunk: the output is cached (fwd_cache) for "
-               "the micro-batch's backward; measured (memcalc.measure.pipeline)",
-        category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD)
+    return _pipeline_term(TERM_PIPELINE_OUTPUTS, held, each,
+                          f"micro-batches in flight, {'the logits' if last else 'the hidden state the stage sent on'}",
+                          "PipelineStage.forward_one_chunk: the output is cached (fwd_cache) for the micro-batch's "
+                          "backward", FORWARD_BACKWARD)
+
+
+def _pipeline_term(name: str, count: int, each: int, what: str, source: str, phases: Sequence[Phase]) -> Term:
+    return Term(name=name, bytes=count * each, formula=f"{count} x {each:,} B ({what})",
+                source=f"torch.distributed.pipelining {source}; measured (memcalc.measure.pipeline)",
+                category=CATEGORY_TEMPORARIES, phases=list(phases))
 
 
 def _hidden_bytes(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> int:

@@ -98,11 +98,11 @@ def in_flight(stage: int, pp: int, microbatches: int, schedule: str) -> int:
     return min(microbatches, pp - stage)
 
 
-def check(described, spec) -> None:
+def check(described, pp: int, pp_layers: Sequence[int] | None = None) -> None:
     """One line for a model the stages cannot be cut from (exit 5), or a split that does not fit it (exit 2)."""
     from memcalc import tensor_parallel
 
-    if spec.pp == 1:
+    if pp == 1:
         return
     if described is None:
         raise UsageError("{pp} cuts the model's layers into stages: give a model name or config.json, not only {params}")
@@ -114,7 +114,7 @@ def check(described, spec) -> None:
         raise UnsupportedModelError(
             "{pp} with a head tied to the input embeddings is not modelled (the first and the last stage would each "
             f"hold the tensor): {described.arch.architecture or described.model_type} ties them; drop {{pp}}")
-    stage_ranges(described.arch.num_layers, spec.pp, spec.pp_layers)
+    stage_ranges(described.arch.num_layers, pp, pp_layers)
 
 
 def stage_tensors(tensors: Sequence[ParamTensor], spec, num_layers: int) -> list[ParamTensor]:

@@ -76,7 +76,7 @@ class Candidate:
 
 
 @dataclass
-class Plan:
+class LayoutPlan:
     candidates: list[Candidate]  # every layout tried, best first (fitting ones before the rest)
     gpus: int
     gpus_per_node: int
@@ -110,24 +110,23 @@ def _peak(model, spec) -> int:
                for stage in sorted({0, 1, spec.pp - 1}))
 
 
+def _splits(check, *args) -> bool:
+    """Whether the model can be split so (tensor_parallel.check, pipeline.check: their refusals, without the line)."""
+    try:
+        check(*args)
+    except (UsageError, UnsupportedModelError):
+        return False
+    return True
+
+
 def _layouts(model, gpus: int, gpus_per_node: int) -> list[Layout]:
-    arch = model.arch
     found = []
     for tp in TP_SIZES:
-        if tp > 1 and (gpus_per_node % tp or model.model_type not in tensor_parallel.MODEL_TYPES
-                       or arch.tie_word_embeddings
-                       or any(n % tp for n in (arch.num_heads, arch.num_kv_heads, arch.intermediate_size))):
+        if gpus_per_node % tp or not _splits(tensor_parallel.check, model.described, tp):
             continue
         for pp in PP_SIZES:
-            if gpus % (tp * pp):
+            if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp):
                 continue
-            if pp > 1:
-                if model.model_type not in tensor_parallel.MODEL_TYPES or arch.tie_word_embeddings:
-                    continue
-                try:
-                    pipeline.stage_ranges(arch.num_layers, pp)
-                except UsageError:
-                    continue
             dp = gpus // (tp * pp)
             engines = ("fsdp", "ddp") if pp == 1 else ("zero1", "ddp")
             if dp == 1:
@@ -161,7 +160,7 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
                           "data_parallel_s": data, "bubble_fraction": bubble}
 
 
-def plan(model, base, gpu, gpus_per_node: int | None = None) -> Plan:
+def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
     """Every layout of ``base.num_gpus`` GPUs for ``model`` (micro-batch, sequence and recipe from ``base``), its
     memory and whether it fits ``gpu`` (a memcalc.fit.GpuTarget), ranked by the throughput model."""
     if model.described is None:
@@ -190,4 +189,4 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> Plan:
     candidates.sort(key=lambda c: (not c.fits, -c.tokens_per_second, c.peak_bytes))
     notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
                  "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")
-    return Plan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)
+    return LayoutPlan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)

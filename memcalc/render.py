@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from memcalc.catalog import Presets
     from memcalc.compat import ComparisonRow
-    from memcalc.planner import Plan as LayoutPlan
+    from memcalc.planner import LayoutPlan
 
 # Short names for the phases a term is alive in (the table's last column).
 _ALIVE_LABELS = {(Phase.forward, Phase.backward, Phase.optimizer_step): "whole step",

@@ -202,7 +202,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
     copies of them."""
     tensor_parallel.check(model.described, spec.tp)
-    pipeline.check(model.described, spec)
+    pipeline.check(model.described, spec.pp, spec.pp_layers)
     tensors = tensor_parallel.shard(model.tensors, spec.tp)
     if spec.pp > 1:
         tensors = pipeline.stage_tensors(tensors, spec, model.described.arch.num_layers)

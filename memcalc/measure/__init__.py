@@ -21,6 +21,14 @@ from memcalc.model import ModelConfig
 from memcalc.report import Report
 from memcalc.spec import TrainingSpec
 from memcalc.units import format_bytes
+from memcalc.vocab import (
+    TERM_ACTIVATIONS,
+    TERM_LOSS_BUFFERS,
+    TERM_PIPELINE_BUFFERS,
+    TERM_PIPELINE_HELD_ACTIVATIONS,
+    TERM_PIPELINE_HELD_LOSSES,
+    TERM_PIPELINE_OUTPUTS,
+)
 
 __all__ = ["INSTALL_HINT", "METHODS", "Measurement", "Outcome", "Row", "compare", "estimate_for", "run_verify", "verify"]
 
@@ -168,9 +176,9 @@ def _error_pct(estimate: int, measured: int | None) -> float | None:
 # --pp: the other micro-batches' activations and losses a stage holds are terms of their own in the estimate, one
 # category with the micro-batch's own for the tracker (and so are its cached outputs); the stage's receive buffers are
 # its comm_buffers.
-_HELD_WITH = {"pipeline_held_activations": "activations", "pipeline_stage_outputs": "activations",
-              "pipeline_held_losses": "logits_and_loss"}
-_MEASURED_AS = {"pipeline_recv_buffers": "comm_buffers"}
+_HELD_WITH = {TERM_PIPELINE_HELD_ACTIVATIONS: TERM_ACTIVATIONS, TERM_PIPELINE_OUTPUTS: TERM_ACTIVATIONS,
+              TERM_PIPELINE_HELD_LOSSES: TERM_LOSS_BUFFERS}
+_MEASURED_AS = {TERM_PIPELINE_BUFFERS: "comm_buffers"}  # (memcalc.measure.distributed.COMM_BUFFERS: needs torch)
 
 
 def compare(report: Report, measurement: Measurement) -> list[Row]:
@@ -289,9 +297,9 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; for several GPUs use {verify}=trace (fake process group) "
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
-    layout: dict[str, bool] = {}
     if spec.pp > 1:
         return _verify_stages(model_config, spec, method, progress)
+    layout: dict[str, bool] = {}
     if spec.tp > 1:
         layout = {"sequence_parallel": spec.sequence_parallel, "loss_parallel": spec.loss_parallel}
         if spec.data_parallel == 1:
@@ -337,7 +345,7 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     from memcalc.measure.distributed import measure_distributed
 
     if spec.tp > 1 or spec.data_parallel > 1:
-        raise UsageError(f"{{verify}} runs one pipeline on {spec.pp} gloo ranks: give {{gpus}} {spec.pp}, no {{tp}} "
+        raise UsageError(f"{{verify}} runs one pipeline of {spec.pp} ranks: give {{gpus}} {spec.pp}, no {{tp}} "
                          "(stages under tensor or data parallelism are composed, not measured)")
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; pipeline stages run on gloo ranks ({verify}=cpu-tracker) or "

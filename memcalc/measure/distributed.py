@@ -192,23 +192,18 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
                          "{gpus} to verify it on one")
     from memcalc.measure.build import hf_config, model_class
 
-    model_class(hf_config(config.raw))  # an unbuildable config fails here, in one line, not in every rank
+    built = hf_config(config.raw)
+    model_class(built)  # an unbuildable config fails here, in one line, not in every rank
     stages: tuple[tuple[int, int], ...] = ()
     if engine == "pp":
         from memcalc import pipeline
 
-        stages = pipeline.stage_ranges(_num_layers(config.raw), spec.pp, spec.pp_layers)
+        stages = pipeline.stage_ranges(int(built.get_text_config().num_hidden_layers), spec.pp, spec.pp_layers)
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
                 warmup_steps=WARMUP_STEPS[engine], fake=method == "fake", stages=stages,
                 pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1)
 
-
-def _num_layers(raw: dict[str, Any]) -> int:
-    from memcalc.measure.build import hf_config
-
-    config = hf_config(raw)
-    return int(config.get_text_config().num_hidden_layers)
 
 
 def _check_fits_ram(job: _Job) -> None:
@@ -337,13 +332,8 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
         dist.init_process_group("gloo", store=store, rank=rank, world_size=job.world_size, timeout=timeout)
         try:
             mesh = _device_mesh(job)
-            if job.engine == "pp":
-                from memcalc.measure.pipeline import measure_stage
-
-                measurement = measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED)
-            else:
-                with _mesh_join(mesh):
-                    measurement = _measure_rank(job, rank, mesh)
+            with _mesh_join(mesh):
+                measurement = _measure(job, rank, mesh)
             measurement.method = METHOD_GLOO
         finally:
             dist.destroy_process_group()
@@ -351,6 +341,15 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
     except BaseException as exc:  # noqa: BLE001 - report everything (KeyboardInterrupt too) to the parent, exit
         results.put((rank, "error", (type(exc).__name__, (str(exc).splitlines() or [""])[0],
                                      traceback.format_exc())))
+
+
+def _measure(job: _Job, rank: int, mesh, progress: Progress | None = None) -> Measurement:
+    """One rank's measured step: a pipeline stage (memcalc.measure.pipeline), or a data/tensor-parallel rank."""
+    if job.engine == "pp":
+        from memcalc.measure.pipeline import measure_stage
+
+        return measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED)
+    return _measure_rank(job, rank, mesh, progress=progress)
 
 
 @contextlib.contextmanager
@@ -385,7 +384,8 @@ def _device_mesh(job: _Job):
     if job.tp > 1:  # FSDP2 over the data-parallel dimension of a (dp, tp) mesh, as torchtitan builds it
         return init_device_mesh("cpu", (job.world_size // job.tp, job.tp), mesh_dim_names=("dp", "tp"))
 
-    return init_device_mesh("cpu", (job.world_size,), mesh_dim_names=(job.engine,))  # outside FakeTensorMode: it reads real rank tensors
+    # (outside FakeTensorMode: it reads real rank tensors)
+    return init_device_mesh("cpu", (job.world_size,), mesh_dim_names=(job.engine,))
 
 
 # -- fake: one process, fake process group + FakeTensorMode -----------------------------------------------------
@@ -407,12 +407,7 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
         # allow_non_fake_inputs: module code may mix in real constants (e.g. a scalar made before the mode).
         with _mesh_join(mesh), FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), \
                 FakeKernels(job.like_cuda):
-            if job.engine == "pp":
-                from memcalc.measure.pipeline import measure_stage
-
-                measurement = measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED)
-            else:
-                measurement = _measure_rank(job, rank, mesh, progress=progress)
+            measurement = _measure(job, rank, mesh, progress)
     finally:
         dist.destroy_process_group()
     measurement.method = METHOD_FAKE_PG
@@ -449,7 +444,7 @@ def _dist_tracker_class():
                 self.category_max[category] = 0
             self.peak.by_category = dict(self.by_category)
             self._comm_depth = 0
-            self.paused = 0  # inside DTensor's sharding propagation (memcalc.measure.tensor_parallel.untracked)
+            self.paused = 0  # inside DTensor's sharding propagation (tensor_parallel.untracked_propagation)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if any(issubclass(t, DTensor) for t in types):
@@ -845,9 +840,9 @@ def _loss_context(job: _Job):
     """tp with loss parallelism: the loss's forward and backward inside torch's loss_parallel()."""
     if not job.loss_parallel:
         return contextlib.nullcontext()
-    from memcalc.measure.tensor_parallel import loss_parallel_context
+    from torch.distributed.tensor.parallel import loss_parallel
 
-    return loss_parallel_context(True)
+    return loss_parallel()
 
 
 def _fsdp_params(model) -> list:

@@ -166,14 +166,3 @@ def untracked_propagation(tracker: Any):
         yield
     finally:
         ShardingPropagator._propagate_tensor_meta_non_cached = original
-
-
-@contextlib.contextmanager
-def loss_parallel_context(on: bool):
-    if not on:
-        yield
-        return
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    with loss_parallel():
-        yield

@@ -425,11 +425,15 @@ def _local(t):
 
 def _dist_tracker_class():
     """The tracker of memcalc.measure.step, extended for distributed engines (built lazily: imports torch)."""
+    import weakref
+
     import torch
     from torch.distributed.tensor import DTensor
 
     from memcalc.measure import tracker as trk
     from memcalc.measure.step import _OpNames
+
+    wait_tensor = torch.ops._c10d_functional.wait_tensor.default
 
     class DistTracker(_OpNames):
         """Adds the ``comm_buffers`` and ``unsharded_gradients`` categories; unwraps DTensors to their local
@@ -451,7 +455,28 @@ def _dist_tracker_class():
                 return NotImplemented
             if self.paused:
                 return func(*args, **(kwargs or {}))
+            if func is wait_tensor and args and isinstance(args[0], torch.Tensor):
+                return self._waited(func, args, kwargs)
             return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _waited(self, func, args, kwargs):
+            """``wait_tensor`` returns its input on a device (the collective's output, now complete); its fake kernel
+            returns a new tensor, the input released right after: the new storage takes the input's record over
+            instead of counting the same bytes twice."""
+            out = func(*args, **(kwargs or {}))
+            source, result = trk._storage_of(args[0]), trk._storage_of(out)
+            if source is None or result is None or source is result:
+                return out
+            with self._lock:
+                rec = self._records.pop(id(source), None)
+                if rec is not None:
+                    self._adopt(result, rec)
+            return out
+
+        def _adopt(self, storage, rec) -> None:
+            key = id(storage)  # (rec.key, the allocation's name in the recorded events, stays)
+            rec.ref = weakref.ref(storage, lambda _ref, k=key: self._free(k))
+            self._records[key] = rec
 
         def _classify(self, t, category: str) -> None:
             super()._classify(_local(t), category)

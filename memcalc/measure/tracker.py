@@ -277,7 +277,7 @@ class MemoryTracker(TorchDispatchMode):
             if rec is not None:
                 self._seq += 1
                 if self.events is not None and rec.category != HOST:
-                    self.events.append((FREE, key, 0))
+                    self.events.append((FREE, rec.key, 0))
                 self._change(rec.category, -rec.nbytes)
 
     def _resize(self, rec: _Record, nbytes: int) -> None:

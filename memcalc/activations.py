@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from memcalc import pipeline
+from memcalc import context_parallel, pipeline
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
 from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
@@ -83,6 +83,10 @@ class ActivationEstimate:
     # ... at its attention's backward (its MLP's activations released by then): eager softmax's gradients
     attention_backward_transient_bytes: int = 0
     layer_mlp_bytes: int = 0  # what the layer's MLP saved (released before its attention's backward)
+    # --cp: the last layer's ring attention in the forward, beyond the output and log-sum-exp the layer saves (the
+    # activations of the layers before it and of its own attention's inputs beside)
+    ring_forward_bytes: int = 0
+    after_attention_bytes: int = 0  # what a layer makes after its attention beyond its MLP's (Rule.after_attention)
     # ... and beside it the activations still kept then: the per-model ones but the final norm's and head's, and with
     # checkpointing the first layer's kept input
     first_layer_context_bytes: int = 0
@@ -306,6 +310,23 @@ def _fused_linear_loss(result: ActivationEstimate, arch: Arch, spec: TrainingSpe
     ))
 
 
+def _ring_attention(result: ActivationEstimate, arch: Arch, run: Run, cp: int) -> None:
+    """--cp: what torch's ring attention holds while it runs (memcalc.context_parallel.ring_peaks), in the forward
+    beyond the output and log-sum-exp it leaves, and in the backward beside the attention output's gradient (o_proj's
+    input gradient) and the residual stream's."""
+    q, kv, lse = context_parallel.ring_bytes(arch.num_heads // run.tp, arch.num_kv_heads // run.tp, arch.head_dim,
+                                             run.tokens, run.c)
+    ring = context_parallel.ring_peaks(q, kv, lse, run.c, cp)
+    around = q + run.residual * run.tokens * arch.hidden_size
+    result.attention_backward_transient_bytes = max(result.attention_backward_transient_bytes, ring.backward + around)
+    result.ring_forward_bytes = max(0, ring.forward - q - lse)
+    result.notes.append(
+        f"--cp {cp}: each rank runs {run.s:,} positions of each sequence; attention is torch's ring "
+        f"(context_parallel: keys and values all-gathered, the blocks merged in fp32), {ring.forward:,} B at its "
+        f"forward's peak and {ring.backward:,} B at its backward's (rank {ring.rank} of {cp}, the most loaded), walked "
+        f"from _templated_ring_attention and its backward line by line; assumed: {context_parallel.ASSUMPTIONS}")
+
+
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:
     result = ActivationEstimate()
     described = model.described
@@ -319,8 +340,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(f"attention: {arch.architecture} has no sdpa path in transformers (_supports_sdpa = False), "
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
-    run = Run(spec.micro_batch_size, spec.seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
-              tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
+    run = Run(spec.micro_batch_size, spec.local_seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
+              tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel, cp=spec.cp,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
               decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv)
     if not arch.hidden_size or not arch.num_layers:
@@ -369,6 +390,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.layer_backward_transient_bytes = rule.transient
         result.attention_backward_transient_bytes = rule.attention_transient
         result.layer_mlp_bytes = rule.layers[0].get(PART_MLP, 0)
+        result.after_attention_bytes = rule.after_attention
         result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,
                                                                                   PART_LOGIT_SOFTCAP))
         result.first_layer_context_bytes = rule.per_model_bytes - result.after_layers_bytes
@@ -380,6 +402,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # Falcon fp32 eager checkpointed CPU steps were 4% to 7% low with the fp32 one alone).
             scores = (BYTES_PER_FP32 + run.c) * run.b * (arch.num_heads // run.tp) * run.s * run.s
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
+    if spec.cp > 1 and layered:
+        _ring_attention(result, arch, run, spec.cp)
     if lora_traced:
         total = traced_kept
         breakdown = {KEPT_LORA: total}
@@ -421,6 +445,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             scores = run.c * run.b * (arch.num_heads // run.tp) * run.s * run.s if run.eager else 0
             mlp = rule.layers[0].get(PART_MLP, 0)
             result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp)
+            if result.ring_forward_bytes:  # --cp: the layer's ring attention (its recomputation's: the engine's)
+                ring = (result.recompute_bytes - mlp - result.after_attention_bytes) + result.ring_forward_bytes
+                result.checkpointed_forward_bytes = max(result.checkpointed_forward_bytes, ring)
             # The first layer's backward: its own kept input (and the eager mask) beside the per-model activations
             result.first_layer_context_bytes += kept - rule.kept + rule.kept // len(layer_totals)
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
@@ -514,11 +541,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.backward_start_extra_bytes = 2 * chunk_vocab * loss.bytes_per_log_softmax
         if run.tp > 1 and not run.loss_parallel:
             # --tp without loss parallelism: the head's ColwiseParallel output (this rank's vocabulary split) is
-            # all-gathered to every rank (all_gather_into_tensor into a buffer, then a cat along the vocabulary). How
-            # long the split and the buffer outlive the gather depends on when the collective is waited on: at the
-            # loss's log_softmax both were alive (fake process group, fp32 logits), the split and the gathered copy
-            # (gloo, bf16 with --sp), the split (gloo, fp32), neither (gloo and the fake group, logits upcast without
-            # --sp). Counted alive but where the logits are upcast without --sp: at most c T V (1 + 1/tp) high.
+            # all-gathered to every rank (all_gather_into_tensor into a buffer, then a cat along the vocabulary). The
+            # split and the buffer were measured alive at the loss only partly (gloo ranks and the fake group agree:
+            # none with the logits upcast without --sp; with fp32 logits, or --sp, up to c T V (1 + 1/tp) less than
+            # counted here, tests/test_tensor_parallel.py). Counted alive but where the logits are upcast without --sp.
             if not upcast or run.sp:
                 result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
         elif run.tp > 1:

@@ -58,7 +58,7 @@ def layouts(model: str | None = None, **settings: Any) -> LayoutPlan:
 
 
 # What the planner chooses: given by the user, each is one line and exit 2.
-LAYOUT_SETTINGS = ("tp", "pp", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
+LAYOUT_SETTINGS = ("tp", "pp", "cp", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
                    "sp", "loss_parallel", "grad_accum", "deepspeed")
 
 

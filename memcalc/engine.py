@@ -76,6 +76,7 @@ from memcalc.vocab import (
     EXTRA_LOSS_LOGITS,
     EXTRA_RECOMPUTED_CASTS,
     EXTRA_RECOMPUTED_LAYER,
+    EXTRA_RING_ATTENTION,
     EXTRA_SHARDED_LAYER,
     EXTRA_SHARED_GRADIENT_SUM,
     EXTRA_STAGE_FIRST_GRADIENT,
@@ -92,6 +93,8 @@ from memcalc.vocab import (
     MOMENT_HEAD_BACKWARD,
     MOMENT_LAST_LAYER_BACKWARD,
     MOMENT_LATE_BACKWARD,
+    MOMENT_RING_FORWARD,
+    MOMENT_RING_RECOMPUTE,
     MOMENT_SHARDED_LAYER,
     MOMENT_SHARED_GRADIENT_SUM,
     MOMENT_STEP,
@@ -198,7 +201,7 @@ def _hidden_bytes(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> int:
     """One micro-batch's hidden state between stages: the residual stream's dtype (fp32 under autocast), this rank's
     tokens (--sp: its split of the sequence)."""
     width = BYTES_PER_FP32 if recipe.autocast else _bytes_per(recipe.compute_dtype)
-    seq = -(-spec.seq_len // spec.tp) if spec.sequence_parallel else spec.seq_len
+    seq = -(-spec.local_seq_len // spec.tp) if spec.sequence_parallel else spec.local_seq_len
     return width * spec.micro_batch_size * seq * model.arch.hidden_size
 
 
@@ -374,8 +377,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         ))
     act = activations.estimate(model, spec, recipe)
     notes.extend(act.notes)
-    if spec.data_parallel > 1:
-        notes.append(f"data parallelism: each of the {spec.data_parallel} data-parallel groups runs its own "
+    if spec.data_parallel > spec.cp:
+        notes.append(f"data parallelism: each of the {spec.data_parallel // spec.cp} data-parallel groups runs its own "
                      "micro-batch, so activations per GPU do not shrink")
     terms.extend(act.terms)
     if spec.pp > 1:
@@ -442,6 +445,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     whole_grads = stage < 2 and spec.grad_accum == 1 and not in_backward
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
     pending_mlp, pending_attention = _first_layer_pending(tensors) if whole_grads else (0, 0)
+    # (--cp, whose ring makes the attention's backward a moment of its own: the gradients made before it)
+    made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
+                         if whole_grads and act.after_attention_bytes else 0)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -449,7 +455,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
         loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
-        checkpointed_layer_forward=act.checkpointed_forward_bytes,
+        checkpointed_layer_forward=act.checkpointed_forward_bytes, ring_forward=act.ring_forward_bytes,
+        after_attention=act.after_attention_bytes, made_at_attention=made_at_attention,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         attention_gradients=act.attention_backward_transient_bytes, layer_mlp=act.layer_mlp_bytes,
         first_layer_context=act.first_layer_context_bytes,
@@ -510,6 +517,20 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     made_first = max((t.numel for t in mlp), default=0)
     output = max((t.numel for t in attention), default=0)
     return sum(t.numel for t in layer) - made_first, sum(t.numel for t in attention) - output
+
+
+def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
+    """The last decoder layer's trainable elements whose gradients exist by its attention's backward: its MLP's, its
+    norms after attention and its attention's output projection (all but q, k and v and the input norm)."""
+    layers = [t.layer for t in tensors if t.trainable and t.layer is not None]
+    if not layers:
+        return 0
+    layer = [t for t in tensors if t.trainable and t.layer == max(layers)]
+    attention = [t for t in layer if t.role == ROLE_ATTENTION]
+    output = max((t.numel for t in attention), default=0)
+    norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
+    first_norm = min((t.numel for t in norms), default=0)  # (the input norm's weight, made last; of equal sizes any)
+    return sum(t.numel for t in layer) - (sum(t.numel for t in attention) - output) - first_norm
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
@@ -625,11 +646,14 @@ class _Extras:
     loss_gradients: int = 0  # start of backward: the loss's gradient buffers
     recomputed_layer: int = 0  # checkpointing: one layer's activations rebuilt during backward
     checkpointed_layer_forward: int = 0  # checkpointing: a layer's tensors while its forward runs (none kept)
+    ring_forward: int = 0  # --cp: the last layer's ring attention in the forward (beyond what the layer saves)
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
     layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
     layer_gradients: int = 0  # late backward: the first layer's gradient transients (at its MLP's backward)
     attention_gradients: int = 0  # ... at its attention's backward (eager softmax's gradients; 0: not beyond)
     layer_mlp: int = 0  # what a layer's MLP saved (released before its attention's backward)
+    after_attention: int = 0  # ... and what else it made after its attention (Rule.after_attention; 0: not counted off)
+    made_at_attention: int = 0  # the last layer's gradients made by its attention's backward (given with after_attention)
     first_layer_context: int = 0  # activations still kept beside the first layer's (per model; its kept input)
     pending_at_mlp: int = 0  # the first layer's gradients not yet made at its MLP's backward (all but the output's)
     pending_at_attention: int = 0  # ... at its attention's backward (q, k, v)
@@ -725,7 +749,12 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.layer_activations and x.layer_gradients:
         # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the
         # recomputed layer (checkpointing) and the gradients its backward makes on the way.
-        last = {**at_head, **later, EXTRA_LAYER_GRADIENTS: max(x.layer_gradients, x.attention_gradients - x.layer_mlp)}
+        at_attention = x.attention_gradients - x.layer_mlp - x.after_attention
+        last = {**at_head, **later, EXTRA_LAYER_GRADIENTS: max(x.layer_gradients, at_attention)}
+        if x.made_at_attention and at_attention + x.made_at_attention > x.layer_gradients:
+            # its attention's backward, beside the layer's gradients made by then
+            last[EXTRA_LAYER_GRADIENTS] = at_attention
+            last[TERM_GRADIENTS] = last.get(TERM_GRADIENTS, 0) + x.made_at_attention
         last.pop(EXTRA_HEAD_BACKWARD, None)
         if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
             last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
@@ -741,6 +770,11 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         candidates.append((MOMENT_STEP_IN_BACKWARD, at_step))
     if x.head_backward:
         candidates.append((MOMENT_HEAD_BACKWARD, at_head))
+    if x.ring_forward and x.recomputed_layer:
+        # --cp, checkpointing: the last layer's recomputation reaches its ring attention (its MLP's part not yet made).
+        recomputed = max(0, x.recomputed_layer - x.layer_mlp - x.after_attention)
+        candidates.append((MOMENT_RING_RECOMPUTE, {**after_head, EXTRA_RECOMPUTED_LAYER: recomputed,
+                                                  EXTRA_RING_ATTENTION: x.ring_forward}))
     if x.shared_gradient_sum:
         candidates.append((MOMENT_SHARED_GRADIENT_SUM, {**end, EXTRA_SHARED_GRADIENT_SUM: x.shared_gradient_sum}))
     if x.first_shared_sum:
@@ -752,7 +786,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # attention's (the MLP's activations released, its q, k and v gradients not made yet).
     points = [(x.layer_activations + x.first_layer_context, x.layer_gradients, x.pending_at_mlp)]
     if x.attention_gradients:
-        points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.attention_gradients,
+        points.append((x.layer_activations + x.first_layer_context - x.layer_mlp - x.after_attention,
+                       x.attention_gradients,
                        x.pending_at_attention))
     layer_acts, layer_grads, pending = max(points, key=lambda point: point[0] + point[1] - point[2])
     late_extra = (layer_acts + layer_grads + x.recomputed_casts + x.head_gradient_late - x.missing_gradients
@@ -789,6 +824,16 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         layer[EXTRA_RECOMPUTED_LAYER] = x.checkpointed_layer_forward
         in_layer = _total(MOMENT_CHECKPOINTED_FORWARD, Phase.forward, layer, names)
         forward_total = max(forward_total, in_layer, key=lambda total: total.bytes)
+    if x.ring_forward and not x.checkpointed_layer_forward:
+        # --cp: the last layer's ring attention: every earlier layer's activations and its own attention inputs (not
+        # yet its MLP's, the final norm's and head's, nor the loss's buffers) beside the ring's buffers. (Checkpointed:
+        # the checkpointed layer's forward counts it.)
+        ring = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        if TERM_ACTIVATIONS in ring:
+            ring[TERM_ACTIVATIONS] -= min(x.after_layers + x.layer_mlp + x.after_attention, ring[TERM_ACTIVATIONS])
+        ring[EXTRA_RING_ATTENTION] = x.ring_forward
+        in_ring = _total(MOMENT_RING_FORWARD, Phase.forward, ring, names)
+        forward_total = max(forward_total, in_ring, key=lambda total: total.bytes)
     return [forward_total, backward,
             _total(MOMENT_STEP, Phase.optimizer_step, step, names)]
 
@@ -902,4 +947,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         compile=spec.compile, repeat_kv=spec.repeat_kv, fp8=spec.fp8.value,
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
         pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
+        cp=spec.cp,
     )

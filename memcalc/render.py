@@ -97,9 +97,11 @@ def _describe_run(report: Report) -> list[str]:
 
 def _layout(t) -> str:
     """The tensor/pipeline layout of the run line: data-parallel groups x pipeline stages x tensor-parallel ranks."""
-    if t.tp == 1 and t.pp == 1:
+    if t.tp == 1 and t.pp == 1 and t.cp == 1:
         return ""
-    parts = [f"{t.num_gpus // (t.tp * t.pp)} data-parallel"]
+    data_parallel = t.num_gpus // (t.tp * t.pp)
+    parts = [f"{data_parallel} data-parallel" + (f" ({data_parallel // t.cp} x {t.cp} context-parallel, each "
+                                                 f"{t.seq_len // t.cp:,} positions of a sequence)" if t.cp > 1 else "")]
     if t.pp > 1:
         parts.append(f"{t.pp} pipeline stages ({t.pp_schedule}, {t.microbatches} micro-batches)")
     if t.tp > 1:

@@ -91,6 +91,7 @@ class TrainingSummary:
     pp_schedule: str = "1f1b"
     microbatches: int | None = None
     pp_stage: int | None = None
+    cp: int = 1  # context-parallel ranks sharing each sequence (the figures are the most loaded rank's)
 
 
 @dataclass(eq=False, repr=False)

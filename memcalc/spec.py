@@ -224,6 +224,9 @@ class TrainingSpec:
     pp_layers: tuple[int, ...] | None = None
     pp_stage: int | None = None
     pp_later_backward: bool = False  # (internal) the stage at a later micro-batch's backward (memcalc.pipeline.held)
+    # Context parallelism (memcalc.context_parallel): the sequence split over cp ranks, attention as torch's ring; the
+    # cp ranks are inside the data-parallel ones (torchtitan's FSDP mesh spans them).
+    cp: int = 1
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -303,6 +306,7 @@ class TrainingSpec:
                              "the same number of GPUs")
         self._check_tensor_parallel()
         self._check_pipeline()
+        self._check_context_parallel()
         if self.offload != Offload.none:
             if self.sharding != Sharding.deepspeed:
                 raise UsageError("{offload} models DeepSpeed ZeRO-Offload: use it with {sharding} deepspeed")
@@ -418,6 +422,30 @@ class TrainingSpec:
         if self.zero_stage >= 2:
             raise UsageError("{pp} with ZeRO-2/3 or FSDP sharding is not modelled yet: use {zero} 0 or 1")
         self._only_modelled_with("pp", "pipeline parallelism")
+
+    def _check_context_parallel(self) -> None:
+        _check_range("{cp}", self.cp, 1, MAX_GPUS)
+        if self.cp == 1:
+            return
+        if self.data_parallel % self.cp:
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}} x {{cp}} = "
+                             f"{self.tp * self.pp * self.cp}: the context-parallel ranks are data-parallel ranks that "
+                             "share each sequence")
+        if self.seq_len % (2 * self.cp):
+            raise UsageError(f"{{cp}} {self.cp}: context_parallel's load balancing cuts the sequence into 2 x cp = "
+                             f"{2 * self.cp} equal chunks; {{seq_len}} {self.seq_len:,} is not divisible by "
+                             f"{2 * self.cp}: give a multiple")
+        if self.decoder_seq_len is not None:
+            raise UsageError("{cp} splits a decoder-only model's sequence; {decoder_seq_len} is an encoder-decoder's")
+        if self.zero_stage and self.sharding == Sharding.deepspeed:
+            raise UsageError("DeepSpeed ZeRO with PyTorch context parallelism is not modelled: use {sharding} fsdp "
+                             "(FSDP2 over the data- and context-parallel ranks, as torchtitan) or {sharding} torch")
+        self._only_modelled_with("cp", "context parallelism")
+
+    @property
+    def local_seq_len(self) -> int:
+        """Positions of each sequence one rank runs: all, or its share with context parallelism."""
+        return self.seq_len // self.cp
 
     def _only_modelled_with(self, setting: str, what: str) -> None:
         """--tp and --pp cover full training with checkpointing none or full and the standard loss: anything else with

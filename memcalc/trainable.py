@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from memcalc import pipeline, tensor_parallel
+from memcalc import context_parallel, pipeline, tensor_parallel
 from memcalc.errors import UsageError
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -203,6 +203,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     copies of them."""
     tensor_parallel.check(model.described, spec.tp)
     pipeline.check(model.described, spec.pp, spec.pp_layers)
+    context_parallel.check(model.described, spec)
     tensors = tensor_parallel.shard(model.tensors, spec.tp)
     if spec.pp > 1:
         tensors = pipeline.stage_tensors(tensors, spec, model.described.arch.num_layers)

@@ -93,8 +93,13 @@ EXTRA_HELD_OUTPUTS = "model outputs held through the loss"
 EXTRA_TRACED_STEP = "activations, transients, buffers and batch (traced step)"
 EXTRA_STAGE_FIRST_GRADIENT = "the stage's first weight gradient"
 EXTRA_STAGE_LOGITS_GRADIENT = "the logits' gradient, held by the pipeline"
+EXTRA_RING_ATTENTION = "ring attention's buffers"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
+    EXTRA_RING_ATTENTION: "context parallelism: what torch's ring attention (_templated_ring_attention) holds while "
+                          "the last layer's attention runs: k and v made contiguous, every rank's k and v all-gathered, "
+                          "each block's output and log-sum-exp, the fp32 merged output and the merge's temporaries "
+                          "(memcalc.context_parallel.ring_forward)",
     EXTRA_STAGE_LOGITS_GRADIENT: "pipeline parallelism, the last stage under 1F1B: the gradient of the logits "
                                  "(log_softmax's backward output) stays alive through the micro-batch's backward of the "
                                  "stage's layers (measured on gloo ranks running torch.distributed.pipelining; under "
@@ -141,6 +146,8 @@ EXTRA_MEANING = {
 }
 MOMENT_FORWARD = "during the loss"
 MOMENT_CHECKPOINTED_FORWARD = "a checkpointed layer's forward"
+MOMENT_RING_FORWARD = "the last layer's ring attention"
+MOMENT_RING_RECOMPUTE = "the last layer's ring attention, recomputed"
 MOMENT_BACKWARD_START = "start of backward"
 MOMENT_BACKWARD_END = "end of backward"
 MOMENT_LATE_BACKWARD = "late backward (first layer)"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from memcalc.compat import ComparisonRow, memcalc_term_bytes
+from memcalc.errors import UsageError
 from memcalc.report import Report
 from memcalc.vocab import (
     TERM_ACTIVATIONS,
@@ -80,6 +81,9 @@ def theoretical_memory(arch, *, tp: int, pp: int, dp: int, micro_batch: int, seq
 
 def compare_with_megatron(report: Report, arch) -> list[ComparisonRow]:
     t = report.training
+    if t.cp > 1:
+        raise UsageError("{compare_with} megatron with {cp}: Megatron's theoretical_memory_usage.py has no context-"
+                         "parallel term to compare with; drop one of them")
     selective = t.checkpointing != "none"
     states, activations = theoretical_memory(
         arch, tp=t.tp, pp=t.pp, dp=t.num_gpus // (t.tp * t.pp), micro_batch=t.micro_batch_size, seq=t.seq_len,

@@ -274,6 +274,12 @@ def attention_parts(a: LlamaArch, run: Run, masked: bool = False) -> tuple[dict[
     norms = a.num_norms * norm_own_bytes(a.gemma_norm, run, h) + 2 * (0 if autocast else c * tokens * h)
     qkv = c * tokens * (heads * d + 2 * g * d)  # q_embed, k_embed, v as sdpa saves them
     o_proj_copy = 0
+    if run.cp > 1:
+        # --cp: on every rank but the last, a partial step of the ring (load balancing) rebuilds the merged output with
+        # torch.cat (_partial_update), laid out (b, a, s, d): transformers' transpose(1, 2).contiguous() copies it and
+        # o_proj saves the copy beside the output sdpa saved (measured: rank 0 holds one such tensor per layer more
+        # than rank cp - 1; rank 0 is reported)
+        o_proj_copy = c * tokens * heads * d
     if a.fused_qkv and not eager:
         # Phi3Attention slices q, k, v out of one fused qkv_proj output; with v a strided view, sdpa's
         # output is not laid out (b, s, a, d) and o_proj saves a contiguous copy of it (measured on the
@@ -374,6 +380,13 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         logit_softcap=c * tokens * loss_vocab(a.vocab_size, run) if a.final_logit_softcapping is not None else 0,
     )
     held = held_through_loss(a, run, window_applies)
+    after_attention = 0
+    if run.cp > 1:
+        # Made after attention: the MLP-side norms (and Gemma2/3's post-attention norm, whose backward comes before
+        # attention's), the MLP's input (under autocast gate_proj's and up_proj's casts), o_proj's input copy.
+        mlp_input = 2 * c * tokens * h if run.autocast else c * tokens * h
+        after_attention = ((a.num_norms - 1) * norm_own_bytes(a.gemma_norm, run, h) + mlp_input
+                           + c * tokens * (a.num_heads // run.tp) * a.head_dim)
     rule_notes = [] if run.eager else [NOTE_SDPA]
     if window_applies:
         count = sum(1 for flag in a.sliding if flag)
@@ -383,7 +396,8 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
             "measured on the CPU)")
     return Rule(layers, first, per_model, source, a.num_layers * run.sequence_tokens * h * run.residual,
                 gated_mlp_transient(run, a.intermediate_size // run.tp, h),
-                Loss(tokens, loss_vocab(a.vocab_size, run), BYTES_PER_FP32), [*rule_notes, *notes], held=held)
+                Loss(tokens, loss_vocab(a.vocab_size, run), BYTES_PER_FP32), [*rule_notes, *notes], held=held,
+                after_attention=after_attention)
 
 
 def gated_mlp_transient(run: Run, intermediate: int, hidden: int) -> int:

@@ -55,6 +55,7 @@ class Run:
     tp: int = 1  # --tp: tensor-parallel ranks sharing each layer (heads and MLP features split)
     sp: bool = False  # --sp: the norms' regions split along the sequence across the tp ranks
     loss_parallel: bool = False  # --loss-parallel: the head's logits stay split over the vocabulary into the loss
+    cp: int = 1  # --cp: context-parallel ranks sharing each sequence (s is this rank's share; attention is the ring)
 
     @property
     def sequence_tokens(self) -> int:
@@ -115,6 +116,10 @@ class Rule:
     recompute: int | None = None
     held: int = 0
     attention_transient: int = 0  # a layer's attention backward transients beyond the MLP's (sdpa's math backend)
+    # What a layer makes after its attention beyond its MLP's part (the norms after attention, the MLP's input, o_proj's
+    # input copy): not yet there at its attention's forward, released by its attention's backward. Given where a
+    # moment needs it (--cp's ring attention); 0: not counted off.
+    after_attention: int = 0
 
     def layer_bytes(self, index: int) -> int:
         return sum(self.layers[index].values())

@@ -99,6 +99,7 @@ class _Job:
     stages: tuple[tuple[int, int], ...] = ()  # pp: each stage's decoder layers [start, end)
     pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b
     microbatches: int = 1  # pp: micro-batches per step
+    cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -134,6 +135,11 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
         if world_size % spec.tp:
             raise UsageError(f"world size {world_size} is not divisible by {{tp}} {spec.tp}")
         job = dataclasses.replace(job, tp=spec.tp)
+    if spec.cp > 1:
+        if engine not in ("ddp", "zero1", "fsdp2") or spec.cp != world_size:
+            raise UsageError(f"the context-parallel measurement runs {{cp}} {spec.cp} over every rank of ddp, zero1 or "
+                             f"fsdp2 (torchtitan's FSDP mesh spans it): give {{gpus}} {spec.cp}")
+        job = dataclasses.replace(job, cp=spec.cp)
     if sequence_parallel or loss_parallel:
         if engine != "tp" and job.tp == 1:
             raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
@@ -183,7 +189,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
     from memcalc.measure.step import resolve_setup
 
-    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1,
+    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1,
+                          seq_len=spec.local_seq_len,  # (--cp: this rank's share of the sequence)
                           sequence_parallel=False, loss_parallel=False, pp=1, pp_layers=None, microbatches=None,
                           pp_schedule="1f1b")
     resolve_setup(single, attn)  # the single-rank checks (QLoRA, freeze, optimizers, dtypes) with their messages
@@ -718,7 +725,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         for step in range(job.warmup_steps):
             say(f"warm-up step {step + 1} of {job.warmup_steps}")
             comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
-            with _loss_context(job):
+            with _step_context(job):
                 one_step(runner, stepper, batch, setup, PhaseClock())
     if events is not None:
         log.events = None  # the measured step's tracker records the rest
@@ -754,7 +761,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     say("measured step")
     tracker.events = events
     try:
-        with profiler as prof, instrument, _loss_context(job), _untracked(job, tracker), tracker:
+        with profiler as prof, instrument, _step_context(job), _untracked(job, tracker), tracker:
             one_step(runner, stepper, batch, setup, _TrackerClock(tracker, None), after_backward)
     finally:
         tracker.remove_hooks()
@@ -861,8 +868,15 @@ def _untracked(job: _Job, tracker):
     return untracked_propagation(tracker)
 
 
-def _loss_context(job: _Job):
-    """tp with loss parallelism: the loss's forward and backward inside torch's loss_parallel()."""
+def _step_context(job: _Job):
+    """What the step runs inside: tp with loss parallelism, torch's loss_parallel() around the loss's forward and
+    backward; cp, the ring attention over the world (memcalc.measure.context_parallel)."""
+    if job.cp > 1:
+        import torch.distributed as dist
+
+        from memcalc.measure.context_parallel import ring_attention
+
+        return ring_attention(dist.group.WORLD)
     if not job.loss_parallel:
         return contextlib.nullcontext()
     from torch.distributed.tensor.parallel import loss_parallel
@@ -886,7 +900,9 @@ def _fsdp_params(model) -> list:
 
 def _notes(job: _Job, policy) -> list[str]:
     notes = [("every rank runs the same micro-batch (same seed); data parallelism does not shrink a rank's "
-              "activations"),
+              "activations") if job.cp == 1 else
+             (f"every rank runs its {job.spec.seq_len:,} positions of one micro-batch's sequences (context parallelism "
+              f"over the {job.cp} ranks: torch's ring attention in place of sdpa, memcalc.measure.context_parallel)"),
              f"measured step {job.warmup_steps + 1} after {job.warmup_steps} warm-up step(s)"]
     if job.engine in ("ddp", "zero1"):
         notes.append("DDP defaults: bucket_cap_mb=25, gradient_as_bucket_view=False, so the gradient buckets "

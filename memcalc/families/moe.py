@@ -205,8 +205,9 @@ def activations(a: MoeArch, run: Run) -> Rule:
                       f"{SOURCE}; {SOURCE_MOE}", (NOTE_MOE,))
     # The experts' backward: every routed row (T x top-k) through a gated MLP of the expert's width, beside the shared
     # expert's: both factors' gradients at once, as a dense gated MLP's (llama.gated_mlp_transient).
-    routed = 2 * run.c * run.tokens * (a.experts_per_token * a.expert_intermediate_size
-                                       + a.shared_expert_intermediate_size)
+    e = BYTES_PER_FP32 if run.autocast else run.c  # (grouped_mm runs in fp32 under autocast: routed_experts)
+    routed = 2 * run.tokens * (e * a.experts_per_token * a.expert_intermediate_size
+                               + run.c * a.shared_expert_intermediate_size)
     rule.transient = max(rule.transient, routed)
     return rule
 

@@ -1,5 +1,5 @@
-"""The layout planner (``--plan``): which layouts of data, tensor and pipeline parallelism, data-parallel sharding and
-checkpointing fit the GPUs, ranked by an explicit throughput model.
+"""The layout planner (``--plan``): which layouts of data, tensor, pipeline and context parallelism, data-parallel
+sharding and checkpointing fit the GPUs, ranked by an explicit throughput model.
 
 The memory of a layout is memcalc's estimate of its most loaded rank (as --tp and --pp report it). The ranking is a
 model (THROUGHPUT_MODEL, printed with every plan), not a measurement.
@@ -11,19 +11,23 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from memcalc import pipeline, tensor_parallel
+from memcalc import context_parallel, pipeline, tensor_parallel
 from memcalc.errors import UnsupportedModelError, UsageError
 
 THROUGHPUT_MODEL = """\
-throughput model, per step (N params, G GPUs, M micro-batches, L_s layers/stage):
-  tokens    T = dp x batch x seq x M
-  compute   C = 6 N T / G x 4/3 (ckpt full) / (peak bf16 FLOP/s x MFU)
-  tensor    X = 4 L_s M x 2 (tp-1)/tp x (batch x seq x hidden x 2 B) / NVLink
-  pipeline  P = 2 M x (batch x seq x hidden x 2 B) / network
+throughput model, per step (N params, G GPUs, M micro-batches, L_s layers/stage, dp data-parallel ranks of which cp
+share each sequence):
+  tokens    T = dp/cp x batch x seq x M
+  compute   C = (6 N + 6 L seq heads head_dim) T / G x 4/3 (ckpt full) / (peak bf16 FLOP/s x MFU)
+              (the second term: causal attention's scores and their product with v, forward and backward)
+  tensor    X = 4 L_s M x 2 (tp-1)/tp x (batch x seq/cp x hidden x 2 B) / NVLink
+  pipeline  P = 2 M x (batch x seq/cp x hidden x 2 B) / network
+  context   R = 8 L_s M (cp-1) x (batch x seq/cp x kv_heads/tp x head_dim x 2 B) / link  (the ring: k and v
+              all-gathered forward and backward, their fp32 gradients passed on)
   bubble    B = (pp-1) / (M + pp-1)
   data      D = k (dp-1)/dp x (rank's params x 2 B) / link (k 2 DDP/ZeRO-1, 3 FSDP)
-  step      S = (C + X + P) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
-  ranked by T / S; attention's s^2 FLOPs left out"""
+  step      S = (C + X + P + R) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
+  ranked by T / S"""
 
 PLANNER_MFU = 0.4  # model FLOPs utilization assumed for every layout (the ranking compares layouts, not clusters)
 # Per GPU: dense bf16 peak FLOP/s, the NVLink bandwidth per direction and the scale-out bandwidth per GPU (one
@@ -39,6 +43,8 @@ LINKS = {
 DEFAULT_LINKS = "h100"
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4, 8, 16, 32, 64)
+CP_SIZES = (1, 2, 4, 8, 16, 32)
+MIN_CONTEXT_PARALLEL_SEQ = 8192  # shorter sequences are not split (each rank would run under 4096 positions)
 BYTES_16 = 2
 
 
@@ -50,11 +56,13 @@ class Layout:
     sharding: str  # fsdp (ZeRO-3 over the data-parallel ranks), ddp, zero1
     checkpointing: str
     microbatches: int
+    cp: int = 1  # of the dp ranks, cp share each sequence (context parallelism)
 
     @property
     def label(self) -> str:
         pp = f" x pp {self.pp} (M {self.microbatches})" if self.pp > 1 else ""
-        return f"dp {self.dp} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
+        cp = f" (cp {self.cp})" if self.cp > 1 else ""
+        return f"dp {self.dp}{cp} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
 
 
 @dataclass
@@ -94,7 +102,7 @@ def _spec_for(base, layout: Layout):
     zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch")}[layout.sharding]
     tp, pp = layout.tp, layout.pp
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
-                        pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
+                        cp=layout.cp, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
                         pp_schedule="1f1b", pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
 
@@ -119,7 +127,19 @@ def _splits(check, *args) -> bool:
     return True
 
 
-def _layouts(model, gpus: int, gpus_per_node: int) -> list[Layout]:
+def _context_sizes(model, base) -> tuple[int, ...]:
+    """The context-parallel sizes the run can take (context_parallel.check, and the sequence cut into 2 cp chunks):
+    tried with one pipeline stage (context and pipeline parallelism are not composed here)."""
+    if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ:
+        return (1,)
+
+    def takes(cp: int) -> None:  # (the spec's own checks too: the sequence's chunks, the recipe)
+        context_parallel.check(model.described, base.replace(cp=cp, num_gpus=cp, tp=1, pp=1, microbatches=None))
+
+    return (1, *(cp for cp in CP_SIZES[1:] if _splits(takes, cp)))
+
+
+def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...] = (1,)) -> list[Layout]:
     found = []
     for tp in TP_SIZES:
         if gpus_per_node % tp or not _splits(tensor_parallel.check, model.described, tp):
@@ -131,9 +151,12 @@ def _layouts(model, gpus: int, gpus_per_node: int) -> list[Layout]:
             engines = ("fsdp", "ddp") if pp == 1 else ("zero1", "ddp")
             if dp == 1:
                 engines = ("ddp",)
-            for sharding in engines:
-                for checkpointing in ("none", "full"):
-                    found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1))
+            for cp in context_sizes if pp == 1 else (1,):
+                if dp % cp:
+                    continue
+                for sharding in engines:
+                    for checkpointing in ("none", "full"):
+                        found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1, cp))
     return found
 
 
@@ -141,23 +164,27 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     flops_per_s, intra, inter = links[:3]
     arch = model.arch
     params = sum(t.numel for t in model.tensors)
-    micro = spec.micro_batch_size * spec.seq_len  # tokens of one micro-batch
-    tokens = layout.dp * micro * layout.microbatches
+    micro = spec.micro_batch_size * spec.local_seq_len  # tokens of one micro-batch on one rank
+    tokens = layout.dp * micro * layout.microbatches  # (dp / cp groups of sequences, each seq = cp x local)
     gpus = layout.dp * layout.tp * layout.pp
     recompute = 4 / 3 if layout.checkpointing == "full" else 1.0
-    compute = 6 * params * tokens / gpus * recompute / (flops_per_s * PLANNER_MFU)
+    attention = 6 * arch.num_layers * spec.seq_len * arch.num_heads * arch.head_dim  # per token (causal: s/2 keys)
+    compute = (6 * params + attention) * tokens / gpus * recompute / (flops_per_s * PLANNER_MFU)
     hidden = micro * arch.hidden_size * BYTES_16
     layers = -(-arch.num_layers // layout.pp)
     tensor = 4 * layers * layout.microbatches * 2 * (layout.tp - 1) / layout.tp * hidden / intra
     pipe = 2 * layout.microbatches * hidden / inter if layout.pp > 1 else 0.0
+    kv = micro * (arch.num_kv_heads // layout.tp) * arch.head_dim * BYTES_16
+    ring_link = intra if layout.tp * layout.cp <= gpus_per_node else inter
+    context = 8 * layers * layout.microbatches * (layout.cp - 1) * kv / ring_link
     bubble = (layout.pp - 1) / (layout.microbatches + layout.pp - 1)
     rank_params = params / (layout.tp * layout.pp)
     factor = 3 if layout.sharding == "fsdp" else 2
     dp_link = inter if layout.tp * layout.pp * layout.dp > gpus_per_node else intra
     data = factor * (layout.dp - 1) / layout.dp * rank_params * BYTES_16 / dp_link if layout.dp > 1 else 0.0
-    step = (compute + tensor + pipe) / (1 - bubble) + max(0.0, data - compute / 2)
+    step = (compute + tensor + pipe + context) / (1 - bubble) + max(0.0, data - compute / 2)
     return tokens, step, {"compute_s": compute, "tensor_parallel_s": tensor, "pipeline_s": pipe,
-                          "data_parallel_s": data, "bubble_fraction": bubble}
+                          "context_parallel_s": context, "data_parallel_s": data, "bubble_fraction": bubble}
 
 
 def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
@@ -174,7 +201,12 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
         notes.append(f"{gpu.name}: no FLOP/s and link figures known; ranked with {DEFAULT_LINKS}'s")
     links = LINKS[key or DEFAULT_LINKS]
     candidates, refused = [], []
-    for layout in _layouts(model, gpus, per_node):
+    context_sizes = _context_sizes(model, base)
+    if context_sizes == (1,):
+        notes.append(f"context parallelism not tried: seq {base.seq_len:,} is below {MIN_CONTEXT_PARALLEL_SEQ:,}"
+                     if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ else
+                     "context parallelism not tried: the run does not take it (memcalc --cp's checks)")
+    for layout in _layouts(model, gpus, per_node, context_sizes):
         try:
             spec = _spec_for(base, layout)
             peak = _peak(model, spec)

@@ -177,6 +177,7 @@ def test_bad_requests_are_one_line_exit_2(cli, options, message):
     ("llama-3-8b", ["--attn", "eager"], "replaces sdpa's kernels only"),
     ("mistral-7b", ["--seq-len", "8192"], "with a sliding window (4,096 < --seq-len 8,192)"),
     ("llama-3-8b", ["--activations", "trace"], "the traced step runs one process's attention"),
+    ("llama-3-8b", ["--pp", "2", "--gpus", "4"], "--cp with --pp is not modelled together yet"),
 ])
 def test_unmodelled_paths_are_one_line_exit_5(cli, model, options, why):
     result = cli(model, "--cp", "2", "--gpus", "2", *options)

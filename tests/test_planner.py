@@ -37,19 +37,41 @@ def test_ranked_best_first_fitting_first(plan_405b):
 
 def test_throughput_model_by_hand(plan_405b):
     """FSDP over 64 groups of 8 tensor-parallel ranks, checkpointing full, batch 1 x 8192: the module's formula with
-    the H100 figures it cites (989 TFLOPS bf16, 450 GB/s NVLink each way, 50 GB/s per GPU between nodes, MFU 0.4)."""
+    the H100 figures it cites (989 TFLOPS bf16, 450 GB/s NVLink each way, 50 GB/s per GPU between nodes, MFU 0.4)
+    and the config's 126 layers of 128 heads of 128."""
     c = next(c for c in plan_405b.candidates if (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding,
-                                                  c.layout.checkpointing) == (64, 8, 1, "fsdp", "full"))
+                                                  c.layout.checkpointing, c.layout.cp) == (64, 8, 1, "fsdp", "full", 1))
     tokens = 64 * 8192
-    compute = 6 * PARAMS_405B * tokens / 512 * 4 / 3 / (989e12 * 0.4)
+    attention = 6 * 126 * 8192 * 128 * 128
+    compute = (6 * PARAMS_405B + attention) * tokens / 512 * 4 / 3 / (989e12 * 0.4)
     tensor = 4 * 126 * 1 * 2 * 7 / 8 * (8192 * 16384 * 2) / 450e9
     data = 3 * 63 / 64 * (PARAMS_405B / 8 * 2) / 50e9
     assert c.tokens_per_step == tokens
     assert c.step_seconds == pytest.approx(compute + tensor + max(0.0, data - compute / 2), rel=1e-12)
 
 
+def test_context_parallel_layouts_by_hand(plan_405b):
+    """64 data-parallel ranks in 32 pairs sharing each 8192-position sequence (cp 2) over 8 tensor-parallel ranks:
+    half the sequences per step, the ring's traffic (8 kv heads / 8 = 1 of 128 per rank, over the network: tp x cp =
+    16 GPUs > 8 per node), and the memory of that layout's estimate."""
+    c = next(c for c in plan_405b.candidates if (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding,
+                                                  c.layout.checkpointing, c.layout.cp) == (64, 8, 1, "fsdp", "full", 2))
+    tokens = 32 * 8192
+    attention = 6 * 126 * 8192 * 128 * 128
+    compute = (6 * PARAMS_405B + attention) * tokens / 512 * 4 / 3 / (989e12 * 0.4)
+    tensor = 4 * 126 * 1 * 2 * 7 / 8 * (4096 * 16384 * 2) / 450e9
+    ring = 8 * 126 * 1 * 1 * (4096 * 1 * 128 * 2) / 50e9
+    data = 3 * 63 / 64 * (PARAMS_405B / 8 * 2) / 50e9
+    assert c.tokens_per_step == tokens
+    assert c.step_seconds == pytest.approx(compute + tensor + ring + max(0.0, data - compute / 2), rel=1e-12)
+    report = api.estimate("llama-3.1-405b", gpus=512, tp=8, sp=True, loss_parallel=True, cp=2, sharding="fsdp", zero=3,
+                          checkpointing="full", seq_len=8192)
+    assert c.peak_bytes == report.per_gpu.peak_bytes
+
+
 def test_memory_is_the_estimate_of_that_layout(plan_405b):
-    c = next(c for c in plan_405b.candidates if (c.layout.tp, c.layout.pp) == (8, 1) and c.layout.sharding == "fsdp")
+    c = next(c for c in plan_405b.candidates if (c.layout.tp, c.layout.pp, c.layout.cp) == (8, 1, 1)
+             and c.layout.sharding == "fsdp")
     report = api.estimate("llama-3.1-405b", gpus=512, tp=8, sp=True, loss_parallel=True, sharding="fsdp", zero=3,
                           checkpointing=c.layout.checkpointing, seq_len=8192)
     assert c.peak_bytes == report.per_gpu.peak_bytes

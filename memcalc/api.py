@@ -297,7 +297,8 @@ def presets() -> Presets:
 
 def compare_with(tool: str, model: ModelInput, report: Report) -> list[ComparisonRow]:
     """Another tool's own estimate beside memcalc's, term by term, with why they differ: ``deepspeed``
-    (estimate_zero2/3_model_states_mem_needs) or ``accelerate`` (estimate-memory)."""
+    (estimate_zero2/3_model_states_mem_needs), ``accelerate`` (estimate-memory), ``megatron``
+    (theoretical_memory_usage.py) or ``llm-analysis`` (LLMAnalysis.training)."""
     if tool == "deepspeed":
         from memcalc.compat.deepspeed import compare_with_deepspeed, deepspeed_param_counts
 
@@ -313,14 +314,19 @@ def compare_with(tool: str, model: ModelInput, report: Report) -> list[Compariso
 
         counted = accelerate_counted_params(model.tensors) if model.architecture_known else None
         return compare_with_accelerate(report, counted)
-    if tool == "megatron":
+    if tool in ("megatron", "llm-analysis"):
         from memcalc import tensor_parallel
-        from memcalc.compat.megatron import compare_with_megatron
 
         if model.described is None or model.model_type not in tensor_parallel.MODEL_TYPES:
-            raise UsageError("{compare_with} megatron reproduces Megatron-LM's formula for decoders of the Llama "
-                             f"layout ({', '.join(tensor_parallel.MODEL_TYPES)}): give such a model")
-        return compare_with_megatron(report, model.arch)
+            raise UsageError(f"{{compare_with}} {tool} reproduces its formula for decoders of the Llama layout "
+                             f"({', '.join(tensor_parallel.MODEL_TYPES)}): give such a model")
+        if tool == "megatron":
+            from memcalc.compat.megatron import compare_with_megatron
+
+            return compare_with_megatron(report, model.arch)
+        from memcalc.compat.llm_analysis import compare_with_llm_analysis
+
+        return compare_with_llm_analysis(report, model.arch)
     raise UsageError(f"compare with {tool!r}: use one of {', '.join(COMPARE_TOOLS)}")
 
 

@@ -142,7 +142,7 @@ def estimate(
     from_config: Annotated[str | None, typer.Option("--from", help="Estimate the run a trainer's config describes: HF TrainingArguments JSON, TRL, axolotl, torchtune or LLaMA-Factory YAML (YAML needs the [yaml] extra). Every key read is listed: mapped, read but not modelled, ignored; a flag it contradicts is an error.", show_default=False)] = None,
     from_format: Annotated[str | None, typer.Option("--from-format", help="How to read --from: hf, trl, axolotl, torchtune or llamafactory (default: detected from the keys).", show_default=False)] = None,
     emit: Annotated[str | None, typer.Option("--emit", help="Print a config for this run (or the fit advisor's recommendation): deepspeed.")] = None,
-    compare_with: Annotated[str | None, typer.Option("--compare-with", help="Put another tool's figure beside memcalc's: deepspeed, accelerate or megatron (Megatron-LM's theoretical_memory_usage.py, Llama-layout decoders).")] = None,
+    compare_with: Annotated[str | None, typer.Option("--compare-with", help="Put another tool's figure beside memcalc's: deepspeed, accelerate, megatron (Megatron-LM's theoretical_memory_usage.py) or llm-analysis (LLMAnalysis.training; both for Llama-layout decoders).")] = None,
     gpu: Annotated[str | None, typer.Option(help="GPU preset for the fit check (memcalc presets).")] = None,
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory for the fit check, e.g. 80GiB or 24GB.")] = None,
     cuda_context: Annotated[str | None, typer.Option(help="CUDA context size assumed by the fit check (default 512MiB).")] = None,

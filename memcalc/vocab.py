@@ -166,4 +166,4 @@ METHOD_CPU_TRACKER = "cpu-tracker"
 METHOD_TRACE = "trace"
 METHODS = (METHOD_CUDA, METHOD_CPU_TRACKER, METHOD_TRACE)
 VERIFY_METHODS = ("auto", *METHODS)
-COMPARE_TOOLS = ("deepspeed", "accelerate", "megatron")
+COMPARE_TOOLS = ("deepspeed", "accelerate", "megatron", "llm-analysis")

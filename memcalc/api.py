@@ -339,6 +339,11 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
     from memcalc.errors import MemcalcError
 
     spec, why, fits = plan.specs[0], "this run", True
+    split = [name for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp)) if size > 1]
+    if split:
+        raise UsageError(f"{{emit}} deepspeed writes ZeRO, offload, precision and batch settings; the run's "
+                         f"{{{split[0]}}} is PyTorch's parallelism, which a DeepSpeed config does not set: drop "
+                         f"{{{split[0]}}} or {{emit}}")
     if report.fit is not None and not report.fit.fits:
         why, fits = (f"this run, which does not fit {report.fit.gpu}: no change the fit advisor found that DeepSpeed "
                      "can express fits (LoRA, pure 16-bit recipes and an optimizer step in backward are not DeepSpeed "

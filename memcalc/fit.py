@@ -568,7 +568,8 @@ class Largest:
 
 def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
                     rerun: Callable[[TrainingSpec], Report] | _Estimates,
-                    budget: int = LARGEST_FITTING_ESTIMATE_BUDGET, cap: tuple[int, str] | None = None) -> Largest:
+                    budget: int = LARGEST_FITTING_ESTIMATE_BUDGET, cap: tuple[int, str] | None = None,
+                    step: int = 1) -> Largest:
     """The largest value of ``field_name`` (micro_batch_size or seq_len) whose peak fits, its peak, and what
     stops it: memory, TrainingSpec's token bound (MAX_TOKENS = micro-batch x seq-len), or nothing at all.
 
@@ -576,39 +577,43 @@ def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
     eager attention's s^2): interpolating where it crosses the usable memory, with a bisection step whenever
     interpolation moves the same end twice, needs 2-4 estimates for a linear peak and about 2 log2(range)
     at worst (``budget`` bounds them). It stops at what the GPU holds, at the spec's bound, or at ``cap`` (the
-    model's own bound and why: GPT-2 learned 1,024 positions), never at an internal cap.
+    model's own bound and why: GPT-2 learned 1,024 positions), never at an internal cap. ``step``: only its
+    multiples are tried (--cp: the sequence cut into 2 cp equal chunks); the search runs on k = value / step.
     """
     estimates = rerun if isinstance(rerun, _Estimates) else _Estimates(rerun)
     label = {"micro_batch_size": "micro-batch", "seq_len": "sequence length"}[field_name]
     other = spec.seq_len if field_name == "micro_batch_size" else spec.micro_batch_size
-    bound = MAX_TOKENS // other  # TrainingSpec refuses micro-batch x seq-len above MAX_TOKENS
+    bound = MAX_TOKENS // other // step  # TrainingSpec refuses micro-batch x seq-len above MAX_TOKENS
     bound_limit, bound_reason = LIMIT_TOKEN_BOUND, (
-        f"{label} {bound:,} is the most TrainingSpec accepts here (micro-batch x seq-len <= {MAX_TOKENS:,} tokens, "
-        "memcalc/spec.py MAX_TOKENS); the GPU would hold more")
-    if cap is not None and cap[0] < bound:
-        bound, bound_limit, bound_reason = cap[0], LIMIT_MODEL, f"{cap[1]}; the GPU would hold more"
+        f"{label} {bound * step:,} is the most TrainingSpec accepts here (micro-batch x seq-len <= {MAX_TOKENS:,} "
+        "tokens, memcalc/spec.py MAX_TOKENS); the GPU would hold more")
+    if cap is not None and cap[0] // step < bound:
+        bound, bound_limit, bound_reason = cap[0] // step, LIMIT_MODEL, f"{cap[1]}; the GPU would hold more"
     usable = gpu.usable_bytes
     start = estimates.count
+    unit = f" (multiples of {step:,})" if step > 1 else ""
 
-    def probe(value: int) -> int | str:
-        return estimates.spec_peak(spec, {field_name: value})[1]
+    def probe(k: int) -> int | str:
+        return estimates.spec_peak(spec, {field_name: k * step})[1]
 
     def fits(result: int | str) -> bool:
         return isinstance(result, int) and result <= usable
 
+    if bound < 1:
+        return Largest(None, None, LIMIT_REJECTED, f"{label} {step:,} is past the bound: {bound_reason}")
     first = probe(1)
     if not isinstance(first, int):
-        return Largest(None, None, LIMIT_REJECTED, f"{label} 1 is rejected: {first}")
+        return Largest(None, None, LIMIT_REJECTED, f"{label} {step:,} is rejected: {first}")
     if first > usable:
-        return Largest(None, first, LIMIT_NONE_FITS, f"not even {label} 1 fits")
+        return Largest(None, first, LIMIT_NONE_FITS, f"not even {label} {step:,} fits")
     top = probe(bound) if bound > 1 else first
     if fits(top):
         assert isinstance(top, int)
         if top == first and bound > 1 and bound_limit != LIMIT_MODEL:
             return Largest(None, first, LIMIT_NOT_MEMORY,
-                           f"not limited by memory in this estimate: the peak is the same at {label} 1 and "
-                           f"{bound:,} (nothing in it grows with the {label})")
-        return Largest(bound, top, bound_limit, bound_reason)
+                           f"not limited by memory in this estimate: the peak is the same at {label} {step:,} and "
+                           f"{bound * step:,} (nothing in it grows with the {label})")
+        return Largest(bound * step, top, bound_limit, bound_reason + unit)
     low, low_peak, high, high_result = 1, first, bound, top
     moved: list[str] = []
     while high - low > 1 and estimates.count - start < budget:
@@ -628,12 +633,12 @@ def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
             high, high_result = guess, result
             moved.append("high")
     if high - low > 1:  # the budget ran out (a pathological peak): report what is known to fit
-        return Largest(low, low_peak, LIMIT_BUDGET,
-                       f"{label} {low:,} fits and {high:,} does not; the solver stopped between them after {budget} "
-                       "estimates")
+        return Largest(low * step, low_peak, LIMIT_BUDGET,
+                       f"{label} {low * step:,} fits and {high * step:,} does not; the solver stopped between them "
+                       f"after {budget} estimates{unit}")
     if isinstance(high_result, int):
-        return Largest(low, low_peak, LIMIT_MEMORY, f"{label} {high:,} does not fit")
-    return Largest(low, low_peak, LIMIT_REJECTED, f"{label} {high:,} is rejected: {high_result}")
+        return Largest(low * step, low_peak, LIMIT_MEMORY, f"{label} {high * step:,} does not fit{unit}")
+    return Largest(low * step, low_peak, LIMIT_REJECTED, f"{label} {high * step:,} is rejected: {high_result}")
 
 
 FIT_ROUNDS = 3  # searches on fitted lengths before the search runs on traced lengths alone
@@ -647,7 +652,7 @@ def _longest_sequence(spec: TrainingSpec, gpu: GpuTarget, estimates: _Estimates,
     peak moving to another op, a code path changing with the length), the confirming traces become anchors and the
     search runs again on the fit around them; after FIT_ROUNDS it runs on real traces."""
     if not traced:
-        return largest_fitting(spec, "seq_len", gpu, estimates, cap=cap)
+        return largest_fitting(spec, "seq_len", gpu, estimates, cap=cap, step=2 * spec.cp if spec.cp > 1 else 1)
     from memcalc.measure import derive
 
     with derive.fitted_sequences():

@@ -361,6 +361,11 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
                          "not {params}")
     from memcalc.measure.reserved import is_ddp
 
+    split = next((name for spec in specs for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp))
+                  if size > 1), None)
+    if split is not None:
+        raise UsageError(f"{{reserved}} with {{{split}}}: the replayed step is one process's whole model, not a "
+                         f"{split}-split rank's; drop {{reserved}} (the fit then assumes a reserve fraction)")
     if any(spec.zero_stage or (spec.num_gpus > 1 and not is_ddp(spec)) for spec in specs):
         raise UsageError("{reserved} replays one process's step, or a DDP rank ({sharding} torch, {zero} 0); "
                          "ZeRO/FSDP ranks are not replayed yet: drop {reserved} (the fit then assumes a reserve "

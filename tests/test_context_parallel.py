@@ -183,3 +183,27 @@ def test_unmodelled_paths_are_one_line_exit_5(cli, model, options, why):
     result = cli(model, "--cp", "2", "--gpus", "2", *options)
     assert result.exit_code == UnsupportedModelError.exit_code, result.stderr
     assert why in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_longest_sequence_is_a_whole_number_of_chunks(cli):
+    """--max-seq-len with --cp 8 searches multiples of 2 x 8: the answer fits, the next multiple does not."""
+    from memcalc import api
+
+    result = cli("llama-3-8b", "--cp", "8", "--gpus", "8", "--fsdp", "--gpu", "h100-80gb", "--max-seq-len", "--json")
+    assert result.exit_code == 0, result.stderr
+    fit = result.json()["fit"]
+    longest, usable = fit["max_seq_len"], fit["usable_bytes"]
+    assert longest % 16 == 0 and "multiples of 16" in fit["max_seq_len_reason"]
+    common = {"cp": 8, "gpus": 8, "fsdp": True}
+    assert api.estimate("llama-3-8b", seq_len=longest, **common).per_gpu.peak_bytes <= usable
+    assert api.estimate("llama-3-8b", seq_len=longest + 16, **common).per_gpu.peak_bytes > usable
+
+
+@pytest.mark.parametrize("split", [["--tp", "2"], ["--pp", "2"], ["--cp", "2"]])
+@pytest.mark.parametrize("output", [["--reserved", "--sharding", "torch"], ["--emit", "deepspeed"]])
+def test_outputs_of_one_process_refuse_split_ranks(cli, split, output):
+    """The allocator replay traces one process's whole model and a DeepSpeed config sets no PyTorch parallelism:
+    with a split rank each was a confident figure for another run; now one line."""
+    result = cli("llama-3-8b", "--gpus", "2", *split, *output)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert split[0] in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""

@@ -325,8 +325,8 @@ def _ring_attention(result: ActivationEstimate, arch: Arch, run: Run, cp: int) -
         f"(context_parallel: keys and values all-gathered, the blocks merged in fp32), {ring.forward:,} B at its "
         f"forward's peak and {ring.backward:,} B at its backward's (rank {ring.rank} of {cp}, the most loaded), walked "
         f"from _templated_ring_attention and its backward line by line; assumed: {context_parallel.ASSUMPTIONS}"
-        + ("; with --tp, each rank's heads: composed from the two models, not measured together" if run.tp > 1
-           else ""))
+        + ("; with --tp, each rank's heads (measured together under FSDP2 on a (dp, tp) mesh, the ring over dp)"
+           if run.tp > 1 else ""))
 
 
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:

@@ -123,6 +123,25 @@ def test_rank_matches_the_ring_in_the_transformers_class(cp, precision, checkpoi
     assert first.run["seq_len"] == 2048 // cp
 
 
+def test_under_fsdp2_and_tensor_parallelism():
+    """torchtitan's three dimensions: FSDP2 over the context-parallel ranks of a (dp, tp) mesh, torchtitan's TP plan
+    with SP and loss parallelism, the ring over the dp dimension's group: rank 0 within 0.05%."""
+    pytest.importorskip("transformers")
+    from memcalc.measure import cuda_semantics
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=2048, num_gpus=4, tp=2, cp=2,
+                        sequence_parallel=True, loss_parallel=True, sharding="fsdp", zero_stage=3)
+    report = run(model_of(ModelConfig("tiny", TINY, "test")), spec)
+    with cuda_semantics.like_cuda():
+        (rank,) = measure_distributed({**TINY, "_name": "tiny"}, spec, engine="fsdp2", world_size=4, method="fake",
+                                      like_cuda=True, sequence_parallel=True, loss_parallel=True)
+    assert abs(report.per_gpu.peak_bytes - rank.measured_peak_bytes) < 0.0005 * rank.measured_peak_bytes
+    assert rank.run["distributed"]["world_size"] == 4
+
+
 def test_real_gloo_ranks_run_the_ring():
     """Real ranks (gloo, real tensors and the CPU flash kernel in torch's ring): the measured ranks as on the fake
     group, the estimate within 0.05% of the most loaded."""

@@ -300,10 +300,10 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     if spec.pp > 1:
         return _verify_stages(model_config, spec, method, progress)
     layout: dict[str, bool] = {}
-    if spec.cp > 1 and (spec.tp > 1 or spec.num_gpus != spec.cp):
-        raise UsageError(f"{{verify}} runs one context-parallel group of {spec.cp} ranks: give {{gpus}} {spec.cp} and "
-                         "no {tp} (context parallelism under more data or tensor parallelism is composed, not "
-                         "measured)")
+    if spec.cp > 1 and spec.num_gpus != spec.cp * spec.tp:
+        raise UsageError(f"{{verify}} runs one context-parallel group of {spec.cp} ranks (of {spec.tp} tensor-parallel "
+                         f"ranks each): give {{gpus}} {spec.cp * spec.tp} (more data parallelism around it is "
+                         "composed, not measured)")
     if spec.tp > 1:
         layout = {"sequence_parallel": spec.sequence_parallel, "loss_parallel": spec.loss_parallel}
         if spec.data_parallel == 1:
@@ -334,7 +334,9 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     else:
         # rank 0, and for ZeroRedundancyOptimizer every rank (whole parameters: ranks differ); with context
         # parallelism the first and the last (rank 0's attention output is rebuilt, the last's is not)
-        wanted = tuple(range(spec.num_gpus)) if engine == "zero1" else (0, spec.num_gpus - 1) if spec.cp > 1 else (0,)
+        # (one rank of a (dp, tp) mesh: the fake group's process groups are made once per process)
+        wanted = (tuple(range(spec.num_gpus)) if engine == "zero1"
+                  else (0, spec.num_gpus - 1) if spec.cp > 1 and spec.tp == 1 else (0,))
         ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="fake",
                                     reshard_after_forward=reshard, progress=progress, fake_ranks=wanted, **layout)
     busiest = max(ranks, key=lambda m: m.measured_peak_bytes)

@@ -136,9 +136,11 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             raise UsageError(f"world size {world_size} is not divisible by {{tp}} {spec.tp}")
         job = dataclasses.replace(job, tp=spec.tp)
     if spec.cp > 1:
-        if engine not in ("ddp", "zero1", "fsdp2") or spec.cp != world_size:
-            raise UsageError(f"the context-parallel measurement runs {{cp}} {spec.cp} over every rank of ddp, zero1 or "
-                             f"fsdp2 (torchtitan's FSDP mesh spans it): give {{gpus}} {spec.cp}")
+        # over every data-parallel rank: torchtitan's FSDP mesh (dp_shard_cp) spans the context-parallel ranks
+        if engine not in ("ddp", "zero1", "fsdp2") or spec.cp * job.tp != world_size:
+            raise UsageError(f"the context-parallel measurement runs {{cp}} {spec.cp} over every data-parallel rank of "
+                             f"ddp, zero1 or fsdp2 (torchtitan's FSDP mesh spans them): give {{gpus}} "
+                             f"{spec.cp * job.tp}")
         job = dataclasses.replace(job, cp=spec.cp)
     if sequence_parallel or loss_parallel:
         if engine != "tp" and job.tp == 1:
@@ -725,7 +727,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         for step in range(job.warmup_steps):
             say(f"warm-up step {step + 1} of {job.warmup_steps}")
             comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
-            with _step_context(job):
+            with _step_context(job, mesh):
                 one_step(runner, stepper, batch, setup, PhaseClock())
     if events is not None:
         log.events = None  # the measured step's tracker records the rest
@@ -761,7 +763,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     say("measured step")
     tracker.events = events
     try:
-        with profiler as prof, instrument, _step_context(job), _untracked(job, tracker), tracker:
+        with profiler as prof, instrument, _step_context(job, mesh), _untracked(job, tracker), tracker:
             one_step(runner, stepper, batch, setup, _TrackerClock(tracker, None), after_backward)
     finally:
         tracker.remove_hooks()
@@ -868,20 +870,23 @@ def _untracked(job: _Job, tracker):
     return untracked_propagation(tracker)
 
 
-def _step_context(job: _Job):
-    """What the step runs inside: tp with loss parallelism, torch's loss_parallel() around the loss's forward and
-    backward; cp, the ring attention over the world (memcalc.measure.context_parallel)."""
-    if job.cp > 1:
-        import torch.distributed as dist
+@contextlib.contextmanager
+def _step_context(job: _Job, mesh=None) -> Iterator[None]:
+    """What the step runs inside: cp, the ring attention over the data-parallel ranks (the world, or the dp dimension
+    of a (dp, tp) mesh; memcalc.measure.context_parallel); tp with loss parallelism, torch's loss_parallel() around
+    the loss's forward and backward."""
+    with contextlib.ExitStack() as stack:
+        if job.cp > 1:
+            import torch.distributed as dist
 
-        from memcalc.measure.context_parallel import ring_attention
+            from memcalc.measure.context_parallel import ring_attention
 
-        return ring_attention(dist.group.WORLD)
-    if not job.loss_parallel:
-        return contextlib.nullcontext()
-    from torch.distributed.tensor.parallel import loss_parallel
+            stack.enter_context(ring_attention(mesh["dp"].get_group() if job.tp > 1 else dist.group.WORLD))
+        if job.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
 
-    return loss_parallel()
+            stack.enter_context(loss_parallel())
+        yield
 
 
 def _fsdp_params(model) -> list:

@@ -263,6 +263,9 @@ def check(described, spec) -> None:
     if arch.head != CAUSAL_LM:
         raise UnsupportedModelError(f"{{cp}} runs causal attention (context_parallel's ring); {arch.architecture} "
                                     "has another head: drop {cp}")
+    if not arch.supports_sdpa:
+        raise UnsupportedModelError(f"{{cp}}: {arch.architecture} has no sdpa path in transformers (it runs eager "
+                                    "attention), and torch's context_parallel replaces sdpa's kernels only: drop {cp}")
     if spec.attention != Attention.sdpa:
         raise UnsupportedModelError(f"{{cp}} with {{attn}} {spec.attention.value}: torch's context_parallel replaces "
                                     "sdpa's kernels only; use {attn} sdpa")

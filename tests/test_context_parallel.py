@@ -194,6 +194,7 @@ def test_bad_requests_are_one_line_exit_2(cli, options, message):
 @pytest.mark.parametrize(("model", "options", "why"), [
     ("gpt2", [], "is modelled for decoders of the Llama layout"),
     ("llama-3-8b", ["--attn", "eager"], "replaces sdpa's kernels only"),
+    ("gemma-2-9b", ["--seq-len", "4096"], "has no sdpa path in transformers"),
     ("mistral-7b", ["--seq-len", "8192"], "with a sliding window (4,096 < --seq-len 8,192)"),
     ("llama-3-8b", ["--activations", "trace"], "the traced step runs one process's attention"),
     ("llama-3-8b", ["--pp", "2", "--gpus", "4"], "--cp with --pp is not modelled together yet"),

@@ -35,15 +35,26 @@ def test_ranked_best_first_fitting_first(plan_405b):
     assert plan_405b.candidates[:len(fitting)] == plan_405b.fitting
 
 
+def _candidate(plan, dp: int, tp: int, pp: int, sharding: str, checkpointing: str, cp: int):
+    return next(c for c in plan.candidates if (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding,
+                                               c.layout.checkpointing, c.layout.cp) == (dp, tp, pp, sharding,
+                                                                                         checkpointing, cp))
+
+
+def _compute_405b(tokens: int) -> float:
+    """The compute term on 512 H100s with full checkpointing: 6 N per token and causal attention's 6 L s heads
+    head_dim (126 layers, 128 heads of 128, 8,192 positions), 4/3 for the recomputation, MFU 0.4 of 989 TFLOPS."""
+    attention = 6 * 126 * 8192 * 128 * 128
+    return (6 * PARAMS_405B + attention) * tokens / 512 * 4 / 3 / (989e12 * 0.4)
+
+
 def test_throughput_model_by_hand(plan_405b):
     """FSDP over 64 groups of 8 tensor-parallel ranks, checkpointing full, batch 1 x 8192: the module's formula with
     the H100 figures it cites (989 TFLOPS bf16, 450 GB/s NVLink each way, 50 GB/s per GPU between nodes, MFU 0.4)
     and the config's 126 layers of 128 heads of 128."""
-    c = next(c for c in plan_405b.candidates if (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding,
-                                                  c.layout.checkpointing, c.layout.cp) == (64, 8, 1, "fsdp", "full", 1))
+    c = _candidate(plan_405b, 64, 8, 1, "fsdp", "full", 1)
     tokens = 64 * 8192
-    attention = 6 * 126 * 8192 * 128 * 128
-    compute = (6 * PARAMS_405B + attention) * tokens / 512 * 4 / 3 / (989e12 * 0.4)
+    compute = _compute_405b(tokens)
     tensor = 4 * 126 * 1 * 2 * 7 / 8 * (8192 * 16384 * 2) / 450e9
     data = 3 * 63 / 64 * (PARAMS_405B / 8 * 2) / 50e9
     assert c.tokens_per_step == tokens
@@ -54,11 +65,9 @@ def test_context_parallel_layouts_by_hand(plan_405b):
     """64 data-parallel ranks in 32 pairs sharing each 8192-position sequence (cp 2) over 8 tensor-parallel ranks:
     half the sequences per step, the ring's traffic (8 kv heads / 8 = 1 of 128 per rank, over the network: tp x cp =
     16 GPUs > 8 per node), and the memory of that layout's estimate."""
-    c = next(c for c in plan_405b.candidates if (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding,
-                                                  c.layout.checkpointing, c.layout.cp) == (64, 8, 1, "fsdp", "full", 2))
+    c = _candidate(plan_405b, 64, 8, 1, "fsdp", "full", 2)
     tokens = 32 * 8192
-    attention = 6 * 126 * 8192 * 128 * 128
-    compute = (6 * PARAMS_405B + attention) * tokens / 512 * 4 / 3 / (989e12 * 0.4)
+    compute = _compute_405b(tokens)
     tensor = 4 * 126 * 1 * 2 * 7 / 8 * (4096 * 16384 * 2) / 450e9
     ring = 8 * 126 * 1 * 1 * (4096 * 1 * 128 * 2) / 50e9
     data = 3 * 63 / 64 * (PARAMS_405B / 8 * 2) / 50e9

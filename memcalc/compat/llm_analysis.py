@@ -25,19 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memcalc.compat import ComparisonRow, memcalc_term_bytes
+from memcalc.compat import ACTIVATION_TERMS, ComparisonRow, memcalc_term_bytes
 from memcalc.errors import UsageError
 from memcalc.report import Report
-from memcalc.vocab import (
-    TERM_ACTIVATIONS,
-    TERM_GRADIENTS,
-    TERM_LOSS_BUFFERS,
-    TERM_MASTER,
-    TERM_OPTIMIZER_STATES,
-    TERM_PIPELINE_HELD_ACTIVATIONS,
-    TERM_PIPELINE_HELD_LOSSES,
-    TERM_WEIGHTS,
-)
+from memcalc.vocab import TERM_GRADIENTS, TERM_MASTER, TERM_OPTIMIZER_STATES, TERM_WEIGHTS
 
 LLM_ANALYSIS_FILE = "cli99/llm-analysis 0.2.2 (d841e40) llm_analysis/analysis.py LLMAnalysis.training"
 BYTES_16 = 2  # w16a16e16: weights, activations and the embedding in 16 bits
@@ -118,8 +109,7 @@ def compare_with_llm_analysis(report: Report, arch) -> list[ComparisonRow]:
     ours_weights = memcalc_term_bytes(report, TERM_WEIGHTS)
     ours_states = memcalc_term_bytes(report, TERM_MASTER, TERM_OPTIMIZER_STATES)
     ours_grads = memcalc_term_bytes(report, TERM_GRADIENTS)
-    ours_acts = memcalc_term_bytes(report, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_PIPELINE_HELD_ACTIVATIONS,
-                                   TERM_PIPELINE_HELD_LOSSES)
+    ours_acts = memcalc_term_bytes(report, *ACTIVATION_TERMS)
     where = f"stage {t.pp_stage}'s" if t.pp > 1 else "this rank's"
     return [
         ComparisonRow(

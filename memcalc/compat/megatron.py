@@ -19,19 +19,10 @@ from __future__ import annotations
 
 import math
 
-from memcalc.compat import ComparisonRow, memcalc_term_bytes
+from memcalc.compat import ACTIVATION_TERMS, ComparisonRow, memcalc_term_bytes
 from memcalc.errors import UsageError
 from memcalc.report import Report
-from memcalc.vocab import (
-    TERM_ACTIVATIONS,
-    TERM_GRADIENTS,
-    TERM_LOSS_BUFFERS,
-    TERM_MASTER,
-    TERM_OPTIMIZER_STATES,
-    TERM_PIPELINE_HELD_ACTIVATIONS,
-    TERM_PIPELINE_HELD_LOSSES,
-    TERM_WEIGHTS,
-)
+from memcalc.vocab import TERM_GRADIENTS, TERM_MASTER, TERM_OPTIMIZER_STATES, TERM_WEIGHTS
 
 MEGATRON_FILE = "Megatron-LM megatron/training/theoretical_memory_usage.py"
 VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default
@@ -90,8 +81,7 @@ def compare_with_megatron(report: Report, arch) -> list[ComparisonRow]:
         microbatches=t.microbatches if t.pp > 1 else None, sequence_parallel=t.sequence_parallel,
         selective_recompute=selective, distributed_optimizer=t.zero_stage >= 1)
     ours_states = memcalc_term_bytes(report, TERM_WEIGHTS, TERM_MASTER, TERM_GRADIENTS, TERM_OPTIMIZER_STATES)
-    ours_acts = memcalc_term_bytes(report, TERM_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_PIPELINE_HELD_ACTIVATIONS,
-                                   TERM_PIPELINE_HELD_LOSSES)
+    ours_acts = memcalc_term_bytes(report, *ACTIVATION_TERMS)
     stage = f"stage {t.pp_stage}" if t.pp > 1 else "the one stage"
     formula = ("SP with selective recompute (Korthikanti Table 2)" if t.sequence_parallel and selective
                else "without SP: s b h (10 + 24 / tp) per layer, x 1.05")

@@ -72,6 +72,8 @@ class ActivationEstimate:
     held_through_loss_bytes: int = 0  # what the model's outputs keep alive through the loss, unsaved (Rule.held)
     backward_start_extra_bytes: int = 0
     recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
+    recompute_forward_extra: int = 0  # ... and, while its recomputation runs, its forward's transients (Rule.forward_transient)
+    layer_input_gradient_bytes: int = 0  # ... and the gradient of its output, waiting for its backward
     # Checkpointing: a layer's tensors while its forward runs (its activations; eager attention also its scores)
     checkpointed_forward_bytes: int = 0
     # What the final norm, the head and the logits' softcap saved: freed by the time the last layer's backward runs
@@ -446,7 +448,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # Its attention's tensors are not kept once its MLP runs: the larger of the two parts.
             scores = run.c * run.b * (arch.num_heads // run.tp) * run.s * run.s if run.eager else 0
             mlp = rule.layers[0].get(PART_MLP, 0)
-            result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp)
+            result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp,
+                                                    result.recompute_bytes + rule.forward_transient)
+            result.recompute_forward_extra = rule.forward_transient
+            # (late in backward, beside the first layer's recomputation: the gradient arriving at it, which waits)
+            result.layer_input_gradient_bytes = run.residual * run.tokens * arch.hidden_size
             if result.ring_forward_bytes:  # --cp: the layer's ring attention (its recomputation's: the engine's)
                 ring = (result.recompute_bytes - mlp - result.after_attention_bytes) + result.ring_forward_bytes
                 result.checkpointed_forward_bytes = max(result.checkpointed_forward_bytes, ring)

@@ -28,6 +28,8 @@ from memcalc.spec import ActivationSource, Attention
 from memcalc.tensor_parallel import MODEL_TYPES
 from memcalc.units import BYTES_PER_FP32
 
+# Llama-layout attention (separate q, k, v and o projections, sdpa): the dense types of the TP plan and the MoE ones.
+CP_MODEL_TYPES = (*MODEL_TYPES, "mixtral", "qwen2_moe", "qwen3_moe")
 SOURCE = ("torch.distributed.tensor.experimental context_parallel (torch 2.13 _context_parallel/_attention.py "
           "_templated_ring_attention and _templated_ring_attention_backward: merge in fp32, load balancing, keys and "
           "values all-gathered), as torchtitan applies it; measured with those functions on the transformers class "
@@ -257,9 +259,9 @@ def check(described, spec) -> None:
     if described is None:
         raise UsageError("{cp} splits each layer's sequence: give a model name or config.json, not only {params}")
     arch = described.arch
-    if described.model_type not in MODEL_TYPES:
-        raise UnsupportedModelError(f"{{cp}} is modelled for decoders of the Llama layout ({', '.join(MODEL_TYPES)}); "
-                                    f"{described.model_type} is not yet: drop {{cp}}")
+    if described.model_type not in CP_MODEL_TYPES:
+        raise UnsupportedModelError(f"{{cp}} is modelled for decoders of the Llama layout "
+                                    f"({', '.join(CP_MODEL_TYPES)}); {described.model_type} is not yet: drop {{cp}}")
     if arch.head != CAUSAL_LM:
         raise UnsupportedModelError(f"{{cp}} runs causal attention (context_parallel's ring); {arch.architecture} "
                                     "has another head: drop {cp}")

@@ -444,7 +444,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # it); ZeRO-2/3 hold flat partitions instead, so not there.
     whole_grads = stage < 2 and spec.grad_accum == 1 and not in_backward
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
-    pending_mlp, pending_attention = _first_layer_pending(tensors) if whole_grads else (0, 0)
+    pending_mlp, pending_attention, pending_layer = _first_layer_pending(tensors) if whole_grads else (0, 0, 0)
     # (--cp, whose ring makes the attention's backward a moment of its own: the gradients made before it)
     made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
                          if whole_grads and act.after_attention_bytes else 0)
@@ -455,12 +455,14 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
         loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
+        recomputed_forward=act.recompute_forward_extra, layer_input_gradient=act.layer_input_gradient_bytes,
         checkpointed_layer_forward=act.checkpointed_forward_bytes, ring_forward=act.ring_forward_bytes,
         after_attention=act.after_attention_bytes, made_at_attention=made_at_attention,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         attention_gradients=act.attention_backward_transient_bytes, layer_mlp=act.layer_mlp_bytes,
         first_layer_context=act.first_layer_context_bytes,
         pending_at_mlp=pending_mlp * bytes_per_grad, pending_at_attention=pending_attention * bytes_per_grad,
+        pending_at_recompute=pending_layer * bytes_per_grad,
         after_layers=act.after_layers_bytes,
         largest_step_copy=(largest.numel * _bytes_per(recipe.compute_dtype) if in_backward and recipe.autocast
                            and largest.role == ROLE_LM_HEAD else 0),
@@ -507,7 +509,7 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
-def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
+def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int]:
     """The first decoder layer's trainable elements whose gradients its backward has not made yet: at its MLP's
     backward all but the MLP's output projection (the layer's last op, first in backward: down_proj, fc2, c_proj;
     Phi-3's fused gate_up projection comes later), at its attention's its q, k and v (all of the attention's but the
@@ -522,7 +524,8 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
         outputs = [t for t in mlp if t.role == ROLE_EXPERT]
     made_first = max((t.numel for t in outputs or mlp), default=0)
     output = max((t.numel for t in attention), default=0)
-    return sum(t.numel for t in layer) - made_first, sum(t.numel for t in attention) - output
+    total = sum(t.numel for t in layer)
+    return total - made_first, sum(t.numel for t in attention) - output, total
 
 
 def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
@@ -654,6 +657,8 @@ class _Extras:
     checkpointed_layer_forward: int = 0  # checkpointing: a layer's tensors while its forward runs (none kept)
     ring_forward: int = 0  # --cp: the last layer's ring attention in the forward (beyond what the layer saves)
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
+    recomputed_forward: int = 0  # ... and, while it is recomputed, its forward's transients (Rule.forward_transient)
+    layer_input_gradient: int = 0  # ... beside the gradient of its output, waiting (late in backward)
     layer_activations: int = 0  # late backward: the first layer's activations (0: not modelled)
     layer_gradients: int = 0  # late backward: the first layer's gradient transients (at its MLP's backward)
     attention_gradients: int = 0  # ... at its attention's backward (eager softmax's gradients; 0: not beyond)
@@ -663,6 +668,7 @@ class _Extras:
     first_layer_context: int = 0  # activations still kept beside the first layer's (per model; its kept input)
     pending_at_mlp: int = 0  # the first layer's gradients not yet made at its MLP's backward (all but the output's)
     pending_at_attention: int = 0  # ... at its attention's backward (q, k, v)
+    pending_at_recompute: int = 0  # ... while it is recomputed (all of them)
     after_layers: int = 0  # what the final norm and the head saved (gone by the last layer's backward)
     largest_step_copy: int = 0  # --optim-in-backward: the autocast copy of the largest tensor, if the head's weight
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
@@ -746,6 +752,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
              EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
     # (after the head's backward the loss's saved log-softmax output is released: not beside the recomputed layer)
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
+    if x.recomputed_forward:  # the first recomputation's forward, at its largest
+        after_head[EXTRA_RECOMPUTED_LAYER] = x.recomputed_layer + x.recomputed_forward
     start[EXTRA_LOSS_GRADIENTS] = x.loss_gradients
     if sum(after_head.values()) > sum(start.values()):
         start = after_head
@@ -795,6 +803,9 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp - x.after_attention,
                        x.attention_gradients,
                        x.pending_at_attention))
+    if x.recomputed_forward:  # its recomputation's forward, at its largest (Rule.forward_transient)
+        points.append((x.layer_activations + x.first_layer_context, x.recomputed_forward + x.layer_input_gradient,
+                       x.pending_at_recompute))
     layer_acts, layer_grads, pending = max(points, key=lambda point: point[0] + point[1] - point[2])
     late_extra = (layer_acts + layer_grads + x.recomputed_casts + x.head_gradient_late - x.missing_gradients
                   - pending)

@@ -120,6 +120,10 @@ class Rule:
     # input copy): not yet there at its attention's forward, released by its attention's backward. Given where a
     # moment needs it (--cp's ring attention); 0: not counted off.
     after_attention: int = 0
+    # A layer's tensors while its forward runs beyond what it saves, at their largest (the MoE block's output being
+    # put back in token order): counted where a checkpointed layer's forward runs, first in the forward, then its
+    # recomputation at the start of backward. 0: none beyond.
+    forward_transient: int = 0
 
     def layer_bytes(self, index: int) -> int:
         return sum(self.layers[index].values())

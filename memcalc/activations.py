@@ -448,8 +448,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # Its attention's tensors are not kept once its MLP runs: the larger of the two parts.
             scores = run.c * run.b * (arch.num_heads // run.tp) * run.s * run.s if run.eager else 0
             mlp = rule.layers[0].get(PART_MLP, 0)
-            result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp,
-                                                    result.recompute_bytes + rule.forward_transient)
+            # (A MoE block's forward ends with its tensors and the buffers of the restore: Rule.forward_transient.)
+            result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp + rule.forward_transient)
             result.recompute_forward_extra = rule.forward_transient
             # (late in backward, beside the first layer's recomputation: the gradient arriving at it, which waits)
             result.layer_input_gradient_bytes = run.residual * run.tokens * arch.hidden_size

@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import queue as queue_module
 import time
 import traceback
@@ -762,10 +763,17 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     profiler = trk.allocator_profiler() if job.allocator_check else contextlib.nullcontext()
     say("measured step")
     tracker.events = events
+    # Python's cyclic collector runs when its allocation counts say so, which gloo's threads shift from run to run: a
+    # buffer in a reference cycle (FSDP2's deferred all-gather state) was freed at varying moments. Collected before
+    # the step and paused during it, as the CUDA step does (memcalc.measure.cuda), every run frees the same tensors at
+    # the same moments.
+    gc.collect()
+    gc.disable()
     try:
         with profiler as prof, instrument, _step_context(job, mesh), _untracked(job, tracker), tracker:
             one_step(runner, stepper, batch, setup, _TrackerClock(tracker, None), after_backward)
     finally:
+        gc.enable()
         tracker.remove_hooks()
         tracker.events = None
     if job.allocator_check:

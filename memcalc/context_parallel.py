@@ -30,10 +30,6 @@ from memcalc.units import BYTES_PER_FP32
 
 # Llama-layout attention (separate q, k, v and o projections, sdpa): the dense types of the TP plan and the MoE ones.
 CP_MODEL_TYPES = (*MODEL_TYPES, "mixtral", "qwen2_moe", "qwen3_moe")
-SOURCE = ("torch.distributed.tensor.experimental context_parallel (torch 2.13 _context_parallel/_attention.py "
-          "_templated_ring_attention and _templated_ring_attention_backward: merge in fp32, load balancing, keys and "
-          "values all-gathered), as torchtitan applies it; measured with those functions on the transformers class "
-          "(memcalc.measure.context_parallel)")
 # What the ring does not do, said with every estimate.
 ASSUMPTIONS = ("CUDA's flash kernel takes the grouped k and v as they are (enable_gqa), so the ring moves kv-heads-"
                "sized buffers; the flash backward's own workspaces are not counted (as without --cp)")

@@ -30,7 +30,6 @@ from memcalc.errors import UsageError
 from memcalc.report import Report
 from memcalc.vocab import TERM_GRADIENTS, TERM_MASTER, TERM_OPTIMIZER_STATES, TERM_WEIGHTS
 
-LLM_ANALYSIS_FILE = "cli99/llm-analysis 0.2.2 (d841e40) llm_analysis/analysis.py LLMAnalysis.training"
 BYTES_16 = 2  # w16a16e16: weights, activations and the embedding in 16 bits
 LAYERNORM_BYTES = 4  # training(layernorm_dtype_bytes=4)
 MASTER_BYTES = 4  # training(master_weights_dtype_bytes=4): the gradients' bytes too

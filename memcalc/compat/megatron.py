@@ -24,7 +24,6 @@ from memcalc.errors import UsageError
 from memcalc.report import Report
 from memcalc.vocab import TERM_GRADIENTS, TERM_MASTER, TERM_OPTIMIZER_STATES, TERM_WEIGHTS
 
-MEGATRON_FILE = "Megatron-LM megatron/training/theoretical_memory_usage.py"
 VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default
 
 

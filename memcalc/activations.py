@@ -85,10 +85,15 @@ class ActivationEstimate:
     # ... at its attention's backward (its MLP's activations released by then): eager softmax's gradients
     attention_backward_transient_bytes: int = 0
     layer_mlp_bytes: int = 0  # what the layer's MLP saved (released before its attention's backward)
+    last_layer_mlp_bytes: int = 0  # ... the last layer's (under checkpointing: the recomputed one's)
     # --cp: the last layer's ring attention in the forward, beyond the output and log-sum-exp the layer saves (the
     # activations of the layers before it and of its own attention's inputs beside)
     ring_forward_bytes: int = 0
     after_attention_bytes: int = 0  # what a layer makes after its attention beyond its MLP's (Rule.after_attention)
+    opening_backward_transient_bytes: int = 0  # a layer's backward at its first op (Rule.opening_transient)
+    released_at_mlp_bytes: int = 0  # ... what it released by its MLP's backward (Rule.released_at_mlp)
+    output_gradient_bytes: int = 0  # the layer's output gradient among its transients (Rule.output_gradient)
+    released_at_scores_bytes: int = 0  # ... released by its eager softmax's backward beyond its MLP's (Rule.released_at_scores)
     # ... and beside it the activations still kept then: the per-model ones but the final norm's and head's, and with
     # checkpointing the first layer's kept input
     first_layer_context_bytes: int = 0
@@ -394,7 +399,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.layer_backward_transient_bytes = rule.transient
         result.attention_backward_transient_bytes = rule.attention_transient
         result.layer_mlp_bytes = rule.layers[0].get(PART_MLP, 0)
+        # The last layer's (under checkpointing the largest, the one counted recomputed; DeepSeek's and Qwen-MoE's
+        # layers differ in their MLPs)
+        last = (max(range(len(layer_totals)), key=layer_totals.__getitem__)
+                if spec.checkpointing == Checkpointing.full else len(layer_totals) - 1)
+        result.last_layer_mlp_bytes = rule.layers[last].get(PART_MLP, 0)
         result.after_attention_bytes = rule.after_attention
+        result.opening_backward_transient_bytes = rule.opening_transient
+        result.released_at_mlp_bytes = rule.released_at_mlp
+        result.output_gradient_bytes = rule.output_gradient
         result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,
                                                                                   PART_LOGIT_SOFTCAP))
         result.first_layer_context_bytes = rule.per_model_bytes - result.after_layers_bytes
@@ -404,8 +417,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # saved softmax output. Found by the traced step (memcalc/measure/timeline.py: Mistral-7B, Phi-3-mini and
             # Qwen2.5-7B checkpointed were 1.5% to 5.9% low without it) and measured (Llama-family bf16, OPT and
             # Falcon fp32 eager checkpointed CPU steps were 4% to 7% low with the fp32 one alone).
-            scores = (BYTES_PER_FP32 + run.c) * run.b * (arch.num_heads // run.tp) * run.s * run.s
+            # Where the rule says what the layer has released by softmax's backward (Rule.released_at_scores: the
+            # probabilities' 16-bit copy among it), the moment itself: softmax's fp32 output, the fp32 gradient
+            # arriving at it (the probabilities' gradient cast up by .to()'s backward) and its fp32 output (measured:
+            # Llama-family eager checkpointed CPU steps, benchmarks/accuracy.py).
+            released = rule.released_at_scores
+            per_score = 2 * BYTES_PER_FP32 if released else BYTES_PER_FP32 + run.c
+            scores = per_score * run.b * (arch.num_heads // run.tp) * run.s * run.s + rule.held_at_scores
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
+            result.released_at_scores_bytes = released
     if spec.cp > 1 and layered:
         _ring_attention(result, arch, run, spec.cp)
     if lora_traced:
@@ -441,13 +461,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         total = kept + per_model
         breakdown = {KEPT_INPUTS: kept, **_model_parts(rule)}
         result.recompute_bytes = rule.recompute if rule.recompute is not None else max(layer_totals)
+        # (a recomputed layer's norm that saves the kept input itself: counted once, with the kept inputs)
+        result.recompute_bytes -= rule.recompute_saves_input
         if layered:
             # In the forward a checkpointed layer keeps nothing, but its tensors exist while it runs: at most its
             # activations, and with eager attention the scores beside softmax's fp32 output (the traced step found
             # the forward up to 12.6% low without this moment: Phi-3-mini, Mistral-7B eager, seq 2048).
             # Its attention's tensors are not kept once its MLP runs: the larger of the two parts.
             scores = run.c * run.b * (arch.num_heads // run.tp) * run.s * run.s if run.eager else 0
-            mlp = rule.layers[0].get(PART_MLP, 0)
+            mlp = result.last_layer_mlp_bytes
             # (A MoE block's forward ends with its tensors and the buffers of the restore: Rule.forward_transient.)
             result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp + rule.forward_transient)
             if rule.forward_transient:
@@ -458,7 +480,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                 ring = (result.recompute_bytes - mlp - result.after_attention_bytes) + result.ring_forward_bytes
                 result.checkpointed_forward_bytes = max(result.checkpointed_forward_bytes, ring)
             # The first layer's backward: its own kept input (and the eager mask) beside the per-model activations
-            result.first_layer_context_bytes += kept - rule.kept + rule.kept // len(layer_totals)
+            result.first_layer_context_bytes += (kept - rule.kept + rule.kept // len(layer_totals)
+                                                 - rule.recompute_saves_input)
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
                    f"recomputed at a time ({result.recompute_bytes:,} B: {rule.formula})")
     elif selective:

@@ -445,9 +445,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     whole_grads = stage < 2 and spec.grad_accum == 1 and not in_backward
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
     pending_mlp, pending_attention, pending_layer = _first_layer_pending(tensors) if whole_grads else (0, 0, 0)
-    # (--cp, whose ring makes the attention's backward a moment of its own: the gradients made before it)
+    # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
     made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
-                         if whole_grads and act.after_attention_bytes else 0)
+                         if whole_grads and (act.after_attention_bytes or act.released_at_scores_bytes) else 0)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -458,8 +458,15 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         recomputed_forward=act.recompute_forward_extra, layer_input_gradient=act.layer_input_gradient_bytes,
         checkpointed_layer_forward=act.checkpointed_forward_bytes, ring_forward=act.ring_forward_bytes,
         after_attention=act.after_attention_bytes, made_at_attention=made_at_attention,
+        released_at_scores=act.released_at_scores_bytes,
+        opening_gradients=act.opening_backward_transient_bytes,
+        released_at_mlp=act.released_at_mlp_bytes,
+        received_output_gradient=(act.output_gradient_bytes
+                                  if spec.pp > 1 and (spec.pp_stage or 0) != spec.pp - 1 else 0),
+        casts_at_attention=_qkv_casts(tensors) * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         attention_gradients=act.attention_backward_transient_bytes, layer_mlp=act.layer_mlp_bytes,
+        last_layer_mlp=act.last_layer_mlp_bytes,
         first_layer_context=act.first_layer_context_bytes,
         pending_at_mlp=pending_mlp * bytes_per_grad, pending_at_attention=pending_attention * bytes_per_grad,
         pending_at_recompute=pending_layer * bytes_per_grad,
@@ -540,6 +547,16 @@ def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
     norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
     first_norm = min((t.numel for t in norms), default=0)  # (the input norm's weight, made last; of equal sizes any)
     return sum(t.numel for t in layer) - (sum(t.numel for t in attention) - output) - first_norm
+
+
+def _qkv_casts(tensors: Sequence[ParamTensor]) -> int:
+    """Elements of the first decoder layer's attention Linear weights but its output projection (the largest): the
+    autocast casts its attention's backward still holds."""
+    layers = [t.layer for t in tensors if t.layer is not None]
+    if not layers:
+        return 0
+    attention = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_ATTENTION and t.is_linear_weight]
+    return sum(attention) - max(attention, default=0)
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
@@ -663,7 +680,13 @@ class _Extras:
     layer_gradients: int = 0  # late backward: the first layer's gradient transients (at its MLP's backward)
     attention_gradients: int = 0  # ... at its attention's backward (eager softmax's gradients; 0: not beyond)
     layer_mlp: int = 0  # what a layer's MLP saved (released before its attention's backward)
+    last_layer_mlp: int = 0  # ... the last layer's (under checkpointing: the recomputed one's)
     after_attention: int = 0  # ... and what else it made after its attention (Rule.after_attention; 0: not counted off)
+    released_at_scores: int = 0  # ... or, eager, what its backward released by softmax's (Rule.released_at_scores)
+    casts_at_attention: int = 0  # ... and the recomputed weight casts left then (q, k and v's)
+    opening_gradients: int = 0  # a layer's backward transients at its first op (Rule.opening_transient)
+    released_at_mlp: int = 0  # what a layer's backward released before its MLP's (Rule.released_at_mlp)
+    received_output_gradient: int = 0  # --pp, a stage without the head: its last layer's output gradient is received
     made_at_attention: int = 0  # the last layer's gradients made by its attention's backward (given with after_attention)
     first_layer_context: int = 0  # activations still kept beside the first layer's (per model; its kept input)
     pending_at_mlp: int = 0  # the first layer's gradients not yet made at its MLP's backward (all but the output's)
@@ -754,6 +777,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     if x.recomputed_forward:  # the first recomputation's forward, at its largest
         after_head[EXTRA_RECOMPUTED_LAYER] = x.recomputed_layer + x.recomputed_forward
+    if x.recomputed_layer and TERM_ACTIVATIONS in after_head:
+        # (the first recomputation runs at the last layer's backward: the final norm's, the head's and the logit
+        # softcapping's saved tensors are released by then)
+        after_head[TERM_ACTIVATIONS] -= min(x.after_layers, after_head[TERM_ACTIVATIONS])
     start[EXTRA_LOSS_GRADIENTS] = x.loss_gradients
     if sum(after_head.values()) > sum(start.values()):
         start = after_head
@@ -763,12 +790,17 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.layer_activations and x.layer_gradients:
         # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the
         # recomputed layer (checkpointing) and the gradients its backward makes on the way.
-        at_attention = x.attention_gradients - x.layer_mlp - x.after_attention
-        last = {**at_head, **later, EXTRA_LAYER_GRADIENTS: max(x.layer_gradients, at_attention)}
-        if x.made_at_attention and at_attention + x.made_at_attention > x.layer_gradients:
-            # its attention's backward, beside the layer's gradients made by then
+        at_attention = x.attention_gradients - x.last_layer_mlp - max(x.after_attention, x.released_at_scores)
+        last = {**at_head, **later,
+                EXTRA_LAYER_GRADIENTS: max(x.layer_gradients - x.released_at_mlp - x.received_output_gradient,
+                                           at_attention, x.opening_gradients - x.received_output_gradient)}
+        released_casts = x.recomputed_casts - min(x.recomputed_casts, x.casts_at_attention) if x.released_at_scores else 0
+        if x.made_at_attention and at_attention + x.made_at_attention - released_casts > x.layer_gradients:
+            # its attention's backward, beside the layer's gradients made by then (eager: without the casts of the
+            # weights whose backward has run)
             last[EXTRA_LAYER_GRADIENTS] = at_attention
             last[TERM_GRADIENTS] = last.get(TERM_GRADIENTS, 0) + x.made_at_attention
+            last[EXTRA_RECOMPUTED_CASTS] = x.recomputed_casts - released_casts
         last.pop(EXTRA_HEAD_BACKWARD, None)
         if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
             last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
@@ -786,7 +818,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         candidates.append((MOMENT_HEAD_BACKWARD, at_head))
     if x.ring_forward and x.recomputed_layer:
         # --cp, checkpointing: the last layer's recomputation reaches its ring attention (its MLP's part not yet made).
-        recomputed = max(0, x.recomputed_layer - x.layer_mlp - x.after_attention)
+        recomputed = max(0, x.recomputed_layer - x.last_layer_mlp - x.after_attention)
         candidates.append((MOMENT_RING_RECOMPUTE, {**after_head, EXTRA_RECOMPUTED_LAYER: recomputed,
                                                   EXTRA_RING_ATTENTION: x.ring_forward}))
     if x.shared_gradient_sum:
@@ -798,20 +830,27 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # Late in backward, the first layer's turn: nearly every gradient, its activations and gradient transients, at its
     # MLP's backward (every activation of the layer, its gradients but the output projection's not made yet) or at its
     # attention's (the MLP's activations released, its q, k and v gradients not made yet).
-    points = [(x.layer_activations + x.first_layer_context, x.layer_gradients, x.pending_at_mlp)]
+    # (Each point: the layer's activations, its gradient transients, its gradients not made yet, its weights' casts.)
+    points = [(x.layer_activations + x.first_layer_context - x.released_at_mlp, x.layer_gradients, x.pending_at_mlp,
+               x.recomputed_casts)]
     if x.attention_gradients:
-        points.append((x.layer_activations + x.first_layer_context - x.layer_mlp - x.after_attention,
+        # (eager attention: the casts of the weights whose backward has run, its MLP's and o_proj's, released too)
+        casts = min(x.recomputed_casts, x.casts_at_attention) if x.released_at_scores else x.recomputed_casts
+        points.append((x.layer_activations + x.first_layer_context - x.layer_mlp
+                       - max(x.after_attention, x.released_at_scores),
                        x.attention_gradients,
-                       x.pending_at_attention))
+                       x.pending_at_attention, casts))
     if x.recomputed_forward:  # its recomputation's forward, at its largest (Rule.forward_transient)
         points.append((x.layer_activations + x.first_layer_context, x.recomputed_forward + x.layer_input_gradient,
-                       x.pending_at_recompute))
-    layer_acts, layer_grads, pending = max(points, key=lambda point: point[0] + point[1] - point[2])
-    late_extra = (layer_acts + layer_grads + x.recomputed_casts + x.head_gradient_late - x.missing_gradients
-                  - pending)
+                       x.pending_at_recompute, x.recomputed_casts))
+    if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
+        points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
+                       x.recomputed_casts))
+    layer_acts, layer_grads, pending, casts = max(points, key=lambda point: point[0] + point[1] - point[2] + point[3])
+    late_extra = layer_acts + layer_grads + casts + x.head_gradient_late - x.missing_gradients - pending
     if x.layer_activations and late_extra > 0:
         late = {**end, EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
-                EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
+                EXTRA_RECOMPUTED_CASTS: casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
                 EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients - pending)
         candidates.append((MOMENT_LATE_BACKWARD, late))
@@ -847,7 +886,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         # the checkpointed layer's forward counts it.)
         ring = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
         if TERM_ACTIVATIONS in ring:
-            ring[TERM_ACTIVATIONS] -= min(x.after_layers + x.layer_mlp + x.after_attention, ring[TERM_ACTIVATIONS])
+            ring[TERM_ACTIVATIONS] -= min(x.after_layers + x.last_layer_mlp + x.after_attention,
+                                          ring[TERM_ACTIVATIONS])
         ring[EXTRA_RING_ATTENTION] = x.ring_forward
         in_ring = _total(MOMENT_RING_FORWARD, Phase.forward, ring, names)
         forward_total = max(forward_total, in_ring, key=lambda total: total.bytes)

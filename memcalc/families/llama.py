@@ -31,6 +31,7 @@ from memcalc.families.base import (
     Fields,
 )
 from memcalc.families.saved import (
+    PART_CASTS,
     Loss,
     Rule,
     Run,
@@ -380,13 +381,27 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         logit_softcap=c * tokens * loss_vocab(a.vocab_size, run) if a.final_logit_softcapping is not None else 0,
     )
     held = held_through_loss(a, run, window_applies)
-    after_attention = 0
-    if run.cp > 1:
-        # Made after attention: the MLP-side norms (and Gemma2/3's post-attention norm, whose backward comes before
-        # attention's), the MLP's input (under autocast gate_proj's and up_proj's casts), o_proj's input copy.
-        mlp_input = 2 * c * tokens * h if run.autocast else c * tokens * h
-        after_attention = ((a.num_norms - 1) * norm_own_bytes(a.gemma_norm, run, h) + mlp_input
-                           + c * tokens * (a.num_heads // run.tp) * a.head_dim)
+    # Made after attention: the MLP-side norms (and Gemma2/3's post-attention norm, whose backward comes before
+    # attention's), the MLP's input (under autocast its Linears' casts, the MLP's casts part), o_proj's input copy.
+    first_mlp, _ = mlp_bytes(a, 0, run)
+    mlp_input = first_mlp.get(PART_CASTS, 0) if run.autocast else c * tokens * h
+    made_after = ((a.num_norms - 1) * norm_own_bytes(a.gemma_norm, run, h) + mlp_input
+                  + c * tokens * (a.num_heads // run.tp) * a.head_dim)
+    after_attention = made_after if run.cp > 1 else 0
+    # The input norm's .to(float32) / .float() of an fp32 residual stream (autocast, fp32) is the input itself, which
+    # the norm saves: under checkpointing, the layer's kept input.
+    saves_input = run.residual * run.sequence_tokens * h if run.checkpointing and run.residual == BYTES_PER_FP32 else 0
+    released_at_scores = held_at_scores = 0
+    if run.eager:
+        # eager_attention_forward's backward: matmul(probs, v)'s backward releases the 16-bit probabilities (a copy of
+        # softmax's fp32 output unless c is fp32) and v (repeated to every head) before softmax's backward, its
+        # largest moment (memcalc.activations: the fp32 scores' gradients). Waiting there: v's gradient (every head;
+        # repeat_kv's backward comes after softmax's) and the residual stream's, which the skip connection hands to
+        # the layer's input (measured: Llama eager checkpointed CPU steps, benchmarks/accuracy.py).
+        heads_d = c * tokens * (a.num_heads // run.tp) * a.head_dim
+        probs_copy = c * run.b * (a.num_heads // run.tp) * run.s * run.s if c != BYTES_PER_FP32 else 0
+        released_at_scores = made_after + probs_copy + heads_d
+        held_at_scores = heads_d + run.residual * tokens * h
     rule_notes = [] if run.eager else [NOTE_SDPA]
     if window_applies:
         count = sum(1 for flag in a.sliding if flag)
@@ -395,9 +410,32 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
             "explicit mask, so k and v are repeated to every head and the mask is kept as a float bias (counted; "
             "measured on the CPU)")
     return Rule(layers, first, per_model, source, a.num_layers * run.sequence_tokens * h * run.residual,
-                gated_mlp_transient(run, a.intermediate_size // run.tp, h),
+                gated_mlp_transient(run, a.intermediate_size // run.tp, h) + output_gradient(run, h),
                 Loss(tokens, loss_vocab(a.vocab_size, run), BYTES_PER_FP32), [*rule_notes, *notes], held=held,
-                after_attention=after_attention)
+                after_attention=after_attention, released_at_scores=released_at_scores,
+                held_at_scores=held_at_scores, opening_transient=sandwich_norm_transient(a, run),
+                released_at_mlp=norm_own_bytes(a.gemma_norm, run, h) if a.sandwich else 0,
+                recompute_saves_input=saves_input, output_gradient=output_gradient(run, h))
+
+
+def sandwich_norm_transient(a: LlamaArch, run: Run) -> int:
+    """Rule.opening_transient: Gemma2/3's layer backward begins with post_feedforward_layernorm's, every activation of the
+    layer alive and none of its gradients made: the
+    RMSNorm's backward in fp32 (autograd through Gemma3RMSNorm._norm) peaks in pow's backward, where the gradient of x
+    from the normalising product waits beside mean's backward output, x ** 1, 2 x ** 1 and their product with the
+    gradient (5 x 4 T h), and the layer's output gradient waits for the skip connection (r T h). Measured: Gemma3
+    checkpointed CPU steps, benchmarks/accuracy.py. 0 without sandwich norms (a Llama layer's backward begins with
+    down_proj's)."""
+    if not a.sandwich:
+        return 0
+    return (5 * BYTES_PER_FP32 + run.residual) * run.sequence_tokens * a.hidden_size
+
+
+def output_gradient(run: Run, hidden: int) -> int:
+    """The gradient of a layer's output, held through its MLP's backward: the residual add hands the same tensor to the
+    skip connection, whose sum waits for the post-attention norm's backward (r T h; measured: Llama checkpointed fp32
+    CPU steps peak in the first layer's MLP backward with it alive, benchmarks/accuracy.py)."""
+    return run.residual * run.sequence_tokens * hidden
 
 
 def gated_mlp_transient(run: Run, intermediate: int, hidden: int) -> int:

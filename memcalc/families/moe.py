@@ -24,6 +24,7 @@ from memcalc.families.llama import (
     attention_tensors,
     dense_mlp,
     llama_rule,
+    output_gradient,
     resolve_fields,
 )
 from memcalc.families.saved import Rule, Run, parts
@@ -208,7 +209,14 @@ def activations(a: MoeArch, run: Run) -> Rule:
     e = BYTES_PER_FP32 if run.autocast else run.c  # (grouped_mm runs in fp32 under autocast: routed_experts)
     routed = 2 * run.tokens * (e * a.experts_per_token * a.expert_intermediate_size
                                + run.c * a.shared_expert_intermediate_size)
-    rule.transient = max(rule.transient, routed)
+    rule.transient = max(rule.transient, routed + output_gradient(run, a.hidden_size))
+    if any(a.sparse(i) for i in range(a.num_layers)):
+        # Its backward begins with the restore's (grouped_mm_experts_forward: weighted_out[inv_perm], then view and sum
+        # over top-k): the sum's gradient expanded to (T, k, h) and copied, the zero (S, h) buffer of the index's
+        # backward and its index_put output, in the experts' e, before any of the block's gradients (measured: a
+        # recomputed Qwen3-MoE layer under autocast, tests/test_context_parallel.py, peaks there).
+        rule.opening_transient = 3 * e * run.tokens * a.experts_per_token * a.hidden_size + output_gradient(
+            run, a.hidden_size)
     if any(a.sparse(i) for i in range(a.num_layers)):
         # The block's forward ends by putting the weighted expert outputs back in token order (grouped_mm_experts_
         # forward): the weighted (S, h) rows and the buffer they are put into (S = T x top-k, in the experts' e)

@@ -120,6 +120,23 @@ class Rule:
     # input copy): not yet there at its attention's forward, released by its attention's backward. Given where a
     # moment needs it (--cp's ring attention); 0: not counted off.
     after_attention: int = 0
+    # What a layer's backward has released by its eager attention's softmax backward beyond its MLP's part (its largest
+    # moment): what it made after attention (as after_attention) and what the probabilities' matmul saved, the 16-bit
+    # probabilities and v. 0: not counted off.
+    released_at_scores: int = 0
+    # ... and the gradients waiting there beside softmax's own (the residual stream's, v's).
+    held_at_scores: int = 0
+    # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
+    # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
+    opening_transient: int = 0
+    # What the layer's backward released before its MLP's (Gemma2/3: the post-feed-forward norm's saves). 0: none.
+    released_at_mlp: int = 0
+    # The part of ``transient`` that is the layer's output gradient (held for the skip connection through its MLP's
+    # backward): a pipeline stage's last layer gets it as the stage's receive buffer, counted there.
+    output_gradient: int = 0
+    # Checkpointing: the bytes of a recomputed layer's saves that are its kept input itself (an input norm that saves an
+    # fp32 input as it is): counted once, with the kept inputs. 0: the layer saves its own copy.
+    recompute_saves_input: int = 0
     # A layer's tensors while its forward runs beyond what it saves, at their largest (the MoE block's output being
     # put back in token order): counted where a checkpointed layer's forward runs, first in the forward, then its
     # recomputation at the start of backward. 0: none beyond.

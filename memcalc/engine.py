@@ -520,15 +520,15 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int]
     """The first decoder layer's trainable elements whose gradients its backward has not made yet: at its MLP's
     backward all but the MLP's output projection (the layer's last op, first in backward: down_proj, fc2, c_proj;
     Phi-3's fused gate_up projection comes later), at its attention's its q, k and v (all of the attention's but the
-    output projection, made before). Stacked experts: their largest (the gate_up projection, whose gradient exists by
-    the tokens' gather backward, Qwen3-MoE's peak there; Mixtral's, at the product's backward before it, is then
-    counted high by the difference)."""
+    output projection, made before). Stacked experts: their down projection's (made by the product's backward, the
+    MoE block's MLP moment; measured: Mixtral's and Qwen3-MoE's checkpointed CPU steps)."""
     layer = [t for t in tensors if t.trainable and t.layer == 0]
     mlp = [t for t in layer if t.role in (ROLE_MLP, ROLE_EXPERT)]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
     outputs = [t for t in mlp if "down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj")]
-    if any(t.role == ROLE_EXPERT for t in mlp):
-        outputs = [t for t in mlp if t.role == ROLE_EXPERT]
+    experts = [t for t in outputs if t.role == ROLE_EXPERT]
+    if experts or any(t.role == ROLE_EXPERT for t in mlp):
+        outputs = experts or [t for t in mlp if t.role == ROLE_EXPERT]
     made_first = max((t.numel for t in outputs or mlp), default=0)
     output = max((t.numel for t in attention), default=0)
     total = sum(t.numel for t in layer)

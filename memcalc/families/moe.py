@@ -204,11 +204,14 @@ def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
 def activations(a: MoeArch, run: Run) -> Rule:
     rule = llama_rule(a, run, _mlp, aux_loss_model_bytes(a.output_router_logits, a.num_experts),
                       f"{SOURCE}; {SOURCE_MOE}", (NOTE_MOE,))
-    # The experts' backward: every routed row (T x top-k) through a gated MLP of the expert's width, beside the shared
-    # expert's: both factors' gradients at once, as a dense gated MLP's (llama.gated_mlp_transient).
+    # The experts' backward at the product's (act(gate) * up): its gradient from the down projection's backward and both
+    # factors' at once, 3 e S I over the S = T x top-k routed rows, with the product and the down projection's output
+    # released by then (e S (I + h)); beside the shared expert's (both factors', c T I each) and the layer's output
+    # gradient (measured: Mixtral's checkpointed CPU steps peak there, the experts' down_proj gradient made).
     e = BYTES_PER_FP32 if run.autocast else run.c  # (grouped_mm runs in fp32 under autocast: routed_experts)
-    routed = 2 * run.tokens * (e * a.experts_per_token * a.expert_intermediate_size
-                               + run.c * a.shared_expert_intermediate_size)
+    pairs = run.tokens * a.experts_per_token
+    routed = (e * pairs * (2 * a.expert_intermediate_size - a.hidden_size)
+              + 2 * run.c * run.tokens * a.shared_expert_intermediate_size)
     rule.transient = max(rule.transient, routed + output_gradient(run, a.hidden_size))
     if any(a.sparse(i) for i in range(a.num_layers)):
         # Its backward begins with the restore's (grouped_mm_experts_forward: weighted_out[inv_perm], then view and sum
@@ -217,6 +220,14 @@ def activations(a: MoeArch, run: Run) -> Rule:
         # recomputed Qwen3-MoE layer under autocast, tests/test_context_parallel.py, peaks there).
         rule.opening_transient = 3 * e * run.tokens * a.experts_per_token * a.hidden_size + output_gradient(
             run, a.hidden_size)
+        if a.shared_expert_intermediate_size:
+            # Qwen2Moe's shared expert is applied last (sigmoid(shared_expert_gate(x)) * shared_expert(x)), so its
+            # product's and its gate's backward come first: the gate's input gradient (r T h) and the shared output's
+            # (c T h) wait beside the restore's backward, the product's saved factors (c T h, c T) and, under autocast,
+            # the gate's input cast (c T h) are released (measured, Qwen2-MoE CPU steps)
+            th = run.tokens * a.hidden_size
+            rule.opening_transient += (run.residual * th - run.c * run.tokens
+                                       - (run.c * th if run.autocast else 0))
     if any(a.sparse(i) for i in range(a.num_layers)):
         # The block's forward ends by putting the weighted expert outputs back in token order (grouped_mm_experts_
         # forward): the weighted (S, h) rows and the buffer they are put into (S = T x top-k, in the experts' e)

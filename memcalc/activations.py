@@ -408,6 +408,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.opening_backward_transient_bytes = rule.opening_transient
         result.released_at_mlp_bytes = rule.released_at_mlp
         result.output_gradient_bytes = rule.output_gradient
+        result.released_at_scores_bytes = rule.released_at_scores
         result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,
                                                                                   PART_LOGIT_SOFTCAP))
         result.first_layer_context_bytes = rule.per_model_bytes - result.after_layers_bytes
@@ -425,7 +426,6 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             per_score = 2 * BYTES_PER_FP32 if released else BYTES_PER_FP32 + run.c
             scores = per_score * run.b * (arch.num_heads // run.tp) * run.s * run.s + rule.held_at_scores
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
-            result.released_at_scores_bytes = released
     if spec.cp > 1 and layered:
         _ring_attention(result, arch, run, spec.cp)
     if lora_traced:
@@ -469,6 +469,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # the forward up to 12.6% low without this moment: Phi-3-mini, Mistral-7B eager, seq 2048).
             # Its attention's tensors are not kept once its MLP runs: the larger of the two parts.
             scores = run.c * run.b * (arch.num_heads // run.tp) * run.s * run.s if run.eager else 0
+            if run.eager and rule.forward_scores is not None:
+                scores = rule.forward_scores
             mlp = result.last_layer_mlp_bytes
             # (A MoE block's forward ends with its tensors and the buffers of the restore: Rule.forward_transient.)
             result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp + rule.forward_transient)

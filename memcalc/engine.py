@@ -877,6 +877,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         # A checkpointed layer's own forward: its tensors exist while it runs though none is kept (the loss's
         # buffers not yet), beside every earlier layer's kept input.
         layer = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        if TERM_ACTIVATIONS in layer:  # (the final norm's, the head's and the softcapping's saves: not made yet)
+            layer[TERM_ACTIVATIONS] -= min(x.after_layers, layer[TERM_ACTIVATIONS])
         layer[EXTRA_RECOMPUTED_LAYER] = x.checkpointed_layer_forward
         in_layer = _total(MOMENT_CHECKPOINTED_FORWARD, Phase.forward, layer, names)
         forward_total = max(forward_total, in_layer, key=lambda total: total.bytes)

@@ -181,9 +181,25 @@ def activations(a: FalconArch, run: Run) -> Rule:
     # (2 x 4 b a s^2, beside the saved fp32 softmax): found by the traced step, measured on the CPU (checkpointed:
     # -5.7% to -14.5% without).
     math_backend = 2 * BYTES_PER_FP32 * scores if multi_query and not run.eager else 0
+    # Eager, checkpointed forward (FalconAttention.forward, rotary): at softmax the scores (c) and the masked scores (in
+    # the hidden dtype) are alive beside its output, and FalconModel.forward's ``outputs`` still holds the previous
+    # block's returned probabilities (the hidden dtype) until the block's call returns; not yet made, the
+    # probabilities' cast for the second matmul (autocast) and dense's input copy (measured: Falcon checkpointed eager
+    # CPU steps peak there, in the forward).
+    forward_scores = ((c + (2 if a.num_layers > 1 else 1) * run.residual - (c if run.autocast else 0)) * scores
+                      - out_copy)
+    released_at_scores = 0
+    if math_backend:
+        # There (measured: Falcon checkpointed CPU steps): dense's input copy and the fp32 v broadcast to every head
+        # released (and, under autocast with one norm, dense_h_to_4h's input cast); waiting beside softmax's
+        # gradients, the residual stream's and the attention output's in fp32.
+        released_at_scores = c * th + BYTES_PER_FP32 * th + (c * th if run.autocast and not two_norms else 0)
+        math_backend += (run.residual + BYTES_PER_FP32) * th + BYTES_PER_FP32 * tokens * a.head_dim
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
                 c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
-                held=final_hidden_held(run, h), attention_transient=math_backend)
+                held=final_hidden_held(run, h), attention_transient=math_backend,
+                released_at_scores=released_at_scores, forward_scores=forward_scores,
+                recompute_saves_input=run.residual * th if run.checkpointing else 0)
 
 
 HEADS = decoder_heads("Falcon")

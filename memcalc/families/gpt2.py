@@ -113,7 +113,8 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     else:
         # With config.use_cache (GPT2Config default True; HF Trainer leaves it on) DynamicLayer.update
         # torch.cat's k and v into the cache, and sdpa saves those copies beside the c_attn output.
-        cache_copies = 2 * c * tokens * h if a.use_cache else 0
+        # (Gradient checkpointing turns the cache off in training.)
+        cache_copies = 2 * c * tokens * h if a.use_cache and not run.checkpointing else 0
         attention = cache_copies + 3 * c * tokens * h + c * tokens * h + BYTES_PER_FP32 * tokens * heads
     mlp = (5 if a.hidden_act in PYTHON_GELUS else 2) * c * tokens * intermediate
     if autocast and a.hidden_act in PYTHON_GELUS:
@@ -144,9 +145,16 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     transient = c * tokens * intermediate + residual * tokens * h + gelu_grads
     if autocast:
         transient += BYTES_PER_FP32 * tokens * intermediate
+    # By then c_proj's backward has released its input (the gelu's product, or its cast under autocast), which the MLP
+    # part counts (measured: GPT-2 checkpointed CPU steps peak inside NewGELU's backward).
+    released_at_mlp = c * tokens * intermediate if a.hidden_act in PYTHON_GELUS else 0
+    # ln_1 saves the layer's input itself (LayerNorm keeps its input whatever the dtype): under checkpointing, the
+    # layer's kept input, counted once.
+    saves_input = residual * tokens * h if run.checkpointing else 0
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
                 transient, Loss(tokens, a.vocab_size, BYTES_PER_FP32),
-                held=final_hidden_held(run, h))
+                held=final_hidden_held(run, h), released_at_mlp=released_at_mlp, recompute_saves_input=saves_input,
+                output_gradient=residual * tokens * h)
 
 
 HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}

@@ -140,9 +140,24 @@ def activations(a: OptArch, run: Run) -> Rule:
                       projections=c * (proj + th) if projected else 0, head=c * proj)
     notes: list[str] = []
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
+    # The layer's output gradient waits for the skip connection through its MLP's backward (r T h).
+    output_gradient = run.residual * th
+    released_at_scores = held_at_scores = 0
+    if run.eager and a.layer_norm_before:
+        # Eager attention's softmax backward (memcalc.activations), after the MLP's: released by then final_layer_norm's
+        # saves, fc1's input, the dropout masks after attention and fc2, out_proj's input copy, the probabilities'
+        # c copy and v (the second matmul's); waiting, v's gradient and the residual stream's (measured: OPT
+        # checkpointed eager CPU steps peak there).
+        probs_copy = c * scores if c != BYTES_PER_FP32 else 0
+        released_at_scores = (layer_norm(run, th) + linear_input(run, th, 1) + dropout + 2 * c * th + probs_copy)
+        held_at_scores = c * th + run.residual * th
+    # Pre-LayerNorm: self_attn_layer_norm saves the layer's input itself: under checkpointing, its kept input.
+    saves_input = run.residual * th if run.checkpointing and a.layer_norm_before else 0
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
-                held=0 if a.word_embed_proj_dim != h else final_hidden_held(run, h))  # project_out's output: saved
+                c * tokens * (ffn + h) + output_gradient, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                held=0 if a.word_embed_proj_dim != h else final_hidden_held(run, h),  # project_out's output: saved
+                released_at_scores=released_at_scores, held_at_scores=held_at_scores,
+                recompute_saves_input=saves_input, output_gradient=output_gradient)
 
 
 HEADS = decoder_heads("OPT")

@@ -129,11 +129,15 @@ class Rule:
     # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
     # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
     opening_transient: int = 0
-    # What the layer's backward released before its MLP's (Gemma2/3: the post-feed-forward norm's saves). 0: none.
+    # What the layer's backward has released by its MLP's peak (Gemma2/3: the post-feed-forward norm's saves; GPT-2: the
+    # output projection's input). 0: none.
     released_at_mlp: int = 0
     # The part of ``transient`` that is the layer's output gradient (held for the skip connection through its MLP's
     # backward): a pipeline stage's last layer gets it as the stage's receive buffer, counted there.
     output_gradient: int = 0
+    # Checkpointing, eager attention: the score-sized tensors (and others) a layer's checkpointed forward holds at its
+    # softmax beyond its saves counted up to there (None: the scores, c b a s^2).
+    forward_scores: int | None = None
     # Checkpointing: the bytes of a recomputed layer's saves that are its kept input itself (an input norm that saves an
     # fp32 input as it is): counted once, with the kept inputs. 0: the layer saves its own copy.
     recompute_saves_input: int = 0

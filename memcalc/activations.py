@@ -92,6 +92,7 @@ class ActivationEstimate:
     after_attention_bytes: int = 0  # what a layer makes after its attention beyond its MLP's (Rule.after_attention)
     opening_backward_transient_bytes: int = 0  # a layer's backward at its first op (Rule.opening_transient)
     released_at_mlp_bytes: int = 0  # ... what it released by its MLP's backward (Rule.released_at_mlp)
+    mid_norm_transient_bytes: int = 0  # its norm's backward between the MLP's and attention's (Rule.mid_norm_transient)
     output_gradient_bytes: int = 0  # the layer's output gradient among its transients (Rule.output_gradient)
     released_at_scores_bytes: int = 0  # ... released by its eager softmax's backward beyond its MLP's (Rule.released_at_scores)
     # ... and beside it the activations still kept then: the per-model ones but the final norm's and head's, and with
@@ -407,6 +408,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.after_attention_bytes = rule.after_attention
         result.opening_backward_transient_bytes = rule.opening_transient
         result.released_at_mlp_bytes = rule.released_at_mlp
+        result.mid_norm_transient_bytes = rule.mid_norm_transient
         result.output_gradient_bytes = rule.output_gradient
         result.released_at_scores_bytes = rule.released_at_scores
         result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,

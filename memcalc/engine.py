@@ -444,7 +444,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # it); ZeRO-2/3 hold flat partitions instead, so not there.
     whole_grads = stage < 2 and spec.grad_accum == 1 and not in_backward
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
-    pending_mlp, pending_attention, pending_layer = _first_layer_pending(tensors) if whole_grads else (0, 0, 0)
+    pending_mlp, pending_attention, pending_layer, pending_mid = (_first_layer_pending(tensors) if whole_grads
+                                                                  else (0, 0, 0, 0))
     # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
     made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
                          if whole_grads and (act.after_attention_bytes or act.released_at_scores_bytes) else 0)
@@ -461,6 +462,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         released_at_scores=act.released_at_scores_bytes,
         opening_gradients=act.opening_backward_transient_bytes,
         released_at_mlp=act.released_at_mlp_bytes,
+        mid_norm=act.mid_norm_transient_bytes,
         received_output_gradient=(act.output_gradient_bytes
                                   if spec.pp > 1 and (spec.pp_stage or 0) != spec.pp - 1 else 0),
         casts_at_attention=_qkv_casts(tensors) * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
@@ -469,7 +471,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         last_layer_mlp=act.last_layer_mlp_bytes,
         first_layer_context=act.first_layer_context_bytes,
         pending_at_mlp=pending_mlp * bytes_per_grad, pending_at_attention=pending_attention * bytes_per_grad,
-        pending_at_recompute=pending_layer * bytes_per_grad,
+        pending_at_recompute=pending_layer * bytes_per_grad, pending_at_mid_norm=pending_mid * bytes_per_grad,
         after_layers=act.after_layers_bytes,
         largest_step_copy=(largest.numel * _bytes_per(recipe.compute_dtype) if in_backward and recipe.autocast
                            and largest.role == ROLE_LM_HEAD else 0),
@@ -516,12 +518,13 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
-def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int]:
+def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int, int]:
     """The first decoder layer's trainable elements whose gradients its backward has not made yet: at its MLP's
     backward all but the MLP's output projection (the layer's last op, first in backward: down_proj, fc2, c_proj;
     Phi-3's fused gate_up projection comes later), at its attention's its q, k and v (all of the attention's but the
     output projection, made before). Stacked experts: their down projection's (made by the product's backward, the
-    MoE block's MLP moment; measured: Mixtral's and Qwen3-MoE's checkpointed CPU steps)."""
+    MoE block's MLP moment; measured: Mixtral's and Qwen3-MoE's checkpointed CPU steps). Also: all of them (while it
+    is recomputed) and all but the MLP's (at the norm between its MLP and its attention)."""
     layer = [t for t in tensors if t.trainable and t.layer == 0]
     mlp = [t for t in layer if t.role in (ROLE_MLP, ROLE_EXPERT)]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
@@ -532,7 +535,7 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int]
     made_first = max((t.numel for t in outputs or mlp), default=0)
     output = max((t.numel for t in attention), default=0)
     total = sum(t.numel for t in layer)
-    return total - made_first, sum(t.numel for t in attention) - output, total
+    return total - made_first, sum(t.numel for t in attention) - output, total, total - sum(t.numel for t in mlp)
 
 
 def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
@@ -686,12 +689,14 @@ class _Extras:
     casts_at_attention: int = 0  # ... and the recomputed weight casts left then (q, k and v's)
     opening_gradients: int = 0  # a layer's backward transients at its first op (Rule.opening_transient)
     released_at_mlp: int = 0  # what a layer's backward released before its MLP's (Rule.released_at_mlp)
+    mid_norm: int = 0  # its norm's backward between its MLP's and attention's (Rule.mid_norm_transient)
     received_output_gradient: int = 0  # --pp, a stage without the head: its last layer's output gradient is received
     made_at_attention: int = 0  # the last layer's gradients made by its attention's backward (given with after_attention)
     first_layer_context: int = 0  # activations still kept beside the first layer's (per model; its kept input)
     pending_at_mlp: int = 0  # the first layer's gradients not yet made at its MLP's backward (all but the output's)
     pending_at_attention: int = 0  # ... at its attention's backward (q, k, v)
     pending_at_recompute: int = 0  # ... while it is recomputed (all of them)
+    pending_at_mid_norm: int = 0  # ... at the norm between its MLP and its attention (all but the MLP's)
     after_layers: int = 0  # what the final norm and the head saved (gone by the last layer's backward)
     largest_step_copy: int = 0  # --optim-in-backward: the autocast copy of the largest tensor, if the head's weight
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
@@ -843,6 +848,11 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.recomputed_forward:  # its recomputation's forward, at its largest (Rule.forward_transient)
         points.append((x.layer_activations + x.first_layer_context, x.recomputed_forward + x.layer_input_gradient,
                        x.pending_at_recompute, x.recomputed_casts))
+    if x.mid_norm:
+        # the norm between its MLP and its attention (Rule.mid_norm_transient): the MLP's activations released, its
+        # gradients made, none of the attention's and norms'
+        points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.mid_norm, x.pending_at_mid_norm,
+                       x.recomputed_casts))
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
                        x.recomputed_casts))

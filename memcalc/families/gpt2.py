@@ -145,9 +145,10 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     transient = c * tokens * intermediate + residual * tokens * h + gelu_grads
     if autocast:
         transient += BYTES_PER_FP32 * tokens * intermediate
-    # By then c_proj's backward has released its input (the gelu's product, or its cast under autocast), which the MLP
-    # part counts (measured: GPT-2 checkpointed CPU steps peak inside NewGELU's backward).
-    released_at_mlp = c * tokens * intermediate if a.hidden_act in PYTHON_GELUS else 0
+    # Checkpointed, by then c_proj's backward has released its input (the gelu's product, or its cast under autocast),
+    # which the MLP part counts (measured: GPT-2 checkpointed CPU steps peak inside NewGELU's backward). (Without
+    # checkpointing the traced step, with CUDA's semantics, still holds it there: kept, as BLOOM's.)
+    released_at_mlp = c * tokens * intermediate if a.hidden_act in PYTHON_GELUS and run.checkpointing else 0
     # ln_1 saves the layer's input itself (LayerNorm keeps its input whatever the dtype): under checkpointing, the
     # layer's kept input, counted once.
     saves_input = residual * tokens * h if run.checkpointing else 0

@@ -414,8 +414,19 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
                 Loss(tokens, loss_vocab(a.vocab_size, run), BYTES_PER_FP32), [*rule_notes, *notes], held=held,
                 after_attention=after_attention, released_at_scores=released_at_scores,
                 held_at_scores=held_at_scores, opening_transient=sandwich_norm_transient(a, run),
+                # (less the MLP's input and the norm's normalised input, which its weight multiply's backward released)
+                mid_norm_transient=(norm_backward_transient(a, run) - mlp_input
+                                    - (BYTES_PER_FP32 if a.gemma_norm else run.residual) * run.sequence_tokens * h),
                 released_at_mlp=norm_own_bytes(a.gemma_norm, run, h) if a.sandwich else 0,
                 recompute_saves_input=saves_input, output_gradient=output_gradient(run, h))
+
+
+def norm_backward_transient(a: LlamaArch, run: Run) -> int:
+    """An RMSNorm's backward in fp32 through autograd (LlamaRMSNorm.forward / Gemma's _norm) peaks in pow's backward:
+    the gradient of x from the normalising product waits beside mean's backward output, x ** 1, 2 x ** 1 and their
+    product with the gradient (5 x 4 T h), and the residual stream's gradient waits for the skip connection (r T h).
+    Measured: Gemma-3 and Qwen3 checkpointed CPU steps peak there (small hidden sizes, where it outgrows the MLP's)."""
+    return (5 * BYTES_PER_FP32 + run.residual) * run.sequence_tokens * a.hidden_size
 
 
 def sandwich_norm_transient(a: LlamaArch, run: Run) -> int:
@@ -426,9 +437,7 @@ def sandwich_norm_transient(a: LlamaArch, run: Run) -> int:
     gradient (5 x 4 T h), and the layer's output gradient waits for the skip connection (r T h). Measured: Gemma3
     checkpointed CPU steps, benchmarks/accuracy.py. 0 without sandwich norms (a Llama layer's backward begins with
     down_proj's)."""
-    if not a.sandwich:
-        return 0
-    return (5 * BYTES_PER_FP32 + run.residual) * run.sequence_tokens * a.hidden_size
+    return norm_backward_transient(a, run) if a.sandwich else 0
 
 
 def output_gradient(run: Run, hidden: int) -> int:

@@ -129,6 +129,10 @@ class Rule:
     # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
     # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
     opening_transient: int = 0
+    # The layer's norm backward between its MLP's and its attention's (the post-attention / pre-feed-forward RMSNorm,
+    # in fp32 through autograd): its transients less what is released by then beyond the MLP's activations (the MLP's
+    # input, the norm's normalised input). 0: not modelled.
+    mid_norm_transient: int = 0
     # What the layer's backward has released by its MLP's peak (Gemma2/3: the post-feed-forward norm's saves; GPT-2: the
     # output projection's input). 0: none.
     released_at_mlp: int = 0

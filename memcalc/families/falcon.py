@@ -188,7 +188,15 @@ def activations(a: FalconArch, run: Run) -> Rule:
     # CPU steps peak there, in the forward).
     forward_scores = ((c + (2 if a.num_layers > 1 else 1) * run.residual - (c if run.autocast else 0)) * scores
                       - out_copy)
-    released_at_scores = 0
+    released_at_scores = held_at_scores = 0
+    if run.eager and not a.alibi:
+        # Eager (FalconAttention.forward, rotary): softmax runs in the hidden dtype; at its backward dense's input copy,
+        # v (the second matmul's), the probabilities' cast for that matmul (autocast) and, under autocast with one
+        # norm, dense_h_to_4h's input cast are released; v's gradient (every head, before its broadcast's sum) and the
+        # residual stream's wait.
+        released_at_scores = (out_copy + c * tokens * a.num_kv_heads * a.head_dim
+                              + (c * scores if run.autocast else 0) + (c * th if run.autocast and not two_norms else 0))
+        held_at_scores = c * th + run.residual * th
     if math_backend:
         # There (measured: Falcon checkpointed CPU steps): dense's input copy and the fp32 v broadcast to every head
         # released (and, under autocast with one norm, dense_h_to_4h's input cast); waiting beside softmax's
@@ -199,6 +207,7 @@ def activations(a: FalconArch, run: Run) -> Rule:
                 c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
                 held=final_hidden_held(run, h), attention_transient=math_backend,
                 released_at_scores=released_at_scores, forward_scores=forward_scores,
+                held_at_scores=held_at_scores, softmax_bytes=run.residual if run.eager else BYTES_PER_FP32,
                 recompute_saves_input=run.residual * th if run.checkpointing else 0)
 
 

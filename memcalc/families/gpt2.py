@@ -145,6 +145,16 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     transient = c * tokens * intermediate + residual * tokens * h + gelu_grads
     if autocast:
         transient += BYTES_PER_FP32 * tokens * intermediate
+    released_at_scores = held_at_scores = 0
+    if eager and not reordered:
+        # eager_attention_forward's backward at softmax's (its largest moment): released by then what the layer made
+        # after attention (ln_2's saves, c_fc's input, c_proj's input copy, the dropout masks and dropped probabilities)
+        # and what the second matmul saved (the probabilities' c copy under autocast, v); waiting, v's gradient and the
+        # residual stream's. softmax runs in the scores' dtype (fp32 under autocast: the fp32 mask makes them fp32):
+        # its gradient and output are 2 x that per score (measured: GPT-2 checkpointed eager CPU steps).
+        released_at_scores = (layer_norm + c * tokens * h + c * tokens * h + dropout
+                              + (c * b * heads * s * s if probs_copy else 0) + c * tokens * h)
+        held_at_scores = c * tokens * h + residual * tokens * h
     # Checkpointed, by then c_proj's backward has released its input (the gelu's product, or its cast under autocast),
     # which the MLP part counts (measured: GPT-2 checkpointed CPU steps peak inside NewGELU's backward). (Without
     # checkpointing the traced step, with CUDA's semantics, still holds it there: kept, as BLOOM's.)
@@ -155,7 +165,8 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
                 transient, Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 held=final_hidden_held(run, h), released_at_mlp=released_at_mlp, recompute_saves_input=saves_input,
-                output_gradient=residual * tokens * h)
+                output_gradient=residual * tokens * h, released_at_scores=released_at_scores,
+                held_at_scores=held_at_scores, softmax_bytes=residual)
 
 
 HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}

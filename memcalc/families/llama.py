@@ -418,7 +418,9 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
                 mid_norm_transient=(norm_backward_transient(a, run) - mlp_input
                                     - (BYTES_PER_FP32 if a.gemma_norm else run.residual) * run.sequence_tokens * h),
                 released_at_mlp=norm_own_bytes(a.gemma_norm, run, h) if a.sandwich else 0,
-                recompute_saves_input=saves_input, output_gradient=output_gradient(run, h))
+                recompute_saves_input=saves_input, output_gradient=output_gradient(run, h),
+                # masking_utils.sdpa_mask's boolean sliding-window mask (1, 1, s, s), a checkpointed layer's argument
+                checkpoint_arguments=run.s * run.s if run.checkpointing and window_applies else 0)
 
 
 def norm_backward_transient(a: LlamaArch, run: Run) -> int:
@@ -437,7 +439,8 @@ def sandwich_norm_transient(a: LlamaArch, run: Run) -> int:
     gradient (5 x 4 T h), and the layer's output gradient waits for the skip connection (r T h). Measured: Gemma3
     checkpointed CPU steps, benchmarks/accuracy.py. 0 without sandwich norms (a Llama layer's backward begins with
     down_proj's)."""
-    return norm_backward_transient(a, run) if a.sandwich else 0
+    # (less the normalised input its (1 + weight) multiply saved, fp32, released by that multiply's backward, its first)
+    return norm_backward_transient(a, run) - BYTES_PER_FP32 * run.sequence_tokens * a.hidden_size if a.sandwich else 0
 
 
 def output_gradient(run: Run, hidden: int) -> int:

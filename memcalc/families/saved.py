@@ -126,6 +126,8 @@ class Rule:
     released_at_scores: int = 0
     # ... and the gradients waiting there beside softmax's own (the residual stream's, v's).
     held_at_scores: int = 0
+    # ... and the bytes of softmax's output and gradients per score (fp32 softmax: 4; GPT-2's in the scores' dtype).
+    softmax_bytes: int = 4
     # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
     # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
     opening_transient: int = 0
@@ -142,6 +144,9 @@ class Rule:
     # Checkpointing, eager attention: the score-sized tensors (and others) a layer's checkpointed forward holds at its
     # softmax beyond its saves counted up to there (None: the scores, c b a s^2).
     forward_scores: int | None = None
+    # Checkpointing: what the checkpointed layers hold as arguments beside their inputs (sdpa with a sliding window
+    # shorter than the sequence: the boolean mask, 1 B per (query, key)). 0: nothing.
+    checkpoint_arguments: int = 0
     # Checkpointing: the bytes of a recomputed layer's saves that are its kept input itself (an input norm that saves an
     # fp32 input as it is): counted once, with the kept inputs. 0: the layer saves its own copy.
     recompute_saves_input: int = 0

@@ -187,16 +187,17 @@ def activations(a: FalconArch, run: Run) -> Rule:
     # probabilities' cast for the second matmul (autocast) and dense's input copy (measured: Falcon checkpointed eager
     # CPU steps peak there, in the forward).
     forward_scores = ((c + (2 if a.num_layers > 1 else 1) * run.residual - (c if run.autocast else 0)) * scores
-                      - out_copy)
+                      - out_copy - (c * th if run.autocast and not two_norms else 0))  # (and dense_h_to_4h's input cast)
     released_at_scores = held_at_scores = 0
     if run.eager and not a.alibi:
         # Eager (FalconAttention.forward, rotary): softmax runs in the hidden dtype; at its backward dense's input copy,
         # v (the second matmul's), the probabilities' cast for that matmul (autocast) and, under autocast with one
-        # norm, dense_h_to_4h's input cast are released; v's gradient (every head, before its broadcast's sum) and the
-        # residual stream's wait.
+        # norm, dense_h_to_4h's input cast are released; the residual stream's gradient and the attention branch's (in
+        # the residual's dtype, the sum's) wait, and v's, summed over its broadcast (measured: Falcon checkpointed eager
+        # CPU steps; v's, a kv-head tensor, is left out: the fp32 step peaks in its forward, a hair above).
         released_at_scores = (out_copy + c * tokens * a.num_kv_heads * a.head_dim
                               + (c * scores if run.autocast else 0) + (c * th if run.autocast and not two_norms else 0))
-        held_at_scores = c * th + run.residual * th
+        held_at_scores = 2 * run.residual * th
     if math_backend:
         # There (measured: Falcon checkpointed CPU steps): dense's input copy and the fp32 v broadcast to every head
         # released (and, under autocast with one norm, dense_h_to_4h's input cast); waiting beside softmax's

@@ -425,7 +425,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # arriving at it (the probabilities' gradient cast up by .to()'s backward) and its fp32 output (measured:
             # Llama-family eager checkpointed CPU steps, benchmarks/accuracy.py).
             released = rule.released_at_scores
-            per_score = 2 * rule.softmax_bytes if released else BYTES_PER_FP32 + run.c
+            per_score = rule.scores_backward_bytes if released else BYTES_PER_FP32 + run.c
             scores = per_score * run.b * (arch.num_heads // run.tp) * run.s * run.s + rule.held_at_scores
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
     if spec.cp > 1 and layered:

@@ -208,7 +208,7 @@ def activations(a: FalconArch, run: Run) -> Rule:
                 c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
                 held=final_hidden_held(run, h), attention_transient=math_backend,
                 released_at_scores=released_at_scores, forward_scores=forward_scores,
-                held_at_scores=held_at_scores, softmax_bytes=run.residual if run.eager else BYTES_PER_FP32,
+                held_at_scores=held_at_scores, scores_backward_bytes=2 * run.residual,
                 recompute_saves_input=run.residual * th if run.checkpointing else 0)
 
 

@@ -148,7 +148,8 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     released_at_scores = held_at_scores = 0
     if eager and not reordered:
         # eager_attention_forward's backward at softmax's (its largest moment): released by then what the layer made
-        # after attention (ln_2's saves, c_fc's input, c_proj's input copy, the dropout masks and dropped probabilities)
+        # after attention (ln_2's saves, c_fc's input, c_proj's input copy, the residual dropouts' masks, the dropped
+        # probabilities)
         # and what the second matmul saved (the probabilities' c copy under autocast, v); waiting, v's gradient and the
         # residual stream's. softmax runs in the scores' dtype (fp32 under autocast: the fp32 mask makes them fp32):
         # its gradient and output are 2 x that per score (measured: GPT-2 checkpointed eager CPU steps).
@@ -166,7 +167,9 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
                 transient, Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 held=final_hidden_held(run, h), released_at_mlp=released_at_mlp, recompute_saves_input=saves_input,
                 output_gradient=residual * tokens * h, released_at_scores=released_at_scores,
-                held_at_scores=held_at_scores, softmax_bytes=residual)
+                held_at_scores=held_at_scores,
+                # (attention dropout: its backward's gradient in and out in c, beside its 1-byte mask, just before)
+                scores_backward_bytes=max(2 * residual, 2 * c + 1 if "attn_pdrop" in a.dropout else 0))
 
 
 HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}

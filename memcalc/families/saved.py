@@ -126,8 +126,10 @@ class Rule:
     released_at_scores: int = 0
     # ... and the gradients waiting there beside softmax's own (the residual stream's, v's).
     held_at_scores: int = 0
-    # ... and the bytes of softmax's output and gradients per score (fp32 softmax: 4; GPT-2's in the scores' dtype).
-    softmax_bytes: int = 4
+    # ... and the bytes per score there beside softmax's saved output: its incoming gradient and its output (fp32
+    # softmax: 2 x 4; GPT-2's and Falcon's in the scores' dtype; with attention dropout, its backward's, where the mask is
+    # still alive, may be the larger).
+    scores_backward_bytes: int = 8
     # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
     # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
     opening_transient: int = 0

@@ -209,6 +209,8 @@ def activations(a: FalconArch, run: Run) -> Rule:
                 held=final_hidden_held(run, h), attention_transient=math_backend,
                 released_at_scores=released_at_scores, forward_scores=forward_scores,
                 held_at_scores=held_at_scores, scores_backward_bytes=2 * run.residual,
+                # (the input norm saves the layer's input itself, LayerNorm keeping its input: under checkpointing,
+                # the layer's kept input)
                 recompute_saves_input=run.residual * th if run.checkpointing else 0)
 
 

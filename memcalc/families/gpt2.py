@@ -148,11 +148,11 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     released_at_scores = held_at_scores = 0
     if eager and not reordered:
         # eager_attention_forward's backward at softmax's (its largest moment): released by then what the layer made
-        # after attention (ln_2's saves, c_fc's input, c_proj's input copy, the residual dropouts' masks, the dropped
-        # probabilities)
-        # and what the second matmul saved (the probabilities' c copy under autocast, v); waiting, v's gradient and the
-        # residual stream's. softmax runs in the scores' dtype (fp32 under autocast: the fp32 mask makes them fp32):
-        # its gradient and output are 2 x that per score (measured: GPT-2 checkpointed eager CPU steps).
+        # after attention (ln_2's saves, c_fc's input, c_proj's input copy, the dropout masks, the dropped
+        # probabilities) and what the second matmul saved (the probabilities' c copy under autocast, v); waiting, v's
+        # gradient and the residual stream's. softmax runs in the scores' dtype (fp32 under autocast: the fp32 mask
+        # makes them fp32): its gradient and output are 2 x that per score (measured: GPT-2 checkpointed eager CPU
+        # steps).
         released_at_scores = (layer_norm + c * tokens * h + c * tokens * h + dropout
                               + (c * b * heads * s * s if probs_copy else 0) + c * tokens * h)
         held_at_scores = c * tokens * h + residual * tokens * h

@@ -449,6 +449,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
     made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
                          if whole_grads and (act.after_attention_bytes or act.released_at_scores_bytes) else 0)
+    attention_casts = _attention_casts(tensors)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -465,7 +466,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         mid_norm=act.mid_norm_transient_bytes,
         received_output_gradient=(act.output_gradient_bytes
                                   if spec.pp > 1 and (spec.pp_stage or 0) != spec.pp - 1 else 0),
-        casts_at_attention=_qkv_casts(tensors) * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
+        casts_at_attention=attention_casts[1] * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
+        casts_at_mid_norm=attention_casts[0] * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
+        casts_at_mlp=max(0, autocast_recompute - _output_projection_cast(tensors) * _bytes_per(recipe.compute_dtype)),
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         attention_gradients=act.attention_backward_transient_bytes, layer_mlp=act.layer_mlp_bytes,
         last_layer_mlp=act.last_layer_mlp_bytes,
@@ -552,14 +555,24 @@ def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
     return sum(t.numel for t in layer) - (sum(t.numel for t in attention) - output) - first_norm
 
 
-def _qkv_casts(tensors: Sequence[ParamTensor]) -> int:
-    """Elements of the first decoder layer's attention Linear weights but its output projection (the largest): the
-    autocast casts its attention's backward still holds."""
+def _attention_casts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
+    """Elements of the first decoder layer's attention Linear weights, all of them (the autocast casts left once its
+    MLP's backward has run) and all but its output projection (the largest: those its attention's backward holds)."""
+    layers = [t.layer for t in tensors if t.layer is not None]
+    if not layers:
+        return 0, 0
+    attention = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_ATTENTION and t.is_linear_weight]
+    return sum(attention), sum(attention) - max(attention, default=0)
+
+
+def _output_projection_cast(tensors: Sequence[ParamTensor]) -> int:
+    """Elements of the first decoder layer's MLP output projection (down_proj, fc2, c_proj) if autocast casts it."""
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
         return 0
-    attention = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_ATTENTION and t.is_linear_weight]
-    return sum(attention) - max(attention, default=0)
+    outputs = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_MLP and t.is_linear_weight
+               and ("down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj"))]
+    return max(outputs, default=0)
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
@@ -687,6 +700,8 @@ class _Extras:
     after_attention: int = 0  # ... and what else it made after its attention (Rule.after_attention; 0: not counted off)
     released_at_scores: int = 0  # ... or, eager, what its backward released by softmax's (Rule.released_at_scores)
     casts_at_attention: int = 0  # ... and the recomputed weight casts left then (q, k and v's)
+    casts_at_mlp: int = 0  # the recomputed weight casts left at its MLP's backward (all but its output projection's)
+    casts_at_mid_norm: int = 0  # ... and at the norm between its MLP and its attention (the attention's)
     opening_gradients: int = 0  # a layer's backward transients at its first op (Rule.opening_transient)
     released_at_mlp: int = 0  # what a layer's backward released before its MLP's (Rule.released_at_mlp)
     mid_norm: int = 0  # its norm's backward between its MLP's and attention's (Rule.mid_norm_transient)
@@ -836,8 +851,9 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # MLP's backward (every activation of the layer, its gradients but the output projection's not made yet) or at its
     # attention's (the MLP's activations released, its q, k and v gradients not made yet).
     # (Each point: the layer's activations, its gradient transients, its gradients not made yet, its weights' casts.)
+    # (at its MLP's backward the output projection's cast is released with its backward)
     points = [(x.layer_activations + x.first_layer_context - x.released_at_mlp, x.layer_gradients, x.pending_at_mlp,
-               x.recomputed_casts)]
+               x.casts_at_mlp)]
     if x.attention_gradients:
         # (eager attention: the casts of the weights whose backward has run, its MLP's and o_proj's, released too)
         casts = min(x.recomputed_casts, x.casts_at_attention) if x.released_at_scores else x.recomputed_casts
@@ -852,7 +868,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         # the norm between its MLP and its attention (Rule.mid_norm_transient): the MLP's activations released, its
         # gradients made, none of the attention's and norms'
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.mid_norm, x.pending_at_mid_norm,
-                       x.recomputed_casts))
+                       min(x.recomputed_casts, x.casts_at_mid_norm) if x.casts_at_mid_norm else x.recomputed_casts))
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
                        x.recomputed_casts))

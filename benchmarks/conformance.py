@@ -175,6 +175,16 @@ def main() -> None:
                 text = "-" if found is None else f"{found[0]:+.2f}% / {found[1]:+.2f}%"
                 cells.append(text if found is None or found[2] else f"**{text}**")
             print(f"| {family} | " + " | ".join(cells) + " |")
+        # The LayerNorm families' own toggles (not columns above): their step's peak too.
+        print("\n| LayerNorm family | its own toggles: the step's peak, lowest / highest (**bold**: the phase differs) |")
+        print("|---|---|")
+        for family in LAYER_NORM:
+            cells = []
+            for (f, toggle), (lowest, highest, same) in peaks.items():
+                if f == family and toggle not in toggles:
+                    text = f"{lowest:+.2f}% / {highest:+.2f}%"
+                    cells.append(f"{toggle} {text if same else f'**{text}**'}")
+            print(f"| {family} | " + "; ".join(cells) + " |")
     else:
         for (family, toggle), error in sorted(saved.items()):
             low_peak, high_peak, same = peaks[(family, toggle)]

@@ -433,13 +433,9 @@ def norm_backward_transient(a: LlamaArch, run: Run) -> int:
 
 def sandwich_norm_transient(a: LlamaArch, run: Run) -> int:
     """Rule.opening_transient: Gemma2/3's layer backward begins with post_feedforward_layernorm's, every activation of the
-    layer alive and none of its gradients made: the
-    RMSNorm's backward in fp32 (autograd through Gemma3RMSNorm._norm) peaks in pow's backward, where the gradient of x
-    from the normalising product waits beside mean's backward output, x ** 1, 2 x ** 1 and their product with the
-    gradient (5 x 4 T h), and the layer's output gradient waits for the skip connection (r T h). Measured: Gemma3
-    checkpointed CPU steps, benchmarks/accuracy.py. 0 without sandwich norms (a Llama layer's backward begins with
-    down_proj's)."""
-    # (less the normalised input its (1 + weight) multiply saved, fp32, released by that multiply's backward, its first)
+    layer alive and none of its gradients made: that norm's backward (norm_backward_transient) less the normalised input
+    its (1 + weight) multiply saved in fp32, released by that multiply's backward, its first (measured: Gemma-3
+    checkpointed CPU steps). 0 without sandwich norms (a Llama layer's backward begins with down_proj's)."""
     return norm_backward_transient(a, run) - BYTES_PER_FP32 * run.sequence_tokens * a.hidden_size if a.sandwich else 0
 
 

@@ -228,7 +228,6 @@ def activations(a: MoeArch, run: Run) -> Rule:
             th = run.tokens * a.hidden_size
             rule.opening_transient += (run.residual * th - run.c * run.tokens
                                        - (run.c * th if run.autocast else 0))
-    if any(a.sparse(i) for i in range(a.num_layers)):
         # The block's forward ends by putting the weighted expert outputs back in token order (grouped_mm_experts_
         # forward): the weighted (S, h) rows and the buffer they are put into (S = T x top-k, in the experts' e)
         # beside everything the block saved (measured: a recomputed Qwen3-MoE layer under autocast peaks there, 2% to

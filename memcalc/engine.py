@@ -163,11 +163,16 @@ def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> 
                           "micro-batch, made at the first step and kept", ALL_PHASES)
 
 
+def _stage_without_head(spec: TrainingSpec) -> bool:
+    """--pp: a stage before the last (its backward starts from a received gradient, not the head's)."""
+    return spec.pp > 1 and (spec.pp_stage or 0) != spec.pp - 1
+
+
 def _stage_first_gradient(tensors: Sequence[ParamTensor], spec: TrainingSpec, bytes_per_grad: int,
                           grad_phases: Sequence[Phase]) -> int:
     """--pp, a stage without the head whose gradients are not held from an earlier backward: the first weight gradient
     its backward makes, the largest MLP weight of its last layer (down_proj's), beside that layer's transients."""
-    if spec.pp == 1 or (spec.pp_stage or 0) == spec.pp - 1 or Phase.forward in grad_phases:
+    if not _stage_without_head(spec) or Phase.forward in grad_phases:
         return 0
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
@@ -464,10 +469,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         opening_gradients=act.opening_backward_transient_bytes,
         released_at_mlp=act.released_at_mlp_bytes,
         mid_norm=act.mid_norm_transient_bytes,
-        received_output_gradient=(act.output_gradient_bytes
-                                  if spec.pp > 1 and (spec.pp_stage or 0) != spec.pp - 1 else 0),
-        casts_at_attention=attention_casts[1] * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
-        casts_at_mid_norm=attention_casts[0] * _bytes_per(recipe.compute_dtype) if autocast_recompute else 0,
+        received_output_gradient=act.output_gradient_bytes if _stage_without_head(spec) else 0,
+        casts_at_attention=min(autocast_recompute, attention_casts[1] * _bytes_per(recipe.compute_dtype)),
+        casts_at_mid_norm=min(autocast_recompute, attention_casts[0] * _bytes_per(recipe.compute_dtype)),
         casts_at_mlp=max(0, autocast_recompute - _output_projection_cast(tensors) * _bytes_per(recipe.compute_dtype)),
         layer_activations=act.last_layer_bytes, layer_gradients=act.layer_backward_transient_bytes,
         attention_gradients=act.attention_backward_transient_bytes, layer_mlp=act.layer_mlp_bytes,
@@ -531,7 +535,7 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int,
     layer = [t for t in tensors if t.trainable and t.layer == 0]
     mlp = [t for t in layer if t.role in (ROLE_MLP, ROLE_EXPERT)]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
-    outputs = [t for t in mlp if "down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj")]
+    outputs = [t for t in mlp if _is_output_projection(t)]
     experts = [t for t in outputs if t.role == ROLE_EXPERT]
     if experts or any(t.role == ROLE_EXPERT for t in mlp):
         outputs = experts or [t for t in mlp if t.role == ROLE_EXPERT]
@@ -571,8 +575,13 @@ def _output_projection_cast(tensors: Sequence[ParamTensor]) -> int:
     if not layers:
         return 0
     outputs = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_MLP and t.is_linear_weight
-               and ("down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj"))]
+               and _is_output_projection(t)]
     return max(outputs, default=0)
+
+
+def _is_output_projection(t: ParamTensor) -> bool:
+    """An MLP's output projection, its layer's last op (the first in its backward): down_proj, fc2, c_proj."""
+    return "down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj")
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
@@ -814,7 +823,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         last = {**at_head, **later,
                 EXTRA_LAYER_GRADIENTS: max(x.layer_gradients - x.released_at_mlp - x.received_output_gradient,
                                            at_attention, x.opening_gradients - x.received_output_gradient)}
-        released_casts = x.recomputed_casts - min(x.recomputed_casts, x.casts_at_attention) if x.released_at_scores else 0
+        released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention and at_attention + x.made_at_attention - released_casts > x.layer_gradients:
             # its attention's backward, beside the layer's gradients made by then (eager: without the casts of the
             # weights whose backward has run)
@@ -856,7 +865,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                x.casts_at_mlp)]
     if x.attention_gradients:
         # (eager attention: the casts of the weights whose backward has run, its MLP's and o_proj's, released too)
-        casts = min(x.recomputed_casts, x.casts_at_attention) if x.released_at_scores else x.recomputed_casts
+        casts = x.casts_at_attention if x.released_at_scores else x.recomputed_casts
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp
                        - max(x.after_attention, x.released_at_scores),
                        x.attention_gradients,
@@ -868,7 +877,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         # the norm between its MLP and its attention (Rule.mid_norm_transient): the MLP's activations released, its
         # gradients made, none of the attention's and norms'
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.mid_norm, x.pending_at_mid_norm,
-                       min(x.recomputed_casts, x.casts_at_mid_norm) if x.casts_at_mid_norm else x.recomputed_casts))
+                       x.casts_at_mid_norm))
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
                        x.recomputed_casts))

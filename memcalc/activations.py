@@ -94,7 +94,7 @@ class ActivationEstimate:
     released_at_mlp_bytes: int = 0  # ... what it released by its MLP's backward (Rule.released_at_mlp)
     mid_norm_transient_bytes: int = 0  # its norm's backward between the MLP's and attention's (Rule.mid_norm_transient)
     output_gradient_bytes: int = 0  # the layer's output gradient among its transients (Rule.output_gradient)
-    released_at_scores_bytes: int = 0  # ... released by its eager softmax's backward beyond its MLP's (Rule.released_at_scores)
+    released_at_scores_bytes: int = 0  # what its backward released by softmax's beyond its MLP's (Rule.released_at_scores)
     # ... and beside it the activations still kept then: the per-model ones but the final norm's and head's, and with
     # checkpointing the first layer's kept input
     first_layer_context_bytes: int = 0

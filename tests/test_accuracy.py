@@ -1,7 +1,7 @@
 """The accuracy matrix (benchmarks/accuracy.py) run against the tolerance the activation issue sets.
 
 Median absolute error of the peak <= 0.01%, worst <= 0.05%, and the peak phase right in every configuration,
-over the CPU-tracked matrix (every other one of its 36 configurations, three families). Rows whose CPU
+over the CPU-tracked matrix (every third of its 36 configurations, three families). Rows whose CPU
 run differs from a GPU run by construction (CPU autocast) are reported but not held to the tolerance.
 """
 
@@ -27,9 +27,9 @@ TRACE_TOLERANCE_PCT = {("bf16-pure", "none", 2048): 0.01, ("amp-bf16", "full", 8
 
 
 def test_cpu_tracked_matrix_within_tolerance():
-    # every other configuration (the suite's time; all 36 run in `python benchmarks/accuracy.py --part recipes`)
-    cases = accuracy.matrix()[::2]
-    assert len(cases) >= 18 and len({c.family for c in cases}) >= 3
+    # every third configuration (the suite's time; all 36 run in `python benchmarks/accuracy.py --part recipes`)
+    cases = accuracy.matrix()[::3]
+    assert len(cases) >= 12 and len({c.family for c in cases}) >= 3
     results = [accuracy.measure_case(case) for case in cases]
     print("\n" + accuracy.table(results))
     median, worst, phase_misses = accuracy.summary(results)

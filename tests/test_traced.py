@@ -45,8 +45,7 @@ def _saved(raw: dict, recipe: str, batch: int, attention: str = "sdpa", activati
 
 
 # Micro-batch 1 is traced as it is, 3 follows from the traces at 2 and 3 (affine from 2 on).
-RUNS = [("bf16-pure", "sdpa", 1), ("bf16-pure", "eager", 3), ("fp32", "sdpa", 3), ("amp-bf16", "sdpa", 3),
-        ("amp-bf16", "eager", 3)]
+RUNS = [("bf16-pure", "sdpa", 1), ("bf16-pure", "eager", 3), ("fp32", "sdpa", 3), ("amp-bf16", "eager", 3)]
 
 
 @pytest.mark.parametrize(("recipe", "attention", "batch"), RUNS)
@@ -60,7 +59,7 @@ def test_traced_activations_equal_what_a_real_forward_saves(model_type, recipe, 
     assert traced == measure_saved_bytes(raw, recipe, batch=batch, seq=48, attention=attention)
 
 
-@pytest.mark.parametrize(("recipe", "attention"), [("bf16-pure", "sdpa"), ("amp-bf16", "eager")])
+@pytest.mark.parametrize(("recipe", "attention"), [("amp-bf16", "eager")])  # (bf16 sdpa: the conformance sample)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_trace_and_the_hand_rules_agree(family, recipe, attention):
     """Two derivations of the same number: the rules read from the modeling code, the trace runs it (MoE in fp32
@@ -151,8 +150,8 @@ CONFORMANCE = _conformance()
 # Where each toggle changes the code path (the full grid runs in benchmarks/conformance.py).
 # (one or two families per toggle: the suite's time; the full grid, every family, is in docs/accuracy.md)
 SAMPLE = {"window < seq": ("mistral", "gemma3_text", "qwen2_moe"),
-          "use_cache false": ("phi3",), "attention dropout": ("llama", "qwen3_moe"),
-          "dropout": ("gpt2", "falcon-sequential"), "default": ("bloom", "falcon-40b-layout"),
+          "use_cache false": ("phi3",), "attention dropout": ("qwen3_moe",),
+          "dropout": ("gpt2", "falcon-sequential"), "default": ("falcon-40b-layout",),
           "qk layernorm": ("phi",), "reorder_and_upcast_attn": ("gpt2",), "post-norm (350m)": ("opt",),
           "projected embeddings": ("opt",)}
 SAMPLE_CASES = [c for c in CONFORMANCE.cases() if c[0] in SAMPLE.get(c[1], ())]

@@ -2,11 +2,15 @@
 
     python benchmarks/pipeline.py                      # the small Llama on gloo ranks (the table below)
     python benchmarks/pipeline.py --model llama-3-8b   # a preset at full size, each stage on the fake process group
+    python benchmarks/pipeline.py --interleaved        # interleaved 1F1B: each rank's stages on gloo ranks
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
 torch.distributed.pipelining (memcalc.measure.pipeline: PipelineStage, ScheduleGPipe / Schedule1F1B, one gloo rank
 per stage, AdamW), under memcalc's tensor tracker: one row per stage. About 2 minutes on two cores.
+
+With --interleaved, ScheduleInterleaved1F1B on the small Llama with 6 or 10 layers: 2 or 3 ranks of 2 or 3 stages
+each (torchtitan's looped split), one row per rank. About 4 minutes.
 
 With --model, the preset at full size (bf16-pure, micro-batches of 1 x 2048) on the fake process group under
 FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once, where gloo's
@@ -33,11 +37,14 @@ SMALL_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a preset at full size, on the fake process group")
+    parser.add_argument("--interleaved", action="store_true", help="interleaved 1F1B on gloo ranks")
     args = parser.parse_args()
     from memcalc.measure.distributed import measure_distributed
 
     if args.model:
         return preset(args.model, measure_distributed)
+    if args.interleaved:
+        return interleaved(measure_distributed)
 
     rows = []
     print("| stages | schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error |")
@@ -66,6 +73,31 @@ def main() -> None:
               f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
+def interleaved(measure_distributed) -> None:
+    rows = []
+    print("| ranks x stages | layers | micro-batches | recipe | checkpointing | rank | estimate | measured | error |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|")
+    for (pp, virtual, layers, microbatches), precision, checkpointing in itertools.product(
+            ((2, 2, 6, 2), (2, 2, 6, 4), (3, 2, 10, 3), (2, 3, 10, 4)), ("fp32", "bf16-pure", "amp-bf16"),
+            ("none", "full")):
+        raw = {**SMALL_LLAMA, "num_hidden_layers": layers}
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
+                            num_gpus=pp, pp=pp, pp_schedule="interleaved-1f1b", pp_virtual=virtual,
+                            microbatches=microbatches)
+        model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
+        for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=pp,
+                                            method="gloo"):
+            rank = measured.run["distributed"]["stage"]
+            estimate = run(model, spec.replace(pp_rank=rank)).per_gpu.peak_bytes
+            error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
+            rows.append(error)
+            print(f"| {pp} x {virtual} | {layers} | {microbatches} | {precision} | {checkpointing} | {rank} | "
+                  f"{estimate / 2**20:.2f} MiB | {measured.measured_peak_bytes / 2**20:.2f} MiB | {error:+.2f}% |",
+                  flush=True)
+    print(f"\n{len(rows)} rank steps: median |error| {statistics.median(abs(e) for e in rows):.2f}%, from "
+          f"{min(rows):+.2f}% to {max(rows):+.2f}%")
+
+
 def preset(name: str, measure_distributed) -> None:
     from memcalc.api import model_input
 
@@ -73,13 +105,15 @@ def preset(name: str, measure_distributed) -> None:
     raw = {**model.config.raw, "_name": name}
     print("| model | stages | schedule | micro-batches | checkpointing | stage | estimate | measured (fake group) | error |")
     print("|---|---:|---|---:|---|---:|---:|---:|---:|")
-    for pp, schedule, checkpointing in itertools.product((2, 4), ("gpipe", "1f1b"), ("none", "full")):
+    for pp, schedule, checkpointing in itertools.product((2, 4), ("gpipe", "1f1b", "interleaved-1f1b"),
+                                                         ("none", "full")):
         spec = TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=2048, checkpointing=checkpointing,
                             num_gpus=pp, pp=pp, pp_schedule=schedule, microbatches=pp)
         for measured in measure_distributed(raw, spec, engine="pp", world_size=pp, method="fake",
                                             fake_ranks=tuple(range(pp))):
             stage = measured.run["distributed"]["stage"]
-            estimate = run(model, spec.replace(pp_stage=stage)).per_gpu.peak_bytes
+            one = spec.replace(pp_rank=stage) if spec.interleaved else spec.replace(pp_stage=stage)
+            estimate = run(model, one).per_gpu.peak_bytes
             error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
             print(f"| {name} | {pp} | {schedule} | {pp} | {checkpointing} | {stage} | {estimate / 2**30:.3f} GiB | "
                   f"{measured.measured_peak_bytes / 2**30:.3f} GiB | {error:+.2f}% |", flush=True)

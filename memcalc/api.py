@@ -59,7 +59,7 @@ def layouts(model: str | None = None, **settings: Any) -> LayoutPlan:
 
 # What the planner chooses: given by the user, each is one line and exit 2.
 LAYOUT_SETTINGS = ("tp", "pp", "cp", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
-                   "sp", "loss_parallel", "grad_accum", "deepspeed")
+                   "pp_virtual", "sp", "loss_parallel", "grad_accum", "deepspeed")
 
 
 def plan_layouts(plan: Plan, chosen: set[str] | frozenset[str] = frozenset()) -> LayoutPlan:

@@ -69,7 +69,9 @@ from memcalc.vocab import (
     CATEGORY_TEMPORARIES,
     EXTRA_HEAD_BACKWARD,
     EXTRA_HEAD_GRADIENT,
+    EXTRA_HELD_CAST_GRADIENTS,
     EXTRA_HELD_OUTPUTS,
+    EXTRA_LATER_EMBEDDING_GRADIENT,
     EXTRA_LAYER_ACTIVATIONS,
     EXTRA_LAYER_GRADIENTS,
     EXTRA_LOSS_GRADIENTS,
@@ -113,7 +115,12 @@ from memcalc.vocab import (
     TERM_OPTIMIZER_STATES,
     TERM_OPTIMIZER_TEMPORARIES,
     TERM_PIPELINE_BUFFERS,
+    TERM_PIPELINE_HELD_ACTIVATIONS,
+    TERM_PIPELINE_HELD_LOSSES,
+    TERM_PIPELINE_OTHER_STAGES,
+    TERM_PIPELINE_OTHER_STAGES_HELD,
     TERM_PIPELINE_OUTPUTS,
+    TERM_PIPELINE_SENT,
     TERM_WEIGHTS,
     TERM_ZERO3_GATHERED_GRADS,
     Phase,
@@ -148,11 +155,141 @@ def _most_loaded_stage(model: ModelInput, spec: TrainingSpec, defaults_used: Seq
     return chosen
 
 
+# What one of a rank's stages holds while another of its stages runs (interleaved schedules): its model states
+# (gradients once its first backward has run), its receive buffers and autocast's casts of its weights (cached from
+# its first forward to the step's end), and its micro-batches in flight.
+_STAGE_STATES = (TERM_WEIGHTS, TERM_MASTER, TERM_OPTIMIZER_STATES, TERM_GRADIENTS)
+_STAGE_KEPT = (TERM_PIPELINE_BUFFERS, TERM_AUTOCAST_COPIES, TERM_AUTOCAST_CHECKPOINTED)
+_STAGE_HELD = (TERM_ACTIVATIONS, TERM_PIPELINE_HELD_ACTIVATIONS, TERM_LOSS_BUFFERS, TERM_PIPELINE_HELD_LOSSES,
+               TERM_PIPELINE_OUTPUTS)
+
+
+def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]) -> Report:
+    """--pp-schedule interleaved-1f1b: one rank's peak over every forward and backward of its stages
+    (memcalc.pipeline.rank_moments): the stage running at that moment estimated as a stage of a pp x pp_virtual
+    pipeline holding its micro-batches then, beside what the rank's other stages hold; and the optimizer's step,
+    one stage's optimizer at a time (torchtitan builds one per model part). Without ``spec.pp_rank``: the most
+    loaded rank, its notes naming the others."""
+    if spec.pp_rank is None:
+        reports = [_interleaved_rank(model, spec.replace(pp_rank=rank), defaults_used) for rank in range(spec.pp)]
+        chosen = max(reports, key=lambda report: report.per_gpu.peak_bytes)
+        per_rank = spec.num_gpus // spec.pp
+        chosen.totals.model_states_bytes = per_rank * sum(r.per_gpu.model_states_bytes for r in reports)
+        chosen.totals.peak_bytes_sum = per_rank * sum(r.per_gpu.peak_bytes for r in reports)
+        peaks = ", ".join(f"rank {i} {r.per_gpu.peak_bytes:,} B" for i, r in enumerate(reports))
+        chosen.notes.append(f"pipeline parallelism: {spec.pp} ranks of {spec.pp_virtual} stages each "
+                            f"({spec.pp_stages} stages, stage s on rank s mod {spec.pp}), {spec.microbatches} "
+                            f"micro-batches of {spec.micro_batch_size} ({spec.pp_schedule.value}); shown: the most "
+                            f"loaded, rank {chosen.training.pp_stage}; peaks per rank: {peaks}")
+        return chosen
+    rank, virtual = spec.pp_rank, spec.pp_virtual
+    stages = [local * spec.pp + rank for local in range(virtual)]
+    ranges = pipeline.spec_ranges(spec, model.arch.num_layers)
+    cache: dict[tuple[int, int, bool], Report] = {}
+
+    def at(local: int, held: int, made: bool) -> Report:
+        key = (local, held, made)
+        if key not in cache:
+            cache[key] = _estimate_moment(model, spec.replace(pp_stage=stages[local], pp_held=held,
+                                                              pp_grads_made=made), defaults_used)
+        return cache[key]
+
+    def beside(local: int, held: int, made: bool, stepping: bool) -> tuple[int, int, int, str]:
+        """What stage ``local`` holds while another runs (or steps): its model states, of them its optimizer's
+        states, and the rest; and how it is made up."""
+        terms = {t.name: t.bytes for t in at(local, held, made).per_gpu.terms if not t.in_cpu_ram}
+        states = sum(n for name, n in terms.items() if name in _STAGE_STATES and (name != TERM_GRADIENTS or made))
+        # (its casts are cached from its first forward until the autocast context exits, before the step)
+        ran = (held > 0 or made) and not stepping
+        kept = sum(n for name, n in terms.items() if name in _STAGE_KEPT and (ran or name == TERM_PIPELINE_BUFFERS))
+        in_flight = sum(n for name, n in terms.items() if name in _STAGE_HELD) if held else 0
+        start, end = ranges[stages[local]]
+        part = (f"stage {stages[local]} (layers {start}-{end - 1}): model states {states:,} B"
+                f"{' with its gradients' if made else ''}, buffers and casts {kept:,} B, "
+                f"{held} micro-batch{'es' if held != 1 else ''} in flight {in_flight:,} B")
+        return states, terms.get(TERM_OPTIMIZER_STATES, 0), kept + in_flight, part
+
+    # The runtime waits on its sends only at the step's end (_PipelineScheduleRuntime._step_microbatches: "send ops
+    # should be waited on before step() exits"), and a send's work holds its tensor till then: every output a stage
+    # sent on whose micro-batch's backward has run (until then the forward cache holds it), and every input
+    # gradient it sent back.
+    hidden = _hidden_bytes(model, spec, get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype,
+                                                   spec.state_dtype))
+
+    def sent(backwards: Sequence[int]) -> int:
+        return sum(done * hidden * (int(stages[k] < spec.pp_stages - 1) + int(stages[k] > 0))
+                   for k, done in enumerate(backwards))
+
+    best: tuple[int, Report, int, int, int, list[str]] | None = None
+    composite: dict[Phase, PhaseTotal] = {}
+    moments = [(m.local, m.kind, m.held, m.backwards) for m in pipeline.rank_moments(rank, spec.pp, virtual,
+                                                                                      spec.microbatches)]
+    # The step: every stage's backward done, its gradients made, its sends waited on; one stage's optimizer steps at
+    # a time.
+    moments += [(local, "S", (0,) * virtual, (0,) * virtual) for local in range(virtual)]
+    kinds = {"F": Phase.forward, "B": Phase.backward, "S": Phase.optimizer_step}
+    for local, kind, held, backwards in moments:
+        made = [done > 0 or kind == "S" for done in backwards]
+        report = at(local, held[local], made[local])
+        others = [beside(k, held[k], made[k], kind == "S") for k in range(virtual) if k != local]
+        states, optimizer_states, rest = (sum(o[i] for o in others) for i in range(3))
+        phase = next(p for p in report.per_gpu.phases if p.phase == kinds[kind])
+        in_sends = sent(backwards)
+        total = phase.bytes + states + rest + in_sends
+        if phase.phase not in composite or total > composite[phase.phase].bytes:
+            start, end = ranges[stages[local]]
+            composite[phase.phase] = dataclasses.replace(
+                phase, bytes=total,
+                first_step_bytes=phase.first_step_bytes + states - optimizer_states + rest + in_sends,
+                moment=f"stage {stages[local]} (layers {start}-{end - 1}): {phase.moment or phase.phase.value}",
+                terms=[*phase.terms, TERM_PIPELINE_OTHER_STAGES, TERM_PIPELINE_OTHER_STAGES_HELD, TERM_PIPELINE_SENT],
+                breakdown={**phase.breakdown, TERM_PIPELINE_OTHER_STAGES: states,
+                           TERM_PIPELINE_OTHER_STAGES_HELD: rest, TERM_PIPELINE_SENT: in_sends})
+        if best is None or total > best[0]:
+            best = (total, report, states, rest, in_sends, [o[3] for o in others])
+    assert best is not None
+    total, report, states, rest, in_sends, parts = best
+    whole = [at(local, 0, True).model for local in range(virtual)]  # (the rank's tensors: its stages')
+    chosen = dataclasses.replace(
+        report, per_gpu=dataclasses.replace(report.per_gpu), totals=dataclasses.replace(report.totals),
+        notes=list(report.notes), training=dataclasses.replace(report.training, pp_stage=rank),
+        model=dataclasses.replace(report.model, num_params=sum(m.num_params for m in whole),
+                                  num_trainable_params=sum(m.num_trainable_params for m in whole),
+                                  num_tensors=sum(m.num_tensors for m in whole)))
+    source = (f"{pipeline.SOURCE}; the rank's order of forwards and backwards from torch's ScheduleInterleaved1F1B "
+              "(memcalc.pipeline.rank_actions)")
+    chosen.per_gpu.terms = [*report.per_gpu.terms, Term(
+        name=TERM_PIPELINE_OTHER_STAGES, bytes=states, category=CATEGORY_MODEL_STATES, phases=ALL_PHASES,
+        formula="this rank's other stages at the peak: " + "; ".join(parts), source=source), Term(
+        name=TERM_PIPELINE_OTHER_STAGES_HELD, bytes=rest, category=CATEGORY_ACTIVATIONS, phases=FORWARD_BACKWARD,
+        formula="their receive buffers, autocast casts and micro-batches in flight (see pipeline_other_stages)",
+        source=source), Term(
+        name=TERM_PIPELINE_SENT, bytes=in_sends, category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD,
+        formula=f"{in_sends // max(1, hidden)} x {hidden:,} B: the hidden states and input gradients this rank's "
+                "stages sent whose micro-batch's backward has run, not yet waited on",
+        source="torch.distributed.pipelining _PipelineScheduleRuntime._step_microbatches: its sends are waited on "
+               "before step() returns, and a send's work holds its tensor until then; measured on gloo ranks")]
+    chosen.per_gpu.phases = [composite[p.phase] for p in report.per_gpu.phases if p.phase in composite]
+    peak = max(chosen.per_gpu.phases, key=lambda p: p.bytes)
+    chosen.per_gpu.peak_bytes, chosen.per_gpu.peak_phase = peak.bytes, peak.phase
+    chosen.per_gpu.first_step_peak_bytes = max(p.first_step_bytes for p in chosen.per_gpu.phases)
+    # (the rank's model states: every stage's, gradients made)
+    chosen.per_gpu.model_states_bytes = sum(
+        t.bytes for local in range(virtual) for t in at(local, 0, True).per_gpu.terms
+        if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
+    chosen.totals.model_states_bytes = chosen.per_gpu.model_states_bytes * spec.num_gpus
+    chosen.totals.peak_bytes_sum = peak.bytes * spec.num_gpus
+    start_end = ", ".join(f"{ranges[s][0]}-{ranges[s][1] - 1}" for s in stages)
+    chosen.notes.append(f"interleaved 1F1B: rank {rank} runs stages {', '.join(map(str, stages))} (layers "
+                        f"{start_end}); its peak, {total:,} B, is at {peak.moment}")
+    return chosen
+
+
 def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Term | None:
     """--pp: the stage's receive buffers, one per micro-batch for the activations from the stage before and one for
     the gradients from the stage after (PipelineStage keeps them from the first step on)."""
     stage = spec.pp_stage or 0
-    count = spec.microbatches * (int(stage > 0) + int(stage < spec.pp - 1))
+    count = spec.microbatches * (int(stage > 0) + int(stage < spec.pp_stages - 1))
     if not count:
         return None
     what = ("activations and gradients" if count > spec.microbatches else "gradients" if stage == 0
@@ -165,7 +302,7 @@ def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> 
 
 def _stage_without_head(spec: TrainingSpec) -> bool:
     """--pp: a stage before the last (its backward starts from a received gradient, not the head's)."""
-    return spec.pp > 1 and (spec.pp_stage or 0) != spec.pp - 1
+    return spec.pp > 1 and (spec.pp_stage or 0) != spec.pp_stages - 1
 
 
 def _stage_first_gradient(tensors: Sequence[ParamTensor], spec: TrainingSpec, bytes_per_grad: int,
@@ -186,7 +323,7 @@ def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, log
     """--pp: each micro-batch's output stays in the stage's forward cache until that micro-batch's backward ends
     (PipelineStage.fwd_cache): the hidden state it sent on, or on the last stage the logits."""
     held = pipeline.held(spec)
-    last = (spec.pp_stage or 0) == spec.pp - 1
+    last = (spec.pp_stage or 0) == spec.pp_stages - 1
     each = logits_bytes if last else _hidden_bytes(model, spec, recipe)
     if not held or not each:
         return None
@@ -194,6 +331,18 @@ def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, log
                           f"micro-batches in flight, {'the logits' if last else 'the hidden state the stage sent on'}",
                           "PipelineStage.forward_one_chunk: the output is cached (fwd_cache) for the micro-batch's "
                           "backward", FORWARD_BACKWARD)
+
+
+def _gpipe_sent_gradients(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Term | None:
+    """--pp-schedule gpipe, a stage after the first, its last micro-batch's backward: the input gradients its earlier
+    backwards sent to the stage before are still held by their send work (ScheduleGPipe._step_microbatches waits on
+    the backward sends only after every backward)."""
+    if spec.pp_schedule.value != "gpipe" or not spec.pp_later_backward or not spec.pp_stage:
+        return None
+    return _pipeline_term(TERM_PIPELINE_SENT, spec.microbatches - 1, _hidden_bytes(model, spec, recipe),
+                          "earlier micro-batches' input gradients sent to the stage before, not yet waited on",
+                          "ScheduleGPipe._step_microbatches: the backward sends are waited on after the last "
+                          "backward, and a send's work holds its tensor until then", BACKWARD_ONLY)
 
 
 def _pipeline_term(name: str, count: int, each: int, what: str, source: str, phases: Sequence[Phase]) -> Term:
@@ -217,7 +366,7 @@ def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
         return spec
     return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
                         pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
-                        pp_later_backward=False)
+                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None)
 
 
 def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: TrainingSpec,
@@ -242,6 +391,8 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
 
 
 def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
+    if spec.interleaved and spec.pp_held is None:
+        return _interleaved_rank(model, spec, defaults_used)
     if spec.pp > 1 and spec.pp_stage is None:
         return _most_loaded_stage(model, spec, defaults_used)
     if spec.pp > 1 and not spec.pp_later_backward and pipeline.later_backward_applies(spec):
@@ -295,7 +446,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # forward and backward of every later micro-batch run beside it (torch accumulates into p.grad in place).
     # (1F1B runs a stage's later micro-batches' forwards after its first backward, where the stage has more
     # micro-batches than it holds at once: the same)
-    accumulating = spec.grad_accum > 1 or spec.pp_later_backward or (
+    # (Interleaved schedules: the stage's gradients exist from its first backward on, pp_grads_made.)
+    accumulating = spec.grad_accum > 1 or spec.pp_later_backward or bool(spec.pp_grads_made) or (
         spec.pp > 1 and spec.pp_schedule.value == "1f1b"
         and spec.microbatches > pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b"))
     grad_phases = ALL_PHASES if accumulating else BACKWARD_AND_STEP
@@ -388,7 +540,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     terms.extend(act.terms)
     if spec.pp > 1:
         terms.extend(t for t in (_pipeline_buffers(model, spec, recipe),
-                                 _pipeline_outputs(model, spec, recipe, act.logits_bytes)) if t is not None)
+                                 _pipeline_outputs(model, spec, recipe, act.logits_bytes),
+                                 _gpipe_sent_gradients(model, spec, recipe)) if t is not None)
     # -- optimizer step ------------------------------------------------------------------------------------
     in_backward = spec.optim_in_backward and largest is not None
     if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype and in_backward:
@@ -447,14 +600,26 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # Late in backward, the gradients still missing are those of the input embeddings (their backward runs
     # last) unless the embedding is tied to the head or shared by two stacks (a contribution already waits for
     # it); ZeRO-2/3 hold flat partitions instead, so not there.
-    whole_grads = stage < 2 and spec.grad_accum == 1 and not in_backward
+    # (A later micro-batch's backward - gradient accumulation, a pipeline stage's - finds every gradient made.)
+    by_tensor = stage < 2 and not in_backward
+    whole_grads = by_tensor and not accumulating
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
-    pending_mlp, pending_attention, pending_layer, pending_mid = (_first_layer_pending(tensors) if whole_grads
+    pending_mlp, pending_attention, pending_layer, pending_mid = (_first_layer_pending(tensors) if by_tensor
                                                                   else (0, 0, 0, 0))
     # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
     made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
                          if whole_grads and (act.after_attention_bytes or act.released_at_scores_bytes) else 0)
     attention_casts = _attention_casts(tensors)
+    # --pp under autocast, a later micro-batch's backward (the stage's gradients exist from an earlier one): the casts
+    # come from the cache the first micro-batch's forward filled (EXTRA_HELD_CAST_GRADIENTS)
+    held_casts = (0, 0)
+    if spec.pp > 1 and recipe.autocast and accumulating and by_tensor:
+        cast = [t.numel for t in trainable.autocast_cast_weights(tensors, subset.quantized) if t.trainable]
+        held_casts = (sum(cast), max(cast, default=0))
+    # --pp, a later micro-batch's backward on the stage with the embedding: its backward, the stage's last, makes a
+    # new V x h gradient beside the one held, before adding it in
+    later_embedding = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
+                       if spec.pp > 1 and accumulating and by_tensor else 0)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -489,9 +654,12 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
         first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward,
         stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases),
-        stage_logits_gradient=(next((t.bytes for t in act.terms if t.name == TERM_LOSS_BUFFERS), 0)
-                               if spec.pp > 1 and spec.pp_stage == spec.pp - 1
-                               and spec.pp_schedule.value == "1f1b" else 0)))
+        stage_logits_gradient=(act.logits_bytes if spec.pp > 1 and spec.pp_stage == spec.pp_stages - 1
+                               and not (spec.pp_schedule.value == "gpipe" and spec.pp_later_backward) else 0),
+        held_cast_gradients=held_casts[0] * _bytes_per(recipe.compute_dtype),
+        cast_gradient_upcast=held_casts[1] * bytes_per_grad, casts_kept=spec.pp > 1 and recipe.autocast,
+        later_embedding_gradient=later_embedding,
+        cast_bytes=_bytes_per(recipe.compute_dtype), grad_bytes=bytes_per_grad, gradients_made=accumulating))
     peak = max(phases, key=lambda p: p.bytes)
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
@@ -532,7 +700,9 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int,
     output projection, made before). Stacked experts: their down projection's (made by the product's backward, the
     MoE block's MLP moment; measured: Mixtral's and Qwen3-MoE's checkpointed CPU steps). Also: all of them (while it
     is recomputed) and all but the MLP's (at the norm between its MLP and its attention)."""
-    layer = [t for t in tensors if t.trainable and t.layer == 0]
+    # (a pipeline stage's first layer is its own first: its tensors are the stage's)
+    first = min((t.layer for t in tensors if t.layer is not None), default=0)
+    layer = [t for t in tensors if t.trainable and t.layer == first]
     mlp = [t for t in layer if t.role in (ROLE_MLP, ROLE_EXPERT)]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
     outputs = [t for t in mlp if _is_output_projection(t)]
@@ -729,7 +899,17 @@ class _Extras:
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
     head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
     stage_first_gradient: int = 0  # --pp, a stage without the head: its last layer's first weight gradient
-    stage_logits_gradient: int = 0  # --pp, the last stage (1F1B): the logits' gradient, held through its layers' backward
+    stage_logits_gradient: int = 0  # --pp, the last stage: the logits' gradient, held through its layers' backward
+    # --pp under autocast, a micro-batch after the first: the cast weights' gradients (compute dtype) held until the
+    # stage's backward ends (EXTRA_HELD_CAST_GRADIENTS); at its end the largest of them cast to the weight dtype; and
+    # autocast's cache itself alive to the end (the context spans the schedule's step)
+    held_cast_gradients: int = 0
+    cast_gradient_upcast: int = 0
+    casts_kept: bool = False
+    later_embedding_gradient: int = 0  # --pp, a later micro-batch: the embedding's new gradient before it is added
+    cast_bytes: int = 0  # (the compute dtype's bytes, and the gradients': pending gradients in cast bytes)
+    grad_bytes: int = 1
+    gradients_made: bool = False  # a later micro-batch: the pending_* gradients exist (only their casts' are pending)
     head_gradient_late: int = 0  # ... and beside the gradients term, where that term does not hold it
     shared_gradient_sum: int = 0  # end of backward: a shared token embedding's contributions being summed
     first_shared_sum: int = 0  # T5, tied: the first sum (head's and decoder's), before the encoder's backward ...
@@ -814,7 +994,17 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if sum(after_head.values()) > sum(start.values()):
         start = after_head
     # End of backward: activations, autocast copies and the units' full gradients are freed, every gradient exists.
-    end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in _FREED_BY_BACKWARD_END)
+    # (--pp under autocast: the copies stay to the schedule's end; a later micro-batch's cast weights' gradients are
+    # still held, the first of them cast to the weight's dtype)
+    freed = [n for n in _FREED_BY_BACKWARD_END if not (x.casts_kept and n == TERM_AUTOCAST_COPIES)]
+    end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in freed)
+    if x.held_cast_gradients:
+        end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients + x.cast_gradient_upcast
+    if x.later_embedding_gradient > x.cast_gradient_upcast:
+        # (the embedding's backward runs before the held casts' gradients are cast and added: its new gradient beside
+        # them, not their upcast)
+        end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients
+        end[EXTRA_LATER_EMBEDDING_GRADIENT] = x.later_embedding_gradient
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
     if x.layer_activations and x.layer_gradients:
         # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the
@@ -881,13 +1071,25 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
                        x.recomputed_casts))
-    layer_acts, layer_grads, pending, casts = max(points, key=lambda point: point[0] + point[1] - point[2] + point[3])
-    late_extra = layer_acts + layer_grads + casts + x.head_gradient_late - x.missing_gradients - pending
+    def unmade(pending: int) -> int:
+        """What a moment lacks for the first layer's gradients not made yet: those gradients, or in a later
+        micro-batch (they exist) their held casts' gradients."""
+        if not x.gradients_made:
+            return pending
+        return pending * x.cast_bytes // max(1, x.grad_bytes) if x.held_cast_gradients else 0
+
+    layer_acts, layer_grads, pending, casts = max(points, key=lambda point: point[0] + point[1] - unmade(point[2])
+                                                  + point[3])
+    late_extra = layer_acts + layer_grads + casts + x.head_gradient_late - x.missing_gradients - unmade(pending)
     if x.layer_activations and late_extra > 0:
-        late = {**end, EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
+        late = {**{name: n for name, n in end.items() if name != EXTRA_LATER_EMBEDDING_GRADIENT},
+                EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
                 EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
-        late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients - pending)
+        if x.held_cast_gradients:  # (but those of the first layer's weights whose backward has not run)
+            late[EXTRA_HELD_CAST_GRADIENTS] = max(0, x.held_cast_gradients - unmade(pending))
+        late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients
+                                   - (0 if x.gradients_made else pending))
         candidates.append((MOMENT_LATE_BACKWARD, late))
     if x.sharded_layer:
         # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's
@@ -1041,5 +1243,6 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         compile=spec.compile, repeat_kv=spec.repeat_kv, fp8=spec.fp8.value,
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
         pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
+        pp_virtual=spec.pp_virtual or 1,
         cp=spec.cp,
     )

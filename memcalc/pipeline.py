@@ -10,6 +10,10 @@ A step runs M micro-batches of ``--batch-size`` samples through the stages (torc
          activations at the end of its forwards (and the last stage M losses' saved tensors)
   1f1b   Schedule1F1B: stage i (0-based) runs ``pp - i - 1`` warm-up forwards, then one forward and one backward at a
          time: at most ``min(M, pp - i)`` micro-batches' activations at once; stage 0 holds the most
+  interleaved-1f1b
+         ScheduleInterleaved1F1B: ``--pp-virtual V`` stages per rank (``V x pp`` stages, stage s on rank s mod pp, as
+         torchtitan's looped split); each rank runs its stages' forwards and backwards in the order
+         ``rank_actions`` reproduces, and holds at each moment what its stages' micro-batches in flight saved
 Gradients accumulate over the micro-batches of the step (as gradient accumulation), the optimizer steps once.
 """
 
@@ -32,21 +36,25 @@ from memcalc.families.saved import (
 from memcalc.model import ROLE_EMBEDDING, ParamTensor
 from memcalc.units import BYTES_PER_INT64
 
-SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B) with torchtitan's layer split "
+SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) with torchtitan's layer split "
           "(generate_llm_fqn_per_model_part), measured on gloo ranks and the fake process group "
           "(memcalc.measure.pipeline)")
 
 
 # Measured (benchmarks/pipeline.py: a 4- and a 6-layer Llama on 2 and 3 gloo ranks, GPipe and 1F1B, 2 to 5
-# micro-batches, fp32, bf16-pure and amp-bf16; 96 stage steps): what the output says about a --pp estimate.
-ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (96 stage steps of a small Llama): "
-                 "without checkpointing -1.4% to +5.4% (a later stage's input buffer and its first layer's fp32 copy "
-                 "of it counted apart), with full checkpointing -3.9% to +6.5% (amp-bf16 stages before the last low): "
-                 "leave margin")
+# micro-batches, fp32, bf16-pure and amp-bf16, 96 stage steps; --interleaved: 6- and 10-layer Llamas on 2 and 3 ranks
+# of 2 or 3 stages, 54 rank steps): what the output says about a --pp estimate.
+ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (a small Llama): GPipe and 1F1B "
+                 "(96 stage steps) -1.4% to +6.0%, interleaved 1F1B (54 rank steps) -0.0% to +4.6% (a later stage's "
+                 "input buffer and its first layer's copy of it counted apart): leave margin")
 
 
-def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
-    """Each stage's decoder layers as [start, end)."""
+def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None,
+                 named: str | None = None) -> tuple[tuple[int, int], ...]:
+    """Each stage's decoder layers as [start, end) (``pp`` stages; ``named``: how the refusals name that count, by
+    default "{pp} N")."""
+    smaller = "{pp}" if named is None else "{pp} or {pp_virtual}"
+    named = named or f"{{pp}} {pp}"
     if pp_layers is not None:
         if sum(pp_layers) != num_layers:
             raise UsageError(f"{{pp_layers}} {','.join(str(n) for n in pp_layers)} adds up to {sum(pp_layers)} layers; "
@@ -55,8 +63,8 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
     else:
         effective = num_layers + 2  # the embedding and the norm with the head weigh one layer each
         if pp > num_layers or pp > effective // 2:
-            raise UsageError(f"{{pp}} {pp} is more stages than this model's {num_layers} layers can fill (torchtitan "
-                             "splits the layers, the embedding and the head as evenly as it can): give a smaller {pp}")
+            raise UsageError(f"{named} is more stages than this model's {num_layers} layers can fill (torchtitan "
+                             f"splits the layers, the embedding and the head as evenly as it can): give a smaller {smaller}")
         per, extra = divmod(effective, pp)
         counts, left = [], num_layers
         for stage in range(pp):
@@ -65,7 +73,7 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
             counts.append(take)
             left -= take
         if any(n < 1 for n in counts):
-            raise UsageError(f"{{pp}} {pp} leaves a stage without a decoder layer: give a smaller {{pp}} or {{pp_layers}}")
+            raise UsageError(f"{named} leaves a stage without a decoder layer: give a smaller {smaller} or {{pp_layers}}")
     ranges, start = [], 0
     for n in counts:
         ranges.append((start, start + n))
@@ -73,10 +81,22 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
     return tuple(ranges)
 
 
+def spec_ranges(spec, num_layers: int) -> tuple[tuple[int, int], ...]:
+    """Each of the spec's stages' decoder layers (every stage of every rank under an interleaved schedule)."""
+    return stage_ranges(num_layers, spec.pp_stages, spec.pp_layers, stages_named(spec))
+
+
+def stages_named(spec) -> str | None:
+    """How the refusals name the spec's stage count: "--pp N", or under an interleaved schedule its product."""
+    return f"{{pp}} {spec.pp} x {{pp_virtual}} {spec.pp_virtual} = {spec.pp_stages}" if spec.interleaved else None
+
+
 def held(spec) -> int:
     """Micro-batches whose activations the stage ``spec.pp_stage`` holds at the moment the spec describes: at most
     (``in_flight``), or, ``spec.pp_later_backward``, one fewer with every gradient made (a later micro-batch's
     backward)."""
+    if spec.pp_held is not None:
+        return spec.pp_held
     most = in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, spec.pp_schedule.value)
     return most - 1 if spec.pp_later_backward else most
 
@@ -85,7 +105,7 @@ def later_backward_applies(spec) -> bool:
     """Whether a later micro-batch's backward is a moment of its own on this stage: every gradient made and one
     micro-batch fewer held, where no forward follows the stage's first backward (1F1B with no more micro-batches than
     it holds, and GPipe)."""
-    if spec.microbatches < 2:
+    if spec.microbatches < 2 or spec.pp_held is not None:
         return False
     most = in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, spec.pp_schedule.value)
     return spec.pp_schedule.value == "gpipe" or spec.microbatches <= most
@@ -98,7 +118,72 @@ def in_flight(stage: int, pp: int, microbatches: int, schedule: str) -> int:
     return min(microbatches, pp - stage)
 
 
-def check(described, pp: int, pp_layers: Sequence[int] | None = None) -> None:
+def rank_actions(rank: int, pp: int, virtual: int, microbatches: int) -> list[tuple[int, str, int]]:
+    """The forwards ("F") and backwards ("B") rank ``rank`` runs in one step of ScheduleInterleaved1F1B, in order, as
+    (local stage, kind, micro-batch): the rank's stages are ``local x pp + rank``. torch 2.13
+    torch/distributed/pipelining/schedules.py: ``ScheduleInterleaved1F1B._calculate_single_rank_operations`` with
+    ``_get_warmup_ops`` (the last rank warms up ``(V - 1)`` rounds of micro-batches, each rank before it two more)
+    and ``_get_1f1b_rank_ops`` (warm-up forwards, then a forward and a backward at a time, then the backwards left;
+    its idle slots are left out: they hold nothing). Forwards take the rank's stages in rounds of micro-batches
+    first to last, backwards last to first."""
+    rounds = max(1, microbatches // pp)
+    per_round = microbatches // rounds
+    total = virtual * microbatches
+    warmup = min((virtual - 1) * per_round + 2 * (pp - 1 - rank), total)
+
+    def forward_stage(step: int) -> int:
+        return (step // per_round) % virtual
+
+    def backward_stage(step: int) -> int:
+        return virtual - 1 - ((step - warmup) // per_round) % virtual
+
+    forwards, backwards = [0] * virtual, [0] * virtual
+    actions: list[tuple[int, str, int]] = []
+
+    def run(kind: str, local: int, done: list[int]) -> None:
+        actions.append((local, kind, done[local]))
+        done[local] += 1
+
+    for step in range(total):  # warm-up and steady state: one forward each
+        run("F", forward_stage(step), forwards)
+        if step >= warmup:
+            run("B", backward_stage(step), backwards)
+    for step in range(total, total + warmup):  # cool-down: the backwards left
+        run("B", backward_stage(step), backwards)
+    return actions
+
+
+@dataclasses.dataclass(frozen=True)
+class RankMoment:
+    """One forward or backward of a rank's local stage ``local`` (interleaved schedules): the micro-batches each of
+    the rank's stages holds then (``held``: the one running counted) and how many backwards each has run before
+    (``backwards``: its gradients exist from the first; the tensors those backwards sent are still held)."""
+
+    local: int
+    kind: str  # "F" | "B"
+    held: tuple[int, ...]
+    backwards: tuple[int, ...]
+
+    @property
+    def grads_made(self) -> tuple[bool, ...]:
+        return tuple(done > 0 for done in self.backwards)
+
+
+def rank_moments(rank: int, pp: int, virtual: int, microbatches: int) -> list[RankMoment]:
+    """Each action of ``rank_actions`` with what the rank holds then, once per distinct state."""
+    held, done = [0] * virtual, [0] * virtual
+    seen: dict[RankMoment, None] = {}
+    for local, kind, _ in rank_actions(rank, pp, virtual, microbatches):
+        if kind == "F":
+            held[local] += 1
+        seen.setdefault(RankMoment(local, kind, tuple(held), tuple(done)))
+        if kind == "B":
+            held[local] -= 1
+            done[local] += 1
+    return list(seen)
+
+
+def check(described, pp: int, pp_layers: Sequence[int] | None = None, named: str | None = None) -> None:
     """One line for a model the stages cannot be cut from (exit 5), or a split that does not fit it (exit 2)."""
     from memcalc import tensor_parallel
 
@@ -114,15 +199,15 @@ def check(described, pp: int, pp_layers: Sequence[int] | None = None) -> None:
         raise UnsupportedModelError(
             "{pp} with a head tied to the input embeddings is not modelled (the first and the last stage would each "
             f"hold the tensor): {described.arch.architecture or described.model_type} ties them; drop {{pp}}")
-    stage_ranges(described.arch.num_layers, pp, pp_layers)
+    stage_ranges(described.arch.num_layers, pp, pp_layers, named)
 
 
 def stage_tensors(tensors: Sequence[ParamTensor], spec, num_layers: int) -> list[ParamTensor]:
     """The tensors of the stage ``spec.pp_stage``: its layers, the token embedding on the first stage, the final norm
     and the head on the last."""
     stage = spec.pp_stage or 0
-    start, end = stage_ranges(num_layers, spec.pp, spec.pp_layers)[stage]
-    first, last = stage == 0, stage == spec.pp - 1
+    start, end = spec_ranges(spec, num_layers)[stage]
+    first, last = stage == 0, stage == spec.pp_stages - 1
     kept = []
     for t in tensors:
         if t.layer is not None:
@@ -147,8 +232,8 @@ def stage_rule(rule: Rule, spec, run) -> Rule:
     """A family's rule cut to the stage ``spec.pp_stage`` (one micro-batch)."""
     num_layers = len(rule.layers)
     stage = spec.pp_stage or 0
-    start, end = stage_ranges(num_layers, spec.pp, spec.pp_layers)[stage]
-    first, last = stage == 0, stage == spec.pp - 1
+    start, end = spec_ranges(spec, num_layers)[stage]
+    first, last = stage == 0, stage == spec.pp_stages - 1
     per_model = {}
     for part, num_bytes in rule.per_model.items():
         if part == PART_IDS:

@@ -103,12 +103,14 @@ def _layout(t) -> str:
     parts = [f"{data_parallel} data-parallel" + (f" ({data_parallel // t.cp} x {t.cp} context-parallel, each "
                                                  f"{t.seq_len // t.cp:,} positions of a sequence)" if t.cp > 1 else "")]
     if t.pp > 1:
-        parts.append(f"{t.pp} pipeline stages ({t.pp_schedule}, {t.microbatches} micro-batches)")
+        stages = f" ranks of {t.pp_virtual} stages each" if t.pp_virtual > 1 else " stages"
+        parts.append(f"{t.pp} pipeline{stages} ({t.pp_schedule}, {t.microbatches} micro-batches)")
     if t.tp > 1:
         extra = " with sequence parallelism" if t.sequence_parallel else ""
         extra += f"{' and' if extra else ' with'} loss parallelism" if t.loss_parallel else ""
         parts.append(f"{t.tp} tensor-parallel{extra}")
-    shown = f"stage {t.pp_stage}'s rank" if t.pp > 1 else "one rank"
+    shown = ("one rank" if t.pp == 1 else f"pipeline rank {t.pp_stage}" if t.pp_virtual > 1
+             else f"stage {t.pp_stage}'s rank")
     return f" as {' x '.join(parts)}; figures for {shown}"
 
 

@@ -90,7 +90,8 @@ class TrainingSummary:
     pp: int = 1  # pipeline stages (the figures are one stage's: pp_stage, the most loaded)
     pp_schedule: str = "1f1b"
     microbatches: int | None = None
-    pp_stage: int | None = None
+    pp_stage: int | None = None  # (interleaved-1f1b: the rank shown)
+    pp_virtual: int = 1  # stages per pipeline rank (interleaved-1f1b)
     cp: int = 1  # context-parallel ranks sharing each sequence (the figures are the most loaded rank's)
 
 

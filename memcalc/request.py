@@ -92,6 +92,7 @@ class Request:
     pp: int = 1
     pp_schedule: str = "1f1b"
     microbatches: int | None = None
+    pp_virtual: int | None = None
     pp_layers: str | Sequence[int] | None = None
     cp: int = 1
     freeze: str | Sequence[str] = ()
@@ -304,6 +305,7 @@ def _plan(request: Request) -> Plan:
         "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
         "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,
         "pp": request.pp, "pp_schedule": request.pp_schedule, "microbatches": request.microbatches,
+        "pp_virtual": request.pp_virtual,
         "pp_layers": _layer_counts(request.pp_layers), "cp": request.cp,
     }
     model = model_input(request.model, _num_params(request))

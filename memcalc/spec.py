@@ -98,10 +98,12 @@ EVERY_PREFIX = "every:"
 
 class PipelineSchedule(str, Enum):
     """--pp-schedule: torch.distributed.pipelining's ScheduleGPipe (every micro-batch's forward, then every
-    backward) or Schedule1F1B (one forward, one backward once the pipeline is full)."""
+    backward), Schedule1F1B (one forward, one backward once the pipeline is full) or ScheduleInterleaved1F1B
+    (--pp-virtual stages per rank, looped)."""
 
     gpipe = "gpipe"
     one_f_one_b = "1f1b"
+    interleaved = "interleaved-1f1b"
 
 
 class ActivationOffload(str, Enum):
@@ -217,13 +219,19 @@ class TrainingSpec:
     loss_parallel: bool = False
     # Pipeline parallelism (memcalc.pipeline): pp stages of consecutive layers (torchtitan's split, or pp_layers per
     # stage), each step microbatches micro-batches of micro_batch_size samples through pp_schedule; figures are the
-    # most loaded stage's (pp_stage: one stage's, set internally).
+    # most loaded stage's (pp_stage: one stage's, set internally). interleaved-1f1b: pp_virtual stages per rank
+    # (pp x pp_virtual stages, stage s on rank s mod pp; pp_layers per stage); the figures are the most loaded rank's
+    # (pp_rank: one rank's; pp_stage with pp_held and pp_grads_made: one of its stages at one moment, internal).
     pp: int = 1
     pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
     microbatches: int | None = None  # None: as many as stages
     pp_layers: tuple[int, ...] | None = None
     pp_stage: int | None = None
     pp_later_backward: bool = False  # (internal) the stage at a later micro-batch's backward (memcalc.pipeline.held)
+    pp_virtual: int | None = None  # None: 2 under interleaved-1f1b, else 1
+    pp_rank: int | None = None
+    pp_held: int | None = None  # (internal) micro-batches the stage holds at the moment
+    pp_grads_made: bool | None = None  # (internal) whether the stage's gradients exist from an earlier backward
     # Context parallelism (memcalc.context_parallel): the sequence split over cp ranks, attention as torch's ring; the
     # cp ranks are inside the data-parallel ones (torchtitan's FSDP mesh spans them).
     cp: int = 1
@@ -397,8 +405,8 @@ class TrainingSpec:
         if self.microbatches is not None:
             _check_range("{microbatches}", self.microbatches, 1, 1_000_000)
         if self.pp == 1:
-            given = [name for name, value in (("microbatches", self.microbatches), ("pp_layers", self.pp_layers))
-                     if value is not None]
+            given = [name for name, value in (("microbatches", self.microbatches), ("pp_layers", self.pp_layers),
+                                              ("pp_virtual", self.pp_virtual)) if value is not None]
             if given or self.pp_schedule != PipelineSchedule.one_f_one_b:
                 setting = given[0] if given else "pp_schedule"
                 raise UsageError(f"{{{setting}}} sets up pipeline stages: add {{pp}} N (N > 1)")
@@ -408,6 +416,20 @@ class TrainingSpec:
                              "pipeline stage runs on a tensor-parallel group of the same size")
         if self.microbatches is None:
             object.__setattr__(self, "microbatches", self.pp)
+        interleaved = self.pp_schedule == PipelineSchedule.interleaved
+        if self.pp_virtual is None:
+            object.__setattr__(self, "pp_virtual", 2 if interleaved else 1)
+        elif not interleaved and self.pp_virtual != 1:
+            raise UsageError("{pp_virtual} gives each rank several stages: add {pp_schedule} interleaved-1f1b")
+        if interleaved:
+            _check_range("{pp_virtual}", self.pp_virtual, 2, 64)
+            # ScheduleInterleaved1F1B's own refusal: max(1, M // pp) rounds of whole micro-batches
+            rounds = max(1, self.microbatches // self.pp)
+            if self.microbatches % rounds:
+                raise UsageError(f"{{microbatches}} {self.microbatches} does not split into the {rounds} rounds "
+                                 f"interleaved 1F1B runs on {self.pp} ranks (torch's ScheduleInterleaved1F1B needs a "
+                                 f"multiple of {rounds}): give {{microbatches}} {rounds * (self.microbatches // rounds)}"
+                                 f" or {rounds * (self.microbatches // rounds + 1)}")
         if self.pp_schedule == PipelineSchedule.one_f_one_b and self.microbatches < self.pp:
             raise UsageError(f"{{microbatches}} {self.microbatches} is fewer than the {self.pp} stages: 1F1B fills the "
                              f"pipeline with one micro-batch per stage (give {{microbatches}} {self.pp} or more, or "
@@ -415,9 +437,9 @@ class TrainingSpec:
         if self.grad_accum > 1:
             raise UsageError("{grad_accum} with {pp}: the pipeline's micro-batches are its accumulation; give "
                              "{microbatches} instead")
-        if self.pp_layers is not None and (len(self.pp_layers) != self.pp
+        if self.pp_layers is not None and (len(self.pp_layers) != self.pp_stages
                                            or any(not isinstance(n, int) or n < 1 for n in self.pp_layers)):
-            raise UsageError(f"{{pp_layers}} takes {self.pp} whole numbers of layers >= 1, one per stage, got "
+            raise UsageError(f"{{pp_layers}} takes {self.pp_stages} whole numbers of layers >= 1, one per stage, got "
                              f"{','.join(str(n) for n in self.pp_layers)}")
         if self.zero_stage >= 2:
             raise UsageError("{pp} with ZeRO-2/3 or FSDP sharding is not modelled yet: use {zero} 0 or 1")
@@ -472,6 +494,15 @@ class TrainingSpec:
     @property
     def gpus_per_node(self) -> int:
         return self.num_gpus // self.num_nodes
+
+    @property
+    def pp_stages(self) -> int:
+        """Pipeline stages: pp, or pp x pp_virtual under an interleaved schedule."""
+        return self.pp * (self.pp_virtual or 1)
+
+    @property
+    def interleaved(self) -> bool:
+        return self.pp > 1 and self.pp_schedule == PipelineSchedule.interleaved
 
     def replace(self, **changes) -> TrainingSpec:
         return dataclasses.replace(self, **changes)

@@ -8,7 +8,7 @@ QLoRA (Dettmers et al. 2023) stores the frozen base Linear weights in 4-bit NF4 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -169,6 +169,13 @@ def _modules_to_save(frozen: list[ParamTensor], names: tuple[str, ...]) -> list[
     return copies
 
 
+def autocast_cast_weights(tensors: Sequence[ParamTensor], quantized: set[str] | frozenset[str]) -> list[ParamTensor]:
+    """The weights torch.autocast casts to the compute dtype: every Linear weight (MoE routers' bare F.linear
+    weights and LoRA's matrices too), not QLoRA's 4-bit base (dequantized on the fly)."""
+    return [t for t in tensors if (t.is_linear_weight or (t.role == ROLE_LORA and len(t.shape) == 2) or
+                                   (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
+
+
 def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
                          checkpointed: Callable[[int], bool], whole_model: bool = True) -> tuple[int, int, int]:
     """Elements of the weights torch.autocast keeps low-precision copies of from forward to backward.
@@ -182,8 +189,7 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
     Returns (copies alive from forward to backward, the largest layer's copies redone in backward, the
     checkpointed layers' copies alive in the forward only).
     """
-    cast = [t for t in tensors if (t.is_linear_weight or (t.role == ROLE_LORA and len(t.shape) == 2) or
-                                   (t.role == ROLE_ROUTER and len(t.shape) == 2)) and t.name not in quantized]
+    cast = autocast_cast_weights(tensors, quantized)
     # gpt2, qwen2.5-0.5b, gemma, bert's MLM decoder (a pipeline stage's tensors are not the whole model: a stage
     # without the head has no head to tie)
     if whole_model and head_tied_to_embedding(tensors):
@@ -202,7 +208,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
     copies of them."""
     tensor_parallel.check(model.described, spec.tp)
-    pipeline.check(model.described, spec.pp, spec.pp_layers)
+    pipeline.check(model.described, spec.pp_stages, spec.pp_layers, pipeline.stages_named(spec))
     context_parallel.check(model.described, spec)
     tensors = tensor_parallel.shard(model.tensors, spec.tp)
     if spec.pp > 1:

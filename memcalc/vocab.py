@@ -27,8 +27,11 @@ TERM_FSDP_REDUCE_SCATTER = "fsdp_reduce_scatter"
 TERM_DDP_BUCKETS = "ddp_buckets"
 TERM_PIPELINE_BUFFERS = "pipeline_recv_buffers"
 TERM_PIPELINE_OUTPUTS = "pipeline_stage_outputs"
+TERM_PIPELINE_SENT = "pipeline_sent_tensors"  # sent but not yet waited on (their send work holds them)
 TERM_PIPELINE_HELD_ACTIVATIONS = "pipeline_held_activations"
 TERM_PIPELINE_HELD_LOSSES = "pipeline_held_losses"
+TERM_PIPELINE_OTHER_STAGES = "pipeline_other_stages"  # interleaved: the rank's other stages' model states
+TERM_PIPELINE_OTHER_STAGES_HELD = "pipeline_other_stages_held"  # ... their micro-batches, buffers and casts
 TERM_OFFLOADED_PARAMS = "offloaded_params"
 TERM_OFFLOADED_ACTIVATIONS = "offloaded_activations"
 TERM_ACTIVATIONS = "activations"
@@ -94,16 +97,30 @@ EXTRA_TRACED_STEP = "activations, transients, buffers and batch (traced step)"
 EXTRA_STAGE_FIRST_GRADIENT = "the stage's first weight gradient"
 EXTRA_STAGE_LOGITS_GRADIENT = "the logits' gradient, held by the pipeline"
 EXTRA_RING_ATTENTION = "ring attention's buffers"
+EXTRA_HELD_CAST_GRADIENTS = "cast weights' gradients, held to the backward's end"
+EXTRA_LATER_EMBEDDING_GRADIENT = "the embedding's new gradient, before it is added"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
+    EXTRA_LATER_EMBEDDING_GRADIENT: "pipeline parallelism, the first stage, a micro-batch after the first: the "
+                                    "embedding's backward (the stage's last) makes a new V x h gradient beside the one "
+                                    "held from the earlier micro-batches, then adds it in (torch's AccumulateGrad); "
+                                    "under autocast beside the held cast weights' gradients, whose own backward comes "
+                                    "after it (measured on the fake process group at Llama-3-8B's size)",
+    EXTRA_HELD_CAST_GRADIENTS: "pipeline parallelism under autocast, a micro-batch after the first: the Linear "
+                               "weights' casts come from autocast's cache, made in the first micro-batch's forward, so "
+                               "their backward nodes (ToCopyBackward0) carry the oldest sequence numbers and autograd's "
+                               "engine runs them last (torch/csrc/autograd/engine.cpp, ReadyQueue's CompareNodeTaskTime: "
+                               "the highest sequence number first); until then each weight's gradient waits in the compute dtype, "
+                               "and then each is cast to the weight's dtype and added in turn (measured on the fake "
+                               "process group running torch.distributed.pipelining)",
     EXTRA_RING_ATTENTION: "context parallelism: what torch's ring attention (_templated_ring_attention) holds while "
                           "the last layer's attention runs: k and v made contiguous, every rank's k and v all-gathered, "
                           "each block's output and log-sum-exp, the fp32 merged output and the merge's temporaries "
                           "(memcalc.context_parallel.ring_forward)",
-    EXTRA_STAGE_LOGITS_GRADIENT: "pipeline parallelism, the last stage under 1F1B: the gradient of the logits "
-                                 "(log_softmax's backward output) stays alive through the micro-batch's backward of the "
-                                 "stage's layers (measured on gloo ranks running torch.distributed.pipelining; under "
-                                 "GPipe it did not)",
+    EXTRA_STAGE_LOGITS_GRADIENT: "pipeline parallelism, the last stage: the gradient of the logits, in the logits' "
+                                 "dtype, stays alive through the micro-batch's backward of the stage's layers (measured "
+                                 "on gloo ranks running torch.distributed.pipelining; under GPipe at the first "
+                                 "micro-batch's backward, not at the later ones)",
     EXTRA_STAGE_FIRST_GRADIENT: "pipeline stages without the head: the first weight gradient the stage's backward makes "
                                 "(its last layer's down_proj), beside that layer's gradient transients",
     EXTRA_HELD_OUTPUTS: "tensors no op saves that the forward's outputs keep until the loss is computed (HF "

@@ -7,7 +7,7 @@ import pytest
 
 from memcalc.api import model_input, run
 from memcalc.errors import UnsupportedModelError, UsageError
-from memcalc.pipeline import in_flight, stage_ranges
+from memcalc.pipeline import in_flight, rank_actions, stage_ranges
 from memcalc.spec import TrainingSpec
 
 # Llama-3-8B by hand from its config: one decoder layer holds q and o 4096 x 4096, k and v 1024 x 4096, gate, up and
@@ -122,3 +122,92 @@ def test_stages_on_the_fake_process_group():
         stage = measured.run["distributed"]["stage"]
         report = run(model, spec.replace(pp_stage=stage))
         assert abs(report.per_gpu.peak_bytes - measured.measured_peak_bytes) < 0.001 * measured.measured_peak_bytes
+
+
+# -- interleaved 1F1B: several stages per rank ----------------------------------------------------------------------
+@pytest.mark.parametrize(("pp", "virtual", "microbatches"), [(2, 2, 2), (2, 2, 4), (3, 2, 3), (4, 2, 8), (4, 3, 6),
+                                                              (4, 2, 10), (8, 4, 16), (2, 3, 1)])
+def test_rank_order_is_torchs_interleaved_1f1b(pp, virtual, microbatches):
+    """memcalc.pipeline.rank_actions (pure Python, the estimate path imports no torch) against the order torch's own
+    ScheduleInterleaved1F1B computes for each rank (its idle slots dropped)."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+
+    rounds = max(1, microbatches // pp)
+    schedule = SimpleNamespace(n_local_stages=virtual, pp_group_size=pp, _n_microbatches=microbatches,
+                               microbatches_per_round=microbatches // rounds)
+    for rank in range(pp):
+        actions = ScheduleInterleaved1F1B._calculate_single_rank_operations(schedule, rank)
+        theirs = [(a.stage_index // pp, "F" if a.computation_type == _ComputationType.FORWARD else "B",
+                   a.microbatch_index) for a in actions if a is not None]
+        assert rank_actions(rank, pp, virtual, microbatches) == theirs, rank
+
+
+def test_interleaved_rank_holds_its_stages_and_names_them():
+    # Llama-3-8B's 32 layers + 2 over 8 stages (torchtitan's split): 4, 5, 4, 4, 4, 4, 4, 3 decoder layers; rank 0
+    # runs stages 0 (the embedding and layers 0-3) and 4 (layers 17-20).
+    assert stage_ranges(32, 8)[0] == (0, 4) and stage_ranges(32, 8)[4] == (17, 21)
+    model = model_input("llama-3-8b", None)
+    spec = TrainingSpec(precision="bf16-pure", num_gpus=4, pp=4, pp_schedule="interleaved-1f1b", microbatches=8)
+    report = run(model, spec.replace(pp_rank=0))
+    terms = {t.name: t for t in report.per_gpu.terms}
+    assert report.model.num_params == TABLE + 8 * LAYER
+    # bf16-pure: weights, gradients and AdamW's two states, 2 B each, for every parameter of both stages
+    assert report.per_gpu.model_states_bytes == 4 * 2 * (TABLE + 8 * LAYER)
+    assert "rank 0 runs stages 0, 4 (layers 0-3, 17-20)" in " ".join(report.notes)
+    assert terms["pipeline_other_stages"].bytes > 0 and "stage " in terms["pipeline_other_stages"].formula
+    whole = run(model, spec)
+    ranks = [run(model, spec.replace(pp_rank=rank)).per_gpu.peak_bytes for rank in range(4)]
+    assert whole.per_gpu.peak_bytes == max(ranks) and whole.training.pp_stage == ranks.index(max(ranks))
+    assert any("peaks per rank: rank 0" in note for note in whole.notes)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--pp", "4", "--gpus", "4", "--pp-virtual", "2"], "--pp-virtual gives each rank several stages"),
+    (["--pp-virtual", "2"], "--pp-virtual sets up pipeline stages: add --pp N"),
+    (["--pp", "4", "--gpus", "4", "--pp-schedule", "interleaved-1f1b", "--pp-virtual", "1"],
+     "--pp-virtual must be between 2 and 64"),
+    (["--pp", "4", "--gpus", "4", "--pp-schedule", "interleaved-1f1b", "--microbatches", "9"],
+     "--microbatches 9 does not split into the 2 rounds"),
+    (["--pp", "8", "--gpus", "8", "--pp-schedule", "interleaved-1f1b", "--pp-virtual", "4"],
+     "--pp 8 x --pp-virtual 4 = 32 is more stages than this model's 32 layers can fill"),
+    (["--pp", "2", "--gpus", "2", "--pp-schedule", "interleaved-1f1b", "--pp-layers", "16,16"],
+     "--pp-layers takes 4 whole numbers of layers"),
+])
+def test_bad_interleaved_pipelines_are_one_line_exit_2(cli, options, message):
+    result = cli("llama-3-8b", *options)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_interleaved_ranks_match_pipelining_on_gloo():
+    """Each rank's two stages under torch's ScheduleInterleaved1F1B on real gloo ranks (a 6-layer Llama, 4 stages,
+    4 micro-batches, fp32): never below the measured peak, at most 3% above it (benchmarks/pipeline.py --interleaved
+    has the grid)."""
+    pytest.importorskip("transformers")
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    raw = {**TINY, "num_hidden_layers": 6}
+    spec = TrainingSpec(precision="fp32", micro_batch_size=2, seq_len=128, num_gpus=2, pp=2,
+                        pp_schedule="interleaved-1f1b", microbatches=4)
+    model = model_of(ModelConfig("tiny", raw, "test"))
+    for measured in measure_distributed({**raw, "_name": "tiny"}, spec, engine="pp", world_size=2, method="gloo"):
+        rank = measured.run["distributed"]["stage"]
+        assert measured.run["distributed"]["rank_stages"] == [rank, rank + 2]
+        report = run(model, spec.replace(pp_rank=rank))
+        assert report.per_gpu.model_states_bytes == sum(measured.model_state_bytes[name] for name in (
+            "weights", "gradients", "optimizer_states"))
+        peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
+        assert measured_peak <= peak <= 1.03 * measured_peak, (rank, peak, measured_peak)
+
+
+@pytest.mark.parametrize("other", ["megatron", "llm-analysis"])
+def test_interleaved_comparisons_are_refused_in_one_line(cli, other):
+    result = cli("llama-3-8b", "--pp", "4", "--gpus", "4", "--pp-schedule", "interleaved-1f1b", "--compare-with", other)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert f"--compare-with {other} with --pp-schedule interleaved-1f1b" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -92,6 +92,9 @@ def training_memory(arch, *, tp: int, pp: int, dp: int, micro_batch: int, seq: i
 
 def compare_with_llm_analysis(report: Report, arch) -> list[ComparisonRow]:
     t = report.training
+    if t.pp_virtual > 1:
+        raise UsageError("{compare_with} llm-analysis with {pp_schedule} interleaved-1f1b: the comparison does not "
+                         "cover interleaved schedules yet; drop one of them")
     if t.cp > 1:
         raise UsageError("{compare_with} llm-analysis with {cp}: llm-analysis has no context parallelism to compare "
                          "with; drop one of them")

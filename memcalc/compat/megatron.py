@@ -71,6 +71,9 @@ def theoretical_memory(arch, *, tp: int, pp: int, dp: int, micro_batch: int, seq
 
 def compare_with_megatron(report: Report, arch) -> list[ComparisonRow]:
     t = report.training
+    if t.pp_virtual > 1:
+        raise UsageError("{compare_with} megatron with {pp_schedule} interleaved-1f1b: memcalc's interleaved rank is "
+                         "not put beside Megatron's virtual-pipeline formula yet; drop one of them")
     if t.cp > 1:
         raise UsageError("{compare_with} megatron with {cp}: Megatron's theoretical_memory_usage.py has no context-"
                          "parallel term to compare with; drop one of them")

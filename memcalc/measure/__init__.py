@@ -370,9 +370,12 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
         stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="fake",
                                      progress=progress, fake_ranks=tuple(range(spec.pp)))
     busiest = max(stages, key=lambda m: m.measured_peak_bytes)
-    checked = estimate_for(model_config, spec.replace(pp_stage=busiest.run["distributed"]["stage"]))
-    busiest.notes.append(f"measured {len(stages)} stages; shown: the most loaded, stage "
-                         f"{busiest.run['distributed']['stage']}, beside its estimate")
+    rank = busiest.run["distributed"]["stage"]
+    checked = estimate_for(model_config, spec.replace(pp_rank=rank) if spec.interleaved
+                           else spec.replace(pp_stage=rank))
+    what = f"ranks; shown: the most loaded, rank {rank}" if spec.interleaved else f"stages; shown: the most loaded, " \
+        f"stage {rank}"
+    busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")
     return Outcome(checked, busiest, compare(checked, busiest), [])
 
 

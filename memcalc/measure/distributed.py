@@ -98,7 +98,7 @@ class _Job:
     loss_parallel: bool = False  # tp: the head's output stays split over the vocabulary into the loss
     tp: int = 1  # fsdp2: tensor-parallel ranks inside each data-parallel rank (a 2-D mesh, dp x tp)
     stages: tuple[tuple[int, int], ...] = ()  # pp: each stage's decoder layers [start, end)
-    pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b
+    pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b | interleaved-1f1b (stage s on rank s mod world_size)
     microbatches: int = 1  # pp: micro-batches per step
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
 
@@ -181,7 +181,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
         raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
                          "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
     if engine == "pp" and spec.pp != world_size:
-        raise UsageError("the pipeline measurement runs {pp} ranks, one per stage")
+        raise UsageError("the pipeline measurement runs {pp} ranks")
     if engine == "tp" and spec.tp not in (1, world_size):
         raise UsageError(f"{{tp}} {spec.tp} does not match the world size {world_size}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
@@ -195,7 +195,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1,
                           seq_len=spec.local_seq_len,  # (--cp: this rank's share of the sequence)
                           sequence_parallel=False, loss_parallel=False, pp=1, pp_layers=None, microbatches=None,
-                          pp_schedule="1f1b")
+                          pp_schedule="1f1b", pp_virtual=None)
     resolve_setup(single, attn)  # the single-rank checks (QLoRA, freeze, optimizers, dtypes) with their messages
     if spec.lora_rank is not None:
         raise UsageError("verify on several ranks does not yet run LoRA (PEFT's adapters under DDP/FSDP); drop "
@@ -208,7 +208,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if engine == "pp":
         from memcalc import pipeline
 
-        stages = pipeline.stage_ranges(int(built.get_text_config().num_hidden_layers), spec.pp, spec.pp_layers)
+        stages = pipeline.stage_ranges(int(built.get_text_config().num_hidden_layers), spec.pp_stages, spec.pp_layers)
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
                 warmup_steps=WARMUP_STEPS[engine], fake=method == "fake", stages=stages,

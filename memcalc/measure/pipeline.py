@@ -8,6 +8,9 @@ the stage as the transformers class runs those parts (the rotary tables from the
 attention without a mask), wraps it in a ``PipelineStage`` and runs a warm-up and a measured step of the schedule
 (``ScheduleGPipe`` or ``Schedule1F1B``: ``n_microbatches`` micro-batches of ``micro_batch_size`` samples) and the
 optimizer under memcalc's tensor tracker. The loss is transformers' ForCausalLMLoss on the last stage.
+``ScheduleInterleaved1F1B``: each rank keeps several stages (stage s on rank s mod ranks, torchtitan's looped
+split), one ``PipelineStage`` and one optimizer each (torchtitan's optimizers container: one per model part, stepped
+in turn).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B"}
 
 
 def stage_module(model: Any, start: int, end: int, first: bool, last: bool) -> Any:
@@ -63,10 +66,12 @@ def causal_lm_loss(model: Any):
     return loss_fn
 
 
-def schedule_for(stage: Any, name: str, microbatches: int, loss_fn: Any) -> Any:
+def schedule_for(stages: list[Any], name: str, microbatches: int, loss_fn: Any) -> Any:
     from torch.distributed import pipelining
 
-    return getattr(pipelining, SCHEDULES[name])(stage, n_microbatches=microbatches, loss_fn=loss_fn)
+    schedule = getattr(pipelining, SCHEDULES[name])
+    return schedule(stages if len(stages) > 1 or name == "interleaved-1f1b" else stages[0], n_microbatches=microbatches,
+                    loss_fn=loss_fn)
 
 
 def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, seed: int) -> Any:
@@ -98,19 +103,21 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     setup = resolve_setup(spec, job.attn_implementation, "cpu")
     torch.manual_seed(seed)
     model = build_model(job.raw, setup)
-    num_stages, (start, end) = job.world_size, job.stages[rank]
-    first, last = rank == 0, rank == num_stages - 1
-    module = stage_module(model, start, end, first, last)
+    num_stages = len(job.stages)
+    mine = list(range(rank, num_stages, job.world_size))  # (one stage per rank, or interleaved: looped)
+    first, last = 0 in mine, num_stages - 1 in mine
+    modules = [stage_module(model, *job.stages[s], s == 0, s == num_stages - 1) for s in mine]
     # (build_model has turned on transformers' checkpointing of each layer, as the spec says)
     from torch.distributed.pipelining import PipelineStage
 
-    shapes = _static_shapes(model, setup, first, last) if job.fake else {}
-    stage = PipelineStage(module, rank, num_stages, torch.device("cpu"), **shapes)
+    stages = [PipelineStage(module, s, num_stages, torch.device("cpu"),
+                            **(_static_shapes(model, setup, s == 0, s == num_stages - 1) if job.fake else {}))
+              for module, s in zip(modules, mine, strict=True)]
     microbatches = job.microbatches
     # (every rank gets the loss function: a schedule without one runs no backward)
-    schedule = schedule_for(stage, job.pp_schedule, microbatches, causal_lm_loss(model))
+    schedule = schedule_for(stages, job.pp_schedule, microbatches, causal_lm_loss(model))
     ids = make_inputs(model, dataclasses.replace(setup, micro_batch_size=setup.micro_batch_size * microbatches))
-    stepper = StepperClass(module, setup)
+    steppers = [StepperClass(module, setup) for module in modules]
 
     def run_schedule() -> None:
         # (return_outputs=False, as torchtitan's trainer steps: the last stage keeps no micro-batch's output for a
@@ -123,26 +130,37 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
             else:
                 schedule.step(return_outputs=False)
 
+    def step() -> None:
+        for stepper in steppers:
+            stepper.step()
+
+    def zero_grad() -> None:
+        for stepper in steppers:
+            stepper.zero_grad()
+
     with _static_warmup(job.fake):
         run_schedule()
-    stepper.step()
-    stepper.zero_grad()
+    step()
+    zero_grad()
     tracker = DistTracker()
-    params = list(module.parameters())
+    params = [p for module in modules for p in module.parameters()]
+    masters = [m for stepper in steppers for m in stepper.masters]
     tracker.register(params, trk.WEIGHTS)
-    tracker.register(stepper.masters, trk.MASTER)
-    tracker.register(module.buffers(), trk.OTHER)
+    tracker.register(masters, trk.MASTER)
+    tracker.register([b for module in modules for b in module.buffers()], trk.OTHER)
     tracker.register([ids], trk.OTHER)
     # The stage's receive buffers, one per micro-batch for the activations from the stage before and one for the
     # gradients from the stage after, made at the first step and kept (PipelineStage._prepare_forward_infra and
     # _prepare_backward_infra).
-    tracker.register(recv_buffers(stage), comm_buffers)
+    tracker.register([b for stage in stages for b in recv_buffers(stage)], comm_buffers)
     tracker.watch_gradients(params)
-    tracker.watch_optimizer(stepper.optimizer, stepper.fused)
+    for stepper in steppers:
+        tracker.watch_optimizer(stepper.optimizer, stepper.fused)
     if last:
-        tracker.loss_region(module.head)
-    hooks = [module.register_forward_pre_hook(lambda *_: tracker.mark(trk.FORWARD)),
-             module.register_full_backward_pre_hook(lambda *_: tracker.mark(trk.BACKWARD))]
+        tracker.loss_region(modules[-1].head)
+    hooks = [hook for module in modules for hook in (
+        module.register_forward_pre_hook(lambda *_: tracker.mark(trk.FORWARD)),
+        module.register_full_backward_pre_hook(lambda *_: tracker.mark(trk.BACKWARD)))]
     grads: dict[str, int] = {}
     try:
         with _static_warmup(job.fake), tracker:
@@ -150,27 +168,34 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
             local_grads = [p.grad for p in params if p.grad is not None]
             grads[trk.GRADIENTS] = storage_bytes(local_grads)
             tracker.mark(trk.OPTIMIZER_STEP)
-            stepper.step()
+            step()
             tracker.mark(trk.SETUP)
-            stepper.zero_grad()
+            zero_grad()
     finally:
         tracker.remove_hooks()
         for hook in hooks:
             hook.remove()
-    states = stepper.state_tensors()
+    states: dict[str, list[Any]] = {}
+    for stepper in steppers:
+        for key, tensors in stepper.state_tensors().items():
+            states.setdefault(key, []).extend(tensors)
     result = StepResult(
         setup=setup, tracker=tracker, model_class=type(model).__name__, num_params=sum(p.numel() for p in params),
-        model_state_bytes={trk.WEIGHTS: storage_bytes(params), trk.MASTER: storage_bytes(stepper.masters),
+        model_state_bytes={trk.WEIGHTS: storage_bytes(params), trk.MASTER: storage_bytes(masters),
                            trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
                            trk.OPTIMIZER_STATES: storage_bytes(t for ts in states.values() for t in ts)},
         optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, elapsed_seconds=time.perf_counter() - started,
     )
     measurement = to_measurement("cpu-tracker", result)
-    measurement.run["distributed"] = {"engine": "pp", "stage": rank, "stages": num_stages, "layers": [start, end],
+    layers = ", ".join(f"{job.stages[s][0]}-{job.stages[s][1] - 1}" for s in mine)
+    measurement.run["distributed"] = {"engine": "pp", "stage": rank, "stages": num_stages, "rank_stages": mine,
+                                      "layers": [list(job.stages[s]) for s in mine] if len(mine) > 1
+                                      else list(job.stages[rank]),
                                       "schedule": job.pp_schedule, "microbatches": microbatches,
                                       "backend": "fake" if job.fake else "gloo"}
-    measurement.notes.append(f"pipeline stage {rank} of {num_stages}: decoder layers {start}-{end - 1}"
+    measurement.notes.append(f"pipeline rank {rank}: stage{'s' if len(mine) > 1 else ''} "
+                             f"{', '.join(map(str, mine))} of {num_stages}, decoder layers {layers}"
                              f"{', the embedding' if first else ''}{', the final norm, head and loss' if last else ''}")
     return measurement
 

@@ -57,12 +57,20 @@ def test_report_is_the_most_loaded_stage_and_names_the_others():
     (["--pp", "4", "--gpus", "4", "--pp-layers", "8,x,8,8"], "--pp-layers '8,x,8,8': give each stage's layer count"),
     (["--microbatches", "4"], "--microbatches sets up pipeline stages: add --pp N"),
     (["--pp", "2", "--gpus", "2", "--grad-accum", "2"], "the pipeline's micro-batches are its accumulation"),
-    (["--pp", "2", "--gpus", "2", "--pp-schedule", "zero-bubble"], "--pp-schedule"),
+    (["--pp", "2", "--gpus", "2", "--pp-schedule", "gpipe-ish"],
+     "--pp-schedule 'gpipe-ish' is not one of gpipe, 1f1b, interleaved-1f1b"),
 ])
 def test_bad_pipelines_are_one_line_exit_2(cli, options, message):
     result = cli("llama-3-8b", *options)
     assert result.exit_code == UsageError.exit_code, result.stderr
     assert message in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize("name", ["zero-bubble", "ZBVZeroBubble", "InterleavedZeroBubble", "DualPipeV"])
+def test_zero_bubble_schedules_are_not_modelled_yet_one_line_exit_5(cli, name):
+    result = cli("llama-3-8b", "--pp", "2", "--gpus", "2", "--pp-schedule", name)
+    assert result.exit_code == UnsupportedModelError.exit_code, result.stderr
+    assert "the zero-bubble schedules" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_unmodelled_model_is_one_line_exit_5(cli):

@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py                      # the small Llama on gloo ranks (the table below)
     python benchmarks/pipeline.py --model llama-3-8b   # a preset at full size, each stage on the fake process group
+    python benchmarks/pipeline.py --model llama-3-8b --precision amp-bf16 --pp 4 --microbatches 8
     python benchmarks/pipeline.py --interleaved        # interleaved 1F1B: each rank's stages on gloo ranks
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
@@ -12,10 +13,10 @@ per stage, AdamW), under memcalc's tensor tracker: one row per stage. About 2 mi
 With --interleaved, ScheduleInterleaved1F1B on the small Llama with 6 or 10 layers: 2 or 3 ranks of 2 or 3 stages
 each (torchtitan's looped split), one row per rank. About 4 minutes.
 
-With --model, the preset at full size (bf16-pure, micro-batches of 1 x 2048) on the fake process group under
-FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once, where gloo's
-(and NCCL's) hold the sent tensor until waited on (on the small Llama the fake group's stage peaks were up to 2.5%
-below gloo's).
+With --model, the preset at full size (bf16-pure unless --precision, micro-batches of 1 x 2048) on the fake process
+group under FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once,
+where gloo's (and NCCL's) hold the sent tensor until waited on (on the small Llama the fake group's stage peaks were
+up to 2.5% below gloo's).
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a preset at full size, on the fake process group")
     parser.add_argument("--interleaved", action="store_true", help="interleaved 1F1B on gloo ranks")
+    parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
+    parser.add_argument("--pp", default="2,4", help="with --model: the stage counts (default 2,4)")
+    parser.add_argument("--microbatches", type=int, help="with --model: micro-batches per step (default: --pp)")
     args = parser.parse_args()
     from memcalc.measure.distributed import measure_distributed
 
     if args.model:
-        return preset(args.model, measure_distributed)
+        return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
+                      args.microbatches)
     if args.interleaved:
         return interleaved(measure_distributed)
 
@@ -98,24 +103,26 @@ def interleaved(measure_distributed) -> None:
           f"{min(rows):+.2f}% to {max(rows):+.2f}%")
 
 
-def preset(name: str, measure_distributed) -> None:
+def preset(name: str, measure_distributed, precision: str, stage_counts: list[int], microbatches: int | None) -> None:
     from memcalc.api import model_input
 
     model = model_input(name, None)
     raw = {**model.config.raw, "_name": name}
-    print("| model | stages | schedule | micro-batches | checkpointing | stage | estimate | measured (fake group) | error |")
-    print("|---|---:|---|---:|---|---:|---:|---:|---:|")
-    for pp, schedule, checkpointing in itertools.product((2, 4), ("gpipe", "1f1b", "interleaved-1f1b"),
+    print("| model | stages | schedule | micro-batches | recipe | checkpointing | stage | estimate | "
+          "measured (fake group) | error |")
+    print("|---|---:|---|---:|---|---|---:|---:|---:|---:|")
+    for pp, schedule, checkpointing in itertools.product(stage_counts, ("gpipe", "1f1b", "interleaved-1f1b"),
                                                          ("none", "full")):
-        spec = TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=2048, checkpointing=checkpointing,
-                            num_gpus=pp, pp=pp, pp_schedule=schedule, microbatches=pp)
+        spec = TrainingSpec(precision=precision, micro_batch_size=1, seq_len=2048, checkpointing=checkpointing,
+                            num_gpus=pp, pp=pp, pp_schedule=schedule, microbatches=microbatches or pp)
         for measured in measure_distributed(raw, spec, engine="pp", world_size=pp, method="fake",
                                             fake_ranks=tuple(range(pp))):
             stage = measured.run["distributed"]["stage"]
             one = spec.replace(pp_rank=stage) if spec.interleaved else spec.replace(pp_stage=stage)
             estimate = run(model, one).per_gpu.peak_bytes
             error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
-            print(f"| {name} | {pp} | {schedule} | {pp} | {checkpointing} | {stage} | {estimate / 2**30:.3f} GiB | "
+            print(f"| {name} | {pp} | {schedule} | {spec.microbatches} | {precision} | {checkpointing} | {stage} | "
+                  f"{estimate / 2**30:.3f} GiB | "
                   f"{measured.measured_peak_bytes / 2**30:.3f} GiB | {error:+.2f}% |", flush=True)
 
 

@@ -36,8 +36,8 @@ from memcalc.families.saved import (
 from memcalc.model import ROLE_EMBEDDING, ParamTensor
 from memcalc.units import BYTES_PER_INT64
 
-SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) with torchtitan's layer split "
-          "(generate_llm_fqn_per_model_part), measured on gloo ranks and the fake process group "
+SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) with "
+          "torchtitan's layer split (generate_llm_fqn_per_model_part), measured on gloo ranks and the fake process group "
           "(memcalc.measure.pipeline)")
 
 
@@ -64,7 +64,8 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
         effective = num_layers + 2  # the embedding and the norm with the head weigh one layer each
         if pp > num_layers or pp > effective // 2:
             raise UsageError(f"{named} is more stages than this model's {num_layers} layers can fill (torchtitan "
-                             f"splits the layers, the embedding and the head as evenly as it can): give a smaller {smaller}")
+                             "splits the layers, the embedding and the head as evenly as it can): give a smaller "
+                             f"{smaller}")
         per, extra = divmod(effective, pp)
         counts, left = [], num_layers
         for stage in range(pp):
@@ -73,7 +74,8 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
             counts.append(take)
             left -= take
         if any(n < 1 for n in counts):
-            raise UsageError(f"{named} leaves a stage without a decoder layer: give a smaller {smaller} or {{pp_layers}}")
+            raise UsageError(f"{named} leaves a stage without a decoder layer: give a smaller {smaller} or "
+                             "{pp_layers}")
     ranges, start = [], 0
     for n in counts:
         ranges.append((start, start + n))

@@ -278,9 +278,9 @@ class TrainingSpec:
                       "chunked:N takes a whole number of chunks N >= 1 (torchtune's recipes use chunked:8)")
         if isinstance(self.pp_schedule, str) and self.pp_schedule.lower().replace("_", "-") in UNMODELLED_SCHEDULES:
             raise UnsupportedModelError(
-                f"{{pp_schedule}} {self.pp_schedule!r}: the zero-bubble schedules (torch's ScheduleInterleavedZeroBubble, "
-                "ScheduleZBVZeroBubble, ScheduleDualPipeV: each backward split in two, the weights' half later) are "
-                "not modelled yet: use gpipe, 1f1b or interleaved-1f1b")
+                f"{{pp_schedule}} {self.pp_schedule!r}: the zero-bubble schedules (torch's "
+                "ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV: each backward split in two, "
+                "the weights' half later) are not modelled yet: use gpipe, 1f1b or interleaved-1f1b")
         for name, enum in (("precision", PrecisionName), ("optimizer", OptimizerName), ("optim_impl", OptimImpl),
                            ("checkpointing", Checkpointing), ("attention", Attention), ("sharding", Sharding),
                            ("pp_schedule", PipelineSchedule),

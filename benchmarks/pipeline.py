@@ -62,20 +62,25 @@ def main() -> None:
         microbatches = pp + extra
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
                             num_gpus=pp, pp=pp, pp_schedule=schedule, microbatches=microbatches)
-        model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
-        for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=pp,
-                                            method="gloo"):
-            stage = measured.run["distributed"]["stage"]
-            estimate = run(model, spec.replace(pp_stage=stage)).per_gpu.peak_bytes
-            error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
+        for stage, estimate, peak, error in _on_gloo(measure_distributed, raw, spec):
             rows.append((checkpointing, error))
             print(f"| {pp} | {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
-                  f"{estimate / 2**20:.2f} MiB | {measured.measured_peak_bytes / 2**20:.2f} MiB | {error:+.2f}% |",
-                  flush=True)
+                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% |", flush=True)
     for checkpointing in ("none", "full"):
         errors = [e for c, e in rows if c == checkpointing]
         print(f"\ncheckpointing {checkpointing}: {len(errors)} stage steps, median |error| "
               f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
+    """Each gloo rank of the small Llama ``raw`` running ``spec``: (rank, estimate, measured peak, error %)."""
+    model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
+    for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=spec.pp,
+                                        method="gloo"):
+        rank = measured.run["distributed"]["stage"]
+        estimate = run(model, spec.replace(pp_rank=rank) if spec.interleaved else spec.replace(pp_stage=rank))
+        peak = measured.measured_peak_bytes
+        yield rank, estimate.per_gpu.peak_bytes, peak, 100 * (estimate.per_gpu.peak_bytes - peak) / peak
 
 
 def interleaved(measure_distributed) -> None:
@@ -89,16 +94,10 @@ def interleaved(measure_distributed) -> None:
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
                             num_gpus=pp, pp=pp, pp_schedule="interleaved-1f1b", pp_virtual=virtual,
                             microbatches=microbatches)
-        model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
-        for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=pp,
-                                            method="gloo"):
-            rank = measured.run["distributed"]["stage"]
-            estimate = run(model, spec.replace(pp_rank=rank)).per_gpu.peak_bytes
-            error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
+        for rank, estimate, peak, error in _on_gloo(measure_distributed, raw, spec):
             rows.append(error)
             print(f"| {pp} x {virtual} | {layers} | {microbatches} | {precision} | {checkpointing} | {rank} | "
-                  f"{estimate / 2**20:.2f} MiB | {measured.measured_peak_bytes / 2**20:.2f} MiB | {error:+.2f}% |",
-                  flush=True)
+                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% |", flush=True)
     print(f"\n{len(rows)} rank steps: median |error| {statistics.median(abs(e) for e in rows):.2f}%, from "
           f"{min(rows):+.2f}% to {max(rows):+.2f}%")
 

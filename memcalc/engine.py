@@ -1003,7 +1003,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.later_embedding_gradient > x.cast_gradient_upcast:
         # (the embedding's backward runs before the held casts' gradients are cast and added: its new gradient beside
         # them, not their upcast)
-        end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients
+        if x.held_cast_gradients:
+            end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients
         end[EXTRA_LATER_EMBEDDING_GRADIENT] = x.later_embedding_gradient
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
     if x.layer_activations and x.layer_gradients:
@@ -1071,6 +1072,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
                        x.recomputed_casts))
+
     def unmade(pending: int) -> int:
         """What a moment lacks for the first layer's gradients not made yet: those gradients, or in a later
         micro-batch (they exist) their held casts' gradients."""

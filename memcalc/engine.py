@@ -327,10 +327,19 @@ def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, log
     each = logits_bytes if last else _hidden_bytes(model, spec, recipe)
     if not held or not each:
         return None
-    return _pipeline_term(TERM_PIPELINE_OUTPUTS, held, each,
-                          f"micro-batches in flight, {'the logits' if last else 'the hidden state the stage sent on'}",
+    # A stage before the last, at a backward after its first: one more hidden state it sent on, still held by its
+    # send's work (ScheduleGPipe._step_microbatches keeps the forward sends' works in fwd_sends_to_wait until it
+    # returns; Schedule1F1B keeps the last warm-up send it fired in send_work through the 1B1F phase, which has a
+    # backward after its first only with more micro-batches than the stage holds). Measured on gloo ranks.
+    in_flight = pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b")
+    sent = int(not last and (spec.pp_schedule.value == "gpipe" and spec.pp_later_backward
+                             or spec.pp_schedule.value == "1f1b" and spec.microbatches > in_flight >= 2))
+    return _pipeline_term(TERM_PIPELINE_OUTPUTS, held + sent, each,
+                          f"micro-batches in flight, {'the logits' if last else 'the hidden state the stage sent on'}"
+                          + (", and one more held by its send" if sent else ""),
                           "PipelineStage.forward_one_chunk: the output is cached (fwd_cache) for the micro-batch's "
-                          "backward", FORWARD_BACKWARD)
+                          "backward" + ("; the schedule keeps a sent one's send work or ops" if sent else ""),
+                          FORWARD_BACKWARD)
 
 
 def _gpipe_sent_gradients(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Term | None:

@@ -109,10 +109,10 @@ EXTRA_MEANING = {
     EXTRA_HELD_CAST_GRADIENTS: "pipeline parallelism under autocast, a micro-batch after the first: the Linear "
                                "weights' casts come from autocast's cache, made in the first micro-batch's forward, so "
                                "their backward nodes (ToCopyBackward0) carry the oldest sequence numbers and autograd's "
-                               "engine runs them last (torch/csrc/autograd/engine.cpp, ReadyQueue's CompareNodeTaskTime: "
-                               "the highest sequence number first); until then each weight's gradient waits in the compute dtype, "
-                               "and then each is cast to the weight's dtype and added in turn (measured on the fake "
-                               "process group running torch.distributed.pipelining)",
+                               "engine runs them last (torch/csrc/autograd/engine.h, ReadyQueue's CompareNodeTaskTime: "
+                               "the highest sequence number first); until then each weight's gradient waits in the "
+                               "compute dtype, and then each is cast to the weight's dtype and added in turn "
+                               "(measured on the fake process group running torch.distributed.pipelining)",
     EXTRA_RING_ATTENTION: "context parallelism: what torch's ring attention (_templated_ring_attention) holds while "
                           "the last layer's attention runs: k and v made contiguous, every rank's k and v all-gathered, "
                           "each block's output and log-sum-exp, the fp32 merged output and the merge's temporaries "

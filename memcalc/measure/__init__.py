@@ -373,8 +373,8 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     rank = busiest.run["distributed"]["stage"]
     checked = estimate_for(model_config, spec.replace(pp_rank=rank) if spec.interleaved
                            else spec.replace(pp_stage=rank))
-    what = f"ranks; shown: the most loaded, rank {rank}" if spec.interleaved else f"stages; shown: the most loaded, " \
-        f"stage {rank}"
+    what = (f"ranks; shown: the most loaded, rank {rank}" if spec.interleaved
+            else f"stages; shown: the most loaded, stage {rank}")
     busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")
     return Outcome(checked, busiest, compare(checked, busiest), [])
 

@@ -4,6 +4,7 @@
     python benchmarks/pipeline.py --model llama-3-8b   # a preset at full size, each stage on the fake process group
     python benchmarks/pipeline.py --model llama-3-8b --precision amp-bf16 --pp 4 --microbatches 8
     python benchmarks/pipeline.py --interleaved        # interleaved 1F1B: each rank's stages on gloo ranks
+    python benchmarks/pipeline.py --interleaved --zero-bubble   # the same grid, ScheduleInterleavedZeroBubble
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
@@ -39,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a preset at full size, on the fake process group")
     parser.add_argument("--interleaved", action="store_true", help="interleaved 1F1B on gloo ranks")
+    parser.add_argument("--zero-bubble", action="store_true",
+                        help="with --interleaved: ScheduleInterleavedZeroBubble instead (without checkpointing)")
     parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
     parser.add_argument("--pp", default="2,4", help="with --model: the stage counts (default 2,4)")
     parser.add_argument("--microbatches", type=int, help="with --model: micro-batches per step (default: --pp)")
@@ -49,7 +52,7 @@ def main() -> None:
         return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
                       args.microbatches)
     if args.interleaved:
-        return interleaved(measure_distributed)
+        return interleaved(measure_distributed, "zero-bubble" if args.zero_bubble else "interleaved-1f1b")
 
     rows = []
     print("| stages | schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error |")
@@ -83,16 +86,16 @@ def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
         yield rank, estimate.per_gpu.peak_bytes, peak, 100 * (estimate.per_gpu.peak_bytes - peak) / peak
 
 
-def interleaved(measure_distributed) -> None:
+def interleaved(measure_distributed, schedule: str) -> None:
     rows = []
     print("| ranks x stages | layers | micro-batches | recipe | checkpointing | rank | estimate | measured | error |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|")
     for (pp, virtual, layers, microbatches), precision, checkpointing in itertools.product(
             ((2, 2, 6, 2), (2, 2, 6, 4), (3, 2, 10, 3), (2, 3, 10, 4)), ("fp32", "bf16-pure", "amp-bf16"),
-            ("none", "full")):
+            ("none",) if schedule == "zero-bubble" else ("none", "full")):
         raw = {**SMALL_LLAMA, "num_hidden_layers": layers}
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
-                            num_gpus=pp, pp=pp, pp_schedule="interleaved-1f1b", pp_virtual=virtual,
+                            num_gpus=pp, pp=pp, pp_schedule=schedule, pp_virtual=virtual,
                             microbatches=microbatches)
         for rank, estimate, peak, error in _on_gloo(measure_distributed, raw, spec):
             rows.append(error)

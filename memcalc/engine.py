@@ -57,7 +57,7 @@ from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
-from memcalc.spec import Fp8Recipe, LossKind, Sharding, TrainingSpec
+from memcalc.spec import Fp8Recipe, LossKind, PipelineSchedule, Sharding, TrainingSpec
 from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
@@ -71,6 +71,7 @@ from memcalc.vocab import (
     EXTRA_HEAD_GRADIENT,
     EXTRA_HELD_CAST_GRADIENTS,
     EXTRA_HELD_OUTPUTS,
+    EXTRA_INPUT_BACKWARD_RETAINED,
     EXTRA_LATER_EMBEDDING_GRADIENT,
     EXTRA_LAYER_ACTIVATIONS,
     EXTRA_LAYER_GRADIENTS,
@@ -121,6 +122,7 @@ from memcalc.vocab import (
     TERM_PIPELINE_OTHER_STAGES_HELD,
     TERM_PIPELINE_OUTPUTS,
     TERM_PIPELINE_SENT,
+    TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS,
     TERM_WEIGHTS,
     TERM_ZERO3_GATHERED_GRADS,
     Phase,
@@ -221,35 +223,54 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
         return sum(done * hidden * (int(stages[k] < spec.pp_stages - 1) + int(stages[k] > 0))
                    for k, done in enumerate(backwards))
 
+    zero_bubble = spec.pp_schedule == PipelineSchedule.zero_bubble
+    waiting = [_weight_backward_inputs(model, spec.replace(pp_stage=s)) if zero_bubble else 0 for s in stages]
+
     best: tuple[int, Report, int, int, int, list[str]] | None = None
     composite: dict[Phase, PhaseTotal] = {}
-    moments = [(m.local, m.kind, m.held, m.backwards) for m in pipeline.rank_moments(rank, spec.pp, virtual,
-                                                                                      spec.microbatches)]
+    moments = [(m.local, m.kind, m.held, m.backwards, m.weights)
+               for m in pipeline.rank_moments(rank, spec.pp, virtual, spec.microbatches, zero_bubble)]
     # The step: every stage's backward done, its gradients made, its sends waited on; one stage's optimizer steps at
     # a time.
-    moments += [(local, "S", (0,) * virtual, (0,) * virtual) for local in range(virtual)]
-    kinds = {"F": Phase.forward, "B": Phase.backward, "S": Phase.optimizer_step}
-    for local, kind, held, backwards in moments:
-        made = [done > 0 or kind == "S" for done in backwards]
+    moments += [(local, "S", (0,) * virtual, (0,) * virtual, (1,) * virtual) for local in range(virtual)]
+    kinds = {"F": Phase.forward, "B": Phase.backward, "I": Phase.backward, "W": Phase.backward,
+             "S": Phase.optimizer_step}
+    for local, kind, held, backwards, weights in moments:
+        made = [done > 0 for done in weights]
         report = at(local, held[local], made[local])
         others = [beside(k, held[k], made[k], kind == "S") for k in range(virtual) if k != local]
         states, optimizer_states, rest = (sum(o[i] for o in others) for i in range(3))
         phase = next(p for p in report.per_gpu.phases if p.phase == kinds[kind])
-        in_sends = sent(backwards)
-        total = phase.bytes + states + rest + in_sends
+        in_sends = sent(backwards) if kind != "S" else 0
+        # zero-bubble: each micro-batch between its input and its weights' backward keeps what the latter starts
+        # from (the gradients at the weights' ops, _backward.stage_backward_input's param_groups), and during an
+        # input backward (retain_graph=True) its stage's saved tensors all stay
+        pending = [max(0, b - w) for b, w in zip(backwards, weights, strict=True)]
+        waited = sum(n * bytes_ for n, bytes_ in zip(pending, waiting, strict=True))
+        own = phase.bytes
+        if kind == "I":
+            waited += waiting[local]
+            own = max(own, _input_backward(model, spec.replace(pp_stage=stages[local]), report))
+        total = own + states + rest + in_sends + waited
         if phase.phase not in composite or total > composite[phase.phase].bytes:
             start, end = ranges[stages[local]]
+            moment = phase.moment or phase.phase.value
+            if kind in ("I", "W"):
+                moment = f"{'an input' if kind == 'I' else 'a weights'} backward ({moment})"
+            extra = {EXTRA_INPUT_BACKWARD_RETAINED: own - phase.bytes} if own > phase.bytes else {}
             composite[phase.phase] = dataclasses.replace(
                 phase, bytes=total,
-                first_step_bytes=phase.first_step_bytes + states - optimizer_states + rest + in_sends,
-                moment=f"stage {stages[local]} (layers {start}-{end - 1}): {phase.moment or phase.phase.value}",
-                terms=[*phase.terms, TERM_PIPELINE_OTHER_STAGES, TERM_PIPELINE_OTHER_STAGES_HELD, TERM_PIPELINE_SENT],
-                breakdown={**phase.breakdown, TERM_PIPELINE_OTHER_STAGES: states,
-                           TERM_PIPELINE_OTHER_STAGES_HELD: rest, TERM_PIPELINE_SENT: in_sends})
+                first_step_bytes=total - phase.bytes + phase.first_step_bytes - optimizer_states,
+                moment=f"stage {stages[local]} (layers {start}-{end - 1}): {moment}",
+                terms=[*phase.terms, TERM_PIPELINE_OTHER_STAGES, TERM_PIPELINE_OTHER_STAGES_HELD, TERM_PIPELINE_SENT,
+                       *([TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS] if zero_bubble else [])],
+                breakdown={**phase.breakdown, **extra, TERM_PIPELINE_OTHER_STAGES: states,
+                           TERM_PIPELINE_OTHER_STAGES_HELD: rest, TERM_PIPELINE_SENT: in_sends,
+                           **({TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS: waited} if zero_bubble else {})})
         if best is None or total > best[0]:
-            best = (total, report, states, rest, in_sends, [o[3] for o in others])
+            best = (total, report, states, rest, in_sends, waited, [o[3] for o in others])
     assert best is not None
-    total, report, states, rest, in_sends, parts = best
+    total, report, states, rest, in_sends, waited, parts = best
     whole = [at(local, 0, True).model for local in range(virtual)]  # (the rank's tensors: its stages')
     chosen = dataclasses.replace(
         report, per_gpu=dataclasses.replace(report.per_gpu), totals=dataclasses.replace(report.totals),
@@ -271,6 +292,16 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
         source="torch.distributed.pipelining _PipelineScheduleRuntime._step_microbatches: its sends are waited on "
                "before step() returns, and a send's work can hold its tensor until then; counted whole, an upper "
                "bound on gloo ranks")]
+    if zero_bubble:
+        chosen.per_gpu.terms.append(Term(
+            name=TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS, bytes=waited, category=CATEGORY_TEMPORARIES,
+            phases=BACKWARD_ONLY,
+            formula="the micro-batches between their input and their weights' backward on this rank's stages, each "
+                    "the gradients at its stage's Linear ops and embedding: " + ", ".join(
+                        f"stage {s} {n:,} B" for s, n in zip(stages, waiting, strict=True)),
+            source="torch.distributed.pipelining _backward.py stage_backward_input (the gradients reaching each "
+                   "weight's op kept in param_groups for stage_backward_weight); measured on gloo ranks"))
+        chosen.notes.append(pipeline.ZERO_BUBBLE_NOTE)
     chosen.per_gpu.phases = [composite[p.phase] for p in report.per_gpu.phases if p.phase in composite]
     peak = max(chosen.per_gpu.phases, key=lambda p: p.bytes)
     chosen.per_gpu.peak_bytes, chosen.per_gpu.peak_phase = peak.bytes, peak.phase
@@ -285,6 +316,35 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
     chosen.notes.append(f"interleaved 1F1B: rank {rank} runs stages {', '.join(map(str, stages))} (layers "
                         f"{start_end}); its peak, {total:,} B, is at {peak.moment}")
     return chosen
+
+
+def _weight_backward_inputs(model: ModelInput, spec: TrainingSpec) -> int:
+    """--pp-schedule zero-bubble: what one micro-batch's input backward leaves for its weights' backward on the stage
+    ``spec.pp_stage`` (torch.distributed.pipelining _backward.py stage_backward_input: the gradient reaching each
+    weight's op, kept in param_groups): a Linear's output gradient, tokens x its output features in the compute
+    dtype, and the embedding's, tokens x hidden. (Norm weights' ops add none of their own: measured.)"""
+    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+    tokens = spec.micro_batch_size * spec.local_seq_len
+    total = 0
+    for t in pipeline.stage_tensors(model.tensors, spec, model.arch.num_layers):
+        if t.trainable and (t.role == ROLE_EMBEDDING or len(t.shape or ()) == 2):
+            features = model.arch.hidden_size if t.role == ROLE_EMBEDDING else t.shape[0]
+            total += tokens * features * _bytes_per(recipe.compute_dtype)
+    return total
+
+
+def _input_backward(model: ModelInput, spec: TrainingSpec, report: Report) -> int:
+    """--pp-schedule zero-bubble, the stage ``spec.pp_stage``'s input backward of a micro-batch: it runs with
+    retain_graph=True (stage_backward_input), so none of the stage's saved tensors is released on the way: everything
+    its forward and backward terms hold, beside the largest of its backward's transients (a layer's, its attention's,
+    a norm's, the loss's first gradients)."""
+    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+    act = activations.estimate(model, spec, recipe)
+    alive = sum(t.bytes for t in report.per_gpu.terms
+                if Phase.forward in t.phases and Phase.backward in t.phases and not t.in_cpu_ram)
+    return alive + max(act.layer_backward_transient_bytes, act.attention_backward_transient_bytes,
+                       act.mid_norm_transient_bytes, act.opening_backward_transient_bytes,
+                       act.backward_start_extra_bytes)
 
 
 def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Term | None:

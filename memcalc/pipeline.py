@@ -14,6 +14,10 @@ A step runs M micro-batches of ``--batch-size`` samples through the stages (torc
          ScheduleInterleaved1F1B: ``--pp-virtual V`` stages per rank (``V x pp`` stages, stage s on rank s mod pp, as
          torchtitan's looped split); each rank runs its stages' forwards and backwards in the order
          ``rank_actions`` reproduces, and holds at each moment what its stages' micro-batches in flight saved
+  zero-bubble
+         ScheduleInterleavedZeroBubble: the same stages, each backward split into the inputs' half (retain_graph) and
+         the weights' half, run later: a micro-batch is held until its weights' half, with the gradients it starts
+         from; not with checkpointing (every recomputed layer would stay)
 Gradients accumulate over the micro-batches of the step (as gradient accumulation), the optimizer steps once.
 """
 
@@ -36,9 +40,9 @@ from memcalc.families.saved import (
 from memcalc.model import ROLE_EMBEDDING, ParamTensor
 from memcalc.units import BYTES_PER_INT64
 
-SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B) with "
-          "torchtitan's layer split (generate_llm_fqn_per_model_part), measured on gloo ranks and the fake process group "
-          "(memcalc.measure.pipeline)")
+SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, "
+          "ScheduleInterleavedZeroBubble) with torchtitan's layer split (generate_llm_fqn_per_model_part), measured on "
+          "gloo ranks and the fake process group (memcalc.measure.pipeline)")
 
 
 # Measured (benchmarks/pipeline.py: a 4- and a 6-layer Llama on 2 and 3 gloo ranks, GPipe and 1F1B, 2 to 5
@@ -47,6 +51,9 @@ SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1
 ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (a small Llama): GPipe and 1F1B "
                  "(96 stage steps) -0.9% to +5.9%, interleaved 1F1B (54 rank steps) -0.0% to +4.6% (a later stage's "
                  "input buffer and its first layer's copy of it counted apart): leave margin")
+ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ranks of a small Llama (27 rank steps): "
+                    "-2.0% to +3.3%, the 16-bit recipes' first ranks low (a norm's backward inside a retained input "
+                    "backward, not yet placed): leave margin")
 
 
 def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None,
@@ -120,18 +127,21 @@ def in_flight(stage: int, pp: int, microbatches: int, schedule: str) -> int:
     return min(microbatches, pp - stage)
 
 
-def rank_actions(rank: int, pp: int, virtual: int, microbatches: int) -> list[tuple[int, str, int]]:
+def rank_actions(rank: int, pp: int, virtual: int, microbatches: int,
+                 zero_bubble: bool = False) -> list[tuple[int, str, int]]:
     """The forwards ("F") and backwards ("B") rank ``rank`` runs in one step of ScheduleInterleaved1F1B, in order, as
     (local stage, kind, micro-batch): the rank's stages are ``local x pp + rank``. torch 2.13
     torch/distributed/pipelining/schedules.py: ``ScheduleInterleaved1F1B._calculate_single_rank_operations`` with
     ``_get_warmup_ops`` (the last rank warms up ``(V - 1)`` rounds of micro-batches, each rank before it two more)
     and ``_get_1f1b_rank_ops`` (warm-up forwards, then a forward and a backward at a time, then the backwards left;
     its idle slots are left out: they hold nothing). Forwards take the rank's stages in rounds of micro-batches
-    first to last, backwards last to first."""
+    first to last, backwards last to first. ``zero_bubble``: ScheduleInterleavedZeroBubble's order (one more warm-up
+    forward per rank before the last instead of two; each backward split into its input half, "I", and its weights'
+    half, "W", which rank r runs r backwards later, the rest at the end)."""
     rounds = max(1, microbatches // pp)
     per_round = microbatches // rounds
     total = virtual * microbatches
-    warmup = min((virtual - 1) * per_round + 2 * (pp - 1 - rank), total)
+    warmup = min((virtual - 1) * per_round + (1 if zero_bubble else 2) * (pp - 1 - rank), total)
 
     def forward_stage(step: int) -> int:
         return (step // per_round) % virtual
@@ -139,49 +149,68 @@ def rank_actions(rank: int, pp: int, virtual: int, microbatches: int) -> list[tu
     def backward_stage(step: int) -> int:
         return virtual - 1 - ((step - warmup) // per_round) % virtual
 
-    forwards, backwards = [0] * virtual, [0] * virtual
+    forwards, backwards, weights = [0] * virtual, [0] * virtual, [0] * virtual
     actions: list[tuple[int, str, int]] = []
+    backward_steps: list[int] = []
 
     def run(kind: str, local: int, done: list[int]) -> None:
         actions.append((local, kind, done[local]))
         done[local] += 1
 
+    def backward(step: int) -> None:
+        run("I" if zero_bubble else "B", backward_stage(step), backwards)
+        backward_steps.append(step)
+        if zero_bubble and step - warmup >= rank:  # (the weights' half of an earlier backward)
+            run("W", backward_stage(backward_steps[sum(weights)]), weights)
+
     for step in range(total):  # warm-up and steady state: one forward each
         run("F", forward_stage(step), forwards)
         if step >= warmup:
-            run("B", backward_stage(step), backwards)
+            backward(step)
     for step in range(total, total + warmup):  # cool-down: the backwards left
-        run("B", backward_stage(step), backwards)
+        backward(step)
+    while zero_bubble and sum(weights) < len(backward_steps):
+        run("W", backward_stage(backward_steps[sum(weights)]), weights)
     return actions
 
 
 @dataclasses.dataclass(frozen=True)
 class RankMoment:
-    """One forward or backward of a rank's local stage ``local`` (interleaved schedules): the micro-batches each of
-    the rank's stages holds then (``held``: the one running counted) and how many backwards each has run before
-    (``backwards``: its gradients exist from the first; the tensors those backwards sent are still held)."""
+    """One forward, backward or (zero-bubble) input or weight backward of a rank's local stage ``local``: the
+    micro-batches each of the rank's stages holds then (``held``: the one running counted; zero-bubble: until its
+    weights' backward), how many backwards (or input backwards) each has run before (the tensors those sent are still
+    held) and how many have made its weights' gradients (``weights``: its gradients exist from the first)."""
 
     local: int
-    kind: str  # "F" | "B"
+    kind: str  # "F" | "B" | "I" | "W"
     held: tuple[int, ...]
     backwards: tuple[int, ...]
+    weights: tuple[int, ...]
 
     @property
     def grads_made(self) -> tuple[bool, ...]:
-        return tuple(done > 0 for done in self.backwards)
+        return tuple(done > 0 for done in self.weights)
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        """Micro-batches whose input backward has run and weights' backward not yet (zero-bubble)."""
+        return tuple(b - w for b, w in zip(self.backwards, self.weights, strict=True))
 
 
-def rank_moments(rank: int, pp: int, virtual: int, microbatches: int) -> list[RankMoment]:
+def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
+                 zero_bubble: bool = False) -> list[RankMoment]:
     """Each action of ``rank_actions`` with what the rank holds then, once per distinct state."""
-    held, done = [0] * virtual, [0] * virtual
+    held, done, weights = [0] * virtual, [0] * virtual, [0] * virtual
     seen: dict[RankMoment, None] = {}
-    for local, kind, _ in rank_actions(rank, pp, virtual, microbatches):
+    for local, kind, _ in rank_actions(rank, pp, virtual, microbatches, zero_bubble):
         if kind == "F":
             held[local] += 1
-        seen.setdefault(RankMoment(local, kind, tuple(held), tuple(done)))
-        if kind == "B":
-            held[local] -= 1
+        seen.setdefault(RankMoment(local, kind, tuple(held), tuple(done), tuple(weights)))
+        if kind in ("B", "I"):
             done[local] += 1
+        if kind in ("B", "W"):
+            held[local] -= 1
+            weights[local] += 1
     return list(seen)
 
 

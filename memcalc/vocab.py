@@ -28,6 +28,7 @@ TERM_DDP_BUCKETS = "ddp_buckets"
 TERM_PIPELINE_BUFFERS = "pipeline_recv_buffers"
 TERM_PIPELINE_OUTPUTS = "pipeline_stage_outputs"
 TERM_PIPELINE_SENT = "pipeline_sent_tensors"  # sent but not yet waited on (their send work holds them)
+TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS = "pipeline_weight_backward_inputs"  # zero-bubble: kept for the W half
 TERM_PIPELINE_HELD_ACTIVATIONS = "pipeline_held_activations"
 TERM_PIPELINE_HELD_LOSSES = "pipeline_held_losses"
 TERM_PIPELINE_OTHER_STAGES = "pipeline_other_stages"  # interleaved: the rank's other stages' model states
@@ -98,6 +99,7 @@ EXTRA_STAGE_FIRST_GRADIENT = "the stage's first weight gradient"
 EXTRA_STAGE_LOGITS_GRADIENT = "the logits' gradient, held by the pipeline"
 EXTRA_RING_ATTENTION = "ring attention's buffers"
 EXTRA_HELD_CAST_GRADIENTS = "cast weights' gradients, held to the backward's end"
+EXTRA_INPUT_BACKWARD_RETAINED = "the input backward's retained tensors"
 EXTRA_LATER_EMBEDDING_GRADIENT = "the embedding's new gradient, before it is added"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
@@ -106,6 +108,10 @@ EXTRA_MEANING = {
                                     "held from the earlier micro-batches, then adds it in (torch's AccumulateGrad); "
                                     "under autocast beside the held cast weights' gradients, whose own backward comes "
                                     "after it (measured on the fake process group at Llama-3-8B's size)",
+    EXTRA_INPUT_BACKWARD_RETAINED: "pipeline parallelism, zero-bubble: an input backward runs with retain_graph=True "
+                                   "(torch.distributed.pipelining _backward.py stage_backward_input), so none of the "
+                                   "stage's saved tensors is released on the way: what its ordinary backward would "
+                                   "have released by its largest moment, and that backward's largest transient",
     EXTRA_HELD_CAST_GRADIENTS: "pipeline parallelism under autocast, a micro-batch after the first: the Linear "
                                "weights' casts come from autocast's cache, made in the first micro-batch's forward, so "
                                "their backward nodes (ToCopyBackward0) carry the oldest sequence numbers and autograd's "

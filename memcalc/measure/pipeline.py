@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B"}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B",
+             "zero-bubble": "ScheduleInterleavedZeroBubble"}
 
 
 def stage_module(model: Any, start: int, end: int, first: bool, last: bool) -> Any:
@@ -70,7 +71,7 @@ def schedule_for(stages: list[Any], name: str, microbatches: int, loss_fn: Any) 
     from torch.distributed import pipelining
 
     schedule = getattr(pipelining, SCHEDULES[name])
-    return schedule(stages if len(stages) > 1 or name == "interleaved-1f1b" else stages[0], n_microbatches=microbatches,
+    return schedule(stages if len(stages) > 1 or name in ("interleaved-1f1b", "zero-bubble") else stages[0], n_microbatches=microbatches,
                     loss_fn=loss_fn)
 
 
@@ -158,9 +159,15 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         tracker.watch_optimizer(stepper.optimizer, stepper.fused)
     if last:
         tracker.loss_region(modules[-1].head)
+    def mark_backward(_module: Any, _args: Any, output: Any) -> None:
+        # (a hook on the output tensor, not a full backward hook: that one hands the schedule a view of the output,
+        # which the zero-bubble schedule's stage_backward_input cannot detach in place)
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda _grad: tracker.mark(trk.BACKWARD))
+
     hooks = [hook for module in modules for hook in (
         module.register_forward_pre_hook(lambda *_: tracker.mark(trk.FORWARD)),
-        module.register_full_backward_pre_hook(lambda *_: tracker.mark(trk.BACKWARD)))]
+        module.register_forward_hook(mark_backward))]
     grads: dict[str, int] = {}
     try:
         with _static_warmup(job.fake), tracker:

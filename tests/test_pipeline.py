@@ -221,18 +221,21 @@ def test_bad_interleaved_pipelines_are_one_line_exit_2(cli, options, message):
     assert message in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""
 
 
-def test_interleaved_ranks_match_pipelining_on_gloo():
-    """Each rank's two stages under torch's ScheduleInterleaved1F1B on real gloo ranks (a 6-layer Llama, 4 stages,
-    4 micro-batches, fp32): never below the measured peak, at most 3% above it (benchmarks/pipeline.py --interleaved
-    has the grid)."""
+@pytest.mark.parametrize(("schedule", "lowest"), [("interleaved-1f1b", 1.0), ("zero-bubble", 0.98)])
+def test_interleaved_ranks_match_pipelining_on_gloo(schedule, lowest):
+    """Each rank's two stages under torch's ScheduleInterleaved1F1B or ScheduleInterleavedZeroBubble on real gloo
+    ranks (a 6-layer Llama, 4 stages, 4 micro-batches, fp32): interleaved 1F1B never below the measured peak,
+    zero-bubble (each micro-batch held until its weights' backward, with the gradients that backward starts from; the
+    input backward retaining its stage's saved tensors) at most 2% below, both at most 3% above
+    (benchmarks/pipeline.py --interleaved [--zero-bubble] has the grid)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
     from memcalc.model import ModelConfig
     from memcalc.resolve import model_of
 
     raw = {**TINY, "num_hidden_layers": 6}
-    spec = TrainingSpec(precision="fp32", micro_batch_size=2, seq_len=128, num_gpus=2, pp=2,
-                        pp_schedule="interleaved-1f1b", microbatches=4)
+    spec = TrainingSpec(precision="fp32", micro_batch_size=2, seq_len=128, num_gpus=2, pp=2, pp_schedule=schedule,
+                        microbatches=4)
     model = model_of(ModelConfig("tiny", raw, "test"))
     for measured in measure_distributed({**raw, "_name": "tiny"}, spec, engine="pp", world_size=2, method="gloo"):
         rank = measured.run["distributed"]["stage"]
@@ -240,8 +243,10 @@ def test_interleaved_ranks_match_pipelining_on_gloo():
         report = run(model, spec.replace(pp_rank=rank))
         assert report.per_gpu.model_states_bytes == sum(measured.model_state_bytes[name] for name in (
             "weights", "gradients", "optimizer_states"))
+        assert (schedule == "zero-bubble") == any(t.name == "pipeline_weight_backward_inputs"
+                                                  for t in report.per_gpu.terms)
         peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
-        assert measured_peak <= peak <= 1.03 * measured_peak, (rank, peak, measured_peak)
+        assert lowest * measured_peak <= peak <= 1.03 * measured_peak, (rank, peak, measured_peak)
 
 
 @pytest.mark.parametrize("other", ["megatron", "llm-analysis"])
@@ -250,25 +255,3 @@ def test_interleaved_comparisons_are_refused_in_one_line(cli, other):
     assert result.exit_code == UsageError.exit_code, result.stderr
     assert f"--compare-with {other} with --pp-schedule interleaved-1f1b" in result.stderr
     assert result.stderr.count("\n") == 1
-
-
-def test_zero_bubble_ranks_match_pipelining_on_gloo():
-    """torch's ScheduleInterleavedZeroBubble on real gloo ranks (a 6-layer Llama, 2 ranks of 2 stages, 4 micro-batches,
-    fp32): each micro-batch held until its weights' backward with the gradients that backward starts from, the input
-    backward retaining its stage's saved tensors; within -2% and +3% (benchmarks/pipeline.py --interleaved
-    --zero-bubble has the grid)."""
-    pytest.importorskip("transformers")
-    from memcalc.measure.distributed import measure_distributed
-    from memcalc.model import ModelConfig
-    from memcalc.resolve import model_of
-
-    raw = {**TINY, "num_hidden_layers": 6}
-    spec = TrainingSpec(precision="fp32", micro_batch_size=2, seq_len=128, num_gpus=2, pp=2,
-                        pp_schedule="zero-bubble", microbatches=4)
-    model = model_of(ModelConfig("tiny", raw, "test"))
-    for measured in measure_distributed({**raw, "_name": "tiny"}, spec, engine="pp", world_size=2, method="gloo"):
-        rank = measured.run["distributed"]["stage"]
-        report = run(model, spec.replace(pp_rank=rank))
-        assert any(t.name == "pipeline_weight_backward_inputs" for t in report.per_gpu.terms)
-        peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
-        assert 0.98 * measured_peak <= peak <= 1.03 * measured_peak, (rank, peak, measured_peak)

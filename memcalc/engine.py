@@ -143,17 +143,22 @@ def _n(value: int) -> str:
 def _most_loaded_stage(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]) -> Report:
     """--pp: every stage estimated; the report is the stage with the highest peak, its notes naming the others."""
     reports = [estimate(model, spec.replace(pp_stage=stage), defaults_used) for stage in range(spec.pp)]
-    chosen = max(reports, key=lambda report: report.per_gpu.peak_bytes)  # (the first of equal peaks)
     ranges = pipeline.stage_ranges(model.arch.num_layers, spec.pp, spec.pp_layers)
-    peaks = ", ".join(f"stage {i} (layers {start}-{end - 1}) {r.per_gpu.peak_bytes:,} B"
-                      for i, (r, (start, end)) in enumerate(zip(reports, ranges, strict=True)))
-    # Across the GPUs: each stage's figures times the GPUs that run it (its tensor- and data-parallel ranks)
-    per_stage = spec.num_gpus // spec.pp
-    chosen.totals.model_states_bytes = per_stage * sum(r.per_gpu.model_states_bytes for r in reports)
-    chosen.totals.peak_bytes_sum = per_stage * sum(r.per_gpu.peak_bytes for r in reports)
-    chosen.notes.append(f"pipeline parallelism: {spec.pp} stages, {spec.microbatches} micro-batches of "
-                        f"{spec.micro_batch_size} ({spec.pp_schedule.value}); shown: the most loaded, stage "
-                        f"{chosen.training.pp_stage}; peaks per stage: {peaks}")
+    return _most_loaded(reports, spec, f"{spec.pp} stages", "stage", [
+        f"stage {i} (layers {start}-{end - 1})" for i, (start, end) in enumerate(ranges)])
+
+
+def _most_loaded(reports: Sequence[Report], spec: TrainingSpec, layout: str, unit: str, names: Sequence[str]) -> Report:
+    """--pp: the report with the highest peak (the first of equal peaks), its totals across the GPUs (each stage's or
+    rank's figures times the GPUs that run it: its tensor- and data-parallel ranks) and a note naming every peak."""
+    chosen = max(reports, key=lambda report: report.per_gpu.peak_bytes)
+    per_position = spec.num_gpus // spec.pp
+    chosen.totals.model_states_bytes = per_position * sum(r.per_gpu.model_states_bytes for r in reports)
+    chosen.totals.peak_bytes_sum = per_position * sum(r.per_gpu.peak_bytes for r in reports)
+    peaks = ", ".join(f"{name} {r.per_gpu.peak_bytes:,} B" for name, r in zip(names, reports, strict=True))
+    chosen.notes.append(f"pipeline parallelism: {layout}, {spec.microbatches} micro-batches of "
+                        f"{spec.micro_batch_size} ({spec.pp_schedule.value}); shown: the most loaded, {unit} "
+                        f"{reports.index(chosen)}; peaks per {unit}: {peaks}")
     return chosen
 
 
@@ -174,16 +179,8 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
     loaded rank, its notes naming the others."""
     if spec.pp_rank is None:
         reports = [_interleaved_rank(model, spec.replace(pp_rank=rank), defaults_used) for rank in range(spec.pp)]
-        chosen = max(reports, key=lambda report: report.per_gpu.peak_bytes)
-        per_rank = spec.num_gpus // spec.pp
-        chosen.totals.model_states_bytes = per_rank * sum(r.per_gpu.model_states_bytes for r in reports)
-        chosen.totals.peak_bytes_sum = per_rank * sum(r.per_gpu.peak_bytes for r in reports)
-        peaks = ", ".join(f"rank {i} {r.per_gpu.peak_bytes:,} B" for i, r in enumerate(reports))
-        chosen.notes.append(f"pipeline parallelism: {spec.pp} ranks of {spec.pp_virtual} stages each "
-                            f"({spec.pp_stages} stages, stage s on rank s mod {spec.pp}), {spec.microbatches} "
-                            f"micro-batches of {spec.micro_batch_size} ({spec.pp_schedule.value}); shown: the most "
-                            f"loaded, rank {chosen.training.pp_stage}; peaks per rank: {peaks}")
-        return chosen
+        return _most_loaded(reports, spec, f"{spec.pp} ranks of {spec.pp_virtual} stages each ({spec.pp_stages} "
+                            f"stages, stage s on rank s mod {spec.pp})", "rank", [f"rank {i}" for i in range(spec.pp)])
     rank, virtual = spec.pp_rank, spec.pp_virtual
     stages = [local * spec.pp + rank for local in range(virtual)]
     ranges = pipeline.spec_ranges(spec, model.arch.num_layers)
@@ -216,8 +213,7 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
     # stage sent on whose micro-batch's backward has run (until then the forward cache holds it), and every input
     # gradient it sent back, counted whole (on gloo ranks some are freed earlier: without them the estimate reads up
     # to 3.5% low, with them up to 4.6% high).
-    hidden = _hidden_bytes(model, spec, get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype,
-                                                   spec.state_dtype))
+    hidden = _hidden_bytes(model, spec, _recipe(spec))
 
     def sent(backwards: Sequence[int]) -> int:
         return sum(done * hidden * (int(stages[k] < spec.pp_stages - 1) + int(stages[k] > 0))
@@ -226,7 +222,7 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
     zero_bubble = spec.pp_schedule == PipelineSchedule.zero_bubble
     waiting = [_weight_backward_inputs(model, spec.replace(pp_stage=s)) if zero_bubble else 0 for s in stages]
 
-    best: tuple[int, Report, int, int, int, list[str]] | None = None
+    best: tuple[int, Report, int, int, int, int, list[str]] | None = None
     composite: dict[Phase, PhaseTotal] = {}
     moments = [(m.local, m.kind, m.held, m.backwards, m.weights)
                for m in pipeline.rank_moments(rank, spec.pp, virtual, spec.microbatches, zero_bubble)]
@@ -278,7 +274,7 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
         model=dataclasses.replace(report.model, num_params=sum(m.num_params for m in whole),
                                   num_trainable_params=sum(m.num_trainable_params for m in whole),
                                   num_tensors=sum(m.num_tensors for m in whole)))
-    source = (f"{pipeline.SOURCE}; the rank's order of forwards and backwards from torch's ScheduleInterleaved1F1B "
+    source = (f"{pipeline.SOURCE}; the rank's order of forwards and backwards from torch's own schedule "
               "(memcalc.pipeline.rank_actions)")
     chosen.per_gpu.terms = [*report.per_gpu.terms, Term(
         name=TERM_PIPELINE_OTHER_STAGES, bytes=states, category=CATEGORY_MODEL_STATES, phases=ALL_PHASES,
@@ -313,7 +309,7 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
     chosen.totals.model_states_bytes = chosen.per_gpu.model_states_bytes * spec.num_gpus
     chosen.totals.peak_bytes_sum = peak.bytes * spec.num_gpus
     start_end = ", ".join(f"{ranges[s][0]}-{ranges[s][1] - 1}" for s in stages)
-    chosen.notes.append(f"interleaved 1F1B: rank {rank} runs stages {', '.join(map(str, stages))} (layers "
+    chosen.notes.append(f"{spec.pp_schedule.value}: rank {rank} runs stages {', '.join(map(str, stages))} (layers "
                         f"{start_end}); its peak, {total:,} B, is at {peak.moment}")
     return chosen
 
@@ -323,7 +319,7 @@ def _weight_backward_inputs(model: ModelInput, spec: TrainingSpec) -> int:
     ``spec.pp_stage`` (torch.distributed.pipelining _backward.py stage_backward_input: the gradient reaching each
     weight's op, kept in param_groups): a Linear's output gradient, tokens x its output features in the compute
     dtype, and the embedding's, tokens x hidden. (Norm weights' ops add none of their own: measured.)"""
-    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+    recipe = _recipe(spec)
     tokens = spec.micro_batch_size * spec.local_seq_len
     total = 0
     for t in pipeline.stage_tensors(model.tensors, spec, model.arch.num_layers):
@@ -338,8 +334,7 @@ def _input_backward(model: ModelInput, spec: TrainingSpec, report: Report) -> in
     retain_graph=True (stage_backward_input), so none of the stage's saved tensors is released on the way: everything
     its forward and backward terms hold, beside the largest of its backward's transients (a layer's, its attention's,
     a norm's, the loss's first gradients)."""
-    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
-    act = activations.estimate(model, spec, recipe)
+    act = activations.estimate(model, spec, _recipe(spec))
     alive = sum(t.bytes for t in report.per_gpu.terms
                 if Phase.forward in t.phases and Phase.backward in t.phases and not t.in_cpu_ram)
     return alive + max(act.layer_backward_transient_bytes, act.attention_backward_transient_bytes,
@@ -395,8 +390,8 @@ def _pipeline_outputs(model: ModelInput, spec: TrainingSpec, recipe: Recipe, log
     # after its first only with more micro-batches than the stage holds). Measured on gloo ranks: one, on the first
     # stage; the input gradients a later stage sent back under GPipe were not held.
     in_flight = pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b")
-    sent = int(not last and (spec.pp_schedule.value == "gpipe" and spec.pp_later_backward
-                             or spec.pp_schedule.value == "1f1b" and spec.microbatches > in_flight >= 2))
+    sent = int(not last and ((spec.pp_schedule.value == "gpipe" and spec.pp_later_backward)
+                             or (spec.pp_schedule.value == "1f1b" and spec.microbatches > in_flight >= 2)))
     return _pipeline_term(TERM_PIPELINE_OUTPUTS, held + sent, each,
                           f"micro-batches in flight, {'the logits' if last else 'the hidden state the stage sent on'}"
                           + (", and one more held by its send" if sent else ""),
@@ -464,8 +459,12 @@ def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]
     return _estimate_moment(model, spec, defaults_used)
 
 
+def _recipe(spec: TrainingSpec) -> Recipe:
+    return get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+
+
 def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
-    recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
+    recipe = _recipe(spec)
     notes: list[str] = list(model.notes)
     if spec.pp > 1:
         notes.append(pipeline.ACCURACY_NOTE)
@@ -1057,14 +1056,13 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # still held, the first of them cast to the weight's dtype)
     freed = [n for n in _FREED_BY_BACKWARD_END if not (x.casts_kept and n == TERM_AUTOCAST_COPIES)]
     end = _alive(terms, lambda t: Phase.backward in t.phases and t.name not in freed)
+    # (the embedding's backward runs before the held casts' gradients are cast and added: its new gradient beside
+    # them, or later the first of them cast, whichever is larger)
+    upcast = x.cast_gradient_upcast
+    if x.later_embedding_gradient > upcast:
+        end[EXTRA_LATER_EMBEDDING_GRADIENT], upcast = x.later_embedding_gradient, 0
     if x.held_cast_gradients:
-        end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients + x.cast_gradient_upcast
-    if x.later_embedding_gradient > x.cast_gradient_upcast:
-        # (the embedding's backward runs before the held casts' gradients are cast and added: its new gradient beside
-        # them, not their upcast)
-        if x.held_cast_gradients:
-            end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients
-        end[EXTRA_LATER_EMBEDDING_GRADIENT] = x.later_embedding_gradient
+        end[EXTRA_HELD_CAST_GRADIENTS] = x.held_cast_gradients + upcast
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
     if x.layer_activations and x.layer_gradients:
         # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the

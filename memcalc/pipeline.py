@@ -187,15 +187,6 @@ class RankMoment:
     backwards: tuple[int, ...]
     weights: tuple[int, ...]
 
-    @property
-    def grads_made(self) -> tuple[bool, ...]:
-        return tuple(done > 0 for done in self.weights)
-
-    @property
-    def pending(self) -> tuple[int, ...]:
-        """Micro-batches whose input backward has run and weights' backward not yet (zero-bubble)."""
-        return tuple(b - w for b, w in zip(self.backwards, self.weights, strict=True))
-
 
 def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
                  zero_bubble: bool = False) -> list[RankMoment]:

@@ -91,6 +91,7 @@ class ActivationEstimate:
     ring_forward_bytes: int = 0
     after_attention_bytes: int = 0  # what a layer makes after its attention beyond its MLP's (Rule.after_attention)
     opening_backward_transient_bytes: int = 0  # a layer's backward at its first op (Rule.opening_transient)
+    layer_forward_transient_bytes: int = 0  # a layer's forward at its largest, beyond what it saves (Rule.forward_transient)
     released_at_mlp_bytes: int = 0  # ... what it released by its MLP's backward (Rule.released_at_mlp)
     mid_norm_transient_bytes: int = 0  # its norm's backward between the MLP's and attention's (Rule.mid_norm_transient)
     output_gradient_bytes: int = 0  # the layer's output gradient among its transients (Rule.output_gradient)
@@ -352,6 +353,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "counted eager (b a s^2 scores per layer)")
     run = Run(spec.micro_batch_size, spec.local_seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
               tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel, cp=spec.cp,
+              ep=spec.ep, ep_load=spec.ep_load,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
               decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv)
     if not arch.hidden_size or not arch.num_layers:
@@ -407,6 +409,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.last_layer_mlp_bytes = rule.layers[last].get(PART_MLP, 0)
         result.after_attention_bytes = rule.after_attention
         result.opening_backward_transient_bytes = rule.opening_transient
+        result.layer_forward_transient_bytes = rule.forward_transient
         result.released_at_mlp_bytes = rule.released_at_mlp
         result.mid_norm_transient_bytes = rule.mid_norm_transient
         result.output_gradient_bytes = rule.output_gradient

@@ -58,7 +58,7 @@ def layouts(model: str | None = None, **settings: Any) -> LayoutPlan:
 
 
 # What the planner chooses: given by the user, each is one line and exit 2.
-LAYOUT_SETTINGS = ("tp", "pp", "cp", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
+LAYOUT_SETTINGS = ("tp", "pp", "cp", "ep", "ep_load", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
                    "pp_virtual", "sp", "loss_parallel", "grad_accum", "deepspeed")
 
 
@@ -339,7 +339,7 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
     from memcalc.errors import MemcalcError
 
     spec, why, fits = plan.specs[0], "this run", True
-    split = [name for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp)) if size > 1]
+    split = [name for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp), ("ep", spec.ep)) if size > 1]
     if split:
         raise UsageError(f"{{emit}} deepspeed writes ZeRO, offload, precision and batch settings; the run's "
                          f"{{{split[0]}}} is PyTorch's parallelism, which a DeepSpeed config does not set: drop "

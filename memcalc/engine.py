@@ -30,10 +30,11 @@ step's instead (memcalc.measure.timeline, activations.TracedMoment), beside the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc import activations, pipeline, tensor_parallel, trainable
+from memcalc import activations, expert_parallel, pipeline, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -67,6 +68,10 @@ from memcalc.vocab import (
     CATEGORY_CPU_OFFLOAD,
     CATEGORY_MODEL_STATES,
     CATEGORY_TEMPORARIES,
+    EXTRA_EXPERTS_ALL_GATHER,
+    EXTRA_EXPERTS_GATHERED,
+    EXTRA_EXPERTS_REDUCE,
+    EXTRA_FSDP_BACKWARD_START,
     EXTRA_HEAD_BACKWARD,
     EXTRA_HEAD_GRADIENT,
     EXTRA_HELD_CAST_GRADIENTS,
@@ -91,6 +96,8 @@ from memcalc.vocab import (
     MOMENT_BACKWARD_END,
     MOMENT_BACKWARD_START,
     MOMENT_CHECKPOINTED_FORWARD,
+    MOMENT_EXPERTS_FORWARD,
+    MOMENT_EXPERTS_REDUCE,
     MOMENT_FIRST_SHARED_SUM,
     MOMENT_FORWARD,
     MOMENT_HEAD_BACKWARD,
@@ -98,6 +105,7 @@ from memcalc.vocab import (
     MOMENT_LATE_BACKWARD,
     MOMENT_RING_FORWARD,
     MOMENT_RING_RECOMPUTE,
+    MOMENT_ROOT_REDUCE,
     MOMENT_SHARDED_LAYER,
     MOMENT_SHARED_GRADIENT_SUM,
     MOMENT_STEP,
@@ -108,6 +116,7 @@ from memcalc.vocab import (
     TERM_AUTOCAST_COPIES,
     TERM_FP8_CASTS,
     TERM_FSDP_REDUCE_SCATTER,
+    TERM_FSDP_UNSHARDED,
     TERM_GRADIENTS,
     TERM_LOSS_BUFFERS,
     TERM_MASTER,
@@ -472,6 +481,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     notes.extend(subset.notes)
     tensors = subset.tensors
     notes.extend(_moe_notes(model, tensors))
+    if spec.ep > 1:
+        notes.append(_expert_parallel_note(model, spec))
     bytes_per_weight, bytes_per_grad = _bytes_per(recipe.weight_dtype), _bytes_per(recipe.grad_dtype)
     holdings = rank_holdings(tensors, _data_parallel_spec(spec), recipe.master_dtype, model.architecture_known,
                              bytes_per_weight, bytes_per_grad)
@@ -662,6 +673,10 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     by_tensor = stage < 2 and not in_backward
     whole_grads = by_tensor and not accumulating
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
+    if holdings.engine == "fsdp2" and not accumulating:
+        # FSDP2 late in backward: the first layer's and the root's sharded gradients are not made yet (measured on
+        # gloo ranks)
+        missing_grads = holdings.late_unmade_grad_numel * bytes_per_grad
     pending_mlp, pending_attention, pending_layer, pending_mid = (_first_layer_pending(tensors) if by_tensor
                                                                   else (0, 0, 0, 0))
     # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
@@ -706,7 +721,17 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         largest_step_copy=(largest.numel * _bytes_per(recipe.compute_dtype) if in_backward and recipe.autocast
                            and largest.role == ROLE_LM_HEAD else 0),
         missing_gradients=missing_grads,
-        sharded_layer=holdings.mid_backward_extra_bytes,
+        sharded_layer=holdings.mid_backward_extra_bytes, fsdp_last_layer=holdings.last_layer_extra_bytes,
+        # (--ep, the last layer's experts in the forward: beside the block's transients the residual stream, the
+        # layer's input, its attention's sum and the embedding's output: 3 x r T h, measured on gloo ranks)
+        experts_forward=(holdings.experts_gathered_bytes + act.layer_forward_transient_bytes
+                         + 3 * act.output_gradient_bytes if holdings.experts_gathered_bytes else 0),
+        experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
+        fsdp_late=holdings.late_extra_bytes,
+        fsdp_root_reduce=holdings.root_reduce_bytes, fsdp_root_shards=holdings.root_shard_grad_numel * bytes_per_grad,
+        fsdp_made=_fsdp_layer_made(tensors, holdings, recipe),
+        experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
+                        if holdings.experts_reduce_bytes else 0),
         head_backward=head.at_backward, head_gradient=head.held,
         head_gradient_late=head.held_late, shared_gradient_sum=head.shared_sum,
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
@@ -749,6 +774,26 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     per_token = getattr(model.arch, "experts_per_token", None)
     active = f"; only {per_token} of {num_experts} experts run per token, so activations use those" if num_experts and per_token else ""
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
+
+
+def _expert_parallel_note(model: ModelInput, spec: TrainingSpec) -> str:
+    """--ep: the experts this rank holds and the routed pairs its experts run (balanced unless --ep-load)."""
+    arch = model.arch
+    average = spec.micro_batch_size * spec.local_seq_len * arch.experts_per_token
+    received = math.ceil(average * spec.ep_load)
+    return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, received, average,
+                                spec.ep_load)
+
+
+def _fsdp_layer_made(tensors: Sequence[ParamTensor], holdings: RankHoldings, recipe: Recipe) -> tuple[int, int, int]:
+    """FSDP2: the first layer's unsharded gradients (in the gathered parameters' dtype) its backward has made by its
+    MLP's, its attention's and its mid norm's backward (the rest of ``_first_layer_pending``); they wait for the layer's
+    reduce-scatter (measured: Llama-3-8B on the fake process group)."""
+    if holdings.engine != "fsdp2":
+        return (0, 0, 0)
+    pending_mlp, pending_attention, total, pending_mid = _first_layer_pending(tensors)
+    gathered = _bytes_per(recipe.weight_dtype)
+    return tuple((total - pending) * gathered for pending in (pending_mlp, pending_attention, pending_mid))
 
 
 def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int, int]:
@@ -954,6 +999,16 @@ class _Extras:
     missing_gradients: int = 0  # late backward: the input embeddings' gradients, produced last
     in_backward: bool = False  # --optim-in-backward: each gradient stepped and freed by its hook as it is made
     sharded_layer: int = 0  # FSDP2: a layer's prefetched neighbour, unsharded gradients and their copies
+    fsdp_last_layer: int = 0  # FSDP2, at the last layer's backward: the previous layer prefetched, the root's gradients
+    experts_forward: int = 0  # --ep: the last layer's experts gathered in the forward, and the block's transients
+    experts_kept: int = 0  # --ep: their all-gather output beyond a layer's, kept through the loss into the backward
+    experts_backward: int = 0  # --ep: a layer's experts gathered again for its backward (late: the first layer's)
+    fsdp_late: int = 0  # FSDP2 late in backward: the first layer's all-gather output kept, the root's gradients
+    # FSDP2 late in backward: the layer's unsharded gradients made by its MLP's, attention's and mid norm's backward
+    fsdp_made: tuple[int, int, int] = (0, 0, 0)
+    fsdp_root_reduce: int = 0  # FSDP2 at the root's reduce-scatter: its unsharded gradients and their reduce copy
+    fsdp_root_shards: int = 0  # ... its sharded gradients, not made yet then
+    experts_reduce: int = 0  # --ep: the last layer's experts' reduce-scatter (buffers, prefetch, gradients in flight)
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
     head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
     stage_first_gradient: int = 0  # --pp, a stage without the head: its last layer's first weight gradient
@@ -1030,6 +1085,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # ZeRO-1/2's reduce bucket, set up at the first gradient) beside one recomputed layer under checkpointing.
     start = _alive(terms, lambda t: Phase.forward in t.phases and t.phases != FORWARD_ONLY)
     start_terms = dict(start)
+    if x.experts_kept:
+        forward[EXTRA_EXPERTS_ALL_GATHER] = start[EXTRA_EXPERTS_ALL_GATHER] = x.experts_kept
     # (Gradients alive in backward only - ZeRO-1-Offload's p.grad - build up through it: not there at its start.)
     whole_backward = _alive(terms, lambda t: t.phases == BACKWARD_ONLY
                             and t.name not in (*_PER_UNIT_BACKWARD, *_STEPPED_IN_BACKWARD))
@@ -1079,6 +1136,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             last[TERM_GRADIENTS] = last.get(TERM_GRADIENTS, 0) + x.made_at_attention
             last[EXTRA_RECOMPUTED_CASTS] = x.recomputed_casts - released_casts
         last.pop(EXTRA_HEAD_BACKWARD, None)
+        last.pop(EXTRA_EXPERTS_ALL_GATHER, None)  # (the last layer's all-gather was issued)
+        last[EXTRA_FSDP_BACKWARD_START] = x.fsdp_last_layer
         if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
             last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
         candidates.append((MOMENT_LAST_LAYER_BACKWARD, last))
@@ -1107,28 +1166,31 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # Late in backward, the first layer's turn: nearly every gradient, its activations and gradient transients, at its
     # MLP's backward (every activation of the layer, its gradients but the output projection's not made yet) or at its
     # attention's (the MLP's activations released, its q, k and v gradients not made yet).
-    # (Each point: the layer's activations, its gradient transients, its gradients not made yet, its weights' casts.)
+    # (Each point: the layer's activations, its gradient transients, its gradients not made yet, its weights' casts,
+    # and the sharding's: with --ep its experts gathered, from its recomputation's MoE block to its experts' backward;
+    # under FSDP2 its unsharded gradients made so far, reduce-scattered once its backward ends.)
     # (at its MLP's backward the output projection's cast is released with its backward)
+    at_mlp, at_attention, at_mid = x.fsdp_made  # (FSDP2: the layer's unsharded gradients made by then)
     points = [(x.layer_activations + x.first_layer_context - x.released_at_mlp, x.layer_gradients, x.pending_at_mlp,
-               x.casts_at_mlp)]
+               x.casts_at_mlp, x.experts_backward + at_mlp)]
     if x.attention_gradients:
         # (eager attention: the casts of the weights whose backward has run, its MLP's and o_proj's, released too)
         casts = x.casts_at_attention if x.released_at_scores else x.recomputed_casts
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp
                        - max(x.after_attention, x.released_at_scores),
                        x.attention_gradients,
-                       x.pending_at_attention, casts))
+                       x.pending_at_attention, casts, at_attention))
     if x.recomputed_forward:  # its recomputation's forward, at its largest (Rule.forward_transient)
         points.append((x.layer_activations + x.first_layer_context, x.recomputed_forward + x.layer_input_gradient,
-                       x.pending_at_recompute, x.recomputed_casts))
+                       x.pending_at_recompute, x.recomputed_casts, x.experts_backward))
     if x.mid_norm:
         # the norm between its MLP and its attention (Rule.mid_norm_transient): the MLP's activations released, its
         # gradients made, none of the attention's and norms'
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.mid_norm, x.pending_at_mid_norm,
-                       x.casts_at_mid_norm))
+                       x.casts_at_mid_norm, at_mid))
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
-                       x.recomputed_casts))
+                       x.recomputed_casts, x.experts_backward))
 
     def unmade(pending: int) -> int:
         """What a moment lacks for the first layer's gradients not made yet: those gradients, or in a later
@@ -1137,14 +1199,17 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             return pending
         return pending * x.cast_bytes // max(1, x.grad_bytes) if x.held_cast_gradients else 0
 
-    layer_acts, layer_grads, pending, casts = max(points, key=lambda point: point[0] + point[1] - unmade(point[2])
-                                                  + point[3])
-    late_extra = layer_acts + layer_grads + casts + x.head_gradient_late - x.missing_gradients - unmade(pending)
+    layer_acts, layer_grads, pending, casts, sharding = max(
+        points, key=lambda point: point[0] + point[1] - unmade(point[2]) + point[3] + point[4])
+    late_extra = (layer_acts + layer_grads + casts + sharding + x.fsdp_late + x.head_gradient_late
+                  - x.missing_gradients - unmade(pending))
     if x.layer_activations and late_extra > 0:
         late = {**{name: n for name, n in end.items() if name != EXTRA_LATER_EMBEDDING_GRADIENT},
                 EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
-                EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
+                EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient,
+                EXTRA_EXPERTS_GATHERED: min(sharding, x.experts_backward),
+                EXTRA_FSDP_BACKWARD_START: x.fsdp_late + sharding - min(sharding, x.experts_backward)}
         if x.held_cast_gradients:  # (but those of the first layer's weights whose backward has not run)
             late[EXTRA_HELD_CAST_GRADIENTS] = max(0, x.held_cast_gradients - unmade(pending))
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients
@@ -1158,6 +1223,24 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         candidates.append((MOMENT_SHARDED_LAYER, {**kept, EXTRA_LAYER_ACTIVATIONS: x.layer_activations,
                                                   EXTRA_SHARDED_LAYER: x.sharded_layer,
                                                   EXTRA_HEAD_GRADIENT: x.head_gradient_late}))
+    if x.fsdp_root_reduce:
+        # FSDP2's last reduce-scatter, the root's (embeddings, final norm, head), at the end of backward: its parameters
+        # resharded, its unsharded gradients and their copy in the reduce dtype beside every layer's sharded gradients
+        # (measured: Llama-3-8B on the fake process group peaks there with bf16 recipes)
+        root = {**_alive(terms, lambda t: Phase.backward in t.phases and t.name not in freed
+                         and t.name != TERM_FSDP_UNSHARDED),
+                EXTRA_FSDP_BACKWARD_START: x.fsdp_root_reduce}
+        root[TERM_GRADIENTS] = max(0, root.get(TERM_GRADIENTS, 0) - x.fsdp_root_shards)
+        candidates.append((MOMENT_ROOT_REDUCE, root))
+    if x.experts_reduce:
+        # --ep under FSDP2: the last layer's experts reduce-scatter their gradients once its MoE block's backward is done
+        # (what that block saved released; its attention's and every earlier layer's still there)
+        kept = _alive(terms, lambda t: Phase.forward in t.phases and Phase.backward in t.phases
+                      and t.category != CATEGORY_ACTIVATIONS and t.name != TERM_AUTOCAST_COPIES)
+        acts = start_terms.get(TERM_ACTIVATIONS, 0)
+        kept[TERM_ACTIVATIONS] = max(0, acts - x.after_layers - x.last_layer_mlp)
+        kept[EXTRA_EXPERTS_REDUCE] = x.experts_reduce
+        candidates.append((MOMENT_EXPERTS_REDUCE, kept))
     if TERM_OPTIMIZER_TEMPORARIES in stepped:
         # The sums of a shared embedding's contributions come before its step's temporaries.
         for moment, parts in candidates:
@@ -1169,6 +1252,14 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                    key=lambda total: total.bytes)  # the first of equal moments
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
     forward_total = _total(MOMENT_FORWARD, Phase.forward, forward, names)
+    if x.experts_forward:
+        # --ep under FSDP2: the last layer's experts gathered while its block runs (the loss not begun)
+        moe = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        if TERM_ACTIVATIONS in moe:
+            moe[TERM_ACTIVATIONS] -= min(x.after_layers, moe[TERM_ACTIVATIONS])
+        moe[EXTRA_EXPERTS_GATHERED] = x.experts_forward
+        forward_total = max(forward_total, _total(MOMENT_EXPERTS_FORWARD, Phase.forward, moe, names),
+                            key=lambda total: total.bytes)
     if x.checkpointed_layer_forward:
         # A checkpointed layer's own forward: its tensors exist while it runs though none is kept (the loss's
         # buffers not yet), beside every earlier layer's kept input.
@@ -1303,5 +1394,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
         pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
         pp_virtual=spec.pp_virtual or 1,
-        cp=spec.cp,
+        cp=spec.cp, ep=spec.ep, ep_load=spec.ep_load,
     )

@@ -18,8 +18,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from memcalc import expert_parallel
 from memcalc.deepspeed_defaults import DEEPSPEED_VERSION_READ, overlap_comm
-from memcalc.model import ParamTensor
+from memcalc.model import ROLE_EMBEDDING, ROLE_EXPERT, ParamTensor
 from memcalc.precision import BYTES_PER_DTYPE, Dtype
 from memcalc.spec import Offload, Sharding, TrainingSpec
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_GIB
@@ -76,6 +77,26 @@ class RankHoldings:
     # (reshard_after_forward), the layer's unsharded gradients and their reduce-scatter copy in the reduce
     # dtype, and its sharded gradient (measured on gloo ranks and the fake process group).
     mid_backward_extra_bytes: int = 0
+    # FSDP2, at the last layer's backward: the layer before it prefetched (reshard_after_forward) and the root unit's
+    # unsharded gradients made by then (the head's and the final norm's; reduce-scattered at the end of backward)
+    last_layer_extra_bytes: int = 0
+    # --ep: a layer's experts unsharded while they run (and their all-gather output, efsdp > 1), and the excess of
+    # the last experts' all-gather output over a layer's, kept from the forward's end into the backward's start
+    experts_gathered_bytes: int = 0
+    experts_kept_bytes: int = 0
+    # --ep: at a layer's experts' reduce-scatter: its buffers, the layer before prefetched and the root's gradients
+    experts_reduce_bytes: int = 0
+    # FSDP2, late in backward (the first layer's turn): the sharded gradients not made yet (the first layer's units',
+    # reduce-scattered after its backward, and the root's, at the end of backward); beside them the root's unsharded
+    # gradients and, with reshard_after_forward, the next layer's all-gather output (prefetched) and the last
+    # reduce-scatter's input, which FSDP2 keeps until the next reduce-scatter (measured at Llama-3-8B's second layer on
+    # the fake process group, in the reduce dtype)
+    late_unmade_grad_numel: int = 0
+    late_extra_bytes: int = 0
+    # FSDP2 at the root's reduce-scatter, the end of backward: its unsharded gradients and their copy in the reduce
+    # dtype beside every layer's sharded gradients (its own shards not made yet)
+    root_reduce_bytes: int = 0
+    root_shard_grad_numel: int = 0
 
 
 def zero12_partition_numel(num_elements: int, num_gpus: int) -> int:
@@ -362,19 +383,27 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     num_gpus = spec.num_gpus
     reshard = spec.zero_stage == 3
     trainable = [t for t in tensors if t.trainable]
-    shard_all = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in tensors)
-    shard_trainable = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in trainable)
-    units = _units(tensors)
+
+    def ranks(t: ParamTensor) -> int:  # (--ep: the experts over the ranks holding the same ones)
+        return expert_parallel.sharding_ranks(t, num_gpus, spec.ep)
+
+    shard_all = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in tensors)
+    shard_trainable = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable)
+    experts = [t for t in tensors if t.role == ROLE_EXPERT] if spec.ep > 1 else []
+    units = _units([t for t in tensors if not experts or t.role != ROLE_EXPERT])
     layer_units = {k: v for k, v in units.items() if k.startswith("layer ")}
     root_numel = sum(v for k, v in units.items() if not k.startswith("layer "))
     largest_layer = max(layer_units.values(), default=0)
+    # --ep: each experts module is an FSDP2 unit of its own (transformers' apply_fully_sharded_data_parallelism)
+    largest_experts = max(_units(experts).values(), default=0)
     # With a MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32) the sharded parameters are the
     # fp32 master: FSDP2 keeps them fp32, all-gathers 16-bit copies per unit, reduce-scatters fp32 grads.
     mixed = has_master
     bytes_per_gathered = bytes_per_weight
     buffers: list[Term] = []
     if reshard:
-        unsharded = root_numel + largest_layer  # the root is not resharded after forward (FSDP2 heuristic)
+        # the root is not resharded after forward (FSDP2 heuristic)
+        unsharded = root_numel + largest_layer
         what = f"root (embeddings, final norm, head) {_n(root_numel)} + one layer {_n(largest_layer)}"
     else:
         unsharded = sum(units.values())
@@ -395,17 +424,52 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
             source="torch FSDP2: foreach all-gather output, freed after the copy-out into the unsharded parameters",
             category=CATEGORY_TEMPORARIES, phases=FORWARD_ONLY,
         ))
+    # --ep: the experts unsharded while they run; where several ranks hold the same ones (efsdp > 1) their all-gather
+    # output too, kept after the copy-out until the next unit's all-gather (FSDPParamGroup.wait_for_unshard keeps it
+    # in AllGatherState): from the last layer's experts, through the loss, to the last layer's backward (measured)
+    # (the all-gather output is every rank's padded shard: with fewer experts per rank than ranks sharding them,
+    # efsdp padded rows of one expert each)
+    efsdp_ranks = num_gpus // spec.ep if experts else 1
+    padded = {}
+    for t in experts:
+        padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp_ranks) * efsdp_ranks
+    kept_after_copy = max(padded.values(), default=0) if efsdp_ranks > 1 else 0
+    experts_gathered = (largest_experts + kept_after_copy) * bytes_per_gathered
+    experts_kept = max(0, kept_after_copy - largest_layer) * bytes_per_gathered
+    largest_unit = max(largest_layer, largest_experts)
     bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight
     buffers.append(Term(
-        name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_layer * bytes_per_reduced,
-        formula=f"unsharded gradients of the largest unit {_n(largest_layer)} x {bytes_per_reduced} B (reduce dtype)",
+        name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_unit * bytes_per_reduced,
+        formula=f"unsharded gradients of the largest unit {_n(largest_unit)} x {bytes_per_reduced} B (reduce dtype)",
         source="torch FSDP2: a unit's unsharded gradients, cast to reduce_dtype, are the reduce-scatter input",
         category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
     ))
     prefetch = largest_layer * bytes_per_gathered if reshard else 0
     bytes_per_shard = BYTES_PER_FP32 if mixed else bytes_per_weight
-    mid_backward = (prefetch + largest_layer * bytes_per_reduced + largest_layer * bytes_per_gathered
-                    + math.ceil(largest_layer / num_gpus) * bytes_per_shard)
+    mid_backward = (prefetch + largest_unit * bytes_per_reduced + largest_unit * bytes_per_gathered
+                    + math.ceil(largest_unit / num_gpus) * bytes_per_shard)
+    root_made = sum(t.numel for t in trainable if t.layer is None and t.role != ROLE_EMBEDDING)
+    last_layer = prefetch + root_made * bytes_per_gathered + largest_experts * bytes_per_gathered
+    root_trainable = [t for t in trainable if t.layer is None]
+    root_reduce = sum(t.numel for t in root_trainable) * (bytes_per_gathered + bytes_per_reduced)
+    # Late in backward: the first layer's turn, or with reshard_after_forward and three or more layers the second's,
+    # when the first is prefetched and the second's sharded gradients are not made yet either (measured: Llama-3-8B's
+    # peak at its second layer); the larger of the two is counted.
+    layers = sorted({t.layer for t in trainable if t.layer is not None})
+    late_layers = set(layers[:2] if reshard and len(layers) > 2 else layers[:1])
+    late_unmade = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable
+                      if t.layer is None or t.layer in late_layers)
+    late_prefetch = prefetch if len(late_layers) == 2 else 0
+    mid_backward += largest_experts * bytes_per_gathered
+    # --ep: a layer's experts reduce their gradients over the efsdp ranks as their own unit, in the middle of the layer's
+    # backward: the reduce-scatter input, its output and the output divided by the data-parallel size, in the reduce
+    # dtype (transformers sets a divide factor, which FSDP2 applies apart from the collective; measured on gloo ranks)
+    efsdp = max(1, num_gpus // spec.ep)
+    experts_reduce = 0
+    if largest_experts:
+        shard_rows = math.ceil(largest_experts / efsdp)
+        experts_reduce = (prefetch + root_made * bytes_per_gathered
+                          + (largest_experts + 2 * shard_rows) * bytes_per_reduced)
     notes = [f"FSDP2 {'reshards after forward (ZeRO-3-like)' if reshard else 'keeps parameters unsharded until backward (ZeRO-2-like)'}"]
     if mixed:
         notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
@@ -413,8 +477,14 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
                      "(they are the master copy), gradients are reduced in fp32")
     return RankHoldings(
         weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
-        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
+        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, ranks(t)),) for t in trainable),
         effective_stage=spec.zero_stage, bytes_per_grad_override=BYTES_PER_FP32 if mixed else None,
         bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
+        last_layer_extra_bytes=last_layer, experts_gathered_bytes=experts_gathered, experts_kept_bytes=experts_kept,
+        experts_reduce_bytes=experts_reduce, late_unmade_grad_numel=late_unmade,
+        root_reduce_bytes=root_reduce,
+        root_shard_grad_numel=sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in root_trainable),
+        late_extra_bytes=(late_prefetch + root_made * bytes_per_gathered
+                          + (largest_layer * bytes_per_reduced if reshard else 0)),
     )

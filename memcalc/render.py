@@ -97,11 +97,14 @@ def _describe_run(report: Report) -> list[str]:
 
 def _layout(t) -> str:
     """The tensor/pipeline layout of the run line: data-parallel groups x pipeline stages x tensor-parallel ranks."""
-    if t.tp == 1 and t.pp == 1 and t.cp == 1:
+    if t.tp == 1 and t.pp == 1 and t.cp == 1 and t.ep == 1:
         return ""
     data_parallel = t.num_gpus // (t.tp * t.pp)
     parts = [f"{data_parallel} data-parallel" + (f" ({data_parallel // t.cp} x {t.cp} context-parallel, each "
                                                  f"{t.seq_len // t.cp:,} positions of a sequence)" if t.cp > 1 else "")]
+    if t.ep > 1:
+        parts[0] += (f", {t.ep} of them splitting the experts"
+                     + (f" (the most loaded receiving {t.ep_load:g} x the average tokens)" if t.ep_load != 1 else ""))
     if t.pp > 1:
         stages = f" ranks of {t.pp_virtual} stages each" if t.pp_virtual > 1 else " stages"
         parts.append(f"{t.pp} pipeline{stages} ({t.pp_schedule}, {t.microbatches} micro-batches)")

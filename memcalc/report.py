@@ -93,6 +93,8 @@ class TrainingSummary:
     pp_stage: int | None = None  # (interleaved-1f1b: the rank shown)
     pp_virtual: int = 1  # stages per pipeline rank (interleaved-1f1b)
     cp: int = 1  # context-parallel ranks sharing each sequence (the figures are the most loaded rank's)
+    ep: int = 1  # expert-parallel ranks splitting each MoE layer's experts (the figures are the most loaded rank's)
+    ep_load: float = 1.0  # ep: the most loaded rank's received (token, expert) pairs per layer over the average
 
 
 @dataclass(eq=False, repr=False)

@@ -95,6 +95,8 @@ class Request:
     pp_virtual: int | None = None
     pp_layers: str | Sequence[int] | None = None
     cp: int = 1
+    ep: int = 1
+    ep_load: float = 1.0
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -306,7 +308,8 @@ def _plan(request: Request) -> Plan:
         "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,
         "pp": request.pp, "pp_schedule": request.pp_schedule, "microbatches": request.microbatches,
         "pp_virtual": request.pp_virtual,
-        "pp_layers": _layer_counts(request.pp_layers), "cp": request.cp,
+        "pp_layers": _layer_counts(request.pp_layers), "cp": request.cp, "ep": request.ep,
+        "ep_load": request.ep_load,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)
@@ -363,8 +366,8 @@ def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec
                          "not {params}")
     from memcalc.measure.reserved import is_ddp
 
-    split = next((name for spec in specs for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp))
-                  if size > 1), None)
+    split = next((name for spec in specs for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp),
+                                                            ("ep", spec.ep)) if size > 1), None)
     if split is not None:
         raise UsageError(f"{{reserved}} with {{{split}}}: the replayed step is one process's whole model, not a "
                          f"{split}-split rank's; drop {{reserved}} (the fit then assumes a reserve fraction)")

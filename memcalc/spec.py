@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -242,6 +243,10 @@ class TrainingSpec:
     # Context parallelism (memcalc.context_parallel): the sequence split over cp ranks, attention as torch's ring; the
     # cp ranks are inside the data-parallel ones (torchtitan's FSDP mesh spans them).
     cp: int = 1
+    # Expert parallelism (memcalc.expert_parallel): a MoE model's experts split over ep data-parallel ranks, tokens
+    # exchanged with all-to-alls (transformers' AllToAllEP), the experts FSDP-sharded over data_parallel / ep ranks.
+    ep: int = 1
+    ep_load: float = 1.0  # the most loaded expert-parallel rank's received (token, expert) pairs over the average
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -327,6 +332,7 @@ class TrainingSpec:
         self._check_tensor_parallel()
         self._check_pipeline()
         self._check_context_parallel()
+        self._check_expert_parallel()
         if self.offload != Offload.none:
             if self.sharding != Sharding.deepspeed:
                 raise UsageError("{offload} models DeepSpeed ZeRO-Offload: use it with {sharding} deepspeed")
@@ -481,6 +487,30 @@ class TrainingSpec:
             raise UsageError("DeepSpeed ZeRO with PyTorch context parallelism is not modelled: use {sharding} fsdp "
                              "(FSDP2 over the data- and context-parallel ranks, as torchtitan) or {sharding} torch")
         self._only_modelled_with("cp", "context parallelism")
+
+    def _check_expert_parallel(self) -> None:
+        _check_range("{ep}", self.ep, 1, MAX_GPUS)
+        load = self.ep_load
+        if isinstance(load, bool) or not isinstance(load, (int, float)) or not math.isfinite(load):
+            raise UsageError(f"{{ep_load}} must be a finite number, got {load!r}")
+        if self.ep == 1:
+            if load != 1:
+                raise UsageError("{ep_load} sets how unevenly the experts' ranks receive tokens: add {ep} N (N > 1)")
+            return
+        if not 0 < load <= self.ep:
+            raise UsageError(f"{{ep_load}} must be above 0 and at most {self.ep} (every pair sent to one of the "
+                             f"{self.ep} ranks; 1 is balanced routing), got {load:g}")
+        if self.data_parallel % self.ep:
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}} x {{ep}} = "
+                             f"{self.tp * self.pp * self.ep}: the expert-parallel ranks are data-parallel ranks that "
+                             "split the experts (give {gpus} a multiple)")
+        if self.sharding != Sharding.fsdp or self.zero_stage != 3:
+            raise UsageError("{ep} is modelled under FSDP2, as transformers and torchtitan run it (the experts "
+                             "sharded over the ranks that hold the same ones): add {fsdp}")
+        for setting, size in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp)):
+            if size > 1:
+                raise UsageError(f"{{ep}} with {{{setting}}} is not modelled yet: drop one of them")
+        self._only_modelled_with("ep", "expert parallelism")
 
     @property
     def local_seq_len(self) -> int:

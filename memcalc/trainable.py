@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from memcalc import context_parallel, pipeline, tensor_parallel
+from memcalc import context_parallel, expert_parallel, pipeline, tensor_parallel
 from memcalc.errors import UsageError
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -210,7 +210,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     tensor_parallel.check(model.described, spec.tp)
     pipeline.check(model.described, spec.pp_stages, spec.pp_layers, pipeline.stages_named(spec))
     context_parallel.check(model.described, spec)
-    tensors = tensor_parallel.shard(model.tensors, spec.tp)
+    expert_parallel.check(model.described, spec.ep)
+    tensors = expert_parallel.shard(tensor_parallel.shard(model.tensors, spec.tp), spec.ep)
     if spec.pp > 1:
         tensors = pipeline.stage_tensors(tensors, spec, model.described.arch.num_layers)
     notes: list[str] = []

@@ -90,6 +90,10 @@ EXTRA_RECOMPUTED_CASTS = "recomputed layer's autocast casts"
 EXTRA_LAYER_ACTIVATIONS = "one layer's activations"
 EXTRA_LAYER_GRADIENTS = "one layer's gradient transients"
 EXTRA_SHARDED_LAYER = "sharded layer's gathered parameters and gradients"
+EXTRA_FSDP_BACKWARD_START = "FSDP2 buffers held, gradients awaiting reduce-scatter"
+EXTRA_EXPERTS_GATHERED = "a layer's experts gathered"
+EXTRA_EXPERTS_ALL_GATHER = "the experts' all-gather output"
+EXTRA_EXPERTS_REDUCE = "the experts' reduce-scatter"
 EXTRA_HEAD_BACKWARD = "output head's backward"
 EXTRA_HEAD_GRADIENT = "output head's weight gradient"
 EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
@@ -150,6 +154,22 @@ EXTRA_MEANING = {
                            "freed as it proceeds",
     EXTRA_SHARDED_LAYER: "FSDP2, during a layer's backward: the next layer prefetched, the layer's unsharded "
                          "gradients and their reduce-scatter copy, and its sharded gradient",
+    EXTRA_FSDP_BACKWARD_START: "FSDP2 (reshard_after_forward): at the last layer's backward the layer before it "
+                               "prefetched, late in backward the next layer's all-gather output (prefetched), the last "
+                               "reduce-scatter's input (kept until the next reduce-scatter) and the layer's unsharded "
+                               "gradients made so far; and the root "
+                               "unit's unsharded gradients (the head's, the final norm's), which wait for the root's "
+                               "reduce-scatter at the end of backward",
+    EXTRA_EXPERTS_GATHERED: "--ep under FSDP2: a MoE layer's experts unsharded while they run (their own FSDP2 unit), "
+                            "with their all-gather output where several ranks hold the same experts, and in the "
+                            "forward the block's transients",
+    EXTRA_EXPERTS_ALL_GATHER: "--ep under FSDP2, from the last layer's experts to the last layer's backward: their "
+                              "all-gather output, kept until the next all-gather (FSDPParamGroup.wait_for_unshard), "
+                              "beyond a layer's",
+    EXTRA_EXPERTS_REDUCE: "--ep under FSDP2, at the last layer's experts' reduce-scatter (their own unit, mid-layer): "
+                          "its input, output and divided output in the reduce dtype (and the sharded gradient with fp32 "
+                          "shards), the layer before prefetched, the root's unsharded gradients, the layer's output "
+                          "gradient and its MoE block's input gradient",
     EXTRA_HEAD_BACKWARD: "while the vocabulary head's backward runs: the logits' gradient beside its V x h weight "
                          "gradient as mm makes it (torch FunctionsManual.cpp mm_mat2_backward), then, under autocast, "
                          "that gradient beside its cast to the weight dtype (ToCopyBackward0); with a chunked loss, "
@@ -170,6 +190,9 @@ EXTRA_MEANING = {
 MOMENT_FORWARD = "during the loss"
 MOMENT_CHECKPOINTED_FORWARD = "a checkpointed layer's forward"
 MOMENT_RING_FORWARD = "the last layer's ring attention"
+MOMENT_EXPERTS_FORWARD = "the last layer's experts"
+MOMENT_EXPERTS_REDUCE = "the last layer's experts' reduce-scatter"
+MOMENT_ROOT_REDUCE = "the root's reduce-scatter"
 MOMENT_RING_RECOMPUTE = "the last layer's ring attention, recomputed"
 MOMENT_BACKWARD_START = "start of backward"
 MOMENT_BACKWARD_END = "end of backward"

@@ -98,6 +98,9 @@ def compare_with_llm_analysis(report: Report, arch) -> list[ComparisonRow]:
     if t.cp > 1:
         raise UsageError("{compare_with} llm-analysis with {cp}: llm-analysis has no context parallelism to compare "
                          "with; drop one of them")
+    if t.ep > 1:
+        raise UsageError("{compare_with} llm-analysis with {ep}: the comparison does not cover expert parallelism yet; "
+                         "drop one of them")
     if t.precision == "fp32":
         raise UsageError("{compare_with} llm-analysis models 16-bit training (its dtype configs have no 32-bit "
                          "weights or activations): use a 16-bit {precision}")

@@ -77,6 +77,9 @@ def compare_with_megatron(report: Report, arch) -> list[ComparisonRow]:
     if t.cp > 1:
         raise UsageError("{compare_with} megatron with {cp}: Megatron's theoretical_memory_usage.py has no context-"
                          "parallel term to compare with; drop one of them")
+    if t.ep > 1:
+        raise UsageError("{compare_with} megatron with {ep}: memcalc's expert-parallel rank (transformers' all-to-all "
+                         "plan under FSDP2) is not put beside Megatron's expert-parallel formula yet; drop one of them")
     selective = t.checkpointing != "none"
     states, activations = theoretical_memory(
         arch, tp=t.tp, pp=t.pp, dp=t.num_gpus // (t.tp * t.pp), micro_batch=t.micro_batch_size, seq=t.seq_len,

@@ -9,6 +9,7 @@ Activations: the attention part is Llama's (memcalc.families.llama); the MoE blo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -149,7 +150,7 @@ def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate:
     grouped_mm has no autocast rule: under amp-* the experts run in the fp32 of the norm output and the weights
     (e = 4), else e = c. (experts_implementation="eager", the per-expert loop, saves the same per pair but int64
     token indices instead of the permutations.) The split of S over the experts depends on the routing; the total
-    S = T k is exact, so the bytes are.
+    S = T k is exact, so the bytes are. With expert parallelism, ``expert_parallel_experts``.
     """
     tokens = run.tokens
     pairs = tokens * top_k
@@ -157,9 +158,38 @@ def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate:
     router_bytes = BYTES_PER_FP32 * tokens * num_experts + BYTES_PER_INT64 * pairs
     if renormalise:
         router_bytes += BYTES_PER_FP32 * pairs + BYTES_PER_FP32 * tokens
+    if run.ep > 1:
+        return router_bytes, expert_parallel_experts(run, h, num_experts, top_k, intermediate)
     experts = (3 * BYTES_PER_INT64 * pairs + 4 * num_experts + e * pairs * (2 * h + 4 * intermediate)
                + weights_bytes * pairs)
     return router_bytes, experts
+
+
+def received_pairs(run: Run, top_k: int) -> int:
+    """(token, expert) pairs one expert-parallel rank's experts run per MoE layer: the T x top-k its ranks send on
+    average, times --ep-load for the most loaded rank (the routing decides; balanced at 1)."""
+    return math.ceil(run.tokens * top_k * run.ep_load)
+
+
+def expert_parallel_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate: int) -> int:
+    """The experts' saved bytes on an expert-parallel rank (transformers distributed/expert_parallel.py AllToAllEP).
+
+    Sending (``_dispatch_tokens``): the rank's S = T k pairs sorted by expert (argsort, int64 S) and gathered by
+    ``order // k`` (int64 S, saved by the gather); the rows go to the experts' ranks by all_to_all_single. The
+    experts (grouped_mm_experts_forward on this rank's E / ep experts) run the R pairs the rank received, top-1 with
+    unit weights: ``perm // 1`` (int64 R), the gathered rows (e R h), the sentinel mask of ``_is_expert_parallel``
+    (bool R, saved by its masked_fills), the masked gate_up output (2 e R I), silu's output and the product (e R I
+    each), the gathered unit weights (e R, saved by the product with the down output, which is not saved: the
+    weights need no gradient), the restoring permutation (int64 R) and the offsets (int32, E / ep). Combining
+    (``_combine_tokens``): the outputs back by all_to_all_single, put in the sender's order and multiplied by the
+    routing weights, which saves the (S, h) rows (e). R is ``received_pairs``.
+    """
+    pairs = run.tokens * top_k
+    e = BYTES_PER_FP32 if run.autocast else run.c
+    received = received_pairs(run, top_k)
+    sending = 2 * BYTES_PER_INT64 * pairs + e * pairs * h
+    running = received * (2 * BYTES_PER_INT64 + 1 + e * (h + 4 * intermediate) + e) + 4 * (num_experts // run.ep)
+    return sending + running
 
 
 def aux_loss_layer_bytes(output_router_logits: bool, run: Run, num_experts: int) -> int:
@@ -205,21 +235,48 @@ def activations(a: MoeArch, run: Run) -> Rule:
     rule = llama_rule(a, run, _mlp, aux_loss_model_bytes(a.output_router_logits, a.num_experts),
                       f"{SOURCE}; {SOURCE_MOE}", (NOTE_MOE,))
     # The experts' backward at the product's (act(gate) * up): its gradient from the down projection's backward and both
-    # factors' at once, 3 e S I over the S = T x top-k routed rows, with the product and the down projection's output
-    # released by then (e S (I + h)); beside the shared expert's (both factors', c T I each) and the layer's output
-    # gradient (measured: Mixtral's checkpointed CPU steps peak there, the experts' down_proj gradient made).
+    # factors' at once, 3 e S I over the S = T x top-k routed rows (R received ones with --ep), with the product and
+    # the down projection's output released by then (e S (I + h)); beside the shared expert's (both factors', c T I
+    # each) and the layer's output gradient (measured: Mixtral's checkpointed CPU steps peak there, the experts'
+    # down_proj gradient made).
     e = BYTES_PER_FP32 if run.autocast else run.c  # (grouped_mm runs in fp32 under autocast: routed_experts)
     pairs = run.tokens * a.experts_per_token
-    routed = (e * pairs * (2 * a.expert_intermediate_size - a.hidden_size)
+    rows = received_pairs(run, a.experts_per_token) if run.ep > 1 else pairs
+    routed = (e * rows * (2 * a.expert_intermediate_size - a.hidden_size)
               + 2 * run.c * run.tokens * a.shared_expert_intermediate_size)
     rule.transient = max(rule.transient, routed + output_gradient(run, a.hidden_size))
     if any(a.sparse(i) for i in range(a.num_layers)):
+        # The expert outputs times their routing weights are in the promoted dtype r: fp32 for Mixtral (fp32 weights)
+        # whatever e, else e (Qwen's weights are in the router logits' dtype).
+        r = max(e, BYTES_PER_FP32 if a.model_type == "mixtral" else run.c)
+        sh = pairs * a.hidden_size
+        cast = e * sh if r != e else 0  # the gradient cast back to the expert outputs' dtype
+        if run.ep > 1:
+            # AllToAllEP._combine_tokens multiplies the (T, k, h) rows it got back by the routing weights and sums over
+            # k; ep_forward casts the sum to the input's dtype. Its backward opens with the product's two gradients
+            # (r S h each), the cast's (r T h) and the rows' cast (measured on gloo ranks at the last layer's backward);
+            # counted beside them, the forward's last all-to-all's input and output (e (R + S) h), which its work held
+            # into the backward in 1 of 5 gloo runs (the collective releases them when it completes, on its own thread)
+            rule.opening_transient = (2 * r * sh + r * run.tokens * a.hidden_size + cast
+                                      + e * (rows * a.hidden_size + sh) + output_gradient(run, a.hidden_size))
+            # Its forward at its largest (measured on gloo ranks, beside everything the block saved and the residual
+            # stream), the larger of: the experts putting their R rows back in order (grouped_mm_experts_forward's
+            # restore: the rows received, the masked down output, its product with the unit weights and the restored
+            # rows, e R h each; the sort's values and indices and the received expert ids, int64 R each, the weights
+            # e R), or the sum over k (AllToAllEP.__call__'s locals: the product r S h and the sum r T h, the outputs
+            # received back e S h, the rows received and the experts' output e R h each, the received expert ids and
+            # weights (8 + e) R, the router's logits c T E)
+            th, rh = run.tokens * a.hidden_size, rows * a.hidden_size
+            restoring = 4 * e * rh + (3 * BYTES_PER_INT64 + e) * rows
+            summing = ((e + r) * sh + r * th + 2 * e * rh + (BYTES_PER_INT64 + e) * rows
+                       + run.c * run.tokens * a.num_experts)
+            rule.forward_transient = max(restoring, summing)
+            return rule
         # Its backward begins with the restore's (grouped_mm_experts_forward: weighted_out[inv_perm], then view and sum
-        # over top-k): the sum's gradient expanded to (T, k, h) and copied, the zero (S, h) buffer of the index's
-        # backward and its index_put output, in the experts' e, before any of the block's gradients (measured: a
-        # recomputed Qwen3-MoE layer under autocast, tests/test_context_parallel.py, peaks there).
-        rule.opening_transient = 3 * e * run.tokens * a.experts_per_token * a.hidden_size + output_gradient(
-            run, a.hidden_size)
+        # over top-k): the zero (S, h) buffer of the index's backward and its index_put output, the product's two
+        # gradients, in r, and the cast of the outputs' one to e, before any of the block's gradients (measured: a
+        # recomputed Qwen3-MoE layer under autocast, tests/test_context_parallel.py, and Mixtral under FSDP2 peak there).
+        rule.opening_transient = 3 * r * sh + cast + output_gradient(run, a.hidden_size)
         if a.shared_expert_intermediate_size:
             # Qwen2Moe's shared expert is applied last (sigmoid(shared_expert_gate(x)) * shared_expert(x)), so its
             # product's and its gate's backward come first: the gate's input gradient (r T h) and the shared output's
@@ -229,10 +286,10 @@ def activations(a: MoeArch, run: Run) -> Rule:
             rule.opening_transient += (run.residual * th - run.c * run.tokens
                                        - (run.c * th if run.autocast else 0))
         # The block's forward ends by putting the weighted expert outputs back in token order (grouped_mm_experts_
-        # forward): the weighted (S, h) rows and the buffer they are put into (S = T x top-k, in the experts' e)
-        # beside everything the block saved (measured: a recomputed Qwen3-MoE layer under autocast peaks there, 2% to
-        # 4% above the rules' moments at 1,024 to 2,048 tokens).
-        rule.forward_transient = 2 * e * run.tokens * a.experts_per_token * a.hidden_size
+        # forward): the weighted (S, h) rows and the buffer they are put into (S = T x top-k, in r) beside everything
+        # the block saved (measured: a recomputed Qwen3-MoE layer under autocast peaks there, 2% to 4% above the rules'
+        # moments at 1,024 to 2,048 tokens).
+        rule.forward_transient = 2 * r * sh
     return rule
 
 

@@ -56,6 +56,8 @@ class Run:
     sp: bool = False  # --sp: the norms' regions split along the sequence across the tp ranks
     loss_parallel: bool = False  # --loss-parallel: the head's logits stay split over the vocabulary into the loss
     cp: int = 1  # --cp: context-parallel ranks sharing each sequence (s is this rank's share; attention is the ring)
+    ep: int = 1  # --ep: expert-parallel ranks splitting each MoE layer's experts (tokens exchanged all-to-all)
+    ep_load: float = 1.0  # --ep-load: the rank's routed pairs received per MoE layer over the average (T x top-k)
 
     @property
     def sequence_tokens(self) -> int:

@@ -299,6 +299,11 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
     if spec.pp > 1:
         return _verify_stages(model_config, spec, method, progress)
+    if spec.ep > 1:
+        if method == METHOD_TRACE:
+            raise UsageError("{verify}=trace with {ep}: how many tokens each rank receives is the router's choice, "
+                             "which fake tensors cannot make; use {verify}=cpu-tracker (gloo ranks)")
+        method = METHOD_CPU_TRACKER
     layout: dict[str, bool] = {}
     if spec.cp > 1 and spec.num_gpus != spec.cp * spec.tp:
         raise UsageError(f"{{verify}} runs one context-parallel group of {spec.cp} ranks (of {spec.tp} tensor-parallel "
@@ -340,9 +345,24 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
         ranks = measure_distributed(model_config, checked, engine=engine, world_size=spec.num_gpus, method="fake",
                                     reshard_after_forward=reshard, progress=progress, fake_ranks=wanted, **layout)
     busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
+    if spec.ep > 1:
+        notes.append(_routing_note(ranks, model_config, spec))
     busiest.notes.extend(notes)
     busiest.notes.append(f"measured {len(ranks)} rank(s); shown: the most loaded")
     return Outcome(report, busiest, compare(report, busiest), [])
+
+
+def _routing_note(ranks: list[Measurement], model_config: ModelConfig, spec: TrainingSpec) -> str:
+    """--ep: the routing the measured step ran (pairs each rank received per MoE layer) and the --ep-load it implies
+    (the four model types with an expert-parallel plan name their top-k num_experts_per_tok)."""
+    received = [m.run.get("distributed", {}).get("ep_received_pairs", []) for m in ranks]
+    average = spec.micro_batch_size * spec.local_seq_len * int(model_config.raw.get("num_experts_per_tok") or 0)
+    most = max((max(r, default=0) for r in received), default=0)
+    implied = f"--ep-load {most / average:.3g}" if average else "an --ep-load"
+    shown = "; ".join(f"rank {i}: {', '.join(f'{n:,}' for n in r)}" for i, r in enumerate(received))
+    return (f"routing measured (pairs each rank received per MoE layer, forward then any recomputation): {shown}; "
+            f"the most loaded layer of the most loaded rank took {most:,} of the {average:,} average, so {implied} "
+            "describes this run (the estimate shown uses the --ep-load given)")
 
 
 def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,

@@ -101,6 +101,7 @@ class _Job:
     pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b | interleaved-1f1b (stage s on rank s mod world_size)
     microbatches: int = 1  # pp: micro-batches per step
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
+    ep: int = 1  # fsdp2: the experts split over ep consecutive ranks (memcalc.measure.expert_parallel)
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -143,6 +144,11 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
                              f"ddp, zero1 or fsdp2 (torchtitan's FSDP mesh spans them): give {{gpus}} "
                              f"{spec.cp * job.tp}")
         job = dataclasses.replace(job, cp=spec.cp)
+    if spec.ep > 1:
+        if engine != "fsdp2" or job.tp > 1 or job.cp > 1 or world_size % spec.ep:
+            raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 alone, over a world "
+                             f"size it divides, not {engine} on {world_size} ranks")
+        job = dataclasses.replace(job, ep=spec.ep)
     if sequence_parallel or loss_parallel:
         if engine != "tp" and job.tp == 1:
             raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
@@ -192,7 +198,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
     from memcalc.measure.step import resolve_setup
 
-    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1,
+    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1, ep=1, ep_load=1.0,
                           seq_len=spec.local_seq_len,  # (--cp: this rank's share of the sequence)
                           sequence_parallel=False, loss_parallel=False, pp=1, pp_layers=None, microbatches=None,
                           pp_schedule="1f1b", pp_virtual=None)
@@ -367,7 +373,7 @@ def _mesh_join(mesh) -> Iterator[None]:
     """FSDP2 joins its data-parallel mesh with a DTensor parameter's tensor-parallel one (DeviceMesh._concatenate),
     which reads the meshes' rank tensors: joined once here, outside FakeTensorMode, and handed back while the block
     runs."""
-    if mesh is None or mesh.mesh_dim_names != ("dp", "tp"):
+    if mesh is None or isinstance(mesh, tuple) or mesh.mesh_dim_names != ("dp", "tp"):
         yield
         return
     from torch.distributed.device_mesh import DeviceMesh
@@ -391,6 +397,10 @@ def _device_mesh(job: _Job):
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
+    if job.ep > 1:  # the world's FSDP mesh, and the experts' (efsdp, ep) one
+        from memcalc.measure.expert_parallel import meshes
+
+        return meshes(job.world_size, job.ep)
     if job.tp > 1:  # FSDP2 over the data-parallel dimension of a (dp, tp) mesh, as torchtitan builds it
         return init_device_mesh("cpu", (job.world_size // job.tp, job.tp), mesh_dim_names=("dp", "tp"))
 
@@ -696,6 +706,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
                                  "backend": "fake" if job.fake else "gloo", "warmup_steps": job.warmup_steps,
                                  "measured_step": job.warmup_steps + 1}
     comm_baseline: list = []
+    received: list[int] = []  # ep: the (token, expert) pairs this rank received, per experts forward
     ddp = None
     events: list[tuple[int, int, int]] | None = None
     log = contextlib.nullcontext()
@@ -721,6 +732,15 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
                 from memcalc.measure.tensor_parallel import Runner
 
                 runner = Runner(runner, True)
+        elif job.ep > 1:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            from memcalc.measure.expert_parallel import parallelize
+
+            world, experts_mesh, tp_mesh = mesh
+            dist_info.update(parallelize(model, experts_mesh["ep"], tp_mesh, experts_mesh["efsdp"],
+                                         policy or MixedPrecisionPolicy(), job.world_size, received))
+            runner, stepper = _wrap_fsdp2(job, model, setup, policy, world, dist_info)
         else:
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)
         batch, batch_notes = make_batch(model, setup)
@@ -728,6 +748,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         for step in range(job.warmup_steps):
             say(f"warm-up step {step + 1} of {job.warmup_steps}")
             comm_baseline.clear()  # DDP: the buckets of the last warm-up step are the ones in use
+            received.clear()
             with _step_context(job, mesh):
                 one_step(runner, stepper, batch, setup, PhaseClock())
     if events is not None:
@@ -762,6 +783,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     instrument = _instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
     profiler = trk.allocator_profiler() if job.allocator_check else contextlib.nullcontext()
     say("measured step")
+    received.clear()
     tracker.events = events
     # Python's cyclic collector runs when its allocation counts say so, which gloo's threads shift from run to run: a
     # buffer in a reference cycle (FSDP2's deferred all-gather state) was freed at varying moments. Collected before
@@ -776,6 +798,8 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         gc.enable()
         tracker.remove_hooks()
         tracker.events = None
+    if job.ep > 1:
+        dist_info["ep_received_pairs"] = list(received)
     if job.allocator_check:
         peak, end = trk.allocator_peak_and_end(prof)
         dist_info["allocator_check"] = {"allocator_peak_delta": peak, "allocator_end_delta": end,

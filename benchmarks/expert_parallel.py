@@ -1,0 +1,72 @@
+"""Expert-parallel ranks: memcalc's estimate of the most loaded rank against real gloo ranks.
+
+    python benchmarks/expert_parallel.py [--routing worst,random] [--families mixtral,qwen3_moe]
+                                         [--layouts 2x2,4x2,4x4] [--precision bf16-pure,amp-bf16,bf16]
+                                         [--checkpointing none,full]
+
+Each row runs tests/tiny.py's MoE model (2 layers, 4 experts, top-2) on ``gpus`` gloo ranks with transformers' own
+expert-parallel plan (grouped_gemm on the fused experts, ep_dispatch_experts with AllToAllEP) under FSDP2 (the experts
+over the data_parallel / ep ranks holding the same ones, everything else over all of them: memcalc.measure.
+expert_parallel), a warm-up and a measured AdamW step under memcalc's tensor tracker; every rank records the
+(token, expert) pairs it received in each MoE layer. ``worst``: all weights zero (initializer_range 0), so every
+router sends every pair to the same experts, on one rank (ep x the average); ``random``: the usual random init.
+The estimate is memcalc's at the --ep-load the measured routing implies: the most loaded layer of the most loaded rank
+over T x top-k (applied to every layer, as the flag is). Prints the markdown table of docs/accuracy.md's "Expert
+parallelism" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+from memcalc.spec import TrainingSpec
+
+BATCH, SEQ = 2, 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--routing", default="worst,random")
+    parser.add_argument("--families", default="mixtral,qwen3_moe")
+    parser.add_argument("--layouts", default="2x2,4x2,4x4", help="gpus x ep")
+    parser.add_argument("--precision", default="bf16-pure,amp-bf16,bf16")
+    parser.add_argument("--checkpointing", default="none,full")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from memcalc.api import run
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+    from tests.tiny import tiny_raw
+
+    print("| routing | model | gpus | ep | recipe | checkpointing | --ep-load | estimate | measured | error | "
+          "phase (est. / meas.) | s |")
+    print("|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|")
+    layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts.split(",")]
+    for routing, family, (gpus, ep), precision, checkpointing in itertools.product(
+            args.routing.split(","), args.families.split(","), layouts, args.precision.split(","),
+            args.checkpointing.split(",")):
+        raw = {**tiny_raw(family), **({"initializer_range": 0.0} if routing == "worst" else {})}
+        spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ, num_gpus=gpus, zero_stage=3,
+                            sharding="fsdp", ep=ep, checkpointing=checkpointing)
+        started = time.perf_counter()
+        ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=gpus, method="gloo")
+        received = [max(m.run["distributed"]["ep_received_pairs"]) for m in ranks]
+        load = max(received) / (BATCH * SEQ * raw["num_experts_per_tok"])
+        busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
+        report = run(model_of(ModelConfig("tiny", raw, "benchmark")), spec.replace(ep_load=load))
+        estimate = report.per_gpu
+        error = 100 * (estimate.peak_bytes / busiest.measured_peak_bytes - 1)
+        print(f"| {routing} | {family} | {gpus} | {ep} | {precision} | {checkpointing} | {load:.3f} | "
+              f"{estimate.peak_bytes:,} | {busiest.measured_peak_bytes:,} | {error:+.2f}% | "
+              f"{estimate.peak_phase.value} / {busiest.measured_peak_phase} | {time.perf_counter() - started:.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Expert parallelism (``--ep N``, ``--ep-load F``): what one rank holds when a MoE model's experts are split.
+
+The layout is transformers' (distributed/expert_parallel.py, distributed/fsdp.py apply_fully_sharded_data_parallelism;
+torchtitan's is the same): the ep ranks are data-parallel ranks; ``grouped_gemm`` (MoEParamShard) gives each of them
+E / ep whole experts, both fused projections split on dim 0; FSDP2 shards every experts module over the efsdp =
+data_parallel / ep ranks that hold the same experts, and every other unit over all the data-parallel ranks. In
+training the tokens reach the experts by all-to-all (AllToAllEP, what ``ep_implementation="auto"`` runs when the
+inputs need gradients): each rank sends its T x top-k (token, expert) pairs to the experts' owners and gets the
+outputs back. How many pairs a rank receives is the router's choice: T x top-k on average, ``--ep-load`` times that
+on the most loaded rank (at most ep times, every pair of the group sent to one rank).
+
+Measured on gloo ranks (memcalc.measure.expert_parallel, with transformers' own styles on the real MoE class), the
+estimate set to the pairs each rank received (``--ep-load`` from the recorded counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from memcalc.errors import UsageError
+from memcalc.model import ROLE_EXPERT, ParamTensor
+
+# transformers' configs with a base_model_ep_plan (grouped_gemm on the fused experts, ep_dispatch_experts)
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
+SOURCE = ("transformers distributed/expert_parallel.py (MoEParamShard: E / ep experts per rank; AllToAllEP: the routed "
+          "pairs exchanged by all_to_all_single) and distributed/fsdp.py (the experts FSDP-sharded over the "
+          "data_parallel / ep ranks holding the same ones), measured on gloo ranks (memcalc.measure.expert_parallel)")
+
+
+def check(described, ep: int) -> None:
+    """One line for a model whose experts cannot be split as asked (UsageError, exit 2)."""
+    if ep == 1:
+        return
+    if described is None:
+        raise UsageError("{ep} splits a MoE model's experts: give a model name or config.json, not only {params}")
+    experts = getattr(described.arch, "num_experts", 0)
+    if not experts:
+        raise UsageError(f"{{ep}} splits a mixture-of-experts model's experts; {described.model_type} is dense (no "
+                         "experts): drop {ep}")
+    if described.model_type not in MODEL_TYPES:
+        raise UsageError(f"{{ep}} is modelled for transformers' expert-parallel plan ({', '.join(MODEL_TYPES)}); "
+                         f"{described.model_type} has none: drop {{ep}}")
+    if experts % ep:
+        raise UsageError(f"{{ep}} {ep} does not divide the model's {experts} experts: each rank takes an equal share "
+                         f"(transformers' MoEParamShard refuses it); use an {{ep}} that divides {experts}")
+
+
+def shard(tensors: Sequence[ParamTensor], ep: int) -> list[ParamTensor]:
+    """Each tensor as one expert-parallel rank holds it: the fused experts' first dimension split ep ways."""
+    if ep == 1:
+        return list(tensors)
+    return [dataclasses.replace(t, shape=(t.shape[0] // ep, *t.shape[1:])) if t.role == ROLE_EXPERT else t
+            for t in tensors]
+
+
+def sharding_ranks(t: ParamTensor, data_parallel: int, ep: int) -> int:
+    """The ranks FSDP2 shards ``t`` over: the experts over data_parallel / ep (efsdp), the rest over all."""
+    return data_parallel // ep if ep > 1 and t.role == ROLE_EXPERT else data_parallel
+
+
+def note(ep: int, data_parallel: int, local_experts: int, received: int, average: int, load: float) -> str:
+    efsdp = data_parallel // ep
+    padded = (f"; with {local_experts} expert(s) per layer over {efsdp} ranks, FSDP2's dim-0 shards are padded to a "
+              "whole expert on every rank (transformers shards the expert dimension; torchtitan then shards dim 1): "
+              "the experts are not sharded further" if local_experts < efsdp else "")
+    return (f"expert parallelism: {ep} ranks split the experts, {local_experts} each, FSDP-sharded over the "
+            f"{efsdp} rank(s) holding the same ones ({SOURCE}){padded}; each MoE layer's experts run the "
+            f"{received:,} (token, expert) pairs this rank receives: {average:,} on average (T x top-k) x --ep-load "
+            f"{load:g}. The routing decides it; a rank can receive up to {ep} times the average, so give --ep-load "
+            "for an unbalanced router")

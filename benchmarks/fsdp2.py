@@ -16,7 +16,8 @@ import time
 
 from memcalc.spec import TrainingSpec
 
-# (model, recipe, attention, checkpointing, gpus, ZeRO stage)
+# (model, recipe, attention, checkpointing, gpus, ZeRO stage[, tensor-parallel ranks: FSDP2 over the dp dimension of a
+# (dp, tp) mesh, torchtitan's plan with sequence and loss parallelism])
 CASES = [
     ("llama-3-8b", "bf16-pure", "sdpa", "none", 8, 3),
     ("llama-3-8b", "bf16", "sdpa", "none", 8, 3),
@@ -34,6 +35,9 @@ CASES = [
     ("opt-1.3b", "bf16-pure", "eager", "full", 8, 3),
     ("qwen2.5-7b", "bf16", "sdpa", "full", 4, 3),
     ("gemma-2-9b", "bf16-pure", "eager", "full", 8, 3),
+    ("llama-3-8b", "bf16", "sdpa", "none", 16, 3, 2),
+    ("llama-3-8b", "bf16", "sdpa", "full", 16, 3, 2),
+    ("llama-3-8b", "bf16-pure", "sdpa", "full", 16, 3, 4),
 ]
 
 
@@ -46,21 +50,24 @@ def main() -> None:
     from memcalc.measure.distributed import measure_distributed
     from memcalc.resolve import model_input
 
-    print("| model | recipe | attention | checkpointing | gpus | ZeRO | estimate | measured | error | "
+    print("| model | recipe | attention | checkpointing | gpus | ZeRO | tp | estimate | measured | error | "
           "phase (est. / meas.) | s |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for index in (int(n) for n in args.cases.split(",")):
-        model, precision, attention, checkpointing, gpus, stage = CASES[index]
+        model, precision, attention, checkpointing, gpus, stage, *tp = CASES[index]
+        tp = tp[0] if tp else 1
         raw = {**model_input(model, None).config.raw, "_name": model}
         spec = TrainingSpec(precision=precision, attention=attention, checkpointing=checkpointing, seq_len=2048,
-                            micro_batch_size=1, num_gpus=gpus, zero_stage=stage, sharding="fsdp")
+                            micro_batch_size=1, num_gpus=gpus, zero_stage=stage, sharding="fsdp", tp=tp,
+                            sequence_parallel=tp > 1, loss_parallel=tp > 1)
         estimate = estimate_for(_as_config(raw), spec).per_gpu
         started = time.perf_counter()
         with cuda_semantics.like_cuda():
             measured = measure_distributed(raw, spec, engine="fsdp2", world_size=gpus, method="fake", like_cuda=True,
-                                           reshard_after_forward=stage == 3)[0]
+                                           reshard_after_forward=stage == 3, sequence_parallel=tp > 1,
+                                           loss_parallel=tp > 1)[0]
         error = 100 * (estimate.peak_bytes / measured.measured_peak_bytes - 1)
-        print(f"| {model} | {precision} | {attention} | {checkpointing} | {gpus} | {stage} | "
+        print(f"| {model} | {precision} | {attention} | {checkpointing} | {gpus} | {stage} | {tp} | "
               f"{estimate.peak_bytes / 2**30:.3f} GiB | {measured.measured_peak_bytes / 2**30:.3f} GiB | {error:+.2f}% | "
               f"{estimate.peak_phase.value} / {measured.measured_peak_phase} | {time.perf_counter() - started:.0f} |",
               flush=True)

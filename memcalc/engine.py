@@ -58,7 +58,7 @@ from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
-from memcalc.spec import Fp8Recipe, LossKind, PipelineSchedule, Sharding, TrainingSpec
+from memcalc.spec import Checkpointing, Fp8Recipe, LossKind, PipelineSchedule, Sharding, TrainingSpec
 from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
@@ -727,8 +727,19 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         experts_forward=(holdings.experts_gathered_bytes + act.layer_forward_transient_bytes
                          + 3 * act.output_gradient_bytes if holdings.experts_gathered_bytes else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
-        fsdp_late=holdings.late_extra_bytes,
-        fsdp_root_reduce=holdings.root_reduce_bytes, fsdp_root_shards=holdings.root_shard_grad_numel * bytes_per_grad,
+        # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
+        fsdp_late=holdings.late_extra_bytes + (act.output_gradient_bytes if holdings.late_second_layer
+                                               and spec.checkpointing != Checkpointing.none else 0),
+        # (--tp: the root's post-backward copies its gradients before it reshards, and the token embedding's
+        # gradient is whole there: DTensor's embedding backward returns it replicated; measured, fake process group)
+        fsdp_root_reduce=(holdings.root_reduce_bytes if spec.tp == 1 else holdings.root_reduce_tp_bytes
+                          + tensor_parallel.whole_gradient_extra(model.tensors, spec.tp) * _bytes_per(recipe.weight_dtype)),
+        fsdp_root_shards=holdings.root_shard_grad_numel * bytes_per_grad,
+        # (FSDP2 under checkpointing, the same moment at the second layer from the top: every lower layer's kept input
+        # beside, one layer's sharded gradients made; measured: small-gradient ranks peak there)
+        fsdp_top=((max(0, model.arch.num_layers - 3) * act.output_gradient_bytes,
+                   holdings.late_top_grad_numel * bytes_per_grad)
+                  if holdings.late_top_grad_numel and spec.checkpointing != Checkpointing.none else (0, 0)),
         fsdp_made=_fsdp_layer_made(tensors, holdings, recipe),
         experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
                         if holdings.experts_reduce_bytes else 0),
@@ -1006,6 +1017,7 @@ class _Extras:
     fsdp_late: int = 0  # FSDP2 late in backward: the first layer's all-gather output kept, the root's gradients
     # FSDP2 late in backward: the layer's unsharded gradients made by its MLP's, attention's and mid norm's backward
     fsdp_made: tuple[int, int, int] = (0, 0, 0)
+    fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
     fsdp_root_reduce: int = 0  # FSDP2 at the root's reduce-scatter: its unsharded gradients and their reduce copy
     fsdp_root_shards: int = 0  # ... its sharded gradients, not made yet then
     experts_reduce: int = 0  # --ep: the last layer's experts' reduce-scatter (buffers, prefetch, gradients in flight)
@@ -1215,6 +1227,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients
                                    - (0 if x.gradients_made else pending))
         candidates.append((MOMENT_LATE_BACKWARD, late))
+        if any(x.fsdp_top):
+            more_inputs, made = x.fsdp_top
+            candidates.append((MOMENT_LATE_BACKWARD, {**late, TERM_GRADIENTS: made,
+                                                      EXTRA_LAYER_ACTIVATIONS: layer_acts + more_inputs}))
     if x.sharded_layer:
         # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's
         # activations, its prefetched neighbour and its gradients being reduce-scattered.

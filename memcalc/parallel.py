@@ -93,10 +93,15 @@ class RankHoldings:
     # the fake process group, in the reduce dtype)
     late_unmade_grad_numel: int = 0
     late_extra_bytes: int = 0
+    late_second_layer: bool = False  # ... counted at the second layer's turn (its checkpointed input still kept)
+    late_top_grad_numel: int = 0  # ... or at the second layer from the top: the sharded gradients made then (one layer's)
     # FSDP2 at the root's reduce-scatter, the end of backward: its unsharded gradients and their copy in the reduce
     # dtype beside every layer's sharded gradients (its own shards not made yet)
     root_reduce_bytes: int = 0
     root_shard_grad_numel: int = 0
+    # ... under --tp, at the root's post-backward before it reshards: its unsharded parameters, the last reduce-scatter's
+    # input (kept), its unsharded gradients and a copy of the largest (the head's) beside them
+    root_reduce_tp_bytes: int = 0
 
 
 def zero12_partition_numel(num_elements: int, num_gpus: int) -> int:
@@ -451,7 +456,10 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     root_made = sum(t.numel for t in trainable if t.layer is None and t.role != ROLE_EMBEDDING)
     last_layer = prefetch + root_made * bytes_per_gathered + largest_experts * bytes_per_gathered
     root_trainable = [t for t in trainable if t.layer is None]
-    root_reduce = sum(t.numel for t in root_trainable) * (bytes_per_gathered + bytes_per_reduced)
+    root_grads = sum(t.numel for t in root_trainable)
+    root_reduce = root_grads * (bytes_per_gathered + bytes_per_reduced)
+    root_reduce_tp = ((root_numel + root_grads + max((t.numel for t in root_trainable), default=0)) * bytes_per_gathered
+                      + (largest_layer * bytes_per_reduced if reshard else 0))
     # Late in backward: the first layer's turn, or with reshard_after_forward and three or more layers the second's,
     # when the first is prefetched and the second's sharded gradients are not made yet either (measured: Llama-3-8B's
     # peak at its second layer); the larger of the two is counted.
@@ -471,6 +479,16 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         experts_reduce = (prefetch + root_made * bytes_per_gathered
                           + (largest_experts + 2 * shard_rows) * bytes_per_reduced)
     notes = [f"FSDP2 {'reshards after forward (ZeRO-3-like)' if reshard else 'keeps parameters unsharded until backward (ZeRO-2-like)'}"]
+    short = sorted((t for t in tensors if t.shape and t.shape[0] < ranks(t)), key=lambda t: -t.numel)
+    even = sum(t.numel for t in tensors) // num_gpus
+    if short and shard_all > 1.25 * even:
+        # FSDP2 shards dim 0 and pads every rank's chunk to ceil(dim0 / ranks) rows: a tensor with fewer rows than
+        # ranks (transformers' fused experts: one row per expert) costs a whole row on every rank
+        notes.append(f"FSDP2 pads each rank's dim-0 shard to ceil(rows / ranks) rows: {len(short)} tensors have fewer "
+                     f"rows than the ranks sharding them (e.g. {short[0].name} {tuple(short[0].shape)}), so this rank "
+                     f"holds {_n(shard_all)} parameters, not {_n(even)}. fully_shard's default placement (Shard(0)) "
+                     "is counted, as transformers applies it; torchtitan shards the experts on dim 1 instead "
+                     "(shard_placement_fn), which memcalc does not model yet")
     if mixed:
         notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
                      "MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the weights are fp32 shards "
@@ -483,8 +501,11 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
         last_layer_extra_bytes=last_layer, experts_gathered_bytes=experts_gathered, experts_kept_bytes=experts_kept,
         experts_reduce_bytes=experts_reduce, late_unmade_grad_numel=late_unmade,
-        root_reduce_bytes=root_reduce,
+        root_reduce_bytes=root_reduce, root_reduce_tp_bytes=root_reduce_tp,
         root_shard_grad_numel=sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in root_trainable),
+        late_second_layer=len(late_layers) == 2,
+        late_top_grad_numel=(sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable if t.layer == layers[-1])
+                             if len(late_layers) == 2 else 0),
         late_extra_bytes=(late_prefetch + root_made * bytes_per_gathered
                           + (largest_layer * bytes_per_reduced if reshard else 0)),
     )

@@ -1,5 +1,5 @@
-"""The layout planner (``--plan``): which layouts of data, tensor, pipeline and context parallelism, data-parallel
-sharding and checkpointing fit the GPUs, ranked by an explicit throughput model.
+"""The layout planner (``--plan``): which layouts of data, tensor, pipeline, context and expert parallelism,
+data-parallel sharding and checkpointing fit the GPUs, ranked by an explicit throughput model.
 
 The memory of a layout is memcalc's estimate of its most loaded rank (as --tp and --pp report it). The ranking is a
 model (THROUGHPUT_MODEL, printed with every plan), not a measurement.
@@ -11,22 +11,27 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from memcalc import context_parallel, pipeline, tensor_parallel
+from memcalc import context_parallel, expert_parallel, pipeline, tensor_parallel
 from memcalc.errors import UnsupportedModelError, UsageError
+from memcalc.model import ROLE_EXPERT
 
 THROUGHPUT_MODEL = """\
 throughput model, per step (N params, G GPUs, M micro-batches, L_s layers/stage, dp data-parallel ranks of which cp
-share each sequence):
+share each sequence and ep split the experts):
   tokens    T = dp/cp x batch x seq x M
-  compute   C = (6 N + 6 L seq heads head_dim) T / G x 4/3 (ckpt full) / (peak bf16 FLOP/s x MFU)
-              (the second term: causal attention's scores and their product with v, forward and backward)
+  compute   C = (6 N_a + 6 L seq heads head_dim) T / G x 4/3 (ckpt full) / (peak bf16 FLOP/s x MFU)
+              (N_a: the parameters a token runs, a MoE model's top-k of its experts; the second term: causal
+              attention's scores and their product with v, forward and backward)
   tensor    X = 4 L_s M x 2 (tp-1)/tp x (batch x seq/cp x hidden x 2 B) / NVLink
   pipeline  P = 2 M x (batch x seq/cp x hidden x 2 B) / network
   context   R = 8 L_s M (cp-1) x (batch x seq/cp x kv_heads/tp x head_dim x 2 B) / link  (the ring: k and v
               all-gathered forward and backward, their fp32 gradients passed on)
+  expert    E = 4 L_moe M (ep-1)/ep x (batch x seq/cp x top_k x hidden x 2 B) / link  (each MoE layer's routed
+              pairs sent and returned by all-to-all, forward and backward; balanced routing)
   bubble    B = (pp-1) / (M + pp-1)
-  data      D = k (dp-1)/dp x (rank's params x 2 B) / link (k 2 DDP/ZeRO-1, 3 FSDP)
-  step      S = (C + X + P + R) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
+  data      D = k ((dp-1)/dp x rank's dense params + (dp/ep-1)/(dp/ep) x its experts) x 2 B / link (k 2 DDP/ZeRO-1,
+              3 FSDP)
+  step      S = (C + X + P + R + E) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
   ranked by T / S"""
 
 PLANNER_MFU = 0.4  # model FLOPs utilization assumed for every layout (the ranking compares layouts, not clusters)
@@ -44,6 +49,7 @@ DEFAULT_LINKS = "h100"
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CP_SIZES = (1, 2, 4, 8, 16, 32)
+EP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 MIN_CONTEXT_PARALLEL_SEQ = 8192  # shorter sequences are not split (each rank would run under 4096 positions)
 BYTES_16 = 2
 
@@ -57,12 +63,14 @@ class Layout:
     checkpointing: str
     microbatches: int
     cp: int = 1  # of the dp ranks, cp share each sequence (context parallelism)
+    ep: int = 1  # of the dp ranks, ep split each MoE layer's experts (expert parallelism)
 
     @property
     def label(self) -> str:
         pp = f" x pp {self.pp} (M {self.microbatches})" if self.pp > 1 else ""
         cp = f" (cp {self.cp})" if self.cp > 1 else ""
-        return f"dp {self.dp}{cp} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
+        ep = f" (ep {self.ep})" if self.ep > 1 else ""
+        return f"dp {self.dp}{cp}{ep} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
 
 
 @dataclass
@@ -102,7 +110,7 @@ def _spec_for(base, layout: Layout):
     zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch")}[layout.sharding]
     tp, pp = layout.tp, layout.pp
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
-                        cp=layout.cp, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
+                        cp=layout.cp, ep=layout.ep, ep_load=1.0, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
                         pp_schedule="1f1b", pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
 
@@ -139,7 +147,14 @@ def _context_sizes(model, base) -> tuple[int, ...]:
     return (1, *(cp for cp in CP_SIZES[1:] if _splits(takes, cp)))
 
 
-def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...] = (1,)) -> list[Layout]:
+def _expert_sizes(model) -> tuple[int, ...]:
+    """The expert-parallel sizes the model takes (expert_parallel.check: a MoE model of transformers' plan, the experts
+    split evenly); tried with FSDP alone (--ep's modelled layout: no tp, pp or cp)."""
+    return (1, *(ep for ep in EP_SIZES[1:] if _splits(expert_parallel.check, model.described, ep)))
+
+
+def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...] = (1,),
+             expert_sizes: tuple[int, ...] = (1,)) -> list[Layout]:
     found = []
     for tp in TP_SIZES:
         if gpus_per_node % tp or not _splits(tensor_parallel.check, model.described, tp):
@@ -157,6 +172,11 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                 for sharding in engines:
                     for checkpointing in ("none", "full"):
                         found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1, cp))
+            if tp == 1 and pp == 1 and dp > 1:
+                for ep in expert_sizes[1:]:
+                    if dp % ep == 0:
+                        found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, 1, ep) for checkpointing in
+                                     ("none", "full"))
     return found
 
 
@@ -164,12 +184,15 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     flops_per_s, intra, inter = links[:3]
     arch = model.arch
     params = sum(t.numel for t in model.tensors)
+    experts = sum(t.numel for t in model.tensors if t.role == ROLE_EXPERT)
+    num_experts, top_k = getattr(arch, "num_experts", 0), getattr(arch, "experts_per_token", 0)
+    active = params - experts + (experts * top_k // num_experts if num_experts else 0)
     micro = spec.micro_batch_size * spec.local_seq_len  # tokens of one micro-batch on one rank
     tokens = layout.dp * micro * layout.microbatches  # (dp / cp groups of sequences, each seq = cp x local)
     gpus = layout.dp * layout.tp * layout.pp
     recompute = 4 / 3 if layout.checkpointing == "full" else 1.0
     attention = 6 * arch.num_layers * spec.seq_len * arch.num_heads * arch.head_dim  # per token (causal: s/2 keys)
-    compute = (6 * params + attention) * tokens / gpus * recompute / (flops_per_s * PLANNER_MFU)
+    compute = (6 * active + attention) * tokens / gpus * recompute / (flops_per_s * PLANNER_MFU)
     hidden = micro * arch.hidden_size * BYTES_16
     layers = -(-arch.num_layers // layout.pp)
     tensor = 4 * layers * layout.microbatches * 2 * (layout.tp - 1) / layout.tp * hidden / intra
@@ -177,14 +200,20 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     kv = micro * (arch.num_kv_heads // layout.tp) * arch.head_dim * BYTES_16
     ring_link = intra if layout.tp * layout.cp <= gpus_per_node else inter
     context = 8 * layers * layout.microbatches * (layout.cp - 1) * kv / ring_link
+    moe_layers = sum(1 for layer in range(arch.num_layers) if getattr(arch, "sparse", lambda _: False)(layer))
+    expert = (4 * moe_layers * layout.microbatches * (layout.ep - 1) / layout.ep * micro * top_k * arch.hidden_size
+              * BYTES_16 / (intra if layout.ep <= gpus_per_node else inter)) if layout.ep > 1 else 0.0
     bubble = (layout.pp - 1) / (layout.microbatches + layout.pp - 1)
     rank_params = params / (layout.tp * layout.pp)
     factor = 3 if layout.sharding == "fsdp" else 2
     dp_link = inter if layout.tp * layout.pp * layout.dp > gpus_per_node else intra
-    data = factor * (layout.dp - 1) / layout.dp * rank_params * BYTES_16 / dp_link if layout.dp > 1 else 0.0
-    step = (compute + tensor + pipe + context) / (1 - bubble) + max(0.0, data - compute / 2)
+    efsdp = layout.dp // layout.ep
+    synced = (layout.dp - 1) / layout.dp * (rank_params - experts) + (efsdp - 1) / efsdp * experts / layout.ep
+    data = factor * synced * BYTES_16 / dp_link if layout.dp > 1 else 0.0
+    step = (compute + tensor + pipe + context + expert) / (1 - bubble) + max(0.0, data - compute / 2)
     return tokens, step, {"compute_s": compute, "tensor_parallel_s": tensor, "pipeline_s": pipe,
-                          "context_parallel_s": context, "data_parallel_s": data, "bubble_fraction": bubble}
+                          "context_parallel_s": context, "expert_parallel_s": expert, "data_parallel_s": data,
+                          "bubble_fraction": bubble}
 
 
 def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
@@ -206,7 +235,8 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
         notes.append(f"context parallelism not tried: seq {base.seq_len:,} is below {MIN_CONTEXT_PARALLEL_SEQ:,}"
                      if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ else
                      "context parallelism not tried: the run does not take it (memcalc --cp's checks)")
-    for layout in _layouts(model, gpus, per_node, context_sizes):
+    expert_sizes = _expert_sizes(model)
+    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes):
         try:
             spec = _spec_for(base, layout)
             peak = _peak(model, spec)

@@ -110,3 +110,25 @@ def test_layouts_the_run_cannot_take_are_left_out_and_counted():
     plan = api.layouts("llama-3-8b", gpus=8, gpu="h100-80gb", lora_rank=8, activations="rules")
     assert plan.candidates and all(c.layout.tp == 1 and c.layout.pp == 1 for c in plan.candidates)
     assert any(note.startswith(f"{n} layouts left out") for note in plan.notes for n in range(1, 200))
+
+
+def test_expert_parallel_layouts_by_hand():
+    """Qwen3-30B-A3B (48 MoE layers, 128 experts, top 8, hidden 2048) on 64 H100s at 4,096 positions: the planner tries
+    --ep with FSDP alone; the all-to-all term by hand (4 L M (ep-1)/ep x T x top-k x h x 2 B over NVLink inside a node,
+    over the network past 8 GPUs), compute from the active parameters (the dense ones and 8 of 128 experts), and each
+    layout's memory is the estimate of that layout."""
+    plan = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    by_ep = {c.layout.ep: c for c in plan.candidates if c.layout.checkpointing == "full" and c.layout.sharding == "fsdp"}
+    assert set(by_ep) == {1, 2, 4, 8, 16, 32, 64}
+    pairs = 4096 * 8 * 2048 * 2
+    assert by_ep[8].parts["expert_parallel_s"] == pytest.approx(4 * 48 * 7 / 8 * pairs / 450e9, rel=1e-12)
+    assert by_ep[64].parts["expert_parallel_s"] == pytest.approx(4 * 48 * 63 / 64 * pairs / 50e9, rel=1e-12)
+    assert by_ep[1].parts["expert_parallel_s"] == 0
+    model = api.model_input("qwen3-30b-a3b", None)
+    experts = sum(t.numel for t in model.tensors if t.role == "expert")
+    active = sum(t.numel for t in model.tensors) - experts + experts * 8 // 128
+    attention = 6 * 48 * 4096 * 32 * 128
+    compute = (6 * active + attention) * 64 * 4096 / 64 * 4 / 3 / (989e12 * 0.4)
+    assert by_ep[8].parts["compute_s"] == pytest.approx(compute, rel=1e-12)
+    report = api.estimate("qwen3-30b-a3b", gpus=64, ep=8, sharding="fsdp", zero=3, checkpointing="full", seq_len=4096)
+    assert by_ep[8].peak_bytes == report.per_gpu.peak_bytes

@@ -127,3 +127,21 @@ def test_dense_layers_are_not_split():
     changed = [(a.name, a.shape, b.shape) for a, b in zip(tensors, split, strict=True) if a.shape != b.shape]
     assert changed and all(name.endswith(("gate_up_proj", "down_proj")) and new[0] * 4 == old[0]
                            for name, old, new in changed)
+
+
+def test_verify_runs_gloo_ranks_and_names_the_routing(cli, tmp_path):
+    """--verify with --ep runs transformers' plan on gloo ranks (auto: the fake group has no routing to run) and says
+    which --ep-load the measured routing was: tests/tiny.py's Mixtral, seed 0, routes 312 pairs to rank 1's experts in
+    its second layer, of 256 on average."""
+    pytest.importorskip("transformers")
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_raw("mixtral")))
+    result = cli(str(config), "--precision", "bf16-pure", "--gpus", "2", "--fsdp", "--ep", "2", "--seq-len", "64",
+                 "--batch-size", "2", "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    verify = result.json()["verify"]
+    assert verify["method"] == "gloo"
+    note = next(n for n in verify["notes"] if n.startswith("routing measured"))
+    assert "took 312 of the 256 average, so --ep-load 1.22" in note

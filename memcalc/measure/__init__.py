@@ -353,10 +353,11 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
 
 
 def _routing_note(ranks: list[Measurement], model_config: ModelConfig, spec: TrainingSpec) -> str:
-    """--ep: the routing the measured step ran (pairs each rank received per MoE layer) and the --ep-load it implies
-    (the four model types with an expert-parallel plan name their top-k num_experts_per_tok)."""
+    """--ep: the routing the measured step ran (pairs each rank received per MoE layer) and the --ep-load it implies."""
+    from memcalc.resolve import model_of
+
     received = [m.run.get("distributed", {}).get("ep_received_pairs", []) for m in ranks]
-    average = spec.micro_batch_size * spec.local_seq_len * int(model_config.raw.get("num_experts_per_tok") or 0)
+    average = spec.micro_batch_size * spec.local_seq_len * model_of(model_config).arch.experts_per_token
     most = max((max(r, default=0) for r in received), default=0)
     implied = f"--ep-load {most / average:.3g}" if average else "an --ep-load"
     shown = "; ".join(f"rank {i}: {', '.join(f'{n:,}' for n in r)}" for i, r in enumerate(received))

@@ -399,16 +399,17 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     layer_units = {k: v for k, v in units.items() if k.startswith("layer ")}
     root_numel = sum(v for k, v in units.items() if not k.startswith("layer "))
     largest_layer = max(layer_units.values(), default=0)
-    # --ep: each experts module is an FSDP2 unit of its own (transformers' apply_fully_sharded_data_parallelism)
+    # --ep: each experts module is an FSDP2 unit of its own (transformers' apply_fully_sharded_data_parallelism), over
+    # the efsdp ranks holding the same experts
     largest_experts = max(_units(experts).values(), default=0)
+    efsdp = num_gpus // spec.ep if experts else 1
     # With a MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32) the sharded parameters are the
     # fp32 master: FSDP2 keeps them fp32, all-gathers 16-bit copies per unit, reduce-scatters fp32 grads.
     mixed = has_master
     bytes_per_gathered = bytes_per_weight
     buffers: list[Term] = []
     if reshard:
-        # the root is not resharded after forward (FSDP2 heuristic)
-        unsharded = root_numel + largest_layer
+        unsharded = root_numel + largest_layer  # the root is not resharded after forward (FSDP2 heuristic)
         what = f"root (embeddings, final norm, head) {_n(root_numel)} + one layer {_n(largest_layer)}"
     else:
         unsharded = sum(units.values())
@@ -434,11 +435,10 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # in AllGatherState): from the last layer's experts, through the loss, to the last layer's backward (measured)
     # (the all-gather output is every rank's padded shard: with fewer experts per rank than ranks sharding them,
     # efsdp padded rows of one expert each)
-    efsdp_ranks = num_gpus // spec.ep if experts else 1
     padded = {}
     for t in experts:
-        padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp_ranks) * efsdp_ranks
-    kept_after_copy = max(padded.values(), default=0) if efsdp_ranks > 1 else 0
+        padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp) * efsdp
+    kept_after_copy = max(padded.values(), default=0) if efsdp > 1 else 0
     experts_gathered = (largest_experts + kept_after_copy) * bytes_per_gathered
     experts_kept = max(0, kept_after_copy - largest_layer) * bytes_per_gathered
     largest_unit = max(largest_layer, largest_experts)
@@ -452,7 +452,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     prefetch = largest_layer * bytes_per_gathered if reshard else 0
     bytes_per_shard = BYTES_PER_FP32 if mixed else bytes_per_weight
     mid_backward = (prefetch + largest_unit * bytes_per_reduced + largest_unit * bytes_per_gathered
-                    + math.ceil(largest_unit / num_gpus) * bytes_per_shard)
+                    + math.ceil(largest_unit / num_gpus) * bytes_per_shard + largest_experts * bytes_per_gathered)
     root_made = sum(t.numel for t in trainable if t.layer is None and t.role != ROLE_EMBEDDING)
     last_layer = prefetch + root_made * bytes_per_gathered + largest_experts * bytes_per_gathered
     root_trainable = [t for t in trainable if t.layer is None]
@@ -468,11 +468,9 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     late_unmade = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable
                       if t.layer is None or t.layer in late_layers)
     late_prefetch = prefetch if len(late_layers) == 2 else 0
-    mid_backward += largest_experts * bytes_per_gathered
     # --ep: a layer's experts reduce their gradients over the efsdp ranks as their own unit, in the middle of the layer's
     # backward: the reduce-scatter input, its output and the output divided by the data-parallel size, in the reduce
     # dtype (transformers sets a divide factor, which FSDP2 applies apart from the collective; measured on gloo ranks)
-    efsdp = max(1, num_gpus // spec.ep)
     experts_reduce = 0
     if largest_experts:
         shard_rows = math.ceil(largest_experts / efsdp)

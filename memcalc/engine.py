@@ -835,7 +835,8 @@ def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
     layers = [t.layer for t in tensors if t.trainable and t.layer is not None]
     if not layers:
         return 0
-    layer = [t for t in tensors if t.trainable and t.layer == max(layers)]
+    last = max(layers)
+    layer = [t for t in tensors if t.trainable and t.layer == last]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
     output = max((t.numel for t in attention), default=0)
     norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
@@ -849,7 +850,8 @@ def _attention_casts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
         return 0, 0
-    attention = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_ATTENTION and t.is_linear_weight]
+    first = min(layers)
+    attention = [t.numel for t in tensors if t.layer == first and t.role == ROLE_ATTENTION and t.is_linear_weight]
     return sum(attention), sum(attention) - max(attention, default=0)
 
 
@@ -858,7 +860,8 @@ def _output_projection_cast(tensors: Sequence[ParamTensor]) -> int:
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
         return 0
-    outputs = [t.numel for t in tensors if t.layer == min(layers) and t.role == ROLE_MLP and t.is_linear_weight
+    first = min(layers)
+    outputs = [t.numel for t in tensors if t.layer == first and t.role == ROLE_MLP and t.is_linear_weight
                and _is_output_projection(t)]
     return max(outputs, default=0)
 

@@ -30,7 +30,6 @@ step's instead (memcalc.measure.timeline, activations.TracedMoment), beside the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -791,9 +790,7 @@ def _expert_parallel_note(model: ModelInput, spec: TrainingSpec) -> str:
     """--ep: the experts this rank holds and the routed pairs its experts run (balanced unless --ep-load)."""
     arch = model.arch
     average = spec.micro_batch_size * spec.local_seq_len * arch.experts_per_token
-    received = math.ceil(average * spec.ep_load)
-    return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, received, average,
-                                spec.ep_load)
+    return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, average, spec.ep_load)
 
 
 def _fsdp_layer_made(tensors: Sequence[ParamTensor], holdings: RankHoldings, recipe: Recipe) -> tuple[int, int, int]:
@@ -1017,7 +1014,9 @@ class _Extras:
     experts_forward: int = 0  # --ep: the last layer's experts gathered in the forward, and the block's transients
     experts_kept: int = 0  # --ep: their all-gather output beyond a layer's, kept through the loss into the backward
     experts_backward: int = 0  # --ep: a layer's experts gathered again for its backward (late: the first layer's)
-    fsdp_late: int = 0  # FSDP2 late in backward: the first layer's all-gather output kept, the root's gradients
+    # FSDP2 late in backward: the prefetched layer, the last reduce-scatter's input, the root's unsharded gradients and
+    # (at the second layer's turn, checkpointed) that layer's kept input
+    fsdp_late: int = 0
     # FSDP2 late in backward: the layer's unsharded gradients made by its MLP's, attention's and mid norm's backward
     fsdp_made: tuple[int, int, int] = (0, 0, 0)
     fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
@@ -1187,25 +1186,25 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # (at its MLP's backward the output projection's cast is released with its backward)
     at_mlp, at_attention, at_mid = x.fsdp_made  # (FSDP2: the layer's unsharded gradients made by then)
     points = [(x.layer_activations + x.first_layer_context - x.released_at_mlp, x.layer_gradients, x.pending_at_mlp,
-               x.casts_at_mlp, x.experts_backward + at_mlp)]
+               x.casts_at_mlp, (x.experts_backward, at_mlp))]
     if x.attention_gradients:
         # (eager attention: the casts of the weights whose backward has run, its MLP's and o_proj's, released too)
         casts = x.casts_at_attention if x.released_at_scores else x.recomputed_casts
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp
                        - max(x.after_attention, x.released_at_scores),
                        x.attention_gradients,
-                       x.pending_at_attention, casts, at_attention))
+                       x.pending_at_attention, casts, (0, at_attention)))
     if x.recomputed_forward:  # its recomputation's forward, at its largest (Rule.forward_transient)
         points.append((x.layer_activations + x.first_layer_context, x.recomputed_forward + x.layer_input_gradient,
-                       x.pending_at_recompute, x.recomputed_casts, x.experts_backward))
+                       x.pending_at_recompute, x.recomputed_casts, (x.experts_backward, 0)))
     if x.mid_norm:
         # the norm between its MLP and its attention (Rule.mid_norm_transient): the MLP's activations released, its
         # gradients made, none of the attention's and norms'
         points.append((x.layer_activations + x.first_layer_context - x.layer_mlp, x.mid_norm, x.pending_at_mid_norm,
-                       x.casts_at_mid_norm, at_mid))
+                       x.casts_at_mid_norm, (0, at_mid)))
     if x.opening_gradients:  # its backward's first op (Rule.opening_transient): none of its gradients made yet
         points.append((x.layer_activations + x.first_layer_context, x.opening_gradients, x.pending_at_recompute,
-                       x.recomputed_casts, x.experts_backward))
+                       x.recomputed_casts, (x.experts_backward, 0)))
 
     def unmade(pending: int) -> int:
         """What a moment lacks for the first layer's gradients not made yet: those gradients, or in a later
@@ -1214,17 +1213,16 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             return pending
         return pending * x.cast_bytes // max(1, x.grad_bytes) if x.held_cast_gradients else 0
 
-    layer_acts, layer_grads, pending, casts, sharding = max(
-        points, key=lambda point: point[0] + point[1] - unmade(point[2]) + point[3] + point[4])
-    late_extra = (layer_acts + layer_grads + casts + sharding + x.fsdp_late + x.head_gradient_late
+    layer_acts, layer_grads, pending, casts, (experts, made) = max(
+        points, key=lambda point: point[0] + point[1] - unmade(point[2]) + point[3] + sum(point[4]))
+    late_extra = (layer_acts + layer_grads + casts + experts + made + x.fsdp_late + x.head_gradient_late
                   - x.missing_gradients - unmade(pending))
     if x.layer_activations and late_extra > 0:
         late = {**{name: n for name, n in end.items() if name != EXTRA_LATER_EMBEDDING_GRADIENT},
                 EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
                 EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient,
-                EXTRA_EXPERTS_GATHERED: min(sharding, x.experts_backward),
-                EXTRA_FSDP_BACKWARD_START: x.fsdp_late + sharding - min(sharding, x.experts_backward)}
+                EXTRA_EXPERTS_GATHERED: experts, EXTRA_FSDP_BACKWARD_START: x.fsdp_late + made}
         if x.held_cast_gradients:  # (but those of the first layer's weights whose backward has not run)
             late[EXTRA_HELD_CAST_GRADIENTS] = max(0, x.held_cast_gradients - unmade(pending))
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients

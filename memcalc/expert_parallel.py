@@ -16,6 +16,7 @@ estimate set to the pairs each rank received (``--ep-load`` from the recorded co
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from memcalc.errors import UsageError
@@ -59,8 +60,15 @@ def sharding_ranks(t: ParamTensor, data_parallel: int, ep: int) -> int:
     return data_parallel // ep if ep > 1 and t.role == ROLE_EXPERT else data_parallel
 
 
-def note(ep: int, data_parallel: int, local_experts: int, received: int, average: int, load: float) -> str:
+def received_pairs(average: int, load: float) -> int:
+    """(token, expert) pairs the most loaded rank's experts run per MoE layer: the average its group sends each rank
+    (T x top-k) times --ep-load."""
+    return math.ceil(average * load)
+
+
+def note(ep: int, data_parallel: int, local_experts: int, average: int, load: float) -> str:
     efsdp = data_parallel // ep
+    received = received_pairs(average, load)
     padded = (f"; with {local_experts} expert(s) per layer over {efsdp} ranks, FSDP2's dim-0 shards are padded to a "
               "whole expert on every rank (transformers shards the expert dimension; torchtitan then shards dim 1): "
               "the experts are not sharded further" if local_experts < efsdp else "")

@@ -9,11 +9,11 @@ Activations: the attention part is Llama's (memcalc.families.llama); the MoE blo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from memcalc import expert_parallel
 from memcalc.errors import ConfigError
 from memcalc.families.base import MAX_EXPERTS, MAX_INTERMEDIATE, MAX_LAYERS, Family, Fields
 from memcalc.families.llama import (
@@ -166,9 +166,8 @@ def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate:
 
 
 def received_pairs(run: Run, top_k: int) -> int:
-    """(token, expert) pairs one expert-parallel rank's experts run per MoE layer: the T x top-k its ranks send on
-    average, times --ep-load for the most loaded rank (the routing decides; balanced at 1)."""
-    return math.ceil(run.tokens * top_k * run.ep_load)
+    """(token, expert) pairs one expert-parallel rank's experts run per MoE layer (memcalc.expert_parallel)."""
+    return expert_parallel.received_pairs(run.tokens * top_k, run.ep_load)
 
 
 def expert_parallel_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate: int) -> int:

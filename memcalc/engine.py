@@ -33,13 +33,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc import activations, expert_parallel, pipeline, tensor_parallel, trainable
+from memcalc import activations, expert_parallel, load, pipeline, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_ATTENTION,
     ROLE_EMBEDDING,
     ROLE_EXPERT,
     ROLE_LM_HEAD,
+    ROLE_LORA,
     ROLE_MLP,
     ROLE_POSITION_EMBEDDING,
     ParamTensor,
@@ -754,6 +755,17 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         later_embedding_gradient=later_embedding,
         cast_bytes=_bytes_per(recipe.compute_dtype), grad_bytes=bytes_per_grad, gradients_made=accumulating))
     peak = max(phases, key=lambda p: p.bytes)
+    # The load before the first step (memcalc.load): the run's peak when it is larger than the step's.
+    loaded = load.estimate(
+        [t for t in tensors if t.role != ROLE_LORA and trainable.MODULES_TO_SAVE not in t.name], subset, spec,
+        next(t.bytes for t in terms if t.name == TERM_WEIGHTS), _bytes_per(recipe.weight_dtype),
+        _bytes_per(recipe.compute_dtype),
+        holdings.bytes_per_weight_override == BYTES_PER_FP32, model.architecture_known, model.model_type,
+        bool(model.described is not None and model.described.family.conv1d))
+    if loaded.peak_bytes > peak.bytes:
+        peak = PhaseTotal(phase=Phase.load, bytes=loaded.peak_bytes, terms=[TERM_WEIGHTS],
+                          first_step_bytes=loaded.peak_bytes, moment=loaded.moment, breakdown=dict(loaded.breakdown))
+        phases = [peak, *phases]
     model_states = sum(t.bytes for t in terms if t.name in MODEL_STATE_TERMS and not t.in_cpu_ram)
     cpu_bytes = sum(t.bytes for t in terms if t.in_cpu_ram)
     summary = ModelSummary(
@@ -768,6 +780,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         per_gpu=PerGpu(
             terms=terms, model_states_bytes=model_states, peak_bytes=peak.bytes, peak_phase=peak.phase,
             phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases), cpu_offload_bytes=cpu_bytes,
+            load=loaded,
         ),
         totals=Totals(num_gpus=num_gpus, num_nodes=spec.num_nodes, cpu_offload_bytes_per_node=cpu_bytes * spec.gpus_per_node,
                       model_states_bytes=model_states * num_gpus,

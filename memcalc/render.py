@@ -210,6 +210,8 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
         f"{format_bytes(per_gpu.first_step_peak_bytes, unit)}). The \"at peak\" column adds up to it; the sum of "
         "all terms is not the peak.",
     )
+    if per_gpu.load is not None:
+        _print_load(report, console, unit, explain)
     if per_gpu.allocator is not None:
         _print_allocator(per_gpu.allocator, console, unit)
     if per_gpu.cpu_offload_bytes:
@@ -243,6 +245,24 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
         console.print(f"note: {note}", markup=False)
     if report.fit is not None:
         render_fit(report, console, unit)
+
+
+def _print_load(report: Report, console: Console, unit: str, explain: bool) -> None:
+    """One line for the load before the first step (memcalc.load); with --explain what runs and how it is known."""
+    loaded, per_gpu = report.per_gpu.load, report.per_gpu
+    where = ("the run's peak" if per_gpu.peak_phase == Phase.load
+             else f"below the step's {format_bytes(per_gpu.step_peak().bytes, unit)}")
+    processes = report.training.num_gpus // max(report.training.num_nodes, 1)
+    if loaded.host_bytes:
+        host = f"host RAM {format_bytes(loaded.host_bytes, unit)} per process"
+        if processes > 1:
+            host += f", {format_bytes(loaded.host_bytes_per_node, unit)} per node of {processes}"
+    else:
+        host = "host RAM not counted"
+    console.print(f"load (before step 1): {format_bytes(loaded.peak_bytes, unit)} on the GPU, {loaded.moment} "
+                  f"({where}); {host}", markup=False, highlight=False)
+    if explain:
+        console.print(f"  how: {loaded.description}; {loaded.accuracy}", markup=False, highlight=False)
 
 
 def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> None:

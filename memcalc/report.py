@@ -18,7 +18,8 @@ from typing import Any
 
 from memcalc.vocab import Phase, Term
 
-SCHEMA_VERSION = 2  # 2: typed verify result, phase moments and breakdowns, activation parts, fit solvers (None, not 0)
+SCHEMA_VERSION = 3  # 2: typed verify result, phase moments and breakdowns, activation parts, fit solvers (None, not 0);
+# 3: per_gpu.load (the load before the first step) and the "load" phase when it is the peak
 VERDICT_FITS, VERDICT_MAY_FIT, VERDICT_DOES_NOT_FIT = "FITS", "MAY FIT", "DOES NOT FIT"
 
 
@@ -122,6 +123,24 @@ class AllocatorReplay:
 
 
 @dataclass(eq=False, repr=False)
+class LoadPhase:
+    """The model's load and preparation before the first step (memcalc.load): the GPU's largest moment on this rank
+    (``peak_bytes`` at ``moment``, ``breakdown`` summing to it) and the host memory the load takes per process and
+    per node. ``path`` names how the model is loaded (host-then-gpu, qlora, zero3, fsdp2, sharded), ``description``
+    says what runs, ``accuracy`` whether that path is measured. When ``peak_bytes`` exceeds the step's peak it is the
+    run's peak (``per_gpu.peak_phase`` "load")."""
+
+    path: str
+    peak_bytes: int
+    moment: str
+    breakdown: dict[str, int]
+    host_bytes: int
+    host_bytes_per_node: int
+    description: str
+    accuracy: str
+
+
+@dataclass(eq=False, repr=False)
 class PerGpu:
     terms: list[Term]
     model_states_bytes: int
@@ -134,6 +153,11 @@ class PerGpu:
     # when not asked (the fit then assumes a reserve fraction)
     reserved_peak_bytes: int | None = None
     allocator: AllocatorReplay | None = None
+    load: LoadPhase | None = None  # the load before the first step (memcalc.load)
+
+    def step_peak(self) -> PhaseTotal:
+        """The training step's largest moment (the load left out): what a measured step is compared with."""
+        return max((p for p in self.phases if p.phase != Phase.load), key=lambda p: p.bytes)
 
 
 @dataclass(eq=False, repr=False)

@@ -44,6 +44,8 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear except the output he
 # plus per tensor: the 16-entry fp32 NF4 code, the 256-entry fp32 code of the nested quantization and an
 # fp32 offset (bitsandbytes QuantState fields code, state2.code, offset).
 NF4_BLOCKSIZE = 64
+# PEFT's modules_to_save copies are named <module>.modules_to_save.default.<leaf>
+MODULES_TO_SAVE = ".modules_to_save."
 NF4_NESTED_BLOCKSIZE = 256
 NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 # Without double quantization (bnb_4bit_use_double_quant False, compress_statistics=False): an fp32 absmax per
@@ -165,7 +167,7 @@ def _modules_to_save(frozen: list[ParamTensor], names: tuple[str, ...]) -> list[
                              "such as lm_head or embed_tokens")
         for t in found:
             leaf = t.name[len(t.module) + 1:]
-            copies.append(replace(t, name=f"{t.module}.modules_to_save.default.{leaf}", trainable=True))
+            copies.append(replace(t, name=f"{t.module}{MODULES_TO_SAVE}default.{leaf}", trainable=True))
     return copies
 
 

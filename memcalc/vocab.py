@@ -47,9 +47,11 @@ class Phase(str, Enum):
     forward = "forward"
     backward = "backward"
     optimizer_step = "optimizer_step"
+    load = "load"  # the model's load and preparation, before the first step (in phases only when it is the peak)
 
 
-PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step"}
+PHASE_LABELS = {Phase.forward: "forward", Phase.backward: "backward", Phase.optimizer_step: "optimizer step",
+                Phase.load: "load"}
 
 
 # Term.category values.
@@ -105,8 +107,27 @@ EXTRA_RING_ATTENTION = "ring attention's buffers"
 EXTRA_HELD_CAST_GRADIENTS = "cast weights' gradients, held to the backward's end"
 EXTRA_INPUT_BACKWARD_RETAINED = "the input backward's retained tensors"
 EXTRA_LATER_EMBEDDING_GRADIENT = "the embedding's new gradient, before it is added"
+EXTRA_LOAD_IN_FLIGHT = "a checkpoint tensor on the GPU before it is quantized"
+EXTRA_LOAD_QUANTIZE = "its NF4 codes and absmax being made"
+EXTRA_LOAD_UPCAST = "a 16-bit parameter beside its fp32 cast"
+EXTRA_LOAD_UNIT = "an FSDP2 unit's parameters, whole, before fully_shard shards them"
+EXTRA_LOAD_GATHERED = "a module's parameters gathered whole to load them"
+EXTRA_LOAD_CONVERSION = "the checkpoint's per-expert tensors and their stacks, being merged"
 # What each extra is and where it comes from (--explain prints it).
 EXTRA_MEANING = {
+    EXTRA_LOAD_IN_FLIGHT: "the load, QLoRA: transformers moves each checkpoint tensor to the GPU in the 16-bit compute "
+                          "dtype and bitsandbytes quantizes it there (Params4bit._quantize); one at a time",
+    EXTRA_LOAD_QUANTIZE: "the load, QLoRA: functional.quantize_4bit's packed codes and fp32 absmax, and with double "
+                         "quantization absmax - offset and its own quantization, before the fp32 absmax is freed",
+    EXTRA_LOAD_UPCAST: "the load: PEFT's prepare_model_for_kbit_training (or accelerate's FSDP2 mixed precision) sets "
+                       "param.data = param.data.to(torch.float32), so the 16-bit tensor and its fp32 copy coexist",
+    EXTRA_LOAD_UNIT: "the load, FSDP2 through accelerate: fully_shard moves the unit's parameters whole to the GPU "
+                     "(_move_states_to_device) before FSDPParam makes this rank's padded shard",
+    EXTRA_LOAD_CONVERSION: "the load, MoE: the checkpoint holds one tensor per expert; transformers' conversion "
+                           "(conversion_mapping.py MergeModulelist, then Concatenate for gate_up_proj) stacks them "
+                           "into the fused parameter while the per-expert tensors are still alive",
+    EXTRA_LOAD_GATHERED: "the load, DeepSpeed ZeRO-3 through transformers: GatheredParameters over the module's own "
+                         "parameters (modifier_rank=0) while rank 0 copies the checkpoint in",
     EXTRA_LATER_EMBEDDING_GRADIENT: "pipeline parallelism, the first stage, a micro-batch after the first: the "
                                     "embedding's backward (the stage's last) makes a new V x h gradient beside the one "
                                     "held from the earlier micro-batches, then adds it in (torch's AccumulateGrad); "

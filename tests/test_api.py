@@ -104,7 +104,7 @@ def test_report_serialises_and_validates_against_the_schema():
     report = memcalc.estimate("qwen2.5-0.5b", lora_rank=8, gpu="rtx-4090")
     again = validate_report_json(report.to_json())
     assert again.per_gpu.peak_bytes == report.per_gpu.peak_bytes
-    assert json.loads(report.to_json())["schema_version"] == 2
+    assert json.loads(report.to_json())["schema_version"] == 3
 
 
 def test_verify_through_the_api(tmp_path):

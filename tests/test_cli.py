@@ -33,7 +33,7 @@ def test_json_contract(cli):
     assert result.exit_code == 0 and result.stderr == ""
     data = result.json()
     assert JSON_KEYS <= set(data)
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     assert data["model"]["num_params"] == data["model"]["num_trainable_params"] == 8_030_261_248
     assert data["training"]["precision"] == "bf16" and data["training"]["micro_batch_size"] == 1
     names = [t["name"] for t in data["per_gpu"]["terms"]]

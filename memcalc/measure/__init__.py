@@ -28,6 +28,7 @@ from memcalc.vocab import (
     TERM_PIPELINE_HELD_ACTIVATIONS,
     TERM_PIPELINE_HELD_LOSSES,
     TERM_PIPELINE_OUTPUTS,
+    Phase,
 )
 
 __all__ = ["INSTALL_HINT", "METHODS", "Measurement", "Outcome", "Row", "compare", "estimate_for", "run_verify", "verify"]
@@ -198,10 +199,13 @@ def compare(report: Report, measurement: Measurement) -> list[Row]:
         if name not in names and measured.get(name):
             rows.append(Row(name, 0, measured[name], _error_pct(0, measured[name])))
     for phase in report.per_gpu.phases:
+        if phase.phase == Phase.load:
+            continue  # (the load before the first step: a measured step starts after it)
         value = measurement.per_phase_peak_bytes.get(phase.phase.value)
         rows.append(Row(PHASE_ROW_PREFIX + phase.phase.value, phase.bytes, value, _error_pct(phase.bytes, value)))
-    rows.append(Row(PEAK_ROW, report.per_gpu.peak_bytes, measurement.measured_peak_bytes,
-                    _error_pct(report.per_gpu.peak_bytes, measurement.measured_peak_bytes)))
+    step_peak = report.per_gpu.step_peak().bytes
+    rows.append(Row(PEAK_ROW, step_peak, measurement.measured_peak_bytes,
+                    _error_pct(step_peak, measurement.measured_peak_bytes)))
     return rows
 
 

@@ -33,11 +33,12 @@ VARIANTS = {
     "QLoRA, no double quant": {"lora_rank": 8, "qlora": True, "qlora_double_quant": False},
     "QLoRA, lora-targets": {"lora_rank": 8, "qlora": True, "qlora_scope": "lora-targets"},
 }
-# FSDP2 units on the fake process group at full size: (model, GPUs, recipe[, LoRA rank])
+# FSDP2 units on the fake process group at full size: (model, GPUs, recipe); full fine-tuning (measure_fsdp2 builds
+# the bare transformers model, no adapters)
 FSDP2 = [
     ("llama-3-8b", 8, "bf16"), ("llama-3-8b", 64, "bf16"), ("llama-3-8b", 8, "bf16-pure"),
     ("llama-3-8b", 8, "amp-bf16"), ("qwen2.5-7b", 16, "bf16"), ("gemma-2-9b", 8, "bf16-pure"),
-    ("mixtral-8x7b", 8, "bf16"), ("phi-3-mini", 4, "bf16"), ("gpt2", 4, "bf16"), ("llama-3-8b", 8, "bf16", 16),
+    ("mixtral-8x7b", 8, "bf16"), ("phi-3-mini", 4, "bf16"), ("gpt2", 4, "bf16"),
 ]
 FULL_SIZE = [
     ("llama-3-8b", "--lora-rank 16 --qlora --seq-len 512 --checkpointing full"),
@@ -88,14 +89,13 @@ def fsdp2_rows() -> list[str]:
     from memcalc.measure.load import measure_fsdp2
 
     lines = ["| model | GPUs | recipe | estimate (B) | measured (B) | error | moment |", "|---|---:|---|---:|---:|---:|---|"]
-    for model, gpus, precision, *lora in FSDP2:
+    for model, gpus, precision in FSDP2:
         found = model_input(model, None)
-        spec = TrainingSpec(precision=precision, num_gpus=gpus, sharding="fsdp", zero_stage=3,
-                            lora_rank=lora[0] if lora else None)
+        spec = TrainingSpec(precision=precision, num_gpus=gpus, sharding="fsdp", zero_stage=3)
         loaded = estimate(found, spec).per_gpu.load
         measured = measure_fsdp2(found.config, spec)
         error = 100 * (loaded.peak_bytes - measured.peak_bytes) / measured.peak_bytes
-        lines.append(f"| {model} | {gpus} | {precision}{f' LoRA r{lora[0]}' if lora else ''} | {loaded.peak_bytes:,} | "
+        lines.append(f"| {model} | {gpus} | {precision} | {loaded.peak_bytes:,} | "
                      f"{measured.peak_bytes:,} | {error:+.4f}% | {loaded.moment} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines

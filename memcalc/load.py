@@ -257,7 +257,8 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
                      "onto the GPU in 16-bit, each Linear weight quantized there (Params4bit._quantize, "
                      "functional.quantize_4bit)"
                      + (", then PEFT's prepare_model_for_kbit_training casts the other 16-bit parameters to fp32"
-                        if subset.upcast else "") + "; the host holds one checkpoint tensor at a time", MEASURED)
+                        if subset.upcast else "") + "; the host holds one checkpoint tensor at a time (torchtune's "
+                     "own QLoRA build, NF4 made by torchao as each layer is created, is not modelled)", MEASURED)
     if path == PATH_FSDP2:
         tensors = subset.tensors
         trainable = [t for t in tensors if t.trainable]
@@ -268,7 +269,8 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
                      "accelerate's fsdp2_prepare_model (HF Trainer, fsdp_version 2, cpu_ram_efficient_loading off): "
                      "every process loads the model on the host"
                      + (", casts its trainable parameters to fp32 there" if upcast_fsdp2 else "")
-                     + ", then fully_shard moves each unit whole to the GPU and shards it", MEASURED_FSDP2)
+                     + ", then fully_shard moves each unit whole to the GPU and shards it (with "
+                       "cpu_ram_efficient_loading only the main process holds the model on the host)", MEASURED_FSDP2)
     if path == PATH_ZERO3:
         module, numel = _largest_module(base)
         gathered = numel * bytes_per_weight

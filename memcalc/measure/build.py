@@ -30,15 +30,20 @@ def config_fields(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings (unused keys, defaults) off while memcalc builds from a config."""
+    """transformers' warnings (unused keys, defaults) and progress bars (a load's) off while memcalc builds from a
+    config."""
     import transformers
 
     previous = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(previous)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

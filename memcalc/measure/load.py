@@ -165,6 +165,8 @@ def measure_fsdp2(model_config: ModelConfig | Mapping[str, Any], spec: TrainingS
     if dist.is_initialized():
         raise UsageError("the fake process group needs this process to have no default process group; "
                          "run it in a fresh process")
+    if spec.lora_rank or spec.freeze:
+        raise UsageError("measure_fsdp2 builds the bare transformers model: drop {lora_rank} and {freeze}")
     raw = _raw(model_config)
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
     weight = TORCH_DTYPE[recipe.weight_dtype.value]

@@ -44,6 +44,7 @@ from the code above and say so.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,12 +114,20 @@ def _upcasts(state: int, tensors: Sequence[ParamTensor], names: frozenset[str] |
     return moments
 
 
-def _checkpoint_order(t: ParamTensor, model_type: str | None) -> list[tuple[int, int | str]]:
+@functools.lru_cache(maxsize=64)
+def _load_order(names: tuple[str, ...], fused: tuple[bool, ...], model_type: str | None) -> tuple[int, ...]:
+    """The parameters' indices in transformers' load order (cached: the fit search and the planner estimate the same
+    model many times)."""
+    return tuple(sorted(range(len(names)), key=lambda i: _checkpoint_order(names[i], fused[i], model_type)))
+
+
+def _checkpoint_order(name: str, fused: bool, model_type: str | None) -> list[tuple[int, int | str]]:
     """Where a parameter comes in transformers' load: at its (first) checkpoint tensor's place in the checkpoint's
     order. A fused MoE parameter is made when its first expert's tensor comes (conversion_mapping.py: Mixtral's
     block_sparse_moe.experts.N.w1/w3 -> gate_up_proj, w2 -> down_proj; qwen2_moe's experts.N.gate_proj/up_proj and
     down_proj)."""
-    name = t.name
+    if not fused and model_type != "mixtral":
+        return dot_natural_key(name)
     if model_type == "mixtral":
         name = (name.replace(".mlp.", ".block_sparse_moe.").replace("experts.gate_up_proj", "experts.0.w1.weight")
                 .replace("experts.down_proj", "experts.0.w2.weight"))
@@ -142,7 +151,9 @@ def _arrivals(base: Sequence[ParamTensor], subset: TrainableSubset, bytes_per_el
     ``bytes_per_element``; QLoRA's quantized weights quantized on arrival. The moments, and the bytes at the end."""
     double = subset.double_quant
     moments, loaded, made_map = [], 0, False
-    for t in sorted(base, key=lambda t: _checkpoint_order(t, model_type)):
+    order = _load_order(tuple(t.name for t in base), tuple(t.role == ROLE_EXPERT and len(t.shape) == 3 for t in base),
+                        model_type)
+    for t in (base[i] for i in order):
         value = t.numel * bytes_per_element
         if t.name in subset.quantized:
             if double and not made_map:
@@ -285,8 +296,9 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
                      "checkpoint read into them (torch.distributed.checkpoint); the reader's host buffers are not "
                      "counted", MODELLED)
     host = sum(t.numel for t in base) * bytes_per_weight
-    arrivals, _loaded = _arrivals(base, TrainableSubset(tuple(base)), bytes_per_weight, model_type, conv1d)
     merged = model_type in MERGED_EXPERTS
+    # (without merged experts every arrival is the parameter itself: the weights are the largest moment)
+    arrivals = _arrivals(base, TrainableSubset(tuple(base)), bytes_per_weight, model_type, conv1d)[0] if merged else []
     return phase(_largest([weights_only, *arrivals]), host,
                  "transformers from_pretrained in the recipe's weight dtype: onto the host and then moved to the GPU "
                  "tensor by tensor (HF Trainer, deepspeed.initialize; the whole model on the host in every process, "

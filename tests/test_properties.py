@@ -42,7 +42,9 @@ DOCUMENTED_EXIT_CODES = {0, 2, 3, 4, 5, 6, 7, 8}  # memcalc/cli.py docstring; 1 
 VERDICT_EXIT_CODES = {0, 6}  # a report on stdout: it fits, or it does not fit the GPU given
 
 COMMAND = typer.main.get_command(memcalc.cli.estimate_app)
-EXCLUDED = {"verify", "plot", "version"}  # torch, files, and an answer that is not an estimate
+# torch, files, and an answer that is not an estimate; --reserved and --alloc-conf trace the step at full size with
+# torch (seconds, not milliseconds: tests/test_reserved.py and tests/test_allocator.py hold them, bad values included)
+EXCLUDED = {"verify", "plot", "version", "reserved", "alloc_conf"}
 # Read through click's Parameter attributes (param_type_name, opts, type.name, choices, min/max), not its classes:
 # typer may carry its own copy of click, whose classes are not the installed click's.
 ALL_OPTIONS = [p for p in COMMAND.params if p.param_type_name == "option"]

@@ -15,6 +15,7 @@ too ((c + 4)TV, forward transient); at the start of backward two fp32 TxV gradie
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from memcalc.families.base import Arch
 from memcalc.families.heads import for_head
 from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, PART_MLP, Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
-from memcalc.spec import ActivationOffload, ActivationSource, Attention, Checkpointing, LossKind, Offload
+from memcalc.spec import ActivationOffload, ActivationSource, Attention, Checkpointing, Fp8Recipe, LossKind, Offload
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 from memcalc.vocab import (
     CATEGORY_ACTIVATIONS,
@@ -225,11 +226,14 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
     what = " with ".join(name for name, given in (
         ("{checkpointing} selective-op", spec.checkpointing == Checkpointing.selective_op),
         (f"{{activation_offload}} {spec.activation_offload.value}", spec.activation_offload != ActivationOffload.none),
-        ("{compile}", spec.compile)) if given)
+        ("{compile}", spec.compile), (f"{{fp8}} {spec.fp8.value}", spec.fp8 != Fp8Recipe.none)) if given)
     offloaded = spec.activation_offload != ActivationOffload.none
     if not fallback_available():
         raise MissingDependencyError(f"{what} is estimated by tracing the model's own step with it applied: install "
                                      f"torch and transformers ({INSTALL_TORCH})")
+    if spec.fp8 != Fp8Recipe.none and importlib.util.find_spec("torchao") is None:
+        raise MissingDependencyError(f"{what} is estimated by tracing the step with torchao's float8 layers: "
+                                     "pip install torchao (memcalc-train[fp8])")
     if spec.zero_stage or spec.offload != Offload.none:
         raise UsageError(f"{what} is estimated from the step traced op by op, which runs one process without ZeRO/FSDP "
                          "sharding or offload: drop {zero} and {offload}, or drop it"
@@ -376,7 +380,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     result.notes.extend(rule.notes)
     selective = spec.checkpointing == Checkpointing.selective_op
     offloaded = spec.activation_offload != ActivationOffload.none
-    traced_only = selective or offloaded or spec.compile
+    # (--fp8 on one process: torchao's float8 layers run on the CPU and under FakeTensorMode, so the step is traced
+    # with them; sharded, their casts are the engine's modelled fp8_casts term)
+    traced_fp8 = spec.fp8 != Fp8Recipe.none and not spec.zero_stage and spec.offload == Offload.none
+    traced_only = selective or offloaded or spec.compile or traced_fp8
     if traced_only:
         result.step, why, traced_kept, result.host_bytes = _traced_only(model, spec, run)
         result.notes.append(why)

@@ -58,7 +58,7 @@ from memcalc.parallel import RankHoldings, rank_holdings
 from memcalc.precision import BYTES_PER_DTYPE, Dtype, Recipe, get_recipe
 from memcalc.report import ModelSummary, PerGpu, PhaseTotal, Report, Totals, TrainingSummary
 from memcalc.resolve import ModelInput
-from memcalc.spec import Checkpointing, Fp8Recipe, LossKind, PipelineSchedule, Sharding, TrainingSpec
+from memcalc.spec import Checkpointing, Fp8Recipe, LossKind, Offload, PipelineSchedule, Sharding, TrainingSpec
 from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     ALL_PHASES,
@@ -567,8 +567,13 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_MODEL_STATES, phases=[] if on_cpu else ALL_PHASES, breakdown=states,
     ))
     # -- working memory of forward and backward ---------------------------------------------------------
+    # --fp8: torchao's Float8Linear casts its (fp32, under autocast) weight to float8 itself; autocast casts none of the
+    # converted layers' weights (measured on CPU steps with torchao's layers)
+    converted = _fp8_converted(tensors) if spec.fp8 != Fp8Recipe.none else []
+    converted_layer = max((sum(t.numel for t in converted if t.layer == layer) for layer in {t.layer for t in converted}),
+                          default=0)
     if recipe.autocast:
-        copy_numel = subset.autocast_copy_numel
+        copy_numel = max(0, subset.autocast_copy_numel - sum(t.numel for t in converted))
         bytes_per_compute = _bytes_per(recipe.compute_dtype)
         terms.append(Term(
             name=TERM_AUTOCAST_COPIES, bytes=copy_numel * bytes_per_compute,
@@ -577,8 +582,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                    "the cast copy for backward; seed 004 counts it as 6 B/param (4 fp32 + 2 copy)",
             category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD,
         ))
-        if subset.autocast_forward_only_numel:
-            in_layers = subset.autocast_forward_only_numel
+        in_layers = max(0, subset.autocast_forward_only_numel - sum(t.numel for t in converted if t.layer is not None))
+        if in_layers:
             terms.append(Term(
                 name=TERM_AUTOCAST_CHECKPOINTED, bytes=in_layers * bytes_per_compute,
                 formula=f"{_n(in_layers)} Linear weight params of the checkpointed layers x {bytes_per_compute} B",
@@ -588,12 +593,14 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                           "enters it around pp_schedule.step), so they stay" if spec.pp > 1 else ""),
                 category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD if spec.pp > 1 else FORWARD_ONLY,
             ))
-    if spec.fp8 != Fp8Recipe.none:
+    if spec.fp8 != Fp8Recipe.none and (spec.zero_stage or spec.offload != Offload.none):
+        # (one process: the step is traced with torchao's layers, their casts in its moments; activations.estimate)
         terms.append(_fp8_casts(tensors, spec))
-        notes.append(f"--fp8 {spec.fp8.value}: torchao's float8 Linear saves its bf16 input and weight, so the "
-                     "activations are the bf16 recipe's; its float8 casts are transients (fp8_casts); modelled from "
-                     "torchao's code, not measured (no GPU with float8 matmuls here); FSDP2's float8 all-gather of "
-                     "weights not modelled")
+        notes.append(f"--fp8 {spec.fp8.value} under sharding: torchao's float8 Linear saves its bf16 input and weight, "
+                     "so the activations are the bf16 recipe's; its float8 casts are counted as a transient "
+                     "(fp8_casts) at every moment of the forward and backward, modelled from torchao's code (eager "
+                     "casts go through fp32 copies, 8 B per element while they are made, which this leaves out; "
+                     "one process traces the real layers instead); FSDP2's float8 all-gather of weights not modelled")
     terms.extend(holdings.buffers)
     if holdings.weights_on_cpu_numel:
         terms.append(Term(
@@ -650,7 +657,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
 
     # A recomputed layer under autocast also redoes its weight casts.
     # (under --pp the autocast context spans backward: the recomputation finds its casts in the cache)
-    autocast_recompute = (subset.autocast_recompute_numel * _bytes_per(recipe.compute_dtype)
+    autocast_recompute = (max(0, subset.autocast_recompute_numel - converted_layer) * _bytes_per(recipe.compute_dtype)
                           if recipe.autocast and spec.pp == 1 else 0)
     head = _head_gradient(model, tensors, act.vocabulary_head, spec, recipe, holdings, act.backward_start_extra_bytes)
     encoder_grads = encoder_acts = 0
@@ -1330,16 +1337,22 @@ def _traced_phase_totals(terms: Sequence[Term], x: _Extras, names: set[str]) -> 
 FP8_SOURCE = ("torchao float8/float8_linear.py matmul_with_hp_or_float8_args: forward saves input_hp and weight_hp_t "
               "(the activations stay bf16) and casts both to float8; backward casts grad_output (for grad_input and, "
               "again, for grad_weight), the weight and the input; torchtitan's float8 converter leaves the output "
-              "layer bf16; modelled from the code, not measured (float8 matmuls need an sm89+ GPU)")
+              "layer bf16")
+
+
+def _fp8_converted(tensors: Sequence[ParamTensor]) -> list[ParamTensor]:
+    """The Linear weights torchtitan's float8 converter converts (components/quantization/utils.py module_filter_fn:
+    both dims multiples of 16, the output layer left bf16)."""
+    return [t for t in tensors if t.is_linear_weight and t.role != ROLE_LM_HEAD and len(t.shape) == 2
+            and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0]
 
 
 def _fp8_casts(tensors: Sequence[ParamTensor], spec: TrainingSpec) -> Term:
     """--fp8: the float8 copies one converted Linear makes at a time, at the largest (weight plus its input and
     output), counted in forward and backward alike (backward's are the larger: the forward's are a subset)."""
     tokens = spec.micro_batch_size * (spec.decoder_seq_len or spec.seq_len)
-    linears = [t for t in tensors if t.is_linear_weight and t.role != ROLE_LM_HEAD and len(t.shape) == 2]
     best = 0
-    for t in linears:
+    for t in _fp8_converted(tensors):
         out_features, in_features = t.shape
         # backward: grad_output twice (its two layouts), the weight, the input; 1 B each (float8)
         casts = 2 * tokens * out_features + out_features * in_features + tokens * in_features

@@ -85,10 +85,15 @@ def test_a_ddp_rank_is_replayed_with_its_buckets(wide, cli):
 
 
 @needs_torch
-def test_fp8_is_said_to_be_outside_the_replay(wide, cli):
+def test_fp8_replays_torchao_s_layers(wide, cli):
+    """The replayed step runs torchao's Float8Linear layers (eager), as the estimate's traced step does: its
+    requested peak is the estimate's peak."""
+    pytest.importorskip("torchao")
     result = cli(wide, "--precision", "bf16-pure", "--seq-len", "256", "--fp8", "tensorwise", "--reserved", "--json")
-    assert any(note.startswith("--fp8 tensorwise: the replay runs the step's bf16 Linear layers")
-               for note in result.json()["per_gpu"]["allocator"]["notes"])
+    data = result.json()
+    replayed = data["per_gpu"]["allocator"]
+    assert any(note.startswith("--fp8 tensorwise: the replay runs torchao's float8 layers") for note in replayed["notes"])
+    assert abs(replayed["requested_peak_bytes"] - data["per_gpu"]["peak_bytes"]) <= 1e-4 * data["per_gpu"]["peak_bytes"]
 
 
 @needs_torch

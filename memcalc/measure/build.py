@@ -9,11 +9,20 @@ nothing is downloaded (random weights). torch and transformers are imported insi
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from memcalc.datafile import shown
 from memcalc.errors import ConfigError, UnsupportedModelError
+
+# Loggers that speak when transformers' model modules import torchao (as they do when it is installed): torchao's
+# list of the CUDA kernels a CPU build lacks, torch's pytree a deprecation torchao triggers. Raised to ERROR where
+# the user left them unset, before anything here imports transformers; nothing memcalc reports comes through them.
+IMPORT_TIME_LOGGERS = ("torchao", "torch.utils._pytree")
+for _name in IMPORT_TIME_LOGGERS:
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 # Keys starting with "_" are memcalc metadata (_source, _aliases, ...), except these transformers fields.
 TRANSFORMERS_UNDERSCORE_FIELDS = frozenset({"_remove_final_layer_norm"})  # OPTConfig

@@ -160,8 +160,8 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
         notes.append("flash_attention_2 does not run on a CPU: the step was traced with sdpa, which also keeps no "
                      "s x s scores")
     if spec.fp8.value != "none":
-        notes.append(f"--fp8 {spec.fp8.value}: the replay runs the step's bf16 Linear layers; torchao's float8 casts "
-                     "(a transient per Linear, modelled from its code and counted in the estimate) are not in it")
+        notes.append(f"--fp8 {spec.fp8.value}: the replay runs torchao's float8 layers as they run eagerly (their "
+                     "casts' fp32 copies included; torch.compile fuses them away, which is not replayed)")
     if is_ddp(spec):
         notes.append("DDP rebuilds its buckets after the first step in the order gradients became ready; over the fake "
                      "process group the first step's buckets stay (the same sizes for a model whose layers run in "

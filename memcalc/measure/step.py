@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from memcalc.errors import UsageError
+from memcalc.errors import MissingDependencyError, UsageError
 from memcalc.measure import build
 from memcalc.measure import tracker as trk
 from memcalc.measure.measurement import Measurement
@@ -90,6 +90,7 @@ class StepSetup:
     qlora_double_quant: bool = True  # the absmax quantized again: dequantized in each forward
     qlora_lm_head: bool = False  # the output head 4-bit too
     compile: bool = False  # each decoder layer as Inductor compiles it (memcalc.measure.compiled)
+    fp8: str = "none"  # --fp8 tensorwise | rowwise: torchao's Float8Linear in place of the converted Linear layers
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -172,6 +173,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         dora=spec.dora, lora_modules_to_save=spec.lora_modules_to_save,
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
         qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head, compile=spec.compile,
+        fp8=spec.fp8.value,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -227,6 +229,8 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
                                    sixteen, setup.qlora_double_quant)
         if setup.qlora_upcast:
             qlora.upcast(model, quantized)
+    if setup.fp8 != "none":
+        _float8(model, setup.fp8)
     if setup.lora_rank:
         model = _with_lora(model, model_config, setup)
     if setup.compile:
@@ -240,6 +244,26 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
             compile_layer(layer)
     model.train()
     return model
+
+
+FP8_INSTALL = "--fp8 runs torchao's float8 layers: pip install torchao (memcalc-train[fp8])"
+
+
+def _float8(model: torch.nn.Module, recipe: str) -> None:
+    """torchtitan's float8 converter (components/quantization/float8.py, utils.module_filter_fn): torchao's
+    ``convert_to_float8_training`` with the recipe's ``Float8LinearConfig``, on every nn.Linear whose weight's dims are
+    multiples of 16, the output layer left out (torchtitan's ``output``, transformers' ``lm_head``). torchao's float8
+    ops run on the CPU (torch._scaled_mm) and under FakeTensorMode."""
+    try:  # (its import-time logs quieted: build.IMPORT_TIME_LOGGERS)
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise MissingDependencyError(FP8_INSTALL) from None
+
+    def convertible(module: torch.nn.Module, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module.weight.shape[0] % 16 == 0
+                and module.weight.shape[1] % 16 == 0 and "lm_head" not in fqn)
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=convertible)
 
 
 def _quantized_names(model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> set[str]:

@@ -252,7 +252,8 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
     largest_tensor = max((t.numel for t in base), default=0)
     unmodelled = ""
     if spec.qlora and path != PATH_QLORA:
-        unmodelled = "; QLoRA's quantizing load under this sharding is not modelled: counted as the sharded weights"
+        unmodelled = ("; QLoRA's quantizing load under this sharding is not modelled: what arrives whole is counted "
+                      "unquantized, the rest as the step's weights")
     if not architecture_known and path in (PATH_ZERO3, PATH_FSDP2):
         path, unmodelled = PATH_SHARDED, "; without an architecture its modules are unknown: counted as the weights"
 

@@ -251,4 +251,6 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
     candidates.sort(key=lambda c: (not c.fits, -c.tokens_per_second, c.peak_bytes))
     notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
                  "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")
+    notes.append("pipelines are searched with 1F1B and 2 x pp micro-batches; interleaved 1F1B and zero-bubble "
+                 "(--pp-schedule) are estimated for a layout you give, not searched")
     return LayoutPlan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)

@@ -244,7 +244,8 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
              model_type: str | None = None, conv1d: bool = False) -> LoadPhase:
     """The load's GPU peak on this rank and its host memory. ``base``: the model's tensors as the checkpoint holds
     them (no LoRA adapters); ``subset``: what the step trains (adapters, quantized and upcast names);
-    ``weights_bytes``: the step's weights term on this rank; ``bytes_16``: the 16-bit compute dtype's size (QLoRA
+    ``weights_bytes``: the step's weights term on this rank; ``bytes_per_weight``: the recipe's weight dtype's size
+    (what from_pretrained loads in); ``bytes_16``: the 16-bit compute dtype's size (QLoRA
     loads in it); ``upcast_fsdp2``: FSDP2 keeps fp32 shards of the trainable parameters (mixed precision);
     ``model_type`` (its checkpoint conversions) and ``conv1d`` (GPT-2's transposed weights)."""
     path = path_of(spec)
@@ -257,8 +258,8 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
     if not architecture_known and path in (PATH_ZERO3, PATH_FSDP2):
         path, unmodelled = PATH_SHARDED, "; without an architecture its modules are unknown: counted as the weights"
 
-    def phase(top: _Moment, host: int, description: str, accuracy: str, name: str = path) -> LoadPhase:
-        return LoadPhase(path=name, peak_bytes=top.bytes, moment=top.moment, breakdown=top.breakdown,
+    def phase(top: _Moment, host: int, description: str, accuracy: str) -> LoadPhase:
+        return LoadPhase(path=path, peak_bytes=top.bytes, moment=top.moment, breakdown=top.breakdown,
                          host_bytes=host, host_bytes_per_node=host * per_node, description=description + unmodelled,
                          accuracy=accuracy)
 

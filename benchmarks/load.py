@@ -40,6 +40,11 @@ FSDP2 = [
     ("llama-3-8b", 8, "amp-bf16"), ("qwen2.5-7b", 16, "bf16"), ("gemma-2-9b", 8, "bf16-pure"),
     ("mixtral-8x7b", 8, "bf16"), ("phi-3-mini", 4, "bf16"), ("gpt2", 4, "bf16"),
 ]
+# the same with accelerate's cpu_ram_efficient_loading (its fsdp2_load_full_state_dict run as rank 1)
+FSDP2_RAM_EFFICIENT = [
+    ("llama-3-8b", 8, "bf16"), ("qwen2.5-7b", 16, "amp-bf16"), ("gemma-2-9b", 8, "bf16-pure"),
+    ("mixtral-8x7b", 8, "bf16"), ("phi-3-mini", 4, "bf16"), ("gpt2", 4, "bf16"),
+]
 FULL_SIZE = [
     ("llama-3-8b", "--lora-rank 16 --qlora --seq-len 512 --checkpointing full"),
     ("llama-3-8b", "--lora-rank 16 --qlora --seq-len 2048 --checkpointing full"),
@@ -47,6 +52,7 @@ FULL_SIZE = [
     ("llama-3-8b", "--precision amp-bf16 --sharding torch --nodes 1 --gpus-per-node 8"),
     ("llama-3-8b", "--precision bf16 --fsdp --nodes 8 --gpus-per-node 8"),
     ("llama-3.1-70b", "--precision bf16 --fsdp --nodes 8 --gpus-per-node 8"),
+    ("llama-3.1-70b", "--precision bf16 --fsdp --nodes 8 --gpus-per-node 8 --cpu-ram-efficient-loading"),
     ("llama-3.1-70b", "--precision bf16 --zero 3 --nodes 8 --gpus-per-node 8"),
 ]
 
@@ -88,14 +94,17 @@ def fsdp2_rows() -> list[str]:
     from memcalc.engine import estimate
     from memcalc.measure.load import measure_fsdp2
 
-    lines = ["| model | GPUs | recipe | estimate (B) | measured (B) | error | moment |", "|---|---:|---|---:|---:|---:|---|"]
-    for model, gpus, precision in FSDP2:
+    lines = ["| model | GPUs | recipe | cpu_ram_efficient_loading | estimate (B) | measured (B) | error | moment |",
+             "|---|---:|---|---|---:|---:|---:|---|"]
+    cases = [(*case, False) for case in FSDP2] + [(*case, True) for case in FSDP2_RAM_EFFICIENT]
+    for model, gpus, precision, efficient in cases:
         found = model_input(model, None)
-        spec = TrainingSpec(precision=precision, num_gpus=gpus, sharding="fsdp", zero_stage=3)
+        spec = TrainingSpec(precision=precision, num_gpus=gpus, sharding="fsdp", zero_stage=3,
+                            cpu_ram_efficient_loading=efficient)
         loaded = estimate(found, spec).per_gpu.load
-        measured = measure_fsdp2(found.config, spec)
+        measured = measure_fsdp2(found.config, spec, rank=1 if efficient else 0)
         error = 100 * (loaded.peak_bytes - measured.peak_bytes) / measured.peak_bytes
-        lines.append(f"| {model} | {gpus} | {precision} | {loaded.peak_bytes:,} | "
+        lines.append(f"| {model} | {gpus} | {precision} | {'on' if efficient else 'off'} | {loaded.peak_bytes:,} | "
                      f"{measured.peak_bytes:,} | {error:+.4f}% | {loaded.moment} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
@@ -125,8 +134,8 @@ def _fields(flags: str) -> dict:
              "--gpus-per-node": ("gpus_per_node", int), "--zero": ("zero", int)}
     i = 0
     while i < len(words):
-        if words[i] in ("--qlora", "--fsdp"):
-            fields[words[i][2:]] = True
+        if words[i] in ("--qlora", "--fsdp", "--cpu-ram-efficient-loading"):
+            fields[words[i][2:].replace("-", "_")] = True
             i += 1
             continue
         name, kind = names[words[i]]

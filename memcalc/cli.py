@@ -137,6 +137,7 @@ def estimate(
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", min=1, help="GPUs per node (--gpus = nodes x this).")] = None,
     sharding: Annotated[Sharding, typer.Option("--sharding", help="Engine that shards: deepspeed (ZeRO), fsdp (FSDP2, stage 3 unless --zero), torch (DDP / ZeroRedundancyOptimizer).")] = Sharding.deepspeed,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Short for --sharding fsdp (with --zero 3 unless given).")] = False,
+    cpu_ram_efficient_loading: Annotated[bool, typer.Option("--cpu-ram-efficient-loading", help="With --fsdp: accelerate's cpu_ram_efficient_loading (only the main process loads the model on the host; the others receive each parameter by broadcast). Changes the load's host memory and GPU moment.")] = False,
     offload: Annotated[Offload, typer.Option("--offload", help="DeepSpeed ZeRO-Offload to CPU RAM.")] = Offload.none,
     deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="Read a DeepSpeed config (stage, offload, buckets, precision, micro-batch, accumulation, optimizer).")] = None,
     from_config: Annotated[str | None, typer.Option("--from", help="Estimate the run a trainer's config describes: HF TrainingArguments JSON, TRL, axolotl, torchtune or LLaMA-Factory YAML (YAML needs the [yaml] extra). Every key read is listed: mapped, read but not modelled, ignored; a flag it contradicts is an error.", show_default=False)] = None,

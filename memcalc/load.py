@@ -44,12 +44,20 @@ from the code above and say so.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc.model import ROLE_EMBEDDING, ROLE_EXPERT, ROLE_LM_HEAD, ParamTensor
+from memcalc.model import (
+    ROLE_EMBEDDING,
+    ROLE_EXPERT,
+    ROLE_LM_HEAD,
+    ParamTensor,
+    head_tied_to_embedding,
+    token_embedding,
+)
 from memcalc.parallel import fsdp2_shard_numel
 from memcalc.report import LoadPhase
 from memcalc.spec import Sharding, TrainingSpec
@@ -220,6 +228,34 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, upcast: bool, byt
     return _largest(moments)
 
 
+def _fsdp2_broadcast(tensors: Sequence[ParamTensor], spec: TrainingSpec, upcast: bool,
+                     bytes_per_weight: int) -> _Moment:
+    """accelerate's fsdp2_load_full_state_dict (cpu_ram_efficient_loading): the model sharded on the meta device, then
+    parameter by parameter in state-dict order each rank makes the whole tensor on the GPU (the main process copies it
+    in, the others receive it by broadcast), keeps its shard (distribute_tensor) and drops the whole one when the next
+    is made: the previous whole tensor beside the next for a moment. A head tied to the embedding is a state-dict
+    entry of its own, the last: the embedding sent whole once more, and its shard kept until accelerate ties the
+    weights again."""
+    def size(t: ParamTensor) -> int:
+        return BYTES_PER_FP32 if upcast and t.trainable else bytes_per_weight
+
+    order = list(tensors)
+    if head_tied_to_embedding(tensors) and (embedding := token_embedding(tensors)) is not None:
+        order.append(dataclasses.replace(embedding, name="lm_head.weight (tied)"))
+    moments, shards, previous = [], 0, 0
+    for t in order:
+        whole = t.numel * size(t)
+        shard = fsdp2_shard_numel(t.shape, spec.num_gpus) * size(t)
+        # distribute_tensor scatters padded chunks where dim 0 does not divide evenly: the padded one beside the shard
+        padded = shard if t.shape and t.shape[0] % spec.num_gpus else 0
+        moments.append(_Moment(shards + previous + whole, f"{t.name} broadcast whole",
+                               {TERM_WEIGHTS: shards, EXTRA_LOAD_UNIT: previous + whole}))
+        moments.append(_Moment(shards + whole + shard + padded, f"{t.name} broadcast whole",
+                               {TERM_WEIGHTS: shards + shard, EXTRA_LOAD_UNIT: whole + padded}))
+        shards, previous = shards + shard, whole
+    return _largest(moments)
+
+
 def _largest_module(tensors: Sequence[ParamTensor]) -> tuple[str, int]:
     modules: dict[str, int] = {}
     for t in tensors:
@@ -258,9 +294,10 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
     if not architecture_known and path in (PATH_ZERO3, PATH_FSDP2):
         path, unmodelled = PATH_SHARDED, "; without an architecture its modules are unknown: counted as the weights"
 
-    def phase(top: _Moment, host: int, description: str, accuracy: str) -> LoadPhase:
+    def phase(top: _Moment, host: int, description: str, accuracy: str, processes: int = per_node) -> LoadPhase:
+        """``processes``: how many of a node's processes hold ``host`` bytes."""
         return LoadPhase(path=path, peak_bytes=top.bytes, moment=top.moment, breakdown=top.breakdown,
-                         host_bytes=host, host_bytes_per_node=host * per_node, description=description + unmodelled,
+                         host_bytes=host, host_bytes_per_node=host * processes, description=description + unmodelled,
                          accuracy=accuracy)
 
     weights_only = _Moment(weights_bytes, "the weights on the GPU", {TERM_WEIGHTS: weights_bytes})
@@ -278,12 +315,21 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
         host = sum(t.numel * (BYTES_PER_FP32 if upcast_fsdp2 and t.trainable else bytes_per_weight) for t in base)
         if upcast_fsdp2 and bytes_per_weight < BYTES_PER_FP32 and trainable:
             host += trainable[-1].numel * bytes_per_weight  # the last cast: its 16-bit tensor beside its fp32 copy
+        if spec.cpu_ram_efficient_loading and not spec.qlora:
+            # (the main process's host memory: on the others the model is on the meta device)
+            return phase(_fsdp2_broadcast(tensors, spec, upcast_fsdp2, bytes_per_weight), host,
+                         "accelerate's fsdp2_prepare_model with cpu_ram_efficient_loading: only the main process loads "
+                         "the model on the host" + (" and casts its trainable parameters to fp32 there" if upcast_fsdp2
+                                                    else "")
+                         + "; the model is sharded on the meta device, then fsdp2_load_full_state_dict sends each "
+                           "parameter whole to every rank's GPU, which keeps its shard", MEASURED_FSDP2, processes=1)
         return phase(_fsdp2(tensors, spec, upcast_fsdp2, bytes_per_weight), host,
                      "accelerate's fsdp2_prepare_model (HF Trainer, fsdp_version 2, cpu_ram_efficient_loading off): "
                      "every process loads the model on the host"
                      + (", casts its trainable parameters to fp32 there" if upcast_fsdp2 else "")
                      + ", then fully_shard moves each unit whole to the GPU and shards it (with "
-                       "cpu_ram_efficient_loading only the main process holds the model on the host)", MEASURED_FSDP2)
+                       "--cpu-ram-efficient-loading only the main process holds the model on the host)",
+                     MEASURED_FSDP2)
     if path == PATH_ZERO3:
         module, numel = _largest_module(base)
         gathered = numel * bytes_per_weight

@@ -253,7 +253,9 @@ def _print_load(report: Report, console: Console, unit: str, explain: bool) -> N
     where = ("the run's peak" if per_gpu.peak_phase == Phase.load
              else f"below the step's {format_bytes(per_gpu.step_peak().bytes, unit)}")
     processes = report.training.num_gpus // max(report.training.num_nodes, 1)
-    if loaded.host_bytes:
+    if loaded.host_bytes and processes > 1 and loaded.host_bytes_per_node == loaded.host_bytes:
+        host = f"host RAM {format_bytes(loaded.host_bytes, unit)} in the main process only"
+    elif loaded.host_bytes:
         host = f"host RAM {format_bytes(loaded.host_bytes, unit)} per process"
         if processes > 1:
             host += f", {format_bytes(loaded.host_bytes_per_node, unit)} per node of {processes}"

@@ -69,6 +69,7 @@ class Request:
     gpus_per_node: int | None = None
     sharding: str = "deepspeed"
     fsdp: bool = False
+    cpu_ram_efficient_loading: bool = False
     offload: str = "none"
     deepspeed: str | os.PathLike[str] | None = None
     from_config: str | os.PathLike[str] | None = None
@@ -192,7 +193,7 @@ def _not_empty(request: Request, *names: str) -> None:
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
          "alloc_conf", "pp_schedule")
-_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
+_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
@@ -305,6 +306,7 @@ def _plan(request: Request) -> Plan:
         "qlora_upcast": request.qlora_upcast, "qlora_scope": request.qlora_scope,
         "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
         "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
+        "cpu_ram_efficient_loading": request.cpu_ram_efficient_loading,
         "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,
         "pp": request.pp, "pp_schedule": request.pp_schedule, "microbatches": request.microbatches,
         "pp_virtual": request.pp_virtual,

@@ -219,6 +219,9 @@ class TrainingSpec:
     compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa (torchtune's, litgpt's attention)
     fp8: Fp8Recipe = Fp8Recipe.none  # torchao float8 training of the Linear layers
+    # FSDP2 through accelerate: only the main process loads the model on the host; the others build it on the meta
+    # device and receive each parameter by broadcast (memcalc.load)
+    cpu_ram_efficient_loading: bool = False
     # Tensor parallelism (memcalc.tensor_parallel): tp ranks share each layer, torchtitan's plan; num_gpus / tp ranks
     # of data parallelism on top. sequence_parallel: the norms' regions split along the sequence (torchtitan's
     # SequenceParallel); loss_parallel: the head's output stays split over the vocabulary into the loss.
@@ -363,6 +366,8 @@ class TrainingSpec:
                 shown = value.value if isinstance(value, Enum) else value
                 raise UsageError(f"{{{given[0]}}} {shown} sets how QLoRA stores its base: add {{qlora}} (with "
                                  "{lora_rank} R)")
+        if self.cpu_ram_efficient_loading and self.sharding != Sharding.fsdp:
+            raise UsageError("{cpu_ram_efficient_loading} is accelerate's FSDP loading: use it with {fsdp}")
         if self.fp8 != Fp8Recipe.none and get_recipe(self.precision, self.master_dtype, self.grad_dtype,
                                                       self.state_dtype).compute_dtype != Dtype.bf16:
             raise UsageError(f"{{fp8}} {self.fp8.value} casts bf16 Linear inputs and weights to float8 (torchao): use "

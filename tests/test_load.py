@@ -9,6 +9,7 @@ import pytest
 
 from memcalc import api
 from memcalc.engine import estimate
+from memcalc.errors import UsageError
 from memcalc.model import ModelConfig
 from memcalc.resolve import model_of
 from memcalc.spec import TrainingSpec
@@ -91,6 +92,24 @@ def test_fsdp2_load_matches_fully_shard_on_the_fake_process_group(model, gpus, p
     measured = measure_fsdp2(found.config, spec)
     assert abs(report.per_gpu.load.peak_bytes - measured.peak_bytes) <= 2
     assert abs(measured.end_bytes - report.term(TERM_WEIGHTS).bytes) <= 2
+
+
+def test_ram_efficient_fsdp2_load_matches_accelerate_on_the_fake_process_group():
+    """accelerate's cpu_ram_efficient_loading: the units sharded on the meta device, then accelerate's own
+    fsdp2_load_full_state_dict sends each parameter whole (rank 1 of 4, GPT-2: a tied head, the embedding sent once
+    more at the end; 50,257 rows that 4 ranks do not divide, so distribute_tensor's padded chunk too): the estimate's
+    load peak to the byte. Only the main process holds the model on the host."""
+    pytest.importorskip("accelerate")
+    from memcalc.measure.load import measure_fsdp2
+
+    found = api.model_input("gpt2", None)
+    spec = TrainingSpec(precision="bf16", num_gpus=4, sharding="fsdp", zero_stage=3, cpu_ram_efficient_loading=True)
+    loaded = estimate(found, spec).per_gpu.load
+    assert loaded.moment == "lm_head.weight (tied) broadcast whole"
+    assert loaded.peak_bytes == measure_fsdp2(found.config, spec, rank=1).peak_bytes
+    assert loaded.host_bytes_per_node == loaded.host_bytes
+    with pytest.raises(UsageError, match="accelerate's FSDP loading"):
+        TrainingSpec(num_gpus=4, zero_stage=3, cpu_ram_efficient_loading=True)
 
 
 def test_each_process_of_a_node_holds_the_whole_model_on_the_host():

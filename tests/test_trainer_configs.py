@@ -60,7 +60,7 @@ EXPECTED = {
     "axolotl_fft-8b-liger-fsdp.yaml": ("axolotl", {
         "model": "NousResearch/Meta-Llama-3.1-8B", "batch_size": 2, "grad_accum": 4, "seq_len": 4096,
         "optim": "adamw", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "loss": "fused-linear",
-        "sharding": "fsdp", "zero": 3, "precision": "bf16"}),
+        "sharding": "fsdp", "zero": 3, "precision": "bf16", "cpu_ram_efficient_loading": True}),
     # "per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "cutoff_len: 2048", "finetuning_type: lora",
     # "lora_rank: 8", "lora_target: all"; checkpointing on (model_utils/checkpointing.py, not disabled); the
     # precision waits for the checkpoint's dtype (recipes below).

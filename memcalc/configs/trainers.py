@@ -669,6 +669,9 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     checkpointing = option(checkpointing_key)
     if checkpointing is not None and str(checkpointing[1]).lower() == "true":
         r.set("checkpointing", "full", checkpointing[0], checkpointing[1])
+    efficient = option("cpu_ram_efficient_loading")  # (accelerate's FSDP plugin: only the main process loads)
+    if efficient is not None and str(efficient[1]).lower() == "true":
+        r.set("cpu_ram_efficient_loading", True, efficient[0], efficient[1])
     r.note("the number of GPUs comes from the launcher, not the config: give --gpus N (and --nodes)")
     return True
 

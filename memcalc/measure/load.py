@@ -151,7 +151,9 @@ def measure_fsdp2(model_config: ModelConfig | Mapping[str, Any], spec: TrainingS
     FakeTensorMode (full size, no memory): for each unit in memcalc.load's order, its parameters arrive whole on the
     device (``to_empty``: what ``fully_shard``'s ``_move_states_to_device`` does with a model on the host; fp32 for the
     trainable ones under mixed precision, as accelerate casts them on the host first), then torch's own ``fully_shard``
-    makes this rank's padded shards, tracked. The host side (the model loaded in each process) is not measured."""
+    makes this rank's padded shards, tracked. With ``spec.cpu_ram_efficient_loading`` the units are sharded on the meta
+    device and accelerate's own ``fsdp2_load_full_state_dict`` fills them. The host side (the model loaded in each
+    process) is not measured."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
@@ -185,21 +187,42 @@ def measure_fsdp2(model_config: ModelConfig | Mapping[str, Any], spec: TrainingS
                     param.data = param.data.to(torch.float32)
         tracker = _LoadTracker()
         start = time.perf_counter()
+        broadcast = spec.cpu_ram_efficient_loading
         with FakeTensorMode(allow_non_fake_inputs=True), build.quiet_transformers(), tracker:
             tracker.start()
+            if broadcast and hasattr(model, "tie_weights"):
+                model.tie_weights()  # (accelerate re-ties after moving the model to the meta device)
+            output = model.get_output_embeddings()
+            tied = output is not None and output.weight is model.get_input_embeddings().weight
             for unit in units:
-                _arrive_and_shard([model.get_submodule(m) for m in dict.fromkeys(t.module for t in unit)],
+                modules = [model.get_submodule(m) for m in dict.fromkeys(t.module for t in unit)]
+                if tied and broadcast and unit is units[-1]:
+                    # (accelerate's tail: the final norm, the embedding and the tied head; on the meta device the
+                    # head's weight is the embedding's again after tie_weights)
+                    modules.append(output)
+                _arrive_and_shard(modules,
                                   lambda modules: fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh,
-                                                              mp_policy=policy))
+                                                              mp_policy=policy), on_meta=broadcast)
+            if broadcast:
+                # accelerate's own loading of the sharded meta model, as a process other than the main one (which
+                # copies in its host tensors where the others receive them: the same bytes on the device)
+                from types import SimpleNamespace
+
+                from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+
+                fsdp2_load_full_state_dict(SimpleNamespace(is_main_process=False, device=torch.device("cpu")), model,
+                                           {})
             end = tracker.live_bytes
         return LoadMeasurement(tracker.peak_bytes, end, 0, time.perf_counter() - start)
     finally:
         dist.destroy_process_group()
 
 
-def _arrive_and_shard(modules: list[torch.nn.Module], shard: Any) -> None:
-    """One unit: its parameters made whole on the device, then ``shard(modules)``. (A function of its own, so that
-    nothing here keeps a whole parameter alive after it.)"""
+def _arrive_and_shard(modules: list[torch.nn.Module], shard: Any, on_meta: bool = False) -> None:
+    """One unit: its parameters made whole on the device (``on_meta``: left on the meta device, as accelerate's
+    cpu_ram_efficient_loading shards them), then ``shard(modules)``. (A function of its own, so that nothing here
+    keeps a whole parameter alive after it.)"""
     for module in modules:
-        module.to_empty(device="cpu", recurse=False)
+        if not on_meta:
+            module.to_empty(device="cpu", recurse=False)
     shard(modules)

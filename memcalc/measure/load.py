@@ -31,11 +31,10 @@ import torch
 
 from memcalc.measure import build
 from memcalc.measure import tracker as trk
+from memcalc.measure.step import TORCH_DTYPES
 from memcalc.model import ModelConfig
 from memcalc.precision import get_recipe
 from memcalc.spec import TrainingSpec
-
-TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,8 @@ def measure(model_config: ModelConfig | Mapping[str, Any], spec: TrainingSpec) -
 
     raw = _raw(model_config)
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
-    weight = TORCH_DTYPE[recipe.weight_dtype.value]
-    load_dtype = (weight if weight != torch.float32 else TORCH_DTYPE[recipe.compute_dtype.value]) if spec.qlora else weight
+    weight = TORCH_DTYPES[recipe.weight_dtype]
+    load_dtype = (weight if weight != torch.float32 else TORCH_DTYPES[recipe.compute_dtype]) if spec.qlora else weight
     written = torch.float32 if load_dtype != torch.float32 else torch.bfloat16
     cls = build.model_class(build.hf_config(raw))
     kwargs: dict[str, Any] = {"dtype": load_dtype, "device_map": "cpu"}
@@ -171,7 +170,7 @@ def measure_fsdp2(model_config: ModelConfig | Mapping[str, Any], spec: TrainingS
         raise UsageError("measure_fsdp2 builds the bare transformers model: drop {lora_rank} and {freeze}")
     raw = _raw(model_config)
     recipe = get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
-    weight = TORCH_DTYPE[recipe.weight_dtype.value]
+    weight = TORCH_DTYPES[recipe.weight_dtype]
     upcast = recipe.master_dtype is not None
     subset = trainable.apply(model_of(ModelConfig("config", raw, "config")), spec)
     units = load.fsdp2_units(subset.tensors)

@@ -110,6 +110,7 @@ class StepSetup:
                 if self.activation_offload == "checkpoints" else f"{self.activation_offload} OffloadActivations"}
                if self.activation_offload != "none" else {}),
             **({"freeze": ",".join(self.freeze)} if self.freeze else {}),
+            **({"fp8": f"torchao Float8Linear ({self.fp8}; torchtitan's converter)"} if self.fp8 != "none" else {}),
             **({"compile": "each decoder layer: AOTAutograd with Inductor's decompositions and partition_fn, "
                            "Inductor's buffers as its scheduler plans them (emulated: no kernels built)"}
                if self.compile else {}),

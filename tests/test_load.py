@@ -146,3 +146,10 @@ def test_the_load_line_and_its_explanation(cli):
     assert "prepare_model_for_kbit_training" in out
     out = cli("llama-3-8b").stdout
     assert "load (before step 1):" in out and "below the step's" in out
+    # every process of a node holds the model on the host, unless accelerate's ram-efficient loading is on
+    out = " ".join(cli("llama-3-8b", "--fsdp", "--nodes", "2", "--gpus-per-node", "8").stdout.split())
+    # 8,030,261,248 params x 4 B (fp32 after accelerate's cast) + the head's 16-bit copy at the last cast, x 8
+    assert "host RAM 30.89 GiB per process, 247.15 GiB per node of 8" in out
+    out = " ".join(cli("llama-3-8b", "--fsdp", "--nodes", "2", "--gpus-per-node", "8",
+                       "--cpu-ram-efficient-loading").stdout.split())
+    assert "host RAM 30.89 GiB in the main process only" in out

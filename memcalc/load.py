@@ -145,12 +145,17 @@ def _checkpoint_order(name: str, fused: bool, model_type: str | None) -> list[tu
     return dot_natural_key(name)
 
 
+def _fused_experts(t: ParamTensor) -> bool:
+    """A MoE layer's experts as one 3-D parameter (transformers' gate_up_proj / down_proj)."""
+    return t.role == ROLE_EXPERT and len(t.shape) == 3
+
+
 def _converted(t: ParamTensor, model_type: str | None) -> int:
     """How many copies of a parameter exist at once while transformers builds it from the checkpoint's tensors: 2 for
     fused MoE experts (conversion_mapping.py: MergeModulelist stacks each list of per-expert tensors, which are then
     freed, so the per-expert tensors and the stack, or for gate_up_proj the two stacks and Concatenate's output,
     measured); 1 otherwise (the copy in the load dtype is the parameter)."""
-    return 2 if model_type in MERGED_EXPERTS and t.role == ROLE_EXPERT and len(t.shape) == 3 else 1
+    return 2 if model_type in MERGED_EXPERTS and _fused_experts(t) else 1
 
 
 def _arrivals(base: Sequence[ParamTensor], subset: TrainableSubset, bytes_per_element: int,
@@ -159,8 +164,7 @@ def _arrivals(base: Sequence[ParamTensor], subset: TrainableSubset, bytes_per_el
     ``bytes_per_element``; QLoRA's quantized weights quantized on arrival. The moments, and the bytes at the end."""
     double = subset.double_quant
     moments, loaded, made_map = [], 0, False
-    order = _load_order(tuple(t.name for t in base), tuple(t.role == ROLE_EXPERT and len(t.shape) == 3 for t in base),
-                        model_type)
+    order = _load_order(tuple(t.name for t in base), tuple(_fused_experts(t) for t in base), model_type)
     for t in (base[i] for i in order):
         value = t.numel * bytes_per_element
         if t.name in subset.quantized:
@@ -195,6 +199,12 @@ def _qlora(base: Sequence[ParamTensor], subset: TrainableSubset, bytes_16: int, 
     return _largest(moments)
 
 
+def _fsdp2_bytes(t: ParamTensor, upcast: bool, bytes_per_weight: int) -> int:
+    """Bytes per element FSDP2 holds of a tensor through accelerate: fp32 for a trainable one under mixed precision
+    (cast on the host before fully_shard), else the load dtype's."""
+    return BYTES_PER_FP32 if upcast and t.trainable else bytes_per_weight
+
+
 def fsdp2_units(tensors: Sequence[ParamTensor]) -> list[list[ParamTensor]]:
     """accelerate's fully_shard order: each decoder layer, the input embedding (untied), then the final norm with
     the head (and a tied embedding). The root's other parameters (GPT-2's position table) are counted with the last
@@ -215,7 +225,7 @@ def fsdp2_units(tensors: Sequence[ParamTensor]) -> list[list[ParamTensor]]:
 
 def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, upcast: bool, bytes_per_weight: int) -> _Moment:
     def size(t: ParamTensor) -> int:
-        return BYTES_PER_FP32 if upcast and t.trainable else bytes_per_weight
+        return _fsdp2_bytes(t, upcast, bytes_per_weight)
 
     moments, shards = [], 0
     for unit in fsdp2_units(tensors):
@@ -237,7 +247,7 @@ def _fsdp2_broadcast(tensors: Sequence[ParamTensor], spec: TrainingSpec, upcast:
     entry of its own, the last: the embedding sent whole once more, and its shard kept until accelerate ties the
     weights again."""
     def size(t: ParamTensor) -> int:
-        return BYTES_PER_FP32 if upcast and t.trainable else bytes_per_weight
+        return _fsdp2_bytes(t, upcast, bytes_per_weight)
 
     order = list(tensors)
     if head_tied_to_embedding(tensors) and (embedding := token_embedding(tensors)) is not None:
@@ -312,7 +322,7 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
     if path == PATH_FSDP2:
         tensors = subset.tensors
         trainable = [t for t in tensors if t.trainable]
-        host = sum(t.numel * (BYTES_PER_FP32 if upcast_fsdp2 and t.trainable else bytes_per_weight) for t in base)
+        host = sum(t.numel * _fsdp2_bytes(t, upcast_fsdp2, bytes_per_weight) for t in base)
         if upcast_fsdp2 and bytes_per_weight < BYTES_PER_FP32 and trainable:
             host += trainable[-1].numel * bytes_per_weight  # the last cast: its 16-bit tensor beside its fp32 copy
         if spec.cpu_ram_efficient_loading and not spec.qlora:

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from memcalc.model import (
     ROLE_EMBEDDING,
     ROLE_EXPERT,
-    ROLE_LM_HEAD,
     ParamTensor,
     head_tied_to_embedding,
     token_embedding,
@@ -212,7 +211,7 @@ def fsdp2_units(tensors: Sequence[ParamTensor]) -> list[list[ParamTensor]]:
     layers: dict[int, list[ParamTensor]] = {}
     embedding: list[ParamTensor] = []
     tail: list[ParamTensor] = []
-    tied = not any(t.role == ROLE_LM_HEAD for t in tensors)
+    tied = head_tied_to_embedding(tensors)
     for t in tensors:
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)

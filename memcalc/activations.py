@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from memcalc import context_parallel, pipeline
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
-from memcalc.families.base import Arch
+from memcalc.families.base import CAUSAL_LM, Arch
 from memcalc.families.heads import for_head
 from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, PART_MLP, Loss, Rule, Run
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
@@ -94,12 +94,16 @@ class ActivationEstimate:
     opening_backward_transient_bytes: int = 0  # a layer's backward at its first op (Rule.opening_transient)
     layer_forward_transient_bytes: int = 0  # a layer's forward at its largest, beyond what it saves (Rule.forward_transient)
     released_at_mlp_bytes: int = 0  # ... what it released by its MLP's backward (Rule.released_at_mlp)
+    released_at_last_mlp_bytes: int = 0  # ... the last layer's (Rule.released_at_last_mlp)
     mid_norm_transient_bytes: int = 0  # its norm's backward between the MLP's and attention's (Rule.mid_norm_transient)
     output_gradient_bytes: int = 0  # the layer's output gradient among its transients (Rule.output_gradient)
     released_at_scores_bytes: int = 0  # what its backward released by softmax's beyond its MLP's (Rule.released_at_scores)
     # ... and beside it the activations still kept then: the per-model ones but the final norm's and head's, and with
     # checkpointing the first layer's kept input
     first_layer_context_bytes: int = 0
+    # ForCausalLMLoss's shifted labels (int64 T, saved by nll_loss): released by nll_loss's backward, the step's first,
+    # so absent from every backward moment (the log-softmax's backward, where the loss's two gradients meet, comes after)
+    shifted_labels_bytes: int = 0
     notes: list[str] = field(default_factory=list)
     source: str = "none"  # TrainingSummary.activations: rules | trace | approximation | none
     # The loss is a cross-entropy over the vocabulary: the model has a language-model head (a V x h Linear, or the
@@ -418,12 +422,19 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.opening_backward_transient_bytes = rule.opening_transient
         result.layer_forward_transient_bytes = rule.forward_transient
         result.released_at_mlp_bytes = rule.released_at_mlp
+        result.released_at_last_mlp_bytes = (rule.released_at_mlp if rule.released_at_last_mlp is None
+                                             else rule.released_at_last_mlp)
         result.mid_norm_transient_bytes = rule.mid_norm_transient
         result.output_gradient_bytes = rule.output_gradient
         result.released_at_scores_bytes = rule.released_at_scores
         result.after_layers_bytes = sum(rule.per_model.get(part, 0) for part in (PART_FINAL_NORM, PART_HEAD,
                                                                                   PART_LOGIT_SOFTCAP))
         result.first_layer_context_bytes = rule.per_model_bytes - result.after_layers_bytes
+        if (described.derived and arch.head == CAUSAL_LM and rule.loss is not None and spec.loss == LossKind.standard
+                and max(run.tp, spec.pp, spec.cp) == 1):
+            # (the decoders' rules count them in PART_IDS; BERT's and T5's heads, named by class, read the labels given)
+            result.shifted_labels_bytes = BYTES_PER_INT64 * run.tokens
+            result.first_layer_context_bytes -= result.shifted_labels_bytes
         if run.eager and arch.num_heads:
             # Eager attention's backward, after the MLP's (whose activations are released by then): the probabilities'
             # gradient from the second matmul (c b a s^2) beside softmax's fp32 backward output (4 b a s^2) and the

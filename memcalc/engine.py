@@ -42,6 +42,7 @@ from memcalc.model import (
     ROLE_LM_HEAD,
     ROLE_LORA,
     ROLE_MLP,
+    ROLE_NORM,
     ROLE_POSITION_EMBEDDING,
     ParamTensor,
     head_tied_to_embedding,
@@ -700,6 +701,20 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # new V x h gradient beside the one held, before adding it in
     later_embedding = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
                        if spec.pp > 1 and accumulating and by_tensor else 0)
+    # Under autocast (one stage: a pipeline's autocast context spans the backward, its cache keeps every cast) the
+    # head's cast is released by the head's backward, the last layer's output projection's by its own (unless its layer
+    # is checkpointed: then a recomputed cast, EXTRA_RECOMPUTED_CASTS)
+    head_cast = last_output_cast = bytes_per_compute_cast = 0
+    if recipe.autocast and spec.pp == 1:
+        bytes_per_compute_cast = _bytes_per(recipe.compute_dtype)
+        cast = trainable.autocast_cast_weights(tensors, subset.quantized)
+        heads = [t for t in cast if t.role == ROLE_LM_HEAD]
+        if head_tied_to_embedding(tensors):
+            heads.append(token_embedding(tensors))
+        head_cast = sum(t.numel for t in heads if t not in converted)
+        last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
+        if last_layer is not None and not spec.checkpointed(last_layer):
+            last_output_cast = _output_projection_cast([t for t in cast if t not in converted], last_layer)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -712,7 +727,11 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         after_attention=act.after_attention_bytes, made_at_attention=made_at_attention,
         released_at_scores=act.released_at_scores_bytes,
         opening_gradients=act.opening_backward_transient_bytes,
-        released_at_mlp=act.released_at_mlp_bytes,
+        released_at_mlp=act.released_at_mlp_bytes, released_at_last_mlp=act.released_at_last_mlp_bytes,
+        shifted_labels=act.shifted_labels_bytes,
+        head_cast=head_cast * bytes_per_compute_cast, last_output_cast=last_output_cast * bytes_per_compute_cast,
+        made_at_last_mlp=(_made_at_last_mlp(tensors) * bytes_per_grad
+                          if whole_grads and not _stage_without_head(spec) else 0),
         mid_norm=act.mid_norm_transient_bytes,
         received_output_gradient=act.output_gradient_bytes if _stage_without_head(spec) else 0,
         casts_at_attention=min(autocast_recompute, attention_casts[1] * _bytes_per(recipe.compute_dtype)),
@@ -872,20 +891,37 @@ def _attention_casts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     return sum(attention), sum(attention) - max(attention, default=0)
 
 
-def _output_projection_cast(tensors: Sequence[ParamTensor]) -> int:
-    """Elements of the first decoder layer's MLP output projection (down_proj, fc2, c_proj) if autocast casts it."""
+def _output_projection_cast(tensors: Sequence[ParamTensor], layer: int | None = None) -> int:
+    """Elements of a decoder layer's MLP output projection (down_proj, fc2, c_proj) if autocast casts it (of ``tensors``,
+    the weights it casts); by default the first layer's."""
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
         return 0
-    first = min(layers)
-    outputs = [t.numel for t in tensors if t.layer == first and t.role == ROLE_MLP and t.is_linear_weight
+    at = min(layers) if layer is None else layer
+    outputs = [t.numel for t in tensors if t.layer == at and t.role == ROLE_MLP and t.is_linear_weight
                and _is_output_projection(t)]
     return max(outputs, default=0)
 
 
+def _made_at_last_mlp(tensors: Sequence[ParamTensor]) -> int:
+    """Trainable elements whose gradients exist at the last decoder layer's MLP's peak in backward: the final norm's
+    (the last norm outside the layers, weight and bias) and that layer's dense MLP output projection's, weight and bias
+    (its backward runs first)."""
+    layers = [t.layer for t in tensors if t.layer is not None]
+    if not layers:
+        return 0
+    last = max(layers)
+    modules = [t.name.rsplit(".", 1)[0] for t in tensors if t.layer is None and t.role == ROLE_NORM]
+    norms = [t for t in tensors if t.trainable and modules and t.layer is None and t.role == ROLE_NORM
+             and t.name.rsplit(".", 1)[0] == modules[-1]]
+    outputs = [t for t in tensors if t.trainable and t.layer == last and t.role == ROLE_MLP and _is_output_projection(t)]
+    return sum(t.numel for t in norms + outputs)
+
+
 def _is_output_projection(t: ParamTensor) -> bool:
-    """An MLP's output projection, its layer's last op (the first in its backward): down_proj, fc2, c_proj."""
-    return "down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj")
+    """An MLP's output projection, its layer's last op (the first in its backward): down_proj, fc2, c_proj,
+    dense_4h_to_h."""
+    return "down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj", "dense_4h_to_h")
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:
@@ -1017,6 +1053,11 @@ class _Extras:
     casts_at_mid_norm: int = 0  # ... and at the norm between its MLP and its attention (the attention's)
     opening_gradients: int = 0  # a layer's backward transients at its first op (Rule.opening_transient)
     released_at_mlp: int = 0  # what a layer's backward released before its MLP's (Rule.released_at_mlp)
+    released_at_last_mlp: int = 0  # ... the last layer's (Rule.released_at_last_mlp)
+    shifted_labels: int = 0  # the causal-LM loss's shifted labels, released by its backward's first op
+    head_cast: int = 0  # the head weight's autocast cast, released by the head's backward
+    last_output_cast: int = 0  # the last layer's output projection's cast (kept from the forward), released by its backward
+    made_at_last_mlp: int = 0  # the gradients made by the last layer's MLP's peak: the final norm's, its output projection's
     mid_norm: int = 0  # its norm's backward between its MLP's and attention's (Rule.mid_norm_transient)
     received_output_gradient: int = 0  # --pp, a stage without the head: its last layer's output gradient is received
     made_at_attention: int = 0  # the last layer's gradients made by its attention's backward (given with after_attention)
@@ -1118,6 +1159,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # gradients or, a moment later (the head's backward done), buffers kept for the whole backward (DeepSpeed
     # ZeRO-1/2's reduce bucket, set up at the first gradient) beside one recomputed layer under checkpointing.
     start = _alive(terms, lambda t: Phase.forward in t.phases and t.phases != FORWARD_ONLY)
+    if TERM_ACTIVATIONS in start:  # (the loss's shifted labels are released by its first backward op)
+        start[TERM_ACTIVATIONS] -= min(x.shifted_labels, start[TERM_ACTIVATIONS])
     start_terms = dict(start)
     if x.experts_kept:
         forward[EXTRA_EXPERTS_ALL_GATHER] = start[EXTRA_EXPERTS_ALL_GATHER] = x.experts_kept
@@ -1157,23 +1200,36 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     candidates = [(MOMENT_BACKWARD_START, start), (MOMENT_BACKWARD_END, end)]
     if x.layer_activations and x.layer_gradients:
         # The last layer's backward: what the forward saved but the loss's buffers, the head's weight gradient, the
-        # recomputed layer (checkpointing) and the gradients its backward makes on the way.
+        # recomputed layer (checkpointing) and the gradients its backward makes on the way; the head's autocast cast is
+        # released by the head's backward.
         at_attention = x.attention_gradients - x.last_layer_mlp - max(x.after_attention, x.released_at_scores)
-        last = {**at_head, **later,
-                EXTRA_LAYER_GRADIENTS: max(x.layer_gradients - x.released_at_mlp - x.received_output_gradient,
-                                           at_attention, x.opening_gradients - x.received_output_gradient)}
+        base = {**at_head, **later}
+        base.pop(EXTRA_HEAD_BACKWARD, None)
+        base.pop(EXTRA_EXPERTS_ALL_GATHER, None)  # (the last layer's all-gather was issued)
+        base[EXTRA_FSDP_BACKWARD_START] = x.fsdp_last_layer
+        if TERM_ACTIVATIONS in base:  # the final norm's and the head's saved tensors are released by then
+            base[TERM_ACTIVATIONS] -= min(x.after_layers, base[TERM_ACTIVATIONS])
+        if TERM_AUTOCAST_COPIES in base:
+            base[TERM_AUTOCAST_COPIES] -= min(x.head_cast, base[TERM_AUTOCAST_COPIES])
+        # At its MLP's peak its output projection's backward has run: that projection's saved input and its weight's
+        # cast released, its gradients and the final norm's made.
+        mlp = {**base, EXTRA_LAYER_GRADIENTS: x.layer_gradients - x.released_at_last_mlp - x.received_output_gradient}
+        if x.made_at_last_mlp:
+            mlp[TERM_GRADIENTS] = mlp.get(TERM_GRADIENTS, 0) + x.made_at_last_mlp
+        if TERM_AUTOCAST_COPIES in mlp:
+            mlp[TERM_AUTOCAST_COPIES] -= min(x.last_output_cast, mlp[TERM_AUTOCAST_COPIES])
+        if x.casts_at_mlp and mlp.get(EXTRA_RECOMPUTED_CASTS):
+            mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
+        others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
+                  {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
+        last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention and at_attention + x.made_at_attention - released_casts > x.layer_gradients:
             # its attention's backward, beside the layer's gradients made by then (eager: without the casts of the
             # weights whose backward has run)
-            last[EXTRA_LAYER_GRADIENTS] = at_attention
+            last = {**base, EXTRA_LAYER_GRADIENTS: at_attention}
             last[TERM_GRADIENTS] = last.get(TERM_GRADIENTS, 0) + x.made_at_attention
             last[EXTRA_RECOMPUTED_CASTS] = x.recomputed_casts - released_casts
-        last.pop(EXTRA_HEAD_BACKWARD, None)
-        last.pop(EXTRA_EXPERTS_ALL_GATHER, None)  # (the last layer's all-gather was issued)
-        last[EXTRA_FSDP_BACKWARD_START] = x.fsdp_last_layer
-        if TERM_ACTIVATIONS in last:  # the final norm's and the head's saved tensors are released by then
-            last[TERM_ACTIVATIONS] -= min(x.after_layers, last[TERM_ACTIVATIONS])
         candidates.append((MOMENT_LAST_LAYER_BACKWARD, last))
     stepped = _alive(terms, lambda t: t.phases == BACKWARD_ONLY and t.name in _STEPPED_IN_BACKWARD)
     if TERM_OPTIMIZER_TEMPORARIES in stepped:

@@ -172,19 +172,38 @@ def test_conformance_sample(family, toggle, raw):
 STEP_SAMPLE = [(family, toggle, raw, recipe, attention) for family, toggle, raw in SAMPLE_CASES
                for recipe, attention in (("bf16-pure", "eager"), ("amp-bf16", "eager"))
                if not (attention == "sdpa" and family in CONFORMANCE.NO_SDPA) and toggle in (
-                   "default", "window < seq", "use_cache false", "attention dropout", "qk layernorm")]
+                   "default", "window < seq", "use_cache false", "attention dropout", "qk layernorm", "dropout")]
 
 
 @pytest.mark.parametrize(("family", "toggle", "raw", "recipe", "attention"), STEP_SAMPLE,
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_the_rules_step_peak_is_the_traced_step_s(family, toggle, raw, recipe, attention):
     """The rules' step peak against the traced step (the real forward and backward op by op): not below by more
-    than 0.5%, and the same peak phase. Found this way: the KV cache's copies and the fp32 last hidden state that
-    the model's outputs hold through the loss (Rule.held; the forward moment was up to 2.8% low and its phase
-    wrong), the last layer's backward as a moment and Bloom's GeLUFunction backward (4.7% low)."""
+    than 0.5% either way (the issue's bound), and the same peak phase. Found this way: the KV cache's copies and the
+    fp32 last hidden state that the model's outputs hold through the loss (Rule.held; the forward moment was up to
+    2.8% low and its phase wrong), the last layer's backward as a moment and Bloom's GeLUFunction backward (4.7% low)."""
     found = CONFORMANCE.compare(raw, recipe, attention)
-    assert found.peak_error_pct >= -0.5 and found.same_phase, (found.peak_error_pct, found.rules_phase,
-                                                                found.traced_phase)
+    assert abs(found.peak_error_pct) <= 0.5 and found.same_phase, (found.peak_error_pct, found.rules_phase,
+                                                                   found.traced_phase)
+
+
+# The cells benchmarks/conformance.py had above 0.5% until the last layer's backward was read op by op (docs/accuracy.md
+# "Conformance"): GPT-2 under autocast +0.9% to +1.4% (checkpointed too), BLOOM with dropout +0.95%.
+LAST_LAYER = [("gpt2", "default", "amp-bf16", "sdpa", False), ("gpt2", "default", "amp-bf16", "eager", True),
+              ("bloom", "dropout", "amp-bf16", "eager", False)]
+
+
+@pytest.mark.parametrize(("family", "toggle", "recipe", "attention", "checkpointing"), LAST_LAYER,
+                         ids=lambda v: str(v))
+def test_the_last_layer_s_backward_is_the_traced_step_s(family, toggle, recipe, attention, checkpointing):
+    """At the last layer's MLP backward (the peak of these steps) the head's and the output projection's autocast
+    casts and that projection's saved input are released, its gradients and the final norm's made; checkpointed, a
+    recomputed GPT-2 layer's 16-bit c_proj input gradient is gone once cast; BLOOM's hidden-state gradient is fp32
+    under autocast. The rules' peak within 0.05% of the traced step's (hundreds of bytes: the trace's own inputs)."""
+    raw = next(r for f, t, r in CONFORMANCE.cases() if (f, t) == (family, toggle))
+    found = CONFORMANCE.compare(raw, recipe, attention, checkpointing)
+    assert abs(found.peak_error_pct) <= 0.05 and found.same_phase, (found.peak_error_pct, found.rules_phase,
+                                                                    found.traced_phase)
 
 
 def test_cache_keys_keep_the_config_fields_transformers_reads():

@@ -93,13 +93,16 @@ def activations(a: Arch, run: Run) -> Rule:
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     # A layer's backward transients: dense_4h_to_h's input gradient, then GeLUFunction.backward (modeling_bloom.py
     # bloom_gelu_back) makes tanh_out, 1 - tanh_out^2 and three products at once, each T x 4h, beside the hidden
-    # state's gradient: c T (6 x 4h + h), found by the traced step (memcalc/measure/timeline.py).
+    # state's gradient (the residual stream's dtype: fp32 under autocast): 6 c T 4h + r T h, found by the traced step
+    # (memcalc/measure/timeline.py).
     # Checkpointed (measured: BLOOM checkpointed CPU steps peak in GeLUFunction.backward): by then dense_4h_to_h's
     # backward has released its input, the GeLU's output (c T 4h), and input_layernorm saves the layer's kept input
-    # itself. (Without checkpointing the traced step, with CUDA's semantics, still holds the GeLU's output there: kept.)
+    # itself. (Without checkpointing the traced step, with CUDA's semantics, still holds the GeLU's output there at the
+    # first layer's turn, kept; at the last layer's it has released it, and the MLP's dropout_add mask before it.)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (6 * 4 * h + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                6 * c * tokens * 4 * h + run.residual * th, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
                 held=final_hidden_held(run, h), released_at_mlp=c * tokens * 4 * h if run.checkpointing else 0,
+                released_at_last_mlp=c * tokens * 4 * h + dropout_mask(a.dropout.get("hidden_dropout", 0.0), th),
                 recompute_saves_input=run.residual * th if run.checkpointing else 0)
 
 

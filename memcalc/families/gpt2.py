@@ -145,6 +145,10 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
     transient = c * tokens * intermediate + residual * tokens * h + gelu_grads
     if autocast:
         transient += BYTES_PER_FP32 * tokens * intermediate
+        if run.checkpointing and a.hidden_act in PYTHON_GELUS:
+            # (a recomputed layer's: its 16-bit gradient is gone once cast, and the product's peak comes before the
+            # cast of its 16-bit half's gradient; measured: GPT-2 checkpointed amp-bf16 steps, sdpa and eager)
+            transient -= c * tokens * intermediate
     released_at_scores = held_at_scores = 0
     if eager and not reordered:
         # eager_attention_forward's backward at softmax's (its largest moment): released by then what the layer made
@@ -158,14 +162,18 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
         held_at_scores = c * tokens * h + residual * tokens * h
     # Checkpointed, by then c_proj's backward has released its input (the gelu's product, or its cast under autocast),
     # which the MLP part counts (measured: GPT-2 checkpointed CPU steps peak inside NewGELU's backward). (Without
-    # checkpointing the traced step, with CUDA's semantics, still holds it there: kept, as BLOOM's.)
+    # checkpointing the traced step, with CUDA's semantics, still holds it there at the first layer's turn: kept, as
+    # BLOOM's; at the last layer's it has released it, and the MLP's residual dropout mask before it.)
+    released_at_last_mlp = ((c * tokens * intermediate if a.hidden_act in PYTHON_GELUS else 0)
+                            + (tokens * h if "resid_pdrop" in a.dropout else 0))
     released_at_mlp = c * tokens * intermediate if a.hidden_act in PYTHON_GELUS and run.checkpointing else 0
     # ln_1 saves the layer's input itself (LayerNorm keeps its input whatever the dtype): under checkpointing, the
     # layer's kept input, counted once.
     saves_input = residual * tokens * h if run.checkpointing else 0
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
                 transient, Loss(tokens, a.vocab_size, BYTES_PER_FP32),
-                held=final_hidden_held(run, h), released_at_mlp=released_at_mlp, recompute_saves_input=saves_input,
+                held=final_hidden_held(run, h), released_at_mlp=released_at_mlp,
+                released_at_last_mlp=released_at_last_mlp, recompute_saves_input=saves_input,
                 output_gradient=residual * tokens * h, released_at_scores=released_at_scores,
                 held_at_scores=held_at_scores,
                 # (attention dropout: its backward's gradient in and out in c, beside its 1-byte mask, just before)

@@ -142,6 +142,10 @@ class Rule:
     # What the layer's backward has released by its MLP's peak (Gemma2/3: the post-feed-forward norm's saves; GPT-2: the
     # output projection's input). 0: none.
     released_at_mlp: int = 0
+    # ... the last layer's, where it differs (None: released_at_mlp). Not checkpointed, the last layer's backward has
+    # released its output projection's saved input by its MLP's peak (GPT-2, BLOOM; found by the traced step) while the
+    # first layer's late moment, measured, still holds it.
+    released_at_last_mlp: int | None = None
     # The part of ``transient`` that is the layer's output gradient (held for the skip connection through its MLP's
     # backward): a pipeline stage's last layer gets it as the stage's receive buffer, counted there.
     output_gradient: int = 0

@@ -44,6 +44,7 @@ from memcalc.model import (
     ROLE_MLP,
     ROLE_NORM,
     ROLE_POSITION_EMBEDDING,
+    ROLE_ROUTER,
     ParamTensor,
     head_tied_to_embedding,
     token_embedding,
@@ -704,16 +705,20 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # Under autocast (one stage: a pipeline's autocast context spans the backward, its cache keeps every cast) the
     # head's cast is released by the head's backward, the last layer's output projection's by its own (unless its layer
     # is checkpointed: then a recomputed cast, EXTRA_RECOMPUTED_CASTS)
+    # (a MoE last layer keeps the moment as its block's transients were measured with: the head's cast counted, none
+    # of the releases or gradients below)
+    last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
+    dense_last = last_layer is not None and not any(t.layer == last_layer and t.role in (ROLE_EXPERT, ROLE_ROUTER)
+                                                    for t in tensors)
     head_cast = last_output_cast = bytes_per_compute_cast = 0
-    if recipe.autocast and spec.pp == 1:
+    if recipe.autocast and spec.pp == 1 and dense_last:
         bytes_per_compute_cast = _bytes_per(recipe.compute_dtype)
         cast = trainable.autocast_cast_weights(tensors, subset.quantized)
         heads = [t for t in cast if t.role == ROLE_LM_HEAD]
         if head_tied_to_embedding(tensors):
             heads.append(token_embedding(tensors))
         head_cast = sum(t.numel for t in heads if t not in converted)
-        last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
-        if last_layer is not None and not spec.checkpointed(last_layer):
+        if not spec.checkpointed(last_layer):
             last_output_cast = _output_projection_cast([t for t in cast if t not in converted], last_layer)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
@@ -731,7 +736,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         shifted_labels=act.shifted_labels_bytes,
         head_cast=head_cast * bytes_per_compute_cast, last_output_cast=last_output_cast * bytes_per_compute_cast,
         made_at_last_mlp=(_made_at_last_mlp(tensors) * bytes_per_grad
-                          if whole_grads and not _stage_without_head(spec) else 0),
+                          if whole_grads and dense_last and not _stage_without_head(spec) else 0),
+        dense_last_layer=dense_last,
         mid_norm=act.mid_norm_transient_bytes,
         received_output_gradient=act.output_gradient_bytes if _stage_without_head(spec) else 0,
         casts_at_attention=min(autocast_recompute, attention_casts[1] * _bytes_per(recipe.compute_dtype)),
@@ -1058,6 +1064,7 @@ class _Extras:
     head_cast: int = 0  # the head weight's autocast cast, released by the head's backward
     last_output_cast: int = 0  # the last layer's output projection's cast (kept from the forward), released by its backward
     made_at_last_mlp: int = 0  # the gradients made by the last layer's MLP's peak: the final norm's, its output projection's
+    dense_last_layer: bool = False  # the last layer's MLP is dense (the three above and its recomputed casts apply)
     mid_norm: int = 0  # its norm's backward between its MLP's and attention's (Rule.mid_norm_transient)
     received_output_gradient: int = 0  # --pp, a stage without the head: its last layer's output gradient is received
     made_at_attention: int = 0  # the last layer's gradients made by its attention's backward (given with after_attention)
@@ -1218,7 +1225,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             mlp[TERM_GRADIENTS] = mlp.get(TERM_GRADIENTS, 0) + x.made_at_last_mlp
         if TERM_AUTOCAST_COPIES in mlp:
             mlp[TERM_AUTOCAST_COPIES] -= min(x.last_output_cast, mlp[TERM_AUTOCAST_COPIES])
-        if x.casts_at_mlp and mlp.get(EXTRA_RECOMPUTED_CASTS):
+        if x.dense_last_layer and x.casts_at_mlp and mlp.get(EXTRA_RECOMPUTED_CASTS):
             mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
         others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
                   {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]

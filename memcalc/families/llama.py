@@ -419,8 +419,10 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
                                     - (BYTES_PER_FP32 if a.gemma_norm else run.residual) * run.sequence_tokens * h),
                 released_at_mlp=norm_own_bytes(a.gemma_norm, run, h) if a.sandwich else 0,
                 recompute_saves_input=saves_input, output_gradient=output_gradient(run, h),
-                # masking_utils.sdpa_mask's boolean sliding-window mask (1, 1, s, s), a checkpointed layer's argument
-                checkpoint_arguments=run.s * run.s if run.checkpointing and window_applies else 0)
+                # checkpointed layers' arguments: masking_utils.sdpa_mask's boolean sliding-window mask (1, 1, s, s),
+                # and the model's position_ids (cache_position.unsqueeze(0): int64 s, every layer's keyword argument)
+                checkpoint_arguments=((run.s * run.s if window_applies else 0) + BYTES_PER_INT64 * run.s
+                                      if run.checkpointing else 0))
 
 
 def norm_backward_transient(a: LlamaArch, run: Run) -> int:

@@ -898,8 +898,8 @@ def _attention_casts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
 
 
 def _output_projection_cast(tensors: Sequence[ParamTensor], layer: int | None = None) -> int:
-    """Elements of a decoder layer's MLP output projection (down_proj, fc2, c_proj) if autocast casts it (of ``tensors``,
-    the weights it casts); by default the first layer's."""
+    """Elements of a decoder layer's MLP output projection (``_is_output_projection``) if autocast casts it (of
+    ``tensors``, the weights it casts); by default the first layer's."""
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
         return 0

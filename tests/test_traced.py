@@ -281,3 +281,23 @@ def test_a_traced_classifier_runs_with_its_own_labels(tmp_path):
     assert report.training.activations == "trace"
     row = next(r for r in report.verify.rows if r.term == "activations")
     assert abs(row.error_pct) <= 0.1, row
+
+
+def test_rules_a_later_transformers_rewrote_say_so(monkeypatch):
+    """transformers 5.25 rewrote FalconAttention (modeling_falcon.py onto the shared eager/sdpa attention functions):
+    the Falcon rules, derived from 5.24, count saved activations -16% to +34% off the CPU forwards of 5.25 (a clean
+    install's suite, 2026-12-03). With 5.25 installed the estimate says so and names --activations trace; with 5.24, and for a family
+    whose code did not move, nothing is added."""
+    from memcalc import activations
+    from memcalc.api import model_input, run
+    from memcalc.spec import TrainingSpec
+
+    spec = TrainingSpec(seq_len=256)
+    for installed, model, expected in (((5, 25), "falcon-7b", True), ((5, 24), "falcon-7b", False),
+                                       ((5, 25), "llama-3-8b", False)):
+        monkeypatch.setattr(activations, "_installed_transformers", lambda installed=installed: installed)
+        notes = run(model_input(model, None), spec).notes
+        said = [note for note in notes if "hand rules follow transformers 5.24" in note]
+        assert bool(said) == expected, (installed, model, notes)
+        if said:
+            assert "--activations trace" in said[0] and "installed 5.25" in said[0]

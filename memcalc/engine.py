@@ -717,9 +717,10 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         heads = [t for t in cast if t.role == ROLE_LM_HEAD]
         if head_tied_to_embedding(tensors):
             heads.append(token_embedding(tensors))
-        head_cast = sum(t.numel for t in heads if t not in converted)
+        head_cast = sum(t.numel for t in heads)  # (the output layer is never converted to float8)
         if not spec.checkpointed(last_layer):
-            last_output_cast = _output_projection_cast([t for t in cast if t not in converted], last_layer)
+            in_float8 = {t.name for t in converted}
+            last_output_cast = _output_projection_cast([t for t in cast if t.name not in in_float8], last_layer)
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
@@ -1404,10 +1405,8 @@ FP8_SOURCE = ("torchao float8/float8_linear.py matmul_with_hp_or_float8_args: fo
 
 
 def _fp8_converted(tensors: Sequence[ParamTensor]) -> list[ParamTensor]:
-    """The Linear weights torchtitan's float8 converter converts (components/quantization/utils.py module_filter_fn:
-    both dims multiples of 16, the output layer left bf16)."""
-    return [t for t in tensors if t.is_linear_weight and t.role != ROLE_LM_HEAD and len(t.shape) == 2
-            and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0]
+    """The Linear weights torchtitan's float8 converter converts (trainable.float8_converts)."""
+    return [t for t in tensors if t.is_linear_weight and trainable.float8_converts(t.shape, t.role == ROLE_LM_HEAD)]
 
 
 def _fp8_casts(tensors: Sequence[ParamTensor], spec: TrainingSpec) -> Term:

@@ -171,6 +171,12 @@ def _modules_to_save(frozen: list[ParamTensor], names: tuple[str, ...]) -> list[
     return copies
 
 
+def float8_converts(shape: Sequence[int], output_layer: bool) -> bool:
+    """Whether torchtitan's float8 converter converts a Linear with this weight shape (components/quantization/utils.py
+    module_filter_fn: both dims multiples of 16; the output layer stays bf16)."""
+    return not output_layer and len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0
+
+
 def autocast_cast_weights(tensors: Sequence[ParamTensor], quantized: set[str] | frozenset[str]) -> list[ParamTensor]:
     """The weights torch.autocast casts to the compute dtype: every Linear weight (MoE routers' bare F.linear
     weights and LoRA's matrices too), not QLoRA's 4-bit base (dequantized on the fly)."""

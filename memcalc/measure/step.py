@@ -30,6 +30,7 @@ from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimImpl, OptimizerName, OptimizerSettings
 from memcalc.precision import Dtype, Recipe, get_recipe
 from memcalc.spec import Checkpointing, LossKind, TrainingSpec
+from memcalc.trainable import float8_converts
 from memcalc.vocab import TERM_OFFLOADED_ACTIVATIONS
 
 TORCH_DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
@@ -261,8 +262,7 @@ def _float8(model: torch.nn.Module, recipe: str) -> None:
         raise MissingDependencyError(FP8_INSTALL) from None
 
     def convertible(module: torch.nn.Module, fqn: str) -> bool:
-        return (isinstance(module, torch.nn.Linear) and module.weight.shape[0] % 16 == 0
-                and module.weight.shape[1] % 16 == 0 and "lm_head" not in fqn)
+        return isinstance(module, torch.nn.Linear) and float8_converts(tuple(module.weight.shape), "lm_head" in fqn)
 
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=convertible)
 

@@ -867,9 +867,20 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int,
     if experts or any(t.role == ROLE_EXPERT for t in mlp):
         outputs = experts or [t for t in mlp if t.role == ROLE_EXPERT]
     made_first = max((t.numel for t in outputs or mlp), default=0)
-    output = max((t.numel for t in attention), default=0)
     total = sum(t.numel for t in layer)
-    return total - made_first, sum(t.numel for t in attention) - output, total, total - sum(t.numel for t in mlp)
+    return (total - made_first, sum(t.numel for t in attention) - _attention_output(attention), total,
+            total - sum(t.numel for t in mlp))
+
+
+_ATTENTION_OUTPUTS = ("o_proj", "out_proj", "c_proj", "dense", "o", "wo")
+
+
+def _attention_output(attention: Sequence[ParamTensor]) -> int:
+    """Elements of an attention's output projection among its tensors (o_proj, out_proj, c_proj, dense, o: weight and
+    bias), whose backward comes before the q, k and v projections'; where none is named so, its largest tensor (equal
+    to q's in a Llama layer; a fused qkv projection, Falcon's query_key_value or GPT-2's c_attn, is larger than it)."""
+    named = [t.numel for t in attention if t.name.rsplit(".", 2)[-2:][0] in _ATTENTION_OUTPUTS]
+    return sum(named) if named else max((t.numel for t in attention), default=0)
 
 
 def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
@@ -881,21 +892,21 @@ def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
     last = max(layers)
     layer = [t for t in tensors if t.trainable and t.layer == last]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
-    output = max((t.numel for t in attention), default=0)
     norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
     first_norm = min((t.numel for t in norms), default=0)  # (the input norm's weight, made last; of equal sizes any)
-    return sum(t.numel for t in layer) - (sum(t.numel for t in attention) - output) - first_norm
+    return sum(t.numel for t in layer) - (sum(t.numel for t in attention) - _attention_output(attention)) - first_norm
 
 
 def _attention_casts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     """Elements of the first decoder layer's attention Linear weights, all of them (the autocast casts left once its
-    MLP's backward has run) and all but its output projection (the largest: those its attention's backward holds)."""
+    MLP's backward has run) and all but its output projection (those its attention's backward holds)."""
     layers = [t.layer for t in tensors if t.layer is not None]
     if not layers:
         return 0, 0
     first = min(layers)
-    attention = [t.numel for t in tensors if t.layer == first and t.role == ROLE_ATTENTION and t.is_linear_weight]
-    return sum(attention), sum(attention) - max(attention, default=0)
+    attention = [t for t in tensors if t.layer == first and t.role == ROLE_ATTENTION and t.is_linear_weight]
+    total = sum(t.numel for t in attention)
+    return total, total - _attention_output(attention)
 
 
 def _output_projection_cast(tensors: Sequence[ParamTensor], layer: int | None = None) -> int:
@@ -1232,12 +1243,15 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                   {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
         last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
-        if x.made_at_attention and at_attention + x.made_at_attention - released_casts > x.layer_gradients:
+        if x.made_at_attention:
             # its attention's backward, beside the layer's gradients made by then (eager: without the casts of the
-            # weights whose backward has run)
-            last = {**base, EXTRA_LAYER_GRADIENTS: at_attention}
-            last[TERM_GRADIENTS] = last.get(TERM_GRADIENTS, 0) + x.made_at_attention
-            last[EXTRA_RECOMPUTED_CASTS] = x.recomputed_casts - released_casts
+            # weights whose backward has run), where that is the larger: compared whole, as the MLP's moment counts
+            # what its output projection's backward made and released
+            attention = {**base, EXTRA_LAYER_GRADIENTS: at_attention}
+            attention[TERM_GRADIENTS] = attention.get(TERM_GRADIENTS, 0) + x.made_at_attention
+            attention[EXTRA_RECOMPUTED_CASTS] = x.recomputed_casts - released_casts
+            if sum(attention.values()) > sum(last.values()):
+                last = attention
         candidates.append((MOMENT_LAST_LAYER_BACKWARD, last))
     stepped = _alive(terms, lambda t: t.phases == BACKWARD_ONLY and t.name in _STEPPED_IN_BACKWARD)
     if TERM_OPTIMIZER_TEMPORARIES in stepped:

@@ -44,6 +44,7 @@ def resolve(raw: Mapping[str, Any], architecture: str) -> Arch:
         vocab_size=f.dim("vocab_size", MAX_VOCAB), tie_word_embeddings=f.flag("tie_word_embeddings"),
         num_labels=f.num_labels(), norm="layernorm", hidden_act="bloom_gelu",
         dropout=f.dropouts({"hidden_dropout": 0.0, "attention_dropout": 0.0}),
+        supports_sdpa=False,  # BloomPreTrainedModel sets no _supports_sdpa: transformers runs eager attention
     )
 
 
@@ -89,7 +90,6 @@ def activations(a: Arch, run: Run) -> Rule:
                f"{f' + dropout masks {dropout:,}' if dropout else ''}")
     per_model = parts(ids=2 * BYTES_PER_INT64 * tokens, loss_scalars=BYTES_PER_FP32, embeddings=layer_norm(run, th),
                       final_norm=layer_norm(run, th), head=c * th)
-    notes = [] if run.eager else ["BLOOM has no sdpa attention in transformers: counted as eager (b a s^2 scores)"]
     layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
     # A layer's backward transients: dense_4h_to_h's input gradient, then GeLUFunction.backward (modeling_bloom.py
     # bloom_gelu_back) makes tanh_out, 1 - tanh_out^2 and three products at once, each T x 4h, beside the hidden
@@ -100,7 +100,7 @@ def activations(a: Arch, run: Run) -> Rule:
     # itself. (Without checkpointing the traced step, with CUDA's semantics, still holds the GeLU's output there at the
     # first layer's turn, kept; at the last layer's it has released it, and the MLP's dropout_add mask before it.)
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                6 * c * tokens * 4 * h + run.residual * th, Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                6 * c * tokens * 4 * h + run.residual * th, Loss(tokens, a.vocab_size, BYTES_PER_FP32), [],
                 held=final_hidden_held(run, h), released_at_mlp=c * tokens * 4 * h if run.checkpointing else 0,
                 released_at_last_mlp=c * tokens * 4 * h + dropout_mask(a.dropout.get("hidden_dropout", 0.0), th),
                 recompute_saves_input=run.residual * th if run.checkpointing else 0)

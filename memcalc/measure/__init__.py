@@ -140,6 +140,11 @@ def run_verify(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, m
     config = _as_config(model_config)
     method = resolve_method(method)
     attn_implementation = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
+    if attn_implementation == "sdpa":
+        from memcalc.measure import build
+
+        if not build.sdpa_supported(config.raw):
+            attn_implementation = "eager"  # (a class without an sdpa path trains eager: the estimate counts it so)
     if method == METHOD_CPU_TRACKER:
         _check_fits_ram(estimate_for(config, spec), spec)
     elif method == METHOD_CUDA:

@@ -24,7 +24,16 @@ from memcalc import context_parallel, pipeline
 from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, UnsupportedModelError, UsageError
 from memcalc.families.base import CAUSAL_LM, Arch
 from memcalc.families.heads import for_head
-from memcalc.families.saved import PART_FINAL_NORM, PART_HEAD, PART_LOGIT_SOFTCAP, PART_MLP, Loss, Rule, Run
+from memcalc.families.saved import (
+    PART_FINAL_NORM,
+    PART_HEAD,
+    PART_LOGIT_SOFTCAP,
+    PART_MLP,
+    Loss,
+    Rule,
+    Run,
+    installed_transformers,
+)
 from memcalc.precision import BYTES_PER_DTYPE, Recipe
 from memcalc.spec import ActivationOffload, ActivationSource, Attention, Checkpointing, Fp8Recipe, LossKind, Offload
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -134,34 +143,6 @@ def _model_parts(rule: Rule) -> dict[str, int]:
     return {MODEL_PREFIX + part: num_bytes for part, num_bytes in rule.per_model.items()}
 
 
-# Hand rules derived from a transformers release whose code a later release rewrote: the model_type, the first release
-# that differs and what changed there. The rules stand (they are exact for the releases they follow) and say so.
-RULES_OUTDATED = {"falcon": ((5, 25), ("transformers 5.25 rewrote FalconAttention onto the shared eager and sdpa "
-                                       "attention functions; under 5.25 the saved activations these rules count read "
-                                       "-16% to +34% against CPU forwards"))}
-
-
-def _installed_transformers() -> tuple[int, int] | None:
-    """The installed transformers' (major, minor), read from its metadata (nothing imported); None when absent."""
-    try:
-        from importlib.metadata import version
-
-        major, minor = version("transformers").split(".")[:2]
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-    except Exception:  # noqa: BLE001 (not installed, or a version string this cannot read: no note)
-        return None
-
-
-def _outdated_note(model_type: str) -> str | None:
-    outdated = RULES_OUTDATED.get(model_type)
-    installed = _installed_transformers() if outdated else None
-    if outdated is None or installed is None or installed < outdated[0]:
-        return None
-    return (f"{model_type}'s hand rules follow transformers {outdated[0][0]}.{outdated[0][1] - 1}; the installed "
-            f"{installed[0]}.{installed[1]} runs other code ({outdated[1]}): run with --activations trace for the "
-            "estimate of the code you have")
-
-
 def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, Run]:
     """The family's hand rule, or the trace of the model's own code (``--activations``: auto takes the rules where
     the family has them and the trace elsewhere); whether it is traced; and the run as counted (a traced class
@@ -171,11 +152,7 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
     arch, family = described.arch, described.family
     source = spec.activations
     if source == ActivationSource.rules or (source == ActivationSource.auto and described.derived):
-        rule = family.activations(arch, run)
-        outdated = _outdated_note(family.model_type) if described.derived else None
-        if outdated:
-            rule.notes.append(outdated)
-        return rule, False, run
+        return family.activations(arch, run), False, run
     from memcalc.families import fallback_available
 
     if not fallback_available():
@@ -395,7 +372,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
               tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel, cp=spec.cp,
               ep=spec.ep, ep_load=spec.ep_load,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
-              decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv)
+              decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv,
+              transformers=installed_transformers() if family.release_dependent else None)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
                             "layers found)")

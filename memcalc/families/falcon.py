@@ -25,16 +25,23 @@ from memcalc.families.saved import (
     act_bytes,
     dropout_mask,
     final_hidden_held,
+    fp32_softmax_dropout,
     layer_norm,
     linear_input,
     parts,
+    unsaved_cache_copies,
 )
 from memcalc.families.tensors import Params, decoder_heads, simple_head
 from memcalc.model import ROLE_ATTENTION, ROLE_MLP, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
 
-SOURCE = ("derived from transformers modeling_falcon.py (FalconDecoderLayer, FalconAttention sdpa/eager); "
+SOURCE = ("derived from transformers 5.24 modeling_falcon.py (FalconDecoderLayer, FalconAttention sdpa/eager); "
           "checked against a CPU forward")
+SOURCE_525 = ("derived from transformers 5.25 modeling_falcon.py (FalconDecoderLayer, FalconAttention.forward with "
+              "sdpa_attention_forward / eager_attention_forward); checked against a CPU forward")
+# The first release whose FalconAttention differs: 5.25 moved it onto the shared attention functions (repeat_kv, an
+# fp32 softmax, dropout on the probabilities) and FalconModel always materialises the causal mask.
+REWRITTEN = (5, 25)
 
 _DEFAULTS = {  # models/falcon/configuration_falcon.py: FalconConfig
     "vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71,
@@ -116,8 +123,74 @@ def inventory(a: FalconArch) -> list[ParamTensor]:  # FalconForCausalLM
     return p.tensors
 
 
+def _norm_bytes(run: Run, th: int, two_norms: bool, parallel: bool) -> int:
+    """A FalconDecoderLayer's norms (FalconDecoderLayer.forward, the same in every release): each LayerNorm's input and
+    statistics, and their outputs as the Linears read them."""
+    if two_norms:
+        return 2 * layer_norm(run, th) - run.residual * th + 2 * run.c * th  # one shared input, two outputs
+    if parallel:
+        return layer_norm(run, th) + linear_input(run, th, 2)
+    return 2 * layer_norm(run, th) + 2 * run.c * th
+
+
+def _mlp_norm(run: Run, th: int, two_norms: bool, parallel: bool) -> int:
+    """What the norm feeding only the MLP saved, released by the norm's backward before attention's: the sequential
+    layout's post_attention_layernorm (its input, statistics and output), new_decoder_architecture's ln_mlp (its
+    statistics and output: it shares ln_attn's input); none with one norm for both (found by the traced step: Falcon
+    eager checkpointed steps of those layouts read +1% to +5.5% at the attention's backward without it)."""
+    if not parallel:
+        return layer_norm(run, th) + run.c * th
+    return layer_norm(run, th) - run.residual * th + run.c * th if two_norms else 0
+
+
+def _mlp_and_dropout(a: FalconArch, run: Run, parallel: bool) -> tuple[int, int]:
+    """FalconMLP (nn.GELU saves its input, dense_4h_to_h the output) and the layer's dropout masks: hidden_dropout
+    after the block, and in the sequential layout attention_dropout on the attention output first (dropout_add)."""
+    th = run.tokens * a.hidden_size
+    dropout = dropout_mask(a.dropout.get("hidden_dropout", 0.0), th)
+    if not parallel:
+        dropout += dropout_mask(a.dropout.get("attention_dropout", 0.0), th)
+    return act_bytes(a.hidden_act, run.c, run.tokens * a.intermediate_size), dropout
+
+
+def _mlp_transient(a: FalconArch, run: Run) -> int:
+    """Rule.transient: at the MLP's backward, dense_4h_to_h's input gradient and GELU's (c T (ffn + h) net of the
+    GELU output released), and with hidden_dropout, dropout_add's backward output: the block output's gradient times
+    the mask, a new tensor (c T h) beside the residual stream's (found by the traced step: Falcon fp32 eager steps with
+    dropout peak there)."""
+    dropout = run.c * run.tokens * a.hidden_size if a.dropout.get("hidden_dropout", 0.0) > 0 else 0
+    return run.c * run.tokens * (a.intermediate_size + a.hidden_size) + dropout
+
+
+def _checkpoint_arguments(run: Run) -> int:
+    """Rule.checkpoint_arguments: what checkpointed layers keep as arguments beside their inputs, FalconModel's
+    boolean causal mask (1, 1, s, s) that sdpa gets (eager's additive one the engine counts) and position_ids (int64 s)
+    (found by the traced step: Falcon sdpa checkpointed steps read -0.5% to -0.7% without them)."""
+    return (0 if run.eager else run.s * run.s) + BYTES_PER_INT64 * run.s if run.checkpointing else 0
+
+
+def _per_model(a: FalconArch, run: Run) -> dict[str, int]:
+    """Rotary cos and sin, input_ids and labels, the loss divisor, ln_f and the lm_head input."""
+    th = run.tokens * a.hidden_size
+    return parts(rotary=2 * run.s * a.head_dim * (BYTES_PER_FP32 if run.autocast else run.c),
+                 ids=2 * BYTES_PER_INT64 * run.tokens, loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th),
+                 head=run.c * th)
+
+
+def _notes(a: FalconArch) -> list[str]:
+    return ["Falcon with alibi (falcon-rw) is counted as the rotary layout: an approximation"] if a.alibi else []
+
+
 def activations(a: FalconArch, run: Run) -> Rule:
-    """FalconForCausalLM, rotary (alibi false), parallel attention and MLP.
+    """The rule for the transformers release the step runs (Run.transformers; not installed: the newest): 5.25 rewrote
+    FalconAttention onto the shared eager and sdpa attention functions."""
+    if run.transformers is not None and run.transformers < REWRITTEN:
+        return _activations_524(a, run)
+    return _activations_525(a, run)
+
+
+def _activations_524(a: FalconArch, run: Run) -> Rule:
+    """FalconForCausalLM as transformers 5.24 and earlier run it, rotary (alibi false), parallel attention and MLP.
 
     Per FalconDecoderLayer: one input_layernorm (Falcon-7B layout) or ln_attn and ln_mlp (new_decoder_architecture:
     both normalise the same input, saved once) - input r T h + stats per norm - and their outputs as
@@ -136,19 +209,14 @@ def activations(a: FalconArch, run: Run) -> Rule:
     the sequential layout (parallel_attn false) also drops the attention output with attention_dropout (T h).
     Per model: rotary cos and sin 2 s d, ln_f and the lm_head input, input_ids and labels, the loss divisor.
     """
-    h, heads, ffn = a.hidden_size, a.num_heads, a.intermediate_size
+    h, heads = a.hidden_size, a.num_heads
     new_arch = a.new_decoder_architecture
     multi_query = a.multi_query and not new_arch
     two_norms = new_arch and (a.num_ln_in_parallel_attn or 2) == 2
     parallel = a.parallel_attn or new_arch
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
     th, scores = tokens * h, b * heads * s * s
-    if two_norms:
-        norms = 2 * layer_norm(run, th) - run.residual * th + 2 * c * th  # one shared input, two outputs
-    elif parallel:
-        norms = layer_norm(run, th) + linear_input(run, th, 2)
-    else:
-        norms = 2 * layer_norm(run, th) + 2 * c * th
+    norms = _norm_bytes(run, th, two_norms, parallel)
     out_copy = c * th
     if run.eager:
         softmax = (BYTES_PER_FP32 + c) if run.autocast else c
@@ -164,17 +232,12 @@ def activations(a: FalconArch, run: Run) -> Rule:
             # without a cache (use_cache false, or checkpointing, which turns it off) sdpa's saved v keeps all of
             # it alive (3 c T h, not c T h). With a cache, DynamicLayer.update's torch.cat copies v.
             attention += 2 * c * th
-    mlp = act_bytes(a.hidden_act, c, tokens * ffn)
-    dropout = dropout_mask(a.dropout.get("hidden_dropout", 0.0), th)
-    if not parallel:  # sequential: dropout_add(attention_output, residual, config.attention_dropout) first
-        dropout += dropout_mask(a.dropout.get("attention_dropout", 0.0), th)
+    mlp, dropout = _mlp_and_dropout(a, run, parallel)
     # _split_heads picks k and v with a one-element index list ([-2], [-1]): each index saves its int64 tensor.
     split_indices = 2 * BYTES_PER_INT64 if multi_query or new_arch else 0
     formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
                f"{f' + dropout mask {dropout:,}' if dropout else ''}")
-    per_model = parts(rotary=2 * s * a.head_dim * (BYTES_PER_FP32 if run.autocast else c), ids=2 * BYTES_PER_INT64 * tokens,
-                      loss_scalars=BYTES_PER_FP32, final_norm=layer_norm(run, th), head=c * th)
-    notes = ["Falcon with alibi (falcon-rw) is counted as the rotary layout: an approximation"] if a.alibi else []
+    per_model, notes = _per_model(a, run), _notes(a)
     layer = parts(norms=norms, attention=attention + split_indices, mlp=mlp, dropout=dropout)
     # A layer's backward transients: the MLP's (c T (ffn + h)), and where sdpa runs its math backend (multi_query) at
     # the attention's backward the probabilities' gradient from the bmm and softmax's backward output, both fp32
@@ -205,14 +268,90 @@ def activations(a: FalconArch, run: Run) -> Rule:
         released_at_scores = c * th + BYTES_PER_FP32 * th + (c * th if run.autocast and not two_norms else 0)
         math_backend += (run.residual + BYTES_PER_FP32) * th + BYTES_PER_FP32 * tokens * a.head_dim
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
-                c * tokens * (ffn + h), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
+                _mlp_transient(a, run), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
                 held=final_hidden_held(run, h), attention_transient=math_backend,
                 released_at_scores=released_at_scores, forward_scores=forward_scores,
                 held_at_scores=held_at_scores, scores_backward_bytes=2 * run.residual,
                 # (the input norm saves the layer's input itself, LayerNorm keeping its input: under checkpointing,
                 # the layer's kept input)
-                recompute_saves_input=run.residual * th if run.checkpointing else 0)
+                recompute_saves_input=run.residual * th if run.checkpointing else 0,
+                checkpoint_arguments=_checkpoint_arguments(run))
+
+
+def _activations_525(a: FalconArch, run: Run) -> Rule:
+    """FalconForCausalLM as transformers 5.25 runs it (modeling_falcon.py FalconAttention.forward), rotary.
+
+    Norms, MLP and dropout after the block as in 5.24 (FalconDecoderLayer did not change). Attention: q, k and v are
+    views of the fused query_key_value output (new_decoder_architecture: q a flatten of a strided slice, a copy);
+    apply_rotary_pos_emb makes q and k anew; then ALL_ATTENTION_FUNCTIONS, the functions Llama uses. g key/value heads
+    (1 for multi_query), a heads. repeat_kv copies k and v for 1 < g < a only: with one kv head its expand-reshape
+    stays a view (stride 0 over the heads), with g == a it returns its input.
+      sdpa: FalconModel.forward always materialises the causal mask (create_causal_mask, allow_is_causal_skip=False),
+        so sdpa_attention_forward repeats k and v (use_gqa_in_sdpa wants no mask) and torch's sdpa keeps the boolean
+        mask as a float bias: q and the output (dense reads it in place) 2 c T h, k and v (c T h each when repeated;
+        else k's rotated copy, or its cast under autocast, laid out for every head, and v a view of the fused output
+        that keeps all of it alive without a cache, the cache's copy with one), logsumexp 4 T a, the mask c b s^2.
+      eager (eager_attention_forward): q, and k and v for every head (the matmuls copy what they cannot view as one
+        batch) 3 c T h, softmax(dtype=fp32) saves its fp32 output and .to(q's dtype) the matmul's copy
+        ((4 + c) b a s^2; fp32: one tensor), attention dropout's mask (applied since 5.25), the output's copy c T h.
+      With a cache DynamicLayer.update's torch.cat copies k and v: Rule.held, the copies attention does not save.
+    Per model as in 5.24 (cos and sin, ids, ln_f and the head's input).
+    """
+    h, heads, g = a.hidden_size, a.num_heads, a.num_kv_heads
+    new_arch = a.new_decoder_architecture
+    two_norms = new_arch and (a.num_ln_in_parallel_attn or 2) == 2
+    parallel = a.parallel_attn or new_arch
+    b, s, tokens, c = run.b, run.s, run.tokens, run.c
+    th, scores = tokens * h, b * heads * s * s
+    norms = _norm_bytes(run, th, two_norms, parallel)
+    out_copy = c * th
+    no_cache = not a.use_cache or run.checkpointing
+    copies = 1 < g < heads  # repeat_kv's copies
+    if run.eager:
+        probs_copy = c if c != BYTES_PER_FP32 else 0  # .to(fp32) of the fp32 softmax is the same tensor
+        attention = (3 * c * th + (BYTES_PER_FP32 + probs_copy) * scores + out_copy
+                     + fp32_softmax_dropout(a.dropout.get("attention_dropout", 0.0), run, scores))
+    else:
+        kv = c * tokens * g * a.head_dim
+        # k: the rotated copy, or its cache copy (one per kv head), unless repeated, or cast by autocast (the cast of
+        # an expanded view is laid out whole: every head)
+        k = c * th if copies or run.autocast else kv
+        # v: a view of the fused output, which sdpa then keeps whole without a cache; with one, the cache's copy
+        v = c * th if copies else c * tokens * _qkv_out(a) if no_cache else kv
+        attention = 2 * c * th + k + v + BYTES_PER_FP32 * tokens * heads + c * b * s * s
+    mlp, dropout = _mlp_and_dropout(a, run, parallel)
+    formula = (f"layer norms and Linear inputs {norms:,} + attention {attention:,} + MLP {mlp:,}"
+               f"{f' + dropout mask {dropout:,}' if dropout else ''}")
+    layer = parts(norms=norms, attention=attention, mlp=mlp, dropout=dropout)
+    held = final_hidden_held(run, h)
+    if not no_cache:
+        held += a.num_layers * unsaved_cache_copies(run, heads, g, a.head_dim, copies or run.eager)
+    released_at_scores = held_at_scores = 0
+    forward_scores = None
+    if run.eager:
+        # At softmax's backward (eager_attention_forward's, as Llama's): the second matmul's backward has released the
+        # probabilities' copy and v (every head), dense's input copy and, under autocast with one norm,
+        # dense_h_to_4h's input cast; waiting: v's gradient and the residual stream's and the attention branch's.
+        probs_released = c * scores if c != BYTES_PER_FP32 or run.autocast else 0
+        mlp_cast = c * th if run.autocast and parallel and not two_norms else 0
+        mlp_norm = _mlp_norm(run, th, two_norms, parallel)
+        released_at_scores = out_copy + c * th + probs_released + mlp_cast + mlp_norm
+        # (sequential: the attention output's gradient is the residual stream's, dropout_add's sum handing it on)
+        held_at_scores = c * th + (2 if parallel else 1) * run.residual * th
+        # A checkpointed layer's forward at softmax: its input, the masked scores (fp32 under autocast: the mask is in
+        # the embeddings' dtype), and FalconModel.forward's ``outputs`` holding the previous block's returned
+        # probabilities (r: the fp32 softmax output under autocast) are alive; not yet made, the probabilities' copy,
+        # dense's input copy, dense_h_to_4h's input cast and the sequential layout's post_attention_layernorm.
+        forward_scores = (((2 if a.num_layers > 1 else 1) * run.residual - (c if c != BYTES_PER_FP32 else 0)) * scores
+                          - out_copy - mlp_cast - (0 if parallel else mlp_norm))
+    return Rule([layer] * a.num_layers, formula, _per_model(a, run), SOURCE_525, a.num_layers * th * run.residual,
+                _mlp_transient(a, run), Loss(tokens, a.vocab_size, BYTES_PER_FP32), _notes(a), held=held,
+                released_at_scores=released_at_scores, forward_scores=forward_scores,
+                held_at_scores=held_at_scores,
+                recompute_saves_input=run.residual * th if run.checkpointing else 0,
+                checkpoint_arguments=_checkpoint_arguments(run))
 
 
 HEADS = decoder_heads("Falcon")
-FAMILIES = {"falcon": Family("falcon", HEADS, resolve, inventory, activations, lora_targets=("query_key_value",))}
+FAMILIES = {"falcon": Family("falcon", HEADS, resolve, inventory, activations, lora_targets=("query_key_value",),
+                             release_dependent=True)}

@@ -1,7 +1,7 @@
 """What a family's rules return (``Rule``), the run they are evaluated for (``Run``), and the saved-tensor
 counts several families share (norms, LayerNorm, activation functions, dropout masks, eager softmax).
 
-A family's ``activations(arch, run)`` follows its transformers (5.24) modeling code tensor by tensor, in the
+A family's ``activations(arch, run)`` follows its transformers (5.25) modeling code tensor by tensor, in the
 dtypes CUDA uses; each layer's bytes are given by part (norms, attention, MLP, autocast casts, dropout masks) so
 the report can break the activations term down. Notation: T = micro_batch * seq_len tokens, h hidden, c bytes
 of the compute dtype, r bytes of the residual stream (fp32 under autocast, else c).
@@ -9,6 +9,10 @@ of the compute dtype, r bytes of the residual stream (fp32 under autocast, else 
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -58,6 +62,9 @@ class Run:
     cp: int = 1  # --cp: context-parallel ranks sharing each sequence (s is this rank's share; attention is the ring)
     ep: int = 1  # --ep: expert-parallel ranks splitting each MoE layer's experts (tokens exchanged all-to-all)
     ep_load: float = 1.0  # --ep-load: the rank's routed pairs received per MoE layer over the average (T x top-k)
+    # The transformers release whose code the step runs, (major, minor), for the families whose rules follow more than
+    # one (Family.release_dependent: the installed one, installed_transformers); None: the newest the rules know.
+    transformers: tuple[int, int] | None = None
 
     @property
     def sequence_tokens(self) -> int:
@@ -78,6 +85,23 @@ class Run:
     def residual(self) -> int:
         """Bytes of the residual stream: fp32 under autocast (fp32 weights), else the compute dtype."""
         return BYTES_PER_FP32 if self.autocast else self.c
+
+
+@functools.cache
+def installed_transformers() -> tuple[int, int] | None:
+    """The installed transformers' (major, minor), from the name of the first transformers-*.dist-info on sys.path
+    (importlib.metadata's search order; nothing imported: importlib.metadata alone costs an estimate ~0.1 s); None
+    when absent or unreadable."""
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            found = re.fullmatch(r"transformers-(\d+)\.(\d+)[^-]*\.dist-info", name)
+            if found:
+                return int(found[1]), int(found[2])
+    return None
 
 
 LOSS_SOURCE = ("transformers loss_utils.ForCausalLMLoss: logits.float() then cross_entropy; log_softmax saves its "

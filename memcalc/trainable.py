@@ -212,6 +212,25 @@ def _autocast_copy_numel(tensors: list[ParamTensor], quantized: set[str],
     return kept, max(per_layer.values(), default=0), sum(per_layer.values())
 
 
+# The last few models' shards by (tensor list, tp, ep): an interleaved pipeline's rank is estimated at every moment of
+# its schedule (engine._interleaved_rank: hundreds of estimates of one model), each sharding the same tensors. The list
+# is held with its shards, so its id is not reused while cached; the shards are read, never changed.
+_SHARDS: dict[tuple[int, int, int], tuple[Sequence[ParamTensor], list[ParamTensor]]] = {}
+_SHARDS_KEPT = 4
+
+
+def _sharded(tensors: Sequence[ParamTensor], tp: int, ep: int) -> list[ParamTensor]:
+    key = (id(tensors), tp, ep)
+    hit = _SHARDS.get(key)
+    if hit is not None and hit[0] is tensors:
+        return hit[1]
+    sharded = expert_parallel.shard(tensor_parallel.shard(tensors, tp), ep)
+    if len(_SHARDS) >= _SHARDS_KEPT:
+        del _SHARDS[next(iter(_SHARDS))]
+    _SHARDS[key] = (tensors, sharded)
+    return sharded
+
+
 def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
     copies of them."""
@@ -219,7 +238,7 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     pipeline.check(model.described, spec.pp_stages, spec.pp_layers, pipeline.stages_named(spec))
     context_parallel.check(model.described, spec)
     expert_parallel.check(model.described, spec.ep)
-    tensors = expert_parallel.shard(tensor_parallel.shard(model.tensors, spec.tp), spec.ep)
+    tensors = _sharded(model.tensors, spec.tp, spec.ep)
     if spec.pp > 1:
         tensors = pipeline.stage_tensors(tensors, spec, model.described.arch.num_layers)
     notes: list[str] = []

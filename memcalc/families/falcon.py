@@ -123,14 +123,21 @@ def inventory(a: FalconArch) -> list[ParamTensor]:  # FalconForCausalLM
     return p.tensors
 
 
-def _norm_bytes(run: Run, th: int, two_norms: bool, parallel: bool) -> int:
-    """A FalconDecoderLayer's norms (FalconDecoderLayer.forward, the same in every release): each LayerNorm's input and
-    statistics, and their outputs as the Linears read them."""
+def _norm_layout(a: FalconArch, run: Run) -> tuple[bool, bool, int]:
+    """A FalconDecoderLayer's norms (FalconDecoderLayer.forward, the same in every release): whether ln_attn and ln_mlp
+    normalise the same input (new_decoder_architecture), whether attention and MLP run in parallel, and the bytes the
+    norms save: each LayerNorm's input and statistics, and their outputs as the Linears read them."""
+    new_arch = a.new_decoder_architecture
+    two_norms = new_arch and (a.num_ln_in_parallel_attn or 2) == 2
+    parallel = a.parallel_attn or new_arch
+    th = run.tokens * a.hidden_size
     if two_norms:
-        return 2 * layer_norm(run, th) - run.residual * th + 2 * run.c * th  # one shared input, two outputs
-    if parallel:
-        return layer_norm(run, th) + linear_input(run, th, 2)
-    return 2 * layer_norm(run, th) + 2 * run.c * th
+        norms = 2 * layer_norm(run, th) - run.residual * th + 2 * run.c * th  # one shared input, two outputs
+    elif parallel:
+        norms = layer_norm(run, th) + linear_input(run, th, 2)
+    else:
+        norms = 2 * layer_norm(run, th) + 2 * run.c * th
+    return two_norms, parallel, norms
 
 
 def _mlp_norm(run: Run, th: int, two_norms: bool, parallel: bool) -> int:
@@ -212,11 +219,9 @@ def _activations_524(a: FalconArch, run: Run) -> Rule:
     h, heads = a.hidden_size, a.num_heads
     new_arch = a.new_decoder_architecture
     multi_query = a.multi_query and not new_arch
-    two_norms = new_arch and (a.num_ln_in_parallel_attn or 2) == 2
-    parallel = a.parallel_attn or new_arch
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
     th, scores = tokens * h, b * heads * s * s
-    norms = _norm_bytes(run, th, two_norms, parallel)
+    two_norms, parallel, norms = _norm_layout(a, run)
     out_copy = c * th
     if run.eager:
         softmax = (BYTES_PER_FP32 + c) if run.autocast else c
@@ -298,12 +303,9 @@ def _activations_525(a: FalconArch, run: Run) -> Rule:
     Per model as in 5.24 (cos and sin, ids, ln_f and the head's input).
     """
     h, heads, g = a.hidden_size, a.num_heads, a.num_kv_heads
-    new_arch = a.new_decoder_architecture
-    two_norms = new_arch and (a.num_ln_in_parallel_attn or 2) == 2
-    parallel = a.parallel_attn or new_arch
     b, s, tokens, c = run.b, run.s, run.tokens, run.c
     th, scores = tokens * h, b * heads * s * s
-    norms = _norm_bytes(run, th, two_norms, parallel)
+    two_norms, parallel, norms = _norm_layout(a, run)
     out_copy = c * th
     no_cache = not a.use_cache or run.checkpointing
     copies = 1 < g < heads  # repeat_kv's copies

@@ -487,10 +487,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                    "beside the embeddings', head's and loss's saves)")
     elif spec.checkpointing == Checkpointing.full:
         kept = rule.kept
+        later_masks = 0  # (the masks only later layers hold: released before the first layer's backward)
         if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
             # masking_utils.create_causal_mask gives eager attention a 4-D additive mask (b, 1, s, s) in the
             # embeddings' dtype (fp32 under autocast); checkpointed layers hold it as an argument until backward.
-            kept += run.residual * run.b * run.s * run.s
+            mask = run.residual * run.b * run.s * run.s
+            kept += rule.eager_masks * mask
+            later_masks = (rule.eager_masks - 1) * mask
         kept += rule.checkpoint_arguments
         total = kept + per_model
         breakdown = {KEPT_INPUTS: kept, **_model_parts(rule)}
@@ -515,9 +518,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             if result.ring_forward_bytes:  # --cp: the layer's ring attention (its recomputation's: the engine's)
                 ring = (result.recompute_bytes - mlp - result.after_attention_bytes) + result.ring_forward_bytes
                 result.checkpointed_forward_bytes = max(result.checkpointed_forward_bytes, ring)
-            # The first layer's backward: its own kept input (and the eager mask) beside the per-model activations
+            # The first layer's backward: its own kept input (and its eager mask) beside the per-model activations
             result.first_layer_context_bytes += (kept - rule.kept + rule.kept // len(layer_totals)
-                                                 - rule.recompute_saves_input)
+                                                 - rule.recompute_saves_input - later_masks)
         formula = (f"layer inputs {kept:,} B + per model {per_model:,} B; during backward one layer is "
                    f"recomputed at a time ({result.recompute_bytes:,} B: {rule.formula})")
     elif selective:
@@ -538,7 +541,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         saved = [i for i in range(len(layer_totals)) if i not in checkpointed]
         kept = kept_per_layer * len(checkpointed)
         if checkpointed and run.eager and (traced or family.checkpoint_keeps_causal_mask):
-            kept += run.residual * run.b * run.s * run.s  # the 4-D mask, one tensor whatever holds it
+            kept += rule.eager_masks * run.residual * run.b * run.s * run.s  # (each mask one tensor, whatever holds it)
         total = kept + sum(layer_totals[i] for i in saved) + per_model
         breakdown = {**({KEPT_INPUTS: kept} if kept else {}), **_summed_parts(rule, saved), **_model_parts(rule)}
         if checkpointed:

@@ -179,6 +179,9 @@ class Rule:
     # Checkpointing: what the checkpointed layers hold as arguments beside their inputs (sdpa with a sliding window
     # shorter than the sequence: the boolean mask, 1 B per (query, key)). 0: nothing.
     checkpoint_arguments: int = 0
+    # Checkpointing, eager attention: how many 4-D additive masks (b, 1, s, s) the checkpointed layers hold as arguments:
+    # one, or two in a stack of sliding-window and full-attention layers (each kind gets its own mask).
+    eager_masks: int = 1
     # Checkpointing: the bytes of a recomputed layer's saves that are its kept input itself (an input norm that saves an
     # fp32 input as it is): counted once, with the kept inputs. 0: the layer saves its own copy.
     recompute_saves_input: int = 0

@@ -875,11 +875,16 @@ def _first_layer_pending(tensors: Sequence[ParamTensor]) -> tuple[int, int, int,
 _ATTENTION_OUTPUTS = ("o_proj", "out_proj", "c_proj", "dense", "o", "wo")
 
 
+def _leaf_module(t: ParamTensor) -> str:
+    """The last part of the module that owns ``t`` (``self_attn.o_proj`` -> ``o_proj``)."""
+    return t.module.rsplit(".", 1)[-1]
+
+
 def _attention_output(attention: Sequence[ParamTensor]) -> int:
     """Elements of an attention's output projection among its tensors (o_proj, out_proj, c_proj, dense, o: weight and
     bias), whose backward comes before the q, k and v projections'; where none is named so, its largest tensor (equal
     to q's in a Llama layer; a fused qkv projection, Falcon's query_key_value or GPT-2's c_attn, is larger than it)."""
-    named = [t.numel for t in attention if t.name.rsplit(".", 2)[-2:][0] in _ATTENTION_OUTPUTS]
+    named = [t.numel for t in attention if _leaf_module(t) in _ATTENTION_OUTPUTS]
     return sum(named) if named else max((t.numel for t in attention), default=0)
 
 
@@ -929,9 +934,9 @@ def _made_at_last_mlp(tensors: Sequence[ParamTensor]) -> int:
     if not layers:
         return 0
     last = max(layers)
-    modules = [t.name.rsplit(".", 1)[0] for t in tensors if t.layer is None and t.role == ROLE_NORM]
+    modules = [t.module for t in tensors if t.layer is None and t.role == ROLE_NORM]
     norms = [t for t in tensors if t.trainable and modules and t.layer is None and t.role == ROLE_NORM
-             and t.name.rsplit(".", 1)[0] == modules[-1]]
+             and t.module == modules[-1]]
     outputs = [t for t in tensors if t.trainable and t.layer == last and t.role == ROLE_MLP and _is_output_projection(t)]
     return sum(t.numel for t in norms + outputs)
 
@@ -939,7 +944,7 @@ def _made_at_last_mlp(tensors: Sequence[ParamTensor]) -> int:
 def _is_output_projection(t: ParamTensor) -> bool:
     """An MLP's output projection, its layer's last op (the first in its backward): down_proj, fc2, c_proj,
     dense_4h_to_h."""
-    return "down_proj" in t.name or t.name.rsplit(".", 2)[-2:][0] in ("fc2", "c_proj", "dense_4h_to_h")
+    return "down_proj" in t.name or _leaf_module(t) in ("fc2", "c_proj", "dense_4h_to_h")
 
 
 def _embedding_grads_produced_last(tensors: Sequence[ParamTensor], shared: ParamTensor | None) -> int:

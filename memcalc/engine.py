@@ -33,7 +33,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc import activations, expert_parallel, load, pipeline, tensor_parallel, trainable
+from memcalc import activations, expert_parallel, load, parallel, pipeline, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -441,11 +441,12 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
     dp = spec.data_parallel
     notes.append(f"tensor parallelism: {spec.tp} ranks share each layer ({tensor_parallel.SOURCE}); the most loaded "
                  f"rank is reported{f', {dp} data-parallel groups of them' if dp > 1 else ''}")
-    if dp > 1 and spec.sharding != Sharding.fsdp:
+    if dp > 1 and (spec.sharding != Sharding.fsdp or spec.pp > 1):
         notes.append(f"data parallelism over tensor-parallel ranks: the {holdings.engine} figures are for each rank's "
                      "shards, composed from the two models (FSDP2 over them is measured; this engine is not)")
-    if holdings.effective_stage >= 2:
+    if holdings.effective_stage >= 2 and holdings.engine != parallel.ENGINE_FSDP2_PIPELINE:
         return holdings  # (FSDP2's reduce-scatter leaves each rank its shard of the embedding's gradient: measured)
+    # (on a pipeline stage FSDP2 accumulates the unsharded gradients to the schedule's end: the whole one counted)
     extra = tensor_parallel.whole_gradient_extra(model.tensors, spec.tp)
     if not extra:
         return holdings
@@ -488,6 +489,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     bytes_per_weight, bytes_per_grad = _bytes_per(recipe.weight_dtype), _bytes_per(recipe.grad_dtype)
     holdings = rank_holdings(tensors, _data_parallel_spec(spec), recipe.master_dtype, model.architecture_known,
                              bytes_per_weight, bytes_per_grad)
+    if spec.pp > 1 and holdings.engine == "fsdp2":
+        holdings = parallel.fsdp2_under_pipeline(tensors, _data_parallel_spec(spec), recipe.master_dtype is not None,
+                                                 bytes_per_weight)
     notes.extend(holdings.notes)
     if spec.tp > 1:
         holdings = _tensor_parallel_holdings(holdings, model, spec, notes)
@@ -524,7 +528,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         and spec.microbatches > pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b"))
     grad_phases = ALL_PHASES if accumulating else BACKWARD_AND_STEP
     if holdings.grads_held == "gpu-backward":
-        grad_phases = FORWARD_BACKWARD if spec.grad_accum > 1 else BACKWARD_ONLY
+        grad_phases = FORWARD_BACKWARD if accumulating else BACKWARD_ONLY
     if spec.grad_accum > 1:
         notes.append(f"--grad-accum {spec.grad_accum}: gradients stay alive through the forward and backward of "
                      "micro-batches 2 onward (counted); activations are per micro-batch and do not grow")
@@ -679,7 +683,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # last) unless the embedding is tied to the head or shared by two stacks (a contribution already waits for
     # it); ZeRO-2/3 hold flat partitions instead, so not there.
     # (A later micro-batch's backward - gradient accumulation, a pipeline stage's - finds every gradient made.)
-    by_tensor = stage < 2 and not in_backward
+    # (FSDP2 on a pipeline stage: its unsharded gradients are made tensor by tensor, as without sharding)
+    by_tensor = (stage < 2 or holdings.engine == parallel.ENGINE_FSDP2_PIPELINE) and not in_backward
     whole_grads = by_tensor and not accumulating
     missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
     if holdings.engine == "fsdp2" and not accumulating:
@@ -773,7 +778,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         fsdp_top=((max(0, model.arch.num_layers - 3) * act.output_gradient_bytes,
                    holdings.late_top_grad_numel * bytes_per_grad)
                   if holdings.late_top_grad_numel and spec.checkpointing != Checkpointing.none else (0, 0)),
-        fsdp_made=_fsdp_layer_made(tensors, holdings, recipe),
+        fsdp_made=_fsdp_layer_made(tensors, holdings, recipe, accumulating),
         experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
                         if holdings.experts_reduce_bytes else 0),
         head_backward=head.at_backward, head_gradient=head.held,
@@ -839,11 +844,17 @@ def _expert_parallel_note(model: ModelInput, spec: TrainingSpec) -> str:
     return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, average, spec.ep_load)
 
 
-def _fsdp_layer_made(tensors: Sequence[ParamTensor], holdings: RankHoldings, recipe: Recipe) -> tuple[int, int, int]:
+def _fsdp_layer_made(tensors: Sequence[ParamTensor], holdings: RankHoldings, recipe: Recipe,
+                     accumulating: bool = False) -> tuple[int, int, int]:
     """FSDP2: the first layer's unsharded gradients (in the gathered parameters' dtype) its backward has made by its
     MLP's, its attention's and its mid norm's backward (the rest of ``_first_layer_pending``); they wait for the layer's
-    reduce-scatter (measured: Llama-3-8B on the fake process group)."""
-    if holdings.engine != "fsdp2":
+    reduce-scatter (measured: Llama-3-8B on the fake process group). On a pipeline stage with a reduce dtype of its
+    own, a later micro-batch's: they wait for the unit's post-backward to add them to the fp32 accumulated gradients
+    (FSDPParam.accumulate_unsharded_grad_if_needed; measured on gloo ranks)."""
+    if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE:
+        if not (accumulating and holdings.bytes_per_grad_override == BYTES_PER_FP32):
+            return (0, 0, 0)
+    elif holdings.engine != "fsdp2":
         return (0, 0, 0)
     pending_mlp, pending_attention, total, pending_mid = _first_layer_pending(tensors)
     gathered = _bytes_per(recipe.weight_dtype)
@@ -1019,9 +1030,10 @@ def _head_gradient(model: ModelInput, tensors: Sequence[ParamTensor], vocabulary
     fused, chunked = spec.loss == LossKind.fused_linear, spec.loss == LossKind.chunked and spec.loss_chunks > 1
     made = numel * _bytes_per(recipe.compute_dtype) if recipe.autocast else grad  # mm's result
     # The sum becomes p.grad, which the gradients term counts: plain data parallel, one micro-batch per step.
-    stolen = holdings.effective_stage < 2 and spec.grad_accum == 1 and holdings.grads_held != "cpu"
+    stolen = ((holdings.effective_stage < 2 or holdings.engine == parallel.ENGINE_FSDP2_PIPELINE)
+              and spec.grad_accum == 1 and holdings.grads_held != "cpu")
     # FSDP2's MixedPrecisionPolicy computes with gathered 16-bit parameters: nothing for autocast to cast.
-    cast_head = recipe.autocast and holdings.engine != "fsdp2"
+    cast_head = recipe.autocast and holdings.engine not in ("fsdp2", parallel.ENGINE_FSDP2_PIPELINE)
     logits_gradient = loss_gradients // 2  # the loss's: in its log-softmax dtype, at least the logits'
     cast = grad if cast_head else 0  # the head's gradient cast to the weight's dtype, beside mm's result
     if fused:
@@ -1488,7 +1500,8 @@ def _optimizer_source(name: str) -> str:
 def _as_run(recipe: Recipe, holdings: RankHoldings) -> Recipe:
     """The recipe as the engine runs it: FSDP2 with a MixedPrecisionPolicy keeps fp32 sharded parameters (they are
     the master copy: no separate one), gathers 16-bit copies for compute and reduces gradients in fp32."""
-    if holdings.engine != "fsdp2" or holdings.bytes_per_weight_override != BYTES_PER_FP32:
+    if (holdings.engine not in ("fsdp2", parallel.ENGINE_FSDP2_PIPELINE)
+            or holdings.bytes_per_weight_override != BYTES_PER_FP32):
         return recipe
     low = recipe.compute_dtype.value
     return dataclasses.replace(

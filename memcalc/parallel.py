@@ -34,6 +34,7 @@ from memcalc.vocab import (
     TERM_DDP_BUCKETS,
     TERM_FSDP_ALL_GATHER,
     TERM_FSDP_REDUCE_SCATTER,
+    TERM_FSDP_SHARDED_GRADIENTS,
     TERM_FSDP_UNSHARDED,
     TERM_ZERO3_FP32_GRADS,
     TERM_ZERO3_GATHERED,
@@ -355,6 +356,68 @@ def zero_redundancy_partition(tensors: Sequence[ParamTensor], num_gpus: int) -> 
         ranks[rank].append(tensor)
         sizes[rank] += tensor.numel
     return ranks
+
+
+ENGINE_FSDP2_PIPELINE = "fsdp2-pp"
+PIPELINE_FSDP_SOURCE = ("torch/distributed/pipelining/stage.py: backward_maybe_with_nosync runs every micro-batch's "
+                        "backward with set_requires_gradient_sync(False) and set_reshard_after_backward(False); "
+                        "perform_reduce_grad reduce-scatters once, after the schedule's last backward")
+
+
+def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
+                         bytes_per_weight: int) -> RankHoldings:
+    """FSDP2 over a pipeline stage's data-parallel ranks (``spec``: the data-parallel view, num_gpus = dp). The
+    schedule unshards each unit at its first use and keeps it so to the schedule's end (no reshard after backward,
+    and under torchtitan's default no reshard after forward either); the gradients accumulate unsharded, in the reduce
+    dtype (FSDPParam.to_accumulated_grad_if_needed upcasts a unit's 16-bit gradients after its backward), until
+    perform_reduce_grad reduce-scatters them. The step sees only shards. (The first micro-batch's forward all-gathers
+    unit by unit, beside fewer activations than a later forward holds: not a peak, not counted.)"""
+    num_gpus = spec.num_gpus
+    trainable = [t for t in tensors if t.trainable]
+    shard_all = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in tensors)
+    shard_trainable = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in trainable)
+    units = _units(tensors)
+    largest_unit = max(units.values(), default=0)
+    mixed = has_master
+    bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight
+    unsharded = sum(units.values())
+    buffers = (
+        Term(name=TERM_FSDP_UNSHARDED, bytes=unsharded * bytes_per_weight,
+             formula=f"every unit of the stage unsharded: {_n(unsharded)} params x {bytes_per_weight} B",
+             source=f"{PIPELINE_FSDP_SOURCE}: so each unit stays unsharded from its first use to the schedule's end",
+             category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD),
+        Term(name=TERM_FSDP_REDUCE_SCATTER, bytes=largest_unit * bytes_per_reduced,
+             formula=f"the largest unit's reduce-scatter input {_n(largest_unit)} x {bytes_per_reduced} B (reduce "
+                     "dtype)" + (", or in backward its 16-bit gradients before the upcast" if mixed else ""),
+             source=f"{PIPELINE_FSDP_SOURCE}; FSDPParamGroup.post_backward: foreach_reduce copies a unit's gradients "
+                    "into one reduce-scatter input",
+             category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY),
+        Term(name=TERM_FSDP_SHARDED_GRADIENTS, bytes=shard_trainable * bytes_per_reduced,
+             formula=f"{_n(shard_trainable)} trainable params (this rank's shards) x {bytes_per_reduced} B",
+             source=f"{PIPELINE_FSDP_SOURCE}: the reduce-scatter outputs, the gradients the step reads",
+             category=CATEGORY_TEMPORARIES, phases=STEP_ONLY),
+    )
+    notes = [(f"FSDP2 under pipeline parallelism: each stage's units stay unsharded and its gradients accumulate "
+              f"unsharded{' in fp32 (the reduce dtype)' if mixed else ''} through the schedule; reduce-scattered over "
+              f"the {num_gpus} data-parallel ranks at its end ({PIPELINE_FSDP_SOURCE.split(':')[0]})")]
+    if spec.zero_stage == 3:
+        notes.append("--zero 3 (reshard_after_forward=True) on a pipeline stage: counted as --zero 2, every unit "
+                     "unsharded through the schedule; after its first backward a unit stays so (set_reshard_after_"
+                     "backward(False)), so only the forwards before it hold less (measured the same under 1F1B on "
+                     "gloo ranks; an upper bound under GPipe)")
+    if mixed:
+        notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
+                     "MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the weights are fp32 shards "
+                     "(they are the master copy)")
+    return RankHoldings(
+        weight_numel=shard_all, grad_numel=sum(t.numel for t in trainable), master_numel=0,
+        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
+        effective_stage=spec.zero_stage, bytes_per_grad_override=BYTES_PER_FP32 if mixed else None,
+        bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False, grads_held="gpu-backward",
+        grads_source=f"every trainable parameter of the stage, unsharded, accumulated through the schedule "
+                     f"({PIPELINE_FSDP_SOURCE.split(':')[0]})",
+        buffers=buffers, notes=tuple(notes), engine=ENGINE_FSDP2_PIPELINE,
+    )
 
 
 def _torch_ddp(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool, bytes_per_grad: int) -> RankHoldings:

@@ -59,7 +59,7 @@ class Layout:
     dp: int
     tp: int
     pp: int
-    sharding: str  # fsdp (ZeRO-3 over the data-parallel ranks), ddp, zero1
+    sharding: str  # fsdp (ZeRO-3 over the data-parallel ranks; ZeRO-2-like on pipeline stages), ddp, zero1
     checkpointing: str
     microbatches: int
     cp: int = 1  # of the dp ranks, cp share each sequence (context parallelism)
@@ -109,6 +109,8 @@ class LayoutPlan:
 def _spec_for(base, layout: Layout):
     zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch")}[layout.sharding]
     tp, pp = layout.tp, layout.pp
+    if pp > 1 and sharding == "fsdp":
+        zero = 2  # (torchtitan's default under pipeline parallelism: no reshard after forward)
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
                         cp=layout.cp, ep=layout.ep, ep_load=1.0, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
                         pp_schedule="1f1b", pp_stage=None, sharding=sharding, zero_stage=zero,
@@ -163,7 +165,7 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
             if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp):
                 continue
             dp = gpus // (tp * pp)
-            engines = ("fsdp", "ddp") if pp == 1 else ("zero1", "ddp")
+            engines = ("fsdp", "ddp") if pp == 1 else ("fsdp", "zero1", "ddp")
             if dp == 1:
                 engines = ("ddp",)
             for cp in context_sizes if pp == 1 else (1,):
@@ -205,7 +207,8 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
               * BYTES_16 / (intra if layout.ep <= gpus_per_node else inter)) if layout.ep > 1 else 0.0
     bubble = (layout.pp - 1) / (layout.microbatches + layout.pp - 1)
     rank_params = params / (layout.tp * layout.pp)
-    factor = 3 if layout.sharding == "fsdp" else 2
+    # (FSDP2: all-gather in forward and in backward, reduce-scatter; on a pipeline stage it all-gathers once per step)
+    factor = 3 if layout.sharding == "fsdp" and layout.pp == 1 else 2
     dp_link = inter if layout.tp * layout.pp * layout.dp > gpus_per_node else intra
     efsdp = layout.dp // layout.ep
     synced = (layout.dp - 1) / layout.dp * (rank_params - experts) + (efsdp - 1) / efsdp * experts / layout.ep

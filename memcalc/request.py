@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # FSDP2's fully_shard default (reshard_after_forward=True) is memcalc's stage 3.
 FSDP_DEFAULT_STAGE = 3
+FSDP_PIPELINE_STAGE = 2
 
 
 @dataclass(kw_only=True, eq=False, repr=False)
@@ -290,7 +291,9 @@ def _plan(request: Request) -> Plan:
     sharding = _sharding(request)
     stages = _stages(request.zero)
     if sharding == Sharding.fsdp.value and not request.is_chosen("zero"):
-        stages = [FSDP_DEFAULT_STAGE]
+        # torchtitan's apply_fsdp, reshard_after_forward_policy "default": no reshard after forward under pipeline
+        # parallelism (each micro-batch would all-gather again), so ZeRO-2-like there
+        stages = [FSDP_PIPELINE_STAGE if isinstance(request.pp, int) and request.pp > 1 else FSDP_DEFAULT_STAGE]
     fields: dict[str, Any] = {
         "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
         "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,

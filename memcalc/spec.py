@@ -470,8 +470,14 @@ class TrainingSpec:
                                            or any(not isinstance(n, int) or n < 1 for n in self.pp_layers)):
             raise UsageError(f"{{pp_layers}} takes {self.pp_stages} whole numbers of layers >= 1, one per stage, got "
                              f"{','.join(str(n) for n in self.pp_layers)}")
-        if self.zero_stage >= 2:
-            raise UsageError("{pp} with ZeRO-2/3 or FSDP sharding is not modelled yet: use {zero} 0 or 1")
+        if self.zero_stage >= 2 and self.sharding != Sharding.fsdp:
+            # deepspeed/runtime/pipe/engine.py PipelineEngine.__init__: assert zero stage < 2 ("ZeRO-2 and ZeRO-3 are
+            # incompatible with pipeline parallelism")
+            raise UsageError("{pp} with DeepSpeed ZeRO-2/3: DeepSpeed's pipeline engine refuses them; use {zero} 0 or 1, "
+                             "or {sharding} fsdp (FSDP2 over each stage's data-parallel ranks, as torchtitan)")
+        if self.zero_stage >= 2 and interleaved:
+            raise UnsupportedModelError(f"{{pp_schedule}} {self.pp_schedule.value} with FSDP2 is not modelled yet (each rank's "
+                             "several stages unsharded at once): use {pp_schedule} 1f1b or gpipe, or {zero} 0 or 1")
         self._only_modelled_with("pp", "pipeline parallelism")
 
     def _check_context_parallel(self) -> None:

@@ -24,6 +24,7 @@ TERM_ZERO_OFFLOAD_GRAD_BUFFER = "zero_offload_grad_buffer"
 TERM_FSDP_UNSHARDED = "fsdp_unsharded_params"
 TERM_FSDP_ALL_GATHER = "fsdp_all_gather_buffer"
 TERM_FSDP_REDUCE_SCATTER = "fsdp_reduce_scatter"
+TERM_FSDP_SHARDED_GRADIENTS = "fsdp_sharded_gradients"  # --pp: reduce-scattered at the schedule's end, for the step
 TERM_DDP_BUCKETS = "ddp_buckets"
 TERM_PIPELINE_BUFFERS = "pipeline_recv_buffers"
 TERM_PIPELINE_OUTPUTS = "pipeline_stage_outputs"

@@ -19,7 +19,7 @@ from memcalc.errors import INSTALL_TORCH, MissingDependencyError, UsageError
 from memcalc.measure.measurement import METHOD_CPU_TRACKER, METHOD_CUDA, METHOD_TRACE, METHODS, Measurement
 from memcalc.model import ModelConfig
 from memcalc.report import Report
-from memcalc.spec import TrainingSpec
+from memcalc.spec import Sharding, TrainingSpec
 from memcalc.units import format_bytes
 from memcalc.vocab import (
     TERM_ACTIVATIONS,
@@ -381,20 +381,23 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     the fake process group at full size (trace, and auto), beside the estimate of the most loaded measured stage."""
     from memcalc.measure.distributed import measure_distributed
 
-    if spec.tp > 1 or spec.data_parallel > 1:
-        raise UsageError(f"{{verify}} runs one pipeline of {spec.pp} ranks: give {{gpus}} {spec.pp}, no {{tp}} "
-                         "(stages under tensor or data parallelism are composed, not measured)")
+    sharded = spec.data_parallel > 1 and spec.sharding == Sharding.fsdp and spec.zero_stage >= 2
+    if spec.tp > 1 or (spec.data_parallel > 1 and not (sharded and method == METHOD_CPU_TRACKER)):
+        raise UsageError(f"{{verify}} runs one pipeline of {spec.pp} ranks, or on gloo ranks ({{verify}}=cpu-tracker) "
+                         f"its stages over FSDP2 data-parallel ranks: give {{gpus}} {spec.pp}, no {{tp}} (stages under "
+                         "tensor parallelism or DDP/ZeRO-1 are composed, not measured)")
+    world = spec.pp * spec.data_parallel
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; pipeline stages run on gloo ranks ({verify}=cpu-tracker) or "
                          "on the fake process group ({verify}=trace)")
     if method == METHOD_CPU_TRACKER:
         report = estimate_for(model_config, spec)
         total = ram_bytes()
-        if total and report.per_gpu.peak_bytes * spec.pp > CPU_RAM_FRACTION * total:
-            raise UsageError(f"{{verify}}=cpu-tracker would run {spec.pp} gloo ranks of up to "
+        if total and report.per_gpu.peak_bytes * world > CPU_RAM_FRACTION * total:
+            raise UsageError(f"{{verify}}=cpu-tracker would run {world} gloo ranks of up to "
                              f"{format_bytes(report.per_gpu.peak_bytes)} each, more than half of this machine's "
                              f"{format_bytes(total)} RAM: use {{verify}}=trace")
-        stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="gloo",
+        stages = measure_distributed(model_config, spec, engine="pp", world_size=world, method="gloo",
                                      progress=progress)
     else:
         stages = measure_distributed(model_config, spec, engine="pp", world_size=spec.pp, method="fake",
@@ -404,7 +407,8 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     checked = estimate_for(model_config, spec.replace(pp_rank=rank) if spec.interleaved
                            else spec.replace(pp_stage=rank))
     what = (f"ranks; shown: the most loaded, rank {rank}" if spec.interleaved
-            else f"stages; shown: the most loaded, stage {rank}")
+            else f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks); shown: the most loaded, "
+                 f"stage {rank}" if sharded else f"stages; shown: the most loaded, stage {rank}")
     busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")
     return Outcome(checked, busiest, compare(checked, busiest), [])
 

@@ -51,7 +51,7 @@ from memcalc.errors import UsageError
 from memcalc.measure.measurement import Measurement
 from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimizerName
-from memcalc.spec import TrainingSpec
+from memcalc.spec import Sharding, TrainingSpec
 
 __all__ = ["COMM_BUFFERS", "DIST_METHODS", "ENGINES", "UNSHARDED_GRADIENTS", "measure_distributed", "zero_stage_of"]
 
@@ -100,6 +100,7 @@ class _Job:
     stages: tuple[tuple[int, int], ...] = ()  # pp: each stage's decoder layers [start, end)
     pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b | interleaved-1f1b (stage s on rank s mod world_size)
     microbatches: int = 1  # pp: micro-batches per step
+    pp_dp: int = 1  # pp: FSDP2 data-parallel ranks per stage (a (pp, dp) mesh, as torchtitan builds it)
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
     ep: int = 1  # fsdp2: the experts split over ep consecutive ranks (memcalc.measure.expert_parallel)
 
@@ -153,6 +154,8 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
         if engine != "tp" and job.tp == 1:
             raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
         job = dataclasses.replace(job, sequence_parallel=bool(sequence_parallel), loss_parallel=bool(loss_parallel))
+    if job.pp_dp > 1 and method == "fake":
+        raise UsageError("stages over FSDP2 data-parallel ranks are measured on gloo ranks, not the fake process group")
     if method == "fake":
         ranks = [r for r in fake_ranks if isinstance(r, int) and not isinstance(r, bool) and 0 <= r < world_size]
         if not ranks or len(ranks) != len(fake_ranks):
@@ -178,7 +181,13 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if engine != "fsdp2" and not reshard_after_forward:
         raise UsageError(f"reshard_after_forward=False applies to fsdp2 only, not {engine}")
     stage = zero_stage_of(engine, reshard_after_forward)
-    if spec.zero_stage and spec.zero_stage != stage:
+    pp_dp = world_size // spec.pp if engine == "pp" and spec.pp and world_size % spec.pp == 0 else 1
+    if engine == "pp" and pp_dp > 1:
+        if spec.sharding != Sharding.fsdp or spec.zero_stage < 2:
+            raise UsageError(f"the pipeline measurement on {world_size} ranks runs {{pp}} {spec.pp} stages over FSDP2 "
+                             "data-parallel ranks: give {sharding} fsdp with {zero} 2 or 3")
+        reshard_after_forward = spec.zero_stage == 3
+    elif spec.zero_stage and spec.zero_stage != stage:
         raise UsageError(f"{{zero}} {spec.zero_stage} does not match engine {engine} (ZeRO stage {stage}"
                          f"{', reshard_after_forward=' + str(reshard_after_forward) if engine == 'fsdp2' else ''})")
     if spec.num_gpus not in (1, world_size):
@@ -186,8 +195,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if spec.grad_accum != 1:
         raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
                          "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
-    if engine == "pp" and spec.pp != world_size:
-        raise UsageError("the pipeline measurement runs {pp} ranks")
+    if engine == "pp" and spec.pp * pp_dp != world_size:
+        raise UsageError("the pipeline measurement runs {pp} ranks, or {pp} x the FSDP2 data-parallel ranks")
     if engine == "tp" and spec.tp not in (1, world_size):
         raise UsageError(f"{{tp}} {spec.tp} does not match the world size {world_size}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
@@ -218,7 +227,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
                 warmup_steps=WARMUP_STEPS[engine], fake=method == "fake", stages=stages,
-                pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1)
+                pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1, pp_dp=pp_dp)
 
 
 
@@ -364,7 +373,7 @@ def _measure(job: _Job, rank: int, mesh, progress: Progress | None = None) -> Me
     if job.engine == "pp":
         from memcalc.measure.pipeline import measure_stage
 
-        return measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED)
+        return measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED, mesh)
     return _measure_rank(job, rank, mesh, progress=progress)
 
 
@@ -393,9 +402,12 @@ def _mesh_join(mesh) -> Iterator[None]:
 
 
 def _device_mesh(job: _Job):
-    if job.engine not in ("fsdp2", "tp"):
+    if job.engine not in ("fsdp2", "tp") and job.pp_dp == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
+
+    if job.engine == "pp":  # the stages over the outer dimension, FSDP2 over the inner one (torchtitan's order)
+        return init_device_mesh("cpu", (job.world_size // job.pp_dp, job.pp_dp), mesh_dim_names=("pp", "dp"))
 
     if job.ep > 1:  # the world's FSDP mesh, and the experts' (efsdp, ep) one
         from memcalc.measure.expert_parallel import meshes

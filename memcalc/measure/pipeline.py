@@ -16,6 +16,7 @@ in turn).
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B",
@@ -75,18 +76,20 @@ def schedule_for(stages: list[Any], name: str, microbatches: int, loss_fn: Any) 
                     loss_fn=loss_fn)
 
 
-def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, seed: int) -> Any:
+def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, seed: int, mesh: Any = None) -> Any:
     """One rank of the pipeline: its stage's warm-up and measured step (memcalc.measure.distributed's job, its
     tracker class, its category for communication buffers and its seed). On gloo ranks the stages exchange real
     tensors; on the fake process group (``job.fake``, under FakeTensorMode) each rank runs alone: its stage is given
     the shapes it sends and receives (``PipelineStage``'s static ``input_args``/``output_args`` and gradients, so no
     metadata is exchanged), the schedule's warm-up vote is skipped for the static mode it would choose, and the
-    sends and receives move nothing."""
+    sends and receives move nothing. ``job.pp_dp`` > 1: a (pp, dp) ``mesh``; each stage's layers and the stage itself
+    are FSDP2 units over its dp ranks (torchtitan's apply_fsdp), the stage's sends over the pp group."""
     import dataclasses
     import time
 
     import torch
 
+    from memcalc.measure import distributed
     from memcalc.measure.step import Stepper as StepperClass
     from memcalc.measure.step import (
         StepResult,
@@ -102,16 +105,24 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     started = time.perf_counter()
     spec = job.spec
     setup = resolve_setup(spec, job.attn_implementation, "cpu")
+    policy = None
+    sharded = job.pp_dp > 1
+    if sharded:
+        setup, policy = distributed._fsdp_setup(setup)
     torch.manual_seed(seed)
     model = build_model(job.raw, setup)
     num_stages = len(job.stages)
-    mine = list(range(rank, num_stages, job.world_size))  # (one stage per rank, or interleaved: looped)
+    pp_rank, pp_ranks = (rank // job.pp_dp, job.world_size // job.pp_dp)
+    mine = list(range(pp_rank, num_stages, pp_ranks))  # (one stage per rank, or interleaved: looped)
     first, last = 0 in mine, num_stages - 1 in mine
     modules = [stage_module(model, *job.stages[s], s == 0, s == num_stages - 1) for s in mine]
     # (build_model has turned on transformers' checkpointing of each layer, as the spec says)
+    if sharded:
+        _fully_shard_stages(modules, mesh["dp"], policy, job.reshard_after_forward)
     from torch.distributed.pipelining import PipelineStage
 
-    stages = [PipelineStage(module, s, num_stages, torch.device("cpu"),
+    group = {"group": mesh["pp"].get_group()} if sharded else {}
+    stages = [PipelineStage(module, s, num_stages, torch.device("cpu"), **group,
                             **(_static_shapes(model, setup, s == 0, s == num_stages - 1) if job.fake else {}))
               for module, s in zip(modules, mine, strict=True)]
     microbatches = job.microbatches
@@ -144,17 +155,24 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     step()
     zero_grad()
     tracker = DistTracker()
-    params = [p for module in modules for p in module.parameters()]
+    params = [distributed._local(p) for module in modules for p in module.parameters()]
     masters = [m for stepper in steppers for m in stepper.masters]
     tracker.register(params, trk.WEIGHTS)
     tracker.register(masters, trk.MASTER)
+    fsdp_params = [fp for module in modules for fp in distributed._fsdp_params(module)] if sharded else []
+    if fsdp_params:
+        tracker.register([t for fp in fsdp_params for t in fp.all_gather_outputs], comm_buffers)
     tracker.register([b for module in modules for b in module.buffers()], trk.OTHER)
     tracker.register([ids], trk.OTHER)
     # The stage's receive buffers, one per micro-batch for the activations from the stage before and one for the
     # gradients from the stage after, made at the first step and kept (PipelineStage._prepare_forward_infra and
     # _prepare_backward_infra).
     tracker.register([b for stage in stages for b in recv_buffers(stage)], comm_buffers)
-    tracker.watch_gradients(params)
+    if fsdp_params:
+        tracker.watch_gradients([fp._unsharded_param for fp in fsdp_params if hasattr(fp, "_unsharded_param")],
+                                distributed.UNSHARDED_GRADIENTS)
+    else:
+        tracker.watch_gradients(params)
     for stepper in steppers:
         tracker.watch_optimizer(stepper.optimizer, stepper.fused)
     if last:
@@ -169,16 +187,24 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         module.register_forward_pre_hook(lambda *_: tracker.mark(trk.FORWARD)),
         module.register_forward_hook(mark_backward))]
     grads: dict[str, int] = {}
+    instrument = distributed._instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
+    # (as the data-parallel ranks do: Python's cyclic collector paused, so every run frees at the same moments)
+    gc.collect()
+    gc.disable()
     try:
-        with _static_warmup(job.fake), tracker:
+        with _static_warmup(job.fake), instrument, tracker:
             run_schedule()
-            local_grads = [p.grad for p in params if p.grad is not None]
+            local_grads = [distributed._local(p.grad) for module in modules for p in module.parameters()
+                           if p.grad is not None]
+            if sharded:  # (the reduce-scatter outputs, made at the schedule's end: the sharded gradients)
+                tracker.register(local_grads, trk.GRADIENTS)
             grads[trk.GRADIENTS] = storage_bytes(local_grads)
             tracker.mark(trk.OPTIMIZER_STEP)
             step()
             tracker.mark(trk.SETUP)
             zero_grad()
     finally:
+        gc.enable()
         tracker.remove_hooks()
         for hook in hooks:
             hook.remove()
@@ -190,21 +216,40 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         setup=setup, tracker=tracker, model_class=type(model).__name__, num_params=sum(p.numel() for p in params),
         model_state_bytes={trk.WEIGHTS: storage_bytes(params), trk.MASTER: storage_bytes(masters),
                            trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
-                           trk.OPTIMIZER_STATES: storage_bytes(t for ts in states.values() for t in ts)},
-        optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
+                           trk.OPTIMIZER_STATES: storage_bytes(distributed._local(t) for ts in states.values()
+                                                               for t in ts)},
+        optimizer_state_breakdown={k: storage_bytes(distributed._local(t) for t in v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, elapsed_seconds=time.perf_counter() - started,
     )
     measurement = to_measurement("cpu-tracker", result)
     layers = ", ".join(f"{job.stages[s][0]}-{job.stages[s][1] - 1}" for s in mine)
-    measurement.run["distributed"] = {"engine": "pp", "stage": rank, "stages": num_stages, "rank_stages": mine,
+    measurement.run["distributed"] = {"engine": "pp", "stage": pp_rank, "stages": num_stages, "rank_stages": mine,
                                       "layers": [list(job.stages[s]) for s in mine] if len(mine) > 1
-                                      else list(job.stages[rank]),
+                                      else list(job.stages[pp_rank]),
                                       "schedule": job.pp_schedule, "microbatches": microbatches,
-                                      "backend": "fake" if job.fake else "gloo"}
-    measurement.notes.append(f"pipeline rank {rank}: stage{'s' if len(mine) > 1 else ''} "
+                                      "backend": "fake" if job.fake else "gloo", "rank": rank, "dp": job.pp_dp}
+    if sharded:
+        measurement.run["distributed"].update(
+            engine="pp+fsdp2", reshard_after_forward=job.reshard_after_forward,
+            mixed_precision_policy=(f"param_dtype={str(policy.param_dtype).removeprefix('torch.')}, reduce_dtype="
+                                    f"{str(policy.reduce_dtype).removeprefix('torch.')}") if policy else None)
+    measurement.notes.append(f"pipeline rank {pp_rank}{f' (data-parallel rank {rank % job.pp_dp})' if sharded else ''}: stage{'s' if len(mine) > 1 else ''} "
                              f"{', '.join(map(str, mine))} of {num_stages}, decoder layers {layers}"
                              f"{', the embedding' if first else ''}{', the final norm, head and loss' if last else ''}")
     return measurement
+
+
+def _fully_shard_stages(modules: list[Any], mesh: Any, policy: Any, reshard_after_forward: bool) -> None:
+    """torchtitan's apply_fsdp on each model part: every decoder layer an FSDP2 unit, then the part itself (its
+    embedding, or its final norm and head); reshard_after_forward as --zero says (torchtitan's default under PP:
+    False, --zero 2)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = policy or MixedPrecisionPolicy()
+    for module in modules:
+        for layer in module.layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
 
 
 def recv_buffers(stage: Any) -> list[Any]:

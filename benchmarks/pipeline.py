@@ -5,6 +5,7 @@
     python benchmarks/pipeline.py --model llama-3-8b --precision amp-bf16 --pp 4 --microbatches 8
     python benchmarks/pipeline.py --interleaved        # interleaved 1F1B: each rank's stages on gloo ranks
     python benchmarks/pipeline.py --interleaved --zero-bubble   # the same grid, ScheduleInterleavedZeroBubble
+    python benchmarks/pipeline.py --fsdp               # 2 stages x 2 FSDP2 data-parallel ranks, beside 2 stages alone
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
@@ -13,6 +14,10 @@ per stage, AdamW), under memcalc's tensor tracker: one row per stage. About 2 mi
 
 With --interleaved, ScheduleInterleaved1F1B on the small Llama with 6 or 10 layers: 2 or 3 ranks of 2 or 3 stages
 each (torchtitan's looped split), one row per rank. About 4 minutes.
+
+With --fsdp, each of 2 stages FSDP2-sharded over 2 data-parallel ranks (a (pp, dp) mesh of 4 gloo ranks, torchtitan's
+apply_fsdp on each stage), micro-batches of 2 x 128 tokens, with the same cell without data parallelism beside it:
+what FSDP2 adds to the pipeline's error. About 8 minutes.
 
 With --model, the preset at full size (bf16-pure unless --precision, micro-batches of 1 x 2048) on the fake process
 group under FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once,
@@ -42,6 +47,7 @@ def main() -> None:
     parser.add_argument("--interleaved", action="store_true", help="interleaved 1F1B on gloo ranks")
     parser.add_argument("--zero-bubble", action="store_true",
                         help="with --interleaved: ScheduleInterleavedZeroBubble instead (without checkpointing)")
+    parser.add_argument("--fsdp", action="store_true", help="stages under FSDP2 over 2 data-parallel ranks each")
     parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
     parser.add_argument("--pp", default="2,4", help="with --model: the stage counts (default 2,4)")
     parser.add_argument("--microbatches", type=int, help="with --model: micro-batches per step (default: --pp)")
@@ -51,6 +57,8 @@ def main() -> None:
     if args.model:
         return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
                       args.microbatches)
+    if args.fsdp:
+        return fsdp(measure_distributed)
     if args.interleaved:
         return interleaved(measure_distributed, "zero-bubble" if args.zero_bubble else "interleaved-1f1b")
 
@@ -75,15 +83,50 @@ def main() -> None:
               f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
+def fsdp(measure_distributed) -> None:
+    print("| schedule | micro-batches | recipe | checkpointing | --zero | stage | estimate | measured | error | phase "
+          "(est / measured) | error without FSDP2 |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|")
+    errors = []
+    raw = {**SMALL_LLAMA, "num_hidden_layers": 4}
+    for schedule, microbatches, precision, checkpointing, zero in (
+            ("1f1b", 2, "bf16", "none", 2), ("1f1b", 4, "bf16", "full", 2), ("gpipe", 2, "bf16", "none", 2),
+            ("1f1b", 4, "bf16-pure", "none", 2), ("gpipe", 3, "bf16-pure", "full", 2), ("1f1b", 2, "fp32", "full", 2),
+            ("1f1b", 4, "amp-bf16", "full", 2), ("1f1b", 4, "bf16", "full", 3), ("gpipe", 2, "fp32", "none", 3)):
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=128, checkpointing=checkpointing,
+                            num_gpus=4, pp=2, pp_schedule=schedule, microbatches=microbatches, sharding="fsdp",
+                            zero_stage=zero)
+        alone = {stage: error for stage, _, _, error in _on_gloo(
+            measure_distributed, raw, spec.replace(num_gpus=2, sharding="deepspeed", zero_stage=0))}
+        for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, raw, spec):
+            errors.append(error)
+            print(f"| {schedule} | {microbatches} | {precision} | {checkpointing} | {zero} | {stage} | "
+                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} | "
+                  f"{alone[stage]:+.2f}% |", flush=True)
+    print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
+          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
 def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
-    """Each gloo rank of the small Llama ``raw`` running ``spec``: (rank, estimate, measured peak, error %)."""
+    """Each gloo rank of the small Llama ``raw`` running ``spec`` (one per stage): (rank, estimate, measured peak,
+    error %, and with FSDP2 the phases)."""
     model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
-    for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=spec.pp,
-                                        method="gloo"):
+    sharded = spec.sharding.value == "fsdp"
+    seen = set()
+    for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=spec.num_gpus
+                                        if sharded else spec.pp, method="gloo"):
         rank = measured.run["distributed"]["stage"]
+        if rank in seen:  # (FSDP2: the stage's other data-parallel ranks run the same)
+            continue
+        seen.add(rank)
         estimate = run(model, spec.replace(pp_rank=rank) if spec.interleaved else spec.replace(pp_stage=rank))
         peak = measured.measured_peak_bytes
-        yield rank, estimate.per_gpu.peak_bytes, peak, 100 * (estimate.per_gpu.peak_bytes - peak) / peak
+        error = 100 * (estimate.per_gpu.peak_bytes - peak) / peak
+        if sharded:
+            yield (rank, estimate.per_gpu.peak_bytes, peak, error,
+                   f"{estimate.per_gpu.peak_phase.value} / {measured.measured_peak_phase}")
+        else:
+            yield rank, estimate.per_gpu.peak_bytes, peak, error
 
 
 def interleaved(measure_distributed, schedule: str) -> None:

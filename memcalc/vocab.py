@@ -29,6 +29,7 @@ TERM_DDP_BUCKETS = "ddp_buckets"
 TERM_PIPELINE_BUFFERS = "pipeline_recv_buffers"
 TERM_PIPELINE_OUTPUTS = "pipeline_stage_outputs"
 TERM_PIPELINE_SENT = "pipeline_sent_tensors"  # sent but not yet waited on (their send work holds them)
+TERM_PIPELINE_SENT_GRADIENT = "pipeline_sent_input_gradient"  # 1F1B: the previous backward's, still referenced
 TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS = "pipeline_weight_backward_inputs"  # zero-bubble: kept for the W half
 TERM_PIPELINE_HELD_ACTIVATIONS = "pipeline_held_activations"
 TERM_PIPELINE_HELD_LOSSES = "pipeline_held_losses"

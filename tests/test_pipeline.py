@@ -126,6 +126,8 @@ TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_si
 @pytest.mark.parametrize(("schedule", "microbatches", "precision", "checkpointing"), [
     ("1f1b", 2, "fp32", "none"),
     ("gpipe", 3, "bf16-pure", "none"),
+    # (the last stage's later backward beside the input gradient its first sent back: -0.6% before it was counted)
+    ("1f1b", 2, "bf16-pure", "none"),
 ])
 def test_stages_match_pipelining_on_gloo(schedule, microbatches, precision, checkpointing):
     pytest.importorskip("transformers")
@@ -171,9 +173,8 @@ def test_a_later_micro_batch_on_gloo():
 
 def test_fsdp2_stages_on_gloo():
     """Two stages over two FSDP2 data-parallel ranks each (a (pp, dp) mesh, torchtitan's apply_fsdp on each stage),
-    bf16 with fp32 reduce, 1F1B over 4 micro-batches, checkpointed: the first stage within 0.1%, the last within 1%
-    below (its later micro-batch's backward start holds one hidden state more than counted, as without FSDP2: -0.6%
-    there too) and 0.1% above; the peak in backward on both."""
+    bf16 with fp32 reduce, 1F1B over 4 micro-batches, checkpointed: both stages within 0.1% (the last one's later
+    backwards with the input gradient its previous backward sent back: without it -0.6%); the peak in backward."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
     from memcalc.model import ModelConfig
@@ -192,8 +193,7 @@ def test_fsdp2_stages_on_gloo():
             assert terms[name] == m.model_state_bytes[name], (stage, name)
         assert terms["fsdp_sharded_gradients"] == m.model_state_bytes["gradients"], stage
         peak, measured_peak = report.per_gpu.peak_bytes, m.measured_peak_bytes
-        low = 0.999 if stage == 0 else 0.99
-        assert low * measured_peak <= peak <= 1.001 * measured_peak, (stage, peak, measured_peak)
+        assert abs(peak - measured_peak) < 0.001 * measured_peak, (stage, peak, measured_peak)
         assert report.per_gpu.peak_phase.value == m.measured_peak_phase == "backward", stage
 
 

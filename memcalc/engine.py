@@ -90,7 +90,6 @@ from memcalc.vocab import (
     EXTRA_SHARDED_LAYER,
     EXTRA_SHARED_GRADIENT_SUM,
     EXTRA_STAGE_FIRST_GRADIENT,
-    EXTRA_STAGE_LOGITS_GRADIENT,
     EXTRA_TRACED_STEP,
     FORWARD_BACKWARD,
     FORWARD_ONLY,
@@ -751,6 +750,13 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     if in_backward and head.shared is None:
         # An untied head's weight gradient is stepped and freed by its own hook: not held beside later moments.
         head = dataclasses.replace(head, held=0, held_late=0)
+    # FSDP2 on a pipeline stage with a reduce dtype of its own, a later micro-batch: the root unit's (the stage's head
+    # and final norm) new 16-bit gradients wait for its post-backward, at the stage's backward's end, to be added to
+    # the fp32 accumulated ones (FSDPParam.accumulate_unsharded_grad_if_needed; measured on gloo ranks)
+    root_waiting = (sum(t.numel for t in tensors if t.trainable and t.layer is None and t.role != ROLE_EMBEDDING)
+                    * _bytes_per(recipe.weight_dtype)
+                    if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE and accumulating
+                    and holdings.bytes_per_grad_override == BYTES_PER_FP32 else 0)
     phases = _phase_totals(terms, _Extras(
         loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
         loss_gradients=act.backward_start_extra_bytes,
@@ -781,14 +787,15 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         largest_step_copy=(largest.numel * _bytes_per(recipe.compute_dtype) if in_backward and recipe.autocast
                            and largest.role == ROLE_LM_HEAD else 0),
         missing_gradients=missing_grads,
-        sharded_layer=holdings.mid_backward_extra_bytes, fsdp_last_layer=holdings.last_layer_extra_bytes,
+        sharded_layer=holdings.mid_backward_extra_bytes,
+        fsdp_last_layer=holdings.last_layer_extra_bytes + root_waiting,
         # (--ep, the last layer's experts in the forward: beside the block's transients the residual stream, the
         # layer's input, its attention's sum and the embedding's output: 3 x r T h, measured on gloo ranks)
         experts_forward=(holdings.experts_gathered_bytes + act.layer_forward_transient_bytes
                          + 3 * act.output_gradient_bytes if holdings.experts_gathered_bytes else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
-        fsdp_late=holdings.late_extra_bytes + (act.output_gradient_bytes if holdings.late_second_layer
+        fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer
                                                and spec.checkpointing != Checkpointing.none else 0),
         # (--tp: the root's post-backward copies its gradients before it reshards, and the token embedding's
         # gradient is whole there: DTensor's embedding backward returns it replicated; measured, fake process group)
@@ -808,8 +815,6 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         first_shared_sum=head.first_sum, first_sum_missing_gradients=encoder_grads,
         first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward,
         stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases),
-        stage_logits_gradient=(act.logits_bytes if spec.pp > 1 and spec.pp_stage == spec.pp_stages - 1
-                               and not (spec.pp_schedule.value == "gpipe" and spec.pp_later_backward) else 0),
         held_cast_gradients=held_casts[0] * _bytes_per(recipe.compute_dtype),
         cast_gradient_upcast=held_casts[1] * bytes_per_grad, casts_kept=spec.pp > 1 and recipe.autocast,
         later_embedding_gradient=later_embedding,
@@ -1145,7 +1150,6 @@ class _Extras:
     head_backward: int = 0  # the head's backward: the logits' and its weight gradient (and the cast, autocast)
     head_gradient: int = 0  # after the head's backward, at the start-of-backward moments: its weight gradient
     stage_first_gradient: int = 0  # --pp, a stage without the head: its last layer's first weight gradient
-    stage_logits_gradient: int = 0  # --pp, the last stage: the logits' gradient, held through its layers' backward
     # --pp under autocast, a micro-batch after the first: the cast weights' gradients (compute dtype) held until the
     # stage's backward ends (EXTRA_HELD_CAST_GRADIENTS); at its end the largest of them cast to the weight dtype; and
     # autocast's cache itself alive to the end (the context spans the schedule's step)
@@ -1230,8 +1234,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     at_head = {name: num_bytes for name, num_bytes in start.items() if name != TERM_LOSS_BUFFERS}
     at_head.update({**whole_backward, EXTRA_HEAD_BACKWARD: x.head_backward})
     later = {**whole_backward, EXTRA_HEAD_GRADIENT: x.head_gradient, EXTRA_RECOMPUTED_LAYER: x.recomputed_layer,
-             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_STAGE_FIRST_GRADIENT: x.stage_first_gradient,
-             EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient}
+             EXTRA_RECOMPUTED_CASTS: x.recomputed_casts, EXTRA_STAGE_FIRST_GRADIENT: x.stage_first_gradient}
     # (after the head's backward the loss's saved log-softmax output is released: not beside the recomputed layer)
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     if x.recomputed_forward:  # the first recomputation's forward, at its largest
@@ -1358,7 +1361,6 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         late = {**{name: n for name, n in end.items() if name != EXTRA_LATER_EMBEDDING_GRADIENT},
                 EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
-                EXTRA_STAGE_LOGITS_GRADIENT: x.stage_logits_gradient,
                 EXTRA_EXPERTS_GATHERED: experts, EXTRA_FSDP_BACKWARD_START: x.fsdp_late + made}
         if x.held_cast_gradients:  # (but those of the first layer's weights whose backward has not run)
             late[EXTRA_HELD_CAST_GRADIENTS] = max(0, x.held_cast_gradients - unmade(pending))

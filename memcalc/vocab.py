@@ -104,7 +104,6 @@ EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
 EXTRA_HELD_OUTPUTS = "model outputs held through the loss"
 EXTRA_TRACED_STEP = "activations, transients, buffers and batch (traced step)"
 EXTRA_STAGE_FIRST_GRADIENT = "the stage's first weight gradient"
-EXTRA_STAGE_LOGITS_GRADIENT = "the logits' gradient, held by the pipeline"
 EXTRA_RING_ATTENTION = "ring attention's buffers"
 EXTRA_HELD_CAST_GRADIENTS = "cast weights' gradients, held to the backward's end"
 EXTRA_INPUT_BACKWARD_RETAINED = "the input backward's retained tensors"
@@ -150,10 +149,6 @@ EXTRA_MEANING = {
                           "the last layer's attention runs: k and v made contiguous, every rank's k and v all-gathered, "
                           "each block's output and log-sum-exp, the fp32 merged output and the merge's temporaries "
                           "(memcalc.context_parallel.ring_forward)",
-    EXTRA_STAGE_LOGITS_GRADIENT: "pipeline parallelism, the last stage: the gradient of the logits, in the logits' "
-                                 "dtype, stays alive through the micro-batch's backward of the stage's layers (measured "
-                                 "on gloo ranks running torch.distributed.pipelining; under GPipe at the first "
-                                 "micro-batch's backward, not at the later ones)",
     EXTRA_STAGE_FIRST_GRADIENT: "pipeline stages without the head: the first weight gradient the stage's backward makes "
                                 "(its last layer's down_proj), beside that layer's gradient transients",
     EXTRA_HELD_OUTPUTS: "tensors no op saves that the forward's outputs keep until the loss is computed (HF "

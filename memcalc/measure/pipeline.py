@@ -188,7 +188,8 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         module.register_forward_hook(mark_backward))]
     grads: dict[str, int] = {}
     instrument = distributed._instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
-    # (as the data-parallel ranks do: Python's cyclic collector paused, so every run frees at the same moments)
+    # (as memcalc.measure.distributed's ranks do: Python's cyclic collector paused during the step, so every run frees
+    # at the same moments)
     gc.collect()
     gc.disable()
     try:
@@ -213,7 +214,8 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         for key, tensors in stepper.state_tensors().items():
             states.setdefault(key, []).extend(tensors)
     result = StepResult(
-        setup=setup, tracker=tracker, model_class=type(model).__name__, num_params=sum(p.numel() for p in params),
+        setup=setup, tracker=tracker, model_class=type(model).__name__,
+        num_params=sum(p.numel() for module in modules for p in module.parameters()),  # (FSDP2: whole, not shards)
         model_state_bytes={trk.WEIGHTS: storage_bytes(params), trk.MASTER: storage_bytes(masters),
                            trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
                            trk.OPTIMIZER_STATES: storage_bytes(distributed._local(t) for ts in states.values()

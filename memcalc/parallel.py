@@ -359,6 +359,9 @@ def zero_redundancy_partition(tensors: Sequence[ParamTensor], num_gpus: int) -> 
 
 
 ENGINE_FSDP2_PIPELINE = "fsdp2-pp"
+FSDP2_MIXED_NOTE = ("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
+                    "MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the weights are fp32 shards (they are "
+                    "the master copy)")
 PIPELINE_FSDP_SOURCE = ("torch/distributed/pipelining/stage.py: backward_maybe_with_nosync runs every micro-batch's "
                         "backward with set_requires_gradient_sync(False) and set_reshard_after_backward(False); "
                         "perform_reduce_grad reduce-scatters once, after the schedule's last backward")
@@ -406,9 +409,7 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
                      "backward(False)), so only the forwards before it hold less (measured the same under 1F1B on "
                      "gloo ranks; an upper bound under GPipe)")
     if mixed:
-        notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
-                     "MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the weights are fp32 shards "
-                     "(they are the master copy)")
+        notes.append(FSDP2_MIXED_NOTE)
     return RankHoldings(
         weight_numel=shard_all, grad_numel=sum(t.numel for t in trainable), master_numel=0,
         optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
@@ -551,9 +552,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
                      "is counted, as transformers applies it; torchtitan shards the experts on dim 1 instead "
                      "(shard_placement_fn), which memcalc does not model yet")
     if mixed:
-        notes.append("--sharding fsdp with a bf16/fp16 recipe means fp32 sharded parameters with "
-                     "MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32): the weights are fp32 shards "
-                     "(they are the master copy), gradients are reduced in fp32")
+        notes.append(f"{FSDP2_MIXED_NOTE}, gradients are reduced in fp32")
     return RankHoldings(
         weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
         optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, ranks(t)),) for t in trainable),

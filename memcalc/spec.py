@@ -515,12 +515,12 @@ class TrainingSpec:
             raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}} x {{ep}} = "
                              f"{self.tp * self.pp * self.ep}: the expert-parallel ranks are data-parallel ranks that "
                              "split the experts (give {gpus} a multiple)")
-        if self.sharding != Sharding.fsdp or self.zero_stage != 3:
-            raise UsageError("{ep} is modelled under FSDP2, as transformers and torchtitan run it (the experts "
-                             "sharded over the ranks that hold the same ones): add {fsdp}")
         for setting, size in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp)):
             if size > 1:
                 raise UsageError(f"{{ep}} with {{{setting}}} is not modelled yet: drop one of them")
+        if self.sharding != Sharding.fsdp or self.zero_stage != 3:
+            raise UsageError("{ep} is modelled under FSDP2, as transformers and torchtitan run it (the experts "
+                             "sharded over the ranks that hold the same ones): add {fsdp}")
         self._only_modelled_with("ep", "expert parallelism")
 
     @property

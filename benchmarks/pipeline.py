@@ -73,7 +73,7 @@ def main() -> None:
         microbatches = pp + extra
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
                             num_gpus=pp, pp=pp, pp_schedule=schedule, microbatches=microbatches)
-        for stage, estimate, peak, error in _on_gloo(measure_distributed, raw, spec):
+        for stage, estimate, peak, error, _ in _on_gloo(measure_distributed, raw, spec):
             rows.append((checkpointing, error))
             print(f"| {pp} | {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
                   f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% |", flush=True)
@@ -96,7 +96,7 @@ def fsdp(measure_distributed) -> None:
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=128, checkpointing=checkpointing,
                             num_gpus=4, pp=2, pp_schedule=schedule, microbatches=microbatches, sharding="fsdp",
                             zero_stage=zero)
-        alone = {stage: error for stage, _, _, error in _on_gloo(
+        alone = {stage: error for stage, _, _, error, _ in _on_gloo(
             measure_distributed, raw, spec.replace(num_gpus=2, sharding="deepspeed", zero_stage=0))}
         for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, raw, spec):
             errors.append(error)
@@ -109,7 +109,7 @@ def fsdp(measure_distributed) -> None:
 
 def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
     """Each gloo rank of the small Llama ``raw`` running ``spec`` (one per stage): (rank, estimate, measured peak,
-    error %, and with FSDP2 the phases)."""
+    error %, the peak's phase estimated / measured)."""
     model = model_of(ModelConfig("small-llama", raw, "benchmarks/pipeline.py"))
     sharded = spec.sharding.value == "fsdp"
     seen = set()
@@ -121,12 +121,8 @@ def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
         seen.add(rank)
         estimate = run(model, spec.replace(pp_rank=rank) if spec.interleaved else spec.replace(pp_stage=rank))
         peak = measured.measured_peak_bytes
-        error = 100 * (estimate.per_gpu.peak_bytes - peak) / peak
-        if sharded:
-            yield (rank, estimate.per_gpu.peak_bytes, peak, error,
-                   f"{estimate.per_gpu.peak_phase.value} / {measured.measured_peak_phase}")
-        else:
-            yield rank, estimate.per_gpu.peak_bytes, peak, error
+        yield (rank, estimate.per_gpu.peak_bytes, peak, 100 * (estimate.per_gpu.peak_bytes - peak) / peak,
+               f"{estimate.per_gpu.peak_phase.value} / {measured.measured_peak_phase}")
 
 
 def interleaved(measure_distributed, schedule: str) -> None:
@@ -140,7 +136,7 @@ def interleaved(measure_distributed, schedule: str) -> None:
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
                             num_gpus=pp, pp=pp, pp_schedule=schedule, pp_virtual=virtual,
                             microbatches=microbatches)
-        for rank, estimate, peak, error in _on_gloo(measure_distributed, raw, spec):
+        for rank, estimate, peak, error, _ in _on_gloo(measure_distributed, raw, spec):
             rows.append(error)
             print(f"| {pp} x {virtual} | {layers} | {microbatches} | {precision} | {checkpointing} | {rank} | "
                   f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% |", flush=True)

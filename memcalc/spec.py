@@ -476,8 +476,9 @@ class TrainingSpec:
             raise UsageError("{pp} with DeepSpeed ZeRO-2/3: DeepSpeed's pipeline engine refuses them; use {zero} 0 or 1, "
                              "or {sharding} fsdp (FSDP2 over each stage's data-parallel ranks, as torchtitan)")
         if self.zero_stage >= 2 and interleaved:
-            raise UnsupportedModelError(f"{{pp_schedule}} {self.pp_schedule.value} with FSDP2 is not modelled yet (each rank's "
-                             "several stages unsharded at once): use {pp_schedule} 1f1b or gpipe, or {zero} 0 or 1")
+            raise UnsupportedModelError(f"{{pp_schedule}} {self.pp_schedule.value} with FSDP2 is not modelled yet "
+                                        "(each rank's several stages unsharded at once): use {pp_schedule} 1f1b or "
+                                        "gpipe, or {zero} 0 or 1")
         self._only_modelled_with("pp", "pipeline parallelism")
 
     def _check_context_parallel(self) -> None:

@@ -406,9 +406,13 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     rank = busiest.run["distributed"]["stage"]
     checked = estimate_for(model_config, spec.replace(pp_rank=rank) if spec.interleaved
                            else spec.replace(pp_stage=rank))
-    what = (f"ranks; shown: the most loaded, rank {rank}" if spec.interleaved
-            else f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks); shown: the most loaded, "
-                 f"stage {rank}" if sharded else f"stages; shown: the most loaded, stage {rank}")
+    if spec.interleaved:
+        what = f"ranks; shown: the most loaded, rank {rank}"
+    elif sharded:
+        what = (f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks); shown: the most loaded, "
+                f"stage {rank}")
+    else:
+        what = f"stages; shown: the most loaded, stage {rank}"
     busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")
     return Outcome(checked, busiest, compare(checked, busiest), [])
 

@@ -6,6 +6,7 @@
     python benchmarks/pipeline.py --interleaved        # interleaved 1F1B: each rank's stages on gloo ranks
     python benchmarks/pipeline.py --interleaved --zero-bubble   # the same grid, ScheduleInterleavedZeroBubble
     python benchmarks/pipeline.py --fsdp               # 2 stages x 2 FSDP2 data-parallel ranks, beside 2 stages alone
+    python benchmarks/pipeline.py --interleaved --fsdp # interleaved 1F1B, each rank's stages FSDP2-sharded
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
@@ -17,7 +18,8 @@ each (torchtitan's looped split), one row per rank. About 4 minutes.
 
 With --fsdp, each of 2 stages FSDP2-sharded over 2 data-parallel ranks (a (pp, dp) mesh of 4 gloo ranks, torchtitan's
 apply_fsdp on each stage), micro-batches of 2 x 128 tokens, with the same cell without data parallelism beside it:
-what FSDP2 adds to the pipeline's error. About 8 minutes.
+what FSDP2 adds to the pipeline's error. About 8 minutes. With --interleaved --fsdp, the same for ScheduleInterleaved1F1B:
+2 (or 3) ranks of 2 or 3 stages each, every rank over 2 FSDP2 data-parallel ranks. About 10 minutes.
 
 With --model, the preset at full size (bf16-pure unless --precision, micro-batches of 1 x 2048) on the fake process
 group under FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once,
@@ -58,7 +60,7 @@ def main() -> None:
         return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
                       args.microbatches)
     if args.fsdp:
-        return fsdp(measure_distributed)
+        return fsdp(measure_distributed, args.interleaved)
     if args.interleaved:
         return interleaved(measure_distributed, "zero-bubble" if args.zero_bubble else "interleaved-1f1b")
 
@@ -83,28 +85,43 @@ def main() -> None:
               f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
-def fsdp(measure_distributed) -> None:
-    print("| schedule | micro-batches | recipe | checkpointing | --zero | stage | estimate | measured | error | phase "
-          "(est / measured) | error without FSDP2 |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|")
+def fsdp(measure_distributed, interleaved: bool) -> None:
+    print(f"| {'ranks x stages | layers' if interleaved else 'schedule'} | micro-batches | recipe | checkpointing | --zero | "
+          f"{'rank' if interleaved else 'stage'} | estimate | measured | error | phase (est / measured) | error without "
+          "FSDP2 |")
+    print(f"|---|{'---:|' if interleaved else ''}---:|---|---|---:|---:|---:|---:|---:|---|---:|")
     errors = []
-    raw = {**SMALL_LLAMA, "num_hidden_layers": 4}
-    for schedule, microbatches, precision, checkpointing, zero in (
-            ("1f1b", 2, "bf16", "none", 2), ("1f1b", 4, "bf16", "full", 2), ("gpipe", 2, "bf16", "none", 2),
-            ("1f1b", 4, "bf16-pure", "none", 2), ("gpipe", 3, "bf16-pure", "full", 2), ("1f1b", 2, "fp32", "full", 2),
-            ("1f1b", 4, "amp-bf16", "full", 2), ("1f1b", 4, "bf16", "full", 3), ("gpipe", 2, "fp32", "none", 3)):
+    cells = ((("1f1b", 2, 4), 2, "bf16", "none", 2), (("1f1b", 2, 4), 4, "bf16", "full", 2),
+             (("gpipe", 2, 4), 2, "bf16", "none", 2), (("1f1b", 2, 4), 4, "bf16-pure", "none", 2),
+             (("gpipe", 2, 4), 3, "bf16-pure", "full", 2), (("1f1b", 2, 4), 2, "fp32", "full", 2),
+             (("1f1b", 2, 4), 4, "amp-bf16", "full", 2), (("1f1b", 2, 4), 4, "bf16", "full", 3),
+             (("gpipe", 2, 4), 2, "fp32", "none", 3))
+    if interleaved:  # ((pp, virtual, layers), ...)
+        cells = (((2, 2, 6), 2, "bf16", "none", 2), ((2, 2, 6), 4, "bf16", "none", 2),
+                 ((2, 2, 6), 4, "bf16", "full", 2), ((2, 2, 6), 4, "fp32", "none", 2),
+                 ((2, 2, 6), 2, "bf16-pure", "full", 2), ((2, 2, 6), 4, "amp-bf16", "full", 2),
+                 ((2, 3, 10), 4, "bf16", "none", 2), ((2, 3, 10), 4, "fp32", "full", 2),
+                 ((2, 2, 6), 4, "bf16", "none", 3), ((3, 2, 10), 3, "bf16", "none", 2))
+    for layout, microbatches, precision, checkpointing, zero in cells:
+        if interleaved:
+            pp, virtual, layers = layout
+            schedule, shape = "interleaved-1f1b", {"pp_virtual": virtual}
+        else:
+            (schedule, pp, layers), shape = layout, {}
+        raw = {**SMALL_LLAMA, "num_hidden_layers": layers}
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=128, checkpointing=checkpointing,
-                            num_gpus=4, pp=2, pp_schedule=schedule, microbatches=microbatches, sharding="fsdp",
-                            zero_stage=zero)
+                            num_gpus=2 * pp, pp=pp, pp_schedule=schedule, microbatches=microbatches, sharding="fsdp",
+                            zero_stage=zero, **shape)
         alone = {stage: error for stage, _, _, error, _ in _on_gloo(
-            measure_distributed, raw, spec.replace(num_gpus=2, sharding="deepspeed", zero_stage=0))}
+            measure_distributed, raw, spec.replace(num_gpus=pp, sharding="deepspeed", zero_stage=0))}
         for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, raw, spec):
             errors.append(error)
-            print(f"| {schedule} | {microbatches} | {precision} | {checkpointing} | {zero} | {stage} | "
+            first = f"{pp} x {virtual} | {layers}" if interleaved else schedule
+            print(f"| {first} | {microbatches} | {precision} | {checkpointing} | {zero} | {stage} | "
                   f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} | "
                   f"{alone[stage]:+.2f}% |", flush=True)
-    print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
-          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+    print(f"\n{len(errors)} {'rank' if interleaved else 'stage'} steps: median |error| "
+          f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
 def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):

@@ -117,6 +117,7 @@ from memcalc.vocab import (
     TERM_AUTOCAST_COPIES,
     TERM_FP8_CASTS,
     TERM_FSDP_REDUCE_SCATTER,
+    TERM_FSDP_SHARDED_GRADIENTS,
     TERM_FSDP_UNSHARDED,
     TERM_GRADIENTS,
     TERM_LOSS_BUFFERS,
@@ -204,20 +205,30 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
                                                               pp_grads_made=made), defaults_used)
         return cache[key]
 
-    def beside(local: int, held: int, made: bool, stepping: bool) -> tuple[int, int, int, str]:
+    def beside(local: int, held: int, made: bool, stepping: bool, finished: bool) -> tuple[int, int, int, str]:
         """What stage ``local`` holds while another runs (or steps): its model states, of them its optimizer's
-        states, and the rest; and how it is made up."""
+        states, and the rest; and how it is made up. ``finished``: every backward of the stage has run."""
         terms = {t.name: t.bytes for t in at(local, held, made).per_gpu.terms if not t.in_cpu_ram}
-        states = sum(n for name, n in terms.items() if name in _STAGE_STATES and (name != TERM_GRADIENTS or made))
+        # FSDP2 (_PipelineScheduleRuntime with _add_unshard_reshard and _add_reduce_grad): the runtime unshards a
+        # rank's next three stages ahead of their use, so all of them (at most three, refused above) from the step's
+        # start; each stays so, its gradients accumulating unsharded, until its last backward's REDUCE_GRAD
+        # (perform_reduce_grad: post_backward reduce-scatters them and reshards), after which it holds only shards.
+        fsdp = TERM_FSDP_UNSHARDED in terms
+        reduced = fsdp and (stepping or finished)
+        states = sum(n for name, n in terms.items() if name in _STAGE_STATES and name != TERM_GRADIENTS)
+        states += (terms.get(TERM_FSDP_SHARDED_GRADIENTS, 0) if reduced
+                   else terms.get(TERM_GRADIENTS, 0) if made else 0)
         # (its casts are cached from its first forward until the autocast context exits, before the step)
         ran = (held > 0 or made) and not stepping
         kept = sum(n for name, n in terms.items() if name in _STAGE_KEPT and (ran or name == TERM_PIPELINE_BUFFERS))
+        unsharded = terms[TERM_FSDP_UNSHARDED] if fsdp and not reduced else 0
         in_flight = sum(n for name, n in terms.items() if name in _STAGE_HELD) if held else 0
         start, end = ranges[stages[local]]
         part = (f"stage {stages[local]} (layers {start}-{end - 1}): model states {states:,} B"
-                f"{' with its gradients' if made else ''}, buffers and casts {kept:,} B, "
+                f"{' with its gradients' + (' reduce-scattered' if reduced else '') if made else ''}, buffers and "
+                f"casts {kept:,} B{f', its units unsharded {unsharded:,} B' if unsharded else ''}, "
                 f"{held} micro-batch{'es' if held != 1 else ''} in flight {in_flight:,} B")
-        return states, terms.get(TERM_OPTIMIZER_STATES, 0), kept + in_flight, part
+        return states, terms.get(TERM_OPTIMIZER_STATES, 0), kept + unsharded + in_flight, part
 
     # The runtime waits on its sends only at the step's end (_PipelineScheduleRuntime._step_microbatches: "send ops
     # should be waited on before step() exits"), and a send's work can hold its tensor till then: every output a
@@ -245,7 +256,8 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
     for local, kind, held, backwards, weights in moments:
         made = [done > 0 for done in weights]
         report = at(local, held[local], made[local])
-        others = [beside(k, held[k], made[k], kind == "S") for k in range(virtual) if k != local]
+        others = [beside(k, held[k], made[k], kind == "S", weights[k] == spec.microbatches)
+                  for k in range(virtual) if k != local]
         states, optimizer_states, rest = (sum(o[i] for o in others) for i in range(3))
         phase = next(p for p in report.per_gpu.phases if p.phase == kinds[kind])
         in_sends = sent(backwards) if kind != "S" else 0
@@ -291,7 +303,8 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
         name=TERM_PIPELINE_OTHER_STAGES, bytes=states, category=CATEGORY_MODEL_STATES, phases=ALL_PHASES,
         formula="this rank's other stages at the peak: " + "; ".join(parts), source=source), Term(
         name=TERM_PIPELINE_OTHER_STAGES_HELD, bytes=rest, category=CATEGORY_ACTIVATIONS, phases=FORWARD_BACKWARD,
-        formula="their receive buffers, autocast casts and micro-batches in flight (see pipeline_other_stages)",
+        formula="their receive buffers, autocast casts, unsharded FSDP2 units and micro-batches in flight (see "
+                "pipeline_other_stages)",
         source=source), Term(
         name=TERM_PIPELINE_SENT, bytes=in_sends, category=CATEGORY_TEMPORARIES, phases=FORWARD_BACKWARD,
         formula=f"{in_sends // max(1, hidden)} x {hidden:,} B: the hidden states and input gradients this rank's "

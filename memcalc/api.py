@@ -58,7 +58,7 @@ def layouts(model: str | None = None, **settings: Any) -> LayoutPlan:
 
 
 # What the planner chooses: given by the user, each is one line and exit 2.
-LAYOUT_SETTINGS = ("tp", "pp", "cp", "ep", "ep_load", "zero", "sharding", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
+LAYOUT_SETTINGS = ("tp", "pp", "cp", "ep", "ep_load", "zero", "sharding", "engine", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
                    "pp_virtual", "sp", "loss_parallel", "grad_accum", "deepspeed")
 
 
@@ -339,6 +339,9 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
     from memcalc.errors import MemcalcError
 
     spec, why, fits = plan.specs[0], "this run", True
+    if spec.engine == "megatron":
+        raise UsageError("{emit} deepspeed writes DeepSpeed's config; {engine} megatron is Megatron-LM's engine, "
+                         "which a DeepSpeed config does not run: drop one of them")
     split = [name for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp), ("ep", spec.ep)) if size > 1]
     if split:
         raise UsageError(f"{{emit}} deepspeed writes ZeRO, offload, precision and batch settings; the run's "

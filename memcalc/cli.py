@@ -136,6 +136,7 @@ def estimate(
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes the GPUs are spread over (for offload RAM per node).")] = 1,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", min=1, help="GPUs per node (--gpus = nodes x this).")] = None,
     sharding: Annotated[Sharding, typer.Option("--sharding", help="Engine that shards: deepspeed (ZeRO), fsdp (FSDP2, stage 3 unless --zero), torch (DDP / ZeroRedundancyOptimizer).")] = Sharding.deepspeed,
+    engine: Annotated[str, typer.Option("--engine", help="torch (default: PyTorch's and DeepSpeed's engines, as --sharding picks) or megatron (Megatron-LM's DDP with --zero 0, its distributed optimizer with --zero 1: bf16 weights, fp32 main gradients in one buffer, fp32 main parameters).")] = "torch",
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Short for --sharding fsdp (with --zero 3 unless given).")] = False,
     cpu_ram_efficient_loading: Annotated[bool, typer.Option("--cpu-ram-efficient-loading", help="With --fsdp: accelerate's cpu_ram_efficient_loading (only the main process loads the model on the host; the others receive each parameter by broadcast). Changes the load's host memory and GPU moment.")] = False,
     offload: Annotated[Offload, typer.Option("--offload", help="DeepSpeed ZeRO-Offload to CPU RAM.")] = Offload.none,

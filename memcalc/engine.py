@@ -33,7 +33,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memcalc import activations, expert_parallel, load, parallel, pipeline, tensor_parallel, trainable
+from memcalc import activations, expert_parallel, load, megatron, parallel, pipeline, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
 from memcalc.model import (
     ROLE_ATTENTION,
@@ -479,6 +479,8 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
                      "shards, composed from the two models (FSDP2 over them is measured; this engine is not)")
     if holdings.effective_stage >= 2 and holdings.engine != parallel.ENGINE_FSDP2_PIPELINE:
         return holdings  # (FSDP2's reduce-scatter leaves each rank its shard of the embedding's gradient: measured)
+    if spec.sharding == Sharding.megatron:
+        return holdings  # (Megatron's VocabParallelEmbedding: each rank's gradient is its rows' main_grad)
     # (on a pipeline stage FSDP2 accumulates the unsharded gradients to the schedule's end: the whole one counted)
     extra = tensor_parallel.whole_gradient_extra(model.tensors, spec.tp)
     if not extra:
@@ -490,7 +492,23 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
                       "backward returns a Replicate gradient; measured with parallelize_module)"))
 
 
+def _megatron_vocabulary(model: ModelInput, tp: int) -> ModelInput:
+    """--engine megatron: the model as Megatron builds it, its vocabulary padded (memcalc.megatron.padded_vocab)."""
+    arch = model.described.arch
+    padded = megatron.padded_vocab(arch.vocab_size, tp)
+    if padded == arch.vocab_size:
+        return model
+    note = (f"--engine megatron: the vocabulary padded from {arch.vocab_size:,} to {padded:,} (a multiple of "
+            f"make_vocab_size_divisible_by {megatron.VOCAB_DIVISIBLE_BY} x tp {tp}): the embedding, the output layer "
+            "and the logits have those rows")
+    described = dataclasses.replace(model.described, arch=dataclasses.replace(arch, vocab_size=padded))
+    return dataclasses.replace(model, tensors=tuple(megatron.pad_vocabulary(model.tensors, arch.vocab_size, tp)),
+                               described=described, notes=(*model.notes, note))
+
+
 def estimate(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
+    if spec.sharding == Sharding.megatron and model.described is not None:
+        model = _megatron_vocabulary(model, spec.tp)
     if spec.interleaved and spec.pp_held is None:
         return _interleaved_rank(model, spec, defaults_used)
     if spec.pp > 1 and spec.pp_stage is None:
@@ -556,7 +574,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # (1F1B runs a stage's later micro-batches' forwards after its first backward, where the stage has more
     # micro-batches than it holds at once: the same)
     # (Interleaved schedules: the stage's gradients exist from its first backward on, pp_grads_made.)
-    accumulating = spec.grad_accum > 1 or spec.pp_later_backward or bool(spec.pp_grads_made) or (
+    # (Megatron's main-gradient buffer is allocated once and zeroed between steps: alive all step, as accumulating)
+    accumulating = holdings.grads_held == "buffer" or spec.grad_accum > 1 or spec.pp_later_backward or bool(
+        spec.pp_grads_made) or (
         spec.pp > 1 and spec.pp_schedule.value == "1f1b"
         and spec.microbatches > pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b"))
     grad_phases = ALL_PHASES if accumulating else BACKWARD_AND_STEP
@@ -1536,7 +1556,14 @@ def _optimizer_source(name: str) -> str:
 
 def _as_run(recipe: Recipe, holdings: RankHoldings) -> Recipe:
     """The recipe as the engine runs it: FSDP2 with a MixedPrecisionPolicy keeps fp32 sharded parameters (they are
-    the master copy: no separate one), gathers 16-bit copies for compute and reduces gradients in fp32."""
+    the master copy: no separate one), gathers 16-bit copies for compute and reduces gradients in fp32. Megatron keeps
+    its main gradients in fp32 (memcalc.megatron)."""
+    if holdings.engine in ("megatron-ddp", "megatron-distopt"):
+        mixed = recipe.master_dtype is not None
+        return dataclasses.replace(recipe, grad_dtype=Dtype.fp32, description=(
+            f"Megatron-LM {'--bf16: bf16 weights (Float16Module), ' if mixed else 'fp32: fp32 weights, '}fp32 main "
+            f"gradients in one buffer{', fp32 main parameters' if mixed else ''} and fp32 optimizer states"
+            + (" (this rank's range: its distributed optimizer)" if holdings.engine == "megatron-distopt" else "")))
     if (holdings.engine not in ("fsdp2", parallel.ENGINE_FSDP2_PIPELINE)
             or holdings.bytes_per_weight_override != BYTES_PER_FP32):
         return recipe

@@ -9,6 +9,7 @@ Engines (--sharding):
   torch      DistributedDataParallel (stage 0) and ZeroRedundancyOptimizer (stage 1: whole parameters)
   fsdp       PyTorch FSDP2 fully_shard per decoder layer and on the root (stage 3: reshard after forward;
              stage 2: keep parameters unsharded from forward to backward)
+  megatron   Megatron-LM's DDP (stage 0) and distributed optimizer (stage 1): memcalc.megatron
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from memcalc import expert_parallel
+from memcalc import expert_parallel, megatron
 from memcalc.deepspeed_defaults import DEEPSPEED_VERSION_READ, overlap_comm
 from memcalc.model import ROLE_EMBEDDING, ROLE_EXPERT, ParamTensor
 from memcalc.precision import BYTES_PER_DTYPE, Dtype
@@ -153,6 +154,8 @@ def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, master_dty
     follow the engine, with a note. Plain training (stage 0, or the torch engine without DDP) holds everything once.
     """
     num_gpus, has_master = spec.num_gpus, master_dtype is not None
+    if spec.sharding == Sharding.megatron:
+        return _megatron(tensors, spec, has_master)
     if spec.sharding == Sharding.fsdp:
         holdings = _fsdp2(tensors, spec, has_master, bytes_per_weight)
     elif spec.sharding == Sharding.torch:
@@ -169,6 +172,31 @@ def rank_holdings(tensors: Sequence[ParamTensor], spec: TrainingSpec, master_dty
                 f"(its buffers and dtypes are counted){offload}")
         holdings = dataclasses.replace(holdings, notes=(*holdings.notes, note))
     return holdings
+
+
+def _megatron(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool) -> RankHoldings:
+    """Megatron-LM's DDP (--zero 0) or distributed optimizer (--zero 1) over ``spec.num_gpus`` data-parallel ranks
+    (memcalc.megatron): the weights and the fp32 main-gradient buffer whole, alive all step; the fp32 main parameters
+    and Adam's states whole, or this rank's 1/dp range of the buffer."""
+    dp, distributed = spec.num_gpus, spec.zero_stage == 1
+    trainable = [t.numel for t in tensors if t.trainable]
+    buffer = megatron.buffer_numel(trainable, dp, distributed)
+    mine = math.ceil(buffer / dp) if distributed else sum(trainable)
+    padding = buffer - sum(trainable)
+    what = ("the distributed optimizer: fp32 main parameters and Adam's states for this rank's 1/dp range of the "
+            f"buffer ({mine:,} elements)" if distributed else "an fp32 main copy of every parameter and Adam's states")
+    notes = [megatron.NOTE, f"--engine megatron: {'bf16 weights, ' if has_master else ''}fp32 main gradients in one "
+             f"buffer kept all step (zeroed, not freed, between steps); {what}"
+             + (f"; the buffers' alignment padding {padding:,} elements (counted)" if padding else "")]
+    return RankHoldings(
+        weight_numel=sum(t.numel for t in tensors) + (padding if distributed else 0), grad_numel=buffer,
+        master_numel=mine if has_master else 0, optimizer_shapes=((mine,),) if trainable else (),
+        effective_stage=1 if distributed else 0, bytes_per_grad_override=BYTES_PER_FP32, fp32_grad_copy=False,
+        grads_held="buffer", notes=tuple(notes), engine="megatron-distopt" if distributed else "megatron-ddp",
+        grads_source=f"{megatron.SOURCE}: _ParamAndGradBuffer's grad_data, one fp32 buffer (main_grad views) "
+                     "allocated once and zeroed between steps" + (" (its alignment padding included)" if padding
+                                                                 else ""),
+    )
 
 
 def _replicated(tensors: Sequence[ParamTensor], has_master: bool) -> RankHoldings:

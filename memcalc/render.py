@@ -72,6 +72,8 @@ def _describe_run(report: Report) -> list[str]:
     if m.num_trainable_params != m.num_params:
         count += f", {m.num_trainable_params:,} trainable"
     engine = f"ZeRO stage {t.zero_stage}" if t.sharding == "deepspeed" else f"{t.sharding} stage {t.zero_stage}"
+    if t.sharding == "megatron":
+        engine = f"Megatron-LM {'distributed optimizer' if t.zero_stage else 'DDP'}"
     lines = [
         f"[bold]{_escape(m.name)}[/bold] ({arch}{count}; {m.params_source}; source: {_escape(m.source)})",
         f"recipe [bold]{t.precision}[/bold]: {t.precision_description}",

@@ -69,6 +69,7 @@ class Request:
     nodes: int = 1
     gpus_per_node: int | None = None
     sharding: str = "deepspeed"
+    engine: str = "torch"
     fsdp: bool = False
     cpu_ram_efficient_loading: bool = False
     offload: str = "none"
@@ -192,7 +193,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
-         "attn", "activations", "sharding", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
+         "attn", "activations", "sharding", "engine", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
          "alloc_conf", "pp_schedule")
 _SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
@@ -273,11 +274,22 @@ def _num_gpus(request: Request) -> int:
 
 
 def _sharding(request: Request) -> str:
+    if request.engine not in ENGINES:
+        raise UsageError(f"{{engine}} {request.engine!r} is not one of {', '.join(ENGINES)}")
+    if request.engine == Sharding.megatron.value:
+        if request.fsdp or request.sharding not in (Sharding.deepspeed.value, Sharding.megatron.value):
+            raise UsageError("{engine} megatron shards with Megatron's own DDP ({zero} 0) or distributed optimizer "
+                             "({zero} 1): drop {fsdp} or {sharding}")
+        return Sharding.megatron.value
     if not request.fsdp:
         return request.sharding
     if request.sharding not in (Sharding.deepspeed.value, Sharding.fsdp.value):
         raise UsageError("{fsdp} is {sharding} fsdp: drop one of them")
     return Sharding.fsdp.value
+
+
+# --engine: torch (PyTorch's and DeepSpeed's engines, as --sharding picks) or megatron (--sharding megatron)
+ENGINES = ("torch", "megatron")
 
 
 def _plan(request: Request) -> Plan:
@@ -296,7 +308,10 @@ def _plan(request: Request) -> Plan:
         stages = [FSDP_PIPELINE_STAGE if isinstance(request.pp, int) and request.pp > 1 else FSDP_DEFAULT_STAGE]
     fields: dict[str, Any] = {
         "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
-        "state_dtype": request.state_dtype, "optimizer": request.optim, "optim_impl": request.optim_impl,
+        "state_dtype": request.state_dtype, "optimizer": request.optim,
+        # (Megatron steps with TransformerEngine's or apex's FusedAdam: megatron/core/optimizer/__init__.py)
+        "optim_impl": ("fused" if sharding == Sharding.megatron.value and not request.is_chosen("optim_impl")
+                       else request.optim_impl),
         "amsgrad": request.amsgrad, "adafactor_beta1": request.adafactor_beta1, "optim_rank": request.optim_rank,
         "optim_in_backward": request.optim_in_backward, "activation_offload": request.activation_offload,
         "micro_batch_size": request.batch_size,

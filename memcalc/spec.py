@@ -44,6 +44,7 @@ class Sharding(str, Enum):
     deepspeed = "deepspeed"  # DeepSpeed ZeRO 0-3
     fsdp = "fsdp"  # PyTorch FSDP2 fully_shard: --zero 3 reshards after forward, --zero 2 does not
     torch = "torch"  # PyTorch DDP (--zero 0) and ZeroRedundancyOptimizer (--zero 1)
+    megatron = "megatron"  # Megatron-LM (--engine megatron): its DDP (--zero 0) and distributed optimizer (--zero 1)
 
 
 class Offload(str, Enum):
@@ -350,6 +351,8 @@ class TrainingSpec:
         if self.sharding == Sharding.torch and self.zero_stage > 1:
             raise UsageError("{sharding} torch is DDP ({zero} 0) or ZeroRedundancyOptimizer ({zero} 1); "
                              "use {sharding} fsdp for stages 2-3")
+        if self.sharding == Sharding.megatron:
+            self._check_megatron()
         if self.lora_rank is not None:
             _check_range("{lora_rank}", self.lora_rank, 1, 65536)
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
@@ -540,6 +543,35 @@ class TrainingSpec:
         """Positions of each sequence one rank runs: all, or its share with context parallelism."""
         return self.seq_len // self.cp
 
+    def _check_megatron(self) -> None:
+        """--engine megatron: Megatron-LM's DDP and distributed optimizer over data parallelism and --tp, full training
+        in its precisions; anything else one line."""
+        if self.zero_stage > 1:
+            raise UnsupportedModelError("{engine} megatron is its DDP ({zero} 0) or its distributed optimizer ({zero} "
+                                        "1); Megatron's own FSDP (--use-megatron-fsdp) is not modelled yet: use {zero} 0 or 1")
+        if self.precision not in (PrecisionName.fp32, PrecisionName.bf16) or any(
+                d is not None for d in (self.master_dtype, self.grad_dtype, self.state_dtype)):
+            raise UsageError(f"{{engine}} megatron with {{precision}} {self.precision.value}: Megatron trains in fp32 "
+                             "or bf16 (bf16 weights, fp32 main gradients and parameters; its fp16 is not modelled "
+                             "yet); use {precision} bf16 or fp32, without dtype overrides")
+        if self.optimizer not in (OptimizerName.adamw, OptimizerName.adam, OptimizerName.sgd):
+            raise UsageError(f"{{engine}} megatron with {{optim}} {self.optimizer.value}: Megatron's --optimizer is "
+                             "adam (decoupled weight decay, as adamw) or sgd; use one of them")
+        if self.optim_impl != OptimImpl.fused:
+            raise UsageError("{engine} megatron steps with TransformerEngine's (or apex's) FusedAdam: drop "
+                             "{optim_impl}")
+        for label, on in (("{pp}", self.pp > 1), ("{cp}", self.cp > 1), ("{ep}", self.ep > 1)):
+            if on:
+                raise UnsupportedModelError(f"{{engine}} megatron with {label}: Megatron's pipeline schedules, "
+                                            "context and expert parallelism are not modelled yet (memcalc's are "
+                                            "torch's): drop one of them")
+        if self.checkpointing not in (Checkpointing.none, Checkpointing.full):
+            raise UsageError(f"{{engine}} megatron with {{checkpointing}} {self.checkpointing_label}: give none, or "
+                             "full (Megatron's --recompute-granularity full, uniform, one layer at a time); its "
+                             "selective granularity recomputes core attention, which with flash attention keeps "
+                             "what none keeps but the fp32 log-sum-exp: estimate it with none, an upper bound")
+        self._only_modelled_with("engine", "Megatron's engine")
+
     def _only_modelled_with(self, setting: str, what: str) -> None:
         """--tp and --pp cover full training with checkpointing none or full and the standard loss: anything else with
         them is one line."""
@@ -556,6 +588,12 @@ class TrainingSpec:
         if unmodelled:
             raise UsageError(f"{unmodelled[0]} with {{{setting}}} {getattr(self, setting)} is not modelled yet ({what} "
                              "covers full training, checkpointing none or full, the standard loss): drop one of them")
+
+    @property
+    def engine(self) -> str:
+        """--engine: megatron (Megatron-LM's DDP and distributed optimizer), or torch (every other engine memcalc
+        models: PyTorch's, DeepSpeed's)."""
+        return "megatron" if self.sharding == Sharding.megatron else "torch"
 
     @property
     def data_parallel(self) -> int:

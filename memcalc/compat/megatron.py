@@ -17,20 +17,11 @@ What Megatron counts, per GPU of its most loaded shard (the first pipeline stage
 
 from __future__ import annotations
 
-import math
-
 from memcalc.compat import ACTIVATION_TERMS, ComparisonRow, memcalc_term_bytes
 from memcalc.errors import UsageError
+from memcalc.megatron import padded_vocab
 from memcalc.report import Report
 from memcalc.vocab import TERM_GRADIENTS, TERM_MASTER, TERM_OPTIMIZER_STATES, TERM_WEIGHTS
-
-VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default
-
-
-def padded_vocab(vocab: int, tp: int) -> int:
-    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x tp."""
-    multiple = VOCAB_DIVISIBLE_BY * tp
-    return math.ceil(vocab / multiple) * multiple
 
 
 def theoretical_memory(arch, *, tp: int, pp: int, dp: int, micro_batch: int, seq: int, microbatches: int | None,
@@ -93,10 +84,13 @@ def compare_with_megatron(report: Report, arch) -> list[ComparisonRow]:
     return [
         ComparisonRow(
             "weights, gradients, optimizer states", ours_states, round(states),
-            f"Megatron counts 18 B per parameter (fp32 main gradients; 6 + 12/dp with its distributed optimizer) of "
-            f"the first stage's shard, the embedding with it; memcalc counts {stage}'s tensors in the recipe's dtypes "
-            f"({t.precision}: {t.grad_dtype} gradients) and the token embedding's whole gradient under tensor "
-            "parallelism"),
+            "Megatron counts 18 B per parameter (fp32 main gradients; 6 + 12/dp with its distributed optimizer) of "
+            "the first stage's shard, the embedding with it; " + (
+                "memcalc (--engine megatron) counts the same bytes per parameter of the rank's own tensors: it holds "
+                "the norms whole (the formula divides them by tp) and the buffers' alignment padding"
+                if t.sharding == "megatron" else
+                f"memcalc counts {stage}'s tensors in the recipe's dtypes ({t.precision}: {t.grad_dtype} gradients) "
+                "and the token embedding's whole gradient under tensor parallelism")),
         ComparisonRow(
             "activations (all micro-batches held)", ours_acts, round(activations),
             f"Megatron: {formula}, for Megatron's own fused kernels and its recompute granularity; memcalc: the "

@@ -253,7 +253,11 @@ def verify(model_config: ModelConfig, spec: TrainingSpec, method: str = "auto", 
     narrower) and verify that instead, as the output says; ``scale=False`` refuses instead.
     """
     from memcalc.families.scaling import scale_to_fit
+    from memcalc.spec import Sharding
 
+    if spec.sharding == Sharding.megatron:
+        raise UsageError("{verify} runs PyTorch's step; {engine} megatron is Megatron-LM's, which needs CUDA and is "
+                         "not run here (its model states are modelled from its code, unmeasured): drop {verify}")
     _require_torch()
     if spec.num_gpus > 1:
         return _verify_ranks(model_config, spec, method, progress)

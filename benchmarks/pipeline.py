@@ -7,6 +7,7 @@
     python benchmarks/pipeline.py --interleaved --zero-bubble   # the same grid, ScheduleInterleavedZeroBubble
     python benchmarks/pipeline.py --fsdp               # 2 stages x 2 FSDP2 data-parallel ranks, beside 2 stages alone
     python benchmarks/pipeline.py --interleaved --fsdp # interleaved 1F1B, each rank's stages FSDP2-sharded
+    python benchmarks/pipeline.py --cp                 # 2 stages x 2 context-parallel ranks (FSDP2 over them)
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
@@ -20,6 +21,10 @@ With --fsdp, each of 2 stages FSDP2-sharded over 2 data-parallel ranks (a (pp, d
 apply_fsdp on each stage), micro-batches of 2 x 128 tokens, with the same cell without data parallelism beside it:
 what FSDP2 adds to the pipeline's error. About 8 minutes. With --interleaved --fsdp, the same for ScheduleInterleaved1F1B:
 2 (or 3) ranks of 2 or 3 stages each, every rank over 2 FSDP2 data-parallel ranks. About 10 minutes.
+
+With --cp, each stage's 2 data-parallel ranks are context-parallel ranks too (torchtitan's layout: FSDP2 over them,
+torch's ring attention in place of sdpa over them, each running 256 of a micro-batch's 512 positions), with the same
+cell without context parallelism (FSDP2 over 2 ranks at 256 positions) beside it. About 6 minutes.
 
 With --model, the preset at full size (bf16-pure unless --precision, micro-batches of 1 x 2048) on the fake process
 group under FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once,
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--zero-bubble", action="store_true",
                         help="with --interleaved: ScheduleInterleavedZeroBubble instead (without checkpointing)")
     parser.add_argument("--fsdp", action="store_true", help="stages under FSDP2 over 2 data-parallel ranks each")
+    parser.add_argument("--cp", action="store_true", help="stages over 2 context-parallel (and FSDP2) ranks each")
     parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
     parser.add_argument("--pp", default="2,4", help="with --model: the stage counts (default 2,4)")
     parser.add_argument("--microbatches", type=int, help="with --model: micro-batches per step (default: --pp)")
@@ -59,6 +65,8 @@ def main() -> None:
     if args.model:
         return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
                       args.microbatches)
+    if args.cp:
+        return context_parallel(measure_distributed)
     if args.fsdp:
         return fsdp(measure_distributed, args.interleaved)
     if args.interleaved:
@@ -122,6 +130,30 @@ def fsdp(measure_distributed, interleaved: bool) -> None:
                   f"{alone[stage]:+.2f}% |", flush=True)
     print(f"\n{len(errors)} {'rank' if interleaved else 'stage'} steps: median |error| "
           f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+def context_parallel(measure_distributed) -> None:
+    print("| schedule | layers | micro-batches | recipe | checkpointing | --zero | rank | estimate | measured | error | "
+          "phase (est / measured) | error without --cp |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|")
+    errors = []
+    for schedule, layers, microbatches, precision, checkpointing, zero in (
+            ("1f1b", 4, 4, "bf16", "none", 2), ("1f1b", 4, 4, "bf16", "full", 2), ("gpipe", 4, 2, "fp32", "none", 2),
+            ("1f1b", 4, 2, "bf16-pure", "full", 2), ("1f1b", 4, 4, "amp-bf16", "none", 2),
+            ("1f1b", 4, 2, "bf16", "none", 3), ("interleaved-1f1b", 6, 4, "bf16", "none", 2)):
+        raw = {**SMALL_LLAMA, "num_hidden_layers": layers}
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=512, checkpointing=checkpointing,
+                            num_gpus=4, pp=2, cp=2, pp_schedule=schedule, microbatches=microbatches,
+                            sharding="fsdp", zero_stage=zero)
+        alone = {stage: error for stage, _, _, error, _ in _on_gloo(
+            measure_distributed, raw, spec.replace(cp=1, seq_len=256))}
+        for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, raw, spec):
+            errors.append(error)
+            print(f"| {schedule} | {layers} | {microbatches} | {precision} | {checkpointing} | {zero} | {stage} | "
+                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} | "
+                  f"{alone[stage]:+.2f}% |", flush=True)
+    print(f"\n{len(errors)} rank steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
+          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
 def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):

@@ -271,9 +271,6 @@ def check(described, spec) -> None:
         raise UnsupportedModelError(
             f"{{cp}} with a sliding window ({arch.sliding_window:,} < {{seq_len}} {spec.seq_len:,}): the window needs "
             "an attention mask, and torch's ring attention runs causal attention without one: drop {cp}")
-    if spec.pp > 1:
-        raise UnsupportedModelError("{cp} with {pp} is not modelled together yet (a stage's micro-batches in flight "
-                                    "beside the ring): drop one of them")
     if spec.activations == ActivationSource.trace:
         raise UnsupportedModelError("{cp} with {activations} trace: the traced step runs one process's attention, not "
                                     "the ring; use the rules ({activations} auto)")

@@ -753,10 +753,18 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     attention_casts = _attention_casts(tensors)
     # --pp under autocast, a later micro-batch's backward (the stage's gradients exist from an earlier one): the casts
     # come from the cache the first micro-batch's forward filled (EXTRA_HELD_CAST_GRADIENTS)
+    last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
     held_casts = (0, 0)
+    last_layer_held_casts = (0, 0)
     if spec.pp > 1 and recipe.autocast and accumulating and by_tensor:
-        cast = [t.numel for t in trainable.autocast_cast_weights(tensors, subset.quantized) if t.trainable]
-        held_casts = (sum(cast), max(cast, default=0))
+        cast = [t for t in trainable.autocast_cast_weights(tensors, subset.quantized) if t.trainable]
+        held_casts = (sum(t.numel for t in cast), max((t.numel for t in cast), default=0))
+        # (and at the stage's last layer's backward, the cast gradients of its weights whose backward has run: at its
+        # MLP's its output projection's, at its attention's all but q's, k's and v's; measured on gloo ranks)
+        last = [t for t in cast if t.layer is not None and t.layer == last_layer]
+        last_layer_held_casts = tuple(sum(t.numel for t in last if keep(t)) * _bytes_per(recipe.compute_dtype)
+                                      for keep in (_is_output_projection,
+                                                   lambda t: _leaf_module(t) not in ("q_proj", "k_proj", "v_proj")))
     # --pp, a later micro-batch's backward on the stage with the embedding: its backward, the stage's last, makes a
     # new V x h gradient beside the one held, before adding it in
     later_embedding = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
@@ -766,7 +774,6 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # is checkpointed: then a recomputed cast, EXTRA_RECOMPUTED_CASTS)
     # (a MoE last layer keeps the moment as its block's transients were measured with: the head's cast counted, none
     # of the releases or gradients below)
-    last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
     dense_last = last_layer is not None and not any(t.layer == last_layer and t.role in (ROLE_EXPERT, ROLE_ROUTER)
                                                     for t in tensors)
     head_cast = last_output_cast = bytes_per_compute_cast = 0
@@ -841,6 +848,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                    holdings.late_top_grad_numel * bytes_per_grad)
                   if holdings.late_top_grad_numel and spec.checkpointing != Checkpointing.none else (0, 0)),
         fsdp_made=_fsdp_layer_made(tensors, holdings, recipe, accumulating),
+        fsdp_stage_last=holdings.engine == parallel.ENGINE_FSDP2_PIPELINE,
+        fsdp_stage_last_kept=(holdings.engine == parallel.ENGINE_FSDP2_PIPELINE and last_layer is not None
+                              and not spec.checkpointed(last_layer)),
         experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
                         if holdings.experts_reduce_bytes else 0),
         head_backward=head.at_backward, head_gradient=head.held,
@@ -849,6 +859,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward,
         stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases),
         held_cast_gradients=held_casts[0] * _bytes_per(recipe.compute_dtype),
+        last_layer_held_casts=last_layer_held_casts,
         cast_gradient_upcast=held_casts[1] * bytes_per_grad, casts_kept=spec.pp > 1 and recipe.autocast,
         later_embedding_gradient=later_embedding,
         cast_bytes=_bytes_per(recipe.compute_dtype), grad_bytes=bytes_per_grad, gradients_made=accumulating))
@@ -1176,6 +1187,11 @@ class _Extras:
     fsdp_late: int = 0
     # FSDP2 late in backward: the layer's unsharded gradients made by its MLP's, attention's and mid norm's backward
     fsdp_made: tuple[int, int, int] = (0, 0, 0)
+    fsdp_stage_last: bool = False  # ... on a pipeline stage, the same at its last layer's backward
+    fsdp_stage_last_kept: bool = False  # ... and at its MLP's too, where that layer is not checkpointed
+    # --pp under autocast, a later micro-batch: at the last layer's MLP's and attention's backward, the cast gradients
+    # of its weights whose backward has run, held (as held_cast_gradients at the end)
+    last_layer_held_casts: tuple[int, int] = (0, 0)
     fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
     fsdp_root_reduce: int = 0  # FSDP2 at the root's reduce-scatter: its unsharded gradients and their reduce copy
     fsdp_root_shards: int = 0  # ... its sharded gradients, not made yet then
@@ -1316,6 +1332,18 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
         others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
                   {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
+        if x.fsdp_stage_last:
+            # (FSDP2 on a pipeline stage, a later micro-batch: at its attention's backward the last layer's 16-bit
+            # gradients made so far wait for its post-backward, as the first layer's do; measured under --cp, where the
+            # ring's backward makes that moment the stage's peak: -1.9% without them; at its MLP's where the layer is
+            # not checkpointed: -0.67% without them, +0.55% with them where it is)
+            others[0][EXTRA_FSDP_BACKWARD_START] += x.fsdp_made[1]
+            if x.fsdp_stage_last_kept:
+                mlp[EXTRA_FSDP_BACKWARD_START] += x.fsdp_made[0]
+        if any(x.last_layer_held_casts):
+            mlp[EXTRA_HELD_CAST_GRADIENTS] = mlp.get(EXTRA_HELD_CAST_GRADIENTS, 0) + x.last_layer_held_casts[0]
+            others[0][EXTRA_HELD_CAST_GRADIENTS] = (others[0].get(EXTRA_HELD_CAST_GRADIENTS, 0)
+                                                    + x.last_layer_held_casts[1])
         last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention:

@@ -138,8 +138,7 @@ def _splits(check, *args) -> bool:
 
 
 def _context_sizes(model, base) -> tuple[int, ...]:
-    """The context-parallel sizes the run can take (context_parallel.check, and the sequence cut into 2 cp chunks):
-    tried with one pipeline stage (context and pipeline parallelism are not composed here)."""
+    """The context-parallel sizes the run can take (context_parallel.check, and the sequence cut into 2 cp chunks)."""
     if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ:
         return (1,)
 
@@ -168,10 +167,12 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
             engines = ("fsdp", "ddp") if pp == 1 else ("fsdp", "zero1", "ddp")
             if dp == 1:
                 engines = ("ddp",)
-            for cp in context_sizes if pp == 1 else (1,):
+            for cp in context_sizes:
                 if dp % cp:
                     continue
-                for sharding in engines:
+                # (context parallelism on pipeline stages as torchtitan lays it out: FSDP2 over the stage's data- and
+                # context-parallel ranks)
+                for sharding in engines if cp == 1 or pp == 1 else ("fsdp",):
                     for checkpointing in ("none", "full"):
                         found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1, cp))
             if tp == 1 and pp == 1 and dp > 1:
@@ -254,6 +255,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
     candidates.sort(key=lambda c: (not c.fits, -c.tokens_per_second, c.peak_bytes))
     notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
                  "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")
-    notes.append("pipelines are searched with 1F1B and 2 x pp micro-batches; interleaved 1F1B and zero-bubble "
-                 "(--pp-schedule) are estimated for a layout you give, not searched")
+    notes.append("pipelines are searched with 1F1B and 2 x pp micro-batches (with context parallelism, FSDP2 over the "
+                 "stage's ranks only, torchtitan's layout); interleaved 1F1B and zero-bubble (--pp-schedule) are "
+                 "estimated for a layout you give, not searched")
     return LayoutPlan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)

@@ -197,7 +197,6 @@ def test_bad_requests_are_one_line_exit_2(cli, options, message):
     ("gemma-2-9b", ["--seq-len", "4096"], "has no sdpa path in transformers"),
     ("mistral-7b", ["--seq-len", "8192"], "with a sliding window (4,096 < --seq-len 8,192)"),
     ("llama-3-8b", ["--activations", "trace"], "the traced step runs one process's attention"),
-    ("llama-3-8b", ["--pp", "2", "--gpus", "4"], "--cp with --pp is not modelled together yet"),
 ])
 def test_unmodelled_paths_are_one_line_exit_5(cli, model, options, why):
     result = cli(model, "--cp", "2", "--gpus", "2", *options)

@@ -138,7 +138,13 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
         if world_size % spec.tp:
             raise UsageError(f"world size {world_size} is not divisible by {{tp}} {spec.tp}")
         job = dataclasses.replace(job, tp=spec.tp)
-    if spec.cp > 1:
+    if spec.cp > 1 and engine == "pp":
+        # each stage's data-parallel ranks are its context-parallel ranks (torchtitan's FSDP mesh spans them)
+        if job.pp_dp != spec.cp:
+            raise UsageError(f"the pipeline measurement runs {{cp}} {spec.cp} over each stage's FSDP2 data-parallel "
+                             f"ranks: give {{gpus}} {spec.pp * spec.cp}")
+        job = dataclasses.replace(job, cp=spec.cp)
+    elif spec.cp > 1:
         # over every data-parallel rank: torchtitan's FSDP mesh (dp_shard_cp) spans the context-parallel ranks
         if engine not in ("ddp", "zero1", "fsdp2") or spec.cp * job.tp != world_size:
             raise UsageError(f"the context-parallel measurement runs {{cp}} {spec.cp} over every data-parallel rank of "

@@ -131,10 +131,18 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     ids = make_inputs(model, dataclasses.replace(setup, micro_batch_size=setup.micro_batch_size * microbatches))
     steppers = [StepperClass(module, setup) for module in modules]
 
+    def ring() -> Any:
+        """--cp: the stage's data-parallel ranks share each sequence, its attention the ring over them."""
+        if job.cp == 1:
+            return contextlib.nullcontext()
+        from memcalc.measure.context_parallel import ring_attention
+
+        return ring_attention(mesh["dp"].get_group())
+
     def run_schedule() -> None:
         # (return_outputs=False, as torchtitan's trainer steps: the last stage keeps no micro-batch's output for a
         # merged return)
-        with _autocast(setup):
+        with _autocast(setup), ring():
             if first:
                 schedule.step(ids, return_outputs=False)
             elif last:

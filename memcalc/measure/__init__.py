@@ -413,8 +413,9 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     if spec.interleaved:
         what = f"ranks; shown: the most loaded, rank {rank}"
     elif sharded:
-        what = (f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks); shown: the most loaded, "
-                f"stage {rank}")
+        ring = ", its context-parallel ranks too: the ring over them" if spec.cp > 1 else ""
+        what = (f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks{ring}); shown: the most "
+                f"loaded, stage {rank}")
     else:
         what = f"stages; shown: the most loaded, stage {rank}"
     busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")

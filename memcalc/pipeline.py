@@ -47,12 +47,13 @@ SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1
 
 # Measured (benchmarks/pipeline.py: a 4- and a 6-layer Llama on 2 and 3 gloo ranks, GPipe and 1F1B, 2 to 5
 # micro-batches, fp32, bf16-pure and amp-bf16, 96 stage steps; --interleaved: 6- and 10-layer Llamas on 2 and 3 ranks
-# of 2 or 3 stages, 54 rank steps; --fsdp and --interleaved --fsdp: 18 stage and 21 rank steps): what the output says
-# about a --pp estimate.
+# of 2 or 3 stages, 54 rank steps; --fsdp, --interleaved --fsdp and --cp: 18 stage, 21 and 14 rank steps): what the
+# output says about a --pp estimate.
 ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (a small Llama): GPipe and 1F1B "
-                 "(96 stage steps) -0.5% to +6.1%, under FSDP2 (18) -0.0% to +4.0%, interleaved 1F1B (54 rank steps) "
+                 "(96 stage steps) -0.1% to +6.1%, under FSDP2 (18) -0.0% to +4.0%, interleaved 1F1B (54 rank steps) "
                  "-0.0% to +4.6% (a later stage's input buffer and its first layer's copy of it counted apart), "
-                 "interleaved 1F1B under FSDP2 (21) -0.0% to +2.7%: leave margin")
+                 "interleaved 1F1B under FSDP2 (21) -0.0% to +2.7%, with --cp (14) -0.0% to +1.5% (+8.4% with --zero "
+                 "3, an upper bound): leave margin")
 ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ranks of a small Llama (27 rank steps): "
                     "-2.0% to +3.3%, the 16-bit recipes' first ranks low (a norm's backward inside a retained input "
                     "backward, not yet placed): leave margin")

@@ -575,10 +575,10 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # micro-batches than it holds at once: the same)
     # (Interleaved schedules: the stage's gradients exist from its first backward on, pp_grads_made.)
     # (Megatron's main-gradient buffer is allocated once and zeroed between steps: alive all step, as accumulating)
-    accumulating = holdings.grads_held == "buffer" or spec.grad_accum > 1 or spec.pp_later_backward or bool(
-        spec.pp_grads_made) or (
-        spec.pp > 1 and spec.pp_schedule.value == "1f1b"
-        and spec.microbatches > pipeline.in_flight(spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b"))
+    later_1f1b = spec.pp > 1 and spec.pp_schedule.value == "1f1b" and spec.microbatches > pipeline.in_flight(
+        spec.pp_stage or 0, spec.pp, spec.microbatches, "1f1b")
+    accumulating = (holdings.grads_held == "buffer" or spec.grad_accum > 1 or spec.pp_later_backward
+                    or bool(spec.pp_grads_made) or later_1f1b)
     grad_phases = ALL_PHASES if accumulating else BACKWARD_AND_STEP
     if holdings.grads_held == "gpu-backward":
         grad_phases = FORWARD_BACKWARD if accumulating else BACKWARD_ONLY

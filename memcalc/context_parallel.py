@@ -20,6 +20,7 @@ parallel sharding (``--gpus`` / (tp x pp) ranks) spans them, as torchtitan's FSD
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from memcalc.errors import UnsupportedModelError, UsageError
@@ -238,6 +239,7 @@ def ring_backward(q: int, kv: int, lse: int, c: int, size: int, rank: int, load_
     return f.peak
 
 
+@functools.lru_cache(maxsize=256)  # (a pure walk of ints; the planner asks for the same rings many times)
 def ring_peaks(q: int, kv: int, lse: int, c: int, size: int, load_balance: bool = True,
                kv_contiguous: bool = False) -> RingPeaks:
     """The ring's forward and backward peaks on the most loaded rank."""

@@ -51,6 +51,9 @@ PP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CP_SIZES = (1, 2, 4, 8, 16, 32)
 EP_SIZES = (1, 2, 4, 8, 16, 32, 64)
 MIN_CONTEXT_PARALLEL_SEQ = 8192  # shorter sequences are not split (each rank would run under 4096 positions)
+# On pipeline stages (torchtitan's long-context layout) a rank keeps at least this many positions: the search stays
+# under its time budget, and a stage's micro-batches already shrink its activations
+MIN_PIPELINE_CONTEXT_LOCAL = 4096
 BYTES_16 = 2
 
 
@@ -155,7 +158,7 @@ def _expert_sizes(model) -> tuple[int, ...]:
 
 
 def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...] = (1,),
-             expert_sizes: tuple[int, ...] = (1,)) -> list[Layout]:
+             expert_sizes: tuple[int, ...] = (1,), base_seq: int = 0) -> list[Layout]:
     found = []
     for tp in TP_SIZES:
         if gpus_per_node % tp or not _splits(tensor_parallel.check, model.described, tp):
@@ -168,7 +171,7 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
             if dp == 1:
                 engines = ("ddp",)
             for cp in context_sizes:
-                if dp % cp:
+                if dp % cp or (pp > 1 and cp > 1 and base_seq // cp < MIN_PIPELINE_CONTEXT_LOCAL):
                     continue
                 # (context parallelism on pipeline stages as torchtitan lays it out: FSDP2 over the stage's data- and
                 # context-parallel ranks)
@@ -240,7 +243,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
                      if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ else
                      "context parallelism not tried: the run does not take it (memcalc --cp's checks)")
     expert_sizes = _expert_sizes(model)
-    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes):
+    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len):
         try:
             spec = _spec_for(base, layout)
             peak = _peak(model, spec)
@@ -256,6 +259,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
     notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
                  "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")
     notes.append("pipelines are searched with 1F1B and 2 x pp micro-batches (with context parallelism, FSDP2 over the "
-                 "stage's ranks only, torchtitan's layout); interleaved 1F1B and zero-bubble (--pp-schedule) are "
+                 f"stage's ranks only, torchtitan's layout, and at least {MIN_PIPELINE_CONTEXT_LOCAL:,} positions a "
+                 "rank); interleaved 1F1B and zero-bubble (--pp-schedule) are "
                  "estimated for a layout you give, not searched")
     return LayoutPlan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)

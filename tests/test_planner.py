@@ -79,24 +79,26 @@ def test_context_parallel_layouts_by_hand(plan_405b):
 
 
 def test_context_parallel_pipelines_by_hand(plan_405b):
-    """8 data-parallel ranks all sharing each sequence (cp 8) x tp 8 x pp 8, FSDP2 over the stage's ranks (the only
-    sharding tried with cp on pipelines, torchtitan's), 16 micro-batches: one sequence per micro-batch, each stage's
-    16 layers' tensor and ring traffic per micro-batch (1,024 positions on each rank; tp x cp = 64 GPUs, past a node),
-    the sends between stages, the 1F1B bubble 7 / 23; the memory the estimate's most loaded stage."""
-    c = _candidate(plan_405b, 8, 8, 8, "fsdp", "none", 8)
-    assert not [x for x in plan_405b.candidates if x.layout.cp > 1 and x.layout.pp > 1 and x.layout.sharding != "fsdp"]
-    tokens = 1 * 8192 * 16
+    """8 data-parallel ranks in 4 pairs sharing each sequence (cp 2) x tp 8 x pp 8, FSDP2 over the stage's ranks (the
+    only sharding tried with cp on pipelines, torchtitan's), 16 micro-batches: each stage's 16 layers' tensor and ring
+    traffic per micro-batch (4,096 positions on each rank; tp x cp = 16 GPUs, past a node), the sends between stages,
+    the 1F1B bubble 7 / 23; the memory the estimate's most loaded stage. cp 4 and 8 are not tried on pipelines at 8,192
+    positions (a rank would run fewer than 4,096)."""
+    c = _candidate(plan_405b, 8, 8, 8, "fsdp", "none", 2)
+    assert not [x for x in plan_405b.candidates if x.layout.cp > 1 and x.layout.pp > 1
+                and (x.layout.sharding != "fsdp" or x.layout.cp > 2)]
+    tokens = 4 * 8192 * 16
     compute = _compute_405b(tokens) * 3 / 4  # (no recomputation)
-    hidden = 1024 * 16384 * 2
+    hidden = 4096 * 16384 * 2
     tensor = 4 * 16 * 16 * 2 * 7 / 8 * hidden / 450e9
     pipe = 2 * 16 * hidden / 50e9
-    ring = 8 * 16 * 16 * 7 * (1024 * 1 * 128 * 2) / 50e9
+    ring = 8 * 16 * 16 * 1 * (4096 * 1 * 128 * 2) / 50e9
     data = 2 * 7 / 8 * (PARAMS_405B / 64 * 2) / 50e9
     bubble = 7 / 23
     assert c.tokens_per_step == tokens
     assert c.step_seconds == pytest.approx((compute + tensor + pipe + ring) / (1 - bubble)
                                            + max(0.0, data - compute / 2), rel=1e-12)
-    report = api.estimate("llama-3.1-405b", gpus=512, tp=8, sp=True, loss_parallel=True, cp=8, pp=8, microbatches=16,
+    report = api.estimate("llama-3.1-405b", gpus=512, tp=8, sp=True, loss_parallel=True, cp=2, pp=8, microbatches=16,
                           sharding="fsdp", zero=2, seq_len=8192)
     assert c.peak_bytes == report.per_gpu.peak_bytes
 

@@ -1,5 +1,5 @@
 """Megatron-LM's engine (``--engine megatron``): what its data parallelism holds per GPU, read from its code
-(Megatron-LM core_r0.13 layout; file and function named at each rule).
+(megatron/core and megatron/training; the file and function named at each rule).
 
 - **Weights** in the training dtype: ``Float16Module`` casts the model to bf16 (``--bf16``); fp32 runs keep fp32.
 - **Main gradients**, one contiguous buffer for the whole step: ``_ParamAndGradBuffer.__init__``

@@ -754,6 +754,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # --pp under autocast, a later micro-batch's backward (the stage's gradients exist from an earlier one): the casts
     # come from the cache the first micro-batch's forward filled (EXTRA_HELD_CAST_GRADIENTS)
     last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
+    fsdp_made = _fsdp_layer_made(tensors, holdings, recipe, accumulating)
     held_casts = (0, 0)
     last_layer_held_casts = (0, 0)
     if spec.pp > 1 and recipe.autocast and accumulating and by_tensor:
@@ -847,10 +848,13 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         fsdp_top=((max(0, model.arch.num_layers - 3) * act.output_gradient_bytes,
                    holdings.late_top_grad_numel * bytes_per_grad)
                   if holdings.late_top_grad_numel and spec.checkpointing != Checkpointing.none else (0, 0)),
-        fsdp_made=_fsdp_layer_made(tensors, holdings, recipe, accumulating),
-        fsdp_stage_last=holdings.engine == parallel.ENGINE_FSDP2_PIPELINE,
-        fsdp_stage_last_kept=(holdings.engine == parallel.ENGINE_FSDP2_PIPELINE and last_layer is not None
-                              and not spec.checkpointed(last_layer)),
+        fsdp_made=fsdp_made,
+        # (FSDP2 on a pipeline stage, a later micro-batch: at its last layer's MLP's backward (unless that layer is
+        # checkpointed: +0.55% with them there) and its attention's, that layer's 16-bit gradients made so far wait
+        # for its post-backward, as the first layer's do; measured under --cp, where the ring's backward makes the
+        # attention's moment the stage's peak: -1.9% without them; at the MLP's -0.67% without them)
+        fsdp_last_made=((0 if last_layer is None or spec.checkpointed(last_layer) else fsdp_made[0], fsdp_made[1])
+                        if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE else (0, 0)),
         experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
                         if holdings.experts_reduce_bytes else 0),
         head_backward=head.at_backward, head_gradient=head.held,
@@ -1187,10 +1191,10 @@ class _Extras:
     fsdp_late: int = 0
     # FSDP2 late in backward: the layer's unsharded gradients made by its MLP's, attention's and mid norm's backward
     fsdp_made: tuple[int, int, int] = (0, 0, 0)
-    fsdp_stage_last: bool = False  # ... on a pipeline stage, the same at its last layer's backward
-    fsdp_stage_last_kept: bool = False  # ... and at its MLP's too, where that layer is not checkpointed
-    # --pp under autocast, a later micro-batch: at the last layer's MLP's and attention's backward, the cast gradients
-    # of its weights whose backward has run, held (as held_cast_gradients at the end)
+    # At the last layer's MLP's and attention's backward, in a later micro-batch on a pipeline stage: FSDP2's 16-bit
+    # gradients of that layer waiting for its post-backward, and under autocast the cast gradients of its weights whose
+    # backward has run, held (as held_cast_gradients at the end)
+    fsdp_last_made: tuple[int, int] = (0, 0)
     last_layer_held_casts: tuple[int, int] = (0, 0)
     fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
     fsdp_root_reduce: int = 0  # FSDP2 at the root's reduce-scatter: its unsharded gradients and their reduce copy
@@ -1332,18 +1336,11 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
         others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
                   {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
-        if x.fsdp_stage_last:
-            # (FSDP2 on a pipeline stage, a later micro-batch: at its attention's backward the last layer's 16-bit
-            # gradients made so far wait for its post-backward, as the first layer's do; measured under --cp, where the
-            # ring's backward makes that moment the stage's peak: -1.9% without them; at its MLP's where the layer is
-            # not checkpointed: -0.67% without them, +0.55% with them where it is)
-            others[0][EXTRA_FSDP_BACKWARD_START] += x.fsdp_made[1]
-            if x.fsdp_stage_last_kept:
-                mlp[EXTRA_FSDP_BACKWARD_START] += x.fsdp_made[0]
-        if any(x.last_layer_held_casts):
-            mlp[EXTRA_HELD_CAST_GRADIENTS] = mlp.get(EXTRA_HELD_CAST_GRADIENTS, 0) + x.last_layer_held_casts[0]
-            others[0][EXTRA_HELD_CAST_GRADIENTS] = (others[0].get(EXTRA_HELD_CAST_GRADIENTS, 0)
-                                                    + x.last_layer_held_casts[1])
+        for name, (at_mlp, at_attention) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
+                                             (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
+            if at_mlp or at_attention:
+                mlp[name] = mlp.get(name, 0) + at_mlp
+                others[0][name] = others[0].get(name, 0) + at_attention
         last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention:

@@ -1336,11 +1336,11 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
         others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
                   {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
-        for name, (at_mlp, at_attention) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
+        for name, (in_mlp, in_attention) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
                                              (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
-            if at_mlp or at_attention:
-                mlp[name] = mlp.get(name, 0) + at_mlp
-                others[0][name] = others[0].get(name, 0) + at_attention
+            if in_mlp or in_attention:
+                mlp[name] = mlp.get(name, 0) + in_mlp
+                others[0][name] = others[0].get(name, 0) + in_attention
         last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention:

@@ -143,9 +143,15 @@ BNB_PAGED_MIN_NUMEL = 100_000
 TORCHAO_MIN_QUANT_NUMEL = 4096
 TORCHAO_8BIT_BLOCK, TORCHAO_8BIT_QMAP = 256, 256
 TORCHAO_4BIT_BLOCK, TORCHAO_4BIT_QMAP = 128, 16
-# torchao single_param_adam, run eagerly (memcalc's CPU tracker): the fp32 working copies of one tensor alive at once
-# are 24 B per element for an fp32 parameter, 28 B for a 16-bit one (p.float() is a copy then).
-TORCHAO_EAGER_BYTES_PER_ELEMENT = {4: 24, 2: 28}
+# torchao _AdamBase.step always runs single_param_adam through torch.compile (fullgraph, one tensor at a time). For a
+# quantized state, the code Inductor generates for it (torch 2.13, torchao 0.18, read with TORCH_LOGS=output_code)
+# keeps, beside the in-place updates, the dequantized fp32 exp_avg and exp_avg_sq (each read by its block's amax and
+# again by its re-quantization): 2 x 4 B per element; 4-bit adds, per state, its codes unpacked to one uint8 each
+# (aten.cat of the two nibbles) and the new codes as int64 before packing: 2 x (1 + 4 + 8) B. The parameter's dtype
+# does not change them; a tensor with plain states (too small, or not a multiple of the block) compiles to one fused
+# kernel without buffers. Measured on compiled CPU steps by ``python benchmarks/torchao_optim.py``.
+TORCHAO_COMPILED_BYTES_PER_ELEMENT = {OptimizerName.torchao_adamw_8bit: 2 * 4,
+                                      OptimizerName.torchao_adamw_4bit: 2 * (1 + 4 + 8)}
 # nikhilvyas/SOAP soap.py SOAP.__init__ defaults: max_precond_dim=10000, precondition_frequency=10.
 SOAP_MAX_PRECOND_DIM = 10_000
 SOAP_PRECONDITION_FREQUENCY = 10
@@ -337,10 +343,15 @@ def state_bytes_by_kind(
     return totals
 
 
+def _torchao_quantizes(numel: int, name: OptimizerName) -> bool:
+    block = TORCHAO_8BIT_BLOCK if name == OptimizerName.torchao_adamw_8bit else TORCHAO_4BIT_BLOCK
+    return numel >= TORCHAO_MIN_QUANT_NUMEL and not numel % block
+
+
 def _torchao_state_bytes(numel: int, name: OptimizerName, state_bytes: int) -> int:
     block, qmap = ((TORCHAO_8BIT_BLOCK, TORCHAO_8BIT_QMAP) if name == OptimizerName.torchao_adamw_8bit
                    else (TORCHAO_4BIT_BLOCK, TORCHAO_4BIT_QMAP))
-    if numel < TORCHAO_MIN_QUANT_NUMEL or numel % block:
+    if not _torchao_quantizes(numel, name):
         return numel * state_bytes  # torch.zeros_like(p)
     codes = numel if name == OptimizerName.torchao_adamw_8bit else numel // 2
     return codes + (numel // block) * BYTES_PER_FP32 + qmap * BYTES_PER_FP32
@@ -447,7 +458,8 @@ def optimizer_notes(shapes: Sequence[tuple[int, ...]], settings: OptimizerSettin
                 "itself is not modelled (measured on the CPU, where bitsandbytes does not page)")
     if name in (OptimizerName.torchao_adamw_8bit, OptimizerName.torchao_adamw_4bit):
         notes.append(f"{name.value}: torchao compiles its step per tensor (torch.compile); the step temporaries are the "
-                     "eager code's fp32 working copies of the largest tensor, not measured under the compiler on CUDA")
+                     "buffers Inductor's code keeps for the largest quantized tensor, measured on compiled CPU steps; "
+                     "not measured on CUDA, where Triton may fuse differently")
     if whole is None:
         return notes
     tensors = whole.tensors
@@ -572,10 +584,12 @@ def step_temporary_bytes(
     if name in (OptimizerName.adamw_8bit, OptimizerName.paged_adamw_8bit, OptimizerName.paged_adamw):
         return 0, "bitsandbytes fused 8-bit / 32-bit CUDA kernels: no temporaries"
     if name in (OptimizerName.torchao_adamw_8bit, OptimizerName.torchao_adamw_4bit):
-        per_element = TORCHAO_EAGER_BYTES_PER_ELEMENT[min(BYTES_PER_DTYPE[param_dtype], BYTES_PER_FP32)]
-        rule = (f"torchao single_param_adam, one tensor at a time: {per_element} B of fp32 working copies per element "
-                "of the largest tensor (eager code; the compiled kernel fuses some)")
-        return largest_numel * per_element, rule
+        quantized = [n for n in (math.prod(s) for s in shapes) if _torchao_quantizes(n, name)]
+        per_element = TORCHAO_COMPILED_BYTES_PER_ELEMENT[name]
+        rule = (f"torchao single_param_adam compiled, one tensor at a time: {per_element} B per element of the "
+                "largest quantized tensor (Inductor's buffers for its dequantized fp32 states"
+                f"{' and their codes' if name == OptimizerName.torchao_adamw_4bit else ''}; measured on the CPU)")
+        return max(quantized, default=0) * per_element, rule
     if name == OptimizerName.schedule_free_adamw:
         if impl == OptimImpl.forloop:
             # adamw_schedulefree.py step, foreach=False: denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)

@@ -125,6 +125,12 @@ def test_torchao_quantizes_only_large_divisible_tensors():
     four = state_bytes_by_kind(shapes, _settings("torchao-adamw-4bit"), Dtype.bf16)
     quant4 = lambda n: n // 2 + n // 128 * 4 + 16 * 4
     assert four["exp_avg_sq"] == quant4(4096) + quant4(4352) + quant4(4224) + 100 * 2
+    # The compiled step's buffers (Inductor's code for single_param_adam, torch 2.13 / torchao 0.18; measured by
+    # benchmarks/torchao_optim.py): per element of the largest quantized tensor, 8-bit 2 dequantized fp32 states,
+    # 4-bit also each state's unpacked uint8 and new int64 codes; a tensor with plain states keeps none.
+    assert step_temporary_bytes(shapes, _settings("torchao-adamw-8bit"), Dtype.bf16, Dtype.bf16)[0] == 4352 * 2 * 4
+    assert step_temporary_bytes(shapes, _settings("torchao-adamw-4bit"), Dtype.bf16, Dtype.bf16)[0] == \
+        4352 * 2 * (1 + 4 + 8)
 
 
 def test_paged_states_are_those_of_large_tensors():
@@ -346,14 +352,15 @@ def test_torchao_low_bit_matches_the_library(inventory, bits, dtype, monkeypatch
     optim = pytest.importorskip("torchao.optim")
     # torchao compiles single_param_adam per tensor; eager here (seconds instead of minutes on this CPU): the states
     # are made by _new_buffer before it runs, the same either way.
+    # The step's temporaries are the compiled code's, which benchmarks/torchao_optim.py measures on compiled CPU steps
+    # (building Inductor's kernels takes tens of seconds per optimizer, beyond the suite's budget). The eager step
+    # keeps every fp32 working copy unfused, more than the compiled buffers the rule counts.
     monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
     cls = optim.AdamW8bit if bits == 8 else optim.AdamW4bit
     optimizers, params, peaks = _run(lambda model: [cls(model.parameters(), lr=1e-3)], dtype, steps=2)
     states, temporaries = _expected(inventory, f"torchao-adamw-{bits}bit", dtype)
     assert _measured_states(optimizers, params) == states
-    # Beyond the rule: 1 - beta ** step of the host-side step tensor, two 0-dim fp32 tensors (on the CPU also when the
-    # parameters are on CUDA).
-    assert peaks == [temporaries + 2 * 4]
+    assert 0 < temporaries < peaks[0]
 
 
 @pytest.mark.parametrize("name", ["paged-adamw", "paged-adamw-8bit"])

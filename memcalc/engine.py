@@ -51,6 +51,7 @@ from memcalc.model import (
 )
 from memcalc.optimizers import (
     optimizer_notes,
+    paged_state_bytes,
     state_bytes_by_kind,
     step_temporary_bytes,
     temporaries_source,
@@ -625,6 +626,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         source=_optimizer_source(opt.name.value) + (f"; {holdings.engine} partition of this GPU" if stage else ""),
         category=CATEGORY_CPU_OFFLOAD if on_cpu else CATEGORY_MODEL_STATES, phases=[] if on_cpu else ALL_PHASES, breakdown=states,
     ))
+    paged = 0 if on_cpu else paged_state_bytes(holdings.optimizer_shapes, opt)
     # -- working memory of forward and backward ---------------------------------------------------------
     # --fp8: torchao's Float8Linear casts its (fp32, under autocast) weight to float8 itself; autocast casts none of the
     # converted layers' weights (measured on CPU steps with torchao's layers)
@@ -893,7 +895,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         per_gpu=PerGpu(
             terms=terms, model_states_bytes=model_states, peak_bytes=peak.bytes, peak_phase=peak.phase,
             phases=phases, first_step_peak_bytes=max(p.first_step_bytes for p in phases), cpu_offload_bytes=cpu_bytes,
-            load=loaded,
+            load=loaded, paged_bytes=paged,
         ),
         totals=Totals(num_gpus=num_gpus, num_nodes=spec.num_nodes, cpu_offload_bytes_per_node=cpu_bytes * spec.gpus_per_node,
                       model_states_bytes=model_states * num_gpus,

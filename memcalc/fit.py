@@ -699,7 +699,9 @@ def check_fit(
     estimates = _Estimates(rerun)
     estimates.remember(spec, report)
     peak = report.per_gpu.peak_bytes
-    fits = peak <= gpu.usable_bytes
+    paged = report.per_gpu.paged_bytes
+    fits = peak - paged <= gpu.usable_bytes
+    paged_out = max(0, peak - gpu.usable_bytes) if fits else 0
     suggestions: list[FitSuggestion] = []
     budget_reached = False
     cost_reasons: dict[str, str] = {}
@@ -742,7 +744,7 @@ def check_fit(
         cuda_context_bytes=gpu.cuda_context_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
         allocator_reserve_predicted=gpu.predicted_reserve_bytes is not None,
         usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
-        peak_is_lower_bound=not report.model.architecture_known,
+        peak_is_lower_bound=not report.model.architecture_known, paged_bytes=paged, paged_out_bytes=paged_out,
         suggestions=suggestions, cost_model=COST_MODEL if suggestions else None, cost_reasons=cost_reasons,
         num_estimates=estimates.count, search_budget_reached=budget_reached,
     )

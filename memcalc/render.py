@@ -147,6 +147,11 @@ def _headline(report: Report, unit: str) -> str | None:
     margin = (f"{format_bytes(fit.headroom_bytes, unit)} headroom" if fit.fits
               else f"{format_bytes(-fit.headroom_bytes, unit)} over")
     verdict = f"[{VERDICT_STYLES[fit.verdict]}]{fit.verdict}[/{VERDICT_STYLES[fit.verdict]}]"
+    if fit.paged_out_bytes:
+        return (f"{verdict} on {_escape(fit.gpu)}: peak {format_bytes(fit.peak_bytes, unit)} of "
+                f"{format_bytes(fit.usable_bytes, unit)} usable; without the paged optimizer states "
+                f"{format_bytes(fit.peak_bytes - fit.paged_bytes, unit)}, so the driver pages "
+                f"{format_bytes(fit.paged_out_bytes, unit)} of them to CPU RAM (slower steps; details below)")
     if fit.verdict == VERDICT_MAY_FIT:
         return (f"{verdict} on {_escape(fit.gpu)}: what is counted peaks at "
                 f"{format_bytes(fit.peak_bytes, unit)} of {format_bytes(fit.usable_bytes, unit)} usable, but with "
@@ -212,6 +217,13 @@ def render_table(report: Report, console: Console, unit: str, explain: bool = Fa
         f"{format_bytes(per_gpu.first_step_peak_bytes, unit)}). The \"at peak\" column adds up to it; the sum of "
         "all terms is not the peak.",
     )
+    if per_gpu.paged_bytes:
+        console.print(
+            f"of which paged: {format_bytes(per_gpu.paged_bytes, unit)} of optimizer states in CUDA unified memory, "
+            f"outside PyTorch's allocator: torch.cuda.max_memory_allocated() of a steady-state step shows the peak "
+            f"less them, {format_bytes(per_gpu.peak_bytes - per_gpu.paged_bytes, unit)}; on a GPU too small for them the driver "
+            "pages them to CPU RAM (slower steps, not an OOM); the verdict counts them on the GPU",
+        )
     if per_gpu.load is not None:
         _print_load(report, console, unit, explain)
     if per_gpu.allocator is not None:
@@ -328,6 +340,8 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
 
     verdict = fit.verdict
     margin = (f"{size(fit.headroom_bytes)} headroom" if fit.fits else f"{size(-fit.headroom_bytes)} over")
+    if fit.paged_out_bytes:
+        margin = f"{size(fit.paged_out_bytes)} over, all of it paged optimizer states"
     console.print()
     headline = wrap(f"{verdict} on {fit.gpu}: peak {size(fit.peak_bytes)}, usable {size(fit.usable_bytes)}, {margin}",
                     indent="  ", first="")
@@ -339,6 +353,11 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     if fit.peak_is_lower_bound:
         say("the peak is a lower bound: with --params only there is no architecture, so activations and per-layer buffers are "
             "not counted here or in the changes below; give a preset or a config.json as MODEL for the whole peak",
+            indent="  ")
+    if fit.paged_out_bytes:
+        say(f"with paging: of the {size(fit.paged_bytes)} of optimizer states bitsandbytes keeps in CUDA unified memory, "
+            f"the driver holds {size(fit.paged_out_bytes)} in CPU RAM and pages them in and out as each step updates "
+            f"them (slower steps, not an OOM); the rest of the step, {size(fit.peak_bytes - fit.paged_bytes)}, fits",
             indent="  ")
     reserve_how = ("predicted by --reserved: reserved beyond the tensors at the replayed step's reserved peak, the same "
                    "bytes for the changes below; CUDA context assumed, --cuda-context") if fit.allocator_reserve_predicted \

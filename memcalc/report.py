@@ -154,6 +154,9 @@ class PerGpu:
     reserved_peak_bytes: int | None = None
     allocator: AllocatorReplay | None = None
     load: LoadPhase | None = None  # the load before the first step (memcalc.load)
+    # Of the steady-state peak, the optimizer states a bitsandbytes paged optimizer keeps in CUDA unified memory,
+    # outside PyTorch's allocator: torch.cuda.max_memory_allocated() of a steady-state step shows peak_bytes - paged_bytes.
+    paged_bytes: int = 0
 
     def step_peak(self) -> PhaseTotal:
         """The training step's largest moment (the load left out): what a measured step is compared with."""
@@ -204,6 +207,11 @@ class Fit:
     # True when the model has no architecture (--params only): the peak leaves out activations and the per-layer
     # working buffers, so "fits" (here and in the suggestions) means the counted part fits: a lower bound.
     peak_is_lower_bound: bool = False
+    # Of peak_bytes, the optimizer states a bitsandbytes paged optimizer keeps in CUDA unified memory (PerGpu.paged_bytes).
+    # The run fits when the rest does: the driver pages out what does not fit beside it (to CPU RAM, slower steps),
+    # which is what paged optimizers are for; paged_out_bytes is that part (peak - usable), the verdict MAY FIT.
+    paged_bytes: int = 0
+    paged_out_bytes: int = 0
     # When it does not fit: the fitting changes ranked by cost (cheapest first), then each change alone that
     # does not fit. cost_model says what the points mean; cost_reasons gives the reason for each lever used.
     suggestions: list[FitSuggestion] = field(default_factory=list)
@@ -237,10 +245,11 @@ class Fit:
 
     @property
     def verdict(self) -> str:
-        """FITS, DOES NOT FIT, or MAY FIT when what is counted fits but is a lower bound (--params only)."""
+        """FITS, DOES NOT FIT, or MAY FIT when what is counted fits but is a lower bound (--params only) or fits only
+        with paged optimizer states paged out to CPU RAM."""
         if not self.fits:
             return VERDICT_DOES_NOT_FIT
-        return VERDICT_MAY_FIT if self.peak_is_lower_bound else VERDICT_FITS
+        return VERDICT_MAY_FIT if self.peak_is_lower_bound or self.paged_out_bytes else VERDICT_FITS
 
 
 @dataclass(eq=False, repr=False)

@@ -347,3 +347,31 @@ def test_the_optimizer_step_in_backward_is_offered_where_it_can_run():
     assert found[0].peak_bytes == _engine_peak(model, spec, optim_in_backward=True) < report.per_gpu.peak_bytes
     accumulated = _verdict("llama-3.2-3b", "rtx-4090", precision="bf16-pure", grad_accum=4)[3]
     assert not any("optim_in_backward" in s.spec_changes for s in accumulated.fit.suggestions)
+
+
+def test_paged_optimizer_states_may_be_paged_out_instead_of_failing():
+    """bitsandbytes' paged optimizers keep the states of tensors of >= 1e5 elements in CUDA unified memory
+    (optimizer.py Optimizer8bit.get_state_buffer: F.get_paged, cudaMallocManaged), which the driver pages to CPU RAM
+    when the GPU is full: torchtune's README runs Llama 3.1 8B full fine-tuning with PagedAdamW8bit on a 24 GB card
+    whose memory its weights and states exceed. A GPU that holds the rest of the step but not all of those states:
+    MAY FIT (exit 0), with the paged-out bytes named; the same states in PyTorch's allocator (AdamW8bit) do not fit."""
+    model = _model("llama-3.2-1b")
+    paged_report = api.run(model, TrainingSpec(precision="bf16-pure", optimizer="paged-adamw-8bit"))
+    plain_report = api.run(model, TrainingSpec(precision="bf16-pure", optimizer="adamw-8bit"))
+    peak, paged = paged_report.per_gpu.peak_bytes, paged_report.per_gpu.paged_bytes
+    assert peak == plain_report.per_gpu.peak_bytes  # the same states, in unified memory
+    # state1 and state2: one uint8 code per element of each large trainable tensor
+    assert paged == 2 * sum(t.numel for t in model.tensors if t.trainable and t.numel >= 100_000) > 0
+    assert plain_report.per_gpu.paged_bytes == 0
+    between = GpuTarget("between", peak - paged // 2, "test", cuda_context_bytes=0, predicted_reserve_bytes=0)
+    fit = check_fit(paged_report, TrainingSpec(precision="bf16-pure", optimizer="paged-adamw-8bit"), between,
+                    lambda changed: estimate(model, changed))
+    assert (fit.verdict, fit.fits, fit.paged_out_bytes, fit.suggestions) == ("MAY FIT", True, paged // 2, [])
+    text = _render(paged_report.with_fit(fit))
+    assert text.strip().startswith("MAY FIT on between") and "CPU RAM" in text
+    plain_fit = check_fit(plain_report, TrainingSpec(precision="bf16-pure", optimizer="adamw-8bit"), between,
+                          lambda changed: estimate(model, changed))
+    assert plain_fit.verdict == "DOES NOT FIT"
+    too_small = GpuTarget("small", peak - paged - 1, "test", cuda_context_bytes=0, predicted_reserve_bytes=0)
+    assert check_fit(paged_report, TrainingSpec(precision="bf16-pure", optimizer="paged-adamw-8bit"), too_small,
+                     lambda changed: estimate(model, changed)).verdict == "DOES NOT FIT"

@@ -327,12 +327,13 @@ AXOLOTL_QLORA = {**AXOLOTL, "adapter": "qlora", "load_in_4bit": True, "lora_r": 
 
 @pytest.mark.parametrize(("optimizer", "expected"), [
     # transformers trainer_optimizer.py: adamw_torch -> torch.optim.AdamW (torch's default foreach: not set here),
-    # adamw_torch_fused -> fused=True; bitsandbytes 32-bit states are fp32 whatever the weights.
+    # adamw_torch_fused -> fused=True; bitsandbytes 32-bit states are fp32 whatever the weights; the paged_ names are
+    # bitsandbytes' paged optimizers (is_paged), memcalc's paged-adamw(-8bit).
     ("adamw_torch", {"optim": "adamw"}),
     ("adamw_torch_fused", {"optim": "adamw", "optim_impl": "fused"}),
     ("adafactor", {"optim": "adafactor"}),
-    ("paged_adamw_8bit", {"optim": "adamw-8bit", "optim_impl": "fused"}),
-    ("paged_adamw_32bit", {"optim": "adamw", "optim_impl": "fused", "state_dtype": "fp32"}),
+    ("paged_adamw_8bit", {"optim": "paged-adamw-8bit", "optim_impl": "fused"}),
+    ("paged_adamw_32bit", {"optim": "paged-adamw", "optim_impl": "fused"}),
     ("lion_32bit", {"optim": "lion", "optim_impl": "fused", "state_dtype": "fp32"}),
     ("sgd", {"optim": "sgd"}),
 ])

@@ -64,23 +64,25 @@ MAX_INTEGER = 10**9  # batch, length, rank, steps: far past any run (memcalc.spe
 # (memcalc optimizer, implementation or None for the default, state dtype forced by the implementation, note);
 # bitsandbytes steps every tensor with one fused kernel (memcalc's fused: no foreach temporaries).
 _Optim = tuple[str, str | None, str | None, str]
-_PAGED = "paged: bitsandbytes may evict the states to CPU RAM under memory pressure; counted on the GPU"
 
 # transformers/training_args.py OptimizerNames, built in trainer_optimizer.py (_OPTIMIZER_HANDLERS):
 # _get_adamw_torch adds fused=True for adamw_torch_fused only; _get_adafactor is transformers' Adafactor;
 # _get_bitsandbytes_optimizer builds bitsandbytes AdamW/Lion with optim_bits 8 or 32 (32-bit bitsandbytes states are
 # fp32 whatever the weights: bitsandbytes/optim/optimizer.py Optimizer2State.init_state, dtype=torch.float32) and
-# is_paged for the paged_ names; _get_sgd is torch.optim.SGD with optim_args' momentum.
+# is_paged for the paged_ names (memcalc's paged optimizers: their notes say which states are paged); _get_sgd is
+# torch.optim.SGD with optim_args' momentum.
 HF_OPTIMIZERS: dict[str, _Optim] = {
     "adamw_torch": ("adamw", None, None, ""),
     "adamw_torch_fused": ("adamw", "fused", None, ""),
     "adafactor": ("adafactor", None, None, ""),
     "adamw_bnb_8bit": ("adamw-8bit", "fused", None, ""),
     "adamw_8bit": ("adamw-8bit", "fused", None, ""),
-    "paged_adamw_8bit": ("adamw-8bit", "fused", None, _PAGED),
-    "paged_adamw_32bit": ("adamw", "fused", "fp32", _PAGED),
+    "paged_adamw_8bit": ("paged-adamw-8bit", "fused", None, ""),
+    "paged_adamw_32bit": ("paged-adamw", "fused", None, ""),
     "lion_32bit": ("lion", "fused", "fp32", ""),
-    "paged_lion_32bit": ("lion", "fused", "fp32", _PAGED),
+    "paged_lion_32bit": ("lion", "fused", "fp32", ("paged: bitsandbytes puts the states of tensors of >= 100,000 "
+                                                   "elements in CUDA unified memory, outside PyTorch's allocator; "
+                                                   "counted on the GPU")),
     "sgd": ("sgd", None, None, ""),
     # Removed from transformers 5 (older configs still name them): transformers' own AdamW and apex's FusedAdam.
     "adamw_hf": ("adamw", "forloop", None, "transformers' own AdamW (removed in transformers 5), one tensor at a time"),
@@ -99,15 +101,20 @@ HF_UNMODELLED_OPTIMIZERS = frozenset({
 HF_DEFAULT_OPTIM = "adamw_torch_fused"
 
 # torchtune's optimizer._component_, matched as exact strings (never imported). torch.optim's AdamW/Adam/SGD keep
-# states like their parameters; bitsandbytes' 8-bit AdamW as memcalc's adamw-8bit; its 32-bit ones in fp32.
+# states like their parameters; bitsandbytes' 8-bit AdamW as memcalc's adamw-8bit, its paged ones as memcalc's paged
+# optimizers; torchao's low-bit AdamW (torchtune's docs name the prototype path, torchao 0.18 torchao.optim).
 TORCHTUNE_OPTIMIZERS: dict[str, _Optim] = {
     "torch.optim.AdamW": ("adamw", None, None, ""),
     "torch.optim.Adam": ("adam", None, None, ""),
     "torch.optim.SGD": ("sgd", None, None, ""),
     "bitsandbytes.optim.AdamW8bit": ("adamw-8bit", "fused", None, ""),
-    "bitsandbytes.optim.PagedAdamW8bit": ("adamw-8bit", "fused", None, _PAGED),
-    "bitsandbytes.optim.PagedAdamW": ("adamw", "fused", "fp32", _PAGED),
-    "bitsandbytes.optim.PagedAdamW32bit": ("adamw", "fused", "fp32", _PAGED),
+    "bitsandbytes.optim.PagedAdamW8bit": ("paged-adamw-8bit", "fused", None, ""),
+    "bitsandbytes.optim.PagedAdamW": ("paged-adamw", "fused", None, ""),
+    "bitsandbytes.optim.PagedAdamW32bit": ("paged-adamw", "fused", None, ""),
+    "torchao.prototype.low_bit_optim.AdamW8bit": ("torchao-adamw-8bit", None, None, ""),
+    "torchao.prototype.low_bit_optim.AdamW4bit": ("torchao-adamw-4bit", None, None, ""),
+    "torchao.optim.AdamW8bit": ("torchao-adamw-8bit", None, None, ""),
+    "torchao.optim.AdamW4bit": ("torchao-adamw-4bit", None, None, ""),
 }
 
 # -- torchtune model builders -> memcalc presets ----------------------------------------------------------------------

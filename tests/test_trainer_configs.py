@@ -380,6 +380,22 @@ def test_hf_fsdp_and_checkpointing_options():
     assert _settings({"max_length": 512, "fsdp": "no_shard"})["sharding"] == "torch"
 
 
+@pytest.mark.parametrize(("component", "optim"), [
+    # torchtune's docs (memory_optimizations.rst, "Lower Precision Optimizers") name bitsandbytes' PagedAdamW8bit
+    # and torchao's AdamW8bit (torchao.prototype.low_bit_optim then, torchao.optim in 0.18).
+    ("bitsandbytes.optim.PagedAdamW8bit", "paged-adamw-8bit"),
+    ("bitsandbytes.optim.PagedAdamW", "paged-adamw"),
+    ("bitsandbytes.optim.AdamW8bit", "adamw-8bit"),
+    ("torchao.prototype.low_bit_optim.AdamW8bit", "torchao-adamw-8bit"),
+    ("torchao.optim.AdamW4bit", "torchao-adamw-4bit"),
+])
+def test_torchtune_low_precision_optimizers(component, optim):
+    data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "dtype": "bf16", "batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"_component_": component}}
+    assert _settings(data)["optim"] == optim
+
+
 def test_torchtune_chunked_loss_and_interpolation():
     # ce_chunked_output_loss.py: num_output_chunks defaults to 8; ${batch_size} is OmegaConf's reference to it.
     data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 2,

@@ -7,8 +7,8 @@ Every key of the config ends in one of four lists, all printed with the estimate
 - mapped: the key (or the trainer's default for an absent key, marked so) and the setting it becomes (Liger's fused
   linear cross-entropy and torchtune's chunked loss become --loss, HF's every_n_layers --checkpointing every:N);
 - also read: keys that shaped a mapping without one of their own (sample_packing: the length is exact);
-- read but not modelled: the key changes memory in a way memcalc does not count (activation offloading,
-  torch.compile, an optimizer step inside backward, FSDP CPU offload...), said with the direction of the error;
+- read but not modelled: the key changes memory in a way memcalc does not count (axolotl's disk or hidden-states
+  offloading, Liger's fused norms and SwiGLU, FSDP CPU offload...), said with the direction of the error;
 - ignored: every other key (learning rate, logging, datasets...), listed by name.
 A flag the config contradicts is refused by ``merge`` (as with --deepspeed); MODEL and --deepspeed given stand in.
 

@@ -82,6 +82,9 @@ class ActivationEstimate:
     held_through_loss_bytes: int = 0  # what the model's outputs keep alive through the loss, unsaved (Rule.held)
     backward_start_extra_bytes: int = 0
     recompute_bytes: int = 0  # checkpointing: one layer's activations, rebuilt during backward
+    # --checkpoint-reentrant: the recomputed layer's output held through its backward (in recompute_bytes too; this
+    # for the moments inside a layer's backward that count its activations apart, under full checkpointing)
+    reentrant_output_bytes: int = 0
     recompute_forward_extra: int = 0  # ... and, while its recomputation runs, its forward's transients (Rule.forward_transient)
     layer_input_gradient_bytes: int = 0  # ... and the gradient of its output, waiting for its backward
     # Checkpointing: a layer's tensors while its forward runs (its activations; eager attention also its scores)
@@ -137,6 +140,13 @@ def _summed_parts(rule: Rule, indices: list[int] | None = None) -> dict[str, int
         for part, num_bytes in layer.items():
             totals[LAYERS_PREFIX + part] = totals.get(LAYERS_PREFIX + part, 0) + count * num_bytes
     return totals
+
+
+def _reentrant_output(spec: TrainingSpec, run: Run, arch: Arch, layered: bool) -> int:
+    """Reentrant checkpointing (torch/utils/checkpoint.py CheckpointFunction.backward): the recomputed layer's output
+    stays referenced by its local ``outputs`` while torch.autograd.backward runs through the layer, one hidden state
+    in the residual stream's dtype beside the recomputation (measured: tests/test_recipes.py)."""
+    return run.residual * run.tokens * arch.hidden_size if spec.checkpoint_reentrant and layered else 0
 
 
 def _model_parts(rule: Rule) -> dict[str, int]:
@@ -500,6 +510,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.recompute_bytes = rule.recompute if rule.recompute is not None else max(layer_totals)
         # (a recomputed layer's norm that saves the kept input itself: counted once, with the kept inputs)
         result.recompute_bytes -= rule.recompute_saves_input
+        result.reentrant_output_bytes = _reentrant_output(spec, run, arch, layered)
+        result.recompute_bytes += result.reentrant_output_bytes
         if layered:
             # In the forward a checkpointed layer keeps nothing, but its tensors exist while it runs: at most its
             # activations, and with eager attention the scores beside softmax's fp32 output (the traced step found
@@ -547,6 +559,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         if checkpointed:
             result.recompute_bytes = (rule.recompute if rule.recompute is not None
                                       else max(layer_totals[i] for i in checkpointed))
+            result.recompute_bytes += _reentrant_output(spec, run, arch, layered)
         formula = (f"{len(checkpointed)} of {len(layer_totals)} layers checkpointed ({spec.checkpointing_label}, "
                    f"torchtitan's layer-frequency checkpointing): their inputs {kept:,} B; the other {len(saved)} "
                    f"layers keep everything ({rule.formula}); per model {per_model:,} B; during backward one "

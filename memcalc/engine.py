@@ -87,6 +87,7 @@ from memcalc.vocab import (
     EXTRA_LOSS_LOGITS,
     EXTRA_RECOMPUTED_CASTS,
     EXTRA_RECOMPUTED_LAYER,
+    EXTRA_REENTRANT_OUTPUT,
     EXTRA_RING_ATTENTION,
     EXTRA_SHARDED_LAYER,
     EXTRA_SHARED_GRADIENT_SUM,
@@ -804,6 +805,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         loss_logits=act.forward_transient_extra_bytes, held_outputs=act.held_through_loss_bytes,
         loss_gradients=act.backward_start_extra_bytes,
         recomputed_layer=act.recompute_bytes, recomputed_casts=autocast_recompute,
+        reentrant_output=act.reentrant_output_bytes,
         recomputed_forward=act.recompute_forward_extra, layer_input_gradient=act.layer_input_gradient_bytes,
         checkpointed_layer_forward=act.checkpointed_forward_bytes, ring_forward=act.ring_forward_bytes,
         after_attention=act.after_attention_bytes, made_at_attention=made_at_attention,
@@ -1148,6 +1150,7 @@ class _Extras:
     held_outputs: int = 0  # ... beside what the model's outputs keep alive unsaved (the KV cache's copies)
     loss_gradients: int = 0  # start of backward: the loss's gradient buffers
     recomputed_layer: int = 0  # checkpointing: one layer's activations rebuilt during backward
+    reentrant_output: int = 0  # --checkpoint-reentrant, full: the recomputed layer's output beside its backward
     checkpointed_layer_forward: int = 0  # checkpointing: a layer's tensors while its forward runs (none kept)
     ring_forward: int = 0  # --cp: the last layer's ring attention in the forward (beyond what the layer saves)
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
@@ -1323,6 +1326,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         base.pop(EXTRA_HEAD_BACKWARD, None)
         base.pop(EXTRA_EXPERTS_ALL_GATHER, None)  # (the last layer's all-gather was issued)
         base[EXTRA_FSDP_BACKWARD_START] = x.fsdp_last_layer
+        base[EXTRA_REENTRANT_OUTPUT] = x.reentrant_output
         if TERM_ACTIVATIONS in base:  # the final norm's and the head's saved tensors are released by then
             base[TERM_ACTIVATIONS] -= min(x.after_layers, base[TERM_ACTIVATIONS])
         if TERM_AUTOCAST_COPIES in base:
@@ -1421,7 +1425,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         late = {**{name: n for name, n in end.items() if name != EXTRA_LATER_EMBEDDING_GRADIENT},
                 EXTRA_LAYER_ACTIVATIONS: layer_acts, EXTRA_LAYER_GRADIENTS: layer_grads,
                 EXTRA_RECOMPUTED_CASTS: casts, EXTRA_HEAD_GRADIENT: x.head_gradient_late,
-                EXTRA_EXPERTS_GATHERED: experts, EXTRA_FSDP_BACKWARD_START: x.fsdp_late + made}
+                EXTRA_EXPERTS_GATHERED: experts, EXTRA_FSDP_BACKWARD_START: x.fsdp_late + made,
+                EXTRA_REENTRANT_OUTPUT: x.reentrant_output}
         if x.held_cast_gradients:  # (but those of the first layer's weights whose backward has not run)
             late[EXTRA_HELD_CAST_GRADIENTS] = max(0, x.held_cast_gradients - unmade(pending))
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients

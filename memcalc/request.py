@@ -53,6 +53,7 @@ class Request:
     optim_impl: str = "foreach"
     amsgrad: bool = False
     optim_in_backward: bool = False
+    checkpoint_reentrant: bool = False
     activation_offload: str = "none"
     adafactor_beta1: float | None = None
     optim_rank: int | None = None
@@ -195,7 +196,7 @@ def _not_empty(request: Request, *names: str) -> None:
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "engine", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
          "alloc_conf", "pp_schedule")
-_SWITCHES = ("amsgrad", "optim_in_backward", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
+_SWITCHES = ("amsgrad", "optim_in_backward", "checkpoint_reentrant", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
 
@@ -316,7 +317,8 @@ def _plan(request: Request) -> Plan:
         "optim_in_backward": request.optim_in_backward, "activation_offload": request.activation_offload,
         "micro_batch_size": request.batch_size,
         "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
-        "checkpointing": request.checkpointing, "loss": request.loss,
+        "checkpointing": request.checkpointing, "checkpoint_reentrant": request.checkpoint_reentrant,
+        "loss": request.loss,
         "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout, "dora": request.dora,
         "lora_modules_to_save": tuple(_names(request.lora_modules_to_save) or ()),

@@ -197,6 +197,9 @@ class TrainingSpec:
     grad_accum: int = 1  # micro-batches per optimizer step
     checkpointing: Checkpointing = Checkpointing.none
     checkpoint_every: int = 0  # Checkpointing.every: N (given as checkpointing "every:N")
+    # torch.utils.checkpoint's reentrant variant (HF gradient_checkpointing_kwargs {"use_reentrant": True}) for full or
+    # every:N checkpointing; transformers' default is non-reentrant
+    checkpoint_reentrant: bool = False
     loss: LossKind = LossKind.standard
     loss_chunks: int = 0  # LossKind.chunked: N (given as loss "chunked:N")
     attention: Attention = Attention.sdpa
@@ -391,6 +394,18 @@ class TrainingSpec:
         if self.activation_offload == ActivationOffload.checkpoints and self.checkpointing == Checkpointing.none:
             raise UsageError("{activation_offload} checkpoints moves the inputs checkpointed layers keep to host memory: "
                              "add {checkpointing} full (or every:N)")
+        if self.checkpoint_reentrant:
+            if self.checkpointing not in (Checkpointing.full, Checkpointing.every):
+                raise UsageError("{checkpoint_reentrant} is how transformers checkpoints whole layers: add "
+                                 "{checkpointing} full (or every:N)")
+            unmodelled = [label for label, on in (
+                ("{lora_rank}", self.lora_rank is not None), ("{compile}", self.compile),
+                ("{activation_offload}", self.activation_offload != ActivationOffload.none),
+                ("{fp8}", self.fp8 != Fp8Recipe.none)) if on]
+            if unmodelled:
+                raise UsageError(f"{{checkpoint_reentrant}} with {unmodelled[0]} is not modelled (reentrant checkpoints "
+                                 "of adapters need their inputs to require gradients, which changes what is kept): "
+                                 "drop {checkpoint_reentrant}, the non-reentrant default")
         if self.optim_in_backward:
             if self.grad_accum > 1:
                 raise UsageError("{optim_in_backward} steps each parameter as soon as its gradient exists, so nothing "

@@ -92,6 +92,7 @@ EXTRA_LOSS_GRADIENTS = "loss gradients"
 EXTRA_RECOMPUTED_LAYER = "recomputed layer"
 EXTRA_RECOMPUTED_CASTS = "recomputed layer's autocast casts"
 EXTRA_LAYER_ACTIVATIONS = "one layer's activations"
+EXTRA_REENTRANT_OUTPUT = "recomputed layer's output (reentrant)"
 EXTRA_LAYER_GRADIENTS = "one layer's gradient transients"
 EXTRA_SHARDED_LAYER = "sharded layer's gathered parameters and gradients"
 EXTRA_FSDP_BACKWARD_START = "FSDP2 buffers held, gradients awaiting reduce-scatter"
@@ -166,6 +167,8 @@ EXTRA_MEANING = {
     EXTRA_RECOMPUTED_LAYER: "checkpointing: one layer's activations, recomputed for its backward "
                             "(torch.utils.checkpoint), alive until that layer's backward ends",
     EXTRA_RECOMPUTED_CASTS: "checkpointing under autocast: the recomputed layer casts its Linear weights again",
+    EXTRA_REENTRANT_OUTPUT: "reentrant checkpointing: the recomputed layer's output, held by torch.utils.checkpoint's "
+                            "CheckpointFunction.backward while backward runs through the layer",
     EXTRA_LAYER_ACTIVATIONS: "late in backward: the first layer's saved activations, still held while its backward "
                              "runs",
     EXTRA_LAYER_GRADIENTS: "the gradients a layer's backward makes on the way (its inputs' and intermediates'), "

@@ -1,4 +1,5 @@
-"""Recipes of fine-tuning frameworks (issue 13): --loss chunked:N and fused-linear, --checkpointing every:N.
+"""Recipes of fine-tuning frameworks (issue 13): --loss chunked:N and fused-linear, --checkpointing every:N, reentrant
+checkpoints.
 
 Each saver the CPU can run is a real training step under memcalc's tracker (``api.verify`` cpu-tracker) put beside
 the estimate: chunked:N follows torchtune's CEWithChunkedOutputLoss (memcalc.measure.step._chunked_loss runs it on
@@ -50,6 +51,28 @@ def test_each_saver_against_a_measured_step(tiny, precision, setting):
     assert all(abs(error) <= 0.3 for error in errors.values()), errors
 
 
+@pytest.mark.parametrize(("precision", "residual_bytes"), [("bf16-pure", 2), ("amp-bf16", 4)])
+def test_reentrant_checkpoints_hold_each_recomputed_layer_s_output(tmp_path, precision, residual_bytes):
+    """torch/utils/checkpoint.py CheckpointFunction.backward (use_reentrant=True, as HF's gradient_checkpointing_kwargs
+    may ask) keeps the recomputed layer's ``outputs`` while torch.autograd.backward runs through them: measured, one
+    hidden state (b x s x h in the residual stream's dtype) more at the backward's peak than non-reentrant checkpoints,
+    and the estimate moves by as much. (A small vocabulary: the peak inside a layer's backward, not the head's.)"""
+    pytest.importorskip("torch")
+    path = tmp_path / "small-vocab.json"
+    path.write_text(json.dumps({**TINY, "vocab_size": 300}))
+    plain = api.verify(str(path), "cpu-tracker", precision=precision, checkpointing="full", **RUN)
+    reentrant = api.verify(str(path), "cpu-tracker", precision=precision, checkpointing="full",
+                           checkpoint_reentrant=True, **RUN)
+    hidden_state = RUN["batch_size"] * RUN["seq_len"] * TINY["hidden_size"] * residual_bytes
+    measured = [r.verify.per_phase_peak_bytes["backward"] for r in (plain, reentrant)]
+    estimated = [r.per_gpu.phases[1].bytes for r in (plain, reentrant)]
+    assert measured[1] - measured[0] == hidden_state
+    assert estimated[1] - estimated[0] == hidden_state
+    errors = _phases(reentrant)
+    assert all(abs(error) <= 0.3 for error in errors.values()), errors
+    assert "reentrant" in reentrant.verify.run["checkpointing"]
+
+
 def test_chunked_loss_keeps_less_than_the_full_logits(tiny):
     """Measured on the same step: chunking drops the fp32 upcast of all the logits at once (torchtune's reason)."""
     pytest.importorskip("torch")
@@ -86,6 +109,9 @@ def test_fused_linear_cannot_be_verified_on_the_cpu(tiny):
     (["--checkpointing", "every:0"], "every:N takes a whole number of layers"),
     (["--checkpointing", "every:two"], "every:N takes a whole number of layers"),
     (["--checkpointing", "sometimes"], "is not one of none, full, every:N"),
+    (["--checkpoint-reentrant"], "--checkpoint-reentrant is how transformers checkpoints whole layers"),
+    (["--checkpoint-reentrant", "--checkpointing", "full", "--lora-rank", "8"],
+     "--checkpoint-reentrant with --lora-rank is not modelled"),
 ])
 def test_bad_recipe_settings_are_one_line(cli, args, message):
     result = cli("llama-3-8b", *args)

@@ -380,6 +380,19 @@ def test_hf_fsdp_and_checkpointing_options():
     assert _settings({"max_length": 512, "fsdp": "no_shard"})["sharding"] == "torch"
 
 
+def test_hf_reentrant_checkpointing():
+    # gradient_checkpointing_kwargs go to torch.utils.checkpoint (PEFT's docs run TRL with use_reentrant True);
+    # reentrant checkpoints of adapters are read but not modelled (said), full fine-tuning's mapped.
+    from memcalc.configs.trainers import parse_trainer_config
+
+    data = {"max_length": 512, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    assert _settings(data)["checkpoint_reentrant"] is True
+    assert "checkpoint_reentrant" not in _settings({**data, "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    adapters = parse_trainer_config({**data, "use_peft": True, "lora_r": 8})
+    assert "checkpoint_reentrant" not in adapters.settings
+    assert any("use_reentrant true read but not modelled" in line for line in adapters.not_modelled)
+
+
 @pytest.mark.parametrize(("component", "optim"), [
     # torchtune's docs (memory_optimizations.rst, "Lower Precision Optimizers") name bitsandbytes' PagedAdamW8bit
     # and torchao's AdamW8bit (torchao.prototype.low_bit_optim then, torchao.optim in 0.18).

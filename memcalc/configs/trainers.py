@@ -483,6 +483,16 @@ class _Reader:
                 if key not in self.sections]
 
     def result(self, fmt: str, why: str) -> TrainerConfig:
+        if self.settings.get("checkpoint_reentrant") and (
+                self.settings.get("lora_rank") or self.settings.get("compile")
+                or self.settings.get("activation_offload") not in (None, "none")):
+            # (memcalc models reentrant checkpoints of full fine-tuning only: said, counted as non-reentrant)
+            del self.settings["checkpoint_reentrant"]
+            mapped = next(m for m in self.mapped if m.setting == "checkpoint_reentrant")
+            self.mapped.remove(mapped)
+            self.not_modelled(mapped.key, True, "reentrant checkpoints with adapters, compiled layers or offloading "
+                              "are counted as non-reentrant ones (low by about one hidden state, the recomputed "
+                              "layer's output)")
         return TrainerConfig(
             source=self.source, format=fmt, detected_by=why, model=self.model, settings=dict(self.settings),
             mapped=tuple(self.mapped), not_modelled=tuple(self.unmodelled), ignored=tuple(self.ignored()),
@@ -865,6 +875,11 @@ def _hf_checkpointing(r: _Reader, trl: bool) -> None:
         if kwargs.get("offload"):
             # modeling_utils.py _activation_checkpointing_enable(offload=True): save_on_cpu around each checkpoint.
             r.set("activation_offload", "checkpoints", f"{kwargs_key}.offload", True)
+        if "use_reentrant" in kwargs:
+            # passed on to torch.utils.checkpoint.checkpoint (transformers' default: False)
+            reentrant = r.boolean(f"{kwargs_key}.use_reentrant", False)
+            if reentrant:
+                r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True)
 
 
 def _liger(r: _Reader, key: str, config_key: str | None = None) -> None:

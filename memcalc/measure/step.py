@@ -75,6 +75,7 @@ class StepSetup:
     device: str
     decoder_seq_len: int | None = None  # encoder-decoder models: the target length (None: seq_len)
     checkpoint_every: int = 0  # --checkpointing every:N: only every N-th layer (torchtitan's count from 1)
+    checkpoint_reentrant: bool = False  # --checkpoint-reentrant: torch.utils.checkpoint's reentrant variant
     loss_chunks: int = 0  # --loss chunked:N: torchtune's chunked output and cross-entropy
     optim_in_backward: bool = False  # --optim-in-backward: an optimizer per parameter, stepped in its gradient hook
     selective_op: bool = False  # --checkpointing selective-op: torchtitan's per-op policy (measure.selective)
@@ -104,8 +105,9 @@ class StepSetup:
             "optim_impl": "per-tensor loop (transformers Adafactor has no foreach/fused path)"
             if opt.name == OptimizerName.adafactor else opt.impl.value,
             "attn_implementation": self.attn_implementation,
-            "checkpointing": (f"every:{self.checkpoint_every}" if self.checkpoint_every else
-                              "selective-op" if self.selective_op else "full") if self.checkpointing else "none",
+            "checkpointing": ((f"every:{self.checkpoint_every}" if self.checkpoint_every else
+                               "selective-op" if self.selective_op else "full")
+                              + (" (reentrant)" if self.checkpoint_reentrant else "")) if self.checkpointing else "none",
             **({"loss": f"chunked:{self.loss_chunks}"} if self.loss_chunks else {}),
             **({"activation_offload": "transformers' checkpoint offloading (save_on_cpu)"
                 if self.activation_offload == "checkpoints" else f"{self.activation_offload} OffloadActivations"}
@@ -169,6 +171,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         autocast_dtype=TORCH_DTYPES[recipe.compute_dtype] if recipe.autocast else None,
         optimizer=spec.optimizer_settings, attn_implementation=attn_implementation,
         checkpointing=spec.checkpointing != Checkpointing.none, checkpoint_every=spec.checkpoint_every,
+        checkpoint_reentrant=spec.checkpoint_reentrant,
         loss_chunks=spec.loss_chunks, optim_in_backward=spec.optim_in_backward,
         selective_op=spec.checkpointing == Checkpointing.selective_op, activation_offload=spec.activation_offload.value,
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
@@ -209,6 +212,13 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
                 enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS), **offload)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+        elif setup.checkpoint_reentrant:
+            # HF's gradient_checkpointing_kwargs {"use_reentrant": True}, passed on to torch.utils.checkpoint
+            reentrant = {"use_reentrant": True}
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=reentrant, **offload)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
         else:
             (enable or model.gradient_checkpointing_enable)(**offload)
         if setup.checkpoint_every:

@@ -293,6 +293,7 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                    if spec.lora_rank else {}),
                 **({"freeze": sorted(spec.freeze)} if spec.freeze else {}),
                 **({"compile": True} if spec.compile else {}),
+                **({"reentrant": True} if spec.checkpoint_reentrant else {}),
                 **({"fp8": spec.fp8.value} if spec.fp8.value != "none" else {}),
                 **({"qlora": [spec.qlora_upcast, spec.qlora_scope.value, spec.qlora_double_quant, spec.qlora_lm_head]}
                    if spec.qlora else {})}

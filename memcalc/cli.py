@@ -156,6 +156,7 @@ def estimate(
     max_batch: Annotated[bool, typer.Option("--max-batch", help="With --gpu: the largest micro-batch that fits.")] = False,
     max_seq_len: Annotated[bool, typer.Option("--max-seq-len", help="With --gpu: the longest sequence that fits.")] = False,
     lora_rank: Annotated[int | None, typer.Option(min=1, help="Train LoRA adapters of this rank on a frozen base.")] = None,
+    lora_dtype: Annotated[str | None, typer.Option(help="The adapters' dtype on the --precision base: fp32 on a 16-bit base is PEFT's default (autocast_adapter_dtype; memcalc's bf16/fp16 recipe), the base's own dtype torchtune's (bf16-pure/fp16-pure).")] = None,
     lora_modules_to_save: Annotated[str | None, typer.Option(help="Comma-separated modules PEFT trains in full beside the adapters (modules_to_save, e.g. lm_head,embed_tokens): a trainable copy of each.")] = None,
     dora: Annotated[bool, typer.Option("--dora", help="DoRA (PEFT's use_dora): a trainable magnitude vector per adapted Linear beside LoRA's adapters.")] = False,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (PEFT's lora_dropout, default 0): each adapter saves its dropped-out input and a mask.")] = 0.0,

@@ -17,7 +17,7 @@ SETTINGS = frozenset({
     "optim_in_backward", "checkpoint_reentrant", "activation_offload", "lora_dropout", "qlora_upcast", "qlora_scope", "qlora_double_quant", "qlora_lm_head", "dora", "compile", "repeat_kv", "fp8", "cpu_ram_efficient_loading",
     "lora_modules_to_save",
     "adafactor_beta1", "optim_rank", "batch_size", "seq_len", "decoder_seq_len", "grad_accum", "checkpointing", "loss", "attn", "zero", "gpus", "nodes",
-    "gpus_per_node", "sharding", "engine", "fsdp", "offload", "deepspeed", "from_config", "from_format", "lora_rank", "lora_targets", "qlora", "freeze",
+    "gpus_per_node", "sharding", "engine", "fsdp", "offload", "deepspeed", "from_config", "from_format", "lora_rank", "lora_dtype", "lora_targets", "qlora", "freeze",
     "gpu", "gpu_memory", "cuda_context", "reserve_fraction", "reserved", "alloc_conf", "max_batch", "max_seq_len", "verify", "emit",
     "compare_with", "plot", "tp", "sp", "loss_parallel", "pp", "pp_schedule", "microbatches", "pp_layers", "pp_virtual", "cp", "ep", "ep_load", "plan",
 })

@@ -78,6 +78,7 @@ class Request:
     from_config: str | os.PathLike[str] | None = None
     from_format: str | None = None
     lora_rank: int | None = None
+    lora_dtype: str | None = None  # the adapters' dtype on the base: a spelling of the recipe (_LORA_DTYPE_RECIPES)
     lora_dropout: float = 0.0
     dora: bool = False
     lora_modules_to_save: str | Sequence[str] | None = None
@@ -195,7 +196,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
          "attn", "activations", "sharding", "engine", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
-         "alloc_conf", "pp_schedule")
+         "alloc_conf", "pp_schedule", "lora_dtype")
 _SWITCHES = ("amsgrad", "optim_in_backward", "checkpoint_reentrant", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
@@ -242,6 +243,30 @@ def _check_simple(request: Request) -> None:
             raise UsageError(f"{{reserve_fraction}} must be a number from 0 to 0.9, got {fraction!r}")
     if request.model is None and request.params is None:
         raise UsageError("give a {model} (preset name, config.json path) or {params} 7B; see 'memcalc presets'")
+
+
+# --lora-dtype on the base --precision gives: memcalc's recipe of the pair. A mixed recipe (bf16, fp16) is a 16-bit
+# base with fp32 trainable parameters, as PEFT's autocast_adapter_dtype casts LoRA adapters to fp32 (tuners_utils.py
+# cast_adapter_dtype); a pure one (bf16-pure, fp16-pure) keeps them in the base's dtype, as torchtune does.
+_LORA_DTYPE_RECIPES = {
+    ("bf16", "fp32"): "bf16", ("bf16-pure", "fp32"): "bf16", ("bf16", "bf16"): "bf16-pure",
+    ("bf16-pure", "bf16"): "bf16-pure", ("fp16", "fp32"): "fp16", ("fp16-pure", "fp32"): "fp16",
+    ("fp16", "fp16"): "fp16-pure", ("fp16-pure", "fp16"): "fp16-pure", ("fp32", "fp32"): "fp32",
+    ("amp-bf16", "fp32"): "amp-bf16", ("amp-fp16", "fp32"): "amp-fp16",
+}
+
+
+def _lora_precision(request: Request) -> str:
+    if request.lora_dtype is None:
+        return request.precision
+    if request.lora_rank is None:
+        raise UsageError("{lora_dtype} is the LoRA adapters' dtype: add {lora_rank} R")
+    recipe = _LORA_DTYPE_RECIPES.get((request.precision, request.lora_dtype))
+    if recipe is None:
+        pairs = ", ".join(f"{dtype} on {base}" for base, dtype in _LORA_DTYPE_RECIPES)
+        raise UsageError(f"{{lora_dtype}} {request.lora_dtype} on a {{precision}} {request.precision} base is not "
+                         f"modelled; use one of: {pairs}")
+    return recipe
 
 
 def _freeze(request: Request) -> tuple[str, ...]:
@@ -308,7 +333,7 @@ def _plan(request: Request) -> Plan:
         # parallelism (each micro-batch would all-gather again), so ZeRO-2-like there
         stages = [FSDP_PIPELINE_STAGE if isinstance(request.pp, int) and request.pp > 1 else FSDP_DEFAULT_STAGE]
     fields: dict[str, Any] = {
-        "precision": request.precision, "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
+        "precision": _lora_precision(request), "master_dtype": request.master_dtype, "grad_dtype": request.grad_dtype,
         "state_dtype": request.state_dtype, "optimizer": request.optim,
         # (Megatron steps with TransformerEngine's or apex's FusedAdam: megatron/core/optimizer/__init__.py)
         "optim_impl": ("fused" if sharding == Sharding.megatron.value and not request.is_chosen("optim_impl")

@@ -96,6 +96,23 @@ def test_the_adapters_are_the_ones_peft_makes():
         assert adapters == {torch.float32 if autocast else torch.bfloat16}
 
 
+@pytest.mark.parametrize(("base", "lora_dtype", "adapters"), [
+    ("bf16-pure", "fp32", "float32"), ("bf16", "bf16", "bfloat16"), ("fp32", "fp32", "float32")])
+def test_lora_dtype_gives_the_adapters_that_dtype(base, lora_dtype, adapters):
+    """--lora-dtype spells the recipe of the pair: fp32 adapters on a 16-bit base are PEFT's autocast_adapter_dtype
+    (the test above: the same adapters as get_peft_model's), the base's dtype torchtune's."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memcalc import api
+    from memcalc.measure import step as st
+
+    spec = api.plan_of("llama-3.2-1b", precision=base, lora_rank=RANK, lora_dtype=lora_dtype).specs[0]
+    ours = st.build_model(LLAMA, st.resolve_setup(_spec(spec.precision.value), "sdpa", "cpu"))
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {getattr(torch, adapters)}
+    frozen = {p.dtype for n, p in ours.named_parameters() if "lora_" not in n}
+    assert frozen == {torch.float32 if base == "fp32" else torch.bfloat16}
+
+
 def test_without_torch_the_rules_count_it_and_say_it_is_high(monkeypatch):
     from memcalc import families
 

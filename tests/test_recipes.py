@@ -110,6 +110,8 @@ def test_fused_linear_cannot_be_verified_on_the_cpu(tiny):
     (["--checkpointing", "every:two"], "every:N takes a whole number of layers"),
     (["--checkpointing", "sometimes"], "is not one of none, full, every:N"),
     (["--checkpoint-reentrant"], "--checkpoint-reentrant is how transformers checkpoints whole layers"),
+    (["--lora-dtype", "fp32"], "--lora-dtype is the LoRA adapters' dtype: add --lora-rank R"),
+    (["--lora-rank", "8", "--lora-dtype", "fp16"], "--lora-dtype fp16 on a --precision bf16 base is not modelled"),
     (["--checkpoint-reentrant", "--checkpointing", "full", "--lora-rank", "8"],
      "--checkpoint-reentrant with --lora-rank is not modelled"),
 ])

@@ -75,6 +75,9 @@ def cases(quick: bool = False) -> list[GpuCase]:
         GpuCase("llama-3.2-1b bf16-pure expandable_segments b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024)),
     ]
+    found.append(GpuCase("qwen2.5-0.5b amp-bf16 ckpt=full reentrant b8xs1024", "qwen2.5-0.5b",
+                         TrainingSpec(precision="amp-bf16", micro_batch_size=8, seq_len=1024, checkpointing="full",
+                                      checkpoint_reentrant=True)))
     found.append(GpuCase("llama-3.2-1b bf16-pure offload=torchtune ckpt=full b4xs1024", "llama-3.2-1b",
                          TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, checkpointing="full",
                                       activation_offload="torchtune")))
@@ -87,6 +90,9 @@ def cases(quick: bool = False) -> list[GpuCase]:
         GpuCase("llama-3.2-1b bf16-pure fp8 tensorwise compile b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True,
                              fp8="tensorwise"), "fp8"),
+        GpuCase("llama-3.2-1b bf16-pure fp8 rowwise compile b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True,
+                             fp8="rowwise"), "fp8"),
     ]
     found += [GpuCase(case.label, MODELS[case.family], case.spec()) for case in matrix(quick)]
     # last: Liger patches transformers' Llama classes for the rest of the process

@@ -176,6 +176,17 @@ class ActivationSource(str, Enum):
     trace = "trace"
 
 
+# Settings reentrant checkpoints are not modelled with (measured for full fine-tuning of eager, on-device layers only;
+# adapters would need their inputs to require gradients, enable_input_require_grads). TrainingSpec refuses them;
+# a trainer's config that pairs them is read as not modelled (memcalc.configs.trainers).
+REENTRANT_UNMODELLED = ("lora_rank", "compile", "activation_offload", "fp8")
+
+
+def is_on(value: object) -> bool:
+    """Whether a setting is given: not None, False or "none" (an enum's "none" member too)."""
+    return value is not None and value is not False and value != "none"
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """Everything about the run except the model. Defaults are printed with every report."""
@@ -398,14 +409,11 @@ class TrainingSpec:
             if self.checkpointing not in (Checkpointing.full, Checkpointing.every):
                 raise UsageError("{checkpoint_reentrant} is how transformers checkpoints whole layers: add "
                                  "{checkpointing} full (or every:N)")
-            unmodelled = [label for label, on in (
-                ("{lora_rank}", self.lora_rank is not None), ("{compile}", self.compile),
-                ("{activation_offload}", self.activation_offload != ActivationOffload.none),
-                ("{fp8}", self.fp8 != Fp8Recipe.none)) if on]
+            unmodelled = [f"{{{name}}}" for name in REENTRANT_UNMODELLED if is_on(getattr(self, name))]
             if unmodelled:
                 raise UsageError(f"{{checkpoint_reentrant}} with {unmodelled[0]} is not modelled (reentrant checkpoints "
-                                 "of adapters need their inputs to require gradients, which changes what is kept): "
-                                 "drop {checkpoint_reentrant}, the non-reentrant default")
+                                 "are measured for full fine-tuning of eager layers only): drop {checkpoint_reentrant}, "
+                                 "the non-reentrant default")
         if self.optim_in_backward:
             if self.grad_accum > 1:
                 raise UsageError("{optim_in_backward} steps each parameter as soon as its gradient exists, so nothing "

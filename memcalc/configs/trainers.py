@@ -48,6 +48,7 @@ from typing import Any
 
 from memcalc.datafile import read_json_object, read_yaml_mapping, shown
 from memcalc.errors import ConfigError, UsageError
+from memcalc.spec import REENTRANT_UNMODELLED, is_on
 
 FORMATS = {
     "hf": "Hugging Face TrainingArguments",
@@ -483,10 +484,9 @@ class _Reader:
                 if key not in self.sections]
 
     def result(self, fmt: str, why: str) -> TrainerConfig:
-        if self.settings.get("checkpoint_reentrant") and (
-                self.settings.get("lora_rank") or self.settings.get("compile")
-                or self.settings.get("activation_offload") not in (None, "none")):
-            # (memcalc models reentrant checkpoints of full fine-tuning only: said, counted as non-reentrant)
+        if self.settings.get("checkpoint_reentrant") and any(is_on(self.settings.get(name))
+                                                            for name in REENTRANT_UNMODELLED):
+            # (what TrainingSpec refuses with reentrant checkpoints: said, counted as non-reentrant)
             del self.settings["checkpoint_reentrant"]
             mapped = next(m for m in self.mapped if m.setting == "checkpoint_reentrant")
             self.mapped.remove(mapped)

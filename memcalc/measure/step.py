@@ -203,24 +203,22 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
         if offload and enable is None:
             raise UsageError("{activation_offload} checkpoints is transformers' activation_checkpointing_enable("
                              "offload=True), which this transformers lacks: upgrade it")
+        # transformers passes these keywords on to torch.utils.checkpoint.checkpoint for each decoder layer:
+        # torchtitan's SAC contexts (each block in checkpoint_wrapper, non-reentrant) for selective-op, HF's
+        # gradient_checkpointing_kwargs {"use_reentrant": True} for reentrant checkpoints, else its own default.
+        kwargs: dict[str, Any] | None = None
         if setup.selective_op:
             from memcalc.measure.selective import CHECKPOINT_KWARGS
 
-            # torchtitan wraps each block in checkpoint_wrapper (non-reentrant) with the SAC contexts; transformers'
-            # checkpointing passes the same keywords to torch.utils.checkpoint.checkpoint for each decoder layer.
-            if enable is not None:
-                enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS), **offload)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+            kwargs = dict(CHECKPOINT_KWARGS)
         elif setup.checkpoint_reentrant:
-            # HF's gradient_checkpointing_kwargs {"use_reentrant": True}, passed on to torch.utils.checkpoint
-            reentrant = {"use_reentrant": True}
-            if enable is not None:
-                enable(activation_checkpointing_kwargs=reentrant, **offload)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
-        else:
+            kwargs = {"use_reentrant": True}
+        if kwargs is None:
             (enable or model.gradient_checkpointing_enable)(**offload)
+        elif enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs, **offload)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if setup.checkpoint_every:
             # every:N: HF's checkpointing left on the layers torchtitan's _apply_ac_to_transformer_block wraps
             # (1-based counts divisible by N), off on the others.

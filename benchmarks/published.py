@@ -22,7 +22,6 @@ from memcalc import api
 GIB = 2**30
 CONFIGS = Path(__file__).resolve().parent / "configs"
 QV = "q_proj,v_proj"
-ATTENTION_MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # PEFT's MetaMathQA runs (method_comparison/MetaMathQA, results of torch 2.13 on an L40S): bf16 weights, fp32
 # adapters (autocast_adapter_dtype), torch AdamW, batch 4, padded per batch to at most 768 tokens (estimated at 768)
 PEFT = {"batch_size": 4, "seq_len": 768}

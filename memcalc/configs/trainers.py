@@ -490,8 +490,8 @@ class _Reader:
             del self.settings["checkpoint_reentrant"]
             mapped = next(m for m in self.mapped if m.setting == "checkpoint_reentrant")
             self.mapped.remove(mapped)
-            self.not_modelled(mapped.key, True, "reentrant checkpoints with adapters, compiled layers or offloading "
-                              "are counted as non-reentrant ones (low by about one hidden state, the recomputed "
+            self.not_modelled(mapped.key, True, "reentrant checkpoints with adapters, compiled layers, offloading or "
+                              "float8 are counted as non-reentrant ones (low by about one hidden state, the recomputed "
                               "layer's output)")
         return TrainerConfig(
             source=self.source, format=fmt, detected_by=why, model=self.model, settings=dict(self.settings),

@@ -33,7 +33,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -110,10 +111,17 @@ class Row:
     allocated_bytes: int | None = None
     reserved_bytes: int | None = None
     replayed_reserved_bytes: int | None = None
+    predicted_reserved_bytes: int | None = None  # --reserved: the estimate's own traced step replayed (presets only)
     retries: int | None = None
     ooms: int | None = None
     seconds: float = 0.0
     failure: str = ""
+    estimate_phase: str = ""
+    measured_phase: str = ""
+    # torch.cuda.memory._snapshot() after the step: each segment's (total, allocated) bytes (the allocator's layout,
+    # for checking memcalc.allocator offline), and the replay's own segment count at its reserved peak
+    segments: list[tuple[int, int]] | None = None
+    replayed_segments: int | None = None
 
     @staticmethod
     def pct(value: int | None, reference: int | None) -> float | None:
@@ -129,6 +137,10 @@ class Row:
     def reserved_error(self) -> float | None:
         return self.pct(self.replayed_reserved_bytes, self.reserved_bytes)
 
+    @property
+    def predicted_reserved_error(self) -> float | None:
+        return self.pct(self.predicted_reserved_bytes, self.reserved_bytes)
+
 
 def _config(case: GpuCase) -> tuple[ModelConfig, object]:
     if isinstance(case.model, str):
@@ -139,8 +151,9 @@ def _config(case: GpuCase) -> tuple[ModelConfig, object]:
     return config, model_of(config)
 
 
-def measure(case: GpuCase, device: str) -> Row:
-    """One configuration on the GPU (or, with device "cpu", on CPU tensors under faked statistics)."""
+def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -> Row:
+    """One configuration on the GPU (or, with device "cpu", on CPU tensors under faked statistics). ``events``: where
+    the measured step's allocation events are kept, by label (for replaying them offline)."""
     from memcalc.allocator import environment_cublas_workspace, parse_alloc_conf, replay, workspace_allocations
     from memcalc.measure.cuda import measure_cuda
 
@@ -150,14 +163,22 @@ def measure(case: GpuCase, device: str) -> Row:
     previous = os.environ.get("PYTORCH_ALLOC_CONF")
     try:
         config, model = _config(case)
-        row.estimate_bytes = run(model, case.spec).per_gpu.peak_bytes
+        peak = run(model, case.spec).per_gpu.step_peak()
+        row.estimate_bytes, row.estimate_phase = peak.bytes, peak.phase.value
         if conf:
             # (the allocator reads its settings once per process: a GPU run sets them with _set_allocator_settings)
             _set_allocator_settings(conf, device)
         if case.library:
             _measure_library(row, config, case, device)
             return row
+        if isinstance(case.model, str):  # what a user sees with --reserved, before any GPU step
+            row.predicted_reserved_bytes = run(model, case.spec, _gpu_target(device), allocator=parse_alloc_conf(conf),
+                                               allocator_source="gpu_validation").per_gpu.reserved_peak_bytes
         measured = measure_cuda(config, case.spec, device=device)
+        row.measured_phase = measured.measured_peak_phase
+        row.segments = _segments(device)
+        if events is not None and measured.allocation_events:
+            events[case.label] = measured.allocation_events  # (list of (ALLOC or FREE, key, bytes))
         stats = measured.allocator_stats
         row.requested_bytes = stats.get("requested_bytes.all.peak")
         row.allocated_bytes = measured.measured_peak_bytes
@@ -167,8 +188,9 @@ def measure(case: GpuCase, device: str) -> Row:
             # the card's cuBLAS workspaces go through the same allocator (memcalc.allocator.cublas_workspace_bytes)
             capability = measured.run.get("compute_capability")
             workspace = environment_cublas_workspace(str(capability) if capability else None)
-            row.replayed_reserved_bytes = replay(measured.allocation_events, parse_alloc_conf(conf),
-                                                 persistent=workspace_allocations(workspace)).reserved_peak_bytes
+            replayed = replay(measured.allocation_events, parse_alloc_conf(conf),
+                              persistent=workspace_allocations(workspace))
+            row.replayed_reserved_bytes, row.replayed_segments = replayed.reserved_peak_bytes, replayed.segments_peak
     except Exception as error:  # noqa: BLE001 (a row saying what failed; the script goes on)
         row.failure = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
     finally:
@@ -215,6 +237,28 @@ def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) 
     row.allocated_bytes = stats.get("allocated_bytes.all.peak")
     row.reserved_bytes = stats.get("reserved_bytes.all.peak")
     row.retries, row.ooms = stats.get("num_alloc_retries"), stats.get("num_ooms")
+    row.segments = _segments(device)
+
+
+def _gpu_target(device: str):
+    """This GPU as --gpu would give it (its memory, its compute capability: the cuBLAS workspaces replayed)."""
+    from memcalc.fit import GpuTarget
+
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return GpuTarget(name=props.name, memory_bytes=int(props.total_memory), source="this GPU",
+                     compute_capability=f"{props.major}.{props.minor}")
+
+
+def _segments(device: str) -> list[tuple[int, int]] | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return [(int(s["total_size"]), int(s["allocated_size"])) for s in torch.cuda.memory._snapshot()["segments"]]
 
 
 def _set_allocator_settings(conf: str, device: str) -> None:
@@ -259,20 +303,97 @@ def _version_of(name: str) -> str:
         return "absent"
 
 
-def validate(selected: list[GpuCase], device: str, budget_s: float) -> tuple[dict[str, str], list[Row]]:
+class CaseTimeout(Exception):
+    """A configuration ran past its own time limit (a compilation that would spend the whole lease)."""
+
+
+def _alarm(seconds: float):
+    """SIGALRM raises CaseTimeout in the main thread after ``seconds`` (0: none); returns the cancel function."""
+    import signal
+
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        return lambda: None
+
+    def fire(_signum, _frame):
+        raise CaseTimeout(f"ran past its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    return cancel
+
+
+def validate(selected: list[GpuCase], device: str, budget_s: float, case_limit_s: float = 0,
+             events: dict[str, list] | None = None,
+             after_each: Callable[[dict[str, str], list[Row]], None] | None = None) -> tuple[dict[str, str], list[Row]]:
+    """Each case in turn while the budget lasts (each within ``case_limit_s`` when given); ``after_each`` sees the
+    rows so far (the script writes them, so a run cut short still leaves its table)."""
     started = time.perf_counter()
     env = environment(device)
-    rows = []
+    rows: list[Row] = []
     for case in selected:
-        if time.perf_counter() - started > budget_s:
+        left = budget_s - (time.perf_counter() - started)
+        if left <= 0:
             rows.append(Row(case.label, failure=f"not run: the {budget_s:.0f} s budget was spent"))
             continue
-        rows.append(measure(case, device))
+        cancel = _alarm(min(case_limit_s, left) if case_limit_s else 0)
+        try:
+            rows.append(measure(case, device, events))
+        except CaseTimeout as error:  # (raised outside measure's own handler: between its steps)
+            rows.append(Row(case.label, failure=f"CaseTimeout: {error}"))
+            _release(device)
+        finally:
+            cancel()
         print(f"{rows[-1].label}: {rows[-1].seconds:.1f} s {rows[-1].failure}", file=sys.stderr, flush=True)
+        if after_each is not None:
+            after_each(env, rows)
     return env, rows
 
 
-def markdown(env: dict[str, str], rows: list[Row]) -> str:
+# The command line's --verify on the GPU (issue 15 item 3): a step that fits, and one that runs out of memory (one
+# line and the does-not-fit exit code, never "internal error").
+CLI_CHECKS = (
+    ("verify=cuda, fits", ["llama-3.2-1b", "--precision", "bf16-pure", "-b", "4", "-s", "1024", "--verify=cuda"]),
+    ("verify=cuda, out of memory", ["llama-3-8b", "--precision", "fp32", "-b", "16", "-s", "8192", "--verify=cuda"]),
+)
+
+
+@dataclass
+class CliCheck:
+    label: str
+    argv: list[str]
+    exit_code: int | None = None
+    stdout_tail: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+
+
+def cli_checks(limit_s: float = 180) -> list[CliCheck]:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for label, argv in CLI_CHECKS:
+        check = CliCheck(label, argv)
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-m", "memcalc", *argv], check=False, capture_output=True,
+                                  text=True, timeout=limit_s, cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      filter(None, (str(root), os.environ.get("PYTHONPATH"))))})
+            check.exit_code, check.stdout_tail, check.stderr = done.returncode, done.stdout[-3000:], done.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            check.stderr = f"ran past its {limit_s:.0f} s limit"
+        check.seconds = time.perf_counter() - started
+        print(f"{label}: exit {check.exit_code}, {check.seconds:.1f} s", file=sys.stderr, flush=True)
+        found.append(check)
+    return found
+
+
+def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = ()) -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.3f}"
 
@@ -283,16 +404,20 @@ def markdown(env: dict[str, str], rows: list[Row]) -> str:
              ", ".join(f"{k}: {v}" for k, v in env.items()), "",
              ("Estimate: memcalc's peak (live tensors) against `requested_bytes.all.peak`; replay: the measured "
               "step's own allocations through memcalc.allocator against `reserved_bytes.all.peak`. In GiB."), "",
-             ("| configuration | estimate | requested | error | allocated | reserved | replayed reserved | error | "
-              "retries | OOMs | s | failure |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| configuration | estimate | requested | error | phase (estimate / measured) | allocated | reserved | "
+              "replayed reserved | error | --reserved | error | retries | OOMs | s | failure |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        phases = f"{r.estimate_phase or '-'} / {r.measured_phase or '-'}"
         lines.append(f"| {r.label} | {gib(r.estimate_bytes)} | {gib(r.requested_bytes)} | {pct(r.allocated_error)} | "
-                     f"{gib(r.allocated_bytes)} | {gib(r.reserved_bytes)} | {gib(r.replayed_reserved_bytes)} | "
-                     f"{pct(r.reserved_error)} | {'-' if r.retries is None else r.retries} | "
+                     f"{phases} | {gib(r.allocated_bytes)} | {gib(r.reserved_bytes)} | {gib(r.replayed_reserved_bytes)} | "
+                     f"{pct(r.reserved_error)} | {gib(r.predicted_reserved_bytes)} | {pct(r.predicted_reserved_error)} | "
+                     f"{'-' if r.retries is None else r.retries} | "
                      f"{'-' if r.ooms is None else r.ooms} | {r.seconds:.1f} | {r.failure} |")
     for name, errors, target in (
             ("estimate vs requested", [r.allocated_error for r in rows], TARGET_ALLOCATED_PCT),
-            ("replayed vs measured reserved", [r.reserved_error for r in rows], TARGET_RESERVED_PCT)):
+            ("replayed vs measured reserved", [r.reserved_error for r in rows], TARGET_RESERVED_PCT),
+            ("--reserved vs measured reserved", [r.predicted_reserved_error for r in rows], TARGET_RESERVED_PCT)):
         found = [abs(e) for e in errors if e is not None]
         if found:
             lines.append(f"\n{name}: {len(found)} rows, median |error| {statistics.median(found):.2f}%, worst "
@@ -300,11 +425,29 @@ def markdown(env: dict[str, str], rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[CliCheck],
+               events: dict[str, list]) -> None:
+    """rows.json (rewritten), and events.jsonl.gz: each measured case's allocations appended once, then dropped."""
+    import gzip
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.json").write_text(json.dumps(
+        {"env": env, "rows": [asdict(r) for r in rows], "cli": [asdict(c) for c in checks]}, indent=1))
+    with gzip.open(folder / "events.jsonl.gz", "at") as handle:
+        for label in list(events):
+            handle.write(json.dumps({"label": label, "events": events.pop(label)}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds (default 540)")
+    parser.add_argument("--case-limit", type=float, default=150, help="seconds one configuration may take (150)")
     parser.add_argument("--quick", action="store_true", help="a quarter of the small-model matrix")
+    parser.add_argument("--cli", action="store_true", help="also run the command line's --verify=cuda checks first")
+    parser.add_argument("--raw", type=Path, help="a folder for rows.json and events.jsonl.gz (the measured steps' "
+                        "allocations and the allocator's segments, for checking memcalc.allocator offline)")
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu with torch.cuda faked (tests)")
     args = parser.parse_args(argv)
     import torch
@@ -313,9 +456,19 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_validation: no CUDA GPU here (torch.cuda.is_available() is False); nothing was written",
               file=sys.stderr)
         return 1
-    env, rows = validate(cases(args.quick), args.device, args.budget)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(env, rows), encoding="utf-8")
+    started = time.perf_counter()
+    checks = cli_checks() if args.cli else []
+    events: dict[str, list] = {}
+
+    def write(env: dict[str, str], rows: list[Row]) -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown(env, rows, checks), encoding="utf-8")
+        if args.raw is not None:
+            _write_raw(args.raw, env, rows, checks, events)
+
+    budget = args.budget - (time.perf_counter() - started)
+    env, rows = validate(cases(args.quick), args.device, budget, args.case_limit, events, write)
+    write(env, rows)
     print(f"gpu_validation: {len(rows)} configurations, written to {args.out}", file=sys.stderr)
     return 0
 

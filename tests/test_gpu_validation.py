@@ -66,3 +66,38 @@ def test_no_gpu_writes_nothing(tmp_path, capsys):
     out = tmp_path / "gpu.md"
     assert gv.main(["--out", str(out)]) == 1
     assert not out.exists() and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_case_past_its_limit_is_a_row_and_the_rows_are_written_as_they_come(fake_cuda, tmp_path):
+    import gzip
+    import json
+
+    seen = []
+    _env, rows = gv.validate([SMALL], "cpu", budget_s=600, case_limit_s=0.001,
+                             after_each=lambda _env, rows: seen.append(len(rows)))
+    assert rows[0].failure.startswith("CaseTimeout") and seen == [1]
+    # the measured step's allocations are kept by label, appended to the raw folder once written
+    events: dict[str, list] = {}
+    _env, rows = gv.validate([SMALL], "cpu", budget_s=600, events=events)
+    assert rows[0].failure == "" and events[SMALL.label][0][0] == 1  # (ALLOC, key, bytes) first
+    count = len(events[SMALL.label])
+    gv._write_raw(tmp_path, _env, rows, [], events)
+    assert not events  # (each case's events are written once)
+    with gzip.open(tmp_path / "events.jsonl.gz", "rt") as handle:
+        lines = handle.read().splitlines()
+    assert [json.loads(line)["label"] for line in lines] == [SMALL.label]
+    assert len(json.loads(lines[0])["events"]) == count
+    assert json.loads((tmp_path / "rows.json").read_text())["rows"][0]["label"] == SMALL.label
+
+
+def test_cli_checks_record_the_exit_code_and_the_line(monkeypatch):
+    """The GPU run's command-line checks: here, without a GPU, --verify=cuda is the usage error (exit 2, one line)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    monkeypatch.setattr(gv, "CLI_CHECKS", (("no GPU", ["llama-3.2-1b", "--verify=cuda"]),))
+    [check] = gv.cli_checks()
+    assert check.exit_code == 2 and "--verify=cuda needs a CUDA GPU" in check.stderr
+    text = gv.markdown({}, [], [check])
+    assert "`memcalc llama-3.2-1b --verify=cuda` (no GPU): exit 2" in text

@@ -215,10 +215,11 @@ def _register_sdpa_repeat_kv() -> None:
 
 
 def build_model(raw: Mapping[str, Any], architecture: str | None = None, *, dtype: Any = None,
-                attn_implementation: str | None = None, meta: bool = False) -> Any:
-    """The transformers model for ``raw`` with random weights: on the meta device (``meta``: no memory), or as
-    tensors of the current mode (real CPU tensors, or fake ones under a FakeTensorMode). ``dtype``: the weights'
-    dtype, also set as the default dtype while building so nothing is created in fp32 and cast afterwards."""
+                attn_implementation: str | None = None, meta: bool = False, device: str | None = None) -> Any:
+    """The transformers model for ``raw`` with random weights: on the meta device (``meta``: no memory), on
+    ``device`` (a GPU: initialised there, no host copy), or as tensors of the current mode (real CPU tensors, or fake
+    ones under a FakeTensorMode). ``dtype``: the weights' dtype, also set as the default dtype while building so
+    nothing is created in fp32 and cast afterwards."""
     import torch
 
     config = hf_config(raw)
@@ -230,8 +231,8 @@ def build_model(raw: Mapping[str, Any], architecture: str | None = None, *, dtyp
             _register_sdpa_repeat_kv()
     if dtype is not None:
         kwargs["dtype"] = dtype
-    device = torch.device("meta") if meta else contextlib.nullcontext()
-    with quiet_transformers(), default_dtype(dtype or torch.get_default_dtype()), device:
+    place = torch.device("meta") if meta else torch.device(device) if device else contextlib.nullcontext()
+    with quiet_transformers(), default_dtype(dtype or torch.get_default_dtype()), place:
         try:
             model = cls._from_config(config, **kwargs)
         except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AttributeError) as exc:

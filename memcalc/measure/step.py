@@ -193,9 +193,15 @@ def _raw(model_config: ModelConfig | dict[str, Any]) -> dict[str, Any]:
 def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) -> torch.nn.Module:
     """The model of the config (memcalc.measure.build, the one builder), in the recipe's weight dtype, on the
     setup's device, checkpointed as the spec says, in training mode."""
+    from torch._guards import detect_fake_mode
+
+    # a real GPU step's model is initialised on the GPU (an 8B model's host initialisation and copy take longer than
+    # its steps); a traced step's fake CPU tensors stay as built (they cannot be moved)
+    direct = (torch.device(setup.device).type == "cuda" and torch.cuda.is_available()
+              and detect_fake_mode() is None)
     model = build.build_model(_raw(model_config), dtype=setup.weight_dtype,
-                              attn_implementation=setup.attn_implementation)
-    if torch.device(setup.device).type != "cpu":  # (built on the CPU; fake CPU tensors cannot be moved)
+                              attn_implementation=setup.attn_implementation, device=setup.device if direct else None)
+    if torch.device(setup.device).type != "cpu" and not direct:  # (built on the CPU)
         model = model.to(device=setup.device)
     if setup.checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)

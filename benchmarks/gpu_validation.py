@@ -422,6 +422,9 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = ()) 
         if found:
             lines.append(f"\n{name}: {len(found)} rows, median |error| {statistics.median(found):.2f}%, worst "
                          f"{max(found):.2f}%, {sum(e <= target for e in found)} within the {target:g}% target")
+    for check in checks:
+        lines += ["", f"`memcalc {' '.join(check.argv)}` ({check.label}): exit {check.exit_code}, {check.seconds:.1f} s",
+                  "", "```", (check.stdout_tail + check.stderr).strip(), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -85,6 +85,9 @@ def cases(quick: bool = False) -> list[GpuCase]:
     found += [
         GpuCase("llama-3.2-1b bf16-pure compile (Triton) b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True), "compile"),
+        GpuCase("llama-3.2-1b bf16-pure compile chunked:8 b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True,
+                             loss="chunked:8"), "compile"),
         GpuCase("llama-3.2-1b bf16-pure compile ckpt=full b4xs2048", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=2048, compile=True,
                              checkpointing="full"), "compile"),
@@ -208,11 +211,28 @@ def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) 
 
     import torch
 
-    from memcalc.measure import build
-    from memcalc.measure.step import PhaseClock, Stepper, build_model, make_batch, one_step, resolve_setup
+    from memcalc.measure import step
+    from memcalc.measure.step import resolve_setup
 
-    plain = dataclasses.replace(case.spec, compile=False, fp8="none", loss="standard")
+    # compile with torchtune's chunked loss: its per-chunk cross-entropy compiled as well (compile_loss)
+    chunked = case.library == "compile" and case.spec.loss.startswith("chunked")
+    plain = dataclasses.replace(case.spec, compile=False, fp8="none", loss=case.spec.loss if chunked else "standard")
     setup = resolve_setup(plain, "sdpa", device)
+    eager_entropy = step._chunk_cross_entropy
+    if chunked:
+        step._chunk_cross_entropy = torch.compile(eager_entropy)
+    try:
+        _run_library(row, config, case, device, setup)
+    finally:
+        step._chunk_cross_entropy = eager_entropy
+
+
+def _run_library(row: Row, config: ModelConfig, case: GpuCase, device: str, setup) -> None:
+    import torch
+
+    from memcalc.measure import build
+    from memcalc.measure.step import PhaseClock, Stepper, build_model, make_batch, one_step
+
     if case.library == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama  # (patches the class: before building)
 
@@ -231,8 +251,21 @@ def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    one_step(model, stepper, batch, setup, PhaseClock())
-    stats = torch.cuda.memory_stats()
+    if device.startswith("cuda"):  # each phase's peaks (memory_stats() kept at each phase's end)
+        from memcalc.measure.cuda import CudaPhaseClock
+
+        clock = CudaPhaseClock(device)
+        clock.install()
+        try:
+            one_step(model, stepper, batch, setup, clock)
+            clock.finish()
+        finally:
+            clock.remove()
+        stats = {**torch.cuda.memory_stats(), **clock.stats}
+        row.measured_phase = max(clock.peaks.items(), key=lambda item: item[1])[0] if clock.peaks else ""
+    else:
+        one_step(model, stepper, batch, setup, PhaseClock())
+        stats = torch.cuda.memory_stats()
     row.requested_bytes = stats.get("requested_bytes.all.peak")
     row.allocated_bytes = stats.get("allocated_bytes.all.peak")
     row.reserved_bytes = stats.get("reserved_bytes.all.peak")

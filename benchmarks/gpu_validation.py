@@ -21,7 +21,15 @@ linear cross-entropy (its patch of transformers' Llama classes lasts for the pro
 allocator's statistics alone (no tracker, no replay). A configuration that fails (an OOM, a missing package) is a row
 saying so; the script goes on.
 
-Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the
+On this workplace's lent GPU machine (torch and transformers are its own; torchao and Liger travel as wheels, fetched
+here with ``pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl
+torchao==0.18.0 liger-kernel`` into a folder .git/info/exclude ignores, carried as ``.whl``):
+
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    python3 benchmarks/gpu_validation.py --budget 470 --cli --out $OUT/accuracy-gpu.md --raw $OUT
+
+(memcalc's estimate and a measured step were checked on CPU under transformers 5.17, that machine's release.) Without a GPU, ``--device cpu``
+runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the
 test suite does: tests/test_gpu_validation.py).
 """
 

@@ -28,9 +28,10 @@ torchao==0.18.0 liger-kernel`` into a folder .git/info/exclude ignores, carried 
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
     python3 benchmarks/gpu_validation.py --budget 470 --cli --out $OUT/accuracy-gpu.md --raw $OUT
 
-(memcalc's estimate and a measured step were checked on CPU under transformers 5.17, that machine's release.) Without a GPU, ``--device cpu``
-runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the
-test suite does: tests/test_gpu_validation.py).
+(memcalc's estimate and a measured step were checked on CPU under transformers 5.17, that machine's release.)
+
+Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the test
+suite does: tests/test_gpu_validation.py).
 """
 
 from __future__ import annotations

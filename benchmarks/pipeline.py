@@ -20,7 +20,7 @@ each (torchtitan's looped split), one row per rank. About 4 minutes.
 With --fsdp, each of 2 stages FSDP2-sharded over 2 data-parallel ranks (a (pp, dp) mesh of 4 gloo ranks, torchtitan's
 apply_fsdp on each stage), micro-batches of 2 x 128 tokens, with the same cell without data parallelism beside it:
 what FSDP2 adds to the pipeline's error. About 8 minutes. With --interleaved --fsdp, the same for ScheduleInterleaved1F1B:
-2 (or 3) ranks of 2 or 3 stages each, every rank over 2 FSDP2 data-parallel ranks. About 10 minutes.
+2 (or 3) ranks of 2 to 5 stages each, every rank over 2 FSDP2 data-parallel ranks. About 12 minutes.
 
 With --cp, each stage's 2 data-parallel ranks are context-parallel ranks too (torchtitan's layout: FSDP2 over them,
 torch's ring attention in place of sdpa over them, each running 256 of a micro-batch's 512 positions), with the same
@@ -109,7 +109,12 @@ def fsdp(measure_distributed, interleaved: bool) -> None:
                  ((2, 2, 6), 4, "bf16", "full", 2), ((2, 2, 6), 4, "fp32", "none", 2),
                  ((2, 2, 6), 2, "bf16-pure", "full", 2), ((2, 2, 6), 4, "amp-bf16", "full", 2),
                  ((2, 3, 10), 4, "bf16", "none", 2), ((2, 3, 10), 4, "fp32", "full", 2),
-                 ((2, 2, 6), 4, "bf16", "none", 3), ((3, 2, 10), 3, "bf16", "none", 2))
+                 ((2, 2, 6), 4, "bf16", "none", 3), ((3, 2, 10), 3, "bf16", "none", 2),
+                 # more than three stages a rank: the runtime's FSDP2 window (pipeline.unsharded_window)
+                 ((2, 4, 14), 4, "bf16", "none", 2), ((2, 4, 14), 4, "bf16-pure", "full", 2),
+                 ((2, 4, 14), 8, "fp32", "none", 2), ((2, 5, 18), 4, "bf16", "none", 2),
+                 ((2, 4, 14), 4, "amp-bf16", "full", 2), ((2, 4, 14), 4, "bf16", "none", 3),
+                 ((3, 4, 26), 3, "bf16", "none", 2))
     for layout, microbatches, precision, checkpointing, zero in cells:
         if interleaved:
             pp, virtual, layers = layout

@@ -207,14 +207,18 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
                                                               pp_grads_made=made), defaults_used)
         return cache[key]
 
-    def beside(local: int, held: int, made: bool, stepping: bool, finished: bool) -> tuple[int, int, int, str]:
+    def beside(local: int, held: int, made: bool, stepping: bool, finished: bool,
+               active: bool = True) -> tuple[int, int, int, str]:
         """What stage ``local`` holds while another runs (or steps): its model states, of them its optimizer's
-        states, and the rest; and how it is made up. ``finished``: every backward of the stage has run."""
+        states, and the rest; and how it is made up. ``finished``: every backward of the stage has run; ``active``:
+        FSDP2's runtime keeps its units unsharded then (pipeline.unsharded_window)."""
         terms = {t.name: t.bytes for t in at(local, held, made).per_gpu.terms if not t.in_cpu_ram}
-        # FSDP2 (_PipelineScheduleRuntime with _add_unshard_reshard and _add_reduce_grad): the runtime unshards a
-        # rank's next three stages ahead of their use, so all of them (at most three, refused above) from the step's
-        # start; each stays so, its gradients accumulating unsharded, until its last backward's REDUCE_GRAD
-        # (perform_reduce_grad: post_backward reduce-scatters them and reshards), after which it holds only shards.
+        # FSDP2 (_PipelineScheduleRuntime with _add_unshard_reshard and _add_reduce_grad): before each action the
+        # runtime reshards the rank's stages that are not among the next three distinct ones it runs and unshards
+        # those that are (``active``): with up to three stages a rank, all of them from the step's start. A stage's
+        # gradients accumulate unsharded from its first backward (a reshard frees its gathered parameters, not their
+        # .grad: FSDPParam.free_unsharded_param) until its last backward's REDUCE_GRAD (perform_reduce_grad:
+        # post_backward reduce-scatters them and reshards), after which it holds only shards.
         fsdp = TERM_FSDP_UNSHARDED in terms
         reduced = fsdp and (stepping or finished)
         states = sum(n for name, n in terms.items() if name in _STAGE_STATES and name != TERM_GRADIENTS)
@@ -223,7 +227,7 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
         # (its casts are cached from its first forward until the autocast context exits, before the step)
         ran = (held > 0 or made) and not stepping
         kept = sum(n for name, n in terms.items() if name in _STAGE_KEPT and (ran or name == TERM_PIPELINE_BUFFERS))
-        unsharded = terms[TERM_FSDP_UNSHARDED] if fsdp and not reduced else 0
+        unsharded = terms[TERM_FSDP_UNSHARDED] if fsdp and not reduced and active else 0
         in_flight = sum(n for name, n in terms.items() if name in _STAGE_HELD) if held else 0
         start, end = ranges[stages[local]]
         part = (f"stage {stages[local]} (layers {start}-{end - 1}): model states {states:,} B"
@@ -248,17 +252,18 @@ def _interleaved_rank(model: ModelInput, spec: TrainingSpec, defaults_used: Sequ
 
     best: tuple[int, Report, int, int, int, int, list[str]] | None = None
     composite: dict[Phase, PhaseTotal] = {}
-    moments = [(m.local, m.kind, m.held, m.backwards, m.weights)
+    moments = [(m.local, m.kind, m.held, m.backwards, m.weights, m.active)
                for m in pipeline.rank_moments(rank, spec.pp, virtual, spec.microbatches, zero_bubble)]
     # The step: every stage's backward done, its gradients made, its sends waited on; one stage's optimizer steps at
     # a time.
-    moments += [(local, "S", (0,) * virtual, (0,) * virtual, (1,) * virtual) for local in range(virtual)]
+    moments += [(local, "S", (0,) * virtual, (0,) * virtual, (1,) * virtual, (False,) * virtual)
+                for local in range(virtual)]
     kinds = {"F": Phase.forward, "B": Phase.backward, "I": Phase.backward, "W": Phase.backward,
              "S": Phase.optimizer_step}
-    for local, kind, held, backwards, weights in moments:
+    for local, kind, held, backwards, weights, active in moments:
         made = [done > 0 for done in weights]
         report = at(local, held[local], made[local])
-        others = [beside(k, held[k], made[k], kind == "S", weights[k] == spec.microbatches)
+        others = [beside(k, held[k], made[k], kind == "S", weights[k] == spec.microbatches, active[k])
                   for k in range(virtual) if k != local]
         states, optimizer_states, rest = (sum(o[i] for o in others) for i in range(3))
         phase = next(p for p in report.per_gpu.phases if p.phase == kinds[kind])

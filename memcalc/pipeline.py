@@ -182,13 +182,33 @@ class RankMoment:
     """One forward, backward or (zero-bubble) input or weight backward of a rank's local stage ``local``: the
     micro-batches each of the rank's stages holds then (``held``: the one running counted; zero-bubble: until its
     weights' backward), how many backwards (or input backwards) each has run before (the tensors those sent are still
-    held) and how many have made its weights' gradients (``weights``: its gradients exist from the first)."""
+    held) and how many have made its weights' gradients (``weights``: its gradients exist from the first); ``active``:
+    the stages FSDP2's units are unsharded for (unsharded_window)."""
 
     local: int
     kind: str  # "F" | "B" | "I" | "W"
     held: tuple[int, ...]
     backwards: tuple[int, ...]
     weights: tuple[int, ...]
+    active: tuple[bool, ...] = ()
+
+
+# torch/distributed/pipelining/schedules.py _add_unshard_reshard(max_active_stages=3): how many of a rank's stages the
+# pipeline runtime keeps unsharded under FSDP2
+FSDP_ACTIVE_STAGES = 3
+
+
+def unsharded_window(actions: Sequence[tuple[int, str, int]], index: int, virtual: int) -> tuple[bool, ...]:
+    """Which of a rank's stages are unsharded while its action ``index`` runs: ``_add_unshard_reshard`` reshards, before
+    each compute action, the stages that are not among the next FSDP_ACTIVE_STAGES distinct stages from that action on,
+    then unshards those that are not yet."""
+    upcoming: list[int] = []
+    for local, _kind, _mb in actions[index:]:
+        if local not in upcoming:
+            upcoming.append(local)
+            if len(upcoming) == FSDP_ACTIVE_STAGES:
+                break
+    return tuple(local in upcoming for local in range(virtual))
 
 
 def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
@@ -196,10 +216,12 @@ def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
     """Each action of ``rank_actions`` with what the rank holds then, once per distinct state."""
     held, done, weights = [0] * virtual, [0] * virtual, [0] * virtual
     seen: dict[RankMoment, None] = {}
-    for local, kind, _ in rank_actions(rank, pp, virtual, microbatches, zero_bubble):
+    actions = rank_actions(rank, pp, virtual, microbatches, zero_bubble)
+    for index, (local, kind, _) in enumerate(actions):
         if kind == "F":
             held[local] += 1
-        seen.setdefault(RankMoment(local, kind, tuple(held), tuple(done), tuple(weights)))
+        seen.setdefault(RankMoment(local, kind, tuple(held), tuple(done), tuple(weights),
+                                   unsharded_window(actions, index, virtual)))
         if kind in ("B", "I"):
             done[local] += 1
         if kind in ("B", "W"):

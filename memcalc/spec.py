@@ -26,8 +26,6 @@ DEFAULT_SEQ_LEN = 2048
 MAX_TOKENS = 10**9  # micro-batch x sequence: far past any run, small enough to keep arithmetic instant
 MAX_GPUS = 10**6
 MAX_LAYERS_CHECKPOINTED = 100_000  # every:N: far past any model's depth
-# torch/distributed/pipelining/schedules.py _add_unshard_reshard: the FSDP2 stages a pipeline rank keeps unsharded
-_FSDP_ACTIVE_STAGES = 3
 
 
 class Attention(str, Enum):
@@ -508,13 +506,6 @@ class TrainingSpec:
             # FSDP2's post-backward hooks, whose accumulation is not traced yet)
             raise UnsupportedModelError("{pp_schedule} zero-bubble with FSDP2 is not modelled yet (its split backward "
                                         "and FSDP2's gradient accumulation): use {pp_schedule} interleaved-1f1b, or "
-                                        "{zero} 0 or 1")
-        if self.zero_stage >= 2 and interleaved and self.pp_virtual > _FSDP_ACTIVE_STAGES:
-            # torch/distributed/pipelining/schedules.py _add_unshard_reshard(max_active_stages=3): with more stages
-            # per rank the runtime reshards and regathers them mid-step
-            raise UnsupportedModelError(f"{{pp_virtual}} {self.pp_virtual} with FSDP2: torch's pipeline runtime keeps "
-                                        f"at most {_FSDP_ACTIVE_STAGES} of a rank's stages unsharded and regathers the "
-                                        f"others mid-step, which is not modelled yet: give {{pp_virtual}} 2 or 3, or "
                                         "{zero} 0 or 1")
         self._only_modelled_with("pp", "pipeline parallelism")
 

@@ -7,6 +7,7 @@
     python benchmarks/pipeline.py --interleaved --zero-bubble   # the same grid, ScheduleInterleavedZeroBubble
     python benchmarks/pipeline.py --fsdp               # 2 stages x 2 FSDP2 data-parallel ranks, beside 2 stages alone
     python benchmarks/pipeline.py --interleaved --fsdp # interleaved 1F1B, each rank's stages FSDP2-sharded
+    python benchmarks/pipeline.py --interleaved --zero-bubble --fsdp  # the same for zero-bubble (its modelled recipes)
     python benchmarks/pipeline.py --cp                 # 2 stages x 2 context-parallel ranks (FSDP2 over them)
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
@@ -20,7 +21,8 @@ each (torchtitan's looped split), one row per rank. About 4 minutes.
 With --fsdp, each of 2 stages FSDP2-sharded over 2 data-parallel ranks (a (pp, dp) mesh of 4 gloo ranks, torchtitan's
 apply_fsdp on each stage), micro-batches of 2 x 128 tokens, with the same cell without data parallelism beside it:
 what FSDP2 adds to the pipeline's error. About 8 minutes. With --interleaved --fsdp, the same for ScheduleInterleaved1F1B:
-2 (or 3) ranks of 2 to 5 stages each, every rank over 2 FSDP2 data-parallel ranks. About 12 minutes.
+2 (or 3) ranks of 2 to 5 stages each, every rank over 2 FSDP2 data-parallel ranks. About 12 minutes. With
+--zero-bubble too, ScheduleInterleavedZeroBubble's cells the estimate models (--zero 2; fp32, bf16-pure, amp-bf16).
 
 With --cp, each stage's 2 data-parallel ranks are context-parallel ranks too (torchtitan's layout: FSDP2 over them,
 torch's ring attention in place of sdpa over them, each running 256 of a micro-batch's 512 positions), with the same
@@ -68,7 +70,7 @@ def main() -> None:
     if args.cp:
         return context_parallel(measure_distributed)
     if args.fsdp:
-        return fsdp(measure_distributed, args.interleaved)
+        return fsdp(measure_distributed, args.interleaved, args.zero_bubble)
     if args.interleaved:
         return interleaved(measure_distributed, "zero-bubble" if args.zero_bubble else "interleaved-1f1b")
 
@@ -93,7 +95,7 @@ def main() -> None:
               f"{statistics.median(abs(e) for e in errors):.2f}%, from {min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
-def fsdp(measure_distributed, interleaved: bool) -> None:
+def fsdp(measure_distributed, interleaved: bool, zero_bubble: bool = False) -> None:
     print(f"| {'ranks x stages | layers' if interleaved else 'schedule'} | micro-batches | recipe | checkpointing | --zero | "
           f"{'rank' if interleaved else 'stage'} | estimate | measured | error | phase (est / measured) | error without "
           "FSDP2 |")
@@ -115,10 +117,16 @@ def fsdp(measure_distributed, interleaved: bool) -> None:
                  ((2, 4, 14), 8, "fp32", "none", 2), ((2, 5, 18), 4, "bf16", "none", 2),
                  ((2, 4, 14), 4, "amp-bf16", "full", 2), ((2, 4, 14), 4, "bf16", "none", 3),
                  ((3, 4, 26), 3, "bf16", "none", 2))
+    if zero_bubble:  # (the recipes whose gradients are made in FSDP2's reduce dtype, --zero 2: the modelled ones)
+        cells = (((2, 2, 6), 4, "bf16-pure", "none", 2), ((2, 2, 6), 4, "fp32", "none", 2),
+                 ((2, 2, 6), 4, "amp-bf16", "none", 2), ((2, 2, 6), 2, "bf16-pure", "none", 2),
+                 ((2, 3, 10), 4, "bf16-pure", "none", 2), ((2, 3, 10), 4, "amp-bf16", "none", 2),
+                 ((3, 2, 10), 3, "fp32", "none", 2), ((2, 4, 14), 4, "bf16-pure", "none", 2))
     for layout, microbatches, precision, checkpointing, zero in cells:
         if interleaved:
             pp, virtual, layers = layout
-            schedule, shape = "interleaved-1f1b", {"pp_virtual": virtual}
+            schedule = "zero-bubble" if zero_bubble else "interleaved-1f1b"
+            shape = {"pp_virtual": virtual}
         else:
             (schedule, pp, layers), shape = layout, {}
         raw = {**SMALL_LLAMA, "num_hidden_layers": layers}

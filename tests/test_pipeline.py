@@ -102,8 +102,11 @@ def test_fsdp_on_stages_defaults_to_torchtitans_no_reshard_after_forward(cli):
 
 @pytest.mark.parametrize(("options", "error", "message"), [
     (["--zero", "2"], UsageError, "DeepSpeed's pipeline engine refuses them"),
+    # (its weights' backward keeps bf16's gradients outside FSDP2's upcast; --zero 3 reshards between the halves)
     (["--fsdp", "--pp-schedule", "zero-bubble"], UnsupportedModelError,
-     "--pp-schedule zero-bubble with FSDP2 is not modelled yet"),
+     "--pp-schedule zero-bubble with FSDP2 is modelled with --zero 2 and --precision fp32, bf16-pure or amp-bf16"),
+    (["--fsdp", "--zero", "3", "--pp-schedule", "zero-bubble", "--precision", "bf16-pure"], UnsupportedModelError,
+     "--pp-schedule zero-bubble with FSDP2 is modelled with --zero 2"),
 ])
 def test_sharded_stages_not_run_or_not_modelled(cli, options, error, message):
     result = cli("llama-3-8b", "--pp", "2", "--gpus", "8", *options)
@@ -383,6 +386,26 @@ def test_interleaved_ranks_match_pipelining_on_gloo(schedule, lowest):
                                                   for t in report.per_gpu.terms)
         peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
         assert lowest * measured_peak <= peak <= 1.03 * measured_peak, (rank, peak, measured_peak)
+
+
+def test_zero_bubble_under_fsdp2_on_gloo():
+    """ScheduleInterleavedZeroBubble with each rank's 2 stages FSDP2-sharded over 2 data-parallel ranks (--zero 2),
+    bf16-pure, 4 micro-batches: FSDP2 adds nothing to the zero-bubble model's error (measured: rank 0 -1.47%, rank 1
+    +0.29%; the same cells without data parallelism -1.39% and +0.28%)."""
+    pytest.importorskip("transformers")
+    from memcalc.measure.distributed import measure_distributed
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    raw = {**TINY, "num_hidden_layers": 6}
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=2, seq_len=128, num_gpus=4, pp=2,
+                        pp_schedule="zero-bubble", microbatches=4, sharding="fsdp", zero_stage=2)
+    model = model_of(ModelConfig("tiny", raw, "test"))
+    measured = measure_distributed({**raw, "_name": "tiny"}, spec, engine="pp", world_size=4, method="gloo")
+    for m in measured[::2]:
+        rank = m.run["distributed"]["stage"]
+        peak, measured_peak = run(model, spec.replace(pp_rank=rank)).per_gpu.peak_bytes, m.measured_peak_bytes
+        assert 0.98 * measured_peak <= peak <= 1.01 * measured_peak, (rank, peak, measured_peak)
 
 
 @pytest.mark.parametrize("other", ["megatron", "llm-analysis"])

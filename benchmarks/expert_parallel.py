@@ -2,7 +2,7 @@
 
     python benchmarks/expert_parallel.py [--routing worst,random] [--families mixtral,qwen3_moe]
                                          [--layouts 2x2,4x2,4x4] [--precision bf16-pure,amp-bf16,bf16]
-                                         [--checkpointing none,full]
+                                         [--checkpointing none,full] [--experts N]
 
 Each row runs tests/tiny.py's MoE model (2 layers, 4 experts, top-2) on ``gpus`` gloo ranks with transformers' own
 expert-parallel plan (grouped_gemm on the fused experts, ep_dispatch_experts with AllToAllEP) under FSDP2 (the experts
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--layouts", default="2x2,4x2,4x4", help="gpus x ep")
     parser.add_argument("--precision", default="bf16-pure,amp-bf16,bf16")
     parser.add_argument("--checkpointing", default="none,full")
+    parser.add_argument("--experts", type=int, help="experts per layer (tests/tiny.py's 4 unless given; 2 with "
+                        "--layouts 4x2 puts one expert per rank over 2 FSDP2 ranks: dim-0 shards padded)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,6 +54,8 @@ def main() -> None:
             args.routing.split(","), args.families.split(","), layouts, args.precision.split(","),
             args.checkpointing.split(",")):
         raw = {**tiny_raw(family), **({"initializer_range": 0.0} if routing == "worst" else {})}
+        if args.experts:
+            raw["num_local_experts" if "num_local_experts" in raw else "num_experts"] = args.experts
         spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ, num_gpus=gpus, zero_stage=3,
                             sharding="fsdp", ep=ep, checkpointing=checkpointing)
         started = time.perf_counter()

@@ -66,8 +66,10 @@ def test_rank_holds_its_share_of_the_experts(gpus, ep, experts_held):
     weights = next(t.bytes for t in report.per_gpu.terms if t.name == "weights")
     expected = 2 * (int(expert * experts_held) + dense // gpus)
     assert expected <= weights < expected + 2 * 291 * 14336  # (dense dim-0 padding: under a row per tensor)
-    padded = any("padded to a whole expert" in note for note in report.notes)
-    assert padded == (8 // ep < gpus // ep)
+    padded = [note for note in report.notes if "padded to a whole expert" in note]
+    assert bool(padded) == (8 // ep < gpus // ep)
+    # (and says that a tiny Mixtral in this layout measured above the estimate: docs/accuracy.md, 2 experts, ep 2 of 4)
+    assert all("measured forward peaked up to 1.8% above the estimate" in note for note in padded)
 
 
 def test_load_scales_the_experts_activations():

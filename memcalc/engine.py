@@ -925,7 +925,8 @@ def _expert_parallel_note(model: ModelInput, spec: TrainingSpec) -> str:
     """--ep: the experts this rank holds and the routed pairs its experts run (balanced unless --ep-load)."""
     arch = model.arch
     average = spec.micro_batch_size * spec.local_seq_len * arch.experts_per_token
-    return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, average, spec.ep_load)
+    return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, average, spec.ep_load,
+                                spec.ep_shard_dim)
 
 
 def _fsdp_layer_made(tensors: Sequence[ParamTensor], holdings: RankHoldings, recipe: Recipe,
@@ -1632,5 +1633,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
         pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
         pp_virtual=spec.pp_virtual or 1,
-        cp=spec.cp, ep=spec.ep, ep_load=spec.ep_load,
+        cp=spec.cp, ep=spec.ep, ep_load=spec.ep_load, ep_shard_dim=spec.ep_shard_dim,
     )

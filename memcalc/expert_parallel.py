@@ -66,16 +66,19 @@ def received_pairs(average: int, load: float) -> int:
     return math.ceil(average * load)
 
 
-def note(ep: int, data_parallel: int, local_experts: int, average: int, load: float) -> str:
+def note(ep: int, data_parallel: int, local_experts: int, average: int, load: float, shard_dim: int = 0) -> str:
     efsdp = data_parallel // ep
     received = received_pairs(average, load)
     padded = (f"; with {local_experts} expert(s) per layer over {efsdp} ranks, FSDP2's dim-0 shards are padded to a "
-              "whole expert on every rank (transformers shards the expert dimension; torchtitan then shards dim 1): "
-              "the experts are not sharded further; in this layout a tiny Mixtral's measured forward peaked up to "
-              "1.8% above the estimate (one expert's 16-bit copy more, not yet placed: benchmarks/expert_parallel.py "
-              "--layouts 4x2 --experts 2)" if local_experts < efsdp else "")
-    return (f"expert parallelism: {ep} ranks split the experts, {local_experts} each, FSDP-sharded over the "
-            f"{efsdp} rank(s) holding the same ones ({SOURCE}){padded}; each MoE layer's experts run the "
+              "whole expert on every rank (transformers shards the expert dimension; torchtitan then shards dim 1: "
+              "--ep-shard-dim 1): the experts are not sharded further; in this layout a tiny Mixtral's measured "
+              "forward peaked up to 1.8% above the estimate (one expert's 16-bit copy more, not yet placed: "
+              "benchmarks/expert_parallel.py --layouts 4x2 --experts 2)" if local_experts < efsdp and not shard_dim
+              else "")
+    placement = (" on dim 1 (torchtitan's Shard(1) placement: torchtitan/models/llama4/infra/parallelize.py "
+                 "apply_fsdp, when those ranks x ep exceed the experts)" if shard_dim else "")
+    return (f"expert parallelism: {ep} ranks split the experts, {local_experts} each, FSDP-sharded{placement} over "
+            f"the {efsdp} rank(s) holding the same ones ({SOURCE}){padded}; each MoE layer's experts run the "
             f"{received:,} (token, expert) pairs this rank receives: {average:,} on average (T x top-k) x --ep-load "
             f"{load:g}. The routing decides it; a rank can receive up to {ep} times the average, so give --ep-load "
             "for an unbalanced router")

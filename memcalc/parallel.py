@@ -122,14 +122,13 @@ def zero3_shard_numel(numel: int, num_gpus: int) -> int:
     return math.ceil(numel / num_gpus)
 
 
-def fsdp2_shard_numel(shape: tuple[int, ...], num_gpus: int) -> int:
-    """Elements per rank of one parameter under FSDP2: dim 0 split in ceil(dim0 / N) rows, padded
-    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py shards with torch.chunk on dim 0 and pads each
-    rank's chunk to the same size)."""
+def fsdp2_shard_numel(shape: tuple[int, ...], num_gpus: int, dim: int = 0) -> int:
+    """Elements per rank of one parameter under FSDP2: dim ``dim`` (0 unless a shard_placement_fn says Shard(dim))
+    split in ceil(size / N), padded (torch/distributed/fsdp/_fully_shard/_fsdp_param.py shards with torch.chunk on
+    that dim and pads each rank's chunk to the same size)."""
     if not shape:
         return 1
-    rows = math.ceil(shape[0] / num_gpus)
-    return rows * math.prod(shape[1:])
+    return math.ceil(shape[dim] / num_gpus) * math.prod(shape) // shape[dim]
 
 
 def _units(tensors: Sequence[ParamTensor]) -> dict[str, int]:
@@ -485,8 +484,11 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     def ranks(t: ParamTensor) -> int:  # (--ep: the experts over the ranks holding the same ones)
         return expert_parallel.sharding_ranks(t, num_gpus, spec.ep)
 
-    shard_all = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in tensors)
-    shard_trainable = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable)
+    def dim(t: ParamTensor) -> int:  # (--ep-shard-dim: the experts' FSDP2 placement)
+        return spec.ep_shard_dim if spec.ep > 1 and t.role == ROLE_EXPERT else 0
+
+    shard_all = sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in tensors)
+    shard_trainable = sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in trainable)
     experts = [t for t in tensors if t.role == ROLE_EXPERT] if spec.ep > 1 else []
     units = _units([t for t in tensors if not experts or t.role != ROLE_EXPERT])
     layer_units = {k: v for k, v in units.items() if k.startswith("layer ")}
@@ -530,7 +532,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # efsdp padded rows of one expert each)
     padded = {}
     for t in experts:
-        padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp) * efsdp
+        padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp, dim(t)) * efsdp
     kept_after_copy = max(padded.values(), default=0) if efsdp > 1 else 0
     experts_gathered = (largest_experts + kept_after_copy) * bytes_per_gathered
     experts_kept = max(0, kept_after_copy - largest_layer) * bytes_per_gathered
@@ -558,7 +560,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # peak at its second layer); the larger of the two is counted.
     layers = sorted({t.layer for t in trainable if t.layer is not None})
     late_layers = set(layers[:2] if reshard and len(layers) > 2 else layers[:1])
-    late_unmade = sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable
+    late_unmade = sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in trainable
                       if t.layer is None or t.layer in late_layers)
     late_prefetch = prefetch if len(late_layers) == 2 else 0
     # --ep: a layer's experts reduce their gradients over the efsdp ranks as their own unit, in the middle of the layer's
@@ -584,16 +586,16 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         notes.append(f"{FSDP2_MIXED_NOTE}, gradients are reduced in fp32")
     return RankHoldings(
         weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
-        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, ranks(t)),) for t in trainable),
+        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, ranks(t), dim(t)),) for t in trainable),
         effective_stage=spec.zero_stage, bytes_per_grad_override=BYTES_PER_FP32 if mixed else None,
         bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
         last_layer_extra_bytes=last_layer, experts_gathered_bytes=experts_gathered, experts_kept_bytes=experts_kept,
         experts_reduce_bytes=experts_reduce, late_unmade_grad_numel=late_unmade,
         root_reduce_bytes=root_reduce, root_reduce_tp_bytes=root_reduce_tp,
-        root_shard_grad_numel=sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in root_trainable),
+        root_shard_grad_numel=sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in root_trainable),
         late_second_layer=len(late_layers) == 2,
-        late_top_grad_numel=(sum(fsdp2_shard_numel(t.shape, ranks(t)) for t in trainable if t.layer == layers[-1])
+        late_top_grad_numel=(sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in trainable if t.layer == layers[-1])
                              if len(late_layers) == 2 else 0),
         late_extra_bytes=(late_prefetch + root_made * bytes_per_gathered
                           + (largest_layer * bytes_per_reduced if reshard else 0)),

@@ -96,6 +96,7 @@ class TrainingSummary:
     cp: int = 1  # context-parallel ranks sharing each sequence (the figures are the most loaded rank's)
     ep: int = 1  # expert-parallel ranks splitting each MoE layer's experts (the figures are the most loaded rank's)
     ep_load: float = 1.0  # ep: the most loaded rank's received (token, expert) pairs per layer over the average
+    ep_shard_dim: int = 0  # ep: the dimension FSDP2 shards each rank's experts on (0 transformers', 1 torchtitan's)
 
 
 @dataclass(eq=False, repr=False)

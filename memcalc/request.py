@@ -102,6 +102,7 @@ class Request:
     cp: int = 1
     ep: int = 1
     ep_load: float = 1.0
+    ep_shard_dim: int = 0
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -356,7 +357,7 @@ def _plan(request: Request) -> Plan:
         "pp": request.pp, "pp_schedule": request.pp_schedule, "microbatches": request.microbatches,
         "pp_virtual": request.pp_virtual,
         "pp_layers": _layer_counts(request.pp_layers), "cp": request.cp, "ep": request.ep,
-        "ep_load": request.ep_load,
+        "ep_load": request.ep_load, "ep_shard_dim": request.ep_shard_dim,
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

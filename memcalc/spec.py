@@ -267,6 +267,9 @@ class TrainingSpec:
     # exchanged with all-to-alls (transformers' AllToAllEP), the experts FSDP-sharded over data_parallel / ep ranks.
     ep: int = 1
     ep_load: float = 1.0  # the most loaded expert-parallel rank's received (token, expert) pairs over the average
+    # The dimension FSDP2 shards each rank's fused experts on: 0, transformers' plan (each rank's chunk padded to whole
+    # experts when it holds fewer than the ranks sharding them), or 1 (torchtitan's Shard(1) placement)
+    ep_shard_dim: int = 0
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -541,9 +544,13 @@ class TrainingSpec:
         load = self.ep_load
         if isinstance(load, bool) or not isinstance(load, (int, float)) or not math.isfinite(load):
             raise UsageError(f"{{ep_load}} must be a finite number, got {load!r}")
+        if self.ep_shard_dim not in (0, 1) or isinstance(self.ep_shard_dim, bool):
+            raise UsageError(f"{{ep_shard_dim}} is 0 (transformers' plan) or 1 (torchtitan's), got {self.ep_shard_dim!r}")
         if self.ep == 1:
             if load != 1:
                 raise UsageError("{ep_load} sets how unevenly the experts' ranks receive tokens: add {ep} N (N > 1)")
+            if self.ep_shard_dim:
+                raise UsageError("{ep_shard_dim} sets how FSDP2 shards each rank's experts: add {ep} N (N > 1)")
             return
         if not 0 < load <= self.ep:
             raise UsageError(f"{{ep_load}} must be above 0 and at most {self.ep} (every pair sent to one of the "

@@ -103,6 +103,7 @@ class _Job:
     pp_dp: int = 1  # pp: FSDP2 data-parallel ranks per stage (a (pp, dp) mesh, as torchtitan builds it)
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
     ep: int = 1  # fsdp2: the experts split over ep consecutive ranks (memcalc.measure.expert_parallel)
+    ep_shard_dim: int = 0  # fsdp2 with ep: the dimension FSDP2 shards the experts on (1: torchtitan's Shard(1))
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
         if engine != "fsdp2" or job.tp > 1 or job.cp > 1 or world_size % spec.ep:
             raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 alone, over a world "
                              f"size it divides, not {engine} on {world_size} ranks")
-        job = dataclasses.replace(job, ep=spec.ep)
+        job = dataclasses.replace(job, ep=spec.ep, ep_shard_dim=spec.ep_shard_dim)
     if sequence_parallel or loss_parallel:
         if engine != "tp" and job.tp == 1:
             raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
@@ -213,7 +214,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     attn = attn_implementation or ATTN_IMPLEMENTATIONS[spec.attention.value]
     from memcalc.measure.step import resolve_setup
 
-    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1, ep=1, ep_load=1.0,
+    single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1, ep=1, ep_load=1.0, ep_shard_dim=0,
                           seq_len=spec.local_seq_len,  # (--cp: this rank's share of the sequence)
                           sequence_parallel=False, loss_parallel=False, pp=1, pp_layers=None, microbatches=None,
                           pp_schedule="1f1b", pp_virtual=None)
@@ -757,7 +758,8 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
 
             world, experts_mesh, tp_mesh = mesh
             dist_info.update(parallelize(model, experts_mesh["ep"], tp_mesh, experts_mesh["efsdp"],
-                                         policy or MixedPrecisionPolicy(), job.world_size, received))
+                                         policy or MixedPrecisionPolicy(), job.world_size, received,
+                                         job.ep_shard_dim))
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, world, dist_info)
         else:
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)

@@ -42,11 +42,14 @@ def experts_modules(model: Any) -> list[tuple[str, Any]]:
 
 
 def parallelize(model: Any, ep_mesh: Any, tp_mesh: Any, efsdp_mesh: Any, mp_policy: Any, world_size: int,
-                received: list[int]) -> dict[str, Any]:
+                received: list[int], shard_dim: int = 0) -> dict[str, Any]:
     """Apply transformers' EP plan (grouped_gemm on the expert weights, ep_dispatch_experts with all_to_all on the
-    experts modules) and fully_shard each experts module over efsdp, as apply_fully_sharded_data_parallelism does.
-    ``received`` collects, per forward of an experts module, the (token, expert) pairs this rank received."""
+    experts modules) and fully_shard each experts module over efsdp, as apply_fully_sharded_data_parallelism does
+    (``shard_dim`` 1: on dim 1, torchtitan's Shard(1) placement, torchtitan/models/llama4/infra/parallelize.py
+    apply_fsdp). ``received`` collects, per forward of an experts module, the (token, expert) pairs this rank
+    received."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
     from transformers.distributed import expert_parallel as ep_module
 
     found = experts_modules(model)
@@ -58,12 +61,14 @@ def parallelize(model: Any, ep_mesh: Any, tp_mesh: Any, efsdp_mesh: Any, mp_poli
     _record_received(ep_module.AllToAllEP, received)
     ep_module.apply_expert_parallelism(model, ep_mesh, tp_mesh, plan, ep_implementation="all_to_all")
     for _name, module in found:
-        fully_shard(module, mesh=efsdp_mesh, reshard_after_forward=True, mp_policy=mp_policy)
+        placement = {"shard_placement_fn": lambda _param: Shard(1)} if shard_dim else {}
+        fully_shard(module, mesh=efsdp_mesh, reshard_after_forward=True, mp_policy=mp_policy, **placement)
         module.set_gradient_divide_factor(float(world_size))
         if efsdp_mesh.size() > 1:  # (transformers: PREMUL_SUM is refused by gloo; sum, then divide)
             module.set_force_sum_reduction_for_comms(True)
     return {"expert_parallel": ep_mesh.size(), "expert_fsdp": efsdp_mesh.size(), "experts_modules": len(found),
-            "local_experts": found[0][1].num_experts, "ep_implementation": "all_to_all (transformers AllToAllEP)"}
+            "local_experts": found[0][1].num_experts, "ep_implementation": "all_to_all (transformers AllToAllEP)",
+            "experts_shard_dim": shard_dim}
 
 
 def _record_received(cls: Any, received: list[int]) -> None:

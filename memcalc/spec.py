@@ -424,6 +424,13 @@ class TrainingSpec:
             if self.zero_stage or self.offload != Offload.none:
                 raise UsageError("{optim_in_backward} is modelled without ZeRO/FSDP sharding and offload: drop "
                                  "{optim_in_backward} or use {zero} 0")
+            if self.optimizer in WHOLE_TENSOR_OPTIMIZERS:
+                # (torchtune's optimizer_in_bwd builds one optimizer per parameter: Muon's AdamW fallback, Adam-mini's
+                # blocks, GaLore's and APOLLO's groups and SOAP's preconditioners are set up over the whole model)
+                raise UsageError(f"{{optim_in_backward}} with {{optim}} {self.optimizer.value} is not modelled: its "
+                                 "states are set up over the model's tensors together, and torchtune's in-backward step "
+                                 "makes one optimizer per parameter; drop {optim_in_backward} or use an elementwise "
+                                 "optimizer (adamw, sgd, adafactor...)")
         if self.optim_rank is not None:
             _check_range("{optim_rank}", self.optim_rank, 1, 65536)
             if self.optimizer not in PROJECTION_OPTIMIZERS:

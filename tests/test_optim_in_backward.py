@@ -46,6 +46,9 @@ def test_the_estimate_equals_a_measured_step_and_is_below_the_plain_one(recipe, 
 @pytest.mark.parametrize(("args", "message"), [
     (["--grad-accum", "2"], "--optim-in-backward steps each parameter as soon as its gradient exists"),
     (["--zero", "2", "--gpus", "2"], "--optim-in-backward is modelled without ZeRO/FSDP sharding"),
+    # (found by tests/test_properties.py's generated invocations: an internal error before)
+    *((["--optim", name], f"--optim-in-backward with --optim {name} is not modelled")
+      for name in ("muon", "adam-mini", "galore-adamw", "apollo-adamw", "soap")),
 ])
 def test_combinations_it_cannot_run_are_one_line(cli, args, message):
     result = cli("llama-3-8b", "--precision", "bf16-pure", "--optim-in-backward", *args)

@@ -269,11 +269,6 @@ def _traced_only(model: ModelInput, spec: TrainingSpec, run: Run
     return step, why, moments.kept or 0, moments.host
 
 
-# docs/accuracy.md "torch.compile": a rerun of the compiled chunked-loss cells measured their backwards above the
-# estimate by about two chunks' bf16 logit gradients, not found yet
-COMPILE_CHUNKED_NOTE = ("--compile with --loss chunked:N: real compiled CPU steps of this pair were last measured up to "
-                        "25% above the estimate in backward (about two chunks' bf16 logit gradients more; "
-                        "docs/accuracy.md): the backward may be low by that much")
 COMPILE_OFFLOAD_NOTE = ("--compile with --activation-offload: the offloader's hooks take the compiled layers' saved "
                         "tensors, as autograd hands them over; each was measured alone (CPU steps), the two together "
                         "only traced (offloading needs a GPU to measure)")
@@ -418,8 +413,6 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(why)
         if spec.compile and offloaded:
             result.notes.append(COMPILE_OFFLOAD_NOTE)
-        if spec.compile and spec.loss_chunks:
-            result.notes.append(COMPILE_CHUNKED_NOTE)
         if spec.activation_offload == ActivationOffload.trl:
             result.notes.append(TRL_ADDRESS_NOTE)
     elif (spec.lora_rank or spec.freeze) and spec.activations != ActivationSource.rules:

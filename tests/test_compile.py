@@ -44,8 +44,8 @@ def test_the_estimate_equals_a_measured_step_of_the_compiled_layers():
                         compile=True, loss="chunked:4")
     report = _estimate(raw, spec)
     assert report.training.activations == "trace" and report.training.compile
-    # real compiled CPU steps of this pair last read up to 25% above the estimate in backward (docs/accuracy.md): said
-    assert any(note.startswith("--compile with --loss chunked:N") for note in report.notes)
+    # (real compiled CPU steps of this pair, measured by resident memory: benchmarks/compile.py --quick --chunked)
+    assert not any(note.startswith("--compile with --loss chunked:N") for note in report.notes)
     measured = st.measure_cpu(raw, spec)
     for phase in report.per_gpu.phases[:2]:
         want = measured.per_phase_peak_bytes[phase.phase.value]

@@ -128,7 +128,7 @@ def fsdp2_shard_numel(shape: tuple[int, ...], num_gpus: int, dim: int = 0) -> in
     that dim and pads each rank's chunk to the same size)."""
     if not shape:
         return 1
-    return math.ceil(shape[dim] / num_gpus) * math.prod(shape) // shape[dim]
+    return math.ceil(shape[dim] / num_gpus) * math.prod(shape[:dim] + shape[dim + 1:])
 
 
 def _units(tensors: Sequence[ParamTensor]) -> dict[str, int]:
@@ -487,8 +487,11 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     def dim(t: ParamTensor) -> int:  # (--ep-shard-dim: the experts' FSDP2 placement)
         return spec.ep_shard_dim if spec.ep > 1 and t.role == ROLE_EXPERT else 0
 
-    shard_all = sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in tensors)
-    shard_trainable = sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in trainable)
+    def shard(t: ParamTensor) -> int:  # this rank's elements of ``t``
+        return fsdp2_shard_numel(t.shape, ranks(t), dim(t))
+
+    shard_all = sum(shard(t) for t in tensors)
+    shard_trainable = sum(shard(t) for t in trainable)
     experts = [t for t in tensors if t.role == ROLE_EXPERT] if spec.ep > 1 else []
     units = _units([t for t in tensors if not experts or t.role != ROLE_EXPERT])
     layer_units = {k: v for k, v in units.items() if k.startswith("layer ")}
@@ -560,7 +563,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # peak at its second layer); the larger of the two is counted.
     layers = sorted({t.layer for t in trainable if t.layer is not None})
     late_layers = set(layers[:2] if reshard and len(layers) > 2 else layers[:1])
-    late_unmade = sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in trainable
+    late_unmade = sum(shard(t) for t in trainable
                       if t.layer is None or t.layer in late_layers)
     late_prefetch = prefetch if len(late_layers) == 2 else 0
     # --ep: a layer's experts reduce their gradients over the efsdp ranks as their own unit, in the middle of the layer's
@@ -586,16 +589,16 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         notes.append(f"{FSDP2_MIXED_NOTE}, gradients are reduced in fp32")
     return RankHoldings(
         weight_numel=shard_all, grad_numel=shard_trainable, master_numel=0,
-        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, ranks(t), dim(t)),) for t in trainable),
+        optimizer_shapes=tuple((shard(t),) for t in trainable),
         effective_stage=spec.zero_stage, bytes_per_grad_override=BYTES_PER_FP32 if mixed else None,
         bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
         last_layer_extra_bytes=last_layer, experts_gathered_bytes=experts_gathered, experts_kept_bytes=experts_kept,
         experts_reduce_bytes=experts_reduce, late_unmade_grad_numel=late_unmade,
         root_reduce_bytes=root_reduce, root_reduce_tp_bytes=root_reduce_tp,
-        root_shard_grad_numel=sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in root_trainable),
+        root_shard_grad_numel=sum(shard(t) for t in root_trainable),
         late_second_layer=len(late_layers) == 2,
-        late_top_grad_numel=(sum(fsdp2_shard_numel(t.shape, ranks(t), dim(t)) for t in trainable if t.layer == layers[-1])
+        late_top_grad_numel=(sum(shard(t) for t in trainable if t.layer == layers[-1])
                              if len(late_layers) == 2 else 0),
         late_extra_bytes=(late_prefetch + root_made * bytes_per_gathered
                           + (largest_layer * bytes_per_reduced if reshard else 0)),

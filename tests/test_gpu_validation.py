@@ -91,13 +91,11 @@ def test_a_case_past_its_limit_is_a_row_and_the_rows_are_written_as_they_come(fa
 
 
 def test_cli_checks_record_the_exit_code_and_the_line(monkeypatch):
-    """The GPU run's command-line checks: here, without a GPU, --verify=cuda is the usage error (exit 2, one line)."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here")
-    monkeypatch.setattr(gv, "CLI_CHECKS", (("no GPU", ["llama-3.2-1b", "--verify=cuda"]),))
+    """The GPU run's command-line checks record each command's exit code and output (here a command that needs no torch:
+    an unknown model, exit 3 and one line)."""
+    monkeypatch.setattr(gv, "CLI_CHECKS", (("unknown model", ["no-such-model-xyz"]),))
     [check] = gv.cli_checks()
-    assert check.exit_code == 2 and "--verify=cuda needs a CUDA GPU" in check.stderr
+    assert check.exit_code == 3 and "unknown model 'no-such-model-xyz'" in check.stderr
+    assert check.stderr.count("\n") == 1
     text = gv.markdown({}, [], [check])
-    assert "`memcalc llama-3.2-1b --verify=cuda` (no GPU): exit 2" in text
+    assert "`memcalc no-such-model-xyz` (unknown model): exit 3" in text

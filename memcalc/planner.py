@@ -67,12 +67,13 @@ class Layout:
     microbatches: int
     cp: int = 1  # of the dp ranks, cp share each sequence (context parallelism)
     ep: int = 1  # of the dp ranks, ep split each MoE layer's experts (expert parallelism)
+    ep_dim: int = 0  # the dimension FSDP2 shards a rank's experts on (--ep-shard-dim: 1 is torchtitan's Shard(1))
 
     @property
     def label(self) -> str:
         pp = f" x pp {self.pp} (M {self.microbatches})" if self.pp > 1 else ""
         cp = f" (cp {self.cp})" if self.cp > 1 else ""
-        ep = f" (ep {self.ep})" if self.ep > 1 else ""
+        ep = f" (ep {self.ep}{', experts on dim 1' if self.ep_dim else ''})" if self.ep > 1 else ""
         return f"dp {self.dp}{cp}{ep} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
 
 
@@ -115,7 +116,7 @@ def _spec_for(base, layout: Layout):
     if pp > 1 and sharding == "fsdp":
         zero = 2  # (torchtitan's default under pipeline parallelism: no reshard after forward)
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
-                        cp=layout.cp, ep=layout.ep, ep_load=1.0, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
+                        cp=layout.cp, ep=layout.ep, ep_load=1.0, ep_shard_dim=layout.ep_dim, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
                         pp_schedule="1f1b", pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
 
@@ -179,10 +180,13 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                     for checkpointing in ("none", "full"):
                         found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1, cp))
             if tp == 1 and pp == 1 and dp > 1:
+                # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding
+                # them times ep, here dp, exceed the experts; transformers' dim 0 then pads them whole)
+                dims = (0, 1) if dp > getattr(model.arch, "num_experts", 0) else (0,)
                 for ep in expert_sizes[1:]:
                     if dp % ep == 0:
-                        found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, 1, ep) for checkpointing in
-                                     ("none", "full"))
+                        found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, 1, ep, dim) for dim in dims
+                                     for checkpointing in ("none", "full"))
     return found
 
 

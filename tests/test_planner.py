@@ -157,3 +157,19 @@ def test_expert_parallel_layouts_by_hand():
     assert by_ep[8].parts["compute_s"] == pytest.approx(compute, rel=1e-12)
     report = api.estimate("qwen3-30b-a3b", gpus=64, ep=8, sharding="fsdp", zero=3, checkpointing="full", seq_len=4096)
     assert by_ep[8].peak_bytes == report.per_gpu.peak_bytes
+
+
+def test_expert_layouts_with_torchtitans_dim_1_sharding():
+    """Where torchtitan shards a rank's experts on dim 1 (the ranks sharding them times ep, here all 64 data-parallel
+    ranks, exceed Mixtral's 8 experts: torchtitan/models/llama4/infra/parallelize.py apply_fsdp), the planner tries that
+    layout beside transformers' dim 0: the same throughput, the memory of that layout's estimate, less than dim 0's
+    whole padded experts. Qwen3-30B-A3B's 128 experts exceed 64 ranks: dim 0 only."""
+    plan = api.layouts("mixtral-8x7b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    pair = {c.layout.ep_dim: c for c in plan.candidates if (c.layout.ep, c.layout.checkpointing) == (8, "full")}
+    assert set(pair) == {0, 1} and "experts on dim 1" in pair[1].layout.label
+    assert pair[1].step_seconds == pair[0].step_seconds and pair[1].peak_bytes < pair[0].peak_bytes
+    report = api.estimate("mixtral-8x7b", gpus=64, ep=8, ep_shard_dim=1, sharding="fsdp", zero=3,
+                          checkpointing="full", seq_len=4096)
+    assert pair[1].peak_bytes == report.per_gpu.peak_bytes
+    qwen = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    assert {c.layout.ep_dim for c in qwen.candidates} == {0}

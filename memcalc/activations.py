@@ -208,7 +208,8 @@ def _traced_step(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[tuple
     from memcalc.measure.timeline import step_moments
 
     try:
-        moments, cached = step_moments(dict(described.raw), _traced_spec(spec), "eager" if run.eager else "sdpa")
+        moments, cached = step_moments(dict(described.raw), _traced_spec(spec),
+                                       "eager" if run.eager and not run.sdpa_math else "sdpa")
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: the generic moments stand, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
         why = why.replace("verify does not yet run", "the step trace does not run").replace("; drop it to verify the rest", "")
@@ -365,6 +366,37 @@ def _ring_attention(result: ActivationEstimate, arch: Arch, run: Run, cp: int) -
            if run.tp > 1 else ""))
 
 
+# torch's CUDA scaled_dot_product_attention on fp32 inputs with grouped key/value heads: transformers passes the
+# grouped heads as they are (integrations/sdpa_attention.py use_gqa_in_sdpa: no mask, head dim <= 256 -> enable_gqa),
+# flash and cuDNN take only 16-bit inputs, and the memory-efficient kernel refused grouped heads in torch 2.11
+# (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, can_use_mem_efficient_attention's dense constraints), so
+# select_sdp_backend falls to the math path (_scaled_dot_product_attention_math), which keeps the softmax
+# probabilities (b a s^2 fp32), a scaled q and k and v repeated to every head: what eager attention keeps.
+# Measured on an H200, torch 2.11 (benchmarks/sdpa_backends.py; docs/accuracy-gpu.md): each kernel refused but math,
+# and the math step's peak within 132 B of the eager rule (plus the card's cuBLAS workspaces).
+SDPA_MATH_NOTE = ("attention: fp32 with grouped key/value heads ({heads} query, {kv} kv) under sdpa: torch's CUDA "
+                  "kernels cannot take it (flash and cuDNN need 16-bit inputs; the memory-efficient kernel takes no "
+                  "grouped heads, torch 2.11, sdp_utils.cpp), so SDPA runs its math path, which keeps the b a s^2 "
+                  "probabilities like eager attention: counted as eager (measured on an H200, docs/accuracy-gpu.md). "
+                  "A torch whose memory-efficient kernel takes grouped heads keeps less (a CPU's flash kernel takes "
+                  "fp32: --verify's CPU steps hold sdpa to the math path, as CUDA runs it). bf16 (--precision "
+                  "bf16-pure or amp-bf16) avoids it")
+
+
+# Families whose own attention code hands sdpa k and v already expanded to every head (no enable_gqa), counted by their
+# own rules: Falcon (modeling_falcon.py FalconAttention, multi-query; its rule counts the math backend it gets).
+OWN_GROUPED_SDPA = frozenset({"falcon"})
+
+
+def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: str = "") -> bool:
+    """Whether CUDA's scaled_dot_product_attention falls back to its math path for this run (SDPA_MATH_NOTE). memcalc's
+    measured CPU steps and traces run it there too (memcalc.measure.cuda_semantics.sdpa_kernels_like_cuda)."""
+    # (with --cp, torch's context_parallel runs ring attention over the fused kernels' ops instead: not this path)
+    return (spec.attention == Attention.sdpa and spec.cp == 1 and model_type not in OWN_GROUPED_SDPA and arch.supports_sdpa and not spec.repeat_kv
+            and BYTES_PER_DTYPE[recipe.compute_dtype] == BYTES_PER_FP32 and not recipe.autocast
+            and 0 < arch.num_kv_heads < arch.num_heads and 0 < arch.head_dim <= 256)
+
+
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:
     result = ActivationEstimate()
     described = model.described
@@ -378,11 +410,15 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(f"attention: {arch.architecture} has no sdpa path in transformers (_supports_sdpa = False), "
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
+    math_sdpa = sdpa_runs_math(arch, spec, recipe, described.model_type)  # (sdpa's math path keeps what eager keeps, without its mask)
+    if math_sdpa and not eager:
+        eager = True
+        result.notes.append(SDPA_MATH_NOTE.format(heads=arch.num_heads, kv=arch.num_kv_heads))
     run = Run(spec.micro_batch_size, spec.local_seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
               tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel, cp=spec.cp,
               ep=spec.ep, ep_load=spec.ep_load,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
-              decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv,
+              decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv, sdpa_math=math_sdpa,
               transformers=installed_transformers() if family.release_dependent else None)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
@@ -498,7 +534,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
     elif spec.checkpointing == Checkpointing.full:
         kept = rule.kept
         later_masks = 0  # (the masks only later layers hold: released before the first layer's backward)
-        if run.eager and layered and (traced or family.checkpoint_keeps_causal_mask):
+        if run.eager and not math_sdpa and layered and (traced or family.checkpoint_keeps_causal_mask):
             # masking_utils.create_causal_mask gives eager attention a 4-D additive mask (b, 1, s, s) in the
             # embeddings' dtype (fp32 under autocast); checkpointed layers hold it as an argument until backward.
             mask = run.residual * run.b * run.s * run.s
@@ -552,7 +588,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                                         f"layers of one input each; {described.model_type} is not: use full or none")
         saved = [i for i in range(len(layer_totals)) if i not in checkpointed]
         kept = kept_per_layer * len(checkpointed)
-        if checkpointed and run.eager and (traced or family.checkpoint_keeps_causal_mask):
+        if checkpointed and run.eager and not math_sdpa and (traced or family.checkpoint_keeps_causal_mask):
             kept += rule.eager_masks * run.residual * run.b * run.s * run.s  # (each mask one tensor, whatever holds it)
         total = kept + sum(layer_totals[i] for i in saved) + per_model
         breakdown = {**({KEPT_INPUTS: kept} if kept else {}), **_summed_parts(rule, saved), **_model_parts(rule)}

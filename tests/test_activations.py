@@ -27,9 +27,15 @@ RECIPES = {"bf16-pure": (torch.bfloat16, False), "fp32": (torch.float32, False),
 
 
 def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpointing: bool | int = False,
-                        attention: str = "sdpa") -> int:
+                        attention: str = "sdpa", sdpa_like_cuda: bool = True) -> int:
     """Bytes a real CPU forward saves for backward. ``checkpointing``: True for every layer; N for every N-th
-    (HF's checkpointing kept on the layers torchtitan's ac_freq N wraps: 1-based counts divisible by N)."""
+    (HF's checkpointing kept on the layers torchtitan's ac_freq N wraps: 1-based counts divisible by N).
+    ``sdpa_like_cuda``: sdpa's kernel as CUDA picks it (the math path for fp32 with grouped heads), as memcalc's
+    measured steps run it; else the CPU's own (its flash kernel takes fp32)."""
+    import contextlib
+
+    from memcalc.measure.cuda_semantics import sdpa_kernels_like_cuda
+
     dtype, autocast = RECIPES[recipe]
     fields = {k: v for k, v in raw.items() if k != "model_type"}
     config = transformers.AutoConfig.for_model(raw["model_type"], **fields)
@@ -76,7 +82,8 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
 
     ids = torch.randint(1, raw["vocab_size"], (batch, seq))
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), WeightCopies(),
-          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+          sdpa_kernels_like_cuda() if sdpa_like_cuda else contextlib.nullcontext()):
         model(input_ids=ids, labels=ids)
     return sum(storage.nbytes() for storage in saved.values())
 
@@ -91,6 +98,27 @@ def test_saved_activations_match_exactly(family, recipe, attention):
     print(f"{family:8s} {recipe:9s} {attention:5s} estimated {estimated:>10,} measured {measured:>10,} "
           f"error {100 * (estimated - measured) / measured:+.2f}%")
     assert estimated == measured
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fp32_grouped_heads_count_cudas_math_sdpa(family):
+    """fp32 with grouped kv heads under sdpa: CUDA's kernels refuse it (measured on an H200, torch 2.11:
+    benchmarks/sdpa_backends.py) and torch runs _scaled_dot_product_attention_math. The estimate equals, to the byte,
+    what a CPU forward saves with SDPA held to that math path, and is above what the CPU's own flash kernel keeps."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from memcalc.activations import SDPA_MATH_NOTE
+
+    raw = tiny_raw(family)
+    estimated, report = estimated_saved_bytes(raw, "fp32", batch=2, seq=48)
+    if not any(SDPA_MATH_NOTE.split("(")[0] in note for note in report.notes):
+        pytest.skip(f"{family}: no grouped kv heads in its tiny config, or no sdpa path")
+    like_cuda = measure_saved_bytes(raw, "fp32", batch=2, seq=48)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = measure_saved_bytes(raw, "fp32", batch=2, seq=48, sdpa_like_cuda=False)
+    flash = measure_saved_bytes(raw, "fp32", batch=2, seq=48, sdpa_like_cuda=False)
+    print(f"{family}: estimated {estimated:,} math measured {math:,} (the CPU's flash: {flash:,})")
+    assert estimated == like_cuda == math and math > flash
 
 
 @pytest.mark.parametrize("softcaps", [(50.0, 30.0), (50.0, None), (None, 30.0), (None, None)])

@@ -363,4 +363,5 @@ def test_estimate_reads_the_decoder_length():
 
 def test_estimate_follows_the_decoder_head():
     raw = _decoder_raw("llama", "ForSequenceClassification")
-    assert estimated_saved_bytes(raw, _spec("fp32")) == rule_saved_bytes(raw, _run("fp32"))
+    # (fp32 with grouped kv heads: CUDA's sdpa runs its math path, counted as eager: activations.sdpa_runs_math)
+    assert estimated_saved_bytes(raw, _spec("fp32")) == rule_saved_bytes(raw, _run("fp32", eager=True))

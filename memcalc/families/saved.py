@@ -52,6 +52,9 @@ class Run:
     c: int  # bytes of the compute dtype
     autocast: bool
     eager: bool  # --attn eager (else sdpa/flash)
+    # sdpa on CUDA's math path (fp32, grouped heads: memcalc.activations.sdpa_runs_math): eager's saves without its
+    # mask; eager is then set too (the rules count it so), and a trace runs sdpa with CUDA's kernel choice emulated
+    sdpa_math: bool = False
     flash: bool = False  # --attn flash (flash_attention_2: sliding windows and causality without a mask)
     checkpointing: bool = False  # gradient checkpointing (transformers then runs with use_cache=False)
     decoder_s: int | None = None  # encoder-decoder models: decoder tokens per sequence (None: s)

@@ -26,7 +26,7 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
     """The rule for ``run`` from a trace of this config's transformers class (cached; see measure.derive), and
     whether its attention ran eager (asked for, or the class has no sdpa path)."""
     weight_dtype = "fp32" if run.autocast or run.c == BYTES_PER_FP32 else "bf16"
-    attention = "eager" if run.eager else SDPA_REPEAT_KV if run.repeat_kv else "sdpa"
+    attention = "eager" if run.eager and not run.sdpa_math else SDPA_REPEAT_KV if run.repeat_kv else "sdpa"
     if run.checkpointing:
         # GradientCheckpointingLayer.__call__ (transformers modeling_layers.py) drops the cache of checkpointed
         # layers in training: the recomputed layer saves what a forward without a cache saves.
@@ -78,5 +78,5 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
         kept=len(layers) * tokens * a.hidden_size * run.residual,
         transient=run.c * tokens * (intermediate + a.hidden_size),
         loss=loss, notes=notes,
-    ), traced.attention == "eager"
+    ), traced.attention == "eager" or run.sdpa_math
 

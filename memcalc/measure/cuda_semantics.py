@@ -203,6 +203,44 @@ def _cuda_functions() -> Iterator[None]:
         torch.dropout = original_torch_dropout
 
 
+def runs_math_on_cuda(query: Any, key: Any, enable_gqa: bool) -> bool:
+    """Whether CUDA's scaled_dot_product_attention runs this call on its math path: fp32 inputs with grouped key/value
+    heads passed as they are (enable_gqa). Flash and cuDNN take only 16-bit inputs and the memory-efficient kernel
+    refused grouped heads (torch 2.11 on an H200: benchmarks/sdpa_backends.py, docs/accuracy-gpu.md;
+    memcalc.activations.sdpa_runs_math). The CPU's flash kernel takes the call and keeps less."""
+    import torch
+
+    device = query.device.type
+    # under autocast the call runs in the autocast dtype (scaled_dot_product_attention is on CUDA's lower-precision
+    # list, emulated on the CPU by autocast_lists)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return bool(enable_gqa) and dtype == torch.float32 and query.size(-3) != key.size(-3)
+
+
+@contextlib.contextmanager
+def sdpa_kernels_like_cuda() -> Iterator[None]:
+    """scaled_dot_product_attention held to its math path where CUDA's dispatcher would fall to it
+    (``runs_math_on_cuda``), for a CPU step measured as a GPU's; replaced for the block (forward and backward: a
+    checkpointed layer's recomputation calls it again)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def sdpa(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if runs_math_on_cuda(query, key, kwargs.get("enable_gqa", False)):
+            with sdpa_kernel([SDPBackend.MATH]):
+                return original(query, key, value, *args, **kwargs)
+        return original(query, key, value, *args, **kwargs)
+
+    functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
 def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
     """``native_layer_norm``'s outputs as CUDA returns them: mean and rstd in fp32 for a 16-bit input."""
     import torch
@@ -215,7 +253,7 @@ def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
 
 @contextlib.contextmanager
 def like_cuda() -> Iterator[None]:
-    """CUDA's autocast lists, dropout and sdpa dropout while the block runs (LayerNorm statistics: the trace's
-    dispatch mode calls ``layer_norm_stats``)."""
-    with autocast_lists(), _cuda_functions():
+    """CUDA's autocast lists, dropout, sdpa dropout and sdpa's math fallback while the block runs (LayerNorm
+    statistics: the trace's dispatch mode calls ``layer_norm_stats``)."""
+    with autocast_lists(), _cuda_functions(), sdpa_kernels_like_cuda():
         yield

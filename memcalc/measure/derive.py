@@ -31,7 +31,7 @@ from typing import Any
 from memcalc import cache
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6  # 6: CUDA semantics run fp32 grouped-head sdpa on its math path
 CACHE_KIND = "traces"
 LOSS = "loss"  # where: created after the output head (the loss and its inputs)
 MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)
@@ -326,7 +326,8 @@ def _saved_in_forward(model: Any, layers: list[Any], inputs: dict[str, Any], aut
         return tensor
 
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
-    semantics = cuda_semantics.like_cuda() if like_cuda else contextlib.nullcontext()
+    # (sdpa's kernel as CUDA picks it either way: memcalc's measured CPU steps run it so too)
+    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.sdpa_kernels_like_cuda()
     try:
         with semantics, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Creation(), cast:
             model(**inputs)

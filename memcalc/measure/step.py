@@ -674,17 +674,21 @@ def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch
     """One training step on ``batch`` (make_batch's keyword arguments; bare token ids are a language model's
     input_ids and labels). ``micro_batches``: forward and backward that many times before the optimizer step, the
     gradients accumulating (HF Trainer's gradient accumulation)."""
+    from memcalc.measure.cuda_semantics import sdpa_kernels_like_cuda
+
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch, "labels": batch}
     for _ in range(micro_batches):
-        clock.enter(trk.FORWARD)
-        loss = forward_loss(model, batch, setup)
-        clock.enter(trk.BACKWARD)
-        if isinstance(stepper, Stepper):
-            stepper.backward(loss)
-        else:
-            loss.backward()
-        del loss
+        # (sdpa's kernel as CUDA's dispatcher picks it: fp32 with grouped heads runs the math path there)
+        with sdpa_kernels_like_cuda():
+            clock.enter(trk.FORWARD)
+            loss = forward_loss(model, batch, setup)
+            clock.enter(trk.BACKWARD)
+            if isinstance(stepper, Stepper):
+                stepper.backward(loss)
+            else:
+                loss.backward()
+            del loss
     if after_backward is not None:
         after_backward()
     clock.enter(trk.OPTIMIZER_STEP)

@@ -50,6 +50,19 @@ from memcalc.units import BYTES_PER_MIB
 # module loading (CUDA >= 11.7) it is about 300 MB (pytorch/pytorch#107667, ptrblck); 512 MiB leaves room
 # for library handles and workspaces. An assumption, printed with every verdict; override --cuda-context.
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * BYTES_PER_MIB
+# Measured contexts by compute capability: the device memory in use (cudaMemGetInfo) less what the caching allocator
+# reserved, after the first kernel (memcalc.measure.cuda.cuda_context_bytes), by benchmarks/gpu_validation.py on a
+# lent GPU (docs/accuracy-gpu.md). Used for a --gpu preset of that generation (its kernels and libraries are the same
+# ones; another torch or CUDA release loads other amounts: the output says which run it was).
+MEASURED_CUDA_CONTEXTS = {
+    "9.0": (648_871_936, "measured 2026-12-04 on an H200 (sm 9.0): torch 2.11.0+cu130, CUDA 13.0, driver 580.159.04"),
+}
+CUDA_CONTEXT_ASSUMED = "assumed (no measurement for this GPU generation)"
+
+
+def cuda_context_for(compute_capability: str | None) -> tuple[int, str]:
+    """The CUDA context for a card of this compute capability, and where the figure comes from."""
+    return MEASURED_CUDA_CONTEXTS.get(compute_capability or "", (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED))
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
 # minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.
 DEFAULT_ALLOCATOR_RESERVE_FRACTION = 0.05
@@ -92,6 +105,7 @@ class GpuTarget:
     # the changed runs it estimates
     predicted_reserve_bytes: int | None = None
     compute_capability: str | None = None  # the preset's (None for --gpu-memory): sizes the cuBLAS workspaces
+    cuda_context_source: str = CUDA_CONTEXT_ASSUMED  # where cuda_context_bytes comes from (cuda_context_for, or given)
 
     @property
     def reserve_bytes(self) -> int:
@@ -741,7 +755,8 @@ def check_fit(
     return Fit(
         **solved, **trainer,
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
-        cuda_context_bytes=gpu.cuda_context_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
+        cuda_context_bytes=gpu.cuda_context_bytes, cuda_context_source=gpu.cuda_context_source,
+        allocator_reserve_bytes=gpu.reserve_bytes,
         allocator_reserve_predicted=gpu.predicted_reserve_bytes is not None,
         usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
         peak_is_lower_bound=not report.model.architecture_known, paged_bytes=paged, paged_out_bytes=paged_out,

@@ -362,8 +362,9 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     reserve_how = ("predicted by --reserved: reserved beyond the tensors at the replayed step's reserved peak, the same "
                    "bytes for the changes below; CUDA context assumed, --cuda-context") if fit.allocator_reserve_predicted \
         else "assumed; --cuda-context, --reserve-fraction, or --reserved to predict it"
-    say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} - allocator "
-        f"reserve {size(fit.allocator_reserve_bytes)} ({reserve_how})", indent="  ")
+    say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} "
+        f"({fit.cuda_context_source}) - allocator reserve {size(fit.allocator_reserve_bytes)} ({reserve_how})",
+        indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
         master = "bf16" if fit.hf_trainer_recipe.endswith("bf16") else "fp16"
         say(f"HF Trainer's {master}=True runs {fit.hf_trainer_recipe} (fp32 weights, autocast): peak "

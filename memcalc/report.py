@@ -213,6 +213,9 @@ class Fit:
     # which is what paged optimizers are for; paged_out_bytes is that part (peak - usable), the verdict MAY FIT.
     paged_bytes: int = 0
     paged_out_bytes: int = 0
+    # where cuda_context_bytes comes from: measured for this GPU generation (memcalc.fit.MEASURED_CUDA_CONTEXTS),
+    # assumed, or given (--cuda-context)
+    cuda_context_source: str = "assumed"
     # When it does not fit: the fitting changes ranked by cost (cheapest first), then each change alone that
     # does not fit. cost_model says what the points mean; cost_reasons gives the reason for each lever used.
     suggestions: list[FitSuggestion] = field(default_factory=list)

@@ -546,7 +546,13 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
     if request.gpu is None and request.gpu_memory is None:
         return None, None
     from memcalc.catalog import find_gpu, gpu_alias_note
-    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, DEFAULT_CUDA_CONTEXT_BYTES, GpuTarget
+    from memcalc.fit import (
+        CUDA_CONTEXT_ASSUMED,
+        DEFAULT_ALLOCATOR_RESERVE_FRACTION,
+        DEFAULT_CUDA_CONTEXT_BYTES,
+        GpuTarget,
+        cuda_context_for,
+    )
     from memcalc.units import parse_size
 
     def size(value: int | str, name: str) -> int:
@@ -556,20 +562,23 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
             return value
         return parse_size(str(value), f"{{{name}}}")
 
-    context = size(request.cuda_context, "cuda_context") if request.cuda_context is not None \
-        else DEFAULT_CUDA_CONTEXT_BYTES
+    given = size(request.cuda_context, "cuda_context") if request.cuda_context is not None else None
+    context, context_source = (given, "given (--cuda-context)") if given is not None else \
+        (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED)
     reserve = request.reserve_fraction if request.reserve_fraction is not None else DEFAULT_ALLOCATOR_RESERVE_FRACTION
     note = None
     if request.gpu is not None:
         spec = find_gpu(request.gpu)
+        if given is None:
+            context, context_source = cuda_context_for(spec.compute_capability)
         target = GpuTarget(spec.name, spec.memory_bytes, spec.source, context, reserve,
-                           compute_capability=spec.compute_capability)
+                           compute_capability=spec.compute_capability, cuda_context_source=context_source)
         note = gpu_alias_note(request.gpu)
     else:
         assert request.gpu_memory is not None
         shown_size = str(request.gpu_memory)
         target = GpuTarget(f"{shown_size} GPU", size(request.gpu_memory, "gpu_memory"), "given size", context,
-                           reserve)
+                           reserve, cuda_context_source=context_source)
     if target.usable_bytes <= 0:
         raise UsageError("the CUDA context and allocator reserve leave no usable memory; check {gpu_memory} and "
                          "{cuda_context}")

@@ -375,3 +375,20 @@ def test_paged_optimizer_states_may_be_paged_out_instead_of_failing():
     too_small = GpuTarget("small", peak - paged - 1, "test", cuda_context_bytes=0, predicted_reserve_bytes=0)
     assert check_fit(paged_report, TrainingSpec(precision="bf16-pure", optimizer="paged-adamw-8bit"), too_small,
                      lambda changed: estimate(model, changed)).verdict == "DOES NOT FIT"
+
+
+def test_cuda_context_is_the_measured_one_for_its_generation():
+    """A Hopper preset takes the context measured on an H200 (benchmarks/gpu_validation.py, 2026-12-04:
+    648,871,936 B in use beyond the allocator after the first kernel, docs/accuracy-gpu.md), named as measured; a
+    generation without a measurement keeps the assumed 512 MiB, named as assumed; --cuda-context wins over both."""
+    import memcalc
+
+    hopper = memcalc.estimate("llama-3.2-1b", gpu="h100-80gb").fit
+    assert hopper.cuda_context_bytes == 648_871_936 and hopper.cuda_context_source.startswith("measured")
+    assert "H200" in hopper.cuda_context_source and "torch 2.11" in hopper.cuda_context_source
+    ampere = memcalc.estimate("llama-3.2-1b", gpu="a100-80gb").fit
+    assert ampere.cuda_context_bytes == 512 * 2**20 and ampere.cuda_context_source.startswith("assumed")
+    given = memcalc.estimate("llama-3.2-1b", gpu="h100-80gb", cuda_context="1GiB").fit
+    assert given.cuda_context_bytes == 2**30 and given.cuda_context_source.startswith("given")
+    assert hopper.usable_bytes - ampere.usable_bytes == (hopper.gpu_memory_bytes - ampere.gpu_memory_bytes) - (
+        648_871_936 - 512 * 2**20) - (hopper.allocator_reserve_bytes - ampere.allocator_reserve_bytes)

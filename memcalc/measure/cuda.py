@@ -117,20 +117,31 @@ def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec,
         if collecting:
             gc.enable()
     measurement = to_measurement("cuda", result)
-    phase, peak = max(clock.peaks.items(), key=lambda item: item[1]) if clock.peaks else (trk.FORWARD, 0)
+    versions = _versions()
+    # the card's cuBLAS workspaces (one per handle: this thread's and autograd's device thread's), allocated by the
+    # caching allocator in the warm-up step and kept: inside every allocated peak, not a tensor the estimate counts
+    # (the fit counts them apart: memcalc.allocator.cublas_workspace_bytes)
+    from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, environment_cublas_workspace, workspace_allocations
+
+    workspaces = sum(workspace_allocations(environment_cublas_workspace(versions.get("compute_capability"))))
+    peaks = {name: max(0, value - workspaces) for name, value in clock.peaks.items()}
+    phase, peak = max(peaks.items(), key=lambda item: item[1]) if peaks else (trk.FORWARD, 0)
     measurement.measured_peak_bytes = peak
     measurement.measured_peak_phase = phase
-    measurement.per_phase_peak_bytes = dict(clock.peaks)
+    measurement.per_phase_peak_bytes = peaks
     measurement.reserved_peak_bytes = clock.reserved_peak
     measurement.cuda_context_bytes = cuda_context_bytes(clock.device)
     measurement.baseline_bytes = clock.phase_start_allocated.get(trk.FORWARD, measurement.baseline_bytes)
     measurement.run["device_name"] = _device_name(clock.device)
-    measurement.run.update(_versions())
+    measurement.run.update(versions)
     measurement.allocator_stats = dict(clock.stats)
     measurement.differences_from_gpu = []
     measurement.notes.append(
-        "measured_peak_bytes is torch.cuda.max_memory_allocated() (allocator blocks: 512-byte rounding, cuBLAS "
-        "workspaces); per_term_bytes is the tensor tracker's composition of its own peak (tracker_peak_bytes)")
+        "measured_peak_bytes is torch.cuda.max_memory_allocated() (allocator blocks: 512-byte rounding) less the "
+        + (f"card's {CUBLAS_HANDLES_PER_STEP} cuBLAS workspaces "
+           f"({workspaces:,} B, kept by the allocator, counted by the fit apart)" if workspaces else
+           "cuBLAS workspaces (none known for this card: kept in)")
+        + "; per_term_bytes is the tensor tracker's composition of its own peak (tracker_peak_bytes)")
     return measurement
 
 
@@ -145,12 +156,22 @@ def _versions() -> dict[str, str]:
         found["compute_capability"] = f"{major}.{minor}"
     except (RuntimeError, AssertionError, AttributeError):
         pass
-    try:
-        found["driver"] = str(torch.cuda.driver_version()) if hasattr(torch.cuda, "driver_version") else \
-            str(torch._C._cuda_getDriverVersion())
-    except (RuntimeError, AttributeError):
-        found["driver"] = "unknown"
+    found["driver"] = _driver_version()
     return found
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's release as nvidia-smi reports it (torch exposes only the CUDA driver API's version, and
+    not in every release); "unknown" without nvidia-smi."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], check=False,
+                              capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    lines = done.stdout.split()
+    return lines[0] if done.returncode == 0 and lines else "unknown"
 
 
 def _device_name(device) -> str:

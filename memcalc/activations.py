@@ -411,9 +411,21 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
     math_sdpa = sdpa_runs_math(arch, spec, recipe, described.model_type)  # (sdpa's math path keeps what eager keeps, without its mask)
+    # a sliding window shorter than the sequence gives sdpa a mask: transformers repeats k and v itself then (no
+    # enable_gqa), and the memory-efficient kernel takes the call
+    layer_kinds = getattr(arch, "sliding", ())  # (LlamaArch: per layer, whether it attends through the window)
+    sliding = [i < len(layer_kinds) and layer_kinds[i] for i in range(arch.num_layers)]
+    windowed = arch.sliding_window is not None and arch.sliding_window < spec.local_seq_len and any(sliding)
+    if math_sdpa and windowed and all(sliding):
+        math_sdpa = False
     if math_sdpa and not eager:
         eager = True
         result.notes.append(SDPA_MATH_NOTE.format(heads=arch.num_heads, kv=arch.num_kv_heads))
+        if windowed:
+            result.notes.append(
+                f"attention: in the {sum(sliding)} sliding-window layers (window {arch.sliding_window:,} < seq "
+                f"{spec.local_seq_len:,}) sdpa gets a mask, k and v repeated by transformers, and runs the "
+                "memory-efficient kernel, which keeps no s^2 probabilities: counted so, the others on the math path")
     run = Run(spec.micro_batch_size, spec.local_seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,
               tp=spec.tp, sp=spec.sequence_parallel, loss_parallel=spec.loss_parallel, cp=spec.cp,
               ep=spec.ep, ep_load=spec.ep_load,

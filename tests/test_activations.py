@@ -422,3 +422,4 @@ def test_config_paths_that_change_what_attention_saves(family, toggle, recipe):
     assert estimated == measured
     if "sliding_window" in toggle:
         assert any(note.startswith("sliding window 16 < seq 48") for note in report.notes)
+

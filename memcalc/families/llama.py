@@ -265,7 +265,9 @@ def dense_mlp(a: LlamaArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
 def attention_parts(a: LlamaArch, run: Run, masked: bool = False) -> tuple[dict[str, int], str]:
     """Bytes one Llama-style layer's norms and attention save, by part, and their formula. ``masked``: sdpa gets
     an explicit mask (a sliding window shorter than the sequence)."""
-    tokens, b, s, c, autocast, eager = run.tokens, run.b, run.s, run.c, run.autocast, run.eager
+    tokens, b, s, c, autocast = run.tokens, run.b, run.s, run.c, run.autocast
+    # (sdpa on CUDA's math path counts as eager, but a masked layer's call takes the memory-efficient kernel)
+    eager = run.eager and not (run.sdpa_math and masked)
     # --tp: this rank's heads (ColwiseParallel q/k/v); the norms see the whole sequence, or their split of it (--sp)
     h, heads, g, d = a.hidden_size, a.num_heads // run.tp, a.num_kv_heads // run.tp, a.head_dim
     # Each RMSNorm's own saves, and the c output the next Linear saves (not under autocast: each Linear saves its
@@ -354,7 +356,8 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
     """Llama-style decoders: per layer the attention part and the MLP (``mlp_bytes``: dense or MoE); per model
     rotary, ids, the loss divisor, the final norm and, under autocast, the head input's cast."""
     tokens, c, h = run.tokens, run.c, a.hidden_size
-    window_applies = not run.eager and not run.flash and a.sliding_window is not None and a.sliding_window < run.s
+    window_applies = ((not run.eager or run.sdpa_math) and not run.flash and a.sliding_window is not None
+                      and a.sliding_window < run.s)
     sliding = [i < len(a.sliding) and a.sliding[i] for i in range(a.num_layers)]
     kinds = {masked: attention_parts(a, run, masked) for masked in {False, window_applies}}
     layers, cache, first = [], {}, ""

@@ -392,7 +392,8 @@ def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: s
     """Whether CUDA's scaled_dot_product_attention falls back to its math path for this run (SDPA_MATH_NOTE). memcalc's
     measured CPU steps and traces run it there too (memcalc.measure.cuda_semantics.sdpa_kernels_like_cuda)."""
     # (with --cp, torch's context_parallel runs ring attention over the fused kernels' ops instead: not this path)
-    return (spec.attention == Attention.sdpa and spec.cp == 1 and model_type not in OWN_GROUPED_SDPA and arch.supports_sdpa and not spec.repeat_kv
+    return (spec.attention == Attention.sdpa and spec.cp == 1 and model_type not in OWN_GROUPED_SDPA
+            and arch.supports_sdpa and not spec.repeat_kv
             and BYTES_PER_DTYPE[recipe.compute_dtype] == BYTES_PER_FP32 and not recipe.autocast
             and 0 < arch.num_kv_heads < arch.num_heads and 0 < arch.head_dim <= 256)
 
@@ -410,7 +411,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.notes.append(f"attention: {arch.architecture} has no sdpa path in transformers (_supports_sdpa = False), "
                             "so it runs eager attention unless flash_attention_2 is asked for (--attn flash): "
                             "counted eager (b a s^2 scores per layer)")
-    math_sdpa = sdpa_runs_math(arch, spec, recipe, described.model_type)  # (sdpa's math path keeps what eager keeps, without its mask)
+    # (sdpa's math path keeps what eager keeps, without its mask)
+    math_sdpa = sdpa_runs_math(arch, spec, recipe, described.model_type)
     # a sliding window shorter than the sequence gives sdpa a mask: transformers repeats k and v itself then (no
     # enable_gqa), and the memory-efficient kernel takes the call
     layer_kinds = getattr(arch, "sliding", ())  # (LlamaArch: per layer, whether it attends through the window)

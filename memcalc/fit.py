@@ -63,6 +63,8 @@ CUDA_CONTEXT_ASSUMED = "assumed (no measurement for this GPU generation)"
 def cuda_context_for(compute_capability: str | None) -> tuple[int, str]:
     """The CUDA context for a card of this compute capability, and where the figure comes from."""
     return MEASURED_CUDA_CONTEXTS.get(compute_capability or "", (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED))
+
+
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
 # minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.
 DEFAULT_ALLOCATOR_RESERVE_FRACTION = 0.05
@@ -119,8 +121,20 @@ class GpuTarget:
         return self.memory_bytes - self.cuda_context_bytes
 
     @property
+    def workspace_bytes(self) -> int:
+        """The cuBLAS workspaces the caching allocator makes in the first step and keeps beside the tensors, one per
+        handle (the forward's thread and autograd's device thread; memcalc.allocator.cublas_workspace_bytes, 2 x 32
+        MiB on an H200: its steps' requested peaks held them, docs/accuracy-gpu.md); 0 under --reserved, whose replay
+        holds them; a card not known (--gpu-memory) takes the larger size."""
+        if self.predicted_reserve_bytes is not None:
+            return 0
+        from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, CUBLAS_WORKSPACE_LARGE, environment_cublas_workspace
+
+        return CUBLAS_HANDLES_PER_STEP * (environment_cublas_workspace(self.compute_capability) or CUBLAS_WORKSPACE_LARGE)
+
+    @property
     def usable_bytes(self) -> int:
-        return self.memory_bytes - self.cuda_context_bytes - self.reserve_bytes
+        return self.memory_bytes - self.cuda_context_bytes - self.workspace_bytes - self.reserve_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -756,7 +770,7 @@ def check_fit(
         **solved, **trainer,
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
         cuda_context_bytes=gpu.cuda_context_bytes, cuda_context_source=gpu.cuda_context_source,
-        allocator_reserve_bytes=gpu.reserve_bytes,
+        cublas_workspace_bytes=gpu.workspace_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
         allocator_reserve_predicted=gpu.predicted_reserve_bytes is not None,
         usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
         peak_is_lower_bound=not report.model.architecture_known, paged_bytes=paged, paged_out_bytes=paged_out,

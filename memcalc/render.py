@@ -360,11 +360,13 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
             f"them (slower steps, not an OOM); the rest of the step, {size(fit.peak_bytes - fit.paged_bytes)}, fits",
             indent="  ")
     reserve_how = ("predicted by --reserved: reserved beyond the tensors at the replayed step's reserved peak, the same "
-                   "bytes for the changes below; CUDA context assumed, --cuda-context") if fit.allocator_reserve_predicted \
+                   "bytes for the changes below; --cuda-context") if fit.allocator_reserve_predicted \
         else "assumed; --cuda-context, --reserve-fraction, or --reserved to predict it"
+    workspaces = (f" - cuBLAS workspaces {size(fit.cublas_workspace_bytes)} (one per handle: the forward's and "
+                  "autograd's threads, CublasHandlePool.cpp)") if fit.cublas_workspace_bytes else ""
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} "
-        f"({fit.cuda_context_source}) - allocator reserve {size(fit.allocator_reserve_bytes)} ({reserve_how})",
-        indent="  ")
+        f"({fit.cuda_context_source}){workspaces} - allocator reserve {size(fit.allocator_reserve_bytes)} "
+        f"({reserve_how})", indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
         master = "bf16" if fit.hf_trainer_recipe.endswith("bf16") else "fp16"
         say(f"HF Trainer's {master}=True runs {fit.hf_trainer_recipe} (fp32 weights, autocast): peak "

@@ -216,6 +216,9 @@ class Fit:
     # where cuda_context_bytes comes from: measured for this GPU generation (memcalc.fit.MEASURED_CUDA_CONTEXTS),
     # assumed, or given (--cuda-context)
     cuda_context_source: str = "assumed"
+    # the cuBLAS workspaces the allocator keeps beside the tensors (GpuTarget.workspace_bytes), deducted from usable_bytes
+    # with the context and the reserve; 0 under --reserved (its replayed reserve holds them)
+    cublas_workspace_bytes: int = 0
     # When it does not fit: the fitting changes ranked by cost (cheapest first), then each change alone that
     # does not fit. cost_model says what the points mean; cost_reasons gives the reason for each lever used.
     suggestions: list[FitSuggestion] = field(default_factory=list)

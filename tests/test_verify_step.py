@@ -106,6 +106,23 @@ def test_autocast_weight_copies_match():
     assert any("autocast" in d for d in measured.differences_from_gpu)
 
 
+def test_fp32_grouped_heads_verify_on_cudas_math_path():
+    """fp32 with grouped kv heads (4 query, 2 kv): the CPU step holds sdpa to the math path CUDA runs (its flash kernel
+    would keep less) and says so; the estimate, which counts that path, is off each phase by the same bytes as the
+    bf16-pure step's (measured: -680, -152, -660 B: what the tracker counts beside the model, the batch and the
+    optimizer's step counters), so the math path's own bytes are counted exactly."""
+    case = ("fp32", "adamw", "foreach", "none", "sdpa")
+    report, measured = _estimate(case), _measured(case)
+    assert any("as CUDA does for fp32 with grouped kv heads" in d for d in measured.differences_from_gpu)
+    assert any(note.startswith("attention: fp32 with grouped key/value heads") for note in report.notes)
+    bf16 = ("bf16-pure", "adamw", "foreach", "none", "sdpa")
+    bf16_report, bf16_measured = _estimate(bf16), _measured(bf16)
+    for phase, bf16_phase in zip(report.per_gpu.phases, bf16_report.per_gpu.phases, strict=True):
+        off = phase.bytes - measured.per_phase_peak_bytes[phase.phase.value]
+        assert off == bf16_phase.bytes - bf16_measured.per_phase_peak_bytes[bf16_phase.phase.value], phase.phase
+        assert abs(off) < 1024
+
+
 def test_peak_estimate_vs_measured_report(capsys):
     """Report only (no tolerance yet): estimated vs measured peak and phase for every tiny case."""
     lines = [f"{'config':34} {'est peak B':>12} {'meas peak B':>12} {'err %':>7}  phase est / meas"]

@@ -892,6 +892,10 @@ def differences_from_gpu(result: StepResult) -> list[str]:
             if setup.weight_dtype == torch.float32 and setup.autocast_dtype is None:
                 found.append("fp32 SDPA: CPU runs its flash kernel (output + fp32 logsumexp saved); CUDA has no fp32 "
                              "flash kernel and runs memory-efficient attention (logsumexp padded to 32 rows)")
+        elif ops & SDPA_MATH_OPS and setup.weight_dtype == torch.float32 and setup.autocast_dtype is None \
+                and not drops:
+            found.append("SDPA ran its math kernel, as CUDA does for fp32 with grouped kv heads (no fused kernel takes "
+                         "the call there: memcalc holds sdpa to CUDA's choice, cuda_semantics.sdpa_kernels_like_cuda)")
         elif ops & SDPA_MATH_OPS:
             why = " (attention dropout > 0)" if drops else ""
             found.append(f"SDPA ran the math kernel on CPU{why}: attention scores and probabilities are materialized "

@@ -130,7 +130,8 @@ class GpuTarget:
             return 0
         from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, CUBLAS_WORKSPACE_LARGE, environment_cublas_workspace
 
-        return CUBLAS_HANDLES_PER_STEP * (environment_cublas_workspace(self.compute_capability) or CUBLAS_WORKSPACE_LARGE)
+        one = environment_cublas_workspace(self.compute_capability)
+        return CUBLAS_HANDLES_PER_STEP * (CUBLAS_WORKSPACE_LARGE if one is None else one)
 
     @property
     def usable_bytes(self) -> int:

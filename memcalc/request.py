@@ -580,6 +580,6 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
         target = GpuTarget(f"{shown_size} GPU", size(request.gpu_memory, "gpu_memory"), "given size", context,
                            reserve, cuda_context_source=context_source)
     if target.usable_bytes <= 0:
-        raise UsageError("the CUDA context and allocator reserve leave no usable memory; check {gpu_memory} and "
-                         "{cuda_context}")
+        raise UsageError("the CUDA context, the cuBLAS workspaces and the allocator reserve leave no usable memory; "
+                         "check {gpu_memory} and {cuda_context}")
     return target, note

@@ -380,7 +380,8 @@ def environment(device: str) -> dict[str, str]:
     from memcalc.measure.cuda import _device_name, _versions, cuda_context_bytes
 
     found = {"device": _device_name(device if device.startswith("cuda") else None), **_versions(),
-             "transformers": _version_of("transformers"), "date": datetime.date.today().isoformat()}
+             "transformers": _version_of("transformers"), "date": datetime.date.today().isoformat(),
+             "harness": HARNESS}
     if device.startswith("cuda"):
         torch.ones(1, device=device).sum().item()  # the context exists once a kernel ran
     context = cuda_context_bytes(device if device.startswith("cuda") else None)
@@ -567,8 +568,10 @@ def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[
 
 # Rows a run measured with a harness fault since fixed: what the step ran instead of what the label says (a GPU run
 # from before the fix, re-rendered with --rerender, shows them as failures, not as errors of the estimate).
+# Keyed by the run's "harness" (written into its env since the fix; the 2026-12-04 H200 run has none).
+HARNESS = "2"
 HARNESS_FAULTS = {
-    "2026-12-04": {" eager ": "ran sdpa, not eager: the harness passed no attn_implementation to the step (fixed after "
+    None: {" eager ": "ran sdpa, not eager: the harness passed no attn_implementation to the step (fixed after "
                                "this run; eager on CUDA is unmeasured)",
                    " Liger ": "ran Liger's RoPE, RMSNorm and SwiGLU kernels too (apply_liger_kernel_to_llama's "
                               "defaults; fixed after this run): measured 12.202 GiB against the loss-only estimate's "
@@ -584,7 +587,7 @@ def rerender(folder: Path, cli_folder: Path | None = None) -> tuple[dict[str, st
 
     data = json.loads((folder / "rows.json").read_text())
     env, by_label = data["env"], {case.label: case for case in cases()}
-    faults = HARNESS_FAULTS.get(env.get("date", ""), {})
+    faults = HARNESS_FAULTS.get(env.get("harness"), {})
     rows = []
     for fields in data["rows"]:
         row = Row(**{k: (v if k != "segments" or v is None else [tuple(x) for x in v]) for k, v in fields.items()})

@@ -182,7 +182,13 @@ def _config(case: GpuCase) -> tuple[ModelConfig, object]:
 def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -> Row:
     """One configuration on the GPU (or, with device "cpu", on CPU tensors under faked statistics). ``events``: where
     the measured step's allocation events are kept, by label (for replaying them offline)."""
-    from memcalc.allocator import environment_cublas_workspace, parse_alloc_conf, replay, workspace_allocations
+    from memcalc.allocator import (
+        environment_cublas_workspace,
+        parse_alloc_conf,
+        replay,
+        step_workspace_bytes,
+        workspace_allocations,
+    )
     from memcalc.measure.cuda import measure_cuda
 
     started = time.perf_counter()
@@ -193,7 +199,7 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
         config, model = _config(case)
         peak = run(model, case.spec).per_gpu.step_peak()
         row.estimate_bytes, row.estimate_phase = peak.bytes, peak.phase.value
-        row.workspace_bytes = sum(workspace_allocations(environment_cublas_workspace(_capability(device))))
+        row.workspace_bytes = step_workspace_bytes(_capability(device))
         row.reserved_at_start_bytes, row.allocated_at_start_bytes = _held(device)
         if conf:
             # (the allocator reads its settings once per process: a GPU run sets them with _set_allocator_settings)
@@ -342,7 +348,7 @@ def _gpu_target(device: str):
 
     props = torch.cuda.get_device_properties(device)
     return GpuTarget(name=props.name, memory_bytes=int(props.total_memory), source="this GPU",
-                     compute_capability=f"{props.major}.{props.minor}")
+                     compute_capability=_capability(device))
 
 
 def _segments(device: str) -> list[tuple[int, int]] | None:

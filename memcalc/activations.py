@@ -388,14 +388,30 @@ SDPA_MATH_NOTE = ("attention: fp32 with grouped key/value heads ({heads} query, 
 OWN_GROUPED_SDPA = frozenset({"falcon"})
 
 
+def windowed_layers(arch: Arch, seq_len: int) -> list[bool]:
+    """Per decoder layer, whether sdpa gets a sliding-window mask: the window shorter than the sequence, in the layers
+    that slide (LlamaArch.layer_slides; none for the other families)."""
+    slides = getattr(arch, "layer_slides", [False] * arch.num_layers)
+    windowed = arch.sliding_window is not None and arch.sliding_window < seq_len
+    return [windowed and slide for slide in slides]
+
+
 def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: str = "") -> bool:
-    """Whether CUDA's scaled_dot_product_attention falls back to its math path for this run (SDPA_MATH_NOTE). memcalc's
-    measured CPU steps and traces run it there too (memcalc.measure.cuda_semantics.sdpa_kernels_like_cuda)."""
-    # (with --cp, torch's context_parallel runs ring attention over the fused kernels' ops instead: not this path)
+    """Whether CUDA's scaled_dot_product_attention falls back to its math path in any layer of this run
+    (SDPA_MATH_NOTE). memcalc's measured CPU steps and traces run it there too
+    (memcalc.measure.cuda_semantics.sdpa_kernels_like_cuda)."""
+    # (with --cp, torch's context_parallel runs ring attention over the fused kernels' ops instead: not this path; a
+    # layer whose sliding window gives sdpa a mask gets k and v repeated by transformers, no enable_gqa, and the
+    # memory-efficient kernel: not this path either, so none where every layer does)
     return (spec.attention == Attention.sdpa and spec.cp == 1 and model_type not in OWN_GROUPED_SDPA
             and arch.supports_sdpa and not spec.repeat_kv
             and BYTES_PER_DTYPE[recipe.compute_dtype] == BYTES_PER_FP32 and not recipe.autocast
-            and 0 < arch.num_kv_heads < arch.num_heads and 0 < arch.head_dim <= 256)
+            and 0 < arch.num_kv_heads < arch.num_heads and 0 < arch.head_dim <= 256
+            and not _every(windowed_layers(arch, spec.local_seq_len)))
+
+
+def _every(flags: list[bool]) -> bool:
+    return bool(flags) and all(flags)
 
 
 def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> ActivationEstimate:
@@ -413,19 +429,13 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
                             "counted eager (b a s^2 scores per layer)")
     # (sdpa's math path keeps what eager keeps, without its mask)
     math_sdpa = sdpa_runs_math(arch, spec, recipe, described.model_type)
-    # a sliding window shorter than the sequence gives sdpa a mask: transformers repeats k and v itself then (no
-    # enable_gqa), and the memory-efficient kernel takes the call
-    layer_kinds = getattr(arch, "sliding", ())  # (LlamaArch: per layer, whether it attends through the window)
-    sliding = [i < len(layer_kinds) and layer_kinds[i] for i in range(arch.num_layers)]
-    windowed = arch.sliding_window is not None and arch.sliding_window < spec.local_seq_len and any(sliding)
-    if math_sdpa and windowed and all(sliding):
-        math_sdpa = False
     if math_sdpa and not eager:
         eager = True
         result.notes.append(SDPA_MATH_NOTE.format(heads=arch.num_heads, kv=arch.num_kv_heads))
+        windowed = sum(windowed_layers(arch, spec.local_seq_len))
         if windowed:
             result.notes.append(
-                f"attention: in the {sum(sliding)} sliding-window layers (window {arch.sliding_window:,} < seq "
+                f"attention: in the {windowed} sliding-window layers (window {arch.sliding_window:,} < seq "
                 f"{spec.local_seq_len:,}) sdpa gets a mask, k and v repeated by transformers, and runs the "
                 "memory-efficient kernel, which keeps no s^2 probabilities: counted so, the others on the math path")
     run = Run(spec.micro_batch_size, spec.local_seq_len, BYTES_PER_DTYPE[recipe.compute_dtype], recipe.autocast, eager,

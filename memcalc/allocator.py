@@ -572,6 +572,13 @@ def environment_cublas_workspace(compute_capability: str | None) -> int | None:
     return cublas_workspace_bytes(compute_capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
+def step_workspace_bytes(compute_capability: str | None, unknown: int = 0) -> int:
+    """The step's cuBLAS workspaces together (CUBLAS_HANDLES_PER_STEP of ``environment_cublas_workspace``), kept by
+    the caching allocator beside the tensors; ``unknown`` per handle for a card not known."""
+    one = environment_cublas_workspace(compute_capability)
+    return CUBLAS_HANDLES_PER_STEP * (unknown if one is None else one)
+
+
 def workspace_allocations(workspace_bytes: int | None) -> list[int]:
     """The step's cuBLAS workspaces as ``replay``'s persistent allocations, one per handle; none for an unknown card."""
     return [workspace_bytes] * CUBLAS_HANDLES_PER_STEP if workspace_bytes else []

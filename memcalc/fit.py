@@ -128,10 +128,9 @@ class GpuTarget:
         holds them; a card not known (--gpu-memory) takes the larger size."""
         if self.predicted_reserve_bytes is not None:
             return 0
-        from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, CUBLAS_WORKSPACE_LARGE, environment_cublas_workspace
+        from memcalc.allocator import CUBLAS_WORKSPACE_LARGE, step_workspace_bytes
 
-        one = environment_cublas_workspace(self.compute_capability)
-        return CUBLAS_HANDLES_PER_STEP * (CUBLAS_WORKSPACE_LARGE if one is None else one)
+        return step_workspace_bytes(self.compute_capability, unknown=CUBLAS_WORKSPACE_LARGE)
 
     @property
     def usable_bytes(self) -> int:

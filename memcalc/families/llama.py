@@ -96,6 +96,11 @@ class LlamaArch(Arch):
     use_cache: bool = True  # config.use_cache (training forwards build a DynamicCache unless it is False)
 
     @property
+    def layer_slides(self) -> list[bool]:
+        """Per decoder layer, whether it attends through the sliding window (``sliding``, False past its end)."""
+        return [i < len(self.sliding) and self.sliding[i] for i in range(self.num_layers)]
+
+    @property
     def gemma_norm(self) -> bool:
         return self.norm == "gemma_rmsnorm"
 
@@ -358,11 +363,11 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
     tokens, c, h = run.tokens, run.c, a.hidden_size
     window_applies = ((not run.eager or run.sdpa_math) and not run.flash and a.sliding_window is not None
                       and a.sliding_window < run.s)
-    sliding = [i < len(a.sliding) and a.sliding[i] for i in range(a.num_layers)]
+    sliding = a.layer_slides
     kinds = {masked: attention_parts(a, run, masked) for masked in {False, window_applies}}
     layers, cache, first = [], {}, ""
     for i in range(a.num_layers):
-        masked = window_applies and i < len(a.sliding) and a.sliding[i]
+        masked = window_applies and sliding[i]
         attention, attention_formula = kinds[masked]
         mlp, mlp_formula = mlp_bytes(a, i, run)
         key = (masked, tuple(mlp.items()))
@@ -477,8 +482,8 @@ def held_through_loss(a: LlamaArch, run: Run, window_applies: bool) -> int:
         # the all-gathered copy lm_head saves (without --sp they are one tensor, counted as the head's input)
         held += run.c * run.sequence_tokens * a.hidden_size
     if a.use_cache and not run.checkpointing:
-        for i in range(a.num_layers):
-            masked = window_applies and i < len(a.sliding) and a.sliding[i]
+        for slide in a.layer_slides:
+            masked = window_applies and slide
             held += unsaved_cache_copies(run, a.num_heads // run.tp, a.num_kv_heads // run.tp, a.head_dim,
                                          run.eager or masked)
     return held

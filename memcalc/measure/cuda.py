@@ -121,9 +121,9 @@ def measure_cuda(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec,
     # the card's cuBLAS workspaces (one per handle: this thread's and autograd's device thread's), allocated by the
     # caching allocator in the warm-up step and kept: inside every allocated peak, not a tensor the estimate counts
     # (the fit counts them apart: memcalc.allocator.cublas_workspace_bytes)
-    from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, environment_cublas_workspace, workspace_allocations
+    from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, step_workspace_bytes
 
-    workspaces = sum(workspace_allocations(environment_cublas_workspace(versions.get("compute_capability"))))
+    workspaces = step_workspace_bytes(versions.get("compute_capability"))
     peaks = {name: max(0, value - workspaces) for name, value in clock.peaks.items()}
     phase, peak = max(peaks.items(), key=lambda item: item[1]) if peaks else (trk.FORWARD, 0)
     measurement.measured_peak_bytes = peak

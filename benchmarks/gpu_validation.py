@@ -37,6 +37,7 @@ suite does: tests/test_gpu_validation.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -48,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.accuracy import MODELS, matrix
+from benchmarks.accuracy import FAMILY_CONFIGS, MODELS, family_matrix, matrix
 from memcalc.api import model_input, model_of, run
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
@@ -71,7 +72,13 @@ class GpuCase:
     library: str = ""
 
 
-def cases(quick: bool = False) -> list[GpuCase]:
+# The groups of configurations, in the order they run; "families" (the CPU families matrix's quarter, about 100 small
+# steps, each hand-ruled or traced estimate as a user gets it) only when asked for.
+PARTS = ("presets", "matrix", "families", "compile", "fp8", "liger")
+DEFAULT_PARTS = tuple(part for part in PARTS if part != "families")
+
+
+def cases(quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS) -> list[GpuCase]:
     found = [
         GpuCase("llama-3.2-1b bf16-pure b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024)),
@@ -91,10 +98,30 @@ def cases(quick: bool = False) -> list[GpuCase]:
     found.append(GpuCase("llama-3.2-1b bf16-pure offload=torchtune ckpt=full b4xs1024", "llama-3.2-1b",
                          TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, checkpointing="full",
                                       activation_offload="torchtune")))
+    # paths the first H200 run left unmeasured (harness 3): fp16 with a GradScaler, eager attention at a preset's
+    # size, TRL's offloading around the whole step, and checkpoints' inputs in host memory (save_on_cpu)
+    found += [
+        GpuCase("llama-3.2-1b amp-fp16 GradScaler b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="amp-fp16", micro_batch_size=4, seq_len=1024)),
+        GpuCase("llama-3.2-1b bf16-pure attn=eager b2xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=2, seq_len=1024, attention="eager")),
+        GpuCase("llama-3.2-1b bf16-pure offload=trl b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, activation_offload="trl")),
+        GpuCase("llama-3.2-1b bf16-pure offload=checkpoints ckpt=full b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, checkpointing="full",
+                             activation_offload="checkpoints")),
+    ]
+    if "presets" not in parts:
+        found = []
     # the small models before the compiled steps: what Inductor and Triton keep for the process (compiled graphs,
     # autotuning) would otherwise sit in the allocator's segments under their small steps
-    found += [GpuCase(case.label, MODELS[case.family], case.spec()) for case in matrix(quick)]
-    found += [
+    if "matrix" in parts:
+        found += [GpuCase(case.label, MODELS[case.family], case.spec()) for case in matrix(quick)]
+    if "families" in parts:  # the CPU families matrix's cells (a quarter of them), its estimate as a user gets it
+        # (labelled apart from the matrix's: both have a "llama ... b2xs256", with different configs)
+        found += [GpuCase(f"family {case.label}", FAMILY_CONFIGS[case.family], case.spec())
+                  for case in family_matrix(quick=True)]
+    compiled = [
         GpuCase("llama-3.2-1b bf16-pure compile (Triton) b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True), "compile"),
         GpuCase("llama-3.2-1b bf16-pure compile chunked:8 b4xs1024", "llama-3.2-1b",
@@ -110,10 +137,12 @@ def cases(quick: bool = False) -> list[GpuCase]:
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, compile=True,
                              fp8="rowwise"), "fp8"),
     ]
+    found += [case for case in compiled if case.library in parts]
     # last: Liger patches transformers' Llama classes for the rest of the process
-    found.append(GpuCase("llama-3.2-1b bf16-pure Liger fused-linear b4xs1024", "llama-3.2-1b",
-                         TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, loss="fused-linear"),
-                         "liger"))
+    if "liger" in parts:
+        found.append(GpuCase("llama-3.2-1b bf16-pure Liger fused-linear b4xs1024", "llama-3.2-1b",
+                             TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024,
+                                          loss="fused-linear"), "liger"))
     return found
 
 
@@ -210,7 +239,10 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
         if isinstance(case.model, str):  # what a user sees with --reserved, before any GPU step
             row.predicted_reserved_bytes = run(model, case.spec, _gpu_target(device), allocator=parse_alloc_conf(conf),
                                                allocator_source="gpu_validation").per_gpu.reserved_peak_bytes
-        measured = measure_cuda(config, case.spec, device=device, attn_implementation=_attention(case.spec))
+        with _history(device, case.label in HISTORY) as recorded:
+            measured = measure_cuda(config, case.spec, device=device, attn_implementation=_attention(case.spec))
+        if recorded:
+            HISTORY[case.label] = recorded
         row.measured_phase = measured.measured_peak_phase
         row.segments = _segments(device)
         if events is not None and measured.allocation_events:
@@ -235,6 +267,90 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
         _release(device)
         row.seconds = time.perf_counter() - started
     return row
+
+
+# Labels whose measured step is recorded by torch.cuda.memory._record_memory_history (--history): each becomes what
+# was live at the step's own peak and at its end, by the Python stack that allocated it (history_summary), for the
+# bytes an estimate cannot name. Filled in place with the summaries.
+HISTORY: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def _history(device: str, wanted: bool):
+    """Records the allocator's history from the measured step's start (memcalc.measure.cuda's first
+    reset_peak_memory_stats, after the warm-up step) to its end; yields a dict the summary is put into."""
+    found: dict = {}
+    if not wanted or not device.startswith("cuda"):
+        yield found
+        return
+    import torch
+
+    reset = torch.cuda.reset_peak_memory_stats
+    started: list[int] = []
+
+    def reset_and_record(*args, **kwargs):
+        if not started:
+            torch.cuda.synchronize()
+            started.append(torch.cuda.memory_allocated())
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        return reset(*args, **kwargs)
+
+    torch.cuda.reset_peak_memory_stats = reset_and_record
+    try:
+        yield found
+        if started:
+            found.update(history_summary(torch.cuda.memory._snapshot(), started[0]))
+    finally:
+        torch.cuda.reset_peak_memory_stats = reset
+        if started:
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _frames(event: dict, depth: int = 8) -> str:
+    """The allocating Python stack, innermost first, paths from site-packages (or the repository) on."""
+    out = []
+    for frame in event.get("frames", [])[:depth]:
+        name = str(frame.get("filename", "?"))
+        for marker in ("site-packages/", "dist-packages/", "/memcalc/", "/benchmarks/"):
+            if marker in name:
+                name = name.split(marker, 1)[1] if "packages/" in marker else marker.strip("/") + "/" + name.split(
+                    marker, 1)[1]
+                break
+        out.append(f"{name}:{frame.get('line', '?')} {frame.get('name', '?')}")
+    return " < ".join(out)
+
+
+def history_summary(snapshot: dict, allocated_at_start: int, top: int = 40) -> dict:
+    """From torch.cuda.memory._snapshot()'s device trace (alloc and free_completed events with their stacks): the
+    allocated bytes at the trace's own peak and at its end, and the blocks allocated inside the trace and live at each,
+    grouped by stack (the blocks live before the trace are counted, not named)."""
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace
+              if e.get("action") in ("alloc", "free_completed")]
+    current = peak = allocated_at_start
+    peak_index = -1
+    for index, event in enumerate(events):
+        current += event["size"] if event["action"] == "alloc" else -event["size"]
+        if current > peak:
+            peak, peak_index = current, index
+    end = current
+
+    def live(until: int) -> list[dict]:
+        alive: dict[int, dict] = {}
+        for event in events[:until + 1]:
+            if event["action"] == "alloc":
+                alive[event["addr"]] = event
+            else:
+                alive.pop(event["addr"], None)
+        groups: dict[str, list[int]] = {}
+        for event in alive.values():
+            group = groups.setdefault(_frames(event), [0, 0])
+            group[0] += event["size"]
+            group[1] += 1
+        ranked = sorted(groups.items(), key=lambda item: -item[1][0])
+        return [{"bytes": size, "blocks": count, "stack": stack} for stack, (size, count) in ranked[:top]]
+
+    return {"allocated_at_start": allocated_at_start, "peak_allocated": peak, "end_allocated": end,
+            "events": len(events), "live_at_peak": live(peak_index), "live_at_end": live(len(events) - 1)}
 
 
 def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) -> None:
@@ -512,7 +628,68 @@ def cli_checks(limit_s: float = 180) -> list[CliCheck]:
     return found
 
 
-def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = ()) -> str:
+# The CUDA context as the process goes on (--context): read in a fresh process after its first kernel, after a bf16
+# matmul's forward and backward (cuBLAS and its handle for autograd's thread), and after a training step of the CPU
+# matrix's small Llama (sdpa, fused AdamW): with lazy module loading (CUDA 11.7+'s default) each kernel's module is
+# loaded when first launched, so the context grows; CUDA_MODULE_LOADING=EAGER loads them all at once.
+_CONTEXT = """
+import json, sys, torch
+from memcalc.measure.cuda import cuda_context_bytes, measure_cuda
+from memcalc.spec import TrainingSpec
+from benchmarks.accuracy import MODELS
+found = {}
+torch.ones(1, device="cuda").sum().item()
+found["first kernel"] = cuda_context_bytes("cuda")
+weight = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+(weight @ weight).float().sum().backward(); torch.cuda.synchronize(); del weight
+found["bf16 matmul forward and backward"] = cuda_context_bytes("cuda")
+spec = TrainingSpec(precision="bf16-pure", optim_impl="fused", micro_batch_size=2, seq_len=256)
+measure_cuda(MODELS["llama"], spec, device="cuda")
+found["small Llama training step (sdpa, fused AdamW)"] = cuda_context_bytes("cuda")
+print(json.dumps(found))
+"""
+CONTEXT_LOADINGS = ("LAZY", "EAGER")
+
+
+def context_readings(limit_s: float = 120) -> dict[str, dict[str, int | str]]:
+    """The CUDA context per CUDA_MODULE_LOADING, each in a fresh process (a reading that failed says why)."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    found: dict[str, dict[str, int | str]] = {}
+    for loading in CONTEXT_LOADINGS:
+        env = {**os.environ, "CUDA_MODULE_LOADING": loading,
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
+        try:
+            done = subprocess.run([sys.executable, "-c", _CONTEXT], check=False, capture_output=True, text=True,
+                                  timeout=limit_s, cwd=root, env=env)
+            lines = done.stdout.strip().splitlines()
+            found[loading] = (json.loads(lines[-1]) if done.returncode == 0 and lines else
+                              {"failure": f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"})
+        except subprocess.TimeoutExpired:
+            found[loading] = {"failure": f"ran past its {limit_s:.0f} s limit"}
+        print(f"context {loading}: {found[loading]}", file=sys.stderr, flush=True)
+    return found
+
+
+def context_markdown(readings: dict[str, dict[str, int | str]]) -> list[str]:
+    if not readings:
+        return []
+    moments = [m for reading in readings.values() for m in reading if m != "failure"]
+    moments = list(dict.fromkeys(moments))
+    lines = ["", ("CUDA context (device memory in use less the allocator's reserved), each in a fresh process, by "
+                  "`CUDA_MODULE_LOADING`:"), "", "| " + " | ".join(["loading", *moments, "failure"]) + " |",
+             "|---|" + "---|" * (len(moments) + 1)]
+    for loading, reading in readings.items():
+        cells = [f"{reading[m]:,} B ({reading[m] / 2**20:.0f} MiB)" if isinstance(reading.get(m), int) else "-"
+                 for m in moments]
+        lines.append(f"| {loading} | " + " | ".join(cells) + f" | {reading.get('failure', '')} |")
+    return lines
+
+
+def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
+             contexts: dict[str, dict[str, int | str]] | None = None) -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.3f}"
 
@@ -549,6 +726,7 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = ()) 
         if found:
             lines.append(f"\n{name}: {len(found)} rows, median |error| {statistics.median(found):.2f}%, worst "
                          f"{max(found):.2f}%, {sum(e <= target for e in found)} within the {target:g}% target")
+    lines += context_markdown(contexts or {})
     for check in checks:
         capped = ("" if check.memory_fraction is None else
                   f" (run as `python -c \"{_CAPPED.format(fraction=check.memory_fraction)}\"` with these arguments)")
@@ -559,14 +737,16 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = ()) 
 
 
 def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[CliCheck],
-               events: dict[str, list]) -> None:
-    """rows.json (rewritten), and events.jsonl.gz: each measured case's allocations appended once, then dropped."""
+               events: dict[str, list], contexts: dict | None = None) -> None:
+    """rows.json (rewritten; with the CUDA context readings and the recorded histories' summaries), and
+    events.jsonl.gz: each measured case's allocations appended once, then dropped."""
     import gzip
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "rows.json").write_text(json.dumps(
-        {"env": env, "rows": [asdict(r) for r in rows], "cli": [asdict(c) for c in checks]}, indent=1))
+        {"env": env, "rows": [asdict(r) for r in rows], "cli": [asdict(c) for c in checks],
+         "context": contexts or {}, "history": {k: v for k, v in HISTORY.items() if v}}, indent=1))
     with gzip.open(folder / "events.jsonl.gz", "at") as handle:
         for label in list(events):
             handle.write(json.dumps({"label": label, "events": events.pop(label)}) + "\n")
@@ -575,7 +755,7 @@ def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[
 # Rows a run measured with a harness fault since fixed: what the step ran instead of what the label says (a GPU run
 # from before the fix, re-rendered with --rerender, shows them as failures, not as errors of the estimate).
 # Keyed by the run's "harness" (written into its env since the fix; the 2026-12-04 H200 run has none).
-HARNESS = "2"
+HARNESS = "3"
 HARNESS_FAULTS = {
     None: {" eager ": "ran sdpa, not eager: the harness passed no attn_implementation to the step (fixed after "
                                "this run; eager on CUDA is unmeasured)",
@@ -585,14 +765,15 @@ HARNESS_FAULTS = {
 }
 
 
-def rerender(folder: Path, cli_folder: Path | None = None) -> tuple[dict[str, str], list[Row], list[CliCheck]]:
+def rerender(folder: Path, cli_folder: Path | None = None
+             ) -> tuple[dict[str, str], list[Row], list[CliCheck], dict[str, dict]]:
     """A run's rows.json again, with each --verify row's estimate recomputed by this memcalc (the estimate needs no
     GPU; the measured columns are the run's own); the compiled, float8 and Liger rows keep theirs (their estimate
     traces compiled layers for minutes). ``cli_folder``: the command-line checks from another run's rows.json."""
     import json
 
     data = json.loads((folder / "rows.json").read_text())
-    env, by_label = data["env"], {case.label: case for case in cases()}
+    env, by_label = data["env"], {case.label: case for case in cases(parts=PARTS)}
     faults = HARNESS_FAULTS.get(env.get("harness"), {})
     rows = []
     for fields in data["rows"]:
@@ -607,7 +788,7 @@ def rerender(folder: Path, cli_folder: Path | None = None) -> tuple[dict[str, st
             row.estimate_bytes, row.estimate_phase = peak.bytes, peak.phase.value
         rows.append(row)
     checks = [CliCheck(**c) for c in json.loads(((cli_folder or folder) / "rows.json").read_text()).get("cli", [])]
-    return env, rows, checks
+    return env, rows, checks, data.get("context", {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,10 +805,22 @@ def main(argv: list[str] | None = None) -> int:
                         "rows.json in DIR, each --verify row's estimate recomputed by this memcalc")
     parser.add_argument("--cli-from", type=Path, metavar="DIR", help="with --rerender: the command-line checks from "
                         "another run's rows.json")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"which configurations, in this order: "
+                        f"{', '.join(PARTS)} (default: all but families)")
+    parser.add_argument("--history", default="", metavar="LABEL[;LABEL]", help="record these configurations' "
+                        "measured steps with torch.cuda.memory._record_memory_history; with --raw, what was live at "
+                        "the peak and at the end by allocating stack goes into rows.json")
+    parser.add_argument("--context", action="store_true", help="also read the CUDA context in fresh processes, "
+                        "lazy and eager module loading, as a process goes on")
     args = parser.parse_args(argv)
+    parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        print(f"gpu_validation: unknown --parts {', '.join(unknown)}; known: {', '.join(PARTS)}", file=sys.stderr)
+        return 2
     if args.rerender is not None:
-        env, rows, checks = rerender(args.rerender, args.cli_from)
-        args.out.write_text(markdown(env, rows, checks), encoding="utf-8")
+        env, rows, checks, contexts = rerender(args.rerender, args.cli_from)
+        args.out.write_text(markdown(env, rows, checks, contexts), encoding="utf-8")
         print(f"gpu_validation: {len(rows)} rows from {args.rerender}, written to {args.out}", file=sys.stderr)
         return 0
     import torch
@@ -638,16 +831,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     started = time.perf_counter()
     checks = cli_checks() if args.cli else []
+    contexts = context_readings() if args.context and args.device.startswith("cuda") else {}
     events: dict[str, list] = {}
+    HISTORY.update({label.strip(): {} for label in args.history.split(";") if label.strip()})
 
     def write(env: dict[str, str], rows: list[Row]) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(env, rows, checks), encoding="utf-8")
+        args.out.write_text(markdown(env, rows, checks, contexts), encoding="utf-8")
         if args.raw is not None:
-            _write_raw(args.raw, env, rows, checks, events)
+            _write_raw(args.raw, env, rows, checks, events, contexts)
 
     budget = args.budget - (time.perf_counter() - started)
-    env, rows = validate(cases(args.quick), args.device, budget, args.case_limit, events, write)
+    env, rows = validate(cases(args.quick, parts), args.device, budget, args.case_limit, events, write)
     write(env, rows)
     print(f"gpu_validation: {len(rows)} configurations, written to {args.out}", file=sys.stderr)
     return 0

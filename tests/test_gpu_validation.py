@@ -8,7 +8,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from benchmarks import gpu_validation as gv
-from benchmarks.accuracy import MODELS
+from benchmarks.accuracy import MODELS, family_matrix
 from memcalc.spec import TrainingSpec
 from tests.conftest import has_module
 
@@ -51,6 +51,16 @@ def test_the_prepared_cases_resolve():
         if not case.spec.compile:
             assert run(model, case.spec).per_gpu.peak_bytes > 0
     assert {case.library for case in gv.cases()} == {"", "compile", "fp8", "liger"}
+    # the families part (opt-in): the CPU families matrix's quarter, each a config memcalc builds a model from
+    # (their estimates, traced for the unruled families, are the families matrix's own: tests/test_accuracy_matrix)
+    families = [case for case in gv.cases(parts=("families",))]
+    assert len(families) == len(family_matrix(quick=True)) and all(isinstance(c.model, dict) for c in families)
+    for case in families:
+        gv._config(case)
+    assert [case.library for case in gv.cases(parts=("liger",))] == ["liger"]
+    every = [case.label for case in gv.cases(parts=gv.PARTS)]  # --rerender finds each row's case by its label
+    assert len(set(every)) == len(every)
+    assert not any(isinstance(case.model, dict) for case in gv.cases(parts=("presets", "compile")))
     # the small models run before anything compiled (whose Inductor state outlives its configuration), Liger last
     libraries = [case.library for case in gv.cases()]
     assert libraries.index("compile") > max(i for i, case in enumerate(gv.cases()) if isinstance(case.model, dict))
@@ -115,7 +125,7 @@ def test_the_kept_h200_run_against_todays_estimate():
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu-runs" / "2026-12-04-h200"
-    env, rows, checks = gv.rerender(folder, folder / "run2")
+    env, rows, checks, _contexts = gv.rerender(folder, folder / "run2")
     assert env["device"] == "NVIDIA H200" and env["driver"] == "580.159.04"
     faulted = [r for r in rows if r.failure]
     assert {r.label.split()[0] for r in faulted} == {"llama", "qwen2", "gpt2", "llama-3.2-1b"}
@@ -131,3 +141,41 @@ def test_the_kept_h200_run_against_todays_estimate():
     assert [c.exit_code for c in checks] == [0, 6]
     text = gv.markdown(env, rows, checks)
     assert "45 rows" in text and "43 within the 1% target" in text
+
+
+def test_unknown_parts_are_one_line_and_exit_2(capsys):
+    assert gv.main(["--parts", "presets,familes", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("gpu_validation: unknown --parts familes; known: presets, matrix, "
+                                              "families, compile, fp8, liger")
+
+
+def test_history_summary_names_what_was_live_at_the_peak_and_the_end():
+    """A device trace written by hand in torch.cuda.memory._snapshot()'s shape: 1,000 B live before it, then A (100)
+    and B (50) allocated, A freed, C (30) allocated. Allocated runs 1,100, 1,150, 1,050, 1,080: the peak is 1,150
+    with A and B live; at the end B and C are; a free_requested event (a free still waiting on a stream) is not a
+    free yet."""
+    def frames(name):
+        return [{"filename": f"/x/site-packages/transformers/{name}.py", "line": 7, "name": name},
+                {"filename": "/work/memcalc/measure/step.py", "line": 9, "name": "one_step"}]
+
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": frames("mlp")},
+             {"action": "alloc", "addr": 2, "size": 50, "frames": frames("attention")},
+             {"action": "free_requested", "addr": 1, "size": 100, "frames": []},
+             {"action": "free_completed", "addr": 1, "size": 100, "frames": []},
+             {"action": "alloc", "addr": 3, "size": 30, "frames": frames("mlp")}]
+    summary = gv.history_summary({"device_traces": [trace]}, allocated_at_start=1000)
+    assert (summary["peak_allocated"], summary["end_allocated"], summary["events"]) == (1150, 1080, 4)
+    mlp = "transformers/mlp.py:7 mlp < memcalc/measure/step.py:9 one_step"
+    attention = "transformers/attention.py:7 attention < memcalc/measure/step.py:9 one_step"
+    assert summary["live_at_peak"] == [{"bytes": 100, "blocks": 1, "stack": mlp},
+                                       {"bytes": 50, "blocks": 1, "stack": attention}]
+    assert summary["live_at_end"] == [{"bytes": 50, "blocks": 1, "stack": attention},
+                                      {"bytes": 30, "blocks": 1, "stack": mlp}]
+
+
+def test_context_readings_render_by_loading_and_moment():
+    text = "\n".join(gv.context_markdown({"LAZY": {"first kernel": 2**20, "after a step": 3 * 2**20},
+                                          "EAGER": {"failure": "exit 1: no GPU"}}))
+    assert "| LAZY | 1,048,576 B (1 MiB) | 3,145,728 B (3 MiB) |  |" in text
+    assert "| EAGER | - | - | exit 1: no GPU |" in text
+    assert gv.context_markdown({}) == []

@@ -105,6 +105,13 @@ def cases(quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS) -> list[G
                 TrainingSpec(precision="amp-fp16", micro_batch_size=4, seq_len=1024)),
         GpuCase("llama-3.2-1b bf16-pure attn=eager b2xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=2, seq_len=1024, attention="eager")),
+        GpuCase("llama-3.2-1b bf16-pure attn=eager ckpt=full b4xs1024", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, attention="eager",
+                             checkpointing="full")),
+        # (at 8192 tokens softmax's backward is the step's peak: CUDA's temporary there is one 8 GiB fp32 s^2 tensor)
+        GpuCase("llama-3.2-1b bf16-pure attn=eager ckpt=full b1xs8192", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=8192, attention="eager",
+                             checkpointing="full")),
         GpuCase("llama-3.2-1b bf16-pure offload=trl b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, activation_offload="trl")),
         GpuCase("llama-3.2-1b bf16-pure offload=checkpoints ckpt=full b4xs1024", "llama-3.2-1b",
@@ -234,7 +241,10 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
             # (the allocator reads its settings once per process: a GPU run sets them with _set_allocator_settings)
             _set_allocator_settings(conf, device)
         if case.library:
-            _measure_library(row, config, case, device)
+            with _history(device, case.label in HISTORY) as recorded:
+                _measure_library(row, config, case, device)
+            if recorded:
+                HISTORY[case.label] = recorded
             return row
         if isinstance(case.model, str):  # what a user sees with --reserved, before any GPU step
             row.predicted_reserved_bytes = run(model, case.spec, _gpu_target(device), allocator=parse_alloc_conf(conf),
@@ -295,22 +305,45 @@ def _history(device: str, wanted: bool):
             torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         return reset(*args, **kwargs)
 
+    # the device addresses of the storages the tracker books in the measured step: the trace's allocations at other
+    # addresses are ones no tensor the tracker saw owns (a kernel's own workspace, a library's buffer)
+    from memcalc.measure import tracker as trk
+
+    add, booked = trk.MemoryTracker._add, set()
+
+    def add_and_note(self, storage, category):
+        if started:
+            booked.add(storage.data_ptr())
+        return add(self, storage, category)
+
     torch.cuda.reset_peak_memory_stats = reset_and_record
+    trk.MemoryTracker._add = add_and_note
     try:
         yield found
         if started:
-            found.update(history_summary(torch.cuda.memory._snapshot(), started[0]))
+            found.update(history_summary(torch.cuda.memory._snapshot(), started[0], booked=booked))
     finally:
         torch.cuda.reset_peak_memory_stats = reset
+        trk.MemoryTracker._add = add
         if started:
             torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def _frames(event: dict, depth: int = 8) -> str:
-    """The allocating Python stack, innermost first, paths from site-packages (or the repository) on."""
+# Frames every allocation under the tracker passes through: left out of the stacks summarised
+_DISPATCH_FRAMES = ("torch/_ops.py", "torch/_dynamo/", "torch/_compile.py", "torch/utils/_python_dispatch.py",
+                    "memcalc/measure/tracker.py")
+
+
+def _frames(event: dict, depth: int = 6) -> str:
+    """The allocating Python stack, innermost first, paths from site-packages (or the repository) on, without the
+    dispatch machinery's frames (the tracker's, dynamo's wrappers)."""
     out = []
-    for frame in event.get("frames", [])[:depth]:
+    for frame in event.get("frames", []):
+        if len(out) == depth:
+            break
         name = str(frame.get("filename", "?"))
+        if any(part in name for part in _DISPATCH_FRAMES) or frame.get("name") == "__torch_dispatch__":
+            continue
         for marker in ("site-packages/", "dist-packages/", "/memcalc/", "/benchmarks/"):
             if marker in name:
                 name = name.split(marker, 1)[1] if "packages/" in marker else marker.strip("/") + "/" + name.split(
@@ -320,10 +353,14 @@ def _frames(event: dict, depth: int = 8) -> str:
     return " < ".join(out)
 
 
-def history_summary(snapshot: dict, allocated_at_start: int, top: int = 40) -> dict:
+def history_summary(snapshot: dict, allocated_at_start: int, top: int = 40, whole_up_to: int = 3000,
+                    booked: set[int] | None = None) -> dict:
     """From torch.cuda.memory._snapshot()'s device trace (alloc and free_completed events with their stacks): the
     allocated bytes at the trace's own peak and at its end, and the blocks allocated inside the trace and live at each,
-    grouped by stack (the blocks live before the trace are counted, not named)."""
+    grouped by stack (the blocks live before the trace are counted, not named). A trace of at most ``whole_up_to``
+    events is kept whole too ("trace": action, block address, bytes, stack), to align with the tracker's events.
+    ``booked``: the device addresses of the storages the tracker booked; the allocations at other addresses are
+    summed by stack ("unbooked")."""
     events = [e for trace in snapshot.get("device_traces", []) for e in trace
               if e.get("action") in ("alloc", "free_completed")]
     current = peak = allocated_at_start
@@ -349,8 +386,21 @@ def history_summary(snapshot: dict, allocated_at_start: int, top: int = 40) -> d
         ranked = sorted(groups.items(), key=lambda item: -item[1][0])
         return [{"bytes": size, "blocks": count, "stack": stack} for stack, (size, count) in ranked[:top]]
 
+    unbooked: dict[str, list[int]] = {}
+    for event in events if booked is not None else ():
+        if event["action"] == "alloc" and event["addr"] not in booked:
+            group = unbooked.setdefault(_frames(event), [0, 0])
+            group[0] += event["size"]
+            group[1] += 1
+    around = [{"action": e["action"], "bytes": e["size"], "stack": _frames(e)}
+              for e in events[max(0, peak_index - 3):peak_index + 2]] if peak_index >= 0 else []
     return {"allocated_at_start": allocated_at_start, "peak_allocated": peak, "end_allocated": end,
-            "events": len(events), "live_at_peak": live(peak_index), "live_at_end": live(len(events) - 1)}
+            "events": len(events), "around_peak": around, "live_at_peak": live(peak_index),
+            "live_at_end": live(len(events) - 1), "peak_index": peak_index,
+            "unbooked": [{"bytes": size, "allocations": count, "stack": stack} for stack, (size, count) in
+                         sorted(unbooked.items(), key=lambda item: -item[1][0])[:top]],
+            "trace": [(e["action"], e["addr"], e["size"], _frames(e, 3)) for e in events]
+            if len(events) <= whole_up_to else []}
 
 
 def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) -> None:
@@ -688,15 +738,18 @@ def context_markdown(readings: dict[str, dict[str, int | str]]) -> list[str]:
     return lines
 
 
+TITLE = "# Accuracy on a CUDA GPU (`python benchmarks/gpu_validation.py`)"
+
+
 def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
-             contexts: dict[str, dict[str, int | str]] | None = None) -> str:
+             contexts: dict[str, dict[str, int | str]] | None = None, title: str = TITLE) -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.3f}"
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:+.2f}%"
 
-    lines = ["# Accuracy on a CUDA GPU (`python benchmarks/gpu_validation.py`)", "",
+    lines = [title, "",
              ", ".join(f"{k}: {v}" for k, v in env.items()), "",
              ("Estimate: memcalc's peak (live tensors) plus the card's cuBLAS workspaces (ws: one per handle, "
               "`memcalc.allocator`) and what earlier configurations left allocated (held at start, beyond the "
@@ -765,15 +818,17 @@ HARNESS_FAULTS = {
 }
 
 
-def rerender(folder: Path, cli_folder: Path | None = None
+def rerender(folder: Path, cli_folder: Path | None = None, recompute: bool = True
              ) -> tuple[dict[str, str], list[Row], list[CliCheck], dict[str, dict]]:
     """A run's rows.json again, with each --verify row's estimate recomputed by this memcalc (the estimate needs no
     GPU; the measured columns are the run's own); the compiled, float8 and Liger rows keep theirs (their estimate
-    traces compiled layers for minutes). ``cli_folder``: the command-line checks from another run's rows.json."""
+    traces compiled layers for minutes). ``cli_folder``: the command-line checks from another run's rows.json.
+    ``recompute`` False: every row keeps the estimate the run computed (on the GPU machine, under its transformers:
+    what a traced family's estimate and a version-dependent rule, Falcon's, depend on)."""
     import json
 
     data = json.loads((folder / "rows.json").read_text())
-    env, by_label = data["env"], {case.label: case for case in cases(parts=PARTS)}
+    env, by_label = data["env"], ({case.label: case for case in cases(parts=PARTS)} if recompute else {})
     faults = HARNESS_FAULTS.get(env.get("harness"), {})
     rows = []
     for fields in data["rows"]:
@@ -805,11 +860,15 @@ def main(argv: list[str] | None = None) -> int:
                         "rows.json in DIR, each --verify row's estimate recomputed by this memcalc")
     parser.add_argument("--cli-from", type=Path, metavar="DIR", help="with --rerender: the command-line checks from "
                         "another run's rows.json")
+    parser.add_argument("--with-run", type=Path, action="append", default=[], metavar="DIR", help="with --rerender: "
+                        "another run's rows as a section of their own, each estimate as that run computed it")
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"which configurations, in this order: "
                         f"{', '.join(PARTS)} (default: all but families)")
     parser.add_argument("--history", default="", metavar="LABEL[;LABEL]", help="record these configurations' "
                         "measured steps with torch.cuda.memory._record_memory_history; with --raw, what was live at "
                         "the peak and at the end by allocating stack goes into rows.json")
+    parser.add_argument("--only", default="", metavar="TEXT[;TEXT]", help="of those, only the configurations whose "
+                        "label contains one of these")
     parser.add_argument("--context", action="store_true", help="also read the CUDA context in fresh processes, "
                         "lazy and eager module loading, as a process goes on")
     args = parser.parse_args(argv)
@@ -820,7 +879,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.rerender is not None:
         env, rows, checks, contexts = rerender(args.rerender, args.cli_from)
-        args.out.write_text(markdown(env, rows, checks, contexts), encoding="utf-8")
+        text = markdown(env, rows, checks, contexts)
+        for folder in args.with_run:
+            env, more, _checks, contexts = rerender(folder, recompute=False)
+            text += "\n" + markdown(env, more, [], contexts, title=(
+                f"## {folder.name}: the estimates as that run computed them (on the GPU machine, transformers "
+                f"{env.get('transformers', '?')})"))
+            rows += more
+        args.out.write_text(text, encoding="utf-8")
         print(f"gpu_validation: {len(rows)} rows from {args.rerender}, written to {args.out}", file=sys.stderr)
         return 0
     import torch
@@ -842,7 +908,14 @@ def main(argv: list[str] | None = None) -> int:
             _write_raw(args.raw, env, rows, checks, events, contexts)
 
     budget = args.budget - (time.perf_counter() - started)
-    env, rows = validate(cases(args.quick, parts), args.device, budget, args.case_limit, events, write)
+    wanted = [text.strip() for text in args.only.split(";") if text.strip()]
+    selected = [case for case in cases(args.quick, parts) if not wanted or any(text in case.label for text in wanted)]
+    env, rows = validate(selected, args.device, budget, args.case_limit, events, write)
+    if args.device.startswith("cuda"):  # the context once every configuration's kernels were loaded
+        from memcalc.measure.cuda import cuda_context_bytes
+
+        context = cuda_context_bytes(args.device)
+        env["cuda_context_after_run"] = "unknown" if context is None else f"{context:,} B ({context / 2**20:.0f} MiB)"
     write(env, rows)
     print(f"gpu_validation: {len(rows)} configurations, written to {args.out}", file=sys.stderr)
     return 0

@@ -399,7 +399,7 @@ def windowed_layers(arch: Arch, seq_len: int) -> list[bool]:
 def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: str = "") -> bool:
     """Whether CUDA's scaled_dot_product_attention falls back to its math path in any layer of this run
     (SDPA_MATH_NOTE). memcalc's measured CPU steps and traces run it there too
-    (memcalc.measure.cuda_semantics.sdpa_kernels_like_cuda)."""
+    (memcalc.measure.cuda_semantics.kernels_like_cuda)."""
     # (with --cp, torch's context_parallel runs ring attention over the fused kernels' ops instead: not this path; a
     # layer whose sliding window gives sdpa a mask gets k and v repeated by transformers, no enable_gqa, and the
     # memory-efficient kernel: not this path either, so none where every layer does)
@@ -525,8 +525,11 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             # probabilities' 16-bit copy among it), the moment itself: softmax's fp32 output, the fp32 gradient
             # arriving at it (the probabilities' gradient cast up by .to()'s backward) and its fp32 output (measured:
             # Llama-family eager checkpointed CPU steps, benchmarks/accuracy.py).
+            # On CUDA softmax's backward also makes a temporary of its incoming gradient's size (SoftMax.cu
+            # softmax_backward_cuda_out: grad * output; measured on an H200, benchmarks/gpu-runs/2026-12-04-h200-b):
+            # in scores_backward_bytes, and an fp32 one beside the probabilities' gradient here.
             released = rule.released_at_scores
-            per_score = rule.scores_backward_bytes if released else BYTES_PER_FP32 + run.c
+            per_score = rule.scores_backward_bytes if released else 2 * BYTES_PER_FP32 + run.c
             scores = per_score * run.b * (arch.num_heads // run.tp) * run.s * run.s + rule.held_at_scores
             result.attention_backward_transient_bytes = max(rule.attention_transient, scores)
     if spec.cp > 1 and layered:

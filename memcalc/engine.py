@@ -1361,6 +1361,9 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             # what its output projection's backward made and released
             attention = {**base, EXTRA_LAYER_GRADIENTS: at_attention}
             attention[TERM_GRADIENTS] = attention.get(TERM_GRADIENTS, 0) + x.made_at_attention
+            # (--pp, a stage without the head: its first weight gradient, down_proj's, is among those made by then;
+            # measured: a 1F1B fp32 stage whose attention backward, with CUDA's softmax temporary, is its peak)
+            attention.pop(EXTRA_STAGE_FIRST_GRADIENT, None)
             attention[EXTRA_RECOMPUTED_CASTS] = x.recomputed_casts - released_casts
             if sum(attention.values()) > sum(last.values()):
                 last = attention

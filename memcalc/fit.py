@@ -51,11 +51,19 @@ from memcalc.units import BYTES_PER_MIB
 # for library handles and workspaces. An assumption, printed with every verdict; override --cuda-context.
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * BYTES_PER_MIB
 # Measured contexts by compute capability: the device memory in use (cudaMemGetInfo) less what the caching allocator
-# reserved, after the first kernel (memcalc.measure.cuda.cuda_context_bytes), by benchmarks/gpu_validation.py on a
-# lent GPU (docs/accuracy-gpu.md). Used for a --gpu preset of that generation (its kernels and libraries are the same
-# ones; another torch or CUDA release loads other amounts: the output says which run it was).
+# reserved (memcalc.measure.cuda.cuda_context_bytes), by benchmarks/gpu_validation.py on a lent GPU
+# (docs/accuracy-gpu.md), read once a process had run training steps. With lazy module loading (CUDA's default) the
+# context grows as kernels are first launched: on the H200 648,871,936 B after the first kernel, 785,186,816 B after a
+# bf16 matmul's forward and backward (cuBLAS), 804,061,184 B after a small Llama training step, and 806,158,336 B in
+# the harness's process after presets, eager attention, offloading and Liger's Triton kernels had run; the last is
+# the figure (the first, used before, was 157 MB short of a training process). CUDA_MODULE_LOADING=EAGER loads every
+# module at once: 1,955,397,632 B after the step (--cuda-context for such a run). Used for a --gpu preset of that
+# generation (its kernels and libraries are the same ones; another torch or CUDA release loads other amounts: the
+# output says which run it was).
 MEASURED_CUDA_CONTEXTS = {
-    "9.0": (648_871_936, "measured 2026-12-04 on an H200 (sm 9.0): torch 2.11.0+cu130, CUDA 13.0, driver 580.159.04"),
+    "9.0": (806_158_336, ("measured 2026-12-04 on an H200 (sm 9.0) after training steps, lazy module loading: "
+                          "torch 2.11.0+cu130, CUDA 13.0, driver 580.159.04; CUDA_MODULE_LOADING=EAGER took "
+                          "1,955,397,632 B")),
 }
 CUDA_CONTEXT_ASSUMED = "assumed (no measurement for this GPU generation)"
 

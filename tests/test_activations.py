@@ -34,7 +34,7 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     measured steps run it; else the CPU's own (its flash kernel takes fp32)."""
     import contextlib
 
-    from memcalc.measure.cuda_semantics import sdpa_kernels_like_cuda
+    from memcalc.measure.cuda_semantics import kernels_like_cuda
 
     dtype, autocast = RECIPES[recipe]
     fields = {k: v for k, v in raw.items() if k != "model_type"}
@@ -83,7 +83,7 @@ def measure_saved_bytes(raw: dict, recipe: str, batch: int, seq: int, checkpoint
     ids = torch.randint(1, raw["vocab_size"], (batch, seq))
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), WeightCopies(),
           torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
-          sdpa_kernels_like_cuda() if sdpa_like_cuda else contextlib.nullcontext()):
+          kernels_like_cuda() if sdpa_like_cuda else contextlib.nullcontext()):
         model(input_ids=ids, labels=ids)
     return sum(storage.nbytes() for storage in saved.values())
 

@@ -163,3 +163,34 @@ def test_layer_norm_statistics_in_fp32_for_16_bit_inputs():
 
 def test_policies_cover_lower_and_fp32_lists():
     assert CUDA_AUTOCAST["einsum.default"] == LOWER and CUDA_AUTOCAST["layer_norm.default"] == FP32
+
+
+def _backward_peak(fn, x: torch.Tensor) -> int:
+    """The tracker's peak over the backward of ``fn(x).float().sum()``, above what was live when it began."""
+    from memcalc.measure import tracker as trk
+
+    loss = fn(x).float().sum()
+    x.grad = None
+    with trk.MemoryTracker() as tracker:
+        start = tracker.live_bytes
+        loss.backward()
+        return tracker.peak_bytes - start
+
+
+@pytest.mark.parametrize("dtype", [FP32_DTYPE, BF16])
+def test_softmax_backward_makes_cudas_temporary(dtype):
+    """SoftMax.cu softmax_backward_cuda_out computes grad * output into a tensor of its own, the incoming gradient's
+    size, beside the op's output; the CPU kernel (softmax_backward_cpu_out) makes none. Emulated, a softmax's backward
+    peaks higher by that tensor: here x's bytes (4 x 64 x 64 in x's dtype, the softmax's and its gradient's)."""
+    x = torch.randn(4, 64, 64, dtype=dtype, requires_grad=True)
+    softmax = lambda t: torch.softmax(t, dim=-1)
+    cpu_peak = _backward_peak(softmax, x)
+    with cuda_semantics.like_cuda():
+        assert _backward_peak(softmax, x) - cpu_peak == 4 * 64 * 64 * x.element_size()
+    with cuda_semantics.kernels_like_cuda():  # (memcalc's measured CPU steps run under this one)
+        assert _backward_peak(softmax, x) - cpu_peak == 4 * 64 * 64 * x.element_size()
+    # log_softmax's backward has no temporary on CUDA (log_softmax_backward_cuda_out): left as it is
+    log_softmax = lambda t: torch.log_softmax(t, dim=-1)
+    plain = _backward_peak(log_softmax, x)
+    with cuda_semantics.kernels_like_cuda():
+        assert _backward_peak(log_softmax, x) == plain

@@ -2,6 +2,8 @@
 rows, the budget and the markdown it writes are checked here, so that a lent GPU's few minutes are not spent on a
 script that fails."""
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("torch")
@@ -122,7 +124,6 @@ def test_the_kept_h200_run_against_todays_estimate():
     estimates: every --verify row and compiled row within the 1% target of the GPU's requested peak (with the card's
     cuBLAS workspaces and what earlier rows left), the float8 rows above (+5.65%: Triton's fused casts keep less);
     the rows the harness mis-ran shown as such; the command line's checks exit 0 and 6 (does not fit)."""
-    from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu-runs" / "2026-12-04-h200"
     env, rows, checks, _contexts = gv.rerender(folder, folder / "run2")
@@ -154,8 +155,10 @@ def test_history_summary_names_what_was_live_at_the_peak_and_the_end():
     and B (50) allocated, A freed, C (30) allocated. Allocated runs 1,100, 1,150, 1,050, 1,080: the peak is 1,150
     with A and B live; at the end B and C are; a free_requested event (a free still waiting on a stream) is not a
     free yet."""
-    def frames(name):
-        return [{"filename": f"/x/site-packages/transformers/{name}.py", "line": 7, "name": name},
+    def frames(name):  # (the dispatch machinery's frames are left out of the stacks)
+        return [{"filename": "/x/site-packages/torch/_ops.py", "line": 865, "name": "__call__"},
+                {"filename": "/work/memcalc/measure/tracker.py", "line": 355, "name": "__torch_dispatch__"},
+                {"filename": f"/x/site-packages/transformers/{name}.py", "line": 7, "name": name},
                 {"filename": "/work/memcalc/measure/step.py", "line": 9, "name": "one_step"}]
 
     trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": frames("mlp")},
@@ -169,6 +172,17 @@ def test_history_summary_names_what_was_live_at_the_peak_and_the_end():
     attention = "transformers/attention.py:7 attention < memcalc/measure/step.py:9 one_step"
     assert summary["live_at_peak"] == [{"bytes": 100, "blocks": 1, "stack": mlp},
                                        {"bytes": 50, "blocks": 1, "stack": attention}]
+    # the events around the peak: up to three before the one reaching it, and the one after
+    assert [(e["action"], e["bytes"]) for e in summary["around_peak"]] == [("alloc", 100), ("alloc", 50),
+                                                                         ("free_completed", 100)]
+    assert summary["around_peak"][1]["stack"] == attention
+    assert summary["peak_index"] == 1 and [event[:3] for event in summary["trace"]] == [
+        ("alloc", 1, 100), ("alloc", 2, 50), ("free_completed", 1, 100), ("alloc", 3, 30)]
+    assert gv.history_summary({"device_traces": [trace]}, 1000, whole_up_to=3)["trace"] == []
+    # with the tracker's booked addresses (A's and C's): B's allocation is one no tracked tensor owns
+    assert gv.history_summary({"device_traces": [trace]}, 1000, booked={1, 3})["unbooked"] == [
+        {"bytes": 50, "allocations": 1, "stack": attention}]
+    assert summary["unbooked"] == []  # (without the booked addresses nothing is judged)
     assert summary["live_at_end"] == [{"bytes": 50, "blocks": 1, "stack": attention},
                                       {"bytes": 30, "blocks": 1, "stack": mlp}]
 
@@ -179,3 +193,27 @@ def test_context_readings_render_by_loading_and_moment():
     assert "| LAZY | 1,048,576 B (1 MiB) | 3,145,728 B (3 MiB) |  |" in text
     assert "| EAGER | - | - | exit 1: no GPU |" in text
     assert gv.context_markdown({}) == []
+
+
+def test_with_run_keeps_that_runs_own_estimates(tmp_path):
+    """--with-run: another run's rows as a section of their own, each estimate as that run computed it (a traced
+    family's estimate, and Falcon's rule, depend on the GPU machine's transformers): here a row whose label is a
+    prepared case keeps the run's 1,000 B instead of today's estimate."""
+    import json
+
+    label = gv.cases(parts=("presets",))[0].label
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {"device": "Fake GPU", "transformers": "5.17.0"}
+    row = {"label": label, "estimate_bytes": 1000, "requested_bytes": 1100, "estimate_phase": "backward"}
+    (run_dir / "rows.json").write_text(json.dumps({"env": env, "rows": [row], "cli": []}))
+    _env, rows, _checks, contexts = gv.rerender(run_dir, recompute=False)
+    assert rows[0].estimate_bytes == 1000 and contexts == {}
+    first = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu-runs" / "2026-12-04-h200"
+    out = tmp_path / "gpu.md"
+    assert gv.main(["--rerender", str(first), "--cli-from", str(first / "run2"), "--with-run", str(run_dir),
+                    "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith(gv.TITLE)
+    assert "## run: the estimates as that run computed them (on the GPU machine, transformers 5.17.0)" in text
+    assert f"| {label} | 0.000 |" in text.split("## run:")[1]  # (1,000 B in GiB)

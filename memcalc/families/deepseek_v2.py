@@ -218,9 +218,17 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
         final_norm=rms_norm_bytes(False, tokens, h, c, autocast), head=c * tokens * h if autocast else 0,
         routing=aux_loss_model_bytes(a.output_router_logits, a.num_experts),
     )
+    released_at_scores = held_at_scores = 0
+    if run.eager:
+        # At softmax's backward (eager_attention_forward's, as Llama's): the second matmul's backward has released the
+        # probabilities' c copy and v's contiguous copy, o_proj's its input copy; waiting, v's gradient and the
+        # residual stream's.
+        released_at_scores = ((c * b * heads * s * s if c != BYTES_PER_FP32 else 0) + 2 * c * tokens * heads * v)
+        held_at_scores = c * tokens * heads * v + run.residual * tokens * h
     return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
                 gated_mlp_transient(run, a.intermediate_size, h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
-                [NOTE_MOE], held=final_hidden_held(run, h))
+                [NOTE_MOE], held=final_hidden_held(run, h), released_at_scores=released_at_scores,
+                held_at_scores=held_at_scores)
 
 
 HEADS = decoder_heads("DeepseekV2")

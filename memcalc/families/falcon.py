@@ -276,7 +276,8 @@ def _activations_524(a: FalconArch, run: Run) -> Rule:
                 _mlp_transient(a, run), Loss(tokens, a.vocab_size, BYTES_PER_FP32), notes,
                 held=final_hidden_held(run, h), attention_transient=math_backend,
                 released_at_scores=released_at_scores, forward_scores=forward_scores,
-                held_at_scores=held_at_scores, scores_backward_bytes=2 * run.residual,
+                # (softmax's gradient in and out and CUDA's temporary: in the hidden dtype)
+                held_at_scores=held_at_scores, scores_backward_bytes=3 * run.residual,
                 # (the input norm saves the layer's input itself, LayerNorm keeping its input: under checkpointing,
                 # the layer's kept input)
                 recompute_saves_input=run.residual * th if run.checkpointing else 0,

@@ -176,8 +176,9 @@ def activations(a: Gpt2Arch, run: Run) -> Rule:
                 released_at_last_mlp=released_at_last_mlp, recompute_saves_input=saves_input,
                 output_gradient=residual * tokens * h, released_at_scores=released_at_scores,
                 held_at_scores=held_at_scores,
-                # (attention dropout: its backward's gradient in and out in c, beside its 1-byte mask, just before)
-                scores_backward_bytes=max(2 * residual, 2 * c + 1 if "attn_pdrop" in a.dropout else 0))
+                # (softmax's: its gradient in and out and CUDA's temporary, in the scores' dtype; attention dropout's
+                # backward, just before: its gradient in and out in c, beside its 1-byte mask)
+                scores_backward_bytes=max(3 * residual, 2 * c + 1 if "attn_pdrop" in a.dropout else 0))
 
 
 HEADS = {"GPT2LMHeadModel": CAUSAL_LM, "GPT2Model": BASE, "GPT2ForSequenceClassification": SEQ_CLS}

@@ -43,6 +43,10 @@ PART_LOGIT_SOFTCAP = "final logit softcapping"
 PART_PROJECTIONS = "embedding projections"  # OPT-350m project_in / project_out inputs
 
 
+# Bytes per score at an fp32 softmax's backward beside its saved output: the incoming gradient, the output, and the
+# temporary CUDA's kernel makes of their product (aten/src/ATen/native/cuda/SoftMax.cu softmax_backward_cuda_out)
+SOFTMAX_BACKWARD_FP32 = 3 * BYTES_PER_FP32
+
 @dataclass(eq=False, repr=False)
 class Run:
     """The shapes and dtypes of one micro-batch's forward."""
@@ -155,10 +159,11 @@ class Rule:
     released_at_scores: int = 0
     # ... and the gradients waiting there beside softmax's own (the residual stream's, v's).
     held_at_scores: int = 0
-    # ... and the bytes per score there beside softmax's saved output: its incoming gradient and its output (fp32
-    # softmax: 2 x 4; GPT-2's and Falcon's in the scores' dtype; with attention dropout, its backward's, where the mask is
-    # still alive, may be the larger).
-    scores_backward_bytes: int = 8
+    # ... and the bytes per score there beside softmax's saved output: its incoming gradient, its output and CUDA's
+    # temporary (softmax_backward_cuda_out's grad * output, the incoming gradient's size: memcalc.measure.cuda_semantics
+    # softmax_backward_like_cuda) (fp32 softmax: 3 x 4; GPT-2's and Falcon's in the scores' dtype; with attention
+    # dropout, its backward's, where the mask is still alive, may be the larger).
+    scores_backward_bytes: int = SOFTMAX_BACKWARD_FP32
     # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
     # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
     opening_transient: int = 0

@@ -32,6 +32,7 @@ is a multiple of 32) and the RNG state tensors of attention dropout (16 B per la
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,8 +79,8 @@ NOT_EMULATED = (
     "is padded to 32 rows; the same bytes when the sequence is a multiple of 32; a v narrower than q runs the CPU's "
     "flash kernel on a zero-padded v, kept at q's width) and attention dropout's RNG state (16 B per layer)"
 )
-EMULATED = ("CUDA's autocast op lists, fp32 LayerNorm statistics and 1-byte dropout masks emulated on the CPU "
-            "(memcalc/measure/cuda_semantics.py)")
+EMULATED = ("CUDA's autocast op lists, fp32 LayerNorm statistics, 1-byte dropout masks and softmax backward's "
+            "temporary emulated on the CPU (memcalc/measure/cuda_semantics.py)")
 
 
 def _overload(name: str) -> Any:
@@ -218,10 +219,12 @@ def runs_math_on_cuda(query: Any, key: Any, enable_gqa: bool) -> bool:
 
 
 @contextlib.contextmanager
-def sdpa_kernels_like_cuda() -> Iterator[None]:
-    """scaled_dot_product_attention held to its math path where CUDA's dispatcher would fall to it
-    (``runs_math_on_cuda``), for a CPU step measured as a GPU's; replaced for the block (forward and backward: a
-    checkpointed layer's recomputation calls it again)."""
+def kernels_like_cuda() -> Iterator[None]:
+    """For a CPU step measured (or traced) as a GPU's, while the block runs:
+    - scaled_dot_product_attention held to its math path where CUDA's dispatcher would fall to it
+      (``runs_math_on_cuda``); replaced for the block (forward and backward: a checkpointed layer's recomputation
+      calls it again);
+    - softmax's backward with CUDA's temporary (``softmax_backward_like_cuda``)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -236,9 +239,42 @@ def sdpa_kernels_like_cuda() -> Iterator[None]:
 
     functional.scaled_dot_product_attention = sdpa
     try:
-        yield
+        with softmax_backward_like_cuda():
+            yield
     finally:
         functional.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def softmax_backward_like_cuda() -> Iterator[None]:
+    """softmax's backward on CPU tensors with CUDA's temporary. CUDA's kernel (aten/src/ATen/native/cuda/SoftMax.cu,
+    ``softmax_backward_cuda_out``) first computes ``tmp = grad * output`` into a tensor of its own, the incoming
+    gradient's size, then reduces it into the op's output; the tmp is freed when the op returns. The CPU's kernel
+    (softmax_backward_cpu_out) needs none. Inside the C++ kernel the tmp is no op a dispatch mode sees, but the caching
+    allocator holds it beside the output: an eager attention's (or sdpa math path's) s^2 scores' gradient once more,
+    at softmax's backward (measured on an H200: checkpointed eager steps of nine families 0.6% to 2.6% above their
+    tracked tensors, by that block; benchmarks/gpu-runs/2026-12-04-h200-b). Here a Python kernel at the AutogradCPU
+    key makes the same tmp (a mul a dispatch mode sees) beside the CPU kernel's output. log_softmax's backward has
+    no tmp on CUDA (log_softmax_backward_cuda_out) and is left alone."""
+    import torch
+
+    op = torch.ops.aten._softmax_backward_data.default
+
+    def backward(grad_output: Any, output: Any, dim: int, input_dtype: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():
+            tmp = torch.ops.aten.mul.Tensor(grad_output, output)
+            result = op(grad_output, output, dim, input_dtype)
+            del tmp
+        return result
+
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():  # (torch warns that the op's AutogradCPU kernel is overridden: it is, here)
+            warnings.simplefilter("ignore", UserWarning)
+            library.impl("_softmax_backward_data", backward, "AutogradCPU")
+        yield
+    finally:
+        library._destroy()
 
 
 def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
@@ -253,7 +289,8 @@ def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
 
 @contextlib.contextmanager
 def like_cuda() -> Iterator[None]:
-    """CUDA's autocast lists, dropout, sdpa dropout and sdpa's math fallback while the block runs (LayerNorm
+    """CUDA's autocast lists, dropout, sdpa dropout, sdpa's math fallback and softmax backward's temporary while the
+    block runs (LayerNorm
     statistics: the trace's dispatch mode calls ``layer_norm_stats``)."""
-    with autocast_lists(), _cuda_functions(), sdpa_kernels_like_cuda():
+    with autocast_lists(), _cuda_functions(), kernels_like_cuda():
         yield

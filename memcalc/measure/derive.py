@@ -327,7 +327,7 @@ def _saved_in_forward(model: Any, layers: list[Any], inputs: dict[str, Any], aut
 
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     # (sdpa's kernel as CUDA picks it either way: memcalc's measured CPU steps run it so too)
-    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.sdpa_kernels_like_cuda()
+    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.kernels_like_cuda()
     try:
         with semantics, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Creation(), cast:
             model(**inputs)

@@ -139,12 +139,12 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
 
         return ring_attention(mesh["dp"].get_group())
 
-    from memcalc.measure.cuda_semantics import sdpa_kernels_like_cuda
+    from memcalc.measure.cuda_semantics import kernels_like_cuda
 
     def run_schedule() -> None:
         # (return_outputs=False, as torchtitan's trainer steps: the last stage keeps no micro-batch's output for a
         # merged return)
-        with _autocast(setup), ring(), sdpa_kernels_like_cuda():
+        with _autocast(setup), ring(), kernels_like_cuda():
             if first:
                 schedule.step(ids, return_outputs=False)
             elif last:

@@ -35,7 +35,8 @@ from memcalc.measure.derive import current_device
 from memcalc.report import AllocatorReplay
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 2  # 2: CUDA semantics run fp32 grouped-head sdpa on its math path
+CACHE_FORMAT = 3  # 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32 grouped-head sdpa on its
+# math path
 # Micro-batches per step replayed under gradient accumulation: from the second on, each is alike.
 ACCUMULATED_MICRO_BATCHES = 2
 CACHE_KIND = "allocations"
@@ -106,7 +107,7 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
     like_cuda = current_device() == "cuda"
     started = time.perf_counter()
     # (sdpa's kernel as CUDA picks it either way: memcalc's measured CPU steps run it so too)
-    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.sdpa_kernels_like_cuda()
+    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.kernels_like_cuda()
     if is_ddp(spec):
         # one rank of DistributedDataParallel over a fake process group (memcalc.measure.distributed): its gradient
         # buckets made at construction, then the steps

@@ -674,13 +674,13 @@ def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch
     """One training step on ``batch`` (make_batch's keyword arguments; bare token ids are a language model's
     input_ids and labels). ``micro_batches``: forward and backward that many times before the optimizer step, the
     gradients accumulating (HF Trainer's gradient accumulation)."""
-    from memcalc.measure.cuda_semantics import sdpa_kernels_like_cuda
+    from memcalc.measure.cuda_semantics import kernels_like_cuda
 
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch, "labels": batch}
     for _ in range(micro_batches):
         # (sdpa's kernel as CUDA's dispatcher picks it: fp32 with grouped heads runs the math path there)
-        with sdpa_kernels_like_cuda():
+        with kernels_like_cuda():
             clock.enter(trk.FORWARD)
             loss = forward_loss(model, batch, setup)
             clock.enter(trk.BACKWARD)
@@ -895,7 +895,7 @@ def differences_from_gpu(result: StepResult) -> list[str]:
         elif ops & SDPA_MATH_OPS and setup.weight_dtype == torch.float32 and setup.autocast_dtype is None \
                 and not drops:
             found.append("SDPA ran its math kernel, as CUDA does for fp32 with grouped kv heads (no fused kernel takes "
-                         "the call there: memcalc holds sdpa to CUDA's choice, cuda_semantics.sdpa_kernels_like_cuda)")
+                         "the call there: memcalc holds sdpa to CUDA's choice, cuda_semantics.kernels_like_cuda)")
         elif ops & SDPA_MATH_OPS:
             why = " (attention dropout > 0)" if drops else ""
             found.append(f"SDPA ran the math kernel on CPU{why}: attention scores and probabilities are materialized "

@@ -36,7 +36,8 @@ from memcalc import cache
 from memcalc.measure import derive
 from memcalc.measure.derive import current_device
 
-CACHE_FORMAT = 5  # 5: CUDA semantics run fp32 grouped-head sdpa on its math path
+CACHE_FORMAT = 6  # 6: softmax backward with CUDA's temporary (cuda_semantics.softmax_backward_like_cuda); 5: CUDA
+# semantics run fp32 grouped-head sdpa on its math path
 CACHE_KIND = "timelines"
 DEPTHS = (2, 3, 4)  # traced depths of a homogeneous stack (three points: the line is checked, not assumed)
 FORWARD, BACKWARD = "forward", "backward"
@@ -191,7 +192,7 @@ def _segment_peaks(raw: Mapping[str, Any], setup: Any) -> tuple[str, dict[tuple[
             return (*super()._kept_snapshots(), *self.peaks.values())
 
     # (sdpa's kernel as CUDA picks it either way: memcalc's measured CPU steps run it so too)
-    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.sdpa_kernels_like_cuda()
+    semantics = cuda_semantics.like_cuda() if like_cuda else cuda_semantics.kernels_like_cuda()
     with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), quiet_fake_tensor_log():
         model = build_model(dict(raw), setup)
         layers = decoder_layers(model)

@@ -194,3 +194,21 @@ def test_softmax_backward_makes_cudas_temporary(dtype):
     plain = _backward_peak(log_softmax, x)
     with cuda_semantics.kernels_like_cuda():
         assert _backward_peak(log_softmax, x) == plain
+
+
+def test_softmax_backward_emulation_nests():
+    """A trace's CUDA semantics around a step that enters them again (--reserved's trace): the kernel is registered
+    once, by the outermost block, and stays until it ends; torch 2.11 refuses a second registration of the same
+    kernel (measured on the GPU machine), torch 2.13 warns."""
+    import warnings
+
+    x = torch.randn(4, 64, 64, requires_grad=True)
+    softmax = lambda t: torch.softmax(t, dim=-1)
+    cpu_peak = _backward_peak(softmax, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no override warning either)
+        with cuda_semantics.like_cuda():
+            with cuda_semantics.kernels_like_cuda():
+                assert _backward_peak(softmax, x) - cpu_peak == x.nbytes
+            assert _backward_peak(softmax, x) - cpu_peak == x.nbytes  # (the inner block's end left it registered)
+    assert _backward_peak(softmax, x) == cpu_peak  # (and the outer's removed it)

@@ -267,14 +267,28 @@ def softmax_backward_like_cuda() -> Iterator[None]:
             del tmp
         return result
 
+    if _SOFTMAX_BACKWARD_DEPTH[0]:  # nested (a trace's semantics around a step's own): registered once, outermost
+        _SOFTMAX_BACKWARD_DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _SOFTMAX_BACKWARD_DEPTH[0] -= 1
+        return
     library = torch.library.Library("aten", "IMPL")
     try:
-        with warnings.catch_warnings():  # (torch warns that the op's AutogradCPU kernel is overridden: it is, here)
+        with warnings.catch_warnings():  # (torch 2.13 warns that the op's AutogradCPU kernel is overridden: it is)
             warnings.simplefilter("ignore", UserWarning)
             library.impl("_softmax_backward_data", backward, "AutogradCPU")
+        _SOFTMAX_BACKWARD_DEPTH[0] = 1
         yield
     finally:
+        _SOFTMAX_BACKWARD_DEPTH[0] = 0
         library._destroy()
+
+
+# How deep softmax_backward_like_cuda is entered: a second registration of the same kernel is an error in torch 2.11
+# (measured on the GPU machine: --reserved's trace runs a step that enters it again), a warning in 2.13
+_SOFTMAX_BACKWARD_DEPTH = [0]
 
 
 def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:

@@ -258,3 +258,14 @@ def test_amp_fp16_runs_with_a_grad_scaler_on_real_tensors():
     traced = run_verify(config, spec, "trace")
     assert GRAD_SCALER_NOTE not in traced.notes
     assert any("without a GradScaler" in d for d in traced.differences_from_gpu)
+
+
+def test_a_cpu_step_says_it_made_cudas_softmax_temporary():
+    """Eager attention's softmax backward runs on the CPU with CUDA's temporary (cuda_semantics): the step says so;
+    bf16 sdpa (the CPU's flash kernel, as CUDA's) has no softmax backward and says nothing of it."""
+    from memcalc.measure.step import SOFTMAX_TEMPORARY_NOTE
+
+    eager = _measured(("bf16-pure", "adamw", "foreach", "none", "eager"))
+    assert SOFTMAX_TEMPORARY_NOTE in eager.notes
+    flash = _measured(("bf16-pure", "adamw", "foreach", "none", "sdpa"))
+    assert SOFTMAX_TEMPORARY_NOTE not in flash.notes

@@ -56,6 +56,12 @@ SHARED_WEIGHT_NOTE = ("a weight is used twice (a tied or shared embedding): unde
 GRAD_SCALER_NOTE = ("amp-fp16 ran with torch.amp.GradScaler, as HF Trainer runs it: the loss scaled before backward, "
                     "the gradients unscaled in place and checked before the optimizer step")
 
+# A CPU step whose backward ran softmax's backward (eager attention, sdpa's math path): it made the temporary CUDA's
+# kernel makes (memcalc.measure.cuda_semantics.softmax_backward_like_cuda)
+SOFTMAX_TEMPORARY_NOTE = ("softmax's backward made CUDA's temporary here (grad * output, the incoming gradient's size: "
+                          "SoftMax.cu softmax_backward_cuda_out makes it, the CPU kernel does not; emulated, "
+                          "cuda_semantics.softmax_backward_like_cuda)")
+
 Progress = Callable[[str], None]
 
 
@@ -840,6 +846,8 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         trk.OPTIMIZER_STATES: storage_bytes(t for ts in states.values() for t in ts),
     }
     tracker.events = None
+    if device == "cpu" and "_softmax_backward_data" in tracker.ops_seen:
+        notes.append(SOFTMAX_TEMPORARY_NOTE)
     return StepResult(
         setup=setup, tracker=tracker, model_class=type(model).__name__,
         num_params=sum(p.numel() for p in model.parameters()),

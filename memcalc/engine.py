@@ -1111,7 +1111,8 @@ def _head_gradient(model: ModelInput, tensors: Sequence[ParamTensor], vocabulary
     grad = numel * bytes_per_grad
     # What a chunked or fused loss changes: torchtune's chunked output applies the head once per chunk (its chunks'
     # gradients are summed as above: two views, out of place, then in place into that fresh sum); Liger's fused
-    # loss computes the weight's gradient in the forward (counted in logits_and_loss) and returns it in backward.
+    # loss computes the weight's gradient in the forward (counted in logits_and_loss) and returns it in backward, where
+    # a tied weight's waits in the input buffer like the head's own (measured on an H200: 0.55% low without it).
     fused, chunked = spec.loss == LossKind.fused_linear, spec.loss == LossKind.chunked and spec.loss_chunks > 1
     made = numel * _bytes_per(recipe.compute_dtype) if recipe.autocast else grad  # mm's result
     # The sum becomes p.grad, which the gradients term counts: plain data parallel, one micro-batch per step.
@@ -1129,7 +1130,7 @@ def _head_gradient(model: ModelInput, tensors: Sequence[ParamTensor], vocabulary
     else:
         at_backward = made + max(logits_gradient, cast)
     if tied:
-        held = 0 if fused else grad  # in the input buffer (fused: inside logits_and_loss until its backward)
+        held = grad  # in the input buffer (fused: inside logits_and_loss until its backward, then there)
     else:
         held = grad if stolen else 0  # p.grad; or added into a p.grad already counted; or handed to a reduce buffer
     held_late = grad if tied and not stolen else 0

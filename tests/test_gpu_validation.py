@@ -244,10 +244,16 @@ def test_the_second_h200_run_against_todays_rules():
     assert all(" ckpt=full " in label and (" eager " in label or " fp32 " in label) for label in low_then)
     # (beside them one preset row: Liger's fused linear cross-entropy alone, -0.55%, its peak in the backward where
     # the estimate's is in the forward: left open)
-    assert {label for label, error in then.items() if error < -0.5} - low_then == {
-        "llama-3.2-1b bf16-pure Liger fused-linear b4xs1024"}
-    assert min(then.values()) < -2.5
+    liger = "llama-3.2-1b bf16-pure Liger fused-linear b4xs1024"
+    assert {label for label, error in then.items() if error < -0.5} - low_then == {liger}
+    # ... which was the tied head's gradient, returned by the fused loss's backward and held in autograd's input
+    # buffer through the backward (memcalc.engine, the head's gradient), as an unfused head's: now 0.11% low
     by_label = {case.label: case for case in gv.cases(parts=gv.PARTS)}
+    row = next(r for r in rows if r.label == liger)
+    _config, model = gv._config(by_label[liger])
+    row.estimate_bytes = run(model, by_label[liger].spec).per_gpu.step_peak().bytes
+    assert -0.12 < row.allocated_error < -0.10
+    assert min(then.values()) < -2.5
     checked = 0
     for row in rows:
         family = row.label.split()[1] if row.label.startswith("family ") else ""

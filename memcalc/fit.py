@@ -132,13 +132,21 @@ class GpuTarget:
     def workspace_bytes(self) -> int:
         """The cuBLAS workspaces the caching allocator makes in the first step and keeps beside the tensors, one per
         handle (the forward's thread and autograd's device thread; memcalc.allocator.cublas_workspace_bytes, 2 x 32
-        MiB on an H200: its steps' requested peaks held them, docs/accuracy-gpu.md); 0 under --reserved, whose replay
-        holds them; a card not known (--gpu-memory) takes the larger size."""
+        MiB on an H200: its steps' requested peaks held them, docs/accuracy-gpu.md), and the 1 MiB per thread a
+        biased Linear's first step keeps (memcalc.allocator.CUBLASLT_WORKSPACE; counted whether the model has biases
+        or not); 0 under --reserved, whose replay holds the workspaces; a card not known (--gpu-memory) takes the
+        larger size."""
         if self.predicted_reserve_bytes is not None:
             return 0
-        from memcalc.allocator import CUBLAS_WORKSPACE_LARGE, step_workspace_bytes
+        from memcalc.allocator import (
+            CUBLAS_HANDLES_PER_STEP,
+            CUBLAS_WORKSPACE_LARGE,
+            CUBLASLT_WORKSPACE,
+            step_workspace_bytes,
+        )
 
-        return step_workspace_bytes(self.compute_capability, unknown=CUBLAS_WORKSPACE_LARGE)
+        return (step_workspace_bytes(self.compute_capability, unknown=CUBLAS_WORKSPACE_LARGE)
+                + CUBLAS_HANDLES_PER_STEP * CUBLASLT_WORKSPACE)
 
     @property
     def usable_bytes(self) -> int:

@@ -363,7 +363,8 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
                    "bytes for the changes below; --cuda-context") if fit.allocator_reserve_predicted \
         else "assumed; --cuda-context, --reserve-fraction, or --reserved to predict it"
     workspaces = (f" - cuBLAS workspaces {size(fit.cublas_workspace_bytes)} (one per handle: the forward's and "
-                  "autograd's threads, CublasHandlePool.cpp)") if fit.cublas_workspace_bytes else ""
+                  "autograd's threads, CublasHandlePool.cpp; with 1 MiB each that a biased Linear's first step "
+                  "keeps)") if fit.cublas_workspace_bytes else ""
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} "
         f"({fit.cuda_context_source}){workspaces} - allocator reserve {size(fit.allocator_reserve_bytes)} "
         f"({reserve_how})", indent="  ")

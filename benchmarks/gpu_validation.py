@@ -30,6 +30,13 @@ torchao==0.18.0 liger-kernel`` into a folder .git/info/exclude ignores, carried 
 
 (memcalc's estimate and a measured step were checked on CPU under transformers 5.17, that machine's release.)
 
+Options for a second look (harness 3): ``--parts`` picks the groups (``families``: the CPU families matrix's
+quarter, each estimate as a user gets it, opt-in), ``--only`` the labels containing a text, ``--history`` records
+named configurations' measured steps with the allocator's history (what was live at the peak and at the end by
+allocating stack, and the allocations no tracked tensor owns), ``--context`` reads the CUDA context in fresh processes
+as a process goes on; ``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as
+that run computed them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them.
+
 Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the test
 suite does: tests/test_gpu_validation.py).
 """

@@ -47,6 +47,7 @@ PART_PROJECTIONS = "embedding projections"  # OPT-350m project_in / project_out 
 # temporary CUDA's kernel makes of their product (aten/src/ATen/native/cuda/SoftMax.cu softmax_backward_cuda_out)
 SOFTMAX_BACKWARD_FP32 = 3 * BYTES_PER_FP32
 
+
 @dataclass(eq=False, repr=False)
 class Run:
     """The shapes and dtypes of one micro-batch's forward."""

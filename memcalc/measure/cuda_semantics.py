@@ -23,6 +23,9 @@ decide as CUDA does (``like_cuda``):
    memory-efficient kernels apply it in the kernel (saving only the RNG seed and offset), the CPU's math kernel
    materialises the s^2 scores; here sdpa runs with its dropout inside the kernel too (the CPU flash kernel, no
    dropout: the same saved q, k, v, output and log-sum-exp).
+4. softmax's backward: CUDA's kernel (SoftMax.cu ``softmax_backward_cuda_out``) computes ``grad * output`` into a
+   temporary of the incoming gradient's size; the CPU's needs none. Here the CPU makes it too
+   (``softmax_backward_like_cuda``, inside ``kernels_like_cuda``, which memcalc's measured CPU steps also run).
 
 Not emulated (named in ``NOT_EMULATED``): which sdpa kernel CUDA picks (fp32 inputs or masks take the
 memory-efficient kernel, whose log-sum-exp is padded to a multiple of 32 rows: the same bytes when the sequence
@@ -252,8 +255,8 @@ def softmax_backward_like_cuda() -> Iterator[None]:
     gradient's size, then reduces it into the op's output; the tmp is freed when the op returns. The CPU's kernel
     (softmax_backward_cpu_out) needs none. Inside the C++ kernel the tmp is no op a dispatch mode sees, but the caching
     allocator holds it beside the output: an eager attention's (or sdpa math path's) s^2 scores' gradient once more,
-    at softmax's backward (measured on an H200: checkpointed eager steps of nine families 0.6% to 2.6% above their
-    tracked tensors, by that block; benchmarks/gpu-runs/2026-12-04-h200-b). Here a Python kernel at the AutogradCPU
+    at softmax's backward (measured on an H200: 27 checkpointed steps of twelve families, eager or sdpa's math path,
+    above their tracked tensors by that block; benchmarks/gpu-runs/2026-12-04-h200-b). Here a Python kernel at the AutogradCPU
     key makes the same tmp (a mul a dispatch mode sees) beside the CPU kernel's output. log_softmax's backward has
     no tmp on CUDA (log_softmax_backward_cuda_out) and is left alone."""
     import torch
@@ -304,7 +307,6 @@ def layer_norm_stats(func: Any, args: Any, out: Any) -> Any:
 @contextlib.contextmanager
 def like_cuda() -> Iterator[None]:
     """CUDA's autocast lists, dropout, sdpa dropout, sdpa's math fallback and softmax backward's temporary while the
-    block runs (LayerNorm
-    statistics: the trace's dispatch mode calls ``layer_norm_stats``)."""
+    block runs (LayerNorm statistics: the trace's dispatch mode calls ``layer_norm_stats``)."""
     with autocast_lists(), _cuda_functions(), kernels_like_cuda():
         yield

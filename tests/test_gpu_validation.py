@@ -270,7 +270,8 @@ def test_the_second_h200_run_against_todays_rules():
 def test_the_third_h200_run_as_the_gpu_machine_computed_it():
     """benchmarks/gpu-runs/2026-12-04-h200-c (measured 2026-12-04 with the softmax temporary counted, estimates
     computed on the GPU machine under its transformers 5.17): the families matrix's quarter, hand-ruled and traced.
-    Every row within the 1% target but: DeepSeek-V2's eager checkpointed cells, over (+0.6% to +1.2%); and one row
+    Every row within the 1% target but: DeepSeek-V2's eager checkpointed cells, over (+0.6% to +1.2%; today's rule,
+    recomputed, within 0.3%); and one row
     1.18% low, Qwen2-MoE fp32 checkpointed, whose step was the process's first to run a biased Linear in a
     checkpointed recomputation: 1 MiB the allocator keeps from then on for autograd's thread (the harness reads what
     earlier rows left as held; the same 1 MiB in run b was held before that row, which was within 0.1%). GPT-J has no
@@ -292,6 +293,14 @@ def test_the_third_h200_run_as_the_gpu_machine_computed_it():
     low = [label for label, error in errors.items() if error < -0.1]
     assert sorted(low) == ["family qwen2_moe fp32 adamw-foreach sdpa ckpt=full b2xs256",
                            "qwen2 bf16-pure adamw-foreach eager ckpt=none b2xs256"]  # (the 1 MiB, forward's thread)
+    # DeepSeek-V2's rule since: what its layer made after attention released by softmax's backward (the dense first
+    # layer's turn, where the traced step peaks): within the target, over
+    by_label = {case.label: case for case in gv.cases(parts=gv.PARTS)}
+    for row in rows:
+        if row.label.startswith("family deepseek_v2 ") and " eager " in row.label:
+            _config, model = gv._config(by_label[row.label])
+            row.estimate_bytes = run(model, by_label[row.label].spec).per_gpu.step_peak().bytes
+            assert -0.01 < row.allocated_error < 0.3, (row.label, row.allocated_error)
 
 
 def test_the_cuda_context_a_training_process_holds():

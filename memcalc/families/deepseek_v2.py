@@ -29,7 +29,7 @@ from memcalc.families.moe import (
     moe_formula,
     routed_experts,
 )
-from memcalc.families.saved import Loss, Rule, Run, final_hidden_held, parts, rms_norm_bytes
+from memcalc.families.saved import PART_CASTS, Loss, Rule, Run, final_hidden_held, parts, rms_norm_bytes
 from memcalc.families.tensors import Params, decoder, decoder_heads, fused_experts, gated_mlp, pre_post_norms, router
 from memcalc.model import ROLE_ATTENTION, ParamTensor
 from memcalc.units import BYTES_PER_FP32, BYTES_PER_INT64
@@ -220,10 +220,14 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
     )
     released_at_scores = held_at_scores = 0
     if run.eager:
-        # At softmax's backward (eager_attention_forward's, as Llama's): the second matmul's backward has released the
-        # probabilities' c copy and v's contiguous copy, o_proj's its input copy; waiting, v's gradient and the
-        # residual stream's.
-        released_at_scores = ((c * b * heads * s * s if c != BYTES_PER_FP32 else 0) + 2 * c * tokens * heads * v)
+        # At softmax's backward (eager_attention_forward's, as Llama's): released by then what the layer made after
+        # its attention (the post-attention RMSNorm's saves with the MLP's input, under autocast the first layer's
+        # dense MLP input casts; o_proj's input copy) and what the second matmul saved (the probabilities' c copy, v's
+        # contiguous copy); waiting, v's gradient and the residual stream's (measured: DeepSeek-V2 eager checkpointed
+        # CPU steps peak there, at the dense first layer's turn).
+        made_after = (rms_norm_bytes(False, tokens, h, c, autocast) + c * tokens * heads * v
+                      + (_mlp(a, 0, run)[0].get(PART_CASTS, 0) if autocast else 0))
+        released_at_scores = made_after + (c * b * heads * s * s if c != BYTES_PER_FP32 else 0) + c * tokens * heads * v
         held_at_scores = c * tokens * heads * v + run.residual * tokens * h
     return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
                 gated_mlp_transient(run, a.intermediate_size, h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),

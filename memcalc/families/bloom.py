@@ -99,8 +99,17 @@ def activations(a: Arch, run: Run) -> Rule:
     # backward has released its input, the GeLU's output (c T 4h), and input_layernorm saves the layer's kept input
     # itself. (Without checkpointing the traced step, with CUDA's semantics, still holds the GeLU's output there at the
     # first layer's turn, kept; at the last layer's it has released it, and the MLP's dropout_add mask before it.)
+    # At softmax's backward (its largest moment, CUDA's temporary beside its gradients): released by then what the
+    # block made after its attention (post_attention_layernorm's input and statistics, dense_h_to_4h's input, the
+    # attention dropout_add's mask, dense's copy of the merged heads) and what the second bmm saved (the
+    # probabilities' c copy, v's copy); waiting, v's gradient and the residual stream's (measured: BLOOM eager
+    # checkpointed CPU steps).
+    made_after = (layer_norm(run, th) + linear_input(run, th, 1) + c * th
+                  + dropout_mask(a.dropout.get("hidden_dropout", 0.0), th))
+    probs_copy = c * scores if c != BYTES_PER_FP32 else 0
     return Rule([layer] * a.num_layers, formula, per_model, SOURCE, a.num_layers * th * run.residual,
                 6 * c * tokens * 4 * h + run.residual * th, Loss(tokens, a.vocab_size, BYTES_PER_FP32), [],
+                released_at_scores=made_after + probs_copy + c * th, held_at_scores=c * th + run.residual * th,
                 held=final_hidden_held(run, h), released_at_mlp=c * tokens * 4 * h if run.checkpointing else 0,
                 released_at_last_mlp=c * tokens * 4 * h + dropout_mask(a.dropout.get("hidden_dropout", 0.0), th),
                 recompute_saves_input=run.residual * th if run.checkpointing else 0)

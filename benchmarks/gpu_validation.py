@@ -248,18 +248,14 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
             # (the allocator reads its settings once per process: a GPU run sets them with _set_allocator_settings)
             _set_allocator_settings(conf, device)
         if case.library:
-            with _history(device, case.label in HISTORY) as recorded:
+            with _history(device, case.label):
                 _measure_library(row, config, case, device)
-            if recorded:
-                HISTORY[case.label] = recorded
             return row
         if isinstance(case.model, str):  # what a user sees with --reserved, before any GPU step
             row.predicted_reserved_bytes = run(model, case.spec, _gpu_target(device), allocator=parse_alloc_conf(conf),
                                                allocator_source="gpu_validation").per_gpu.reserved_peak_bytes
-        with _history(device, case.label in HISTORY) as recorded:
+        with _history(device, case.label):
             measured = measure_cuda(config, case.spec, device=device, attn_implementation=_attention(case.spec))
-        if recorded:
-            HISTORY[case.label] = recorded
         row.measured_phase = measured.measured_peak_phase
         row.segments = _segments(device)
         if events is not None and measured.allocation_events:
@@ -293,12 +289,11 @@ HISTORY: dict[str, dict] = {}
 
 
 @contextlib.contextmanager
-def _history(device: str, wanted: bool):
-    """Records the allocator's history from the measured step's start (memcalc.measure.cuda's first
-    reset_peak_memory_stats, after the warm-up step) to its end; yields a dict the summary is put into."""
-    found: dict = {}
-    if not wanted or not device.startswith("cuda"):
-        yield found
+def _history(device: str, label: str):
+    """For a label in HISTORY, records the allocator's history from the measured step's start (memcalc.measure.cuda's
+    first reset_peak_memory_stats, after the warm-up step) to its end, and puts its summary in HISTORY[label]."""
+    if label not in HISTORY or not device.startswith("cuda"):
+        yield
         return
     import torch
 
@@ -326,9 +321,9 @@ def _history(device: str, wanted: bool):
     torch.cuda.reset_peak_memory_stats = reset_and_record
     trk.MemoryTracker._add = add_and_note
     try:
-        yield found
+        yield
         if started:
-            found.update(history_summary(torch.cuda.memory._snapshot(), started[0], booked=booked))
+            HISTORY[label] = history_summary(torch.cuda.memory._snapshot(), started[0], booked=booked)
     finally:
         torch.cuda.reset_peak_memory_stats = reset
         trk.MemoryTracker._add = add
@@ -351,10 +346,10 @@ def _frames(event: dict, depth: int = 6) -> str:
         name = str(frame.get("filename", "?"))
         if any(part in name for part in _DISPATCH_FRAMES) or frame.get("name") == "__torch_dispatch__":
             continue
-        for marker in ("site-packages/", "dist-packages/", "/memcalc/", "/benchmarks/"):
+        for marker, kept in (("site-packages/", ""), ("dist-packages/", ""), ("/memcalc/", "memcalc/"),
+                             ("/benchmarks/", "benchmarks/")):
             if marker in name:
-                name = name.split(marker, 1)[1] if "packages/" in marker else marker.strip("/") + "/" + name.split(
-                    marker, 1)[1]
+                name = kept + name.split(marker, 1)[1]
                 break
         out.append(f"{name}:{frame.get('line', '?')} {frame.get('name', '?')}")
     return " < ".join(out)

@@ -148,7 +148,7 @@ def estimate(
     compare_with: Annotated[str | None, typer.Option("--compare-with", help="Put another tool's figure beside memcalc's: deepspeed, accelerate, megatron (Megatron-LM's theoretical_memory_usage.py) or llm-analysis (LLMAnalysis.training; both for Llama-layout decoders).")] = None,
     gpu: Annotated[str | None, typer.Option(help="GPU preset for the fit check (memcalc presets).")] = None,
     gpu_memory: Annotated[str | None, typer.Option(help="GPU memory for the fit check, e.g. 80GiB or 24GB.")] = None,
-    cuda_context: Annotated[str | None, typer.Option(help="CUDA context size the fit check takes (default: measured for the --gpu preset's generation where memcalc has a measurement, Hopper 619MiB; else 512MiB, assumed).")] = None,
+    cuda_context: Annotated[str | None, typer.Option(help="CUDA context size the fit check takes (default: measured for the --gpu preset's generation where memcalc has a measurement, Hopper 769MiB held by a training process; else 512MiB, assumed).")] = None,
     reserve_fraction: Annotated[float | None, typer.Option(help="Allocator reserve assumed by the fit check, 0 to 0.9 (default 0.05).")] = None,
     reserved: Annotated[bool, typer.Option("--reserved", help="Predict the caching allocator's reserved memory (max_memory_reserved) by replaying the step's allocations through a model of PyTorch's CUDA caching allocator; the fit then uses it instead of --reserve-fraction. Traces the step at full size (needs torch; cached).")] = False,
     alloc_conf: Annotated[str | None, typer.Option("--alloc-conf", help="PYTORCH_ALLOC_CONF for --reserved, e.g. expandable_segments:True (default: the environment's PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF). Implies --reserved.", show_default=False)] = None,

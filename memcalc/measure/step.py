@@ -685,7 +685,8 @@ def one_step(model: torch.nn.Module, stepper: Stepper, batch: Mapping[str, torch
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch, "labels": batch}
     for _ in range(micro_batches):
-        # (sdpa's kernel as CUDA's dispatcher picks it: fp32 with grouped heads runs the math path there)
+        # (sdpa's kernel as CUDA's dispatcher picks it, fp32 with grouped heads on the math path; softmax's backward
+        # with CUDA's temporary)
         with kernels_like_cuda():
             clock.enter(trk.FORWARD)
             loss = forward_loss(model, batch, setup)

@@ -6,52 +6,20 @@ torchao's NF4Tensor beside bitsandbytes' layout that memcalc counts: the figures
     PYTHONPATH=/tmp/tt python benchmarks/qlora_torchtune.py
 
 torchtune is not one of memcalc's extras. Its package imports its data modules (datasets, PIL, torchdata...) on the
-way to the model builders; this script stands in empty modules for those it cannot find (the builders never call
-them), and builds each model small (one layer, hidden 256) with quantize_base=True.
+way to the model builders; benchmarks/torchtune_standin.py stands in empty modules for those it cannot find (the
+builders never call them), and builds each model small (one layer, hidden 256) with quantize_base=True.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-# torchtune's data modules import these at package import; the model builders never use them.
-DATA_ONLY = ("datasets", "PIL", "torchdata", "tiktoken", "sentencepiece", "blobfile", "kagglehub", "omegaconf")
-
-
-class _Absent:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __class_getitem__(cls, item: object) -> type:
-        return cls
-
-
-class _StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self) -> None:
-        self.absent = {name for name in DATA_ONLY if importlib.util.find_spec(name) is None}
-
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in self.absent:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-        module.__getattr__ = lambda attribute: _Absent
-        return module
-
-    def exec_module(self, module):
-        return None
-
+import torchtune_standin
 
 # torchtune's module names -> transformers' (memcalc's inventory names).
 RENAME = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
@@ -66,7 +34,7 @@ def _short(names: set[str]) -> str:
 
 
 def main() -> int:
-    sys.meta_path.insert(0, _StandIn())
+    torchtune_standin.install()
     try:
         import torch
         from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4

@@ -21,17 +21,19 @@ T = TypeVar("T")
 CACHE_ENV = "MEMCALC_CACHE_DIR"
 
 
-def versions() -> dict[str, str]:
-    """torch's and transformers' versions, from their installed metadata ('' when one is absent)."""
+def version_of(name: str) -> str:
+    """An installed package's version, from its metadata ('' when it is absent)."""
     from importlib import metadata
 
-    found = {}
-    for name in ("torch", "transformers"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = ""
-    return found
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def versions() -> dict[str, str]:
+    """torch's and transformers' versions, from their installed metadata ('' when one is absent)."""
+    return {name: version_of(name) for name in ("torch", "transformers")}
 
 
 def cache_dir() -> Path:

@@ -181,6 +181,7 @@ def estimate(
     qlora_scope: Annotated[str, typer.Option(help="QLoRA: which Linear layers are 4-bit: all-linear (bitsandbytes through transformers; torchtune's Llama, Mistral, Gemma, Phi-3) or lora-targets (only those LoRA wraps: torchtune's Qwen2, Qwen2.5, Qwen3).")] = "all-linear",
     qlora_double_quant: Annotated[bool, typer.Option("--qlora-double-quant/--no-qlora-double-quant", help="QLoRA: the 4-bit blocks' absmax quantized again (bnb_4bit_use_double_quant; TRL's default is off: use_bnb_nested_quant).")] = True,
     qlora_lm_head: Annotated[bool, typer.Option("--qlora-lm-head", help="QLoRA: the output head 4-bit too (BitsAndBytesConfig llm_int8_skip_modules without lm_head); an untied head only.")] = False,
+    qlora_quantizer: Annotated[str, typer.Option(help="QLoRA: which library stores the 4-bit base: bitsandbytes (transformers' 4-bit loading: HF Trainer, TRL, axolotl) or torchao (its NF4Tensor, as torchtune's qlora_ builders make it: the step traced with torchao's own to_nf4 and linear_nf4, which needs torchao).")] = "bitsandbytes",
     freeze: Annotated[str | None, typer.Option(help="Freeze parts: embeddings, lm_head, norms, attention, mlp (comma-separated).")] = None,
     verify: Annotated[str | None, typer.Option(
         "--verify", help="Measure a real training step beside the estimate: --verify (auto: cuda with a GPU, else a "

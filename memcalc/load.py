@@ -19,6 +19,12 @@ Each path follows the code that runs it (transformers 5.24, bitsandbytes 0.50, P
   PEFT's ``prepare_model_for_kbit_training`` (``utils/other.py``) casts every other 16-bit parameter to fp32 one at a
   time (``param.data = param.data.to(torch.float32)``): the 16-bit tensor and its fp32 copy exist together. The
   host holds one checkpoint tensor at a time.
+- **torchtune's QLoRA** (``torchtune-qlora``, ``--qlora-quantizer torchao``): ``recipes/lora_finetune_single_device.py``
+  ``_setup_model`` builds the model under the GPU as the default device, each ``LoRALinear(quantize_base=True)``
+  quantizing its new 16-bit weight with torchao's ``to_nf4``, then ``load_state_dict`` copies the checkpoint in
+  (torchtune's checkpointer holds it whole on the host): NF4Tensor's ``copy_`` moves each tensor to the GPU and
+  quantizes it again. The largest moment is the largest weight's ``to_nf4`` (``torchao_to_nf4_peak``) beside the
+  whole model.
 - **DeepSpeed ZeRO-3** (``zero3``): transformers builds the model under ``deepspeed.zero.Init`` (each parameter
   partitioned as it is made) and ``integrations/deepspeed.py`` ``_load_state_dict_into_zero3_model`` loads module
   by module inside ``GatheredParameters(module.named_parameters(recurse=False), modifier_rank=0)``: the module's own
@@ -60,13 +66,21 @@ from memcalc.model import (
 from memcalc.parallel import fsdp2_shard_numel
 from memcalc.report import LoadPhase
 from memcalc.spec import Sharding, TrainingSpec
-from memcalc.trainable import NF4_BLOCKSIZE, TrainableSubset, nf4_bytes
+from memcalc.trainable import (
+    NF4_BLOCKSIZE,
+    TORCHAO_NF4_CHUNK,
+    TORCHAO_PER_TENSOR_BYTES,
+    TORCHAO_SCALER_BLOCKSIZE,
+    TrainableSubset,
+    nf4_bytes,
+)
 from memcalc.units import BYTES_PER_FP32
 from memcalc.vocab import (
     EXTRA_LOAD_CONVERSION,
     EXTRA_LOAD_GATHERED,
     EXTRA_LOAD_IN_FLIGHT,
     EXTRA_LOAD_QUANTIZE,
+    EXTRA_LOAD_TORCHAO_NF4,
     EXTRA_LOAD_UNIT,
     EXTRA_LOAD_UPCAST,
     TERM_WEIGHTS,
@@ -74,6 +88,7 @@ from memcalc.vocab import (
 
 PATH_HOST_THEN_GPU = "host-then-gpu"
 PATH_QLORA = "qlora"
+PATH_TORCHTUNE_QLORA = "torchtune-qlora"
 PATH_ZERO3 = "zero3"
 PATH_FSDP2 = "fsdp2"
 PATH_SHARDED = "sharded"
@@ -81,6 +96,8 @@ MEASURED = "measured on CPU loads of the real libraries (memcalc.measure.load, t
 MEASURED_FSDP2 = ("fully_shard's shards measured on the fake process group (memcalc.measure.load.measure_fsdp2); the "
                   "host side modelled")
 MODELLED = "modelled from the code, not measured"
+MODELLED_TORCHAO = ("modelled from torchtune's and torchao's code; to_nf4's moment measured on CPU tensors "
+                    "(tests/test_load.py); the step's reserved memory after it measured on an H200 (docs/accuracy.md)")
 # bitsandbytes functional.quantize_blockwise: create_dynamic_map()'s 256 fp32 entries, made on the device at the first
 # double quantization and kept (name2qmap["dynamic"])
 DYNAMIC_MAP_BYTES = 256 * BYTES_PER_FP32
@@ -198,6 +215,29 @@ def _qlora(base: Sequence[ParamTensor], subset: TrainableSubset, bytes_16: int, 
     return _largest(moments)
 
 
+def torchao_to_nf4_peak(numel: int) -> int:
+    """The bytes live at the largest moment of torchao's ``to_nf4`` of a bf16 tensor, that tensor included (torchao
+    0.18 quantization/quantize_/workflows/nf4/nf4_tensor.py ``NF4Tensor.from_tensor``): the input (2 B per element);
+    what ``double_quantize_scalers`` keeps (an int8 scaler per 64-element block, a bf16 factor per 256 blocks, the
+    bf16 mean) and the 16-entry bf16 code; then in ``convert_to_norm_float_weight`` the bf16 absmax per block, the
+    input scaled by it (bf16), the uint8 code indices, and inside the loop over chunks of ``TORCHAO_NF4_CHUNK``
+    elements ``quantize_tensor_nearest``'s difference from each of the 16 codes and its absolute value (bf16: 2 x 32 B
+    per element of the chunk)."""
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    kept = blocks + math.ceil(blocks / TORCHAO_SCALER_BLOCKSIZE) * 2 + TORCHAO_PER_TENSOR_BYTES
+    return 2 * numel + kept + 2 * blocks + 2 * numel + numel + 2 * 2 * 16 * min(numel, TORCHAO_NF4_CHUNK)
+
+
+def _torchtune_qlora(base: Sequence[ParamTensor], subset: TrainableSubset, weights_bytes: int) -> _Moment:
+    """torchtune's build and load (module docstring): the largest weight quantized again by load_state_dict beside
+    the whole model (its old NF4 included), the largest moment of both passes."""
+    largest = max((t for t in base if t.name in subset.quantized), key=lambda t: t.numel)
+    at_work = torchao_to_nf4_peak(largest.numel)
+    arrived = 2 * largest.numel
+    return _Moment(weights_bytes + at_work, f"quantizing {largest.name} again as the checkpoint is copied in",
+                   {TERM_WEIGHTS: weights_bytes, EXTRA_LOAD_IN_FLIGHT: arrived, EXTRA_LOAD_TORCHAO_NF4: at_work - arrived})
+
+
 def _fsdp2_bytes(t: ParamTensor, upcast: bool, bytes_per_weight: int) -> int:
     """Bytes per element FSDP2 holds of a tensor through accelerate: fp32 for a trainable one under mixed precision
     (cast on the host before fully_shard), else the load dtype's."""
@@ -280,7 +320,7 @@ def path_of(spec: TrainingSpec) -> str:
     if spec.sharding == Sharding.deepspeed and spec.zero_stage == 3:
         return PATH_ZERO3
     if spec.qlora:
-        return PATH_QLORA
+        return PATH_TORCHTUNE_QLORA if spec.qlora_quantizer.value == "torchao" else PATH_QLORA
     return PATH_HOST_THEN_GPU
 
 
@@ -297,7 +337,7 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
     per_node = spec.gpus_per_node
     largest_tensor = max((t.numel for t in base), default=0)
     unmodelled = ""
-    if spec.qlora and path != PATH_QLORA:
+    if spec.qlora and path not in (PATH_QLORA, PATH_TORCHTUNE_QLORA):
         unmodelled = ("; QLoRA's quantizing load under this sharding is not modelled: what arrives whole is counted "
                       "unquantized, the rest as the step's weights")
     if not architecture_known and path in (PATH_ZERO3, PATH_FSDP2):
@@ -317,7 +357,15 @@ def estimate(base: Sequence[ParamTensor], subset: TrainableSubset, spec: Trainin
                      "functional.quantize_4bit)"
                      + (", then PEFT's prepare_model_for_kbit_training casts the other 16-bit parameters to fp32"
                         if subset.upcast else "") + "; the host holds one checkpoint tensor at a time (torchtune's "
-                     "own QLoRA build, NF4 made by torchao as each layer is created, is not modelled)", MEASURED)
+                     "QLoRA: --qlora-quantizer torchao)", MEASURED)
+    if path == PATH_TORCHTUNE_QLORA:
+        return phase(_torchtune_qlora(base, subset, weights_bytes), sum(t.numel for t in base) * bytes_16,
+                     "torchtune's QLoRA (recipes/lora_finetune_single_device.py _setup_model): the model built on the "
+                     "GPU, each quantized weight made in 16-bit and turned into torchao's NF4Tensor (to_nf4) as its "
+                     "layer is built, then load_state_dict moves each checkpoint tensor to the GPU and quantizes it "
+                     "again (NF4Tensor.copy_); torchtune's checkpointer holds the whole checkpoint on the host. "
+                     "to_nf4 as torchao 0.2 on runs it (in chunks of 2^20 elements; torchao 0.1 compared whole "
+                     "tensors with the 16 codes, 64 B more per element)", MODELLED_TORCHAO)
     if path == PATH_FSDP2:
         tensors = subset.tensors
         trainable = [t for t in tensors if t.trainable]

@@ -88,6 +88,7 @@ class Request:
     qlora_scope: str = "all-linear"
     qlora_double_quant: bool = True
     qlora_lm_head: bool = False
+    qlora_quantizer: str = "bitsandbytes"
     compile: bool = False
     repeat_kv: bool = False
     fp8: str = "none"
@@ -196,7 +197,7 @@ def _not_empty(request: Request, *names: str) -> None:
 # Request fields by the kind of value they take: text (names), switches, lists of names. Checked before anything
 # reads them.
 _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "checkpointing", "loss",
-         "attn", "activations", "sharding", "engine", "offload", "activation_offload", "qlora_scope", "fp8", "gpu", "from_format",
+         "attn", "activations", "sharding", "engine", "offload", "activation_offload", "qlora_scope", "qlora_quantizer", "fp8", "gpu", "from_format",
          "alloc_conf", "pp_schedule", "lora_dtype")
 _SWITCHES = ("amsgrad", "optim_in_backward", "checkpoint_reentrant", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
@@ -349,8 +350,12 @@ def _plan(request: Request) -> Plan:
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout, "dora": request.dora,
         "lora_modules_to_save": tuple(_names(request.lora_modules_to_save) or ()),
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
-        "qlora_upcast": request.qlora_upcast, "qlora_scope": request.qlora_scope,
-        "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head, "freeze": freeze,
+        # (torchtune, whose QLoRA torchao's quantizer is, keeps the rest in the model's dtype: unless upcast is asked)
+        "qlora_upcast": request.qlora_upcast and (request.qlora_quantizer != "torchao"
+                                                  or request.is_chosen("qlora_upcast")),
+        "qlora_scope": request.qlora_scope,
+        "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head,
+        "qlora_quantizer": request.qlora_quantizer, "freeze": freeze,
         "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
         "cpu_ram_efficient_loading": request.cpu_ram_efficient_loading,
         "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,

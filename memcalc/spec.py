@@ -142,6 +142,16 @@ class QloraScope(str, Enum):
     lora_targets = "lora-targets"
 
 
+class QloraQuantizer(str, Enum):
+    """Which library stores QLoRA's 4-bit base. bitsandbytes: transformers' 4-bit loading (Params4bit, Linear4bit;
+    HF Trainer, TRL, axolotl, LLaMA-Factory); torchao: torchao's NF4Tensor, as torchtune's QLoRA builders make it
+    (modules/peft/lora.py LoRALinear(quantize_base=True): to_nf4 of each weight as the layer is built, again as the
+    checkpoint is copied in, and linear_nf4 dequantizing it in each forward and backward)."""
+
+    bitsandbytes = "bitsandbytes"
+    torchao = "torchao"
+
+
 class Fp8Recipe(str, Enum):
     """torchao float8 training (float8/float8_linear.py Float8Linear, torchtitan's float8 converter): none;
     tensorwise: one scale per tensor; rowwise: one scale per row (axiswise)."""
@@ -232,6 +242,7 @@ class TrainingSpec:
     qlora_scope: QloraScope = QloraScope.all_linear
     qlora_double_quant: bool = True  # BitsAndBytesConfig.bnb_4bit_use_double_quant (absmax quantized again)
     qlora_lm_head: bool = False  # the output head in NF4 too (BitsAndBytesConfig(llm_int8_skip_modules=[]))
+    qlora_quantizer: QloraQuantizer = QloraQuantizer.bitsandbytes
     freeze: tuple[str, ...] = ()
     compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa (torchtune's, litgpt's attention)
@@ -315,7 +326,7 @@ class TrainingSpec:
                            ("pp_schedule", PipelineSchedule),
                            ("offload", Offload), ("activations", ActivationSource), ("loss", LossKind),
                            ("activation_offload", ActivationOffload), ("qlora_scope", QloraScope),
-                           ("fp8", Fp8Recipe)):
+                           ("qlora_quantizer", QloraQuantizer), ("fp8", Fp8Recipe)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
@@ -381,13 +392,26 @@ class TrainingSpec:
             raise UsageError("{dora} decomposes LoRA's adapted weights: add {lora_rank} R")
         if not self.qlora:
             given = [name for name, default in (("qlora_upcast", True), ("qlora_scope", QloraScope.all_linear),
-                                                ("qlora_double_quant", True), ("qlora_lm_head", False))
+                                                ("qlora_double_quant", True), ("qlora_lm_head", False),
+                                                ("qlora_quantizer", QloraQuantizer.bitsandbytes))
                      if getattr(self, name) != default]
             if given:
                 value = getattr(self, given[0])
                 shown = value.value if isinstance(value, Enum) else value
                 raise UsageError(f"{{{given[0]}}} {shown} sets how QLoRA stores its base: add {{qlora}} (with "
                                  "{lora_rank} R)")
+        if self.qlora and self.qlora_quantizer == QloraQuantizer.torchao:
+            # torchtune keeps the rest in the model's dtype (no prepare_model_for_kbit_training), its NF4Tensor always
+            # quantizes the scalers again, and its builders never quantize the output head
+            for given, why in (
+                    (self.qlora_upcast, ("torchtune keeps the base's other tensors in the model's dtype (the fp32 cast "
+                     "of {qlora_upcast} is PEFT's prepare_model_for_kbit_training): leave {qlora_upcast} out")),
+                    (not self.qlora_double_quant, ("its NF4Tensor always quantizes the scalers again: leave "
+                     "{qlora_double_quant} on")),
+                    (self.qlora_lm_head, ("torchtune's builders leave the output head unquantized: drop "
+                     "{qlora_lm_head}"))):
+                if given:
+                    raise UsageError(f"{{qlora_quantizer}} torchao: {why}")
         if self.cpu_ram_efficient_loading and self.sharding != Sharding.fsdp:
             raise UsageError("{cpu_ram_efficient_loading} is accelerate's FSDP loading: use it with {fsdp}")
         if self.fp8 != Fp8Recipe.none and get_recipe(self.precision, self.master_dtype, self.grad_dtype,

@@ -29,7 +29,7 @@ from memcalc.model import (
     token_embedding,
 )
 from memcalc.precision import get_recipe
-from memcalc.spec import QloraScope
+from memcalc.spec import QloraQuantizer, QloraScope
 from memcalc.units import BYTES_PER_FP32
 
 if TYPE_CHECKING:
@@ -52,6 +52,14 @@ NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 # block and the 16-entry fp32 code (functional.quantize_4bit: QuantState(absmax, code=code, ...), no state2).
 NF4_SINGLE_PER_TENSOR_BYTES = 16 * 4
 UPCAST_PART = "fp32 (upcast by prepare_model_for_kbit_training)"
+# torchao's NF4Tensor (torchao/quantization/quantize_/workflows/nf4/nf4_tensor.py NF4Tensor.from_tensor, torchao 0.18;
+# torchtune's QLoRA): codes 2 per byte (quantized_data); an int8 scaler per 64-element block (quantized_scalers); a
+# bf16 quantization_factor per 256 blocks; per tensor a bf16 scaler_mean and the 16-entry bf16 nf4 code.
+TORCHAO_SCALER_BLOCKSIZE = 256
+TORCHAO_PER_TENSOR_BYTES = 2 + 16 * 2
+# NF4Tensor.convert_to_norm_float_weight compares each element with the 16 codes in chunks of this many elements
+# (CHUNK_SIZE, torchao 0.2 on; torchao 0.1 compared the whole tensor at once)
+TORCHAO_NF4_CHUNK = 1024**2
 
 FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
     "embeddings": (ROLE_EMBEDDING, ROLE_POSITION_EMBEDDING),
@@ -62,9 +70,20 @@ FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def nf4_bytes(numel: int, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes holds for one NF4 tensor, with double quantization or without."""
+# benchmarks/gpu-runs/2026-12-04-h200-d/tthead.json against the estimate of the same run (docs/accuracy.md)
+TORCHTUNE_MODULES_NOTE = (
+    "torchtune's QLoRA: memcalc counts transformers' modules with torchao's NF4 layers; torchtune's own model holds "
+    "more: a RoPE table per layer (fp32, max_seq_len x head_dim: 2 MiB each for Llama-2), and its recipe copies the "
+    "shifted logits. Llama-2-7B's step with torchtune's own modules measured 2.8% above this estimate on an H200")
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, torchao: bool = False) -> int:
+    """Bytes bitsandbytes holds for one NF4 tensor, with double quantization or without; ``torchao``: torchao's
+    NF4Tensor's (always double-quantized)."""
     num_blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    if torchao:
+        return (math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / TORCHAO_SCALER_BLOCKSIZE) * 2
+                + TORCHAO_PER_TENSOR_BYTES)
     if not double_quant:
         return math.ceil(numel / 2) + num_blocks * BYTES_PER_FP32 + NF4_SINGLE_PER_TENSOR_BYTES
     return math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / NF4_NESTED_BLOCKSIZE) * 4 + NF4_PER_TENSOR_BYTES
@@ -81,6 +100,7 @@ class TrainableSubset:
     autocast_forward_only_numel: int = 0  # with checkpointing: the layers' casts, cached until autocast exits
     notes: tuple[str, ...] = ()
     double_quant: bool = True  # the NF4 base's absmax quantized again (bnb_4bit_use_double_quant)
+    torchao: bool = False  # the NF4 base is torchao's NF4Tensor (torchtune's QLoRA), not bitsandbytes'
 
     @property
     def _num_all(self) -> int:
@@ -91,7 +111,7 @@ class TrainableSubset:
         quantized = [t for t in self.tensors if t.name in self.quantized]
         upcast = sum(t.numel for t in self.tensors if t.name in self.upcast)
         return (self._num_all - sum(t.numel for t in quantized) - upcast, upcast,
-                sum(nf4_bytes(t.numel, self.double_quant) for t in quantized))
+                sum(nf4_bytes(t.numel, self.double_quant, self.torchao) for t in quantized))
 
     def weight_bytes(self, weight_numel_on_rank: int, bytes_per_weight: int) -> int:
         if not self.quantized:
@@ -283,7 +303,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
             quantized = _quantized(frozen, tuple(targets), spec)
             stored = (f"{'all Linear' if spec.qlora_scope == QloraScope.all_linear else 'the LoRA-wrapped Linear'} "
                       f"weights{' and the output head' if spec.qlora_lm_head else ''} in NF4 "
-                      f"{'with' if spec.qlora_double_quant else 'without'} double quantization")
+                      + ("as torchao's NF4Tensor (torchtune)" if spec.qlora_quantizer == QloraQuantizer.torchao else
+                         f"{'with' if spec.qlora_double_quant else 'without'} double quantization"))
             if spec.qlora_upcast:
                 # peft utils/other.py prepare_model_for_kbit_training: every fp16/bf16 parameter but Params4bit to
                 # fp32, before the adapters are added (HF Trainer's, TRL's and axolotl's QLoRA path).
@@ -294,6 +315,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                              "--no-qlora-upcast keeps them 16-bit, as torchtune does)")
             else:
                 notes.append(f"QLoRA: {stored}; the base's other tensors stay 16-bit")
+            if spec.qlora_quantizer == QloraQuantizer.torchao:
+                notes.append(TORCHTUNE_MODULES_NOTE)
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
             tensors, quantized, spec.checkpointed, whole_model=spec.pp == 1)
@@ -302,7 +325,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
         if get_recipe(spec.precision).autocast:
             notes.append("without an architecture, every parameter is assumed to be a Linear weight for autocast copies")
     return TrainableSubset(tuple(tensors), frozenset(quantized), frozenset(upcast), autocast_numel, recompute_numel,
-                           forward_only_numel, tuple(notes), spec.qlora_double_quant)
+                           forward_only_numel, tuple(notes), spec.qlora_double_quant,
+                           spec.qlora and spec.qlora_quantizer == QloraQuantizer.torchao)
 
 
 def _quantized(frozen: list[ParamTensor], targets: tuple[str, ...], spec: TrainingSpec) -> set[str]:

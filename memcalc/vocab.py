@@ -111,6 +111,7 @@ EXTRA_INPUT_BACKWARD_RETAINED = "the input backward's retained tensors"
 EXTRA_LATER_EMBEDDING_GRADIENT = "the embedding's new gradient, before it is added"
 EXTRA_LOAD_IN_FLIGHT = "a checkpoint tensor on the GPU before it is quantized"
 EXTRA_LOAD_QUANTIZE = "its NF4 codes and absmax being made"
+EXTRA_LOAD_TORCHAO_NF4 = "torchao's to_nf4 at work on it"
 EXTRA_LOAD_UPCAST = "a 16-bit parameter beside its fp32 cast"
 EXTRA_LOAD_UNIT = "an FSDP2 unit's parameters, whole, before fully_shard shards them"
 EXTRA_LOAD_GATHERED = "a module's parameters gathered whole to load them"
@@ -121,6 +122,10 @@ EXTRA_MEANING = {
                           "dtype and bitsandbytes quantizes it there (Params4bit._quantize); one at a time",
     EXTRA_LOAD_QUANTIZE: "the load, QLoRA: functional.quantize_4bit's packed codes and fp32 absmax, and with double "
                          "quantization absmax - offset and its own quantization, before the fp32 absmax is freed",
+    EXTRA_LOAD_TORCHAO_NF4: "the load, torchtune's QLoRA: torchao's to_nf4 (NF4Tensor.from_tensor) of the largest "
+                            "weight: its new int8 scalers, the per-block absmax, the weight scaled by it (bf16), the "
+                            "uint8 code indices, and for one chunk of 2^20 elements the difference from each of the "
+                            "16 codes and its absolute value (bf16)",
     EXTRA_LOAD_UPCAST: "the load: PEFT's prepare_model_for_kbit_training (or accelerate's FSDP2 mixed precision) sets "
                        "param.data = param.data.to(torch.float32), so the 16-bit tensor and its fp32 copy coexist",
     EXTRA_LOAD_UNIT: "the load, FSDP2 through accelerate: fully_shard moves the unit's parameters whole to the GPU "

@@ -523,10 +523,13 @@ def test_torchtune_qlora_keeps_the_base_s_other_tensors_in_its_dtype():
     settings = _settings(data)
     assert (settings["qlora"], settings["qlora_upcast"]) == (True, False)
     assert "qlora_scope" not in settings  # all-linear
+    # modules/peft/lora.py LoRALinear(quantize_base=True): torchao's to_nf4 and linear_nf4, not bitsandbytes
+    assert settings["qlora_quantizer"] == "torchao"
     qwen = _settings({**data, "model": {**data["model"], "_component_": "torchtune.models.qwen2_5.qlora_qwen2_5_0_5b"}})
     assert (qwen["qlora"], qwen["qlora_scope"]) == (True, "lora-targets")
     trl = _settings({"max_length": 512, "use_peft": True, "load_in_4bit": True})
     assert trl["qlora"] is True and "qlora_upcast" not in trl  # the default: upcast
+    assert "qlora_quantizer" not in trl  # the default: bitsandbytes
     # trl/trainer/model_config.py: use_bnb_nested_quant False by default, passed as bnb_4bit_use_double_quant.
     assert trl["qlora_double_quant"] is False
     assert _settings({"max_length": 512, "use_peft": True, "load_in_4bit": True,

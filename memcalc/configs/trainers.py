@@ -1289,9 +1289,8 @@ def _read_torchtune(r: _Reader) -> None:
                 # models/qwen2/_component_builders.py lora_qwen2_self_attention / lora_qwen2: the projections LoRA
                 # does not wrap are nn.Linear, quantize_base or not (Qwen2.5 and Qwen3 build from the same code).
                 r.set("qlora_scope", "lora-targets", "model._component_", builder)
-            r.note("torchao's NF4Tensor (blocks of 64, int8 scalers with a bf16 factor per 256) is counted as "
-                   "bitsandbytes' NF4 with double quantization: the same block sizes, about 1 KiB more per tensor "
-                   "(bitsandbytes' fp32 codes)")
+            # modules/peft/lora.py LoRALinear(quantize_base=True): torchao's to_nf4 and linear_nf4
+            r.set("qlora_quantizer", "torchao", "model._component_", builder)
     for key in ("batch_size", "gradient_accumulation_steps"):
         if not r.has(key):
             raise r.fail(f"{key} is missing; torchtune's recipes read it")

@@ -16,6 +16,14 @@ engine counts the NF4 base), and the dequantized tensors are zeros of the same s
 layers as plain Linear layers (peft tuners/lora/bnb.py ``Linear4bit.forward`` also clones the base output, a transient
 of the output's size that is not followed). ``prepare_model_for_kbit_training``'s cast of the other 16-bit parameters
 to fp32 is ``upcast``.
+
+torchao's NF4 (``--qlora-quantizer torchao``, torchtune's QLoRA) is not emulated: ``quantize_torchao`` runs the
+installed torchao's own ``to_nf4`` on each weight (its NF4Tensor is made of plain tensors, which FakeTensorMode
+fakes) and the layer's forward is torchao's ``LinearNF4``, as torchtune's LoRALinear(quantize_base=True) runs it
+(``linear_nf4``): each forward and backward dequantizes the weight with torchao's ``NF4Tensor.get_original_weight``
+and the trace sees what that allocates. ``torchao_build`` and ``torchao_load`` replay what torchtune does before the first step: each weight made in 16-bit
+on the device and quantized as its layer is built, then the checkpoint's tensor moved to the device and quantized
+again as ``load_state_dict`` copies it in (NF4Tensor's ``copy_``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 
 import torch
 
+from memcalc.errors import MissingDependencyError
 from memcalc.trainable import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE
 
 
@@ -82,6 +91,103 @@ def stored_parts(module: torch.nn.Module) -> list[int] | None:
     if not module.double_quant:
         return [math.ceil(numel / 2), blocks * 4, 16 * 4]
     return [math.ceil(numel / 2), blocks, math.ceil(blocks / NF4_NESTED_BLOCKSIZE) * 4, 256 * 4, 4, 16 * 4]
+
+
+TORCHAO_INSTALL = "--qlora-quantizer torchao runs torchao's NF4Tensor: pip install torchao (memcalc-train[fp8])"
+
+
+def _to_nf4() -> Any:
+    """torchao's ``to_nf4``, where this torchao keeps it (torchao.dtypes.nf4tensor until 0.16, then
+    torchao.quantization.quantize_.workflows.nf4)."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError:
+        try:
+            from torchao.dtypes.nf4tensor import to_nf4
+        except ImportError:
+            raise MissingDependencyError(TORCHAO_INSTALL) from None
+    return to_nf4
+
+
+class _LinearNF4(torch.autograd.Function):
+    """torchao's ``LinearNF4`` (what torchtune's ``linear_nf4`` applies): the forward is ``F.linear`` of the input and
+    the weight dequantized to the input's dtype, nothing saved but the NF4 weight; the backward dequantizes it again
+    for ``grad_output @ W``. The dequantization is ``NF4Tensor.get_original_weight`` in every torchao (reached through
+    ``weight.to(dtype)``: its ``__torch_function__`` since torchao 0.2, its ``__torch_dispatch__`` before); it is
+    called here directly, so that the tracker sees its allocations (a dispatch mode does not see what a tensor
+    subclass allocates inside its own ``__torch_dispatch__``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        ctx.nf4 = weight
+        return torch.nn.functional.linear(x, weight.get_original_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output @ ctx.nf4.get_original_weight().to(grad_output.dtype), None
+
+
+def _forward_nf4(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # torchtune modules/peft/lora.py LoRALinear.forward with quantize_base: linear_nf4, then the bias added
+    out = _LinearNF4.apply(x, self.nf4)
+    return out if self.bias is None else out + self.bias
+
+
+def quantize_torchao(model: torch.nn.Module, names: set[str]) -> set[str]:
+    """The Linear layers whose weights ``names`` lists run as torchtune's quantized LoRALinear: their weight as
+    torchao's NF4Tensor (``to_nf4`` of the 16-bit weight; the module's own weight stays as a stand-in the step never
+    reads), the forward torchao's ``LinearNF4`` (``_LinearNF4``). The names of their weights."""
+    to_nf4 = _to_nf4()
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in names:
+            module.nf4 = to_nf4(module.weight.detach())
+            module.forward = types.MethodType(_forward_nf4, module)
+            found.add(f"{name}.weight")
+    return found
+
+
+def torchao_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers ``quantize_torchao`` converted, in module order."""
+    return [m for m in model.modules() if getattr(m, "nf4", None) is not None]
+
+
+def torchao_build(layers: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """torchtune's builder under the recipe's default device and dtype (recipes/lora_finetune_single_device.py
+    _setup_model), run under the caller's tracker: each layer's weight made in ``dtype`` on the device and quantized
+    by LoRALinear (``to_nf4``), the 16-bit weight then dropped."""
+    to_nf4 = _to_nf4()
+    for module in layers:
+        weight = torch.empty(module.nf4.shape, dtype=dtype)
+        module.nf4 = to_nf4(weight)
+        del weight
+
+
+def torchao_load(layers: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """The recipe's ``model.load_state_dict`` of the checkpoint (on the host, in ``dtype``), run under the caller's
+    tracker: NF4Tensor's ``copy_`` (torchao 0.1 to 0.18 alike) moves each tensor to the device, quantizes it
+    (``NF4Tensor.from_tensor``) and copies each of the new NF4's tensors into the layer's; done here step by step
+    with torchao's ``to_nf4`` (its ``copy_`` runs inside ``__torch_dispatch__``, where the tracker would not see it)."""
+    to_nf4 = _to_nf4()
+    for module in layers:
+        # (the arrived tensor is dropped as to_nf4 returns, the new NF4 once copied in)
+        _copy_into(module.nf4, to_nf4(torch.empty(module.nf4.shape, dtype=dtype)))
+
+
+def _copy_into(nf4: Any, made: Any) -> None:
+    for part, new in zip(torchao_parts_of(nf4), torchao_parts_of(made), strict=True):
+        part.copy_(new)
+
+
+def torchao_parts_of(nf4: Any) -> list[torch.Tensor]:
+    """The plain tensors a torchao NF4Tensor is made of (``__tensor_flatten__``)."""
+    names, _ = nf4.__tensor_flatten__()
+    return [getattr(nf4, n) for n in names]
+
+
+def torchao_parts(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The plain tensors of a converted layer's NF4 weight."""
+    return torchao_parts_of(module.nf4)
 
 
 def upcast(model: torch.nn.Module, quantized: set[str]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ class StepSetup:
     qlora_scope: str = "all-linear"  # which Linears are 4-bit (memcalc.trainable decides, by name)
     qlora_double_quant: bool = True  # the absmax quantized again: dequantized in each forward
     qlora_lm_head: bool = False  # the output head 4-bit too
+    qlora_quantizer: str = "bitsandbytes"  # or torchao: torchtune's NF4Tensor, run for real (measure.qlora)
     compile: bool = False  # each decoder layer as Inductor compiles it (memcalc.measure.compiled)
     fp8: str = "none"  # --fp8 tensorwise | rowwise: torchao's Float8Linear in place of the converted Linear layers
 
@@ -123,7 +124,9 @@ class StepSetup:
             **({"compile": "each decoder layer: AOTAutograd with Inductor's decompositions and partition_fn, "
                            "Inductor's buffers as its scheduler plans them (emulated: no kernels built)"}
                if self.compile else {}),
-            **({"qlora": f"bitsandbytes 4-bit layers emulated ({self.qlora_scope}"
+            **({"qlora": f"torchao NF4Tensor layers as torchtune builds them ({self.qlora_scope})"}
+               if self.qlora and self.qlora_quantizer == "torchao" else
+               {"qlora": f"bitsandbytes 4-bit layers emulated ({self.qlora_scope}"
                          f"{', the head too' if self.qlora_lm_head else ''}"
                          f"{'' if self.qlora_double_quant else ', no double quantization'})"
                          f"{', the rest upcast to fp32' if self.qlora_upcast else ''}"}
@@ -183,7 +186,8 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         lora_rank=spec.lora_rank, lora_targets=spec.lora_targets, freeze=spec.freeze, lora_dropout=spec.lora_dropout,
         dora=spec.dora, lora_modules_to_save=spec.lora_modules_to_save,
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
-        qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head, compile=spec.compile,
+        qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head,
+        qlora_quantizer=spec.qlora_quantizer.value, compile=spec.compile,
         fp8=spec.fp8.value,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
@@ -241,7 +245,12 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
                 layer.gradient_checkpointing = (index + 1) % setup.checkpoint_every == 0
     if setup.freeze:
         _freeze(model, model_config, setup)
-    if setup.qlora:
+    if setup.qlora and setup.qlora_quantizer == "torchao":
+        from memcalc.measure import qlora
+
+        # torchtune's LoRALinear(quantize_base=True): torchao's NF4Tensor of the model's weight, linear_nf4 in forward
+        qlora.quantize_torchao(model, _quantized_names(model_config, setup))
+    elif setup.qlora:
         from memcalc.measure import qlora
 
         # transformers' bnb 4-bit loading (the compute dtype: the recipe's), then peft's prepare_model_for_kbit_training
@@ -860,6 +869,15 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     )
 
 
+@contextlib.contextmanager
+def _logging_into(events: list[tuple[int, int, int]]) -> Iterator[trk.MemoryTracker]:
+    """A tracker of its own whose allocations and frees go into ``events`` (another tracker's log)."""
+    side = trk.MemoryTracker()
+    side.events = events
+    with side:
+        yield side
+
+
 def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper,
                        batch: Mapping[str, torch.Tensor], nf4: bool = False) -> None:
     """What exists before the step, in load order. ``nf4`` (an allocation log of a QLoRA step): a 4-bit layer's
@@ -869,6 +887,22 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
         from memcalc.measure import qlora
 
         stand_ins = set()
+        layers = qlora.torchao_layers(model)
+        if layers:
+            # torchtune's build (each weight quantized as its layer is made), the rest of the model, then its
+            # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged
+            stand_ins = {id(m.weight) for m in layers}
+            dtype = layers[0].weight.dtype
+            with _logging_into(tracker.events) as built:
+                qlora.torchao_build(layers, dtype)
+            del built
+            tracker.register((p for p in model.parameters() if id(p) not in stand_ins), trk.WEIGHTS)
+            with _logging_into(tracker.events):
+                qlora.torchao_load(layers, dtype)
+            tracker.register(stepper.masters, trk.MASTER)
+            tracker.register(model.buffers(), trk.OTHER)
+            tracker.register(batch.values(), trk.OTHER)
+            return
         for module in model.modules():
             parts = qlora.stored_parts(module)
             if parts is not None:

@@ -297,7 +297,10 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 **({"reentrant": True} if spec.checkpoint_reentrant else {}),
                 **({"fp8": spec.fp8.value} if spec.fp8.value != "none" else {}),
                 **({"qlora": [spec.qlora_upcast, spec.qlora_scope.value, spec.qlora_double_quant, spec.qlora_lm_head]}
-                   if spec.qlora else {})}
+                   if spec.qlora else {}),
+                # (torchao's own NF4 code runs in the trace: its version is the step's)
+                **({"qlora_quantizer": ["torchao", cache.version_of("torchao")]}
+                   if spec.qlora and spec.qlora_quantizer.value == "torchao" else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     anchors = derive.anchors_of(CACHE_KIND + cache.key_of(raw, CACHE_FORMAT, **{**settings, "seq_len": None}),
                                 spec.seq_len)

@@ -286,6 +286,9 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
 # was live at the step's own peak and at its end, by the Python stack that allocated it (history_summary), for the
 # bytes an estimate cannot name. Filled in place with the summaries.
 HISTORY: dict[str, dict] = {}
+# --history-from-build: the recording starts when the configuration does (its build and warm-up step too), not at
+# the measured step
+HISTORY_FROM_BUILD: list[bool] = [False]
 
 
 @contextlib.contextmanager
@@ -300,12 +303,18 @@ def _history(device: str, label: str):
     reset = torch.cuda.reset_peak_memory_stats
     started: list[int] = []
 
+    def record() -> None:
+        torch.cuda.synchronize()
+        started.append(torch.cuda.memory_allocated())
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+
     def reset_and_record(*args, **kwargs):
         if not started:
-            torch.cuda.synchronize()
-            started.append(torch.cuda.memory_allocated())
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+            record()
         return reset(*args, **kwargs)
+
+    if HISTORY_FROM_BUILD[0]:
+        record()
 
     # the device addresses of the storages the tracker books in the measured step: the trace's allocations at other
     # addresses are ones no tensor the tracker saw owns (a kernel's own workspace, a library's buffer)
@@ -356,13 +365,14 @@ def _frames(event: dict, depth: int = 6) -> str:
 
 
 def history_summary(snapshot: dict, allocated_at_start: int, top: int = 40, whole_up_to: int = 3000,
-                    booked: set[int] | None = None) -> dict:
+                    booked: set[int] | None = None, large: int = 2**30) -> dict:
     """From torch.cuda.memory._snapshot()'s device trace (alloc and free_completed events with their stacks): the
     allocated bytes at the trace's own peak and at its end, and the blocks allocated inside the trace and live at each,
     grouped by stack (the blocks live before the trace are counted, not named). A trace of at most ``whole_up_to``
     events is kept whole too ("trace": action, block address, bytes, stack), to align with the tracker's events.
     ``booked``: the device addresses of the storages the tracker booked; the allocations at other addresses are
-    summed by stack ("unbooked")."""
+    summed by stack ("unbooked"). Every event of at least ``large`` bytes, segments' own included ("large": action,
+    address, bytes, whether the tracker booked it, stack), shows where a step's large blocks and segments came from."""
     events = [e for trace in snapshot.get("device_traces", []) for e in trace
               if e.get("action") in ("alloc", "free_completed")]
     current = peak = allocated_at_start
@@ -402,7 +412,10 @@ def history_summary(snapshot: dict, allocated_at_start: int, top: int = 40, whol
             "unbooked": [{"bytes": size, "allocations": count, "stack": stack} for stack, (size, count) in
                          sorted(unbooked.items(), key=lambda item: -item[1][0])[:top]],
             "trace": [(e["action"], e["addr"], e["size"], _frames(e, 3)) for e in events]
-            if len(events) <= whole_up_to else []}
+            if len(events) <= whole_up_to else [],
+            "large": [(e.get("action"), e.get("addr"), e.get("size"), booked is None or e.get("addr") in booked,
+                       _frames(e, 3)) for trace in snapshot.get("device_traces", []) for e in trace
+                      if e.get("size", 0) >= large]}
 
 
 def _measure_library(row: Row, config: ModelConfig, case: GpuCase, device: str) -> None:
@@ -869,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", default="", metavar="LABEL[;LABEL]", help="record these configurations' "
                         "measured steps with torch.cuda.memory._record_memory_history; with --raw, what was live at "
                         "the peak and at the end by allocating stack goes into rows.json")
+    parser.add_argument("--history-from-build", action="store_true", help="--history records from the "
+                        "configuration's build on (its warm-up step too), not from the measured step")
     parser.add_argument("--only", default="", metavar="TEXT[;TEXT]", help="of those, only the configurations whose "
                         "label contains one of these")
     parser.add_argument("--context", action="store_true", help="also read the CUDA context in fresh processes, "
@@ -902,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts = context_readings() if args.context and args.device.startswith("cuda") else {}
     events: dict[str, list] = {}
     HISTORY.update({label.strip(): {} for label in args.history.split(";") if label.strip()})
+    HISTORY_FROM_BUILD[0] = args.history_from_build
 
     def write(env: dict[str, str], rows: list[Row]) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

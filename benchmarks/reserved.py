@@ -7,6 +7,15 @@ Each row is a run from docs/published-runs.md whose figure is the caching alloca
 measured), with the memcalc settings that describe it. The replay traces each step at
 full size on this CPU (a few seconds each; cached afterwards). Sequences padded per batch are replayed at their cap,
 an upper bound for the step the figure comes from.
+
+torchtune's QLoRA row replays torchao's own to_nf4 (--qlora-quantizer torchao) with the torchao on the path. The
+published run had torchao 0.1, which quantized whole tensors at once; to replay it so:
+
+    pip install --no-deps --target /tmp/ao01 torchao==0.1
+    PYTHONPATH=/tmp/ao01 python benchmarks/reserved.py
+
+(PEFT refuses torchao below 0.16 when it looks for torchao's own LoRA layers; this script then tells PEFT that
+torchao is absent, which changes nothing here: the NF4 layers are torchtune's.)
 """
 
 from __future__ import annotations
@@ -65,9 +74,13 @@ ROWS = (
         {**TORCHTUNE_LLAMA2, "lora_rank": 64, "lora_targets": ATTENTION_MLP + ",lm_head"}, "as above"),
     Row("torchtune tutorials/qlora_finetune.rst (24)", "Llama2-7B, QLoRA r8 q,k,v,o and the MLP (NF4 via torchao)",
         9_290_000_000, GB, "llama-2-7b",
-        {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": ATTENTION_MLP, "qlora": True, "qlora_upcast": False},
-        "9.13 GB reserved after init against a 3.9 GB NF4 base: the load's freed 16-bit blocks stay cached, and the "
-        "replay does not model the load"),
+        {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": ATTENTION_MLP, "qlora": True,
+         "qlora_quantizer": "torchao"},
+        "9.13 GB reserved after init against a 3.9 GB NF4 base (torchtune 0914d5cfb's build and load on an H200, "
+        "benchmarks/gpu-runs/2026-12-04-h200-d: 9.13 GB, then 9.29 GB: the figures to the 10 MB) and what to_nf4 "
+        "left cached; replayed with torchao {torchao}: the build and load as torchtune does them today, each weight "
+        "quantized as its layer is made and again as the checkpoint is copied in; torchtune then built one layer and "
+        "deep-copied it (each copy dequantized and quantized again), not replayed"),
     Row("transformers docs/source/en/model_memory_anatomy.md (nvidia-smi)",
         "bert-large-uncased sequence classification, fp32, AdamW, batch 4 x 512, V100 16 GB, CUDA 11.2 (2022)",
         14_949 * 2**20, 2**20, BERT_CLASSIFIER,
@@ -80,7 +93,26 @@ ROWS = (
 )
 
 
+def _torchao_version() -> str:
+    """The torchao on the path; below 0.16, PEFT told it is absent (the module docstring)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("torchao")
+    except metadata.PackageNotFoundError:
+        return "(none)"
+    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 16):
+        import peft.import_utils
+        import peft.tuners.lora.torchao
+        import peft.utils.quantization_utils
+
+        for module in (peft.import_utils, peft.tuners.lora.torchao, peft.utils.quantization_utils):
+            module.is_torchao_available = lambda: False
+    return version
+
+
 def main() -> None:
+    torchao = _torchao_version()
     print("| source (docs/published-runs.md row) | run | published reserved | replayed reserved | error | tensors' "
           "peak (estimate) | what differs |")
     print("|---|---|---|---|---|---|---|")
@@ -96,7 +128,8 @@ def main() -> None:
         decimals = 0 if label == "MiB" else 2
         print(f"| {row.source} | {row.run} | {row.published_bytes / row.unit:,.{decimals}f} {label} | "
               f"{predicted / row.unit:,.{decimals}f} {label} | {error:+.1f}% | "
-              f"{report.per_gpu.peak_bytes / row.unit:,.{decimals}f} {label} | {row.differs} |")
+              f"{report.per_gpu.peak_bytes / row.unit:,.{decimals}f} {label} | "
+              f"{row.differs.replace('{torchao}', torchao)} |")
     within = sum(abs(e) <= 10 for e in errors)
     print(f"\n{within} of {len(errors)} rows within 10%; median |error| "
           f"{sorted(abs(e) for e in errors)[len(errors) // 2]:.1f}%")

@@ -73,7 +73,8 @@ def plan_layouts(plan: Plan, chosen: set[str] | frozenset[str] = frozenset()) ->
     if len(plan.specs) != 1 or plan.specs[0].num_gpus < 2:
         raise UsageError("{plan} lays a run out over several GPUs: give {gpus} N (N > 1)")
     spec = plan.specs[0]
-    return planner.plan(plan.model, spec, plan.gpu, spec.gpus_per_node if spec.num_nodes > 1 else None)
+    return planner.plan(plan.model, spec, plan.gpu, spec.gpus_per_node if spec.num_nodes > 1 else None,
+                        plan.plan_schedules or planner.DEFAULT_SCHEDULES)
 
 
 def compare(model: str | None = None, **settings: Any) -> list[Report]:
@@ -99,8 +100,14 @@ def plan_of(model: str | None = None, **settings: Any) -> Plan:
     return Request(model=model, **settings, chosen=chosen).plan()
 
 
+def _not_a_search(plan: Plan) -> None:
+    if plan.plan_schedules:
+        raise UsageError("{plan_schedules} says which pipeline schedules the layout search tries: add {plan}")
+
+
 def run_plan(plan: Plan) -> list[Report]:
     """One Report per TrainingSpec of the plan, each with its fit when the plan has a GPU."""
+    _not_a_search(plan)
     return [run(plan.model, spec, plan.gpu, plan.defaults_used, plan.solve_batch, plan.solve_seq_len,
                 plan.precision_chosen, plan.notes, _config_owner(plan), plan.allocator, plan.allocator_source)
             for spec in plan.specs]
@@ -212,6 +219,7 @@ def _confirm_micro_batch(fit: Fit, model: ModelInput, spec: TrainingSpec, alloca
 
 def verify_plan(plan: Plan, method: str = "auto", progress: Callable[[str], None] | None = None) -> Report:
     """The plan's report with a measured step beside it (see ``verify``)."""
+    _not_a_search(plan)
     if method not in VERIFY_METHODS:
         raise UsageError(f"{{verify}}={method}: use one of {', '.join(VERIFY_METHODS)}")
     if len(plan.specs) > 1:

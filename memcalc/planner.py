@@ -23,12 +23,12 @@ share each sequence and ep split the experts):
               (N_a: the parameters a token runs, a MoE model's top-k of its experts; the second term: causal
               attention's scores and their product with v, forward and backward)
   tensor    X = 4 L_s M x 2 (tp-1)/tp x (batch x seq/cp x hidden x 2 B) / NVLink
-  pipeline  P = 2 M x (batch x seq/cp x hidden x 2 B) / network
+  pipeline  P = 2 v M x (batch x seq/cp x hidden x 2 B) / network  (v stages a rank: 1 for 1F1B, 2 interleaved)
   context   R = 8 L_s M (cp-1) x (batch x seq/cp x kv_heads/tp x head_dim x 2 B) / link  (the ring: k and v
               all-gathered forward and backward, their fp32 gradients passed on)
   expert    E = 4 L_moe M (ep-1)/ep x (batch x seq/cp x top_k x hidden x 2 B) / link  (each MoE layer's routed
               pairs sent and returned by all-to-all, forward and backward; balanced routing)
-  bubble    B = (pp-1) / (M + pp-1)
+  bubble    B = (pp-1) / (v M + pp-1)  (interleaved 1F1B: Narayanan et al. 2021, each stage's share 1/v)
   data      D = k ((dp-1)/dp x rank's dense params + (dp/ep-1)/(dp/ep) x its experts) x 2 B / link (k 2 DDP/ZeRO-1,
               3 FSDP)
   step      S = (C + X + P + R + E) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
@@ -54,10 +54,17 @@ MIN_CONTEXT_PARALLEL_SEQ = 8192  # shorter sequences are not split (each rank wo
 # On pipeline stages (torchtitan's long-context layout) a rank keeps at least this many positions: the search stays
 # under its time budget, and a stage's micro-batches already shrink its activations
 MIN_PIPELINE_CONTEXT_LOCAL = 4096
+DEFAULT_SCHEDULES = ("1f1b",)
+# --plan-schedules interleaved-1f1b: stages a rank (torchtitan's default for its interleaved schedules)
+INTERLEAVED_STAGES_PER_RANK = 2
+# Interleaved layouts are estimated best first by the throughput model while they can still be among this many best
+# fitting ones (the table's rows, render.LAYOUTS_SHOWN): an interleaved rank's estimate walks every moment of its
+# schedule, seconds for a deep pipeline
+INTERLEAVED_SEARCH_DEPTH = 5
 BYTES_16 = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layout:
     dp: int
     tp: int
@@ -68,10 +75,13 @@ class Layout:
     cp: int = 1  # of the dp ranks, cp share each sequence (context parallelism)
     ep: int = 1  # of the dp ranks, ep split each MoE layer's experts (expert parallelism)
     ep_dim: int = 0  # the dimension FSDP2 shards a rank's experts on (--ep-shard-dim: 1 is torchtitan's Shard(1))
+    schedule: str = "1f1b"  # the pipeline schedule (pp > 1): 1f1b or interleaved-1f1b
+    virtual: int = 1  # stages a rank (interleaved 1F1B: INTERLEAVED_STAGES_PER_RANK)
 
     @property
     def label(self) -> str:
-        pp = f" x pp {self.pp} (M {self.microbatches})" if self.pp > 1 else ""
+        interleaved = f", interleaved x{self.virtual}" if self.virtual > 1 else ""
+        pp = f" x pp {self.pp} (M {self.microbatches}{interleaved})" if self.pp > 1 else ""
         cp = f" (cp {self.cp})" if self.cp > 1 else ""
         ep = f" (ep {self.ep}{', experts on dim 1' if self.ep_dim else ''})" if self.ep > 1 else ""
         return f"dp {self.dp}{cp}{ep} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
@@ -117,17 +127,24 @@ def _spec_for(base, layout: Layout):
         zero = 2  # (torchtitan's default under pipeline parallelism: no reshard after forward)
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
                         cp=layout.cp, ep=layout.ep, ep_load=1.0, ep_shard_dim=layout.ep_dim, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
-                        pp_schedule="1f1b", pp_stage=None, sharding=sharding, zero_stage=zero,
+                        pp_schedule=layout.schedule, pp_virtual=layout.virtual if layout.virtual > 1 else None,
+                        pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
 
 
 def _peak(model, spec) -> int:
     """The layout's most loaded rank. Under --pp: stages 0, 1 and the last (a middle stage after the first holds at
-    most stage 1's layers - torchtitan gives the remainder to the first stages - and no more micro-batches at once)."""
+    most stage 1's layers - torchtitan gives the remainder to the first stages - and no more micro-batches at once);
+    interleaved: ranks 0, 1 and the last (rank r holds stages r, r + pp, ...: rank 0 the embedding's stage and the
+    most micro-batches in flight, torch's warm-up falling with the rank; rank 1 the first stages' remainder layers
+    too; the last the head's and the loss's stages)."""
     from memcalc.engine import estimate
 
     if spec.pp == 1:
         return estimate(model, spec).per_gpu.peak_bytes
+    if spec.pp_virtual > 1:
+        return max(estimate(model, spec.replace(pp_rank=rank)).per_gpu.peak_bytes
+                   for rank in sorted({0, 1, spec.pp - 1}))
     return max(estimate(model, spec.replace(pp_stage=stage)).per_gpu.peak_bytes
                for stage in sorted({0, 1, spec.pp - 1}))
 
@@ -159,7 +176,8 @@ def _expert_sizes(model) -> tuple[int, ...]:
 
 
 def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...] = (1,),
-             expert_sizes: tuple[int, ...] = (1,), base_seq: int = 0) -> list[Layout]:
+             expert_sizes: tuple[int, ...] = (1,), base_seq: int = 0,
+             schedules: tuple[str, ...] = DEFAULT_SCHEDULES) -> list[Layout]:
     found = []
     for tp in TP_SIZES:
         if gpus_per_node % tp or not _splits(tensor_parallel.check, model.described, tp):
@@ -178,7 +196,12 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                 # context-parallel ranks)
                 for sharding in engines if cp == 1 or pp == 1 else ("fsdp",):
                     for checkpointing in ("none", "full"):
-                        found.append(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp if pp > 1 else 1, cp))
+                        if pp == 1:
+                            found.append(Layout(dp, tp, pp, sharding, checkpointing, 1, cp))
+                            continue
+                        # (2 x pp micro-batches: torch's interleaved schedules take a multiple of pp)
+                        found.extend(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp, cp, schedule=schedule,
+                                            virtual=virtual) for schedule, virtual in _pipelines(model, pp, schedules))
             if tp == 1 and pp == 1 and dp > 1:
                 # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding
                 # them times ep, here dp, exceed the experts; transformers' dim 0 then pads them whole)
@@ -187,6 +210,18 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                     if dp % ep == 0:
                         found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, 1, ep, dim) for dim in dims
                                      for checkpointing in ("none", "full"))
+    return found
+
+
+def _pipelines(model, pp: int, schedules: tuple[str, ...]) -> list[tuple[str, int]]:
+    """The schedules searched for ``pp`` ranks, with their stages a rank: interleaved 1F1B where the layers split into
+    pp x INTERLEAVED_STAGES_PER_RANK stages (pipeline.check)."""
+    found = []
+    for schedule in schedules:
+        if schedule == "1f1b":
+            found.append((schedule, 1))
+        elif _splits(pipeline.check, model.described, pp * INTERLEAVED_STAGES_PER_RANK):
+            found.append((schedule, INTERLEAVED_STAGES_PER_RANK))
     return found
 
 
@@ -206,14 +241,14 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     hidden = micro * arch.hidden_size * BYTES_16
     layers = -(-arch.num_layers // layout.pp)
     tensor = 4 * layers * layout.microbatches * 2 * (layout.tp - 1) / layout.tp * hidden / intra
-    pipe = 2 * layout.microbatches * hidden / inter if layout.pp > 1 else 0.0
+    pipe = 2 * layout.virtual * layout.microbatches * hidden / inter if layout.pp > 1 else 0.0
     kv = micro * (arch.num_kv_heads // layout.tp) * arch.head_dim * BYTES_16
     ring_link = intra if layout.tp * layout.cp <= gpus_per_node else inter
     context = 8 * layers * layout.microbatches * (layout.cp - 1) * kv / ring_link
     moe_layers = sum(1 for layer in range(arch.num_layers) if getattr(arch, "sparse", lambda _: False)(layer))
     expert = (4 * moe_layers * layout.microbatches * (layout.ep - 1) / layout.ep * micro * top_k * arch.hidden_size
               * BYTES_16 / (intra if layout.ep <= gpus_per_node else inter)) if layout.ep > 1 else 0.0
-    bubble = (layout.pp - 1) / (layout.microbatches + layout.pp - 1)
+    bubble = (layout.pp - 1) / (layout.virtual * layout.microbatches + layout.pp - 1)
     rank_params = params / (layout.tp * layout.pp)
     # (FSDP2: all-gather in forward and in backward, reduce-scatter; on a pipeline stage it all-gathers once per step)
     factor = 3 if layout.sharding == "fsdp" and layout.pp == 1 else 2
@@ -227,9 +262,11 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
                           "bubble_fraction": bubble}
 
 
-def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
+def plan(model, base, gpu, gpus_per_node: int | None = None,
+         schedules: tuple[str, ...] = DEFAULT_SCHEDULES) -> LayoutPlan:
     """Every layout of ``base.num_gpus`` GPUs for ``model`` (micro-batch, sequence and recipe from ``base``), its
-    memory and whether it fits ``gpu`` (a memcalc.fit.GpuTarget), ranked by the throughput model."""
+    memory and whether it fits ``gpu`` (a memcalc.fit.GpuTarget), ranked by the throughput model. ``schedules``: the
+    pipeline schedules searched (1f1b, interleaved-1f1b)."""
     if model.described is None:
         raise UsageError("{plan} splits the model's layers: give a model name or config.json, not only {params}")
     started = time.perf_counter()
@@ -247,23 +284,53 @@ def plan(model, base, gpu, gpus_per_node: int | None = None) -> LayoutPlan:
                      if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ else
                      "context parallelism not tried: the run does not take it (memcalc --cp's checks)")
     expert_sizes = _expert_sizes(model)
-    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len):
+    capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
+    interleaved = []
+    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len, schedules):
         try:
             spec = _spec_for(base, layout)
+            tokens, step, parts = _throughput(model, spec, layout, per_node, links)
+            if layout.virtual > 1:
+                interleaved.append((tokens / step, layout, spec, tokens, step, parts))
+                continue
             peak = _peak(model, spec)
         except (UsageError, UnsupportedModelError) as error:  # the run's other settings do not go with this layout
             refused.append(str(error))
             continue
-        capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
-        tokens, step, parts = _throughput(model, spec, layout, per_node, links)
         candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
+    passed, beyond = 0, 0
+    # (torch's Interleaved1F1B warms rank r up with (v-1) pp + 2 (pp-1-r) forwards of 1/v of its layers each, at least
+    # the pp - r whole micro-batches 1F1B keeps: where the same layout with 1F1B does not fit, neither does this one)
+    plain = {dataclasses.replace(c.layout, schedule="1f1b", virtual=1): c.fits for c in candidates}
+    for rate, layout, spec, tokens, step, parts in sorted(interleaved, key=lambda item: -item[0]):
+        if not plain.get(dataclasses.replace(layout, schedule="1f1b", virtual=1), True):
+            beyond += 1
+            continue
+        best = sorted((c.tokens_per_second for c in candidates if c.fits), reverse=True)
+        if len(best) >= INTERLEAVED_SEARCH_DEPTH and rate <= best[INTERLEAVED_SEARCH_DEPTH - 1]:
+            passed += 1
+            continue
+        try:
+            peak = _peak(model, spec)
+        except (UsageError, UnsupportedModelError) as error:
+            refused.append(str(error))
+            continue
+        candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, rate, parts))
+    if passed or beyond:
+        notes.append(f"{passed + beyond} interleaved layouts not estimated: {beyond} whose 1F1B layout does not fit "
+                     "(interleaved 1F1B holds at least as many micro-batches' activations a rank), "
+                     f"{passed} that the throughput model ranks below the {INTERLEAVED_SEARCH_DEPTH} best that fit")
     if refused:
         notes.append(f"{len(refused)} layouts left out: the run's settings are not modelled with them ({refused[0]})")
     candidates.sort(key=lambda c: (not c.fits, -c.tokens_per_second, c.peak_bytes))
     notes.append("data parallelism over tensor-parallel groups and pipeline stages is composed from memcalc's models "
                  "of each (measured apart: DDP/FSDP2 ranks, tensor-parallel ranks, pipeline stages)")
-    notes.append("pipelines are searched with 1F1B and 2 x pp micro-batches (with context parallelism, FSDP2 over the "
-                 f"stage's ranks only, torchtitan's layout, and at least {MIN_PIPELINE_CONTEXT_LOCAL:,} positions a "
-                 "rank); interleaved 1F1B and zero-bubble (--pp-schedule) are "
-                 "estimated for a layout you give, not searched")
+    searched = " and ".join({"1f1b": "1F1B", "interleaved-1f1b": f"interleaved 1F1B ({INTERLEAVED_STAGES_PER_RANK} "
+                                                                  "stages a rank)"}[s] for s in schedules)
+    notes.append(f"pipelines are searched with {searched} and 2 x pp micro-batches (with context parallelism, FSDP2 "
+                 f"over the stage's ranks only, torchtitan's layout, and at least {MIN_PIPELINE_CONTEXT_LOCAL:,} "
+                 "positions a rank); "
+                 + ("interleaved 1F1B (--plan-schedules 1f1b,interleaved-1f1b) and zero-bubble (--pp-schedule) are "
+                    "estimated for a layout you give, not searched" if "interleaved-1f1b" not in schedules else
+                    "zero-bubble (--pp-schedule) is estimated for a layout you give, not searched"))
     return LayoutPlan(candidates, gpus, per_node, key or DEFAULT_LINKS, links[3], time.perf_counter() - started, notes)

@@ -89,6 +89,7 @@ class Request:
     qlora_double_quant: bool = True
     qlora_lm_head: bool = False
     qlora_quantizer: str = "bitsandbytes"
+    plan_schedules: str | Sequence[str] | None = None  # --plan: the pipeline schedules it searches (1f1b default)
     compile: bool = False
     repeat_kv: bool = False
     fp8: str = "none"
@@ -151,6 +152,20 @@ class Plan:
     # --reserved: the caching allocator's settings to replay the step with (None: reserved memory not predicted)
     allocator: AllocatorConfig | None = None
     allocator_source: str = ""  # where the settings came from: --alloc-conf, an environment variable, or default
+    plan_schedules: tuple[str, ...] = ()  # --plan-schedules: the pipeline schedules the planner searches
+
+
+# The pipeline schedules the planner can search (--plan-schedules): 1F1B, and interleaved 1F1B with 2 stages a rank
+PLAN_SCHEDULES = ("1f1b", "interleaved-1f1b")
+
+
+def _plan_schedules(request: Request) -> tuple[str, ...]:
+    given = _names(request.plan_schedules)
+    for name in given:
+        if name not in PLAN_SCHEDULES:
+            raise UsageError(f"{{plan_schedules}} {name!r}: {{plan}} searches {' and '.join(PLAN_SCHEDULES)} (other "
+                             "schedules are estimated for a layout you give: {pp_schedule})")
+    return tuple(dict.fromkeys(given))
 
 
 def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -201,7 +216,7 @@ _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "opt
          "alloc_conf", "pp_schedule", "lora_dtype")
 _SWITCHES = ("amsgrad", "optim_in_backward", "checkpoint_reentrant", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
              "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
-_NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save")
+_NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save", "plan_schedules")
 
 
 def _check_types(request: Request) -> None:
@@ -403,7 +418,8 @@ def _plan(request: Request) -> Plan:
                 precision_chosen=request.is_chosen("precision") or "precision" in from_config,
                 solve_batch=request.max_batch, solve_seq_len=request.max_seq_len,
                 config_path=_shown(request.deepspeed) if request.deepspeed is not None else None,
-                config_fields=frozenset(config_fields), allocator=allocator, allocator_source=allocator_source)
+                config_fields=frozenset(config_fields), allocator=allocator, allocator_source=allocator_source,
+                plan_schedules=_plan_schedules(request))
 
 
 def _allocator(request: Request, model: ModelInput, specs: Sequence[TrainingSpec]

@@ -173,3 +173,75 @@ def test_expert_layouts_with_torchtitans_dim_1_sharding():
     assert pair[1].peak_bytes == report.per_gpu.peak_bytes
     qwen = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
     assert {c.layout.ep_dim for c in qwen.candidates} == {0}
+
+
+@pytest.fixture(scope="module")
+def plan_interleaved():
+    # Llama-3-8B over 32 H100s at 4 x 4096: pipelines of 2 to 16 ranks, interleaved where the 32 layers split in
+    # 2 x pp stages
+    return api.layouts("llama-3-8b", gpus=32, gpu="h100-80gb", batch_size=4, seq_len=4096,
+                       plan_schedules="1f1b,interleaved-1f1b")
+
+
+def test_interleaved_pipelines_are_searched_when_asked(plan_interleaved):
+    default = api.layouts("llama-3-8b", gpus=32, gpu="h100-80gb", batch_size=4, seq_len=4096)
+    assert all(c.layout.virtual == 1 for c in default.candidates)
+    interleaved = [c for c in plan_interleaved.candidates if c.layout.virtual > 1]
+    assert interleaved and all(c.layout.schedule == "interleaved-1f1b" and c.layout.virtual == 2 and c.layout.pp > 1
+                               for c in interleaved)
+    assert "interleaved x2" in interleaved[0].layout.label
+
+
+def test_interleaved_bubble_and_sends_by_hand(plan_interleaved):
+    """Narayanan et al. 2021 (sec. 2.2.2): with v stages a rank the pipeline bubble is (p - 1) / (v m) of the ideal
+    step, so (p - 1) / (v m + p - 1) of the whole; each micro-batch crosses v times as many stage boundaries."""
+    c = next(c for c in plan_interleaved.candidates if c.layout.virtual == 2)
+    pp, m = c.layout.pp, c.layout.microbatches
+    assert c.parts["bubble_fraction"] == pytest.approx((pp - 1) / (2 * m + pp - 1), rel=1e-12)
+    plain = next(p for p in plan_interleaved.candidates if p.layout.virtual == 1 and
+                 (p.layout.dp, p.layout.tp, p.layout.pp, p.layout.sharding, p.layout.checkpointing) ==
+                 (c.layout.dp, c.layout.tp, c.layout.pp, c.layout.sharding, c.layout.checkpointing))
+    assert c.parts["pipeline_s"] == pytest.approx(2 * plain.parts["pipeline_s"], rel=1e-12)
+
+
+def _layout_peaks(layout_args: dict) -> tuple[int, int, int]:
+    """Llama-3-8B over 32 GPUs at 4 x 4096 in one layout: the planner's peak with interleaved 1F1B, the engine's own
+    most loaded rank of it (every rank walked), and the planner's peak with 1F1B."""
+    from memcalc import planner
+    from memcalc.engine import estimate
+
+    plan = api.plan_of("llama-3-8b", gpus=32, batch_size=4, seq_len=4096)
+    model, base = plan.model, plan.specs[0]
+    interleaved = planner._spec_for(base, planner.Layout(**layout_args, schedule="interleaved-1f1b", virtual=2))
+    plain = planner._spec_for(base, planner.Layout(**layout_args))
+    return (planner._peak(model, interleaved), estimate(model, interleaved).per_gpu.peak_bytes,
+            planner._peak(model, plain))
+
+
+LAYOUTS = [{"dp": 32 // (tp * pp), "tp": tp, "pp": pp, "sharding": sharding, "checkpointing": ckpt,
+            "microbatches": 2 * pp} for tp, pp, sharding, ckpt in
+           [(1, 4, "fsdp", "none"), (2, 4, "ddp", "full"), (1, 8, "zero1", "full"), (2, 2, "fsdp", "full")]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"tp{layout['tp']}-pp{layout['pp']}-"
+                         f"{layout['sharding']}-{layout['checkpointing']}")
+def test_interleaved_layouts_read_the_most_loaded_rank_and_hold_at_least_1f1bs(layout):
+    """The planner reads ranks 0, 1 and the last of an interleaved pipeline: the engine, walking every rank, finds no
+    more. And the search skips an interleaved layout whose 1F1B layout does not fit: each holds at least its 1F1B
+    layout's peak (torch's Interleaved1F1B warms rank r up with (v - 1) pp + 2 (pp - 1 - r) forwards of 1/v of its
+    layers, at least the pp - r micro-batches 1F1B keeps)."""
+    sampled, every_rank, plain = _layout_peaks(layout)
+    assert sampled == every_rank
+    assert sampled >= plain
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--gpus", "32", "--gpu", "h100-80gb", "--plan", "--plan-schedules", "zero-bubble"],
+     "--plan-schedules 'zero-bubble': --plan searches 1f1b and interleaved-1f1b"),
+    (["--gpus", "32", "--plan-schedules", "interleaved-1f1b"],
+     "--plan-schedules says which pipeline schedules the layout search tries: add --plan"),
+])
+def test_bad_plan_schedules_are_one_line_exit_2(cli, options, message):
+    result = cli("llama-3-8b", *options)
+    assert result.exit_code == UsageError.exit_code, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1

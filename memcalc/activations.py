@@ -287,6 +287,12 @@ QLORA_UPCAST_NOTE = ("QLoRA with PEFT's fp32 upcast: the fp32 embeddings and nor
                      "the activations may be low")
 
 
+# torchao 0.18's LinearNF4 forward and backward peaked 14.0 to 14.1 B per weight element on CPU tensors, 384 x 256 to
+# 4096 x 11008 (tests/test_qlora_torchao.py; NF4Tensor.get_original_weight's int64 code indices among them)
+TORCHAO_UNTRACED_NOTE = (", and torchao's dequantization, about 14 B per element of the largest quantized weight at "
+                         "once (NF4Tensor.get_original_weight), is not counted without the trace")
+
+
 def _frozen_step(model: ModelInput, spec: TrainingSpec, run: Run, result: ActivationEstimate) -> int | None:
     """LoRA on a frozen base, or frozen parts (--freeze): the step traced with PEFT's adapters and the parts frozen,
     where torch runs it (the forward and backward moments and the activations the forward leaves saved); else the
@@ -296,6 +302,8 @@ def _frozen_step(model: ModelInput, spec: TrainingSpec, run: Run, result: Activa
     note = LORA_RULES_NOTE.format(what="LoRA" if spec.lora_rank else "--freeze")
     if spec.qlora and spec.qlora_upcast:
         note = QLORA_UPCAST_NOTE
+    if spec.qlora and spec.qlora_quantizer.value == "torchao":
+        note += TORCHAO_UNTRACED_NOTE
     if not fallback_available():
         result.notes.append(f"{note}; install torch and transformers ({INSTALL_TORCH}) and peft for the traced step")
         return None

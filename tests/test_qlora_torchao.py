@@ -104,6 +104,8 @@ def test_the_linear_nf4_mirror_allocates_what_torchaos_does():
     ours, our_peak, _ = _tracked(step(qlora._LinearNF4.apply))
     assert [(kind, size) for kind, _key, size in ours] == [(kind, size) for kind, _key, size in theirs]
     assert our_peak == their_peak > 384 * 256 * 2  # more than the dequantized weight alone
+    # (about 14 B a weight element at once: activations.TORCHAO_UNTRACED_NOTE says so when the step is not traced)
+    assert 14 <= our_peak / (384 * 256) < 14.5
 
 
 def test_the_settings_torchtune_implies_and_refuses():
@@ -182,3 +184,21 @@ def test_the_replay_holds_the_load_moment():
     allocations, _ = step_allocations(raw, spec)
     replayed = replay(allocations.events, parse_alloc_conf(""))
     assert replayed.requested_peak_bytes >= report.per_gpu.load.peak_bytes
+
+
+def test_without_torchao_the_estimate_says_what_it_leaves_out(monkeypatch):
+    """No torchao: the step cannot be traced with torchao's layers. The estimate falls back to the rules, saying so
+    and what they leave out; --reserved, which replays the traced step, is one line naming the package."""
+    from memcalc.errors import MissingDependencyError
+    from memcalc.measure import qlora
+
+    def absent():
+        raise MissingDependencyError(qlora.TORCHAO_INSTALL)
+
+    monkeypatch.setattr(qlora, "_to_nf4", absent)
+    settings = {**QLORA, "seq_len": 200}  # (a length no other test traces: nothing cached)
+    report = api.estimate("llama-3.2-1b", **settings)
+    note = next(n for n in report.notes if "could not be traced" in n)
+    assert "pip install torchao" in note and "about 14 B per element of the largest quantized weight" in note
+    with pytest.raises(UsageError, match="pip install torchao"):
+        api.estimate("llama-3.2-1b", **settings, reserved=True)

@@ -73,8 +73,9 @@ FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
 # benchmarks/gpu-runs/2026-12-04-h200-d/tthead.json against the estimate of the same run (docs/accuracy.md)
 TORCHTUNE_MODULES_NOTE = (
     "torchtune's QLoRA: memcalc counts transformers' modules with torchao's NF4 layers; torchtune's own model holds "
-    "more: a RoPE table per layer (fp32, max_seq_len x head_dim: 2 MiB each for Llama-2), and its recipe copies the "
-    "shifted logits. Llama-2-7B's step with torchtune's own modules measured 2.8% above this estimate on an H200")
+    "more: its LoRA builders make a RoPE table per layer (fp32, max_seq_len x head_dim: 2 MiB each for Llama-2), and "
+    "its recipe copies the shifted logits. Llama-2-7B's step with torchtune's own modules measured 1.5% above this "
+    "estimate on an H200 (its peak allocated less the cuBLAS workspaces)")
 
 
 def nf4_bytes(numel: int, double_quant: bool = True, torchao: bool = False) -> int:

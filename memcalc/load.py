@@ -69,8 +69,6 @@ from memcalc.spec import Sharding, TrainingSpec
 from memcalc.trainable import (
     NF4_BLOCKSIZE,
     TORCHAO_NF4_CHUNK,
-    TORCHAO_PER_TENSOR_BYTES,
-    TORCHAO_SCALER_BLOCKSIZE,
     TrainableSubset,
     nf4_bytes,
 )
@@ -224,7 +222,7 @@ def torchao_to_nf4_peak(numel: int) -> int:
     elements ``quantize_tensor_nearest``'s difference from each of the 16 codes and its absolute value (bf16: 2 x 32 B
     per element of the chunk)."""
     blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    kept = blocks + math.ceil(blocks / TORCHAO_SCALER_BLOCKSIZE) * 2 + TORCHAO_PER_TENSOR_BYTES
+    kept = nf4_bytes(numel, torchao=True) - math.ceil(numel / 2)  # (all the NF4Tensor holds but its codes, not yet made)
     return 2 * numel + kept + 2 * blocks + 2 * numel + numel + 2 * 2 * 16 * min(numel, TORCHAO_NF4_CHUNK)
 
 

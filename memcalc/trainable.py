@@ -83,8 +83,11 @@ def nf4_bytes(numel: int, double_quant: bool = True, torchao: bool = False) -> i
     NF4Tensor's (always double-quantized)."""
     num_blocks = math.ceil(numel / NF4_BLOCKSIZE)
     if torchao:
-        return (math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / TORCHAO_SCALER_BLOCKSIZE) * 2
-                + TORCHAO_PER_TENSOR_BYTES)
+        # (double_quantize_scalers keeps quantization_factor[:, 0] of its (scaler blocks, 256) factors: for a single
+        # scaler block that view is contiguous, its .contiguous() copies nothing, and all 256 stay)
+        scaler_blocks = math.ceil(num_blocks / TORCHAO_SCALER_BLOCKSIZE)
+        factors = TORCHAO_SCALER_BLOCKSIZE if scaler_blocks == 1 else scaler_blocks
+        return math.ceil(numel / 2) + num_blocks + factors * 2 + TORCHAO_PER_TENSOR_BYTES
     if not double_quant:
         return math.ceil(numel / 2) + num_blocks * BYTES_PER_FP32 + NF4_SINGLE_PER_TENSOR_BYTES
     return math.ceil(numel / 2) + num_blocks + math.ceil(num_blocks / NF4_NESTED_BLOCKSIZE) * 4 + NF4_PER_TENSOR_BYTES

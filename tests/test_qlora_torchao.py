@@ -56,7 +56,7 @@ def _tracked(call):
     return tracker.events, peak, kept
 
 
-@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (512, 1024)])
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (512, 1024), (128, 128)])
 def test_nf4_bytes_are_torchaos_nf4tensor(shape):
     """The step's weights term for a torchao base: the bytes of to_nf4's NF4Tensor (its __tensor_flatten__ tensors:
     codes, int8 scalers, bf16 factors per 256 blocks, the mean and the 16-entry code)."""
@@ -68,10 +68,11 @@ def test_nf4_bytes_are_torchaos_nf4tensor(shape):
     assert nf4_bytes(shape[0] * shape[1], torchao=True) == held
 
 
-@pytest.mark.parametrize("shape", [(256, 1024), (1024, 2048), (2560, 1024)])
+@pytest.mark.parametrize("shape", [(128, 128), (256, 1024), (1024, 2048), (2560, 1024)])
 def test_the_to_nf4_peak_rule_is_the_tracked_call(shape):
     """memcalc.load.torchao_to_nf4_peak (the load's moment, from nf4_tensor.py's code) against the real to_nf4 of a
-    bf16 tensor under the tracker: below one chunk (2^20 elements), two whole chunks, and a partial last chunk."""
+    bf16 tensor under the tracker: one scaler block, below one chunk (2^20 elements), two whole chunks, and a partial
+    last chunk."""
     import torch
 
     qlora = _torchao()
@@ -202,3 +203,20 @@ def test_without_torchao_the_estimate_says_what_it_leaves_out(monkeypatch):
     assert "pip install torchao" in note and "about 14 B per element of the largest quantized weight" in note
     with pytest.raises(UsageError, match="pip install torchao"):
         api.estimate("llama-3.2-1b", **settings, reserved=True)
+
+
+def test_verify_measures_torchaos_layers(tmp_path):
+    """--verify runs torchtune's QLoRA layers for real on the CPU (torchao's to_nf4 and linear_nf4 on real tensors,
+    under the tracker): the estimate, whose trace runs the same layers under FakeTensorMode with the Python-level
+    LinearNF4, is the measured step's peak within 0.1% (measured: +256 B on Llama-3.2-1B at 1 x 128)."""
+    pytest.importorskip("torchao")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    report = api.verify(str(path), **QLORA, lora_targets="q_proj,v_proj", batch_size=2, seq_len=32,
+                        method="cpu-tracker")
+    measured = report.verify.measured_peak_bytes
+    assert abs(report.per_gpu.step_peak().bytes - measured) <= measured * 0.001
+    assert any("torchao's NF4Tensor, made by its to_nf4 and run by its linear_nf4" in n for n in report.verify.notes)
+    # the weights as memory holds them: the NF4Tensor's tensors, not the 16-bit stand-in transformers builds
+    weights = next(row for row in report.verify.rows if row.term == "weights")
+    assert weights.estimate_bytes == weights.measured_bytes

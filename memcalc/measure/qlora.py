@@ -129,22 +129,62 @@ class _LinearNF4(torch.autograd.Function):
 
 def _forward_nf4(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # torchtune modules/peft/lora.py LoRALinear.forward with quantize_base: linear_nf4, then the bias added
-    out = _LinearNF4.apply(x, self.nf4)
+    out = self.linear_nf4(x, self.nf4)
     return out if self.bias is None else out + self.bias
+
+
+def _torchaos_linear_nf4() -> Any:
+    """torchao's own ``linear_nf4`` (where ``_to_nf4`` finds ``to_nf4``), for a measured step."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    except ImportError:
+        try:
+            from torchao.dtypes.nf4tensor import linear_nf4
+        except ImportError:
+            raise MissingDependencyError(TORCHAO_INSTALL) from None
+    return linear_nf4
 
 
 def quantize_torchao(model: torch.nn.Module, names: set[str]) -> set[str]:
     """The Linear layers whose weights ``names`` lists run as torchtune's quantized LoRALinear: their weight as
     torchao's NF4Tensor (``to_nf4`` of the 16-bit weight; the module's own weight stays as a stand-in the step never
-    reads), the forward torchao's ``LinearNF4`` (``_LinearNF4``). The names of their weights."""
+    reads, and is not counted), the forward torchao's ``LinearNF4``: in a traced step ``_LinearNF4`` (the tracker
+    sees its dequantization in every torchao), in a measured one torchao's own ``linear_nf4`` (NF4TENSOR_SEEN). The
+    names of their weights."""
+    from torch._subclasses.fake_tensor import is_fake
+
     to_nf4 = _to_nf4()
     found = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and f"{name}.weight" in names:
             module.nf4 = to_nf4(module.weight.detach())
+            module.linear_nf4 = _LinearNF4.apply if is_fake(module.weight) else _torchaos_linear_nf4()
             module.forward = types.MethodType(_forward_nf4, module)
             found.add(f"{name}.weight")
     return found
+
+
+# A measured step runs torchao's own linear_nf4, whose dequantization the tracker (a dispatch mode) sees where torchao
+# runs it through NF4Tensor's __torch_function__ (torchao 0.2 on); in torchao 0.1 it ran inside __torch_dispatch__
+NF4TENSOR_SEEN = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
+
+MEASURED_NOTE = ("QLoRA's base is torchao's NF4Tensor, made by its to_nf4 and run by its linear_nf4 (torchtune's "
+                 "LoRALinear); the 16-bit weight transformers builds stays beside it, not counted")
+MEASURED_UNSEEN_NOTE = (MEASURED_NOTE + "; this torchao dequantizes inside NF4Tensor's __torch_dispatch__, which the "
+                        "tracker does not see: the measured step leaves out about 14 B per element of the largest "
+                        "quantized weight (the estimate's trace counts them)")
+
+
+def measured_dequantization_seen() -> bool:
+    """Whether a measured step's tracker sees torchao's dequantization (this torchao keeps NF4Tensor where 0.17 on
+    do, and dequantizes through __torch_function__)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(NF4TENSOR_SEEN) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def torchao_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

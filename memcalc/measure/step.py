@@ -151,8 +151,9 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
     unsupported = []
     if spec.zero_stage or spec.num_gpus > 1:
         unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
-    if spec.qlora and not traced:
-        unsupported.append("QLoRA (bitsandbytes' 4-bit layers: the estimate's trace emulates them)")
+    if spec.qlora and not traced and spec.qlora_quantizer.value != "torchao":
+        unsupported.append("QLoRA (bitsandbytes' 4-bit layers: the estimate's trace emulates them; torchao's, "
+                           "--qlora-quantizer torchao, are measured)")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
     if spec.optim_in_backward and recipe.master_dtype is not None:
@@ -816,6 +817,10 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     batch, notes = make_batch(model, setup)
     if sum(1 for _ in model.named_parameters(remove_duplicate=False)) > sum(1 for _ in model.parameters()):
         notes.append(SHARED_WEIGHT_NOTE)
+    if setup.qlora and setup.qlora_quantizer == "torchao" and not traced:
+        from memcalc.measure import qlora
+
+        notes.append(qlora.MEASURED_NOTE if qlora.measured_dequantization_seen() else qlora.MEASURED_UNSEEN_NOTE)
     events: list[tuple[int, int, int]] | None = None
     say("warm-up step (creates the optimizer state)")
     if allocation_events:
@@ -850,7 +855,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         tracker.remove_hooks()
     states = stepper.state_tensors()
     model_state = {
-        trk.WEIGHTS: storage_bytes(model.parameters()),
+        trk.WEIGHTS: storage_bytes(_weights(model)),
         trk.MASTER: storage_bytes(stepper.masters),
         trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
         trk.OPTIMIZER_STATES: storage_bytes(t for ts in states.values() for t in ts),
@@ -869,6 +874,17 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     )
 
 
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's weights as memory holds them: its parameters, but for torchao's 4-bit layers (torchtune's QLoRA)
+    their NF4Tensor's tensors in place of the 16-bit stand-in."""
+    from memcalc.measure import qlora
+
+    layers = qlora.torchao_layers(model)
+    stand_ins = {id(m.weight) for m in layers}
+    return ([p for p in model.parameters() if id(p) not in stand_ins]
+            + [t for m in layers for t in qlora.torchao_parts(m)])
+
+
 @contextlib.contextmanager
 def _logging_into(events: list[tuple[int, int, int]]) -> Iterator[trk.MemoryTracker]:
     """A tracker of its own whose allocations and frees go into ``events`` (another tracker's log)."""
@@ -881,13 +897,22 @@ def _logging_into(events: list[tuple[int, int, int]]) -> Iterator[trk.MemoryTrac
 def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper,
                        batch: Mapping[str, torch.Tensor], nf4: bool = False) -> None:
     """What exists before the step, in load order. ``nf4`` (an allocation log of a QLoRA step): a 4-bit layer's
-    weight is logged as the allocations bitsandbytes holds for it (the emulation keeps a 16-bit stand-in)."""
+    weight is logged as the allocations bitsandbytes holds for it (the emulation keeps a 16-bit stand-in). torchao's
+    layers (torchtune's QLoRA) count their NF4Tensor's tensors, never the stand-in, and the log holds their build and
+    load."""
+    from memcalc.measure import qlora
+
+    layers = qlora.torchao_layers(model)
+    if layers and not (nf4 and tracker.events is not None):
+        tracker.register(_weights(model), trk.WEIGHTS)
+        tracker.register(stepper.masters, trk.MASTER)
+        tracker.register(model.buffers(), trk.OTHER)
+        tracker.register(batch.values(), trk.OTHER)
+        return
     if nf4 and tracker.events is not None:
         from memcalc.allocator import ALLOC
-        from memcalc.measure import qlora
 
         stand_ins = set()
-        layers = qlora.torchao_layers(model)
         if layers:
             # torchtune's build (each weight quantized as its layer is made), the rest of the model, then its
             # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged

@@ -27,7 +27,6 @@ allocator holds after init (their sizes and the blocks' sizes, free or not).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -35,26 +34,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 import torchtune_standin
+
+from memcalc.measure.build import default_dtype
 
 # 7B_qlora_single_device.yaml's model section
 LORA = {"lora_attn_modules": ["q_proj", "v_proj", "k_proj", "output_proj"], "apply_lora_to_mlp": True,
         "apply_lora_to_output": False, "lora_rank": 8, "lora_alpha": 16}
 TINY = {"vocab_size": 512, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "embed_dim": 256,
         "intermediate_dim": 512, "max_seq_len": 128}
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    import torch
-
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def _memory(torch, device) -> dict:
@@ -101,7 +91,7 @@ def run(device_name: str, size: str, steps: int, seq: int) -> dict:
         out["torchao"] = getattr(torchao, "__version__", "0.1 (no __version__)")
     except ImportError:
         out["torchao"] = None
-    with _default_dtype(torch.bfloat16), device:
+    with default_dtype(torch.bfloat16), device:
         model = (qlora_llama2_7b(**LORA) if size == "7b"
                  else lora_llama2(**LORA, **TINY, quantize_base=True))
     out["after_build"] = _memory(torch, device)

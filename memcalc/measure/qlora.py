@@ -21,9 +21,9 @@ torchao's NF4 (``--qlora-quantizer torchao``, torchtune's QLoRA) is not emulated
 installed torchao's own ``to_nf4`` on each weight (its NF4Tensor is made of plain tensors, which FakeTensorMode
 fakes) and the layer's forward is torchao's ``LinearNF4``, as torchtune's LoRALinear(quantize_base=True) runs it
 (``linear_nf4``): each forward and backward dequantizes the weight with torchao's ``NF4Tensor.get_original_weight``
-and the trace sees what that allocates. ``torchao_build`` and ``torchao_load`` replay what torchtune does before the first step: each weight made in 16-bit
-on the device and quantized as its layer is built, then the checkpoint's tensor moved to the device and quantized
-again as ``load_state_dict`` copies it in (NF4Tensor's ``copy_``).
+and the trace sees what that allocates. ``torchao_build`` and ``torchao_load`` replay what torchtune does before the
+first step: each weight made in 16-bit on the device and quantized as its layer is built, then the checkpoint's
+tensor moved to the device and quantized again as ``load_state_dict`` copies it in (NF4Tensor's ``copy_``).
 """
 
 from __future__ import annotations
@@ -96,17 +96,22 @@ def stored_parts(module: torch.nn.Module) -> list[int] | None:
 TORCHAO_INSTALL = "--qlora-quantizer torchao runs torchao's NF4Tensor: pip install torchao (memcalc-train[fp8])"
 
 
-def _to_nf4() -> Any:
-    """torchao's ``to_nf4``, where this torchao keeps it (torchao.dtypes.nf4tensor until 0.16, then
-    torchao.quantization.quantize_.workflows.nf4)."""
-    try:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-    except ImportError:
+def _nf4_module() -> Any:
+    """torchao's NF4Tensor module, where this torchao keeps it (torchao.dtypes.nf4tensor until 0.16, then
+    torchao.quantization.quantize_.workflows.nf4.nf4_tensor)."""
+    import importlib
+
+    for name in ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor"):
         try:
-            from torchao.dtypes.nf4tensor import to_nf4
+            return importlib.import_module(name)
         except ImportError:
-            raise MissingDependencyError(TORCHAO_INSTALL) from None
-    return to_nf4
+            continue
+    raise MissingDependencyError(TORCHAO_INSTALL)
+
+
+def _to_nf4() -> Any:
+    """torchao's ``to_nf4``."""
+    return _nf4_module().to_nf4
 
 
 class _LinearNF4(torch.autograd.Function):
@@ -133,24 +138,12 @@ def _forward_nf4(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out if self.bias is None else out + self.bias
 
 
-def _torchaos_linear_nf4() -> Any:
-    """torchao's own ``linear_nf4`` (where ``_to_nf4`` finds ``to_nf4``), for a measured step."""
-    try:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
-    except ImportError:
-        try:
-            from torchao.dtypes.nf4tensor import linear_nf4
-        except ImportError:
-            raise MissingDependencyError(TORCHAO_INSTALL) from None
-    return linear_nf4
-
-
 def quantize_torchao(model: torch.nn.Module, names: set[str]) -> set[str]:
     """The Linear layers whose weights ``names`` lists run as torchtune's quantized LoRALinear: their weight as
     torchao's NF4Tensor (``to_nf4`` of the 16-bit weight; the module's own weight stays as a stand-in the step never
     reads, and is not counted), the forward torchao's ``LinearNF4``: in a traced step ``_LinearNF4`` (the tracker
-    sees its dequantization in every torchao), in a measured one torchao's own ``linear_nf4`` (NF4TENSOR_SEEN). The
-    names of their weights."""
+    sees its dequantization in every torchao), in a measured one torchao's own ``linear_nf4``
+    (``measured_dequantization_seen``). The names of their weights."""
     from torch._subclasses.fake_tensor import is_fake
 
     to_nf4 = _to_nf4()
@@ -158,15 +151,10 @@ def quantize_torchao(model: torch.nn.Module, names: set[str]) -> set[str]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and f"{name}.weight" in names:
             module.nf4 = to_nf4(module.weight.detach())
-            module.linear_nf4 = _LinearNF4.apply if is_fake(module.weight) else _torchaos_linear_nf4()
+            module.linear_nf4 = _LinearNF4.apply if is_fake(module.weight) else _nf4_module().linear_nf4
             module.forward = types.MethodType(_forward_nf4, module)
             found.add(f"{name}.weight")
     return found
-
-
-# A measured step runs torchao's own linear_nf4, whose dequantization the tracker (a dispatch mode) sees where torchao
-# runs it through NF4Tensor's __torch_function__ (torchao 0.2 on); in torchao 0.1 it ran inside __torch_dispatch__
-NF4TENSOR_SEEN = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 
 
 MEASURED_NOTE = ("QLoRA's base is torchao's NF4Tensor, made by its to_nf4 and run by its linear_nf4 (torchtune's "
@@ -177,14 +165,10 @@ MEASURED_UNSEEN_NOTE = (MEASURED_NOTE + "; this torchao dequantizes inside NF4Te
 
 
 def measured_dequantization_seen() -> bool:
-    """Whether a measured step's tracker sees torchao's dequantization (this torchao keeps NF4Tensor where 0.17 on
-    do, and dequantizes through __torch_function__)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(NF4TENSOR_SEEN) is not None
-    except ModuleNotFoundError:
-        return False
+    """Whether a measured step's tracker (a dispatch mode) sees torchao's dequantization: torchao 0.2 on reach it
+    through NF4Tensor's ``__torch_function__`` (``weight.to(dtype)`` in NF4_TORCH_FUNCTIONS), torchao 0.1 inside its
+    ``__torch_dispatch__``."""
+    return torch.Tensor.to in getattr(_nf4_module(), "NF4_TORCH_FUNCTIONS", {})
 
 
 def torchao_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

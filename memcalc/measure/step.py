@@ -918,9 +918,8 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
             # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged
             stand_ins = {id(m.weight) for m in layers}
             dtype = layers[0].weight.dtype
-            with _logging_into(tracker.events) as built:
+            with _logging_into(tracker.events):
                 qlora.torchao_build(layers, dtype)
-            del built
             tracker.register((p for p in model.parameters() if id(p) not in stand_ins), trk.WEIGHTS)
             with _logging_into(tracker.events):
                 qlora.torchao_load(layers, dtype)

@@ -95,7 +95,7 @@ MEASURED_FSDP2 = ("fully_shard's shards measured on the fake process group (memc
                   "host side modelled")
 MODELLED = "modelled from the code, not measured"
 MODELLED_TORCHAO = ("modelled from torchtune's and torchao's code; to_nf4's moment measured on CPU tensors "
-                    "(tests/test_load.py); the step's reserved memory after it measured on an H200 (docs/accuracy.md)")
+                    "(tests/test_qlora_torchao.py), and load_state_dict's peak on an H200 (docs/accuracy.md)")
 # bitsandbytes functional.quantize_blockwise: create_dynamic_map()'s 256 fp32 entries, made on the device at the first
 # double quantization and kept (name2qmap["dynamic"])
 DYNAMIC_MAP_BYTES = 256 * BYTES_PER_FP32

@@ -2,7 +2,7 @@
 memcalc.allocator: whether a reserved-memory miss comes from the allocations (what the trace makes) or from the
 allocator model (what it reserves for them).
 
-    python benchmarks/replay_vs_gpu_sequence.py benchmarks/gpu-runs/2026-12-04-h200-d/eager-s8192-events.jsonl.gz
+    python benchmarks/replay_vs_gpu_sequence.py benchmarks/gpu-runs/2026-12-04-h200-d/eager-s8192/events.jsonl.gz
 
 The row's label says the configuration (gpu_validation.py's preset rows). Printed: the first place the two sequences'
 allocations and frees of at least 1 GiB differ, and each sequence's replayed reserved peak. The trace runs at full

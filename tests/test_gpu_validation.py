@@ -318,3 +318,20 @@ def test_the_cuda_context_a_training_process_holds():
     env = json.loads((RUNS / "2026-12-04-h200-b" / "history" / "rows.json").read_text())["env"]
     assert env["cuda_context_after_run"].startswith("806,158,336 B")
     assert MEASURED_CUDA_CONTEXTS["9.0"][0] == 806_158_336 == max(*lazy.values(), 806_158_336)
+
+
+def test_the_eager_8192_token_row_on_the_h200():
+    """benchmarks/gpu-runs/2026-12-04-h200-d/eager-s8192 (measured 2026-12-04, third session): Llama-3.2-1B bf16 with
+    eager attention and full checkpointing at 1 x 8192, the row the second session's registration fault stopped. The
+    estimate (the softmax backward's temporary counted) is the requested peak; the reserved memory is not the
+    replay's: the GPU held one 8 GiB segment more, which --reserved's note for such steps quotes from this row."""
+    from memcalc.measure.reserved import HUGE_BLOCK_NOTE
+
+    env, rows, _checks, _contexts = gv.rerender(RUNS / "2026-12-04-h200-d" / "eager-s8192", recompute=False)
+    assert env["device"] == "NVIDIA H200" and env["harness"] == "3"
+    [row] = rows
+    assert row.label == "llama-3.2-1b bf16-pure attn=eager ckpt=full b1xs8192" and not row.failure
+    assert abs(row.allocated_error) < 0.01
+    measured, predicted = row.reserved_bytes / 2**30, row.predicted_reserved_bytes / 2**30
+    assert f"reserved {measured:.2f} GiB" in HUGE_BLOCK_NOTE and f"holds {predicted:.2f} GiB" in HUGE_BLOCK_NOTE
+    assert f"({100 * (measured / predicted - 1):.0f}% more" in HUGE_BLOCK_NOTE

@@ -78,6 +78,12 @@ TORCHTUNE_MODULES_NOTE = (
     "estimate on an H200 (its peak allocated less the cuBLAS workspaces)")
 
 
+TORCHAO_COMPILED_NOTE = (
+    "QLoRA under --compile: torchao's layers are traced as one 16-bit dequantized weight per matmul (bitsandbytes' "
+    "layers' emulation), what Inductor's fusion of NF4Tensor.get_original_weight's pointwise ops leaves: modelled, "
+    "not measured (eager, torchao's dequantization holds about 14 B per weight element at once)")
+
+
 def nf4_bytes(numel: int, double_quant: bool = True, torchao: bool = False) -> int:
     """Bytes bitsandbytes holds for one NF4 tensor, with double quantization or without; ``torchao``: torchao's
     NF4Tensor's (always double-quantized)."""
@@ -321,6 +327,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
                 notes.append(f"QLoRA: {stored}; the base's other tensors stay 16-bit")
             if spec.qlora_quantizer == QloraQuantizer.torchao:
                 notes.append(TORCHTUNE_MODULES_NOTE)
+                if spec.compile:
+                    notes.append(TORCHAO_COMPILED_NOTE)
     if model.architecture_known:
         autocast_numel, recompute_numel, forward_only_numel = _autocast_copy_numel(
             tensors, quantized, spec.checkpointed, whole_model=spec.pp == 1)

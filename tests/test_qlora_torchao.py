@@ -230,3 +230,16 @@ def test_the_h200_reproduced_torchtunes_tutorial_figures():
     assert run["torchao"].startswith("0.1") and run["loaded"]["unexpected"] == 0
     assert round(run["after_init"]["max_reserved"] / 1e9, 2) == 9.13
     assert round(max(step["max_reserved"] for step in run["steps"]) / 1e9, 2) == 9.29
+
+
+def test_under_compile_the_dequantization_is_the_fused_kernels(tmp_path):
+    """--compile with torchao's layers (torchtune's QLoRA configs compile, e.g. 8B_qlora_single_device): the compile
+    emulation cannot trace an NF4Tensor, so each layer runs as one 16-bit dequantized weight per matmul (what
+    Inductor's fusion of get_original_weight's pointwise ops leaves), said in a note; the step is estimated, not
+    refused."""
+    pytest.importorskip("torchao")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    report = api.estimate(str(path), **QLORA, compile=True, batch_size=1, seq_len=32)
+    assert any("QLoRA under --compile" in n for n in report.notes)
+    assert not any("could not be traced" in n for n in report.notes)

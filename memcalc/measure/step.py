@@ -246,12 +246,15 @@ def build_model(model_config: ModelConfig | dict[str, Any], setup: StepSetup) ->
                 layer.gradient_checkpointing = (index + 1) % setup.checkpoint_every == 0
     if setup.freeze:
         _freeze(model, model_config, setup)
-    if setup.qlora and setup.qlora_quantizer == "torchao":
+    if setup.qlora and setup.qlora_quantizer == "torchao" and not setup.compile:
         from memcalc.measure import qlora
 
         # torchtune's LoRALinear(quantize_base=True): torchao's NF4Tensor of the model's weight, linear_nf4 in forward
         qlora.quantize_torchao(model, _quantized_names(model_config, setup))
     elif setup.qlora:
+        # (torchao's layers under --compile: the compile emulation cannot trace an NF4Tensor; Inductor fuses their
+        # dequantization's pointwise ops, leaving one 16-bit weight a matmul, as bitsandbytes' layers make:
+        # trainable.TORCHAO_COMPILED_NOTE)
         from memcalc.measure import qlora
 
         # transformers' bnb 4-bit loading (the compute dtype: the recipe's), then peft's prepare_model_for_kbit_training

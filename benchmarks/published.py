@@ -85,8 +85,8 @@ ROWS = (
     Row("same, \"LoRA\" (9)", "LoRA r64 on q, v, o and the MLP (3B_lora_single_device), bf16 adapters, fused AdamW, "
         "checkpointing, offloading, compile, chunked:8", 8.5, "llama-3.2-3b", TT_LORA),
     Row("same, \"QLoRA\" (10)", "the same as QLoRA (3B_qlora_single_device: every Linear of the layers NF4, the rest "
-        "bf16)", 4.6, "llama-3.2-3b", {**TT_LORA, "qlora": True, "qlora_upcast": False},
-        "torchao's NF4 counted as bitsandbytes' layout (+0.04%)"),
+        "bf16)", 4.6, "llama-3.2-3b", {**TT_LORA, "qlora": True, "qlora_quantizer": "torchao"},
+        "torchao's NF4 layout; compiled, its dequantization taken as one 16-bit weight a matmul (Inductor's fusion)"),
     Row("torchtune README (30b8519e8), Llama 3.1 8B full fine-tuning on an RTX 4090 (11)",
         "8B_full_single_device: full, bf16, bitsandbytes PagedAdamW8bit stepped in backward, checkpointing, chunked "
         "CE; batch 2, packed 2048, compile, no accumulation (the README's note)", 18.9, None,

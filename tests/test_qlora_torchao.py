@@ -243,3 +243,8 @@ def test_under_compile_the_dequantization_is_the_fused_kernels(tmp_path):
     report = api.estimate(str(path), **QLORA, compile=True, batch_size=1, seq_len=32)
     assert any("QLoRA under --compile" in n for n in report.notes)
     assert not any("could not be traced" in n for n in report.notes)
+    # (a modelled fusion is not a step to measure: --verify says so)
+    from memcalc.errors import MemcalcError
+
+    with pytest.raises(MemcalcError, match="QLoRA under compile"):
+        api.verify(str(path), **QLORA, compile=True, batch_size=1, seq_len=32, method="cpu-tracker")

@@ -154,6 +154,9 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
     if spec.qlora and not traced and spec.qlora_quantizer.value != "torchao":
         unsupported.append("QLoRA (bitsandbytes' 4-bit layers: the estimate's trace emulates them; torchao's, "
                            "--qlora-quantizer torchao, are measured)")
+    elif spec.qlora and not traced and spec.compile:
+        unsupported.append("QLoRA under {compile} (torchao's layers are traced as Inductor's fused dequantization, "
+                           "not run)")
     if spec.optimizer not in VERIFIED_OPTIMIZERS:
         unsupported.append(f"{{optim}} {spec.optimizer.value}")
     if spec.optim_in_backward and recipe.master_dtype is not None:

@@ -286,7 +286,10 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
     expert_sizes = _expert_sizes(model)
     capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
     interleaved = []
-    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len, schedules):
+    # (1F1B pipelines are estimated even when only interleaved ones are searched: they bound them, below)
+    plain: dict[Layout, bool] = {}
+    for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len,
+                           tuple(dict.fromkeys(("1f1b", *schedules)))):
         try:
             spec = _spec_for(base, layout)
             tokens, step, parts = _throughput(model, spec, layout, per_node, links)
@@ -297,11 +300,12 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
         except (UsageError, UnsupportedModelError) as error:  # the run's other settings do not go with this layout
             refused.append(str(error))
             continue
-        candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
+        plain[layout] = peak <= capacity
+        if layout.pp == 1 or "1f1b" in schedules:
+            candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
     passed, beyond = 0, 0
     # (torch's Interleaved1F1B warms rank r up with (v-1) pp + 2 (pp-1-r) forwards of 1/v of its layers each, at least
     # the pp - r whole micro-batches 1F1B keeps: where the same layout with 1F1B does not fit, neither does this one)
-    plain = {dataclasses.replace(c.layout, schedule="1f1b", virtual=1): c.fits for c in candidates}
     for rate, layout, spec, tokens, step, parts in sorted(interleaved, key=lambda item: -item[0]):
         if not plain.get(dataclasses.replace(layout, schedule="1f1b", virtual=1), True):
             beyond += 1

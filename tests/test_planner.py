@@ -190,6 +190,11 @@ def test_interleaved_pipelines_are_searched_when_asked(plan_interleaved):
     assert interleaved and all(c.layout.schedule == "interleaved-1f1b" and c.layout.virtual == 2 and c.layout.pp > 1
                                for c in interleaved)
     assert "interleaved x2" in interleaved[0].layout.label
+    # interleaved alone: the 1F1B pipelines still bound the search, but are not among the layouts
+    only = api.layouts("llama-3-8b", gpus=32, gpu="h100-80gb", batch_size=4, seq_len=4096,
+                       plan_schedules="interleaved-1f1b")
+    assert all(c.layout.virtual == 2 for c in only.candidates if c.layout.pp > 1)
+    assert any(c.layout.pp > 1 for c in only.candidates) and any(c.layout.pp == 1 for c in only.candidates)
 
 
 def test_interleaved_bubble_and_sends_by_hand(plan_interleaved):

@@ -124,7 +124,9 @@ class StepSetup:
             **({"compile": "each decoder layer: AOTAutograd with Inductor's decompositions and partition_fn, "
                            "Inductor's buffers as its scheduler plans them (emulated: no kernels built)"}
                if self.compile else {}),
-            **({"qlora": f"torchao NF4Tensor layers as torchtune builds them ({self.qlora_scope})"}
+            **({"qlora": f"torchao NF4Tensor layers as torchtune builds them ({self.qlora_scope})"
+                         + (", traced as one 16-bit dequantized weight per matmul under compile" if self.compile
+                            else "")}
                if self.qlora and self.qlora_quantizer == "torchao" else
                {"qlora": f"bitsandbytes 4-bit layers emulated ({self.qlora_scope}"
                          f"{', the head too' if self.qlora_lm_head else ''}"
@@ -153,7 +155,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         unsupported.append(f"{{zero}} {spec.zero_stage} / {{gpus}} {spec.num_gpus} (needs several ranks)")
     if spec.qlora and not traced and spec.qlora_quantizer.value != "torchao":
         unsupported.append("QLoRA (bitsandbytes' 4-bit layers: the estimate's trace emulates them; torchao's, "
-                           "--qlora-quantizer torchao, are measured)")
+                           "{qlora_quantizer} torchao, are measured)")
     elif spec.qlora and not traced and spec.compile:
         unsupported.append("QLoRA under {compile} (torchao's layers are traced as Inductor's fused dequantization, "
                            "not run)")

@@ -249,3 +249,20 @@ def test_a_step_with_huge_blocks_says_what_the_gpu_reserved_beyond(monkeypatch, 
     monkeypatch.setattr(reserved, "step_allocations", lambda raw, spec, attention="sdpa": (allocations, True))
     replayed = reserved.predict_reserved({}, TrainingSpec(), parse_alloc_conf(""), "default", None)
     assert any("50.86 GiB" in note for note in replayed.notes) is said
+
+
+def test_a_bitsandbytes_qlora_replay_says_it_starts_after_the_load(monkeypatch):
+    """bitsandbytes' QLoRA load (16-bit arrivals quantized on the GPU, PEFT's fp32 casts) frees blocks the allocator
+    keeps; the replay starts from the 4-bit weights and says so (torchtune's torchao load is replayed)."""
+    pytest.importorskip("torch")
+    from memcalc.allocator import ALLOC, FREE, parse_alloc_conf
+    from memcalc.measure import reserved
+    from memcalc.spec import TrainingSpec
+
+    allocations = reserved.StepAllocations(((ALLOC, 0, 512), (FREE, 0, 0)), "M", "sdpa", 0.0, {})
+    monkeypatch.setattr(reserved, "step_allocations", lambda raw, spec, attention="sdpa": (allocations, True))
+    for spec, said in ((TrainingSpec(lora_rank=8, qlora=True), True),
+                       (TrainingSpec(lora_rank=8, qlora=True, qlora_quantizer="torchao", qlora_upcast=False), False),
+                       (TrainingSpec(lora_rank=8), False)):
+        replayed = reserved.predict_reserved({}, spec, parse_alloc_conf(""), "default", None)
+        assert any("the load's freed blocks" in note for note in replayed.notes) is said

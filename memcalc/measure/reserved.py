@@ -188,6 +188,11 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
                      "matmuls; 32 MiB each on compute capability 9.0 to 12.x, 8 MiB + 128 KiB on others): name the "
                      "card with --gpu to count them")
     notes.append("not in the replay: scratch a kernel allocates and frees inside one op")
+    if spec.qlora and spec.qlora_quantizer.value != "torchao":
+        notes.append("not in the replay: the load's freed blocks (each 16-bit checkpoint tensor bitsandbytes quantizes "
+                     "on arrival" + (", each 16-bit tensor PEFT casts to fp32" if spec.qlora_upcast else "")
+                     + "), which the allocator keeps cached into the step; the replay starts from the 4-bit weights "
+                     "(torchtune's build and load, --qlora-quantizer torchao, are replayed)")
     largest = max((size for kind, _key, size in allocations.events if kind == ALLOC), default=0)
     if largest >= HUGE_BLOCK:
         notes.append(HUGE_BLOCK_NOTE.format(gib=largest / 2**30))

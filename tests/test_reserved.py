@@ -251,18 +251,44 @@ def test_a_step_with_huge_blocks_says_what_the_gpu_reserved_beyond(monkeypatch, 
     assert any("50.86 GiB" in note for note in replayed.notes) is said
 
 
-def test_a_bitsandbytes_qlora_replay_says_it_starts_after_the_load(monkeypatch):
-    """bitsandbytes' QLoRA load (16-bit arrivals quantized on the GPU, PEFT's fp32 casts) frees blocks the allocator
-    keeps; the replay starts from the 4-bit weights and says so (torchtune's torchao load is replayed)."""
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_qlora_log_holds_the_load_as_memcalc_load_counts_it(upcast, double_quant):
+    """--reserved's log of a bitsandbytes QLoRA step starts with transformers' load (each 4-bit weight arriving in
+    16-bit and quantized, the fp32 scratch of double quantization, PEFT's fp32 casts): its largest moment is the one
+    memcalc.load counts (measured on real transformers + bitsandbytes loads, tests/test_load.py), to the byte."""
     pytest.importorskip("torch")
-    from memcalc.allocator import ALLOC, FREE, parse_alloc_conf
-    from memcalc.measure import reserved
-    from memcalc.spec import TrainingSpec
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    allocations = reserved.StepAllocations(((ALLOC, 0, 512), (FREE, 0, 0)), "M", "sdpa", 0.0, {})
-    monkeypatch.setattr(reserved, "step_allocations", lambda raw, spec, attention="sdpa": (allocations, True))
-    for spec, said in ((TrainingSpec(lora_rank=8, qlora=True), True),
-                       (TrainingSpec(lora_rank=8, qlora=True, qlora_quantizer="torchao", qlora_upcast=False), False),
-                       (TrainingSpec(lora_rank=8), False)):
-        replayed = reserved.predict_reserved({}, spec, parse_alloc_conf(""), "default", None)
-        assert any("the load's freed blocks" in note for note in replayed.notes) is said
+    from memcalc import api
+    from memcalc.allocator import ALLOC
+    from memcalc.measure import build
+    from memcalc.measure import step as measured
+    from memcalc.measure import tracker as trk
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+    from memcalc.spec import TrainingSpec
+    from tests.tiny import tiny_raw
+
+    raw = tiny_raw("llama")
+    spec = TrainingSpec(lora_rank=8, qlora=True, qlora_upcast=upcast, qlora_double_quant=double_quant,
+                        precision="bf16-pure", micro_batch_size=1, seq_len=8, activations="rules")
+    loaded = api.run(model_of(ModelConfig("tiny", raw, "test")), spec).per_gpu.load
+    setup = measured.resolve_setup(spec, traced=True)
+    with FakeTensorMode(allow_non_fake_inputs=True), build.quiet_fake_tensor_log():
+        model = measured.build_model(raw, setup)
+        batch, _ = measured.make_batch(model, setup)
+        log = trk.MemoryTracker()
+        log.events = []
+        measured._register_existing(log, model, measured.Stepper(model, setup), batch, nf4=True,
+                                    upcast=upcast and setup.weight_dtype != torch.float32)
+    live, peak, sizes = 0, 0, {}
+    for kind, key, size in log.events:
+        if kind == ALLOC:
+            sizes[key] = size
+            live += size
+            peak = max(peak, live)
+        else:
+            live -= sizes.pop(key, 0)
+    assert peak == loaded.peak_bytes, loaded.moment

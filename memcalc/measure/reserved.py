@@ -35,8 +35,8 @@ from memcalc.measure.derive import current_device
 from memcalc.report import AllocatorReplay
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 3  # 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32 grouped-head sdpa on its
-# math path
+CACHE_FORMAT = 4  # 4: QLoRA's load in the log; 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32
+# grouped-head sdpa on its math path
 # A step with blocks this large: on an H200 the allocator reserved more than the replay of the same allocations
 # (benchmarks/gpu-runs/2026-12-04-h200-d, docs/accuracy.md "Third session")
 HUGE_BLOCK = 2**30
@@ -188,11 +188,13 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
                      "matmuls; 32 MiB each on compute capability 9.0 to 12.x, 8 MiB + 128 KiB on others): name the "
                      "card with --gpu to count them")
     notes.append("not in the replay: scratch a kernel allocates and frees inside one op")
-    if spec.qlora and spec.qlora_quantizer.value != "torchao":
-        notes.append("not in the replay: the load's freed blocks (each 16-bit checkpoint tensor bitsandbytes quantizes "
-                     "on arrival" + (", each 16-bit tensor PEFT casts to fp32" if spec.qlora_upcast else "")
-                     + "), which the allocator keeps cached into the step; the replay starts from the 4-bit weights "
-                     "(torchtune's build and load, --qlora-quantizer torchao, are replayed)")
+    if spec.qlora:
+        notes.append("in the replay: QLoRA's load, whose freed blocks the allocator keeps into the step ("
+                     + ("torchtune's build and load_state_dict, each weight quantized by torchao's to_nf4 twice"
+                        if spec.qlora_quantizer.value == "torchao" else
+                        "transformers' with bitsandbytes, each 16-bit checkpoint tensor quantized on arrival"
+                        + (", then PEFT's fp32 casts" if spec.qlora_upcast else ""))
+                     + ")")
     largest = max((size for kind, _key, size in allocations.events if kind == ALLOC), default=0)
     if largest >= HUGE_BLOCK:
         notes.append(HUGE_BLOCK_NOTE.format(gib=largest / 2**30))

@@ -836,7 +836,9 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         # state is made while the forward's and backward's freed blocks sit in the allocator's cache
         log = trk.MemoryTracker()
         log.events = events = []
-        _register_existing(log, model, stepper, batch, nf4=setup.qlora)
+        # (PEFT's fp32 cast of a 16-bit load's other tensors: prepare_model_for_kbit_training)
+        upcast = setup.qlora and setup.qlora_upcast and setup.weight_dtype != torch.float32
+        _register_existing(log, model, stepper, batch, nf4=setup.qlora, upcast=upcast)
         with log:
             one_step(model, stepper, batch, setup, PhaseClock(), micro_batches=micro_batches)
         log.events = None  # the measured step's tracker records the rest (frees of what the log saw included)
@@ -903,11 +905,11 @@ def _logging_into(events: list[tuple[int, int, int]]) -> Iterator[trk.MemoryTrac
 
 
 def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper,
-                       batch: Mapping[str, torch.Tensor], nf4: bool = False) -> None:
-    """What exists before the step, in load order. ``nf4`` (an allocation log of a QLoRA step): a 4-bit layer's
-    weight is logged as the allocations bitsandbytes holds for it (the emulation keeps a 16-bit stand-in). torchao's
-    layers (torchtune's QLoRA) count their NF4Tensor's tensors, never the stand-in, and the log holds their build and
-    load."""
+                       batch: Mapping[str, torch.Tensor], nf4: bool = False, upcast: bool = False) -> None:
+    """What exists before the step, in load order. ``nf4`` (an allocation log of a QLoRA step): the log holds the
+    load as it runs, its freed blocks included: for bitsandbytes' layers (whose emulation keeps a 16-bit stand-in)
+    transformers' load (``_bitsandbytes_load``; ``upcast``: then PEFT's fp32 casts), for torchao's (torchtune's QLoRA)
+    torchtune's build and load. torchao's layers count their NF4Tensor's tensors, never the stand-in."""
     from memcalc.measure import qlora
 
     layers = qlora.torchao_layers(model)
@@ -918,9 +920,6 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
         tracker.register(batch.values(), trk.OTHER)
         return
     if nf4 and tracker.events is not None:
-        from memcalc.allocator import ALLOC
-
-        stand_ins = set()
         if layers:
             # torchtune's build (each weight quantized as its layer is made), the rest of the model, then its
             # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged
@@ -935,18 +934,65 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
             tracker.register(model.buffers(), trk.OTHER)
             tracker.register(batch.values(), trk.OTHER)
             return
-        for module in model.modules():
-            parts = qlora.stored_parts(module)
-            if parts is not None:
-                stand_ins.add(id(module.weight))
-                # keys below zero: never a storage's id
-                tracker.events.extend((ALLOC, -(id(module.weight) * 8 + i) - 1, n) for i, n in enumerate(parts))
-        tracker.register((p for p in model.parameters() if id(p) not in stand_ins), trk.WEIGHTS)
+        _bitsandbytes_load(tracker, model, upcast)
     else:
         tracker.register(model.parameters(), trk.WEIGHTS)
     tracker.register(stepper.masters, trk.MASTER)
     tracker.register(model.buffers(), trk.OTHER)
     tracker.register(batch.values(), trk.OTHER)
+
+
+def _bitsandbytes_load(tracker: trk.MemoryTracker, model: torch.nn.Module, upcast: bool) -> None:
+    """transformers' load with a bitsandbytes 4-bit config into ``tracker``'s log, as memcalc.load models it (its
+    moments measured on real CPU loads): one checkpoint tensor at a time in the checkpoint's order
+    (load.dot_natural_key); a 4-bit layer's weight arrives in 16-bit, quantize_4bit makes its stored parts (and with
+    double quantization the fp32 absmax and absmax - offset, freed once quantize_blockwise returns), and the 16-bit
+    tensor is freed; ``upcast``: every other parameter arrives in 16-bit and PEFT's prepare_model_for_kbit_training
+    then casts each to fp32 in parameter order, freeing the 16-bit one. PEFT's adapters are made after the load."""
+    import itertools
+
+    from memcalc.allocator import ALLOC, FREE
+    from memcalc.load import DYNAMIC_MAP_BYTES, dot_natural_key
+    from memcalc.measure import qlora
+    from memcalc.trainable import NF4_BLOCKSIZE
+
+    events = tracker.events
+    assert events is not None
+    keys = itertools.count(1)  # (keys below zero: never a storage's id)
+    quantized = {id(m.weight): m for m in model.modules() if qlora.stored_parts(m) is not None}
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+
+    def checkpoint_name(name: str) -> str:
+        return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+    loaded = sorted(((n, p) for n, p in model.named_parameters() if "lora_" not in n),
+                    key=lambda item: dot_natural_key(checkpoint_name(item[0])))
+    waiting, mapped = [], False
+    for _name, p in loaded:
+        module = quantized.get(id(p))
+        if module is not None:
+            if module.double_quant and not mapped:  # (quantize_blockwise's dynamic map, made once and kept)
+                events.append((ALLOC, -next(keys), DYNAMIC_MAP_BYTES))
+                mapped = True
+            arrived = -next(keys)
+            events.append((ALLOC, arrived, p.numel() * module.stored_dtype.itemsize))
+            events.extend((ALLOC, -next(keys), n) for n in qlora.stored_parts(module))
+            if module.double_quant:
+                scratch = [-next(keys), -next(keys)]
+                blocks = -(-p.numel() // NF4_BLOCKSIZE)
+                events.extend((ALLOC, k, blocks * 4) for k in scratch)
+                events.extend((FREE, k, 0) for k in reversed(scratch))
+            events.append((FREE, arrived, 0))
+        elif upcast and p.dtype == torch.float32:
+            sixteen = -next(keys)
+            events.append((ALLOC, sixteen, p.numel() * 2))
+            waiting.append((order[id(p)], p, sixteen))
+        else:
+            tracker.register([p], trk.WEIGHTS)
+    for _index, p, sixteen in sorted(waiting, key=lambda item: item[0]):
+        tracker.register([p], trk.WEIGHTS)
+        events.append((FREE, sixteen, 0))
+    tracker.register((p for p in model.parameters() if id(p) not in quantized), trk.WEIGHTS)
 
 
 def differences_from_gpu(result: StepResult) -> list[str]:

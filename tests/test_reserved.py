@@ -262,7 +262,7 @@ def test_the_qlora_log_holds_the_load_as_memcalc_load_counts_it(upcast, double_q
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memcalc import api
-    from memcalc.allocator import ALLOC
+    from memcalc.allocator import parse_alloc_conf, replay
     from memcalc.measure import build
     from memcalc.measure import step as measured
     from memcalc.measure import tracker as trk
@@ -283,12 +283,5 @@ def test_the_qlora_log_holds_the_load_as_memcalc_load_counts_it(upcast, double_q
         log.events = []
         measured._register_existing(log, model, measured.Stepper(model, setup), batch, nf4=True,
                                     upcast=upcast and setup.weight_dtype != torch.float32)
-    live, peak, sizes = 0, 0, {}
-    for kind, key, size in log.events:
-        if kind == ALLOC:
-            sizes[key] = size
-            live += size
-            peak = max(peak, live)
-        else:
-            live -= sizes.pop(key, 0)
+    peak = replay(tuple(log.events), parse_alloc_conf("")).requested_peak_bytes
     assert peak == loaded.peak_bytes, loaded.moment

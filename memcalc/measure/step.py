@@ -890,9 +890,13 @@ def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
     from memcalc.measure import qlora
 
     layers = qlora.torchao_layers(model)
+    return _plain_parameters(model, layers) + [t for m in layers for t in qlora.torchao_parts(m)]
+
+
+def _plain_parameters(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """The model's parameters but the 16-bit stand-ins of torchao's 4-bit ``layers``."""
     stand_ins = {id(m.weight) for m in layers}
-    return ([p for p in model.parameters() if id(p) not in stand_ins]
-            + [t for m in layers for t in qlora.torchao_parts(m)])
+    return [p for p in model.parameters() if id(p) not in stand_ins]
 
 
 @contextlib.contextmanager
@@ -913,30 +917,20 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
     from memcalc.measure import qlora
 
     layers = qlora.torchao_layers(model)
-    if layers and not (nf4 and tracker.events is not None):
-        tracker.register(_weights(model), trk.WEIGHTS)
-        tracker.register(stepper.masters, trk.MASTER)
-        tracker.register(model.buffers(), trk.OTHER)
-        tracker.register(batch.values(), trk.OTHER)
-        return
-    if nf4 and tracker.events is not None:
-        if layers:
-            # torchtune's build (each weight quantized as its layer is made), the rest of the model, then its
-            # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged
-            stand_ins = {id(m.weight) for m in layers}
-            dtype = layers[0].weight.dtype
-            with _logging_into(tracker.events):
-                qlora.torchao_build(layers, dtype)
-            tracker.register((p for p in model.parameters() if id(p) not in stand_ins), trk.WEIGHTS)
-            with _logging_into(tracker.events):
-                qlora.torchao_load(layers, dtype)
-            tracker.register(stepper.masters, trk.MASTER)
-            tracker.register(model.buffers(), trk.OTHER)
-            tracker.register(batch.values(), trk.OTHER)
-            return
+    logged = nf4 and tracker.events is not None
+    if logged and layers:
+        # torchtune's build (each weight quantized as its layer is made), the rest of the model, then its
+        # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged
+        dtype = layers[0].weight.dtype
+        with _logging_into(tracker.events):
+            qlora.torchao_build(layers, dtype)
+        tracker.register(_plain_parameters(model, layers), trk.WEIGHTS)
+        with _logging_into(tracker.events):
+            qlora.torchao_load(layers, dtype)
+    elif logged:
         _bitsandbytes_load(tracker, model, upcast)
     else:
-        tracker.register(model.parameters(), trk.WEIGHTS)
+        tracker.register(_weights(model), trk.WEIGHTS)  # (the parameters, where no layer is torchao's)
     tracker.register(stepper.masters, trk.MASTER)
     tracker.register(model.buffers(), trk.OTHER)
     tracker.register(batch.values(), trk.OTHER)
@@ -955,6 +949,7 @@ def _bitsandbytes_load(tracker: trk.MemoryTracker, model: torch.nn.Module, upcas
     from memcalc.load import DYNAMIC_MAP_BYTES, dot_natural_key
     from memcalc.measure import qlora
     from memcalc.trainable import NF4_BLOCKSIZE
+    from memcalc.units import BYTES_PER_FP32
 
     events = tracker.events
     assert events is not None
@@ -977,10 +972,10 @@ def _bitsandbytes_load(tracker: trk.MemoryTracker, model: torch.nn.Module, upcas
             arrived = -next(keys)
             events.append((ALLOC, arrived, p.numel() * module.stored_dtype.itemsize))
             events.extend((ALLOC, -next(keys), n) for n in qlora.stored_parts(module))
-            if module.double_quant:
+            if module.double_quant:  # (load._arrivals' scratch: the fp32 absmax and absmax - offset)
                 scratch = [-next(keys), -next(keys)]
                 blocks = -(-p.numel() // NF4_BLOCKSIZE)
-                events.extend((ALLOC, k, blocks * 4) for k in scratch)
+                events.extend((ALLOC, k, blocks * BYTES_PER_FP32) for k in scratch)
                 events.extend((FREE, k, 0) for k in reversed(scratch))
             events.append((FREE, arrived, 0))
         elif upcast and p.dtype == torch.float32:

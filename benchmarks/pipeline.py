@@ -49,6 +49,10 @@ SMALL_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hi
                "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024,
                "max_position_embeddings": 1024, "pad_token_id": 0}
 
+# (--moe: the small Llama's attention with Mixtral's MoE block, 4 experts of intermediate 256, top-2)
+SMALL_MIXTRAL = {**SMALL_LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                 "intermediate_size": 256, "num_local_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 4}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,6 +62,9 @@ def main() -> None:
                         help="with --interleaved: ScheduleInterleavedZeroBubble instead (without checkpointing)")
     parser.add_argument("--fsdp", action="store_true", help="stages under FSDP2 over 2 data-parallel ranks each")
     parser.add_argument("--cp", action="store_true", help="stages over 2 context-parallel (and FSDP2) ranks each")
+    parser.add_argument("--moe", action="store_true", help="a small Mixtral's stages on gloo ranks")
+    parser.add_argument("--ep", action="store_true", help="with --moe: each stage's experts split over 2 of its "
+                        "FSDP2 data-parallel ranks (expert parallelism)")
     parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
     parser.add_argument("--pp", default="2,4", help="with --model: the stage counts (default 2,4)")
     parser.add_argument("--microbatches", type=int, help="with --model: micro-batches per step (default: --pp)")
@@ -67,6 +74,8 @@ def main() -> None:
     if args.model:
         return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
                       args.microbatches)
+    if args.moe:
+        return moe_ep(measure_distributed) if args.ep else moe(measure_distributed)
     if args.cp:
         return context_parallel(measure_distributed)
     if args.fsdp:
@@ -166,6 +175,62 @@ def context_parallel(measure_distributed) -> None:
                   f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} | "
                   f"{alone[stage]:+.2f}% |", flush=True)
     print(f"\n{len(errors)} rank steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
+          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+def moe(measure_distributed) -> None:
+    print("| schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error | phase (est / "
+          "measured) |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---|")
+    errors = []
+    for schedule, microbatches, precision, checkpointing in itertools.product(
+            ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16"), ("none", "full")):
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=512, checkpointing=checkpointing,
+                            num_gpus=2, pp=2, pp_schedule=schedule, microbatches=microbatches)
+        for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, SMALL_MIXTRAL, spec):
+            errors.append(error)
+            print(f"| {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
+                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} |", flush=True)
+    print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
+          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+def moe_ep(measure_distributed) -> None:
+    """Each stage's most loaded rank: the estimate at the --ep-load its measured routing implies (the most loaded
+    layer of the stage's ranks over T x top-k)."""
+    print("| routing | schedule | gpus | micro-batches | recipe | checkpointing | --zero | stage | --ep-load | estimate "
+          "| measured | error | phase (est / measured) |")
+    print("|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
+    errors = []
+    batch, seq = 2, 256
+    for routing, (schedule, virtual, layers), gpus, microbatches, precision, checkpointing, zero in (
+            ("worst", ("1f1b", 1, 4), 4, 2, "bf16", "none", 2), ("random", ("1f1b", 1, 4), 4, 4, "bf16", "full", 2),
+            ("worst", ("gpipe", 1, 4), 4, 2, "fp32", "none", 2), ("random", ("1f1b", 1, 4), 4, 4, "bf16-pure", "none", 2),
+            ("worst", ("1f1b", 1, 4), 4, 4, "amp-bf16", "full", 2), ("random", ("gpipe", 1, 4), 4, 3, "bf16", "none", 3),
+            ("worst", ("1f1b", 1, 4), 4, 2, "bf16-pure", "full", 3), ("random", ("1f1b", 1, 4), 8, 2, "bf16", "none", 2),
+            ("worst", ("interleaved-1f1b", 2, 6), 4, 4, "bf16", "none", 2),
+            ("random", ("interleaved-1f1b", 2, 6), 4, 4, "amp-bf16", "full", 2)):
+        raw = {**SMALL_MIXTRAL, "num_hidden_layers": layers, **({"initializer_range": 0.0} if routing == "worst" else {})}
+        spec = TrainingSpec(precision=precision, micro_batch_size=batch, seq_len=seq, checkpointing=checkpointing,
+                            num_gpus=gpus, pp=2, pp_schedule=schedule, microbatches=microbatches, sharding="fsdp",
+                            zero_stage=zero, ep=2, **({"pp_virtual": virtual} if virtual > 1 else {}))
+        model = model_of(ModelConfig("small-mixtral", raw, "benchmarks/pipeline.py"))
+        ranks = measure_distributed({**raw, "_name": "small-mixtral"}, spec, engine="pp", world_size=gpus,
+                                    method="gloo")
+        for stage in range(2):
+            mine = [m for m in ranks if m.run["distributed"]["stage"] == stage]
+            received = max(n for m in mine for n in m.run["distributed"]["ep_received_pairs"])
+            load = received / (batch * seq * raw["num_experts_per_tok"])
+            busiest = max(mine, key=lambda m: m.measured_peak_bytes)
+            where = {"pp_rank": stage} if virtual > 1 else {"pp_stage": stage}
+            estimate = run(model, spec.replace(ep_load=load, **where)).per_gpu
+            error = 100 * (estimate.peak_bytes / busiest.measured_peak_bytes - 1)
+            errors.append(error)
+            print(f"| {routing} | {schedule}{f' x {virtual}' if virtual > 1 else ''} | {gpus} | {microbatches} | "
+                  f"{precision} | {checkpointing} | {zero} | {stage} | {load:.3f} | {estimate.peak_bytes / 2**20:.2f} "
+                  f"MiB | {busiest.measured_peak_bytes / 2**20:.2f} MiB | {error:+.2f}% | "
+                  f"{estimate.peak_phase.value} / {busiest.measured_peak_phase} |", flush=True)
+    print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
           f"{min(errors):+.2f}% to {max(errors):+.2f}%")
 
 

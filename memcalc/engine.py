@@ -472,7 +472,8 @@ def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
         return spec
     return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
                         pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
-                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None)
+                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None,
+                        ep_on_stage=spec.pp > 1 and spec.ep > 1)
 
 
 def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: TrainingSpec,
@@ -538,6 +539,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     notes: list[str] = list(model.notes)
     if spec.pp > 1:
         notes.append(pipeline.ACCURACY_NOTE)
+        if getattr(model.arch, "num_experts", 0):
+            notes.append(pipeline.MOE_NOTE)
     subset = trainable.apply(model, spec)
     notes.extend(subset.notes)
     tensors = subset.tensors
@@ -840,9 +843,10 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         sharded_layer=holdings.mid_backward_extra_bytes,
         fsdp_last_layer=holdings.last_layer_extra_bytes + root_waiting,
         # (--ep, the last layer's experts in the forward: beside the block's transients the residual stream, the
-        # layer's input, its attention's sum and the embedding's output: 3 x r T h, measured on gloo ranks)
+        # layer's input, its attention's sum and the embedding's output: 3 x r T h, measured on gloo ranks; on a
+        # pipeline stage the experts are among the units kept unsharded, nothing gathered beside them)
         experts_forward=(holdings.experts_gathered_bytes + act.layer_forward_transient_bytes
-                         + 3 * act.output_gradient_bytes if holdings.experts_gathered_bytes else 0),
+                         + 3 * act.output_gradient_bytes if spec.ep > 1 else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
         fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer

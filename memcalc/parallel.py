@@ -404,9 +404,18 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
     unit by unit, beside fewer activations than a later forward holds: not a peak, not counted.)"""
     num_gpus = spec.num_gpus
     trainable = [t for t in tensors if t.trainable]
-    shard_all = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in tensors)
-    shard_trainable = sum(fsdp2_shard_numel(t.shape, num_gpus) for t in trainable)
-    units = _units(tensors)
+
+    def shard(t: ParamTensor) -> int:  # (--ep: each experts module sharded over the ranks holding the same experts)
+        ep_dim = spec.ep_shard_dim if spec.ep > 1 and t.role == ROLE_EXPERT else 0
+        return fsdp2_shard_numel(t.shape, expert_parallel.sharding_ranks(t, num_gpus, spec.ep), ep_dim)
+
+    shard_all = sum(shard(t) for t in tensors)
+    shard_trainable = sum(shard(t) for t in trainable)
+    # (--ep: each experts module is an FSDP2 unit of its own, transformers' apply_fully_sharded_data_parallelism)
+    experts = [t for t in tensors if t.role == ROLE_EXPERT] if spec.ep > 1 else []
+    units = _units([t for t in tensors if t not in experts])
+    for key, numel in _units(experts).items():
+        units[f"{key} experts"] = numel
     largest_unit = max(units.values(), default=0)
     mixed = has_master
     bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight
@@ -440,7 +449,7 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
         notes.append(FSDP2_MIXED_NOTE)
     return RankHoldings(
         weight_numel=shard_all, grad_numel=sum(t.numel for t in trainable), master_numel=0,
-        optimizer_shapes=tuple((fsdp2_shard_numel(t.shape, num_gpus),) for t in trainable),
+        optimizer_shapes=tuple((shard(t),) for t in trainable),
         effective_stage=spec.zero_stage, bytes_per_grad_override=BYTES_PER_FP32 if mixed else None,
         bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False, grads_held="gpu-backward",
         grads_source=f"every trainable parameter of the stage, unsharded, accumulated through the schedule "

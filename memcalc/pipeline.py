@@ -54,6 +54,14 @@ ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo r
                  "-0.0% to +4.6% (a later stage's input buffer and its first layer's copy of it counted apart), "
                  "interleaved 1F1B under FSDP2 (21) -0.0% to +2.7%, with --cp (14) -0.0% to +1.5% (+8.4% with --zero "
                  "3, an upper bound): leave margin")
+# Measured (benchmarks/pipeline.py --moe: a small Mixtral, 4 layers on 2 gloo ranks, GPipe and 1F1B, 2 and 4
+# micro-batches, fp32, bf16-pure and amp-bf16, checkpointing none and full, 48 stage steps; --moe --ep: 2 stages
+# each over 2 or 4 FSDP2 ranks splitting the experts 2 ways, 20 stage steps)
+MOE_NOTE = ("MoE pipeline stages against gloo ranks (a small Mixtral): 48 stage steps -0.8% to +4.7%, amp-bf16 with "
+            "checkpointing up to 0.8% low (the cast weights' gradients of a stage's later layers held at an earlier "
+            "layer's backward, not yet placed); with --ep at --ep-load the measured routing's, every pair routed to "
+            "one rank (10 stage steps) -0.8% to +2.8%, random routing (10) +3.2% to +20.8% (--ep-load is the most "
+            "loaded layer's, applied to every layer and micro-batch): leave margin")
 ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ranks of a small Llama (27 rank steps): "
                     "-2.0% to +3.3%, the 16-bit recipes' first ranks low (a norm's backward inside a retained input "
                     "backward, not yet placed): leave margin")
@@ -230,18 +238,27 @@ def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
     return list(seen)
 
 
+# The Llama layout's decoders (memcalc.tensor_parallel.MODEL_TYPES) and the MoE ones whose layers take the same call
+# (MixtralDecoderLayer, Qwen2MoeDecoderLayer, Qwen3MoeDecoderLayer: hidden states, position ids and embeddings)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+               "qwen3_moe")
+
+
 def check(described, pp: int, pp_layers: Sequence[int] | None = None, named: str | None = None) -> None:
     """One line for a model the stages cannot be cut from (exit 5), or a split that does not fit it (exit 2)."""
-    from memcalc import tensor_parallel
-
     if pp == 1:
         return
     if described is None:
         raise UsageError("{pp} cuts the model's layers into stages: give a model name or config.json, not only {params}")
-    if described.model_type not in tensor_parallel.MODEL_TYPES:
+    if described.model_type not in MODEL_TYPES:
         raise UnsupportedModelError(
-            f"{{pp}} is modelled for decoders of the Llama layout ({', '.join(tensor_parallel.MODEL_TYPES)}); "
+            f"{{pp}} is modelled for decoders of the Llama layout ({', '.join(MODEL_TYPES)}); "
             f"{described.model_type} is not yet: drop {{pp}}")
+    if getattr(described.arch, "output_router_logits", False):
+        raise UnsupportedModelError(
+            "{pp} with output_router_logits: a stage runs its layers alone and collects no router logits, so the "
+            "auxiliary load-balancing loss has no stage to run on (torchtitan's MoE balances without it); set "
+            "output_router_logits false in the config, or drop {pp}")
     if described.arch.tie_word_embeddings:
         raise UnsupportedModelError(
             "{pp} with a head tied to the input embeddings is not modelled (the first and the last stage would each "

@@ -26,7 +26,7 @@ share each sequence and ep split the experts):
   pipeline  P = 2 v M x (batch x seq/cp x hidden x 2 B) / network  (v stages a rank: 1 for 1F1B, 2 interleaved)
   context   R = 8 L_s M (cp-1) x (batch x seq/cp x kv_heads/tp x head_dim x 2 B) / link  (the ring: k and v
               all-gathered forward and backward, their fp32 gradients passed on)
-  expert    E = 4 L_moe M (ep-1)/ep x (batch x seq/cp x top_k x hidden x 2 B) / link  (each MoE layer's routed
+  expert    E = 4 L_moe/pp M (ep-1)/ep x (batch x seq/cp x top_k x hidden x 2 B) / link  (each MoE layer's routed
               pairs sent and returned by all-to-all, forward and backward; balanced routing)
   bubble    B = (pp-1) / (v M + pp-1)  (interleaved 1F1B: Narayanan et al. 2021, each stage's share 1/v)
   data      D = k ((dp-1)/dp x rank's dense params + (dp/ep-1)/(dp/ep) x its experts) x 2 B / link (k 2 DDP/ZeRO-1,
@@ -171,7 +171,7 @@ def _context_sizes(model, base) -> tuple[int, ...]:
 
 def _expert_sizes(model) -> tuple[int, ...]:
     """The expert-parallel sizes the model takes (expert_parallel.check: a MoE model of transformers' plan, the experts
-    split evenly); tried with FSDP alone (--ep's modelled layout: no tp, pp or cp)."""
+    split evenly); tried with FSDP alone and on FSDP2 pipeline stages (--ep's modelled layouts: no tp or cp)."""
     return (1, *(ep for ep in EP_SIZES[1:] if _splits(expert_parallel.check, model.described, ep)))
 
 
@@ -202,6 +202,11 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                         # (2 x pp micro-batches: torch's interleaved schedules take a multiple of pp)
                         found.extend(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp, cp, schedule=schedule,
                                             virtual=virtual) for schedule, virtual in _pipelines(model, pp, schedules))
+                        if tp == 1 and cp == 1 and sharding == "fsdp":
+                            # (each stage's experts split over ep of its FSDP2 ranks: torchtitan's (pp, dp, ep) mesh)
+                            found.extend(Layout(dp, 1, pp, "fsdp", checkpointing, 2 * pp, 1, ep, schedule=schedule,
+                                                virtual=virtual) for ep in expert_sizes[1:] if dp % ep == 0
+                                         for schedule, virtual in _pipelines(model, pp, schedules))
             if tp == 1 and pp == 1 and dp > 1:
                 # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding
                 # them times ep, here dp, exceed the experts; transformers' dim 0 then pads them whole)
@@ -246,6 +251,7 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     ring_link = intra if layout.tp * layout.cp <= gpus_per_node else inter
     context = 8 * layers * layout.microbatches * (layout.cp - 1) * kv / ring_link
     moe_layers = sum(1 for layer in range(arch.num_layers) if getattr(arch, "sparse", lambda _: False)(layer))
+    moe_layers = -(-moe_layers // layout.pp)  # (a stage's: its rank runs those)
     expert = (4 * moe_layers * layout.microbatches * (layout.ep - 1) / layout.ep * micro * top_k * arch.hidden_size
               * BYTES_16 / (intra if layout.ep <= gpus_per_node else inter)) if layout.ep > 1 else 0.0
     bubble = (layout.pp - 1) / (layout.virtual * layout.microbatches + layout.pp - 1)
@@ -254,7 +260,9 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     factor = 3 if layout.sharding == "fsdp" and layout.pp == 1 else 2
     dp_link = inter if layout.tp * layout.pp * layout.dp > gpus_per_node else intra
     efsdp = layout.dp // layout.ep
-    synced = (layout.dp - 1) / layout.dp * (rank_params - experts) + (efsdp - 1) / efsdp * experts / layout.ep
+    stage_experts = experts / layout.pp  # (the experts of a rank's stage, of which it holds 1/ep)
+    synced = ((layout.dp - 1) / layout.dp * (rank_params - stage_experts)
+              + (efsdp - 1) / efsdp * stage_experts / layout.ep)
     data = factor * synced * BYTES_16 / dp_link if layout.dp > 1 else 0.0
     step = (compute + tensor + pipe + context + expert) / (1 - bubble) + max(0.0, data - compute / 2)
     return tokens, step, {"compute_s": compute, "tensor_parallel_s": tensor, "pipeline_s": pipe,

@@ -153,7 +153,11 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
                              f"{spec.cp * job.tp}")
         job = dataclasses.replace(job, cp=spec.cp)
     if spec.ep > 1:
-        if engine != "fsdp2" or job.tp > 1 or job.cp > 1 or world_size % spec.ep:
+        if engine == "pp":
+            if job.pp_dp % spec.ep:
+                raise UsageError(f"the pipeline measurement runs {{ep}} {spec.ep} over each stage's FSDP2 "
+                                 f"data-parallel ranks ({job.pp_dp}): give {{gpus}} a multiple of {spec.pp * spec.ep}")
+        elif engine != "fsdp2" or job.tp > 1 or job.cp > 1 or world_size % spec.ep:
             raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 alone, over a world "
                              f"size it divides, not {engine} on {world_size} ranks")
         job = dataclasses.replace(job, ep=spec.ep, ep_shard_dim=spec.ep_shard_dim)
@@ -413,6 +417,15 @@ def _device_mesh(job: _Job):
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
+    if job.engine == "pp" and job.ep > 1:
+        # each stage's data-parallel ranks split into (efsdp, ep), the ep ranks consecutive (torchtitan's
+        # (pp, dp_shard, ep) order); "dp" the two flattened, FSDP2's mesh for the rest of the stage
+        from memcalc.measure.expert_parallel import meshes
+
+        stages = init_device_mesh("cpu", (job.world_size // job.pp_dp, job.pp_dp // job.ep, job.ep),
+                                  mesh_dim_names=("pp", "efsdp", "ep"))
+        named = {name: stages[name] for name in ("pp", "efsdp", "ep")}
+        return {**named, "dp": stages["efsdp", "ep"]._flatten("dp")}, meshes(job.world_size, job.ep)[2]
     if job.engine == "pp":  # the stages over the outer dimension, FSDP2 over the inner one (torchtitan's order)
         return init_device_mesh("cpu", (job.world_size // job.pp_dp, job.pp_dp), mesh_dim_names=("pp", "dp"))
 
@@ -759,7 +772,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
             world, experts_mesh, tp_mesh = mesh
             dist_info.update(parallelize(model, experts_mesh["ep"], tp_mesh, experts_mesh["efsdp"],
                                          policy or MixedPrecisionPolicy(), job.world_size, received,
-                                         job.ep_shard_dim))
+                                         job.ep_shard_dim, job.reshard_after_forward))
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, world, dist_info)
         else:
             runner, stepper = _wrap_fsdp2(job, model, setup, policy, mesh, dist_info)

@@ -42,12 +42,13 @@ def experts_modules(model: Any) -> list[tuple[str, Any]]:
 
 
 def parallelize(model: Any, ep_mesh: Any, tp_mesh: Any, efsdp_mesh: Any, mp_policy: Any, world_size: int,
-                received: list[int], shard_dim: int = 0) -> dict[str, Any]:
+                received: list[int], shard_dim: int = 0, reshard_after_forward: bool = True) -> dict[str, Any]:
     """Apply transformers' EP plan (grouped_gemm on the expert weights, ep_dispatch_experts with all_to_all on the
     experts modules) and fully_shard each experts module over efsdp, as apply_fully_sharded_data_parallelism does
     (``shard_dim`` 1: on dim 1, torchtitan's Shard(1) placement, torchtitan/models/llama4/infra/parallelize.py
     apply_fsdp). ``received`` collects, per forward of an experts module, the (token, expert) pairs this rank
-    received."""
+    received. ``world_size``: the data-parallel ranks the gradients are averaged over (a pipeline stage's);
+    ``reshard_after_forward``: the experts' as the rest's (under a pipeline torchtitan's default is False)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
     from transformers.distributed import expert_parallel as ep_module
@@ -62,7 +63,8 @@ def parallelize(model: Any, ep_mesh: Any, tp_mesh: Any, efsdp_mesh: Any, mp_poli
     ep_module.apply_expert_parallelism(model, ep_mesh, tp_mesh, plan, ep_implementation="all_to_all")
     for _name, module in found:
         placement = {"shard_placement_fn": lambda _param: Shard(1)} if shard_dim else {}
-        fully_shard(module, mesh=efsdp_mesh, reshard_after_forward=True, mp_policy=mp_policy, **placement)
+        fully_shard(module, mesh=efsdp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy,
+                    **placement)
         module.set_gradient_divide_factor(float(world_size))
         if efsdp_mesh.size() > 1:  # (transformers: PREMUL_SUM is refused by gloo; sum, then divide)
             module.set_force_sum_reduction_for_comms(True)

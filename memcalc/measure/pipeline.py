@@ -117,6 +117,17 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     first, last = 0 in mine, num_stages - 1 in mine
     modules = [stage_module(model, *job.stages[s], s == 0, s == num_stages - 1) for s in mine]
     # (build_model has turned on transformers' checkpointing of each layer, as the spec says)
+    received: list[int] = []  # --ep: the (token, expert) pairs this rank received, per experts forward
+    ep_info: dict[str, Any] = {}
+    if job.ep > 1:  # transformers' EP plan on each of the rank's stages, its experts FSDP2 units over efsdp
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from memcalc.measure.expert_parallel import parallelize
+
+        mesh, tp_mesh = mesh
+        for module in modules:
+            ep_info = parallelize(module, mesh["ep"], tp_mesh, mesh["efsdp"], policy or MixedPrecisionPolicy(),
+                                  job.pp_dp, received, job.ep_shard_dim, job.reshard_after_forward)
     if sharded:
         _fully_shard_stages(modules, mesh["dp"], policy, job.reshard_after_forward)
     from torch.distributed.pipelining import PipelineStage
@@ -240,9 +251,11 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
                                       else list(job.stages[pp_rank]),
                                       "schedule": job.pp_schedule, "microbatches": microbatches,
                                       "backend": "fake" if job.fake else "gloo", "rank": rank, "dp": job.pp_dp}
+    if job.ep > 1:
+        measurement.run["distributed"].update(ep_info, ep_received_pairs=list(received))
     if sharded:
         measurement.run["distributed"].update(
-            engine="pp+fsdp2", reshard_after_forward=job.reshard_after_forward,
+            engine="pp+fsdp2+ep" if job.ep > 1 else "pp+fsdp2", reshard_after_forward=job.reshard_after_forward,
             mixed_precision_policy=(f"param_dtype={str(policy.param_dtype).removeprefix('torch.')}, reduce_dtype="
                                     f"{str(policy.reduce_dtype).removeprefix('torch.')}") if policy else None)
     measurement.notes.append(f"pipeline rank {pp_rank}{f' (data-parallel rank {rank % job.pp_dp})' if sharded else ''}: stage{'s' if len(mine) > 1 else ''} "

@@ -767,16 +767,22 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     last_layer = max((t.layer for t in tensors if t.layer is not None), default=None)
     fsdp_made = _fsdp_layer_made(tensors, holdings, recipe, accumulating)
     held_casts = (0, 0)
+    first_layer_casts = head_held_cast = 0
     last_layer_held_casts = (0, 0)
     if spec.pp > 1 and recipe.autocast and accumulating and by_tensor:
         cast = [t for t in trainable.autocast_cast_weights(tensors, subset.quantized) if t.trainable]
         held_casts = (sum(t.numel for t in cast), max((t.numel for t in cast), default=0))
+        first_layer = min((t.layer for t in tensors if t.layer is not None), default=None)
+        first_layer_casts = sum(t.numel for t in cast if t.layer is not None and t.layer == first_layer)
         # (and at the stage's last layer's backward, the cast gradients of its weights whose backward has run: at its
         # MLP's its output projection's, at its attention's all but q's, k's and v's; measured on gloo ranks)
         last = [t for t in cast if t.layer is not None and t.layer == last_layer]
         last_layer_held_casts = tuple(sum(t.numel for t in last if keep(t)) * _bytes_per(recipe.compute_dtype)
                                       for keep in (_is_output_projection,
                                                    lambda t: _leaf_module(t) not in ("q_proj", "k_proj", "v_proj")))
+        # (and the head's, on the last stage, at every moment of that layer: its backward ran before the layers';
+        # measured, a Mixtral last stage at its last layer's experts' first op, -0.75% before)
+        head_held_cast = sum(t.numel for t in cast if t.role == ROLE_LM_HEAD) * _bytes_per(recipe.compute_dtype)
     # --pp, a later micro-batch's backward on the stage with the embedding: its backward, the stage's last, makes a
     # new V x h gradient beside the one held, before adding it in
     later_embedding = (_embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad
@@ -876,10 +882,11 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         first_sum_activations=encoder_acts, step=act.step, in_backward=in_backward,
         stage_first_gradient=_stage_first_gradient(tensors, spec, bytes_per_grad, grad_phases),
         held_cast_gradients=held_casts[0] * _bytes_per(recipe.compute_dtype),
-        last_layer_held_casts=last_layer_held_casts,
+        last_layer_held_casts=last_layer_held_casts, head_held_cast=head_held_cast,
         cast_gradient_upcast=held_casts[1] * bytes_per_grad, casts_kept=spec.pp > 1 and recipe.autocast,
         later_embedding_gradient=later_embedding,
-        cast_bytes=_bytes_per(recipe.compute_dtype), grad_bytes=bytes_per_grad, gradients_made=accumulating))
+        cast_bytes=_bytes_per(recipe.compute_dtype), grad_bytes=bytes_per_grad, gradients_made=accumulating,
+        first_layer_cast_numel=first_layer_casts))
     peak = max(phases, key=lambda p: p.bytes)
     # The load before the first step (memcalc.load): the run's peak when it is larger than the step's.
     loaded = load.estimate(
@@ -1212,6 +1219,7 @@ class _Extras:
     # backward has run, held (as held_cast_gradients at the end)
     fsdp_last_made: tuple[int, int] = (0, 0)
     last_layer_held_casts: tuple[int, int] = (0, 0)
+    head_held_cast: int = 0  # ... and the head's, at every moment of the last layer's backward (the last stage)
     fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
     fsdp_root_reduce: int = 0  # FSDP2 at the root's reduce-scatter: its unsharded gradients and their reduce copy
     fsdp_root_shards: int = 0  # ... its sharded gradients, not made yet then
@@ -1228,6 +1236,7 @@ class _Extras:
     later_embedding_gradient: int = 0  # --pp, a later micro-batch: the embedding's new gradient before it is added
     cast_bytes: int = 0  # (the compute dtype's bytes, and the gradients': pending gradients in cast bytes)
     grad_bytes: int = 1
+    first_layer_cast_numel: int = 0  # ... of which the first layer's cast weights' (a MoE layer's experts are not cast)
     gradients_made: bool = False  # a later micro-batch: the pending_* gradients exist (only their casts' are pending)
     head_gradient_late: int = 0  # ... and beside the gradients term, where that term does not hold it
     shared_gradient_sum: int = 0  # end of backward: a shared token embedding's contributions being summed
@@ -1338,6 +1347,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         base.pop(EXTRA_EXPERTS_ALL_GATHER, None)  # (the last layer's all-gather was issued)
         base[EXTRA_FSDP_BACKWARD_START] = x.fsdp_last_layer
         base[EXTRA_REENTRANT_OUTPUT] = x.reentrant_output
+        if x.head_held_cast:
+            base[EXTRA_HELD_CAST_GRADIENTS] = x.head_held_cast
         if TERM_ACTIVATIONS in base:  # the final norm's and the head's saved tensors are released by then
             base[TERM_ACTIVATIONS] -= min(x.after_layers, base[TERM_ACTIVATIONS])
         if TERM_AUTOCAST_COPIES in base:
@@ -1429,7 +1440,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         micro-batch (they exist) their held casts' gradients."""
         if not x.gradients_made:
             return pending
-        return pending * x.cast_bytes // max(1, x.grad_bytes) if x.held_cast_gradients else 0
+        if not x.held_cast_gradients:
+            return 0
+        # (only cast weights have a cast's gradient: not a MoE layer's experts, which grouped_mm runs uncast)
+        return min(pending // max(1, x.grad_bytes), x.first_layer_cast_numel) * x.cast_bytes
 
     layer_acts, layer_grads, pending, casts, (experts, made) = max(
         points, key=lambda point: point[0] + point[1] - unmade(point[2]) + point[3] + sum(point[4]))

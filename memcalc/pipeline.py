@@ -57,10 +57,9 @@ ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo r
 # Measured (benchmarks/pipeline.py --moe: a small Mixtral, 4 layers on 2 gloo ranks, GPipe and 1F1B, 2 and 4
 # micro-batches, fp32, bf16-pure and amp-bf16, checkpointing none and full, 48 stage steps; --moe --ep: 2 stages
 # each over 2 or 4 FSDP2 ranks splitting the experts 2 ways, 20 stage steps)
-MOE_NOTE = ("MoE pipeline stages against gloo ranks (a small Mixtral): 48 stage steps -0.8% to +4.7%, amp-bf16 with "
-            "checkpointing up to 0.8% low (the cast weights' gradients of a stage's later layers held at an earlier "
-            "layer's backward, not yet placed); with --ep at --ep-load the measured routing's, every pair routed to "
-            "one rank (10 stage steps) -0.8% to +2.8%, random routing (10) +3.2% to +20.8% (--ep-load is the most "
+MOE_NOTE = ("MoE pipeline stages against gloo ranks (a small Mixtral): 48 stage steps -0.0% to +4.7%; with --ep at "
+            "--ep-load the measured routing's, every pair routed to "
+            "one rank (10 stage steps) -0.0% to +2.8%, random routing (10) +3.2% to +20.8% (--ep-load is the most "
             "loaded layer's, applied to every layer and micro-batch): leave margin")
 ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ranks of a small Llama (27 rank steps): "
                     "-2.0% to +3.3%, the 16-bit recipes' first ranks low (a norm's backward inside a retained input "

@@ -83,7 +83,7 @@ def test_planner_searches_expert_parallel_pipelines():
 def test_moe_stages_on_gloo():
     """Two stages of the tiny Mixtral (one layer each), 1F1B over 2 micro-batches, fp32: each stage's model states to
     the byte and its peak within 1% below and 5% above the measured (benchmarks/pipeline.py --moe: 48 stage steps of a
-    small Mixtral, -0.8% to +4.7%)."""
+    small Mixtral, -0.04% to +4.72%)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
 
@@ -105,7 +105,7 @@ def test_expert_parallel_stages_on_gloo():
     over 2 micro-batches, every pair routed to one rank: that rank received ep x T x top-k pairs in every MoE forward,
     its weights and optimizer states are the estimate's to the byte, its sharded gradients the estimate's, and its
     peak within 1% below and 5% above the measured (benchmarks/pipeline.py --moe --ep: every pair to one rank, 10
-    stage steps of a small Mixtral, -0.8% to +2.8%)."""
+    stage steps of a small Mixtral, -0.02% to +2.76%)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
 
@@ -126,3 +126,22 @@ def test_expert_parallel_stages_on_gloo():
             assert terms[name] == busiest.model_state_bytes[name], (stage, name)
         assert terms["fsdp_sharded_gradients"] == busiest.model_state_bytes["gradients"], stage
         assert 0.99 <= report.per_gpu.peak_bytes / busiest.measured_peak_bytes <= 1.05, stage
+
+
+def test_later_micro_batch_of_moe_stages_under_autocast_on_gloo():
+    """The tiny Mixtral with 4 layers (2 a stage), amp-bf16, checkpointed, 1F1B over 2 micro-batches: in the second
+    micro-batch's backward every cast weight's gradient made so far is held (the casts' backward nodes run at the
+    schedule's end). Stage 0 peaks at its first layer's experts' first op, beside the later layer's held cast gradients
+    (only the cast weights': the experts run uncast); stage 1 at its last layer's, beside the head's. Both within
+    0.1% (before those two were counted: -0.59% and -0.75% on benchmarks/pipeline.py --moe's small Mixtral)."""
+    pytest.importorskip("transformers")
+    from memcalc.measure.distributed import measure_distributed
+
+    raw = {**tiny_raw("mixtral"), "num_hidden_layers": 4}
+    spec = TrainingSpec(precision="amp-bf16", micro_batch_size=2, seq_len=128, checkpointing="full", pp=2,
+                        microbatches=2, num_gpus=2)
+    model = model_of(ModelConfig("tiny", raw, "test"))
+    for measured in measure_distributed({**raw, "_name": "tiny"}, spec, engine="pp", world_size=2, method="gloo"):
+        stage = measured.run["distributed"]["stage"]
+        peak = run(model, spec.replace(pp_stage=stage)).per_gpu.peak_bytes
+        assert abs(peak / measured.measured_peak_bytes - 1) < 0.001, (stage, peak, measured.measured_peak_bytes)

@@ -413,12 +413,15 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     if spec.interleaved:
         what = f"ranks; shown: the most loaded, rank {rank}"
     elif sharded:
-        ring = ", its context-parallel ranks too: the ring over them" if spec.cp > 1 else ""
+        ring = (", its context-parallel ranks too: the ring over them" if spec.cp > 1 else
+                f", {spec.ep} of them splitting its experts" if spec.ep > 1 else "")
         what = (f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks{ring}); shown: the most "
                 f"loaded, stage {rank}")
     else:
         what = f"stages; shown: the most loaded, stage {rank}"
     busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")
+    if spec.ep > 1:
+        busiest.notes.append(_routing_note(stages, model_config, spec))
     return Outcome(checked, busiest, compare(checked, busiest), [])
 
 

@@ -374,7 +374,8 @@ def _routing_note(ranks: list[Measurement], model_config: ModelConfig, spec: Tra
     most = max((max(r, default=0) for r in received), default=0)
     implied = f"--ep-load {most / average:.3g}" if average else "an --ep-load"
     shown = "; ".join(f"rank {i}: {', '.join(f'{n:,}' for n in r)}" for i, r in enumerate(received))
-    return (f"routing measured (pairs each rank received per MoE layer, forward then any recomputation): {shown}; "
+    return (f"routing measured (pairs each rank received in each MoE forward, every layer and micro-batch, the "
+            f"warm-up step's included, then any recomputation): {shown}; "
             f"the most loaded layer of the most loaded rank took {most:,} of the {average:,} average, so {implied} "
             "describes this run (the estimate shown uses the --ep-load given)")
 

@@ -9,6 +9,9 @@
     python benchmarks/pipeline.py --interleaved --fsdp # interleaved 1F1B, each rank's stages FSDP2-sharded
     python benchmarks/pipeline.py --interleaved --zero-bubble --fsdp  # the same for zero-bubble (its modelled recipes)
     python benchmarks/pipeline.py --cp                 # 2 stages x 2 context-parallel ranks (FSDP2 over them)
+    python benchmarks/pipeline.py --moe                # a small Mixtral's stages
+    python benchmarks/pipeline.py --moe --ep           # ... each stage's experts split over 2 of its FSDP2 ranks
+    python benchmarks/pipeline.py --moe --families     # Qwen3-MoE and Qwen2-MoE stages, alone and with --ep
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
@@ -65,6 +68,8 @@ def main() -> None:
     parser.add_argument("--moe", action="store_true", help="a small Mixtral's stages on gloo ranks")
     parser.add_argument("--ep", action="store_true", help="with --moe: each stage's experts split over 2 of its "
                         "FSDP2 data-parallel ranks (expert parallelism)")
+    parser.add_argument("--families", action="store_true", help="with --moe: tests/tiny.py's Qwen3-MoE and Qwen2-MoE "
+                        "(shared expert) on stages, alone and with --ep")
     parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
     parser.add_argument("--pp", default="2,4", help="with --model: the stage counts (default 2,4)")
     parser.add_argument("--microbatches", type=int, help="with --model: micro-batches per step (default: --pp)")
@@ -75,6 +80,8 @@ def main() -> None:
         return preset(args.model, measure_distributed, args.precision, [int(n) for n in args.pp.split(",")],
                       args.microbatches)
     if args.moe:
+        if args.families:
+            return moe_families(measure_distributed)
         return moe_ep(measure_distributed) if args.ep else moe(measure_distributed)
     if args.cp:
         return context_parallel(measure_distributed)
@@ -232,6 +239,38 @@ def moe_ep(measure_distributed) -> None:
                   f"{estimate.peak_phase.value} / {busiest.measured_peak_phase} |", flush=True)
     print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
           f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+def moe_families(measure_distributed) -> None:
+    """The other MoE decoders the stages take, tests/tiny.py's with 4 layers (2 a stage), micro-batches of 2 x 128:
+    alone on 2 ranks, and with --ep 2 on 4 (every pair routed to one rank: all weights zero)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.tiny import tiny_raw
+
+    print("| model | recipe | checkpointing | gpus | --ep | stage | --ep-load | estimate | measured | error |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for family, precision, checkpointing, ep in (("qwen3_moe", "bf16-pure", "none", 1),
+                                                 ("qwen2_moe", "amp-bf16", "full", 1),
+                                                 ("qwen3_moe", "bf16", "full", 2), ("qwen2_moe", "bf16", "none", 2)):
+        raw = {**tiny_raw(family), "num_hidden_layers": 4, **({"initializer_range": 0.0} if ep > 1 else {})}
+        layout = {"sharding": "fsdp", "zero_stage": 2, "ep": ep, "num_gpus": 4} if ep > 1 else {"num_gpus": 2}
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=128, checkpointing=checkpointing, pp=2,
+                            microbatches=2, **layout)
+        ranks = measure_distributed({**raw, "_name": family}, spec, engine="pp", world_size=layout["num_gpus"],
+                                    method="gloo")
+        model = model_of(ModelConfig(family, raw, "tests/tiny.py"))
+        for stage in (0, 1):
+            busiest = max((m for m in ranks if m.run["distributed"]["stage"] == stage),
+                          key=lambda m: m.measured_peak_bytes)
+            received = busiest.run["distributed"].get("ep_received_pairs", [])
+            load = max(received) / (2 * 128 * raw["num_experts_per_tok"]) if ep > 1 else 1.0
+            estimate = run(model, spec.replace(pp_stage=stage, ep_load=load)).per_gpu.peak_bytes
+            peak = busiest.measured_peak_bytes
+            print(f"| {family} | {precision} | {checkpointing} | {layout['num_gpus']} | {ep} | {stage} | {load:.3f} | "
+                  f"{estimate:,} | {peak:,} | {100 * (estimate / peak - 1):+.2f}% |", flush=True)
 
 
 def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):

@@ -472,8 +472,7 @@ def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
         return spec
     return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
                         pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
-                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None,
-                        ep_on_stage=spec.pp > 1 and spec.ep > 1)
+                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None)
 
 
 def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: TrainingSpec,

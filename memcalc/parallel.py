@@ -519,7 +519,8 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         unsharded = root_numel + largest_layer  # the root is not resharded after forward (FSDP2 heuristic)
         what = f"root (embeddings, final norm, head) {_n(root_numel)} + one layer {_n(largest_layer)}"
     else:
-        unsharded = sum(units.values())
+        # (--ep: the experts units too: fully_shard(reshard_after_forward=False) on each experts module)
+        unsharded = sum(units.values()) + sum(_units(experts).values())
         what = f"every unit stays unsharded from forward to backward: {_n(unsharded)}"
     buffers.append(Term(
         name=TERM_FSDP_UNSHARDED, bytes=unsharded * bytes_per_gathered,
@@ -546,7 +547,10 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     for t in experts:
         padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp, dim(t)) * efsdp
     kept_after_copy = max(padded.values(), default=0) if efsdp > 1 else 0
-    experts_gathered = (largest_experts + kept_after_copy) * bytes_per_gathered
+    # (without reshard after forward every experts unit is in the unsharded term already: only the kept all-gather
+    # output is beside it)
+    running_experts = largest_experts if reshard else 0
+    experts_gathered = (running_experts + kept_after_copy) * bytes_per_gathered
     experts_kept = max(0, kept_after_copy - largest_layer) * bytes_per_gathered
     largest_unit = max(largest_layer, largest_experts)
     bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight
@@ -559,9 +563,9 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     prefetch = largest_layer * bytes_per_gathered if reshard else 0
     bytes_per_shard = BYTES_PER_FP32 if mixed else bytes_per_weight
     mid_backward = (prefetch + largest_unit * bytes_per_reduced + largest_unit * bytes_per_gathered
-                    + math.ceil(largest_unit / num_gpus) * bytes_per_shard + largest_experts * bytes_per_gathered)
+                    + math.ceil(largest_unit / num_gpus) * bytes_per_shard + running_experts * bytes_per_gathered)
     root_made = sum(t.numel for t in trainable if t.layer is None and t.role != ROLE_EMBEDDING)
-    last_layer = prefetch + root_made * bytes_per_gathered + largest_experts * bytes_per_gathered
+    last_layer = prefetch + root_made * bytes_per_gathered + running_experts * bytes_per_gathered
     root_trainable = [t for t in trainable if t.layer is None]
     root_grads = sum(t.numel for t in root_trainable)
     root_reduce = root_grads * (bytes_per_gathered + bytes_per_reduced)

@@ -281,7 +281,6 @@ class TrainingSpec:
     # The dimension FSDP2 shards each rank's fused experts on: 0, transformers' plan (each rank's chunk padded to whole
     # experts when it holds fewer than the ranks sharding them), or 1 (torchtitan's Shard(1) placement)
     ep_shard_dim: int = 0
-    ep_on_stage: bool = False  # (internal) the data-parallel view of a pipeline stage's ranks (engine._data_parallel_spec)
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -597,15 +596,12 @@ class TrainingSpec:
         if self.pp > 1 and self.pp_schedule == PipelineSchedule.zero_bubble:
             raise UnsupportedModelError("{ep} with {pp_schedule} zero-bubble is not modelled yet: use gpipe, 1f1b or "
                                         "interleaved-1f1b")
-        on_stages = self.pp > 1 or self.ep_on_stage
-        if self.sharding != Sharding.fsdp or self.zero_stage not in ((2, 3) if on_stages else (3,)):
+        if self.sharding != Sharding.fsdp or self.zero_stage not in (2, 3):
             # (with --pp, FSDP2 over each stage's data-parallel ranks, torchtitan's (pp, dp_shard, ep) mesh, where
-            # --zero 2 is torchtitan's default; without, FSDP2's --zero 2 with the experts was measured up to 4.3% low:
-            # benchmarks/expert_parallel.py --zero 2)
+            # --zero 2 is torchtitan's default)
             raise UsageError("{ep} is modelled under FSDP2, as transformers and torchtitan run it (the experts "
-                             "sharded over the ranks that hold the same ones): add {fsdp}"
-                             + (" (or {sharding} fsdp with {zero} 2)" if on_stages else
-                                "; with {ep} alone its {zero} 2 is not modelled yet"))
+                             "sharded over the ranks that hold the same ones): add {fsdp} (or {sharding} fsdp with "
+                             "{zero} 2, no reshard after forward)")
         self._only_modelled_with("ep", "expert parallelism")
 
     @property

@@ -2,7 +2,7 @@
 
     python benchmarks/expert_parallel.py [--routing worst,random] [--families mixtral,qwen3_moe]
                                          [--layouts 2x2,4x2,4x4] [--precision bf16-pure,amp-bf16,bf16]
-                                         [--checkpointing none,full] [--experts N] [--shard-dim 1] [--zero 2]
+                                         [--checkpointing none,full] [--experts N] [--shard-dim 1] [--zero 2] [--cp]
 
 Each row runs tests/tiny.py's MoE model (2 layers, 4 experts, top-2) on ``gpus`` gloo ranks with transformers' own
 expert-parallel plan (grouped_gemm on the fused experts, ep_dispatch_experts with AllToAllEP) under FSDP2 (the experts
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-pure,amp-bf16,bf16")
     parser.add_argument("--checkpointing", default="none,full")
     parser.add_argument("--zero", type=int, default=3, help="--zero 3 (reshard after forward) or 2 (not)")
+    parser.add_argument("--cp", action="store_true", help="every rank a context-parallel rank too (--cp gpus: "
+                        "sequences of 64 x gpus positions, each rank running 64, torch's ring attention over all)")
     parser.add_argument("--shard-dim", type=int, default=0, help="--ep-shard-dim: 0 transformers', 1 torchtitan's")
     parser.add_argument("--experts", type=int, help="experts per layer (tests/tiny.py's 4 unless given; 2 with "
                         "--layouts 4x2 puts one expert per rank over 2 FSDP2 ranks: dim-0 shards padded)")
@@ -58,13 +60,14 @@ def main() -> None:
         raw = {**tiny_raw(family), **({"initializer_range": 0.0} if routing == "worst" else {})}
         if args.experts:
             raw["num_local_experts" if "num_local_experts" in raw else "num_experts"] = args.experts
-        spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ, num_gpus=gpus, zero_stage=args.zero,
+        spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ * gpus if args.cp else SEQ,
+                            num_gpus=gpus, zero_stage=args.zero, cp=gpus if args.cp else 1,
                             sharding="fsdp", ep=ep, checkpointing=checkpointing, ep_shard_dim=args.shard_dim)
         started = time.perf_counter()
         ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=gpus, method="gloo",
                                     reshard_after_forward=args.zero == 3)
         received = [max(m.run["distributed"]["ep_received_pairs"]) for m in ranks]
-        load = max(received) / (BATCH * SEQ * raw["num_experts_per_tok"])
+        load = max(received) / (BATCH * spec.local_seq_len * raw["num_experts_per_tok"])
         busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
         report = run(model_of(ModelConfig("tiny", raw, "benchmark")), spec.replace(ep_load=load))
         estimate = report.per_gpu

@@ -211,10 +211,11 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                 # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding
                 # them times ep, here dp, exceed the experts; transformers' dim 0 then pads them whole)
                 dims = (0, 1) if dp > getattr(model.arch, "num_experts", 0) else (0,)
+                # (and with context parallelism over the same data-parallel ranks, as memcalc models it)
                 for ep in expert_sizes[1:]:
                     if dp % ep == 0:
-                        found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, 1, ep, dim) for dim in dims
-                                     for checkpointing in ("none", "full"))
+                        found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, cp, ep, dim) for dim in dims
+                                     for checkpointing in ("none", "full") for cp in context_sizes if dp % cp == 0)
     return found
 
 

@@ -590,9 +590,10 @@ class TrainingSpec:
             raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}} x {{ep}} = "
                              f"{self.tp * self.pp * self.ep}: the expert-parallel ranks are data-parallel ranks that "
                              "split the experts (give {gpus} a multiple)")
-        for setting, size in (("tp", self.tp), ("cp", self.cp)):
-            if size > 1:
-                raise UsageError(f"{{ep}} with {{{setting}}} is not modelled yet: drop one of them")
+        if self.tp > 1:
+            raise UsageError("{ep} with {tp} is not modelled yet: drop one of them")
+        if self.cp > 1 and self.pp > 1:
+            raise UsageError("{ep} with {cp} on pipeline stages is not modelled yet: drop one of them")
         if self.pp > 1 and self.pp_schedule == PipelineSchedule.zero_bubble:
             raise UnsupportedModelError("{ep} with {pp_schedule} zero-bubble is not modelled yet: use gpipe, 1f1b or "
                                         "interleaved-1f1b")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from memcalc import expert_parallel
+from memcalc import api, expert_parallel
 from memcalc.api import model_input, run
 from memcalc.errors import UsageError
 from memcalc.model import ModelConfig
@@ -58,7 +58,7 @@ def test_no_reshard_after_forward_on_gloo_ranks():
     from their forward to their backward, so they are among the unsharded units, not gathered one layer at a time
     beside them (before: -2.7% to -4.3% on benchmarks/expert_parallel.py --zero 2's unchecked cells; after, 16 rank
     steps -0.05% to +9.9%). Mixtral on 4 ranks, ep 2, bf16, every pair routed to one rank: model states to the byte,
-    the peak within 1% below and 10% above."""
+    the peak within 1% below and 3% above (+1.05% on the benchmark's cell)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
 
@@ -70,7 +70,28 @@ def test_no_reshard_after_forward_on_gloo_ranks():
     terms = {t.name: t.bytes for t in report.per_gpu.terms}
     for name in ("weights", "gradients", "optimizer_states"):
         assert terms[name] == busiest.model_state_bytes[name], name
-    assert -0.01 < report.per_gpu.peak_bytes / busiest.measured_peak_bytes - 1 < 0.10
+    assert -0.01 < report.per_gpu.peak_bytes / busiest.measured_peak_bytes - 1 < 0.03
+
+
+def test_context_parallel_ranks_split_the_experts_on_gloo():
+    """--ep with --cp: the ranks sharing each sequence (torch's ring attention over all of them) are the ranks splitting
+    the experts; each dispatches its own positions' pairs. Mixtral on 2 ranks, cp 2, ep 2, 2 x 128 positions (64 a
+    rank), bf16, every pair routed to one rank: the most loaded rank received ep x its positions' pairs, its model
+    states are the estimate's to the byte, and its peak within 1% below and 5% above (benchmarks/expert_parallel.py
+    --cp: 36 rank steps with every pair routed to one rank, -0.01% to +7.54%)."""
+    pytest.importorskip("transformers")
+    from memcalc.measure.distributed import measure_distributed
+
+    raw = {**tiny_raw("mixtral"), **ZERO}
+    spec = _spec("bf16", 2, 2).replace(seq_len=128, cp=2)
+    ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=2, method="gloo")
+    busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
+    assert set(busiest.run["distributed"]["ep_received_pairs"]) == {2 * 2 * 64 * raw["num_experts_per_tok"]}
+    report = run(model_of(ModelConfig("tiny", raw, "test")), spec.replace(ep_load=2.0))
+    terms = {t.name: t.bytes for t in report.per_gpu.terms}
+    for name in ("weights", "gradients", "optimizer_states"):
+        assert terms[name] == busiest.model_state_bytes[name], name
+    assert -0.01 < report.per_gpu.peak_bytes / busiest.measured_peak_bytes - 1 < 0.05
 
 
 @pytest.mark.parametrize(("gpus", "ep", "experts_held"), [(64, 8, 1), (16, 8, 1), (8, 2, 1), (4, 2, 2)])
@@ -207,3 +228,18 @@ def test_verify_runs_gloo_ranks_and_names_the_routing(cli, tmp_path):
     assert verify["method"] == "gloo"
     note = next(n for n in verify["notes"] if n.startswith("routing measured"))
     assert "took 312 of the 256 average, so --ep-load 1.22" in note
+
+
+def test_context_parallel_moe_under_zero_3_says_its_measured_gap():
+    """A tiny Qwen3-MoE under FSDP2 --zero 3 with --cp read 1.3% to 3.6% low on gloo ranks (a mid-backward moment of the
+    ring beside FSDP2's buffers, not yet placed): every MoE estimate in that layout says so; a dense one, --zero 2, or
+    no --cp does not."""
+    def notes(model, **layout):
+        return api.estimate(model, seq_len=8192, sharding="fsdp", **layout).notes
+
+    said = "--cp with a MoE model under FSDP2 --zero 3"
+    assert any(said in n for n in notes("qwen3-30b-a3b", gpus=8, cp=4, zero=3))
+    assert any(said in n for n in notes("qwen3-30b-a3b", gpus=8, cp=4, ep=2, zero=3))
+    assert not any(said in n for n in notes("qwen3-30b-a3b", gpus=8, cp=4, zero=2))
+    assert not any(said in n for n in notes("qwen3-30b-a3b", gpus=8, zero=3))
+    assert not any(said in n for n in notes("llama-3-8b", gpus=8, cp=4, zero=3))

@@ -26,16 +26,22 @@ def _pipeline_spec(precision: str, checkpointing: str = "none", **layout) -> Tra
 
 
 def test_moe_stages_hold_their_layers_experts():
-    """Mixtral-8x7B on 2 stages: each holds its 16 layers' 8 experts (3 x 14336 x 4096 each), with --ep 4 a quarter
-    of them; the rest as without experts (Mixtral's config by hand)."""
+    """Mixtral-8x7B on 2 stages, stage 0 by hand from its config: the embedding (32000 x 4096) and 16 layers (torchtitan
+    splits the 32 layers and the embedding and head as 34), each with q and o 4096 x 4096, k and v 1024 x 4096, two
+    norms, the router 8 x 4096 and 8 experts of 3 x 14336 x 4096, in bf16. With --ep 4 on 8 GPUs (dp 4, each rank 2
+    experts of a layer, whole: efsdp 1) the stage's unsharded units hold a quarter of the experts."""
     expert = 3 * 14336 * 4096
-    alone = api.estimate("mixtral-8x7b", gpus=2, pp=2, precision="bf16-pure")
-    split = api.estimate("mixtral-8x7b", gpus=8, pp=2, ep=4, sharding="fsdp", zero=2, precision="bf16-pure")
-    weights = {t.name: t.bytes for t in alone.per_gpu.terms}["weights"]
-    # (dp 4, ep 4: one rank holds 2 of each layer's experts, whole (efsdp 1); the rest sharded over the 4 ranks)
-    dense = weights - 16 * 8 * expert * 2
-    unsharded = {t.name: t.bytes for t in split.per_gpu.terms}["fsdp_unsharded_params"]
-    assert unsharded == dense + 16 * 2 * expert * 2
+    dense = 32000 * 4096 + 16 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 2 * 4096 + 8 * 4096)
+    model = api.model_input("mixtral-8x7b", None)
+    alone = run(model, TrainingSpec(precision="bf16-pure", num_gpus=2, pp=2, pp_stage=0))
+    assert {t.name: t.bytes for t in alone.per_gpu.terms}["weights"] == 2 * (dense + 16 * 8 * expert)
+    split = run(model, TrainingSpec(precision="bf16-pure", num_gpus=8, pp=2, ep=4, sharding="fsdp", zero_stage=2,
+                                    pp_stage=0))
+    terms = {t.name: t.bytes for t in split.per_gpu.terms}
+    assert terms["fsdp_unsharded_params"] == 2 * (dense + 16 * 2 * expert)
+    # (the rest sharded over the 4 data-parallel ranks, dim 0 padded: 32000, 4096 and 1024 rows divide by 4, the
+    # router's 8 too; the experts whole on each of the ranks holding them)
+    assert terms["weights"] == 2 * (dense // 4 + 16 * 2 * expert)
 
 
 @pytest.mark.parametrize(("options", "error", "message"), [
@@ -44,6 +50,8 @@ def test_moe_stages_hold_their_layers_experts():
      "--ep with --pp-schedule zero-bubble is not modelled yet"),
     (["--pp", "2", "--gpus", "4", "--ep", "2", "--zero", "1"], UsageError, "(or --sharding fsdp with --zero 2, no reshard"),
     (["--pp", "2", "--gpus", "6", "--ep", "2", "--fsdp"], UsageError, "is not divisible by"),
+    (["--pp", "2", "--gpus", "8", "--ep", "2", "--cp", "2", "--fsdp", "--seq-len", "4096"], UsageError,
+     "--ep with --cp on pipeline stages is not modelled yet"),
 ])
 def test_bad_expert_parallel_pipelines_are_one_line(cli, options, error, message):
     result = cli("mixtral-8x7b", *options)
@@ -66,12 +74,20 @@ def test_router_logits_on_stages_are_one_line_exit_5(cli, tmp_path):
 def test_planner_searches_expert_parallel_pipelines():
     """Qwen3-30B-A3B (48 MoE layers, top 8, hidden 2048) on 64 H100s at 4,096 positions: beside --ep with FSDP alone
     the planner tries each FSDP2 pipeline with its stage's experts split; a rank's all-to-all traffic is its stage's
-    layers' (4 L/pp M (ep-1)/ep x T x top-k x h x 2 B, by hand), and the memory is that layout's estimate."""
+    layers' (4 L/pp M (ep-1)/ep x T x top-k x h x 2 B, by hand), its data-parallel traffic its stage's parameters',
+    and the memory is that layout's estimate."""
     plan = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
     layout = next(c for c in plan.candidates if (c.layout.pp, c.layout.ep, c.layout.checkpointing) == (2, 8, "full"))
     assert layout.layout.microbatches == 4 and layout.layout.dp == 32
     pairs = 4096 * 8 * 2048 * 2
     assert layout.parts["expert_parallel_s"] == pytest.approx(4 * 24 * 4 * 7 / 8 * pairs / 450e9, rel=1e-12)
+    # the data-parallel term: a stage's dense parameters over dp 32, its experts over efsdp 4 (each rank's eighth),
+    # all-gathered once and reduce-scattered once a step (2 x 2 B), over the network (64 ranks span nodes)
+    model = api.model_input("qwen3-30b-a3b", None)
+    params = sum(t.numel for t in model.tensors)
+    experts = sum(t.numel for t in model.tensors if t.role == "expert")
+    synced = 31 / 32 * (params - experts) / 2 + 3 / 4 * experts / 2 / 8
+    assert layout.parts["data_parallel_s"] == pytest.approx(2 * synced * 2 / 50e9, rel=1e-12)
     report = api.estimate("qwen3-30b-a3b", gpus=64, pp=2, ep=8, microbatches=4, sharding="fsdp", zero=2,
                           checkpointing="full", seq_len=4096)
     assert layout.peak_bytes == report.per_gpu.peak_bytes

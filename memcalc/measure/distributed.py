@@ -157,7 +157,7 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             if job.pp_dp % spec.ep:
                 raise UsageError(f"the pipeline measurement runs {{ep}} {spec.ep} over each stage's FSDP2 "
                                  f"data-parallel ranks ({job.pp_dp}): give {{gpus}} a multiple of {spec.pp * spec.ep}")
-        elif engine != "fsdp2" or job.tp > 1 or job.cp > 1 or world_size % spec.ep:
+        elif engine != "fsdp2" or job.tp > 1 or world_size % spec.ep:
             raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 alone, over a world "
                              f"size it divides, not {engine} on {world_size} ranks")
         job = dataclasses.replace(job, ep=spec.ep, ep_shard_dim=spec.ep_shard_dim)

@@ -83,7 +83,9 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     the shapes it sends and receives (``PipelineStage``'s static ``input_args``/``output_args`` and gradients, so no
     metadata is exchanged), the schedule's warm-up vote is skipped for the static mode it would choose, and the
     sends and receives move nothing. ``job.pp_dp`` > 1: a (pp, dp) ``mesh``; each stage's layers and the stage itself
-    are FSDP2 units over its dp ranks (torchtitan's apply_fsdp), the stage's sends over the pp group."""
+    are FSDP2 units over its dp ranks (torchtitan's apply_fsdp), the stage's sends over the pp group. ``job.ep`` > 1:
+    ``mesh`` is (the meshes by name: pp, efsdp, ep and dp, their flattening; a one-rank tensor-parallel mesh), and
+    each stage's experts modules are split over ep and FSDP2 units over efsdp first (memcalc.measure.expert_parallel)."""
     import dataclasses
     import time
 
@@ -126,6 +128,8 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
 
         mesh, tp_mesh = mesh
         for module in modules:
+            if not any(name.endswith("mlp.experts") for name, _ in module.named_modules()):
+                continue  # (a stage of dense layers only: Qwen2-MoE's mlp_only_layers)
             ep_info = parallelize(module, mesh["ep"], tp_mesh, mesh["efsdp"], policy or MixedPrecisionPolicy(),
                                   job.pp_dp, received, job.ep_shard_dim, job.reshard_after_forward)
     if sharded:

@@ -405,17 +405,24 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
     num_gpus = spec.num_gpus
     trainable = [t for t in tensors if t.trainable]
 
-    def shard(t: ParamTensor) -> int:  # (--ep: each experts module sharded over the ranks holding the same experts)
+    def ranks(t: ParamTensor) -> int:  # (--ep: each experts module sharded over the ranks holding the same experts)
+        return expert_parallel.sharding_ranks(t, num_gpus, spec.ep)
+
+    def shard(t: ParamTensor) -> int:
         ep_dim = spec.ep_shard_dim if spec.ep > 1 and t.role == ROLE_EXPERT else 0
-        return fsdp2_shard_numel(t.shape, expert_parallel.sharding_ranks(t, num_gpus, spec.ep), ep_dim)
+        return fsdp2_shard_numel(t.shape, ranks(t), ep_dim)
 
     shard_all = sum(shard(t) for t in tensors)
     shard_trainable = sum(shard(t) for t in trainable)
+    # Each unit unsharded is its all-gather output, every rank's padded shard: a tensor with fewer rows than the ranks
+    # sharding it (transformers' fused experts, one row an expert; a small router) holds ranks x ceil(rows / ranks)
+    # rows, its parameter a view of them (measured on gloo ranks: one expert a rank over 2 ranks, -2.74% before).
     # (--ep: each experts module is an FSDP2 unit of its own, transformers' apply_fully_sharded_data_parallelism)
-    experts = [t for t in tensors if t.role == ROLE_EXPERT] if spec.ep > 1 else []
-    units = _units([t for t in tensors if t not in experts])
-    for key, numel in _units(experts).items():
-        units[f"{key} experts"] = numel
+    units: dict[str, int] = {}
+    for t in tensors:
+        key = (f"layer {t.layer}" if t.layer is not None else t.name) + (
+            " experts" if spec.ep > 1 and t.role == ROLE_EXPERT else "")
+        units[key] = units.get(key, 0) + shard(t) * ranks(t)
     largest_unit = max(units.values(), default=0)
     mixed = has_master
     bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight

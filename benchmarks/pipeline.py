@@ -12,6 +12,7 @@
     python benchmarks/pipeline.py --moe                # a small Mixtral's stages
     python benchmarks/pipeline.py --moe --ep           # ... each stage's experts split over 2 of its FSDP2 ranks
     python benchmarks/pipeline.py --moe --families     # Qwen3-MoE and Qwen2-MoE stages, alone and with --ep
+    python benchmarks/pipeline.py --moe --padded       # each stage's experts over 2 FSDP2 ranks: padded, dim 0, dim 1
 
 A small Llama (hidden 256, intermediate 512, 8 heads, 4 kv heads, vocabulary 1024; 4 layers on 2 stages, 6 on 3),
 micro-batches of 2 x 256 tokens, cut into stages by torchtitan's split and run by
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--moe", action="store_true", help="a small Mixtral's stages on gloo ranks")
     parser.add_argument("--ep", action="store_true", help="with --moe: each stage's experts split over 2 of its "
                         "FSDP2 data-parallel ranks (expert parallelism)")
+    parser.add_argument("--padded", action="store_true", help="with --moe --ep: 8 ranks (2 stages x 2 efsdp x 2 ep), "
+                        "tests/tiny.py's Mixtral with 2 experts (one a rank, dim-0 shards padded) and 4 (dim 0, dim 1)")
     parser.add_argument("--families", action="store_true", help="with --moe: tests/tiny.py's Qwen3-MoE and Qwen2-MoE "
                         "(shared expert) on stages, alone and with --ep")
     parser.add_argument("--precision", default="bf16-pure", help="with --model: the recipe (default bf16-pure)")
@@ -82,6 +85,8 @@ def main() -> None:
     if args.moe:
         if args.families:
             return moe_families(measure_distributed)
+        if args.padded:
+            return moe_ep_sharding(measure_distributed)
         return moe_ep(measure_distributed) if args.ep else moe(measure_distributed)
     if args.cp:
         return context_parallel(measure_distributed)
@@ -239,6 +244,37 @@ def moe_ep(measure_distributed) -> None:
                   f"{estimate.peak_phase.value} / {busiest.measured_peak_phase} |", flush=True)
     print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
           f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+
+
+def moe_ep_sharding(measure_distributed) -> None:
+    """Each stage's experts over 2 efsdp ranks: one expert a rank (2 experts, dim 0: each rank's shard padded to a
+    whole expert), 2 a rank on dim 0 and on dim 1 (torchtitan's Shard(1)); every pair routed to one rank."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.tiny import tiny_raw
+
+    print("| experts | --ep-shard-dim | stage | --ep-load | estimate | measured | error | FSDP2 buffers at the peak "
+          "(est. / measured) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for experts, dim in ((2, 0), (4, 0), (4, 1)):
+        raw = {**tiny_raw("mixtral"), "num_hidden_layers": 4, "initializer_range": 0.0, "num_local_experts": experts}
+        spec = TrainingSpec(precision="bf16", micro_batch_size=2, seq_len=128, num_gpus=8, pp=2, microbatches=2,
+                            sharding="fsdp", zero_stage=2, ep=2, ep_shard_dim=dim)
+        ranks = measure_distributed({**raw, "_name": "tiny-mixtral"}, spec, engine="pp", world_size=8, method="gloo")
+        model = model_of(ModelConfig("tiny-mixtral", raw, "tests/tiny.py"))
+        for stage in (0, 1):
+            busiest = max((m for m in ranks if m.run["distributed"]["stage"] == stage),
+                          key=lambda m: m.measured_peak_bytes)
+            load = max(busiest.run["distributed"]["ep_received_pairs"]) / (2 * 128 * raw["num_experts_per_tok"])
+            report = run(model, spec.replace(pp_stage=stage, ep_load=load)).per_gpu
+            at_peak = max(report.phases, key=lambda phase: phase.bytes).breakdown
+            buffers = at_peak.get("fsdp_unsharded_params", 0) + at_peak.get("pipeline_recv_buffers", 0)
+            peak = busiest.measured_peak_bytes
+            print(f"| {experts} | {dim} | {stage} | {load:.3f} | {report.peak_bytes:,} | {peak:,} | "
+                  f"{100 * (report.peak_bytes / peak - 1):+.2f}% | {buffers:,} / "
+                  f"{busiest.per_term_bytes.get('comm_buffers', 0):,} |", flush=True)
 
 
 def moe_families(measure_distributed) -> None:

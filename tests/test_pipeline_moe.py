@@ -184,3 +184,22 @@ def test_padded_experts_on_stages_on_gloo():
         assert (at_peak["fsdp_unsharded_params"] + at_peak["pipeline_recv_buffers"]
                 == busiest.per_term_bytes["comm_buffers"]), stage
         assert 0.995 <= report.peak_bytes / busiest.measured_peak_bytes <= 1.05, stage
+
+
+def test_verify_runs_expert_parallel_stages_on_gloo(cli, tmp_path):
+    """--verify with --pp and --ep runs the stages on gloo ranks (auto: the fake group has no routing to run), beside
+    the most loaded stage's estimate, and says which --ep-load the measured routing was: the tiny Mixtral with zero
+    weights sends every pair to one rank of each stage's pair, 2 x the average."""
+    pytest.importorskip("transformers")
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**tiny_raw("mixtral"), **ZERO}))
+    result = cli(str(config), "--precision", "bf16", "--gpus", "4", "--pp", "2", "--ep", "2", "--fsdp",
+                 "--microbatches", "2", "--seq-len", "64", "--batch-size", "2", "--ep-load", "2", "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    verify = result.json()["verify"]
+    assert verify["method"] == "gloo"
+    assert any("2 stages x 2 FSDP2 data-parallel ranks, 2 of them splitting its experts" in n for n in verify["notes"])
+    note = next(n for n in verify["notes"] if n.startswith("routing measured"))
+    assert "took 512 of the 256 average, so --ep-load 2 describes this run" in note

@@ -310,13 +310,13 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; for several GPUs use {verify}=trace (fake process group) "
                          "or {verify}=cpu-tracker (gloo ranks on this CPU)")
-    if spec.pp > 1:
-        return _verify_stages(model_config, spec, method, progress)
     if spec.ep > 1:
         if method == METHOD_TRACE:
             raise UsageError("{verify}=trace with {ep}: how many tokens each rank receives is the router's choice, "
                              "which fake tensors cannot make; use {verify}=cpu-tracker (gloo ranks)")
         method = METHOD_CPU_TRACKER
+    if spec.pp > 1:
+        return _verify_stages(model_config, spec, method, progress)
     layout: dict[str, bool] = {}
     if spec.cp > 1 and spec.num_gpus != spec.cp * spec.tp:
         raise UsageError(f"{{verify}} runs one context-parallel group of {spec.cp} ranks (of {spec.tp} tensor-parallel "

@@ -171,7 +171,8 @@ def _context_sizes(model, base) -> tuple[int, ...]:
 
 def _expert_sizes(model) -> tuple[int, ...]:
     """The expert-parallel sizes the model takes (expert_parallel.check: a MoE model of transformers' plan, the experts
-    split evenly); tried with FSDP alone and on FSDP2 pipeline stages (--ep's modelled layouts: no tp or cp)."""
+    split evenly); tried with FSDP alone (with context parallelism too) and on FSDP2 pipeline stages (--ep's modelled
+    layouts: no tp, no cp on stages)."""
     return (1, *(ep for ep in EP_SIZES[1:] if _splits(expert_parallel.check, model.described, ep)))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from memcalc import expert_parallel, megatron
@@ -131,12 +131,13 @@ def fsdp2_shard_numel(shape: tuple[int, ...], num_gpus: int, dim: int = 0) -> in
     return math.ceil(shape[dim] / num_gpus) * math.prod(shape[:dim] + shape[dim + 1:])
 
 
-def _units(tensors: Sequence[ParamTensor]) -> dict[str, int]:
-    """ZeRO-3 gathers per module as it runs: a transformer block at a time, or a top-level tensor on its own."""
+def _units(tensors: Sequence[ParamTensor], size: Callable[[ParamTensor], int] | None = None) -> dict[str, int]:
+    """ZeRO-3 gathers per module as it runs: a transformer block at a time, or a top-level tensor on its own (each
+    tensor's elements, or ``size`` of it)."""
     units: dict[str, int] = {}
     for tensor in tensors:
         key = f"layer {tensor.layer}" if tensor.layer is not None else tensor.name
-        units[key] = units.get(key, 0) + tensor.numel
+        units[key] = units.get(key, 0) + (size(tensor) if size else tensor.numel)
     return units
 
 
@@ -418,11 +419,13 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
     # sharding it (transformers' fused experts, one row an expert; a small router) holds ranks x ceil(rows / ranks)
     # rows, its parameter a view of them (measured on gloo ranks: one expert a rank over 2 ranks, -2.74% before).
     # (--ep: each experts module is an FSDP2 unit of its own, transformers' apply_fully_sharded_data_parallelism)
-    units: dict[str, int] = {}
-    for t in tensors:
-        key = (f"layer {t.layer}" if t.layer is not None else t.name) + (
-            " experts" if spec.ep > 1 and t.role == ROLE_EXPERT else "")
-        units[key] = units.get(key, 0) + shard(t) * ranks(t)
+    def gathered(t: ParamTensor) -> int:
+        return shard(t) * ranks(t)
+
+    split = spec.ep > 1
+    units = _units([t for t in tensors if not (split and t.role == ROLE_EXPERT)], gathered)
+    units.update((f"{key} experts", n) for key, n in _units(
+        [t for t in tensors if split and t.role == ROLE_EXPERT], gathered).items())
     largest_unit = max(units.values(), default=0)
     mixed = has_master
     bytes_per_reduced = BYTES_PER_FP32 if mixed else bytes_per_weight

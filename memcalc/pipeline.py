@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from memcalc.context_parallel import CP_MODEL_TYPES
 from memcalc.errors import UnsupportedModelError, UsageError
 from memcalc.families.saved import (
     PART_EMBEDDINGS,
@@ -237,10 +238,9 @@ def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
     return list(seen)
 
 
-# The Llama layout's decoders (memcalc.tensor_parallel.MODEL_TYPES) and the MoE ones whose layers take the same call
-# (MixtralDecoderLayer, Qwen2MoeDecoderLayer, Qwen3MoeDecoderLayer: hidden states, position ids and embeddings)
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
-               "qwen3_moe")
+# The Llama layout's decoders and the MoE ones whose layers take the same call (MixtralDecoderLayer,
+# Qwen2MoeDecoderLayer, Qwen3MoeDecoderLayer: hidden states, position ids and embeddings), as context parallelism's
+MODEL_TYPES = CP_MODEL_TYPES
 
 
 def check(described, pp: int, pp_layers: Sequence[int] | None = None, named: str | None = None) -> None:

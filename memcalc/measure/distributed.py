@@ -420,12 +420,12 @@ def _device_mesh(job: _Job):
     if job.engine == "pp" and job.ep > 1:
         # each stage's data-parallel ranks split into (efsdp, ep), the ep ranks consecutive (torchtitan's
         # (pp, dp_shard, ep) order); "dp" the two flattened, FSDP2's mesh for the rest of the stage
-        from memcalc.measure.expert_parallel import meshes
+        from memcalc.measure.expert_parallel import one_rank_tp_mesh
 
         stages = init_device_mesh("cpu", (job.world_size // job.pp_dp, job.pp_dp // job.ep, job.ep),
                                   mesh_dim_names=("pp", "efsdp", "ep"))
         named = {name: stages[name] for name in ("pp", "efsdp", "ep")}
-        return {**named, "dp": stages["efsdp", "ep"]._flatten("dp")}, meshes(job.world_size, job.ep)[2]
+        return {**named, "dp": stages["efsdp", "ep"]._flatten("dp")}, one_rank_tp_mesh(job.world_size)
     if job.engine == "pp":  # the stages over the outer dimension, FSDP2 over the inner one (torchtitan's order)
         return init_device_mesh("cpu", (job.world_size // job.pp_dp, job.pp_dp), mesh_dim_names=("pp", "dp"))
 

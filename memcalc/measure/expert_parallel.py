@@ -28,8 +28,15 @@ def meshes(world_size: int, ep: int) -> tuple[Any, Any, Any]:
 
     world = init_device_mesh("cpu", (world_size,), mesh_dim_names=("fsdp2",))
     experts = init_device_mesh("cpu", (world_size // ep, ep), mesh_dim_names=("efsdp", "ep"))
-    single = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("ranks", "tp"))
-    return world, experts, single["tp"]
+    return world, experts, one_rank_tp_mesh(world_size)
+
+
+def one_rank_tp_mesh(world_size: int) -> Any:
+    """The tensor-parallel mesh transformers' EP plan takes, of one rank (no tensor parallelism: every rank its own
+    batch)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("ranks", "tp"))["tp"]
 
 
 def experts_modules(model: Any) -> list[tuple[str, Any]]:

@@ -546,9 +546,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     notes.extend(_moe_notes(model, tensors))
     if spec.ep > 1:
         notes.append(_expert_parallel_note(model, spec))
-    if (spec.cp > 1 and getattr(model.arch, "num_experts", 0) and spec.sharding == Sharding.fsdp
-            and spec.zero_stage == 3):
-        notes.append(CP_MOE_FSDP_NOTE)
+        if spec.cp > 1:
+            notes.append(EP_CP_NOTE)
     bytes_per_weight, bytes_per_grad = _bytes_per(recipe.weight_dtype), _bytes_per(recipe.grad_dtype)
     holdings = rank_holdings(tensors, _data_parallel_spec(spec), recipe.master_dtype, model.architecture_known,
                              bytes_per_weight, bytes_per_grad)
@@ -875,8 +874,14 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         # checkpointed: +0.55% with them there) and its attention's, that layer's 16-bit gradients made so far wait
         # for its post-backward, as the first layer's do; measured under --cp, where the ring's backward makes the
         # attention's moment the stage's peak: -1.9% without them; at the MLP's -0.67% without them)
+        # (plain FSDP2 under --cp, a MoE last layer: at its ring backward the same, its gradients made so far waiting
+        # for its post-backward, which its block's moments, measured without them, leave out; a tiny Qwen3-MoE peaks
+        # there: -3.6% (cp 4) and -1.3% (cp 2) without them. A dense layer's moments hold them already: the toy Llama's
+        # fsdp2 ranks read +0.8% to +1.5% higher with them)
         fsdp_last_made=((0 if last_layer is None or spec.checkpointed(last_layer) else fsdp_made[0], fsdp_made[1])
-                        if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE else (0, 0)),
+                        if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE else
+                        (0, fsdp_made[1]) if holdings.engine == "fsdp2" and spec.cp > 1 and not dense_last
+                        else (0, 0)),
         experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
                         if holdings.experts_reduce_bytes else 0),
         head_backward=head.at_backward, head_gradient=head.held,
@@ -935,12 +940,10 @@ def _moe_notes(model: ModelInput, tensors: Sequence[ParamTensor]) -> list[str]:
     return [f"MoE: all experts' weights ({expert_numel:,} params) are held, trained and stepped{active}"]
 
 
-# Measured on gloo ranks (tests/tiny.py's MoE models, bf16, 2 x 256 positions over cp ranks, no --ep): where the
-# peak is a mid-backward moment of the ring under FSDP2's resharding, not yet placed.
-CP_MOE_FSDP_NOTE = ("--cp with a MoE model under FSDP2 --zero 3: on gloo ranks a tiny Qwen3-MoE read 1.3% (cp 2) and "
-                    "3.6% (cp 4) low, its peak in the backward while a layer's ring and FSDP2's buffers overlap (not "
-                    "yet placed), Qwen2-MoE +0.01% (cp 4), Mixtral +5.6% (cp 2); Qwen3-MoE under --zero 2 -0.04% (cp "
-                    "4): leave margin")
+# Measured (benchmarks/expert_parallel.py --cp: tiny Mixtral and Qwen3-MoE on 2 and 4 gloo ranks, 72 rank steps).
+EP_CP_NOTE = ("--ep with --cp against gloo ranks (tiny MoE models, each rank a context-parallel rank too): every pair "
+              "routed to one rank -0.0% to +7.5%; with a random router a Qwen3-MoE rank without checkpointing read up "
+              "to 0.9% below the estimate at the measured --ep-load (a moment not yet placed): leave margin")
 
 
 def _expert_parallel_note(model: ModelInput, spec: TrainingSpec) -> str:

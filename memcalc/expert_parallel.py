@@ -71,9 +71,10 @@ def note(ep: int, data_parallel: int, local_experts: int, average: int, load: fl
     received = received_pairs(average, load)
     padded = (f"; with {local_experts} expert(s) per layer over {efsdp} ranks, FSDP2's dim-0 shards are padded to a "
               "whole expert on every rank (transformers shards the expert dimension; torchtitan then shards dim 1: "
-              "--ep-shard-dim 1): the experts are not sharded further; in this layout a tiny Mixtral's measured "
-              "forward peaked up to 1.8% above the estimate (one expert's 16-bit copy more, not yet placed: "
-              "benchmarks/expert_parallel.py --layouts 4x2 --experts 2)" if local_experts < efsdp and not shard_dim
+              "--ep-shard-dim 1): the experts are not sharded further, and a layer's unsharded experts are the "
+              f"{efsdp} ranks' padded rows; in this layout tiny MoE models' ranks measured -0.07% to +2.4% without "
+              "checkpointing and up to +14% with it (benchmarks/expert_parallel.py --layouts 4x2 --experts 2)"
+              if local_experts < efsdp and not shard_dim
               else "")
     placement = (" on dim 1 (torchtitan's Shard(1) placement: torchtitan/models/llama4/infra/parallelize.py "
                  "apply_fsdp, when those ranks x ep exceed the experts)" if shard_dim else "")

@@ -57,20 +57,22 @@ def test_no_reshard_after_forward_on_gloo_ranks():
     """--zero 2 (reshard_after_forward=False on every unit, the experts' too): every layer's experts stay unsharded
     from their forward to their backward, so they are among the unsharded units, not gathered one layer at a time
     beside them (before: -2.7% to -4.3% on benchmarks/expert_parallel.py --zero 2's unchecked cells; after, 16 rank
-    steps -0.05% to +9.9%). Mixtral on 4 ranks, ep 2, bf16, every pair routed to one rank: model states to the byte,
-    the peak within 1% below and 3% above (+1.05% on the benchmark's cell)."""
+    steps -0.05% to +9.9%). Mixtral on 2 ranks, ep 2, bf16, every pair routed to one rank (-3.32% before; -0.02% to
+    -0.07% over 4 runs after): model states to the byte, the peak within 0.5% below and 3% above. (The 4-rank cell,
+    +1.05% in the benchmark, once read -1.9% in a CI run: gloo's threads free an all-to-all's buffers at varying
+    moments.)"""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
 
     raw = {**tiny_raw("mixtral"), **ZERO}
-    spec = _spec("bf16", 4, 2).replace(zero_stage=2)
-    ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=4, method="gloo", reshard_after_forward=False)
+    spec = _spec("bf16", 2, 2).replace(zero_stage=2)
+    ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=2, method="gloo", reshard_after_forward=False)
     busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
     report = run(model_of(ModelConfig("tiny", raw, "test")), spec.replace(ep_load=2.0))
     terms = {t.name: t.bytes for t in report.per_gpu.terms}
     for name in ("weights", "gradients", "optimizer_states"):
         assert terms[name] == busiest.model_state_bytes[name], name
-    assert -0.01 < report.per_gpu.peak_bytes / busiest.measured_peak_bytes - 1 < 0.03
+    assert -0.005 < report.per_gpu.peak_bytes / busiest.measured_peak_bytes - 1 < 0.03
 
 
 def test_expert_and_context_parallel_estimates_say_what_was_measured(cli):

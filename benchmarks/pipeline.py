@@ -246,20 +246,25 @@ def moe_ep(measure_distributed) -> None:
           f"{min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
-def moe_ep_sharding(measure_distributed) -> None:
-    """Each stage's experts over 2 efsdp ranks: one expert a rank (2 experts, dim 0: each rank's shard padded to a
-    whole expert), 2 a rank on dim 0 and on dim 1 (torchtitan's Shard(1)); every pair routed to one rank."""
+def _tiny_raw(family: str) -> dict:
+    """tests/tiny.py's config of ``family`` (the repository's root on the path: benchmarks run from anywhere)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.tiny import tiny_raw
 
+    return tiny_raw(family)
+
+
+def moe_ep_sharding(measure_distributed) -> None:
+    """Each stage's experts over 2 efsdp ranks: one expert a rank (2 experts, dim 0: each rank's shard padded to a
+    whole expert), 2 a rank on dim 0 and on dim 1 (torchtitan's Shard(1)); every pair routed to one rank."""
     print("| experts | --ep-shard-dim | stage | --ep-load | estimate | measured | error | FSDP2 buffers at the peak "
           "(est. / measured) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for experts, dim in ((2, 0), (4, 0), (4, 1)):
-        raw = {**tiny_raw("mixtral"), "num_hidden_layers": 4, "initializer_range": 0.0, "num_local_experts": experts}
+        raw = {**_tiny_raw("mixtral"), "num_hidden_layers": 4, "initializer_range": 0.0, "num_local_experts": experts}
         spec = TrainingSpec(precision="bf16", micro_batch_size=2, seq_len=128, num_gpus=8, pp=2, microbatches=2,
                             sharding="fsdp", zero_stage=2, ep=2, ep_shard_dim=dim)
         ranks = measure_distributed({**raw, "_name": "tiny-mixtral"}, spec, engine="pp", world_size=8, method="gloo")
@@ -280,18 +285,12 @@ def moe_ep_sharding(measure_distributed) -> None:
 def moe_families(measure_distributed) -> None:
     """The other MoE decoders the stages take, tests/tiny.py's with 4 layers (2 a stage), micro-batches of 2 x 128:
     alone on 2 ranks, and with --ep 2 on 4 (every pair routed to one rank: all weights zero)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.tiny import tiny_raw
-
     print("| model | recipe | checkpointing | gpus | --ep | stage | --ep-load | estimate | measured | error |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for family, precision, checkpointing, ep in (("qwen3_moe", "bf16-pure", "none", 1),
                                                  ("qwen2_moe", "amp-bf16", "full", 1),
                                                  ("qwen3_moe", "bf16", "full", 2), ("qwen2_moe", "bf16", "none", 2)):
-        raw = {**tiny_raw(family), "num_hidden_layers": 4, **({"initializer_range": 0.0} if ep > 1 else {})}
+        raw = {**_tiny_raw(family), "num_hidden_layers": 4, **({"initializer_range": 0.0} if ep > 1 else {})}
         layout = {"sharding": "fsdp", "zero_stage": 2, "ep": ep, "num_gpus": 4} if ep > 1 else {"num_gpus": 2}
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=128, checkpointing=checkpointing, pp=2,
                             microbatches=2, **layout)

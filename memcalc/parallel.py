@@ -131,6 +131,12 @@ def fsdp2_shard_numel(shape: tuple[int, ...], num_gpus: int, dim: int = 0) -> in
     return math.ceil(shape[dim] / num_gpus) * math.prod(shape[:dim] + shape[dim + 1:])
 
 
+def fsdp2_gathered_numel(shape: tuple[int, ...], num_gpus: int, dim: int = 0) -> int:
+    """Elements of one parameter's unsharded storage under FSDP2: its all-gather output, every rank's padded shard
+    (FSDPParam.init_all_gather_outputs allocates shard numel x world; the parameter is an as_strided view of it)."""
+    return fsdp2_shard_numel(shape, num_gpus, dim) * num_gpus
+
+
 def _units(tensors: Sequence[ParamTensor], size: Callable[[ParamTensor], int] | None = None) -> dict[str, int]:
     """ZeRO-3 gathers per module as it runs: a transformer block at a time, or a top-level tensor on its own (each
     tensor's elements, or ``size`` of it)."""
@@ -409,9 +415,13 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
     def ranks(t: ParamTensor) -> int:  # (--ep: each experts module sharded over the ranks holding the same experts)
         return expert_parallel.sharding_ranks(t, num_gpus, spec.ep)
 
+    split = spec.ep > 1
+
+    def dim(t: ParamTensor) -> int:  # (--ep-shard-dim: the experts' FSDP2 placement)
+        return spec.ep_shard_dim if split and t.role == ROLE_EXPERT else 0
+
     def shard(t: ParamTensor) -> int:
-        ep_dim = spec.ep_shard_dim if spec.ep > 1 and t.role == ROLE_EXPERT else 0
-        return fsdp2_shard_numel(t.shape, ranks(t), ep_dim)
+        return fsdp2_shard_numel(t.shape, ranks(t), dim(t))
 
     shard_all = sum(shard(t) for t in tensors)
     shard_trainable = sum(shard(t) for t in trainable)
@@ -420,9 +430,8 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
     # rows, its parameter a view of them (measured on gloo ranks: one expert a rank over 2 ranks, -2.74% before).
     # (--ep: each experts module is an FSDP2 unit of its own, transformers' apply_fully_sharded_data_parallelism)
     def gathered(t: ParamTensor) -> int:
-        return shard(t) * ranks(t)
+        return fsdp2_gathered_numel(t.shape, ranks(t), dim(t))
 
-    split = spec.ep > 1
     units = _units([t for t in tensors if not (split and t.role == ROLE_EXPERT)], gathered)
     units.update((f"{key} experts", n) for key, n in _units(
         [t for t in tensors if split and t.role == ROLE_EXPERT], gathered).items())
@@ -523,9 +532,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # (a layer's experts unsharded are their all-gather outputs, every rank's padded shard: with fewer experts per rank
     # than ranks sharding them, efsdp padded rows of one expert each, the parameter a view of the first; measured, a
     # tiny Mixtral's forward 1.4% to 1.8% low before)
-    padded = {}
-    for t in experts:
-        padded[t.layer] = padded.get(t.layer, 0) + fsdp2_shard_numel(t.shape, efsdp, dim(t)) * efsdp
+    padded = _units(experts, lambda t: fsdp2_gathered_numel(t.shape, efsdp, dim(t)))
     # With a MixedPrecisionPolicy(param_dtype=16-bit, reduce_dtype=fp32) the sharded parameters are the
     # fp32 master: FSDP2 keeps them fp32, all-gathers 16-bit copies per unit, reduce-scatters fp32 grads.
     mixed = has_master

@@ -3,6 +3,7 @@
     python benchmarks/expert_parallel.py [--routing worst,random] [--families mixtral,qwen3_moe]
                                          [--layouts 2x2,4x2,4x4] [--precision bf16-pure,amp-bf16,bf16]
                                          [--checkpointing none,full] [--experts N] [--shard-dim 1] [--zero 2] [--cp]
+                                         [--tp 2 [--sp]]
 
 Each row runs tests/tiny.py's MoE model (2 layers, 4 experts, top-2) on ``gpus`` gloo ranks with transformers' own
 expert-parallel plan (grouped_gemm on the fused experts, ep_dispatch_experts with AllToAllEP) under FSDP2 (the experts
@@ -13,6 +14,10 @@ router sends every pair to the same experts, on one rank (ep x the average); ``r
 The estimate is memcalc's at the --ep-load the measured routing implies: the most loaded layer of the most loaded rank
 over T x top-k (applied to every layer, as the flag is). Prints the markdown table of docs/accuracy.md's "Expert
 parallelism" section.
+
+``--tp N``: transformers' layout with tensor parallelism: the dense part over tp ranks (memcalc's plan), FSDP2 over the
+gpus / tp data-parallel ranks, the experts' ep ranks spanning whole tp groups; each tp rank dispatches its slice of
+the group's tokens (the load is over that slice's pairs). ``--sp``: sequence parallelism and loss parallelism too.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ def main() -> None:
     parser.add_argument("--shard-dim", type=int, default=0, help="--ep-shard-dim: 0 transformers', 1 torchtitan's")
     parser.add_argument("--experts", type=int, help="experts per layer (tests/tiny.py's 4 unless given; 2 with "
                         "--layouts 4x2 puts one expert per rank over 2 FSDP2 ranks: dim-0 shards padded)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks inside each data-parallel rank")
+    parser.add_argument("--sp", action="store_true", help="with --tp: sequence and loss parallelism")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,12 +69,15 @@ def main() -> None:
             raw["num_local_experts" if "num_local_experts" in raw else "num_experts"] = args.experts
         spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ * gpus if args.cp else SEQ,
                             num_gpus=gpus, zero_stage=args.zero, cp=gpus if args.cp else 1,
-                            sharding="fsdp", ep=ep, checkpointing=checkpointing, ep_shard_dim=args.shard_dim)
+                            sharding="fsdp", ep=ep, checkpointing=checkpointing, ep_shard_dim=args.shard_dim,
+                            tp=args.tp, sequence_parallel=args.sp, loss_parallel=args.sp)
         started = time.perf_counter()
         ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=gpus, method="gloo",
-                                    reshard_after_forward=args.zero == 3)
+                                    reshard_after_forward=args.zero == 3, sequence_parallel=args.sp,
+                                    loss_parallel=args.sp)
         received = [max(m.run["distributed"]["ep_received_pairs"]) for m in ranks]
-        load = max(received) / (BATCH * spec.local_seq_len * raw["num_experts_per_tok"])
+        sent = -(-BATCH * spec.local_seq_len // args.tp) * raw["num_experts_per_tok"]  # (a tp rank's slice)
+        load = max(received) / sent
         busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
         report = run(model_of(ModelConfig("tiny", raw, "benchmark")), spec.replace(ep_load=load))
         estimate = report.per_gpu

@@ -472,7 +472,8 @@ def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
         return spec
     return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
                         pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
-                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None)
+                        pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None,
+                        ep_tp=spec.tp if spec.ep > 1 else 1)
 
 
 def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: TrainingSpec,
@@ -481,6 +482,8 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
     dp = spec.data_parallel
     notes.append(f"tensor parallelism: {spec.tp} ranks share each layer ({tensor_parallel.SOURCE}); the most loaded "
                  f"rank is reported{f', {dp} data-parallel groups of them' if dp > 1 else ''}")
+    if model.model_type in tensor_parallel.MOE_MODEL_TYPES and spec.ep == 1:
+        notes.append(tensor_parallel.MOE_NOTE)
     if dp > 1 and (spec.sharding != Sharding.fsdp or spec.pp > 1):
         notes.append(f"data parallelism over tensor-parallel ranks: the {holdings.engine} figures are for each rank's "
                      "shards, composed from the two models (FSDP2 over them is measured; this engine is not)")
@@ -856,6 +859,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                          + 3 * act.output_gradient_bytes
                          if spec.ep > 1 and any(t.role == ROLE_EXPERT for t in tensors) else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
+        recompute_experts=holdings.experts_gathered_bytes if spec.ep > 1 else 0,
+        recompute_root_made=holdings.root_made_bytes if spec.ep > 1 else 0,
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
         fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer
                                                and spec.checkpointing != Checkpointing.none else 0),
@@ -949,9 +954,9 @@ EP_CP_NOTE = ("--ep with --cp against gloo ranks (tiny MoE models, each rank a c
 def _expert_parallel_note(model: ModelInput, spec: TrainingSpec) -> str:
     """--ep: the experts this rank holds and the routed pairs its experts run (balanced unless --ep-load)."""
     arch = model.arch
-    average = spec.micro_batch_size * spec.local_seq_len * arch.experts_per_token
-    return expert_parallel.note(spec.ep, spec.data_parallel, arch.num_experts // spec.ep, average, spec.ep_load,
-                                spec.ep_shard_dim)
+    average = expert_parallel.sent_tokens(spec.micro_batch_size * spec.local_seq_len, spec.tp) * arch.experts_per_token
+    return expert_parallel.note(spec.ep, spec.data_parallel * spec.tp, arch.num_experts // spec.ep, average,
+                                spec.ep_load, spec.ep_shard_dim, spec.tp)
 
 
 def _fsdp_layer_made(tensors: Sequence[ParamTensor], holdings: RankHoldings, recipe: Recipe,
@@ -1223,6 +1228,9 @@ class _Extras:
     experts_forward: int = 0  # --ep: the last layer's experts gathered in the forward, and the block's transients
     experts_kept: int = 0  # --ep: their all-gather output beyond a layer's, kept through the loss into the backward
     experts_backward: int = 0  # --ep: a layer's experts gathered again for its backward (late: the first layer's)
+    # --ep under FSDP2, checkpointing: at the last layer's recomputation its experts gathered, the root's gradients made
+    recompute_experts: int = 0
+    recompute_root_made: int = 0
     # FSDP2 late in backward: the prefetched layer, the last reduce-scatter's input, the root's unsharded gradients and
     # (at the second layer's turn, checkpointed) that layer's kept input
     fsdp_late: int = 0
@@ -1331,6 +1339,12 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     if x.recomputed_forward:  # the first recomputation's forward, at its largest
         after_head[EXTRA_RECOMPUTED_LAYER] = x.recomputed_layer + x.recomputed_forward
+        if x.recompute_experts:
+            # (--ep under FSDP2: the recomputed MoE block runs its experts gathered again, and the head's and final
+            # norm's unsharded gradients wait for the root's reduce-scatter; measured on gloo ranks: a checkpointed
+            # Qwen2-MoE rank peaks at that recomputation's restore, 0.7% low without them, 2.9% with --tp 2)
+            after_head[EXTRA_EXPERTS_GATHERED] = x.recompute_experts
+            after_head[EXTRA_HEAD_GRADIENT] = max(after_head.get(EXTRA_HEAD_GRADIENT, 0), x.recompute_root_made)
     if x.recomputed_layer and TERM_ACTIVATIONS in after_head:
         # (the first recomputation runs at the last layer's backward: the final norm's, the head's and the logit
         # softcapping's saved tensors are released by then)

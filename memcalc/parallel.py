@@ -86,6 +86,9 @@ class RankHoldings:
     # the last experts' all-gather output over a layer's, kept from the forward's end into the backward's start
     experts_gathered_bytes: int = 0
     experts_kept_bytes: int = 0
+    # FSDP2: the root unit's unsharded gradients (the head's and the final norm's), made by the head's backward and
+    # reduce-scattered at the end of backward
+    root_made_bytes: int = 0
     # --ep: at a layer's experts' reduce-scatter: its buffers, the layer before prefetched and the root's gradients
     experts_reduce_bytes: int = 0
     # FSDP2, late in backward (the first layer's turn): the sharded gradients not made yet (the first layer's units',
@@ -413,7 +416,7 @@ def fsdp2_under_pipeline(tensors: Sequence[ParamTensor], spec: TrainingSpec, has
     trainable = [t for t in tensors if t.trainable]
 
     def ranks(t: ParamTensor) -> int:  # (--ep: each experts module sharded over the ranks holding the same experts)
-        return expert_parallel.sharding_ranks(t, num_gpus, spec.ep)
+        return expert_parallel.sharding_ranks(t, num_gpus, spec.ep, spec.ep_tp)
 
     split = spec.ep > 1
 
@@ -510,7 +513,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     trainable = [t for t in tensors if t.trainable]
 
     def ranks(t: ParamTensor) -> int:  # (--ep: the experts over the ranks holding the same ones)
-        return expert_parallel.sharding_ranks(t, num_gpus, spec.ep)
+        return expert_parallel.sharding_ranks(t, num_gpus, spec.ep, spec.ep_tp)
 
     def dim(t: ParamTensor) -> int:  # (--ep-shard-dim: the experts' FSDP2 placement)
         return spec.ep_shard_dim if spec.ep > 1 and t.role == ROLE_EXPERT else 0
@@ -528,7 +531,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     # --ep: each experts module is an FSDP2 unit of its own (transformers' apply_fully_sharded_data_parallelism), over
     # the efsdp ranks holding the same experts
     largest_experts = max(_units(experts).values(), default=0)
-    efsdp = num_gpus // spec.ep if experts else 1
+    efsdp = num_gpus * spec.ep_tp // spec.ep if experts else 1  # (--tp: the expert mesh spans its ranks)
     # (a layer's experts unsharded are their all-gather outputs, every rank's padded shard: with fewer experts per rank
     # than ranks sharding them, efsdp padded rows of one expert each, the parameter a view of the first; measured, a
     # tiny Mixtral's forward 1.4% to 1.8% low before)
@@ -626,6 +629,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
         last_layer_extra_bytes=last_layer, experts_gathered_bytes=experts_gathered, experts_kept_bytes=experts_kept,
+        root_made_bytes=root_made * bytes_per_gathered,
         experts_reduce_bytes=experts_reduce, late_unmade_grad_numel=late_unmade,
         root_reduce_bytes=root_reduce, root_reduce_tp_bytes=root_reduce_tp,
         root_shard_grad_numel=sum(shard(t) for t in root_trainable),

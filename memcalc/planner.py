@@ -22,15 +22,19 @@ share each sequence and ep split the experts):
   compute   C = (6 N_a + 6 L seq heads head_dim) T / G x 4/3 (ckpt full) / (peak bf16 FLOP/s x MFU)
               (N_a: the parameters a token runs, a MoE model's top-k of its experts; the second term: causal
               attention's scores and their product with v, forward and backward)
-  tensor    X = 4 L_s M x 2 (tp-1)/tp x (batch x seq/cp x hidden x 2 B) / NVLink
+  tensor    X = (4 L_s - 2 L_moe/pp [with --ep]) M x 2 (tp-1)/tp x (batch x seq/cp x hidden x 2 B) / NVLink
+              (each layer's attention and MLP outputs all-reduced, forward and backward; with --ep a MoE block's
+              outputs are all-gathered instead: in E)
   pipeline  P = 2 v M x (batch x seq/cp x hidden x 2 B) / network  (v stages a rank: 1 for 1F1B, 2 interleaved)
   context   R = 8 L_s M (cp-1) x (batch x seq/cp x kv_heads/tp x head_dim x 2 B) / link  (the ring: k and v
               all-gathered forward and backward, their fp32 gradients passed on)
-  expert    E = 4 L_moe/pp M (ep-1)/ep x (batch x seq/cp x top_k x hidden x 2 B) / link  (each MoE layer's routed
-              pairs sent and returned by all-to-all, forward and backward; balanced routing)
+  expert    E = 4 L_moe/pp M (ep-1)/ep x (batch x seq/cp/tp x top_k x hidden x 2 B) / link  (each MoE layer's
+              routed pairs sent and returned by all-to-all, forward and backward, a tp rank its slice's; balanced
+              routing) + 2 L_moe M (tp-1)/tp x (batch x seq/cp x hidden x 2 B) / NVLink (with --ep the tp ranks'
+              outputs all-gathered, forward and backward)
   bubble    B = (pp-1) / (v M + pp-1)  (interleaved 1F1B: Narayanan et al. 2021, each stage's share 1/v)
-  data      D = k ((dp-1)/dp x rank's dense params + (dp/ep-1)/(dp/ep) x its experts) x 2 B / link (k 2 DDP/ZeRO-1,
-              3 FSDP)
+  data      D = k ((dp-1)/dp x rank's dense params + (e-1)/e x its experts) x 2 B / link (k 2 DDP/ZeRO-1, 3 FSDP;
+              e = dp tp/ep ranks hold the same experts with --ep, dp without)
   step      S = (C + X + P + R + E) / (1 - B) + max(0, D - C/2)  (D overlaps backward)
   ranked by T / S"""
 
@@ -171,8 +175,8 @@ def _context_sizes(model, base) -> tuple[int, ...]:
 
 def _expert_sizes(model) -> tuple[int, ...]:
     """The expert-parallel sizes the model takes (expert_parallel.check: a MoE model of transformers' plan, the experts
-    split evenly); tried with FSDP alone (with context parallelism too) and on FSDP2 pipeline stages (--ep's modelled
-    layouts: no tp, no cp on stages)."""
+    split evenly); tried with FSDP alone (with context parallelism too, or with tp when ep is a multiple of it) and on
+    FSDP2 pipeline stages (--ep's modelled layouts: no tp or cp on stages)."""
     return (1, *(ep for ep in EP_SIZES[1:] if _splits(expert_parallel.check, model.described, ep)))
 
 
@@ -208,15 +212,17 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                             found.extend(Layout(dp, 1, pp, "fsdp", checkpointing, 2 * pp, 1, ep, schedule=schedule,
                                                 virtual=virtual) for ep in expert_sizes[1:] if dp % ep == 0
                                          for schedule, virtual in _pipelines(model, pp, schedules))
-            if tp == 1 and pp == 1 and dp > 1:
+            if pp == 1 and dp > 1:
                 # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding
-                # them times ep, here dp, exceed the experts; transformers' dim 0 then pads them whole)
-                dims = (0, 1) if dp > getattr(model.arch, "num_experts", 0) else (0,)
-                # (and with context parallelism over the same data-parallel ranks, as memcalc models it)
+                # them times ep, here dp x tp, exceed the experts; transformers' dim 0 then pads them whole)
+                dims = (0, 1) if dp * tp > getattr(model.arch, "num_experts", 0) else (0,)
+                # (and with context parallelism over the same data-parallel ranks, as memcalc models it; with tp,
+                # transformers' layout: ep a multiple of tp dividing dp x tp, no cp)
                 for ep in expert_sizes[1:]:
-                    if dp % ep == 0:
-                        found.extend(Layout(dp, 1, 1, "fsdp", checkpointing, 1, cp, ep, dim) for dim in dims
-                                     for checkpointing in ("none", "full") for cp in context_sizes if dp % cp == 0)
+                    if (dp * tp) % ep == 0 and ep % tp == 0:
+                        found.extend(Layout(dp, tp, 1, "fsdp", checkpointing, 1, cp, ep, dim) for dim in dims
+                                     for checkpointing in ("none", "full") for cp in context_sizes
+                                     if dp % cp == 0 and (tp == 1 or cp == 1))
     return found
 
 
@@ -247,24 +253,28 @@ def _throughput(model, spec, layout: Layout, gpus_per_node: int, links: tuple) -
     compute = (6 * active + attention) * tokens / gpus * recompute / (flops_per_s * PLANNER_MFU)
     hidden = micro * arch.hidden_size * BYTES_16
     layers = -(-arch.num_layers // layout.pp)
-    tensor = 4 * layers * layout.microbatches * 2 * (layout.tp - 1) / layout.tp * hidden / intra
     pipe = 2 * layout.virtual * layout.microbatches * hidden / inter if layout.pp > 1 else 0.0
     kv = micro * (arch.num_kv_heads // layout.tp) * arch.head_dim * BYTES_16
     ring_link = intra if layout.tp * layout.cp <= gpus_per_node else inter
     context = 8 * layers * layout.microbatches * (layout.cp - 1) * kv / ring_link
     moe_layers = sum(1 for layer in range(arch.num_layers) if getattr(arch, "sparse", lambda _: False)(layer))
     moe_layers = -(-moe_layers // layout.pp)  # (a stage's: its rank runs those)
-    expert = (4 * moe_layers * layout.microbatches * (layout.ep - 1) / layout.ep * micro * top_k * arch.hidden_size
-              * BYTES_16 / (intra if layout.ep <= gpus_per_node else inter)) if layout.ep > 1 else 0.0
+    all_reduced = 4 * layers - (2 * moe_layers if layout.ep > 1 else 0)  # (--ep: a MoE block's outputs all-gathered)
+    tensor = all_reduced * layout.microbatches * 2 * (layout.tp - 1) / layout.tp * hidden / intra
+    expert = ((4 * moe_layers * layout.microbatches * (layout.ep - 1) / layout.ep * micro / layout.tp * top_k
+               * arch.hidden_size * BYTES_16 / (intra if layout.ep <= gpus_per_node else inter))
+              + 2 * moe_layers * layout.microbatches * (layout.tp - 1) / layout.tp * hidden / intra
+              if layout.ep > 1 else 0.0)
     bubble = (layout.pp - 1) / (layout.virtual * layout.microbatches + layout.pp - 1)
-    rank_params = params / (layout.tp * layout.pp)
     # (FSDP2: all-gather in forward and in backward, reduce-scatter; on a pipeline stage it all-gathers once per step)
     factor = 3 if layout.sharding == "fsdp" and layout.pp == 1 else 2
     dp_link = inter if layout.tp * layout.pp * layout.dp > gpus_per_node else intra
-    efsdp = layout.dp // layout.ep
-    stage_experts = experts / layout.pp  # (the experts of a rank's stage, of which it holds 1/ep)
-    synced = ((layout.dp - 1) / layout.dp * (rank_params - stage_experts)
-              + (efsdp - 1) / efsdp * stage_experts / layout.ep)
+    # (a rank's experts: 1/ep of its stage's, whole, with --ep, over the dp x tp / ep ranks holding the same ones;
+    # 1/tp of them without, over the dp ranks)
+    efsdp = layout.dp * layout.tp // layout.ep if layout.ep > 1 else layout.dp
+    rank_experts = experts / (layout.pp * (layout.ep if layout.ep > 1 else layout.tp))
+    rank_dense = (params - experts) / (layout.tp * layout.pp)
+    synced = (layout.dp - 1) / layout.dp * rank_dense + (efsdp - 1) / efsdp * rank_experts
     data = factor * synced * BYTES_16 / dp_link if layout.dp > 1 else 0.0
     step = (compute + tensor + pipe + context + expert) / (1 - bubble) + max(0.0, data - compute / 2)
     return tokens, step, {"compute_s": compute, "tensor_parallel_s": tensor, "pipeline_s": pipe,

@@ -105,7 +105,9 @@ def _layout(t) -> str:
     parts = [f"{data_parallel} data-parallel" + (f" ({data_parallel // t.cp} x {t.cp} context-parallel, each "
                                                  f"{t.seq_len // t.cp:,} positions of a sequence)" if t.cp > 1 else "")]
     if t.ep > 1:
-        parts[0] += (f", {t.ep} of them splitting the experts"
+        spanned = (f"{t.ep} ranks ({t.ep // t.tp} data- x {t.tp} tensor-parallel)" if t.tp > 1
+                   else f"{t.ep} of them")
+        parts[0] += (f", {spanned} splitting the experts"
                      + (f" (the most loaded receiving {t.ep_load:g} x the average tokens)" if t.ep_load != 1 else ""))
     if t.pp > 1:
         stages = f" ranks of {t.pp_virtual} stages each" if t.pp_virtual > 1 else " stages"

@@ -281,6 +281,9 @@ class TrainingSpec:
     # The dimension FSDP2 shards each rank's fused experts on: 0, transformers' plan (each rank's chunk padded to whole
     # experts when it holds fewer than the ranks sharding them), or 1 (torchtitan's Shard(1) placement)
     ep_shard_dim: int = 0
+    # (internal) the data-parallel engine's view of --ep with --tp: the tensor-parallel ranks each expert-parallel
+    # group spans, so the ranks holding the same experts are num_gpus x ep_tp / ep
+    ep_tp: int = 1
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -586,12 +589,24 @@ class TrainingSpec:
         if not 0 < load <= self.ep:
             raise UsageError(f"{{ep_load}} must be above 0 and at most {self.ep} (every pair sent to one of the "
                              f"{self.ep} ranks; 1 is balanced routing), got {load:g}")
-        if self.data_parallel % self.ep:
+        if self.tp > 1:
+            # transformers' expert mesh spans the tensor-parallel ranks (DistributedConfig: ep_size a multiple of
+            # tp_size that divides fsdp_size x tp_size; efsdp = fsdp x tp / ep)
+            if self.ep % self.tp:
+                raise UsageError(f"{{ep}} {self.ep} with {{tp}} {self.tp}: the expert-parallel ranks span whole "
+                                 "tensor-parallel groups (transformers' DistributedConfig: ep_size a multiple of "
+                                 "tp_size); give an {ep} that is a multiple of {tp}")
+            if self.pp > 1 or self.cp > 1:
+                raise UsageError(f"{{ep}} with {{tp}} and {'{pp}' if self.pp > 1 else '{cp}'} is not modelled yet: "
+                                 "drop one of them")
+        if self.tp > 1 and self.num_gpus % self.ep:
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{ep}} {self.ep}: the expert-parallel "
+                             "ranks are data- and tensor-parallel ranks that split the experts (give {gpus} a "
+                             "multiple)")
+        if self.data_parallel * self.ep_tp % self.ep and self.tp == 1:  # (ep_tp: the data-parallel view of --tp)
             raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}} x {{ep}} = "
                              f"{self.tp * self.pp * self.ep}: the expert-parallel ranks are data-parallel ranks that "
                              "split the experts (give {gpus} a multiple)")
-        if self.tp > 1:
-            raise UsageError("{ep} with {tp} is not modelled yet: drop one of them")
         if self.cp > 1 and self.pp > 1:
             raise UsageError("{ep} with {cp} on pipeline stages is not modelled yet: drop one of them")
         if self.pp > 1 and self.pp_schedule == PipelineSchedule.zero_bubble:

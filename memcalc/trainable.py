@@ -254,7 +254,7 @@ def _sharded(tensors: Sequence[ParamTensor], tp: int, ep: int) -> list[ParamTens
     hit = _SHARDS.get(key)
     if hit is not None and hit[0] is tensors:
         return hit[1]
-    sharded = expert_parallel.shard(tensor_parallel.shard(tensors, tp), ep)
+    sharded = expert_parallel.shard(tensor_parallel.shard(tensors, tp, experts=ep == 1), ep)
     if len(_SHARDS) >= _SHARDS_KEPT:
         del _SHARDS[next(iter(_SHARDS))]
     _SHARDS[key] = (tensors, sharded)
@@ -264,7 +264,7 @@ def _sharded(tensors: Sequence[ParamTensor], tp: int, ep: int) -> list[ParamTens
 def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
     copies of them."""
-    tensor_parallel.check(model.described, spec.tp)
+    tensor_parallel.check(model.described, spec.tp, spec.sharding.value == "megatron", spec.ep)
     pipeline.check(model.described, spec.pp_stages, spec.pp_layers, pipeline.stages_named(spec))
     context_parallel.check(model.described, spec)
     expert_parallel.check(model.described, spec.ep)

@@ -187,7 +187,12 @@ def test_note_names_the_routing_assumption(cli):
     ("mixtral-8x7b", ["--ep", "3", "--gpus", "3", "--fsdp"], "--ep 3 does not divide the model's 8 experts"),
     ("mixtral-8x7b", ["--ep", "2", "--gpus", "3", "--fsdp"], "--gpus 3 is not divisible by --tp x --pp x --ep = 2"),
     ("mixtral-8x7b", ["--ep", "2", "--gpus", "2"], "--ep is modelled under FSDP2"),
-    ("mixtral-8x7b", ["--ep", "2", "--gpus", "4", "--tp", "2", "--fsdp"], "--ep with --tp is not modelled yet"),
+    # (transformers' DistributedConfig: ep_size a multiple of tp_size that divides fsdp_size x tp_size)
+    ("mixtral-8x7b", ["--ep", "2", "--gpus", "8", "--tp", "4", "--fsdp"],
+     "--ep 2 with --tp 4: the expert-parallel ranks span whole tensor-parallel groups"),
+    ("mixtral-8x7b", ["--ep", "4", "--gpus", "6", "--tp", "2", "--fsdp"], "--gpus 6 is not divisible by --ep 4"),
+    ("mixtral-8x7b", ["--ep", "2", "--gpus", "8", "--tp", "2", "--pp", "2", "--fsdp"],
+     "--ep with --tp and --pp is not modelled yet"),
     ("mixtral-8x7b", ["--ep-load", "2"], "add --ep N"),
     ("mixtral-8x7b", ["--ep", "2", "--gpus", "2", "--fsdp", "--ep-load", "3"], "at most 2"),
     ("mixtral-8x7b", ["--ep", "2", "--gpus", "2", "--fsdp", "--ep-load", "nan"], "--ep-load must be a finite number"),

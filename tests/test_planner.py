@@ -144,7 +144,8 @@ def test_expert_parallel_layouts_by_hand():
     layout's memory is the estimate of that layout."""
     plan = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
     by_ep = {c.layout.ep: c for c in plan.candidates
-             if c.layout.checkpointing == "full" and c.layout.sharding == "fsdp" and c.layout.pp == 1}
+             if c.layout.checkpointing == "full" and c.layout.sharding == "fsdp" and c.layout.pp == 1
+             and c.layout.tp == 1}
     assert set(by_ep) == {1, 2, 4, 8, 16, 32, 64}
     pairs = 4096 * 8 * 2048 * 2
     assert by_ep[8].parts["expert_parallel_s"] == pytest.approx(4 * 48 * 7 / 8 * pairs / 450e9, rel=1e-12)
@@ -166,7 +167,8 @@ def test_expert_layouts_with_torchtitans_dim_1_sharding():
     layout beside transformers' dim 0: the same throughput, the memory of that layout's estimate, less than dim 0's
     whole padded experts. Qwen3-30B-A3B's 128 experts exceed 64 ranks: dim 0 only."""
     plan = api.layouts("mixtral-8x7b", gpus=64, gpu="h100-80gb", seq_len=4096)
-    pair = {c.layout.ep_dim: c for c in plan.candidates if (c.layout.ep, c.layout.checkpointing, c.layout.pp) == (8, "full", 1)}
+    pair = {c.layout.ep_dim: c for c in plan.candidates
+            if (c.layout.ep, c.layout.checkpointing, c.layout.pp, c.layout.tp) == (8, "full", 1, 1)}
     assert set(pair) == {0, 1} and "experts on dim 1" in pair[1].layout.label
     assert pair[1].step_seconds == pair[0].step_seconds and pair[1].peak_bytes < pair[0].peak_bytes
     report = api.estimate("mixtral-8x7b", gpus=64, ep=8, ep_shard_dim=1, sharding="fsdp", zero=3,

@@ -165,9 +165,14 @@ def routed_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate:
     return router_bytes, experts
 
 
+def sent_pairs(run: Run, top_k: int) -> int:
+    """(token, expert) pairs one expert-parallel rank sends per MoE layer: its tokens', or with --tp its slice's."""
+    return expert_parallel.sent_tokens(run.tokens, run.tp) * top_k
+
+
 def received_pairs(run: Run, top_k: int) -> int:
     """(token, expert) pairs one expert-parallel rank's experts run per MoE layer (memcalc.expert_parallel)."""
-    return expert_parallel.received_pairs(run.tokens * top_k, run.ep_load)
+    return expert_parallel.received_pairs(sent_pairs(run, top_k), run.ep_load)
 
 
 def expert_parallel_experts(run: Run, h: int, num_experts: int, top_k: int, intermediate: int) -> int:
@@ -183,7 +188,7 @@ def expert_parallel_experts(run: Run, h: int, num_experts: int, top_k: int, inte
     (``_combine_tokens``): the outputs back by all_to_all_single, put in the sender's order and multiplied by the
     routing weights, which saves the (S, h) rows (e). R is ``received_pairs``.
     """
-    pairs = run.tokens * top_k
+    pairs = sent_pairs(run, top_k)
     e = BYTES_PER_FP32 if run.autocast else run.c
     received = received_pairs(run, top_k)
     sending = 2 * BYTES_PER_INT64 * pairs + e * pairs * h
@@ -210,6 +215,12 @@ def moe_formula(router_bytes: int, experts: int, top_k: int, num_experts: int, s
             f"{f' + aux-loss softmax {aux:,}' if aux else ''}")
 
 
+def _expert_width(a: MoeArch, run: Run) -> int:
+    """Each expert's features on this rank: 1/tp of them under --tp (torchtitan's TensorParallel on the experts),
+    all of them with --ep too (transformers' experts are never tensor-split under expert parallelism)."""
+    return a.expert_intermediate_size // (run.tp if run.ep == 1 else 1)
+
+
 def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
     """A layer's MLP: the dense LlamaMLP, or the MoE block. Qwen2Moe's shared expert (Qwen2MoeMLP on every
     token): 4 c T I_shared as LlamaMLP, its output c T h and the sigmoid gate c T (both saved by the product)."""
@@ -217,12 +228,12 @@ def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
         return dense_mlp(a, layer, run)
     tokens, c, h = run.tokens, run.c, a.hidden_size
     weights_bytes = BYTES_PER_FP32 if a.model_type == "mixtral" else c
-    router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, a.expert_intermediate_size,
+    router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, _expert_width(a, run),
                                            a.renormalise, weights_bytes)
     casts = c * tokens * h if run.autocast else 0  # the router's F.linear casts the fp32 norm output
     shared = 0
     if a.shared_expert_intermediate_size:
-        shared = 4 * c * tokens * a.shared_expert_intermediate_size + c * tokens * h + c * tokens
+        shared = 4 * c * tokens * (a.shared_expert_intermediate_size // run.tp) + c * tokens * h + c * tokens
         if run.autocast:
             casts += 3 * c * tokens * h  # shared_expert.gate_proj, up_proj and shared_expert_gate
     aux = aux_loss_layer_bytes(a.output_router_logits, run, a.num_experts)
@@ -241,16 +252,21 @@ def activations(a: MoeArch, run: Run) -> Rule:
     e = BYTES_PER_FP32 if run.autocast else run.c  # (grouped_mm runs in fp32 under autocast: routed_experts)
     pairs = run.tokens * a.experts_per_token
     rows = received_pairs(run, a.experts_per_token) if run.ep > 1 else pairs
-    routed = (e * rows * (2 * a.expert_intermediate_size - a.hidden_size)
-              + 2 * run.c * run.tokens * a.shared_expert_intermediate_size)
+    routed = (e * rows * (2 * _expert_width(a, run) - a.hidden_size)
+              + 2 * run.c * run.tokens * (a.shared_expert_intermediate_size // run.tp))
     rule.transient = max(rule.transient, routed + output_gradient(run, a.hidden_size))
     if any(a.sparse(i) for i in range(a.num_layers)):
         # The expert outputs times their routing weights are in the promoted dtype r: fp32 for Mixtral (fp32 weights)
         # whatever e, else e (Qwen's weights are in the router logits' dtype).
         r = max(e, BYTES_PER_FP32 if a.model_type == "mixtral" else run.c)
+        weights = BYTES_PER_FP32 if a.model_type == "mixtral" else run.c  # (the routing weights' dtype: _mlp)
         sh = pairs * a.hidden_size
         cast = e * sh if r != e else 0  # the gradient cast back to the expert outputs' dtype
         if run.ep > 1:
+            # (--tp: the rank sends, gets back, weights and sums its slice's pairs only: S its slice's, the sum's T h
+            # its slice's; the cast below is of the outputs all-gathered over tp, all T tokens)
+            sh = sent_pairs(run, a.experts_per_token) * a.hidden_size
+            cast = e * sh if r != e else 0
             # AllToAllEP._combine_tokens multiplies the (T, k, h) rows it got back by the routing weights and sums over
             # k; ep_forward casts the sum to the input's dtype. Its backward opens with the product's two gradients
             # (r S h each), the cast's (r T h) and the rows' cast (measured on gloo ranks at the last layer's backward);
@@ -265,11 +281,16 @@ def activations(a: MoeArch, run: Run) -> Rule:
             # e R), or the sum over k (AllToAllEP.__call__'s locals: the product r S h and the sum r T h, the outputs
             # received back e S h, the rows received and the experts' output e R h each, the received expert ids and
             # weights (8 + e) R, the router's logits c T E)
-            th, rh = run.tokens * a.hidden_size, rows * a.hidden_size
+            sliced = expert_parallel.sent_tokens(run.tokens, run.tp)
+            th = sliced * a.hidden_size
+            rh = rows * a.hidden_size
             restoring = 4 * e * rh + (3 * BYTES_PER_INT64 + e) * rows
             summing = ((e + r) * sh + r * th + 2 * e * rh + (BYTES_PER_INT64 + e) * rows
                        + run.c * run.tokens * a.num_experts)
-            rule.forward_transient = max(restoring, summing)
+            # (--tp: the rank's slices of the block's input, its top-k indices and weights, Replicate -> Shard(0) local
+            # copies, alive through the experts; measured on gloo ranks at a recomputed block's restore)
+            slices = (e * th + (BYTES_PER_INT64 + weights) * sliced * a.experts_per_token) if run.tp > 1 else 0
+            rule.forward_transient = max(restoring, summing) + slices
             return rule
         # Its backward begins with the restore's (grouped_mm_experts_forward: weighted_out[inv_perm], then view and sum
         # over top-k): the zero (S, h) buffer of the index's backward and its index_put output, the product's two

@@ -324,7 +324,7 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
                          "composed, not measured)")
     if spec.tp > 1:
         layout = {"sequence_parallel": spec.sequence_parallel, "loss_parallel": spec.loss_parallel}
-        if spec.data_parallel == 1:
+        if spec.data_parallel == 1 and spec.ep == 1:
             engine, reshard, checked, notes = "tp", True, spec, []
         elif spec.sharding.value == "fsdp":
             engine, reshard, checked, notes = "fsdp2", spec.zero_stage == 3, spec, []
@@ -370,7 +370,11 @@ def _routing_note(ranks: list[Measurement], model_config: ModelConfig, spec: Tra
     from memcalc.resolve import model_of
 
     received = [m.run.get("distributed", {}).get("ep_received_pairs", []) for m in ranks]
-    average = spec.micro_batch_size * spec.local_seq_len * model_of(model_config).arch.experts_per_token
+    from memcalc.expert_parallel import sent_tokens
+
+    # (the pairs a rank sends: its micro-batch's, or with --tp its slice of the group's)
+    average = (sent_tokens(spec.micro_batch_size * spec.local_seq_len, spec.tp)
+               * model_of(model_config).arch.experts_per_token)
     most = max((max(r, default=0) for r in received), default=0)
     implied = f"--ep-load {most / average:.3g}" if average else "an --ep-load"
     shown = "; ".join(f"rank {i}: {', '.join(f'{n:,}' for n in r)}" for i, r in enumerate(received))

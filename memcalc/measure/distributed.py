@@ -157,9 +157,9 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             if job.pp_dp % spec.ep:
                 raise UsageError(f"the pipeline measurement runs {{ep}} {spec.ep} over each stage's FSDP2 "
                                  f"data-parallel ranks ({job.pp_dp}): give {{gpus}} a multiple of {spec.pp * spec.ep}")
-        elif engine != "fsdp2" or job.tp > 1 or world_size % spec.ep:
-            raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 alone, over a world "
-                             f"size it divides, not {engine} on {world_size} ranks")
+        elif engine != "fsdp2" or world_size % spec.ep or spec.ep % job.tp:
+            raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 (with {{tp}}, ep a "
+                             f"multiple of it), over a world size it divides, not {engine} on {world_size} ranks")
         job = dataclasses.replace(job, ep=spec.ep, ep_shard_dim=spec.ep_shard_dim)
     if sequence_parallel or loss_parallel:
         if engine != "tp" and job.tp == 1:
@@ -393,6 +393,8 @@ def _mesh_join(mesh) -> Iterator[None]:
     """FSDP2 joins its data-parallel mesh with a DTensor parameter's tensor-parallel one (DeviceMesh._concatenate),
     which reads the meshes' rank tensors: joined once here, outside FakeTensorMode, and handed back while the block
     runs."""
+    if isinstance(mesh, tuple) and len(mesh) == 2 and getattr(mesh[0], "mesh_dim_names", None) == ("dp", "tp"):
+        mesh = mesh[0]  # (--ep with --tp: the dense mesh)
     if mesh is None or isinstance(mesh, tuple) or mesh.mesh_dim_names != ("dp", "tp"):
         yield
         return
@@ -429,6 +431,12 @@ def _device_mesh(job: _Job):
     if job.engine == "pp":  # the stages over the outer dimension, FSDP2 over the inner one (torchtitan's order)
         return init_device_mesh("cpu", (job.world_size // job.pp_dp, job.pp_dp), mesh_dim_names=("pp", "dp"))
 
+    if job.ep > 1 and job.tp > 1:
+        # transformers' two views of the world: the dense (fsdp, tp) mesh and the experts' (efsdp, ep), ep spanning
+        # whole tp groups (transformers distributed/utils.py TransformersDeviceMesh)
+        dense = init_device_mesh("cpu", (job.world_size // job.tp, job.tp), mesh_dim_names=("dp", "tp"))
+        experts = init_device_mesh("cpu", (job.world_size // job.ep, job.ep), mesh_dim_names=("efsdp", "ep"))
+        return dense, experts
     if job.ep > 1:  # the world's FSDP mesh, and the experts' (efsdp, ep) one
         from memcalc.measure.expert_parallel import meshes
 
@@ -755,6 +763,25 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
             from memcalc.measure.tensor_parallel import wrap
 
             runner, stepper = wrap(model, setup, mesh, job.sequence_parallel, job.loss_parallel, dist_info)
+        elif job.tp > 1 and job.ep > 1:
+            # transformers' layout: the dense part tensor-parallel (memcalc's plan), the experts expert-parallel over
+            # ep ranks spanning the tp groups, each tp rank dispatching its slice of the tokens
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            from memcalc.measure import expert_parallel
+            from memcalc.measure.tensor_parallel import parallelize
+
+            dense, experts_mesh = mesh
+            dist_info.update(parallelize(model, dense["tp"], job.sequence_parallel, job.loss_parallel,
+                                         experts_parallel=True))
+            dist_info.update(expert_parallel.parallelize(
+                model, experts_mesh["ep"], dense["tp"], experts_mesh["efsdp"], policy or MixedPrecisionPolicy(),
+                dense["dp"].size(), received, job.ep_shard_dim, job.reshard_after_forward))
+            runner, stepper = _wrap_fsdp2(job, model, setup, policy, dense["dp"], dist_info)
+            if job.sequence_parallel:
+                from memcalc.measure.tensor_parallel import Runner
+
+                runner = Runner(runner, True)
         elif job.tp > 1:
             from memcalc.measure.tensor_parallel import parallelize
 

@@ -367,11 +367,10 @@ def _verify_ranks(model_config: ModelConfig, spec: TrainingSpec, method: str,
 
 def _routing_note(ranks: list[Measurement], model_config: ModelConfig, spec: TrainingSpec) -> str:
     """--ep: the routing the measured step ran (pairs each rank received per MoE layer) and the --ep-load it implies."""
+    from memcalc.expert_parallel import sent_tokens
     from memcalc.resolve import model_of
 
     received = [m.run.get("distributed", {}).get("ep_received_pairs", []) for m in ranks]
-    from memcalc.expert_parallel import sent_tokens
-
     # (the pairs a rank sends: its micro-batch's, or with --tp its slice of the group's)
     average = (sent_tokens(spec.micro_batch_size * spec.local_seq_len, spec.tp)
                * model_of(model_config).arch.experts_per_token)

@@ -14,6 +14,9 @@ transformers' module names:
                                MLP's inputs are all-gathered first (PrepareModuleInput, Shard(1) -> Replicate)
   lm_head                      ColwiseParallel: the vocabulary split; its output all-gathered (Replicate) unless
                                loss parallelism keeps it split (Shard(-1)) into the loss (``loss_parallel()``)
+  mlp (MoE blocks)             torchtitan's apply_moe_ep_tp without expert parallelism (``_moe_plan``,
+                               ``_split_experts``): the router replicated, every expert's features split, the block's
+                               output the partial sums; with --ep the experts whole, for transformers' EP plan
 
 Each rank runs the same micro-batch (the tensor-parallel group shares it). With sequence parallelism the model is
 given ``position_ids`` (transformers would derive them from the embeddings' local, split length).

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from memcalc.errors import UnsupportedModelError, UsageError
 from memcalc.families.base import CAUSAL_LM
 from memcalc.spec import ActivationSource, Attention
-from memcalc.tensor_parallel import MODEL_TYPES
+from memcalc.tensor_parallel import MODEL_TYPES, MOE_MODEL_TYPES
 from memcalc.units import BYTES_PER_FP32
 
 # Llama-layout attention (separate q, k, v and o projections, sdpa): the dense types of the TP plan and the MoE ones.
-CP_MODEL_TYPES = (*MODEL_TYPES, "mixtral", "qwen2_moe", "qwen3_moe")
+CP_MODEL_TYPES = (*MODEL_TYPES, *MOE_MODEL_TYPES)
 # What the ring does not do, said with every estimate.
 ASSUMPTIONS = ("CUDA's flash kernel takes the grouped k and v as they are (enable_gqa), so the ring moves kv-heads-"
                "sized buffers; the flash backward's own workspaces are not counted (as without --cp)")

@@ -215,6 +215,11 @@ def moe_formula(router_bytes: int, experts: int, top_k: int, num_experts: int, s
             f"{f' + aux-loss softmax {aux:,}' if aux else ''}")
 
 
+def _weights_bytes(a: MoeArch, run: Run) -> int:
+    """The routing weights' dtype: fp32 for Mixtral (MixtralTopKRouter's softmax), the router logits' c for Qwen."""
+    return BYTES_PER_FP32 if a.model_type == "mixtral" else run.c
+
+
 def _expert_width(a: MoeArch, run: Run) -> int:
     """Each expert's features on this rank: 1/tp of them under --tp (torchtitan's TensorParallel on the experts),
     all of them with --ep too (transformers' experts are never tensor-split under expert parallelism)."""
@@ -227,7 +232,7 @@ def _mlp(a: MoeArch, layer: int, run: Run) -> tuple[dict[str, int], str]:
     if not a.sparse(layer):
         return dense_mlp(a, layer, run)
     tokens, c, h = run.tokens, run.c, a.hidden_size
-    weights_bytes = BYTES_PER_FP32 if a.model_type == "mixtral" else c
+    weights_bytes = _weights_bytes(a, run)
     router_bytes, experts = routed_experts(run, h, a.num_experts, a.experts_per_token, _expert_width(a, run),
                                            a.renormalise, weights_bytes)
     casts = c * tokens * h if run.autocast else 0  # the router's F.linear casts the fp32 norm output
@@ -258,8 +263,8 @@ def activations(a: MoeArch, run: Run) -> Rule:
     if any(a.sparse(i) for i in range(a.num_layers)):
         # The expert outputs times their routing weights are in the promoted dtype r: fp32 for Mixtral (fp32 weights)
         # whatever e, else e (Qwen's weights are in the router logits' dtype).
-        r = max(e, BYTES_PER_FP32 if a.model_type == "mixtral" else run.c)
-        weights = BYTES_PER_FP32 if a.model_type == "mixtral" else run.c  # (the routing weights' dtype: _mlp)
+        weights = _weights_bytes(a, run)
+        r = max(e, weights)
         sh = pairs * a.hidden_size
         cast = e * sh if r != e else 0  # the gradient cast back to the expert outputs' dtype
         if run.ep > 1:

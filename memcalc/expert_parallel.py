@@ -92,8 +92,8 @@ def note(ep: int, data_parallel: int, local_experts: int, average: int, load: fl
               f"(never tensor-split), and each of a tensor-parallel group's ranks dispatches its 1/{tp} of the "
               "group's tokens and all-gathers the outputs (AllToAllEP with transformers' tp_mesh); against gloo ranks "
               "(tiny MoE models, --tp 2, 120 rank steps) -0.04% to +6.8% without checkpointing, and checkpointed "
-              "Qwen2-MoE cells down to -1.8% (a recomputed block's moment with --sp or random routing not fully "
-              "placed)" if tp > 1 else "")
+              "Qwen2-MoE cells down to -0.9% with random routing (a recomputed block's combine not fully placed; one "
+              "grid run of another cell read -1.6%, gloo's buffers)" if tp > 1 else "")
     return (f"expert parallelism: {ep} ranks split the experts, {local_experts} each, FSDP-sharded{placement} over "
             f"the {efsdp} rank(s) holding the same ones ({SOURCE}){padded}{sliced}; each MoE layer's experts run the "
             f"{received_pairs(average, load):,} (token, expert) pairs this rank receives: {average:,} on average "

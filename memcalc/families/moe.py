@@ -220,6 +220,13 @@ def _weights_bytes(a: MoeArch, run: Run) -> int:
     return BYTES_PER_FP32 if a.model_type == "mixtral" else run.c
 
 
+def _split_block_input(run: Run, h: int) -> int:
+    """--sp: the post-attention norm's output, this rank's split of the sequence, is the MoE block's argument, held by
+    the decoder layer's frame while the block runs on the all-gathered copy (measured on gloo ranks: a recomputed
+    block's restore under --ep --tp, 12,288 B low without it)."""
+    return run.residual * run.sequence_tokens * h if run.sp else 0
+
+
 def _expert_width(a: MoeArch, run: Run) -> int:
     """Each expert's features on this rank: 1/tp of them under --tp (torchtitan's TensorParallel on the experts),
     all of them with --ep too (transformers' experts are never tensor-split under expert parallelism)."""
@@ -295,7 +302,7 @@ def activations(a: MoeArch, run: Run) -> Rule:
             # (--tp: the rank's slices of the block's input, its top-k indices and weights, Replicate -> Shard(0) local
             # copies, alive through the experts; measured on gloo ranks at a recomputed block's restore)
             slices = (e * th + (BYTES_PER_INT64 + weights) * sliced * a.experts_per_token) if run.tp > 1 else 0
-            rule.forward_transient = max(restoring, summing) + slices
+            rule.forward_transient = max(restoring, summing) + slices + _split_block_input(run, a.hidden_size)
             return rule
         # Its backward begins with the restore's (grouped_mm_experts_forward: weighted_out[inv_perm], then view and sum
         # over top-k): the zero (S, h) buffer of the index's backward and its index_put output, the product's two
@@ -314,7 +321,7 @@ def activations(a: MoeArch, run: Run) -> Rule:
         # forward): the weighted (S, h) rows and the buffer they are put into (S = T x top-k, in r) beside everything
         # the block saved (measured: a recomputed Qwen3-MoE layer under autocast peaks there, 2% to 4% above the rules'
         # moments at 1,024 to 2,048 tokens).
-        rule.forward_transient = 2 * r * sh
+        rule.forward_transient = 2 * r * sh + _split_block_input(run, a.hidden_size)
     return rule
 
 

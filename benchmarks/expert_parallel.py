@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-pure,amp-bf16,bf16")
     parser.add_argument("--checkpointing", default="none,full")
     parser.add_argument("--zero", type=int, default=3, help="--zero 3 (reshard after forward) or 2 (not)")
-    parser.add_argument("--cp", action="store_true", help="every rank a context-parallel rank too (--cp gpus: "
-                        "sequences of 64 x gpus positions, each rank running 64, torch's ring attention over all)")
+    parser.add_argument("--cp", action="store_true", help="every data-parallel rank a context-parallel rank too (--cp "
+                        "gpus / tp: sequences of 64 x cp positions, each rank running 64, torch's ring attention over "
+                        "the data-parallel ranks)")
     parser.add_argument("--shard-dim", type=int, default=0, help="--ep-shard-dim: 0 transformers', 1 torchtitan's")
     parser.add_argument("--experts", type=int, help="experts per layer (tests/tiny.py's 4 unless given; 2 with "
                         "--layouts 4x2 puts one expert per rank over 2 FSDP2 ranks: dim-0 shards padded)")
@@ -67,8 +68,9 @@ def main() -> None:
         raw = {**tiny_raw(family), **({"initializer_range": 0.0} if routing == "worst" else {})}
         if args.experts:
             raw["num_local_experts" if "num_local_experts" in raw else "num_experts"] = args.experts
-        spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ * gpus if args.cp else SEQ,
-                            num_gpus=gpus, zero_stage=args.zero, cp=gpus if args.cp else 1,
+        cp = gpus // args.tp if args.cp else 1  # (--cp: every data-parallel rank a context-parallel one)
+        spec = TrainingSpec(precision=precision, micro_batch_size=BATCH, seq_len=SEQ * cp,
+                            num_gpus=gpus, zero_stage=args.zero, cp=cp,
                             sharding="fsdp", ep=ep, checkpointing=checkpointing, ep_shard_dim=args.shard_dim,
                             tp=args.tp, sequence_parallel=args.sp, loss_parallel=args.sp)
         started = time.perf_counter()

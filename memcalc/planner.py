@@ -175,8 +175,8 @@ def _context_sizes(model, base) -> tuple[int, ...]:
 
 def _expert_sizes(model) -> tuple[int, ...]:
     """The expert-parallel sizes the model takes (expert_parallel.check: a MoE model of transformers' plan, the experts
-    split evenly); tried with FSDP alone (with context parallelism too, or with tp when ep is a multiple of it) and on
-    FSDP2 pipeline stages (--ep's modelled layouts: no tp or cp on stages)."""
+    split evenly); tried with FSDP alone (with context parallelism too, or with tp when ep is a multiple of it) and
+    on FSDP2 pipeline stages (--ep's modelled layouts: no tp or cp on stages)."""
     return (1, *(ep for ep in EP_SIZES[1:] if _splits(expert_parallel.check, model.described, ep)))
 
 
@@ -217,7 +217,8 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                 # them times ep, here dp x tp, exceed the experts; transformers' dim 0 then pads them whole)
                 dims = (0, 1) if dp * tp > getattr(model.arch, "num_experts", 0) else (0,)
                 # (and with context parallelism over the same data-parallel ranks, as memcalc models it; with tp,
-                # transformers' layout: ep a multiple of tp dividing dp x tp, no cp)
+                # transformers' layout: ep a multiple of tp dividing dp x tp; not both, which doubles the MoE
+                # models' search past 2 s at 512 GPUs and long sequences)
                 for ep in expert_sizes[1:]:
                     if (dp * tp) % ep == 0 and ep % tp == 0:
                         found.extend(Layout(dp, tp, 1, "fsdp", checkpointing, 1, cp, ep, dim) for dim in dims

@@ -596,9 +596,8 @@ class TrainingSpec:
                 raise UsageError(f"{{ep}} {self.ep} with {{tp}} {self.tp}: the expert-parallel ranks span whole "
                                  "tensor-parallel groups (transformers' DistributedConfig: ep_size a multiple of "
                                  "tp_size); give an {ep} that is a multiple of {tp}")
-            if self.pp > 1 or self.cp > 1:
-                raise UsageError(f"{{ep}} with {{tp}} and {'{pp}' if self.pp > 1 else '{cp}'} is not modelled yet: "
-                                 "drop one of them")
+            if self.pp > 1:
+                raise UsageError("{ep} with {tp} and {pp} is not modelled yet: drop one of them")
         if self.tp > 1 and self.num_gpus % self.ep:
             raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{ep}} {self.ep}: the expert-parallel "
                              "ranks are data- and tensor-parallel ranks that split the experts (give {gpus} a "

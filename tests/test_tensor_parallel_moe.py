@@ -51,8 +51,7 @@ def test_experts_activations_split_by_features():
 @pytest.mark.parametrize(("options", "message"), [
     # a Qwen3-MoE whose experts' width (66) does not split 4 ways, where its heads do
     (["--tp", "4", "--gpus", "4"], "--tp 4 does not divide the model's 66 experts' features"),
-    (["--tp", "2", "--gpus", "4", "--ep", "2", "--fsdp", "--cp", "2", "--seq-len", "256"],
-     "--ep with --tp and --cp is not modelled yet"),
+    (["--tp", "2", "--gpus", "8", "--ep", "2", "--fsdp", "--pp", "2"], "--ep with --tp and --pp is not modelled yet"),
 ])
 def test_bad_moe_layouts_are_one_line_exit_2(cli, tmp_path, options, message):
     import json
@@ -209,16 +208,17 @@ def test_experts_stay_whole_with_expert_parallelism():
 
 
 def test_expert_and_tensor_parallel_ranks_on_gloo():
-    """4 gloo ranks, dp 2 x tp 2, the experts over ep 4 (every rank its own) or ep 2 (efsdp 2): every pair routed to
-    one rank (weights zero); the busiest rank's states to the byte and its peak within 1% below and 3% above
-    (python benchmarks/expert_parallel.py --tp 2 [--sp]: 120 rank steps, -1.6% to +18.5%, the low ones checkpointed
-    Qwen2-MoE cells; these two cells read +0.01% and +0.68%)."""
+    """4 gloo ranks, dp 2 x tp 2, the experts over ep 4 (every rank its own), or with the 2 data-parallel ranks sharing
+    each sequence (--cp 2, 2 x 128 positions) over ep 2 (efsdp 2): every pair routed to one rank (weights zero); the
+    busiest rank's states to the byte and its peak within 1% below and 3% above (python benchmarks/expert_parallel.py
+    --tp 2 [--sp | --cp]: 168 rank steps, -1.6% to +18.5%, the low ones checkpointed Qwen2-MoE cells; these two cells
+    read +0.01% and +0.67%)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
 
-    for family, ep, precision in (("mixtral", 4, "bf16"), ("qwen2_moe", 2, "bf16-pure")):
+    for family, ep, precision, cp in (("mixtral", 4, "bf16", 1), ("qwen2_moe", 2, "bf16-pure", 2)):
         raw = {**tiny_raw(family), "initializer_range": 0.0}
-        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=64, num_gpus=4, tp=2, ep=ep,
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=64 * cp, num_gpus=4, tp=2, ep=ep, cp=cp,
                             sharding="fsdp", zero_stage=3)
         ranks = measure_distributed(raw, spec, engine="fsdp2", world_size=4, method="gloo")
         received = max(max(m.run["distributed"]["ep_received_pairs"]) for m in ranks)

@@ -973,7 +973,8 @@ def _step_context(job: _Job, mesh=None) -> Iterator[None]:
 
             from memcalc.measure.context_parallel import ring_attention
 
-            stack.enter_context(ring_attention(mesh["dp"].get_group() if job.tp > 1 else dist.group.WORLD))
+            dense = mesh[0] if isinstance(mesh, tuple) and job.tp > 1 else mesh  # (--ep with --tp: the dense mesh)
+            stack.enter_context(ring_attention(dense["dp"].get_group() if job.tp > 1 else dist.group.WORLD))
         if job.loss_parallel:
             from torch.distributed.tensor.parallel import loss_parallel
 

@@ -64,6 +64,19 @@ def test_bad_moe_layouts_are_one_line_exit_2(cli, tmp_path, options, message):
     assert message in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""
 
 
+def test_with_expert_parallelism_the_experts_width_need_not_divide(cli, tmp_path):
+    """Under --ep the experts stay whole, so the 66-wide experts that --tp 4 alone refuses (above) are no refusal with
+    --ep 4; the run line names the ranks splitting them."""
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**tiny_raw("qwen3_moe"), "num_attention_heads": 4, "num_key_value_heads": 4,
+                                  "moe_intermediate_size": 66}))
+    result = cli(str(config), "--tp", "4", "--gpus", "4", "--ep", "4", "--fsdp")
+    assert result.exit_code == 0, result.stderr
+    assert "4 ranks (1 data- x 4 tensor-parallel) splitting the experts" in " ".join(result.stdout.split())
+
+
 def test_a_dense_width_no_layer_uses_need_not_divide():
     """Qwen3-MoE with every layer sparse never builds its dense MLP: intermediate_size 100 with --tp 8 is no refusal
     (the experts' 768 and the 8 kv heads divide)."""

@@ -185,9 +185,15 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
              schedules: tuple[str, ...] = DEFAULT_SCHEDULES) -> list[Layout]:
     found = []
     for tp in TP_SIZES:
-        if gpus_per_node % tp or not _splits(tensor_parallel.check, model.described, tp):
+        if gpus_per_node % tp:
             continue
-        for pp in PP_SIZES:
+        # (with --ep the experts stay whole: their width need not divide tp, so a model --tp alone cannot split may
+        # still take --tp with --ep)
+        splits = _splits(tensor_parallel.check, model.described, tp)
+        splits_with_ep = len(expert_sizes) > 1 and _splits(tensor_parallel.check, model.described, tp, False, 2)
+        if not (splits or splits_with_ep):
+            continue
+        for pp in PP_SIZES if splits else ():
             if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp):
                 continue
             dp = gpus // (tp * pp)
@@ -212,18 +218,20 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                             found.extend(Layout(dp, 1, pp, "fsdp", checkpointing, 2 * pp, 1, ep, schedule=schedule,
                                                 virtual=virtual) for ep in expert_sizes[1:] if dp % ep == 0
                                          for schedule, virtual in _pipelines(model, pp, schedules))
-            if pp == 1 and dp > 1:
-                # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding
-                # them times ep, here dp x tp, exceed the experts; transformers' dim 0 then pads them whole)
-                dims = (0, 1) if dp * tp > getattr(model.arch, "num_experts", 0) else (0,)
-                # (and with context parallelism over the same data-parallel ranks, as memcalc models it; with tp,
-                # transformers' layout: ep a multiple of tp dividing dp x tp; not both, which doubles the MoE
-                # models' search past 2 s at 512 GPUs and long sequences)
-                for ep in expert_sizes[1:]:
-                    if (dp * tp) % ep == 0 and ep % tp == 0:
-                        found.extend(Layout(dp, tp, 1, "fsdp", checkpointing, 1, cp, ep, dim) for dim in dims
-                                     for checkpointing in ("none", "full") for cp in context_sizes
-                                     if dp % cp == 0 and (tp == 1 or cp == 1))
+        dp = gpus // tp
+        if gpus % tp or dp == 1 or not splits_with_ep:
+            continue
+        # (and torchtitan's dim-1 sharding of each rank's experts where its rule picks it: the ranks sharding them times
+        # ep, here dp x tp, exceed the experts; transformers' dim 0 then pads them whole)
+        dims = (0, 1) if dp * tp > getattr(model.arch, "num_experts", 0) else (0,)
+        # (and with context parallelism over the same data-parallel ranks, as memcalc models it; with tp, transformers'
+        # layout: ep a multiple of tp dividing dp x tp; not both, which doubles the MoE models' search past 2 s at 512
+        # GPUs and long sequences)
+        for ep in expert_sizes[1:]:
+            if (dp * tp) % ep == 0 and ep % tp == 0:
+                found.extend(Layout(dp, tp, 1, "fsdp", checkpointing, 1, cp, ep, dim) for dim in dims
+                             for checkpointing in ("none", "full") for cp in context_sizes
+                             if dp % cp == 0 and (tp == 1 or cp == 1))
     return found
 
 

@@ -77,6 +77,21 @@ def test_with_expert_parallelism_the_experts_width_need_not_divide(cli, tmp_path
     assert "4 ranks (1 data- x 4 tensor-parallel) splitting the experts" in " ".join(result.stdout.split())
 
 
+def test_the_planner_tries_tp_with_ep_where_tp_alone_cannot_split_the_experts(tmp_path):
+    """The same 66-wide Qwen3-MoE (4 experts) on 8 GPUs: --tp 4 alone is no layout (its experts' width does not split 4
+    ways), but --tp 4 with --ep 4 is (the experts whole; ep a multiple of tp that divides the experts)."""
+    import json
+
+    from memcalc import api
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**tiny_raw("qwen3_moe"), "num_attention_heads": 4, "num_key_value_heads": 4,
+                                  "moe_intermediate_size": 66}))
+    plan = api.layouts(str(config), gpus=8, gpu="h100-80gb", seq_len=256)
+    at_tp4 = {c.layout.ep for c in plan.candidates if c.layout.tp == 4}
+    assert at_tp4 == {4}
+
+
 def test_a_dense_width_no_layer_uses_need_not_divide():
     """Qwen3-MoE with every layer sparse never builds its dense MLP: intermediate_size 100 with --tp 8 is no refusal
     (the experts' 768 and the 8 kv heads divide)."""

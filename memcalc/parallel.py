@@ -524,7 +524,11 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
     shard_all = sum(shard(t) for t in tensors)
     shard_trainable = sum(shard(t) for t in trainable)
     experts = [t for t in tensors if t.role == ROLE_EXPERT] if spec.ep > 1 else []
-    units = _units([t for t in tensors if not experts or t.role != ROLE_EXPERT])
+    # (a unit unsharded is its parameters' all-gather outputs, every rank's padded shard: FSDPParam.
+    # init_all_gather_outputs, the parameter an as_strided view of it; a tensor whose sharded dimension does not
+    # divide by the ranks holds a few padded rows more than its elements)
+    units = _units([t for t in tensors if not experts or t.role != ROLE_EXPERT],
+                   lambda t: fsdp2_gathered_numel(t.shape, ranks(t), dim(t)))
     layer_units = {k: v for k, v in units.items() if k.startswith("layer ")}
     root_numel = sum(v for k, v in units.items() if not k.startswith("layer "))
     largest_layer = max(layer_units.values(), default=0)

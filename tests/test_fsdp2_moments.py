@@ -66,3 +66,23 @@ def test_units_unsharded_are_their_padded_all_gather_outputs(precision, checkpoi
     # (the batch and rotary buffers, a few hundred bytes, are not terms)
     assert abs(estimate.peak_bytes - rank.measured_peak_bytes) < 0.0001 * rank.measured_peak_bytes
     assert estimate.peak_phase.value == rank.measured_peak_phase
+
+
+@pytest.mark.parametrize(("precision", "attention"), [("fp32", "eager"), ("bf16-pure", "eager"), ("fp32", "sdpa")])
+def test_eager_last_layer_holds_its_made_gradients(precision, attention):
+    """Without checkpointing, eager attention (or CUDA's math path, fp32 sdpa with grouped kv heads) peaks at the last
+    layer's softmax backward, where that layer's MLP and o_proj gradients made so far wait for its post-backward: a
+    small Llama on 2 ranks read 3.4% (fp32) and 2.3% (bf16-pure) low without them."""
+    pytest.importorskip("transformers")
+    from memcalc.measure import _as_config, cuda_semantics, estimate_for
+    from memcalc.measure.distributed import measure_distributed
+
+    config = {**ODD, "vocab_size": 1024}
+    spec = TrainingSpec(precision=precision, attention=attention, seq_len=256, micro_batch_size=2, num_gpus=2,
+                        zero_stage=3, sharding="fsdp")
+    estimate = estimate_for(_as_config(config), spec).per_gpu
+    with cuda_semantics.like_cuda():
+        rank = measure_distributed(config, spec, engine="fsdp2", world_size=2, method="fake", like_cuda=True,
+                                   attn_implementation=attention)[0]
+    assert abs(estimate.peak_bytes - rank.measured_peak_bytes) < 0.0001 * rank.measured_peak_bytes
+    assert estimate.peak_phase.value == rank.measured_peak_phase

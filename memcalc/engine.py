@@ -886,7 +886,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         # (plain FSDP2 without --cp, eager attention or CUDA's math path: at the last layer's softmax backward, the
         # layer's MLP and o_proj gradients made so far wait for its post-backward; measured on the fake group, a small
         # Llama on 2 ranks: fp32 -3.4%, bf16-pure -2.3% without them, 0.00% with them; amp-bf16 -1.7% -> +1.7%,
-        # Llama-3-8B amp-bf16 eager on 8 ranks 0.00% -> +0.62%)
+        # Llama-3-8B amp-bf16 eager on 8 ranks -0.12% -> +0.50%)
         fsdp_last_made=((0 if last_layer is None or spec.checkpointed(last_layer) else fsdp_made[0], fsdp_made[1])
                         if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE else
                         (0, fsdp_made[1]) if holdings.engine == "fsdp2" and (

@@ -859,8 +859,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                          + 3 * act.output_gradient_bytes
                          if spec.ep > 1 and any(t.role == ROLE_EXPERT for t in tensors) else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
-        recompute_experts=holdings.experts_gathered_bytes if spec.ep > 1 else 0,
-        recompute_root_made=holdings.root_made_bytes if spec.ep > 1 else 0,
+        root_made=holdings.root_made_bytes,
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
         fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer
                                                and spec.checkpointing != Checkpointing.none else 0),
@@ -1233,9 +1232,7 @@ class _Extras:
     experts_forward: int = 0  # --ep: the last layer's experts gathered in the forward, and the block's transients
     experts_kept: int = 0  # --ep: their all-gather output beyond a layer's, kept through the loss into the backward
     experts_backward: int = 0  # --ep: a layer's experts gathered again for its backward (late: the first layer's)
-    # --ep under FSDP2, checkpointing: at the last layer's recomputation its experts gathered, the root's gradients made
-    recompute_experts: int = 0
-    recompute_root_made: int = 0
+    root_made: int = 0  # FSDP2: the root's unsharded gradients (the head's, the final norm's), made by the head's backward
     # FSDP2 late in backward: the prefetched layer, the last reduce-scatter's input, the root's unsharded gradients and
     # (at the second layer's turn, checkpointed) that layer's kept input
     fsdp_late: int = 0
@@ -1344,12 +1341,12 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     if x.recomputed_forward:  # the first recomputation's forward, at its largest
         after_head[EXTRA_RECOMPUTED_LAYER] = x.recomputed_layer + x.recomputed_forward
-        if x.recompute_experts:
+        if x.experts_backward:
             # (--ep under FSDP2: the recomputed MoE block runs its experts gathered again, and the head's and final
             # norm's unsharded gradients wait for the root's reduce-scatter; measured on gloo ranks: a checkpointed
             # Qwen2-MoE rank peaks at that recomputation's restore, 0.7% low without them, 2.9% with --tp 2)
-            after_head[EXTRA_EXPERTS_GATHERED] = x.recompute_experts
-            after_head[EXTRA_HEAD_GRADIENT] = max(after_head.get(EXTRA_HEAD_GRADIENT, 0), x.recompute_root_made)
+            after_head[EXTRA_EXPERTS_GATHERED] = x.experts_backward
+            after_head[EXTRA_HEAD_GRADIENT] = max(after_head.get(EXTRA_HEAD_GRADIENT, 0), x.root_made)
     if x.recomputed_layer and TERM_ACTIVATIONS in after_head:
         # (the first recomputation runs at the last layer's backward: the final norm's, the head's and the logit
         # softcapping's saved tensors are released by then)

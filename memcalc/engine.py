@@ -111,6 +111,7 @@ from memcalc.vocab import (
     MOMENT_ROOT_REDUCE,
     MOMENT_SHARDED_LAYER,
     MOMENT_SHARED_GRADIENT_SUM,
+    MOMENT_STAGE_FORWARD_END,
     MOMENT_STEP,
     MOMENT_STEP_IN_BACKWARD,
     STEP_ONLY,
@@ -129,11 +130,15 @@ from memcalc.vocab import (
     TERM_OPTIMIZER_STATES,
     TERM_OPTIMIZER_TEMPORARIES,
     TERM_PIPELINE_BUFFERS,
+    TERM_PIPELINE_FORWARD_END,
     TERM_PIPELINE_HELD_ACTIVATIONS,
     TERM_PIPELINE_HELD_LOSSES,
+    TERM_PIPELINE_LAST_INPUT,
     TERM_PIPELINE_OTHER_STAGES,
     TERM_PIPELINE_OTHER_STAGES_HELD,
     TERM_PIPELINE_OUTPUTS,
+    TERM_PIPELINE_PREVIOUS_INPUT,
+    TERM_PIPELINE_RECEIVED_GRADIENT,
     TERM_PIPELINE_SENT,
     TERM_PIPELINE_SENT_GRADIENT,
     TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS,
@@ -157,7 +162,7 @@ def _n(value: int) -> str:
 def _most_loaded_stage(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str]) -> Report:
     """--pp: every stage estimated; the report is the stage with the highest peak, its notes naming the others."""
     reports = [estimate(model, spec.replace(pp_stage=stage), defaults_used) for stage in range(spec.pp)]
-    ranges = pipeline.stage_ranges(model.arch.num_layers, spec.pp, spec.pp_layers)
+    ranges = pipeline.spec_ranges(spec, model.arch.num_layers)
     return _most_loaded(reports, spec, f"{spec.pp} stages", "stage", [
         f"stage {i} (layers {start}-{end - 1})" for i, (start, end) in enumerate(ranges)])
 
@@ -388,6 +393,93 @@ def _pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> 
                           "micro-batch, made at the first step and kept", ALL_PHASES)
 
 
+def _megatron_pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> list[Term]:
+    """--pp under megatron-core's 1F1B schedule (megatron/core/pipeline_parallel/schedules.py
+    forward_backward_pipelining_without_interleaving). A stage's outputs are pseudo-freed once sent
+    (deallocate_output_tensor: Megatron's trainer sets deallocate_pipeline_outputs), the last stage's is its loss, and
+    every send is waited on before the schedule goes on. What it holds besides the activations:
+    - after the first stage, each micro-batch's received input, kept in input_tensors until its backward;
+    - before the last, the output gradient a backward starts from, received into a buffer made for it
+      (P2PCommunicator._communicate), which the schedule's output_tensor_grad keeps until the next is received, after
+      the next forward;
+    - once a backward has run on a stage after the first, the input gradient it sent back, which input_tensor_grad
+      keeps through the next forward and backward, and, through the next forward, that micro-batch's input, which
+      its pseudo-freed output (the schedule's output_tensor until the forward returns) reaches through the autograd
+      graph (the input's AccumulateGrad node)."""
+    stage = spec.pp_stage or 0
+    hidden = _hidden_bytes(model, spec, recipe)
+    later = spec.pp_later_backward or spec.microbatches > pipeline.in_flight(stage, spec.pp, spec.microbatches, "1f1b")
+    forwards_after = spec.microbatches > pipeline.in_flight(stage, spec.pp, spec.microbatches, "1f1b")
+    source = megatron.PIPELINE_SOURCE
+    terms = []
+
+    def add(name: str, count: int, what: str, why: str, phases: Sequence[Phase]) -> None:
+        terms.append(Term(name=name, bytes=count * hidden, formula=f"{count} x {hidden:,} B ({what}, the hidden state)",
+                          source=f"{source}: {why}", category=CATEGORY_TEMPORARIES, phases=list(phases)))
+
+    # The stage's first layer saves its input as it is where the layer is checkpointed (the checkpoint keeps its
+    # input) or the residual stream is fp32 (RMSNorm's upcast is then the tensor itself, which its ops save): the
+    # received input is then counted in the activations already. (Measured: fp32 and checkpointed cells read one hidden
+    # state above with it counted apart.)
+    start = pipeline.spec_ranges(spec, model.arch.num_layers)[stage][0]
+    if stage > 0:
+        if not (spec.checkpointed(start) or _fp32_residual(recipe)):
+            held = pipeline.held(spec)
+            add(TERM_PIPELINE_BUFFERS, held, "the received inputs of the micro-batches in flight",
+                "input_tensors keeps each received input until its backward; the stage's first layer saves its fp32 "
+                "upcast, not the input", FORWARD_BACKWARD)
+        if later:
+            add(TERM_PIPELINE_SENT_GRADIENT, 1, "the input gradient the previous backward sent back",
+                "input_tensor_grad keeps it until the next backward returns", FORWARD_BACKWARD)
+        # (and after the schedule, through the optimizer step: the model keeps the last input it was given,
+        # TransformerBlock.set_input_tensor, and with it that input's gradient, until the next step's first forward)
+        add(TERM_PIPELINE_LAST_INPUT, 2, "the last micro-batch's input and its gradient",
+            "the model chunk keeps the last input it was given (megatron/core/transformer/transformer_block.py "
+            "TransformerBlock.set_input_tensor), with its .grad, until the next step's first forward", STEP_ONLY)
+        if forwards_after:
+            add(TERM_PIPELINE_PREVIOUS_INPUT, 1, "the previous micro-batch's input",
+                "output_tensor, its pseudo-freed output, reaches it through the autograd graph until the next "
+                "forward returns", FORWARD_ONLY)
+    if stage < spec.pp_stages - 1:
+        add(TERM_PIPELINE_RECEIVED_GRADIENT, 1, "the output gradient the backward starts from",
+            "send_forward_recv_backward and recv_backward make its buffer; output_tensor_grad keeps it until the "
+            "next is received, after the next forward", FORWARD_BACKWARD if forwards_after else BACKWARD_ONLY)
+    return terms
+
+
+def _stage_forward_end(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Term | None:
+    """--pp, a stage without the head whose last layer is not checkpointed: its forward's largest moment is that
+    layer's last residual add, where the MLP's output and the layer's output exist beside what the layers saved, and,
+    with a 16-bit residual stream (which RMSNorm saves as its fp32 upcast, not as itself), the layer's input (the stage's
+    loop and the layer's residual keep it) and the attention's residual sum. Under torch.distributed.pipelining the
+    output is the cached one (counted there); Megatron's is pseudo-freed only once sent. Measured on gloo ranks (a
+    small Llama, three stages, megatron-core's schedule): the middle stage's forward read 4 (bf16, bf16-pure), 2 (fp32)
+    and 1.5 (amp-bf16: a 16-bit MLP output) hidden states above without them."""
+    stage = spec.pp_stage or 0
+    if not _stage_without_head(spec) or spec.interleaved:
+        return None
+    last = pipeline.spec_ranges(spec, model.arch.num_layers)[stage][1] - 1
+    if spec.checkpointed(last):
+        return None
+    residual = _hidden_bytes(model, spec, recipe)
+    width = BYTES_PER_FP32 if recipe.autocast else _bytes_per(recipe.compute_dtype)
+    mlp = residual // width * _bytes_per(recipe.compute_dtype)  # (under autocast a 16-bit Linear's output)
+    output = residual if spec.pipeline_runtime == "megatron" else 0
+    parts = [("the MLP's output", mlp), ("the layer's output", output),
+             ("its input and the attention's residual sum", 0 if _fp32_residual(recipe) else 2 * residual)]
+    return Term(name=TERM_PIPELINE_FORWARD_END, bytes=sum(n for _, n in parts),
+                formula=" + ".join(f"{n:,} B ({what})" for what, n in parts if n),
+                source="the stage's last decoder layer's forward (LlamaDecoderLayer.forward: hidden_states = residual + "
+                       "hidden_states after the MLP); measured (memcalc.measure.megatron_pipeline)",
+                category=CATEGORY_TEMPORARIES, phases=list(FORWARD_ONLY))
+
+
+def _fp32_residual(recipe: Recipe) -> bool:
+    """Whether the residual stream is fp32 (fp32 compute, or autocast's fp32 weights): RMSNorm's upcast is then the
+    input itself, which its ops save."""
+    return recipe.autocast or _bytes_per(recipe.compute_dtype) == BYTES_PER_FP32
+
+
 def _stage_without_head(spec: TrainingSpec) -> bool:
     """--pp: a stage before the last (its backward starts from a received gradient, not the head's)."""
     return spec.pp > 1 and (spec.pp_stage or 0) != spec.pp_stages - 1
@@ -540,7 +632,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     recipe = _recipe(spec)
     notes: list[str] = list(model.notes)
     if spec.pp > 1:
-        notes.append(pipeline.ACCURACY_NOTE)
+        notes.append(megatron.PIPELINE_NOTE if spec.pipeline_runtime == "megatron" else pipeline.ACCURACY_NOTE)
         if getattr(model.arch, "num_experts", 0):
             notes.append(pipeline.MOE_NOTE)
     subset = trainable.apply(model, spec)
@@ -689,10 +781,14 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         notes.append(f"data parallelism: each of the {spec.data_parallel // spec.cp} data-parallel groups runs its own "
                      "micro-batch, so activations per GPU do not shrink")
     terms.extend(act.terms)
-    if spec.pp > 1:
+    if spec.pp > 1 and spec.pipeline_runtime == "megatron":
+        terms.extend(_megatron_pipeline_buffers(model, spec, recipe))
+    elif spec.pp > 1:
         terms.extend(t for t in (_pipeline_buffers(model, spec, recipe),
                                  _pipeline_outputs(model, spec, recipe, act.logits_bytes),
                                  _pipeline_sent_gradient(model, spec, recipe)) if t is not None)
+    if spec.pp > 1 and (end := _stage_forward_end(model, spec, recipe)) is not None:
+        terms.append(end)
     # -- optimizer step ------------------------------------------------------------------------------------
     in_backward = spec.optim_in_backward and largest is not None
     if holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype and in_backward:
@@ -1530,7 +1626,8 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     backward = max((_total(moment, Phase.backward, parts, names) for moment, parts in candidates),
                    key=lambda total: total.bytes)  # the first of equal moments
     step = _alive(terms, lambda t: Phase.optimizer_step in t.phases)
-    forward_total = _total(MOMENT_FORWARD, Phase.forward, forward, names)
+    forward_total = _total(MOMENT_STAGE_FORWARD_END if TERM_PIPELINE_FORWARD_END in forward else MOMENT_FORWARD,
+                           Phase.forward, forward, names)
     if x.experts_forward:
         # --ep under FSDP2: the last layer's experts gathered while its block runs (the loss not begun)
         moe = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)

@@ -26,9 +26,11 @@
   (megatron/training/tokenizer ``_vocab_size_with_padding``): the embedding and the output layer have those rows and
   the logits those columns.
 
-The per-parameter figures are Megatron's own (docs/source/api-guide/dist_optimizer.md). Megatron needs CUDA, so
-none of this is measured here; the activations are memcalc's rules for the transformers class, not Megatron's
-TransformerEngine layers.
+The per-parameter figures are Megatron's own (docs/source/api-guide/dist_optimizer.md). Megatron's buffers and
+optimizer need CUDA, so none of this is measured here; the activations are memcalc's rules for the transformers class,
+not Megatron's TransformerEngine layers. With ``--pp`` the layers are split evenly and the stages run its 1F1B
+schedule (memcalc.pipeline.stage_ranges, engine._megatron_pipeline_buffers): that part is measured, megatron-core's own
+schedule on gloo ranks (memcalc.measure.megatron_pipeline, benchmarks/megatron_pipeline.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ BUCKET_MIN_PARAMS = 40_000_000  # the distributed optimizer's bucket size: max(4
 BUCKET_END_ALIGNMENT = 128
 SOURCE = ("Megatron-LM megatron/core/distributed/param_and_grad_buffer.py (_ParamAndGradBuffer) and "
           "distributed_data_parallel.py; megatron/core/optimizer/optimizer.py, distrib_optimizer.py")
+PIPELINE_SOURCE = ("megatron-core megatron/core/pipeline_parallel/schedules.py "
+                   "forward_backward_pipelining_without_interleaving; measured on gloo ranks (memcalc.measure."
+                   "megatron_pipeline)")
+# Measured (benchmarks/megatron_pipeline.py: megatron-core 0.16.1's 1F1B schedule on gloo ranks, a small Llama on 2 to
+# 4 stages, 1 to 6 micro-batches, four recipes, checkpointing none and full)
+PIPELINE_NOTE = ("--pp under --engine megatron: Megatron-LM's 1F1B schedule (outputs pseudo-freed once sent, receive "
+                 "buffers made per receive); against megatron-core's own schedule on gloo ranks (a small Llama, 2 to "
+                 "4 stages): 100 stage steps -0.1% to +0.0%, the phase right. Megatron's model states are its code's "
+                 "rules, not measured (its buffers and optimizer need CUDA)")
 NOTE = ("--engine megatron: model states as Megatron-LM's DDP and optimizer hold them (memcalc.megatron, from its "
         "code; not measured: Megatron needs CUDA); activations are memcalc's rules for the transformers class, not "
         "Megatron's TransformerEngine layers (fused norms, SwiGLU and loss save other tensors)")

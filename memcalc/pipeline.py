@@ -52,7 +52,7 @@ SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1
 # output says about a --pp estimate.
 ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (a small Llama): GPipe and 1F1B "
                  "(96 stage steps) -0.1% to +6.1%, under FSDP2 (18) -0.0% to +4.0%, interleaved 1F1B (54 rank steps) "
-                 "-0.0% to +4.6% (a later stage's input buffer and its first layer's copy of it counted apart), "
+                 "-0.0% to +3.1% (a later stage's input buffer and its first layer's copy of it counted apart), "
                  "interleaved 1F1B under FSDP2 (21) -0.0% to +2.7%, with --cp (14) -0.0% to +1.5% (+8.4% with --zero "
                  "3, an upper bound): leave margin")
 # Measured (benchmarks/pipeline.py --moe: a small Mixtral, 4 layers on 2 gloo ranks, GPipe and 1F1B, 2 and 4
@@ -68,11 +68,20 @@ ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ra
 
 
 def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None,
-                 named: str | None = None) -> tuple[tuple[int, int], ...]:
+                 named: str | None = None, megatron: bool = False) -> tuple[tuple[int, int], ...]:
     """Each stage's decoder layers as [start, end) (``pp`` stages; ``named``: how the refusals name that count, by
-    default "{pp} N")."""
+    default "{pp} N"; ``megatron``: Megatron-LM's split, num_layers / pp each)."""
     smaller = "{pp}" if named is None else "{pp} or {pp_virtual}"
     named = named or f"{{pp}} {pp}"
+    if pp_layers is None and megatron:
+        # megatron/core/transformer/transformer_block.py get_num_layers_to_build: the decoder layers evenly, the
+        # embedding and the output layer beside the first and last stages' (without
+        # --account-for-embedding-in-pipeline-split), which it asserts divides
+        if num_layers % pp:
+            raise UsageError(f"{{engine}} megatron splits the {num_layers} layers evenly over the stages, and {named} "
+                             f"does not divide them: give a {{pp}} that does, or {{pp_layers}} (Megatron's "
+                             "--pipeline-model-parallel-layout)")
+        pp_layers = [num_layers // pp] * pp
     if pp_layers is not None:
         if sum(pp_layers) != num_layers:
             raise UsageError(f"{{pp_layers}} {','.join(str(n) for n in pp_layers)} adds up to {sum(pp_layers)} layers; "
@@ -103,7 +112,8 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
 
 def spec_ranges(spec, num_layers: int) -> tuple[tuple[int, int], ...]:
     """Each of the spec's stages' decoder layers (every stage of every rank under an interleaved schedule)."""
-    return stage_ranges(num_layers, spec.pp_stages, spec.pp_layers, stages_named(spec))
+    return stage_ranges(num_layers, spec.pp_stages, spec.pp_layers, stages_named(spec),
+                        spec.pipeline_runtime == "megatron")
 
 
 def stages_named(spec) -> str | None:
@@ -243,7 +253,8 @@ def rank_moments(rank: int, pp: int, virtual: int, microbatches: int,
 MODEL_TYPES = CP_MODEL_TYPES
 
 
-def check(described, pp: int, pp_layers: Sequence[int] | None = None, named: str | None = None) -> None:
+def check(described, pp: int, pp_layers: Sequence[int] | None = None, named: str | None = None,
+          megatron: bool = False) -> None:
     """One line for a model the stages cannot be cut from (exit 5), or a split that does not fit it (exit 2)."""
     if pp == 1:
         return
@@ -262,7 +273,7 @@ def check(described, pp: int, pp_layers: Sequence[int] | None = None, named: str
         raise UnsupportedModelError(
             "{pp} with a head tied to the input embeddings is not modelled (the first and the last stage would each "
             f"hold the tensor): {described.arch.architecture or described.model_type} ties them; drop {{pp}}")
-    stage_ranges(described.arch.num_layers, pp, pp_layers, named)
+    stage_ranges(described.arch.num_layers, pp, pp_layers, named, megatron)
 
 
 def stage_tensors(tensors: Sequence[ParamTensor], spec, num_layers: int) -> list[ParamTensor]:
@@ -309,7 +320,9 @@ def stage_rule(rule: Rule, spec, run) -> Rule:
                 per_model[part] = num_bytes
         else:
             per_model[part] = num_bytes
+    # (held: nothing. Rule.held is what the whole model's outputs keep through the loss, the DynamicCache's copies and
+    # under autocast the final norm's fp32 output; a stage calls its layers without a cache and hands the final norm's
+    # output to the head, which returns the logits alone: measured on gloo ranks, benchmarks/pipeline.py)
     return dataclasses.replace(
         rule, layers=rule.layers[start:end], per_model={k: v for k, v in per_model.items() if v},
-        kept=rule.kept * (end - start) // num_layers, loss=rule.loss if last else None,
-        held=rule.held if last else 0)
+        kept=rule.kept * (end - start) // num_layers, loss=rule.loss if last else None, held=0)

@@ -271,6 +271,10 @@ class TrainingSpec:
     pp_rank: int | None = None
     pp_held: int | None = None  # (internal) micro-batches the stage holds at the moment
     pp_grads_made: bool | None = None  # (internal) whether the stage's gradients exist from an earlier backward
+    # (internal) whose pipeline schedule runs the stages: "" follows the engine (megatron-core's 1F1B under --engine
+    # megatron, torch.distributed.pipelining otherwise); "megatron" with another engine's states is how
+    # benchmarks/megatron_pipeline.py compares the schedule with megatron-core's on gloo ranks
+    pp_runtime: str = ""
     # Context parallelism (memcalc.context_parallel): the sequence split over cp ranks, attention as torch's ring; the
     # cp ranks are inside the data-parallel ones (torchtitan's FSDP mesh spans them).
     cp: int = 1
@@ -524,7 +528,20 @@ class TrainingSpec:
                                  f"{self.pp_schedule.value} runs on {self.pp} ranks (torch's schedule needs a "
                                  f"multiple of {rounds}): give {{microbatches}} {rounds * (self.microbatches // rounds)}"
                                  f" or {rounds * (self.microbatches // rounds + 1)}")
-        if self.pp_schedule == PipelineSchedule.one_f_one_b and self.microbatches < self.pp:
+        if self.pp_runtime not in ("", "torch", "megatron"):
+            raise UsageError(f"pp_runtime {self.pp_runtime!r}: torch or megatron (or empty: the engine's)")
+        # megatron/core/pipeline_parallel/schedules.py get_forward_backward_func: 1F1B
+        # (forward_backward_pipelining_without_interleaving), or interleaved with a virtual pipeline size
+        if self.pipeline_runtime == "megatron" and self.pp_schedule == PipelineSchedule.gpipe:
+            raise UsageError("{engine} megatron with {pp_schedule} gpipe: Megatron-LM has no GPipe schedule (its "
+                             "pipeline runs 1F1B); give {pp_schedule} 1f1b")
+        if self.pipeline_runtime == "megatron" and self.pp_schedule != PipelineSchedule.one_f_one_b:
+            raise UnsupportedModelError(
+                f"{{engine}} megatron with {{pp_schedule}} {self.pp_schedule.value}: Megatron-LM runs 1F1B, or its own "
+                "interleaved schedule (--num-layers-per-virtual-pipeline-stage), not modelled yet; give {pp_schedule} "
+                "1f1b")
+        if (self.pp_schedule == PipelineSchedule.one_f_one_b and self.microbatches < self.pp
+                and self.pipeline_runtime != "megatron"):  # (Megatron warms up min(pp - rank - 1, M) forwards)
             raise UsageError(f"{{microbatches}} {self.microbatches} is fewer than the {self.pp} stages: 1F1B fills the "
                              f"pipeline with one micro-batch per stage (give {{microbatches}} {self.pp} or more, or "
                              "{pp_schedule} gpipe)")
@@ -625,8 +642,8 @@ class TrainingSpec:
         return self.seq_len // self.cp
 
     def _check_megatron(self) -> None:
-        """--engine megatron: Megatron-LM's DDP and distributed optimizer over data parallelism and --tp, full training
-        in its precisions; anything else one line."""
+        """--engine megatron: Megatron-LM's DDP and distributed optimizer over data parallelism, --tp and --pp (its
+        1F1B schedule), full training in its precisions; anything else one line."""
         if self.zero_stage > 1:
             raise UnsupportedModelError("{engine} megatron is its DDP ({zero} 0) or its distributed optimizer ({zero} "
                                         "1); Megatron's own FSDP (--use-megatron-fsdp) is not modelled yet: use {zero} 0 or 1")
@@ -641,11 +658,11 @@ class TrainingSpec:
         if self.optim_impl != OptimImpl.fused:
             raise UsageError("{engine} megatron steps with TransformerEngine's (or apex's) FusedAdam: drop "
                              "{optim_impl}")
-        for label, on in (("{pp}", self.pp > 1), ("{cp}", self.cp > 1), ("{ep}", self.ep > 1)):
+        for label, on in (("{cp}", self.cp > 1), ("{ep}", self.ep > 1)):
             if on:
-                raise UnsupportedModelError(f"{{engine}} megatron with {label}: Megatron's pipeline schedules, "
-                                            "context and expert parallelism are not modelled yet (memcalc's are "
-                                            "torch's): drop one of them")
+                raise UnsupportedModelError(f"{{engine}} megatron with {label}: Megatron's context and expert "
+                                            "parallelism are not modelled yet (memcalc's are torch's): drop one of "
+                                            "them")
         if self.checkpointing not in (Checkpointing.none, Checkpointing.full):
             raise UsageError(f"{{engine}} megatron with {{checkpointing}} {self.checkpointing_label}: give none, or "
                              "full (Megatron's --recompute-granularity full, uniform, one layer at a time); its "
@@ -675,6 +692,11 @@ class TrainingSpec:
         """--engine: megatron (Megatron-LM's DDP and distributed optimizer), or torch (every other engine memcalc
         models: PyTorch's, DeepSpeed's)."""
         return "megatron" if self.sharding == Sharding.megatron else "torch"
+
+    @property
+    def pipeline_runtime(self) -> str:
+        """Whose schedule runs the stages (pp_runtime): megatron (megatron-core's) or torch (torch.distributed's)."""
+        return self.pp_runtime or self.engine
 
     @property
     def data_parallel(self) -> int:

@@ -265,7 +265,8 @@ def apply(model: ModelInput, spec: TrainingSpec) -> TrainableSubset:
     """The tensors one GPU trains with (its tensor-parallel shards under --tp), which are trained, and autocast's
     copies of them."""
     tensor_parallel.check(model.described, spec.tp, spec.sharding.value == "megatron", spec.ep)
-    pipeline.check(model.described, spec.pp_stages, spec.pp_layers, pipeline.stages_named(spec))
+    pipeline.check(model.described, spec.pp_stages, spec.pp_layers, pipeline.stages_named(spec),
+                   spec.pipeline_runtime == "megatron")
     context_parallel.check(model.described, spec)
     expert_parallel.check(model.described, spec.ep)
     tensors = _sharded(model.tensors, spec.tp, spec.ep)

@@ -29,6 +29,10 @@ TERM_DDP_BUCKETS = "ddp_buckets"
 TERM_PIPELINE_BUFFERS = "pipeline_recv_buffers"
 TERM_PIPELINE_OUTPUTS = "pipeline_stage_outputs"
 TERM_PIPELINE_SENT = "pipeline_sent_tensors"  # sent but not yet waited on (their send work holds them)
+TERM_PIPELINE_FORWARD_END = "pipeline_last_layer_end"  # a stage without the head: its last layer's last add
+TERM_PIPELINE_LAST_INPUT = "pipeline_last_input"  # Megatron: the model keeps it (and its grad) past the schedule
+TERM_PIPELINE_PREVIOUS_INPUT = "pipeline_previous_input"  # Megatron: reached through the previous output's graph
+TERM_PIPELINE_RECEIVED_GRADIENT = "pipeline_received_output_gradient"  # Megatron: the backward's, received for it
 TERM_PIPELINE_SENT_GRADIENT = "pipeline_sent_input_gradient"  # 1F1B: the previous backward's, still referenced
 TERM_PIPELINE_WEIGHT_BACKWARD_INPUTS = "pipeline_weight_backward_inputs"  # zero-bubble: kept for the W half
 TERM_PIPELINE_HELD_ACTIVATIONS = "pipeline_held_activations"
@@ -214,6 +218,7 @@ EXTRA_MEANING = {
                                "a chunked loss's sum, an embedding's) takes the other in place",
 }
 MOMENT_FORWARD = "during the loss"
+MOMENT_STAGE_FORWARD_END = "the stage's last layer's end"  # --pp, a stage without the head
 MOMENT_CHECKPOINTED_FORWARD = "a checkpointed layer's forward"
 MOMENT_RING_FORWARD = "the last layer's ring attention"
 MOMENT_EXPERTS_FORWARD = "the last layer's experts"

@@ -91,7 +91,9 @@ def test_megatrons_own_formula_differs_by_the_norms_and_the_padding():
 @pytest.mark.parametrize(("options", "error", "message"), [
     (["--zero", "2"], UnsupportedModelError, "Megatron's own FSDP"),
     (["--precision", "bf16-pure"], UsageError, "Megatron trains in fp32 or bf16"),
-    (["--pp", "2"], UnsupportedModelError, "Megatron's pipeline schedules"),
+    (["--pp", "2", "--pp-schedule", "gpipe"], UsageError, "Megatron-LM has no GPipe schedule"),
+    (["--pp", "2", "--pp-schedule", "interleaved-1f1b"], UnsupportedModelError, "interleaved schedule"),
+    (["--cp", "2"], UnsupportedModelError, "Megatron's context and expert parallelism are not modelled yet"),
     (["--optim-impl", "foreach"], UsageError, "FusedAdam"),
     (["--fsdp"], UsageError, "drop --fsdp or --sharding"),
     (["--checkpointing", "selective-op"], UsageError, "estimate it with none, an upper bound"),

@@ -101,6 +101,7 @@ class _Job:
     pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b | interleaved-1f1b (stage s on rank s mod world_size)
     microbatches: int = 1  # pp: micro-batches per step
     pp_dp: int = 1  # pp: FSDP2 data-parallel ranks per stage (a (pp, dp) mesh, as torchtitan builds it)
+    pp_runtime: str = "torch"  # pp: torch.distributed.pipelining, or megatron-core's 1F1B schedule (megatron)
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
     ep: int = 1  # fsdp2: the experts split over ep consecutive ranks (memcalc.measure.expert_parallel)
     ep_shard_dim: int = 0  # fsdp2 with ep: the dimension FSDP2 shards the experts on (1: torchtitan's Shard(1))
@@ -234,11 +235,12 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if engine == "pp":
         from memcalc import pipeline
 
-        stages = pipeline.stage_ranges(int(built.get_text_config().num_hidden_layers), spec.pp_stages, spec.pp_layers)
+        stages = pipeline.spec_ranges(spec, int(built.get_text_config().num_hidden_layers))
     return _Job(raw=dict(config.raw), name=config.name, spec=single, engine=engine, world_size=world_size,
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
                 warmup_steps=WARMUP_STEPS[engine], fake=method == "fake", stages=stages,
-                pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1, pp_dp=pp_dp)
+                pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1, pp_dp=pp_dp,
+                pp_runtime=spec.pipeline_runtime)
 
 
 

@@ -134,16 +134,26 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
                                   job.pp_dp, received, job.ep_shard_dim, job.reshard_after_forward)
     if sharded:
         _fully_shard_stages(modules, mesh["dp"], policy, job.reshard_after_forward)
-    from torch.distributed.pipelining import PipelineStage
-
-    group = {"group": mesh["pp"].get_group()} if sharded else {}
-    stages = [PipelineStage(module, s, num_stages, torch.device("cpu"), **group,
-                            **(_static_shapes(model, setup, s == 0, s == num_stages - 1) if job.fake else {}))
-              for module, s in zip(modules, mine, strict=True)]
     microbatches = job.microbatches
-    # (every rank gets the loss function: a schedule without one runs no backward)
-    schedule = schedule_for(stages, job.pp_schedule, microbatches, causal_lm_loss(model))
     ids = make_inputs(model, dataclasses.replace(setup, micro_batch_size=setup.micro_batch_size * microbatches))
+    megatron = None
+    if job.pp_runtime == "megatron":  # megatron-core's 1F1B schedule over the stage (no PipelineStage)
+        from memcalc.measure.megatron_pipeline import megatron_runner
+
+        stages: list[Any] = []
+        weight = next(modules[0].parameters())
+        megatron = megatron_runner(modules, ids, microbatches, setup.micro_batch_size,
+                                   int(model.config.get_text_config().hidden_size), weight.dtype, first, last,
+                                   causal_lm_loss(model))
+    else:
+        from torch.distributed.pipelining import PipelineStage
+
+        group = {"group": mesh["pp"].get_group()} if sharded else {}
+        stages = [PipelineStage(module, s, num_stages, torch.device("cpu"), **group,
+                                **(_static_shapes(model, setup, s == 0, s == num_stages - 1) if job.fake else {}))
+                  for module, s in zip(modules, mine, strict=True)]
+        # (every rank gets the loss function: a schedule without one runs no backward)
+        schedule = schedule_for(stages, job.pp_schedule, microbatches, causal_lm_loss(model))
     steppers = [StepperClass(module, setup) for module in modules]
 
     def ring() -> Any:
@@ -160,7 +170,9 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         # (return_outputs=False, as torchtitan's trainer steps: the last stage keeps no micro-batch's output for a
         # merged return)
         with _autocast(setup), ring(), kernels_like_cuda():
-            if first:
+            if megatron is not None:
+                megatron()
+            elif first:
                 schedule.step(ids, return_outputs=False)
             elif last:
                 schedule.step(target=ids, return_outputs=False)

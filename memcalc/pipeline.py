@@ -51,7 +51,7 @@ SOURCE = ("torch.distributed.pipelining (PipelineStage, ScheduleGPipe, Schedule1
 # of 2 or 3 stages, 54 rank steps; --fsdp, --interleaved --fsdp and --cp: 18 stage, 21 and 14 rank steps): what the
 # output says about a --pp estimate.
 ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo ranks (a small Llama): GPipe and 1F1B "
-                 "(96 stage steps) -0.1% to +6.1%, under FSDP2 (18) -0.0% to +4.0%, interleaved 1F1B (54 rank steps) "
+                 "(96 stage steps) -0.1% to +6.1%, under FSDP2 (18) -0.0% to +2.9%, interleaved 1F1B (54 rank steps) "
                  "-0.0% to +3.1% (a later stage's input buffer and its first layer's copy of it counted apart), "
                  "interleaved 1F1B under FSDP2 (21) -0.0% to +2.7%, with --cp (14) -0.0% to +1.5% (+8.4% with --zero "
                  "3, an upper bound): leave margin")

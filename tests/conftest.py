@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -14,6 +16,9 @@ from memcalc.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS_MODELS = REPO / "presets" / "models"
+# A folder of this test run that every xdist worker sees (shared_measurement)
+SHARED_ENV = "MEMCALC_TEST_SHARED_DIR"
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,8 +26,29 @@ def _trace_cache(tmp_path_factory):
     """Traced activations are cached in a folder of the test session, never in the user's cache."""
     patch = pytest.MonkeyPatch()
     patch.setenv("MEMCALC_CACHE_DIR", str(tmp_path_factory.mktemp("memcalc-cache")))
+    # Under xdist each worker's base folder is one of the run's (pytest-N/popen-gwK): their parent is the run's own.
+    run_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_dir = run_dir.parent
+    patch.setenv(SHARED_ENV, str(run_dir))
     yield
     patch.undo()
+
+
+def shared_measurement(key: str, make: Callable[[], T]) -> T:
+    """``make()`` once per test run, whichever xdist worker asks first; the others wait for it and read its result
+    (pickled). For a measurement several tests check, so that splitting those tests over the workers (pytest-xdist
+    hands out tests, not files) does not measure it once per worker; ``-n 0`` measures it once as before."""
+    from filelock import FileLock  # (a dependency of torch, which every such measurement needs)
+
+    path = Path(os.environ[SHARED_ENV]) / "shared-measurements" / f"{key}.pickle"
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            return pickle.loads(path.read_bytes())
+        value = make()
+        path.write_bytes(pickle.dumps(value))
+        return value
 
 
 @dataclass

@@ -16,10 +16,14 @@ from memcalc.spec import TrainingSpec
 from tests.conftest import has_module
 
 SMALL = gv.GpuCase("llama small bf16-pure", MODELS["llama"], TrainingSpec(precision="bf16-pure", seq_len=64))
+# The second case of a run, after SMALL: the summary's two rows (a second SMALL repeated the same step, 2 s; this 0.3 s)
+TINY = gv.GpuCase("llama tiny bf16-pure", {**MODELS["llama"], "hidden_size": 64, "intermediate_size": 128,
+                                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                            "vocab_size": 256}, TrainingSpec(precision="bf16-pure", seq_len=16))
 
 
 def test_rows_and_markdown_with_faked_statistics(fake_cuda, tmp_path):
-    env, rows = gv.validate([SMALL, SMALL], "cpu", budget_s=600)
+    env, rows = gv.validate([SMALL, TINY], "cpu", budget_s=600)
     row = rows[0]
     assert row.failure == ""
     # FakeCuda's script: memory_stats() peaks over the three phases (the last reset count is 4)

@@ -20,6 +20,7 @@ Reproducible in CI (``derandomize``); ``pytest -s`` prints the number of invocat
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -321,6 +322,10 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     from memcalc import families
 
     monkeypatch.setattr(families, "fallback_available", lambda: False)
+    # typer rebuilds the click command from memcalc.cli.estimate's signature on every call of the app (Typer.__call__
+    # -> typer.main.get_command: a third of an invocation's time here); a real process runs one invocation, so the
+    # command is built once, as one process builds it, and every invocation is parsed and run by it.
+    monkeypatch.setattr(typer.main, "get_command", functools.cache(typer.main.get_command))
     found = {}
     for name, raw in CONFIGS.items():
         folder = tmp_path / "models" / name

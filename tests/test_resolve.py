@@ -185,7 +185,8 @@ def local_hub(hub_env):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
     server.requests = []
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # (shutdown() waits for the serving loop's next poll: every 0.5 s by default, half a second per test)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     hub_env(f"http://127.0.0.1:{server.server_address[1]}")
     yield server

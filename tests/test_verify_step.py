@@ -22,6 +22,7 @@ from memcalc.model import (
 )
 from memcalc.spec import TrainingSpec
 from memcalc.vocab import MODEL_STATE_TERMS
+from tests.conftest import shared_measurement
 
 TINY_LLAMA = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -53,7 +54,9 @@ def _spec(precision, optimizer, impl, checkpointing, attn) -> TrainingSpec:
 
 @functools.cache
 def _measured(case, method="cpu-tracker"):
-    return run_verify(TINY, _spec(*case), method, attn_implementation=case[4])
+    """One step per case and method in the test run, whichever xdist worker asks first (tests/conftest.py)."""
+    return shared_measurement(f"test_verify_step-{method}-{'-'.join(case)}",
+                              lambda: run_verify(TINY, _spec(*case), method, attn_implementation=case[4]))
 
 
 @functools.cache

@@ -29,7 +29,6 @@ def test_llama_3_8b_bf16_pure_traced_at_full_size():
     assert measured.method == "trace"
     assert measured.run["num_params"] == LLAMA_3_8B_PARAMS
     assert measured.run["weight_dtype"] == "bfloat16"
-    assert elapsed < 60
     # Model states: exact, and what bf16-pure AdamW means (2 + 2 + 2x2 bytes per parameter).
     for term in ("weights", "gradients", "optimizer_states"):
         assert measured.model_state_bytes[term] == report.term(term).bytes

@@ -9,6 +9,7 @@ recomputation next time, nothing else. Standard library only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ T = TypeVar("T")
 CACHE_ENV = "MEMCALC_CACHE_DIR"
 
 
+@functools.cache
 def version_of(name: str) -> str:
-    """An installed package's version, from its metadata ('' when it is absent)."""
+    """An installed package's version, from its metadata ('' when it is absent); read once per process (every cache
+    key asks, and the metadata lookup walks the installed packages)."""
     from importlib import metadata
 
     try:

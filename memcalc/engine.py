@@ -1407,6 +1407,11 @@ def _traced(terms: Sequence[Term], moment: TracedMoment, names: set[str], in_bac
     return _total(moment.label, moment.phase, parts, names)
 
 
+# What a moment inside the last layer's forward (its experts, its checkpointed forward, its ring attention) has not
+# reached: the loss's buffers, and a pipeline stage's forward end (a moment of its own, at that layer's last add)
+_NOT_IN_LAYER = (TERM_LOSS_BUFFERS, TERM_PIPELINE_FORWARD_END)
+
+
 def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     """The largest moment of each phase, with what is alive then. In CPU RAM terms are alive in no phase."""
     names = {t.name for t in terms}
@@ -1630,7 +1635,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                            Phase.forward, forward, names)
     if x.experts_forward:
         # --ep under FSDP2: the last layer's experts gathered while its block runs (the loss not begun)
-        moe = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        moe = _alive(terms, lambda t: Phase.forward in t.phases and t.name not in _NOT_IN_LAYER)
         if TERM_ACTIVATIONS in moe:
             moe[TERM_ACTIVATIONS] -= min(x.after_layers, moe[TERM_ACTIVATIONS])
         moe[EXTRA_EXPERTS_GATHERED] = x.experts_forward
@@ -1639,7 +1644,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     if x.checkpointed_layer_forward:
         # A checkpointed layer's own forward: its tensors exist while it runs though none is kept (the loss's
         # buffers not yet), beside every earlier layer's kept input.
-        layer = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        layer = _alive(terms, lambda t: Phase.forward in t.phases and t.name not in _NOT_IN_LAYER)
         if TERM_ACTIVATIONS in layer:  # (the final norm's, the head's and the softcapping's saves: not made yet)
             layer[TERM_ACTIVATIONS] -= min(x.after_layers, layer[TERM_ACTIVATIONS])
         layer[EXTRA_RECOMPUTED_LAYER] = x.checkpointed_layer_forward
@@ -1649,7 +1654,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         # --cp: the last layer's ring attention: every earlier layer's activations and its own attention inputs (not
         # yet its MLP's, the final norm's and head's, nor the loss's buffers) beside the ring's buffers. (Checkpointed:
         # the checkpointed layer's forward counts it.)
-        ring = _alive(terms, lambda t: Phase.forward in t.phases and t.name != TERM_LOSS_BUFFERS)
+        ring = _alive(terms, lambda t: Phase.forward in t.phases and t.name not in _NOT_IN_LAYER)
         if TERM_ACTIVATIONS in ring:
             ring[TERM_ACTIVATIONS] -= min(x.after_layers + x.last_layer_mlp + x.after_attention,
                                           ring[TERM_ACTIVATIONS])

@@ -63,7 +63,7 @@ MOE_NOTE = ("MoE pipeline stages against gloo ranks (a small Mixtral): 48 stage 
             "one rank (10 stage steps) -0.0% to +2.8%, random routing (10) +3.2% to +20.8% (--ep-load is the most "
             "loaded layer's, applied to every layer and micro-batch): leave margin")
 ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ranks of a small Llama (27 rank steps): "
-                    "-2.0% to +3.3%, the 16-bit recipes' first ranks low (a norm's backward inside a retained input "
+                    "-2.0% to +2.4%, the 16-bit recipes' first ranks low (a norm's backward inside a retained input "
                     "backward, not yet placed): leave margin")
 
 

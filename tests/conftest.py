@@ -14,6 +14,11 @@ import pytest
 
 from memcalc.cli import main
 
+# One intra-op thread per test process (set before torch is first imported): the suite runs two xdist workers on the
+# machine's two cores, and torch's default of a thread per core in each worker oversubscribes them (OpenMP's waiting
+# threads spin). The gloo ranks set the same (memcalc.measure.distributed). What a step allocates does not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 PRESETS_MODELS = REPO / "presets" / "models"
 # A folder of this test run that every xdist worker sees (shared_measurement)

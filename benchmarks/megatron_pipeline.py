@@ -11,7 +11,7 @@ even split), micro-batches of 2 x 128 tokens, one gloo rank per stage, with the 
 (memcalc.measure.megatron_pipeline). Each rank's model states are the recipe's under torch's optimizer (Megatron's DDP
 buffers and optimizer need CUDA), so the estimate compared is the same spec with the schedule set to Megatron's
 (``pp_runtime="megatron"``): what is measured is the schedule's part, exactly the part ``--engine megatron --pp`` adds
-to Megatron's model states (memcalc.megatron, read from its code). fused AdamW. About 6 minutes on two cores.
+to Megatron's model states (memcalc.megatron, read from its code). fused AdamW. About 12 minutes on two cores.
 """
 
 from __future__ import annotations

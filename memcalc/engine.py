@@ -405,11 +405,14 @@ def _megatron_pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Re
     - once a backward has run on a stage after the first, the input gradient it sent back, which input_tensor_grad
       keeps through the next forward and backward, and, through the next forward, that micro-batch's input, which
       its pseudo-freed output (the schedule's output_tensor until the forward returns) reaches through the autograd
-      graph (the input's AccumulateGrad node)."""
+      graph (the input's AccumulateGrad node);
+    - past the schedule, through the optimizer step, on a stage after the first: the last input the model was given
+      and its gradient (TransformerBlock.set_input_tensor keeps it until the next step's first forward)."""
     stage = spec.pp_stage or 0
     hidden = _hidden_bytes(model, spec, recipe)
-    later = spec.pp_later_backward or spec.microbatches > pipeline.in_flight(stage, spec.pp, spec.microbatches, "1f1b")
+    # (a stage with more micro-batches than it holds runs forwards after its first backward)
     forwards_after = spec.microbatches > pipeline.in_flight(stage, spec.pp, spec.microbatches, "1f1b")
+    later = spec.pp_later_backward or forwards_after
     source = megatron.PIPELINE_SOURCE
     terms = []
 
@@ -417,12 +420,12 @@ def _megatron_pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Re
         terms.append(Term(name=name, bytes=count * hidden, formula=f"{count} x {hidden:,} B ({what}, the hidden state)",
                           source=f"{source}: {why}", category=CATEGORY_TEMPORARIES, phases=list(phases)))
 
-    # The stage's first layer saves its input as it is where the layer is checkpointed (the checkpoint keeps its
-    # input) or the residual stream is fp32 (RMSNorm's upcast is then the tensor itself, which its ops save): the
-    # received input is then counted in the activations already. (Measured: fp32 and checkpointed cells read one hidden
-    # state above with it counted apart.)
-    start = pipeline.spec_ranges(spec, model.arch.num_layers)[stage][0]
     if stage > 0:
+        # The stage's first layer saves its input as it is where the layer is checkpointed (the checkpoint keeps its
+        # input) or the residual stream is fp32 (RMSNorm's upcast is then the tensor itself, which its ops save): the
+        # received input is then counted in the activations already. (Measured: fp32 and checkpointed cells read one
+        # hidden state above with it counted apart.)
+        start = pipeline.spec_ranges(spec, model.arch.num_layers)[stage][0]
         if not (spec.checkpointed(start) or _fp32_residual(recipe)):
             held = pipeline.held(spec)
             add(TERM_PIPELINE_BUFFERS, held, "the received inputs of the micro-batches in flight",
@@ -431,8 +434,6 @@ def _megatron_pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Re
         if later:
             add(TERM_PIPELINE_SENT_GRADIENT, 1, "the input gradient the previous backward sent back",
                 "input_tensor_grad keeps it until the next backward returns", FORWARD_BACKWARD)
-        # (and after the schedule, through the optimizer step: the model keeps the last input it was given,
-        # TransformerBlock.set_input_tensor, and with it that input's gradient, until the next step's first forward)
         add(TERM_PIPELINE_LAST_INPUT, 2, "the last micro-batch's input and its gradient",
             "the model chunk keeps the last input it was given (megatron/core/transformer/transformer_block.py "
             "TransformerBlock.set_input_tensor), with its .grad, until the next step's first forward", STEP_ONLY)

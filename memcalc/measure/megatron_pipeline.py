@@ -93,7 +93,7 @@ def megatron_runner(modules: list[Any], ids: Any, microbatches: int, micro_batch
 
     class Chunk(torch.nn.Module):
         """The model chunk the schedule runs: the stage with what it reads from a Megatron model (``config``,
-        ``model_type``, ``set_input_tensor``)."""
+        ``model_type``, ``set_input_tensor``, which keeps the input it is given, as TransformerBlock's does)."""
 
         def __init__(self) -> None:
             super().__init__()

@@ -68,7 +68,9 @@ def progress(label: str) -> Iterator[Callable[[str], None]]:
 def _describe_run(report: Report) -> list[str]:
     m, t = report.model, report.training
     arch = f"{m.model_type}, " if m.model_type else ""
-    count = f"{m.num_params:,} params ({format_count(m.num_params)})"
+    # (under --tp, --pp or --ep the report's tensors are the shown rank's: its shards, its stage's layers, its experts)
+    split = t.tp > 1 or t.pp > 1 or t.ep > 1
+    count = f"{m.num_params:,} params{' on this rank' if split else ''} ({format_count(m.num_params)})"
     if m.num_trainable_params != m.num_params:
         count += f", {m.num_trainable_params:,} trainable"
     engine = f"ZeRO stage {t.zero_stage}" if t.sharding == "deepspeed" else f"{t.sharding} stage {t.zero_stage}"

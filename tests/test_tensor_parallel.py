@@ -167,3 +167,12 @@ def test_fsdp2_over_tensor_parallel_groups(precision, checkpointing, sp, lp):
     peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes
     assert abs(peak - measured_peak) < 0.0005 * measured_peak, (peak, measured_peak)
     assert report.per_gpu.peak_phase.value == measured.measured_peak_phase
+
+
+def test_the_header_says_whose_parameters_it_counts(cli):
+    """Under --tp or --pp the report's tensors are one rank's shards: the header's count says so (a 70B model's rank
+    at tp 8 holds about 8.8B), and without them it is the model's."""
+    whole = cli("llama-3-70b").stdout.splitlines()[0]
+    assert "params (70.55B)" in whole and "on this rank" not in whole
+    for layout in (["--tp", "8", "--gpus", "8"], ["--pp", "4", "--gpus", "4"]):
+        assert "params on this rank" in cli("llama-3-70b", *layout).stdout.splitlines()[0]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from memcalc import families
 from memcalc.engine import estimate as _estimate_spec
-from memcalc.errors import UsageError
+from memcalc.errors import UnsupportedModelError, UsageError
 from memcalc.report import Report, VerifyResult, VerifyRow
 from memcalc.request import Plan, Request
 from memcalc.resolve import ModelInput, model_input, model_of, resolve_model  # noqa: F401 (the API's)
@@ -66,6 +66,11 @@ def plan_layouts(plan: Plan, chosen: set[str] | frozenset[str] = frozenset()) ->
     """The planner for a resolved plan; ``chosen``: the layout settings the user gave (refused)."""
     from memcalc import planner
 
+    if plan.specs and plan.specs[0].engine == "megatron":
+        chosen = set(chosen) - {"engine"}  # (--engine megatron: the layouts Megatron-LM runs are searched)
+        if plan.plan_schedules and set(plan.plan_schedules) != {"1f1b"}:
+            raise UnsupportedModelError("{plan_schedules} with {engine} megatron: its interleaved schedule is not "
+                                        "modelled yet; drop {plan_schedules} (Megatron's 1F1B is searched)")
     if chosen:
         raise UsageError(f"{{plan}} chooses the layout itself: drop {{{min(chosen)}}}")
     if plan.gpu is None:

@@ -59,6 +59,8 @@ MIN_CONTEXT_PARALLEL_SEQ = 8192  # shorter sequences are not split (each rank wo
 # under its time budget, and a stage's micro-batches already shrink its activations
 MIN_PIPELINE_CONTEXT_LOCAL = 4096
 DEFAULT_SCHEDULES = ("1f1b",)
+# --engine megatron's data-parallel engines (Layout.sharding): its DDP and its distributed optimizer
+MEGATRON_DDP, MEGATRON_DISTOPT = "megatron-ddp", "megatron-distopt"
 # --plan-schedules interleaved-1f1b: stages a rank (torchtitan's default for its interleaved schedules)
 INTERLEAVED_STAGES_PER_RANK = 2
 # Interleaved layouts are estimated best first by the throughput model while they can still be among this many best
@@ -73,7 +75,8 @@ class Layout:
     dp: int
     tp: int
     pp: int
-    sharding: str  # fsdp (ZeRO-3 over the data-parallel ranks; ZeRO-2-like on pipeline stages), ddp, zero1
+    sharding: str  # fsdp (ZeRO-3 over the data-parallel ranks; ZeRO-2-like on pipeline stages), ddp, zero1, or
+    # --engine megatron's MEGATRON_DDP, MEGATRON_DISTOPT
     checkpointing: str
     microbatches: int
     cp: int = 1  # of the dp ranks, cp share each sequence (context parallelism)
@@ -125,7 +128,8 @@ class LayoutPlan:
 
 
 def _spec_for(base, layout: Layout):
-    zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch")}[layout.sharding]
+    zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch"), MEGATRON_DDP: (0, "megatron"),
+                      MEGATRON_DISTOPT: (1, "megatron")}[layout.sharding]
     tp, pp = layout.tp, layout.pp
     if pp > 1 and sharding == "fsdp":
         zero = 2  # (torchtitan's default under pipeline parallelism: no reshard after forward)
@@ -182,24 +186,28 @@ def _expert_sizes(model) -> tuple[int, ...]:
 
 def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...] = (1,),
              expert_sizes: tuple[int, ...] = (1,), base_seq: int = 0,
-             schedules: tuple[str, ...] = DEFAULT_SCHEDULES) -> list[Layout]:
+             schedules: tuple[str, ...] = DEFAULT_SCHEDULES, megatron: bool = False) -> list[Layout]:
+    """``megatron``: the layouts Megatron-LM runs (its DDP or distributed optimizer, its even layer split; the caller
+    gives no context or expert sizes and 1F1B alone)."""
     found = []
     for tp in TP_SIZES:
         if gpus_per_node % tp:
             continue
         # (with --ep the experts stay whole: their width need not divide tp, so a model --tp alone cannot split may
         # still take --tp with --ep)
-        splits = _splits(tensor_parallel.check, model.described, tp)
+        splits = _splits(tensor_parallel.check, model.described, tp, megatron)
         splits_with_ep = len(expert_sizes) > 1 and _splits(tensor_parallel.check, model.described, tp, False, 2)
         if not (splits or splits_with_ep):
             continue
         for pp in PP_SIZES if splits else ():
-            if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp):
+            if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp, None, None, megatron):
                 continue
             dp = gpus // (tp * pp)
             engines = ("fsdp", "ddp") if pp == 1 else ("fsdp", "zero1", "ddp")
             if dp == 1:
                 engines = ("ddp",)
+            if megatron:
+                engines = (MEGATRON_DISTOPT, MEGATRON_DDP) if dp > 1 else (MEGATRON_DDP,)
             for cp in context_sizes:
                 if dp % cp or (pp > 1 and cp > 1 and base_seq // cp < MIN_PIPELINE_CONTEXT_LOCAL):
                     continue
@@ -307,18 +315,24 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
         notes.append(f"{gpu.name}: no FLOP/s and link figures known; ranked with {DEFAULT_LINKS}'s")
     links = LINKS[key or DEFAULT_LINKS]
     candidates, refused = [], []
-    context_sizes = _context_sizes(model, base)
-    if context_sizes == (1,):
+    megatron = base.engine == "megatron"
+    if megatron:  # (Megatron-LM's own layouts: its context and expert parallelism and interleaving are not modelled)
+        schedules = ("1f1b",)
+        notes.append("--engine megatron: Megatron-LM's DDP and distributed optimizer (--zero 0, 1) over the data-parallel "
+                     "ranks, its even layer split and 1F1B; its context and expert parallelism and its interleaved "
+                     "schedule are not modelled, so not searched")
+    context_sizes = (1,) if megatron else _context_sizes(model, base)
+    if context_sizes == (1,) and not megatron:
         notes.append(f"context parallelism not tried: seq {base.seq_len:,} is below {MIN_CONTEXT_PARALLEL_SEQ:,}"
                      if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ else
                      "context parallelism not tried: the run does not take it (memcalc --cp's checks)")
-    expert_sizes = _expert_sizes(model)
+    expert_sizes = (1,) if megatron else _expert_sizes(model)
     capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
     interleaved = []
     # (1F1B pipelines are estimated even when only interleaved ones are searched: they bound them, below)
     plain: dict[Layout, bool] = {}
     for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len,
-                           tuple(dict.fromkeys(("1f1b", *schedules)))):
+                           tuple(dict.fromkeys(("1f1b", *schedules))), megatron):
         try:
             spec = _spec_for(base, layout)
             tokens, step, parts = _throughput(model, spec, layout, per_node, links)

@@ -253,3 +253,23 @@ def test_bad_plan_schedules_are_one_line_exit_2(cli, options, message):
     result = cli("llama-3-8b", *options)
     assert result.exit_code == UsageError.exit_code, result.stderr
     assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_megatrons_layouts_are_searched_under_its_engine(cli):
+    """--engine megatron --plan: Megatron-LM's DDP or distributed optimizer over the data-parallel ranks, its even split
+    of the 80 layers (pp 1, 2, 4, 8, 16 divide them), 1F1B, no context or expert parallelism; each layout's memory is
+    --engine megatron's estimate of it (the planner's _peak: stages 0, 1 and the last)."""
+    plan = api.layouts("llama-3-70b", gpus=64, gpu="h100-80gb", engine="megatron")
+    assert plan.fitting and {c.layout.sharding for c in plan.candidates} == {"megatron-ddp", "megatron-distopt"}
+    assert all(80 % c.layout.pp == 0 and c.layout.cp == c.layout.ep == c.layout.virtual == 1 for c in plan.candidates)
+    assert {c.layout.pp for c in plan.candidates} == {1, 2, 4, 8, 16}
+    c = next(c for c in plan.fitting if c.layout.pp == 4 and c.layout.sharding == "megatron-distopt")
+    report = api.estimate("llama-3-70b", engine="megatron", gpus=64, tp=c.layout.tp, pp=4, zero=1,
+                          sp=c.layout.tp > 1, loss_parallel=c.layout.tp > 1, microbatches=c.layout.microbatches,
+                          checkpointing=c.layout.checkpointing)
+    assert c.peak_bytes == report.per_gpu.peak_bytes
+    refused = cli("llama-3-70b", "--engine", "megatron", "--gpus", "64", "--gpu", "h100-80gb", "--plan",
+                  "--plan-schedules", "1f1b,interleaved-1f1b")
+    assert refused.exit_code == 5 and "its interleaved schedule is not modelled yet" in refused.stderr
+    assert "drop --zero" in cli("llama-3-70b", "--engine", "megatron", "--zero", "1", "--gpus", "64", "--gpu",
+                                "h100-80gb", "--plan").stderr

@@ -84,11 +84,15 @@ class Layout:
     ep_dim: int = 0  # the dimension FSDP2 shards a rank's experts on (--ep-shard-dim: 1 is torchtitan's Shard(1))
     schedule: str = "1f1b"  # the pipeline schedule (pp > 1): 1f1b or interleaved-1f1b
     virtual: int = 1  # stages a rank (interleaved 1F1B: INTERLEAVED_STAGES_PER_RANK)
+    # --engine megatron where pp does not divide the layers: the first and the last stage's layer count (Megatron's
+    # --decoder-first/last-pipeline-num-layers), every other stage the same, larger count; 0: an even split
+    pp_ends: int = 0
 
     @property
     def label(self) -> str:
         interleaved = f", interleaved x{self.virtual}" if self.virtual > 1 else ""
-        pp = f" x pp {self.pp} (M {self.microbatches}{interleaved})" if self.pp > 1 else ""
+        ends = f", {self.pp_ends} layer{'s' if self.pp_ends != 1 else ''} first and last" if self.pp_ends else ""
+        pp = f" x pp {self.pp} (M {self.microbatches}{interleaved}{ends})" if self.pp > 1 else ""
         cp = f" (cp {self.cp})" if self.cp > 1 else ""
         ep = f" (ep {self.ep}{', experts on dim 1' if self.ep_dim else ''})" if self.ep > 1 else ""
         return f"dp {self.dp}{cp}{ep} {self.sharding} x tp {self.tp}{pp}, ckpt {self.checkpointing}"
@@ -127,14 +131,32 @@ class LayoutPlan:
         return [c for c in self.candidates if c.fits]
 
 
-def _spec_for(base, layout: Layout):
+def megatron_ends(num_layers: int, pp: int) -> int:
+    """--engine megatron, pp not dividing the layers: the first and last stages' layer count that leaves the others
+    num_layers / pp rounded up each (Megatron's --decoder-first-pipeline-num-layers and --decoder-last-..., which
+    need the middle stages' layers to divide evenly); 0 when pp divides them or no such count exists."""
+    if pp < 3 or num_layers % pp == 0:
+        return 0
+    per = -(-num_layers // pp)
+    short = per * pp - num_layers
+    return per - short // 2 if short % 2 == 0 and short // 2 < per else 0
+
+
+def _stage_layers(num_layers: int, layout: Layout) -> tuple[int, ...] | None:
+    if not layout.pp_ends:
+        return None
+    per = (num_layers - 2 * layout.pp_ends) // (layout.pp - 2)
+    return (layout.pp_ends, *(per,) * (layout.pp - 2), layout.pp_ends)
+
+
+def _spec_for(base, layout: Layout, model_layers: int = 0):
     zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch"), MEGATRON_DDP: (0, "megatron"),
                       MEGATRON_DISTOPT: (1, "megatron")}[layout.sharding]
     tp, pp = layout.tp, layout.pp
     if pp > 1 and sharding == "fsdp":
         zero = 2  # (torchtitan's default under pipeline parallelism: no reshard after forward)
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
-                        cp=layout.cp, ep=layout.ep, ep_load=1.0, ep_shard_dim=layout.ep_dim, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=None,
+                        cp=layout.cp, ep=layout.ep, ep_load=1.0, ep_shard_dim=layout.ep_dim, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=_stage_layers(model_layers, layout),
                         pp_schedule=layout.schedule, pp_virtual=layout.virtual if layout.virtual > 1 else None,
                         pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
@@ -200,7 +222,9 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
         if not (splits or splits_with_ep):
             continue
         for pp in PP_SIZES if splits else ():
-            if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp, None, None, megatron):
+            ends = megatron_ends(model.arch.num_layers, pp) if megatron else 0
+            layers = None if not ends else _stage_layers(model.arch.num_layers, Layout(1, 1, pp, "", "", 1, pp_ends=ends))
+            if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp, layers, None, megatron):
                 continue
             dp = gpus // (tp * pp)
             engines = ("fsdp", "ddp") if pp == 1 else ("fsdp", "zero1", "ddp")
@@ -220,7 +244,8 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
                             continue
                         # (2 x pp micro-batches: torch's interleaved schedules take a multiple of pp)
                         found.extend(Layout(dp, tp, pp, sharding, checkpointing, 2 * pp, cp, schedule=schedule,
-                                            virtual=virtual) for schedule, virtual in _pipelines(model, pp, schedules))
+                                            virtual=virtual, pp_ends=ends)
+                                     for schedule, virtual in _pipelines(model, pp, schedules))
                         if tp == 1 and cp == 1 and sharding == "fsdp":
                             # (each stage's experts split over ep of its FSDP2 ranks: torchtitan's (pp, dp, ep) mesh)
                             found.extend(Layout(dp, 1, pp, "fsdp", checkpointing, 2 * pp, 1, ep, schedule=schedule,
@@ -319,8 +344,9 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
     if megatron:  # (Megatron-LM's own layouts: its context and expert parallelism and interleaving are not modelled)
         schedules = ("1f1b",)
         notes.append("--engine megatron: Megatron-LM's DDP and distributed optimizer (--zero 0, 1) over the data-parallel "
-                     "ranks, its even layer split and 1F1B; its context and expert parallelism and its interleaved "
-                     "schedule are not modelled, so not searched")
+                     "ranks, its even layer split (where pp does not divide the layers, fewer on the first and last "
+                     "stages, its --decoder-first/last-pipeline-num-layers) and 1F1B; its context and expert "
+                     "parallelism and its interleaved schedule are not modelled, so not searched")
     context_sizes = (1,) if megatron else _context_sizes(model, base)
     if context_sizes == (1,) and not megatron:
         notes.append(f"context parallelism not tried: seq {base.seq_len:,} is below {MIN_CONTEXT_PARALLEL_SEQ:,}"
@@ -334,7 +360,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
     for layout in _layouts(model, gpus, per_node, context_sizes, expert_sizes, base.seq_len,
                            tuple(dict.fromkeys(("1f1b", *schedules))), megatron):
         try:
-            spec = _spec_for(base, layout)
+            spec = _spec_for(base, layout, model.arch.num_layers)
             tokens, step, parts = _throughput(model, spec, layout, per_node, links)
             if layout.virtual > 1:
                 interleaved.append((tokens / step, layout, spec, tokens, step, parts))

@@ -67,6 +67,17 @@ ZERO_BUBBLE_NOTE = ("zero-bubble (ScheduleInterleavedZeroBubble) against gloo ra
                     "backward, not yet placed): leave margin")
 
 
+def megatron_ends(num_layers: int, pp: int) -> int:
+    """--engine megatron, pp not dividing the layers: the first and last stages' layer count that leaves the others
+    num_layers / pp rounded up each (Megatron's --decoder-first-pipeline-num-layers and --decoder-last-..., which
+    need the middle stages' layers to divide evenly); 0 when pp divides them or no such count exists."""
+    if pp < 3 or num_layers % pp == 0:
+        return 0
+    per = -(-num_layers // pp)
+    short = per * pp - num_layers
+    return per - short // 2 if short % 2 == 0 and short // 2 < per else 0
+
+
 def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None,
                  named: str | None = None, megatron: bool = False) -> tuple[tuple[int, int], ...]:
     """Each stage's decoder layers as [start, end) (``pp`` stages; ``named``: how the refusals name that count, by
@@ -78,9 +89,13 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
         # embedding and the output layer beside the first and last stages' (without
         # --account-for-embedding-in-pipeline-split), which it asserts divides
         if num_layers % pp:
+            ends = megatron_ends(num_layers, pp)
+            middle = [(num_layers - 2 * ends) // (pp - 2)] * (pp - 2) if ends else []
+            uneven = (f" (its first and last stages taking fewer: {{pp_layers}} "
+                      f"{','.join(map(str, (ends, *middle, ends)))})" if ends else "")
             raise UsageError(f"{{engine}} megatron splits the {num_layers} layers evenly over the stages, and {named} "
-                             f"does not divide them: give a {{pp}} that does, or {{pp_layers}} (Megatron's "
-                             "--pipeline-model-parallel-layout)")
+                             f"does not divide them: give a {{pp}} that does, or {{pp_layers}}{uneven} (Megatron's "
+                             "--decoder-first/last-pipeline-num-layers or --pipeline-model-parallel-layout)")
         pp_layers = [num_layers // pp] * pp
     if pp_layers is not None:
         if sum(pp_layers) != num_layers:

@@ -131,17 +131,6 @@ class LayoutPlan:
         return [c for c in self.candidates if c.fits]
 
 
-def megatron_ends(num_layers: int, pp: int) -> int:
-    """--engine megatron, pp not dividing the layers: the first and last stages' layer count that leaves the others
-    num_layers / pp rounded up each (Megatron's --decoder-first-pipeline-num-layers and --decoder-last-..., which
-    need the middle stages' layers to divide evenly); 0 when pp divides them or no such count exists."""
-    if pp < 3 or num_layers % pp == 0:
-        return 0
-    per = -(-num_layers // pp)
-    short = per * pp - num_layers
-    return per - short // 2 if short % 2 == 0 and short // 2 < per else 0
-
-
 def _stage_layers(num_layers: int, layout: Layout) -> tuple[int, ...] | None:
     if not layout.pp_ends:
         return None
@@ -222,7 +211,7 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
         if not (splits or splits_with_ep):
             continue
         for pp in PP_SIZES if splits else ():
-            ends = megatron_ends(model.arch.num_layers, pp) if megatron else 0
+            ends = pipeline.megatron_ends(model.arch.num_layers, pp) if megatron else 0
             layers = None if not ends else _stage_layers(model.arch.num_layers, Layout(1, 1, pp, "", "", 1, pp_ends=ends))
             if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp, layers, None, megatron):
                 continue

@@ -33,6 +33,9 @@ def test_megatrons_split_is_even_and_refuses_what_does_not_divide():
     assert pipeline.stage_ranges(32, 4, (6, 10, 10, 6), megatron=True) == ((0, 6), (6, 16), (16, 26), (26, 32))
     with pytest.raises(UsageError, match="splits the 32 layers evenly over the stages, and pp 3 does not divide"):
         pipeline.stage_ranges(32, 3, megatron=True)
+    # (where fewer layers on the first and last stages leave the others an even split, the line gives that split)
+    with pytest.raises(UsageError, match="pp_layers 7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7"):
+        pipeline.stage_ranges(126, 16, megatron=True)
 
 
 def test_the_cli_refuses_an_uneven_split_in_one_line(cli):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from memcalc import api, planner
+from memcalc import api, pipeline
 from memcalc.errors import UsageError
 
 # Llama-3.1-405B by hand from its config: 126 layers of q and o 16384 x 16384, k and v 1024 x 16384, gate, up and down
@@ -270,8 +270,8 @@ def test_megatrons_layouts_are_searched_under_its_engine(cli):
     assert c.peak_bytes == report.per_gpu.peak_bytes
     # Llama-3.1-405B's 126 layers divide by no pp past 2: Megatron's first and last stage take fewer
     # (--decoder-first/last-pipeline-num-layers), 7 + 14 x 8 + 7 at pp 16, the middle stages' count dividing evenly
-    assert planner.megatron_ends(126, 16) == 7 and planner.megatron_ends(126, 8) == 15
-    assert planner.megatron_ends(80, 16) == 0 and planner.megatron_ends(32, 3) == 0  # (divides; no such count)
+    assert pipeline.megatron_ends(126, 16) == 7 and pipeline.megatron_ends(126, 8) == 15
+    assert pipeline.megatron_ends(80, 16) == 0 and pipeline.megatron_ends(32, 3) == 0  # (divides; no such count)
     plan = api.layouts("llama-3.1-405b", gpus=512, gpu="h100-80gb", engine="megatron")
     uneven = [c for c in plan.candidates if c.layout.pp == 16]
     assert uneven and all(c.layout.pp_ends == 7 for c in uneven) and "7 layers first and last" in uneven[0].layout.label

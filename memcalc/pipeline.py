@@ -78,6 +78,12 @@ def megatron_ends(num_layers: int, pp: int) -> int:
     return per - short // 2 if short % 2 == 0 and short // 2 < per else 0
 
 
+def megatron_uneven(num_layers: int, pp: int) -> tuple[int, ...] | None:
+    """Each stage's layer count with megatron_ends' first and last stages (None where there is no such split)."""
+    ends = megatron_ends(num_layers, pp)
+    return (ends, *[(num_layers - 2 * ends) // (pp - 2)] * (pp - 2), ends) if ends else None
+
+
 def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = None,
                  named: str | None = None, megatron: bool = False) -> tuple[tuple[int, int], ...]:
     """Each stage's decoder layers as [start, end) (``pp`` stages; ``named``: how the refusals name that count, by
@@ -89,10 +95,9 @@ def stage_ranges(num_layers: int, pp: int, pp_layers: Sequence[int] | None = Non
         # embedding and the output layer beside the first and last stages' (without
         # --account-for-embedding-in-pipeline-split), which it asserts divides
         if num_layers % pp:
-            ends = megatron_ends(num_layers, pp)
-            middle = [(num_layers - 2 * ends) // (pp - 2)] * (pp - 2) if ends else []
-            uneven = (f" (its first and last stages taking fewer: {{pp_layers}} "
-                      f"{','.join(map(str, (ends, *middle, ends)))})" if ends else "")
+            counts = megatron_uneven(num_layers, pp)
+            uneven = (f" (its first and last stages taking fewer: {{pp_layers}} {','.join(map(str, counts))})"
+                      if counts else "")
             raise UsageError(f"{{engine}} megatron splits the {num_layers} layers evenly over the stages, and {named} "
                              f"does not divide them: give a {{pp}} that does, or {{pp_layers}}{uneven} (Megatron's "
                              "--decoder-first/last-pipeline-num-layers or --pipeline-model-parallel-layout)")

@@ -131,13 +131,6 @@ class LayoutPlan:
         return [c for c in self.candidates if c.fits]
 
 
-def _stage_layers(num_layers: int, layout: Layout) -> tuple[int, ...] | None:
-    if not layout.pp_ends:
-        return None
-    per = (num_layers - 2 * layout.pp_ends) // (layout.pp - 2)
-    return (layout.pp_ends, *(per,) * (layout.pp - 2), layout.pp_ends)
-
-
 def _spec_for(base, layout: Layout, model_layers: int = 0):
     zero, sharding = {"fsdp": (3, "fsdp"), "ddp": (0, "torch"), "zero1": (1, "torch"), MEGATRON_DDP: (0, "megatron"),
                       MEGATRON_DISTOPT: (1, "megatron")}[layout.sharding]
@@ -145,7 +138,7 @@ def _spec_for(base, layout: Layout, model_layers: int = 0):
     if pp > 1 and sharding == "fsdp":
         zero = 2  # (torchtitan's default under pipeline parallelism: no reshard after forward)
     return base.replace(num_gpus=layout.dp * tp * pp, tp=tp, sequence_parallel=tp > 1, loss_parallel=tp > 1,
-                        cp=layout.cp, ep=layout.ep, ep_load=1.0, ep_shard_dim=layout.ep_dim, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=_stage_layers(model_layers, layout),
+                        cp=layout.cp, ep=layout.ep, ep_load=1.0, ep_shard_dim=layout.ep_dim, pp=pp, microbatches=layout.microbatches if pp > 1 else None, pp_layers=pipeline.megatron_uneven(model_layers, pp) if layout.pp_ends else None,
                         pp_schedule=layout.schedule, pp_virtual=layout.virtual if layout.virtual > 1 else None,
                         pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
@@ -212,7 +205,7 @@ def _layouts(model, gpus: int, gpus_per_node: int, context_sizes: tuple[int, ...
             continue
         for pp in PP_SIZES if splits else ():
             ends = pipeline.megatron_ends(model.arch.num_layers, pp) if megatron else 0
-            layers = None if not ends else _stage_layers(model.arch.num_layers, Layout(1, 1, pp, "", "", 1, pp_ends=ends))
+            layers = pipeline.megatron_uneven(model.arch.num_layers, pp) if ends else None
             if gpus % (tp * pp) or not _splits(pipeline.check, model.described, pp, layers, None, megatron):
                 continue
             dp = gpus // (tp * pp)

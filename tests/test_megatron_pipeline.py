@@ -113,8 +113,10 @@ def test_the_megatron_engine_runs_its_pipeline():
 TOLERANCE = 0.001
 
 
-@pytest.mark.parametrize(("precision", "microbatches"), [("bf16", 4), ("fp32", 2)])
-def test_each_stage_matches_megatron_cores_schedule_on_gloo(precision, microbatches):
+# (2 stages: the received gradient, input and the previous micro-batch's leftovers; fp32: the first layer saving the
+# received input; 3 stages: a middle stage, which peaks at its last layer's forward end)
+@pytest.mark.parametrize(("precision", "microbatches", "pp"), [("bf16", 4, 2), ("fp32", 2, 2), ("bf16", 5, 3)])
+def test_each_stage_matches_megatron_cores_schedule_on_gloo(precision, microbatches, pp):
     pytest.importorskip("transformers")
     from memcalc.measure import megatron_pipeline
     from memcalc.measure.distributed import measure_distributed
@@ -123,10 +125,11 @@ def test_each_stage_matches_megatron_cores_schedule_on_gloo(precision, microbatc
     if not megatron_pipeline.available():
         pytest.skip("megatron-core is not installed (it is in the test extras)")
 
-    spec = _spec(precision=precision, microbatches=microbatches)
-    model = model_of(ModelConfig("small", SMALL, "test"))
-    stages = measure_distributed({**SMALL, "_name": "small"}, spec, engine="pp", world_size=2, method="gloo")
-    assert [m.run["distributed"]["stage"] for m in stages] == [0, 1]
+    spec = _spec(precision=precision, microbatches=microbatches, pp=pp, num_gpus=pp)
+    raw = {**SMALL, "num_hidden_layers": 2 * pp}
+    model = model_of(ModelConfig("small", raw, "test"))
+    stages = measure_distributed({**raw, "_name": "small"}, spec, engine="pp", world_size=pp, method="gloo")
+    assert [m.run["distributed"]["stage"] for m in stages] == list(range(pp))
     for measured in stages:
         report = run(model, spec.replace(pp_stage=measured.run["distributed"]["stage"]))
         assert abs(report.per_gpu.peak_bytes - measured.measured_peak_bytes) <= TOLERANCE * measured.measured_peak_bytes

@@ -413,12 +413,10 @@ def _megatron_pipeline_buffers(model: ModelInput, spec: TrainingSpec, recipe: Re
     # (a stage with more micro-batches than it holds runs forwards after its first backward)
     forwards_after = spec.microbatches > pipeline.in_flight(stage, spec.pp, spec.microbatches, "1f1b")
     later = spec.pp_later_backward or forwards_after
-    source = megatron.PIPELINE_SOURCE
     terms = []
 
     def add(name: str, count: int, what: str, why: str, phases: Sequence[Phase]) -> None:
-        terms.append(Term(name=name, bytes=count * hidden, formula=f"{count} x {hidden:,} B ({what}, the hidden state)",
-                          source=f"{source}: {why}", category=CATEGORY_TEMPORARIES, phases=list(phases)))
+        terms.append(_pipeline_term(name, count, hidden, f"{what}, the hidden state", why, phases, megatron_schedule=True))
 
     if stage > 0:
         # The stage's first layer saves its input as it is where the layer is checkpointed (the checkpoint keeps its
@@ -463,8 +461,7 @@ def _stage_forward_end(model: ModelInput, spec: TrainingSpec, recipe: Recipe) ->
     if spec.checkpointed(last):
         return None
     residual = _hidden_bytes(model, spec, recipe)
-    width = BYTES_PER_FP32 if recipe.autocast else _bytes_per(recipe.compute_dtype)
-    mlp = residual // width * _bytes_per(recipe.compute_dtype)  # (under autocast a 16-bit Linear's output)
+    mlp = residual // _residual_width(recipe) * _bytes_per(recipe.compute_dtype)  # (autocast: a 16-bit Linear's)
     output = residual if spec.pipeline_runtime == "megatron" else 0
     parts = [("the MLP's output", mlp), ("the layer's output", output),
              ("its input and the attention's residual sum", 0 if _fp32_residual(recipe) else 2 * residual)]
@@ -475,10 +472,14 @@ def _stage_forward_end(model: ModelInput, spec: TrainingSpec, recipe: Recipe) ->
                 category=CATEGORY_TEMPORARIES, phases=list(FORWARD_ONLY))
 
 
+def _residual_width(recipe: Recipe) -> int:
+    """Bytes per element of the residual stream: fp32 under autocast (its weights are), else the compute dtype's."""
+    return BYTES_PER_FP32 if recipe.autocast else _bytes_per(recipe.compute_dtype)
+
+
 def _fp32_residual(recipe: Recipe) -> bool:
-    """Whether the residual stream is fp32 (fp32 compute, or autocast's fp32 weights): RMSNorm's upcast is then the
-    input itself, which its ops save."""
-    return recipe.autocast or _bytes_per(recipe.compute_dtype) == BYTES_PER_FP32
+    """Whether the residual stream is fp32: RMSNorm's upcast is then the input itself, which its ops save."""
+    return _residual_width(recipe) == BYTES_PER_FP32
 
 
 def _stage_without_head(spec: TrainingSpec) -> bool:
@@ -544,18 +545,21 @@ def _pipeline_sent_gradient(model: ModelInput, spec: TrainingSpec, recipe: Recip
                           "backward's send ops through the next forward and backward", FORWARD_BACKWARD)
 
 
-def _pipeline_term(name: str, count: int, each: int, what: str, source: str, phases: Sequence[Phase]) -> Term:
+def _pipeline_term(name: str, count: int, each: int, what: str, source: str, phases: Sequence[Phase],
+                   megatron_schedule: bool = False) -> Term:
+    """One of a stage's buffers, ``count`` of ``each`` bytes, read from torch.distributed.pipelining (or
+    megatron-core's schedule) at ``source``."""
     return Term(name=name, bytes=count * each, formula=f"{count} x {each:,} B ({what})",
-                source=f"torch.distributed.pipelining {source}; measured (memcalc.measure.pipeline)",
+                source=(f"{megatron.PIPELINE_SOURCE}: {source}" if megatron_schedule else
+                        f"torch.distributed.pipelining {source}; measured (memcalc.measure.pipeline)"),
                 category=CATEGORY_TEMPORARIES, phases=list(phases))
 
 
 def _hidden_bytes(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> int:
     """One micro-batch's hidden state between stages: the residual stream's dtype (fp32 under autocast), this rank's
     tokens (--sp: its split of the sequence)."""
-    width = BYTES_PER_FP32 if recipe.autocast else _bytes_per(recipe.compute_dtype)
     seq = -(-spec.local_seq_len // spec.tp) if spec.sequence_parallel else spec.local_seq_len
-    return width * spec.micro_batch_size * seq * model.arch.hidden_size
+    return _residual_width(recipe) * spec.micro_batch_size * seq * model.arch.hidden_size
 
 
 def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:

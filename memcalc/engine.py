@@ -1446,7 +1446,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
     # (after the head's backward the loss's saved log-softmax output is released: not beside the recomputed layer)
     after_head = {**{name: n for name, n in start.items() if name != TERM_LOSS_BUFFERS}, **later}
     if x.recomputed_forward:  # the first recomputation's forward, at its largest
-        after_head[EXTRA_RECOMPUTED_LAYER] = x.recomputed_layer + x.recomputed_forward
+        # (beside it the gradient the final norm's backward handed the last layer's output, waiting for that layer's
+        # backward: on gloo ranks a checkpointed Qwen2-MoE rank under --ep 2 --tp 2 peaks at the recomputation's
+        # combine with it among the live tensors, and read -0.81% without it)
+        after_head[EXTRA_RECOMPUTED_LAYER] = x.recomputed_layer + x.recomputed_forward + x.layer_input_gradient
         if x.experts_backward:
             # (--ep under FSDP2: the recomputed MoE block runs its experts gathered again, and the head's and final
             # norm's unsharded gradients wait for the root's reduce-scatter; measured on gloo ranks: a checkpointed

@@ -91,9 +91,9 @@ def note(ep: int, data_parallel: int, local_experts: int, average: int, load: fl
     sliced = (f"; with --tp {tp} the expert-parallel groups span the tensor-parallel ranks, the experts whole "
               f"(never tensor-split), and each of a tensor-parallel group's ranks dispatches its 1/{tp} of the "
               "group's tokens and all-gathers the outputs (AllToAllEP with transformers' tp_mesh); against gloo ranks "
-              "(tiny MoE models, --tp 2, 120 rank steps) -0.04% to +6.8% without checkpointing, and checkpointed "
-              "Qwen2-MoE cells down to -0.9% with random routing (a recomputed block's combine not fully placed; one "
-              "grid run of another cell read -1.6%, gloo's buffers)" if tp > 1 else "")
+              "(tiny MoE models, --tp 2, 120 rank steps) -0.04% to +6.8% without checkpointing, -0.05% to +18.5% with "
+              "it (the highest with random routing, which the flag's one load for every layer overstates)"
+              if tp > 1 else "")
     return (f"expert parallelism: {ep} ranks split the experts, {local_experts} each, FSDP-sharded{placement} over "
             f"the {efsdp} rank(s) holding the same ones ({SOURCE}){padded}{sliced}; each MoE layer's experts run the "
             f"{received_pairs(average, load):,} (token, expert) pairs this rank receives: {average:,} on average "

@@ -698,12 +698,14 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.backward_start_extra_bytes = 2 * chunk_vocab * loss.bytes_per_log_softmax
         if run.tp > 1 and not run.loss_parallel:
             # --tp without loss parallelism: the head's ColwiseParallel output (this rank's vocabulary split) is
-            # all-gathered to every rank (all_gather_into_tensor into a buffer, then a cat along the vocabulary). The
-            # split and the buffer were measured alive at the loss only partly (gloo ranks and the fake group agree:
-            # none with the logits upcast without --sp; with fp32 logits, or --sp, up to c T V (1 + 1/tp) less than
-            # counted here, tests/test_tensor_parallel.py). Counted alive but where the logits are upcast without --sp.
-            if not upcast or run.sp:
-                result.forward_transient_extra_bytes += loss.rows * run.c * (loss.vocab + -(-loss.vocab // run.tp))
+            # all-gathered to every rank (DTensor's Shard(-1) -> Replicate, placement_types.py _to_replicate_tensor:
+            # all_gather_single into a (tp x rows, V / tp) buffer, then chunk and cat along the vocabulary). At the cat
+            # the split, the buffer and the whole logits exist; both are freed before the loss runs, which has not
+            # saved its log-softmax output yet. The forward's loss moment is the larger of the two (measured on the
+            # fake group: the gathered moment is the larger with fp32 logits, the loss's with 16-bit ones upcast).
+            split = loss.rows * run.c * -(-loss.vocab // run.tp)
+            gathered = rows_vocab * run.c + run.tp * split + split - saved
+            result.forward_transient_extra_bytes = max(result.forward_transient_extra_bytes, gathered)
         elif run.tp > 1:
             # --loss-parallel: torch/distributed/tensor/parallel/loss.py computes the log-softmax on this rank's split
             # (_log_softmax: the shifted logits beside exp() of them, then the result) and its backward with

@@ -593,7 +593,7 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
     if not extra:
         return holdings
     return dataclasses.replace(
-        holdings, grad_numel=holdings.grad_numel + extra,
+        holdings, grad_numel=holdings.grad_numel + extra, whole_embedding_grad_extra=extra,
         grads_source=(f"{holdings.grads_source + '; ' if holdings.grads_source else ''}each rank's shards, and the "
                       f"token embedding's gradient whole ({extra:,} elements beyond its shard: DTensor's embedding "
                       "backward returns a Replicate gradient; measured with parallelize_module)"))
@@ -856,7 +856,10 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # (FSDP2 on a pipeline stage: its unsharded gradients are made tensor by tensor, as without sharding)
     by_tensor = (stage < 2 or holdings.engine == parallel.ENGINE_FSDP2_PIPELINE) and not in_backward
     whole_grads = by_tensor and not accumulating
-    missing_grads = _embedding_grads_produced_last(tensors, head.shared) * bytes_per_grad if whole_grads else 0
+    # (--tp: the embedding's gradient whole, as the gradients term counts it; measured on the fake process group, a
+    # checkpointed fp32 rank at its first layer's backward read its shard's worth high before)
+    missing_grads = ((_embedding_grads_produced_last(tensors, head.shared) + holdings.whole_embedding_grad_extra)
+                     * bytes_per_grad if whole_grads else 0)
     if holdings.engine == "fsdp2" and not accumulating:
         # FSDP2 late in backward: the first layer's and the root's sharded gradients are not made yet (measured on
         # gloo ranks)

@@ -98,6 +98,9 @@ class RankHoldings:
     # the fake process group, in the reduce dtype)
     late_unmade_grad_numel: int = 0
     late_extra_bytes: int = 0
+    # --tp: elements of the token embedding's gradient beyond its shard (DTensor's embedding backward returns it whole),
+    # counted in grad_numel; made by the embedding's backward, the last
+    whole_embedding_grad_extra: int = 0
     late_second_layer: bool = False  # ... counted at the second layer's turn (its checkpointed input still kept)
     late_top_grad_numel: int = 0  # ... or at the second layer from the top: the sharded gradients made then (one layer's)
     # FSDP2 at the root's reduce-scatter, the end of backward: its unsharded gradients and their copy in the reduce

@@ -410,7 +410,7 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         heads_d = c * tokens * (a.num_heads // run.tp) * a.head_dim
         probs_copy = c * run.b * (a.num_heads // run.tp) * run.s * run.s if c != BYTES_PER_FP32 else 0
         released_at_scores = made_after + probs_copy + heads_d
-        held_at_scores = heads_d + run.residual * tokens * h
+        held_at_scores = heads_d + run.residual * run.sequence_tokens * h  # (--sp: the residual stream's split)
     rule_notes = [] if run.eager else [NOTE_SDPA]
     if window_applies:
         count = sum(1 for flag in a.sliding if flag)

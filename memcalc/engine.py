@@ -75,6 +75,7 @@ from memcalc.vocab import (
     EXTRA_EXPERTS_GATHERED,
     EXTRA_EXPERTS_REDUCE,
     EXTRA_FSDP_BACKWARD_START,
+    EXTRA_FSDP_LAYER_ALL_GATHER,
     EXTRA_HEAD_BACKWARD,
     EXTRA_HEAD_GRADIENT,
     EXTRA_HELD_CAST_GRADIENTS,
@@ -963,6 +964,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                          + 3 * act.output_gradient_bytes
                          if spec.ep > 1 and any(t.role == ROLE_EXPERT for t in tensors) else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
+        layer_all_gather=holdings.layer_all_gather_bytes if holdings.engine == "fsdp2" else 0,
         root_made=holdings.root_made_bytes,
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
         fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer
@@ -1297,6 +1299,7 @@ class _Extras:
     recomputed_layer: int = 0  # checkpointing: one layer's activations rebuilt during backward
     reentrant_output: int = 0  # --checkpoint-reentrant, full: the recomputed layer's output beside its backward
     checkpointed_layer_forward: int = 0  # checkpointing: a layer's tensors while its forward runs (none kept)
+    layer_all_gather: int = 0  # FSDP2 resharding after forward: inside a layer's forward, its kept all-gather output
     ring_forward: int = 0  # --cp: the last layer's ring attention in the forward (beyond what the layer saves)
     recomputed_casts: int = 0  # ... and, under autocast, that layer's weight casts
     recomputed_forward: int = 0  # ... and, while it is recomputed, its forward's transients (Rule.forward_transient)
@@ -1659,6 +1662,10 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         if TERM_ACTIVATIONS in layer:  # (the final norm's, the head's and the softcapping's saves: not made yet)
             layer[TERM_ACTIVATIONS] -= min(x.after_layers, layer[TERM_ACTIVATIONS])
         layer[EXTRA_RECOMPUTED_LAYER] = x.checkpointed_layer_forward
+        # (FSDP2: beside the layer's unsharded parameters, the all-gather output they were copied out of, kept until
+        # the next unit's; measured on the fake process group, a checkpointed fp32 layer's math-path attention read
+        # 4.2% low without it)
+        layer[EXTRA_FSDP_LAYER_ALL_GATHER] = x.layer_all_gather
         in_layer = _total(MOMENT_CHECKPOINTED_FORWARD, Phase.forward, layer, names)
         forward_total = max(forward_total, in_layer, key=lambda total: total.bytes)
     if x.ring_forward and not x.checkpointed_layer_forward:
@@ -1670,6 +1677,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             ring[TERM_ACTIVATIONS] -= min(x.after_layers + x.last_layer_mlp + x.after_attention,
                                           ring[TERM_ACTIVATIONS])
         ring[EXTRA_RING_ATTENTION] = x.ring_forward
+        ring[EXTRA_FSDP_LAYER_ALL_GATHER] = x.layer_all_gather
         in_ring = _total(MOMENT_RING_FORWARD, Phase.forward, ring, names)
         forward_total = max(forward_total, in_ring, key=lambda total: total.bytes)
     return [forward_total, backward,

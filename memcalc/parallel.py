@@ -86,6 +86,9 @@ class RankHoldings:
     # the last experts' all-gather output over a layer's, kept from the forward's end into the backward's start
     experts_gathered_bytes: int = 0
     experts_kept_bytes: int = 0
+    # with reshard_after_forward, inside a layer's forward: that layer's all-gather output, kept after the copy-out until
+    # the next unit's (FSDPParamGroup.wait_for_unshard: AllGatherState in the forward)
+    layer_all_gather_bytes: int = 0
     # FSDP2: the root unit's unsharded gradients (the head's and the final norm's), made by the head's backward and
     # reduce-scattered at the end of backward
     root_made_bytes: int = 0
@@ -636,6 +639,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, has_master: bool,
         bytes_per_weight_override=BYTES_PER_FP32 if mixed else None, fp32_grad_copy=False,
         buffers=tuple(buffers), notes=tuple(notes), engine="fsdp2", mid_backward_extra_bytes=mid_backward,
         last_layer_extra_bytes=last_layer, experts_gathered_bytes=experts_gathered, experts_kept_bytes=experts_kept,
+        layer_all_gather_bytes=prefetch,
         root_made_bytes=root_made * bytes_per_gathered,
         experts_reduce_bytes=experts_reduce, late_unmade_grad_numel=late_unmade,
         root_reduce_bytes=root_reduce, root_reduce_tp_bytes=root_reduce_tp,

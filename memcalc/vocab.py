@@ -103,6 +103,7 @@ EXTRA_FSDP_BACKWARD_START = "FSDP2 buffers held, gradients awaiting reduce-scatt
 EXTRA_EXPERTS_GATHERED = "a layer's experts gathered"
 EXTRA_EXPERTS_ALL_GATHER = "the experts' all-gather output"
 EXTRA_EXPERTS_REDUCE = "the experts' reduce-scatter"
+EXTRA_FSDP_LAYER_ALL_GATHER = "the running layer's all-gather output"
 EXTRA_HEAD_BACKWARD = "output head's backward"
 EXTRA_HEAD_GRADIENT = "output head's weight gradient"
 EXTRA_SHARED_GRADIENT_SUM = "tied embedding's gradient contributions"
@@ -193,6 +194,11 @@ EXTRA_MEANING = {
     EXTRA_EXPERTS_GATHERED: "--ep under FSDP2: a MoE layer's experts unsharded while they run (their own FSDP2 unit), "
                             "with their all-gather output where several ranks hold the same experts, and in the "
                             "forward the block's transients",
+    EXTRA_FSDP_LAYER_ALL_GATHER: "FSDP2 resharding after forward, inside a layer's forward: the foreach all-gather "
+                                 "output its parameters were copied out of, which FSDPParamGroup.wait_for_unshard "
+                                 "keeps (AllGatherState) until the next unit's all-gather in the forward, beside the "
+                                 "unsharded parameters (measured on the fake process group: a checkpointed fp32 "
+                                 "layer's math-path attention)",
     EXTRA_EXPERTS_ALL_GATHER: "--ep under FSDP2, from the last layer's experts to the last layer's backward: their "
                               "all-gather output, kept until the next all-gather (FSDPParamGroup.wait_for_unshard), "
                               "beyond a layer's",

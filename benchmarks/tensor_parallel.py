@@ -1,7 +1,7 @@
 """Tensor-parallel ranks: memcalc's estimate of one rank against that rank measured, at full size.
 
     python benchmarks/tensor_parallel.py [--model llama-3-8b] [--layouts 2,4,8,8sp,8sp-lp] [--precision bf16-pure]
-                                         [--seq-len 2048] [--batch 1] [--checkpointing none,full]
+                                         [--seq-len 2048] [--batch 1] [--checkpointing none,full] [--dp N]
     python benchmarks/tensor_parallel.py --families mixtral,qwen3_moe,qwen2_moe [--layouts 2,2sp-lp] [--dp 2]
                                          [--precision bf16-pure,amp-bf16,fp32] [--gloo]
 
@@ -11,9 +11,9 @@ warm-up and a measured AdamW step under memcalc's tensor tracker with CUDA's sem
 ``sp`` for sequence parallelism and ``lp`` for loss parallelism (``8sp-lp``). Prints the markdown table of
 docs/accuracy.md's "Tensor parallelism" section.
 
-``--families``: tests/tiny.py's small configs of those model types instead (batch 2 x 256), each recipe of
-``--precision`` and each checkpointing; ``--dp 2`` puts FSDP2 (``--zero 3``) over dp tensor-parallel groups, as
-torchtitan composes them; ``--gloo`` runs every rank as a gloo process (real values) and reports the busiest.
+``--dp N`` puts FSDP2 (``--zero 3``) over N tensor-parallel groups, as torchtitan composes them (rank 0 of the
+dp x tp fake group). ``--families``: tests/tiny.py's small configs of those model types instead (batch 2 x 256),
+each recipe of ``--precision`` and each checkpointing; ``--gloo`` runs every rank as a gloo process (real values) and reports the busiest.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--families", help="tests/tiny.py's configs of these model types (comma-separated)")
     parser.add_argument("--dp", type=int, default=1,
-                        help="with --families: FSDP2 over this many tensor-parallel groups")
+                        help="FSDP2 (--zero 3) over this many tensor-parallel groups")
     parser.add_argument("--gloo", action="store_true", help="with --families: real gloo ranks, the busiest reported")
     args = parser.parse_args()
     if args.families:
@@ -60,17 +60,20 @@ def main() -> None:
     for layout in args.layouts.split(","):
         tp, sp, lp = _layout(layout)
         for checkpointing in args.checkpointing.split(","):
+            fsdp = {"sharding": "fsdp", "zero_stage": 3} if args.dp > 1 else {}
             spec = TrainingSpec(precision=args.precision, micro_batch_size=args.batch, seq_len=args.seq_len,
-                                attention=args.attention, checkpointing=checkpointing, num_gpus=tp, tp=tp,
-                                sequence_parallel=sp, loss_parallel=lp)
+                                attention=args.attention, checkpointing=checkpointing, num_gpus=tp * args.dp, tp=tp,
+                                sequence_parallel=sp, loss_parallel=lp, **fsdp)
             estimate = run(model, spec).per_gpu
             started = time.perf_counter()
             with cuda_semantics.like_cuda():
-                measured = measure_distributed(raw, spec, engine="tp", world_size=tp, method="fake",
-                                               sequence_parallel=sp, loss_parallel=lp, like_cuda=True)[0]
+                measured = measure_distributed(raw, spec, engine="fsdp2" if args.dp > 1 else "tp",
+                                               world_size=tp * args.dp, method="fake", sequence_parallel=sp,
+                                               loss_parallel=lp, like_cuda=True)[0]
             seconds = time.perf_counter() - started
             error = 100 * (estimate.peak_bytes - measured.measured_peak_bytes) / measured.measured_peak_bytes
-            name = f"TP {tp}{' + SP' if sp else ''}{' + loss parallel' if lp else ''}"
+            name = (f"{f'dp {args.dp} x ' if args.dp > 1 else ''}TP {tp}{' + SP' if sp else ''}"
+                    f"{' + loss parallel' if lp else ''}")
             print(f"| {args.model} | {name} | {args.precision} {args.attention} b{args.batch} s{args.seq_len} | "
                   f"{checkpointing} | {estimate.peak_bytes / 2**30:.3f} GiB | "
                   f"{measured.measured_peak_bytes / 2**30:.3f} GiB | {error:+.2f}% | "

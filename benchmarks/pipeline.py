@@ -351,8 +351,8 @@ def preset(name: str, measure_distributed, precision: str, stage_counts: list[in
     model = model_input(name, None)
     raw = {**model.config.raw, "_name": name}
     print("| model | stages | schedule | micro-batches | recipe | checkpointing | stage | estimate | "
-          "measured (fake group) | error |")
-    print("|---|---:|---|---:|---|---|---:|---:|---:|---:|")
+          "measured (fake group) | error | phase (est. / meas.) |")
+    print("|---|---:|---|---:|---|---|---:|---:|---:|---:|---|")
     for pp, schedule, checkpointing in itertools.product(stage_counts, ("gpipe", "1f1b", "interleaved-1f1b"),
                                                          ("none", "full")):
         spec = TrainingSpec(precision=precision, micro_batch_size=1, seq_len=2048, checkpointing=checkpointing,
@@ -361,11 +361,13 @@ def preset(name: str, measure_distributed, precision: str, stage_counts: list[in
                                             fake_ranks=tuple(range(pp))):
             stage = measured.run["distributed"]["stage"]
             one = spec.replace(pp_rank=stage) if spec.interleaved else spec.replace(pp_stage=stage)
-            estimate = run(model, one).per_gpu.peak_bytes
+            per_gpu = run(model, one).per_gpu
+            estimate = per_gpu.peak_bytes
             error = 100 * (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
             print(f"| {name} | {pp} | {schedule} | {spec.microbatches} | {precision} | {checkpointing} | {stage} | "
                   f"{estimate / 2**30:.3f} GiB | "
-                  f"{measured.measured_peak_bytes / 2**30:.3f} GiB | {error:+.2f}% |", flush=True)
+                  f"{measured.measured_peak_bytes / 2**30:.3f} GiB | {error:+.2f}% | "
+                  f"{per_gpu.peak_phase.value} / {measured.measured_peak_phase} |", flush=True)
 
 
 if __name__ == "__main__":

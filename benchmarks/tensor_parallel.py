@@ -13,7 +13,8 @@ docs/accuracy.md's "Tensor parallelism" section.
 
 ``--dp N`` puts FSDP2 (``--zero 3``) over N tensor-parallel groups, as torchtitan composes them (rank 0 of the
 dp x tp fake group). ``--families``: tests/tiny.py's small configs of those model types instead (batch 2 x 256),
-each recipe of ``--precision`` and each checkpointing; ``--gloo`` runs every rank as a gloo process (real values) and reports the busiest.
+each recipe of ``--precision`` and each checkpointing; ``--gloo`` runs every rank as a gloo process (real values)
+and reports the busiest.
 """
 
 from __future__ import annotations

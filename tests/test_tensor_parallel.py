@@ -113,7 +113,7 @@ def test_rank_matches_parallelize_module(tp, precision, attention, checkpointing
         assert terms[name] == measured.model_state_bytes[name], name
     # The step's peak: within 0.05% (the estimate places the token ids and labels apart from the traced batch) and in
     # the same phase. (Without loss parallelism the gathered logits' moment, the all-gather's cat, is the forward's
-    # with fp32 logits: before it was placed, the fp32 and --sp cells read 2.6% to 8.4% high, most in the wrong phase;
+    # with fp32 logits: before it was placed, the fp32 and --sp cells read 2.2% to 8.4% high, most in the wrong phase;
     # the checkpointed fp32 --sp cell also counted the embedding's whole gradient as made, and the residual stream's
     # gradient unsplit, at its first layer's softmax backward: +3.4%.)
     peak, measured_peak = report.per_gpu.peak_bytes, measured.measured_peak_bytes

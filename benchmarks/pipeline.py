@@ -9,6 +9,7 @@
     python benchmarks/pipeline.py --interleaved --fsdp # interleaved 1F1B, each rank's stages FSDP2-sharded
     python benchmarks/pipeline.py --interleaved --zero-bubble --fsdp  # the same for zero-bubble (its modelled recipes)
     python benchmarks/pipeline.py --cp                 # 2 stages x 2 context-parallel ranks (FSDP2 over them)
+    python benchmarks/pipeline.py --tp 2               # 2 stages x 2 tensor-parallel ranks (a (pp, tp) mesh)
     python benchmarks/pipeline.py --moe                # a small Mixtral's stages
     python benchmarks/pipeline.py --moe --ep           # ... each stage's experts split over 2 of its FSDP2 ranks
     python benchmarks/pipeline.py --moe --families     # Qwen3-MoE and Qwen2-MoE stages, alone and with --ep
@@ -31,6 +32,10 @@ what FSDP2 adds to the pipeline's error. About 8 minutes. With --interleaved --f
 With --cp, each stage's 2 data-parallel ranks are context-parallel ranks too (torchtitan's layout: FSDP2 over them,
 torch's ring attention in place of sdpa over them, each running 256 of a micro-batch's 512 positions), with the same
 cell without context parallelism (FSDP2 over 2 ranks at 256 positions) beside it. About 6 minutes.
+
+With --tp N, each of 2 stages runs on N tensor-parallel ranks: the small Llama split by memcalc.measure.tensor_parallel's
+plan (torchtitan's, without --sp or --loss-parallel), then cut into stages, 1F1B or GPipe over the pp dimension of a
+(pp, tp) mesh of 2 x N gloo ranks; one row per stage (its tensor-parallel ranks measure the same). About 2 minutes.
 
 With --model, the preset at full size (bf16-pure unless --precision, micro-batches of 1 x 2048) on the fake process
 group under FakeTensorMode: each stage alone, given the shapes it sends and receives; its sends complete at once,
@@ -66,6 +71,7 @@ def main() -> None:
                         help="with --interleaved: ScheduleInterleavedZeroBubble instead (without checkpointing)")
     parser.add_argument("--fsdp", action="store_true", help="stages under FSDP2 over 2 data-parallel ranks each")
     parser.add_argument("--cp", action="store_true", help="stages over 2 context-parallel (and FSDP2) ranks each")
+    parser.add_argument("--tp", type=int, default=1, help="stages over this many tensor-parallel ranks each")
     parser.add_argument("--moe", action="store_true", help="a small Mixtral's stages on gloo ranks")
     parser.add_argument("--ep", action="store_true", help="with --moe: each stage's experts split over 2 of its "
                         "FSDP2 data-parallel ranks (expert parallelism)")
@@ -90,6 +96,8 @@ def main() -> None:
         return moe_ep(measure_distributed) if args.ep else moe(measure_distributed)
     if args.cp:
         return context_parallel(measure_distributed)
+    if args.tp > 1:
+        return tensor_parallel(measure_distributed, args.tp)
     if args.fsdp:
         return fsdp(measure_distributed, args.interleaved, args.zero_bubble)
     if args.interleaved:
@@ -324,6 +332,35 @@ def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
         peak = measured.measured_peak_bytes
         yield (rank, estimate.per_gpu.peak_bytes, peak, 100 * (estimate.per_gpu.peak_bytes - peak) / peak,
                f"{estimate.per_gpu.peak_phase.value} / {measured.measured_peak_phase}")
+
+
+def tensor_parallel(measure_distributed, tp: int) -> None:
+    """2 stages of the small Llama (4 layers), each over tp tensor-parallel gloo ranks."""
+    model = model_of(ModelConfig("small-llama", {**SMALL_LLAMA, "num_hidden_layers": 4}, "benchmarks/pipeline.py"))
+    raw = {**SMALL_LLAMA, "num_hidden_layers": 4, "_name": "small-llama"}
+    rows = []
+    print("| stages x tp | schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error | "
+          "phase (est. / meas.) |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---|")
+    for schedule, microbatches, precision, checkpointing in itertools.product(
+            ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16", "bf16"), ("none", "full")):
+        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
+                            num_gpus=2 * tp, tp=tp, pp=2, pp_schedule=schedule, microbatches=microbatches)
+        seen = set()
+        for measured in measure_distributed(raw, spec, engine="pp", world_size=2 * tp, method="gloo"):
+            stage = measured.run["distributed"]["stage"]
+            if stage in seen:
+                continue
+            seen.add(stage)
+            estimate = run(model, spec.replace(pp_stage=stage)).per_gpu
+            peak = measured.measured_peak_bytes
+            error = 100 * (estimate.peak_bytes - peak) / peak
+            rows.append(error)
+            print(f"| 2 x {tp} | {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
+                  f"{estimate.peak_bytes / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | "
+                  f"{estimate.peak_phase.value} / {measured.measured_peak_phase} |", flush=True)
+    print(f"\n{len(rows)} stage steps: median |error| {statistics.median(abs(e) for e in rows):.2f}%, from "
+          f"{min(rows):+.2f}% to {max(rows):+.2f}%")
 
 
 def interleaved(measure_distributed, schedule: str) -> None:

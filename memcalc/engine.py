@@ -590,7 +590,7 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
     if spec.sharding == Sharding.megatron:
         return holdings  # (Megatron's VocabParallelEmbedding: each rank's gradient is its rows' main_grad)
     # (on a pipeline stage FSDP2 accumulates the unsharded gradients to the schedule's end: the whole one counted)
-    extra = tensor_parallel.whole_gradient_extra(model.tensors, spec.tp)
+    extra = tensor_parallel.whole_gradient_extra(_whole_tensors(model, spec), spec.tp)
     if not extra:
         return holdings
     return dataclasses.replace(
@@ -598,6 +598,12 @@ def _tensor_parallel_holdings(holdings: RankHoldings, model: ModelInput, spec: T
         grads_source=(f"{holdings.grads_source + '; ' if holdings.grads_source else ''}each rank's shards, and the "
                       f"token embedding's gradient whole ({extra:,} elements beyond its shard: DTensor's embedding "
                       "backward returns a Replicate gradient; measured with parallelize_module)"))
+
+
+def _whole_tensors(model: ModelInput, spec: TrainingSpec) -> Sequence[ParamTensor]:
+    """The rank's tensors at their whole shapes: the model's, or with --pp its stage's (a stage without the token
+    embedding holds none of its gradient; measured on the fake process group, --tp 2 --pp 2)."""
+    return pipeline.stage_tensors(model.tensors, spec, model.arch.num_layers) if spec.pp > 1 else model.tensors
 
 
 def _megatron_vocabulary(model: ModelInput, tp: int) -> ModelInput:
@@ -808,10 +814,15 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
             category=CATEGORY_TEMPORARIES, phases=BACKWARD_ONLY,
         ))
     elif holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:
-        copy = holdings.master_numel * _bytes_per(recipe.master_dtype)
+        # (--tp: the token embedding's gradient is whole, and so is its cast: measured on the fake process group, a
+        # bf16 rank's optimizer step read 2.5% low with the shard's)
+        whole = holdings.whole_embedding_grad_extra
+        copy = (holdings.master_numel + whole) * _bytes_per(recipe.master_dtype)
         terms.append(Term(
             name=TERM_MASTER_GRAD_COPY, bytes=copy,
-            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''} x {_bytes_per(recipe.master_dtype)} B",
+            formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''}"
+                    f"{f' + {_n(whole)} (the token embedding gradient whole)' if whole else ''} x "
+                    f"{_bytes_per(recipe.master_dtype)} B",
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
                    "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
                    + ("; with offload it is a pinned CPU buffer (initialize_optimizer_states)" if on_cpu else ""),
@@ -870,6 +881,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
     made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
                          if whole_grads and (act.after_attention_bytes or act.released_at_scores_bytes) else 0)
+    made_at_mid_norm = _made_before_last_mid_norm(tensors) * bytes_per_grad if whole_grads else 0
     attention_casts = _attention_casts(tensors)
     # --pp under autocast, a later micro-batch's backward (the stage's gradients exist from an earlier one): the casts
     # come from the cache the first micro-batch's forward filled (EXTRA_HELD_CAST_GRADIENTS)
@@ -932,6 +944,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         recomputed_forward=act.recompute_forward_extra, layer_input_gradient=act.layer_input_gradient_bytes,
         checkpointed_layer_forward=act.checkpointed_forward_bytes, ring_forward=act.ring_forward_bytes,
         after_attention=act.after_attention_bytes, made_at_attention=made_at_attention,
+        made_at_mid_norm=made_at_mid_norm,
         released_at_scores=act.released_at_scores_bytes,
         opening_gradients=act.opening_backward_transient_bytes,
         released_at_mlp=act.released_at_mlp_bytes, released_at_last_mlp=act.released_at_last_mlp_bytes,
@@ -972,7 +985,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         # (--tp: the root's post-backward copies its gradients before it reshards, and the token embedding's
         # gradient is whole there: DTensor's embedding backward returns it replicated; measured, fake process group)
         fsdp_root_reduce=(holdings.root_reduce_bytes if spec.tp == 1 else holdings.root_reduce_tp_bytes
-                          + tensor_parallel.whole_gradient_extra(model.tensors, spec.tp) * _bytes_per(recipe.weight_dtype)),
+                          + tensor_parallel.whole_gradient_extra(_whole_tensors(model, spec), spec.tp)
+                          * _bytes_per(recipe.weight_dtype)),
         fsdp_root_shards=holdings.root_shard_grad_numel * bytes_per_grad,
         # (FSDP2 under checkpointing, the same moment at the second layer from the top: every lower layer's kept input
         # beside, one layer's sharded gradients made; measured: small-gradient ranks peak there)
@@ -1122,6 +1136,19 @@ def _attention_output(attention: Sequence[ParamTensor]) -> int:
     to q's in a Llama layer; a fused qkv projection, Falcon's query_key_value or GPT-2's c_attn, is larger than it)."""
     named = [t.numel for t in attention if _leaf_module(t) in _ATTENTION_OUTPUTS]
     return sum(named) if named else max((t.numel for t in attention), default=0)
+
+
+def _made_before_last_mid_norm(tensors: Sequence[ParamTensor]) -> int:
+    """The last decoder layer's trainable elements whose gradients exist by the backward of its norm between its MLP
+    and its attention: its MLP's and its norms after attention (measured on the fake process group, a --tp 2 --pp 2
+    first stage at that norm's backward)."""
+    layers = [t.layer for t in tensors if t.trainable and t.layer is not None]
+    if not layers:
+        return 0
+    layer = [t for t in tensors if t.trainable and t.layer == max(layers)]
+    norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
+    first_norm = min((t.numel for t in norms), default=0)  # (the input norm's weight, made last)
+    return sum(t.numel for t in layer if t.role != ROLE_ATTENTION) - first_norm
 
 
 def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
@@ -1323,6 +1350,7 @@ class _Extras:
     made_at_last_mlp: int = 0  # the gradients made by the last layer's MLP's peak: the final norm's, its output projection's
     dense_last_layer: bool = False  # the last layer's MLP is dense (the three above and its recomputed casts apply)
     mid_norm: int = 0  # its norm's backward between its MLP's and attention's (Rule.mid_norm_transient)
+    made_at_mid_norm: int = 0  # ... the last layer's gradients made by then (its MLP's, its norms' after attention)
     received_output_gradient: int = 0  # --pp, a stage without the head: its last layer's output gradient is received
     made_at_attention: int = 0  # the last layer's gradients made by its attention's backward (given with after_attention)
     first_layer_context: int = 0  # activations still kept beside the first layer's (per model; its kept input)
@@ -1509,6 +1537,16 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
         others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
                   {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
+        if x.mid_norm:
+            # the norm between its MLP and its attention (Rule.mid_norm_transient), the MLP's activations released and
+            # its gradients made: with --tp the norm's fp32 backward is whole while the MLP's transients are split
+            # (measured on the fake process group: a --tp 2 --pp 2 first stage peaks there, beside the other
+            # micro-batch's activations)
+            mid = {**base, EXTRA_LAYER_GRADIENTS: x.mid_norm - x.last_layer_mlp - x.received_output_gradient}
+            if x.made_at_mid_norm:  # (the MLP's gradients and the norms' after attention made by then)
+                mid[TERM_GRADIENTS] = mid.get(TERM_GRADIENTS, 0) + x.made_at_mid_norm
+                mid.pop(EXTRA_STAGE_FIRST_GRADIENT, None)
+            others.append(mid)
         for name, (in_mlp, in_attention) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
                                              (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
             if in_mlp or in_attention:

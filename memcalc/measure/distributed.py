@@ -101,6 +101,7 @@ class _Job:
     pp_schedule: str = "1f1b"  # pp: gpipe | 1f1b | interleaved-1f1b (stage s on rank s mod world_size)
     microbatches: int = 1  # pp: micro-batches per step
     pp_dp: int = 1  # pp: FSDP2 data-parallel ranks per stage (a (pp, dp) mesh, as torchtitan builds it)
+    pp_tp: int = 1  # pp: tensor-parallel ranks per stage (a (pp, tp) mesh; memcalc.measure.tensor_parallel's plan)
     pp_runtime: str = "torch"  # pp: torch.distributed.pipelining, or megatron-core's 1F1B schedule (megatron)
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
     ep: int = 1  # fsdp2: the experts split over ep consecutive ranks (memcalc.measure.expert_parallel)
@@ -162,6 +163,9 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 (with {{tp}}, ep a "
                              f"multiple of it), over a world size it divides, not {engine} on {world_size} ranks")
         job = dataclasses.replace(job, ep=spec.ep, ep_shard_dim=spec.ep_shard_dim)
+    if job.pp_tp > 1 and (job.pp_dp > 1 or spec.cp > 1 or spec.ep > 1 or sequence_parallel or loss_parallel):
+        raise UsageError("pipeline stages over tensor-parallel groups are measured alone: without FSDP2 data-parallel "
+                         "ranks, {cp}, {ep}, {sp} or {loss_parallel}")
     if sequence_parallel or loss_parallel:
         if engine != "tp" and job.tp == 1:
             raise UsageError(f"sequence and loss parallelism apply to the tp engine, not {engine}")
@@ -193,7 +197,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if engine != "fsdp2" and not reshard_after_forward:
         raise UsageError(f"reshard_after_forward=False applies to fsdp2 only, not {engine}")
     stage = zero_stage_of(engine, reshard_after_forward)
-    pp_dp = world_size // spec.pp if engine == "pp" and spec.pp and world_size % spec.pp == 0 else 1
+    groups = spec.pp * spec.tp  # (pp: the stages' tensor-parallel groups, then FSDP2 over them)
+    pp_dp = world_size // groups if engine == "pp" and world_size % groups == 0 else 1
     if engine == "pp" and pp_dp > 1:
         if spec.sharding != Sharding.fsdp or spec.zero_stage < 2:
             raise UsageError(f"the pipeline measurement on {world_size} ranks runs {{pp}} {spec.pp} stages over FSDP2 "
@@ -207,8 +212,8 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     if spec.grad_accum != 1:
         raise UsageError(f"{{grad_accum}} {spec.grad_accum}: the distributed measurement runs one micro-batch per "
                          "optimizer step (no DDP no_sync / FSDP2 unreduced accumulation yet); drop {grad_accum}")
-    if engine == "pp" and spec.pp * pp_dp != world_size:
-        raise UsageError("the pipeline measurement runs {pp} ranks, or {pp} x the FSDP2 data-parallel ranks")
+    if engine == "pp" and groups * pp_dp != world_size:
+        raise UsageError("the pipeline measurement runs {pp} x {tp} ranks, or {pp} x the FSDP2 data-parallel ranks")
     if engine == "tp" and spec.tp not in (1, world_size):
         raise UsageError(f"{{tp}} {spec.tp} does not match the world size {world_size}")
     if engine == "fsdp2" and spec.optimizer == OptimizerName.adafactor:
@@ -240,6 +245,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
                 reshard_after_forward=reshard_after_forward, attn_implementation=attn,
                 warmup_steps=WARMUP_STEPS[engine], fake=method == "fake", stages=stages,
                 pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches or 1, pp_dp=pp_dp,
+                pp_tp=spec.tp if engine == "pp" else 1,
                 pp_runtime=spec.pipeline_runtime)
 
 
@@ -417,9 +423,12 @@ def _mesh_join(mesh) -> Iterator[None]:
 
 
 def _device_mesh(job: _Job):
-    if job.engine not in ("fsdp2", "tp") and job.pp_dp == 1:
+    if job.engine not in ("fsdp2", "tp") and job.pp_dp == 1 and job.pp_tp == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
+
+    if job.engine == "pp" and job.pp_tp > 1:  # the stages over the outer dimension, each a tensor-parallel group
+        return init_device_mesh("cpu", (job.world_size // job.pp_tp, job.pp_tp), mesh_dim_names=("pp", "tp"))
 
     if job.engine == "pp" and job.ep > 1:
         # each stage's data-parallel ranks split into (efsdp, ep), the ep ranks consecutive (torchtitan's

@@ -113,8 +113,13 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         setup, policy = distributed._fsdp_setup(setup)
     torch.manual_seed(seed)
     model = build_model(job.raw, setup)
+    tp_info: dict[str, Any] = {}
+    if job.pp_tp > 1:  # --tp: the whole model split over the stage's tensor-parallel group, then cut into stages
+        from memcalc.measure.tensor_parallel import parallelize
+
+        tp_info = parallelize(model, mesh["tp"], sequence_parallel=False, loss_parallel=False)
     num_stages = len(job.stages)
-    pp_rank, pp_ranks = (rank // job.pp_dp, job.world_size // job.pp_dp)
+    pp_rank, pp_ranks = (rank // (job.pp_dp * job.pp_tp), job.world_size // (job.pp_dp * job.pp_tp))
     mine = list(range(pp_rank, num_stages, pp_ranks))  # (one stage per rank, or interleaved: looped)
     first, last = 0 in mine, num_stages - 1 in mine
     modules = [stage_module(model, *job.stages[s], s == 0, s == num_stages - 1) for s in mine]
@@ -148,7 +153,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     else:
         from torch.distributed.pipelining import PipelineStage
 
-        group = {"group": mesh["pp"].get_group()} if sharded else {}
+        group = {"group": mesh["pp"].get_group()} if sharded or job.pp_tp > 1 else {}
         stages = [PipelineStage(module, s, num_stages, torch.device("cpu"), **group,
                                 **(_static_shapes(model, setup, s == 0, s == num_stages - 1) if job.fake else {}))
                   for module, s in zip(modules, mine, strict=True)]
@@ -209,7 +214,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         tracker.watch_gradients([fp._unsharded_param for fp in fsdp_params if hasattr(fp, "_unsharded_param")],
                                 distributed.UNSHARDED_GRADIENTS)
     else:
-        tracker.watch_gradients(params)
+        tracker.watch_gradients([p for module in modules for p in module.parameters()])
     for stepper in steppers:
         tracker.watch_optimizer(stepper.optimizer, stepper.fused)
     if last:
@@ -225,6 +230,10 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         module.register_forward_hook(mark_backward))]
     grads: dict[str, int] = {}
     instrument = distributed._instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
+    if job.pp_tp > 1:  # (DTensor's sharding propagation allocates nothing on a device)
+        from memcalc.measure.tensor_parallel import untracked_propagation
+
+        instrument = untracked_propagation(tracker)
     # (as memcalc.measure.distributed's ranks do: Python's cyclic collector paused during the step, so every run frees
     # at the same moments)
     gc.collect()
@@ -269,6 +278,8 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
                                       "backend": "fake" if job.fake else "gloo", "rank": rank, "dp": job.pp_dp}
     if job.ep > 1:
         measurement.run["distributed"].update(ep_info, ep_received_pairs=list(received))
+    if job.pp_tp > 1:
+        measurement.run["distributed"].update(tp_info, engine="pp+tp", tp=job.pp_tp)
     if sharded:
         measurement.run["distributed"].update(
             engine="pp+fsdp2+ep" if job.ep > 1 else "pp+fsdp2", reshard_after_forward=job.reshard_after_forward,

@@ -889,7 +889,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     fsdp_made = _fsdp_layer_made(tensors, holdings, recipe, accumulating)
     held_casts = (0, 0)
     first_layer_casts = head_held_cast = 0
-    last_layer_held_casts = (0, 0)
+    last_layer_held_casts = (0, 0, 0)
     if spec.pp > 1 and recipe.autocast and accumulating and by_tensor:
         cast = [t for t in trainable.autocast_cast_weights(tensors, subset.quantized) if t.trainable]
         held_casts = (sum(t.numel for t in cast), max((t.numel for t in cast), default=0))
@@ -900,7 +900,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         last = [t for t in cast if t.layer is not None and t.layer == last_layer]
         last_layer_held_casts = tuple(sum(t.numel for t in last if keep(t)) * _bytes_per(recipe.compute_dtype)
                                       for keep in (_is_output_projection,
-                                                   lambda t: _leaf_module(t) not in ("q_proj", "k_proj", "v_proj")))
+                                                   lambda t: _leaf_module(t) not in ("q_proj", "k_proj", "v_proj"),
+                                                   lambda t: t.role != ROLE_ATTENTION))
         # (and the head's, on the last stage, at every moment of that layer: its backward ran before the layers';
         # measured, a Mixtral last stage at its last layer's experts' first op, -0.75% before)
         head_held_cast = sum(t.numel for t in cast if t.role == ROLE_LM_HEAD) * _bytes_per(recipe.compute_dtype)
@@ -1377,7 +1378,7 @@ class _Extras:
     # gradients of that layer waiting for its post-backward, and under autocast the cast gradients of its weights whose
     # backward has run, held (as held_cast_gradients at the end)
     fsdp_last_made: tuple[int, int] = (0, 0)
-    last_layer_held_casts: tuple[int, int] = (0, 0)
+    last_layer_held_casts: tuple[int, int, int] = (0, 0, 0)
     head_held_cast: int = 0  # ... and the head's, at every moment of the last layer's backward (the last stage)
     fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
     fsdp_root_reduce: int = 0  # FSDP2 at the root's reduce-scatter: its unsharded gradients and their reduce copy
@@ -1547,11 +1548,15 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                 mid[TERM_GRADIENTS] = mid.get(TERM_GRADIENTS, 0) + x.made_at_mid_norm
                 mid.pop(EXTRA_STAGE_FIRST_GRADIENT, None)
             others.append(mid)
-        for name, (in_mlp, in_attention) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
-                                             (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
+        # (at the norm between MLP and attention: the MLP's held cast gradients; FSDP2's unsharded gradients made
+        # counted as at the attention's, o_proj's too: an upper bound)
+        for name, (in_mlp, in_attention, *at_mid) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
+                                                      (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
             if in_mlp or in_attention:
                 mlp[name] = mlp.get(name, 0) + in_mlp
                 others[0][name] = others[0].get(name, 0) + in_attention
+                if x.mid_norm:
+                    others[-1][name] = others[-1].get(name, 0) + (at_mid[0] if at_mid else in_attention)
         last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention:

@@ -54,7 +54,7 @@ ACCURACY_NOTE = ("pipeline stages against torch.distributed.pipelining on gloo r
                  "(96 stage steps) -0.1% to +6.1%, under FSDP2 (18) -0.0% to +2.9%, interleaved 1F1B (54 rank steps) "
                  "-0.0% to +3.1% (a later stage's input buffer and its first layer's copy of it counted apart), "
                  "interleaved 1F1B under FSDP2 (21) -0.0% to +2.7%, with --cp (14) -0.0% to +1.5% (+8.4% with --zero "
-                 "3, an upper bound): leave margin")
+                 "3, an upper bound), over tensor-parallel groups (--tp 2, 64) -0.1% to +4.9%: leave margin")
 # Measured (benchmarks/pipeline.py --moe: a small Mixtral, 4 layers on 2 gloo ranks, GPipe and 1F1B, 2 and 4
 # micro-batches, fp32, bf16-pure and amp-bf16, checkpointing none and full, 48 stage steps; --moe --ep: 2 stages
 # each over 2 or 4 FSDP2 ranks splitting the experts 2 ways, 20 stage steps)

@@ -278,7 +278,7 @@ def test_tensor_parallel_stages_on_the_fake_process_group():
     its last layer's post-attention norm backward, beside the other micro-batch's activations: the norm's fp32
     backward is whole where the MLP's transients are split (-3.10% before that moment was counted at the last layer;
     states exact, the stage without the embedding holding none of its gradient). python benchmarks/pipeline.py --tp 2
-    runs both stages on gloo ranks."""
+    runs both stages on gloo ranks (64 stage steps, -0.06% to +4.91%)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
     from memcalc.model import ModelConfig

@@ -816,12 +816,12 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     elif holdings.master_numel and holdings.fp32_grad_copy and recipe.grad_dtype != recipe.master_dtype:
         # (--tp: the token embedding's gradient is whole, and so is its cast: measured on the fake process group, a
         # bf16 rank's optimizer step read 2.5% low with the shard's)
-        whole = holdings.whole_embedding_grad_extra
-        copy = (holdings.master_numel + whole) * _bytes_per(recipe.master_dtype)
+        embedding_extra = holdings.whole_embedding_grad_extra
+        copy = (holdings.master_numel + embedding_extra) * _bytes_per(recipe.master_dtype)
         terms.append(Term(
             name=TERM_MASTER_GRAD_COPY, bytes=copy,
             formula=f"{_n(holdings.master_numel)} trainable params{' (partition)' if stage else ''}"
-                    f"{f' + {_n(whole)} (the token embedding gradient whole)' if whole else ''} x "
+                    f"{f' + {_n(embedding_extra)} (the token embedding gradient whole)' if embedding_extra else ''} x "
                     f"{_bytes_per(recipe.master_dtype)} B",
             source="the optimizer steps the fp32 master with fp32 gradients: DeepSpeed stage_1_and_2.py step() "
                    "casts the rank's 16-bit gradient partition to fp32 for the step and frees it after"
@@ -1007,11 +1007,13 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         # layer's MLP and o_proj gradients made so far wait for its post-backward; measured on the fake group, a small
         # Llama on 2 ranks: fp32 -3.4%, bf16-pure -2.3% without them, 0.00% with them; amp-bf16 -1.7% -> +1.7%,
         # Llama-3-8B amp-bf16 eager on 8 ranks -0.12% -> +0.50%)
-        fsdp_last_made=((0 if last_layer is None or spec.checkpointed(last_layer) else fsdp_made[0], fsdp_made[1])
+        # (and at its mid norm's backward, on a stage, its MLP's: fsdp_made's third)
+        fsdp_last_made=((0 if last_layer is None or spec.checkpointed(last_layer) else fsdp_made[0], fsdp_made[1],
+                         0 if last_layer is None or spec.checkpointed(last_layer) else fsdp_made[2])
                         if holdings.engine == parallel.ENGINE_FSDP2_PIPELINE else
-                        (0, fsdp_made[1]) if holdings.engine == "fsdp2" and (
+                        (0, fsdp_made[1], 0) if holdings.engine == "fsdp2" and (
                             spec.cp > 1 and not dense_last or spec.cp == 1 and act.attention_backward_transient_bytes)
-                        else (0, 0)),
+                        else (0, 0, 0)),
         experts_reduce=(holdings.experts_reduce_bytes + 2 * act.output_gradient_bytes
                         if holdings.experts_reduce_bytes else 0),
         head_backward=head.at_backward, head_gradient=head.held,
@@ -1377,7 +1379,7 @@ class _Extras:
     # At the last layer's MLP's and attention's backward, in a later micro-batch on a pipeline stage: FSDP2's 16-bit
     # gradients of that layer waiting for its post-backward, and under autocast the cast gradients of its weights whose
     # backward has run, held (as held_cast_gradients at the end)
-    fsdp_last_made: tuple[int, int] = (0, 0)
+    fsdp_last_made: tuple[int, int, int] = (0, 0, 0)
     last_layer_held_casts: tuple[int, int, int] = (0, 0, 0)
     head_held_cast: int = 0  # ... and the head's, at every moment of the last layer's backward (the last stage)
     fsdp_top: tuple[int, int] = (0, 0)  # FSDP2 late, near the top: more kept inputs, fewer sharded gradients made
@@ -1548,15 +1550,15 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
                 mid[TERM_GRADIENTS] = mid.get(TERM_GRADIENTS, 0) + x.made_at_mid_norm
                 mid.pop(EXTRA_STAGE_FIRST_GRADIENT, None)
             others.append(mid)
-        # (at the norm between MLP and attention: the MLP's held cast gradients; FSDP2's unsharded gradients made
-        # counted as at the attention's, o_proj's too: an upper bound)
-        for name, (in_mlp, in_attention, *at_mid) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
-                                                      (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
-            if in_mlp or in_attention:
+        # (at the norm between MLP and attention: the MLP's held cast gradients, and on an FSDP2 stage its unsharded
+        # gradients made)
+        for name, (in_mlp, in_attention, at_mid) in ((EXTRA_FSDP_BACKWARD_START, x.fsdp_last_made),
+                                                     (EXTRA_HELD_CAST_GRADIENTS, x.last_layer_held_casts)):
+            if in_mlp or in_attention or at_mid:
                 mlp[name] = mlp.get(name, 0) + in_mlp
                 others[0][name] = others[0].get(name, 0) + in_attention
                 if x.mid_norm:
-                    others[-1][name] = others[-1].get(name, 0) + (at_mid[0] if at_mid else in_attention)
+                    others[-1][name] = others[-1].get(name, 0) + at_mid
         last = max([mlp, *others], key=lambda parts: sum(parts.values()))  # the first of equal moments
         released_casts = x.recomputed_casts - x.casts_at_attention if x.released_at_scores else 0
         if x.made_at_attention:

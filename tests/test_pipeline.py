@@ -272,6 +272,16 @@ def test_stages_on_the_fake_process_group():
         assert abs(report.per_gpu.peak_bytes - measured.measured_peak_bytes) < 0.001 * measured.measured_peak_bytes
 
 
+def test_verify_of_tensor_parallel_stages_runs_on_gloo_ranks_only(cli):
+    """--verify with --tp and --pp: the stages over their tensor-parallel groups run on gloo ranks; elsewhere, one line."""
+    pytest.importorskip("transformers")
+    trace = cli("llama-3-8b", "--tp", "2", "--pp", "2", "--gpus", "4", "--verify=trace")
+    assert trace.exit_code == UsageError.exit_code and trace.stdout == ""
+    assert "use --verify=cpu-tracker" in trace.stderr and trace.stderr.count("\n") == 1
+    sp = cli("llama-3-8b", "--tp", "2", "--pp", "2", "--gpus", "4", "--sp", "--verify=cpu-tracker")
+    assert sp.exit_code == UsageError.exit_code and "without --sp or --loss-parallel" in sp.stderr
+
+
 def test_tensor_parallel_stages_on_the_fake_process_group():
     """--tp 2 --pp 2: the model split over each stage's tensor-parallel group (memcalc.measure.tensor_parallel's plan),
     then cut into stages, 1F1B over the (pp, tp) mesh; the first stage, rank 0 of the fake process group. Its peak is

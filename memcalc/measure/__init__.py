@@ -390,11 +390,19 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
     from memcalc.measure.distributed import measure_distributed
 
     sharded = spec.data_parallel > 1 and spec.sharding == Sharding.fsdp and spec.zero_stage >= 2
-    if spec.tp > 1 or (spec.data_parallel > 1 and not (sharded and method == METHOD_CPU_TRACKER)):
+    if spec.tp > 1 and method != METHOD_CPU_TRACKER:
+        raise UsageError("{verify} runs stages over tensor-parallel groups on gloo ranks only: use "
+                         "{verify}=cpu-tracker")
+    if spec.tp > 1 and (spec.data_parallel > 1 or spec.interleaved or spec.sequence_parallel or spec.loss_parallel):
+        raise UsageError(f"{{verify}} runs stages over tensor-parallel groups on gloo ranks ({{verify}}=cpu-tracker): "
+                         f"one pipeline of {spec.pp} x {spec.tp} ranks, gpipe or 1f1b, without {{sp}} or "
+                         f"{{loss_parallel}}; give {{gpus}} {spec.pp * spec.tp} (other layouts of stages under tensor "
+                         "parallelism are composed, not measured)")
+    if spec.tp == 1 and spec.data_parallel > 1 and not (sharded and method == METHOD_CPU_TRACKER):
         raise UsageError(f"{{verify}} runs one pipeline of {spec.pp} ranks, or on gloo ranks ({{verify}}=cpu-tracker) "
-                         f"its stages over FSDP2 data-parallel ranks: give {{gpus}} {spec.pp}, no {{tp}} (stages under "
-                         "tensor parallelism or DDP/ZeRO-1 are composed, not measured)")
-    world = spec.pp * spec.data_parallel
+                         f"its stages over FSDP2 data-parallel ranks: give {{gpus}} {spec.pp} (stages under DDP or "
+                         "ZeRO-1 are composed, not measured)")
+    world = spec.pp * spec.tp * spec.data_parallel
     if method == METHOD_CUDA:
         raise UsageError("{verify}=cuda measures one GPU; pipeline stages run on gloo ranks ({verify}=cpu-tracker) or "
                          "on the fake process group ({verify}=trace)")
@@ -421,6 +429,8 @@ def _verify_stages(model_config: ModelConfig, spec: TrainingSpec, method: str,
                 f", {spec.ep} of them splitting its experts" if spec.ep > 1 else "")
         what = (f"ranks ({spec.pp} stages x {spec.data_parallel} FSDP2 data-parallel ranks{ring}); shown: the most "
                 f"loaded, stage {rank}")
+    elif spec.tp > 1:
+        what = f"ranks ({spec.pp} stages x {spec.tp} tensor-parallel ranks); shown: the most loaded, stage {rank}"
     else:
         what = f"stages; shown: the most loaded, stage {rank}"
     busiest.notes.append(f"measured {len(stages)} {what}, beside its estimate")

@@ -113,9 +113,10 @@ def test_the_megatron_engine_runs_its_pipeline():
 TOLERANCE = 0.001
 
 
-# (2 stages: the received gradient, input and the previous micro-batch's leftovers; fp32: the first layer saving the
-# received input; 3 stages: a middle stage, which peaks at its last layer's forward end)
-@pytest.mark.parametrize(("precision", "microbatches", "pp"), [("bf16", 4, 2), ("fp32", 2, 2), ("bf16", 5, 3)])
+# (fp32, 2 stages: the first layer saving the received input; bf16, 3 stages: the received gradient, input and the
+# previous micro-batch's leftovers on the stages after the first, and a middle stage, which peaks at its last layer's
+# forward end. The 2-stage bf16 cells run in benchmarks/megatron_pipeline.py's grid, kept out of the suite's time.)
+@pytest.mark.parametrize(("precision", "microbatches", "pp"), [("fp32", 2, 2), ("bf16", 5, 3)])
 def test_each_stage_matches_megatron_cores_schedule_on_gloo(precision, microbatches, pp):
     pytest.importorskip("transformers")
     from memcalc.measure import megatron_pipeline

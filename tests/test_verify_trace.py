@@ -14,15 +14,25 @@ from memcalc.measure import compare, run_verify
 from memcalc.spec import TrainingSpec
 
 LLAMA_3_8B_PARAMS = 8_030_261_248
+SPEC = TrainingSpec(precision="bf16-pure", optimizer="adamw", optim_impl="foreach", micro_batch_size=1, seq_len=2048)
+
+
+def traced_llama_3_8b(config, spec: TrainingSpec):
+    """The full-size Llama-3-8B bf16-pure step traced once per test run (this file and tests/test_accuracy.py check
+    it), whichever xdist worker asks first."""
+    from tests.conftest import shared_measurement
+
+    assert spec == SPEC, spec
+    return shared_measurement("test_verify_trace-llama-3-8b-bf16-pure-foreach-2048",
+                              lambda: run_verify(config, spec, "trace"))
 
 
 @pytest.mark.slow
 def test_llama_3_8b_bf16_pure_traced_at_full_size():
     model = model_input("llama-3-8b", None)
-    spec = TrainingSpec(precision="bf16-pure", optimizer="adamw", optim_impl="foreach", micro_batch_size=1,
-                        seq_len=2048)
+    spec = SPEC
     started = time.perf_counter()
-    measured = run_verify(model.config, spec, "trace")
+    measured = traced_llama_3_8b(model.config, spec)
     elapsed = time.perf_counter() - started
     report = run(model, spec)
 

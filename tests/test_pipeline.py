@@ -282,6 +282,21 @@ def test_verify_of_tensor_parallel_stages_runs_on_gloo_ranks_only(cli):
     assert sp.exit_code == UsageError.exit_code and "without --sp or --loss-parallel" in sp.stderr
 
 
+def test_a_tensor_parallel_stage_without_the_embedding_holds_none_of_its_gradient():
+    """--tp 2 --pp 2, the last stage (layers 2 and 3, the final norm, the head): its gradients are its tensors' shards,
+    by hand (per layer q 128 x 256, k and v 64 x 256, o 256 x 128, gate, up and down 256 x 256, two norms of 256; the
+    norm 256; the head 512 x 256), 2 B each in bf16-pure: 1,444,352 B, what rank 2 of the fake process group measures.
+    The token embedding's whole gradient (DTensor's embedding backward) is the first stage's only: counted on every
+    stage, this one read 262,144 B high."""
+    from memcalc.model import ModelConfig
+    from memcalc.resolve import model_of
+
+    layer = 128 * 256 + 2 * 64 * 256 + 256 * 128 + 3 * 256 * 256 + 2 * 256
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=2, seq_len=256, num_gpus=4, tp=2, pp=2, microbatches=2)
+    report = run(model_of(ModelConfig("tiny", TINY, "test")), spec.replace(pp_stage=1))
+    assert report.term("gradients").bytes == 2 * (2 * layer + 256 + 512 * 256) == 1_444_352
+
+
 def test_tensor_parallel_stages_on_the_fake_process_group():
     """--tp 2 --pp 2: the model split over each stage's tensor-parallel group (memcalc.measure.tensor_parallel's plan),
     then cut into stages, 1F1B over the (pp, tp) mesh; the first stage, rank 0 of the fake process group. Its peak is

@@ -323,9 +323,9 @@ def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
     sharded = spec.sharding.value == "fsdp"
     seen = set()
     for measured in measure_distributed({**raw, "_name": "small-llama"}, spec, engine="pp", world_size=spec.num_gpus
-                                        if sharded else spec.pp, method="gloo"):
+                                        if sharded or spec.tp > 1 else spec.pp, method="gloo"):
         rank = measured.run["distributed"]["stage"]
-        if rank in seen:  # (FSDP2: the stage's other data-parallel ranks run the same)
+        if rank in seen:  # (FSDP2, --tp: the stage's other data-parallel or tensor-parallel ranks run the same)
             continue
         seen.add(rank)
         estimate = run(model, spec.replace(pp_rank=rank) if spec.interleaved else spec.replace(pp_stage=rank))
@@ -336,8 +336,7 @@ def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
 
 def tensor_parallel(measure_distributed, tp: int) -> None:
     """2 stages of the small Llama (4 layers), each over tp tensor-parallel gloo ranks."""
-    model = model_of(ModelConfig("small-llama", {**SMALL_LLAMA, "num_hidden_layers": 4}, "benchmarks/pipeline.py"))
-    raw = {**SMALL_LLAMA, "num_hidden_layers": 4, "_name": "small-llama"}
+    raw = {**SMALL_LLAMA, "num_hidden_layers": 4}
     rows = []
     print("| stages x tp | schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error | "
           "phase (est. / meas.) |")
@@ -346,19 +345,10 @@ def tensor_parallel(measure_distributed, tp: int) -> None:
             ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16", "bf16"), ("none", "full")):
         spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
                             num_gpus=2 * tp, tp=tp, pp=2, pp_schedule=schedule, microbatches=microbatches)
-        seen = set()
-        for measured in measure_distributed(raw, spec, engine="pp", world_size=2 * tp, method="gloo"):
-            stage = measured.run["distributed"]["stage"]
-            if stage in seen:
-                continue
-            seen.add(stage)
-            estimate = run(model, spec.replace(pp_stage=stage)).per_gpu
-            peak = measured.measured_peak_bytes
-            error = 100 * (estimate.peak_bytes - peak) / peak
+        for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, raw, spec):
             rows.append(error)
             print(f"| 2 x {tp} | {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
-                  f"{estimate.peak_bytes / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | "
-                  f"{estimate.peak_phase.value} / {measured.measured_peak_phase} |", flush=True)
+                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} |", flush=True)
     print(f"\n{len(rows)} stage steps: median |error| {statistics.median(abs(e) for e in rows):.2f}%, from "
           f"{min(rows):+.2f}% to {max(rows):+.2f}%")
 

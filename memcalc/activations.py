@@ -597,9 +597,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             result.checkpointed_forward_bytes = max(result.recompute_bytes - mlp + scores, mlp + rule.forward_transient)
             if rule.forward_transient:
                 result.recompute_forward_extra = rule.forward_transient
-                # (late in backward, beside the first layer's recomputation: the gradient arriving at it, waiting; its
-                # split of the sequence under --sp)
-                result.layer_input_gradient_bytes = run.residual * run.sequence_tokens * arch.hidden_size
+                # (late in backward, beside the first layer's recomputation: the gradient arriving at it, waiting, as
+                # it waits through the MLP's backward: Rule.output_gradient, this rank's split of the sequence under
+                # --sp)
+                result.layer_input_gradient_bytes = rule.output_gradient
             if result.ring_forward_bytes:  # --cp: the layer's ring attention (its recomputation's: the engine's)
                 ring = (result.recompute_bytes - mlp - result.after_attention_bytes) + result.ring_forward_bytes
                 result.checkpointed_forward_bytes = max(result.checkpointed_forward_bytes, ring)

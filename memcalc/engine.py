@@ -879,9 +879,11 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     pending_mlp, pending_attention, pending_layer, pending_mid = (_first_layer_pending(tensors) if by_tensor
                                                                   else (0, 0, 0, 0))
     # (--cp's ring and eager attention make the attention's backward a moment of its own: the gradients made before it)
-    made_at_attention = (_made_before_last_attention(tensors) * bytes_per_grad
-                         if whole_grads and (act.after_attention_bytes or act.released_at_scores_bytes) else 0)
-    made_at_mid_norm = _made_before_last_mid_norm(tensors) * bytes_per_grad if whole_grads else 0
+    made_at_mid_norm, made_at_attention = (n * bytes_per_grad for n in _made_before_last(tensors))
+    if not whole_grads:
+        made_at_mid_norm = made_at_attention = 0
+    elif not (act.after_attention_bytes or act.released_at_scores_bytes):
+        made_at_attention = 0
     attention_casts = _attention_casts(tensors)
     # --pp under autocast, a later micro-batch's backward (the stage's gradients exist from an earlier one): the casts
     # come from the cache the first micro-batch's forward filled (EXTRA_HELD_CAST_GRADIENTS)
@@ -978,7 +980,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
                          + 3 * act.output_gradient_bytes
                          if spec.ep > 1 and any(t.role == ROLE_EXPERT for t in tensors) else 0),
         experts_kept=holdings.experts_kept_bytes, experts_backward=holdings.experts_gathered_bytes,
-        layer_all_gather=holdings.layer_all_gather_bytes if holdings.engine == "fsdp2" else 0,
+        layer_all_gather=holdings.layer_all_gather_bytes,
         root_made=holdings.root_made_bytes,
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
         fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer
@@ -1141,31 +1143,21 @@ def _attention_output(attention: Sequence[ParamTensor]) -> int:
     return sum(named) if named else max((t.numel for t in attention), default=0)
 
 
-def _made_before_last_mid_norm(tensors: Sequence[ParamTensor]) -> int:
+def _made_before_last(tensors: Sequence[ParamTensor]) -> tuple[int, int]:
     """The last decoder layer's trainable elements whose gradients exist by the backward of its norm between its MLP
-    and its attention: its MLP's and its norms after attention (measured on the fake process group, a --tp 2 --pp 2
-    first stage at that norm's backward)."""
+    and its attention (its MLP's and its norms after attention; measured on the fake process group, a --tp 2 --pp 2
+    first stage at that norm's backward), and by its attention's (those and its attention's output projection: all but
+    q, k and v and the input norm)."""
     layers = [t.layer for t in tensors if t.trainable and t.layer is not None]
     if not layers:
-        return 0
-    layer = [t for t in tensors if t.trainable and t.layer == max(layers)]
-    norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
-    first_norm = min((t.numel for t in norms), default=0)  # (the input norm's weight, made last)
-    return sum(t.numel for t in layer if t.role != ROLE_ATTENTION) - first_norm
-
-
-def _made_before_last_attention(tensors: Sequence[ParamTensor]) -> int:
-    """The last decoder layer's trainable elements whose gradients exist by its attention's backward: its MLP's, its
-    norms after attention and its attention's output projection (all but q, k and v and the input norm)."""
-    layers = [t.layer for t in tensors if t.trainable and t.layer is not None]
-    if not layers:
-        return 0
+        return 0, 0
     last = max(layers)
     layer = [t for t in tensors if t.trainable and t.layer == last]
     attention = [t for t in layer if t.role == ROLE_ATTENTION]
     norms = [t for t in layer if t.role not in (ROLE_ATTENTION, ROLE_MLP, ROLE_EXPERT)]
     first_norm = min((t.numel for t in norms), default=0)  # (the input norm's weight, made last; of equal sizes any)
-    return sum(t.numel for t in layer) - (sum(t.numel for t in attention) - _attention_output(attention)) - first_norm
+    at_mid_norm = sum(t.numel for t in layer) - sum(t.numel for t in attention) - first_norm
+    return at_mid_norm, at_mid_norm + _attention_output(attention)
 
 
 def _attention_casts(tensors: Sequence[ParamTensor]) -> tuple[int, int]:

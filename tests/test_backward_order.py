@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from memcalc.api import model_input
-from memcalc.engine import _attention_casts, _first_layer_pending, _made_before_last_attention
+from memcalc.engine import _attention_casts, _first_layer_pending, _made_before_last
 
 # (preset, the first layer's q/k/v projection modules as transformers names them)
 QKV = [("gpt2", ("attn.c_attn",)), ("falcon-7b", ("self_attention.query_key_value",)),
@@ -31,7 +31,7 @@ def test_the_attention_s_backward_has_not_made_q_k_v_gradients(preset, modules):
     _, pending_at_attention, _, _ = _first_layer_pending(tensors)
     assert pending_at_attention == _qkv(tensors, 0, modules)
     # the last layer's made by then: all of it but q, k, v and the input norm's weight
-    assert _made_before_last_attention(tensors) == layer_total - _qkv(tensors, last, modules) - input_norm
+    assert _made_before_last(tensors)[1] == layer_total - _qkv(tensors, last, modules) - input_norm
     # the autocast casts its attention's backward holds: q's, k's and v's (Linear weights)
     _, held = _attention_casts(tensors)
     assert held == _qkv(tensors, 0, modules, weights_only=True)

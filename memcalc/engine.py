@@ -30,6 +30,7 @@ step's instead (memcalc.measure.timeline, activations.TracedMoment), beside the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -568,7 +569,9 @@ def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
     sizes."""
     if spec.tp == 1 and spec.pp == 1:
         return spec
-    return spec.replace(num_gpus=spec.data_parallel, tp=1, sequence_parallel=False, loss_parallel=False, pp=1,
+    # (its nodes: as many as divide both, so the data-parallel ranks split evenly over them, as the layout's do)
+    return spec.replace(num_gpus=spec.data_parallel, num_nodes=math.gcd(spec.num_nodes, spec.data_parallel), tp=1,
+                        sequence_parallel=False, loss_parallel=False, pp=1,
                         pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
                         pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None,
                         ep_tp=spec.tp if spec.ep > 1 else 1)

@@ -100,6 +100,16 @@ def test_fsdp_on_stages_defaults_to_torchtitans_no_reshard_after_forward(cli):
     assert json.loads(result.stdout)["training"]["zero_stage"] == 2
 
 
+def test_stages_and_tensor_parallelism_over_more_nodes_than_data_parallel_ranks():
+    """64 GPUs on 8 nodes as tp 8 x pp 2 leave 4 data-parallel ranks: the data-parallel engine's view runs them on 4
+    nodes of one (it was given 8 nodes for 4 GPUs and refused the layout the user asked for)."""
+    from memcalc import api
+
+    report = api.estimate("llama-3-70b", nodes=8, gpus_per_node=8, tp=8, pp=2, fsdp=True)
+    assert (report.training.num_gpus, report.training.num_nodes, report.training.tp, report.training.pp) == (64, 8, 8, 2)
+    assert report.per_gpu.peak_bytes > 0
+
+
 @pytest.mark.parametrize(("options", "error", "message"), [
     (["--zero", "2"], UsageError, "DeepSpeed's pipeline engine refuses them"),
     # (its weights' backward keeps bf16's gradients outside FSDP2's upcast; --zero 3 reshards between the halves)

@@ -91,6 +91,7 @@ class GpuSpec:
     source: str
     aliases: tuple[str, ...] = ()
     compute_capability: str | None = None  # "9.0"; a ROCm gfx target for AMD cards
+    interconnect: str | None = None  # how one node's cards are joined: nvswitch, nvlink, pcie, xgmi (memcalc.nccl)
 
     def lookup_keys(self) -> frozenset[str]:
         """Every lookup key this card answers to: its name and its aliases, normalized."""
@@ -111,6 +112,7 @@ def gpu_presets() -> tuple[GpuSpec, ...]:
                 source=entry["_source"],
                 aliases=tuple(entry.get("aliases", ())),
                 compute_capability=entry.get("compute_capability"),
+                interconnect=entry.get("interconnect"),
             )
             for entry in data["gpus"]
         )

@@ -31,9 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from memcalc.errors import MemcalcError
+from memcalc.nccl import DEFAULTS as NCCL_DEFAULTS
+from memcalc.nccl import Communicator, channels_for, communicators, node_size
+from memcalc.nccl import Environment as NcclEnvironment
+from memcalc.nccl import Layout as NcclLayout
 from memcalc.optimizers import OptimImpl, OptimizerName
 from memcalc.precision import PrecisionName
-from memcalc.report import Fit, FitSuggestion, Report
+from memcalc.report import Fit, FitSuggestion, NcclCommunicator, Report
 from memcalc.spec import (
     MAX_TOKENS,
     ActivationSource,
@@ -72,6 +76,11 @@ def cuda_context_for(compute_capability: str | None) -> tuple[int, str]:
     """The CUDA context for a card of this compute capability, and where the figure comes from."""
     return MEASURED_CUDA_CONTEXTS.get(compute_capability or "", (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED))
 
+
+# The one published reading of an all-to-all's NCCL memory is above the rule (benchmarks/nccl_readings.py): said where
+# a layout runs one.
+ALL_TO_ALL_READING = ("the all-to-all's peers: NVIDIA/nccl#1685 read 3.28 GB appear at the first all_to_all_single of "
+                      "8 H100s, 14% above this rule's 2.63 GiB (with the CUDA context's growth; not separated)")
 
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
 # minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.
@@ -116,6 +125,10 @@ class GpuTarget:
     predicted_reserve_bytes: int | None = None
     compute_capability: str | None = None  # the preset's (None for --gpu-memory): sizes the cuBLAS workspaces
     cuda_context_source: str = CUDA_CONTEXT_ASSUMED  # where cuda_context_bytes comes from (cuda_context_for, or given)
+    # how one node's cards are joined (the preset's; None for --gpu-memory) and the NCCL_* settings read: NCCL's
+    # buffers per communicator (memcalc.nccl), deducted from the usable memory of each layout (usable_for)
+    interconnect: str | None = None
+    nccl_env: NcclEnvironment = NCCL_DEFAULTS
 
     @property
     def reserve_bytes(self) -> int:
@@ -150,7 +163,28 @@ class GpuTarget:
 
     @property
     def usable_bytes(self) -> int:
+        """What the tensors of a one-GPU run may use (a layout over several GPUs: usable_for)."""
         return self.memory_bytes - self.cuda_context_bytes - self.workspace_bytes - self.reserve_bytes
+
+    def nccl(self, spec: TrainingSpec) -> tuple[list[Communicator], str]:
+        """The NCCL communicators of the most loaded rank of ``spec``'s layout on this card, and a note when their
+        counts are a bound or not modelled (memcalc.nccl)."""
+        if spec.num_gpus <= 1:
+            return [], ""
+        channels, note = channels_for(self.interconnect, self.compute_capability)
+        if channels is None:
+            return [], note
+        comms = communicators(spec, NcclLayout(channels, self.nccl_env, node_size(spec)))
+        notes = [note] if note else []
+        if spec.num_nodes == 1 and spec.num_gpus > node_size(spec):
+            notes.append(f"nodes of {node_size(spec)} GPUs assumed (--nodes to say)")
+        if any(c.runs == "all-to-all" for c in comms):
+            notes.append(ALL_TO_ALL_READING)
+        return comms, "; ".join(notes)
+
+    def usable_for(self, spec: TrainingSpec) -> int:
+        """usable_bytes less the NCCL buffers of ``spec``'s layout (none on one GPU)."""
+        return self.usable_bytes - sum(c.bytes for c in self.nccl(spec)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,8 +508,8 @@ def _single_changes(spec: TrainingSpec, dims: list[_Dimension], gpu: GpuTarget, 
             low, high = -1, len(dim.options)
             while high - low > 1:
                 middle = (low + high) // 2
-                _, peak = estimates.spec_peak(spec, _merge(dims, ((d, middle),)))
-                if isinstance(peak, int) and peak <= gpu.usable_bytes:
+                changed, peak = estimates.spec_peak(spec, _merge(dims, ((d, middle),)))
+                if changed is not None and isinstance(peak, int) and peak <= gpu.usable_for(changed):
                     high = middle
                 else:
                     low = middle
@@ -487,7 +521,7 @@ def _single_changes(spec: TrainingSpec, dims: list[_Dimension], gpu: GpuTarget, 
         for o in range(len(dim.options)):
             changed, peak = estimates.spec_peak(spec, _merge(dims, ((d, o),)))
             if changed is not None and isinstance(peak, int):
-                singles.append(_Found(((d, o),), changed, peak, peak <= gpu.usable_bytes))
+                singles.append(_Found(((d, o),), changed, peak, peak <= gpu.usable_for(changed)))
     return singles
 
 
@@ -579,7 +613,7 @@ def _search(spec: TrainingSpec, dims: list[_Dimension], gpu: GpuTarget, estimate
         for rest, option in smaller:
             if peak > results[rest][0] - tolerance:
                 inert.setdefault(option, []).append(rest)
-        if peak <= gpu.usable_bytes:
+        if peak <= gpu.usable_for(changed):
             fitting.append(_Found(state, changed, peak, True))
             continue
         if peak > lowest_unfit - tolerance:
@@ -633,7 +667,7 @@ def largest_fitting(spec: TrainingSpec, field_name: str, gpu: GpuTarget,
         "tokens, memcalc/spec.py MAX_TOKENS); the GPU would hold more")
     if cap is not None and cap[0] // step < bound:
         bound, bound_limit, bound_reason = cap[0] // step, LIMIT_MODEL, f"{cap[1]}; the GPU would hold more"
-    usable = gpu.usable_bytes
+    usable = gpu.usable_for(spec)  # (the layout is the same at every value)
     start = estimates.count
     unit = f" (multiples of {step:,})" if step > 1 else ""
 
@@ -706,10 +740,10 @@ def _longest_sequence(spec: TrainingSpec, gpu: GpuTarget, estimates: _Estimates,
                 break
             with derive.exact_lengths():
                 _, peak = estimates.spec_peak(spec, {"seq_len": fitted.value})
-                confirmed = isinstance(peak, int) and peak <= gpu.usable_bytes
+                confirmed = isinstance(peak, int) and peak <= gpu.usable_for(spec)
                 if confirmed and fitted.limit == LIMIT_MEMORY:
                     _, above = estimates.spec_peak(spec, {"seq_len": fitted.value + 1})
-                    confirmed = isinstance(above, int) and above > gpu.usable_bytes
+                    confirmed = isinstance(above, int) and above > gpu.usable_for(spec)
             if confirmed:
                 checked = f"{fitted.value:,}" + (f" and {fitted.value + 1:,}" if fitted.limit == LIMIT_MEMORY else "")
                 return Largest(fitted.value, peak, fitted.limit,
@@ -744,8 +778,10 @@ def check_fit(
     estimates.remember(spec, report)
     peak = report.per_gpu.peak_bytes
     paged = report.per_gpu.paged_bytes
-    fits = peak - paged <= gpu.usable_bytes
-    paged_out = max(0, peak - gpu.usable_bytes) if fits else 0
+    usable = gpu.usable_for(spec)
+    comms, nccl_note = gpu.nccl(spec)
+    fits = peak - paged <= usable
+    paged_out = max(0, peak - usable) if fits else 0
     suggestions: list[FitSuggestion] = []
     budget_reached = False
     cost_reasons: dict[str, str] = {}
@@ -772,7 +808,7 @@ def check_fit(
         _, trainer_peak = estimates.spec_peak(spec, {"precision": trainer_recipe})
         if isinstance(trainer_peak, int):
             trainer = {"hf_trainer_recipe": trainer_recipe.value, "hf_trainer_peak_bytes": trainer_peak,
-                       "hf_trainer_fits": trainer_peak <= gpu.usable_bytes}
+                       "hf_trainer_fits": trainer_peak <= usable}
     solved: dict[str, Any] = {}
     if solve_batch:
         best = largest_fitting(spec, "micro_batch_size", gpu, estimates)
@@ -788,7 +824,10 @@ def check_fit(
         cuda_context_bytes=gpu.cuda_context_bytes, cuda_context_source=gpu.cuda_context_source,
         cublas_workspace_bytes=gpu.workspace_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
         allocator_reserve_predicted=gpu.predicted_reserve_bytes is not None,
-        usable_bytes=gpu.usable_bytes, peak_bytes=peak, headroom_bytes=gpu.usable_bytes - peak, fits=fits,
+        nccl_bytes=gpu.usable_bytes - usable, nccl_communicators=[
+            NcclCommunicator(c.group, c.ranks, c.local_ranks, c.runs, c.bytes, dict(c.parts)) for c in comms],
+        nccl_note=nccl_note or None,
+        usable_bytes=usable, peak_bytes=peak, headroom_bytes=usable - peak, fits=fits,
         peak_is_lower_bound=not report.model.architecture_known, paged_bytes=paged, paged_out_bytes=paged_out,
         suggestions=suggestions, cost_model=COST_MODEL if suggestions else None, cost_reasons=cost_reasons,
         num_estimates=estimates.count, search_budget_reached=budget_reached,

@@ -335,7 +335,8 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
                      if base.seq_len < MIN_CONTEXT_PARALLEL_SEQ else
                      "context parallelism not tried: the run does not take it (memcalc --cp's checks)")
     expert_sizes = (1,) if megatron else _expert_sizes(model)
-    capacity = gpu.usable_bytes  # the GPU less the CUDA context and the allocator reserve (memcalc.fit)
+    # each layout's capacity: the GPU less the CUDA context, the allocator reserve (memcalc.fit) and that layout's NCCL
+    # buffers (memcalc.nccl: its process groups' communicators)
     interleaved = []
     # (1F1B pipelines are estimated even when only interleaved ones are searched: they bound them, below)
     plain: dict[Layout, bool] = {}
@@ -351,6 +352,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
         except (UsageError, UnsupportedModelError) as error:  # the run's other settings do not go with this layout
             refused.append(str(error))
             continue
+        capacity = gpu.usable_for(spec)
         plain[layout] = peak <= capacity
         if layout.pp == 1 or "1f1b" in schedules:
             candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
@@ -370,6 +372,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
         except (UsageError, UnsupportedModelError) as error:
             refused.append(str(error))
             continue
+        capacity = gpu.usable_for(spec)
         candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, rate, parts))
     if passed or beyond:
         notes.append(f"{passed + beyond} interleaved layouts not estimated: {beyond} whose 1F1B layout does not fit "

@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memcalc.errors import printable
-from memcalc.report import VERDICT_DOES_NOT_FIT, VERDICT_FITS, VERDICT_MAY_FIT, AllocatorReplay, Report, VerifyResult
+from memcalc.report import (
+    VERDICT_DOES_NOT_FIT,
+    VERDICT_FITS,
+    VERDICT_MAY_FIT,
+    AllocatorReplay,
+    Fit,
+    Report,
+    VerifyResult,
+)
 from memcalc.units import UNIT_LABELS, format_bytes, format_count, format_value
 from memcalc.vocab import EXTRA_MEANING, PHASE_LABELS, TERM_ACTIVATIONS, Phase
 
@@ -314,6 +322,19 @@ def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> 
         console.print(f"  note: {note}", markup=False, highlight=False)
 
 
+
+def _nccl_line(fit: Fit, size: Callable[[int], str]) -> str:
+    """The NCCL buffers' term of the usable line: each communicator, its parts, and what the figures rest on."""
+    if not fit.nccl_communicators:
+        return f" (NCCL: {fit.nccl_note})" if fit.nccl_note else ""
+    groups = "; ".join(
+        f"{c.group} group of {c.ranks}" + (f", {c.local_ranks} on the node" if c.local_ranks != c.ranks else "")
+        + f" ({c.runs}): " + ", ".join(f"{what} {size(b)}" for what, b in c.parts.items())
+        for c in fit.nccl_communicators)
+    note = f"; {fit.nccl_note}" if fit.nccl_note else ""
+    return (f" - NCCL buffers {size(fit.nccl_bytes)} ({groups}; NCCL 2.28's sizes with every algorithm counted as "
+            f"connected, memcalc/nccl.py{note}; NCCL_DEBUG=INFO prints a run's channels)")
+
 def render_fit(report: Report, console: Console, unit: str) -> None:
     """The verdict first (its first line says FITS or DOES NOT FIT), then the solvers, then the changes that
     would make it fit, cheapest first, with their cost and the largest micro-batch after each. Prose is wrapped
@@ -370,8 +391,8 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
                   "autograd's threads, CublasHandlePool.cpp; with 1 MiB each that a biased Linear's first step "
                   "keeps)") if fit.cublas_workspace_bytes else ""
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} "
-        f"({fit.cuda_context_source}){workspaces} - allocator reserve {size(fit.allocator_reserve_bytes)} "
-        f"({reserve_how})", indent="  ")
+        f"({fit.cuda_context_source}){workspaces}{_nccl_line(fit, size)} - allocator reserve "
+        f"{size(fit.allocator_reserve_bytes)} ({reserve_how})", indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
         master = "bf16" if fit.hf_trainer_recipe.endswith("bf16") else "fp16"
         say(f"HF Trainer's {master}=True runs {fit.hf_trainer_recipe} (fp32 weights, autocast): peak "
@@ -616,15 +637,15 @@ def print_layouts(plan: LayoutPlan, console: Console, unit: str) -> None:
     shown = plan.fitting[:LAYOUTS_SHOWN]
     table = Table(title=f"{plan.gpus} GPUs: {len(plan.fitting)} of {len(plan.candidates)} layouts fit; best "
                         f"{len(shown)} by the throughput model")
-    for column in ("#", "layout", "peak/GPU", "tokens/s", "step s", "bubble"):
+    for column in ("#", "layout", "peak/GPU", "usable/GPU", "tokens/s", "step s", "bubble"):
         table.add_column(column, justify="left" if column == "layout" else "right")
     for rank, c in enumerate(shown, 1):
-        table.add_row(str(rank), c.layout.label, format_bytes(c.peak_bytes, unit), f"{c.tokens_per_second:,.0f}",
-                      f"{c.step_seconds:.1f}", f"{c.parts['bubble_fraction']:.0%}")
+        table.add_row(str(rank), c.layout.label, format_bytes(c.peak_bytes, unit), format_bytes(c.capacity_bytes, unit),
+                      f"{c.tokens_per_second:,.0f}", f"{c.step_seconds:.1f}", f"{c.parts['bubble_fraction']:.0%}")
     console.print(table)
     if shown:
-        console.print(f"usable per GPU: {format_bytes(shown[0].capacity_bytes, unit)} (the GPU less the CUDA context "
-                      "and the allocator reserve)")
+        console.print("usable per GPU: the GPU less the CUDA context, the allocator reserve and the layout's NCCL "
+                      "buffers (its process groups' communicators, memcalc/nccl.py)")
     else:
         smallest = min(plan.candidates, key=lambda c: c.peak_bytes, default=None)
         if smallest is not None:

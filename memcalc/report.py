@@ -195,6 +195,20 @@ class FitSuggestion:
 
 
 @dataclass(eq=False, repr=False)
+class NcclCommunicator:
+    """One process group's NCCL communicator on the most loaded rank (memcalc.nccl): its ranks, how many of them share
+    this rank's node, what it runs (collectives, send/recv, all-to-all, barriers), and the device bytes NCCL holds for
+    it, by part (at init, ring, tree, NVLS, peers, network pools)."""
+
+    group: str
+    ranks: int
+    local_ranks: int
+    runs: str
+    bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False, repr=False)
 class Fit:
     gpu: str
     gpu_memory_bytes: int
@@ -219,6 +233,11 @@ class Fit:
     # the cuBLAS workspaces the allocator keeps beside the tensors (GpuTarget.workspace_bytes), deducted from usable_bytes
     # with the context and the reserve; 0 under --reserved (its replayed reserve holds them)
     cublas_workspace_bytes: int = 0
+    # NCCL's buffers on the most loaded rank (outside PyTorch's allocator; memcalc.nccl), deducted from usable_bytes:
+    # their sum, each communicator, and a note where the counts are a bound or not modelled; 0 on one GPU
+    nccl_bytes: int = 0
+    nccl_communicators: list[NcclCommunicator] = field(default_factory=list)
+    nccl_note: str | None = None
     # When it does not fit: the fitting changes ranked by cost (cheapest first), then each change alone that
     # does not fit. cost_model says what the points mean; cost_reasons gives the reason for each lever used.
     suggestions: list[FitSuggestion] = field(default_factory=list)

@@ -574,6 +574,7 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
         GpuTarget,
         cuda_context_for,
     )
+    from memcalc.nccl import Environment
     from memcalc.units import parse_size
 
     def size(value: int | str, name: str) -> int:
@@ -593,13 +594,14 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
         if given is None:
             context, context_source = cuda_context_for(spec.compute_capability)
         target = GpuTarget(spec.name, spec.memory_bytes, spec.source, context, reserve,
-                           compute_capability=spec.compute_capability, cuda_context_source=context_source)
+                           compute_capability=spec.compute_capability, cuda_context_source=context_source,
+                           interconnect=spec.interconnect, nccl_env=Environment.read())
         note = gpu_alias_note(request.gpu)
     else:
         assert request.gpu_memory is not None
         shown_size = str(request.gpu_memory)
         target = GpuTarget(f"{shown_size} GPU", size(request.gpu_memory, "gpu_memory"), "given size", context,
-                           reserve, cuda_context_source=context_source)
+                           reserve, cuda_context_source=context_source, nccl_env=Environment.read())
     if target.usable_bytes <= 0:
         raise UsageError("the CUDA context, the cuBLAS workspaces and the allocator reserve leave no usable memory; "
                          "check {gpu_memory} and {cuda_context}")

@@ -44,7 +44,8 @@ def _model(ref: str | None, num_params: int | None = None):
 
 def _gpu(name: str) -> GpuTarget:
     preset = find_gpu(name)
-    return GpuTarget(preset.name, preset.memory_bytes, preset.source)
+    return GpuTarget(preset.name, preset.memory_bytes, preset.source, compute_capability=preset.compute_capability,
+                     interconnect=preset.interconnect)
 
 
 def _engine_peak(model, spec: TrainingSpec, **changes) -> int:
@@ -74,10 +75,11 @@ def test_llama_3_70b_lora_on_a100_80gb_offers_qlora_with_checkpointing():
     qlora_ckpt = matches[0]
     assert qlora_ckpt.fits and qlora_ckpt.change == "--qlora --checkpointing full"
     assert qlora_ckpt.peak_bytes == _engine_peak(model, spec, **wanted) <= target.usable_bytes
-    # Before issue 11 the only fitting suggestion was --zero 3 --gpus 16: the combination now ranks first.
+    # Before issue 11 the only fitting suggestion was --zero 3 --gpus 16: the combination now ranks first. (16 GPUs no
+    # longer fit since NCCL's buffers are counted: 1.13 GiB on 16 A100s, two nodes of 8, leave them 0.51 GiB short.)
     fitting = [s for s in fit.suggestions if s.fits]
     assert fitting[0] is qlora_ckpt
-    assert any(s.change == "--zero 3 --gpus 16" for s in fitting)
+    assert any(s.change == "--zero 3 --gpus 32" for s in fitting)
 
 
 def test_llama_3_8b_on_rtx_4090_offers_lora_with_checkpointing():
@@ -125,7 +127,7 @@ def test_cost_table_entries_behind_the_issue_ranking():
     fit = _verdict("llama-3-70b", "a100-80gb", lora_rank=16, activations="rules")[3].fit
     by_change = {s.change: s for s in fit.suggestions}
     assert by_change["--qlora --checkpointing full"].cost_parts == {LEVER_CHECKPOINTING: 33, LEVER_4BIT: 10}
-    assert by_change["--zero 3 --gpus 16"].cost_parts == {LEVER_MORE_GPUS: 1500, LEVER_ZERO[3]: 15}
+    assert by_change["--zero 3 --gpus 32"].cost_parts == {LEVER_MORE_GPUS: 3100, LEVER_ZERO[3]: 15}
     fit = _verdict("llama-3-8b", "rtx-4090")[3].fit
     by_change = {s.change: s for s in fit.suggestions}
     assert by_change["--lora-rank 16 --checkpointing full"].cost_parts == {LEVER_CHECKPOINTING: 33, LEVER_LORA: 40}

@@ -44,7 +44,8 @@ def test_every_gpu_has_a_plain_source():
         assert gpu.source.strip(), gpu.name
         assert not DEVELOPMENT_WORDS.search(gpu.source), (gpu.name, gpu.source)
         assert str(gpu.memory_bytes // BYTES_PER_MIB) in gpu.source.replace(",", ""), (gpu.name, gpu.source)
-    keys = {"name", "aliases", "display", "nominal", "memory_mib", "_source", "compute_capability"}  # the format
+    keys = {"name", "aliases", "display", "nominal", "memory_mib", "_source", "compute_capability",
+            "interconnect"}  # the format
     assert all(set(entry) <= keys for entry in RAW["gpus"])
 
 

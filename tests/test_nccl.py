@@ -1,0 +1,138 @@
+"""NCCL's buffers per communicator (memcalc.nccl): each figure derived by hand from NCCL's constants (NVIDIA/nccl
+v2.30.7: init.cc DEFAULT_*_BUFFSIZE, p2p.cc p2pSendSetup/p2pRecvSetup, channel.cc initChannel, nvls.cc), or a
+published reading (the issue each cites)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memcalc import api, nccl
+from memcalc.spec import TrainingSpec
+
+MIB = 2**20
+H100 = nccl.CHANNELS[("nvswitch", "9.0")]
+A100 = nccl.CHANNELS[("nvswitch", "8.0")]
+
+
+def _mib(parts) -> dict[str, float]:
+    return {what: b / MIB for what, b in parts}
+
+
+def test_a_connection_holds_what_nvidia_nccl_1685_saw_allocated():
+    """Over NVLink on an H100 the receiver holds ncclRecvMem (4 KiB) + LL (512 KiB) + LL128 (4,915,200 B) + SIMPLE
+    (4 MiB) = 9,637,888 B, rounded to 2 MiB: 10,485,760 B; the sender its 4 KiB ncclSendMem: 2,097,152 B. Those are
+    the two allocation sizes NVIDIA/nccl#1685 lists under NCCL_DEBUG_SUBSYS=ALLOC (8x H100)."""
+    assert nccl.Layout(H100).connection(over_network=False) == (2_097_152, 10_485_760)
+    # A100 over NVLink reads SIMPLE from the sender (paths.cc): 4 KiB + 4 MiB -> 6 MiB; 4 KiB + LL + LL128 -> 6 MiB.
+    assert nccl.Layout(A100).connection(over_network=False) == (6 * MIB, 6 * MIB)
+    # NCCL_BUFFSIZE=8 MiB: the receiver's 4,096 + 524,288 + 4,915,200 + 8,388,608 = 13,832,192 B -> 14 MiB.
+    bigger = nccl.Layout(H100, nccl.Environment.read({"NCCL_BUFFSIZE": str(8 * MIB)}))
+    assert bigger.connection(over_network=False) == (2 * MIB, 14 * MIB)
+
+
+def test_an_8_gpu_h100_data_parallel_group_by_hand():
+    """One communicator of 8 H100s (24 collective, 32 p2p and 16 NVLS channels, as NCCL_DEBUG=INFO logs of such
+    nodes print): at init 2 + 3 x 32 granules of 2 MiB and NVLS's 1 + 16 = 230 MiB; a ring and a tree of 24 channels
+    x (2 + 10) MiB = 288 MiB each; NVLS 8 local ranks x 16 channels x 2 x 8 steps x 128 KiB = 256 MiB."""
+    [comm] = nccl.communicators(TrainingSpec(num_gpus=8, zero_stage=3), nccl.Layout(H100))
+    assert (comm.group, comm.ranks, comm.local_ranks, comm.runs) == ("data-parallel", 8, 8, "collectives")
+    assert list(_mib(comm.parts).values()) == [230, 288, 288, 256]
+    assert comm.bytes == 1062 * MIB
+    # NCCL_NVLS_ENABLE=0: no NVLS buffers, no NVLS channels at init.
+    [plain] = nccl.communicators(TrainingSpec(num_gpus=8, zero_stage=3),
+                                 nccl.Layout(H100, nccl.Environment.read({"NCCL_NVLS_ENABLE": "0"})))
+    assert plain.bytes == (196 + 288 + 288) * MIB
+    # Two ranks have no tree (NCCL's tree of 2 is the ring's own connections) and no NVLS (fewer than 3 local ranks).
+    [pair] = nccl.communicators(TrainingSpec(num_gpus=2), nccl.Layout(H100))
+    assert _mib(pair.parts) == {"at init (channels, device communicator)": 196, "ring": 288}
+
+
+def test_the_readings_of_nvidia_nccl_964():
+    """4 A100s joined by NVLink, 2023's NCCL (no cuMem: everything connected and pooled at init), an all-reduce per
+    group, measured on rank 0: 544 MB for a group of 2, 688 MB for a group of 3 or 4. By hand: a ring of 24 channels
+    x (6 + 6) MiB = 288 MiB, the pool made at init 32 p2p channels x 16 x 512 KiB = 256 MiB: 544 MiB. A group of 4
+    adds a tree: the chain's middle ranks send and receive (288 MiB, the most loaded rank, which memcalc counts); its
+    root, rank 0, only receives: 24 x 6 MiB = 144 MiB less, 688 MiB, the reading."""
+    layout = nccl.Layout(A100, nccl.Environment.read({"NCCL_CUMEM_ENABLE": "0"}), node_size=4)
+    assert layout.communicator("pair", 2, 1, "collectives").bytes == 544 * MIB
+    four = layout.communicator("four", 4, 1, "collectives")
+    root_sends_nothing_up = A100.collective * layout.connection(over_network=False)[0]
+    assert four.bytes - root_sends_nothing_up == 688 * MIB
+
+
+def test_send_recv_and_all_to_all_connect_their_peers():
+    """A middle pipeline stage on one node exchanges with 2 neighbours over 32 channels each, (2 + 10) MiB per
+    channel: 768 MiB; expert parallelism over 8 GPUs connects all 7 peers: 7 x 32 x 12 = 2,688 MiB (NVIDIA/nccl#1685
+    saw 3.28 GB appear at the first all_to_all_single of 8 H100s, the CUDA context's growth with it: the figure is
+    14% below that reading, docs/accuracy.md). Across nodes a communicator's peers get 4 channels, and the network's
+    shared pools are 2 x 32 x 16 x 128 KiB = 128 MiB."""
+    layout = nccl.Layout(H100)
+    stage = layout.communicator("pipeline", 4, 2, "send/recv", neighbours=2)
+    assert _mib(stage.parts) == {"at init (channels, device communicator)": 196, "2 peers x 32 channels": 768}
+    experts = layout.communicator("expert-parallel", 8, 1, "all-to-all")
+    assert _mib(experts.parts)["7 peers x 32 channels"] == 2688
+    spread = nccl.Layout(H100, node_size=8).communicator("pipeline", 2, 16, "send/recv", neighbours=1)
+    assert _mib(spread.parts) == {"at init (channels, device communicator)": 196, "network pools": 128}
+    # --ep 8 on 8 GPUs: the data-parallel and the expert-parallel groups are both every rank, the default group: one
+    # communicator (its init counted once), the 8-GPU group's 1,062 MiB and the peers' 2,688 MiB.
+    [both] = nccl.communicators(TrainingSpec(num_gpus=8, ep=8, zero_stage=3, sharding="fsdp"), layout)
+    assert (both.group, both.runs) == ("data-parallel and expert-parallel", "collectives and all-to-all")
+    assert both.bytes == (1062 + 2688) * MIB
+
+
+def test_a_layout_s_groups_follow_the_mesh():
+    """torchtitan's order (pp, dp, cp, tp innermost) over 8 nodes of 8: tp 8 stays on a node, the 4 data-parallel
+    ranks are 8 apart (one per node: their ring and tree go over the network, 20 MiB a channel), the 2 stages 32
+    apart; the world group's barriers are a communicator of their own."""
+    spec = TrainingSpec(num_gpus=64, num_nodes=8, tp=8, pp=2, zero_stage=3, sharding="fsdp")
+    comms = nccl.communicators(spec, nccl.Layout(H100, node_size=nccl.node_size(spec)))
+    assert [(c.group, c.ranks, c.local_ranks, c.runs) for c in comms] == [
+        ("tensor-parallel", 8, 8, "collectives"), ("data-parallel", 4, 1, "collectives"),
+        ("pipeline", 2, 1, "send/recv"), ("world (barriers)", 64, 8, "barriers")]
+    assert _mib(comms[1].parts) == {"at init (channels, device communicator)": 196,
+                                    "ring (over the network, a bound)": 24 * 20,
+                                    "tree (over the network, a bound)": 24 * 20}
+    # Plain data parallelism: the data-parallel group is the world (DeviceMesh reuses the default group).
+    assert [c.group for c in nccl.communicators(TrainingSpec(num_gpus=8), nccl.Layout(H100))] == ["data-parallel"]
+    assert nccl.communicators(TrainingSpec(num_gpus=1), nccl.Layout(H100)) == []
+
+
+def test_the_fit_deducts_them_named(cli, monkeypatch):
+    for name in ("NCCL_NVLS_ENABLE", "NCCL_BUFFSIZE", "NCCL_CUMEM_ENABLE", "NCCL_RUNTIME_CONNECT"):
+        monkeypatch.delenv(name, raising=False)
+    one = api.estimate("llama-3-8b", gpu="h100-80gb").fit
+    eight = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit
+    assert one.nccl_bytes == 0 and not one.nccl_communicators
+    assert eight.nccl_bytes == 1062 * MIB == sum(c.bytes for c in eight.nccl_communicators)
+    assert eight.usable_bytes == one.usable_bytes - eight.nccl_bytes
+    assert eight.headroom_bytes == eight.usable_bytes - eight.peak_bytes
+    data = cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3", "--json").json()
+    assert data["fit"]["nccl_bytes"] == 1062 * MIB
+    assert data["fit"]["nccl_communicators"][0]["parts"]["NVLS"] == 256 * MIB
+    text = " ".join(cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3").stdout.split())
+    assert "NCCL buffers 1.04 GiB (data-parallel group of 8 (collectives)" in text
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    assert api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit.nccl_bytes == (196 + 288 + 288) * MIB
+
+
+def test_amd_cards_say_rccl_is_not_counted():
+    fit = api.estimate("llama-3-8b", gpu="mi300x", gpus=8, zero=3).fit
+    assert fit.nccl_bytes == 0 and "RCCL" in (fit.nccl_note or "")
+
+
+def test_more_gpus_than_a_node_are_nodes_of_8_unless_told():
+    fit = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=16, zero=3).fit
+    [comm] = fit.nccl_communicators
+    assert (comm.ranks, comm.local_ranks) == (16, 8) and "nodes of 8 GPUs assumed" in fit.nccl_note
+    told = api.estimate("llama-3-8b", gpu="h100-80gb", nodes=4, gpus_per_node=4, zero=3).fit
+    assert told.nccl_communicators[0].local_ranks == 4 and not told.nccl_note
+
+
+@pytest.mark.parametrize("gpus", [8, 64])
+def test_the_planner_s_capacity_is_each_layout_s(gpus):
+    plan = api.layouts("llama-3-8b", gpus=gpus, gpu="h100-80gb", **({"nodes": gpus // 8} if gpus > 8 else {}))
+    one = api.estimate("llama-3-8b", gpu="h100-80gb").fit.usable_bytes
+    assert all(c.capacity_bytes < one for c in plan.candidates)
+    assert len({c.capacity_bytes for c in plan.candidates}) > 1, json.dumps([c.layout.label for c in plan.candidates])

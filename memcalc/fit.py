@@ -178,7 +178,9 @@ class GpuTarget:
         notes = [note] if note else []
         if spec.num_nodes == 1 and spec.num_gpus > node_size(spec):
             notes.append(f"nodes of {node_size(spec)} GPUs assumed (--nodes to say)")
-        if any(c.runs == "all-to-all" for c in comms):
+        if self.nccl_env.settings():
+            notes.append("from the environment: " + ", ".join(self.nccl_env.settings()))
+        if any("all-to-all" in c.runs for c in comms):
             notes.append(ALL_TO_ALL_READING)
         return comms, "; ".join(notes)
 

@@ -4,8 +4,8 @@ NCCL allocates them itself (cuMem), outside PyTorch's caching allocator: they ap
 ``torch.cuda.memory_reserved``, and a step's tensors cannot use them. The fit deducts them from the usable memory,
 named, one communicator at a time. Pure Python: no torch.
 
-Derived from NCCL's code (NVIDIA/nccl v2.30.7; torch 2.11's wheels carry 2.28.9, whose rules below are the same),
-for NCCL 2.22 and later with its defaults (cuMem on, connections made at first use):
+Derived from NCCL's code (NVIDIA/nccl v2.30.7, and v2.28.9-1 with the same rules: the release a published PyTorch
+2.11 run used, NVIDIA/nccl#2363), for NCCL 2.22 and later with its defaults (cuMem on, connections made at first use):
 - Buffers of one connection (``init.cc`` ``computeBuffSizes``): LL 8 lines x 512 threads x 8 steps x 16 B = 512 KiB,
   LL128 120 x 640 x 8 x 8 B = 4,915,200 B, SIMPLE 4 MiB (NCCL_BUFFSIZE); beside them a 4 KiB ncclSendMem or
   ncclRecvMem. Over NVLink or PCIe (``transport/p2p.cc`` ``p2pSendSetup``/``p2pRecvSetup``) the receiving GPU holds
@@ -55,8 +55,6 @@ NET_CHUNK = 128 * 1024  # P2P_NET_CHUNKSIZE (and P2P_PCI_CHUNKSIZE)
 NVL_CHUNK = 512 * 1024  # P2P_NVL_CHUNKSIZE: all GPUs of the communicator joined by NVLink
 NVLS_CHUNK = 128 * 1024  # NVLS_CHUNKSIZE (NCCL 2.21 and later)
 NET_PEER_CHANNELS = 4  # P2P channels per peer in a communicator that spans nodes (logs: 2 to 4; the larger counted)
-
-NCCL_VERSION = "NCCL 2.28-2.30 (torch 2.11's wheels carry 2.28.9)"
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,12 @@ class Environment:
     def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
         env = os.environ if environ is None else environ
 
-        def integer(name: str) -> int | None:
-            value = env.get(name, "").strip()
-            return int(value) if value.isdigit() and int(value) > 0 else None
+        def integer(name: str) -> int | None:  # (NCCL reads its integers with strtoll, base 0, param.cc)
+            try:
+                value = int(env.get(name, "").strip(), 0)
+            except ValueError:
+                return None
+            return value if value > 0 else None
 
         cumem = env.get("NCCL_CUMEM_ENABLE", "").strip() != "0"
         return cls(simple_bytes=integer("NCCL_BUFFSIZE") or SIMPLE_BYTES,

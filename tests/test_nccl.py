@@ -114,6 +114,11 @@ def test_the_fit_deducts_them_named(cli, monkeypatch):
     text = " ".join(cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3").stdout.split())
     assert "NCCL buffers 1.04 GiB (data-parallel group of 8 (collectives)" in text
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    monkeypatch.setenv("NCCL_BUFFSIZE", "0x800000")  # (NCCL reads its integers in any base)
+    fit = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit
+    assert fit.nccl_bytes == (196 + 24 * 16 * 2) * MIB  # ring and tree: 24 channels x (2 + 14) MiB
+    assert fit.nccl_note == "from the environment: NCCL_BUFFSIZE=8388608, NCCL_NVLS_ENABLE=0"
+    monkeypatch.setenv("NCCL_BUFFSIZE", "lots")  # not a number: the default size is counted
     assert api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit.nccl_bytes == (196 + 288 + 288) * MIB
 
 

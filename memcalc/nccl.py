@@ -20,7 +20,9 @@ Derived from NCCL's code (NVIDIA/nccl v2.30.7, and v2.28.9-1 with the same rules
   SHARP (``transport/nvls.cc`` ``ncclNvlsBufferSetup``, compute capability 9.0 and up behind NVSwitch) buffers of
   local ranks x NVLS channels x 2 x 8 x 128 KiB, plus 2 MiB per NVLS channel and 2 MiB of credits at init.
 - Send/recv (pipeline stages, ``enqueue.cc``) connects the channels per peer (P2P channels per peer) with each peer
-  it exchanges with; all-to-all (expert parallelism) with every peer of the group. Over the network these use shared
+  it exchanges with; all-to-all (expert parallelism) with every peer of the group. The pipeline group also
+  all-reduces the gradient norm once a step (torchtitan's ``clip_grad_norm_`` with its pp mesh): one algorithm's
+  connections. Over the network these use shared
   pools (``net.cc`` ``sharedNetBuffersInit``): P x 16 steps x 128 KiB per direction.
 - Without connections at first use (NCCL_RUNTIME_CONNECT=0, or NCCL_CUMEM_ENABLE=0, or NCCL before 2.22) every
   algorithm is connected at init and one more pool of P x 16 x the p2p chunk (512 KiB where all GPUs are joined by
@@ -211,6 +213,9 @@ class Layout:
         channels = self.collective
         if runs in ("collectives", "barriers"):
             parts.append(("ring" + (" (over the network, a bound)" if spans else ""), channels * self.pair(spans)))
+        if runs == "send/recv":  # torchtitan's clip_grad_norm_ all-reduces the norm over the stages: one algorithm
+            parts.append(("the gradient norm's all-reduce" + (" (over the network, a bound)" if spans else ""),
+                          channels * self.pair(spans)))
         if runs == "collectives" and ranks > 2:
             parts.append(("tree" + (" (over the network, a bound)" if spans else ""), channels * self.pair(spans)))
         if nvls:

@@ -64,17 +64,20 @@ def test_the_readings_of_nvidia_nccl_964():
 
 def test_send_recv_and_all_to_all_connect_their_peers():
     """A middle pipeline stage on one node exchanges with 2 neighbours over 32 channels each, (2 + 10) MiB per
-    channel: 768 MiB; expert parallelism over 8 GPUs connects all 7 peers: 7 x 32 x 12 = 2,688 MiB (NVIDIA/nccl#1685
+    channel: 768 MiB, and all-reduces the gradient norm with the other stages (torchtitan's clip_grad_norm_): a ring's
+    24 x 12 MiB; expert parallelism over 8 GPUs connects all 7 peers: 7 x 32 x 12 = 2,688 MiB (NVIDIA/nccl#1685
     saw 3.28 GB appear at the first all_to_all_single of 8 H100s, the CUDA context's growth with it: the figure is
     14% below that reading, docs/accuracy.md). Across nodes a communicator's peers get 4 channels, and the network's
     shared pools are 2 x 32 x 16 x 128 KiB = 128 MiB."""
     layout = nccl.Layout(H100)
     stage = layout.communicator("pipeline", 4, 2, "send/recv", neighbours=2)
-    assert _mib(stage.parts) == {"at init (channels, device communicator)": 196, "2 peers x 32 channels": 768}
+    assert _mib(stage.parts) == {"at init (channels, device communicator)": 196, "the gradient norm's all-reduce": 288,
+                                 "2 peers x 32 channels": 768}
     experts = layout.communicator("expert-parallel", 8, 1, "all-to-all")
     assert _mib(experts.parts)["7 peers x 32 channels"] == 2688
     spread = nccl.Layout(H100, node_size=8).communicator("pipeline", 2, 16, "send/recv", neighbours=1)
-    assert _mib(spread.parts) == {"at init (channels, device communicator)": 196, "network pools": 128}
+    assert _mib(spread.parts) == {"at init (channels, device communicator)": 196, "network pools": 128,
+                                  "the gradient norm's all-reduce (over the network, a bound)": 24 * 20}
     # --ep 8 on 8 GPUs: the data-parallel and the expert-parallel groups are both every rank, the default group: one
     # communicator (its init counted once), the 8-GPU group's 1,062 MiB and the peers' 2,688 MiB.
     [both] = nccl.communicators(TrainingSpec(num_gpus=8, ep=8, zero_stage=3, sharding="fsdp"), layout)

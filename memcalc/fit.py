@@ -175,7 +175,7 @@ class GpuTarget:
         if channels is None:
             return [], note
         comms = communicators(spec, NcclLayout(channels, self.nccl_env, node_size(spec)))
-        notes = [note] if note else []
+        notes = [note or channels.described()]
         if spec.num_nodes == 1 and spec.num_gpus > node_size(spec):
             notes.append(f"nodes of {node_size(spec)} GPUs assumed (--nodes to say)")
         if self.nccl_env.settings():

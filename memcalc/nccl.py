@@ -20,10 +20,10 @@ Derived from NCCL's code (NVIDIA/nccl v2.30.7, and v2.28.9-1 with the same rules
   SHARP (``transport/nvls.cc`` ``ncclNvlsBufferSetup``, compute capability 9.0 and up behind NVSwitch) buffers of
   local ranks x NVLS channels x 2 x 8 x 128 KiB, plus 2 MiB per NVLS channel and 2 MiB of credits at init.
 - Send/recv (pipeline stages, ``enqueue.cc``) connects the channels per peer (P2P channels per peer) with each peer
-  it exchanges with; all-to-all (expert parallelism) with every peer of the group. The pipeline group also
+  it exchanges with; all-to-all (expert parallelism) with every peer of the group. Over the network these use shared
+  pools (``net.cc`` ``sharedNetBuffersInit``): P x 16 steps x 128 KiB per direction. The pipeline group also
   all-reduces the gradient norm once a step (torchtitan's ``clip_grad_norm_`` with its pp mesh): one algorithm's
-  connections. Over the network these use shared
-  pools (``net.cc`` ``sharedNetBuffersInit``): P x 16 steps x 128 KiB per direction.
+  connections.
 - Without connections at first use (NCCL_RUNTIME_CONNECT=0, or NCCL_CUMEM_ENABLE=0, or NCCL before 2.22) every
   algorithm is connected at init and one more pool of P x 16 x the p2p chunk (512 KiB where all GPUs are joined by
   NVLink, 128 KiB otherwise) is made at init (``init.cc``, ``net.cc`` ``proxySharedInit``).
@@ -71,21 +71,23 @@ class Channels:
     nvlink: bool  # every GPU of a node joined by NVLink (the p2p chunk is 512 KiB)
     source: str
 
+    def described(self) -> str:
+        nvls = f", {self.nvls} NVLS" if self.nvls else ""
+        return f"{self.collective} collective, {self.p2p} p2p ({self.per_peer} a peer){nvls} channels: {self.source}"
+
 
 CHANNELS = {
     ("nvswitch", "9.0"): Channels(24, 32, 32, 16, False, True, (
-        "8x H100 SXM logs (24 coll, 16 nvls, 32 p2p, 32 per peer: NCCL 2.2x NCCL_DEBUG=INFO); NVLS channels "
-        "16 on sm 9.0 (nvls.cc)")),
+        "as 8x H100 SXM nodes' NCCL_DEBUG=INFO logs print them (NCCL 2.2x); NVLS's from nvls.cc for sm 9.0")),
     ("nvswitch", "8.0"): Channels(24, 32, 32, 0, True, True, (
-        "A100-SXM4 logs (24 coll, 32 p2p, 32 per peer: NCCL 2.20.5 NCCL_DEBUG=INFO); SIMPLE read from the peer "
-        "(paths.cc: sm 8.0 over NVLink)")),
+        "as A100-SXM4 NCCL_DEBUG=INFO logs print them (NCCL 2.20.5); SIMPLE read from the peer (paths.cc: sm 8.0 over "
+        "NVLink)")),
     ("nvswitch", "10.0"): Channels(32, 64, 64, 24, False, True, (
-        "inferred for sm 10.0, no log read: 64 p2p channels (a B300 communicator's 512 MiB pool, NVIDIA/nccl#2363), "
-        "NVLS channels 24 on one sm 10.0 node (nvls.cc)")),
-    ("nvlink", ""): Channels(16, 16, 4, 0, False, True, "assumed: NVLink without NVSwitch, no log read"),
+        "inferred for sm 10.0, no log read: p2p from a B300 communicator's 512 MiB pool (NVIDIA/nccl#2363), NVLS "
+        "from nvls.cc for one sm 10.0 node")),
+    ("nvlink", ""): Channels(16, 16, 4, 0, False, True, "assumed for NVLink without NVSwitch, no log read"),
     ("pcie", ""): Channels(8, 8, 2, 0, False, False, (
-        "PCIe: NCCL's search finds 2 to 8 channels (logs), 8 counted; cards without peer access use host memory "
-        "(SHM) and hold less")),
+        "PCIe: logs show 2 to 8, the most counted; cards without peer access use host memory (SHM) and hold less")),
 }
 # A card not known (--gpu-memory): the largest counts above, an upper bound.
 UNKNOWN_CARD = ("nvswitch", "10.0")
@@ -96,7 +98,8 @@ def channels_for(interconnect: str | None, compute_capability: str | None) -> tu
     if interconnect == "xgmi":
         return None, "AMD's RCCL buffers are not modelled (not counted)"
     if interconnect is None:
-        return CHANNELS[UNKNOWN_CARD], "card not known: the largest channel counts memcalc has (sm 10.0 NVSwitch)"
+        return CHANNELS[UNKNOWN_CARD], ("card not known: the largest channel counts memcalc has, sm 10.0 NVSwitch's ("
+                                        + CHANNELS[UNKNOWN_CARD].described() + ")")
     key = (interconnect, compute_capability or "") if interconnect == "nvswitch" else (interconnect, "")
     if key not in CHANNELS:  # an NVSwitch card of a generation not listed: the nearest older one's counts
         key = ("nvswitch", "10.0") if float(compute_capability or 0) >= 10 else ("nvswitch", "9.0")

@@ -120,9 +120,15 @@ def test_the_fit_deducts_them_named(cli, monkeypatch):
     monkeypatch.setenv("NCCL_BUFFSIZE", "0x800000")  # (NCCL reads its integers in any base)
     fit = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit
     assert fit.nccl_bytes == (196 + 24 * 16 * 2) * MIB  # ring and tree: 24 channels x (2 + 14) MiB
-    assert fit.nccl_note == "from the environment: NCCL_BUFFSIZE=8388608, NCCL_NVLS_ENABLE=0"
+    assert fit.nccl_note.endswith("; from the environment: NCCL_BUFFSIZE=8388608, NCCL_NVLS_ENABLE=0")
     monkeypatch.setenv("NCCL_BUFFSIZE", "lots")  # not a number: the default size is counted
     assert api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit.nccl_bytes == (196 + 288 + 288) * MIB
+
+
+def test_the_output_names_the_channels_and_their_source():
+    fit = api.estimate("llama-3-8b", gpu="a100-80gb", gpus=8, zero=3).fit
+    assert fit.nccl_note.startswith("24 collective, 32 p2p (32 a peer) channels: as A100-SXM4 NCCL_DEBUG=INFO logs")
+    assert fit.nccl_bytes == (196 + 2 * 24 * 12) * MIB  # no NVLS before Hopper; 6 + 6 MiB a channel (read mode)
 
 
 def test_amd_cards_say_rccl_is_not_counted():
@@ -135,7 +141,7 @@ def test_more_gpus_than_a_node_are_nodes_of_8_unless_told():
     [comm] = fit.nccl_communicators
     assert (comm.ranks, comm.local_ranks) == (16, 8) and "nodes of 8 GPUs assumed" in fit.nccl_note
     told = api.estimate("llama-3-8b", gpu="h100-80gb", nodes=4, gpus_per_node=4, zero=3).fit
-    assert told.nccl_communicators[0].local_ranks == 4 and not told.nccl_note
+    assert told.nccl_communicators[0].local_ranks == 4 and "assumed" not in told.nccl_note
 
 
 @pytest.mark.parametrize("gpus", [8, 64])

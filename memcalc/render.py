@@ -322,7 +322,6 @@ def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> 
         console.print(f"  note: {note}", markup=False, highlight=False)
 
 
-
 def _nccl_line(fit: Fit, size: Callable[[int], str]) -> str:
     """The NCCL buffers' term of the usable line: each communicator, its parts, and what the figures rest on."""
     if not fit.nccl_communicators:
@@ -334,6 +333,7 @@ def _nccl_line(fit: Fit, size: Callable[[int], str]) -> str:
     note = f"; {fit.nccl_note}" if fit.nccl_note else ""
     return (f" - NCCL buffers {size(fit.nccl_bytes)} ({groups}; NCCL 2.28-2.30's sizes with every algorithm counted as "
             f"connected, memcalc/nccl.py{note}; NCCL_DEBUG=INFO prints a run's channels)")
+
 
 def render_fit(report: Report, console: Console, unit: str) -> None:
     """The verdict first (its first line says FITS or DOES NOT FIT), then the solvers, then the changes that

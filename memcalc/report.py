@@ -234,7 +234,8 @@ class Fit:
     # with the context and the reserve; 0 under --reserved (its replayed reserve holds them)
     cublas_workspace_bytes: int = 0
     # NCCL's buffers on the most loaded rank (outside PyTorch's allocator; memcalc.nccl), deducted from usable_bytes:
-    # their sum, each communicator, and a note where the counts are a bound or not modelled; 0 on one GPU
+    # their sum, each communicator, and a note (the card's channel counts and their source, what is a bound or not
+    # modelled, NCCL_* settings read); 0 on one GPU
     nccl_bytes: int = 0
     nccl_communicators: list[NcclCommunicator] = field(default_factory=list)
     nccl_note: str | None = None

@@ -419,6 +419,31 @@ def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: s
             and not _every(windowed_layers(arch, spec.local_seq_len)))
 
 
+# The flash kernel's backward (FlashAttention-2's mha_bwd, PyTorch's aten/src/ATen/native/transformers/cuda/flash_attn/
+# flash_api.cpp) allocates, beside its gradients: softmax_d, fp32 (b, heads, s rounded to 128); dq_accum, fp32
+# (b, s rounded to 128, heads, head_dim rounded to 32); with fewer kv heads than heads, dk_expanded and dv_expanded
+# (b, s, heads, head_dim) in the inputs' dtype, summed into dk and dv after the kernel. Freed when the op returns, so
+# never in a FakeTensor trace or a CPU step: not counted, and named where it is large enough to matter.
+FLASH_WORKSPACE_NOTED = 256 * 2**20  # (a quarter of a GiB: worth a line on any card)
+FLASH_WORKSPACE_NOTE = ("attention: not counted: each layer's flash backward allocates {size} of its own while it runs "
+                        "(FlashAttention-2's mha_bwd: an fp32 dq accumulator, and with grouped kv heads k and v gradients "
+                        "for every head); a moment inside it is not modelled (cuDNN's attention, where torch picks it, "
+                        "has its own workspace); not measured on a GPU yet")
+
+
+def flash_backward_workspace(arch: Arch, spec: TrainingSpec, run: Run) -> int:
+    """The bytes FlashAttention-2's backward allocates for itself in one layer's call (16-bit runs only: flash takes
+    no fp32 inputs)."""
+    if run.c == BYTES_PER_FP32 or not arch.num_heads or not arch.head_dim or arch.head_dim > 256:
+        return 0
+    heads, kv_heads = arch.num_heads // spec.tp, max(1, arch.num_kv_heads // spec.tp)
+    b, s, d = spec.micro_batch_size, spec.local_seq_len, arch.head_dim
+    rounded = -(-s // 128) * 128
+    accumulators = BYTES_PER_FP32 * b * heads * rounded * (1 + -(-d // 32) * 32)
+    expanded = 2 * run.c * b * s * heads * d if kv_heads != heads else 0
+    return accumulators + expanded
+
+
 def _every(flags: list[bool]) -> bool:
     return bool(flags) and all(flags)
 
@@ -471,6 +496,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         rule = pipeline.stage_rule(rule, spec, run)  # one micro-batch on this stage
     result.source = "trace" if traced else ("rules" if described.derived else "approximation")
     result.notes.extend(rule.notes)
+    workspace = flash_backward_workspace(arch, spec, run) if not eager else 0
+    if workspace >= FLASH_WORKSPACE_NOTED:
+        result.notes.append(FLASH_WORKSPACE_NOTE.format(size=f"{workspace / 2**20:,.0f} MiB"))
     selective = spec.checkpointing == Checkpointing.selective_op
     offloaded = spec.activation_offload != ActivationOffload.none
     # (--fp8 on one process: torchao's float8 layers run on the CPU and under FakeTensorMode, so the step is traced

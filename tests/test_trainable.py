@@ -30,8 +30,9 @@ def _model(raw: dict) -> ModelInput:
 
 def test_lora_freezes_base_and_adds_adapters():
     model = model_input("llama-3-8b", None)
-    full = run(model, TrainingSpec())
-    lora = run(model, TrainingSpec(lora_rank=16))
+    # (activations by the rules: these are model states; tests/test_lora_traced.py checks the traced step)
+    full = run(model, TrainingSpec(activations="rules"))
+    lora = run(model, TrainingSpec(lora_rank=16, activations="rules"))
     # Per targeted q_proj/v_proj (out, in): r*(in + out). Llama-3-8B: q (4096, 4096), v (1024, 4096), 32 layers.
     expected_adapters = 32 * 16 * ((4096 + 4096) + (4096 + 1024))
     assert lora.model.num_trainable_params == expected_adapters
@@ -42,7 +43,8 @@ def test_lora_freezes_base_and_adds_adapters():
 
 
 def test_qlora_base_in_nf4():
-    report = run(model_input("llama-3-8b", None), TrainingSpec(lora_rank=16, qlora=True, qlora_upcast=False))
+    report = run(model_input("llama-3-8b", None), TrainingSpec(lora_rank=16, qlora=True, qlora_upcast=False,
+                                                               activations="rules"))
     parts = report.term("weights").breakdown
     assert set(parts) == {"16-bit (not quantized)", "nf4 base"}
     linear = [t for t in model_input("llama-3-8b", None).tensors if t.is_linear_weight and t.role != "lm_head"]
@@ -58,13 +60,14 @@ def test_unknown_lora_target_and_missing_defaults():
         run(model, TrainingSpec(lora_rank=8, lora_targets=("nonexistent",)))
     with pytest.raises(UsageError, match="no default LoRA targets"):
         run(model_input("deepseek-v2-lite", None), TrainingSpec(lora_rank=8))
-    all_linear = run(model, TrainingSpec(lora_rank=8, lora_targets=("all-linear",)))
-    assert all_linear.model.num_trainable_params > run(model, TrainingSpec(lora_rank=8)).model.num_trainable_params
+    all_linear = run(model, TrainingSpec(lora_rank=8, lora_targets=("all-linear",), activations="rules"))
+    default = run(model, TrainingSpec(lora_rank=8, activations="rules"))
+    assert all_linear.model.num_trainable_params > default.model.num_trainable_params
 
 
 def test_freeze_embeddings():
     model = model_input("llama-3-8b", None)
-    report = run(model, TrainingSpec(freeze=("embeddings",)))
+    report = run(model, TrainingSpec(freeze=("embeddings",), activations="rules"))
     assert report.model.num_params - report.model.num_trainable_params == 128256 * 4096  # embed_tokens
 
 

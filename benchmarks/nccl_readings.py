@@ -22,7 +22,15 @@ def rows() -> list[tuple[str, str, float, float, str]]:
     h100 = nccl.Layout(H100)
     send, receive = h100.connection(over_network=False)
     all_to_all = dict(h100.communicator("expert-parallel", 8, 1, "all-to-all").parts)["7 peers x 32 channels"]
+    one_rank = nccl.Channels(64, 64, 0, False, False, "a single-rank communicator: MAXCHANNELS")
+    one_channel = nccl.Layout(one_rank, nccl.Environment.read({"NCCL_MAX_NCHANNELS": "1"}))
     return [
+        ("sgl-project/sglang#35538", "RTX 3060, a 1-rank new_group([0]) (64 channels: MAXCHANNELS)", 388,
+         nccl.Layout(one_rank).fixed(nvls=False) / MIB, "device memory each extra group added"),
+        ("sgl-project/sglang#35538", "same, NCCL_MAX_NCHANNELS=1", 10, one_channel.fixed(nvls=False) / MIB,
+         "device memory each extra group added"),
+        ("NVIDIA/Megatron-LM#6479", "a singleton communicator (GPU not named)", 388,
+         nccl.Layout(one_rank).fixed(nvls=False) / MIB, "its device memory"),
         ("NVIDIA/nccl#1685", "8x H100, one P2P connection's receive buffer (NCCL_DEBUG_SUBSYS=ALLOC)",
          10_485_760 / MIB, receive / MIB, "the allocation size"),
         ("NVIDIA/nccl#1685", "8x H100, one P2P connection's send buffer (NCCL_DEBUG_SUBSYS=ALLOC)",

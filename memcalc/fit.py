@@ -82,6 +82,15 @@ def cuda_context_for(compute_capability: str | None) -> tuple[int, str]:
 ALL_TO_ALL_READING = ("the all-to-all's peers: NVIDIA/nccl#1685 read 3.28 GB appear at the first all_to_all_single of "
                       "8 H100s, 14% above this rule's 2.63 GiB (with the CUDA context's growth; not separated)")
 
+# Process groups a step runs no collective on hold no communicator until one runs, unless torch makes them at once (a
+# default group bound to its device: init_process_group(device_id=...), then new_group splits each at creation).
+OTHER_GROUPS = ("a framework's other process groups (torchtitan's flattened meshes, Megatron-LM's up to 27) hold "
+                "nothing until a collective runs on them, unless communicators are made at once "
+                "(init_process_group(device_id=...)): then each holds its init part, {init} here: not counted")
+MEGATRON_GROUPS_READING = ("verl measured 7 to 10 GB of NCCL buffers a rank under Megatron-LM TP2 PP2 DP2 on 8 H100s "
+                           "(verl-project/verl#6266) where memcalc counts 2.27 GiB; Megatron-LM's other groups are the "
+                           "likely difference (not separated)")
+
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
 # minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.
 DEFAULT_ALLOCATOR_RESERVE_FRACTION = 0.05
@@ -174,8 +183,13 @@ class GpuTarget:
         channels, note = channels_for(self.interconnect, self.compute_capability)
         if channels is None:
             return [], note
-        comms = communicators(spec, NcclLayout(channels, self.nccl_env, node_size(spec)))
+        layout = NcclLayout(channels, self.nccl_env, node_size(spec))
+        comms = communicators(spec, layout)
         notes = [note or channels.described()]
+        if len(comms) > 1 or spec.engine == "megatron":
+            notes.append(OTHER_GROUPS.format(init=f"{layout.fixed(nvls=False) / 2**20:,.0f} MiB"))
+        if spec.engine == "megatron":
+            notes.append(MEGATRON_GROUPS_READING)
         if spec.num_nodes == 1 and spec.num_gpus > node_size(spec):
             notes.append(f"nodes of {node_size(spec)} GPUs assumed (--nodes to say)")
         if self.nccl_env.settings():

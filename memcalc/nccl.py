@@ -63,9 +63,8 @@ NET_PEER_CHANNELS = 4  # P2P channels per peer in a communicator that spans node
 class Channels:
     """NCCL's channel counts on one kind of node, and where they come from."""
 
-    collective: int  # C: ring and tree channels
-    p2p: int  # P: p2p channels (the channels initialised at init)
-    per_peer: int  # p2p channels per peer inside one node
+    collective: int  # C: ring and tree channels (the topology search's nChannels)
+    per_peer: int  # p2p channels per peer inside one node (at most the p2p channels)
     nvls: int  # NVLink SHARP channels (0: none)
     read: bool  # SIMPLE read from the peer (compute capability 8.0 over NVLink)
     nvlink: bool  # every GPU of a node joined by NVLink (the p2p chunk is 512 KiB)
@@ -73,20 +72,20 @@ class Channels:
 
     def described(self) -> str:
         nvls = f", {self.nvls} NVLS" if self.nvls else ""
-        return f"{self.collective} collective, {self.p2p} p2p ({self.per_peer} a peer){nvls} channels: {self.source}"
+        return (f"{self.collective} collective ({_pow2_up(self.collective)} p2p, {self.per_peer} a peer){nvls} "
+                f"channels: {self.source}")
 
 
 CHANNELS = {
-    ("nvswitch", "9.0"): Channels(24, 32, 32, 16, False, True, (
+    ("nvswitch", "9.0"): Channels(24, 32, 16, False, True, (
         "as 8x H100 SXM nodes' NCCL_DEBUG=INFO logs print them (NCCL 2.2x); NVLS's from nvls.cc for sm 9.0")),
-    ("nvswitch", "8.0"): Channels(24, 32, 32, 0, True, True, (
+    ("nvswitch", "8.0"): Channels(24, 32, 0, True, True, (
         "as A100-SXM4 NCCL_DEBUG=INFO logs print them (NCCL 2.20.5); SIMPLE read from the peer (paths.cc: sm 8.0 over "
         "NVLink)")),
-    ("nvswitch", "10.0"): Channels(32, 64, 64, 24, False, True, (
-        "inferred for sm 10.0, no log read: p2p from a B300 communicator's 512 MiB pool (NVIDIA/nccl#2363), NVLS "
-        "from nvls.cc for one sm 10.0 node")),
-    ("nvlink", ""): Channels(16, 16, 4, 0, False, True, "assumed for NVLink without NVSwitch, no log read"),
-    ("pcie", ""): Channels(8, 8, 2, 0, False, False, (
+    ("nvswitch", "10.0"): Channels(32, 32, 24, False, True, (
+        "assumed for sm 10.0, no log read (Hopper's 24 rounded up); NVLS's from nvls.cc for one sm 10.0 node")),
+    ("nvlink", ""): Channels(16, 4, 0, False, True, "assumed for NVLink without NVSwitch, no log read"),
+    ("pcie", ""): Channels(8, 2, 0, False, False, (
         "PCIe: logs show 2 to 8, the most counted; cards without peer access use host memory (SHM) and hold less")),
 }
 # A card not known (--gpu-memory): the largest counts above, an upper bound.
@@ -155,6 +154,10 @@ class Environment:
 DEFAULTS = Environment()  # nothing set
 
 
+def _pow2_up(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _granules(nbytes: int) -> int:
     return -(-nbytes // GRANULE) * GRANULE
 
@@ -185,7 +188,9 @@ class Layout:
 
     @property
     def p2p(self) -> int:
-        return min(self.channels.p2p, self.env.max_p2p_channels or self.channels.p2p)
+        """P: the collective channels, at most NCCL_MAX_P2P_NCHANNELS, rounded up to a power of 2 (``graph/paths.cc``
+        ``ncclTopoComputeP2pChannels``): 24 -> 32."""
+        return _pow2_up(min(self.collective, self.env.max_p2p_channels or self.collective))
 
     def connection(self, over_network: bool) -> tuple[int, int]:
         """(send, receive) bytes one connection holds on the sending and the receiving GPU."""
@@ -224,7 +229,7 @@ class Layout:
         if nvls:
             parts.append(("NVLS", local * self.channels.nvls * 2 * STEPS * NVLS_CHUNK))
         if runs in ("send/recv", "all-to-all"):
-            per_peer = NET_PEER_CHANNELS if spans else self.channels.per_peer
+            per_peer = min(NET_PEER_CHANNELS if spans else self.channels.per_peer, self.p2p)
             peers = neighbours if runs == "send/recv" else ranks - 1
             near = peers if not spans else min(peers, local - 1)
             if near > 0:

@@ -62,6 +62,21 @@ def test_the_readings_of_nvidia_nccl_964():
     assert four.bytes - root_sends_nothing_up == 688 * MIB
 
 
+def test_the_part_made_at_init_is_what_a_one_rank_communicator_holds():
+    """A communicator of one rank connects nothing: it holds only what init makes, 3 allocations of 2 MiB per channel
+    and 2 for the device communicator. sgl-project/sglang#35538 (RTX 3060) read 388 MiB per new_group([0]) and 10 MiB
+    with NCCL_MAX_NCHANNELS=1; NVIDIA/Megatron-LM#6479 388 MiB for a singleton communicator. By hand: (2 + 3 x 64) x 2
+    MiB = 388 MiB at NCCL's MAXCHANNELS (64, device.h: nothing bounds one rank's channels), (2 + 3 x 1) x 2 = 10 MiB at
+    one channel."""
+    one_rank = nccl.Channels(64, 64, 0, False, False, "a single-rank communicator: MAXCHANNELS")
+    assert nccl.Layout(one_rank).fixed(nvls=False) == 388 * MIB
+    capped = nccl.Layout(one_rank, nccl.Environment.read({"NCCL_MAX_NCHANNELS": "1"}))
+    assert (capped.collective, capped.p2p, capped.fixed(nvls=False)) == (1, 1, 10 * MIB)
+    # p2p channels: the collective ones rounded up to a power of 2 (paths.cc ncclTopoComputeP2pChannels): 24 -> 32
+    assert nccl.Layout(H100).p2p == 32
+    assert nccl.Layout(H100, nccl.Environment.read({"NCCL_MAX_P2P_NCHANNELS": "12"})).p2p == 16
+
+
 def test_send_recv_and_all_to_all_connect_their_peers():
     """A middle pipeline stage on one node exchanges with 2 neighbours over 32 channels each, (2 + 10) MiB per
     channel: 768 MiB, and all-reduces the gradient norm with the other stages (torchtitan's clip_grad_norm_): a ring's
@@ -127,8 +142,20 @@ def test_the_fit_deducts_them_named(cli, monkeypatch):
 
 def test_the_output_names_the_channels_and_their_source():
     fit = api.estimate("llama-3-8b", gpu="a100-80gb", gpus=8, zero=3).fit
-    assert fit.nccl_note.startswith("24 collective, 32 p2p (32 a peer) channels: as A100-SXM4 NCCL_DEBUG=INFO logs")
+    assert fit.nccl_note.startswith("24 collective (32 p2p, 32 a peer) channels: as A100-SXM4 NCCL_DEBUG=INFO logs")
     assert fit.nccl_bytes == (196 + 2 * 24 * 12) * MIB  # no NVLS before Hopper; 6 + 6 MiB a channel (read mode)
+
+
+def test_groups_not_counted_are_named_with_their_init_part():
+    """A layout of several groups says what other groups would hold if made at once (their init part: 196 MiB on an
+    H100, as above); under --engine megatron also verl's reading, against memcalc's 2.27 GiB for TP2 PP2 DP2 on 8 H100s
+    (4 communicators: 484 + 484 + 868 + 484 MiB)."""
+    plain = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit
+    assert "other process groups" not in plain.nccl_note  # one group: the world
+    fit = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, tp=2, pp=2, engine="megatron").fit
+    assert fit.nccl_bytes == (484 + 484 + 868 + 484) * MIB == round(2.265625 * 2**30)
+    assert "each holds its init part, 196 MiB here: not counted" in fit.nccl_note
+    assert "verl-project/verl#6266) where memcalc counts 2.27 GiB" in fit.nccl_note
 
 
 def test_amd_cards_say_rccl_is_not_counted():

@@ -26,7 +26,7 @@ here with ``pip download --no-deps --only-binary=:all: --python-version 3.12 --p
 torchao==0.18.0 liger-kernel`` into a folder .git/info/exclude ignores, carried as ``.whl``):
 
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-    python3 benchmarks/gpu_validation.py --budget 470 --cli --out $OUT/accuracy-gpu.md --raw $OUT
+    python3 benchmarks/gpu_validation.py --budget 470 --cli --nccl --out $OUT/accuracy-gpu.md --raw $OUT
 
 (memcalc's estimate and a measured step were checked on CPU under transformers 5.17, that machine's release.)
 
@@ -34,7 +34,8 @@ Options for a second look (harness 3): ``--parts`` picks the groups (``families`
 quarter, each estimate as a user gets it, opt-in), ``--only`` the labels containing a text, ``--history`` records
 named configurations' measured steps with the allocator's history (what was live at the peak and at the end by
 allocating stack, and the allocations no tracked tensor owns), ``--context`` reads the CUDA context in fresh processes
-as a process goes on; ``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as
+as a process goes on, ``--nccl`` one-rank NCCL communicators' device memory (against memcalc.nccl's part made at
+init); ``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as
 that run computed them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them.
 
 Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the test
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import os
 import statistics
 import sys
@@ -753,11 +755,90 @@ def context_markdown(readings: dict[str, dict[str, int | str]]) -> list[str]:
     return lines
 
 
+# NCCL's communicators on one GPU (--nccl): a communicator of one rank connects nothing, so what it holds is the part
+# NCCL makes at init (memcalc.nccl: 3 allocations of 2 MiB per channel, 2 for the device communicator). Read in a fresh
+# process as device memory in use (cudaMemGetInfo) less the allocator's reserved: after the first kernel, after the
+# default group's communicator (made at once: init_process_group with device_id) and an all-reduce on it (NCCL's
+# kernels load into the context here too), then after each of two more one-rank groups and an all-reduce on each
+# (their deltas are a communicator's alone). Once as NCCL chooses, once with NCCL_MAX_NCHANNELS=1.
+_NCCL = """
+import json, os, torch, torch.distributed as dist
+from memcalc.measure.cuda import cuda_context_bytes
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29531")
+found = {}
+torch.ones(1, device="cuda").sum().item()
+found["first kernel"] = cuda_context_bytes("cuda")
+dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+x = torch.ones(1, device="cuda"); dist.all_reduce(x); torch.cuda.synchronize()
+found["default group and an all-reduce"] = cuda_context_bytes("cuda")
+for n in (1, 2):
+    group = dist.new_group([0]); dist.all_reduce(x, group=group); torch.cuda.synchronize()
+    found[f"one-rank group {n} and an all-reduce"] = cuda_context_bytes("cuda")
+found["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+dist.destroy_process_group()
+print(json.dumps(found))
+"""
+NCCL_SETTINGS = {"as NCCL chooses": {}, "NCCL_MAX_NCHANNELS=1": {"NCCL_MAX_NCHANNELS": "1"}}
+
+
+def nccl_readings(limit_s: float = 120) -> dict[str, dict[str, int | str]]:
+    """Device memory beside the allocator's as one-rank NCCL communicators are made, per NCCL_SETTINGS, each in a
+    fresh process (a reading that failed says why)."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    found: dict[str, dict[str, int | str]] = {}
+    for name, settings in NCCL_SETTINGS.items():
+        env = {**os.environ, **settings,
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
+        try:
+            done = subprocess.run([sys.executable, "-c", _NCCL], check=False, capture_output=True, text=True,
+                                  timeout=limit_s, cwd=root, env=env)
+            lines = done.stdout.strip().splitlines()
+            found[name] = (json.loads(lines[-1]) if done.returncode == 0 and lines else
+                           {"failure": f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"})
+        except subprocess.TimeoutExpired:
+            found[name] = {"failure": f"ran past its {limit_s:.0f} s limit"}
+        print(f"nccl {name}: {found[name]}", file=sys.stderr, flush=True)
+    return found
+
+
+def nccl_markdown(readings: dict[str, dict[str, int | str]]) -> list[str]:
+    """Each one-rank group's delta beside memcalc.nccl's part made at init: 64 channels (NCCL's MAXCHANNELS, what
+    published one-rank readings imply) as NCCL chooses, one with NCCL_MAX_NCHANNELS=1."""
+    if not readings:
+        return []
+    from memcalc import nccl
+
+    one_rank = nccl.Channels(64, 64, 0, False, False, "a one-rank communicator: MAXCHANNELS")
+    lines = ["", ("NCCL on one GPU (`--nccl`): device memory beside the allocator's as one-rank communicators are made "
+                  "(each group's delta is that communicator's), against memcalc.nccl's part made at init:"), "",
+             ("| setting | NCCL | first kernel | default group | group 1 (delta) | group 2 (delta) | memcalc | error | "
+              "failure |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name, reading in readings.items():
+        predicted = nccl.Layout(one_rank, nccl.Environment.read(NCCL_SETTINGS.get(name, {}))).fixed(nvls=False)
+        values = [reading.get(k) for k in ("first kernel", "default group and an all-reduce",
+                                           "one-rank group 1 and an all-reduce", "one-rank group 2 and an all-reduce")]
+        deltas = [b - a if isinstance(a, int) and isinstance(b, int) else None for a, b in itertools.pairwise(values)]
+        measured = deltas[2] if deltas[2] is not None else deltas[1]
+        error = f"{(predicted - measured) / measured * 100:+.1f}%" if measured else "-"
+
+        def mib(value: int | None) -> str:
+            return "-" if value is None else f"{value / 2**20:,.0f} MiB"
+
+        lines.append(f"| {name} | {reading.get('nccl', '-')} | {mib(values[0])} | {mib(values[1])} | "
+                     f"{mib(deltas[1])} | {mib(deltas[2])} | {mib(predicted)} | {error} | "
+                     f"{reading.get('failure', '')} |")
+    return lines
+
+
 TITLE = "# Accuracy on a CUDA GPU (`python benchmarks/gpu_validation.py`)"
 
 
 def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
-             contexts: dict[str, dict[str, int | str]] | None = None, title: str = TITLE) -> str:
+             contexts: dict[str, dict[str, int | str]] | None = None, title: str = TITLE,
+             nccl: dict[str, dict[str, int | str]] | None = None) -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.3f}"
 
@@ -795,6 +876,7 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
             lines.append(f"\n{name}: {len(found)} rows, median |error| {statistics.median(found):.2f}%, worst "
                          f"{max(found):.2f}%, {sum(e <= target for e in found)} within the {target:g}% target")
     lines += context_markdown(contexts or {})
+    lines += nccl_markdown(nccl or {})
     for check in checks:
         capped = ("" if check.memory_fraction is None else
                   f" (run as `python -c \"{_CAPPED.format(fraction=check.memory_fraction)}\"` with these arguments)")
@@ -805,7 +887,7 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
 
 
 def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[CliCheck],
-               events: dict[str, list], contexts: dict | None = None) -> None:
+               events: dict[str, list], contexts: dict | None = None, nccl: dict | None = None) -> None:
     """rows.json (rewritten; with the CUDA context readings and the recorded histories' summaries), and
     events.jsonl.gz: each measured case's allocations appended once, then dropped."""
     import gzip
@@ -814,7 +896,8 @@ def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "rows.json").write_text(json.dumps(
         {"env": env, "rows": [asdict(r) for r in rows], "cli": [asdict(c) for c in checks],
-         "context": contexts or {}, "history": {k: v for k, v in HISTORY.items() if v}}, indent=1))
+         "context": contexts or {}, "nccl": nccl or {}, "history": {k: v for k, v in HISTORY.items() if v}},
+        indent=1))
     with gzip.open(folder / "events.jsonl.gz", "at") as handle:
         for label in list(events):
             handle.write(json.dumps({"label": label, "events": events.pop(label)}) + "\n")
@@ -888,6 +971,8 @@ def main(argv: list[str] | None = None) -> int:
                         "label contains one of these")
     parser.add_argument("--context", action="store_true", help="also read the CUDA context in fresh processes, "
                         "lazy and eager module loading, as a process goes on")
+    parser.add_argument("--nccl", action="store_true", help="also read one-rank NCCL communicators' device memory in "
+                        "fresh processes, as NCCL chooses and with NCCL_MAX_NCHANNELS=1")
     args = parser.parse_args(argv)
     parts = tuple(part.strip() for part in args.parts.split(",") if part.strip())
     unknown = [part for part in parts if part not in PARTS]
@@ -896,7 +981,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.rerender is not None:
         env, rows, checks, contexts = rerender(args.rerender, args.cli_from)
-        text = markdown(env, rows, checks, contexts)
+        import json
+
+        kept = json.loads((args.rerender / "rows.json").read_text()).get("nccl", {})
+        text = markdown(env, rows, checks, contexts, nccl=kept)
         for folder in args.with_run:
             env, more, _checks, contexts = rerender(folder, recompute=False)
             text += "\n" + markdown(env, more, [], contexts, title=(
@@ -915,15 +1003,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     checks = cli_checks() if args.cli else []
     contexts = context_readings() if args.context and args.device.startswith("cuda") else {}
+    communicators = nccl_readings() if args.nccl and args.device.startswith("cuda") else {}
     events: dict[str, list] = {}
     HISTORY.update({label.strip(): {} for label in args.history.split(";") if label.strip()})
     HISTORY_FROM_BUILD[0] = args.history_from_build
 
     def write(env: dict[str, str], rows: list[Row]) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(env, rows, checks, contexts), encoding="utf-8")
+        args.out.write_text(markdown(env, rows, checks, contexts, nccl=communicators), encoding="utf-8")
         if args.raw is not None:
-            _write_raw(args.raw, env, rows, checks, events, contexts)
+            _write_raw(args.raw, env, rows, checks, events, contexts, communicators)
 
     budget = args.budget - (time.perf_counter() - started)
     wanted = [text.strip() for text in args.only.split(";") if text.strip()]

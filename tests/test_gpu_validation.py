@@ -340,3 +340,21 @@ def test_the_eager_8192_token_row_on_the_h200():
     measured, predicted = row.reserved_bytes / 2**30, row.predicted_reserved_bytes / 2**30
     assert f"reserved {measured:.2f} GiB" in HUGE_BLOCK_NOTE and f"holds {predicted:.2f} GiB" in HUGE_BLOCK_NOTE
     assert f"({100 * (measured / predicted - 1):.0f}% more" in HUGE_BLOCK_NOTE
+
+
+def test_nccl_readings_render_each_group_against_the_part_made_at_init():
+    """--nccl's table with readings as sgl-project/sglang#35538 published them (an RTX 3060: 388 MiB per one-rank
+    group, 10 MiB with NCCL_MAX_NCHANNELS=1), in MiB above a first-kernel context of 114 MiB: memcalc.nccl's part made
+    at init, (2 + 3 x 64) x 2 = 388 MiB and (2 + 3) x 2 = 10 MiB, reads +0.0%; the script is valid Python."""
+    import ast
+
+    mib = 2**20
+    readings = {"as NCCL chooses": {"first kernel": 114 * mib, "default group and an all-reduce": 584 * mib,
+                                    "one-rank group 1 and an all-reduce": 972 * mib,
+                                    "one-rank group 2 and an all-reduce": 1360 * mib, "nccl": "2.28.9"},
+                "NCCL_MAX_NCHANNELS=1": {"failure": "exit 1: no GPU"}}
+    text = "\n".join(gv.nccl_markdown(readings))
+    assert "| as NCCL chooses | 2.28.9 | 114 MiB | 584 MiB | 388 MiB | 388 MiB | 388 MiB | +0.0% |  |" in text
+    assert "| NCCL_MAX_NCHANNELS=1 | - | - | - | - | - | 10 MiB | - | exit 1: no GPU |" in text
+    assert gv.nccl_markdown({}) == []
+    ast.parse(gv._NCCL)

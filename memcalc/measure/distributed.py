@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from memcalc.errors import UsageError
+from memcalc.measure import fsdp
+from memcalc.measure.fsdp import UNSHARDED_GRADIENTS
 from memcalc.measure.measurement import Measurement
 from memcalc.model import ModelConfig
 from memcalc.optimizers import OptimizerName
@@ -60,7 +62,6 @@ DIST_METHODS = ("gloo", "fake")
 METHOD_GLOO = "gloo"
 METHOD_FAKE_PG = "fake-pg"  # Measurement.method of a fake-process-group trace
 COMM_BUFFERS = "comm_buffers"
-UNSHARDED_GRADIENTS = "unsharded_gradients"
 # Steps before the measured one. DDP rebuilds its gradient buckets at the start of step 2 (in grad-ready order),
 # so DDP and ZeRO-1 measure step 3; FSDP2 is steady from step 2 on (the optimizer state exists after step 1).
 WARMUP_STEPS = {"ddp": 2, "zero1": 2, "fsdp2": 1, "tp": 1, "pp": 1}
@@ -487,13 +488,6 @@ def _run_fake(job: _Job, rank: int, progress: Progress | None) -> Measurement:
 
 
 # -- one rank --------------------------------------------------------------------------------------------------
-def _local(t):
-    """The rank-local tensor of a DTensor (FSDP2 shards), else the tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 def _dist_tracker_class():
     """The tracker of memcalc.measure.step, extended for distributed engines (built lazily: imports torch)."""
     import weakref
@@ -550,7 +544,7 @@ def _dist_tracker_class():
             self._records[key] = rec
 
         def _classify(self, t, category: str) -> None:
-            super()._classify(_local(t), category)
+            super()._classify(fsdp.local(t), category)
 
         def _not_memory(self, t) -> bool:
             # A functional collective's AsyncCollectiveTensor (gloo, NCCL: the result not yet waited on) and the views
@@ -585,42 +579,6 @@ def _dist_tracker_class():
                     self._add(storage, COMM_BUFFERS if self._comm_depth else self._category_for_new(None, (), {}))
 
     return DistTracker, trk, torch
-
-
-@contextlib.contextmanager
-def _instrument_fsdp(tracker) -> Iterator[None]:
-    """While the measured step runs: FSDP2's collective functions allocate comm buffers; storage resizes are
-    reported to the tracker. Restored afterwards."""
-    import torch
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
-
-    names = ("foreach_all_gather", "foreach_all_gather_copy_out", "foreach_reduce")
-    originals = {name: getattr(group_module, name) for name in names}
-    original_resize = torch.UntypedStorage.resize_
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            with tracker.communication():
-                return fn(*args, **kwargs)
-
-        return inner
-
-    @functools.wraps(original_resize)
-    def resize_(storage, size):
-        result = original_resize(storage, size)
-        tracker.storage_resized(storage)
-        return result
-
-    for name, fn in originals.items():
-        setattr(group_module, name, wrap(fn))
-    torch.UntypedStorage.resize_ = resize_
-    try:
-        yield
-    finally:
-        torch.UntypedStorage.resize_ = original_resize
-        for name, fn in originals.items():
-            setattr(group_module, name, fn)
 
 
 class _Parameters:
@@ -710,18 +668,6 @@ def _decoder_layers(model) -> list:
     return layers
 
 
-def _fsdp_setup(setup):
-    """fsdp2's dtypes: for a master-weight recipe (bf16/fp16) fp32 parameters and a mixed-precision policy
-    instead of a separate master copy; else the recipe's own."""
-    if setup.master_dtype is None:
-        return setup, None
-    import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    policy = MixedPrecisionPolicy(param_dtype=setup.weight_dtype, reduce_dtype=torch.float32)
-    return dataclasses.replace(setup, weight_dtype=setup.master_dtype, master_dtype=None), policy
-
-
 def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) -> Measurement:
     DistTracker, trk, torch = _dist_tracker_class()
     import torch.distributed as dist
@@ -745,7 +691,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     setup = resolve_setup(job.spec, job.attn_implementation, "cpu")
     policy = None
     if job.engine == "fsdp2":
-        setup, policy = _fsdp_setup(setup)
+        setup, policy = fsdp.fsdp_setup(setup)
     torch.manual_seed(SEED)
     say("building the model")
     model = build_model(job.raw, setup)
@@ -765,7 +711,7 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         # the loaded model, then DDP's construction (its buckets), the batch and the warm-up steps
         log = DistTracker()
         log.events = events = []
-        log.register([_local(p) for p in model.parameters()], trk.WEIGHTS)
+        log.register([fsdp.local(p) for p in model.parameters()], trk.WEIGHTS)
         log.register(model.buffers(), trk.OTHER)
     with log:
         if job.engine in ("ddp", "zero1"):
@@ -827,10 +773,10 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     timings["warmup"] = time.perf_counter() - started - timings["build"]
     if ddp is not None:
         dist_info["bucket_bytes"] = [int(t.untyped_storage().nbytes()) for t in comm_baseline]
-    fsdp_params = _fsdp_params(model) if job.engine == "fsdp2" else []
+    fsdp_params = fsdp.fsdp_params(model) if job.engine == "fsdp2" else []
 
     tracker = DistTracker()
-    local_params = [_local(p) for p in model.parameters()]
+    local_params = [fsdp.local(p) for p in model.parameters()]
     tracker.register(local_params, trk.WEIGHTS)
     tracker.register(stepper.masters, trk.MASTER)
     tracker.register(model.buffers(), trk.OTHER)
@@ -847,11 +793,11 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
     params = list(model.parameters())
 
     def after_backward() -> None:
-        local_grads = [_local(p.grad) for p in params if p.grad is not None]
+        local_grads = [fsdp.local(p.grad) for p in params if p.grad is not None]
         tracker.register(local_grads, trk.GRADIENTS)  # FSDP2: the reduce-scatter output, now the sharded grads
         grads[trk.GRADIENTS] = storage_bytes(local_grads)
 
-    instrument = _instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
+    instrument = fsdp.instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
     profiler = trk.allocator_profiler() if job.allocator_check else contextlib.nullcontext()
     say("measured step")
     received.clear()
@@ -884,12 +830,12 @@ def _measure_rank(job: _Job, rank: int, mesh, progress: Progress | None = None) 
         trk.WEIGHTS: storage_bytes(local_params),
         trk.MASTER: storage_bytes(stepper.masters),
         trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
-        trk.OPTIMIZER_STATES: storage_bytes(_local(t) for ts in states.values() for t in ts),
+        trk.OPTIMIZER_STATES: storage_bytes(fsdp.local(t) for ts in states.values() for t in ts),
     }
     result = StepResult(
         setup=setup, tracker=tracker, model_class=model_class_name, num_params=num_params,
         model_state_bytes=model_state,
-        optimizer_state_breakdown={k: storage_bytes(_local(t) for t in v) for k, v in states.items()},
+        optimizer_state_breakdown={k: storage_bytes(fsdp.local(t) for t in v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(job.raw),
         elapsed_seconds=time.perf_counter() - started, notes=batch_notes, allocation_events=events,
     )
@@ -991,20 +937,6 @@ def _step_context(job: _Job, mesh=None) -> Iterator[None]:
 
             stack.enter_context(loss_parallel())
         yield
-
-
-def _fsdp_params(model) -> list:
-    found, seen = [], set()
-    for module in model.modules():
-        get_state = getattr(module, "_get_fsdp_state", None)
-        if get_state is None:
-            continue
-        group = get_state()._fsdp_param_group
-        for fsdp_param in group.fsdp_params if group is not None else []:
-            if id(fsdp_param) not in seen:
-                seen.add(id(fsdp_param))
-                found.append(fsdp_param)
-    return found
 
 
 def _notes(job: _Job, policy) -> list[str]:

@@ -91,7 +91,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
 
     import torch
 
-    from memcalc.measure import distributed
+    from memcalc.measure import fsdp
     from memcalc.measure.step import Stepper as StepperClass
     from memcalc.measure.step import (
         StepResult,
@@ -110,7 +110,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     policy = None
     sharded = job.pp_dp > 1
     if sharded:
-        setup, policy = distributed._fsdp_setup(setup)
+        setup, policy = fsdp.fsdp_setup(setup)
     torch.manual_seed(seed)
     model = build_model(job.raw, setup)
     tp_info: dict[str, Any] = {}
@@ -197,11 +197,11 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     step()
     zero_grad()
     tracker = DistTracker()
-    params = [distributed._local(p) for module in modules for p in module.parameters()]
+    params = [fsdp.local(p) for module in modules for p in module.parameters()]
     masters = [m for stepper in steppers for m in stepper.masters]
     tracker.register(params, trk.WEIGHTS)
     tracker.register(masters, trk.MASTER)
-    fsdp_params = [fp for module in modules for fp in distributed._fsdp_params(module)] if sharded else []
+    fsdp_params = [fp for module in modules for fp in fsdp.fsdp_params(module)] if sharded else []
     if fsdp_params:
         tracker.register([t for fp in fsdp_params for t in fp.all_gather_outputs], comm_buffers)
     tracker.register([b for module in modules for b in module.buffers()], trk.OTHER)
@@ -212,7 +212,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     tracker.register([b for stage in stages for b in recv_buffers(stage)], comm_buffers)
     if fsdp_params:
         tracker.watch_gradients([fp._unsharded_param for fp in fsdp_params if hasattr(fp, "_unsharded_param")],
-                                distributed.UNSHARDED_GRADIENTS)
+                                fsdp.UNSHARDED_GRADIENTS)
     else:
         tracker.watch_gradients([p for module in modules for p in module.parameters()])
     for stepper in steppers:
@@ -229,7 +229,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         module.register_forward_pre_hook(lambda *_: tracker.mark(trk.FORWARD)),
         module.register_forward_hook(mark_backward))]
     grads: dict[str, int] = {}
-    instrument = distributed._instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
+    instrument = fsdp.instrument_fsdp(tracker) if fsdp_params else contextlib.nullcontext()
     if job.pp_tp > 1:  # (DTensor's sharding propagation allocates nothing on a device)
         from memcalc.measure.tensor_parallel import untracked_propagation
 
@@ -241,7 +241,7 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
     try:
         with _static_warmup(job.fake), instrument, tracker:
             run_schedule()
-            local_grads = [distributed._local(p.grad) for module in modules for p in module.parameters()
+            local_grads = [fsdp.local(p.grad) for module in modules for p in module.parameters()
                            if p.grad is not None]
             if sharded:  # (the reduce-scatter outputs, made at the schedule's end: the sharded gradients)
                 tracker.register(local_grads, trk.GRADIENTS)
@@ -264,9 +264,9 @@ def measure_stage(job: Any, rank: int, tracker_class: Any, comm_buffers: str, se
         num_params=sum(p.numel() for module in modules for p in module.parameters()),  # (FSDP2: whole, not shards)
         model_state_bytes={trk.WEIGHTS: storage_bytes(params), trk.MASTER: storage_bytes(masters),
                            trk.GRADIENTS: grads.get(trk.GRADIENTS, 0),
-                           trk.OPTIMIZER_STATES: storage_bytes(distributed._local(t) for ts in states.values()
+                           trk.OPTIMIZER_STATES: storage_bytes(fsdp.local(t) for ts in states.values()
                                                                for t in ts)},
-        optimizer_state_breakdown={k: storage_bytes(distributed._local(t) for t in v) for k, v in states.items()},
+        optimizer_state_breakdown={k: storage_bytes(fsdp.local(t) for t in v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, elapsed_seconds=time.perf_counter() - started,
     )
     measurement = to_measurement("cpu-tracker", result)

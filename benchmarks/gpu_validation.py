@@ -720,23 +720,31 @@ CONTEXT_LOADINGS = ("LAZY", "EAGER")
 
 def context_readings(limit_s: float = 120) -> dict[str, dict[str, int | str]]:
     """The CUDA context per CUDA_MODULE_LOADING, each in a fresh process (a reading that failed says why)."""
+    return _fresh_readings(_CONTEXT, {loading: {"CUDA_MODULE_LOADING": loading} for loading in CONTEXT_LOADINGS},
+                           "context", limit_s)
+
+
+def _fresh_readings(script: str, settings: dict[str, dict[str, str]], what: str,
+                    limit_s: float) -> dict[str, dict[str, int | str]]:
+    """``script`` in a fresh process per setting (environment variables added), its last line's JSON each; a reading
+    that failed says why."""
     import json
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     found: dict[str, dict[str, int | str]] = {}
-    for loading in CONTEXT_LOADINGS:
-        env = {**os.environ, "CUDA_MODULE_LOADING": loading,
+    for name, added in settings.items():
+        env = {**os.environ, **added,
                "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
         try:
-            done = subprocess.run([sys.executable, "-c", _CONTEXT], check=False, capture_output=True, text=True,
+            done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
                                   timeout=limit_s, cwd=root, env=env)
             lines = done.stdout.strip().splitlines()
-            found[loading] = (json.loads(lines[-1]) if done.returncode == 0 and lines else
-                              {"failure": f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"})
+            found[name] = (json.loads(lines[-1]) if done.returncode == 0 and lines else
+                           {"failure": f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"})
         except subprocess.TimeoutExpired:
-            found[loading] = {"failure": f"ran past its {limit_s:.0f} s limit"}
-        print(f"context {loading}: {found[loading]}", file=sys.stderr, flush=True)
+            found[name] = {"failure": f"ran past its {limit_s:.0f} s limit"}
+        print(f"{what} {name}: {found[name]}", file=sys.stderr, flush=True)
     return found
 
 
@@ -784,24 +792,7 @@ NCCL_SETTINGS = {"as NCCL chooses": {}, "NCCL_MAX_NCHANNELS=1": {"NCCL_MAX_NCHAN
 def nccl_readings(limit_s: float = 120) -> dict[str, dict[str, int | str]]:
     """Device memory beside the allocator's as one-rank NCCL communicators are made, per NCCL_SETTINGS, each in a
     fresh process (a reading that failed says why)."""
-    import json
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    found: dict[str, dict[str, int | str]] = {}
-    for name, settings in NCCL_SETTINGS.items():
-        env = {**os.environ, **settings,
-               "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
-        try:
-            done = subprocess.run([sys.executable, "-c", _NCCL], check=False, capture_output=True, text=True,
-                                  timeout=limit_s, cwd=root, env=env)
-            lines = done.stdout.strip().splitlines()
-            found[name] = (json.loads(lines[-1]) if done.returncode == 0 and lines else
-                           {"failure": f"exit {done.returncode}: {' '.join(done.stderr.split())[-300:]}"})
-        except subprocess.TimeoutExpired:
-            found[name] = {"failure": f"ran past its {limit_s:.0f} s limit"}
-        print(f"nccl {name}: {found[name]}", file=sys.stderr, flush=True)
-    return found
+    return _fresh_readings(_NCCL, NCCL_SETTINGS, "nccl", limit_s)
 
 
 def nccl_markdown(readings: dict[str, dict[str, int | str]]) -> list[str]:

@@ -121,6 +121,12 @@ def cases(quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS) -> list[G
         GpuCase("llama-3.2-1b bf16-pure attn=eager ckpt=full b1xs8192", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=8192, attention="eager",
                              checkpointing="full")),
+        # (16,384 tokens, the loss chunked so that logits do not dominate: the flash kernel's backward allocates 258
+        # MiB a layer of its own, named by memcalc and not counted; the backward phase's measured peak says whether a
+        # moment inside it is ever the phase's peak)
+        GpuCase("llama-3.2-1b bf16-pure chunked:8 ckpt=full b1xs16384", "llama-3.2-1b",
+                TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=16384, checkpointing="full",
+                             loss="chunked:8")),
         GpuCase("llama-3.2-1b bf16-pure offload=trl b4xs1024", "llama-3.2-1b",
                 TrainingSpec(precision="bf16-pure", micro_batch_size=4, seq_len=1024, activation_offload="trl")),
         GpuCase("llama-3.2-1b bf16-pure offload=checkpoints ckpt=full b4xs1024", "llama-3.2-1b",
@@ -184,6 +190,10 @@ class Row:
     failure: str = ""
     estimate_phase: str = ""
     measured_phase: str = ""
+    # each phase's peak: the estimate's, and the measured step's allocated peak less the workspaces (--verify's clock,
+    # memcalc.measure.cuda): whether a moment the estimate does not model is ever a phase's peak
+    estimate_phase_bytes: dict[str, int] | None = None
+    measured_phase_bytes: dict[str, int] | None = None
     # torch.cuda.memory._snapshot() after the step: each segment's (total, allocated) bytes (the allocator's layout,
     # for checking memcalc.allocator offline), and the replay's own segment count at its reserved peak
     segments: list[tuple[int, int]] | None = None
@@ -242,8 +252,10 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
     previous = os.environ.get("PYTORCH_ALLOC_CONF")
     try:
         config, model = _config(case)
-        peak = run(model, case.spec).per_gpu.step_peak()
+        per_gpu = run(model, case.spec).per_gpu
+        peak = per_gpu.step_peak()
         row.estimate_bytes, row.estimate_phase = peak.bytes, peak.phase.value
+        row.estimate_phase_bytes = {p.phase.value: p.bytes for p in per_gpu.phases if p.phase.value != "load"}
         row.workspace_bytes = step_workspace_bytes(_capability(device))
         row.reserved_at_start_bytes, row.allocated_at_start_bytes = _held(device)
         if conf:
@@ -259,6 +271,7 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
         with _history(device, case.label):
             measured = measure_cuda(config, case.spec, device=device, attn_implementation=_attention(case.spec))
         row.measured_phase = measured.measured_peak_phase
+        row.measured_phase_bytes = dict(measured.per_phase_peak_bytes)
         row.segments = _segments(device)
         if events is not None and measured.allocation_events:
             events[case.label] = measured.allocation_events  # (list of (ALLOC or FREE, key, bytes))
@@ -866,6 +879,15 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
         if found:
             lines.append(f"\n{name}: {len(found)} rows, median |error| {statistics.median(found):.2f}%, worst "
                          f"{max(found):.2f}%, {sum(e <= target for e in found)} within the {target:g}% target")
+    phased = [r for r in rows if r.estimate_phase_bytes and r.measured_phase_bytes]
+    if phased:
+        lines += ["", "Each phase's peak, estimate / measured (GiB, the measured less the workspaces):", "",
+                  "| configuration | forward | backward | optimizer step |", "|---|---|---|---|"]
+        for r in phased:
+            cells = [f"{gib(r.estimate_phase_bytes.get(p))} / {gib(r.measured_phase_bytes.get(p))} "
+                     f"({pct(Row.pct(r.estimate_phase_bytes.get(p), r.measured_phase_bytes.get(p)))})"
+                     for p in ("forward", "backward", "optimizer_step")]
+            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     lines += context_markdown(contexts or {})
     lines += nccl_markdown(nccl or {})
     for check in checks:

@@ -38,6 +38,10 @@ def test_rows_and_markdown_with_faked_statistics(fake_cuda, tmp_path):
     assert "estimate + workspaces (+ left by earlier) vs requested: 2 rows" in text
     # on CPU tensors no card is known: no cuBLAS workspace is added to the estimate, nothing is read as held
     assert row.workspace_bytes == 0 and row.allocated_error == row.pct(row.estimate_bytes, row.requested_bytes)
+    # each phase's peak beside the estimate's (the measured: FakeCuda's allocated peak of each phase)
+    assert set(row.estimate_phase_bytes) == {"forward", "backward", "optimizer_step"}
+    assert max(row.measured_phase_bytes.values()) == row.allocated_bytes
+    assert "Each phase's peak, estimate / measured" in text and f"| {row.label} | " in text.split("Each phase")[1]
 
 
 def test_budget_and_failures_are_rows(fake_cuda):

@@ -575,7 +575,8 @@ def presets_json(found: Presets) -> str:
     for model in models:
         model["aliases"] = list(model["aliases"])
     gpus = [{"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,
-             "aliases": list(g.aliases), "source": g.source} for g in found.gpus]
+             "aliases": list(g.aliases), "source": g.source, "compute_capability": g.compute_capability,
+             "interconnect": g.interconnect} for g in found.gpus]
     return json_text({"schema_version": 1, "models": models, "gpus": gpus})
 
 
@@ -589,11 +590,13 @@ def print_presets(found: Presets, console: Console) -> None:
     for m in found.models:
         table.add_row(m.name, m.model_type, f"{m.num_params:,} ({format_count(m.num_params)})", ", ".join(m.aliases))
     console.print(table)
-    table = Table(title="GPU presets (total memory as nvidia-smi reports it)")
-    for column in ("name", "GPU", "memory", "nominal"):
+    table = Table(title="GPU presets (total memory as nvidia-smi reports it; joined by: how one node's cards connect, "
+                        "which sets NCCL's buffers)")
+    for column in ("name", "GPU", "memory", "nominal", "joined by"):
         table.add_column(column, no_wrap=column == "name")
     for g in found.gpus:
-        table.add_row(g.name, g.display, f"{format_bytes(g.memory_bytes, 'gib')} ({g.memory_bytes:,} B)", g.nominal)
+        table.add_row(g.name, g.display, f"{format_bytes(g.memory_bytes, 'gib')} ({g.memory_bytes:,} B)", g.nominal,
+                      g.interconnect or "-")
     console.print(table)
 
 

@@ -126,3 +126,18 @@ def test_json_output_carries_plain_gpu_provenance(cli):
     source = data["fit"]["gpu_memory_source"]
     assert source == find_gpu("a100").source
     assert not DEVELOPMENT_WORDS.search(source), source
+
+
+def test_every_card_says_how_a_node_joins_it_and_nccl_s_channels_follow():
+    """interconnect (presets/gpus.json): NVSwitch for the HGX/DGX SXM boards, NVLink for V100 SXM2 (DGX-1's cube mesh),
+    PCIe for PCIe cards, xgmi for AMD's; memcalc.nccl has channel counts for each but AMD's (RCCL: said, not counted)."""
+    from memcalc import nccl
+
+    by_name = {g.name: g.interconnect for g in GPUS}
+    assert {by_name[n] for n in ("h100-80gb", "h200", "a100-80gb", "b200")} == {"nvswitch"}
+    assert by_name["h100-pcie"] == by_name["l40s"] == by_name["rtx-4090"] == "pcie"
+    assert by_name["v100-32gb"] == "nvlink" and by_name["mi300x"] == "xgmi"
+    for gpu in GPUS:
+        channels, note = nccl.channels_for(gpu.interconnect, gpu.compute_capability)
+        assert (channels is None) == (gpu.interconnect == "xgmi"), gpu.name
+        assert channels is not None or "RCCL" in note

@@ -794,6 +794,8 @@ def check_fit(
     estimates.remember(spec, report)
     peak = report.per_gpu.peak_bytes
     paged = report.per_gpu.paged_bytes
+    if spec.num_gpus > 1:
+        gpu.nccl_env.check()  # (a setting no GPU could hold; a one-GPU run has no communicator to refuse it for)
     usable = gpu.usable_for(spec)
     comms, nccl_note = gpu.nccl(spec)
     fits = peak - paged <= usable

@@ -43,6 +43,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from memcalc.errors import UsageError
 from memcalc.spec import TrainingSpec
 
 MIB = 2**20
@@ -50,6 +51,7 @@ GRANULE = 2 * MIB  # CUDA_IPC_MIN (include/comm.h) and the cuMem granularity: ev
 LL_BYTES = 8 * 512 * 8 * 16  # NCCL_LL_LINES_PER_THREAD x NCCL_LL_MAX_NTHREADS x NCCL_STEPS x sizeof(ncclLLFifoLine)
 LL128_BYTES = 120 * 640 * 8 * 8  # NCCL_LL128_ELEMS_PER_THREAD x NCCL_LL128_MAX_NTHREADS x NCCL_STEPS x 8 B
 SIMPLE_BYTES = 1 << 22  # DEFAULT_BUFFSIZE (NCCL_BUFFSIZE)
+MAX_BUFFSIZE = 1 << 30  # an NCCL_BUFFSIZE memcalc takes: past it, a setting no GPU could hold for its channels
 CONN_MEM_BYTES = 4096  # ncclSendMem / ncclRecvMem, padded to MEM_ALIGN
 STEPS = 8  # NCCL_STEPS
 SHARED_POOL_STEPS = 16  # sharedNetBuffersInit: p2p channels x 16 x the p2p chunk per direction
@@ -132,6 +134,13 @@ class Environment:
                    nvls=env.get("NCCL_NVLS_ENABLE", "").strip() != "0",
                    runtime_connect=cumem and env.get("NCCL_RUNTIME_CONNECT", "").strip() != "0", cumem=cumem,
                    max_channels=integer("NCCL_MAX_NCHANNELS"), max_p2p_channels=integer("NCCL_MAX_P2P_NCHANNELS"))
+
+    def check(self) -> None:
+        """Refuse settings no GPU could hold (asked where communicators are counted: a run on one GPU has none)."""
+        if self.simple_bytes > MAX_BUFFSIZE:
+            raise UsageError(f"NCCL_BUFFSIZE={self.simple_bytes} in the environment is over {MAX_BUFFSIZE:,} bytes a "
+                             "buffer, more than NCCL could allocate for each channel of each connection on any GPU; "
+                             f"unset it or give bytes (NCCL's default is {SIMPLE_BYTES:,})")
 
     def settings(self) -> list[str]:
         """The non-default settings, as the environment gives them."""

@@ -337,6 +337,7 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
     expert_sizes = (1,) if megatron else _expert_sizes(model)
     # each layout's capacity: the GPU less the CUDA context, the allocator reserve (memcalc.fit) and that layout's NCCL
     # buffers (memcalc.nccl: its process groups' communicators)
+    gpu.nccl_env.check()
     interleaved = []
     # (1F1B pipelines are estimated even when only interleaved ones are searched: they bound them, below)
     plain: dict[Layout, bool] = {}

@@ -136,6 +136,11 @@ def test_the_fit_deducts_them_named(cli, monkeypatch):
     fit = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit
     assert fit.nccl_bytes == (196 + 24 * 16 * 2) * MIB  # ring and tree: 24 channels x (2 + 14) MiB
     assert fit.nccl_note.endswith("; from the environment: NCCL_BUFFSIZE=8388608, NCCL_NVLS_ENABLE=0")
+    monkeypatch.setenv("NCCL_BUFFSIZE", str(2**40))  # a setting no GPU holds: one line, exit 2
+    result = cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "NCCL_BUFFSIZE=1099511627776" in result.stderr
+    one = cli("llama-3-8b", "--gpu", "h100-80gb")  # one GPU: no communicator, the setting is moot (a verdict, exit 6)
+    assert (one.exit_code, one.stderr) == (6, "") and one.stdout.startswith("DOES NOT FIT")
     monkeypatch.setenv("NCCL_BUFFSIZE", "lots")  # not a number: the default size is counted
     assert api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit.nccl_bytes == (196 + 288 + 288) * MIB
 

@@ -42,9 +42,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from memcalc.errors import UsageError
-from memcalc.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from memcalc.spec import TrainingSpec
 
 MIB = 2**20
 GRANULE = 2 * MIB  # CUDA_IPC_MIN (include/comm.h) and the cuMem granularity: every device allocation rounds up to it

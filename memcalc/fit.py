@@ -24,6 +24,7 @@ Each fitting combination then gets the largest micro-batch that fits with it (``
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable
@@ -138,6 +139,7 @@ class GpuTarget:
     # buffers per communicator (memcalc.nccl), deducted from the usable memory of each layout (usable_for)
     interconnect: str | None = None
     nccl_env: NcclEnvironment = NCCL_DEFAULTS
+    nccl_channels: tuple[int, int, int, int] | None = None  # --nccl-channels COLL,NVLS,P2P,PER_PEER (given)
 
     @property
     def reserve_bytes(self) -> int:
@@ -183,6 +185,11 @@ class GpuTarget:
         channels, note = channels_for(self.interconnect, self.compute_capability)
         if channels is None:
             return [], note
+        if self.nccl_channels is not None:  # the card's buffers (its reads, its links), the run's own counts
+            coll, nvls, p2p, per_peer = self.nccl_channels
+            channels = dataclasses.replace(channels, collective=coll, nvls=nvls, p2p=p2p, per_peer=per_peer,
+                                           source="given (--nccl-channels)")
+            note = ""
         layout = NcclLayout(channels, self.nccl_env, node_size(spec))
         comms = communicators(spec, layout)
         notes = [note or channels.described()]

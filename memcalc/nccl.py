@@ -74,11 +74,12 @@ class Channels:
     read: bool  # SIMPLE read from the peer (compute capability 8.0 over NVLink)
     nvlink: bool  # every GPU of a node joined by NVLink (the p2p chunk is 512 KiB)
     source: str
+    p2p: int | None = None  # as a log printed them (--nccl-channels); None: the collective ones as NCCL rounds them
 
     def described(self) -> str:
         nvls = f", {self.nvls} NVLS" if self.nvls else ""
-        return (f"{self.collective} collective ({_pow2_up(self.collective)} p2p, {self.per_peer} a peer){nvls} "
-                f"channels: {self.source}")
+        return (f"{self.collective} collective ({self.p2p or _pow2_up(self.collective)} p2p, {self.per_peer} a "
+                f"peer){nvls} channels: {self.source}")
 
 
 CHANNELS = {
@@ -93,6 +94,24 @@ CHANNELS = {
     ("pcie", ""): Channels(8, 2, 0, False, False, (
         "PCIe: logs show 2 to 8, the most counted; cards without peer access use host memory (SHM) and hold less")),
 }
+MAX_CHANNELS = 64  # MAXCHANNELS (include/device.h)
+
+
+def given_channels(text: str) -> tuple[int, int, int, int]:
+    """--nccl-channels COLL,NVLS,P2P,PER_PEER: the four counts of a run's NCCL_DEBUG=INFO line ("24 coll channels,
+    16 nvls channels, 32 p2p channels, 32 p2p channels per peer")."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) != 4 or not all(part.isdigit() for part in parts):
+        raise UsageError(f"--nccl-channels {text!r} is not four whole numbers COLL,NVLS,P2P,PER_PEER (e.g. 24,16,32,32, "
+                         "as NCCL_DEBUG=INFO prints them)")
+    coll, nvls, p2p, per_peer = (int(part) for part in parts)
+    if not (1 <= coll <= MAX_CHANNELS and 0 <= nvls <= MAX_CHANNELS and 1 <= p2p <= MAX_CHANNELS
+            and 1 <= per_peer <= p2p):
+        raise UsageError(f"--nccl-channels {text!r}: NCCL runs 1 to {MAX_CHANNELS} collective and p2p channels, 0 to "
+                         f"{MAX_CHANNELS} NVLS ones, and at most its p2p channels per peer")
+    return coll, nvls, p2p, per_peer
+
+
 # A card not known (--gpu-memory): the largest counts above, an upper bound.
 UNKNOWN_CARD = ("nvswitch", "10.0")
 
@@ -202,6 +221,8 @@ class Layout:
     def p2p(self) -> int:
         """P: the collective channels, at most NCCL_MAX_P2P_NCHANNELS, rounded up to a power of 2 (``graph/paths.cc``
         ``ncclTopoComputeP2pChannels``): 24 -> 32."""
+        if self.channels.p2p:
+            return min(self.channels.p2p, self.env.max_p2p_channels or self.channels.p2p)
         return _pow2_up(min(self.collective, self.env.max_p2p_channels or self.collective))
 
     def connection(self, over_network: bool) -> tuple[int, int]:

@@ -332,7 +332,7 @@ def _nccl_line(fit: Fit, size: Callable[[int], str]) -> str:
         for c in fit.nccl_communicators)
     note = f"; {fit.nccl_note}" if fit.nccl_note else ""
     return (f" - NCCL buffers {size(fit.nccl_bytes)} ({groups}; NCCL 2.28-2.30's sizes with every algorithm counted as "
-            f"connected, memcalc/nccl.py{note}; NCCL_DEBUG=INFO prints a run's channels)")
+            f"connected, memcalc/nccl.py{note}; NCCL_DEBUG=INFO prints a run's channels, --nccl-channels takes them)")
 
 
 def render_fit(report: Report, console: Console, unit: str) -> None:

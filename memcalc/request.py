@@ -109,6 +109,7 @@ class Request:
     gpu: str | None = None
     gpu_memory: int | str | None = None
     cuda_context: int | str | None = None
+    nccl_channels: str | None = None  # "COLL,NVLS,P2P,PER_PEER", as NCCL_DEBUG=INFO prints them (memcalc.nccl)
     reserve_fraction: float | None = None
     reserved: bool = False
     alloc_conf: str | None = None
@@ -242,7 +243,8 @@ def _check_types(request: Request) -> None:
 
 def _check_simple(request: Request) -> None:
     _check_types(request)
-    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "deepspeed", "params", "alloc_conf")  # (a model: resolve)
+    _not_empty(request, "gpu", "gpu_memory", "cuda_context", "nccl_channels", "deepspeed", "params",
+               "alloc_conf")  # (a model: resolve)
     if request.reserve_fraction is not None and (request.reserved or request.alloc_conf is not None):
         raise UsageError("{reserve_fraction} assumes the allocator's reserve and {reserved} predicts it: give one")
     if request.gpu is not None and request.gpu_memory is not None:
@@ -250,7 +252,7 @@ def _check_simple(request: Request) -> None:
     no_gpu = request.gpu is None and request.gpu_memory is None
     if (request.max_batch or request.max_seq_len) and no_gpu:
         raise UsageError("{max_batch} and {max_seq_len} solve for a GPU: add {gpu} NAME or {gpu_memory} SIZE")
-    for name in ("cuda_context", "reserve_fraction"):
+    for name in ("cuda_context", "nccl_channels", "reserve_fraction"):
         if getattr(request, name) is not None and no_gpu:
             raise UsageError(f"{{{name}}} is an assumption of the fit check: add {{gpu}} NAME or {{gpu_memory}} SIZE")
     if request.reserve_fraction is not None:
@@ -574,7 +576,7 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
         GpuTarget,
         cuda_context_for,
     )
-    from memcalc.nccl import Environment
+    from memcalc.nccl import Environment, given_channels
     from memcalc.units import parse_size
 
     def size(value: int | str, name: str) -> int:
@@ -602,6 +604,8 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
         shown_size = str(request.gpu_memory)
         target = GpuTarget(f"{shown_size} GPU", size(request.gpu_memory, "gpu_memory"), "given size", context,
                            reserve, cuda_context_source=context_source, nccl_env=Environment.read())
+    if request.nccl_channels is not None:
+        target = dataclasses.replace(target, nccl_channels=given_channels(request.nccl_channels))
     if target.usable_bytes <= 0:
         raise UsageError("the CUDA context, the cuBLAS workspaces and the allocator reserve leave no usable memory; "
                          "check {gpu_memory} and {cuda_context}")

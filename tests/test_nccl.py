@@ -163,6 +163,19 @@ def test_groups_not_counted_are_named_with_their_init_part():
     assert "verl-project/verl#6266) where memcalc counts 2.27 GiB" in fit.nccl_note
 
 
+def test_a_run_s_own_channel_counts_are_taken(cli):
+    """--nccl-channels COLL,NVLS,P2P,PER_PEER as NCCL_DEBUG=INFO prints them, on the card's buffers: 16 of each on an
+    H100 node of 8: at init (2 + 3 x 16) x 2 + (1 + 16) x 2 = 134 MiB, ring and tree 16 x 12 = 192 MiB each, NVLS 8 x 16
+    x 2 = 256 MiB: 774 MiB. A wrong count is one line, exit 2."""
+    data = cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3", "--nccl-channels", "16,16,16,16",
+               "--json").json()
+    assert data["fit"]["nccl_bytes"] == (134 + 192 + 192 + 256) * MIB
+    assert data["fit"]["nccl_note"].startswith("16 collective (16 p2p, 16 a peer), 16 NVLS channels: given")
+    for bad in ("24,16,32", "0,0,0,0", "24,16,32,64", "24,16,65,32"):
+        result = cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--nccl-channels", bad)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--nccl-channels" in result.stderr, bad
+
+
 def test_amd_cards_say_rccl_is_not_counted():
     fit = api.estimate("llama-3-8b", gpu="mi300x", gpus=8, zero=3).fit
     assert fit.nccl_bytes == 0 and "RCCL" in (fit.nccl_note or "")

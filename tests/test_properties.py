@@ -124,6 +124,8 @@ STRING_VALUES = {  # option name -> (valid values, invalid values); names not he
             ["", "a100x", "x" * 300, "h1\n00", "\x1b[1ma100", " "]),
     "gpu_memory": (["80GiB", "24GB", "16GiB", "192GB"], SIZES),
     "cuda_context": (["512MiB", "1GiB", "300MB"], SIZES),
+    "nccl_channels": (["24,16,32,32", "16,0,16,2", "8,0,8,2"], ["", "24", "24,16,32", "0,0,0,0", "65,0,64,64",
+                                                              "24,16,32,64", "a,b,c,d", "24;16;32;32", "-1,0,1,1"]),
     "deepspeed": ([PLACEHOLDER_DEEPSPEED + name for name in DEEPSPEED], ["", "./no-such-ds.json", "x" * 300]),
     "emit": (["deepspeed"], ["", "accelerate", "x", "DeepSpeed"]),
     "compare_with": (["deepspeed", "accelerate"], ["", "x", "llm-analysis"]),

@@ -200,7 +200,7 @@ class Communicator:
     group: str  # "data-parallel", "tensor-parallel", ...
     ranks: int
     local_ranks: int  # of them on this rank's node
-    runs: str  # "collectives", "send/recv", "all-to-all", "barriers"
+    runs: str  # "collectives", "send/recv", "all-to-all", "barriers", "all-reduce" (a small one: one algorithm)
     bytes: int
     parts: tuple[tuple[str, int], ...]  # (what, bytes), adding up to bytes
 
@@ -249,17 +249,20 @@ class Layout:
         """The bytes of one communicator of ``ranks`` ranks, ``stride`` ranks apart in the global order."""
         spans = ranks * stride > self.node_size
         local = max(1, min(ranks, self.node_size // stride)) if stride < self.node_size else 1
-        nvls = (runs == "collectives" and self.env.nvls and self.channels.nvls > 0 and local > 2)
+        # (NVLS's channels and credits are made at init wherever the communicator supports it; its buffers when a
+        # collective first runs on it)
+        nvls = self.env.nvls and self.channels.nvls > 0 and local > 2
         parts = [("at init (channels, device communicator" + (", NVLS" if nvls else "") + ")", self.fixed(nvls))]
         channels = self.collective
         if runs in ("collectives", "barriers"):
             parts.append(("ring" + (" (over the network, a bound)" if spans else ""), channels * self.pair(spans)))
-        if runs == "send/recv":  # torchtitan's clip_grad_norm_ all-reduces the norm over the stages: one algorithm
+        if runs in ("send/recv", "all-reduce"):  # the gradient norm's all-reduce (torchtitan's clip_grad_norm_ over the
+            # stages; Megatron-LM's over its optimizer instance): one algorithm
             parts.append(("the gradient norm's all-reduce" + (" (over the network, a bound)" if spans else ""),
                           channels * self.pair(spans)))
         if runs == "collectives" and ranks > 2:
             parts.append(("tree" + (" (over the network, a bound)" if spans else ""), channels * self.pair(spans)))
-        if nvls:
+        if nvls and runs == "collectives":
             parts.append(("NVLS", local * self.channels.nvls * 2 * STEPS * NVLS_CHUNK))
         if runs in ("send/recv", "all-to-all"):
             per_peer = min(NET_PEER_CHANNELS if spans else self.channels.per_peer, self.p2p)
@@ -305,6 +308,12 @@ def communicators(spec: TrainingSpec, layout: Layout) -> list[Communicator]:
         out.append(layout.communicator("pipeline", pp, spec.num_gpus // pp, "send/recv", neighbours))
     # A group of every rank is the default one (DeviceMesh reuses it): one communicator, whatever runs on it.
     world = [c for c in out if c.ranks == spec.num_gpus]
+    if spec.engine == "megatron" and spec.zero_stage >= 1:
+        # Megatron-LM's distributed optimizer all-reduces the gradient norm (and fp16's found-inf) over the group of
+        # every rank of its instance, a group of its own (megatron-core 0.16 optimizer/__init__.py: the optimizer's
+        # grad_stats_parallel_group is parallel_state's INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP, made by
+        # create_group): a small all-reduce, one algorithm
+        out.append(layout.communicator("Megatron-LM's optimizer instance", spec.num_gpus, 1, "all-reduce"))
     if not world:
         out.append(layout.communicator("world (barriers)", spec.num_gpus, 1, "barriers"))
     elif len(world) > 1:

@@ -795,7 +795,8 @@ found["default group and an all-reduce"] = cuda_context_bytes("cuda")
 for n in (1, 2):
     group = dist.new_group([0]); dist.all_reduce(x, group=group); torch.cuda.synchronize()
     found[f"one-rank group {n} and an all-reduce"] = cuda_context_bytes("cuda")
-found["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+version = torch.cuda.nccl.version()
+found["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 dist.destroy_process_group()
 print(json.dumps(found))
 """

@@ -89,8 +89,8 @@ OTHER_GROUPS = ("a framework's other process groups (torchtitan's flattened mesh
                 "nothing until a collective runs on them, unless communicators are made at once "
                 "(init_process_group(device_id=...)): then each holds its init part, {init} here: not counted")
 MEGATRON_GROUPS_READING = ("verl measured 7 to 10 GB of NCCL buffers a rank under Megatron-LM TP2 PP2 DP2 on 8 H100s "
-                           "(verl-project/verl#6266) where memcalc counts 2.30 GiB (its DDP) to 2.80 GiB (its "
-                           "distributed optimizer); Megatron-LM's other groups are the likely difference (not separated)")
+                           "(verl-project/verl#6266) where memcalc counts 2.80 GiB (its DDP or its distributed "
+                           "optimizer); Megatron-LM's other groups are the likely difference (not separated)")
 
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
 # minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.

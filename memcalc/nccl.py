@@ -245,10 +245,14 @@ class Layout:
         channels = max(self.collective, self.p2p)
         return (2 + 3 * channels) * GRANULE + ((1 + self.channels.nvls) * GRANULE if nvls else 0)
 
-    def communicator(self, group: str, ranks: int, stride: int, runs: str, neighbours: int = 0) -> Communicator:
-        """The bytes of one communicator of ``ranks`` ranks, ``stride`` ranks apart in the global order."""
+    def communicator(self, group: str, ranks: int, stride: int, runs: str, neighbours: int = 0,
+                     placed: tuple[int, bool] | None = None) -> Communicator:
+        """The bytes of one communicator of ``ranks`` ranks, ``stride`` ranks apart in the global order (``placed``:
+        its ranks on this rank's node and whether it spans nodes, for a group not evenly strided)."""
         spans = ranks * stride > self.node_size
         local = max(1, min(ranks, self.node_size // stride)) if stride < self.node_size else 1
+        if placed is not None:
+            local, spans = placed
         # (NVLS's channels and credits are made at init wherever the communicator supports it; its buffers when a
         # collective first runs on it)
         nvls = self.env.nvls and self.channels.nvls > 0 and local > 2
@@ -314,6 +318,14 @@ def communicators(spec: TrainingSpec, layout: Layout) -> list[Communicator]:
         # grad_stats_parallel_group is parallel_state's INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP, made by
         # create_group): a small all-reduce, one algorithm
         out.append(layout.communicator("Megatron-LM's optimizer instance", spec.num_gpus, 1, "all-reduce"))
+    elif spec.engine == "megatron" and tp * pp > 1:
+        # Megatron-LM's DDP (its Float16OptimizerWithFloat16Params and FP32Optimizer) all-reduces them over the model-
+        # parallel group: the tp ranks of each of the pp stages (parallel_state's MODEL_PARALLEL_GROUP), a group of its
+        # own beside the tensor- and pipeline-parallel ones
+        stage = spec.num_gpus // pp
+        stages_here = max(1, min(pp, layout.node_size // stage)) if stage < layout.node_size else 1
+        placed = (min(tp * stages_here, layout.node_size), stage * (pp - 1) + tp > layout.node_size)
+        out.append(layout.communicator("Megatron-LM's model-parallel", tp * pp, 1, "all-reduce", placed=placed))
     if not world:
         out.append(layout.communicator("world (barriers)", spec.num_gpus, 1, "barriers"))
     elif len(world) > 1:

@@ -155,18 +155,19 @@ def test_the_output_names_the_channels_and_their_source():
 def test_groups_not_counted_are_named_with_their_init_part():
     """A layout of several groups says what other groups would hold if made at once (their init part: 196 MiB on an
     H100, as above); under --engine megatron also verl's reading, against memcalc's count for TP2 PP2 DP2 on 8 H100s:
-    Megatron's DDP 484 (tp) + 484 (dp) + 868 (pp: 196 + a ring 288 + 1 peer x 32 x 12) + 518 (the default group's
-    barriers: 8 local ranks, so NVLS's 34 MiB at init) = 2,354 MiB; its distributed optimizer adds the group of every
-    rank of its instance for the gradient norm's all-reduce (megatron-core 0.16 grad_stats_parallel_group), 518 MiB."""
+    484 (tp) + 484 (dp) + 868 (pp: 196 + a ring 288 + 1 peer x 32 x 12) + 518 (the default group's barriers: 8 local
+    ranks, so NVLS's 34 MiB at init) + 518 for the group the gradient norm is all-reduced over (megatron-core 0.16
+    optimizer/__init__.py): under its DDP the model-parallel group (tp x pp = 4 ranks, all on the node), under its
+    distributed optimizer the group of every rank of its instance = 2,872 MiB either way."""
     plain = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, zero=3).fit
     assert "other process groups" not in plain.nccl_note  # one group: the world
-    ddp = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, tp=2, pp=2, engine="megatron").fit
-    assert ddp.nccl_bytes == (484 + 484 + 868 + 518) * MIB
-    distopt = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, tp=2, pp=2, engine="megatron", zero=1).fit
-    assert distopt.nccl_bytes == ddp.nccl_bytes + 518 * MIB
-    assert [c.group for c in distopt.nccl_communicators][-2:] == ["Megatron-LM's optimizer instance", "world (barriers)"]
-    assert "each holds its init part, 196 MiB here: not counted" in ddp.nccl_note
-    assert "verl-project/verl#6266) where memcalc counts 2.30 GiB (its DDP) to 2.80 GiB" in ddp.nccl_note
+    for zero, group, ranks in ((0, "Megatron-LM's model-parallel", 4), (1, "Megatron-LM's optimizer instance", 8)):
+        fit = api.estimate("llama-3-8b", gpu="h100-80gb", gpus=8, tp=2, pp=2, engine="megatron", zero=zero).fit
+        assert fit.nccl_bytes == (484 + 484 + 868 + 518 + 518) * MIB
+        stats = next(c for c in fit.nccl_communicators if c.group == group)
+        assert (stats.ranks, stats.local_ranks, stats.bytes) == (ranks, ranks, 518 * MIB)
+        assert "each holds its init part, 196 MiB here: not counted" in fit.nccl_note
+        assert "verl-project/verl#6266) where memcalc counts 2.80 GiB" in fit.nccl_note
 
 
 def test_a_run_s_own_channel_counts_are_taken(cli):

@@ -202,17 +202,12 @@ def moe(measure_distributed) -> None:
     print("| schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error | phase (est / "
           "measured) |")
     print("|---|---:|---|---|---:|---:|---:|---:|---|")
-    errors = []
-    for schedule, microbatches, precision, checkpointing in itertools.product(
-            ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16"), ("none", "full")):
-        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=512, checkpointing=checkpointing,
-                            num_gpus=2, pp=2, pp_schedule=schedule, microbatches=microbatches)
-        for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, SMALL_MIXTRAL, spec):
-            errors.append(error)
-            print(f"| {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
-                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} |", flush=True)
-    print(f"\n{len(errors)} stage steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
-          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
+    _stage_grid(measure_distributed, (
+        ([schedule, str(microbatches), precision, checkpointing], SMALL_MIXTRAL,
+         TrainingSpec(precision=precision, micro_batch_size=2, seq_len=512, checkpointing=checkpointing, num_gpus=2,
+                      pp=2, pp_schedule=schedule, microbatches=microbatches))
+        for schedule, microbatches, precision, checkpointing in itertools.product(
+            ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16"), ("none", "full"))))
 
 
 def moe_ep(measure_distributed) -> None:
@@ -337,39 +332,41 @@ def _on_gloo(measure_distributed, raw: dict, spec: TrainingSpec):
 def tensor_parallel(measure_distributed, tp: int) -> None:
     """2 stages of the small Llama (4 layers), each over tp tensor-parallel gloo ranks."""
     raw = {**SMALL_LLAMA, "num_hidden_layers": 4}
-    rows = []
     print("| stages x tp | schedule | micro-batches | recipe | checkpointing | stage | estimate | measured | error | "
           "phase (est. / meas.) |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---|")
-    for schedule, microbatches, precision, checkpointing in itertools.product(
-            ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16", "bf16"), ("none", "full")):
-        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
-                            num_gpus=2 * tp, tp=tp, pp=2, pp_schedule=schedule, microbatches=microbatches)
-        for stage, estimate, peak, error, phases in _on_gloo(measure_distributed, raw, spec):
-            rows.append(error)
-            print(f"| 2 x {tp} | {schedule} | {microbatches} | {precision} | {checkpointing} | {stage} | "
-                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% | {phases} |", flush=True)
-    print(f"\n{len(rows)} stage steps: median |error| {statistics.median(abs(e) for e in rows):.2f}%, from "
-          f"{min(rows):+.2f}% to {max(rows):+.2f}%")
+    _stage_grid(measure_distributed, (
+        ([f"2 x {tp}", schedule, str(microbatches), precision, checkpointing], raw,
+         TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
+                      num_gpus=2 * tp, tp=tp, pp=2, pp_schedule=schedule, microbatches=microbatches))
+        for schedule, microbatches, precision, checkpointing in itertools.product(
+            ("1f1b", "gpipe"), (2, 4), ("fp32", "bf16-pure", "amp-bf16", "bf16"), ("none", "full"))))
+
+
+def _stage_grid(measure_distributed, runs, unit: str = "stage", phases: bool = True) -> None:
+    """Each (leading cells, config, spec) of ``runs`` on gloo ranks: a row per stage (or rank), with the phases
+    (estimated / measured) where asked, then the errors' summary."""
+    errors = []
+    for cells, raw, spec in runs:
+        for stage, estimate, peak, error, phase in _on_gloo(measure_distributed, raw, spec):
+            errors.append(error)
+            print(f"| {' | '.join(cells)} | {stage} | {estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | "
+                  f"{error:+.2f}% |" + (f" {phase} |" if phases else ""), flush=True)
+    print(f"\n{len(errors)} {unit} steps: median |error| {statistics.median(abs(e) for e in errors):.2f}%, from "
+          f"{min(errors):+.2f}% to {max(errors):+.2f}%")
 
 
 def interleaved(measure_distributed, schedule: str) -> None:
-    rows = []
     print("| ranks x stages | layers | micro-batches | recipe | checkpointing | rank | estimate | measured | error |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|")
-    for (pp, virtual, layers, microbatches), precision, checkpointing in itertools.product(
+    _stage_grid(measure_distributed, (
+        ([f"{pp} x {virtual}", str(layers), str(microbatches), precision, checkpointing],
+         {**SMALL_LLAMA, "num_hidden_layers": layers},
+         TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing, num_gpus=pp,
+                      pp=pp, pp_schedule=schedule, pp_virtual=virtual, microbatches=microbatches))
+        for (pp, virtual, layers, microbatches), precision, checkpointing in itertools.product(
             ((2, 2, 6, 2), (2, 2, 6, 4), (3, 2, 10, 3), (2, 3, 10, 4)), ("fp32", "bf16-pure", "amp-bf16"),
-            ("none",) if schedule == "zero-bubble" else ("none", "full")):
-        raw = {**SMALL_LLAMA, "num_hidden_layers": layers}
-        spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=256, checkpointing=checkpointing,
-                            num_gpus=pp, pp=pp, pp_schedule=schedule, pp_virtual=virtual,
-                            microbatches=microbatches)
-        for rank, estimate, peak, error, _ in _on_gloo(measure_distributed, raw, spec):
-            rows.append(error)
-            print(f"| {pp} x {virtual} | {layers} | {microbatches} | {precision} | {checkpointing} | {rank} | "
-                  f"{estimate / 2**20:.2f} MiB | {peak / 2**20:.2f} MiB | {error:+.2f}% |", flush=True)
-    print(f"\n{len(rows)} rank steps: median |error| {statistics.median(abs(e) for e in rows):.2f}%, from "
-          f"{min(rows):+.2f}% to {max(rows):+.2f}%")
+            ("none",) if schedule == "zero-bubble" else ("none", "full"))), unit="rank", phases=False)
 
 
 def preset(name: str, measure_distributed, precision: str, stage_counts: list[int], microbatches: int | None) -> None:

@@ -32,8 +32,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from memcalc.errors import MemcalcError
+from memcalc.nccl import (
+    ALL_TO_ALL_READING,
+    MEGATRON_GROUPS_READING,
+    OTHER_GROUPS,
+    Communicator,
+    channels_for,
+    communicators,
+    node_size,
+)
 from memcalc.nccl import DEFAULTS as NCCL_DEFAULTS
-from memcalc.nccl import Communicator, channels_for, communicators, node_size
 from memcalc.nccl import Environment as NcclEnvironment
 from memcalc.nccl import Layout as NcclLayout
 from memcalc.optimizers import OptimImpl, OptimizerName
@@ -77,20 +85,6 @@ def cuda_context_for(compute_capability: str | None) -> tuple[int, str]:
     """The CUDA context for a card of this compute capability, and where the figure comes from."""
     return MEASURED_CUDA_CONTEXTS.get(compute_capability or "", (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED))
 
-
-# The one published reading of an all-to-all's NCCL memory is above the rule (benchmarks/nccl_readings.py): said where
-# a layout runs one.
-ALL_TO_ALL_READING = ("the all-to-all's peers: NVIDIA/nccl#1685 read 3.28 GB appear at the first all_to_all_single of "
-                      "8 H100s, 14% above this rule's 2.63 GiB (with the CUDA context's growth; not separated)")
-
-# Process groups a step runs no collective on hold no communicator until one runs, unless torch makes them at once (a
-# default group bound to its device: init_process_group(device_id=...), then new_group splits each at creation).
-OTHER_GROUPS = ("a framework's other process groups (torchtitan's flattened meshes, Megatron-LM's up to 27) hold "
-                "nothing until a collective runs on them, unless communicators are made at once "
-                "(init_process_group(device_id=...)): then each holds its init part, {init} here: not counted")
-MEGATRON_GROUPS_READING = ("verl measured 7 to 10 GB of NCCL buffers a rank under Megatron-LM TP2 PP2 DP2 on 8 H100s "
-                           "(verl-project/verl#6266) where memcalc counts 2.80 GiB (its DDP or its distributed "
-                           "optimizer); Megatron-LM's other groups are the likely difference (not separated)")
 
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved
 # minus allocated at the peak. An assumption of 5% of the GPU, printed; override with --reserve-fraction.

@@ -94,6 +94,21 @@ CHANNELS = {
     ("pcie", ""): Channels(8, 2, 0, False, False, (
         "PCIe: logs show 2 to 8, the most counted; cards without peer access use host memory (SHM) and hold less")),
 }
+
+# The one published reading of an all-to-all's NCCL memory is above the rule (benchmarks/nccl_readings.py): said where
+# a layout runs one.
+ALL_TO_ALL_READING = ("the all-to-all's peers: NVIDIA/nccl#1685 read 3.28 GB appear at the first all_to_all_single of "
+                      "8 H100s, 14% above this rule's 2.63 GiB (with the CUDA context's growth; not separated)")
+
+# Process groups a step runs no collective on hold no communicator until one runs, unless torch makes them at once (a
+# default group bound to its device: init_process_group(device_id=...), then new_group splits each at creation).
+OTHER_GROUPS = ("a framework's other process groups (torchtitan's flattened meshes, Megatron-LM's up to 27) hold "
+                "nothing until a collective runs on them, unless communicators are made at once "
+                "(init_process_group(device_id=...)): then each holds its init part, {init} here: not counted")
+MEGATRON_GROUPS_READING = ("verl measured 7 to 10 GB of NCCL buffers a rank under Megatron-LM TP2 PP2 DP2 on 8 H100s "
+                           "(verl-project/verl#6266) where memcalc counts 2.80 GiB (its DDP or its distributed "
+                           "optimizer); Megatron-LM's other groups are the likely difference (not separated)")
+
 MAX_CHANNELS = 64  # MAXCHANNELS (include/device.h)
 
 

@@ -59,6 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.accuracy import FAMILY_CONFIGS, MODELS, family_matrix, matrix
+from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, ReplayResult, parse_alloc_conf, replay, workspace_allocations
 from memcalc.api import model_input, model_of, run
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
@@ -237,18 +238,12 @@ def _config(case: GpuCase) -> tuple[ModelConfig, object]:
 def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -> Row:
     """One configuration on the GPU (or, with device "cpu", on CPU tensors under faked statistics). ``events``: where
     the measured step's allocation events are kept, by label (for replaying them offline)."""
-    from memcalc.allocator import (
-        environment_cublas_workspace,
-        parse_alloc_conf,
-        replay,
-        step_workspace_bytes,
-        workspace_allocations,
-    )
+    from memcalc.allocator import environment_cublas_workspace, step_workspace_bytes
     from memcalc.measure.cuda import measure_cuda
 
     started = time.perf_counter()
     row = Row(case.label)
-    conf = "expandable_segments:True" if "expandable_segments" in case.label else ""
+    conf = _alloc_conf(case.label)
     previous = os.environ.get("PYTORCH_ALLOC_CONF")
     try:
         config, model = _config(case)
@@ -284,9 +279,7 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
             # the card's cuBLAS workspaces go through the same allocator (memcalc.allocator.cublas_workspace_bytes)
             capability = measured.run.get("compute_capability")
             workspace = environment_cublas_workspace(str(capability) if capability else _capability(device))
-            replayed = replay(measured.allocation_events, parse_alloc_conf(conf),
-                              persistent=workspace_allocations(workspace))
-            row.replayed_reserved_bytes, row.replayed_segments = replayed.reserved_peak_bytes, replayed.segments_peak
+            _replay_row(row, measured.allocation_events, workspace)
     except Exception as error:  # noqa: BLE001 (a row saying what failed; the script goes on)
         row.failure = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
     finally:
@@ -295,6 +288,24 @@ def measure(case: GpuCase, device: str, events: dict[str, list] | None = None) -
         _release(device)
         row.seconds = time.perf_counter() - started
     return row
+
+
+def _alloc_conf(label: str) -> str:
+    """The allocator settings a configuration runs under (the one expandable-segments row's; the default else)."""
+    return "expandable_segments:True" if "expandable_segments" in label else ""
+
+
+def replay_measured(events: list, label: str, workspace_per_handle: int | None,
+                    segments_below: bool = True) -> ReplayResult:
+    """A measured step's tracked allocations through memcalc.allocator, under the row's allocator settings, the card's
+    cuBLAS workspaces (one per handle) held first: the table's "replayed reserved"."""
+    return replay(events, parse_alloc_conf(_alloc_conf(label)), persistent=workspace_allocations(workspace_per_handle),
+                  segments_below=segments_below)
+
+
+def _replay_row(row: Row, events: list, workspace_per_handle: int | None) -> None:
+    replayed = replay_measured(events, row.label, workspace_per_handle)
+    row.replayed_reserved_bytes, row.replayed_segments = replayed.reserved_peak_bytes, replayed.segments_peak
 
 
 # Labels whose measured step is recorded by torch.cuda.memory._record_memory_history (--history): each becomes what
@@ -843,7 +854,7 @@ TITLE = "# Accuracy on a CUDA GPU (`python benchmarks/gpu_validation.py`)"
 
 def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
              contexts: dict[str, dict[str, int | str]] | None = None, title: str = TITLE,
-             nccl: dict[str, dict[str, int | str]] | None = None) -> str:
+             nccl: dict[str, dict[str, int | str]] | None = None, note: str = "") -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.3f}"
 
@@ -851,7 +862,7 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
         return "-" if value is None else f"{value:+.2f}%"
 
     lines = [title, "",
-             ", ".join(f"{k}: {v}" for k, v in env.items()), "",
+             ", ".join(f"{k}: {v}" for k, v in env.items()), "", *([note, ""] if note else []),
              ("Estimate: memcalc's peak (live tensors) plus the card's cuBLAS workspaces (ws: one per handle, "
               "`memcalc.allocator`) and what earlier configurations left allocated (held at start, beyond the "
               "workspaces) against `requested_bytes.all.peak`; replay: the measured step's own allocations "
@@ -930,23 +941,63 @@ HARNESS_FAULTS = {
 }
 
 
-def rerender(folder: Path, cli_folder: Path | None = None, recompute: bool = True
+RERENDERED = ("Re-rendered without a GPU (--rerender): the measured columns are the run's; \"replayed reserved\" is this "
+              "memcalc.allocator's replay of each measured step's allocations as the run kept them, and \"--reserved\" "
+              "its replay of the row's trace where one is kept beside the run (trace-events.json.gz), else the run's.")
+
+
+def _kept_events(folder: Path) -> dict[str, list]:
+    """A run's events.jsonl.gz: each measured row's tracked allocations, by label (the last kept of a label)."""
+    import gzip
+    import json
+
+    path = folder / "events.jsonl.gz"
+    if not path.exists():
+        return {}
+    with gzip.open(path, "rt") as handle:
+        return {data["label"]: [tuple(e) for e in data["events"]] for data in map(json.loads, handle)}
+
+
+def _kept_traces(folder: Path) -> dict[str, list]:
+    """A row's trace as --reserved makes it, where one is kept beside the run (trace-events.json.gz, written by
+    benchmarks/replay_vs_gpu_sequence.py --save), by label."""
+    import gzip
+    import json
+
+    path = folder / "trace-events.json.gz"
+    if not path.exists():
+        return {}
+    with gzip.open(path, "rt") as handle:
+        data = json.load(handle)
+    return {data["label"]: [tuple(e) for e in data["events"]]}
+
+
+def rerender(folder: Path, cli_folder: Path | None = None, recompute: bool = True, replays: bool = True
              ) -> tuple[dict[str, str], list[Row], list[CliCheck], dict[str, dict]]:
     """A run's rows.json again, with each --verify row's estimate recomputed by this memcalc (the estimate needs no
     GPU; the measured columns are the run's own); the compiled, float8 and Liger rows keep theirs (their estimate
     traces compiled layers for minutes). ``cli_folder``: the command-line checks from another run's rows.json.
     ``recompute`` False: every row keeps the estimate the run computed (on the GPU machine, under its transformers:
-    what a traced family's estimate and a version-dependent rule, Falcon's, depend on)."""
+    what a traced family's estimate and a version-dependent rule, Falcon's, depend on). ``replays``: each row's
+    "replayed reserved" is this memcalc.allocator's replay of the measured step's allocations, where the run kept
+    them (events.jsonl.gz), not the run's, and "--reserved" this memcalc's replay of the row's trace where one is kept
+    beside the run (trace-events.json.gz); elsewhere "--reserved" stays the run's."""
     import json
 
     data = json.loads((folder / "rows.json").read_text())
     env, by_label = data["env"], ({case.label: case for case in cases(parts=PARTS)} if recompute else {})
     faults = HARNESS_FAULTS.get(env.get("harness"), {})
+    events, traces = (_kept_events(folder), _kept_traces(folder)) if replays else ({}, {})
     rows = []
     for fields in data["rows"]:
         row = Row(**{k: (v if k != "segments" or v is None else [tuple(x) for x in v]) for k, v in fields.items()})
         case = by_label.get(row.label)
         fault = next((why for key, why in faults.items() if key in row.label), "")
+        per_handle = (row.workspace_bytes or 0) // CUBLAS_HANDLES_PER_STEP or None
+        if row.label in events and row.replayed_reserved_bytes is not None:  # (replayed by this memcalc.allocator)
+            _replay_row(row, events[row.label], per_handle)
+        if row.label in traces and row.predicted_reserved_bytes is not None:
+            row.predicted_reserved_bytes = replay_measured(traces[row.label], row.label, per_handle).reserved_peak_bytes
         if fault:
             row.failure, row.estimate_bytes, row.replayed_reserved_bytes = fault, None, None
         elif case is not None and not case.library and row.estimate_bytes is not None:
@@ -998,10 +1049,10 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         kept = json.loads((args.rerender / "rows.json").read_text()).get("nccl", {})
-        text = markdown(env, rows, checks, contexts, nccl=kept)
+        text = markdown(env, rows, checks, contexts, nccl=kept, note=RERENDERED)
         for folder in args.with_run:
             env, more, _checks, contexts = rerender(folder, recompute=False)
-            text += "\n" + markdown(env, more, [], contexts, title=(
+            text += "\n" + markdown(env, more, [], contexts, note=RERENDERED, title=(
                 f"## {folder.name}: the estimates as that run computed them (on the GPU machine, transformers "
                 f"{env.get('transformers', '?')})"))
             rows += more

@@ -3,6 +3,7 @@ memcalc.allocator: whether a reserved-memory miss comes from the allocations (wh
 allocator model (what it reserves for them).
 
     python benchmarks/replay_vs_gpu_sequence.py benchmarks/gpu-runs/2026-12-04-h200-d/eager-s8192/events.jsonl.gz
+    ... --save    # also keep the trace's sequence beside the row (trace-events.json.gz, read by segment_order.py)
 
 The row's label says the configuration (gpu_validation.py's preset rows). Printed: the first place the two sequences'
 allocations and frees of at least 1 GiB differ, and each sequence's replayed reserved peak. The trace runs at full
@@ -42,6 +43,7 @@ def _large(events: list[tuple[int, int, int]]) -> list[tuple[str, int]]:
 
 def main() -> int:
     path = Path(sys.argv[1])
+    save = "--save" in sys.argv[2:]
     with gzip.open(path, "rt") as handle:
         row = json.loads(handle.readline())
     case = next(c for c in cases(parts=PARTS) if c.label == row["label"])
@@ -51,6 +53,16 @@ def main() -> int:
     traced, _ = step_allocations(raw, case.spec, "sdpa" if attention == "flash" else attention)
     gpu = [tuple(e) for e in row["events"]]
     ours = list(traced.events)
+    if save:
+        import subprocess
+
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+        kept = {"label": row["label"], "memcalc_commit": commit, "versions": dict(traced.versions),
+                "source": "memcalc.measure.reserved.step_allocations, as --reserved traces the row",
+                "events": ours}
+        with gzip.open(path.parent / "trace-events.json.gz", "wt") as handle:
+            json.dump(kept, handle, separators=(",", ":"))
     theirs, mine = _large(gpu), _large(ours)
     first = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), None)
     print(f"{row['label']}: {len(theirs)} large events on the GPU, {len(mine)} in the trace")

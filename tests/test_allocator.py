@@ -14,10 +14,10 @@ from memcalc.allocator import (
 )
 
 
-def run(sequence, conf="", capacity=None):
+def run(sequence, conf="", capacity=None, segments_below=True):
     """``sequence``: ("+", name, bytes) or ("-", name)."""
     events = [(ALLOC, hash(name), size[0]) if op == "+" else (FREE, hash(name), 0) for op, name, *size in sequence]
-    return replay(events, parse_alloc_conf(conf), capacity)
+    return replay(events, parse_alloc_conf(conf), capacity, segments_below=segments_below)
 
 
 def test_small_requests_round_to_512_and_share_2mib_segments():
@@ -178,3 +178,17 @@ def test_persistent_allocations_come_first_and_stay():
     # two 32 MiB workspaces (own segments, >= 10 MiB) before a 100 MiB tensor allocated and freed
     result = replay([(ALLOC, 1, 100 * MIB), (FREE, 1, 0)], persistent=[32 * MIB, 32 * MIB])
     assert (result.requested_peak_bytes, result.reserved_peak_bytes) == (164 * MIB, 164 * MIB)
+
+
+def test_of_two_cached_blocks_of_one_size_the_newer_segments_is_taken():
+    # get_free_block breaks a best-fit tie by address (BlockComparatorSize), and cudaMalloc puts each new segment
+    # below the earlier ones (an H200's snapshots, benchmarks/segment_order.py). a opens a 4 GiB segment S1, b an
+    # 8 GiB S2 below it; b freed, c (4 GiB) splits S2, whose free 4 GiB rest lies below S1; a freed: two free 4 GiB
+    # blocks, and d takes S2's rest (the lower address), filling S2. c freed leaves S2 a free 4 GiB head beside d, so
+    # e (8 GiB) finds no 8 GiB block: a third segment, 4 + 8 + 8 = 20 GiB. Had d taken S1 (segments placed upward),
+    # S2 would have merged whole when c was freed and served e: 12 GiB.
+    gib = 1024 * MIB
+    sequence = [("+", "a", 4 * gib), ("+", "b", 8 * gib), ("-", "b"), ("+", "c", 4 * gib), ("-", "a"),
+                ("+", "d", 4 * gib), ("-", "c"), ("+", "e", 8 * gib)]
+    assert run(sequence).reserved_peak_bytes == 20 * gib
+    assert run(sequence, segments_below=False).reserved_peak_bytes == 12 * gib

@@ -37,13 +37,6 @@ from memcalc.report import AllocatorReplay
 # Bump when what is recorded changes: older cache entries are then not read.
 CACHE_FORMAT = 4  # 4: QLoRA's load in the log; 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32
 # grouped-head sdpa on its math path
-# A step with blocks this large: on an H200 the allocator reserved more than the replay of the same allocations
-# (benchmarks/gpu-runs/2026-12-04-h200-d, docs/accuracy.md "Third session")
-HUGE_BLOCK = 2**30
-HUGE_BLOCK_NOTE = ("the step allocates blocks of up to {gib:.1f} GiB: for such a step (Llama-3.2-1B, eager attention, "
-                   "1 x 8192 tokens, 8 GiB scores) an H200 reserved 50.86 GiB where this replay of the same "
-                   "allocations holds 42.71 GiB (19% more, one 8 GiB segment beyond the replay's), not yet explained: "
-                   "leave that room")
 # Micro-batches per step replayed under gradient accumulation: from the second on, each is alike.
 ACCUMULATED_MICRO_BATCHES = 2
 CACHE_KIND = "allocations"
@@ -195,9 +188,6 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
                         "transformers' with bitsandbytes, each 16-bit checkpoint tensor quantized on arrival"
                         + (", then PEFT's fp32 casts" if spec.qlora_upcast else ""))
                      + ")")
-    largest = max((size for kind, _key, size in allocations.events if kind == ALLOC), default=0)
-    if largest >= HUGE_BLOCK:
-        notes.append(HUGE_BLOCK_NOTE.format(gib=largest / 2**30))
     if bounded is not None:
         notes.extend(n for n in bounded.notes if n not in notes)
     return AllocatorReplay(

@@ -92,6 +92,7 @@ class GpuSpec:
     aliases: tuple[str, ...] = ()
     compute_capability: str | None = None  # "9.0"; a ROCm gfx target for AMD cards
     interconnect: str | None = None  # how one node's cards are joined: nvswitch, nvlink, pcie, xgmi (memcalc.nccl)
+    sms: int | None = None  # streaming multiprocessors (NVIDIA cards): the CUDA context's per-thread part (memcalc.fit)
 
     def lookup_keys(self) -> frozenset[str]:
         """Every lookup key this card answers to: its name and its aliases, normalized."""
@@ -113,6 +114,7 @@ def gpu_presets() -> tuple[GpuSpec, ...]:
                 aliases=tuple(entry.get("aliases", ())),
                 compute_capability=entry.get("compute_capability"),
                 interconnect=entry.get("interconnect"),
+                sms=int(entry["sms"]) if entry.get("sms") is not None else None,
             )
             for entry in data["gpus"]
         )

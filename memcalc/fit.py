@@ -79,11 +79,63 @@ MEASURED_CUDA_CONTEXTS = {
                           "1,955,397,632 B")),
 }
 CUDA_CONTEXT_ASSUMED = "assumed (no measurement for this GPU generation)"
+# A generation without a measurement: its context estimated from the card. The bare context (a process's first CUDA
+# call, no kernel launched yet) grows with the threads the card can hold at once: the driver reserves local memory for
+# every resident thread (the default stack, cudaLimitStackSize 1 KiB, among it). Published bare contexts, lazy module
+# loading, read in nvidia-smi (card, SMs, resident threads per SM, MiB, source):
+PUBLISHED_BARE_CONTEXTS = (
+    ("H100 SXM", 132, 2048, 534, "meta-pytorch/torchcomms PR #777: 'On H100, each primary context costs ~534 MiB'"),
+    ("B200", 148, 2048, 612, "unslothai/unsloth PR #8669: torch.cuda.mem_get_info in a fresh process, 612 MiB"),
+    ("RTX 6000 Ada", 142, 1536, 426, "unslothai/unsloth-zoo PR #1053: torch 2.10.0+cu130, mem_get_info, 426 MiB"),
+    ("RTX 3090", 82, 1536, 256, "invoke-ai/InvokeAI #9413: torch 2.7.1+cu128, an idle server's context, 256 MiB"),
+    ("RTX PRO 6000 Blackwell", 188, 1536, 555, "ggml-org/llama.cpp PR #23604: cudaMemGetInfo's context, 555 MiB"),
+    ("RTX 4060 Ti", 34, 1536, 107, "ggml-org/llama.cpp PR #23604: cudaMemGetInfo's context, 107 MiB"),
+)
+# Per resident thread they read 2,015 to 2,149 B; the largest is taken, so none of those cards' bare part comes out low.
+BYTES_PER_RESIDENT_THREAD = max(-(-mib * BYTES_PER_MIB // (sms * threads))
+                                for _card, sms, threads, mib, _source in PUBLISHED_BARE_CONTEXTS)
+# CUDA C++ Programming Guide, "Maximum number of resident threads per SM", by compute capability
+RESIDENT_THREADS_PER_SM = {"7.0": 2048, "7.5": 1024, "8.0": 2048, "8.6": 1536, "8.7": 2048, "8.9": 1536, "9.0": 2048,
+                           "10.0": 2048, "12.0": 1536}
+# What a training process holds beyond its bare context (the kernels and libraries its step loads: cuBLAS, autograd's,
+# the optimizer's): the H200's measured context less its bare part by the rule above (132 SMs x 2,048 threads).
+MEASURED_CONTEXT_CARD = (132, 2048)  # the H200 the sm 9.0 figures were measured on
+_MEASURED_CARD_BARE = MEASURED_CONTEXT_CARD[0] * MEASURED_CONTEXT_CARD[1] * BYTES_PER_RESIDENT_THREAD
+TRAINING_CONTEXT_BEYOND_BARE = MEASURED_CUDA_CONTEXTS["9.0"][0] - _MEASURED_CARD_BARE
+# CUDA_MODULE_LOADING=EAGER (read from the environment, as the CUDA driver reads it) loads every module of every
+# library at the first call: on the same H200 1,955,397,632 B once the step had run (benchmarks/gpu-runs/
+# 2026-12-04-h200-b, --context)
+MEASURED_EAGER_CUDA_CONTEXTS = {
+    "9.0": (1_955_397_632, ("measured 2026-12-04 on an H200 (sm 9.0) after a training step with "
+                            "CUDA_MODULE_LOADING=EAGER (from the environment): torch 2.11.0+cu130, CUDA 13.0")),
+}
+EAGER_CONTEXT_BEYOND_BARE = MEASURED_EAGER_CUDA_CONTEXTS["9.0"][0] - _MEASURED_CARD_BARE
 
 
-def cuda_context_for(compute_capability: str | None) -> tuple[int, str]:
-    """The CUDA context for a card of this compute capability, and where the figure comes from."""
-    return MEASURED_CUDA_CONTEXTS.get(compute_capability or "", (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED))
+def cuda_context_for(compute_capability: str | None, sms: int | None = None,
+                     module_loading: str | None = None) -> tuple[int, str]:
+    """The CUDA context for a card of this compute capability (and this many SMs), and where the figure comes from:
+    measured for its generation; else estimated from its resident threads (PUBLISHED_BARE_CONTEXTS); else assumed.
+    ``module_loading``: $CUDA_MODULE_LOADING (EAGER loads every module at once; LAZY, the default, as kernels run)."""
+    eager = (module_loading or "").strip().upper() == "EAGER"
+    measured = MEASURED_EAGER_CUDA_CONTEXTS if eager else MEASURED_CUDA_CONTEXTS
+    if compute_capability in measured:
+        return measured[compute_capability]
+    threads = RESIDENT_THREADS_PER_SM.get(compute_capability or "")
+    if sms is None or threads is None:
+        if eager:
+            figure, _source = MEASURED_EAGER_CUDA_CONTEXTS["9.0"]
+            return figure, ("assumed: CUDA_MODULE_LOADING=EAGER (from the environment) with no measurement for this "
+                            "card; the H200's eager context")
+        return DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED
+    bare = sms * threads * BYTES_PER_RESIDENT_THREAD
+    beyond = EAGER_CONTEXT_BEYOND_BARE if eager else TRAINING_CONTEXT_BEYOND_BARE
+    return bare + beyond, (
+        f"estimated, not measured for this generation: {sms} SMs x {threads} resident threads x "
+        f"{BYTES_PER_RESIDENT_THREAD:,} B (the bare context per thread, the largest of {len(PUBLISHED_BARE_CONTEXTS)} "
+        f"published readings, memcalc/fit.py) + {beyond / BYTES_PER_MIB:,.0f} MiB a training process held beyond its "
+        "bare context on an H200 (measured), "
+        + ("CUDA_MODULE_LOADING=EAGER (from the environment)" if eager else "lazy module loading"))
 
 
 # Memory the caching allocator reserves but cannot hand out (fragmentation, block rounding): reserved

@@ -569,13 +569,7 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
     if request.gpu is None and request.gpu_memory is None:
         return None, None
     from memcalc.catalog import find_gpu, gpu_alias_note
-    from memcalc.fit import (
-        CUDA_CONTEXT_ASSUMED,
-        DEFAULT_ALLOCATOR_RESERVE_FRACTION,
-        DEFAULT_CUDA_CONTEXT_BYTES,
-        GpuTarget,
-        cuda_context_for,
-    )
+    from memcalc.fit import DEFAULT_ALLOCATOR_RESERVE_FRACTION, GpuTarget, cuda_context_for
     from memcalc.nccl import Environment, given_channels
     from memcalc.units import parse_size
 
@@ -587,14 +581,15 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
         return parse_size(str(value), f"{{{name}}}")
 
     given = size(request.cuda_context, "cuda_context") if request.cuda_context is not None else None
+    loading = os.environ.get("CUDA_MODULE_LOADING")
     context, context_source = (given, "given (--cuda-context)") if given is not None else \
-        (DEFAULT_CUDA_CONTEXT_BYTES, CUDA_CONTEXT_ASSUMED)
+        cuda_context_for(None, None, loading)
     reserve = request.reserve_fraction if request.reserve_fraction is not None else DEFAULT_ALLOCATOR_RESERVE_FRACTION
     note = None
     if request.gpu is not None:
         spec = find_gpu(request.gpu)
         if given is None:
-            context, context_source = cuda_context_for(spec.compute_capability)
+            context, context_source = cuda_context_for(spec.compute_capability, spec.sms, loading)
         target = GpuTarget(spec.name, spec.memory_bytes, spec.source, context, reserve,
                            compute_capability=spec.compute_capability, cuda_context_source=context_source,
                            interconnect=spec.interconnect, nccl_env=Environment.read())

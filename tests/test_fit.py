@@ -379,18 +379,50 @@ def test_paged_optimizer_states_may_be_paged_out_instead_of_failing():
                      lambda changed: estimate(model, changed)).verdict == "DOES NOT FIT"
 
 
+def test_an_unmeasured_cards_context_from_its_resident_threads(monkeypatch):
+    """A card of a generation nobody measured: its bare context (a process's first CUDA call) is per resident thread,
+    which six published bare contexts read at 2,015 to 2,149 B (the H100's 534 MiB over 132 SMs x 2,048 threads, the
+    B200's 612 MiB over 148 x 2,048, the RTX 6000 Ada's 426 MiB over 142 x 1,536, the RTX 3090's 256 MiB over 82 x
+    1,536, the RTX PRO 6000 Blackwell's 555 MiB over 188 x 1,536, the RTX 4060 Ti's 107 MiB over 34 x 1,536; each
+    rounded up): the largest is taken. Beyond it, what a training process holds: the H200's measured 806,158,336 B
+    less its own bare part, 132 x 2,048 x 2,149 B = 580,952,064 B, so 225,206,272 B. CUDA_MODULE_LOADING=EAGER takes
+    the H200's eager measurement, 1,955,397,632 B, the same way."""
+    import memcalc
+    from memcalc import fit
+
+    assert [-(-mib * 2**20 // (sms * threads)) for _card, sms, threads, mib, _s in fit.PUBLISHED_BARE_CONTEXTS] == [
+        2072, 2118, 2048, 2132, 2016, 2149]
+    assert fit.BYTES_PER_RESIDENT_THREAD == 2149 and fit.TRAINING_CONTEXT_BEYOND_BARE == 225_206_272
+    # an RTX 4090 (128 SMs, 1,536 threads each on sm 8.9): 128 x 1,536 x 2,149 + 225,206,272
+    ada = memcalc.estimate("llama-3.2-1b", gpu="rtx-4090").fit
+    assert ada.cuda_context_bytes == 422_510_592 + 225_206_272
+    assert "128 SMs x 1536 resident threads" in ada.cuda_context_source
+    # the RTX 3090's own published bare context, 256 MiB, is within its estimated bare part
+    assert 82 * 1536 * 2149 >= 256 * 2**20
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    assert memcalc.estimate("llama-3.2-1b", gpu="h200").fit.cuda_context_bytes == 1_955_397_632
+    eager = memcalc.estimate("llama-3.2-1b", gpu="rtx-4090").fit
+    assert eager.cuda_context_bytes == 422_510_592 + 1_955_397_632 - 580_952_064
+    assert "EAGER" in eager.cuda_context_source
+    # a card given only by its memory: the H200's eager figure, said to be assumed
+    given = memcalc.estimate("llama-3.2-1b", gpu_memory="24GiB").fit
+    assert given.cuda_context_bytes == 1_955_397_632 and given.cuda_context_source.startswith("assumed")
+
+
 def test_cuda_context_is_the_measured_one_for_its_generation():
     """A Hopper preset takes the context measured on an H200 (benchmarks/gpu_validation.py, 2026-12-04:
     806,158,336 B in use beyond the allocator once a process had run training steps, lazy module loading;
     benchmarks/gpu-runs/2026-12-04-h200-b, env cuda_context_after_run), named as measured; a generation without a
-    measurement keeps the assumed 512 MiB, named as assumed; --cuda-context wins over both."""
+    measurement is estimated from its card (below); --cuda-context wins over both."""
     import memcalc
 
     hopper = memcalc.estimate("llama-3.2-1b", gpu="h100-80gb").fit
     assert hopper.cuda_context_bytes == 806_158_336 and hopper.cuda_context_source.startswith("measured")
     assert "H200" in hopper.cuda_context_source and "torch 2.11" in hopper.cuda_context_source
     ampere = memcalc.estimate("llama-3.2-1b", gpu="a100-80gb").fit
-    assert ampere.cuda_context_bytes == 512 * 2**20 and ampere.cuda_context_source.startswith("assumed")
+    # 108 SMs x 2,048 resident threads x 2,149 B + (806,158,336 - 132 x 2,048 x 2,149) B
+    assert ampere.cuda_context_bytes == 108 * 2048 * 2149 + 806_158_336 - 132 * 2048 * 2149 == 700_530_688
+    assert ampere.cuda_context_source.startswith("estimated")
     given = memcalc.estimate("llama-3.2-1b", gpu="h100-80gb", cuda_context="1GiB").fit
     assert given.cuda_context_bytes == 2**30 and given.cuda_context_source.startswith("given")
     # the workspaces: 2 x 32 MiB on sm 9.0, 2 x (8 MiB + 128 KiB) on an A100 (CublasHandlePool.cpp); a card given only
@@ -401,5 +433,5 @@ def test_cuda_context_is_the_measured_one_for_its_generation():
                                                                             2 * (8 * 2**20 + 2**17 + lt))
     assert memcalc.estimate("llama-3.2-1b", gpu_memory="24GiB").fit.cublas_workspace_bytes == 2 * (32 * 2**20 + lt)
     assert hopper.usable_bytes - ampere.usable_bytes == (hopper.gpu_memory_bytes - ampere.gpu_memory_bytes) - (
-        806_158_336 - 512 * 2**20) - (hopper.cublas_workspace_bytes - ampere.cublas_workspace_bytes) - (
+        806_158_336 - 700_530_688) - (hopper.cublas_workspace_bytes - ampere.cublas_workspace_bytes) - (
         hopper.allocator_reserve_bytes - ampere.allocator_reserve_bytes)

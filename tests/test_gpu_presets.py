@@ -45,8 +45,18 @@ def test_every_gpu_has_a_plain_source():
         assert not DEVELOPMENT_WORDS.search(gpu.source), (gpu.name, gpu.source)
         assert str(gpu.memory_bytes // BYTES_PER_MIB) in gpu.source.replace(",", ""), (gpu.name, gpu.source)
     keys = {"name", "aliases", "display", "nominal", "memory_mib", "_source", "compute_capability",
-            "interconnect"}  # the format
+            "interconnect", "sms"}  # the format
     assert all(set(entry) <= keys for entry in RAW["gpus"])
+
+
+def test_every_nvidia_gpu_has_its_sm_count():
+    """Streaming multiprocessors, as NVIDIA's datasheets and whitepapers give them (the CUDA context's per-thread part):
+    the H100 SXM5 and the H200 132, the H100 PCIe 114, the A100 108, the L40S 142, the RTX 4090 128, the T4 40."""
+    by_name = {gpu.name: gpu for gpu in GPUS}
+    assert all(gpu.sms for gpu in GPUS if not gpu.compute_capability.startswith("gfx"))
+    assert by_name["mi300x"].sms is None  # (an AMD card: its CUs are not modelled)
+    assert [by_name[n].sms for n in ("h100-80gb", "h200", "h100-pcie", "a100-80gb", "l40s", "rtx-4090", "t4")] == [
+        132, 132, 114, 108, 142, 128, 40]
 
 
 def test_every_gpu_has_its_compute_capability():

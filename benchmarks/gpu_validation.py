@@ -26,7 +26,7 @@ here with ``pip download --no-deps --only-binary=:all: --python-version 3.12 --p
 torchao==0.18.0 liger-kernel`` into a folder .git/info/exclude ignores, carried as ``.whl``):
 
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-    python3 benchmarks/gpu_validation.py --budget 470 --cli --nccl --out $OUT/accuracy-gpu.md --raw $OUT
+    python3 benchmarks/gpu_validation.py --budget 470 --cli --nccl --placement --out $OUT/accuracy-gpu.md --raw $OUT
 
 (memcalc's estimate and a measured step were checked on CPU under transformers 5.17, that machine's release.)
 
@@ -35,7 +35,7 @@ quarter, each estimate as a user gets it, opt-in), ``--only`` the labels contain
 named configurations' measured steps with the allocator's history (what was live at the peak and at the end by
 allocating stack, and the allocations no tracked tensor owns), ``--context`` reads the CUDA context in fresh processes
 as a process goes on, ``--nccl`` one-rank NCCL communicators' device memory (against memcalc.nccl's part made at
-init); ``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as
+init), ``--placement`` where cudaMalloc puts each new segment (memcalc.allocator places each below the last); ``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as
 that run computed them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them.
 
 Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the test
@@ -849,12 +849,59 @@ def nccl_markdown(readings: dict[str, dict[str, int | str]]) -> list[str]:
     return lines
 
 
+# Where cudaMalloc puts each new segment (--placement): memcalc.allocator places each below the earlier ones, as an
+# H200's snapshots implied (their segments, listed by address, had the newest lowest: benchmarks/segment_order.py);
+# the allocator breaks best-fit ties by address, so this decides which of two cached blocks of one size is reused.
+# Read in a fresh process: tensors kept alive, each request too large for any cached block, so each opens a segment
+# (large-pool requests of 12 MiB and more, exact-sized; 4 MiB requests, five to a 20 MiB segment; 1 MiB requests, two
+# to a 2 MiB small-pool segment), their addresses in the order made.
+_PLACEMENT = """
+import json, torch
+torch.ones(1, device="cuda").sum().item()
+found, kept = {}, []
+for name, size, count in (("large", None, 0), ("20 MiB segments", 4 << 20, 15), ("2 MiB segments", 1 << 20, 6)):
+    sizes = [12 << 20, 64 << 20, 1 << 30, 256 << 20, 2 << 30] if size is None else [size] * count
+    made = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
+    found[name] = [t.data_ptr() for t in made]
+    kept += made  # (all kept alive: no freed block takes a later request)
+print(json.dumps(found))
+"""
+
+
+def placement_readings(limit_s: float = 60) -> dict[str, dict[str, list[int] | str]]:
+    """The addresses of tensors that each open a segment, in the order made (--placement), in a fresh process."""
+    return _fresh_readings(_PLACEMENT, {"default": {}}, "placement", limit_s)
+
+
+def placement_markdown(readings: dict[str, dict]) -> list[str]:
+    """Whether each new segment lay below the earlier ones (memcalc.allocator's placement), per pool: a segment's first
+    tensor is the one whose address is not within the previous segment's span."""
+    if not readings:
+        return []
+    lines = ["", ("Segment placement (`--placement`): the addresses of tensors that each open a segment, in the order "
+                  "made; memcalc.allocator places each new segment below the earlier ones:"), "",
+             "| pool | segments | each below the last | addresses (hex, in the order made) | failure |",
+             "|---|---:|---|---|---|"]
+    for name, reading in readings.items():
+        if "failure" in reading:
+            lines.append(f"| {name} | - | - | - | {reading['failure']} |")
+            continue
+        for pool, addresses in reading.items():
+            span = 20 << 20 if pool.startswith("20") else 2 << 20 if pool.startswith("2 MiB") else 0
+            starts = [a for i, a in enumerate(addresses) if i == 0 or not 0 <= a - addresses[i - 1] < span]
+            below = all(b < a for a, b in itertools.pairwise(starts))
+            lines.append(f"| {pool} | {len(starts)} | {'yes' if below else 'no'} | "
+                         f"{', '.join(hex(a) for a in addresses)} | |")
+    return lines
+
+
 TITLE = "# Accuracy on a CUDA GPU (`python benchmarks/gpu_validation.py`)"
 
 
 def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
              contexts: dict[str, dict[str, int | str]] | None = None, title: str = TITLE,
-             nccl: dict[str, dict[str, int | str]] | None = None, note: str = "") -> str:
+             nccl: dict[str, dict[str, int | str]] | None = None, note: str = "",
+             placement: dict[str, dict] | None = None) -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.3f}"
 
@@ -902,6 +949,7 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
             lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     lines += context_markdown(contexts or {})
     lines += nccl_markdown(nccl or {})
+    lines += placement_markdown(placement or {})
     for check in checks:
         capped = ("" if check.memory_fraction is None else
                   f" (run as `python -c \"{_CAPPED.format(fraction=check.memory_fraction)}\"` with these arguments)")
@@ -912,7 +960,8 @@ def markdown(env: dict[str, str], rows: list[Row], checks: list[CliCheck] = (),
 
 
 def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[CliCheck],
-               events: dict[str, list], contexts: dict | None = None, nccl: dict | None = None) -> None:
+               events: dict[str, list], contexts: dict | None = None, nccl: dict | None = None,
+               placement: dict | None = None) -> None:
     """rows.json (rewritten; with the CUDA context readings and the recorded histories' summaries), and
     events.jsonl.gz: each measured case's allocations appended once, then dropped."""
     import gzip
@@ -921,7 +970,8 @@ def _write_raw(folder: Path, env: dict[str, str], rows: list[Row], checks: list[
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "rows.json").write_text(json.dumps(
         {"env": env, "rows": [asdict(r) for r in rows], "cli": [asdict(c) for c in checks],
-         "context": contexts or {}, "nccl": nccl or {}, "history": {k: v for k, v in HISTORY.items() if v}},
+         "context": contexts or {}, "nccl": nccl or {}, "placement": placement or {},
+         "history": {k: v for k, v in HISTORY.items() if v}},
         indent=1))
     with gzip.open(folder / "events.jsonl.gz", "at") as handle:
         for label in list(events):
@@ -1036,6 +1086,8 @@ def main(argv: list[str] | None = None) -> int:
                         "label contains one of these")
     parser.add_argument("--context", action="store_true", help="also read the CUDA context in fresh processes, "
                         "lazy and eager module loading, as a process goes on")
+    parser.add_argument("--placement", action="store_true", help="also read where cudaMalloc puts each new segment "
+                        "(tensors that each open one, their addresses in the order made), in a fresh process")
     parser.add_argument("--nccl", action="store_true", help="also read one-rank NCCL communicators' device memory in "
                         "fresh processes, as NCCL chooses and with NCCL_MAX_NCHANNELS=1")
     args = parser.parse_args(argv)
@@ -1069,15 +1121,17 @@ def main(argv: list[str] | None = None) -> int:
     checks = cli_checks() if args.cli else []
     contexts = context_readings() if args.context and args.device.startswith("cuda") else {}
     communicators = nccl_readings() if args.nccl and args.device.startswith("cuda") else {}
+    placement = placement_readings() if args.placement and args.device.startswith("cuda") else {}
     events: dict[str, list] = {}
     HISTORY.update({label.strip(): {} for label in args.history.split(";") if label.strip()})
     HISTORY_FROM_BUILD[0] = args.history_from_build
 
     def write(env: dict[str, str], rows: list[Row]) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(env, rows, checks, contexts, nccl=communicators), encoding="utf-8")
+        args.out.write_text(markdown(env, rows, checks, contexts, nccl=communicators, placement=placement),
+                            encoding="utf-8")
         if args.raw is not None:
-            _write_raw(args.raw, env, rows, checks, events, contexts, communicators)
+            _write_raw(args.raw, env, rows, checks, events, contexts, communicators, placement)
 
     budget = args.budget - (time.perf_counter() - started)
     wanted = [text.strip() for text in args.only.split(";") if text.strip()]

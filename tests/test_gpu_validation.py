@@ -394,3 +394,24 @@ def test_nccl_readings_render_each_group_against_the_part_made_at_init():
     assert "| NCCL_MAX_NCHANNELS=1 | - | - | - | - | - | 10 MiB | - | exit 1: no GPU |" in text
     assert gv.nccl_markdown({}) == []
     ast.parse(gv._NCCL)
+
+
+def test_placement_readings_say_whether_each_new_segment_lay_below_the_last():
+    """--placement's table from addresses written by hand: large tensors each a segment of their own; 4 MiB tensors
+    five to a 20 MiB segment, 1 MiB tensors two to a 2 MiB one, so a segment starts where a tensor is not within the
+    previous one's span. Decreasing starts read "yes" (memcalc.allocator's placement), increasing ones "no"; a failed
+    reading says why; the script is valid Python."""
+    import ast
+
+    ast.parse(gv._PLACEMENT)
+    base, mib = 0x7F0000000000, 2**20
+    down = {"large": [base - i * 2**31 for i in range(5)],
+            "20 MiB segments": [base - 2**33 - (i // 5) * 40 * mib + (i % 5) * 4 * mib for i in range(15)],
+            "2 MiB segments": [base - 2**34 + (i // 2) * 4 * mib + (i % 2) * mib for i in range(6)]}
+    lines = gv.placement_markdown({"default": down})
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
+    assert rows["large"][1:3] == ["5", "yes"]
+    assert rows["20 MiB segments"][1:3] == ["3", "yes"]
+    assert rows["2 MiB segments"][1:3] == ["3", "no"]  # (upward: each new 2 MiB segment above the last)
+    assert "ran past" in "\n".join(gv.placement_markdown({"default": {"failure": "ran past its 60 s limit"}}))
+    assert gv.placement_markdown({}) == []

@@ -574,9 +574,14 @@ def presets_json(found: Presets) -> str:
     models = [dataclasses.asdict(m) for m in found.models]
     for model in models:
         model["aliases"] = list(model["aliases"])
+    from memcalc.fit import cuda_context_for
+
     gpus = [{"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,
              "aliases": list(g.aliases), "source": g.source, "compute_capability": g.compute_capability,
-             "interconnect": g.interconnect} for g in found.gpus]
+             "interconnect": g.interconnect, "sms": g.sms,
+             # the context the fit deducts for this card (lazy module loading; memcalc.fit.cuda_context_for)
+             **dict(zip(("cuda_context_bytes", "cuda_context_source"), cuda_context_for(g.compute_capability, g.sms)))}
+            for g in found.gpus]
     return json_text({"schema_version": 1, "models": models, "gpus": gpus})
 
 

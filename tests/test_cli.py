@@ -113,6 +113,12 @@ def test_presets_command(cli):
     data = cli("presets", "--json").json()
     assert len(data["models"]) >= 30 and len({m["model_type"] for m in data["models"]}) >= 12
     assert any(g["name"] == "h100-80gb" for g in data["gpus"])
+    # each card's SMs and the CUDA context the fit deducts for it: measured on sm 9.0 (the H200's 806,158,336 B), for an
+    # A100 108 SMs x 2,048 resident threads x 2,149 B + 225,206,272 B (tests/test_fit.py derives both figures)
+    gpus = {g["name"]: g for g in data["gpus"]}
+    assert (gpus["h100-80gb"]["sms"], gpus["h100-80gb"]["cuda_context_bytes"]) == (132, 806_158_336)
+    assert (gpus["a100-80gb"]["sms"], gpus["a100-80gb"]["cuda_context_bytes"]) == (108, 700_530_688)
+    assert gpus["a100-80gb"]["cuda_context_source"].startswith("estimated")
 
 
 def test_help_is_one_command(cli):

@@ -37,6 +37,10 @@ ATTENTION_MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # torchtune's Llama2 7B recipes at ff594c231 / 0914d5cfb: bf16 weights and adapters, batch 2, alpaca_cleaned cut at
 # 512 tokens, every layer checkpointed, torch AdamW (foreach on CUDA)
 TORCHTUNE_LLAMA2 = {"precision": "bf16-pure", "batch_size": 2, "seq_len": 512, "checkpointing": "full"}
+# The CUDA context under CUDA_MODULE_LOADING=EAGER on the H200, in a fresh process (benchmarks/gpu-runs/2026-12-04-h200-b,
+# rows.json "context"): after the first kernel, and after a small Llama training step (cuBLAS's modules and the rest
+# loaded at their first use: 585,105,408 B of the growth came with the first bf16 matmul)
+EAGER_CONTEXT_FIRST_KERNEL, EAGER_CONTEXT_AFTER_STEP = 1_319_960_576, 1_955_397_632
 # PEFT's MetaMathQA runs: bf16 weights, fp32 adapters (autocast_adapter_dtype), AdamW, batch 4, padded to <= 768
 PEFT = {"batch_size": 4, "seq_len": 768}
 
@@ -86,10 +90,13 @@ ROWS = (
         14_949 * 2**20, 2**20, BERT_CLASSIFIER,
         {"precision": "fp32", "batch_size": 4, "seq_len": 512, "optim_impl": "forloop", "attn": "eager",
          "grad_accum": 2, "gpu": "v100-16gb"},
-        "nvidia-smi after training = reserved + the CUDA context the same page measured (1,343 MiB, before lazy "
-        "loading); the Trainer of 2022 zeroed gradients in place (model.zero_grad(), set_to_none False then), so they "
-        "stay allocated through the next forward: replayed as two accumulated micro-batches; BERT's attention was "
-        "eager then; today's transformers code replayed", context_bytes=1_343 * 2**20),
+        "nvidia-smi after training = reserved + the CUDA context: the 1,343 MiB the same page measured after a "
+        "tiny tensor (before lazy loading), and what a training process's context grows by after its first kernel "
+        "under eager loading, cuBLAS's modules chiefly (measured on the H200, CUDA 13: 606 MiB; the run's cuBLAS 11 "
+        "not measured); the Trainer of 2022 zeroed gradients in place (model.zero_grad(), set_to_none False then), so "
+        "they stay allocated through the next forward: replayed as two accumulated micro-batches; BERT's attention was "
+        "eager then; today's transformers code replayed",
+        context_bytes=1_343 * 2**20 + EAGER_CONTEXT_AFTER_STEP - EAGER_CONTEXT_FIRST_KERNEL),
 )
 
 

@@ -43,6 +43,12 @@ TORCHTUNE_LLAMA2 = {"precision": "bf16-pure", "batch_size": 2, "seq_len": 512, "
 EAGER_CONTEXT_FIRST_KERNEL, EAGER_CONTEXT_AFTER_STEP = 1_319_960_576, 1_955_397_632
 # PEFT's MetaMathQA runs: bf16 weights, fp32 adapters (autocast_adapter_dtype), AdamW, batch 4, padded to <= 768
 PEFT = {"batch_size": 4, "seq_len": 768}
+# What PEFT's run.py (init_accelerator) reserved before the run and subtracts from accelerator_memory_max: one 2 MiB
+# small-pool segment, nn.Linear(1, 1)'s weight and bias
+PEFT_INIT = 2 * 2**20
+PEFT_MAX = ("accelerator_memory_max: max_memory_reserved over the whole run (evaluation at batch 50 and generation "
+            "included), plus the 2 MiB run.py reserved before and subtracts; the run's worst training step is its "
+            "longest batch, at most the 768-token cap replayed")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,14 @@ ROWS = (
         {**PEFT, "precision": "bf16", "lora_rank": 64, "lora_targets": QV}, "as above"),
     Row("same, full-finetuning--llama-3.2-3B-lr_0.00001.json (36)", "full fine-tuning, bf16 weights and AdamW states",
         37_345_097_154, GIB, "llama-3.2-3b", {**PEFT, "precision": "bf16-pure"}, "as above"),
+    Row("same, lora--llama-3.2-3B-rank32.json (34): the run's maximum", "LoRA r32 q,v",
+        22_292_725_760 + PEFT_INIT, GIB, "llama-3.2-3b",
+        {**PEFT, "precision": "bf16", "lora_rank": 32, "lora_targets": QV}, PEFT_MAX),
+    Row("same, lora--llama-3.2-3B-rank64.json (35): the run's maximum", "LoRA r64 q,v (published to 0.01 GiB)",
+        round(21.00 * GIB) + PEFT_INIT, GIB, "llama-3.2-3b",
+        {**PEFT, "precision": "bf16", "lora_rank": 64, "lora_targets": QV}, "as above"),
+    Row("same, full-finetuning--llama-3.2-3B-lr_0.00001.json (36): the run's maximum", "full fine-tuning",
+        38_868_615_168 + PEFT_INIT, GIB, "llama-3.2-3b", {**PEFT, "precision": "bf16-pure"}, "as above"),
     Row("torchtune tutorials/lora_finetune.rst (23)", "Llama2-7B, LoRA r8 q,v", 15_570_000_000, GB, "llama-2-7b",
         {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": QV},
         "peak reserved over the run (the same 15.57 GB is 'Peak memory reserved' in qlora_finetune.rst); 13.98 GB "

@@ -125,6 +125,8 @@ def test_a_named_card_adds_its_cublas_workspaces(wide, cli):
     assert named["cublas_workspace_bytes"] == 32 * 2**20 and unnamed["cublas_workspace_bytes"] is None
     assert named["requested_peak_bytes"] == unnamed["requested_peak_bytes"] + 2 * 32 * 2**20
     assert any("name the card with --gpu" in note for note in unnamed["notes"])
+    # the placement the replay assumes is said with every replay (memcalc.allocator: each new segment below the last)
+    assert all(any("placed below the earlier ones" in note for note in a["notes"]) for a in (named, unnamed))
 
 
 @needs_torch

@@ -37,6 +37,9 @@ from memcalc.report import AllocatorReplay
 # Bump when what is recorded changes: older cache entries are then not read.
 CACHE_FORMAT = 4  # 4: QLoRA's load in the log; 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32
 # grouped-head sdpa on its math path
+# Where cudaMalloc puts a new segment decides which of two cached blocks of one size is reused (memcalc.allocator)
+SEGMENT_PLACEMENT_NOTE = ("each new segment placed below the earlier ones, as cudaMalloc placed them on an H200 (CUDA "
+                          "13.0): of two cached blocks of one size the allocator reuses the lower (memcalc/allocator.py)")
 # Micro-batches per step replayed under gradient accumulation: from the second on, each is alike.
 ACCUMULATED_MICRO_BATCHES = 2
 CACHE_KIND = "allocations"
@@ -181,6 +184,7 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
                      "matmuls; 32 MiB each on compute capability 9.0 to 12.x, 8 MiB + 128 KiB on others): name the "
                      "card with --gpu to count them")
     notes.append("not in the replay: scratch a kernel allocates and frees inside one op")
+    notes.append(SEGMENT_PLACEMENT_NOTE)
     if spec.qlora:
         notes.append("in the replay: QLoRA's load, whose freed blocks the allocator keeps into the step ("
                      + ("torchtune's build and load_state_dict, each weight quantized by torchao's to_nf4 twice"

@@ -35,8 +35,8 @@ quarter, each estimate as a user gets it, opt-in), ``--only`` the labels contain
 named configurations' measured steps with the allocator's history (what was live at the peak and at the end by
 allocating stack, and the allocations no tracked tensor owns), ``--context`` reads the CUDA context in fresh processes
 as a process goes on, ``--nccl`` one-rank NCCL communicators' device memory (against memcalc.nccl's part made at
-init), ``--placement`` where cudaMalloc puts each new segment (memcalc.allocator places each below the last); ``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as
-that run computed them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them.
+init), ``--placement`` where cudaMalloc puts each new segment (memcalc.allocator places each below the last);
+``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as that run computed them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them.
 
 Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the test
 suite does: tests/test_gpu_validation.py).
@@ -991,9 +991,10 @@ HARNESS_FAULTS = {
 }
 
 
-RERENDERED = ("Re-rendered without a GPU (--rerender): the measured columns are the run's; \"replayed reserved\" is this "
-              "memcalc.allocator's replay of each measured step's allocations as the run kept them, and \"--reserved\" "
-              "its replay of the row's trace where one is kept beside the run (trace-events.json.gz), else the run's.")
+RERENDERED = ("Re-rendered without a GPU (--rerender): the measured columns are the run's; \"replayed reserved\" is "
+              "this memcalc.allocator's replay of each measured step's allocations as the run kept them, and "
+              "\"--reserved\" its replay of the row's trace where one is kept beside the run (trace-events.json.gz), "
+              "else the run's.")
 
 
 def _kept_events(folder: Path) -> dict[str, list]:
@@ -1008,7 +1009,7 @@ def _kept_events(folder: Path) -> dict[str, list]:
         return {data["label"]: [tuple(e) for e in data["events"]] for data in map(json.loads, handle)}
 
 
-def _kept_traces(folder: Path) -> dict[str, list]:
+def kept_traces(folder: Path) -> dict[str, list]:
     """A row's trace as --reserved makes it, where one is kept beside the run (trace-events.json.gz, written by
     benchmarks/replay_vs_gpu_sequence.py --save), by label."""
     import gzip
@@ -1037,7 +1038,7 @@ def rerender(folder: Path, cli_folder: Path | None = None, recompute: bool = Tru
     data = json.loads((folder / "rows.json").read_text())
     env, by_label = data["env"], ({case.label: case for case in cases(parts=PARTS)} if recompute else {})
     faults = HARNESS_FAULTS.get(env.get("harness"), {})
-    events, traces = (_kept_events(folder), _kept_traces(folder)) if replays else ({}, {})
+    events, traces = (_kept_events(folder), kept_traces(folder)) if replays else ({}, {})
     rows = []
     for fields in data["rows"]:
         row = Row(**{k: (v if k != "segments" or v is None else [tuple(x) for x in v]) for k, v in fields.items()})

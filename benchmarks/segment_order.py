@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_validation import replay_measured
+from benchmarks.gpu_validation import kept_traces, replay_measured
 from memcalc.allocator import CUBLAS_HANDLES_PER_STEP
 
 RUNS = Path(__file__).resolve().parent / "gpu-runs"
@@ -47,17 +47,11 @@ def kept_rows(runs: Path = RUNS, min_reserved: int = 0, run: str | None = None) 
                     continue
                 seen.add((label, row["reserved_bytes"]))
                 data = json.loads(line)
-                trace = events_path.parent / "trace-events.json.gz"
                 rows.append({"label": data["label"], "events": [tuple(e) for e in data["events"]],
                              "reserved": row["reserved_bytes"], "workspace": row.get("workspace_bytes") or 0,
                              "run": str(events_path.parent.relative_to(runs)),
-                             "trace": load_trace(trace) if trace.exists() else None})
+                             "trace": kept_traces(events_path.parent).get(label)})
     return rows
-
-
-def load_trace(path: Path) -> list[tuple[int, int, int]]:
-    with gzip.open(path, "rt") as handle:
-        return [tuple(e) for e in json.loads(handle.read())["events"]]
 
 
 def replayed(events: list[tuple[int, int, int]], label: str, workspace: int, segments_below: bool) -> int:

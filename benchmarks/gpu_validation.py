@@ -59,7 +59,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.accuracy import FAMILY_CONFIGS, MODELS, family_matrix, matrix
-from memcalc.allocator import CUBLAS_HANDLES_PER_STEP, ReplayResult, parse_alloc_conf, replay, workspace_allocations
+from memcalc.allocator import (
+    CUBLAS_HANDLES_PER_STEP,
+    CUBLASLT_WORKSPACE,
+    ReplayResult,
+    parse_alloc_conf,
+    replay,
+    workspace_allocations,
+)
 from memcalc.api import model_input, model_of, run
 from memcalc.model import ModelConfig
 from memcalc.spec import TrainingSpec
@@ -295,16 +302,24 @@ def _alloc_conf(label: str) -> str:
     return "expandable_segments:True" if "expandable_segments" in label else ""
 
 
-def replay_measured(events: list, label: str, workspace_per_handle: int | None,
+def replay_measured(events: list, label: str, workspace_per_handle: int | None, held_bytes: int = 0,
                     segments_below: bool = True) -> ReplayResult:
-    """A measured step's tracked allocations through memcalc.allocator, under the row's allocator settings, the card's
-    cuBLAS workspaces (one per handle) held first: the table's "replayed reserved"."""
-    return replay(events, parse_alloc_conf(_alloc_conf(label)), persistent=workspace_allocations(workspace_per_handle),
-                  segments_below=segments_below)
+    """A measured step's tracked allocations through memcalc.allocator, under the row's allocator settings, after what
+    the process held when the row began: the card's cuBLAS workspaces (one per handle) and ``held_bytes`` beyond them,
+    the 1 MiB cuBLASLt workspaces an earlier row's biased Linear left on its threads (memcalc.allocator.
+    CUBLASLT_WORKSPACE; measured on the H200: benchmarks/gpu-runs/2026-12-04-h200-c). The table's "replayed
+    reserved"."""
+    persistent = workspace_allocations(workspace_per_handle) + [CUBLASLT_WORKSPACE] * (held_bytes // CUBLASLT_WORKSPACE)
+    return replay(events, parse_alloc_conf(_alloc_conf(label)), persistent=persistent, segments_below=segments_below)
+
+
+def held_beyond_workspaces(row: Row) -> int:
+    """What a row's process held allocated when it began beyond the cuBLAS workspaces (0 where not recorded)."""
+    return max(0, (row.allocated_at_start_bytes or 0) - (row.workspace_bytes or 0))
 
 
 def _replay_row(row: Row, events: list, workspace_per_handle: int | None) -> None:
-    replayed = replay_measured(events, row.label, workspace_per_handle)
+    replayed = replay_measured(events, row.label, workspace_per_handle, held_beyond_workspaces(row))
     row.replayed_reserved_bytes, row.replayed_segments = replayed.reserved_peak_bytes, replayed.segments_peak
 
 
@@ -1048,7 +1063,8 @@ def rerender(folder: Path, cli_folder: Path | None = None, recompute: bool = Tru
         if row.label in events and row.replayed_reserved_bytes is not None:  # (replayed by this memcalc.allocator)
             _replay_row(row, events[row.label], per_handle)
         if row.label in traces and row.predicted_reserved_bytes is not None:
-            row.predicted_reserved_bytes = replay_measured(traces[row.label], row.label, per_handle).reserved_peak_bytes
+            row.predicted_reserved_bytes = replay_measured(traces[row.label], row.label, per_handle,
+                                                           held_beyond_workspaces(row)).reserved_peak_bytes
         if fault:
             row.failure, row.estimate_bytes, row.replayed_reserved_bytes = fault, None, None
         elif case is not None and not case.library and row.estimate_bytes is not None:

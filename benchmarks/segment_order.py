@@ -49,16 +49,18 @@ def kept_rows(runs: Path = RUNS, min_reserved: int = 0, run: str | None = None) 
                 data = json.loads(line)
                 rows.append({"label": data["label"], "events": [tuple(e) for e in data["events"]],
                              "reserved": row["reserved_bytes"], "workspace": row.get("workspace_bytes") or 0,
+                             "held": max(0, (row.get("allocated_at_start_bytes") or 0)
+                                         - (row.get("workspace_bytes") or 0)),
                              "run": str(events_path.parent.relative_to(runs)),
                              "trace": kept_traces(events_path.parent).get(label)})
     return rows
 
 
-def replayed(events: list[tuple[int, int, int]], label: str, workspace: int, segments_below: bool) -> int:
+def replayed(events: list[tuple[int, int, int]], label: str, workspace: int, held: int, segments_below: bool) -> int:
     """The reserved peak of ``events`` replayed as gpu_validation replays a row (``workspace``: the row's cuBLAS
-    workspaces together)."""
+    workspaces together; ``held``: what its process held beyond them when it began)."""
     per_handle = workspace // CUBLAS_HANDLES_PER_STEP if workspace else None
-    return replay_measured(events, label, per_handle, segments_below).reserved_peak_bytes
+    return replay_measured(events, label, per_handle, held, segments_below).reserved_peak_bytes
 
 
 def pct(value: int, measured: int) -> str:
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in kept_rows(min_reserved=0 if args.all else LARGE):
         sources = [("tracked", row["events"])] + ([("trace", row["trace"])] if row["trace"] else [])
         for source, events in sources:
-            below, above = (replayed(events, row["label"], row["workspace"], flag) for flag in (True, False))
+            below, above = (replayed(events, row["label"], row["workspace"], row["held"], flag)
+                            for flag in (True, False))
             if source == sources[-1][0]:  # (the summary counts a row once: its trace where one is kept)
                 for flag, value in ((True, below), (False, above)):
                     errors[flag].append(abs(100 * (value / row["reserved"] - 1)))

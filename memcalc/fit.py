@@ -131,7 +131,7 @@ def cuda_context_for(compute_capability: str | None, sms: int | None = None,
     bare = sms * threads * BYTES_PER_RESIDENT_THREAD
     beyond = EAGER_CONTEXT_BEYOND_BARE if eager else TRAINING_CONTEXT_BEYOND_BARE
     return bare + beyond, (
-        f"estimated, not measured for this generation: {sms} SMs x {threads} resident threads x "
+        f"estimated, not measured for this generation: {sms} SMs x {threads:,} resident threads x "
         f"{BYTES_PER_RESIDENT_THREAD:,} B (the bare context per thread, the largest of {len(PUBLISHED_BARE_CONTEXTS)} "
         f"published readings, memcalc/fit.py) + {beyond / BYTES_PER_MIB:,.0f} MiB a training process held beyond its "
         "bare context on an H200 (measured), "

@@ -397,7 +397,7 @@ def test_an_unmeasured_cards_context_from_its_resident_threads(monkeypatch):
     # an RTX 4090 (128 SMs, 1,536 threads each on sm 8.9): 128 x 1,536 x 2,149 + 225,206,272
     ada = memcalc.estimate("llama-3.2-1b", gpu="rtx-4090").fit
     assert ada.cuda_context_bytes == 422_510_592 + 225_206_272
-    assert "128 SMs x 1536 resident threads" in ada.cuda_context_source
+    assert "128 SMs x 1,536 resident threads" in ada.cuda_context_source
     # the RTX 3090's own published bare context, 256 MiB, is within its estimated bare part
     assert 82 * 1536 * 2149 >= 256 * 2**20
     monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")

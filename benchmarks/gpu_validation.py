@@ -36,7 +36,13 @@ named configurations' measured steps with the allocator's history (what was live
 allocating stack, and the allocations no tracked tensor owns), ``--context`` reads the CUDA context in fresh processes
 as a process goes on, ``--nccl`` one-rank NCCL communicators' device memory (against memcalc.nccl's part made at
 init), ``--placement`` where cudaMalloc puts each new segment (memcalc.allocator places each below the last);
-``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as that run computed them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them.
+``--rerender ... --with-run DIR`` adds another kept run's rows as a section, its estimates as that run computed
+them. The second H200 session's runs (benchmarks/gpu-runs/2026-12-04-h200-b, -c) used them. The one replay still
+off by more than 0.5% at full size, the fp16 GradScaler row's (+2.18%: the GPU held fewer 20 to 64 MiB segments than
+the replay), is settled by its allocator history, segments' addresses included:
+
+    python3 benchmarks/gpu_validation.py --only GradScaler --history "llama-3.2-1b amp-fp16 GradScaler b4xs1024" \
+        --history-from-build --out $OUT/accuracy-gpu.md --raw $OUT
 
 Without a GPU, ``--device cpu`` runs the same bookkeeping on CPU tensors with torch.cuda's statistics faked (the test
 suite does: tests/test_gpu_validation.py).

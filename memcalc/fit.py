@@ -899,6 +899,9 @@ def check_fit(
             NcclCommunicator(c.group, c.ranks, c.local_ranks, c.runs, c.bytes, dict(c.parts)) for c in comms],
         nccl_note=nccl_note or None,
         usable_bytes=usable, peak_bytes=peak, headroom_bytes=usable - peak, fits=fits,
+        nvidia_smi_bytes=(report.per_gpu.reserved_peak_bytes + gpu.cuda_context_bytes + gpu.usable_bytes - usable
+                          if report.per_gpu.reserved_peak_bytes is not None
+                          else peak - paged_out + gpu.memory_bytes - usable),
         peak_is_lower_bound=not report.model.architecture_known, paged_bytes=paged, paged_out_bytes=paged_out,
         suggestions=suggestions, cost_model=COST_MODEL if suggestions else None, cost_reasons=cost_reasons,
         num_estimates=estimates.count, search_budget_reached=budget_reached,

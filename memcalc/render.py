@@ -393,6 +393,11 @@ def render_fit(report: Report, console: Console, unit: str) -> None:
     say(f"usable = {size(fit.gpu_memory_bytes)} total - CUDA context {size(fit.cuda_context_bytes)} "
         f"({fit.cuda_context_source}){workspaces}{_nccl_line(fit, size)} - allocator reserve "
         f"{size(fit.allocator_reserve_bytes)} ({reserve_how})", indent="  ")
+    reserved_how = ("the replayed reserved peak" if fit.allocator_reserve_predicted
+                    else "the peak, the workspaces and the assumed reserve")
+    say(f"nvidia-smi would show about {size(fit.nvidia_smi_bytes)} for this process at the step's peak: the "
+        f"allocator's reserved memory ({reserved_how}), the CUDA context"
+        + (" and NCCL's buffers" if fit.nccl_bytes else ""), indent="  ")
     if fit.hf_trainer_recipe is not None and fit.hf_trainer_peak_bytes is not None:
         master = "bf16" if fit.hf_trainer_recipe.endswith("bf16") else "fp16"
         say(f"HF Trainer's {master}=True runs {fit.hf_trainer_recipe} (fp32 weights, autocast): peak "

@@ -269,6 +269,11 @@ class Fit:
     # How allocator_reserve_bytes was obtained: False, assumed (--reserve-fraction of the GPU's memory); True, predicted
     # (--reserved: the caching allocator's reserved peak less the tensors' bytes, from the replayed step)
     allocator_reserve_predicted: bool = False
+    # What nvidia-smi would show for this process (per GPU) at the step's peak: the caching allocator's reserved memory
+    # (under --reserved the replayed reserved peak, its cuBLAS workspaces in it; else the peak, the workspaces and the
+    # assumed reserve, less what paged optimizer states the driver holds in CPU RAM), the CUDA context and NCCL's
+    # buffers.
+    nvidia_smi_bytes: int = 0
 
     @property
     def verdict(self) -> str:

@@ -127,6 +127,12 @@ def test_the_fit_deducts_them_named(cli, monkeypatch):
     assert eight.nccl_bytes == 1062 * MIB == sum(c.bytes for c in eight.nccl_communicators)
     assert eight.usable_bytes == one.usable_bytes - eight.nccl_bytes
     assert eight.headroom_bytes == eight.usable_bytes - eight.peak_bytes
+    # nvidia-smi shows NCCL's buffers beside the allocator's reserve and the context: 1,062 MiB more than one GPU's
+    # beside the same allocator terms (the 8-rank peak is the ZeRO-3 shard's)
+    for fit in (one, eight):
+        assert fit.nvidia_smi_bytes == (fit.peak_bytes + fit.cuda_context_bytes + fit.cublas_workspace_bytes
+                                        + fit.allocator_reserve_bytes + fit.nccl_bytes)
+    assert eight.nvidia_smi_bytes - eight.peak_bytes - (one.nvidia_smi_bytes - one.peak_bytes) == 1062 * MIB
     data = cli("llama-3-8b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3", "--json").json()
     assert data["fit"]["nccl_bytes"] == 1062 * MIB
     assert data["fit"]["nccl_communicators"][0]["parts"]["NVLS"] == 256 * MIB

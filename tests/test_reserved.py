@@ -108,6 +108,9 @@ def test_fit_uses_the_predicted_reserve(wide, cli):
     assert roomy.exit_code == 0 and fit["fits"] and fit["allocator_reserve_predicted"]
     assert fit["allocator_reserve_bytes"] == overhead
     assert roomy.json()["per_gpu"]["allocator"]["num_alloc_retries"] == 0
+    # what nvidia-smi would show: the replayed reserved peak and the context (one GPU: no NCCL buffers)
+    assert fit["nvidia_smi_bytes"] == roomy.json()["per_gpu"]["reserved_peak_bytes"] + context
+    assert roomy.json()["per_gpu"]["reserved_peak_bytes"] == replayed["reserved_peak_bytes"]
     # room for the tensors' peak and 1 MiB more: the allocator's rounding and cached segments do not fit in that
     tight = cli(*args, "--gpu-memory", f"{replayed['requested_peak_bytes'] + context + 2**20}")
     assert tight.exit_code == 6

@@ -117,7 +117,8 @@ def cuda_context_for(compute_capability: str | None, sms: int | None = None,
     """The CUDA context for a card of this compute capability (and this many SMs), and where the figure comes from:
     measured for its generation; else estimated from its resident threads (PUBLISHED_BARE_CONTEXTS); else assumed.
     ``module_loading``: $CUDA_MODULE_LOADING (EAGER loads every module at once; LAZY, the default, as kernels run)."""
-    eager = (module_loading or "").strip().upper() == "EAGER"
+    rocm = (compute_capability or "").startswith("gfx")  # (an AMD card: CUDA's module loading does not apply)
+    eager = (module_loading or "").strip().upper() == "EAGER" and not rocm
     measured = MEASURED_EAGER_CUDA_CONTEXTS if eager else MEASURED_CUDA_CONTEXTS
     if compute_capability in measured:
         return measured[compute_capability]

@@ -405,9 +405,10 @@ def test_an_unmeasured_cards_context_from_its_resident_threads(monkeypatch):
     eager = memcalc.estimate("llama-3.2-1b", gpu="rtx-4090").fit
     assert eager.cuda_context_bytes == 422_510_592 + 1_955_397_632 - 580_952_064
     assert "EAGER" in eager.cuda_context_source
-    # a card given only by its memory: the H200's eager figure, said to be assumed
+    # a card given only by its memory: the H200's eager figure, said to be assumed; an AMD card is not CUDA's to load
     given = memcalc.estimate("llama-3.2-1b", gpu_memory="24GiB").fit
     assert given.cuda_context_bytes == 1_955_397_632 and given.cuda_context_source.startswith("assumed")
+    assert memcalc.estimate("llama-3.2-1b", gpu="mi300x").fit.cuda_context_bytes == 512 * 2**20
 
 
 def test_cuda_context_is_the_measured_one_for_its_generation():

@@ -319,13 +319,14 @@ def replay_measured(events: list, label: str, workspace_per_handle: int | None, 
     return replay(events, parse_alloc_conf(_alloc_conf(label)), persistent=persistent, segments_below=segments_below)
 
 
-def held_beyond_workspaces(row: Row) -> int:
+def held_beyond_workspaces(allocated_at_start: int | None, workspace_bytes: int | None) -> int:
     """What a row's process held allocated when it began beyond the cuBLAS workspaces (0 where not recorded)."""
-    return max(0, (row.allocated_at_start_bytes or 0) - (row.workspace_bytes or 0))
+    return max(0, (allocated_at_start or 0) - (workspace_bytes or 0))
 
 
 def _replay_row(row: Row, events: list, workspace_per_handle: int | None) -> None:
-    replayed = replay_measured(events, row.label, workspace_per_handle, held_beyond_workspaces(row))
+    held = held_beyond_workspaces(row.allocated_at_start_bytes, row.workspace_bytes)
+    replayed = replay_measured(events, row.label, workspace_per_handle, held)
     row.replayed_reserved_bytes, row.replayed_segments = replayed.reserved_peak_bytes, replayed.segments_peak
 
 
@@ -1070,7 +1071,9 @@ def rerender(folder: Path, cli_folder: Path | None = None, recompute: bool = Tru
             _replay_row(row, events[row.label], per_handle)
         if row.label in traces and row.predicted_reserved_bytes is not None:
             row.predicted_reserved_bytes = replay_measured(traces[row.label], row.label, per_handle,
-                                                           held_beyond_workspaces(row)).reserved_peak_bytes
+                                                           held_beyond_workspaces(row.allocated_at_start_bytes,
+                                                                                  row.workspace_bytes)
+                                                           ).reserved_peak_bytes
         if fault:
             row.failure, row.estimate_bytes, row.replayed_reserved_bytes = fault, None, None
         elif case is not None and not case.library and row.estimate_bytes is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memcalc import api
+from memcalc.fit import MEASURED_EAGER_CUDA_CONTEXTS
 
 GIB = 2**30
 GB = 10**9
@@ -38,9 +39,10 @@ ATTENTION_MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # 512 tokens, every layer checkpointed, torch AdamW (foreach on CUDA)
 TORCHTUNE_LLAMA2 = {"precision": "bf16-pure", "batch_size": 2, "seq_len": 512, "checkpointing": "full"}
 # The CUDA context under CUDA_MODULE_LOADING=EAGER on the H200, in a fresh process (benchmarks/gpu-runs/2026-12-04-h200-b,
-# rows.json "context"): after the first kernel, and after a small Llama training step (cuBLAS's modules and the rest
-# loaded at their first use: 585,105,408 B of the growth came with the first bf16 matmul)
-EAGER_CONTEXT_FIRST_KERNEL, EAGER_CONTEXT_AFTER_STEP = 1_319_960_576, 1_955_397_632
+# rows.json "context"): after the first kernel, and after a small Llama training step (memcalc.fit's eager figure;
+# cuBLAS's modules and the rest loaded at their first use: 585,105,408 B of the growth came with the first bf16 matmul)
+EAGER_CONTEXT_FIRST_KERNEL = 1_319_960_576
+EAGER_CONTEXT_AFTER_STEP = MEASURED_EAGER_CUDA_CONTEXTS["9.0"][0]
 # PEFT's MetaMathQA runs: bf16 weights, fp32 adapters (autocast_adapter_dtype), AdamW, batch 4, padded to <= 768
 PEFT = {"batch_size": 4, "seq_len": 768}
 # What PEFT's run.py (init_accelerator) reserved before the run and subtracts from accelerator_memory_max: one 2 MiB

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_validation import kept_traces, replay_measured
+from benchmarks.gpu_validation import held_beyond_workspaces, kept_traces, replay_measured
 from memcalc.allocator import CUBLAS_HANDLES_PER_STEP
 
 RUNS = Path(__file__).resolve().parent / "gpu-runs"
@@ -49,8 +49,8 @@ def kept_rows(runs: Path = RUNS, min_reserved: int = 0, run: str | None = None) 
                 data = json.loads(line)
                 rows.append({"label": data["label"], "events": [tuple(e) for e in data["events"]],
                              "reserved": row["reserved_bytes"], "workspace": row.get("workspace_bytes") or 0,
-                             "held": max(0, (row.get("allocated_at_start_bytes") or 0)
-                                         - (row.get("workspace_bytes") or 0)),
+                             "held": held_beyond_workspaces(row.get("allocated_at_start_bytes"),
+                                                            row.get("workspace_bytes")),
                              "run": str(events_path.parent.relative_to(runs)),
                              "trace": kept_traces(events_path.parent).get(label)})
     return rows

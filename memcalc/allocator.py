@@ -336,9 +336,9 @@ class CachingAllocator:
         span = segment_size + LARGE_BUFFER  # (segments never touch: no merging across them)
         if self._segments_below:
             self._next_segment_addr -= span
-        addr = self._next_segment_addr
-        if not self._segments_below:
-            self._next_segment_addr += span
+            addr = self._next_segment_addr
+        else:
+            addr, self._next_segment_addr = self._next_segment_addr, self._next_segment_addr + span
         block = _Block(segment_size, addr, small, next(self._segments))
         self._reserve(segment_size, +1)
         return block

@@ -890,17 +890,18 @@ def check_fit(
         best = _longest_sequence(spec, gpu, estimates, seq_len_cap, traced=report.training.activations == "trace")
         solved.update(max_seq_len=best.value, max_seq_len_peak_bytes=best.peak_bytes, max_seq_len_limit=best.limit,
                       max_seq_len_reason=best.reason)
+    nccl_bytes = gpu.usable_bytes - usable
     return Fit(
         **solved, **trainer,
         gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes, gpu_memory_source=gpu.source,
         cuda_context_bytes=gpu.cuda_context_bytes, cuda_context_source=gpu.cuda_context_source,
         cublas_workspace_bytes=gpu.workspace_bytes, allocator_reserve_bytes=gpu.reserve_bytes,
         allocator_reserve_predicted=gpu.predicted_reserve_bytes is not None,
-        nccl_bytes=gpu.usable_bytes - usable, nccl_communicators=[
+        nccl_bytes=nccl_bytes, nccl_communicators=[
             NcclCommunicator(c.group, c.ranks, c.local_ranks, c.runs, c.bytes, dict(c.parts)) for c in comms],
         nccl_note=nccl_note or None,
         usable_bytes=usable, peak_bytes=peak, headroom_bytes=usable - peak, fits=fits,
-        nvidia_smi_bytes=(report.per_gpu.reserved_peak_bytes + gpu.cuda_context_bytes + gpu.usable_bytes - usable
+        nvidia_smi_bytes=(report.per_gpu.reserved_peak_bytes + gpu.cuda_context_bytes + nccl_bytes
                           if report.per_gpu.reserved_peak_bytes is not None
                           else peak - paged_out + gpu.memory_bytes - usable),
         peak_is_lower_bound=not report.model.architecture_known, paged_bytes=paged, paged_out_bytes=paged_out,

@@ -581,12 +581,14 @@ def presets_json(found: Presets) -> str:
         model["aliases"] = list(model["aliases"])
     from memcalc.fit import cuda_context_for
 
-    gpus = [{"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,
-             "aliases": list(g.aliases), "source": g.source, "compute_capability": g.compute_capability,
-             "interconnect": g.interconnect, "sms": g.sms,
-             # the context the fit deducts for this card (lazy module loading; memcalc.fit.cuda_context_for)
-             **dict(zip(("cuda_context_bytes", "cuda_context_source"), cuda_context_for(g.compute_capability, g.sms)))}
-            for g in found.gpus]
+    gpus = []
+    for g in found.gpus:
+        # the context the fit deducts for this card (lazy module loading; memcalc.fit.cuda_context_for)
+        context, context_source = cuda_context_for(g.compute_capability, g.sms)
+        gpus.append({"name": g.name, "display": g.display, "memory_bytes": g.memory_bytes, "nominal": g.nominal,
+                     "aliases": list(g.aliases), "source": g.source, "compute_capability": g.compute_capability,
+                     "interconnect": g.interconnect, "sms": g.sms, "cuda_context_bytes": context,
+                     "cuda_context_source": context_source})
     return json_text({"schema_version": 1, "models": models, "gpus": gpus})
 
 

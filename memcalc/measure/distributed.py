@@ -390,11 +390,27 @@ def _gloo_worker(job: _Job, rank: int, port: int, timeout_s: float, results) -> 
 
 def _measure(job: _Job, rank: int, mesh, progress: Progress | None = None) -> Measurement:
     """One rank's measured step: a pipeline stage (memcalc.measure.pipeline), or a data/tensor-parallel rank."""
-    if job.engine == "pp":
-        from memcalc.measure.pipeline import measure_stage
+    with _collector_sees_only_the_rank():
+        if job.engine == "pp":
+            from memcalc.measure.pipeline import measure_stage
 
-        return measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED, mesh)
-    return _measure_rank(job, rank, mesh, progress=progress)
+            return measure_stage(job, rank, _dist_tracker_class, COMM_BUFFERS, SEED, mesh)
+        return _measure_rank(job, rank, mesh, progress=progress)
+
+
+@contextlib.contextmanager
+def _collector_sees_only_the_rank() -> Iterator[None]:
+    """While a rank is measured, what existed before it (the imported libraries; in a fake group, the caller's own
+    objects) sits in the cyclic collector's permanent generation (``gc.freeze``). The full collection before the
+    measured step then walks only what the rank made: its model and the warm-up step's garbage, which is what it is
+    there to free. (A process holding torch and transformers has some millions of objects: walking them took most of
+    a second per collection, and in a rank forked from the server, it also wrote to every page it shares.) Unfrozen
+    after: the caller's objects are collectable again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager

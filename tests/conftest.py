@@ -28,13 +28,15 @@ T = TypeVar("T")
 
 @pytest.fixture(autouse=True, scope="session")
 def _trace_cache(tmp_path_factory):
-    """Traced activations are cached in a folder of the test session, never in the user's cache."""
+    """Traced activations are cached in a folder of the test run, never in the user's cache. The run's workers share
+    it (memcalc.cache writes each entry whole, by a rename), so a trace two workers' tests need is made once."""
     patch = pytest.MonkeyPatch()
-    patch.setenv("MEMCALC_CACHE_DIR", str(tmp_path_factory.mktemp("memcalc-cache")))
     # Under xdist each worker's base folder is one of the run's (pytest-N/popen-gwK): their parent is the run's own.
     run_dir = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run_dir = run_dir.parent
+    (run_dir / "memcalc-cache").mkdir(exist_ok=True)
+    patch.setenv("MEMCALC_CACHE_DIR", str(run_dir / "memcalc-cache"))
     patch.setenv(SHARED_ENV, str(run_dir))
     yield
     patch.undo()

@@ -9,6 +9,7 @@ nothing is downloaded (random weights). torch and transformers are imported insi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -119,6 +120,13 @@ def classes_of(config: Any) -> dict[str, type]:
     """Every model class transformers' auto mappings give for this config's type (causal LM first, then the base
     model, then the rest), by class name. Classes come from the mappings themselves, never from a name looked up
     in ``transformers``: a config's ``architectures`` can only pick among them."""
+    return dict(_classes_of_type(type(config)))
+
+
+@functools.cache
+def _classes_of_type(config_type: type) -> dict[str, type]:
+    """classes_of, by the config's class: the auto mappings look a class up by a search of every config class they
+    know (some forty mappings, each some hundreds of classes), which a trace's build asked for several times."""
     from transformers.models.auto import modeling_auto
 
     keys = ["MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_MAPPING"]
@@ -129,7 +137,7 @@ def classes_of(config: Any) -> dict[str, type]:
         if not hasattr(mapping, "_model_mapping"):
             continue
         try:
-            value = mapping[type(config)]
+            value = mapping[config_type]
         except (KeyError, ValueError, ImportError, AttributeError):
             continue  # this kind of head does not exist for the model type
         for cls in value if isinstance(value, (tuple, list)) else (value,):

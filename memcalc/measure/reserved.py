@@ -94,10 +94,13 @@ def is_ddp(spec: Any) -> bool:
 def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa") -> tuple[StepAllocations, bool]:
     """The allocation sequence of ``spec``'s step (a TrainingSpec one process runs: measure.step.resolve_setup says
     which) at the config's full depth, from the cache or traced now; and whether it came from the cache."""
+    from memcalc.measure import torchtune_build
+
     settings = {"spec": dataclasses.asdict(spec), "attention": attention, "device": current_device(),
                 # (torchao's own NF4 code runs in the trace: its version is the step's)
                 **({"torchao": cache.version_of("torchao")} if spec.qlora and spec.qlora_quantizer.value == "torchao"
-                   else {})}
+                   else {}),
+                **({"torchtune_build": "before 0.3"} if torchtune_build.active() else {})}
     key = cache.key_of(raw, CACHE_FORMAT, **settings)
     found = cache.read_as(CACHE_KIND, key, CACHE_FORMAT, StepAllocations.from_json)
     if found is not None:

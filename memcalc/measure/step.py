@@ -914,11 +914,14 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
     load as it runs, its freed blocks included: for bitsandbytes' layers (whose emulation keeps a 16-bit stand-in)
     transformers' load (``_bitsandbytes_load``; ``upcast``: then PEFT's fp32 casts), for torchao's (torchtune's QLoRA)
     torchtune's build and load. torchao's layers count their NF4Tensor's tensors, never the stand-in."""
-    from memcalc.measure import qlora
+    from memcalc.measure import qlora, torchtune_build
 
     layers = qlora.torchao_layers(model)
     logged = nf4 and tracker.events is not None
-    if logged and layers:
+    if tracker.events is not None and torchtune_build.active():
+        # torchtune's build and load as its releases before 0.3 ran them (a published run of one: the module)
+        torchtune_build.register(tracker, model, _logging_into, trk.WEIGHTS)
+    elif logged and layers:
         # torchtune's build (each weight quantized as its layer is made), the rest of the model, then its
         # load_state_dict (each quantized again as it is copied in): torchao's own allocations, logged
         dtype = layers[0].weight.dtype

@@ -8,8 +8,11 @@ measured), with the memcalc settings that describe it. The replay traces each st
 full size on this CPU (a few seconds each; cached afterwards). Sequences padded per batch are replayed at their cap,
 an upper bound for the step the figure comes from.
 
-torchtune's QLoRA row replays torchao's own to_nf4 (--qlora-quantizer torchao) with the torchao on the path. The
-published run had torchao 0.1, which quantized whole tensors at once; to replay it so:
+torchtune's rows are of its releases before 0.3, replayed with their build and load (one decoder layer built, then
+deep-copied per layer: memcalc.measure.torchtune_build); two of them are the reserved memory once the model is built
+and loaded, which its recipes log after init. The QLoRA rows replay torchao's own to_nf4 (--qlora-quantizer torchao)
+with the torchao on the path. The published run had torchao 0.1, which quantized whole tensors at once; to replay it
+so:
 
     pip install --no-deps --target /tmp/ao01 torchao==0.1
     PYTHONPATH=/tmp/ao01 python benchmarks/reserved.py
@@ -20,6 +23,7 @@ torchao is absent, which changes nothing here: the NF4 layers are torchtune's.)
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memcalc import api
 from memcalc.fit import MEASURED_EAGER_CUDA_CONTEXTS
+from memcalc.measure import torchtune_build
 
 GIB = 2**30
 GB = 10**9
@@ -43,6 +48,8 @@ TORCHTUNE_LLAMA2 = {"precision": "bf16-pure", "batch_size": 2, "seq_len": 512, "
 # cuBLAS's modules and the rest loaded at their first use: 585,105,408 B of the growth came with the first bf16 matmul)
 EAGER_CONTEXT_FIRST_KERNEL = 1_319_960_576
 EAGER_CONTEXT_AFTER_STEP = MEASURED_EAGER_CUDA_CONTEXTS["9.0"][0]
+TORCHTUNE_QLORA = {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": ATTENTION_MLP, "qlora": True,
+                   "qlora_quantizer": "torchao"}
 # PEFT's MetaMathQA runs: bf16 weights, fp32 adapters (autocast_adapter_dtype), AdamW, batch 4, padded to <= 768
 PEFT = {"batch_size": 4, "seq_len": 768}
 # What PEFT's run.py (init_accelerator) reserved before the run and subtracts from accelerator_memory_max: one 2 MiB
@@ -63,6 +70,8 @@ class Row:
     settings: dict
     differs: str
     context_bytes: int = 0  # an nvidia-smi reading: the CUDA context the same source measured (the fit's nvidia_smi_bytes)
+    torchtune_before_0_3: bool = False  # a torchtune run of 0.1 to 0.2.1: its build and load (memcalc.measure.torchtune_build)
+    after_load: bool = False  # the figure is reserved after the model's init (its weights built and loaded)
 
 
 ROWS = (
@@ -90,23 +99,32 @@ ROWS = (
         38_868_615_168 + PEFT_INIT, GIB, "llama-3.2-3b", {**PEFT, "precision": "bf16-pure"}, "as above"),
     Row("torchtune tutorials/lora_finetune.rst (23)", "Llama2-7B, LoRA r8 q,v", 15_570_000_000, GB, "llama-2-7b",
         {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": QV},
-        "peak reserved over the run (the same 15.57 GB is 'Peak memory reserved' in qlora_finetune.rst); 13.98 GB "
-        "reserved after init, 0.50 GB above the weights"),
+        "peak reserved over the run (the same 15.57 GB is 'Peak memory reserved' in qlora_finetune.rst); replayed "
+        "with that torchtune's build (one layer built, then deep-copied per layer; its template's 16-bit weights, "
+        "0.40 GB, freed and cached) and each layer's own rotary cache", torchtune_before_0_3=True),
     Row("same (23)", "LoRA r8 on q,k,v,o, the MLP and the output", 15_870_000_000, GB, "llama-2-7b",
-        {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": ATTENTION_MLP + ",lm_head"}, "as above"),
+        {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": ATTENTION_MLP + ",lm_head"}, "as above",
+        torchtune_before_0_3=True),
     Row("same (23)", "LoRA r64 q,v", 15_860_000_000, GB, "llama-2-7b",
-        {**TORCHTUNE_LLAMA2, "lora_rank": 64, "lora_targets": QV}, "as above"),
+        {**TORCHTUNE_LLAMA2, "lora_rank": 64, "lora_targets": QV}, "as above", torchtune_before_0_3=True),
     Row("same (23)", "LoRA r64 on q,k,v,o, the MLP and the output", 17_040_000_000, GB, "llama-2-7b",
-        {**TORCHTUNE_LLAMA2, "lora_rank": 64, "lora_targets": ATTENTION_MLP + ",lm_head"}, "as above"),
+        {**TORCHTUNE_LLAMA2, "lora_rank": 64, "lora_targets": ATTENTION_MLP + ",lm_head"}, "as above",
+        torchtune_before_0_3=True),
+    Row("torchtune tutorials/qlora_finetune.rst (24): after init", "Llama2-7B, LoRA r8 q,v", 13_980_000_000, GB,
+        "llama-2-7b", {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": QV},
+        "reserved once the model is built and its checkpoint loaded ('Memory Stats after model init'), replayed with "
+        "that torchtune's build", torchtune_before_0_3=True, after_load=True),
     Row("torchtune tutorials/qlora_finetune.rst (24)", "Llama2-7B, QLoRA r8 q,k,v,o and the MLP (NF4 via torchao)",
-        9_290_000_000, GB, "llama-2-7b",
-        {**TORCHTUNE_LLAMA2, "lora_rank": 8, "lora_targets": ATTENTION_MLP, "qlora": True,
-         "qlora_quantizer": "torchao"},
-        "9.13 GB reserved after init against a 3.9 GB NF4 base (torchtune 0914d5cfb's build and load on an H200, "
-        "benchmarks/gpu-runs/2026-12-04-h200-d: 9.13 GB, then 9.29 GB: the figures to the 10 MB) and what to_nf4 "
-        "left cached; replayed with torchao {torchao}: the build and load as torchtune does them today, each weight "
-        "quantized as its layer is made and again as the checkpoint is copied in; torchtune then built one layer and "
-        "deep-copied it (each copy dequantized and quantized again), not replayed"),
+        9_290_000_000, GB, "llama-2-7b", TORCHTUNE_QLORA,
+        "replayed with torchao {torchao} and that torchtune's build and load (memcalc.measure.torchtune_build): one "
+        "layer built, its weights quantized, then deep-copied per layer, each copy's NF4 weight dequantized and "
+        "quantized again (torchtune's clone); the checkpoint quantized again as it is loaded, the layer's NF4 tensors "
+        "replaced (torchtune's copy_). The same build and load on an H200 (benchmarks/gpu-runs/2026-12-04-h200-d/"
+        "tt0914.json): 9,133,096,960 B after init, 9,288,286,208 B over the steps", torchtune_before_0_3=True),
+    Row("same (24): after init", "Llama2-7B, QLoRA as above", 9_130_000_000, GB, "llama-2-7b", TORCHTUNE_QLORA,
+        "reserved once the model is built and its checkpoint loaded ('Memory Stats after model init'): what to_nf4's "
+        "(n, 16) distance tensors left cached, 1.44 GB each for an MLP weight", torchtune_before_0_3=True,
+        after_load=True),
     Row("transformers docs/source/en/model_memory_anatomy.md (nvidia-smi)",
         "bert-large-uncased sequence classification, fp32, AdamW, batch 4 x 512, V100 16 GB, CUDA 11.2 (2022)",
         14_949 * 2**20, 2**20, BERT_CLASSIFIER,
@@ -152,16 +170,20 @@ def main() -> None:
             assert report.fit is not None and report.per_gpu.allocator is not None
             predicted = report.fit.nvidia_smi_bytes
         else:
-            report = api.estimate(row.model, reserved=True, **row.settings)
-            assert report.per_gpu.allocator is not None
-            predicted = report.per_gpu.allocator.reserved_peak_bytes
+            with torchtune_build.releases_before_0_3() if row.torchtune_before_0_3 else contextlib.nullcontext():
+                report = api.estimate(row.model, reserved=True, **row.settings)
+            replayed = report.per_gpu.allocator
+            assert replayed is not None
+            predicted = replayed.reserved_after_load_bytes if row.after_load else replayed.reserved_peak_bytes
+            assert predicted is not None
         error = 100 * (predicted - row.published_bytes) / row.published_bytes
         errors.append(error)
         label = {GIB: "GiB", GB: "GB"}.get(row.unit, "MiB")
         decimals = 0 if label == "MiB" else 2
+        estimate = ("(a moment before the step)" if row.after_load else
+                    f"{report.per_gpu.peak_bytes / row.unit:,.{decimals}f} {label}")
         print(f"| {row.source} | {row.run} | {row.published_bytes / row.unit:,.{decimals}f} {label} | "
-              f"{predicted / row.unit:,.{decimals}f} {label} | {error:+.1f}% | "
-              f"{report.per_gpu.peak_bytes / row.unit:,.{decimals}f} {label} | "
+              f"{predicted / row.unit:,.{decimals}f} {label} | {error:+.1f}% | {estimate} | "
               f"{row.differs.replace('{torchao}', torchao)} |")
     within = sum(abs(e) <= 10 for e in errors)
     print(f"\n{within} of {len(errors)} rows within 10%; median |error| "

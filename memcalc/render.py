@@ -311,6 +311,9 @@ def _print_allocator(replayed: AllocatorReplay, console: Console, unit: str) -> 
                   highlight=False)
     console.print(f"  replayed: {replayed.num_events:,} allocations and frees of {replayed.source}", markup=False,
                   highlight=False)
+    if replayed.reserved_after_load_bytes is not None:
+        console.print(f"  reserved once the weights are built and loaded (before the first step): "
+                      f"{format_bytes(replayed.reserved_after_load_bytes, unit)}", markup=False, highlight=False)
     if replayed.capacity_bytes is not None and replayed.bounded_reserved_peak_bytes is not None:
         outcome = ("ran out of memory" if replayed.num_ooms else
                    f"freed its cache and retried {replayed.num_alloc_retries} time(s)" if replayed.num_alloc_retries

@@ -121,6 +121,9 @@ class AllocatorReplay:
     num_ooms: int | None = None
     cublas_workspace_bytes: int | None = None  # one workspace, replayed once per handle; None: the card is not known
     notes: list[str] = field(default_factory=list)
+    # reserved once the model's weights are built and loaded, before anything else (what a recipe logs "after init");
+    # None where the replay does not know that moment (DDP ranks)
+    reserved_after_load_bytes: int | None = None
 
 
 @dataclass(eq=False, repr=False)

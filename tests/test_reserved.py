@@ -275,3 +275,33 @@ def test_the_qlora_log_holds_the_load_as_memcalc_load_counts_it(upcast, double_q
                                     upcast=upcast and setup.weight_dtype != torch.float32)
     peak = replay(tuple(log.events), parse_alloc_conf("")).requested_peak_bytes
     assert peak == loaded.peak_bytes, loaded.moment
+
+
+@needs_torch
+def test_reserved_after_the_load_is_the_weights_segments(cli, tmp_path):
+    """The tiny Llama's weights (fp32; every tensor at most 115 KB, 0.8 MB in all) are small-pool blocks, which the
+    allocator packs into 2 MiB segments (c10/cuda/CUDACachingAllocator.cpp get_allocation_size, kSmallBuffer): once
+    loaded, one segment is reserved. The human output says it."""
+    from tests.tiny import tiny_raw
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_raw("llama")))
+    common = (str(path), "--precision", "fp32", "--seq-len", "16", "--reserved")
+    replayed = cli(*common, "--json").json()["per_gpu"]["allocator"]
+    assert replayed["reserved_after_load_bytes"] == 2 * 2**20
+    assert "reserved once the weights are built and loaded (before the first step): " in cli(*common).stdout
+
+
+def test_the_cublas_workspaces_are_made_as_the_step_begins():
+    """A handle's workspace is allocated at its first matmul, after the load (torch's CublasHandlePool.cpp through the
+    caching allocator): a 100 MiB block the load freed holds both 32 MiB workspaces (split, the rest 36 MiB free), and
+    nothing more is reserved; where the step's start is not known they come first, in segments of their own."""
+    from memcalc.allocator import ALLOC, FREE, replay
+    from memcalc.measure.reserved import StepAllocations, with_workspaces
+
+    mib = 2**20
+    events = ((ALLOC, 0, 100 * mib), (FREE, 0, 0), (ALLOC, 1, 10 * mib))
+    at_step = StepAllocations(events, "", "", 0.0, {}, loaded=2, step=2)
+    assert replay(with_workspaces(at_step, 32 * mib)).reserved_peak_bytes == 100 * mib
+    unknown = StepAllocations(events, "", "", 0.0, {})
+    assert replay(with_workspaces(unknown, 32 * mib)).reserved_peak_bytes == (32 + 32 + 100) * mib

@@ -35,7 +35,7 @@ from memcalc.measure.derive import current_device
 from memcalc.report import AllocatorReplay
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 4  # 4: QLoRA's load in the log; 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32
+CACHE_FORMAT = 5  # 5: where the weights' load ends; 4: QLoRA's load in the log; 3: softmax backward with CUDA's temporary; 2: CUDA semantics run fp32
 # grouped-head sdpa on its math path
 # Where cudaMalloc puts a new segment decides which of two cached blocks of one size is reused (memcalc.allocator)
 SEGMENT_PLACEMENT_NOTE = ("each new segment placed below the earlier ones, as cudaMalloc placed them on an H200 (CUDA "
@@ -54,22 +54,27 @@ class StepAllocations:
     attention: str
     elapsed_seconds: float
     versions: Mapping[str, str]
+    loaded: int = 0  # how many of the events are the weights' build and load (0: not known, DDP ranks)
+    step: int = 0  # how many come before the first step (0: not known)
 
     def to_json(self) -> dict[str, Any]:
         # one list each: the key, and the size (a free is -1), so an 8B model's ~20,000 events stay a few hundred KB
         return {"format": CACHE_FORMAT, "keys": [key for _kind, key, _size in self.events],
                 "sizes": [size if kind == ALLOC else -1 for kind, _key, size in self.events],
                 "model_class": self.model_class, "attention": self.attention,
-                "elapsed_seconds": self.elapsed_seconds, "versions": dict(self.versions)}
+                "elapsed_seconds": self.elapsed_seconds, "versions": dict(self.versions), "loaded": self.loaded,
+                "step": self.step}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepAllocations:
         keys, sizes = data["keys"], data["sizes"]
-        if len(keys) != len(sizes) or not all(isinstance(v, int) for v in (*keys, *sizes)):
+        loaded, step = data["loaded"], data["step"]
+        if len(keys) != len(sizes) or not all(isinstance(v, int) for v in (*keys, *sizes, loaded, step)) or not (
+                0 <= loaded <= step <= len(keys)):
             raise ValueError("malformed allocation events")
         events = tuple((FREE, key, 0) if size < 0 else (ALLOC, key, size) for key, size in zip(keys, sizes))
         return cls(events, str(data["model_class"]), str(data["attention"]), float(data["elapsed_seconds"]),
-                   dict(data["versions"]))
+                   dict(data["versions"]), loaded, step)
 
 
 def _renumbered(events: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
@@ -125,7 +130,7 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
         with semantics:
             [rank] = measure_distributed(dict(raw), spec, engine="ddp", world_size=spec.num_gpus, method="fake",
                                          attn_implementation=attention, allocation_events=True, like_cuda=like_cuda)
-        events, model_class = rank.allocation_events, str(rank.run.get("model_class", ""))
+        events, model_class, loaded, step = rank.allocation_events, str(rank.run.get("model_class", "")), 0, 0
     else:
         with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log(), \
                 semantics, FakeKernels(like_cuda):
@@ -134,11 +139,22 @@ def step_allocations(raw: Mapping[str, Any], spec: Any, attention: str = "sdpa")
             result = execute(dict(raw), spec, device="cpu", attn_implementation=attention, allocation_events=True,
                              traced=True, micro_batches=min(spec.grad_accum, ACCUMULATED_MICRO_BATCHES))
         events, model_class = result.allocation_events, result.model_class
+        loaded, step = result.allocation_events_loaded, result.allocation_events_step
     assert events is not None
     allocations = StepAllocations(_renumbered(events), model_class, attention,
-                                  round(time.perf_counter() - started, 3), cache.versions())
+                                  round(time.perf_counter() - started, 3), cache.versions(), loaded or 0, step or 0)
     cache.write(CACHE_KIND, key, allocations.to_json())
     return allocations, False
+
+
+def with_workspaces(allocations: StepAllocations, workspace_bytes: int | None) -> list[tuple[int, int, int]]:
+    """The step's events with its cuBLAS workspaces, one per handle (torch's CublasHandlePool.cpp, through the caching
+    allocator): where the load's end is known, as the step begins (a handle's workspace is allocated at its first
+    matmul, the forward's and then autograd's; the load's cached free blocks can hold them, as torchtune's QLoRA build
+    left them on the H200), else first."""
+    sizes = workspace_allocations(workspace_bytes)
+    made = [(ALLOC, -1 - handle, size) for handle, size in enumerate(sizes)]
+    return [*allocations.events[:allocations.step], *made, *allocations.events[allocations.step:]]
 
 
 def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig, source: str,
@@ -161,9 +177,11 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
     except Exception as error:  # noqa: BLE001 (any failure of the model's code: one line, said)
         why = " ".join(str(error).split())[:200] or type(error).__name__
         raise UnsupportedModelError(f"{{reserved}}: the model's step could not be traced ({why})") from None
-    persistent = workspace_allocations(workspace_bytes)
-    free = replay(allocations.events, config, persistent=persistent)
-    bounded = replay(allocations.events, config, capacity_bytes, persistent) if capacity_bytes is not None else None
+    events = with_workspaces(allocations, workspace_bytes)
+    free = replay(events, config)
+    bounded = replay(events, config, capacity_bytes) if capacity_bytes is not None else None
+    # (before the step no matmul has run: no cuBLAS workspace yet)
+    after_load = replay(allocations.events[:allocations.loaded], config) if allocations.loaded else None
     how = "from the cache" if cached else f"traced in {allocations.elapsed_seconds:.1f} s"
     notes = [*free.notes]
     if spec.attention.value == "flash":
@@ -210,7 +228,7 @@ def predict_reserved(raw: Mapping[str, Any], spec: Any, config: AllocatorConfig,
         bounded_reserved_peak_bytes=bounded.reserved_peak_bytes if bounded is not None else None,
         num_alloc_retries=bounded.num_alloc_retries if bounded is not None else None,
         num_ooms=bounded.num_ooms if bounded is not None else None, cublas_workspace_bytes=workspace_bytes,
-        notes=notes)
+        notes=notes, reserved_after_load_bytes=after_load.reserved_peak_bytes if after_load is not None else None)
 
 
 def predicted_reserve(replayed: AllocatorReplay, peak_bytes: int) -> int:

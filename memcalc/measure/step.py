@@ -788,6 +788,8 @@ class StepResult:
     elapsed_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the run chose (make_batch)
     allocation_events: list[tuple[int, int, int]] | None = None  # execute(allocation_events=True)
+    allocation_events_loaded: int | None = None  # how many of them are the weights' build and load
+    allocation_events_step: int | None = None  # how many come before the first step (the load, the batch, masters)
     grad_scaler: bool = False  # amp-fp16 ran with torch.amp.GradScaler (real tensors)
 
 
@@ -830,6 +832,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
 
         notes.append(qlora.MEASURED_NOTE if qlora.measured_dequantization_seen() else qlora.MEASURED_UNSEEN_NOTE)
     events: list[tuple[int, int, int]] | None = None
+    loaded = before_step = None
     say("warm-up step (creates the optimizer state)")
     if allocation_events:
         # the load (weights, master copies, buffers, the batch, in that order) and the warm-up step, whose optimizer
@@ -838,7 +841,8 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         log.events = events = []
         # (PEFT's fp32 cast of a 16-bit load's other tensors: prepare_model_for_kbit_training)
         upcast = setup.qlora and setup.qlora_upcast and setup.weight_dtype != torch.float32
-        _register_existing(log, model, stepper, batch, nf4=setup.qlora, upcast=upcast)
+        loaded = _register_existing(log, model, stepper, batch, nf4=setup.qlora, upcast=upcast)
+        before_step = len(events)
         with log:
             one_step(model, stepper, batch, setup, PhaseClock(), micro_batches=micro_batches)
         log.events = None  # the measured step's tracker records the rest (frees of what the log saw included)
@@ -880,6 +884,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         optimizer_state_breakdown={k: storage_bytes(v) for k, v in states.items()},
         ops_seen=tracker.ops_seen, dropout=dropout_probabilities(model_config),
         elapsed_seconds=time.perf_counter() - started, notes=notes, allocation_events=events,
+        allocation_events_loaded=loaded, allocation_events_step=before_step,
         grad_scaler=stepper.scaler is not None,
     )
 
@@ -909,11 +914,12 @@ def _logging_into(events: list[tuple[int, int, int]]) -> Iterator[trk.MemoryTrac
 
 
 def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepper: Stepper,
-                       batch: Mapping[str, torch.Tensor], nf4: bool = False, upcast: bool = False) -> None:
+                       batch: Mapping[str, torch.Tensor], nf4: bool = False, upcast: bool = False) -> int | None:
     """What exists before the step, in load order. ``nf4`` (an allocation log of a QLoRA step): the log holds the
     load as it runs, its freed blocks included: for bitsandbytes' layers (whose emulation keeps a 16-bit stand-in)
     transformers' load (``_bitsandbytes_load``; ``upcast``: then PEFT's fp32 casts), for torchao's (torchtune's QLoRA)
-    torchtune's build and load. torchao's layers count their NF4Tensor's tensors, never the stand-in."""
+    torchtune's build and load. torchao's layers count their NF4Tensor's tensors, never the stand-in. Returns how many
+    of the log's events the weights' build and load are (None without a log)."""
     from memcalc.measure import qlora, torchtune_build
 
     layers = qlora.torchao_layers(model)
@@ -934,9 +940,11 @@ def _register_existing(tracker: trk.MemoryTracker, model: torch.nn.Module, stepp
         _bitsandbytes_load(tracker, model, upcast)
     else:
         tracker.register(_weights(model), trk.WEIGHTS)  # (the parameters, where no layer is torchao's)
+    loaded = len(tracker.events) if tracker.events is not None else None
     tracker.register(stepper.masters, trk.MASTER)
     tracker.register(model.buffers(), trk.OTHER)
     tracker.register(batch.values(), trk.OTHER)
+    return loaded
 
 
 def _bitsandbytes_load(tracker: trk.MemoryTracker, model: torch.nn.Module, upcast: bool) -> None:

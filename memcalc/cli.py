@@ -12,9 +12,10 @@ Exit codes (also in README):
 # No `from __future__ import annotations` here: typer reads the option annotations on every run, and
 # string annotations would be re-evaluated each time (~8 ms of the start-up budget).
 import errno
+import functools
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -341,6 +342,16 @@ def schema() -> None:
     _write(json.dumps(report_json_schema(), indent=2))
 
 
+@functools.cache
+def _command(estimate: bool) -> Any:
+    """The click command typer builds from the app's signatures, built once per process: a program calling ``main``
+    many times (the test suite's thousands of invocations) would otherwise rebuild it from every option's signature each
+    time, more than half of an estimate's time."""
+    import typer.main
+
+    return typer.main.get_command(estimate_app if estimate else app)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: one line on stderr for every error, never a traceback unless debugging."""
     args = route(list(sys.argv[1:] if argv is None else argv))
@@ -348,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         if args[0] == "estimate":
             # The estimate alone, as a one-command app: typer then builds one command, not the whole group
             # (a few ms of the start-up budget, benchmarks/startup.py).
-            result = estimate_app(args[1:], prog_name="memcalc", standalone_mode=False)
+            result = _command(estimate=True)(args[1:], prog_name="memcalc", standalone_mode=False)
         else:
-            result = app(args, prog_name="memcalc", standalone_mode=False)
+            result = _command(estimate=False)(args, prog_name="memcalc", standalone_mode=False)
         return int(result or 0)
     except MemcalcError as error:  # raised outside a command (should not happen, but stay one line)
         print(f"memcalc: {printable(error.render(flag_of))}", file=sys.stderr)

@@ -116,3 +116,23 @@ def pytest_collection_finish(session) -> None:
             importlib.import_module(name)
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+def load_log(raw: dict, spec, nf4: bool = False, upcast: bool = False):
+    """The tracker's log of what exists before a traced step (memcalc.measure.step._register_existing: the weights'
+    build and load, then the rest), for ``raw`` under ``spec``: (events, how many are the weights' build and load,
+    the model built)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memcalc.measure import build
+    from memcalc.measure import step as measured
+    from memcalc.measure import tracker as trk
+
+    setup = measured.resolve_setup(spec, traced=True)
+    with FakeTensorMode(allow_non_fake_inputs=True), build.quiet_fake_tensor_log():
+        model = measured.build_model(raw, setup)
+        batch, _ = measured.make_batch(model, setup)
+        log = trk.MemoryTracker()
+        log.events = []
+        loaded = measured._register_existing(log, model, measured.Stepper(model, setup), batch, nf4=nf4, upcast=upcast)
+    return log.events, loaded, model

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.conftest import has_module
+from tests.conftest import has_module, load_log
 from tests.tiny import BASE
 
 needs_torch = pytest.mark.skipif(not (has_module("torch") and has_module("transformers")),
@@ -249,13 +249,10 @@ def test_the_qlora_log_holds_the_load_as_memcalc_load_counts_it(upcast, double_q
     memcalc.load counts (measured on real transformers + bitsandbytes loads, tests/test_load.py), to the byte."""
     pytest.importorskip("torch")
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memcalc import api
     from memcalc.allocator import parse_alloc_conf, replay
-    from memcalc.measure import build
     from memcalc.measure import step as measured
-    from memcalc.measure import tracker as trk
     from memcalc.model import ModelConfig
     from memcalc.resolve import model_of
     from memcalc.spec import TrainingSpec
@@ -265,15 +262,9 @@ def test_the_qlora_log_holds_the_load_as_memcalc_load_counts_it(upcast, double_q
     spec = TrainingSpec(lora_rank=8, qlora=True, qlora_upcast=upcast, qlora_double_quant=double_quant,
                         precision="bf16-pure", micro_batch_size=1, seq_len=8, activations="rules")
     loaded = api.run(model_of(ModelConfig("tiny", raw, "test")), spec).per_gpu.load
-    setup = measured.resolve_setup(spec, traced=True)
-    with FakeTensorMode(allow_non_fake_inputs=True), build.quiet_fake_tensor_log():
-        model = measured.build_model(raw, setup)
-        batch, _ = measured.make_batch(model, setup)
-        log = trk.MemoryTracker()
-        log.events = []
-        measured._register_existing(log, model, measured.Stepper(model, setup), batch, nf4=True,
-                                    upcast=upcast and setup.weight_dtype != torch.float32)
-    peak = replay(tuple(log.events), parse_alloc_conf("")).requested_peak_bytes
+    weight_dtype = measured.resolve_setup(spec, traced=True).weight_dtype
+    events, _loaded, _model = load_log(raw, spec, nf4=True, upcast=upcast and weight_dtype != torch.float32)
+    peak = replay(tuple(events), parse_alloc_conf("")).requested_peak_bytes
     assert peak == loaded.peak_bytes, loaded.moment
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_log
 from tests.tiny import tiny_raw
 
 H200_RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu-runs" / "2026-12-04-h200-d"
@@ -19,26 +20,14 @@ TINY = {**tiny_raw("llama"), "hidden_size": 128, "intermediate_size": 256, "num_
 
 
 def _build_log(raw: dict, **settings):
-    """The log of the weights' build and load (memcalc.measure.step._register_existing) under torchtune's build before
-    0.3, with the model it built: (events, how many are the build and load, model)."""
+    """The log of the weights' build and load under torchtune's build before 0.3 (conftest.load_log)."""
     pytest.importorskip("torch")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memcalc.measure import build, torchtune_build
-    from memcalc.measure import step as measured
-    from memcalc.measure import tracker as trk
+    from memcalc.measure import torchtune_build
     from memcalc.spec import TrainingSpec
 
     spec = TrainingSpec(precision="bf16-pure", micro_batch_size=1, seq_len=8, activations="rules", **settings)
-    setup = measured.resolve_setup(spec, traced=True)
-    with FakeTensorMode(allow_non_fake_inputs=True), build.quiet_fake_tensor_log():
-        model = measured.build_model(raw, setup)
-        batch, _ = measured.make_batch(model, setup)
-        log = trk.MemoryTracker()
-        log.events = []
-        with torchtune_build.releases_before_0_3():
-            loaded = measured._register_existing(log, model, measured.Stepper(model, setup), batch, nf4=spec.qlora)
-    return log.events, loaded, model
+    with torchtune_build.releases_before_0_3():
+        return load_log(raw, spec, nf4=spec.qlora)
 
 
 def _live(events) -> list[int]:

@@ -58,11 +58,21 @@ def test_the_template_layer_is_made_first_and_freed_after_the_copies():
     them."""
     raw = {**TINY, "max_position_embeddings": 256}
     events, loaded, model = _build_log(raw, lora_rank=8, lora_targets=("q_proj", "v_proj"))
+    from memcalc.allocator import ALLOC
+
     named = list(model.named_parameters())
-    layer0 = [p.untyped_storage().nbytes() for n, p in named if ".layers.0." in n]
+    attention = [p.untyped_storage().nbytes() for n, p in named if ".layers.0.self_attn." in n]
+    rest = [p.untyped_storage().nbytes() for n, p in named if ".layers.0." in n and ".self_attn." not in n]
+    layer0 = attention + rest
     weights = sum(p.untyped_storage().nbytes() for _, p in named)
     layers = raw["num_hidden_layers"]
-    assert [size for _kind, _key, size in events[:len(layer0)]] == layer0
+    # the attention's weights, its RotaryPositionalEmbeddings (theta; positions, their product with theta, its cosine
+    # and sine, the stacked cache: fp32), the MLP's and the norms' weights
+    half, positions = raw["hidden_size"] // raw["num_attention_heads"] // 2, raw["max_position_embeddings"]
+    rope = [half * 4, positions * 4, positions * half * 4, positions * half * 4, positions * half * 4,
+            positions * half * 2 * 4]
+    made = [size for kind, _key, size in events if kind == ALLOC]
+    assert made[:len(layer0) + len(rope)] == attention + rope + rest
     live = _live(events[:loaded])
     assert live[-1] == weights + layers * _rope_bytes(raw)
     assert max(live) == weights + (layers + 1) * _rope_bytes(raw) + sum(layer0)

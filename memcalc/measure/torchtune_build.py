@@ -65,15 +65,15 @@ def _rope(model: torch.nn.Module, with_temporaries: bool) -> tuple[torch.Tensor,
     config = model.config
     half = (config.hidden_size // config.num_attention_heads) // 2
     positions = config.max_position_embeddings
-    theta = torch.empty(half, dtype=torch.float32)
+    theta = torch.empty(half, dtype=torch.float32)  # (its own scratch, a few hundred bytes each, left out)
     if not with_temporaries:
         return theta, torch.empty(positions, half, 2, dtype=torch.float32)
     seq_idx = torch.empty(positions, dtype=torch.float32)
     idx_theta = torch.empty(positions, half, dtype=torch.float32)
-    del seq_idx
     cos, sin = torch.empty_like(idx_theta), torch.empty_like(idx_theta)
     cache = torch.empty(positions, half, 2, dtype=torch.float32)
-    del cos, sin, idx_theta
+    del cos, sin  # (torch.stack's arguments, freed as it returns; the locals as _rope_init returns)
+    del seq_idx, idx_theta
     return theta, cache
 
 
@@ -111,7 +111,10 @@ def register(tracker: Any, model: torch.nn.Module, logging_into: Callable[[list]
     to_nf4 = qlora._to_nf4() if layers_nf4 else None
     template: dict[str, Any] = {}
     with logging_into(tracker.events):
-        for name, param in first:  # the builder's one layer
+        for name, param in _rope_placed(first):  # the builder's one layer
+            if param is None:  # the attention's RotaryPositionalEmbeddings, built
+                template_rope = _rope(model, with_temporaries=True)
+                continue
             module = nf4_of.get(id(param))
             if module is not None:  # LoRALinear(quantize_base=True)._create_weight_and_bias
                 weight = torch.empty(module.nf4.shape, dtype=param.dtype)
@@ -119,12 +122,14 @@ def register(tracker: Any, model: torch.nn.Module, logging_into: Callable[[list]
                 del weight
             else:
                 template[_relative(name)] = torch.empty_like(param)
-        template_rope = _rope(model, with_temporaries=True)
         tracker.register(embeddings, weights_kind)
         tracker.register(head_params, weights_kind)
         kept_rope = []
         for index in sorted(layers):  # _get_clones: a deep copy of the template per layer
-            for name, param in layers[index]:
+            for name, param in _rope_placed(layers[index]):
+                if param is None:  # the copy's rotary buffers
+                    kept_rope.append(_rope(model, with_temporaries=False))
+                    continue
                 module = nf4_of.get(id(param))
                 if module is None:
                     tracker.register([param], weights_kind)
@@ -132,7 +137,6 @@ def register(tracker: Any, model: torch.nn.Module, logging_into: Callable[[list]
                 original = template[_relative(name)].get_original_weight()  # torchtune's NF4 clone
                 module.nf4 = to_nf4(original)
                 del original
-            kept_rope.append(_rope(model, with_temporaries=False))
         model._torchtune_rope_buffers = kept_rope  # (each layer's own rotary buffers, kept as long as the model)
         tracker.register(final_norm, weights_kind)
         del template_rope  # (the builder returns: its template layer freed)
@@ -142,6 +146,13 @@ def register(tracker: Any, model: torch.nn.Module, logging_into: Callable[[list]
             for attribute in REPLACED_IN_ORDER:
                 setattr(module.nf4, attribute, getattr(made, attribute))
             del made
+
+
+def _rope_placed(params: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """A decoder layer's parameters in module order with its attention's rotary buffers (a ``None``) where torchtune's
+    layer had them: after the attention's own parameters (CausalSelfAttention's pos_embeddings), before the MLP's."""
+    last = max((i for i, (name, _p) in enumerate(params) if ".self_attn." in name), default=len(params) - 1)
+    return [*params[:last + 1], ("rope", None), *params[last + 1:]]
 
 
 def _relative(name: str) -> str:

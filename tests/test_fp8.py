@@ -29,7 +29,7 @@ def test_traced_float8_step_matches_a_real_one(precision, checkpointing, recipe)
     from memcalc.measure import estimate_for, run_verify
 
     config = ModelConfig("llama", tiny_raw("llama"), "tiny")
-    spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=64, checkpointing=checkpointing, fp8=recipe)
+    spec = TrainingSpec(precision=precision, micro_batch_size=2, seq_len=32, checkpointing=checkpointing, fp8=recipe)
     measured = run_verify(config, spec, "cpu-tracker")
     report = estimate_for(config, spec)
     assert report.training.activations == "trace"

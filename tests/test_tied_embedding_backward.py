@@ -48,10 +48,14 @@ UNDER_PCT, OVER_PCT, T5_TIED_OVER_PCT = 0.1, 0.1, 0.5
 def _allocator_peak(fn) -> int:
     """The CPU allocator's highest mark over ``fn()``, above where it started. Nothing made before the span may be
     freed inside it: the profiler reports such a free with the size an earlier span recorded at that address (seen
-    here: a stray -1 table), so ``fn`` runs the whole forward and backward."""
-    gc.collect()
-    with trk.allocator_profiler() as prof:
-        fn()
+    here: a stray -1 table), so ``fn`` runs the whole forward and backward, with Python's cyclic collector paused (a
+    collection inside the span could free garbage made before it)."""
+    gc.disable()
+    try:
+        with trk.allocator_profiler() as prof:
+            fn()
+    finally:
+        gc.enable()
     return trk.allocator_peak_and_end(prof)[0]
 
 
@@ -105,7 +109,6 @@ def _ordinary_step_peak(raw: dict, spec: TrainingSpec) -> int:
     stepper = st.Stepper(model, setup)
     batch, _ = st.make_batch(model, setup)
     st.one_step(model, stepper, batch, setup, st.PhaseClock())
-    gc.collect()
     before = st.storage_bytes([*model.parameters(), *model.buffers(), *stepper.masters, *batch.values(),
                                *(t for ts in stepper.state_tensors().values() for t in ts)])
     return before + _allocator_peak(lambda: st.one_step(model, stepper, batch, setup, st.PhaseClock()))

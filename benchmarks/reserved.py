@@ -70,7 +70,8 @@ class Row:
     settings: dict
     differs: str
     context_bytes: int = 0  # an nvidia-smi reading: the CUDA context the same source measured (the fit's nvidia_smi_bytes)
-    torchtune_before_0_3: bool = False  # a torchtune run of 0.1 to 0.2.1: its build and load (memcalc.measure.torchtune_build)
+    # a torchtune run of 0.1 to 0.2.1: replayed with its build and load (memcalc.measure.torchtune_build)
+    torchtune_before_0_3: bool = False
     after_load: bool = False  # the figure is reserved after the model's init (its weights built and loaded)
 
 

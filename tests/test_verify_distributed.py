@@ -352,3 +352,27 @@ def test_estimate_matches_the_most_loaded_rank(engine, reshard, precision, world
     assert report.per_gpu.peak_phase.value == busiest.measured_peak_phase
     for term in ("weights", "optimizer_states"):
         assert report.term(term).bytes == busiest.model_state_bytes[term]
+
+
+def test_a_rank_leaves_the_collector_s_frozen_objects_as_it_found_them():
+    """memcalc.measure.distributed freezes what exists while a rank is measured and unfreezes it after (nothing frozen
+    before, nothing after); a caller that froze objects itself keeps them frozen, as many as it had."""
+    import gc
+
+    from memcalc.measure.distributed import _collector_sees_only_the_rank
+
+    was_frozen = gc.get_freeze_count()  # (the suite's own, tests/conftest.py)
+    gc.unfreeze()
+    try:
+        with _collector_sees_only_the_rank():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        with _collector_sees_only_the_rank():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+        if was_frozen:
+            gc.freeze()

@@ -405,7 +405,11 @@ def _collector_sees_only_the_rank() -> Iterator[None]:
     measured step then walks only what the rank made: its model and the warm-up step's garbage, which is what it is
     there to free. (A process holding torch and transformers has some millions of objects: walking them took most of
     a second per collection, and in a rank forked from the server, it also wrote to every page it shares.) Unfrozen
-    after: the caller's objects are collectable again."""
+    after: the caller's objects are collectable again. A process that froze objects itself keeps them as it had them:
+    nothing is frozen then (its ranks collect everything, as before)."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield

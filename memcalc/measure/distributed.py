@@ -403,8 +403,8 @@ def _collector_sees_only_the_rank() -> Iterator[None]:
     """While a rank is measured, what existed before it (the imported libraries; in a fake group, the caller's own
     objects) sits in the cyclic collector's permanent generation (``gc.freeze``). The full collection before the
     measured step then walks only what the rank made: its model and the warm-up step's garbage, which is what it is
-    there to free. (A process holding torch and transformers has some millions of objects: walking them took most of
-    a second per collection, and in a rank forked from the server, it also wrote to every page it shares.) Unfrozen
+    there to free. (A process holding torch and transformers has some millions of objects: walking them took a quarter
+    to half a second per rank here, and in a rank forked from the server, it also wrote to every page it shares.) Unfrozen
     after: the caller's objects are collectable again. A process that froze objects itself keeps them as it had them:
     nothing is frozen then (its ranks collect everything, as before)."""
     if gc.get_freeze_count():

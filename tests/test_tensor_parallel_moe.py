@@ -238,7 +238,7 @@ def test_experts_stay_whole_with_expert_parallelism():
 def test_expert_and_tensor_parallel_ranks_on_gloo():
     """4 gloo ranks, dp 2 x tp 2, the experts over ep 4 (every rank its own), or with the 2 data-parallel ranks sharing
     each sequence (--cp 2, 2 x 128 positions) over ep 2 (efsdp 2): every pair routed to one rank (weights zero); the
-    busiest rank's states to the byte and its peak within 1% below and 3% above (python benchmarks/expert_parallel.py
+    most loaded rank's states to the byte and the busiest rank's peak within 1% below and 3% above (python benchmarks/expert_parallel.py
     --tp 2 [--sp | --cp]: 168 rank steps, -0.05% to +18.5% since the gradient waiting at the last layer's output is
     counted at the first recomputation (before, checkpointed Qwen2-MoE cells down to -1.6%); these two cells, not
     checkpointed, read +0.01% and +0.67%)."""
@@ -257,8 +257,11 @@ def test_expert_and_tensor_parallel_ranks_on_gloo():
         busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
         report = run(model_of(ModelConfig("tiny", raw, "test")), spec.replace(ep_load=received / (64 * 2)))
         terms = _terms(report)
+        # (each state term against the rank holding the most of it, the rank the estimate describes: Qwen2-MoE's two
+        # most loaded ranks peak 25 KB apart, and under load the one measured higher has varied, its optimizer states
+        # 384 B fewer; 2026-12-05, cause not found)
         for name in ("weights", "gradients", "optimizer_states"):
-            assert terms[name] == busiest.model_state_bytes[name], (family, name)
+            assert terms[name] == max(m.model_state_bytes[name] for m in ranks), (family, name)
         error = report.per_gpu.peak_bytes / busiest.measured_peak_bytes - 1
         assert -0.01 <= error <= 0.03, (family, error)
 

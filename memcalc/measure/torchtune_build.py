@@ -93,9 +93,6 @@ def register(tracker: Any, model: torch.nn.Module, logging_into: Callable[[list]
     layers_nf4 = qlora.torchao_layers(model)
     nf4_of = {id(m.weight): m for m in layers_nf4}
     named = list(model.named_parameters())
-    first = [(n, p) for n, p in named if _layer_index(n) == 0]
-    if not first:
-        raise ValueError("torchtune's build before 0.3: the model has no decoder layer 0")
     head = model.get_output_embeddings()
     head_params = list(head.parameters()) if head is not None else []
     head_ids = {id(p) for p in head_params}
@@ -108,6 +105,9 @@ def register(tracker: Any, model: torch.nn.Module, logging_into: Callable[[list]
             layers.setdefault(index, []).append((name, param))
         elif id(param) not in head_ids:
             (final_norm if layers else embeddings).append(param)
+    first = layers.get(0)
+    if not first:
+        raise ValueError("torchtune's build before 0.3: the model has no decoder layer 0")
     to_nf4 = qlora._to_nf4() if layers_nf4 else None
     template: dict[str, Any] = {}
     with logging_into(tracker.events):

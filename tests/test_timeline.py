@@ -6,6 +6,8 @@ real CPU steps measured by memcalc's tracker (cpu-tracker), with the CPU's seman
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from memcalc.api import model_of, run
@@ -62,16 +64,31 @@ def test_a_traced_model_s_forward_and_backward_equal_a_measured_step(raw, recipe
         report = run(model_of(ModelConfig("tiny", raw, "test")), spec)
     assert any(note.startswith("the step's forward and backward traced op by op") and "depths 2, 3, 4" in note
                for note in report.notes)
-    measured = run_verify(raw, spec, "cpu-tracker")
+    # run_verify first checks that the step's estimate fits half the RAM: under the CPU's semantics that estimate is
+    # the one above, read from the trace cache instead of traced again under CUDA's. The measured step is the same
+    # either way (only the traces read the semantics: memcalc.measure.derive.current_device).
+    with derive.semantics("cpu"):
+        measured = run_verify(raw, spec, "cpu-tracker")
     estimated = {phase.phase.value: phase.bytes for phase in report.per_gpu.phases}
     for phase, measured_bytes in measured.per_phase_peak_bytes.items():
         assert abs(estimated[phase] - measured_bytes) <= 0.001 * measured_bytes, phase
     assert report.per_gpu.peak_phase.value == measured.measured_peak_phase
 
 
-def test_a_stack_of_differing_layers_is_traced_at_full_depth():
+def test_a_stack_of_differing_layers_is_traced_at_full_depth(monkeypatch):
     """A layer_types pattern (sliding and full attention) cannot be extrapolated from a few layers of it; nor a
     dense-first MoE stack whose first three depths are all dense (their peaks are not on one line)."""
+    # Every step traced, with the config and setup it was traced with: the full-depth trace the moments must equal is
+    # the one step_moments makes of this config and setup (tracing it again here, the same op by op, took as long).
+    traces = []
+    segment_peaks = timeline._segment_peaks
+
+    def recorded(raw, setup):
+        found = segment_peaks(raw, setup)
+        traces.append((dict(raw), setup, found[1]))
+        return found
+
+    monkeypatch.setattr(timeline, "_segment_peaks", recorded)
     patterned = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **BASE, "num_hidden_layers": 6,
                  "head_dim": 24, "sliding_window": 16,
                  "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
@@ -83,8 +100,10 @@ def test_a_stack_of_differing_layers_is_traced_at_full_depth():
     for raw in (patterned, dense_first):
         moments, cached = timeline.step_moments(raw, _spec("bf16-pure", "full"), "sdpa")
         assert (moments.traced_depths, cached) == ((6,), False)
-        full = _peaks(raw, _spec("bf16-pure", "full"), "sdpa")
-        assert {(m.phase, m.where): (m.bytes, m.gradients) for m in moments.moments} == full
+        setup = asdict(resolve_setup(_spec("bf16-pure", "full"), "sdpa", "cpu"))  # (what _peaks traces with)
+        full = [peaks for config, traced_with, peaks in traces if config == raw and asdict(traced_with) == setup]
+        assert len(full) == 1  # all 6 layers traced, once
+        assert {(m.phase, m.where): (m.bytes, m.gradients) for m in moments.moments} == full[0]
 
 
 def test_a_repeat_reads_the_cache():

@@ -258,9 +258,10 @@ def test_max_seq_len_on_a_traced_model_is_the_exhaustive_answer(monkeypatch, tmp
     config = tmp_path / "olmo2.json"
     config.write_text(json.dumps(_without_rules("olmo2")))
     # (84 MiB: 20 MiB beside the two 32 MiB cuBLAS workspaces a card given by its memory is assumed to keep; the
-    # answer, 341 tokens, is probed by about ten traces either way)
+    # answer, 341 tokens, is probed by about ten traces either way. The run's own length is 1, the length the solver
+    # probes first, so that the estimate it starts from is not one more length to trace.)
     settings = {"precision": "bf16-pure", "optim": "sgd", "attn": "eager", "gpu_memory": "84MiB",
-                "cuda_context": "1MiB", "max_seq_len": True}
+                "cuda_context": "1MiB", "seq_len": 1, "max_seq_len": True}
     fitted = api.estimate(str(config), **settings).fit
     monkeypatch.setattr(derive, "fitted_sequences", contextlib.nullcontext)
     exhaustive = api.estimate(str(config), **settings).fit

@@ -76,7 +76,9 @@ def test_planner_searches_expert_parallel_pipelines():
     the planner tries each FSDP2 pipeline with its stage's experts split; a rank's all-to-all traffic is its stage's
     layers' (4 L/pp M (ep-1)/ep x T x top-k x h x 2 B, by hand), its data-parallel traffic its stage's parameters',
     and the memory is that layout's estimate."""
-    plan = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    from tests.test_planner import qwen3_30b_a3b_plan
+
+    plan = qwen3_30b_a3b_plan()  # (api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096), made once)
     layout = next(c for c in plan.candidates if (c.layout.pp, c.layout.ep, c.layout.checkpointing) == (2, 8, "full"))
     assert layout.layout.microbatches == 4 and layout.layout.dp == 32
     pairs = 4096 * 8 * 2048 * 2
@@ -113,20 +115,50 @@ def test_moe_stages_on_gloo():
         assert 0.99 <= report.per_gpu.peak_bytes / measured.measured_peak_bytes <= 1.05, stage
 
 
-def test_expert_parallel_stages_on_gloo():
+def test_expert_parallel_stages_on_gloo(cli, tmp_path, monkeypatch):
     """Two stages of the tiny Mixtral, each over 2 FSDP2 data-parallel ranks that split its experts (a (pp, efsdp,
     ep) mesh of 4 gloo ranks, transformers' grouped_gemm and AllToAllEP on each stage), bf16 with fp32 reduce, 1F1B
     over 2 micro-batches, every pair routed to one rank: that rank received ep x T x top-k pairs in every MoE forward,
     its weights and optimizer states are the estimate's to the byte, its sharded gradients the estimate's, and its
     peak within 1% below and 5% above the measured (benchmarks/pipeline.py --moe --ep: every pair to one rank, 10
-    stage steps of a small Mixtral, -0.02% to +2.76%)."""
-    pytest.importorskip("transformers")
-    from memcalc.measure.distributed import measure_distributed
+    stage steps of a small Mixtral, -0.02% to +2.76%).
 
+    The ranks are those --verify with --pp and --ep runs (one gloo run checked both ways, where two tests ran it once
+    each): the command runs the stages on gloo ranks (auto: the fake group has no routing to run), beside the most
+    loaded stage's estimate, and says which --ep-load the measured routing was: the tiny Mixtral with zero weights
+    sends every pair to one rank of each stage's pair, 2 x the average."""
+    pytest.importorskip("transformers")
+    import json
+
+    from memcalc.measure import distributed
+
+    runs = []
+    measure_distributed = distributed.measure_distributed
+
+    def recorded(model_config, spec, **options):  # (the command's own call, its ranks kept for the checks below)
+        ranks = measure_distributed(model_config, spec, **options)
+        runs.append((model_config, spec, options, ranks))
+        return ranks
+
+    monkeypatch.setattr(distributed, "measure_distributed", recorded)
     raw = {**tiny_raw("mixtral"), **ZERO}
-    spec = _pipeline_spec("bf16", num_gpus=4, sharding="fsdp", zero_stage=2, ep=2)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw))
+    result = cli(str(config), "--precision", "bf16", "--gpus", "4", "--pp", "2", "--ep", "2", "--fsdp",
+                 "--microbatches", "2", "--seq-len", "64", "--batch-size", "2", "--ep-load", "2", "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    verify = result.json()["verify"]
+    assert verify["method"] == "gloo"
+    assert any("2 stages x 2 FSDP2 data-parallel ranks, 2 of them splitting its experts" in n for n in verify["notes"])
+    note = next(n for n in verify["notes"] if n.startswith("routing measured"))
+    assert "took 512 of the 256 average, so --ep-load 2 describes this run" in note
+
+    # the stages themselves: the command ran this config and spec on 4 gloo ranks, once
+    spec = _pipeline_spec("bf16", num_gpus=4, sharding="fsdp", zero_stage=2, ep=2, ep_load=2.0)
+    [(model_config, measured_spec, options, measured)] = runs
+    assert model_config.raw == raw and measured_spec == spec
+    assert (options["engine"], options["world_size"], options["method"]) == ("pp", 4, "gloo")
     model = model_of(ModelConfig("tiny", raw, "test"))
-    measured = measure_distributed({**raw, "_name": "tiny"}, spec, engine="pp", world_size=4, method="gloo")
     assert [m.run["distributed"]["stage"] for m in measured] == [0, 0, 1, 1]
     pairs = 2 * 64 * raw["num_experts_per_tok"]
     for stage in (0, 1):
@@ -134,7 +166,7 @@ def test_expert_parallel_stages_on_gloo():
         busiest = max(ranks, key=lambda m: m.measured_peak_bytes)
         assert set(busiest.run["distributed"]["ep_received_pairs"]) == {2 * pairs}, stage
         assert busiest.run["distributed"]["engine"] == "pp+fsdp2+ep"
-        report = run(model, spec.replace(pp_stage=stage, ep_load=2.0))
+        report = run(model, spec.replace(pp_stage=stage))
         terms = {t.name: t.bytes for t in report.per_gpu.terms}
         for name in ("weights", "optimizer_states"):
             assert terms[name] == busiest.model_state_bytes[name], (stage, name)
@@ -184,22 +216,3 @@ def test_padded_experts_on_stages_on_gloo():
         assert (at_peak["fsdp_unsharded_params"] + at_peak["pipeline_recv_buffers"]
                 == busiest.per_term_bytes["comm_buffers"]), stage
         assert 0.995 <= report.peak_bytes / busiest.measured_peak_bytes <= 1.05, stage
-
-
-def test_verify_runs_expert_parallel_stages_on_gloo(cli, tmp_path):
-    """--verify with --pp and --ep runs the stages on gloo ranks (auto: the fake group has no routing to run), beside
-    the most loaded stage's estimate, and says which --ep-load the measured routing was: the tiny Mixtral with zero
-    weights sends every pair to one rank of each stage's pair, 2 x the average."""
-    pytest.importorskip("transformers")
-    import json
-
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({**tiny_raw("mixtral"), **ZERO}))
-    result = cli(str(config), "--precision", "bf16", "--gpus", "4", "--pp", "2", "--ep", "2", "--fsdp",
-                 "--microbatches", "2", "--seq-len", "64", "--batch-size", "2", "--ep-load", "2", "--verify", "--json")
-    assert result.exit_code == 0, result.stderr
-    verify = result.json()["verify"]
-    assert verify["method"] == "gloo"
-    assert any("2 stages x 2 FSDP2 data-parallel ranks, 2 of them splitting its experts" in n for n in verify["notes"])
-    note = next(n for n in verify["notes"] if n.startswith("routing measured"))
-    assert "took 512 of the 256 average, so --ep-load 2 describes this run" in note

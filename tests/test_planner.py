@@ -14,6 +14,16 @@ LAYER_405B = 2 * 16384 * 16384 + 2 * 1024 * 16384 + 3 * 53248 * 16384 + 2 * 1638
 PARAMS_405B = 126 * LAYER_405B + 2 * 128256 * 16384 + 16384
 
 
+def qwen3_30b_a3b_plan():
+    """Qwen3-30B-A3B on 64 H100s at 4,096 positions: the plan this file, tests/test_pipeline_moe.py and
+    tests/test_tensor_parallel_moe.py each read (their --ep layouts), made once per test run (most of a second),
+    whichever xdist worker asks first."""
+    from tests.conftest import shared_measurement
+
+    return shared_measurement("test_planner-layouts-qwen3-30b-a3b-64-h100-80gb-4096",
+                              lambda: api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096))
+
+
 @pytest.fixture(scope="module")
 def plan_405b():
     return api.layouts("llama-3.1-405b", gpus=512, gpu="h100-80gb", seq_len=8192)
@@ -123,10 +133,11 @@ def test_bad_plans_are_one_line_exit_2(cli, options, message):
 
 
 def test_cli_prints_the_model_and_json_lists_every_layout(cli):
-    result = cli("llama-3-70b", "--gpus", "64", "--gpu", "h100-80gb", "--plan")
+    # (Llama-3-8B on 8 GPUs, a quicker search than Llama-3-70B on 64: 38 layouts, 32 of them fitting)
+    result = cli("llama-3-8b", "--gpus", "8", "--gpu", "h100-80gb", "--plan")
     assert result.exit_code == 0, result.stderr
     assert "throughput model" in result.stdout and "not a measurement" in result.stdout
-    data = cli("llama-3-70b", "--gpus", "64", "--gpu", "h100-80gb", "--plan", "--json").json()["plan"]
+    data = cli("llama-3-8b", "--gpus", "8", "--gpu", "h100-80gb", "--plan", "--json").json()["plan"]
     assert data["fitting"] == sum(layout["fits"] for layout in data["layouts"])
     assert {"dp", "tp", "pp", "peak_bytes", "tokens_per_second", "model"} <= set(data["layouts"][0])
 
@@ -142,7 +153,7 @@ def test_expert_parallel_layouts_by_hand():
     --ep with FSDP alone; the all-to-all term by hand (4 L M (ep-1)/ep x T x top-k x h x 2 B over NVLink inside a node,
     over the network past 8 GPUs), compute from the active parameters (the dense ones and 8 of 128 experts), and each
     layout's memory is the estimate of that layout."""
-    plan = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    plan = qwen3_30b_a3b_plan()
     by_ep = {c.layout.ep: c for c in plan.candidates
              if c.layout.checkpointing == "full" and c.layout.sharding == "fsdp" and c.layout.pp == 1
              and c.layout.tp == 1}
@@ -174,7 +185,7 @@ def test_expert_layouts_with_torchtitans_dim_1_sharding():
     report = api.estimate("mixtral-8x7b", gpus=64, ep=8, ep_shard_dim=1, sharding="fsdp", zero=3,
                           checkpointing="full", seq_len=4096)
     assert pair[1].peak_bytes == report.per_gpu.peak_bytes
-    qwen = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    qwen = qwen3_30b_a3b_plan()
     assert {c.layout.ep_dim for c in qwen.candidates} == {0}
 
 

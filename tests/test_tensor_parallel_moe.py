@@ -192,8 +192,9 @@ def test_planner_searches_expert_parallelism_over_tensor_parallel_groups():
     its dense parameters are split over tp 2 and synced over dp 32, its experts (1/8, whole) over the 64 x ... / 8 = 8
     ranks holding the same ones; the memory is that layout's estimate."""
     from memcalc import api
+    from tests.test_planner import qwen3_30b_a3b_plan
 
-    plan = api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096)
+    plan = qwen3_30b_a3b_plan()  # (api.layouts("qwen3-30b-a3b", gpus=64, gpu="h100-80gb", seq_len=4096), made once)
     found = {(c.layout.tp, c.layout.ep) for c in plan.candidates if c.layout.ep > 1 and c.layout.tp > 1}
     assert found and all(ep % tp == 0 for tp, ep in found)
     wanted = (2, 8, 1, "full", 0)

@@ -6,6 +6,7 @@ computed from it match ``tensor.numel() * tensor.element_size()`` to the byte.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,8 +49,10 @@ class ParamTensor:
         """The module that owns it, as named_modules() names it: the name without its last part."""
         return self.name.rsplit(".", 1)[0] if "." in self.name else ""
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
+        # (cached: an estimate reads it a few thousand times, once per tensor in each term, and the fit solvers
+        # run hundreds of estimates)
         return math.prod(self.shape)
 
 

@@ -230,9 +230,9 @@ def test_outputs_of_one_process_refuse_split_ranks(cli, split, output):
 
 def test_moe_families_run_the_ring_too():
     """Qwen3-MoE (the ring's attention is the Llama layout's, the MLP the MoE block's), amp-bf16, checkpointed: within
-    0.5% below and 3% above the busier measured rank (measured +0.03%, both ranks peaking in backward; -0.24% before
-    the MoE block's putting its outputs back in token order, at the first layer's recomputation, was counted:
-    Rule.forward_transient)."""
+    0.5% below and 3% above the busier measured rank (measured +0.03%, both ranks peaking in backward; -0.24% when
+    Rule.forward_transient was added in a01eadd, then the checkpointed backward's measured moments, 7c1f2c1, and the
+    position_ids checkpointed layers hold, 6c505fb)."""
     pytest.importorskip("transformers")
     from memcalc.measure import cuda_semantics
     from memcalc.measure.distributed import measure_distributed

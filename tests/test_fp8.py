@@ -22,16 +22,16 @@ from tests.tiny import tiny_raw
 ])
 def test_traced_float8_step_matches_a_real_one(precision, checkpointing, recipe):
     """The estimate (the step traced with torchao's layers) against a real CPU step of the same layers under
-    memcalc's tracker: forward and backward within 0.01% (12 Llama cells measured: -0.002% at most, 84 bytes). Before they were
-    traced, the modelled casts read -6.7% (bf16-pure, checkpointed: eager casts go through fp32 copies) and +8.7%
-    (amp-bf16: Float8Linear casts the fp32 weight itself, so autocast keeps no bf16 copies of converted weights)."""
+    memcalc's tracker: forward and backward within 0.01% (benchmarks/fp8.py's 12 Llama cells at 2 x 128 tokens: -0.004%
+    at most; these cells at 1 x 16: 84 B low in each phase, -0.006% at most). Before they were traced, the modelled
+    casts read -6.7% (bf16-pure, checkpointed: eager casts go through fp32 copies) and +8.7% (amp-bf16: Float8Linear
+    casts the fp32 weight itself, so autocast keeps no bf16 copies of converted weights)."""
     pytest.importorskip("torchao")
     from memcalc.measure import estimate_for, run_verify
 
     config = ModelConfig("llama", tiny_raw("llama"), "tiny")
     # (16 tokens: torch._scaled_mm on the CPU, the real step's float8 matmuls, takes ~45 ns a multiply-add here, so
-    # the step's time goes with the tokens; 16 keeps every matmul's dimensions multiples of 16, as on a GPU. The
-    # estimate reads 84 B low in each phase here: at most 0.006% of these peaks)
+    # the step's time goes with the tokens; 16 keeps every matmul's dimensions multiples of 16, as on a GPU)
     spec = TrainingSpec(precision=precision, micro_batch_size=1, seq_len=16, checkpointing=checkpointing, fp8=recipe)
     measured = run_verify(config, spec, "cpu-tracker")
     report = estimate_for(config, spec)

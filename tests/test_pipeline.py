@@ -136,7 +136,7 @@ TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_si
         "max_position_embeddings": 1024, "pad_token_id": 0}
 # TINY at half its widths (two layers a stage as well), for the stages without data parallelism: the peaks in the same
 # phases and within the same bounds, each rank's step about a third quicker. The FSDP2 stages below stay at TINY's
-# widths (at these, the last FSDP2 stage of test_fsdp2_stages_on_gloo reads +0.86%).
+# widths (at NARROW's, the last FSDP2 stage of test_fsdp2_stages_on_gloo reads +0.86%).
 NARROW = {**TINY, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
           "vocab_size": 512}
 
@@ -433,8 +433,8 @@ def test_interleaved_ranks_match_pipelining_on_gloo(schedule, lowest):
     ranks (NARROW with 6 layers, 4 stages, 4 micro-batches of 2 x 64 tokens, fp32): interleaved 1F1B never below the
     measured peak, zero-bubble (each micro-batch held until its weights' backward, with the gradients that backward
     starts from; the input backward retaining its stage's saved tensors) at most 2% below, both at most 3% above
-    (measured: +1.03% and +1.11%, +0.68% and +0.58%; benchmarks/pipeline.py --interleaved [--zero-bubble] has the
-    grid)."""
+    (measured: interleaved 1F1B ranks 0 and 1 +1.03% and +1.11%, zero-bubble +0.68% and +0.58%;
+    benchmarks/pipeline.py --interleaved [--zero-bubble] has the grid)."""
     pytest.importorskip("transformers")
     from memcalc.measure.distributed import measure_distributed
     from memcalc.model import ModelConfig

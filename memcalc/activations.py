@@ -416,6 +416,7 @@ def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: s
             and arch.supports_sdpa and not spec.repeat_kv
             and BYTES_PER_DTYPE[recipe.compute_dtype] == BYTES_PER_FP32 and not recipe.autocast
             and 0 < arch.num_kv_heads < arch.num_heads and 0 < arch.head_dim <= 256
+            and not (spec.padded and spec.micro_batch_size > 1)
             and not _every(windowed_layers(arch, spec.local_seq_len)))
 
 
@@ -442,6 +443,18 @@ def flash_backward_workspace(arch: Arch, spec: TrainingSpec, run: Run) -> int:
     accumulators = BYTES_PER_FP32 * b * heads * rounded * (1 + -(-d // 32) * 32)
     expanded = 2 * run.c * b * s * heads * d if kv_heads != heads else 0
     return accumulators + expanded
+
+
+def padding_not_counted(arch: Arch, run: Run, traced: bool) -> str:
+    """The note for --padded where neither the rules nor the trace count the padding mask, with what the Llama rules
+    would count for it: per layer the mask's float bias (c b s^2) and k and v repeated to the query heads."""
+    heads, kv_heads = arch.num_heads // run.tp, max(1, arch.num_kv_heads // run.tp)
+    per_layer = run.c * run.b * run.s * run.s + 2 * run.c * run.tokens * max(0, heads - kv_heads) * arch.head_dim
+    how = "the trace runs unpadded rows (a FakeTensor has no values to pad)" if traced else "its rules count no mask"
+    return (f"--padded: not counted for {arch.architecture} ({how}). Each layer's sdpa would keep the padding mask as a "
+            f"float bias and k and v repeated to every head: about {per_layer * arch.num_layers / 2**30:,.2f} GiB in "
+            f"all as the Llama rules count it ({per_layer:,} B a layer), by which the estimate may be low without "
+            "checkpointing")
 
 
 def _every(flags: list[bool]) -> bool:
@@ -477,6 +490,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
               ep=spec.ep, ep_load=spec.ep_load,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
               decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv, sdpa_math=math_sdpa,
+              padded=spec.padded and spec.micro_batch_size > 1,  # (one row is its own longest: nothing padded)
               transformers=installed_transformers() if family.release_dependent else None)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "
@@ -490,6 +504,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             if family.counts_repeat_kv else
             f"--repeat-kv: {arch.architecture}'s rules do not count k and v repeated to every head (low by two "
             "copies per layer of the extra heads' k and v); --activations trace counts them")
+    if run.padded and not eager and spec.attention != Attention.flash and (traced or not family.counts_padding):
+        result.notes.append(padding_not_counted(arch, run, traced))
     if not traced:
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     if spec.pp > 1:

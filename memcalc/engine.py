@@ -1842,7 +1842,7 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         lora_rank=spec.lora_rank, lora_targets=list(spec.lora_targets) if spec.lora_targets else None,
         qlora=spec.qlora, freeze=list(spec.freeze), defaults_used=list(defaults_used),
         loss=spec.loss_label, optim_in_backward=spec.optim_in_backward, activation_offload=spec.activation_offload.value,
-        compile=spec.compile, repeat_kv=spec.repeat_kv, fp8=spec.fp8.value,
+        compile=spec.compile, repeat_kv=spec.repeat_kv, padded=spec.padded, fp8=spec.fp8.value,
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
         pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
         pp_virtual=spec.pp_virtual or 1,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 # Request's fields).
 SETTINGS = frozenset({
     "model", "params", "precision", "master_dtype", "grad_dtype", "state_dtype", "optim", "optim_impl", "amsgrad", "activations",
-    "optim_in_backward", "checkpoint_reentrant", "activation_offload", "lora_dropout", "qlora_upcast", "qlora_scope", "qlora_double_quant", "qlora_lm_head", "qlora_quantizer", "plan_schedules", "dora", "compile", "repeat_kv", "fp8", "cpu_ram_efficient_loading",
+    "optim_in_backward", "checkpoint_reentrant", "activation_offload", "lora_dropout", "qlora_upcast", "qlora_scope", "qlora_double_quant", "qlora_lm_head", "qlora_quantizer", "plan_schedules", "dora", "compile", "repeat_kv", "padded", "fp8", "cpu_ram_efficient_loading",
     "lora_modules_to_save",
     "adafactor_beta1", "optim_rank", "batch_size", "seq_len", "decoder_seq_len", "grad_accum", "checkpointing", "loss", "attn", "zero", "gpus", "nodes",
     "gpus_per_node", "sharding", "engine", "fsdp", "offload", "deepspeed", "from_config", "from_format", "lora_rank", "lora_dtype", "lora_targets", "qlora", "freeze",

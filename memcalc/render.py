@@ -100,6 +100,7 @@ def _describe_run(report: Report) -> list[str]:
          f"{', activations offloaded (' + t.activation_offload + ')' if t.activation_offload != 'none' else ''}"
          f"{', layers compiled (torch.compile)' if t.compile else ''}"
          f"{', k and v repeated per head' if t.repeat_kv else ''}"
+         f"{', rows padded (a padding mask)' if t.padded and t.micro_batch_size > 1 else ''}"
          f"{', float8 Linear layers (' + t.fp8 + ')' if t.fp8 != 'none' else ''}"),
     ]
     if t.defaults_used:

@@ -84,6 +84,7 @@ class TrainingSummary:
     activation_offload: str = "none"  # none | torchtune | trl | checkpoints: saved activations moved to host memory
     compile: bool = False  # each decoder layer under torch.compile (Inductor)
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa
+    padded: bool = False  # rows padded to the longest: attention gets the batch's padding mask
     fp8: str = "none"  # none | tensorwise | rowwise: torchao float8 training of the Linear layers
     tp: int = 1  # tensor-parallel group size (the figures are one rank's)
     sequence_parallel: bool = False  # tp: norms split along the sequence

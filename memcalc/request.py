@@ -92,6 +92,7 @@ class Request:
     plan_schedules: str | Sequence[str] | None = None  # --plan: the pipeline schedules it searches (1f1b default)
     compile: bool = False
     repeat_kv: bool = False
+    padded: bool = False
     fp8: str = "none"
     tp: int = 1
     sp: bool = False
@@ -216,7 +217,7 @@ _TEXT = ("model", "precision", "master_dtype", "grad_dtype", "state_dtype", "opt
          "attn", "activations", "sharding", "engine", "offload", "activation_offload", "qlora_scope", "qlora_quantizer", "fp8", "gpu", "from_format",
          "alloc_conf", "pp_schedule", "lora_dtype")
 _SWITCHES = ("amsgrad", "optim_in_backward", "checkpoint_reentrant", "fsdp", "cpu_ram_efficient_loading", "qlora", "qlora_upcast", "qlora_double_quant", "qlora_lm_head", "dora",
-             "compile", "repeat_kv", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
+             "compile", "repeat_kv", "padded", "max_batch", "max_seq_len", "reserved", "sp", "loss_parallel")
 _NAME_LISTS = ("lora_targets", "freeze", "lora_modules_to_save", "plan_schedules")
 
 
@@ -373,7 +374,7 @@ def _plan(request: Request) -> Plan:
         "qlora_scope": request.qlora_scope,
         "qlora_double_quant": request.qlora_double_quant, "qlora_lm_head": request.qlora_lm_head,
         "qlora_quantizer": request.qlora_quantizer, "freeze": freeze,
-        "compile": request.compile, "repeat_kv": request.repeat_kv, "fp8": request.fp8,
+        "compile": request.compile, "repeat_kv": request.repeat_kv, "padded": request.padded, "fp8": request.fp8,
         "cpu_ram_efficient_loading": request.cpu_ram_efficient_loading,
         "tp": request.tp, "sequence_parallel": request.sp, "loss_parallel": request.loss_parallel,
         "pp": request.pp, "pp_schedule": request.pp_schedule, "microbatches": request.microbatches,

@@ -246,6 +246,8 @@ class TrainingSpec:
     freeze: tuple[str, ...] = ()
     compile: bool = False  # each decoder layer under torch.compile (Inductor), as torchtune and torchtitan compile
     repeat_kv: bool = False  # k and v repeated to every query head before sdpa (torchtune's, litgpt's attention)
+    # Rows padded to the longest of the micro-batch (no packing): transformers gives attention a 4-D padding mask
+    padded: bool = False
     fp8: Fp8Recipe = Fp8Recipe.none  # torchao float8 training of the Linear layers
     # FSDP2 through accelerate: only the main process loads the model on the host; the others build it on the meta
     # device and receive each parameter by broadcast (memcalc.load)

@@ -31,10 +31,11 @@ HF_OPTIM = {"optim": "adamw", "optim_impl": "fused"}
 EXPECTED = {
     # TRL: model_name_or_path "Qwen/Qwen2.5-0.5B"; the rest are defaults: TrainingArguments' batch, accumulation and
     # optimizer; trl/trainer/base_config.py gradient_checkpointing=True and bf16 = not fp16; sft_config.py
-    # max_length=1024 (padded rows: an upper bound); model_config.py dtype="float32" -> fp32 weights + bf16 autocast.
+    # max_length=1024 (padded rows: an upper bound) and packing=False (rows padded: a padding mask); model_config.py
+    # dtype="float32" -> fp32 weights + bf16 autocast.
     "trl_example_config.yaml": ("trl", {
         "model": "Qwen/Qwen2.5-0.5B", "batch_size": HF_BATCH, "grad_accum": HF_ACCUM, "checkpointing": "full",
-        **HF_OPTIM, "seq_len": 1024, "precision": "amp-bf16"}),
+        **HF_OPTIM, "seq_len": 1024, "padded": True, "precision": "amp-bf16"}),
     # "packing: true", "per_device_train_batch_size: 2", "gradient_accumulation_steps: 8", "use_peft: true",
     # "lora_r: 32"; max_length 1024 (default), exact with packing; model_config.py lora_dropout=0.05 (default).
     "trl_sft_lora.yaml": ("trl", {
@@ -63,14 +64,15 @@ EXPECTED = {
         "sharding": "fsdp", "zero": 3, "precision": "bf16", "cpu_ram_efficient_loading": True}),
     # "per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "cutoff_len: 2048", "finetuning_type: lora",
     # "lora_rank: 8", "lora_target: all"; checkpointing on (model_utils/checkpointing.py, not disabled); the
-    # precision waits for the checkpoint's dtype (recipes below).
+    # precision waits for the checkpoint's dtype (recipes below); hparams/data_args.py packing None, on only for
+    # pre-training: rows padded (a padding mask, which one row per batch does not need).
     "llamafactory_qwen3_lora_sft.yaml": ("llamafactory", {
-        "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 8, "seq_len": 2048,
+        "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 8, "seq_len": 2048, "padded": True,
         "checkpointing": "full", **HF_OPTIM, "lora_rank": 8, "lora_dropout": 0.0, "lora_targets": "all-linear"}),
     # "gradient_accumulation_steps: 2", "finetuning_type: full", "deepspeed: examples/deepspeed/ds_z3_config.json"
-    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe.
+    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe; packing off (as above): rows padded.
     "llamafactory_qwen3_full_sft.yaml": ("llamafactory", {
-        "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 2, "seq_len": 2048,
+        "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 2, "seq_len": 2048, "padded": True,
         "checkpointing": "full", **HF_OPTIM, "precision": "bf16",
         "deepspeed": str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json")}),
     # "_component_: torchtune.models.llama3_2.lora_llama3_2_1b", "lora_attn_modules: ['q_proj', 'v_proj',

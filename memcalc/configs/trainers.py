@@ -703,7 +703,10 @@ def _lora_targets(r: _Reader, key: str, names: list[str] | None, default_key: st
     r.set("lora_targets", ",".join(names), key, names)
 
 
-def _sequence(r: _Reader, key: str, value: int | None, default: bool, packed: bool, packing_key: str) -> None:
+def _sequence(r: _Reader, key: str, value: int | None, default: bool, packed: bool, packing_key: str,
+              masks_padding: bool = True) -> None:
+    """The sequence length; unpacked rows are padded to the batch's longest, which a transformers model sees in the
+    attention_mask the collator hands it (``masks_padding``: torchtune's padded_collate_sft gives its models none)."""
     if value is None:
         r.note(f"{key} is null: no length cap, each batch runs as long as its longest sample; give --seq-len "
                "for the longest you expect")
@@ -712,8 +715,11 @@ def _sequence(r: _Reader, key: str, value: int | None, default: bool, packed: bo
         r.set("seq_len", value, key, default=default)
         return
     r.set("seq_len", value, key, default=default, bound=True)
+    if masks_padding:
+        r.set("padded", True, packing_key, False, default=not r.has(packing_key))
     r.note(f"without {packing_key}, rows are padded to the batch's longest sample, at most {key} {value}: the "
-           "estimate takes the longest (a smaller --seq-len is accepted)")
+           "estimate takes the longest (a smaller --seq-len is accepted)"
+           + (", and counts the padding mask attention then gets (--padded)" if masks_padding else ""))
 
 
 def _quantized(r: _Reader, key: str, bits: Any, lora: bool, double_quant: bool | None, dq_key: str,
@@ -788,6 +794,7 @@ def _read_hf(r: _Reader, *, trl: bool) -> None:
         length = r.integer(key, None) if present else 1024  # sft_config.py: max_length default 1024
         _sequence(r, key, length, not present, packing, "packing")
         if r.boolean("padding_free"):
+            r.set("padded", False, "padding_free", True)  # (rows concatenated: no padding, no mask)
             r.not_modelled("padding_free", True, "rows are concatenated without padding: tokens per step may be "
                            "fewer than batch x length (the estimate counts batch x length)")
     else:
@@ -1297,7 +1304,10 @@ def _read_torchtune(r: _Reader) -> None:
     r.set("batch_size", r.integer("batch_size"), "batch_size")
     r.set("grad_accum", r.integer("gradient_accumulation_steps"), "gradient_accumulation_steps")
     packed = bool(r.boolean("dataset.packed"))
-    _sequence(r, "tokenizer.max_seq_len", r.integer("tokenizer.max_seq_len", None), False, packed, "dataset.packed")
+    # (unpacked: data/_collate.py padded_collate_sft hands the model tokens and labels, no mask: causal attention over
+    # the padding, whose labels are ignored)
+    _sequence(r, "tokenizer.max_seq_len", r.integer("tokenizer.max_seq_len", None), False, packed, "dataset.packed",
+              masks_padding=False)
     # dtype: training.get_dtype(cfg.dtype): the model is built in it (set_default_dtype) and trains in it.
     dtype = r.text("dtype")
     weights = "fp32" if dtype is None else _dtype(r, "dtype", dtype)

@@ -102,6 +102,8 @@ class Family:
     checkpoint_keeps_causal_mask: bool = True
     # Whether the activations rule counts --repeat-kv (k and v repeated to every query head before sdpa).
     counts_repeat_kv: bool = False
+    # Whether the activations rule counts --padded (every layer's sdpa given the batch's padding mask).
+    counts_padding: bool = False
     # Whether the rules follow more than one transformers release (a rewrite of the family's code): the estimate then
     # reads the installed release (Run.transformers).
     release_dependent: bool = False

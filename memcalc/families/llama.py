@@ -364,10 +364,16 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
     window_applies = ((not run.eager or run.sdpa_math) and not run.flash and a.sliding_window is not None
                       and a.sliding_window < run.s)
     sliding = a.layer_slides
-    kinds = {masked: attention_parts(a, run, masked) for masked in {False, window_applies}}
+    # --padded: masking_utils.create_causal_mask (and create_sliding_window_causal_mask) cannot leave a padded batch's
+    # mask to sdpa's is_causal (sdpa_mask's allow_is_causal_skip wants no padding): every layer's sdpa gets the 4-D
+    # boolean mask (b, 1, s, s), and takes the masked path a sliding window gives (attention_parts). Eager attention
+    # has a 4-D mask whether padded or not; flash_attention_2 unpads instead (not modelled: the note below).
+    padded = run.padded and (not run.eager or run.sdpa_math) and not run.flash
+    masks = [padded or (window_applies and slide) for slide in sliding]
+    kinds = {masked: attention_parts(a, run, masked) for masked in set(masks)}
     layers, cache, first = [], {}, ""
     for i in range(a.num_layers):
-        masked = window_applies and sliding[i]
+        masked = masks[i]
         attention, attention_formula = kinds[masked]
         mlp, mlp_formula = mlp_bytes(a, i, run)
         key = (masked, tuple(mlp.items()))
@@ -378,7 +384,9 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
             first = f"{attention_formula} + {mlp_formula}"
     per_model = parts(
         rotary=2 * run.s * a.head_dim * (BYTES_PER_FP32 if run.autocast else c),
-        ids=2 * BYTES_PER_INT64 * tokens,  # int64 input_ids (embedding) and shifted labels (nll_loss)
+        # int64 input_ids (embedding) and shifted labels (nll_loss); a padded batch's attention_mask and labels (the
+        # padding collators' -100 at the padding: a tensor apart from input_ids) beside them
+        ids=(4 if run.padded else 2) * BYTES_PER_INT64 * tokens,
         # A 0-dim tensor: the loss divisor (fixed_cross_entropy) in fp32. (Gemma's embedding scale is a registered
         # buffer in the weights' dtype, model state like the rotary inv_freq: not an activation.)
         loss_scalars=BYTES_PER_FP32,
@@ -389,7 +397,7 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         # its output, (b, s, vocab) in the logits' dtype.
         logit_softcap=c * tokens * loss_vocab(a.vocab_size, run) if a.final_logit_softcapping is not None else 0,
     )
-    held = held_through_loss(a, run, window_applies)
+    held = held_through_loss(a, run, masks)
     # Made after attention: the MLP-side norms (and Gemma2/3's post-attention norm, whose backward comes before
     # attention's), the MLP's input (under autocast its Linears' casts, the MLP's casts part), o_proj's input copy.
     first_mlp, _ = mlp_bytes(a, 0, run)
@@ -418,6 +426,14 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
             f"sliding window {a.sliding_window:,} < seq {run.s:,}: in {count} of {a.num_layers} layers sdpa gets an "
             "explicit mask, so k and v are repeated to every head and the mask is kept as a float bias (counted; "
             "measured on the CPU)")
+    if padded:
+        rule_notes.append("rows padded (--padded): every layer's sdpa gets the batch's padding mask, so k and v are "
+                          "repeated to every head and the mask is kept as a float bias (counted)")
+    elif run.padded and run.flash:
+        rule_notes.append("rows padded (--padded) with flash_attention_2: its unpadding of q, k and v to the batch's "
+                          "real tokens (modeling_flash_attention_utils._upad_input) is not modelled; counted unpadded")
+    # the boolean masks (b, 1, s, s) a padded batch gives: one per kind of layer (full, sliding) in the stack
+    mask_kinds = 2 if any(sliding) and not all(sliding) else 1
     return Rule(layers, first, per_model, source, a.num_layers * run.sequence_tokens * h * run.residual,
                 gated_mlp_transient(run, a.intermediate_size // run.tp, h) + output_gradient(run, h),
                 Loss(tokens, loss_vocab(a.vocab_size, run), BYTES_PER_FP32), [*rule_notes, *notes], held=held,
@@ -431,12 +447,14 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
                 recompute_saves_input=saves_input, output_gradient=output_gradient(run, h),
                 # checkpointed layers' arguments: masking_utils.sdpa_mask's boolean sliding-window mask (1, 1, s, s),
                 # and the model's position_ids (cache_position.unsqueeze(0): int64 s, every layer's keyword argument)
-                checkpoint_arguments=((run.s * run.s if window_applies else 0) + BYTES_PER_INT64 * run.s
+                # (padded: (b, 1, s, s) per kind of layer)
+                checkpoint_arguments=((mask_kinds * run.b * run.s * run.s if padded else
+                                       run.s * run.s if window_applies else 0) + BYTES_PER_INT64 * run.s
                                       if run.checkpointing else 0),
                 # eager: a stack of sliding and full layers gets both kinds' masks (the model's causal_mask_mapping,
                 # create_causal_mask and create_sliding_window_causal_mask), each a 4-D additive mask every layer of its
                 # kind holds (found by the traced step: Gemma-2/3 eager checkpointed read -0.2% to -0.6% with one)
-                eager_masks=2 if any(sliding) and not all(sliding) else 1)
+                eager_masks=mask_kinds)
 
 
 def norm_backward_transient(a: LlamaArch, run: Run) -> int:
@@ -488,7 +506,7 @@ def gated_mlp_transient(run: Run, intermediate: int, hidden: int) -> int:
     return run.c * run.tokens * max(intermediate + hidden, 2 * intermediate)
 
 
-def held_through_loss(a: LlamaArch, run: Run, window_applies: bool) -> int:
+def held_through_loss(a: LlamaArch, run: Run, masks: list[bool]) -> int:
     """Bytes the model's outputs keep alive through the loss that no op saves (Rule.held), found by the traced step
     (memcalc/measure/timeline.py) and read from the code:
     - use_cache (the config's default; checkpointing turns it off): LlamaModel.forward builds a DynamicCache and
@@ -501,8 +519,7 @@ def held_through_loss(a: LlamaArch, run: Run, window_applies: bool) -> int:
         # the all-gathered copy lm_head saves (without --sp they are one tensor, counted as the head's input)
         held += run.c * run.sequence_tokens * a.hidden_size
     if a.use_cache and not run.checkpointing:
-        for slide in a.layer_slides:
-            masked = window_applies and slide
+        for masked in masks:
             held += unsaved_cache_copies(run, a.num_heads // run.tp, a.num_kv_heads // run.tp, a.head_dim,
                                          run.eager or masked)
     return held
@@ -527,6 +544,7 @@ _LORA = {"phi3": ("qkv_proj",)}
 
 FAMILIES = {
     model_type: Family(model_type, HEADS[model_type], _resolver(model_type), inventory, activations,
-                       lora_targets=_LORA.get(model_type, ("q_proj", "v_proj")), counts_repeat_kv=True)
+                       lora_targets=_LORA.get(model_type, ("q_proj", "v_proj")), counts_repeat_kv=True,
+                       counts_padding=True)
     for model_type in VARIANTS
 }

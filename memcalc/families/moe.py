@@ -332,6 +332,6 @@ _LORA = {"mixtral": ("q_proj", "v_proj")}
 
 FAMILIES = {
     model_type: Family(model_type, HEADS[model_type], _resolver(model_type), inventory, activations,
-                       lora_targets=_LORA.get(model_type), counts_repeat_kv=True)
+                       lora_targets=_LORA.get(model_type), counts_repeat_kv=True, counts_padding=True)
     for model_type in _VARIANTS
 }

@@ -64,6 +64,7 @@ class Run:
     checkpointing: bool = False  # gradient checkpointing (transformers then runs with use_cache=False)
     decoder_s: int | None = None  # encoder-decoder models: decoder tokens per sequence (None: s)
     repeat_kv: bool = False  # --repeat-kv: k and v repeated to every query head before sdpa (torchtune's attention)
+    padded: bool = False  # --padded: rows padded to the longest, so attention gets the batch's padding mask
     tp: int = 1  # --tp: tensor-parallel ranks sharing each layer (heads and MLP features split)
     sp: bool = False  # --sp: the norms' regions split along the sequence across the tp ranks
     loss_parallel: bool = False  # --loss-parallel: the head's logits stay split over the vocabulary into the loss

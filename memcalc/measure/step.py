@@ -100,6 +100,7 @@ class StepSetup:
     qlora_quantizer: str = "bitsandbytes"  # or torchao: torchtune's NF4Tensor, run for real (measure.qlora)
     compile: bool = False  # each decoder layer as Inductor compiles it (memcalc.measure.compiled)
     fp8: str = "none"  # --fp8 tensorwise | rowwise: torchao's Float8Linear in place of the converted Linear layers
+    padded: bool = False  # --padded: the batch's last row half padding (make_batch), as a padding collator leaves it
 
     def describe(self) -> dict[str, Any]:
         opt = self.optimizer
@@ -194,7 +195,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
         qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head,
         qlora_quantizer=spec.qlora_quantizer.value, compile=spec.compile,
-        fp8=spec.fp8.value,
+        fp8=spec.fp8.value, padded=spec.padded,
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -639,6 +640,22 @@ def make_batch(model: torch.nn.Module, setup: StepSetup) -> tuple[dict[str, torc
     elif kind == HEAD_QUESTION_ANSWERING:
         batch["start_positions"] = torch.randint(0, s, (b,), device=setup.device)
         batch["end_positions"] = torch.randint(0, s, (b,), device=setup.device)
+    elif getattr(setup, "padded", False) and b > 1:  # (one row is its own longest: nothing to pad)
+        from torch._guards import detect_fake_mode
+
+        if kind != HEAD_CAUSAL_LM:
+            raise UsageError(f"{{padded}} is modelled for causal language models; {cls} is a {kind} head: drop it")
+        if detect_fake_mode() is not None:
+            raise UsageError("{padded}: a traced step has no values to pad (FakeTensorMode); verify it with "
+                             "--verify cpu-tracker")
+        # What DataCollatorWithPadding / DataCollatorForSeq2Seq hand a causal LM (padding side right): the last row's
+        # second half padded, the pad token in input_ids, 0 in attention_mask and -100 in labels (a tensor of its own)
+        pad = int(getattr(model.config.get_text_config(), "pad_token_id", None) or 0)
+        mask = torch.ones_like(input_ids)
+        mask[-1, s // 2:] = 0
+        input_ids.masked_fill_(mask == 0, pad)
+        batch["attention_mask"] = mask
+        batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     else:
         batch["labels"] = input_ids
         for name in ("next_sentence_label", "sentence_order_label"):  # BertForPreTraining, AlbertForPreTraining

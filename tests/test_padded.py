@@ -1,0 +1,96 @@
+"""--padded: rows padded to the longest of the micro-batch (no packing). transformers cannot leave a padded batch's
+mask to sdpa's is_causal (masking_utils.sdpa_mask, allow_is_causal_skip), so every layer's sdpa gets the 4-D boolean
+mask: torch keeps it as a float bias for backward, and transformers repeats k and v to every head (use_gqa_in_sdpa
+wants no mask). Checked against the hand derivation below and against real CPU steps of padded batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memcalc.api import estimate
+from memcalc.errors import UsageError
+from tests.test_trainer_configs import FIXTURES
+from tests.tiny import GEMMA3, tiny_raw
+
+
+def _activations(report) -> int:
+    return next(t.bytes for t in report.per_gpu.terms if t.name == "activations")
+
+
+def test_the_padding_mask_adds_its_bias_and_the_repeated_kv_in_every_layer():
+    """Llama-3-8B (presets: 32 layers, 32 heads of 128, 8 kv heads), bf16-pure, 8 x 2048, sdpa, no checkpointing. By
+    hand, per layer: the mask's bf16 bias (b, 1, s, s) = 2 x 8 x 2048^2 B, and k and v repeated from 8 to 32 heads,
+    2 x 2 B x 8 x 2048 x (32 - 8) x 128; per model the batch's attention_mask and its labels apart from input_ids, int64
+    each (2 x 8 x 8 x 2048)."""
+    settings = {"precision": "bf16-pure", "batch_size": 8, "seq_len": 2048}
+    plain = estimate("llama-3-8b", **settings)
+    padded = estimate("llama-3-8b", padded=True, **settings)
+    per_layer = 2 * 8 * 2048**2 + 2 * 2 * 8 * 2048 * (32 - 8) * 128
+    assert _activations(padded) - _activations(plain) == 32 * per_layer + 2 * 8 * 8 * 2048
+    assert any("padding mask" in note for note in padded.notes)
+    assert padded.training.padded
+
+
+def test_one_row_pads_nothing_and_eager_attention_has_its_mask_anyway():
+    """One row is its own longest: no padding, no mask. Eager attention gets a 4-D mask padded or not
+    (masking_utils.eager_mask): only the batch's attention_mask and labels, int64 8 x 2048 each, are added."""
+    one = {"precision": "bf16-pure", "batch_size": 1, "seq_len": 2048}
+    assert estimate("llama-3-8b", padded=True, **one).per_gpu.peak_bytes == estimate("llama-3-8b", **one).per_gpu.peak_bytes
+    eager = {"precision": "bf16-pure", "batch_size": 8, "seq_len": 2048, "attn": "eager"}
+    plain, padded = estimate("llama-3-8b", **eager), estimate("llama-3-8b", padded=True, **eager)
+    assert _activations(padded) - _activations(plain) == 2 * 8 * 8 * 2048
+
+
+def test_a_family_whose_rules_count_no_mask_says_so():
+    report = estimate("gpt2", precision="bf16-pure", batch_size=4, seq_len=1024, padded=True)
+    assert any(note.startswith("--padded: not counted for GPT2LMHeadModel") for note in report.notes)
+
+
+def _tiny(tmp_path, raw: dict) -> str:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize(("raw", "settings"), [
+    (tiny_raw("llama"), {"precision": "bf16-pure"}),
+    (tiny_raw("qwen3"), {"precision": "fp32"}),  # fp32 with grouped heads: CUDA's math path unless masked
+    (tiny_raw("mixtral"), {"precision": "amp-bf16", "checkpointing": "full"}),
+    ({**GEMMA3, "sliding_window": 64}, {"precision": "bf16-pure"}),  # sliding and full layers: two masks
+])
+def test_padded_cpu_steps_match(tmp_path, raw, settings):
+    """Real CPU steps of a batch whose last row is half padding (measure.step.make_batch), measured by the tracker.
+    Measured 2026-12-05: every peak -0.00% except Mixtral's +0.04% (its checkpointed MoE reads +0.04% unpadded too);
+    the same cells' phases within 0.4% (the optimizer step reads 0.1-0.3% low at these sizes, 256 tokens: the batch's
+    int64 tensors, which the tracker still sees, against a step of about a megabyte)."""
+    pytest.importorskip("transformers")
+    from memcalc.api import verify
+
+    report = verify(_tiny(tmp_path, raw), "cpu-tracker", batch_size=2, seq_len=128, padded=True, **settings)
+    rows = {row.term: row.error_pct for row in report.verify.rows if row.error_pct is not None}
+    assert -0.01 <= rows["peak"] <= 0.05, rows
+    assert all(abs(rows[f"phase:{phase}"]) <= 0.5 for phase in ("backward", "optimizer_step")), rows
+
+
+def test_a_traced_step_cannot_pad(tmp_path):
+    pytest.importorskip("transformers")
+    from memcalc.api import verify
+
+    with pytest.raises(UsageError, match="no values to pad"):
+        verify(_tiny(tmp_path, tiny_raw("llama")), "trace", batch_size=2, seq_len=32, padded=True,
+               precision="bf16-pure")
+
+
+def test_trainers_that_pad_and_those_that_do_not(tmp_path):
+    """TRL's SFTConfig packing=False (sft_config.py) pads with a mask; padding_free concatenates rows; torchtune's
+    padded_collate_sft (data/_collate.py) hands its models tokens and labels only, no mask."""
+    from memcalc.configs.trainers import read_trainer_config
+
+    assert read_trainer_config(FIXTURES / "trl_example_config.yaml").settings["padded"] is True
+    free = tmp_path / "trl.yaml"
+    free.write_text((FIXTURES / "trl_example_config.yaml").read_text() + "\npadding_free: true\n")
+    assert read_trainer_config(free).settings["padded"] is False
+    torchtune = read_trainer_config(FIXTURES / "torchtune_llama3_2_3B_full.yaml")
+    assert "padded" not in torchtune.settings

@@ -669,6 +669,9 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             raise UnsupportedModelError(f"{{checkpointing}} {spec.checkpointing_label} is modelled for decoder "
                                         f"layers of one input each; {described.model_type} is not: use full or none")
         saved = [i for i in range(len(layer_totals)) if i not in checkpointed]
+        if not checkpointed:
+            result.notes.append(f"--checkpointing {spec.checkpointing_label} checkpoints none of the "
+                                f"{len(layer_totals)} layers (every N-th, counted from 1): counted as none")
         kept = kept_per_layer * len(checkpointed)
         if checkpointed and run.eager and not math_sdpa and (traced or family.checkpoint_keeps_causal_mask):
             kept += rule.eager_masks * run.residual * run.b * run.s * run.s  # (each mask one tensor, whatever holds it)

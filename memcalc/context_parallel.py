@@ -267,15 +267,18 @@ def check(described, spec) -> None:
         raise UnsupportedModelError(f"{{cp}}: {arch.architecture} has no sdpa path in transformers (it runs eager "
                                     "attention), and torch's context_parallel replaces sdpa's kernels only: drop {cp}")
     if spec.attention != Attention.sdpa:
-        raise UnsupportedModelError(f"{{cp}} with {{attn}} {spec.attention.value}: torch's context_parallel replaces "
-                                    "sdpa's kernels only; use {attn} sdpa")
+        raise UsageError(f"{{cp}} with {{attn}} {spec.attention.value}: torch's context_parallel replaces sdpa's "
+                         "kernels only; use {attn} sdpa")
+    if spec.padded and spec.micro_batch_size > 1:
+        raise UsageError("{cp} with {padded}: a padded batch needs an attention mask, and torch's ring attention runs "
+                         "causal attention without one: pack the rows or drop {cp}")
     if arch.sliding_window is not None and arch.sliding_window < spec.seq_len:
         raise UnsupportedModelError(
             f"{{cp}} with a sliding window ({arch.sliding_window:,} < {{seq_len}} {spec.seq_len:,}): the window needs "
             "an attention mask, and torch's ring attention runs causal attention without one: drop {cp}")
     if spec.activations == ActivationSource.trace:
-        raise UnsupportedModelError("{cp} with {activations} trace: the traced step runs one process's attention, not "
-                                    "the ring; use the rules ({activations} auto)")
+        raise UsageError("{cp} with {activations} trace: the traced step runs one process's attention, not the ring; "
+                         "use the rules ({activations} auto)")
 
 
 def ring_bytes(heads: int, kv_heads: int, head_dim: int, tokens: int, c: int) -> tuple[int, int, int]:

@@ -309,14 +309,22 @@ def _num_params(request: Request) -> int | None:
     return parse_count(str(request.params), "{params}")
 
 
-def _num_gpus(request: Request) -> int:
+def _gpus_and_nodes(request: Request) -> tuple[int, int]:
+    """(GPUs, nodes): --gpus as given, or --nodes x --gpus-per-node; with --gpus and --gpus-per-node alone, the nodes
+    they make."""
     if request.gpus_per_node is None:
-        return request.gpus
+        return request.gpus, request.nodes
+    if request.is_chosen("gpus") and not request.is_chosen("nodes"):
+        nodes, rest = divmod(request.gpus, request.gpus_per_node)
+        if rest or not nodes:
+            raise UsageError(f"{{gpus}} {request.gpus} is not a whole number of nodes of {{gpus_per_node}} "
+                             f"{request.gpus_per_node}; give a multiple of it")
+        return request.gpus, nodes
     total = request.nodes * request.gpus_per_node
     if request.is_chosen("gpus") and request.gpus != total:
         raise UsageError(f"{{gpus}} {request.gpus} is not {{nodes}} {request.nodes} x {{gpus_per_node}} "
                          f"{request.gpus_per_node}; give two of the three")
-    return total
+    return total, request.nodes
 
 
 def _sharding(request: Request) -> str:
@@ -329,7 +337,8 @@ def _sharding(request: Request) -> str:
         return Sharding.megatron.value
     if not request.fsdp:
         return request.sharding
-    if request.sharding not in (Sharding.deepspeed.value, Sharding.fsdp.value):
+    if request.sharding != Sharding.fsdp.value and (request.is_chosen("sharding")
+                                                    or request.sharding != Sharding.deepspeed.value):
         raise UsageError("{fsdp} is {sharding} fsdp: drop one of them")
     return Sharding.fsdp.value
 
@@ -364,7 +373,7 @@ def _plan(request: Request) -> Plan:
         "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
         "checkpointing": request.checkpointing, "checkpoint_reentrant": request.checkpoint_reentrant,
         "loss": request.loss,
-        "attention": request.attn, "activations": request.activations, "num_gpus": _num_gpus(request), "num_nodes": request.nodes, "sharding": sharding,
+        "attention": request.attn, "activations": request.activations, **dict(zip(("num_gpus", "num_nodes"), _gpus_and_nodes(request))), "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout, "dora": request.dora,
         "lora_modules_to_save": tuple(_names(request.lora_modules_to_save) or ()),
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,
@@ -579,7 +588,13 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
             if value <= 0:
                 raise UsageError(f"{{{name}}} must be a positive number of bytes, got {value}")
             return value
-        return parse_size(str(value), f"{{{name}}}")
+        parsed = parse_size(str(value), f"{{{name}}}")
+        # (a bare number is bytes: '80' or '512' meant GiB or MiB, and would leave no usable memory)
+        least = 2**30 if name == "gpu_memory" else 2**20
+        if str(value).strip().replace("_", "").isdigit() and parsed < least:
+            raise UsageError(f"{{{name}}} {value!r} has no unit, so it is {parsed:,} bytes; give one "
+                             f"(e.g. {'80GiB' if name == 'gpu_memory' else '512MiB'})")
+        return parsed
 
     given = size(request.cuda_context, "cuda_context") if request.cuda_context is not None else None
     loading = os.environ.get("CUDA_MODULE_LOADING")

@@ -605,9 +605,10 @@ class TrainingSpec:
             if self.ep_shard_dim:
                 raise UsageError("{ep_shard_dim} sets how FSDP2 shards each rank's experts: add {ep} N (N > 1)")
             return
-        if not 0 < load <= self.ep:
-            raise UsageError(f"{{ep_load}} must be above 0 and at most {self.ep} (every pair sent to one of the "
-                             f"{self.ep} ranks; 1 is balanced routing), got {load:g}")
+        if not 1 <= load <= self.ep:
+            raise UsageError(f"{{ep_load}} is the most loaded rank's pairs over the average: at least 1 (balanced "
+                             f"routing) and at most {self.ep} (every pair sent to one of the {self.ep} ranks), "
+                             f"got {load:g}")
         if self.tp > 1:
             # transformers' expert mesh spans the tensor-parallel ranks (DistributedConfig: ep_size a multiple of
             # tp_size that divides fsdp_size x tp_size; efsdp = fsdp x tp / ep)

@@ -184,6 +184,10 @@ def test_a_rank_runs_its_share_of_the_sequence():
     (["--cp", "2", "--gpus", "2", "--lora-rank", "8"], "--lora-rank with --cp 2 is not modelled yet"),
     (["--cp", "0"], "--cp must be between 1"),
     (["--cp", "2", "--gpus", "2", "--compare-with", "megatron"], "has no context-parallel term"),
+    # (combinations of flags, whatever the model: exit 2, README's exit codes)
+    (["--cp", "2", "--gpus", "2", "--attn", "eager"], "replaces sdpa's kernels only"),
+    (["--cp", "2", "--gpus", "2", "--activations", "trace"], "the traced step runs one process's attention"),
+    (["--cp", "2", "--gpus", "2", "-b", "2", "--padded"], "ring attention runs causal attention without one"),
 ])
 def test_bad_requests_are_one_line_exit_2(cli, options, message):
     result = cli("llama-3-8b", *options)
@@ -193,10 +197,8 @@ def test_bad_requests_are_one_line_exit_2(cli, options, message):
 
 @pytest.mark.parametrize(("model", "options", "why"), [
     ("gpt2", [], "is modelled for decoders of the Llama layout"),
-    ("llama-3-8b", ["--attn", "eager"], "replaces sdpa's kernels only"),
     ("gemma-2-9b", ["--seq-len", "4096"], "has no sdpa path in transformers"),
     ("mistral-7b", ["--seq-len", "8192"], "with a sliding window (4,096 < --seq-len 8,192)"),
-    ("llama-3-8b", ["--activations", "trace"], "the traced step runs one process's attention"),
 ])
 def test_unmodelled_paths_are_one_line_exit_5(cli, model, options, why):
     result = cli(model, "--cp", "2", "--gpus", "2", *options)

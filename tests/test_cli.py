@@ -300,3 +300,26 @@ def test_explain_says_what_each_transient_at_a_moment_is(cli):
     assert "What else is alive at a moment of the step" in text
     for name, num_bytes in extras.items():
         assert f"{name} = " in text and f"({num_bytes:,} B)" in text, name
+
+
+@pytest.mark.parametrize(("options", "needles"), [
+    # --fsdp is --sharding fsdp: a --sharding chosen otherwise contradicts it (before, deepspeed passed as the default)
+    (["--fsdp", "--sharding", "deepspeed", "--gpus", "8"], ["--fsdp is --sharding fsdp"]),
+    # a size without a unit is bytes: 80 B of GPU memory, 512 B of context, never what was meant
+    (["--gpu-memory", "80"], ["has no unit, so it is 80 bytes", "80GiB"]),
+    (["--gpu-memory", "80GiB", "--cuda-context", "512"], ["has no unit, so it is 512 bytes", "512MiB"]),
+    # the most loaded of the expert-parallel ranks receives at least the average
+    (["--ep", "2", "--gpus", "2", "--ep-load", "0.5"], ["at least 1 (balanced routing)"]),
+    (["--gpus", "12", "--gpus-per-node", "8"], ["not a whole number of nodes"]),
+])
+def test_audited_inputs_are_one_line_exit_2(cli, options, needles):
+    model = "mixtral-8x7b" if "--ep" in options else "llama-3-8b"
+    _assert_one_line_error(cli(model, *options), UsageError.exit_code, *needles)
+
+
+def test_gpus_and_gpus_per_node_make_the_nodes(cli):
+    """--gpus 16 --gpus-per-node 8 is two nodes (before: refused, as if --nodes 1 had been given)."""
+    given = json.loads(cli("llama-3-8b", "--gpus", "16", "--gpus-per-node", "8", "--zero", "3", "--json").stdout)
+    nodes = json.loads(cli("llama-3-8b", "--nodes", "2", "--gpus-per-node", "8", "--zero", "3", "--json").stdout)
+    assert given["training"]["num_gpus"] == 16 and given["training"]["num_nodes"] == 2
+    assert given["per_gpu"] == nodes["per_gpu"]

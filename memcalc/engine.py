@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from memcalc import activations, expert_parallel, load, megatron, parallel, pipeline, tensor_parallel, trainable
 from memcalc.activations import TracedMoment
+from memcalc.errors import UsageError
 from memcalc.model import (
     ROLE_ATTENTION,
     ROLE_EMBEDDING,
@@ -51,6 +52,9 @@ from memcalc.model import (
     token_embedding,
 )
 from memcalc.optimizers import (
+    BNB_MIN_8BIT_SIZE,
+    OptimImpl,
+    OptimizerName,
     optimizer_notes,
     paged_state_bytes,
     state_bytes_by_kind,
@@ -643,9 +647,41 @@ def _recipe(spec: TrainingSpec) -> Recipe:
     return get_recipe(spec.precision, spec.master_dtype, spec.grad_dtype, spec.state_dtype)
 
 
+# What a bare parameter count (--params: one flat tensor, no shapes) cannot be estimated for: bytes that follow each
+# tensor's shape or size, which one flat tensor of the whole count would turn into the whole model's.
+_SHAPELESS_OPTIMIZERS = {
+    OptimizerName.adafactor: "factors each matrix's second moment by its rows and columns",
+    OptimizerName.torchao_adamw_8bit: "quantizes each tensor's states by blocks and keeps small tensors in fp32",
+    OptimizerName.torchao_adamw_4bit: "quantizes each tensor's states by blocks and keeps small tensors in fp32",
+}
+
+
+def _refuse_shapeless(model: ModelInput, spec: TrainingSpec) -> None:
+    """One line where a bare parameter count would give a wrong number (a flat tensor of the whole count, stepped or
+    gathered as one): the optimizer's per-tensor work, the for-loop's or optimizer-in-backward's largest tensor, FSDP's
+    per-block gathers."""
+    if model.architecture_known:
+        return
+    why = _SHAPELESS_OPTIMIZERS.get(spec.optimizer)
+    what = f"{{optim}} {spec.optimizer.value}"
+    if why is None and spec.optim_impl == OptimImpl.forloop:
+        what, why = "{optim_impl} forloop", "steps one tensor at a time (its temporaries are the largest tensor's)"
+    if why is None and spec.optim_in_backward:
+        what, why = "{optim_in_backward}", "holds one gradient at a time, the largest tensor's"
+    if why is None and spec.sharding == Sharding.fsdp:
+        what, why = "FSDP ({fsdp})", "gathers one block's parameters at a time"
+    if why is not None:
+        raise UsageError(f"{what} {why}: give a MODEL (preset, config.json or hub id), not only {{params}}")
+
+
 def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Sequence[str] = ()) -> Report:
+    _refuse_shapeless(model, spec)
     recipe = _recipe(spec)
     notes: list[str] = list(model.notes)
+    if not model.architecture_known and spec.optimizer in (OptimizerName.adamw_8bit, OptimizerName.paged_adamw_8bit):
+        notes.append(f"--optim {spec.optimizer.value} with --params: every state counted in 8 bits; bitsandbytes keeps "
+                     f"a tensor under {BNB_MIN_8BIT_SIZE:,} elements (norms, biases) in fp32, which a bare count "
+                     "cannot name (low by 6 B for each such element)")
     if spec.pp > 1:
         notes.append(megatron.PIPELINE_NOTE if spec.pipeline_runtime == "megatron" else pipeline.ACCURACY_NOTE)
         if getattr(model.arch, "num_experts", 0):

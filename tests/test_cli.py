@@ -323,3 +323,17 @@ def test_gpus_and_gpus_per_node_make_the_nodes(cli):
     nodes = json.loads(cli("llama-3-8b", "--nodes", "2", "--gpus-per-node", "8", "--zero", "3", "--json").stdout)
     assert given["training"]["num_gpus"] == 16 and given["training"]["num_nodes"] == 2
     assert given["per_gpu"] == nodes["per_gpu"]
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    # one flat tensor of 8,030,261,248 elements would be factored as a vector (Adafactor), quantized as one tensor
+    # (torchao), stepped as the largest tensor (for-loop, in backward) or gathered as one FSDP unit: before, 179.49,
+    # 164.77, 209.41 and 56.09 GiB where llama-3-8b's own tensors give 37.75, 108.85, 153.49 and 28.84
+    (["--optim", "adafactor", "--precision", "bf16-pure"], "--optim adafactor factors each matrix"),
+    (["--optim", "torchao-adamw-8bit"], "--optim torchao-adamw-8bit quantizes each tensor"),
+    (["--optim-impl", "forloop"], "--optim-impl forloop steps one tensor at a time"),
+    (["--optim-in-backward", "--precision", "bf16-pure"], "--optim-in-backward holds one gradient at a time"),
+    (["--fsdp", "--gpus", "8"], "FSDP (--fsdp) gathers one block's parameters at a time"),
+])
+def test_a_bare_count_refuses_what_needs_tensor_shapes(cli, options, needle):
+    _assert_one_line_error(cli("--params", "8030261248", *options), UsageError.exit_code, needle, "give a MODEL")

@@ -108,9 +108,11 @@ class Candidate:
     step_seconds: float
     tokens_per_second: float
     parts: dict[str, float] = field(default_factory=dict)  # seconds: compute, tensor, pipeline, data, bubble fraction
+    flags: str = ""  # the command-line flags that estimate this layout (layout_flags of its spec)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self.layout), "label": self.layout.label, "peak_bytes": self.peak_bytes,
+        return {**dataclasses.asdict(self.layout), "label": self.layout.label, "flags": self.flags,
+                "peak_bytes": self.peak_bytes,
                 "capacity_bytes": self.capacity_bytes, "fits": self.fits, "tokens_per_step": self.tokens_per_step,
                 "step_seconds": round(self.step_seconds, 6), "tokens_per_second": round(self.tokens_per_second, 1),
                 "model": {k: round(v, 6) for k, v in self.parts.items()}}
@@ -142,6 +144,35 @@ def _spec_for(base, layout: Layout, model_layers: int = 0):
                         pp_schedule=layout.schedule, pp_virtual=layout.virtual if layout.virtual > 1 else None,
                         pp_stage=None, sharding=sharding, zero_stage=zero,
                         checkpointing=layout.checkpointing, grad_accum=1)
+
+
+def layout_flags(spec) -> str:
+    """The flags that estimate this layout, read off the spec the planner estimated (added to the run's own flags: a
+    layout's label leaves out what every layout of the search shares, --sp and --loss-parallel with --tp, and the
+    engine its sharding names)."""
+    flags = [f"--gpus {spec.num_gpus}"]
+    if spec.sharding.value == "megatron":
+        flags.append("--engine megatron")
+    else:
+        flags.append(f"--sharding {spec.sharding.value}")
+    flags.append(f"--zero {spec.zero_stage}")
+    if spec.tp > 1:
+        flags.append(f"--tp {spec.tp}" + (" --sp" if spec.sequence_parallel else "")
+                     + (" --loss-parallel" if spec.loss_parallel else ""))
+    if spec.cp > 1:
+        flags.append(f"--cp {spec.cp}")
+    if spec.ep > 1:
+        flags.append(f"--ep {spec.ep}" + (f" --ep-shard-dim {spec.ep_shard_dim}" if spec.ep_shard_dim else ""))
+    if spec.pp > 1:
+        flags.append(f"--pp {spec.pp} --microbatches {spec.microbatches}")
+        if spec.pp_schedule.value != "1f1b":
+            flags.append(f"--pp-schedule {spec.pp_schedule.value}")
+        if spec.pp_virtual and spec.pp_virtual > 1:
+            flags.append(f"--pp-virtual {spec.pp_virtual}")
+        if spec.pp_layers:
+            flags.append(f"--pp-layers {','.join(str(n) for n in spec.pp_layers)}")
+    flags.append(f"--checkpointing {spec.checkpointing_label}")
+    return " ".join(flags)
 
 
 def _peak(model, spec) -> int:
@@ -356,7 +387,8 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
         capacity = gpu.usable_for(spec)
         plain[layout] = peak <= capacity
         if layout.pp == 1 or "1f1b" in schedules:
-            candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts))
+            candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, tokens / step, parts,
+                                        layout_flags(spec)))
     passed, beyond = 0, 0
     # (torch's Interleaved1F1B warms rank r up with (v-1) pp + 2 (pp-1-r) forwards of 1/v of its layers each, at least
     # the pp - r whole micro-batches 1F1B keeps: where the same layout with 1F1B does not fit, neither does this one)
@@ -374,7 +406,8 @@ def plan(model, base, gpu, gpus_per_node: int | None = None,
             refused.append(str(error))
             continue
         capacity = gpu.usable_for(spec)
-        candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, rate, parts))
+        candidates.append(Candidate(layout, peak, capacity, peak <= capacity, tokens, step, rate, parts,
+                                    layout_flags(spec)))
     if passed or beyond:
         notes.append(f"{passed + beyond} interleaved layouts not estimated: {beyond} whose 1F1B layout does not fit "
                      "(interleaved 1F1B holds at least as many micro-batches' activations a rank), "

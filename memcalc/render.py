@@ -664,7 +664,10 @@ def print_layouts(plan: LayoutPlan, console: Console, unit: str) -> None:
     console.print(table)
     if shown:
         console.print("usable per GPU: the GPU less the CUDA context, the allocator reserve and the layout's NCCL "
-                      "buffers (its process groups' communicators, memcalc/nccl.py)")
+                      "buffers (its process groups' communicators, memcalc/nccl.py). Each layout's estimate: this "
+                      "command without --plan, with")
+        for rank, c in enumerate(shown, 1):
+            console.print(f"  #{rank}: {c.flags}", markup=False, highlight=False)
     else:
         smallest = min(plan.candidates, key=lambda c: c.peak_bytes, default=None)
         if smallest is not None:

@@ -291,3 +291,16 @@ def test_megatrons_layouts_are_searched_under_its_engine(cli):
     assert refused.exit_code == 5 and "its interleaved schedule is not modelled yet" in refused.stderr
     assert "drop --zero" in cli("llama-3-70b", "--engine", "megatron", "--zero", "1", "--gpus", "64", "--gpu",
                                 "h100-80gb", "--plan").stderr
+
+
+def test_the_printed_flags_estimate_each_layout(cli, plan_405b):
+    """Each layout's flags (planner.layout_flags), given to the command without --plan, give the planner's own peak:
+    before, a label alone left out --sp and --loss-parallel (every tp layout's) and the sharding engine, and
+    'dp 4 fsdp x tp 8 x pp 16' estimated as its label reads came out 107.00 GiB against the plan's 65.90 GiB."""
+    shown = plan_405b.fitting[:3] + [c for c in plan_405b.fitting if c.layout.sharding == "fsdp"][:1]
+    for c in shown:
+        result = cli("llama-3.1-405b", "--gpu", "h100-80gb", "--seq-len", "8192", *c.flags.split(), "--json")
+        assert result.exit_code == 0, (c.flags, result.stderr)
+        assert result.json()["per_gpu"]["peak_bytes"] == c.peak_bytes, c.flags
+    printed = cli("llama-3.1-405b", "--gpus", "512", "--gpu", "h100-80gb", "--seq-len", "8192", "--plan").stdout
+    assert " ".join(f"#1: {plan_405b.fitting[0].flags}".split()) in " ".join(printed.split())

@@ -105,6 +105,7 @@ class Request:
     ep: int = 1
     ep_load: float = 1.0
     ep_shard_dim: int = 0
+    dp_replicate: int | str = 1  # HSDP replicas of the data-parallel ranks; "nodes": one per node (FSDP1 HYBRID_SHARD)
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -333,6 +334,19 @@ def _sharding(request: Request) -> str:
     return Sharding.fsdp.value
 
 
+def _dp_replicate(request: Request) -> int:
+    """--dp-replicate R, or "nodes": one replica per node, each node's GPUs one shard group (FSDP1's HYBRID_SHARD:
+    torch/distributed/fsdp/_init_utils.py _init_intra_and_inter_node_groups shards within a node)."""
+    value = request.dp_replicate
+    if isinstance(value, str) and value.strip().lower() == "nodes":
+        return request.nodes
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{{dp_replicate}} takes a whole number of replicas, or nodes (one per node), got {value!r}")
+    return value
+
+
 # --engine: torch (PyTorch's and DeepSpeed's engines, as --sharding picks) or megatron (--sharding megatron)
 ENGINES = ("torch", "megatron")
 
@@ -380,6 +394,7 @@ def _plan(request: Request) -> Plan:
         "pp_virtual": request.pp_virtual,
         "pp_layers": _layer_counts(request.pp_layers), "cp": request.cp, "ep": request.ep,
         "ep_load": request.ep_load, "ep_shard_dim": request.ep_shard_dim,
+        "dp_replicate": _dp_replicate(request),
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

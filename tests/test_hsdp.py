@@ -185,3 +185,60 @@ def test_gloo_ranks_of_two_replicas_hold_shards_over_two_and_the_estimate_meets_
     assert low < -10
     assert math.isclose(sum(m.measured_peak_bytes for m in ranks[:SHARD]),
                         sum(m.measured_peak_bytes for m in ranks[SHARD:]), rel_tol=1e-3)  # the replicas alike
+
+
+# -- trainers' configs (--from) ------------------------------------------------------------------------------------
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "trainers"
+
+
+def _config(tmp_path, fixture: str, *, append: str = "", replace: tuple[str, str] | None = None) -> str:
+    text = (FIXTURES / fixture).read_text()
+    if replace is not None:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    path = tmp_path / fixture
+    path.write_text(text + append)
+    return str(path)
+
+
+def test_torchtune_data_parallel_replicate_dim(tmp_path):
+    pytest.importorskip("yaml")
+    from memcalc.configs.trainers import read_trainer_config
+
+    path = _config(tmp_path, "torchtune_llama3_2_3B_full.yaml", append="\ndata_parallel_replicate_dim: 2\n")
+    config = read_trainer_config(path, None)
+    assert "data_parallel_replicate_dim" not in config.ignored
+    report = memcalc.estimate(from_config=path, gpus=8)
+    assert (report.training.dp_replicate, report.training.sharding) == (2, "fsdp")
+    # torchtune's bf16 (pure): 2 B weights; Llama-3.2-3B's dims all divide by 4 but the vocabulary (128,256 = 4 x
+    # 32,064): shards over 4, the tied embedding once
+    assert _terms(report)["weights"] == 2 * 3_212_749_824 // 4
+
+
+def test_torchtune_data_parallel_shard_dim_leaves_the_rest_as_replicas(tmp_path):
+    pytest.importorskip("yaml")
+    path = _config(tmp_path, "torchtune_llama3_2_3B_full.yaml",
+                   append="\nfsdp_reshard_after_forward: True\ndata_parallel_shard_dim: 4\n")
+    assert memcalc.estimate(from_config=path, gpus=16).training.dp_replicate == 4
+
+
+@pytest.mark.parametrize("append,gpus,replicas", [("\ndp_replicate_size: 2\n", 16, 2), ("\ndp_shard_size: 4\n", 16, 4),
+                                                  ("\ndp_replicate_size: 1\ndp_shard_size: 8\n", 16, 2)])
+def test_axolotl_dp_replicate_and_shard_sizes(tmp_path, append, gpus, replicas):
+    pytest.importorskip("yaml")
+    from memcalc.configs.trainers import read_trainer_config
+
+    path = _config(tmp_path, "axolotl_fft-8b-liger-fsdp.yaml", append=append)
+    config = read_trainer_config(path, None)
+    assert not {"dp_replicate_size", "dp_shard_size"} & set(config.ignored)
+    report = memcalc.estimate("llama-3-8b", from_config=path, gpus=gpus, activations="rules")
+    assert report.training.dp_replicate == replicas
+
+
+def test_fsdp1_hybrid_shard_is_a_replica_per_node(tmp_path):
+    pytest.importorskip("yaml")
+    path = _config(tmp_path, "axolotl_fft-8b-liger-fsdp.yaml",
+                   replace=("fsdp_sharding_strategy: FULL_SHARD", "fsdp_sharding_strategy: HYBRID_SHARD"))
+    two_nodes = memcalc.estimate("llama-3-8b", from_config=path, gpus=16, nodes=2, activations="rules")
+    assert two_nodes.training.dp_replicate == 2
+    assert memcalc.estimate("llama-3-8b", from_config=path, gpus=8, activations="rules").training.dp_replicate == 1

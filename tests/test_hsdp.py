@@ -242,3 +242,12 @@ def test_fsdp1_hybrid_shard_is_a_replica_per_node(tmp_path):
     two_nodes = memcalc.estimate("llama-3-8b", from_config=path, gpus=16, nodes=2, activations="rules")
     assert two_nodes.training.dp_replicate == 2
     assert memcalc.estimate("llama-3-8b", from_config=path, gpus=8, activations="rules").training.dp_replicate == 1
+
+
+def test_the_load_shards_over_one_replica_too():
+    """accelerate's fsdp2_prepare_model shards each unit on the (dp_replicate, dp_shard_cp) mesh: the shards kept while
+    the next unit arrives whole are a replica's (memcalc.load's FSDP2 path)."""
+    hsdp = memcalc.estimate("llama-3-8b", fsdp=True, gpus=16, dp_replicate=2).per_gpu.load
+    on_8 = memcalc.estimate("llama-3-8b", fsdp=True, gpus=8).per_gpu.load
+    on_16 = memcalc.estimate("llama-3-8b", fsdp=True, gpus=16).per_gpu.load
+    assert hsdp.peak_bytes == on_8.peak_bytes > on_16.peak_bytes

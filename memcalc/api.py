@@ -58,7 +58,7 @@ def layouts(model: str | None = None, **settings: Any) -> LayoutPlan:
 
 
 # What the planner chooses: given by the user, each is one line and exit 2.
-LAYOUT_SETTINGS = ("tp", "pp", "cp", "ep", "ep_load", "ep_shard_dim", "zero", "sharding", "engine", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
+LAYOUT_SETTINGS = ("tp", "pp", "cp", "ep", "ep_load", "ep_shard_dim", "dp_replicate", "dp_shard", "zero", "sharding", "engine", "fsdp", "checkpointing", "microbatches", "pp_layers", "pp_schedule",
                    "pp_virtual", "sp", "loss_parallel", "grad_accum", "deepspeed")
 
 

@@ -568,13 +568,25 @@ def _hidden_bytes(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> int:
     return _residual_width(recipe) * spec.micro_batch_size * seq * model.arch.hidden_size
 
 
+HSDP_NOTE = ("hybrid sharding (HSDP): {replicas} replicas of {shard} data-parallel ranks; FSDP2 shards the parameters, "
+             "gradients and optimizer states over the {shard} ranks of a replica and all-reduces each unit's sharded "
+             "gradients across the {replicas} replicas in place (torch fully_shard on a 2-D mesh: _fsdp_collectives.py "
+             "foreach_reduce), so a rank holds what FSDP2 over {shard} ranks holds; measured on gloo ranks (2 x 2)")
+
+
 def _data_parallel_spec(spec: TrainingSpec) -> TrainingSpec:
     """The spec the data-parallel engine sees: its ranks are the GPUs over the tensor- and pipeline-parallel group
-    sizes."""
-    if spec.tp == 1 and spec.pp == 1:
+    sizes; under HSDP (--dp-replicate R) one replica's shard group, data_parallel / R ranks. What a rank holds under
+    HSDP is FSDP2's over the shard group and nothing more (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py
+    foreach_reduce: the reduce-scatter over the shard group, then dist.all_reduce(reduce_output, group=
+    all_reduce_group) in place on its output, which is the sharded gradient's storage wherever reduce_dtype is the
+    sharded parameters' dtype, as in every FSDP2 recipe memcalc models; FSDPParamGroup._all_reduce_state holds that
+    same tensor; _partial_reduce_output exists only with set_requires_all_reduce(False), not modelled)."""
+    if spec.tp == 1 and spec.pp == 1 and spec.dp_replicate == 1:
         return spec
     # (its nodes: as many as divide both, so the data-parallel ranks split evenly over them, as the layout's do)
-    return spec.replace(num_gpus=spec.data_parallel, num_nodes=math.gcd(spec.num_nodes, spec.data_parallel), tp=1,
+    shard = spec.shard_group
+    return spec.replace(num_gpus=shard, num_nodes=math.gcd(spec.num_nodes, shard), tp=1, dp_replicate=1,
                         sequence_parallel=False, loss_parallel=False, pp=1,
                         pp_layers=None, microbatches=None, pp_schedule="1f1b", pp_stage=None,
                         pp_later_backward=False, pp_virtual=None, pp_rank=None, pp_held=None, pp_grads_made=None,
@@ -701,6 +713,9 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         holdings = parallel.fsdp2_under_pipeline(tensors, _data_parallel_spec(spec), recipe.master_dtype is not None,
                                                  bytes_per_weight)
     notes.extend(holdings.notes)
+    if spec.dp_replicate > 1:
+        notes[:] = [n for n in notes if not n.startswith(f"{holdings.engine} stage {spec.zero_stage} on 1 GPU")]
+        notes.append(HSDP_NOTE.format(replicas=spec.dp_replicate, shard=spec.shard_group))
     if spec.tp > 1:
         holdings = _tensor_parallel_holdings(holdings, model, spec, notes)
     stage, num_gpus = holdings.effective_stage, spec.num_gpus
@@ -713,7 +728,8 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
     weight_dtype = "fp32" if holdings.bytes_per_weight_override == BYTES_PER_FP32 else recipe.weight_dtype.value
     terms.append(Term(
         name=TERM_WEIGHTS, bytes=subset.weight_bytes(holdings.weight_numel, bytes_per_weight),
-        formula=subset.weight_formula(holdings.weight_numel, bytes_per_weight, weight_dtype, stage == 3, num_gpus),
+        formula=subset.weight_formula(holdings.weight_numel, bytes_per_weight, weight_dtype, stage == 3,
+                                      spec.shard_group if spec.dp_replicate > 1 else num_gpus),
         source=f"{ZERO_PAPER}; per-tensor shapes from the inventory" if stage == 3 else "per-tensor shapes from the inventory",
         category=CATEGORY_MODEL_STATES, phases=ALL_PHASES,
         breakdown=subset.weight_breakdown(holdings.weight_numel, bytes_per_weight),
@@ -1882,5 +1898,5 @@ def _training_summary(spec: TrainingSpec, recipe: Recipe, opt, defaults_used: Se
         tp=spec.tp, sequence_parallel=spec.sequence_parallel, loss_parallel=spec.loss_parallel,
         pp=spec.pp, pp_schedule=spec.pp_schedule.value, microbatches=spec.microbatches, pp_stage=spec.pp_stage,
         pp_virtual=spec.pp_virtual or 1,
-        cp=spec.cp, ep=spec.ep, ep_load=spec.ep_load, ep_shard_dim=spec.ep_shard_dim,
+        cp=spec.cp, ep=spec.ep, ep_load=spec.ep_load, ep_shard_dim=spec.ep_shard_dim, dp_replicate=spec.dp_replicate,
     )

@@ -19,7 +19,8 @@ SETTINGS = frozenset({
     "adafactor_beta1", "optim_rank", "batch_size", "seq_len", "decoder_seq_len", "grad_accum", "checkpointing", "loss", "attn", "zero", "gpus", "nodes",
     "gpus_per_node", "sharding", "engine", "fsdp", "offload", "deepspeed", "from_config", "from_format", "lora_rank", "lora_dtype", "lora_targets", "qlora", "freeze",
     "gpu", "gpu_memory", "cuda_context", "nccl_channels", "reserve_fraction", "reserved", "alloc_conf", "max_batch", "max_seq_len", "verify", "emit",
-    "compare_with", "plot", "tp", "sp", "loss_parallel", "pp", "pp_schedule", "microbatches", "pp_layers", "pp_virtual", "cp", "ep", "ep_load", "ep_shard_dim", "plan",
+    "compare_with", "plot", "tp", "sp", "loss_parallel", "pp", "pp_schedule", "microbatches", "pp_layers", "pp_virtual", "cp", "ep", "ep_load", "ep_shard_dim", "dp_replicate", "dp_shard",
+    "plan",
 })
 _NAMED = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 

@@ -267,7 +267,7 @@ def _fsdp2(tensors: Sequence[ParamTensor], spec: TrainingSpec, upcast: bool, byt
     moments, shards = [], 0
     for unit in fsdp2_units(tensors):
         whole = sum(t.numel * size(t) for t in unit)
-        shards += sum(fsdp2_shard_numel(t.shape, spec.num_gpus) * size(t) for t in unit)
+        shards += sum(fsdp2_shard_numel(t.shape, spec.shard_group) * size(t) for t in unit)
         layer = unit[0].layer
         name = f"layer {layer}" if layer is not None else ", ".join(dict.fromkeys(t.module for t in unit))
         moments.append(_Moment(shards + whole, f"fully_shard of {name}",
@@ -292,9 +292,9 @@ def _fsdp2_broadcast(tensors: Sequence[ParamTensor], spec: TrainingSpec, upcast:
     moments, shards, previous = [], 0, 0
     for t in order:
         whole = t.numel * size(t)
-        shard = fsdp2_shard_numel(t.shape, spec.num_gpus) * size(t)
+        shard = fsdp2_shard_numel(t.shape, spec.shard_group) * size(t)
         # distribute_tensor scatters padded chunks where dim 0 does not divide evenly: the padded one beside the shard
-        padded = shard if t.shape and t.shape[0] % spec.num_gpus else 0
+        padded = shard if t.shape and t.shape[0] % spec.shard_group else 0
         moments.append(_Moment(shards + previous + whole, f"{t.name} broadcast whole",
                                {TERM_WEIGHTS: shards, EXTRA_LOAD_UNIT: previous + whole}))
         moments.append(_Moment(shards + whole + shard + padded, f"{t.name} broadcast whole",

@@ -316,7 +316,15 @@ def communicators(spec: TrainingSpec, layout: Layout) -> list[Communicator]:
         out.append(layout.communicator("tensor-parallel", tp, 1, "collectives"))
     if cp > 1:
         out.append(layout.communicator("context-parallel", cp, tp, "collectives"))
-    if dp > 1:
+    replicas = spec.dp_replicate
+    if replicas > 1:
+        # HSDP: the 2-D DeviceMesh (dp_replicate, dp_shard) makes a group per dimension (torchtitan's mesh order: the
+        # replicas outside the shard ranks): FSDP2 all-gathers and reduce-scatters over the shard group, all-reduces
+        # over the replicate group (_fsdp_collectives.py foreach_reduce)
+        if dp // replicas > 1:
+            out.append(layout.communicator("data-parallel shard (HSDP)", dp // replicas, tp, "collectives"))
+        out.append(layout.communicator("data-parallel replicate (HSDP)", replicas, tp * dp // replicas, "collectives"))
+    elif dp > 1:
         out.append(layout.communicator("data-parallel", dp, tp, "collectives"))
     if ep > 1:
         out.append(layout.communicator("expert-parallel", ep, tp, "all-to-all"))

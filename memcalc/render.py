@@ -110,11 +110,15 @@ def _describe_run(report: Report) -> list[str]:
 
 def _layout(t) -> str:
     """The tensor/pipeline layout of the run line: data-parallel groups x pipeline stages x tensor-parallel ranks."""
-    if t.tp == 1 and t.pp == 1 and t.cp == 1 and t.ep == 1:
+    replicas = getattr(t, "dp_replicate", 1)
+    if t.tp == 1 and t.pp == 1 and t.cp == 1 and t.ep == 1 and replicas == 1:
         return ""
     data_parallel = t.num_gpus // (t.tp * t.pp)
     parts = [f"{data_parallel} data-parallel" + (f" ({data_parallel // t.cp} x {t.cp} context-parallel, each "
                                                  f"{t.seq_len // t.cp:,} positions of a sequence)" if t.cp > 1 else "")]
+    if replicas > 1:
+        parts[0] += (f" as {replicas} HSDP replicas of {data_parallel // replicas} (FSDP2 shards within a replica, "
+                     "all-reduces across them)")
     if t.ep > 1:
         spanned = (f"{t.ep} ranks ({t.ep // t.tp} data- x {t.tp} tensor-parallel)" if t.tp > 1
                    else f"{t.ep} of them")

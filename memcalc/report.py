@@ -98,6 +98,7 @@ class TrainingSummary:
     ep: int = 1  # expert-parallel ranks splitting each MoE layer's experts (the figures are the most loaded rank's)
     ep_load: float = 1.0  # ep: the most loaded rank's received (token, expert) pairs per layer over the average
     ep_shard_dim: int = 0  # ep: the dimension FSDP2 shards each rank's experts on (0 transformers', 1 torchtitan's)
+    dp_replicate: int = 1  # HSDP: replicas of the data-parallel ranks, each FSDP2-sharding over data_parallel / this
 
 
 @dataclass(eq=False, repr=False)

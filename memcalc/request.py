@@ -106,6 +106,8 @@ class Request:
     ep: int = 1
     ep_load: float = 1.0
     ep_shard_dim: int = 0
+    dp_replicate: int | str = 1  # HSDP replicas of the data-parallel ranks; "nodes": one per node (FSDP1 HYBRID_SHARD)
+    dp_shard: int | None = None  # HSDP given by its shard group instead: the replicas are the rest of the ranks
     freeze: str | Sequence[str] = ()
     gpu: str | None = None
     gpu_memory: int | str | None = None
@@ -343,6 +345,38 @@ def _sharding(request: Request) -> str:
     return Sharding.fsdp.value
 
 
+def _dp_replicate(request: Request) -> int:
+    """--dp-replicate R, or "nodes": one replica per node, each node's GPUs one shard group (FSDP1's HYBRID_SHARD:
+    torch/distributed/fsdp/_init_utils.py _init_intra_and_inter_node_groups shards within a node); or --dp-shard S:
+    the replicas are the data-parallel ranks over S (torchtune's ParallelDims and axolotl's _get_parallel_config_kwargs
+    give the rest of the world to the dimension left open)."""
+    value = request.dp_replicate
+    if isinstance(value, str) and value.strip().lower() == "nodes":
+        value = request.nodes
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{{dp_replicate}} takes a whole number of replicas, or nodes (one per node), got {value!r}")
+    shard = request.dp_shard
+    if shard is None:
+        return value
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 1:
+        raise UsageError(f"{{dp_shard}} takes the whole number of ranks each replica shards over, got {shard!r}")
+    sizes = (request.gpus_per_node * request.nodes if request.gpus_per_node else request.gpus, request.tp, request.pp,
+             request.cp)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        return value  # (the spec's own checks name the bad setting)
+    gpus, tp, pp, cp = sizes
+    if gpus % (tp * pp * cp * shard):
+        raise UsageError(f"{{dp_shard}} {shard}: {{gpus}} {gpus} is not divisible by {{tp}} x {{pp}} x {{cp}} x "
+                         f"{{dp_shard}} = {tp * pp * cp * shard}: the data-parallel ranks form replicas of {shard}")
+    replicas = gpus // (tp * pp * cp * shard)
+    if request.is_chosen("dp_replicate") and value != replicas:
+        raise UsageError(f"{{dp_replicate}} {value} with {{dp_shard}} {shard} on {{gpus}} {gpus} (tp {tp}, pp {pp}, cp "
+                         f"{cp}) leaves {replicas} replicas; give one of {{dp_replicate}} and {{dp_shard}}")
+    return replicas
+
+
 # --engine: torch (PyTorch's and DeepSpeed's engines, as --sharding picks) or megatron (--sharding megatron)
 ENGINES = ("torch", "megatron")
 
@@ -390,6 +424,7 @@ def _plan(request: Request) -> Plan:
         "pp_virtual": request.pp_virtual,
         "pp_layers": _layer_counts(request.pp_layers), "cp": request.cp, "ep": request.ep,
         "ep_load": request.ep_load, "ep_shard_dim": request.ep_shard_dim,
+        "dp_replicate": _dp_replicate(request),
     }
     model = model_input(request.model, _num_params(request))
     notes: list[str] = list(trainer_notes)

@@ -290,6 +290,12 @@ class TrainingSpec:
     # (internal) the data-parallel engine's view of --ep with --tp: the tensor-parallel ranks each expert-parallel
     # group spans, so the ranks holding the same experts are num_gpus x ep_tp / ep
     ep_tp: int = 1
+    # HSDP, hybrid sharding (memcalc.parallel._fsdp2): the data-parallel ranks form a dp_replicate x (data_parallel /
+    # dp_replicate) mesh; FSDP2's fully_shard(mesh=<2-D DeviceMesh>) shards over the last dimension and replicates over
+    # the first (torch/distributed/fsdp/_fully_shard/_fully_shard.py: HSDPMeshInfo(shard_mesh_dim=1,
+    # replicate_mesh_dim=0)); torchtune's data_parallel_replicate_dim, axolotl's dp_replicate_size, accelerate's
+    # ParallelismConfig.dp_replicate_size
+    dp_replicate: int = 1
 
     def checkpointed(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` (0-based) is checkpointed: all under full and selective-op, every N-th
@@ -376,6 +382,7 @@ class TrainingSpec:
         self._check_pipeline()
         self._check_context_parallel()
         self._check_expert_parallel()
+        self._check_hybrid_sharding()
         if self.offload != Offload.none:
             if self.sharding != Sharding.deepspeed:
                 raise UsageError("{offload} models DeepSpeed ZeRO-Offload: use it with {sharding} deepspeed")
@@ -638,6 +645,27 @@ class TrainingSpec:
                              "sharded over the ranks that hold the same ones): add {fsdp} (or {sharding} fsdp with "
                              "{zero} 2, no reshard after forward)")
         self._only_modelled_with("ep", "expert parallelism")
+
+    def _check_hybrid_sharding(self) -> None:
+        _check_range("{dp_replicate}", self.dp_replicate, 1, MAX_GPUS)
+        if self.dp_replicate == 1:
+            return
+        if self.sharding != Sharding.fsdp:
+            raise UsageError("{dp_replicate} is FSDP2's hybrid sharding (HSDP: shards within a group, replicas across "
+                             "groups): add {fsdp} (or {sharding} fsdp with {zero} 2 or 3)")
+        if self.data_parallel % (self.dp_replicate * self.cp):
+            cp = " x {cp}" if self.cp > 1 else ""
+            raise UsageError(f"{{gpus}} {self.num_gpus} is not divisible by {{tp}} x {{pp}}{cp} x {{dp_replicate}} = "
+                             f"{self.tp * self.pp * self.cp * self.dp_replicate}: the {self.data_parallel} "
+                             f"data-parallel ranks form {self.dp_replicate} replicas of an equal shard group")
+        if self.ep > 1:
+            raise UsageError("{dp_replicate} with {ep} is not modelled yet (the experts' own shard groups under "
+                             "hybrid sharding): drop one of them")
+
+    @property
+    def shard_group(self) -> int:
+        """The ranks FSDP2 shards over: the data-parallel ones, or one replica's share of them under HSDP."""
+        return self.data_parallel // self.dp_replicate
 
     @property
     def local_seq_len(self) -> int:

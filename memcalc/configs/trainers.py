@@ -670,8 +670,13 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
         stage = 3 if str(reshard[1]).lower() in ("true", "full_shard", "hybrid_shard") else 2
     if sharding & {"hybrid_shard", "hybrid_shard_zero2"} or (
             reshard is not None and "hybrid" in str(reshard[1]).lower()):
-        r.not_modelled(fsdp_key, value, "hybrid sharding shards within a node and replicates across nodes; "
-                       "counted as sharded across all --gpus (low with --nodes > 1)")
+        # FSDP1's HYBRID_SHARD (accelerate's FullyShardedDataParallelPlugin passes it to torch's FSDP, whose
+        # _init_utils.py _init_intra_and_inter_node_groups shards within a node and replicates across nodes): HSDP with
+        # a replica per node, counted as FSDP2's on a (nodes, gpus per node) mesh
+        where = strategy if strategy is not None else reshard if reshard is not None else (fsdp_key, value)
+        r.set("dp_replicate", "nodes", where[0], where[1])
+        r.note(f"{where[0]} {_text(where[1])}: each node's GPUs shard the model, the nodes are replicas: give --nodes "
+               "(one node is plain FSDP)")
     if "no_shard" in sharding:
         r.set("sharding", "torch", fsdp_key, value)
         r.set("zero", 0, fsdp_key, value)
@@ -1086,6 +1091,7 @@ def _read_axolotl(r: _Reader) -> None:
     autocast = "bf16" if bf16_on else "fp16" if fp16_on else None
     deepspeed = _deepspeed(r, "deepspeed")
     fsdp = _fsdp(r, "fsdp", "fsdp_config", "fsdp_version", 1) if not deepspeed else False
+    _axolotl_hsdp(r)
     upcast = lora and bool(r.boolean("peft_autocast_adapter_dtype", True))
     if deepspeed:
         _deepspeed_precision(r, autocast)
@@ -1097,6 +1103,18 @@ def _read_axolotl(r: _Reader) -> None:
                         f"{'; LoRA adapters in fp32 (PEFT autocast_adapter_dtype)' if upcast else ''}"
                         f"{'; ' + _FSDP_UPCAST if fsdp and autocast else ''}")
     _axolotl_unmodelled(r)
+
+
+def _axolotl_hsdp(r: _Reader) -> None:
+    """utils/distributed.py build_parallelism_config: _get_parallel_config_kwargs gives tp, cp, then dp_replicate_size
+    and dp_shard_size their ranks (the one left open takes the rest of the world) into accelerate's ParallelismConfig,
+    whose fsdp_dim_names ("dp_replicate", "dp_shard_cp") fsdp2_prepare_model shards on: HSDP."""
+    for key, setting in (("dp_replicate_size", "dp_replicate"), ("dp_shard_size", "dp_shard")):
+        value = r.integer(key) if r.get(key) is not None else None
+        if value == 1 and key == "dp_replicate_size":  # (_get_parallel_config_kwargs reads it only above 1)
+            r.counted(key, value, "no replicas of their own: the ranks left over from dp_shard_size are replicas")
+        elif value is not None:
+            r.set(setting, value, key)
 
 
 def _axolotl_attention(r: _Reader) -> None:
@@ -1338,6 +1356,26 @@ def _read_torchtune(r: _Reader) -> None:
     else:
         r.note("the recipe (single device or distributed) is chosen on the tune run command line: counted on one "
                "GPU; for a *_distributed recipe give --fsdp --gpus N")
+    _torchtune_hsdp(r)
+
+
+def _torchtune_hsdp(r: _Reader) -> None:
+    """recipes/full_finetune_distributed.py: ParallelDims(dp_replicate=cfg.data_parallel_replicate_dim, dp_shard=
+    cfg.data_parallel_shard_dim (-1: the rest of the world), cp, tp); with dp_replicate > 1 training.shard_model shards
+    on the ("dp_replicate", "dp_shard_cp") mesh: HSDP (--dp-replicate), or given by its shard group (--dp-shard)."""
+    replicate = r.integer("data_parallel_replicate_dim", 1)
+    shard = r.integer("data_parallel_shard_dim", -1, minimum=-1)
+    if shard == 0:
+        raise r.fail("data_parallel_shard_dim must be -1 (the rest of the world) or a whole number of ranks, got 0")
+    if r.has("data_parallel_shard_dim") and shard > 0:
+        r.set("dp_shard", shard, "data_parallel_shard_dim")
+        r.note(f"data_parallel_shard_dim {shard}: torchtune's world is data_parallel_replicate_dim x "
+               "data_parallel_shard_dim x context_parallel_dim x tensor_parallel_dim; --gpus must be that product")
+    if r.has("data_parallel_replicate_dim") or replicate > 1:
+        r.set("dp_replicate", replicate, "data_parallel_replicate_dim", default=not r.has("data_parallel_replicate_dim"))
+        if replicate > 1 and "sharding" not in r.settings:  # (only the distributed recipes read the key)
+            r.set("sharding", "fsdp", "data_parallel_replicate_dim", replicate)
+            r.set("zero", 3, "data_parallel_replicate_dim", replicate)  # (fsdp_reshard_after_forward: True)
 
 
 def _torchtune_optimizer(r: _Reader) -> None:

@@ -107,6 +107,9 @@ class _Job:
     cp: int = 1  # ddp, zero1, fsdp2: every rank a context-parallel rank too (its share of the sequence, the ring)
     ep: int = 1  # fsdp2: the experts split over ep consecutive ranks (memcalc.measure.expert_parallel)
     ep_shard_dim: int = 0  # fsdp2 with ep: the dimension FSDP2 shards the experts on (1: torchtitan's Shard(1))
+    # fsdp2: HSDP, a (dp_replicate, dp_shard) mesh of dp_replicate replicas; fully_shard shards over the last dimension
+    # and all-reduces across the first (torch/distributed/fsdp/_fully_shard/_fully_shard.py, HSDPMeshInfo)
+    dp_replicate: int = 1
 
 
 # -- the public entry point ----------------------------------------------------------------------------------
@@ -164,6 +167,12 @@ def measure_distributed(model_config: ModelConfig | dict[str, Any], spec: Traini
             raise UsageError(f"the expert-parallel measurement runs {{ep}} {spec.ep} under fsdp2 (with {{tp}}, ep a "
                              f"multiple of it), over a world size it divides, not {engine} on {world_size} ranks")
         job = dataclasses.replace(job, ep=spec.ep, ep_shard_dim=spec.ep_shard_dim)
+    if spec.dp_replicate > 1:
+        if engine != "fsdp2" or world_size % spec.dp_replicate or job.tp > 1 or spec.cp > 1 or spec.ep > 1:
+            raise UsageError(f"the hybrid-sharding measurement runs {{dp_replicate}} {spec.dp_replicate} replicas under "
+                             f"fsdp2 alone (no {{tp}}, {{cp}} or {{ep}}), over a world size it divides, not {engine} on "
+                             f"{world_size} ranks")
+        job = dataclasses.replace(job, dp_replicate=spec.dp_replicate)
     if job.pp_tp > 1 and (job.pp_dp > 1 or spec.cp > 1 or spec.ep > 1 or sequence_parallel or loss_parallel):
         raise UsageError("pipeline stages over tensor-parallel groups are measured alone: without FSDP2 data-parallel "
                          "ranks, {cp}, {ep}, {sp} or {loss_parallel}")
@@ -226,6 +235,7 @@ def _plan(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, eng
     from memcalc.measure.step import resolve_setup
 
     single = spec.replace(zero_stage=0, num_gpus=1, num_nodes=1, sharding="deepspeed", offload="none", tp=1, cp=1, ep=1, ep_load=1.0, ep_shard_dim=0,
+                          dp_replicate=1,
                           seq_len=spec.local_seq_len,  # (--cp: this rank's share of the sequence)
                           sequence_parallel=False, loss_parallel=False, pp=1, pp_layers=None, microbatches=None,
                           pp_schedule="1f1b", pp_virtual=None)
@@ -475,6 +485,11 @@ def _device_mesh(job: _Job):
         return meshes(job.world_size, job.ep)
     if job.tp > 1:  # FSDP2 over the data-parallel dimension of a (dp, tp) mesh, as torchtitan builds it
         return init_device_mesh("cpu", (job.world_size // job.tp, job.tp), mesh_dim_names=("dp", "tp"))
+    if job.dp_replicate > 1:
+        # HSDP: torchtitan's and torchtune's (dp_replicate, dp_shard) mesh, the replicas outermost; fully_shard(mesh=)
+        # of a 2-D mesh shards over dimension 1 and replicates over dimension 0
+        return init_device_mesh("cpu", (job.dp_replicate, job.world_size // job.dp_replicate),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
 
     # (outside FakeTensorMode: it reads real rank tensors)
     return init_device_mesh("cpu", (job.world_size,), mesh_dim_names=(job.engine,))
@@ -927,6 +942,9 @@ def _wrap_fsdp2(job: _Job, model, setup, policy, mesh, dist_info: dict[str, Any]
                                 f"reduce_dtype={str(policy.reduce_dtype).removeprefix('torch.')}") if policy else None,
         root="fully_shard(model) after the layers: embeddings, final norm and LM head; not resharded after forward",
     )
+    if job.dp_replicate > 1:
+        dist_info.update(dp_replicate=job.dp_replicate, dp_shard=job.world_size // job.dp_replicate,
+                         mesh="(dp_replicate, dp_shard): sharded over dp_shard, all-reduced across dp_replicate")
     return model, Stepper(model, setup)
 
 

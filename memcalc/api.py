@@ -348,12 +348,16 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
     change DeepSpeed can express (no LoRA, no pure 16-bit, no optimizer step in backward); which of the two it is, in
     words; and whether what it
     configures fits (True without a GPU)."""
-    from memcalc.configs.deepspeed import emit_deepspeed_config
+    from memcalc.configs.deepspeed import emit_deepspeed_config, emitted_buffers
     from memcalc.errors import MemcalcError
 
     spec, why, fits = plan.specs[0], "this run", True
     if spec.engine == "megatron":
         raise UsageError("{emit} deepspeed writes DeepSpeed's config; {engine} megatron is Megatron-LM's engine, "
+                         "which a DeepSpeed config does not run: drop one of them")
+    if spec.sharding.value != "deepspeed":
+        engine = "FSDP ({fsdp})" if spec.sharding.value == "fsdp" else f"{{sharding}} {spec.sharding.value}"
+        raise UsageError(f"{{emit}} deepspeed writes DeepSpeed's config; the run shards with PyTorch's {engine}, "
                          "which a DeepSpeed config does not run: drop one of them")
     split = [name for name, size in (("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp), ("ep", spec.ep)) if size > 1]
     if split:
@@ -369,9 +373,25 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
                                                                                   "optim_in_backward")):
                 continue  # DeepSpeed configs have no switch for LoRA, pure 16-bit or a step in backward
             try:
-                spec, why = spec.replace(**suggestion.spec_changes), f"the fit advisor's change: {suggestion.change}"
-                fits = True
-                break
+                changed = spec.replace(**suggestion.spec_changes)
             except MemcalcError:
                 continue
-    return emit_deepspeed_config(spec, plan.model.hidden_size), why, fits
+            if changed.sharding.value != "deepspeed":
+                continue  # (FSDP: PyTorch's engine, not a DeepSpeed setting)
+            spec, why, fits = changed, f"the fit advisor's change: {suggestion.change}", True
+            break
+    config = emit_deepspeed_config(spec, plan.model.hidden_size)
+    buffers = emitted_buffers(spec, plan.model.hidden_size)
+    if buffers != spec.zero_buffers:
+        # (the config runs HF's "auto" buffers for this hidden size, not the defaults estimated: smaller here, so
+        # what fitted fits; its own peak, said)
+        from memcalc.engine import estimate
+
+        peak = estimate(plan.model, spec.replace(zero_buffers=buffers)).per_gpu.peak_bytes
+        why += (f"; its ZeRO buffers are what HF Trainer fills 'auto' with for hidden size {plan.model.hidden_size:,} "
+                f"(reduce bucket {buffers.reduce_bucket_size:,}), with which the peak per GPU is {peak:,} B")
+    if "optimizer" not in config:
+        why += (f" (no optimizer section: DeepSpeed's config has no name for {spec.optimizer.value}; the trainer "
+                f"supplies it, as HF Trainer's --optim does, and memcalc reads it back with --optim "
+                f"{spec.optimizer.value})")
+    return config, why, fits

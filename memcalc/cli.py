@@ -289,6 +289,8 @@ def _check_outputs(options: dict) -> None:
         raise UsageError(f"{{emit}} {options['emit']!r}: memcalc writes deepspeed configs ({{emit}} deepspeed)")
     if options["compare_with"] is not None and options["compare_with"] not in COMPARE_TOOLS:
         raise UsageError(f"{{compare_with}} {options['compare_with']!r}: use one of {', '.join(COMPARE_TOOLS)}")
+    if options["emit"] is not None and options["json_output"]:
+        raise UsageError("{emit} prints the DeepSpeed config as JSON and --json the report: ask for one at a time")
     if options["emit"] is not None and options["compare_with"] is not None:
         raise UsageError("{emit} writes a config and {compare_with} a comparison: ask for one at a time")
     for name in ("emit", "compare_with"):

@@ -220,3 +220,23 @@ def test_emit_exits_6_when_nothing_deepspeed_can_express_fits(cli):
     assert result.exit_code == 6
     assert "which does not fit t4: no change" in result.stderr
     assert json.loads(result.stdout)["train_micro_batch_size_per_gpu"] == 16
+
+
+def test_emit_describes_the_run_it_estimates(cli, tmp_path):
+    """--emit deepspeed: an FSDP or torch-engine run has no DeepSpeed config (before, a ZeRO-3 config was printed for
+    --fsdp), --json beside it is refused (before, ignored), and the emitted config read back with --deepspeed is the run
+    whose peak the message states (its buffers HF's "auto" values for hidden size 4096: before, the message gave the
+    estimate with DeepSpeed's defaults, 1.04 GB above the config's own run)."""
+    for options in (["--fsdp", "--gpus", "8"], ["--sharding", "torch", "--zero", "1", "--gpus", "8"]):
+        refused = cli("llama-3-8b", "--emit", "deepspeed", *options)
+        assert refused.exit_code == 2 and "which a DeepSpeed config does not run" in refused.stderr, refused.stderr
+    assert cli("llama-3-8b", "--emit", "deepspeed", "--json").exit_code == 2
+    emitted = cli("llama-3-8b", "--zero", "3", "--gpus", "8", "--emit", "deepspeed")
+    stated = int(emitted.stderr.split("the peak per GPU is ")[1].split(" B")[0].replace(",", ""))
+    path = tmp_path / "ds.json"
+    path.write_text(emitted.stdout)
+    read_back = cli("llama-3-8b", "--deepspeed", str(path), "--gpus", "8", "--json").json()["per_gpu"]["peak_bytes"]
+    # (read back, the config's AdamW section is DeepSpeed's FusedAdam, whose step memcalc counts as a 4-byte state)
+    assert read_back - stated == 4
+    assert "no optimizer section" in cli("llama-3-8b", "--zero", "2", "--gpus", "8", "--optim", "adamw-8bit",
+                                         "--emit", "deepspeed").stderr

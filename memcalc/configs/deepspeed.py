@@ -874,7 +874,8 @@ def emit_deepspeed_config(spec: TrainingSpec, hidden_size: int | None = None) ->
     """A DeepSpeed config (JSON-ready dict) for ``spec``: ZeRO stage, offload (CPU), precision, micro-batch,
     gradient accumulation, optimizer, buckets.
 
-    Bucket sizes are DeepSpeed's defaults, or with ``hidden_size`` the values HF's integration derives from it.
+    Bucket sizes are ``emitted_buffers``: with ``hidden_size``, those left at DeepSpeed's defaults are the values HF's
+    integration fills "auto" with for that hidden size (api.deepspeed_config estimates the run with them).
     Optimizers DeepSpeed cannot build from a config (Adafactor, 8-bit AdamW) get no "optimizer" section: the
     client (HF Trainer --optim) supplies them. Raises UsageError for recipes DeepSpeed has no switch for.
     """
@@ -892,22 +893,42 @@ def emit_deepspeed_config(spec: TrainingSpec, hidden_size: int | None = None) ->
     return config
 
 
+def emitted_buffers(spec: TrainingSpec, hidden_size: int | None) -> ZeroBuffers:
+    """The ZeRO buffers an emitted config writes: the spec's, except, with ``hidden_size``, those at DeepSpeed's
+    defaults (no --deepspeed config set them), which become what HF's trainer_config_finalize fills "auto" with."""
+    import dataclasses
+
+    from memcalc.spec import ZeroBuffers
+
+    buffers = spec.zero_buffers
+    if not hidden_size:
+        return buffers
+    plain = ZeroBuffers()
+    changes: dict[str, int] = {}
+    if buffers.reduce_bucket_size == plain.reduce_bucket_size:
+        changes["reduce_bucket_size"] = hf_reduce_bucket_size(hidden_size)
+    if spec.zero_stage == 3:
+        if buffers.stage3_prefetch_bucket_size == plain.stage3_prefetch_bucket_size:
+            changes["stage3_prefetch_bucket_size"] = hf_stage3_prefetch_bucket_size(hidden_size)
+        if buffers.stage3_param_persistence_threshold == plain.stage3_param_persistence_threshold:
+            changes["stage3_param_persistence_threshold"] = hf_stage3_param_persistence_threshold(hidden_size)
+    return dataclasses.replace(buffers, **changes)
+
+
 def _emit_zero(spec: TrainingSpec, hidden_size: int | None) -> dict[str, Any]:
-    stage = spec.zero_stage
+    stage, buffers = spec.zero_stage, emitted_buffers(spec, hidden_size)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero["contiguous_gradients"] = defaults.CONTIGUOUS_GRADIENTS
-        zero["overlap_comm"] = defaults.overlap_comm(stage)
-        zero["reduce_bucket_size"] = (hf_reduce_bucket_size(hidden_size) if hidden_size
-                                      else defaults.REDUCE_BUCKET_SIZE)
+        zero["contiguous_gradients"] = buffers.contiguous_gradients
+        zero["overlap_comm"] = (buffers.overlap_comm if buffers.overlap_comm is not None
+                                else defaults.overlap_comm(stage))
+        zero["reduce_bucket_size"] = buffers.reduce_bucket_size
     if stage == 3:
-        zero["stage3_prefetch_bucket_size"] = (hf_stage3_prefetch_bucket_size(hidden_size) if hidden_size
-                                               else defaults.PREFETCH_BUCKET_SIZE)
-        zero["stage3_param_persistence_threshold"] = (hf_stage3_param_persistence_threshold(hidden_size)
-                                                      if hidden_size else defaults.PARAM_PERSISTENCE_THRESHOLD)
-        zero["stage3_max_live_parameters"] = defaults.MAX_LIVE_PARAMETERS
-        zero["stage3_max_reuse_distance"] = defaults.MAX_REUSE_DISTANCE
-        zero["sub_group_size"] = defaults.SUB_GROUP_SIZE
+        zero["stage3_prefetch_bucket_size"] = buffers.stage3_prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = buffers.stage3_param_persistence_threshold
+        zero["stage3_max_live_parameters"] = buffers.stage3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = buffers.stage3_max_reuse_distance
+        zero["sub_group_size"] = buffers.sub_group_size
     optimizer_device, param_device = OFFLOAD_DEVICES[getattr(spec.offload, "value", spec.offload)]
     if optimizer_device != "none":
         zero["offload_optimizer"] = {"device": optimizer_device, "pin_memory": True}

@@ -337,6 +337,8 @@ AXOLOTL_QLORA = {**AXOLOTL, "adapter": "qlora", "load_in_4bit": True, "lora_r": 
     ("paged_adamw_32bit", {"optim": "paged-adamw", "optim_impl": "fused"}),
     ("lion_32bit", {"optim": "lion", "optim_impl": "fused", "state_dtype": "fp32"}),
     ("sgd", {"optim": "sgd"}),
+    # trainer_optimizer.py _get_torchao_optimizer: adamw_torch_8bit is torchao.optim.AdamW8bit (block_size 256).
+    ("adamw_torch_8bit", {"optim": "torchao-adamw-8bit"}),
 ])
 def test_hf_optimizer_names(optimizer, expected):
     settings = _settings({**AXOLOTL, "optimizer": optimizer})
@@ -568,3 +570,37 @@ def test_compile_maps_to_compiled_layers_unless_beside_what_they_are_not_modelle
     sharded = parse_trainer_config({**AXOLOTL, "torch_compile": True, "fsdp": ["full_shard", "auto_wrap"]})
     assert "compile" not in sharded.settings
     assert any(line.startswith("torch_compile true read but not modelled") for line in sharded.not_modelled)
+
+
+def test_torchao_8bit_block_size_other_than_256_is_said():
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL, "optimizer": "adamw_torch_8bit", "optim_args": "block_size=128"})
+    assert parsed.settings["optim"] == "torchao-adamw-8bit"
+    assert any(line.startswith("optim_args block_size=128 read but not modelled") for line in parsed.not_modelled)
+
+
+def test_torchtune_llama3_3_builder_maps_to_its_preset():
+    # torchtune/models/llama3_3/__init__.py exports llama3_3_70b (recipes/configs/llama3_3/70B_full_multinode.yaml).
+    data = {"model": {"_component_": "torchtune.models.llama3_3.llama3_3_70b"}, "batch_size": 1, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"}}
+    assert _settings(data)["model"] == "llama-3.3-70b"
+
+
+def test_torchtune_compile_beside_fsdp_keys_is_said_not_refused(cli, tmp_path):
+    """recipes/configs/llama3_3/70B_full_multinode.yaml: compile True with fsdp_cpu_offload False (FSDP keys): the
+    run is counted eager under FSDP and compile listed as not modelled, instead of the spec's refusal of
+    --compile beside --zero."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+            "fsdp_cpu_offload": False, "compile": True}
+    parsed = parse_trainer_config(data, source="tt.yaml")
+    assert (parsed.settings["sharding"], parsed.settings["zero"]) == ("fsdp", 3) and "compile" not in parsed.settings
+    assert any(line.startswith("compile true read but not modelled") for line in parsed.not_modelled)
+    path = tmp_path / "tt.json"  # (JSON is YAML; the torchtune format is detected from model._component_)
+    path.write_text(json.dumps(data))
+    result = cli("--from", str(path), "--from-format", "torchtune", "--gpus", "2", "--activations", "rules", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (result.json()["training"]["zero_stage"], result.json()["training"]["compile"]) == (3, False)

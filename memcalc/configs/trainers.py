@@ -75,6 +75,9 @@ _Optim = tuple[str, str | None, str | None, str]
 HF_OPTIMIZERS: dict[str, _Optim] = {
     "adamw_torch": ("adamw", None, None, ""),
     "adamw_torch_fused": ("adamw", "fused", None, ""),
+    # trainer_optimizer.py _get_torchao_optimizer: torchao.optim.AdamW8bit (torchao.prototype.low_bit_optim before
+    # 0.11) with block_size optim_args' or 256, torchao's own default, as memcalc counts it.
+    "adamw_torch_8bit": ("torchao-adamw-8bit", None, None, ""),
     "adafactor": ("adafactor", None, None, ""),
     "adamw_bnb_8bit": ("adamw-8bit", "fused", None, ""),
     "adamw_8bit": ("adamw-8bit", "fused", None, ""),
@@ -91,7 +94,7 @@ HF_OPTIMIZERS: dict[str, _Optim] = {
 }
 # Names transformers 5.24 knows that memcalc has no model for: an error, never a silent AdamW.
 HF_UNMODELLED_OPTIMIZERS = frozenset({
-    "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit",
+    "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision", "adamw_torch_4bit",
     "ademamix", "adagrad", "ademamix_8bit", "lion_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
     "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw",
     "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
@@ -136,6 +139,7 @@ TORCHTUNE_MODELS: dict[str, tuple[str, bool]] = {
     "torchtune.models.llama3_1.llama3_1_405b": ("llama-3.1-405b", True),
     "torchtune.models.llama3_2.llama3_2_1b": ("llama-3.2-1b", True),
     "torchtune.models.llama3_2.llama3_2_3b": ("llama-3.2-3b", True),
+    "torchtune.models.llama3_3.llama3_3_70b": ("llama-3.3-70b", True),
     "torchtune.models.qwen2_5.qwen2_5_0_5b": ("qwen2.5-0.5b", True),
     "torchtune.models.qwen2_5.qwen2_5_1_5b_base": ("qwen2.5-1.5b", True),
     "torchtune.models.qwen2_5.qwen2_5_1_5b_instruct": ("qwen2.5-1.5b", True),
@@ -575,6 +579,10 @@ def _optimizer(r: _Reader, key: str, name: Any, default: bool, optim_args: Any =
         raise r.fail(f"{key} {shown(repr(name))} is not an optimizer transformers 5.24 knows (OptimizerNames); "
                      f"memcalc reads {', '.join(sorted(HF_OPTIMIZERS))}")
     _apply_optimizer(r, key, name, HF_OPTIMIZERS[spelled], default)
+    block = _optim_arg(optim_args, "block_size") if optim_args is not None else None
+    if spelled == "adamw_torch_8bit" and block not in (None, "256"):
+        r.not_modelled("optim_args", _text(optim_args), f"torchao's AdamW8bit with block_size {block} keeps one fp32 "
+                       "scale per block; memcalc counts blocks of 256")
     if spelled == "sgd" and optim_args is not None:
         # trainer_optimizer.py _get_sgd: optim_args "momentum=0.9,..." (parsed from "k=v,k=v" by the Trainer).
         momentum = _optim_arg(optim_args, "momentum")
@@ -1316,7 +1324,6 @@ def _read_torchtune(r: _Reader) -> None:
         r.set("checkpointing", "none", "enable_activation_checkpointing", False,
               default=not r.has("enable_activation_checkpointing"))
     _torchtune_optimizer(r)
-    _torchtune_unmodelled(r)
     if r.has("fsdp_cpu_offload") or r.has("fsdp_reshard_after_forward"):
         reshard = r.boolean("fsdp_reshard_after_forward", True)
         r.set("sharding", "fsdp", "fsdp_reshard_after_forward", reshard)
@@ -1328,6 +1335,8 @@ def _read_torchtune(r: _Reader) -> None:
     else:
         r.note("the recipe (single device or distributed) is chosen on the tune run command line: counted on one "
                "GPU; for a *_distributed recipe give --fsdp --gpus N")
+    # After the sharding: compile beside FSDP is said to be not modelled (_compile), not refused by the spec.
+    _torchtune_unmodelled(r)
 
 
 def _torchtune_optimizer(r: _Reader) -> None:

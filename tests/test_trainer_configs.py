@@ -61,6 +61,16 @@ EXPECTED = {
         "model": "NousResearch/Meta-Llama-3.1-8B", "batch_size": 2, "grad_accum": 4, "seq_len": 4096,
         "optim": "adamw", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "loss": "fused-linear",
         "sharding": "fsdp", "zero": 3, "precision": "bf16", "cpu_ram_efficient_loading": True}),
+    # No fsdp: list, only "fsdp_config:" with "fsdp_version: 2" and "fsdp_reshard_after_forward: true": axolotl turns
+    # FSDP on for the section alone (loaders/model.py ModelLoader.is_fsdp_enabled; utils/trainer.py setup_fsdp_envs)
+    # -> FSDP2 stage 3; "micro_batch_size: 4", "gradient_accumulation_steps: 1", "sequence_len: 2048" with
+    # "sample_packing: true", "optimizer: adamw_torch_fused", "gradient_checkpointing: false",
+    # "attn_implementation: flash_attention_2", "bf16: auto" under FSDP -> fp32 shards gathered in bf16;
+    # "fsdp_cpu_ram_efficient_loading: false" leaves memcalc's default.
+    "axolotl_adamw-pretrain-fsdp2.yaml": ("axolotl", {
+        "model": "Qwen/Qwen2.5-0.5B", "batch_size": 4, "grad_accum": 1, "seq_len": 2048, "optim": "adamw",
+        "optim_impl": "fused", "checkpointing": "none", "attn": "flash", "sharding": "fsdp", "zero": 3,
+        "precision": "bf16"}),
     # "per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "cutoff_len: 2048", "finetuning_type: lora",
     # "lora_rank: 8", "lora_target: all"; checkpointing on (model_utils/checkpointing.py, not disabled); the
     # precision waits for the checkpoint's dtype (recipes below).
@@ -604,3 +614,31 @@ def test_torchtune_compile_beside_fsdp_keys_is_said_not_refused(cli, tmp_path):
     result = cli("--from", str(path), "--from-format", "torchtune", "--gpus", "2", "--activations", "rules", "--json")
     assert result.exit_code == 0, result.stderr
     assert (result.json()["training"]["zero_stage"], result.json()["training"]["compile"]) == (3, False)
+
+
+def test_axolotl_fsdp_config_alone_turns_fsdp_on_with_its_settings():
+    """axolotl's FSDP2 examples have no fsdp: list; the section's keys (prefixed or not: schemas/fsdp.py FSDPConfig,
+    validation.py drops the fsdp_ prefix) set what accelerate's plugin reads from setup_fsdp_envs' FSDP_* variables."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    # examples/gpt-oss/gpt-oss-20b-fft-fsdp2-offload.yaml's section: offload_params true, reshard_after_forward true,
+    # cpu_ram_efficient_loading true, activation_checkpointing true.
+    data = {**AXOLOTL, "fsdp_version": 2, "fsdp_config": {
+        "offload_params": True, "state_dict_type": "SHARDED_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": True, "activation_checkpointing": True}}
+    parsed = parse_trainer_config(data)
+    assert {k: parsed.settings[k] for k in ("sharding", "zero", "checkpointing", "cpu_ram_efficient_loading")} == {
+        "sharding": "fsdp", "zero": 3, "checkpointing": "full", "cpu_ram_efficient_loading": True}
+    assert any(line.startswith("fsdp_config.offload_params true read but not modelled") for line in parsed.not_modelled)
+    assert not any("FSDP1" in line for line in parsed.not_modelled)  # fsdp_version 2
+    assert "fsdp_config" not in " ".join(parsed.ignored).split(", ")  # the section is read, not ignored whole
+    assert "fsdp_config.state_dict_type" in parsed.ignored
+    # reshard_after_forward false: gathered parameters stay for the backward (memcalc's stage 2).
+    data["fsdp_config"]["reshard_after_forward"] = False
+    assert _settings(data)["zero"] == 2
+    # fsdp_version absent: axolotl's _resolve_fsdp_version default 1 (FSDP1, said as counted as FSDP2).
+    v1 = parse_trainer_config({**AXOLOTL, "fsdp_config": {"reshard_after_forward": True}})
+    assert v1.settings["sharding"] == "fsdp" and any("FSDP1" in line for line in v1.not_modelled)
+    # Neither key: no FSDP.
+    assert "sharding" not in _settings(AXOLOTL)

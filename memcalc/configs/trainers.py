@@ -639,16 +639,26 @@ def _deepspeed(r: _Reader, key: str) -> bool:
 
 
 def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, default_version: int,
-          *, checkpointing_key: str = "activation_checkpointing") -> bool:
+          *, checkpointing_key: str = "activation_checkpointing", config_enables: bool = False) -> bool:
     """HF Trainer's and axolotl's FSDP: ``fsdp`` (true, or the legacy options string/list) and ``fsdp_config``
     (transformers training_args.py _process_fsdp_args, which drops each key's fsdp_ prefix, and
     _apply_legacy_fsdp_to_config: full_shard -> reshard_after_forward true, shard_grad_op -> false, offload ->
-    cpu_offload)."""
+    cpu_offload). ``config_enables``: an ``fsdp_config`` section alone turns FSDP on (axolotl: loaders/model.py
+    ModelLoader.is_fsdp_enabled is ``fsdp_config is not None or fsdp is not None``, and utils/trainer.py
+    prepare_optim_env calls setup_fsdp_envs for either, which sets ACCELERATE_USE_FSDP and the FSDP_* variables
+    accelerate's FullyShardedDataParallelPlugin reads: FSDP_VERSION, FSDP_RESHARD_AFTER_FORWARD, FSDP_OFFLOAD_PARAMS,
+    FSDP_ACTIVATION_CHECKPOINTING, FSDP_CPU_RAM_EFFICIENT_LOADING)."""
     value = r.get(fsdp_key)
+    by_config = False
     if value in (None, False, "", []):
-        return False
-    options = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
-    if not isinstance(value, (bool, str, list)) or not all(isinstance(o, str) for o in options):
+        if not (config_enables and isinstance(r.get(config_key), dict)):
+            return False
+        # The section is the switch: the keys below name it (fsdp_version, else fsdp_config) as what set FSDP.
+        by_config = True
+        fsdp_key = version_key if version_key and r.has(version_key) else config_key
+        value = r.get(fsdp_key) if fsdp_key != config_key else "present"
+    options = [] if by_config else value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+    if not by_config and (not isinstance(value, (bool, str, list)) or not all(isinstance(o, str) for o in options)):
         raise r.fail(f"{fsdp_key} must be true or FSDP options (full_shard, shard_grad_op, offload...), got "
                      f"{_text(value)}")
     section = r.section(config_key) if r.has(config_key) else {}
@@ -683,6 +693,7 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     if "no_shard" in sharding:
         r.set("sharding", "torch", fsdp_key, value)
         r.set("zero", 0, fsdp_key, value)
+        r.read.discard(config_key)
         return True
     r.set("sharding", "fsdp", fsdp_key, value)
     r.set("zero", stage, reshard[0] if reshard else fsdp_key, reshard[1] if reshard else value)
@@ -698,6 +709,7 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     if efficient is not None and str(efficient[1]).lower() == "true":
         r.set("cpu_ram_efficient_loading", True, efficient[0], efficient[1])
     r.note("the number of GPUs comes from the launcher, not the config: give --gpus N (and --nodes)")
+    r.read.discard(config_key)  # (read key by key: its unread keys are listed as ignored)
     return True
 
 
@@ -1086,7 +1098,7 @@ def _read_axolotl(r: _Reader) -> None:
     weights = "bf16" if (bf16_on or pure_bf16) else "fp16" if (eight_bit or fp16_on or pure_fp16) else "fp32"
     autocast = "bf16" if bf16_on else "fp16" if fp16_on else None
     deepspeed = _deepspeed(r, "deepspeed")
-    fsdp = _fsdp(r, "fsdp", "fsdp_config", "fsdp_version", 1) if not deepspeed else False
+    fsdp = _fsdp(r, "fsdp", "fsdp_config", "fsdp_version", 1, config_enables=True) if not deepspeed else False
     upcast = lora and bool(r.boolean("peft_autocast_adapter_dtype", True))
     if deepspeed:
         _deepspeed_precision(r, autocast)

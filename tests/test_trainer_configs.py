@@ -78,10 +78,11 @@ EXPECTED = {
         "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 8, "seq_len": 2048,
         "checkpointing": "full", **HF_OPTIM, "lora_rank": 8, "lora_dropout": 0.0, "lora_targets": "all-linear"}),
     # "gradient_accumulation_steps: 2", "finetuning_type: full", "deepspeed: examples/deepspeed/ds_z3_config.json"
-    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe.
+    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe; hparams/model_args.py use_reentrant_gc
+    # True by default, passed as {"use_reentrant": ...} (model_utils/checkpointing.py prepare_model_for_training).
     "llamafactory_qwen3_full_sft.yaml": ("llamafactory", {
         "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 2, "seq_len": 2048,
-        "checkpointing": "full", **HF_OPTIM, "precision": "bf16",
+        "checkpointing": "full", "checkpoint_reentrant": True, **HF_OPTIM, "precision": "bf16",
         "deepspeed": str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json")}),
     # "_component_: torchtune.models.llama3_2.lora_llama3_2_1b", "lora_attn_modules: ['q_proj', 'v_proj',
     # 'output_proj']", "apply_lora_to_mlp: True", "lora_rank: 64", "batch_size: 4", "gradient_accumulation_steps: 8",
@@ -642,3 +643,39 @@ def test_axolotl_fsdp_config_alone_turns_fsdp_on_with_its_settings():
     assert v1.settings["sharding"] == "fsdp" and any("FSDP1" in line for line in v1.not_modelled)
     # Neither key: no FSDP.
     assert "sharding" not in _settings(AXOLOTL)
+
+
+@pytest.mark.parametrize(("data", "reentrant"), [
+    # axolotl utils/config/__init__.py normalize_config: gradient_checkpointing without gradient_checkpointing_kwargs
+    # (and without unfrozen_parameters) gets {"use_reentrant": True}.
+    ({**AXOLOTL, "gradient_checkpointing": True}, True),
+    ({**AXOLOTL, "gradient_checkpointing": True, "unfrozen_parameters": ["lm_head.*"]}, False),
+    # ... kwargs given are passed on (core/builders/base.py _configure_gradient_checkpointing).
+    ({**AXOLOTL, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}, False),
+    ({**AXOLOTL, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, True),
+    ({**AXOLOTL, "gradient_checkpointing": False}, False),
+    # LLaMA-Factory hparams/model_args.py use_reentrant_gc True by default (checkpointing on unless disabled).
+    ({"finetuning_type": "full", "model_name_or_path": "gpt2"}, True),
+    ({"finetuning_type": "full", "use_reentrant_gc": False}, False),
+    ({"finetuning_type": "full", "disable_gradient_checkpointing": True}, False),
+    # transformers trainer.py: kwargs left after every_n_layers/offload go to torch.utils.checkpoint, whose
+    # use_reentrant None is True (torch/utils/checkpoint.py); an empty rest is {"use_reentrant": False}.
+    ({"model_name_or_path": "gpt2", "gradient_checkpointing": True,
+      "gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, True),
+    ({"model_name_or_path": "gpt2", "gradient_checkpointing": True,
+      "gradient_checkpointing_kwargs": {"every_n_layers": 2}}, False),
+    # TRL sft_trainer.py: setdefault("use_reentrant", False) on the kwargs.
+    ({"max_length": 512, "gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, False),
+])
+def test_reentrant_checkpointing_as_each_trainer_defaults_it(data, reentrant):
+    fmt = "hf" if "model_name_or_path" in data and "finetuning_type" not in data else None
+    assert _settings(data, fmt).get("checkpoint_reentrant", False) is reentrant
+
+
+def test_reentrant_default_with_adapters_is_said_not_modelled():
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL, "gradient_checkpointing": True, "adapter": "lora", "lora_r": 8})
+    assert "checkpoint_reentrant" not in parsed.settings
+    assert any(line.startswith("gradient_checkpointing_kwargs true read but not modelled")
+               for line in parsed.not_modelled)

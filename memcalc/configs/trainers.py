@@ -882,24 +882,39 @@ def _hf_checkpointing(r: _Reader, trl: bool) -> None:
     kwargs_key = next((k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
                        if r.has(k)), None)
     if kwargs_key is not None and enabled:
-        kwargs = r.section(kwargs_key)
-        if "every_n_layers" in kwargs:
-            every = r.integer(f"{kwargs_key}.every_n_layers")
-            if every is not None and every > 1:
-                # modeling_utils.py _activation_checkpointing_enable: layer_index % every_n_layers == 0 (layers 0, N,
-                # 2N...); memcalc's every:N counts layers N-1, 2N-1...: as many when N divides the depth, else one
-                # fewer checkpointed (higher).
-                r.set("checkpointing", f"every:{every}", f"{kwargs_key}.every_n_layers", every)
-                r.note(f"every_n_layers {every}: transformers checkpoints layers 0, {every}, {2 * every}...; memcalc's "
-                       f"every:{every} the same number when {every} divides the depth, else one fewer (higher)")
-        if kwargs.get("offload"):
-            # modeling_utils.py _activation_checkpointing_enable(offload=True): save_on_cpu around each checkpoint.
-            r.set("activation_offload", "checkpoints", f"{kwargs_key}.offload", True)
-        if "use_reentrant" in kwargs:
-            # passed on to torch.utils.checkpoint.checkpoint (transformers' default: False)
-            reentrant = r.boolean(f"{kwargs_key}.use_reentrant", False)
-            if reentrant:
-                r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True)
+        # TRL: sft_trainer.py SFTTrainer.__init__ setdefault("use_reentrant", False) on the kwargs.
+        _checkpointing_kwargs(r, kwargs_key, absent_reentrant=False if trl else None)
+
+
+def _checkpointing_kwargs(r: _Reader, kwargs_key: str, *, absent_reentrant: bool | None) -> None:
+    """gradient_checkpointing_kwargs as transformers' Trainer uses them (trainer.py: every_n_layers and offload popped,
+    the rest passed to torch.utils.checkpoint.checkpoint through activation_checkpointing_enable, an empty rest as
+    None, which modeling_utils.py _activation_checkpointing_enable makes {"use_reentrant": False}).
+    ``absent_reentrant``: use_reentrant when the kwargs do not name it; None: transformers' own rule (False for an empty
+    rest, else torch's default, torch/utils/checkpoint.py checkpoint: use_reentrant None is True, with a warning)."""
+    kwargs = r.section(kwargs_key)
+    if "every_n_layers" in kwargs:
+        every = r.integer(f"{kwargs_key}.every_n_layers")
+        if every is not None and every > 1:
+            # modeling_utils.py _activation_checkpointing_enable: layer_index % every_n_layers == 0 (layers 0, N,
+            # 2N...); memcalc's every:N counts layers N-1, 2N-1...: as many when N divides the depth, else one
+            # fewer checkpointed (higher).
+            r.set("checkpointing", f"every:{every}", f"{kwargs_key}.every_n_layers", every)
+            r.note(f"every_n_layers {every}: transformers checkpoints layers 0, {every}, {2 * every}...; memcalc's "
+                   f"every:{every} the same number when {every} divides the depth, else one fewer (higher)")
+    if kwargs.get("offload"):
+        # modeling_utils.py _activation_checkpointing_enable(offload=True): save_on_cpu around each checkpoint.
+        r.set("activation_offload", "checkpoints", f"{kwargs_key}.offload", True)
+    if "use_reentrant" in kwargs:
+        if r.boolean(f"{kwargs_key}.use_reentrant", False):
+            r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True)
+        return
+    rest = sorted(set(kwargs) - {"every_n_layers", "offload"})
+    reentrant = absent_reentrant if absent_reentrant is not None else bool(rest)
+    if reentrant:
+        r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True, default=True)
+        r.note(f"{kwargs_key} passes {', '.join(rest)} without use_reentrant to torch.utils.checkpoint, whose "
+               "default is the reentrant variant")
 
 
 def _liger(r: _Reader, key: str, config_key: str | None = None) -> None:
@@ -1041,6 +1056,13 @@ def _read_axolotl(r: _Reader) -> None:
     elif checkpointing and isinstance(checkpointing, str):
         r.not_modelled("gradient_checkpointing", checkpointing, "checkpoints are offloaded; memcalc counts them on "
                        "the GPU (high)")
+    if checkpointing and r.get("gradient_checkpointing_kwargs") is not None:
+        # core/builders/base.py _configure_gradient_checkpointing: passed on to TrainingArguments as written.
+        _checkpointing_kwargs(r, "gradient_checkpointing_kwargs", absent_reentrant=None)
+    elif checkpointing and r.get("unfrozen_parameters") is None:
+        # utils/config/__init__.py normalize_config: gradient_checkpointing on, no gradient_checkpointing_kwargs and no
+        # unfrozen_parameters (rl is refused above) -> gradient_checkpointing_kwargs {"use_reentrant": True}.
+        r.set("checkpoint_reentrant", True, "gradient_checkpointing_kwargs", {"use_reentrant": True}, default=True)
     offloading = r.get("activation_offloading")
     if offloading is True:
         # core/trainers/mixins/activation_checkpointing.py: TRL's get_act_offloading_ctx_manager around training_step
@@ -1190,6 +1212,10 @@ def _read_llamafactory(r: _Reader) -> None:
     if r.boolean("use_unsloth_gc"):
         r.not_modelled("use_unsloth_gc", True, "unsloth's checkpointing offloads the checkpoints to CPU RAM; "
                        "counted on the GPU (high)")
+    elif not disabled and r.boolean("use_reentrant_gc", True):
+        # model_args.py use_reentrant_gc True by default; model_utils/checkpointing.py prepare_model_for_training passes
+        # {"use_reentrant": use_reentrant_gc} to torch.utils.checkpoint (False under FSDP2, which the launcher sets).
+        r.set("checkpoint_reentrant", True, "use_reentrant_gc", True, default=not r.has("use_reentrant_gc"))
     for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon"):
         if r.boolean(key):
             raise r.fail(f"{key} replaces the optimizer with one memcalc has no model for")

@@ -679,3 +679,54 @@ def test_reentrant_default_with_adapters_is_said_not_modelled():
     assert "checkpoint_reentrant" not in parsed.settings
     assert any(line.startswith("gradient_checkpointing_kwargs true read but not modelled")
                for line in parsed.not_modelled)
+
+
+# TRL run with the model loaded in bf16 (ModelConfig dtype bfloat16; base_config.py bf16 defaults to not fp16).
+TRL_BF16 = {"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dtype": "bfloat16", "max_length": 512}
+
+
+def _merged(data: dict, chosen: dict) -> tuple[dict, list[str]]:
+    from memcalc.configs.trainers import merge, parse_trainer_config
+
+    return merge(parse_trainer_config(data, source="run.yaml"), chosen, lambda model: None)
+
+
+def test_fsdp_from_the_launcher_runs_accelerates_upcast():
+    """accelerate launch with an FSDP config over a bf16-loaded model and bf16 true: fsdp2_prepare_model
+    (accelerate/utils/fsdp_utils.py) upcasts every trainable parameter to fp32 when mixed_precision != "no", and the
+    MixedPrecisionPolicy gathers them in bf16: memcalc's bf16 under FSDP, not the config's own pure bf16."""
+    from memcalc.errors import UsageError
+
+    assert _merged(TRL_BF16, {})[0]["precision"] == "bf16-pure"  # one GPU, no engine: pure bf16 (unchanged)
+    settings, notes = _merged(TRL_BF16, {"fsdp": True, "num_gpus": 8})
+    assert settings["precision"] == "bf16"
+    assert any(note.startswith("run.yaml: precision bf16 under the launcher's FSDP") for note in notes)
+    assert not any("precision bf16-pure" in note for note in notes)  # the config's own note is replaced
+    # --precision bf16 is what the launcher runs: accepted; bf16-pure is not.
+    assert _merged(TRL_BF16, {"fsdp": True, "precision": "bf16"})[0]["precision"] == "bf16"
+    with pytest.raises(UsageError, match="under the launcher's FSDP"):
+        _merged(TRL_BF16, {"fsdp": True, "precision": "bf16-pure"})
+    # No autocast (bf16 false): accelerate's mixed_precision "no", nothing upcast: pure bf16 stays.
+    assert _merged({**TRL_BF16, "bf16": False}, {"fsdp": True})[0]["precision"] == "bf16-pure"
+
+
+def test_deepspeed_from_the_launcher_leaves_the_recipe_to_its_config(cli):
+    """--deepspeed over a TRL bf16 config: the DeepSpeed config's bf16 section decides (transformers
+    integrations/deepspeed.py trainer_config_process fills its "auto" from args.bf16), as with the config's own
+    deepspeed key; LLaMA-Factory's examples/deepspeed/ds_z3_config.json has bf16.enabled "auto"."""
+    settings, _ = _merged(TRL_BF16, {"deepspeed": "ds.json"})
+    assert settings["precision"] == "bf16"
+    result = cli("qwen2.5-0.5b", "--from", str(FIXTURES / "trl_example_config.yaml"), "--activations", "rules",
+                 "--deepspeed", str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json"), "--gpus", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (result.json()["training"]["precision"], result.json()["training"]["zero_stage"]) == ("bf16", 3)
+
+
+def test_fsdp_from_the_launcher_turns_llamafactory_reentrant_checkpointing_off():
+    # model_utils/checkpointing.py prepare_model_for_training: FSDP2 (ACCELERATE_USE_FSDP, FSDP_VERSION 2) sets
+    # use_reentrant_gc False.
+    data = {"finetuning_type": "full", "model_name_or_path": "gpt2", "bf16": True}
+    assert _merged(data, {})[0]["checkpoint_reentrant"] is True
+    settings, notes = _merged(data, {"fsdp": True})
+    assert "checkpoint_reentrant" not in settings and settings["precision"] == "bf16"
+    assert any("non-reentrantly under FSDP2" in note for note in notes)

@@ -39,6 +39,7 @@ torchtune/models/), LLaMA-Factory at ff6d4d1 (src/llamafactory/hparams/, model/)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -235,6 +236,10 @@ class TrainerConfig:
     also_read: tuple[str, ...] = ()  # "key value": keys read that shaped a mapping without one of their own
     recipes: Mapping[str, str] | None = None
     dtype_key: str = ""
+    # What changes when the launcher, not the config, adds the engine ("fsdp", "deepspeed" -> the precision, the
+    # settings it drops, its note): applied by ``merge`` for memcalc's --fsdp / --deepspeed.
+    launched: Mapping[str, Mapping[str, Any]] | None = None
+    precision_note: str = ""
 
     def summary(self) -> list[str]:
         """The notes the estimate prints: what was read and how, what is not modelled, what was ignored."""
@@ -346,6 +351,8 @@ class _Reader:
         self.model: str | None = None
         self.recipes: dict[str, str] | None = None
         self.dtype_key = ""
+        self.launched: dict[str, dict[str, Any]] = {}  # TrainerConfig.launched
+        self.precision_note = ""  # the note that says why the precision is what it is
 
     # -- access ------------------------------------------------------------------------------------------------
     def fail(self, message: str) -> ConfigError:
@@ -501,7 +508,7 @@ class _Reader:
             source=self.source, format=fmt, detected_by=why, model=self.model, settings=dict(self.settings),
             mapped=tuple(self.mapped), not_modelled=tuple(self.unmodelled), ignored=tuple(self.ignored()),
             notes=tuple(self.notes), also_read=tuple(self.also_read()), recipes=self.recipes,
-            dtype_key=self.dtype_key,
+            dtype_key=self.dtype_key, launched=self.launched, precision_note=self.precision_note,
         )
 
 
@@ -545,27 +552,47 @@ def _recipe(weights: str, autocast: str | None, *, trainable_fp32: bool, lora: b
     return f"{weights}-pure"
 
 
-def _set_recipe(r: _Reader, label: str, weights: str, autocast: str | None, *, trainable_fp32: bool, lora: bool,
-                fsdp: bool = False, why: str, auto: str = "") -> None:
-    """Set the precision, or, for weights in the checkpoint's dtype ("auto"), every recipe it may be.
-    ``label``: the keys that decide it and their values, as the output names them; ``auto``: what loads the
-    checkpoint's dtype, for the message that asks for it."""
+def _recipes(weights: str, autocast: str | None, *, trainable_fp32: bool, lora: bool, fsdp: bool) -> dict[str, str]:
+    """``_recipe`` for each dtype the weights may load in ("auto": every one), a refusal as "!" + its message."""
     recipes: dict[str, str] = {}
     for dtype in ("fp32", "bf16", "fp16") if weights == "auto" else (weights,):
         try:
             recipes[dtype] = _recipe(dtype, autocast, trainable_fp32=trainable_fp32, lora=lora, fsdp=fsdp)
         except ValueError as error:
             recipes[dtype] = "!" + str(error)
+    return recipes
+
+
+def _set_recipe(r: _Reader, label: str, weights: str, autocast: str | None, *, trainable_fp32: bool, lora: bool,
+                fsdp: bool = False, why: str, auto: str = "") -> None:
+    """Set the precision, or, for weights in the checkpoint's dtype ("auto"), every recipe it may be.
+    ``label``: the keys that decide it and their values, as the output names them; ``auto``: what loads the
+    checkpoint's dtype, for the message that asks for it. Without an engine in the config, the recipe the same run
+    has when the launcher adds one (``accelerate launch`` with an FSDP or DeepSpeed config, memcalc's --fsdp or
+    --deepspeed) is kept for ``merge``: TrainerConfig.launched."""
+    if not fsdp:
+        # accelerate's FSDP prepare upcasts the trainable parameters under mixed precision (utils/fsdp_utils.py
+        # fsdp2_prepare_model; FSDP1: Accelerator.prepare_model), whoever asked for FSDP.
+        r.launched["fsdp"] = {"recipes": _recipes(weights, autocast, trainable_fp32=trainable_fp32, lora=lora,
+                                                  fsdp=True),
+                              "label": label, "auto": auto,
+                              "why": f"{why}{'; ' + _FSDP_UPCAST if autocast else ''}"}
+        # transformers integrations/deepspeed.py trainer_config_process: the DeepSpeed config's bf16/fp16 sections
+        # decide, the trainer's flags fill their "auto" (_deepspeed_precision).
+        r.launched["deepspeed"] = {"precision": autocast, "label": label}
+    recipes = _recipes(weights, autocast, trainable_fp32=trainable_fp32, lora=lora, fsdp=fsdp)
     if len(set(recipes.values())) == 1:  # the checkpoint's dtype does not matter (or is written)
         recipe = next(iter(recipes.values()))
         if recipe.startswith("!"):
             raise r.fail(recipe[1:])
         r.set("precision", recipe, label.split(" ", 1)[0], label=label)
         r.note(f"precision {recipe}: {why}")
+        r.precision_note = r.notes[-1]
         return
     r.recipes = recipes
     r.dtype_key = auto or label
     r.note(f"precision: {label}; {why}")
+    r.precision_note = r.notes[-1]
 
 
 def _optimizer(r: _Reader, key: str, name: Any, default: bool, optim_args: Any = None) -> None:
@@ -1267,6 +1294,11 @@ def _read_llamafactory(r: _Reader) -> None:
                     trainable_fp32=True, lora=lora, auto="LLaMA-Factory loads torch_dtype auto",
                     why=f"LLaMA-Factory loads the checkpoint's dtype (loader.py: torch_dtype auto) and upcasts "
                         f"trainable parameters to fp32 (adapter.py init_adapter), {autocast or 'no'} autocast")
+    if r.settings.get("checkpoint_reentrant"):
+        # model_utils/checkpointing.py prepare_model_for_training: ACCELERATE_USE_FSDP with FSDP_VERSION 2 sets
+        # use_reentrant_gc False (memcalc's --fsdp is FSDP2's fully_shard).
+        why = "use_reentrant_gc: LLaMA-Factory checkpoints non-reentrantly under FSDP2 (prepare_model_for_training)"
+        r.launched.setdefault("fsdp", {})["drop"] = (("checkpoint_reentrant", why),)
     if r.boolean("enable_liger_kernel"):
         # model_utils/liger_kernel.py: fused_linear_cross_entropy stays on for stages pt and sft (require_logits off).
         _liger(r, "enable_liger_kernel")
@@ -1474,6 +1506,7 @@ def merge(config: TrainerConfig, chosen: Mapping[str, Any],
     ``--deepspeed`` given by the caller stand in for the config's (a local config.json for a hub id the machine
     cannot reach), said in a note. ``checkpoint_dtype(model)``: the dtype a model's config.json records, or None.
     Returns (settings, notes)."""
+    config = _launched(config, chosen)
     settings = dict(config.settings)
     notes = config.summary()
     for name in ("model", "deepspeed"):
@@ -1509,6 +1542,60 @@ def merge(config: TrainerConfig, chosen: Mapping[str, Any],
         if settings["precision"] is None:
             del settings["precision"]
     return settings, notes
+
+
+def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig:
+    """The config as the launcher runs it when the launcher, not the config, adds FSDP (memcalc's --fsdp or
+    --sharding fsdp: ``accelerate launch`` with an FSDP config) or DeepSpeed (--deepspeed): the precision the trainer
+    and accelerate then run (TrainerConfig.launched), with its note in place of the config's own."""
+    sharding = chosen.get("sharding")
+    sharding = getattr(sharding, "value", sharding)
+    engine = None
+    if "sharding" not in config.settings and "deepspeed" not in config.settings:
+        if chosen.get("deepspeed") is not None:
+            engine = "deepspeed"
+        elif chosen.get("fsdp") is True or sharding == "fsdp":
+            engine = "fsdp"
+    change = (config.launched or {}).get(engine or "")
+    if not change:
+        return config
+    mapped = list(config.mapped)
+    settings = dict(config.settings)
+    notes = list(config.notes)
+    recipes, dtype_key = config.recipes, config.dtype_key
+    for name, why in change.get("drop", ()):
+        if name in settings:
+            del settings[name]
+            mapped = [m for m in mapped if m.setting != name]
+            notes.append(why)
+    how = "the launcher's FSDP (--fsdp)" if engine == "fsdp" else "the launcher's DeepSpeed (--deepspeed)"
+    if "label" in change:
+        mapped = [m for m in mapped if m.setting != "precision"]
+        settings.pop("precision", None)
+        if config.precision_note in notes:
+            notes.remove(config.precision_note)
+        recipes, dtype_key = None, ""
+        label = f"{change['label']} under {how}"
+        if engine == "deepspeed":
+            if change["precision"] is not None:
+                settings["precision"] = change["precision"]
+                mapped.append(Mapped(*label.split(" ", 1), "precision", change["precision"], label=label))
+            notes.append("precision: the DeepSpeed config's bf16/fp16 sections decide it (the trainer's flags fill "
+                         "\"auto\": transformers integrations/deepspeed.py trainer_config_process)")
+        else:
+            found = change["recipes"]
+            if len(set(found.values())) == 1:
+                recipe = next(iter(found.values()))
+                if recipe.startswith("!"):
+                    raise ConfigError(f"{config.source}: {recipe[1:]}")
+                settings["precision"] = recipe
+                mapped.append(Mapped(*label.split(" ", 1), "precision", recipe, label=label))
+                notes.append(f"precision {recipe} under {how}: {change['why']}")
+            else:
+                recipes, dtype_key = found, change["auto"] or label
+                notes.append(f"precision under {how}: {label}; {change['why']}")
+    return dataclasses.replace(config, settings=settings, mapped=tuple(mapped), notes=tuple(notes), recipes=recipes,
+                               dtype_key=dtype_key)
 
 
 def _same(mine: Any, theirs: Any) -> bool:

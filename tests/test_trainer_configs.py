@@ -53,7 +53,9 @@ EXPECTED = {
         "optim": "adamw-8bit", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "lora_rank": 32,
         "lora_dropout": 0.05,
         "lora_targets": "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj", "qlora": True,
-        "qlora_double_quant": True, "precision": "bf16"}),
+        "qlora_double_quant": True, "qlora_upcast": False, "precision": "bf16"}),
+    # (qlora_upcast False: loaders/model.py _configure_embedding_dtypes casts norms, embeddings and head back to
+    # torch_dtype after prepare_model_for_kbit_training.)
     # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 4096", "optimizer: adamw_torch_fused",
     # "liger_fused_linear_cross_entropy: true", "fsdp: [full_shard, auto_wrap]" -> FSDP stage 3; bf16 auto + FSDP
     # mixed precision -> fp32 shards gathered in bf16 (memcalc's bf16 under FSDP).
@@ -730,3 +732,32 @@ def test_fsdp_from_the_launcher_turns_llamafactory_reentrant_checkpointing_off()
     settings, notes = _merged(data, {"fsdp": True})
     assert "checkpoint_reentrant" not in settings and settings["precision"] == "bf16"
     assert any("non-reentrantly under FSDP2" in note for note in notes)
+
+
+@pytest.mark.parametrize(("data", "upcast"), [
+    # axolotl loaders/model.py: norms, embeddings and head cast back to bf16 after prepare_model_for_kbit_training;
+    # under FSDP it is skipped (_prepare_model_for_quantization) and nothing cast.
+    (AXOLOTL_QLORA, False),
+    ({**AXOLOTL_QLORA, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}, False),
+    # LLaMA-Factory: no prepare_model_for_kbit_training anywhere in src/llamafactory (model/adapter.py upcasts the
+    # trainable parameters only).
+    ({"finetuning_type": "lora", "quantization_bit": 4}, False),
+    # TRL sft_trainer.py: no prepare_model_for_kbit_training; a bf16-loaded base stays bf16 ...
+    ({"max_length": 512, "use_peft": True, "load_in_4bit": True, "dtype": "bfloat16"}, False),
+    # ... and ModelConfig's default float32 loads the non-quantized tensors in fp32 (memcalc's default, upcast).
+    ({"max_length": 512, "use_peft": True, "load_in_4bit": True}, True),
+])
+def test_qlora_upcast_as_each_trainer_runs_it(data, upcast):
+    assert _settings(data).get("qlora_upcast", True) is upcast
+
+
+def test_axolotl_qlora_notes_agree(cli):
+    """One account of the base's non-quantized tensors: the reader's (16-bit, axolotl casts them back) and the
+    estimate's, no 'in fp32, as PEFT's prepare_model_for_kbit_training casts them' beside it."""
+    result = cli("llama-3.2-1b", "--from", str(FIXTURES / "axolotl_qlora-1b.yml"), "--activations", "rules", "--json")
+    assert result.exit_code in (0, 6), result.stderr
+    notes = " ".join(result.json()["notes"])
+    assert "axolotl leaves the base's non-quantized tensors in its 16-bit dtype" in notes
+    assert "the base's other tensors stay 16-bit" in notes
+    assert "prepare_model_for_kbit_training casts them" not in notes
+    assert "memcalc counts them in 16 bits" not in notes

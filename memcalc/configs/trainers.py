@@ -874,6 +874,12 @@ def _read_hf(r: _Reader, *, trl: bool) -> None:
                                                       "model_init_kwargs.torch_dtype") if r.get(k) is not None),
                               ("dtype" if trl else "torch_dtype", "float32" if trl else "auto"))
     weights = _dtype(r, dtype_key, written)
+    if r.settings.get("qlora") and weights in ("bf16", "fp16"):
+        # TRL's SFTTrainer never calls PEFT's prepare_model_for_kbit_training (sft_trainer.py: get_peft_model, then
+        # the QLoRA adapters cast to bf16): the base's non-quantized tensors stay in the dtype it loads.
+        r.set("qlora_upcast", False, "load_in_4bit", True)
+        r.note(f"load_in_4bit: TRL does not upcast the base's non-quantized tensors (no prepare_model_for_kbit_"
+               f"training in sft_trainer.py); they stay {weights}")
     loads = "the checkpoint's dtype" if written == "auto" else written
     if not r.has(dtype_key):
         r.note(f"{dtype_key} absent: {trainer} loads the model in {loads} "
@@ -1106,7 +1112,6 @@ def _read_axolotl(r: _Reader) -> None:
     lora = adapter in ("lora", "qlora")
     if adapter is not None and not lora:
         raise r.fail(f"adapter {shown(adapter)} is not modelled (memcalc models lora and qlora)")
-    quantized = False
     if lora:
         rank = r.integer("lora_r")
         if rank is None:
@@ -1124,16 +1129,25 @@ def _read_axolotl(r: _Reader) -> None:
             raise r.fail("adapter qlora needs load_in_4bit: true (axolotl refuses it without)")
     for key in ("load_in_4bit", "load_in_8bit"):
         if r.boolean(key):
-            quantized = True
             # loaders/model.py ModelLoader._set_quantization_config: axolotl's QLoRA BitsAndBytesConfig sets
             # bnb_4bit_use_double_quant True, then applies bnb_config_kwargs over it.
             _quantized(r, key, 4 if key == "load_in_4bit" else 8, lora,
                        r.boolean("bnb_config_kwargs.bnb_4bit_use_double_quant", True),
                        "bnb_config_kwargs.bnb_4bit_use_double_quant", "bnb_config_kwargs.llm_int8_skip_modules")
-    if quantized:
-        r.not_modelled("adapter", adapter, "prepare_model_for_kbit_training upcasts the non-quantized weights to "
-                       "fp32 and axolotl casts embeddings and norms back (loaders/model.py); memcalc counts them in "
-                       "16 bits")
+    if r.settings.get("qlora"):
+        # loaders/model.py ModelLoader: _prepare_model_for_quantization skips PEFT's prepare_model_for_kbit_training
+        # under FSDP or ZeRO-3, and otherwise _configure_embedding_dtypes casts every module named *norm* and the
+        # embeddings and head (get_linear_embedding_layers) back to torch_dtype after it (should_convert: QLoRA
+        # without FSDP); with FSDP nothing was upcast. Either way the base's non-quantized tensors train in 16 bits.
+        r.set("qlora_upcast", False, "adapter", adapter)
+        r.note("adapter qlora: axolotl leaves the base's non-quantized tensors in its 16-bit dtype (it skips "
+               "prepare_model_for_kbit_training under FSDP or ZeRO-3, else casts norms, embeddings and head back after "
+               "it: loaders/model.py); biases and MoE routers it leaves in fp32 are counted 16-bit (low by 2 bytes "
+               "each)")
+        if r.boolean("fp32_norms"):
+            # utils/fp32_norms.py get_fp32_norm_patterns: norm modules kept in fp32.
+            r.not_modelled("fp32_norms", True, "norm weights kept in fp32 are counted 16-bit (low by 2 bytes per "
+                           "norm weight)")
     # Precision (resolve_dtype): bf16 "auto" is true on a GPU with bf16 (assumed); the model loads in
     # torch_dtype = bf16 if bf16 or bfloat16, fp16 if load_in_8bit, fp16 or float16, else fp32; HF Trainer then
     # autocasts with args.bf16/fp16.
@@ -1274,6 +1288,13 @@ def _read_llamafactory(r: _Reader) -> None:
             r.not_modelled("quantization_method", method, "a quantization memcalc has no layout for; counted as "
                            "bitsandbytes")
         _quantized(r, "quantization_bit", bits, lora, r.boolean("double_quantization", True), "double_quantization")
+        if r.settings.get("qlora"):
+            # LLaMA-Factory never calls PEFT's prepare_model_for_kbit_training; model/adapter.py upcasts only the
+            # trainable parameters (and upcast_layernorm the norms): the base's other tensors keep the checkpoint's
+            # dtype.
+            r.set("qlora_upcast", False, "quantization_bit", bits)
+            r.note("quantization_bit 4: LLaMA-Factory does not upcast the base's non-quantized tensors (no "
+                   "prepare_model_for_kbit_training; model/adapter.py upcasts the trainable ones only)")
     deepspeed = _deepspeed(r, "deepspeed")
     # Precision: the checkpoint's dtype (loader.py: torch_dtype "auto"); trainable parameters upcast to fp32
     # unless pure_bf16 (or BAdam), or under ZeRO-3 without quantization (adapter.py init_adapter).

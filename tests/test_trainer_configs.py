@@ -73,6 +73,30 @@ EXPECTED = {
         "model": "Qwen/Qwen2.5-0.5B", "batch_size": 4, "grad_accum": 1, "seq_len": 2048, "optim": "adamw",
         "optim_impl": "fused", "checkpointing": "none", "attn": "flash", "sharding": "fsdp", "zero": 3,
         "precision": "bf16"}),
+    # "dp_shard_size: 2", "context_parallel_size: 2", "tensor_parallel_size: 2" (said, not mapped: see below);
+    # "fsdp_version: 2" with "fsdp_config:" "reshard_after_forward: true" -> FSDP2 stage 3; "sequence_len: 8192" with
+    # "sample_packing: true"; "micro_batch_size: 1", "gradient_accumulation_steps: 1", "optimizer: adamw_torch_fused",
+    # "attn_implementation: flash_attention_2", "bf16: true" under FSDP -> memcalc's bf16; gradient_checkpointing
+    # absent (schemas: false).
+    "axolotl_qwen3-8b-fsdp-tp-cp.yaml": ("axolotl", {
+        "model": "Qwen/Qwen3-8B", "batch_size": 1, "grad_accum": 1, "seq_len": 8192, "optim": "adamw",
+        "optim_impl": "fused", "checkpointing": "none", "attn": "flash", "sharding": "fsdp", "zero": 3,
+        "precision": "bf16"}),
+    # "fp8: true" -> torchao's tensorwise float8 (core/trainers/base.py additional_accelerator_args: a default
+    # Float8LinearConfig); "fsdp_version: 2", "reshard_after_forward: true", "activation_checkpointing: false";
+    # "micro_batch_size: 16", "sequence_len: 512" packed, "liger_fused_linear_cross_entropy: true"; bf16 absent (auto).
+    "axolotl_3b-fp8-fsdp2.yaml": ("axolotl", {
+        "model": "meta-llama/Llama-3.2-3B", "batch_size": 16, "grad_accum": 1, "seq_len": 512, "optim": "adamw",
+        "optim_impl": "fused", "checkpointing": "none", "sharding": "fsdp", "zero": 3, "precision": "bf16",
+        "loss": "fused-linear", "fp8": "tensorwise"}),
+    # "_component_: torchtune.models.llama3_3.llama3_3_70b", "batch_size: 4", "gradient_accumulation_steps: 1",
+    # "max_seq_len: 1024" (not packed: a bound), AdamW "fused: True", "dtype: bf16",
+    # "enable_activation_checkpointing: True", "fsdp_cpu_offload: False" (FSDP keys: fsdp_reshard_after_forward's
+    # default True -> stage 3); "compile: True" beside FSDP and "tensor_parallel_dim: 8" said, not mapped.
+    "torchtune_llama3_3_70B_full_multinode.yaml": ("torchtune", {
+        "model": "llama-3.3-70b", "repeat_kv": True, "batch_size": 4, "grad_accum": 1, "seq_len": 1024,
+        "precision": "bf16-pure", "checkpointing": "full", "optim": "adamw", "optim_impl": "fused",
+        "sharding": "fsdp", "zero": 3}),
     # "per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "cutoff_len: 2048", "finetuning_type: lora",
     # "lora_rank: 8", "lora_target: all"; checkpointing on (model_utils/checkpointing.py, not disabled); the
     # precision waits for the checkpoint's dtype (recipes below).
@@ -761,3 +785,81 @@ def test_axolotl_qlora_notes_agree(cli):
     assert "the base's other tensors stay 16-bit" in notes
     assert "prepare_model_for_kbit_training casts them" not in notes
     assert "memcalc counts them in 16 bits" not in notes
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    # Each key changes memory in a way memcalc does not count here: listed as read but not modelled, never ignored.
+    ("torchtune_llama3_3_70B_full_multinode.yaml", [
+        "tensor_parallel_dim 8 read but not modelled", "custom_sharded_layers [tok_embeddings, output] read but not",
+        "compile true read but not modelled"]),
+    ("axolotl_qwen3-8b-fsdp-tp-cp.yaml", [
+        "tensor_parallel_size 2 read but not modelled", "context_parallel_size 2 read but not modelled",
+        "dp_shard_size 2 read but not modelled"]),
+    ("axolotl_3b-fp8-fsdp2.yaml", ["fp8_enable_fsdp_float8_all_gather true read but not modelled",
+                                   "torch_compile true read but not modelled"]),
+])
+def test_parallel_and_kernel_keys_are_said_never_ignored(name, said):
+    config = read_trainer_config(FIXTURES / name)
+    for start in said:
+        assert any(line.startswith(start) for line in config.not_modelled), start
+    memory_keys = {"tensor_parallel_dim", "context_parallel_dim", "custom_sharded_layers", "tensor_parallel_size",
+                   "context_parallel_size", "dp_shard_size", "tiled_mlp", "fp8", "lora_mlp_kernel", "lora_qkv_kernel",
+                   "lora_o_kernel", "use_kernels", "compile", "torch_compile"}
+    assert not memory_keys & set(config.ignored)
+
+
+@pytest.mark.parametrize(("key", "direction"), [
+    # monkeypatch/tiled_mlp/base.py TiledMLP saves only the MLP's input: memcalc's whole-MLP count is high.
+    ("tiled_mlp", "(high)"),
+    ("lora_mlp_kernel", "direction not measured"),
+    ("lora_qkv_kernel", "direction not measured"),
+    ("lora_o_kernel", "direction not measured"),
+    ("use_kernels", "direction not known"),
+])
+def test_axolotl_kernel_switches_are_said_with_their_direction(key, direction):
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL, "adapter": "lora", "lora_r": 8, key: True})
+    line = next(line for line in parsed.not_modelled if line.startswith(f"{key} true read but not modelled"))
+    assert line.endswith(direction) or direction in line
+
+
+def test_axolotl_dp_shard_size_alone_is_the_world_size():
+    # accelerate ParallelismConfig: dp_replicate x dp_shard x tp x cp ranks make the world; dp_shard alone is it.
+    assert _settings({**AXOLOTL, "dp_shard_size": 4})["gpus"] == 4
+
+
+def test_torchtune_context_parallel_dim_is_said():
+    data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+            "fsdp_cpu_offload": False, "context_parallel_dim": 4, "tensor_parallel_dim": 1}
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config(data)
+    assert any(line.startswith("context_parallel_dim 4 read but not modelled") and line.endswith("(high)")
+               for line in parsed.not_modelled)
+    assert "tensor_parallel_dim" not in parsed.ignored  # read: 1 is no tensor parallelism
+
+
+def test_activation_offloading_beside_sharding_is_said_not_refused(cli, tmp_path):
+    """axolotl examples/gpt-oss/gpt-oss-20b-fft-deepspeed-zero3.yaml: activation_offloading true with a ZeRO-3
+    DeepSpeed config; memcalc estimates offloading on one unsharded process only, so it is said and counted on the
+    GPU, as with --fsdp from the launcher beside torchtune's enable_activation_offloading."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    data = {**AXOLOTL, "gradient_checkpointing": True, "activation_offloading": True, "fsdp_version": 2,
+            "fsdp_config": {"reshard_after_forward": True}}
+    parsed = parse_trainer_config(data)
+    assert "activation_offload" not in parsed.settings and parsed.settings["zero"] == 3
+    assert any(line.startswith("activation_offloading true read but not modelled") for line in parsed.not_modelled)
+    torchtune = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
+                 "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+                 "enable_activation_checkpointing": True, "enable_activation_offloading": True}
+    settings, _ = _merged(torchtune, {"fsdp": True})
+    assert "activation_offload" not in settings
+    path = tmp_path / "tt.json"
+    path.write_text(json.dumps(torchtune))
+    result = cli("--from", str(path), "--from-format", "torchtune", "--fsdp", "--gpus", "2", "--activations", "rules",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["training"]["activation_offload"] == "none"

@@ -59,6 +59,10 @@ FORMATS = {
     "llamafactory": "a LLaMA-Factory config",
 }
 WHAT = "trainer config"
+COMPILE_BESIDE_SHARDING = ("--compile is not modelled with ZeRO/FSDP sharding; counted as eager (high: the compiled "
+                           "layers hold less)")
+OFFLOAD_BESIDE_SHARDING = ("activation offloading beside ZeRO/FSDP sharding is not modelled (memcalc traces it on one "
+                           "unsharded process); the activations it moves to CPU RAM are counted on the GPU (high)")
 MAX_LISTED = 100  # keys named per list in the output; a real config has a few dozen
 MAX_INTEGER = 10**9  # batch, length, rank, steps: far past any run (memcalc.spec.MAX_TOKENS)
 
@@ -489,6 +493,14 @@ class _Reader:
                 found.append(key)
         return _capped([shown(key, 60) for key in found])
 
+    def _offload_unmodelled(self) -> None:
+        """Activation offloading beside ZeRO/FSDP sharding, which memcalc estimates on one unsharded process only
+        (memcalc.activations refuses the pair): said, and counted without offloading."""
+        del self.settings["activation_offload"]
+        mapped = next(m for m in self.mapped if m.setting == "activation_offload")
+        self.mapped.remove(mapped)
+        self.not_modelled(mapped.key, mapped.written, OFFLOAD_BESIDE_SHARDING)
+
     def also_read(self) -> list[str]:
         shown_keys = {m.key for m in self.mapped} | self.unmodelled_keys
         return [f"{shown(key, 60)} {_text(self._lookup(key)[1])}" for key in sorted(self.read - shown_keys)
@@ -504,6 +516,9 @@ class _Reader:
             self.not_modelled(mapped.key, True, "reentrant checkpoints with adapters, compiled layers, offloading or "
                               "float8 are counted as non-reentrant ones (low by about one hidden state, the recomputed "
                               "layer's output)")
+        if is_on(self.settings.get("activation_offload")) and (
+                self.settings.get("zero") or self.settings.get("deepspeed") is not None):
+            self._offload_unmodelled()
         return TrainerConfig(
             source=self.source, format=fmt, detected_by=why, model=self.model, settings=dict(self.settings),
             mapped=tuple(self.mapped), not_modelled=tuple(self.unmodelled), ignored=tuple(self.ignored()),
@@ -1214,6 +1229,69 @@ def _axolotl_unmodelled(r: _Reader) -> None:
     if r.get("unfrozen_parameters"):
         r.not_modelled("unfrozen_parameters", r.get("unfrozen_parameters"), "only the matching parameters train; "
                        "memcalc counts every parameter trainable (high)")
+    _axolotl_parallel(r)
+    if r.boolean("fp8"):
+        # core/trainers/base.py additional_accelerator_args: accelerate's mixed_precision "fp8" with AORecipeKwargs(
+        # Float8LinearConfig(...)), torchao's tensorwise scaling by default; accelerate/utils/ao.py
+        # convert_model_to_fp8_ao skips the first and last Linear (filter_first_and_last_linear_layers), torchtitan's
+        # converter (memcalc's --fp8) the output head only. FSDP's param_dtype for "fp8" is bf16
+        # (FullyShardedDataParallelPlugin.set_mixed_precision).
+        r.set("fp8", "tensorwise", "fp8", True)
+        r.note("fp8 true: torchao's float8 Linear with tensorwise scales (accelerate's AO recipe); accelerate also "
+               "leaves the first decoder Linear in bf16, which memcalc converts (its float8 casts counted: high by "
+               "one layer's)")
+        if r.boolean("fp8_enable_fsdp_float8_all_gather"):
+            r.not_modelled("fp8_enable_fsdp_float8_all_gather", True, "FSDP gathers the float8 weights (1 byte per "
+                           "element); memcalc gathers them in bf16 (high)")
+    if r.boolean("tiled_mlp"):
+        # monkeypatch/tiled_mlp/base.py TiledMLP: the MLP run over sequence shards, saving only its input and
+        # recomputing each shard in backward.
+        r.not_modelled("tiled_mlp", True, "axolotl runs the MLP over sequence shards, saving only its input; memcalc "
+                       "counts the whole MLP's saved tensors (high)")
+    kernels = [key for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if r.boolean(key)]
+    for key in kernels:
+        # kernels/lora.py: custom autograd functions for LoRA's MLP, QKV and output projections.
+        r.not_modelled(key, True, "axolotl's fused LoRA kernels save other tensors than PEFT's LoRA layers, which "
+                       "memcalc counts (direction not measured)")
+    if r.boolean("use_kernels"):
+        # loaders/model.py: from_pretrained(use_kernels=True): transformers' hub kernels (kernels-community) replace
+        # modules (norms, activations, MoE experts) with their own.
+        r.not_modelled("use_kernels", True, "transformers' hub kernels replace norms, activations or MoE experts with "
+                       "code whose saved tensors memcalc does not know; counted as transformers' modules (direction "
+                       "not known)")
+
+
+def _axolotl_parallel(r: _Reader) -> None:
+    """axolotl's N-D parallelism (utils/trainer.py setup_parallelism_envs: PARALLELISM_CONFIG_TP_SIZE, _CP_SIZE,
+    _DP_SHARD_SIZE for accelerate's ParallelismConfig, whose ranks multiply to the world size)."""
+    sizes = {}
+    for key in ("tensor_parallel_size", "context_parallel_size", "dp_shard_size"):
+        size = r.integer(key, None, minimum=1) if r.has(key) and r.get(key) is not None else None
+        if size is not None:
+            sizes[key] = size
+    tp, cp, shard = (sizes.get(k, 1) for k in ("tensor_parallel_size", "context_parallel_size", "dp_shard_size"))
+    if tp > 1:
+        # transformers' tp_plan (models/llama/configuration_llama.py base_model_tp_plan) splits the attention and MLP
+        # projections and leaves the embeddings and norms whole on every tensor-parallel rank; memcalc's --tp is
+        # torchtitan's plan, which splits the embeddings too.
+        r.not_modelled("tensor_parallel_size", tp, "transformers' tensor-parallel plan splits each layer's "
+                       "projections and their activations over the ranks (memcalc counts them whole: high) and keeps "
+                       "the embeddings whole on each (memcalc shards them over all --gpus: low); direction not known")
+    if cp > 1:
+        # monkeypatch/ring_attn (ring-flash-attn) and utils/ctx_managers/sequence_parallel.py: each rank runs its slice
+        # of the sequence; memcalc's --cp is torch's context_parallel with sdpa.
+        r.not_modelled("context_parallel_size", cp, "each rank keeps the activations of its slice of the sequence "
+                       "(ring-flash-attn); memcalc counts the whole sequence on each GPU (high)")
+    replicate = r.data.get("dp_replicate_size")  # (another reader's key: looked at, not read)
+    replicated = isinstance(replicate, int) and not isinstance(replicate, bool) and replicate > 1
+    if "dp_shard_size" in sizes and tp == 1 and cp == 1 and not replicated:
+        # accelerate ParallelismConfig: dp_shard alone is the world size.
+        r.set("gpus", shard, "dp_shard_size")
+    elif shard > 1:
+        r.not_modelled("dp_shard_size", shard, f"FSDP shards over {shard} GPUs beside the other parallel ranks; "
+                       "memcalc shards over all --gpus (low when --gpus is larger)")
+    elif "dp_shard_size" in sizes:
+        r.counted("dp_shard_size", shard, "no FSDP sharding dimension of its own")
 
 
 # -- LLaMA-Factory --------------------------------------------------------------------------------------------------
@@ -1506,6 +1584,29 @@ def _torchtune_unmodelled(r: _Reader) -> None:
     device = r.text("device")
     if device is not None and device != "cuda":
         r.not_modelled("device", device, "memcalc estimates CUDA GPU memory")
+    # recipes/full_finetune_distributed.py setup: a device mesh of data_parallel_shard_dim x tensor_parallel_dim x
+    # context_parallel_dim ranks (training.ParallelDims); the model's parallelize plan (tensor_parallel_plan) over the
+    # tp ranks, torch's context_parallel over the cp ranks. memcalc's --tp and --cp are not modelled with torchtune's
+    # attention (k and v repeated to every head: --repeat-kv) nor its chunked loss, so both are said, not mapped.
+    for key, why in (
+            ("tensor_parallel_dim", ("each layer's weights, gathered copies and activations are split over the "
+             "tensor-parallel ranks; memcalc counts them whole on each GPU (high), the model states sharded over all "
+             "--gpus as FSDP over data- x tensor-parallel ranks shards them")),
+            ("context_parallel_dim", ("each rank keeps the activations of its part of the sequence; memcalc counts "
+             "the whole sequence on each GPU (high)"))):
+        size = r.integer(key, None, minimum=1) if r.has(key) else None
+        if size is not None and size > 1:
+            if key == "tensor_parallel_dim":
+                r.get("tensor_parallel_plan._component_")
+            r.not_modelled(key, size, why)
+        elif size is not None:
+            r.counted(key, size, "no tensor parallelism" if key == "tensor_parallel_dim" else "no context parallelism")
+    custom = r.names("custom_sharded_layers")
+    if custom:
+        # training/_distributed.py shard_model: each named module its own fully_shard unit (resharded after forward).
+        r.not_modelled("custom_sharded_layers", custom, "these modules are their own FSDP units, gathered only while "
+                       "they run; memcalc keeps the embeddings and head gathered with the root unit through the step "
+                       "(high)")
 
 
 _READERS: dict[str, Callable[[_Reader], None]] = {
@@ -1577,13 +1678,22 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
             engine = "deepspeed"
         elif chosen.get("fsdp") is True or sharding == "fsdp":
             engine = "fsdp"
-    change = (config.launched or {}).get(engine or "")
-    if not change:
+    if engine is None:
         return config
+    change = (config.launched or {}).get(engine, {})
     mapped = list(config.mapped)
     settings = dict(config.settings)
     notes = list(config.notes)
+    unmodelled = list(config.not_modelled)
     recipes, dtype_key = config.recipes, config.dtype_key
+    # What memcalc estimates on one unsharded process only (memcalc.activations), as the readers say it beside a
+    # config's own sharding (_Reader._offload_unmodelled, _compile).
+    for name, why in (("activation_offload", OFFLOAD_BESIDE_SHARDING), ("compile", COMPILE_BESIDE_SHARDING)):
+        if is_on(settings.get(name)):
+            dropped = next(m for m in mapped if m.setting == name)
+            del settings[name]
+            mapped.remove(dropped)
+            unmodelled.append(f"{dropped.key} {_text(dropped.written)} read but not modelled: {why}")
     for name, why in change.get("drop", ()):
         if name in settings:
             del settings[name]
@@ -1616,7 +1726,7 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
                 recipes, dtype_key = found, change["auto"] or label
                 notes.append(f"precision under {how}: {label}; {change['why']}")
     return dataclasses.replace(config, settings=settings, mapped=tuple(mapped), notes=tuple(notes), recipes=recipes,
-                               dtype_key=dtype_key)
+                               dtype_key=dtype_key, not_modelled=tuple(unmodelled))
 
 
 def _same(mine: Any, theirs: Any) -> bool:

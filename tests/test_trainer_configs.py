@@ -863,3 +863,13 @@ def test_activation_offloading_beside_sharding_is_said_not_refused(cli, tmp_path
                  "--json")
     assert result.exit_code == 0, result.stderr
     assert result.json()["training"]["activation_offload"] == "none"
+
+
+def test_fsdp2_leaves_trainable_parameters_beside_4bit_weights_uncast():
+    """accelerate fsdp2_prepare_model upcasts only `if accelerator.mixed_precision != "no" and not
+    model_has_params4bit`: TRL's QLoRA adapters, cast to bf16 by sft_trainer.py, stay bf16 (pure bf16) under FSDP2,
+    whether the config or the launcher asks for it; FSDP1 (Accelerator.prepare_model) upcasts them."""
+    qlora = {**TRL_BF16, "use_peft": True, "load_in_4bit": True}
+    assert _merged(qlora, {"fsdp": True})[0]["precision"] == "bf16-pure"
+    assert _settings({**qlora, "fsdp": "full_shard"})["precision"] == "bf16-pure"  # (TRL's FSDP default: version 2)
+    assert _settings({**qlora, "fsdp": "full_shard", "fsdp_config": {"version": 1}})["precision"] == "bf16"

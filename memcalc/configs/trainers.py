@@ -357,6 +357,7 @@ class _Reader:
         self.dtype_key = ""
         self.launched: dict[str, dict[str, Any]] = {}  # TrainerConfig.launched
         self.precision_note = ""  # the note that says why the precision is what it is
+        self.fsdp_version = 0  # the config's FSDP version (0: none)
 
     # -- access ------------------------------------------------------------------------------------------------
     def fail(self, message: str) -> ConfigError:
@@ -585,13 +586,20 @@ def _set_recipe(r: _Reader, label: str, weights: str, autocast: str | None, *, t
     checkpoint's dtype, for the message that asks for it. Without an engine in the config, the recipe the same run
     has when the launcher adds one (``accelerate launch`` with an FSDP or DeepSpeed config, memcalc's --fsdp or
     --deepspeed) is kept for ``merge``: TrainerConfig.launched."""
-    if not fsdp:
+    # accelerate's FSDP2 prepare skips its upcast for a model holding bitsandbytes' Params4bit (fsdp2_prepare_model:
+    # `if accelerator.mixed_precision != "no" and not model_has_params4bit`); FSDP1's (Accelerator.prepare_model) does
+    # not. memcalc's --fsdp is FSDP2.
+    params4bit = bool(r.settings.get("qlora"))
+    if fsdp and params4bit and r.fsdp_version == 2:
+        fsdp = False
+        why = why.replace(_FSDP_UPCAST, _FSDP2_PARAMS4BIT)
+    elif not fsdp:
         # accelerate's FSDP prepare upcasts the trainable parameters under mixed precision (utils/fsdp_utils.py
         # fsdp2_prepare_model; FSDP1: Accelerator.prepare_model), whoever asked for FSDP.
         r.launched["fsdp"] = {"recipes": _recipes(weights, autocast, trainable_fp32=trainable_fp32, lora=lora,
-                                                  fsdp=True),
+                                                  fsdp=not params4bit),
                               "label": label, "auto": auto,
-                              "why": f"{why}{'; ' + _FSDP_UPCAST if autocast else ''}"}
+                              "why": f"{why}{'; ' + (_FSDP2_PARAMS4BIT if params4bit else _FSDP_UPCAST) if autocast else ''}"}
         # transformers integrations/deepspeed.py trainer_config_process: the DeepSpeed config's bf16/fp16 sections
         # decide, the trainer's flags fill their "auto" (_deepspeed_precision).
         r.launched["deepspeed"] = {"precision": autocast, "label": label}
@@ -714,6 +722,7 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     found = option("version") or (
         (version_key, r.get(version_key)) if version_key and r.has(version_key) else None)
     version = int(found[1]) if found and str(found[1]).strip() in ("1", "2") else default_version
+    r.fsdp_version = version
     if version == 1:
         r.not_modelled(found[0] if found else fsdp_key, found[1] if found else value,
                        "FSDP1 (flat parameters) counted as FSDP2 fully_shard: the same shards and gathered layers, "
@@ -920,6 +929,8 @@ def _read_hf(r: _Reader, *, trl: bool) -> None:
 
 
 _FSDP_UPCAST = "FSDP keeps fp32 trainable shards (accelerate fsdp2_prepare_model, Accelerator.prepare_model)"
+_FSDP2_PARAMS4BIT = ("FSDP2 leaves the trainable parameters in their dtype beside 4-bit weights (accelerate "
+                     "fsdp2_prepare_model skips its upcast with Params4bit)")
 
 
 def _hf_checkpointing(r: _Reader, trl: bool) -> None:
@@ -1233,8 +1244,8 @@ def _axolotl_unmodelled(r: _Reader) -> None:
     if r.boolean("fp8"):
         # core/trainers/base.py additional_accelerator_args: accelerate's mixed_precision "fp8" with AORecipeKwargs(
         # Float8LinearConfig(...)), torchao's tensorwise scaling by default; accelerate/utils/ao.py
-        # convert_model_to_fp8_ao skips the first and last Linear (filter_first_and_last_linear_layers), torchtitan's
-        # converter (memcalc's --fp8) the output head only. FSDP's param_dtype for "fp8" is bf16
+        # convert_model_to_fp8_ao (from Accelerator.prepare) skips the first and last Linear (filter_linear_layers with
+        # find_first_last_linear_layers), torchtitan's converter (memcalc's --fp8) the output head only. FSDP's param_dtype for "fp8" is bf16
         # (FullyShardedDataParallelPlugin.set_mixed_precision).
         r.set("fp8", "tensorwise", "fp8", True)
         r.note("fp8 true: torchao's float8 Linear with tensorwise scales (accelerate's AO recipe); accelerate also "

@@ -28,7 +28,8 @@ count as ``bf16`` (a 16-bit weight plus an fp32 master is what an fp32 trainable
 4 + 4 + 8 = 2 + 4 + 2 + 8 bytes with Adam); FSDP with mixed precision is memcalc's ``bf16`` under FSDP (fp32 shards,
 accelerate's upcast, gathered in 16 bits). When a config loads the checkpoint's
 own dtype ("auto"), the model's config.json says it (``torch_dtype``/``dtype``); a preset does not record it, so
-then ``--precision`` decides, among the recipes the config allows.
+then ``--precision`` decides, among the recipes the config allows. An engine the launcher adds (memcalc's --fsdp or
+--deepspeed beside a config without one) gives the recipe that engine runs (``TrainerConfig.launched``, ``merge``).
 
 Rules were read from transformers 5.24 (training_args.py, trainer_optimizer.py, modeling_utils.py), TRL at
 f2cd577 (trl/trainer/base_config.py, sft_config.py, model_config.py, sft_trainer.py, scripts/sft.py), axolotl at

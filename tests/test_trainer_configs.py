@@ -852,11 +852,17 @@ def test_activation_offloading_beside_sharding_is_said_not_refused(cli, tmp_path
     parsed = parse_trainer_config(data)
     assert "activation_offload" not in parsed.settings and parsed.settings["zero"] == 3
     assert any(line.startswith("activation_offloading true read but not modelled") for line in parsed.not_modelled)
+    assert not any("counted as --activation-offload" in note for note in parsed.notes)  # one account, not two
     torchtune = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
                  "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
                  "enable_activation_checkpointing": True, "enable_activation_offloading": True}
     settings, _ = _merged(torchtune, {"fsdp": True})
     assert "activation_offload" not in settings
+    # compile from the config with FSDP from the launcher: said and counted eager, its "as memcalc does" note gone.
+    settings, notes = _merged({**torchtune, "compile": True}, {"fsdp": True})
+    assert "compile" not in settings
+    assert any(note.startswith("run.yaml: compile true read but not modelled") for note in notes)
+    assert not any("compiles each decoder layer, as memcalc does" in note for note in notes)
     path = tmp_path / "tt.json"
     path.write_text(json.dumps(torchtune))
     result = cli("--from", str(path), "--from-format", "torchtune", "--fsdp", "--gpus", "2", "--activations", "rules",

@@ -245,6 +245,7 @@ class TrainerConfig:
     # settings it drops, its note): applied by ``merge`` for memcalc's --fsdp / --deepspeed.
     launched: Mapping[str, Mapping[str, Any]] | None = None
     precision_note: str = ""
+    about: Mapping[str, str] | None = None  # note -> the setting it explains (dropped with it)
 
     def summary(self) -> list[str]:
         """The notes the estimate prints: what was read and how, what is not modelled, what was ignored."""
@@ -359,6 +360,7 @@ class _Reader:
         self.launched: dict[str, dict[str, Any]] = {}  # TrainerConfig.launched
         self.precision_note = ""  # the note that says why the precision is what it is
         self.fsdp_version = 0  # the config's FSDP version (0: none)
+        self.about: dict[str, str] = {}  # note -> the setting it explains
 
     # -- access ------------------------------------------------------------------------------------------------
     def fail(self, message: str) -> ConfigError:
@@ -476,8 +478,11 @@ class _Reader:
         self.unmodelled_keys.add(key)
         self.unmodelled.append(f"{key} {_text(written)} read but not modelled: {why}")
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, about: str | None = None) -> None:
+        """``about``: the setting the note explains, so that it goes when the setting does (TrainerConfig.about)."""
         self.notes.append(text)
+        if about is not None:
+            self.about[text] = about
 
     # -- the end -----------------------------------------------------------------------------------------------
     def ignored(self) -> list[str]:
@@ -501,6 +506,7 @@ class _Reader:
         del self.settings["activation_offload"]
         mapped = next(m for m in self.mapped if m.setting == "activation_offload")
         self.mapped.remove(mapped)
+        self.notes = [note for note in self.notes if self.about.get(note) != "activation_offload"]
         self.not_modelled(mapped.key, mapped.written, OFFLOAD_BESIDE_SHARDING)
 
     def also_read(self) -> list[str]:
@@ -525,7 +531,7 @@ class _Reader:
             source=self.source, format=fmt, detected_by=why, model=self.model, settings=dict(self.settings),
             mapped=tuple(self.mapped), not_modelled=tuple(self.unmodelled), ignored=tuple(self.ignored()),
             notes=tuple(self.notes), also_read=tuple(self.also_read()), recipes=self.recipes,
-            dtype_key=self.dtype_key, launched=self.launched, precision_note=self.precision_note,
+            dtype_key=self.dtype_key, launched=self.launched, precision_note=self.precision_note, about=self.about,
         )
 
 
@@ -600,7 +606,8 @@ def _set_recipe(r: _Reader, label: str, weights: str, autocast: str | None, *, t
         r.launched["fsdp"] = {"recipes": _recipes(weights, autocast, trainable_fp32=trainable_fp32, lora=lora,
                                                   fsdp=not params4bit),
                               "label": label, "auto": auto,
-                              "why": f"{why}{'; ' + (_FSDP2_PARAMS4BIT if params4bit else _FSDP_UPCAST) if autocast else ''}"}
+                              "why": why + (f"; {_FSDP2_PARAMS4BIT if params4bit else _FSDP_UPCAST}"
+                                            if autocast else "")}
         # transformers integrations/deepspeed.py trainer_config_process: the DeepSpeed config's bf16/fp16 sections
         # decide, the trainer's flags fill their "auto" (_deepspeed_precision).
         r.launched["deepspeed"] = {"precision": autocast, "label": label}
@@ -1026,7 +1033,7 @@ def _compile(r: _Reader, key: str, how: str) -> None:
                        "(high: the compiled layers hold less)")
         return
     r.set("compile", True, key, r.get(key))
-    r.note(f"{key}: {how}")
+    r.note(f"{key}: {how}", about="compile")
 
 
 def _hf_unmodelled(r: _Reader, trl: bool) -> None:
@@ -1112,7 +1119,8 @@ def _read_axolotl(r: _Reader) -> None:
         r.set("activation_offload", "checkpoints", "gradient_checkpointing", checkpointing)
         r.note("gradient_checkpointing offload: axolotl moves each layer's hidden states to CPU RAM (counted as "
                "--activation-offload checkpoints); it keeps the layer's other arguments (position embeddings, mask) on "
-               "the GPU, where transformers' offload moves them too: a little more on the GPU than counted")
+               "the GPU, where transformers' offload moves them too: a little more on the GPU than counted",
+               about="activation_offload")
     elif checkpointing and isinstance(checkpointing, str):
         r.not_modelled("gradient_checkpointing", checkpointing, "checkpoints are offloaded; memcalc counts them on "
                        "the GPU (high)")
@@ -1129,7 +1137,8 @@ def _read_axolotl(r: _Reader) -> None:
         # (LoRA models: its own variant), with patches that clone non-contiguous saved tensors first.
         r.set("activation_offload", "trl", "activation_offloading", True)
         r.note("activation_offloading true: axolotl runs TRL's OffloadActivations (counted as --activation-offload "
-               "trl); its clone of non-contiguous saved tensors before offloading is not modelled")
+               "trl); its clone of non-contiguous saved tensors before offloading is not modelled",
+               about="activation_offload")
     elif offloading:
         r.not_modelled("activation_offloading", offloading, "axolotl's legacy/disk/hidden_states offloading moves "
                        "saved activations to CPU RAM or disk; memcalc counts them on the GPU (high)")
@@ -1246,8 +1255,8 @@ def _axolotl_unmodelled(r: _Reader) -> None:
         # core/trainers/base.py additional_accelerator_args: accelerate's mixed_precision "fp8" with AORecipeKwargs(
         # Float8LinearConfig(...)), torchao's tensorwise scaling by default; accelerate/utils/ao.py
         # convert_model_to_fp8_ao (from Accelerator.prepare) skips the first and last Linear (filter_linear_layers with
-        # find_first_last_linear_layers), torchtitan's converter (memcalc's --fp8) the output head only. FSDP's param_dtype for "fp8" is bf16
-        # (FullyShardedDataParallelPlugin.set_mixed_precision).
+        # find_first_last_linear_layers), torchtitan's converter (memcalc's --fp8) the output head only. FSDP's
+        # param_dtype for "fp8" is bf16 (FullyShardedDataParallelPlugin.set_mixed_precision).
         r.set("fp8", "tensorwise", "fp8", True)
         r.note("fp8 true: torchao's float8 Linear with tensorwise scales (accelerate's AO recipe); accelerate also "
                "leaves the first decoder Linear in bf16, which memcalc converts (its float8 casts counted: high by "
@@ -1705,6 +1714,7 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
             dropped = next(m for m in mapped if m.setting == name)
             del settings[name]
             mapped.remove(dropped)
+            notes = [note for note in notes if (config.about or {}).get(note) != name]
             unmodelled.append(f"{dropped.key} {_text(dropped.written)} read but not modelled: {why}")
     for name, why in change.get("drop", ()):
         if name in settings:

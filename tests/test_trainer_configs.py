@@ -879,3 +879,12 @@ def test_fsdp2_leaves_trainable_parameters_beside_4bit_weights_uncast():
     assert _merged(qlora, {"fsdp": True})[0]["precision"] == "bf16-pure"
     assert _settings({**qlora, "fsdp": "full_shard"})["precision"] == "bf16-pure"  # (TRL's FSDP default: version 2)
     assert _settings({**qlora, "fsdp": "full_shard", "fsdp_config": {"version": 1}})["precision"] == "bf16"
+
+
+def test_zero_from_the_command_line_is_deepspeed_s_recipe():
+    """--zero 3 without a DeepSpeed file is memcalc's DeepSpeed ZeRO: HF Trainer fills its bf16 section from args.bf16
+    (integrations/deepspeed.py trainer_config_process) and DeepSpeed keeps fp32 master weights of the bf16 model
+    (memcalc's bf16), not the single-GPU pure bf16; a comparison with stage 0 keeps the config's recipe."""
+    assert _merged(TRL_BF16, {"zero": 3})[0]["precision"] == "bf16"
+    assert _merged(TRL_BF16, {"zero": [0, 3]})[0]["precision"] == "bf16-pure"
+    assert _merged(TRL_BF16, {"zero": 0})[0]["precision"] == "bf16-pure"

@@ -1695,10 +1695,10 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
     sharding = getattr(sharding, "value", sharding)
     engine = None
     if "sharding" not in config.settings and "deepspeed" not in config.settings:
-        if chosen.get("deepspeed") is not None:
-            engine = "deepspeed"
-        elif chosen.get("fsdp") is True or sharding == "fsdp":
+        if chosen.get("fsdp") is True or sharding == "fsdp":
             engine = "fsdp"
+        elif chosen.get("deepspeed") is not None or (sharding in (None, "deepspeed") and _zero_given(chosen.get("zero"))):
+            engine = "deepspeed"  # a DeepSpeed config, or memcalc's ZeRO without one (--zero N, DeepSpeed's sharding)
     if engine is None:
         return config
     change = (config.launched or {}).get(engine, {})
@@ -1721,7 +1721,7 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
             del settings[name]
             mapped = [m for m in mapped if m.setting != name]
             notes.append(why)
-    how = "the launcher's FSDP (--fsdp)" if engine == "fsdp" else "the launcher's DeepSpeed (--deepspeed)"
+    how = "the launcher's FSDP (--fsdp)" if engine == "fsdp" else "the launcher's DeepSpeed (--deepspeed, --zero)"
     if "label" in change:
         mapped = [m for m in mapped if m.setting != "precision"]
         settings.pop("precision", None)
@@ -1749,6 +1749,13 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
                 notes.append(f"precision under {how}: {label}; {change['why']}")
     return dataclasses.replace(config, settings=settings, mapped=tuple(mapped), notes=tuple(notes), recipes=recipes,
                                dtype_key=dtype_key, not_modelled=tuple(unmodelled))
+
+
+def _zero_given(zero: Any) -> bool:
+    """Whether --zero names only stages above 0 (an int, "1,2,3" or a list of stages; a comparison with stage 0 keeps
+    the config's own recipe)."""
+    stages = zero.split(",") if isinstance(zero, str) else zero if isinstance(zero, (list, tuple)) else [zero]
+    return all(str(stage).strip() not in ("", "0", "None") for stage in stages)
 
 
 def _same(mine: Any, theirs: Any) -> bool:

@@ -888,3 +888,17 @@ def test_zero_from_the_command_line_is_deepspeed_s_recipe():
     assert _merged(TRL_BF16, {"zero": 3})[0]["precision"] == "bf16"
     assert _merged(TRL_BF16, {"zero": [0, 3]})[0]["precision"] == "bf16-pure"
     assert _merged(TRL_BF16, {"zero": 0})[0]["precision"] == "bf16-pure"
+
+
+def test_llamafactory_lora_under_the_launcher_s_fsdp_is_not_reentrant():
+    # LoRA: reentrant checkpoints are said as not modelled on one GPU; under FSDP2 LLaMA-Factory does not use them
+    # (model_utils/checkpointing.py prepare_model_for_training), so nothing is said about them.
+    data = {"finetuning_type": "lora", "model_name_or_path": "gpt2", "bf16": True}
+    from memcalc.configs.trainers import merge, parse_trainer_config
+
+    alone = parse_trainer_config(data, source="run.yaml")
+    assert any(line.startswith("use_reentrant_gc true read but not modelled") for line in alone.not_modelled)
+    settings, notes = merge(alone, {"fsdp": True}, lambda model: None)
+    assert "checkpoint_reentrant" not in settings
+    assert not any("use_reentrant_gc true read but not modelled" in note for note in notes)
+    assert any("non-reentrantly under FSDP2" in note for note in notes)

@@ -1418,7 +1418,7 @@ def _read_llamafactory(r: _Reader) -> None:
         # model_utils/checkpointing.py prepare_model_for_training: ACCELERATE_USE_FSDP with FSDP_VERSION 2 sets
         # use_reentrant_gc False (memcalc's --fsdp is FSDP2's fully_shard).
         why = "use_reentrant_gc: LLaMA-Factory checkpoints non-reentrantly under FSDP2 (prepare_model_for_training)"
-        r.launched.setdefault("fsdp", {})["drop"] = (("checkpoint_reentrant", why),)
+        r.launched.setdefault("fsdp", {})["drop"] = (("checkpoint_reentrant", "use_reentrant_gc", why),)
     if r.boolean("enable_liger_kernel"):
         # model_utils/liger_kernel.py: fused_linear_cross_entropy stays on for stages pt and sft (require_logits off).
         _liger(r, "enable_liger_kernel")
@@ -1716,10 +1716,13 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
             mapped.remove(dropped)
             notes = [note for note in notes if (config.about or {}).get(note) != name]
             unmodelled.append(f"{dropped.key} {_text(dropped.written)} read but not modelled: {why}")
-    for name, why in change.get("drop", ()):
-        if name in settings:
-            del settings[name]
+    for name, key, why in change.get("drop", ()):
+        # (set, or already said as not modelled beside what reentrant checkpoints are not modelled with)
+        said = [line for line in unmodelled if line.startswith(f"{key} ")]
+        if name in settings or said:
+            settings.pop(name, None)
             mapped = [m for m in mapped if m.setting != name]
+            unmodelled = [line for line in unmodelled if line not in said]
             notes.append(why)
     how = "the launcher's FSDP (--fsdp)" if engine == "fsdp" else "the launcher's DeepSpeed (--deepspeed, --zero)"
     if "label" in change:
@@ -1746,7 +1749,7 @@ def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig
                 notes.append(f"precision {recipe} under {how}: {change['why']}")
             else:
                 recipes, dtype_key = found, change["auto"] or label
-                notes.append(f"precision under {how}: {label}; {change['why']}")
+                notes.append(f"precision: {label}; {change['why']}")
     return dataclasses.replace(config, settings=settings, mapped=tuple(mapped), notes=tuple(notes), recipes=recipes,
                                dtype_key=dtype_key, not_modelled=tuple(unmodelled))
 

@@ -323,6 +323,20 @@ def test_missing_file_folder_fifo_and_non_utf8(tmp_path):
         read_deepspeed_config("")
 
 
+def test_deepspeed_attribute_names_written_as_sections_are_noted_not_fatal():
+    """LLaMA-Factory's examples/deepspeed/ds_z3_fp8_config.json writes "comms_config": {"verbose": false} and
+    "monitor_config": {...}: DeepSpeed reads neither key (deepspeed/runtime/config.py builds its comms_config from
+    "comms_logger", deepspeed/comm/config.py, and monitor_config from tensorboard/wandb/csv_monitor/comet,
+    deepspeed/monitor/config.py get_monitor_config), so they are noted, not refused as misspellings."""
+    s = parse_deepspeed_config({"zero_optimization": {"stage": 3}, "comms_config": {"verbose": False},
+                                "monitor_config": {"enabled": True, "csv_monitor": {"enabled": False}}})
+    assert s.zero_stage == 3
+    assert [note.split(":")[0] for note in s.notes if "DeepSpeed does not read it" in note] == [
+        "comms_config", "monitor_config"]
+    with pytest.raises(ConfigError, match="unknown top-level key 'comms_configs'"):
+        parse_deepspeed_config({"comms_configs": {}})
+
+
 def test_removed_deepspeed_sections_are_noted_not_fatal():
     s = parse_deepspeed_config({"train_micro_batch_size_per_gpu": 1, "sparse_attention": {"mode": "fixed"},
                                 "tensorboard": {"enabled": False}, "scheduler": {"type": "WarmupLR"}})

@@ -54,7 +54,9 @@ EXPECTED = {
         "optim": "adamw-8bit", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "lora_rank": 32,
         "lora_dropout": 0.05,
         "lora_targets": "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj", "qlora": True,
-        "qlora_double_quant": True, "precision": "bf16"}),
+        "qlora_double_quant": True, "qlora_upcast": False, "precision": "bf16"}),
+    # (qlora_upcast False: loaders/model.py _configure_embedding_dtypes casts norms, embeddings and head back to
+    # torch_dtype after prepare_model_for_kbit_training.)
     # "micro_batch_size: 2", "gradient_accumulation_steps: 4", "sequence_len: 4096", "optimizer: adamw_torch_fused",
     # "liger_fused_linear_cross_entropy: true", "fsdp: [full_shard, auto_wrap]" -> FSDP stage 3; bf16 auto + FSDP
     # mixed precision -> fp32 shards gathered in bf16 (memcalc's bf16 under FSDP).
@@ -62,6 +64,43 @@ EXPECTED = {
         "model": "NousResearch/Meta-Llama-3.1-8B", "batch_size": 2, "grad_accum": 4, "seq_len": 4096,
         "optim": "adamw", "optim_impl": "fused", "checkpointing": "full", "attn": "flash", "loss": "fused-linear",
         "sharding": "fsdp", "zero": 3, "precision": "bf16", "cpu_ram_efficient_loading": True}),
+    # No fsdp: list, only "fsdp_config:" with "fsdp_version: 2" and "fsdp_reshard_after_forward: true": axolotl turns
+    # FSDP on for the section alone (loaders/model.py ModelLoader.is_fsdp_enabled; utils/trainer.py setup_fsdp_envs)
+    # -> FSDP2 stage 3; "micro_batch_size: 4", "gradient_accumulation_steps: 1", "sequence_len: 2048" with
+    # "sample_packing: true", "optimizer: adamw_torch_fused", "gradient_checkpointing: false",
+    # "attn_implementation: flash_attention_2", "bf16: auto" under FSDP -> fp32 shards gathered in bf16;
+    # "fsdp_cpu_ram_efficient_loading: false" leaves memcalc's default.
+    "axolotl_adamw-pretrain-fsdp2.yaml": ("axolotl", {
+        "model": "Qwen/Qwen2.5-0.5B", "batch_size": 4, "grad_accum": 1, "seq_len": 2048, "optim": "adamw",
+        "optim_impl": "fused", "checkpointing": "none", "attn": "flash", "sharding": "fsdp", "zero": 3,
+        "precision": "bf16"}),
+    # "context_parallel_size: 2", "tensor_parallel_size: 2" (said, not mapped: see below); "dp_shard_size: 2": the
+    # FSDP shard group, the world's other data-parallel ranks replicas (utils/distributed.py
+    # _get_parallel_config_kwargs: HSDP, --dp-shard 2);
+    # "fsdp_version: 2" with "fsdp_config:" "reshard_after_forward: true" -> FSDP2 stage 3; "sequence_len: 8192" with
+    # "sample_packing: true"; "micro_batch_size: 1", "gradient_accumulation_steps: 1", "optimizer: adamw_torch_fused",
+    # "attn_implementation: flash_attention_2", "bf16: true" under FSDP -> memcalc's bf16; gradient_checkpointing
+    # absent (schemas: false).
+    "axolotl_qwen3-8b-fsdp-tp-cp.yaml": ("axolotl", {
+        "model": "Qwen/Qwen3-8B", "batch_size": 1, "grad_accum": 1, "seq_len": 8192, "optim": "adamw",
+        "optim_impl": "fused", "checkpointing": "none", "attn": "flash", "sharding": "fsdp", "zero": 3,
+        "precision": "bf16", "dp_shard": 2}),
+    # "fp8: true" -> torchao's tensorwise float8 (core/trainers/base.py additional_accelerator_args: a default
+    # Float8LinearConfig); "fsdp_version: 2", "reshard_after_forward: true", "activation_checkpointing: false";
+    # "micro_batch_size: 16", "sequence_len: 512" packed, "liger_fused_linear_cross_entropy: true"; bf16 absent (auto).
+    "axolotl_3b-fp8-fsdp2.yaml": ("axolotl", {
+        "model": "meta-llama/Llama-3.2-3B", "batch_size": 16, "grad_accum": 1, "seq_len": 512, "optim": "adamw",
+        "optim_impl": "fused", "checkpointing": "none", "sharding": "fsdp", "zero": 3, "precision": "bf16",
+        "loss": "fused-linear", "fp8": "tensorwise"}),
+    # "_component_: torchtune.models.llama3_3.llama3_3_70b", "batch_size: 4", "gradient_accumulation_steps: 1",
+    # "max_seq_len: 1024" (not packed: a bound), AdamW "fused: True", "dtype: bf16",
+    # "enable_activation_checkpointing: True", "fsdp_cpu_offload: False" (FSDP keys: fsdp_reshard_after_forward's
+    # default True -> stage 3); "compile: True" beside FSDP and "tensor_parallel_dim: 8" said, not mapped;
+    # "data_parallel_replicate_dim: 1": no HSDP replicas (ParallelDims dp_replicate).
+    "torchtune_llama3_3_70B_full_multinode.yaml": ("torchtune", {
+        "model": "llama-3.3-70b", "repeat_kv": True, "batch_size": 4, "grad_accum": 1, "seq_len": 1024,
+        "precision": "bf16-pure", "checkpointing": "full", "optim": "adamw", "optim_impl": "fused",
+        "sharding": "fsdp", "zero": 3, "dp_replicate": 1}),
     # "per_device_train_batch_size: 1", "gradient_accumulation_steps: 8", "cutoff_len: 2048", "finetuning_type: lora",
     # "lora_rank: 8", "lora_target: all"; checkpointing on (model_utils/checkpointing.py, not disabled); the
     # precision waits for the checkpoint's dtype (recipes below); hparams/data_args.py packing None, on only for
@@ -70,10 +109,12 @@ EXPECTED = {
         "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 8, "seq_len": 2048, "padded": True,
         "checkpointing": "full", **HF_OPTIM, "lora_rank": 8, "lora_dropout": 0.0, "lora_targets": "all-linear"}),
     # "gradient_accumulation_steps: 2", "finetuning_type: full", "deepspeed: examples/deepspeed/ds_z3_config.json"
-    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe; packing off (as above): rows padded.
+    # (beside the config here), "bf16: true" -> DeepSpeed's bf16 recipe; packing off (as above): rows padded;
+    # hparams/model_args.py use_reentrant_gc True by default, passed as {"use_reentrant": ...}
+    # (model_utils/checkpointing.py prepare_model_for_training).
     "llamafactory_qwen3_full_sft.yaml": ("llamafactory", {
         "model": "Qwen/Qwen3-4B-Instruct-2507", "batch_size": 1, "grad_accum": 2, "seq_len": 2048, "padded": True,
-        "checkpointing": "full", **HF_OPTIM, "precision": "bf16",
+        "checkpointing": "full", "checkpoint_reentrant": True, **HF_OPTIM, "precision": "bf16",
         "deepspeed": str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json")}),
     # "_component_: torchtune.models.llama3_2.lora_llama3_2_1b", "lora_attn_modules: ['q_proj', 'v_proj',
     # 'output_proj']", "apply_lora_to_mlp: True", "lora_rank: 64", "batch_size: 4", "gradient_accumulation_steps: 8",
@@ -339,6 +380,8 @@ AXOLOTL_QLORA = {**AXOLOTL, "adapter": "qlora", "load_in_4bit": True, "lora_r": 
     ("paged_adamw_32bit", {"optim": "paged-adamw", "optim_impl": "fused"}),
     ("lion_32bit", {"optim": "lion", "optim_impl": "fused", "state_dtype": "fp32"}),
     ("sgd", {"optim": "sgd"}),
+    # trainer_optimizer.py _get_torchao_optimizer: adamw_torch_8bit is torchao.optim.AdamW8bit (block_size 256).
+    ("adamw_torch_8bit", {"optim": "torchao-adamw-8bit"}),
 ])
 def test_hf_optimizer_names(optimizer, expected):
     settings = _settings({**AXOLOTL, "optimizer": optimizer})
@@ -570,3 +613,299 @@ def test_compile_maps_to_compiled_layers_unless_beside_what_they_are_not_modelle
     sharded = parse_trainer_config({**AXOLOTL, "torch_compile": True, "fsdp": ["full_shard", "auto_wrap"]})
     assert "compile" not in sharded.settings
     assert any(line.startswith("torch_compile true read but not modelled") for line in sharded.not_modelled)
+
+
+def test_torchao_8bit_block_size_other_than_256_is_said():
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL, "optimizer": "adamw_torch_8bit", "optim_args": "block_size=128"})
+    assert parsed.settings["optim"] == "torchao-adamw-8bit"
+    assert any(line.startswith("optim_args block_size=128 read but not modelled") for line in parsed.not_modelled)
+
+
+def test_torchtune_llama3_3_builder_maps_to_its_preset():
+    # torchtune/models/llama3_3/__init__.py exports llama3_3_70b (recipes/configs/llama3_3/70B_full_multinode.yaml).
+    data = {"model": {"_component_": "torchtune.models.llama3_3.llama3_3_70b"}, "batch_size": 1, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"}}
+    assert _settings(data)["model"] == "llama-3.3-70b"
+
+
+def test_torchtune_compile_beside_fsdp_keys_is_said_not_refused(cli, tmp_path):
+    """recipes/configs/llama3_3/70B_full_multinode.yaml: compile True with fsdp_cpu_offload False (FSDP keys): the
+    run is counted eager under FSDP and compile listed as not modelled, instead of the spec's refusal of
+    --compile beside --zero."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+            "fsdp_cpu_offload": False, "compile": True}
+    parsed = parse_trainer_config(data, source="tt.yaml")
+    assert (parsed.settings["sharding"], parsed.settings["zero"]) == ("fsdp", 3) and "compile" not in parsed.settings
+    assert any(line.startswith("compile true read but not modelled") for line in parsed.not_modelled)
+    path = tmp_path / "tt.json"  # (JSON is YAML; the torchtune format is detected from model._component_)
+    path.write_text(json.dumps(data))
+    result = cli("--from", str(path), "--from-format", "torchtune", "--gpus", "2", "--activations", "rules", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (result.json()["training"]["zero_stage"], result.json()["training"]["compile"]) == (3, False)
+
+
+def test_axolotl_fsdp_config_alone_turns_fsdp_on_with_its_settings():
+    """axolotl's FSDP2 examples have no fsdp: list; the section's keys (prefixed or not: schemas/fsdp.py FSDPConfig,
+    validation.py drops the fsdp_ prefix) set what accelerate's plugin reads from setup_fsdp_envs' FSDP_* variables."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    # examples/gpt-oss/gpt-oss-20b-fft-fsdp2-offload.yaml's section: offload_params true, reshard_after_forward true,
+    # cpu_ram_efficient_loading true, activation_checkpointing true.
+    data = {**AXOLOTL, "fsdp_version": 2, "fsdp_config": {
+        "offload_params": True, "state_dict_type": "SHARDED_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": True, "activation_checkpointing": True}}
+    parsed = parse_trainer_config(data)
+    assert {k: parsed.settings[k] for k in ("sharding", "zero", "checkpointing", "cpu_ram_efficient_loading")} == {
+        "sharding": "fsdp", "zero": 3, "checkpointing": "full", "cpu_ram_efficient_loading": True}
+    assert any(line.startswith("fsdp_config.offload_params true read but not modelled") for line in parsed.not_modelled)
+    assert not any("FSDP1" in line for line in parsed.not_modelled)  # fsdp_version 2
+    assert "fsdp_config" not in " ".join(parsed.ignored).split(", ")  # the section is read, not ignored whole
+    assert "fsdp_config.state_dict_type" in parsed.ignored
+    # reshard_after_forward false: gathered parameters stay for the backward (memcalc's stage 2).
+    data["fsdp_config"]["reshard_after_forward"] = False
+    assert _settings(data)["zero"] == 2
+    # fsdp_version absent: axolotl's _resolve_fsdp_version default 1 (FSDP1, said as counted as FSDP2).
+    v1 = parse_trainer_config({**AXOLOTL, "fsdp_config": {"reshard_after_forward": True}})
+    assert v1.settings["sharding"] == "fsdp" and any("FSDP1" in line for line in v1.not_modelled)
+    # Neither key: no FSDP.
+    assert "sharding" not in _settings(AXOLOTL)
+
+
+@pytest.mark.parametrize(("data", "reentrant"), [
+    # axolotl utils/config/__init__.py normalize_config: gradient_checkpointing without gradient_checkpointing_kwargs
+    # (and without unfrozen_parameters) gets {"use_reentrant": True}.
+    ({**AXOLOTL, "gradient_checkpointing": True}, True),
+    ({**AXOLOTL, "gradient_checkpointing": True, "unfrozen_parameters": ["lm_head.*"]}, False),
+    # ... kwargs given are passed on (core/builders/base.py _configure_gradient_checkpointing).
+    ({**AXOLOTL, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}, False),
+    ({**AXOLOTL, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, True),
+    ({**AXOLOTL, "gradient_checkpointing": False}, False),
+    # LLaMA-Factory hparams/model_args.py use_reentrant_gc True by default (checkpointing on unless disabled).
+    ({"finetuning_type": "full", "model_name_or_path": "gpt2"}, True),
+    ({"finetuning_type": "full", "use_reentrant_gc": False}, False),
+    ({"finetuning_type": "full", "disable_gradient_checkpointing": True}, False),
+    # transformers trainer.py: kwargs left after every_n_layers/offload go to torch.utils.checkpoint, whose
+    # use_reentrant None is True (torch/utils/checkpoint.py); an empty rest is {"use_reentrant": False}.
+    ({"model_name_or_path": "gpt2", "gradient_checkpointing": True,
+      "gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, True),
+    ({"model_name_or_path": "gpt2", "gradient_checkpointing": True,
+      "gradient_checkpointing_kwargs": {"every_n_layers": 2}}, False),
+    # TRL sft_trainer.py: setdefault("use_reentrant", False) on the kwargs.
+    ({"max_length": 512, "gradient_checkpointing_kwargs": {"preserve_rng_state": False}}, False),
+])
+def test_reentrant_checkpointing_as_each_trainer_defaults_it(data, reentrant):
+    fmt = "hf" if "model_name_or_path" in data and "finetuning_type" not in data else None
+    assert _settings(data, fmt).get("checkpoint_reentrant", False) is reentrant
+
+
+def test_reentrant_default_with_adapters_is_said_not_modelled():
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL, "gradient_checkpointing": True, "adapter": "lora", "lora_r": 8})
+    assert "checkpoint_reentrant" not in parsed.settings
+    assert any(line.startswith("gradient_checkpointing_kwargs true read but not modelled")
+               for line in parsed.not_modelled)
+
+
+# TRL run with the model loaded in bf16 (ModelConfig dtype bfloat16; base_config.py bf16 defaults to not fp16).
+TRL_BF16 = {"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dtype": "bfloat16", "max_length": 512}
+
+
+def _merged(data: dict, chosen: dict) -> tuple[dict, list[str]]:
+    from memcalc.configs.trainers import merge, parse_trainer_config
+
+    return merge(parse_trainer_config(data, source="run.yaml"), chosen, lambda model: None)
+
+
+def test_fsdp_from_the_launcher_runs_accelerates_upcast():
+    """accelerate launch with an FSDP config over a bf16-loaded model and bf16 true: fsdp2_prepare_model
+    (accelerate/utils/fsdp_utils.py) upcasts every trainable parameter to fp32 when mixed_precision != "no", and the
+    MixedPrecisionPolicy gathers them in bf16: memcalc's bf16 under FSDP, not the config's own pure bf16."""
+    from memcalc.errors import UsageError
+
+    assert _merged(TRL_BF16, {})[0]["precision"] == "bf16-pure"  # one GPU, no engine: pure bf16 (unchanged)
+    settings, notes = _merged(TRL_BF16, {"fsdp": True, "num_gpus": 8})
+    assert settings["precision"] == "bf16"
+    assert any(note.startswith("run.yaml: precision bf16 under the launcher's FSDP") for note in notes)
+    assert not any("precision bf16-pure" in note for note in notes)  # the config's own note is replaced
+    # --precision bf16 is what the launcher runs: accepted; bf16-pure is not.
+    assert _merged(TRL_BF16, {"fsdp": True, "precision": "bf16"})[0]["precision"] == "bf16"
+    with pytest.raises(UsageError, match="under the launcher's FSDP"):
+        _merged(TRL_BF16, {"fsdp": True, "precision": "bf16-pure"})
+    # No autocast (bf16 false): accelerate's mixed_precision "no", nothing upcast: pure bf16 stays.
+    assert _merged({**TRL_BF16, "bf16": False}, {"fsdp": True})[0]["precision"] == "bf16-pure"
+
+
+def test_deepspeed_from_the_launcher_leaves_the_recipe_to_its_config(cli):
+    """--deepspeed over a TRL bf16 config: the DeepSpeed config's bf16 section decides (transformers
+    integrations/deepspeed.py trainer_config_process fills its "auto" from args.bf16), as with the config's own
+    deepspeed key; LLaMA-Factory's examples/deepspeed/ds_z3_config.json has bf16.enabled "auto"."""
+    settings, _ = _merged(TRL_BF16, {"deepspeed": "ds.json"})
+    assert settings["precision"] == "bf16"
+    result = cli("qwen2.5-0.5b", "--from", str(FIXTURES / "trl_example_config.yaml"), "--activations", "rules",
+                 "--deepspeed", str(FIXTURES / "examples" / "deepspeed" / "ds_z3_config.json"), "--gpus", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (result.json()["training"]["precision"], result.json()["training"]["zero_stage"]) == ("bf16", 3)
+
+
+def test_fsdp_from_the_launcher_turns_llamafactory_reentrant_checkpointing_off():
+    # model_utils/checkpointing.py prepare_model_for_training: FSDP2 (ACCELERATE_USE_FSDP, FSDP_VERSION 2) sets
+    # use_reentrant_gc False.
+    data = {"finetuning_type": "full", "model_name_or_path": "gpt2", "bf16": True}
+    assert _merged(data, {})[0]["checkpoint_reentrant"] is True
+    settings, notes = _merged(data, {"fsdp": True})
+    assert "checkpoint_reentrant" not in settings and settings["precision"] == "bf16"
+    assert any("non-reentrantly under FSDP2" in note for note in notes)
+
+
+@pytest.mark.parametrize(("data", "upcast"), [
+    # axolotl loaders/model.py: norms, embeddings and head cast back to bf16 after prepare_model_for_kbit_training;
+    # under FSDP it is skipped (_prepare_model_for_quantization) and nothing cast.
+    (AXOLOTL_QLORA, False),
+    ({**AXOLOTL_QLORA, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}, False),
+    # LLaMA-Factory: no prepare_model_for_kbit_training anywhere in src/llamafactory (model/adapter.py upcasts the
+    # trainable parameters only).
+    ({"finetuning_type": "lora", "quantization_bit": 4}, False),
+    # TRL sft_trainer.py: no prepare_model_for_kbit_training; a bf16-loaded base stays bf16 ...
+    ({"max_length": 512, "use_peft": True, "load_in_4bit": True, "dtype": "bfloat16"}, False),
+    # ... and ModelConfig's default float32 loads the non-quantized tensors in fp32 (memcalc's default, upcast).
+    ({"max_length": 512, "use_peft": True, "load_in_4bit": True}, True),
+])
+def test_qlora_upcast_as_each_trainer_runs_it(data, upcast):
+    assert _settings(data).get("qlora_upcast", True) is upcast
+
+
+def test_axolotl_qlora_notes_agree(cli):
+    """One account of the base's non-quantized tensors: the reader's (16-bit, axolotl casts them back) and the
+    estimate's, no 'in fp32, as PEFT's prepare_model_for_kbit_training casts them' beside it."""
+    result = cli("llama-3.2-1b", "--from", str(FIXTURES / "axolotl_qlora-1b.yml"), "--activations", "rules", "--json")
+    assert result.exit_code in (0, 6), result.stderr
+    notes = " ".join(result.json()["notes"])
+    assert "axolotl leaves the base's non-quantized tensors in its 16-bit dtype" in notes
+    assert "the base's other tensors stay 16-bit" in notes
+    assert "prepare_model_for_kbit_training casts them" not in notes
+    assert "memcalc counts them in 16 bits" not in notes
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    # Each key changes memory in a way memcalc does not count here: listed as read but not modelled, never ignored.
+    ("torchtune_llama3_3_70B_full_multinode.yaml", [
+        "tensor_parallel_dim 8 read but not modelled", "custom_sharded_layers [tok_embeddings, output] read but not",
+        "compile true read but not modelled"]),
+    ("axolotl_qwen3-8b-fsdp-tp-cp.yaml", [
+        "tensor_parallel_size 2 read but not modelled", "context_parallel_size 2 read but not modelled"]),
+    ("axolotl_3b-fp8-fsdp2.yaml", ["fp8_enable_fsdp_float8_all_gather true read but not modelled",
+                                   "torch_compile true read but not modelled"]),
+])
+def test_parallel_and_kernel_keys_are_said_never_ignored(name, said):
+    config = read_trainer_config(FIXTURES / name)
+    for start in said:
+        assert any(line.startswith(start) for line in config.not_modelled), start
+    memory_keys = {"tensor_parallel_dim", "context_parallel_dim", "custom_sharded_layers", "tensor_parallel_size",
+                   "context_parallel_size", "dp_shard_size", "tiled_mlp", "fp8", "lora_mlp_kernel", "lora_qkv_kernel",
+                   "lora_o_kernel", "use_kernels", "compile", "torch_compile"}
+    assert not memory_keys & set(config.ignored)
+
+
+@pytest.mark.parametrize(("key", "direction"), [
+    # monkeypatch/tiled_mlp/base.py TiledMLP saves only the MLP's input: memcalc's whole-MLP count is high.
+    ("tiled_mlp", "(high)"),
+    ("lora_mlp_kernel", "direction not measured"),
+    ("lora_qkv_kernel", "direction not measured"),
+    ("lora_o_kernel", "direction not measured"),
+    ("use_kernels", "direction not known"),
+])
+def test_axolotl_kernel_switches_are_said_with_their_direction(key, direction):
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config({**AXOLOTL, "adapter": "lora", "lora_r": 8, key: True})
+    line = next(line for line in parsed.not_modelled if line.startswith(f"{key} true read but not modelled"))
+    assert line.endswith(direction) or direction in line
+
+
+def test_axolotl_dp_shard_size_is_the_shard_group():
+    # utils/distributed.py _get_parallel_config_kwargs: dp_shard_size ranks shard, the rest of the world replicates
+    # (dp_replicate_size); the world is the launcher's (--gpus), not the config's.
+    settings = _settings({**AXOLOTL, "dp_shard_size": 4})
+    assert settings["dp_shard"] == 4 and "gpus" not in settings
+
+
+def test_torchtune_context_parallel_dim_is_said():
+    data = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
+            "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+            "fsdp_cpu_offload": False, "context_parallel_dim": 4, "tensor_parallel_dim": 1}
+    from memcalc.configs.trainers import parse_trainer_config
+
+    parsed = parse_trainer_config(data)
+    assert any(line.startswith("context_parallel_dim 4 read but not modelled") and line.endswith("(high)")
+               for line in parsed.not_modelled)
+    assert "tensor_parallel_dim" not in parsed.ignored  # read: 1 is no tensor parallelism
+
+
+def test_activation_offloading_beside_sharding_is_said_not_refused(cli, tmp_path):
+    """axolotl examples/gpt-oss/gpt-oss-20b-fft-deepspeed-zero3.yaml: activation_offloading true with a ZeRO-3
+    DeepSpeed config; memcalc estimates offloading on one unsharded process only, so it is said and counted on the
+    GPU, as with --fsdp from the launcher beside torchtune's enable_activation_offloading."""
+    from memcalc.configs.trainers import parse_trainer_config
+
+    data = {**AXOLOTL, "gradient_checkpointing": True, "activation_offloading": True, "fsdp_version": 2,
+            "fsdp_config": {"reshard_after_forward": True}}
+    parsed = parse_trainer_config(data)
+    assert "activation_offload" not in parsed.settings and parsed.settings["zero"] == 3
+    assert any(line.startswith("activation_offloading true read but not modelled") for line in parsed.not_modelled)
+    assert not any("counted as --activation-offload" in note for note in parsed.notes)  # one account, not two
+    torchtune = {"model": {"_component_": "torchtune.models.llama3_2.llama3_2_1b"}, "batch_size": 1, "dtype": "bf16",
+                 "gradient_accumulation_steps": 1, "optimizer": {"_component_": "torch.optim.AdamW"},
+                 "enable_activation_checkpointing": True, "enable_activation_offloading": True}
+    settings, _ = _merged(torchtune, {"fsdp": True})
+    assert "activation_offload" not in settings
+    # compile from the config with FSDP from the launcher: said and counted eager, its "as memcalc does" note gone.
+    settings, notes = _merged({**torchtune, "compile": True}, {"fsdp": True})
+    assert "compile" not in settings
+    assert any(note.startswith("run.yaml: compile true read but not modelled") for note in notes)
+    assert not any("compiles each decoder layer, as memcalc does" in note for note in notes)
+    path = tmp_path / "tt.json"
+    path.write_text(json.dumps(torchtune))
+    result = cli("--from", str(path), "--from-format", "torchtune", "--fsdp", "--gpus", "2", "--activations", "rules",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["training"]["activation_offload"] == "none"
+
+
+def test_fsdp2_leaves_trainable_parameters_beside_4bit_weights_uncast():
+    """accelerate fsdp2_prepare_model upcasts only `if accelerator.mixed_precision != "no" and not
+    model_has_params4bit`: TRL's QLoRA adapters, cast to bf16 by sft_trainer.py, stay bf16 (pure bf16) under FSDP2,
+    whether the config or the launcher asks for it; FSDP1 (Accelerator.prepare_model) upcasts them."""
+    qlora = {**TRL_BF16, "use_peft": True, "load_in_4bit": True}
+    assert _merged(qlora, {"fsdp": True})[0]["precision"] == "bf16-pure"
+    assert _settings({**qlora, "fsdp": "full_shard"})["precision"] == "bf16-pure"  # (TRL's FSDP default: version 2)
+    assert _settings({**qlora, "fsdp": "full_shard", "fsdp_config": {"version": 1}})["precision"] == "bf16"
+
+
+def test_zero_from_the_command_line_is_deepspeed_s_recipe():
+    """--zero 3 without a DeepSpeed file is memcalc's DeepSpeed ZeRO: HF Trainer fills its bf16 section from args.bf16
+    (integrations/deepspeed.py trainer_config_process) and DeepSpeed keeps fp32 master weights of the bf16 model
+    (memcalc's bf16), not the single-GPU pure bf16; a comparison with stage 0 keeps the config's recipe."""
+    assert _merged(TRL_BF16, {"zero": 3})[0]["precision"] == "bf16"
+    assert _merged(TRL_BF16, {"zero": [0, 3]})[0]["precision"] == "bf16-pure"
+    assert _merged(TRL_BF16, {"zero": 0})[0]["precision"] == "bf16-pure"
+
+
+def test_llamafactory_lora_under_the_launcher_s_fsdp_is_not_reentrant():
+    # LoRA: reentrant checkpoints are said as not modelled on one GPU; under FSDP2 LLaMA-Factory does not use them
+    # (model_utils/checkpointing.py prepare_model_for_training), so nothing is said about them.
+    data = {"finetuning_type": "lora", "model_name_or_path": "gpt2", "bf16": True}
+    from memcalc.configs.trainers import merge, parse_trainer_config
+
+    alone = parse_trainer_config(data, source="run.yaml")
+    assert any(line.startswith("use_reentrant_gc true read but not modelled") for line in alone.not_modelled)
+    settings, notes = merge(alone, {"fsdp": True}, lambda model: None)
+    assert "checkpoint_reentrant" not in settings
+    assert not any("use_reentrant_gc true read but not modelled" in note for note in notes)
+    assert any("non-reentrantly under FSDP2" in note for note in notes)

@@ -119,6 +119,12 @@ TOP_LEVEL_KEYS = frozenset({
     # accelerate's DeepSpeedPlugin adds this one for fp8 through MS-AMP (accelerate/utils/dataclasses.py).
     "msamp",
 })
+# Attribute names of DeepSpeedConfig that configs write as sections (LLaMA-Factory's
+# examples/deepspeed/ds_z3_fp8_config.json): DeepSpeedConfig._initialize_params builds self.comms_config from
+# "comms_logger" (deepspeed/comm/config.py DeepSpeedCommsConfig) and self.monitor_config from "tensorboard", "wandb",
+# "csv_monitor" and "comet" (deepspeed/monitor/config.py get_monitor_config); neither key is read, and neither the
+# comms logger nor the monitors hold GPU memory. Accepted with a note instead of refused as a misspelling.
+UNREAD_LOGGING_KEYS = {"comms_config": "comms_logger", "monitor_config": "tensorboard, wandb, csv_monitor or comet"}
 # deepspeed/runtime/config.py, _REMOVED_TOP_LEVEL_CONFIG_KEYS: features removed in 0.19; DeepSpeed 0.19.8 raises on
 # them, older releases accept them. None changes model-state memory except "amp" (Apex), handled apart.
 REMOVED_TOP_LEVEL_KEYS = frozenset({
@@ -372,6 +378,10 @@ class _Parser:
 
     def top_level_keys(self, data: Mapping[str, Any]) -> None:
         for key in data:
+            if key in UNREAD_LOGGING_KEYS:
+                self.notes.append(f"{key}: ignored (DeepSpeed does not read it, its sections are "
+                                  f"{UNREAD_LOGGING_KEYS[key]}; logging holds no GPU memory memcalc counts)")
+                continue
             if key not in TOP_LEVEL_KEYS and key not in REMOVED_TOP_LEVEL_KEYS:
                 raise self.fail(f"unknown top-level key {shown(repr(key))}{_suggest(key, TOP_LEVEL_KEYS)}; DeepSpeed "
                                 "would silently ignore it: fix the spelling or remove it")

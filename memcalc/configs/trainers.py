@@ -28,7 +28,8 @@ count as ``bf16`` (a 16-bit weight plus an fp32 master is what an fp32 trainable
 4 + 4 + 8 = 2 + 4 + 2 + 8 bytes with Adam); FSDP with mixed precision is memcalc's ``bf16`` under FSDP (fp32 shards,
 accelerate's upcast, gathered in 16 bits). When a config loads the checkpoint's
 own dtype ("auto"), the model's config.json says it (``torch_dtype``/``dtype``); a preset does not record it, so
-then ``--precision`` decides, among the recipes the config allows.
+then ``--precision`` decides, among the recipes the config allows. An engine the launcher adds (memcalc's --fsdp or
+--deepspeed beside a config without one) gives the recipe that engine runs (``TrainerConfig.launched``, ``merge``).
 
 Rules were read from transformers 5.24 (training_args.py, trainer_optimizer.py, modeling_utils.py), TRL at
 f2cd577 (trl/trainer/base_config.py, sft_config.py, model_config.py, sft_trainer.py, scripts/sft.py), axolotl at
@@ -39,6 +40,7 @@ torchtune/models/), LLaMA-Factory at ff6d4d1 (src/llamafactory/hparams/, model/)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -58,6 +60,10 @@ FORMATS = {
     "llamafactory": "a LLaMA-Factory config",
 }
 WHAT = "trainer config"
+COMPILE_BESIDE_SHARDING = ("--compile is not modelled with ZeRO/FSDP sharding; counted as eager (high: the compiled "
+                           "layers hold less)")
+OFFLOAD_BESIDE_SHARDING = ("activation offloading beside ZeRO/FSDP sharding is not modelled (memcalc traces it on one "
+                           "unsharded process); the activations it moves to CPU RAM are counted on the GPU (high)")
 MAX_LISTED = 100  # keys named per list in the output; a real config has a few dozen
 MAX_INTEGER = 10**9  # batch, length, rank, steps: far past any run (memcalc.spec.MAX_TOKENS)
 
@@ -75,6 +81,9 @@ _Optim = tuple[str, str | None, str | None, str]
 HF_OPTIMIZERS: dict[str, _Optim] = {
     "adamw_torch": ("adamw", None, None, ""),
     "adamw_torch_fused": ("adamw", "fused", None, ""),
+    # trainer_optimizer.py _get_torchao_optimizer: torchao.optim.AdamW8bit (torchao.prototype.low_bit_optim before
+    # 0.11) with block_size optim_args' or 256, torchao's own default, as memcalc counts it.
+    "adamw_torch_8bit": ("torchao-adamw-8bit", None, None, ""),
     "adafactor": ("adafactor", None, None, ""),
     "adamw_bnb_8bit": ("adamw-8bit", "fused", None, ""),
     "adamw_8bit": ("adamw-8bit", "fused", None, ""),
@@ -91,7 +100,7 @@ HF_OPTIMIZERS: dict[str, _Optim] = {
 }
 # Names transformers 5.24 knows that memcalc has no model for: an error, never a silent AdamW.
 HF_UNMODELLED_OPTIMIZERS = frozenset({
-    "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit",
+    "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision", "adamw_torch_4bit",
     "ademamix", "adagrad", "ademamix_8bit", "lion_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
     "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw",
     "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
@@ -136,6 +145,7 @@ TORCHTUNE_MODELS: dict[str, tuple[str, bool]] = {
     "torchtune.models.llama3_1.llama3_1_405b": ("llama-3.1-405b", True),
     "torchtune.models.llama3_2.llama3_2_1b": ("llama-3.2-1b", True),
     "torchtune.models.llama3_2.llama3_2_3b": ("llama-3.2-3b", True),
+    "torchtune.models.llama3_3.llama3_3_70b": ("llama-3.3-70b", True),
     "torchtune.models.qwen2_5.qwen2_5_0_5b": ("qwen2.5-0.5b", True),
     "torchtune.models.qwen2_5.qwen2_5_1_5b_base": ("qwen2.5-1.5b", True),
     "torchtune.models.qwen2_5.qwen2_5_1_5b_instruct": ("qwen2.5-1.5b", True),
@@ -231,6 +241,11 @@ class TrainerConfig:
     also_read: tuple[str, ...] = ()  # "key value": keys read that shaped a mapping without one of their own
     recipes: Mapping[str, str] | None = None
     dtype_key: str = ""
+    # What changes when the launcher, not the config, adds the engine ("fsdp", "deepspeed" -> the precision, the
+    # settings it drops, its note): applied by ``merge`` for memcalc's --fsdp / --deepspeed.
+    launched: Mapping[str, Mapping[str, Any]] | None = None
+    precision_note: str = ""
+    about: Mapping[str, str] | None = None  # note -> the setting it explains (dropped with it)
 
     def summary(self) -> list[str]:
         """The notes the estimate prints: what was read and how, what is not modelled, what was ignored."""
@@ -342,6 +357,10 @@ class _Reader:
         self.model: str | None = None
         self.recipes: dict[str, str] | None = None
         self.dtype_key = ""
+        self.launched: dict[str, dict[str, Any]] = {}  # TrainerConfig.launched
+        self.precision_note = ""  # the note that says why the precision is what it is
+        self.fsdp_version = 0  # the config's FSDP version (0: none)
+        self.about: dict[str, str] = {}  # note -> the setting it explains
 
     # -- access ------------------------------------------------------------------------------------------------
     def fail(self, message: str) -> ConfigError:
@@ -459,8 +478,11 @@ class _Reader:
         self.unmodelled_keys.add(key)
         self.unmodelled.append(f"{key} {_text(written)} read but not modelled: {why}")
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, about: str | None = None) -> None:
+        """``about``: the setting the note explains, so that it goes when the setting does (TrainerConfig.about)."""
         self.notes.append(text)
+        if about is not None:
+            self.about[text] = about
 
     # -- the end -----------------------------------------------------------------------------------------------
     def ignored(self) -> list[str]:
@@ -478,6 +500,15 @@ class _Reader:
                 found.append(key)
         return _capped([shown(key, 60) for key in found])
 
+    def _offload_unmodelled(self) -> None:
+        """Activation offloading beside ZeRO/FSDP sharding, which memcalc estimates on one unsharded process only
+        (memcalc.activations refuses the pair): said, and counted without offloading."""
+        del self.settings["activation_offload"]
+        mapped = next(m for m in self.mapped if m.setting == "activation_offload")
+        self.mapped.remove(mapped)
+        self.notes = [note for note in self.notes if self.about.get(note) != "activation_offload"]
+        self.not_modelled(mapped.key, mapped.written, OFFLOAD_BESIDE_SHARDING)
+
     def also_read(self) -> list[str]:
         shown_keys = {m.key for m in self.mapped} | self.unmodelled_keys
         return [f"{shown(key, 60)} {_text(self._lookup(key)[1])}" for key in sorted(self.read - shown_keys)
@@ -493,11 +524,14 @@ class _Reader:
             self.not_modelled(mapped.key, True, "reentrant checkpoints with adapters, compiled layers, offloading or "
                               "float8 are counted as non-reentrant ones (low by about one hidden state, the recomputed "
                               "layer's output)")
+        if is_on(self.settings.get("activation_offload")) and (
+                self.settings.get("zero") or self.settings.get("deepspeed") is not None):
+            self._offload_unmodelled()
         return TrainerConfig(
             source=self.source, format=fmt, detected_by=why, model=self.model, settings=dict(self.settings),
             mapped=tuple(self.mapped), not_modelled=tuple(self.unmodelled), ignored=tuple(self.ignored()),
             notes=tuple(self.notes), also_read=tuple(self.also_read()), recipes=self.recipes,
-            dtype_key=self.dtype_key,
+            dtype_key=self.dtype_key, launched=self.launched, precision_note=self.precision_note, about=self.about,
         )
 
 
@@ -541,27 +575,55 @@ def _recipe(weights: str, autocast: str | None, *, trainable_fp32: bool, lora: b
     return f"{weights}-pure"
 
 
-def _set_recipe(r: _Reader, label: str, weights: str, autocast: str | None, *, trainable_fp32: bool, lora: bool,
-                fsdp: bool = False, why: str, auto: str = "") -> None:
-    """Set the precision, or, for weights in the checkpoint's dtype ("auto"), every recipe it may be.
-    ``label``: the keys that decide it and their values, as the output names them; ``auto``: what loads the
-    checkpoint's dtype, for the message that asks for it."""
+def _recipes(weights: str, autocast: str | None, *, trainable_fp32: bool, lora: bool, fsdp: bool) -> dict[str, str]:
+    """``_recipe`` for each dtype the weights may load in ("auto": every one), a refusal as "!" + its message."""
     recipes: dict[str, str] = {}
     for dtype in ("fp32", "bf16", "fp16") if weights == "auto" else (weights,):
         try:
             recipes[dtype] = _recipe(dtype, autocast, trainable_fp32=trainable_fp32, lora=lora, fsdp=fsdp)
         except ValueError as error:
             recipes[dtype] = "!" + str(error)
+    return recipes
+
+
+def _set_recipe(r: _Reader, label: str, weights: str, autocast: str | None, *, trainable_fp32: bool, lora: bool,
+                fsdp: bool = False, why: str, auto: str = "") -> None:
+    """Set the precision, or, for weights in the checkpoint's dtype ("auto"), every recipe it may be.
+    ``label``: the keys that decide it and their values, as the output names them; ``auto``: what loads the
+    checkpoint's dtype, for the message that asks for it. Without an engine in the config, the recipe the same run
+    has when the launcher adds one (``accelerate launch`` with an FSDP or DeepSpeed config, memcalc's --fsdp or
+    --deepspeed) is kept for ``merge``: TrainerConfig.launched."""
+    # accelerate's FSDP2 prepare skips its upcast for a model holding bitsandbytes' Params4bit (fsdp2_prepare_model:
+    # `if accelerator.mixed_precision != "no" and not model_has_params4bit`); FSDP1's (Accelerator.prepare_model) does
+    # not. memcalc's --fsdp is FSDP2.
+    params4bit = bool(r.settings.get("qlora"))
+    if fsdp and params4bit and r.fsdp_version == 2:
+        fsdp = False
+        why = why.replace(_FSDP_UPCAST, _FSDP2_PARAMS4BIT)
+    elif not fsdp:
+        # accelerate's FSDP prepare upcasts the trainable parameters under mixed precision (utils/fsdp_utils.py
+        # fsdp2_prepare_model; FSDP1: Accelerator.prepare_model), whoever asked for FSDP.
+        r.launched["fsdp"] = {"recipes": _recipes(weights, autocast, trainable_fp32=trainable_fp32, lora=lora,
+                                                  fsdp=not params4bit),
+                              "label": label, "auto": auto,
+                              "why": why + (f"; {_FSDP2_PARAMS4BIT if params4bit else _FSDP_UPCAST}"
+                                            if autocast else "")}
+        # transformers integrations/deepspeed.py trainer_config_process: the DeepSpeed config's bf16/fp16 sections
+        # decide, the trainer's flags fill their "auto" (_deepspeed_precision).
+        r.launched["deepspeed"] = {"precision": autocast, "label": label}
+    recipes = _recipes(weights, autocast, trainable_fp32=trainable_fp32, lora=lora, fsdp=fsdp)
     if len(set(recipes.values())) == 1:  # the checkpoint's dtype does not matter (or is written)
         recipe = next(iter(recipes.values()))
         if recipe.startswith("!"):
             raise r.fail(recipe[1:])
         r.set("precision", recipe, label.split(" ", 1)[0], label=label)
         r.note(f"precision {recipe}: {why}")
+        r.precision_note = r.notes[-1]
         return
     r.recipes = recipes
     r.dtype_key = auto or label
     r.note(f"precision: {label}; {why}")
+    r.precision_note = r.notes[-1]
 
 
 def _optimizer(r: _Reader, key: str, name: Any, default: bool, optim_args: Any = None) -> None:
@@ -575,6 +637,10 @@ def _optimizer(r: _Reader, key: str, name: Any, default: bool, optim_args: Any =
         raise r.fail(f"{key} {shown(repr(name))} is not an optimizer transformers 5.24 knows (OptimizerNames); "
                      f"memcalc reads {', '.join(sorted(HF_OPTIMIZERS))}")
     _apply_optimizer(r, key, name, HF_OPTIMIZERS[spelled], default)
+    block = _optim_arg(optim_args, "block_size") if optim_args is not None else None
+    if spelled == "adamw_torch_8bit" and block not in (None, "256"):
+        r.not_modelled("optim_args", _text(optim_args), f"torchao's AdamW8bit with block_size {block} keeps one fp32 "
+                       "scale per block; memcalc counts blocks of 256")
     if spelled == "sgd" and optim_args is not None:
         # trainer_optimizer.py _get_sgd: optim_args "momentum=0.9,..." (parsed from "k=v,k=v" by the Trainer).
         momentum = _optim_arg(optim_args, "momentum")
@@ -631,16 +697,26 @@ def _deepspeed(r: _Reader, key: str) -> bool:
 
 
 def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, default_version: int,
-          *, checkpointing_key: str = "activation_checkpointing") -> bool:
+          *, checkpointing_key: str = "activation_checkpointing", config_enables: bool = False) -> bool:
     """HF Trainer's and axolotl's FSDP: ``fsdp`` (true, or the legacy options string/list) and ``fsdp_config``
     (transformers training_args.py _process_fsdp_args, which drops each key's fsdp_ prefix, and
     _apply_legacy_fsdp_to_config: full_shard -> reshard_after_forward true, shard_grad_op -> false, offload ->
-    cpu_offload)."""
+    cpu_offload). ``config_enables``: an ``fsdp_config`` section alone turns FSDP on (axolotl: loaders/model.py
+    ModelLoader.is_fsdp_enabled is ``fsdp_config is not None or fsdp is not None``, and utils/trainer.py
+    prepare_optim_env calls setup_fsdp_envs for either, which sets ACCELERATE_USE_FSDP and the FSDP_* variables
+    accelerate's FullyShardedDataParallelPlugin reads: FSDP_VERSION, FSDP_RESHARD_AFTER_FORWARD, FSDP_OFFLOAD_PARAMS,
+    FSDP_ACTIVATION_CHECKPOINTING, FSDP_CPU_RAM_EFFICIENT_LOADING)."""
     value = r.get(fsdp_key)
+    by_config = False
     if value in (None, False, "", []):
-        return False
-    options = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
-    if not isinstance(value, (bool, str, list)) or not all(isinstance(o, str) for o in options):
+        if not (config_enables and isinstance(r.get(config_key), dict)):
+            return False
+        # The section is the switch: the keys below name it (fsdp_version, else fsdp_config) as what set FSDP.
+        by_config = True
+        fsdp_key = version_key if version_key and r.has(version_key) else config_key
+        value = r.get(fsdp_key) if fsdp_key != config_key else "present"
+    options = [] if by_config else value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+    if not by_config and (not isinstance(value, (bool, str, list)) or not all(isinstance(o, str) for o in options)):
         raise r.fail(f"{fsdp_key} must be true or FSDP options (full_shard, shard_grad_op, offload...), got "
                      f"{_text(value)}")
     section = r.section(config_key) if r.has(config_key) else {}
@@ -654,6 +730,7 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     found = option("version") or (
         (version_key, r.get(version_key)) if version_key and r.has(version_key) else None)
     version = int(found[1]) if found and str(found[1]).strip() in ("1", "2") else default_version
+    r.fsdp_version = version
     if version == 1:
         r.not_modelled(found[0] if found else fsdp_key, found[1] if found else value,
                        "FSDP1 (flat parameters) counted as FSDP2 fully_shard: the same shards and gathered layers, "
@@ -680,6 +757,7 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     if "no_shard" in sharding:
         r.set("sharding", "torch", fsdp_key, value)
         r.set("zero", 0, fsdp_key, value)
+        r.read.discard(config_key)
         return True
     r.set("sharding", "fsdp", fsdp_key, value)
     r.set("zero", stage, reshard[0] if reshard else fsdp_key, reshard[1] if reshard else value)
@@ -695,6 +773,7 @@ def _fsdp(r: _Reader, fsdp_key: str, config_key: str, version_key: str | None, d
     if efficient is not None and str(efficient[1]).lower() == "true":
         r.set("cpu_ram_efficient_loading", True, efficient[0], efficient[1])
     r.note("the number of GPUs comes from the launcher, not the config: give --gpus N (and --nodes)")
+    r.read.discard(config_key)  # (read key by key: its unread keys are listed as ignored)
     return True
 
 
@@ -839,6 +918,12 @@ def _read_hf(r: _Reader, *, trl: bool) -> None:
                                                       "model_init_kwargs.torch_dtype") if r.get(k) is not None),
                               ("dtype" if trl else "torch_dtype", "float32" if trl else "auto"))
     weights = _dtype(r, dtype_key, written)
+    if r.settings.get("qlora") and weights in ("bf16", "fp16"):
+        # TRL's SFTTrainer never calls PEFT's prepare_model_for_kbit_training (sft_trainer.py: get_peft_model, then
+        # the QLoRA adapters cast to bf16): the base's non-quantized tensors stay in the dtype it loads.
+        r.set("qlora_upcast", False, "load_in_4bit", True)
+        r.note(f"load_in_4bit: TRL does not upcast the base's non-quantized tensors (no prepare_model_for_kbit_"
+               f"training in sft_trainer.py); they stay {weights}")
     loads = "the checkpoint's dtype" if written == "auto" else written
     if not r.has(dtype_key):
         r.note(f"{dtype_key} absent: {trainer} loads the model in {loads} "
@@ -864,6 +949,8 @@ def _read_hf(r: _Reader, *, trl: bool) -> None:
 
 
 _FSDP_UPCAST = "FSDP keeps fp32 trainable shards (accelerate fsdp2_prepare_model, Accelerator.prepare_model)"
+_FSDP2_PARAMS4BIT = ("FSDP2 leaves the trainable parameters in their dtype beside 4-bit weights (accelerate "
+                     "fsdp2_prepare_model skips its upcast with Params4bit)")
 
 
 def _hf_checkpointing(r: _Reader, trl: bool) -> None:
@@ -874,24 +961,39 @@ def _hf_checkpointing(r: _Reader, trl: bool) -> None:
     kwargs_key = next((k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
                        if r.has(k)), None)
     if kwargs_key is not None and enabled:
-        kwargs = r.section(kwargs_key)
-        if "every_n_layers" in kwargs:
-            every = r.integer(f"{kwargs_key}.every_n_layers")
-            if every is not None and every > 1:
-                # modeling_utils.py _activation_checkpointing_enable: layer_index % every_n_layers == 0 (layers 0, N,
-                # 2N...); memcalc's every:N counts layers N-1, 2N-1...: as many when N divides the depth, else one
-                # fewer checkpointed (higher).
-                r.set("checkpointing", f"every:{every}", f"{kwargs_key}.every_n_layers", every)
-                r.note(f"every_n_layers {every}: transformers checkpoints layers 0, {every}, {2 * every}...; memcalc's "
-                       f"every:{every} the same number when {every} divides the depth, else one fewer (higher)")
-        if kwargs.get("offload"):
-            # modeling_utils.py _activation_checkpointing_enable(offload=True): save_on_cpu around each checkpoint.
-            r.set("activation_offload", "checkpoints", f"{kwargs_key}.offload", True)
-        if "use_reentrant" in kwargs:
-            # passed on to torch.utils.checkpoint.checkpoint (transformers' default: False)
-            reentrant = r.boolean(f"{kwargs_key}.use_reentrant", False)
-            if reentrant:
-                r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True)
+        # TRL: sft_trainer.py SFTTrainer.__init__ setdefault("use_reentrant", False) on the kwargs.
+        _checkpointing_kwargs(r, kwargs_key, absent_reentrant=False if trl else None)
+
+
+def _checkpointing_kwargs(r: _Reader, kwargs_key: str, *, absent_reentrant: bool | None) -> None:
+    """gradient_checkpointing_kwargs as transformers' Trainer uses them (trainer.py: every_n_layers and offload popped,
+    the rest passed to torch.utils.checkpoint.checkpoint through activation_checkpointing_enable, an empty rest as
+    None, which modeling_utils.py _activation_checkpointing_enable makes {"use_reentrant": False}).
+    ``absent_reentrant``: use_reentrant when the kwargs do not name it; None: transformers' own rule (False for an empty
+    rest, else torch's default, torch/utils/checkpoint.py checkpoint: use_reentrant None is True, with a warning)."""
+    kwargs = r.section(kwargs_key)
+    if "every_n_layers" in kwargs:
+        every = r.integer(f"{kwargs_key}.every_n_layers")
+        if every is not None and every > 1:
+            # modeling_utils.py _activation_checkpointing_enable: layer_index % every_n_layers == 0 (layers 0, N,
+            # 2N...); memcalc's every:N counts layers N-1, 2N-1...: as many when N divides the depth, else one
+            # fewer checkpointed (higher).
+            r.set("checkpointing", f"every:{every}", f"{kwargs_key}.every_n_layers", every)
+            r.note(f"every_n_layers {every}: transformers checkpoints layers 0, {every}, {2 * every}...; memcalc's "
+                   f"every:{every} the same number when {every} divides the depth, else one fewer (higher)")
+    if kwargs.get("offload"):
+        # modeling_utils.py _activation_checkpointing_enable(offload=True): save_on_cpu around each checkpoint.
+        r.set("activation_offload", "checkpoints", f"{kwargs_key}.offload", True)
+    if "use_reentrant" in kwargs:
+        if r.boolean(f"{kwargs_key}.use_reentrant", False):
+            r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True)
+        return
+    rest = sorted(set(kwargs) - {"every_n_layers", "offload"})
+    reentrant = absent_reentrant if absent_reentrant is not None else bool(rest)
+    if reentrant:
+        r.set("checkpoint_reentrant", True, f"{kwargs_key}.use_reentrant", True, default=True)
+        r.note(f"{kwargs_key} passes {', '.join(rest)} without use_reentrant to torch.utils.checkpoint, whose "
+               "default is the reentrant variant")
 
 
 def _liger(r: _Reader, key: str, config_key: str | None = None) -> None:
@@ -943,7 +1045,7 @@ def _compile(r: _Reader, key: str, how: str) -> None:
                        "(high: the compiled layers hold less)")
         return
     r.set("compile", True, key, r.get(key))
-    r.note(f"{key}: {how}")
+    r.note(f"{key}: {how}", about="compile")
 
 
 def _hf_unmodelled(r: _Reader, trl: bool) -> None:
@@ -1029,17 +1131,26 @@ def _read_axolotl(r: _Reader) -> None:
         r.set("activation_offload", "checkpoints", "gradient_checkpointing", checkpointing)
         r.note("gradient_checkpointing offload: axolotl moves each layer's hidden states to CPU RAM (counted as "
                "--activation-offload checkpoints); it keeps the layer's other arguments (position embeddings, mask) on "
-               "the GPU, where transformers' offload moves them too: a little more on the GPU than counted")
+               "the GPU, where transformers' offload moves them too: a little more on the GPU than counted",
+               about="activation_offload")
     elif checkpointing and isinstance(checkpointing, str):
         r.not_modelled("gradient_checkpointing", checkpointing, "checkpoints are offloaded; memcalc counts them on "
                        "the GPU (high)")
+    if checkpointing and r.get("gradient_checkpointing_kwargs") is not None:
+        # core/builders/base.py _configure_gradient_checkpointing: passed on to TrainingArguments as written.
+        _checkpointing_kwargs(r, "gradient_checkpointing_kwargs", absent_reentrant=None)
+    elif checkpointing and r.get("unfrozen_parameters") is None:
+        # utils/config/__init__.py normalize_config: gradient_checkpointing on, no gradient_checkpointing_kwargs and no
+        # unfrozen_parameters (rl is refused above) -> gradient_checkpointing_kwargs {"use_reentrant": True}.
+        r.set("checkpoint_reentrant", True, "gradient_checkpointing_kwargs", {"use_reentrant": True}, default=True)
     offloading = r.get("activation_offloading")
     if offloading is True:
         # core/trainers/mixins/activation_checkpointing.py: TRL's get_act_offloading_ctx_manager around training_step
         # (LoRA models: its own variant), with patches that clone non-contiguous saved tensors first.
         r.set("activation_offload", "trl", "activation_offloading", True)
         r.note("activation_offloading true: axolotl runs TRL's OffloadActivations (counted as --activation-offload "
-               "trl); its clone of non-contiguous saved tensors before offloading is not modelled")
+               "trl); its clone of non-contiguous saved tensors before offloading is not modelled",
+               about="activation_offload")
     elif offloading:
         r.not_modelled("activation_offloading", offloading, "axolotl's legacy/disk/hidden_states offloading moves "
                        "saved activations to CPU RAM or disk; memcalc counts them on the GPU (high)")
@@ -1049,7 +1160,6 @@ def _read_axolotl(r: _Reader) -> None:
     lora = adapter in ("lora", "qlora")
     if adapter is not None and not lora:
         raise r.fail(f"adapter {shown(adapter)} is not modelled (memcalc models lora and qlora)")
-    quantized = False
     if lora:
         rank = r.integer("lora_r")
         if rank is None:
@@ -1067,16 +1177,25 @@ def _read_axolotl(r: _Reader) -> None:
             raise r.fail("adapter qlora needs load_in_4bit: true (axolotl refuses it without)")
     for key in ("load_in_4bit", "load_in_8bit"):
         if r.boolean(key):
-            quantized = True
             # loaders/model.py ModelLoader._set_quantization_config: axolotl's QLoRA BitsAndBytesConfig sets
             # bnb_4bit_use_double_quant True, then applies bnb_config_kwargs over it.
             _quantized(r, key, 4 if key == "load_in_4bit" else 8, lora,
                        r.boolean("bnb_config_kwargs.bnb_4bit_use_double_quant", True),
                        "bnb_config_kwargs.bnb_4bit_use_double_quant", "bnb_config_kwargs.llm_int8_skip_modules")
-    if quantized:
-        r.not_modelled("adapter", adapter, "prepare_model_for_kbit_training upcasts the non-quantized weights to "
-                       "fp32 and axolotl casts embeddings and norms back (loaders/model.py); memcalc counts them in "
-                       "16 bits")
+    if r.settings.get("qlora"):
+        # loaders/model.py ModelLoader: _prepare_model_for_quantization skips PEFT's prepare_model_for_kbit_training
+        # under FSDP or ZeRO-3, and otherwise _configure_embedding_dtypes casts every module named *norm* and the
+        # embeddings and head (get_linear_embedding_layers) back to torch_dtype after it (should_convert: QLoRA
+        # without FSDP); with FSDP nothing was upcast. Either way the base's non-quantized tensors train in 16 bits.
+        r.set("qlora_upcast", False, "adapter", adapter)
+        r.note("adapter qlora: axolotl leaves the base's non-quantized tensors in its 16-bit dtype (it skips "
+               "prepare_model_for_kbit_training under FSDP or ZeRO-3, else casts norms, embeddings and head back after "
+               "it: loaders/model.py); biases and MoE routers it leaves in fp32 are counted 16-bit (low by 2 bytes "
+               "each)")
+        if r.boolean("fp32_norms"):
+            # utils/fp32_norms.py get_fp32_norm_patterns: norm modules kept in fp32.
+            r.not_modelled("fp32_norms", True, "norm weights kept in fp32 are counted 16-bit (low by 2 bytes per "
+                           "norm weight)")
     # Precision (resolve_dtype): bf16 "auto" is true on a GPU with bf16 (assumed); the model loads in
     # torch_dtype = bf16 if bf16 or bfloat16, fp16 if load_in_8bit, fp16 or float16, else fp32; HF Trainer then
     # autocasts with args.bf16/fp16.
@@ -1090,7 +1209,7 @@ def _read_axolotl(r: _Reader) -> None:
     weights = "bf16" if (bf16_on or pure_bf16) else "fp16" if (eight_bit or fp16_on or pure_fp16) else "fp32"
     autocast = "bf16" if bf16_on else "fp16" if fp16_on else None
     deepspeed = _deepspeed(r, "deepspeed")
-    fsdp = _fsdp(r, "fsdp", "fsdp_config", "fsdp_version", 1) if not deepspeed else False
+    fsdp = _fsdp(r, "fsdp", "fsdp_config", "fsdp_version", 1, config_enables=True) if not deepspeed else False
     _axolotl_hsdp(r)
     upcast = lora and bool(r.boolean("peft_autocast_adapter_dtype", True))
     if deepspeed:
@@ -1156,6 +1275,61 @@ def _axolotl_unmodelled(r: _Reader) -> None:
     if r.get("unfrozen_parameters"):
         r.not_modelled("unfrozen_parameters", r.get("unfrozen_parameters"), "only the matching parameters train; "
                        "memcalc counts every parameter trainable (high)")
+    _axolotl_parallel(r)
+    if r.boolean("fp8"):
+        # core/trainers/base.py additional_accelerator_args: accelerate's mixed_precision "fp8" with AORecipeKwargs(
+        # Float8LinearConfig(...)), torchao's tensorwise scaling by default; accelerate/utils/ao.py
+        # convert_model_to_fp8_ao (from Accelerator.prepare) skips the first and last Linear (filter_linear_layers with
+        # find_first_last_linear_layers), torchtitan's converter (memcalc's --fp8) the output head only. FSDP's
+        # param_dtype for "fp8" is bf16 (FullyShardedDataParallelPlugin.set_mixed_precision).
+        r.set("fp8", "tensorwise", "fp8", True)
+        r.note("fp8 true: torchao's float8 Linear with tensorwise scales (accelerate's AO recipe); accelerate also "
+               "leaves the first decoder Linear in bf16, which memcalc converts (its float8 casts counted: high by "
+               "one layer's)")
+        if r.boolean("fp8_enable_fsdp_float8_all_gather"):
+            r.not_modelled("fp8_enable_fsdp_float8_all_gather", True, "FSDP gathers the float8 weights (1 byte per "
+                           "element); memcalc gathers them in bf16 (high)")
+    if r.boolean("tiled_mlp"):
+        # monkeypatch/tiled_mlp/base.py TiledMLP: the MLP run over sequence shards, saving only its input and
+        # recomputing each shard in backward.
+        r.not_modelled("tiled_mlp", True, "axolotl runs the MLP over sequence shards, saving only its input; memcalc "
+                       "counts the whole MLP's saved tensors (high)")
+    kernels = [key for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if r.boolean(key)]
+    for key in kernels:
+        # kernels/lora.py: custom autograd functions for LoRA's MLP, QKV and output projections.
+        r.not_modelled(key, True, "axolotl's fused LoRA kernels save other tensors than PEFT's LoRA layers, which "
+                       "memcalc counts (direction not measured)")
+    if r.boolean("use_kernels"):
+        # loaders/model.py: from_pretrained(use_kernels=True): transformers' hub kernels (kernels-community) replace
+        # modules (norms, activations, MoE experts) with their own.
+        r.not_modelled("use_kernels", True, "transformers' hub kernels replace norms, activations or MoE experts with "
+                       "code whose saved tensors memcalc does not know; counted as transformers' modules (direction "
+                       "not known)")
+
+
+def _axolotl_parallel(r: _Reader) -> None:
+    """axolotl's tensor and context parallelism (utils/trainer.py setup_parallelism_envs: PARALLELISM_CONFIG_TP_SIZE,
+    _CP_SIZE for accelerate's ParallelismConfig, whose ranks multiply to the world size; the data-parallel sizes:
+    _axolotl_hsdp)."""
+    sizes = {}
+    for key in ("tensor_parallel_size", "context_parallel_size"):
+        size = r.integer(key, None, minimum=1) if r.has(key) and r.get(key) is not None else None
+        if size is not None:
+            sizes[key] = size
+    tp, cp = (sizes.get(k, 1) for k in ("tensor_parallel_size", "context_parallel_size"))
+    if tp > 1:
+        # transformers' tp_plan (models/llama/configuration_llama.py base_model_tp_plan) splits the attention and MLP
+        # projections and leaves the embeddings and norms whole on every tensor-parallel rank; memcalc's --tp is
+        # torchtitan's plan, which splits the embeddings too.
+        r.not_modelled("tensor_parallel_size", tp, "transformers' tensor-parallel plan splits each layer's "
+                       "projections and their activations over the ranks (memcalc counts them whole: high) and keeps "
+                       "the embeddings whole on each (memcalc shards them over all --gpus: low); direction not known")
+    if cp > 1:
+        # monkeypatch/ring_attn (ring-flash-attn) and utils/ctx_managers/sequence_parallel.py: each rank runs its slice
+        # of the sequence; memcalc's --cp is torch's context_parallel with sdpa.
+        r.not_modelled("context_parallel_size", cp, "each rank keeps the activations of its slice of the sequence "
+                       "(ring-flash-attn); memcalc counts the whole sequence on each GPU (high)")
+    # (dp_shard_size and dp_replicate_size: _axolotl_hsdp)
 
 
 # -- LLaMA-Factory --------------------------------------------------------------------------------------------------
@@ -1195,6 +1369,10 @@ def _read_llamafactory(r: _Reader) -> None:
     if r.boolean("use_unsloth_gc"):
         r.not_modelled("use_unsloth_gc", True, "unsloth's checkpointing offloads the checkpoints to CPU RAM; "
                        "counted on the GPU (high)")
+    elif not disabled and r.boolean("use_reentrant_gc", True):
+        # model_args.py use_reentrant_gc True by default; model_utils/checkpointing.py prepare_model_for_training passes
+        # {"use_reentrant": use_reentrant_gc} to torch.utils.checkpoint (False under FSDP2, which the launcher sets).
+        r.set("checkpoint_reentrant", True, "use_reentrant_gc", True, default=not r.has("use_reentrant_gc"))
     for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon"):
         if r.boolean(key):
             raise r.fail(f"{key} replaces the optimizer with one memcalc has no model for")
@@ -1226,6 +1404,13 @@ def _read_llamafactory(r: _Reader) -> None:
             r.not_modelled("quantization_method", method, "a quantization memcalc has no layout for; counted as "
                            "bitsandbytes")
         _quantized(r, "quantization_bit", bits, lora, r.boolean("double_quantization", True), "double_quantization")
+        if r.settings.get("qlora"):
+            # LLaMA-Factory never calls PEFT's prepare_model_for_kbit_training; model/adapter.py upcasts only the
+            # trainable parameters (and upcast_layernorm the norms): the base's other tensors keep the checkpoint's
+            # dtype.
+            r.set("qlora_upcast", False, "quantization_bit", bits)
+            r.note("quantization_bit 4: LLaMA-Factory does not upcast the base's non-quantized tensors (no "
+                   "prepare_model_for_kbit_training; model/adapter.py upcasts the trainable ones only)")
     deepspeed = _deepspeed(r, "deepspeed")
     # Precision: the checkpoint's dtype (loader.py: torch_dtype "auto"); trainable parameters upcast to fp32
     # unless pure_bf16 (or BAdam), or under ZeRO-3 without quantization (adapter.py init_adapter).
@@ -1246,6 +1431,11 @@ def _read_llamafactory(r: _Reader) -> None:
                     trainable_fp32=True, lora=lora, auto="LLaMA-Factory loads torch_dtype auto",
                     why=f"LLaMA-Factory loads the checkpoint's dtype (loader.py: torch_dtype auto) and upcasts "
                         f"trainable parameters to fp32 (adapter.py init_adapter), {autocast or 'no'} autocast")
+    if r.settings.get("checkpoint_reentrant"):
+        # model_utils/checkpointing.py prepare_model_for_training: ACCELERATE_USE_FSDP with FSDP_VERSION 2 sets
+        # use_reentrant_gc False (memcalc's --fsdp is FSDP2's fully_shard).
+        why = "use_reentrant_gc: LLaMA-Factory checkpoints non-reentrantly under FSDP2 (prepare_model_for_training)"
+        r.launched.setdefault("fsdp", {})["drop"] = (("checkpoint_reentrant", "use_reentrant_gc", why),)
     if r.boolean("enable_liger_kernel"):
         # model_utils/liger_kernel.py: fused_linear_cross_entropy stays on for stages pt and sft (require_logits off).
         _liger(r, "enable_liger_kernel")
@@ -1344,7 +1534,6 @@ def _read_torchtune(r: _Reader) -> None:
         r.set("checkpointing", "none", "enable_activation_checkpointing", False,
               default=not r.has("enable_activation_checkpointing"))
     _torchtune_optimizer(r)
-    _torchtune_unmodelled(r)
     if r.has("fsdp_cpu_offload") or r.has("fsdp_reshard_after_forward"):
         reshard = r.boolean("fsdp_reshard_after_forward", True)
         r.set("sharding", "fsdp", "fsdp_reshard_after_forward", reshard)
@@ -1357,6 +1546,8 @@ def _read_torchtune(r: _Reader) -> None:
         r.note("the recipe (single device or distributed) is chosen on the tune run command line: counted on one "
                "GPU; for a *_distributed recipe give --fsdp --gpus N")
     _torchtune_hsdp(r)
+    # After the sharding: compile beside FSDP is said to be not modelled (_compile), not refused by the spec.
+    _torchtune_unmodelled(r)
 
 
 def _torchtune_hsdp(r: _Reader) -> None:
@@ -1454,6 +1645,29 @@ def _torchtune_unmodelled(r: _Reader) -> None:
     device = r.text("device")
     if device is not None and device != "cuda":
         r.not_modelled("device", device, "memcalc estimates CUDA GPU memory")
+    # recipes/full_finetune_distributed.py setup: a device mesh of data_parallel_shard_dim x tensor_parallel_dim x
+    # context_parallel_dim ranks (training.ParallelDims); the model's parallelize plan (tensor_parallel_plan) over the
+    # tp ranks, torch's context_parallel over the cp ranks. memcalc's --tp and --cp are not modelled with torchtune's
+    # attention (k and v repeated to every head: --repeat-kv) nor its chunked loss, so both are said, not mapped.
+    for key, why in (
+            ("tensor_parallel_dim", ("each layer's weights, gathered copies and activations are split over the "
+             "tensor-parallel ranks; memcalc counts them whole on each GPU (high), the model states sharded over all "
+             "--gpus as FSDP over data- x tensor-parallel ranks shards them")),
+            ("context_parallel_dim", ("each rank keeps the activations of its part of the sequence; memcalc counts "
+             "the whole sequence on each GPU (high)"))):
+        size = r.integer(key, None, minimum=1) if r.has(key) else None
+        if size is not None and size > 1:
+            if key == "tensor_parallel_dim":
+                r.get("tensor_parallel_plan._component_")
+            r.not_modelled(key, size, why)
+        elif size is not None:
+            r.counted(key, size, "no tensor parallelism" if key == "tensor_parallel_dim" else "no context parallelism")
+    custom = r.names("custom_sharded_layers")
+    if custom:
+        # training/_distributed.py shard_model: each named module its own fully_shard unit (resharded after forward).
+        r.not_modelled("custom_sharded_layers", custom, "these modules are their own FSDP units, gathered only while "
+                       "they run; memcalc keeps the embeddings and head gathered with the root unit through the step "
+                       "(high)")
 
 
 _READERS: dict[str, Callable[[_Reader], None]] = {
@@ -1475,6 +1689,7 @@ def merge(config: TrainerConfig, chosen: Mapping[str, Any],
     ``--deepspeed`` given by the caller stand in for the config's (a local config.json for a hub id the machine
     cannot reach), said in a note. ``checkpoint_dtype(model)``: the dtype a model's config.json records, or None.
     Returns (settings, notes)."""
+    config = _launched(config, chosen)
     settings = dict(config.settings)
     notes = config.summary()
     for name in ("model", "deepspeed"):
@@ -1510,6 +1725,80 @@ def merge(config: TrainerConfig, chosen: Mapping[str, Any],
         if settings["precision"] is None:
             del settings["precision"]
     return settings, notes
+
+
+def _launched(config: TrainerConfig, chosen: Mapping[str, Any]) -> TrainerConfig:
+    """The config as the launcher runs it when the launcher, not the config, adds FSDP (memcalc's --fsdp or
+    --sharding fsdp: ``accelerate launch`` with an FSDP config) or DeepSpeed (--deepspeed): the precision the trainer
+    and accelerate then run (TrainerConfig.launched), with its note in place of the config's own."""
+    sharding = chosen.get("sharding")
+    sharding = getattr(sharding, "value", sharding)
+    engine = None
+    if "sharding" not in config.settings and "deepspeed" not in config.settings:
+        if chosen.get("fsdp") is True or sharding == "fsdp":
+            engine = "fsdp"
+        elif chosen.get("deepspeed") is not None or (sharding in (None, "deepspeed") and _zero_given(chosen.get("zero"))):
+            engine = "deepspeed"  # a DeepSpeed config, or memcalc's ZeRO without one (--zero N, DeepSpeed's sharding)
+    if engine is None:
+        return config
+    change = (config.launched or {}).get(engine, {})
+    mapped = list(config.mapped)
+    settings = dict(config.settings)
+    notes = list(config.notes)
+    unmodelled = list(config.not_modelled)
+    recipes, dtype_key = config.recipes, config.dtype_key
+    # What memcalc estimates on one unsharded process only (memcalc.activations), as the readers say it beside a
+    # config's own sharding (_Reader._offload_unmodelled, _compile).
+    for name, why in (("activation_offload", OFFLOAD_BESIDE_SHARDING), ("compile", COMPILE_BESIDE_SHARDING)):
+        if is_on(settings.get(name)):
+            dropped = next(m for m in mapped if m.setting == name)
+            del settings[name]
+            mapped.remove(dropped)
+            notes = [note for note in notes if (config.about or {}).get(note) != name]
+            unmodelled.append(f"{dropped.key} {_text(dropped.written)} read but not modelled: {why}")
+    for name, key, why in change.get("drop", ()):
+        # (set, or already said as not modelled beside what reentrant checkpoints are not modelled with)
+        said = [line for line in unmodelled if line.startswith(f"{key} ")]
+        if name in settings or said:
+            settings.pop(name, None)
+            mapped = [m for m in mapped if m.setting != name]
+            unmodelled = [line for line in unmodelled if line not in said]
+            notes.append(why)
+    how = "the launcher's FSDP (--fsdp)" if engine == "fsdp" else "the launcher's DeepSpeed (--deepspeed, --zero)"
+    if "label" in change:
+        mapped = [m for m in mapped if m.setting != "precision"]
+        settings.pop("precision", None)
+        if config.precision_note in notes:
+            notes.remove(config.precision_note)
+        recipes, dtype_key = None, ""
+        label = f"{change['label']} under {how}"
+        if engine == "deepspeed":
+            if change["precision"] is not None:
+                settings["precision"] = change["precision"]
+                mapped.append(Mapped(*label.split(" ", 1), "precision", change["precision"], label=label))
+            notes.append("precision: the DeepSpeed config's bf16/fp16 sections decide it (the trainer's flags fill "
+                         "\"auto\": transformers integrations/deepspeed.py trainer_config_process)")
+        else:
+            found = change["recipes"]
+            if len(set(found.values())) == 1:
+                recipe = next(iter(found.values()))
+                if recipe.startswith("!"):
+                    raise ConfigError(f"{config.source}: {recipe[1:]}")
+                settings["precision"] = recipe
+                mapped.append(Mapped(*label.split(" ", 1), "precision", recipe, label=label))
+                notes.append(f"precision {recipe} under {how}: {change['why']}")
+            else:
+                recipes, dtype_key = found, change["auto"] or label
+                notes.append(f"precision: {label}; {change['why']}")
+    return dataclasses.replace(config, settings=settings, mapped=tuple(mapped), notes=tuple(notes), recipes=recipes,
+                               dtype_key=dtype_key, not_modelled=tuple(unmodelled))
+
+
+def _zero_given(zero: Any) -> bool:
+    """Whether --zero names only stages above 0 (an int, "1,2,3" or a list of stages; a comparison with stage 0 keeps
+    the config's own recipe)."""
+    stages = zero.split(",") if isinstance(zero, str) else zero if isinstance(zero, (list, tuple)) else [zero]
+    return all(str(stage).strip() not in ("", "0", "None") for stage in stages)
 
 
 def _same(mine: Any, theirs: Any) -> bool:

@@ -176,7 +176,9 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
       sdpa: the head dims differ (qk != v), so CUDA runs memory-efficient attention: it saves q, k, v (a view of
       kv_b_proj's output: its whole storage c T a (qk_nope + v)), the output c T a v and o_proj's contiguous copy of
       it (the output follows v's strided layout) and logsumexp 4 b a s (rows padded to 32). The CPU takes its flash
-      kernel where qk == v (benchmarks/accuracy.py measures that) and the math kernel otherwise (the trace pads v).
+      kernel where qk == v (benchmarks/accuracy.py measures that) and the math kernel otherwise, which memcalc's traces
+      and measured CPU steps avoid by padding v to qk through the flash kernel (cuda_semantics.sdpa_narrow_v): for
+      DeepSeek's proportions (qk_nope = v = 2 qk_rope) that keeps these bytes exactly.
       Under autocast q_a_proj (or q_proj) and kv_a_proj_with_mqa save their own casts of the fp32 norm output.
     """
     h, heads = a.hidden_size, a.num_heads

@@ -27,8 +27,8 @@ decide as CUDA does (``like_cuda``):
    temporary of the incoming gradient's size; the CPU's needs none. Here the CPU makes it too
    (``softmax_backward_like_cuda``, inside ``kernels_like_cuda``, which memcalc's measured CPU steps also run).
 5. sdpa with a v narrower than q and k (DeepSeek's MLA): CUDA's memory-efficient kernel takes the head dims as they
-   are (sdp_utils.cpp ``check_head_dim_size_mem_efficient`` asks each to be a multiple of 8, not equal; flash asks
-   them equal); the CPU has no fused kernel for it and its math backend keeps the s^2 weights. Here v is zero-padded
+   are (sdp_utils.cpp ``check_head_dim_size_mem_efficient`` asks q's and k's equal and each a multiple of the GEMM
+   alignment, v's free; flash asks all three equal); the CPU has no fused kernel for it and its math backend keeps the s^2 weights. Here v is zero-padded
    to q's width through the CPU's flash kernel (``sdpa_narrow_v``, inside ``kernels_like_cuda``: the traces and the
    measured CPU steps alike, so ``--verify`` measures the kernel the estimate counts).
 
@@ -259,7 +259,9 @@ def sdpa_narrow_v(sdpa: Any, query: Any, key: Any, value: Any, *args: Any, **kwa
     and output at q's width; kv_b_proj's output, which v views, freed), 0 for DeepSeek-V2/V3's dims (qk_nope = v =
     2 qk_rope), and by the output's contiguous copy, c v per token and head: the sliced output is not contiguous when
     transformers' sdpa_attention_forward calls contiguous(), where CUDA's is laid out (b, s, a, v) already
-    (torch/_meta_registrations.py meta__scaled_dot_product_efficient_attention). Counted in ``NARROW_V_CALLS``."""
+    (torch/_meta_registrations.py meta__scaled_dot_product_efficient_attention). The deepseek_v2 rule counts that copy
+    too, so it matches this emulation; on CUDA, by torch's code, the copy is not made (not yet measured on a GPU).
+    Counted in ``NARROW_V_CALLS``."""
     import torch
 
     width = value.size(-1)

@@ -112,9 +112,11 @@ from memcalc.vocab import (
     MOMENT_HEAD_BACKWARD,
     MOMENT_LAST_LAYER_BACKWARD,
     MOMENT_LATE_BACKWARD,
+    MOMENT_LATE_BACKWARD_SECOND,
     MOMENT_RING_FORWARD,
     MOMENT_RING_RECOMPUTE,
     MOMENT_ROOT_REDUCE,
+    MOMENT_SECOND_TO_LAST_BACKWARD,
     MOMENT_SHARDED_LAYER,
     MOMENT_SHARED_GRADIENT_SUM,
     MOMENT_STAGE_FORWARD_END,
@@ -1040,6 +1042,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         # (FSDP2 at the second layer's turn under checkpointing: that layer's kept input, one hidden state, beside)
         fsdp_late=holdings.late_extra_bytes + root_waiting + (act.output_gradient_bytes if holdings.late_second_layer
                                                and spec.checkpointing != Checkpointing.none else 0),
+        fsdp_late_second=holdings.late_second_layer,
         # (--tp: the root's post-backward copies its gradients before it reshards, and the token embedding's
         # gradient is whole there: DTensor's embedding backward returns it replicated; measured, fake process group)
         fsdp_root_reduce=(holdings.root_reduce_bytes if spec.tp == 1 else holdings.root_reduce_tp_bytes
@@ -1421,6 +1424,7 @@ class _Extras:
     # FSDP2 late in backward: the prefetched layer, the last reduce-scatter's input, the root's unsharded gradients and
     # (at the second layer's turn, checkpointed) that layer's kept input
     fsdp_late: int = 0
+    fsdp_late_second: bool = False  # FSDP2: the late moment is the second layer's turn (RankHoldings.late_second_layer)
     # FSDP2 late in backward: the layer's unsharded gradients made by its MLP's, attention's and mid norm's backward
     fsdp_made: tuple[int, int, int] = (0, 0, 0)
     # At the last layer's MLP's and attention's backward, in a later micro-batch on a pipeline stage: FSDP2's 16-bit
@@ -1696,11 +1700,13 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
             late[EXTRA_HELD_CAST_GRADIENTS] = max(0, x.held_cast_gradients - unmade(pending))
         late[TERM_GRADIENTS] = max(0, late.get(TERM_GRADIENTS, 0) - x.missing_gradients
                                    - (0 if x.gradients_made else pending))
-        candidates.append((MOMENT_LATE_BACKWARD, late))
+        candidates.append((MOMENT_LATE_BACKWARD_SECOND if x.fsdp_late_second else MOMENT_LATE_BACKWARD, late))
         if any(x.fsdp_top):
+            # (the same moment at the second layer from the top, layer L - 2: its own and the L - 2 lower layers'
+            # checkpointed inputs kept, the top layer's sharded gradients made: named for that layer)
             more_inputs, made = x.fsdp_top
-            candidates.append((MOMENT_LATE_BACKWARD, {**late, TERM_GRADIENTS: made,
-                                                      EXTRA_LAYER_ACTIVATIONS: layer_acts + more_inputs}))
+            candidates.append((MOMENT_SECOND_TO_LAST_BACKWARD, {**late, TERM_GRADIENTS: made,
+                                                                EXTRA_LAYER_ACTIVATIONS: layer_acts + more_inputs}))
     if x.sharded_layer:
         # A sharded layer's backward (FSDP2): model states and the forward's unsharded buffers, that layer's
         # activations, its prefetched neighbour and its gradients being reduce-scattered.

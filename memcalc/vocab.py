@@ -234,6 +234,11 @@ MOMENT_RING_RECOMPUTE = "the last layer's ring attention, recomputed"
 MOMENT_BACKWARD_START = "start of backward"
 MOMENT_BACKWARD_END = "end of backward"
 MOMENT_LATE_BACKWARD = "late backward (first layer)"
+# FSDP2 resharding after forward, three or more layers: the same moment at the second layer's turn (the first layer
+# prefetched, neither layer's sharded gradients made yet: parallel._fsdp2's late_layers), or at the second layer from the
+# top (every lower layer's checkpointed input kept, one layer's sharded gradients made: engine's fsdp_top)
+MOMENT_LATE_BACKWARD_SECOND = "late backward (second layer)"
+MOMENT_SECOND_TO_LAST_BACKWARD = "second-to-last layer's backward"
 MOMENT_LAST_LAYER_BACKWARD = "last layer's backward"
 MOMENT_SHARDED_LAYER = "a sharded layer's backward"
 MOMENT_SHARED_GRADIENT_SUM = "tied embedding's gradient sum"

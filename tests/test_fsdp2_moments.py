@@ -22,7 +22,7 @@ DEEPER = {**TOY, "vocab_size": 8000, "num_hidden_layers": 4}
     # eager attention's backward near the top (every lower layer's kept input, one layer's sharded gradients) beside
     # the prefetched layer, the last reduce-scatter's input, the layer's and the head's unsharded gradients
     # (bf16, with the fp32 reduce-scatter input: benchmarks/fsdp2.py's Llama-3-8B rows)
-    (DEEPER, "bf16-pure", "eager", 1, 8, 2048, "late backward (first layer)"),
+    (DEEPER, "bf16-pure", "eager", 1, 8, 2048, "second-to-last layer's backward"),
     # the root's post-backward under --tp: its parameters still unsharded, the token embedding's gradient whole
     # (replicated by DTensor's embedding backward) and a copy of the head's
     (TOY, "bf16-pure", "sdpa", 4, 16, 256, "the root's reduce-scatter"),
@@ -111,3 +111,30 @@ def test_a_layer_forward_holds_its_kept_all_gather_output():
     assert forward.moment == "a checkpointed layer's forward"
     assert forward.bytes >= rank.per_phase_peak_bytes["forward"]
     assert abs(estimate.peak_bytes - rank.measured_peak_bytes) < 0.0001 * rank.measured_peak_bytes
+
+
+# Llama-3-8B (presets/models/llama-3-8b.json): 32 layers of q 4096 x 4096, k and v 1024 x 4096, o 4096 x 4096, gate and
+# up 14336 x 4096, down 4096 x 14336 and two 4096 norms, 218,112,000 parameters; every row count divides by 8, so a
+# rank's FSDP2 shard of a layer is 27,264,000, its gradient fp32 under bf16 (FSDP2's fp32 shards): 109,056,000 B.
+LLAMA_3_8B_LAYER_SHARD_GRADIENT = 218_112_000 // 8 * 4
+
+
+@pytest.mark.parametrize(("seq", "moment", "gradients"), [
+    # At the second layer's turn (--fsdp reshards after forward: the first layer prefetched, neither the first's nor
+    # the second's sharded gradients made yet) the 30 layers above have made theirs, the root's not yet: 30 shards.
+    # Beside them two checkpointed inputs, 2 x 8192 x 4096 x 2 B.
+    (8192, "late backward (second layer)", 30 * LLAMA_3_8B_LAYER_SHARD_GRADIENT),
+    # At the second layer from the top (layer 30) only the top layer's shards are made (109 MB, 3.16 GB fewer), but
+    # the checkpointed inputs of layers 0 to 30 are kept, 29 more than at the second layer's turn: 29 x 65536 x 4096 x
+    # 2 B = 15.6 GB more. The peak is there, and was named "late backward (first layer)", the moment whose gradients
+    # would be ~3.27 GB.
+    (65536, "second-to-last layer's backward", LLAMA_3_8B_LAYER_SHARD_GRADIENT),
+])
+def test_the_late_backward_moment_is_named_for_its_layer(seq, moment, gradients):
+    from memcalc.api import model_input, run
+
+    spec = TrainingSpec(precision="bf16", checkpointing="full", seq_len=seq, micro_batch_size=1, num_gpus=8,
+                        zero_stage=3, sharding="fsdp", loss="fused-linear")
+    backward = next(p for p in run(model_input("llama-3-8b", None), spec).per_gpu.phases
+                    if p.phase.value == "backward")
+    assert (backward.moment, backward.breakdown["gradients"]) == (moment, gradients)

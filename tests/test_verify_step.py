@@ -194,6 +194,38 @@ def test_other_families_model_states_exact(raw):
         assert any("dropout" in d for d in measured.differences_from_gpu)
 
 
+# DeepSeek-V2's MLA at DeepSeek's own proportions (qk_nope = v = 2 qk_rope: 128/64/128 in DeepSeek-V2, -V2-Lite and
+# -V3), so q and k are 24 wide and v 16: a v narrower than q, which CUDA's memory-efficient kernel takes and the CPU's
+# flash kernel does not.
+TINY_MLA = {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "vocab_size": 300, "kv_lora_rank": 32, "q_lora_rank": None,
+            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1}
+
+
+@pytest.mark.parametrize("method", ["cpu-tracker", "trace"])
+def test_mla_verify_runs_the_fused_kernel_the_estimate_counts(method):
+    """sdpa with a v narrower than q: the estimate counts CUDA's memory-efficient kernel (no s^2 weights), and so does
+    --activations trace (cuda_semantics.like_cuda pads v through the CPU's flash kernel). The measured CPU step ran
+    the CPU's math backend instead (its step ran only kernels_like_cuda, which lacked the padding), keeping b a s^2
+    weights per layer: this case read -25.65% (estimate 3,634,964 B, measured 4,888,720 B, both methods), the audit's
+    DeepSeek-V2 at seq 512 -20.94%. With the padding in kernels_like_cuda the step keeps what the rule counts (for these
+    proportions the padded v and output cost what CUDA's v storage and output copy do: cuda_semantics.sdpa_narrow_v):
+    measured -0.05% (1,676 B under: the step counters and scalars the tracker counts beside the model, as in
+    test_fp32_grouped_heads_verify_on_cudas_math_path), within the 0.1% asserted; the run says which kernel it took."""
+    config = ModelConfig(name="tiny-mla", raw=TINY_MLA, source="test")
+    spec = TrainingSpec(precision="bf16-pure", micro_batch_size=2, seq_len=128)
+    measured = run_verify(config, spec, method)
+    estimate = run(model_of(config), spec).per_gpu.peak_bytes
+    error = (estimate - measured.measured_peak_bytes) / measured.measured_peak_bytes
+    assert abs(error) <= 1e-3, f"{error:+.2%}"
+    from memcalc.measure.step import NARROW_V_NOTE
+
+    assert NARROW_V_NOTE in measured.notes
+    assert not any("math kernel" in d for d in measured.differences_from_gpu)
+
+
 # -- refusals -----------------------------------------------------------------------------------------------
 def test_cpu_run_refused_above_half_the_ram(monkeypatch):
     monkeypatch.setattr(verify, "ram_bytes", lambda: 16 * 2**30)

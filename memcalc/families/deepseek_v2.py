@@ -176,7 +176,9 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
       sdpa: the head dims differ (qk != v), so CUDA runs memory-efficient attention: it saves q, k, v (a view of
       kv_b_proj's output: its whole storage c T a (qk_nope + v)), the output c T a v and o_proj's contiguous copy of
       it (the output follows v's strided layout) and logsumexp 4 b a s (rows padded to 32). The CPU takes its flash
-      kernel where qk == v (benchmarks/accuracy.py measures that) and the math kernel otherwise (the trace pads v).
+      kernel where qk == v (benchmarks/accuracy.py measures that) and the math kernel otherwise, which memcalc's traces
+      and measured CPU steps avoid by padding v to qk through the flash kernel (cuda_semantics.sdpa_narrow_v): for
+      DeepSeek's proportions (qk_nope = v = 2 qk_rope) that keeps these bytes exactly.
       Under autocast q_a_proj (or q_proj) and kv_a_proj_with_mqa save their own casts of the fp32 norm output.
     """
     h, heads = a.hidden_size, a.num_heads
@@ -195,8 +197,12 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
         probs = (BYTES_PER_FP32 + (c if c != BYTES_PER_FP32 else 0)) * b * heads * s * s
         attention = qk_states + 2 * c * tokens * heads * v + probs
     else:
-        # (v is a strided view of kv_b_proj's output, so sdpa's output is not laid out (b, s, a, v) and o_proj saves a
-        # contiguous copy of it, as Phi-3's fused qkv makes it: + c T a v, measured on the CPU (was -1.3% to -1.7%).)
+        # (sdpa's output is not laid out (b, s, a, v) and o_proj saves a contiguous copy of it, as Phi-3's fused qkv
+        # makes it: + c T a v, measured on the CPU (was -1.3% to -1.7%). On the CPU the flash kernel's output follows q's
+        # layout, (b, a, s, qk) here (torch.cat), and the padded v's output is sliced (cuda_semantics.sdpa_narrow_v).
+        # CUDA's memory-efficient kernel lays its output out (b, s, a, v) (torch/_meta_registrations.py
+        # meta__scaled_dot_product_efficient_attention), so by torch's code no copy is made there: counted until a GPU
+        # step says otherwise, on the safe side.)
         attention = (qk_states + c * tokens * heads * (nope + v) + 2 * c * tokens * heads * v
                      + BYTES_PER_FP32 * b * heads * (-(-s // 32) * 32))
     casts = 2 * c * tokens * h if autocast else 0

@@ -26,6 +26,11 @@ decide as CUDA does (``like_cuda``):
 4. softmax's backward: CUDA's kernel (SoftMax.cu ``softmax_backward_cuda_out``) computes ``grad * output`` into a
    temporary of the incoming gradient's size; the CPU's needs none. Here the CPU makes it too
    (``softmax_backward_like_cuda``, inside ``kernels_like_cuda``, which memcalc's measured CPU steps also run).
+5. sdpa with a v narrower than q and k (DeepSeek's MLA): CUDA's memory-efficient kernel takes the head dims as they
+   are (sdp_utils.cpp ``check_head_dim_size_mem_efficient`` asks q's and k's equal and each a multiple of the GEMM
+   alignment, v's free; flash asks all three equal); the CPU has no fused kernel for it and its math backend keeps the s^2 weights. Here v is zero-padded
+   to q's width through the CPU's flash kernel (``sdpa_narrow_v``, inside ``kernels_like_cuda``: the traces and the
+   measured CPU steps alike, so ``--verify`` measures the kernel the estimate counts).
 
 Not emulated (named in ``NOT_EMULATED``): which sdpa kernel CUDA picks (fp32 inputs or masks take the
 memory-efficient kernel, whose log-sum-exp is padded to a multiple of 32 rows: the same bytes when the sequence
@@ -80,10 +85,11 @@ CUDA_AUTOCAST: dict[str, str] = {
 NOT_EMULATED = (
     "sdpa's kernel choice (fp32 inputs or an explicit mask take CUDA's memory-efficient kernel, whose log-sum-exp "
     "is padded to 32 rows; the same bytes when the sequence is a multiple of 32; a v narrower than q runs the CPU's "
-    "flash kernel on a zero-padded v, kept at q's width) and attention dropout's RNG state (16 B per layer)"
+    "flash kernel on a zero-padded v: v and the output kept at q's width, the output's sliced view copied by "
+    "transformers' contiguous()) and attention dropout's RNG state (16 B per layer)"
 )
-EMULATED = ("CUDA's autocast op lists, fp32 LayerNorm statistics, 1-byte dropout masks and softmax backward's "
-            "temporary emulated on the CPU (memcalc/measure/cuda_semantics.py)")
+EMULATED = ("CUDA's autocast op lists, fp32 LayerNorm statistics, 1-byte dropout masks, a fused sdpa kernel for a v "
+            "narrower than q and softmax backward's temporary emulated on the CPU (memcalc/measure/cuda_semantics.py)")
 
 
 def _overload(name: str) -> Any:
@@ -162,8 +168,8 @@ def autocast_lists() -> Iterator[list[str]]:
 
 @contextlib.contextmanager
 def _cuda_functions() -> Iterator[None]:
-    """Torch functions CUDA runs through another kernel: dropout (fused: a bool mask), sdpa's attention dropout
-    (inside the kernel) and sdpa with a v narrower than q (the memory-efficient kernel). The functions are replaced
+    """Torch functions CUDA runs through another kernel: dropout (fused: a bool mask) and sdpa's attention dropout
+    (inside the kernel; a v narrower than q: ``kernels_like_cuda``, which traces run too). The functions are replaced
     for the block rather than intercepted by a TorchFunctionMode, which a checkpointed layer's recomputation in
     backward does not see (measured, torch 2.13): the recomputed layer must decide as its forward did."""
     import torch
@@ -187,17 +193,8 @@ def _cuda_functions() -> Iterator[None]:
 
     def sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
              scale: float | None = None, enable_gqa: bool = False) -> Any:
-        width = value.size(-1)
-        if width < query.size(-1):
-            # v narrower than q and k (DeepSeek's MLA: 128 against 192): CUDA's memory-efficient kernel takes it as it
-            # is; the CPU has no fused kernel for it and runs the math backend, which keeps the s^2 weights. v
-            # zero-padded to q's width runs the CPU's flash kernel instead (the same output in its first columns, as
-            # transformers pads v for flash attention); v and the output are then kept at q's width, 2 b a s
-            # (d_qk - d_v) c above CUDA's.
-            value = functional.pad(value, (0, query.size(-1) - width))
-        out = original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
-                            enable_gqa=enable_gqa)
-        return out[..., :width] if out.size(-1) != width else out
+        return original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
+                             enable_gqa=enable_gqa)
 
     functional.dropout, functional.scaled_dot_product_attention, torch.dropout = dropout, sdpa, torch_dropout
     try:
@@ -225,8 +222,9 @@ def runs_math_on_cuda(query: Any, key: Any, enable_gqa: bool) -> bool:
 def kernels_like_cuda() -> Iterator[None]:
     """For a CPU step measured (or traced) as a GPU's, while the block runs:
     - scaled_dot_product_attention held to its math path where CUDA's dispatcher would fall to it
-      (``runs_math_on_cuda``); replaced for the block (forward and backward: a checkpointed layer's recomputation
-      calls it again);
+      (``runs_math_on_cuda``), and given a fused kernel where CUDA's memory-efficient kernel takes a v narrower than
+      q that the CPU would run on its math path (``sdpa_narrow_v``); replaced for the block (forward and backward: a
+      checkpointed layer's recomputation calls it again);
     - softmax's backward with CUDA's temporary (``softmax_backward_like_cuda``)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -238,6 +236,8 @@ def kernels_like_cuda() -> Iterator[None]:
         if runs_math_on_cuda(query, key, kwargs.get("enable_gqa", False)):
             with sdpa_kernel([SDPBackend.MATH]):
                 return original(query, key, value, *args, **kwargs)
+        if value.size(-1) < query.size(-1) and query.device.type == "cpu":  # (a CUDA step runs CUDA's own choice)
+            return sdpa_narrow_v(original, query, key, value, *args, **kwargs)
         return original(query, key, value, *args, **kwargs)
 
     functional.scaled_dot_product_attention = sdpa
@@ -246,6 +246,32 @@ def kernels_like_cuda() -> Iterator[None]:
             yield
     finally:
         functional.scaled_dot_product_attention = original
+
+
+def sdpa_narrow_v(sdpa: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``sdpa`` on a v narrower than q and k (DeepSeek's MLA: 128 against 192) through a fused kernel, as CUDA runs it.
+    CUDA's memory-efficient kernel takes unequal head dims (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp,
+    ``check_head_dim_size_mem_efficient``: q's and k's equal, each dim a multiple of the GEMM alignment, v's free), so
+    it saves no s^2 weights; the CPU's flash kernel asks all three equal (sdp_utils_cpp.cpp
+    ``check_head_dim_size_cpp``) and the call falls to the math backend, which keeps the weights. v zero-padded to q's
+    width runs the CPU's flash kernel instead: the same output in its first columns (as transformers pads v for flash
+    attention). What this keeps differs from CUDA's by c (2 qk - (qk_nope + v) - v) per token and head (the padded v
+    and output at q's width; kv_b_proj's output, which v views, freed), 0 for DeepSeek-V2/V3's dims (qk_nope = v =
+    2 qk_rope), and by the output's contiguous copy, c v per token and head: the sliced output is not contiguous when
+    transformers' sdpa_attention_forward calls contiguous(), where CUDA's is laid out (b, s, a, v) already
+    (torch/_meta_registrations.py meta__scaled_dot_product_efficient_attention). The deepseek_v2 rule counts that copy
+    too, so it matches this emulation; on CUDA, by torch's code, the copy is not made (not yet measured on a GPU).
+    Counted in ``NARROW_V_CALLS``."""
+    import torch
+
+    width = value.size(-1)
+    NARROW_V_CALLS[0] += 1
+    value = torch.nn.functional.pad(value, (0, query.size(-1) - width))
+    return sdpa(query, key, value, *args, **kwargs)[..., :width]
+
+
+# How many sdpa calls ran sdpa_narrow_v (a measured step reads it before and after to say so)
+NARROW_V_CALLS = [0]
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from typing import Any
 from memcalc import cache
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 6  # 6: CUDA semantics run fp32 grouped-head sdpa on its math path
+CACHE_FORMAT = 7  # 7: the CPU's semantics too give a v narrower than q a fused kernel (cuda_semantics.sdpa_narrow_v);
+# 6: CUDA semantics run fp32 grouped-head sdpa on its math path
 CACHE_KIND = "traces"
 LOSS = "loss"  # where: created after the output head (the loss and its inputs)
 MODEL = "model"  # where: created outside the decoder layers (embeddings, position tables, final norm, head)

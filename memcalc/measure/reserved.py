@@ -35,7 +35,7 @@ from memcalc.measure.derive import current_device
 from memcalc.report import AllocatorReplay
 
 # Bump when what is recorded changes: older cache entries are then not read.
-CACHE_FORMAT = 5  # 5: where the weights' load and the step begin; 4: QLoRA's load in the log; 3: softmax backward
+CACHE_FORMAT = 6  # 6: the CPU's semantics too give a v narrower than q a fused kernel; 5: where the weights' load and the step begin; 4: QLoRA's load in the log; 3: softmax backward
 # with CUDA's temporary; 2: CUDA semantics run fp32 grouped-head sdpa on its math path
 # Where cudaMalloc puts a new segment decides which of two cached blocks of one size is reused (memcalc.allocator)
 SEGMENT_PLACEMENT_NOTE = ("each new segment placed below the earlier ones, as cudaMalloc placed them on an H200 (CUDA "

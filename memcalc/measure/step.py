@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from memcalc.errors import MissingDependencyError, UsageError
-from memcalc.measure import build
+from memcalc.measure import build, cuda_semantics
 from memcalc.measure import tracker as trk
 from memcalc.measure.measurement import Measurement
 from memcalc.model import ModelConfig
@@ -61,6 +61,13 @@ GRAD_SCALER_NOTE = ("amp-fp16 ran with torch.amp.GradScaler, as HF Trainer runs 
 SOFTMAX_TEMPORARY_NOTE = ("softmax's backward made CUDA's temporary here (grad * output, the incoming gradient's size: "
                           "SoftMax.cu softmax_backward_cuda_out makes it, the CPU kernel does not; emulated, "
                           "cuda_semantics.softmax_backward_like_cuda)")
+
+# A CPU step whose sdpa got a v narrower than q and k (DeepSeek's MLA): it ran a fused kernel, as CUDA's
+# memory-efficient one takes it, rather than the CPU's math backend (memcalc.measure.cuda_semantics.sdpa_narrow_v)
+NARROW_V_NOTE = ("sdpa's v is narrower than q and k (MLA): CUDA's memory-efficient kernel takes it and keeps no s^2 "
+                 "weights; the CPU's flash kernel does not take it and its math backend would keep them, so this step "
+                 "ran the CPU's flash kernel on v zero-padded to q's width (the same output; v and the output kept at "
+                 "q's width, and the output's contiguous copy; cuda_semantics.sdpa_narrow_v)")
 
 Progress = Callable[[str], None]
 
@@ -879,6 +886,7 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
         before_measured_step()
     say("measured step")
     tracker.events = events  # (what exists now was recorded by the log)
+    narrow_v_before = cuda_semantics.NARROW_V_CALLS[0]
     try:
         with tracker:
             one_step(model, stepper, batch, setup, _TrackerClock(tracker, clock), after_backward, micro_batches)
@@ -894,6 +902,8 @@ def execute(model_config: ModelConfig | dict[str, Any], spec: TrainingSpec, *, d
     tracker.events = None
     if device == "cpu" and "_softmax_backward_data" in tracker.ops_seen:
         notes.append(SOFTMAX_TEMPORARY_NOTE)
+    if cuda_semantics.NARROW_V_CALLS[0] > narrow_v_before:
+        notes.append(NARROW_V_NOTE)
     return StepResult(
         setup=setup, tracker=tracker, model_class=type(model).__name__,
         num_params=sum(p.numel() for p in model.parameters()),

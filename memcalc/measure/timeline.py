@@ -36,8 +36,9 @@ from memcalc import cache
 from memcalc.measure import derive
 from memcalc.measure.derive import current_device
 
-CACHE_FORMAT = 6  # 6: softmax backward with CUDA's temporary (cuda_semantics.softmax_backward_like_cuda); 5: CUDA
-# semantics run fp32 grouped-head sdpa on its math path
+CACHE_FORMAT = 7  # 7: the CPU's semantics too give a v narrower than q a fused kernel; 6: softmax backward with
+# CUDA's temporary (cuda_semantics.softmax_backward_like_cuda); 5: CUDA semantics run fp32 grouped-head sdpa on its
+# math path
 CACHE_KIND = "timelines"
 DEPTHS = (2, 3, 4)  # traced depths of a homogeneous stack (three points: the line is checked, not assumed)
 FORWARD, BACKWARD = "forward", "backward"

@@ -909,3 +909,22 @@ def test_llamafactory_lora_under_the_launcher_s_fsdp_is_not_reentrant():
     assert "checkpoint_reentrant" not in settings
     assert not any("use_reentrant_gc true read but not modelled" in note for note in notes)
     assert any("non-reentrantly under FSDP2" in note for note in notes)
+
+
+@pytest.mark.parametrize(("key", "value", "precision_or_error"), [
+    # schemas/config.py: bf16: Literal["auto"] | bool | None and gradient_checkpointing: Literal["offload",
+    # "offload_disk"] | bool | None, validated by pydantic, whose lax bool takes 1/0 and "yes"/"no" (so bf16 is on:
+    # the model loads in bf16, resolve_dtype) and refuses anything else; before, "yes" and 1 read as fp32 and "full",
+    # 7 or "maybe" passed
+    ("bf16", 1, "bf16-pure"), ("bf16", "yes", "bf16-pure"), ("bf16", "off", "fp32"),
+    ("bf16", "full", "bf16 must be 'auto', true or false"), ("bf16", 7, "bf16 must be 'auto', true or false"),
+    ("gradient_checkpointing", "maybe", "gradient_checkpointing must be 'offload', 'offload_disk', true or false"),
+])
+def test_axolotl_switches_are_read_as_its_schema_validates_them(key, value, precision_or_error):
+    from memcalc.errors import ConfigError
+
+    if " " not in precision_or_error:
+        assert _settings({**AXOLOTL, key: value})["precision"] == precision_or_error
+        return
+    with pytest.raises(ConfigError, match=precision_or_error):
+        _settings({**AXOLOTL, key: value})

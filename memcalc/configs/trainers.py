@@ -1089,6 +1089,27 @@ def _hf_unmodelled(r: _Reader, trl: bool) -> None:
 # -- axolotl --------------------------------------------------------------------------------------------------------
 
 
+_PYDANTIC_TRUE = ("1", "on", "t", "true", "y", "yes")
+_PYDANTIC_FALSE = ("0", "off", "f", "false", "n", "no")
+
+
+def _schema_value(r: _Reader, key: str, default: Any, literals: tuple[str, ...]) -> Any:
+    """A key axolotl's schema types ``Literal[*literals] | bool | None``, as pydantic validates it: one of the
+    literals as written, else a bool in pydantic's lax form (1/0, "yes"/"no", "on"/"off"...); anything else
+    axolotl refuses, and so does this."""
+    value = r.get(key, None)
+    if value is None:
+        return default
+    if value in literals or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _PYDANTIC_TRUE + _PYDANTIC_FALSE:
+        return value.strip().lower() in _PYDANTIC_TRUE
+    allowed = ", ".join(f"'{literal}'" for literal in literals)
+    raise r.fail(f"{key} must be {allowed}, true or false (axolotl's schema), got {_text(value)}")
+
+
 def _read_axolotl(r: _Reader) -> None:
     """axolotl's YAML (src/axolotl/utils/schemas/, utils/config/__init__.py normalize_config and resolve_dtype)."""
     rl = r.get("rl")
@@ -1122,7 +1143,7 @@ def _read_axolotl(r: _Reader) -> None:
     _optimizer(r, "optimizer", optim if optim is not None else HF_DEFAULT_OPTIM, optim is None,
                r.get("optim_args"))
     # Checkpointing (default false): true, or "offload"/"offload_disk" (checkpoints in CPU RAM or on disk).
-    checkpointing = r.get("gradient_checkpointing", False)
+    checkpointing = _schema_value(r, "gradient_checkpointing", False, ("offload", "offload_disk"))
     r.set("checkpointing", "full" if checkpointing else "none", "gradient_checkpointing", checkpointing,
           default=not r.has("gradient_checkpointing"))
     if checkpointing == "offload":
@@ -1199,11 +1220,11 @@ def _read_axolotl(r: _Reader) -> None:
     # Precision (resolve_dtype): bf16 "auto" is true on a GPU with bf16 (assumed); the model loads in
     # torch_dtype = bf16 if bf16 or bfloat16, fp16 if load_in_8bit, fp16 or float16, else fp32; HF Trainer then
     # autocasts with args.bf16/fp16.
-    bf16 = r.get("bf16", "auto")  # schemas/config.py: bf16 defaults to "auto"
-    fp16 = bool(r.boolean("fp16"))
+    bf16 = _schema_value(r, "bf16", "auto", ("auto",))  # schemas/config.py: bf16 defaults to "auto"
+    fp16 = bool(_schema_value(r, "fp16", False, ()))
     if bf16 == "auto" and not fp16:
         r.note("bf16 auto: true on a GPU with bf16 (Ampere or newer), as assumed here")
-    bf16_on = bf16 is True or str(bf16).lower() == "true" or (bf16 == "auto" and not fp16)
+    bf16_on = bf16 is True or (bf16 == "auto" and not fp16)
     fp16_on = fp16 and not bf16_on
     pure_bf16, pure_fp16, eight_bit = r.boolean("bfloat16"), r.boolean("float16"), r.boolean("load_in_8bit")
     weights = "bf16" if (bf16_on or pure_bf16) else "fp16" if (eight_bit or fp16_on or pure_fp16) else "fp32"

@@ -928,3 +928,13 @@ def test_axolotl_switches_are_read_as_its_schema_validates_them(key, value, prec
         return
     with pytest.raises(ConfigError, match=precision_or_error):
         _settings({**AXOLOTL, key: value})
+
+
+def test_a_config_naming_no_known_model_is_model_not_found(cli, tmp_path):
+    """A torchtune builder memcalc has no preset for: the model is not found (exit 3, README's exit codes), and the line
+    says to give MODEL; before, exit 2 (bad usage)."""
+    path = tmp_path / "tt.yaml"
+    path.write_text("model:\n  _component_: torchtune.models.foo.bar_7b\nbatch_size: 1\ngradient_accumulation_steps: 1\n"
+                    "optimizer:\n  _component_: torch.optim.AdamW\n")
+    result = cli("--from", str(path))
+    assert_one_line_error(result, EXIT_MODEL_NOT_FOUND, "names no model memcalc can resolve: give MODEL")

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from memcalc.datafile import read_json_object, read_yaml_mapping, shown
-from memcalc.errors import ConfigError, UsageError
+from memcalc.errors import ConfigError, ModelNotFoundError, UsageError
 from memcalc.spec import REENTRANT_UNMODELLED, is_on
 
 FORMATS = {
@@ -1725,8 +1725,8 @@ def merge(config: TrainerConfig, chosen: Mapping[str, Any],
                           "nor the config's; run memcalc from the folder the trainer runs in, or give --deepspeed PATH")
     model = chosen.get("model", settings.get("model"))
     if model is None and "params" not in chosen:
-        raise UsageError(f"{config.source} names no model memcalc can resolve: give MODEL (a preset name or the "
-                         "model's config.json)")
+        raise ModelNotFoundError(f"{config.source} names no model memcalc can resolve: give MODEL (a preset name "
+                                 "or the model's config.json)")
     for mapped in config.mapped:
         name = mapped.setting
         if name is None or name not in chosen or name in ("model", "deepspeed") or settings.get(name) != mapped.value:

@@ -624,9 +624,8 @@ def _gpu_target(request: Request) -> tuple[GpuTarget | None, str | None]:
                 raise UsageError(f"{{{name}}} must be a positive number of bytes, got {value}")
             return value
         parsed = parse_size(str(value), f"{{{name}}}")
-        # (a bare number is bytes: '80' or '512' meant GiB or MiB, and would leave no usable memory)
-        least = 2**30 if name == "gpu_memory" else 2**20
-        if str(value).strip().replace("_", "").isdigit() and parsed < least:
+        # (a bare number is bytes: '80' or '512' under a MiB meant GiB or MiB, and would leave no usable memory)
+        if str(value).strip().replace("_", "").isdigit() and parsed < 2**20:
             raise UsageError(f"{{{name}}} {value!r} has no unit, so it is {parsed:,} bytes; give one "
                              f"(e.g. {'80GiB' if name == 'gpu_memory' else '512MiB'})")
         return parsed

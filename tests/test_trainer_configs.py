@@ -544,18 +544,24 @@ def test_torchtune_ac_mode_and_ac_option():
         parse_trainer_config({**base, "ac_mode": "layer"})
 
 
-def test_checkpoint_offloading_keys_map_to_activation_offload_checkpoints():
-    # transformers modeling_utils.py _activation_checkpointing_enable(offload=True); axolotl's
-    # gradient_checkpointing: offload (monkeypatch/gradient_checkpointing/offload_cpu.py).
+def test_checkpoint_offloading_keys_map_to_activation_offload():
+    # transformers modeling_utils.py _activation_checkpointing_enable(offload=True): checkpoints offloaded.
     settings = _settings({"max_length": 512, "gradient_checkpointing": True,
                           "gradient_checkpointing_kwargs": {"offload": True}})
     assert (settings["checkpointing"], settings["activation_offload"]) == ("full", "checkpoints")
+    # axolotl's deprecated gradient_checkpointing: offload is, by its schema's validator (schemas/validation.py
+    # check_gradient_checkpointing_w_offload), checkpointing on with activation_offloading true: TRL's offloader (the
+    # "new stream implementation"); offload_disk is activation_offloading "disk", not modelled. (Before, offload
+    # counted the older per-layer hidden-states offload, monkeypatch/gradient_checkpointing/offload_cpu.py.)
     axolotl = {**AXOLOTL, "gradient_checkpointing": "offload"}
     settings = _settings(axolotl)
-    assert (settings["checkpointing"], settings["activation_offload"]) == ("full", "checkpoints")
+    assert (settings["checkpointing"], settings["activation_offload"]) == ("full", "trl")
     from memcalc.configs.trainers import parse_trainer_config
 
-    assert any("hidden states to CPU RAM" in note for note in parse_trainer_config(axolotl).notes)
+    assert any("runs TRL's OffloadActivations" in note for note in parse_trainer_config(axolotl).notes)
+    disk = parse_trainer_config({**AXOLOTL, "gradient_checkpointing": "offload_disk"})
+    assert disk.settings["checkpointing"] == "full" and "activation_offload" not in disk.settings
+    assert any(line.startswith("gradient_checkpointing offload_disk read but not modelled") for line in disk.not_modelled)
 
 
 def test_torchtune_qlora_keeps_the_base_s_other_tensors_in_its_dtype():

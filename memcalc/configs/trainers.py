@@ -1142,21 +1142,15 @@ def _read_axolotl(r: _Reader) -> None:
     optim = r.get("optimizer")
     _optimizer(r, "optimizer", optim if optim is not None else HF_DEFAULT_OPTIM, optim is None,
                r.get("optim_args"))
-    # Checkpointing (default false): true, or "offload"/"offload_disk" (checkpoints in CPU RAM or on disk).
+    # Checkpointing (default false): true, or the deprecated "offload"/"offload_disk", which the schema's validator
+    # (schemas/validation.py check_gradient_checkpointing_w_offload) turns into checkpointing on with
+    # activation_offloading true (its stream offloader) or "disk".
     checkpointing = _schema_value(r, "gradient_checkpointing", False, ("offload", "offload_disk"))
     r.set("checkpointing", "full" if checkpointing else "none", "gradient_checkpointing", checkpointing,
           default=not r.has("gradient_checkpointing"))
-    if checkpointing == "offload":
-        # monkeypatch/gradient_checkpointing/offload_cpu.py CPU_Offloaded_Gradient_Checkpointer: each layer's
-        # hidden_states input to CPU RAM, brought back for its recomputation.
-        r.set("activation_offload", "checkpoints", "gradient_checkpointing", checkpointing)
-        r.note("gradient_checkpointing offload: axolotl moves each layer's hidden states to CPU RAM (counted as "
-               "--activation-offload checkpoints); it keeps the layer's other arguments (position embeddings, mask) on "
-               "the GPU, where transformers' offload moves them too: a little more on the GPU than counted",
-               about="activation_offload")
-    elif checkpointing and isinstance(checkpointing, str):
-        r.not_modelled("gradient_checkpointing", checkpointing, "checkpoints are offloaded; memcalc counts them on "
-                       "the GPU (high)")
+    offload_key, offloading = "activation_offloading", r.get("activation_offloading")
+    if checkpointing in ("offload", "offload_disk"):
+        offload_key, offloading = "gradient_checkpointing", True if checkpointing == "offload" else "disk"
     if checkpointing and r.get("gradient_checkpointing_kwargs") is not None:
         # core/builders/base.py _configure_gradient_checkpointing: passed on to TrainingArguments as written.
         _checkpointing_kwargs(r, "gradient_checkpointing_kwargs", absent_reentrant=None)
@@ -1164,17 +1158,17 @@ def _read_axolotl(r: _Reader) -> None:
         # utils/config/__init__.py normalize_config: gradient_checkpointing on, no gradient_checkpointing_kwargs and no
         # unfrozen_parameters (rl is refused above) -> gradient_checkpointing_kwargs {"use_reentrant": True}.
         r.set("checkpoint_reentrant", True, "gradient_checkpointing_kwargs", {"use_reentrant": True}, default=True)
-    offloading = r.get("activation_offloading")
     if offloading is True:
         # core/trainers/mixins/activation_checkpointing.py: TRL's get_act_offloading_ctx_manager around training_step
         # (LoRA models: its own variant), with patches that clone non-contiguous saved tensors first.
-        r.set("activation_offload", "trl", "activation_offloading", True)
-        r.note("activation_offloading true: axolotl runs TRL's OffloadActivations (counted as --activation-offload "
-               "trl); its clone of non-contiguous saved tensors before offloading is not modelled",
-               about="activation_offload")
+        r.set("activation_offload", "trl", offload_key, checkpointing if offload_key != "activation_offloading" else True)
+        r.note(f"{offload_key} {_text(checkpointing) if offload_key != 'activation_offloading' else 'true'}: axolotl "
+               "runs TRL's OffloadActivations (counted as --activation-offload trl); its clone of non-contiguous saved "
+               "tensors before offloading is not modelled", about="activation_offload")
     elif offloading:
-        r.not_modelled("activation_offloading", offloading, "axolotl's legacy/disk/hidden_states offloading moves "
-                       "saved activations to CPU RAM or disk; memcalc counts them on the GPU (high)")
+        r.not_modelled(offload_key, checkpointing if offload_key != "activation_offloading" else offloading,
+                       "axolotl's legacy/disk/hidden_states offloading moves saved activations to CPU RAM or disk; "
+                       "memcalc counts them on the GPU (high)")
     _axolotl_attention(r)
     # Adapters.
     adapter = r.text("adapter")

@@ -112,9 +112,6 @@ TINY_SHAPES = ([(1001, 64)] + 2 * [(64, 64), (32, 64), (32, 64), (64, 64), (128,
 assert sum(d * r for d, r in TINY_SHAPES) == 202_176
 WORLD, REPLICAS = 4, 2
 SHARD = WORLD // REPLICAS
-# FSDP2 over gloo releases a finished collective's buffers late, at a moment that varies (tests/
-# test_verify_distributed.py FSDP2_GLOO_RUNS): the lowest of runs taken until two agree, at most this many
-GLOO_RUNS = 4
 TOLERANCE_PCT = 0.1
 
 
@@ -125,19 +122,15 @@ def _shard_rows(dim0: int, shard_rank: int) -> tuple[int, int]:
 
 
 def _measure():
-    from memcalc.measure.distributed import COMM_BUFFERS, measure_distributed
+    """The ranks, FSDP2 over gloo releasing a finished collective's buffers late at a moment that varies: the lowest
+    of runs taken until two agree (tests/test_verify_distributed.py fsdp2_gloo_ranks)."""
+    from memcalc.measure.distributed import measure_distributed
     from memcalc.model import ModelConfig
+    from tests.test_verify_distributed import fsdp2_gloo_ranks
 
     tiny = ModelConfig(name="tiny-llama", raw=TINY_LLAMA, source="test")
-    runs: list[tuple[tuple[int, ...], list]] = []
-    while len(runs) < GLOO_RUNS:
-        ranks = measure_distributed(tiny, _spec(), engine="fsdp2", world_size=WORLD, method="gloo")
-        key = tuple(m.measured_peak_bytes for m in ranks) + tuple(m.forward_end_bytes.get(COMM_BUFFERS, 0)
-                                                                 for m in ranks)
-        if any(key == seen for seen, _ in runs):
-            return ranks
-        runs.append((key, ranks))
-    return min(runs, key=lambda found: sum(found[0]))[1]
+    return fsdp2_gloo_ranks(lambda: measure_distributed(tiny, _spec(), engine="fsdp2", world_size=WORLD,
+                                                        method="gloo"))
 
 
 def _spec():

@@ -161,7 +161,9 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
     assert described is not None
     arch, family = described.arch, described.family
     source = spec.activations
-    if source == ActivationSource.rules or (source == ActivationSource.auto and described.derived):
+    # (a padded batch where the family's rules count no padding mask: its causal LM traced, padded, instead)
+    unruled = run.padded and not family.counts_padding and arch.head == CAUSAL_LM
+    if source == ActivationSource.rules or (source == ActivationSource.auto and described.derived and not unruled):
         return family.activations(arch, run), False, run
     from memcalc.families import fallback_available
 
@@ -445,12 +447,21 @@ def flash_backward_workspace(arch: Arch, spec: TrainingSpec, run: Run) -> int:
     return accumulators + expanded
 
 
+def _trace_pads(arch: Arch, model_type: str) -> bool:
+    """Whether a trace of this class pads its batch (measure.step.make_batch: a causal LM's; torch is imported
+    already where a model was traced)."""
+    from memcalc.measure.step import HEAD_CAUSAL_LM, head_kind
+
+    return head_kind(arch.architecture, model_type) in (HEAD_CAUSAL_LM, None)  # (None: run as a language model)
+
+
 def padding_not_counted(arch: Arch, run: Run, traced: bool) -> str:
     """The note for --padded where neither the rules nor the trace count the padding mask, with what the Llama rules
     would count for it: per layer the mask's float bias (c b s^2) and k and v repeated to the query heads."""
     heads, kv_heads = arch.num_heads // run.tp, max(1, arch.num_kv_heads // run.tp)
     per_layer = run.c * run.b * run.s * run.s + 2 * run.c * run.tokens * max(0, heads - kv_heads) * arch.head_dim
-    how = "the trace runs unpadded rows (a FakeTensor has no values to pad)" if traced else "its rules count no mask"
+    how = ("the trace pads the batch of a causal language model only" if traced else
+           "its rules count no mask; its causal LM is traced, padded, where torch and transformers are installed")
     return (f"--padded: not counted for {arch.architecture} ({how}). Each layer's sdpa would keep the padding mask as a "
             f"float bias and k and v repeated to every head: about {per_layer * arch.num_layers / 2**30:,.2f} GiB in "
             f"all as the Llama rules count it ({per_layer:,} B a layer), by which the estimate may be low without "
@@ -504,7 +515,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             if family.counts_repeat_kv else
             f"--repeat-kv: {arch.architecture}'s rules do not count k and v repeated to every head (low by two "
             "copies per layer of the extra heads' k and v); --activations trace counts them")
-    if run.padded and not eager and spec.attention != Attention.flash and (traced or not family.counts_padding):
+    if run.padded and spec.attention != Attention.flash and not eager and not (
+            _trace_pads(arch, described.model_type) if traced else family.counts_padding):
         result.notes.append(padding_not_counted(arch, run, traced))
     if not traced:
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead

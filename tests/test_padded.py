@@ -10,9 +10,9 @@ import json
 import pytest
 
 from memcalc.api import estimate
-from memcalc.errors import UsageError
+from tests.test_traced import WITHOUT_RULES
 from tests.test_trainer_configs import FIXTURES
-from tests.tiny import GEMMA3, tiny_raw
+from tests.tiny import GEMMA3, GPT2, tiny_raw
 
 
 def _activations(report) -> int:
@@ -43,9 +43,16 @@ def test_one_row_pads_nothing_and_eager_attention_has_its_mask_anyway():
     assert _activations(padded) - _activations(plain) == 2 * 8 * 8 * 2048
 
 
-def test_a_family_whose_rules_count_no_mask_says_so():
-    report = estimate("gpt2", precision="bf16-pure", batch_size=4, seq_len=1024, padded=True)
-    assert any(note.startswith("--padded: not counted for GPT2LMHeadModel") for note in report.notes)
+def test_a_family_whose_rules_count_no_mask_is_traced_padded():
+    """GPT-2's rules count no padding mask: a padded batch of its causal LM is traced with its mask instead (with torch
+    and transformers), more than the rules' unpadded count; asked for its rules, it says what they leave out."""
+    pytest.importorskip("transformers")
+    settings = {"precision": "bf16-pure", "batch_size": 4, "seq_len": 1024}
+    traced = estimate("gpt2", padded=True, **settings)
+    assert traced.training.activations == "trace"
+    assert traced.per_gpu.peak_bytes > estimate("gpt2", **settings).per_gpu.peak_bytes
+    ruled = estimate("gpt2", padded=True, activations="rules", **settings)
+    assert any(note.startswith("--padded: not counted for GPT2LMHeadModel") for note in ruled.notes)
 
 
 def _tiny(tmp_path, raw: dict) -> str:
@@ -59,28 +66,35 @@ def _tiny(tmp_path, raw: dict) -> str:
     (tiny_raw("qwen3"), {"precision": "fp32"}),  # fp32 with grouped heads: CUDA's math path unless masked
     (tiny_raw("mixtral"), {"precision": "amp-bf16", "checkpointing": "full"}),
     ({**GEMMA3, "sliding_window": 64}, {"precision": "bf16-pure"}),  # sliding and full layers: two masks
+    (GPT2, {"precision": "bf16-pure"}),  # rules without a mask: traced, padded
+    ({"model_type": "olmo2", **WITHOUT_RULES["olmo2"]}, {"precision": "amp-bf16", "checkpointing": "full"}),  # traced
+    (tiny_raw("llama"), {"precision": "amp-bf16", "lora_rank": 8}),  # LoRA: the step traced, padded
 ])
 def test_padded_cpu_steps_match(tmp_path, raw, settings):
-    """Real CPU steps of a batch whose last row is half padding (measure.step.make_batch), measured by the tracker.
-    Measured 2026-12-05: every peak -0.00% except Mixtral's +0.04% (its checkpointed MoE reads +0.04% unpadded too);
-    the same cells' phases within 0.4% (the optimizer step reads 0.1-0.3% low at these sizes, 256 tokens: the batch's
-    int64 tensors, which the tracker still sees, against a step of about a megabyte)."""
+    """Real CPU steps of a batch whose last row is half padding (measure.step.make_batch), measured by the tracker,
+    against the rules or, where they count no mask, the trace of a padded batch. Measured 2026-12-05: every peak
+    within -0.08% and +0.07% (Mixtral's +0.04% as unpadded); the optimizer step reads 0.1-0.7% low at these sizes,
+    2 x 128 tokens: the batch's int64 tensors, which the training loop holds through the step, against a step of a
+    megabyte or two (24 B a token; the -0.08% peaks are such a step)."""
     pytest.importorskip("transformers")
     from memcalc.api import verify
 
     report = verify(_tiny(tmp_path, raw), "cpu-tracker", batch_size=2, seq_len=128, padded=True, **settings)
     rows = {row.term: row.error_pct for row in report.verify.rows if row.error_pct is not None}
-    assert -0.01 <= rows["peak"] <= 0.05, rows
-    assert all(abs(rows[f"phase:{phase}"]) <= 0.5 for phase in ("backward", "optimizer_step")), rows
+    assert -0.1 <= rows["peak"] <= 0.1, rows
+    assert abs(rows["phase:backward"]) <= 0.1 and -1.0 <= rows["phase:optimizer_step"] <= 0, rows
 
 
-def test_a_traced_step_cannot_pad(tmp_path):
+def test_a_traced_step_pads_as_a_real_one(tmp_path):
+    """Under FakeTensorMode the padding has no values, but transformers does not read them there (is_tracing:
+    _ignore_causal_mask_sdpa keeps the 4-D mask): the trace of a padded batch equals the rules (measured -0.00%)."""
     pytest.importorskip("transformers")
     from memcalc.api import verify
 
-    with pytest.raises(UsageError, match="no values to pad"):
-        verify(_tiny(tmp_path, tiny_raw("llama")), "trace", batch_size=2, seq_len=32, padded=True,
-               precision="bf16-pure")
+    report = verify(_tiny(tmp_path, tiny_raw("llama")), "trace", batch_size=2, seq_len=128, padded=True,
+                    precision="bf16-pure")
+    rows = {row.term: row.error_pct for row in report.verify.rows if row.error_pct is not None}
+    assert abs(rows["peak"]) <= 0.01 and abs(rows["phase:backward"]) <= 0.01, rows
 
 
 def test_trainers_that_pad_and_those_that_do_not(tmp_path):

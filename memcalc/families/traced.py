@@ -31,7 +31,7 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
         # GradientCheckpointingLayer.__call__ (transformers modeling_layers.py) drops the cache of checkpointed
         # layers in training: the recomputed layer saves what a forward without a cache saves.
         raw = {**raw, "use_cache": False}
-    traced, cached = traced_saves(raw, architecture, run.s, weight_dtype, run.autocast, attention)
+    traced, cached = traced_saves(raw, architecture, run.s, weight_dtype, run.autocast, attention, padded=run.padded)
     saves = traced.at(run.b)
     layers = saves.layers
     if not layers:
@@ -44,7 +44,9 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
     loss = Loss(tokens, a.vocab_size, BYTES_PER_FP32) if a.vocab_size else None
     log_softmax = tokens * a.vocab_size * BYTES_PER_FP32 if loss is not None else 0
     notes = [f"activations traced from transformers {traced.versions.get('transformers', '')} {traced.model_class}'s own "
-             f"code (no hand rules for model_type '{a.model_type}'): one training forward under FakeTensorMode, "
+             + ("code (a padded batch, traced with its padding mask): " if run.padded else
+                f"code (no hand rules for model_type '{a.model_type}'): ")
+             + "one training forward under FakeTensorMode, "
              f"saved tensors by layer and part{' (from the cache)' if cached else ''}"
              + (f" (read off the quadratic through traces at sequence lengths "
                 f"{', '.join(f'{n:,}' for n in traced.fitted_from)})" if traced.fitted_from else "") + "; "

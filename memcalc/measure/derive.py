@@ -199,14 +199,15 @@ def _fitted(anchors: dict[int, TracedSaves], seq_len: int) -> TracedSaves:
 
 
 def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int, weight_dtype: str,
-                 autocast: bool, attention: str) -> tuple[TracedSaves, bool]:
+                 autocast: bool, attention: str, padded: bool = False) -> tuple[TracedSaves, bool]:
     """The saved bytes of one training forward of this config, from the cache or traced now (or, inside
     ``fitted_sequences``, read off traces at three other lengths); and whether it came from the cache.
     ``weight_dtype``: fp32 | bf16 (16-bit: the same bytes as fp16); ``autocast``: bf16 autocast over fp32 weights;
-    ``attention``: sdpa | eager. CUDA's semantics unless inside ``semantics("cpu")``."""
+    ``attention``: sdpa | eager; ``padded``: the batches of more than one row padded (measure.step.make_batch: the
+    padding mask every layer's attention then gets). CUDA's semantics unless inside ``semantics("cpu")``."""
     device = current_device()
     settings = {"architecture": architecture, "weight_dtype": weight_dtype, "autocast": autocast,
-                "attention": attention, "device": device}
+                "attention": attention, "device": device, **({"padded": True} if padded else {})}
     key = cache.key_of(raw, CACHE_FORMAT, seq_len=seq_len, **settings)
     anchors = anchors_of(cache.key_of(raw, CACHE_FORMAT, **settings), seq_len)
     saves = cache.read_as(CACHE_KIND, key, CACHE_FORMAT, TracedSaves.from_json)
@@ -217,7 +218,7 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
     if may_fit(anchors):
         return _fitted(anchors, seq_len), False
     model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
-                                                     autocast, attention, device)
+                                                     autocast, attention, device, padded)
     saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions(),
                         attention=traced_attention)
     cache.write(CACHE_KIND, key, saves.to_json())
@@ -239,7 +240,8 @@ def part_of(child_name: str) -> str:
 
 
 def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
-           weight_dtype: str, autocast: bool, attention: str, device: str) -> tuple[str, dict[int, Saves], str]:
+           weight_dtype: str, autocast: bool, attention: str, device: str,
+           padded: bool = False) -> tuple[str, dict[int, Saves], str]:
     """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch, the
     attention traced: sdpa asked of a class without an sdpa path runs eager, as transformers would train it)."""
     import torch
@@ -259,7 +261,8 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
         layers = build.decoder_layers(model)
         for batch in batches:
             # the keyword arguments a training forward of this head takes (labels, positions: measure.step)
-            shape = SimpleNamespace(micro_batch_size=batch, seq_len=seq_len, device="cpu", decoder_seq_len=None)
+            shape = SimpleNamespace(micro_batch_size=batch, seq_len=seq_len, device="cpu", decoder_seq_len=None,
+                                    padded=padded, attn_implementation=attention)
             inputs, _ = make_batch(model, shape)
             found[batch] = _saved_in_forward(model, layers, inputs, autocast, like_cuda=device == "cuda")
     return type(model).__name__, found, attention

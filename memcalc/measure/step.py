@@ -650,19 +650,20 @@ def make_batch(model: torch.nn.Module, setup: StepSetup) -> tuple[dict[str, torc
     elif getattr(setup, "padded", False) and b > 1:  # (one row is its own longest: nothing to pad)
         from torch._guards import detect_fake_mode
 
-        if kind != HEAD_CAUSAL_LM:
+        if kind in (HEAD_MASKED_LM, HEAD_PRETRAINING):
             raise UsageError(f"{{padded}} is modelled for causal language models; {cls} is a {kind} head: drop it")
-        if detect_fake_mode() is not None:
-            raise UsageError("{padded}: a traced step has no values to pad (FakeTensorMode); verify it with "
-                             "--verify cpu-tracker")
         # What DataCollatorWithPadding / DataCollatorForSeq2Seq hand a causal LM (padding side right): the last row's
-        # second half padded, the pad token in input_ids, 0 in attention_mask and -100 in labels (a tensor of its own)
-        pad = int(getattr(model.config.get_text_config(), "pad_token_id", None) or 0)
+        # second half padded, the pad token in input_ids, 0 in attention_mask and -100 in labels (a tensor of its own).
+        # A fake batch has no values: its mask is all ones, which masking_utils does not read (under FakeTensorMode
+        # is_tracing holds, and _ignore_causal_mask_sdpa keeps the 4-D mask a padded batch gets).
         mask = torch.ones_like(input_ids)
-        mask[-1, s // 2:] = 0
-        input_ids.masked_fill_(mask == 0, pad)
+        batch["labels"] = input_ids.clone()
+        if detect_fake_mode() is None:
+            pad = int(getattr(model.config.get_text_config(), "pad_token_id", None) or 0)
+            mask[-1, s // 2:] = 0
+            input_ids.masked_fill_(mask == 0, pad)
+            batch["labels"].masked_fill_(mask == 0, -100)
         batch["attention_mask"] = mask
-        batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     else:
         batch["labels"] = input_ids
         for name in ("next_sentence_label", "sentence_order_label"):  # BertForPreTraining, AlbertForPreTraining

@@ -104,6 +104,7 @@ class ActivationEstimate:
     ring_forward_bytes: int = 0
     after_attention_bytes: int = 0  # what a layer makes after its attention beyond its MLP's (Rule.after_attention)
     opening_backward_transient_bytes: int = 0  # a layer's backward at its first op (Rule.opening_transient)
+    last_opening_backward_transient_bytes: int = 0  # ... the last layer's (Rule.last_opening_transient)
     layer_forward_transient_bytes: int = 0  # a layer's forward at its largest, beyond what it saves (Rule.forward_transient)
     released_at_mlp_bytes: int = 0  # ... what it released by its MLP's backward (Rule.released_at_mlp)
     released_at_last_mlp_bytes: int = 0  # ... the last layer's (Rule.released_at_last_mlp)
@@ -565,6 +566,8 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
         result.last_layer_mlp_bytes = rule.layers[last].get(PART_MLP, 0)
         result.after_attention_bytes = rule.after_attention
         result.opening_backward_transient_bytes = rule.opening_transient
+        result.last_opening_backward_transient_bytes = (rule.opening_transient if rule.last_opening_transient is None
+                                                        else rule.last_opening_transient)
         result.layer_forward_transient_bytes = rule.forward_transient
         result.released_at_mlp_bytes = rule.released_at_mlp
         result.released_at_last_mlp_bytes = (rule.released_at_mlp if rule.released_at_last_mlp is None

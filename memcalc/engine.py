@@ -383,6 +383,7 @@ def _input_backward(model: ModelInput, spec: TrainingSpec, report: Report) -> in
                 if Phase.forward in t.phases and Phase.backward in t.phases and not t.in_cpu_ram)
     return alive + max(act.layer_backward_transient_bytes, act.attention_backward_transient_bytes,
                        act.mid_norm_transient_bytes, act.opening_backward_transient_bytes,
+                       act.last_opening_backward_transient_bytes,
                        act.backward_start_extra_bytes)
 
 
@@ -1007,6 +1008,7 @@ def _estimate_moment(model: ModelInput, spec: TrainingSpec, defaults_used: Seque
         made_at_mid_norm=made_at_mid_norm,
         released_at_scores=act.released_at_scores_bytes,
         opening_gradients=act.opening_backward_transient_bytes,
+        last_opening_gradients=act.last_opening_backward_transient_bytes,
         released_at_mlp=act.released_at_mlp_bytes, released_at_last_mlp=act.released_at_last_mlp_bytes,
         shifted_labels=act.shifted_labels_bytes,
         head_cast=head_cast * bytes_per_compute_cast, last_output_cast=last_output_cast * bytes_per_compute_cast,
@@ -1395,6 +1397,7 @@ class _Extras:
     casts_at_mlp: int = 0  # the recomputed weight casts left at its MLP's backward (all but its output projection's)
     casts_at_mid_norm: int = 0  # ... and at the norm between its MLP and its attention (the attention's)
     opening_gradients: int = 0  # a layer's backward transients at its first op (Rule.opening_transient)
+    last_opening_gradients: int = 0  # ... the last layer's, first in backward (Rule.last_opening_transient)
     released_at_mlp: int = 0  # what a layer's backward released before its MLP's (Rule.released_at_mlp)
     released_at_last_mlp: int = 0  # ... the last layer's (Rule.released_at_last_mlp)
     shifted_labels: int = 0  # the causal-LM loss's shifted labels, released by its backward's first op
@@ -1590,7 +1593,7 @@ def _phase_totals(terms: Sequence[Term], x: _Extras) -> list[PhaseTotal]:
         if x.dense_last_layer and x.casts_at_mlp and mlp.get(EXTRA_RECOMPUTED_CASTS):
             mlp[EXTRA_RECOMPUTED_CASTS] = min(mlp[EXTRA_RECOMPUTED_CASTS], x.casts_at_mlp)
         others = [{**base, EXTRA_LAYER_GRADIENTS: at_attention},
-                  {**base, EXTRA_LAYER_GRADIENTS: x.opening_gradients - x.received_output_gradient}]
+                  {**base, EXTRA_LAYER_GRADIENTS: x.last_opening_gradients - x.received_output_gradient}]
         if x.mid_norm:
             # the norm between its MLP and its attention (Rule.mid_norm_transient), the MLP's activations released and
             # its gradients made: with --tp the norm's fp32 backward is whole while the MLP's transients are split

@@ -20,7 +20,7 @@ from memcalc.families.base import (
     Family,
     Fields,
 )
-from memcalc.families.llama import LLAMA_DEFAULTS, gated_mlp_transient
+from memcalc.families.llama import LLAMA_DEFAULTS, gated_mlp_transient, output_gradient
 from memcalc.families.moe import (
     NOTE_MOE,
     aux_loss_layer_bytes,
@@ -235,10 +235,56 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
                       + (_mlp(a, 0, run)[0].get(PART_CASTS, 0) if autocast else 0))
         released_at_scores = made_after + (c * b * heads * s * s if c != BYTES_PER_FP32 else 0) + c * tokens * heads * v
         held_at_scores = c * tokens * heads * v + run.residual * tokens * h
-    return Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
+    rule = Rule(layers, formula, per_model, SOURCE, a.num_layers * tokens * h * run.residual,
                 gated_mlp_transient(run, a.intermediate_size, h), Loss(tokens, a.vocab_size, BYTES_PER_FP32),
                 [NOTE_MOE], held=final_hidden_held(run, h), released_at_scores=released_at_scores,
                 held_at_scores=held_at_scores)
+    top = a.num_layers - 1
+    if a.sparse(top) and run.ep == 1:
+        opening = _restore_backward(a, run)
+        # (the first layer's late turn opens a MoE block's backward only where that layer is sparse)
+        rule.opening_transient = opening if a.sparse(0) else 0
+        rule.last_opening_transient = opening
+    return rule
+
+
+def _restore_backward(a: DeepseekV2Arch, run: Run) -> int:
+    """Rule.opening_transient of a DeepSeek-V2 MoE layer: its backward at the routed experts' restore.
+
+    DeepseekV2Moe.forward adds shared_experts(residuals) after the routed experts, so autograd (ready nodes by
+    sequence number, the latest first) runs the shared expert's backward first: its weight gradients made (3 h I_s, I_s
+    = n_shared x moe_intermediate_size; in the weights' dtype), its input gradient (r T h: the residual stream's dtype,
+    autocast's casts' backward cast gate_proj's and up_proj's to fp32 before their sum) waiting for the routed
+    experts', and its saves released (4 c T I_s; the MoE input c T h saved by gate_proj and up_proj alone when 16-bit
+    without autocast, as the router saves its own fp32 copy; under autocast gate_proj's and up_proj's input casts,
+    2 c T h, and its weights' casts, c 3 h I_s).
+    Then the routed experts' (integrations/moe.py grouped_mm_experts_forward, the end: weighted_out[inv_perm], view
+    and sum over top-k, .to(input dtype)): the sum's backward expands the cast-back fp32 gradient to (T, k, h) and the
+    view's backward makes it contiguous (clone, r S h), then index's backward (aten index_backward: new_zeros and an
+    index_put of it, r S h each), with r fp32 (the routing weights are DeepseekV2TopkRouter's fp32 softmax, so
+    weighted_out is fp32 whatever e). Beside them the layer's output gradient (r T h, Rule.output_gradient).
+    Measured: tests/test_verify_step.py's TINY_MLA checkpointed (bf16-pure, 2 x 128) peaks at that index_put with
+    exactly these tensors beside the recomputed layer (memcalc's tracker, its live storages at the peak by op); the
+    rule read -10.94% there without them (docs/accuracy.md, "DeepSeek-V2's checkpointed MoE layer").
+    """
+    tokens, c, h = run.tokens, run.c, a.hidden_size
+    shared = a.expert_intermediate_size * a.num_shared_experts
+    grad_bytes = BYTES_PER_FP32 if run.autocast else c  # the weights' dtype (amp-*: fp32 weights)
+    shared_gradients = grad_bytes * (3 * h * shared + ((2 * shared + h) if a.mlp_bias else 0))
+    released = 4 * c * tokens * shared
+    if run.autocast:  # (and the shared expert's weight casts, saved by its Linears alone)
+        released += 2 * c * tokens * h + c * (3 * h * shared)
+    elif c != BYTES_PER_FP32:
+        released += c * tokens * h
+    if run.checkpointing and run.residual == BYTES_PER_FP32:
+        # The recomputed input norm's .to(float32) of an fp32 residual stream (autocast, fp32) is the layer's kept input
+        # itself, which pow and mul save: counted with the kept inputs, not again in the recomputed layer (measured at
+        # this moment: amp-bf16 +4.3% without it). Only here: the dense first layer's late turn, measured in fp32 at
+        # hidden 128, needs those bytes (-1.5% with them off there as Rule.recompute_saves_input).
+        released += run.residual * tokens * h
+    pairs_h = tokens * a.experts_per_token * h
+    return (3 * BYTES_PER_FP32 * pairs_h + shared_gradients + run.residual * tokens * h - released
+            + output_gradient(run, h))
 
 
 HEADS = decoder_heads("DeepseekV2")

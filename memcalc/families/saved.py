@@ -169,6 +169,10 @@ class Rule:
     # A layer's backward transients at its first op, every activation of the layer alive and none of its gradients made
     # yet, where they outgrow its MLP's (Gemma2/3's post-feed-forward norm, a MoE block's restore). 0: none beyond.
     opening_transient: int = 0
+    # ... the last layer's (the first in backward; under checkpointing the largest, the one counted recomputed), where it
+    # differs (None: opening_transient): DeepSeek-V2's MoE layers above dense first ones (first_k_dense_replace), whose
+    # restore's backward opens the top layer's while the first layer's late turn is a dense MLP's.
+    last_opening_transient: int | None = None
     # The layer's norm backward between its MLP's and its attention's (the post-attention / pre-feed-forward RMSNorm,
     # in fp32 through autograd): its transients less what is released by then beyond the MLP's activations (the MLP's
     # input, the norm's normalised input). 0: not modelled.

@@ -25,6 +25,7 @@ from memcalc.errors import INSTALL_TORCH, MemcalcError, MissingDependencyError, 
 from memcalc.families.base import CAUSAL_LM, Arch
 from memcalc.families.heads import for_head
 from memcalc.families.saved import (
+    FLASH_PADDED_NOTE,
     PART_FINAL_NORM,
     PART_HEAD,
     PART_LOGIT_SOFTCAP,
@@ -163,7 +164,7 @@ def _rule(model: ModelInput, spec: TrainingSpec, run: Run) -> tuple[Rule, bool, 
     arch, family = described.arch, described.family
     source = spec.activations
     # (a padded batch where the family's rules count no padding mask: its causal LM traced, padded, instead)
-    unruled = run.padded and not family.counts_padding and arch.head == CAUSAL_LM
+    unruled = run.padded and not run.flash and not family.counts_padding and arch.head == CAUSAL_LM
     if source == ActivationSource.rules or (source == ActivationSource.auto and described.derived and not unruled):
         return family.activations(arch, run), False, run
     from memcalc.families import fallback_available
@@ -448,14 +449,6 @@ def flash_backward_workspace(arch: Arch, spec: TrainingSpec, run: Run) -> int:
     return accumulators + expanded
 
 
-def _trace_pads(arch: Arch, model_type: str) -> bool:
-    """Whether a trace of this class pads its batch (measure.step.make_batch: a causal LM's; torch is imported
-    already where a model was traced)."""
-    from memcalc.measure.step import HEAD_CAUSAL_LM, head_kind
-
-    return head_kind(arch.architecture, model_type) in (HEAD_CAUSAL_LM, None)  # (None: run as a language model)
-
-
 def padding_not_counted(arch: Arch, run: Run, traced: bool) -> str:
     """The note for --padded where neither the rules nor the trace count the padding mask, with what the Llama rules
     would count for it: per layer the mask's float bias (c b s^2) and k and v repeated to the query heads."""
@@ -516,9 +509,10 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
             if family.counts_repeat_kv else
             f"--repeat-kv: {arch.architecture}'s rules do not count k and v repeated to every head (low by two "
             "copies per layer of the extra heads' k and v); --activations trace counts them")
-    if run.padded and spec.attention != Attention.flash and not eager and not (
-            _trace_pads(arch, described.model_type) if traced else family.counts_padding):
-        result.notes.append(padding_not_counted(arch, run, traced))
+    if run.padded and spec.attention != Attention.flash and not eager and not traced and not family.counts_padding:
+        result.notes.append(padding_not_counted(arch, run, traced=False))  # (traced: families.traced says it)
+    if run.padded and spec.attention == Attention.flash and not family.counts_padding:  # (the Llama rules say it)
+        result.notes.append(FLASH_PADDED_NOTE)
     if not traced:
         rule = for_head(rule, arch, run)  # a decoder family's rule is its causal LM's: the head named instead
     if spec.pp > 1:

@@ -312,6 +312,9 @@ def compare_with(tool: str, model: ModelInput, report: Report) -> list[Compariso
     """Another tool's own estimate beside memcalc's, term by term, with why they differ: ``deepspeed``
     (estimate_zero2/3_model_states_mem_needs), ``accelerate`` (estimate-memory), ``megatron``
     (theoretical_memory_usage.py) or ``llm-analysis`` (LLMAnalysis.training)."""
+    if report.training.dp_replicate > 1:
+        raise UsageError(f"{{compare_with}} {tool}: its estimate shards over every GPU, and {{dp_replicate}} "
+                         f"{report.training.dp_replicate} shards over one replica's: drop one of them")
     if tool == "deepspeed":
         from memcalc.compat.deepspeed import compare_with_deepspeed, deepspeed_param_counts
 
@@ -383,13 +386,17 @@ def deepspeed_config(plan: Plan, report: Report) -> tuple[dict[str, Any], str, b
     config = emit_deepspeed_config(spec, plan.model.hidden_size)
     buffers = emitted_buffers(spec, plan.model.hidden_size)
     if buffers != spec.zero_buffers:
-        # (the config runs HF's "auto" buffers for this hidden size, not the defaults estimated: smaller here, so
-        # what fitted fits; its own peak, said)
+        # (the config runs HF's "auto" buffers for this hidden size, not the defaults estimated (larger ones too: a
+        # prefetch bucket of 0.9 h^2 passes DeepSpeed's 5e7 from hidden 7,454): its own peak, said, and its own fit)
         from memcalc.engine import estimate
 
-        peak = estimate(plan.model, spec.replace(zero_buffers=buffers)).per_gpu.peak_bytes
+        emitted = spec.replace(zero_buffers=buffers)
+        peak = estimate(plan.model, emitted).per_gpu.peak_bytes
         why += (f"; its ZeRO buffers are what HF Trainer fills 'auto' with for hidden size {plan.model.hidden_size:,} "
                 f"(reduce bucket {buffers.reduce_bucket_size:,}), with which the peak per GPU is {peak:,} B")
+        if plan.gpu is not None:
+            fits = peak <= plan.gpu.usable_for(emitted)
+            why += "" if fits else f", which does not fit {plan.gpu.name}"
     if "optimizer" not in config:
         why += (f" (no optimizer section: DeepSpeed's config has no name for {spec.optimizer.value}; the trainer "
                 f"supplies it, as HF Trainer's --optim does, and memcalc reads it back with --optim "

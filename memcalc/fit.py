@@ -441,7 +441,8 @@ def _dimensions(spec: TrainingSpec, architecture_known: bool, owner: ConfigOwner
                     _lever(LEVER_OFFLOAD_OPTIMIZER), _lever(LEVER_OFFLOAD_PARAMS)),
         ])
     counts = [n for n in SUGGESTED_GPU_COUNTS if n > spec.num_gpus and n % spec.num_nodes == 0]
-    if counts:
+    # (under HSDP more GPUs are more replicas of the same shard group, whose ranks hold what they held: not offered)
+    if counts and spec.dp_replicate == 1:
         extra = {"sharding": Sharding.fsdp} if spec.sharding == Sharding.torch else {}
         zero_3 = (LEVER_ZERO[3], _zero_points(3) - _zero_points(spec.zero_stage))
         add("gpus", [_option({"num_gpus": n, "zero_stage": 3, **extra},

@@ -351,8 +351,9 @@ def _dp_replicate(request: Request) -> int:
     the replicas are the data-parallel ranks over S (torchtune's ParallelDims and axolotl's _get_parallel_config_kwargs
     give the rest of the world to the dimension left open)."""
     value = request.dp_replicate
+    gpus_given, nodes = _gpus_and_nodes(request)
     if isinstance(value, str) and value.strip().lower() == "nodes":
-        value = request.nodes
+        value = nodes
     elif isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     elif isinstance(value, bool) or not isinstance(value, int):
@@ -362,8 +363,7 @@ def _dp_replicate(request: Request) -> int:
         return value
     if isinstance(shard, bool) or not isinstance(shard, int) or shard < 1:
         raise UsageError(f"{{dp_shard}} takes the whole number of ranks each replica shards over, got {shard!r}")
-    sizes = (request.gpus_per_node * request.nodes if request.gpus_per_node else request.gpus, request.tp, request.pp,
-             request.cp)
+    sizes = (gpus_given, request.tp, request.pp, request.cp)
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
         return value  # (the spec's own checks name the bad setting)
     gpus, tp, pp, cp = sizes

@@ -39,8 +39,8 @@ def test_importing_the_package_is_light():
 
 
 def test_a_traced_recipe_imports_torch_once_then_reads_the_cache(tmp_path):
-    """LoRA's step is traced (torch and transformers, seconds cold); the same estimate again reads the cache and
-    imports neither."""
+    """LoRA's step is traced (torch and transformers, seconds cold), here of a padded batch; the same estimate again
+    reads the cache and imports neither."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     config = tmp_path / "config.json"
@@ -51,7 +51,7 @@ def test_a_traced_recipe_imports_torch_once_then_reads_the_cache(tmp_path):
 import io, sys, contextlib
 from memcalc.cli import main
 with contextlib.redirect_stdout(io.StringIO()):
-    code = main([{str(config)!r}, '--lora-rank', '8', '--seq-len', '64'])
+    code = main([{str(config)!r}, '--lora-rank', '8', '--seq-len', '64', '-b', '2', '--padded'])
 print(code, 'torch' in sys.modules)
 """
     env = {**__import__("os").environ, "MEMCALC_CACHE_DIR": str(tmp_path)}

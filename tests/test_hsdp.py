@@ -57,6 +57,21 @@ def test_torchtune_replicate_dim_raises_the_70b_estimate():
 def test_replicas_over_nodes_is_one_replica_per_node():
     report = memcalc.estimate("llama-3-8b", fsdp=True, gpus=16, nodes=2, dp_replicate="nodes")
     assert report.training.dp_replicate == 2
+    # the nodes --gpus and --gpus-per-node make (before, read as --nodes' default 1: one replica, silently)
+    given = memcalc.estimate("llama-3-8b", fsdp=True, gpus=16, gpus_per_node=8, dp_replicate="nodes")
+    assert given.training.dp_replicate == 2 and given.per_gpu.peak_bytes == report.per_gpu.peak_bytes
+    shard = memcalc.estimate("llama-3-8b", fsdp=True, gpus=16, gpus_per_node=8, dp_shard=8)
+    assert shard.training.dp_replicate == 2
+
+
+def test_more_gpus_are_not_offered_under_hsdp_and_other_tools_are_not_compared(cli):
+    """More GPUs under HSDP are more replicas of the same shard group: a rank holds what it held, so the fit advisor
+    offers none (before, '--gpus 32' was suggested at FSDP-over-32's peak, which the HSDP run does not reach)."""
+    report = memcalc.estimate("llama-3-70b", fsdp=True, gpus=16, dp_shard=8, gpu="h100-80gb", checkpointing="full")
+    assert not report.fit.fits
+    assert not any("num_gpus" in s.spec_changes for s in report.fit.suggestions)
+    refused = cli("llama-3-8b", "--fsdp", "--gpus", "16", "--dp-replicate", "2", "--compare-with", "deepspeed")
+    assert refused.exit_code == UsageError.exit_code and "shards over one replica's" in refused.stderr
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -1247,6 +1247,8 @@ def _axolotl_hsdp(r: _Reader) -> None:
         value = r.integer(key) if r.get(key) is not None else None
         if value == 1 and key == "dp_replicate_size":  # (_get_parallel_config_kwargs reads it only above 1)
             r.counted(key, value, "no replicas of their own: the ranks left over from dp_shard_size are replicas")
+        elif value is not None and value <= 1 and key == "dp_shard_size":  # (read only above 1, too)
+            r.counted(key, value, "no shard group of its own: FSDP shards over the data-parallel ranks")
         elif value is not None:
             r.set(setting, value, key)
 

@@ -245,6 +245,11 @@ def activations(a: DeepseekV2Arch, run: Run) -> Rule:
         # (the first layer's late turn opens a MoE block's backward only where that layer is sparse)
         rule.opening_transient = opening if a.sparse(0) else 0
         rule.last_opening_transient = opening
+    elif a.sparse(top) and run.checkpointing:
+        rule.notes.append("--ep: what a checkpointed MoE layer's backward opens with (its routed experts' restore and "
+                          "its shared expert's gradients, deepseek_v2._restore_backward) is not counted under expert "
+                          "parallelism, whose restore runs through the all-to-all: low by up to about three fp32 "
+                          "tokens x hidden tensors, late in backward")
     return rule
 
 

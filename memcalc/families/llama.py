@@ -31,6 +31,7 @@ from memcalc.families.base import (
     Fields,
 )
 from memcalc.families.saved import (
+    FLASH_PADDED_NOTE,
     PART_CASTS,
     Loss,
     Rule,
@@ -430,8 +431,7 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
         rule_notes.append("rows padded (--padded): every layer's sdpa gets the batch's padding mask, so k and v are "
                           "repeated to every head and the mask is kept as a float bias (counted)")
     elif run.padded and run.flash:
-        rule_notes.append("rows padded (--padded) with flash_attention_2: its unpadding of q, k and v to the batch's "
-                          "real tokens (modeling_flash_attention_utils._upad_input) is not modelled; counted unpadded")
+        rule_notes.append(FLASH_PADDED_NOTE)
     # the boolean masks (b, 1, s, s) a padded batch gives: one per kind of layer (full, sliding) in the stack
     mask_kinds = 2 if any(sliding) and not all(sliding) else 1
     return Rule(layers, first, per_model, source, a.num_layers * run.sequence_tokens * h * run.residual,

@@ -48,6 +48,11 @@ PART_PROJECTIONS = "embedding projections"  # OPT-350m project_in / project_out 
 SOFTMAX_BACKWARD_FP32 = 3 * BYTES_PER_FP32
 
 
+# --padded with --attn flash: transformers' flash path unpads instead of masking (not modelled)
+FLASH_PADDED_NOTE = ("rows padded (--padded) with flash_attention_2: its unpadding of q, k and v to the batch's real "
+                     "tokens (modeling_flash_attention_utils._upad_input) is not modelled; counted unpadded")
+
+
 @dataclass(eq=False, repr=False)
 class Run:
     """The shapes and dtypes of one micro-batch's forward."""

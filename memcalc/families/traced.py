@@ -31,8 +31,14 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
         # GradientCheckpointingLayer.__call__ (transformers modeling_layers.py) drops the cache of checkpointed
         # layers in training: the recomputed layer saves what a forward without a cache saves.
         raw = {**raw, "use_cache": False}
-    traced, cached = traced_saves(raw, architecture, run.s, weight_dtype, run.autocast, attention, padded=run.padded)
+    traced, cached = traced_saves(raw, architecture, run.s, weight_dtype, run.autocast, attention,
+                                  padded=run.padded and not run.flash)  # (flash unpads instead: not modelled)
     saves = traced.at(run.b)
+    unpadded = []
+    if run.padded and attention != "eager" and not run.flash and not traced.padded:
+        from memcalc.activations import padding_not_counted
+
+        unpadded.append(padding_not_counted(a, run, traced=True))
     layers = saves.layers
     if not layers:
         raise ValueError("no decoder layers found")  # the caller falls back to its approximation, and says so
@@ -44,14 +50,14 @@ def traced_rule(raw: dict, architecture: str | None, a: Arch, run: Run) -> tuple
     loss = Loss(tokens, a.vocab_size, BYTES_PER_FP32) if a.vocab_size else None
     log_softmax = tokens * a.vocab_size * BYTES_PER_FP32 if loss is not None else 0
     notes = [f"activations traced from transformers {traced.versions.get('transformers', '')} {traced.model_class}'s own "
-             + ("code (a padded batch, traced with its padding mask): " if run.padded else
+             + ("code (a padded batch, traced with its padding mask): " if traced.padded and run.padded else
                 f"code (no hand rules for model_type '{a.model_type}'): ")
              + "one training forward under FakeTensorMode, "
              f"saved tensors by layer and part{' (from the cache)' if cached else ''}"
              + (f" (read off the quadratic through traces at sequence lengths "
                 f"{', '.join(f'{n:,}' for n in traced.fitted_from)})" if traced.fitted_from else "") + "; "
              + (f"{EMULATED}; not emulated: {NOT_EMULATED}" if current_device() == "cuda" else
-                "CPU semantics (to compare with a step measured on the CPU)")]
+                "CPU semantics (to compare with a step measured on the CPU)"), *unpadded]
     if loss is not None and loss_bytes >= log_softmax:
         if loss_bytes > log_softmax:
             per_model[PART_LOSS_INPUTS] = loss_bytes - log_softmax

@@ -84,6 +84,7 @@ class TracedSaves:
     versions: Mapping[str, str]
     attention: str = "sdpa"  # the attention traced: eager where the class has no sdpa path (gpt-oss)
     fitted_from: tuple[int, ...] = ()  # read off traces at these lengths (fitted_sequences), not traced itself
+    padded: bool = False  # its batches of more than one row carried a padding mask (measure.step.make_batch)
 
     def at(self, batch: int) -> Saves:
         if batch in self.by_batch:
@@ -98,13 +99,13 @@ class TracedSaves:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": CACHE_FORMAT, "model_class": self.model_class, "versions": dict(self.versions),
-                "attention": self.attention,
+                "attention": self.attention, "padded": self.padded,
                 "by_batch": {str(batch): saves.to_json() for batch, saves in self.by_batch.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TracedSaves:
         return cls(data["model_class"], {int(b): Saves.from_json(s) for b, s in data["by_batch"].items()},
-                   data["versions"], str(data["attention"]))
+                   data["versions"], str(data["attention"]), padded=bool(data.get("padded", False)))
 
 
 TRACED_BATCHES = (1, 2, 3)
@@ -195,7 +196,8 @@ def _fitted(anchors: dict[int, TracedSaves], seq_len: int) -> TracedSaves:
             model=fit([s.model for s in saves]),
             loss=quadratic([(n, s.loss) for n, s in zip(lengths, saves)], seq_len),
         )
-    return TracedSaves(first.model_class, by_batch, first.versions, first.attention, fitted_from=tuple(sorted(lengths)))
+    return TracedSaves(first.model_class, by_batch, first.versions, first.attention, fitted_from=tuple(sorted(lengths)),
+                       padded=first.padded)
 
 
 def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int, weight_dtype: str,
@@ -217,10 +219,10 @@ def traced_saves(raw: Mapping[str, Any], architecture: str | None, seq_len: int,
         return saves, True
     if may_fit(anchors):
         return _fitted(anchors, seq_len), False
-    model_class, by_batch, traced_attention = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
-                                                     autocast, attention, device, padded)
+    model_class, by_batch, traced_attention, masked = _trace(raw, architecture, TRACED_BATCHES, seq_len, weight_dtype,
+                                                             autocast, attention, device, padded)
     saves = TracedSaves(model_class=model_class, by_batch=by_batch, versions=cache.versions(),
-                        attention=traced_attention)
+                        attention=traced_attention, padded=masked)
     cache.write(CACHE_KIND, key, saves.to_json())
     if anchors is not None:
         anchors[seq_len] = saves
@@ -241,9 +243,10 @@ def part_of(child_name: str) -> str:
 
 def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int, ...], seq_len: int,
            weight_dtype: str, autocast: bool, attention: str, device: str,
-           padded: bool = False) -> tuple[str, dict[int, Saves], str]:
+           padded: bool = False) -> tuple[str, dict[int, Saves], str, bool]:
     """Traced training forwards of one fake model, one per micro-batch: (model class, saves by micro-batch, the
-    attention traced: sdpa asked of a class without an sdpa path runs eager, as transformers would train it)."""
+    attention traced: sdpa asked of a class without an sdpa path runs eager, as transformers would train it, and
+    whether its batches of more than one row carried a padding mask: ``padded`` asked of a causal LM)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -253,6 +256,7 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
     found: dict[int, Saves] = {}
+    masked = False
     if attention == "sdpa" and not build.sdpa_supported(raw, architecture):
         attention = "eager"
     with FakeTensorMode(allow_non_fake_inputs=True), unpacked_sequences(), build.quiet_fake_tensor_log():
@@ -262,10 +266,11 @@ def _trace(raw: Mapping[str, Any], architecture: str | None, batches: tuple[int,
         for batch in batches:
             # the keyword arguments a training forward of this head takes (labels, positions: measure.step)
             shape = SimpleNamespace(micro_batch_size=batch, seq_len=seq_len, device="cpu", decoder_seq_len=None,
-                                    padded=padded, attn_implementation=attention)
+                                    padded=padded)
             inputs, _ = make_batch(model, shape)
+            masked = masked or "attention_mask" in inputs
             found[batch] = _saved_in_forward(model, layers, inputs, autocast, like_cuda=device == "cuda")
-    return type(model).__name__, found, attention
+    return type(model).__name__, found, attention, masked
 
 
 def _saved_in_forward(model: Any, layers: list[Any], inputs: dict[str, Any], autocast: bool, like_cuda: bool) -> Saves:

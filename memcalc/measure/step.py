@@ -202,7 +202,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
         qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head,
         qlora_quantizer=spec.qlora_quantizer.value, compile=spec.compile,
-        fp8=spec.fp8.value, padded=spec.padded,
+        fp8=spec.fp8.value, padded=spec.padded and spec.attention.value != "flash",  # (flash unpads: not modelled)
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,
@@ -647,11 +647,11 @@ def make_batch(model: torch.nn.Module, setup: StepSetup) -> tuple[dict[str, torc
     elif kind == HEAD_QUESTION_ANSWERING:
         batch["start_positions"] = torch.randint(0, s, (b,), device=setup.device)
         batch["end_positions"] = torch.randint(0, s, (b,), device=setup.device)
-    elif getattr(setup, "padded", False) and b > 1:  # (one row is its own longest: nothing to pad)
+    elif getattr(setup, "padded", False) and b > 1 and kind not in (HEAD_MASKED_LM, HEAD_PRETRAINING):
+        # (one row is its own longest: nothing to pad; the padding of a causal LM's batch only: an encoder's mask is
+        # another, not modelled, and its estimate says so)
         from torch._guards import detect_fake_mode
 
-        if kind in (HEAD_MASKED_LM, HEAD_PRETRAINING):
-            raise UsageError(f"{{padded}} is modelled for causal language models; {cls} is a {kind} head: drop it")
         # What DataCollatorWithPadding / DataCollatorForSeq2Seq hand a causal LM (padding side right): the last row's
         # second half padded, the pad token in input_ids, 0 in attention_mask and -100 in labels (a tensor of its own).
         # A fake batch has no values: its mask is all ones, which masking_utils does not read (under FakeTensorMode

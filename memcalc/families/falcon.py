@@ -161,12 +161,53 @@ def _mlp_and_dropout(a: FalconArch, run: Run, parallel: bool) -> tuple[int, int]
 
 
 def _mlp_transient(a: FalconArch, run: Run) -> int:
-    """Rule.transient: at the MLP's backward, dense_4h_to_h's input gradient and GELU's (c T (ffn + h) net of the
-    GELU output released), and with hidden_dropout, dropout_add's backward output: the block output's gradient times
-    the mask, a new tensor (c T h) beside the residual stream's (found by the traced step: Falcon fp32 eager steps with
-    dropout peak there)."""
-    dropout = run.c * run.tokens * a.hidden_size if a.dropout.get("hidden_dropout", 0.0) > 0 else 0
-    return run.c * run.tokens * (a.intermediate_size + a.hidden_size) + dropout
+    """Rule.transient: at the MLP's backward (dense_4h_to_h's input gradient, then GELU's: c T ffn, net of the GELU
+    output released), beside it the layer's output gradient and the 16-bit gradient the block's branches read.
+
+    FalconDecoderLayer.forward ends ``output = dropout_add(mlp_output, residual, hidden_dropout)``: ``residual +
+    F.dropout(mlp_output)``. Its AddBackward0 hands the output gradient (r T h, _output_gradient) to the residual, the
+    layer's input, where it waits for input_layernorm's backward to be summed with it (the end of the layer's backward).
+    The branch's gradient beside it, c T h:
+    - with hidden_dropout, dropout_add's backward output, the gradient times the mask, a new tensor (found by the traced
+      step: Falcon fp32 eager steps with dropout peak there);
+    - else under autocast, its cast: mlp_output is 16-bit, the residual stream fp32, so the sum is fp32 and autograd's
+      engine casts the gradient to the operand's dtype (torch/csrc/autograd/engine.cpp validate_outputs: a _to_copy
+      in AddBackward0), c T h beside the fp32 r T h; ``mlp_output += attention_output``'s backward hands that one
+      tensor to both branches, so it lives to the attention's dense backward (measured 2026-12-05: tests/tiny.py's
+      Falcon amp-bf16 checkpointed, sdpa, b2 x s128, peaks in the first layer's MLP backward with both alive, -2.09%
+      without the fp32 one);
+    - else (fp32, bf16-pure) none: the output gradient itself is the branch's."""
+    th = run.tokens * a.hidden_size
+    branch = run.c * th if a.dropout.get("hidden_dropout", 0.0) > 0 or run.autocast else 0
+    return run.c * run.tokens * a.intermediate_size + _output_gradient(run, th) + branch
+
+
+def _output_gradient(run: Run, th: int) -> int:
+    """Rule.output_gradient: the layer's output gradient in the residual stream's dtype (r T h), held by the skip
+    connection through the MLP's backward (_mlp_transient)."""
+    return run.residual * th
+
+
+def _recompute_end(a: FalconArch, run: Run, two_norms: bool, parallel: bool) -> int:
+    """Rule.opening_transient, checkpointed: the end of a layer's recomputation (torch.utils.checkpoint stops once the
+    last saved tensor is packed: dense_4h_to_h's input and weight cast, or with hidden_dropout dropout_add's mask), every
+    activation of the layer alive and none of its gradients made, and beside them what no op saves:
+    - the layer's output gradient (r T h) and, under autocast, its 16-bit cast (c T h; _mlp_transient), made before the
+      recomputation (AddBackward0 runs first and saves nothing);
+    - FalconDecoderLayer.forward's locals: ``attention_output`` (dense's output, c T h, read only by
+      ``mlp_output += attention_output``), and under autocast the norms' fp32 outputs (r T h each), which the Linears
+      save only as 16-bit casts: attention_layernorm_out and mlp_layernorm_out with two norms (new_decoder_architecture)
+      or the sequential layout's post_attention_layernorm, one with a single norm for both;
+    - with hidden_dropout, dense_4h_to_h's output (mlp_output) and dropout's output (c T h each), before the mask.
+    Measured 2026-12-05 (tests/tiny.py's falcon-40b-layout and falcon-sequential, amp-bf16, sdpa, b2 x s256): their
+    first layer's recomputation peaks there, -0.39% and -0.36% without it. 0 unless checkpointed."""
+    if not run.checkpointing:
+        return 0
+    th = run.tokens * a.hidden_size
+    norm_outputs = (2 if two_norms or not parallel else 1) * run.residual * th if run.autocast else 0
+    dropout = 2 * run.c * th if a.dropout.get("hidden_dropout", 0.0) > 0 else 0
+    cast = run.c * th if run.autocast else 0
+    return _output_gradient(run, th) + cast + run.c * th + norm_outputs + dropout
 
 
 def _checkpoint_arguments(run: Run) -> int:
@@ -281,7 +322,12 @@ def _activations_524(a: FalconArch, run: Run) -> Rule:
                 # (the input norm saves the layer's input itself, LayerNorm keeping its input: under checkpointing,
                 # the layer's kept input)
                 recompute_saves_input=run.residual * th if run.checkpointing else 0,
-                checkpoint_arguments=_checkpoint_arguments(run))
+                checkpoint_arguments=_checkpoint_arguments(run), output_gradient=_output_gradient(run, th),
+                opening_transient=_recompute_end(a, run, two_norms, parallel),
+                # (hidden_dropout's mask: dropout_add's backward, the layer's first, has used and released it by the
+                # MLP's; measured 2026-12-05, tests/tiny.py's Falcon layouts with hidden_dropout 0.1, checkpointed sdpa,
+                # b2 x s128/s256: +0.4% to +1.3% with it held)
+                released_at_mlp=dropout_mask(a.dropout.get("hidden_dropout", 0.0), run.tokens * h))
 
 
 def _activations_525(a: FalconArch, run: Run) -> Rule:
@@ -352,7 +398,12 @@ def _activations_525(a: FalconArch, run: Run) -> Rule:
                 released_at_scores=released_at_scores, forward_scores=forward_scores,
                 held_at_scores=held_at_scores,
                 recompute_saves_input=run.residual * th if run.checkpointing else 0,
-                checkpoint_arguments=_checkpoint_arguments(run))
+                checkpoint_arguments=_checkpoint_arguments(run), output_gradient=_output_gradient(run, th),
+                opening_transient=_recompute_end(a, run, two_norms, parallel),
+                # (hidden_dropout's mask: dropout_add's backward, the layer's first, has used and released it by the
+                # MLP's; measured 2026-12-05, tests/tiny.py's Falcon layouts with hidden_dropout 0.1, checkpointed sdpa,
+                # b2 x s128/s256: +0.4% to +1.3% with it held)
+                released_at_mlp=dropout_mask(a.dropout.get("hidden_dropout", 0.0), run.tokens * h))
 
 
 HEADS = decoder_heads("Falcon")

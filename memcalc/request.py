@@ -389,6 +389,7 @@ def _plan(request: Request) -> Plan:
         request, trainer_notes = _trainer_config(request)
     _check_simple(request)
     freeze = _freeze(request)
+    gpus, nodes = _gpus_and_nodes(request)
     sharding = _sharding(request)
     stages = _stages(request.zero)
     if sharding == Sharding.fsdp.value and not request.is_chosen("zero"):
@@ -407,7 +408,7 @@ def _plan(request: Request) -> Plan:
         "seq_len": request.seq_len, "decoder_seq_len": request.decoder_seq_len, "grad_accum": request.grad_accum,
         "checkpointing": request.checkpointing, "checkpoint_reentrant": request.checkpoint_reentrant,
         "loss": request.loss,
-        "attention": request.attn, "activations": request.activations, **dict(zip(("num_gpus", "num_nodes"), _gpus_and_nodes(request))), "sharding": sharding,
+        "attention": request.attn, "activations": request.activations, "num_gpus": gpus, "num_nodes": nodes, "sharding": sharding,
         "offload": request.offload, "lora_rank": request.lora_rank, "lora_dropout": request.lora_dropout, "dora": request.dora,
         "lora_modules_to_save": tuple(_names(request.lora_modules_to_save) or ()),
         "lora_targets": _names(request.lora_targets) or None, "qlora": request.qlora,

@@ -420,7 +420,7 @@ def sdpa_runs_math(arch: Arch, spec: TrainingSpec, recipe: Recipe, model_type: s
             and arch.supports_sdpa and not spec.repeat_kv
             and BYTES_PER_DTYPE[recipe.compute_dtype] == BYTES_PER_FP32 and not recipe.autocast
             and 0 < arch.num_kv_heads < arch.num_heads and 0 < arch.head_dim <= 256
-            and not (spec.padded and spec.micro_batch_size > 1)
+            and not spec.padding_masked
             and not _every(windowed_layers(arch, spec.local_seq_len)))
 
 
@@ -495,7 +495,7 @@ def estimate(model: ModelInput, spec: TrainingSpec, recipe: Recipe) -> Activatio
               ep=spec.ep, ep_load=spec.ep_load,
               flash=spec.attention == Attention.flash, checkpointing=spec.checkpointing != Checkpointing.none,
               decoder_s=spec.decoder_seq_len, repeat_kv=spec.repeat_kv, sdpa_math=math_sdpa,
-              padded=spec.padded and spec.micro_batch_size > 1,  # (one row is its own longest: nothing padded)
+              padded=spec.padding_masked,
               transformers=installed_transformers() if family.release_dependent else None)
     if not arch.hidden_size or not arch.num_layers:
         result.notes.append(f"activations not modelled for model_type '{described.model_type}' (no hidden size / "

@@ -269,7 +269,7 @@ def check(described, spec) -> None:
     if spec.attention != Attention.sdpa:
         raise UsageError(f"{{cp}} with {{attn}} {spec.attention.value}: torch's context_parallel replaces sdpa's "
                          "kernels only; use {attn} sdpa")
-    if spec.padded and spec.micro_batch_size > 1:
+    if spec.padding_masked:
         raise UsageError("{cp} with {padded}: a padded batch needs an attention mask, and torch's ring attention runs "
                          "causal attention without one: pack the rows or drop {cp}")
     if arch.sliding_window is not None and arch.sliding_window < spec.seq_len:

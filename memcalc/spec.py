@@ -663,6 +663,11 @@ class TrainingSpec:
                              "hybrid sharding): drop one of them")
 
     @property
+    def padding_masked(self) -> bool:
+        """Whether attention gets a padding mask: --padded over more than one row (one row is its own longest)."""
+        return self.padded and self.micro_batch_size > 1
+
+    @property
     def shard_group(self) -> int:
         """The ranks FSDP2 shards over: the data-parallel ones, or one replica's share of them under HSDP."""
         return self.data_parallel // self.dp_replicate

@@ -362,14 +362,14 @@ def llama_rule(a: LlamaArch, run: Run, mlp_bytes: MlpBytes = dense_mlp, model_ex
     """Llama-style decoders: per layer the attention part and the MLP (``mlp_bytes``: dense or MoE); per model
     rotary, ids, the loss divisor, the final norm and, under autocast, the head input's cast."""
     tokens, c, h = run.tokens, run.c, a.hidden_size
-    window_applies = ((not run.eager or run.sdpa_math) and not run.flash and a.sliding_window is not None
-                      and a.sliding_window < run.s)
+    sdpa = (not run.eager or run.sdpa_math) and not run.flash  # (sdpa: a mask takes its masked path)
+    window_applies = sdpa and a.sliding_window is not None and a.sliding_window < run.s
     sliding = a.layer_slides
     # --padded: masking_utils.create_causal_mask (and create_sliding_window_causal_mask) cannot leave a padded batch's
     # mask to sdpa's is_causal (sdpa_mask's allow_is_causal_skip wants no padding): every layer's sdpa gets the 4-D
     # boolean mask (b, 1, s, s), and takes the masked path a sliding window gives (attention_parts). Eager attention
     # has a 4-D mask whether padded or not; flash_attention_2 unpads instead (not modelled: the note below).
-    padded = run.padded and (not run.eager or run.sdpa_math) and not run.flash
+    padded = run.padded and sdpa
     masks = [padded or (window_applies and slide) for slide in sliding]
     kinds = {masked: attention_parts(a, run, masked) for masked in set(masks)}
     layers, cache, first = [], {}, ""

@@ -202,7 +202,7 @@ def resolve_setup(spec: TrainingSpec, attn_implementation: str = "sdpa", device:
         qlora=spec.qlora, qlora_upcast=spec.qlora_upcast, qlora_scope=spec.qlora_scope.value,
         qlora_double_quant=spec.qlora_double_quant, qlora_lm_head=spec.qlora_lm_head,
         qlora_quantizer=spec.qlora_quantizer.value, compile=spec.compile,
-        fp8=spec.fp8.value, padded=spec.padded and spec.attention.value != "flash",  # (flash unpads: not modelled)
+        fp8=spec.fp8.value, padded=spec.padding_masked and spec.attention.value != "flash",  # (flash unpads)
         micro_batch_size=spec.micro_batch_size,
         seq_len=spec.seq_len, device=device,
         decoder_seq_len=spec.decoder_seq_len,

@@ -298,8 +298,7 @@ def step_moments(raw: Mapping[str, Any], spec: Any, attention: str) -> tuple[Ste
                 **({"reentrant": True} if spec.checkpoint_reentrant else {}),
                 **({"fp8": spec.fp8.value} if spec.fp8.value != "none" else {}),
                 # (a padded batch: the step traced with its padding mask, measure.step.make_batch)
-                **({"padded": True} if spec.padded and spec.micro_batch_size > 1 and spec.attention.value != "flash"
-                   else {}),
+                **({"padded": True} if spec.padding_masked and spec.attention.value != "flash" else {}),
                 **({"qlora": [spec.qlora_upcast, spec.qlora_scope.value, spec.qlora_double_quant, spec.qlora_lm_head]}
                    if spec.qlora else {}),
                 # (torchao's own NF4 code runs in the trace: its version is the step's)
